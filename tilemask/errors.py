@@ -1,0 +1,46 @@
+"""tilemask's error tree.
+
+Every error a user can cause is a :class:`TilemaskError` and also the builtin it
+resembles, so callers can catch either (as rasterio does with
+``RasterioIOError(RasterioError, OSError)``).  ``exit_status`` is what the CLI
+exits with: 2 for an invalid workflow, arguments or inputs found before any work
+starts, 1 for a failure while running.
+"""
+
+from __future__ import annotations
+
+
+class TilemaskError(Exception):
+    """Base of all errors tilemask reports to users."""
+
+    exit_status = 1
+
+
+class WorkflowError(TilemaskError, ValueError):
+    """The workflow (or a ``--set`` override) is invalid: unknown key, wrong type, impossible value."""
+
+    exit_status = 2
+
+
+class InputError(TilemaskError, OSError):
+    """An input image cannot be found or opened, or does not fit the workflow."""
+
+    exit_status = 2
+
+
+class WeightsError(TilemaskError, ValueError):
+    """A weights file is missing, unsafe (a pickle with code in it) or does not fit the network."""
+
+    exit_status = 2
+
+
+class ReadError(TilemaskError, OSError):
+    """Reading an input failed while running (a truncated or corrupt file)."""
+
+    exit_status = 1
+
+
+class OutputError(TilemaskError, OSError):
+    """An output cannot be written."""
+
+    exit_status = 1

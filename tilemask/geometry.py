@@ -1,0 +1,246 @@
+"""Window plans and chunk grids: pure geometry, no I/O, no torch.
+
+The scan grid is MONAI's (``monai.inferers.utils._get_scan_interval`` and
+``monai.data.utils.dense_patch_slices``).  Per spatial axis of size ``S`` with
+roi ``r`` and overlap ``o``:
+
+* if ``S < r`` the axis is padded to ``r`` (``(r - S) // 2`` before, the rest
+  after) and holds one window;
+* otherwise the stride is ``int(r * (1 - o))`` (at least 1; ``r`` when
+  ``S == r``), the windows start at ``k * stride`` for
+  ``k = 0 .. first k with k * stride + r >= S``, and the last start is clamped
+  flush to the far edge: ``min(k * stride, S - r)``.
+
+The grid is the Cartesian product of the per-axis starts, so everything below
+(windows, blocks, stitching dependencies) is computed per axis and stays cheap
+for images of any size.
+
+Each window is owned by exactly one *block*: the output chunk that holds its
+(clipped) first voxel.  A block's windows cover a region that reaches at most
+``roi`` beyond the chunk; the chunks that region touches receive the block's
+weighted partial sums (overlap-add).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+Region = tuple[tuple[int, int], ...]
+"""Half-open ``(start, stop)`` per spatial axis."""
+
+
+def normalize_per_axis(value: float | int | Sequence, ndim: int, name: str) -> tuple:
+    """Turn a scalar or a per-axis sequence into a tuple of length ``ndim``."""
+    if isinstance(value, (int, float)):
+        return (value,) * ndim
+    value = tuple(value)
+    if len(value) != ndim:
+        raise ValueError(f"{name} has {len(value)} values but the image has {ndim} spatial axes")
+    return value
+
+
+def scan_starts(size: int, roi: int, overlap: float) -> tuple[tuple[int, ...], int]:
+    """Window starts along one axis, MONAI's rule, and the padding before the axis.
+
+    Starts are in image coordinates: with padding (``size < roi``) the single
+    window starts at ``-pad_before``.
+    """
+    if size < roi:
+        pad_before = (roi - size) // 2
+        return (-pad_before,), pad_before
+    if roi == size:
+        return (0,), 0
+    stride = max(int(roi * (1 - overlap)), 1)
+    count = next(k for k in range(math.ceil(size / stride) + 1) if k * stride + roi >= size) + 1
+    return tuple(min(k * stride, size - roi) for k in range(count)), 0
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    """Windows and blocks along one spatial axis."""
+
+    size: int
+    roi: int
+    chunk: int
+    starts: tuple[int, ...]
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.size / self.chunk)
+
+    def chunk_extent(self, index: int) -> tuple[int, int]:
+        return index * self.chunk, min((index + 1) * self.chunk, self.size)
+
+    def owner(self, start: int) -> int:
+        """The chunk that owns a window: the one holding its first in-image voxel."""
+        return min(max(start, 0), self.size - 1) // self.chunk
+
+    def block_starts(self, index: int) -> tuple[int, ...]:
+        return tuple(s for s in self.starts if self.owner(s) == index)
+
+    def block_extent(self, index: int) -> tuple[int, int]:
+        """Region read and predicted by block ``index``, unclipped (may exceed the image when padded)."""
+        starts = self.block_starts(index)
+        return starts[0], starts[-1] + self.roi
+
+    def blocks(self) -> tuple[int, ...]:
+        """Indexes of the chunks that own at least one window."""
+        return tuple(sorted({self.owner(s) for s in self.starts}))
+
+    def sources_of(self, chunk_index: int) -> tuple[int, ...]:
+        """Blocks whose predicted region overlaps chunk ``chunk_index``."""
+        lo, hi = self.chunk_extent(chunk_index)
+        return tuple(b for b in self.blocks() if _overlaps(self.block_extent(b), (lo, hi)))
+
+
+def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """MONAI's sliding-window grid over an image, grouped into output-chunk blocks."""
+
+    axes: tuple[AxisPlan, ...]
+
+    @classmethod
+    def build(
+        cls,
+        shape: Sequence[int],
+        roi: Sequence[int],
+        overlap: float | Sequence[float],
+        chunks: int | Sequence[int],
+    ) -> WindowPlan:
+        ndim = len(shape)
+        roi = normalize_per_axis(roi, ndim, "roi_size")
+        overlap = normalize_per_axis(overlap, ndim, "overlap")
+        chunks = normalize_per_axis(chunks, ndim, "chunks")
+        axes = []
+        for size, r, o, c in zip(shape, roi, overlap, chunks):
+            starts, _ = scan_starts(int(size), int(r), float(o))
+            axes.append(AxisPlan(size=int(size), roi=int(r), chunk=int(c), starts=starts))
+        return cls(tuple(axes))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(a.size for a in self.axes)
+
+    @property
+    def roi(self) -> tuple[int, ...]:
+        return tuple(a.roi for a in self.axes)
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return tuple(a.chunk for a in self.axes)
+
+    @property
+    def chunk_counts(self) -> tuple[int, ...]:
+        return tuple(a.n_chunks for a in self.axes)
+
+    @property
+    def n_windows(self) -> int:
+        return math.prod(len(a.starts) for a in self.axes)
+
+    def windows(self) -> Iterator[tuple[int, ...]]:
+        """All window starts in MONAI's order (C order over the axes)."""
+        return itertools.product(*(a.starts for a in self.axes))
+
+    def chunk_indexes(self) -> Iterator[tuple[int, ...]]:
+        return itertools.product(*(range(a.n_chunks) for a in self.axes))
+
+    def chunk_region(self, index: Sequence[int]) -> Region:
+        return tuple(a.chunk_extent(i) for a, i in zip(self.axes, index))
+
+    def block_indexes(self) -> Iterator[tuple[int, ...]]:
+        """Chunks that own at least one window (one inference task each)."""
+        return itertools.product(*(a.blocks() for a in self.axes))
+
+    def block(self, index: Sequence[int]) -> Block:
+        return Block(
+            index=tuple(index),
+            starts=tuple(a.block_starts(i) for a, i in zip(self.axes, index)),
+            roi=self.roi,
+            shape=self.shape,
+        )
+
+    def sources_of(self, chunk_index: Sequence[int]) -> Iterator[tuple[int, ...]]:
+        """Blocks whose partial sums the chunk needs."""
+        return itertools.product(*(a.sources_of(i) for a, i in zip(self.axes, chunk_index)))
+
+
+@dataclass(frozen=True)
+class Block:
+    """The windows owned by one output chunk: the unit of inference work."""
+
+    index: tuple[int, ...]
+    starts: tuple[tuple[int, ...], ...]  # per axis
+    roi: tuple[int, ...]
+    shape: tuple[int, ...]  # image shape
+
+    @property
+    def n_windows(self) -> int:
+        return math.prod(len(s) for s in self.starts)
+
+    @property
+    def extent(self) -> Region:
+        """The region the windows cover, in image coordinates (may exceed the image when padded)."""
+        return tuple((s[0], s[-1] + r) for s, r in zip(self.starts, self.roi))
+
+    @property
+    def region(self) -> Region:
+        """``extent`` clipped to the image: what is read and what the partial sums cover."""
+        return clip_region(self.extent, self.shape)
+
+    def windows(self) -> Iterator[tuple[int, ...]]:
+        return itertools.product(*self.starts)
+
+
+def clip_region(region: Region, shape: Sequence[int]) -> Region:
+    return tuple((max(lo, 0), min(hi, size)) for (lo, hi), size in zip(region, shape))
+
+
+def intersect(a: Region, b: Region) -> Region | None:
+    out = tuple((max(a0, b0), min(a1, b1)) for (a0, a1), (b0, b1) in zip(a, b))
+    return None if any(lo >= hi for lo, hi in out) else out
+
+
+def local_slices(region: Region, origin: Sequence[int]) -> tuple[slice, ...]:
+    """Slices of ``region`` in an array whose first element sits at ``origin``."""
+    return tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(region, origin))
+
+
+def region_shape(region: Region) -> tuple[int, ...]:
+    return tuple(hi - lo for lo, hi in region)
+
+
+# -- georeferencing -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RasterGeometry:
+    """Where a raster's pixels are on Earth: CRS (WKT) and GDAL geotransform."""
+
+    crs_wkt: str | None
+    transform: tuple[float, float, float, float, float, float]  # GDAL order: x0, dx, rx, y0, ry, dy
+
+    def to_attrs(self) -> dict:
+        return {"crs": self.crs_wkt, "transform": list(self.transform)}
+
+
+@dataclass(frozen=True)
+class VolumeGeometry:
+    """Where a volume's voxels are in scanner space: 4x4 voxel-to-RAS+ affine (nibabel convention)."""
+
+    affine: tuple[tuple[float, ...], ...]
+
+    def to_attrs(self) -> dict:
+        return {"affine": [list(row) for row in self.affine]}
+
+
+Geometry = RasterGeometry | VolumeGeometry

@@ -1,0 +1,93 @@
+"""Windows -> weighted partial sums, on a worker's device.
+
+One call handles one block (the windows owned by one output chunk): it reads the
+block's region once, cuts the windows, runs them through the cached model in
+batches of ``batch_size`` and accumulates ``w * pred`` and ``w`` exactly as
+``monai.inferers.sliding_window_inference`` does, with MONAI's own
+``compute_importance_map`` as ``w``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.data.utils import compute_importance_map
+
+from .geometry import Block, local_slices, region_shape
+from .models import ModelSpec, cached_model, resolve_device
+from .preprocess import Preprocessing
+from .sources import ImageSource
+from .stitch import Partial
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    roi: tuple[int, ...]
+    mode: str = "gaussian"
+    sigma_scale: float | tuple[float, ...] = 0.125
+    batch_size: int = 8
+    device: str = "auto"
+
+
+@functools.lru_cache(maxsize=8)
+def importance_map(roi: tuple[int, ...], mode: str, sigma_scale, device: torch.device) -> torch.Tensor:
+    """MONAI's window weights (gaussian or constant, floor-clamped at 1e-3), float32."""
+    return compute_importance_map(roi, mode=mode, sigma_scale=sigma_scale, device=device, dtype=torch.float32)
+
+
+def predict_block(
+    block: Block,
+    source: ImageSource,
+    model: ModelSpec,
+    settings: InferenceSettings,
+    preprocessing: Preprocessing,
+) -> Partial:
+    """Weighted sums of the block's window predictions over the block's region."""
+    device = resolve_device(settings.device)
+    network = cached_model(model, device)
+    weight = importance_map(settings.roi, settings.mode, settings.sigma_scale, device)
+
+    extent, region = block.extent, block.region
+    origin = tuple(lo for lo, _ in extent)
+    data = preprocessing.apply(source.read(region))
+    if region != extent:  # an axis smaller than the roi: zero padding, as MONAI's F.pad(value=0)
+        padded = np.zeros((data.shape[0], *region_shape(extent)), np.float32)
+        padded[(slice(None), *local_slices(region, origin))] = data
+        data = padded
+    image = torch.from_numpy(data).to(device)
+
+    weighted = None
+    weights = torch.zeros(region_shape(extent), dtype=torch.float32, device=device)
+    windows = list(block.windows())
+    with torch.inference_mode():
+        for batch in _batched(windows, settings.batch_size):
+            slices = [_window_slices(start, settings.roi, origin) for start in batch]
+            prediction = network(torch.stack([image[(slice(None), *s)] for s in slices]))
+            if weighted is None:
+                weighted = torch.zeros((prediction.shape[1], *region_shape(extent)), dtype=torch.float32, device=device)
+            prediction = prediction.to(torch.float32) * weight
+            for s, p in zip(slices, prediction):
+                weighted[(slice(None), *s)] += p
+                weights[s] += weight
+
+    keep = local_slices(region, origin)
+    return Partial(
+        region=region,
+        weighted=weighted[(slice(None), *keep)].cpu().numpy(),
+        weights=weights[keep].cpu().numpy(),
+    )
+
+
+def _window_slices(start: tuple[int, ...], roi: tuple[int, ...], origin: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(slice(s - o, s - o + r) for s, r, o in zip(start, roi, origin))
+
+
+def _batched(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,101 @@
+"""Readers: one per format, each a lazy, windowed view of an image.
+
+A source is a small picklable value (path and options).  It opens its file
+lazily, once per worker thread, and reads only the region it is asked for, so an
+image of any size flows through the cluster without one process holding it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..geometry import Geometry, Region
+
+logger = logging.getLogger(__name__)
+
+_handles = threading.local()
+MAX_OPEN_HANDLES = 32
+
+
+def cached_handle(key: tuple, opener: Callable[[], Any]) -> Any:
+    """An open file handle, opened once per worker thread and reused by later tasks.
+
+    The least recently used handles are closed past ``MAX_OPEN_HANDLES`` so a batch
+    of thousands of inputs does not exhaust file descriptors.
+    """
+    cache: OrderedDict = _handles.__dict__.setdefault("cache", OrderedDict())
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    handle = cache[key] = opener()
+    while len(cache) > MAX_OPEN_HANDLES:
+        _, old = cache.popitem(last=False)
+        if hasattr(old, "close"):
+            old.close()
+    return handle
+
+
+def file_stamp(path: str) -> tuple[int, int]:
+    """``(mtime_ns, size)`` of a local file, so a replaced file is never read through a stale handle."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (0, 0)
+    return (stat.st_mtime_ns, stat.st_size)
+
+
+class ImageSource(ABC):
+    """A channel-first image ``(C, *spatial)`` read by region."""
+
+    path: str
+
+    @property
+    @abstractmethod
+    def shape(self) -> tuple[int, ...]:
+        """``(channels, *spatial)``."""
+
+    @property
+    @abstractmethod
+    def geometry(self) -> Geometry:
+        """Where the voxels are in the world."""
+
+    @abstractmethod
+    def read(self, region: Region) -> np.ndarray:
+        """The ``(C, *region)`` block of the image, ``region`` inside the image."""
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return self.shape[1:]
+
+    @property
+    def channels(self) -> int:
+        return self.shape[0]
+
+
+def open_source(path: str, spatial_dims: int, bands: list[int] | None = None) -> ImageSource:
+    """The reader for ``path``, chosen by suffix: NIfTI, Zarr, else a GDAL raster."""
+    from .nifti import NiftiSource
+    from .raster import RasterSource
+    from .zarr import ZarrSource
+
+    lowered = path.lower().rstrip("/")
+    if lowered.endswith((".nii", ".nii.gz")):
+        source: ImageSource = NiftiSource.open(path)
+    elif lowered.endswith(".zarr"):
+        source = ZarrSource.open(path, spatial_dims)
+    else:
+        source = RasterSource.open(path, bands)
+    if bands and not isinstance(source, RasterSource):
+        raise InputError(f"{path}: preprocess.bands applies to rasters only")
+    if len(source.spatial_shape) != spatial_dims:
+        raise InputError(f"{path}: has {len(source.spatial_shape)} spatial axes but the model is {spatial_dims}D")
+    return source

@@ -1,0 +1,66 @@
+"""Zarr arrays (v2 or v3) read by region.
+
+An array of ``spatial_dims`` axes is one channel; one with an extra leading axis
+is channel-first.  Geometry comes from tilemask's own attributes when present
+(``crs`` + ``transform`` for rasters, ``affine`` for volumes), else identity.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+
+from ..errors import InputError, ReadError
+from ..geometry import Geometry, RasterGeometry, Region, VolumeGeometry
+from . import ImageSource, cached_handle, file_stamp
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ZarrSource(ImageSource):
+    path: str
+    array_shape: tuple[int, ...]
+    channel_first: bool
+    zarr_geometry: Geometry
+
+    @classmethod
+    def open(cls, path: str, spatial_dims: int) -> ZarrSource:
+        try:
+            node = zarr.open(path, mode="r")
+        except Exception as exc:
+            raise InputError(f"{path}: cannot open Zarr: {exc}") from None
+        if isinstance(node, zarr.Group):
+            raise InputError(f"{path}: is a Zarr group; give the path of the array inside it")
+        shape = tuple(int(s) for s in node.shape)
+        if len(shape) not in (spatial_dims, spatial_dims + 1):
+            raise InputError(f"{path}: Zarr array with {len(shape)} axes for a {spatial_dims}D model")
+        attrs = dict(node.attrs)
+        if "affine" in attrs:
+            geometry: Geometry = VolumeGeometry(tuple(tuple(map(float, r)) for r in attrs["affine"]))
+        elif spatial_dims == 2:
+            transform = tuple(attrs.get("transform", (0.0, 1.0, 0.0, 0.0, 0.0, 1.0)))
+            geometry = RasterGeometry(attrs.get("crs"), transform)
+        else:
+            geometry = VolumeGeometry(tuple(tuple(float(i == j) for j in range(4)) for i in range(4)))
+        return cls(path, shape, len(shape) == spatial_dims + 1, geometry)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array_shape if self.channel_first else (1, *self.array_shape)
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.zarr_geometry
+
+    def read(self, region: Region) -> np.ndarray:
+        index = tuple(slice(lo, hi) for lo, hi in region)
+        try:
+            array = cached_handle(("zarr", self.path, file_stamp(self.path)), lambda: zarr.open_array(self.path, mode="r"))
+            block = array[(slice(None), *index)] if self.channel_first else array[index][None]
+        except Exception as exc:
+            raise ReadError(f"{self.path}: read failed at {region}: {exc}") from None
+        return np.asarray(block)

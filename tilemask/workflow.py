@@ -1,0 +1,273 @@
+"""The workflow file (YAML, version 1) as validated pydantic models.
+
+Everything a user can get wrong in a workflow is rejected here, before any work
+starts, with a one-line :class:`~tilemask.errors.WorkflowError` naming the key.
+Checks that need the input image (number of bands against ``in_channels``) are
+in :func:`tilemask.engine.check_source`.
+
+Relative paths (input, weights, output) are resolved against the folder of the
+workflow file, so a workflow and its data can move together; a workflow built in
+Python resolves them against the current directory.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from .errors import WorkflowError
+
+logger = logging.getLogger(__name__)
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Overlap = Annotated[float, Field(ge=0.0, lt=1.0)]
+REMOTE_PREFIXES = ("http://", "https://", "s3://", "/vsi", "gs://", "az://")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    network: str = Field(description='class in monai.networks.nets, or "package.module:Class"')
+    args: dict[str, Any] = Field(default_factory=dict)
+    weights: str = Field(description="state_dict (loaded with weights_only=True) or TorchScript file")
+
+    @property
+    def spatial_dims(self) -> int | None:
+        return self.args.get("spatial_dims")
+
+
+class Normalize(_Strict):
+    mean: list[float]
+    std: list[float]
+
+    @model_validator(mode="after")
+    def _same_length(self) -> Normalize:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+        return self
+
+
+class Preprocess(_Strict):
+    bands: list[PositiveInt] | None = Field(default=None, description="1-based band indexes (rasters)")
+    normalize: Normalize | None = None
+
+
+class Inference(_Strict):
+    roi_size: list[PositiveInt]
+    overlap: Overlap | list[Overlap] = 0.25
+    mode: Literal["gaussian", "constant"] = "gaussian"
+    sigma_scale: Annotated[float, Field(gt=0)] | list[Annotated[float, Field(gt=0)]] = 0.125
+    batch_size: PositiveInt = 8
+    device: str = "auto"
+    activation: Literal["softmax", "sigmoid", "none"] = "softmax"
+    threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"must be auto, cpu, cuda or cuda:N (got {value!r})")
+
+    @model_validator(mode="after")
+    def _per_axis_lengths(self) -> Inference:
+        for name in ("overlap", "sigma_scale"):
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) != len(self.roi_size):
+                raise ValueError(f"{name} has {len(value)} values but roi_size has {len(self.roi_size)}")
+        return self
+
+
+class Output(_Strict):
+    path: str
+    probabilities: Literal["none", "float32", "uint8"] = "none"
+    chunks: PositiveInt | list[PositiveInt] = 2048
+
+    @field_validator("path")
+    @classmethod
+    def _suffix(cls, value: str) -> str:
+        if not value.rstrip("/").endswith((".zarr", ".nii", ".nii.gz", ".tif", ".tiff")):
+            raise ValueError(f"suffix must be .zarr, .nii, .nii.gz or .tif (got {value!r})")
+        return value
+
+
+class Workflow(_Strict):
+    """A validated workflow, version 1 (see DESIGN.md section 3)."""
+
+    version: Literal[1]
+    input: str | list[str]
+    classes: list[str] | None = None
+    model: ModelConfig
+    preprocess: Preprocess = Field(default_factory=Preprocess)
+    inference: Inference
+    output: Output
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Workflow:
+        spatial_dims = self.model.spatial_dims
+        roi = self.inference.roi_size
+        if spatial_dims is not None and len(roi) != spatial_dims:
+            raise ValueError(
+                f"inference.roi_size has {len(roi)} values but model.args.spatial_dims is {spatial_dims}"
+            )
+        chunks = self.output.chunks
+        if isinstance(chunks, list) and len(chunks) != len(roi):
+            raise ValueError(f"output.chunks has {len(chunks)} values but roi_size has {len(roi)}")
+        out_channels = self.model.args.get("out_channels")
+        if self.inference.activation == "sigmoid" and out_channels not in (None, 1):
+            raise ValueError("inference.activation sigmoid needs model.args.out_channels: 1 (one binary class)")
+        if self.classes is not None and out_channels is not None and len(self.classes) != self.n_classes:
+            raise ValueError(f"classes has {len(self.classes)} names but the model gives {self.n_classes} classes")
+        if self.inference.activation == "none" and self.output.probabilities == "uint8":
+            raise ValueError("output.probabilities uint8 needs an activation (softmax or sigmoid)")
+        normalize = self.preprocess.normalize
+        bands = self.preprocess.bands
+        if normalize and bands and len(normalize.mean) != len(bands):
+            raise ValueError(f"preprocess.normalize has {len(normalize.mean)} values but bands has {len(bands)}")
+        return self
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Workflow:
+        """Read, override (``key.path=value``, YAML values) and validate a workflow file."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise WorkflowError(f"cannot read workflow {path}: {exc.strerror or exc}") from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or "invalid YAML"
+            raise WorkflowError(f"workflow {path}{where}: {problem}") from None
+        if not isinstance(raw, dict):
+            raise WorkflowError(f"workflow {path}: expected a mapping of keys, got {type(raw).__name__}")
+        return cls.from_dict(raw, overrides, base_dir=path.resolve().parent)
+
+    @classmethod
+    def from_dict(
+        cls, raw: dict, overrides: list[str] | tuple[str, ...] = (), base_dir: str | Path | None = None
+    ) -> Workflow:
+        raw = apply_overrides(raw, overrides)
+        try:
+            workflow = cls.model_validate(raw)
+        except ValidationError as exc:
+            raise WorkflowError(_one_line(exc)) from None
+        workflow._base_dir = Path(base_dir) if base_dir else Path.cwd()
+        return workflow
+
+    # -- derived values ------------------------------------------------------------------------
+
+    @property
+    def n_classes(self) -> int:
+        """Classes in the label output: 2 for a one-channel sigmoid, else out_channels."""
+        out_channels = self.model.args.get("out_channels", len(self.classes or []) or 2)
+        return 2 if self.inference.activation == "sigmoid" else int(out_channels)
+
+    @property
+    def class_names(self) -> list[str]:
+        if self.classes:
+            return list(self.classes)
+        return [f"class_{i}" for i in range(self.n_classes)]
+
+    def resolve(self, path: str) -> str:
+        """A path from the workflow, made absolute against the workflow's folder (URLs kept)."""
+        if path.startswith(REMOTE_PREFIXES):
+            return path
+        p = Path(path).expanduser()
+        return str(p if p.is_absolute() else (self._base_dir / p))
+
+    def input_paths(self) -> list[str]:
+        """The inputs, globs expanded (sorted), in order."""
+        items = [self.input] if isinstance(self.input, str) else list(self.input)
+        paths: list[str] = []
+        for item in items:
+            resolved = self.resolve(item)
+            if not resolved.startswith(REMOTE_PREFIXES) and glob.has_magic(resolved):
+                matches = sorted(glob.glob(resolved))
+                if not matches:
+                    raise WorkflowError(f"input: no file matches {item!r}")
+                paths.extend(matches)
+            else:
+                paths.append(resolved)
+        return paths
+
+    def output_path(self, input_path: str) -> str:
+        """``output.path`` with ``{stem}`` replaced by the input's name without suffixes."""
+        return self.resolve(self.output.path.format(stem=stem(input_path)))
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def stem(path: str) -> str:
+    """Input name without its format suffix (``scan.nii.gz`` -> ``scan``)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
+    for suffix in (".nii.gz", ".nii", ".zarr", ".tiff", ".tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``--set key.path=value`` overrides (values parsed as YAML) to a raw workflow dict."""
+    raw = _deep_copy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise WorkflowError(f"--set {item!r}: expected KEY=VALUE, e.g. output.chunks=1024")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise WorkflowError(f"--set {key}: value {value!r} is not valid YAML") from None
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise WorkflowError(f"--set {key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = parsed
+    return raw
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def _is_union_tag(part: Any) -> bool:
+    """pydantic names the union member that failed (``float``, ``list[float]``) in the location."""
+    return isinstance(part, str) and (part in ("int", "float", "str") or "[" in part or "constrained" in part)
+
+
+def _one_line(exc: ValidationError) -> str:
+    """The first validation error as ``workflow: key.path: message``."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "missing key"
+    else:
+        msg = f"{msg} (got {err.get('input')!r})" if err.get("input") is not None and loc else msg
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"workflow: {loc or 'workflow'}: {msg}{more}"
