@@ -33,6 +33,7 @@ class OutputLayout:
     probabilities_dtype: str  # "float32" | "uint8" | "none"
     geometry: Geometry
     reference: str  # the input path (NIfTI sinks copy its header)
+    nodata: int | None = None  # label value of pixels the input marks invalid (None: the input has none)
     metadata: dict = field(default_factory=dict, hash=False, compare=False)  # tilemask group attribute
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # keys worker-side handles to this run
 

@@ -40,7 +40,7 @@ class ZarrSink(LabelSink):
                 fill_value=0,
             )
         group.attrs.update(
-            {"tilemask": {**layout.metadata, "classes": list(layout.class_names), "complete": False}}
+            {"tilemask": {**layout.metadata, "classes": list(layout.class_names), "nodata": layout.nodata, "complete": False}}
             | layout.geometry.to_attrs()
         )
 

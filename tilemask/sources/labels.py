@@ -1,0 +1,143 @@
+"""Label images (tilemask outputs or any integer raster/volume) as lazy Dask arrays.
+
+What statistics, polygons and ``open_result`` read: the labels of a Zarr group
+written by tilemask (or a bare Zarr array), a GeoTIFF/COG, or a NIfTI volume,
+chunked for the cluster and read window by window, with the geometry, the class
+names and the nodata value when the file records them.
+
+Class names come from the Zarr group's ``tilemask.classes`` attribute, or the
+GeoTIFF dataset tag ``TILEMASK_CLASSES`` (a JSON list); NIfTI files carry none.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import dask.array as da
+import nibabel as nib
+import numpy as np
+import rasterio
+import zarr
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
+
+from ..errors import InputError
+from ..geometry import Geometry, RasterGeometry, VolumeGeometry, normalize_per_axis
+from . import cached_handle, file_stamp
+
+logger = logging.getLogger(__name__)
+
+CLASSES_TAG = "TILEMASK_CLASSES"
+
+
+@dataclass(frozen=True)
+class LabelImage:
+    path: str
+    array: da.Array  # spatial axes only, integer labels
+    geometry: Geometry
+    class_names: tuple[str, ...] | None
+    nodata: int | None
+
+    @property
+    def is_volume(self) -> bool:
+        return isinstance(self.geometry, VolumeGeometry)
+
+
+@dataclass(frozen=True)
+class _RasterBand:
+    """Array-like view of band 1 of a GDAL raster, read by window (for ``da.from_array``)."""
+
+    path: str
+    shape: tuple[int, int]
+    dtype: np.dtype
+    ndim: int = 2
+
+    def __getitem__(self, index: tuple[slice, slice]) -> np.ndarray:
+        rows, cols = index
+        ds = cached_handle(("label-raster", self.path, file_stamp(self.path)), lambda: rasterio.open(self.path))
+        window = Window.from_slices(rows, cols, height=self.shape[0], width=self.shape[1])
+        return ds.read(1, window=window)
+
+
+@dataclass(frozen=True)
+class _NiftiVolume:
+    """Array-like view of a NIfTI volume's data (memory-mapped, or indexed_gzip for .nii.gz)."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    ndim: int = 3
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        img = cached_handle(
+            ("label-nifti", self.path, file_stamp(self.path)),
+            lambda: nib.load(self.path, keep_file_open=True, mmap=True),
+        )
+        return np.asarray(img.dataobj[index])
+
+
+def open_labels(path: str, chunks: int | tuple[int, ...] | None = None) -> LabelImage:
+    """The labels at ``path`` as a lazy array; ``chunks`` defaults to the file's own blocks."""
+    lowered = path.lower().rstrip("/")
+    try:
+        if lowered.endswith(".zarr"):
+            return _open_zarr(path, chunks)
+        if lowered.endswith((".nii", ".nii.gz")):
+            return _open_nifti(path, chunks)
+        return _open_raster(path, chunks)
+    except (OSError, RasterioError, ValueError, KeyError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{path}: cannot open as a label image: {exc}") from None
+
+
+def _chunks(chunks, native: tuple[int, ...]) -> tuple[int, ...]:
+    return native if chunks is None else tuple(normalize_per_axis(chunks, len(native), "chunks"))
+
+
+def _open_zarr(path: str, chunks) -> LabelImage:
+    node = zarr.open(path, mode="r")
+    attrs = dict(node.attrs)
+    array = node["labels"] if isinstance(node, zarr.Group) else node
+    meta = attrs.get("tilemask", {})
+    if "affine" in attrs:
+        geometry: Geometry = VolumeGeometry(tuple(tuple(map(float, r)) for r in attrs["affine"]))
+    elif array.ndim == 2:
+        geometry = RasterGeometry(attrs.get("crs"), tuple(attrs.get("transform", (0.0, 1.0, 0.0, 0.0, 0.0, 1.0))))
+    else:
+        geometry = VolumeGeometry(tuple(tuple(float(i == j) for j in range(4)) for i in range(4)))
+    lazy = da.from_zarr(array, chunks=_chunks(chunks, tuple(array.chunks)))
+    classes = tuple(meta["classes"]) if meta.get("classes") else None
+    return LabelImage(path, lazy, geometry, classes, meta.get("nodata"))
+
+
+def _open_raster(path: str, chunks) -> LabelImage:
+    with rasterio.open(path) as ds:
+        shape = (ds.height, ds.width)
+        dtype = np.dtype(ds.dtypes[0])
+        block = ds.block_shapes[0]
+        geometry = RasterGeometry(ds.crs.to_wkt() if ds.crs else None, tuple(ds.transform.to_gdal()))
+        nodata = None if ds.nodata is None else int(ds.nodata)
+        tag = ds.tags().get(CLASSES_TAG)
+    if not np.issubdtype(dtype, np.integer):
+        raise InputError(f"{path}: labels must be integers, the raster holds {dtype}")
+    native = tuple(max(b, 1024 // b * b) for b in block)  # whole GDAL blocks, about 1024 px
+    lazy = da.from_array(_RasterBand(path, shape, dtype), chunks=_chunks(chunks, native), asarray=False, fancy=False)
+    return LabelImage(path, lazy, geometry, tuple(json.loads(tag)) if tag else None, nodata)
+
+
+def _open_nifti(path: str, chunks) -> LabelImage:
+    img = nib.load(path)
+    if len(img.shape) != 3:
+        raise InputError(f"{path}: a label volume must be 3D, this one has shape {img.shape}")
+    dtype = np.dtype(img.get_data_dtype())
+    if not np.issubdtype(dtype, np.integer) or img.dataobj.slope not in (1, None) or img.dataobj.inter not in (0, None):
+        raise InputError(f"{path}: labels must be stored as unscaled integers (dtype {dtype})")
+    shape = tuple(int(s) for s in img.shape)
+    affine = tuple(tuple(float(v) for v in row) for row in img.affine)
+    lazy = da.from_array(
+        _NiftiVolume(path, shape, dtype), chunks=_chunks(chunks, tuple(min(s, 128) for s in shape)), asarray=False, fancy=False
+    )
+    return LabelImage(path, lazy, VolumeGeometry(affine), None, None)
