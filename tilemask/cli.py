@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 import click
 
@@ -34,6 +35,14 @@ class _Command(click.Command):
             ctx.exit(1)
 
 
+def _configure_logging(debug: bool) -> None:
+    """Debug logs and library warnings with --debug; otherwise only tilemask's own warnings."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        warnings.simplefilter("ignore")
+        logging.getLogger("distributed").setLevel(logging.ERROR)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tilemask")
 def main() -> None:
@@ -53,7 +62,7 @@ def run(workflow, scheduler, workers, threads_per_worker, overrides, quiet, debu
     from .engine import run as run_workflow
     from .workflow import Workflow
 
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging(debug)
     wf = Workflow.from_yaml(workflow, overrides)
     results = run_workflow(
         wf, scheduler=scheduler, workers=workers, threads_per_worker=threads_per_worker, progress=not quiet

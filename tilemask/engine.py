@@ -205,7 +205,11 @@ def cluster_client(
 ) -> Iterator[Client]:
     """A client of ``scheduler``, or of an embedded ``LocalCluster`` closed on exit."""
     if scheduler:
-        with Client(scheduler, timeout="30s") as client:
+        try:
+            client = Client(scheduler)  # connect timeout: distributed.comm.timeouts.connect
+        except OSError as exc:
+            raise TilemaskError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+        with client:
             yield client
         return
     default_n, default_t = default_workers()
@@ -214,6 +218,7 @@ def cluster_client(
         threads_per_worker=threads_per_worker or default_t,
         processes=True,
         dashboard_address=":0",
+        silence_logs=logging.CRITICAL if not logger.isEnabledFor(logging.DEBUG) else logging.INFO,
     ) as cluster, Client(cluster) as client:
         yield client
 
@@ -253,7 +258,7 @@ def execute(client: Client, job: Job, progress: bool = True) -> RunResult:
                         held.pop(dep).release()
         outputs = job.sink.commit()
     except BaseException:
-        client.cancel(list(held.values()) if "held" in locals() else [], force=True)
+        _cancel_and_drain(client, list(held.values()) if "held" in locals() else [], graph)
         job.sink.abort()
         raise
     seconds = time.perf_counter() - start
@@ -266,6 +271,27 @@ def execute(client: Client, job: Job, progress: bool = True) -> RunResult:
         seconds=seconds,
         class_pixels={names[i] if i < len(names) else str(i): int(n) for i, n in enumerate(totals)},
     )
+
+
+def _cancel_and_drain(client: Client, futures: list, graph: dict, timeout: float = 60.0) -> None:
+    """Cancel the run's tasks and wait until no worker thread still executes one.
+
+    A cancelled task keeps running in its worker thread; waiting for it keeps a
+    late chunk write from recreating files after the output was removed.
+    """
+    client.cancel(futures, force=True)
+    keys = {str(k) for k in graph}
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(Exception):  # best effort: the cluster itself may be what failed
+        while time.monotonic() < deadline:
+            running = client.run(_running_keys)
+            if not any(k in keys for ks in running.values() for k in ks):
+                return
+            time.sleep(0.1)
+
+
+def _running_keys(dask_worker) -> list[str]:
+    return [str(k) for k in dask_worker.active_keys]
 
 
 @contextlib.contextmanager

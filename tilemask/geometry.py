@@ -23,6 +23,7 @@ weighted partial sums (overlap-add).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -81,8 +82,15 @@ class AxisPlan:
         """The chunk that owns a window: the one holding its first in-image voxel."""
         return min(max(start, 0), self.size - 1) // self.chunk
 
+    @functools.cached_property
+    def _starts_by_block(self) -> dict[int, tuple[int, ...]]:
+        by_block: dict[int, list[int]] = {}
+        for s in self.starts:
+            by_block.setdefault(self.owner(s), []).append(s)
+        return {b: tuple(v) for b, v in by_block.items()}
+
     def block_starts(self, index: int) -> tuple[int, ...]:
-        return tuple(s for s in self.starts if self.owner(s) == index)
+        return self._starts_by_block.get(index, ())
 
     def block_extent(self, index: int) -> tuple[int, int]:
         """Region read and predicted by block ``index``, unclipped (may exceed the image when padded)."""
@@ -91,7 +99,7 @@ class AxisPlan:
 
     def blocks(self) -> tuple[int, ...]:
         """Indexes of the chunks that own at least one window."""
-        return tuple(sorted({self.owner(s) for s in self.starts}))
+        return tuple(sorted(self._starts_by_block))
 
     def sources_of(self, chunk_index: int) -> tuple[int, ...]:
         """Blocks whose predicted region overlaps chunk ``chunk_index``."""

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 _models: dict[tuple[ModelSpec, str], torch.nn.Module] = {}
 _models_lock = threading.Lock()
+loads = 0  # models this process has loaded (each worker should load a model once)
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,9 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise WeightsError(
             f"model.weights: {path} is a pickle that needs code to load; refused "
@@ -133,11 +136,13 @@ def resolve_device(name: str) -> torch.device:
 
 def cached_model(spec: ModelSpec, device: torch.device) -> torch.nn.Module:
     """The model for ``spec`` on ``device``, loaded once per worker process."""
+    global loads
     key = (spec, str(device))
     with _models_lock:
         if key not in _models:
             logger.info("loading %s from %s on %s", spec.network, spec.weights, device)
             _models[key] = load_model(spec, device)
+            loads += 1
         return _models[key]
 
 

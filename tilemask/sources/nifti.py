@@ -57,6 +57,7 @@ class NiftiSource(ImageSource):
         try:
             img = cached_handle(("nifti", self.path, file_stamp(self.path)), lambda: nib.load(self.path, keep_file_open=True, mmap=True))
             block = np.asarray(img.dataobj[index])
-        except Exception as exc:
-            raise ReadError(f"{self.path}: read failed at {region}: {exc}") from None
-        return block[None] if block.ndim == 3 else np.moveaxis(block, -1, 0)
+            return block[None] if block.ndim == 3 else np.moveaxis(block, -1, 0)
+        except Exception as exc:  # nibabel, gzip and zlib raise many types
+            detail = f"{type(exc).__name__}: {exc}"
+        raise ReadError(f"{self.path}: read failed at {region}: {detail}")

@@ -59,8 +59,14 @@ class RasterSource(ImageSource):
             ds = cached_handle(("raster", self.path, file_stamp(self.path)), lambda: rasterio.open(self.path))
             return ds.read(indexes=list(self.bands), window=Window(c0, r0, c1 - c0, r1 - r0))
         except RasterioError as exc:
-            raise ReadError(f"{self.path}: read failed at rows {r0}:{r1}, cols {c0}:{c1}: {_first_line(exc)}") from None
+            detail = _first_line(exc)
+        # raised outside the handler: GDAL's exception chain must not travel back to the client
+        raise ReadError(f"{self.path}: read failed at rows {r0}:{r1}, cols {c0}:{c1}: {detail}")
 
 
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+def _first_line(exc: BaseException) -> str:
+    """GDAL's own words: the root of rasterio's exception chain, first line."""
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -61,6 +61,7 @@ class ZarrSource(ImageSource):
         try:
             array = cached_handle(("zarr", self.path, file_stamp(self.path)), lambda: zarr.open_array(self.path, mode="r"))
             block = array[(slice(None), *index)] if self.channel_first else array[index][None]
-        except Exception as exc:
-            raise ReadError(f"{self.path}: read failed at {region}: {exc}") from None
-        return np.asarray(block)
+            return np.asarray(block)
+        except Exception as exc:  # codecs and stores raise many types
+            detail = f"{type(exc).__name__}: {exc}"
+        raise ReadError(f"{self.path}: read failed at {region}: {detail}")

@@ -1,0 +1,166 @@
+"""Fixtures that make their data: rasters, volumes, models and workflows of any shape."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import rasterio
+import torch
+import yaml
+from rasterio.transform import from_origin
+
+SHARED_GEO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "geo"
+
+UNET_2D = dict(spatial_dims=2, in_channels=3, out_channels=3, channels=[8, 16, 32], strides=[2, 2], num_res_units=1)
+UNET_3D = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=[4, 8, 16], strides=[2, 2], num_res_units=1)
+
+
+@pytest.fixture
+def make_raster(tmp_path):
+    """Write a GeoTIFF of random smooth-ish values; returns (path, array)."""
+
+    def make(shape=(3, 300, 437), dtype="uint8", crs="EPSG:32618", name="scene.tif", seed=0, **profile):
+        rng = np.random.default_rng(seed)
+        count, height, width = shape
+        info = np.iinfo(dtype) if np.issubdtype(np.dtype(dtype), np.integer) else None
+        top = info.max if info else 1.0
+        data = (rng.random(shape) * top).astype(dtype)
+        path = tmp_path / name
+        with rasterio.open(
+            path, "w", driver="GTiff", height=height, width=width, count=count, dtype=dtype, crs=crs,
+            transform=from_origin(500000, 4000000, 30, 30), **profile,
+        ) as ds:
+            ds.write(data)
+        return path, data
+
+    return make
+
+
+@pytest.fixture
+def make_volume(tmp_path):
+    """Write a NIfTI volume with an anisotropic, rotated affine; returns (path, array)."""
+
+    def make(shape=(37, 29, 23), name="scan.nii.gz", seed=0, dtype="int16"):
+        rng = np.random.default_rng(seed)
+        data = (rng.random(shape) * 1000).astype(dtype)
+        affine = np.array([[0.0, -1.2, 0.0, 40.0], [0.9, 0.0, 0.0, -30.0], [0.0, 0.0, 2.5, 10.0], [0, 0, 0, 1]])
+        img = nib.Nifti1Image(data, affine)
+        img.header.set_xyzt_units("mm", "sec")
+        path = tmp_path / name
+        nib.save(img, path)
+        return path, data
+
+    return make
+
+
+@pytest.fixture
+def make_model(tmp_path):
+    """A seeded MONAI UNet saved as a state_dict; returns (weights path, network in eval mode)."""
+
+    def make(args=None, name="weights.pt", seed=0):
+        from monai.networks.nets import UNet
+
+        torch.manual_seed(seed)
+        net = UNet(**(args or UNET_2D)).eval()
+        path = tmp_path / name
+        torch.save(net.state_dict(), path)
+        return path, net
+
+    return make
+
+
+@pytest.fixture
+def write_workflow(tmp_path):
+    """Write a workflow YAML from a dict; returns its path."""
+
+    def write(workflow: dict, name="workflow.yaml"):
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(workflow, sort_keys=False))
+        return path
+
+    return write
+
+
+def raster_workflow(input_path, weights, args=None, **sections) -> dict:
+    args = args or UNET_2D
+    workflow = {
+        "version": 1,
+        "input": str(input_path),
+        "model": {"network": "UNet", "args": args, "weights": str(weights)},
+        "preprocess": {"normalize": {"mean": [127.0] * args["in_channels"], "std": [60.0] * args["in_channels"]}},
+        "inference": {"roi_size": [64] * args["spatial_dims"], "overlap": 0.25, "batch_size": 4, "device": "cpu"},
+        "output": {"path": "out/{stem}_mask.zarr", "probabilities": "float32", "chunks": 96},
+    }
+    for key, value in sections.items():
+        workflow[key] = {**workflow.get(key, {}), **value} if isinstance(value, dict) else value
+    return workflow
+
+
+@pytest.fixture(scope="session")
+def client():
+    """An embedded cluster shared by the tests that only need *a* cluster."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        with Client(cluster) as c:
+            yield c
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def dask_processes(tmp_path_factory):
+    """A real ``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1; yields the address."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    bindir = Path(sys.executable).parent
+    logdir = tmp_path_factory.mktemp("dask-logs")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs = [
+        subprocess.Popen(
+            [str(bindir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            stdout=open(logdir / "scheduler.log", "w"), stderr=subprocess.STDOUT, env=env,
+        )
+    ]
+    for i in range(2):
+        procs.append(
+            subprocess.Popen(
+                [str(bindir / "dask"), "worker", address, "--nthreads", "1", "--no-dashboard",
+                 "--host", "127.0.0.1", "--name", f"w{i}"],
+                stdout=open(logdir / f"worker{i}.log", "w"), stderr=subprocess.STDOUT, env=env,
+            )
+        )
+    from distributed import Client
+
+    deadline = time.time() + 60
+    with Client(address, timeout="60s") as c:
+        while len(c.scheduler_info()["workers"]) < 2:
+            if time.time() > deadline:
+                raise RuntimeError(f"dask workers did not start; logs in {logdir}")
+            time.sleep(0.2)
+    yield address
+    for p in reversed(procs):
+        p.terminate()
+    for p in procs:
+        p.wait(timeout=30)
+
+
+def run_cli(*args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:
+    """``tilemask ARGS`` as a user runs it."""
+    exe = Path(sys.executable).parent / "tilemask"
+    return subprocess.run(
+        [str(exe), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )

@@ -1,0 +1,171 @@
+"""The command line as users meet it: help, bad input, exit statuses, nothing half-written."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+
+from .conftest import SHARED_GEO, UNET_2D, raster_workflow, run_cli
+
+
+def assert_one_line_error(proc, status, *words):
+    assert proc.returncode == status, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tilemask: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def nothing_finished(out_dir):
+    """No output at all, or a Zarr group not marked complete."""
+    if not out_dir.exists():
+        return True
+    for path in out_dir.rglob("*"):
+        if path.suffix in (".tif", ".nii", ".gz") and not path.name.startswith("."):
+            return False
+        if path.suffix == ".zarr" and zarr.open_group(path, mode="r").attrs.get("tilemask", {}).get("complete"):
+            return False
+    return True
+
+
+def test_help_for_every_command():
+    for args in ([], ["run"]):
+        proc = run_cli(*args, "--help")
+        assert proc.returncode == 0 and "Usage:" in proc.stdout
+
+
+@pytest.fixture
+def scene(make_raster, make_model, write_workflow, tmp_path):
+    path, _ = make_raster((3, 90, 120))
+    weights, _ = make_model()
+    return raster_workflow(path, weights)
+
+
+def test_a_run_writes_a_complete_zarr(scene, write_workflow, tmp_path):
+    proc = run_cli("run", write_workflow(scene), "--workers", "1", "--set", "output.chunks=64")
+    assert proc.returncode == 0, proc.stderr
+    group = zarr.open_group(tmp_path / "out" / "scene_mask.zarr", mode="r")
+    assert group.attrs["tilemask"]["complete"] is True
+    assert group["labels"].shape == (90, 120) and group["labels"].chunks == (64, 64)
+    assert group["probabilities"].shape == (3, 90, 120)
+    assert "windows/s" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "change,status,words",
+    [
+        ({"extra_key": 1}, 2, ["extra_key", "unknown key"]),
+        ({"inference": {"roi_size": [64, 64], "overlap": 1.0}}, 2, ["inference.overlap", "less than 1"]),
+        ({"inference": {"roi_size": [64, 64, 64]}}, 2, ["roi_size", "spatial_dims"]),
+        ({"inference": {"roi_size": [64, 64], "mode": "median"}}, 2, ["inference.mode"]),
+        ({"model": {"network": "UNet", "args": {**UNET_2D, "in_channels": 4}, "weights": "w"}}, 2, ["in_channels", "4"]),
+        ({"model": {"network": "NoSuchNet", "args": UNET_2D, "weights": "w"}}, 2, ["NoSuchNet"]),
+        ({"input": "missing.tif"}, 2, ["missing.tif"]),
+        ({"output": {"path": "out/x.png"}}, 2, ["output.path"]),
+    ],
+)
+def test_invalid_workflows_exit_2_before_any_work(scene, write_workflow, tmp_path, change, status, words):
+    workflow = {**scene, **change}
+    if "model" in change and change["model"]["weights"] == "w":
+        workflow["model"]["weights"] = scene["model"]["weights"]
+    proc = run_cli("run", write_workflow(workflow))
+    assert_one_line_error(proc, status, *words)
+    assert nothing_finished(tmp_path / "out")
+
+
+def test_malformed_yaml(write_workflow, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("version: 1\ninput: [a.tif\nmodel: {")
+    assert_one_line_error(run_cli("run", path), 2, "bad.yaml", "line")
+
+
+def test_missing_weights(scene, write_workflow, tmp_path):
+    scene["model"]["weights"] = str(tmp_path / "nowhere.pt")
+    assert_one_line_error(run_cli("run", write_workflow(scene)), 2, "model.weights", "nowhere.pt")
+    assert nothing_finished(tmp_path / "out")
+
+
+class _Exploit:
+    """A checkpoint that would create a file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_with_code_is_refused_and_never_run(scene, write_workflow, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    import torch
+
+    torch.save({"weight": _Exploit(marker)}, evil, pickle_protocol=2)
+    with open(tmp_path / "evil.pkl", "wb") as f:  # the plain-pickle variant
+        pickle.dump(_Exploit(marker), f)
+    for path in (evil, tmp_path / "evil.pkl"):
+        scene["model"]["weights"] = str(path)
+        assert_one_line_error(run_cli("run", write_workflow(scene)), 2, "refused", path.name)
+        assert not marker.exists(), "the pickle's code ran"
+    assert nothing_finished(tmp_path / "out")
+
+
+def test_weights_of_another_network_are_refused(scene, write_workflow, make_model, tmp_path):
+    weights, _ = make_model({**UNET_2D, "channels": [4, 8, 16]}, name="other.pt")
+    scene["model"]["weights"] = str(weights)
+    assert_one_line_error(run_cli("run", write_workflow(scene)), 2, "does not fit", "other.pt")
+
+
+def test_torchscript_weights_run(scene, write_workflow, make_model, tmp_path):
+    import torch
+
+    _, net = make_model()
+    script = tmp_path / "scripted.pt"
+    torch.jit.script(net).save(str(script))
+    scene["model"]["weights"] = str(script)
+    proc = run_cli("run", write_workflow(scene), "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert zarr.open_group(tmp_path / "out" / "scene_mask.zarr").attrs["tilemask"]["complete"]
+
+
+def test_real_corrupt_geotiff_fails_with_one_line_and_no_output(write_workflow, make_model, tmp_path):
+    weights, _ = make_model()
+    corrupt = tmp_path / "corrupt.tif"
+    shutil.copy(SHARED_GEO / "corrupt.tif", corrupt)
+    workflow = raster_workflow(corrupt, weights, output={"chunks": 256, "path": "out/{stem}.zarr"})
+    workflow["inference"]["roi_size"] = [128, 128]
+    proc = run_cli("run", write_workflow(workflow), "--workers", "1")
+    assert_one_line_error(proc, 1, "corrupt.tif", "read failed")
+    assert nothing_finished(tmp_path / "out")
+
+
+def test_truncated_geotiff(make_raster, make_model, write_workflow, tmp_path):
+    path, _ = make_raster((3, 400, 400), tiled=True, blockxsize=128, blockysize=128, compress="deflate")
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    weights, _ = make_model()
+    proc = run_cli("run", write_workflow(raster_workflow(path, weights)), "--workers", "1")
+    assert proc.returncode in (1, 2)  # 2 when GDAL already refuses the header, 1 when a block read fails
+    assert_one_line_error(proc, proc.returncode, "scene.tif")
+    assert nothing_finished(tmp_path / "out")
+
+
+def test_set_overrides_and_bad_set(scene, write_workflow, tmp_path):
+    assert_one_line_error(run_cli("run", write_workflow(scene), "--set", "output.chunks"), 2, "KEY=VALUE")
+    assert_one_line_error(run_cli("run", write_workflow(scene), "--set", "inference.overlap=2"), 2, "inference.overlap")
+
+
+def test_probabilities_uint8(scene, write_workflow, tmp_path):
+    proc = run_cli("run", write_workflow(scene), "--workers", "1", "--set", "output.probabilities=uint8")
+    assert proc.returncode == 0, proc.stderr
+    group = zarr.open_group(tmp_path / "out" / "scene_mask.zarr", mode="r")
+    probs = group["probabilities"][:]
+    assert probs.dtype == np.uint8
+    assert np.all(np.abs(probs.astype(int).sum(axis=0) - 255) <= 2)  # softmax sums to 1, rounded per class

@@ -1,0 +1,99 @@
+"""Same answer as MONAI's sliding_window_inference, whatever the chunking and worker count."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import zarr
+from monai.inferers import sliding_window_inference
+
+import tilemask
+from tilemask import Workflow
+
+from .conftest import UNET_2D, UNET_3D, raster_workflow
+
+
+def monai_probabilities(image: np.ndarray, net, roi, overlap, mode, mean, std, sigma_scale=0.125):
+    """softmax(sliding_window_inference(normalized image)) on the whole image, in memory."""
+    x = (image.astype(np.float32) - np.float32(mean)) / np.float32(std)
+    with torch.inference_mode():
+        logits = sliding_window_inference(
+            torch.from_numpy(x[None]), roi, 4, net, overlap=overlap, mode=mode, sigma_scale=sigma_scale
+        )
+    return torch.softmax(logits, 1)[0].numpy()
+
+
+def run_zarr(workflow: dict, tmp_path, client, **overrides):
+    wf = Workflow.from_dict(workflow, [f"{k}={v}" for k, v in overrides.items()], base_dir=tmp_path)
+    (result,) = tilemask.run(wf, client)
+    group = zarr.open_group(result.outputs[0], mode="r")
+    return group["probabilities"][:], group["labels"][:], result
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "constant"])
+@pytest.mark.parametrize("overlap", [0.25, 0.5])
+def test_raster_matches_monai(make_raster, make_model, tmp_path, client, mode, overlap):
+    path, image = make_raster((3, 203, 317))
+    weights, net = make_model()
+    workflow = raster_workflow(path, weights, inference={"mode": mode, "overlap": overlap})
+    probs, labels, result = run_zarr(workflow, tmp_path, client)
+    expected = monai_probabilities(image, net, (64, 64), overlap, mode, 127.0, 60.0)
+    assert result.windows > 1
+    np.testing.assert_allclose(probs, expected, atol=1e-4)
+    agree = labels == expected.argmax(0)
+    top2 = np.sort(expected, axis=0)[-2:]
+    assert np.all(agree | (top2[1] - top2[0] < 1e-4)), "labels differ away from ties"
+
+
+def test_axis_smaller_than_roi_is_padded_like_monai(make_raster, make_model, tmp_path, client):
+    path, image = make_raster((3, 41, 150))  # 41 rows < roi 64: MONAI pads 11 before, 12 after
+    weights, net = make_model()
+    probs, _, _ = run_zarr(raster_workflow(path, weights), tmp_path, client, **{"output.chunks": 32})
+    np.testing.assert_allclose(probs, monai_probabilities(image, net, (64, 64), 0.25, "gaussian", 127.0, 60.0), atol=1e-4)
+
+
+def test_chunking_and_worker_count_change_nothing_but_summation_order(make_raster, make_model, tmp_path, client):
+    from distributed import Client, LocalCluster
+
+    path, _ = make_raster((3, 250, 190))
+    weights, _ = make_model()
+    workflow = raster_workflow(path, weights)
+    reference, ref_labels, _ = run_zarr(workflow, tmp_path, client, **{"output.chunks": 250})
+    for chunks in (37, "[50, 120]", 128):
+        probs, labels, _ = run_zarr(workflow, tmp_path, client, **{"output.chunks": chunks})
+        np.testing.assert_allclose(probs, reference, atol=1e-5)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster:
+        with Client(cluster) as one_worker:
+            probs, _, _ = run_zarr(workflow, tmp_path, one_worker, **{"output.chunks": 64})
+    np.testing.assert_allclose(probs, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,overlap,shape", [("gaussian", 0.25, (37, 29, 23)), ("constant", 0.5, (41, 19, 30))])
+def test_nifti_volume_matches_monai(make_volume, make_model, tmp_path, client, mode, overlap, shape):
+    path, volume = make_volume(shape)  # 19 and 23 < roi 24: padded axes
+    weights, net = make_model(UNET_3D)
+    workflow = {
+        "version": 1,
+        "input": str(path),
+        "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
+        "preprocess": {"normalize": {"mean": [500.0], "std": [300.0]}},
+        "inference": {"roi_size": [24, 24, 24], "overlap": overlap, "mode": mode, "batch_size": 3, "device": "cpu"},
+        "output": {"path": "out/{stem}_labels.nii.gz", "probabilities": "float32", "chunks": 16},
+    }
+    wf = Workflow.from_dict(workflow, base_dir=tmp_path)
+    (result,) = tilemask.run(wf, client)
+    labels_img = nib.load(result.outputs[0])
+    probs_img = nib.load(result.outputs[1])
+    expected = monai_probabilities(volume[None], net, (24, 24, 24), overlap, mode, 500.0, 300.0)
+    np.testing.assert_allclose(np.moveaxis(probs_img.get_fdata(dtype=np.float32), -1, 0), expected, atol=1e-4)
+    labels = np.asarray(labels_img.dataobj)
+    top2 = np.sort(expected, axis=0)[-2:]
+    assert np.all((labels == expected.argmax(0)) | (top2[1] - top2[0] < 1e-4))
+    assert labels.dtype == np.uint8 and labels.shape == shape
+    reference = nib.load(path)
+    np.testing.assert_array_equal(labels_img.affine, reference.affine)
+    np.testing.assert_allclose(labels_img.header.get_sform(), reference.affine, atol=1e-6)
+    np.testing.assert_allclose(labels_img.header.get_qform(), reference.affine, atol=1e-5)
+    assert probs_img.shape == (*shape, 2)
