@@ -76,4 +76,8 @@ def make_sink(path: str, layout: OutputLayout) -> LabelSink:
         from .nifti import NiftiSink
 
         return NiftiSink(path, layout)
+    if lowered.endswith((".tif", ".tiff")):
+        from .cog import CogSink
+
+        return CogSink(path, layout)
     raise ValueError(f"output.path {path}: no writer for this suffix yet")

@@ -1,0 +1,245 @@
+"""COG sink: strict COG validity, georeferencing, overviews, nodata, class metadata, failure cleanup.
+
+The sink is driven as the engine drives it: ``create()`` on the client, one
+``write()`` per chunk from worker processes (a 2-process ``LocalCluster``) or a
+loop, ``commit()`` on the client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import Affine
+from rio_cogeo.cogeo import cog_validate
+from scipy import ndimage
+
+from tilemask.errors import OutputError
+from tilemask.geometry import RasterGeometry
+from tilemask.sinks import OutputLayout, make_sink
+from tilemask.sinks.cog import CogSink
+from tilemask.sources.labels import open_labels
+
+GEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "geo"
+
+
+def chunk_regions(shape, chunks):
+    (h, w), (ch, cw) = shape, chunks
+    return [((r, min(r + ch, h)), (c, min(c + cw, w))) for r in range(0, h, ch) for c in range(0, w, cw)]
+
+
+def write_chunk(sink, region, labels, probabilities):
+    (r0, r1), (c0, c1) = region
+    sink.write(region, labels[r0:r1, c0:c1], None if probabilities is None else probabilities[:, r0:r1, c0:c1])
+
+
+def drive(sink, labels, probabilities=None, client=None):
+    """create, write every chunk (on the cluster when given, in a shuffled order), commit."""
+    sink.create()
+    regions = chunk_regions(sink.layout.shape, sink.layout.chunks)
+    order = np.random.default_rng(1).permutation(len(regions))
+    regions = [regions[i] for i in order]
+    if client is None:
+        for region in regions:
+            write_chunk(sink, region, labels, probabilities)
+    else:
+        labels_f = client.scatter(labels, broadcast=True)
+        probs_f = client.scatter(probabilities, broadcast=True) if probabilities is not None else None
+        client.gather(client.map(write_chunk, [sink] * len(regions), regions, [labels_f] * len(regions),
+                                 [probs_f] * len(regions), pure=False))  # fmt: skip
+    return sink.commit()
+
+
+def layout_for(reference, labels, classes, chunks, nodata, probabilities="none"):
+    with rasterio.open(reference) as src:
+        geometry = RasterGeometry(src.crs.to_wkt() if src.crs else None, tuple(src.transform.to_gdal()))
+    return OutputLayout(
+        shape=labels.shape,
+        chunks=chunks,
+        class_names=tuple(classes),
+        labels_dtype=str(labels.dtype),
+        probability_channels=0 if probabilities == "none" else len(classes),
+        probabilities_dtype=probabilities,
+        geometry=geometry,
+        reference=str(reference),
+        nodata=nodata,
+    )
+
+
+def one_hot(labels, n, dtype):
+    stack = np.stack([(labels == k) for k in range(n)]).astype(np.float32)
+    return np.rint(stack * 255).astype(np.uint8) if dtype == "uint8" else stack
+
+
+def overview_values(path):
+    with rasterio.open(path) as ds:
+        factors = ds.overviews(1)
+        values = []
+        for level in range(len(factors)):
+            with rasterio.open(path, overview_level=level) as ov:
+                values.append(np.unique(ov.read(1)))
+    return factors, values
+
+
+def assert_same_grid(path, reference):
+    with rasterio.open(path) as out, rasterio.open(reference) as ref:
+        assert out.crs == ref.crs
+        assert out.transform == ref.transform
+        assert (out.height, out.width) == (ref.height, ref.width)
+
+
+def assert_only_finished(folder: Path, expected: set[str]):
+    assert {p.name for p in folder.iterdir()} == expected
+
+
+@pytest.fixture(scope="module")
+def shade_labels():
+    """Four classes from the hillshade's brightness, its nodata (255) carried to the labels."""
+    with rasterio.open(GEO / "shade.tif") as src:
+        data = src.read(1)
+    labels = np.digitize(data, [60, 120, 180]).astype(np.uint8)
+    labels[data == 255] = 255
+    return labels
+
+
+def test_shade_cog_with_nodata_and_probabilities(tmp_path, client, shade_labels):
+    labels = shade_labels
+    classes = ("background", "dark", "mid", "bright")
+    layout = layout_for(GEO / "shade.tif", labels, classes, (300, 300), 255, "uint8")
+    sink = make_sink(str(tmp_path / "shade_mask.tif"), layout)
+    assert isinstance(sink, CogSink)
+    probabilities = one_hot(np.where(labels == 255, 0, labels), 4, "uint8")
+    written = drive(sink, labels, probabilities, client)
+
+    mask, probs = tmp_path / "shade_mask.tif", tmp_path / "shade_mask_probabilities.tif"
+    assert written == [str(mask), str(probs)]
+    assert_only_finished(tmp_path, {"shade_mask.tif", "shade_mask.tif.aux.xml", "shade_mask_probabilities.tif"})
+    for path in (mask, probs):
+        valid, errors, warnings = cog_validate(str(path), strict=True)
+        assert valid, (errors, warnings)
+        assert_same_grid(path, GEO / "shade.tif")
+    with rasterio.open(mask) as ds:
+        assert ds.nodata == 255
+        assert ds.block_shapes[0] == (512, 512)
+        assert ds.compression.name == "zstd"
+        assert np.array_equal(ds.read(1), labels)
+        assert np.array_equal(ds.read_masks(1) == 0, labels == 255)  # nodata exact, pixel for pixel
+        assert json.loads(ds.tags()["TILEMASK_CLASSES"]) == list(classes)
+        colormap = ds.colormap(1)
+        assert len({colormap[v][:3] for v in range(4)}) == 4
+    factors, values = overview_values(mask)
+    assert factors
+    for level in values:
+        assert set(level.tolist()) <= {0, 1, 2, 3, 255}
+    aux = (tmp_path / "shade_mask.tif.aux.xml").read_text()
+    assert "<Category>bright</Category>" in aux and "GDALRasterAttributeTable" in aux
+    with rasterio.open(probs) as ds:
+        assert ds.count == 4 and ds.dtypes == ("uint8",) * 4
+        assert np.array_equal(ds.read(), probabilities)
+    # open_labels, the reader of statistics and polygons, sees the class names and nodata
+    image = open_labels(str(mask))
+    assert image.class_names == classes and image.nodata == 255
+
+
+def test_rgb_byte_georeferencing_without_nodata(tmp_path):
+    with rasterio.open(GEO / "RGB.byte.tif") as src:
+        red = src.read(1)
+    labels = (red > 100).astype(np.uint8)
+    layout = layout_for(GEO / "RGB.byte.tif", labels, ("background", "bright"), (256, 256), None)
+    path = tmp_path / "rgb.tif"
+    drive(CogSink(str(path), layout), labels)
+    assert cog_validate(str(path), strict=True)[0]
+    assert_same_grid(path, GEO / "RGB.byte.tif")
+    with rasterio.open(path) as ds:
+        assert ds.nodata is None
+        assert np.array_equal(ds.read(1), labels)
+    _, values = overview_values(path)
+    assert all(set(v.tolist()) <= {0, 1} for v in values)
+
+
+def test_geographic_crs_float32_probabilities(tmp_path):
+    """A synthetic raster in EPSG:4326, uneven chunks, float32 probabilities, 3 classes."""
+    rng = np.random.default_rng(7)
+    shape = (1300, 1700)
+    field = ndimage.gaussian_filter(rng.normal(size=shape), 8)
+    labels = np.digitize(field, np.quantile(field, [0.5, 0.8])).astype(np.uint8)
+    reference = tmp_path / "input.tif"
+    transform = Affine(0.0005, 0, 10.0, 0, -0.0005, 47.0)
+    with rasterio.open(reference, "w", driver="GTiff", width=shape[1], height=shape[0], count=1, dtype="uint8",
+                       crs="EPSG:4326", transform=transform) as dst:  # fmt: skip
+        dst.write(labels, 1)
+    layout = layout_for(reference, labels, ("background", "forest", "water"), (512, 700), None, "float32")
+    probabilities = one_hot(labels, 3, "float32") * 0.75
+    drive(CogSink(str(tmp_path / "out" / "mask.tif"), layout), labels, probabilities)
+    for name in ("mask.tif", "mask_probabilities.tif"):
+        path = tmp_path / "out" / name
+        assert cog_validate(str(path), strict=True)[0]
+        assert_same_grid(path, reference)
+    with rasterio.open(tmp_path / "out" / "mask_probabilities.tif") as ds:
+        assert ds.dtypes[0] == "float32"
+        assert np.array_equal(ds.read(), probabilities)
+        assert ds.descriptions == ("background", "forest", "water")
+    _, values = overview_values(tmp_path / "out" / "mask.tif")
+    assert len(values) >= 2 and all(set(v.tolist()) <= {0, 1, 2} for v in values)
+
+
+def test_abort_leaves_nothing(tmp_path, shade_labels):
+    layout = layout_for(GEO / "shade.tif", shade_labels, ("a", "b", "c", "d"), (256, 256), 255, "uint8")
+    sink = CogSink(str(tmp_path / "mask.tif"), layout)
+    sink.create()
+    for region in chunk_regions(layout.shape, layout.chunks)[:5]:
+        write_chunk(sink, region, shade_labels, one_hot(shade_labels, 4, "uint8"))
+    for raster in sink.rasters:  # what a commit killed half-way leaves beside the output
+        for suffix in ("", ".aux.xml", ".ovr.tmp"):
+            Path(raster.partial + suffix).write_bytes(b"half")
+    sink.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_chunk_fails_commit_without_a_finished_file(tmp_path, shade_labels):
+    layout = layout_for(GEO / "shade.tif", shade_labels, ("a", "b", "c", "d"), (256, 256), 255)
+    sink = CogSink(str(tmp_path / "mask.tif"), layout)
+    sink.create()
+    for region in chunk_regions(layout.shape, layout.chunks)[1:]:
+        write_chunk(sink, region, shade_labels, None)
+    with pytest.raises(OutputError, match="never written"):
+        sink.commit()
+    assert not (tmp_path / "mask.tif").exists()
+    sink.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rerun_replaces_output_and_stale_sidecar(tmp_path, shade_labels):
+    path = tmp_path / "mask.tif"
+    path.write_bytes(b"old")
+    (tmp_path / "mask.tif.aux.xml").write_text("<PAMDataset/>")
+    layout = layout_for(GEO / "shade.tif", shade_labels, ("a", "b", "c", "d"), (512, 512), 255)
+    drive(CogSink(str(path), layout), shade_labels)
+    assert cog_validate(str(path), strict=True)[0]
+    assert "<Category>d</Category>" in (tmp_path / "mask.tif.aux.xml").read_text()
+    assert_only_finished(tmp_path, {"mask.tif", "mask.tif.aux.xml"})
+
+
+def test_unwritable_folder_is_a_one_line_error(tmp_path, shade_labels):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    layout = layout_for(GEO / "shade.tif", shade_labels, ("a", "b", "c", "d"), (512, 512), 255)
+    with pytest.raises(OutputError, match="cannot create"):
+        CogSink(str(blocker / "mask.tif"), layout).create()
+
+
+def test_pieces_are_replaced_atomically_on_retry(tmp_path, shade_labels):
+    """A retried chunk task rewrites its piece; no temporary piece is left behind."""
+    layout = layout_for(GEO / "shade.tif", shade_labels, ("a", "b", "c", "d"), (512, 512), 255)
+    sink = CogSink(str(tmp_path / "mask.tif"), layout)
+    sink.create()
+    region = chunk_regions(layout.shape, layout.chunks)[0]
+    write_chunk(sink, region, np.zeros_like(shade_labels), None)
+    write_chunk(sink, region, shade_labels, None)
+    assert [p.name for p in Path(sink.parts, "labels").iterdir()] == ["0_0.tif"]
+    assert not any(name.endswith(".tmp") for _, _, names in os.walk(sink.parts) for name in names)
+    sink.abort()

@@ -1,0 +1,88 @@
+"""Quick look PNG: thumbnail size, class colours over the stretched input, nodata transparent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from PIL import Image
+
+from tilemask.errors import InputError
+from tilemask.geometry import RasterGeometry
+from tilemask.quicklook import thumbnail_shape, write_quicklook
+from tilemask.sinks import OutputLayout
+from tilemask.sinks.cog import CogSink, class_colours
+
+GEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "geo"
+
+
+def write_labels_cog(path: Path, reference: Path, labels: np.ndarray, nodata: int | None) -> str:
+    with rasterio.open(reference) as src:
+        geometry = RasterGeometry(src.crs.to_wkt(), tuple(src.transform.to_gdal()))
+    layout = OutputLayout(labels.shape, (256, 256), ("background", "water", "land"), "uint8", 0, "none",
+                          geometry, str(reference), nodata)  # fmt: skip
+    sink = CogSink(str(path), layout)
+    sink.create()
+    h, w = labels.shape
+    for r in range(0, h, 256):
+        for c in range(0, w, 256):
+            sink.write(((r, min(r + 256, h)), (c, min(c + 256, w))), labels[r : r + 256, c : c + 256], None)
+    sink.commit()
+    return str(path)
+
+
+@pytest.fixture()
+def shade_case(tmp_path):
+    with rasterio.open(GEO / "shade.tif") as src:
+        data = src.read(1)
+    cols = np.arange(data.shape[1])[None, :].repeat(data.shape[0], 0)
+    labels = (cols * 3 // data.shape[1]).astype(np.uint8)  # thirds: background, water, land
+    labels[data == 255] = 255
+    return write_labels_cog(tmp_path / "mask.tif", GEO / "shade.tif", labels, 255), labels
+
+
+def test_thumbnail_shape():
+    assert thumbnail_shape((32768, 16384), 1024) == (1024, 512)
+    assert thumbnail_shape((300, 200), 1024) == (300, 200)
+
+
+def test_quicklook_of_grey_input_with_nodata(tmp_path, shade_case):
+    mask, labels = shade_case
+    png = write_quicklook(str(GEO / "shade.tif"), mask, str(tmp_path / "look.png"), size=256)
+    assert png == str(tmp_path / "look.png")
+    image = np.asarray(Image.open(png))
+    assert image.shape == (256, 256, 4)
+    with rasterio.open(mask) as ds, rasterio.open(GEO / "shade.tif") as src:  # the same reduced reads
+        small = ds.read(1, out_shape=(256, 256))
+        invalid = src.read(1, out_shape=(256, 256), masked=True).mask
+    assert abs(np.mean(small == 1) - np.mean(labels == 1)) < 0.02
+    assert (alpha := image[..., 3]).any()
+    alpha = image[..., 3]
+    assert np.array_equal(alpha == 0, invalid | (small == 255))
+    water = class_colours(3)[1][:3]
+    rgb = image[..., :3].astype(int)
+    visible = alpha == 255
+    grey = (rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])
+    assert grey[visible & (small == 0)].all()  # background shows the (grey) image as is
+    tinted = rgb[visible & (small == 1)]
+    assert len(tinted) and (np.abs(tinted - np.array(water) / 2) <= 128).all()  # half water colour
+    assert not grey[visible & (small == 1)].any()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_quicklook_of_rgb_input(tmp_path):
+    with rasterio.open(GEO / "RGB.byte.tif") as src:
+        labels = (src.read(1) > 100).astype(np.uint8)
+    mask = write_labels_cog(tmp_path / "mask.tif", GEO / "RGB.byte.tif", labels, None)
+    png = write_quicklook(str(GEO / "RGB.byte.tif"), mask, str(tmp_path / "q" / "look.png"), bands=[3, 2, 1], size=400)
+    image = Image.open(png)
+    assert image.size == (400, 363) and image.mode == "RGBA"
+
+
+def test_labels_on_another_grid_are_refused(tmp_path, shade_case):
+    mask, _ = shade_case
+    with pytest.raises(InputError, match="not on its grid"):
+        write_quicklook(str(GEO / "RGB.byte.tif"), mask, str(tmp_path / "look.png"))
+    assert not (tmp_path / "look.png").exists()

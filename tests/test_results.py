@@ -1,0 +1,89 @@
+"""open_result: COG and Zarr outputs of the same labels open as the same lazy, georeferenced DataArray."""
+
+from __future__ import annotations
+
+
+import dask.array as da
+import numpy as np
+import pytest
+import rasterio
+import rioxarray
+import xarray as xr
+from rasterio.transform import Affine
+
+from tilemask.errors import InputError
+from tilemask.geometry import RasterGeometry
+from tilemask.results import open_result
+from tilemask.sinks import OutputLayout, make_sink
+
+CLASSES = ("background", "water", "land")
+
+
+def drive(sink, labels, probabilities):
+    sink.create()
+    (h, w), (ch, cw) = sink.layout.shape, sink.layout.chunks
+    for r in range(0, h, ch):
+        for c in range(0, w, cw):
+            sink.write(((r, min(r + ch, h)), (c, min(c + cw, w))), labels[r : r + ch, c : c + cw],
+                       probabilities[:, r : r + ch, c : c + cw])  # fmt: skip
+    return sink.commit()
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    """The same labels and uint8 probabilities written as a COG and as Zarr, in EPSG:4326."""
+    tmp = tmp_path_factory.mktemp("results")
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 3, size=(600, 700)).astype(np.uint8)
+    labels[:20] = 255
+    probabilities = rng.integers(0, 256, size=(3, 600, 700)).astype(np.uint8)
+    transform = Affine(0.0002, 0, 6.5, 0, -0.0002, 45.2)
+    geometry = RasterGeometry(rasterio.crs.CRS.from_epsg(4326).to_wkt(), tuple(transform.to_gdal()))
+    layout = OutputLayout(labels.shape, (256, 256), CLASSES, "uint8", 3, "uint8", geometry, "input.tif", 255)
+    paths = {}
+    for suffix in (".tif", ".zarr"):
+        paths[suffix] = str(tmp / f"mask{suffix}")
+        drive(make_sink(paths[suffix], layout), labels, probabilities)
+    return paths, labels, probabilities, transform
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".zarr"])
+def test_labels_are_lazy_and_georeferenced(outputs, suffix):
+    paths, labels, _, transform = outputs
+    array = open_result(paths[suffix])
+    assert isinstance(array, xr.DataArray) and isinstance(array.data, da.Array)
+    assert array.dims == ("y", "x") and array.name == "labels"
+    assert array.rio.crs.to_epsg() == 4326
+    assert array.rio.transform() == transform
+    assert array.rio.nodata == 255
+    assert array.attrs["class_names"] == list(CLASSES)
+    assert np.array_equal(array.values, labels)
+
+
+def test_cog_and_zarr_open_alike(outputs):
+    paths, *_ = outputs
+    cog, zarr_ = open_result(paths[".tif"]), open_result(paths[".zarr"])
+    xr.testing.assert_identical(cog.drop_vars("spatial_ref"), zarr_.drop_vars("spatial_ref"))
+    native = rioxarray.open_rasterio(paths[".tif"]).squeeze("band", drop=True)
+    np.testing.assert_array_equal(cog.x.values, native.x.values)
+    np.testing.assert_array_equal(cog.y.values, native.y.values)
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".zarr"])
+def test_probabilities(outputs, suffix):
+    paths, _, probabilities, transform = outputs
+    array = open_result(paths[suffix], "probabilities")
+    assert array.dims == ("class", "y", "x") and isinstance(array.data, da.Array)
+    assert array.rio.crs.to_epsg() == 4326 and array.rio.transform() == transform
+    assert array.attrs["class_names"] == list(CLASSES)
+    assert np.array_equal(array.values, probabilities)
+
+
+def test_missing_probabilities(tmp_path):
+    path = tmp_path / "m.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=4, height=4, count=1, dtype="uint8",
+                       crs="EPSG:4326", transform=Affine(1, 0, 0, 0, -1, 0)) as dst:  # fmt: skip
+        dst.write(np.zeros((1, 4, 4), np.uint8))
+    with pytest.raises(InputError, match="no probabilities"):
+        open_result(str(path), "probabilities")
+    assert open_result(str(path)).shape == (4, 4)

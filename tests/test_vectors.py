@@ -1,0 +1,157 @@
+"""Polygons merged across chunk borders equal one whole-image ``rasterio.features.shapes`` run.
+
+Chunks are small (48-64 pixels) so that most regions cross chunk borders; the
+reference polygonizes the whole label image at once (4-connectivity, foreground
+only).  Geometries are compared exactly after ``shapely.normalize`` (vertex order
+and ring start), plus topological equality as a second opinion.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import rasterio.features
+import shapely
+from pyproj import CRS
+from rasterio.transform import Affine
+from scipy import ndimage
+
+from tilemask.errors import OutputError
+from tilemask.vectors import write_polygons
+
+CLASSES = ("background", "water", "forest", "urban")
+
+
+def blobs(shape, seed, n_classes=4, nodata=None, sigma=5):
+    """Smooth random classes (regions of all sizes, holes, islands) and scattered nodata."""
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.normal(size=shape), sigma)
+    labels = np.digitize(field, np.quantile(field, np.linspace(0.4, 0.9, n_classes - 1))).astype(np.uint8)
+    if nodata is not None:
+        labels[rng.random(shape) < 0.005] = nodata
+        labels[:5, :] = nodata
+    return labels
+
+
+def write_raster(path, labels, crs, transform, nodata=None):
+    with rasterio.open(path, "w", driver="GTiff", width=labels.shape[1], height=labels.shape[0], count=1,
+                       dtype=labels.dtype, crs=crs, transform=transform, nodata=nodata) as dst:  # fmt: skip
+        dst.write(labels, 1)
+    return str(path)
+
+
+def reference_shapes(labels, transform, nodata):
+    """The whole image polygonized at once: the answer the chunked result must equal."""
+    mask = labels != 0
+    if nodata is not None:
+        mask &= labels != nodata
+    return [(shapely.geometry.shape(g), int(v)) for g, v in rasterio.features.shapes(labels, mask=mask, connectivity=4, transform=transform)]
+
+
+def read(path):
+    return gpd.read_parquet(path) if str(path).endswith(".parquet") else gpd.read_file(path)
+
+
+def assert_identical(result: gpd.GeoDataFrame, reference, class_names):
+    expected = Counter((shapely.normalize(g).wkb, class_names[v]) for g, v in reference)
+    got = Counter((shapely.normalize(g).wkb, c) for g, c in zip(result.geometry, result["class"]))
+    assert len(result) == len(reference)
+    assert got == expected
+    tree = shapely.STRtree([g for g, _ in reference])
+    for geom in result.geometry:
+        assert any(shapely.equals(geom, reference[k][0]) for k in tree.query(geom.representative_point()))
+
+
+def areas_by_class(geoms, classes, crs):
+    crs = CRS.from_user_input(crs)
+    totals = defaultdict(float)
+    for geom, name in zip(geoms, classes):
+        if crs.is_geographic:
+            totals[name] += abs(crs.get_geod().geometry_area_perimeter(geom)[0])
+        else:
+            totals[name] += geom.area
+    return dict(totals)
+
+
+@pytest.mark.parametrize("suffix", [".gpkg", ".fgb", ".parquet"])
+def test_projected_labels_match_whole_image_shapes(tmp_path, client, suffix):
+    labels = blobs((400, 520), seed=3, nodata=255)
+    transform = Affine(300.0379266750948, 0.0, 101985.0, 0.0, -300.041782729805, 2826915.0)  # RGB.byte's grid
+    path = write_raster(tmp_path / "labels.tif", labels, "EPSG:32618", transform, nodata=255)
+    out = write_polygons(path, str(tmp_path / f"polygons{suffix}"), client=client, class_names=CLASSES, chunks=64)
+    assert out == str(tmp_path / f"polygons{suffix}")
+    result = read(out)
+    reference = reference_shapes(labels, transform, 255)
+    assert len(reference) > 100
+    crossing = sum(1 for g, _ in reference if _spans_chunks(g, transform, 64))
+    assert crossing > 20  # the test is about merging: many regions cross borders
+    assert result.crs == CRS.from_epsg(32618)
+    assert list(result.columns[:2]) == ["class", "area_m2"] or set(result.columns) >= {"class", "area_m2"}
+    assert_identical(result, reference, CLASSES)
+    expected = areas_by_class([g for g, _ in reference], [CLASSES[v] for _, v in reference], "EPSG:32618")
+    got = result.groupby("class")["area_m2"].sum().to_dict()
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert got[name] == pytest.approx(expected[name], rel=1e-12)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_geographic_crs_geodesic_area(tmp_path, client):
+    labels = blobs((300, 360), seed=11, nodata=None, n_classes=3)
+    transform = Affine(0.001, 0, 11.0, 0, -0.001, 46.5)
+    path = write_raster(tmp_path / "labels.tif", labels, "EPSG:4326", transform)
+    result = read(write_polygons(path, str(tmp_path / "p.gpkg"), client=client, chunks=48))
+    names = ("class_0", "class_1", "class_2")  # the raster records no class names
+    reference = reference_shapes(labels, transform, None)
+    assert_identical(result, reference, names)
+    expected = areas_by_class([g for g, _ in reference], [names[v] for _, v in reference], "EPSG:4326")
+    got = result.groupby("class")["area_m2"].sum().to_dict()
+    for name in expected:
+        assert got[name] == pytest.approx(expected[name], rel=1e-9)
+    # a 0.001 degree pixel near 46.5 N is about 111 m x 77 m: geodesic m^2, not square degrees
+    assert 8.0e3 < result["area_m2"].sum() / np.count_nonzero(labels) < 9.0e3
+
+
+def test_region_across_many_chunks_with_holes_and_corner_contacts(tmp_path, client):
+    """A lake over 6x6 chunks with islands, and same-class pixels touching only at chunk corners."""
+    labels = np.zeros((192, 192), np.uint8)
+    labels[10:180, 10:180] = 1  # the lake, across 36 chunks of 32
+    labels[40:60, 40:130] = 0  # islands: holes in the lake
+    labels[100:101, 20:170] = 2  # a thin other-class strip splitting no water
+    labels[150:170, 31:33] = 0
+    # diagonal (corner) contacts across chunk corners: 4-connectivity keeps them apart
+    labels[186:192, :] = 0
+    labels[185, 31] = labels[186, 32] = 3
+    labels[0, 63] = labels[1, 64] = 3
+    transform = Affine(10, 0, 500000, 0, -10, 4000000)
+    path = write_raster(tmp_path / "labels.tif", labels, "EPSG:32633", transform)
+    result = read(write_polygons(path, str(tmp_path / "p.fgb"), client=client, class_names=CLASSES, chunks=32))
+    reference = reference_shapes(labels, transform, None)
+    assert_identical(result, reference, CLASSES)
+    lake = result[result["class"] == "water"]
+    assert len(lake) == 1 and len(lake.geometry.iloc[0].interiors) == 3  # islands, strip, notch
+    assert (result["class"] == "urban").sum() == 4
+
+
+def test_empty_foreground_writes_an_empty_layer(tmp_path, client):
+    labels = np.zeros((100, 100), np.uint8)
+    path = write_raster(tmp_path / "labels.tif", labels, "EPSG:32633", Affine(10, 0, 0, 0, -10, 0))
+    result = read(write_polygons(path, str(tmp_path / "p.gpkg"), client=client, chunks=32))
+    assert len(result) == 0
+
+
+def test_unknown_format_is_a_one_line_error(tmp_path, client):
+    path = write_raster(tmp_path / "labels.tif", np.ones((10, 10), np.uint8), "EPSG:32633", Affine(1, 0, 0, 0, -1, 0))
+    with pytest.raises(OutputError, match="unknown vector format"):
+        write_polygons(path, str(tmp_path / "p.xyz"), client=client)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.tif"]
+
+
+def _spans_chunks(geom, transform, chunk):
+    minx, miny, maxx, maxy = geom.bounds
+    (c0, r0), (c1, r1) = ~transform @ (minx, maxy), ~transform @ (maxx, miny)
+    return int(c0) // chunk != (int(round(c1)) - 1) // chunk or int(r0) // chunk != (int(round(r1)) - 1) // chunk

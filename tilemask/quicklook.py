@@ -1,0 +1,123 @@
+"""A quick look: a small PNG of the mask over the input image, because people look before they read.
+
+Both rasters are read at thumbnail size only (rasterio ``out_shape`` reads, which
+use the overviews of a COG), never whole.  The input is contrast-stretched per
+band between its 2nd and 98th percentiles (on the valid pixels of the
+thumbnail); foreground classes are blended over it in the output's class colours
+at ``opacity``; background shows the image as is; pixels that are nodata in the
+input or the labels are transparent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from PIL import Image
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
+
+from .errors import InputError, OutputError
+from .sinks.cog import CLASSES_TAG, class_colours
+from .sources.labels import open_labels
+
+logger = logging.getLogger(__name__)
+
+THUMBNAIL = 1024
+
+
+def thumbnail_shape(shape: tuple[int, int], size: int) -> tuple[int, int]:
+    """``shape`` scaled so that its longest side is at most ``size`` (never enlarged)."""
+    scale = min(1.0, size / max(shape))
+    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+
+
+def write_quicklook(
+    input_path: str,
+    labels_path: str,
+    png_path: str,
+    bands: list[int] | None = None,
+    *,
+    size: int = THUMBNAIL,
+    opacity: float = 0.5,
+) -> str:
+    """Write ``png_path``: the labels over the input, longest side ``size``; returns ``png_path``.
+
+    ``bands`` are the 1-based input bands shown as RGB (default: 1, 2, 3, or band 1 as grey).
+    """
+    labels, nodata, n_classes = _read_labels(labels_path, size)
+    try:
+        with rasterio.open(input_path) as src:
+            if (src.height, src.width) != _labels_shape(labels_path):
+                raise InputError(f"{input_path}: {src.height}x{src.width} pixels, the labels are not on its grid")
+            bands = list(bands or ([1, 2, 3] if src.count >= 3 else [1]))
+            image = src.read(bands, out_shape=(len(bands), *labels.shape), masked=True, resampling=Resampling.nearest)
+    except RasterioError as exc:
+        raise InputError(f"{input_path}: cannot read: {exc}") from None
+    rgb = _stretch(image)
+    valid = ~np.ma.getmaskarray(image).any(axis=0)
+    if nodata is not None:
+        valid &= labels != nodata
+    colours = np.zeros((max(n_classes, int(labels.max(initial=0)) + 1), 3), np.float32)
+    for value, (r, g, b, _) in class_colours(len(colours)).items():
+        colours[value] = (r, g, b)
+    foreground = valid & (labels != 0)
+    blended = rgb.astype(np.float32)
+    overlay = colours[np.where(foreground, labels, 0)]
+    blended[foreground] = (1 - opacity) * blended[foreground] + opacity * overlay[foreground]
+    rgba = np.dstack([np.rint(blended).astype(np.uint8), np.where(valid, 255, 0).astype(np.uint8)])
+    target = Path(png_path)
+    staged = target.with_name(f".{target.stem}.partial.png")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgba, "RGBA").save(staged, format="PNG", optimize=True)
+        os.replace(staged, target)
+    except OSError as exc:
+        staged.unlink(missing_ok=True)
+        raise OutputError(f"{png_path}: cannot write the quick look: {exc}") from None
+    logger.info("wrote %s (%dx%d)", target, rgba.shape[1], rgba.shape[0])
+    return str(target)
+
+
+def _labels_shape(labels_path: str) -> tuple[int, int]:
+    return tuple(open_labels(labels_path).array.shape)
+
+
+def _read_labels(labels_path: str, size: int) -> tuple[np.ndarray, int | None, int]:
+    """The labels at thumbnail size, their nodata value and the number of classes."""
+    lowered = labels_path.lower().rstrip("/")
+    if lowered.endswith((".tif", ".tiff")):
+        try:
+            with rasterio.open(labels_path) as ds:
+                shape = thumbnail_shape((ds.height, ds.width), size)
+                labels = ds.read(1, out_shape=shape, resampling=Resampling.nearest)
+                tag = ds.tags().get(CLASSES_TAG)
+                nodata = None if ds.nodata is None else int(ds.nodata)
+        except RasterioError as exc:
+            raise InputError(f"{labels_path}: cannot read: {exc}") from None
+        n_classes = len(json.loads(tag)) if tag else 0
+        return labels, nodata, n_classes
+    # Zarr (no overviews): take every k-th pixel, chunk by chunk.
+    image = open_labels(labels_path)
+    if image.array.ndim != 2:
+        raise InputError(f"{labels_path}: a quick look needs a 2D label raster")
+    step = max(1, -(-max(image.array.shape) // size))
+    labels = np.asarray(image.array[::step, ::step].compute())
+    return labels, image.nodata, len(image.class_names or ())
+
+
+def _stretch(image: np.ma.MaskedArray) -> np.ndarray:
+    """``(bands, h, w)`` -> ``(h, w, 3)`` uint8, each band stretched between its 2nd and 98th percentiles."""
+    out = []
+    for band in image:
+        values = band.compressed().astype(np.float64)
+        lo, hi = np.percentile(values, (2, 98)) if values.size else (0.0, 1.0)
+        scaled = (np.ma.filled(band, lo).astype(np.float64) - lo) / max(hi - lo, 1e-12)
+        out.append(np.clip(scaled * 255.0, 0, 255))
+    while len(out) < 3:
+        out.append(out[0])
+    return np.rint(np.dstack(out[:3])).astype(np.uint8)

@@ -1,0 +1,102 @@
+"""tilemask outputs as xarray: lazy, dask-backed, with the CRS attached (rioxarray).
+
+COG and Zarr outputs open alike: labels as a ``(y, x)`` DataArray named
+``labels``, probabilities as ``(class, y, x)`` named ``probabilities``, with
+pixel-centre ``x``/``y`` coordinates (as ``rioxarray.open_rasterio`` gives),
+``spatial_ref`` holding the CRS and transform, the nodata value as ``_FillValue``
+(integers are not masked) and the class names in ``attrs["class_names"]``.
+NIfTI volumes open as ``(i, j, k)`` with the voxel-to-RAS affine in ``attrs``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import xarray as xr
+import zarr
+from affine import Affine
+from rioxarray.rioxarray import affine_to_coords
+
+from .errors import InputError
+from .geometry import RasterGeometry
+from .sinks.cog import CLASSES_TAG
+from .sources.labels import open_labels
+
+logger = logging.getLogger(__name__)
+
+
+def open_result(path: str, variable: str = "labels", chunks: int | None = None) -> xr.DataArray:
+    """A tilemask output (COG ``.tif`` or ``.zarr``) as a lazy DataArray with its CRS.
+
+    ``variable`` is ``"labels"`` or ``"probabilities"`` (for a COG, the
+    ``<stem>_probabilities.tif`` beside ``path``); ``chunks`` is the dask block edge
+    (default: the file's own blocks, about 1024 pixels).
+    """
+    if variable == "labels":
+        return _labels(path, chunks)
+    if variable == "probabilities":
+        return _probabilities(path, chunks)
+    raise ValueError(f"variable must be 'labels' or 'probabilities', not {variable!r}")
+
+
+def _labels(path: str, chunks: int | None) -> xr.DataArray:
+    image = open_labels(path, chunks)
+    if not isinstance(image.geometry, RasterGeometry):
+        return xr.DataArray(
+            image.array,
+            dims=("i", "j", "k"),
+            name="labels",
+            attrs={"affine": [list(r) for r in image.geometry.affine], "class_names": list(image.class_names or ())},
+        )
+    array = _georeferenced(image.array, ("y", "x"), image.geometry, "labels")
+    array.attrs["class_names"] = list(image.class_names or ())
+    if image.nodata is not None:
+        array = array.rio.write_nodata(image.nodata, encoded=False)
+    return array
+
+
+def _probabilities(path: str, chunks: int | None) -> xr.DataArray:
+    lowered = path.lower().rstrip("/")
+    if lowered.endswith(".zarr"):
+        group = zarr.open_group(path, mode="r")
+        if "probabilities" not in group:
+            raise InputError(f"{path}: this output holds no probabilities")
+        stored = group["probabilities"]
+        lazy = da.from_zarr(stored, chunks=stored.chunks if chunks is None else (stored.shape[0], chunks, chunks))
+        attrs = dict(group.attrs)
+        geometry = RasterGeometry(attrs.get("crs"), tuple(attrs["transform"]))
+        names = attrs.get("tilemask", {}).get("classes") or []
+    elif lowered.endswith((".tif", ".tiff")):
+        p = Path(path)
+        tif = p if p.stem.endswith("_probabilities") else p.with_name(f"{p.stem}_probabilities{p.suffix}")
+        if not tif.exists():
+            raise InputError(f"{path}: no probabilities beside it ({tif.name} is missing)")
+        edge = chunks or 1024
+        opened = rioxarray.open_rasterio(tif, chunks={"band": -1, "y": edge, "x": edge}, mask_and_scale=False)
+        opened = opened.rename({"band": "class"}).drop_vars("class").rename("probabilities")
+        label_tag = opened.attrs.get(CLASSES_TAG)
+        opened.attrs = {"class_names": json.loads(label_tag) if label_tag else []}
+        return opened
+    else:
+        raise InputError(f"{path}: probabilities are read from .tif or .zarr outputs")
+    array = _georeferenced(lazy, ("class", "y", "x"), geometry, "probabilities")
+    array.attrs["class_names"] = list(names)
+    return array
+
+
+def _georeferenced(lazy: da.Array, dims: tuple[str, ...], geometry: RasterGeometry, name: str) -> xr.DataArray:
+    """Wrap ``lazy`` with pixel-centre coordinates and ``spatial_ref`` (CRS and transform)."""
+    transform = Affine.from_gdal(*geometry.transform)
+    height, width = lazy.shape[-2:]
+    coords = affine_to_coords(transform, width, height)  # the coordinates rioxarray.open_rasterio gives
+    if np.ndim(coords["x"]) == 2:  # rotated grid: 2D coordinates
+        coords = {k: (("y", "x"), v) for k, v in coords.items()}
+    array = xr.DataArray(lazy, dims=dims, coords=coords, name=name)
+    if geometry.crs_wkt:
+        array = array.rio.write_crs(geometry.crs_wkt)
+    return array.rio.write_transform(transform)

@@ -1,0 +1,299 @@
+"""Cloud Optimized GeoTIFF output: labels (and probabilities) assembled from chunk pieces.
+
+GDAL's COG driver only creates a file whole (``CreateCopy``), and several
+processes must never write one GeoTIFF at once, so the work is split in two:
+
+* workers write each output chunk as its own small tiled GeoTIFF piece
+  (``ZSTD`` level 1: cheap to write, about the size of the final data) under a
+  hidden parts folder beside the output; a piece is written under a temporary
+  name and renamed, so a retried task never leaves half a piece;
+* on commit the client writes a VRT mosaic of the pieces (with the georeferencing,
+  nodata, colour table, class names and raster attribute table) and GDAL's COG
+  driver translates it: it builds the overviews (``MODE`` for labels, so every
+  overview pixel is a class or nodata; ``AVERAGE`` for probabilities) into a
+  temporary overview file, then copies tiles and overviews into the final layout.
+  GDAL streams block by block through its block cache (``GDAL_CACHEMAX``), so
+  no process holds the raster.
+
+The result is written under ``.<name>.partial.tif`` and renamed when whole;
+:meth:`CogSink.abort` removes the parts folder and any partial file.  Class names
+go three ways: the ``TILEMASK_CLASSES`` dataset tag (JSON, what
+:func:`tilemask.sources.labels.open_labels` reads), and in the ``.aux.xml``
+sidecar the band's category names and a thematic raster attribute table
+(``Value``, ``Class``, ``Red``, ``Green``, ``Blue``, ``Alpha``), which QGIS
+(3.30+) turns into a legend with the class names.  See ``docs/outputs.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+
+from ..errors import OutputError
+from ..geometry import RasterGeometry, Region
+from . import LabelSink, OutputLayout
+
+logger = logging.getLogger(__name__)
+
+CLASSES_TAG = "TILEMASK_CLASSES"
+BLOCKSIZE = 512
+PIECE_OPTIONS = {"tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "zstd", "zstd_level": 1}
+GDAL_OPTIONS = {"GDAL_CACHEMAX": 256, "GDAL_NUM_THREADS": "ALL_CPUS"}
+
+# A qualitative palette (Tableau 10, then Tableau 20's light tones); class 0 is background.
+PALETTE = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
+    (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229),
+)  # fmt: skip
+BACKGROUND = (0, 0, 0, 0)
+
+GDAL_TYPES = {"uint8": "Byte", "uint16": "UInt16", "uint32": "UInt32", "float32": "Float32"}
+
+
+def class_colours(n_classes: int) -> dict[int, tuple[int, int, int, int]]:
+    """RGBA per class: background transparent, the others from :data:`PALETTE` (cycled)."""
+    colours = {0: BACKGROUND}
+    for value in range(1, n_classes):
+        colours[value] = (*PALETTE[(value - 1) % len(PALETTE)], 255)
+    return colours
+
+
+@dataclass(frozen=True)
+class CogRaster:
+    """One COG being assembled: its final path, its pieces folder and its band layout."""
+
+    path: str
+    parts: str  # folder of the chunk pieces
+    bands: int
+    dtype: str
+    kind: str  # "labels" | "probabilities"
+
+    @property
+    def partial(self) -> str:
+        p = Path(self.path)
+        return str(p.with_name(f".{p.stem}.partial{p.suffix}"))
+
+    def piece(self, region: Region) -> str:
+        (r0, _), (c0, _) = region
+        return os.path.join(self.parts, f"{r0}_{c0}.tif")
+
+    def write_piece(self, region: Region, values: np.ndarray) -> None:
+        """Write one chunk (``(bands, h, w)``) as a tiled GeoTIFF; atomic by rename."""
+        target = self.piece(region)
+        staged = f"{target}.{os.getpid()}.tmp"
+        height, width = values.shape[-2:]
+        profile = dict(driver="GTiff", width=width, height=height, count=self.bands, dtype=self.dtype)
+        if height >= 256 and width >= 256:
+            profile.update(PIECE_OPTIONS)
+        else:
+            profile.update(compress="zstd", zstd_level=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a piece is placed by the VRT
+            with rasterio.open(staged, "w", **profile) as dst:
+                dst.write(values.reshape(self.bands, height, width))
+        os.replace(staged, target)
+
+    def publish(self) -> None:
+        """Rename the assembled COG into place, its ``.aux.xml`` sidecar first."""
+        sidecar = self.partial + ".aux.xml"
+        if os.path.exists(sidecar):
+            os.replace(sidecar, self.path + ".aux.xml")
+        elif os.path.exists(self.path + ".aux.xml"):
+            os.remove(self.path + ".aux.xml")  # a stale sidecar of an older output
+        os.replace(self.partial, self.path)
+        logger.info("wrote %s", self.path)
+
+    def abort(self) -> None:
+        """Remove the partial COG and what GDAL writes beside it (``.aux.xml``, ``.ovr.tmp``)."""
+        partial = Path(self.partial)
+        for leftover in partial.parent.glob(f"{partial.name}*"):
+            leftover.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class CogSink(LabelSink):
+    """Labels as a COG at ``path``; probabilities, if asked, in ``<stem>_probabilities.tif``."""
+
+    path: str
+    layout: OutputLayout
+
+    @property
+    def parts(self) -> str:
+        p = Path(self.path)
+        return str(p.with_name(f".{p.name}.parts-{self.layout.run_id}"))
+
+    @property
+    def rasters(self) -> tuple[CogRaster, CogRaster | None]:
+        layout = self.layout
+        labels = CogRaster(self.path, os.path.join(self.parts, "labels"), 1, layout.labels_dtype, "labels")
+        if not layout.writes_probabilities:
+            return labels, None
+        p = Path(self.path)
+        probabilities = CogRaster(
+            str(p.with_name(f"{p.stem}_probabilities{p.suffix}")),
+            os.path.join(self.parts, "probabilities"),
+            layout.probability_channels,
+            layout.probabilities_dtype,
+            "probabilities",
+        )
+        return labels, probabilities
+
+    # -- client side ------------------------------------------------------------------------------
+
+    def create(self) -> None:
+        layout = self.layout
+        if len(layout.shape) != 2 or not isinstance(layout.geometry, RasterGeometry):
+            raise OutputError(f"{self.path}: a COG holds a 2D raster, this output is {len(layout.shape)}D")
+        if layout.labels_dtype not in GDAL_TYPES:
+            raise OutputError(f"{self.path}: cannot store {layout.labels_dtype} labels in a COG")
+        try:
+            for raster in self.rasters:
+                if raster is not None:
+                    os.makedirs(raster.parts, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot create the output folder: {exc.strerror}") from None
+
+    def commit(self) -> list[str]:
+        """Assemble every COG under its partial name, then rename them all into place."""
+        rasters = [r for r in self.rasters if r is not None]
+        for raster in rasters:
+            vrt = os.path.join(self.parts, f"{raster.kind}.vrt")
+            Path(vrt).write_text(self._vrt(raster))
+            self._translate(raster, vrt)
+        for raster in rasters:
+            raster.publish()
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return [raster.path for raster in rasters]
+
+    def abort(self) -> None:
+        shutil.rmtree(self.parts, ignore_errors=True)
+        for raster in self.rasters:
+            if raster is not None:
+                raster.abort()
+
+    # -- worker side ------------------------------------------------------------------------------
+
+    def write(self, region: Region, labels: np.ndarray, probabilities: np.ndarray | None) -> None:
+        label_raster, probability_raster = self.rasters
+        label_raster.write_piece(region, labels)
+        if probability_raster is not None and probabilities is not None:
+            probability_raster.write_piece(region, probabilities)
+
+    # -- assembly ---------------------------------------------------------------------------------
+
+    def _regions(self) -> list[Region]:
+        (height, width), (ch, cw) = self.layout.shape, self.layout.chunks
+        return [
+            ((r, min(r + ch, height)), (c, min(c + cw, width)))
+            for r in range(0, height, ch)
+            for c in range(0, width, cw)
+        ]
+
+    def _vrt(self, raster: CogRaster) -> str:
+        """A VRT mosaic of the pieces, carrying georeferencing, nodata and class metadata."""
+        layout, geometry = self.layout, self.layout.geometry
+        regions = self._regions()
+        missing = [r for r in regions if not os.path.exists(raster.piece(r))]
+        if missing:
+            raise OutputError(f"{raster.path}: {len(missing)} chunks were never written (first at {missing[0]})")
+        gdal_type = GDAL_TYPES[raster.dtype]
+        lines = [f'<VRTDataset rasterXSize="{layout.shape[1]}" rasterYSize="{layout.shape[0]}">']
+        if geometry.crs_wkt:
+            lines.append(f'  <SRS dataAxisToSRSAxisMapping="1,2">{escape(geometry.crs_wkt)}</SRS>')
+        lines.append(f"  <GeoTransform>{', '.join(repr(float(v)) for v in geometry.transform)}</GeoTransform>")
+        lines.append("  <Metadata>")
+        lines.append(f"    <MDI key={quoteattr(CLASSES_TAG)}>{escape(json.dumps(list(layout.class_names)))}</MDI>")
+        lines.append("  </Metadata>")
+        for band in range(1, raster.bands + 1):
+            lines.append(f'  <VRTRasterBand dataType="{gdal_type}" band="{band}">')
+            if raster.kind == "labels":
+                lines.extend(self._label_band_metadata(raster.dtype))
+            else:
+                lines.append(f"    <Description>{escape(_class_name(layout.class_names, band - 1))}</Description>")
+            for region in regions:
+                (r0, r1), (c0, c1) = region
+                name = os.path.relpath(raster.piece(region), self.parts)
+                lines.append(
+                    "    <SimpleSource>"
+                    f'<SourceFilename relativeToVRT="1">{escape(name)}</SourceFilename>'
+                    f"<SourceBand>{band}</SourceBand>"
+                    f'<SourceProperties RasterXSize="{c1 - c0}" RasterYSize="{r1 - r0}" DataType="{gdal_type}"'
+                    f' BlockXSize="{min(256, c1 - c0)}" BlockYSize="{min(256, r1 - r0)}"/>'
+                    f'<SrcRect xOff="0" yOff="0" xSize="{c1 - c0}" ySize="{r1 - r0}"/>'
+                    f'<DstRect xOff="{c0}" yOff="{r0}" xSize="{c1 - c0}" ySize="{r1 - r0}"/>'
+                    "</SimpleSource>"
+                )
+            lines.append("  </VRTRasterBand>")
+        lines.append("</VRTDataset>")
+        return "\n".join(lines) + "\n"
+
+    def _label_band_metadata(self, dtype: str) -> list[str]:
+        """Nodata, colour table, category names and raster attribute table of the labels band."""
+        layout = self.layout
+        names = layout.class_names
+        colours = class_colours(len(names))
+        lines = ["    <Description>labels</Description>"]
+        if layout.nodata is not None:
+            lines.append(f"    <NoDataValue>{int(layout.nodata)}</NoDataValue>")
+        if dtype in ("uint8", "uint16"):  # TIFF palettes exist for these two types only
+            size = max(len(names), (layout.nodata or 0) + 1)
+            lines.append("    <ColorInterp>Palette</ColorInterp>")
+            lines.append("    <ColorTable>")
+            for value in range(size):
+                r, g, b, a = colours.get(value, BACKGROUND)
+                lines.append(f'      <Entry c1="{r}" c2="{g}" c3="{b}" c4="{a}"/>')
+            lines.append("    </ColorTable>")
+        lines.append("    <CategoryNames>")
+        lines.extend(f"      <Category>{escape(name)}</Category>" for name in names)
+        lines.append("    </CategoryNames>")
+        # GDAL RAT field types: 0 integer, 2 string; usages: 5 MinMax (the value), 2 Name, 6-9 R, G, B, A.
+        fields = (("Value", 0, 5), ("Class", 2, 2), ("Red", 0, 6), ("Green", 0, 7), ("Blue", 0, 8), ("Alpha", 0, 9))
+        lines.append('    <GDALRasterAttributeTable tableType="thematic">')
+        for index, (field, kind, usage) in enumerate(fields):
+            lines.append(
+                f'      <FieldDefn index="{index}"><Name>{field}</Name>'
+                f"<Type>{kind}</Type><Usage>{usage}</Usage></FieldDefn>"
+            )
+        for value, name in enumerate(names):
+            cells = (value, escape(name), *colours[value])
+            lines.append(f'      <Row index="{value}">' + "".join(f"<F>{c}</F>" for c in cells) + "</Row>")
+        lines.append("    </GDALRasterAttributeTable>")
+        return lines
+
+    def _translate(self, raster: CogRaster, vrt: str) -> None:
+        """VRT -> COG under the partial name."""
+        options = {
+            "BLOCKSIZE": BLOCKSIZE,
+            "COMPRESS": "ZSTD",
+            "LEVEL": 9 if raster.kind == "labels" else 6,
+            "BIGTIFF": "IF_SAFER",
+            "NUM_THREADS": "ALL_CPUS",
+            "OVERVIEW_RESAMPLING": "MODE" if raster.kind == "labels" else "AVERAGE",
+            "STATISTICS": "NO",
+        }
+        if raster.kind == "probabilities":
+            options["PREDICTOR"] = "YES"
+        raster.abort()
+        try:
+            with rasterio.Env(**GDAL_OPTIONS):
+                rasterio.shutil.copy(vrt, raster.partial, driver="COG", **options)
+        except (RasterioError, OSError) as exc:
+            raster.abort()
+            raise OutputError(f"{raster.path}: cannot assemble the COG: {exc}") from None
+
+
+def _class_name(names: tuple[str, ...], index: int) -> str:
+    return names[index] if index < len(names) else f"class_{index}"
