@@ -15,4 +15,11 @@ def run(workflow, client=None, **kwargs):
     return _run(workflow, client, **kwargs)
 
 
-__all__ = ["TilemaskError", "Workflow", "__version__", "run"]
+def open_result(path, variable="labels", chunks=None):
+    """A tilemask output (COG or Zarr) as a georeferenced xarray DataArray; see :func:`tilemask.results.open_result`."""
+    from .results import open_result as _open_result
+
+    return _open_result(path, variable, chunks)
+
+
+__all__ = ["TilemaskError", "Workflow", "__version__", "open_result", "run"]

@@ -37,9 +37,12 @@ from .geometry import Block, Region, WindowPlan
 from .inference import InferenceSettings, predict_block
 from .models import ModelSpec, load_model, set_torch_threads
 from .preprocess import Preprocessing
+from .quicklook import write_quicklook
 from .sinks import LabelSink, OutputLayout, make_sink
 from .sources import ImageSource, open_source
+from .sources.raster import RasterSource
 from .stitch import Partial, activate, blend, encode_probabilities, labels_dtype, to_labels
+from .vectors import write_polygons
 from .workflow import Workflow
 
 logger = logging.getLogger(__name__)
@@ -54,6 +57,7 @@ class Finishing:
     n_classes: int
     labels_dtype: str
     probabilities: str  # none | float32 | uint8
+    nodata: int | None = None  # label of invalid input pixels
 
 
 @dataclass
@@ -94,12 +98,15 @@ def plan_job(workflow: Workflow, input_path: str) -> Job:
     inference = workflow.inference
     model = ModelSpec.create(workflow.model.network, workflow.model.args, workflow.resolve(workflow.model.weights))
     out_channels = int(workflow.model.args.get("out_channels", workflow.n_classes))
+    # invalid pixels get the largest value of the labels' type, one past the classes at least
+    dtype = labels_dtype(workflow.n_classes + 1 if source.has_invalid else workflow.n_classes)
     finishing = Finishing(
         activation=inference.activation,
         threshold=inference.threshold,
         n_classes=workflow.n_classes,
-        labels_dtype=labels_dtype(workflow.n_classes).name,
+        labels_dtype=dtype.name,
         probabilities=workflow.output.probabilities,
+        nodata=int(np.iinfo(dtype).max) if source.has_invalid else None,
     )
     layout = OutputLayout(
         shape=plan.shape,
@@ -110,6 +117,7 @@ def plan_job(workflow: Workflow, input_path: str) -> Job:
         probabilities_dtype=finishing.probabilities,
         geometry=source.geometry,
         reference=input_path,
+        nodata=finishing.nodata,
         metadata={"version": __version__, "workflow": workflow.to_dict(), "input": input_path},
     )
     normalize = workflow.preprocess.normalize
@@ -170,12 +178,17 @@ def build_graph(job: Job) -> tuple[dict, dict[tuple, Block], dict[tuple, list[tu
 
 
 def finish_chunk(region: Region, finishing: Finishing, sink: LabelSink, partials: list[Partial]) -> np.ndarray:
-    """Blend, activate, label and write one output chunk; return its class histogram."""
-    probabilities = activate(blend(region, partials), finishing.activation)
+    """Blend, activate, label and write one output chunk; return its class histogram (nodata left out)."""
+    blended, valid = blend(region, partials)
+    probabilities = activate(blended, finishing.activation)
     labels = to_labels(probabilities, finishing.activation, finishing.threshold, np.dtype(finishing.labels_dtype))
+    if valid is not None:
+        labels[~valid] = finishing.nodata
+        probabilities[:, ~valid] = 0.0
     encoded = None if finishing.probabilities == "none" else encode_probabilities(probabilities, finishing.probabilities)
     sink.write(region, labels, encoded)
-    return np.bincount(labels.ravel(), minlength=finishing.n_classes)
+    counted = labels if valid is None else labels[valid]
+    return np.bincount(counted.ravel(), minlength=finishing.n_classes)[: finishing.n_classes]
 
 
 # -- execution ------------------------------------------------------------------------------------
@@ -346,9 +359,23 @@ def run(
         results = []
         for job in jobs:
             try:
-                results.append(execute(client, job, progress=progress))
+                result = execute(client, job, progress=progress)
+                result.outputs += write_derived(workflow, job, result.outputs[0], client)
             except TilemaskError:
                 raise
             except Exception as exc:  # a worker died, a write failed: name the input
                 raise TilemaskError(f"{job.input}: {type(exc).__name__}: {exc}") from exc
+            results.append(result)
         return results
+
+
+def write_derived(workflow: Workflow, job: Job, labels_path: str, client: Client) -> list[str]:
+    """What is made from the finished labels: polygons and the quick look (2D rasters)."""
+    written = []
+    vectors = workflow.vectors_path(job.input)
+    if vectors:
+        written.append(write_polygons(labels_path, vectors, client=client, class_names=job.sink.layout.class_names))
+    if workflow.output.quicklook and isinstance(job.source, RasterSource):
+        png = str(Path(job.sink.path.rstrip("/")).with_suffix(".png"))
+        written.append(write_quicklook(job.input, labels_path, png, list(job.source.bands)))
+    return written

@@ -56,6 +56,9 @@ def predict_block(
     extent, region = block.extent, block.region
     origin = tuple(lo for lo, _ in extent)
     data = preprocessing.apply(source.read(region))
+    valid = source.read_valid(region)
+    if valid is not None:  # invalid pixels enter the network as 0: the normalized mean, MONAI's padding value
+        data[:, ~valid] = 0.0
     if region != extent:  # an axis smaller than the roi: zero padding, as MONAI's F.pad(value=0)
         padded = np.zeros((data.shape[0], *region_shape(extent)), np.float32)
         padded[(slice(None), *local_slices(region, origin))] = data
@@ -81,6 +84,7 @@ def predict_block(
         region=region,
         weighted=weighted[(slice(None), *keep)].cpu().numpy(),
         weights=weights[keep].cpu().numpy(),
+        valid=valid,
     )
 
 

@@ -27,15 +27,16 @@ class Partial:
     region: Region
     weighted: np.ndarray  # (C, *region) sum of w * prediction
     weights: np.ndarray  # (*region) sum of w
+    valid: np.ndarray | None = None  # (*region) input validity, None when every pixel is valid
 
     @property
     def origin(self) -> tuple[int, ...]:
         return tuple(lo for lo, _ in self.region)
 
 
-def overlap_add(chunk: Region, partials: Iterable[Partial]) -> tuple[np.ndarray, np.ndarray]:
-    """The sums of all partials over ``chunk``."""
-    weighted = weights = None
+def overlap_add(chunk: Region, partials: Iterable[Partial]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The sums of all partials over ``chunk``, and the chunk's input validity (None: all valid)."""
+    weighted = weights = valid = None
     chunk_origin = tuple(lo for lo, _ in chunk)
     for part in partials:
         common = intersect(chunk, part.region)
@@ -48,16 +49,20 @@ def overlap_add(chunk: Region, partials: Iterable[Partial]) -> tuple[np.ndarray,
         src = local_slices(common, part.origin)
         weighted[(slice(None), *dst)] += part.weighted[(slice(None), *src)]
         weights[dst] += part.weights[src]
+        if part.valid is not None:
+            if valid is None:
+                valid = np.zeros(region_shape(chunk), bool)
+            valid[dst] = part.valid[src]
     if weighted is None:
         raise ValueError(f"no partial covers chunk {chunk}")
-    return weighted, weights
+    return weighted, weights, valid
 
 
-def blend(chunk: Region, partials: Iterable[Partial]) -> np.ndarray:
-    """Blended network output over ``chunk``: ``sum(w * pred) / sum(w)``."""
-    weighted, weights = overlap_add(chunk, partials)
+def blend(chunk: Region, partials: Iterable[Partial]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Blended network output over ``chunk``, ``sum(w * pred) / sum(w)``, and its input validity."""
+    weighted, weights, valid = overlap_add(chunk, partials)
     weighted /= weights
-    return weighted
+    return weighted, valid
 
 
 def activate(blended: np.ndarray, activation: str) -> np.ndarray:

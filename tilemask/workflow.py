@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -87,16 +88,28 @@ class Inference(_Strict):
         return self
 
 
+VECTOR_SUFFIXES = (".gpkg", ".fgb", ".geojson", ".parquet")
+
+
 class Output(_Strict):
     path: str
     probabilities: Literal["none", "float32", "uint8"] = "none"
     chunks: PositiveInt | list[PositiveInt] = 2048
+    vectors: str | None = Field(default=None, description="foreground classes as polygons (2D rasters)")
+    quicklook: bool = Field(default=True, description="a PNG of the mask over the input beside the output (2D)")
 
     @field_validator("path")
     @classmethod
     def _suffix(cls, value: str) -> str:
         if not value.rstrip("/").endswith((".zarr", ".nii", ".nii.gz", ".tif", ".tiff")):
             raise ValueError(f"suffix must be .zarr, .nii, .nii.gz or .tif (got {value!r})")
+        return value
+
+    @field_validator("vectors")
+    @classmethod
+    def _vector_suffix(cls, value: str | None) -> str | None:
+        if value is not None and not value.lower().endswith(VECTOR_SUFFIXES):
+            raise ValueError(f"suffix must be one of {', '.join(VECTOR_SUFFIXES)} (got {value!r})")
         return value
 
 
@@ -129,6 +142,10 @@ class Workflow(_Strict):
             raise ValueError("inference.activation sigmoid needs model.args.out_channels: 1 (one binary class)")
         if self.classes is not None and out_channels is not None and len(self.classes) != self.n_classes:
             raise ValueError(f"classes has {len(self.classes)} names but the model gives {self.n_classes} classes")
+        if len(roi) != 2 and self.output.vectors:
+            raise ValueError("output.vectors needs a 2D raster model (roi_size of 2 values)")
+        if len(roi) != 2 and self.output.path.endswith((".tif", ".tiff")):
+            raise ValueError("output.path .tif (COG) needs a 2D raster model; write volumes to .nii.gz or .zarr")
         if self.inference.activation == "none" and self.output.probabilities == "uint8":
             raise ValueError("output.probabilities uint8 needs an activation (softmax or sigmoid)")
         normalize = self.preprocess.normalize
@@ -189,7 +206,7 @@ class Workflow(_Strict):
         if path.startswith(REMOTE_PREFIXES):
             return path
         p = Path(path).expanduser()
-        return str(p if p.is_absolute() else (self._base_dir / p))
+        return os.path.normpath(p if p.is_absolute() else (self._base_dir / p))
 
     def input_paths(self) -> list[str]:
         """The inputs, globs expanded (sorted), in order."""
@@ -209,6 +226,9 @@ class Workflow(_Strict):
     def output_path(self, input_path: str) -> str:
         """``output.path`` with ``{stem}`` replaced by the input's name without suffixes."""
         return self.resolve(self.output.path.format(stem=stem(input_path)))
+
+    def vectors_path(self, input_path: str) -> str | None:
+        return self.resolve(self.output.vectors.format(stem=stem(input_path))) if self.output.vectors else None
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

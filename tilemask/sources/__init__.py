@@ -73,6 +73,15 @@ class ImageSource(ABC):
         """The ``(C, *region)`` block of the image, ``region`` inside the image."""
 
     @property
+    def has_invalid(self) -> bool:
+        """Whether the image marks some pixels invalid (nodata value, mask or alpha band)."""
+        return False
+
+    def read_valid(self, region: Region) -> np.ndarray | None:
+        """Validity of ``region`` (True = valid), or None when every pixel is valid."""
+        return None
+
+    @property
     def spatial_shape(self) -> tuple[int, ...]:
         return self.shape[1:]
 
