@@ -1,0 +1,82 @@
+"""``tilemask stats`` end to end on a real 2-worker LocalCluster; atlas zonal statistics; table formats."""
+
+from __future__ import annotations
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from rasterio.transform import Affine
+
+from tilemask.stats import compute_stats
+from tilemask.stats.cli import stats as stats_command
+
+from .conftest import blobs, write_nifti, write_raster
+from .test_zonal import random_regions
+
+
+def test_cli_regions_on_cluster(tmp_path, shade_labels):
+    regions = random_regions(shade_labels, 12, seed=9, crs_out="EPSG:4326")
+    regions["district"] = [f"d{i}" for i in range(len(regions))]
+    regions_path = tmp_path / "regions.gpkg"
+    regions.to_file(regions_path)
+    out = tmp_path / "zonal.gpkg"
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        runner = CliRunner()
+        result = runner.invoke(
+            stats_command,
+            [str(shade_labels), "-o", str(out), "--regions", str(regions_path), "--region-id", "district",
+             "--chunks", "128", "--scheduler", cluster.scheduler_address],
+        )
+        assert result.exit_code == 0, result.output
+        with Client(cluster) as client:
+            local = compute_stats(shade_labels, tmp_path / "local.csv", regions=regions_path, region_id="district", client=client)
+    table = gpd.read_file(out)
+    assert list(table["district"]) == list(regions["district"])
+    reference = pd.read_csv(compute_stats(shade_labels, tmp_path / "threads.csv", regions=regions_path, region_id="district"))
+    pd.testing.assert_frame_equal(pd.read_csv(local), reference)
+    columns = [c for c in reference.columns if c.endswith("_pixels")]
+    np.testing.assert_array_equal(table[columns].to_numpy(), reference[columns].to_numpy())
+
+    bad = CliRunner().invoke(stats_command, [str(shade_labels), "-o", str(tmp_path / "x.parquet"), "--regions", str(regions_path), "--region-id", "nope"])
+    assert bad.exit_code == 2 and "not a field" in bad.output
+
+
+def test_atlas_zonal_and_chunking(tmp_path):
+    data = blobs((40, 44, 36), seed=2)
+    atlas = (np.indices(data.shape)[0] // 10 + 1).astype(np.uint8)  # 4 slabs, labels 1..4
+    affine = np.diag([0.9, 1.1, 3.0, 1.0])
+    mask_path = write_nifti(tmp_path / "mask.nii.gz", data, affine)
+    atlas_path = write_nifti(tmp_path / "atlas.nii.gz", atlas, affine)
+    tables = [pd.read_csv(compute_stats(mask_path, tmp_path / f"a{c}.csv", regions=atlas_path, chunks=c, classes="bg,a,b")) for c in (5, 13, 64)]
+    for other in tables[1:]:
+        pd.testing.assert_frame_equal(tables[0], other)
+    table = tables[0]
+    assert list(table["region"]) == [1, 2, 3, 4]
+    voxel_ml = 0.9 * 1.1 * 3.0 / 1000
+    for row in table.itertuples(index=False):
+        inside = atlas == row.region
+        for value, name in enumerate(("bg", "a", "b")):
+            count = int((data[inside] == value).sum())
+            assert getattr(row, f"{name}_voxels") == count
+            assert getattr(row, f"{name}_volume_ml") == pytest.approx(count * voxel_ml, rel=1e-6)  # NIfTI stores float32
+            assert getattr(row, f"{name}_fraction") == pytest.approx(count / inside.sum(), rel=1e-12)
+
+
+def test_totals_formats_and_nodata(tmp_path):
+    data = blobs((50, 60), seed=4)
+    data[:5] = 255
+    path = write_raster(tmp_path / "m.tif", data, "EPSG:32633", Affine(2, 0, 0, 0, -2, 0), nodata=255, block=16)
+    frames = [compute_stats(path, tmp_path / f"t.{suffix}", chunks=c) for suffix, c in (("csv", 16), ("parquet", 32), ("json", 50), ("gpkg", 7))]
+    csv = pd.read_csv(frames[0])
+    assert 255 not in set(csv["value"])
+    for value in range(3):
+        row = csv[csv["value"] == value].iloc[0]
+        assert row["pixels"] == int((data == value).sum())
+        assert row["area_m2"] == pytest.approx(4.0 * row["pixels"])
+    pd.testing.assert_frame_equal(pd.read_parquet(frames[1]), csv, check_dtype=False)
+    pd.testing.assert_frame_equal(pd.read_json(frames[2]), csv, check_dtype=False)
+    pd.testing.assert_frame_equal(pd.DataFrame(gpd.read_file(frames[3])), csv, check_dtype=False)

@@ -1,0 +1,119 @@
+"""``compute_stats``: the statistics the ``tilemask stats`` command and the workflow's ``stats:`` run.
+
+One table per call, chosen by the arguments (DESIGN.md section 6):
+
+* nothing else: per-class totals;
+* ``regions`` a vector file: one row per region (center or fraction coverage);
+* ``regions`` a label image (``.tif``, ``.tiff``, ``.zarr``, ``.nii``, ``.nii.gz``): one row per atlas label;
+* ``instances=True``: one row per instance (connected component).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..sources.labels import open_labels
+from .config import StatsConfig
+from .evaluate import evaluate
+from .instances import CONNECTIVITIES, find_instances
+from .tables import check_table_path, parse_classes, write_json, write_table
+from .totals import atlas_zonal, class_totals
+from .zonal import read_regions, vector_zonal
+
+logger = logging.getLogger(__name__)
+
+LABEL_IMAGE_SUFFIXES = (".tif", ".tiff", ".zarr", ".nii", ".nii.gz", ".vrt", ".img")
+
+
+def is_label_image(path: str | os.PathLike) -> bool:
+    return str(path).lower().rstrip("/").endswith(LABEL_IMAGE_SUFFIXES)
+
+
+def compute_stats(
+    mask_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    *,
+    regions: str | os.PathLike | None = None,
+    region_id: str | None = None,
+    coverage: str = "center",
+    instances: bool = False,
+    connectivity: str = "face",
+    classes=None,
+    chunks: int | None = None,
+    client=None,
+) -> Path:
+    """Compute the statistics of the label image at ``mask_path`` and write them to ``output_path``.
+
+    Everything a user can get wrong (output suffix, regions, region id, coverage,
+    connectivity, class names) is checked before any pixel is read.
+    """
+    output = check_table_path(output_path)
+    if coverage not in ("center", "fraction"):
+        raise InputError(f"--coverage must be 'center' or 'fraction', got {coverage!r}")
+    if connectivity not in CONNECTIVITIES:
+        raise InputError(f"--connectivity must be 'face' or 'full', got {connectivity!r}")
+    if instances and regions is not None:
+        raise InputError("--instances and --regions cannot be combined: pick one table")
+    if chunks is not None and int(chunks) < 1:
+        raise InputError(f"--chunks must be a positive integer, got {chunks}")
+    names = parse_classes(classes)
+    image = open_labels(str(mask_path), chunks=chunks)
+    if not np.issubdtype(image.array.dtype, np.integer):
+        raise InputError(f"{mask_path}: labels must be integers, not {image.array.dtype}")
+    if instances:
+        table = find_instances(image, connectivity=connectivity, names=names, client=client)
+    elif regions is not None and is_label_image(regions):
+        atlas = open_labels(str(regions), chunks=chunks)
+        if region_id is not None:
+            raise InputError("--region-id applies to vector regions; an atlas is keyed by its label value")
+        table = atlas_zonal(image, atlas, names=names, client=client)
+    elif regions is not None:
+        frame, key = read_regions(regions, region_id)
+        keep_geometry = output.suffix.lower() in (".parquet", ".gpkg", ".csv")
+        table = vector_zonal(image, frame, key, coverage, names=names, client=client, keep_geometry=keep_geometry)
+    else:
+        table = class_totals(image, names=names, client=client)
+    return write_table(table, output)
+
+
+def compute_from_config(mask_path: str | os.PathLike, config: StatsConfig, output_path=None, client=None) -> Path:
+    """Run ``compute_stats`` as a workflow's ``stats:`` section asks (``output_path`` already formatted)."""
+    return compute_stats(
+        mask_path,
+        output_path or config.output,
+        regions=config.regions,
+        region_id=config.region_id,
+        coverage=config.coverage,
+        instances=config.instances,
+        connectivity=config.connectivity,
+        classes=config.classes,
+        client=client,
+    )
+
+
+def evaluate_paths(
+    pred_path: str | os.PathLike,
+    truth_path: str | os.PathLike,
+    output_path: str | os.PathLike | None = None,
+    *,
+    classes=None,
+    chunks: int | None = None,
+    client=None,
+) -> dict:
+    """Evaluate the prediction at ``pred_path`` against ``truth_path``; write JSON when asked."""
+    if output_path is not None and not Path(output_path).parent.exists():
+        raise InputError(f"{output_path}: the folder {Path(output_path).parent} does not exist")
+    if chunks is not None and int(chunks) < 1:
+        raise InputError(f"--chunks must be a positive integer, got {chunks}")
+    names = parse_classes(classes)
+    pred = open_labels(str(pred_path), chunks=chunks)
+    truth = open_labels(str(truth_path), chunks=chunks)
+    result = evaluate(pred, truth, names=names, client=client)
+    if output_path is not None:
+        write_json(result, output_path)
+    return result

@@ -1,0 +1,63 @@
+"""``tilemask stats`` and ``tilemask evaluate``: parse, open a client, call :mod:`tilemask.stats`."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from ..cli import _Command
+
+logger = logging.getLogger(__name__)
+
+
+@click.command("stats", cls=_Command)
+@click.argument("mask", type=click.Path(exists=True))
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Table: .parquet, .gpkg, .csv or .json.")
+@click.option("--regions", type=click.Path(exists=True), help="Vector regions (any OGR format) or an atlas label image.")
+@click.option("--region-id", metavar="FIELD", help="Field keying the regions (default: the feature index).")
+@click.option("--coverage", type=click.Choice(["center", "fraction"]), default="center", show_default=True,
+              help="center: pixel centre inside (rasterstats); fraction: covered fraction (exactextract).")
+@click.option("--instances", is_flag=True, help="One row per connected component of each foreground class.")
+@click.option("--connectivity", type=click.Choice(["face", "full"]), default="face", show_default=True,
+              help="Neighbours for --instances: face (4/6) or full (8/26).")
+@click.option("--classes", metavar="A,B,...", help="Names of label values 0, 1, ... (default: those the file records).")
+@click.option("--chunks", type=click.IntRange(min=1), help="Block edge used to split the work (results do not depend on it).")
+@click.option("--scheduler", metavar="ADDRESS", help="Run on this Dask scheduler (default: an embedded local cluster).")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+def stats(mask, output, regions, region_id, coverage, instances, connectivity, classes, chunks, scheduler, debug) -> None:
+    """Per-class, per-region or per-instance statistics of the label image MASK."""
+    from ..engine import cluster_client
+    from .api import compute_stats
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with cluster_client(scheduler) as client:
+        path = compute_stats(
+            mask, output, regions=regions, region_id=region_id, coverage=coverage, instances=instances,
+            connectivity=connectivity, classes=classes, chunks=chunks, client=client,
+        )
+    click.echo(f"wrote {path}")
+
+
+@click.command("evaluate", cls=_Command)
+@click.argument("pred", type=click.Path(exists=True))
+@click.argument("truth", type=click.Path(exists=True))
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), help="Write the scores as JSON.")
+@click.option("--classes", metavar="A,B,...", help="Names of label values 0, 1, ...")
+@click.option("--chunks", type=click.IntRange(min=1), help="Block edge used to split the work (results do not depend on it).")
+@click.option("--scheduler", metavar="ADDRESS", help="Run on this Dask scheduler (default: an embedded local cluster).")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+def evaluate(pred, truth, output, classes, chunks, scheduler, debug) -> None:
+    """Dice, IoU, precision and recall of the label image PRED against TRUTH (same grid)."""
+    from rich.console import Console
+
+    from ..engine import cluster_client
+    from .api import evaluate_paths
+    from .evaluate import render
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with cluster_client(scheduler) as client:
+        result = evaluate_paths(pred, truth, output, classes=classes, chunks=chunks, client=client)
+    Console().print(render(result))
+    if output:
+        click.echo(f"wrote {output}")

@@ -1,0 +1,163 @@
+"""What one pixel or voxel measures, and where it is: pure functions of the geometry.
+
+* Raster, projected CRS: every pixel has the same area, ``|a*e - b*d|`` in CRS
+  units squared, times the square of the CRS's linear unit in metres.
+* Raster, geographic CRS (north-up): a pixel of row ``r`` is the quadrilateral
+  between longitudes ``x0 + c*dx .. x0 + (c+1)*dx`` and latitudes
+  ``y0 + r*dy .. y0 + (r+1)*dy``; its geodesic area on the WGS84 ellipsoid
+  (``pyproj.Geod(ellps="WGS84").polygon_area_perimeter``) depends on the row only,
+  so areas are one value per row.
+* Volume: every voxel has volume ``|det(A[:3, :3])|`` mm^3 (A the nibabel
+  voxel-to-RAS affine), ``/ 1000`` in mL.
+
+World coordinates: a raster pixel ``(row, col)`` has its centre at
+``transform * (col + 0.5, row + 0.5)`` (CRS units); a voxel ``(i, j, k)`` has its
+centre at ``A @ (i, j, k, 1)`` (RAS millimetres, nibabel's convention).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+from pyproj import CRS, Geod
+
+from ..errors import InputError
+from ..geometry import Geometry, RasterGeometry, VolumeGeometry
+
+logger = logging.getLogger(__name__)
+
+WGS84 = Geod(ellps="WGS84")
+
+
+@dataclass(frozen=True)
+class Units:
+    """Column names for a raster (pixels, m^2) or a volume (voxels, mL)."""
+
+    count: str  # "pixels" | "voxels"
+    size: str  # "area_m2" | "volume_ml"
+
+
+RASTER_UNITS = Units("pixels", "area_m2")
+VOLUME_UNITS = Units("voxels", "volume_ml")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A label image's grid: shape and geometry, with the measures derived from them."""
+
+    shape: tuple[int, ...]
+    geometry: Geometry
+
+    @property
+    def is_volume(self) -> bool:
+        return isinstance(self.geometry, VolumeGeometry)
+
+    @property
+    def units(self) -> Units:
+        return VOLUME_UNITS if self.is_volume else RASTER_UNITS
+
+    @cached_property
+    def crs(self) -> CRS | None:
+        if self.is_volume or not self.geometry.crs_wkt:
+            return None
+        return CRS.from_wkt(self.geometry.crs_wkt)
+
+    @property
+    def is_geographic(self) -> bool:
+        return self.crs is not None and self.crs.is_geographic
+
+    @property
+    def north_up(self) -> bool:
+        return not self.is_volume and self.geometry.transform[2] == 0 and self.geometry.transform[4] == 0
+
+    @cached_property
+    def row_sizes(self) -> np.ndarray:
+        """Area (m^2) or volume (mL) of one pixel/voxel, per row (axis 0); NaN when unknown.
+
+        Constant except for geographic rasters, where it is the geodesic area of
+        the row's pixels.
+        """
+        n_rows = self.shape[0]
+        if self.is_volume:
+            affine = np.asarray(self.geometry.affine, dtype=float)
+            return np.full(n_rows, abs(np.linalg.det(affine[:3, :3])) / 1000.0)
+        x0, dx, rx, y0, ry, dy = self.geometry.transform
+        if self.crs is None:
+            logger.warning("the raster has no CRS: area_m2 is left empty")
+            return np.full(n_rows, np.nan)
+        if not self.is_geographic:
+            unit = self.crs.axis_info[0].unit_conversion_factor if self.crs.axis_info else 1.0
+            return np.full(n_rows, abs(dx * dy - rx * ry) * unit * unit)
+        if not self.north_up:
+            raise InputError("geodesic areas need a north-up geographic raster (no rotation in the geotransform)")
+        return geodesic_row_areas(x0, dx, y0, dy, n_rows)
+
+    def pixel_centres(self, index: np.ndarray) -> np.ndarray:
+        """World coordinates of index-space points ``(n, ndim)`` (fractional indexes allowed).
+
+        Rasters: ``(x, y)`` in CRS units of the pixel centres; volumes: ``(x, y, z)``
+        RAS millimetres.
+        """
+        index = np.asarray(index, dtype=float)
+        if self.is_volume:
+            affine = np.asarray(self.geometry.affine, dtype=float)
+            return index @ affine[:3, :3].T + affine[:3, 3]
+        return self.raster_xy(index[:, 0] + 0.5, index[:, 1] + 0.5)
+
+    def raster_xy(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        x0, dx, rx, y0, ry, dy = self.geometry.transform
+        return np.stack([x0 + cols * dx + rows * rx, y0 + cols * ry + rows * dy], axis=-1)
+
+    def world_bounds(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Axis-aligned world envelope of the index boxes ``lo..hi`` (inclusive, ``(n, ndim)``).
+
+        The box's outer corners are taken: pixel edges ``lo .. hi + 1`` for rasters,
+        voxel faces ``lo - 0.5 .. hi + 0.5`` for volumes (voxel centres are at integer
+        indexes in NIfTI).
+        """
+        lo, hi = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
+        ndim = lo.shape[1]
+        corners = []
+        for pick in np.ndindex(*(2,) * ndim):
+            corner = np.where(np.array(pick, bool), hi, lo)
+            if self.is_volume:
+                affine = np.asarray(self.geometry.affine, dtype=float)
+                corner = corner + np.where(np.array(pick, bool), 0.5, -0.5)
+                corners.append(corner @ affine[:3, :3].T + affine[:3, 3])
+            else:
+                corner = corner + np.array(pick, float)
+                corners.append(self.raster_xy(corner[:, 0], corner[:, 1]))
+        stacked = np.stack(corners)
+        return stacked.min(axis=0), stacked.max(axis=0)
+
+
+def geodesic_row_areas(x0: float, dx: float, y0: float, dy: float, n_rows: int) -> np.ndarray:
+    """Geodesic area (m^2, WGS84) of one pixel of each row of a north-up lon/lat grid."""
+    areas = np.empty(n_rows)
+    lons = [x0, x0 + dx, x0 + dx, x0]
+    for row in range(n_rows):
+        top, bottom = y0 + row * dy, y0 + (row + 1) * dy
+        area, _ = WGS84.polygon_area_perimeter(lons, [top, top, bottom, bottom])
+        areas[row] = abs(area)
+    return areas
+
+
+def same_grid(a: Grid, b: Grid, tolerance: float = 1e-9) -> str | None:
+    """Why two grids differ (shape, CRS, transform/affine), or None when they are the same."""
+    if a.shape != b.shape:
+        return f"shapes differ: {a.shape} vs {b.shape}"
+    if a.is_volume != b.is_volume:
+        return "one is a raster, the other a volume"
+    if a.is_volume:
+        if not np.allclose(a.geometry.affine, b.geometry.affine, rtol=0, atol=tolerance * 1e3):
+            return "affines differ"
+        return None
+    if (a.crs is None) != (b.crs is None) or (a.crs is not None and not a.crs.equals(b.crs)):
+        return "CRSs differ"
+    scale = max(abs(v) for v in a.geometry.transform) or 1.0
+    if not np.allclose(a.geometry.transform, b.geometry.transform, rtol=0, atol=tolerance * scale):
+        return "geotransforms differ"
+    return None

@@ -1,0 +1,122 @@
+"""Class names and table writers.
+
+Tables are written by suffix: ``.parquet`` (GeoParquet when the table keeps a
+geometry, plain Parquet otherwise), ``.gpkg`` (GeoPackage; a table without
+geometry becomes an attribute-only layer), ``.csv`` (geometry, if any, as WKT)
+and ``.json`` (a list of records).  Files are written under a temporary name
+and renamed into place, so a failed run leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import InputError, OutputError
+
+logger = logging.getLogger(__name__)
+
+TABLE_SUFFIXES = (".parquet", ".gpkg", ".csv", ".json")
+
+
+def class_names(values: Iterable[int], names: Sequence[str] | None) -> dict[int, str]:
+    """Name of each label value: ``names[v]`` when given, else ``class_<v>``.
+
+    Every named class is listed (in value order), then the other values found.
+    """
+    named = {i: str(n) for i, n in enumerate(names or ())}
+    for value in sorted(int(v) for v in values):
+        named.setdefault(value, f"class_{value}")
+    return dict(sorted(named.items()))
+
+
+def parse_classes(text: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """``"a,b,c"`` or a list into class names for label values 0, 1, 2, ..."""
+    if text is None:
+        return None
+    names = tuple(n.strip() for n in (text.split(",") if isinstance(text, str) else text))
+    if not names or any(not n for n in names):
+        raise InputError(f"--classes: expected comma-separated names, got {text!r}")
+    if len(set(names)) != len(names):
+        raise InputError(f"--classes: names repeat in {text!r}")
+    return names
+
+
+def check_table_path(path: str | os.PathLike) -> Path:
+    """The output path, checked before any work: a known suffix and an existing folder."""
+    path = Path(path)
+    if path.suffix.lower() not in TABLE_SUFFIXES:
+        raise InputError(f"{path}: unknown table format, use one of {', '.join(TABLE_SUFFIXES)}")
+    if not path.parent.exists():
+        raise InputError(f"{path}: the folder {path.parent} does not exist")
+    return path
+
+
+def write_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write ``frame`` (a DataFrame or GeoDataFrame) to ``path`` by suffix, atomically."""
+    path = check_table_path(path)
+    suffix = path.suffix.lower()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    has_geometry = hasattr(frame, "geometry") and "geometry" in frame.columns
+    try:
+        if suffix == ".parquet":
+            if has_geometry:
+                frame.to_parquet(tmp, index=False)
+            else:
+                pd.DataFrame(frame).to_parquet(tmp, index=False)
+        elif suffix == ".gpkg":
+            import pyogrio
+
+            if tmp.exists():
+                tmp.unlink()
+            pyogrio.write_dataframe(frame, tmp, driver="GPKG", layer=path.stem)
+        elif suffix == ".csv":
+            plain = pd.DataFrame(frame)
+            if has_geometry:
+                plain["geometry"] = frame.geometry.to_wkt()
+            plain.to_csv(tmp, index=False)
+        else:
+            plain = pd.DataFrame(frame.drop(columns="geometry") if has_geometry else frame)
+            tmp.write_text(json.dumps(to_records(plain), indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write the table: {exc}") from exc
+    logger.info("wrote %s (%d rows)", path, len(frame))
+    return path
+
+
+def write_json(data: dict, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(jsonable(data), indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write: {exc}") from exc
+    return path
+
+
+def to_records(frame: pd.DataFrame) -> list[dict]:
+    return [jsonable(r) for r in frame.to_dict(orient="records")]
+
+
+def jsonable(value):
+    """Plain JSON values: numpy scalars to Python, NaN to null."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
