@@ -4,43 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
-import warnings
 
 import click
 
 from . import __version__
-from .errors import TilemaskError
+from .command import TilemaskCommand, configure_logging
 
 logger = logging.getLogger(__name__)
-
-
-class _Command(click.Command):
-    """Reports tilemask errors as one line with their exit status (tracebacks only with --debug)."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except TilemaskError as exc:
-            if ctx.params.get("debug"):
-                raise
-            click.echo(f"tilemask: error: {exc}", err=True)
-            ctx.exit(exc.exit_status)
-        except KeyboardInterrupt:
-            click.echo("tilemask: interrupted", err=True)
-            ctx.exit(130)
-        except Exception as exc:
-            if ctx.params.get("debug"):
-                raise
-            click.echo(f"tilemask: error: {type(exc).__name__}: {exc} (run with --debug for details)", err=True)
-            ctx.exit(1)
-
-
-def _configure_logging(debug: bool) -> None:
-    """Debug logs and library warnings with --debug; otherwise only tilemask's own warnings."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not debug:
-        warnings.simplefilter("ignore")
-        logging.getLogger("distributed").setLevel(logging.ERROR)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,7 +19,7 @@ def main() -> None:
     """Segment images too big for one process on a Dask cluster."""
 
 
-@main.command(cls=_Command)
+@main.command(cls=TilemaskCommand)
 @click.argument("workflow", type=click.Path(dir_okay=False))
 @click.option("--scheduler", metavar="ADDRESS", help="Run on this Dask scheduler (default: an embedded local cluster).")
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes of the embedded cluster.")
@@ -62,7 +32,7 @@ def run(workflow, scheduler, workers, threads_per_worker, overrides, quiet, debu
     from .engine import run as run_workflow
     from .workflow import Workflow
 
-    _configure_logging(debug)
+    configure_logging(debug)
     wf = Workflow.from_yaml(workflow, overrides)
     results = run_workflow(
         wf, scheduler=scheduler, workers=workers, threads_per_worker=threads_per_worker, progress=not quiet
@@ -73,6 +43,16 @@ def run(workflow, scheduler, workers, threads_per_worker, overrides, quiet, debu
             f"{result.input}: {result.windows} windows in {result.seconds:.1f} s "
             f"({result.windows / max(result.seconds, 1e-9):.1f} windows/s) -> {', '.join(result.outputs)} [{counts}]"
         )
+
+
+def _register_statistics() -> None:
+    from .stats.cli import evaluate, stats
+
+    main.add_command(stats)
+    main.add_command(evaluate)
+
+
+_register_statistics()
 
 
 if __name__ == "__main__":

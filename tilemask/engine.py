@@ -11,37 +11,57 @@ For each input the engine builds a two-layer graph over the output chunk grid:
   histogram of the chunk.
 
 That is about two tasks per chunk: 512 per gigapixel with 2048-pixel chunks, so
-a 100-gigapixel job stays near 50,000 tasks.  The client holds the futures and
-releases each partial as soon as every chunk that needs it is written, so
-memory follows the chunks in flight, not the image.
+a 100-gigapixel job stays near 50,000 tasks.  What every task shares (source,
+model, settings, sink) sits once in the graph under its own key.  The client
+holds the futures and releases each partial as soon as every chunk that needs
+it is written, so memory follows the chunks in flight, not the image.
+
+A run that fails cancels its tasks, waits until none is still executing, and
+removes its output (:meth:`~tilemask.sinks.LabelSink.abort`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import dask
 import numpy as np
+import zarr
 from dask.base import tokenize
-from distributed import Client, LocalCluster, WorkerPlugin, as_completed
+from distributed import Client, as_completed
 
 from . import __version__
-from .errors import InputError, TilemaskError
+from .cluster import cancel_and_drain, cluster_client, prepare_workers
+from .errors import InputError, OutputError, TilemaskError, WorkflowError
 from .geometry import Block, Region, WindowPlan
 from .inference import InferenceSettings, predict_block
-from .models import ModelSpec, load_model, set_torch_threads
+from .models import ModelSpec, load_model
 from .preprocess import Preprocessing
+from .progress import window_progress
 from .quicklook import write_quicklook
 from .sinks import LabelSink, OutputLayout, make_sink
+from .sinks.zarr import ZarrSink
 from .sources import ImageSource, open_source
+from .sources.labels import open_labels
 from .sources.raster import RasterSource
-from .stitch import Partial, activate, blend, encode_probabilities, labels_dtype, to_labels
+from .stats import compute_from_config
+from .stats.config import PostprocessConfig
+from .stats.postprocess import apply as postprocess
+from .stitch import (
+    Partial,
+    activate,
+    encode_probabilities,
+    labels_dtype,
+    labels_from_sums,
+    overlap_add,
+    to_labels,
+)
 from .vectors import write_polygons
 from .workflow import Workflow
 
@@ -163,99 +183,76 @@ def build_graph(job: Job) -> tuple[dict, dict[tuple, Block], dict[tuple, list[tu
     """The task graph, the block of each predict key and the predict keys of each chunk key."""
     token = tokenize(job.input, job.plan, job.model, job.settings, job.finishing, job.sink.path, job.sink.layout.run_id)
     predict_name, chunk_name = f"tilemask-predict-{token}", f"tilemask-chunk-{token}"
-    graph: dict = {}
+    shared = {f"tilemask-{name}-{token}": value for name, value in (
+        ("source", job.source), ("model", job.model), ("settings", job.settings),
+        ("preprocessing", job.preprocessing), ("finishing", job.finishing), ("sink", job.sink),
+    )}  # fmt: skip
+    source, model, settings, preprocessing, finishing, sink = shared
+    graph: dict = dict(shared)
     blocks: dict[tuple, Block] = {}
     for index in job.plan.block_indexes():
         key = (predict_name, *index)
         blocks[key] = job.plan.block(index)
-        graph[key] = (predict_block, blocks[key], job.source, job.model, job.settings, job.preprocessing)
+        graph[key] = (predict_block, blocks[key], source, model, settings, preprocessing)
     needs: dict[tuple, list[tuple]] = {}
     for index in job.plan.chunk_indexes():
         key = (chunk_name, *index)
         needs[key] = [(predict_name, *b) for b in job.plan.sources_of(index)]
-        graph[key] = (finish_chunk, job.plan.chunk_region(index), job.finishing, job.sink, needs[key])
+        graph[key] = (finish_chunk, job.plan.chunk_region(index), finishing, sink, needs[key])
     return graph, blocks, needs
 
 
 def finish_chunk(region: Region, finishing: Finishing, sink: LabelSink, partials: list[Partial]) -> np.ndarray:
-    """Blend, activate, label and write one output chunk; return its class histogram (nodata left out)."""
-    blended, valid = blend(region, partials)
-    probabilities = activate(blended, finishing.activation)
-    labels = to_labels(probabilities, finishing.activation, finishing.threshold, np.dtype(finishing.labels_dtype))
+    """Blend, activate, label and write one output chunk; return its class histogram."""
+    weighted, weights, valid = overlap_add(region, partials)
+    dtype = np.dtype(finishing.labels_dtype)
+    encoded = None
+    if finishing.probabilities == "none":
+        labels = labels_from_sums(weighted, weights, finishing.activation, finishing.threshold, dtype)
+    else:
+        weighted /= weights
+        probabilities = activate(weighted, finishing.activation)
+        labels = to_labels(probabilities, finishing.activation, finishing.threshold, dtype)
+        if valid is not None:
+            probabilities[:, ~valid] = 0.0
+        encoded = encode_probabilities(probabilities, finishing.probabilities)
     if valid is not None:
         labels[~valid] = finishing.nodata
-        probabilities[:, ~valid] = 0.0
-    encoded = None if finishing.probabilities == "none" else encode_probabilities(probabilities, finishing.probabilities)
-    sink.write(region, labels, encoded)
-    counted = labels if valid is None else labels[valid]
-    return np.bincount(counted.ravel(), minlength=finishing.n_classes)[: finishing.n_classes]
+    write_chunk(sink, region, labels, encoded)
+    return class_histogram(labels, finishing.n_classes, finishing.nodata)
+
+
+def write_chunk(sink: LabelSink, region: Region, labels: np.ndarray, probabilities: np.ndarray | None) -> None:
+    """``sink.write`` with storage errors named as one :class:`OutputError` (no foreign exception chain)."""
+    try:
+        sink.write(region, labels, probabilities)
+        return
+    except (OSError, RuntimeError, ValueError) as exc:  # GDAL, zarr stores and memmap raise these
+        detail = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    raise OutputError(f"{sink.path}: writing chunk {region} failed: {detail}")
+
+
+def class_histogram(labels: np.ndarray, n_classes: int, nodata: int | None) -> np.ndarray:
+    """Pixels per class, nodata left out."""
+    counted = labels if nodata is None else labels[labels != nodata]
+    return np.bincount(counted.ravel(), minlength=n_classes)[:n_classes]
 
 
 # -- execution ------------------------------------------------------------------------------------
-
-
-class TorchThreads(WorkerPlugin):
-    """Gives each worker its share of its machine's cores for torch's intra-op threads."""
-
-    name = "tilemask-torch-threads"
-
-    def __init__(self, threads_by_host: dict[str, int]):
-        self.threads_by_host = threads_by_host
-
-    def setup(self, worker) -> None:
-        busy = self.threads_by_host.get(worker.address.rsplit(":", 1)[0], worker.state.nthreads)
-        set_torch_threads((os.cpu_count() or 1) // max(1, busy))
-
-
-def default_workers() -> tuple[int, int]:
-    """One single-threaded worker process per core (see README, "Execution")."""
-    return max(1, os.cpu_count() or 1), 1
-
-
-@contextlib.contextmanager
-def cluster_client(
-    scheduler: str | None = None, workers: int | None = None, threads_per_worker: int | None = None
-) -> Iterator[Client]:
-    """A client of ``scheduler``, or of an embedded ``LocalCluster`` closed on exit."""
-    if scheduler:
-        try:
-            client = Client(scheduler)  # connect timeout: distributed.comm.timeouts.connect
-        except OSError as exc:
-            raise TilemaskError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
-        with client:
-            yield client
-        return
-    default_n, default_t = default_workers()
-    with LocalCluster(
-        n_workers=workers or default_n,
-        threads_per_worker=threads_per_worker or default_t,
-        processes=True,
-        dashboard_address=":0",
-        silence_logs=logging.CRITICAL if not logger.isEnabledFor(logging.DEBUG) else logging.INFO,
-    ) as cluster, Client(cluster) as client:
-        yield client
-
-
-def register_torch_threads(client: Client) -> None:
-    threads_by_host: Counter = Counter()
-    for address, info in client.scheduler_info(n_workers=-1)["workers"].items():
-        threads_by_host[address.split("://", 1)[-1].rsplit(":", 1)[0]] += info["nthreads"]
-    client.register_plugin(TorchThreads({f"tcp://{h}": n for h, n in threads_by_host.items()}))
 
 
 def execute(client: Client, job: Job, progress: bool = True) -> RunResult:
     """Run one job on the cluster: write the output, or remove it and raise."""
     start = time.perf_counter()
     graph, blocks, needs = build_graph(job)
-    predict_keys, chunk_keys = list(blocks), list(needs)
-    job.sink.create()
     pending_consumers = Counter(k for deps in needs.values() for k in deps)
     totals = np.zeros(job.finishing.n_classes, np.int64)
+    held: dict = {}
     try:
-        futures = client.get(graph, predict_keys + chunk_keys, sync=False)
-        held = dict(zip(predict_keys + chunk_keys, futures))
-        del futures
-        with _progress_bar(job.plan.n_windows, enabled=progress, label=Path(job.input).name) as advance:
+        job.sink.create()
+        keys = list(blocks) + list(needs)
+        held = dict(zip(keys, client.get(graph, keys, sync=False)))
+        with window_progress(job.plan.n_windows, Path(job.input).name, enabled=progress) as advance:
             for future in as_completed(list(held.values())):
                 if future.status == "error":
                     future.result()  # raises the task's exception
@@ -269,68 +266,79 @@ def execute(client: Client, job: Job, progress: bool = True) -> RunResult:
                     pending_consumers[dep] -= 1
                     if pending_consumers[dep] == 0:
                         held.pop(dep).release()
-        outputs = job.sink.commit()
+        outputs = client.submit(job.sink.commit, pure=False).result()  # a worker sees the output folder
     except BaseException:
-        _cancel_and_drain(client, list(held.values()) if "held" in locals() else [], graph)
+        cancel_and_drain(client, list(held.values()))
         job.sink.abort()
         raise
-    seconds = time.perf_counter() - start
-    names = job.sink.layout.class_names
     return RunResult(
         input=job.input,
         outputs=outputs,
         windows=job.plan.n_windows,
         tasks=len(graph),
-        seconds=seconds,
-        class_pixels={names[i] if i < len(names) else str(i): int(n) for i, n in enumerate(totals)},
+        seconds=time.perf_counter() - start,
+        class_pixels=dict(zip(job.sink.layout.class_names, map(int, totals))),
     )
 
 
-def _cancel_and_drain(client: Client, futures: list, graph: dict, timeout: float = 60.0) -> None:
-    """Cancel the run's tasks and wait until no worker thread still executes one.
+def execute_postprocessed(client: Client, job: Job, config: PostprocessConfig, progress: bool) -> RunResult:
+    """Predict into a hidden raw Zarr, clean the labels up, then write them to the real sink.
 
-    A cancelled task keeps running in its worker thread; waiting for it keeps a
-    late chunk write from recreating files after the output was removed.
+    Post-processing needs labels across chunk borders (components, halos), so it
+    runs on the finished raw labels; the cleaned chunks and the raw probabilities
+    are then written chunk by chunk to the output the workflow asked for.
     """
-    client.cancel(futures, force=True)
-    keys = {str(k) for k in graph}
-    deadline = time.monotonic() + timeout
-    with contextlib.suppress(Exception):  # best effort: the cluster itself may be what failed
-        while time.monotonic() < deadline:
-            running = client.run(_running_keys)
-            if not any(k in keys for ks in running.values() for k in ks):
-                return
-            time.sleep(0.1)
+    final = job.sink
+    target = Path(final.path.rstrip("/"))
+    raw = ZarrSink(str(target.with_name(f".{target.name}.raw-{final.layout.run_id}.zarr")), final.layout)
+    result = execute(client, replace(job, sink=raw), progress=progress)
+    futures: list = []
+    try:
+        image = open_labels(raw.path, job.plan.chunks)
+        cleaned = postprocess(image.array, config, nodata=image.nodata, client=client).rechunk(job.plan.chunks)
+        final.create()
+        regions = [job.plan.chunk_region(i) for i in job.plan.chunk_indexes()]
+        copy = dask.delayed(_copy_chunk, pure=False)
+        futures = client.compute(
+            [copy(r, block, final, raw.path, job.finishing) for r, block in zip(regions, cleaned.to_delayed().ravel())]
+        )
+        totals = np.sum(client.gather(futures), axis=0)
+        result.outputs = client.submit(final.commit, pure=False).result()
+    except BaseException:
+        cancel_and_drain(client, futures)
+        final.abort()
+        raise
+    finally:
+        raw.abort()
+    result.class_pixels = dict(zip(final.layout.class_names, map(int, totals)))
+    return result
 
 
-def _running_keys(dask_worker) -> list[str]:
-    return [str(k) for k in dask_worker.active_keys]
+def _copy_chunk(region: Region, labels: np.ndarray, sink: LabelSink, raw_path: str, finishing: Finishing) -> np.ndarray:
+    """Write one cleaned chunk (and the raw probabilities) to the final sink; return its histogram."""
+    probabilities = None
+    if sink.layout.writes_probabilities:
+        array = zarr.open_array(f"{raw_path}/probabilities", mode="r")
+        probabilities = array[(slice(None), *(slice(lo, hi) for lo, hi in region))]
+    labels = labels.astype(finishing.labels_dtype, copy=False)
+    write_chunk(sink, region, labels, probabilities)
+    return class_histogram(labels, finishing.n_classes, finishing.nodata)
 
 
-@contextlib.contextmanager
-def _progress_bar(total: int, enabled: bool, label: str):
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} windows"),
-        TextColumn("{task.fields[rate]:.1f} windows/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    start = time.perf_counter()
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(label, total=total, rate=0.0)
-
-        def advance(n: int) -> None:
-            done = bar.tasks[0].completed + n
-            bar.update(task, advance=n, rate=done / max(time.perf_counter() - start, 1e-9))
-
-        yield advance
+def write_derived(workflow: Workflow, job: Job, labels_path: str, client: Client) -> list[str]:
+    """What is made from the finished labels: polygons, the quick look (2D rasters), statistics."""
+    written = []
+    vectors = workflow.vectors_path(job.input)
+    if vectors:
+        written.append(write_polygons(labels_path, vectors, client=client, class_names=job.sink.layout.class_names))
+    if workflow.output.quicklook and isinstance(job.source, RasterSource):
+        png = str(Path(job.sink.path.rstrip("/")).with_suffix(".png"))
+        bands = list(job.source.bands)
+        written.append(client.submit(write_quicklook, job.input, labels_path, png, bands, pure=False).result())
+    stats = workflow.stats_for(job.input)
+    if stats:
+        written.append(str(compute_from_config(labels_path, stats, client=client)))
+    return written
 
 
 def run(
@@ -344,38 +352,45 @@ def run(
 ) -> list[RunResult]:
     """Run a workflow on every input: on ``client``, on ``scheduler``, or on an embedded cluster.
 
-    All inputs are planned and checked (metadata, channels, weights) before any
-    work starts, so an invalid workflow fails fast with nothing written.
+    All inputs are planned and checked (metadata, channels, weights, output
+    paths) before any work starts, so an invalid workflow fails fast with
+    nothing written.  Anything that fails after that is a run failure (exit 1).
     """
     if not isinstance(workflow, Workflow):
         workflow = Workflow.from_yaml(workflow)
     jobs = [plan_job(workflow, path) for path in workflow.input_paths()]
+    check_jobs(workflow, jobs)
     load_model(jobs[0].model, "cpu")  # weights exist, are safe and fit the network
     with contextlib.ExitStack() as stack:
         if client is None:
             client = stack.enter_context(cluster_client(scheduler, workers, threads_per_worker))
-        register_torch_threads(client)
+        prepare_workers(client)
         logger.info("dask dashboard: %s", client.dashboard_link)
         results = []
         for job in jobs:
             try:
-                result = execute(client, job, progress=progress)
+                if workflow.postprocess and workflow.postprocess.active:
+                    result = execute_postprocessed(client, job, workflow.postprocess, progress)
+                else:
+                    result = execute(client, job, progress=progress)
                 result.outputs += write_derived(workflow, job, result.outputs[0], client)
-            except TilemaskError:
-                raise
+            except TilemaskError as exc:
+                if exc.exit_status == 1:
+                    raise
+                raise TilemaskError(str(exc)) from exc  # found by a worker mid-run: a run failure
             except Exception as exc:  # a worker died, a write failed: name the input
                 raise TilemaskError(f"{job.input}: {type(exc).__name__}: {exc}") from exc
             results.append(result)
         return results
 
 
-def write_derived(workflow: Workflow, job: Job, labels_path: str, client: Client) -> list[str]:
-    """What is made from the finished labels: polygons and the quick look (2D rasters)."""
-    written = []
-    vectors = workflow.vectors_path(job.input)
-    if vectors:
-        written.append(write_polygons(labels_path, vectors, client=client, class_names=job.sink.layout.class_names))
-    if workflow.output.quicklook and isinstance(job.source, RasterSource):
-        png = str(Path(job.sink.path.rstrip("/")).with_suffix(".png"))
-        written.append(write_quicklook(job.input, labels_path, png, list(job.source.bands)))
-    return written
+def check_jobs(workflow: Workflow, jobs: list[Job]) -> None:
+    """Checks across inputs and of the derived outputs, before any work."""
+    outputs = Counter(job.sink.path for job in jobs)
+    clash = [path for path, n in outputs.items() if n > 1]
+    if clash:
+        raise WorkflowError(f"output.path: several inputs would write {clash[0]}; use {{stem}} in the path")
+    for job in jobs:
+        stats = workflow.stats_for(job.input)
+        if stats and stats.regions and "://" not in stats.regions and not Path(stats.regions).exists():
+            raise InputError(f"stats.regions: no such file {stats.regions}")

@@ -46,20 +46,18 @@ def normalize_per_axis(value: float | int | Sequence, ndim: int, name: str) -> t
     return value
 
 
-def scan_starts(size: int, roi: int, overlap: float) -> tuple[tuple[int, ...], int]:
-    """Window starts along one axis, MONAI's rule, and the padding before the axis.
+def scan_starts(size: int, roi: int, overlap: float) -> tuple[int, ...]:
+    """Window starts along one axis, MONAI's rule, in image coordinates.
 
-    Starts are in image coordinates: with padding (``size < roi``) the single
-    window starts at ``-pad_before``.
+    With padding (``size < roi``) the single window starts at ``-((roi - size) // 2)``.
     """
     if size < roi:
-        pad_before = (roi - size) // 2
-        return (-pad_before,), pad_before
+        return (-((roi - size) // 2),)
     if roi == size:
-        return (0,), 0
+        return (0,)
     stride = max(int(roi * (1 - overlap)), 1)
     count = next(k for k in range(math.ceil(size / stride) + 1) if k * stride + roi >= size) + 1
-    return tuple(min(k * stride, size - roi) for k in range(count)), 0
+    return tuple(min(k * stride, size - roi) for k in range(count))
 
 
 @dataclass(frozen=True)
@@ -131,8 +129,7 @@ class WindowPlan:
         chunks = normalize_per_axis(chunks, ndim, "chunks")
         axes = []
         for size, r, o, c in zip(shape, roi, overlap, chunks):
-            starts, _ = scan_starts(int(size), int(r), float(o))
-            axes.append(AxisPlan(size=int(size), roi=int(r), chunk=int(c), starts=starts))
+            axes.append(AxisPlan(size=int(size), roi=int(r), chunk=int(c), starts=scan_starts(int(size), int(r), float(o))))
         return cls(tuple(axes))
 
     @property

@@ -4,13 +4,16 @@ One call handles one block (the windows owned by one output chunk): it reads the
 block's region once, cuts the windows, runs them through the cached model in
 batches of ``batch_size`` and accumulates ``w * pred`` and ``w`` exactly as
 ``monai.inferers.sliding_window_inference`` does, with MONAI's own
-``compute_importance_map`` as ``w``.
+``compute_importance_map`` as ``w``.  Reading happens on the Dask thread; the
+forward passes run on the process's single compute thread, so another Dask
+thread of the worker reads, blends and writes while the model computes.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +27,11 @@ from .sources import ImageSource
 from .stitch import Partial
 
 logger = logging.getLogger(__name__)
+
+# Every forward pass of a process runs on this one thread: one at a time (torch already uses the cores it
+# was given), and always from the same thread, so OpenMP keeps a single team instead of one per Dask thread
+# (idle teams spin and steal the cores).
+_compute_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilemask-compute")
 
 
 @dataclass(frozen=True)
@@ -63,21 +71,9 @@ def predict_block(
         padded = np.zeros((data.shape[0], *region_shape(extent)), np.float32)
         padded[(slice(None), *local_slices(region, origin))] = data
         data = padded
-    image = torch.from_numpy(data).to(device)
-
-    weighted = None
-    weights = torch.zeros(region_shape(extent), dtype=torch.float32, device=device)
-    windows = list(block.windows())
-    with torch.inference_mode():
-        for batch in _batched(windows, settings.batch_size):
-            slices = [_window_slices(start, settings.roi, origin) for start in batch]
-            prediction = network(torch.stack([image[(slice(None), *s)] for s in slices]))
-            if weighted is None:
-                weighted = torch.zeros((prediction.shape[1], *region_shape(extent)), dtype=torch.float32, device=device)
-            prediction = prediction.to(torch.float32) * weight
-            for s, p in zip(slices, prediction):
-                weighted[(slice(None), *s)] += p
-                weights[s] += weight
+    weighted, weights = _compute_thread.submit(
+        _accumulate, network, weight, data, list(block.windows()), origin, region_shape(extent), settings, device
+    ).result()
 
     keep = local_slices(region, origin)
     return Partial(
@@ -86,6 +82,25 @@ def predict_block(
         weights=weights[keep].cpu().numpy(),
         valid=valid,
     )
+
+
+def _accumulate(network, weight, data, windows, origin, shape, settings: InferenceSettings, device):
+    """``(sum w * pred, sum w)`` over the block's extent, windows in MONAI's order."""
+    torch.set_num_threads(torch.get_num_threads())  # this thread's OpenMP team gets the process's setting
+    image = torch.from_numpy(data).to(device)
+    weighted = None
+    weights = torch.zeros(shape, dtype=torch.float32, device=device)
+    with torch.inference_mode():
+        for batch in _batched(windows, settings.batch_size):
+            slices = [_window_slices(start, settings.roi, origin) for start in batch]
+            prediction = network(torch.stack([image[(slice(None), *s)] for s in slices]))
+            if weighted is None:
+                weighted = torch.zeros((prediction.shape[1], *shape), dtype=torch.float32, device=device)
+            prediction = prediction.to(torch.float32) * weight
+            for s, p in zip(slices, prediction):
+                weighted[(slice(None), *s)] += p
+                weights[s] += weight
+    return weighted, weights
 
 
 def _window_slices(start: tuple[int, ...], roi: tuple[int, ...], origin: tuple[int, ...]) -> tuple[slice, ...]:

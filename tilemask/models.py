@@ -12,10 +12,12 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import pickle
 import threading
 import warnings
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,8 @@ from .errors import WeightsError, WorkflowError
 
 logger = logging.getLogger(__name__)
 
-_models: dict[tuple[ModelSpec, str], torch.nn.Module] = {}
+MODELS_PER_PROCESS = 2  # least recently used models beyond this are dropped (GPU memory)
+_models: OrderedDict[tuple[ModelSpec, str], torch.nn.Module] = OrderedDict()
 _models_lock = threading.Lock()
 loads = 0  # models this process has loaded (each worker should load a model once)
 
@@ -38,10 +41,16 @@ class ModelSpec:
     network: str
     args_json: str
     weights: str
+    weights_stamp: tuple[int, int] = (0, 0)  # (mtime_ns, size): retrained weights are a new model
 
     @classmethod
     def create(cls, network: str, args: dict[str, Any], weights: str) -> ModelSpec:
-        return cls(network, json.dumps(args, sort_keys=True), weights)
+        try:
+            stat = os.stat(weights)
+            stamp = (stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            stamp = (0, 0)
+        return cls(network, json.dumps(args, sort_keys=True), weights, stamp)
 
     @property
     def args(self) -> dict[str, Any]:
@@ -125,13 +134,26 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    """``auto``: a CUDA device when there is one (each Dask worker of a host its own), else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", _worker_index() % torch.cuda.device_count())
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise WorkflowError(f"inference.device: {name} asked for but this worker has no CUDA device")
     return device
+
+
+def _worker_index() -> int:
+    """The number of this Dask worker (LocalCluster names workers 0, 1, ...), else 0."""
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return 0
+    return name if isinstance(name, int) else 0
 
 
 def cached_model(spec: ModelSpec, device: torch.device) -> torch.nn.Module:
@@ -139,11 +161,15 @@ def cached_model(spec: ModelSpec, device: torch.device) -> torch.nn.Module:
     global loads
     key = (spec, str(device))
     with _models_lock:
-        if key not in _models:
-            logger.info("loading %s from %s on %s", spec.network, spec.weights, device)
-            _models[key] = load_model(spec, device)
-            loads += 1
-        return _models[key]
+        if key in _models:
+            _models.move_to_end(key)
+            return _models[key]
+        logger.info("loading %s from %s on %s", spec.network, spec.weights, device)
+        model = _models[key] = load_model(spec, device)
+        loads += 1
+        while len(_models) > MODELS_PER_PROCESS:
+            _models.popitem(last=False)
+        return model
 
 
 def set_torch_threads(threads: int) -> None:

@@ -73,6 +73,21 @@ def activate(blended: np.ndarray, activation: str) -> np.ndarray:
     return blended
 
 
+def labels_from_sums(
+    weighted: np.ndarray, weights: np.ndarray, activation: str, threshold: float, dtype: np.dtype
+) -> np.ndarray:
+    """Labels straight from the sums, when no probabilities are written.
+
+    ``sum(w) > 0`` scales every channel of a pixel alike and softmax is monotonic,
+    so ``argmax`` of the sums is ``argmax`` of the probabilities; for a sigmoid,
+    ``sigmoid(z) >= t`` is ``z >= logit(t)``, i.e. ``sum(w*z) >= logit(t) * sum(w)``.
+    This skips a division and an exponential per voxel and channel.
+    """
+    if activation == "sigmoid":
+        return (weighted[0] >= np.float32(np.log(threshold / (1.0 - threshold))) * weights).astype(dtype)
+    return np.argmax(weighted, axis=0).astype(dtype)
+
+
 def to_labels(probabilities: np.ndarray, activation: str, threshold: float, dtype: np.dtype) -> np.ndarray:
     """Class per voxel: argmax over channels, or ``p >= threshold`` for a one-channel sigmoid."""
     if activation == "sigmoid":

@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import WorkflowError
+from .stats.config import PostprocessConfig, StatsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -101,28 +102,39 @@ class Output(_Strict):
     @field_validator("path")
     @classmethod
     def _suffix(cls, value: str) -> str:
-        if not value.rstrip("/").endswith((".zarr", ".nii", ".nii.gz", ".tif", ".tiff")):
+        if not value.rstrip("/").lower().endswith((".zarr", ".nii", ".nii.gz", ".tif", ".tiff")):
             raise ValueError(f"suffix must be .zarr, .nii, .nii.gz or .tif (got {value!r})")
-        return value
+        return _only_stem_placeholder(value)
 
     @field_validator("vectors")
     @classmethod
     def _vector_suffix(cls, value: str | None) -> str | None:
         if value is not None and not value.lower().endswith(VECTOR_SUFFIXES):
             raise ValueError(f"suffix must be one of {', '.join(VECTOR_SUFFIXES)} (got {value!r})")
-        return value
+        return value if value is None else _only_stem_placeholder(value)
+
+
+def _only_stem_placeholder(path: str) -> str:
+    """Output paths may hold ``{stem}`` and nothing else in braces."""
+    try:
+        path.format(stem="x")
+    except (KeyError, IndexError, ValueError):
+        raise ValueError(f"the only placeholder an output path may hold is {{stem}} (got {path!r})") from None
+    return path
 
 
 class Workflow(_Strict):
     """A validated workflow, version 1 (see DESIGN.md section 3)."""
 
     version: Literal[1]
-    input: str | list[str]
+    input: str | Annotated[list[str], Field(min_length=1)]
     classes: list[str] | None = None
     model: ModelConfig
     preprocess: Preprocess = Field(default_factory=Preprocess)
     inference: Inference
     output: Output
+    postprocess: PostprocessConfig | None = None
+    stats: StatsConfig | None = None
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
@@ -144,8 +156,14 @@ class Workflow(_Strict):
             raise ValueError(f"classes has {len(self.classes)} names but the model gives {self.n_classes} classes")
         if len(roi) != 2 and self.output.vectors:
             raise ValueError("output.vectors needs a 2D raster model (roi_size of 2 values)")
-        if len(roi) != 2 and self.output.path.endswith((".tif", ".tiff")):
+        if len(roi) != 2 and self.output.path.lower().endswith((".tif", ".tiff")):
             raise ValueError("output.path .tif (COG) needs a 2D raster model; write volumes to .nii.gz or .zarr")
+        if len(roi) != 3 and self.output.path.lower().endswith((".nii", ".nii.gz")):
+            raise ValueError("output.path .nii/.nii.gz needs a 3D model; write rasters to .tif or .zarr")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes: names must be unique")
+        if self.stats and not self.stats.output.lower().endswith((".parquet", ".gpkg", ".csv", ".json")):
+            raise ValueError(f"stats.output: suffix must be .parquet, .gpkg, .csv or .json (got {self.stats.output!r})")
         if self.inference.activation == "none" and self.output.probabilities == "uint8":
             raise ValueError("output.probabilities uint8 needs an activation (softmax or sigmoid)")
         normalize = self.preprocess.normalize
@@ -227,6 +245,20 @@ class Workflow(_Strict):
         """``output.path`` with ``{stem}`` replaced by the input's name without suffixes."""
         return self.resolve(self.output.path.format(stem=stem(input_path)))
 
+    def stats_for(self, input_path: str) -> StatsConfig | None:
+        """The ``stats:`` section with ``{stem}`` filled in and paths resolved."""
+        if self.stats is None:
+            return None
+        name = stem(input_path)
+        regions = self.stats.regions
+        return self.stats.model_copy(
+            update={
+                "output": self.resolve(self.stats.output.format(stem=name)),
+                "regions": self.resolve(regions.format(stem=name)) if regions else None,
+                "classes": self.stats.classes or self.class_names,
+            }
+        )
+
     def vectors_path(self, input_path: str) -> str | None:
         return self.resolve(self.output.vectors.format(stem=stem(input_path))) if self.output.vectors else None
 
@@ -279,15 +311,29 @@ def _is_union_tag(part: Any) -> bool:
 
 
 def _one_line(exc: ValidationError) -> str:
-    """The first validation error as ``workflow: key.path: message``."""
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
+    """The first invalid key as ``workflow: key.path: message``.
+
+    pydantic reports a value that fits no member of a union once per member; the
+    member of the value's own kind (a list for a list) says what is wrong.
+    """
+    errors = exc.errors()
+    key = _clean_loc(errors[0]["loc"])
+    same_key = [e for e in errors if _clean_loc(e["loc"])[: len(key)] == key]
+    err = same_key[0]
+    if isinstance(err.get("input"), list):
+        err = next((e for e in same_key if any("list" in str(p) for p in e["loc"])), err)
+    loc = ".".join(_clean_loc(err["loc"]))
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     elif err["type"] == "missing":
         msg = "missing key"
-    else:
-        msg = f"{msg} (got {err.get('input')!r})" if err.get("input") is not None and loc else msg
-    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"workflow: {loc or 'workflow'}: {msg}{more}"
+    elif err.get("input") is not None and loc and "(got" not in msg and not isinstance(err["input"], dict):
+        msg = f"{msg} (got {err['input']!r})"
+    others = len({_clean_loc(e["loc"])[:1] for e in errors if e not in same_key})
+    more = f" (and {others} more)" if others else ""
+    return f"workflow: {loc + ': ' if loc else ''}{msg}{more}"
+
+
+def _clean_loc(loc: tuple) -> tuple[str, ...]:
+    return tuple(str(p) for p in loc if not _is_union_tag(p))

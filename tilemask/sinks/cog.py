@@ -42,11 +42,11 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from ..errors import OutputError
 from ..geometry import RasterGeometry, Region
+from ..sources.labels import CLASSES_TAG
 from . import LabelSink, OutputLayout
 
 logger = logging.getLogger(__name__)
 
-CLASSES_TAG = "TILEMASK_CLASSES"
 BLOCKSIZE = 512
 PIECE_OPTIONS = {"tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "zstd", "zstd_level": 1}
 GDAL_OPTIONS = {"GDAL_CACHEMAX": 256, "GDAL_NUM_THREADS": "ALL_CPUS"}

@@ -2,9 +2,9 @@
 
 The client writes a header (the reference image's affine as both sform and qform,
 its units) and sizes the data part of an uncompressed temporary file; workers
-write their chunks into it through ``numpy.memmap`` (NIfTI data is
-Fortran-ordered, so a chunk is a strided region of the file, and distinct chunks
-never share bytes).  On commit a ``.nii.gz`` is compressed by streaming the
+write their chunks into it with ``pwrite`` (NIfTI data is Fortran-ordered, so a
+chunk is a set of strided runs of the file, and distinct chunks never share
+bytes).  On commit a ``.nii.gz`` is compressed by streaming the
 temporary file (constant memory), then renamed into place.  Probabilities go to
 ``<stem>_probabilities.nii.gz``, 4D with classes last.
 """
@@ -12,6 +12,7 @@ temporary file (constant memory), then renamed into place.  Probabilities go to
 from __future__ import annotations
 
 import gzip
+import itertools
 import logging
 import os
 import shutil
@@ -65,10 +66,32 @@ class NiftiVolume:
             f.truncate(VOX_OFFSET + int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize)
 
     def write(self, index: tuple[slice, ...], values: np.ndarray) -> None:
-        data = np.memmap(self.partial, dtype=self.dtype, mode="r+", offset=VOX_OFFSET, shape=self.shape, order="F")
-        data[index] = values
-        data.flush()
-        del data
+        """Write ``values`` at ``index`` with ``pwrite`` of its contiguous runs.
+
+        NIfTI data is Fortran-ordered: a run spans the first axis of the region,
+        and the following axes too while the region covers them whole.  Writing
+        bytes (not memory-mapped pages) keeps concurrent writers of neighbouring
+        chunks from overwriting each other, also on network file systems.
+        """
+        ndim = len(self.shape)
+        starts = [s.start or 0 for s in index]
+        stops = [self.shape[a] if s.stop is None else s.stop for a, s in enumerate(index)]
+        strides = np.cumprod((1, *self.shape[:-1]))  # elements, Fortran order
+        block = np.asarray(values, dtype=self.dtype)
+        run_axes = 1
+        while run_axes < ndim and starts[run_axes - 1] == 0 and stops[run_axes - 1] == self.shape[run_axes - 1]:
+            run_axes += 1
+        itemsize = np.dtype(self.dtype).itemsize
+        fd = os.open(self.partial, os.O_WRONLY)
+        try:
+            outer_ranges = [range(starts[a], stops[a]) for a in range(run_axes, ndim)]
+            for outer in itertools.product(*outer_ranges):
+                coords = [*starts[:run_axes], *outer]
+                local = (slice(None),) * run_axes + tuple(c - starts[a] for a, c in enumerate(outer, start=run_axes))
+                data = block[local].tobytes(order="F")
+                os.pwrite(fd, data, VOX_OFFSET + int(np.dot(coords, strides)) * itemsize)
+        finally:
+            os.close(fd)
 
     def commit(self) -> None:
         if self.path.endswith(".gz"):

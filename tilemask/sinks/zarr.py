@@ -46,12 +46,12 @@ class ZarrSink(LabelSink):
 
     def write(self, region: Region, labels: np.ndarray, probabilities: np.ndarray | None) -> None:
         index = tuple(slice(lo, hi) for lo, hi in region)
-        cached_handle(("zarr-out", self.layout.run_id, "labels"), lambda: zarr.open_array(f"{self.path}/labels", mode="r+"))[
+        cached_handle(("zarr-out", self.layout.run_id, self.path, "labels"), lambda: zarr.open_array(f"{self.path}/labels", mode="r+"))[
             index
         ] = labels
         if probabilities is not None:
             array = cached_handle(
-                ("zarr-out", self.layout.run_id, "probabilities"),
+                ("zarr-out", self.layout.run_id, self.path, "probabilities"),
                 lambda: zarr.open_array(f"{self.path}/probabilities", mode="r+"),
             )
             array[(slice(None), *index)] = probabilities

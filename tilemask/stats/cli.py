@@ -6,12 +6,12 @@ import logging
 
 import click
 
-from ..cli import _Command
+from ..command import TilemaskCommand
 
 logger = logging.getLogger(__name__)
 
 
-@click.command("stats", cls=_Command)
+@click.command("stats", cls=TilemaskCommand)
 @click.argument("mask", type=click.Path(exists=True))
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Table: .parquet, .gpkg, .csv or .json.")
 @click.option("--regions", type=click.Path(exists=True), help="Vector regions (any OGR format) or an atlas label image.")
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 def stats(mask, output, regions, region_id, coverage, instances, connectivity, classes, chunks, scheduler, debug) -> None:
     """Per-class, per-region or per-instance statistics of the label image MASK."""
-    from ..engine import cluster_client
+    from ..cluster import cluster_client
     from .api import compute_stats
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -39,7 +39,7 @@ def stats(mask, output, regions, region_id, coverage, instances, connectivity, c
     click.echo(f"wrote {path}")
 
 
-@click.command("evaluate", cls=_Command)
+@click.command("evaluate", cls=TilemaskCommand)
 @click.argument("pred", type=click.Path(exists=True))
 @click.argument("truth", type=click.Path(exists=True))
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False), help="Write the scores as JSON.")
@@ -51,7 +51,7 @@ def evaluate(pred, truth, output, classes, chunks, scheduler, debug) -> None:
     """Dice, IoU, precision and recall of the label image PRED against TRUTH (same grid)."""
     from rich.console import Console
 
-    from ..engine import cluster_client
+    from ..cluster import cluster_client
     from .api import evaluate_paths
     from .evaluate import render
 

@@ -1,0 +1,198 @@
+"""tilemask against MONAI's sliding_window_inference and against the model alone, in one run.
+
+    python benchmarks/bench_engine.py                      # 16384^2 side by side + 32768^2 tilemask only
+    python benchmarks/bench_engine.py --sizes 4096 --giga 0  # a quick look
+
+For each size a 3-band uint8 GeoTIFF (tiled, deflate, smooth synthetic content)
+is written by windows, then:
+
+* **tilemask**: ``tilemask.run`` on an embedded cluster (the CLI defaults),
+  labels to Zarr, ``output.chunks`` 2048;
+* **MONAI**: the whole image read with rasterio, normalized, one
+  ``sliding_window_inference`` call (same roi, overlap, gaussian mode, batch),
+  argmax, labels written with rasterio: what a user does today;
+* **model only**: the same number of windows, in the same batches, through the
+  same network with every core, no reading, blending or writing: the floor.
+
+Peak memory is the largest sum of RSS over this process and all its children
+(the embedded scheduler and workers), sampled every 0.1 s.  Network: MONAI UNet
+with channels 16-32-64-128, strides 2-2-2, 2 residual units, roi 256,
+overlap 0.25, batch 8, random weights (speed does not depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import rasterio
+import torch
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+
+ARGS = dict(spatial_dims=2, in_channels=3, out_channels=2, channels=[16, 32, 64, 128], strides=[2, 2, 2], num_res_units=2)
+ROI, OVERLAP, BATCH, CHUNKS = 256, 0.25, 8, 2048
+MEAN, STD = 100.0, 50.0
+
+
+class PeakMemory:
+    """Largest total RSS of this process and its descendants while in the ``with`` block."""
+
+    def __init__(self, interval: float = 0.1):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def make_raster(path: Path, size: int) -> None:
+    """Smooth 3-band uint8 content written band-block by band-block (never whole in memory)."""
+    profile = dict(driver="GTiff", height=size, width=size, count=3, dtype="uint8", tiled=True,
+                   blockxsize=512, blockysize=512, compress="deflate", crs="EPSG:32618",
+                   transform=from_origin(500000, 4000000, 10, 10), BIGTIFF="IF_SAFER")  # fmt: skip
+    rng = np.random.default_rng(0)
+    with rasterio.open(path, "w", **profile) as ds:
+        step = 2048
+        for r in range(0, size, step):
+            rows = np.arange(r, min(r + step, size))[:, None]
+            cols = np.arange(size)[None, :]
+            base = 100 + 60 * np.sin(rows / 700.0) * np.cos(cols / 900.0)
+            for band in range(3):
+                noise = rng.integers(0, 20, (len(rows), size))
+                ds.write((base + 15 * band + noise).clip(0, 255).astype(np.uint8), band + 1,
+                         window=Window(0, r, size, len(rows)))  # fmt: skip
+
+
+def network(seed: int = 0) -> torch.nn.Module:
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(seed)
+    return UNet(**ARGS).eval()
+
+
+def run_tilemask(raster: Path, weights: Path, out: Path) -> dict:
+    import tilemask
+    from tilemask import Workflow
+
+    wf = Workflow.from_dict({
+        "version": 1, "input": str(raster),
+        "model": {"network": "UNet", "args": ARGS, "weights": str(weights)},
+        "preprocess": {"normalize": {"mean": [MEAN] * 3, "std": [STD] * 3}},
+        "inference": {"roi_size": [ROI, ROI], "overlap": OVERLAP, "batch_size": BATCH, "device": "cpu"},
+        "output": {"path": str(out), "chunks": CHUNKS, "quicklook": False},
+    })  # fmt: skip
+    with PeakMemory() as mem:
+        start = time.perf_counter()
+        (result,) = tilemask.run(wf, progress=False)
+        wall = time.perf_counter() - start
+    return {"wall": wall, "peak": mem.peak, "windows": result.windows, "tasks": result.tasks}
+
+
+def run_monai(raster: Path, net: torch.nn.Module, out: Path) -> dict:
+    from monai.inferers import sliding_window_inference
+
+    with PeakMemory() as mem:
+        start = time.perf_counter()
+        with rasterio.open(raster) as ds:
+            profile = ds.profile
+            image = torch.from_numpy(ds.read().astype(np.float32))
+        image -= MEAN
+        image /= STD
+        with torch.inference_mode():
+            logits = sliding_window_inference(image[None], (ROI, ROI), BATCH, net, overlap=OVERLAP, mode="gaussian")
+        del image
+        labels = logits[0].argmax(0).numpy().astype(np.uint8)
+        del logits
+        profile.update(count=1, dtype="uint8", compress="deflate")
+        with rasterio.open(out, "w", **profile) as dst:
+            dst.write(labels, 1)
+        wall = time.perf_counter() - start
+    del labels
+    gc.collect()
+    return {"wall": wall, "peak": mem.peak}
+
+
+def run_model_only(net: torch.nn.Module, n_windows: int) -> dict:
+    batch = torch.randn(BATCH, 3, ROI, ROI)
+    with torch.inference_mode():
+        net(batch)  # warm-up
+        start = time.perf_counter()
+        for _ in range(math.ceil(n_windows / BATCH)):
+            net(batch)
+        wall = time.perf_counter() - start
+    return {"wall": wall}
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[16384], help="side-by-side sizes")
+    parser.add_argument("--giga", type=int, default=32768, help="tilemask-only size (0 to skip)")
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tilemask-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    net = network()
+    weights = workdir / "unet.pt"
+    torch.save(net.state_dict(), weights)
+    print(f"machine: {os.cpu_count()} cores, {gib(psutil.virtual_memory().total)}; torch {torch.__version__}")
+    rows = []
+    for size in args.sizes:
+        raster = workdir / f"scene_{size}.tif"
+        if not raster.exists():
+            make_raster(raster, size)
+        t = run_tilemask(raster, weights, workdir / f"tilemask_{size}.zarr")
+        m = run_monai(raster, net, workdir / f"monai_{size}.tif")
+        p = run_model_only(net, t["windows"])
+        rows.append((size, t, m, p))
+        print(f"\n{size} x {size} x 3 ({t['windows']} windows of {ROI}^2, {t['tasks']} tasks)")
+        print(f"{'':14}{'wall s':>10}{'peak memory':>14}{'vs model only':>16}")
+        print(f"{'tilemask':14}{t['wall']:>10.1f}{gib(t['peak']):>14}{t['wall'] / p['wall']:>15.2f}x")
+        print(f"{'MONAI':14}{m['wall']:>10.1f}{gib(m['peak']):>14}{m['wall'] / p['wall']:>15.2f}x")
+        print(f"{'model only':14}{p['wall']:>10.1f}{'':>14}{1.0:>15.2f}x")
+        print(f"tilemask / MONAI: time {t['wall'] / m['wall']:.2f}, peak memory {t['peak'] / m['peak']:.3f}")
+    if args.giga:
+        raster = workdir / f"scene_{args.giga}.tif"
+        if not raster.exists():
+            make_raster(raster, args.giga)
+        t = run_tilemask(raster, weights, workdir / f"tilemask_{args.giga}.zarr")
+        gigapixels = args.giga**2 / 1e9
+        print(f"\n{args.giga} x {args.giga} x 3 ({gigapixels:.2f} gigapixels, {t['windows']} windows): tilemask only")
+        print(f"wall {t['wall']:.1f} s, peak memory of all processes {gib(t['peak'])}, "
+              f"{t['tasks']} tasks = {t['tasks'] / gigapixels:.0f} tasks per gigapixel")  # fmt: skip
+        monai_bytes = args.giga**2 * 4 * (3 + ARGS["out_channels"] + 1)
+        print(f"MONAI would hold input + output + count map in float32: {gib(monai_bytes)} (not run)")
+
+
+if __name__ == "__main__":
+    main()
