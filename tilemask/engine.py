@@ -56,6 +56,7 @@ from .stats.postprocess import apply as postprocess
 from .stitch import (
     Partial,
     activate,
+    cut,
     encode_probabilities,
     labels_dtype,
     labels_from_sums,
@@ -102,6 +103,7 @@ class RunResult:
     tasks: int
     seconds: float
     class_pixels: dict[str, int] = field(default_factory=dict)
+    commit_seconds: float = 0.0  # of ``seconds``: making the output whole (COG assembly, NIfTI compression)
 
 
 # -- planning (client side, no cluster needed) ----------------------------------------------------
@@ -180,30 +182,55 @@ def check_source(workflow: Workflow, source: ImageSource) -> None:
 
 
 def build_graph(job: Job) -> tuple[dict, dict[tuple, Block], dict[tuple, list[tuple]]]:
-    """The task graph, the block of each predict key and the predict keys of each chunk key."""
+    """The task graph, the block of each predict key, and the dependencies of each key the client holds.
+
+    Three layers: ``predict`` (one per block: its windows' weighted sums over the
+    block's region), ``halo`` (one per block that reaches into other chunks: the
+    parts of its sums that fall in them, cut out so the whole partial can be
+    freed as soon as its own chunk is written), and ``chunk`` (one per output
+    chunk: its own block's sums plus its neighbours' halos, then blend, label and
+    write).  Memory then holds whole partials only for blocks in flight, and the
+    thin halo strips along the frontier of finished chunks.
+    """
     token = tokenize(job.input, job.plan, job.model, job.settings, job.finishing, job.sink.path, job.sink.layout.run_id)
-    predict_name, chunk_name = f"tilemask-predict-{token}", f"tilemask-chunk-{token}"
+    names = {layer: f"tilemask-{layer}-{token}" for layer in ("predict", "halo", "chunk")}
     shared = {f"tilemask-{name}-{token}": value for name, value in (
         ("source", job.source), ("model", job.model), ("settings", job.settings),
         ("preprocessing", job.preprocessing), ("finishing", job.finishing), ("sink", job.sink),
     )}  # fmt: skip
     source, model, settings, preprocessing, finishing, sink = shared
+    plan = job.plan
     graph: dict = dict(shared)
     blocks: dict[tuple, Block] = {}
-    for index in job.plan.block_indexes():
-        key = (predict_name, *index)
-        blocks[key] = job.plan.block(index)
+    deps: dict[tuple, list[tuple]] = {}
+    for index in plan.block_indexes():
+        key = (names["predict"], *index)
+        blocks[key] = plan.block(index)
         graph[key] = (predict_block, blocks[key], source, model, settings, preprocessing)
-    needs: dict[tuple, list[tuple]] = {}
-    for index in job.plan.chunk_indexes():
-        key = (chunk_name, *index)
-        needs[key] = [(predict_name, *b) for b in job.plan.sources_of(index)]
-        graph[key] = (finish_chunk, job.plan.chunk_region(index), finishing, sink, needs[key])
-    return graph, blocks, needs
+        deps[key] = []
+        others = {c: plan.chunk_region(c) for c in plan.chunks_overlapping(blocks[key].region) if c != index}
+        if others:
+            deps[(names["halo"], *index)] = [key]
+            graph[(names["halo"], *index)] = (cut, key, others)
+    for index in plan.chunk_indexes():
+        key = (names["chunk"], *index)
+        own = (names["predict"], *index) if (names["predict"], *index) in blocks else None
+        halos = [(names["halo"], *b) for b in plan.sources_of(index) if b != index]
+        deps[key] = ([own] if own else []) + halos
+        graph[key] = (finish_chunk, index, plan.chunk_region(index), finishing, sink, own, halos)
+    return graph, blocks, deps
 
 
-def finish_chunk(region: Region, finishing: Finishing, sink: LabelSink, partials: list[Partial]) -> np.ndarray:
+def finish_chunk(
+    index: tuple[int, ...],
+    region: Region,
+    finishing: Finishing,
+    sink: LabelSink,
+    own: Partial | None,
+    halos: list[dict[tuple[int, ...], Partial]],
+) -> np.ndarray:
     """Blend, activate, label and write one output chunk; return its class histogram."""
+    partials = ([own] if own is not None else []) + [h[index] for h in halos if index in h]
     weighted, weights, valid = overlap_add(region, partials)
     dtype = np.dtype(finishing.labels_dtype)
     encoded = None
@@ -244,14 +271,13 @@ def class_histogram(labels: np.ndarray, n_classes: int, nodata: int | None) -> n
 def execute(client: Client, job: Job, progress: bool = True) -> RunResult:
     """Run one job on the cluster: write the output, or remove it and raise."""
     start = time.perf_counter()
-    graph, blocks, needs = build_graph(job)
-    pending_consumers = Counter(k for deps in needs.values() for k in deps)
+    graph, blocks, deps = build_graph(job)
+    consumers = Counter(d for ds in deps.values() for d in ds)
     totals = np.zeros(job.finishing.n_classes, np.int64)
     held: dict = {}
     try:
         job.sink.create()
-        keys = list(blocks) + list(needs)
-        held = dict(zip(keys, client.get(graph, keys, sync=False)))
+        held = dict(zip(deps, client.get(graph, list(deps), sync=False)))
         with window_progress(job.plan.n_windows, Path(job.input).name, enabled=progress) as advance:
             for future in as_completed(list(held.values())):
                 if future.status == "error":
@@ -259,14 +285,17 @@ def execute(client: Client, job: Job, progress: bool = True) -> RunResult:
                 key = future.key
                 if key in blocks:
                     advance(blocks[key].n_windows)
-                    continue
-                totals += future.result()
-                del held[key]
-                for dep in needs[key]:
-                    pending_consumers[dep] -= 1
-                    if pending_consumers[dep] == 0:
-                        held.pop(dep).release()
+                elif consumers[key] == 0:  # a chunk: its class histogram
+                    totals += future.result()
+                for dep in deps[key]:  # a result is released once everything that needs it is done
+                    consumers[dep] -= 1
+                    if consumers[dep] == 0:
+                        _release(held, dep)
+                if consumers[key] == 0:
+                    _release(held, key)
+        committing = time.perf_counter()
         outputs = client.submit(job.sink.commit, pure=False).result()  # a worker sees the output folder
+        commit_seconds = time.perf_counter() - committing
     except BaseException:
         cancel_and_drain(client, list(held.values()))
         job.sink.abort()
@@ -278,7 +307,14 @@ def execute(client: Client, job: Job, progress: bool = True) -> RunResult:
         tasks=len(graph),
         seconds=time.perf_counter() - start,
         class_pixels=dict(zip(job.sink.layout.class_names, map(int, totals))),
+        commit_seconds=commit_seconds,
     )
+
+
+def _release(held: dict, key) -> None:
+    future = held.pop(key, None)
+    if future is not None:
+        future.release()
 
 
 def execute_postprocessed(client: Client, job: Job, config: PostprocessConfig, progress: bool) -> RunResult:

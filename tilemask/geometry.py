@@ -178,6 +178,10 @@ class WindowPlan:
         """Blocks whose partial sums the chunk needs."""
         return itertools.product(*(a.sources_of(i) for a, i in zip(self.axes, chunk_index)))
 
+    def chunks_overlapping(self, region: Region) -> Iterator[tuple[int, ...]]:
+        """Output chunks that ``region`` (inside the image) reaches into."""
+        return itertools.product(*(range(lo // a.chunk, (hi - 1) // a.chunk + 1) for a, (lo, hi) in zip(self.axes, region)))
+
 
 @dataclass(frozen=True)
 class Block:

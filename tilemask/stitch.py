@@ -34,6 +34,23 @@ class Partial:
         return tuple(lo for lo, _ in self.region)
 
 
+def cut(partial: Partial, regions: dict[tuple[int, ...], Region]) -> dict[tuple[int, ...], Partial]:
+    """The parts of ``partial`` inside each of ``regions`` (copies, so the whole partial can be freed)."""
+    pieces = {}
+    for key, region in regions.items():
+        common = intersect(region, partial.region)
+        if common is None:
+            continue
+        src = local_slices(common, partial.origin)
+        pieces[key] = Partial(
+            region=common,
+            weighted=partial.weighted[(slice(None), *src)].copy(),
+            weights=partial.weights[src].copy(),
+            valid=None if partial.valid is None else partial.valid[src].copy(),
+        )
+    return pieces
+
+
 def overlap_add(chunk: Region, partials: Iterable[Partial]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The sums of all partials over ``chunk``, and the chunk's input validity (None: all valid)."""
     weighted = weights = valid = None
