@@ -67,10 +67,16 @@ def _probabilities(path: str, chunks: int | None) -> xr.DataArray:
         if "probabilities" not in group:
             raise InputError(f"{path}: this output holds no probabilities")
         stored = group["probabilities"]
-        lazy = da.from_zarr(stored, chunks=stored.chunks if chunks is None else (stored.shape[0], chunks, chunks))
+        spatial = stored.ndim - 1
+        lazy = da.from_zarr(stored, chunks=stored.chunks if chunks is None else (stored.shape[0], *(chunks,) * spatial))
         attrs = dict(group.attrs)
-        geometry = RasterGeometry(attrs.get("crs"), tuple(attrs["transform"]))
         names = attrs.get("tilemask", {}).get("classes") or []
+        if "affine" in attrs:  # a volume: voxel axes and the nibabel affine, no CRS
+            return xr.DataArray(
+                lazy, dims=("class", "i", "j", "k"), name="probabilities",
+                attrs={"affine": attrs["affine"], "class_names": list(names)},
+            )  # fmt: skip
+        geometry = RasterGeometry(attrs.get("crs"), tuple(attrs["transform"]))
     elif lowered.endswith((".tif", ".tiff")):
         p = Path(path)
         tif = p if p.stem.endswith("_probabilities") else p.with_name(f"{p.stem}_probabilities{p.suffix}")

@@ -4,9 +4,9 @@
   units squared, times the square of the CRS's linear unit in metres.
 * Raster, geographic CRS (north-up): a pixel of row ``r`` is the quadrilateral
   between longitudes ``x0 + c*dx .. x0 + (c+1)*dx`` and latitudes
-  ``y0 + r*dy .. y0 + (r+1)*dy``; its geodesic area on the WGS84 ellipsoid
-  (``pyproj.Geod(ellps="WGS84").polygon_area_perimeter``) depends on the row only,
-  so areas are one value per row.
+  ``y0 + r*dy .. y0 + (r+1)*dy``; its geodesic area on the CRS's ellipsoid
+  (``crs.get_geod().polygon_area_perimeter``; WGS84 for EPSG:4326, the rule
+  polygons use too) depends on the row only, so areas are one value per row.
 * Volume: every voxel has volume ``|det(A[:3, :3])|`` mm^3 (A the nibabel
   voxel-to-RAS affine), ``/ 1000`` in mL.
 
@@ -93,7 +93,7 @@ class Grid:
             return np.full(n_rows, abs(dx * dy - rx * ry) * unit * unit)
         if not self.north_up:
             raise InputError("geodesic areas need a north-up geographic raster (no rotation in the geotransform)")
-        return geodesic_row_areas(x0, dx, y0, dy, n_rows)
+        return geodesic_row_areas(x0, dx, y0, dy, n_rows, self.crs.get_geod() or WGS84)
 
     def pixel_centres(self, index: np.ndarray) -> np.ndarray:
         """World coordinates of index-space points ``(n, ndim)`` (fractional indexes allowed).
@@ -134,13 +134,13 @@ class Grid:
         return stacked.min(axis=0), stacked.max(axis=0)
 
 
-def geodesic_row_areas(x0: float, dx: float, y0: float, dy: float, n_rows: int) -> np.ndarray:
-    """Geodesic area (m^2, WGS84) of one pixel of each row of a north-up lon/lat grid."""
+def geodesic_row_areas(x0: float, dx: float, y0: float, dy: float, n_rows: int, geod: Geod = WGS84) -> np.ndarray:
+    """Geodesic area (m^2, on ``geod``'s ellipsoid) of one pixel of each row of a north-up lon/lat grid."""
     areas = np.empty(n_rows)
     lons = [x0, x0 + dx, x0 + dx, x0]
     for row in range(n_rows):
         top, bottom = y0 + row * dy, y0 + (row + 1) * dy
-        area, _ = WGS84.polygon_area_perimeter(lons, [top, top, bottom, bottom])
+        area, _ = geod.polygon_area_perimeter(lons, [top, top, bottom, bottom])
         areas[row] = abs(area)
     return areas
 
