@@ -27,15 +27,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import psutil
 import rasterio
 from distributed import Client, LocalCluster
+from peakmem import PeakMemory
 from rasterio.transform import Affine
 
 from tilemask.geometry import RasterGeometry
@@ -65,32 +63,6 @@ def write_synthetic(sink, region):
     sink.write(region, labels, probabilities)
 
 
-@contextmanager
-def peak_memory():
-    """Yields a dict whose ``peak`` is the largest RSS sum of this process tree seen so far."""
-    me = psutil.Process()
-    state = {"peak": 0, "run": True}
-
-    def sample():
-        while state["run"]:
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    total += proc.memory_info().rss
-                except psutil.Error:
-                    pass
-            state["peak"] = max(state["peak"], total)
-            time.sleep(0.1)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        state["run"] = False
-        thread.join()
-
-
 def regions(size, chunk):
     return [((r, min(r + chunk, size)), (c, min(c + chunk, size))) for r in range(0, size, chunk) for c in range(0, size, chunk)]
 
@@ -103,16 +75,16 @@ def layout(size, chunk):
 def run_sink(folder: Path, size: int, chunk: int, workers: int) -> dict:
     sink = CogSink(str(folder / "sink_mask.tif"), layout(size, chunk))
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        with Client(cluster) as client, peak_memory() as memory:
+        with Client(cluster) as client, PeakMemory() as memory:
             start = time.perf_counter()
             sink.create()
             todo = regions(size, chunk)
             client.gather(client.map(write_synthetic, [sink] * len(todo), todo, pure=False))
             written = time.perf_counter()
-            peak_writing, memory["peak"] = memory["peak"], 0
+            peak_writing, memory.peak = memory.peak, 0
             sink.commit()
             done = time.perf_counter()
-            peak_committing = memory["peak"]
+            peak_committing = memory.peak
     return {"write": written - start, "commit": done - written, "peak_write": peak_writing, "peak": peak_committing,
             "bytes": sum(os.path.getsize(p) for p in folder.glob("sink_mask*.tif"))}  # fmt: skip
 
@@ -140,11 +112,11 @@ def run_floor(folder: Path, size: int, chunk: int) -> dict:
         cmd = [rio, "cogeo", "create", str(path), str(folder / f"floor_{which}.tif"), "--cog-profile", "zstd",
                "--overview-resampling", "mode" if which == "labels" else "average", "--blocksize", "512",
                "--threads", "ALL_CPUS", "--quiet"]  # fmt: skip
-        with peak_memory() as memory:
+        with PeakMemory() as memory:
             start = time.perf_counter()
             subprocess.run(cmd, check=True)
             seconds += time.perf_counter() - start
-        peak = max(peak, memory["peak"])
+        peak = max(peak, memory.peak)
     return {"commit": seconds, "peak": peak, "bytes": sum(os.path.getsize(p) for p in folder.glob("floor_*.tif"))}
 
 

@@ -27,7 +27,6 @@ import gc
 import math
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,39 +35,12 @@ import psutil
 import rasterio
 import torch
 from rasterio.transform import from_origin
+from peakmem import PeakMemory
 from rasterio.windows import Window
 
 ARGS = dict(spatial_dims=2, in_channels=3, out_channels=2, channels=[16, 32, 64, 128], strides=[2, 2, 2], num_res_units=2)
 ROI, OVERLAP, BATCH, CHUNKS = 256, 0.25, 8, 2048
 MEAN, STD = 100.0, 50.0
-
-
-class PeakMemory:
-    """Largest total RSS of this process and its descendants while in the ``with`` block."""
-
-    def __init__(self, interval: float = 0.1):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    def _sample(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def make_raster(path: Path, size: int) -> None:

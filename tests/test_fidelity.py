@@ -12,7 +12,7 @@ from monai.inferers import sliding_window_inference
 import tilemask
 from tilemask import Workflow
 
-from .conftest import UNET_2D, UNET_3D, raster_workflow
+from .conftest import UNET_3D, raster_workflow
 
 
 def monai_probabilities(image: np.ndarray, net, roi, overlap, mode, mean, std, sigma_scale=0.125):

@@ -25,7 +25,7 @@ import numpy as np
 from pyproj import CRS, Geod
 
 from ..errors import InputError
-from ..geometry import Geometry, RasterGeometry, VolumeGeometry
+from ..geometry import Geometry, VolumeGeometry
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,6 @@ from ..sources import cached_handle, file_stamp
 from ..sources.labels import LabelImage
 from .crosstab import compute
 from .measure import Grid
-from .tables import class_names
 from .totals import grid_of, zone_table
 
 logger = logging.getLogger(__name__)
