@@ -30,22 +30,56 @@ NO_ZONE = -1
 def chunk_counts(
     labels: np.ndarray, zones: np.ndarray | None, row0: int, by_row: bool, excluded: tuple[int, ...]
 ) -> pd.DataFrame:
-    """Counts of ``(row, zone, class)`` in one chunk, pixels whose class or zone is excluded left out."""
+    """Counts of ``(row, zone, class)`` in one chunk, pixels whose class or zone is excluded left out.
+
+    Each key is made a dense integer code (a lookup table for small value ranges,
+    ``np.unique`` otherwise) and the codes are counted with one ``np.bincount``:
+    a few arrays of the chunk's size, no per-pixel table.
+    """
     labels = np.asarray(labels)
-    keep = np.ones(labels.shape, dtype=bool)
+    keep = None
     for value in excluded:
-        keep &= labels != value
-    rows = np.broadcast_to(
-        np.arange(row0, row0 + labels.shape[0]).reshape((-1,) + (1,) * (labels.ndim - 1)), labels.shape
-    )
-    columns = {"cls": labels[keep].astype(np.int64)}
+        keep = labels != value if keep is None else keep & (labels != value)
+
+    def kept(values: np.ndarray) -> np.ndarray:
+        return values.ravel() if keep is None else values[keep]
+
+    factors = {"cls": _dense(kept(labels))}
     if zones is not None:
-        columns["zone"] = np.asarray(zones)[keep].astype(np.int64)
-    else:
-        columns["zone"] = np.full(columns["cls"].shape, NO_ZONE, np.int64)
-    columns["row"] = rows[keep].astype(np.int64) if by_row else np.zeros(columns["cls"].shape, np.int64)
-    frame = pd.DataFrame(columns)
-    return frame.groupby(["row", "zone", "cls"], sort=False).size().rename("count").reset_index()
+        factors["zone"] = _dense(kept(np.asarray(zones)))
+    if by_row:
+        rows = np.broadcast_to(np.arange(labels.shape[0]).reshape((-1,) + (1,) * (labels.ndim - 1)), labels.shape)
+        factors["row"] = _dense(kept(rows))
+    code = np.zeros(factors["cls"][1].shape, np.int64)
+    size = 1
+    for values, inverse in factors.values():
+        code += inverse * size
+        size *= max(len(values), 1)
+    counts = np.bincount(code, minlength=size) if code.size else np.zeros(size, np.int64)
+    present = np.nonzero(counts)[0]
+    columns, rest = {}, present
+    for name, (values, _) in factors.items():
+        columns[name] = values[rest % max(len(values), 1)].astype(np.int64)
+        rest = rest // max(len(values), 1)
+    columns.setdefault("zone", np.full(present.shape, NO_ZONE, np.int64))
+    columns["row"] = columns["row"] + row0 if by_row else np.zeros(present.shape, np.int64)
+    return pd.DataFrame(
+        {"row": columns["row"], "zone": columns["zone"], "cls": columns["cls"], "count": counts[present].astype(np.int64)}
+    )
+
+
+def _dense(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(distinct values, index of each value among them)``; a lookup table when the range is small."""
+    if values.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    lo, hi = int(values.min()), int(values.max())
+    if hi - lo < 1 << 20:
+        shifted = values.astype(np.int64) - lo
+        present = np.bincount(shifted, minlength=hi - lo + 1) > 0
+        lookup = np.cumsum(present) - 1
+        return np.nonzero(present)[0] + lo, lookup[shifted]
+    distinct, inverse = np.unique(values, return_inverse=True)
+    return distinct.astype(np.int64), inverse.astype(np.int64)
 
 
 def count_pairs(
