@@ -54,7 +54,7 @@ def test_a_run_writes_a_complete_zarr(scene, write_workflow, tmp_path):
     assert group.attrs["tilemask"]["complete"] is True
     assert group["labels"].shape == (90, 120) and group["labels"].chunks == (64, 64)
     assert group["probabilities"].shape == (3, 90, 120)
-    assert "windows/s" in proc.stdout
+    assert "windows/s" in proc.stdout and "dask dashboard: http://" in proc.stdout
 
 
 @pytest.mark.parametrize(

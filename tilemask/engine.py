@@ -400,7 +400,8 @@ def run(
         if client is None:
             client = stack.enter_context(cluster_client(scheduler, workers, threads_per_worker))
         prepare_workers(client)
-        logger.info("dask dashboard: %s", client.dashboard_link)
+        if progress:
+            print(f"dask dashboard: {client.dashboard_link}", flush=True)
         results = []
         for job in jobs:
             try:
