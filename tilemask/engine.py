@@ -63,7 +63,7 @@ from .stitch import (
     to_labels,
 )
 from .vectors import write_polygons
-from .workflow import Workflow
+from .workflow import REMOTE_PREFIXES, Workflow
 
 logger = logging.getLogger(__name__)
 
@@ -428,5 +428,5 @@ def check_jobs(workflow: Workflow, jobs: list[Job]) -> None:
         raise WorkflowError(f"output.path: several inputs would write {clash[0]}; use {{stem}} in the path")
     for job in jobs:
         stats = workflow.stats_for(job.input)
-        if stats and stats.regions and "://" not in stats.regions and not Path(stats.regions).exists():
+        if stats and stats.regions and not stats.regions.startswith(REMOTE_PREFIXES) and not Path(stats.regions).exists():
             raise InputError(f"stats.regions: no such file {stats.regions}")

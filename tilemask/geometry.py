@@ -253,3 +253,14 @@ class VolumeGeometry:
 
 
 Geometry = RasterGeometry | VolumeGeometry
+
+IDENTITY_TRANSFORM = (0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def geometry_from_attrs(attrs: dict, spatial_dims: int) -> Geometry:
+    """The geometry recorded by ``to_attrs`` (tilemask's Zarr attributes); identity when absent."""
+    if "affine" in attrs:
+        return VolumeGeometry(tuple(tuple(float(v) for v in row) for row in attrs["affine"]))
+    if spatial_dims == 2:
+        return RasterGeometry(attrs.get("crs"), tuple(attrs.get("transform", IDENTITY_TRANSFORM)))
+    return VolumeGeometry(tuple(tuple(float(i == j) for j in range(4)) for i in range(4)))

@@ -55,7 +55,7 @@ from scipy.sparse import csgraph
 
 from .errors import InputError, OutputError
 from .geometry import RasterGeometry
-from .sources.labels import open_labels
+from .sources.labels import class_name, open_labels
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def finish_chunk(
         geoms.append(merged)
         values.append(pieces.classes[int(group[0][2]) - 1])
     world = area.to_world(np.array(geoms, dtype=object))
-    names = np.array([_class_name(class_names, int(v)) for v in values], dtype=object)
+    names = np.array([class_name(class_names, int(v)) for v in values], dtype=object)
     return FeatureBatch(list(shapely.to_wkb(world)), names, area.area_m2(world))
 
 
@@ -232,10 +232,6 @@ class AreaRule:
         if crs is not None and crs.axis_info:
             factor = crs.axis_info[0].unit_conversion_factor or 1.0
         return shapely.area(geoms) * factor**2
-
-
-def _class_name(names: tuple[str, ...], value: int) -> str:
-    return names[value] if 0 <= value < len(names) else f"class_{value}"
 
 
 # -- 4. write ------------------------------------------------------------------------------------------

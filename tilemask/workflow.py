@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import WorkflowError
+from .sources.labels import class_name
 from .stats.config import PostprocessConfig, StatsConfig
 
 logger = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ class Workflow(_Strict):
     def class_names(self) -> list[str]:
         if self.classes:
             return list(self.classes)
-        return [f"class_{i}" for i in range(self.n_classes)]
+        return [class_name(None, i) for i in range(self.n_classes)]
 
     def resolve(self, path: str) -> str:
         """A path from the workflow, made absolute against the workflow's folder (URLs kept)."""

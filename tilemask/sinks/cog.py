@@ -42,7 +42,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from ..errors import OutputError
 from ..geometry import RasterGeometry, Region
-from ..sources.labels import CLASSES_TAG
+from ..sources.labels import CLASSES_TAG, class_name
 from . import LabelSink, OutputLayout
 
 logger = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ class CogSink(LabelSink):
             if raster.kind == "labels":
                 lines.extend(self._label_band_metadata(raster.dtype))
             else:
-                lines.append(f"    <Description>{escape(_class_name(layout.class_names, band - 1))}</Description>")
+                lines.append(f"    <Description>{escape(class_name(layout.class_names, band - 1))}</Description>")
             for region in regions:
                 (r0, r1), (c0, c1) = region
                 name = os.path.relpath(raster.piece(region), self.parts)
@@ -294,6 +294,3 @@ class CogSink(LabelSink):
             raster.abort()
             raise OutputError(f"{raster.path}: cannot assemble the COG: {exc}") from None
 
-
-def _class_name(names: tuple[str, ...], index: int) -> str:
-    return names[index] if index < len(names) else f"class_{index}"

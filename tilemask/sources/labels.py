@@ -24,12 +24,18 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from ..errors import InputError
-from ..geometry import Geometry, RasterGeometry, VolumeGeometry, normalize_per_axis
+from ..geometry import Geometry, RasterGeometry, VolumeGeometry, geometry_from_attrs, normalize_per_axis
 from . import cached_handle, file_stamp
 
 logger = logging.getLogger(__name__)
 
 CLASSES_TAG = "TILEMASK_CLASSES"
+
+
+def class_name(names: tuple[str, ...] | list[str] | None, value: int) -> str:
+    """The name of label ``value``: ``names[value]``, else ``class_<value>``."""
+    names = names or ()
+    return str(names[value]) if 0 <= value < len(names) else f"class_{value}"
 
 
 @dataclass(frozen=True)
@@ -102,12 +108,7 @@ def _open_zarr(path: str, chunks) -> LabelImage:
     attrs = dict(node.attrs)
     array = node["labels"] if isinstance(node, zarr.Group) else node
     meta = attrs.get("tilemask", {})
-    if "affine" in attrs:
-        geometry: Geometry = VolumeGeometry(tuple(tuple(map(float, r)) for r in attrs["affine"]))
-    elif array.ndim == 2:
-        geometry = RasterGeometry(attrs.get("crs"), tuple(attrs.get("transform", (0.0, 1.0, 0.0, 0.0, 0.0, 1.0))))
-    else:
-        geometry = VolumeGeometry(tuple(tuple(float(i == j) for j in range(4)) for i in range(4)))
+    geometry = geometry_from_attrs(attrs, array.ndim)
     lazy = da.from_zarr(array, chunks=_chunks(chunks, tuple(array.chunks)))
     classes = tuple(meta["classes"]) if meta.get("classes") else None
     return LabelImage(path, lazy, geometry, classes, meta.get("nodata"))

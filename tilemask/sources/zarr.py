@@ -14,7 +14,7 @@ import numpy as np
 import zarr
 
 from ..errors import InputError, ReadError
-from ..geometry import Geometry, RasterGeometry, Region, VolumeGeometry
+from ..geometry import Geometry, Region, geometry_from_attrs
 from . import ImageSource, cached_handle, file_stamp
 
 logger = logging.getLogger(__name__)
@@ -38,14 +38,7 @@ class ZarrSource(ImageSource):
         shape = tuple(int(s) for s in node.shape)
         if len(shape) not in (spatial_dims, spatial_dims + 1):
             raise InputError(f"{path}: Zarr array with {len(shape)} axes for a {spatial_dims}D model")
-        attrs = dict(node.attrs)
-        if "affine" in attrs:
-            geometry: Geometry = VolumeGeometry(tuple(tuple(map(float, r)) for r in attrs["affine"]))
-        elif spatial_dims == 2:
-            transform = tuple(attrs.get("transform", (0.0, 1.0, 0.0, 0.0, 0.0, 1.0)))
-            geometry = RasterGeometry(attrs.get("crs"), transform)
-        else:
-            geometry = VolumeGeometry(tuple(tuple(float(i == j) for j in range(4)) for i in range(4)))
+        geometry = geometry_from_attrs(dict(node.attrs), spatial_dims)
         return cls(path, shape, len(shape) == spatial_dims + 1, geometry)
 
     @property

@@ -21,7 +21,6 @@ import logging
 import math
 
 import numpy as np
-import pandas as pd
 
 from ..errors import InputError
 from ..sources.labels import LabelImage
@@ -108,7 +107,3 @@ def render(result: dict):
     means = result["mean_foreground"]
     table.add_row("mean (foreground)", *(fmt(means[m]) for m in METRICS), "", "", "", style="bold")
     return table
-
-
-def as_frame(result: dict) -> pd.DataFrame:
-    return pd.DataFrame([{"class": k, **v} for k, v in result["classes"].items()])

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError, OutputError
+from ..sources.labels import class_name
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +32,9 @@ def class_names(values: Iterable[int], names: Sequence[str] | None) -> dict[int,
 
     Every named class is listed (in value order), then the other values found.
     """
-    named = {i: str(n) for i, n in enumerate(names or ())}
+    named = {i: class_name(names, i) for i in range(len(names or ()))}
     for value in sorted(int(v) for v in values):
-        named.setdefault(value, f"class_{value}")
+        named.setdefault(value, class_name(names, value))
     return dict(sorted(named.items()))
 
 
