@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import geopandas as gpd
 import numpy as np
 import pandas as pd
@@ -135,3 +137,137 @@ def test_region_errors(tmp_path, shade_labels):
     with pytest.raises(InputError, match="cannot read the regions"):
         (tmp_path / "bad.gpkg").write_text("not a geopackage")
         compute_stats(shade_labels, tmp_path / "z.parquet", regions=tmp_path / "bad.gpkg")
+
+
+def write_zarr_labels(raster, path):
+    """The labels of a GeoTIFF as a tilemask Zarr group (``labels`` array, CRS, transform and nodata attributes)."""
+    import zarr
+
+    with rasterio.open(raster) as ds:
+        data, crs, transform, nodata = ds.read(1), ds.crs, ds.transform, ds.nodata
+    group = zarr.open_group(path, mode="w", zarr_format=3)
+    group.create_array("labels", data=data, chunks=(200, 300))
+    group.attrs.update(
+        {"crs": crs.to_wkt(), "transform": list(transform.to_gdal()), "tilemask": {"nodata": int(nodata)}}
+    )
+    return path
+
+
+@pytest.mark.timeout(120)
+def test_fraction_rule_zarr_labels_and_points(tmp_path, shade_labels):
+    """Zarr labels go through tilemask's own exactextract source; points get exactextract's 0 pixels."""
+    regions = random_regions(shade_labels, 16, seed=7)
+    with rasterio.open(shade_labels) as ds:
+        left, bottom, right, top = ds.bounds
+    # regions off the raster and points: no cell for exactextract (the path that deadlocked threads)
+    extra = [shapely.Point(left + 100, top - 100), shapely.box(right + 10, bottom, right + 500, top),
+             shapely.MultiPoint([(left + 50, bottom + 50), (right - 50, top - 50)])]
+    regions = pd.concat([regions, gpd.GeoDataFrame({"name": ["pt", "off", "mpt"]}, geometry=extra, crs=regions.crs)],
+                        ignore_index=True)
+    regions_path = tmp_path / "regions.gpkg"
+    regions.to_file(regions_path)
+    zarr_path = write_zarr_labels(shade_labels, tmp_path / "labels.zarr")
+    tables = [
+        pd.read_csv(compute_stats(
+            source, tmp_path / f"{name}.csv", regions=regions_path, region_id="name", coverage="fraction", chunks=c
+        ))
+        for name, source, c in (("tif", shade_labels, None), ("zarr", zarr_path, None), ("zarr128", zarr_path, 128))
+    ]
+    geometry = tables[0].pop("geometry")
+    for other in tables[1:]:
+        assert list(other.pop("geometry")) == list(geometry)
+        pd.testing.assert_frame_equal(other, tables[0], rtol=1e-12)
+    # exactextract gives a point no cell, and raises on a multipoint spanning cells: the reference leaves it out
+    reference = exact_extract(str(shade_labels), regions.iloc[:-1], ["count", "frac", "unique"], output="pandas")
+    table = tables[1]
+    values = class_values(table)
+    assert list(reference["count"].iloc[-2:]) == [0, 0]
+    assert all(table.iloc[-1][f"class_{v}_pixels"] == 0 for v in values)
+    columns = reference[["count", "frac", "unique"]].itertuples(index=False)
+    for row, (count, frac, unique) in zip(table.to_dict(orient="records"), columns):
+        weighted = dict(zip((int(u) for u in unique), (count * f for f in frac)))
+        for value in values:
+            assert row[f"class_{value}_pixels"] == pytest.approx(weighted.get(value, 0.0), rel=1e-9, abs=1e-9)
+    assert all(table.iloc[-3][f"class_{v}_pixels"] == 0 for v in values)
+
+
+def test_fraction_rule_refuses_lines_and_collections(tmp_path, shade_labels):
+    regions = random_regions(shade_labels, 3, seed=1)
+    with rasterio.open(shade_labels) as ds:
+        left, bottom, right, top = ds.bounds
+    cases = {
+        "LineString": shapely.LineString([(left, bottom), (right, top)]),
+        "MultiLineString": shapely.MultiLineString([[(left, bottom), (right, top)], [(left, top), (right, bottom)]]),
+        "GeometryCollection": shapely.GeometryCollection([shapely.Point(left, top), regions.geometry[0]]),
+    }
+    for kind, geom in cases.items():
+        frame = regions.copy()
+        frame.loc[1, "geometry"] = geom
+        path = tmp_path / f"{kind}.gpkg"
+        frame.to_file(path)
+        expected = rf"1 of 4 regions are {kind} \(first: 'r1'\); use --coverage center"
+        with pytest.raises(InputError, match=expected) as info:
+            compute_stats(shade_labels, tmp_path / "z.csv", regions=path, region_id="name", coverage="fraction")
+        assert "\n" not in str(info.value)
+        # the centre rule burns lines and collections as rasterstats does
+        compute_stats(shade_labels, tmp_path / "c.csv", regions=path, region_id="name", coverage="center")
+
+
+def test_exactextract_callbacks_run_under_the_process_lock():
+    """A Python raster source is only ever called with the process-wide exactextract lock held."""
+    from exactextract.raster import RasterSource
+
+    from tilemask.stats import zonal
+
+    held = []
+
+    class Source(RasterSource):
+        def res(self):
+            return (1.0, 1.0)
+
+        def extent(self):
+            return (0.0, 0.0, 4.0, 4.0)
+
+        def srs_wkt(self):
+            return None
+
+        def nodata_value(self):
+            return None
+
+        def read_window(self, x0, y0, nx, ny):
+            held.append(zonal._EXACTEXTRACT_LOCK.locked())
+            return np.arange(16, dtype=np.int32).reshape(4, 4)[y0 : y0 + ny, x0 : x0 + nx]
+
+    features = [
+        {"type": "Feature", "properties": {"zone": z}, "geometry": g.__geo_interface__}
+        for z, g in ((1, shapely.box(0.5, 0.5, 2.5, 2.0)), (2, shapely.box(10, 10, 11, 11)))
+    ]
+    result = zonal.locked_exact_extract(Source(), features, ["count"], include_cols=["zone"], output="pandas")
+    assert list(result["count"]) == pytest.approx([3.0, 0.0])
+    assert held and all(held)
+    assert not zonal._EXACTEXTRACT_LOCK.locked()
+
+
+def test_fraction_rule_without_crs(tmp_path):
+    """A raster and regions without a CRS: coordinates taken as they are, as exactextract takes them."""
+    from rasterio.transform import Affine
+
+    from .conftest import blobs, write_raster
+
+    data = blobs((60, 80), seed=8)
+    raster = write_raster(tmp_path / "nocrs.tif", data, None, Affine(2, 0, 100, 0, -2, 500), block=16)
+    geoms = [shapely.Point(150, 450).buffer(17), shapely.box(90, 380, 131.3, 442.7), shapely.box(400, 0, 410, 10)]
+    regions_path = tmp_path / "nocrs.gpkg"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pyogrio: "'crs' was not provided"
+        gpd.GeoDataFrame({"name": ["a", "b", "off"]}, geometry=geoms).to_file(regions_path)
+    out = compute_stats(raster, tmp_path / "z.csv", regions=regions_path, region_id="name", coverage="fraction")
+    table = pd.read_csv(out)
+    features = [{"type": "Feature", "properties": {}, "geometry": g.__geo_interface__} for g in geoms]
+    reference = exact_extract(str(raster), features, ["count", "frac", "unique"], output="pandas")
+    assert reference["count"].iloc[0] > 0 and reference["count"].iloc[2] == 0
+    columns = reference[["count", "frac", "unique"]].itertuples(index=False)
+    for row, (count, frac, unique) in zip(table.to_dict(orient="records"), columns):
+        weighted = dict(zip((int(u) for u in unique), (count * f for f in frac)))
+        for value in class_values(table):
+            assert row[f"class_{value}_pixels"] == pytest.approx(weighted.get(value, 0.0), rel=1e-9, abs=1e-9)

@@ -13,9 +13,48 @@ touch, straight from the file (GeoTIFF/COG through rasterio, Zarr through zarr):
   row strips (same rule, the strip's transform shifted by whole rows).
 * ``coverage="fraction"``: exactextract's rule.  exactextract itself computes
   the coverage fraction of every cell (``values``, ``coverage`` and ``cell_id``
-  operations) through a :class:`LabelRasterSource` that serves it windows of the
-  label file, and each class gets ``sum(coverage)``.  This equals exactextract's
-  ``count * frac`` on the whole raster.
+  operations) and each class gets ``sum(coverage)``.  This equals exactextract's
+  ``count * frac`` on the whole raster.  A GDAL raster (GeoTIFF, COG, VRT, ...)
+  is handed to exactextract as its path, so exactextract opens and reads it with
+  its own raster source, exactly as ``exact_extract(path, ...)`` does; only a
+  Zarr label array is served through tilemask's :class:`LabelRasterSource`.
+  Polygons are measured.  Points cover no area: they get 0 pixels (with a
+  warning), exactextract's answer for a point, without being handed to it
+  (exactextract fails on a multipoint whose extent spans cells).  Lines and
+  geometry collections are refused with an :class:`~tilemask.errors.InputError`
+  before any pixel is read: exactextract weights a line's cells by its length,
+  not by a covered area, and cannot read collections.
+
+Why every ``exact_extract`` call holds ``_EXACTEXTRACT_LOCK``
+-------------------------------------------------------------
+
+exactextract 0.3's Python binding calls back into Python from C++ for every
+raster source (its own GDAL/rasterio sources are Python classes too) while the
+calling thread holds the GIL.  The first feature that touches no cell makes
+``Operation::empty_stats()`` initialise a function-local C++ static, and that
+initialiser reads an empty window through the Python source, i.e. it runs Python
+*while holding the C++ static-initialisation guard*.  Python drops the GIL in
+that callback (any I/O such as ``os.stat`` or a GDAL read, or simply the
+interpreter's switch interval), so a second thread can take the GIL, enter
+exactextract and block on the guard without releasing the GIL: the first thread
+then waits for the GIL forever.  A Dask worker runs two tasks at once, and
+regions outside the raster, or points, reach ``empty_stats()`` in both: the
+command hung in about half the runs with polygons and nearly every run with
+points, and the stuck worker (the GIL held for good) outlived its client.
+Handing exactextract a path does not avoid it: the source it then builds
+(``GDALRasterSource`` or ``RasterioRasterSource``) is Python as well.
+
+So exactextract runs under one process-wide lock (``threading.Lock``: a thread
+waiting for it waits with the GIL released), so only one thread of a process is
+ever inside exactextract's C++; and the first call under the lock initialises
+that static on a tiny in-memory raster, so the guard is never taken again, even
+by code outside tilemask.  Nothing inside a callback waits on a thread that may
+wait on the lock: exactextract's own source reads with GDAL, and the Zarr array
+is opened before exactextract is called, so a callback only slices it (zarr's
+I/O thread never calls exactextract).  The lock costs little parallelism:
+exactextract keeps the GIL while it computes (another Python thread runs at
+about a tenth of its speed meanwhile), the other thread of a worker still reads
+and burns centre-rule windows, and the other workers are separate processes.
 
 Sizes are ``sum(weight * pixel area of the row)`` (geodesic per row for
 geographic rasters).  Pixels outside the raster and nodata pixels count for
@@ -27,6 +66,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -50,6 +90,14 @@ MAX_WINDOW_PIXELS = 1 << 25
 
 REGIONS_PER_TASK = 256
 
+_EXACTEXTRACT_LOCK = threading.Lock()
+"""Held by every ``exact_extract`` call of this process (see the module docstring)."""
+
+_exactextract_ready = False
+
+_POLYGONAL = frozenset({"Polygon", "MultiPolygon"})
+_PUNCTUAL = frozenset({"Point", "MultiPoint"})
+
 
 @dataclass(frozen=True)
 class WindowReader:
@@ -57,16 +105,23 @@ class WindowReader:
 
     path: str
 
+    @property
+    def is_zarr(self) -> bool:
+        return self.path.lower().rstrip("/").endswith(".zarr")
+
+    def zarr_array(self):
+        """The Zarr label array, opened once per worker thread (the ``labels`` array of a group)."""
+        import zarr
+
+        def opener():
+            node = zarr.open(self.path, mode="r")
+            return node["labels"] if isinstance(node, zarr.Group) else node
+
+        return cached_handle(("stats-zarr", self.path, file_stamp(self.path)), opener)
+
     def read(self, rows: slice, cols: slice) -> np.ndarray:
-        if self.path.lower().rstrip("/").endswith(".zarr"):
-            import zarr
-
-            def opener():
-                node = zarr.open(self.path, mode="r")
-                return node["labels"] if isinstance(node, zarr.Group) else node
-
-            array = cached_handle(("stats-zarr", self.path, file_stamp(self.path)), opener)
-            return np.asarray(array[rows, cols])
+        if self.is_zarr:
+            return np.asarray(self.zarr_array()[rows, cols])
         import rasterio
         from rasterio.windows import Window
 
@@ -113,7 +168,12 @@ def vector_zonal(
     if coverage not in ("center", "fraction"):
         raise InputError(f"coverage must be 'center' or 'fraction', got {coverage!r}")
     projected = _to_raster_crs(regions, grid, image.path)
-    wkbs = [None if g is None or g.is_empty else shapely.to_wkb(g) for g in projected.geometry]
+    keys = regions[key].to_numpy() if key in regions.columns else np.arange(len(regions))
+    measured = _fraction_geometries(projected.geometry, keys) if coverage == "fraction" else None
+    wkbs = [
+        None if g is None or g.is_empty or (measured is not None and not measured[i]) else shapely.to_wkb(g)
+        for i, g in enumerate(projected.geometry)
+    ]
     reader = WindowReader(image.path)
     nodata = None if image.nodata is None else int(image.nodata)
     size = _batch_size(len(wkbs), client)
@@ -128,7 +188,6 @@ def vector_zonal(
     if coverage == "center":
         frame["count"] = frame["count"].astype(np.int64)
     table = zone_table(frame, "_zone", names if names is not None else image.class_names, grid.units, zones=list(range(len(wkbs))))
-    keys = regions[key].to_numpy() if key in regions.columns else np.arange(len(regions))
     table.insert(0, key, keys)
     table = table.drop(columns="_zone")
     if keep_geometry:
@@ -141,6 +200,34 @@ def vector_zonal(
 def _batch_size(n: int, client) -> int:
     workers = len(client.scheduler_info(n_workers=-1)["workers"]) if client is not None else (os.cpu_count() or 1)
     return max(1, min(REGIONS_PER_TASK, math.ceil(n / (4 * max(workers, 1)))))
+
+
+def _fraction_geometries(geometries, keys) -> list[bool]:
+    """Which regions exactextract measures (polygons); points are left out, lines and collections refused.
+
+    A point covers no area: exactextract gives a single point no cell (0 pixels)
+    and raises "Unsupported geometry type" for a multipoint whose extent spans
+    cells, so points get 0 pixels without being handed to it.  exactextract
+    weights a line's cells by the line's length, not by a covered area, and cannot
+    read geometry collections: those are an :class:`InputError`, raised before
+    any pixel is read.
+    """
+    types = [None if g is None or g.is_empty else g.geom_type for g in geometries]
+    bad = [(k, t) for k, t in zip(keys, types) if t is not None and t not in _POLYGONAL | _PUNCTUAL]
+    if bad:
+        kinds = ", ".join(sorted({t for _, t in bad}))
+        raise InputError(
+            f"--coverage fraction measures the area of polygons, but {len(bad)} of {len(types)} regions are "
+            f"{kinds} (first: {bad[0][0]!r}); use --coverage center, or buffer them into polygons"
+        )
+    points = sum(t in _PUNCTUAL for t in types)
+    if points:
+        logger.warning(
+            "%d of %d regions are points, which cover no area: --coverage fraction gives them 0 pixels "
+            "(--coverage center counts the pixel under each point)",
+            points, len(types),
+        )
+    return [t in _POLYGONAL for t in types]
 
 
 def _to_raster_crs(regions, grid: Grid, path: str):
@@ -210,10 +297,17 @@ def _centre_batch(reader: WindowReader, grid: Grid, nodata, zones: list[int], wk
 
 
 class LabelRasterSource:
-    """An exactextract ``RasterSource`` over a label file, read window by window."""
+    """An exactextract ``RasterSource`` over a Zarr label array, read window by window.
+
+    The array is opened here, before exactextract runs, so a callback from
+    exactextract's C++ only slices it (no file-handle cache, no ``os.stat``).
+    Only use it through :func:`locked_exact_extract`.
+    """
 
     def __new__(cls, reader: WindowReader, grid: Grid, nodata):
         from exactextract.raster import RasterSource
+
+        array = reader.zarr_array()
 
         class _Source(RasterSource):
             def __init__(self):
@@ -236,23 +330,58 @@ class LabelRasterSource:
                 return nodata
 
             def read_window(self, x_off, y_off, nx, ny):
-                return reader.read(slice(y_off, y_off + ny), slice(x_off, x_off + nx))
+                return np.asarray(array[y_off : y_off + ny, x_off : x_off + nx])
 
         return _Source()
 
 
-def _fraction_batch(reader: WindowReader, grid: Grid, nodata, zones: list[int], wkbs: list) -> pd.DataFrame:
-    import geopandas as gpd
+def locked_exact_extract(raster, features, ops, **kwargs):
+    """``exactextract.exact_extract`` under the process-wide lock, its static state initialised first.
+
+    Every call of exactextract in tilemask goes through here (see the module docstring).
+    """
     from exactextract import exact_extract
+
+    global _exactextract_ready
+    with _EXACTEXTRACT_LOCK:
+        if not _exactextract_ready:
+            try:
+                _warm_up_exactextract()
+            except Exception as exc:  # the lock alone keeps tilemask's own calls safe
+                logger.debug("exactextract warm-up failed: %s", exc)
+            _exactextract_ready = True
+        return exact_extract(raster, features, ops, **kwargs)
+
+
+def _warm_up_exactextract() -> None:
+    """Initialise ``Operation::empty_stats()``'s C++ static: one feature off a 1-pixel in-memory raster."""
+    from exactextract import exact_extract
+    from exactextract.raster import NumPyRasterSource
+
+    source = NumPyRasterSource(np.zeros((1, 1), np.int32), 0.0, 0.0, 1.0, 1.0)
+    ring = [[10.0, 10.0], [11.0, 10.0], [11.0, 11.0], [10.0, 11.0], [10.0, 10.0]]
+    feature = {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}
+    exact_extract(source, [feature], ["values", "coverage", "cell_id"], output="geojson")
+
+
+def _fraction_batch(reader: WindowReader, grid: Grid, nodata, zones: list[int], wkbs: list) -> pd.DataFrame:
+    from exactextract.feature import JSONFeatureSource
 
     keep = [(z, w) for z, w in zip(zones, wkbs) if w is not None]
     if not keep:
         return pd.DataFrame(columns=["zone", "cls", "count", "size"])
-    frame = gpd.GeoDataFrame(
-        {"zone": [z for z, _ in keep]}, geometry=shapely.from_wkb([w for _, w in keep]), crs=grid.geometry.crs_wkt
+    # GeoJSON-like features, as exactextract's GeoDataFrame source makes them, with a CRS that may be None
+    features = JSONFeatureSource(
+        [
+            {"type": "Feature", "properties": {"zone": z}, "geometry": shapely.from_wkb(w).__geo_interface__}
+            for z, w in keep
+        ],
+        srs_wkt=grid.geometry.crs_wkt,
     )
-    source = LabelRasterSource(reader, grid, nodata)
-    result = exact_extract(source, frame, ["values", "coverage", "cell_id"], include_cols=["zone"], output="pandas")
+    # a GDAL raster goes to exactextract as its path: exactextract's own source, as exact_extract(path) reads it
+    raster = LabelRasterSource(reader, grid, nodata) if reader.is_zarr else reader.path
+    ops = ["values", "coverage", "cell_id"]
+    result = locked_exact_extract(raster, features, ops, include_cols=["zone"], output="pandas")
     width = grid.shape[1]
     sizes = grid.row_sizes
     rows_out = []
