@@ -44,3 +44,15 @@ class OutputError(TilemaskError, OSError):
     """An output cannot be written."""
 
     exit_status = 1
+
+
+class OutputConflict(TilemaskError, FileExistsError):
+    """An output would destroy an input, a file tilemask did not write, or another run's work: refused before work."""
+
+    exit_status = 2
+
+
+class RunError(TilemaskError, RuntimeError):
+    """The cluster could not finish the work: no workers, workers that keep dying."""
+
+    exit_status = 1

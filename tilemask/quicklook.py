@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,9 @@ from PIL import Image
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 
+from .classes import CLASSES_TAG, class_colours
 from .errors import InputError, OutputError
-from .sinks.cog import CLASSES_TAG, class_colours
+from .outputs import atomic_path
 from .sources.labels import open_labels
 
 logger = logging.getLogger(__name__)
@@ -71,13 +71,11 @@ def write_quicklook(
     blended[foreground] = (1 - opacity) * blended[foreground] + opacity * overlay[foreground]
     rgba = np.dstack([np.rint(blended).astype(np.uint8), np.where(valid, 255, 0).astype(np.uint8)])
     target = Path(png_path)
-    staged = target.with_name(f".{target.stem}.partial.png")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rgba, "RGBA").save(staged, format="PNG", optimize=True)
-        os.replace(staged, target)
+        with atomic_path(target) as staged:
+            Image.fromarray(rgba, "RGBA").save(staged, format="PNG", optimize=True)
     except OSError as exc:
-        staged.unlink(missing_ok=True)
         raise OutputError(f"{png_path}: cannot write the quick look: {exc}") from None
     logger.info("wrote %s (%dx%d)", target, rgba.shape[1], rgba.shape[0])
     return str(target)

@@ -22,9 +22,9 @@ import zarr
 from affine import Affine
 from rioxarray.rioxarray import affine_to_coords
 
+from .classes import CLASSES_TAG
 from .errors import InputError
 from .geometry import RasterGeometry
-from .sinks.cog import CLASSES_TAG
 from .sources.labels import open_labels
 
 logger = logging.getLogger(__name__)

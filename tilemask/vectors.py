@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,9 +52,11 @@ from pyproj import CRS
 from scipy import ndimage, sparse
 from scipy.sparse import csgraph
 
+from .classes import class_name
 from .errors import InputError, OutputError
 from .geometry import RasterGeometry
-from .sources.labels import class_name, open_labels
+from .outputs import atomic_path
+from .sources.labels import open_labels
 
 logger = logging.getLogger(__name__)
 
@@ -336,11 +337,9 @@ def _schema(geo: dict | None = None) -> pa.Schema:
 def _write(out_path: str, suffix: str, batches: Iterator[FeatureBatch], crs_wkt: str | None) -> str:
     """Stream the features into ``out_path`` under a temporary name; rename when whole."""
     target = Path(out_path)
-    staged = target.with_name(f".{target.stem}.partial{target.suffix}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove(staged)
     count = 0
-    try:
+    with atomic_path(target) as staged:
         if suffix == ".parquet":
             geo = {
                 "version": "1.1.0",
@@ -372,10 +371,6 @@ def _write(out_path: str, suffix: str, batches: Iterator[FeatureBatch], crs_wkt:
                 crs=crs_wkt,
             )
             count = counted.count
-        os.replace(staged, target)
-    except BaseException:
-        _remove(staged)
-        raise
     logger.info("wrote %d polygons to %s", count, target)
     return str(target)
 
@@ -390,7 +385,3 @@ class _counting:
         for batch in self.batches:
             self.count += batch.num_rows
             yield batch
-
-
-def _remove(path: Path) -> None:
-    path.unlink(missing_ok=True)

@@ -1,10 +1,11 @@
 """Writers: one per output format, chunk-aligned and parallel-safe.
 
-A sink is a small picklable value.  The client calls :meth:`LabelSink.create`
-(lay out the files), workers call :meth:`LabelSink.write` for their own chunk,
-in any order and in parallel, then the client calls :meth:`LabelSink.commit`
-(make the output whole and visible) or :meth:`LabelSink.abort` (remove what a
-failed run wrote).  No process ever holds the whole image.
+A sink is a small picklable value, chosen by :func:`tilemask.formats.for_output`.
+The client calls :meth:`LabelSink.create` (lay out the staged files), workers call
+:meth:`LabelSink.write` for their own chunk, in any order and in parallel, then
+one worker task calls :meth:`LabelSink.commit` (make the output whole and rename
+it into place) or the client calls :meth:`LabelSink.abort` (remove what a failed
+run staged).  No process ever holds the whole image.
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ class OutputLayout:
     def writes_probabilities(self) -> bool:
         return self.probability_channels > 0
 
+    def check(self, region: Region, labels: np.ndarray, probabilities: np.ndarray | None) -> None:
+        """Refuse a chunk whose arrays do not fit the layout (a store would broadcast or truncate them)."""
+        shape = tuple(hi - lo for lo, hi in region)
+        if labels.shape != shape:
+            raise ValueError(f"labels of shape {labels.shape} for a chunk of shape {shape}")
+        expected = (self.probability_channels, *shape) if self.writes_probabilities else None
+        got = None if probabilities is None else probabilities.shape
+        if got != expected:
+            raise ValueError(f"probabilities of shape {got} where the output holds {expected}")
+
 
 class LabelSink(ABC):
     """Where labels (and optionally probabilities) of one run go."""
@@ -66,18 +77,7 @@ class LabelSink(ABC):
 
 
 def make_sink(path: str, layout: OutputLayout) -> LabelSink:
-    """The sink for ``path``, chosen by suffix."""
-    lowered = path.lower().rstrip("/")
-    if lowered.endswith(".zarr"):
-        from .zarr import ZarrSink
+    """The writer for ``path``, chosen by its format (:func:`tilemask.formats.for_output`)."""
+    from ..formats import for_output
 
-        return ZarrSink(path.rstrip("/"), layout)
-    if lowered.endswith((".nii", ".nii.gz")):
-        from .nifti import NiftiSink
-
-        return NiftiSink(path, layout)
-    if lowered.endswith((".tif", ".tiff")):
-        from .cog import CogSink
-
-        return CogSink(path, layout)
-    raise ValueError(f"output.path {path}: no writer for this suffix yet")
+    return for_output(path).make_sink(path, layout)

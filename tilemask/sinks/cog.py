@@ -15,8 +15,10 @@ processes must never write one GeoTIFF at once, so the work is split in two:
   GDAL streams block by block through its block cache (``GDAL_CACHEMAX``), so
   no process holds the raster.
 
-The result is written under ``.<name>.partial.tif`` and renamed when whole;
-:meth:`CogSink.abort` removes the parts folder and any partial file.  Class names
+The parts folder and the assembled COG live under hidden staged names
+(``.tilemask-<run>-<name>``, :mod:`tilemask.outputs`) and the COG is renamed
+onto its name when whole; :meth:`CogSink.abort` removes the parts folder and any
+staged file.  Class names
 go three ways: the ``TILEMASK_CLASSES`` dataset tag (JSON, what
 :func:`tilemask.sources.labels.open_labels` reads), and in the ``.aux.xml``
 sidecar the band's category names and a thematic raster attribute table
@@ -29,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +41,11 @@ import rasterio
 import rasterio.shutil
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
+from ..classes import BACKGROUND, CLASSES_TAG, class_colours, class_name
 from ..errors import OutputError
+from ..formats import for_path
 from ..geometry import RasterGeometry, Region
-from ..sources.labels import CLASSES_TAG, class_name
+from ..outputs import atomic_path, describe_write_error, publish, remove, staged_path
 from . import LabelSink, OutputLayout
 
 logger = logging.getLogger(__name__)
@@ -51,24 +54,7 @@ BLOCKSIZE = 512
 PIECE_OPTIONS = {"tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "zstd", "zstd_level": 1}
 GDAL_OPTIONS = {"GDAL_CACHEMAX": 256, "GDAL_NUM_THREADS": "ALL_CPUS"}
 
-# A qualitative palette (Tableau 10, then Tableau 20's light tones); class 0 is background.
-PALETTE = (
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
-    (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
-    (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229),
-)  # fmt: skip
-BACKGROUND = (0, 0, 0, 0)
-
 GDAL_TYPES = {"uint8": "Byte", "uint16": "UInt16", "uint32": "UInt32", "float32": "Float32"}
-
-
-def class_colours(n_classes: int) -> dict[int, tuple[int, int, int, int]]:
-    """RGBA per class: background transparent, the others from :data:`PALETTE` (cycled)."""
-    colours = {0: BACKGROUND}
-    for value in range(1, n_classes):
-        colours[value] = (*PALETTE[(value - 1) % len(PALETTE)], 255)
-    return colours
 
 
 @dataclass(frozen=True)
@@ -80,11 +66,11 @@ class CogRaster:
     bands: int
     dtype: str
     kind: str  # "labels" | "probabilities"
+    run_id: str
 
     @property
     def partial(self) -> str:
-        p = Path(self.path)
-        return str(p.with_name(f".{p.stem}.partial{p.suffix}"))
+        return staged_path(self.path, self.run_id)
 
     def piece(self, region: Region) -> str:
         (r0, _), (c0, _) = region
@@ -92,35 +78,31 @@ class CogRaster:
 
     def write_piece(self, region: Region, values: np.ndarray) -> None:
         """Write one chunk (``(bands, h, w)``) as a tiled GeoTIFF; atomic by rename."""
-        target = self.piece(region)
-        staged = f"{target}.{os.getpid()}.tmp"
         height, width = values.shape[-2:]
         profile = dict(driver="GTiff", width=width, height=height, count=self.bands, dtype=self.dtype)
         if height >= 256 and width >= 256:
             profile.update(PIECE_OPTIONS)
         else:
             profile.update(compress="zstd", zstd_level=1)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), atomic_path(self.piece(region)) as staged:
             warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a piece is placed by the VRT
             with rasterio.open(staged, "w", **profile) as dst:
                 dst.write(values.reshape(self.bands, height, width))
-        os.replace(staged, target)
 
     def publish(self) -> None:
         """Rename the assembled COG into place, its ``.aux.xml`` sidecar first."""
         sidecar = self.partial + ".aux.xml"
         if os.path.exists(sidecar):
-            os.replace(sidecar, self.path + ".aux.xml")
-        elif os.path.exists(self.path + ".aux.xml"):
-            os.remove(self.path + ".aux.xml")  # a stale sidecar of an older output
-        os.replace(self.partial, self.path)
+            publish(sidecar, self.path + ".aux.xml")
+        else:
+            remove(self.path + ".aux.xml")  # a stale sidecar of an older output
+        publish(self.partial, self.path)
         logger.info("wrote %s", self.path)
 
     def abort(self) -> None:
         """Remove the partial COG and what GDAL writes beside it (``.aux.xml``, ``.ovr.tmp``)."""
-        partial = Path(self.partial)
-        for leftover in partial.parent.glob(f"{partial.name}*"):
-            leftover.unlink(missing_ok=True)
+        for suffix in ("", ".aux.xml", ".ovr.tmp", ".msk"):
+            remove(self.partial + suffix)
 
 
 @dataclass(frozen=True)
@@ -132,22 +114,22 @@ class CogSink(LabelSink):
 
     @property
     def parts(self) -> str:
-        p = Path(self.path)
-        return str(p.with_name(f".{p.name}.parts-{self.layout.run_id}"))
+        return staged_path(self.path, self.layout.run_id) + ".parts"
 
     @property
     def rasters(self) -> tuple[CogRaster, CogRaster | None]:
         layout = self.layout
-        labels = CogRaster(self.path, os.path.join(self.parts, "labels"), 1, layout.labels_dtype, "labels")
+        run = layout.run_id
+        labels = CogRaster(self.path, os.path.join(self.parts, "labels"), 1, layout.labels_dtype, "labels", run)
         if not layout.writes_probabilities:
             return labels, None
-        p = Path(self.path)
         probabilities = CogRaster(
-            str(p.with_name(f"{p.stem}_probabilities{p.suffix}")),
+            for_path(self.path).probabilities_path(self.path),
             os.path.join(self.parts, "probabilities"),
             layout.probability_channels,
             layout.probabilities_dtype,
             "probabilities",
+            run,
         )
         return labels, probabilities
 
@@ -175,11 +157,11 @@ class CogSink(LabelSink):
             self._translate(raster, vrt)
         for raster in rasters:
             raster.publish()
-        shutil.rmtree(self.parts, ignore_errors=True)
+        remove(self.parts)
         return [raster.path for raster in rasters]
 
     def abort(self) -> None:
-        shutil.rmtree(self.parts, ignore_errors=True)
+        remove(self.parts)
         for raster in self.rasters:
             if raster is not None:
                 raster.abort()
@@ -290,7 +272,7 @@ class CogSink(LabelSink):
         try:
             with rasterio.Env(**GDAL_OPTIONS):
                 rasterio.shutil.copy(vrt, raster.partial, driver="COG", **options)
-        except (RasterioError, OSError) as exc:
+        except (RasterioError, OSError, SystemError) as exc:  # rasterio raises SystemError for "Unknown GDAL Error"
             raster.abort()
-            raise OutputError(f"{raster.path}: cannot assemble the COG: {exc}") from None
+            raise OutputError(f"{raster.path}: cannot assemble the COG: {describe_write_error(exc, raster.partial)}") from None
 

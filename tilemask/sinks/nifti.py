@@ -4,8 +4,11 @@ The client writes a header (the reference image's affine as both sform and qform
 its units) and sizes the data part of an uncompressed temporary file; workers
 write their chunks into it with ``pwrite`` (NIfTI data is Fortran-ordered, so a
 chunk is a set of strided runs of the file, and distinct chunks never share
-bytes).  On commit a ``.nii.gz`` is compressed by streaming the
-temporary file (constant memory), then renamed into place.  Probabilities go to
+bytes).  The temporary file and the compressed one are hidden staged siblings
+(:mod:`tilemask.outputs`); on commit a ``.nii.gz`` is compressed by streaming the
+temporary file (constant memory), then renamed into place.  The header's
+``descrip`` says ``tilemask labels``, which is how a later run knows it may
+replace the file.  Probabilities go to
 ``<stem>_probabilities.nii.gz``, 4D with classes last.
 """
 
@@ -23,7 +26,9 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import OutputError
+from ..formats import NIFTI_DESCRIP, for_path
 from ..geometry import Region
+from ..outputs import publish, remove, staged_path
 from . import LabelSink, OutputLayout
 
 logger = logging.getLogger(__name__)
@@ -39,11 +44,12 @@ class NiftiVolume:
     path: str
     shape: tuple[int, ...]
     dtype: str
+    run_id: str
 
     @property
     def partial(self) -> str:
-        p = Path(self.path)
-        return str(p.with_name(f".{p.name}.partial.nii"))
+        """The uncompressed file workers write into."""
+        return staged_path(self.path, self.run_id) + ".raw.nii"
 
     def create(self, reference: str, affine: np.ndarray) -> None:
         header = nib.Nifti1Header()
@@ -59,6 +65,7 @@ class NiftiVolume:
         header.set_qform(affine, code=codes[1])
         header["vox_offset"] = VOX_OFFSET
         header.set_slope_inter(1.0, 0.0)
+        header["descrip"] = NIFTI_DESCRIP
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.partial, "wb") as f:
             f.write(header.binaryblock)
@@ -95,18 +102,17 @@ class NiftiVolume:
 
     def commit(self) -> None:
         if self.path.endswith(".gz"):
-            staged = self.partial + ".gz"
+            staged = staged_path(self.path, self.run_id)
             with open(self.partial, "rb") as src, gzip.open(staged, "wb", compresslevel=6) as dst:
                 shutil.copyfileobj(src, dst, COPY_BLOCK)
-            os.replace(staged, self.path)
-            os.remove(self.partial)
+            publish(staged, self.path)
+            remove(self.partial)
         else:
-            os.replace(self.partial, self.path)
+            publish(self.partial, self.path)
 
     def abort(self) -> None:
-        for leftover in (self.partial, self.partial + ".gz"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
+        remove(self.partial)
+        remove(staged_path(self.path, self.run_id))
 
 
 @dataclass(frozen=True)
@@ -117,15 +123,14 @@ class NiftiSink(LabelSink):
     @property
     def volumes(self) -> tuple[NiftiVolume, NiftiVolume | None]:
         layout = self.layout
-        labels = NiftiVolume(self.path, layout.shape, layout.labels_dtype)
+        labels = NiftiVolume(self.path, layout.shape, layout.labels_dtype, layout.run_id)
         if not layout.writes_probabilities:
             return labels, None
-        name = Path(self.path).name
-        stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")]
         probabilities = NiftiVolume(
-            str(Path(self.path).with_name(f"{stem}_probabilities.nii.gz")),
+            for_path(self.path).probabilities_path(self.path),
             (*layout.shape, layout.probability_channels),
             layout.probabilities_dtype,
+            layout.run_id,
         )
         return labels, probabilities
 

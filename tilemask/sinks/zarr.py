@@ -1,21 +1,22 @@
 """Zarr v3 group output: ``labels``, optional ``probabilities`` and the geometry.
 
 Storage chunks equal the processing chunks, so each worker writes whole chunks
-of its own and parallel writes never touch the same object.  The group's
-``tilemask`` attribute gets ``complete: true`` only when every chunk is written.
+of its own and parallel writes never touch the same object.  The group is built
+under a hidden staged name (:func:`tilemask.outputs.staged_path`); its
+``tilemask`` attribute gets ``complete: true`` only when every chunk is written,
+and only then is it renamed onto the output path, replacing an older output.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import zarr
 
 from ..geometry import Region
+from ..outputs import publish, remove, staged_path
 from ..sources import cached_handle
 from . import LabelSink, OutputLayout
 
@@ -26,10 +27,15 @@ logger = logging.getLogger(__name__)
 class ZarrSink(LabelSink):
     path: str
     layout: OutputLayout
+    visible: bool = True  # False: an intermediate that stays under its hidden staged name
+
+    @property
+    def staged(self) -> str:
+        return staged_path(self.path, self.layout.run_id)
 
     def create(self) -> None:
         layout = self.layout
-        group = zarr.open_group(self.path, mode="w", zarr_format=3)
+        group = zarr.open_group(self.staged, mode="w", zarr_format=3)
         group.create_array("labels", shape=layout.shape, chunks=layout.chunks, dtype=layout.labels_dtype, fill_value=0)
         if layout.writes_probabilities:
             group.create_array(
@@ -46,21 +52,29 @@ class ZarrSink(LabelSink):
 
     def write(self, region: Region, labels: np.ndarray, probabilities: np.ndarray | None) -> None:
         index = tuple(slice(lo, hi) for lo, hi in region)
-        cached_handle(("zarr-out", self.layout.run_id, self.path, "labels"), lambda: zarr.open_array(f"{self.path}/labels", mode="r+"))[
-            index
-        ] = labels
+        labels_array = cached_handle(
+            ("zarr-out", self.staged, "labels"), lambda: zarr.open_array(f"{self.staged}/labels", mode="r+")
+        )
+        labels_array[index] = labels
         if probabilities is not None:
             array = cached_handle(
-                ("zarr-out", self.layout.run_id, self.path, "probabilities"),
-                lambda: zarr.open_array(f"{self.path}/probabilities", mode="r+"),
+                ("zarr-out", self.staged, "probabilities"),
+                lambda: zarr.open_array(f"{self.staged}/probabilities", mode="r+"),
             )
             array[(slice(None), *index)] = probabilities
 
+    def read_probabilities(self, region: Region) -> np.ndarray:
+        """The stored probabilities of one chunk (an intermediate's, before it is copied on)."""
+        array = zarr.open_array(f"{self.staged}/probabilities", mode="r")
+        return array[(slice(None), *(slice(lo, hi) for lo, hi in region))]
+
     def commit(self) -> list[str]:
-        group = zarr.open_group(self.path, mode="r+")
+        group = zarr.open_group(self.staged, mode="r+")
         group.attrs["tilemask"] = {**group.attrs["tilemask"], "complete": True}
+        if not self.visible:
+            return [self.staged]
+        publish(self.staged, self.path)
         return [self.path]
 
     def abort(self) -> None:
-        if Path(self.path).exists():
-            shutil.rmtree(self.path, ignore_errors=True)
+        remove(self.staged)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import OrderedDict
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -82,6 +82,11 @@ class ImageSource(ABC):
         return None
 
     @property
+    def floating(self) -> bool:
+        """Whether values are floats, which may be NaN or infinite: invalid pixels, like nodata."""
+        return False
+
+    @property
     def spatial_shape(self) -> tuple[int, ...]:
         return self.shape[1:]
 
@@ -91,18 +96,11 @@ class ImageSource(ABC):
 
 
 def open_source(path: str, spatial_dims: int, bands: list[int] | None = None) -> ImageSource:
-    """The reader for ``path``, chosen by suffix: NIfTI, Zarr, else a GDAL raster."""
-    from .nifti import NiftiSource
+    """The reader for ``path``, chosen by its format (:func:`tilemask.formats.for_path`)."""
+    from ..formats import for_path
     from .raster import RasterSource
-    from .zarr import ZarrSource
 
-    lowered = path.lower().rstrip("/")
-    if lowered.endswith((".nii", ".nii.gz")):
-        source: ImageSource = NiftiSource.open(path)
-    elif lowered.endswith(".zarr"):
-        source = ZarrSource.open(path, spatial_dims)
-    else:
-        source = RasterSource.open(path, bands)
+    source = for_path(path).open_source(path, spatial_dims, bands)
     if bands and not isinstance(source, RasterSource):
         raise InputError(f"{path}: preprocess.bands applies to rasters only")
     if len(source.spatial_shape) != spatial_dims:

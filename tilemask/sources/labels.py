@@ -23,19 +23,13 @@ import zarr
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
+from ..classes import CLASSES_TAG
 from ..errors import InputError
 from ..geometry import Geometry, RasterGeometry, VolumeGeometry, geometry_from_attrs, normalize_per_axis
 from . import cached_handle, file_stamp
 
 logger = logging.getLogger(__name__)
 
-CLASSES_TAG = "TILEMASK_CLASSES"
-
-
-def class_name(names: tuple[str, ...] | list[str] | None, value: int) -> str:
-    """The name of label ``value``: ``names[value]``, else ``class_<value>``."""
-    names = names or ()
-    return str(names[value]) if 0 <= value < len(names) else f"class_{value}"
 
 
 @dataclass(frozen=True)
@@ -86,13 +80,11 @@ class _NiftiVolume:
 
 def open_labels(path: str, chunks: int | tuple[int, ...] | None = None) -> LabelImage:
     """The labels at ``path`` as a lazy array; ``chunks`` defaults to the file's own blocks."""
-    lowered = path.lower().rstrip("/")
+    from ..formats import for_path
+
+    fmt = for_path(path)
     try:
-        if lowered.endswith(".zarr"):
-            return _open_zarr(path, chunks)
-        if lowered.endswith((".nii", ".nii.gz")):
-            return _open_nifti(path, chunks)
-        return _open_raster(path, chunks)
+        return fmt.open_labels(path, chunks)
     except (OSError, RasterioError, ValueError, KeyError) as exc:
         if isinstance(exc, InputError):
             raise
@@ -103,9 +95,11 @@ def _chunks(chunks, native: tuple[int, ...]) -> tuple[int, ...]:
     return native if chunks is None else tuple(normalize_per_axis(chunks, len(native), "chunks"))
 
 
-def _open_zarr(path: str, chunks) -> LabelImage:
+def open_zarr_labels(path: str, chunks) -> LabelImage:
     node = zarr.open(path, mode="r")
     attrs = dict(node.attrs)
+    if attrs.get("tilemask", {}).get("complete") is False:
+        raise InputError(f"{path}: an unfinished tilemask output (complete: false); run the workflow again")
     array = node["labels"] if isinstance(node, zarr.Group) else node
     meta = attrs.get("tilemask", {})
     geometry = geometry_from_attrs(attrs, array.ndim)
@@ -114,7 +108,7 @@ def _open_zarr(path: str, chunks) -> LabelImage:
     return LabelImage(path, lazy, geometry, classes, meta.get("nodata"))
 
 
-def _open_raster(path: str, chunks) -> LabelImage:
+def open_raster_labels(path: str, chunks) -> LabelImage:
     with rasterio.open(path) as ds:
         shape = (ds.height, ds.width)
         dtype = np.dtype(ds.dtypes[0])
@@ -129,7 +123,7 @@ def _open_raster(path: str, chunks) -> LabelImage:
     return LabelImage(path, lazy, geometry, tuple(json.loads(tag)) if tag else None, nodata)
 
 
-def _open_nifti(path: str, chunks) -> LabelImage:
+def open_nifti_labels(path: str, chunks) -> LabelImage:
     img = nib.load(path)
     if len(img.shape) != 3:
         raise InputError(f"{path}: a label volume must be 3D, this one has shape {img.shape}")

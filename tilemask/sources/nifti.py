@@ -28,6 +28,7 @@ class NiftiSource(ImageSource):
     path: str
     volume_shape: tuple[int, ...]
     volume_geometry: VolumeGeometry
+    floating: bool = False  # float storage, or scaled by scl_slope / scl_inter
 
     @classmethod
     def open(cls, path: str) -> NiftiSource:
@@ -41,7 +42,9 @@ class NiftiSource(ImageSource):
         if len(shape) not in (3, 4):
             raise InputError(f"{path}: NIfTI with {len(shape)} axes; expected 3 (i, j, k) or 4 (i, j, k, channel)")
         affine = tuple(tuple(float(v) for v in row) for row in img.affine)
-        return cls(path, shape, VolumeGeometry(affine))
+        slope, inter = img.dataobj.slope, img.dataobj.inter
+        scaled = slope not in (1, None) or inter not in (0, None)
+        return cls(path, shape, VolumeGeometry(affine), np.dtype(img.get_data_dtype()).kind == "f" or scaled)
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -8,14 +8,22 @@ invalid when every band holds nodata).  Alpha bands are not image bands: they
 are left out of the default band selection.
 
 Remote rasters (``https://``, ``s3://``, ``/vsi...``) are read with HTTP range
-requests; :data:`CLOUD_DEFAULTS` are GDAL settings for that, applied unless the
-environment already sets them.
+requests; :data:`CLOUD_DEFAULTS` are GDAL settings for that (timeouts and retries
+included, so a stalled server fails a read instead of hanging it), applied
+through ``rasterio.Env`` around every open and read unless the environment sets
+them.  tilemask never writes them into ``os.environ``: a library must not change
+its caller's process.
+
+A raster georeferenced only by GCPs is refused: its pixels have no transform,
+and outputs would silently lose their place on Earth (warp it first, e.g.
+``gdalwarp``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,12 +46,17 @@ CLOUD_DEFAULTS = {
     "GDAL_HTTP_VERSION": "2",
     "VSI_CACHE": "TRUE",
     "VSI_CACHE_SIZE": str(64 << 20),
-    "GDAL_CACHEMAX": "256",
+    "GDAL_CACHEMAX": 256,  # MB (rasterio.Env wants a number here)
     "GDAL_HTTP_MAX_RETRY": "3",
     "GDAL_HTTP_RETRY_DELAY": "1",
+    "GDAL_HTTP_CONNECTTIMEOUT": "10",  # seconds to connect
+    "GDAL_HTTP_TIMEOUT": "30",  # seconds for one request, retries aside
 }
-for _key, _value in CLOUD_DEFAULTS.items():  # GDAL reads config options from the environment
-    os.environ.setdefault(_key, _value)
+
+
+def gdal_env() -> rasterio.Env:
+    """:data:`CLOUD_DEFAULTS`, less what the environment sets itself, as a ``rasterio.Env``."""
+    return rasterio.Env(**{k: v for k, v in CLOUD_DEFAULTS.items() if k not in os.environ})
 
 
 @dataclass(frozen=True)
@@ -63,8 +76,9 @@ class RasterSource(ImageSource):
     @classmethod
     def open(cls, path: str, bands: list[int] | None = None) -> RasterSource:
         try:
-            with rasterio.open(path) as ds:
+            with gdal_env(), rasterio.open(path) as ds:
                 count, height, width = ds.count, ds.height, ds.width
+                gcps_only = ds.crs is None and ds.transform.is_identity and bool(ds.gcps[0])
                 dtype = ds.dtypes[0]
                 geometry = RasterGeometry(
                     crs_wkt=ds.crs.to_wkt() if ds.crs else None, transform=tuple(ds.transform.to_gdal())
@@ -76,6 +90,10 @@ class RasterSource(ImageSource):
                 scales, offsets = ds.scales, ds.offsets
         except RasterioError as exc:
             raise InputError(f"{path}: cannot open raster: {_first_line(exc)}") from None
+        if gcps_only:
+            raise InputError(
+                f"{path}: georeferenced by ground control points only; warp it to a grid first (gdalwarp)"
+            )
         if bands:
             bad = [b for b in bands if b > count]
             if bad:
@@ -101,28 +119,50 @@ class RasterSource(ImageSource):
     def has_invalid(self) -> bool:
         return self.masked
 
+    @property
+    def floating(self) -> bool:
+        return np.dtype(self.dtype).kind == "f" or self.scales is not None
+
     def _dataset(self):
         return cached_handle(("raster", self.path, file_stamp(self.path)), lambda: rasterio.open(self.path))
 
     def read(self, region: Region) -> np.ndarray:
         (r0, r1), (c0, c1) = region
         try:
-            data = self._dataset().read(indexes=list(self.bands), window=Window(c0, r0, c1 - c0, r1 - r0))
+            with gdal_env():
+                data = self._dataset().read(indexes=list(self.bands), window=Window(c0, r0, c1 - c0, r1 - r0))
             if self.scales is None:
                 return data
             shape = (-1, 1, 1)
             return data * np.float32(self.scales).reshape(shape) + np.float32(self.offsets).reshape(shape)
         except RasterioError as exc:
-            detail = _first_line(exc)
+            detail = self._tile_detail(_first_line(exc))
         # raised outside the handler: GDAL's exception chain must not travel back to the client
         raise ReadError(f"{self.path}: read failed at rows {r0}:{r1}, cols {c0}:{c1}: {detail}")
+
+    def _tile_detail(self, detail: str) -> str:
+        """libtiff names a broken tile by number, with a row/col that may lie outside the block being read
+        (``TIFFFillTile:Read error at row 512, col 0, tile 3``): say where that tile is, in pixels."""
+        found = re.search(r"\btile (\d+)", detail)
+        if not found:
+            return detail
+        block_h, block_w = self._dataset().block_shapes[0]
+        across, down = -(-self.width // block_w), -(-self.height // block_h)
+        tile = int(found.group(1)) % (across * down)  # separate planes number their tiles band after band
+        t0, u0 = tile // across * block_h, tile % across * block_w
+        rest = detail.split(";", 1)[1].strip() if ";" in detail else detail
+        return (
+            f"TIFF tile {found.group(1)} (rows {t0}:{min(t0 + block_h, self.height)}, "
+            f"cols {u0}:{min(u0 + block_w, self.width)}) is damaged: {rest}"
+        )
 
     def read_valid(self, region: Region) -> np.ndarray | None:
         if not self.masked:
             return None
         (r0, r1), (c0, c1) = region
         try:
-            return self._dataset().dataset_mask(window=Window(c0, r0, c1 - c0, r1 - r0)) > 0
+            with gdal_env():
+                return self._dataset().dataset_mask(window=Window(c0, r0, c1 - c0, r1 - r0)) > 0
         except RasterioError as exc:
             detail = _first_line(exc)
         raise ReadError(f"{self.path}: mask read failed at rows {r0}:{r1}, cols {c0}:{c1}: {detail}")

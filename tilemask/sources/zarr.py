@@ -26,6 +26,7 @@ class ZarrSource(ImageSource):
     array_shape: tuple[int, ...]
     channel_first: bool
     zarr_geometry: Geometry
+    floating: bool = False
 
     @classmethod
     def open(cls, path: str, spatial_dims: int) -> ZarrSource:
@@ -39,7 +40,7 @@ class ZarrSource(ImageSource):
         if len(shape) not in (spatial_dims, spatial_dims + 1):
             raise InputError(f"{path}: Zarr array with {len(shape)} axes for a {spatial_dims}D model")
         geometry = geometry_from_attrs(dict(node.attrs), spatial_dims)
-        return cls(path, shape, len(shape) == spatial_dims + 1, geometry)
+        return cls(path, shape, len(shape) == spatial_dims + 1, geometry, np.dtype(node.dtype).kind == "f")
 
     @property
     def shape(self) -> tuple[int, ...]:

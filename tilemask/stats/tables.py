@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..classes import class_name
 from ..errors import InputError, OutputError
-from ..sources.labels import class_name
+from ..outputs import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -64,45 +65,39 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write ``frame`` (a DataFrame or GeoDataFrame) to ``path`` by suffix, atomically."""
     path = check_table_path(path)
     suffix = path.suffix.lower()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     has_geometry = hasattr(frame, "geometry") and "geometry" in frame.columns
     try:
-        if suffix == ".parquet":
-            if has_geometry:
-                frame.to_parquet(tmp, index=False)
-            else:
-                pd.DataFrame(frame).to_parquet(tmp, index=False)
-        elif suffix == ".gpkg":
-            import pyogrio
+        with atomic_path(path) as tmp:
+            if suffix == ".parquet":
+                if has_geometry:
+                    frame.to_parquet(tmp, index=False)
+                else:
+                    pd.DataFrame(frame).to_parquet(tmp, index=False)
+            elif suffix == ".gpkg":
+                import pyogrio
 
-            if tmp.exists():
-                tmp.unlink()
-            pyogrio.write_dataframe(frame, tmp, driver="GPKG", layer=path.stem)
-        elif suffix == ".csv":
-            plain = pd.DataFrame(frame)
-            if has_geometry:
-                plain["geometry"] = frame.geometry.to_wkt()
-            plain.to_csv(tmp, index=False)
-        else:
-            plain = pd.DataFrame(frame.drop(columns="geometry") if has_geometry else frame)
-            tmp.write_text(json.dumps(to_records(plain), indent=2) + "\n")
-        os.replace(tmp, path)
+                pyogrio.write_dataframe(frame, tmp, driver="GPKG", layer=path.stem)
+            elif suffix == ".csv":
+                plain = pd.DataFrame(frame)
+                if has_geometry:
+                    plain["geometry"] = frame.geometry.to_wkt()
+                plain.to_csv(tmp, index=False)
+            else:
+                plain = pd.DataFrame(frame.drop(columns="geometry") if has_geometry else frame)
+                Path(tmp).write_text(json.dumps(to_records(plain), indent=2) + "\n")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write the table: {exc}") from exc
+        raise OutputError(f"{path}: cannot write the table: {exc}") from None
     logger.info("wrote %s (%d rows)", path, len(frame))
     return path
 
 
 def write_json(data: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(json.dumps(jsonable(data), indent=2) + "\n")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(json.dumps(jsonable(data), indent=2) + "\n")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write: {exc}") from exc
+        raise OutputError(f"{path}: cannot write: {exc}") from None
     return path
 
 

@@ -21,6 +21,10 @@ Opening and closing run as ``scipy.ndimage`` on each chunk with a halo of
 exactly the whole-image result: ``scipy``'s ``border_value=0`` is kept at the
 image border, and interior chunk edges see ``2r`` of real neighbours, enough
 for an erosion followed by a dilation (or the reverse).
+
+The result of each step is persisted on the cluster before the next one, so
+the work grows linearly with the number of classes (a lazy chain would be
+recomputed by every later step's component labelling).
 """
 
 from __future__ import annotations
@@ -32,10 +36,10 @@ import dask.array as da
 import numpy as np
 from scipy import ndimage
 
-from .components import label
-from .config import PostprocessConfig
-from .crosstab import compute
-from .instances import structure
+from .stats.components import label
+from .stats.config import PostprocessConfig
+from .stats.crosstab import compute
+from .stats.instances import structure
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +62,19 @@ def apply(labels: da.Array, config: PostprocessConfig | dict, nodata: int | None
     values = _foreground(labels, nodata, client)
     for value in values:
         if config.remove_small:
-            labels = remove_small(labels, value, config.remove_small, config.connectivity, client)
+            labels = _persist(remove_small(labels, value, config.remove_small, config.connectivity, client), client)
         if config.fill_holes:
-            labels = fill_holes(labels, value, config.connectivity, client)
+            labels = _persist(fill_holes(labels, value, config.connectivity, client), client)
         if config.opening:
-            labels = opening(labels, value, config.opening)
+            labels = _persist(opening(labels, value, config.opening), client)
         if config.closing:
-            labels = closing(labels, value, config.closing)
+            labels = _persist(closing(labels, value, config.closing), client)
     return labels
+
+
+def _persist(labels: da.Array, client) -> da.Array:
+    """Compute a step once: later steps label its result, and must not recompute the chain before it."""
+    return client.persist(labels) if client is not None else labels.persist(scheduler="threads")
 
 
 def _foreground(labels: da.Array, nodata, client) -> list[int]:

@@ -1,0 +1,30 @@
+"""Class names and colours: one convention for every format, the quick look and the viewers."""
+
+from __future__ import annotations
+
+CLASSES_TAG = "TILEMASK_CLASSES"
+"""GeoTIFF dataset tag holding the class names as a JSON list."""
+
+
+def class_name(names: tuple[str, ...] | list[str] | None, value: int) -> str:
+    """The name of label ``value``: ``names[value]``, else ``class_<value>``."""
+    names = names or ()
+    return str(names[value]) if 0 <= value < len(names) else f"class_{value}"
+
+
+# A qualitative palette (Tableau 10, then Tableau 20's light tones); class 0 is background.
+PALETTE = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
+    (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229),
+)  # fmt: skip
+BACKGROUND = (0, 0, 0, 0)
+
+
+def class_colours(n_classes: int) -> dict[int, tuple[int, int, int, int]]:
+    """RGBA per class: background transparent, the others from :data:`PALETTE` (cycled)."""
+    colours = {0: BACKGROUND}
+    for value in range(1, n_classes):
+        colours[value] = (*PALETTE[(value - 1) % len(PALETTE)], 255)
+    return colours

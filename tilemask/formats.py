@@ -1,0 +1,218 @@
+"""The one place that decides a file's format: readers, writer and conventions per format.
+
+:func:`for_path` picks the format of a path by its suffix (as zarr-python and
+rio-tiler pick a store or reader); everything else asks the format:
+
+* ``open_source`` (an input image, read by region), ``open_labels`` (a finished
+  label output, or any integer label image), ``make_sink`` (the writer);
+* conventions: which files make up an output (labels and the probabilities
+  beside them), whether what sits at a path was written by tilemask, whether it
+  is complete, and the stem of a file name.
+
+Adding a format is one :class:`Format` subclass here (its reader and writer in
+``sources/`` and ``sinks/``) and one entry in :data:`FORMATS`; the conformance
+suite in ``tests/test_formats.py`` runs over every writable format.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .classes import CLASSES_TAG
+
+logger = logging.getLogger(__name__)
+
+NIFTI_DESCRIP = b"tilemask labels"  # NIfTI header descrip of the files tilemask writes
+
+
+class Format:
+    name: str = ""
+    suffixes: tuple[str, ...] = ()
+    spatial_dims: tuple[int, ...] = (2, 3)  # ranks it can write
+    writable: bool = True
+
+    def matches(self, path: str) -> bool:
+        return path.lower().rstrip("/").endswith(self.suffixes)
+
+    def stem(self, path: str) -> str:
+        name = os.path.basename(path.rstrip("/")).split("?", 1)[0]
+        for suffix in self.suffixes:
+            if name.lower().endswith(suffix):
+                return name[: -len(suffix)]
+        return name.rsplit(".", 1)[0] if "." in name else name
+
+    def suffix(self, path: str) -> str:
+        name = path.rstrip("/")
+        return next((name[-len(s):] for s in self.suffixes if name.lower().endswith(s)), "")
+
+    # -- readers and writer -----------------------------------------------------------------------
+
+    def open_source(self, path: str, spatial_dims: int, bands: list[int] | None):
+        raise NotImplementedError
+
+    def open_labels(self, path: str, chunks):
+        raise NotImplementedError
+
+    def make_sink(self, path: str, layout):
+        raise NotImplementedError
+
+    # -- conventions ------------------------------------------------------------------------------
+
+    def probabilities_path(self, path: str) -> str | None:
+        """Where the probabilities of output ``path`` go (None: inside the output itself)."""
+        return None
+
+    def files(self, path: str, probabilities: bool) -> list[str]:
+        """The paths one output is made of."""
+        extra = self.probabilities_path(path) if probabilities else None
+        return [path.rstrip("/")] + ([extra] if extra else [])
+
+    def written_by_tilemask(self, path: str) -> bool:
+        """Whether what exists at ``path`` is a tilemask output of this format."""
+        return False
+
+    def is_complete(self, path: str) -> bool:
+        """Whether a tilemask output at ``path`` was finished (files are renamed into place only when whole)."""
+        return True
+
+
+class ZarrFormat(Format):
+    name = "zarr"
+    suffixes = (".zarr",)
+
+    def open_source(self, path, spatial_dims, bands):
+        from .sources.zarr import ZarrSource
+
+        return ZarrSource.open(path, spatial_dims)
+
+    def open_labels(self, path, chunks):
+        from .sources.labels import open_zarr_labels
+
+        return open_zarr_labels(path, chunks)
+
+    def make_sink(self, path, layout):
+        from .sinks.zarr import ZarrSink
+
+        return ZarrSink(path.rstrip("/"), layout)
+
+    def _tilemask_attrs(self, path: str) -> dict | None:
+        import zarr
+
+        try:
+            node = zarr.open(path, mode="r")
+        except Exception:
+            return None
+        meta = dict(node.attrs).get("tilemask")
+        return meta if isinstance(meta, dict) else None
+
+    def written_by_tilemask(self, path):
+        return self._tilemask_attrs(path) is not None
+
+    def is_complete(self, path):
+        meta = self._tilemask_attrs(path)
+        return meta is None or meta.get("complete", True) is True
+
+
+class NiftiFormat(Format):
+    name = "nifti"
+    suffixes = (".nii.gz", ".nii")
+    spatial_dims = (3,)
+
+    def open_source(self, path, spatial_dims, bands):
+        from .sources.nifti import NiftiSource
+
+        return NiftiSource.open(path)
+
+    def open_labels(self, path, chunks):
+        from .sources.labels import open_nifti_labels
+
+        return open_nifti_labels(path, chunks)
+
+    def make_sink(self, path, layout):
+        from .sinks.nifti import NiftiSink
+
+        return NiftiSink(path, layout)
+
+    def probabilities_path(self, path):
+        return str(Path(path).with_name(f"{self.stem(path)}_probabilities.nii.gz"))
+
+    def written_by_tilemask(self, path):
+        import nibabel as nib
+
+        try:
+            return bytes(nib.load(path).header["descrip"]).rstrip(b"\0").startswith(NIFTI_DESCRIP)
+        except Exception:
+            return False
+
+
+class GeoTiffFormat(Format):
+    """Cloud Optimized GeoTIFF outputs; as an input, any raster GDAL opens (the fallback format)."""
+
+    name = "cog"
+    suffixes = (".tif", ".tiff")
+    spatial_dims = (2,)
+
+    def open_source(self, path, spatial_dims, bands):
+        from .sources.raster import RasterSource
+
+        return RasterSource.open(path, bands)
+
+    def open_labels(self, path, chunks):
+        from .sources.labels import open_raster_labels
+
+        return open_raster_labels(path, chunks)
+
+    def make_sink(self, path, layout):
+        from .sinks.cog import CogSink
+
+        return CogSink(path, layout)
+
+    def probabilities_path(self, path):
+        p = Path(path)
+        return str(p.with_name(f"{self.stem(path)}_probabilities{self.suffix(path) or '.tif'}"))
+
+    def written_by_tilemask(self, path):
+        import rasterio
+        from rasterio.errors import RasterioError
+
+        try:
+            with rasterio.open(path) as ds:
+                return CLASSES_TAG in ds.tags()
+        except (RasterioError, OSError):
+            return False
+
+
+class GdalRasterFormat(GeoTiffFormat):
+    """Any other raster GDAL opens (JPEG 2000, VRT, remote files without a suffix): read only."""
+
+    name = "gdal"
+    suffixes = ()
+    writable = False
+
+    def matches(self, path):
+        return True
+
+
+FORMATS: tuple[Format, ...] = (ZarrFormat(), NiftiFormat(), GeoTiffFormat(), GdalRasterFormat())
+OUTPUT_SUFFIXES = tuple(s for f in FORMATS if f.writable for s in f.suffixes)
+
+
+def for_path(path: str | os.PathLike) -> Format:
+    """The format of ``path``, by suffix (GDAL for anything else)."""
+    path = os.fspath(path)
+    return next(f for f in FORMATS if f.matches(path))
+
+
+def for_output(path: str) -> Format:
+    """The format an output path asks for; ``ValueError`` when tilemask cannot write it."""
+    fmt = for_path(path)
+    if not fmt.writable:
+        raise ValueError(f"suffix must be one of {', '.join(OUTPUT_SUFFIXES)} (got {path!r})")
+    return fmt
+
+
+def stem(path: str) -> str:
+    """A file name without its format suffix (``scan.nii.gz`` -> ``scan``)."""
+    return for_path(path).stem(path)
