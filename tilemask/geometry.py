@@ -129,7 +129,8 @@ class WindowPlan:
         chunks = normalize_per_axis(chunks, ndim, "chunks")
         axes = []
         for size, r, o, c in zip(shape, roi, overlap, chunks):
-            axes.append(AxisPlan(size=int(size), roi=int(r), chunk=int(c), starts=scan_starts(int(size), int(r), float(o))))
+            chunk = max(1, min(int(c), int(size)))  # a chunk larger than the image is the image
+            axes.append(AxisPlan(size=int(size), roi=int(r), chunk=chunk, starts=scan_starts(int(size), int(r), float(o))))
         return cls(tuple(axes))
 
     @property

@@ -14,14 +14,15 @@ from __future__ import annotations
 import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from monai.data.utils import compute_importance_map
 
+from .errors import WorkflowError
 from .geometry import Block, local_slices, region_shape
 from .models import ModelSpec, cached_model, resolve_device
+from .planning import InferenceSettings
 from .preprocess import Preprocessing
 from .sources import ImageSource
 from .stitch import Partial
@@ -32,15 +33,6 @@ logger = logging.getLogger(__name__)
 # was given), and always from the same thread, so OpenMP keeps a single team instead of one per Dask thread
 # (idle teams spin and steal the cores).
 _compute_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilemask-compute")
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    roi: tuple[int, ...]
-    mode: str = "gaussian"
-    sigma_scale: float | tuple[float, ...] = 0.125
-    batch_size: int = 8
-    device: str = "auto"
 
 
 @functools.lru_cache(maxsize=8)
@@ -65,6 +57,10 @@ def predict_block(
     origin = tuple(lo for lo, _ in extent)
     data = preprocessing.apply(source.read(region))
     valid = source.read_valid(region)
+    if source.floating:  # NaN or infinite values are invalid pixels, like nodata
+        finite = np.isfinite(data).all(axis=0)
+        if not finite.all():
+            valid = finite if valid is None else valid & finite
     if valid is not None:  # invalid pixels enter the network as 0: the normalized mean, MONAI's padding value
         data[:, ~valid] = 0.0
     if region != extent:  # an axis smaller than the roi: zero padding, as MONAI's F.pad(value=0)
@@ -82,6 +78,23 @@ def predict_block(
         weights=weights[keep].cpu().numpy(),
         valid=valid,
     )
+
+
+def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int) -> int:
+    """Output channels of the network: one forward pass of zeros ``(1, channels, *roi)`` on the worker's device."""
+    device = resolve_device(settings.device)
+    network = cached_model(model, device)
+    shape = (1, channels, *settings.roi)
+    try:
+        with torch.inference_mode():
+            output = network(torch.zeros(shape, dtype=torch.float32, device=device))
+    except Exception as exc:  # torch and TorchScript raise RuntimeError with pages of context
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        raise WorkflowError(f"model: the network rejects a {channels}-channel window of roi {list(settings.roi)}: {lines[-1] if lines else type(exc).__name__}") from None
+    if not isinstance(output, torch.Tensor) or output.ndim != len(shape) or tuple(output.shape[2:]) != tuple(settings.roi):
+        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise WorkflowError(f"model: the network turns a window of shape {shape} into {got}; expected (1, classes, *roi)")
+    return int(output.shape[1])
 
 
 def _accumulate(network, weight, data, windows, origin, shape, settings: InferenceSettings, device):

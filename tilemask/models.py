@@ -10,21 +10,22 @@ small :class:`ModelSpec`, never the network.
 from __future__ import annotations
 
 import importlib
-import json
+import io
 import logging
-import os
 import pickle
+import pickletools
+import re
 import threading
 import warnings
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import WeightsError, WorkflowError
+from .planning import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -32,37 +33,6 @@ MODELS_PER_PROCESS = 2  # least recently used models beyond this are dropped (GP
 _models: OrderedDict[tuple[ModelSpec, str], torch.nn.Module] = OrderedDict()
 _models_lock = threading.Lock()
 loads = 0  # models this process has loaded (each worker should load a model once)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What identifies a model: network class, its arguments (canonical JSON) and the weights path."""
-
-    network: str
-    args_json: str
-    weights: str
-    weights_stamp: tuple[int, int] = (0, 0)  # (mtime_ns, size): retrained weights are a new model
-
-    @classmethod
-    def create(cls, network: str, args: dict[str, Any], weights: str) -> ModelSpec:
-        try:
-            stat = os.stat(weights)
-            stamp = (stat.st_mtime_ns, stat.st_size)
-        except OSError:
-            stamp = (0, 0)
-        return cls(network, json.dumps(args, sort_keys=True), weights, stamp)
-
-    @property
-    def args(self) -> dict[str, Any]:
-        return json.loads(self.args_json)
-
-    @property
-    def is_torchscript(self) -> bool:
-        try:
-            with zipfile.ZipFile(self.weights) as archive:
-                return any("/code/" in name for name in archive.namelist())
-        except (zipfile.BadZipFile, OSError):
-            return False
 
 
 def network_class(name: str) -> type[torch.nn.Module]:
@@ -94,6 +64,7 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.
     path = Path(spec.weights)
     if not path.is_file():
         raise WeightsError(f"model.weights: no such file {spec.weights}")
+    _refuse_inflating_archive(path)
     if spec.is_torchscript:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -102,7 +73,7 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.
             except RuntimeError as exc:
                 raise WeightsError(f"model.weights: {path} is not a loadable TorchScript archive: {exc}") from None
         return model.eval()
-    state = _load_state_dict(path)
+    state = _load_state_dict(path, spec.network)
     network = build_network(spec)
     try:
         network.load_state_dict(state)
@@ -114,23 +85,136 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.
     return network.to(device).eval()
 
 
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _load_state_dict(path: Path, network: str | None = None) -> dict[str, torch.Tensor]:
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
             warnings.simplefilter("ignore", UserWarning)
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise WeightsError(
-            f"model.weights: {path} is a pickle that needs code to load; refused "
-            "(save a plain state_dict or a TorchScript archive)"
-        ) from None
+    except pickle.UnpicklingError as exc:  # torch's weights-only unpickler refused it: find out why
+        raise _refusal(path, str(exc), network) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise WeightsError(f"model.weights: {path} is not a torch checkpoint: {str(exc).splitlines()[0]}") from None
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        raise WeightsError(f"model.weights: {path} {NOT_A_CHECKPOINT}{': ' + detail if detail else ''}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # Lightning-style checkpoints
     if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
         raise WeightsError(f"model.weights: {path} holds no state_dict of tensors")
     return state
+
+
+NOT_A_CHECKPOINT = "is not a torch checkpoint (neither a state_dict archive nor TorchScript)"
+MAX_INFLATION = 4  # a torch archive stores its tensors uncompressed: it unpacks to about its own size
+INFLATION_SLACK = 16 << 20  # bytes: TorchScript deflates its code/ folder
+PICKLE_SCAN_BYTES = 16 << 20  # how much of a pickle is read to name what it would import
+
+
+def _refuse_inflating_archive(path: Path) -> None:
+    """Refuse a zip (state_dict or TorchScript archive) that unpacks to far more than its size on disk.
+
+    torch.save and torch.jit.save store tensors uncompressed, but torch reads
+    deflated members too: a 2 MB archive can declare gigabytes, which torch
+    allocates and inflates.  The sizes come from the central directory, the same
+    sizes torch allocates for, so nothing is inflated to check them.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip: torch's legacy format or a plain pickle, refused or read by torch.load
+    size = path.stat().st_size
+    if unpacked > MAX_INFLATION * size + INFLATION_SLACK:
+        raise WeightsError(
+            f"model.weights: {path} would unpack to {unpacked / 2**20:,.0f} MiB from {size / 2**20:,.1f} MiB "
+            "on disk; refused (torch checkpoints store their tensors uncompressed)"
+        )
+
+
+def _refusal(path: Path, torch_message: str, network: str | None) -> WeightsError:
+    """Why torch's weights-only unpickler refused ``path``, read from the pickle's opcodes (never run)."""
+    imports = _pickle_imports(_pickle_bytes(path))
+    if imports is None:
+        return WeightsError(f"model.weights: {path} {NOT_A_CHECKPOINT}")
+    network_name = _qualified_name(network)
+    if any(name.startswith("torch.nn.modules.") or name == network_name for name in imports):
+        return WeightsError(
+            f"model.weights: {path} is a whole pickled model (torch.save(model)), which needs code to load; "
+            "refused: save model.state_dict() or a TorchScript archive (torch.jit.script(model).save(path))"
+        )
+    if not imports:
+        return WeightsError(f"model.weights: {path} is a pickle but {NOT_A_CHECKPOINT}")
+    named = re.search(r"GLOBAL ([\w.]+)", torch_message)
+    culprit = named.group(1) if named else next(
+        (name for name in imports if not name.startswith(("torch.", "collections.", "_codecs."))), imports[0]
+    )
+    return WeightsError(
+        f"model.weights: {path} is a pickle that needs code to load (it imports {culprit}); refused "
+        "(save a plain state_dict or a TorchScript archive)"
+    )
+
+
+def _pickle_bytes(path: Path) -> bytes:
+    """The pickle of a checkpoint: ``data.pkl`` of a torch archive, else the start of the file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = sorted((n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"), key=len)
+            if not names:
+                return b""
+            with archive.open(names[0]) as member:
+                return member.read(PICKLE_SCAN_BYTES)
+    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError):
+        pass
+    with open(path, "rb") as f:
+        return f.read(PICKLE_SCAN_BYTES)
+
+
+def _pickle_imports(data: bytes) -> list[str] | None:
+    """The ``module.name`` of every class or function the pickle(s) in ``data`` would import.
+
+    Scanned with :func:`pickletools.genops`, which decodes opcodes and runs
+    nothing.  torch's legacy format is several pickles in a row; they are all
+    read.  None when ``data`` does not start with a whole pickle (random bytes).
+    """
+    stream = io.BytesIO(data)
+    imports: list[str] = []
+    pickles = 0
+    while stream.tell() < len(data) and pickles < 8:
+        pushed: list[Any] = []  # what each opcode pushed: strings, or None for anything else
+        memo: dict[Any, Any] = {}
+        try:
+            for opcode, arg, _ in pickletools.genops(stream):
+                name = opcode.name
+                if name in ("GLOBAL", "INST"):
+                    imports.append(str(arg).replace(" ", "."))
+                elif name == "STACK_GLOBAL":
+                    module, attr = pushed[-2:] if len(pushed) >= 2 else (None, None)
+                    imports.append(f"{module}.{attr}" if isinstance(module, str) and isinstance(attr, str) else "?")
+                elif name.startswith("EXT"):
+                    imports.append(f"copyreg extension {arg}")
+                if name == "MEMOIZE":
+                    memo[len(memo)] = pushed[-1] if pushed else None
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[arg] = pushed[-1] if pushed else None
+                elif name in ("GET", "BINGET", "LONG_BINGET"):
+                    pushed.append(memo.get(arg))
+                elif opcode.stack_after:
+                    pushed.append(arg if isinstance(arg, str) and name not in ("GLOBAL", "INST") else None)
+        except Exception:  # noqa: BLE001 - pickletools raises ValueError, UnicodeDecodeError, ... on non-pickles
+            if pickles == 0:
+                return None
+            break  # the tensor data after the pickles of torch's legacy format
+        pickles += 1
+    return imports if pickles else None
+
+
+def _qualified_name(network: str | None) -> str | None:
+    """``module.Class`` of the workflow's network, as a pickle of it would name it."""
+    if not network:
+        return None
+    try:
+        cls = network_class(network)
+    except WorkflowError:
+        return None
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,9 +1,10 @@
-"""Overlap-add of weighted partial sums, normalization, activation and labels.
+"""Overlap-add of weighted partial sums.
 
 An output voxel is ``sum_w(w * pred) / sum_w(w)`` over the windows covering it
 (MONAI's blending).  Each inference block returns the two sums over its own
 region (:class:`Partial`); a chunk adds the parts of its neighbours' partials
-that fall inside it, divides, then applies the activation.
+that fall inside it (:func:`overlap_add`); :mod:`tilemask.finalize` divides and
+turns the result into labels and probabilities.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import softmax
 
 from .geometry import Region, intersect, local_slices, region_shape
 
@@ -73,55 +73,3 @@ def overlap_add(chunk: Region, partials: Iterable[Partial]) -> tuple[np.ndarray,
     if weighted is None:
         raise ValueError(f"no partial covers chunk {chunk}")
     return weighted, weights, valid
-
-
-def blend(chunk: Region, partials: Iterable[Partial]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Blended network output over ``chunk``, ``sum(w * pred) / sum(w)``, and its input validity."""
-    weighted, weights, valid = overlap_add(chunk, partials)
-    weighted /= weights
-    return weighted, valid
-
-
-def activate(blended: np.ndarray, activation: str) -> np.ndarray:
-    if activation == "softmax":
-        return softmax(blended, axis=0).astype(np.float32, copy=False)
-    if activation == "sigmoid":
-        return (1.0 / (1.0 + np.exp(-blended))).astype(np.float32, copy=False)
-    return blended
-
-
-def labels_from_sums(
-    weighted: np.ndarray, weights: np.ndarray, activation: str, threshold: float, dtype: np.dtype
-) -> np.ndarray:
-    """Labels straight from the sums, when no probabilities are written.
-
-    ``sum(w) > 0`` scales every channel of a pixel alike and softmax is monotonic,
-    so ``argmax`` of the sums is ``argmax`` of the probabilities; for a sigmoid,
-    ``sigmoid(z) >= t`` is ``z >= logit(t)``, i.e. ``sum(w*z) >= logit(t) * sum(w)``.
-    This skips a division and an exponential per voxel and channel.
-    """
-    if activation == "sigmoid":
-        return (weighted[0] >= np.float32(np.log(threshold / (1.0 - threshold))) * weights).astype(dtype)
-    return np.argmax(weighted, axis=0).astype(dtype)
-
-
-def to_labels(probabilities: np.ndarray, activation: str, threshold: float, dtype: np.dtype) -> np.ndarray:
-    """Class per voxel: argmax over channels, or ``p >= threshold`` for a one-channel sigmoid."""
-    if activation == "sigmoid":
-        return (probabilities[0] >= threshold).astype(dtype)
-    return np.argmax(probabilities, axis=0).astype(dtype)
-
-
-def encode_probabilities(probabilities: np.ndarray, kind: str) -> np.ndarray:
-    """float32 as is, or uint8 as ``round(p * 255)``."""
-    if kind == "uint8":
-        return np.rint(np.clip(probabilities, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return probabilities.astype(np.float32, copy=False)
-
-
-def labels_dtype(n_classes: int) -> np.dtype:
-    """The smallest unsigned integer type that holds the class indexes."""
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if n_classes - 1 <= np.iinfo(dtype).max:
-            return np.dtype(dtype)
-    raise ValueError(f"{n_classes} classes")

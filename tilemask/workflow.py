@@ -21,14 +21,19 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from .classes import class_name
 from .errors import WorkflowError
-from .sources.labels import class_name
-from .stats.config import PostprocessConfig, StatsConfig
+from .formats import FORMATS, for_output, stem
+from .stats.config import NotBool, PostprocessConfig, StatsConfig
 
 logger = logging.getLogger(__name__)
 
-PositiveInt = Annotated[int, Field(ge=1)]
-Overlap = Annotated[float, Field(ge=0.0, lt=1.0)]
+# Every number refuses a boolean (pydantic's lax mode would take ``true`` as 1); floats still take ints.
+PositiveInt = Annotated[int, NotBool, Field(ge=1)]
+Float = Annotated[float, NotBool]
+Overlap = Annotated[float, NotBool, Field(ge=0.0, lt=1.0)]
+SigmaScale = Annotated[float, NotBool, Field(gt=0)]
+MAX_ALIAS_EXPANSION = 100_000  # values YAML aliases may add to a workflow (a "billion laughs" adds ~10**9)
 REMOTE_PREFIXES = ("http://", "https://", "s3://", "/vsi", "gs://", "az://")
 
 
@@ -47,8 +52,8 @@ class ModelConfig(_Strict):
 
 
 class Normalize(_Strict):
-    mean: list[float]
-    std: list[float]
+    mean: list[Float]
+    std: list[Float]
 
     @model_validator(mode="after")
     def _same_length(self) -> Normalize:
@@ -68,11 +73,11 @@ class Inference(_Strict):
     roi_size: list[PositiveInt]
     overlap: Overlap | list[Overlap] = 0.25
     mode: Literal["gaussian", "constant"] = "gaussian"
-    sigma_scale: Annotated[float, Field(gt=0)] | list[Annotated[float, Field(gt=0)]] = 0.125
+    sigma_scale: SigmaScale | list[SigmaScale] = 0.125
     batch_size: PositiveInt = 8
     device: str = "auto"
     activation: Literal["softmax", "sigmoid", "none"] = "softmax"
-    threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    threshold: Annotated[float, NotBool, Field(gt=0.0, lt=1.0)] = 0.5
 
     @field_validator("device")
     @classmethod
@@ -103,8 +108,7 @@ class Output(_Strict):
     @field_validator("path")
     @classmethod
     def _suffix(cls, value: str) -> str:
-        if not value.rstrip("/").lower().endswith((".zarr", ".nii", ".nii.gz", ".tif", ".tiff")):
-            raise ValueError(f"suffix must be .zarr, .nii, .nii.gz or .tif (got {value!r})")
+        for_output(value)  # ValueError naming the suffixes tilemask writes
         return _only_stem_placeholder(value)
 
     @field_validator("vectors")
@@ -127,7 +131,7 @@ def _only_stem_placeholder(path: str) -> str:
 class Workflow(_Strict):
     """A validated workflow, version 1 (see DESIGN.md section 3)."""
 
-    version: Literal[1]
+    version: Annotated[Literal[1], NotBool]
     input: str | Annotated[list[str], Field(min_length=1)]
     classes: list[str] | None = None
     model: ModelConfig
@@ -157,10 +161,13 @@ class Workflow(_Strict):
             raise ValueError(f"classes has {len(self.classes)} names but the model gives {self.n_classes} classes")
         if len(roi) != 2 and self.output.vectors:
             raise ValueError("output.vectors needs a 2D raster model (roi_size of 2 values)")
-        if len(roi) != 2 and self.output.path.lower().endswith((".tif", ".tiff")):
-            raise ValueError("output.path .tif (COG) needs a 2D raster model; write volumes to .nii.gz or .zarr")
-        if len(roi) != 3 and self.output.path.lower().endswith((".nii", ".nii.gz")):
-            raise ValueError("output.path .nii/.nii.gz needs a 3D model; write rasters to .tif or .zarr")
+        fmt = for_output(self.output.path)
+        if len(roi) not in fmt.spatial_dims:
+            writers = [s for f in FORMATS if f.writable and len(roi) in f.spatial_dims for s in f.suffixes]
+            raise ValueError(
+                f"output.path {fmt.suffix(self.output.path)} holds {' or '.join(f'{d}D' for d in fmt.spatial_dims)} "
+                f"images, this model is {len(roi)}D; write to {', '.join(writers)}"
+            )
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise ValueError("classes: names must be unique")
         if self.stats and not self.stats.output.lower().endswith((".parquet", ".gpkg", ".csv", ".json")):
@@ -184,7 +191,7 @@ class Workflow(_Strict):
         except OSError as exc:
             raise WorkflowError(f"cannot read workflow {path}: {exc.strerror or exc}") from None
         try:
-            raw = yaml.safe_load(text)
+            raw = load_yaml(text, f"workflow {path}")
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
@@ -267,15 +274,6 @@ class Workflow(_Strict):
         return self.model_dump(mode="json")
 
 
-def stem(path: str) -> str:
-    """Input name without its format suffix (``scan.nii.gz`` -> ``scan``)."""
-    name = path.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
-    for suffix in (".nii.gz", ".nii", ".zarr", ".tiff", ".tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name.rsplit(".", 1)[0] if "." in name else name
-
-
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """Apply ``--set key.path=value`` overrides (values parsed as YAML) to a raw workflow dict."""
     raw = _deep_copy(raw)
@@ -284,7 +282,7 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         if not sep or not key:
             raise WorkflowError(f"--set {item!r}: expected KEY=VALUE, e.g. output.chunks=1024")
         try:
-            parsed = yaml.safe_load(value)
+            parsed = load_yaml(value, f"--set {key}")
         except yaml.YAMLError:
             raise WorkflowError(f"--set {key}: value {value!r} is not valid YAML") from None
         node = raw
@@ -296,6 +294,60 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             node = child
         node[parts[-1]] = parsed
     return raw
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load``, refusing aliases that expand to more than MAX_ALIAS_EXPANSION values.
+
+    PyYAML builds an aliased collection once and shares it, so a 1 kB "billion
+    laughs" loads at once; it is the first copy or validation of it that expands
+    it to ~10**9 values (minutes, gigabytes).  The node graph is measured first,
+    each node counted once (memoised by id), so the check costs the size of the file.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        distinct, expanded = _node_counts(node, where)
+        if expanded - distinct > MAX_ALIAS_EXPANSION:
+            raise WorkflowError(
+                f"{where}: YAML aliases expand it to {expanded:,} values (at most {MAX_ALIAS_EXPANSION:,} "
+                "more than written); refused"
+            )
+        return loader.construct_document(node)
+    except RecursionError:  # PyYAML composes and constructs recursively
+        raise WorkflowError(f"{where}: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _node_counts(root: yaml.Node, where: str) -> tuple[int, int]:
+    """(distinct nodes, nodes once every alias is expanded) of a composed YAML document."""
+    expanded: dict[int, int] = {}
+    open_nodes: set[int] = set()  # the collections being counted: the ancestors of the current node
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # depth first, without recursion (a deep document would exhaust Python's stack)
+        node, children_counted = stack.pop()
+        children = _children(node)
+        if children_counted:
+            open_nodes.discard(id(node))
+            expanded[id(node)] = 1 + sum(expanded[id(child)] for child in children)
+        elif id(node) in open_nodes:
+            raise WorkflowError(f"{where}: a YAML alias refers to a collection that holds it (recursive); refused")
+        elif id(node) not in expanded:
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in children)
+    return len(expanded), expanded[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [item for pair in node.value for item in pair]
+    return []
 
 
 def _deep_copy(value: Any) -> Any:

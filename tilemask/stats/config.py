@@ -20,9 +20,20 @@ postprocess:                         # applied in this order, to every foregroun
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+
+def _not_bool(value: Any) -> Any:
+    """pydantic's lax mode takes ``true`` as 1 where a number is expected; a YAML boolean there is a mistake."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+NotBool = BeforeValidator(_not_bool)  # add to every int or float field: Annotated[int, NotBool]
+Count = Annotated[int, NotBool, Field(ge=0)]
 
 
 class StatsConfig(BaseModel):
@@ -40,14 +51,14 @@ class StatsConfig(BaseModel):
 
 
 class PostprocessConfig(BaseModel):
-    """Clean-up of the labels before they are written (see :mod:`tilemask.stats.postprocess`)."""
+    """Clean-up of the labels before they are written (see :mod:`tilemask.postprocess`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    remove_small: int = Field(0, ge=0)
+    remove_small: Count = 0
     fill_holes: bool = False
-    opening: int = Field(0, ge=0)
-    closing: int = Field(0, ge=0)
+    opening: Count = 0
+    closing: Count = 0
     connectivity: Literal["face", "full"] = "face"
 
     @property

@@ -1,0 +1,82 @@
+"""Weighted sums -> labels, probabilities and the class histogram of one chunk (pure numpy).
+
+``sum(w * pred) / sum(w)`` is the blended network output; the activation
+(softmax over channels, or a one-channel sigmoid) gives probabilities; labels
+are their argmax, or ``p >= threshold`` for a sigmoid.  Invalid input pixels
+(nodata, masked, NaN) get the ``nodata`` label and zero probabilities, and are
+counted in no class.
+
+Ties: where two classes' blended outputs differ by float32 summation noise,
+the label may differ between worker layouts (torch's thread count changes the
+order of its sums).  README, "Ties", says how large that margin is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import softmax
+
+from .planning import Finishing
+
+
+def finalize(
+    weighted: np.ndarray, weights: np.ndarray, valid: np.ndarray | None, finishing: Finishing
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """``(labels, encoded probabilities or None, pixels per class)`` of one chunk; ``weighted`` is consumed."""
+    dtype = np.dtype(finishing.labels_dtype)
+    encoded = None
+    if finishing.probabilities == "none":
+        labels = labels_from_sums(weighted, weights, finishing.activation, finishing.threshold, dtype)
+    else:
+        weighted /= weights
+        probabilities = activate(weighted, finishing.activation)
+        labels = to_labels(probabilities, finishing.activation, finishing.threshold, dtype)
+        if valid is not None:
+            probabilities[:, ~valid] = 0.0
+        encoded = encode_probabilities(probabilities, finishing.probabilities)
+    if valid is not None:
+        labels[~valid] = finishing.nodata
+    return labels, encoded, class_histogram(labels, finishing.n_classes, finishing.nodata)
+
+
+def activate(blended: np.ndarray, activation: str) -> np.ndarray:
+    if activation == "softmax":
+        return softmax(blended, axis=0).astype(np.float32, copy=False)
+    if activation == "sigmoid":
+        return (1.0 / (1.0 + np.exp(-blended))).astype(np.float32, copy=False)
+    return blended
+
+
+def labels_from_sums(
+    weighted: np.ndarray, weights: np.ndarray, activation: str, threshold: float, dtype: np.dtype
+) -> np.ndarray:
+    """Labels straight from the sums, when no probabilities are written.
+
+    ``sum(w) > 0`` scales every channel of a pixel alike and softmax is monotonic,
+    so ``argmax`` of the sums is ``argmax`` of the probabilities; for a sigmoid,
+    ``sigmoid(z) >= t`` is ``z >= logit(t)``, i.e. ``sum(w*z) >= logit(t) * sum(w)``.
+    This skips a division and an exponential per voxel and channel.
+    """
+    if activation == "sigmoid":
+        return (weighted[0] >= np.float32(np.log(threshold / (1.0 - threshold))) * weights).astype(dtype)
+    return np.argmax(weighted, axis=0).astype(dtype)
+
+
+def to_labels(probabilities: np.ndarray, activation: str, threshold: float, dtype: np.dtype) -> np.ndarray:
+    """Class per voxel: argmax over channels, or ``p >= threshold`` for a one-channel sigmoid."""
+    if activation == "sigmoid":
+        return (probabilities[0] >= threshold).astype(dtype)
+    return np.argmax(probabilities, axis=0).astype(dtype)
+
+
+def encode_probabilities(probabilities: np.ndarray, kind: str) -> np.ndarray:
+    """float32 as is, or uint8 as ``round(p * 255)``."""
+    if kind == "uint8":
+        return np.rint(np.clip(probabilities, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return probabilities.astype(np.float32, copy=False)
+
+
+def class_histogram(labels: np.ndarray, n_classes: int, nodata: int | None) -> np.ndarray:
+    """Pixels per class, nodata left out."""
+    counted = labels if nodata is None else labels[labels != nodata]
+    return np.bincount(counted.ravel(), minlength=n_classes)[:n_classes]

@@ -1,0 +1,329 @@
+"""Planning: read the workflow once, check all that can be checked before any work, hand out frozen settings.
+
+Two steps, because one fact comes from the network itself:
+
+1. :func:`plan_workflow` (client, no cluster, no torch): opens each input's
+   metadata, lays out its window plan, resolves every output path, and refuses
+   before any work what would fail or destroy data (channels, outputs that are
+   inputs or exist without ``--overwrite``, unwritable folders, missing regions).
+2. :meth:`WorkflowPlan.jobs` once the network has been probed on a worker
+   (:func:`tilemask.engine.probe_network`): the number of output channels fixes
+   the classes, the labels' type and the probability layout; a network that
+   disagrees with ``model.args``, ``classes`` or the activation is refused.
+
+Every stage then gets its own frozen value: the window plan, the model spec,
+:class:`InferenceSettings`, :class:`~tilemask.preprocess.Preprocessing`,
+:class:`Finishing`, the sink, and the :class:`Products` to derive.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .classes import class_name
+from .errors import InputError, WeightsError, WorkflowError
+from .formats import for_output, for_path
+from .geometry import WindowPlan, normalize_per_axis
+from .outputs import check_outputs, new_run_id
+from .preprocess import Preprocessing
+from .sinks import LabelSink, OutputLayout, make_sink
+from .sources import ImageSource, open_source
+from .stats.config import PostprocessConfig, StatsConfig
+from .workflow import REMOTE_PREFIXES, Workflow
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What identifies a model: network class, its arguments (canonical JSON) and the weights path."""
+
+    network: str
+    args_json: str
+    weights: str
+    weights_stamp: tuple[int, int] = (0, 0)  # (mtime_ns, size): retrained weights are a new model
+
+    @classmethod
+    def create(cls, network: str, args: dict[str, Any], weights: str) -> ModelSpec:
+        try:
+            stat = os.stat(weights)
+            stamp = (stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            stamp = (0, 0)
+        return cls(network, json.dumps(args, sort_keys=True), weights, stamp)
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return json.loads(self.args_json)
+
+    @property
+    def is_torchscript(self) -> bool:
+        try:
+            with zipfile.ZipFile(self.weights) as archive:
+                return any("/code/" in name for name in archive.namelist())
+        except (zipfile.BadZipFile, OSError):
+            return False
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """What a worker needs to predict a block's windows (per-axis tuples)."""
+
+    roi: tuple[int, ...]
+    mode: str = "gaussian"
+    sigma_scale: float | tuple[float, ...] = 0.125
+    batch_size: int = 8
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class Finishing:
+    """What a chunk task does after blending (see :mod:`tilemask.finalize`)."""
+
+    activation: str
+    threshold: float
+    n_classes: int
+    labels_dtype: str
+    probabilities: str  # none | float32 | uint8
+    nodata: int | None = None  # label of invalid input pixels
+
+
+@dataclass(frozen=True)
+class Products:
+    """What is derived from one input's finished labels (see :mod:`tilemask.products`)."""
+
+    vectors: str | None = None
+    quicklook: str | None = None  # PNG path (2D rasters)
+    quicklook_bands: tuple[int, ...] = ()
+    stats: StatsConfig | None = None
+
+    @property
+    def paths(self) -> list[str]:
+        return [p for p in (self.vectors, self.quicklook, self.stats.output if self.stats else None) if p]
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """One input, checked: its source, its window plan and where its outputs go."""
+
+    input: str
+    source: ImageSource
+    plan: WindowPlan
+    output: str
+    products: Products
+
+
+@dataclass
+class Job:
+    """Everything one input's run needs."""
+
+    input: str
+    source: ImageSource
+    plan: WindowPlan
+    model: ModelSpec
+    settings: InferenceSettings
+    preprocessing: Preprocessing
+    finishing: Finishing
+    sink: LabelSink
+    products: Products = field(default_factory=Products)
+
+
+@dataclass
+class WorkflowPlan:
+    """A workflow, checked and laid out; :meth:`jobs` completes it with the network's channel count."""
+
+    workflow: Workflow
+    model: ModelSpec
+    settings: InferenceSettings
+    preprocessing: Preprocessing
+    inputs: list[InputPlan]
+    postprocess: PostprocessConfig | None
+
+    @property
+    def in_channels(self) -> int:
+        return self.inputs[0].source.channels
+
+    def output_files(self, item: InputPlan) -> list[str]:
+        """Every file one input's run writes: labels, probabilities beside them, derived products."""
+        probabilities = self.workflow.output.probabilities != "none"
+        return for_output(item.output).files(item.output, probabilities) + item.products.paths
+
+    def jobs(self, out_channels: int) -> list[Job]:
+        n_classes, names = classes_of(self.workflow, out_channels)
+        return [self._job(item, out_channels, n_classes, names) for item in self.inputs]
+
+    def _job(self, item: InputPlan, out_channels: int, n_classes: int, names: tuple[str, ...]) -> Job:
+        workflow, source = self.workflow, item.source
+        invalid = source.has_invalid or source.floating  # NaN / inf are invalid pixels too
+        # invalid pixels get the largest value of the labels' type, one past the classes at least
+        dtype = labels_dtype(n_classes + 1 if invalid else n_classes)
+        finishing = Finishing(
+            activation=workflow.inference.activation,
+            threshold=workflow.inference.threshold,
+            n_classes=n_classes,
+            labels_dtype=dtype.name,
+            probabilities=workflow.output.probabilities,
+            nodata=int(np.iinfo(dtype).max) if invalid else None,
+        )
+        layout = OutputLayout(
+            shape=item.plan.shape,
+            chunks=item.plan.chunks,
+            class_names=names,
+            labels_dtype=finishing.labels_dtype,
+            probability_channels=0 if finishing.probabilities == "none" else out_channels,
+            probabilities_dtype=finishing.probabilities,
+            geometry=source.geometry,
+            reference=item.input,
+            nodata=finishing.nodata,
+            metadata={"version": __version__, "workflow": workflow.to_dict(), "input": item.input},
+            run_id=new_run_id(),
+        )
+        products = item.products
+        if products.stats is not None and not workflow.stats.classes:
+            products = Products(
+                products.vectors, products.quicklook, products.quicklook_bands,
+                products.stats.model_copy(update={"classes": list(names)}),
+            )  # fmt: skip
+        return Job(
+            input=item.input,
+            source=source,
+            plan=item.plan,
+            model=self.model,
+            settings=self.settings,
+            preprocessing=self.preprocessing,
+            finishing=finishing,
+            sink=make_sink(item.output, layout),
+            products=products,
+        )
+
+
+def labels_dtype(n_classes: int) -> np.dtype:
+    """The smallest unsigned integer type that holds the class indexes."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if n_classes - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise WorkflowError(f"{n_classes} classes are more than a uint32 label holds")
+
+
+def classes_of(workflow: Workflow, out_channels: int) -> tuple[int, tuple[str, ...]]:
+    """Classes and their names from the network's output channels; disagreements are exit 2."""
+    declared = workflow.model.args.get("out_channels")
+    if declared is not None and int(declared) != out_channels:
+        raise WorkflowError(f"model.args.out_channels is {declared} but the network gives {out_channels} channels")
+    activation = workflow.inference.activation
+    if activation == "sigmoid" and out_channels != 1:
+        raise WorkflowError(f"inference.activation sigmoid needs a one-channel network; this one gives {out_channels}")
+    n_classes = 2 if activation == "sigmoid" else out_channels
+    if workflow.classes is not None and len(workflow.classes) != n_classes:
+        raise WorkflowError(
+            f"classes has {len(workflow.classes)} names but the network gives {n_classes} classes"
+            f" ({out_channels} output channels)"
+        )
+    names = tuple(workflow.classes) if workflow.classes else tuple(class_name(None, i) for i in range(n_classes))
+    return n_classes, names
+
+
+def plan_workflow(workflow: Workflow, overwrite: bool = False) -> WorkflowPlan:
+    """Open every input's metadata and check the whole workflow against them, before any work."""
+    inference = workflow.inference
+    spatial_dims = int(workflow.model.spatial_dims or len(inference.roi_size))  # the model's rank (validated equal)
+    roi = tuple(inference.roi_size)
+    weights = workflow.resolve(workflow.model.weights)
+    if not weights.startswith(REMOTE_PREFIXES) and not os.path.isfile(weights):
+        raise WeightsError(f"model.weights: no such file {weights}")
+    normalize = workflow.preprocess.normalize
+    sigma = inference.sigma_scale
+    plan = WorkflowPlan(
+        workflow=workflow,
+        model=ModelSpec.create(workflow.model.network, workflow.model.args, weights),
+        settings=InferenceSettings(
+            roi=roi,
+            mode=inference.mode,
+            sigma_scale=tuple(normalize_per_axis(sigma, spatial_dims, "sigma_scale")) if isinstance(sigma, list) else sigma,
+            batch_size=inference.batch_size,
+            device=inference.device,
+        ),
+        preprocessing=Preprocessing(
+            tuple(normalize.mean) if normalize else None, tuple(normalize.std) if normalize else None
+        ),
+        inputs=[_plan_input(workflow, path, spatial_dims) for path in workflow.input_paths()],
+        postprocess=workflow.postprocess if workflow.postprocess and workflow.postprocess.active else None,
+    )
+    _check_across_inputs(plan)
+    logger.info(
+        "planned %d input(s), %d windows, roi %s", len(plan.inputs), sum(i.plan.n_windows for i in plan.inputs), list(roi)
+    )
+    check_outputs(
+        ((f, _owned(f)) for item in plan.inputs for f in plan.output_files(item)),
+        [item.input for item in plan.inputs] + [weights],
+        overwrite,
+    )
+    return plan
+
+
+def _plan_input(workflow: Workflow, path: str, spatial_dims: int) -> InputPlan:
+    source = open_source(path, spatial_dims, workflow.preprocess.bands)
+    check_source(workflow, source)
+    plan = WindowPlan.build(source.spatial_shape, workflow.inference.roi_size, workflow.inference.overlap, workflow.output.chunks)
+    output = workflow.output_path(path)
+    quicklook = workflow.output.quicklook and spatial_dims == 2 and for_path(path).name in ("cog", "gdal")
+    return InputPlan(
+        input=path,
+        source=source,
+        plan=plan,
+        output=output,
+        products=Products(
+            vectors=workflow.vectors_path(path),
+            quicklook=str(Path(output.rstrip("/")).with_suffix(".png")) if quicklook else None,
+            quicklook_bands=tuple(getattr(source, "bands", ())),
+            stats=workflow.stats_for(path),
+        ),
+    )
+
+
+def check_source(workflow: Workflow, source: ImageSource) -> None:
+    """Checks that need the input: channels against ``in_channels`` and normalization."""
+    in_channels = workflow.model.args.get("in_channels")
+    if in_channels is not None and in_channels != source.channels:
+        hint = " (select them with preprocess.bands)" if for_path(source.path).name in ("cog", "gdal") else ""
+        raise InputError(
+            f"{source.path}: model.args.in_channels is {in_channels} but the input gives {source.channels} "
+            f"channels{hint}"
+        )
+    normalize = workflow.preprocess.normalize
+    if normalize and len(normalize.mean) != source.channels:
+        raise InputError(
+            f"{source.path}: preprocess.normalize has {len(normalize.mean)} values for {source.channels} channels"
+        )
+
+
+def _check_across_inputs(plan: WorkflowPlan) -> None:
+    seen: dict[str, str] = {}
+    for item in plan.inputs:
+        for path in plan.output_files(item):
+            if path in seen:
+                raise WorkflowError(f"output: {seen[path]} and {item.input} would both write {path}; use {{stem}}")
+            seen[path] = item.input
+        stats = item.products.stats
+        if stats and stats.regions and not stats.regions.startswith(REMOTE_PREFIXES) and not Path(stats.regions).exists():
+            raise InputError(f"stats.regions: no such file {stats.regions}")
+    channels = {item.source.channels for item in plan.inputs}
+    if len(channels) > 1:
+        raise InputError(f"input: the inputs have different channel counts {sorted(channels)}; one network takes one")
+
+
+def _owned(path: str) -> bool:
+    """Whether the file at ``path`` is one tilemask wrote (label outputs) or may replace (derived tables, PNGs)."""
+    fmt = for_path(path)
+    if not fmt.writable:
+        return True  # derived products (polygons, quick look, tables) carry no mark; --overwrite decides
+    return fmt.written_by_tilemask(path)

@@ -1,0 +1,43 @@
+"""What is derived from one input's finished labels: polygons, the quick look, statistics.
+
+One interface, :func:`write_products`: each product gets the labels path, the
+job's chunking and class names, runs on the cluster and writes through
+:func:`tilemask.outputs.atomic_path`; it returns the paths written.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from distributed import Client
+
+from .planning import Job
+from .progress import stage
+
+logger = logging.getLogger(__name__)
+
+
+def write_products(job: Job, labels_path: str, client: Client, progress: bool = False) -> list[str]:
+    """Polygons, quick look (2D rasters) and statistics of ``labels_path``, as the job's products ask."""
+    products, written = job.products, []
+    chunks = max(job.plan.chunks)
+    if products.vectors:
+        from .vectors import write_polygons
+
+        with stage(f"polygons -> {Path(products.vectors).name}", progress):
+            names = job.sink.layout.class_names
+            written.append(write_polygons(labels_path, products.vectors, client=client, class_names=names, chunks=chunks))
+    if products.quicklook:
+        from .quicklook import write_quicklook
+
+        with stage(f"quick look -> {Path(products.quicklook).name}", progress):
+            bands = list(products.quicklook_bands)
+            task = client.submit(write_quicklook, job.input, labels_path, products.quicklook, bands, pure=False)
+            written.append(task.result())
+    if products.stats:
+        from .stats import compute_from_config
+
+        with stage(f"statistics -> {Path(products.stats.output).name}", progress):
+            written.append(str(compute_from_config(labels_path, products.stats, client=client)))
+    return written
