@@ -8,15 +8,19 @@ import sys
 import click
 
 from . import __version__
-from .command import TilemaskCommand, configure_logging
+from .command import TilemaskCommand
 
 logger = logging.getLogger(__name__)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tilemask")
-def main() -> None:
+@click.option("-v", "--verbose", count=True, help="Say more: -v one line per stage, -vv debug.")
+@click.option("-q", "--quiet", count=True, help="Say less: errors only.")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: int) -> None:
     """Segment images too big for one process on a Dask cluster."""
+    ctx.obj = {"verbosity": verbose - quiet}
 
 
 @main.command(cls=TilemaskCommand)
@@ -25,17 +29,22 @@ def main() -> None:
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes of the embedded cluster.")
 @click.option("--threads-per-worker", type=click.IntRange(min=1), help="Threads per worker of the embedded cluster.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a workflow key, e.g. output.chunks=1024.")
+@click.option("--overwrite", is_flag=True, help="Replace outputs that an earlier tilemask run wrote.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
-def run(workflow, scheduler, workers, threads_per_worker, overrides, quiet, debug) -> None:
+def run(workflow, scheduler, workers, threads_per_worker, overrides, overwrite, quiet, debug) -> None:
     """Segment the inputs of WORKFLOW.yaml and write the masks."""
     from .engine import run as run_workflow
     from .workflow import Workflow
 
-    configure_logging(debug)
     wf = Workflow.from_yaml(workflow, overrides)
     results = run_workflow(
-        wf, scheduler=scheduler, workers=workers, threads_per_worker=threads_per_worker, progress=not quiet
+        wf,
+        scheduler=scheduler,
+        workers=workers,
+        threads_per_worker=threads_per_worker,
+        progress=not quiet,
+        overwrite=overwrite,
     )
     for result in results:
         counts = ", ".join(f"{name} {n}" for name, n in result.class_pixels.items())

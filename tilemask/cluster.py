@@ -4,7 +4,7 @@ Defaults for the embedded cluster (see README, "Execution"):
 
 * CPU: one worker process per 4 cores (at least one), each with 2 Dask threads
   and the process's share of the cores as torch intra-op threads.  A process
-  runs one forward pass at a time (a lock in :mod:`tilemask.inference`), so the
+  runs one forward pass at a time (one compute thread in :mod:`tilemask.inference`), so the
   second thread reads, blends and writes while the model computes.  Measured
   on a 2-core VM, one process with 2 torch threads predicts 1.9x faster than two
   single-threaded processes, which compete for memory bandwidth.
@@ -17,16 +17,21 @@ import contextlib
 import ctypes
 import logging
 import os
+import signal
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
-from distributed import Client, LocalCluster, WorkerPlugin
+import dask
+from distributed import Client, Future, LocalCluster, WorkerPlugin, as_completed
 
-from .errors import TilemaskError
+from .errors import RunError, TilemaskError
 
 CORES_PER_WORKER = 4
 THREADS_PER_WORKER = 2
+NO_WORKERS_TIMEOUT = 60.0
+"""Seconds a run waits while the cluster has no worker at all (Dask config ``tilemask.no-workers-timeout``)."""
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +44,22 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_workers() -> tuple[int, int]:
-    """``(workers, threads per worker)`` of the embedded cluster."""
-    import torch
+def cuda_devices() -> int:
+    """GPUs this process may use, counted without importing torch (the client stays light).
 
-    if torch.cuda.is_available():
-        return torch.cuda.device_count(), THREADS_PER_WORKER
+    ``CUDA_VISIBLE_DEVICES`` when set, else the ``/dev/nvidiaN`` device files.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    return len([d for d in os.listdir("/dev") if d.startswith("nvidia") and d[6:].isdigit()]) if os.path.isdir("/dev") else 0
+
+
+def default_workers() -> tuple[int, int]:
+    """``(workers, threads per worker)`` of the embedded cluster: one per GPU, else one per 4 cores."""
+    gpus = cuda_devices()
+    if gpus:
+        return gpus, THREADS_PER_WORKER
     return max(1, available_cores() // CORES_PER_WORKER), THREADS_PER_WORKER
 
 
@@ -62,14 +77,22 @@ def cluster_client(
             yield client
         return
     default_n, default_t = default_workers()
-    with LocalCluster(
+    cluster = LocalCluster(
         n_workers=workers or default_n,
         threads_per_worker=threads_per_worker or default_t,
         processes=True,
         dashboard_address=":0",
+        plugins={EmbeddedWorker(quiet=not logger.isEnabledFor(logging.DEBUG))},
         silence_logs=logging.CRITICAL if not logger.isEnabledFor(logging.DEBUG) else logging.INFO,
-    ) as cluster, Client(cluster) as client:
-        yield client
+    )
+    try:
+        with Client(cluster) as client:
+            yield client
+    finally:
+        try:
+            cluster.close()
+        except Exception as exc:  # e.g. a nanny still restarting a killed worker: the work itself is done
+            logger.warning("closing the embedded cluster: %s: %s", type(exc).__name__, exc)
 
 
 class WorkerSetup(WorkerPlugin):
@@ -104,6 +127,72 @@ def reuse_large_allocations() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3
     libc.mallopt(m_mmap_threshold, 32 << 20)
     libc.mallopt(m_trim_threshold, 128 << 20)
+
+
+class EmbeddedWorker(WorkerPlugin):
+    """How the embedded cluster's worker processes behave under a command line.
+
+    * They ignore SIGINT: Ctrl-C in a terminal signals the whole process group,
+      and shutting the workers down is the tilemask process's job, so they neither
+      die half-way through a cleanup nor print ``KeyboardInterrupt`` tracebacks.
+    * Unless ``--debug``, their C-level stderr goes to ``/dev/null``: libtiff and
+      GDAL print there directly (``_tiffWriteProc: No space left on device``),
+      before tilemask's one-line error says the same.  Errors still reach the
+      client through Dask.
+    """
+
+    name = "tilemask-embedded-worker"
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def setup(self, worker) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if self.quiet:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+
+
+def no_workers_timeout() -> float:
+    return float(dask.config.get("tilemask.no-workers-timeout", NO_WORKERS_TIMEOUT))
+
+
+def wait_for_workers(client: Client) -> None:
+    """Return once the cluster has a worker; fail with one line after :func:`no_workers_timeout`."""
+    limit = no_workers_timeout()
+    try:
+        client.wait_for_workers(1, timeout=limit)
+    except (TimeoutError, OSError):
+        raise RunError(f"no Dask worker joined the cluster at {client.scheduler.address} within {limit:g} s") from None
+
+
+def completed(client: Client, futures: Iterable[Future]) -> Iterator[Future]:
+    """Futures as they finish (as ``as_completed``), failing when the cluster has had no worker for too long.
+
+    A scheduler whose workers all died, or that never had one, would otherwise
+    leave the run waiting forever without a word.
+    """
+    limit = no_workers_timeout()
+    pending = as_completed(futures)
+    last_worker = next_check = time.monotonic()
+    while not pending.is_empty():
+        ready = pending.next_batch(block=False)
+        if ready:
+            yield from ready
+            continue
+        now = time.monotonic()
+        if now >= next_check:
+            next_check = now + 1.0
+            if client.nthreads():
+                last_worker = now
+            elif now - last_worker > limit:
+                raise RunError(
+                    f"the Dask cluster at {client.scheduler.address} has had no worker for {limit:g} s "
+                    "(they died or never joined)"
+                )
+        time.sleep(0.02)
 
 
 def prepare_workers(client: Client) -> None:

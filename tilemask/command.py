@@ -16,8 +16,13 @@ class TilemaskCommand(click.Command):
     """Reports tilemask errors as one line with their exit status (tracebacks only with --debug)."""
 
     def invoke(self, ctx: click.Context):
+        from .interrupts import terminate_as_interrupt
+
+        verbosity = (ctx.find_root().obj or {}).get("verbosity", 0)
+        configure_logging(bool(ctx.params.get("debug")), verbosity)
         try:
-            return super().invoke(ctx)
+            with terminate_as_interrupt():
+                return super().invoke(ctx)
         except TilemaskError as exc:
             if ctx.params.get("debug"):
                 raise
@@ -33,9 +38,13 @@ class TilemaskCommand(click.Command):
             ctx.exit(1)
 
 
-def configure_logging(debug: bool) -> None:
-    """Debug logs and library warnings with --debug; otherwise warnings and Dask's chatter are silenced."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def configure_logging(debug: bool, verbosity: int = 0) -> None:
+    """Levels as rio's ``-v`` / ``-q``: WARNING by default, INFO with ``-v`` (one line per stage), DEBUG with
+    ``-vv`` or ``--debug``, ERROR with ``-q``.  Library warnings and Dask's chatter only with ``--debug``."""
+    level = logging.DEBUG if debug or verbosity >= 2 else {1: logging.INFO, 0: logging.WARNING}.get(verbosity, logging.ERROR)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
     if not debug:
+        import distributed  # noqa: F401  # its import sets its own log levels; ours must come after
+
         warnings.simplefilter("ignore")
-        logging.getLogger("distributed").setLevel(logging.ERROR)
+        logging.getLogger("distributed").setLevel(logging.CRITICAL)  # its failures reach us as exceptions

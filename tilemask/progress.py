@@ -1,4 +1,5 @@
-"""The progress bar of long work: windows done / total and windows per second."""
+"""What a user sees of long work: the windows bar (done / total, windows per second) and a live line per
+stage without a count (COG assembly, post-processing, polygons, statistics), on stdout."""
 
 from __future__ import annotations
 
@@ -35,3 +36,26 @@ def window_progress(total: int, label: str, enabled: bool = True) -> Iterator[Ca
             bar.update(task, advance=n, rate=done / max(time.perf_counter() - start, 1e-9))
 
         yield advance
+
+
+@contextlib.contextmanager
+def stage(label: str, enabled: bool = True) -> Iterator[None]:
+    """A spinner with the elapsed time while a stage without a count runs; its duration logged at INFO."""
+    start = time.perf_counter()
+    if enabled:
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()) as bar:
+            bar.add_task(label, total=None)
+            yield
+    else:
+        yield
+    logger.info("%s: %.1f s", label, time.perf_counter() - start)
+
+
+def announce(text: str, enabled: bool = True) -> None:
+    """One line for the user on stdout (with the progress bars; stderr is for errors)."""
+    if enabled:
+        from rich.console import Console
+
+        Console(highlight=False, soft_wrap=True).print(text)
