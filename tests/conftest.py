@@ -17,7 +17,13 @@ import torch
 import yaml
 from rasterio.transform import from_origin
 
-SHARED_GEO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "geo"
+REPO = Path(__file__).resolve().parents[1]
+# The real rasters tests read (rasterio's test data, BSD): tests/data/, and the demo scene in workflows/demo/.
+GEO = {
+    "shade.tif": REPO / "tests" / "data" / "shade.tif",
+    "corrupt.tif": REPO / "tests" / "data" / "corrupt.tif",
+    "RGB.byte.tif": REPO / "workflows" / "demo" / "RGB.byte.tif",
+}
 
 UNET_2D = dict(spatial_dims=2, in_channels=3, out_channels=3, channels=[8, 16, 32], strides=[2, 2], num_res_units=1)
 UNET_3D = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=[4, 8, 16], strides=[2, 2], num_res_units=1)

@@ -1,25 +1,59 @@
-"""The command line as users meet it: help, bad input, exit statuses, nothing half-written."""
+"""The command line as users meet it: help, bad input, exit statuses, nothing half-written.
+
+A few tests run the installed ``tilemask`` entry point in a subprocess (help, a
+run on the embedded cluster, a worker's read failure): they prove what only a
+real process shows.  The rest call :func:`tilemask.cli.main` in-process through
+click's ``CliRunner`` (its stderr kept apart from stdout, click >= 8.2), and run
+on the tests' shared cluster (``--scheduler``) where they need one, so no
+interpreter or cluster is started per case.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
 import zarr
 
-from .conftest import SHARED_GEO, UNET_2D, raster_workflow, run_cli
+from .conftest import GEO, UNET_2D, raster_workflow, run_cli
 
 
-def assert_one_line_error(proc, status, *words):
-    assert proc.returncode == status, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tilemask: error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
+def assert_one_line_error(outcome, status, *words):
+    """A subprocess's or a ``CliRunner`` result's exit status and its one-line stderr."""
+    code = outcome.returncode if isinstance(outcome, subprocess.CompletedProcess) else outcome.exit_code
+    assert code == status, outcome.stderr
+    lines = outcome.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tilemask: error: "), outcome.stderr
+    assert "Traceback" not in outcome.stderr
     for word in words:
         assert word in lines[0], lines[0]
+
+
+@pytest.fixture
+def cli(client):
+    """``tilemask run WORKFLOW ARGS`` in-process, on the shared cluster; returns click's ``Result``."""
+    from click.testing import CliRunner
+
+    from tilemask.cli import main
+
+    def invoke(workflow, *args):
+        distributed = logging.getLogger("distributed")
+        level = distributed.level  # the command quiets Dask's logs for the process; give them back
+        try:
+            result = CliRunner().invoke(
+                main, ["run", str(workflow), "--scheduler", client.scheduler.address, *map(str, args)],
+                catch_exceptions=False,  # an exception the command lets through fails the test, with its traceback
+            )
+        finally:
+            distributed.setLevel(level)
+        return result
+
+    return invoke
 
 
 def nothing_finished(out_dir):
@@ -70,24 +104,23 @@ def test_a_run_writes_a_complete_zarr(scene, write_workflow, tmp_path):
         ({"output": {"path": "out/x.png"}}, 2, ["output.path"]),
     ],
 )
-def test_invalid_workflows_exit_2_before_any_work(scene, write_workflow, tmp_path, change, status, words):
+def test_invalid_workflows_exit_2_before_any_work(scene, write_workflow, tmp_path, cli, change, status, words):
     workflow = {**scene, **change}
     if "model" in change and change["model"]["weights"] == "w":
         workflow["model"]["weights"] = scene["model"]["weights"]
-    proc = run_cli("run", write_workflow(workflow))
-    assert_one_line_error(proc, status, *words)
+    assert_one_line_error(cli(write_workflow(workflow)), status, *words)
     assert nothing_finished(tmp_path / "out")
 
 
-def test_malformed_yaml(write_workflow, tmp_path):
+def test_malformed_yaml(write_workflow, tmp_path, cli):
     path = tmp_path / "bad.yaml"
     path.write_text("version: 1\ninput: [a.tif\nmodel: {")
-    assert_one_line_error(run_cli("run", path), 2, "bad.yaml", "line")
+    assert_one_line_error(cli(path), 2, "bad.yaml", "line")
 
 
-def test_missing_weights(scene, write_workflow, tmp_path):
+def test_missing_weights(scene, write_workflow, tmp_path, cli):
     scene["model"]["weights"] = str(tmp_path / "nowhere.pt")
-    assert_one_line_error(run_cli("run", write_workflow(scene)), 2, "model.weights", "nowhere.pt")
+    assert_one_line_error(cli(write_workflow(scene)), 2, "model.weights", "nowhere.pt")
     assert nothing_finished(tmp_path / "out")
 
 
@@ -101,7 +134,7 @@ class _Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_pickle_with_code_is_refused_and_never_run(scene, write_workflow, tmp_path):
+def test_a_pickle_with_code_is_refused_and_never_run(scene, write_workflow, tmp_path, cli):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     import torch
@@ -111,33 +144,34 @@ def test_a_pickle_with_code_is_refused_and_never_run(scene, write_workflow, tmp_
         pickle.dump(_Exploit(marker), f)
     for path in (evil, tmp_path / "evil.pkl"):
         scene["model"]["weights"] = str(path)
-        assert_one_line_error(run_cli("run", write_workflow(scene)), 2, "refused", path.name)
+        assert_one_line_error(cli(write_workflow(scene)), 2, "refused", path.name)
         assert not marker.exists(), "the pickle's code ran"
     assert nothing_finished(tmp_path / "out")
 
 
-def test_weights_of_another_network_are_refused(scene, write_workflow, make_model, tmp_path):
+def test_weights_of_another_network_are_refused(scene, write_workflow, make_model, tmp_path, cli):
     weights, _ = make_model({**UNET_2D, "channels": [4, 8, 16]}, name="other.pt")
     scene["model"]["weights"] = str(weights)
-    assert_one_line_error(run_cli("run", write_workflow(scene)), 2, "does not fit", "other.pt")
+    assert_one_line_error(cli(write_workflow(scene)), 2, "does not fit", "other.pt")
+    assert nothing_finished(tmp_path / "out")
 
 
-def test_torchscript_weights_run(scene, write_workflow, make_model, tmp_path):
+def test_torchscript_weights_run(scene, write_workflow, make_model, tmp_path, cli):
     import torch
 
     _, net = make_model()
     script = tmp_path / "scripted.pt"
     torch.jit.script(net).save(str(script))
     scene["model"]["weights"] = str(script)
-    proc = run_cli("run", write_workflow(scene), "--workers", "1")
-    assert proc.returncode == 0, proc.stderr
+    result = cli(write_workflow(scene), "--quiet")
+    assert result.exit_code == 0, result.stderr
     assert zarr.open_group(tmp_path / "out" / "scene_mask.zarr").attrs["tilemask"]["complete"]
 
 
 def test_real_corrupt_geotiff_fails_with_one_line_and_no_output(write_workflow, make_model, tmp_path):
     weights, _ = make_model()
     corrupt = tmp_path / "corrupt.tif"
-    shutil.copy(SHARED_GEO / "corrupt.tif", corrupt)
+    shutil.copy(GEO["corrupt.tif"], corrupt)
     workflow = raster_workflow(corrupt, weights, output={"chunks": 256, "path": "out/{stem}.zarr"})
     workflow["inference"]["roi_size"] = [128, 128]
     proc = run_cli("run", write_workflow(workflow), "--workers", "1")
@@ -145,26 +179,27 @@ def test_real_corrupt_geotiff_fails_with_one_line_and_no_output(write_workflow, 
     assert nothing_finished(tmp_path / "out")
 
 
-def test_truncated_geotiff(make_raster, make_model, write_workflow, tmp_path):
+def test_truncated_geotiff(make_raster, make_model, write_workflow, tmp_path, cli):
     path, _ = make_raster((3, 400, 400), tiled=True, blockxsize=128, blockysize=128, compress="deflate")
     size = path.stat().st_size
     with open(path, "r+b") as f:
         f.truncate(size // 2)
     weights, _ = make_model()
-    proc = run_cli("run", write_workflow(raster_workflow(path, weights)), "--workers", "1")
-    assert proc.returncode in (1, 2)  # 2 when GDAL already refuses the header, 1 when a block read fails
-    assert_one_line_error(proc, proc.returncode, "scene.tif")
+    result = cli(write_workflow(raster_workflow(path, weights)), "--quiet")
+    assert result.exit_code in (1, 2)  # 2 when GDAL already refuses the header, 1 when a block read fails
+    assert_one_line_error(result, result.exit_code, "scene.tif")
     assert nothing_finished(tmp_path / "out")
 
 
-def test_set_overrides_and_bad_set(scene, write_workflow, tmp_path):
-    assert_one_line_error(run_cli("run", write_workflow(scene), "--set", "output.chunks"), 2, "KEY=VALUE")
-    assert_one_line_error(run_cli("run", write_workflow(scene), "--set", "inference.overlap=2"), 2, "inference.overlap")
+def test_set_overrides_and_bad_set(scene, write_workflow, tmp_path, cli):
+    assert_one_line_error(cli(write_workflow(scene), "--set", "output.chunks"), 2, "KEY=VALUE")
+    assert_one_line_error(cli(write_workflow(scene), "--set", "inference.overlap=2"), 2, "inference.overlap")
+    assert nothing_finished(tmp_path / "out")
 
 
-def test_probabilities_uint8(scene, write_workflow, tmp_path):
-    proc = run_cli("run", write_workflow(scene), "--workers", "1", "--set", "output.probabilities=uint8")
-    assert proc.returncode == 0, proc.stderr
+def test_probabilities_uint8(scene, write_workflow, tmp_path, cli):
+    result = cli(write_workflow(scene), "--quiet", "--set", "output.probabilities=uint8")
+    assert result.exit_code == 0, result.stderr
     group = zarr.open_group(tmp_path / "out" / "scene_mask.zarr", mode="r")
     probs = group["probabilities"][:]
     assert probs.dtype == np.uint8

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
+import pytest
 import zarr
 from distributed import Client
+
+from tilemask.cluster import WorkerSetup
 
 from .conftest import raster_workflow, run_cli
 
 
+@pytest.mark.slow
 def test_run_on_an_existing_scheduler_equals_the_embedded_cluster(
     dask_processes, make_raster, make_model, write_workflow, tmp_path
 ):
@@ -31,8 +37,33 @@ def test_run_on_an_existing_scheduler_equals_the_embedded_cluster(
         # both workers took part, and each loaded the model exactly once for 9 blocks
         loads = client.run(lambda: __import__("tilemask.models", fromlist=["loads"]).loads)
         torch_threads = client.run(lambda: __import__("torch").get_num_threads())
+        cores = client.run(lambda: __import__("tilemask.cluster", fromlist=["available_cores"]).available_cores())
+        plugins = client.run(lambda dask_worker: sorted(dask_worker.plugins))
     assert sorted(loads.values()) == [1, 1]
-    assert all(n >= 1 for n in torch_threads.values())
+    # the run set each worker up: both on 127.0.0.1, so each gets half of the host's cores as torch threads
+    assert all(WorkerSetup.name in names for names in plugins.values()), plugins
+    assert torch_threads == {worker: max(1, n // 2) for worker, n in cores.items()}
+
+
+def test_worker_setup_shares_a_hosts_cores_among_its_workers(monkeypatch):
+    """Independent of this machine's core count: 12 cores, 3 workers on the host -> 4 torch threads each."""
+    import torch
+
+    from tilemask import cluster
+
+    monkeypatch.setattr(cluster, "available_cores", lambda: 12)
+    monkeypatch.setattr(cluster, "reuse_large_allocations", lambda: None)  # leave the test process's allocator be
+    worker = SimpleNamespace(address="tcp://10.1.2.3:40001")
+    before = torch.get_num_threads()
+    try:
+        WorkerSetup({"10.1.2.3": 3, "10.1.2.4": 1}).setup(worker)
+        assert torch.get_num_threads() == 4
+        WorkerSetup({"10.1.2.4": 1, "10.1.2.3": 1}).setup(worker)
+        assert torch.get_num_threads() == 12
+        WorkerSetup({"10.1.2.3": 24}).setup(worker)
+        assert torch.get_num_threads() == 1  # never zero
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_bad_scheduler_address_is_one_line(make_raster, make_model, write_workflow, tmp_path):

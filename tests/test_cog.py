@@ -24,7 +24,7 @@ from tilemask.sinks import OutputLayout, make_sink
 from tilemask.sinks.cog import CogSink
 from tilemask.sources.labels import open_labels
 
-GEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "geo"
+from .conftest import GEO
 
 
 def chunk_regions(shape, chunks):
@@ -99,7 +99,7 @@ def assert_only_finished(folder: Path, expected: set[str]):
 @pytest.fixture(scope="module")
 def shade_labels():
     """Four classes from the hillshade's brightness, its nodata (255) carried to the labels."""
-    with rasterio.open(GEO / "shade.tif") as src:
+    with rasterio.open(GEO["shade.tif"]) as src:
         data = src.read(1)
     labels = np.digitize(data, [60, 120, 180]).astype(np.uint8)
     labels[data == 255] = 255
@@ -109,7 +109,7 @@ def shade_labels():
 def test_shade_cog_with_nodata_and_probabilities(tmp_path, client, shade_labels):
     labels = shade_labels
     classes = ("background", "dark", "mid", "bright")
-    layout = layout_for(GEO / "shade.tif", labels, classes, (300, 300), 255, "uint8")
+    layout = layout_for(GEO["shade.tif"], labels, classes, (300, 300), 255, "uint8")
     sink = make_sink(str(tmp_path / "shade_mask.tif"), layout)
     assert isinstance(sink, CogSink)
     probabilities = one_hot(np.where(labels == 255, 0, labels), 4, "uint8")
@@ -121,7 +121,7 @@ def test_shade_cog_with_nodata_and_probabilities(tmp_path, client, shade_labels)
     for path in (mask, probs):
         valid, errors, warnings = cog_validate(str(path), strict=True)
         assert valid, (errors, warnings)
-        assert_same_grid(path, GEO / "shade.tif")
+        assert_same_grid(path, GEO["shade.tif"])
     with rasterio.open(mask) as ds:
         assert ds.nodata == 255
         assert ds.block_shapes[0] == (512, 512)
@@ -146,14 +146,14 @@ def test_shade_cog_with_nodata_and_probabilities(tmp_path, client, shade_labels)
 
 
 def test_rgb_byte_georeferencing_without_nodata(tmp_path):
-    with rasterio.open(GEO / "RGB.byte.tif") as src:
+    with rasterio.open(GEO["RGB.byte.tif"]) as src:
         red = src.read(1)
     labels = (red > 100).astype(np.uint8)
-    layout = layout_for(GEO / "RGB.byte.tif", labels, ("background", "bright"), (256, 256), None)
+    layout = layout_for(GEO["RGB.byte.tif"], labels, ("background", "bright"), (256, 256), None)
     path = tmp_path / "rgb.tif"
     drive(CogSink(str(path), layout), labels)
     assert cog_validate(str(path), strict=True)[0]
-    assert_same_grid(path, GEO / "RGB.byte.tif")
+    assert_same_grid(path, GEO["RGB.byte.tif"])
     with rasterio.open(path) as ds:
         assert ds.nodata is None
         assert np.array_equal(ds.read(1), labels)
@@ -188,7 +188,7 @@ def test_geographic_crs_float32_probabilities(tmp_path):
 
 
 def test_abort_leaves_nothing(tmp_path, shade_labels):
-    layout = layout_for(GEO / "shade.tif", shade_labels, ("a", "b", "c", "d"), (256, 256), 255, "uint8")
+    layout = layout_for(GEO["shade.tif"], shade_labels, ("a", "b", "c", "d"), (256, 256), 255, "uint8")
     sink = CogSink(str(tmp_path / "mask.tif"), layout)
     sink.create()
     for region in chunk_regions(layout.shape, layout.chunks)[:5]:
@@ -201,7 +201,7 @@ def test_abort_leaves_nothing(tmp_path, shade_labels):
 
 
 def test_missing_chunk_fails_commit_without_a_finished_file(tmp_path, shade_labels):
-    layout = layout_for(GEO / "shade.tif", shade_labels, ("a", "b", "c", "d"), (256, 256), 255)
+    layout = layout_for(GEO["shade.tif"], shade_labels, ("a", "b", "c", "d"), (256, 256), 255)
     sink = CogSink(str(tmp_path / "mask.tif"), layout)
     sink.create()
     for region in chunk_regions(layout.shape, layout.chunks)[1:]:
@@ -217,7 +217,7 @@ def test_rerun_replaces_output_and_stale_sidecar(tmp_path, shade_labels):
     path = tmp_path / "mask.tif"
     path.write_bytes(b"old")
     (tmp_path / "mask.tif.aux.xml").write_text("<PAMDataset/>")
-    layout = layout_for(GEO / "shade.tif", shade_labels, ("a", "b", "c", "d"), (512, 512), 255)
+    layout = layout_for(GEO["shade.tif"], shade_labels, ("a", "b", "c", "d"), (512, 512), 255)
     drive(CogSink(str(path), layout), shade_labels)
     assert cog_validate(str(path), strict=True)[0]
     assert "<Category>d</Category>" in (tmp_path / "mask.tif.aux.xml").read_text()
@@ -227,14 +227,14 @@ def test_rerun_replaces_output_and_stale_sidecar(tmp_path, shade_labels):
 def test_unwritable_folder_is_a_one_line_error(tmp_path, shade_labels):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    layout = layout_for(GEO / "shade.tif", shade_labels, ("a", "b", "c", "d"), (512, 512), 255)
+    layout = layout_for(GEO["shade.tif"], shade_labels, ("a", "b", "c", "d"), (512, 512), 255)
     with pytest.raises(OutputError, match="cannot create"):
         CogSink(str(blocker / "mask.tif"), layout).create()
 
 
 def test_pieces_are_replaced_atomically_on_retry(tmp_path, shade_labels):
     """A retried chunk task rewrites its piece; no temporary piece is left behind."""
-    layout = layout_for(GEO / "shade.tif", shade_labels, ("a", "b", "c", "d"), (512, 512), 255)
+    layout = layout_for(GEO["shade.tif"], shade_labels, ("a", "b", "c", "d"), (512, 512), 255)
     sink = CogSink(str(tmp_path / "mask.tif"), layout)
     sink.create()
     region = chunk_regions(layout.shape, layout.chunks)[0]

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
-import os
 import shutil
 import threading
 
@@ -20,7 +17,8 @@ from rio_cogeo.cogeo import cog_validate
 import tilemask
 from tilemask import Workflow
 
-from .conftest import SHARED_GEO
+from .conftest import GEO
+from .range_server import RangeHandler, serve
 
 ONE_BAND = dict(spatial_dims=2, in_channels=1, out_channels=3, channels=[8, 16, 32], strides=[2, 2], num_res_units=1)
 THREE_BANDS = {**ONE_BAND, "in_channels": 3}
@@ -84,7 +82,7 @@ def seeded_net(tmp_path):
 
 
 def test_shade_nodata_is_carried_pixel_for_pixel(tmp_path, client, seeded_net):
-    source = SHARED_GEO / "shade.tif"  # real hillshade, EPSG:3857, nodata 255
+    source = GEO["shade.tif"]  # real hillshade, EPSG:3857, nodata 255
     weights, net = seeded_net(ONE_BAND)
     result = run_workflow(tmp_path, client, source, ONE_BAND, weights, [150.0], [60.0], vectors="out/{stem}.gpkg")
     labels_path = result.outputs[0]
@@ -102,7 +100,7 @@ def test_shade_nodata_is_carried_pixel_for_pixel(tmp_path, client, seeded_net):
 
 
 def test_rgb_landsat_cog(tmp_path, client, seeded_net):
-    source = SHARED_GEO / "RGB.byte.tif"  # real Landsat 7 RGB, nodata 0
+    source = GEO["RGB.byte.tif"]  # real Landsat 7 RGB, nodata 0
     weights, net = seeded_net(THREE_BANDS)
     mean, std = [40.0, 50.0, 55.0], [25.0, 25.0, 30.0]
     result = run_workflow(tmp_path, client, source, THREE_BANDS, weights, mean, std)
@@ -147,51 +145,15 @@ def test_band_selection_scale_offset_and_geographic_crs(tmp_path, client, seeded
     assert_labels_match(labels, monai_labels(reflectance, valid, net, [0.1] * 3, [0.1] * 3), valid, 255)
 
 
-class RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files with single-range support (what GDAL's /vsicurl/ needs)."""
-
-    requests_seen: list = []
-
-    def log_message(self, *args):
-        pass
-
-    def send_head(self):
-        header = self.headers.get("Range")
-        path = self.translate_path(self.path)
-        if not header or not os.path.isfile(path):
-            return super().send_head()
-        size = os.path.getsize(path)
-        start, _, end = header.removeprefix("bytes=").partition("-")
-        start, end = int(start), min(int(end) if end else size - 1, size - 1)
-        RangeHandler.requests_seen.append((start, end))
-        f = open(path, "rb")
-        f.seek(start)
-        self.send_response(206)
-        self.send_header("Content-Type", "image/tiff")
-        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-        self.send_header("Content-Length", str(end - start + 1))
-        self.send_header("Accept-Ranges", "bytes")
-        self.end_headers()
-        self._remaining = end - start + 1
-        return f
-
-    def copyfile(self, source, outputfile):
-        remaining = getattr(self, "_remaining", None)
-        if remaining is None:
-            return super().copyfile(source, outputfile)
-        outputfile.write(source.read(remaining))
-
-
 def test_http_cog_gives_the_same_labels_as_the_local_file(tmp_path, client, seeded_net):
     served = tmp_path / "www"
     served.mkdir()
-    shutil.copy(SHARED_GEO / "RGB.byte.tif", served / "scene.tif")
+    shutil.copy(GEO["RGB.byte.tif"], served / "scene.tif")
     from rio_cogeo.cogeo import cog_translate
     from rio_cogeo.profiles import cog_profiles
 
     cog_translate(str(served / "scene.tif"), str(served / "x.tif"), cog_profiles.get("deflate"), quiet=True)
-    handler = functools.partial(RangeHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = serve(str(served))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -27,7 +27,7 @@ def monai_probabilities(image: np.ndarray, net, roi, overlap, mode, mean, std, s
 
 def run_zarr(workflow: dict, tmp_path, client, **overrides):
     wf = Workflow.from_dict(workflow, [f"{k}={v}" for k, v in overrides.items()], base_dir=tmp_path)
-    (result,) = tilemask.run(wf, client)
+    (result,) = tilemask.run(wf, client, overwrite=True)  # reruns replace the previous output
     group = zarr.open_group(result.outputs[0], mode="r")
     return group["probabilities"][:], group["labels"][:], result
 
@@ -54,6 +54,7 @@ def test_axis_smaller_than_roi_is_padded_like_monai(make_raster, make_model, tmp
     np.testing.assert_allclose(probs, monai_probabilities(image, net, (64, 64), 0.25, "gaussian", 127.0, 60.0), atol=1e-4)
 
 
+@pytest.mark.slow  # five runs and a second embedded cluster
 def test_chunking_and_worker_count_change_nothing_but_summation_order(make_raster, make_model, tmp_path, client):
     from distributed import Client, LocalCluster
 

@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 import rasterio
 from PIL import Image
+from rasterio.enums import Resampling
 
+from tilemask.classes import class_colours
 from tilemask.errors import InputError
 from tilemask.geometry import RasterGeometry
 from tilemask.quicklook import thumbnail_shape, write_quicklook
 from tilemask.sinks import OutputLayout
-from tilemask.sinks.cog import CogSink, class_colours
+from tilemask.sinks.cog import CogSink
 
-GEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "geo"
+from .conftest import GEO
 
 
 def write_labels_cog(path: Path, reference: Path, labels: np.ndarray, nodata: int | None) -> str:
@@ -33,14 +35,26 @@ def write_labels_cog(path: Path, reference: Path, labels: np.ndarray, nodata: in
     return str(path)
 
 
+def shown(path: Path, bands: list[int], shape: tuple[int, int]) -> np.ndarray:
+    """The input as a quick look shows it: the bands read at ``shape`` (nearest), each stretched between
+    the 2nd and 98th percentiles of its valid pixels to 0..255 and rounded; ``(h, w, 3)`` floats."""
+    with rasterio.open(path) as src:
+        image = src.read(bands, out_shape=(len(bands), *shape), masked=True, resampling=Resampling.nearest)
+    out = []
+    for band in image:
+        lo, hi = np.percentile(band.compressed().astype(np.float64), (2, 98))
+        out.append(np.rint(np.clip((band.filled(lo) - lo) / max(hi - lo, 1e-12) * 255.0, 0, 255)))
+    return np.dstack((out * 3)[:3])
+
+
 @pytest.fixture()
 def shade_case(tmp_path):
-    with rasterio.open(GEO / "shade.tif") as src:
+    with rasterio.open(GEO["shade.tif"]) as src:
         data = src.read(1)
     cols = np.arange(data.shape[1])[None, :].repeat(data.shape[0], 0)
     labels = (cols * 3 // data.shape[1]).astype(np.uint8)  # thirds: background, water, land
     labels[data == 255] = 255
-    return write_labels_cog(tmp_path / "mask.tif", GEO / "shade.tif", labels, 255), labels
+    return write_labels_cog(tmp_path / "mask.tif", GEO["shade.tif"], labels, 255), labels
 
 
 def test_thumbnail_shape():
@@ -50,39 +64,54 @@ def test_thumbnail_shape():
 
 def test_quicklook_of_grey_input_with_nodata(tmp_path, shade_case):
     mask, labels = shade_case
-    png = write_quicklook(str(GEO / "shade.tif"), mask, str(tmp_path / "look.png"), size=256)
+    png = write_quicklook(str(GEO["shade.tif"]), mask, str(tmp_path / "look.png"), size=256)
     assert png == str(tmp_path / "look.png")
     image = np.asarray(Image.open(png))
     assert image.shape == (256, 256, 4)
-    with rasterio.open(mask) as ds, rasterio.open(GEO / "shade.tif") as src:  # the same reduced reads
+    with rasterio.open(mask) as ds, rasterio.open(GEO["shade.tif"]) as src:  # the same reduced reads
         small = ds.read(1, out_shape=(256, 256))
         invalid = src.read(1, out_shape=(256, 256), masked=True).mask
     assert abs(np.mean(small == 1) - np.mean(labels == 1)) < 0.02
     assert (alpha := image[..., 3]).any()
     alpha = image[..., 3]
     assert np.array_equal(alpha == 0, invalid | (small == 255))
-    water = class_colours(3)[1][:3]
+    water = np.array(class_colours(3)[1][:3])
     rgb = image[..., :3].astype(int)
     visible = alpha == 255
     grey = (rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])
-    assert grey[visible & (small == 0)].all()  # background shows the (grey) image as is
-    tinted = rgb[visible & (small == 1)]
-    assert len(tinted) and (np.abs(tinted - np.array(water) / 2) <= 128).all()  # half water colour
-    assert not grey[visible & (small == 1)].any()
+    background, tinted = visible & (small == 0), visible & (small == 1)
+    assert background.sum() > 1000 and tinted.sum() > 1000
+    assert grey[background].all()  # background shows the (grey) image as is
+    # the hillshade's valid pixels are all 0 at this size, so water shows exactly half its colour
+    image_shown = shown(GEO["shade.tif"], [1], (256, 256))
+    assert np.array_equal(rgb[background], image_shown[background])
+    assert np.array_equal(rgb[tinted], np.rint(0.5 * image_shown[tinted] + 0.5 * water))
+    assert not grey[tinted].any()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_quicklook_of_rgb_input(tmp_path):
-    with rasterio.open(GEO / "RGB.byte.tif") as src:
+    with rasterio.open(GEO["RGB.byte.tif"]) as src:
         labels = (src.read(1) > 100).astype(np.uint8)
-    mask = write_labels_cog(tmp_path / "mask.tif", GEO / "RGB.byte.tif", labels, None)
-    png = write_quicklook(str(GEO / "RGB.byte.tif"), mask, str(tmp_path / "q" / "look.png"), bands=[3, 2, 1], size=400)
+    mask = write_labels_cog(tmp_path / "mask.tif", GEO["RGB.byte.tif"], labels, None)
+    png = write_quicklook(str(GEO["RGB.byte.tif"]), mask, str(tmp_path / "q" / "look.png"), bands=[3, 2, 1], size=400)
     image = Image.open(png)
     assert image.size == (400, 363) and image.mode == "RGBA"
+    image = np.asarray(image).astype(int)
+    with rasterio.open(mask) as ds, rasterio.open(GEO["RGB.byte.tif"]) as src:  # the same reduced reads
+        small = ds.read(1, out_shape=(363, 400))
+        invalid = src.read([3, 2, 1], out_shape=(3, 363, 400), masked=True).mask.any(axis=0)
+    assert np.array_equal(image[..., 3] == 0, invalid)  # the scene's nodata border is transparent
+    expected = shown(GEO["RGB.byte.tif"], [3, 2, 1], (363, 400))
+    water = np.array(class_colours(2)[1][:3])
+    expected[small == 1] = np.rint(0.5 * expected[small == 1] + 0.5 * water)  # bright pixels: half water colour
+    visible = ~invalid
+    assert (visible & (small == 0)).sum() > 5000 and (visible & (small == 1)).sum() > 5000
+    assert np.abs(image[..., :3][visible] - expected[visible]).max() <= 1
 
 
 def test_labels_on_another_grid_are_refused(tmp_path, shade_case):
     mask, _ = shade_case
     with pytest.raises(InputError, match="not on its grid"):
-        write_quicklook(str(GEO / "RGB.byte.tif"), mask, str(tmp_path / "look.png"))
+        write_quicklook(str(GEO["RGB.byte.tif"]), mask, str(tmp_path / "look.png"))
     assert not (tmp_path / "look.png").exists()

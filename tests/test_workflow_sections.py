@@ -9,7 +9,7 @@ import zarr
 
 import tilemask
 from tilemask import Workflow
-from tilemask.stats.postprocess import apply as postprocess
+from tilemask.postprocess import apply as postprocess
 
 from .conftest import raster_workflow
 

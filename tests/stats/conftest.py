@@ -11,9 +11,7 @@ import rasterio
 from rasterio.transform import Affine
 from scipy import ndimage
 
-GEO_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "geo"
-if not GEO_DATA.exists():
-    GEO_DATA = Path("/work/shared/data/geo")
+from ..conftest import GEO
 
 
 def blobs(shape, seed: int, sigma: float = 4.0, classes: int = 3) -> np.ndarray:
@@ -37,7 +35,7 @@ def write_raster(path: Path, data: np.ndarray, crs, transform: Affine, nodata=No
 @pytest.fixture
 def shade_labels(tmp_path) -> Path:
     """Labels 0..3 from the real hillshade raster (EPSG:3857, nodata 255 kept)."""
-    with rasterio.open(GEO_DATA / "shade.tif") as src:
+    with rasterio.open(GEO["shade.tif"]) as src:
         data = src.read(1)
         nodata = int(src.nodata)
         crs, transform = src.crs, src.transform

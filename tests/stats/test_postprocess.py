@@ -9,8 +9,8 @@ import torch
 from monai.transforms import FillHoles
 from scipy import ndimage
 
+from tilemask.postprocess import apply, ball
 from tilemask.stats import PostprocessConfig
-from tilemask.stats.postprocess import apply, ball
 
 from .conftest import blobs
 

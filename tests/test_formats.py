@@ -1,0 +1,121 @@
+"""Conformance suite every writable format passes (as zarr ships one for its stores).
+
+Chunks are written in random order from two worker processes; commit must read
+back exactly what was written; abort leaves nothing; a crash (no commit, no
+abort) leaves nothing that reads as finished, and the next run's lock removes it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+
+from tilemask.errors import InputError
+from tilemask.formats import FORMATS, for_output
+from tilemask.geometry import RasterGeometry, VolumeGeometry
+from tilemask.outputs import OutputLock, new_run_id
+from tilemask.sinks import OutputLayout
+from tilemask.sources.labels import open_labels
+
+WRITABLE = [(f.name, s, d) for f in FORMATS if f.writable for s in f.suffixes[:1] for d in f.spatial_dims]
+CLASSES = ("background", "water", "land")
+
+
+def layout_for(ndim: int, reference: str) -> OutputLayout:
+    shape, chunks = ((70, 90), (32, 40)) if ndim == 2 else ((21, 17, 13), (8, 8, 6))
+    geometry = (
+        RasterGeometry("EPSG:32618", (500000.0, 30.0, 0.0, 4000000.0, 0.0, -30.0))
+        if ndim == 2
+        else VolumeGeometry(((0.0, -1.2, 0.0, 40.0), (0.9, 0.0, 0.0, -30.0), (0.0, 0.0, 2.5, 10.0), (0.0, 0.0, 0.0, 1.0)))
+    )
+    return OutputLayout(
+        shape=shape, chunks=chunks, class_names=CLASSES, labels_dtype="uint8", probability_channels=3,
+        probabilities_dtype="float32", geometry=geometry, reference=reference, nodata=255, run_id=new_run_id(),
+    )  # fmt: skip
+
+
+def regions(layout: OutputLayout) -> list:
+    axes = [[(lo, min(lo + c, s)) for lo in range(0, s, c)] for s, c in zip(layout.shape, layout.chunks)]
+    grid = np.stack(np.meshgrid(*[range(len(a)) for a in axes], indexing="ij"), -1).reshape(-1, len(axes))
+    return [tuple(axes[a][i] for a, i in enumerate(index)) for index in grid]
+
+
+def expected(layout: OutputLayout):
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, layout.shape).astype("uint8")
+    labels.flat[rng.integers(0, labels.size, 50)] = 255
+    probabilities = rng.random((3, *layout.shape), dtype=np.float32)
+    return labels, probabilities
+
+
+def started(tmp_path, suffix: str, ndim: int):
+    """``(path, format, layout, created sink, labels, probabilities)`` of a fresh output."""
+    path = str(tmp_path / f"out{suffix}")
+    fmt = for_output(path)
+    layout = layout_for(ndim, path)
+    sink = fmt.make_sink(path, layout)
+    sink.create()
+    return path, fmt, layout, sink, *expected(layout)
+
+
+def write(sink, labels, probabilities, chunks, client):
+    tasks = []
+    for region in chunks:
+        index = tuple(slice(lo, hi) for lo, hi in region)
+        tasks.append(client.submit(sink.write, region, labels[index], probabilities[(slice(None), *index)], pure=False))
+    client.gather(tasks)
+
+
+@pytest.mark.parametrize("name,suffix,ndim", WRITABLE)
+def test_random_order_from_two_processes_reads_back_exactly(tmp_path, client, name, suffix, ndim):
+    path, fmt, layout, sink, labels, probabilities = started(tmp_path, suffix, ndim)
+    chunks = regions(layout)
+    random.Random(0).shuffle(chunks)
+    write(sink, labels, probabilities, chunks, client)
+    assert len({w for w in client.scheduler_info()["workers"]}) == 2
+    written = sink.commit()
+    assert written == fmt.files(path, probabilities=True)
+    assert fmt.written_by_tilemask(path) and fmt.is_complete(path)
+    image = open_labels(path)
+    np.testing.assert_array_equal(image.array.compute(), labels)
+    assert tuple(image.class_names or CLASSES) == CLASSES
+    probs_path = fmt.probabilities_path(path)
+    if probs_path is None:
+        import zarr
+
+        stored = zarr.open_group(path, mode="r")["probabilities"][:]
+    elif name == "nifti":
+        import nibabel as nib
+
+        stored = np.moveaxis(np.asarray(nib.load(probs_path).dataobj), -1, 0)
+    else:
+        import rasterio
+
+        with rasterio.open(probs_path) as ds:
+            stored = ds.read()
+    np.testing.assert_array_equal(stored, probabilities)
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+
+
+@pytest.mark.parametrize("name,suffix,ndim", WRITABLE)
+def test_abort_leaves_nothing(tmp_path, client, name, suffix, ndim):
+    _, _, layout, sink, labels, probabilities = started(tmp_path, suffix, ndim)
+    write(sink, labels, probabilities, regions(layout)[:2], client)
+    sink.abort()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name,suffix,ndim", WRITABLE)
+def test_a_crash_leaves_nothing_that_reads_as_finished(tmp_path, client, name, suffix, ndim):
+    path, fmt, layout, sink, labels, probabilities = started(tmp_path, suffix, ndim)
+    write(sink, labels, probabilities, regions(layout), client)  # every chunk, then the process "dies"
+    assert not os.path.exists(path)
+    with pytest.raises(InputError):
+        open_labels(path)
+    assert os.listdir(tmp_path), "the crash left its staged files"
+    with OutputLock(fmt.files(path, probabilities=True)):  # the next run of this output
+        assert [n for n in os.listdir(tmp_path) if not n.startswith(".tilemask-lock-")] == []
+    assert os.listdir(tmp_path) == []

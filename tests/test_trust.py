@@ -1,0 +1,554 @@
+"""Trust on first contact: no data lost, nothing that looks finished after a failure, nothing hangs.
+
+Every test runs the real thing: the installed ``tilemask`` command, embedded or
+real ``dask scheduler`` / ``dask worker`` processes, a range HTTP server in its
+own process, tmpfs mounts for a full or read-only disk, real signals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import rasterio
+import torch
+import zarr
+from rasterio.control import GroundControlPoint
+
+import tilemask
+from tilemask import Workflow
+from tilemask.errors import InputError, ReadError, WorkflowError
+
+from .conftest import GEO, UNET_2D, _free_port, raster_workflow, run_cli
+
+EXE = str(Path(sys.executable).parent / "tilemask")
+
+
+def one_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
+    assert lines[0].startswith(("tilemask: error:", "tilemask: interrupted")), lines[0]
+    return lines[0]
+
+
+def hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) if folder.exists() else []
+
+
+def start(args, cwd, env=None) -> subprocess.Popen:
+    """``tilemask ARGS`` in its own process group, as a terminal would run it."""
+    return subprocess.Popen(
+        [EXE, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def wait_for(predicate, timeout=100.0, what="condition", proc: subprocess.Popen | None = None):
+    """Poll ``predicate``; fail (never hang) after ``timeout`` s or as soon as ``proc`` has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run ended (status {proc.returncode}) before {what}: {proc.stderr.read()}")
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def big_run(make_raster, make_model, write_workflow, tmp_path):
+    """A workflow that runs for some seconds (4000 x 4000, 256 windows) with a float32 probabilities COG."""
+    path, _ = make_raster((3, 4000, 4000), name="big.tif")
+    weights, _ = make_model()
+
+    def make(output="out/{stem}_mask.tif", roi=256, **sections):
+        workflow = raster_workflow(path, weights, **sections)
+        workflow["inference"].update(roi_size=[roi, roi], overlap=0.0, batch_size=8)
+        workflow["output"] = {"path": output, "probabilities": "float32", "chunks": 1024, "quicklook": False}
+        return write_workflow(workflow)
+
+    return make
+
+
+# -- data loss ----------------------------------------------------------------------------------
+
+
+def test_output_equal_to_input_is_refused_and_the_input_kept(make_raster, make_model, write_workflow, tmp_path):
+    path, data = make_raster(name="scene.tif")
+    weights, _ = make_model()
+    before = path.read_bytes()
+    for output in (str(path), str(tmp_path / "{stem}.tif")):
+        wf = write_workflow(raster_workflow(path, weights, output={"path": output}))
+        result = run_cli("run", wf, "--quiet", "--overwrite")
+        assert result.returncode == 2, result.stderr
+        assert "is the input" in one_line(result.stderr)
+    assert path.read_bytes() == before
+
+
+def test_zarr_input_inside_the_output_is_refused(make_model, write_workflow, tmp_path):
+    image = tmp_path / "data.zarr"
+    arr = zarr.create_array(str(image), shape=(3, 64, 80), chunks=(3, 64, 80), dtype="float32")
+    arr[:] = np.random.default_rng(0).random((3, 64, 80), dtype=np.float32)
+    weights, _ = make_model()
+    wf = write_workflow(raster_workflow(image, weights, output={"path": str(image)}))
+    result = run_cli("run", wf, "--quiet", "--overwrite")
+    assert result.returncode == 2 and "is the input" in one_line(result.stderr)
+    np.testing.assert_array_equal(zarr.open_array(str(image), mode="r").shape, (3, 64, 80))
+
+
+def test_existing_output_needs_overwrite_and_foreign_folders_are_never_replaced(
+    make_raster, make_model, write_workflow, tmp_path, client
+):
+    path, _ = make_raster()
+    weights, _ = make_model()
+    wf = Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path)
+    (first,) = tilemask.run(wf, client)
+    out = Path(first.outputs[0])
+    with pytest.raises(tilemask.TilemaskError, match="pass --overwrite") as refused:
+        tilemask.run(wf, client)
+    assert refused.value.exit_status == 2
+    (second,) = tilemask.run(wf, client, overwrite=True)
+    assert zarr.open_group(second.outputs[0], mode="r").attrs["tilemask"]["complete"] is True
+
+    foreign = tmp_path / "foreign.zarr"
+    foreign.mkdir()
+    (foreign / "important.txt").write_text("keep me")
+    other = Workflow.from_dict(raster_workflow(path, weights, output={"path": str(foreign)}), base_dir=tmp_path)
+    with pytest.raises(tilemask.TilemaskError, match="not written by tilemask"):
+        tilemask.run(other, client, overwrite=True)
+    assert (foreign / "important.txt").read_text() == "keep me"
+    assert hidden(out.parent) == [], "nothing staged may be left"
+
+
+def test_a_failed_rerun_keeps_the_previous_complete_output(make_model, write_workflow, tmp_path, client):
+    scene = tmp_path / "scene.tif"
+    shutil.copy(GEO["corrupt.tif"], scene)
+    with rasterio.open(scene) as ds:
+        count = ds.count
+    args = dict(UNET_2D, in_channels=count)
+    weights, _ = make_model(args)
+    good = tmp_path / "good.tif"
+    with rasterio.open(GEO["shade.tif"]) as src:
+        profile = src.profile
+        data = src.read(1)
+    profile.update(count=count, nodata=None)
+    with rasterio.open(good, "w", **profile) as dst:
+        dst.write(np.stack([data] * count))
+    raw = raster_workflow(good, weights, args=args, output={"path": "out/result.zarr", "chunks": 256})
+    (first,) = tilemask.run(Workflow.from_dict(raw, base_dir=tmp_path), client)
+    labels = zarr.open_group(first.outputs[0], mode="r")["labels"][:]
+    raw["input"] = str(scene)  # fails mid-run: truncated tiles
+    with pytest.raises(ReadError) as failed:  # the worker's error, its type kept
+        tilemask.run(Workflow.from_dict(raw, base_dir=tmp_path), client, overwrite=True)
+    assert failed.value.exit_status == 1
+    group = zarr.open_group(first.outputs[0], mode="r")
+    assert group.attrs["tilemask"]["complete"] is True and group.attrs["tilemask"]["input"] == str(good)
+    np.testing.assert_array_equal(group["labels"][:], labels)
+    assert hidden(tmp_path / "out") == []
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_output_is_refused(big_run, tmp_path):
+    wf = big_run(output="out/{stem}_mask.zarr")
+    first = start(["run", wf, "--quiet"], tmp_path)
+    try:
+        wait_for(lambda: any(n.startswith(".tilemask-lock-") for n in hidden(tmp_path / "out")), what="the lock", proc=first)
+        second = run_cli("run", wf, "--quiet", "--overwrite", timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert "being written by another tilemask run" in one_line(second.stderr)
+        assert first.wait(timeout=300) == 0, first.stderr.read()
+    finally:
+        first.kill()
+    assert zarr.open_group(str(tmp_path / "out" / "big_mask.zarr"), mode="r").attrs["tilemask"]["complete"] is True
+    assert hidden(tmp_path / "out") == []
+
+
+@pytest.mark.slow
+def test_a_killed_run_leaves_nothing_that_reads_as_finished_and_the_next_run_cleans_up(big_run, tmp_path):
+    wf = big_run()
+    killed = start(["run", wf, "--quiet"], tmp_path)
+    out = tmp_path / "out"
+    wait_for(lambda: any(n.endswith(".parts") for n in hidden(out)), what="chunk pieces", proc=killed)
+    time.sleep(1.0)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=30)
+    assert not (out / "big_mask.tif").exists()
+    assert any(n.startswith(".tilemask-lock-") for n in hidden(out)) and len(hidden(out)) > 1
+    with pytest.raises(InputError):
+        tilemask.open_result(str(out / "big_mask.tif"))
+    again = run_cli("run", wf, "--quiet", timeout=600)  # takes over the dead run's lock, removes its pieces
+    assert again.returncode == 0, again.stderr
+    assert hidden(out) == []
+    with rasterio.open(out / "big_mask.tif") as ds:
+        assert ds.shape == (4000, 4000)
+
+
+def test_readers_refuse_an_unfinished_zarr(make_raster, make_model, tmp_path, client):
+    path, _ = make_raster()
+    weights, _ = make_model()
+    (result,) = tilemask.run(Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path), client)
+    unfinished = tmp_path / "unfinished.zarr"
+    shutil.copytree(result.outputs[0], unfinished)
+    group = zarr.open_group(str(unfinished), mode="r+")
+    group.attrs["tilemask"] = {**group.attrs["tilemask"], "complete": False}
+    with pytest.raises(InputError, match="unfinished"):
+        tilemask.open_result(str(unfinished))
+    stats = run_cli("stats", unfinished, "-o", tmp_path / "s.csv")
+    assert stats.returncode != 0 and "unfinished" in one_line(stats.stderr)
+    assert not (tmp_path / "s.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "sig,when",
+    [
+        (signal.SIGINT, "inference"),
+        pytest.param(signal.SIGTERM, "inference", marks=pytest.mark.slow),
+        pytest.param(signal.SIGINT, "assembly", marks=pytest.mark.slow),
+    ],
+)
+def test_interrupts_exit_130_leave_nothing_and_print_one_line(big_run, tmp_path, sig, when):
+    wf = big_run()
+    proc = start(["run", wf, "--quiet"], tmp_path)
+    out = tmp_path / "out"
+    if when == "inference":
+        wait_for(lambda: any(n.endswith(".parts") for n in hidden(out)), what="chunk pieces", proc=proc)
+        time.sleep(1.0)
+    else:  # the VRT of the pieces is written when the COG assembly starts
+        wait_for(lambda: any(p.suffix == ".vrt" for p in out.glob(".tilemask-*.parts/*")), what="COG assembly", proc=proc)
+    os.killpg(proc.pid, sig)  # the whole process group, as a terminal's Ctrl-C does
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert one_line(stderr) == "tilemask: interrupted"
+    assert sorted(os.listdir(out)) == [], "an interrupted run leaves nothing"
+
+
+def test_chunks_larger_than_the_image_are_clipped_and_booleans_refused(make_raster, make_model, write_workflow, tmp_path):
+    path, _ = make_raster((3, 120, 90))
+    weights, _ = make_model()
+    wf = write_workflow(raster_workflow(path, weights))
+    result = run_cli("run", wf, "--quiet", "--set", "output.chunks=99999")
+    assert result.returncode == 0, result.stderr
+    assert zarr.open_group(str(tmp_path / "out" / "scene_mask.zarr"), mode="r")["labels"].chunks == (120, 90)
+    refused = run_cli("run", wf, "--quiet", "--overwrite", "--set", "output.chunks=true")
+    assert refused.returncode == 2 and "output.chunks" in one_line(refused.stderr)
+
+
+# -- silently wrong answers -------------------------------------------------------------------------
+
+
+def test_nan_pixels_are_invalid(make_model, tmp_path, client):
+    rng = np.random.default_rng(0)
+    data = (rng.random((3, 150, 170)) * 200).astype("float32")
+    rows, cols = rng.integers(0, 150, 100), rng.integers(0, 170, 100)
+    flat = np.unique(rows * 170 + cols)
+    data[0].flat[flat] = np.nan
+    path = tmp_path / "nan.tif"
+    with rasterio.open(path, "w", driver="GTiff", height=150, width=170, count=3, dtype="float32",
+                       crs="EPSG:32618", transform=rasterio.transform.from_origin(0, 0, 30, 30)) as ds:  # fmt: skip
+        ds.write(data)
+    weights, _ = make_model()
+    wf = Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path)
+    (result,) = tilemask.run(wf, client)
+    group = zarr.open_group(result.outputs[0], mode="r")
+    labels, probabilities = group["labels"][:], group["probabilities"][:]
+    nodata = group.attrs["tilemask"]["nodata"]
+    assert nodata == 255
+    np.testing.assert_array_equal(np.flatnonzero(labels == nodata), flat)
+    assert np.isfinite(probabilities).all() and (probabilities[:, labels == nodata] == 0).all()
+    assert sum(result.class_pixels.values()) == labels.size - flat.size
+
+
+def test_gcp_only_raster_is_refused(make_model, write_workflow, tmp_path):
+    path = tmp_path / "gcps.tif"
+    gcps = [GroundControlPoint(0, 0, 500000, 4000000), GroundControlPoint(0, 99, 503000, 4000000),
+            GroundControlPoint(99, 0, 500000, 3997000), GroundControlPoint(99, 99, 503000, 3997000)]  # fmt: skip
+    with rasterio.open(path, "w", driver="GTiff", height=100, width=100, count=3, dtype="uint8") as ds:
+        ds.write(np.zeros((3, 100, 100), "uint8"))
+        ds.gcps = (gcps, rasterio.crs.CRS.from_epsg(32618))
+    weights, _ = make_model()
+    result = run_cli("run", write_workflow(raster_workflow(path, weights)), "--quiet")
+    assert result.returncode == 2 and "ground control points" in one_line(result.stderr)
+
+
+def scripted_unet(tmp_path, in_channels=3, out_channels=3) -> Path:
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    args = dict(UNET_2D, in_channels=in_channels, out_channels=out_channels)
+    path = tmp_path / f"unet_{in_channels}_{out_channels}.ts"
+    torch.jit.script(UNet(**args).eval()).save(str(path))
+    return path
+
+
+def test_torchscript_channels_come_from_the_network(make_raster, tmp_path, client):
+    path, _ = make_raster((3, 100, 120))
+    weights = scripted_unet(tmp_path, out_channels=3)
+    workflow = raster_workflow(path, weights)
+    workflow["model"] = {"network": "UNet", "weights": str(weights)}  # no args: channels from the network
+    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    group = zarr.open_group(result.outputs[0], mode="r")
+    assert group["probabilities"].shape[0] == 3
+    assert group.attrs["tilemask"]["classes"] == ["class_0", "class_1", "class_2"]
+    assert sum(result.class_pixels.values()) == 100 * 120
+    workflow["classes"] = ["land", "water"]
+    with pytest.raises(WorkflowError, match="network gives 3 classes") as refused:
+        tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client, overwrite=True)
+    assert refused.value.exit_status == 2
+    workflow.pop("classes")
+    workflow["model"]["weights"] = str(scripted_unet(tmp_path, in_channels=1))
+    with pytest.raises(WorkflowError, match="rejects a 3-channel window"):
+        tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client, overwrite=True)
+
+
+def test_torchscript_of_the_wrong_channels_is_one_line_exit_2(make_raster, write_workflow, tmp_path):
+    path, _ = make_raster((3, 100, 120))
+    workflow = raster_workflow(path, scripted_unet(tmp_path, in_channels=1))
+    workflow["model"].pop("args")
+    wrong = run_cli("run", write_workflow(workflow), "--quiet")
+    assert wrong.returncode == 2 and "rejects a 3-channel window" in one_line(wrong.stderr)
+
+
+# -- hangs and dead parts -------------------------------------------------------------------------
+
+
+def _scheduler(tmp_path) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        stdout=open(tmp_path / "scheduler.log", "w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    address = f"tcp://127.0.0.1:{port}"
+    from distributed import Client
+
+    with Client(address, timeout="60s"):
+        pass
+    return proc, address
+
+
+def test_a_cluster_without_workers_fails_with_one_line(make_raster, make_model, write_workflow, tmp_path):
+    path, _ = make_raster()
+    weights, _ = make_model()
+    scheduler, address = _scheduler(tmp_path)
+    try:
+        begin = time.monotonic()
+        result = run_cli("run", write_workflow(raster_workflow(path, weights)), "--quiet", "--scheduler", address,
+                         env={"DASK_TILEMASK__NO_WORKERS_TIMEOUT": "3"}, timeout=120)  # fmt: skip
+        assert result.returncode == 1, result.stderr
+        assert "no Dask worker joined" in one_line(result.stderr)
+        assert time.monotonic() - begin < 60
+    finally:
+        scheduler.kill()
+
+
+@pytest.mark.slow
+def test_workers_that_all_die_mid_run_fail_the_run(big_run, tmp_path):
+    scheduler, address = _scheduler(tmp_path)
+    worker = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dask"), "worker", address, "--no-nanny", "--nthreads", "2",
+         "--host", "127.0.0.1", "--no-dashboard"],
+        stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        proc = start(["run", big_run(), "--quiet", "--scheduler", address], tmp_path,
+                     env={"DASK_TILEMASK__NO_WORKERS_TIMEOUT": "3"})  # fmt: skip
+        wait_for(lambda: any(n.endswith(".parts") for n in hidden(tmp_path / "out")), what="chunk pieces", proc=proc)
+        time.sleep(1.0)
+        worker.kill()
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 1, stderr
+        assert "no worker" in one_line(stderr)
+        assert [n for n in hidden(tmp_path / "out") if not n.startswith(".tilemask-lock")] == []
+    finally:
+        worker.kill()
+        scheduler.kill()
+
+
+def test_a_stalled_http_server_fails_the_run_instead_of_hanging(make_model, write_workflow, tmp_path):
+    served = tmp_path / "www"
+    served.mkdir()
+    shutil.copy(GEO["RGB.byte.tif"], served / "scene.tif")
+    port_file, log = tmp_path / "port", tmp_path / "requests.log"
+    server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("range_server.py")), served, port_file, log])
+    try:
+        wait_for(port_file.exists, what="the HTTP server")
+        weights, _ = make_model()
+        url = f"http://127.0.0.1:{port_file.read_text()}/scene.tif"
+        workflow = raster_workflow(url, weights, output={"path": str(tmp_path / "out" / "{stem}.tif"), "quicklook": False})
+        env = {"GDAL_HTTP_TIMEOUT": "3", "GDAL_HTTP_MAX_RETRY": "0", "VSI_CACHE": "FALSE"}
+        proc = start(["run", write_workflow(workflow), "--quiet"], tmp_path, env=env)
+        wait_for(lambda: any(n.startswith(".tilemask-lock-") for n in hidden(tmp_path / "out")), what="the plan", proc=proc)
+        os.kill(server.pid, signal.SIGSTOP)  # the input was opened; every read from now on stalls
+        begin = time.monotonic()
+        _, stderr = proc.communicate(timeout=180)
+        assert proc.returncode == 1, stderr
+        assert "scene.tif" in one_line(stderr)
+        assert time.monotonic() - begin < 120
+        assert not (tmp_path / "out" / "scene.tif").exists()
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        server.kill()
+
+
+def test_a_dead_http_server_is_one_line(make_model, write_workflow, tmp_path):
+    weights, _ = make_model()
+    url = f"http://127.0.0.1:{_free_port()}/scene.tif"
+    result = run_cli("run", write_workflow(raster_workflow(url, weights)), "--quiet")
+    assert result.returncode == 2 and "scene.tif" in one_line(result.stderr)
+
+
+@pytest.mark.slow
+def test_killing_a_worker_mid_run_gives_the_same_output(big_run, tmp_path):
+    wf = big_run(output="out/{stem}_mask.zarr", roi=48)  # about 7,000 windows: long enough to kill a worker mid-run
+    args = ["run", wf, "--quiet", "--workers", "2", "--threads-per-worker", "1"]
+    proc = start(args, tmp_path)
+    staged = tmp_path / "out" / ".tilemask-*-big_mask.zarr" / "labels" / "c"
+    wait_for(lambda: any(Path(tmp_path / "out").glob(str(staged.relative_to(tmp_path / "out")))), what="chunks written", proc=proc)
+    time.sleep(2.0)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]  # fmt: skip
+    assert workers, "no worker process found"
+    workers[0].kill()
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    killed = zarr.open_group(str(tmp_path / "out" / "big_mask.zarr"), mode="r")["labels"][:]
+    clean = run_cli(*args, "--overwrite", timeout=600)
+    assert clean.returncode == 0, clean.stderr
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "out" / "big_mask.zarr"), mode="r")["labels"][:], killed)
+
+
+# -- disks and paths ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A small tmpfs mounted in tmp_path (needs root; skipped elsewhere)."""
+    mounted = []
+
+    def mount(size: str, name="disk") -> Path:
+        target = tmp_path / name
+        target.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in mounted:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".tif"])
+def test_a_full_disk_is_named_and_cleaned_up(make_raster, make_model, write_workflow, tmp_path, tmpfs, suffix):
+    path, _ = make_raster((3, 700, 700))
+    weights, _ = make_model()
+    disk = tmpfs("600k")
+    workflow = raster_workflow(path, weights, output={"path": str(disk / f"{{stem}}{suffix}"), "chunks": 128})
+    result = run_cli("run", write_workflow(workflow), "--quiet")
+    assert result.returncode == 1, result.stderr
+    assert "no space left on device" in one_line(result.stderr)
+    assert os.listdir(disk) == []
+
+
+def test_a_read_only_output_folder_is_found_before_any_work(make_raster, make_model, write_workflow, tmpfs):
+    path, _ = make_raster()
+    weights, _ = make_model()
+    disk = tmpfs("1m")
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    result = run_cli("run", write_workflow(raster_workflow(path, weights, output={"path": str(disk / "m.zarr")})), "--quiet")
+    assert result.returncode == 2 and "not writable" in one_line(result.stderr)
+
+
+def test_non_ascii_and_spaces_in_every_path(make_model, tmp_path):
+    folder = tmp_path / "dé jà vu" / "données d'été"
+    folder.mkdir(parents=True)
+    scene = folder / "scène 1.tif"
+    shutil.copy(GEO["RGB.byte.tif"], scene)
+    weights, _ = make_model(name="poids é.pt")
+    shutil.move(weights, folder / "poids é.pt")
+    workflow = raster_workflow(scene.name, "poids é.pt", output={"path": "sortie ü/{stem} masque.tif"},
+                               preprocess={"normalize": {"mean": [40.0] * 3, "std": [25.0] * 3}})  # fmt: skip
+    workflow["output"].update(vectors="sortie ü/{stem} polygones.gpkg", chunks=256)
+    (folder / "flux de travail.yaml").write_text(json.dumps(workflow, ensure_ascii=False), encoding="utf-8")
+    result = run_cli("run", folder / "flux de travail.yaml", "--quiet")
+    assert result.returncode == 0, result.stderr
+    out = folder / "sortie ü"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "scène 1 masque.png", "scène 1 masque.tif", "scène 1 masque.tif.aux.xml", "scène 1 masque_probabilities.tif",
+        "scène 1 polygones.gpkg",
+    ]  # fmt: skip
+
+
+def test_cuda_without_cuda_is_found_before_any_work(make_raster, make_model, write_workflow, tmp_path):
+    path, _ = make_raster()
+    weights, _ = make_model()
+    result = run_cli("run", write_workflow(raster_workflow(path, weights)), "--quiet", "--set", "inference.device=cuda")
+    assert result.returncode == 2 and "no CUDA device" in one_line(result.stderr)
+    assert hidden(tmp_path / "out") == [] and not (tmp_path / "out" / "scene_mask.zarr").exists()
+
+
+@pytest.mark.slow
+def test_labels_of_different_worker_layouts_differ_only_at_ties(make_raster, make_model, write_workflow, tmp_path):
+    """1 worker x 2 torch threads and 2 workers x 1 thread sum in different orders; labels may differ only
+    where the two best classes are within float32 summation noise (README, "Ties")."""
+    path, _ = make_raster((3, 400, 500))
+    weights, _ = make_model()
+    outputs = []
+    for workers, threads in ((1, 2), (2, 1)):
+        workflow = raster_workflow(path, weights, output={"path": f"out/w{workers}.zarr"})
+        result = run_cli("run", write_workflow(workflow), "--quiet", "--workers", workers, "--threads-per-worker", threads)
+        assert result.returncode == 0, result.stderr
+        outputs.append(zarr.open_group(str(tmp_path / "out" / f"w{workers}.zarr"), mode="r"))
+    (a, b) = outputs
+    np.testing.assert_allclose(a["probabilities"][:], b["probabilities"][:], atol=1e-5)
+    differ = a["labels"][:] != b["labels"][:]
+    top2 = np.sort(a["probabilities"][:], axis=0)[-2:]
+    assert np.all(top2[1][differ] - top2[0][differ] < 1e-5)
+
+
+def test_a_damaged_tile_is_named_where_it_is(tmp_path):
+    """libtiff says "row 512, col 0, tile 3" for a tile at column 512: the message places the tile in pixels."""
+    import re
+
+    from tilemask.sources.raster import RasterSource
+
+    source = RasterSource.open(str(GEO["corrupt.tif"]))
+    failures = 0
+    for r in range(0, source.height, 256):
+        for c in range(0, source.width, 256):
+            try:
+                source.read(((r, r + 256), (c, c + 256)))
+            except ReadError as exc:
+                failures += 1
+                found = re.search(r"tile \d+ \(rows (\d+):(\d+), cols (\d+):(\d+)\)", str(exc))
+                t0, t1, u0, u1 = map(int, found.groups())
+                assert t0 <= r < t1 and u0 <= c < u1, str(exc)
+    assert failures, "the real corrupt.tif should fail somewhere"
+
+
+def test_a_4d_nifti_channel_mismatch_does_not_suggest_bands(make_model, tmp_path):
+    import nibabel as nib
+
+    from tilemask.planning import plan_workflow
+
+    from .conftest import UNET_3D
+
+    path = tmp_path / "two_channels.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 20, 2), "int16"), np.eye(4)), path)
+    weights, _ = make_model(UNET_3D)
+    workflow = raster_workflow(path, weights, args=UNET_3D, output={"path": "out/{stem}.nii.gz"})
+    workflow["preprocess"] = {}
+    with pytest.raises(InputError) as refused:
+        plan_workflow(Workflow.from_dict(workflow, base_dir=tmp_path))
+    assert refused.value.exit_status == 2
+    assert "in_channels is 1 but the input gives 2 channels" in str(refused.value)
+    assert "bands" not in str(refused.value)

@@ -1,0 +1,297 @@
+"""Hostile or mistaken inputs refused before they cost anything: YAML alias bombs, booleans where numbers
+belong, zip-bomb checkpoints, and weights that are not what they claim (random bytes, code, whole models)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
+
+import pytest
+
+from tilemask import Workflow
+from tilemask.errors import WeightsError, WorkflowError
+from tilemask.models import ModelSpec, load_model
+
+from .conftest import UNET_2D, raster_workflow, run_cli
+
+NOT_A_CHECKPOINT = "is not a torch checkpoint (neither a state_dict archive nor TorchScript)"
+
+
+def assert_one_line_error(proc, status, *words):
+    assert proc.returncode == status, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tilemask: error: "), proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+# -- 1. YAML alias bombs --------------------------------------------------------------------------
+
+
+def alias_bomb(levels: int, width: int = 10) -> str:
+    """A "billion laughs": each level a list of ``width`` aliases of the one below; width**levels values."""
+    lines = ["version: 1", "a0: &a0 [" + ", ".join(['"lol lol lol lol lol lol"'] * width) + "]"]
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]")
+    return "\n".join(lines) + "\n"
+
+
+# Run in a child with its address space capped, so that code without the guard fails with a MemoryError
+# instead of taking minutes and gigabytes of the machine; it reports time and resident-memory growth.
+_CHILD = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    from tilemask import Workflow
+    from tilemask.errors import WorkflowError
+    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, peak so far
+    before, start = rss(), time.perf_counter()
+    try:
+        Workflow.from_yaml(sys.argv[1])
+        outcome = "loaded"
+    except WorkflowError as exc:
+        outcome = "WorkflowError: " + str(exc)
+    except MemoryError:
+        outcome = "MemoryError"
+    print(json.dumps({"outcome": outcome, "seconds": time.perf_counter() - start, "rss_growth_kib": rss() - before}))
+    """
+)
+
+
+@pytest.mark.timeout(90)
+def test_a_billion_laughs_is_refused_at_once_in_little_memory(tmp_path):
+    bomb = tmp_path / "laughs.yaml"
+    bomb.write_text(alias_bomb(9))  # 10**9 values from 0.8 kB
+    assert bomb.stat().st_size < 1600
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
+    proc = subprocess.run(
+        [sys.executable, "-c", limit + _CHILD, str(bomb)], capture_output=True, text=True, timeout=80
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["outcome"].startswith("WorkflowError: "), report
+    message = report["outcome"].removeprefix("WorkflowError: ")
+    assert "\n" not in message and "laughs.yaml" in message and "aliases" in message, message
+    assert report["seconds"] < 2.0, report
+    assert report["rss_growth_kib"] < 50 * 1024, report
+
+
+@pytest.mark.timeout(120)
+def test_an_alias_bomb_exits_2_with_one_line(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(alias_bomb(6))  # 10**6 values: enough to refuse, small enough not to hurt unguarded code
+    assert_one_line_error(run_cli("run", bomb, timeout=100), 2, "bomb.yaml", "aliases", "refused")
+
+
+@pytest.mark.timeout(60)
+def test_an_alias_bomb_in_a_set_value_is_refused(tmp_path):
+    flow = "[" + ", ".join(f"&b{i} [" + ", ".join([f"*b{i - 1}" if i else "x"] * 10) + "]" for i in range(8)) + "]"
+    workflow = raster_workflow(tmp_path / "scene.tif", tmp_path / "weights.pt")
+    start = time.perf_counter()
+    with pytest.raises(WorkflowError, match=r"^--set model\.args: YAML aliases expand"):
+        Workflow.from_dict(workflow, [f"model.args={{bomb: {flow}}}"])
+    assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.timeout(60)
+def test_a_recursive_alias_is_refused(tmp_path):
+    path = tmp_path / "loop.yaml"
+    path.write_text("version: 1\ninput: &loop [a.tif, *loop]\n")
+    with pytest.raises(WorkflowError, match=r"loop\.yaml: a YAML alias refers to a collection that holds it"):
+        Workflow.from_yaml(path)
+
+
+@pytest.mark.timeout(60)
+def test_small_anchors_aliases_and_merge_keys_still_work(tmp_path):
+    path = tmp_path / "anchors.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            version: 1
+            input: scene.tif
+            model:
+              network: UNet
+              args: {spatial_dims: 2, in_channels: 3, out_channels: 3, channels: &ch [8, 16, 32], strides: [2, 2]}
+              weights: weights.pt
+            preprocess:
+              normalize: {mean: &three [1, 2.5, 3], std: *three}
+            inference: {<<: {roi_size: &roi [64, 64], overlap: 0.5}, overlap: 0, sigma_scale: 1}
+            output: {path: "out/{stem}.zarr", chunks: *roi}
+            """
+        )
+    )
+    workflow = Workflow.from_yaml(path)
+    assert workflow.model.args["channels"] == [8, 16, 32]
+    assert workflow.preprocess.normalize.std == [1.0, 2.5, 3.0]
+    assert workflow.inference.roi_size == [64, 64] and workflow.output.chunks == [64, 64]
+    assert workflow.inference.overlap == 0.0 and workflow.inference.sigma_scale == 1.0
+
+
+# -- 2. booleans where numbers belong --------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "override,key,got",
+    [
+        ("output.chunks=true", "output.chunks", True),
+        ("output.chunks=[64, false]", "output.chunks.1", False),
+        ("inference.roi_size=[true, 64]", "inference.roi_size.0", True),
+        ("inference.overlap=false", "inference.overlap", False),
+        ("inference.overlap=[0.25, true]", "inference.overlap.1", True),
+        ("inference.sigma_scale=true", "inference.sigma_scale", True),
+        ("inference.batch_size=true", "inference.batch_size", True),
+        ("inference.threshold=true", "inference.threshold", True),
+        ("preprocess.normalize.mean=[1, 2, true]", "preprocess.normalize.mean.2", True),
+        ("preprocess.normalize.std=[false, 1, 1]", "preprocess.normalize.std.0", False),
+        ("preprocess.bands=[true, 2, 3]", "preprocess.bands.0", True),
+        ("postprocess.remove_small=true", "postprocess.remove_small", True),
+        ("postprocess.opening=true", "postprocess.opening", True),
+        ("postprocess.closing=false", "postprocess.closing", False),
+        ("version=true", "version", True),
+    ],
+)
+def test_a_boolean_is_no_number(tmp_path, override, key, got):
+    workflow = raster_workflow(tmp_path / "scene.tif", tmp_path / "weights.pt")
+    with pytest.raises(WorkflowError) as caught:
+        Workflow.from_dict(workflow, [override])
+    assert str(caught.value) == f"workflow: {key}: expected a number, not a boolean (got {got})"
+
+
+@pytest.mark.timeout(60)
+def test_set_chunks_true_exits_2(write_workflow, tmp_path):
+    workflow = raster_workflow(tmp_path / "missing.tif", tmp_path / "missing.pt")  # nothing could run anyway
+    proc = run_cli("run", write_workflow(workflow), "--set", "output.chunks=true", timeout=50)
+    assert_one_line_error(proc, 2, "workflow: output.chunks: expected a number, not a boolean (got True)")
+
+
+@pytest.mark.timeout(60)
+def test_numbers_still_take_ints_and_floats(write_workflow, tmp_path):
+    workflow = raster_workflow(
+        tmp_path / "scene.tif", tmp_path / "weights.pt",
+        inference={"overlap": 0, "sigma_scale": [1, 0.5], "threshold": 0.3, "batch_size": 2},
+        output={"chunks": [64, 128]},
+        postprocess={"remove_small": 5, "fill_holes": True},
+    )
+    workflow["preprocess"]["normalize"] = {"mean": [1, 2, 3], "std": [0.5, 1, 2]}
+    loaded = Workflow.from_yaml(write_workflow(workflow), ["inference.roi_size=[32, 32]", "output.quicklook=false"])
+    assert loaded.inference.overlap == 0.0 and loaded.inference.sigma_scale == [1.0, 0.5]
+    assert loaded.output.chunks == [64, 128] and loaded.inference.roi_size == [32, 32]
+    assert loaded.preprocess.normalize.mean == [1.0, 2.0, 3.0] and loaded.postprocess.remove_small == 5
+    assert loaded.postprocess.fill_holes is True and loaded.output.quicklook is False
+
+
+# -- 3. zip-bomb checkpoints ----------------------------------------------------------------------
+
+
+def inflate_member(archive, member_suffix, size, out):
+    """Copy a torch archive with one member replaced by ``size`` bytes of zeros, deflated (written streaming)."""
+    with zipfile.ZipFile(archive) as zin, zipfile.ZipFile(out, "w", compresslevel=1) as zout:
+        replaced = False
+        for info in zin.infolist():
+            if not replaced and info.filename.endswith(member_suffix):
+                member = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+                member.compress_type = zipfile.ZIP_DEFLATED
+                with zout.open(member, "w", force_zip64=True) as f:
+                    chunk = bytes(1 << 20)
+                    for _ in range(size >> 20):
+                        f.write(chunk)
+                replaced = True
+            else:
+                zout.writestr(info, zin.read(info.filename))
+    assert replaced
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_a_zip_bomb_state_dict_is_refused_before_loading(make_model, tmp_path):
+    weights, _ = make_model()
+    bomb = inflate_member(weights, "/data/0", 512 << 20, tmp_path / "bomb.pt")
+    assert bomb.stat().st_size < 2 << 20
+    start = time.perf_counter()
+    with pytest.raises(WeightsError, match=r"bomb\.pt would unpack to 512 MiB from 0\.\d MiB on disk; refused"):
+        load_model(ModelSpec.create("UNet", UNET_2D, str(bomb)))
+    assert time.perf_counter() - start < 1.0
+    load_model(ModelSpec.create("UNet", UNET_2D, str(weights)))  # the genuine archive passes the guard
+
+
+@pytest.mark.timeout(60)
+def test_a_zip_bomb_torchscript_is_refused_before_loading(make_model, tmp_path):
+    import torch
+
+    _, net = make_model()
+    script = tmp_path / "scripted.pt"
+    torch.jit.script(net).save(str(script))
+    bomb = inflate_member(script, "/data/0", 512 << 20, tmp_path / "scripted_bomb.pt")
+    spec = ModelSpec.create("UNet", UNET_2D, str(bomb))
+    assert spec.is_torchscript
+    start = time.perf_counter()
+    with pytest.raises(WeightsError, match=r"scripted_bomb\.pt would unpack to 512 MiB"):
+        load_model(spec)
+    assert time.perf_counter() - start < 1.0
+    load_model(ModelSpec.create("UNet", UNET_2D, str(script)))  # its deflated code/ folder is fine
+
+
+# -- 4, 5. weights that are not a state_dict ----------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_random_bytes_are_not_called_a_pickle(tmp_path):
+    path = tmp_path / "noise.pt"
+    path.write_bytes(random.Random(0).randbytes(64 << 10))
+    with pytest.raises(WeightsError) as caught:
+        load_model(ModelSpec.create("UNet", UNET_2D, str(path)))
+    assert str(caught.value) == f"model.weights: {path} {NOT_A_CHECKPOINT}"
+
+
+class _Exploit:
+    """Would create a file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["torch.save", "pickle protocol 0", "pickle protocol 2", "pickle default"])
+def test_a_pickle_with_code_is_named_refused_and_never_run(tmp_path, kind):
+    import torch
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    if kind == "torch.save":
+        torch.save({"weight": _Exploit(marker)}, path, pickle_protocol=2)
+    else:
+        protocol = {"pickle protocol 0": 0, "pickle protocol 2": 2, "pickle default": None}[kind]
+        path.write_bytes(pickle.dumps({"weight": _Exploit(marker)}, protocol=protocol))
+    with pytest.raises(WeightsError) as caught:
+        load_model(ModelSpec.create("UNet", UNET_2D, str(path)))
+    message = str(caught.value)
+    assert "evil.pt is a pickle that needs code to load (it imports " in message and "system); refused" in message
+    assert NOT_A_CHECKPOINT not in message
+    assert not marker.exists(), "the pickle's code ran"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("which", ["workflow network", "torch layers"])
+def test_a_whole_pickled_model_gets_its_own_message(make_model, tmp_path, which):
+    import torch
+
+    _, net = make_model()
+    if which == "torch layers":
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1))
+    path = tmp_path / "model.pt"
+    torch.save(net, path)
+    with pytest.raises(WeightsError) as caught:
+        load_model(ModelSpec.create("UNet", UNET_2D, str(path)))
+    message = str(caught.value)
+    assert "model.pt is a whole pickled model (torch.save(model))" in message, message
+    assert "refused" in message and "state_dict()" in message and "TorchScript" in message
