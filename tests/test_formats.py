@@ -119,3 +119,42 @@ def test_a_crash_leaves_nothing_that_reads_as_finished(tmp_path, client, name, s
     with OutputLock(fmt.files(path, probabilities=True)):  # the next run of this output
         assert [n for n in os.listdir(tmp_path) if not n.startswith(".tilemask-lock-")] == []
     assert os.listdir(tmp_path) == []
+
+
+def test_the_output_lock_is_exclusive_and_dies_with_its_process(tmp_path):
+    import subprocess
+    import sys
+
+    from tilemask.errors import OutputConflict
+
+    files = [str(tmp_path / "out.zarr"), str(tmp_path / "stats.csv")]
+    with OutputLock(files):
+        with pytest.raises(OutputConflict, match="being written by another tilemask run"):
+            OutputLock(files[1:]).acquire()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from tilemask.outputs import OutputLock; "
+         "OutputLock(sys.argv[1:]).acquire(); print('held', flush=True); time.sleep(60)", *files],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputConflict):
+            OutputLock(files).acquire()
+        holder.kill()
+        holder.wait(timeout=30)
+        with OutputLock(files):  # the kernel dropped the dead holder's lock
+            pass
+    finally:
+        holder.kill()
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_output_set_aside_by_an_interrupted_swap_is_put_back(tmp_path):
+    from tilemask.outputs import ASIDE, staged_path
+
+    path = tmp_path / "out.zarr"
+    aside = staged_path(path, new_run_id()) + ASIDE  # what publish() leaves if killed between its two renames
+    os.makedirs(os.path.join(aside, "labels"))
+    with OutputLock([str(path)]):
+        assert os.path.isdir(path / "labels")
+    assert os.listdir(tmp_path) == ["out.zarr"]

@@ -552,3 +552,26 @@ def test_a_4d_nifti_channel_mismatch_does_not_suggest_bands(make_model, tmp_path
     assert refused.value.exit_status == 2
     assert "in_channels is 1 but the input gives 2 channels" in str(refused.value)
     assert "bands" not in str(refused.value)
+
+
+def test_products_never_overwrite_the_regions_they_read(make_raster, make_model, tmp_path):
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    from tilemask.planning import plan_workflow
+    from tilemask.stats import compute_stats
+
+    path, _ = make_raster((3, 100, 120))
+    weights, _ = make_model()
+    regions = tmp_path / "zones.gpkg"
+    gpd.GeoDataFrame({"name": ["a"]}, geometry=[box(500000, 3997000, 501000, 3999000)], crs="EPSG:32618").to_file(regions)
+    before = regions.read_bytes()
+    for products in ({"stats": {"output": str(regions), "regions": str(regions)}},
+                     {"output": {"vectors": str(regions)}, "stats": {"output": "s.csv", "regions": str(regions)}}):  # fmt: skip
+        workflow = raster_workflow(path, weights, **products)
+        with pytest.raises(tilemask.TilemaskError, match="is the input") as refused:
+            plan_workflow(Workflow.from_dict(workflow, base_dir=tmp_path)).check_outputs(overwrite=True)
+        assert refused.value.exit_status == 2
+    with pytest.raises(InputError, match="is an input"):
+        compute_stats(path, regions, regions=regions)
+    assert regions.read_bytes() == before

@@ -30,7 +30,7 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
 @click.option("--threads-per-worker", type=click.IntRange(min=1), help="Threads per worker of the embedded cluster.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a workflow key, e.g. output.chunks=1024.")
 @click.option("--overwrite", is_flag=True, help="Replace outputs that an earlier tilemask run wrote.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--no-progress", "--quiet", "quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 def run(workflow, scheduler, workers, threads_per_worker, overrides, overwrite, quiet, debug) -> None:
     """Segment the inputs of WORKFLOW.yaml and write the masks."""

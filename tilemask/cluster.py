@@ -195,6 +195,14 @@ def completed(client: Client, futures: Iterable[Future]) -> Iterator[Future]:
         time.sleep(0.02)
 
 
+def gather(client: Client, futures: list[Future]) -> list:
+    """``client.gather`` that fails, instead of waiting forever, when the cluster loses all its workers."""
+    for future in completed(client, futures):
+        if future.status == "error":
+            future.result()  # the task's own exception, at once
+    return client.gather(futures)
+
+
 def prepare_workers(client: Client) -> None:
     """Register :class:`WorkerSetup`: each host's cores shared among its worker processes."""
     workers_by_host = Counter(_host(a) for a in client.scheduler_info(n_workers=-1)["workers"])

@@ -26,7 +26,7 @@ class TilemaskCommand(click.Command):
         except TilemaskError as exc:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"tilemask: error: {exc}", err=True)
+            click.echo(f"tilemask: error: {first_line(exc)}", err=True)
             ctx.exit(exc.exit_status)
         except KeyboardInterrupt:
             click.echo("tilemask: interrupted", err=True)
@@ -34,8 +34,13 @@ class TilemaskCommand(click.Command):
         except Exception as exc:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"tilemask: error: {type(exc).__name__}: {exc} (run with --debug for details)", err=True)
+            click.echo(f"tilemask: error: {type(exc).__name__}: {first_line(exc)} (run with --debug for details)", err=True)
             ctx.exit(1)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def configure_logging(debug: bool, verbosity: int = 0) -> None:

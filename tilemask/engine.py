@@ -45,21 +45,20 @@ import numpy as np
 from dask.base import tokenize
 from distributed import Client
 
-from .cluster import cancel_and_drain, cluster_client, completed, prepare_workers, wait_for_workers
+from .cluster import cancel_and_drain, cluster_client, completed, gather, prepare_workers, wait_for_workers
 from .errors import OutputError, RunError, TilemaskError
 from .finalize import class_histogram, finalize
 from .geometry import Block, Region
 from .interrupts import shielded
 from .outputs import OutputLock
-from .planning import Finishing, InferenceSettings, Job, ModelSpec, WorkflowPlan, plan_workflow
-from .postprocess import apply as postprocess
+from .planning import Job, WorkflowPlan, plan_workflow
 from .preprocess import Preprocessing
 from .products import write_products
 from .progress import announce, stage, window_progress
+from .settings import Finishing, InferenceSettings, ModelSpec
 from .sinks import LabelSink
 from .sinks.zarr import ZarrSink
 from .sources import ImageSource
-from .sources.labels import open_labels
 from .stats.config import PostprocessConfig
 from .stitch import Partial, cut, overlap_add
 from .workflow import Workflow
@@ -187,10 +186,10 @@ def execute(client: Client, job: Job, progress: bool = True) -> RunResult:
                     _release(held, key)
         committing = time.perf_counter()
         with stage(f"{Path(job.input).name}: making {Path(job.sink.path).name} whole", enabled=progress):
-            outputs = client.submit(job.sink.commit, pure=False).result()  # a worker sees the output folder
+            outputs = finish_and_publish(client, job.sink, held)
         commit_seconds = time.perf_counter() - committing
     except BaseException:
-        with shielded():
+        with shielded():  # no abort while any task, the commit included, may still write
             cancel_and_drain(client, list(held.values()))
             job.sink.abort()
         raise
@@ -204,6 +203,19 @@ def execute(client: Client, job: Job, progress: bool = True) -> RunResult:
         commit_seconds=commit_seconds,
     )
 
+def finish_and_publish(client: Client, sink: LabelSink, held: dict) -> list[str]:
+    """Make the output whole on a worker (which sees the output folder), then rename it into place.
+
+    Two tasks: an interrupt while the first runs leaves only staged files, which
+    the caller's cleanup removes once ``held``'s tasks have stopped.
+    """
+    held["finish"] = client.submit(sink.finish, pure=False)
+    gather(client, [held["finish"]])
+    held["publish"] = client.submit(sink.publish, pure=False)
+    (outputs,) = gather(client, [held["publish"]])
+    return outputs
+
+
 def _release(held: dict, key) -> None:
     future = held.pop(key, None)
     if future is not None:
@@ -216,10 +228,14 @@ def execute_postprocessed(client: Client, job: Job, config: PostprocessConfig, p
     runs on the finished raw labels; the cleaned chunks and the raw probabilities
     are then written chunk by chunk to the output the workflow asked for.
     """
+    from .postprocess import apply as postprocess  # dask.array, pandas: only when post-processing
+    from .sources.labels import open_labels
+
     final = job.sink
     raw = ZarrSink(final.path.rstrip("/") + ".raw.zarr", final.layout, visible=False)  # stays hidden: staged only
     result = execute(client, replace(job, sink=raw), progress=progress)
     futures: list = []
+    finishing: dict = {}  # the finish and publish tasks, once submitted
     try:
         with stage(f"{Path(job.input).name}: post-processing", enabled=progress):
             image = open_labels(raw.staged, job.plan.chunks)
@@ -230,12 +246,12 @@ def execute_postprocessed(client: Client, job: Job, config: PostprocessConfig, p
             futures = client.compute(
                 [copy(r, block, final, raw, job.finishing) for r, block in zip(regions, cleaned.to_delayed().ravel())]
             )
-            totals = np.sum(client.gather(futures), axis=0)
+            totals = np.sum(gather(client, futures), axis=0)
         with stage(f"{Path(job.input).name}: making {Path(final.path).name} whole", enabled=progress):
-            result.outputs = client.submit(final.commit, pure=False).result()
+            result.outputs = finish_and_publish(client, final, finishing)
     except BaseException:
         with shielded():
-            cancel_and_drain(client, futures)
+            cancel_and_drain(client, futures + list(finishing.values()))
             final.abort()
         raise
     finally:
@@ -271,18 +287,33 @@ def run(
     """
     if not isinstance(workflow, Workflow):
         workflow = Workflow.from_yaml(workflow)
-    plan = plan_workflow(workflow, overwrite=overwrite)
+    plan = plan_workflow(workflow)
     with contextlib.ExitStack() as stack:
         for item in plan.inputs:
             stack.enter_context(OutputLock(plan.output_files(item)))
+        plan.check_outputs(overwrite)  # with the locks held: no other run can change the answer
         if client is None:
             client = stack.enter_context(cluster_client(scheduler, workers, threads_per_worker))
+        wait_for_workers(client)
         prepare_workers(client)
         announce(f"dask dashboard: {client.dashboard_link}", enabled=progress)
         out_channels = probe(client, plan)
         logger.info("the network gives %d output channels", out_channels)
         jobs = plan.jobs(out_channels)
         return [run_job(client, job, plan, progress) for job in jobs]
+
+
+@contextlib.contextmanager
+def cluster_failures(what: str):
+    """The cluster's own failures (a worker killed too often, a lost connection) as one :class:`RunError`."""
+    from distributed.client import FutureCancelledError
+    from distributed.comm import CommClosedError
+    from distributed.scheduler import KilledWorker
+
+    try:
+        yield
+    except (KilledWorker, CommClosedError, FutureCancelledError) as exc:
+        raise RunError(f"{what}: the cluster failed: {type(exc).__name__}: {exc}") from None
 
 def probe(client: Client, plan: WorkflowPlan) -> int:
     """The network's output channels, from one forward pass of zeros at the roi on a worker.
@@ -291,30 +322,22 @@ def probe(client: Client, plan: WorkflowPlan) -> int:
     the network and are safe, that the device exists, and that the network takes
     the inputs' channels (a failure here keeps its type: exit 2).
     """
-    wait_for_workers(client)
     future = client.submit(probe_network, plan.model, plan.settings, plan.in_channels, pure=False)
-    for _ in completed(client, [future]):
-        pass
-    return future.result()
+    with cluster_failures("probing the network"):
+        (channels,) = gather(client, [future])
+    return channels
 
 def run_job(client: Client, job: Job, plan: WorkflowPlan, progress: bool) -> RunResult:
     """One input: predict and write its output, then its products; errors found now exit 1."""
     logger.info("%s: %d windows in %d chunks -> %s", job.input, job.plan.n_windows, len(list(job.plan.chunk_indexes())), job.sink.path)
     try:
-        if plan.postprocess:
-            result = execute_postprocessed(client, job, plan.postprocess, progress)
-        else:
-            result = execute(client, job, progress=progress)
-        result.outputs += write_products(job, result.outputs[0], client, progress)
+        with cluster_failures(job.input):
+            if plan.postprocess:
+                result = execute_postprocessed(client, job, plan.postprocess, progress)
+            else:
+                result = execute(client, job, progress=progress)
+            result.outputs += write_products(job, result.outputs[0], client, progress)
     except TilemaskError as exc:
         exc.exit_status = 1  # found while running: a run failure, whatever its kind
         raise
-    except Exception as exc:
-        from distributed.client import FutureCancelledError
-        from distributed.comm import CommClosedError
-        from distributed.scheduler import KilledWorker
-
-        if isinstance(exc, (KilledWorker, CommClosedError, FutureCancelledError, TimeoutError)):
-            raise RunError(f"{job.input}: the cluster failed: {type(exc).__name__}: {exc}") from None
-        raise  # a bug: its own type and traceback
     return result

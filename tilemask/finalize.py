@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import softmax
 
-from .planning import Finishing
+from .settings import Finishing
 
 
 def finalize(

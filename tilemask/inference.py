@@ -22,8 +22,8 @@ from monai.data.utils import compute_importance_map
 from .errors import WorkflowError
 from .geometry import Block, local_slices, region_shape
 from .models import ModelSpec, cached_model, resolve_device
-from .planning import InferenceSettings
 from .preprocess import Preprocessing
+from .settings import InferenceSettings
 from .sources import ImageSource
 from .stitch import Partial
 
@@ -88,6 +88,8 @@ def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int) 
     try:
         with torch.inference_mode():
             output = network(torch.zeros(shape, dtype=torch.float32, device=device))
+    except torch.OutOfMemoryError:
+        raise  # the device, not the workflow
     except Exception as exc:  # torch and TorchScript raise RuntimeError with pages of context
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         raise WorkflowError(f"model: the network rejects a {channels}-channel window of roi {list(settings.roi)}: {lines[-1] if lines else type(exc).__name__}") from None

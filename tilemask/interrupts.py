@@ -29,13 +29,17 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 @contextlib.contextmanager
 def shielded() -> Iterator[None]:
-    """Run a failed run's cleanup to its end: Ctrl-C or SIGTERM meanwhile is ignored (the run is stopping)."""
+    """Run a failed run's cleanup to its end: Ctrl-C or SIGTERM meanwhile is held back, then raised as
+    ``KeyboardInterrupt`` once the cleanup is done (the user asked to stop: exit 130)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in STOP_SIGNALS}
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if received:
+        raise KeyboardInterrupt

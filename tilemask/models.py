@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .errors import WeightsError, WorkflowError
-from .planning import ModelSpec
+from .settings import ModelSpec
 
 logger = logging.getLogger(__name__)
 

@@ -8,15 +8,17 @@
 * Before any work, :func:`check_outputs` refuses (exit 2) an output that is an
   input, that exists without ``--overwrite``, or that holds something tilemask
   did not write (whatever ``--overwrite`` says), and a folder it cannot write.
-* One run per output at a time: :class:`OutputLock` holds ``.tilemask-lock-<name>``
-  (created with ``O_EXCL``) from planning to the end; a second run is refused with
-  one line.  A lock left by a dead process of this host is taken over.
+* One run per output at a time: :class:`OutputLock` holds an exclusive ``flock``
+  on ``.tilemask-lock-<name>`` beside each file of the output from before the
+  output checks to the end; a second run is refused with one line.  The kernel
+  drops the lock of a dead process, so a killed run never blocks the next one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -44,10 +46,16 @@ def staged_path(path: str | os.PathLike, run_id: str) -> str:
     return str(p.with_name(f"{PREFIX}{run_id}-{p.name}"))
 
 
+ASIDE = ".old"  # an output renamed aside while a new one takes its place
+STAGING_SUFFIXES = ("", ".parts", ".raw.zarr", ".raw.nii", ".aux.xml", ".ovr.tmp", ".msk", ASIDE)
+"""What runs of one output stage beside it: the output itself, COG pieces, a raw intermediate, sidecars."""
+
+
 def leftovers(path: str | os.PathLike) -> list[Path]:
-    """Hidden files and folders that runs of ``path`` left (staged outputs, parts, sidecars)."""
+    """Hidden files and folders that runs of ``path`` (and of no other output) left."""
     p = Path(os.fspath(path).rstrip("/"))
-    pattern = re.compile(rf"^{re.escape(PREFIX)}[0-9a-f]+-{re.escape(p.name)}(\..*)?$")
+    suffixes = "|".join(re.escape(s) for s in STAGING_SUFFIXES if s)
+    pattern = re.compile(rf"^{re.escape(PREFIX)}[0-9a-f]+-{re.escape(p.name)}({suffixes})?$")
     try:
         return [child for child in p.parent.iterdir() if pattern.match(child.name)]
     except OSError:
@@ -74,9 +82,13 @@ def publish(staged: str | os.PathLike, path: str | os.PathLike) -> None:
     """
     staged, path = Path(staged), Path(os.fspath(path).rstrip("/"))
     if staged.is_dir() and path.exists():
-        aside = Path(staged_path(path, new_run_id()) + ".old")
+        aside = Path(staged_path(path, new_run_id()) + ASIDE)
         os.replace(path, aside)
-        os.replace(staged, path)
+        try:
+            os.replace(staged, path)
+        except BaseException:
+            os.replace(aside, path)  # the old output back; a kill right here is undone by recover()
+            raise
         remove(aside)
     else:
         os.replace(staged, path)
@@ -156,74 +168,80 @@ def check_writable(folder: Path) -> None:
 
 
 class OutputLock:
-    """``.tilemask-lock-<name>`` beside an output, held by one run; stale ones of dead local runs are taken over.
+    """One run per output: an exclusive ``flock`` on ``.tilemask-lock-<name>`` beside each of its files.
 
-    ``files`` are the output's files (labels first, then probabilities and derived
-    products); once the lock is held, what interrupted runs left of any of them
-    (:func:`leftovers`) is removed.
+    ``files`` are everything one input's run writes (labels, probabilities,
+    derived products); each gets its own lock, so two workflows sharing a
+    statistics table cannot clean up each other's staged files.  The kernel
+    releases a lock when its process dies, so a killed run never blocks the next
+    one; the next run then removes what the killed one left (:func:`leftovers`)
+    and puts back an older output that a half-done :func:`publish` set aside.
     """
 
     def __init__(self, files: list[str]):
-        self.files = files
-        self.path = files[0]
-        p = Path(self.path.rstrip("/"))
-        self.lock = p.with_name(f"{PREFIX}lock-{p.name}")
-        self.held = False
+        self.files = [f.rstrip("/") for f in files]
+        self.held: list[tuple[Path, int]] = []
+
+    @staticmethod
+    def lock_path(path: str) -> Path:
+        p = Path(path)
+        return p.with_name(f"{PREFIX}lock-{p.name}")
 
     def acquire(self) -> OutputLock:
-        record = json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode()
-        for _ in range(2):
+        try:
+            for path in sorted(set(self.files)):
+                self.held.append(self._take(path))
+        except BaseException:
+            self.release()
+            raise
+        for path in self.files:
+            recover(path)
+        return self
+
+    def _take(self, path: str) -> tuple[Path, int]:
+        lock = self.lock_path(path)
+        while True:
             try:
-                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if not self._stale():
-                    raise OutputConflict(
-                        f"output {self.path} is being written by another tilemask run ({self._owner()}); "
-                        f"remove {self.lock} if that run is gone"
-                    ) from None
-                logger.info("taking over the stale lock %s", self.lock)
-                remove(self.lock)
-                continue
+                lock.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
             except OSError as exc:
-                raise OutputConflict(f"output {self.path}: cannot create {self.lock}: {exc.strerror}") from None
-            with os.fdopen(fd, "wb") as f:
-                f.write(record)
-            self.held = True
-            for leftover in (x for f in self.files for x in leftovers(f)):  # what killed runs of this output left
-                logger.info("removing %s, left by an interrupted run", leftover)
-                remove(leftover)
-            return self
-        raise OutputConflict(f"output {self.path}: cannot take the lock {self.lock}")
-
-    def _read(self) -> dict:
-        try:
-            return json.loads(self.lock.read_bytes() or b"{}")
-        except (OSError, ValueError):
-            return {}
-
-    def _owner(self) -> str:
-        owner = self._read()
-        return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
-
-    def _stale(self) -> bool:
-        owner = self._read()
-        if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
-            return False
-        try:
-            os.kill(owner["pid"], 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+                raise OutputConflict(f"output folder {lock.parent} is not writable: {exc.strerror or exc}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise OutputConflict(f"output {path} is being written by another tilemask run") from None
+            try:
+                same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a lock file its previous holder unlinked while we waited to open it
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode())
+                return lock, fd
+            os.close(fd)
 
     def release(self) -> None:
-        if self.held:
-            remove(self.lock)
-            self.held = False
+        for lock, fd in reversed(self.held):
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()  # unlinked while still locked: a waiting opener sees a new inode and retries
+            os.close(fd)
+        self.held = []
 
     def __enter__(self) -> OutputLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def recover(path: str) -> None:
+    """With ``path``'s lock held: remove what killed runs left, and put back an output set aside by
+    a :func:`publish` that died between its two renames."""
+    for leftover in leftovers(path):
+        if leftover.name.endswith(ASIDE) and not os.path.lexists(path):
+            logger.warning("restoring %s, set aside by an interrupted run", path)
+            os.replace(leftover, path)
+            continue
+        logger.info("removing %s, left by an interrupted run", leftover)
+        remove(leftover)

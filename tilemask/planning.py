@@ -4,8 +4,10 @@ Two steps, because one fact comes from the network itself:
 
 1. :func:`plan_workflow` (client, no cluster, no torch): opens each input's
    metadata, lays out its window plan, resolves every output path, and refuses
-   before any work what would fail or destroy data (channels, outputs that are
-   inputs or exist without ``--overwrite``, unwritable folders, missing regions).
+   before any work what would fail (channels, missing regions, clashing
+   outputs); :meth:`WorkflowPlan.check_outputs`, with the outputs' locks held,
+   refuses what would destroy data (outputs that are inputs or exist without
+   ``--overwrite``, unwritable folders).
 2. :meth:`WorkflowPlan.jobs` once the network has been probed on a worker
    (:func:`tilemask.engine.probe_network`): the number of output channels fixes
    the classes, the labels' type and the probability layout; a network that
@@ -18,13 +20,10 @@ Every stage then gets its own frozen value: the window plan, the model spec,
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -35,66 +34,13 @@ from .formats import for_output, for_path
 from .geometry import WindowPlan, normalize_per_axis
 from .outputs import check_outputs, new_run_id
 from .preprocess import Preprocessing
+from .settings import Finishing, InferenceSettings, ModelSpec
 from .sinks import LabelSink, OutputLayout, make_sink
 from .sources import ImageSource, open_source
 from .stats.config import PostprocessConfig, StatsConfig
 from .workflow import REMOTE_PREFIXES, Workflow
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What identifies a model: network class, its arguments (canonical JSON) and the weights path."""
-
-    network: str
-    args_json: str
-    weights: str
-    weights_stamp: tuple[int, int] = (0, 0)  # (mtime_ns, size): retrained weights are a new model
-
-    @classmethod
-    def create(cls, network: str, args: dict[str, Any], weights: str) -> ModelSpec:
-        try:
-            stat = os.stat(weights)
-            stamp = (stat.st_mtime_ns, stat.st_size)
-        except OSError:
-            stamp = (0, 0)
-        return cls(network, json.dumps(args, sort_keys=True), weights, stamp)
-
-    @property
-    def args(self) -> dict[str, Any]:
-        return json.loads(self.args_json)
-
-    @property
-    def is_torchscript(self) -> bool:
-        try:
-            with zipfile.ZipFile(self.weights) as archive:
-                return any("/code/" in name for name in archive.namelist())
-        except (zipfile.BadZipFile, OSError):
-            return False
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    """What a worker needs to predict a block's windows (per-axis tuples)."""
-
-    roi: tuple[int, ...]
-    mode: str = "gaussian"
-    sigma_scale: float | tuple[float, ...] = 0.125
-    batch_size: int = 8
-    device: str = "auto"
-
-
-@dataclass(frozen=True)
-class Finishing:
-    """What a chunk task does after blending (see :mod:`tilemask.finalize`)."""
-
-    activation: str
-    threshold: float
-    n_classes: int
-    labels_dtype: str
-    probabilities: str  # none | float32 | uint8
-    nodata: int | None = None  # label of invalid input pixels
 
 
 @dataclass(frozen=True)
@@ -156,6 +102,13 @@ class WorkflowPlan:
         """Every file one input's run writes: labels, probabilities beside them, derived products."""
         probabilities = self.workflow.output.probabilities != "none"
         return for_output(item.output).files(item.output, probabilities) + item.products.paths
+
+    def check_outputs(self, overwrite: bool) -> None:
+        """Refuse (exit 2) outputs that are inputs (images, weights, regions), that exist without
+        ``overwrite``, or that tilemask did not write; run with the outputs' locks held."""
+        inputs = [item.input for item in self.inputs] + [self.model.weights]
+        inputs += [i.products.stats.regions for i in self.inputs if i.products.stats and i.products.stats.regions]
+        check_outputs(((f, _owned(f)) for item in self.inputs for f in self.output_files(item)), inputs, overwrite)
 
     def jobs(self, out_channels: int) -> list[Job]:
         n_classes, names = classes_of(self.workflow, out_channels)
@@ -232,7 +185,7 @@ def classes_of(workflow: Workflow, out_channels: int) -> tuple[int, tuple[str, .
     return n_classes, names
 
 
-def plan_workflow(workflow: Workflow, overwrite: bool = False) -> WorkflowPlan:
+def plan_workflow(workflow: Workflow) -> WorkflowPlan:
     """Open every input's metadata and check the whole workflow against them, before any work."""
     inference = workflow.inference
     spatial_dims = int(workflow.model.spatial_dims or len(inference.roi_size))  # the model's rank (validated equal)
@@ -261,11 +214,6 @@ def plan_workflow(workflow: Workflow, overwrite: bool = False) -> WorkflowPlan:
     _check_across_inputs(plan)
     logger.info(
         "planned %d input(s), %d windows, roi %s", len(plan.inputs), sum(i.plan.n_windows for i in plan.inputs), list(roi)
-    )
-    check_outputs(
-        ((f, _owned(f)) for item in plan.inputs for f in plan.output_files(item)),
-        [item.input for item in plan.inputs] + [weights],
-        overwrite,
     )
     return plan
 

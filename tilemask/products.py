@@ -12,6 +12,7 @@ from pathlib import Path
 
 from distributed import Client
 
+from .cluster import gather
 from .planning import Job
 from .progress import stage
 
@@ -34,7 +35,7 @@ def write_products(job: Job, labels_path: str, client: Client, progress: bool = 
         with stage(f"quick look -> {Path(products.quicklook).name}", progress):
             bands = list(products.quicklook_bands)
             task = client.submit(write_quicklook, job.input, labels_path, products.quicklook, bands, pure=False)
-            written.append(task.result())
+            written.extend(gather(client, [task]))
     if products.stats:
         from .stats import compute_from_config
 

@@ -24,6 +24,7 @@ from rioxarray.rioxarray import affine_to_coords
 
 from .classes import CLASSES_TAG
 from .errors import InputError
+from .formats import for_path
 from .geometry import RasterGeometry
 from .sources.labels import open_labels
 
@@ -64,6 +65,8 @@ def _probabilities(path: str, chunks: int | None) -> xr.DataArray:
     lowered = path.lower().rstrip("/")
     if lowered.endswith(".zarr"):
         group = zarr.open_group(path, mode="r")
+        if not for_path(path).is_complete(path):
+            raise InputError(f"{path}: an unfinished tilemask output (complete: false); run the workflow again")
         if "probabilities" not in group:
             raise InputError(f"{path}: this output holds no probabilities")
         stored = group["probabilities"]

@@ -109,6 +109,8 @@ class Output(_Strict):
     @classmethod
     def _suffix(cls, value: str) -> str:
         for_output(value)  # ValueError naming the suffixes tilemask writes
+        if value.startswith(REMOTE_PREFIXES):
+            raise ValueError(f"outputs are written to a file system the workers see, not to a URL (got {value!r})")
         return _only_stem_placeholder(value)
 
     @field_validator("vectors")

@@ -11,13 +11,13 @@ run staged).  No process ever holds the whole image.
 from __future__ import annotations
 
 import logging
-import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..geometry import Geometry, Region
+from ..outputs import new_run_id
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class OutputLayout:
     reference: str  # the input path (NIfTI sinks copy its header)
     nodata: int | None = None  # label value of pixels the input marks invalid (None: the input has none)
     metadata: dict = field(default_factory=dict, hash=False, compare=False)  # tilemask group attribute
-    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # keys worker-side handles to this run
+    run_id: str = field(default_factory=new_run_id)  # names the staged files and keys worker-side handles
 
     @property
     def writes_probabilities(self) -> bool:
@@ -61,19 +61,29 @@ class LabelSink(ABC):
 
     @abstractmethod
     def create(self) -> None:
-        """Lay out the (temporary) output before any chunk is written (client side)."""
+        """Lay out the staged output before any chunk is written (client)."""
 
     @abstractmethod
     def write(self, region: Region, labels: np.ndarray, probabilities: np.ndarray | None) -> None:
         """Store one chunk's labels ``(*region)`` and probabilities ``(C, *region)`` (worker side)."""
 
     @abstractmethod
+    def finish(self) -> None:
+        """Make the staged output whole (COG assembly, compression, ``complete: true``); a task on a worker."""
+
+    @abstractmethod
+    def publish(self) -> list[str]:
+        """Rename the finished output into place (quick); returns the paths written.  A task on a worker."""
+
     def commit(self) -> list[str]:
-        """Make the output whole and visible; returns the paths written (client side)."""
+        """:meth:`finish`, then :meth:`publish`.  The engine runs them as two tasks, so an interrupt during
+        a long finish leaves only staged files for :meth:`abort`, never a published output."""
+        self.finish()
+        return self.publish()
 
     @abstractmethod
     def abort(self) -> None:
-        """Remove whatever a failed run left (client side)."""
+        """Remove whatever a failed run staged (client, once no task still writes)."""
 
 
 def make_sink(path: str, layout: OutputLayout) -> LabelSink:

@@ -7,7 +7,7 @@ processes must never write one GeoTIFF at once, so the work is split in two:
   (``ZSTD`` level 1: cheap to write, about the size of the final data) under a
   hidden parts folder beside the output; a piece is written under a temporary
   name and renamed, so a retried task never leaves half a piece;
-* on commit the client writes a VRT mosaic of the pieces (with the georeferencing,
+* on commit (a task on a worker) a VRT mosaic of the pieces is written (with the georeferencing,
   nodata, colour table, class names and raster attribute table) and GDAL's COG
   driver translates it: it builds the overviews (``MODE`` for labels, so every
   overview pixel is a class or nodata; ``AVERAGE`` for probabilities) into a
@@ -133,7 +133,7 @@ class CogSink(LabelSink):
         )
         return labels, probabilities
 
-    # -- client side ------------------------------------------------------------------------------
+    # -- create (client), commit (a worker task), abort (client) ------------------------------------
 
     def create(self) -> None:
         layout = self.layout
@@ -148,13 +148,17 @@ class CogSink(LabelSink):
         except OSError as exc:
             raise OutputError(f"{self.path}: cannot create the output folder: {exc.strerror}") from None
 
-    def commit(self) -> list[str]:
-        """Assemble every COG under its partial name, then rename them all into place."""
+    def finish(self) -> None:
+        """Assemble every COG under its staged name."""
+        for raster in self.rasters:
+            if raster is not None:
+                vrt = os.path.join(self.parts, f"{raster.kind}.vrt")
+                Path(vrt).write_text(self._vrt(raster))
+                self._translate(raster, vrt)
+
+    def publish(self) -> list[str]:
+        """Rename them all into place, then drop the pieces."""
         rasters = [r for r in self.rasters if r is not None]
-        for raster in rasters:
-            vrt = os.path.join(self.parts, f"{raster.kind}.vrt")
-            Path(vrt).write_text(self._vrt(raster))
-            self._translate(raster, vrt)
         for raster in rasters:
             raster.publish()
         remove(self.parts)

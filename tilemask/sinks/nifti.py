@@ -100,15 +100,20 @@ class NiftiVolume:
         finally:
             os.close(fd)
 
-    def commit(self) -> None:
+    @property
+    def finished(self) -> str:
+        """The whole file, ready to be renamed onto ``path``."""
+        return staged_path(self.path, self.run_id) if self.path.endswith(".gz") else self.partial
+
+    def finish(self) -> None:
+        """Compress a ``.nii.gz`` by streaming the uncompressed file (constant memory)."""
         if self.path.endswith(".gz"):
-            staged = staged_path(self.path, self.run_id)
-            with open(self.partial, "rb") as src, gzip.open(staged, "wb", compresslevel=6) as dst:
+            with open(self.partial, "rb") as src, gzip.open(self.finished, "wb", compresslevel=6) as dst:
                 shutil.copyfileobj(src, dst, COPY_BLOCK)
-            publish(staged, self.path)
             remove(self.partial)
-        else:
-            publish(self.partial, self.path)
+
+    def publish(self) -> None:
+        publish(self.finished, self.path)
 
     def abort(self) -> None:
         remove(self.partial)
@@ -149,13 +154,17 @@ class NiftiSink(LabelSink):
         if probability_volume is not None and probabilities is not None:
             probability_volume.write((*index, slice(None)), np.moveaxis(probabilities, 0, -1))
 
-    def commit(self) -> list[str]:
-        written = []
+    def finish(self) -> None:
         for volume in self.volumes:
             if volume is not None:
-                volume.commit()
-                written.append(volume.path)
-        return written
+                volume.finish()
+
+    def publish(self) -> list[str]:
+        """Every file is finished before any is renamed: new labels never stand beside old probabilities."""
+        volumes = [v for v in self.volumes if v is not None]
+        for volume in volumes:
+            volume.publish()
+        return [volume.path for volume in volumes]
 
     def abort(self) -> None:
         for volume in self.volumes:

@@ -68,9 +68,11 @@ class ZarrSink(LabelSink):
         array = zarr.open_array(f"{self.staged}/probabilities", mode="r")
         return array[(slice(None), *(slice(lo, hi) for lo, hi in region))]
 
-    def commit(self) -> list[str]:
+    def finish(self) -> None:
         group = zarr.open_group(self.staged, mode="r+")
         group.attrs["tilemask"] = {**group.attrs["tilemask"], "complete": True}
+
+    def publish(self) -> list[str]:
         if not self.visible:
             return [self.staged]
         publish(self.staged, self.path)

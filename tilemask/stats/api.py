@@ -53,6 +53,9 @@ def compute_stats(
     connectivity, class names) is checked before any pixel is read.
     """
     output = check_table_path(output_path)
+    for given in (mask_path, regions):
+        if given is not None and "://" not in str(given) and os.path.realpath(given) == os.path.realpath(output):
+            raise InputError(f"{output}: the output table is an input ({given}); refused to overwrite it")
     if coverage not in ("center", "fraction"):
         raise InputError(f"--coverage must be 'center' or 'fraction', got {coverage!r}")
     if connectivity not in CONNECTIVITIES:

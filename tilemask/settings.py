@@ -1,0 +1,67 @@
+"""The frozen values stages hand each other: what identifies a model, how to predict, how to finish a chunk.
+
+No imports beyond the standard library: workers, the planner and the pure-numpy
+finalizer all use them without pulling each other in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What identifies a model: network class, its arguments (canonical JSON) and the weights path."""
+
+    network: str
+    args_json: str
+    weights: str
+    weights_stamp: tuple[int, int] = (0, 0)  # (mtime_ns, size): retrained weights are a new model
+
+    @classmethod
+    def create(cls, network: str, args: dict[str, Any], weights: str) -> ModelSpec:
+        try:
+            stat = os.stat(weights)
+            stamp = (stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            stamp = (0, 0)
+        return cls(network, json.dumps(args, sort_keys=True), weights, stamp)
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return json.loads(self.args_json)
+
+    @property
+    def is_torchscript(self) -> bool:
+        try:
+            with zipfile.ZipFile(self.weights) as archive:
+                return any("/code/" in name for name in archive.namelist())
+        except (zipfile.BadZipFile, OSError):
+            return False
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """What a worker needs to predict a block's windows (per-axis tuples)."""
+
+    roi: tuple[int, ...]
+    mode: str = "gaussian"
+    sigma_scale: float | tuple[float, ...] = 0.125
+    batch_size: int = 8
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class Finishing:
+    """What a chunk task does after blending (see :mod:`tilemask.finalize`)."""
+
+    activation: str
+    threshold: float
+    n_classes: int
+    labels_dtype: str
+    probabilities: str  # none | float32 | uint8
+    nodata: int | None = None  # label of invalid input pixels
