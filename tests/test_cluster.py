@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import zarr
@@ -45,25 +43,14 @@ def test_run_on_an_existing_scheduler_equals_the_embedded_cluster(
     assert torch_threads == {worker: max(1, n // 2) for worker, n in cores.items()}
 
 
-def test_worker_setup_shares_a_hosts_cores_among_its_workers(monkeypatch):
+def test_a_hosts_cores_are_shared_among_its_workers():
     """Independent of this machine's core count: 12 cores, 3 workers on the host -> 4 torch threads each."""
-    import torch
+    from tilemask.cluster import threads_per_process
 
-    from tilemask import cluster
-
-    monkeypatch.setattr(cluster, "available_cores", lambda: 12)
-    monkeypatch.setattr(cluster, "reuse_large_allocations", lambda: None)  # leave the test process's allocator be
-    worker = SimpleNamespace(address="tcp://10.1.2.3:40001")
-    before = torch.get_num_threads()
-    try:
-        WorkerSetup({"10.1.2.3": 3, "10.1.2.4": 1}).setup(worker)
-        assert torch.get_num_threads() == 4
-        WorkerSetup({"10.1.2.4": 1, "10.1.2.3": 1}).setup(worker)
-        assert torch.get_num_threads() == 12
-        WorkerSetup({"10.1.2.3": 24}).setup(worker)
-        assert torch.get_num_threads() == 1  # never zero
-    finally:
-        torch.set_num_threads(before)
+    assert threads_per_process(12, 3) == 4
+    assert threads_per_process(12, 1) == 12
+    assert threads_per_process(12, 24) == 1  # never zero
+    assert threads_per_process(2, 0) == 2
 
 
 def test_bad_scheduler_address_is_one_line(make_raster, make_model, write_workflow, tmp_path):

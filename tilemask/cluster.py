@@ -114,8 +114,13 @@ class WorkerSetup(WorkerPlugin):
     def setup(self, worker) -> None:
         from .models import set_torch_threads
 
-        set_torch_threads(available_cores() // max(1, self.workers_by_host.get(_host(worker.address), 1)))
+        set_torch_threads(threads_per_process(available_cores(), self.workers_by_host.get(_host(worker.address), 1)))
         reuse_large_allocations()
+
+
+def threads_per_process(cores: int, processes: int) -> int:
+    """A host's cores shared among its worker processes, at least one each."""
+    return max(1, cores // max(1, processes))
 
 
 def reuse_large_allocations() -> None:

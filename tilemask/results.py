@@ -62,10 +62,10 @@ def _labels(path: str, chunks: int | None) -> xr.DataArray:
 
 
 def _probabilities(path: str, chunks: int | None) -> xr.DataArray:
-    lowered = path.lower().rstrip("/")
-    if lowered.endswith(".zarr"):
+    fmt = for_path(path)
+    if fmt.name == "zarr":  # probabilities inside the output
         group = zarr.open_group(path, mode="r")
-        if not for_path(path).is_complete(path):
+        if not fmt.is_complete(path):
             raise InputError(f"{path}: an unfinished tilemask output (complete: false); run the workflow again")
         if "probabilities" not in group:
             raise InputError(f"{path}: this output holds no probabilities")
@@ -80,9 +80,9 @@ def _probabilities(path: str, chunks: int | None) -> xr.DataArray:
                 attrs={"affine": attrs["affine"], "class_names": list(names)},
             )  # fmt: skip
         geometry = RasterGeometry(attrs.get("crs"), tuple(attrs["transform"]))
-    elif lowered.endswith((".tif", ".tiff")):
+    elif fmt.name == "cog":  # probabilities beside the labels
         p = Path(path)
-        tif = p if p.stem.endswith("_probabilities") else p.with_name(f"{p.stem}_probabilities{p.suffix}")
+        tif = p if p.stem.endswith("_probabilities") else Path(fmt.probabilities_path(path))
         if not tif.exists():
             raise InputError(f"{path}: no probabilities beside it ({tif.name} is missing)")
         edge = chunks or 1024
