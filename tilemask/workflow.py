@@ -21,7 +21,6 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .classes import class_name
 from .errors import WorkflowError
 from .formats import FORMATS, for_output, stem
 from .stats.config import NotBool, PostprocessConfig, StatsConfig
@@ -219,15 +218,10 @@ class Workflow(_Strict):
 
     @property
     def n_classes(self) -> int:
-        """Classes in the label output: 2 for a one-channel sigmoid, else out_channels."""
+        """Classes the workflow declares (2 for a one-channel sigmoid, else out_channels); the network has the
+        last word (:func:`tilemask.planning.classes_of`)."""
         out_channels = self.model.args.get("out_channels", len(self.classes or []) or 2)
         return 2 if self.inference.activation == "sigmoid" else int(out_channels)
-
-    @property
-    def class_names(self) -> list[str]:
-        if self.classes:
-            return list(self.classes)
-        return [class_name(None, i) for i in range(self.n_classes)]
 
     def resolve(self, path: str) -> str:
         """A path from the workflow, made absolute against the workflow's folder (URLs kept)."""
@@ -265,7 +259,7 @@ class Workflow(_Strict):
             update={
                 "output": self.resolve(self.stats.output.format(stem=name)),
                 "regions": self.resolve(regions.format(stem=name)) if regions else None,
-                "classes": self.stats.classes or self.class_names,
+                "classes": self.stats.classes,  # else the network's, once probed (planning)
             }
         )
 
