@@ -21,6 +21,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 
 from .classes import CLASSES_TAG, class_colours
+from .formats import for_path
 from .errors import InputError, OutputError
 from .outputs import atomic_path
 from .sources.labels import open_labels
@@ -87,8 +88,7 @@ def _labels_shape(labels_path: str) -> tuple[int, int]:
 
 def _read_labels(labels_path: str, size: int) -> tuple[np.ndarray, int | None, int]:
     """The labels at thumbnail size, their nodata value and the number of classes."""
-    lowered = labels_path.lower().rstrip("/")
-    if lowered.endswith((".tif", ".tiff")):
+    if for_path(labels_path).name in ("cog", "gdal"):  # a GDAL raster: read through its overviews
         try:
             with rasterio.open(labels_path) as ds:
                 shape = thumbnail_shape((ds.height, ds.width), size)

@@ -107,7 +107,9 @@ class WindowReader:
 
     @property
     def is_zarr(self) -> bool:
-        return self.path.lower().rstrip("/").endswith(".zarr")
+        from ..formats import for_path
+
+        return for_path(self.path).name == "zarr"
 
     def zarr_array(self):
         """The Zarr label array, opened once per worker thread (the ``labels`` array of a group)."""
