@@ -32,6 +32,7 @@ class Format:
     suffixes: tuple[str, ...] = ()
     spatial_dims: tuple[int, ...] = (2, 3)  # ranks it can write
     writable: bool = True
+    gdal_raster: bool = False  # read with rasterio: bands, overviews, GDAL's dataset mask
 
     def matches(self, path: str) -> bool:
         return path.lower().rstrip("/").endswith(self.suffixes)
@@ -76,6 +77,13 @@ class Format:
     def is_complete(self, path: str) -> bool:
         """Whether a tilemask output at ``path`` was finished (files are renamed into place only when whole)."""
         return True
+
+    def require_complete(self, path: str) -> None:
+        """Refuse an output a run did not finish (what readers of tilemask outputs call first)."""
+        if not self.is_complete(path):
+            from .errors import InputError
+
+            raise InputError(f"{path}: an unfinished tilemask output (complete: false); run the workflow again")
 
 
 class ZarrFormat(Format):
@@ -153,6 +161,7 @@ class GeoTiffFormat(Format):
     name = "cog"
     suffixes = (".tif", ".tiff")
     spatial_dims = (2,)
+    gdal_raster = True
 
     def open_source(self, path, spatial_dims, bands):
         from .sources.raster import RasterSource

@@ -223,7 +223,7 @@ def _plan_input(workflow: Workflow, path: str, spatial_dims: int) -> InputPlan:
     check_source(workflow, source)
     plan = WindowPlan.build(source.spatial_shape, workflow.inference.roi_size, workflow.inference.overlap, workflow.output.chunks)
     output = workflow.output_path(path)
-    quicklook = workflow.output.quicklook and spatial_dims == 2 and for_path(path).name in ("cog", "gdal")
+    quicklook = workflow.output.quicklook and spatial_dims == 2 and for_path(path).gdal_raster
     return InputPlan(
         input=path,
         source=source,
@@ -242,7 +242,7 @@ def check_source(workflow: Workflow, source: ImageSource) -> None:
     """Checks that need the input: channels against ``in_channels`` and normalization."""
     in_channels = workflow.model.args.get("in_channels")
     if in_channels is not None and in_channels != source.channels:
-        hint = " (select them with preprocess.bands)" if for_path(source.path).name in ("cog", "gdal") else ""
+        hint = " (select them with preprocess.bands)" if for_path(source.path).gdal_raster else ""
         raise InputError(
             f"{source.path}: model.args.in_channels is {in_channels} but the input gives {source.channels} "
             f"channels{hint}"

@@ -88,7 +88,7 @@ def _labels_shape(labels_path: str) -> tuple[int, int]:
 
 def _read_labels(labels_path: str, size: int) -> tuple[np.ndarray, int | None, int]:
     """The labels at thumbnail size, their nodata value and the number of classes."""
-    if for_path(labels_path).name in ("cog", "gdal"):  # a GDAL raster: read through its overviews
+    if for_path(labels_path).gdal_raster:  # read through its overviews
         try:
             with rasterio.open(labels_path) as ds:
                 shape = thumbnail_shape((ds.height, ds.width), size)

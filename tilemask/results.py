@@ -65,8 +65,7 @@ def _probabilities(path: str, chunks: int | None) -> xr.DataArray:
     fmt = for_path(path)
     if fmt.name == "zarr":  # probabilities inside the output
         group = zarr.open_group(path, mode="r")
-        if not fmt.is_complete(path):
-            raise InputError(f"{path}: an unfinished tilemask output (complete: false); run the workflow again")
+        fmt.require_complete(path)
         if "probabilities" not in group:
             raise InputError(f"{path}: this output holds no probabilities")
         stored = group["probabilities"]

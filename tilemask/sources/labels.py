@@ -84,6 +84,7 @@ def open_labels(path: str, chunks: int | tuple[int, ...] | None = None) -> Label
 
     fmt = for_path(path)
     try:
+        fmt.require_complete(path)
         return fmt.open_labels(path, chunks)
     except (OSError, RasterioError, ValueError, KeyError) as exc:
         if isinstance(exc, InputError):
@@ -98,8 +99,6 @@ def _chunks(chunks, native: tuple[int, ...]) -> tuple[int, ...]:
 def open_zarr_labels(path: str, chunks) -> LabelImage:
     node = zarr.open(path, mode="r")
     attrs = dict(node.attrs)
-    if attrs.get("tilemask", {}).get("complete") is False:
-        raise InputError(f"{path}: an unfinished tilemask output (complete: false); run the workflow again")
     array = node["labels"] if isinstance(node, zarr.Group) else node
     meta = attrs.get("tilemask", {})
     geometry = geometry_from_attrs(attrs, array.ndim)
