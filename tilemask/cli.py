@@ -54,6 +54,19 @@ def run(workflow, scheduler, workers, threads_per_worker, overrides, overwrite, 
         )
 
 
+@main.command(cls=TilemaskCommand)
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: a free one).")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN", help="Allow this origin (CORS); repeat.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+def serve(folder, host, port, cors_origins, debug) -> None:
+    """Serve a FOLDER of outputs, read-only, to GIS and medical viewers (tiles, features, STAC, pages)."""
+    from .serve import serve as serve_folder
+
+    serve_folder(folder, host=host, port=port, cors_origins=tuple(cors_origins))
+
+
 def _register_statistics() -> None:
     from .stats.cli import evaluate, stats
 

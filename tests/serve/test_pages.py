@@ -1,0 +1,122 @@
+"""The pages in a real headless Chromium (Debian's), asserting on the screenshot's pixels.
+
+``/map`` must show each class in its colour where the label COG has it, and a
+click must show the class; ``/view`` must show the scan in grey with the labels
+over it in their class colours (NiiVue, WebGL2 through SwiftShader).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import rasterio
+from PIL import Image
+from pyproj import Transformer
+from scipy import ndimage
+
+from tilemask.classes import class_colours
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = [
+    "--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--no-first-run", "--disable-quic", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+]  # fmt: skip
+SIZE = {"width": 900, "height": 700}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not shutil.which("chromium"):
+        pytest.fail("Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        yield browser
+        browser.close()
+
+
+def open_page(browser, url):
+    page = browser.new_page(viewport=SIZE, device_scale_factor=1)
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url)
+    page.wait_for_function("window.tilemaskReady === true || window.tilemaskError !== undefined", timeout=60_000)
+    assert page.evaluate("window.tilemaskError") is None and not errors, errors
+    return page
+
+
+def screenshot(page) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB")).astype(int)
+
+
+def interior_pixels(labels: np.ndarray, value: int, n: int, seed: int = 0):
+    """``n`` pixels of class ``value`` whose 9 x 9 neighbourhood is all that class (no edge ambiguity)."""
+    solid = ndimage.binary_erosion(labels == value, np.ones((9, 9), bool))
+    rows, cols = np.nonzero(solid)
+    pick = np.random.default_rng(seed).choice(len(rows), min(n, len(rows)), replace=False)
+    return list(zip(rows[pick], cols[pick]))
+
+
+def test_map_shows_each_class_in_its_colour_and_a_click_names_it(browser, server, served_folder):
+    with rasterio.open(served_folder / "RGB.byte_mask.tif") as ds:
+        labels = ds.read(1)
+        names = json.loads(ds.tags()["TILEMASK_CLASSES"])
+        to_lonlat = Transformer.from_crs(ds.crs, "OGC:CRS84", always_xy=True)
+        xy = ds.xy
+    colours = class_colours(len(names))
+    page = open_page(browser, f"{server}map?output=RGB.byte_mask.tif")
+    page.wait_for_timeout(500)
+    shot = screenshot(page)
+    legend = page.inner_text("#legend")
+    assert "land" in legend and "cloud" in legend
+
+    def on_screen(row, col):
+        lon, lat = to_lonlat.transform(*xy(row, col))
+        return page.evaluate(f"tilemaskMap.getPixelFromCoordinate(ol.proj.fromLonLat([{lon}, {lat}]))")
+
+    panel = page.eval_on_selector(".panel", "e => e.getBoundingClientRect().toJSON()")
+    for value in (1, 2):  # land, cloud (water, class 0, is the transparent background)
+        hits = checked = 0
+        for row, col in interior_pixels(labels, value, 60, seed=value):
+            px, py = (int(round(v)) for v in on_screen(row, col))
+            if not (0 <= px < SIZE["width"] and 0 <= py < SIZE["height"]) or (
+                panel["left"] <= px <= panel["right"] and panel["top"] <= py <= panel["bottom"]
+            ):
+                continue
+            checked += 1
+            hits += np.abs(shot[py, px] - colours[value][:3]).max() <= 8
+        assert checked >= 20 and hits / checked > 0.9, (names[value], hits, checked)
+    Image.fromarray(shot.astype(np.uint8)).save(served_folder.parent / "map.png")
+
+    row, col = interior_pixels(labels, 2, 1, seed=7)[0]
+    px, py = on_screen(row, col)
+    page.mouse.click(px, py)
+    page.wait_for_function("document.getElementById('info').textContent.length > 0", timeout=30_000)
+    assert page.inner_text("#info") == "cloud"
+    page.close()
+
+
+def test_view_shows_the_scan_in_grey_with_the_labels_in_their_colours(browser, server, served_folder):
+    labels = np.asarray(nib.load(served_folder / "anatomical_labels.nii.gz").dataobj)
+    present = [int(v) for v in np.unique(labels) if v > 0]
+    assert present, "the test network labelled nothing; the fixture must give the viewer something to show"
+    page = open_page(browser, f"{server}view?volume=anatomical_labels.nii.gz")
+    page.wait_for_timeout(1500)
+    shot = screenshot(page)
+    Image.fromarray(shot.astype(np.uint8)).save(served_folder.parent / "view.png")
+    assert page.evaluate("tilemaskViewer.volumes.length") == 2  # the scan and the labels
+    # NIfTI records no class names yet (issue 10 adds a sidecar), so the legend names them by value
+    assert page.inner_text("#legend").split() == [f"class_{v}" for v in range(1, 2)]
+    grey = (np.ptp(shot, axis=-1) <= 3) & (shot[..., 0] > 40) & (shot[..., 0] < 230)
+    assert grey.sum() > 2000, grey.sum()  # the scan, where the labels are background
+    colours = class_colours(2)
+    for value in present:
+        near = np.all(np.abs(shot - colours[value][:3]) <= 40, axis=-1)
+        assert near.sum() > 500, (value, near.sum())
+    page.close()

@@ -1,0 +1,360 @@
+"""``tilemask serve`` against the readers users have: GDAL's /vsicurl/, rasterio, geopandas, pystac.
+
+Every expected value comes from the files themselves, read with rasterio /
+pyogrio / pandas, never from the server's own code.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+from urllib.parse import quote, urlsplit
+
+import geopandas as gpd
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+from PIL import Image
+from pyproj import Transformer
+from rasterio.warp import Resampling, reproject
+
+from tilemask.classes import class_colours
+
+from .conftest import SECRET
+
+LABELS = "RGB.byte_mask.tif"
+PROBS = "RGB.byte_mask_probabilities.tif"
+POLYGONS = "RGB.byte_polygons.gpkg"
+
+
+def get(url: str, **kw) -> httpx.Response:
+    return httpx.get(url, timeout=30, **kw)
+
+
+def tile_bounds(x: int, y: int, z: int):
+    import morecantile
+
+    return morecantile.tms.get("WebMercatorQuad").xy_bounds(x, y, z)
+
+
+def expected_tile(path, x, y, z, band=1):
+    """What a 256 x 256 Web Mercator tile of ``path`` should hold: GDAL's nearest warp, outside = -1."""
+    b = tile_bounds(x, y, z)
+    out = np.full((256, 256), -1, np.int32)
+    with rasterio.open(path) as ds:
+        data = ds.read(band).astype(np.int32)
+        reproject(
+            data, out, src_transform=ds.transform, src_crs=ds.crs, src_nodata=None,
+            dst_transform=rasterio.transform.from_bounds(b.left, b.bottom, b.right, b.top, 256, 256),
+            dst_crs="EPSG:3857", dst_nodata=-1, resampling=Resampling.nearest,
+        )  # fmt: skip
+    return out
+
+
+def png(response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    return np.asarray(Image.open(io.BytesIO(response.content)).convert("RGBA"))
+
+
+def test_gdal_vsicurl_reads_the_label_cog_through_the_server_exactly(server, served_folder):
+    url = f"/vsicurl/{server}files/{LABELS}"
+    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"), rasterio.open(url) as remote:
+        with rasterio.open(served_folder / LABELS) as local:
+            assert remote.profile == local.profile
+            np.testing.assert_array_equal(remote.read(), local.read())
+            np.testing.assert_array_equal(remote.read(1, out_shape=(90, 99)), local.read(1, out_shape=(90, 99)))
+            assert remote.tags() == local.tags()
+            assert remote.colormap(1) == local.colormap(1)
+            assert remote.descriptions == local.descriptions
+            names = remote.tags(1, "")  # category names come from the .aux.xml sidecar, fetched by GDAL
+            assert names == local.tags(1, "")
+    assert (served_folder / f"{LABELS}.aux.xml").exists()
+    aux = get(f"{server}files/{LABELS}.aux.xml")
+    assert aux.content == (served_folder / f"{LABELS}.aux.xml").read_bytes() and b"cloud" in aux.content
+
+
+def test_range_requests_return_exactly_the_bytes_asked_for(server, served_folder):
+    data = (served_folder / PROBS).read_bytes()
+    r = get(f"{server}files/{PROBS}", headers={"Range": "bytes=1000-5999"})
+    assert r.status_code == 206
+    assert r.headers["content-range"] == f"bytes 1000-5999/{len(data)}"
+    assert r.content == data[1000:6000]
+    head = httpx.head(f"{server}files/{PROBS}", timeout=30)
+    assert head.status_code == 200 and int(head.headers["content-length"]) == len(data)
+    assert head.headers["accept-ranges"] == "bytes"
+    zarr_key = get(f"{server}files/zarr/RGB.byte_mask.zarr/zarr.json")
+    assert json.loads(zarr_key.content)["attributes"]["tilemask"]["classes"] == ["water", "land", "cloud"]
+
+
+@pytest.mark.parametrize("z", [7, 9, 11])
+def test_label_tiles_show_each_pixel_in_its_class_colour(server, served_folder, z):
+    import morecantile
+
+    with rasterio.open(served_folder / LABELS) as ds:
+        names = json.loads(ds.tags()["TILEMASK_CLASSES"])
+        nodata = int(ds.nodata)
+    tms = morecantile.tms.get("WebMercatorQuad")
+    tile = tms.tile(-77.9, 24.6, z)
+    rgba = png(get(f"{server}tiles/{z}/{tile.x}/{tile.y}.png", params={"output": LABELS}))
+    expected = expected_tile(served_folder / LABELS, tile.x, tile.y, z)
+    colours = class_colours(len(names))
+    want = np.zeros((256, 256, 4), np.uint8)
+    for value, colour in colours.items():
+        want[expected == value] = colour
+    covered = expected >= 0
+    assert covered.mean() > 0.2
+    same = np.all(rgba == want, axis=-1)
+    # pixels on class edges may take the neighbour's value (overviews at low zoom, half-pixel rounding)
+    assert same[covered].mean() > (0.97 if z >= 9 else 0.85), same[covered].mean()
+    empty = (expected < 0) | (expected == nodata)  # outside and nodata: transparent
+    if empty.any():
+        assert (rgba[empty, 3] == 0).mean() > (0.999 if z >= 9 else 0.97), (rgba[empty, 3] == 0).mean()
+    for value in (1, 2):  # land and cloud are on this tile in their colours
+        assert np.all(rgba[expected == value] == colours[value], axis=-1).mean() > (0.9 if z >= 9 else 0.75)
+
+
+def test_probability_tiles_are_a_ramp_of_the_band(server, served_folder):
+    import morecantile
+    from rio_tiler.colormap import cmap
+
+    tile = morecantile.tms.get("WebMercatorQuad").tile(-77.9, 24.6, 10)
+    rgba = png(get(f"{server}tiles/10/{tile.x}/{tile.y}.png", params={"output": LABELS, "band": 3}))
+    expected = expected_tile(served_folder / PROBS, tile.x, tile.y, 10, band=3)
+    ramp = np.array([cmap.get("viridis")[i] for i in range(256)], np.uint8)
+    inside = expected >= 0
+    agree = np.all(rgba[inside] == ramp[expected[inside]], axis=-1).mean()
+    assert agree > 0.97, agree
+    assert np.all(rgba[~inside, 3] == 0)
+    assert get(f"{server}tiles/10/{tile.x}/{tile.y}.png", params={"output": LABELS, "band": 0}).status_code == 422
+
+
+def test_zarr_output_tiles_equal_the_cog_tiles_of_the_same_run(server):
+    import morecantile
+
+    tile = morecantile.tms.get("WebMercatorQuad").tile(-77.9, 24.6, 10)
+    cog = png(get(f"{server}tiles/10/{tile.x}/{tile.y}.png", params={"output": LABELS}))
+    zarr = png(get(f"{server}tiles/10/{tile.x}/{tile.y}.png", params={"output": "zarr/RGB.byte_mask.zarr"}))
+    assert np.all(cog == zarr, axis=-1).mean() > 0.999
+
+
+@pytest.mark.parametrize("output", [LABELS, "zarr/RGB.byte_mask.zarr"])
+def test_point_gives_the_label_class_and_probabilities_of_the_pixel(server, served_folder, output):
+    with rasterio.open(served_folder / LABELS) as ds, rasterio.open(served_folder / PROBS) as probs:
+        to_lonlat = Transformer.from_crs(ds.crs, "OGC:CRS84", always_xy=True)
+        names = json.loads(ds.tags()["TILEMASK_CLASSES"])
+        labels = ds.read(1)
+        rng = np.random.default_rng(0)
+        for row, col in zip(rng.integers(0, ds.height, 20), rng.integers(0, ds.width, 20)):
+            x, y = ds.xy(row, col)
+            lon, lat = to_lonlat.transform(x, y)
+            answer = get(f"{server}point", params={"output": output, "lon": lon, "lat": lat}).json()
+            value = int(labels[row, col])
+            if value == ds.nodata:
+                assert answer["value"] is None and answer["class"] is None
+                continue
+            assert (answer["value"], answer["class"]) == (value, names[value])
+            if output == LABELS:
+                band = probs.read(window=((row, row + 1), (col, col + 1)))[:, 0, 0] / 255.0
+                np.testing.assert_allclose([answer["probabilities"][n] for n in names], band, atol=1e-6)
+    assert get(f"{server}point", params={"output": LABELS, "lon": 10, "lat": 10}).status_code == 404
+
+
+def test_stats_serves_the_table_tilemask_wrote(server, served_folder):
+    records = get(f"{server}stats", params={"output": "RGB.byte_stats.csv"}).json()
+    table = pd.read_csv(served_folder / "RGB.byte_stats.csv")
+    assert len(records) == len(table) > 0
+    pd.testing.assert_frame_equal(pd.DataFrame.from_records(records), table, check_dtype=False)
+    assert get(f"{server}stats", params={"output": LABELS}).status_code == 404
+
+
+def test_ogc_api_features_pages_and_filters_as_geopandas_reads(server, served_folder):
+    landing = get(server, headers={"Accept": "application/json"}).json()
+    assert {link["rel"] for link in landing["links"]} >= {"conformance", "data"}
+    conformance = get(f"{server}conformance").json()["conformsTo"]
+    assert "http://www.opengis.net/spec/ogcapi-features-1/1.0/conf/core" in conformance
+    (collection,) = get(f"{server}collections").json()["collections"]
+    assert collection["id"] == "RGB.byte_polygons"
+    items = f"{server}collections/RGB.byte_polygons/items"
+
+    truth = gpd.read_file(served_folder / POLYGONS)
+    first = get(items)
+    assert first.headers["content-type"] == "application/geo+json"
+    first = first.json()
+    assert first["numberMatched"] == len(truth) and first["numberReturned"] == 10  # default limit
+
+    bbox = (-78.3, 24.9, -78.0, 25.2)
+    to_layer = Transformer.from_crs("OGC:CRS84", truth.crs, always_xy=True)
+    layer_bbox = to_layer.transform_bounds(*bbox, densify_pts=21)
+    in_bbox = gpd.read_file(served_folder / POLYGONS, bbox=layer_bbox)
+    assert 0 < len(in_bbox) < len(truth)
+    seen, url, params = [], items, {"bbox": ",".join(map(str, bbox)), "limit": 50}
+    while url:
+        page = get(url, params=params).json()
+        assert page["numberMatched"] == len(in_bbox)
+        seen.extend(page["features"])
+        url = next((link["href"] for link in page["links"] if link["rel"] == "next"), None)
+        params = None
+    assert len(seen) == len(in_bbox) == len({f["id"] for f in seen})
+
+    one = get(f"{items}/{seen[0]['id']}").json()
+    truth_one = gpd.read_file(served_folder / POLYGONS, fid_as_index=True).loc[[seen[0]["id"]]].to_crs("OGC:CRS84")
+    from shapely.geometry import shape
+
+    assert shape(one["geometry"]).equals_exact(truth_one.geometry.iloc[0], 1e-9)
+    assert one["properties"]["class"] == truth_one["class"].iloc[0]
+    lon, lat = np.asarray(shape(one["geometry"]).exterior.coords)[0]
+    assert -80 < lon < -76 and 23 < lat < 26  # CRS84: longitude first
+    assert get(items, params={"bbox": "1,2,3"}).status_code == 400
+    assert get(f"{server}collections/nope/items").status_code == 404
+
+
+def test_stac_catalog_lists_each_output_with_its_classes(server):
+    import pystac
+
+    stac = pystac.Catalog.from_file(f"{server}stac/catalog.json")
+    items = {item.id: item for item in stac.get_items()}
+    # two outputs share the stem RGB.byte_mask (a COG and a Zarr), so both are named by their paths
+    assert {"RGB.byte_mask.tif", "zarr--RGB.byte_mask.zarr", "RGB.byte_polygons", "anatomical_labels"} == set(items)
+    labels = items["RGB.byte_mask.tif"]
+    classes = labels.assets["labels"].extra_fields["classification:classes"]
+    assert [c["description"] for c in classes] == ["water", "land", "cloud"]
+    assert classes[2]["color_hint"] == "%02X%02X%02X" % class_colours(3)[2][:3]
+    assert labels.bbox[0] < -77.8 < labels.bbox[2]
+    assert get(labels.assets["probabilities"].href).status_code == 200
+    assert items["anatomical_labels"].geometry is None  # a volume has no footprint on the Earth
+
+
+def test_index_lists_the_outputs_in_html_and_json(server):
+    listing = get(server, headers={"Accept": "application/json"}).json()["outputs"]
+    kinds = {o["path"]: o["kind"] for o in listing}
+    assert kinds[LABELS] == "labels" and kinds[PROBS] == "probabilities" and kinds[POLYGONS] == "polygons"
+    assert kinds["zarr/RGB.byte_mask.zarr"] == "labels" and kinds["RGB.byte_stats.csv"] == "table"
+    assert kinds["anatomical.nii"] == "scan" and kinds["anatomical_labels.nii.gz"] == "labels"
+    volume = next(o for o in listing if o["path"] == "anatomical_labels.nii.gz")
+    assert volume["scan"] == "anatomical.nii"  # the scan on the same voxel grid
+    assert "inside-but-vrt.tif" not in kinds and "outside.vrt" not in kinds and "passwd.tif" not in kinds
+    page = get(server).text
+    assert "map?output=RGB.byte_mask.tif" in page and "view?volume=anatomical_labels.nii.gz" in page
+
+
+HOSTILE = [
+    "/files/../secret.txt",
+    "/files/%2e%2e/secret.txt",
+    "/files/%2E%2E%2Fsecret.txt",
+    "/files/..%2fsecret.txt",
+    "/files/%2fetc%2fpasswd",
+    "/files//etc/passwd",
+    "/files/escape/secret.txt",
+    "/files/passwd.tif",
+    "/files/zarr/../../secret.txt",
+    "/files/.%2e/secret.txt",
+    "/files/%5c..%5csecret.txt",
+    "/files/secret.txt%00.tif",
+    "/tiles/0/0/0.png?output=../secret.tif",
+    "/tiles/0/0/0.png?output=%2e%2e%2fsecret.tif",
+    "/tiles/0/0/0.png?output=passwd.tif",
+    "/tiles/0/0/0.png?output=inside-but-vrt.tif",
+    "/tiles/0/0/0.png?output=outside.vrt",
+    "/tiles/0/0/0.png?output=/vsicurl/http://127.0.0.1:1/x.tif",
+    "/tiles/0/0/0.png?output=http://127.0.0.1:1/x.tif",
+    "/point?output=escape/secret.tif&lon=0&lat=0",
+    "/stats?output=../secret.txt",
+    "/stats?output=escape/secret.txt",
+    "/view?volume=../secret.txt",
+    "/volumes/escape/secret.txt",
+    "/map?output=/etc/passwd",
+]
+
+
+@pytest.mark.parametrize("path", HOSTILE)
+def test_nothing_outside_the_folder_is_ever_read(server, path):
+    """Raw requests (no client-side normalisation of ``..``); every one is a 404 that leaks nothing."""
+    parts = urlsplit(server)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn.request("GET", path)
+    response = conn.getresponse()
+    body = response.read().decode("utf-8", "replace")
+    conn.close()
+    assert response.status == 404, (path, response.status, body)
+    assert SECRET not in body and "root:" not in body
+
+
+def test_the_server_listens_on_loopback_and_cors_is_off_unless_asked(served_folder, server):
+    assert urlsplit(server).hostname == "127.0.0.1"
+    r = get(f"{server}files/{LABELS}", headers={"Origin": "http://example.org"})
+    assert "access-control-allow-origin" not in r.headers
+    from .conftest import start_server
+
+    with start_server(served_folder, "--cors-origin", "http://example.org") as other:
+        r = get(f"{other}files/{LABELS}", headers={"Origin": "http://example.org", "Range": "bytes=0-9"})
+        assert r.status_code == 206 and r.headers["access-control-allow-origin"] == "http://example.org"
+        r = get(f"{other}files/{LABELS}", headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+
+
+def test_large_volumes_are_served_to_the_viewer_strided(tmp_path, monkeypatch):
+    """A label volume over the texture budget comes back every f-th voxel, with the affine scaled to match."""
+    import nibabel as nib
+    from starlette.testclient import TestClient
+
+    from tilemask.formats import NIFTI_DESCRIP
+    from tilemask.serve import create_app, volumes
+
+    monkeypatch.setattr(volumes, "MAX_VOXELS", 20**3)
+    data = np.random.default_rng(0).integers(0, 3, (50, 41, 30), dtype=np.uint8)
+    affine = np.array([[0, 0, 1.5, -10], [-0.9, 0, 0, 20], [0, 2.0, 0, 5], [0, 0, 0, 1]])
+    img = nib.Nifti1Image(data, affine)
+    img.header["descrip"] = NIFTI_DESCRIP
+    nib.save(img, tmp_path / "big_labels.nii.gz")
+    with TestClient(create_app(tmp_path)) as client:
+        page = client.get("/view", params={"volume": "big_labels.nii.gz"})
+        assert page.status_code in (200, 503)  # 503 only when the page scripts were not bundled
+        body = client.get("/volumes/big_labels.nii.gz")
+    assert body.status_code == 200
+    small = nib.Nifti1Image.from_bytes(__import__("gzip").decompress(body.content))
+    step = volumes.stride(data.shape)
+    assert step == 2 and small.shape == (25, 21, 15) and np.prod(small.shape) <= 20**3
+    np.testing.assert_array_equal(np.asarray(small.dataobj), data[::2, ::2, ::2])
+    np.testing.assert_allclose(small.affine, affine @ np.diag([2, 2, 2, 1]))
+    # voxel (1, 1, 1) of the copy lies where voxel (2, 2, 2) of the volume does, in RAS
+    np.testing.assert_allclose(small.affine @ [1, 1, 1, 1], affine @ [2, 2, 2, 1])
+
+
+def test_serve_refuses_a_missing_folder_and_a_busy_port(tmp_path, server):
+    from tests.conftest import run_cli
+
+    missing = run_cli("serve", tmp_path / "nope", "--port", "0", timeout=60)
+    assert missing.returncode == 2 and "nope" in missing.stderr
+    busy = run_cli("serve", tmp_path, "--port", str(urlsplit(server).port), timeout=60)
+    assert busy.returncode == 2
+    assert busy.stderr.strip().splitlines()[-1].startswith("tilemask: error: cannot listen on 127.0.0.1:")
+
+
+def test_quote_roundtrip_for_names_with_spaces(served_folder, server):
+    """A file name with a space and a '#' (quoted by the client) is served as itself."""
+    weird = served_folder / "a b#c.csv"
+    weird.write_text("class,pixels\nland,1\n")
+    try:
+        assert get(f"{server}files/{quote('a b#c.csv')}").text == weird.read_text()
+    finally:
+        weird.unlink()
+
+
+def test_gdal_ogc_api_features_client_loads_every_polygon_as_the_file_holds_it(server, served_folder):
+    """GDAL's OAPIF driver (an OGC API - Features client, as QGIS's provider) lists and loads the collection."""
+    import pyogrio
+
+    layers = pyogrio.list_layers(f"OAPIF:{server}")
+    assert [name for name, _ in layers] == ["RGB.byte_polygons"]
+    remote = pyogrio.read_dataframe(f"OAPIF:{server}", layer="RGB.byte_polygons")
+    local = gpd.read_file(served_folder / POLYGONS).to_crs("OGC:CRS84")
+    assert len(remote) == len(local)
+    remote = remote.sort_values("area_m2", kind="stable").reset_index(drop=True)
+    local = local.sort_values("area_m2", kind="stable").reset_index(drop=True)
+    assert list(remote["class"]) == list(local["class"])
+    np.testing.assert_allclose(remote["area_m2"], local["area_m2"])
+    assert remote.geometry.geom_equals_exact(local.geometry, tolerance=1e-9).all()

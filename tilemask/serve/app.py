@@ -1,0 +1,264 @@
+"""The ``tilemask serve`` ASGI app: one read-only FastAPI app over one folder of outputs.
+
+Routes (DESIGN section 10): ``/`` (index, HTML or JSON), ``/files/`` (range
+requests), ``/tiles/``, ``/point``, ``/stats``, OGC API - Features
+(``/conformance``, ``/collections/...``), ``/map``, ``/view``, ``/stac/``, and
+``/static/`` (the pages' own scripts, no CDN). Every path a client names goes
+through :func:`tilemask.serve.paths.resolve`; tiles, points and features only
+open files the catalog lists, so a client can make the server open nothing else
+(no URL, no VRT, nothing outside FOLDER). No route fetches a URL.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from urllib.parse import quote
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from . import features, raster, stac, volumes
+from .catalog import Catalog, Entry
+from .paths import resolve
+
+STATIC = Path(__file__).parent / "static"
+VENDOR = STATIC / "vendor"
+VENDOR_FILES = ("ol.js", "ol.css", "niivue.umd.js")
+GEOJSON = "application/geo+json"
+
+
+def create_app(folder: str | Path, cors_origins: tuple[str, ...] = ()) -> FastAPI:
+    root = Path(folder).resolve()
+    if not root.is_dir():
+        raise NotADirectoryError(f"{folder}: not a folder")
+    catalog = Catalog(root)
+    app = FastAPI(title="tilemask serve", docs_url=None, redoc_url=None)  # the docs pages load from a CDN
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "HEAD"],
+                           allow_headers=["Range"], expose_headers=["Content-Range", "Accept-Ranges"])  # fmt: skip
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    def entry_at(output: str, *kinds: str) -> Entry:
+        rel = resolve(root, output).relative_to(root).as_posix()
+        entry = catalog.find(rel, *kinds)
+        if entry is None:
+            raise HTTPException(404, f"{output}: not a {' or '.join(kinds)} output")
+        return entry
+
+    @app.get("/")
+    def index(request: Request, f: str | None = None):
+        entries = catalog.entries()
+        base = str(request.base_url)
+        if f == "json" or (f is None and "application/json" in request.headers.get("accept", "")):
+            return {
+                "title": f"tilemask: {root.name}",
+                "outputs": [e.to_json() for e in entries],
+                "links": [
+                    {"href": base, "rel": "self", "type": "application/json"},
+                    {"href": f"{base}openapi.json", "rel": "service-desc", "type": "application/vnd.oai.openapi+json;version=3.0"},
+                    {"href": f"{base}conformance", "rel": "conformance", "type": "application/json"},
+                    {"href": f"{base}collections", "rel": "data", "type": "application/json"},
+                    {"href": f"{base}stac/catalog.json", "rel": "catalog", "type": "application/json"},
+                ],
+            }  # fmt: skip
+        return HTMLResponse(_index_html(root, entries))
+
+    @app.api_route("/files/{path:path}", methods=["GET", "HEAD"])
+    def files(path: str):
+        target = resolve(root, path)
+        if not target.is_file():
+            raise HTTPException(404, f"not found: {path}")
+        return FileResponse(target)
+
+    @app.get("/tiles/{z}/{x}/{y}.png")
+    def tiles(z: int, x: int, y: int, output: str, band: int | None = Query(None, ge=1)):
+        entry = entry_at(output, "labels")
+        if entry.is_volume:
+            raise HTTPException(400, f"{output}: a volume has no map tiles")
+        try:
+            if band is None:
+                body = raster.label_tile(root, entry, x, y, z)
+            else:
+                if not entry.probabilities:
+                    raise HTTPException(404, f"{output}: no probabilities were written")
+                body = raster.probability_tile(root, entry, band, x, y, z)
+        except raster.OUTSIDE:
+            raise HTTPException(404, "tile outside the output") from None
+        return Response(body, media_type="image/png", headers={"Cache-Control": "max-age=60"})
+
+    @app.get("/point")
+    def point(output: str, lon: float = Query(ge=-180, le=180), lat: float = Query(ge=-90, le=90)):
+        entry = entry_at(output, "labels")
+        if entry.is_volume:
+            raise HTTPException(400, f"{output}: a volume has no longitude/latitude")
+        try:
+            return raster.point(root, entry, lon, lat)
+        except raster.OUTSIDE:
+            raise HTTPException(404, f"({lon}, {lat}) is outside {output}") from None
+
+    @app.get("/stats")
+    def stats(output: str):
+        entry = entry_at(output, "table", "polygons")
+        return Response(_table_json(root / entry.path), media_type="application/json")
+
+    @app.get("/conformance")
+    def conformance():
+        return {"conformsTo": features.CONFORMANCE}
+
+    @app.get("/collections")
+    def collections(request: Request):
+        base = str(request.base_url)
+        return {
+            "collections": [features.collection(e, base) for e in catalog.entries() if e.kind == "polygons"],
+            "links": [{"href": f"{base}collections", "rel": "self", "type": "application/json"}],
+        }
+
+    def polygons(collection_id: str) -> Entry:
+        entry = catalog.by_id(collection_id, "polygons")
+        if entry is None:
+            raise HTTPException(404, f"no collection {collection_id}")
+        return entry
+
+    @app.get("/collections/{collection_id}")
+    def one_collection(collection_id: str, request: Request):
+        return features.collection(polygons(collection_id), str(request.base_url))
+
+    @app.get("/collections/{collection_id}/items")
+    def items(
+        collection_id: str, request: Request, bbox: str | None = None,
+        limit: int = Query(features.DEFAULT_LIMIT, ge=1, le=features.MAX_LIMIT), offset: int = Query(0, ge=0),
+    ):  # fmt: skip
+        entry = polygons(collection_id)
+        body = features.items(root, entry, str(request.base_url), features.parse_bbox(bbox), limit, offset)
+        return JSONResponse(body, media_type=GEOJSON)
+
+    @app.get("/collections/{collection_id}/items/{fid}")
+    def one_item(collection_id: str, fid: int):
+        return JSONResponse(features.item(root, polygons(collection_id), fid), media_type=GEOJSON)
+
+    @app.get("/stac/catalog.json")
+    def stac_catalog(request: Request):
+        return stac.catalog(catalog.entries(), str(request.base_url))
+
+    @app.get("/stac/items/{item_id}.json")
+    def stac_item(item_id: str, request: Request):
+        entry = catalog.by_id(item_id, "labels", "polygons")
+        if entry is None:
+            raise HTTPException(404, f"no item {item_id}")
+        modified = (root / entry.path).stat().st_mtime
+        return JSONResponse(stac.item(entry, str(request.base_url), modified), media_type=GEOJSON)
+
+    @app.get("/volumes/{path:path}")
+    def volume(path: str):
+        target = resolve(root, path)
+        entry = catalog.find(target.relative_to(root).as_posix(), "labels", "scan", "probabilities")
+        if entry is None or entry.format != "nifti":
+            raise HTTPException(404, f"{path}: not a NIfTI volume")
+        st = target.stat()
+        body = volumes.browser_copy(target, (st.st_size, st.st_mtime_ns))
+        return Response(body, media_type="application/gzip")
+
+    @app.get("/map")
+    def map_page(output: str | None = None):
+        _require_vendor()
+        entries = catalog.entries()
+        rasters = [e for e in entries if e.kind == "labels" and e.bounds]
+        if output is not None:
+            rasters = [entry_at(output, "labels")]
+        config = {
+            "rasters": [e.to_json() for e in rasters],
+            "polygons": [e.to_json() for e in entries if e.kind == "polygons"],
+        }
+        return HTMLResponse(_page("map.html", config))
+
+    @app.get("/view")
+    def view_page(volume: str, scan: str | None = None):
+        _require_vendor()
+        labels = entry_at(volume, "labels")
+        if not labels.is_volume or labels.format != "nifti":
+            raise HTTPException(400, f"{volume}: /view shows NIfTI label volumes")
+        scan_entry = entry_at(scan, "scan") if scan else (catalog.find(labels.scan, "scan") if labels.scan else None)
+        config = {
+            "labels": _volume_url(labels),
+            "scan": _volume_url(scan_entry) if scan_entry else None,
+            "classes": labels.legend(),
+        }
+        return HTMLResponse(_page("view.html", config))
+
+    return app
+
+
+def _volume_url(entry: Entry) -> dict:
+    name = Path(entry.path).name
+    route = "volumes" if volumes.stride(entry.shape) > 1 else "files"
+    return {"url": f"{route}/{quote(entry.path)}", "name": name, "path": entry.path}
+
+
+def _require_vendor() -> None:
+    missing = [name for name in VENDOR_FILES if not (VENDOR / name).is_file()]
+    if missing:
+        raise HTTPException(
+            503, f"the page scripts are not bundled ({', '.join(missing)} missing): run `python web/bundle.py`"
+        )
+
+
+def _page(name: str, config: dict) -> str:
+    text = (STATIC / name).read_text()
+    payload = json.dumps(config).replace("</", "<\\/")
+    return text.replace("__TILEMASK_CONFIG__", payload)
+
+
+def _table_json(path: Path) -> str:
+    import pandas as pd
+
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        frame = pd.read_csv(path)
+    elif suffix == ".json":
+        frame = pd.read_json(path, orient="records")
+    elif suffix == ".parquet":
+        frame = pd.read_parquet(path)
+    else:
+        import pyogrio
+
+        frame = pyogrio.read_dataframe(path, read_geometry=False)
+    for column in frame.columns:
+        if frame[column].dtype == object and len(frame) and isinstance(frame[column].iloc[0], bytes):
+            from shapely import wkb
+
+            frame[column] = [wkb.loads(v).wkt if v is not None else None for v in frame[column]]
+    if hasattr(frame, "geometry") and "geometry" in frame.columns:
+        frame = frame.assign(geometry=frame.geometry.to_wkt())
+    return frame.to_json(orient="records", double_precision=15)
+
+
+def _index_html(root: Path, entries: list[Entry]) -> str:
+    rows = []
+    for e in entries:
+        path = html.escape(e.path)
+        q = quote(e.path)
+        links = [f'<a href="files/{q}">file</a>']
+        if e.kind == "labels" and e.bounds:
+            links.append(f'<a href="map?output={q}">map</a>')
+        if e.kind == "labels" and e.is_volume and e.format == "nifti":
+            links.append(f'<a href="view?volume={q}">view</a>')
+        if e.kind == "polygons":
+            links.append(f'<a href="collections/{quote(e.id)}/items?limit=100">features</a>')
+        if e.kind == "table":
+            links.append(f'<a href="stats?output={q}">records</a>')
+        classes = ", ".join(html.escape(c["name"]) for c in e.legend()) if e.kind == "labels" else ""
+        rows.append(f"<tr><td>{path}</td><td>{e.kind}</td><td>{e.format}</td><td>{classes}</td>"
+                    f"<td>{' '.join(links)}</td></tr>")  # fmt: skip
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>tilemask outputs</title>"
+        "<link rel='stylesheet' href='static/tilemask.css'></head><body>"
+        f"<h1>tilemask: {html.escape(root.name)}</h1>"
+        "<p><a href='map'>map</a> · <a href='stac/catalog.json'>STAC</a> · <a href='collections'>OGC API Features</a>"
+        " · <a href='?f=json'>JSON</a></p>"
+        "<table><tr><th>path</th><th>kind</th><th>format</th><th>classes</th><th></th></tr>"
+        + "".join(rows) + "</table></body></html>"
+    )  # fmt: skip

@@ -1,0 +1,254 @@
+"""What a served folder holds: each file classified once (by the format registry), cached by its stamp.
+
+An :class:`Entry` is one thing a viewer can show: a label output (COG, Zarr or
+NIfTI, with its class names and colours and the probabilities beside or inside
+it), polygons (any OGR layer with a geometry), a statistics table, a scan (a
+NIfTI volume tilemask did not write; paired with the labels on the same voxel
+grid, which is the grid tilemask writes them on), or a picture (quick looks).
+Unfinished outputs, staging files and locks are never listed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..classes import class_colours, class_name
+from ..formats import for_path
+from .paths import relative
+
+logger = logging.getLogger(__name__)
+
+VECTOR_SUFFIXES = (".gpkg", ".fgb", ".geojson", ".parquet")
+TABLE_SUFFIXES = (".csv", ".parquet", ".gpkg", ".json")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str  # relative to the folder, POSIX
+    kind: str  # labels | probabilities | polygons | table | scan | raster | picture
+    format: str  # the format registry's name, or the file's suffix
+    id: str  # unique in the folder: the stem, or the relative path without its suffix on a clash
+    class_names: tuple[str, ...] = ()
+    nodata: int | None = None
+    bounds: tuple[float, float, float, float] | None = None  # lon/lat (CRS84) when georeferenced
+    probabilities: str | None = None  # where the probabilities of a label output are
+    shape: tuple[int, ...] = ()
+    affine: tuple[tuple[float, ...], ...] | None = None  # volumes: voxel to RAS
+    scan: str | None = None  # volumes: the scan on the same grid
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_volume(self) -> bool:
+        return self.affine is not None
+
+    def colours(self) -> dict[int, tuple[int, int, int, int]]:
+        return class_colours(max(len(self.class_names), 2))
+
+    def legend(self) -> list[dict]:
+        colours = self.colours()
+        return [
+            {"value": v, "name": class_name(self.class_names, v), "color": "#%02x%02x%02x" % colours[v][:3],
+             "rgba": list(colours[v])}
+            for v in range(len(self.class_names) or 2)
+        ]  # fmt: skip
+
+    def to_json(self) -> dict:
+        out = {"path": self.path, "id": self.id, "kind": self.kind, "format": self.format}
+        if self.kind == "labels":
+            out["classes"] = self.legend()
+            out["nodata"] = self.nodata
+            out["probabilities"] = self.probabilities
+        if self.bounds:
+            out["bounds"] = list(self.bounds)
+        if self.shape:
+            out["shape"] = list(self.shape)
+        if self.scan:
+            out["scan"] = self.scan
+        return out
+
+
+class Catalog:
+    """The entries of one folder; a file is opened again only when its size or mtime changes."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._cache: dict[str, tuple[tuple, list[Entry]]] = {}
+        self._lock = threading.Lock()
+
+    def entries(self) -> list[Entry]:
+        found: list[Entry] = []
+        for path in self._walk():
+            stamp = _stamp(path)
+            key = str(path)
+            with self._lock:
+                cached = self._cache.get(key)
+            if cached is None or cached[0] != stamp:
+                cached = (stamp, _classify(self.root, path))
+                with self._lock:
+                    self._cache[key] = cached
+            found.extend(cached[1])
+        return _link(found)
+
+    def find(self, rel: str, *kinds: str) -> Entry | None:
+        return next((e for e in self.entries() if e.path == rel and (not kinds or e.kind in kinds)), None)
+
+    def by_id(self, entry_id: str, *kinds: str) -> Entry | None:
+        return next((e for e in self.entries() if e.id == entry_id and (not kinds or e.kind in kinds)), None)
+
+    def _walk(self):
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            here = Path(dirpath)
+            keep = []
+            for name in sorted(dirnames):
+                if name.startswith("."):
+                    continue
+                sub = here / name
+                if not sub.resolve().is_relative_to(self.root):
+                    continue
+                if name.lower().endswith(".zarr"):
+                    yield sub  # a Zarr store is one entry; never walked into
+                else:
+                    keep.append(name)
+            dirnames[:] = keep
+            for name in sorted(filenames):
+                path = here / name
+                if name.startswith(".") or not path.resolve().is_relative_to(self.root):
+                    continue
+                yield path
+
+
+def _stamp(path: Path) -> tuple:
+    marker = path / "zarr.json" if path.is_dir() else path
+    try:
+        st = marker.stat()
+    except OSError:
+        return ()
+    return (st.st_size, st.st_mtime_ns)
+
+
+def _classify(root: Path, path: Path) -> list[Entry]:
+    """What ``path`` is, as entries (none when it is nothing a viewer shows, or cannot be opened)."""
+    rel = relative(root, path)
+    name = path.name.lower()
+    try:
+        if name.endswith((".tif", ".tiff", ".zarr", ".nii", ".nii.gz")):
+            return _image(rel, path)
+        if name.endswith(VECTOR_SUFFIXES + TABLE_SUFFIXES):
+            return _vector_or_table(rel, path)
+        if name.endswith(PICTURE_SUFFIXES):
+            return [Entry(rel, "picture", Path(name).suffix[1:], rel)]
+    except Exception as exc:  # a file a viewer cannot open is left out, not an error for the whole folder
+        logger.warning("%s: left out of the catalog: %s", rel, exc)
+    return []
+
+
+def _image(rel: str, path: Path) -> list[Entry]:
+    from ..sources.labels import open_labels
+
+    fmt = for_path(str(path))
+    stem = fmt.stem(rel)
+    if not fmt.written_by_tilemask(str(path)):
+        if fmt.name == "nifti":
+            import nibabel as nib
+
+            img = nib.load(path)
+            return [Entry(rel, "scan", fmt.name, stem, shape=tuple(int(s) for s in img.shape),
+                          affine=_affine(img.affine))]  # fmt: skip
+        if fmt.gdal_raster:
+            return [Entry(rel, "raster", fmt.name, stem, bounds=_raster_bounds(path))]
+        return []
+    if not fmt.is_complete(str(path)):
+        return []
+    if fmt.gdal_raster and Path(rel).stem.endswith("_probabilities"):
+        return [Entry(rel, "probabilities", fmt.name, stem, bounds=_raster_bounds(path))]
+    if fmt.name == "nifti" and Path(stem).name.endswith("_probabilities"):
+        return [Entry(rel, "probabilities", fmt.name, stem)]
+    labels = open_labels(str(path))
+    probabilities = fmt.probabilities_path(rel)
+    if fmt.name == "zarr":
+        import zarr
+
+        probabilities = rel if "probabilities" in zarr.open_group(path, mode="r") else None
+    elif probabilities and not (path.parent / Path(probabilities).name).exists():
+        probabilities = None
+    common = dict(class_names=tuple(labels.class_names or ()), nodata=labels.nodata, probabilities=probabilities,
+                  shape=tuple(labels.array.shape))  # fmt: skip
+    if labels.is_volume:
+        return [Entry(rel, "labels", fmt.name, stem, affine=labels.geometry.affine, **common)]
+    return [
+        Entry(rel, "labels", fmt.name, stem, bounds=_geometry_bounds(labels.geometry, labels.array.shape), **common)
+    ]
+
+
+def _vector_or_table(rel: str, path: Path) -> list[Entry]:
+    suffix = path.suffix.lower()
+    stem = Path(rel).stem
+    if suffix in VECTOR_SUFFIXES:
+        import pyogrio
+
+        info = pyogrio.read_info(path)
+        if info.get("geometry_type") and info.get("crs"):
+            return [Entry(rel, "polygons", suffix[1:], stem, bounds=_lonlat(info["crs"], info["total_bounds"]),
+                          extra={"features": int(info["features"])})]  # fmt: skip
+    if suffix in TABLE_SUFFIXES:
+        return [Entry(rel, "table", suffix[1:], stem)]
+    return []
+
+
+def _affine(affine) -> tuple[tuple[float, ...], ...]:
+    return tuple(tuple(float(v) for v in row) for row in np.asarray(affine))
+
+
+def _raster_bounds(path: Path) -> tuple[float, float, float, float] | None:
+    import rasterio
+
+    with rasterio.open(path, driver="GTiff") if path.suffix.lower() in (".tif", ".tiff") else rasterio.open(path) as ds:
+        if ds.crs is None:
+            return None
+        return _lonlat(ds.crs.to_wkt(), ds.bounds)
+
+
+def _geometry_bounds(geometry, shape) -> tuple[float, float, float, float] | None:
+    from affine import Affine
+
+    if not geometry.crs_wkt:
+        return None
+    transform = Affine.from_gdal(*geometry.transform)
+    xs, ys = zip(*(transform * corner for corner in ((0, 0), (shape[1], 0), (0, shape[0]), (shape[1], shape[0]))))
+    return _lonlat(geometry.crs_wkt, (min(xs), min(ys), max(xs), max(ys)))
+
+
+def _lonlat(crs, bounds) -> tuple[float, float, float, float] | None:
+    from pyproj import CRS, Transformer
+
+    if crs is None or bounds is None or not np.all(np.isfinite(bounds)):
+        return None
+    transformer = Transformer.from_crs(CRS.from_user_input(crs), "OGC:CRS84", always_xy=True)
+    return tuple(float(v) for v in transformer.transform_bounds(*bounds, densify_pts=21))
+
+
+def _link(entries: list[Entry]) -> list[Entry]:
+    """Unique ids (the stem, or the path without suffix on a clash) and each label volume's scan."""
+    from collections import Counter
+    from dataclasses import replace
+
+    clashes = Counter(e.id for e in entries)
+    scans = [e for e in entries if e.kind == "scan"]
+    linked = []
+    for e in entries:
+        if clashes[e.id] > 1:
+            e = replace(e, id=e.path.replace("/", "--"))
+        if e.kind == "labels" and e.is_volume:
+            twin = next((s for s in scans if s.shape[:3] == e.shape[:3]
+                         and np.allclose(s.affine, e.affine, atol=1e-4)), None)  # fmt: skip
+            if twin is not None:
+                e = replace(e, scan=twin.path)
+        linked.append(e)
+    return linked

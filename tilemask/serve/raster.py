@@ -1,0 +1,102 @@
+"""XYZ tiles and point values of label outputs, through rio-tiler.
+
+COG outputs are opened by rio-tiler's ``Reader`` on a dataset that tilemask opens
+itself with the GTiff driver only (so a client can never make GDAL open a VRT or
+any other driver); Zarr outputs go through ``XarrayReader`` on
+:func:`tilemask.open_result`'s DataArray. Labels are read with nearest
+resampling (from the COG's overviews at low zooms) and drawn in their class
+colours, with nodata and the outside of the image transparent; probabilities
+are drawn as a viridis ramp, one band (class) at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rio_tiler.colormap import cmap
+from rio_tiler.errors import PointOutsideBounds, TileOutsideBounds
+from rio_tiler.io import Reader, XarrayReader
+
+from ..classes import class_name
+from .catalog import Entry
+
+NEAREST = {"resampling_method": "nearest", "reproject_method": "nearest"}
+OUTSIDE = (TileOutsideBounds, PointOutsideBounds)
+
+
+@contextlib.contextmanager
+def reader(root: Path, entry: Entry, variable: str = "labels"):
+    """A rio-tiler reader of ``entry``'s labels or probabilities."""
+    path = root / entry.path
+    if entry.format == "zarr":
+        from ..results import open_result
+
+        array = open_result(str(path), variable)
+        if variable == "probabilities":
+            array = array.rename({"class": "band"})
+        with XarrayReader(array) as r:
+            yield r
+        return
+    if variable == "probabilities":
+        path = root / entry.probabilities
+    with rasterio.open(path, driver="GTiff") as dataset, Reader(str(path), dataset=dataset) as r:
+        yield r
+
+
+def label_tile(root: Path, entry: Entry, x: int, y: int, z: int) -> bytes:
+    with reader(root, entry) as r:
+        image = r.tile(x, y, z, indexes=1, **NEAREST)
+    labels = image.data[0]
+    colours = entry.colours()
+    top = int(labels.max()) if labels.size else 0
+    lut = np.zeros((max(top + 1, len(colours)), 4), np.uint8)
+    for value, rgba in colours.items():
+        lut[value] = rgba
+    rgba = lut[labels]
+    rgba[..., 3] = np.where(image.array.mask[0], 0, rgba[..., 3])
+    if entry.nodata is not None:
+        rgba[labels == entry.nodata, 3] = 0
+    return _png(rgba)
+
+
+def probability_tile(root: Path, entry: Entry, band: int, x: int, y: int, z: int) -> bytes:
+    with reader(root, entry, "probabilities") as r:
+        image = r.tile(x, y, z, indexes=band, **NEAREST)
+    values = image.data[0].astype(np.float32)
+    scale = 1.0 if np.issubdtype(image.data.dtype, np.floating) else 255.0
+    index = np.clip(np.rint(values / scale * 255), 0, 255).astype(np.uint8)
+    ramp = np.array([cmap.get("viridis")[i] for i in range(256)], np.uint8)
+    rgba = ramp[index]
+    rgba[..., 3] = np.where(image.array.mask[0], 0, 255)
+    return _png(rgba)
+
+
+def point(root: Path, entry: Entry, lon: float, lat: float) -> dict:
+    """The label, its class and the probabilities (0-1) at ``lon``/``lat``; ``None`` outside the image."""
+    with reader(root, entry) as r:
+        value = r.point(lon, lat, indexes=1)
+    label = int(value.data[0])
+    if bool(value.array.mask[0]) or (entry.nodata is not None and label == entry.nodata):
+        return {"lon": lon, "lat": lat, "value": None, "class": None}
+    out = {"lon": lon, "lat": lat, "value": label, "class": class_name(entry.class_names, label)}
+    if entry.probabilities:
+        with reader(root, entry, "probabilities") as r:
+            probs = r.point(lon, lat)
+        data = np.asarray(probs.data, dtype=np.float64)
+        if not np.issubdtype(probs.data.dtype, np.floating):
+            data = data / 255.0
+        out["probabilities"] = {class_name(entry.class_names, i): round(float(p), 6) for i, p in enumerate(data)}
+    return out
+
+
+def _png(rgba: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()

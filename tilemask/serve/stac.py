@@ -1,0 +1,87 @@
+"""A STAC catalog of the served outputs (pystac): one Item per label output or polygons file.
+
+Label Items carry ``classification:classes`` (value, name, colour hint) on the
+labels asset, the probabilities as a second asset when they exist, and the
+projection of georeferenced outputs; volumes have no footprint on the Earth, so
+their Items have a null geometry (as STAC allows). Asset hrefs point at
+``/files/``, so STAC browsers and QGIS's STAC plugin open them through the same
+range-request route.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pystac
+from pystac.extensions.classification import Classification, ClassificationExtension
+
+from .catalog import Entry
+
+MEDIA = {
+    "cog": pystac.MediaType.COG,
+    "zarr": "application/vnd+zarr",
+    "nifti": "application/x-nifti",
+    "gpkg": pystac.MediaType.GEOPACKAGE,
+    "fgb": pystac.MediaType.FLATGEOBUF,
+    "geojson": pystac.MediaType.GEOJSON,
+    "parquet": pystac.MediaType.PARQUET,
+}
+
+
+def catalog(entries: list[Entry], base: str) -> dict:
+    root = pystac.Catalog(id="tilemask", description="tilemask outputs served by tilemask serve")
+    out = root.to_dict(include_self_link=False, transform_hrefs=False)
+    out["links"] = [
+        {"rel": "self", "href": f"{base}stac/catalog.json", "type": "application/json"},
+        {"rel": "root", "href": f"{base}stac/catalog.json", "type": "application/json"},
+    ] + [
+        {"rel": "item", "href": f"{base}stac/items/{e.id}.json", "type": "application/geo+json", "title": e.path}
+        for e in entries
+        if e.kind in ("labels", "polygons")
+    ]
+    return out
+
+
+def item(entry: Entry, base: str, modified: float) -> dict:
+    bbox = list(entry.bounds) if entry.bounds else None
+    geometry = None
+    if bbox:
+        w, s, e, n = bbox
+        geometry = {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]}
+    stac_item = pystac.Item(
+        id=entry.id, geometry=geometry, bbox=bbox,
+        datetime=datetime.fromtimestamp(modified, timezone.utc), properties={"tilemask:kind": entry.kind},
+    )  # fmt: skip
+    asset = pystac.Asset(
+        href=f"{base}files/{entry.path}",
+        media_type=MEDIA.get(entry.format),
+        roles=["data"],
+        title=Path(entry.path).name,
+    )
+    stac_item.add_asset(entry.kind, asset)
+    if entry.kind == "labels":
+        classes = ClassificationExtension.ext(asset, add_if_missing=True)
+        classes.classes = [
+            Classification.create(value=c["value"], name=_name(c["name"]), description=c["name"],
+                                  color_hint=c["color"][1:].upper())
+            for c in entry.legend()
+        ]  # fmt: skip
+        if entry.probabilities and entry.probabilities != entry.path:
+            stac_item.add_asset(
+                "probabilities",
+                pystac.Asset(href=f"{base}files/{entry.probabilities}", media_type=MEDIA.get(entry.format),
+                             roles=["data"], title=Path(entry.probabilities).name),
+            )  # fmt: skip
+    out = stac_item.to_dict(include_self_link=False, transform_hrefs=False)
+    out["links"] = [
+        {"rel": "self", "href": f"{base}stac/items/{entry.id}.json", "type": "application/geo+json"},
+        {"rel": "root", "href": f"{base}stac/catalog.json", "type": "application/json"},
+        {"rel": "parent", "href": f"{base}stac/catalog.json", "type": "application/json"},
+    ]
+    return out
+
+
+def _name(text: str) -> str:
+    """The extension's ``name`` is a token (letters, digits, ``_``, ``-``); the label text goes in ``description``."""
+    return "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in text) or "class"

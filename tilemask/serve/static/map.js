@@ -1,0 +1,54 @@
+// /map: label COG tiles in their class colours, polygons as OGC API Features over them, a legend, and a
+// click that asks /point for the class. window.tilemaskMap and window.tilemaskReady are for tests.
+const config = JSON.parse(document.getElementById("config").textContent);
+const layers = [];
+const classes = new Map();
+for (const r of config.rasters) {
+  for (const c of r.classes) if (!classes.has(c.name)) classes.set(c.name, c);
+  layers.push(new ol.layer.Tile({
+    source: new ol.source.XYZ({
+      url: "tiles/{z}/{x}/{y}.png?output=" + encodeURIComponent(r.path),
+      interpolate: false, maxZoom: 24, transition: 0,
+    }),
+  }));
+}
+for (const p of config.polygons) {
+  const source = new ol.source.Vector({
+    format: new ol.format.GeoJSON(),
+    url: (extent, resolution, projection) => {
+      const bbox = ol.proj.transformExtent(extent, projection, "EPSG:4326");
+      return "collections/" + encodeURIComponent(p.id) + "/items?limit=10000&bbox=" + bbox.join(",");
+    },
+    strategy: ol.loadingstrategy.bbox,
+  });
+  layers.push(new ol.layer.Vector({
+    source,
+    style: (feature) => new ol.style.Style({
+      stroke: new ol.style.Stroke({ color: (classes.get(feature.get("class")) || { color: "#333" }).color, width: 1.5 }),
+    }),
+  }));
+}
+const map = new ol.Map({ target: "map", layers, view: new ol.View({ center: [0, 0], zoom: 2 }) });
+const all = config.rasters.concat(config.polygons).filter((e) => e.bounds);
+if (all.length) {
+  const b = all[0].bounds.slice();
+  for (const e of all) { b[0] = Math.min(b[0], e.bounds[0]); b[1] = Math.min(b[1], e.bounds[1]);
+                         b[2] = Math.max(b[2], e.bounds[2]); b[3] = Math.max(b[3], e.bounds[3]); }
+  map.getView().fit(ol.proj.transformExtent(b, "EPSG:4326", "EPSG:3857"), { padding: [10, 10, 10, 10] });
+}
+tilemaskLegend(Array.from(classes.values()));
+map.on("singleclick", async (event) => {
+  const [lon, lat] = ol.proj.toLonLat(event.coordinate);
+  const info = document.getElementById("info");
+  for (const r of config.rasters) {
+    const response = await fetch(`point?output=${encodeURIComponent(r.path)}&lon=${lon}&lat=${lat}`);
+    if (!response.ok) continue;
+    const answer = await response.json();
+    info.textContent = answer.class === null ? "no data" : answer.class;
+    info.dataset.value = answer.value;
+    return;
+  }
+  info.textContent = "outside the outputs";
+});
+map.once("rendercomplete", () => { window.tilemaskReady = true; });
+window.tilemaskMap = map;

@@ -1,0 +1,65 @@
+"""Volumes small enough for a browser: a strided copy of a NIfTI when it is too large for a WebGL texture.
+
+NiiVue uploads a volume as one 3D texture; browsers cap its edge (often 2048)
+and a tab's memory well before that. A volume with more than
+:data:`MAX_VOXELS` voxels, or an edge over :data:`MAX_EDGE`, is served as every
+``f``-th voxel along each axis (the smallest integer ``f`` that fits; nearest,
+so labels stay labels), with the affine scaled to match so it still lies over
+its scan. Copies are kept in memory, a few at a time.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import math
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+MAX_VOXELS = 256**3
+MAX_EDGE = 2048
+_CACHE: OrderedDict[tuple, bytes] = OrderedDict()
+_CACHE_SIZE = 4
+_LOCK = threading.Lock()
+
+
+def stride(shape: tuple[int, ...]) -> int:
+    """The smallest integer step that brings ``shape`` (3 spatial axes) under both limits."""
+    voxels = math.prod(shape[:3])
+    step = max(1, math.ceil((voxels / MAX_VOXELS) ** (1 / 3)), math.ceil(max(shape[:3]) / MAX_EDGE))
+    while math.prod(math.ceil(s / step) for s in shape[:3]) > MAX_VOXELS:
+        step += 1
+    return step
+
+
+def browser_copy(path: Path, stamp: tuple) -> bytes:
+    """``path`` as a gzipped NIfTI-1, strided by :func:`stride`."""
+    key = (str(path), stamp)
+    with _LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    img = nib.load(path)
+    step = stride(img.shape)
+    index = (slice(None, None, step),) * 3 + (0,) * (len(img.shape) - 3)
+    data = np.asarray(img.dataobj[index])
+    if data.dtype == np.float64:  # scaled integers come back as float64; a texture needs no more than float32
+        data = data.astype(np.float32)
+    affine = img.affine @ np.diag([step, step, step, 1.0])
+    small = nib.Nifti1Image(data, affine)
+    small.header.set_xyzt_units(*img.header.get_xyzt_units())
+    small.set_qform(affine, code=int(img.header["qform_code"]) or 1)
+    small.set_sform(affine, code=int(img.header["sform_code"]) or 1)
+    raw = io.BytesIO()
+    with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as out:
+        out.write(small.to_bytes())
+    body = raw.getvalue()
+    with _LOCK:
+        _CACHE[key] = body
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return body
