@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import geopandas as gpd
 import nibabel as nib
 import nibabel.testing
 import numpy as np
@@ -43,6 +44,9 @@ def served_folder(tmp_path_factory, client) -> Path:
     folder = top / "outputs"
     folder.mkdir()
     _demo(folder, ".tif", client, **{"output.vectors": f"{folder}/{{stem}}_polygons.gpkg"})
+    polygons = gpd.read_file(folder / "RGB.byte_polygons.gpkg")
+    polygons.to_file(folder / "polygons_fgb.fgb", driver="FlatGeobuf")
+    polygons.to_parquet(folder / "polygons_parquet.parquet")
     (zarrs := folder / "zarr").mkdir()
     _demo(zarrs, ".zarr", client, **{"output.vectors": "null"})
 

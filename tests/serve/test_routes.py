@@ -20,6 +20,7 @@ import rasterio
 from PIL import Image
 from pyproj import Transformer
 from rasterio.warp import Resampling, reproject
+from shapely.geometry import shape
 
 from tilemask.classes import class_colours
 
@@ -176,8 +177,8 @@ def test_ogc_api_features_pages_and_filters_as_geopandas_reads(server, served_fo
     assert {link["rel"] for link in landing["links"]} >= {"conformance", "data"}
     conformance = get(f"{server}conformance").json()["conformsTo"]
     assert "http://www.opengis.net/spec/ogcapi-features-1/1.0/conf/core" in conformance
-    (collection,) = get(f"{server}collections").json()["collections"]
-    assert collection["id"] == "RGB.byte_polygons"
+    ids = [c["id"] for c in get(f"{server}collections").json()["collections"]]
+    assert sorted(ids) == ["RGB.byte_polygons", "polygons_fgb", "polygons_parquet"]
     items = f"{server}collections/RGB.byte_polygons/items"
 
     truth = gpd.read_file(served_folder / POLYGONS)
@@ -202,12 +203,16 @@ def test_ogc_api_features_pages_and_filters_as_geopandas_reads(server, served_fo
 
     one = get(f"{items}/{seen[0]['id']}").json()
     truth_one = gpd.read_file(served_folder / POLYGONS, fid_as_index=True).loc[[seen[0]["id"]]].to_crs("OGC:CRS84")
-    from shapely.geometry import shape
-
     assert shape(one["geometry"]).equals_exact(truth_one.geometry.iloc[0], 1e-9)
     assert one["properties"]["class"] == truth_one["class"].iloc[0]
     lon, lat = np.asarray(shape(one["geometry"]).exterior.coords)[0]
     assert -80 < lon < -76 and 23 < lat < 26  # CRS84: longitude first
+    for other in ("polygons_fgb", "polygons_parquet"):  # FlatGeobuf (OGR) and GeoParquet (geopandas) alike
+        page = get(f"{server}collections/{other}/items", params={"bbox": ",".join(map(str, bbox)), "limit": 10000})
+        page = page.json()
+        assert page["numberMatched"] == page["numberReturned"] == len(in_bbox)
+        got = sorted(shape(f["geometry"]).wkb for f in page["features"])
+        assert got == sorted(shape(f["geometry"]).wkb for f in seen)
     assert get(items, params={"bbox": "1,2,3"}).status_code == 400
     assert get(f"{server}collections/nope/items").status_code == 404
 
@@ -218,7 +223,14 @@ def test_stac_catalog_lists_each_output_with_its_classes(server):
     stac = pystac.Catalog.from_file(f"{server}stac/catalog.json")
     items = {item.id: item for item in stac.get_items()}
     # two outputs share the stem RGB.byte_mask (a COG and a Zarr), so both are named by their paths
-    assert {"RGB.byte_mask.tif", "zarr--RGB.byte_mask.zarr", "RGB.byte_polygons", "anatomical_labels"} == set(items)
+    assert set(items) == {
+        "RGB.byte_mask.tif",
+        "zarr--RGB.byte_mask.zarr",
+        "RGB.byte_polygons",
+        "polygons_fgb",
+        "polygons_parquet",
+        "anatomical_labels",
+    }
     labels = items["RGB.byte_mask.tif"]
     classes = labels.assets["labels"].extra_fields["classification:classes"]
     assert [c["description"] for c in classes] == ["water", "land", "cloud"]
@@ -349,7 +361,7 @@ def test_gdal_ogc_api_features_client_loads_every_polygon_as_the_file_holds_it(s
     import pyogrio
 
     layers = pyogrio.list_layers(f"OAPIF:{server}")
-    assert [name for name, _ in layers] == ["RGB.byte_polygons"]
+    assert sorted(name for name, _ in layers) == ["RGB.byte_polygons", "polygons_fgb", "polygons_parquet"]
     remote = pyogrio.read_dataframe(f"OAPIF:{server}", layer="RGB.byte_polygons")
     local = gpd.read_file(served_folder / POLYGONS).to_crs("OGC:CRS84")
     assert len(remote) == len(local)

@@ -154,6 +154,8 @@ def _image(rel: str, path: Path) -> list[Entry]:
 
     fmt = for_path(str(path))
     stem = fmt.stem(rel)
+    if fmt.gdal_raster and not _is_gtiff(path):  # a .tif holding a VRT (or anything else) is never opened
+        return []
     if not fmt.written_by_tilemask(str(path)):
         if fmt.name == "nifti":
             import nibabel as nib
@@ -190,6 +192,14 @@ def _image(rel: str, path: Path) -> list[Entry]:
 def _vector_or_table(rel: str, path: Path) -> list[Entry]:
     suffix = path.suffix.lower()
     stem = Path(rel).stem
+    if suffix == ".parquet":
+        from .features import parquet_geometry
+
+        geo = parquet_geometry(path)
+        if geo is not None and geo[0]:
+            crs, bounds, count = geo
+            return [Entry(rel, "polygons", "parquet", stem, bounds=_lonlat(crs, bounds), extra={"features": count})]
+        return [Entry(rel, "table", "parquet", stem)]
     if suffix in VECTOR_SUFFIXES:
         import pyogrio
 
@@ -206,10 +216,21 @@ def _affine(affine) -> tuple[tuple[float, ...], ...]:
     return tuple(tuple(float(v) for v in row) for row in np.asarray(affine))
 
 
+def _is_gtiff(path: Path) -> bool:
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    try:
+        with rasterio.open(path, driver="GTiff"):
+            return True
+    except (RasterioError, OSError):
+        return False
+
+
 def _raster_bounds(path: Path) -> tuple[float, float, float, float] | None:
     import rasterio
 
-    with rasterio.open(path, driver="GTiff") if path.suffix.lower() in (".tif", ".tiff") else rasterio.open(path) as ds:
+    with rasterio.open(path, driver="GTiff") as ds:
         if ds.crs is None:
             return None
         return _lonlat(ds.crs.to_wkt(), ds.bounds)

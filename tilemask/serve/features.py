@@ -5,16 +5,19 @@ named by its stem. Items are read with pyogrio, a page at a time: ``bbox`` (in
 CRS84) is turned into the layer's CRS and handed to OGR as a spatial filter
 (GeoPackage and FlatGeobuf answer it from their spatial index), ``offset`` /
 ``limit`` skip and cap the features OGR returns, and ``numberMatched`` counts the
-features the filter selects (their ids only, no geometries). Geometries go out
-in CRS84 (longitude, latitude), as the standard asks.
+features the filter selects (their ids only, no geometries). GeoParquet, which
+pyogrio's GDAL cannot read, goes through geopandas (:class:`GeoParquetLayer`).
+Geometries go out in CRS84 (longitude, latitude), as the standard asks.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pyogrio
 from fastapi import HTTPException
 from pyproj import CRS, Transformer
@@ -61,23 +64,11 @@ def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
 
 
 def items(root: Path, entry: Entry, base: str, bbox, limit: int, offset: int) -> dict:
-    path = root / entry.path
-    info = pyogrio.read_info(path)
-    layer_bbox = _to_layer(info["crs"], bbox) if bbox else None
-    if layer_bbox is None:
-        matched = int(info["features"])
-    else:
-        _, fids, *_ = pyogrio.raw.read(path, bbox=layer_bbox, read_geometry=False, columns=[], return_fids=True)
-        matched = len(fids)
-    features = []
-    if offset < matched:
-        frame = pyogrio.read_dataframe(
-            path, bbox=layer_bbox, skip_features=offset, max_features=limit, fid_as_index=True
-        )
-        frame = frame.to_crs("OGC:CRS84") if frame.crs is not None else frame
-        for fid, feature in zip(frame.index, frame.iterfeatures(na="null", drop_id=True)):
-            feature["id"] = int(fid)
-            features.append(feature)
+    layer = open_layer(root / entry.path)
+    layer_bbox = _to_layer(layer.crs, bbox) if bbox else None
+    matched = layer.count(layer_bbox)
+    frame = layer.page(layer_bbox, offset, limit) if offset < matched else None
+    features = _features(frame) if frame is not None else []
     query = f"limit={limit}" + (f"&bbox={','.join(map(str, bbox))}" if bbox else "")
     here = f"{base}collections/{entry.id}/items?{query}"
     links = [{"href": f"{here}&offset={offset}", "rel": "self", "type": "application/geo+json"}]
@@ -94,14 +85,90 @@ def items(root: Path, entry: Entry, base: str, bbox, limit: int, offset: int) ->
 
 
 def item(root: Path, entry: Entry, fid: int) -> dict:
-    path = root / entry.path
-    frame = pyogrio.read_dataframe(path, fids=[fid], fid_as_index=True)
+    frame = open_layer(root / entry.path).one(fid)
     if frame.empty:
         raise HTTPException(404, f"no feature {fid} in {entry.id}")
+    return _features(frame)[0]
+
+
+def _features(frame) -> list[dict]:
+    """GeoJSON features in CRS84, the layer's feature id as ``id``."""
     frame = frame.to_crs("OGC:CRS84") if frame.crs is not None else frame
-    feature = next(frame.iterfeatures(na="null", drop_id=True))
-    feature["id"] = int(fid)
-    return json.loads(json.dumps(feature))
+    out = []
+    for fid, feature in zip(frame.index, frame.iterfeatures(na="null", drop_id=True)):
+        feature["id"] = int(fid)
+        out.append(feature)
+    return json.loads(json.dumps(out))  # numpy scalars to plain JSON
+
+
+class OgrLayer:
+    """A layer OGR reads (GeoPackage, FlatGeobuf, GeoJSON): filters, counts and pages inside GDAL."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.crs = pyogrio.read_info(path)["crs"]
+
+    def count(self, bbox) -> int:
+        if bbox is None:
+            return int(pyogrio.read_info(self.path)["features"])
+        _, fids, *_ = pyogrio.raw.read(self.path, bbox=bbox, read_geometry=False, columns=[], return_fids=True)
+        return len(fids)
+
+    def page(self, bbox, offset: int, limit: int):
+        return pyogrio.read_dataframe(self.path, bbox=bbox, skip_features=offset, max_features=limit, fid_as_index=True)
+
+    def one(self, fid: int):
+        return pyogrio.read_dataframe(self.path, fids=[fid], fid_as_index=True)
+
+
+class GeoParquetLayer:
+    """A GeoParquet file (GDAL's Parquet driver is not in pyogrio's wheels): read whole with geopandas, kept
+    in memory while the file is unchanged, filtered with its spatial index; the row number is the feature id."""
+
+    def __init__(self, path: Path):
+        self.frame = _parquet(str(path), path.stat().st_mtime_ns)
+        self.crs = self.frame.crs
+
+    def _select(self, bbox):
+        if bbox is None:
+            return self.frame
+        import shapely
+
+        rows = self.frame.sindex.query(shapely.box(*bbox))  # bounding boxes that meet, as OGR's filter
+        return self.frame.iloc[np.sort(rows)]
+
+    def count(self, bbox) -> int:
+        return len(self._select(bbox))
+
+    def page(self, bbox, offset: int, limit: int):
+        return self._select(bbox).iloc[offset : offset + limit]
+
+    def one(self, fid: int):
+        return self.frame.iloc[fid : fid + 1] if 0 <= fid < len(self.frame) else self.frame.iloc[:0]
+
+
+@functools.lru_cache(maxsize=4)
+def _parquet(path: str, mtime_ns: int):
+    import geopandas as gpd
+
+    return gpd.read_parquet(path).reset_index(drop=True)
+
+
+def open_layer(path: Path):
+    return GeoParquetLayer(path) if path.suffix.lower() == ".parquet" else OgrLayer(path)
+
+
+def parquet_geometry(path: Path) -> tuple[str | None, tuple[float, float, float, float] | None, int] | None:
+    """The CRS, bounds and row count of a GeoParquet file; None when it is a plain table."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_metadata(path)
+    geo = (meta.metadata or {}).get(b"geo")
+    if not geo:
+        return None
+    layer = GeoParquetLayer(path)
+    crs = layer.crs.to_wkt() if layer.crs is not None else None
+    return crs, tuple(layer.frame.total_bounds), len(layer.frame)
 
 
 def _to_layer(crs: str | None, bbox) -> tuple[float, float, float, float]:
