@@ -59,12 +59,14 @@ def run(workflow, scheduler, workers, threads_per_worker, overrides, overwrite, 
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: a free one).")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN", help="Allow this origin (CORS); repeat.")
+@click.option("--workers", type=click.IntRange(min=1), help="Server processes (default: one per core, at most 4).")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
-def serve(folder, host, port, cors_origins, debug) -> None:
+def serve(folder, host, port, cors_origins, workers, debug) -> None:
     """Serve a FOLDER of outputs, read-only, to GIS and medical viewers (tiles, features, STAC, pages)."""
+    from .serve import default_workers
     from .serve import serve as serve_folder
 
-    serve_folder(folder, host=host, port=port, cors_origins=tuple(cors_origins))
+    serve_folder(folder, host=host, port=port, cors_origins=tuple(cors_origins), workers=workers or default_workers())
 
 
 def _register_statistics() -> None:

@@ -2,27 +2,48 @@
 
 :func:`create_app` builds the read-only ASGI app (``app.py``); :func:`serve` runs
 it with uvicorn on a socket it binds itself, so ``--port 0`` works and the first
-line printed is the address actually served.
+line printed is the address actually served. With more than one worker,
+uvicorn's supervisor starts that many processes on the socket (each builds the
+app from :func:`app_from_environment`), so tiles and features use every core
+instead of one interpreter's GIL.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 
 from .app import create_app
 
-__all__ = ["create_app", "serve"]
+__all__ = ["create_app", "serve", "default_workers"]
+
+_SETTINGS = "TILEMASK_SERVE_SETTINGS"  # how the worker processes learn the folder and CORS origins
 
 
-def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, cors_origins: tuple[str, ...] = ()) -> None:
+def default_workers() -> int:
+    """One process per core, at most 4 (each holds GDAL's block cache and the open datasets)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def app_from_environment():
+    """The app of a worker process started by uvicorn's supervisor."""
+    settings = json.loads(os.environ[_SETTINGS])
+    return create_app(settings["folder"], tuple(settings["cors_origins"]))
+
+
+def serve(
+    folder: str, host: str = "127.0.0.1", port: int = 8000, cors_origins: tuple[str, ...] = (), workers: int = 1
+) -> None:
     import click
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from ..errors import InputError
 
-    app = create_app(folder, cors_origins)
+    create_app(folder, cors_origins)  # refuses a bad folder here, with one line, before anything listens
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only then
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -32,7 +53,13 @@ def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, cors_origins: 
     sock.listen(128)
     bound_port = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
-    click.echo(f"tilemask: serving {folder} at http://{shown}:{bound_port}/ (Ctrl-C to stop)")
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
-    server.run(sockets=[sock])
+    os.environ[_SETTINGS] = json.dumps({"folder": os.path.abspath(folder), "cors_origins": list(cors_origins)})
+    config = uvicorn.Config(
+        "tilemask.serve:app_from_environment", factory=True, workers=workers,
+        log_level="warning", access_log=False, timeout_graceful_shutdown=2,
+    )  # fmt: skip
+    click.echo(f"tilemask: serving {folder} at http://{shown}:{bound_port}/ with {workers} worker(s) (Ctrl-C to stop)")
+    if workers > 1:
+        Multiprocess(config, sockets=[sock]).run()
+    else:
+        uvicorn.Server(config).run(sockets=[sock])

@@ -181,7 +181,10 @@ def create_app(folder: str | Path, cors_origins: tuple[str, ...] = ()) -> FastAP
         labels = entry_at(volume, "labels")
         if not labels.is_volume or labels.format != "nifti":
             raise HTTPException(400, f"{volume}: /view shows NIfTI label volumes")
-        scan_entry = entry_at(scan, "scan") if scan else (catalog.find(labels.scan, "scan") if labels.scan else None)
+        if scan is None:  # the scan on the same grid, found among all the entries
+            labels = next(e for e in catalog.entries() if e.path == labels.path)
+            scan = labels.scan
+        scan_entry = entry_at(scan, "scan") if scan else None
         config = {
             "labels": _volume_url(labels),
             "scan": _volume_url(scan_entry) if scan_entry else None,

@@ -83,24 +83,35 @@ class Catalog:
         self._lock = threading.Lock()
 
     def entries(self) -> list[Entry]:
+        """Every entry of the folder, with unique ids and each label volume's scan."""
         found: list[Entry] = []
         for path in self._walk():
-            stamp = _stamp(path)
-            key = str(path)
-            with self._lock:
-                cached = self._cache.get(key)
-            if cached is None or cached[0] != stamp:
-                cached = (stamp, _classify(self.root, path))
-                with self._lock:
-                    self._cache[key] = cached
-            found.extend(cached[1])
+            found.extend(self._classified(path))
         return _link(found)
 
     def find(self, rel: str, *kinds: str) -> Entry | None:
-        return next((e for e in self.entries() if e.path == rel and (not kinds or e.kind in kinds)), None)
+        """The entry at ``rel`` (one file classified, not the whole folder: what each tile asks)."""
+        path = self.root / rel
+        parts = Path(rel).parts
+        hidden = any(part.startswith(".") for part in parts)
+        in_store = any(part.lower().endswith(".zarr") for part in parts[:-1])
+        if not path.exists() or hidden or in_store:  # not an entry of its own, as in entries()
+            return None
+        return next((e for e in self._classified(path) if not kinds or e.kind in kinds), None)
 
     def by_id(self, entry_id: str, *kinds: str) -> Entry | None:
         return next((e for e in self.entries() if e.id == entry_id and (not kinds or e.kind in kinds)), None)
+
+    def _classified(self, path: Path) -> list[Entry]:
+        stamp = _stamp(path)
+        key = str(path)
+        with self._lock:
+            cached = self._cache.get(key)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, _classify(self.root, path))
+            with self._lock:
+                self._cache[key] = cached
+        return cached[1]
 
     def _walk(self):
         for dirpath, dirnames, filenames in os.walk(self.root):

@@ -65,10 +65,13 @@ def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
 
 def items(root: Path, entry: Entry, base: str, bbox, limit: int, offset: int) -> dict:
     layer = open_layer(root / entry.path)
-    layer_bbox = _to_layer(layer.crs, bbox) if bbox else None
-    matched = layer.count(layer_bbox)
-    frame = layer.page(layer_bbox, offset, limit) if offset < matched else None
-    features = _features(frame) if frame is not None else []
+    layer_bbox = _transformer(CRS84_CODE, layer.crs).transform_bounds(*bbox, densify_pts=21) if bbox else None
+    frame = layer.page(layer_bbox, offset, limit)
+    if offset == 0 and len(frame) < limit:
+        matched = len(frame)  # the first page holds every match: no second pass to count them
+    else:
+        matched = layer.count(layer_bbox)
+    features = _features(frame, layer.crs)
     query = f"limit={limit}" + (f"&bbox={','.join(map(str, bbox))}" if bbox else "")
     here = f"{base}collections/{entry.id}/items?{query}"
     links = [{"href": f"{here}&offset={offset}", "rel": "self", "type": "application/geo+json"}]
@@ -85,20 +88,36 @@ def items(root: Path, entry: Entry, base: str, bbox, limit: int, offset: int) ->
 
 
 def item(root: Path, entry: Entry, fid: int) -> dict:
-    frame = open_layer(root / entry.path).one(fid)
+    layer = open_layer(root / entry.path)
+    frame = layer.one(fid)
     if frame.empty:
         raise HTTPException(404, f"no feature {fid} in {entry.id}")
-    return _features(frame)[0]
+    return _features(frame, layer.crs)[0]
 
 
-def _features(frame) -> list[dict]:
-    """GeoJSON features in CRS84, the layer's feature id as ``id``."""
-    frame = frame.to_crs("OGC:CRS84") if frame.crs is not None else frame
-    out = []
-    for fid, feature in zip(frame.index, frame.iterfeatures(na="null", drop_id=True)):
-        feature["id"] = int(fid)
-        out.append(feature)
-    return json.loads(json.dumps(out))  # numpy scalars to plain JSON
+CRS84_CODE = "OGC:CRS84"
+
+
+@functools.lru_cache(maxsize=32)
+def _transformer(source: str | None, target: str | None) -> Transformer:
+    return Transformer.from_crs(CRS.from_user_input(source), CRS.from_user_input(target), always_xy=True)
+
+
+def _features(frame, crs: str | None) -> list[dict]:
+    """GeoJSON features in CRS84 (coordinates moved by a cached transformer), the layer's feature id as ``id``."""
+    import shapely
+
+    geometries = frame.geometry.values
+    if crs:
+        geometries = shapely.transform(geometries, _transformer(crs, CRS84_CODE).transform, interleaved=False)
+    shapes = shapely.to_geojson(geometries)
+    properties = json.loads(
+        frame.drop(columns=frame.geometry.name).to_json(orient="records", double_precision=15, date_format="iso")
+    )
+    return [
+        {"type": "Feature", "id": int(fid), "geometry": json.loads(shape) if shape else None, "properties": props}
+        for fid, shape, props in zip(frame.index, shapes, properties)
+    ]
 
 
 class OgrLayer:
@@ -106,11 +125,12 @@ class OgrLayer:
 
     def __init__(self, path: Path):
         self.path = path
-        self.crs = pyogrio.read_info(path)["crs"]
+        st = path.stat()
+        self.crs, self.features = _ogr_info(str(path), st.st_size, st.st_mtime_ns)
 
     def count(self, bbox) -> int:
         if bbox is None:
-            return int(pyogrio.read_info(self.path)["features"])
+            return self.features
         _, fids, *_ = pyogrio.raw.read(self.path, bbox=bbox, read_geometry=False, columns=[], return_fids=True)
         return len(fids)
 
@@ -121,13 +141,19 @@ class OgrLayer:
         return pyogrio.read_dataframe(self.path, fids=[fid], fid_as_index=True)
 
 
+@functools.lru_cache(maxsize=32)
+def _ogr_info(path: str, size: int, mtime_ns: int) -> tuple[str | None, int]:
+    info = pyogrio.read_info(path)
+    return info["crs"], int(info["features"])
+
+
 class GeoParquetLayer:
     """A GeoParquet file (GDAL's Parquet driver is not in pyogrio's wheels): read whole with geopandas, kept
     in memory while the file is unchanged, filtered with its spatial index; the row number is the feature id."""
 
     def __init__(self, path: Path):
         self.frame = _parquet(str(path), path.stat().st_mtime_ns)
-        self.crs = self.frame.crs
+        self.crs = self.frame.crs.to_wkt() if self.frame.crs is not None else None
 
     def _select(self, bbox):
         if bbox is None:
@@ -167,12 +193,4 @@ def parquet_geometry(path: Path) -> tuple[str | None, tuple[float, float, float,
     if not geo:
         return None
     layer = GeoParquetLayer(path)
-    crs = layer.crs.to_wkt() if layer.crs is not None else None
-    return crs, tuple(layer.frame.total_bounds), len(layer.frame)
-
-
-def _to_layer(crs: str | None, bbox) -> tuple[float, float, float, float]:
-    if not crs:
-        return bbox
-    transformer = Transformer.from_crs("OGC:CRS84", CRS.from_user_input(crs), always_xy=True)
-    return tuple(transformer.transform_bounds(*bbox, densify_pts=21))
+    return layer.crs, tuple(layer.frame.total_bounds), len(layer.frame)

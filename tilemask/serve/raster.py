@@ -12,6 +12,8 @@ are drawn as a viridis ramp, one band (class) at a time.
 from __future__ import annotations
 
 import contextlib
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +44,32 @@ def reader(root: Path, entry: Entry, variable: str = "labels"):
         return
     if variable == "probabilities":
         path = root / entry.probabilities
-    with rasterio.open(path, driver="GTiff") as dataset, Reader(str(path), dataset=dataset) as r:
-        yield r
+    yield Reader(str(path), dataset=_open_gtiff(path))
+
+
+_local = threading.local()
+DATASETS_PER_THREAD = 8
+
+
+def _open_gtiff(path: Path) -> rasterio.io.DatasetReader:
+    """``path`` opened with the GTiff driver only, kept open by this thread while the file is unchanged.
+
+    A GDAL dataset belongs to the thread that uses it; keeping it open spares the
+    open and keeps its decoded blocks in GDAL's cache for the next tiles a map asks.
+    """
+    cache: OrderedDict = _local.__dict__.setdefault("datasets", OrderedDict())
+    st = path.stat()
+    key, stamp = str(path), (st.st_size, st.st_mtime_ns)
+    held = cache.get(key)
+    if held is not None and held[0] == stamp:
+        cache.move_to_end(key)
+        return held[1]
+    if held is not None:
+        held[1].close()
+    cache[key] = (stamp, rasterio.open(path, driver="GTiff"))
+    while len(cache) > DATASETS_PER_THREAD:
+        cache.popitem(last=False)[1][1].close()
+    return cache[key][1]
 
 
 def label_tile(root: Path, entry: Entry, x: int, y: int, z: int) -> bytes:
