@@ -28,3 +28,38 @@ def class_colours(n_classes: int) -> dict[int, tuple[int, int, int, int]]:
     for value in range(1, n_classes):
         colours[value] = (*PALETTE[(value - 1) % len(PALETTE)], 255)
     return colours
+
+
+COLOUR_TABLE_COLUMNS = ("LabelValue", "Name", "Color_R", "Color_G", "Color_B", "Color_A")
+"""3D Slicer's colour table CSV format: what Slicer loads as a colour table for a label volume."""
+
+
+def write_colour_table(path, names: tuple[str, ...] | list[str]) -> None:
+    """Class names and colours as a 3D Slicer colour table (CSV), background (0) included with alpha 0."""
+    import csv
+
+    colours = class_colours(max(len(names), 2))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLOUR_TABLE_COLUMNS)
+        for value, name in enumerate(names):
+            # Slicer's reader cannot take quotation marks inside a value
+            writer.writerow((value, str(name).replace('"', "'"), *colours[value]))
+
+
+def read_colour_table(path) -> tuple[str, ...] | None:
+    """The class names of a colour table written by :func:`write_colour_table` (gaps named ``class_<v>``)."""
+    import csv
+
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    try:
+        named = {int(row["LabelValue"]): row["Name"] for row in rows}
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not named or min(named) < 0:
+        return None
+    return tuple(named.get(v, f"class_{v}") for v in range(max(named) + 1))

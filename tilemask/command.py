@@ -53,3 +53,6 @@ def configure_logging(debug: bool, verbosity: int = 0) -> None:
 
         warnings.simplefilter("ignore")
         logging.getLogger("distributed").setLevel(logging.CRITICAL)  # its failures reach us as exceptions
+        # distributed's callbacks run on tornado's loop; one that fails while an interrupt tears the client down
+        # (seen: "NameError: cannot access free variable 'future'" in distributed.utils.sync) is logged by tornado
+        logging.getLogger("tornado").setLevel(logging.CRITICAL)

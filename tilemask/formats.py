@@ -25,6 +25,7 @@ from .classes import CLASSES_TAG
 logger = logging.getLogger(__name__)
 
 NIFTI_DESCRIP = b"tilemask labels"  # NIfTI header descrip of the files tilemask writes
+CLASS_TABLE_SUFFIX = ".colors.csv"  # the class names beside NIfTI labels (3D Slicer's colour table CSV)
 
 
 class Format:
@@ -145,6 +146,13 @@ class NiftiFormat(Format):
 
     def probabilities_path(self, path):
         return str(Path(path).with_name(f"{self.stem(path)}_probabilities.nii.gz"))
+
+    def class_table_path(self, path: str) -> str:
+        """The class names and colours beside the labels: a 3D Slicer colour table (NIfTI has no place for them)."""
+        return str(Path(path).with_name(f"{self.stem(path)}{CLASS_TABLE_SUFFIX}"))
+
+    def files(self, path, probabilities):
+        return super().files(path, probabilities) + [self.class_table_path(path)]
 
     def written_by_tilemask(self, path):
         import nibabel as nib

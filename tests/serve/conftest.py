@@ -75,16 +75,45 @@ def served_folder(tmp_path_factory, client) -> Path:
     )  # fmt: skip
     tilemask.run(wf, client)
 
+    hostile_neighbours(top, folder)
+    return folder
+
+
+def hostile_neighbours(top: Path, folder: Path) -> None:
+    """Real outputs outside the folder, and every way a file inside could lead a reader to them.
+
+    The secrets are real tilemask outputs (a label COG, its probabilities, polygons), so a guard that failed
+    would serve them (200), not fail to read them.
+    """
     (top / "secret.txt").write_text(SECRET)
-    (top / "secret.tif").write_text(SECRET)
+    shutil.copyfile(folder / "RGB.byte_mask.tif", top / "secret.tif")
+    shutil.copyfile(folder / "RGB.byte_mask_probabilities.tif", top / "secret_probabilities.tif")
+    shutil.copyfile(folder / "RGB.byte_polygons.gpkg", top / "secret.gpkg")
+    (folder / ".env").write_text(SECRET)
     (folder / "escape").symlink_to(top, target_is_directory=True)
     (folder / "passwd.tif").symlink_to(top / "secret.tif")
-    (folder / "outside.vrt").write_text(
-        f'<VRTDataset rasterXSize="1" rasterYSize="1"><VRTRasterBand dataType="Byte" band="1"><SimpleSource>'
-        f"<SourceFilename>{top / 'secret.tif'}</SourceFilename></SimpleSource></VRTRasterBand></VRTDataset>"
+    vrt = (
+        '<VRTDataset rasterXSize="791" rasterYSize="718"><Metadata><MDI key="TILEMASK_CLASSES">["a", "b", "c"]'
+        f'</MDI></Metadata><VRTRasterBand dataType="Byte" band="1"><SimpleSource><SourceFilename>{top}/secret.tif'
+        "</SourceFilename><SourceBand>1</SourceBand></SimpleSource></VRTRasterBand></VRTDataset>"
     )
-    (folder / "inside-but-vrt.tif").write_text((folder / "outside.vrt").read_text())
-    return folder
+    (folder / "inside-but-vrt.tif").write_text(vrt)
+    ogr_vrt = (
+        f'<OGRVRTDataSource><OGRVRTLayer name="secret"><SrcDataSource>{top}/secret.gpkg</SrcDataSource>'
+        "</OGRVRTLayer></OGRVRTDataSource>"
+    )
+    (folder / "ogr-vrt.geojson").write_text(ogr_vrt)
+    shutil.copyfile(folder / "RGB.byte_mask.tif", folder / "symprob_mask.tif")
+    (folder / "symprob_mask_probabilities.tif").symlink_to(top / "secret_probabilities.tif")
+    shutil.copyfile(folder / "RGB.byte_mask.tif", folder / "sidecar_mask.tif")
+    (folder / "sidecar_mask.tif.ovr").symlink_to(top / "secret.tif")
+    shutil.copytree(folder / "zarr" / "RGB.byte_mask.zarr", folder / "linked.zarr")
+    chunk = next(
+        p for p in sorted((folder / "linked.zarr" / "labels").rglob("*")) if p.is_file() and p.name != "zarr.json"
+    )
+    shutil.copyfile(chunk, top / "secret-chunk")
+    chunk.unlink()
+    chunk.symlink_to(top / "secret-chunk")
 
 
 @pytest.fixture(scope="session")

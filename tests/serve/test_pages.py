@@ -111,8 +111,7 @@ def test_view_shows_the_scan_in_grey_with_the_labels_in_their_colours(browser, s
     shot = screenshot(page)
     Image.fromarray(shot.astype(np.uint8)).save(served_folder.parent / "view.png")
     assert page.evaluate("tilemaskViewer.volumes.length") == 2  # the scan and the labels
-    # NIfTI records no class names yet (issue 10 adds a sidecar), so the legend names them by value
-    assert page.inner_text("#legend").split() == [f"class_{v}" for v in range(1, 2)]
+    assert page.inner_text("#legend").split() == ["tissue"]  # from the labels' colour table (.colors.csv)
     grey = (np.ptp(shot, axis=-1) <= 3) & (shot[..., 0] > 40) & (shot[..., 0] < 230)
     assert grey.sum() > 2000, grey.sum()  # the scan, where the labels are background
     colours = class_colours(2)

@@ -20,6 +20,7 @@ import rasterio
 from PIL import Image
 from pyproj import Transformer
 from rasterio.warp import Resampling, reproject
+from shapely import from_wkt as shapely_wkt
 from shapely.geometry import shape
 
 from tilemask.classes import class_colours
@@ -158,9 +159,8 @@ def test_point_gives_the_label_class_and_probabilities_of_the_pixel(server, serv
                 assert answer["value"] is None and answer["class"] is None
                 continue
             assert (answer["value"], answer["class"]) == (value, names[value])
-            if output == LABELS:
-                band = probs.read(window=((row, row + 1), (col, col + 1)))[:, 0, 0] / 255.0
-                np.testing.assert_allclose([answer["probabilities"][n] for n in names], band, atol=1e-6)
+            band = probs.read(window=((row, row + 1), (col, col + 1)))[:, 0, 0] / 255.0
+            np.testing.assert_allclose([answer["probabilities"][n] for n in names], band, atol=1e-6)
     assert get(f"{server}point", params={"output": LABELS, "lon": 10, "lat": 10}).status_code == 404
 
 
@@ -230,7 +230,9 @@ def test_stac_catalog_lists_each_output_with_its_classes(server):
         "polygons_fgb",
         "polygons_parquet",
         "anatomical_labels",
+        "symprob_mask",
     }
+    assert "probabilities" not in items["symprob_mask"].assets  # its probabilities lead out of the folder
     labels = items["RGB.byte_mask.tif"]
     classes = labels.assets["labels"].extra_fields["classification:classes"]
     assert [c["description"] for c in classes] == ["water", "land", "cloud"]
@@ -248,7 +250,9 @@ def test_index_lists_the_outputs_in_html_and_json(server):
     assert kinds["anatomical.nii"] == "scan" and kinds["anatomical_labels.nii.gz"] == "labels"
     volume = next(o for o in listing if o["path"] == "anatomical_labels.nii.gz")
     assert volume["scan"] == "anatomical.nii"  # the scan on the same voxel grid
-    assert "inside-but-vrt.tif" not in kinds and "outside.vrt" not in kinds and "passwd.tif" not in kinds
+    for hostile in ("inside-but-vrt.tif", "passwd.tif", "ogr-vrt.geojson", "sidecar_mask.tif", "linked.zarr", ".env"):
+        assert hostile not in kinds, hostile
+    assert next(o for o in listing if o["path"] == "symprob_mask.tif")["probabilities"] is None
     page = get(server).text
     assert "map?output=RGB.byte_mask.tif" in page and "view?volume=anatomical_labels.nii.gz" in page
 
@@ -269,8 +273,17 @@ HOSTILE = [
     "/tiles/0/0/0.png?output=../secret.tif",
     "/tiles/0/0/0.png?output=%2e%2e%2fsecret.tif",
     "/tiles/0/0/0.png?output=passwd.tif",
-    "/tiles/0/0/0.png?output=inside-but-vrt.tif",
-    "/tiles/0/0/0.png?output=outside.vrt",
+    "/tiles/12/1161/1759.png?output=inside-but-vrt.tif",
+    "/point?output=inside-but-vrt.tif&lon=-77.9&lat=24.6",
+    "/tiles/12/1161/1759.png?output=symprob_mask.tif&band=1",
+    "/tiles/7/36/54.png?output=sidecar_mask.tif",
+    "/point?output=linked.zarr&lon=-77.9&lat=24.6",
+    "/tiles/12/1161/1759.png?output=linked.zarr",
+    "/collections/ogr-vrt/items",
+    "/stats?output=ogr-vrt.geojson",
+    "/files/.env",
+    "/files/escape/../.env",
+    "/files/zarr/../.env",
     "/tiles/0/0/0.png?output=/vsicurl/http://127.0.0.1:1/x.tif",
     "/tiles/0/0/0.png?output=http://127.0.0.1:1/x.tif",
     "/point?output=escape/secret.tif&lon=0&lat=0",
@@ -280,6 +293,19 @@ HOSTILE = [
     "/volumes/escape/secret.txt",
     "/map?output=/etc/passwd",
 ]
+
+
+def test_the_hostile_requests_would_succeed_on_files_inside(server):
+    """Controls for the hostile list: the same kinds of request on the real outputs answer 200."""
+    for path in (
+        "/tiles/12/1161/1759.png?output=RGB.byte_mask.tif",
+        "/tiles/12/1161/1759.png?output=RGB.byte_mask.tif&band=1",
+        "/tiles/7/36/54.png?output=RGB.byte_mask.tif",
+        "/point?output=zarr/RGB.byte_mask.zarr&lon=-77.9&lat=24.6",
+        "/collections/RGB.byte_polygons/items",
+        "/stats?output=RGB.byte_stats.csv",
+    ):
+        assert get(server + path.lstrip("/")).status_code == 200, path
 
 
 @pytest.mark.parametrize("path", HOSTILE)
@@ -297,6 +323,12 @@ def test_nothing_outside_the_folder_is_ever_read(server, path):
 
 def test_the_server_listens_on_loopback_and_cors_is_off_unless_asked(served_folder, server):
     assert urlsplit(server).hostname == "127.0.0.1"
+    parts = urlsplit(server)
+    for host, status in (("evil.example", 400), (f"localhost:{parts.port}", 200), (f"127.0.0.1:{parts.port}", 200)):
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        conn.request("GET", "/files/RGB.byte_stats.csv", headers={"Host": host})  # DNS rebinding: a foreign name
+        assert conn.getresponse().status == status, host
+        conn.close()
     r = get(f"{server}files/{LABELS}", headers={"Origin": "http://example.org"})
     assert "access-control-allow-origin" not in r.headers
     from .conftest import start_server
@@ -322,9 +354,10 @@ def test_large_volumes_are_served_to_the_viewer_strided(tmp_path, monkeypatch):
     img = nib.Nifti1Image(data, affine)
     img.header["descrip"] = NIFTI_DESCRIP
     nib.save(img, tmp_path / "big_labels.nii.gz")
-    with TestClient(create_app(tmp_path)) as client:
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1") as client:
         page = client.get("/view", params={"volume": "big_labels.nii.gz"})
-        assert page.status_code in (200, 503)  # 503 only when the page scripts were not bundled
+        assert page.status_code == 200, page.text  # the page scripts are bundled (python web/bundle.py)
+        assert '"url": "volumes/big_labels.nii.gz"' in page.text  # the viewer is given the strided copy
         body = client.get("/volumes/big_labels.nii.gz")
     assert body.status_code == 200
     small = nib.Nifti1Image.from_bytes(__import__("gzip").decompress(body.content))
@@ -370,3 +403,33 @@ def test_gdal_ogc_api_features_client_loads_every_polygon_as_the_file_holds_it(s
     assert list(remote["class"]) == list(local["class"])
     np.testing.assert_allclose(remote["area_m2"], local["area_m2"])
     assert remote.geometry.geom_equals_exact(local.geometry, tolerance=1e-9).all()
+
+
+def test_ordinary_bad_requests_are_4xx_not_500(server):
+    items = f"{server}collections/RGB.byte_polygons/items"
+    cases = {
+        f"{server}tiles/12/1161/1759.png?output={LABELS}&band=4": 404,  # 3 classes
+        f"{server}tiles/12/1161/1759.png?output=zarr/RGB.byte_mask.zarr&band=9": 404,
+        f"{server}tiles/99/0/0.png?output={LABELS}": 422,
+        f"{server}tiles/12/-1/0.png?output={LABELS}": 422,
+        f"{server}tiles/12/1161/1759.png?output=anatomical_labels.nii.gz": 400,  # a volume
+        f"{server}point?output={LABELS}&lon=nan&lat=0": 422,
+        f"{items}?bbox=nan,1,2,3": 400,
+        f"{items}?bbox=-78,24,-77,95": 400,
+        f"{items}/999999": 404,
+        f"{items}/99999999999999999999": 404,
+        f"{server}collections/polygons_parquet/items/99999999": 404,
+        f"{server}files/{'x' * 300}": 404,
+        f"{server}stats?output=nope.csv": 404,
+    }
+    for url, status in cases.items():
+        assert get(url).status_code == status, url
+    assert get(f"{items}?bbox=-78.3,24.9,0,-78.0,25.2,10").json()["numberMatched"] > 0  # a 3D bbox
+
+
+def test_stats_serves_geoparquet_polygons_with_wkt_geometry(server, served_folder):
+    records = get(f"{server}stats", params={"output": "polygons_parquet.parquet"}).json()
+    truth = gpd.read_parquet(served_folder / "polygons_parquet.parquet")
+    assert len(records) == len(truth)
+    assert records[0]["class"] == truth["class"].iloc[0]
+    assert shapely_wkt(records[0]["geometry"]).equals(truth.geometry.iloc[0])

@@ -14,9 +14,9 @@ import json
 import os
 import socket
 
-from .app import create_app
+from .app import LOOPBACK_NAMES, create_app
 
-__all__ = ["create_app", "serve", "default_workers"]
+__all__ = ["create_app", "default_workers", "serve"]
 
 _SETTINGS = "TILEMASK_SERVE_SETTINGS"  # how the worker processes learn the folder and CORS origins
 
@@ -29,7 +29,12 @@ def default_workers() -> int:
 def app_from_environment():
     """The app of a worker process started by uvicorn's supervisor."""
     settings = json.loads(os.environ[_SETTINGS])
-    return create_app(settings["folder"], tuple(settings["cors_origins"]))
+    return create_app(settings["folder"], tuple(settings["cors_origins"]), tuple(settings["allowed_hosts"]))
+
+
+def allowed_hosts(host: str) -> tuple[str, ...]:
+    """Loopback names when listening on loopback (no DNS rebinding); any name when shared on purpose."""
+    return LOOPBACK_NAMES if host in LOOPBACK_NAMES else ("*",)
 
 
 def serve(
@@ -41,7 +46,8 @@ def serve(
 
     from ..errors import InputError
 
-    create_app(folder, cors_origins)  # refuses a bad folder here, with one line, before anything listens
+    hosts = allowed_hosts(host)
+    create_app(folder, cors_origins, hosts)  # refuses a bad folder here, with one line, before anything listens
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only then
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -53,7 +59,9 @@ def serve(
     sock.listen(128)
     bound_port = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
-    os.environ[_SETTINGS] = json.dumps({"folder": os.path.abspath(folder), "cors_origins": list(cors_origins)})
+    os.environ[_SETTINGS] = json.dumps(
+        {"folder": os.path.abspath(folder), "cors_origins": list(cors_origins), "allowed_hosts": list(hosts)}
+    )
     config = uvicorn.Config(
         "tilemask.serve:app_from_environment", factory=True, workers=workers,
         log_level="warning", access_log=False, timeout_graceful_shutdown=2,

@@ -17,13 +17,15 @@ from pathlib import Path
 from urllib.parse import quote
 
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from . import features, raster, stac, volumes
+from . import features, raster, stac, tables, volumes
 from .catalog import Catalog, Entry
-from .paths import resolve
+from .paths import relative, resolve
 
 STATIC = Path(__file__).parent / "static"
 VENDOR = STATIC / "vendor"
@@ -31,22 +33,36 @@ VENDOR_FILES = ("ol.js", "ol.css", "niivue.umd.js")
 GEOJSON = "application/geo+json"
 
 
-def create_app(folder: str | Path, cors_origins: tuple[str, ...] = ()) -> FastAPI:
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def create_app(
+    folder: str | Path, cors_origins: tuple[str, ...] = (), allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES
+) -> FastAPI:
+    """The app over ``folder``. ``allowed_hosts``: the names clients may use in their ``Host`` header (by
+    default loopback only, so a web page cannot reach the server through DNS rebinding); ``("*",)`` for any."""
     root = Path(folder).resolve()
     if not root.is_dir():
         raise NotADirectoryError(f"{folder}: not a folder")
     catalog = Catalog(root)
     app = FastAPI(title="tilemask serve", docs_url=None, redoc_url=None)  # the docs pages load from a CDN
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "HEAD"],
                            allow_headers=["Range"], expose_headers=["Content-Range", "Accept-Ranges"])  # fmt: skip
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def entry_at(output: str, *kinds: str) -> Entry:
-        rel = resolve(root, output).relative_to(root).as_posix()
-        entry = catalog.find(rel, *kinds)
+        entry = catalog.find(relative(root, resolve(root, output)), *kinds)
         if entry is None:
             raise HTTPException(404, f"{output}: not a {' or '.join(kinds)} output")
+        return entry
+
+    def map_labels(output: str) -> Entry:
+        """A label output with a place on the Earth (tiles, points, the map)."""
+        entry = entry_at(output, "labels")
+        if entry.is_volume or entry.bounds is None:
+            raise HTTPException(400, f"{output}: labels without a CRS (a volume or an image) have no map tiles")
         return entry
 
     @app.get("/")
@@ -75,26 +91,27 @@ def create_app(folder: str | Path, cors_origins: tuple[str, ...] = ()) -> FastAP
         return FileResponse(target)
 
     @app.get("/tiles/{z}/{x}/{y}.png")
-    def tiles(z: int, x: int, y: int, output: str, band: int | None = Query(None, ge=1)):
-        entry = entry_at(output, "labels")
-        if entry.is_volume:
-            raise HTTPException(400, f"{output}: a volume has no map tiles")
+    def tiles(
+        output: str, z: int = PathParam(ge=0, le=30), x: int = PathParam(ge=0), y: int = PathParam(ge=0),
+        band: int | None = Query(None, ge=1),
+    ):  # fmt: skip
+        entry = map_labels(output)
+        if band is not None and not entry.probabilities:
+            raise HTTPException(404, f"{output}: no probabilities were written")
         try:
             if band is None:
                 body = raster.label_tile(root, entry, x, y, z)
             else:
-                if not entry.probabilities:
-                    raise HTTPException(404, f"{output}: no probabilities were written")
                 body = raster.probability_tile(root, entry, band, x, y, z)
         except raster.OUTSIDE:
             raise HTTPException(404, "tile outside the output") from None
+        except IndexError:
+            raise HTTPException(404, f"{output}: no probabilities band {band}") from None
         return Response(body, media_type="image/png", headers={"Cache-Control": "max-age=60"})
 
     @app.get("/point")
     def point(output: str, lon: float = Query(ge=-180, le=180), lat: float = Query(ge=-90, le=90)):
-        entry = entry_at(output, "labels")
-        if entry.is_volume:
-            raise HTTPException(400, f"{output}: a volume has no longitude/latitude")
+        entry = map_labels(output)
         try:
             return raster.point(root, entry, lon, lat)
         except raster.OUTSIDE:
@@ -103,7 +120,7 @@ def create_app(folder: str | Path, cors_origins: tuple[str, ...] = ()) -> FastAP
     @app.get("/stats")
     def stats(output: str):
         entry = entry_at(output, "table", "polygons")
-        return Response(_table_json(root / entry.path), media_type="application/json")
+        return Response(tables.records_json(root / entry.path), media_type="application/json")
 
     @app.get("/conformance")
     def conformance():
@@ -155,7 +172,7 @@ def create_app(folder: str | Path, cors_origins: tuple[str, ...] = ()) -> FastAP
     @app.get("/volumes/{path:path}")
     def volume(path: str):
         target = resolve(root, path)
-        entry = catalog.find(target.relative_to(root).as_posix(), "labels", "scan", "probabilities")
+        entry = catalog.find(relative(root, target), "labels", "scan", "probabilities")
         if entry is None or entry.format != "nifti":
             raise HTTPException(404, f"{path}: not a NIfTI volume")
         st = target.stat()
@@ -168,7 +185,7 @@ def create_app(folder: str | Path, cors_origins: tuple[str, ...] = ()) -> FastAP
         entries = catalog.entries()
         rasters = [e for e in entries if e.kind == "labels" and e.bounds]
         if output is not None:
-            rasters = [entry_at(output, "labels")]
+            rasters = [map_labels(output)]
         config = {
             "rasters": [e.to_json() for e in rasters],
             "polygons": [e.to_json() for e in entries if e.kind == "polygons"],
@@ -182,8 +199,7 @@ def create_app(folder: str | Path, cors_origins: tuple[str, ...] = ()) -> FastAP
         if not labels.is_volume or labels.format != "nifti":
             raise HTTPException(400, f"{volume}: /view shows NIfTI label volumes")
         if scan is None:  # the scan on the same grid, found among all the entries
-            labels = next(e for e in catalog.entries() if e.path == labels.path)
-            scan = labels.scan
+            scan = catalog.linked(labels).scan
         scan_entry = entry_at(scan, "scan") if scan else None
         config = {
             "labels": _volume_url(labels),
@@ -211,32 +227,8 @@ def _require_vendor() -> None:
 
 def _page(name: str, config: dict) -> str:
     text = (STATIC / name).read_text()
-    payload = json.dumps(config).replace("</", "<\\/")
+    payload = json.dumps(config).replace("<", "\\u003c")  # nothing in it can close the script element
     return text.replace("__TILEMASK_CONFIG__", payload)
-
-
-def _table_json(path: Path) -> str:
-    import pandas as pd
-
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        frame = pd.read_csv(path)
-    elif suffix == ".json":
-        frame = pd.read_json(path, orient="records")
-    elif suffix == ".parquet":
-        frame = pd.read_parquet(path)
-    else:
-        import pyogrio
-
-        frame = pyogrio.read_dataframe(path, read_geometry=False)
-    for column in frame.columns:
-        if frame[column].dtype == object and len(frame) and isinstance(frame[column].iloc[0], bytes):
-            from shapely import wkb
-
-            frame[column] = [wkb.loads(v).wkt if v is not None else None for v in frame[column]]
-    if hasattr(frame, "geometry") and "geometry" in frame.columns:
-        frame = frame.assign(geometry=frame.geometry.to_wkt())
-    return frame.to_json(orient="records", double_precision=15)
 
 
 def _index_html(root: Path, entries: list[Entry]) -> str:

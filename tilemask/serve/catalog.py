@@ -2,31 +2,41 @@
 
 An :class:`Entry` is one thing a viewer can show: a label output (COG, Zarr or
 NIfTI, with its class names and colours and the probabilities beside or inside
-it), polygons (any OGR layer with a geometry), a statistics table, a scan (a
-NIfTI volume tilemask did not write; paired with the labels on the same voxel
-grid, which is the grid tilemask writes them on), or a picture (quick looks).
-Unfinished outputs, staging files and locks are never listed.
+it), polygons (an OGR layer or GeoParquet with a geometry and a CRS), a
+statistics table, a scan (a NIfTI volume tilemask did not write; paired with
+the labels on the same voxel grid, which is the grid tilemask writes them on),
+or a picture (quick looks). Unfinished outputs, hidden files, staging files and
+locks are never listed.
+
+What the catalog lists is all that tiles, points, statistics and features ever
+open, so it refuses here what could make a reader leave the folder: a raster
+that is not a plain GeoTIFF (a VRT under a ``.tif`` name), a vector file whose
+driver is not the one its suffix names (an OGR VRT under a ``.geojson`` name),
+a Zarr store or a COG's sidecars (``.ovr``, ``.msk``, ``.aux.xml``) or
+probabilities that are symlinks out of the folder.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..classes import class_colours, class_name
-from ..formats import for_path
-from .paths import relative
+from ..formats import CLASS_TABLE_SUFFIX, for_path
+from .paths import hidden, inside, relative
 
 logger = logging.getLogger(__name__)
 
-VECTOR_SUFFIXES = (".gpkg", ".fgb", ".geojson", ".parquet")
+OGR_DRIVERS = {".gpkg": "GPKG", ".fgb": "FlatGeobuf", ".geojson": "GeoJSON"}  # suffix -> the only driver allowed
 TABLE_SUFFIXES = (".csv", ".parquet", ".gpkg", ".json")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
+GDAL_SIDECARS = (".ovr", ".msk", ".aux.xml")
 
 
 @dataclass(frozen=True)
@@ -34,29 +44,32 @@ class Entry:
     path: str  # relative to the folder, POSIX
     kind: str  # labels | probabilities | polygons | table | scan | raster | picture
     format: str  # the format registry's name, or the file's suffix
-    id: str  # unique in the folder: the stem, or the relative path without its suffix on a clash
+    id: str  # unique in the folder: the stem, or on a clash the relative path with "/" as "--"
     class_names: tuple[str, ...] = ()
     nodata: int | None = None
     bounds: tuple[float, float, float, float] | None = None  # lon/lat (CRS84) when georeferenced
-    probabilities: str | None = None  # where the probabilities of a label output are
+    probabilities: str | None = None  # where the probabilities of a label output are (inside the folder)
     shape: tuple[int, ...] = ()
     affine: tuple[tuple[float, ...], ...] | None = None  # volumes: voxel to RAS
     scan: str | None = None  # volumes: the scan on the same grid
-    extra: dict = field(default_factory=dict)
 
     @property
     def is_volume(self) -> bool:
         return self.affine is not None
 
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names) or 2
+
     def colours(self) -> dict[int, tuple[int, int, int, int]]:
-        return class_colours(max(len(self.class_names), 2))
+        return class_colours(self.n_classes)
 
     def legend(self) -> list[dict]:
         colours = self.colours()
         return [
-            {"value": v, "name": class_name(self.class_names, v), "color": "#%02x%02x%02x" % colours[v][:3],
+            {"value": v, "name": class_name(self.class_names, v), "color": "#{:02x}{:02x}{:02x}".format(*colours[v][:3]),
              "rgba": list(colours[v])}
-            for v in range(len(self.class_names) or 2)
+            for v in range(self.n_classes)
         ]  # fmt: skip
 
     def to_json(self) -> dict:
@@ -72,6 +85,11 @@ class Entry:
         if self.scan:
             out["scan"] = self.scan
         return out
+
+
+def listed(parts: tuple[str, ...]) -> bool:
+    """Whether a path (its parts, relative to the folder) can be an entry: not hidden, not inside a Zarr store."""
+    return not hidden(parts) and not any(part.lower().endswith(".zarr") for part in parts[:-1])
 
 
 class Catalog:
@@ -92,12 +110,13 @@ class Catalog:
     def find(self, rel: str, *kinds: str) -> Entry | None:
         """The entry at ``rel`` (one file classified, not the whole folder: what each tile asks)."""
         path = self.root / rel
-        parts = Path(rel).parts
-        hidden = any(part.startswith(".") for part in parts)
-        in_store = any(part.lower().endswith(".zarr") for part in parts[:-1])
-        if not path.exists() or hidden or in_store:  # not an entry of its own, as in entries()
+        if not listed(Path(rel).parts) or not path.exists():
             return None
         return next((e for e in self._classified(path) if not kinds or e.kind in kinds), None)
+
+    def linked(self, entry: Entry) -> Entry:
+        """``entry`` as :meth:`entries` gives it (its unique id, its scan)."""
+        return next((e for e in self.entries() if e.path == entry.path and e.kind == entry.kind), entry)
 
     def by_id(self, entry_id: str, *kinds: str) -> Entry | None:
         return next((e for e in self.entries() if e.id == entry_id and (not kinds or e.kind in kinds)), None)
@@ -118,10 +137,8 @@ class Catalog:
             here = Path(dirpath)
             keep = []
             for name in sorted(dirnames):
-                if name.startswith("."):
-                    continue
                 sub = here / name
-                if not sub.resolve().is_relative_to(self.root):
+                if name.startswith(".") or not inside(self.root, sub):
                     continue
                 if name.lower().endswith(".zarr"):
                     yield sub  # a Zarr store is one entry; never walked into
@@ -130,9 +147,8 @@ class Catalog:
             dirnames[:] = keep
             for name in sorted(filenames):
                 path = here / name
-                if name.startswith(".") or not path.resolve().is_relative_to(self.root):
-                    continue
-                yield path
+                if not name.startswith(".") and inside(self.root, path):
+                    yield path
 
 
 def _stamp(path: Path) -> tuple:
@@ -141,7 +157,7 @@ def _stamp(path: Path) -> tuple:
         st = marker.stat()
     except OSError:
         return ()
-    return (st.st_size, st.st_mtime_ns)
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def _classify(root: Path, path: Path) -> list[Entry]:
@@ -150,22 +166,26 @@ def _classify(root: Path, path: Path) -> list[Entry]:
     name = path.name.lower()
     try:
         if name.endswith((".tif", ".tiff", ".zarr", ".nii", ".nii.gz")):
-            return _image(rel, path)
-        if name.endswith(VECTOR_SUFFIXES + TABLE_SUFFIXES):
+            return _image(root, rel, path)
+        if name.endswith(CLASS_TABLE_SUFFIX):
+            return []  # the class names of NIfTI labels: part of that output, not a table of its own
+        if name.endswith((*OGR_DRIVERS, *TABLE_SUFFIXES)):
             return _vector_or_table(rel, path)
         if name.endswith(PICTURE_SUFFIXES):
             return [Entry(rel, "picture", Path(name).suffix[1:], rel)]
-    except Exception as exc:  # a file a viewer cannot open is left out, not an error for the whole folder
+    except Exception as exc:  # noqa: BLE001 - a file a viewer cannot open is left out, not an error for the folder
         logger.warning("%s: left out of the catalog: %s", rel, exc)
     return []
 
 
-def _image(rel: str, path: Path) -> list[Entry]:
+def _image(root: Path, rel: str, path: Path) -> list[Entry]:
     from ..sources.labels import open_labels
 
     fmt = for_path(str(path))
     stem = fmt.stem(rel)
-    if fmt.gdal_raster and not _is_gtiff(path):  # a .tif holding a VRT (or anything else) is never opened
+    if fmt.gdal_raster and not (_is_gtiff(path) and _sidecars_inside(root, path)):
+        return []  # a .tif holding a VRT (or anything else), or sidecars leading out: never opened
+    if fmt.name == "zarr" and not _store_inside(root, path):
         return []
     if not fmt.written_by_tilemask(str(path)):
         if fmt.name == "nifti":
@@ -184,15 +204,15 @@ def _image(rel: str, path: Path) -> list[Entry]:
     if fmt.name == "nifti" and Path(stem).name.endswith("_probabilities"):
         return [Entry(rel, "probabilities", fmt.name, stem)]
     labels = open_labels(str(path))
-    probabilities = fmt.probabilities_path(rel)
     if fmt.name == "zarr":
         import zarr
 
         probabilities = rel if "probabilities" in zarr.open_group(path, mode="r") else None
-    elif probabilities and not (path.parent / Path(probabilities).name).exists():
-        probabilities = None
-    common = dict(class_names=tuple(labels.class_names or ()), nodata=labels.nodata, probabilities=probabilities,
-                  shape=tuple(labels.array.shape))  # fmt: skip
+    else:
+        beside = Path(fmt.probabilities_path(str(path)))
+        probabilities = relative(root, beside) if inside(root, beside) else None
+    common = {"class_names": tuple(labels.class_names or ()), "nodata": labels.nodata, "probabilities": probabilities,
+              "shape": tuple(labels.array.shape)}  # fmt: skip
     if labels.is_volume:
         return [Entry(rel, "labels", fmt.name, stem, affine=labels.geometry.affine, **common)]
     return [
@@ -208,23 +228,34 @@ def _vector_or_table(rel: str, path: Path) -> list[Entry]:
 
         geo = parquet_geometry(path)
         if geo is not None and geo[0]:
-            crs, bounds, count = geo
-            return [Entry(rel, "polygons", "parquet", stem, bounds=_lonlat(crs, bounds), extra={"features": count})]
+            return [Entry(rel, "polygons", "parquet", stem, bounds=_lonlat(*geo))]
         return [Entry(rel, "table", "parquet", stem)]
-    if suffix in VECTOR_SUFFIXES:
+    if suffix in OGR_DRIVERS:
         import pyogrio
 
         info = pyogrio.read_info(path)
+        if info.get("driver") != OGR_DRIVERS[suffix]:
+            return []  # an OGR VRT (or anything else) under a GeoPackage / FlatGeobuf / GeoJSON name
         if info.get("geometry_type") and info.get("crs"):
-            return [Entry(rel, "polygons", suffix[1:], stem, bounds=_lonlat(info["crs"], info["total_bounds"]),
-                          extra={"features": int(info["features"])})]  # fmt: skip
+            return [Entry(rel, "polygons", suffix[1:], stem, bounds=_lonlat(info["crs"], info["total_bounds"]))]
+    if suffix == ".json" and not _records(path):
+        return []
     if suffix in TABLE_SUFFIXES:
         return [Entry(rel, "table", suffix[1:], stem)]
     return []
 
 
-def _affine(affine) -> tuple[tuple[float, ...], ...]:
-    return tuple(tuple(float(v) for v in row) for row in np.asarray(affine))
+def _records(path: Path) -> bool:
+    """Whether a ``.json`` file is a list of records (what tilemask's tables are), read lazily."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith(b"["):
+        return False
+    try:
+        rows = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(rows, list) and all(isinstance(r, dict) for r in rows)
 
 
 def _is_gtiff(path: Path) -> bool:
@@ -238,13 +269,30 @@ def _is_gtiff(path: Path) -> bool:
         return False
 
 
+def _sidecars_inside(root: Path, path: Path) -> bool:
+    """GDAL opens ``.ovr``, ``.msk`` and ``.aux.xml`` beside a GeoTIFF by itself: none may lead out."""
+    return all(inside(root, side) for side in (Path(f"{path}{s}") for s in GDAL_SIDECARS) if side.is_symlink())
+
+
+def _store_inside(root: Path, store: Path) -> bool:
+    """Whether every member of a Zarr store stays inside the folder (zarr follows symlinks in a store)."""
+    for dirpath, dirnames, filenames in os.walk(store):
+        for name in (*dirnames, *filenames):
+            member = Path(dirpath) / name
+            if member.is_symlink() and not inside(root, member):
+                return False
+    return True
+
+
+def _affine(affine) -> tuple[tuple[float, ...], ...]:
+    return tuple(tuple(float(v) for v in row) for row in np.asarray(affine))
+
+
 def _raster_bounds(path: Path) -> tuple[float, float, float, float] | None:
     import rasterio
 
     with rasterio.open(path, driver="GTiff") as ds:
-        if ds.crs is None:
-            return None
-        return _lonlat(ds.crs.to_wkt(), ds.bounds)
+        return _lonlat(ds.crs.to_wkt(), ds.bounds) if ds.crs else None
 
 
 def _geometry_bounds(geometry, shape) -> tuple[float, float, float, float] | None:
@@ -267,9 +315,8 @@ def _lonlat(crs, bounds) -> tuple[float, float, float, float] | None:
 
 
 def _link(entries: list[Entry]) -> list[Entry]:
-    """Unique ids (the stem, or the path without suffix on a clash) and each label volume's scan."""
+    """Unique ids (the stem; on a clash the path, "/" as "--") and each label volume's scan."""
     from collections import Counter
-    from dataclasses import replace
 
     clashes = Counter(e.id for e in entries)
     scans = [e for e in entries if e.kind == "scan"]

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pyogrio
@@ -24,7 +26,8 @@ from pyproj import CRS, Transformer
 
 from .catalog import Entry
 
-CRS84 = "http://www.opengis.net/def/crs/OGC/1.3/CRS84"
+CRS84_URI = "http://www.opengis.net/def/crs/OGC/1.3/CRS84"  # how OGC API names longitude/latitude
+CRS84 = "OGC:CRS84"  # the same, as pyproj names it
 CONFORMANCE = [
     "http://www.opengis.net/spec/ogcapi-features-1/1.0/conf/core",
     "http://www.opengis.net/spec/ogcapi-features-1/1.0/conf/geojson",
@@ -35,37 +38,46 @@ MAX_LIMIT = 10_000
 
 
 def collection(entry: Entry, base: str) -> dict:
-    items = f"{base}collections/{entry.id}/items"
+    here = f"{base}collections/{quote(entry.id)}"
     return {
         "id": entry.id,
         "title": entry.id,
         "description": f"polygons of {entry.path}",
         "itemType": "feature",
-        "crs": [CRS84],
-        "extent": {"spatial": {"bbox": [list(entry.bounds or (-180, -90, 180, 90))], "crs": CRS84}},
+        "crs": [CRS84_URI],
+        "extent": {"spatial": {"bbox": [list(entry.bounds or (-180, -90, 180, 90))], "crs": CRS84_URI}},
         "links": [
-            {"href": f"{base}collections/{entry.id}", "rel": "self", "type": "application/json"},
-            {"href": items, "rel": "items", "type": "application/geo+json", "title": entry.id},
-            {"href": f"{base}files/{entry.path}", "rel": "enclosure", "title": Path(entry.path).name},
+            {"href": here, "rel": "self", "type": "application/json"},
+            {"href": f"{here}/items", "rel": "items", "type": "application/geo+json", "title": entry.id},
+            {"href": f"{base}files/{quote(entry.path)}", "rel": "enclosure", "title": Path(entry.path).name},
         ],
     }
 
 
 def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
+    """``minlon,minlat,maxlon,maxlat`` (or the 6 numbers of a 3D bbox, heights ignored), finite and on the Earth."""
     if not text:
         return None
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         values = []
-    if len(values) != 4 or values[0] > values[2] or values[1] > values[3]:
-        raise HTTPException(400, "bbox must be minlon,minlat,maxlon,maxlat")
+    if len(values) == 6:
+        values = [values[0], values[1], values[3], values[4]]
+    if (
+        len(values) != 4
+        or not all(math.isfinite(v) for v in values)
+        or values[0] > values[2]
+        or values[1] > values[3]
+        or not (-180 <= values[0] and values[2] <= 180 and -90 <= values[1] and values[3] <= 90)
+    ):
+        raise HTTPException(400, "bbox must be minlon,minlat,maxlon,maxlat in degrees")
     return tuple(values)
 
 
 def items(root: Path, entry: Entry, base: str, bbox, limit: int, offset: int) -> dict:
     layer = open_layer(root / entry.path)
-    layer_bbox = _transformer(CRS84_CODE, layer.crs).transform_bounds(*bbox, densify_pts=21) if bbox else None
+    layer_bbox = _transformer(CRS84, layer.crs).transform_bounds(*bbox, densify_pts=21) if bbox else None
     frame = layer.page(layer_bbox, offset, limit)
     if offset == 0 and len(frame) < limit:
         matched = len(frame)  # the first page holds every match: no second pass to count them
@@ -73,7 +85,7 @@ def items(root: Path, entry: Entry, base: str, bbox, limit: int, offset: int) ->
         matched = layer.count(layer_bbox)
     features = _features(frame, layer.crs)
     query = f"limit={limit}" + (f"&bbox={','.join(map(str, bbox))}" if bbox else "")
-    here = f"{base}collections/{entry.id}/items?{query}"
+    here = f"{base}collections/{quote(entry.id)}/items?{query}"
     links = [{"href": f"{here}&offset={offset}", "rel": "self", "type": "application/geo+json"}]
     if offset + len(features) < matched:
         links.append({"href": f"{here}&offset={offset + len(features)}", "rel": "next", "type": "application/geo+json"})
@@ -89,13 +101,13 @@ def items(root: Path, entry: Entry, base: str, bbox, limit: int, offset: int) ->
 
 def item(root: Path, entry: Entry, fid: int) -> dict:
     layer = open_layer(root / entry.path)
-    frame = layer.one(fid)
-    if frame.empty:
+    try:
+        frame = layer.one(fid)
+    except (pyogrio.errors.FeatureError, OverflowError, ValueError):
+        frame = None
+    if frame is None or frame.empty:
         raise HTTPException(404, f"no feature {fid} in {entry.id}")
     return _features(frame, layer.crs)[0]
-
-
-CRS84_CODE = "OGC:CRS84"
 
 
 @functools.lru_cache(maxsize=32)
@@ -109,7 +121,7 @@ def _features(frame, crs: str | None) -> list[dict]:
 
     geometries = frame.geometry.values
     if crs:
-        geometries = shapely.transform(geometries, _transformer(crs, CRS84_CODE).transform, interleaved=False)
+        geometries = shapely.transform(geometries, _transformer(crs, CRS84).transform, interleaved=False)
     shapes = shapely.to_geojson(geometries)
     properties = json.loads(
         frame.drop(columns=frame.geometry.name).to_json(orient="records", double_precision=15, date_format="iso")
@@ -124,9 +136,13 @@ class OgrLayer:
     """A layer OGR reads (GeoPackage, FlatGeobuf, GeoJSON): filters, counts and pages inside GDAL."""
 
     def __init__(self, path: Path):
+        from .catalog import OGR_DRIVERS
+
         self.path = path
         st = path.stat()
-        self.crs, self.features = _ogr_info(str(path), st.st_size, st.st_mtime_ns)
+        driver, self.crs, self.features = _ogr_info(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        if driver != OGR_DRIVERS.get(path.suffix.lower()):  # changed since the catalog looked: refuse an OGR VRT
+            raise HTTPException(404, f"{path.name}: not a polygons file")
 
     def count(self, bbox) -> int:
         if bbox is None:
@@ -142,9 +158,9 @@ class OgrLayer:
 
 
 @functools.lru_cache(maxsize=32)
-def _ogr_info(path: str, size: int, mtime_ns: int) -> tuple[str | None, int]:
-    info = pyogrio.read_info(path)
-    return info["crs"], int(info["features"])
+def _ogr_info(path: str, size: int, mtime_ns: int, inode: int) -> tuple[str, str | None, int]:
+    info = pyogrio.read_info(path, force_feature_count=True)
+    return info["driver"], info["crs"], int(info["features"])
 
 
 class GeoParquetLayer:
@@ -152,7 +168,8 @@ class GeoParquetLayer:
     in memory while the file is unchanged, filtered with its spatial index; the row number is the feature id."""
 
     def __init__(self, path: Path):
-        self.frame = _parquet(str(path), path.stat().st_mtime_ns)
+        st = path.stat()
+        self.frame = _parquet(str(path), st.st_mtime_ns, st.st_ino)
         self.crs = self.frame.crs.to_wkt() if self.frame.crs is not None else None
 
     def _select(self, bbox):
@@ -174,7 +191,7 @@ class GeoParquetLayer:
 
 
 @functools.lru_cache(maxsize=4)
-def _parquet(path: str, mtime_ns: int):
+def _parquet(path: str, mtime_ns: int, inode: int):
     import geopandas as gpd
 
     return gpd.read_parquet(path).reset_index(drop=True)
@@ -184,13 +201,18 @@ def open_layer(path: Path):
     return GeoParquetLayer(path) if path.suffix.lower() == ".parquet" else OgrLayer(path)
 
 
-def parquet_geometry(path: Path) -> tuple[str | None, tuple[float, float, float, float] | None, int] | None:
-    """The CRS, bounds and row count of a GeoParquet file; None when it is a plain table."""
+def parquet_geometry(path: Path) -> tuple[str, tuple[float, float, float, float] | None] | None:
+    """The CRS (PROJJSON text) and bounds of a GeoParquet file, from its ``geo`` metadata; None for a plain table
+    or one without a CRS."""
     import pyarrow.parquet as pq
 
-    meta = pq.read_metadata(path)
-    geo = (meta.metadata or {}).get(b"geo")
+    geo = (pq.read_metadata(path).metadata or {}).get(b"geo")
     if not geo:
         return None
-    layer = GeoParquetLayer(path)
-    return layer.crs, tuple(layer.frame.total_bounds), len(layer.frame)
+    meta = json.loads(geo)
+    column = meta.get("columns", {}).get(meta.get("primary_column", "geometry"), {})
+    crs = column.get("crs", "OGC:CRS84")  # GeoParquet: an absent crs means OGC:CRS84; null means unknown
+    if crs is None:
+        return None
+    bbox = column.get("bbox")
+    return (json.dumps(crs) if isinstance(crs, dict) else str(crs)), (tuple(bbox[:4]) if bbox else None)

@@ -1,10 +1,11 @@
 """Client paths to files under the served folder, and nothing else.
 
 Every route that names a file goes through :func:`resolve`: a path relative to
-FOLDER, with no ``..`` part, no absolute or drive path, no backslash, no NUL,
-nothing that tilemask stages or locks (``.tilemask-*``), and, once symlinks are
-followed, still inside FOLDER. Anything else is "not found" (404), whether it
-exists or not, so a client learns nothing about the rest of the disk.
+FOLDER, with no ``..`` part, no hidden part (``.git``, ``.env``, tilemask's own
+``.tilemask-*`` staging files and locks), no absolute or drive path, no
+backslash, no NUL, no URL, and, once symlinks are followed, still inside FOLDER
+and still not hidden. Anything else is "not found" (404), whether it exists or
+not, so a client learns nothing about the rest of the disk.
 """
 
 from __future__ import annotations
@@ -19,11 +20,16 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 
 class NotInFolder(HTTPException):
     def __init__(self, relative: str):
-        super().__init__(status_code=404, detail=f"not found: {relative}")
+        super().__init__(status_code=404, detail=f"not found: {relative[:200]}")
 
 
-def resolve(root: Path, relative: str, *, must_exist: bool = True) -> Path:
-    """``root / relative`` when it names something inside ``root`` (which is already resolved); else 404."""
+def hidden(parts) -> bool:
+    """Whether a path (its parts) names something hidden: a dotfile or anything in a dot-folder."""
+    return any(part.startswith(".") for part in parts)
+
+
+def resolve(root: Path, relative: str) -> Path:
+    """``root / relative`` when it names something that exists inside ``root`` (already resolved); else 404."""
     if (
         not relative
         or "\0" in relative
@@ -31,13 +37,14 @@ def resolve(root: Path, relative: str, *, must_exist: bool = True) -> Path:
         or relative.startswith("/")
         or _DRIVE.match(relative)
         or "://" in relative
+        or hidden(PurePosixPath(relative).parts)  # ".." included
     ):
         raise NotInFolder(relative)
-    parts = PurePosixPath(relative).parts
-    if any(part == ".." or part.startswith(".tilemask-") for part in parts):
-        raise NotInFolder(relative)
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root) or (must_exist and not path.exists()):
+    try:
+        path = (root / relative).resolve(strict=True)
+    except (OSError, RuntimeError):  # missing, a name too long, a symlink loop
+        raise NotInFolder(relative) from None
+    if not path.is_relative_to(root) or hidden(path.relative_to(root).parts):
         raise NotInFolder(relative)
     return path
 
@@ -45,3 +52,11 @@ def resolve(root: Path, relative: str, *, must_exist: bool = True) -> Path:
 def relative(root: Path, path: Path) -> str:
     """The client's name for ``path`` (POSIX, relative to ``root``)."""
     return path.relative_to(root).as_posix()
+
+
+def inside(root: Path, path: Path) -> bool:
+    """Whether ``path``, symlinks followed, is inside ``root`` (what files a reader may open)."""
+    try:
+        return path.resolve(strict=True).is_relative_to(root)
+    except (OSError, RuntimeError):
+        return False

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+from fastapi import HTTPException
 from rio_tiler.colormap import cmap
 from rio_tiler.errors import PointOutsideBounds, TileOutsideBounds
 from rio_tiler.io import Reader, XarrayReader
 
 from ..classes import class_name
 from .catalog import Entry
+from .paths import inside
 
 NEAREST = {"resampling_method": "nearest", "reproject_method": "nearest"}
 OUTSIDE = (TileOutsideBounds, PointOutsideBounds)
@@ -44,11 +46,14 @@ def reader(root: Path, entry: Entry, variable: str = "labels"):
         return
     if variable == "probabilities":
         path = root / entry.probabilities
-    yield Reader(str(path), dataset=_open_gtiff(path))
+    if not inside(root, path):  # a symlink swapped in since the catalog looked
+        raise HTTPException(404, f"not found: {entry.path}")
+    with Reader(str(path), dataset=_open_gtiff(path)) as r:  # the dataset stays open: it is this thread's
+        yield r
 
 
 _local = threading.local()
-DATASETS_PER_THREAD = 8
+DATASETS_PER_THREAD = 4
 
 
 def _open_gtiff(path: Path) -> rasterio.io.DatasetReader:
@@ -59,7 +64,7 @@ def _open_gtiff(path: Path) -> rasterio.io.DatasetReader:
     """
     cache: OrderedDict = _local.__dict__.setdefault("datasets", OrderedDict())
     st = path.stat()
-    key, stamp = str(path), (st.st_size, st.st_mtime_ns)
+    key, stamp = str(path), (st.st_size, st.st_mtime_ns, st.st_ino)
     held = cache.get(key)
     if held is not None and held[0] == stamp:
         cache.move_to_end(key)
@@ -90,6 +95,9 @@ def label_tile(root: Path, entry: Entry, x: int, y: int, z: int) -> bytes:
 
 def probability_tile(root: Path, entry: Entry, band: int, x: int, y: int, z: int) -> bytes:
     with reader(root, entry, "probabilities") as r:
+        bands = r.input.sizes["band"] if isinstance(r, XarrayReader) else r.dataset.count
+        if band > bands:
+            raise IndexError(f"band {band} of {bands}")
         image = r.tile(x, y, z, indexes=band, **NEAREST)
     values = image.data[0].astype(np.float32)
     scale = 1.0 if np.issubdtype(image.data.dtype, np.floating) else 255.0
@@ -101,7 +109,8 @@ def probability_tile(root: Path, entry: Entry, band: int, x: int, y: int, z: int
 
 
 def point(root: Path, entry: Entry, lon: float, lat: float) -> dict:
-    """The label, its class and the probabilities (0-1) at ``lon``/``lat``; ``None`` outside the image."""
+    """The label, its class and the probabilities (0-1) at ``lon``/``lat`` (value and class null on nodata);
+    rio-tiler's ``PointOutsideBounds`` outside the image."""
     with reader(root, entry) as r:
         value = r.point(lon, lat, indexes=1)
     label = int(value.data[0])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import quote
 
 import pystac
 from pystac.extensions.classification import Classification, ClassificationExtension
@@ -36,7 +37,7 @@ def catalog(entries: list[Entry], base: str) -> dict:
         {"rel": "self", "href": f"{base}stac/catalog.json", "type": "application/json"},
         {"rel": "root", "href": f"{base}stac/catalog.json", "type": "application/json"},
     ] + [
-        {"rel": "item", "href": f"{base}stac/items/{e.id}.json", "type": "application/geo+json", "title": e.path}
+        {"rel": "item", "href": f"{base}stac/items/{quote(e.id)}.json", "type": "application/geo+json", "title": e.path}
         for e in entries
         if e.kind in ("labels", "polygons")
     ]
@@ -54,7 +55,7 @@ def item(entry: Entry, base: str, modified: float) -> dict:
         datetime=datetime.fromtimestamp(modified, timezone.utc), properties={"tilemask:kind": entry.kind},
     )  # fmt: skip
     asset = pystac.Asset(
-        href=f"{base}files/{entry.path}",
+        href=f"{base}files/{quote(entry.path)}",
         media_type=MEDIA.get(entry.format),
         roles=["data"],
         title=Path(entry.path).name,
@@ -70,12 +71,12 @@ def item(entry: Entry, base: str, modified: float) -> dict:
         if entry.probabilities and entry.probabilities != entry.path:
             stac_item.add_asset(
                 "probabilities",
-                pystac.Asset(href=f"{base}files/{entry.probabilities}", media_type=MEDIA.get(entry.format),
+                pystac.Asset(href=f"{base}files/{quote(entry.probabilities)}", media_type=MEDIA.get(entry.format),
                              roles=["data"], title=Path(entry.probabilities).name),
             )  # fmt: skip
     out = stac_item.to_dict(include_self_link=False, transform_hrefs=False)
     out["links"] = [
-        {"rel": "self", "href": f"{base}stac/items/{entry.id}.json", "type": "application/geo+json"},
+        {"rel": "self", "href": f"{base}stac/items/{quote(entry.id)}.json", "type": "application/geo+json"},
         {"rel": "root", "href": f"{base}stac/catalog.json", "type": "application/json"},
         {"rel": "parent", "href": f"{base}stac/catalog.json", "type": "application/json"},
     ]

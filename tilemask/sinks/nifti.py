@@ -9,7 +9,9 @@ bytes).  The temporary file and the compressed one are hidden staged siblings
 temporary file (constant memory), then renamed into place.  The header's
 ``descrip`` says ``tilemask labels``, which is how a later run knows it may
 replace the file.  Probabilities go to
-``<stem>_probabilities.nii.gz``, 4D with classes last.
+``<stem>_probabilities.nii.gz``, 4D with classes last; the class names and
+colours to ``<stem>.colors.csv``, a 3D Slicer colour table, published with the
+labels.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ..classes import write_colour_table
 from ..errors import OutputError
 from ..formats import NIFTI_DESCRIP, for_path
 from ..geometry import Region
@@ -139,6 +142,10 @@ class NiftiSink(LabelSink):
         )
         return labels, probabilities
 
+    @property
+    def class_table(self) -> str:
+        return for_path(self.path).class_table_path(self.path)
+
     def create(self) -> None:
         affine = np.asarray(getattr(self.layout.geometry, "affine", np.eye(4)), dtype=np.float64)
         if len(self.layout.shape) != 3:
@@ -146,6 +153,7 @@ class NiftiSink(LabelSink):
         for volume in self.volumes:
             if volume is not None:
                 volume.create(self.layout.reference, affine)
+        write_colour_table(staged_path(self.class_table, self.layout.run_id), self.layout.class_names)
 
     def write(self, region: Region, labels: np.ndarray, probabilities: np.ndarray | None) -> None:
         index = tuple(slice(lo, hi) for lo, hi in region)
@@ -164,9 +172,11 @@ class NiftiSink(LabelSink):
         volumes = [v for v in self.volumes if v is not None]
         for volume in volumes:
             volume.publish()
-        return [volume.path for volume in volumes]
+        publish(staged_path(self.class_table, self.layout.run_id), self.class_table)
+        return [volume.path for volume in volumes] + [self.class_table]
 
     def abort(self) -> None:
         for volume in self.volumes:
             if volume is not None:
                 volume.abort()
+        remove(staged_path(self.class_table, self.layout.run_id))

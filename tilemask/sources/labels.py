@@ -6,7 +6,8 @@ chunked for the cluster and read window by window, with the geometry, the class
 names and the nodata value when the file records them.
 
 Class names come from the Zarr group's ``tilemask.classes`` attribute, or the
-GeoTIFF dataset tag ``TILEMASK_CLASSES`` (a JSON list); NIfTI files carry none.
+GeoTIFF dataset tag ``TILEMASK_CLASSES`` (a JSON list), or, for NIfTI, the 3D
+Slicer colour table ``<stem>.colors.csv`` beside the file.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import zarr
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from ..classes import CLASSES_TAG
+from ..classes import CLASSES_TAG, read_colour_table
 from ..errors import InputError
 from ..geometry import Geometry, RasterGeometry, VolumeGeometry, geometry_from_attrs, normalize_per_axis
 from . import cached_handle, file_stamp
@@ -134,4 +135,7 @@ def open_nifti_labels(path: str, chunks) -> LabelImage:
     lazy = da.from_array(
         _NiftiVolume(path, shape, dtype), chunks=_chunks(chunks, tuple(min(s, 128) for s in shape)), asarray=False, fancy=False
     )
-    return LabelImage(path, lazy, VolumeGeometry(affine), None, None)
+    from ..formats import for_path
+
+    names = read_colour_table(for_path(path).class_table_path(path))
+    return LabelImage(path, lazy, VolumeGeometry(affine), names, None)

@@ -1,0 +1,48 @@
+"""Class names of NIfTI labels: a 3D Slicer colour table beside them, read back by every tilemask reader."""
+
+from __future__ import annotations
+
+import csv
+
+import pandas as pd
+
+import tilemask
+from tests.conftest import UNET_3D
+from tilemask.classes import class_colours
+from tilemask.stats.api import compute_stats
+from tilemask.workflow import Workflow
+
+CLASSES = ["background", "left kidney"]  # a space, as anatomical names have
+
+
+def test_nifti_labels_carry_their_class_names_in_a_slicer_colour_table(make_volume, make_model, tmp_path, client):
+    path, _ = make_volume((30, 26, 20))
+    weights, _ = make_model(UNET_3D)
+    wf = Workflow.from_dict(
+        {
+            "version": 1,
+            "input": str(path),
+            "classes": CLASSES,
+            "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
+            "preprocess": {"normalize": {"mean": [500.0], "std": [300.0]}},
+            "inference": {"roi_size": [16, 16, 16], "batch_size": 2, "device": "cpu"},
+            "output": {"path": "out/{stem}_labels.nii.gz", "chunks": 16},
+        },
+        base_dir=tmp_path,
+    )
+    (result,) = tilemask.run(wf, client)
+    table = tmp_path / "out" / "scan_labels.colors.csv"
+    assert str(table) in result.outputs
+    with open(table, newline="") as f:
+        rows = list(csv.reader(f))
+    # the columns 3D Slicer's colour table reader expects (slicer.readthedocs.io, "Color table CSV file format")
+    assert rows[0] == ["LabelValue", "Name", "Color_R", "Color_G", "Color_B", "Color_A"]
+    colours = class_colours(2)
+    assert rows[1:] == [[str(v), name, *map(str, colours[v])] for v, name in enumerate(CLASSES)]
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tilemask-")]
+
+    labels = tilemask.open_result(str(tmp_path / "out" / "scan_labels.nii.gz"))
+    assert labels.attrs["class_names"] == CLASSES
+    stats = compute_stats(tmp_path / "out" / "scan_labels.nii.gz", tmp_path / "stats.csv", client=client)
+    named = set(pd.read_csv(stats)["class"])
+    assert named <= set(CLASSES) and named
