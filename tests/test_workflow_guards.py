@@ -230,7 +230,7 @@ def test_a_zip_bomb_torchscript_is_refused_before_loading(make_model, tmp_path):
     torch.jit.script(net).save(str(script))
     bomb = inflate_member(script, "/data/0", 512 << 20, tmp_path / "scripted_bomb.pt")
     spec = ModelSpec.create("UNet", UNET_2D, str(bomb))
-    assert spec.is_torchscript
+    assert spec.archive == "torchscript"
     start = time.perf_counter()
     with pytest.raises(WeightsError, match=r"scripted_bomb\.pt would unpack to 512 MiB"):
         load_model(spec)

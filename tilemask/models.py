@@ -65,7 +65,8 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.
     if not path.is_file():
         raise WeightsError(f"model.weights: no such file {spec.weights}")
     _refuse_inflating_archive(path)
-    if spec.is_torchscript:
+    kind = spec.archive
+    if kind == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             try:
@@ -73,8 +74,14 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.
             except RuntimeError as exc:
                 raise WeightsError(f"model.weights: {path} is not a loadable TorchScript archive: {exc}") from None
         return model.eval()
+    if kind == "exported":
+        return _load_exported(path, device)
+    if not spec.network:
+        raise WorkflowError(f"model.network: needed for {path}, a checkpoint of weights (only TorchScript "
+                            "and torch.export archives carry their network)")  # fmt: skip
     state = _load_state_dict(path, spec.network)
     network = build_network(spec)
+    state = _strip_prefix(state, network.state_dict().keys())
     try:
         network.load_state_dict(state)
     except RuntimeError as exc:
@@ -93,13 +100,77 @@ def _load_state_dict(path: Path, network: str | None = None) -> dict[str, torch.
     except pickle.UnpicklingError as exc:  # torch's weights-only unpickler refused it: find out why
         raise _refusal(path, str(exc), network) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        if _looks_like_json(path):
+            raise WeightsError(
+                f"model.weights: {path} is a JSON file, not weights (a MONAI bundle's weights are models/model.pt)"
+            ) from None
         detail = (str(exc).strip().splitlines() or [""])[0]
         raise WeightsError(f"model.weights: {path} {NOT_A_CHECKPOINT}{': ' + detail if detail else ''}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # Lightning-style checkpoints
-    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+    if isinstance(state, dict) and not _all_tensors(state):
+        # training checkpoints: Lightning and MONAI's CheckpointSaver ("state_dict" / "model" / "network"), nnU-Net
+        state = next((state[k] for k in CHECKPOINT_KEYS if isinstance(state.get(k), dict)), state)
+    if not (isinstance(state, dict) and _all_tensors(state)):
         raise WeightsError(f"model.weights: {path} holds no state_dict of tensors")
     return state
+
+
+CHECKPOINT_KEYS = ("state_dict", "model", "network", "model_state_dict", "network_weights", "net")
+PREFIXES = ("model.", "net.", "network.", "module.")  # Lightning attributes, DataParallel
+
+
+def _all_tensors(state: dict) -> bool:
+    return bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], expected) -> dict[str, torch.Tensor]:
+    """``state`` with the prefix a training wrapper added (``model.`` of a LightningModule attribute, ``module.``
+    of DataParallel) taken off, when every key has it and taking it off gives exactly the network's keys."""
+    expected = set(expected)
+    if set(state) == expected:
+        return state
+    for prefix in PREFIXES:
+        if all(k.startswith(prefix) for k in state):  # MONAI's UNet keys start with "model." themselves
+            stripped = {k[len(prefix) :]: v for k, v in state.items()}
+            if set(stripped) == expected:
+                return stripped
+    return state
+
+
+class _FixedBatch(torch.nn.Module):
+    """An exported program whose batch size is static, fed any batch: split into its size, the last padded."""
+
+    def __init__(self, program: torch.nn.Module, batch: int):
+        super().__init__()
+        self.program, self.batch = program, batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for start in range(0, x.shape[0], self.batch):
+            part = x[start : start + self.batch]
+            n = part.shape[0]
+            if n < self.batch:
+                part = torch.cat([part, part.new_zeros((self.batch - n, *part.shape[1:]))])
+            outputs.append(self.program(part)[:n])
+        return torch.cat(outputs)
+
+
+def _load_exported(path: Path, device) -> torch.nn.Module:
+    """A ``torch.export`` archive (``.pt2``) as a callable module on ``device``."""
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged archive
+        raise WeightsError(f"model.weights: {path} is not a loadable torch.export archive: {first_line(exc)}") from None
+    inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in program.graph_signature.user_inputs]
+    shape = inputs[0].meta["val"].shape if inputs and "val" in inputs[0].meta else ()
+    module = program.module().to(device)
+    if shape and isinstance(shape[0], int):  # exported without a dynamic batch dimension
+        return _FixedBatch(module, int(shape[0]))
+    return module
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 NOT_A_CHECKPOINT = "is not a torch checkpoint (neither a state_dict archive nor TorchScript)"
@@ -129,8 +200,26 @@ def _refuse_inflating_archive(path: Path) -> None:
         )
 
 
+def _looks_like_json(path: Path) -> bool:
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+        if not head.lstrip().startswith((b"{", b"[")):
+            return False
+        json.loads(path.read_bytes())
+        return True
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+
+
 def _refusal(path: Path, torch_message: str, network: str | None) -> WeightsError:
     """Why torch's weights-only unpickler refused ``path``, read from the pickle's opcodes (never run)."""
+    if _looks_like_json(path):
+        return WeightsError(
+            f"model.weights: {path} is a JSON file, not weights (a MONAI bundle's weights are models/model.pt)"
+        )
     imports = _pickle_imports(_pickle_bytes(path))
     if imports is None:
         return WeightsError(f"model.weights: {path} {NOT_A_CHECKPOINT}")

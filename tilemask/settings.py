@@ -36,12 +36,24 @@ class ModelSpec:
         return json.loads(self.args_json)
 
     @property
-    def is_torchscript(self) -> bool:
+    def archive(self) -> str:
+        """What the weights file is: ``torchscript`` (torch.jit.save), ``exported`` (torch.export.save, ``.pt2``:
+        a ``archive_format`` member) or ``state_dict`` (anything else: a checkpoint read with weights_only)."""
         try:
             with zipfile.ZipFile(self.weights) as archive:
-                return any("/code/" in name for name in archive.namelist())
+                names = archive.namelist()
         except (zipfile.BadZipFile, OSError):
-            return False
+            return "state_dict"
+        if any(name.endswith("/archive_format") for name in names):
+            return "exported"
+        if any("/code/" in name for name in names):
+            return "torchscript"
+        return "state_dict"
+
+    @property
+    def carries_network(self) -> bool:
+        """TorchScript and exported programs hold their network: ``model.network`` is not needed."""
+        return self.archive != "state_dict"
 
 
 @dataclass(frozen=True)

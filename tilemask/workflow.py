@@ -41,9 +41,11 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    network: str = Field(description='class in monai.networks.nets, or "package.module:Class"')
+    network: str = Field(
+        default="", description='class in monai.networks.nets, or "package.module:Class" (not for TorchScript / .pt2)'
+    )
     args: dict[str, Any] = Field(default_factory=dict)
-    weights: str = Field(description="state_dict (loaded with weights_only=True) or TorchScript file")
+    weights: str = Field(description="a state_dict or training checkpoint (weights_only=True), TorchScript or .pt2")
 
     @property
     def spatial_dims(self) -> int | None:

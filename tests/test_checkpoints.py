@@ -1,0 +1,98 @@
+"""The checkpoints users have: training checkpoints, wrapper prefixes, torch.export archives, and a JSON by mistake."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import UNet
+
+import tilemask
+from tests.conftest import UNET_2D
+from tilemask.errors import WeightsError
+from tilemask.models import load_model
+from tilemask.settings import ModelSpec
+from tilemask.workflow import Workflow
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return UNet(**UNET_2D).eval()
+
+
+def forms(sd: dict) -> dict[str, object]:
+    return {
+        "model": {"model": sd, "epoch": 7},
+        "network": {"network": sd, "optimizer": {"lr": 0.1}},
+        "lightning": {
+            "state_dict": {f"model.{k}": v for k, v in sd.items()},
+            "epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0", "hyper_parameters": {"lr": 1e-3},
+        },
+        "data_parallel": {f"module.{k}": v for k, v in sd.items()},
+        "nnunet": {"network_weights": sd, "trainer_name": "nnUNetTrainer", "current_epoch": 1000},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("form", ["model", "network", "lightning", "data_parallel", "nnunet"])
+def test_training_checkpoints_load_the_same_network(net, tmp_path, form):
+    path = tmp_path / f"{form}.ckpt"
+    torch.save(forms(net.state_dict())[form], path)
+    model = load_model(ModelSpec.create("UNet", UNET_2D, str(path)))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), net(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_torch_export_archives_need_no_network_and_take_any_batch(net, tmp_path, dynamic):
+    x = torch.randn(3, 3, 64, 64)
+    shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic else None
+    program = torch.export.export(net, (x,), dynamic_shapes=shapes)
+    path = tmp_path / "net.pt2"
+    torch.export.save(program, path)
+    spec = ModelSpec.create("", {}, str(path))
+    assert spec.archive == "exported" and spec.carries_network
+    model = load_model(spec)
+    for batch in (1, 3, 7):  # fewer, as many and more windows than the archive was exported with
+        xb = torch.randn(batch, 3, 64, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(model(xb), net(xb), rtol=1e-5, atol=1e-5)
+
+
+def test_a_pt2_runs_end_to_end_without_model_network(net, make_raster, tmp_path, client):
+    path, _ = make_raster(shape=(3, 150, 170))
+    program = torch.export.export(net, (torch.zeros(4, 3, 64, 64),))  # static batch 4
+    torch.export.save(program, tmp_path / "net.pt2")
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    results = []
+    for weights, extra in (("net.pt2", {}), ("net.pt", {"network": "UNet", "args": UNET_2D})):
+        wf = Workflow.from_dict(
+            {
+                "version": 1,
+                "input": str(path),
+                "model": {"weights": str(tmp_path / weights), **extra},
+                "preprocess": {"normalize": {"mean": [127.0] * 3, "std": [60.0] * 3}},
+                "inference": {"roi_size": [64, 64], "batch_size": 4, "device": "cpu"},
+                "output": {"path": f"out/{weights}.zarr", "probabilities": "float32", "chunks": 96},
+            },
+            base_dir=tmp_path,
+        )
+        (result,) = tilemask.run(wf, client)
+        results.append(np.asarray(tilemask.open_result(result.outputs[0], "probabilities")))
+    np.testing.assert_allclose(results[0], results[1], atol=1e-5)
+
+
+def test_a_state_dict_without_model_network_is_one_line(net, tmp_path):
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    with pytest.raises(Exception, match="model.network: needed for"):
+        load_model(ModelSpec.create("", {}, str(tmp_path / "w.pt")))
+
+
+def test_a_json_file_given_as_weights_says_so(tmp_path):
+    path = tmp_path / "inference.json"
+    path.write_text(json.dumps({"network_def": {"_target_": "UNet"}}))
+    with pytest.raises(WeightsError, match="is a JSON file, not weights"):
+        load_model(ModelSpec.create("UNet", UNET_2D, str(path)))
