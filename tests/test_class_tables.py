@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pandas as pd
+from scipy import ndimage
 
 import tilemask
 from tests.conftest import UNET_3D
@@ -16,6 +18,7 @@ CLASSES = ["background", "left kidney"]  # a space, as anatomical names have
 
 
 def test_nifti_labels_carry_their_class_names_in_a_slicer_colour_table(make_volume, make_model, tmp_path, client):
+    """Also the engine's post-processing with physical units: 0.03 mL on 0.9 x 1.2 x 2.5 mm voxels is 11.1 voxels."""
     path, _ = make_volume((30, 26, 20))
     weights, _ = make_model(UNET_3D)
     wf = Workflow.from_dict(
@@ -27,6 +30,7 @@ def test_nifti_labels_carry_their_class_names_in_a_slicer_colour_table(make_volu
             "preprocess": {"normalize": {"mean": [500.0], "std": [300.0]}},
             "inference": {"roi_size": [16, 16, 16], "batch_size": 2, "device": "cpu"},
             "output": {"path": "out/{stem}_labels.nii.gz", "chunks": 16},
+            "postprocess": {"remove_small": "0.03 mL", "keep_largest": True},
         },
         base_dir=tmp_path,
     )
@@ -43,6 +47,10 @@ def test_nifti_labels_carry_their_class_names_in_a_slicer_colour_table(make_volu
 
     labels = tilemask.open_result(str(tmp_path / "out" / "scan_labels.nii.gz"))
     assert labels.attrs["class_names"] == CLASSES
+    values = np.asarray(labels)
+    assert (values == 1).any()
+    components, n = ndimage.label(values == 1)
+    assert n == 1 and (components == 1).sum() >= 12  # the largest, and at least 0.03 mL
     stats = compute_stats(tmp_path / "out" / "scan_labels.nii.gz", tmp_path / "stats.csv", client=client)
     named = set(pd.read_csv(stats)["class"])
     assert named <= set(CLASSES) and named

@@ -229,6 +229,7 @@ def execute_postprocessed(client: Client, job: Job, config: PostprocessConfig, p
     are then written chunk by chunk to the output the workflow asked for.
     """
     from .postprocess import apply as postprocess  # dask.array, pandas: only when post-processing
+    from .postprocess import spacing_of
     from .sources.labels import open_labels
 
     final = job.sink
@@ -239,7 +240,9 @@ def execute_postprocessed(client: Client, job: Job, config: PostprocessConfig, p
     try:
         with stage(f"{Path(job.input).name}: post-processing", enabled=progress):
             image = open_labels(raw.staged, job.plan.chunks)
-            cleaned = postprocess(image.array, config, nodata=image.nodata, client=client).rechunk(job.plan.chunks)
+            cleaned = postprocess(
+                image.array, config, nodata=image.nodata, client=client, spacing=spacing_of(image.geometry)
+            ).rechunk(job.plan.chunks)
             final.create()
             regions = [job.plan.chunk_region(i) for i in job.plan.chunk_indexes()]
             copy = dask.delayed(_copy_chunk, pure=False)

@@ -6,16 +6,22 @@ in ascending order, steps in this order:
 1. ``remove_small=N``: components of ``labels == c`` with fewer than ``N``
    pixels/voxels become 0 (components found across chunks by
    :func:`tilemask.stats.components.label`, exact).
-2. ``fill_holes``: MONAI's ``FillHoles`` rule: pixels not reachable from outside
+2. ``keep_largest``: every component of ``labels == c`` but the largest
+   becomes 0 (MONAI's ``KeepLargestConnectedComponent(independent=True)``; of
+   equal largest ones, the one whose first pixel comes first in C order stays).
+3. ``fill_holes``: MONAI's ``FillHoles`` rule: pixels not reachable from outside
    the image through pixels other than ``c`` become ``c``.  "Reachable" is a
    component of ``labels != c`` holding an image-border pixel, found across
    chunks like (1).
-3. ``opening=r``: pixels of ``c`` outside ``binary_opening(labels == c, ball(r))``
+4. ``opening=r``: pixels of ``c`` outside ``binary_opening(labels == c, ball(r))``
    become 0.
-4. ``closing=r``: pixels that are 0 inside ``binary_closing(labels == c, ball(r))``
+5. ``closing=r``: pixels that are 0 inside ``binary_closing(labels == c, ball(r))``
    become ``c``.
 
-``ball(r)`` is the set of offsets with Euclidean length <= r (index units).
+``ball(r)`` is the set of offsets with Euclidean length <= r; a radius in mm (or
+m) makes it an ellipsoid in index units, ``sum((d_i * spacing_i) ** 2) <= r**2``,
+and a size in mL (or m2) is turned into pixels/voxels with the voxel size, both
+taken from the image's affine.
 Opening and closing run as ``scipy.ndimage`` on each chunk with a halo of
 ``2r`` (``dask.array.map_overlap``, no padding at the image border), which is
 exactly the whole-image result: ``scipy``'s ``border_value=0`` is kept at the
@@ -44,31 +50,70 @@ from .stats.instances import structure
 logger = logging.getLogger(__name__)
 
 
-def ball(radius: int, ndim: int) -> np.ndarray:
-    grid = np.indices((2 * radius + 1,) * ndim) - radius
-    return (grid**2).sum(axis=0) <= radius * radius
+def ball(radius: float | tuple[float, ...], ndim: int) -> np.ndarray:
+    """Offsets within ``radius`` (one per axis: an ellipsoid), as a boolean structuring element."""
+    radii = np.broadcast_to(np.asarray(radius, dtype=float), (ndim,))
+    reach = np.floor(radii + 1e-9).astype(int)
+    grid = np.indices(tuple(2 * reach + 1)) - reach.reshape((ndim,) + (1,) * ndim)
+    scaled = np.where(
+        radii.reshape((ndim,) + (1,) * ndim) > 0, grid / np.maximum(radii, 1e-12).reshape((ndim,) + (1,) * ndim), 0.0
+    )
+    return (scaled**2).sum(axis=0) <= 1 + 1e-9
 
 
-def apply(labels: da.Array, config: PostprocessConfig | dict, nodata: int | None = None, client=None) -> da.Array:
+def spacing_of(geometry) -> tuple[float, ...] | None:
+    """Pixel/voxel size along each array axis: mm for volumes (the affine), metres for rasters in a projected
+    CRS; None when the image has no physical size (a geographic CRS, no CRS)."""
+    from .geometry import RasterGeometry
+
+    if not isinstance(geometry, RasterGeometry):
+        return tuple(float(v) for v in np.linalg.norm(np.asarray(geometry.affine)[:3, :3], axis=0))
+    if not geometry.crs_wkt:
+        return None
+    from pyproj import CRS
+
+    crs = CRS.from_user_input(geometry.crs_wkt)
+    if not crs.is_projected or any(axis.unit_name not in ("metre", "meter") for axis in crs.axis_info[:2]):
+        return None
+    a, b, _, d, e, _ = geometry.transform[1], geometry.transform[2], 0, geometry.transform[4], geometry.transform[5], 0
+    return (float(np.hypot(b, e)), float(np.hypot(a, d)))  # rows, columns
+
+
+def apply(
+    labels: da.Array, config: PostprocessConfig | dict, nodata: int | None = None, client=None,
+    spacing: tuple[float, ...] | None = None,
+) -> da.Array:  # fmt: skip
     """``labels`` after the steps of ``config`` (see the module docstring); lazy where possible.
 
-    Removing small components and filling holes need the components first: they
-    are computed (on ``client`` when given) before this returns.
+    ``spacing`` (from :func:`spacing_of`) turns physical sizes and radii into
+    pixels/voxels. Removing small components, keeping the largest and filling
+    holes need the components first: they are computed (on ``client`` when
+    given) before this returns.
     """
     if isinstance(config, dict):
         config = PostprocessConfig(**config)
     if not config.active:
         return labels
+    try:
+        config.check_units(volume=labels.ndim == 3)
+        min_size = config.min_size(float(np.prod(spacing)) if spacing else None)
+        radii = {name: config.radius(name, spacing) for name in ("opening", "closing")}
+    except ValueError as exc:
+        from .errors import InputError
+
+        raise InputError(str(exc)) from None
     values = _foreground(labels, nodata, client)
     for value in values:
-        if config.remove_small:
-            labels = _persist(remove_small(labels, value, config.remove_small, config.connectivity, client), client)
+        if min_size:
+            labels = _persist(remove_small(labels, value, min_size, config.connectivity, client), client)
+        if config.keep_largest:
+            labels = _persist(keep_largest(labels, value, config.connectivity, client), client)
         if config.fill_holes:
             labels = _persist(fill_holes(labels, value, config.connectivity, client), client)
-        if config.opening:
-            labels = _persist(opening(labels, value, config.opening), client)
-        if config.closing:
-            labels = _persist(closing(labels, value, config.closing), client)
+        if any(radii["opening"]):
+            labels = _persist(opening(labels, value, radii["opening"]), client)
+        if any(radii["closing"]):
+            labels = _persist(closing(labels, value, radii["closing"]), client)
     return labels
 
 
@@ -83,13 +128,27 @@ def _foreground(labels: da.Array, nodata, client) -> list[int]:
     return [int(v) for v in present if int(v) != 0 and (nodata is None or int(v) != int(nodata))]
 
 
-def remove_small(labels: da.Array, value: int, min_size: int, connectivity: str = "face", client=None) -> da.Array:
+def remove_small(labels: da.Array, value: int, min_size: float, connectivity: str = "face", client=None) -> da.Array:
     components = label(labels == value, structure(labels.ndim, connectivity), client)
     small = np.zeros(components.count + 1, dtype=bool)
     small[1:] = components.moments["count"].to_numpy() < min_size
     ids = components.labels()
     drop = ids.map_blocks(_take, small, dtype=bool)
     return da.where(drop, labels.dtype.type(0), labels)
+
+
+def keep_largest(labels: da.Array, value: int, connectivity: str = "face", client=None) -> da.Array:
+    components = label(labels == value, structure(labels.ndim, connectivity), client)
+    if components.count <= 1:
+        return labels
+    sizes = components.moments["count"].to_numpy()
+    # ids follow the first voxel in C order (scipy's and skimage's numbering), so argmax takes the first of equals,
+    # as MONAI's get_largest_connected_component_mask does
+    drop = np.ones(components.count + 1, dtype=bool)
+    drop[0] = False
+    drop[int(np.argmax(sizes)) + 1] = False
+    ids = components.labels()
+    return da.where(ids.map_blocks(_take, drop, dtype=bool), labels.dtype.type(0), labels)
 
 
 def fill_holes(labels: da.Array, value: int, connectivity: str = "face", client=None) -> da.Array:
@@ -106,20 +165,23 @@ def fill_holes(labels: da.Array, value: int, connectivity: str = "face", client=
     return da.where(filled, labels.dtype.type(value), labels)
 
 
-def opening(labels: da.Array, value: int, radius: int) -> da.Array:
+def opening(labels: da.Array, value: int, radius) -> da.Array:
     kept = _morphology(labels == value, ndimage.binary_opening, radius)
     return da.where((labels == value) & ~kept, labels.dtype.type(0), labels)
 
 
-def closing(labels: da.Array, value: int, radius: int) -> da.Array:
+def closing(labels: da.Array, value: int, radius) -> da.Array:
     closed = _morphology(labels == value, ndimage.binary_closing, radius)
     return da.where(closed & (labels == 0), labels.dtype.type(value), labels)
 
 
-def _morphology(mask: da.Array, operation, radius: int) -> da.Array:
+def _morphology(mask: da.Array, operation, radius) -> da.Array:
     element = ball(radius, mask.ndim)
-    depth = {axis: min(2 * radius, size) for axis, size in enumerate(mask.shape)}
-    return mask.map_overlap(_apply_structure, operation=operation, element=element, depth=depth, boundary="none", dtype=bool)
+    reach = [(n - 1) // 2 for n in element.shape]
+    depth = {axis: min(2 * r, size) for axis, (r, size) in enumerate(zip(reach, mask.shape))}
+    return mask.map_overlap(
+        _apply_structure, operation=operation, element=element, depth=depth, boundary="none", dtype=bool
+    )
 
 
 def _apply_structure(block, operation, element):

@@ -67,3 +67,44 @@ def test_opening_closing_equal_scipy(labels, operation):
     for chunks in chunkings(labels.shape):
         got = apply(da.from_array(labels, chunks=chunks), PostprocessConfig(**{operation: radius})).compute()
         np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("connectivity", ["face", "full"])
+def test_keep_largest_equals_monai(labels, connectivity):
+    from monai.transforms import KeepLargestConnectedComponent
+
+    rank = 1 if connectivity == "face" else labels.ndim
+    keep = KeepLargestConnectedComponent(applied_labels=[1, 2], is_onehot=False, independent=True, connectivity=rank)
+    expected = keep(torch.from_numpy(labels[None].astype(np.int64))).numpy()[0]
+    assert not np.array_equal(expected, labels)
+    for chunks in chunkings(labels.shape):
+        config = {"keep_largest": True, "connectivity": connectivity}
+        got = apply(da.from_array(labels, chunks=chunks), config).compute()
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_physical_sizes_and_radii_use_the_voxel_size(labels):
+    """'0.5 mL' on 2 x 1 x 0.5 mm voxels (1 mm3 each) is 500 voxels; '2 mm' is a ball of 1, 2 and 4 voxels."""
+    if labels.ndim != 3:
+        with pytest.raises(Exception, match="not a unit of a raster"):
+            apply(da.from_array(labels, chunks=20), {"remove_small": "0.5 mL"}, spacing=(1.0, 1.0))
+        return
+    spacing = (2.0, 1.0, 0.5)
+    chunks = tuple(max(4, s // 3) for s in labels.shape)
+    by_count = apply(da.from_array(labels, chunks=chunks), {"remove_small": 500}).compute()
+    by_volume = apply(da.from_array(labels, chunks=chunks), {"remove_small": "0.5 mL"}, spacing=spacing).compute()
+    np.testing.assert_array_equal(by_volume, by_count)
+
+    element = ball((1.0, 2.0, 4.0), 3)
+    offsets = np.argwhere(element) - np.array(element.shape) // 2
+    assert element.shape == (3, 5, 9) and np.all(((offsets * spacing) ** 2).sum(axis=1) <= 4.0 + 1e-9)
+    expected = labels.copy()
+    for value in (1, 2):
+        mask = expected == value
+        expected[mask & ~ndimage.binary_opening(mask, structure=element)] = 0
+    got = apply(da.from_array(labels, chunks=chunks), {"opening": "2 mm"}, spacing=spacing).compute()
+    np.testing.assert_array_equal(got, expected)
+    with pytest.raises(Exception, match="needs the size of a pixel/voxel"):
+        apply(da.from_array(labels, chunks=chunks), {"opening": "2 mm"})
+    with pytest.raises(Exception, match="not a unit of a volume"):
+        apply(da.from_array(labels, chunks=chunks), {"opening": "30 m"}, spacing=spacing)

@@ -10,10 +10,11 @@ stats:
   connectivity: face                 # face | full
   classes: [background, water]       # optional names for label values 0, 1, ...
 postprocess:                         # applied in this order, to every foreground class
-  remove_small: 50                   # remove components with fewer pixels/voxels
+  remove_small: 50                   # remove components with fewer pixels/voxels (or "0.5 mL", "100 m2")
+  keep_largest: true                 # keep each class's largest component only (MONAI's KeepLargestConnectedComponent)
   fill_holes: true
-  opening: 1                         # binary opening, ball radius in pixels/voxels
-  closing: 1                         # binary closing, ball radius in pixels/voxels
+  opening: 1                         # binary opening, ball radius in pixels/voxels (or "2 mm", "30 m")
+  closing: 1                         # binary closing, ball radius in pixels/voxels (or "2 mm", "30 m")
   connectivity: face                 # for remove_small and fill_holes
 ```
 """
@@ -50,17 +51,84 @@ class StatsConfig(BaseModel):
     classes: list[str] | None = None
 
 
+SIZE_UNITS = {"mL": 1000.0, "cm3": 1000.0, "mm3": 1.0, "m2": 1.0, "ha": 10_000.0, "km2": 1e6}  # -> mm3 or m2
+LENGTH_UNITS = {"mm": 1.0, "cm": 10.0, "m": 1.0, "km": 1000.0}  # -> mm (volumes) or m (rasters)
+VOLUME_UNITS = ("mL", "cm3", "mm3", "mm", "cm")  # the others are map units (metres)
+
+
+def _quantity(units: dict[str, float]):
+    """A count of pixels/voxels (a plain number), or ``"<number> <unit>"`` with a unit of ``units``."""
+
+    def parse(value: Any) -> Any:
+        value = _not_bool(value)
+        if isinstance(value, str):
+            number, _, unit = value.strip().partition(" ")
+            unit = unit.strip()
+            if unit not in units:
+                raise ValueError(f"{value!r}: the unit must be one of {', '.join(units)} (or give a plain count)")
+            try:
+                amount = float(number)
+            except ValueError:
+                raise ValueError(f"{value!r}: expected '<number> <unit>'") from None
+            if not amount >= 0:
+                raise ValueError(f"{value!r} must be >= 0")
+            return f"{amount:g} {unit}"
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"{value} must be >= 0")
+        return value
+
+    return BeforeValidator(parse)
+
+
+Size = Annotated[int | str, _quantity(SIZE_UNITS)]
+Radius = Annotated[int | str, _quantity(LENGTH_UNITS)]
+
+
 class PostprocessConfig(BaseModel):
-    """Clean-up of the labels before they are written (see :mod:`tilemask.postprocess`)."""
+    """Clean-up of the labels before they are written (see :mod:`tilemask.postprocess`).
+
+    Sizes and radii are counts of pixels/voxels, or physical: ``"0.5 mL"``,
+    ``"20 mm3"`` and ``"2 mm"`` for volumes (the voxel size from the affine),
+    ``"100 m2"``, ``"1 ha"`` and ``"30 m"`` for rasters in a projected CRS.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    remove_small: Count = 0
+    remove_small: Size = 0
+    keep_largest: bool = False
     fill_holes: bool = False
-    opening: Count = 0
-    closing: Count = 0
+    opening: Radius = 0
+    closing: Radius = 0
     connectivity: Literal["face", "full"] = "face"
 
     @property
     def active(self) -> bool:
-        return bool(self.remove_small or self.fill_holes or self.opening or self.closing)
+        return bool(self.remove_small or self.keep_largest or self.fill_holes or self.opening or self.closing)
+
+    def check_units(self, volume: bool) -> None:
+        """Refuse a volume unit (mL, mm) on a raster, or a map unit (m2, m) on a volume."""
+        for name in ("remove_small", "opening", "closing"):
+            value = getattr(self, name)
+            if isinstance(value, str) and (value.split(" ")[1] in VOLUME_UNITS) != volume:
+                raise ValueError(f"postprocess.{name}: {value!r} is not a unit of a {'volume' if volume else 'raster'}")
+
+    def min_size(self, cell: float | None) -> float:
+        """``remove_small`` in pixels/voxels, given the size of one (mm3 or m2; None when unknown)."""
+        return _in_cells(self.remove_small, SIZE_UNITS, cell, "remove_small")
+
+    def radius(self, name: str, spacing: tuple[float, ...] | None) -> tuple[float, ...]:
+        """``opening`` or ``closing`` in pixels/voxels along each axis, given their spacing (mm or m)."""
+        value = getattr(self, name)
+        if not isinstance(value, str):
+            return (float(value),) * (len(spacing) if spacing else 1)
+        return tuple(_in_cells(value, LENGTH_UNITS, step, name) for step in spacing or (None,))
+
+
+def _in_cells(value: int | str, units: dict[str, float], cell: float | None, name: str) -> float:
+    if not isinstance(value, str):
+        return float(value)
+    number, unit = value.split(" ")
+    if cell is None or not cell > 0:
+        raise ValueError(f"postprocess.{name}: {value!r} needs the size of a pixel/voxel, which this image lacks "
+                         "(a raster in a geographic CRS?); give a count of pixels/voxels")  # fmt: skip
+    return float(number) * units[unit] / cell
