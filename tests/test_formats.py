@@ -86,7 +86,8 @@ def test_random_order_from_two_processes_reads_back_exactly(tmp_path, client, na
     if probs_path is None:
         import zarr
 
-        stored = zarr.open_group(path, mode="r")["probabilities"][:]
+        group = zarr.open_group(path, mode="r")
+        stored = group[fmt.probabilities_key(group)][:]
     elif name == "nifti":
         import nibabel as nib
 

@@ -34,6 +34,7 @@ class Format:
     spatial_dims: tuple[int, ...] = (2, 3)  # ranks it can write
     writable: bool = True
     gdal_raster: bool = False  # read with rasterio: bands, overviews, GDAL's dataset mask
+    zarr_store: bool = False  # a Zarr group: a folder of chunk files, probabilities inside it
 
     def matches(self, path: str) -> bool:
         return path.lower().rstrip("/").endswith(self.suffixes)
@@ -90,6 +91,7 @@ class Format:
 class ZarrFormat(Format):
     name = "zarr"
     suffixes = (".zarr",)
+    zarr_store = True
 
     def open_source(self, path, spatial_dims, bands):
         from .sources.zarr import ZarrSource
@@ -119,9 +121,40 @@ class ZarrFormat(Format):
     def written_by_tilemask(self, path):
         return self._tilemask_attrs(path) is not None
 
+    def probabilities_key(self, group) -> str | None:
+        """Where in the output's group the probabilities are (None: not written)."""
+        return "probabilities" if "probabilities" in group else None
+
     def is_complete(self, path):
         meta = self._tilemask_attrs(path)
         return meta is None or meta.get("complete", True) is True
+
+
+class OmeZarrFormat(ZarrFormat):
+    """OME-Zarr (NGFF 0.5): labels as a multiscale label image under ``labels/labels``, probabilities as the
+    image; as an input, the first level of the image's multiscale with its scale."""
+
+    name = "ome-zarr"
+    suffixes = (".ome.zarr",)
+
+    def open_source(self, path, spatial_dims, bands):
+        from .sources.zarr import ZarrSource
+
+        return ZarrSource.open_ome(path, spatial_dims)
+
+    def open_labels(self, path, chunks):
+        from .sources.labels import open_omezarr_labels
+
+        return open_omezarr_labels(path, chunks)
+
+    def probabilities_key(self, group):
+        image = dict(group.attrs).get("ome", {}).get("multiscales", [{}])[0]
+        return image["datasets"][0]["path"] if image.get("name") == "probabilities" else None
+
+    def make_sink(self, path, layout):
+        from .sinks.omezarr import OmeZarrSink
+
+        return OmeZarrSink(path.rstrip("/"), layout)
 
 
 class NiftiFormat(Format):
@@ -212,7 +245,7 @@ class GdalRasterFormat(GeoTiffFormat):
         return True
 
 
-FORMATS: tuple[Format, ...] = (ZarrFormat(), NiftiFormat(), GeoTiffFormat(), GdalRasterFormat())
+FORMATS: tuple[Format, ...] = (OmeZarrFormat(), ZarrFormat(), NiftiFormat(), GeoTiffFormat(), GdalRasterFormat())
 OUTPUT_SUFFIXES = tuple(s for f in FORMATS if f.writable for s in f.suffixes)
 
 

@@ -265,3 +265,27 @@ def geometry_from_attrs(attrs: dict, spatial_dims: int) -> Geometry:
     if spatial_dims == 2:
         return RasterGeometry(attrs.get("crs"), tuple(attrs.get("transform", IDENTITY_TRANSFORM)))
     return VolumeGeometry(tuple(tuple(float(i == j) for j in range(4)) for i in range(4)))
+
+
+def ome_geometry(multiscale: dict, spatial_dims: int, level: int = 0) -> Geometry:
+    """The grid of one level of an OME-Zarr multiscale: its ``scale`` (and ``translation``) on the spatial axes.
+
+    Volumes get a diagonal affine in the axes' order (the voxel size along each
+    array axis, NGFF has no rotation); 2D images a north-up transform with no CRS.
+    """
+    axes = multiscale.get("axes", [])
+    space = [i for i, a in enumerate(axes) if (a.get("type") if isinstance(a, dict) else None) == "space"]
+    if len(space) != spatial_dims:
+        space = list(range(len(axes) - spatial_dims, len(axes)))
+    scale, translation = [1.0] * len(axes), [0.0] * len(axes)
+    for transform in (*multiscale.get("coordinateTransformations", []), *multiscale["datasets"][level].get("coordinateTransformations", [])):
+        if transform.get("type") == "scale":
+            scale = [a * b for a, b in zip(scale, transform["scale"])]
+        elif transform.get("type") == "translation":
+            translation = [a + b for a, b in zip(translation, transform["translation"])]
+    sizes = [float(scale[i]) for i in space]
+    origin = [float(translation[i]) for i in space]
+    if spatial_dims == 2:
+        return RasterGeometry(None, (origin[1], sizes[1], 0.0, origin[0], 0.0, sizes[0]))
+    affine = [[sizes[r] if r == c else 0.0 for c in range(3)] + [origin[r]] for r in range(3)] + [[0.0, 0.0, 0.0, 1.0]]
+    return VolumeGeometry(tuple(tuple(row) for row in affine))

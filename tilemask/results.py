@@ -63,12 +63,13 @@ def _labels(path: str, chunks: int | None) -> xr.DataArray:
 
 def _probabilities(path: str, chunks: int | None) -> xr.DataArray:
     fmt = for_path(path)
-    if fmt.name == "zarr":  # probabilities inside the output
+    if fmt.zarr_store:  # probabilities inside the output
         group = zarr.open_group(path, mode="r")
         fmt.require_complete(path)
-        if "probabilities" not in group:
+        key = fmt.probabilities_key(group)
+        if key is None:
             raise InputError(f"{path}: this output holds no probabilities")
-        stored = group["probabilities"]
+        stored = group[key]
         spatial = stored.ndim - 1
         lazy = da.from_zarr(stored, chunks=stored.chunks if chunks is None else (stored.shape[0], *(chunks,) * spatial))
         attrs = dict(group.attrs)

@@ -49,6 +49,7 @@ def served_folder(tmp_path_factory, client) -> Path:
     polygons.to_parquet(folder / "polygons_parquet.parquet")
     (zarrs := folder / "zarr").mkdir()
     _demo(zarrs, ".zarr", client, **{"output.vectors": "null"})
+    _demo(zarrs, ".ome.zarr", client, **{"output.vectors": "null"})
 
     from tilemask.stats.api import compute_stats
 

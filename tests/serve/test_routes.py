@@ -134,16 +134,19 @@ def test_probability_tiles_are_a_ramp_of_the_band(server, served_folder):
     assert get(f"{server}tiles/10/{tile.x}/{tile.y}.png", params={"output": LABELS, "band": 0}).status_code == 422
 
 
-def test_zarr_output_tiles_equal_the_cog_tiles_of_the_same_run(server):
+@pytest.mark.parametrize("store", ["zarr/RGB.byte_mask.zarr", "zarr/RGB.byte_mask.ome.zarr"])
+@pytest.mark.parametrize("band", [None, 2])
+def test_zarr_output_tiles_equal_the_cog_tiles_of_the_same_run(server, store, band):
     import morecantile
 
     tile = morecantile.tms.get("WebMercatorQuad").tile(-77.9, 24.6, 10)
-    cog = png(get(f"{server}tiles/10/{tile.x}/{tile.y}.png", params={"output": LABELS}))
-    zarr = png(get(f"{server}tiles/10/{tile.x}/{tile.y}.png", params={"output": "zarr/RGB.byte_mask.zarr"}))
+    extra = {"band": band} if band else {}
+    cog = png(get(f"{server}tiles/10/{tile.x}/{tile.y}.png", params={"output": LABELS, **extra}))
+    zarr = png(get(f"{server}tiles/10/{tile.x}/{tile.y}.png", params={"output": store, **extra}))
     assert np.all(cog == zarr, axis=-1).mean() > 0.999
 
 
-@pytest.mark.parametrize("output", [LABELS, "zarr/RGB.byte_mask.zarr"])
+@pytest.mark.parametrize("output", [LABELS, "zarr/RGB.byte_mask.zarr", "zarr/RGB.byte_mask.ome.zarr"])
 def test_point_gives_the_label_class_and_probabilities_of_the_pixel(server, served_folder, output):
     with rasterio.open(served_folder / LABELS) as ds, rasterio.open(served_folder / PROBS) as probs:
         to_lonlat = Transformer.from_crs(ds.crs, "OGC:CRS84", always_xy=True)
@@ -226,6 +229,7 @@ def test_stac_catalog_lists_each_output_with_its_classes(server):
     assert set(items) == {
         "RGB.byte_mask.tif",
         "zarr--RGB.byte_mask.zarr",
+        "zarr--RGB.byte_mask.ome.zarr",
         "RGB.byte_polygons",
         "polygons_fgb",
         "polygons_parquet",
@@ -246,7 +250,8 @@ def test_index_lists_the_outputs_in_html_and_json(server):
     listing = get(server, headers={"Accept": "application/json"}).json()["outputs"]
     kinds = {o["path"]: o["kind"] for o in listing}
     assert kinds[LABELS] == "labels" and kinds[PROBS] == "probabilities" and kinds[POLYGONS] == "polygons"
-    assert kinds["zarr/RGB.byte_mask.zarr"] == "labels" and kinds["RGB.byte_stats.csv"] == "table"
+    assert kinds["zarr/RGB.byte_mask.zarr"] == kinds["zarr/RGB.byte_mask.ome.zarr"] == "labels"
+    assert kinds["RGB.byte_stats.csv"] == "table"
     assert kinds["anatomical.nii"] == "scan" and kinds["anatomical_labels.nii.gz"] == "labels"
     volume = next(o for o in listing if o["path"] == "anatomical_labels.nii.gz")
     assert volume["scan"] == "anatomical.nii"  # the scan on the same voxel grid

@@ -185,7 +185,7 @@ def _image(root: Path, rel: str, path: Path) -> list[Entry]:
     stem = fmt.stem(rel)
     if fmt.gdal_raster and not (_is_gtiff(path) and _sidecars_inside(root, path)):
         return []  # a .tif holding a VRT (or anything else), or sidecars leading out: never opened
-    if fmt.name == "zarr" and not _store_inside(root, path):
+    if fmt.zarr_store and not _store_inside(root, path):
         return []
     if not fmt.written_by_tilemask(str(path)):
         if fmt.name == "nifti":
@@ -204,10 +204,10 @@ def _image(root: Path, rel: str, path: Path) -> list[Entry]:
     if fmt.name == "nifti" and Path(stem).name.endswith("_probabilities"):
         return [Entry(rel, "probabilities", fmt.name, stem)]
     labels = open_labels(str(path))
-    if fmt.name == "zarr":
+    if fmt.zarr_store:
         import zarr
 
-        probabilities = rel if "probabilities" in zarr.open_group(path, mode="r") else None
+        probabilities = rel if fmt.probabilities_key(zarr.open_group(path, mode="r")) else None
     else:
         beside = Path(fmt.probabilities_path(str(path)))
         probabilities = relative(root, beside) if inside(root, beside) else None

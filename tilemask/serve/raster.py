@@ -24,6 +24,7 @@ from rio_tiler.errors import PointOutsideBounds, TileOutsideBounds
 from rio_tiler.io import Reader, XarrayReader
 
 from ..classes import class_name
+from ..formats import for_path
 from .catalog import Entry
 from .paths import inside
 
@@ -35,7 +36,7 @@ OUTSIDE = (TileOutsideBounds, PointOutsideBounds)
 def reader(root: Path, entry: Entry, variable: str = "labels"):
     """A rio-tiler reader of ``entry``'s labels or probabilities."""
     path = root / entry.path
-    if entry.format == "zarr":
+    if for_path(entry.path).zarr_store:
         from ..results import open_result
 
         array = open_result(str(path), variable)

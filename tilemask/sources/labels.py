@@ -108,6 +108,33 @@ def open_zarr_labels(path: str, chunks) -> LabelImage:
     return LabelImage(path, lazy, geometry, classes, meta.get("nodata"))
 
 
+def open_omezarr_labels(path: str, chunks) -> LabelImage:
+    """The first level of an OME-Zarr's first label image (what tilemask writes at ``labels/labels/0``)."""
+    root = zarr.open_group(path, mode="r")
+    attrs = dict(root.attrs)
+    meta = attrs.get("tilemask", {})
+    labels_path = meta.get("labels")
+    if labels_path is None:
+        names = dict(root["labels"].attrs).get("ome", dict(root["labels"].attrs)).get("labels", [])
+        if not names:
+            raise InputError(f"{path}: an OME-Zarr without labels")
+        group = root[f"labels/{names[0]}"]
+        ome = dict(group.attrs).get("ome", dict(group.attrs))
+        labels_path = f"labels/{names[0]}/{ome['multiscales'][0]['datasets'][0]['path']}"
+    array = root[labels_path]
+    geometry = geometry_from_attrs(attrs, array.ndim) if meta else _ome_geometry(root[labels_path.rsplit("/", 1)[0]], array.ndim)
+    lazy = da.from_zarr(array, chunks=_chunks(chunks, tuple(array.chunks)))
+    classes = tuple(meta["classes"]) if meta.get("classes") else None
+    return LabelImage(path, lazy, geometry, classes, meta.get("nodata"))
+
+
+def _ome_geometry(group, spatial_dims: int) -> Geometry:
+    from ..geometry import ome_geometry
+
+    ome = dict(group.attrs).get("ome", dict(group.attrs))
+    return ome_geometry(ome["multiscales"][0], spatial_dims)
+
+
 def open_raster_labels(path: str, chunks) -> LabelImage:
     with rasterio.open(path) as ds:
         shape = (ds.height, ds.width)

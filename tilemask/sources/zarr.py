@@ -42,6 +42,24 @@ class ZarrSource(ImageSource):
         geometry = geometry_from_attrs(dict(node.attrs), spatial_dims)
         return cls(path, shape, len(shape) == spatial_dims + 1, geometry, np.dtype(node.dtype).kind == "f")
 
+    @classmethod
+    def open_ome(cls, path: str, spatial_dims: int) -> ZarrSource:
+        """An OME-Zarr image: the first level of its first multiscale, with that level's scale as its grid."""
+        from ..geometry import ome_geometry
+
+        try:
+            group = zarr.open_group(path, mode="r")
+            attrs = dict(group.attrs)
+            multiscale = attrs.get("ome", attrs)["multiscales"][0]
+        except Exception as exc:
+            raise InputError(f"{path}: not an OME-Zarr image: {exc}") from None
+        kinds = [a.get("type") if isinstance(a, dict) else a for a in multiscale.get("axes", [])]
+        if "time" in kinds or kinds.count("channel") > 1:
+            raise InputError(f"{path}: OME-Zarr axes {kinds}: tilemask reads channel and space axes only")
+        source = cls.open(f"{path.rstrip('/')}/{multiscale['datasets'][0]['path']}", spatial_dims)
+        geometry = geometry_from_attrs(attrs, spatial_dims) if "tilemask" in attrs else ome_geometry(multiscale, spatial_dims)
+        return cls(source.path, source.array_shape, source.channel_first, geometry, source.floating)
+
     @property
     def shape(self) -> tuple[int, ...]:
         return self.array_shape if self.channel_first else (1, *self.array_shape)

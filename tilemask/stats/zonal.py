@@ -109,7 +109,7 @@ class WindowReader:
     def is_zarr(self) -> bool:
         from ..formats import for_path
 
-        return for_path(self.path).name == "zarr"
+        return for_path(self.path).zarr_store
 
     def zarr_array(self):
         """The Zarr label array, opened once per worker thread (the ``labels`` array of a group)."""

@@ -1,0 +1,112 @@
+"""OME-Zarr (NGFF 0.5) out and in, checked by ome-zarr-models (validation) and ome-zarr's reader (napari's)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+import zarr
+from ome_zarr.io import parse_url
+from ome_zarr.reader import Label, Multiscales, Reader
+from ome_zarr_models.v05.image import Image
+from ome_zarr_models.v05.image_label import ImageLabel
+
+import tilemask
+from tests.conftest import UNET_2D, UNET_3D, raster_workflow
+from tilemask.classes import class_colours
+from tilemask.sinks.omezarr import SMALLEST
+from tilemask.workflow import Workflow
+
+
+def mode_of_cells(labels: np.ndarray) -> np.ndarray:
+    """The reference: the most frequent value of each whole 2 x 2 cell (ties: the smallest), by counting."""
+    h, w = (s // 2 * 2 for s in labels.shape)
+    cells = labels[:h, :w].reshape(h // 2, 2, w // 2, 2).transpose(0, 2, 1, 3).reshape(h // 2, w // 2, 4)
+    counts = np.stack([(cells == v).sum(-1) for v in range(256)])
+    return counts.argmax(0).astype(labels.dtype)
+
+
+def test_labels_as_a_multiscale_label_image_that_validates_and_reads_as_napari_does(
+    make_raster, make_model, tmp_path, client
+):
+    path, _ = make_raster(shape=(3, 600, 700))
+    weights, _ = make_model(UNET_2D)
+    outputs = {}
+    for suffix in (".zarr", ".ome.zarr"):
+        wf = Workflow.from_dict(
+            raster_workflow(path, weights, classes=["background", "water", "cloud"],
+                            output={"path": f"out/{{stem}}{suffix}", "probabilities": "uint8", "chunks": 256}),
+            base_dir=tmp_path,
+        )  # fmt: skip
+        (result,) = tilemask.run(wf, client)
+        outputs[suffix] = result.outputs[0]
+    omz = outputs[".ome.zarr"]
+    root = zarr.open_group(omz, mode="r")
+    image = Image.from_zarr(root)  # raises on anything NGFF 0.5 does not allow
+    label = ImageLabel.from_zarr(root["labels/labels"])
+    datasets = [d.path for d in image.attributes.ome.multiscales[0].datasets]
+    assert datasets == ["0", "1", "2"] and max(root["2"].shape[1:]) <= SMALLEST
+    colours = {c.label_value: tuple(c.rgba) for c in label.attributes.ome.image_label.colors}
+    assert colours == class_colours(3)  # background transparent, then the palette; no nodata in this scene
+
+    plain = zarr.open_group(outputs[".zarr"], mode="r")
+    level0 = np.asarray(root["labels/labels/0"])
+    np.testing.assert_array_equal(level0, np.asarray(plain["labels"]))  # the same run, the same labels
+    np.testing.assert_array_equal(np.asarray(root["0"]), np.asarray(plain["probabilities"]))
+    level1 = np.asarray(root["labels/labels/1"])
+    h, w = (s // 2 for s in level0.shape)
+    np.testing.assert_array_equal(level1[:h, :w], mode_of_cells(level0))
+
+    nodes = list(Reader(parse_url(omz))())
+    (labels_node,) = [n for n in nodes if any(isinstance(s, Label) for s in n.specs)]
+    assert any(isinstance(s, Multiscales) for s in labels_node.specs)
+    np.testing.assert_array_equal(np.asarray(labels_node.data[0]), level0)
+    names = {value: p["class"] for value, p in labels_node.metadata["properties"].items()}  # the reader keys by value
+    assert [names[v] for v in range(3)] == ["background", "water", "cloud"]
+    scale = labels_node.metadata["coordinateTransformations"][1][0]["scale"]
+    with rasterio.open(path) as ds:
+        assert scale == [2 * ds.res[1], 2 * ds.res[0]]  # the raster's pixel size (rows, columns), times 2 at level 1
+
+    labels = tilemask.open_result(omz)
+    assert labels.attrs["class_names"] == ["background", "water", "cloud"] and labels.rio.crs is not None
+    np.testing.assert_array_equal(np.asarray(labels), level0)
+    probabilities = tilemask.open_result(omz, "probabilities")
+    assert probabilities.shape == (3, *level0.shape)
+
+
+def test_volume_scale_is_the_voxel_size_and_an_ome_zarr_input_keeps_it(make_volume, make_model, tmp_path, client):
+    _, volume = make_volume((40, 36, 30))
+    weights, _ = make_model(UNET_3D)
+    source = tmp_path / "scan.ome.zarr"
+    group = zarr.open_group(source, mode="w", zarr_format=3)
+    scale = [2.5, 1.2, 0.9]
+    group.create_array("s0", data=volume, chunks=(20, 20, 20), dimension_names=("z", "y", "x"))
+    group.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [{
+            "axes": [{"name": n, "type": "space", "unit": "millimeter"} for n in "zyx"],
+            "datasets": [{"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+        }],
+    }  # fmt: skip
+    Image.from_zarr(zarr.open_group(source, mode="r"))  # a valid NGFF 0.5 image
+    wf = Workflow.from_dict(
+        {
+            "version": 1,
+            "input": str(source),
+            "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
+            "preprocess": {"normalize": {"mean": [500.0], "std": [300.0]}},
+            "inference": {"roi_size": [16, 16, 16], "batch_size": 2, "device": "cpu"},
+            "output": {"path": "out/{stem}_labels.ome.zarr", "chunks": 16},
+        },
+        base_dir=tmp_path,
+    )
+    (result,) = tilemask.run(wf, client)
+    root = zarr.open_group(result.outputs[0], mode="r")
+    Image.from_zarr(root)
+    ImageLabel.from_zarr(root["labels/labels"])
+    multiscale = dict(root["labels/labels"].attrs)["ome"]["multiscales"][0]
+    assert [a["unit"] for a in multiscale["axes"]] == ["millimeter"] * 3
+    assert multiscale["datasets"][0]["coordinateTransformations"][0]["scale"] == pytest.approx(scale)
+    # the input's grid is its scale, not an identity affine: the output records it
+    np.testing.assert_allclose(np.asarray(dict(root.attrs)["affine"])[:3, :3], np.diag(scale))
+    assert np.asarray(root["labels/labels/0"]).shape == volume.shape

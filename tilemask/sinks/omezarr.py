@@ -1,0 +1,192 @@
+"""OME-Zarr output (NGFF 0.5): labels as a multiscale label image, probabilities as the image they label.
+
+Layout of ``<name>.ome.zarr`` (a Zarr v3 group), what napari's OME-Zarr plugin
+and ``ome-zarr``'s reader open::
+
+    zarr.json                 ome.multiscales: the image (probabilities, channel-first; or, when none
+    0/, 1/, ...                                are written, the labels as intensities: NGFF hangs labels on an image)
+    labels/zarr.json          ome.labels: ["labels"]
+    labels/labels/zarr.json   ome.multiscales + ome.image-label: class colours and names
+    labels/labels/0/, 1/, ...
+
+Level 0 is written chunk by chunk by the workers, as the plain Zarr output is;
+the coarser levels (each half the size of the one before, until the longest
+axis is at most :data:`SMALLEST`) are made when the run finishes, a chunk at a
+time: labels by the mode of each 2 x 2 (x 2) block (ties to the smallest
+value), probabilities by the mean. Each level's ``scale`` is the pixel/voxel
+size (mm for volumes, from the affine; metres for rasters in a projected CRS)
+times its factor; the whole affine and CRS stay in tilemask's attributes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+
+from ..classes import class_colours, class_name
+from ..geometry import RasterGeometry, Region
+from ..outputs import publish, remove, staged_path
+from ..sources import cached_handle
+from . import LabelSink, OutputLayout
+
+logger = logging.getLogger(__name__)
+
+NGFF = "0.5"
+SMALLEST = 256  # the coarsest level's longest axis is at most this
+
+
+def level_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Spatial shape of every level: level 0, then halved (rounded up) until the longest axis <= SMALLEST."""
+    shapes = [tuple(shape)]
+    while max(shapes[-1]) > SMALLEST and min(shapes[-1]) > 1:
+        shapes.append(tuple(math.ceil(s / 2) for s in shapes[-1]))
+    return shapes
+
+
+def spacing_and_unit(layout: OutputLayout) -> tuple[tuple[float, ...], str | None]:
+    from ..postprocess import spacing_of
+
+    spacing = spacing_of(layout.geometry)
+    if spacing is None:
+        return (1.0,) * len(layout.shape), None
+    return spacing, ("meter" if isinstance(layout.geometry, RasterGeometry) else "millimeter")
+
+
+def mode_downsample(block: np.ndarray) -> np.ndarray:
+    """Each 2 x 2 (x 2) cell of ``block`` as its most frequent value (ties: the smallest); odd edges padded by
+    repeating the last row/column, so an edge cell votes only with real values."""
+    pad = [(0, s % 2) for s in block.shape]
+    padded = np.pad(block, pad, mode="edge")
+    cells = padded.reshape(tuple(x for s in padded.shape for x in (s // 2, 2)))
+    cells = cells.transpose(tuple(range(0, 2 * block.ndim, 2)) + tuple(range(1, 2 * block.ndim, 2)))
+    cells = cells.reshape(*cells.shape[: block.ndim], -1)
+    values = np.unique(cells)
+    counts = np.stack([(cells == v).sum(axis=-1) for v in values])
+    return values[np.argmax(counts, axis=0)].astype(block.dtype)
+
+
+def mean_downsample(block: np.ndarray) -> np.ndarray:
+    """Each 2 x 2 (x 2) cell of the spatial axes (``block`` is channel-first) as its mean."""
+    pad = [(0, 0)] + [(0, s % 2) for s in block.shape[1:]]
+    padded = np.pad(block.astype(np.float32), pad, mode="edge")
+    shape = (padded.shape[0], *(x for s in padded.shape[1:] for x in (s // 2, 2)))
+    mean = padded.reshape(shape).mean(axis=tuple(range(2, len(shape), 2)))
+    if np.issubdtype(block.dtype, np.integer):
+        return np.rint(mean).astype(block.dtype)
+    return mean.astype(block.dtype)
+
+
+@dataclass(frozen=True)
+class OmeZarrSink(LabelSink):
+    path: str
+    layout: OutputLayout
+
+    @property
+    def staged(self) -> str:
+        return staged_path(self.path, self.layout.run_id)
+
+    def create(self) -> None:
+        layout = self.layout
+        spatial = len(layout.shape)
+        shapes = level_shapes(layout.shape)
+        spacing, unit = spacing_and_unit(layout)
+        root = zarr.open_group(self.staged, mode="w", zarr_format=3)
+        names = ("z", "y", "x")[-spatial:]
+        space = [{"name": n, "type": "space", **({"unit": unit} if unit else {})} for n in names]
+        channels = layout.probability_channels if layout.writes_probabilities else 0
+
+        def multiscale(name: str, with_channels: bool) -> dict:
+            lead = [1.0] if with_channels else []
+            return {
+                "name": name,
+                "axes": ([{"name": "c", "type": "channel"}] if with_channels else []) + space,
+                "datasets": [
+                    {"path": str(level), "coordinateTransformations": [
+                        {"type": "scale", "scale": lead + [s * 2**level for s in spacing]}]}
+                    for level in range(len(shapes))
+                ],
+                "type": "mode" if name == "labels" else "mean",
+            }  # fmt: skip
+
+        for level, shape in enumerate(shapes):
+            chunks = tuple(min(c, s) for c, s in zip(layout.chunks, shape))
+            if channels:
+                root.create_array(str(level), shape=(channels, *shape), chunks=(channels, *chunks),
+                                  dtype=layout.probabilities_dtype, fill_value=0, dimension_names=("c", *names))  # fmt: skip
+            else:
+                root.create_array(str(level), shape=shape, chunks=chunks, dtype=layout.labels_dtype, fill_value=0,
+                                  dimension_names=names)  # fmt: skip
+        labels_group = root.create_group("labels")
+        labels_group.attrs["ome"] = {"version": NGFF, "labels": ["labels"]}
+        labels = labels_group.create_group("labels")
+        for level, shape in enumerate(shapes):
+            chunks = tuple(min(c, s) for c, s in zip(layout.chunks, shape))
+            labels.create_array(str(level), shape=shape, chunks=chunks, dtype=layout.labels_dtype, fill_value=0,
+                                dimension_names=names)  # fmt: skip
+        colours = class_colours(max(len(layout.class_names), 2))
+        values = list(range(len(layout.class_names)))
+        labels.attrs["ome"] = {
+            "version": NGFF,
+            "multiscales": [multiscale("labels", False)],
+            "image-label": {
+                "colors": [{"label-value": v, "rgba": list(colours[v])} for v in values]
+                + ([{"label-value": layout.nodata, "rgba": [0, 0, 0, 0]}] if layout.nodata is not None else []),
+                "properties": [{"label-value": v, "class": class_name(layout.class_names, v)} for v in values]
+                + ([{"label-value": layout.nodata, "class": "nodata"}] if layout.nodata is not None else []),
+                "source": {"image": "../../"},
+            },
+        }
+        root.attrs.update(
+            {
+                "ome": {"version": NGFF, "multiscales": [multiscale("probabilities" if channels else "image", bool(channels))]},
+                "tilemask": {**layout.metadata, "classes": list(layout.class_names), "nodata": layout.nodata,
+                             "complete": False, "labels": "labels/labels/0"},
+            }
+            | layout.geometry.to_attrs()
+        )  # fmt: skip
+
+    def _array(self, name: str):
+        return cached_handle(
+            ("omezarr-out", self.staged, name), lambda: zarr.open_array(f"{self.staged}/{name}", mode="r+")
+        )
+
+    def write(self, region: Region, labels: np.ndarray, probabilities: np.ndarray | None) -> None:
+        index = tuple(slice(lo, hi) for lo, hi in region)
+        self._array("labels/labels/0")[index] = labels
+        if self.layout.writes_probabilities:
+            self._array("0")[(slice(None), *index)] = probabilities
+        else:
+            self._array("0")[index] = labels
+
+    def finish(self) -> None:
+        """Make the coarser levels from the one before, one output chunk at a time, then mark the output whole."""
+        root = zarr.open_group(self.staged, mode="r+")
+        shapes = level_shapes(self.layout.shape)
+        for level in range(1, len(shapes)):
+            self._downsample(root["labels/labels"][str(level - 1)], root["labels/labels"][str(level)], mode_downsample)
+            image_source, image_target = root[str(level - 1)], root[str(level)]
+            channels = image_source.ndim > len(self.layout.shape)
+            self._downsample(image_source, image_target, mean_downsample if channels else mode_downsample, channels)
+        root.attrs["tilemask"] = {**root.attrs["tilemask"], "complete": True}
+
+    @staticmethod
+    def _downsample(source, target, reduce, channels: bool = False) -> None:
+        spatial = target.shape[1:] if channels else target.shape
+        chunks = target.chunks[1:] if channels else target.chunks
+        for start in itertools.product(*(range(0, s, c) for s, c in zip(spatial, chunks))):
+            out = tuple(slice(a, min(a + c, s)) for a, c, s in zip(start, chunks, spatial))
+            src = tuple(slice(2 * o.start, min(2 * o.stop, n)) for o, n in zip(out, source.shape[-len(spatial) :]))
+            lead = (slice(None),) if channels else ()
+            target[lead + out] = reduce(np.asarray(source[lead + src]))
+
+    def publish(self) -> list[str]:
+        publish(self.staged, self.path)
+        return [self.path]
+
+    def abort(self) -> None:
+        remove(self.staged)
