@@ -20,7 +20,10 @@ from tilemask.outputs import OutputLock, new_run_id
 from tilemask.sinks import OutputLayout
 from tilemask.sources.labels import open_labels
 
-WRITABLE = [(f.name, s, d) for f in FORMATS if f.writable for s in f.suffixes[:1] for d in f.spatial_dims]
+# A DICOM Segmentation holds labels only, of a DICOM series input: tests/test_dicom.py writes it from a real series.
+WRITABLE = [
+    (f.name, s, d) for f in FORMATS if f.writable and f.name != "dicom-seg" for s in f.suffixes[:1] for d in f.spatial_dims
+]
 CLASSES = ("background", "water", "land")
 
 

@@ -165,7 +165,7 @@ class NiftiFormat(Format):
     def open_source(self, path, spatial_dims, bands):
         from .sources.nifti import NiftiSource
 
-        return NiftiSource.open(path)
+        return NiftiSource.open(path, bands)
 
     def open_labels(self, path, chunks):
         from .sources.labels import open_nifti_labels
@@ -234,6 +234,55 @@ class GeoTiffFormat(Format):
             return False
 
 
+class DicomSeriesFormat(Format):
+    """A folder holding one DICOM series of single-frame slices: an input volume (read only)."""
+
+    name = "dicom"
+    suffixes = ()
+    spatial_dims = (3,)
+    writable = False
+
+    def matches(self, path):
+        from .sources.dicom import is_dicom_folder
+
+        return not path.startswith(("http://", "https://", "s3://", "/vsi")) and is_dicom_folder(path)
+
+    def stem(self, path):
+        return os.path.basename(path.rstrip("/"))  # series folders are often UIDs: "1.2.840..." keeps its dots
+
+    def open_source(self, path, spatial_dims, bands):
+        from .sources.dicom import DicomSeriesSource
+
+        return DicomSeriesSource.open(path)
+
+
+class DicomSegFormat(Format):
+    """A DICOM Segmentation (highdicom) of a DICOM series input: written, not read back as labels here."""
+
+    name = "dicom-seg"
+    suffixes = (".dcm",)
+    spatial_dims = (3,)
+
+    def make_sink(self, path, layout):
+        from .sinks.dicomseg import DicomSegSink
+
+        return DicomSegSink(path, layout)
+
+    def open_labels(self, path, chunks):
+        from .errors import InputError
+
+        raise InputError(f"{path}: read a DICOM Segmentation with highdicom (hd.seg.segread); write .nii.gz to get stats")
+
+    def written_by_tilemask(self, path):
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - not DICOM at all
+            return False
+        return ds.get("Modality") == "SEG" and ds.get("Manufacturer") == "tilemask"
+
+
 class GdalRasterFormat(GeoTiffFormat):
     """Any other raster GDAL opens (JPEG 2000, VRT, remote files without a suffix): read only."""
 
@@ -245,7 +294,10 @@ class GdalRasterFormat(GeoTiffFormat):
         return True
 
 
-FORMATS: tuple[Format, ...] = (OmeZarrFormat(), ZarrFormat(), NiftiFormat(), GeoTiffFormat(), GdalRasterFormat())
+FORMATS: tuple[Format, ...] = (
+    OmeZarrFormat(), ZarrFormat(), NiftiFormat(), GeoTiffFormat(), DicomSegFormat(), DicomSeriesFormat(),
+    GdalRasterFormat(),
+)
 OUTPUT_SUFFIXES = tuple(s for f in FORMATS if f.writable for s in f.suffixes)
 
 

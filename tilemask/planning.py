@@ -37,8 +37,9 @@ from .preprocess import Preprocessing
 from .settings import Finishing, InferenceSettings, ModelSpec
 from .sinks import LabelSink, OutputLayout, make_sink
 from .sources import ImageSource, open_source
+from .sources.stack import StackedSource
 from .stats.config import PostprocessConfig, StatsConfig
-from .workflow import REMOTE_PREFIXES, Workflow
+from .workflow import REMOTE_PREFIXES, InputItem, Workflow
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +62,12 @@ class Products:
 class InputPlan:
     """One input, checked: its source, its window plan and where its outputs go."""
 
-    input: str
+    input: str  # its (first) file
     source: ImageSource
     plan: WindowPlan
     output: str
     products: Products
+    files: tuple[str, ...] = ()  # every file it reads (the channels of a case)
 
 
 @dataclass
@@ -106,7 +108,7 @@ class WorkflowPlan:
     def check_outputs(self, overwrite: bool) -> None:
         """Refuse (exit 2) outputs that are inputs (images, weights, regions), that exist without
         ``overwrite``, or that tilemask did not write; run with the outputs' locks held."""
-        inputs = [item.input for item in self.inputs] + [self.model.weights]
+        inputs = [f for item in self.inputs for f in item.files or (item.input,)] + [self.model.weights]
         inputs += [i.products.stats.regions for i in self.inputs if i.products.stats and i.products.stats.regions]
         check_outputs(((f, _owned(f)) for item in self.inputs for f in self.output_files(item)), inputs, overwrite)
 
@@ -139,6 +141,7 @@ class WorkflowPlan:
             nodata=finishing.nodata,
             metadata={"version": __version__, "workflow": workflow.to_dict(), "input": item.input},
             run_id=new_run_id(),
+            dicomweb=workflow.output.dicomweb,
         )
         products = item.products
         if products.stats is not None and not workflow.stats.classes:
@@ -208,7 +211,7 @@ def plan_workflow(workflow: Workflow) -> WorkflowPlan:
         preprocessing=Preprocessing(
             tuple(normalize.mean) if normalize else None, tuple(normalize.std) if normalize else None
         ),
-        inputs=[_plan_input(workflow, path, spatial_dims) for path in workflow.input_paths()],
+        inputs=[_plan_input(workflow, item, spatial_dims) for item in workflow.input_items()],
         postprocess=workflow.postprocess if workflow.postprocess and workflow.postprocess.active else None,
     )
     _check_across_inputs(plan)
@@ -218,23 +221,28 @@ def plan_workflow(workflow: Workflow) -> WorkflowPlan:
     return plan
 
 
-def _plan_input(workflow: Workflow, path: str, spatial_dims: int) -> InputPlan:
-    source = open_source(path, spatial_dims, workflow.preprocess.bands)
+def _plan_input(workflow: Workflow, item: InputItem, spatial_dims: int) -> InputPlan:
+    path = item.files[0]
+    if len(item.files) == 1:
+        source = open_source(path, spatial_dims, workflow.preprocess.bands)
+    else:
+        source = StackedSource.of([open_source(f, spatial_dims, workflow.preprocess.bands) for f in item.files])
     check_source(workflow, source)
     plan = WindowPlan.build(source.spatial_shape, workflow.inference.roi_size, workflow.inference.overlap, workflow.output.chunks)
-    output = workflow.output_path(path)
-    quicklook = workflow.output.quicklook and spatial_dims == 2 and for_path(path).gdal_raster
+    output = workflow.output_path(item.name)
+    quicklook = workflow.output.quicklook and spatial_dims == 2 and for_path(path).gdal_raster and len(item.files) == 1
     return InputPlan(
         input=path,
         source=source,
         plan=plan,
         output=output,
         products=Products(
-            vectors=workflow.vectors_path(path),
+            vectors=workflow.vectors_path(item.name),
             quicklook=str(Path(output.rstrip("/")).with_suffix(".png")) if quicklook else None,
             quicklook_bands=tuple(getattr(source, "bands", ())),
-            stats=workflow.stats_for(path),
+            stats=workflow.stats_for(item.name),
         ),
+        files=item.files,
     )
 
 

@@ -15,13 +15,15 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .errors import WorkflowError
+from .errors import InputError, WorkflowError
 from .formats import FORMATS, for_output, stem
 from .stats.config import NotBool, PostprocessConfig, StatsConfig
 
@@ -105,6 +107,19 @@ class Output(_Strict):
     chunks: PositiveInt | list[PositiveInt] = 2048
     vectors: str | None = Field(default=None, description="foreground classes as polygons (2D rasters)")
     quicklook: bool = Field(default=True, description="a PNG of the mask over the input beside the output (2D)")
+    dicomweb: str | None = Field(default=None, description="a DICOMweb root to store a DICOM Segmentation on (STOW-RS)")
+
+    @model_validator(mode="after")
+    def _dicom_segmentation(self) -> Output:
+        segmentation = self.path.lower().endswith(".dcm")
+        if segmentation and self.probabilities != "none":
+            raise ValueError("a DICOM Segmentation (.dcm) holds labels: probabilities must be none")
+        if self.dicomweb is not None:
+            if not segmentation:
+                raise ValueError("dicomweb stores DICOM Segmentations: output.path must end with .dcm")
+            if not self.dicomweb.startswith(("http://", "https://")):
+                raise ValueError(f"dicomweb must be an http(s) URL (got {self.dicomweb!r})")
+        return self
 
     @field_validator("path")
     @classmethod
@@ -131,11 +146,37 @@ def _only_stem_placeholder(path: str) -> str:
     return path
 
 
+CASE = "{case}"
+
+
+class CaseChannels(_Strict):
+    """One input per case, its channels read from several files on one grid (nnU-Net's ``case_0000``,
+    ``case_0001``): ``{case}`` in each pattern stands for the case, found by globbing the first pattern."""
+
+    channels: Annotated[list[str], Field(min_length=1)]
+
+    @field_validator("channels")
+    @classmethod
+    def _one_case_each(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            if pattern.count(CASE) != 1 or pattern.replace(CASE, "").count("{"):
+                raise ValueError(f"each pattern holds {CASE} once and no other placeholder (got {pattern!r})")
+        return patterns
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input of a run: what ``{stem}`` becomes, and its files (several for a case read channel by channel)."""
+
+    name: str
+    files: tuple[str, ...]
+
+
 class Workflow(_Strict):
     """A validated workflow, version 1 (see DESIGN.md section 3)."""
 
     version: Annotated[Literal[1], NotBool]
-    input: str | Annotated[list[str], Field(min_length=1)]
+    input: str | Annotated[list[str], Field(min_length=1)] | CaseChannels
     classes: list[str] | None = None
     model: ModelConfig
     preprocess: Preprocess = Field(default_factory=Preprocess)
@@ -232,6 +273,27 @@ class Workflow(_Strict):
         p = Path(path).expanduser()
         return os.path.normpath(p if p.is_absolute() else (self._base_dir / p))
 
+    def input_items(self) -> list[InputItem]:
+        """The inputs, globs expanded (sorted), in order; cases of ``input.channels`` by case name."""
+        if isinstance(self.input, CaseChannels):
+            return self._cases(self.input.channels)
+        return [InputItem(stem(path), (path,)) for path in self.input_paths()]
+
+    def _cases(self, patterns: list[str]) -> list[InputItem]:
+        first = self.resolve(patterns[0])
+        found = re.compile(re.escape(first).replace(re.escape(CASE), "(.+)") + "$")
+        cases = sorted({m.group(1) for p in glob.glob(first.replace(CASE, "*")) if (m := found.match(p))})
+        if not cases:
+            raise WorkflowError(f"input.channels: no file matches {patterns[0]!r}")
+        items = []
+        for case in cases:
+            files = tuple(self.resolve(p.replace(CASE, case)) for p in patterns)
+            missing = [f for f in files if not f.startswith(REMOTE_PREFIXES) and not os.path.exists(f)]
+            if missing:
+                raise InputError(f"input.channels: case {case!r} has no {missing[0]}")
+            items.append(InputItem(case, files))
+        return items
+
     def input_paths(self) -> list[str]:
         """The inputs, globs expanded (sorted), in order."""
         items = [self.input] if isinstance(self.input, str) else list(self.input)
@@ -247,15 +309,14 @@ class Workflow(_Strict):
                 paths.append(resolved)
         return paths
 
-    def output_path(self, input_path: str) -> str:
-        """``output.path`` with ``{stem}`` replaced by the input's name without suffixes."""
-        return self.resolve(self.output.path.format(stem=stem(input_path)))
+    def output_path(self, name: str) -> str:
+        """``output.path`` with ``{stem}`` replaced by an input's name (:attr:`InputItem.name`)."""
+        return self.resolve(self.output.path.format(stem=name))
 
-    def stats_for(self, input_path: str) -> StatsConfig | None:
+    def stats_for(self, name: str) -> StatsConfig | None:
         """The ``stats:`` section with ``{stem}`` filled in and paths resolved."""
         if self.stats is None:
             return None
-        name = stem(input_path)
         regions = self.stats.regions
         return self.stats.model_copy(
             update={
@@ -265,8 +326,8 @@ class Workflow(_Strict):
             }
         )
 
-    def vectors_path(self, input_path: str) -> str | None:
-        return self.resolve(self.output.vectors.format(stem=stem(input_path))) if self.output.vectors else None
+    def vectors_path(self, name: str) -> str | None:
+        return self.resolve(self.output.vectors.format(stem=name)) if self.output.vectors else None
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

@@ -98,11 +98,12 @@ class ImageSource(ABC):
 def open_source(path: str, spatial_dims: int, bands: list[int] | None = None) -> ImageSource:
     """The reader for ``path``, chosen by its format (:func:`tilemask.formats.for_path`)."""
     from ..formats import for_path
+    from .nifti import NiftiSource
     from .raster import RasterSource
 
     source = for_path(path).open_source(path, spatial_dims, bands)
-    if bands and not isinstance(source, RasterSource):
-        raise InputError(f"{path}: preprocess.bands applies to rasters only")
+    if bands and not isinstance(source, RasterSource | NiftiSource):
+        raise InputError(f"{path}: preprocess.bands applies to rasters (bands) and NIfTI (volumes of a 4D file)")
     if len(source.spatial_shape) != spatial_dims:
         raise InputError(f"{path}: has {len(source.spatial_shape)} spatial axes but the model is {spatial_dims}D")
     return source

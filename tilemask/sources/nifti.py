@@ -23,15 +23,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class NiftiSource(ImageSource):
-    """A 3D volume ``(1, i, j, k)`` or a 4D one with channels last on disk ``(C, i, j, k)``."""
+    """A 3D volume ``(1, i, j, k)`` or a 4D one with channels last on disk ``(C, i, j, k)``; ``volumes``
+    selects some of a 4D file's volumes as the channels, in that order (``preprocess.bands``, 1-based)."""
 
     path: str
     volume_shape: tuple[int, ...]
     volume_geometry: VolumeGeometry
     floating: bool = False  # float storage, or scaled by scl_slope / scl_inter
+    volumes: tuple[int, ...] | None = None  # 0-based indexes of the 4th axis; None: all
 
     @classmethod
-    def open(cls, path: str) -> NiftiSource:
+    def open(cls, path: str, bands: list[int] | None = None) -> NiftiSource:
         try:
             img = nib.load(path)
             shape = tuple(int(s) for s in img.shape)
@@ -44,12 +46,20 @@ class NiftiSource(ImageSource):
         affine = tuple(tuple(float(v) for v in row) for row in img.affine)
         slope, inter = img.dataobj.slope, img.dataobj.inter
         scaled = slope not in (1, None) or inter not in (0, None)
-        return cls(path, shape, VolumeGeometry(affine), np.dtype(img.get_data_dtype()).kind == "f" or scaled)
+        volumes = None
+        if bands:
+            count = shape[3] if len(shape) == 4 else 1
+            bad = [b for b in bands if not 1 <= b <= count]
+            if bad:
+                raise InputError(f"{path}: preprocess.bands {bad} out of range: the file holds {count} volume(s)")
+            volumes = tuple(b - 1 for b in bands)
+        floating = np.dtype(img.get_data_dtype()).kind == "f" or scaled
+        return cls(path, shape, VolumeGeometry(affine), floating, volumes)
 
     @property
     def shape(self) -> tuple[int, ...]:
         channels = self.volume_shape[3] if len(self.volume_shape) == 4 else 1
-        return (channels, *self.volume_shape[:3])
+        return (len(self.volumes) if self.volumes is not None else channels, *self.volume_shape[:3])
 
     @property
     def geometry(self) -> VolumeGeometry:
@@ -59,8 +69,13 @@ class NiftiSource(ImageSource):
         index = tuple(slice(lo, hi) for lo, hi in region)
         try:
             img = cached_handle(("nifti", self.path, file_stamp(self.path)), lambda: nib.load(self.path, keep_file_open=True, mmap=True))
-            block = np.asarray(img.dataobj[index])
-            return block[None] if block.ndim == 3 else np.moveaxis(block, -1, 0)
+            if len(self.volume_shape) == 3:
+                block = np.asarray(img.dataobj[index])[None]
+            elif self.volumes is None:
+                block = np.moveaxis(np.asarray(img.dataobj[index]), -1, 0)
+            else:  # one volume at a time: nibabel reads a 4th-axis slice without the others
+                block = np.stack([np.asarray(img.dataobj[(*index, v)]) for v in self.volumes])
+            return block
         except Exception as exc:  # nibabel, gzip and zlib raise many types
             detail = f"{type(exc).__name__}: {exc}"
         raise ReadError(f"{self.path}: read failed at {region}: {detail}")

@@ -1,0 +1,173 @@
+"""DICOM series in: geometry and values as SimpleITK (GDCM) reads them; pydicom's own real test series."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+import tilemask
+from tests.conftest import UNET_3D
+from tilemask.errors import InputError
+from tilemask.formats import for_path
+from tilemask.sources.dicom import DicomSeriesSource
+from tilemask.workflow import Workflow
+
+SERIES = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests"
+CT = SERIES / "98892001" / "CT5N"  # 5 axial slices, 0.49 x 0.49 x 2.5 mm, stored in descending position
+RADIAL_MR = SERIES / "98892003" / "MR700"  # 7 slices, each in its own orientation: not a volume
+
+
+def sitk_ras(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """SimpleITK's reading of a series: the voxel-to-RAS affine and the voxels as (i, j, k)."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    image = reader.Execute()
+    lps = np.eye(4)
+    lps[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
+    lps[:3, 3] = image.GetOrigin()
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+
+
+@pytest.mark.parametrize("folder", [CT])
+def test_a_series_folder_reads_as_simpleitk_reads_it(folder):
+    source = for_path(str(folder)).open_source(str(folder), 3, None)
+    assert isinstance(source, DicomSeriesSource)
+    affine, voxels = sitk_ras(folder)
+    np.testing.assert_allclose(np.asarray(source.geometry.affine), affine, atol=1e-4)
+    assert source.spatial_shape == voxels.shape
+    full = tuple((0, s) for s in source.spatial_shape)
+    np.testing.assert_allclose(source.read(full)[0], voxels, atol=1e-3)
+    part = ((3, 11), (5, 16), (1, 4))  # a region reads only its slices, and the same values
+    np.testing.assert_array_equal(source.read(part)[0], source.read(full)[0][3:11, 5:16, 1:4])
+
+
+def test_a_run_on_a_series_writes_labels_on_the_scan_grid(make_model, tmp_path, client):
+    weights, _ = make_model(UNET_3D)
+    wf = Workflow.from_dict(
+        {
+            "version": 1,
+            "input": str(CT),
+            "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
+            "preprocess": {"normalize": {"mean": [100.0], "std": [100.0]}},
+            "inference": {"roi_size": [16, 16, 16], "batch_size": 2, "device": "cpu"},
+            "output": {"path": "out/{stem}_labels.nii.gz", "chunks": 16},
+        },
+        base_dir=tmp_path,
+    )
+    (result,) = tilemask.run(wf, client)
+    labels = nib.load(tmp_path / "out" / "CT5N_labels.nii.gz")
+    affine, voxels = sitk_ras(CT)
+    np.testing.assert_allclose(labels.affine, affine, atol=1e-4)
+    assert labels.shape == voxels.shape
+
+
+def test_a_folder_of_two_series_uneven_or_radial_slices_is_refused(tmp_path):
+    with pytest.raises(InputError, match="its size or orientation differs from the rest of the series"):
+        DicomSeriesSource.open(str(RADIAL_MR))
+    mixed = tmp_path / "mixed"
+    shutil.copytree(RADIAL_MR, mixed / "a")
+    shutil.copytree(CT, mixed / "b")
+    with pytest.raises(InputError, match="holds 2 DICOM series; give the folder of one series"):
+        DicomSeriesSource.open(str(mixed))
+    uneven = tmp_path / "uneven"
+    shutil.copytree(CT, uneven)
+    by_position = sorted(uneven.iterdir(), key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
+    by_position[2].unlink()  # the middle slice of five: a gap
+    with pytest.raises(InputError, match="not evenly spaced"):
+        DicomSeriesSource.open(str(uneven))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """A real Orthanc (Debian's ``orthanc`` + ``orthanc-dicomweb``) on free loopback ports; yields its DICOMweb root."""
+    import json
+    import subprocess
+    import time
+
+    import httpx
+
+    exe = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+    plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+    if not Path(exe).exists() or not plugin.exists():
+        pytest.fail(
+            "Debian's orthanc and orthanc-dicomweb are not installed (apt-get install orthanc orthanc-dicomweb)"
+        )
+    folder = tmp_path_factory.mktemp("orthanc")
+    port = _free_port()
+    config = {
+        "Name": "tilemask-test", "HttpPort": port, "DicomServerEnabled": False, "DicomPort": _free_port(),
+        "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [str(plugin)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Host": f"127.0.0.1:{port}"},
+    }  # fmt: skip
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    log = open(folder / "orthanc.log", "w")
+    proc = subprocess.Popen([exe, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/system", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"Orthanc did not start: {(folder / 'orthanc.log').read_text()[-2000:]}")
+        time.sleep(0.2)
+    yield f"http://127.0.0.1:{port}/dicom-web"
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+def test_a_dicom_segmentation_is_stored_on_orthanc_and_equals_the_nifti_labels(make_model, tmp_path, client, orthanc):
+    import highdicom as hd
+    from dicomweb_client.api import DICOMwebClient
+
+    weights, _ = make_model(UNET_3D)
+    base = {
+        "version": 1,
+        "input": str(CT),
+        "classes": ["background", "brain"],
+        "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
+        "preprocess": {"normalize": {"mean": [100.0], "std": [100.0]}},
+        "inference": {"roi_size": [16, 16, 16], "batch_size": 2, "device": "cpu"},
+    }
+    outputs = {
+        "nifti": {"path": "out/{stem}_labels.nii.gz", "chunks": 16},
+        "seg": {"path": "out/{stem}_seg.dcm", "chunks": 16, "dicomweb": orthanc},
+    }
+    for output in outputs.values():
+        tilemask.run(Workflow.from_dict({**base, "output": output}, base_dir=tmp_path), client)
+    labels = np.asarray(nib.load(tmp_path / "out" / "CT5N_labels.nii.gz").dataobj)
+    assert (labels == 1).any() and (labels == 0).any()
+
+    local = pydicom.dcmread(tmp_path / "out" / "CT5N_seg.dcm")
+    source = DicomSeriesSource.open(str(CT))
+    study = pydicom.dcmread(source.files[0]).StudyInstanceUID
+    web = DICOMwebClient(url=orthanc)
+    found = web.search_for_series(study_instance_uid=study, search_filters={"Modality": "SEG"})  # QIDO-RS
+    assert [s["0020000E"]["Value"][0] for s in found] == [local.SeriesInstanceUID]
+    stored = web.retrieve_instance(study, local.SeriesInstanceUID, local.SOPInstanceUID)  # WADO-RS
+    seg = hd.seg.Segmentation.from_dataset(stored)
+    # LABELMAP segmentations carry the background as a segment of their own (highdicom adds it)
+    assert [d.segment_label for d in seg.SegmentSequence if d.segment_label != "Background"] == ["brain"]
+    assert seg.SegmentationType == "LABELMAP" and seg.SOPClassUID == local.SOPClassUID
+    sources = [pydicom.dcmread(f).SOPInstanceUID for f in source.files]  # the k axis, in order
+    frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=sources, combine_segments=True)
+    for k in range(labels.shape[2]):  # per slice, the segments are the labels of the NIfTI path
+        np.testing.assert_array_equal(frames[k], labels[:, :, k].T)

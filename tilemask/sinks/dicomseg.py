@@ -1,0 +1,130 @@
+"""DICOM Segmentation output (``*.dcm``, highdicom): the labels of a DICOM series, referring to its slices.
+
+Workers write their chunks into a hidden Zarr (the plain Zarr sink, staged, never
+published); when the run finishes, the labels are read back slice by slice into
+the frames of one Segmentation instance (a LABELMAP segmentation where highdicom
+supports it, else BINARY): one segment per foreground class, named by the class,
+each frame referring to the source slice it lies on (same position and
+orientation, highdicom checks it). Label 0 and the nodata value are background.
+The instance is written under a hidden name and renamed into place; with
+``output.dicomweb`` it is then stored on that DICOMweb server (STOW-RS).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import __version__
+from ..errors import InputError, OutputError
+from ..outputs import publish, remove, staged_path
+from . import LabelSink, OutputLayout
+from .zarr import ZarrSink
+
+logger = logging.getLogger(__name__)
+
+TISSUE = ("85756007", "SCT", "Tissue")  # segmented property category and type when nothing more is known
+
+
+@dataclass(frozen=True)
+class DicomSegSink(LabelSink):
+    path: str
+    layout: OutputLayout
+
+    @property
+    def labels(self) -> ZarrSink:
+        return ZarrSink(self.path + ".labels.zarr", self.layout, visible=False)
+
+    @property
+    def staged(self) -> str:
+        return staged_path(self.path, self.layout.run_id)
+
+    def create(self) -> None:
+        from ..sources.dicom import DicomSeriesSource
+
+        if self.layout.writes_probabilities:
+            raise InputError(f"{self.path}: a DICOM Segmentation holds labels; set output.probabilities: none")
+        if not isinstance(self._source(), DicomSeriesSource):
+            raise InputError(f"{self.path}: a DICOM Segmentation refers to a DICOM series; the input is not one")
+        self.labels.create()
+
+    def _source(self):
+        from ..formats import for_path
+
+        return for_path(self.layout.reference).open_source(self.layout.reference, 3, None)
+
+    def write(self, region, labels: np.ndarray, probabilities) -> None:
+        self.labels.write(region, labels, None)
+
+    def finish(self) -> None:
+        import highdicom as hd
+        import pydicom
+        import zarr
+
+        source = self._source()
+        images = [pydicom.dcmread(f) for f in source.files]  # the k axis, in order
+        stored = zarr.open_array(f"{self.labels.staged}/labels", mode="r")
+        layout = self.layout
+        frames = np.zeros((len(images), images[0].Rows, images[0].Columns), dtype=np.uint16)
+        for k in range(len(images)):
+            frame = np.asarray(stored[:, :, k]).T  # (i, j) -> (rows, columns)
+            if layout.nodata is not None:
+                frame = np.where(frame == layout.nodata, 0, frame)
+            frames[k] = frame
+        present = [v for v in range(1, len(layout.class_names))]
+        algorithm = hd.AlgorithmIdentificationSequence(
+            name="tilemask", version=__version__, family=hd.sr.CodedConcept("113112", "DCM", "Artificial Intelligence")
+        )
+        descriptions = [
+            hd.seg.SegmentDescription(
+                segment_number=value,
+                segment_label=layout.class_names[value],
+                segmented_property_category=hd.sr.CodedConcept(*TISSUE),
+                segmented_property_type=hd.sr.CodedConcept(*TISSUE),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+            )
+            for value in present
+        ]
+        kind = getattr(hd.seg.SegmentationTypeValues, "LABELMAP", hd.seg.SegmentationTypeValues.BINARY)
+        seg = hd.seg.Segmentation(
+            source_images=images,
+            pixel_array=frames.astype(np.uint8 if len(present) < 256 else np.uint16),
+            segmentation_type=kind,
+            segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=900,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="tilemask",
+            manufacturer_model_name="tilemask",
+            software_versions=__version__,
+            device_serial_number="0",
+            series_description="tilemask labels",
+            omit_empty_frames=False,
+        )
+        seg.save_as(self.staged, enforce_file_format=True)
+
+    def publish(self) -> list[str]:
+        publish(self.staged, self.path)
+        self.labels.abort()
+        if self.layout.dicomweb:
+            store(self.path, self.layout.dicomweb)
+        return [self.path]
+
+    def abort(self) -> None:
+        remove(self.staged)
+        self.labels.abort()
+
+
+def store(path: str, url: str) -> None:
+    """STOW-RS of the instance at ``path`` to the DICOMweb root ``url`` (dicomweb-client)."""
+    import pydicom
+    from dicomweb_client.api import DICOMwebClient
+
+    try:
+        DICOMwebClient(url=url.rstrip("/")).store_instances([pydicom.dcmread(path)])
+    except Exception as exc:  # noqa: BLE001 - requests and the client raise many types
+        raise OutputError(f"output.dicomweb: storing {path} on {url} failed: {str(exc).splitlines()[0]}") from None

@@ -1,0 +1,163 @@
+"""A DICOM series (a folder of single-frame slices) as a volume, read a few slices at a time with pydicom.
+
+Geometry, as nibabel and SimpleITK derive it: slices are sorted along the slice
+normal (the cross product of ImageOrientationPatient's row and column cosines)
+by the projection of ImagePositionPatient; voxel axes are (column, row, slice)
+like a NIfTI converted from DICOM; the column axis steps ``PixelSpacing[1]``
+along the row cosines, the row axis ``PixelSpacing[0]`` along the column
+cosines, the slice axis the (uniform) step between consecutive positions; the
+patient LPS coordinates become RAS by negating x and y. Values are
+``stored * RescaleSlope + RescaleIntercept`` (integers stay integers when every
+slope is 1 and every intercept whole). Only the headers are read to plan; a
+region reads the pixel data of its slices only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InputError, ReadError
+from ..geometry import Region, VolumeGeometry
+from . import ImageSource
+
+logger = logging.getLogger(__name__)
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _part10(path: str) -> bool:
+    """Whether ``path`` starts like a DICOM Part 10 file (``DICM`` at byte 128)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _files(folder: str):
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in sorted(filenames):
+            yield os.path.join(dirpath, name)
+
+
+def dicom_files(folder: str) -> list[str]:
+    """The DICOM files under ``folder``."""
+    return [path for path in _files(folder) if _part10(path)]
+
+
+def is_dicom_folder(path: str) -> bool:
+    """Whether ``path`` is a folder holding a DICOM file (stops at the first)."""
+    return os.path.isdir(path) and any(_part10(p) for p in _files(path))
+
+
+@dataclass(frozen=True)
+class DicomSeriesSource(ImageSource):
+    path: str
+    files: tuple[str, ...]  # sorted along the slice normal: the k axis
+    volume_shape: tuple[int, int, int]  # (columns, rows, slices)
+    volume_geometry: VolumeGeometry
+    slopes: tuple[float, ...]
+    intercepts: tuple[float, ...]
+    series_uid: str
+
+    @classmethod
+    def open(cls, folder: str) -> DicomSeriesSource:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+
+        if not os.path.isdir(folder):
+            raise InputError(f"{folder}: no such folder")
+        headers = []
+        for path in dicom_files(folder):
+            try:
+                headers.append((path, pydicom.dcmread(path, stop_before_pixels=True)))
+            except (InvalidDicomError, OSError, ValueError) as exc:
+                raise InputError(f"{path}: cannot read DICOM: {exc}") from None
+        images = [(p, h) for p, h in headers if "PixelData" in h or "ImagePositionPatient" in h]
+        if not images:
+            raise InputError(f"{folder}: no DICOM image in this folder")
+        series = {h.get("SeriesInstanceUID") for _, h in images}
+        if len(series) > 1:
+            raise InputError(f"{folder}: holds {len(series)} DICOM series; give the folder of one series")
+        for path, h in images:
+            missing = [k for k in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing") if k not in h]
+            if missing:
+                raise InputError(f"{path}: no {missing[0]}: tilemask needs the slice geometry")
+            if int(h.get("NumberOfFrames", 1) or 1) != 1:
+                raise InputError(f"{path}: a multi-frame image; tilemask reads series of single-frame slices")
+        first = images[0][1]
+        orientation = np.array(first.ImageOrientationPatient, dtype=float)
+        rows, cols = int(first.Rows), int(first.Columns)
+        for path, h in images:
+            if (int(h.Rows), int(h.Columns)) != (rows, cols) or not np.allclose(
+                h.ImageOrientationPatient, orientation, atol=1e-4
+            ):
+                raise InputError(f"{path}: its size or orientation differs from the rest of the series")
+        row_cosines, col_cosines = orientation[:3], orientation[3:]
+        normal = np.cross(row_cosines, col_cosines)
+        positions = np.array([np.array(h.ImagePositionPatient, dtype=float) for _, h in images])
+        order = np.argsort(positions @ normal, kind="stable")
+        positions = positions[order]
+        images = [images[i] for i in order]
+        if len(images) > 1:
+            steps = np.diff(positions, axis=0)
+            step = (positions[-1] - positions[0]) / (len(images) - 1)
+            if np.linalg.norm(step) < 1e-6:
+                raise InputError(f"{folder}: slices share one position (several acquisitions in one series?)")
+            if not np.allclose(steps, step, atol=max(1e-3, 1e-3 * np.linalg.norm(step))):
+                raise InputError(f"{folder}: slices are not evenly spaced; tilemask reads a regular grid")
+        else:
+            thickness = float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0)
+            step = normal * thickness
+        row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
+        lps = np.eye(4)
+        lps[:3, 0] = row_cosines * col_spacing  # i: along a row, one column to the next
+        lps[:3, 1] = col_cosines * row_spacing  # j: down a column, one row to the next
+        lps[:3, 2] = step
+        lps[:3, 3] = positions[0]
+        ras = LPS_TO_RAS @ lps
+        return cls(
+            path=folder,
+            files=tuple(p for p, _ in images),
+            volume_shape=(cols, rows, len(images)),
+            volume_geometry=VolumeGeometry(tuple(tuple(float(v) for v in row) for row in ras)),
+            slopes=tuple(float(h.get("RescaleSlope", 1) or 1) for _, h in images),
+            intercepts=tuple(float(h.get("RescaleIntercept", 0) or 0) for _, h in images),
+            series_uid=str(first.get("SeriesInstanceUID", "")),
+        )
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (1, *self.volume_shape)
+
+    @property
+    def geometry(self) -> VolumeGeometry:
+        return self.volume_geometry
+
+    @property
+    def floating(self) -> bool:
+        return any(s != 1 for s in self.slopes) or any(i != int(i) for i in self.intercepts)
+
+    def read(self, region: Region) -> np.ndarray:
+        import pydicom
+
+        (i0, i1), (j0, j1), (k0, k1) = region
+        slices = []
+        for k in range(k0, k1):
+            try:
+                pixels = pydicom.dcmread(self.files[k]).pixel_array
+            except Exception as exc:  # noqa: BLE001 - pydicom and its pixel handlers raise many types
+                raise ReadError(f"{self.files[k]}: read failed: {type(exc).__name__}: {exc}") from None
+            part = pixels[j0:j1, i0:i1].T  # (rows, columns) on disk -> (i, j)
+            if self.floating:
+                part = part.astype(np.float32) * np.float32(self.slopes[k]) + np.float32(self.intercepts[k])
+            else:
+                part = part.astype(np.int32) + int(self.intercepts[k])
+            slices.append(part)
+        return np.stack(slices, axis=-1)[None]

@@ -1,0 +1,71 @@
+"""Several files of one case as the channels of one input (nnU-Net's ``case_0000``, ``case_0001``, ...).
+
+Every file must be on the same grid (same spatial shape and geometry); the
+channels are the files' channels in the order given. A pixel is invalid when
+any file marks it invalid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InputError
+from ..geometry import Geometry, RasterGeometry, Region
+from . import ImageSource
+
+
+@dataclass(frozen=True)
+class StackedSource(ImageSource):
+    sources: tuple[ImageSource, ...]
+
+    @classmethod
+    def of(cls, sources: list[ImageSource]) -> StackedSource:
+        first = sources[0]
+        for other in sources[1:]:
+            if other.spatial_shape != first.spatial_shape:
+                raise InputError(
+                    f"{other.path}: shape {list(other.spatial_shape)} differs from {first.path}'s "
+                    f"{list(first.spatial_shape)}; the channels of one case must share a grid"
+                )
+            if not _same_grid(first.geometry, other.geometry):
+                raise InputError(f"{other.path}: its grid (affine / transform) differs from {first.path}'s")
+        return cls(tuple(sources))
+
+    @property
+    def path(self) -> str:
+        return self.sources[0].path
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (sum(s.channels for s in self.sources), *self.sources[0].spatial_shape)
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.sources[0].geometry
+
+    @property
+    def floating(self) -> bool:
+        return any(s.floating for s in self.sources)
+
+    @property
+    def has_invalid(self) -> bool:
+        return any(s.has_invalid for s in self.sources)
+
+    def read(self, region: Region) -> np.ndarray:
+        blocks = [s.read(region) for s in self.sources]
+        dtype = np.result_type(*blocks)
+        return np.concatenate([b.astype(dtype, copy=False) for b in blocks])
+
+    def read_valid(self, region: Region) -> np.ndarray | None:
+        masks = [m for m in (s.read_valid(region) for s in self.sources) if m is not None]
+        return np.logical_and.reduce(masks) if masks else None
+
+
+def _same_grid(a: Geometry, b: Geometry) -> bool:
+    if isinstance(a, RasterGeometry) != isinstance(b, RasterGeometry):
+        return False
+    if isinstance(a, RasterGeometry):
+        return a.crs_wkt == b.crs_wkt and np.allclose(a.transform, b.transform, rtol=0, atol=1e-6)
+    return np.allclose(a.affine, b.affine, rtol=0, atol=1e-4)
