@@ -96,3 +96,34 @@ def test_a_json_file_given_as_weights_says_so(tmp_path):
     path.write_text(json.dumps({"network_def": {"_target_": "UNet"}}))
     with pytest.raises(WeightsError, match="is a JSON file, not weights"):
         load_model(ModelSpec.create("UNet", UNET_2D, str(path)))
+
+
+class Payload:
+    """A pickle that would run code: unpickling it calls ``Path.touch`` on a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_a_pt2_holding_a_pickle_with_code_is_refused_without_running_it(net, tmp_path):
+    import zipfile
+
+    program = torch.export.export(net, (torch.zeros(2, 3, 64, 64),))
+    clean = tmp_path / "clean.pt2"
+    torch.export.save(program, clean)
+    marker = tmp_path / "ran"
+    payload = tmp_path / "payload.pt"
+    torch.save(Payload(str(marker)), payload)
+    crafted = tmp_path / "crafted.pt2"
+    with zipfile.ZipFile(clean) as src, zipfile.ZipFile(crafted, "w") as dst:
+        for name in src.namelist():
+            data = payload.read_bytes() if name.endswith("sample_inputs/model.pt") else src.read(name)
+            dst.writestr(name, data)
+    with pytest.raises(WeightsError, match="holds a pickle that needs code to load"):
+        load_model(ModelSpec.create("", {}, str(crafted)))
+    assert not marker.exists()

@@ -34,8 +34,42 @@ def sitk_ras(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, sitk.GetArrayFromImage(image).transpose(2, 1, 0)
 
 
-@pytest.mark.parametrize("folder", [CT])
-def test_a_series_folder_reads_as_simpleitk_reads_it(folder):
+def write_series(folder: Path, rows=12, columns=20, slices=6, pixel_spacing=(0.7, 1.3), step=2.5, seed=0) -> Path:
+    """An oblique, non-square, anisotropic CT series written with pydicom, files in shuffled order."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from scipy.spatial.transform import Rotation
+
+    folder.mkdir(parents=True)
+    rotation = Rotation.from_euler("xyz", [20, -35, 50], degrees=True).as_matrix()
+    row_cosines, column_cosines = rotation[:, 0], rotation[:, 1]
+    normal = np.cross(row_cosines, column_cosines)
+    rng = np.random.default_rng(seed)
+    study, series = generate_uid(), generate_uid()
+    for k in rng.permutation(slices):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = CTImageStorage, study, series
+        ds.Modality, ds.PatientID, ds.InstanceNumber = "CT", "tilemask-test", int(k) + 1
+        ds.Rows, ds.Columns, ds.PixelSpacing = rows, columns, list(pixel_spacing)
+        ds.ImageOrientationPatient = [float(v) for v in (*row_cosines, *column_cosines)]
+        ds.ImagePositionPatient = [float(v) for v in np.array([-40.0, 25.0, 60.0]) + k * step * normal]
+        ds.SliceThickness = step
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.PixelData = rng.integers(0, 3000, (rows, columns)).astype(np.int16).tobytes()
+        ds.save_as(folder / f"slice{rng.integers(1e9)}.dcm", enforce_file_format=True)
+    return folder
+
+
+@pytest.mark.parametrize("folder", [CT, "oblique"])
+def test_a_series_folder_reads_as_simpleitk_reads_it(folder, tmp_path):
+    if folder == "oblique":  # rows != columns, 0.7 x 1.3 mm pixels, 2.5 mm slices, tilted on three axes
+        folder = write_series(tmp_path / "oblique")
     source = for_path(str(folder)).open_source(str(folder), 3, None)
     assert isinstance(source, DicomSeriesSource)
     affine, voxels = sitk_ras(folder)
@@ -171,3 +205,28 @@ def test_a_dicom_segmentation_is_stored_on_orthanc_and_equals_the_nifti_labels(m
     frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=sources, combine_segments=True)
     for k in range(labels.shape[2]):  # per slice, the segments are the labels of the NIfTI path
         np.testing.assert_array_equal(frames[k], labels[:, :, k].T)
+
+
+def test_outputs_that_cannot_be_written_for_the_input_are_refused_when_planning(make_volume, make_model, tmp_path):
+    from tilemask.planning import plan_workflow
+
+    path, _ = make_volume((20, 18, 16))
+    weights, _ = make_model(UNET_3D)
+    base = {
+        "version": 1,
+        "input": str(path),
+        "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
+        "inference": {"roi_size": [16, 16, 16], "device": "cpu"},
+    }
+    seg = Workflow.from_dict({**base, "output": {"path": "out/{stem}.dcm"}}, base_dir=tmp_path)
+    with pytest.raises(InputError, match="refers to the slices of a DICOM series"):
+        plan_workflow(seg)
+    wrong_unit = Workflow.from_dict(
+        {**base, "output": {"path": "out/{stem}.nii.gz"}, "postprocess": {"opening": "30 m"}}, base_dir=tmp_path
+    )
+    with pytest.raises(InputError, match="'30 m' is not a unit of a volume"):
+        plan_workflow(wrong_unit)
+    with pytest.raises(InputError, match="give the folder of the series"):
+        plan_workflow(Workflow.from_dict({**base, "input": str(next(CT.iterdir())), "output": {"path": "o.nii.gz"}},
+                                         base_dir=tmp_path))  # fmt: skip
+    assert not (tmp_path / "out").exists()

@@ -241,7 +241,8 @@ def execute_postprocessed(client: Client, job: Job, config: PostprocessConfig, p
         with stage(f"{Path(job.input).name}: post-processing", enabled=progress):
             image = open_labels(raw.staged, job.plan.chunks)
             cleaned = postprocess(
-                image.array, config, nodata=image.nodata, client=client, spacing=spacing_of(image.geometry)
+                image.array, config, nodata=image.nodata, client=client, spacing=spacing_of(image.geometry),
+                geometry=image.geometry,
             ).rechunk(job.plan.chunks)
             final.create()
             regions = [job.plan.chunk_region(i) for i in job.plan.chunk_indexes()]

@@ -67,6 +67,9 @@ class Format:
         """Where the probabilities of output ``path`` go (None: inside the output itself)."""
         return None
 
+    def check_input(self, output: str, source) -> None:
+        """Refuse (exit 2, when planning) an input this output cannot be written for."""
+
     def files(self, path: str, probabilities: bool) -> list[str]:
         """The paths one output is made of."""
         extra = self.probabilities_path(path) if probabilities else None
@@ -125,6 +128,10 @@ class ZarrFormat(Format):
         """Where in the output's group the probabilities are (None: not written)."""
         return "probabilities" if "probabilities" in group else None
 
+    def labels_key(self, group) -> str:
+        """Where in the output's group the labels are."""
+        return "labels"
+
     def is_complete(self, path):
         meta = self._tilemask_attrs(path)
         return meta is None or meta.get("complete", True) is True
@@ -150,6 +157,11 @@ class OmeZarrFormat(ZarrFormat):
     def probabilities_key(self, group):
         image = dict(group.attrs).get("ome", {}).get("multiscales", [{}])[0]
         return image["datasets"][0]["path"] if image.get("name") == "probabilities" else None
+
+    def labels_key(self, group):
+        from .sources.labels import omezarr_labels_key
+
+        return omezarr_labels_key(group)
 
     def make_sink(self, path, layout):
         from .sinks.omezarr import OmeZarrSink
@@ -243,16 +255,21 @@ class DicomSeriesFormat(Format):
     writable = False
 
     def matches(self, path):
-        from .sources.dicom import is_dicom_folder
+        from .sources.dicom import is_dicom_file, is_dicom_folder
 
-        return not path.startswith(("http://", "https://", "s3://", "/vsi")) and is_dicom_folder(path)
+        if path.startswith(("http://", "https://", "s3://", "/vsi")):
+            return False
+        return is_dicom_folder(path) or is_dicom_file(path)  # one slice: refused with a hint, not as a raster
 
     def stem(self, path):
         return os.path.basename(path.rstrip("/"))  # series folders are often UIDs: "1.2.840..." keeps its dots
 
     def open_source(self, path, spatial_dims, bands):
+        from .errors import InputError
         from .sources.dicom import DicomSeriesSource
 
+        if not os.path.isdir(path):
+            raise InputError(f"{path}: one DICOM file; give the folder of the series as the input")
         return DicomSeriesSource.open(path)
 
 
@@ -267,6 +284,18 @@ class DicomSegFormat(Format):
         from .sinks.dicomseg import DicomSegSink
 
         return DicomSegSink(path, layout)
+
+    def open_source(self, path, spatial_dims, bands):
+        from .errors import InputError
+
+        raise InputError(f"{path}: one DICOM file; give the folder of the series as the input")
+
+    def check_input(self, output, source):
+        from .errors import InputError
+        from .sources.dicom import DicomSeriesSource
+
+        if not isinstance(source, DicomSeriesSource):
+            raise InputError(f"{output}: a DICOM Segmentation refers to the slices of a DICOM series; {source.path} is not one")
 
     def open_labels(self, path, chunks):
         from .errors import InputError

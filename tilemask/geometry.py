@@ -267,24 +267,43 @@ def geometry_from_attrs(attrs: dict, spatial_dims: int) -> Geometry:
     return VolumeGeometry(tuple(tuple(float(i == j) for j in range(4)) for i in range(4)))
 
 
-def ome_geometry(multiscale: dict, spatial_dims: int, level: int = 0) -> Geometry:
-    """The grid of one level of an OME-Zarr multiscale: its ``scale`` (and ``translation``) on the spatial axes.
+OME_UNITS_IN_MM = {"millimeter": 1.0, "micrometer": 1e-3, "nanometer": 1e-6, "centimeter": 10.0, "meter": 1000.0}
 
-    Volumes get a diagonal affine in the axes' order (the voxel size along each
-    array axis, NGFF has no rotation); 2D images a north-up transform with no CRS.
+
+def ome_geometry(multiscale: dict, spatial_dims: int, level: int = 0) -> Geometry:
+    """The grid of one level of an OME-Zarr multiscale: its ``scale`` and ``translation`` on the space axes.
+
+    NGFF applies a dataset's transformations first, then the multiscale's:
+    ``x = S_ms * (S_ds * i + t_ds) + t_ms``. Volumes get a diagonal affine in mm
+    (the axes' ``unit`` converted; none given: mm) in the axes' order, NGFF has
+    no rotation; 2D images a north-up transform with no CRS.
     """
+    import numpy as np
+
+    from .errors import InputError
+
     axes = multiscale.get("axes", [])
-    space = [i for i, a in enumerate(axes) if (a.get("type") if isinstance(a, dict) else None) == "space"]
+    space = [i for i, a in enumerate(axes) if isinstance(a, dict) and a.get("type") == "space"]
     if len(space) != spatial_dims:
-        space = list(range(len(axes) - spatial_dims, len(axes)))
-    scale, translation = [1.0] * len(axes), [0.0] * len(axes)
-    for transform in (*multiscale.get("coordinateTransformations", []), *multiscale["datasets"][level].get("coordinateTransformations", [])):
+        raise InputError(f"OME-Zarr with {len(space)} space axes for a {spatial_dims}D model")
+    scale, translation = np.ones(len(axes)), np.zeros(len(axes))
+    for transform in (*multiscale["datasets"][level].get("coordinateTransformations", []),
+                      *multiscale.get("coordinateTransformations", [])):  # fmt: skip
         if transform.get("type") == "scale":
-            scale = [a * b for a, b in zip(scale, transform["scale"])]
+            factor = np.asarray(transform["scale"], dtype=float)
+            scale, translation = scale * factor, translation * factor
         elif transform.get("type") == "translation":
-            translation = [a + b for a, b in zip(translation, transform["translation"])]
-    sizes = [float(scale[i]) for i in space]
-    origin = [float(translation[i]) for i in space]
+            translation = translation + np.asarray(transform["translation"], dtype=float)
+    units = [axes[i].get("unit") for i in space]
+    if spatial_dims == 3:
+        unknown = [u for u in units if u is not None and u not in OME_UNITS_IN_MM]
+        if unknown:
+            raise InputError(f"OME-Zarr space unit {unknown[0]!r}: tilemask reads {', '.join(OME_UNITS_IN_MM)}")
+        to_mm = np.array([OME_UNITS_IN_MM.get(u or "millimeter") for u in units])
+    else:
+        to_mm = np.ones(2)
+    sizes = [float(scale[i]) * f for i, f in zip(space, to_mm)]
+    origin = [float(translation[i]) * f for i, f in zip(space, to_mm)]
     if spatial_dims == 2:
         return RasterGeometry(None, (origin[1], sizes[1], 0.0, origin[0], 0.0, sizes[0]))
     affine = [[sizes[r] if r == c else 0.0 for c in range(3)] + [origin[r]] for r in range(3)] + [[0.0, 0.0, 0.0, 1.0]]

@@ -108,7 +108,7 @@ def _load_state_dict(path: Path, network: str | None = None) -> dict[str, torch.
         raise WeightsError(f"model.weights: {path} {NOT_A_CHECKPOINT}{': ' + detail if detail else ''}") from None
     if isinstance(state, dict) and not _all_tensors(state):
         # training checkpoints: Lightning and MONAI's CheckpointSaver ("state_dict" / "model" / "network"), nnU-Net
-        state = next((state[k] for k in CHECKPOINT_KEYS if isinstance(state.get(k), dict)), state)
+        state = next((state[k] for k in CHECKPOINT_KEYS if isinstance(state.get(k), dict) and _all_tensors(state[k])), state)
     if not (isinstance(state, dict) and _all_tensors(state)):
         raise WeightsError(f"model.weights: {path} holds no state_dict of tensors")
     return state
@@ -150,12 +150,21 @@ class _FixedBatch(torch.nn.Module):
             n = part.shape[0]
             if n < self.batch:
                 part = torch.cat([part, part.new_zeros((self.batch - n, *part.shape[1:]))])
-            outputs.append(self.program(part)[:n])
+            out = self.program(part)
+            if not isinstance(out, torch.Tensor):  # deep supervision and the like: a tuple of outputs
+                raise WeightsError("model.weights: the exported program returns several outputs; export one tensor")
+            outputs.append(out[:n])
         return torch.cat(outputs)
 
 
 def _load_exported(path: Path, device) -> torch.nn.Module:
-    """A ``torch.export`` archive (``.pt2``) as a callable module on ``device``."""
+    """A ``torch.export`` archive (``.pt2``) as a callable module on ``device``.
+
+    torch.export.load falls back to a full unpickling for some members; every
+    pickle in the archive is first loaded with ``weights_only=True``, so an
+    archive that would run code is refused, as a checkpoint would be.
+    """
+    _refuse_pickles_with_code(path)
     try:
         program = torch.export.load(str(path))
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged archive
@@ -166,6 +175,27 @@ def _load_exported(path: Path, device) -> torch.nn.Module:
     if shape and isinstance(shape[0], int):  # exported without a dynamic batch dimension
         return _FixedBatch(module, int(shape[0]))
     return module
+
+
+def _refuse_pickles_with_code(path: Path) -> None:
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if not name.endswith((".pt", ".pkl", "data.pkl")):
+                continue
+            data = archive.read(name)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    if name.endswith("data.pkl"):  # a bare pickle: its opcodes tell what it would import
+                        imports = _pickle_imports(data) or []
+                        if any(not i.startswith(("torch.", "collections.", "_codecs.", "builtins.")) for i in imports):
+                            raise pickle.UnpicklingError(f"imports {imports}")
+                    else:
+                        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise WeightsError(
+                    f"model.weights: {path} holds a pickle that needs code to load ({name}); refused"
+                ) from exc
 
 
 def first_line(exc: BaseException) -> str:

@@ -47,7 +47,7 @@ def staged_path(path: str | os.PathLike, run_id: str) -> str:
 
 
 ASIDE = ".old"  # an output renamed aside while a new one takes its place
-STAGING_SUFFIXES = ("", ".parts", ".raw.zarr", ".raw.nii", ".aux.xml", ".ovr.tmp", ".msk", ASIDE)
+STAGING_SUFFIXES = ("", ".parts", ".raw.zarr", ".raw.nii", ".labels.zarr", ".aux.xml", ".ovr.tmp", ".msk", ASIDE)
 """What runs of one output stage beside it: the output itself, COG pieces, a raw intermediate, sidecars."""
 
 

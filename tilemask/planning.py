@@ -196,11 +196,14 @@ def plan_workflow(workflow: Workflow) -> WorkflowPlan:
     weights = workflow.resolve(workflow.model.weights)
     if not weights.startswith(REMOTE_PREFIXES) and not os.path.isfile(weights):
         raise WeightsError(f"model.weights: no such file {weights}")
+    spec = ModelSpec.create(workflow.model.network, workflow.model.args, weights)
+    if not workflow.model.network and not spec.carries_network:
+        raise WorkflowError("model.network: needed for a checkpoint of weights (TorchScript and .pt2 carry their own)")
     normalize = workflow.preprocess.normalize
     sigma = inference.sigma_scale
     plan = WorkflowPlan(
         workflow=workflow,
-        model=ModelSpec.create(workflow.model.network, workflow.model.args, weights),
+        model=spec,
         settings=InferenceSettings(
             roi=roi,
             mode=inference.mode,
@@ -228,8 +231,10 @@ def _plan_input(workflow: Workflow, item: InputItem, spatial_dims: int) -> Input
     else:
         source = StackedSource.of([open_source(f, spatial_dims, workflow.preprocess.bands) for f in item.files])
     check_source(workflow, source)
-    plan = WindowPlan.build(source.spatial_shape, workflow.inference.roi_size, workflow.inference.overlap, workflow.output.chunks)
     output = workflow.output_path(item.name)
+    for_output(output).check_input(output, source)
+    _check_postprocess_units(workflow, source)
+    plan = WindowPlan.build(source.spatial_shape, workflow.inference.roi_size, workflow.inference.overlap, workflow.output.chunks)
     quicklook = workflow.output.quicklook and spatial_dims == 2 and for_path(path).gdal_raster and len(item.files) == 1
     return InputPlan(
         input=path,
@@ -244,6 +249,24 @@ def _plan_input(workflow: Workflow, item: InputItem, spatial_dims: int) -> Input
         ),
         files=item.files,
     )
+
+
+def _check_postprocess_units(workflow: Workflow, source: ImageSource) -> None:
+    """Physical sizes and radii need the input's pixel/voxel size, and units of its kind: refused now, not after
+    the inference."""
+    config = workflow.postprocess
+    if config is None or not config.active:
+        return
+    from .postprocess import cell_size, spacing_of
+
+    spacing = spacing_of(source.geometry)
+    try:
+        config.check_units(volume=len(source.spatial_shape) == 3)
+        config.min_size(cell_size(spacing, source.geometry) if spacing else None)
+        config.radius("opening", spacing)
+        config.radius("closing", spacing)
+    except ValueError as exc:
+        raise InputError(f"{source.path}: {exc}") from None
 
 
 def check_source(workflow: Workflow, source: ImageSource) -> None:

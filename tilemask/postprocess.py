@@ -79,14 +79,22 @@ def spacing_of(geometry) -> tuple[float, ...] | None:
     return (float(np.hypot(b, e)), float(np.hypot(a, d)))  # rows, columns
 
 
+def cell_size(spacing: tuple[float, ...], geometry=None) -> float:
+    """The volume (mm3) or area (m2) of one voxel/pixel: |det| of the affine's linear part when there is one
+    (a sheared grid's cell is smaller than the product of its edge lengths), else the product of the spacing."""
+    if geometry is not None and hasattr(geometry, "affine"):
+        return float(abs(np.linalg.det(np.asarray(geometry.affine)[:3, :3])))
+    return float(np.prod(spacing))
+
+
 def apply(
     labels: da.Array, config: PostprocessConfig | dict, nodata: int | None = None, client=None,
-    spacing: tuple[float, ...] | None = None,
+    spacing: tuple[float, ...] | None = None, geometry=None,
 ) -> da.Array:  # fmt: skip
     """``labels`` after the steps of ``config`` (see the module docstring); lazy where possible.
 
-    ``spacing`` (from :func:`spacing_of`) turns physical sizes and radii into
-    pixels/voxels. Removing small components, keeping the largest and filling
+    ``spacing`` (from :func:`spacing_of` of ``geometry``) turns physical sizes
+    and radii into pixels/voxels. Removing small components, keeping the largest and filling
     holes need the components first: they are computed (on ``client`` when
     given) before this returns.
     """
@@ -96,7 +104,7 @@ def apply(
         return labels
     try:
         config.check_units(volume=labels.ndim == 3)
-        min_size = config.min_size(float(np.prod(spacing)) if spacing else None)
+        min_size = config.min_size(cell_size(spacing, geometry) if spacing else None)
         radii = {name: config.radius(name, spacing) for name in ("opening", "closing")}
     except ValueError as exc:
         from .errors import InputError

@@ -21,8 +21,8 @@ from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 
 from .classes import CLASSES_TAG, class_colours
-from .formats import for_path
 from .errors import InputError, OutputError
+from .formats import for_path
 from .outputs import atomic_path
 from .sources.labels import open_labels
 

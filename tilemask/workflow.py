@@ -189,6 +189,8 @@ class Workflow(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Workflow:
+        if self.stats is not None and for_output(self.output.path).name == "dicom-seg":
+            raise ValueError("stats read the labels back: write .nii.gz (or another label output) to get them")
         spatial_dims = self.model.spatial_dims
         roi = self.inference.roi_size
         if spatial_dims is not None and len(roi) != spatial_dims:
@@ -295,7 +297,9 @@ class Workflow(_Strict):
         return items
 
     def input_paths(self) -> list[str]:
-        """The inputs, globs expanded (sorted), in order."""
+        """The inputs given as paths, globs expanded (sorted), in order (cases: :meth:`input_items`)."""
+        if isinstance(self.input, CaseChannels):
+            return [f for item in self._cases(self.input.channels) for f in item.files]
         items = [self.input] if isinstance(self.input, str) else list(self.input)
         paths: list[str] = []
         for item in items:

@@ -98,8 +98,9 @@ def test_physical_sizes_and_radii_use_the_voxel_size(labels):
     np.testing.assert_array_equal(by_volume, by_count)
 
     element = ball((1.0, 2.0, 4.0), 3)
-    offsets = np.argwhere(element) - np.array(element.shape) // 2
-    assert element.shape == (3, 5, 9) and np.all(((offsets * spacing) ** 2).sum(axis=1) <= 4.0 + 1e-9)
+    grid = np.indices((3, 5, 9)) - np.array([1, 2, 4])[:, None, None, None]  # built here, not by tilemask
+    expected_element = ((grid * np.array(spacing)[:, None, None, None]) ** 2).sum(axis=0) <= 2.0**2
+    np.testing.assert_array_equal(element, expected_element)
     expected = labels.copy()
     for value in (1, 2):
         mask = expected == value

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import __version__
-from ..errors import InputError, OutputError
+from ..errors import OutputError
 from ..outputs import publish, remove, staged_path
 from . import LabelSink, OutputLayout
 from .zarr import ZarrSink
@@ -42,13 +42,7 @@ class DicomSegSink(LabelSink):
         return staged_path(self.path, self.layout.run_id)
 
     def create(self) -> None:
-        from ..sources.dicom import DicomSeriesSource
-
-        if self.layout.writes_probabilities:
-            raise InputError(f"{self.path}: a DICOM Segmentation holds labels; set output.probabilities: none")
-        if not isinstance(self._source(), DicomSeriesSource):
-            raise InputError(f"{self.path}: a DICOM Segmentation refers to a DICOM series; the input is not one")
-        self.labels.create()
+        self.labels.create()  # the input was checked to be a DICOM series when planning (DicomSegFormat)
 
     def _source(self):
         from ..formats import for_path
@@ -64,16 +58,15 @@ class DicomSegSink(LabelSink):
         import zarr
 
         source = self._source()
-        images = [pydicom.dcmread(f) for f in source.files]  # the k axis, in order
-        stored = zarr.open_array(f"{self.labels.staged}/labels", mode="r")
+        images = [
+            pydicom.dcmread(f) for f in source.files
+        ]  # the k axis, in order (highdicom reads their pixels' layout)
         layout = self.layout
-        frames = np.zeros((len(images), images[0].Rows, images[0].Columns), dtype=np.uint16)
-        for k in range(len(images)):
-            frame = np.asarray(stored[:, :, k]).T  # (i, j) -> (rows, columns)
-            if layout.nodata is not None:
-                frame = np.where(frame == layout.nodata, 0, frame)
-            frames[k] = frame
-        present = [v for v in range(1, len(layout.class_names))]
+        volume = np.asarray(zarr.open_array(f"{self.labels.staged}/labels", mode="r")[...])  # (i, j, k), read once
+        if layout.nodata is not None:
+            volume[volume == layout.nodata] = 0
+        frames = np.ascontiguousarray(volume.transpose(2, 1, 0))  # (slices, rows, columns)
+        foreground = list(range(1, len(layout.class_names)))
         algorithm = hd.AlgorithmIdentificationSequence(
             name="tilemask", version=__version__, family=hd.sr.CodedConcept("113112", "DCM", "Artificial Intelligence")
         )
@@ -86,13 +79,12 @@ class DicomSegSink(LabelSink):
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=algorithm,
             )
-            for value in present
+            for value in foreground
         ]
-        kind = getattr(hd.seg.SegmentationTypeValues, "LABELMAP", hd.seg.SegmentationTypeValues.BINARY)
         seg = hd.seg.Segmentation(
             source_images=images,
-            pixel_array=frames.astype(np.uint8 if len(present) < 256 else np.uint16),
-            segmentation_type=kind,
+            pixel_array=frames.astype(np.uint8 if len(foreground) < 256 else np.uint16, copy=False),
+            segmentation_type=hd.seg.SegmentationTypeValues.LABELMAP,
             segment_descriptions=descriptions,
             series_instance_uid=hd.UID(),
             series_number=900,
@@ -108,10 +100,10 @@ class DicomSegSink(LabelSink):
         seg.save_as(self.staged, enforce_file_format=True)
 
     def publish(self) -> list[str]:
+        if self.layout.dicomweb:  # stored first: a failed store leaves nothing that looks finished
+            store(self.staged, self.layout.dicomweb)
         publish(self.staged, self.path)
         self.labels.abort()
-        if self.layout.dicomweb:
-            store(self.path, self.layout.dicomweb)
         return [self.path]
 
     def abort(self) -> None:
@@ -119,12 +111,24 @@ class DicomSegSink(LabelSink):
         self.labels.abort()
 
 
+STORE_TIMEOUT = (10, 120)  # seconds: connecting, then waiting for each answer
+
+
 def store(path: str, url: str) -> None:
-    """STOW-RS of the instance at ``path`` to the DICOMweb root ``url`` (dicomweb-client)."""
+    """STOW-RS of the instance at ``path`` to the DICOMweb root ``url`` (dicomweb-client), with timeouts."""
     import pydicom
+    import requests
     from dicomweb_client.api import DICOMwebClient
 
+    class TimeoutAdapter(requests.adapters.HTTPAdapter):
+        def send(self, request, **kwargs):
+            kwargs["timeout"] = kwargs.get("timeout") or STORE_TIMEOUT
+            return super().send(request, **kwargs)
+
+    session = requests.Session()
+    session.mount("http://", TimeoutAdapter())
+    session.mount("https://", TimeoutAdapter())
     try:
-        DICOMwebClient(url=url.rstrip("/")).store_instances([pydicom.dcmread(path)])
+        DICOMwebClient(url=url.rstrip("/"), session=session).store_instances([pydicom.dcmread(path)])
     except Exception as exc:  # noqa: BLE001 - requests and the client raise many types
         raise OutputError(f"output.dicomweb: storing {path} on {url} failed: {str(exc).splitlines()[0]}") from None

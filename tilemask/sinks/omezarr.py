@@ -110,7 +110,7 @@ class OmeZarrSink(LabelSink):
                         {"type": "scale", "scale": lead + [s * 2**level for s in spacing]}]}
                     for level in range(len(shapes))
                 ],
-                "type": "mode" if name == "labels" else "mean",
+                "type": "mean" if with_channels else "mode",  # probabilities are averaged, labels voted
             }  # fmt: skip
 
         for level, shape in enumerate(shapes):

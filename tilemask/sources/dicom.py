@@ -51,9 +51,18 @@ def dicom_files(folder: str) -> list[str]:
     return [path for path in _files(folder) if _part10(path)]
 
 
+def is_dicom_file(path: str) -> bool:
+    return os.path.isfile(path) and _part10(path)
+
+
+PROBE_FILES = 64  # how many files of a folder with no known suffix are looked at to recognise a DICOM series
+
+
 def is_dicom_folder(path: str) -> bool:
-    """Whether ``path`` is a folder holding a DICOM file (stops at the first)."""
-    return os.path.isdir(path) and any(_part10(p) for p in _files(path))
+    """Whether ``path`` is a folder holding a DICOM file among its first :data:`PROBE_FILES` files."""
+    if not os.path.isdir(path):
+        return False
+    return any(_part10(p) for p, _ in zip(_files(path), range(PROBE_FILES)))
 
 
 @dataclass(frozen=True)
@@ -79,16 +88,20 @@ class DicomSeriesSource(ImageSource):
                 headers.append((path, pydicom.dcmread(path, stop_before_pixels=True)))
             except (InvalidDicomError, OSError, ValueError) as exc:
                 raise InputError(f"{path}: cannot read DICOM: {exc}") from None
-        images = [(p, h) for p, h in headers if "PixelData" in h or "ImagePositionPatient" in h]
+        images = [(p, h) for p, h in headers if "Rows" in h]  # images (not DICOMDIRs, reports, ...)
         if not images:
             raise InputError(f"{folder}: no DICOM image in this folder")
         series = {h.get("SeriesInstanceUID") for _, h in images}
         if len(series) > 1:
             raise InputError(f"{folder}: holds {len(series)} DICOM series; give the folder of one series")
         for path, h in images:
-            missing = [k for k in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing") if k not in h]
+            missing = [
+                k for k in ("Columns", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing") if k not in h
+            ]
             if missing:
                 raise InputError(f"{path}: no {missing[0]}: tilemask needs the slice geometry")
+            if len(h.ImageOrientationPatient) != 6 or len(h.ImagePositionPatient) != 3 or len(h.PixelSpacing) != 2:
+                raise InputError(f"{path}: ImageOrientationPatient, ImagePositionPatient or PixelSpacing is malformed")
             if int(h.get("NumberOfFrames", 1) or 1) != 1:
                 raise InputError(f"{path}: a multi-frame image; tilemask reads series of single-frame slices")
         first = images[0][1]

@@ -108,19 +108,27 @@ def open_zarr_labels(path: str, chunks) -> LabelImage:
     return LabelImage(path, lazy, geometry, classes, meta.get("nodata"))
 
 
+def omezarr_labels_key(root) -> str:
+    """The first level of an OME-Zarr's first label image (tilemask records it: ``labels/labels/0``)."""
+    meta = dict(root.attrs).get("tilemask", {})
+    if meta.get("labels"):
+        return meta["labels"]
+    try:
+        container = dict(root["labels"].attrs)
+        names = container.get("ome", container).get("labels", [])
+        group = root[f"labels/{names[0]}"]
+        ome = dict(group.attrs).get("ome", dict(group.attrs))
+        return f"labels/{names[0]}/{ome['multiscales'][0]['datasets'][0]['path']}"
+    except (KeyError, IndexError, TypeError):
+        raise InputError(f"{root.store}: an OME-Zarr without a label image (no labels/ with multiscales)") from None
+
+
 def open_omezarr_labels(path: str, chunks) -> LabelImage:
-    """The first level of an OME-Zarr's first label image (what tilemask writes at ``labels/labels/0``)."""
+    """The first level of an OME-Zarr's first label image, with its geometry and class names."""
     root = zarr.open_group(path, mode="r")
     attrs = dict(root.attrs)
     meta = attrs.get("tilemask", {})
-    labels_path = meta.get("labels")
-    if labels_path is None:
-        names = dict(root["labels"].attrs).get("ome", dict(root["labels"].attrs)).get("labels", [])
-        if not names:
-            raise InputError(f"{path}: an OME-Zarr without labels")
-        group = root[f"labels/{names[0]}"]
-        ome = dict(group.attrs).get("ome", dict(group.attrs))
-        labels_path = f"labels/{names[0]}/{ome['multiscales'][0]['datasets'][0]['path']}"
+    labels_path = omezarr_labels_key(root)
     array = root[labels_path]
     geometry = geometry_from_attrs(attrs, array.ndim) if meta else _ome_geometry(root[labels_path.rsplit("/", 1)[0]], array.ndim)
     lazy = da.from_zarr(array, chunks=_chunks(chunks, tuple(array.chunks)))

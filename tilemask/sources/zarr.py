@@ -56,7 +56,11 @@ class ZarrSource(ImageSource):
         kinds = [a.get("type") if isinstance(a, dict) else a for a in multiscale.get("axes", [])]
         if "time" in kinds or kinds.count("channel") > 1:
             raise InputError(f"{path}: OME-Zarr axes {kinds}: tilemask reads channel and space axes only")
-        source = cls.open(f"{path.rstrip('/')}/{multiscale['datasets'][0]['path']}", spatial_dims)
+        try:
+            level0 = multiscale["datasets"][0]["path"]
+        except (KeyError, IndexError, TypeError):
+            raise InputError(f"{path}: an OME-Zarr multiscale without datasets") from None
+        source = cls.open(f"{path.rstrip('/')}/{level0}", spatial_dims)
         geometry = geometry_from_attrs(attrs, spatial_dims) if "tilemask" in attrs else ome_geometry(multiscale, spatial_dims)
         return cls(source.path, source.array_shape, source.channel_first, geometry, source.floating)
 

@@ -116,8 +116,10 @@ class WindowReader:
         import zarr
 
         def opener():
+            from ..formats import for_path
+
             node = zarr.open(self.path, mode="r")
-            return node["labels"] if isinstance(node, zarr.Group) else node
+            return node[for_path(self.path).labels_key(node)] if isinstance(node, zarr.Group) else node
 
         return cached_handle(("stats-zarr", self.path, file_stamp(self.path)), opener)
 
