@@ -22,6 +22,7 @@ from .catalog import Entry
 MEDIA = {
     "cog": pystac.MediaType.COG,
     "zarr": "application/vnd+zarr",
+    "ome-zarr": "application/vnd+zarr; profile=ome-zarr",
     "nifti": "application/x-nifti",
     "gpkg": pystac.MediaType.GEOPACKAGE,
     "fgb": pystac.MediaType.FLATGEOBUF,
