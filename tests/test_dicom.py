@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 import tilemask
-from tests.conftest import UNET_3D
+from tests.conftest import UNET_3D, _free_port
 from tilemask.errors import InputError
 from tilemask.formats import for_path
 from tilemask.sources.dicom import DicomSeriesSource
@@ -115,14 +115,6 @@ def test_a_folder_of_two_series_uneven_or_radial_slices_is_refused(tmp_path):
     by_position[2].unlink()  # the middle slice of five: a gap
     with pytest.raises(InputError, match="not evenly spaced"):
         DicomSeriesSource.open(str(uneven))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
