@@ -171,7 +171,11 @@ def _load_exported(path: Path, device) -> torch.nn.Module:
         raise WeightsError(f"model.weights: {path} is not a loadable torch.export archive: {first_line(exc)}") from None
     inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in program.graph_signature.user_inputs]
     shape = inputs[0].meta["val"].shape if inputs and "val" in inputs[0].meta else ()
-    module = program.module().to(device)
+    if torch.device(device).type != "cpu":  # constants baked into the graph move too, not only the parameters
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, torch.device(device))
+    module = program.module()
     if shape and isinstance(shape[0], int):  # exported without a dynamic batch dimension
         return _FixedBatch(module, int(shape[0]))
     return module
