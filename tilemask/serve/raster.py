@@ -12,6 +12,7 @@ are drawn as a viridis ramp, one band (class) at a time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -37,12 +38,8 @@ def reader(root: Path, entry: Entry, variable: str = "labels"):
     """A rio-tiler reader of ``entry``'s labels or probabilities."""
     path = root / entry.path
     if for_path(entry.path).zarr_store:
-        from ..results import open_result
-
-        array = open_result(str(path), variable)
-        if variable == "probabilities":
-            array = array.rename({"class": "band"})
-        with XarrayReader(array) as r:
+        st = (path / "zarr.json").stat()
+        with XarrayReader(_zarr_array(str(path), variable, st.st_mtime_ns, st.st_ino)) as r:
             yield r
         return
     if variable == "probabilities":
@@ -51,6 +48,16 @@ def reader(root: Path, entry: Entry, variable: str = "labels"):
         raise HTTPException(404, f"not found: {entry.path}")
     with Reader(str(path), dataset=_open_gtiff(path)) as r:  # the dataset stays open: it is this thread's
         yield r
+
+
+@functools.lru_cache(maxsize=16)
+def _zarr_array(path: str, variable: str, mtime_ns: int, inode: int):
+    """A Zarr output as :func:`tilemask.open_result` gives it (lazy), opened once while the store is unchanged
+    rather than for every tile; probabilities with their class axis named ``band``, as rio-tiler expects."""
+    from ..results import open_result
+
+    array = open_result(path, variable)
+    return array.rename({"class": "band"}) if variable == "probabilities" else array
 
 
 _local = threading.local()

@@ -73,7 +73,6 @@ class DicomSeriesSource(ImageSource):
     volume_geometry: VolumeGeometry
     slopes: tuple[float, ...]
     intercepts: tuple[float, ...]
-    series_uid: str
 
     @classmethod
     def open(cls, folder: str) -> DicomSeriesSource:
@@ -142,7 +141,6 @@ class DicomSeriesSource(ImageSource):
             volume_geometry=VolumeGeometry(tuple(tuple(float(v) for v in row) for row in ras)),
             slopes=tuple(float(h.get("RescaleSlope", 1) or 1) for _, h in images),
             intercepts=tuple(float(h.get("RescaleIntercept", 0) or 0) for _, h in images),
-            series_uid=str(first.get("SeriesInstanceUID", "")),
         )
 
     @property

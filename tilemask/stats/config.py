@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 
 def _not_bool(value: Any) -> Any:
@@ -34,7 +34,6 @@ def _not_bool(value: Any) -> Any:
 
 
 NotBool = BeforeValidator(_not_bool)  # add to every int or float field: Annotated[int, NotBool]
-Count = Annotated[int, NotBool, Field(ge=0)]
 
 
 class StatsConfig(BaseModel):
