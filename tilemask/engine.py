@@ -34,9 +34,11 @@ while running exits 1 (``exit_status``), one found before any work exits 2.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -51,7 +53,7 @@ from .finalize import class_histogram, finalize
 from .geometry import Block, Region
 from .interrupts import shielded
 from .outputs import OutputLock
-from .planning import Job, WorkflowPlan, plan_workflow
+from .planning import Inversion, Job, WorkflowPlan, plan_workflow
 from .preprocess import Preprocessing
 from .products import write_products
 from .progress import announce, stage, window_progress
@@ -221,6 +223,101 @@ def _release(held: dict, key) -> None:
     if future is not None:
         future.release()
 
+def predict_into(client: Client, job: Job, sink: LabelSink, progress: bool) -> RunResult:
+    """Predict one input into ``sink`` (on the output grid): the z-score's statistics first when asked, then
+    straight into the sink, or onto the model grid and back (:func:`execute_and_invert`)."""
+    if job.preprocessing.needs_statistics:
+        with stage(f"{Path(job.input).name}: intensity statistics", enabled=progress):
+            job = replace(job, preprocessing=measure_statistics(client, job))
+    if job.back is None:
+        return execute(client, replace(job, sink=sink), progress=progress)
+    return execute_and_invert(client, replace(job, sink=sink), progress)
+
+
+def measure_statistics(client: Client, job: Job) -> Preprocessing:
+    """The z-score fixed with the mean and standard deviation of the whole volume the network sees."""
+    from .preprocess import combine
+
+    plan, preprocessing = job.plan, job.preprocessing
+    regions = [plan.chunk_region(i) for i in plan.chunk_indexes()]
+    futures = client.map(chunk_moments, regions, source=job.source, preprocessing=preprocessing, pure=False)
+    try:
+        mean, std = combine(gather(client, futures))
+    except BaseException:
+        with shielded():
+            cancel_and_drain(client, futures)
+        raise
+    logger.info("%s: z-score mean %s, std %s", job.input, mean, std)
+    return preprocessing.with_statistics(mean, std)
+
+
+def chunk_moments(region: Region, source: ImageSource, preprocessing: Preprocessing) -> np.ndarray:
+    from .preprocess import moments
+
+    data = preprocessing.scaled(source.read(region))
+    valid = np.isfinite(data).all(axis=0) if source.floating else None  # NaN and infinity: invalid, left out
+    return moments(data, preprocessing.nonzero, preprocessing.channel_wise, valid)
+
+
+def execute_and_invert(client: Client, job: Job, progress: bool) -> RunResult:
+    """Predict on the model grid into a hidden Zarr of probabilities, then bring them back onto the input grid
+    chunk by chunk (MONAI's ``Invertd(nearest_interp=False)``) and take the labels there."""
+    final, back = job.sink, job.back
+    model_sink = ZarrSink(final.path.rstrip("/") + ".model.zarr", job.model_grid_layout(), visible=False)
+    finishing = replace(job.finishing, probabilities="float32")
+    result = execute(client, replace(job, sink=model_sink, finishing=finishing), progress=progress)
+    name = Path(job.input).name
+    try:
+        with stage(f"{name}: back onto the input grid", enabled=progress):
+            regions = [back.plan.chunk_region(i) for i in back.plan.chunk_indexes()]
+            submit = functools.partial(
+                client.map, invert_chunk, regions, back=back, model=model_sink, finishing=job.finishing, sink=final,
+                pure=False,
+            )  # fmt: skip
+            result.outputs, totals = fill_sink(client, final, submit, f"{name}: making {Path(final.path).name} whole", progress)
+    finally:
+        with shielded():
+            model_sink.abort()
+    result.class_pixels = dict(zip(final.layout.class_names, map(int, totals)))
+    return result
+
+
+def invert_chunk(region: Region, back: Inversion, model: ZarrSink, finishing: Finishing, sink: LabelSink) -> np.ndarray:
+    """One input-grid chunk: the model-grid probabilities interpolated back, labelled and written."""
+    from .finalize import finish_probabilities
+    from .spatial import resample_back
+
+    probabilities = resample_back(back.grid, region, model.read_probabilities)
+    valid = back.source.read_valid(region)
+    if back.source.floating:
+        finite = np.isfinite(back.source.read(region)).all(axis=0)
+        valid = finite if valid is None else valid & finite
+    labels, encoded, histogram = finish_probabilities(probabilities, valid, finishing)
+    write_chunk(sink, region, labels, encoded)
+    return histogram
+
+
+def fill_sink(
+    client: Client, sink: LabelSink, submit: Callable[[], list], what: str, progress: bool
+) -> tuple[list[str], np.ndarray]:
+    """Create ``sink``, run the chunk tasks ``submit`` starts (each writes its chunk and returns its class
+    histogram), make the output whole and publish it; on any failure, stop them and remove what was staged."""
+    futures: list = []
+    finishing: dict = {}  # the finish and publish tasks, once submitted
+    try:
+        sink.create()
+        futures = submit()
+        totals = np.sum(gather(client, futures), axis=0)
+        with stage(what, enabled=progress):
+            outputs = finish_and_publish(client, sink, finishing)
+    except BaseException:
+        with shielded():
+            cancel_and_drain(client, futures + list(finishing.values()))
+            sink.abort()
+        raise
+    return outputs, totals
+
+
 def execute_postprocessed(client: Client, job: Job, config: PostprocessConfig, progress: bool) -> RunResult:
     """Predict into a hidden raw Zarr, clean the labels up, then write them to the real sink.
 
@@ -234,30 +331,20 @@ def execute_postprocessed(client: Client, job: Job, config: PostprocessConfig, p
 
     final = job.sink
     raw = ZarrSink(final.path.rstrip("/") + ".raw.zarr", final.layout, visible=False)  # stays hidden: staged only
-    result = execute(client, replace(job, sink=raw), progress=progress)
-    futures: list = []
-    finishing: dict = {}  # the finish and publish tasks, once submitted
+    result = predict_into(client, job, raw, progress)
+    plan = job.output_plan
     try:
         with stage(f"{Path(job.input).name}: post-processing", enabled=progress):
-            image = open_labels(raw.staged, job.plan.chunks)
+            image = open_labels(raw.staged, plan.chunks)
             cleaned = postprocess(
                 image.array, config, nodata=image.nodata, client=client, spacing=spacing_of(image.geometry),
                 geometry=image.geometry,
-            ).rechunk(job.plan.chunks)
-            final.create()
-            regions = [job.plan.chunk_region(i) for i in job.plan.chunk_indexes()]
+            ).rechunk(plan.chunks)
+            regions = [plan.chunk_region(i) for i in plan.chunk_indexes()]
             copy = dask.delayed(_copy_chunk, pure=False)
-            futures = client.compute(
-                [copy(r, block, final, raw, job.finishing) for r, block in zip(regions, cleaned.to_delayed().ravel())]
-            )
-            totals = np.sum(gather(client, futures), axis=0)
-        with stage(f"{Path(job.input).name}: making {Path(final.path).name} whole", enabled=progress):
-            result.outputs = finish_and_publish(client, final, finishing)
-    except BaseException:
-        with shielded():
-            cancel_and_drain(client, futures + list(finishing.values()))
-            final.abort()
-        raise
+            tasks = [copy(r, block, final, raw, job.finishing) for r, block in zip(regions, cleaned.to_delayed().ravel())]
+            what = f"{Path(job.input).name}: making {Path(final.path).name} whole"
+            result.outputs, totals = fill_sink(client, final, lambda: client.compute(tasks), what, progress)
     finally:
         with shielded():
             raw.abort()
@@ -339,7 +426,7 @@ def run_job(client: Client, job: Job, plan: WorkflowPlan, progress: bool) -> Run
             if plan.postprocess:
                 result = execute_postprocessed(client, job, plan.postprocess, progress)
             else:
-                result = execute(client, job, progress=progress)
+                result = predict_into(client, job, job.sink, progress)
             result.outputs += write_products(job, result.outputs[0], client, progress)
     except TilemaskError as exc:
         exc.exit_status = 1  # found while running: a run failure, whatever its kind

@@ -23,14 +23,23 @@ def finalize(
     weighted: np.ndarray, weights: np.ndarray, valid: np.ndarray | None, finishing: Finishing
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """``(labels, encoded probabilities or None, pixels per class)`` of one chunk; ``weighted`` is consumed."""
-    dtype = np.dtype(finishing.labels_dtype)
-    encoded = None
-    if finishing.probabilities == "none":
-        labels = labels_from_sums(weighted, weights, finishing.activation, finishing.threshold, dtype)
-    else:
+    if finishing.probabilities != "none":
         weighted /= weights
-        probabilities = activate(weighted, finishing.activation)
-        labels = to_labels(probabilities, finishing.activation, finishing.threshold, dtype)
+        return finish_probabilities(activate(weighted, finishing.activation), valid, finishing)
+    dtype = np.dtype(finishing.labels_dtype)
+    labels = labels_from_sums(weighted, weights, finishing.activation, finishing.threshold, dtype)
+    if valid is not None:
+        labels[~valid] = finishing.nodata
+    return labels, None, class_histogram(labels, finishing.n_classes, finishing.nodata)
+
+
+def finish_probabilities(
+    probabilities: np.ndarray, valid: np.ndarray | None, finishing: Finishing
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """:func:`finalize` from activated probabilities (or blended outputs, no activation); modifies them."""
+    labels = to_labels(probabilities, finishing.activation, finishing.threshold, np.dtype(finishing.labels_dtype))
+    encoded = None
+    if finishing.probabilities != "none":
         if valid is not None:
             probabilities[:, ~valid] = 0.0
         encoded = encode_probabilities(probabilities, finishing.probabilities)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +31,14 @@ from . import __version__
 from .classes import class_name
 from .errors import InputError, WeightsError, WorkflowError
 from .formats import for_output, for_path
-from .geometry import WindowPlan, normalize_per_axis
+from .geometry import VolumeGeometry, WindowPlan, normalize_per_axis
 from .outputs import check_outputs, new_run_id
-from .preprocess import Preprocessing
+from .preprocess import Intensity, Preprocessing
 from .settings import Finishing, InferenceSettings, ModelSpec
 from .sinks import LabelSink, OutputLayout, make_sink
 from .sources import ImageSource, open_source
 from .sources.stack import StackedSource
+from .spatial import ModelGrid, ResampledSource, model_grid
 from .stats.config import PostprocessConfig, StatsConfig
 from .workflow import REMOTE_PREFIXES, InputItem, Workflow
 
@@ -68,6 +69,16 @@ class InputPlan:
     output: str
     products: Products
     files: tuple[str, ...] = ()  # every file it reads (the channels of a case)
+    back: Inversion | None = None  # the network sees another grid, and the output is on the input's
+
+
+@dataclass(frozen=True)
+class Inversion:
+    """Where a job predicting on the model grid puts its output: the input's grid (MONAI's ``Invertd``)."""
+
+    source: ImageSource  # the input as stored
+    plan: WindowPlan  # the input grid's chunks (its windows are unused)
+    grid: ModelGrid
 
 
 @dataclass
@@ -81,8 +92,29 @@ class Job:
     settings: InferenceSettings
     preprocessing: Preprocessing
     finishing: Finishing
-    sink: LabelSink
+    sink: LabelSink  # on the output grid: the input's when ``back`` is set
     products: Products = field(default_factory=Products)
+    back: Inversion | None = None  # predict on the model grid (``source``, ``plan``), then resample back
+
+    @property
+    def output_plan(self) -> WindowPlan:
+        """The chunks of the output grid."""
+        return self.back.plan if self.back else self.plan
+
+    def model_grid_layout(self) -> OutputLayout:
+        """The hidden model-grid output of a job with ``back``: every channel's probabilities, as float32."""
+        return replace(
+            self.sink.layout,
+            shape=self.plan.shape,
+            chunks=self.plan.chunks,
+            geometry=self.source.geometry,
+            probability_channels=self.sink.layout.probability_channels or self.out_channels,
+            probabilities_dtype="float32",
+        )
+
+    @property
+    def out_channels(self) -> int:
+        return 1 if self.finishing.activation == "sigmoid" else self.finishing.n_classes
 
 
 @dataclass
@@ -129,14 +161,15 @@ class WorkflowPlan:
             probabilities=workflow.output.probabilities,
             nodata=int(np.iinfo(dtype).max) if invalid else None,
         )
+        grid_plan = item.back.plan if item.back else item.plan
         layout = OutputLayout(
-            shape=item.plan.shape,
-            chunks=item.plan.chunks,
+            shape=grid_plan.shape,
+            chunks=grid_plan.chunks,
             class_names=names,
             labels_dtype=finishing.labels_dtype,
             probability_channels=0 if finishing.probabilities == "none" else out_channels,
             probabilities_dtype=finishing.probabilities,
-            geometry=source.geometry,
+            geometry=(item.back.source if item.back else source).geometry,
             reference=item.input,
             nodata=finishing.nodata,
             metadata={"version": __version__, "workflow": workflow.to_dict(), "input": item.input},
@@ -159,6 +192,7 @@ class WorkflowPlan:
             finishing=finishing,
             sink=make_sink(item.output, layout),
             products=products,
+            back=item.back,
         )
 
 
@@ -199,7 +233,6 @@ def plan_workflow(workflow: Workflow) -> WorkflowPlan:
     spec = ModelSpec.create(workflow.model.network, workflow.model.args, weights)
     if not workflow.model.network and not spec.carries_network:
         raise WorkflowError("model.network: needed for a checkpoint of weights (TorchScript and .pt2 carry their own)")
-    normalize = workflow.preprocess.normalize
     sigma = inference.sigma_scale
     plan = WorkflowPlan(
         workflow=workflow,
@@ -211,9 +244,7 @@ def plan_workflow(workflow: Workflow) -> WorkflowPlan:
             batch_size=inference.batch_size,
             device=inference.device,
         ),
-        preprocessing=Preprocessing(
-            tuple(normalize.mean) if normalize else None, tuple(normalize.std) if normalize else None
-        ),
+        preprocessing=preprocessing_of(workflow),
         inputs=[_plan_input(workflow, item, spatial_dims) for item in workflow.input_items()],
         postprocess=workflow.postprocess if workflow.postprocess and workflow.postprocess.active else None,
     )
@@ -224,6 +255,20 @@ def plan_workflow(workflow: Workflow) -> WorkflowPlan:
     return plan
 
 
+def preprocessing_of(workflow: Workflow) -> Preprocessing:
+    preprocess = workflow.preprocess
+    normalize, intensity = preprocess.normalize, preprocess.intensity
+    fixed = normalize is not None and normalize.fixed
+    return Preprocessing(
+        intensity=Intensity(**intensity.model_dump()) if intensity else None,
+        mean=tuple(normalize.mean) if fixed else None,
+        std=tuple(normalize.std) if fixed else None,
+        zscore=normalize is not None and not fixed,
+        nonzero=bool(normalize and normalize.nonzero),
+        channel_wise=bool(normalize and normalize.channel_wise),
+    )
+
+
 def _plan_input(workflow: Workflow, item: InputItem, spatial_dims: int) -> InputPlan:
     path = item.files[0]
     if len(item.files) == 1:
@@ -232,9 +277,16 @@ def _plan_input(workflow: Workflow, item: InputItem, spatial_dims: int) -> Input
         source = StackedSource.of([open_source(f, spatial_dims, workflow.preprocess.bands) for f in item.files])
     check_source(workflow, source)
     output = workflow.output_path(item.name)
-    for_output(output).check_input(output, source)
-    _check_postprocess_units(workflow, source)
-    plan = WindowPlan.build(source.spatial_shape, workflow.inference.roi_size, workflow.inference.overlap, workflow.output.chunks)
+    network_source, grid = _network_grid(workflow, source)
+    for_output(output).check_input(output, source if grid else network_source)
+    _check_postprocess_units(workflow, source if grid else network_source)
+    inference = workflow.inference
+    plan = WindowPlan.build(network_source.spatial_shape, inference.roi_size, inference.overlap, workflow.output.chunks)
+    back = None
+    if grid:
+        chunks = WindowPlan.build(source.spatial_shape, inference.roi_size, inference.overlap, workflow.output.chunks)
+        back = Inversion(source, chunks, grid)
+    source = network_source
     quicklook = workflow.output.quicklook and spatial_dims == 2 and for_path(path).gdal_raster and len(item.files) == 1
     return InputPlan(
         input=path,
@@ -248,7 +300,22 @@ def _plan_input(workflow: Workflow, item: InputItem, spatial_dims: int) -> Input
             stats=workflow.stats_for(item.name),
         ),
         files=item.files,
+        back=back,
     )
+
+
+def _network_grid(workflow: Workflow, source: ImageSource) -> tuple[ImageSource, ModelGrid | None]:
+    """The input as the network sees it, and the grid to bring the output back from (None: the same grid)."""
+    preprocess = workflow.preprocess
+    if not preprocess.resamples:
+        return source, None
+    geometry = source.geometry
+    if not isinstance(geometry, VolumeGeometry):
+        raise InputError(f"{source.path}: preprocess.orientation and spacing need a volume with an affine")
+    grid = model_grid(np.asarray(geometry.affine), source.spatial_shape, preprocess.orientation, preprocess.spacing_per_axis)
+    logger.info("%s: the network sees a %s grid (input %s)", source.path, "x".join(map(str, grid.shape)), "x".join(map(str, source.spatial_shape)))
+    resampled = ResampledSource(source, grid)
+    return resampled, (grid if workflow.output.grid == "input" else None)
 
 
 def _check_postprocess_units(workflow: Workflow, source: ImageSource) -> None:
@@ -279,7 +346,7 @@ def check_source(workflow: Workflow, source: ImageSource) -> None:
             f"channels{hint}"
         )
     normalize = workflow.preprocess.normalize
-    if normalize and len(normalize.mean) != source.channels:
+    if normalize and normalize.fixed and len(normalize.mean) != source.channels:
         raise InputError(
             f"{source.path}: preprocess.normalize has {len(normalize.mean)} values for {source.channels} channels"
         )

@@ -55,21 +55,90 @@ class ModelConfig(_Strict):
 
 
 class Normalize(_Strict):
-    mean: list[Float]
-    std: list[Float]
+    """MONAI's ``NormalizeIntensity``: fixed per-channel ``mean`` / ``std``, or ``mode: zscore`` with the mean and
+    standard deviation of the whole (resampled) volume, over its nonzero voxels with ``nonzero``."""
+
+    mode: Literal["fixed", "zscore"] = "fixed"
+    mean: list[Float] | None = None
+    std: list[Float] | None = None
+    nonzero: bool = False
+    channel_wise: bool = False
 
     @model_validator(mode="after")
-    def _same_length(self) -> Normalize:
+    def _complete(self) -> Normalize:
+        if self.mode == "zscore":
+            if self.mean is not None or self.std is not None:
+                raise ValueError("mode zscore computes mean and std from the volume; give neither")
+            return self
+        if self.mean is None or self.std is None:
+            raise ValueError("give mean and std (one value per channel), or mode: zscore")
+        if self.nonzero or self.channel_wise:
+            raise ValueError("nonzero and channel_wise apply to mode: zscore")
         if len(self.mean) != len(self.std):
             raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}")
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be > 0")
         return self
 
+    @property
+    def fixed(self) -> bool:
+        return self.mode == "fixed"
+
+
+class Intensity(_Strict):
+    """MONAI's ``ScaleIntensityRange``: ``(x - a_min) / (a_max - a_min) * (b_max - b_min) + b_min``, clipped to
+    ``[b_min, b_max]`` with ``clip``."""
+
+    a_min: Float
+    a_max: Float
+    b_min: Float | None = None
+    b_max: Float | None = None
+    clip: bool = False
+
+    @model_validator(mode="after")
+    def _range(self) -> Intensity:
+        if self.a_min == self.a_max:
+            raise ValueError("a_min and a_max must differ")
+        if (self.b_min is None) != (self.b_max is None):
+            raise ValueError("give both b_min and b_max, or neither")
+        if self.clip and self.b_min is None:
+            raise ValueError("clip needs b_min and b_max")
+        return self
+
+
+AXIS_CODES = ("LR", "PA", "IS")
+
 
 class Preprocess(_Strict):
     bands: list[PositiveInt] | None = Field(default=None, description="1-based band indexes (rasters)")
+    orientation: str | None = Field(default=None, description="volumes: MONAI Orientation axis codes, e.g. RAS")
+    spacing: Annotated[float, NotBool, Field(gt=0)] | list[Annotated[float, NotBool, Field(gt=0)]] | None = Field(
+        default=None, description="volumes: MONAI Spacing pixdim in mm (bilinear)"
+    )
+    intensity: Intensity | None = None
     normalize: Normalize | None = None
+
+    @field_validator("orientation")
+    @classmethod
+    def _axis_codes(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        code = value.upper()
+        axes = [next((i for i, pair in enumerate(AXIS_CODES) if c in pair), None) for c in code]
+        if len(code) != 3 or None in axes or len(set(axes)) != 3:
+            raise ValueError(f"three axis codes, one of L/R, P/A and I/S each, e.g. RAS or LPS (got {value!r})")
+        return code
+
+    @property
+    def spacing_per_axis(self) -> tuple[float, ...] | None:
+        if self.spacing is None:
+            return None
+        return tuple(self.spacing) if isinstance(self.spacing, list) else (float(self.spacing),) * 3
+
+    @property
+    def resamples(self) -> bool:
+        """Whether the network sees another grid than the input's."""
+        return bool(self.orientation or self.spacing)
 
 
 class Inference(_Strict):
@@ -108,6 +177,9 @@ class Output(_Strict):
     vectors: str | None = Field(default=None, description="foreground classes as polygons (2D rasters)")
     quicklook: bool = Field(default=True, description="a PNG of the mask over the input beside the output (2D)")
     dicomweb: str | None = Field(default=None, description="a DICOMweb root to store a DICOM Segmentation on (STOW-RS)")
+    grid: Literal["input", "model"] = Field(
+        default="input", description="with preprocess.orientation / spacing: the input's grid, or the network's"
+    )
 
     @model_validator(mode="after")
     def _dicom_segmentation(self) -> Output:
@@ -220,10 +292,18 @@ class Workflow(_Strict):
             raise ValueError(f"stats.output: suffix must be .parquet, .gpkg, .csv or .json (got {self.stats.output!r})")
         if self.inference.activation == "none" and self.output.probabilities == "uint8":
             raise ValueError("output.probabilities uint8 needs an activation (softmax or sigmoid)")
-        normalize = self.preprocess.normalize
-        bands = self.preprocess.bands
-        if normalize and bands and len(normalize.mean) != len(bands):
+        preprocess = self.preprocess
+        normalize, bands = preprocess.normalize, preprocess.bands
+        if normalize and normalize.fixed and bands and len(normalize.mean) != len(bands):
             raise ValueError(f"preprocess.normalize has {len(normalize.mean)} values but bands has {len(bands)}")
+        if preprocess.resamples and len(roi) != 3:
+            raise ValueError("preprocess.orientation and spacing resample volumes: they need a 3D model")
+        if isinstance(preprocess.spacing, list) and len(preprocess.spacing) != 3:
+            raise ValueError(f"preprocess.spacing has {len(preprocess.spacing)} values; a volume has 3 axes")
+        if self.output.grid == "model" and not preprocess.resamples:
+            raise ValueError("output.grid: model needs preprocess.orientation or spacing (else it is the input grid)")
+        if self.output.grid == "model" and fmt.name == "dicom-seg":
+            raise ValueError("a DICOM Segmentation refers to the scan's slices: output.grid must be input")
         return self
 
     # -- construction -------------------------------------------------------------------------

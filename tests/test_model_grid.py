@@ -1,0 +1,201 @@
+"""Orientation, spacing and intensity chunk by chunk, and the way back: MONAI's own pipeline is the reference.
+
+The volumes are real (nibabel's test data): ``example4d.nii.gz`` (stored LAS,
+oblique, 2 x 2 x 2.2 mm) and ``anatomical.nii`` rewritten as stored PSR (the
+same voxels, axes permuted and flipped, the affine to match).
+"""
+
+from __future__ import annotations
+
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import zarr
+from monai.inferers import sliding_window_inference
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    Invertd,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientationd,
+    ScaleIntensityRanged,
+    Spacingd,
+)
+from nibabel.testing import data_path
+
+import tilemask
+from tilemask import Workflow
+from tilemask.errors import WorkflowError
+
+from .conftest import UNET_3D
+
+ROI = (24, 24, 16)
+
+
+def oblique_las(tmp_path):
+    """Volume 0 of nibabel's example4d: LAS, oblique, anisotropic."""
+    img = nib.load(os.path.join(data_path, "example4d.nii.gz"))
+    path = tmp_path / "oblique_las.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj[..., 0]), img.affine, img.header), path)
+    return path
+
+
+def stored_psr(tmp_path):
+    """nibabel's anatomical.nii (LAS) stored PSR: permuted and flipped voxels, the affine to match."""
+    img = nib.load(os.path.join(data_path, "anatomical.nii"))
+    data = np.asarray(img.dataobj)
+    transform = nib.orientations.ornt_transform(
+        nib.io_orientation(img.affine), nib.orientations.axcodes2ornt("PSR")
+    )
+    affine = img.affine @ nib.orientations.inv_ornt_aff(transform, data.shape)
+    path = tmp_path / "stored_psr.nii.gz"
+    nib.save(nib.Nifti1Image(nib.orientations.apply_orientation(data, transform), affine), path)
+    assert nib.aff2axcodes(nib.load(path).affine) == ("P", "S", "R")
+    return path
+
+
+def monai_pipeline(path, net, orientation, spacing, intensity=None, zscore=None, overlap=0.25):
+    """MONAI on the whole volume: load, orient, space, scale, infer, softmax, Invertd(nearest_interp=False).
+
+    Returns the probabilities on the model grid, its affine, and the probabilities back on the input grid.
+    """
+    steps = [LoadImaged("image"), EnsureChannelFirstd("image"), Orientationd("image", axcodes=orientation)]
+    steps.append(Spacingd("image", pixdim=spacing, mode="bilinear"))
+    if intensity:
+        steps.append(ScaleIntensityRanged("image", **intensity))
+    if zscore is not None:
+        steps.append(NormalizeIntensityd("image", **zscore))
+    pre = Compose(steps)
+    data = pre({"image": str(path)})
+    with torch.inference_mode():
+        logits = sliding_window_inference(data["image"][None], ROI, 4, net, overlap=overlap, mode="gaussian")[0]
+    data["pred"] = torch.softmax(logits, 0)
+    model_grid = data["pred"].detach().clone()
+    inverted = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False)(data)["pred"]
+    return model_grid.numpy(), np.asarray(data["image"].affine), np.asarray(inverted)
+
+
+def workflow(path, weights, tmp_path, preprocess, chunks, grid="input", output="out/{stem}_labels.nii.gz"):
+    return Workflow.from_dict(
+        {
+            "version": 1,
+            "input": str(path),
+            "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
+            "preprocess": preprocess,
+            "inference": {"roi_size": list(ROI), "overlap": 0.25, "batch_size": 4, "device": "cpu"},
+            "output": {"path": output, "probabilities": "float32", "chunks": chunks, "grid": grid},
+        },
+        base_dir=tmp_path,
+    )
+
+
+def read_nifti_output(result):
+    labels = np.asarray(nib.load(result.outputs[0]).dataobj)
+    probabilities = np.moveaxis(nib.load(result.outputs[1]).get_fdata(dtype=np.float32), -1, 0)
+    return labels, probabilities
+
+
+def assert_matches(labels, probabilities, expected):
+    np.testing.assert_allclose(probabilities, expected, atol=1e-3)
+    agree = np.mean(labels == expected.argmax(0))
+    assert agree >= 0.9999, f"labels agree on {agree:.6f} of the voxels"
+
+
+@pytest.mark.parametrize("chunks", [[40, 32, 16], 23])
+def test_oblique_las_volume_oriented_spaced_and_clipped_like_monai(make_model, tmp_path, client, chunks):
+    path = oblique_las(tmp_path)
+    weights, net = make_model(UNET_3D)
+    intensity = {"a_min": 0.0, "a_max": 1200.0, "b_min": 0.0, "b_max": 1.0, "clip": True}
+    preprocess = {"orientation": "RAS", "spacing": [2.6, 2.3, 3.0], "intensity": intensity}
+    (result,) = tilemask.run(workflow(path, weights, tmp_path, preprocess, chunks), client, overwrite=True)
+    _, _, expected = monai_pipeline(path, net, "RAS", (2.6, 2.3, 3.0), intensity=intensity)
+    labels, probabilities = read_nifti_output(result)
+    assert labels.shape == nib.load(path).shape  # the scan's own grid
+    np.testing.assert_array_equal(nib.load(result.outputs[0]).affine, nib.load(path).affine)
+    assert_matches(labels, probabilities, expected)
+
+
+def test_stored_psr_volume_zscored_over_nonzero_voxels_like_monai(make_model, tmp_path, client):
+    path = stored_psr(tmp_path)
+    weights, net = make_model(UNET_3D)
+    preprocess = {"orientation": "RAS", "spacing": [1.5, 2.5, 1.2], "normalize": {"mode": "zscore", "nonzero": True}}
+    (result,) = tilemask.run(workflow(path, weights, tmp_path, preprocess, 17), client)
+    _, _, expected = monai_pipeline(path, net, "RAS", (1.5, 2.5, 1.2), zscore={"nonzero": True})
+    assert_matches(*read_nifti_output(result), expected)
+
+
+def test_model_grid_output_is_what_monai_feeds_the_network(make_model, tmp_path, client):
+    path = stored_psr(tmp_path)
+    weights, net = make_model(UNET_3D)
+    preprocess = {"orientation": "LPS", "spacing": 1.7, "normalize": {"mode": "zscore"}}
+    wf = workflow(path, weights, tmp_path, preprocess, 19, grid="model", output="out/{stem}.zarr")
+    (result,) = tilemask.run(wf, client)
+    expected, affine, _ = monai_pipeline(path, net, "LPS", (1.7, 1.7, 1.7), zscore={})
+    group = zarr.open_group(result.outputs[0], mode="r")
+    np.testing.assert_allclose(group["probabilities"][:], expected, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(group.attrs["affine"]), affine, atol=1e-6)
+
+
+@pytest.mark.parametrize("volume,orientation,spacing", [(oblique_las, "RAS", (2.6, 2.3, 3.0)), (stored_psr, "LPI", (1.5, 2.5, 1.2))])
+def test_regions_of_the_model_grid_are_monais_voxels_to_the_bit(tmp_path, volume, orientation, spacing):
+    """Each region read on its own equals the same voxels of MONAI's whole-volume Orientation + Spacing, and
+    the way back equals Invertd: so zeros stay zero where MONAI's do (the z-score over nonzero voxels)."""
+    from tilemask.sources import open_source
+    from tilemask.spatial import ResampledSource, model_grid, resample_back
+
+    path = volume(tmp_path)
+    pre = Compose([
+        LoadImaged("image"), EnsureChannelFirstd("image"), Orientationd("image", axcodes=orientation),
+        Spacingd("image", pixdim=spacing, mode="bilinear"),
+    ])  # fmt: skip
+    data = pre({"image": str(path)})
+    expected = data["image"].numpy()
+    source = open_source(str(path), 3)
+    grid = model_grid(np.asarray(source.geometry.affine), source.spatial_shape, orientation, spacing)
+    np.testing.assert_array_equal(np.asarray(grid.affine), data["image"].affine.numpy())
+    resampled = ResampledSource(source, grid)
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        lo = [int(rng.integers(0, s - 1)) for s in grid.shape]
+        region = tuple((a, int(rng.integers(a + 1, s + 1))) for a, s in zip(lo, grid.shape))
+        np.testing.assert_array_equal(resampled.read(region), expected[(slice(None), *(slice(a, b) for a, b in region))])
+    model = np.stack([expected[0], expected[0] * 0.5 + 1]).astype(np.float32)  # two channels on the model grid
+    data["pred"] = data["image"].clone().set_array(torch.from_numpy(model))
+    inverted = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False)(data)["pred"].numpy()
+    region = ((3, source.spatial_shape[0] - 2), (0, source.spatial_shape[1] // 2), (1, source.spatial_shape[2]))
+    back = resample_back(grid, region, lambda r: model[(slice(None), *(slice(a, b) for a, b in r))])
+    np.testing.assert_array_equal(back, inverted[(slice(None), *(slice(a, b) for a, b in region))])
+
+
+def test_grid_keys_are_checked_before_any_work(make_model, tmp_path):
+    path = stored_psr(tmp_path)
+    weights, _ = make_model(UNET_3D)
+    with pytest.raises(WorkflowError, match="orientation: three axis codes"):
+        workflow(path, weights, tmp_path, {"orientation": "RAR"}, 16)
+    with pytest.raises(WorkflowError, match="grid: model needs preprocess.orientation or spacing"):
+        workflow(path, weights, tmp_path, {}, 16, grid="model")
+    with pytest.raises(WorkflowError, match="clip needs b_min and b_max"):
+        workflow(path, weights, tmp_path, {"intensity": {"a_min": 0, "a_max": 1, "clip": True}}, 16)
+    with pytest.raises(WorkflowError, match="mode zscore computes mean and std"):
+        workflow(path, weights, tmp_path, {"normalize": {"mode": "zscore", "mean": [1.0], "std": [2.0]}}, 16)
+
+
+def test_post_processing_runs_on_the_input_grid(make_model, tmp_path, client):
+    """keep_largest after the way back equals MONAI's KeepLargestConnectedComponent on MONAI's inverted labels."""
+    from monai.transforms import KeepLargestConnectedComponent
+
+    path = oblique_las(tmp_path)
+    weights, net = make_model(UNET_3D)
+    preprocess = {"orientation": "RAS", "spacing": 2.6, "normalize": {"mode": "zscore", "nonzero": True}}
+    wf = workflow(path, weights, tmp_path, preprocess, 29).model_copy(update={"postprocess": {"keep_largest": True}})
+    (result,) = tilemask.run(Workflow.from_dict(wf.to_dict(), base_dir=tmp_path), client)
+    _, _, inverted = monai_pipeline(path, net, "RAS", (2.6, 2.6, 2.6), zscore={"nonzero": True})
+    keep = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False, connectivity=1)
+    expected = keep(torch.from_numpy(inverted.argmax(0)[None])).numpy()[0]
+    labels, _ = read_nifti_output(result)
+    assert labels.shape == nib.load(path).shape and not np.array_equal(expected, inverted.argmax(0))
+    assert np.mean(labels == expected) >= 0.9999

@@ -1,0 +1,299 @@
+"""The network's grid: MONAI's ``Orientation`` and ``Spacing``, chunk by chunk, and the way back.
+
+A medical network is trained on volumes reoriented (``Orientation(axcodes)``) and
+resampled (``Spacing(pixdim)``, bilinear, border padding).  :func:`model_grid`
+computes the grid they produce, with MONAI's own rules (``nib.io_orientation``,
+``zoom_affine(diagonal=False)``, ``compute_shape_offset``) in numpy, so the
+client never imports torch.  Both steps together map a voxel ``m`` of the model
+grid to the input voxel ``inv(A_in) @ A_model @ m``: orientation permutes and
+flips axes exactly, spacing interpolates.
+
+:class:`ResampledSource` is the input seen on the model grid: a region of it is
+interpolated (trilinear, coordinates clamped to the volume: MONAI's ``border``
+padding) from only the input voxels that region maps onto, plus one voxel of
+interpolation halo, so no process holds the resampled volume.
+:func:`resample_back` is MONAI's ``Invertd(nearest_interp=False)`` for one
+output chunk: the model-grid probabilities interpolated the same way onto the
+input grid, where the labels are then taken.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+
+from .geometry import Region, VolumeGeometry
+from .sources import ImageSource
+
+logger = logging.getLogger(__name__)
+
+AFFINE_TOL = 1e-3  # monai.utils.misc's tolerance: a corner within it of the smallest is the origin
+Matrix = tuple[tuple[float, ...], ...]
+
+
+def _as_tuple(matrix: np.ndarray) -> Matrix:
+    return tuple(tuple(float(v) for v in row) for row in matrix)
+
+
+@dataclass(frozen=True)
+class ModelGrid:
+    """The grids of MONAI's two steps: the input's, the oriented one (axes permuted and flipped), and the
+    model's (the oriented one resampled; the same when no spacing is asked or the spacing is already right)."""
+
+    input_affine: Matrix
+    input_shape: tuple[int, ...]
+    ornt: tuple[tuple[int, int], ...]  # per input axis: (its oriented axis, 1 or -1 when flipped)
+    oriented_affine: Matrix
+    oriented_shape: tuple[int, ...]
+    affine: Matrix
+    shape: tuple[int, ...]
+
+    @property
+    def resampled(self) -> bool:
+        """Whether the model grid interpolates the oriented one (else it is the oriented grid itself)."""
+        return self.affine != self.oriented_affine or self.shape != self.oriented_shape
+
+    @property
+    def to_oriented(self) -> np.ndarray:
+        """MONAI's ``xform`` of the resampling: model voxel -> oriented voxel (``solve(src, dst)``)."""
+        return np.linalg.solve(np.asarray(self.oriented_affine), np.asarray(self.affine))
+
+    @property
+    def to_model(self) -> np.ndarray:
+        """The inverse resampling's ``xform``: oriented voxel -> model voxel."""
+        return np.linalg.solve(np.asarray(self.affine), np.asarray(self.oriented_affine))
+
+    @property
+    def geometry(self) -> VolumeGeometry:
+        return VolumeGeometry(self.affine)
+
+    def input_region(self, oriented: Region) -> Region:
+        """The input voxels of a region of the oriented grid (an exact permutation and flips)."""
+        out = []
+        for axis, (target, flip) in enumerate(self.ornt):
+            lo, hi = oriented[target]
+            size = self.input_shape[axis]
+            out.append((size - hi, size - lo) if flip < 0 else (lo, hi))
+        return tuple(out)
+
+    def oriented_region(self, region: Region) -> Region:
+        """The oriented voxels of a region of the input grid."""
+        out: list = [None] * len(region)
+        for axis, (target, flip) in enumerate(self.ornt):
+            lo, hi = region[axis]
+            size = self.input_shape[axis]
+            out[target] = (size - hi, size - lo) if flip < 0 else (lo, hi)
+        return tuple(out)
+
+    def orient(self, block: np.ndarray) -> np.ndarray:
+        """``(C, *input axes)`` -> ``(C, *oriented axes)``."""
+        return np.stack([nib.orientations.apply_orientation(c, np.asarray(self.ornt)) for c in block])
+
+    def unorient(self, block: np.ndarray) -> np.ndarray:
+        """``(C, *oriented axes)`` -> ``(C, *input axes)``."""
+        inverse = [None] * len(self.ornt)
+        for axis, (target, flip) in enumerate(self.ornt):
+            inverse[target] = (axis, flip)
+        return np.stack([nib.orientations.apply_orientation(c, np.asarray(inverse)) for c in block])
+
+
+def model_grid(
+    affine: np.ndarray, shape: tuple[int, ...], orientation: str | None, spacing: tuple[float, ...] | None
+) -> ModelGrid:
+    """The grid MONAI's ``Orientation(axcodes=orientation)`` then ``Spacing(pixdim=spacing)`` produce."""
+    affine = np.asarray(affine, dtype=float)
+    shape = tuple(int(s) for s in shape)
+    ornt = np.array([[i, 1] for i in range(len(shape))])
+    oriented, oriented_shape = affine, shape
+    if orientation:
+        ornt = nib.orientations.ornt_transform(nib.io_orientation(affine), nib.orientations.axcodes2ornt(orientation))
+        oriented_shape = tuple(shape[int(np.flatnonzero(ornt[:, 0] == a)[0])] for a in range(len(shape)))
+        oriented = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+    model, model_shape = oriented, oriented_shape
+    if spacing:
+        model, model_shape = _spaced(oriented, oriented_shape, spacing)
+        unchanged = model_shape == oriented_shape and np.allclose(np.linalg.solve(oriented, model), np.eye(4), atol=AFFINE_TOL)
+        if unchanged:  # MONAI's spatial_resample then returns the image as it is, with its affine
+            model = oriented
+    pairs = tuple((int(a), int(f)) for a, f in ornt)
+    return ModelGrid(_as_tuple(affine), shape, pairs, _as_tuple(oriented), oriented_shape, _as_tuple(model), model_shape)
+
+
+def _spaced(affine: np.ndarray, shape: tuple[int, ...], pixdim: tuple[float, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
+    """``monai.transforms.Spacing(pixdim, diagonal=False)``: ``zoom_affine`` then ``compute_shape_offset``."""
+    rzs = affine[:3, :3]
+    zooms = np.linalg.cholesky(rzs.T @ rzs).T  # the rotation kept, the shears dropped
+    rotation = rzs @ np.linalg.inv(zooms)
+    new = np.eye(4)
+    new[:3, :3] = rotation @ np.diag(np.sign(np.diag(zooms)) * np.abs(np.asarray(pixdim, float)))
+    size = np.asarray(shape, dtype=float)
+    corners = np.asarray(np.meshgrid(*[(0.0, d - 1.0) for d in size], indexing="ij")).reshape(3, -1)
+    corners = np.concatenate((corners, np.ones_like(corners[:1])))
+    in_model = np.linalg.solve(new, affine) @ corners
+    world = affine @ corners
+    out_shape = np.round(np.ptp(in_model[:-1] / in_model[-1], axis=1) + 1.0)
+    distances = in_model[:-1]
+    offset = None
+    for i in range(corners.shape[1]):
+        if np.allclose(np.min(distances - distances[:, i : i + 1], 1), 0.0, rtol=AFFINE_TOL):
+            offset = world[:-1, i]  # this corner is the smallest: it becomes the origin
+            break
+    if offset is None:  # else the centres are aligned
+        offset = affine[:-1, :-1] @ (size / 2.0) + affine[:-1, -1] - new[:-1, :-1] @ (out_shape / 2.0)
+    new[:3, -1] = offset
+    return new, tuple(int(s) for s in out_shape)
+
+
+def source_region(matrix: np.ndarray, region: Region, shape: tuple[int, ...]) -> Region:
+    """The voxels of a grid of ``shape`` that trilinear interpolation at ``matrix @ region`` reads, clipped."""
+    corners = np.asarray(list(itertools.product(*[(lo, hi - 1) for lo, hi in region])), dtype=float).T
+    mapped = matrix[:3, :3] @ corners + matrix[:3, 3:4]
+    low = np.floor(mapped.min(axis=1)).astype(int) - 1  # one voxel of slack for rounding
+    high = np.floor(mapped.max(axis=1)).astype(int) + 3  # the upper neighbour, slack, half-open
+    return tuple((int(min(max(lo, 0), size - 1)), int(max(min(hi, size), 1))) for lo, hi, size in zip(low, high, shape))
+
+
+SLAB_POINTS = 1 << 18  # points sampled at once: bounds the float64 temporaries (about 40 MB)
+
+
+def sample(
+    values: np.ndarray,
+    origin: tuple[int, ...],
+    xform: np.ndarray,
+    src_shape: tuple[int, ...],
+    dst_shape: tuple[int, ...],
+    region: Region,
+    nearest: bool = False,
+) -> np.ndarray:
+    """``(C, *region)`` of MONAI's ``spatial_resample`` (``align_corners=False``, ``border``, float64) from a
+    ``src_shape`` grid onto a ``dst_shape`` grid, for one region of the destination only.
+
+    ``values`` are the source voxels :func:`source_region` names, ``(C, ...)`` starting at ``origin``.  The
+    arithmetic is MONAI's and torch's, step by step: ``to_norm_affine``, ``affine_grid``'s base grid and
+    product, ``grid_sample``'s unnormalising, clamping, corner weights and their sum in its order, so a
+    region equals the same voxels of the whole volume resampled at once, to the last bit.  (Zeros stay
+    zero exactly where MONAI's do: a z-score over nonzero voxels depends on it.)
+    """
+    import torch
+    from monai.networks.utils import to_norm_affine
+
+    theta = to_norm_affine(torch.as_tensor(xform, dtype=torch.float64)[None], src_shape, dst_shape, False)[0]
+    theta = theta[[2, 1, 0, 3]][:, [2, 1, 0, 3]][:3]  # reverse_indexing: grid coordinates are (x, y, z)
+    lines = [torch.linspace(-1, 1, size, dtype=torch.float64) * (size - 1) / size for size in dst_shape]
+    lines = [line[lo:hi] for line, (lo, hi) in zip(lines, region)]
+    zi, yj, xk = torch.meshgrid(*lines, indexing="ij")
+    base = torch.stack([xk.reshape(-1), yj.reshape(-1), zi.reshape(-1), torch.ones(zi.numel(), dtype=torch.float64)], 1)
+    data = torch.from_numpy(np.ascontiguousarray(values)).to(torch.float64)
+    out = torch.empty((values.shape[0], base.shape[0]), dtype=torch.float64)
+    for start in range(0, base.shape[0], SLAB_POINTS):
+        rows = base[start : start + SLAB_POINTS]
+        grid = ((rows[:, 0:1] * theta[:, 0] + rows[:, 1:2] * theta[:, 1]) + rows[:, 2:3] * theta[:, 2]) + rows[:, 3:4] * theta[:, 3]
+        # grid_sampler_compute_source_index: ((g + 1) * size - 1) / 2, then clip to [0, size - 1]
+        iz, iy, ix = (
+            torch.clamp(((grid[:, k] + 1) * size - 1) / 2, 0, size - 1) for k, size in zip((2, 1, 0), src_shape)
+        )
+        out[:, start : start + rows.shape[0]] = _gather(data, origin, src_shape, iz, iy, ix, nearest)
+    result = out.reshape(values.shape[0], *(hi - lo for lo, hi in region))
+    return result.numpy().astype(values.dtype if nearest else np.float32)
+
+
+def _gather(data, origin, src_shape, iz, iy, ix, nearest: bool):
+    """``grid_sampler_3d_cpu``'s bilinear (or nearest) value at (iz, iy, ix), ``data`` starting at ``origin``."""
+    import torch
+
+    def at(z, y, x):
+        inside = (z < src_shape[0]) & (y < src_shape[1]) & (x < src_shape[2])
+        index = [(c.long() - o).clamp(0, n - 1) for c, o, n in zip((z, y, x), origin, data.shape[1:])]
+        return inside, data[:, index[0], index[1], index[2]]
+
+    if nearest:
+        return at(torch.round(iz), torch.round(iy), torch.round(ix))[1]  # nearbyint: halves to even
+    z0, y0, x0 = torch.floor(iz), torch.floor(iy), torch.floor(ix)
+    z1, y1, x1 = z0 + 1, y0 + 1, x0 + 1
+    corners = (  # torch's order: tnw, tne, tsw, tse, bnw, bne, bsw, bse
+        ((z0, y0, x0), (x1 - ix) * (y1 - iy) * (z1 - iz)),
+        ((z0, y0, x1), (ix - x0) * (y1 - iy) * (z1 - iz)),
+        ((z0, y1, x0), (x1 - ix) * (iy - y0) * (z1 - iz)),
+        ((z0, y1, x1), (ix - x0) * (iy - y0) * (z1 - iz)),
+        ((z1, y0, x0), (x1 - ix) * (y1 - iy) * (iz - z0)),
+        ((z1, y0, x1), (ix - x0) * (y1 - iy) * (iz - z0)),
+        ((z1, y1, x0), (x1 - ix) * (iy - y0) * (iz - z0)),
+        ((z1, y1, x1), (ix - x0) * (iy - y0) * (iz - z0)),
+    )
+    total = torch.zeros((data.shape[0], iz.shape[0]), dtype=torch.float64)
+    for (z, y, x), weight in corners:
+        inside, value = at(z, y, x)
+        total = torch.where(inside, total + value * weight, total)
+    return total
+
+
+@dataclass(frozen=True)
+class ResampledSource(ImageSource):
+    """An input seen on the model grid (:func:`model_grid`), read region by region (on workers: torch)."""
+
+    source: ImageSource
+    grid: ModelGrid
+
+    @property
+    def path(self) -> str:  # type: ignore[override]
+        return self.source.path
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.source.channels, *self.grid.shape)
+
+    @property
+    def geometry(self) -> VolumeGeometry:
+        return self.grid.geometry
+
+    @property
+    def has_invalid(self) -> bool:
+        return self.source.has_invalid
+
+    @property
+    def floating(self) -> bool:
+        return self.source.floating  # interpolating finite values gives finite ones; NaN spreads to neighbours
+
+    def read(self, region: Region) -> np.ndarray:
+        return self._resample(region, lambda r: self.source.read(r).astype(np.float32), nearest=False)
+
+    def read_valid(self, region: Region) -> np.ndarray | None:
+        if not self.source.has_invalid:
+            return None
+
+        def validity(read: Region) -> np.ndarray:
+            valid = self.source.read_valid(read)
+            return np.ones((1, *(hi - lo for lo, hi in read)), bool) if valid is None else valid[None]
+
+        return self._resample(region, validity, nearest=True)[0]  # a voxel is valid where its nearest is
+
+    def _resample(self, region: Region, read: Callable[[Region], np.ndarray], nearest: bool) -> np.ndarray:
+        """The oriented voxels (an exact permutation and flips of the input's), resampled when asked."""
+        grid = self.grid
+        if not grid.resampled:
+            return grid.orient(read(grid.input_region(region)))
+        xform = grid.to_oriented
+        needed = source_region(xform, region, grid.oriented_shape)
+        values = grid.orient(read(grid.input_region(needed)))
+        origin = tuple(lo for lo, _ in needed)
+        return sample(values, origin, xform, grid.oriented_shape, grid.shape, region, nearest)
+
+
+def resample_back(grid: ModelGrid, region: Region, read_model: Callable[[Region], np.ndarray]) -> np.ndarray:
+    """``(C, *region)`` on the input grid: the model-grid values ``read_model`` gives brought back as MONAI's
+    ``Invertd(nearest_interp=False)`` does: resampled onto the oriented grid (bilinear, border), then the
+    orientation undone."""
+    oriented = grid.oriented_region(region)
+    if grid.resampled:
+        xform = grid.to_model
+        needed = source_region(xform, oriented, grid.shape)
+        values = read_model(needed).astype(np.float32, copy=False)
+        back = sample(values, tuple(lo for lo, _ in needed), xform, grid.shape, grid.oriented_shape, oriented)
+    else:
+        back = read_model(oriented)
+    return grid.unorient(back)
