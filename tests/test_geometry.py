@@ -149,7 +149,7 @@ def test_blending_a_constant_prediction_gives_the_constant(axes, overlap, value,
             weighted[(0, *window)] += weight * np.float32(value)
             weights[window] += weight
         keep = local_slices(block.region, origin)
-        partials.append(Partial(block.region, weighted[(slice(None), *keep)], weights[keep]))
+        partials.append(Partial(block.region, weighted[(slice(None), *keep)], weights[keep][None]))
     for chunk in plan.chunk_indexes():
         weighted, weights, valid = overlap_add(plan.chunk_region(chunk), partials)
         assert valid is None

@@ -22,12 +22,14 @@ from .settings import Finishing
 def finalize(
     weighted: np.ndarray, weights: np.ndarray, valid: np.ndarray | None, finishing: Finishing
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """``(labels, encoded probabilities or None, pixels per class)`` of one chunk; ``weighted`` is consumed."""
-    if finishing.probabilities != "none":
-        weighted /= weights
-        return finish_probabilities(activate(weighted, finishing.activation), valid, finishing)
+    """``(labels, encoded probabilities or None, pixels per class)`` of one chunk; ``weighted`` is consumed.
+
+    ``weights`` has one plane per flip of test-time augmentation (one without it).
+    """
+    if finishing.probabilities != "none" or weights.shape[0] > 1:
+        return finish_probabilities(blend(weighted, weights, finishing.activation), valid, finishing)
     dtype = np.dtype(finishing.labels_dtype)
-    labels = labels_from_sums(weighted, weights, finishing.activation, finishing.threshold, dtype)
+    labels = labels_from_sums(weighted, weights[0], finishing.activation, finishing.threshold, dtype)
     if valid is not None:
         labels[~valid] = finishing.nodata
     return labels, None, class_histogram(labels, finishing.n_classes, finishing.nodata)
@@ -46,6 +48,21 @@ def finish_probabilities(
     if valid is not None:
         labels[~valid] = finishing.nodata
     return labels, encoded, class_histogram(labels, finishing.n_classes, finishing.nodata)
+
+
+def blend(weighted: np.ndarray, weights: np.ndarray, activation: str) -> np.ndarray:
+    """The activated blend of the windows; with test-time augmentation, each flip's, averaged (nnU-Net's
+    mirroring: the mean of MONAI's activated sliding-window results over the flips)."""
+    flips = weights.shape[0]
+    per_flip = weighted.reshape(flips, -1, *weights.shape[1:])
+    per_flip /= weights[:, None]
+    if flips == 1:
+        return activate(per_flip[0], activation)
+    total = activate(per_flip[0], activation).copy()
+    for one in per_flip[1:]:
+        total += activate(one, activation)
+    total /= np.float32(flips)
+    return total
 
 
 def activate(blended: np.ndarray, activation: str) -> np.ndarray:

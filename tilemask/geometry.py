@@ -15,6 +15,12 @@ The grid is the Cartesian product of the per-axis starts, so everything below
 (windows, blocks, stitching dependencies) is computed per axis and stays cheap
 for images of any size.
 
+Test-time augmentation runs MONAI's grid over the flipped image: along a flipped
+axis its windows start at ``S - r - s`` for each start ``s`` above (the mirror
+image), which differs from the unflipped grid unless ``S - r`` is a multiple of
+the stride.  An axis that some flip mirrors then holds both sets of starts, and
+each window knows which flips' grids hold it (:meth:`Block.flips_of`).
+
 Each window is owned by exactly one *block*: the output chunk that holds its
 (clipped) first voxel.  A block's windows cover a region that reaches at most
 ``roi`` beyond the chunk; the chunks that region touches receive the block's
@@ -67,7 +73,13 @@ class AxisPlan:
     size: int
     roi: int
     chunk: int
-    starts: tuple[int, ...]
+    starts: tuple[int, ...]  # MONAI's grid
+    mirrored: tuple[int, ...] = ()  # MONAI's grid over the axis flipped, in unflipped coordinates (TTA)
+
+    @functools.cached_property
+    def positions(self) -> tuple[int, ...]:
+        """Where windows start: both grids' starts, once each."""
+        return tuple(sorted(set(self.starts) | set(self.mirrored)))
 
     @property
     def n_chunks(self) -> int:
@@ -83,7 +95,7 @@ class AxisPlan:
     @functools.cached_property
     def _starts_by_block(self) -> dict[int, tuple[int, ...]]:
         by_block: dict[int, list[int]] = {}
-        for s in self.starts:
+        for s in self.positions:
             by_block.setdefault(self.owner(s), []).append(s)
         return {b: tuple(v) for b, v in by_block.items()}
 
@@ -122,15 +134,19 @@ class WindowPlan:
         roi: Sequence[int],
         overlap: float | Sequence[float],
         chunks: int | Sequence[int],
+        mirrored_axes: Sequence[int] = (),
     ) -> WindowPlan:
+        """MONAI's grid; along ``mirrored_axes`` (flipped by test-time augmentation) the mirrored grid too."""
         ndim = len(shape)
         roi = normalize_per_axis(roi, ndim, "roi_size")
         overlap = normalize_per_axis(overlap, ndim, "overlap")
         chunks = normalize_per_axis(chunks, ndim, "chunks")
         axes = []
-        for size, r, o, c in zip(shape, roi, overlap, chunks):
+        for axis, (size, r, o, c) in enumerate(zip(shape, roi, overlap, chunks)):
             chunk = max(1, min(int(c), int(size)))  # a chunk larger than the image is the image
-            axes.append(AxisPlan(size=int(size), roi=int(r), chunk=chunk, starts=scan_starts(int(size), int(r), float(o))))
+            starts = scan_starts(int(size), int(r), float(o))
+            mirrored = tuple(sorted(int(size) - int(r) - s for s in starts)) if axis in mirrored_axes else ()
+            axes.append(AxisPlan(size=int(size), roi=int(r), chunk=chunk, starts=starts, mirrored=mirrored))
         return cls(tuple(axes))
 
     @property
@@ -151,11 +167,12 @@ class WindowPlan:
 
     @property
     def n_windows(self) -> int:
-        return math.prod(len(a.starts) for a in self.axes)
+        """Windows read (each is predicted once per flip whose grid holds it)."""
+        return math.prod(len(a.positions) for a in self.axes)
 
     def windows(self) -> Iterator[tuple[int, ...]]:
         """All window starts in MONAI's order (C order over the axes)."""
-        return itertools.product(*(a.starts for a in self.axes))
+        return itertools.product(*(a.positions for a in self.axes))
 
     def chunk_indexes(self) -> Iterator[tuple[int, ...]]:
         return itertools.product(*(range(a.n_chunks) for a in self.axes))
@@ -168,12 +185,14 @@ class WindowPlan:
         return itertools.product(*(a.blocks() for a in self.axes))
 
     def block(self, index: Sequence[int]) -> Block:
-        return Block(
-            index=tuple(index),
-            starts=tuple(a.block_starts(i) for a, i in zip(self.axes, index)),
-            roi=self.roi,
-            shape=self.shape,
-        )
+        starts = tuple(a.block_starts(i) for a, i in zip(self.axes, index))
+        grids = ()
+        if any(a.mirrored for a in self.axes):  # test-time augmentation: which grid holds which of its windows
+            grids = tuple(
+                (tuple(s for s in own if s in a.starts), tuple(s for s in own if s in a.mirrored))
+                for a, own in zip(self.axes, starts)
+            )  # fmt: skip
+        return Block(index=tuple(index), starts=starts, roi=self.roi, shape=self.shape, grids=grids)
 
     def sources_of(self, chunk_index: Sequence[int]) -> Iterator[tuple[int, ...]]:
         """Blocks whose partial sums the chunk needs."""
@@ -192,6 +211,16 @@ class Block:
     starts: tuple[tuple[int, ...], ...]  # per axis
     roi: tuple[int, ...]
     shape: tuple[int, ...]  # image shape
+    grids: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()  # per axis: (MONAI's starts, mirrored ones)
+
+    def flips_of(self, start: tuple[int, ...], flips: Sequence[tuple[int, ...]]) -> list[int]:
+        """Indexes of the ``flips`` (tuples of flipped axes) whose window grid holds the window at ``start``."""
+        if not self.grids:
+            return list(range(len(flips)))
+        return [
+            i for i, axes in enumerate(flips)
+            if all(s in self.grids[d][1 if d in axes else 0] for d, s in enumerate(start))
+        ]  # fmt: skip
 
     @property
     def n_windows(self) -> int:

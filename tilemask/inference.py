@@ -4,7 +4,10 @@ One call handles one block (the windows owned by one output chunk): it reads the
 block's region once, cuts the windows, runs them through the cached model in
 batches of ``batch_size`` and accumulates ``w * pred`` and ``w`` exactly as
 ``monai.inferers.sliding_window_inference`` does, with MONAI's own
-``compute_importance_map`` as ``w``.  Reading happens on the Dask thread; the
+``compute_importance_map`` as ``w``.  With test-time augmentation each window
+also runs flipped, once for each flip whose (mirrored) grid holds it, as extra
+items of the same batches; its prediction and ``w`` are flipped back and summed
+into that flip's own planes (:mod:`tilemask.stitch`).  Reading happens on the Dask thread; the
 forward passes run on the process's single compute thread, so another Dask
 thread of the worker reads, blends and writes while the model computes.
 """
@@ -68,14 +71,14 @@ def predict_block(
         padded[(slice(None), *local_slices(region, origin))] = data
         data = padded
     weighted, weights = _compute_thread.submit(
-        _accumulate, network, weight, data, list(block.windows()), origin, region_shape(extent), settings, device
+        _accumulate, network, weight, data, list(block.windows()), origin, region_shape(extent), settings, device, block
     ).result()
 
     keep = local_slices(region, origin)
     return Partial(
         region=region,
         weighted=weighted[(slice(None), *keep)].cpu().numpy(),
-        weights=weights[keep].cpu().numpy(),
+        weights=weights[(slice(None), *keep)].cpu().numpy(),
         valid=valid,
     )
 
@@ -99,23 +102,33 @@ def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int) 
     return int(output.shape[1])
 
 
-def _accumulate(network, weight, data, windows, origin, shape, settings: InferenceSettings, device):
-    """``(sum w * pred, sum w)`` over the block's extent, windows in MONAI's order."""
+def _accumulate(network, weight, data, windows, origin, shape, settings: InferenceSettings, device, block: Block):
+    """``(sum w * pred, sum w)`` over the block's extent, per flip, windows in MONAI's order."""
     torch.set_num_threads(torch.get_num_threads())  # this thread's OpenMP team gets the process's setting
+    flips = settings.flips
     image = torch.from_numpy(data).to(device)
     weighted = None
-    weights = torch.zeros(shape, dtype=torch.float32, device=device)
+    weights = torch.zeros((len(flips), *shape), dtype=torch.float32, device=device)
+    flipped_weight = [torch.flip(weight, [d for d in axes]) if axes else weight for axes in flips]
+    items = [(start, f) for start in windows for f in block.flips_of(start, flips)]
     with torch.inference_mode():
-        for batch in _batched(windows, settings.batch_size):
-            slices = [_window_slices(start, settings.roi, origin) for start in batch]
-            prediction = network(torch.stack([image[(slice(None), *s)] for s in slices]))
+        for batch in _batched(items, settings.batch_size):
+            slices = [_window_slices(start, settings.roi, origin) for start, _ in batch]
+            inputs = [image[(slice(None), *s)] for s in slices]
+            inputs = [_flip(x, flips[f]) for x, (_, f) in zip(inputs, batch)]
+            prediction = network(torch.stack(inputs)).to(torch.float32)
             if weighted is None:
-                weighted = torch.zeros((prediction.shape[1], *shape), dtype=torch.float32, device=device)
-            prediction = prediction.to(torch.float32) * weight
-            for s, p in zip(slices, prediction):
-                weighted[(slice(None), *s)] += p
-                weights[s] += weight
-    return weighted, weights
+                channels = prediction.shape[1]
+                weighted = torch.zeros((len(flips), channels, *shape), dtype=torch.float32, device=device)
+            for s, p, (_, f) in zip(slices, prediction, batch):
+                weighted[(f, slice(None), *s)] += _flip(p * weight, flips[f])
+                weights[(f, *s)] += flipped_weight[f]
+    return weighted.reshape(-1, *shape), weights
+
+
+def _flip(tensor: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+    """Flip spatial ``axes`` of a ``(C, *spatial)`` tensor."""
+    return torch.flip(tensor, [a + 1 for a in axes]) if axes else tensor
 
 
 def _window_slices(start: tuple[int, ...], roi: tuple[int, ...], origin: tuple[int, ...]) -> tuple[slice, ...]:

@@ -243,6 +243,7 @@ def plan_workflow(workflow: Workflow) -> WorkflowPlan:
             sigma_scale=tuple(normalize_per_axis(sigma, spatial_dims, "sigma_scale")) if isinstance(sigma, list) else sigma,
             batch_size=inference.batch_size,
             device=inference.device,
+            flips=inference.flips,
         ),
         preprocessing=preprocessing_of(workflow),
         inputs=[_plan_input(workflow, item, spatial_dims) for item in workflow.input_items()],
@@ -281,7 +282,10 @@ def _plan_input(workflow: Workflow, item: InputItem, spatial_dims: int) -> Input
     for_output(output).check_input(output, source if grid else network_source)
     _check_postprocess_units(workflow, source if grid else network_source)
     inference = workflow.inference
-    plan = WindowPlan.build(network_source.spatial_shape, inference.roi_size, inference.overlap, workflow.output.chunks)
+    mirrored = sorted({axis for axes in inference.flips for axis in axes})
+    plan = WindowPlan.build(
+        network_source.spatial_shape, inference.roi_size, inference.overlap, workflow.output.chunks, mirrored
+    )
     back = None
     if grid:
         chunks = WindowPlan.build(source.spatial_shape, inference.roi_size, inference.overlap, workflow.output.chunks)

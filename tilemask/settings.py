@@ -65,6 +65,7 @@ class InferenceSettings:
     sigma_scale: float | tuple[float, ...] = 0.125
     batch_size: int = 8
     device: str = "auto"
+    flips: tuple[tuple[int, ...], ...] = ((),)  # test-time augmentation: the spatial axes each pass flips
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Overlap-add of weighted partial sums.
 
 An output voxel is ``sum_w(w * pred) / sum_w(w)`` over the windows covering it
-(MONAI's blending).  Each inference block returns the two sums over its own
+(MONAI's blending).  With test-time augmentation there is one such blend per
+flip (each flip is its own MONAI run), so the sums carry a leading flip axis:
+``weighted`` holds ``flips x channels`` planes, ``weights`` one per flip.  Each inference block returns the two sums over its own
 region (:class:`Partial`); a chunk adds the parts of its neighbours' partials
 that fall inside it (:func:`overlap_add`); :mod:`tilemask.finalize` divides and
 turns the result into labels and probabilities.
@@ -25,8 +27,8 @@ class Partial:
     """Weighted sums of one block's windows over ``region`` (image coordinates)."""
 
     region: Region
-    weighted: np.ndarray  # (C, *region) sum of w * prediction
-    weights: np.ndarray  # (*region) sum of w
+    weighted: np.ndarray  # (F * C, *region) sum of w * prediction, per flip F
+    weights: np.ndarray  # (F, *region) sum of w, per flip
     valid: np.ndarray | None = None  # (*region) input validity, None when every pixel is valid
 
     @property
@@ -45,7 +47,7 @@ def cut(partial: Partial, regions: dict[tuple[int, ...], Region]) -> dict[tuple[
         pieces[key] = Partial(
             region=common,
             weighted=partial.weighted[(slice(None), *src)].copy(),
-            weights=partial.weights[src].copy(),
+            weights=partial.weights[(slice(None), *src)].copy(),
             valid=None if partial.valid is None else partial.valid[src].copy(),
         )
     return pieces
@@ -61,11 +63,11 @@ def overlap_add(chunk: Region, partials: Iterable[Partial]) -> tuple[np.ndarray,
             continue
         if weighted is None:
             weighted = np.zeros((part.weighted.shape[0], *region_shape(chunk)), np.float32)
-            weights = np.zeros(region_shape(chunk), np.float32)
+            weights = np.zeros((part.weights.shape[0], *region_shape(chunk)), np.float32)
         dst = local_slices(common, chunk_origin)
         src = local_slices(common, part.origin)
         weighted[(slice(None), *dst)] += part.weighted[(slice(None), *src)]
-        weights[dst] += part.weights[src]
+        weights[(slice(None), *dst)] += part.weights[(slice(None), *src)]
         if part.valid is not None:
             if valid is None:
                 valid = np.zeros(region_shape(chunk), bool)

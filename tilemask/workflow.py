@@ -13,6 +13,7 @@ Python resolves them against the current directory.
 from __future__ import annotations
 
 import glob
+import itertools
 import logging
 import os
 import re
@@ -150,6 +151,20 @@ class Inference(_Strict):
     device: str = "auto"
     activation: Literal["softmax", "sigmoid", "none"] = "softmax"
     threshold: Annotated[float, NotBool, Field(gt=0.0, lt=1.0)] = 0.5
+    tta: Literal["none", "flips"] | list[list[Annotated[int, NotBool, Field(ge=0)]]] = Field(
+        default="none", description="test-time augmentation: flips (all axis flips) or a list of flips to add"
+    )
+
+    @property
+    def flips(self) -> tuple[tuple[int, ...], ...]:
+        """The passes averaged: the unflipped one first, then each flip (its sorted spatial axes)."""
+        ndim = len(self.roi_size)
+        if self.tta == "none":
+            return ((),)
+        if self.tta == "flips":
+            return tuple(axes for n in range(ndim + 1) for axes in itertools.combinations(range(ndim), n))
+        listed = [tuple(sorted(set(axes))) for axes in self.tta]
+        return ((), *dict.fromkeys(a for a in listed if a))
 
     @field_validator("device")
     @classmethod
@@ -157,6 +172,14 @@ class Inference(_Strict):
         if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
         raise ValueError(f"must be auto, cpu, cuda or cuda:N (got {value!r})")
+
+    @model_validator(mode="after")
+    def _flip_axes(self) -> Inference:
+        if isinstance(self.tta, list):
+            bad = [a for axes in self.tta for a in axes if a >= len(self.roi_size)]
+            if bad:
+                raise ValueError(f"tta: axis {bad[0]} of a {len(self.roi_size)}D model (spatial axes count from 0)")
+        return self
 
     @model_validator(mode="after")
     def _per_axis_lengths(self) -> Inference:
