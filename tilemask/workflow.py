@@ -44,6 +44,7 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
+    bundle: str | None = Field(default=None, description="a MONAI bundle folder: its network, weights and settings")
     network: str = Field(
         default="", description='class in monai.networks.nets, or "package.module:Class" (not for TorchScript / .pt2)'
     )
@@ -355,11 +356,21 @@ class Workflow(_Strict):
         cls, raw: dict, overrides: list[str] | tuple[str, ...] = (), base_dir: str | Path | None = None
     ) -> Workflow:
         raw = apply_overrides(raw, overrides)
+        base = Path(base_dir) if base_dir else Path.cwd()
+        bundle = raw.get("model", {}).get("bundle") if isinstance(raw.get("model"), dict) else None
+        if isinstance(bundle, str):
+            from .bundle import bundle_defaults, merge
+
+            folder = Path(bundle).expanduser()
+            folder = folder if folder.is_absolute() else base / folder
+            if not folder.is_dir():
+                raise WorkflowError(f"model.bundle: no such folder {folder}")
+            raw = merge(bundle_defaults(folder), raw)
         try:
             workflow = cls.model_validate(raw)
         except ValidationError as exc:
             raise WorkflowError(_one_line(exc)) from None
-        workflow._base_dir = Path(base_dir) if base_dir else Path.cwd()
+        workflow._base_dir = base
         return workflow
 
     # -- derived values ------------------------------------------------------------------------
