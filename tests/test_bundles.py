@@ -131,6 +131,7 @@ def test_spleen_ct_bundle_runs_as_monai_runs_it(tmp_path, client):
     assert set(result.class_pixels) == {"background", "spleen"}
 
 
+@pytest.mark.slow  # a second bundle, SegResNet in TorchScript
 def test_brain_mr_bundle_with_torchscript_and_two_channels(tmp_path, client):
     folder = brain_mr_bundle(tmp_path / "brain_mr")
     img = nib.load(os.path.join(data_path, "example4d.nii.gz"))  # two MR volumes: the two channels

@@ -184,6 +184,7 @@ def test_grid_keys_are_checked_before_any_work(make_model, tmp_path):
         workflow(path, weights, tmp_path, {"normalize": {"mode": "zscore", "mean": [1.0], "std": [2.0]}}, 16)
 
 
+@pytest.mark.slow  # a third run on the oblique volume
 def test_post_processing_runs_on_the_input_grid(make_model, tmp_path, client):
     """keep_largest after the way back equals MONAI's KeepLargestConnectedComponent on MONAI's inverted labels."""
     from monai.transforms import KeepLargestConnectedComponent
