@@ -109,7 +109,7 @@ def _accumulate(network, weight, data, windows, origin, shape, settings: Inferen
     image = torch.from_numpy(data).to(device)
     weighted = None
     weights = torch.zeros((len(flips), *shape), dtype=torch.float32, device=device)
-    flipped_weight = [torch.flip(weight, [d for d in axes]) if axes else weight for axes in flips]
+    flipped_weight = [torch.flip(weight, list(axes)) if axes else weight for axes in flips]
     items = [(start, f) for start in windows for f in block.flips_of(start, flips)]
     with torch.inference_mode():
         for batch in _batched(items, settings.batch_size):
