@@ -192,8 +192,8 @@ def test_post_processing_runs_on_the_input_grid(make_model, tmp_path, client):
     path = oblique_las(tmp_path)
     weights, net = make_model(UNET_3D)
     preprocess = {"orientation": "RAS", "spacing": 2.6, "normalize": {"mode": "zscore", "nonzero": True}}
-    wf = workflow(path, weights, tmp_path, preprocess, 29).model_copy(update={"postprocess": {"keep_largest": True}})
-    (result,) = tilemask.run(Workflow.from_dict(wf.to_dict(), base_dir=tmp_path), client)
+    keys = {**workflow(path, weights, tmp_path, preprocess, 29).to_dict(), "postprocess": {"keep_largest": True}}
+    (result,) = tilemask.run(Workflow.from_dict(keys, base_dir=tmp_path), client)
     _, _, inverted = monai_pipeline(path, net, "RAS", (2.6, 2.6, 2.6), zscore={"nonzero": True})
     keep = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False, connectivity=1)
     expected = keep(torch.from_numpy(inverted.argmax(0)[None])).numpy()[0]

@@ -15,7 +15,7 @@ For each input the engine builds a three-layer graph over the output chunk grid
 
 That is under three tasks per chunk: about 720 per gigapixel with 2048-pixel
 chunks, so a 100-gigapixel job stays near 72,000 tasks.  What every task shares
-(source, model, settings, sink) sits once in the graph under its own key.  The
+(source, model, settings, sink) sits once in the graph under one key.  The
 client holds the futures and releases each result as soon as everything that
 needs it is done, so memory follows the chunks in flight, not the image.  The
 output is made whole by a task on a worker (which sees the output folder).
@@ -79,12 +79,28 @@ class RunResult:
 
 # -- worker-side entry points (torch is imported there, never on the client) -----------------------
 
-def predict(
-    block: Block, source: ImageSource, model: ModelSpec, settings: InferenceSettings, preprocessing: Preprocessing
-) -> Partial:
+@dataclass(frozen=True)
+class Shared:
+    """What every task of one job's graph needs, held once under one key.
+
+    One key, not one per part: Dask counts a task whose group depends on fewer
+    than five tasks as a root task and spreads those over all workers as threads
+    free up; with more, it places each predict task next to its dependencies,
+    which all sit on the one worker that computed them.
+    """
+
+    source: ImageSource
+    model: ModelSpec
+    settings: InferenceSettings
+    preprocessing: Preprocessing
+    finishing: Finishing
+    sink: LabelSink
+
+
+def predict(block: Block, shared: Shared) -> Partial:
     from .inference import predict_block
 
-    return predict_block(block, source, model, settings, preprocessing)
+    return predict_block(block, shared.source, shared.model, shared.settings, shared.preprocessing)
 
 def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int) -> int:
     from .inference import probe_network as probe
@@ -106,19 +122,15 @@ def build_graph(job: Job) -> tuple[dict, dict[tuple, Block], dict[tuple, list[tu
     """
     token = tokenize(job.input, job.plan, job.model, job.settings, job.finishing, job.sink.path, job.sink.layout.run_id)
     names = {layer: f"tilemask-{layer}-{token}" for layer in ("predict", "halo", "chunk")}
-    shared = {f"tilemask-{name}-{token}": value for name, value in (
-        ("source", job.source), ("model", job.model), ("settings", job.settings),
-        ("preprocessing", job.preprocessing), ("finishing", job.finishing), ("sink", job.sink),
-    )}  # fmt: skip
-    source, model, settings, preprocessing, finishing, sink = shared
+    shared = f"tilemask-shared-{token}"
     plan = job.plan
-    graph: dict = dict(shared)
+    graph: dict = {shared: Shared(job.source, job.model, job.settings, job.preprocessing, job.finishing, job.sink)}
     blocks: dict[tuple, Block] = {}
     deps: dict[tuple, list[tuple]] = {}
     for index in plan.block_indexes():
         key = (names["predict"], *index)
         blocks[key] = plan.block(index)
-        graph[key] = (predict, blocks[key], source, model, settings, preprocessing)
+        graph[key] = (predict, blocks[key], shared)
         deps[key] = []
         others = {c: plan.chunk_region(c) for c in plan.chunks_overlapping(blocks[key].region) if c != index}
         if others:
@@ -129,22 +141,21 @@ def build_graph(job: Job) -> tuple[dict, dict[tuple, Block], dict[tuple, list[tu
         own = (names["predict"], *index) if (names["predict"], *index) in blocks else None
         halos = [(names["halo"], *b) for b in plan.sources_of(index) if b != index]
         deps[key] = ([own] if own else []) + halos
-        graph[key] = (finish_chunk, index, plan.chunk_region(index), finishing, sink, own, halos)
+        graph[key] = (finish_chunk, index, plan.chunk_region(index), shared, own, halos)
     return graph, blocks, deps
 
 def finish_chunk(
     index: tuple[int, ...],
     region: Region,
-    finishing: Finishing,
-    sink: LabelSink,
+    shared: Shared,
     own: Partial | None,
     halos: list[dict[tuple[int, ...], Partial]],
 ) -> np.ndarray:
     """Blend, finalize and write one output chunk; return its class histogram."""
     partials = ([own] if own is not None else []) + [h[index] for h in halos if index in h]
     weighted, weights, valid = overlap_add(region, partials)
-    labels, probabilities, histogram = finalize(weighted, weights, valid, finishing)
-    write_chunk(sink, region, labels, probabilities)
+    labels, probabilities, histogram = finalize(weighted, weights, valid, shared.finishing)
+    write_chunk(shared.sink, region, labels, probabilities)
     return histogram
 
 def write_chunk(sink: LabelSink, region: Region, labels: np.ndarray, probabilities: np.ndarray | None) -> None:
