@@ -232,6 +232,31 @@ def _gather(data, origin, src_shape, iz, iy, ix, nearest: bool):
     return total
 
 
+def interpolate(values: np.ndarray, origin: tuple[int, ...], xform: np.ndarray, region: Region) -> np.ndarray:
+    """``(C, *region)``: ``values`` (``(C, ...)`` starting at ``origin`` of the source grid) at ``xform @ voxel``
+    for every voxel of ``region``, bilinear with border clamping, by torch's own ``grid_sample`` in float32.
+
+    The way back needs no bitwise equality (probabilities, compared within 1e-3), and ``grid_sample``
+    itself is 4-6x faster than :func:`sample`'s step-by-step float64 emulation.  ``values`` cover every
+    corner the region needs (:func:`source_region`), so clamping at their edge is clamping at the volume's.
+    """
+    import torch
+
+    axes = [np.arange(lo, hi, dtype=np.float64) for lo, hi in region]
+    shape = [hi - lo for lo, hi in region]
+    spatial = values.shape[1:]
+    grid = np.empty((*shape, 3), np.float32)
+    for k in range(3):  # source coordinate along axis k, normalised to the block; grid_sample wants (x, y, z)
+        coordinate = sum(xform[k, m] * axes[m].reshape([-1 if a == m else 1 for a in range(3)]) for m in range(3))
+        coordinate = coordinate + xform[k, 3] - origin[k]
+        grid[..., 2 - k] = (2 * coordinate + 1) / spatial[k] - 1
+    out = torch.nn.functional.grid_sample(
+        torch.from_numpy(np.ascontiguousarray(values))[None], torch.from_numpy(grid)[None],
+        mode="bilinear", padding_mode="border", align_corners=False,
+    )  # fmt: skip
+    return out[0].numpy()
+
+
 @dataclass(frozen=True)
 class ResampledSource(ImageSource):
     """An input seen on the model grid (:func:`model_grid`), read region by region (on workers: torch)."""
@@ -293,7 +318,7 @@ def resample_back(grid: ModelGrid, region: Region, read_model: Callable[[Region]
         xform = grid.to_model
         needed = source_region(xform, oriented, grid.shape)
         values = read_model(needed).astype(np.float32, copy=False)
-        back = sample(values, tuple(lo for lo, _ in needed), xform, grid.shape, grid.oriented_shape, oriented)
+        back = interpolate(values, tuple(lo for lo, _ in needed), xform, oriented)
     else:
         back = read_model(oriented)
     return grid.unorient(back)
