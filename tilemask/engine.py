@@ -47,6 +47,7 @@ import numpy as np
 from dask.base import tokenize
 from distributed import Client
 
+from .batch import items_in_flight, run_items
 from .cluster import cancel_and_drain, cluster_client, completed, gather, prepare_workers, wait_for_workers
 from .errors import OutputError, RunError, TilemaskError
 from .finalize import class_histogram, finalize
@@ -385,7 +386,8 @@ def run(
     All inputs are planned and checked (metadata, channels, weights, output
     paths) before any work starts, and the network is probed once on a worker,
     so an invalid workflow fails fast with nothing written (exit 2).  Anything
-    that fails after that is a run failure (exit 1).
+    that fails after that is a run failure (exit 1).  Several inputs run a few
+    at a time (:mod:`tilemask.batch`).
     """
     if not isinstance(workflow, Workflow):
         workflow = Workflow.from_yaml(workflow)
@@ -400,9 +402,13 @@ def run(
         prepare_workers(client)
         announce(f"dask dashboard: {client.dashboard_link}", enabled=progress)
         out_channels = probe(client, plan)
-        logger.info("the network gives %d output channels", out_channels)
+        logger.info("the network gives %d output channels; network loaded after %.2f s", out_channels, process_age())
         jobs = plan.jobs(out_channels)
-        return [run_job(client, job, plan, progress) for job in jobs]
+        return run_items(
+            jobs, functools.partial(run_job, client, plan=plan, progress=progress),
+            window=items_in_flight(sum(client.nthreads().values())), windows_of=lambda job: job.plan.n_windows,
+            progress=progress,
+        )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -416,6 +422,13 @@ def cluster_failures(what: str):
         yield
     except (KilledWorker, CommClosedError, FutureCancelledError) as exc:
         raise RunError(f"{what}: the cluster failed: {type(exc).__name__}: {exc}") from None
+
+def process_age() -> float:
+    """Seconds since this process started: the start-up figure of ``benchmarks/bench_small.py``."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
 
 def probe(client: Client, plan: WorkflowPlan) -> int:
     """The network's output channels, from one forward pass of zeros at the roi on a worker.

@@ -1,48 +1,72 @@
 """What a user sees of long work: the windows bar (done / total, windows per second) and a live line per
-stage without a count (COG assembly, post-processing, polygons, statistics), on stdout."""
+stage without a count (COG assembly, post-processing, polygons, statistics), on stdout.
+
+With several items in flight (:mod:`tilemask.batch`) one bar counts the windows
+and items of the whole run; each item's windows advance it and its stages are
+only logged.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
+_shared: contextvars.ContextVar[Callable[[int], None] | None] = contextvars.ContextVar("tilemask_bar", default=None)
+"""``advance(windows)`` of the run's bar, in the context of an item run alongside others."""
+
 
 @contextlib.contextmanager
 def window_progress(total: int, label: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
     """Yields ``advance(n)``; draws a rich bar on stdout when ``enabled`` (stderr is for the one-line errors)."""
-    if not enabled:
+    shared = _shared.get()
+    if shared is not None:
+        yield shared
+    elif not enabled:
         yield lambda n: None
-        return
+    else:
+        with _windows_bar(label, total) as (advance, _):
+            yield advance
+
+
+@contextlib.contextmanager
+def _windows_bar(label: str, total: int, items: int = 0) -> Iterator[tuple[Callable[[int], None], Callable[[], None]]]:
+    """A rich bar of windows done / total and windows/s (and items done when ``items``): ``(advance, item_done)``."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    columns = (
+    columns = [
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total} windows"),
         TextColumn("{task.fields[rate]:.1f} windows/s"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-    )
+    ]
+    if items:
+        columns.insert(4, TextColumn(f"{{task.fields[items]}}/{items} inputs"))
     start = time.perf_counter()
     with Progress(*columns) as bar:
-        task = bar.add_task(label, total=total, rate=0.0)
+        task = bar.add_task(label, total=total, rate=0.0, items=0)
 
         def advance(n: int) -> None:
             done = bar.tasks[0].completed + n
             bar.update(task, advance=n, rate=done / max(time.perf_counter() - start, 1e-9))
 
-        yield advance
+        def item_done() -> None:
+            bar.update(task, items=bar.tasks[0].fields["items"] + 1)
+
+        yield advance, item_done
 
 
 @contextlib.contextmanager
 def stage(label: str, enabled: bool = True) -> Iterator[None]:
     """A spinner with the elapsed time while a stage without a count runs; its duration logged at INFO."""
     start = time.perf_counter()
-    if enabled:
+    if enabled and _shared.get() is None:
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()) as bar:
@@ -51,6 +75,26 @@ def stage(label: str, enabled: bool = True) -> Iterator[None]:
     else:
         yield
     logger.info("%s: %.1f s", label, time.perf_counter() - start)
+
+
+class ItemsBar:
+    """The run's bar while several items are in flight: :meth:`attach` in each item's context."""
+
+    def __init__(self, advance: Callable[[int], None], item_done: Callable[[], None]):
+        self.advance, self.item_done = advance, item_done
+
+    def attach(self) -> None:
+        _shared.set(self.advance)
+
+
+@contextlib.contextmanager
+def items_progress(windows: int, items: int, enabled: bool = True) -> Iterator[ItemsBar]:
+    """One bar for a run of several inputs: windows done / total, windows/s and inputs done."""
+    if not enabled:
+        yield ItemsBar(lambda n: None, lambda: None)
+        return
+    with _windows_bar("all inputs", windows, items) as (advance, item_done):
+        yield ItemsBar(advance, item_done)
 
 
 def announce(text: str, enabled: bool = True) -> None:

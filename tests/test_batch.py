@@ -1,0 +1,105 @@
+"""Several inputs in one run: a window of items in flight, earlier items first, and one failure stops them all."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import dask
+import numpy as np
+import pytest
+import rasterio
+import zarr
+
+import tilemask
+from tilemask import Workflow
+from tilemask.batch import run_items
+from tilemask.errors import ReadError
+
+from .conftest import GEO, UNET_2D, raster_workflow
+from .test_trust import hidden
+
+
+def test_items_start_in_order_and_at_most_a_window_runs_at_once():
+    lock, running, peak, first = threading.Lock(), [0], [0], []
+
+    def one(item: int) -> int:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            first.append(item)
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return item * 10
+
+    results = run_items(list(range(9)), one, window=3, windows_of=lambda item: 1, progress=False)
+    assert results == [i * 10 for i in range(9)]  # in the items' order, whatever order they finished in
+    assert peak[0] == 3
+    assert sorted(first[:3]) == [0, 1, 2]  # the fourth starts only when one of the first three is done
+
+
+def test_a_failed_item_starts_no_further_item_and_its_error_is_raised():
+    started = []
+
+    def one(item: int) -> int:
+        started.append(item)
+        if item == 1:
+            raise ValueError("item 1 is broken")
+        time.sleep(0.2)
+        return item
+
+    with pytest.raises(ValueError, match="item 1 is broken"):
+        run_items(list(range(8)), one, window=2, windows_of=lambda item: 1, progress=False)
+    assert max(started) <= 2  # item 0 (in flight) may finish and start item 2; nothing after
+
+
+@pytest.fixture
+def scenes(tmp_path):
+    """Five good scenes and the real corrupt.tif between them, all with corrupt.tif's band count."""
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    with rasterio.open(GEO["shade.tif"]) as src:
+        profile, data = src.profile, src.read(1)
+    with rasterio.open(GEO["corrupt.tif"]) as ds:
+        count = ds.count
+    profile.update(count=count, nodata=None)
+    for i in range(5):
+        with rasterio.open(folder / f"scene{i}.tif", "w", **profile) as dst:
+            dst.write(np.stack([np.roll(data, 37 * i, axis=1)] * count))
+    return folder, count
+
+
+def test_items_in_flight_give_the_outputs_of_one_item_at_a_time(scenes, make_model, tmp_path, client):
+    folder, count = scenes
+    args = dict(UNET_2D, in_channels=count)
+    weights, _ = make_model(args)
+    labels = {}
+    for window in (1, 4):
+        raw = raster_workflow(f"{folder}/*.tif", weights, args=args, output={"path": f"out{window}/{{stem}}.zarr", "chunks": 256})
+        with dask.config.set({"tilemask.items-in-flight": window}):
+            results = tilemask.run(Workflow.from_dict(raw, base_dir=tmp_path), client)
+        assert [r.input for r in results] == sorted(str(p) for p in folder.glob("*.tif"))
+        labels[window] = [zarr.open_group(r.outputs[0], mode="r")["labels"][:] for r in results]
+    for one, four in zip(labels[1], labels[4]):
+        np.testing.assert_array_equal(one, four)
+
+
+def test_a_corrupt_input_among_several_in_flight_fails_the_run_and_leaves_nothing_half_done(
+    scenes, make_model, tmp_path, client
+):
+    folder, count = scenes
+    shutil.copy(GEO["corrupt.tif"], folder / "scene2_corrupt.tif")  # in the middle of the six
+    args = dict(UNET_2D, in_channels=count)
+    weights, _ = make_model(args)
+    raw = raster_workflow(f"{folder}/*.tif", weights, args=args, output={"path": "out/{stem}.zarr", "chunks": 256})
+    with dask.config.set({"tilemask.items-in-flight": 4}), pytest.raises(ReadError, match="scene2_corrupt.tif") as failed:
+        tilemask.run(Workflow.from_dict(raw, base_dir=tmp_path), client)
+    assert failed.value.exit_status == 1
+    out = tmp_path / "out"
+    assert hidden(out) == [], "nothing staged may be left"
+    written = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert "scene2_corrupt.zarr" not in written
+    for name in written:  # an item that finished before the failure is whole; no other output exists
+        assert zarr.open_group(out / name, mode="r").attrs["tilemask"]["complete"] is True

@@ -1,0 +1,91 @@
+"""Several inputs of one run: a window of items in flight, earlier items first.
+
+A small item spends most of its time waiting on round trips (statistics,
+predict, making the output whole, publishing); with several items in flight
+the workers compute one item while the client waits on another.  Large items
+lose nothing: Dask runs the tasks of earlier submissions first, so a second
+item only fills threads the first leaves idle.
+
+When an item fails, the items in flight are abandoned (each cancels its tasks
+and removes what it staged, as any failed run does), no further item starts,
+and the first failure is raised.  Ctrl-C does the same and raises
+``KeyboardInterrupt`` once every item has cleaned up.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextvars
+import threading
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import dask
+
+from .cluster import Abandoned, abandon_on
+from .interrupts import shielded
+from .progress import items_progress
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def items_in_flight(threads: int) -> int:
+    """How many items run at once: Dask config ``tilemask.items-in-flight``, else two per worker thread."""
+    configured = dask.config.get("tilemask.items-in-flight", None)
+    return max(1, int(configured) if configured is not None else 2 * threads)
+
+
+def run_items(
+    items: Sequence[Item],
+    run_one: Callable[[Item], Result],
+    window: int,
+    windows_of: Callable[[Item], int],
+    progress: bool,
+) -> list[Result]:
+    """``run_one(item)`` for every item, at most ``window`` at a time, started in order; results in order."""
+    if window <= 1 or len(items) <= 1:
+        return [run_one(item) for item in items]
+    results: list = [None] * len(items)
+    failure: BaseException | None = None
+    abandon = threading.Event()
+    with items_progress(sum(map(windows_of, items)), len(items), enabled=progress) as bar:
+        pool = cf.ThreadPoolExecutor(max_workers=window, thread_name_prefix="tilemask-item")
+        running: dict[cf.Future, int] = {}
+        queued = iter(range(len(items)))
+
+        def start_next() -> None:
+            for index in queued:
+                if abandon.is_set():
+                    return
+                context = contextvars.copy_context()  # each item's own: its bar and the abandon flag
+                context.run(bar.attach)
+                context.run(abandon_on, abandon)
+                running[pool.submit(context.run, run_one, items[index])] = index
+                return
+
+        try:
+            for _ in range(window):
+                start_next()
+            while running:
+                done, _ = cf.wait(running, timeout=0.5, return_when=cf.FIRST_COMPLETED)
+                for future in done:
+                    index = running.pop(future)
+                    exc = future.exception()
+                    if exc is None:
+                        results[index] = future.result()
+                        bar.item_done()
+                        start_next()
+                    elif not isinstance(exc, Abandoned) and failure is None:
+                        failure = exc
+                        abandon.set()
+        except BaseException:  # Ctrl-C or SIGTERM while waiting: abandon what runs and let it clean up
+            abandon.set()
+            with shielded():
+                cf.wait(running)
+            raise
+        finally:
+            pool.shutdown(wait=True)
+    if failure is not None:
+        raise failure
+    return results
