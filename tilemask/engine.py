@@ -103,7 +103,7 @@ def predict(block: Block, shared: Shared) -> Partial:
 
     return predict_block(block, shared.source, shared.model, shared.settings, shared.preprocessing)
 
-def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int) -> int:
+def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int) -> tuple[int, str]:
     from .inference import probe_network as probe
 
     return probe(model, settings, channels)
@@ -435,11 +435,13 @@ def probe(client: Client, plan: WorkflowPlan) -> int:
 
     This also proves on a worker, before any work, that the weights load, fit
     the network and are safe, that the device exists, and that the network takes
-    the inputs' channels (a failure here keeps its type: exit 2).
+    the inputs' channels (a failure here keeps its type: exit 2), and converts
+    it for the backend (:mod:`tilemask.backends`).
     """
     future = client.submit(probe_network, plan.model, plan.settings, plan.in_channels, pure=False)
     with cluster_failures("probing the network"):
-        (channels,) = gather(client, [future])
+        ((channels, backend),) = gather(client, [future])
+    logger.info("inference backend %s (inference.backend: %s)", backend, plan.settings.backend)
     return channels
 
 def run_job(client: Client, job: Job, plan: WorkflowPlan, progress: bool) -> RunResult:

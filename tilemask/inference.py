@@ -24,6 +24,7 @@ from monai.data.utils import compute_importance_map
 
 from .errors import WorkflowError
 from .geometry import Block, local_slices, region_shape
+from .backends import cached_runner
 from .models import ModelSpec, cached_model, resolve_device
 from .preprocess import Preprocessing
 from .settings import InferenceSettings
@@ -53,7 +54,6 @@ def predict_block(
 ) -> Partial:
     """Weighted sums of the block's window predictions over the block's region."""
     device = resolve_device(settings.device)
-    network = cached_model(model, device)
     weight = importance_map(settings.roi, settings.mode, settings.sigma_scale, device)
 
     extent, region = block.extent, block.region
@@ -70,6 +70,7 @@ def predict_block(
         padded = np.zeros((data.shape[0], *region_shape(extent)), np.float32)
         padded[(slice(None), *local_slices(region, origin))] = data
         data = padded
+    _, network = cached_runner(model, settings, data.shape[0], device)
     weighted, weights = _compute_thread.submit(
         _accumulate, network, weight, data, list(block.windows()), origin, region_shape(extent), settings, device, block
     ).result()
@@ -83,8 +84,9 @@ def predict_block(
     )
 
 
-def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int) -> int:
-    """Output channels of the network: one forward pass of zeros ``(1, channels, *roi)`` on the worker's device."""
+def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int) -> tuple[int, str]:
+    """Output channels of the network (one forward pass of zeros ``(1, channels, *roi)`` on the worker's
+    device) and the backend that runs it (converted now, so a conversion fails before any work)."""
     device = resolve_device(settings.device)
     network = cached_model(model, device)
     shape = (1, channels, *settings.roi)
@@ -99,7 +101,8 @@ def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int) 
     if not isinstance(output, torch.Tensor) or output.ndim != len(shape) or tuple(output.shape[2:]) != tuple(settings.roi):
         got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise WorkflowError(f"model: the network turns a window of shape {shape} into {got}; expected (1, classes, *roi)")
-    return int(output.shape[1])
+    backend, _ = cached_runner(model, settings, channels, device)
+    return int(output.shape[1]), backend
 
 
 def _accumulate(network, weight, data, windows, origin, shape, settings: InferenceSettings, device, block: Block):

@@ -244,6 +244,7 @@ def plan_workflow(workflow: Workflow) -> WorkflowPlan:
             batch_size=inference.batch_size,
             device=inference.device,
             flips=inference.flips,
+            backend=inference.backend,
         ),
         preprocessing=preprocessing_of(workflow),
         inputs=[_plan_input(workflow, item, spatial_dims) for item in workflow.input_items()],

@@ -1,0 +1,201 @@
+"""Inference backends: the same network run by torch, OpenVINO or ONNX Runtime, behind one call.
+
+``inference.backend`` (see README, "Inference backends"):
+
+* ``torch``: the network as loaded (:func:`tilemask.models.cached_model`): eager,
+  TorchScript or an exported program, on the CPU or a GPU.
+* ``openvino``: the network converted by ``openvino.convert_model`` (traced with a
+  window of the roi's shape, any batch size) and compiled for the CPU with float32
+  precision: OpenVINO would otherwise run bfloat16 on CPUs that have it.
+* ``onnxruntime``: the network exported with ``torch.onnx.export`` and run by ONNX
+  Runtime's CPU execution provider.
+* ``auto``: on the CPU, OpenVINO when it is installed, converts the network, and
+  its activated output is within 1e-4 of torch's on two test windows (random
+  values; half a window constant, where instance norms part: :func:`_difference`);
+  otherwise torch.  On a GPU, torch.
+
+A converted network is built once per worker process and also kept on disk (the
+cache folder: ``TILEMASK_CACHE_DIR``, else ``~/.cache/tilemask``) under the sha256
+of the weights, the network, its arguments, the window shape and the backend's
+version, so the next run or worker reads it instead of converting again; so is
+``auto``'s measured difference, so a network that failed it is not converted again.  Every
+runner takes and returns float32 torch tensors ``(N, C, *roi)`` on the CPU or
+the model's device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import WorkflowError
+from .models import MODELS_PER_PROCESS, cached_model, first_line
+from .settings import InferenceSettings, ModelSpec
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
+AUTO_TOLERANCE = 1e-4  # largest difference of activated outputs for auto to take a converted network
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+_runners: OrderedDict[tuple, tuple[str, Runner]] = OrderedDict()
+_runners_lock = threading.Lock()
+
+
+def cached_runner(spec: ModelSpec, settings: InferenceSettings, channels: int, device: torch.device) -> tuple[str, Runner]:
+    """``(backend, run)`` for the network of ``spec`` on windows of ``channels`` x ``settings.roi``, built
+    once per worker process; ``backend`` names what ``auto`` chose."""
+    key = (spec, str(device), settings.backend, channels, tuple(settings.roi))
+    with _runners_lock:
+        if key in _runners:
+            _runners.move_to_end(key)
+            return _runners[key]
+        _runners[key] = _build(spec, settings.backend, channels, tuple(settings.roi), device)
+        while len(_runners) > MODELS_PER_PROCESS:
+            _runners.popitem(last=False)
+        return _runners[key]
+
+
+def _build(spec: ModelSpec, backend: str, channels: int, roi: tuple[int, ...], device: torch.device) -> tuple[str, Runner]:
+    network = cached_model(spec, device)
+    if backend == "torch" or (backend == "auto" and device.type != "cpu"):
+        return "torch", network
+    if device.type != "cpu":
+        raise WorkflowError(f"inference.backend: {backend} runs on the CPU, and inference.device is {device}")
+    candidates = ["openvino"] if backend == "auto" else [backend]
+    for name in candidates:
+        verdict = _cache_path(spec, name, _version(name), channels, roi, ".verdict.json") if backend == "auto" else None
+        if verdict is not None and verdict.is_file() and json.loads(verdict.read_text())["difference"] > AUTO_TOLERANCE:
+            continue  # measured before: this network parts from torch under this backend
+        try:
+            run = CONVERTERS[name](spec, network, channels, roi)
+        except ImportError:
+            if backend != "auto":
+                raise WorkflowError(f"inference.backend: {name} is not installed on this worker") from None
+            continue
+        except Exception as exc:  # noqa: BLE001 - exporters raise anything a traced network can
+            if backend != "auto":
+                raise WorkflowError(f"inference.backend: {name} cannot convert {spec.network or spec.weights}: "
+                                    f"{first_line(exc)}") from None  # fmt: skip
+            logger.warning("%s cannot convert the network, auto runs torch: %s", name, first_line(exc))
+            continue
+        if verdict is not None:
+            difference = _difference(network, run, channels, roi)
+            _publish(lambda p, d=difference: p.write_text(json.dumps({"difference": d})), verdict, (".json",))
+            if difference > AUTO_TOLERANCE:
+                logger.warning("%s differs from torch by %.2g, auto runs torch", name, difference)
+                continue
+        logger.info("inference backend: %s", name)
+        return name, run
+    return "torch", network
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def _difference(network: Runner, run: Runner, channels: int, roi: tuple[int, ...]) -> float:
+    """Largest difference between the activated outputs (softmax over channels; sigmoid for one) of torch
+    and a converted network, on three windows: seeded random normal values, zeros (padding, clipped air,
+    nodata fill) and ones.  Constant windows are where converted networks part from torch: an instance norm
+    over a constant feature map divides rounding noise by ``sqrt(eps)``, and OpenVINO and ONNX Runtime
+    compute that variance otherwise than torch (measured on a zero window with MONAI's UNet 16-32-64-128:
+    softmax outputs 0.95 apart under OpenVINO)."""
+    normal = np.random.default_rng(0).standard_normal((channels, *roi), dtype=np.float32)
+    windows = torch.from_numpy(np.stack([normal, np.zeros_like(normal), np.ones_like(normal)]))
+    with torch.inference_mode():
+        expected = network(windows).to(torch.float32)
+    got = run(windows)
+    activate = (lambda x: torch.softmax(x, 1)) if expected.shape[1] > 1 else torch.sigmoid
+    return float((activate(expected) - activate(got)).abs().max())
+
+
+def _cache_path(spec: ModelSpec, backend: str, version: str, channels: int, roi: tuple[int, ...], suffix: str) -> Path:
+    digest = hashlib.sha256()
+    with open(spec.weights, "rb") as weights:
+        for block in iter(lambda: weights.read(1 << 20), b""):
+            digest.update(block)
+    digest.update(json.dumps([spec.network, spec.args_json, backend, version, channels, roi]).encode())
+    folder = Path(os.environ.get("TILEMASK_CACHE_DIR") or Path.home() / ".cache" / "tilemask") / backend
+    return folder / f"{digest.hexdigest()[:32]}{suffix}"
+
+
+def _publish(write: Callable[[Path], None], final: Path, suffixes: tuple[str, ...]) -> None:
+    """Write the files of a converted network under a temporary stem, then rename them into place, the one
+    that marks the entry complete (``final``) last: a reader never sees half an entry."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stem = Path(tempfile.mkdtemp(dir=final.parent, prefix=".partial-")) / "model"
+    try:
+        write(stem.with_suffix(suffixes[0]))
+        for suffix in reversed(suffixes):
+            os.replace(stem.with_suffix(suffix), final.with_suffix(suffix))
+    finally:
+        for leftover in stem.parent.iterdir():
+            leftover.unlink()
+        stem.parent.rmdir()
+
+
+def _openvino(spec: ModelSpec, network: torch.nn.Module, channels: int, roi: tuple[int, ...]) -> Runner:
+    import openvino as ov
+
+    path = _cache_path(spec, "openvino", ov.__version__, channels, roi, ".xml")
+    core = ov.Core()
+    if path.is_file():
+        model = core.read_model(path)
+    else:
+        example = torch.zeros((1, channels, *roi))
+        model = ov.convert_model(network, example_input=example, input=[ov.PartialShape([-1, channels, *roi])])
+        _publish(lambda p: ov.save_model(model, p, compress_to_fp16=False), path, (".xml", ".bin"))
+    compiled = core.compile_model(model, "CPU", {
+        "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+    })  # fmt: skip
+    request, lock = compiled.create_infer_request(), threading.Lock()
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        with lock:  # one request: the compute thread, and the probe before any work
+            output = request.infer([batch.detach().cpu().numpy()])[0]
+            return torch.from_numpy(np.array(output, dtype=np.float32))
+
+    return run
+
+
+def _onnxruntime(spec: ModelSpec, network: torch.nn.Module, channels: int, roi: tuple[int, ...]) -> Runner:
+    import onnxruntime as ort
+
+    path = _cache_path(spec, "onnxruntime", ort.__version__, channels, roi, ".onnx")
+    if not path.is_file():
+        example = torch.zeros((1, channels, *roi))
+        export = lambda p: torch.onnx.export(  # noqa: E731
+            network, (example,), str(p), input_names=["x"], output_names=["y"],
+            dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False,
+        )  # fmt: skip
+        _publish(export, path, (".onnx",))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {"x": batch.detach().cpu().numpy()})[0])
+
+    return run
+
+
+CONVERTERS: dict[str, Callable[[ModelSpec, torch.nn.Module, int, tuple[int, ...]], Runner]] = {
+    "openvino": _openvino,
+    "onnxruntime": _onnxruntime,
+}
