@@ -55,14 +55,13 @@ def run_items(
         queued = iter(range(len(items)))
 
         def start_next() -> None:
-            for index in queued:
-                if abandon.is_set():
-                    return
-                context = contextvars.copy_context()  # each item's own: its bar and the abandon flag
-                context.run(bar.attach)
-                context.run(abandon_on, abandon)
-                running[pool.submit(context.run, run_one, items[index])] = index
+            index = next(queued, None)
+            if index is None or abandon.is_set():
                 return
+            context = contextvars.copy_context()  # each item's own: its bar and the abandon flag
+            context.run(bar.attach)
+            context.run(abandon_on, abandon)
+            running[pool.submit(context.run, run_one, items[index])] = index
 
         try:
             for _ in range(window):

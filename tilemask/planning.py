@@ -76,9 +76,17 @@ class InputPlan:
 class Inversion:
     """Where a job predicting on the model grid puts its output: the input's grid (MONAI's ``Invertd``)."""
 
-    source: ImageSource  # the input as stored
+    resampled: ResampledSource  # the input seen on the model grid: what the job predicts on
     plan: WindowPlan  # the input grid's chunks (its windows are unused)
-    grid: ModelGrid
+
+    @property
+    def source(self) -> ImageSource:
+        """The input as stored."""
+        return self.resampled.source
+
+    @property
+    def grid(self) -> ModelGrid:
+        return self.resampled.grid
 
 
 @dataclass
@@ -290,7 +298,7 @@ def _plan_input(workflow: Workflow, item: InputItem, spatial_dims: int) -> Input
     back = None
     if grid:
         chunks = WindowPlan.build(source.spatial_shape, inference.roi_size, inference.overlap, workflow.output.chunks)
-        back = Inversion(source, chunks, grid)
+        back = Inversion(network_source, chunks)
     source = network_source
     quicklook = workflow.output.quicklook and spatial_dims == 2 and for_path(path).gdal_raster and len(item.files) == 1
     return InputPlan(
