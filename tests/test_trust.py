@@ -412,11 +412,11 @@ def test_killing_a_worker_mid_run_gives_the_same_output(big_run, tmp_path):
     proc = start(args, tmp_path)
     staged = tmp_path / "out" / ".tilemask-*-big_mask.zarr" / "labels" / "c"
     wait_for(lambda: any(Path(tmp_path / "out").glob(str(staged.relative_to(tmp_path / "out")))), what="chunks written", proc=proc)
-    time.sleep(2.0)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]  # fmt: skip
     assert workers, "no worker process found"
     workers[0].kill()
+    assert proc.poll() is None, "the run had ended before a worker was killed: make it longer"
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
     killed = zarr.open_group(str(tmp_path / "out" / "big_mask.zarr"), mode="r")["labels"][:]
