@@ -71,3 +71,54 @@ def test_an_unknown_backend_is_refused_by_name(make_raster, make_model, tmp_path
     raw["inference"]["backend"] = "tensorrt"
     with pytest.raises(tilemask.TilemaskError, match="inference.backend"):
         Workflow.from_dict(raw, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("roi,mode,sigma", [((64, 64), "gaussian", 0.125), ((33, 17, 40), "gaussian", (0.1, 0.2, 0.3)),
+                                            ((96, 96, 96), "gaussian", 0.125), ((48, 48), "constant", 0.125)])  # fmt: skip
+def test_window_weights_are_monais_to_the_bit(roi, mode, sigma):
+    import torch
+    from monai.data.utils import compute_importance_map
+
+    from tilemask.inference import importance_map
+
+    expected = compute_importance_map(roi, mode=mode, sigma_scale=sigma, device="cpu", dtype=torch.float32)
+    assert torch.equal(importance_map(roi, mode, sigma, torch.device("cpu")), expected)
+
+
+PROBE = """
+import sys, torch
+from tilemask.backends import cached_runner
+from tilemask.settings import InferenceSettings, ModelSpec
+spec = ModelSpec.create("UNet", {args!r}, {weights!r})
+backend, run = cached_runner(spec, InferenceSettings(roi=(64, 64), backend="torch"), 3, torch.device("cpu"))
+window = torch.from_numpy(__import__("numpy").random.default_rng(1).standard_normal((2, 3, 64, 64), dtype="float32"))
+with torch.inference_mode():
+    torch.save(run(window), sys.argv[1])
+print("monai" in sys.modules, isinstance(run, torch.jit.ScriptModule))
+"""
+
+
+def test_a_checkpoints_network_is_traced_once_and_later_runs_load_it_without_monai(make_model, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    weights, net = make_model()
+    env = {**os.environ, "TILEMASK_CACHE_DIR": str(tmp_path / "cache")}
+    script = PROBE.format(args=UNET_2D, weights=str(weights))
+    answers = []
+    for n in range(2):
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"out{n}.pt")], env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        answers.append(done.stdout.split())
+    assert answers[0] == ["True", "True"]  # built with MONAI, traced, cached
+    assert answers[1] == ["False", "True"]  # read from the cache: MONAI never imported
+    assert list((tmp_path / "cache" / "torchscript").glob("*.pt"))
+    first, second = (torch.load(tmp_path / f"out{n}.pt") for n in range(2))
+    assert torch.equal(first, second)  # the cached trace answers as the traced network did, bit for bit
+    window = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 3, 64, 64), dtype="float32"))
+    with torch.inference_mode():  # this process may run other torch threads: summation order, not bits
+        np.testing.assert_allclose(first.numpy(), net(window).numpy(), rtol=0, atol=1e-5)

@@ -33,7 +33,7 @@ def test_run_on_an_existing_scheduler_equals_the_embedded_cluster(
 
     with Client(dask_processes) as client:
         # both workers took part, and each loaded the model exactly once for 9 blocks
-        loads = client.run(lambda: __import__("tilemask.models", fromlist=["loads"]).loads)
+        loads = client.run(lambda: __import__("tilemask.backends", fromlist=["loads"]).loads)
         torch_threads = client.run(lambda: __import__("torch").get_num_threads())
         cores = client.run(lambda: __import__("tilemask.cluster", fromlist=["available_cores"]).available_cores())
         plugins = client.run(lambda dask_worker: sorted(dask_worker.plugins))

@@ -3,7 +3,10 @@
 ``inference.backend`` (see README, "Inference backends"):
 
 * ``torch``: the network as loaded (:func:`tilemask.models.cached_model`): eager,
-  TorchScript or an exported program, on the CPU or a GPU.
+  TorchScript or an exported program, on the CPU or a GPU.  On the CPU a
+  checkpoint's network is traced to TorchScript once (kept only when the trace
+  answers bit for bit what the network does) and cached, so later runs load it in
+  milliseconds without building the network or importing MONAI (:func:`_torch`).
 * ``openvino``: the network converted by ``openvino.convert_model`` (traced with a
   window of the roi's shape, any batch size) and compiled for the CPU with float32
   precision: OpenVINO would otherwise run bfloat16 on CPUs that have it.
@@ -25,6 +28,7 @@ the model's device.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -32,6 +36,7 @@ import logging
 import os
 import tempfile
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -51,54 +56,130 @@ AUTO_TOLERANCE = 1e-4  # largest difference of activated outputs for auto to tak
 Runner = Callable[[torch.Tensor], torch.Tensor]
 _runners: OrderedDict[tuple, tuple[str, Runner]] = OrderedDict()
 _runners_lock = threading.Lock()
+loads = 0  # networks this process has built or loaded (each worker should do it once per model)
 
 
 def cached_runner(spec: ModelSpec, settings: InferenceSettings, channels: int, device: torch.device) -> tuple[str, Runner]:
     """``(backend, run)`` for the network of ``spec`` on windows of ``channels`` x ``settings.roi``, built
     once per worker process; ``backend`` names what ``auto`` chose."""
+    global loads
     key = (spec, str(device), settings.backend, channels, tuple(settings.roi))
     with _runners_lock:
         if key in _runners:
             _runners.move_to_end(key)
             return _runners[key]
         _runners[key] = _build(spec, settings.backend, channels, tuple(settings.roi), device)
+        loads += 1
         while len(_runners) > MODELS_PER_PROCESS:
             _runners.popitem(last=False)
         return _runners[key]
 
 
+def forward_check(run: Runner, channels: int, roi: tuple[int, ...], device: torch.device) -> int:
+    """The network's output channels, from one window of zeros; a network that rejects the window, or does not
+    answer ``(1, classes, *roi)``, is a workflow error."""
+    shape = (1, channels, *roi)
+    try:
+        with torch.inference_mode():
+            output = run(torch.zeros(shape, dtype=torch.float32, device=device))
+    except torch.OutOfMemoryError:
+        raise  # the device, not the workflow
+    except Exception as exc:  # noqa: BLE001 - torch and TorchScript raise RuntimeError with pages of context
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        raise WorkflowError(f"model: the network rejects a {channels}-channel window of roi {list(roi)}: "
+                            f"{lines[-1] if lines else type(exc).__name__}") from None  # fmt: skip
+    if not isinstance(output, torch.Tensor) or output.ndim != len(shape) or tuple(output.shape[2:]) != tuple(roi):
+        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise WorkflowError(f"model: the network turns a window of shape {shape} into {got}; expected (1, classes, *roi)")
+    return int(output.shape[1])
+
+
 def _build(spec: ModelSpec, backend: str, channels: int, roi: tuple[int, ...], device: torch.device) -> tuple[str, Runner]:
-    network = cached_model(spec, device)
-    if backend == "torch" or (backend == "auto" and device.type != "cpu"):
-        return "torch", network
-    if device.type != "cpu":
-        raise WorkflowError(f"inference.backend: {backend} runs on the CPU, and inference.device is {device}")
-    candidates = ["openvino"] if backend == "auto" else [backend]
-    for name in candidates:
-        verdict = _cache_path(spec, name, _version(name), channels, roi, ".verdict.json") if backend == "auto" else None
-        if verdict is not None and verdict.is_file() and json.loads(verdict.read_text())["difference"] > AUTO_TOLERANCE:
-            continue  # measured before: this network parts from torch under this backend
+    @functools.cache
+    def network() -> torch.nn.Module:  # built (MONAI imported) only when no cached conversion serves
+        model = cached_model(spec, device)
+        forward_check(model, channels, roi, device)
+        return model
+
+    if backend != "torch" and not (backend == "auto" and device.type != "cpu"):
+        if device.type != "cpu":
+            raise WorkflowError(f"inference.backend: {backend} runs on the CPU, and inference.device is {device}")
+        converted = _converted(spec, backend, network, channels, roi)
+        if converted is not None:
+            logger.info("inference backend: %s", backend)
+            return converted
+    return "torch", _torch(spec, network, channels, roi, device)
+
+
+def _converted(spec: ModelSpec, backend: str, network: Callable[[], torch.nn.Module], channels: int,
+               roi: tuple[int, ...]) -> tuple[str, Runner] | None:  # fmt: skip
+    """``backend``'s runner; for ``auto``, OpenVINO's when it keeps torch's answer (measured once, then read
+    from the cache), else None."""
+    name = "openvino" if backend == "auto" else backend
+    verdict = _cache_path(spec, name, _version(name), channels, roi, ".verdict.json") if backend == "auto" else None
+    known = json.loads(verdict.read_text())["difference"] if verdict is not None and verdict.is_file() else None
+    if known is not None and known > AUTO_TOLERANCE:
+        return None  # measured before: this network parts from torch under this backend
+    try:
+        run = CONVERTERS[name](spec, network, channels, roi)
+    except ImportError:
+        if backend != "auto":
+            raise WorkflowError(f"inference.backend: {name} is not installed on this worker") from None
+        return None
+    except WorkflowError:
+        raise  # the network itself rejects the window
+    except Exception as exc:  # noqa: BLE001 - exporters raise anything a traced network can
+        if backend != "auto":
+            raise WorkflowError(f"inference.backend: {name} cannot convert {spec.network or spec.weights}: "
+                                f"{first_line(exc)}") from None  # fmt: skip
+        logger.warning("%s cannot convert the network, auto runs torch: %s", name, first_line(exc))
+        return None
+    if verdict is not None and known is None:
+        known = _difference(network(), run, channels, roi)
+        _publish(lambda p: p.write_text(json.dumps({"difference": known})), verdict, (".json",))
+        if known > AUTO_TOLERANCE:
+            logger.warning("%s differs from torch by %.2g, auto runs torch", name, known)
+            return None
+    return name, run
+
+
+def _torch(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: int, roi: tuple[int, ...],
+           device: torch.device) -> Runner:  # fmt: skip
+    """The network in torch: on the CPU, a checkpoint's network traced to TorchScript once and cached, so a
+    later run loads it in milliseconds without building the network or importing MONAI; kept only when the
+    trace gives the network's own output bit for bit, for one window and for three."""
+    if device.type != "cpu" or spec.archive != "state_dict":
+        return network()
+    path = _cache_path(spec, "torchscript", torch.__version__, channels, roi, ".pt")
+    if path.is_file():
         try:
-            run = CONVERTERS[name](spec, network, channels, roi)
-        except ImportError:
-            if backend != "auto":
-                raise WorkflowError(f"inference.backend: {name} is not installed on this worker") from None
-            continue
-        except Exception as exc:  # noqa: BLE001 - exporters raise anything a traced network can
-            if backend != "auto":
-                raise WorkflowError(f"inference.backend: {name} cannot convert {spec.network or spec.weights}: "
-                                    f"{first_line(exc)}") from None  # fmt: skip
-            logger.warning("%s cannot convert the network, auto runs torch: %s", name, first_line(exc))
-            continue
-        if verdict is not None:
-            difference = _difference(network, run, channels, roi)
-            _publish(lambda p, d=difference: p.write_text(json.dumps({"difference": d})), verdict, (".json",))
-            if difference > AUTO_TOLERANCE:
-                logger.warning("%s differs from torch by %.2g, auto runs torch", name, difference)
-                continue
-        logger.info("inference backend: %s", name)
-        return name, run
-    return "torch", network
+            return torch.jit.load(str(path), map_location=device).eval()
+        except RuntimeError as exc:
+            logger.warning("%s: unreadable cached TorchScript, tracing again: %s", path, first_line(exc))
+    eager = network()
+    traced = _trace(eager, channels, roi)
+    if traced is None:
+        return eager
+    _publish(lambda p: torch.jit.save(traced, str(p)), path, (".pt",))
+    return traced
+
+
+def _trace(network: torch.nn.Module, channels: int, roi: tuple[int, ...]) -> torch.jit.ScriptModule | None:
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(network, torch.zeros((1, channels, *roi)), check_trace=False)
+        rng = np.random.default_rng(0)
+        with torch.inference_mode():
+            for batch in (1, 3):
+                window = torch.from_numpy(rng.standard_normal((batch, channels, *roi), dtype=np.float32))
+                if not torch.equal(network(window), traced(window)):
+                    logger.info("the traced network differs from the network: running it as it is")
+                    return None
+    except Exception as exc:  # noqa: BLE001 - tracing fails on networks with data-dependent control flow
+        logger.info("the network cannot be traced (%s): running it as it is", first_line(exc))
+        return None
+    return traced
 
 
 def _version(package: str) -> str:
@@ -149,7 +230,7 @@ def _publish(write: Callable[[Path], None], final: Path, suffixes: tuple[str, ..
         stem.parent.rmdir()
 
 
-def _openvino(spec: ModelSpec, network: torch.nn.Module, channels: int, roi: tuple[int, ...]) -> Runner:
+def _openvino(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: int, roi: tuple[int, ...]) -> Runner:
     import openvino as ov
 
     path = _cache_path(spec, "openvino", ov.__version__, channels, roi, ".xml")
@@ -158,7 +239,7 @@ def _openvino(spec: ModelSpec, network: torch.nn.Module, channels: int, roi: tup
         model = core.read_model(path)
     else:
         example = torch.zeros((1, channels, *roi))
-        model = ov.convert_model(network, example_input=example, input=[ov.PartialShape([-1, channels, *roi])])
+        model = ov.convert_model(network(), example_input=example, input=[ov.PartialShape([-1, channels, *roi])])
         _publish(lambda p: ov.save_model(model, p, compress_to_fp16=False), path, (".xml", ".bin"))
     compiled = core.compile_model(model, "CPU", {
         "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
@@ -174,14 +255,14 @@ def _openvino(spec: ModelSpec, network: torch.nn.Module, channels: int, roi: tup
     return run
 
 
-def _onnxruntime(spec: ModelSpec, network: torch.nn.Module, channels: int, roi: tuple[int, ...]) -> Runner:
+def _onnxruntime(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: int, roi: tuple[int, ...]) -> Runner:
     import onnxruntime as ort
 
     path = _cache_path(spec, "onnxruntime", ort.__version__, channels, roi, ".onnx")
     if not path.is_file():
         example = torch.zeros((1, channels, *roi))
         export = lambda p: torch.onnx.export(  # noqa: E731
-            network, (example,), str(p), input_names=["x"], output_names=["y"],
+            network(), (example,), str(p), input_names=["x"], output_names=["y"],
             dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False,
         )  # fmt: skip
         _publish(export, path, (".onnx",))
@@ -195,7 +276,7 @@ def _onnxruntime(spec: ModelSpec, network: torch.nn.Module, channels: int, roi: 
     return run
 
 
-CONVERTERS: dict[str, Callable[[ModelSpec, torch.nn.Module, int, tuple[int, ...]], Runner]] = {
+CONVERTERS: dict[str, Callable[[ModelSpec, Callable[[], torch.nn.Module], int, tuple[int, ...]], Runner]] = {
     "openvino": _openvino,
     "onnxruntime": _onnxruntime,
 }

@@ -20,12 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from monai.data.utils import compute_importance_map
 
-from .errors import WorkflowError
 from .geometry import Block, local_slices, region_shape
-from .backends import cached_runner
-from .models import ModelSpec, cached_model, resolve_device
+from .backends import cached_runner, forward_check
+from .models import ModelSpec, resolve_device
 from .preprocess import Preprocessing
 from .settings import InferenceSettings
 from .sources import ImageSource
@@ -41,8 +39,21 @@ _compute_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilemask
 
 @functools.lru_cache(maxsize=8)
 def importance_map(roi: tuple[int, ...], mode: str, sigma_scale, device: torch.device) -> torch.Tensor:
-    """MONAI's window weights (gaussian or constant, floor-clamped at 1e-3), float32."""
-    return compute_importance_map(roi, mode=mode, sigma_scale=sigma_scale, device=device, dtype=torch.float32)
+    """MONAI's window weights (``compute_importance_map``: gaussian or constant, floor-clamped at 1e-3), float32.
+
+    The same arithmetic as MONAI's, written here so that a worker predicts without importing MONAI (1.4 s of
+    start-up); ``tests/test_backends.py`` holds it to MONAI's, bit for bit.
+    """
+    if mode == "constant":
+        weights = torch.ones(roi, device=device, dtype=torch.float)
+    else:
+        scales = sigma_scale if isinstance(sigma_scale, tuple) else (sigma_scale,) * len(roi)
+        for i, (size, scale) in enumerate(zip(roi, scales)):
+            x = torch.arange(start=-(size - 1) / 2.0, end=(size - 1) / 2.0 + 1, dtype=torch.float, device=device)
+            x = torch.exp(x**2 / (-2 * (size * scale) ** 2))
+            weights = weights.unsqueeze(-1) * x[(None,) * i] if i > 0 else x
+    floor = max(torch.min(weights).item(), 1e-3)
+    return torch.clamp_(weights.to(torch.float), min=floor)
 
 
 def predict_block(
@@ -85,24 +96,12 @@ def predict_block(
 
 
 def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int) -> tuple[int, str]:
-    """Output channels of the network (one forward pass of zeros ``(1, channels, *roi)`` on the worker's
-    device) and the backend that runs it (converted now, so a conversion fails before any work)."""
+    """Output channels of the network (one window of zeros ``(1, channels, *roi)`` on the worker's device)
+    and the backend that runs it, built now: a network that fails to load, to fit its weights, to take the
+    inputs' channels or to convert fails before any work."""
     device = resolve_device(settings.device)
-    network = cached_model(model, device)
-    shape = (1, channels, *settings.roi)
-    try:
-        with torch.inference_mode():
-            output = network(torch.zeros(shape, dtype=torch.float32, device=device))
-    except torch.OutOfMemoryError:
-        raise  # the device, not the workflow
-    except Exception as exc:  # torch and TorchScript raise RuntimeError with pages of context
-        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-        raise WorkflowError(f"model: the network rejects a {channels}-channel window of roi {list(settings.roi)}: {lines[-1] if lines else type(exc).__name__}") from None
-    if not isinstance(output, torch.Tensor) or output.ndim != len(shape) or tuple(output.shape[2:]) != tuple(settings.roi):
-        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        raise WorkflowError(f"model: the network turns a window of shape {shape} into {got}; expected (1, classes, *roi)")
-    backend, _ = cached_runner(model, settings, channels, device)
-    return int(output.shape[1]), backend
+    backend, network = cached_runner(model, settings, channels, device)
+    return forward_check(network, channels, tuple(settings.roi), device), backend
 
 
 def _accumulate(network, weight, data, windows, origin, shape, settings: InferenceSettings, device, block: Block):

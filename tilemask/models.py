@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 MODELS_PER_PROCESS = 2  # least recently used models beyond this are dropped (GPU memory)
 _models: OrderedDict[tuple[ModelSpec, str], torch.nn.Module] = OrderedDict()
 _models_lock = threading.Lock()
-loads = 0  # models this process has loaded (each worker should load a model once)
 
 
 def network_class(name: str) -> type[torch.nn.Module]:
@@ -365,7 +364,6 @@ def _worker_index() -> int:
 
 def cached_model(spec: ModelSpec, device: torch.device) -> torch.nn.Module:
     """The model for ``spec`` on ``device``, loaded once per worker process."""
-    global loads
     key = (spec, str(device))
     with _models_lock:
         if key in _models:
@@ -373,7 +371,6 @@ def cached_model(spec: ModelSpec, device: torch.device) -> torch.nn.Module:
             return _models[key]
         logger.info("loading %s from %s on %s", spec.network, spec.weights, device)
         model = _models[key] = load_model(spec, device)
-        loads += 1
         while len(_models) > MODELS_PER_PROCESS:
             _models.popitem(last=False)
         return model
