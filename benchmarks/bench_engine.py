@@ -70,7 +70,8 @@ def network(seed: int = 0) -> torch.nn.Module:
 
 def run_tilemask(raster: Path, weights: Path, out: Path, probabilities: str = "none") -> dict:
     import tilemask
-    from tilemask import Workflow
+    from tilemask import Workflow, timing
+    from tilemask.cluster import cluster_client
 
     wf = Workflow.from_dict({
         "version": 1, "input": str(raster),
@@ -81,10 +82,28 @@ def run_tilemask(raster: Path, weights: Path, out: Path, probabilities: str = "n
     })  # fmt: skip
     with PeakMemory() as mem:
         start = time.perf_counter()
-        (result,) = tilemask.run(wf, progress=False)
+        with cluster_client() as client:  # the embedded cluster tilemask.run would start, kept to ask its workers
+            (result,) = tilemask.run(wf, client, progress=False, overwrite=True)
+            stages: dict[str, float] = {}
+            for seconds in client.run(timing.snapshot).values():
+                for stage, s in seconds.items():
+                    stages[stage] = stages.get(stage, 0.0) + s
         wall = time.perf_counter() - start
     return {"wall": wall, "peak": mem.peak, "windows": result.windows, "tasks": result.tasks,
-            "commit": result.commit_seconds, "outputs": result.outputs}  # fmt: skip
+            "commit": result.commit_seconds, "outputs": result.outputs, "stages": stages,
+            "inference": result.seconds}  # fmt: skip
+
+
+def print_stages(t: dict, model_only: float) -> None:
+    """Where tilemask's time went, per worker stage (tilemask.timing), against the bare model."""
+    stages = t["stages"]
+    order = ("read", "preprocess", "model", "accumulate", "blend", "write")
+    print("worker stages, seconds summed over threads: " + ", ".join(f"{k} {stages.get(k, 0.0):.1f}" for k in order))
+    busy = stages.get("model", 0.0) + stages.get("accumulate", 0.0)
+    run = t["inference"]
+    print(f"compute thread: model + accumulate {busy:.1f} s of the run's {run:.1f} s (idle {run - busy:.1f} s); "
+          f"model in the run {stages.get('model', 0.0):.1f} s vs {model_only:.1f} s alone "
+          f"({stages.get('model', 0.0) / model_only:.2f}x); start-up and shutdown {t['wall'] - run:.1f} s")  # fmt: skip
 
 
 def run_cogeo_create(sources: list[str], workdir: Path) -> dict:
@@ -171,6 +190,7 @@ def main() -> None:
         print(f"{'MONAI':14}{m['wall']:>10.1f}{gib(m['peak']):>14}{m['wall'] / p['wall']:>15.2f}x")
         print(f"{'model only':14}{p['wall']:>10.1f}{'':>14}{1.0:>15.2f}x")
         print(f"tilemask / MONAI: time {t['wall'] / m['wall']:.2f}, peak memory {t['peak'] / m['peak']:.3f}")
+        print_stages(t, p["wall"])
     if args.giga:
         raster = workdir / f"scene_{args.giga}.tif"
         if not raster.exists():

@@ -63,3 +63,24 @@ def test_bad_scheduler_address_is_one_line(make_raster, make_model, write_workfl
     assert proc.returncode == 1
     assert "127.0.0.1:9" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "tilemask: error:" in proc.stderr
+
+
+def test_workers_count_the_seconds_of_each_stage(make_raster, make_model, tmp_path, client):
+    """What benchmarks/bench_engine.py's breakdown reads: every stage of a run adds to its worker's counters."""
+    import tilemask
+    from tilemask import Workflow, timing
+
+    def totals() -> dict[str, float]:
+        summed: dict[str, float] = {}
+        for seconds in client.run(timing.snapshot).values():
+            for stage, s in seconds.items():
+                summed[stage] = summed.get(stage, 0.0) + s
+        return summed
+
+    path, _ = make_raster((3, 200, 230))
+    weights, _ = make_model()
+    before = totals()
+    tilemask.run(Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path), client)
+    after = totals()
+    for stage in ("read", "preprocess", "model", "accumulate", "blend", "write"):
+        assert after.get(stage, 0.0) > before.get(stage, 0.0), stage

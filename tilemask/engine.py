@@ -47,6 +47,7 @@ import numpy as np
 from dask.base import tokenize
 from distributed import Client
 
+from . import timing
 from .batch import items_in_flight, run_items
 from .cluster import cancel_and_drain, cluster_client, completed, gather, prepare_workers, wait_for_workers
 from .errors import OutputError, RunError, TilemaskError
@@ -153,10 +154,12 @@ def finish_chunk(
     halos: list[dict[tuple[int, ...], Partial]],
 ) -> np.ndarray:
     """Blend, finalize and write one output chunk; return its class histogram."""
-    partials = ([own] if own is not None else []) + [h[index] for h in halos if index in h]
-    weighted, weights, valid = overlap_add(region, partials)
-    labels, probabilities, histogram = finalize(weighted, weights, valid, shared.finishing)
-    write_chunk(shared.sink, region, labels, probabilities)
+    with timing.timed("blend"):
+        partials = ([own] if own is not None else []) + [h[index] for h in halos if index in h]
+        weighted, weights, valid = overlap_add(region, partials)
+        labels, probabilities, histogram = finalize(weighted, weights, valid, shared.finishing)
+    with timing.timed("write"):
+        write_chunk(shared.sink, region, labels, probabilities)
     return histogram
 
 def write_chunk(sink: LabelSink, region: Region, labels: np.ndarray, probabilities: np.ndarray | None) -> None:

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from .geometry import Block, local_slices, region_shape
+from . import timing
 from .backends import cached_runner, forward_check
 from .models import ModelSpec, resolve_device
 from .preprocess import Preprocessing
@@ -69,18 +71,21 @@ def predict_block(
 
     extent, region = block.extent, block.region
     origin = tuple(lo for lo, _ in extent)
-    data = preprocessing.apply(source.read(region))
-    valid = source.read_valid(region)
-    if source.floating:  # NaN or infinite values are invalid pixels, like nodata
-        finite = np.isfinite(data).all(axis=0)
-        if not finite.all():
-            valid = finite if valid is None else valid & finite
-    if valid is not None:  # invalid pixels enter the network as 0: the normalized mean, MONAI's padding value
-        data[:, ~valid] = 0.0
-    if region != extent:  # an axis smaller than the roi: zero padding, as MONAI's F.pad(value=0)
-        padded = np.zeros((data.shape[0], *region_shape(extent)), np.float32)
-        padded[(slice(None), *local_slices(region, origin))] = data
-        data = padded
+    with timing.timed("read"):
+        raw = source.read(region)
+        valid = source.read_valid(region)
+    with timing.timed("preprocess"):
+        data = preprocessing.apply(raw)
+        if source.floating:  # NaN or infinite values are invalid pixels, like nodata
+            finite = np.isfinite(data).all(axis=0)
+            if not finite.all():
+                valid = finite if valid is None else valid & finite
+        if valid is not None:  # invalid pixels enter the network as 0: the normalized mean, MONAI's padding value
+            data[:, ~valid] = 0.0
+        if region != extent:  # an axis smaller than the roi: zero padding, as MONAI's F.pad(value=0)
+            padded = np.zeros((data.shape[0], *region_shape(extent)), np.float32)
+            padded[(slice(None), *local_slices(region, origin))] = data
+            data = padded
     _, network = cached_runner(model, settings, data.shape[0], device)
     weighted, weights = _compute_thread.submit(
         _accumulate, network, weight, data, list(block.windows()), origin, region_shape(extent), settings, device, block
@@ -113,18 +118,23 @@ def _accumulate(network, weight, data, windows, origin, shape, settings: Inferen
     weights = torch.zeros((len(flips), *shape), dtype=torch.float32, device=device)
     flipped_weight = [torch.flip(weight, list(axes)) if axes else weight for axes in flips]
     items = [(start, f) for start in windows for f in block.flips_of(start, flips)]
+    began, model = time.perf_counter(), 0.0
     with torch.inference_mode():
         for batch in _batched(items, settings.batch_size):
             slices = [_window_slices(start, settings.roi, origin) for start, _ in batch]
             inputs = [image[(slice(None), *s)] for s in slices]
-            inputs = [_flip(x, flips[f]) for x, (_, f) in zip(inputs, batch)]
-            prediction = network(torch.stack(inputs)).to(torch.float32)
+            inputs = torch.stack([_flip(x, flips[f]) for x, (_, f) in zip(inputs, batch)])
+            forward = time.perf_counter()
+            prediction = network(inputs).to(torch.float32)
+            model += time.perf_counter() - forward
             if weighted is None:
                 channels = prediction.shape[1]
                 weighted = torch.zeros((len(flips), channels, *shape), dtype=torch.float32, device=device)
             for s, p, (_, f) in zip(slices, prediction, batch):
                 weighted[(f, slice(None), *s)] += _flip(p * weight, flips[f])
                 weights[(f, *s)] += flipped_weight[f]
+    timing.add("model", model)
+    timing.add("accumulate", time.perf_counter() - began - model)
     return weighted.reshape(-1, *shape), weights
 
 

@@ -1,0 +1,49 @@
+"""Seconds a worker process spends in each stage of the inference: the breakdown ``benchmarks/bench_engine.py``
+prints next to its figures.
+
+* ``read``: decoding a block's region from the input;
+* ``preprocess``: normalising it, invalid pixels to 0, padding to the roi;
+* ``model``: the forward passes (on the process's compute thread);
+* ``accumulate``: cutting and stacking windows, weighting predictions and adding them into the block's sums
+  (also on the compute thread);
+* ``blend``: a chunk's own and neighbouring sums added, divided, activated and labelled;
+* ``write``: the chunk written to the output.
+
+Sums over the process's threads since it started (or :func:`reset`).  A few ``perf_counter`` calls per block
+and chunk: always on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+_seconds: Counter[str] = Counter()
+_lock = threading.Lock()
+
+
+def add(stage: str, seconds: float) -> None:
+    with _lock:
+        _seconds[stage] += seconds
+
+
+@contextlib.contextmanager
+def timed(stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        add(stage, time.perf_counter() - start)
+
+
+def snapshot() -> dict[str, float]:
+    with _lock:
+        return dict(_seconds)
+
+
+def reset() -> None:
+    with _lock:
+        _seconds.clear()
