@@ -122,3 +122,19 @@ def test_a_checkpoints_network_is_traced_once_and_later_runs_load_it_without_mon
     window = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 3, 64, 64), dtype="float32"))
     with torch.inference_mode():  # this process may run other torch threads: summation order, not bits
         np.testing.assert_allclose(first.numpy(), net(window).numpy(), rtol=0, atol=1e-5)
+
+
+def test_a_cache_that_cannot_be_written_costs_a_conversion_not_the_run(make_model, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    weights, _ = make_model()
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    env = {**os.environ, "TILEMASK_CACHE_DIR": str(blocked / "cache")}
+    done = subprocess.run([sys.executable, "-c", PROBE.format(args=UNET_2D, weights=str(weights)), str(tmp_path / "out.pt")],
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True"]  # traced and run, not cached
+    assert "cannot cache" in done.stderr

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import io
 import json
 import logging
 import os
@@ -117,7 +118,7 @@ def _converted(spec: ModelSpec, backend: str, network: Callable[[], torch.nn.Mod
     from the cache), else None."""
     name = "openvino" if backend == "auto" else backend
     verdict = _cache_path(spec, name, _version(name), channels, roi, ".verdict.json") if backend == "auto" else None
-    known = json.loads(verdict.read_text())["difference"] if verdict is not None and verdict.is_file() else None
+    known = _read_verdict(verdict) if verdict is not None else None
     if known is not None and known > AUTO_TOLERANCE:
         return None  # measured before: this network parts from torch under this backend
     try:
@@ -141,6 +142,14 @@ def _converted(spec: ModelSpec, backend: str, network: Callable[[], torch.nn.Mod
             logger.warning("%s differs from torch by %.2g, auto runs torch", name, known)
             return None
     return name, run
+
+
+def _read_verdict(path: Path) -> float | None:
+    """``auto``'s cached difference for a network and backend; None when not measured (or unreadable)."""
+    try:
+        return float(json.loads(path.read_text())["difference"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _torch(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: int, roi: tuple[int, ...],
@@ -217,13 +226,20 @@ def _cache_path(spec: ModelSpec, backend: str, version: str, channels: int, roi:
 
 def _publish(write: Callable[[Path], None], final: Path, suffixes: tuple[str, ...]) -> None:
     """Write the files of a converted network under a temporary stem, then rename them into place, the one
-    that marks the entry complete (``final``) last: a reader never sees half an entry."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    stem = Path(tempfile.mkdtemp(dir=final.parent, prefix=".partial-")) / "model"
+    that marks the entry complete (``final``) last: a reader never sees half an entry.  A cache that cannot
+    be written (read-only home, full disk) costs the next run a conversion, nothing more."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        stem = Path(tempfile.mkdtemp(dir=final.parent, prefix=".partial-")) / "model"
+    except OSError as exc:
+        logger.warning("cannot cache %s: %s", final, exc)
+        return
     try:
         write(stem.with_suffix(suffixes[0]))
         for suffix in reversed(suffixes):
             os.replace(stem.with_suffix(suffix), final.with_suffix(suffix))
+    except OSError as exc:
+        logger.warning("cannot cache %s: %s", final, exc)
     finally:
         for leftover in stem.parent.iterdir():
             leftover.unlink()
@@ -259,16 +275,17 @@ def _onnxruntime(spec: ModelSpec, network: Callable[[], torch.nn.Module], channe
     import onnxruntime as ort
 
     path = _cache_path(spec, "onnxruntime", ort.__version__, channels, roi, ".onnx")
-    if not path.is_file():
-        example = torch.zeros((1, channels, *roi))
-        export = lambda p: torch.onnx.export(  # noqa: E731
-            network(), (example,), str(p), input_names=["x"], output_names=["y"],
-            dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False,
-        )  # fmt: skip
-        _publish(export, path, (".onnx",))
+    if path.is_file():
+        exported = path.read_bytes()
+    else:
+        buffer = io.BytesIO()
+        torch.onnx.export(network(), (torch.zeros((1, channels, *roi)),), buffer, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False)  # fmt: skip
+        exported = buffer.getvalue()
+        _publish(lambda p: p.write_bytes(exported), path, (".onnx",))
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(exported, options, providers=["CPUExecutionProvider"])
 
     def run(batch: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {"x": batch.detach().cpu().numpy()})[0])
