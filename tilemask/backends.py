@@ -102,12 +102,14 @@ def _build(spec: ModelSpec, backend: str, channels: int, roi: tuple[int, ...], d
         forward_check(model, channels, roi, device)
         return model
 
+    if not os.path.isfile(spec.weights):
+        return "torch", network()  # raises load_model's own error, naming the weights
     if backend != "torch" and not (backend == "auto" and device.type != "cpu"):
         if device.type != "cpu":
             raise WorkflowError(f"inference.backend: {backend} runs on the CPU, and inference.device is {device}")
         converted = _converted(spec, backend, network, channels, roi)
         if converted is not None:
-            logger.info("inference backend: %s", backend)
+            logger.info("inference backend: %s", converted[0])
             return converted
     return "torch", _torch(spec, network, channels, roi, device)
 
@@ -215,13 +217,20 @@ def _difference(network: Runner, run: Runner, channels: int, roi: tuple[int, ...
 
 
 def _cache_path(spec: ModelSpec, backend: str, version: str, channels: int, roi: tuple[int, ...], suffix: str) -> Path:
-    digest = hashlib.sha256()
-    with open(spec.weights, "rb") as weights:
-        for block in iter(lambda: weights.read(1 << 20), b""):
-            digest.update(block)
+    digest = hashlib.sha256(_weights_digest(spec.weights, spec.weights_stamp).encode())
     digest.update(json.dumps([spec.network, spec.args_json, backend, version, channels, roi]).encode())
     folder = Path(os.environ.get("TILEMASK_CACHE_DIR") or Path.home() / ".cache" / "tilemask") / backend
     return folder / f"{digest.hexdigest()[:32]}{suffix}"
+
+
+@functools.lru_cache(maxsize=16)
+def _weights_digest(path: str, stamp: tuple[int, int]) -> str:
+    """sha256 of a weights file, once per file version (``stamp``: mtime and size) and process."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as weights:
+        for block in iter(lambda: weights.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _publish(write: Callable[[Path], None], final: Path, suffixes: tuple[str, ...]) -> None:
