@@ -110,6 +110,19 @@ def raster_workflow(input_path, weights, args=None, **sections) -> dict:
     return workflow
 
 
+def volume_workflow(input_path, weights, inference: dict, output: dict) -> dict:
+    """UNET_3D on a volume (normalised with mean 500 and std 300, roi 24^3), labels and float32 probabilities
+    as ``.nii.gz``; ``inference`` and ``output`` keys added."""
+    return {
+        "version": 1,
+        "input": str(input_path),
+        "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
+        "preprocess": {"normalize": {"mean": [500.0], "std": [300.0]}},
+        "inference": {"roi_size": [24, 24, 24], "device": "cpu", **inference},
+        "output": {"path": "out/{stem}_labels.nii.gz", "probabilities": "float32", **output},
+    }
+
+
 @pytest.fixture(scope="session")
 def client():
     """An embedded cluster shared by the tests that only need *a* cluster."""

@@ -12,7 +12,7 @@ from monai.inferers import sliding_window_inference
 import tilemask
 from tilemask import Workflow
 
-from .conftest import UNET_3D, raster_workflow
+from .conftest import UNET_3D, raster_workflow, volume_workflow
 
 
 def monai_probabilities(image: np.ndarray, net, roi, overlap, mode, mean, std, sigma_scale=0.125):
@@ -75,14 +75,7 @@ def test_chunking_and_worker_count_change_nothing_but_summation_order(make_raste
 def test_nifti_volume_matches_monai(make_volume, make_model, tmp_path, client, mode, overlap, shape):
     path, volume = make_volume(shape)  # 19 and 23 < roi 24: padded axes
     weights, net = make_model(UNET_3D)
-    workflow = {
-        "version": 1,
-        "input": str(path),
-        "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
-        "preprocess": {"normalize": {"mean": [500.0], "std": [300.0]}},
-        "inference": {"roi_size": [24, 24, 24], "overlap": overlap, "mode": mode, "batch_size": 3, "device": "cpu"},
-        "output": {"path": "out/{stem}_labels.nii.gz", "probabilities": "float32", "chunks": 16},
-    }
+    workflow = volume_workflow(path, weights, {"overlap": overlap, "mode": mode, "batch_size": 3}, {"chunks": 16})
     wf = Workflow.from_dict(workflow, base_dir=tmp_path)
     (result,) = tilemask.run(wf, client)
     labels_img = nib.load(result.outputs[0])

@@ -17,7 +17,7 @@ from tilemask import Workflow
 from tilemask.errors import WorkflowError
 from tilemask.geometry import WindowPlan
 
-from .conftest import UNET_3D, raster_workflow
+from .conftest import UNET_3D, raster_workflow, volume_workflow
 from .test_fidelity import run_zarr
 
 
@@ -48,14 +48,7 @@ def test_mirrored_grid_differs_where_monai_s_does():
 def test_all_flips_of_a_volume_equal_monai_mirroring(make_volume, make_model, tmp_path, client):
     path, volume = make_volume((45, 29, 19))  # 45 - 24 = 21 and 19 < 24: mirrored grids differ on two axes
     weights, net = make_model(UNET_3D)
-    workflow = {
-        "version": 1,
-        "input": str(path),
-        "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
-        "preprocess": {"normalize": {"mean": [500.0], "std": [300.0]}},
-        "inference": {"roi_size": [24, 24, 24], "batch_size": 5, "device": "cpu", "tta": "flips"},
-        "output": {"path": "out/{stem}_labels.nii.gz", "probabilities": "float32", "chunks": 17},
-    }
+    workflow = volume_workflow(path, weights, {"batch_size": 5, "tta": "flips"}, {"chunks": 17})
     (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
     flips = [axes for n in range(4) for axes in itertools.combinations(range(3), n)]
     expected = monai_mirrored(volume[None], net, (24, 24, 24), flips, 500.0, 300.0)
