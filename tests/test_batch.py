@@ -103,3 +103,25 @@ def test_a_corrupt_input_among_several_in_flight_fails_the_run_and_leaves_nothin
     assert "scene2_corrupt.zarr" not in written
     for name in written:  # an item that finished before the failure is whole; no other output exists
         assert zarr.open_group(out / name, mode="r").attrs["tilemask"]["complete"] is True
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_several_inputs_in_flight_exits_130_and_leaves_nothing(make_raster, make_model, write_workflow, tmp_path):
+    import os
+    import signal
+
+    from .test_trust import one_line, start, wait_for
+
+    (tmp_path / "scenes").mkdir()
+    for i in range(4):
+        make_raster((3, 1500, 1500), name=f"scenes/scene{i}.tif", seed=i)
+    weights, _ = make_model()
+    workflow = raster_workflow(f"{tmp_path}/scenes/*.tif", weights, output={"path": "out/{stem}.tif", "chunks": 512})
+    proc = start(["run", write_workflow(workflow), "--quiet"], tmp_path, env={"DASK_TILEMASK__ITEMS_IN_FLIGHT": "3"})
+    out = tmp_path / "out"
+    wait_for(lambda: len([n for n in hidden(out) if n.endswith(".parts")]) >= 2, what="two inputs in flight", proc=proc)
+    os.killpg(proc.pid, signal.SIGINT)  # the whole process group, as a terminal's Ctrl-C does
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert one_line(stderr) == "tilemask: interrupted"
+    assert sorted(os.listdir(out)) == [], "an interrupted run leaves nothing"
