@@ -14,7 +14,6 @@ order of its sums).  README, "Ties", says how large that margin is.
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import softmax
 
 from .settings import Finishing
 
@@ -67,6 +66,8 @@ def blend(weighted: np.ndarray, weights: np.ndarray, activation: str) -> np.ndar
 
 def activate(blended: np.ndarray, activation: str) -> np.ndarray:
     if activation == "softmax":
+        from scipy.special import softmax  # here, not at the top: the client never activates (0.12 s of import)
+
         return softmax(blended, axis=0).astype(np.float32, copy=False)
     if activation == "sigmoid":
         return (1.0 / (1.0 + np.exp(-blended))).astype(np.float32, copy=False)

@@ -24,7 +24,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import nibabel as nib
 import numpy as np
 
 from .geometry import Region, VolumeGeometry
@@ -92,6 +91,8 @@ class ModelGrid:
 
     def orient(self, block: np.ndarray) -> np.ndarray:
         """``(C, *input axes)`` -> ``(C, *oriented axes)``."""
+        import nibabel as nib  # here, not at the top: a client planning rasters never needs it
+
         return np.stack([nib.orientations.apply_orientation(c, np.asarray(self.ornt)) for c in block])
 
     def unorient(self, block: np.ndarray) -> np.ndarray:
@@ -99,6 +100,8 @@ class ModelGrid:
         inverse = [None] * len(self.ornt)
         for axis, (target, flip) in enumerate(self.ornt):
             inverse[target] = (axis, flip)
+        import nibabel as nib
+
         return np.stack([nib.orientations.apply_orientation(c, np.asarray(inverse)) for c in block])
 
 
@@ -106,6 +109,8 @@ def model_grid(
     affine: np.ndarray, shape: tuple[int, ...], orientation: str | None, spacing: tuple[float, ...] | None
 ) -> ModelGrid:
     """The grid MONAI's ``Orientation(axcodes=orientation)`` then ``Spacing(pixdim=spacing)`` produce."""
+    import nibabel as nib
+
     affine = np.asarray(affine, dtype=float)
     shape = tuple(int(s) for s in shape)
     ornt = np.array([[i, 1] for i in range(len(shape))])
