@@ -149,8 +149,9 @@ class EmbeddedWorker(WorkerPlugin):
       GDAL print there directly (``_tiffWriteProc: No space left on device``),
       before tilemask's one-line error says the same.  Errors still reach the
       client through Dask.
-    * At start they import the inference code (torch, MONAI) on a thread of their
-      own, while they register and the client plans: 2.3 s of imports here.
+    * At start they import the inference code (torch: 0.9 s here) on a thread of
+      their own, while they register and the client plans.  MONAI is imported only
+      when a network has to be built (:mod:`tilemask.backends` caches its trace).
     * Once closed, they exit without tearing the interpreter down: with torch and
       MONAI imported that teardown alone took 0.85 s here, the largest part of
       closing the cluster.  Nothing is left to flush by then: outputs are

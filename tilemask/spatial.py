@@ -242,7 +242,7 @@ def interpolate(values: np.ndarray, origin: tuple[int, ...], xform: np.ndarray, 
     for every voxel of ``region``, bilinear with border clamping, by torch's own ``grid_sample`` in float32.
 
     The way back needs no bitwise equality (probabilities, compared within 1e-3), and ``grid_sample``
-    itself is 4-6x faster than :func:`sample`'s step-by-step float64 emulation.  ``values`` cover every
+    itself is 3-4x faster than :func:`sample`'s step-by-step float64 emulation.  ``values`` cover every
     corner the region needs (:func:`source_region`), so clamping at their edge is clamping at the volume's.
     """
     import torch
