@@ -29,6 +29,14 @@ UNET_2D = dict(spatial_dims=2, in_channels=3, out_channels=3, channels=[8, 16, 3
 UNET_3D = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=[4, 8, 16], strides=[2, 2], num_res_units=1)
 
 
+@pytest.fixture(autouse=True)
+def tilemask_home(tmp_path, monkeypatch):
+    """Each test lists its jobs in its own folder, not in the user's ``~/.local/share/tilemask``."""
+    home = tmp_path.parent / f"{tmp_path.name}-home"  # beside tmp_path: tests list tmp_path's files
+    monkeypatch.setenv("TILEMASK_HOME", str(home))
+    return home
+
+
 @pytest.fixture
 def make_raster(tmp_path):
     """Write a GeoTIFF of random smooth-ish values; returns (path, array)."""

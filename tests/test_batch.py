@@ -18,7 +18,7 @@ from tilemask.batch import run_items
 from tilemask.errors import ReadError
 
 from .conftest import GEO, UNET_2D, raster_workflow
-from .test_trust import hidden
+from .test_trust import hidden, outputs_in
 
 
 def test_items_start_in_order_and_at_most_a_window_runs_at_once():
@@ -34,7 +34,7 @@ def test_items_start_in_order_and_at_most_a_window_runs_at_once():
             running[0] -= 1
         return item * 10
 
-    results = run_items(list(range(9)), one, window=3, windows_of=lambda item: 1, progress=False)
+    results = run_items(list(range(9)), one, window=3, progress=False)
     assert results == [i * 10 for i in range(9)]  # in the items' order, whatever order they finished in
     assert peak[0] == 3
     assert sorted(first[:3]) == [0, 1, 2]  # the fourth starts only when one of the first three is done
@@ -51,7 +51,7 @@ def test_a_failed_item_starts_no_further_item_and_its_error_is_raised():
         return item
 
     with pytest.raises(ValueError, match="item 1 is broken"):
-        run_items(list(range(8)), one, window=2, windows_of=lambda item: 1, progress=False)
+        run_items(list(range(8)), one, window=2, progress=False)
     assert max(started) <= 2  # item 0 (in flight) may finish and start item 2; nothing after
 
 
@@ -99,7 +99,7 @@ def test_a_corrupt_input_among_several_in_flight_fails_the_run_and_leaves_nothin
     assert failed.value.exit_status == 1
     out = tmp_path / "out"
     assert hidden(out) == [], "nothing staged may be left"
-    written = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    written = outputs_in(out)
     assert "scene2_corrupt.zarr" not in written
     for name in written:  # an item that finished before the failure is whole; no other output exists
         assert zarr.open_group(out / name, mode="r").attrs["tilemask"]["complete"] is True
@@ -124,4 +124,4 @@ def test_ctrl_c_with_several_inputs_in_flight_exits_130_and_leaves_nothing(make_
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert one_line(stderr) == "tilemask: interrupted"
-    assert sorted(os.listdir(out)) == [], "an interrupted run leaves nothing"
+    assert outputs_in(out) == [], "an interrupted run leaves nothing"

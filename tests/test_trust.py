@@ -41,7 +41,13 @@ def one_line(stderr: str) -> str:
 
 
 def hidden(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) if folder.exists() else []
+    """Hidden files in ``folder`` but the job records (``.tilemask/jobs``): what a run staged and left."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != ".tilemask") if folder.exists() else []
+
+
+def outputs_in(folder: Path) -> list[str]:
+    """The files in ``folder`` but the job records (``.tilemask/jobs``)."""
+    return sorted(p.name for p in folder.iterdir() if p.name != ".tilemask") if folder.exists() else []
 
 
 def start(args, cwd, env=None) -> subprocess.Popen:
@@ -113,10 +119,13 @@ def test_existing_output_needs_overwrite_and_foreign_folders_are_never_replaced(
     wf = Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path)
     (first,) = tilemask.run(wf, client)
     out = Path(first.outputs[0])
+    (again,) = tilemask.run(wf, client)
+    assert again.status == "skipped"  # the same workflow is the same job: it resumes, nothing is redone
+    changed = Workflow.from_dict(raster_workflow(path, weights, inference={"overlap": 0.5}), base_dir=tmp_path)
     with pytest.raises(tilemask.TilemaskError, match="pass --overwrite") as refused:
-        tilemask.run(wf, client)
+        tilemask.run(changed, client)
     assert refused.value.exit_status == 2
-    (second,) = tilemask.run(wf, client, overwrite=True)
+    (second,) = tilemask.run(changed, client, overwrite=True)
     assert zarr.open_group(second.outputs[0], mode="r").attrs["tilemask"]["complete"] is True
 
     foreign = tmp_path / "foreign.zarr"
@@ -228,7 +237,7 @@ def test_interrupts_exit_130_leave_nothing_and_print_one_line(big_run, tmp_path,
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert one_line(stderr) == "tilemask: interrupted"
-    assert sorted(os.listdir(out)) == [], "an interrupted run leaves nothing"
+    assert outputs_in(out) == [], "an interrupted run leaves nothing"
 
 
 def test_chunks_larger_than_the_image_are_clipped_and_booleans_refused(make_raster, make_model, write_workflow, tmp_path):
@@ -456,7 +465,7 @@ def test_a_full_disk_is_named_and_cleaned_up(make_raster, make_model, write_work
     result = run_cli("run", write_workflow(workflow), "--quiet")
     assert result.returncode == 1, result.stderr
     assert "no space left on device" in one_line(result.stderr)
-    assert os.listdir(disk) == []
+    assert outputs_in(disk) == []
 
 
 def test_a_read_only_output_folder_is_found_before_any_work(make_raster, make_model, write_workflow, tmpfs):
@@ -482,7 +491,7 @@ def test_non_ascii_and_spaces_in_every_path(make_model, tmp_path):
     result = run_cli("run", folder / "flux de travail.yaml", "--quiet")
     assert result.returncode == 0, result.stderr
     out = folder / "sortie ü"
-    assert sorted(p.name for p in out.iterdir()) == [
+    assert outputs_in(out) == [
         "scène 1 masque.png", "scène 1 masque.tif", "scène 1 masque.tif.aux.xml", "scène 1 masque_probabilities.tif",
         "scène 1 polygones.gpkg",
     ]  # fmt: skip

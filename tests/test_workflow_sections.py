@@ -12,6 +12,7 @@ from tilemask import Workflow
 from tilemask.postprocess import apply as postprocess
 
 from .conftest import raster_workflow
+from .test_trust import hidden
 
 
 def test_postprocess_and_stats_sections(make_raster, make_model, tmp_path, client):
@@ -35,7 +36,7 @@ def test_postprocess_and_stats_sections(make_raster, make_model, tmp_path, clien
     np.testing.assert_array_equal(labels, whole)  # chunks of 48 give the whole-image answer
     assert (labels != raw_group["labels"][:]).any(), "post-processing changed nothing: the test proves nothing"
     np.testing.assert_allclose(group["probabilities"][:], raw_group["probabilities"][:], atol=1e-5)
-    assert not any(p.name.startswith(".") for p in (tmp_path / "out").iterdir()), "raw intermediate left behind"
+    assert hidden(tmp_path / "out") == [], "raw intermediate left behind"
 
     table = pd.read_csv(tmp_path / "out" / "scene_stats.csv")
     counts = np.bincount(labels.ravel(), minlength=3)

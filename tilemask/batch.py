@@ -40,16 +40,22 @@ def run_items(
     items: Sequence[Item],
     run_one: Callable[[Item], Result],
     window: int,
-    windows_of: Callable[[Item], int],
     progress: bool,
+    stop: threading.Event | None = None,
 ) -> list[Result]:
-    """``run_one(item)`` for every item, at most ``window`` at a time, started in order; results in order."""
+    """``run_one(item)`` for every item, at most ``window`` at a time, started in order; results in order.
+
+    Setting ``stop`` from another thread abandons the items in flight as a failure does and raises
+    :class:`~tilemask.cluster.Abandoned` (how a detached job is cancelled).
+    """
+    abandon = stop or threading.Event()
     if window <= 1 or len(items) <= 1:
-        return [run_one(item) for item in items]
+        context = contextvars.copy_context()
+        context.run(abandon_on, abandon)
+        return [context.run(_unless, abandon, run_one, item) for item in items]
     results: list = [None] * len(items)
     failure: BaseException | None = None
-    abandon = threading.Event()
-    with items_progress(sum(map(windows_of, items)), len(items), enabled=progress) as bar:
+    with items_progress(len(items), enabled=progress) as bar:
         pool = cf.ThreadPoolExecutor(max_workers=window, thread_name_prefix="tilemask-item")
         running: dict[cf.Future, int] = {}
         queued = iter(range(len(items)))
@@ -87,4 +93,12 @@ def run_items(
             pool.shutdown(wait=True)
     if failure is not None:
         raise failure
+    if abandon.is_set():
+        raise Abandoned("stopped")
     return results
+
+
+def _unless(stop: threading.Event, run_one: Callable[[Item], Result], item: Item) -> Result:
+    if stop.is_set():
+        raise Abandoned("stopped")
+    return run_one(item)

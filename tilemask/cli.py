@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -23,18 +24,36 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
     ctx.obj = {"verbosity": verbose - quiet}
 
 
+def job_options(command):
+    """The options ``run`` and ``submit`` share: how the job runs and where it is recorded."""
+    for option in reversed([
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a workflow key, e.g. output.chunks=1024."),
+        click.option("--overwrite", is_flag=True, help="Redo every item, replacing outputs an earlier tilemask run wrote."),
+        click.option("--on-error", type=click.Choice(["abort", "skip"]), default="abort", show_default=True,
+                     help="On a failed input: stop the run, or record it and go on (exit 1 at the end)."),
+        click.option("--retry-failed", is_flag=True, help="Redo the inputs that failed in an earlier run of this job."),
+        click.option("--job-dir", type=click.Path(file_okay=False), help="The job's folder (default: <output folder>/.tilemask/jobs/<id>)."),
+    ]):  # fmt: skip
+        command = option(command)
+    return command
+
+
 @main.command(cls=TilemaskCommand)
 @click.argument("workflow", type=click.Path(dir_okay=False))
 @click.option("--scheduler", metavar="ADDRESS", help="Run on this Dask scheduler (default: an embedded local cluster).")
-@click.option("--workers", type=click.IntRange(min=1), help="Worker processes of the embedded cluster.")
+@click.option("--cluster", "cluster_kind", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
+              help="Without --scheduler: an embedded cluster, or SLURM jobs (dask-jobqueue, Dask config jobqueue.slurm).")
+@click.option("--workers", type=click.IntRange(min=1), help="Worker processes of the embedded cluster (SLURM: jobs).")
 @click.option("--threads-per-worker", type=click.IntRange(min=1), help="Threads per worker of the embedded cluster.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a workflow key, e.g. output.chunks=1024.")
-@click.option("--overwrite", is_flag=True, help="Replace outputs that an earlier tilemask run wrote.")
+@job_options
 @click.option("--no-progress", "--quiet", "quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
-def run(workflow, scheduler, workers, threads_per_worker, overrides, overwrite, quiet, debug) -> None:
-    """Segment the inputs of WORKFLOW.yaml and write the masks."""
-    from .engine import run as run_workflow
+def run(
+    workflow, scheduler, cluster_kind, workers, threads_per_worker, overrides, overwrite, on_error, retry_failed, job_dir,
+    quiet, debug,
+) -> None:
+    """Segment the inputs of WORKFLOW.yaml and write the masks (a job: run it again to resume)."""
+    from .driver import run as run_workflow
     from .workflow import Workflow
 
     wf = Workflow.from_yaml(workflow, overrides)
@@ -45,13 +64,31 @@ def run(workflow, scheduler, workers, threads_per_worker, overrides, overwrite, 
         threads_per_worker=threads_per_worker,
         progress=not quiet,
         overwrite=overwrite,
+        on_error=on_error,
+        retry_failed=retry_failed,
+        job_dir=job_dir,
+        source=str(Path(workflow).resolve()),
+        cluster=cluster_kind,
     )
     for result in results:
-        counts = ", ".join(f"{name} {n}" for name, n in result.class_pixels.items())
-        click.echo(
-            f"{result.input}: {result.windows} windows in {result.seconds:.1f} s "
-            f"({result.windows / max(result.seconds, 1e-9):.1f} windows/s) -> {', '.join(result.outputs)} [{counts}]"
-        )
+        click.echo(describe(result))
+    failed = results.failures()
+    if failed:
+        click.echo(f"tilemask: {failed}", err=True)
+        sys.exit(1)
+
+
+def describe(result) -> str:
+    """One line per input of a run."""
+    if result.status == "failed":
+        return f"{result.input}: failed: {result.error}"
+    if result.status == "skipped":
+        return f"{result.input}: done in an earlier run -> {', '.join(result.outputs)}"
+    counts = ", ".join(f"{name} {n}" for name, n in result.class_pixels.items())
+    return (
+        f"{result.input}: {result.windows} windows in {result.seconds:.1f} s "
+        f"({result.windows / max(result.seconds, 1e-9):.1f} windows/s) -> {', '.join(result.outputs)} [{counts}]"
+    )
 
 
 @main.command(cls=TilemaskCommand)
@@ -77,6 +114,8 @@ def _register_statistics() -> None:
 
 
 _register_statistics()
+
+from . import job_commands  # noqa: E402,F401  # submit, status, cancel, jobs: registered on main
 
 
 if __name__ == "__main__":

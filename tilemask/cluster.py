@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator
 import dask
 from distributed import Client, Future, LocalCluster, WorkerPlugin
 
-from .errors import RunError, TilemaskError
+from .errors import RunError, TilemaskError, UsageError
 
 CORES_PER_WORKER = 4
 THREADS_PER_WORKER = 2
@@ -70,9 +70,17 @@ def default_workers() -> tuple[int, int]:
 
 @contextlib.contextmanager
 def cluster_client(
-    scheduler: str | None = None, workers: int | None = None, threads_per_worker: int | None = None
+    scheduler: str | None = None, workers: int | None = None, threads_per_worker: int | None = None,
+    kind: str = "local",
 ) -> Iterator[Client]:
-    """A client of ``scheduler``, or of an embedded ``LocalCluster`` closed on exit."""
+    """A client of ``scheduler``, or of a cluster this process starts and closes on exit: an embedded
+    ``LocalCluster`` (``kind="local"``) or SLURM jobs (``kind="slurm"``, :func:`slurm_cluster`)."""
+    if kind == "slurm":
+        if scheduler:
+            raise UsageError("--cluster slurm starts its own scheduler; leave out --scheduler")
+        with slurm_cluster(workers) as cluster, Client(cluster) as client:
+            yield client
+        return
     if scheduler:
         try:
             client = Client(scheduler)  # connect timeout: distributed.comm.timeouts.connect
@@ -98,6 +106,30 @@ def cluster_client(
             cluster.close()
         except Exception as exc:  # e.g. a nanny still restarting a killed worker: the work itself is done
             logger.warning("closing the embedded cluster: %s: %s", type(exc).__name__, exc)
+
+
+@contextlib.contextmanager
+def slurm_cluster(jobs: int | None) -> Iterator:
+    """dask-jobqueue's ``SLURMCluster``, configured by the user's Dask config ``jobqueue.slurm`` (see
+    ``cluster/slurm.yaml``), scaled to ``jobs`` SLURM jobs (default 1); the jobs are cancelled on exit."""
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise UsageError("--cluster slurm needs dask-jobqueue: pip install 'tilemask[slurm]'") from None
+    try:
+        cluster = SLURMCluster()
+    except ValueError as exc:  # e.g. no cores / memory in jobqueue.slurm: dask-jobqueue explains over lines
+        reason = str(exc).strip().splitlines()[0].split(", for example")[0].rstrip(":")
+        raise UsageError(f"--cluster slurm: {reason}: set it in the Dask config jobqueue.slurm (see cluster/slurm.yaml)") from None
+    try:
+        logger.info("SLURM job script:\n%s", cluster.job_script())
+        cluster.scale(jobs=jobs or 1)
+        yield cluster
+    finally:
+        try:
+            cluster.close()
+        except Exception as exc:  # noqa: BLE001 - scancel of jobs already gone
+            logger.warning("closing the SLURM cluster: %s: %s", type(exc).__name__, exc)
 
 
 class WorkerSetup(WorkerPlugin):
@@ -212,6 +244,17 @@ _abandon: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVa
 def abandon_on(event: threading.Event) -> None:
     """In the current context, :func:`completed` raises :class:`Abandoned` once ``event`` is set."""
     _abandon.set(event)
+
+
+@contextlib.contextmanager
+def not_abandoned() -> Iterator[None]:
+    """Work that, once begun, is finished even if the item is abandoned: publishing an output and deriving
+    its products (an output in place with no record of its item would look finished but not be)."""
+    token = _abandon.set(None)
+    try:
+        yield
+    finally:
+        _abandon.reset(token)
 
 
 def completed(client: Client, futures: Iterable[Future]) -> Iterator[Future]:

@@ -48,24 +48,21 @@ from dask.base import tokenize
 from distributed import Client
 
 from . import timing
-from .batch import items_in_flight, run_items
-from .cluster import cancel_and_drain, cluster_client, completed, gather, prepare_workers, wait_for_workers
+from .cluster import cancel_and_drain, completed, gather, not_abandoned
 from .errors import OutputError, RunError, TilemaskError
 from .finalize import class_histogram, finalize
 from .geometry import Block, Region
 from .interrupts import shielded
-from .outputs import OutputLock
-from .planning import Inversion, Job, WorkflowPlan, plan_workflow
+from .planning import Inversion, Job, WorkflowPlan
 from .preprocess import Preprocessing
 from .products import write_products
-from .progress import announce, stage, window_progress
+from .progress import stage, window_progress
 from .settings import Finishing, InferenceSettings, ModelSpec
 from .sinks import LabelSink
 from .sinks.zarr import ZarrSink
 from .sources import ImageSource
 from .stats.config import PostprocessConfig
 from .stitch import Partial, cut, overlap_add
-from .workflow import Workflow
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +75,8 @@ class RunResult:
     seconds: float
     class_pixels: dict[str, int] = field(default_factory=dict)
     commit_seconds: float = 0.0  # of ``seconds``: making the output whole (COG assembly, NIfTI compression)
+    status: str = "ok"  # ok | skipped (ok in an earlier run of the job) | failed
+    error: str | None = None
 
 # -- worker-side entry points (torch is imported there, never on the client) -----------------------
 
@@ -228,8 +227,9 @@ def finish_and_publish(client: Client, sink: LabelSink, held: dict) -> list[str]
     """
     held["finish"] = client.submit(sink.finish, pure=False)
     gather(client, [held["finish"]])
-    held["publish"] = client.submit(sink.publish, pure=False)
-    (outputs,) = gather(client, [held["publish"]])
+    with not_abandoned():
+        held["publish"] = client.submit(sink.publish, pure=False)
+        (outputs,) = gather(client, [held["publish"]])
     return outputs
 
 
@@ -374,46 +374,6 @@ def _copy_chunk(region: Region, labels: np.ndarray, sink: LabelSink, raw: ZarrSi
     return class_histogram(labels, finishing.n_classes, finishing.nodata)
 
 
-def run(
-    workflow: Workflow | str | Path,
-    client: Client | None = None,
-    *,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    threads_per_worker: int | None = None,
-    progress: bool = False,
-    overwrite: bool = False,
-) -> list[RunResult]:
-    """Run a workflow on every input: on ``client``, on ``scheduler``, or on an embedded cluster.
-
-    All inputs are planned and checked (metadata, channels, weights, output
-    paths) before any work starts, and the network is probed once on a worker,
-    so an invalid workflow fails fast with nothing written (exit 2).  Anything
-    that fails after that is a run failure (exit 1).  Several inputs run a few
-    at a time (:mod:`tilemask.batch`).
-    """
-    if not isinstance(workflow, Workflow):
-        workflow = Workflow.from_yaml(workflow)
-    plan = plan_workflow(workflow)
-    with contextlib.ExitStack() as stack:
-        for item in plan.inputs:
-            stack.enter_context(OutputLock(plan.output_files(item)))
-        plan.check_outputs(overwrite)  # with the locks held: no other run can change the answer
-        if client is None:
-            client = stack.enter_context(cluster_client(scheduler, workers, threads_per_worker))
-        wait_for_workers(client)
-        prepare_workers(client)
-        announce(f"dask dashboard: {client.dashboard_link}", enabled=progress)
-        out_channels = probe(client, plan)
-        logger.info("the network gives %d output channels; network loaded after %.2f s", out_channels, process_age())
-        jobs = plan.jobs(out_channels)
-        return run_items(
-            jobs, functools.partial(run_job, client, plan=plan, progress=progress),
-            window=items_in_flight(sum(client.nthreads().values())), windows_of=lambda job: job.plan.n_windows,
-            progress=progress,
-        )  # fmt: skip
-
-
 @contextlib.contextmanager
 def cluster_failures(what: str):
     """The cluster's own failures (a worker killed too often, a lost connection) as one :class:`RunError`."""
@@ -456,7 +416,8 @@ def run_job(client: Client, job: Job, plan: WorkflowPlan, progress: bool) -> Run
                 result = execute_postprocessed(client, job, plan.postprocess, progress)
             else:
                 result = predict_into(client, job, job.sink, progress)
-            result.outputs += write_products(job, result.outputs[0], client, progress)
+            with not_abandoned():  # the output is in place: its item is finished and recorded
+                result.outputs += write_products(job, result.outputs[0], client, progress)
     except TilemaskError as exc:
         exc.exit_status = 1  # found while running: a run failure, whatever its kind
         raise

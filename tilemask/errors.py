@@ -56,3 +56,9 @@ class RunError(TilemaskError, RuntimeError):
     """The cluster could not finish the work: no workers, workers that keep dying."""
 
     exit_status = 1
+
+
+class UsageError(TilemaskError, ValueError):
+    """Command-line options or cluster configuration that cannot work together: refused before any work."""
+
+    exit_status = 2

@@ -2,13 +2,17 @@
 
 Two steps, because one fact comes from the network itself:
 
-1. :func:`plan_workflow` (client, no cluster, no torch): opens each input's
-   metadata, lays out its window plan, resolves every output path, and refuses
-   before any work what would fail (channels, missing regions, clashing
-   outputs); :meth:`WorkflowPlan.check_outputs`, with the outputs' locks held,
+1. :func:`plan_model` (client, no cluster, no torch) checks what every input
+   shares and lists the inputs by name without opening them, refusing clashing
+   output names; :meth:`WorkflowPlan.plan_input` then opens one input's
+   metadata when it is about to run (a run plans its inputs a window at a time,
+   so a list of 100,000 starts at once), lays out its window plan, resolves its
+   outputs and refuses what would fail (channels, missing regions);
+   :meth:`WorkflowPlan.check_item_outputs`, with the outputs' locks held,
    refuses what would destroy data (outputs that are inputs or exist without
-   ``--overwrite``, unwritable folders).
-2. :meth:`WorkflowPlan.jobs` once the network has been probed on a worker
+   ``--overwrite``, unwritable folders).  :func:`plan_workflow` plans every
+   input at once.
+2. :meth:`WorkflowPlan.job` once the network has been probed on a worker
    (:func:`tilemask.engine.probe_network`): the number of output channels fixes
    the classes, the labels' type and the probability layout; a network that
    disagrees with ``model.args``, ``classes`` or the activation is refused.
@@ -127,34 +131,61 @@ class Job:
 
 @dataclass
 class WorkflowPlan:
-    """A workflow, checked and laid out; :meth:`jobs` completes it with the network's channel count."""
+    """A workflow, checked: the model and settings every input shares, its inputs' names and files (cheap,
+    listed at once), and the inputs planned so far (:meth:`plan_input` opens one).  :meth:`job` completes an
+    input's plan with the network's channel count."""
 
     workflow: Workflow
     model: ModelSpec
     settings: InferenceSettings
     preprocessing: Preprocessing
-    inputs: list[InputPlan]
+    items: list[InputItem]
     postprocess: PostprocessConfig | None
+    inputs: list[InputPlan] = field(default_factory=list)  # planned so far, in the order planned
+    classes: tuple[int, tuple[str, ...]] | None = None  # (n_classes, names), once the network is probed
 
     @property
     def in_channels(self) -> int:
         return self.inputs[0].source.channels
+
+    def plan_input(self, item: InputItem) -> InputPlan:
+        """Open one input's metadata and check it against the workflow and the inputs planned before it."""
+        spatial_dims = int(self.workflow.model.spatial_dims or len(self.settings.roi))
+        planned = _plan_input(self.workflow, item, spatial_dims)
+        _check_regions(planned)
+        if self.inputs and planned.source.channels != self.in_channels:
+            raise InputError(
+                f"{planned.input}: gives {planned.source.channels} channels, the first input "
+                f"{self.inputs[0].input} {self.in_channels}; one network takes one channel count"
+            )
+        self.inputs.append(planned)
+        return planned
 
     def output_files(self, item: InputPlan) -> list[str]:
         """Every file one input's run writes: labels, probabilities beside them, derived products."""
         probabilities = self.workflow.output.probabilities != "none"
         return for_output(item.output).files(item.output, probabilities) + item.products.paths
 
-    def check_outputs(self, overwrite: bool) -> None:
-        """Refuse (exit 2) outputs that are inputs (images, weights, regions), that exist without
+    def check_item_outputs(self, item: InputPlan, overwrite: bool) -> None:
+        """Refuse (exit 2) outputs of one input that are inputs (images, weights, regions), that exist without
         ``overwrite``, or that tilemask did not write; run with the outputs' locks held."""
-        inputs = [f for item in self.inputs for f in item.files or (item.input,)] + [self.model.weights]
-        inputs += [i.products.stats.regions for i in self.inputs if i.products.stats and i.products.stats.regions]
-        check_outputs(((f, _owned(f)) for item in self.inputs for f in self.output_files(item)), inputs, overwrite)
+        inputs = [*(item.files or (item.input,)), self.model.weights]
+        if item.products.stats and item.products.stats.regions:
+            inputs.append(item.products.stats.regions)
+        check_outputs(((f, _owned(f)) for f in self.output_files(item)), inputs, overwrite)
+
+    def check_outputs(self, overwrite: bool) -> None:
+        """:meth:`check_item_outputs` for every input planned."""
+        for item in self.inputs:
+            self.check_item_outputs(item, overwrite)
+
+    def job(self, item: InputPlan, out_channels: int) -> Job:
+        if self.classes is None:
+            self.classes = classes_of(self.workflow, out_channels)
+        return self._job(item, out_channels, *self.classes)
 
     def jobs(self, out_channels: int) -> list[Job]:
-        n_classes, names = classes_of(self.workflow, out_channels)
-        return [self._job(item, out_channels, n_classes, names) for item in self.inputs]
+        return [self.job(item, out_channels) for item in self.inputs]
 
     def _job(self, item: InputPlan, out_channels: int, n_classes: int, names: tuple[str, ...]) -> Job:
         workflow, source = self.workflow, item.source
@@ -230,11 +261,10 @@ def classes_of(workflow: Workflow, out_channels: int) -> tuple[int, tuple[str, .
     return n_classes, names
 
 
-def plan_workflow(workflow: Workflow) -> WorkflowPlan:
-    """Open every input's metadata and check the whole workflow against them, before any work."""
+def plan_model(workflow: Workflow) -> WorkflowPlan:
+    """Check what every input shares (weights, network, settings) and list the inputs, opening none of them."""
     inference = workflow.inference
     spatial_dims = int(workflow.model.spatial_dims or len(inference.roi_size))  # the model's rank (validated equal)
-    roi = tuple(inference.roi_size)
     weights = workflow.resolve(workflow.model.weights)
     if not weights.startswith(REMOTE_PREFIXES) and not os.path.isfile(weights):
         raise WeightsError(f"model.weights: no such file {weights}")
@@ -242,11 +272,13 @@ def plan_workflow(workflow: Workflow) -> WorkflowPlan:
     if not workflow.model.network and not spec.carries_network:
         raise WorkflowError("model.network: needed for a checkpoint of weights (TorchScript and .pt2 carry their own)")
     sigma = inference.sigma_scale
-    plan = WorkflowPlan(
+    items = workflow.input_items()
+    _check_output_names(workflow, items)
+    return WorkflowPlan(
         workflow=workflow,
         model=spec,
         settings=InferenceSettings(
-            roi=roi,
+            roi=tuple(inference.roi_size),
             mode=inference.mode,
             sigma_scale=tuple(normalize_per_axis(sigma, spatial_dims, "sigma_scale")) if isinstance(sigma, list) else sigma,
             batch_size=inference.batch_size,
@@ -255,13 +287,20 @@ def plan_workflow(workflow: Workflow) -> WorkflowPlan:
             backend=inference.backend,
         ),
         preprocessing=preprocessing_of(workflow),
-        inputs=[_plan_input(workflow, item, spatial_dims) for item in workflow.input_items()],
+        items=items,
         postprocess=workflow.postprocess if workflow.postprocess and workflow.postprocess.active else None,
     )
-    _check_across_inputs(plan)
+
+
+def plan_workflow(workflow: Workflow) -> WorkflowPlan:
+    """Open every input's metadata and check the whole workflow against them, before any work."""
+    plan = plan_model(workflow)
+    for item in plan.items:
+        plan.plan_input(item)
     logger.info(
-        "planned %d input(s), %d windows, roi %s", len(plan.inputs), sum(i.plan.n_windows for i in plan.inputs), list(roi)
-    )
+        "planned %d input(s), %d windows, roi %s",
+        len(plan.inputs), sum(i.plan.n_windows for i in plan.inputs), list(plan.settings.roi),
+    )  # fmt: skip
     return plan
 
 
@@ -365,19 +404,23 @@ def check_source(workflow: Workflow, source: ImageSource) -> None:
         )
 
 
-def _check_across_inputs(plan: WorkflowPlan) -> None:
+def _check_output_names(workflow: Workflow, items: list[InputItem]) -> None:
+    """Two inputs must not write one file: checked from their names, before any input is opened."""
     seen: dict[str, str] = {}
-    for item in plan.inputs:
-        for path in plan.output_files(item):
+    for item in items:
+        stats = workflow.stats_for(item.name)
+        for path in (workflow.output_path(item.name), workflow.vectors_path(item.name), stats and stats.output):
+            if not path:
+                continue
             if path in seen:
-                raise WorkflowError(f"output: {seen[path]} and {item.input} would both write {path}; use {{stem}}")
-            seen[path] = item.input
-        stats = item.products.stats
-        if stats and stats.regions and not stats.regions.startswith(REMOTE_PREFIXES) and not Path(stats.regions).exists():
-            raise InputError(f"stats.regions: no such file {stats.regions}")
-    channels = {item.source.channels for item in plan.inputs}
-    if len(channels) > 1:
-        raise InputError(f"input: the inputs have different channel counts {sorted(channels)}; one network takes one")
+                raise WorkflowError(f"output: {seen[path]} and {item.files[0]} would both write {path}; use {{stem}}")
+            seen[path] = item.files[0]
+
+
+def _check_regions(item: InputPlan) -> None:
+    stats = item.products.stats
+    if stats and stats.regions and not stats.regions.startswith(REMOTE_PREFIXES) and not Path(stats.regions).exists():
+        raise InputError(f"stats.regions: no such file {stats.regions}")
 
 
 def _owned(path: str) -> bool:

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
-_shared: contextvars.ContextVar[Callable[[int], None] | None] = contextvars.ContextVar("tilemask_bar", default=None)
-"""``advance(windows)`` of the run's bar, in the context of an item run alongside others."""
+_shared: contextvars.ContextVar[ItemsBar | None] = contextvars.ContextVar("tilemask_bar", default=None)
+"""The run's bar, in the context of an item run alongside others."""
 
 
 @contextlib.contextmanager
@@ -25,17 +25,18 @@ def window_progress(total: int, label: str, enabled: bool = True) -> Iterator[Ca
     """Yields ``advance(n)``; draws a rich bar on stdout when ``enabled`` (stderr is for the one-line errors)."""
     shared = _shared.get()
     if shared is not None:
-        yield shared
+        shared.grow(total)  # inputs are planned as they start: the run's total grows with them
+        yield shared.advance
     elif not enabled:
         yield lambda n: None
     else:
-        with _windows_bar(label, total) as (advance, _):
-            yield advance
+        with _windows_bar(label, total) as bar:
+            yield bar.advance
 
 
 @contextlib.contextmanager
-def _windows_bar(label: str, total: int, items: int = 0) -> Iterator[tuple[Callable[[int], None], Callable[[], None]]]:
-    """A rich bar of windows done / total and windows/s (and items done when ``items``): ``(advance, item_done)``."""
+def _windows_bar(label: str, total: int, items: int = 0) -> Iterator[ItemsBar]:
+    """A rich bar of windows done / total and windows/s (and items done when ``items``)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = [
@@ -59,7 +60,10 @@ def _windows_bar(label: str, total: int, items: int = 0) -> Iterator[tuple[Calla
         def item_done() -> None:
             bar.update(task, items=bar.tasks[0].fields["items"] + 1)
 
-        yield advance, item_done
+        def grow(n: int) -> None:
+            bar.update(task, total=bar.tasks[0].total + n)
+
+        yield ItemsBar(advance, item_done, grow)
 
 
 @contextlib.contextmanager
@@ -80,21 +84,21 @@ def stage(label: str, enabled: bool = True) -> Iterator[None]:
 class ItemsBar:
     """The run's bar while several items are in flight: :meth:`attach` in each item's context."""
 
-    def __init__(self, advance: Callable[[int], None], item_done: Callable[[], None]):
-        self.advance, self.item_done = advance, item_done
+    def __init__(self, advance: Callable[[int], None], item_done: Callable[[], None], grow: Callable[[int], None]):
+        self.advance, self.item_done, self.grow = advance, item_done, grow
 
     def attach(self) -> None:
-        _shared.set(self.advance)
+        _shared.set(self)
 
 
 @contextlib.contextmanager
-def items_progress(windows: int, items: int, enabled: bool = True) -> Iterator[ItemsBar]:
-    """One bar for a run of several inputs: windows done / total, windows/s and inputs done."""
+def items_progress(items: int, enabled: bool = True) -> Iterator[ItemsBar]:
+    """One bar for a run of several inputs: windows done / planned so far, windows/s and inputs done."""
     if not enabled:
-        yield ItemsBar(lambda n: None, lambda: None)
+        yield ItemsBar(lambda n: None, lambda: None, lambda n: None)
         return
-    with _windows_bar("all inputs", windows, items) as (advance, item_done):
-        yield ItemsBar(advance, item_done)
+    with _windows_bar("all inputs", 0, items) as bar:
+        yield bar
 
 
 def announce(text: str, enabled: bool = True) -> None:

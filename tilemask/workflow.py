@@ -263,6 +263,26 @@ class CaseChannels(_Strict):
         return patterns
 
 
+class ListInput(_Strict):
+    """``input: {list: FILE}``: one path or URL a line (:mod:`tilemask.inputs`)."""
+
+    list: str
+
+
+class ArchiveInput(_Strict):
+    """``input: {archive: FILE, members: GLOB}``: the members of a .zip / .tar / .tar.gz (:mod:`tilemask.inputs`)."""
+
+    archive: str
+    members: str = "*"
+
+
+class StacInput(_Strict):
+    """``input: {stac: FILE, assets: [...]}``: each STAC Item's assets as its bands (:mod:`tilemask.inputs`)."""
+
+    stac: str
+    assets: Annotated[list[str], Field(min_length=1)]
+
+
 @dataclass(frozen=True)
 class InputItem:
     """One input of a run: what ``{stem}`` becomes, and its files (several for a case read channel by channel)."""
@@ -275,7 +295,7 @@ class Workflow(_Strict):
     """A validated workflow, version 1 (see DESIGN.md section 3)."""
 
     version: Annotated[Literal[1], NotBool]
-    input: str | Annotated[list[str], Field(min_length=1)] | CaseChannels
+    input: str | Annotated[list[str], Field(min_length=1)] | CaseChannels | ListInput | ArchiveInput | StacInput
     classes: list[str] | None = None
     model: ModelConfig
     preprocess: Preprocess = Field(default_factory=Preprocess)
@@ -385,6 +405,11 @@ class Workflow(_Strict):
         out_channels = self.model.args.get("out_channels", len(self.classes or []) or 2)
         return 2 if self.inference.activation == "sigmoid" else int(out_channels)
 
+    @property
+    def base_dir(self) -> Path:
+        """The folder relative paths resolve against (the workflow file's)."""
+        return self._base_dir
+
     def resolve(self, path: str) -> str:
         """A path from the workflow, made absolute against the workflow's folder (URLs kept)."""
         if path.startswith(REMOTE_PREFIXES):
@@ -394,8 +419,17 @@ class Workflow(_Strict):
 
     def input_items(self) -> list[InputItem]:
         """The inputs, globs expanded (sorted), in order; cases of ``input.channels`` by case name."""
-        if isinstance(self.input, CaseChannels):
-            return self._cases(self.input.channels)
+        from . import inputs
+
+        given = self.input
+        if isinstance(given, CaseChannels):
+            return self._cases(given.channels)
+        if isinstance(given, ListInput):
+            return inputs.list_items(self.resolve(given.list))
+        if isinstance(given, ArchiveInput):
+            return inputs.archive_items(self.resolve(given.archive), given.members)
+        if isinstance(given, StacInput):
+            return inputs.stac_items(self.resolve(given.stac), given.assets)
         return [InputItem(stem(path), (path,)) for path in self.input_paths()]
 
     def _cases(self, patterns: list[str]) -> list[InputItem]:
@@ -415,8 +449,8 @@ class Workflow(_Strict):
 
     def input_paths(self) -> list[str]:
         """The inputs given as paths, globs expanded (sorted), in order (cases: :meth:`input_items`)."""
-        if isinstance(self.input, CaseChannels):
-            return [f for item in self._cases(self.input.channels) for f in item.files]
+        if not isinstance(self.input, (str, list)):
+            return [f for item in self.input_items() for f in item.files]
         items = [self.input] if isinstance(self.input, str) else list(self.input)
         paths: list[str] = []
         for item in items:

@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import InputError, ReadError
 from ..geometry import Region, VolumeGeometry
 from . import ImageSource, cached_handle, file_stamp
+from .archive import local_copy
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class NiftiSource(ImageSource):
     @classmethod
     def open(cls, path: str, bands: list[int] | None = None) -> NiftiSource:
         try:
-            img = nib.load(path)
+            img = nib.load(local_copy(path))  # a member of an archive: extracted once (sources.archive)
             shape = tuple(int(s) for s in img.shape)
         except FileNotFoundError:
             raise InputError(f"{path}: no such file") from None
@@ -68,7 +69,8 @@ class NiftiSource(ImageSource):
     def read(self, region: Region) -> np.ndarray:
         index = tuple(slice(lo, hi) for lo, hi in region)
         try:
-            img = cached_handle(("nifti", self.path, file_stamp(self.path)), lambda: nib.load(self.path, keep_file_open=True, mmap=True))
+            local = local_copy(self.path)
+            img = cached_handle(("nifti", local, file_stamp(local)), lambda: nib.load(local, keep_file_open=True, mmap=True))
             if len(self.volume_shape) == 3:
                 block = np.asarray(img.dataobj[index])[None]
             elif self.volumes is None:

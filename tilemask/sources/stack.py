@@ -1,8 +1,10 @@
-"""Several files of one case as the channels of one input (nnU-Net's ``case_0000``, ``case_0001``, ...).
+"""Several files as the channels of one input: nnU-Net's ``case_0000``, ``case_0001``, ... or the assets
+of a STAC item.
 
 Every file must be on the same grid (same spatial shape and geometry); the
-channels are the files' channels in the order given. A pixel is invalid when
-any file marks it invalid.
+channels are the files' channels in the order given.  A pixel is invalid only
+where every file marks it invalid, as GDAL's mask of a multi-band raster
+(``dataset_mask``) says for the same bands in one file.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class StackedSource(ImageSource):
 
     @property
     def has_invalid(self) -> bool:
-        return any(s.has_invalid for s in self.sources)
+        return all(s.has_invalid for s in self.sources)
 
     def read(self, region: Region) -> np.ndarray:
         blocks = [s.read(region) for s in self.sources]
@@ -59,8 +61,8 @@ class StackedSource(ImageSource):
         return np.concatenate([b.astype(dtype, copy=False) for b in blocks])
 
     def read_valid(self, region: Region) -> np.ndarray | None:
-        masks = [m for m in (s.read_valid(region) for s in self.sources) if m is not None]
-        return np.logical_and.reduce(masks) if masks else None
+        masks = [s.read_valid(region) for s in self.sources]
+        return None if any(m is None for m in masks) else np.logical_or.reduce(masks)
 
 
 def _same_grid(a: Geometry, b: Geometry) -> bool:

@@ -1,0 +1,180 @@
+"""Detached jobs on a real ``dask scheduler`` and ``dask worker`` processes: submit, status, cancel, and the
+faults a job outlives (its driver's worker killed, the scheduler gone).  Slow: each test starts its cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import yaml
+
+import tilemask
+from tilemask import Workflow
+
+from .conftest import GEO, REPO, run_cli
+from .test_trust import hidden
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A ``dask scheduler`` on a free port (``--port 0``, found through its scheduler file) and two
+    ``dask worker`` processes; yields ``(address, processes)``; stops whatever is left."""
+    scheduler_file = tmp_path / "scheduler.json"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = [subprocess.Popen(
+        [BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", scheduler_file],
+        stdout=open(logs / "scheduler.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )]  # fmt: skip
+    wait_for(scheduler_file.exists, "the scheduler file")
+    address = json.loads(scheduler_file.read_text())["address"]
+    for i in range(2):
+        procs.append(subprocess.Popen(
+            [BIN / "dask", "worker", "--scheduler-file", scheduler_file, "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"],
+            stdout=open(logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        ))  # fmt: skip
+    from distributed import Client
+
+    with Client(address, timeout=30) as client:
+        client.wait_for_workers(2, timeout=60)
+    yield address, procs
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def wait_for(condition, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def scenes_workflow(tmp_path) -> Path:
+    """Twelve copies of the demo scene and the demo model: a job of about a second an item."""
+    (tmp_path / "scenes").mkdir()
+    for i in range(12):
+        shutil.copy(GEO["RGB.byte.tif"], tmp_path / "scenes" / f"s{i:02d}.tif")
+    workflow = yaml.safe_load((REPO / "workflows" / "demo_landsat.yaml").read_text())
+    workflow["input"] = "scenes/*.tif"
+    workflow["model"]["weights"] = str(REPO / "workflows" / "demo" / "landsat_water_land_cloud.pt")
+    workflow["inference"]["device"] = "cpu"
+    workflow["output"] = {"path": "out/{stem}_mask.tif", "chunks": 256}
+    path = tmp_path / "workflow.yaml"
+    path.write_text(yaml.safe_dump(workflow))
+    return path
+
+
+def status(job: str, cwd) -> dict:
+    done = run_cli("status", job, "--json", cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def manifest(job_folder: str) -> list[dict]:
+    return [json.loads(line) for line in (Path(job_folder) / "manifest.jsonl").read_text().splitlines()]
+
+
+def submit(workflow: Path, address: str) -> str:
+    started = time.monotonic()
+    done = run_cli("submit", workflow, "--scheduler", address, cwd=workflow.parent)
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 30, "submit returns at once; the job runs on the cluster"
+    job = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"[0-9a-f]{12}", job), done.stdout  # the id alone on the last line
+    return job
+
+
+def ok_items(folder: str) -> int:
+    path = Path(folder) / "manifest.jsonl"
+    return sum(1 for line in manifest(folder) if line["status"] == "ok") if path.exists() else 0
+
+
+def labels(path) -> np.ndarray:
+    with rasterio.open(path) as ds:
+        return ds.read(1)
+
+
+def test_a_submitted_job_outlives_its_submitter_and_a_killed_driver_resumes_from_the_manifest(
+    cluster, scenes_workflow, tmp_path, client
+):
+    address, _ = cluster
+    job = submit(scenes_workflow, address)
+    folder = status(job, tmp_path)["folder"]
+    wait_for(lambda: ok_items(folder) >= 3, "three items done")
+    driver = status(job, tmp_path)
+    assert driver["state"] == "running" and driver["driver"].startswith(f"tilemask-job-{job}")
+    os.kill(driver["pid"], signal.SIGKILL)  # the worker process the driver runs in
+    lines = manifest(folder)
+    before = {line["item"] for line in lines if line["status"] == "ok"}
+    in_flight = {line["item"] for line in lines if line["status"] == "started"} - before
+    wait_for(lambda: status(job, tmp_path)["state"] not in ("queued", "running"), "the job to end")
+    final = status(job, tmp_path)
+    assert final["state"] == "done", final
+    assert final["counts"] == {"items": 12, "ok": 12, "failed": 0, "pending": 0}
+    started = Counter(line["item"] for line in manifest(folder) if line["status"] == "started")
+    assert all(started[item] == 1 for item in before), "an item done before the kill was redone"
+    assert {item for item, n in started.items() if n > 1} <= in_flight, "only the items in flight at the kill were redone"
+    rows = (Path(folder) / "report.csv").read_text().splitlines()[1:]
+    assert len(rows) == 12 and all(",ok," in row or ",skipped," in row for row in rows)
+
+    # every output equals a run of the scene in the foreground
+    reference = Workflow.from_yaml(scenes_workflow, ["input=scenes/s00.tif", "output.path=ref/{stem}.tif"])
+    (expected,) = tilemask.run(reference, client)
+    truth = labels(expected.outputs[0])
+    for i in range(12):
+        np.testing.assert_array_equal(labels(tmp_path / "out" / f"s{i:02d}_mask.tif"), truth)
+    assert hidden(tmp_path / "out") == []
+
+
+def test_a_lost_scheduler_leaves_the_job_lost_and_run_resumes_it(cluster, scenes_workflow, tmp_path):
+    address, procs = cluster
+    job = submit(scenes_workflow, address)
+    folder = status(job, tmp_path)["folder"]
+    wait_for(lambda: ok_items(folder) >= 2, "two items done")
+    for proc in procs:  # the whole cluster goes away (a restarted scheduler does not know the job)
+        os.killpg(proc.pid, signal.SIGKILL)
+    before = {line["item"] for line in manifest(folder) if line["status"] == "ok"}
+    assert status(job, tmp_path)["state"] == "lost"
+    done = run_cli("run", scenes_workflow, "--quiet", "--workers", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    final = status(job, tmp_path)
+    assert final["state"] == "done" and final["counts"]["ok"] == 12
+    started = Counter(line["item"] for line in manifest(folder) if line["status"] == "started")
+    assert all(started[item] == 1 for item in before)
+    assert done.stdout.count("done in an earlier run") >= len(before)
+
+
+def test_cancel_stops_a_running_job_and_leaves_finished_items_whole(cluster, scenes_workflow, tmp_path):
+    address, _ = cluster
+    job = submit(scenes_workflow, address)
+    folder = status(job, tmp_path)["folder"]
+    wait_for(lambda: ok_items(folder) >= 1, "an item done")
+    done = run_cli("cancel", job, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"job {job}: cancelled"
+    final = status(job, tmp_path)
+    assert final["state"] == "cancelled" and 1 <= final["counts"]["ok"] < 12
+    assert hidden(tmp_path / "out") == [], "the items in flight cleaned up"
+    finished = sorted(p.name for p in (tmp_path / "out").glob("*_mask.tif"))
+    assert len(finished) == final["counts"]["ok"]
+    again = run_cli("submit", scenes_workflow, "--scheduler", address, cwd=tmp_path)  # and it can be resumed
+    assert again.returncode == 0, again.stderr
+    wait_for(lambda: status(job, tmp_path)["state"] == "done", "the resumed job")

@@ -1,0 +1,225 @@
+"""Jobs: the folder, the manifest and report after skips and resumes, and the inputs a job can list."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import zarr
+
+import tilemask
+from tilemask import Workflow
+from tilemask.errors import OutputConflict, ReadError
+from tilemask.jobs import JobFolder, find
+
+from .conftest import GEO, UNET_2D, UNET_3D, raster_workflow, run_cli, volume_workflow
+
+
+@pytest.fixture
+def scenes(tmp_path):
+    """Four good scenes and the real corrupt.tif (third), all with corrupt.tif's band count."""
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    with rasterio.open(GEO["shade.tif"]) as src:
+        profile, data = src.profile, src.read(1)[:300, :300]
+    with rasterio.open(GEO["corrupt.tif"]) as ds:
+        count = ds.count
+    profile.update(count=count, nodata=None, width=300, height=300, blockxsize=256, blockysize=256, tiled=True)
+    for i, name in enumerate(["a", "b", "d", "e"]):
+        with rasterio.open(folder / f"{name}.tif", "w", **profile) as dst:
+            dst.write(np.stack([np.roll(data, 37 * i, axis=1)] * count))
+    shutil.copy(GEO["corrupt.tif"], folder / "c.tif")
+    return folder, count
+
+
+@pytest.fixture
+def scene_workflow(scenes, make_model, tmp_path):
+    folder, count = scenes
+    args = dict(UNET_2D, in_channels=count)
+    weights, _ = make_model(args)
+    return raster_workflow(f"{folder}/*.tif", weights, args=args, output={"path": "out/{stem}.zarr", "chunks": 256})
+
+
+def manifest_lines(job: JobFolder) -> list[dict]:
+    return [json.loads(line) for line in (job.path / "manifest.jsonl").read_text().splitlines()]
+
+
+def report_rows(job: JobFolder) -> list[dict]:
+    with open(job.report_path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_skip_records_the_failure_goes_on_and_a_rerun_resumes_without_predicting_again(scene_workflow, tmp_path, client):
+    workflow = Workflow.from_dict(scene_workflow, base_dir=tmp_path)
+    results = tilemask.run(workflow, client, on_error="skip")
+    job = results.job
+    assert job.path.parent == tmp_path / "out" / ".tilemask" / "jobs"  # DESIGN section 9's default folder
+    assert [r.status for r in results] == ["ok", "ok", "failed", "ok", "ok"]
+    assert "c.tif" in results[2].error and "damaged" in results[2].error
+    assert results.failures() == f"1 of 5 items failed; report: {job.report_path}"
+
+    lines = manifest_lines(job)
+    finished = sorted((line["item"], line["status"]) for line in lines if line["status"] != "started")
+    assert finished == [(0, "ok"), (1, "ok"), (2, "failed"), (3, "ok"), (4, "ok")]
+    assert {line["item"] for line in lines if line["status"] == "started"} == {0, 1, 2, 3, 4}
+    ok = [line for line in lines if line["status"] == "ok"]
+    assert all(line["windows"] > 0 and line["outputs"][0] == str(tmp_path / "out" / (Path(line["input"]).stem + ".zarr")) for line in ok)
+    rows = report_rows(job)
+    assert [(row["name"], row["status"]) for row in rows] == [("a", "ok"), ("b", "ok"), ("c", "failed"), ("d", "ok"), ("e", "ok")]
+    assert "damaged" in rows[2]["error"]
+    status = json.loads((job.path / "status.json").read_text())
+    assert status["state"] == "failed" and status["counts"] == {"items": 5, "ok": 4, "failed": 1, "pending": 0}
+    assert (tmp_path / "out" / "c.zarr").exists() is False
+
+    # the same workflow again: the job resumes; done items are not redone, the failed one stays failed
+    labels_before = zarr.open_group(tmp_path / "out" / "a.zarr", mode="r")["labels"][:]
+    again = tilemask.run(Workflow.from_dict(scene_workflow, base_dir=tmp_path), client, on_error="skip")
+    assert again.job.path == job.path
+    assert [r.status for r in again] == ["skipped", "skipped", "failed", "skipped", "skipped"]
+    assert sum(r.windows for r in again) == 0
+    assert len(manifest_lines(job)) == len(lines), "nothing was attempted"
+    assert [row["status"] for row in report_rows(job)] == ["skipped", "skipped", "failed", "skipped", "skipped"]
+
+    # a deleted output is redone; --retry-failed tries the failed one again (the file is fixed meanwhile)
+    shutil.rmtree(tmp_path / "out" / "b.zarr")
+    shutil.copy(tmp_path / "scenes" / "a.tif", tmp_path / "scenes" / "c.tif")
+    third = tilemask.run(Workflow.from_dict(scene_workflow, base_dir=tmp_path), client, on_error="skip", retry_failed=True)
+    assert [r.status for r in third] == ["skipped", "ok", "ok", "skipped", "skipped"]
+    assert third[1].windows > 0 and third[2].windows > 0
+    assert third.failures() is None
+    assert json.loads((job.path / "status.json").read_text())["state"] == "done"
+    np.testing.assert_array_equal(zarr.open_group(tmp_path / "out" / "c.zarr", mode="r")["labels"][:], labels_before)
+
+    # a new file the glob now matches first: the items move, the record follows them by name
+    shutil.copy(tmp_path / "scenes" / "a.tif", tmp_path / "scenes" / "0.tif")
+    fourth = tilemask.run(Workflow.from_dict(scene_workflow, base_dir=tmp_path), client, on_error="skip")
+    assert [(Path(r.input).stem, r.status) for r in fourth] == [
+        ("0", "ok"), ("a", "skipped"), ("b", "skipped"), ("c", "skipped"), ("d", "skipped"), ("e", "skipped")
+    ]
+
+
+def test_abort_stops_at_the_first_failure_and_reports_what_did_not_run(scene_workflow, tmp_path, client):
+    import dask
+
+    with dask.config.set({"tilemask.items-in-flight": 1}), pytest.raises(ReadError, match="c.tif") as failed:
+        tilemask.run(Workflow.from_dict(scene_workflow, base_dir=tmp_path), client)
+    assert failed.value.exit_status == 1
+    (job,) = [JobFolder(p) for p in (tmp_path / "out" / ".tilemask" / "jobs").iterdir()]
+    assert [row["status"] for row in report_rows(job)] == ["ok", "ok", "failed", "not run", "not run"]
+    assert json.loads((job.path / "status.json").read_text())["state"] == "failed"
+
+
+def test_a_different_workflow_may_not_replace_a_jobs_outputs_without_overwrite(scene_workflow, tmp_path, client):
+    scene_workflow["input"] = str(tmp_path / "scenes" / "a.tif")
+    tilemask.run(Workflow.from_dict(scene_workflow, base_dir=tmp_path), client)
+    changed = {**scene_workflow, "inference": {**scene_workflow["inference"], "overlap": 0.5}}
+    with pytest.raises(OutputConflict, match="exists; pass --overwrite") as refused:
+        tilemask.run(Workflow.from_dict(changed, base_dir=tmp_path), client)
+    assert refused.value.exit_status == 2
+    (result,) = tilemask.run(Workflow.from_dict(changed, base_dir=tmp_path), client, overwrite=True)
+    assert result.status == "ok" and result.windows > 0
+    assert len(list((tmp_path / "out" / ".tilemask" / "jobs").iterdir())) == 2  # one job per workflow
+
+
+def test_a_truncated_last_manifest_line_is_dropped_and_the_manifest_goes_on(tmp_path):
+    job = JobFolder(tmp_path / "job")
+    job.create({"version": 1}, str(tmp_path), None, {}, [{"item": 0, "name": "a", "files": ["a.tif"], "output": "o"}])
+    job.record({"item": 0, "name": "a", "status": "started"})
+    job.record({"item": 0, "name": "a", "status": "ok", "outputs": []})
+    with open(job.path / "manifest.jsonl", "a") as f:
+        f.write('{"item": 1, "name": "b", "status": "o')  # a crash in the middle of a write
+    assert [line["status"] for line in job.manifest().lines] == ["started", "ok"]
+    job.record({"item": 1, "name": "b", "status": "failed", "error": "x"})
+    assert [line["status"] for line in job.manifest().lines] == ["started", "ok", "failed"]
+    assert set(job.manifest().latest()) == {"a", "b"}
+    assert find(job.id).path == job.path  # listed in $TILEMASK_HOME/jobs
+
+
+def test_on_error_skip_from_the_command_line_exits_1_and_says_where_the_report_is(scene_workflow, tmp_path, write_workflow):
+    workflow = write_workflow(scene_workflow)
+    done = run_cli("run", workflow, "--on-error", "skip", "--quiet", "--workers", "1", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("tilemask: 1 of 5 items failed; report: ") and last.endswith("report.csv")
+    report = last.split("report: ")[1]
+    assert [row["status"] for row in csv.DictReader(open(report))] == ["ok", "ok", "failed", "ok", "ok"]
+    job_id = report.split("/")[-2]
+    status = run_cli("status", job_id, "--json", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["state"] == "failed"
+    assert json.loads(status.stdout)["counts"] == {"items": 5, "ok": 4, "failed": 1, "pending": 0}
+    listing = run_cli("jobs", cwd=tmp_path)
+    assert listing.stdout.split()[:3] == [job_id, "failed", "4/1/5"]
+    assert run_cli("status", "nosuchjob", cwd=tmp_path).returncode == 2
+
+
+# -- inputs a job lists ---------------------------------------------------------------------------------------
+
+
+def test_archive_list_and_stac_inputs_give_the_outputs_of_the_files_themselves(make_model, tmp_path, client):
+    rgb = GEO["RGB.byte.tif"]
+    with rasterio.open(rgb) as src:
+        profile, data = src.profile, src.read(window=((200, 456), (200, 456)))
+        profile.update(width=256, height=256, transform=src.window_transform(((200, 456), (200, 456))))
+    files = tmp_path / "files"
+    files.mkdir()
+    with rasterio.open(files / "scene.tif", "w", **profile) as dst:
+        dst.write(data)
+    single = {**profile, "count": 1}
+    for band, name in enumerate(["red", "green", "blue"], 1):
+        with rasterio.open(files / f"scene_{name}.tif", "w", **single) as dst:
+            dst.write(data[band - 1 : band])
+    with zipfile.ZipFile(tmp_path / "scenes.zip", "w") as zf:
+        zf.write(files / "scene.tif", "inner/scene.tif")
+        zf.write(files / "scene_red.tif", "inner/other.txt")  # not a member the glob takes
+    (tmp_path / "items.txt").write_text("# the scene\nfiles/scene.tif\n\n")
+    (tmp_path / "items.json").write_text(json.dumps({
+        "type": "FeatureCollection",
+        "features": [{
+            "type": "Feature", "stac_version": "1.0.0", "id": "scene", "geometry": None, "properties": {"datetime": "2000-01-01T00:00:00Z"},
+            "links": [], "assets": {c: {"href": f"files/scene_{c}.tif"} for c in ("red", "green", "blue")},
+        }],
+    }))  # fmt: skip
+    weights, _ = make_model(UNET_2D)
+    labels = {}
+    for kind, given in [
+        ("file", str(files / "scene.tif")),
+        ("zip", {"archive": "scenes.zip", "members": "*.tif"}),
+        ("list", {"list": "items.txt"}),
+        ("stac", {"stac": "items.json", "assets": ["red", "green", "blue"]}),
+    ]:
+        workflow = raster_workflow("", weights, output={"path": f"{kind}/{{stem}}.zarr", "chunks": 128})
+        workflow["input"] = given
+        (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+        assert result.outputs[0] == str(tmp_path / kind / "scene.zarr"), kind
+        labels[kind] = zarr.open_group(result.outputs[0], mode="r")["labels"][:]
+    assert (labels["file"] > 0).any()
+    for kind in ("zip", "list", "stac"):
+        np.testing.assert_array_equal(labels[kind], labels["file"], err_msg=kind)
+
+
+def test_a_nifti_inside_a_tar_gz_is_read_from_a_scratch_copy(make_volume, make_model, tmp_path, client, monkeypatch):
+    monkeypatch.setenv("TILEMASK_SCRATCH", str(tmp_path / "scratch"))
+    path, _ = make_volume(shape=(30, 28, 26))
+    with tarfile.open(tmp_path / "scans.tar.gz", "w:gz") as tf:
+        tf.add(path, "case/scan.nii.gz")
+    weights, _ = make_model(UNET_3D)
+    outputs = {}
+    for kind, given in [("file", str(path)), ("tar", {"archive": "scans.tar.gz", "members": "*.nii.gz"})]:
+        workflow = volume_workflow(path, weights, {"roi_size": [24, 24, 24]}, {"path": f"{kind}/{{stem}}.nii.gz", "probabilities": "none"})
+        workflow["input"] = given
+        (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+        outputs[kind] = result.outputs[0]
+    import nibabel as nib
+
+    a, b = nib.load(outputs["file"]), nib.load(outputs["tar"])
+    np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+    np.testing.assert_allclose(a.affine, b.affine)
+    assert list((tmp_path / "scratch" / "tilemask-archives").glob("*/scan.nii.gz")), "the member was staged to scratch"

@@ -1,0 +1,387 @@
+"""Drive a job: its items planned as they start, run a window at a time, each recorded in the manifest.
+
+:func:`run` is ``tilemask run`` and :func:`tilemask.run`; :func:`drive` is the
+same run started on a cluster worker by ``tilemask submit``, where it outlives
+the process that submitted it.
+
+What a run of a job does (DESIGN.md section 9, :mod:`tilemask.jobs`):
+
+1. Check what every input shares and list the inputs without opening them
+   (:func:`~tilemask.planning.plan_model`), then create or reopen the job's folder
+   and take its lock.
+2. Find the first item to do: items ``ok`` in the manifest whose outputs are
+   complete are skipped (resumed); failed ones are kept failed unless
+   ``retry_failed``.  That item is planned before any work, so an invalid
+   workflow fails fast (exit 2) with nothing computed.
+3. Start the cluster, probe the network once, and run the items, a window in
+   flight (:mod:`tilemask.batch`), each planned when it starts.  Each attempt
+   writes a ``started`` line, then an ``ok`` or ``failed`` line, fsynced.
+4. ``on_error="abort"`` (the default) stops at the first failure and raises it;
+   ``"skip"`` records it and goes on.  The report and the final state are
+   written whatever happens, Ctrl-C and ``tilemask cancel`` included.
+
+An item whose earlier attempt this job began may replace that attempt's outputs
+without ``overwrite``: they are this job's own.  ``overwrite`` forgets the
+manifest and redoes every item.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distributed import Client
+
+from .batch import items_in_flight, run_items
+from .cluster import Abandoned, cluster_client, prepare_workers, wait_for_workers
+from .command import first_line
+from .engine import RunResult, probe, process_age, run_job
+from .errors import RunError, TilemaskError
+from .jobs import JobCancelled, JobError, JobFolder, default_job_dir, job_id, outputs_complete
+from .outputs import OutputLock
+from .planning import InputPlan, WorkflowPlan, classes_of, plan_model
+from .progress import announce
+from .workflow import InputItem, Workflow
+
+logger = logging.getLogger(__name__)
+
+ON_ERROR = ("abort", "skip")
+
+
+class SchedulerLost(RunError):
+    """The connection to the scheduler broke: the items in flight are not recorded as failed, and are redone
+    when the job runs again."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a job runs; written in its ``job.json`` so a detached driver runs it the same way."""
+
+    on_error: str = "abort"
+    retry_failed: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ON_ERROR:
+            raise JobError(f"on_error must be one of {', '.join(ON_ERROR)} (got {self.on_error!r})")
+
+
+def prepare(
+    workflow: Workflow, options: Options, job_dir: str | os.PathLike | None = None, source: str | None = None
+) -> tuple[WorkflowPlan, JobFolder]:
+    """Check the workflow (exit 2) and create or reopen its job folder."""
+    plan = plan_model(workflow)
+    workflow_dict, base_dir = workflow.to_dict(), str(workflow.base_dir)
+    identity = job_id(workflow_dict, base_dir)
+    job = JobFolder(job_dir or default_job_dir(workflow.output.path, base_dir, identity))
+    items = [
+        {"item": i, "name": item.name, "files": list(item.files), "output": workflow.output_path(item.name)}
+        for i, item in enumerate(plan.items)
+    ]
+    job.create(workflow_dict, base_dir, source, options.__dict__, items)
+    return plan, job
+
+
+def run(
+    workflow: Workflow | str | Path,
+    client: Client | None = None,
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+    on_error: str = "abort",
+    retry_failed: bool = False,
+    job_dir: str | os.PathLike | None = None,
+    source: str | None = None,
+    cluster: str = "local",
+) -> JobResults:
+    """Run a workflow's job on ``client``, on ``scheduler``, or on a cluster it starts (``cluster``: local,
+    embedded; slurm, jobs of dask-jobqueue): one result per input (``status`` ok, skipped or failed).
+    ``source``: the workflow file, recorded in the job."""
+    if not isinstance(workflow, Workflow):
+        source = str(Path(workflow).resolve())
+        workflow = Workflow.from_yaml(workflow)
+    options = Options(on_error, retry_failed, overwrite)
+    plan, job = prepare(workflow, options, job_dir, source)
+    with job:
+        return drive_job(job, plan, options, progress, client=client, scheduler=scheduler, workers=workers,
+                         threads_per_worker=threads_per_worker, cluster=cluster)  # fmt: skip
+
+
+def drive(folder: str) -> int:
+    """The detached driver of ``tilemask submit``: runs the job in ``folder`` on the cluster of the worker it
+    runs on, and returns how many items failed.  Dask runs it again on another worker if its worker dies; it
+    then resumes from the manifest."""
+    from distributed import get_worker, worker_client
+
+    job = JobFolder(folder)
+    info = job.info()
+    options = Options(**info["options"])
+    try:
+        plan = plan_model(job.workflow())
+    except TilemaskError as exc:
+        job.set_status("failed", message=first_line(exc))
+        raise
+    key = get_worker().get_current_task()
+    with job, worker_client(separate_thread=True) as client:
+        results = drive_job(job, plan, options, progress=False, client=client, driver=key)
+    return sum(r.status == "failed" for r in results)
+
+
+@dataclass
+class _Progress:
+    """The item counts of ``status.json``, rewritten at most once a second."""
+
+    job: JobFolder
+    counts: dict[str, int] = field(default_factory=dict)
+    written: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, status: str, state: str = "running") -> None:
+        with self.lock:
+            self.counts[status] = self.counts.get(status, 0) + 1
+            if time.monotonic() - self.written > 1.0:
+                self.write(state)
+
+    def write(self, state: str, **fields) -> None:
+        total = self.counts.get("items", 0)
+        done = sum(v for k, v in self.counts.items() if k != "items")
+        self.job.set_status(state, counts={**self.counts, "pending": total - done}, **fields)
+        self.written = time.monotonic()
+
+
+def drive_job(
+    job: JobFolder,
+    plan: WorkflowPlan,
+    options: Options,
+    progress: bool,
+    client: Client | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    driver: str | None = None,
+    cluster: str = "local",
+) -> JobResults:
+    """Run ``job`` (its lock held): resume from the manifest, run what is left, record every item.
+    ``driver``: the key of the detached driver's task running this (``tilemask status`` asks the scheduler)."""
+    if options.overwrite:
+        job.reset()
+    manifest = job.manifest()
+    items = plan.items
+    results: list[RunResult | None] = [None] * len(items)
+    counts = _Progress(job, {"items": len(items)})
+    skipped: set[int] = set()
+    todo = []
+    latest = manifest.latest()
+    for index, item in enumerate(items):
+        earlier = _earlier(latest, item.name, options)
+        if earlier is None:
+            todo.append(index)
+            continue
+        results[index] = earlier
+        counts.counts[earlier.status] = counts.counts.get(earlier.status, 0) + 1
+        if earlier.status == "skipped":
+            skipped.add(item.name)
+    logger.info("job %s: %d item(s), %d to do, %d done before", job.id, len(items), len(todo), len(skipped))
+    stop = threading.Event()
+    runner = _ItemRunner(job, plan, options, manifest.started(), counts, progress, stop)
+    state = "failed"
+    address = client.scheduler.address if client is not None else scheduler
+    counts.write("running", host=socket.gethostname(), pid=os.getpid(), started=time.time(), message=None,
+                 scheduler=address, driver=driver, finished=None)  # fmt: skip
+    try:
+        first = runner.first_plannable(todo, results)  # before any work: exit 2 if the workflow cannot run
+        if first is not None:
+            with contextlib.ExitStack() as stack:
+                if client is None:
+                    client = stack.enter_context(cluster_client(scheduler, workers, threads_per_worker, cluster))
+                stack.enter_context(_watch_cancel(job, stop))
+                wait_for_workers(client)
+                prepare_workers(client)
+                announce(f"dask dashboard: {client.dashboard_link}", enabled=progress)
+                runner.out_channels = probe(client, plan)
+                plan.classes = classes_of(plan.workflow, runner.out_channels)  # exit 2: before any item runs
+                logger.info("the network gives %d output channels; network loaded after %.2f s", runner.out_channels, process_age())
+                rest = [i for i in todo if i >= first and results[i] is None]
+                done = run_items(
+                    rest, lambda index: runner.run(client, index), window=items_in_flight(sum(client.nthreads().values())),
+                    progress=progress, stop=stop,
+                )  # fmt: skip
+                for index, result in zip(rest, done):
+                    results[index] = result
+        state = "failed" if any(r is not None and r.status == "failed" for r in results) else "done"
+    except Abandoned:
+        state = "cancelled"
+        raise JobCancelled(f"job {job.id} was cancelled") from None
+    except KeyboardInterrupt:
+        state = "cancelled"
+        raise
+    except SchedulerLost as exc:
+        state = "running"  # not the items' fault: the job is left as it was, and ``status`` finds it lost
+        counts.write(state, message=first_line(exc))
+        raise
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            counts.write("failed", message=first_line(exc))
+        raise
+    finally:
+        runner.release()
+        try:  # the record of a run that failed must not hide why it failed (a full disk fails both)
+            report = job.write_report(job.items(), skipped)
+            counts.write(state, report=str(report), **({} if state == "running" else {"finished": time.time()}))
+        except OSError as exc:
+            logger.warning("job %s: cannot write its report and status: %s", job.id, exc)
+    return JobResults([r for r in results if r is not None], job)
+
+
+def _earlier(latest: dict[str, dict], name: str, options: Options) -> RunResult | None:
+    """The result of an item that this run does not redo: ok before with its outputs complete (skipped), or
+    failed before (kept unless ``retry_failed``); None: run it."""
+    line = latest.get(name)
+    if line is None:
+        return None
+    if line["status"] == "ok" and outputs_complete(line["outputs"]):
+        return _from_line(line, "skipped")
+    if line["status"] == "failed" and not options.retry_failed:
+        return _from_line(line, "failed")
+    return None
+
+
+def _from_line(line: dict, status: str) -> RunResult:
+    return RunResult(
+        input=line["input"], outputs=line.get("outputs", []), windows=0, tasks=0, seconds=0.0,
+        class_pixels=line.get("class_pixels") or {}, status=status, error=line.get("error"),
+    )  # fmt: skip
+
+
+class _ItemRunner:
+    """Plans, checks, runs and records one item at a time (called from the item threads of :func:`run_items`)."""
+
+    def __init__(self, job, plan, options, begun, counts, progress, stop):
+        self.job: JobFolder = job
+        self.plan: WorkflowPlan = plan
+        self.options: Options = options
+        self.begun: set[str] = begun  # the names of the items this job began before
+        self.counts: _Progress = counts
+        self.progress: bool = progress
+        self.stop: threading.Event = stop
+        self.out_channels = 0
+        self.prepared: dict[int, tuple[InputPlan, OutputLock]] = {}  # prepared before the cluster started
+
+    def first_plannable(self, todo: list[int], results: list) -> int | None:
+        """Prepare items in order until one is ready: that one fixes the channels the network is probed with.
+        A failure here is before any work (exit 2); with ``on_error="skip"`` it is recorded and the next tried."""
+        for index in todo:
+            try:
+                self.prepared[index] = self._prepare(index)
+                return index
+            except TilemaskError as exc:
+                results[index] = self._failed(index, self.plan.items[index], exc, 0.0)
+                if self.options.on_error == "abort":
+                    raise
+        return None
+
+    def release(self) -> None:
+        """Release what was prepared and never run (the run failed before it)."""
+        for _, lock in self.prepared.values():
+            lock.release()
+        self.prepared.clear()
+
+    def _prepare(self, index: int) -> tuple[InputPlan, OutputLock]:
+        """Plan one item, take its outputs' locks and check its outputs with them held."""
+        planned = self.plan.plan_input(self.plan.items[index])
+        lock = OutputLock(self.plan.output_files(planned)).acquire()
+        try:
+            self.plan.check_item_outputs(planned, self.options.overwrite or self.plan.items[index].name in self.begun)
+        except BaseException:
+            lock.release()
+            raise
+        return planned, lock
+
+    def run(self, client: Client, index: int) -> RunResult:
+        item = self.plan.items[index]
+        start = time.perf_counter()
+        try:
+            planned, lock = self.prepared.pop(index, None) or self._prepare(index)
+            try:
+                self.job.record({"item": index, "name": item.name, "input": planned.input, "status": "started", "time": time.time()})
+                self.begun.add(item.name)
+                result = run_job(client, self.plan.job(planned, self.out_channels), self.plan, self.progress)
+            finally:
+                lock.release()
+        except Abandoned:
+            raise
+        except Exception as exc:
+            if client.status != "running":
+                raise SchedulerLost(f"lost the Dask scheduler while running {item.files[0]}") from exc
+            failed = self._failed(index, item, exc, time.perf_counter() - start)
+            if self.options.on_error == "abort":
+                if isinstance(exc, TilemaskError):
+                    exc.exit_status = 1  # found while running: a run failure, whatever its kind
+                raise
+            logger.warning("%s: failed, skipped: %s", item.files[0], failed.error)
+            return failed
+        self.job.record(_line(index, item.name, result))
+        self.counts.add("ok")
+        return result
+
+    def _failed(self, index: int, item: InputItem, exc: BaseException, seconds: float) -> RunResult:
+        error = f"{type(exc).__name__}: {first_line(exc)}" if not isinstance(exc, TilemaskError) else first_line(exc)
+        result = RunResult(input=item.files[0], outputs=[], windows=0, tasks=0, seconds=seconds, status="failed", error=error)
+        try:
+            self.job.record(_line(index, item.name, result))
+            self.counts.add("failed")
+        except OSError as record_error:  # the item's own error is the one to report
+            logger.warning("job %s: cannot record the failure of %s: %s", self.job.id, item.files[0], record_error)
+        return result
+
+
+def _line(index: int, name: str, result: RunResult) -> dict:
+    return {
+        "item": index, "name": name, "input": result.input, "status": result.status, "outputs": result.outputs,
+        "error": result.error, "seconds": round(result.seconds, 3), "windows": result.windows,
+        "class_pixels": result.class_pixels, "time": time.time(),
+    }  # fmt: skip
+
+
+@contextlib.contextmanager
+def _watch_cancel(job: JobFolder, stop: threading.Event, every: float = 0.5):
+    """Set ``stop`` once ``tilemask cancel`` has asked the job to stop."""
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(every):
+            if job.cancel_requested():
+                logger.warning("job %s: cancel requested", job.id)
+                stop.set()
+                return
+
+    thread = threading.Thread(target=watch, name="tilemask-cancel", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+class JobResults(list):
+    """A job's results, one per input in order (``status`` ok, skipped or failed), and its folder."""
+
+    def __init__(self, results: list[RunResult], job: JobFolder):
+        super().__init__(results)
+        self.job = job
+
+    def failures(self) -> str | None:
+        """The last line of a run with failed items: how many, and where the report is; None when none failed."""
+        failed = sum(r.status == "failed" for r in self)
+        return f"{failed} of {len(self)} items failed; report: {self.job.report_path}" if failed else None
+

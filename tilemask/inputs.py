@@ -1,0 +1,70 @@
+"""The inputs a workflow lists beyond paths and globs (DESIGN.md section 9): a list file, an archive's
+members, a STAC ItemCollection or catalog.  Listing opens no image: a run plans each item when it starts.
+
+* ``{list: FILE}``: one path or URL a line; blank lines and ``#`` comments are
+  skipped; relative paths resolve against the list file's folder.
+* ``{archive: FILE, members: GLOB}``: the archive's files whose name (or base
+  name) matches, read in place through GDAL's ``/vsizip/`` and ``/vsitar/``
+  (NIfTI members are extracted once to scratch, :mod:`tilemask.sources.archive`).
+* ``{stac: FILE, assets: [...]}``: one item per STAC Item, named by its id, its
+  assets stacked as bands in the order given (each asset's bands, all on one
+  grid); relative hrefs resolve against the STAC file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .errors import InputError
+from .formats import stem
+from .sources.archive import member_path, members
+from .workflow import REMOTE_PREFIXES, InputItem
+
+
+def list_items(path: str) -> list[InputItem]:
+    try:
+        lines = open(path).read().splitlines()
+    except OSError as exc:
+        raise InputError(f"input.list: cannot read {path}: {exc.strerror or exc}") from None
+    folder = os.path.dirname(path)
+    files = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not files:
+        raise InputError(f"input.list: {path} lists no input")
+    resolved = [f if f.startswith(REMOTE_PREFIXES) or os.path.isabs(f) else os.path.normpath(os.path.join(folder, f)) for f in files]
+    return [InputItem(stem(f), (f,)) for f in resolved]
+
+
+def archive_items(archive: str, pattern: str) -> list[InputItem]:
+    names = members(archive, pattern)
+    if not names:
+        raise InputError(f"input.archive: no member of {archive} matches {pattern!r}")
+    return [InputItem(stem(name), (member_path(archive, name),)) for name in names]
+
+
+def stac_items(path: str, assets: list[str]) -> list[InputItem]:
+    import pystac
+
+    try:
+        with open(path) as f:
+            kind = json.load(f).get("type")
+        if kind == "FeatureCollection":
+            items = list(pystac.ItemCollection.from_file(path))
+        elif kind == "Feature":
+            items = [pystac.Item.from_file(path)]
+        else:
+            items = list(pystac.Catalog.from_file(path).get_items(recursive=True))
+    except (OSError, ValueError, pystac.STACError) as exc:
+        raise InputError(f"input.stac: cannot read {path}: {exc}") from None
+    if not items:
+        raise InputError(f"input.stac: {path} holds no STAC Item")
+    folder = os.path.dirname(path)
+    found = []
+    for item in items:
+        missing = [name for name in assets if name not in item.assets]
+        if missing:
+            raise InputError(f"input.stac: item {item.id} has no asset {missing[0]!r} (it has {', '.join(item.assets)})")
+        hrefs = [item.assets[name].get_absolute_href() or item.assets[name].href for name in assets]
+        hrefs = [h if h.startswith(REMOTE_PREFIXES) or os.path.isabs(h) else os.path.normpath(os.path.join(folder, h)) for h in hrefs]
+        found.append(InputItem(item.id, tuple(hrefs)))
+    return found

@@ -1,0 +1,159 @@
+"""``tilemask submit``, ``status``, ``cancel`` and ``jobs``: jobs that run on a cluster without the terminal.
+
+``submit`` checks the workflow and its first input (exit 2 if invalid), creates
+the job's folder, starts :func:`tilemask.driver.drive` on the cluster as a
+task nobody waits for (``fire_and_forget``), prints the job id alone on the
+last line of stdout and exits.  The job folder is the durable record; the
+scheduler holds the live state (``lost``: it no longer knows the job).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import click
+
+from .cli import job_options, main
+from .command import TilemaskCommand
+
+
+@main.command(cls=TilemaskCommand)
+@click.argument("workflow", type=click.Path(dir_okay=False))
+@click.option("--scheduler", metavar="ADDRESS", required=True, help="The Dask scheduler the job runs on.")
+@job_options
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+def submit(workflow, scheduler, overrides, overwrite, on_error, retry_failed, job_dir, debug) -> None:
+    """Start WORKFLOW.yaml as a job on a Dask cluster and print its id; the job goes on after this exits."""
+    from distributed import fire_and_forget
+
+    from .cluster import cluster_client
+    from .driver import Options, drive, prepare
+    from .jobs import JobError, live_state
+    from .workflow import Workflow
+
+    wf = Workflow.from_yaml(workflow, overrides)
+    plan, job = prepare(wf, Options(on_error, retry_failed, overwrite), job_dir, str(Path(workflow).resolve()))
+    if plan.items:
+        plan.plan_input(plan.items[0])  # the first input opens and fits the workflow (exit 2 if not)
+    state = live_state(job)
+    if state in ("queued", "running") and job.status().get("driver"):
+        raise JobError(f"job {job.id} is {state} already; see tilemask status {job.id}")
+    key = f"tilemask-job-{job.id}-{uuid.uuid4().hex[:8]}"
+    with cluster_client(scheduler) as client:
+        job.set_status("queued", scheduler=scheduler, driver=key, submitted=time.time(), message=None)
+        future = client.submit(drive, str(job.path), key=key, pure=False, retries=0)
+        fire_and_forget(future)
+        _wait_until_known(client, key)
+    click.echo(f"submitted; follow it with: tilemask status {job.id}", err=True)
+    click.echo(job.id)
+
+
+def _wait_until_known(client, key: str, timeout: float = 30.0) -> None:
+    """The scheduler holds the driver before this process may exit."""
+    deadline = time.monotonic() + timeout
+    while not client.run_on_scheduler(_scheduler_has, key=key):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the scheduler did not take the job's driver {key} within {timeout:g} s")
+        time.sleep(0.05)
+
+
+def _scheduler_has(key: str, dask_scheduler=None) -> bool:
+    return key in dask_scheduler.tasks
+
+
+@main.command(cls=TilemaskCommand)
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+def status(job, as_json, debug) -> None:
+    """The state of JOB (an id or a job folder) and its items: queued, running, done, failed, cancelled, lost."""
+    from .jobs import find
+
+    folder = find(job)
+    summary = _summary(folder)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    counts = summary["counts"]
+    line = f"job {folder.id}: {summary['state']}, {counts['ok']} of {counts['items']} items ok, {counts['failed']} failed, {counts['pending']} pending"
+    click.echo(line)
+    if summary.get("message"):
+        click.echo(f"  {summary['message']}")
+    if Path(summary["report"]).exists():
+        click.echo(f"  report: {summary['report']}")
+
+
+def _summary(folder) -> dict:
+    from .jobs import live_state
+
+    recorded = folder.status()
+    return {
+        **recorded,
+        "job": folder.id,
+        "folder": str(folder.path),
+        "state": live_state(folder, recorded),
+        "counts": folder.counts({item["name"] for item in folder.items()}),
+        "report": str(folder.report_path),
+    }
+
+
+@main.command(cls=TilemaskCommand)
+@click.argument("job")
+@click.option("--wait", "wait_s", type=float, default=60.0, show_default=True, help="Seconds to wait for the job to stop.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+def cancel(job, wait_s, debug) -> None:
+    """Stop JOB: the items in flight are abandoned and clean up; finished items stay done."""
+    from .jobs import ACTIVE, find, live_state
+
+    folder = find(job)
+    state = live_state(folder)
+    if state not in ACTIVE:
+        if state == "lost":
+            folder.set_status("cancelled", message="cancelled after it was lost")
+        click.echo(f"job {folder.id}: {live_state(folder)}")
+        return
+    folder.request_cancel()
+    deadline = time.monotonic() + wait_s
+    while live_state(folder) in ACTIVE and time.monotonic() < deadline:
+        time.sleep(0.25)
+    state = live_state(folder)
+    if state in ACTIVE:
+        _forget_driver(folder.status())  # a driver that never started
+        folder.set_status("cancelled", message="cancelled before its driver started")
+        state = "cancelled"
+    elif state == "lost":
+        folder.set_status("cancelled", message="cancelled after it was lost")
+        state = "cancelled"
+    click.echo(f"job {folder.id}: {state}")
+
+
+def _forget_driver(status: dict) -> None:
+    from distributed import Client, Future
+
+    if not (status.get("scheduler") and status.get("driver")):
+        return
+    try:
+        with Client(status["scheduler"], timeout=5, set_as_default=False) as client:
+            client.cancel([Future(status["driver"], client)], force=True)
+    except OSError:
+        pass
+
+
+@main.command(cls=TilemaskCommand)
+@click.option("--json", "as_json", is_flag=True, help="Print the jobs as JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+def jobs(as_json, debug) -> None:
+    """The jobs this user has run or submitted, newest last: id, state, items ok / failed / total, folder."""
+    from .jobs import listed
+
+    summaries = [_summary(folder) for folder in listed()]
+    summaries.sort(key=lambda s: s.get("updated") or "")
+    if as_json:
+        click.echo(json.dumps(summaries, indent=2))
+        return
+    for s in summaries:
+        c = s["counts"]
+        click.echo(f"{s['job']}  {s['state']:<9}  {c['ok']}/{c['failed']}/{c['items']}  {s['folder']}")

@@ -1,0 +1,385 @@
+"""Jobs: every run has a folder that records what was planned and what finished (DESIGN.md section 9).
+
+``<output folder>/.tilemask/jobs/<job-id>/`` (or ``--job-dir``) holds:
+
+* ``job.json``: the id, the workflow's folder (relative paths resolve against
+  it), where the workflow came from, the options the job runs with;
+* ``workflow.yaml``: the workflow, validated and complete (the defaults written out);
+* ``items.jsonl``: the planned items, one a line (name, files, labels output);
+* ``manifest.jsonl``: append-only, fsynced, one line per finished attempt of an
+  item (``item``, ``name``, ``input``, ``status`` ok | failed, ``outputs``, ``error``,
+  ``seconds``, ``windows``, ``class_pixels``), and a ``started`` line when an
+  attempt begins, so a later attempt knows the item's outputs are this job's
+  own; a truncated last line (a crash mid-write) is dropped on reload;
+* ``status.json``: the state (queued | running | done | failed | cancelled),
+  the item counts, who runs it (host, pid, scheduler, driver key), rewritten
+  atomically; ``lost`` is not written but found by :func:`live_state`;
+* ``report.csv``: one row per item at the end of each run (ok, skipped: ok in
+  an earlier run and not redone, failed, not run);
+* ``cancel``: present when ``tilemask cancel`` asked the job to stop.
+
+The job's id is a hash of the validated workflow and its folder, so running
+the same workflow again finds the same folder and resumes.  A lock file held
+by the process that drives the job keeps a second run of it out.  Each job
+folder is also listed in ``$TILEMASK_HOME/jobs/`` (default
+``~/.local/share/tilemask``) so that ``tilemask status ID`` and ``tilemask
+jobs`` find it.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import TilemaskError
+from .formats import for_path
+
+logger = logging.getLogger(__name__)
+
+STATES = ("queued", "running", "done", "failed", "cancelled", "lost")
+ACTIVE = ("queued", "running")
+
+
+class JobError(TilemaskError):
+    """A job folder that cannot be used: unknown id, corrupt record, another process running it."""
+
+    exit_status = 2
+
+
+class JobCancelled(TilemaskError):
+    """``tilemask cancel`` stopped the job."""
+
+    exit_status = 1
+
+
+def job_id(workflow_dict: dict, base_dir: str) -> str:
+    """The same validated workflow, resolved from the same folder, is the same job."""
+    text = json.dumps({"workflow": workflow_dict, "base": base_dir}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def default_job_dir(output_path: str, base_dir: str | Path, identity: str) -> Path:
+    """``<output folder>/.tilemask/jobs/<id>``: the output folder is ``output.path`` up to its first ``{stem}``."""
+    prefix = output_path.split("{")[0]
+    folder = prefix if prefix.endswith("/") or not prefix else os.path.dirname(prefix)
+    folder_path = Path(folder or ".").expanduser()
+    if not folder_path.is_absolute():
+        folder_path = Path(base_dir) / folder_path
+    return Path(os.path.normpath(folder_path)) / ".tilemask" / "jobs" / identity
+
+
+def home() -> Path:
+    return Path(os.environ.get("TILEMASK_HOME") or Path.home() / ".local" / "share" / "tilemask")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Manifest:
+    """The manifest read back: every line in order, and the latest per item."""
+
+    lines: list[dict] = field(default_factory=list)
+
+    def latest(self) -> dict[str, dict]:
+        """Each item's last finished attempt (ok or failed), by the item's name: its index moves when a glob
+        matches more files than before."""
+        return {line["name"]: line for line in self.lines if line.get("status") in ("ok", "failed")}
+
+    def started(self) -> set[str]:
+        """The names of the items this job has begun at least once (their outputs are this job's own)."""
+        return {line["name"] for line in self.lines}
+
+
+class JobFolder:
+    """One job's folder: its record on disk and the lock of the process that runs it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).absolute()
+        self._lock_fd: int | None = None
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / "report.csv"
+
+    def exists(self) -> bool:
+        return (self.path / "job.json").is_file()
+
+    # -- creating and reading ------------------------------------------------------------------------------
+
+    def create(self, workflow_dict: dict, base_dir: str, source: str | None, options: dict, items: Iterable[dict]) -> None:
+        """Write the job's record (kept if the same job exists: the items and manifest carry over)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fresh = not self.exists()
+            info = {"id": self.id, "created": now(), "base_dir": base_dir, "workflow_file": source, "options": options}
+            if not fresh:
+                info = {**self.info(), "options": options}
+            _write_atomic(self.path / "workflow.yaml", yaml.safe_dump(workflow_dict, sort_keys=False))
+            _write_atomic(self.path / "items.jsonl", "".join(json.dumps(item) + "\n" for item in items))
+            _write_atomic(self.path / "job.json", json.dumps(info, indent=2) + "\n")
+            (self.path / "cancel").unlink(missing_ok=True)  # an earlier run's request is not this one's
+        except OSError as exc:
+            raise JobError(f"job folder {self.path} is not writable: {exc.strerror or exc}") from None
+        register(self)
+
+    def info(self) -> dict:
+        try:
+            return json.loads((self.path / "job.json").read_text())
+        except FileNotFoundError:
+            raise JobError(f"{self.path}: not a tilemask job folder (no job.json)") from None
+        except (OSError, ValueError) as exc:
+            raise JobError(f"{self.path}/job.json: unreadable: {exc}") from None
+
+    def workflow(self):
+        """The job's workflow, resolved against the folder it was written for."""
+        from .workflow import Workflow
+
+        raw = yaml.safe_load((self.path / "workflow.yaml").read_text())
+        return Workflow.from_dict(raw, base_dir=self.info()["base_dir"])
+
+    def items(self) -> list[dict]:
+        return [json.loads(line) for line in _lines(self.path / "items.jsonl")]
+
+    # -- the manifest ----------------------------------------------------------------------------------------
+
+    def manifest(self) -> Manifest:
+        """The manifest's lines; a truncated last line (a crash mid-write) is dropped, here and on disk."""
+        path = self.path / "manifest.jsonl"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return Manifest()
+        whole, _, partial = data.rpartition(b"\n")
+        if partial:
+            logger.warning("%s: dropped a truncated last line", path)
+            with open(path, "r+b") as f:
+                f.truncate(len(whole) + 1 if whole else 0)
+        lines = []
+        for number, text in enumerate(whole.decode().splitlines(), 1):
+            try:
+                lines.append(json.loads(text))
+            except ValueError:
+                raise JobError(f"{path} line {number} is not JSON; the manifest is damaged") from None
+        return Manifest(lines)
+
+    def record(self, line: dict) -> None:
+        """Append one line to the manifest and fsync it: once this returns, the line survives a crash."""
+        path = self.path / "manifest.jsonl"
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def reset(self) -> None:
+        """Forget every attempt (``--overwrite``: every item is redone)."""
+        for name in ("manifest.jsonl", "report.csv", "cancel"):
+            (self.path / name).unlink(missing_ok=True)
+
+    # -- status, cancel, report -------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        try:
+            return json.loads((self.path / "status.json").read_text())
+        except FileNotFoundError:
+            return {"job": self.id, "state": "queued"}
+        except ValueError as exc:
+            raise JobError(f"{self.path}/status.json: unreadable: {exc}") from None
+
+    def set_status(self, state: str, **fields) -> None:
+        status = {**self.status(), **fields, "job": self.id, "state": state, "folder": str(self.path), "updated": now()}
+        _write_atomic(self.path / "status.json", json.dumps(status, indent=2) + "\n")
+
+    def cancel_requested(self) -> bool:
+        return (self.path / "cancel").exists()
+
+    def request_cancel(self) -> None:
+        (self.path / "cancel").write_text(now() + "\n")
+
+    def counts(self, names: set[str]) -> dict[str, int]:
+        """How many of the items ``names`` are ok, failed and pending."""
+        total = len(names)
+        latest = {name: line for name, line in self.manifest().latest().items() if name in names}
+        ok = sum(1 for line in latest.values() if line["status"] == "ok")
+        failed = len(latest) - ok
+        return {"items": total, "ok": ok, "failed": failed, "pending": total - ok - failed}
+
+    def write_report(self, items: list[dict], skipped: set[str]) -> Path:
+        """``report.csv``: each item's latest attempt (ok, skipped, failed) or ``not run``."""
+        latest = self.manifest().latest()
+        rows = []
+        for item in items:
+            line = latest.get(item["name"], {})
+            status = line.get("status", "not run")
+            if status == "ok" and item["name"] in skipped:
+                status = "skipped"
+            rows.append({
+                "item": item["item"], "name": item["name"], "input": ";".join(item["files"]), "status": status,
+                "outputs": ";".join(line.get("outputs", [])), "error": line.get("error") or "",
+                "seconds": line.get("seconds", ""), "windows": line.get("windows", ""),
+                "class_pixels": json.dumps(line["class_pixels"]) if line.get("class_pixels") else "",
+            })  # fmt: skip
+        staged = self.report_path.with_suffix(".csv.tmp")
+        with open(staged, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["item"])
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(staged, self.report_path)
+        return self.report_path
+
+    # -- one driver at a time --------------------------------------------------------------------------------
+
+    def acquire(self) -> JobFolder:
+        """Take the job's lock, or refuse: another process runs this job."""
+        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise JobError(f"job {self.id} is running in another process; see tilemask status {self.id}") from None
+            raise
+        self._lock_fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> JobFolder:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def outputs_complete(outputs: list[str]) -> bool:
+    """Whether every output of an item exists, and each label output is a finished tilemask output."""
+    for path in outputs:
+        if not os.path.lexists(path):
+            return False
+        fmt = for_path(path)
+        if fmt.writable and not (fmt.written_by_tilemask(path) and fmt.is_complete(path)):
+            return False
+    return True
+
+
+# -- finding jobs ---------------------------------------------------------------------------------------------
+
+
+def register(job: JobFolder) -> None:
+    """List the job in ``$TILEMASK_HOME/jobs`` (best effort: the folder is the record)."""
+    try:
+        index = home() / "jobs"
+        index.mkdir(parents=True, exist_ok=True)
+        _write_atomic(index / job.id, str(job.path) + "\n")
+    except OSError as exc:
+        logger.warning("cannot list job %s in %s: %s", job.id, home(), exc)
+
+
+def find(job: str) -> JobFolder:
+    """A job by folder or by id (listed in ``$TILEMASK_HOME/jobs``)."""
+    if os.sep in job or Path(job).is_dir():
+        folder = JobFolder(job)
+    else:
+        entry = home() / "jobs" / job
+        if not entry.is_file():
+            raise JobError(f"no job {job!r} (give its id from tilemask jobs, or its folder)")
+        folder = JobFolder(entry.read_text().strip())
+    if not folder.exists():
+        raise JobError(f"{folder.path}: not a tilemask job folder (no job.json)")
+    return folder
+
+
+def listed() -> Iterator[JobFolder]:
+    index = home() / "jobs"
+    for entry in sorted(index.iterdir()) if index.is_dir() else ():
+        folder = JobFolder(entry.read_text().strip())
+        if folder.exists():
+            yield folder
+
+
+def live_state(job: JobFolder, status: dict | None = None, timeout: float = 5.0) -> str:
+    """The recorded state, or ``lost`` when it says queued or running but nothing runs the job any more:
+    the scheduler that held its driver is gone or no longer knows it, or the process that ran it on this
+    host has exited."""
+    status = job.status() if status is None else status
+    state = status.get("state", "queued")
+    if state not in ACTIVE:
+        return state
+    if status.get("driver") and status.get("scheduler"):
+        return state if driver_known(status["scheduler"], status["driver"], timeout) else "lost"
+    if status.get("host") == socket.gethostname() and status.get("pid"):
+        return state if _pid_alive(int(status["pid"])) and _holds_lock(job) else "lost"
+    return state
+
+
+def driver_known(address: str, key: str, timeout: float) -> bool:
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=timeout, set_as_default=False) as client:
+            return bool(client.run_on_scheduler(_scheduler_knows, key=key))
+    except OSError:
+        return False
+
+
+def _scheduler_knows(key: str, dask_scheduler=None) -> bool:
+    task = dask_scheduler.tasks.get(key)
+    return task is not None and task.state not in ("forgotten", "erred", "memory")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _holds_lock(job: JobFolder) -> bool:
+    """Whether some process holds the job's lock (a pid can be reused; the lock cannot outlive its process)."""
+    try:
+        fd = os.open(job.path / "lock", os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return [line for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    staged = path.with_name(f".{path.name}.tmp")
+    staged.write_text(text)
+    os.replace(staged, path)
