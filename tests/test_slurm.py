@@ -1,0 +1,129 @@
+"""``tilemask run --cluster slurm`` on a real single-node SLURM (Debian's ``slurm-wlm`` and ``munge``):
+``slurmctld`` and ``slurmd`` on loopback with free ports, started and stopped here.  Slow."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import yaml
+
+import tilemask
+from tilemask import Workflow
+
+from .conftest import REPO, _free_port, run_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def _need(program: str) -> str:
+    path = shutil.which(program) or (f"/usr/sbin/{program}" if os.path.exists(f"/usr/sbin/{program}") else None)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{program} is not installed (.ci/run installs slurm-wlm and munge)")
+        pytest.skip(f"{program} is not installed (apt-get install slurm-wlm munge)")
+    return path
+
+
+@pytest.fixture
+def slurm(tmp_path):
+    """munged (if not running), slurmctld and slurmd on 127.0.0.1; yields the environment to reach them."""
+    munged, slurmctld, slurmd = _need("munged"), _need("slurmctld"), _need("slurmd")
+    if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0:
+        os.makedirs("/run/munge", exist_ok=True)
+        subprocess.run([munged, "--force"], check=True)
+    root = tmp_path / "slurm"
+    for sub in ("state", "spool"):
+        (root / sub).mkdir(parents=True)
+    host = socket.gethostname()
+    conf = root / "slurm.conf"
+    conf.write_text("\n".join([
+        "ClusterName=tilemask", f"SlurmctldHost={host}(127.0.0.1)", "SlurmUser=root", "SlurmdUser=root",
+        f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}", "AuthType=auth/munge", "CredType=cred/munge",
+        f"StateSaveLocation={root}/state", f"SlurmdSpoolDir={root}/spool",
+        f"SlurmctldPidFile={root}/slurmctld.pid", f"SlurmdPidFile={root}/slurmd.pid",
+        f"SlurmctldLogFile={root}/slurmctld.log", f"SlurmdLogFile={root}/slurmd.log",
+        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
+        "SelectTypeParameters=CR_Core", "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/none",
+        "JobAcctGatherType=jobacct_gather/none", "MpiDefault=none", "ReturnToService=2",
+        f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=8000 State=UNKNOWN",
+        "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP", "",
+    ]))  # fmt: skip
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    daemons = [
+        subprocess.Popen([slurmctld, "-D", "-f", conf], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([slurmd, "-D", "-f", conf], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while "idle" not in subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"SLURM did not come up; logs in {root}")
+            time.sleep(0.5)
+        yield env
+    finally:
+        subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True)
+        for daemon in daemons:
+            daemon.send_signal(signal.SIGTERM)
+        for daemon in daemons:
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+
+
+def test_a_run_on_slurm_workers_equals_the_embedded_cluster(slurm, tmp_path, client):
+    config = tmp_path / "dask-config"
+    config.mkdir()
+    logs = tmp_path / "slurm-logs"
+    (config / "jobqueue.yaml").write_text(yaml.safe_dump({"jobqueue": {"slurm": {
+        "cores": 1, "processes": 1, "memory": "2GB", "walltime": "00:10:00", "python": sys.executable,
+        "scheduler-options": {"host": "127.0.0.1"}, "worker-extra-args": ["--host", "127.0.0.1"],
+        "log-directory": str(logs), "local-directory": str(tmp_path / "scratch"),
+    }}}))  # fmt: skip
+    workflow = yaml.safe_load((REPO / "workflows" / "demo_landsat.yaml").read_text())
+    workflow["input"] = str(REPO / "workflows" / "demo" / "RGB.byte.tif")
+    workflow["model"]["weights"] = str(REPO / "workflows" / "demo" / "landsat_water_land_cloud.pt")
+    workflow["inference"]["device"] = "cpu"
+    workflow["output"] = {"path": "slurm/{stem}_mask.tif", "chunks": 256}
+    path = tmp_path / "workflow.yaml"
+    path.write_text(yaml.safe_dump(workflow))
+
+    done = run_cli("run", path, "--cluster", "slurm", "--workers", "2", "--quiet", cwd=tmp_path, env={**slurm, "DASK_CONFIG": str(config)})
+    assert done.returncode == 0, done.stderr
+    worker_logs = sorted(logs.glob("*.err"))
+    assert len(worker_logs) == 2, "two SLURM jobs, one worker each"
+    assert all("Start worker" in log.read_text() for log in worker_logs)
+    queue = subprocess.run(["squeue", "-h"], env=slurm, capture_output=True, text=True)
+    assert queue.stdout.strip() == "", "the jobs are cancelled when the run ends"
+
+    local = Workflow.from_dict({**workflow, "output": {"path": "local/{stem}_mask.tif", "chunks": 256}}, base_dir=tmp_path)
+    (expected,) = tilemask.run(local, client)
+    with rasterio.open(tmp_path / "slurm" / "RGB.byte_mask.tif") as a, rasterio.open(expected.outputs[0]) as b:
+        np.testing.assert_array_equal(a.read(1), b.read(1))
+
+
+def test_slurm_without_jobqueue_settings_is_a_one_line_usage_error(tmp_path):
+    config = tmp_path / "dask-config"
+    config.mkdir()
+    (config / "jobqueue.yaml").write_text(yaml.safe_dump({"jobqueue": {"slurm": {"cores": None, "memory": None}}}))
+    workflow = yaml.safe_load((REPO / "workflows" / "demo_landsat.yaml").read_text())
+    workflow["input"] = str(REPO / "workflows" / "demo" / "RGB.byte.tif")
+    workflow["model"]["weights"] = str(REPO / "workflows" / "demo" / "landsat_water_land_cloud.pt")
+    workflow["output"] = {"path": "out/{stem}_mask.tif"}
+    path = tmp_path / "workflow.yaml"
+    path.write_text(yaml.safe_dump(workflow))
+    done = run_cli("run", path, "--cluster", "slurm", "--quiet", cwd=tmp_path, env={"DASK_CONFIG": str(config)})
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("tilemask: error: --cluster slurm:") and "jobqueue.slurm" in line
+    assert not Path(tmp_path / "out" / "RGB.byte_mask.tif").exists()
