@@ -1,7 +1,7 @@
 """Batches: a zip archive of small real scenes, and the scheduler's load with 100,000 inputs listed.
 
-    python benchmarks/bench_batch.py                       # 1,000 scenes, then 100,000 listed inputs for 60 s
-    python benchmarks/bench_batch.py --scenes 200 --listed 0
+    python benchmarks/bench_batch.py        # 1,000 scenes; 100,000 listed inputs for 60 s; 16384^2 interrupted
+    python benchmarks/bench_batch.py --scenes 200 --listed 0 --resume 0
 
 * **archive**: ``--scenes`` crops of 512 x 512 x 3 from the demo's Landsat scene
   (``workflows/demo/RGB.byte.tif``, shifted and flipped so no two are alike),
@@ -13,6 +13,9 @@
   before issue 11, ``DASK_TILEMASK__ITEMS_IN_FLIGHT=1``); and a plain MONAI loop
   in one process reading the same members through ``/vsizip/`` and writing a
   tiled GeoTIFF each.
+* **resume**: a ``--resume``^2 raster (``benchmarks/bench_engine.py``'s, its
+  UNet 16-32-64-128) interrupted with SIGINT once half its output chunks are
+  written, then run again: the windows the resumed run predicted.
 * **listed**: ``--listed`` inputs (symbolic links to one 256 x 256 scene) in an
   ``input: {list: ...}`` file, run on an external ``dask scheduler`` with one
   worker for ``--seconds``, then cancelled with ``tilemask cancel``: the time to
@@ -200,19 +203,69 @@ def scheduler_benchmark(work: Path, listed: int, seconds: float) -> None:
                 proc.wait(timeout=60)
 
 
+def resume_benchmark(work: Path, size: int) -> None:
+    """A ``size``^2 run interrupted (SIGINT) once half its chunks are written, then run again."""
+    from bench_engine import ARGS, BATCH, CHUNKS, MEAN, OVERLAP, ROI, STD, make_raster, network
+
+    import torch
+
+    raster = work / f"raster{size}.tif"
+    if not raster.exists():
+        make_raster(raster, size)
+    torch.save(network().state_dict(), work / "unet.pt")
+    workflow = {
+        "version": 1, "input": str(raster),
+        "model": {"network": "UNet", "args": ARGS, "weights": str(work / "unet.pt")},
+        "preprocess": {"normalize": {"mean": [MEAN] * 3, "std": [STD] * 3}},
+        "inference": {"roi_size": [ROI, ROI], "overlap": OVERLAP, "batch_size": BATCH, "device": "cpu"},
+        "output": {"path": "resume/{stem}_mask.tif", "chunks": CHUNKS, "quicklook": False},
+    }  # fmt: skip
+    (work / "resume.json").write_text(json.dumps(workflow))
+    shutil.rmtree(work / "resume", ignore_errors=True)
+    chunks = -(-size // CHUNKS) ** 2
+    command = [str(BIN / "tilemask"), "run", "--quiet", str(work / "resume.json")]
+    start = time.perf_counter()
+    first = subprocess.Popen(command, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ledger = work / "resume"
+    while len(list(ledger.glob(".tilemask-*.done/*_*.json"))) < chunks // 2:
+        if first.poll() is not None:
+            sys.exit(f"the run ended before half its chunks were written: {first.stderr.read()[-2000:]}")
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGINT)
+    first.communicate(timeout=300)
+    interrupted = time.perf_counter() - start
+    written = len(list(ledger.glob(".tilemask-*.done/*_*.json")))
+    start = time.perf_counter()
+    resumed = subprocess.run(command, cwd=work, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if resumed.returncode:
+        sys.exit(f"the resumed run failed: {resumed.stderr[-2000:]}")
+    windows = int(resumed.stdout.split(" windows in ")[0].rsplit(" ", 1)[1])
+    from tilemask.geometry import WindowPlan
+
+    total = WindowPlan.build((size, size), [ROI, ROI], OVERLAP, CHUNKS).n_windows
+    print(f"\n{size}^2 (UNet 16-32-64-128, roi {ROI}, chunks {CHUNKS}): interrupted after {interrupted:.0f} s with "
+          f"{written} of {chunks} chunks written; the resumed run predicted {windows} of {total} windows "
+          f"({windows / total:.0%}) in {wall:.0f} s")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenes", type=int, default=1000)
     parser.add_argument("--listed", type=int, default=100_000)
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--resume", type=int, default=16384, help="size of the raster interrupted and resumed (0: skip)")
     parser.add_argument("--dir", default=None)
     args = parser.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="tilemask-batch-"))
+    work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {os.cpu_count()} cores; work folder {work}")
     if args.scenes:
         archive_benchmark(work, args.scenes)
     if args.listed:
         scheduler_benchmark(work, args.listed, args.seconds)
+    if args.resume:
+        resume_benchmark(work, args.resume)
 
 
 if __name__ == "__main__":

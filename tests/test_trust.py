@@ -237,7 +237,41 @@ def test_interrupts_exit_130_leave_nothing_and_print_one_line(big_run, tmp_path,
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert one_line(stderr) == "tilemask: interrupted"
-    assert outputs_in(out) == [], "an interrupted run leaves nothing"
+    assert only_staged_by_its_job(out), "an interrupted run leaves nothing but its job's staged chunks"
+
+
+def only_staged_by_its_job(out: Path) -> bool:
+    """Nothing in ``out`` but the job's record and the hidden chunks its next run resumes from."""
+    (job,) = [p.name for p in (out / ".tilemask" / "jobs").iterdir()]
+    left = outputs_in(out)
+    return bool(left) and all(name.startswith(f".tilemask-{job}-") for name in left)
+
+
+@pytest.mark.slow
+def test_an_interrupted_input_resumes_writing_only_the_chunks_it_had_not_written(big_run, tmp_path):
+    wf = big_run()
+    proc = start(["run", wf, "--quiet"], tmp_path)
+    out = tmp_path / "out"
+    done = lambda: [p for p in out.glob(".tilemask-*.done/*_*.json")]  # noqa: E731
+    wait_for(lambda: len(done()) >= 5, what="five chunks written", proc=proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    written = len(done())
+    assert 5 <= written < 16 and only_staged_by_its_job(out)
+
+    resumed = run_cli("run", wf, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    windows = int(resumed.stdout.split(" windows in ")[0].rsplit(" ", 1)[1])
+    assert 0 < windows <= 256 - 16 * written, resumed.stdout  # a chunk of 1024 owns 16 windows of 256
+    assert hidden(out) == [] and sorted(outputs_in(out)) == ["big_mask.tif", "big_mask.tif.aux.xml", "big_mask_probabilities.tif"]
+
+    clean = run_cli("run", wf, "--quiet", "--set", "output.path=clean/{stem}_mask.tif")
+    assert clean.returncode == 0, clean.stderr
+    for name in ("big_mask.tif", "big_mask_probabilities.tif"):
+        with rasterio.open(out / name) as a, rasterio.open(tmp_path / "clean" / name) as b:
+            np.testing.assert_array_equal(a.read(), b.read(), err_msg=name)
+    assert resumed.stdout.split("[")[1] == clean.stdout.split("[")[1], "class totals count the chunks written before"
 
 
 def test_chunks_larger_than_the_image_are_clipped_and_booleans_refused(make_raster, make_model, write_workflow, tmp_path):

@@ -174,11 +174,12 @@ def drive_job(
     ``driver``: the key of the detached driver's task running this (``tilemask status`` asks the scheduler)."""
     if options.overwrite:
         job.reset()
+    plan.job_id = job.id  # outputs staged under the job's id, kept when interrupted, resumed by its next run
     manifest = job.manifest()
     items = plan.items
     results: list[RunResult | None] = [None] * len(items)
     counts = _Progress(job, {"items": len(items)})
-    skipped: set[int] = set()
+    skipped: set[str] = set()
     todo = []
     latest = manifest.latest()
     for index, item in enumerate(items):
@@ -298,7 +299,8 @@ class _ItemRunner:
     def _prepare(self, index: int) -> tuple[InputPlan, OutputLock]:
         """Plan one item, take its outputs' locks and check its outputs with them held."""
         planned = self.plan.plan_input(self.plan.items[index])
-        lock = OutputLock(self.plan.output_files(planned)).acquire()
+        keep = None if self.options.overwrite else self.job.id  # what this job staged before is resumed
+        lock = OutputLock(self.plan.output_files(planned), keep=keep).acquire()
         try:
             self.plan.check_item_outputs(planned, self.options.overwrite or self.plan.items[index].name in self.begun)
         except BaseException:

@@ -35,10 +35,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
+import os
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -48,11 +51,12 @@ from dask.base import tokenize
 from distributed import Client
 
 from . import timing
-from .cluster import cancel_and_drain, completed, gather, not_abandoned
+from .cluster import Abandoned, cancel_and_drain, completed, gather, not_abandoned
 from .errors import OutputError, RunError, TilemaskError
 from .finalize import class_histogram, finalize
 from .geometry import Block, Region
 from .interrupts import shielded
+from .outputs import remove
 from .planning import Inversion, Job, WorkflowPlan
 from .preprocess import Preprocessing
 from .products import write_products
@@ -60,7 +64,7 @@ from .progress import stage, window_progress
 from .settings import Finishing, InferenceSettings, ModelSpec
 from .sinks import LabelSink
 from .sinks.zarr import ZarrSink
-from .sources import ImageSource
+from .sources import ImageSource, file_stamp
 from .stats.config import PostprocessConfig
 from .stitch import Partial, cut, overlap_add
 
@@ -96,6 +100,7 @@ class Shared:
     preprocessing: Preprocessing
     finishing: Finishing
     sink: LabelSink
+    ledger: str | None = None  # the folder recording each chunk written (see :class:`Ledger`)
 
 
 def predict(block: Block, shared: Shared) -> Partial:
@@ -110,7 +115,7 @@ def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int) 
 
 # -- the graph ------------------------------------------------------------------------------------
 
-def build_graph(job: Job) -> tuple[dict, dict[tuple, Block], dict[tuple, list[tuple]]]:
+def build_graph(job: Job, written: Collection[tuple[int, ...]] = ()) -> tuple[dict, dict[tuple, Block], dict[tuple, list[tuple]]]:
     """The task graph, the block of each predict key, and the dependencies of each key the client holds.
 
     Three layers: ``predict`` (one per block: its windows' weighted sums over the
@@ -120,24 +125,32 @@ def build_graph(job: Job) -> tuple[dict, dict[tuple, Block], dict[tuple, list[tu
     chunk: its own block's sums plus its neighbours' halos, then blend, label and
     write).  Memory then holds whole partials only for blocks in flight, and the
     thin halo strips along the frontier of finished chunks.
+
+    Chunks in ``written`` (by an interrupted run of the same job) get no task,
+    nor do the blocks and halos only they need.
     """
     token = tokenize(job.input, job.plan, job.model, job.settings, job.finishing, job.sink.path, job.sink.layout.run_id)
     names = {layer: f"tilemask-{layer}-{token}" for layer in ("predict", "halo", "chunk")}
     shared = f"tilemask-shared-{token}"
     plan = job.plan
-    graph: dict = {shared: Shared(job.source, job.model, job.settings, job.preprocessing, job.finishing, job.sink)}
+    graph: dict = {shared: Shared(job.source, job.model, job.settings, job.preprocessing, job.finishing, job.sink, job.ledger)}
     blocks: dict[tuple, Block] = {}
     deps: dict[tuple, list[tuple]] = {}
+    written = set(written)
+    todo = [index for index in plan.chunk_indexes() if index not in written]
+    needed = {b for index in todo for b in plan.sources_of(index)} if written else None
     for index in plan.block_indexes():
+        if needed is not None and index not in needed:
+            continue
         key = (names["predict"], *index)
         blocks[key] = plan.block(index)
         graph[key] = (predict, blocks[key], shared)
         deps[key] = []
-        others = {c: plan.chunk_region(c) for c in plan.chunks_overlapping(blocks[key].region) if c != index}
+        others = {c: plan.chunk_region(c) for c in plan.chunks_overlapping(blocks[key].region) if c != index and c not in written}
         if others:
             deps[(names["halo"], *index)] = [key]
             graph[(names["halo"], *index)] = (cut, key, others)
-    for index in plan.chunk_indexes():
+    for index in todo:
         key = (names["chunk"], *index)
         own = (names["predict"], *index) if (names["predict"], *index) in blocks else None
         halos = [(names["halo"], *b) for b in plan.sources_of(index) if b != index]
@@ -159,7 +172,48 @@ def finish_chunk(
         labels, probabilities, histogram = finalize(weighted, weights, valid, shared.finishing)
     with timing.timed("write"):
         write_chunk(shared.sink, region, labels, probabilities)
+        if shared.ledger:
+            Ledger(shared.ledger).record(index, histogram)
     return histogram
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """The chunks of a job's output written so far: one small file per chunk, ``<i>_<j>[_<k>].json`` holding
+    its class histogram, written (atomically) once the chunk is.  A run that is interrupted (Ctrl-C, a cancel,
+    a lost scheduler, a killed process) keeps its staged output and this folder; the job's next run reopens
+    them and writes only the other chunks."""
+
+    folder: str
+
+    def record(self, index: tuple[int, ...], histogram: np.ndarray) -> None:
+        path = os.path.join(self.folder, "_".join(map(str, index)) + ".json")
+        staged = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(staged, "w") as f:
+            json.dump([int(v) for v in histogram], f)
+        os.replace(staged, path)
+
+    def written(self) -> dict[tuple[int, ...], np.ndarray]:
+        found = {}
+        for name in os.listdir(self.folder) if os.path.isdir(self.folder) else ():
+            if name.endswith(".json") and name != "input.json":
+                with open(os.path.join(self.folder, name)) as f:
+                    found[tuple(int(v) for v in name[:-5].split("_"))] = np.asarray(json.load(f), np.int64)
+        return found
+
+    def stamp(self) -> list | None:
+        """The input's ``(mtime_ns, size)`` when this record was begun."""
+        try:
+            with open(os.path.join(self.folder, "input.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def clear(self, stamp: list) -> None:
+        remove(self.folder)
+        os.makedirs(self.folder, exist_ok=True)
+        with open(os.path.join(self.folder, "input.json"), "w") as f:
+            json.dump(stamp, f)
 
 def write_chunk(sink: LabelSink, region: Region, labels: np.ndarray, probabilities: np.ndarray | None) -> None:
     """``sink.write`` after checking the shapes, with storage errors named as one :class:`OutputError`."""
@@ -178,14 +232,18 @@ def write_chunk(sink: LabelSink, region: Region, labels: np.ndarray, probabiliti
 def execute(client: Client, job: Job, progress: bool = True) -> RunResult:
     """Run one job on the cluster: write the output, or remove it and raise."""
     start = time.perf_counter()
-    graph, blocks, deps = build_graph(job)
-    consumers = Counter(d for ds in deps.values() for d in ds)
-    totals = np.zeros(job.finishing.n_classes, np.int64)
     held: dict = {}
     try:
-        job.sink.create()
+        written = _reopen(job)
+        graph, blocks, deps = build_graph(job, written)
+        consumers = Counter(d for ds in deps.values() for d in ds)
+        totals = np.sum([np.zeros(job.finishing.n_classes, np.int64), *written.values()], axis=0)
+        windows = sum(block.n_windows for block in blocks.values())
+        if written:
+            logger.info("%s: resuming: %d chunks written before; %d of %d windows to predict",
+                        job.input, len(written), windows, job.plan.n_windows)  # fmt: skip
         held = dict(zip(deps, client.get(graph, list(deps), sync=False)))
-        with window_progress(job.plan.n_windows, Path(job.input).name, enabled=progress) as advance:
+        with window_progress(windows, Path(job.input).name, enabled=progress) as advance:
             for future in completed(client, list(held.values())):
                 if future.status == "error":
                     future.result()  # raises the task's exception
@@ -204,20 +262,45 @@ def execute(client: Client, job: Job, progress: bool = True) -> RunResult:
         with stage(f"{Path(job.input).name}: making {Path(job.sink.path).name} whole", enabled=progress):
             outputs = finish_and_publish(client, job.sink, held)
         commit_seconds = time.perf_counter() - committing
-    except BaseException:
+    except BaseException as exc:
         with shielded():  # no abort while any task, the commit included, may still write
             cancel_and_drain(client, list(held.values()))
-            job.sink.abort()
+            if not (job.ledger and interrupted(exc, client)):  # an interrupted job keeps what it wrote
+                job.sink.abort()
+                if job.ledger:
+                    remove(job.ledger)
         raise
+    if job.ledger:
+        remove(job.ledger)
     return RunResult(
         input=job.input,
         outputs=outputs,
-        windows=job.plan.n_windows,
+        windows=windows,
         tasks=len(graph),
         seconds=time.perf_counter() - start,
         class_pixels=dict(zip(job.sink.layout.class_names, map(int, totals))),
         commit_seconds=commit_seconds,
     )
+
+def _reopen(job: Job) -> dict[tuple[int, ...], np.ndarray]:
+    """Create the job's output, or reopen what an interrupted run of the same job staged: the chunks it
+    wrote, with their class histograms (empty: start from nothing)."""
+    stamp = list(file_stamp(job.input))  # the input as it was: a replaced input starts over
+    if job.ledger and job.sink.resumable and job.sink.reopen() and Ledger(job.ledger).stamp() == stamp:
+        written = Ledger(job.ledger).written()
+        if written:
+            return written
+    job.sink.create()
+    if job.ledger:
+        Ledger(job.ledger).clear(stamp)
+    return {}
+
+
+def interrupted(exc: BaseException, client: Client) -> bool:
+    """Whether the run was stopped rather than failed: Ctrl-C, SIGTERM, a cancel, another item's failure, or
+    the scheduler lost.  Its chunks are whole and worth keeping."""
+    return isinstance(exc, (KeyboardInterrupt, Abandoned)) or client.status != "running"
+
 
 def finish_and_publish(client: Client, sink: LabelSink, held: dict) -> list[str]:
     """Make the output whole on a worker (which sees the output folder), then rename it into place.

@@ -47,8 +47,9 @@ def staged_path(path: str | os.PathLike, run_id: str) -> str:
 
 
 ASIDE = ".old"  # an output renamed aside while a new one takes its place
-STAGING_SUFFIXES = ("", ".parts", ".raw.zarr", ".raw.nii", ".labels.zarr", ".aux.xml", ".ovr.tmp", ".msk", ASIDE)
-"""What runs of one output stage beside it: the output itself, COG pieces, a raw intermediate, sidecars."""
+STAGING_SUFFIXES = ("", ".parts", ".raw.zarr", ".raw.nii", ".labels.zarr", ".aux.xml", ".ovr.tmp", ".msk", ".done", ASIDE)
+"""What runs of one output stage beside it: the output itself, COG pieces, a raw intermediate, sidecars, the
+record of the chunks a job has written (``.done``, kept for the job's next run to resume)."""
 
 
 def leftovers(path: str | os.PathLike) -> list[Path]:
@@ -178,9 +179,10 @@ class OutputLock:
     and puts back an older output that a half-done :func:`publish` set aside.
     """
 
-    def __init__(self, files: list[str]):
+    def __init__(self, files: list[str], keep: str | None = None):
         self.files = [f.rstrip("/") for f in files]
         self.held: list[tuple[Path, int]] = []
+        self.keep = keep  # the run id whose staged files are not leftovers: the job resuming them
 
     @staticmethod
     def lock_path(path: str) -> Path:
@@ -195,7 +197,7 @@ class OutputLock:
             self.release()
             raise
         for path in self.files:
-            recover(path)
+            recover(path, self.keep)
         return self
 
     def _take(self, path: str) -> tuple[Path, int]:
@@ -235,10 +237,12 @@ class OutputLock:
         self.release()
 
 
-def recover(path: str) -> None:
-    """With ``path``'s lock held: remove what killed runs left, and put back an output set aside by
-    a :func:`publish` that died between its two renames."""
+def recover(path: str, keep: str | None = None) -> None:
+    """With ``path``'s lock held: remove what killed runs left (but what run ``keep`` staged: a job resuming
+    its own pieces), and put back an output set aside by a :func:`publish` that died between its two renames."""
     for leftover in leftovers(path):
+        if keep and leftover.name.startswith(f"{PREFIX}{keep}-") and not leftover.name.endswith(ASIDE):
+            continue
         if leftover.name.endswith(ASIDE) and not os.path.lexists(path):
             logger.warning("restoring %s, set aside by an interrupted run", path)
             os.replace(leftover, path)

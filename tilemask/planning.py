@@ -36,7 +36,7 @@ from .classes import class_name
 from .errors import InputError, WeightsError, WorkflowError
 from .formats import for_output, for_path
 from .geometry import VolumeGeometry, WindowPlan, normalize_per_axis
-from .outputs import check_outputs, new_run_id
+from .outputs import check_outputs, new_run_id, staged_path
 from .preprocess import Intensity, Preprocessing
 from .settings import Finishing, InferenceSettings, ModelSpec
 from .sinks import LabelSink, OutputLayout, make_sink
@@ -107,6 +107,7 @@ class Job:
     sink: LabelSink  # on the output grid: the input's when ``back`` is set
     products: Products = field(default_factory=Products)
     back: Inversion | None = None  # predict on the model grid (``source``, ``plan``), then resample back
+    ledger: str | None = None  # a job's record of the chunks written, kept to resume (:class:`tilemask.engine.Ledger`)
 
     @property
     def output_plan(self) -> WindowPlan:
@@ -143,6 +144,7 @@ class WorkflowPlan:
     postprocess: PostprocessConfig | None
     inputs: list[InputPlan] = field(default_factory=list)  # planned so far, in the order planned
     classes: tuple[int, tuple[str, ...]] | None = None  # (n_classes, names), once the network is probed
+    job_id: str | None = None  # the job this plan runs in: its outputs are staged under this id, to resume
 
     @property
     def in_channels(self) -> int:
@@ -212,7 +214,7 @@ class WorkflowPlan:
             reference=item.input,
             nodata=finishing.nodata,
             metadata={"version": __version__, "workflow": workflow.to_dict(), "input": item.input},
-            run_id=new_run_id(),
+            run_id=self.job_id or new_run_id(),
             dicomweb=workflow.output.dicomweb,
         )
         products = item.products
@@ -221,6 +223,8 @@ class WorkflowPlan:
                 products.vectors, products.quicklook, products.quicklook_bands,
                 products.stats.model_copy(update={"classes": list(names)}),
             )  # fmt: skip
+        sink = make_sink(item.output, layout)
+        resumable = self.job_id and sink.resumable and item.back is None and self.postprocess is None
         return Job(
             input=item.input,
             source=source,
@@ -229,9 +233,10 @@ class WorkflowPlan:
             settings=self.settings,
             preprocessing=self.preprocessing,
             finishing=finishing,
-            sink=make_sink(item.output, layout),
+            sink=sink,
             products=products,
             back=item.back,
+            ledger=staged_path(item.output, self.job_id) + ".done" if resumable else None,
         )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -59,6 +60,7 @@ class LabelSink(ABC):
 
     path: str
     layout: OutputLayout
+    resumable: ClassVar[bool] = False  # chunks a run wrote survive its interruption (:meth:`reopen`)
 
     @abstractmethod
     def create(self) -> None:
@@ -85,6 +87,11 @@ class LabelSink(ABC):
     @abstractmethod
     def abort(self) -> None:
         """Remove whatever a failed run staged (client, once no task still writes)."""
+
+    def reopen(self) -> bool:
+        """Keep what an interrupted run of the same job staged, if it is there, and say so; chunks it wrote
+        are then not written again (:func:`tilemask.engine.execute`).  False: this format starts over."""
+        return False
 
 
 def make_sink(path: str, layout: OutputLayout) -> LabelSink:

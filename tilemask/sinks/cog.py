@@ -33,6 +33,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
@@ -111,6 +112,7 @@ class CogSink(LabelSink):
 
     path: str
     layout: OutputLayout
+    resumable: ClassVar[bool] = True
 
     @property
     def parts(self) -> str:
@@ -169,6 +171,9 @@ class CogSink(LabelSink):
         for raster in self.rasters:
             if raster is not None:
                 raster.abort()
+
+    def reopen(self) -> bool:
+        return all(os.path.isdir(raster.parts) for raster in self.rasters if raster is not None)
 
     # -- worker side ------------------------------------------------------------------------------
 

@@ -10,7 +10,9 @@ and only then is it renamed onto the output path, replacing an older output.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import zarr
@@ -27,6 +29,7 @@ logger = logging.getLogger(__name__)
 class ZarrSink(LabelSink):
     path: str
     layout: OutputLayout
+    resumable: ClassVar[bool] = True
     visible: bool = True  # False: an intermediate that stays under its hidden staged name
 
     @property
@@ -80,3 +83,6 @@ class ZarrSink(LabelSink):
 
     def abort(self) -> None:
         remove(self.staged)
+
+    def reopen(self) -> bool:
+        return self.visible and os.path.isdir(self.staged)
