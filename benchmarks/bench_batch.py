@@ -14,7 +14,7 @@
   in one process reading the same members through ``/vsizip/`` and writing a
   tiled GeoTIFF each.
 * **resume**: a ``--resume``^2 raster (``benchmarks/bench_engine.py``'s, its
-  UNet 16-32-64-128) interrupted with SIGINT once half its output chunks are
+  UNet 16-32-64-128) interrupted with SIGTERM (tilemask takes it as Ctrl-C) once half its output chunks are
   written, then run again: the windows the resumed run predicted.
 * **listed**: ``--listed`` inputs (symbolic links to one 256 x 256 scene) in an
   ``input: {list: ...}`` file, run on an external ``dask scheduler`` with one
@@ -204,7 +204,7 @@ def scheduler_benchmark(work: Path, listed: int, seconds: float) -> None:
 
 
 def resume_benchmark(work: Path, size: int) -> None:
-    """A ``size``^2 run interrupted (SIGINT) once half its chunks are written, then run again."""
+    """A ``size``^2 run interrupted (SIGTERM, as Ctrl-C) once half its chunks are written, then run again."""
     from bench_engine import ARGS, BATCH, CHUNKS, MEAN, OVERLAP, ROI, STD, make_raster, network
 
     import torch
@@ -222,7 +222,7 @@ def resume_benchmark(work: Path, size: int) -> None:
     }  # fmt: skip
     (work / "resume.json").write_text(json.dumps(workflow))
     shutil.rmtree(work / "resume", ignore_errors=True)
-    chunks = -(-size // CHUNKS) ** 2
+    chunks = (-(-size // CHUNKS)) ** 2
     command = [str(BIN / "tilemask"), "run", "--quiet", str(work / "resume.json")]
     start = time.perf_counter()
     first = subprocess.Popen(command, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -231,7 +231,7 @@ def resume_benchmark(work: Path, size: int) -> None:
         if first.poll() is not None:
             sys.exit(f"the run ended before half its chunks were written: {first.stderr.read()[-2000:]}")
         time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGINT)
+    os.killpg(first.pid, signal.SIGTERM)  # as Ctrl-C (a background shell ignores SIGINT in its children)
     first.communicate(timeout=300)
     interrupted = time.perf_counter() - start
     written = len(list(ledger.glob(".tilemask-*.done/*_*.json")))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import tarfile
 import zipfile
@@ -223,3 +224,26 @@ def test_a_nifti_inside_a_tar_gz_is_read_from_a_scratch_copy(make_volume, make_m
     np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
     np.testing.assert_allclose(a.affine, b.affine)
     assert list((tmp_path / "scratch" / "tilemask-archives").glob("*/scan.nii.gz")), "the member was staged to scratch"
+
+
+def test_a_running_job_whose_process_is_gone_is_lost_and_cancel_ends_it(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    job = JobFolder(tmp_path / "job")
+    job.create({"version": 1}, str(tmp_path), None, {}, [{"item": 0, "name": "a", "files": ["a.tif"], "output": "o"}])
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    job.set_status("running", host=socket.gethostname(), pid=int(gone.stdout))
+    assert run_cli("status", job.path, "--json").returncode == 0
+    assert json.loads(run_cli("status", job.path, "--json").stdout)["state"] == "lost"
+    job.set_status("running", host=socket.gethostname(), pid=os.getpid())
+    with job:  # this process holds the job's lock: it runs the job, and does not heed the cancel
+        assert json.loads(run_cli("status", job.path, "--json").stdout)["state"] == "running"
+        ignored = run_cli("cancel", job.path, "--wait", "1")
+        assert ignored.returncode == 1 and ignored.stdout.strip() == f"job {job.id}: cancel requested; still running after 1 s"
+        assert job.cancel_requested()
+    assert json.loads(run_cli("status", job.path, "--json").stdout)["state"] == "lost"  # the lock is free
+    cancelled = run_cli("cancel", job.path)
+    assert cancelled.returncode == 0 and cancelled.stdout.strip() == f"job {job.id}: cancelled"
+    assert json.loads((job.path / "status.json").read_text())["state"] == "cancelled"

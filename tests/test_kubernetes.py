@@ -8,6 +8,7 @@ package's ``kubernetes`` dependency pins a pydantic and a dateutil that conflict
 from __future__ import annotations
 
 import copy
+import functools
 
 import jsonschema
 import pytest
@@ -26,6 +27,7 @@ def documents() -> dict[str, dict]:
     return {doc["kind"]: doc for doc in yaml.safe_load_all(MANIFEST.read_text())}
 
 
+@functools.cache
 def daskjob_schema() -> dict:
     crd = yaml.safe_load(CRD.read_text())
     assert crd["spec"]["names"]["kind"] == "DaskJob"

@@ -28,6 +28,7 @@ the model's device.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
@@ -45,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import WorkflowError
+from .errors import InputError, WeightsError, WorkflowError
 from .models import MODELS_PER_PROCESS, cached_model, first_line
 from .settings import InferenceSettings, ModelSpec
 
@@ -96,6 +97,8 @@ def forward_check(run: Runner, channels: int, roi: tuple[int, ...], device: torc
 
 
 def _build(spec: ModelSpec, backend: str, channels: int, roi: tuple[int, ...], device: torch.device) -> tuple[str, Runner]:
+    spec = _local(spec)
+
     @functools.cache
     def network() -> torch.nn.Module:  # built (MONAI imported) only when no cached conversion serves
         model = cached_model(spec, device)
@@ -224,6 +227,21 @@ def _cache_path(spec: ModelSpec, backend: str, version: str, channels: int, roi:
 
 
 @functools.lru_cache(maxsize=16)
+def _local(spec: ModelSpec) -> ModelSpec:
+    """The spec with its weights on this machine: weights on object storage or a web server are fetched once
+    (:func:`tilemask.storage.local_copy`); what follows reads, checks and caches the local file."""
+    from .storage import local_copy
+
+    try:
+        local = local_copy(spec.weights)
+    except InputError as exc:
+        raise WeightsError(f"model.weights: {exc}") from None
+    if local == spec.weights:
+        return spec
+    stat = os.stat(local)
+    return dataclasses.replace(spec, weights=local, weights_stamp=(stat.st_mtime_ns, stat.st_size))
+
+
 def _weights_digest(path: str, stamp: tuple[int, int]) -> str:
     """sha256 of a weights file, once per file version (``stamp``: mtime and size) and process."""
     digest = hashlib.sha256()

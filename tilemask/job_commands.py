@@ -10,6 +10,7 @@ scheduler holds the live state (``lost``: it no longer knows the job).
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -120,10 +121,13 @@ def cancel(job, wait_s, debug) -> None:
     while live_state(folder) in ACTIVE and time.monotonic() < deadline:
         time.sleep(0.25)
     state = live_state(folder)
-    if state in ACTIVE:
-        _forget_driver(folder.status())  # a driver that never started
+    if state == "queued" and folder.status().get("driver"):
+        _forget_driver(folder.status())  # a driver the scheduler has not started
         folder.set_status("cancelled", message="cancelled before its driver started")
         state = "cancelled"
+    elif state in ACTIVE:
+        click.echo(f"job {folder.id}: cancel requested; still {state} after {wait_s:g} s")
+        sys.exit(1)
     elif state == "lost":
         folder.set_status("cancelled", message="cancelled after it was lost")
         state = "cancelled"

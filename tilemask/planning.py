@@ -274,7 +274,8 @@ def plan_model(workflow: Workflow) -> WorkflowPlan:
     if not weights.startswith(REMOTE_PREFIXES) and not os.path.isfile(weights):
         raise WeightsError(f"model.weights: no such file {weights}")
     spec = ModelSpec.create(workflow.model.network, workflow.model.args, weights)
-    if not workflow.model.network and not spec.carries_network:
+    remote = weights.startswith(REMOTE_PREFIXES)  # read on the workers: the probe checks it there
+    if not workflow.model.network and not remote and not spec.carries_network:
         raise WorkflowError("model.network: needed for a checkpoint of weights (TorchScript and .pt2 carry their own)")
     sigma = inference.sigma_scale
     items = workflow.input_items()

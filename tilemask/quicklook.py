@@ -25,6 +25,7 @@ from .errors import InputError, OutputError
 from .formats import for_path
 from .outputs import atomic_path
 from .sources.labels import open_labels
+from .sources.raster import gdal_env
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def write_quicklook(
     """
     labels, nodata, n_classes = _read_labels(labels_path, size)
     try:
-        with rasterio.open(input_path) as src:
+        with gdal_env(), rasterio.open(input_path) as src:  # a remote input: GDAL's settings for it
             if (src.height, src.width) != _labels_shape(labels_path):
                 raise InputError(f"{input_path}: {src.height}x{src.width} pixels, the labels are not on its grid")
             bands = list(bands or ([1, 2, 3] if src.count >= 3 else [1]))

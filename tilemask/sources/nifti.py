@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import InputError, ReadError
 from ..geometry import Region, VolumeGeometry
 from . import ImageSource, cached_handle, file_stamp
-from .archive import local_copy
+from ..storage import local_copy
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class NiftiSource(ImageSource):
     @classmethod
     def open(cls, path: str, bands: list[int] | None = None) -> NiftiSource:
         try:
-            img = nib.load(local_copy(path))  # a member of an archive: extracted once (sources.archive)
+            img = nib.load(local_copy(path))  # an archive's member or an object: copied here once (storage)
             shape = tuple(int(s) for s in img.shape)
         except FileNotFoundError:
             raise InputError(f"{path}: no such file") from None

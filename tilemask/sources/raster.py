@@ -34,6 +34,7 @@ from rasterio.windows import Window
 
 from ..errors import InputError, ReadError
 from ..geometry import RasterGeometry, Region
+from ..storage import gdal_options
 from . import ImageSource, cached_handle, file_stamp
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,9 @@ CLOUD_DEFAULTS = {
 
 
 def gdal_env() -> rasterio.Env:
-    """:data:`CLOUD_DEFAULTS`, less what the environment sets itself, as a ``rasterio.Env``."""
-    return rasterio.Env(**{k: v for k, v in CLOUD_DEFAULTS.items() if k not in os.environ})
+    """:data:`CLOUD_DEFAULTS`, less what the environment sets itself, and the S3 endpoint the AWS variables
+    name (:func:`tilemask.storage.gdal_options`), as a ``rasterio.Env``."""
+    return rasterio.Env(**{k: v for k, v in CLOUD_DEFAULTS.items() if k not in os.environ}, **gdal_options())
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,94 @@
+"""Files on object storage (``s3://``, ``gs://``, ``az://``) and web servers, for the workers that read them.
+
+Rasters are read in place by GDAL (``/vsis3/`` and friends, range requests):
+:func:`gdal_options` points GDAL at the S3 endpoint the usual AWS variables
+name (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, as boto3 reads them), so
+an S3-compatible server (MinIO, Ceph, moto) works as AWS does; credentials come
+from ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_PROFILE`` as GDAL
+and boto3 read them.
+
+Readers that need a local file (weights for torch, NIfTI for nibabel) get
+:func:`local_copy`: the object fetched once per machine with fsspec (``s3fs``
+for S3: ``pip install 'tilemask[s3]'``) into a scratch folder
+(``$TILEMASK_SCRATCH``, else the system's temporary folder), named by the URL and
+the object's ETag (a changed object is fetched again), renamed into place only
+when whole.  Archive members (``/vsizip/``, ``/vsitar/``) are extracted the same
+way (:mod:`tilemask.sources.archive`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .errors import InputError
+
+OBJECT_STORES = ("s3://", "gs://", "az://", "abfs://")
+WEB = ("http://", "https://")
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint URL the environment names, as boto3 reads it; None: AWS itself."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def gdal_options() -> dict[str, str]:
+    """GDAL settings for an S3-compatible endpoint named by the AWS variables (unless GDAL's own are set)."""
+    endpoint = s3_endpoint()
+    if not endpoint or "AWS_S3_ENDPOINT" in os.environ:
+        return {}
+    url = urlsplit(endpoint)
+    return {
+        "AWS_S3_ENDPOINT": url.netloc + url.path.rstrip("/"),
+        "AWS_HTTPS": "NO" if url.scheme == "http" else "YES",
+        "AWS_VIRTUAL_HOSTING": "FALSE",  # path-style requests: what S3-compatible servers answer
+    }
+
+
+def local_copy(path: str) -> str:
+    """A file on this machine holding ``path``: the path itself when local, else a copy fetched once."""
+    if path.startswith(("/vsizip/", "/vsitar/")):
+        from .sources.archive import local_copy as extract
+
+        return extract(path)
+    if not path.startswith(OBJECT_STORES + WEB):
+        return path
+    fs, key = _filesystem(path)
+    try:
+        info = fs.info(key)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such object") from None
+    except Exception as exc:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many types
+        raise InputError(f"{path}: cannot reach it: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    tag = info.get("ETag") or info.get("etag") or f"{info.get('size')}-{info.get('LastModified') or info.get('mtime')}"
+    digest = hashlib.sha256(f"{path}\0{tag}".encode()).hexdigest()[:20]
+    folder = Path(os.environ.get("TILEMASK_SCRATCH") or tempfile.gettempdir()) / "tilemask-remote" / digest
+    target = folder / (os.path.basename(urlsplit(path).path) or "object")
+    if target.exists():
+        return str(target)
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = folder / f".{target.name}.{os.getpid()}.part"
+    try:
+        fs.get_file(key, str(staged))
+        os.replace(staged, target)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    return str(target)
+
+
+def _filesystem(path: str):
+    try:
+        import fsspec
+    except ImportError:  # pragma: no cover - fsspec comes with dask
+        raise InputError(f"{path}: reading it needs fsspec") from None
+    options = {}
+    if path.startswith("s3://") and s3_endpoint():
+        options["client_kwargs"] = {"endpoint_url": s3_endpoint()}
+    try:
+        return fsspec.core.url_to_fs(path, **options)
+    except ImportError as exc:
+        raise InputError(f"{path}: reading it needs {exc.name or 's3fs'}: pip install 'tilemask[s3]'") from None
