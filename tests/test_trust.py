@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -171,9 +172,13 @@ def test_a_second_run_on_the_same_output_is_refused(big_run, tmp_path):
     first = start(["run", wf, "--quiet"], tmp_path)
     try:
         wait_for(lambda: any(n.startswith(".tilemask-lock-") for n in hidden(tmp_path / "out")), what="the lock", proc=first)
-        second = run_cli("run", wf, "--quiet", "--overwrite", timeout=120)
+        second = run_cli("run", wf, "--quiet", "--overwrite", timeout=120)  # the same job: its lock refuses it
         assert second.returncode == 2, second.stderr
-        assert "being written by another tilemask run" in one_line(second.stderr)
+        assert re.fullmatch(r"tilemask: error: job [0-9a-f]{12} is running in another process; see tilemask status [0-9a-f]{12}",
+                            one_line(second.stderr)), second.stderr  # fmt: skip
+        other = run_cli("run", wf, "--quiet", "--overwrite", "--set", "inference.overlap=0.5", timeout=120)  # another job
+        assert other.returncode == 2, other.stderr
+        assert "being written by another tilemask run" in one_line(other.stderr)
         assert first.wait(timeout=300) == 0, first.stderr.read()
     finally:
         first.kill()

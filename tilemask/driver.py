@@ -34,6 +34,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 from distributed import Client
@@ -74,18 +75,21 @@ class Options:
 
 def prepare(
     workflow: Workflow, options: Options, job_dir: str | os.PathLike | None = None, source: str | None = None
-) -> tuple[WorkflowPlan, JobFolder]:
-    """Check the workflow (exit 2) and create or reopen its job folder."""
+) -> tuple[WorkflowPlan, JobFolder, Callable[[], None]]:
+    """Check the workflow (exit 2) and find its job folder; returns the plan, the folder and ``record()``,
+    which writes the job's record into the folder (call it with the job's lock held)."""
     plan = plan_model(workflow)
     workflow_dict, base_dir = workflow.to_dict(), str(workflow.base_dir)
-    identity = job_id(workflow_dict, base_dir)
-    job = JobFolder(job_dir or default_job_dir(workflow.output.path, base_dir, identity))
-    items = [
-        {"item": i, "name": item.name, "files": list(item.files), "output": workflow.output_path(item.name)}
-        for i, item in enumerate(plan.items)
-    ]
-    job.create(workflow_dict, base_dir, source, options.__dict__, items)
-    return plan, job
+    job = JobFolder(job_dir or default_job_dir(workflow.output.path, base_dir, job_id(workflow_dict, base_dir)))
+
+    def record() -> None:
+        items = (
+            {"item": i, "name": item.name, "files": list(item.files), "output": workflow.output_path(item.name)}
+            for i, item in enumerate(plan.items)
+        )
+        job.create(workflow_dict, base_dir, source, options.__dict__, items)
+
+    return plan, job, record
 
 
 def run(
@@ -110,8 +114,9 @@ def run(
         source = str(Path(workflow).resolve())
         workflow = Workflow.from_yaml(workflow)
     options = Options(on_error, retry_failed, overwrite)
-    plan, job = prepare(workflow, options, job_dir, source)
+    plan, job, record = prepare(workflow, options, job_dir, source)
     with job:
+        record()
         return drive_job(job, plan, options, progress, client=client, scheduler=scheduler, workers=workers,
                          threads_per_worker=threads_per_worker, cluster=cluster)  # fmt: skip
 

@@ -27,7 +27,9 @@ imports torch: the model is probed and run on workers only.
 
 A run that fails cancels its tasks, waits until none is still executing, and
 removes what it staged (:meth:`~tilemask.sinks.LabelSink.abort`); a Ctrl-C or
-SIGTERM during that cleanup is held off.  Errors keep their type; one found
+SIGTERM during that cleanup is held off.  A job's run that is interrupted
+rather than failed keeps its staged chunks and their :class:`Ledger`, and the
+job's next run writes only the others.  Errors keep their type; one found
 while running exits 1 (``exit_status``), one found before any work exits 2.
 """
 

@@ -36,15 +36,17 @@ def submit(workflow, scheduler, overrides, overwrite, on_error, retry_failed, jo
     from .workflow import Workflow
 
     wf = Workflow.from_yaml(workflow, overrides)
-    plan, job = prepare(wf, Options(on_error, retry_failed, overwrite), job_dir, str(Path(workflow).resolve()))
+    plan, job, record = prepare(wf, Options(on_error, retry_failed, overwrite), job_dir, str(Path(workflow).resolve()))
     if plan.items:
         plan.plan_input(plan.items[0])  # the first input opens and fits the workflow (exit 2 if not)
-    state = live_state(job)
-    if state in ("queued", "running") and job.status().get("driver"):
-        raise JobError(f"job {job.id} is {state} already; see tilemask status {job.id}")
     key = f"tilemask-job-{job.id}-{uuid.uuid4().hex[:8]}"
     with cluster_client(scheduler) as client:
-        job.set_status("queued", scheduler=scheduler, driver=key, submitted=time.time(), message=None)
+        with job:  # no process runs the job here (its driver, or a tilemask run, would hold this lock)
+            state = live_state(job)
+            if state in ("queued", "running") and job.status().get("driver"):
+                raise JobError(f"job {job.id} is {state} already; see tilemask status {job.id}")
+            record()
+            job.set_status("queued", scheduler=scheduler, driver=key, submitted=time.time(), message=None)
         future = client.submit(drive, str(job.path), key=key, pure=False, retries=0)
         fire_and_forget(future)
         _wait_until_known(client, key)

@@ -248,7 +248,11 @@ class JobFolder:
 
     def acquire(self) -> JobFolder:
         """Take the job's lock, or refuse: another process runs this job."""
-        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise JobError(f"job folder {self.path} is not writable: {exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -25,6 +25,7 @@ Every stage then gets its own frozen value: the window plan, the model spec,
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -224,7 +225,10 @@ class WorkflowPlan:
                 products.stats.model_copy(update={"classes": list(names)}),
             )  # fmt: skip
         sink = make_sink(item.output, layout)
-        resumable = self.job_id and sink.resumable and item.back is None and self.postprocess is None
+        resumable = (  # worth a record of the chunks written: a job's item of several chunks, written straight
+            self.job_id and sink.resumable and item.back is None and self.postprocess is None
+            and math.prod(item.plan.chunk_counts) > 1
+        )  # fmt: skip
         return Job(
             input=item.input,
             source=source,
