@@ -13,6 +13,7 @@ import itertools
 import math
 
 import numpy as np
+import pytest
 import rasterio
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -192,3 +193,35 @@ def test_the_real_graph_of_a_gigapixel_has_about_three_tasks_per_chunk(make_mode
     assert len(blocks) == chunks and sum(b.n_windows for b in blocks.values()) == job.plan.n_windows == 171 ** 2
     chunk_deps = [d for k, d in deps.items() if "-chunk-" in k[0]]
     assert max(map(len, chunk_deps)) == 4  # its own block's sums and at most three neighbours' halos
+
+
+@pytest.mark.parametrize(
+    "pattern, exact",
+    [(lambda c: c[0] < 2, True), (lambda c: c != (1, 1), True), (lambda c: sum(c) % 3 == 0, False)],
+    ids=["rows written", "all but one", "scattered"],
+)
+def test_a_resumed_graph_predicts_every_window_an_unwritten_chunk_needs_and_few_others(pattern, exact):
+    """On resuming, each chunk not yet written must get the sums of every window that overlaps it, as a whole
+    run would give it; a written chunk's block predicts only its windows that reach the unwritten chunks
+    around it (all of them exactly when those chunks form a box, a superset otherwise)."""
+    import itertools
+
+    from tilemask.engine import blocks_to_predict
+    from tilemask.geometry import WindowPlan, intersect
+
+    plan = WindowPlan.build((1000, 900), [128, 128], 0.25, 256)
+    written = {c for c in plan.chunk_indexes() if pattern(c)}
+    unwritten = [c for c in plan.chunk_indexes() if c not in written]
+
+    def windows(blocks):
+        return {start for block in blocks for start in itertools.product(*block.starts)}
+
+    def reaches(start, chunk):
+        return intersect(tuple((s, s + 128) for s in start), plan.chunk_region(chunk)) is not None
+
+    everything = windows(plan.block(b) for b in plan.block_indexes())
+    needed = {w for w in everything if any(reaches(w, c) for c in unwritten)}
+    whole_blocks = windows(plan.block(b) for b in {b for c in unwritten for b in plan.sources_of(c)})
+    predicted = windows(blocks_to_predict(plan, written).values())
+    assert needed <= predicted, "a window an unwritten chunk needs is missing"
+    assert predicted == needed if exact else needed < predicted < whole_blocks

@@ -56,7 +56,7 @@ from . import timing
 from .cluster import Abandoned, cancel_and_drain, completed, gather, not_abandoned
 from .errors import OutputError, RunError, TilemaskError
 from .finalize import class_histogram, finalize
-from .geometry import Block, Region
+from .geometry import Block, Region, WindowPlan
 from .interrupts import shielded
 from .outputs import remove
 from .planning import Inversion, Job, WorkflowPlan
@@ -129,7 +129,9 @@ def build_graph(job: Job, written: Collection[tuple[int, ...]] = ()) -> tuple[di
     thin halo strips along the frontier of finished chunks.
 
     Chunks in ``written`` (by an interrupted run of the same job) get no task,
-    nor do the blocks and halos only they need.
+    nor do the blocks and halos only they need; a written chunk's block that an
+    unwritten neighbour needs predicts only its windows that reach into the
+    unwritten chunks.
     """
     token = tokenize(job.input, job.plan, job.model, job.settings, job.finishing, job.sink.path, job.sink.layout.run_id)
     names = {layer: f"tilemask-{layer}-{token}" for layer in ("predict", "halo", "chunk")}
@@ -140,12 +142,9 @@ def build_graph(job: Job, written: Collection[tuple[int, ...]] = ()) -> tuple[di
     deps: dict[tuple, list[tuple]] = {}
     written = set(written)
     todo = [index for index in plan.chunk_indexes() if index not in written]
-    needed = {b for index in todo for b in plan.sources_of(index)} if written else None
-    for index in plan.block_indexes():
-        if needed is not None and index not in needed:
-            continue
+    for index, block in blocks_to_predict(plan, written).items():
         key = (names["predict"], *index)
-        blocks[key] = plan.block(index)
+        blocks[key] = block
         graph[key] = (predict, blocks[key], shared)
         deps[key] = []
         others = {c: plan.chunk_region(c) for c in plan.chunks_overlapping(blocks[key].region) if c != index and c not in written}
@@ -159,6 +158,25 @@ def build_graph(job: Job, written: Collection[tuple[int, ...]] = ()) -> tuple[di
         deps[key] = ([own] if own else []) + halos
         graph[key] = (finish_chunk, index, plan.chunk_region(index), shared, own, halos)
     return graph, blocks, deps
+
+def blocks_to_predict(plan: WindowPlan, written: set[tuple[int, ...]]) -> dict[tuple[int, ...], Block]:
+    """Every block, or on resuming (``written``: chunks written before) the blocks the other chunks need: a
+    written chunk's block with only its windows that reach into the unwritten chunks around it."""
+    if not written:
+        return {index: plan.block(index) for index in plan.block_indexes()}
+    needed = {b for c in plan.chunk_indexes() if c not in written for b in plan.sources_of(c)}
+    blocks = {}
+    for index in plan.block_indexes():
+        if index not in needed:
+            continue
+        block = plan.block(index)
+        reached = [plan.chunk_region(c) for c in plan.chunks_overlapping(block.region) if c not in written]
+        if index in written and reached:
+            box = tuple((min(r[d][0] for r in reached), max(r[d][1] for r in reached)) for d in range(len(index)))
+            block = block.reaching(box)
+        blocks[index] = block
+    return blocks
+
 
 def finish_chunk(
     index: tuple[int, ...],

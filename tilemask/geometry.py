@@ -226,6 +226,16 @@ class Block:
     def n_windows(self) -> int:
         return math.prod(len(s) for s in self.starts)
 
+    def reaching(self, region: Region) -> Block:
+        """The block with only its windows that reach into ``region`` (a resumed job: the windows a chunk
+        not yet written needs from a block whose own chunk was written); itself if none would be left."""
+        keep = [tuple(s for s in starts if s < hi and s + r > lo) for starts, r, (lo, hi) in zip(self.starts, self.roi, region)]
+        if not all(keep):
+            return self
+        grids = tuple((tuple(s for s in own if s in k), tuple(s for s in mirrored if s in k))
+                      for (own, mirrored), k in zip(self.grids, keep))  # fmt: skip
+        return Block(index=self.index, starts=tuple(keep), roi=self.roi, shape=self.shape, grids=grids)
+
     @property
     def extent(self) -> Region:
         """The region the windows cover, in image coordinates (may exceed the image when padded)."""
