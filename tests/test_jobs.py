@@ -18,7 +18,7 @@ import zarr
 import tilemask
 from tilemask import Workflow
 from tilemask.errors import OutputConflict, ReadError
-from tilemask.jobs import JobFolder, find
+from tilemask.jobs import JobError, JobFolder, find
 
 from .conftest import GEO, UNET_2D, UNET_3D, raster_workflow, run_cli, volume_workflow
 
@@ -127,6 +127,19 @@ def test_a_different_workflow_may_not_replace_a_jobs_outputs_without_overwrite(s
     (result,) = tilemask.run(Workflow.from_dict(changed, base_dir=tmp_path), client, overwrite=True)
     assert result.status == "ok" and result.windows > 0
     assert len(list((tmp_path / "out" / ".tilemask" / "jobs").iterdir())) == 2  # one job per workflow
+
+
+def test_a_job_dir_holding_another_workflows_job_is_refused_unless_overwrite(scene_workflow, tmp_path, client):
+    scene_workflow["input"] = str(tmp_path / "scenes" / "a.tif")
+    (first,) = tilemask.run(Workflow.from_dict(scene_workflow, base_dir=tmp_path), client, job_dir=tmp_path / "myjob")
+    assert first.status == "ok" and (tmp_path / "myjob" / "manifest.jsonl").exists()
+    other = {**scene_workflow, "output": {**scene_workflow["output"], "path": "other/{stem}.zarr"}}
+    with pytest.raises(JobError, match="holds the job of another workflow") as refused:
+        tilemask.run(Workflow.from_dict(other, base_dir=tmp_path), client, job_dir=tmp_path / "myjob")
+    assert refused.value.exit_status == 2
+    (again,) = tilemask.run(Workflow.from_dict(other, base_dir=tmp_path), client, job_dir=tmp_path / "myjob", overwrite=True)
+    assert again.status == "ok" and again.outputs[0] == str(tmp_path / "other" / "a.zarr")
+    assert [row["status"] for row in report_rows(JobFolder(tmp_path / "myjob"))] == ["ok"]
 
 
 def test_a_truncated_last_manifest_line_is_dropped_and_the_manifest_goes_on(tmp_path):

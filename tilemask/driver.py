@@ -87,7 +87,7 @@ def prepare(
             {"item": i, "name": item.name, "files": list(item.files), "output": workflow.output_path(item.name)}
             for i, item in enumerate(plan.items)
         )
-        job.create(workflow_dict, base_dir, source, options.__dict__, items)
+        job.create(workflow_dict, base_dir, source, options.__dict__, items, replace=options.overwrite)
 
     return plan, job, record
 

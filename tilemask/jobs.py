@@ -124,13 +124,24 @@ class JobFolder:
 
     # -- creating and reading ------------------------------------------------------------------------------
 
-    def create(self, workflow_dict: dict, base_dir: str, source: str | None, options: dict, items: Iterable[dict]) -> None:
-        """Write the job's record (kept if the same job exists: the items and manifest carry over)."""
+    def create(
+        self, workflow_dict: dict, base_dir: str, source: str | None, options: dict, items: Iterable[dict],
+        replace: bool = False,
+    ) -> None:
+        """Write the job's record: kept if the same job is there (its manifest carries over); a folder that holds
+        another workflow's job is refused (exit 2) unless ``replace`` (``--overwrite``: it is started afresh)."""
+        workflow_id = job_id(workflow_dict, base_dir)
+        if self.exists() and self.info().get("workflow_id") != workflow_id:
+            if not replace:
+                raise JobError(f"job folder {self.path} holds the job of another workflow; choose another "
+                               "--job-dir, or pass --overwrite to start it afresh")  # fmt: skip
+            (self.path / "job.json").unlink()
+            self.reset()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            fresh = not self.exists()
-            info = {"id": self.id, "created": now(), "base_dir": base_dir, "workflow_file": source, "options": options}
-            if not fresh:
+            info = {"id": self.id, "workflow_id": workflow_id, "created": now(), "base_dir": base_dir,
+                    "workflow_file": source, "options": options}  # fmt: skip
+            if self.exists():
                 info = {**self.info(), "options": options}
             _write_atomic(self.path / "workflow.yaml", yaml.safe_dump(workflow_dict, sort_keys=False))
             _write_atomic(self.path / "items.jsonl", "".join(json.dumps(item) + "\n" for item in items))
