@@ -319,7 +319,8 @@ class _ItemRunner:
         try:
             planned, lock = self.prepared.pop(index, None) or self._prepare(index)
             try:
-                self.job.record({"item": index, "name": item.name, "input": planned.input, "status": "started", "time": time.time()})
+                started = {"item": index, "name": item.name, "input": planned.input, "status": "started", "time": time.time()}
+                self.job.record(started, durable=False)  # lost only with the machine: its outputs then need --overwrite
                 self.begun.add(item.name)
                 result = run_job(client, self.plan.job(planned, self.out_channels), self.plan, self.progress)
             finally:

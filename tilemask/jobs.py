@@ -191,13 +191,15 @@ class JobFolder:
                 raise JobError(f"{path} line {number} is not JSON; the manifest is damaged") from None
         return Manifest(lines)
 
-    def record(self, line: dict) -> None:
-        """Append one line to the manifest and fsync it: once this returns, the line survives a crash."""
+    def record(self, line: dict, durable: bool = True) -> None:
+        """Append one line to the manifest; ``durable``: fsync it, so that it survives a crash of the machine
+        too (a line that is only written survives the process, not the machine)."""
         path = self.path / "manifest.jsonl"
         with open(path, "a") as f:
             f.write(json.dumps(line) + "\n")
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
 
     def reset(self) -> None:
         """Forget every attempt (``--overwrite``: every item is redone)."""
