@@ -162,3 +162,22 @@ def test_an_output_set_aside_by_an_interrupted_swap_is_put_back(tmp_path):
     with OutputLock([str(path)]):
         assert os.path.isdir(path / "labels")
     assert os.listdir(tmp_path) == ["out.zarr"]
+
+
+def test_one_listing_per_folder_finds_the_leftovers_a_listing_per_output_finds(tmp_path):
+    """A run of many inputs lists each output folder once (FolderListings); it must find what listing the
+    folder for each output finds, names that could belong to two outputs included."""
+    from tilemask.outputs import FolderListings, leftovers
+
+    names = [
+        ".tilemask-0a1b-x.tif", ".tilemask-0a1b-x.tif.parts", ".tilemask-ff-x.tif.aux.xml", ".tilemask-ff-x.tif.old",
+        ".tilemask-12-x.tif.aux.xml.done", ".tilemask-9-cafe-x.tif", ".tilemask-lock-x.tif", ".tilemask-zz-x.tif",
+        ".tilemask-3-y.zarr.raw.zarr", ".tilemask-3-y.zarr", "x.tif", "x.tif.aux.xml", ".tilemask-4-x.tif.aux.xml.parts",
+    ]  # fmt: skip
+    for name in names:
+        (tmp_path / name).touch()
+    listings = FolderListings()
+    for output in ("x.tif", "x.tif.aux.xml", "cafe-x.tif", "y.zarr", "z.tif"):
+        expected = sorted(leftovers(tmp_path / output))
+        assert sorted(listings.leftovers(tmp_path / output)) == expected, output
+    assert len(leftovers(tmp_path / "x.tif")) == 4 and len(leftovers(tmp_path / "x.tif.aux.xml")) == 3

@@ -45,7 +45,7 @@ from .command import first_line
 from .engine import RunResult, probe, process_age, run_job
 from .errors import RunError, TilemaskError
 from .jobs import JobCancelled, JobError, JobFolder, default_job_dir, job_id, outputs_complete
-from .outputs import OutputLock
+from .outputs import FolderListings, OutputLock
 from .planning import InputPlan, WorkflowPlan, classes_of, plan_model
 from .progress import announce
 from .workflow import InputItem, Workflow
@@ -281,6 +281,7 @@ class _ItemRunner:
         self.stop: threading.Event = stop
         self.out_channels = 0
         self.prepared: dict[int, tuple[InputPlan, OutputLock]] = {}  # prepared before the cluster started
+        self.listings = FolderListings()  # each output folder listed once for leftovers, not once per item
 
     def first_plannable(self, todo: list[int], results: list) -> int | None:
         """Prepare items in order until one is ready: that one fixes the channels the network is probed with.
@@ -305,7 +306,7 @@ class _ItemRunner:
         """Plan one item, take its outputs' locks and check its outputs with them held."""
         planned = self.plan.plan_input(self.plan.items[index])
         keep = None if self.options.overwrite else self.job.id  # what this job staged before is resumed
-        lock = OutputLock(self.plan.output_files(planned), keep=keep).acquire()
+        lock = OutputLock(self.plan.output_files(planned), keep=keep, listings=self.listings).acquire()
         try:
             self.plan.check_item_outputs(planned, self.options.overwrite or self.plan.items[index].name in self.begun)
         except BaseException:
