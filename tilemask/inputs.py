@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 from .errors import InputError
 from .formats import stem
@@ -24,7 +25,7 @@ from .workflow import REMOTE_PREFIXES, InputItem
 
 def list_items(path: str) -> list[InputItem]:
     try:
-        lines = open(path).read().splitlines()
+        lines = Path(path).read_text().splitlines()
     except OSError as exc:
         raise InputError(f"input.list: cannot read {path}: {exc.strerror or exc}") from None
     folder = os.path.dirname(path)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -49,11 +51,17 @@ def gdal_options() -> dict[str, str]:
 
 
 def local_copy(path: str) -> str:
-    """A file on this machine holding ``path``: the path itself when local, else a copy fetched once."""
-    if path.startswith(("/vsizip/", "/vsitar/")):
-        from .sources.archive import local_copy as extract
+    """A file on this machine holding ``path``: the path itself when local, else a copy made once."""
+    from .sources.archive import extract, split_member
 
-        return extract(path)
+    if (member := split_member(path)) is not None:
+        archive, name = member
+        try:
+            stat = os.stat(archive)
+        except FileNotFoundError:
+            raise InputError(f"{path}: no such archive {archive}") from None
+        identity = f"{os.path.realpath(archive)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{name}"
+        return _copy_once("tilemask-archives", identity, name, lambda target: extract(path, archive, name, target))
     if not path.startswith(OBJECT_STORES + WEB):
         return path
     fs, key = _filesystem(path)
@@ -64,15 +72,21 @@ def local_copy(path: str) -> str:
     except Exception as exc:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many types
         raise InputError(f"{path}: cannot reach it: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     tag = info.get("ETag") or info.get("etag") or f"{info.get('size')}-{info.get('LastModified') or info.get('mtime')}"
-    digest = hashlib.sha256(f"{path}\0{tag}".encode()).hexdigest()[:20]
-    folder = Path(os.environ.get("TILEMASK_SCRATCH") or tempfile.gettempdir()) / "tilemask-remote" / digest
-    target = folder / (os.path.basename(urlsplit(path).path) or "object")
+    return _copy_once("tilemask-remote", f"{path}\0{tag}", urlsplit(path).path, lambda target: fs.get_file(key, target))
+
+
+def _copy_once(kind: str, identity: str, name: str, write: Callable[[str], None]) -> str:
+    """``scratch/kind/<hash of identity>/<base name>``, written by ``write`` under a temporary name and
+    renamed into place when whole (a reader never sees half a copy); kept for the next reader."""
+    folder = Path(os.environ.get("TILEMASK_SCRATCH") or tempfile.gettempdir()) / kind
+    folder = folder / hashlib.sha256(identity.encode()).hexdigest()[:20]
+    target = folder / (os.path.basename(name) or "object")
     if target.exists():
         return str(target)
     folder.mkdir(parents=True, exist_ok=True)
-    staged = folder / f".{target.name}.{os.getpid()}.part"
+    staged = folder / f".{target.name}.{os.getpid()}.{threading.get_ident()}.part"
     try:
-        fs.get_file(key, str(staged))
+        write(str(staged))
         os.replace(staged, target)
     except BaseException:
         staged.unlink(missing_ok=True)

@@ -2,22 +2,20 @@
 ``/vsitar/ARCHIVE/MEMBER``.
 
 GDAL reads rasters in place through those paths.  Readers without such access
-(nibabel) read a copy of the member extracted once per machine to a scratch
-folder (``$TILEMASK_SCRATCH``, else the system's temporary folder), named by
-the archive's path, size and time and the member, and renamed into place only
-when whole, so workers never read half a copy.
+(nibabel) read a copy of the member that :func:`tilemask.storage.local_copy`
+extracts once per machine (:func:`extract`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-import hashlib
 import os
 import shutil
 import tarfile
-import tempfile
 import zipfile
-from pathlib import Path
+from collections.abc import Iterator
+from typing import IO
 
 from ..errors import InputError
 
@@ -64,56 +62,24 @@ def members(archive: str, pattern: str) -> list[str]:
     return sorted(n for n in names if fnmatch.fnmatch(n, pattern) or fnmatch.fnmatch(os.path.basename(n), pattern))
 
 
-def local_copy(path: str) -> str:
-    """A file on this machine holding the archive member at ``path`` (extracted once)."""
-    archive, member = split_member(path) or (None, None)
-    if archive is None:
-        return path
+def extract(path: str, archive: str, member: str, target: str) -> None:
+    """Write ``member`` of ``archive`` (the input ``path`` names) to the file ``target``."""
     try:
-        stat = os.stat(archive)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such archive {archive}") from None
-    digest = hashlib.sha256(f"{os.path.realpath(archive)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{member}".encode()).hexdigest()[:20]
-    folder = Path(os.environ.get("TILEMASK_SCRATCH") or tempfile.gettempdir()) / "tilemask-archives" / digest
-    target = folder / os.path.basename(member)
-    if target.exists():
-        return str(target)
-    folder.mkdir(parents=True, exist_ok=True)
-    staged = folder / f".{target.name}.{os.getpid()}.part"
-    try:
-        with _open_member(archive, member) as src, open(staged, "wb") as dst:
+        with _member(archive, member) as src, open(target, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        os.replace(staged, target)
     except (KeyError, zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
-        staged.unlink(missing_ok=True)
         raise InputError(f"{path}: cannot extract {member} from {archive}: {exc}") from None
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
-    return str(target)
 
 
-def _open_member(archive: str, member: str):
+@contextlib.contextmanager
+def _member(archive: str, member: str) -> Iterator[IO[bytes]]:
     if archive.lower().endswith(".zip"):
-        zf = zipfile.ZipFile(archive)
-        return _Closing(zf.open(member), zf)
-    tf = tarfile.open(archive)
-    extracted = tf.extractfile(member)
-    if extracted is None:
-        tf.close()
-        raise KeyError(f"{member} is not a file")
-    return _Closing(extracted, tf)
-
-
-class _Closing:
-    """A member's file object that also closes its archive."""
-
-    def __init__(self, handle, archive):
-        self.handle, self.archive = handle, archive
-
-    def __enter__(self):
-        return self.handle
-
-    def __exit__(self, *exc) -> None:
-        self.handle.close()
-        self.archive.close()
+        with zipfile.ZipFile(archive) as zf, zf.open(member) as handle:
+            yield handle
+        return
+    with tarfile.open(archive) as tf:
+        handle = tf.extractfile(member)
+        if handle is None:
+            raise KeyError(f"{member} is not a file")
+        with handle:
+            yield handle
