@@ -1,6 +1,7 @@
-"""Inputs and weights on S3-compatible object storage: a real S3 API server on loopback (moto's server mode,
-``python -m moto.server``), reached through the usual AWS variables by GDAL (rasters, in place) and fsspec
-(weights and NIfTI, copied once).  The outputs equal those of the same files read from disk."""
+"""Inputs, weights, outputs and job folders on S3-compatible object storage: a real S3 API server on loopback
+(moto's server mode, ``python -m moto.server``), reached through the usual AWS variables by GDAL (rasters, in
+place) and fsspec (weights and NIfTI, copied once; Zarr chunks, COG pieces, the job's record).  The outputs
+equal those of the same files read from and written to disk."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import os
 import subprocess
 import sys
 import time
+
+import csv
+import io
+import json
 
 import nibabel as nib
 import numpy as np
@@ -106,3 +111,85 @@ def test_a_nifti_on_s3_is_read_from_a_copy_and_gives_the_local_labels(s3, make_v
     np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
     np.testing.assert_allclose(a.affine, b.affine)
     assert os.path.exists(tmp_path / "scratch" / "tilemask-remote")
+
+
+def _keys(s3_client, prefix: str) -> list[str]:
+    pages = s3_client.get_paginator("list_objects_v2").paginate(Bucket="tilemask", Prefix=prefix)
+    return [entry["Key"] for page in pages for entry in page.get("Contents", [])]
+
+
+def _object(s3_client, key: str) -> bytes:
+    return s3_client.get_object(Bucket="tilemask", Key=key)["Body"].read()
+
+
+@pytest.mark.parametrize("suffix", [pytest.param(".zarr", marks=pytest.mark.slow), ".tif"])
+def test_outputs_and_the_job_folder_on_s3_equal_a_local_run_and_the_job_resumes(s3, suffix, tmp_path, write_workflow, client):
+    import tilemask
+    import zarr
+    from tilemask import Workflow
+
+    s3_client, env = s3
+    weights = REPO / "workflows" / "demo" / "landsat_water_land_cloud.pt"
+    s3_client.upload_file(str(GEO["RGB.byte.tif"]), "tilemask", "scenes/RGB.byte.tif")
+    prefix = f"out{suffix.replace('.', '-')}"
+    workflow = demo_workflow("s3://tilemask/scenes/RGB.byte.tif", str(weights), f"s3://tilemask/{prefix}/{{stem}}_mask{suffix}")
+    workflow["output"]["probabilities"] = "uint8"
+    remote = write_workflow(workflow, f"remote{suffix}.yaml")
+    left = f"{prefix}/.tilemask-0123456789abcdef-RGB.byte_mask{suffix}{'/zarr.json' if suffix == '.zarr' else '.parts/labels/0_0.tif'}"
+    s3_client.put_object(Bucket="tilemask", Key=left, Body=b"what a killed run staged")
+    scratch = {"TILEMASK_SCRATCH": str(tmp_path / "scratch"), "TILEMASK_HOME": str(tmp_path / "home")}
+    done = run_cli("run", remote, "--quiet", "--workers", "2", cwd=tmp_path, env={**env, **scratch})
+    assert done.returncode == 0, done.stderr
+
+    local = {**workflow, "input": str(GEO["RGB.byte.tif"]), "output": {**workflow["output"], "path": f"local/{{stem}}_mask{suffix}"}}
+    (expected,) = tilemask.run(Workflow.from_dict(local, base_dir=tmp_path), client)
+    keys = _keys(s3_client, f"{prefix}/")
+    assert not [k for k in keys if "/.tilemask-" in k], "nothing staged is left on the store, nor what a killed run left"
+    if suffix == ".zarr":
+        options = {"client_kwargs": {"endpoint_url": env["AWS_ENDPOINT_URL"]}, "key": "testing", "secret": "testing"}
+        got = zarr.open_group(f"s3://tilemask/{prefix}/RGB.byte_mask.zarr", mode="r", storage_options=options)
+        want = zarr.open_group(expected.outputs[0], mode="r")
+        for name in ("labels", "probabilities"):
+            np.testing.assert_array_equal(got[name][...], want[name][...])
+        (got_meta, got_geometry), (want_meta, want_geometry) = [
+            (attrs.pop("tilemask"), attrs) for attrs in (dict(got.attrs), dict(want.attrs))
+        ]
+        assert got_geometry == want_geometry
+        assert got_meta["complete"] is True and got_meta["classes"] == want_meta["classes"]
+    else:
+        for name, path in [("RGB.byte_mask.tif", expected.outputs[0]), ("RGB.byte_mask_probabilities.tif", expected.outputs[1])]:
+            with rasterio.open(io.BytesIO(_object(s3_client, f"{prefix}/{name}"))) as a, rasterio.open(path) as b:
+                np.testing.assert_array_equal(a.read(), b.read())
+                assert a.crs == b.crs and a.transform == b.transform and a.tags() == b.tags()
+                assert a.overviews(1) == b.overviews(1) and a.overviews(1)
+    assert not (tmp_path / "s3:").exists(), "no local folder is made of the URL"
+
+    (job,) = {k.split("/")[3] for k in keys if k.startswith(f"{prefix}/.tilemask/jobs/")}
+    lines = [json.loads(line) for line in _object(s3_client, f"{prefix}/.tilemask/jobs/{job}/manifest.jsonl").splitlines()]
+    assert [line["status"] for line in lines] == ["started", "ok"]
+    assert lines[-1]["outputs"][0] == f"s3://tilemask/{prefix}/RGB.byte_mask{suffix}"
+
+    again = run_cli("run", remote, "--quiet", "--workers", "1", cwd=tmp_path, env={**env, "TILEMASK_HOME": str(tmp_path / "home"),
+                    "TILEMASK_SCRATCH": str(tmp_path / "other-machine")})  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    report = list(csv.DictReader(io.StringIO(_object(s3_client, f"{prefix}/.tilemask/jobs/{job}/report.csv").decode())))
+    assert [row["status"] for row in report] == ["skipped"], "the job resumed from the record on the store"
+    status = run_cli("status", job, "--json", env={"TILEMASK_HOME": str(tmp_path / "home"), **env})
+    assert json.loads(status.stdout)["state"] == "done", status.stdout
+
+
+def test_outputs_on_object_storage_are_zarr_or_cog_and_not_read_back(tmp_path):
+    from tilemask import Workflow
+    from tilemask.errors import WorkflowError
+
+    weights = str(REPO / "workflows" / "demo" / "landsat_water_land_cloud.pt")
+    refusals = {
+        "s3://b/{stem}.nii.gz": "outputs on object storage are zarr or cog; write nifti to a file system the workers see",
+        "https://b/{stem}.tif": "outputs are written to a file system the workers see or to object storage (s3://)",
+    }
+    for output, message in refusals.items():
+        with pytest.raises(WorkflowError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            Workflow.from_dict(demo_workflow(str(GEO["RGB.byte.tif"]), weights, output), base_dir=tmp_path)
+    with_stats = {**demo_workflow(str(GEO["RGB.byte.tif"]), weights, "s3://b/{stem}.tif"), "stats": {"output": "areas.csv"}}
+    with pytest.raises(WorkflowError, match="stats read the labels back from a local file system"):
+        Workflow.from_dict(with_stats, base_dir=tmp_path)

@@ -44,7 +44,7 @@ from .cluster import Abandoned, cluster_client, prepare_workers, wait_for_worker
 from .command import first_line
 from .engine import RunResult, probe, process_age, run_job
 from .errors import RunError, TilemaskError
-from .jobs import JobCancelled, JobError, JobFolder, default_job_dir, job_id, outputs_complete
+from .jobs import JobCancelled, JobError, JobFolder, default_job_dir, job_folder, job_id, outputs_complete
 from .outputs import FolderListings, OutputLock
 from .planning import InputPlan, WorkflowPlan, classes_of, plan_model
 from .progress import announce
@@ -80,7 +80,7 @@ def prepare(
     which writes the job's record into the folder (call it with the job's lock held)."""
     plan = plan_model(workflow)
     workflow_dict, base_dir = workflow.to_dict(), str(workflow.base_dir)
-    job = JobFolder(job_dir or default_job_dir(workflow.output.path, base_dir, job_id(workflow_dict, base_dir)))
+    job = job_folder(job_dir or default_job_dir(workflow.output.path, base_dir, job_id(workflow_dict, base_dir)))
 
     def record() -> None:
         items = (
@@ -127,7 +127,7 @@ def drive(folder: str) -> int:
     then resumes from the manifest."""
     from distributed import get_worker, worker_client
 
-    job = JobFolder(folder)
+    job = job_folder(folder)
     info = job.info()
     options = Options(**info["options"])
     try:
@@ -392,5 +392,5 @@ class JobResults(list):
     def failures(self) -> str | None:
         """The last line of a run with failed items: how many, and where the report is; None when none failed."""
         failed = sum(r.status == "failed" for r in self)
-        return f"{failed} of {len(self)} items failed; report: {self.job.report_path}" if failed else None
+        return f"{failed} of {len(self)} items failed; report: {self.job.report}" if failed else None
 

@@ -114,8 +114,10 @@ class ZarrFormat(Format):
     def _tilemask_attrs(self, path: str) -> dict | None:
         import zarr
 
+        from .storage import zarr_options
+
         try:
-            node = zarr.open(path, mode="r")
+            node = zarr.open(path, mode="r", **zarr_options(path))
         except Exception:
             return None
         meta = dict(node.attrs).get("tilemask")
@@ -232,15 +234,17 @@ class GeoTiffFormat(Format):
         return CogSink(path, layout)
 
     def probabilities_path(self, path):
-        p = Path(path)
-        return str(p.with_name(f"{self.stem(path)}_probabilities{self.suffix(path) or '.tif'}"))
+        folder, slash, _ = path.rpartition("/")
+        return f"{folder}{slash}{self.stem(path)}_probabilities{self.suffix(path) or '.tif'}"
 
     def written_by_tilemask(self, path):
         import rasterio
         from rasterio.errors import RasterioError
 
+        from .sources.raster import gdal_env
+
         try:
-            with rasterio.open(path) as ds:
+            with gdal_env(), rasterio.open(path) as ds:
                 return CLASSES_TAG in ds.tags()
         except (RasterioError, OSError):
             return False

@@ -47,7 +47,7 @@ def submit(workflow, scheduler, overrides, overwrite, on_error, retry_failed, jo
                 raise JobError(f"job {job.id} is {state} already; see tilemask status {job.id}")
             record()
             job.set_status("queued", scheduler=scheduler, driver=key, submitted=time.time(), message=None)
-        future = client.submit(drive, str(job.path), key=key, pure=False, retries=0)
+        future = client.submit(drive, job.location, key=key, pure=False, retries=0)
         fire_and_forget(future)
         _wait_until_known(client, key)
     click.echo(f"submitted; follow it with: tilemask status {job.id}", err=True)
@@ -85,7 +85,7 @@ def status(job, as_json, debug) -> None:
     click.echo(line)
     if summary.get("message"):
         click.echo(f"  {summary['message']}")
-    if Path(summary["report"]).exists():
+    if summary["report"]:
         click.echo(f"  report: {summary['report']}")
 
 
@@ -96,10 +96,10 @@ def _summary(folder) -> dict:
     return {
         **recorded,
         "job": folder.id,
-        "folder": str(folder.path),
+        "folder": folder.location,
         "state": live_state(folder, recorded),
         "counts": folder.counts({item["name"] for item in folder.items()}),
-        "report": str(folder.report_path),
+        "report": folder.report if folder.report_path.exists() else None,
     }
 
 

@@ -24,6 +24,11 @@ by the process that drives the job keeps a second run of it out.  Each job
 folder is also listed in ``$TILEMASK_HOME/jobs/`` (default
 ``~/.local/share/tilemask``) so that ``tilemask status ID`` and ``tilemask
 jobs`` find it.
+
+A job folder on object storage (``s3://``: the default for outputs there) is
+worked on through a copy in local scratch (:class:`RemoteJobFolder`): read from
+the store when opened, each file put back whole when it changes (the manifest
+after every line), the lock held on the machine that runs the job.
 """
 
 from __future__ import annotations
@@ -43,8 +48,10 @@ from pathlib import Path
 
 import yaml
 
+from . import storage
 from .errors import TilemaskError
 from .formats import for_path
+from .outputs import exists
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +77,12 @@ def job_id(workflow_dict: dict, base_dir: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def default_job_dir(output_path: str, base_dir: str | Path, identity: str) -> Path:
+def default_job_dir(output_path: str, base_dir: str | Path, identity: str) -> Path | str:
     """``<output folder>/.tilemask/jobs/<id>``: the output folder is ``output.path`` up to its first ``{stem}``."""
     prefix = output_path.split("{")[0]
     folder = prefix if prefix.endswith("/") or not prefix else os.path.dirname(prefix)
+    if storage.is_remote(folder):
+        return f"{folder.rstrip('/')}/.tilemask/jobs/{identity}"
     folder_path = Path(folder or ".").expanduser()
     if not folder_path.is_absolute():
         folder_path = Path(base_dir) / folder_path
@@ -104,12 +113,30 @@ class Manifest:
         return {line["name"] for line in self.lines}
 
 
+def job_folder(location: str | os.PathLike) -> JobFolder:
+    """The job folder at ``location``: a local folder, or a prefix on object storage."""
+    return RemoteJobFolder(os.fspath(location)) if storage.is_remote(location) else JobFolder(location)
+
+
 class JobFolder:
     """One job's folder: its record on disk and the lock of the process that runs it."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path).absolute()
         self._lock_fd: int | None = None
+
+    @property
+    def location(self) -> str:
+        """Where the job's record is, as users name it."""
+        return str(self.path)
+
+    @property
+    def report(self) -> str:
+        """Where the report is, as users name it."""
+        return f"{self.location}/report.csv"
+
+    def _saved(self, name: str) -> None:
+        """``name`` in the folder was written (a folder on object storage puts it back)."""
 
     @property
     def id(self) -> str:
@@ -133,7 +160,7 @@ class JobFolder:
         workflow_id = job_id(workflow_dict, base_dir)
         if self.exists() and self.info().get("workflow_id") != workflow_id:
             if not replace:
-                raise JobError(f"job folder {self.path} holds the job of another workflow; choose another "
+                raise JobError(f"job folder {self.location} holds the job of another workflow; choose another "
                                "--job-dir, or pass --overwrite to start it afresh")  # fmt: skip
             (self.path / "job.json").unlink()
             self.reset()
@@ -147,8 +174,10 @@ class JobFolder:
             _write_atomic(self.path / "items.jsonl", "".join(json.dumps(item) + "\n" for item in items))
             _write_atomic(self.path / "job.json", json.dumps(info, indent=2) + "\n")
             (self.path / "cancel").unlink(missing_ok=True)  # an earlier run's request is not this one's
+            for name in ("workflow.yaml", "items.jsonl", "job.json", "cancel"):
+                self._saved(name)
         except OSError as exc:
-            raise JobError(f"job folder {self.path} is not writable: {exc.strerror or exc}") from None
+            raise JobError(f"job folder {self.location} is not writable: {exc.strerror or exc}") from None
         register(self)
 
     def info(self) -> dict:
@@ -200,11 +229,13 @@ class JobFolder:
             f.flush()
             if durable:
                 os.fsync(f.fileno())
+        self._saved("manifest.jsonl")
 
     def reset(self) -> None:
         """Forget every attempt (``--overwrite``: every item is redone)."""
         for name in ("manifest.jsonl", "report.csv", "cancel"):
             (self.path / name).unlink(missing_ok=True)
+            self._saved(name)
 
     # -- status, cancel, report -------------------------------------------------------------------------------
 
@@ -217,14 +248,16 @@ class JobFolder:
             raise JobError(f"{self.path}/status.json: unreadable: {exc}") from None
 
     def set_status(self, state: str, **fields) -> None:
-        status = {**self.status(), **fields, "job": self.id, "state": state, "folder": str(self.path), "updated": now()}
+        status = {**self.status(), **fields, "job": self.id, "state": state, "folder": self.location, "updated": now()}
         _write_atomic(self.path / "status.json", json.dumps(status, indent=2) + "\n")
+        self._saved("status.json")
 
     def cancel_requested(self) -> bool:
         return (self.path / "cancel").exists()
 
     def request_cancel(self) -> None:
         (self.path / "cancel").write_text(now() + "\n")
+        self._saved("cancel")
 
     def counts(self, names: set[str]) -> dict[str, int]:
         """How many of the items ``names`` are ok, failed and pending."""
@@ -255,6 +288,7 @@ class JobFolder:
             writer.writeheader()
             writer.writerows(rows)
         os.replace(staged, self.report_path)
+        self._saved("report.csv")
         return self.report_path
 
     # -- one driver at a time --------------------------------------------------------------------------------
@@ -265,7 +299,7 @@ class JobFolder:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise JobError(f"job folder {self.path} is not writable: {exc.strerror or exc}") from None
+            raise JobError(f"job folder {self.location} is not writable: {exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -288,10 +322,59 @@ class JobFolder:
         self.release()
 
 
+class RemoteJobFolder(JobFolder):
+    """A job folder on object storage, worked on through a copy in this machine's scratch.
+
+    Opening it reads the record from the store; every file the job writes is put back whole (S3 has no append:
+    the manifest is put again after each line, which costs as the manifest grows).  The lock is held on this
+    machine only: object storage has none, so two machines must not run one job at once.
+    """
+
+    FILES = ("job.json", "workflow.yaml", "items.jsonl", "manifest.jsonl", "status.json", "report.csv", "cancel")
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        digest = hashlib.sha256(self.url.encode()).hexdigest()[:20]
+        super().__init__(storage.scratch("tilemask-jobs") / digest / self.url.rsplit("/", 1)[-1])
+        self._pull()
+
+    @property
+    def location(self) -> str:
+        return self.url
+
+    def _pull(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            present = set(storage.names(self.url))
+            fs, key = storage._filesystem(self.url)
+            for name in self.FILES:
+                if name in present:
+                    fs.get_file(f"{key}/{name}", str(self.path / f".{name}.part"))
+                    os.replace(self.path / f".{name}.part", self.path / name)
+                else:
+                    (self.path / name).unlink(missing_ok=True)
+        except TilemaskError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many types
+            raise JobError(f"job folder {self.url} cannot be read: {type(exc).__name__}: {exc}") from None
+
+    def _saved(self, name: str) -> None:
+        try:
+            if (self.path / name).exists():
+                storage.upload(self.path / name, f"{self.url}/{name}")
+            else:
+                storage.remove(f"{self.url}/{name}")
+        except Exception as exc:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many types
+            raise JobError(f"job folder {self.url} is not writable: {type(exc).__name__}: {exc}") from None
+
+    def cancel_requested(self) -> bool:
+        return storage.exists(f"{self.url}/cancel")
+
+
 def outputs_complete(outputs: list[str]) -> bool:
     """Whether every output of an item exists, and each label output is a finished tilemask output."""
     for path in outputs:
-        if not os.path.lexists(path):
+        if not exists(path):
             return False
         fmt = for_path(path)
         if fmt.writable and not (fmt.written_by_tilemask(path) and fmt.is_complete(path)):
@@ -307,7 +390,7 @@ def register(job: JobFolder) -> None:
     try:
         index = home() / "jobs"
         index.mkdir(parents=True, exist_ok=True)
-        _write_atomic(index / job.id, str(job.path) + "\n")
+        _write_atomic(index / job.id, job.location + "\n")
     except OSError as exc:
         logger.warning("cannot list job %s in %s: %s", job.id, home(), exc)
 
@@ -315,21 +398,25 @@ def register(job: JobFolder) -> None:
 def find(job: str) -> JobFolder:
     """A job by folder or by id (listed in ``$TILEMASK_HOME/jobs``)."""
     if os.sep in job or Path(job).is_dir():
-        folder = JobFolder(job)
+        folder = job_folder(job)
     else:
         entry = home() / "jobs" / job
         if not entry.is_file():
             raise JobError(f"no job {job!r} (give its id from tilemask jobs, or its folder)")
-        folder = JobFolder(entry.read_text().strip())
+        folder = job_folder(entry.read_text().strip())
     if not folder.exists():
-        raise JobError(f"{folder.path}: not a tilemask job folder (no job.json)")
+        raise JobError(f"{folder.location}: not a tilemask job folder (no job.json)")
     return folder
 
 
 def listed() -> Iterator[JobFolder]:
     index = home() / "jobs"
     for entry in sorted(index.iterdir()) if index.is_dir() else ():
-        folder = JobFolder(entry.read_text().strip())
+        try:
+            folder = job_folder(entry.read_text().strip())
+        except TilemaskError as exc:  # a folder on object storage that cannot be reached now
+            logger.warning("job %s: %s", entry.name, exc)
+            continue
         if folder.exists():
             yield folder
 

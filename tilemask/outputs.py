@@ -12,6 +12,11 @@
   on ``.tilemask-lock-<name>`` beside each file of the output from before the
   output checks to the end; a second run is refused with one line.  The kernel
   drops the lock of a dead process, so a killed run never blocks the next one.
+* Outputs on object storage (``s3://``, :mod:`tilemask.storage`) follow the same
+  rules with what S3 offers: staged under the same hidden names, published by a
+  server-side copy; a file is written in local scratch and uploaded whole.  Their
+  locks are held on this machine (``$TILEMASK_SCRATCH/tilemask-locks``): S3 has no
+  lock, so two machines writing one remote output are not kept apart.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +36,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from . import storage
 from .errors import OutputConflict, OutputError
 
 logger = logging.getLogger(__name__)
@@ -43,8 +50,8 @@ def new_run_id() -> str:
 
 def staged_path(path: str | os.PathLike, run_id: str) -> str:
     """The hidden sibling ``path`` is written under by run ``run_id`` (same suffix, so drivers pick the format)."""
-    p = Path(os.fspath(path).rstrip("/"))
-    return str(p.with_name(f"{PREFIX}{run_id}-{p.name}"))
+    folder, slash, name = os.fspath(path).rstrip("/").rpartition("/")
+    return f"{folder}{slash}{PREFIX}{run_id}-{name}"
 
 
 ASIDE = ".old"  # an output renamed aside while a new one takes its place
@@ -55,13 +62,23 @@ record of the chunks a job has written (``.done``, kept for the job's next run t
 
 def leftovers(path: str | os.PathLike) -> list[Path]:
     """Hidden files and folders that runs of ``path`` (and of no other output) left."""
-    p = Path(os.fspath(path).rstrip("/"))
+    folder, _, name = os.fspath(path).rstrip("/").rpartition("/")
     suffixes = "|".join(re.escape(s) for s in STAGING_SUFFIXES if s)
-    pattern = re.compile(rf"^{re.escape(PREFIX)}[0-9a-f]+-{re.escape(p.name)}({suffixes})?$")
+    pattern = re.compile(rf"^{re.escape(PREFIX)}[0-9a-f]+-{re.escape(name)}({suffixes})?$")
+    if storage.is_remote(path):
+        return [RemotePath(f"{folder}/{child}") for child in storage.names(folder) if pattern.match(child)]
     try:
-        return [child for child in p.parent.iterdir() if pattern.match(child.name)]
+        return [child for child in Path(folder or ".").iterdir() if pattern.match(child.name)]
     except OSError:
         return []
+
+
+class RemotePath(str):
+    """An object's URL, with the ``name`` :func:`recover` asks of a leftover."""
+
+    @property
+    def name(self) -> str:
+        return self.rstrip("/").rsplit("/", 1)[-1]
 
 
 class FolderListings:
@@ -80,6 +97,8 @@ class FolderListings:
         self._lock = threading.Lock()
 
     def leftovers(self, path: str | os.PathLike) -> list[Path]:
+        if storage.is_remote(path):  # object listings are by prefix: nothing to share
+            return leftovers(path)
         p = Path(os.fspath(path).rstrip("/"))
         with self._lock:
             index = self._folders.get(p.parent)
@@ -105,8 +124,16 @@ class FolderListings:
         return index
 
 
+def exists(path: str | os.PathLike) -> bool:
+    """Whether there is a file or folder (an object or prefix) at ``path``."""
+    return storage.exists(os.fspath(path)) if storage.is_remote(path) else os.path.lexists(path)
+
+
 def remove(path: str | os.PathLike) -> None:
     """Remove a file or a folder, if there is one."""
+    if storage.is_remote(path):
+        storage.remove(os.fspath(path))
+        return
     p = Path(path)
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p, ignore_errors=True)
@@ -121,8 +148,15 @@ def publish(staged: str | os.PathLike, path: str | os.PathLike) -> None:
     A file replaces atomically (``os.replace``).  A folder cannot replace a folder
     in one step, so the old one is first renamed aside, then removed once the new
     one is in place: at every moment ``path`` is either the old whole output or the
-    new whole output (or briefly absent), never a mix.
+    new whole output (or briefly absent), never a mix.  On object storage, see :func:`tilemask.storage.publish`.
     """
+    if storage.is_remote(path):
+        if storage.is_remote(staged):
+            storage.publish(os.fspath(staged), os.fspath(path))
+        else:
+            storage.upload(staged, os.fspath(path))
+            remove(staged)
+        return
     staged, path = Path(staged), Path(os.fspath(path).rstrip("/"))
     if staged.is_dir() and path.exists():
         aside = Path(staged_path(path, new_run_id()) + ASIDE)
@@ -143,9 +177,11 @@ def atomic_path(path: str | os.PathLike, run_id: str | None = None) -> Iterator[
 
     On any exception (a pyarrow ``ValueError`` or ``KeyboardInterrupt`` as much as
     an ``OSError``) the staged file is removed and the exception propagates.  A
-    full disk is named as such.
+    full disk is named as such.  A file for object storage is written in local scratch and uploaded whole.
     """
     staged = staged_path(path, run_id or new_run_id())
+    if storage.is_remote(path):
+        staged = str(storage.scratch("tilemask-staged") / Path(staged).name)
     try:
         yield staged
         publish(staged, path)
@@ -176,6 +212,9 @@ def describe_write_error(exc: BaseException, path: str | os.PathLike) -> str:
 
 def _same_place(a: str, b: str) -> bool:
     """``a`` and ``b`` are one file, or one lies inside the other (a Zarr array inside a group)."""
+    if storage.is_remote(a) or storage.is_remote(b):
+        a, b = a.rstrip("/"), b.rstrip("/")
+        return a == b or a.startswith(b + "/") or b.startswith(a + "/")
     ra, rb = Path(os.path.realpath(a)), Path(os.path.realpath(b))
     return ra == rb or ra in rb.parents or rb in ra.parents
 
@@ -186,17 +225,20 @@ def check_outputs(outputs: Iterable[tuple[str, bool]], inputs: Iterable[str], ov
     ``outputs`` are ``(path, owned)``: ``owned`` tells whether what exists at the path
     was written by tilemask (the format decides; see :mod:`tilemask.formats`).
     """
-    inputs = [i for i in inputs if "://" not in i and not i.startswith("/vsi")]
+    inputs = [i for i in inputs if storage.is_remote(i) or ("://" not in i and not i.startswith("/vsi"))]
     for path, owned in outputs:
         clash = next((i for i in inputs if _same_place(path, i)), None)
         if clash is not None:
             raise OutputConflict(f"output {path} is the input {clash} (or inside it); refused to overwrite an input")
-        if os.path.lexists(path):
+        if exists(path):
             if not owned:
                 raise OutputConflict(f"output {path} exists and was not written by tilemask; refused to replace it")
             if not overwrite:
                 raise OutputConflict(f"output {path} exists; pass --overwrite to replace it")
-        check_writable(Path(path).parent)
+        if storage.is_remote(path):
+            check_remote_writable(path.rstrip("/").rpartition("/")[0])
+        else:
+            check_writable(Path(path).parent)
 
 
 def check_writable(folder: Path) -> None:
@@ -208,6 +250,19 @@ def check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise OutputConflict(f"output folder {folder} is not writable: {exc.strerror or exc}") from None
+
+
+def check_remote_writable(folder: str) -> None:
+    """Prove an object can be put in ``folder`` on object storage (the bucket is there, the keys may write)."""
+    probe = f"{folder}/{PREFIX}{new_run_id()}-probe"
+    try:
+        fs, key = storage._filesystem(probe)
+        fs.pipe_file(key, b"")
+        fs.rm(key)
+    except Exception as exc:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many types
+        text = str(exc).strip()
+        raise OutputConflict(f"output folder {folder} is not writable: {type(exc).__name__}: "
+                             f"{text.splitlines()[0] if text else ''}") from None  # fmt: skip
 
 
 class OutputLock:
@@ -229,6 +284,9 @@ class OutputLock:
 
     @staticmethod
     def lock_path(path: str) -> Path:
+        if storage.is_remote(path):  # held on this machine: object storage has no lock
+            digest = hashlib.sha256(path.encode()).hexdigest()[:20]
+            return storage.scratch("tilemask-locks") / f"{digest}-{path.rsplit('/', 1)[-1]}"
         p = Path(path)
         return p.with_name(f"{PREFIX}lock-{p.name}")
 
@@ -285,6 +343,10 @@ def recover(path: str, keep: str | None = None, listings: FolderListings | None 
     its own pieces), and put back an output set aside by a :func:`publish` that died between its two renames."""
     for leftover in listings.leftovers(path) if listings else leftovers(path):
         if keep and leftover.name.startswith(f"{PREFIX}{keep}-") and not leftover.name.endswith(ASIDE):
+            continue
+        if isinstance(leftover, RemotePath):  # published by copying, never set aside
+            logger.info("removing %s, left by an interrupted run", leftover)
+            remove(leftover)
             continue
         if not os.path.lexists(leftover):  # a listing made earlier in the run
             continue

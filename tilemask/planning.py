@@ -45,6 +45,7 @@ from .sources import ImageSource, open_source
 from .sources.stack import StackedSource
 from .spatial import ModelGrid, ResampledSource, model_grid
 from .stats.config import PostprocessConfig, StatsConfig
+from .storage import is_remote
 from .workflow import REMOTE_PREFIXES, InputItem, Workflow
 
 logger = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ class WorkflowPlan:
         sink = make_sink(item.output, layout)
         resumable = (  # worth a record of the chunks written: a job's item of several chunks, written straight
             self.job_id and sink.resumable and item.back is None and self.postprocess is None
-            and math.prod(item.plan.chunk_counts) > 1
+            and math.prod(item.plan.chunk_counts) > 1 and not is_remote(item.output)  # (the record is a folder)
         )  # fmt: skip
         return Job(
             input=item.input,
@@ -349,7 +350,10 @@ def _plan_input(workflow: Workflow, item: InputItem, spatial_dims: int) -> Input
         chunks = WindowPlan.build(source.spatial_shape, inference.roi_size, inference.overlap, workflow.output.chunks)
         back = Inversion(network_source, chunks)
     source = network_source
-    quicklook = workflow.output.quicklook and spatial_dims == 2 and for_path(path).gdal_raster and len(item.files) == 1
+    quicklook = (  # beside a local output only: it reads the labels back
+        workflow.output.quicklook and spatial_dims == 2 and for_path(path).gdal_raster and len(item.files) == 1
+        and not is_remote(output)
+    )  # fmt: skip
     return InputPlan(
         input=path,
         source=source,
@@ -357,7 +361,7 @@ def _plan_input(workflow: Workflow, item: InputItem, spatial_dims: int) -> Input
         output=output,
         products=Products(
             vectors=workflow.vectors_path(item.name),
-            quicklook=str(Path(output.rstrip("/")).with_suffix(".png")) if quicklook else None,
+            quicklook=os.path.splitext(output.rstrip("/"))[0] + ".png" if quicklook else None,
             quicklook_bands=tuple(getattr(source, "bands", ())),
             stats=workflow.stats_for(item.name),
         ),

@@ -14,6 +14,14 @@ for S3: ``pip install 'tilemask[s3]'``) into a scratch folder
 the object's ETag (a changed object is fetched again), renamed into place only
 when whole.  Archive members (``/vsizip/``, ``/vsitar/``) are extracted the same
 way (:mod:`tilemask.sources.archive`).
+
+Outputs and job folders may be on object storage too (:func:`is_remote`): the
+few file operations :mod:`tilemask.outputs` and :mod:`tilemask.jobs` need
+(exists, remove, list, upload, publish) are here, on fsspec's file systems.
+S3 has no rename: a staged object is published by a server-side copy (the
+destination appears whole) and a staged Zarr folder by copying its objects with
+the root ``zarr.json`` last, so a reader finds no group until every chunk is
+there.
 """
 
 from __future__ import annotations
@@ -78,8 +86,7 @@ def local_copy(path: str) -> str:
 def _copy_once(kind: str, identity: str, name: str, write: Callable[[str], None]) -> str:
     """``scratch/kind/<hash of identity>/<base name>``, written by ``write`` under a temporary name and
     renamed into place when whole (a reader never sees half a copy); kept for the next reader."""
-    folder = Path(os.environ.get("TILEMASK_SCRATCH") or tempfile.gettempdir()) / kind
-    folder = folder / hashlib.sha256(identity.encode()).hexdigest()[:20]
+    folder = scratch(kind) / hashlib.sha256(identity.encode()).hexdigest()[:20]
     target = folder / (os.path.basename(name) or "object")
     if target.exists():
         return str(target)
@@ -94,15 +101,97 @@ def _copy_once(kind: str, identity: str, name: str, write: Callable[[str], None]
     return str(target)
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is on object storage (written through fsspec, not the local file system)."""
+    return os.fspath(path).startswith(OBJECT_STORES)
+
+
+GDAL_PREFIXES = {"s3://": "/vsis3/", "gs://": "/vsigs/", "az://": "/vsiaz/", "abfs://": "/vsiaz/"}
+
+
+def gdal_path(path: str) -> str:
+    """The name GDAL reads an object by (``s3://b/k`` -> ``/vsis3/b/k``)."""
+    for scheme, prefix in GDAL_PREFIXES.items():
+        if path.startswith(scheme):
+            return prefix + path[len(scheme):]
+    return path
+
+
+def scratch(kind: str) -> Path:
+    """This machine's scratch folder for ``kind`` (``$TILEMASK_SCRATCH``, else the system's temporary folder)."""
+    folder = Path(os.environ.get("TILEMASK_SCRATCH") or tempfile.gettempdir()) / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def storage_options(path: str) -> dict:
+    """fsspec's options for ``path`` (the S3 endpoint the AWS variables name), for zarr's ``storage_options``."""
+    options: dict = {}
+    if path.startswith("s3://"):
+        options["use_listings_cache"] = False  # other processes write the same prefixes
+        if s3_endpoint():
+            options["client_kwargs"] = {"endpoint_url": s3_endpoint()}
+    return options
+
+
+def zarr_options(path: str) -> dict:
+    """zarr's ``open`` keywords for ``path``: fsspec's options where it is on object storage."""
+    return {"storage_options": storage_options(path)} if is_remote(path) else {}
+
+
+def exists(path: str) -> bool:
+    fs, key = _filesystem(path)
+    return fs.exists(key)
+
+
+def names(folder: str) -> list[str]:
+    """The base names of the objects and prefixes directly under ``folder`` (none if there is none)."""
+    fs, key = _filesystem(folder)
+    try:
+        return [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(key, detail=False)]
+    except FileNotFoundError:
+        return []
+
+
+def remove(path: str) -> None:
+    """Remove an object, or every object under a prefix, if there is any."""
+    fs, key = _filesystem(path)
+    try:
+        fs.rm(key, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+def upload(local: str | os.PathLike, path: str) -> None:
+    """Put a local file at ``path`` (a multipart upload appears only when whole)."""
+    fs, key = _filesystem(path)
+    fs.put_file(os.fspath(local), key)
+
+
+def publish(staged: str, path: str) -> None:
+    """Put a staged object or Zarr folder at ``path``, replacing what was there, then drop the staged one."""
+    fs, source = _filesystem(staged)
+    _, target = _filesystem(path)
+    if not fs.isdir(source):
+        fs.copy(source, target)
+        fs.rm(source)
+        return
+    remove(path)
+    keys = [key for key in fs.find(source) if key != source]
+    roots = [key for key in keys if key == f"{source}/zarr.json"]
+    rest = [key for key in keys if key not in roots]
+    for batch in (rest, roots):  # the group's own metadata last: until then no reader sees a group
+        if batch:
+            fs.copy(batch, [target + key[len(source):] for key in batch])
+    fs.rm(source, recursive=True)
+
+
 def _filesystem(path: str):
     try:
         import fsspec
     except ImportError:  # pragma: no cover - fsspec comes with dask
         raise InputError(f"{path}: reading it needs fsspec") from None
-    options = {}
-    if path.startswith("s3://") and s3_endpoint():
-        options["client_kwargs"] = {"endpoint_url": s3_endpoint()}
     try:
-        return fsspec.core.url_to_fs(path, **options)
+        return fsspec.core.url_to_fs(path, **storage_options(path))
     except ImportError as exc:
         raise InputError(f"{path}: reading it needs {exc.name or 's3fs'}: pip install 'tilemask[s3]'") from None

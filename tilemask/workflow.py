@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from .errors import InputError, WorkflowError
 from .formats import FORMATS, for_output, stem
 from .stats.config import NotBool, PostprocessConfig, StatsConfig
+from .storage import is_remote
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ Overlap = Annotated[float, NotBool, Field(ge=0.0, lt=1.0)]
 SigmaScale = Annotated[float, NotBool, Field(gt=0)]
 MAX_ALIAS_EXPANSION = 100_000  # values YAML aliases may add to a workflow (a "billion laughs" adds ~10**9)
 REMOTE_PREFIXES = ("http://", "https://", "s3://", "/vsi", "gs://", "az://")
+REMOTE_OUTPUT_FORMATS = ("zarr", "cog")  # written chunk by chunk through fsspec, or assembled and uploaded whole
 
 
 class _Strict(BaseModel):
@@ -223,9 +225,14 @@ class Output(_Strict):
     @field_validator("path")
     @classmethod
     def _suffix(cls, value: str) -> str:
-        for_output(value)  # ValueError naming the suffixes tilemask writes
-        if value.startswith(REMOTE_PREFIXES):
-            raise ValueError(f"outputs are written to a file system the workers see, not to a URL (got {value!r})")
+        fmt = for_output(value)  # ValueError naming the suffixes tilemask writes
+        if is_remote(value):
+            if fmt.name not in REMOTE_OUTPUT_FORMATS:
+                raise ValueError(f"outputs on object storage are {' or '.join(REMOTE_OUTPUT_FORMATS)}; write {fmt.name} "
+                                 f"to a file system the workers see (got {value!r})")  # fmt: skip
+        elif value.startswith(REMOTE_PREFIXES):
+            raise ValueError(f"outputs are written to a file system the workers see or to object storage (s3://), "
+                             f"not to {value!r}")  # fmt: skip
         return _only_stem_placeholder(value)
 
     @field_validator("vectors")
@@ -324,6 +331,9 @@ class Workflow(_Strict):
             raise ValueError("inference.activation sigmoid needs model.args.out_channels: 1 (one binary class)")
         if self.classes is not None and out_channels is not None and len(self.classes) != self.n_classes:
             raise ValueError(f"classes has {len(self.classes)} names but the model gives {self.n_classes} classes")
+        if is_remote(self.output.path) and (self.output.vectors or self.stats is not None):
+            raise ValueError("output.vectors and stats read the labels back from a local file system: write the "
+                             "labels there, not to object storage")  # fmt: skip
         if len(roi) != 2 and self.output.vectors:
             raise ValueError("output.vectors needs a 2D raster model (roi_size of 2 values)")
         fmt = for_output(self.output.path)

@@ -24,6 +24,11 @@ go three ways: the ``TILEMASK_CLASSES`` dataset tag (JSON, what
 sidecar the band's category names and a thematic raster attribute table
 (``Value``, ``Class``, ``Red``, ``Green``, ``Blue``, ``Alpha``), which QGIS
 (3.30+) turns into a legend with the class names.  See ``docs/outputs.md``.
+
+On object storage (``s3://``) the pieces are objects under the hidden parts
+prefix (each written in local scratch and uploaded whole); the commit task reads
+them in place through GDAL (``/vsis3/``), assembles the COG in its scratch and
+uploads it under its staged name, which is then copied onto the output's.
 """
 
 from __future__ import annotations
@@ -46,7 +51,9 @@ from ..classes import BACKGROUND, CLASSES_TAG, class_colours, class_name
 from ..errors import OutputError
 from ..formats import for_path
 from ..geometry import RasterGeometry, Region
-from ..outputs import atomic_path, describe_write_error, publish, remove, staged_path
+from ..outputs import atomic_path, describe_write_error, exists, publish, remove, staged_path
+from ..sources.raster import gdal_env
+from ..storage import gdal_path, is_remote, names, scratch, upload
 from . import LabelSink, OutputLayout
 
 logger = logging.getLogger(__name__)
@@ -73,6 +80,11 @@ class CogRaster:
     def partial(self) -> str:
         return staged_path(self.path, self.run_id)
 
+    @property
+    def assembled(self) -> str:
+        """Where GDAL writes the COG: the partial itself, or for object storage a file in local scratch."""
+        return str(scratch("tilemask-staged") / os.path.basename(self.partial)) if is_remote(self.path) else self.partial
+
     def piece(self, region: Region) -> str:
         (r0, _), (c0, _) = region
         return os.path.join(self.parts, f"{r0}_{c0}.tif")
@@ -93,7 +105,7 @@ class CogRaster:
     def publish(self) -> None:
         """Rename the assembled COG into place, its ``.aux.xml`` sidecar first."""
         sidecar = self.partial + ".aux.xml"
-        if os.path.exists(sidecar):
+        if exists(sidecar):
             publish(sidecar, self.path + ".aux.xml")
         else:
             remove(self.path + ".aux.xml")  # a stale sidecar of an older output
@@ -104,6 +116,8 @@ class CogRaster:
         """Remove the partial COG and what GDAL writes beside it (``.aux.xml``, ``.ovr.tmp``)."""
         for suffix in ("", ".aux.xml", ".ovr.tmp", ".msk"):
             remove(self.partial + suffix)
+            if self.assembled != self.partial:
+                remove(self.assembled + suffix)
 
 
 @dataclass(frozen=True)
@@ -145,7 +159,7 @@ class CogSink(LabelSink):
             raise OutputError(f"{self.path}: cannot store {layout.labels_dtype} labels in a COG")
         try:
             for raster in self.rasters:
-                if raster is not None:
+                if raster is not None and not is_remote(raster.parts):  # (object storage has no folders)
                     os.makedirs(raster.parts, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"{self.path}: cannot create the output folder: {exc.strerror}") from None
@@ -155,8 +169,14 @@ class CogSink(LabelSink):
         for raster in self.rasters:
             if raster is not None:
                 vrt = os.path.join(self.parts, f"{raster.kind}.vrt")
+                if is_remote(vrt):
+                    vrt = str(scratch("tilemask-staged") / f"{os.path.basename(raster.partial)}.vrt")
                 Path(vrt).write_text(self._vrt(raster))
-                self._translate(raster, vrt)
+                try:
+                    self._translate(raster, vrt)
+                finally:
+                    if is_remote(raster.path):
+                        remove(vrt)
 
     def publish(self) -> list[str]:
         """Rename them all into place, then drop the pieces."""
@@ -173,7 +193,7 @@ class CogSink(LabelSink):
                 raster.abort()
 
     def reopen(self) -> bool:
-        return all(os.path.isdir(raster.parts) for raster in self.rasters if raster is not None)
+        return not is_remote(self.path) and all(os.path.isdir(r.parts) for r in self.rasters if r is not None)
 
     # -- worker side ------------------------------------------------------------------------------
 
@@ -197,7 +217,11 @@ class CogSink(LabelSink):
         """A VRT mosaic of the pieces, carrying georeferencing, nodata and class metadata."""
         layout, geometry = self.layout, self.layout.geometry
         regions = self._regions()
-        missing = [r for r in regions if not os.path.exists(raster.piece(r))]
+        if is_remote(raster.parts):  # pieces read in place by GDAL; listed once
+            written = set(names(raster.parts))
+            missing = [r for r in regions if os.path.basename(raster.piece(r)) not in written]
+        else:
+            missing = [r for r in regions if not os.path.exists(raster.piece(r))]
         if missing:
             raise OutputError(f"{raster.path}: {len(missing)} chunks were never written (first at {missing[0]})")
         gdal_type = GDAL_TYPES[raster.dtype]
@@ -216,10 +240,13 @@ class CogSink(LabelSink):
                 lines.append(f"    <Description>{escape(class_name(layout.class_names, band - 1))}</Description>")
             for region in regions:
                 (r0, r1), (c0, c1) = region
-                name = os.path.relpath(raster.piece(region), self.parts)
+                if is_remote(raster.parts):
+                    name, relative = gdal_path(raster.piece(region)), 0
+                else:
+                    name, relative = os.path.relpath(raster.piece(region), self.parts), 1
                 lines.append(
                     "    <SimpleSource>"
-                    f'<SourceFilename relativeToVRT="1">{escape(name)}</SourceFilename>'
+                    f'<SourceFilename relativeToVRT="{relative}">{escape(name)}</SourceFilename>'
                     f"<SourceBand>{band}</SourceBand>"
                     f'<SourceProperties RasterXSize="{c1 - c0}" RasterYSize="{r1 - r0}" DataType="{gdal_type}"'
                     f' BlockXSize="{min(256, c1 - c0)}" BlockYSize="{min(256, r1 - r0)}"/>'
@@ -279,9 +306,14 @@ class CogSink(LabelSink):
             options["PREDICTOR"] = "YES"
         raster.abort()
         try:
-            with rasterio.Env(**GDAL_OPTIONS):
-                rasterio.shutil.copy(vrt, raster.partial, driver="COG", **options)
+            with gdal_env(), rasterio.Env(**GDAL_OPTIONS):
+                rasterio.shutil.copy(vrt, raster.assembled, driver="COG", **options)
+            if raster.assembled != raster.partial:  # uploaded whole under the staged name, the sidecar first
+                for suffix in (".aux.xml", ""):
+                    if os.path.exists(raster.assembled + suffix):
+                        upload(raster.assembled + suffix, raster.partial + suffix)
+                        remove(raster.assembled + suffix)
         except (RasterioError, OSError, SystemError) as exc:  # rasterio raises SystemError for "Unknown GDAL Error"
             raster.abort()
-            raise OutputError(f"{raster.path}: cannot assemble the COG: {describe_write_error(exc, raster.partial)}") from None
+            raise OutputError(f"{raster.path}: cannot assemble the COG: {describe_write_error(exc, raster.assembled)}") from None
 

@@ -5,6 +5,9 @@ of its own and parallel writes never touch the same object.  The group is built
 under a hidden staged name (:func:`tilemask.outputs.staged_path`); its
 ``tilemask`` attribute gets ``complete: true`` only when every chunk is written,
 and only then is it renamed onto the output path, replacing an older output.
+On object storage (``s3://``) workers write the chunks through fsspec and the
+staged group is copied onto the output path (:func:`tilemask.storage.publish`);
+an interrupted run's chunks are not kept there (the item starts over).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import zarr
 
 from ..geometry import Region
 from ..outputs import publish, remove, staged_path
+from ..storage import is_remote, zarr_options
 from ..sources import cached_handle
 from . import LabelSink, OutputLayout
 
@@ -38,7 +42,7 @@ class ZarrSink(LabelSink):
 
     def create(self) -> None:
         layout = self.layout
-        group = zarr.open_group(self.staged, mode="w", zarr_format=3)
+        group = zarr.open_group(self.staged, mode="w", zarr_format=3, **zarr_options(self.staged))
         group.create_array("labels", shape=layout.shape, chunks=layout.chunks, dtype=layout.labels_dtype, fill_value=0)
         if layout.writes_probabilities:
             group.create_array(
@@ -55,24 +59,22 @@ class ZarrSink(LabelSink):
 
     def write(self, region: Region, labels: np.ndarray, probabilities: np.ndarray | None) -> None:
         index = tuple(slice(lo, hi) for lo, hi in region)
-        labels_array = cached_handle(
-            ("zarr-out", self.staged, "labels"), lambda: zarr.open_array(f"{self.staged}/labels", mode="r+")
-        )
+        labels_array = cached_handle(("zarr-out", self.staged, "labels"), lambda: self._array("labels", "r+"))
         labels_array[index] = labels
         if probabilities is not None:
-            array = cached_handle(
-                ("zarr-out", self.staged, "probabilities"),
-                lambda: zarr.open_array(f"{self.staged}/probabilities", mode="r+"),
-            )
+            array = cached_handle(("zarr-out", self.staged, "probabilities"), lambda: self._array("probabilities", "r+"))
             array[(slice(None), *index)] = probabilities
 
     def read_probabilities(self, region: Region) -> np.ndarray:
         """The stored probabilities of one chunk (an intermediate's, before it is copied on)."""
-        array = zarr.open_array(f"{self.staged}/probabilities", mode="r")
+        array = self._array("probabilities", "r")
         return array[(slice(None), *(slice(lo, hi) for lo, hi in region))]
 
+    def _array(self, name: str, mode: str) -> zarr.Array:
+        return zarr.open_array(f"{self.staged}/{name}", mode=mode, **zarr_options(self.staged))
+
     def finish(self) -> None:
-        group = zarr.open_group(self.staged, mode="r+")
+        group = zarr.open_group(self.staged, mode="r+", **zarr_options(self.staged))
         group.attrs["tilemask"] = {**group.attrs["tilemask"], "complete": True}
 
     def publish(self) -> list[str]:
@@ -85,4 +87,4 @@ class ZarrSink(LabelSink):
         remove(self.staged)
 
     def reopen(self) -> bool:
-        return self.visible and os.path.isdir(self.staged)
+        return self.visible and not is_remote(self.staged) and os.path.isdir(self.staged)
