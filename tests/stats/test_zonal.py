@@ -126,6 +126,24 @@ def test_geographic_raster_geodesic_areas(tmp_path, geographic_labels):
             assert row[f"class_{value}_pixels"] == ref.get(value, 0)
 
 
+def test_fraction_rule_on_a_geographic_raster_weights_each_cell_by_its_rows_area(tmp_path, geographic_labels):
+    regions = random_regions(geographic_labels, 12, seed=5)
+    regions_path = tmp_path / "regions.gpkg"
+    regions.to_file(regions_path)
+    table = pd.read_csv(compute_stats(geographic_labels, tmp_path / "z.csv", regions=regions_path, coverage="fraction", chunks=50))
+    ops = ["count", "frac", "unique", "area=count(coverage_weight=area_spherical_m2)",
+           "area_frac=frac(coverage_weight=area_spherical_m2)"]  # fmt: skip
+    reference = exact_extract(str(geographic_labels), regions, ops, output="pandas")
+    assert reference["count"].sum() > 0
+    for row, ref in zip(table.to_dict(orient="records"), reference.to_dict(orient="records")):
+        pixels = dict(zip((int(u) for u in ref["unique"]), (ref["count"] * f for f in ref["frac"])))
+        areas = dict(zip((int(u) for u in ref["unique"]), (ref["area"] * f for f in ref["area_frac"])))
+        for value in class_values(table):
+            assert row[f"class_{value}_pixels"] == pytest.approx(pixels.get(value, 0.0), rel=1e-9, abs=1e-9)
+            # tilemask's pixel areas are geodesic (WGS84's ellipsoid), exactextract's spherical: within 0.5%
+            assert row[f"class_{value}_area_m2"] == pytest.approx(areas.get(value, 0.0), rel=5e-3, abs=1e-6)
+
+
 def test_region_errors(tmp_path, shade_labels):
     regions = random_regions(shade_labels, 3, seed=1)
     regions_path = tmp_path / "regions.gpkg"

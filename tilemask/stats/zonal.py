@@ -11,10 +11,12 @@ touch, straight from the file (GeoTIFF/COG through rasterio, Zarr through zarr):
   when its centre is inside) on that window, and the in-raster, non-nodata
   pixels are counted per class.  Windows over ``MAX_WINDOW_PIXELS`` are burned in
   row strips (same rule, the strip's transform shifted by whole rows).
-* ``coverage="fraction"``: exactextract's rule.  exactextract itself computes
-  the coverage fraction of every cell (``values``, ``coverage`` and ``cell_id``
-  operations) and each class gets ``sum(coverage)``.  This equals exactextract's
-  ``count * frac`` on the whole raster.  A GDAL raster (GeoTIFF, COG, VRT, ...)
+* ``coverage="fraction"``: exactextract's rule, computed by exactextract: a
+  class's pixels are its ``count * frac`` (the sum of the coverage fractions of
+  the class's cells), areas those pixels times the pixel area.  On a geographic
+  raster, where the pixel area changes from row to row, exactextract hands back
+  every covered cell (``values``, ``coverage``, ``cell_id``) and each cell is
+  weighted by its row's area.  A GDAL raster (GeoTIFF, COG, VRT, ...)
   is handed to exactextract as its path, so exactextract opens and reads it with
   its own raster source, exactly as ``exact_extract(path, ...)`` does; only a
   Zarr label array is served through tilemask's :class:`LabelRasterSource`.
@@ -384,11 +386,19 @@ def _fraction_batch(reader: WindowReader, grid: Grid, nodata, zones: list[int], 
     )
     # a GDAL raster goes to exactextract as its path: exactextract's own source, as exact_extract(path) reads it
     raster = LabelRasterSource(reader, grid, nodata) if reader.is_zarr else reader.path
-    ops = ["values", "coverage", "cell_id"]
-    result = locked_exact_extract(raster, features, ops, include_cols=["zone"], output="pandas")
-    width = grid.shape[1]
     sizes = grid.row_sizes
     rows_out = []
+    if np.isnan(sizes).all() or (sizes == sizes[0]).all():  # one pixel size: exactextract sums per class itself
+        ops = ["count", "unique", "frac"]  # a class's pixels: count * frac = the sum of its cells' coverage
+        result = locked_exact_extract(raster, features, ops, include_cols=["zone"], output="pandas")
+        for zone, count, classes, fractions in zip(result["zone"], result["count"], result["unique"], result["frac"]):
+            for cls, fraction in zip(np.asarray(classes, dtype=np.int64), np.asarray(fractions, dtype=float)):
+                pixels = float(count) * fraction
+                rows_out.append((int(zone), int(cls), pixels, pixels * float(sizes[0])))
+        return pd.DataFrame(rows_out, columns=["zone", "cls", "count", "size"])
+    # geographic rasters: every covered cell, weighted by its row's area
+    result = locked_exact_extract(raster, features, ["values", "coverage", "cell_id"], include_cols=["zone"], output="pandas")
+    width = grid.shape[1]
     for zone, values, coverage, cell_id in zip(result["zone"], result["values"], result["coverage"], result["cell_id"]):
         values = np.asarray(values, dtype=np.int64)
         coverage = np.asarray(coverage, dtype=float)
