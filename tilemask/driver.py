@@ -241,8 +241,8 @@ def drive_job(
     finally:
         runner.release()
         try:  # the record of a run that failed must not hide why it failed (a full disk fails both)
-            report = job.write_report(job.items(), skipped)
-            counts.write(state, report=str(report), **({} if state == "running" else {"finished": time.time()}))
+            job.write_report(job.items(), skipped)
+            counts.write(state, report=job.report, **({} if state == "running" else {"finished": time.time()}))
         except OSError as exc:
             logger.warning("job %s: cannot write its report and status: %s", job.id, exc)
     return JobResults([r for r in results if r is not None], job)

@@ -346,17 +346,14 @@ class RemoteJobFolder(JobFolder):
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             present = set(storage.names(self.url))
-            fs, key = storage._filesystem(self.url)
             for name in self.FILES:
                 if name in present:
-                    fs.get_file(f"{key}/{name}", str(self.path / f".{name}.part"))
+                    storage.download(f"{self.url}/{name}", self.path / f".{name}.part")
                     os.replace(self.path / f".{name}.part", self.path / name)
                 else:
                     (self.path / name).unlink(missing_ok=True)
-        except TilemaskError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many types
-            raise JobError(f"job folder {self.url} cannot be read: {type(exc).__name__}: {exc}") from None
+        except (FileNotFoundError, PermissionError) as exc:  # no such bucket; a key that may not read
+            raise JobError(f"job folder {self.url} cannot be read: {exc}") from None
 
     def _saved(self, name: str) -> None:
         try:
@@ -364,8 +361,8 @@ class RemoteJobFolder(JobFolder):
                 storage.upload(self.path / name, f"{self.url}/{name}")
             else:
                 storage.remove(f"{self.url}/{name}")
-        except Exception as exc:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many types
-            raise JobError(f"job folder {self.url} is not writable: {type(exc).__name__}: {exc}") from None
+        except (FileNotFoundError, PermissionError) as exc:  # no such bucket; a key that may not write
+            raise JobError(f"job folder {self.url} is not writable: {exc}") from None
 
     def cancel_requested(self) -> bool:
         return storage.exists(f"{self.url}/cancel")

@@ -26,6 +26,7 @@ there.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -34,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .errors import InputError
+from .errors import InputError, OutputError, TilemaskError
 
 OBJECT_STORES = ("s3://", "gs://", "az://", "abfs://")
 WEB = ("http://", "https://")
@@ -134,16 +135,35 @@ def storage_options(path: str) -> dict:
     return options
 
 
+def _reaching(operation: Callable) -> Callable:
+    """``operation(path, ...)`` with what the store or the network raised (but a missing object) as one line:
+    an :class:`OutputError` naming the path."""
+
+    @functools.wraps(operation)
+    def wrapped(path, *args):
+        try:
+            return operation(path, *args)
+        except (FileNotFoundError, TilemaskError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many types
+            text = str(exc).strip()
+            raise OutputError(f"{path}: object storage: {type(exc).__name__}: {text.splitlines()[0] if text else ''}") from None
+
+    return wrapped
+
+
 def zarr_options(path: str) -> dict:
     """zarr's ``open`` keywords for ``path``: fsspec's options where it is on object storage."""
     return {"storage_options": storage_options(path)} if is_remote(path) else {}
 
 
+@_reaching
 def exists(path: str) -> bool:
     fs, key = _filesystem(path)
     return fs.exists(key)
 
 
+@_reaching
 def names(folder: str) -> list[str]:
     """The base names of the objects and prefixes directly under ``folder`` (none if there is none)."""
     fs, key = _filesystem(folder)
@@ -153,6 +173,7 @@ def names(folder: str) -> list[str]:
         return []
 
 
+@_reaching
 def remove(path: str) -> None:
     """Remove an object, or every object under a prefix, if there is any."""
     fs, key = _filesystem(path)
@@ -162,12 +183,31 @@ def remove(path: str) -> None:
         pass
 
 
+@_reaching
+def _put(path: str, local: str) -> None:
+    fs, key = _filesystem(path)
+    fs.put_file(local, key)
+
+
 def upload(local: str | os.PathLike, path: str) -> None:
     """Put a local file at ``path`` (a multipart upload appears only when whole)."""
+    _put(path, os.fspath(local))
+
+
+@_reaching
+def download(path: str, local: str | os.PathLike) -> None:
+    """Get the object at ``path`` into the local file ``local``."""
     fs, key = _filesystem(path)
-    fs.put_file(os.fspath(local), key)
+    fs.get_file(key, os.fspath(local))
 
 
+@_reaching
+def put_bytes(path: str, data: bytes) -> None:
+    fs, key = _filesystem(path)
+    fs.pipe_file(key, data)
+
+
+@_reaching
 def publish(staged: str, path: str) -> None:
     """Put a staged object or Zarr folder at ``path``, replacing what was there, then drop the staged one."""
     fs, source = _filesystem(staged)
