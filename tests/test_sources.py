@@ -46,3 +46,44 @@ def test_raster_windows_and_band_order(make_raster):
     source = open_source(str(path), spatial_dims=2, bands=[3, 1])
     assert source.shape == (2, 70, 90) and source.read_valid(((0, 10), (0, 10))) is None
     np.testing.assert_array_equal(source.read(((7, 50), (20, 61))), data[[2, 0], 7:50, 20:61])
+
+
+def test_validity_from_the_pixels_read_is_gdals_dataset_mask(tmp_path):
+    """Where the mask comes from nodata values alone, it is computed from the pixels read (GDAL's dataset mask
+    reads every band again): the same pixels as rasterio's ``dataset_mask``, on the demo scene (nodata 0) and
+    on a VRT with a nodata value per band."""
+    import rasterio
+    from rasterio.windows import Window
+
+    from .conftest import GEO
+
+    scene = str(GEO["RGB.byte.tif"])
+    with rasterio.open(scene) as ds:
+        data, profile = ds.read(), ds.profile
+    data[0, 100:140, 200:260] = 7  # band 1 alone at its nodata: valid (the other bands are not at theirs)
+    data[:, 300:320, 10:90] = np.array([7, 8, 9], np.uint8).reshape(3, 1, 1)  # every band at its nodata: invalid
+    plain = tmp_path / "plain.tif"
+    with rasterio.open(plain, "w", **{**profile, "nodata": None}) as dst:
+        dst.write(data)
+    bands = "".join(
+        f'<VRTRasterBand dataType="Byte" band="{b}"><NoDataValue>{v}</NoDataValue><SimpleSource>'
+        f'<SourceFilename relativeToVRT="0">{plain}</SourceFilename><SourceBand>{b}</SourceBand></SimpleSource>'
+        "</VRTRasterBand>"
+        for b, v in ((1, 7), (2, 8), (3, 9))
+    )
+    per_band = tmp_path / "per_band.vrt"
+    per_band.write_text(f'<VRTDataset rasterXSize="{data.shape[2]}" rasterYSize="{data.shape[1]}">{bands}</VRTDataset>')
+    for path, nodata in ((scene, (0, 0, 0)), (str(per_band), (7, 8, 9))):
+        source = open_source(path, spatial_dims=2, bands=None)
+        assert source.nodata_values == nodata
+        for (r0, r1), (c0, c1) in (((0, 718), (0, 791)), ((90, 357), (5, 300))):
+            read, valid = source.read_with_valid(((r0, r1), (c0, c1)))
+            with rasterio.open(path) as ds:
+                expected = ds.dataset_mask(window=Window(c0, r0, c1 - c0, r1 - r0)) > 0
+            np.testing.assert_array_equal(valid, expected)
+            np.testing.assert_array_equal(read, source.read(((r0, r1), (c0, c1))))
+            assert 0 < valid.sum() < valid.size
+    subset = open_source(scene, spatial_dims=2, bands=[3, 1])  # not every band read: GDAL's mask, read
+    assert subset.nodata_values is None
+    region = ((0, 50), (0, 50))
+    np.testing.assert_array_equal(subset.read_with_valid(region)[1], subset.read_valid(region))

@@ -42,6 +42,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
@@ -49,7 +50,6 @@ from pathlib import Path
 
 import dask
 import numpy as np
-from dask.base import tokenize
 from distributed import Client
 
 from . import timing
@@ -103,6 +103,12 @@ class Shared:
     finishing: Finishing
     sink: LabelSink
     ledger: str | None = None  # the folder recording each chunk written (see :class:`Ledger`)
+    token: str = ""  # the graph's
+
+    def __dask_tokenize__(self):
+        """The graph's token: Dask tokenizes every argument of a graph it is given, and this one holds the
+        workflow (many small items would each spend milliseconds on it)."""
+        return ("tilemask-shared", self.token)
 
 
 def predict(block: Block, shared: Shared) -> Partial:
@@ -133,11 +139,11 @@ def build_graph(job: Job, written: Collection[tuple[int, ...]] = ()) -> tuple[di
     unwritten neighbour needs predicts only its windows that reach into the
     unwritten chunks.
     """
-    token = tokenize(job.input, job.plan, job.model, job.settings, job.finishing, job.sink.path, job.sink.layout.run_id)
+    token = uuid.uuid4().hex  # one graph per run of an item: unique is all a key needs
     names = {layer: f"tilemask-{layer}-{token}" for layer in ("predict", "halo", "chunk")}
     shared = f"tilemask-shared-{token}"
     plan = job.plan
-    graph: dict = {shared: Shared(job.source, job.model, job.settings, job.preprocessing, job.finishing, job.sink, job.ledger)}
+    graph: dict = {shared: Shared(job.source, job.model, job.settings, job.preprocessing, job.finishing, job.sink, job.ledger, token)}
     blocks: dict[tuple, Block] = {}
     deps: dict[tuple, list[tuple]] = {}
     written = set(written)

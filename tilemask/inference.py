@@ -72,8 +72,7 @@ def predict_block(
     extent, region = block.extent, block.region
     origin = tuple(lo for lo, _ in extent)
     with timing.timed("read"):
-        raw = source.read(region)
-        valid = source.read_valid(region)
+        raw, valid = source.read_with_valid(region)
     with timing.timed("preprocess"):
         data = preprocessing.apply(raw)
         if source.floating:  # NaN or infinite values are invalid pixels, like nodata

@@ -88,6 +88,10 @@ class LabelSink(ABC):
     def abort(self) -> None:
         """Remove whatever a failed run staged (client, once no task still writes)."""
 
+    def __dask_tokenize__(self):
+        """Its kind, path and run: the layout holds the workflow, which Dask need not hash per task."""
+        return (type(self).__name__, self.path, self.layout.run_id)
+
     def reopen(self) -> bool:
         """Keep what an interrupted run of the same job staged, if it is there, and say so; chunks it wrote
         are then not written again (:func:`tilemask.engine.execute`).  False: this format starts over."""

@@ -81,6 +81,10 @@ class ImageSource(ABC):
         """Validity of ``region`` (True = valid), or None when every pixel is valid."""
         return None
 
+    def read_with_valid(self, region: Region) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`read` and :meth:`read_valid` of one region (a source may derive one from the other)."""
+        return self.read(region), self.read_valid(region)
+
     @property
     def floating(self) -> bool:
         """Whether values are floats, which may be NaN or infinite: invalid pixels, like nodata."""

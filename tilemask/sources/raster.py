@@ -74,6 +74,7 @@ class RasterSource(ImageSource):
     masked: bool = False  # the dataset has a nodata value, a mask or an alpha band
     scales: tuple[float, ...] | None = None  # per selected band, when not all 1 / 0
     offsets: tuple[float, ...] | None = None
+    nodata_values: tuple[int, ...] | None = None  # per selected band: GDAL's mask is "any band != its nodata"
 
     @classmethod
     def open(cls, path: str, bands: list[int] | None = None) -> RasterSource:
@@ -90,6 +91,8 @@ class RasterSource(ImageSource):
                     MaskFlags.per_dataset in flags or MaskFlags.alpha in flags for flags in ds.mask_flag_enums
                 )
                 scales, offsets = ds.scales, ds.offsets
+                nodata_only = all(flags == [MaskFlags.nodata] for flags in ds.mask_flag_enums)
+                nodatavals = ds.nodatavals
         except RasterioError as exc:
             raise InputError(f"{path}: cannot open raster: {_first_line(exc)}") from None
         if gcps_only:
@@ -104,9 +107,17 @@ class RasterSource(ImageSource):
         band_scales = tuple(float(scales[b - 1]) for b in chosen)
         band_offsets = tuple(float(offsets[b - 1]) for b in chosen)
         rescaled = any(s != 1.0 for s in band_scales) or any(o != 0.0 for o in band_offsets)
+        # the mask from integer nodata values, when every band is read: computed from the pixels read
+        # (what GDAL's dataset mask computes by reading every band again)
+        from_pixels = (
+            nodata_only and np.dtype(dtype).kind in "iu" and sorted(chosen) == list(range(1, count + 1))
+            and all(v is not None and float(v).is_integer() and np.iinfo(dtype).min <= v <= np.iinfo(dtype).max
+                    for v in nodatavals)
+        )  # fmt: skip
         return cls(
             path, chosen, height, width, dtype, geometry, masked,
             band_scales if rescaled else None, band_offsets if rescaled else None,
+            tuple(int(nodatavals[b - 1]) for b in chosen) if from_pixels else None,
         )  # fmt: skip
 
     @property
@@ -129,14 +140,26 @@ class RasterSource(ImageSource):
         return cached_handle(("raster", self.path, file_stamp(self.path)), lambda: rasterio.open(self.path))
 
     def read(self, region: Region) -> np.ndarray:
+        return self._scaled(self._read_raw(region))
+
+    def read_with_valid(self, region: Region) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.nodata_values is None:
+            return self.read(region), self.read_valid(region)
+        raw = self._read_raw(region)
+        valid = np.any(raw != np.asarray(self.nodata_values, raw.dtype).reshape(-1, 1, 1), axis=0)
+        return self._scaled(raw), valid
+
+    def _scaled(self, data: np.ndarray) -> np.ndarray:
+        if self.scales is None:
+            return data
+        shape = (-1, 1, 1)
+        return data * np.float32(self.scales).reshape(shape) + np.float32(self.offsets).reshape(shape)
+
+    def _read_raw(self, region: Region) -> np.ndarray:
         (r0, r1), (c0, c1) = region
         try:
             with gdal_env():
-                data = self._dataset().read(indexes=list(self.bands), window=Window(c0, r0, c1 - c0, r1 - r0))
-            if self.scales is None:
-                return data
-            shape = (-1, 1, 1)
-            return data * np.float32(self.scales).reshape(shape) + np.float32(self.offsets).reshape(shape)
+                return self._dataset().read(indexes=list(self.bands), window=Window(c0, r0, c1 - c0, r1 - r0))
         except RasterioError as exc:
             detail = self._tile_detail(_first_line(exc))
         # raised outside the handler: GDAL's exception chain must not travel back to the client
