@@ -123,7 +123,9 @@ def _object(s3_client, key: str) -> bytes:
 
 
 @pytest.mark.parametrize("suffix", [pytest.param(".zarr", marks=pytest.mark.slow), ".tif"])
-def test_outputs_and_the_job_folder_on_s3_equal_a_local_run_and_the_job_resumes(s3, suffix, tmp_path, write_workflow, client):
+def test_outputs_and_the_job_folder_on_s3_equal_a_local_run_and_the_job_resumes(
+    s3, suffix, tmp_path, write_workflow, client, monkeypatch
+):
     import tilemask
     import zarr
     from tilemask import Workflow
@@ -151,6 +153,14 @@ def test_outputs_and_the_job_folder_on_s3_equal_a_local_run_and_the_job_resumes(
         want = zarr.open_group(expected.outputs[0], mode="r")
         for name in ("labels", "probabilities"):
             np.testing.assert_array_equal(got[name][...], want[name][...])
+        from tilemask.sources.labels import open_labels
+
+        for name, value in env.items():  # this process reads it back as a user would: the AWS variables
+            monkeypatch.setenv(name, value)
+        back = open_labels(f"s3://tilemask/{prefix}/RGB.byte_mask.zarr")
+        # computed here: the shared cluster's workers were started without the AWS variables
+        np.testing.assert_array_equal(back.array.compute(scheduler="sync"), want["labels"][...])
+        assert back.class_names == ("water", "land", "cloud") and back.geometry == open_labels(expected.outputs[0]).geometry
         (got_meta, got_geometry), (want_meta, want_geometry) = [
             (attrs.pop("tilemask"), attrs) for attrs in (dict(got.attrs), dict(want.attrs))
         ]

@@ -27,6 +27,7 @@ from rasterio.windows import Window
 from ..classes import CLASSES_TAG, read_colour_table
 from ..errors import InputError
 from ..geometry import Geometry, RasterGeometry, VolumeGeometry, geometry_from_attrs, normalize_per_axis
+from ..storage import zarr_options
 from . import cached_handle, file_stamp
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def _chunks(chunks, native: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def open_zarr_labels(path: str, chunks) -> LabelImage:
-    node = zarr.open(path, mode="r")
+    node = zarr.open(path, mode="r", **zarr_options(path))
     attrs = dict(node.attrs)
     array = node["labels"] if isinstance(node, zarr.Group) else node
     meta = attrs.get("tilemask", {})
