@@ -119,11 +119,12 @@ def test_oblique_las_volume_oriented_spaced_and_clipped_like_monai(make_model, t
     assert_matches(labels, probabilities, expected)
 
 
-def test_stored_psr_volume_zscored_over_nonzero_voxels_like_monai(make_model, tmp_path, client):
+@pytest.mark.parametrize("chunks", [17, 512])  # the statistics of several chunks combined, and of one
+def test_stored_psr_volume_zscored_over_nonzero_voxels_like_monai(chunks, make_model, tmp_path, client):
     path = stored_psr(tmp_path)
     weights, net = make_model(UNET_3D)
     preprocess = {"orientation": "RAS", "spacing": [1.5, 2.5, 1.2], "normalize": {"mode": "zscore", "nonzero": True}}
-    (result,) = tilemask.run(workflow(path, weights, tmp_path, preprocess, 17), client)
+    (result,) = tilemask.run(workflow(path, weights, tmp_path, preprocess, chunks), client)
     _, _, expected = monai_pipeline(path, net, "RAS", (1.5, 2.5, 1.2), zscore={"nonzero": True})
     assert_matches(*read_nifti_output(result), expected)
 
