@@ -308,12 +308,16 @@ class CogSink(LabelSink):
         try:
             with gdal_env(), rasterio.Env(**GDAL_OPTIONS):
                 rasterio.shutil.copy(vrt, raster.assembled, driver="COG", **options)
-            if raster.assembled != raster.partial:  # uploaded whole under the staged name, the sidecar first
+        except (RasterioError, OSError, SystemError) as exc:  # rasterio raises SystemError for "Unknown GDAL Error"
+            raster.abort()
+            raise OutputError(f"{raster.path}: cannot assemble the COG: {describe_write_error(exc, raster.assembled)}") from None
+        if raster.assembled != raster.partial:  # uploaded whole under the staged name, the sidecar first
+            try:
                 for suffix in (".aux.xml", ""):
                     if os.path.exists(raster.assembled + suffix):
                         upload(raster.assembled + suffix, raster.partial + suffix)
                         remove(raster.assembled + suffix)
-        except (RasterioError, OSError, SystemError) as exc:  # rasterio raises SystemError for "Unknown GDAL Error"
-            raster.abort()
-            raise OutputError(f"{raster.path}: cannot assemble the COG: {describe_write_error(exc, raster.assembled)}") from None
+            except BaseException:  # the store's own one line (OutputError) goes up as it is
+                raster.abort()
+                raise
 
