@@ -122,7 +122,8 @@ def _object(s3_client, key: str) -> bytes:
     return s3_client.get_object(Bucket="tilemask", Key=key)["Body"].read()
 
 
-@pytest.mark.parametrize("suffix", [pytest.param(".zarr", marks=pytest.mark.slow), ".tif"])
+@pytest.mark.slow  # (the default run is at its 6-minute budget)
+@pytest.mark.parametrize("suffix", [".zarr", ".tif"])
 def test_outputs_and_the_job_folder_on_s3_equal_a_local_run_and_the_job_resumes(
     s3, suffix, tmp_path, write_workflow, client, monkeypatch
 ):
