@@ -12,7 +12,10 @@ is written by windows, then:
   ``sliding_window_inference`` call (same roi, overlap, gaussian mode, batch),
   argmax, labels written with rasterio: what a user does today;
 * **model only**: the same number of windows, in the same batches, through the
-  same network with every core, no reading, blending or writing: the floor.
+  same network with every core, no reading, blending or writing: the floor in
+  torch eager;
+* **backend only**: the same through the runner ``inference.backend: auto`` picks
+  on a worker (:mod:`tilemask.backends`): the floor tilemask itself can reach.
 
 Peak memory is the largest sum of RSS over this process and all its children
 (the embedded scheduler and workers), sampled every 0.1 s.  Network: MONAI UNet
@@ -157,6 +160,24 @@ def run_model_only(net: torch.nn.Module, n_windows: int) -> dict:
     return {"wall": wall}
 
 
+def run_backend_only(weights: Path, n_windows: int) -> dict:
+    """The model-only floor through the backend ``auto`` picks on a worker (tilemask.backends), same batches."""
+    from tilemask.backends import cached_runner
+    from tilemask.settings import InferenceSettings, ModelSpec
+
+    spec = ModelSpec.create("UNet", ARGS, str(weights))
+    settings = InferenceSettings(roi=(ROI, ROI), batch_size=BATCH, backend="auto")
+    backend, run = cached_runner(spec, settings, 3, torch.device("cpu"))
+    batch = torch.randn(BATCH, 3, ROI, ROI)
+    with torch.inference_mode():
+        run(batch)  # warm-up
+        start = time.perf_counter()
+        for _ in range(math.ceil(n_windows / BATCH)):
+            run(batch)
+        wall = time.perf_counter() - start
+    return {"wall": wall, "backend": backend}
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -175,7 +196,6 @@ def main() -> None:
     weights = workdir / "unet.pt"
     torch.save(net.state_dict(), weights)
     print(f"machine: {os.cpu_count()} cores, {gib(psutil.virtual_memory().total)}; torch {torch.__version__}")
-    rows = []
     for size in args.sizes:
         raster = workdir / f"scene_{size}.tif"
         if not raster.exists():
@@ -183,14 +203,16 @@ def main() -> None:
         t = run_tilemask(raster, weights, workdir / f"tilemask_{size}.zarr")
         m = run_monai(raster, net, workdir / f"monai_{size}.tif")
         p = run_model_only(net, t["windows"])
-        rows.append((size, t, m, p))
+        b = run_backend_only(weights, t["windows"])
         print(f"\n{size} x {size} x 3 ({t['windows']} windows of {ROI}^2, {t['tasks']} tasks)")
         print(f"{'':14}{'wall s':>10}{'peak memory':>14}{'vs model only':>16}")
         print(f"{'tilemask':14}{t['wall']:>10.1f}{gib(t['peak']):>14}{t['wall'] / p['wall']:>15.2f}x")
         print(f"{'MONAI':14}{m['wall']:>10.1f}{gib(m['peak']):>14}{m['wall'] / p['wall']:>15.2f}x")
-        print(f"{'model only':14}{p['wall']:>10.1f}{'':>14}{1.0:>15.2f}x")
-        print(f"tilemask / MONAI: time {t['wall'] / m['wall']:.2f}, peak memory {t['peak'] / m['peak']:.3f}")
-        print_stages(t, p["wall"])
+        print(f"{'model only':14}{p['wall']:>10.1f}{'':>14}{1.0:>15.2f}x  (torch eager, batches of {BATCH})")
+        print(f"{'backend only':14}{b['wall']:>10.1f}{'':>14}{b['wall'] / p['wall']:>15.2f}x  ({b['backend']}, what auto picked)")
+        print(f"tilemask / MONAI: time {t['wall'] / m['wall']:.2f}, peak memory {t['peak'] / m['peak']:.3f}; "
+              f"tilemask / backend only: time {t['wall'] / b['wall']:.2f}")
+        print_stages(t, b["wall"])  # the worker's model stage times the backend
     if args.giga:
         raster = workdir / f"scene_{args.giga}.tif"
         if not raster.exists():

@@ -1,4 +1,4 @@
-"""Inference backends: OpenVINO and ONNX Runtime against torch through whole runs, and what ``auto`` picks."""
+"""Inference backends: torch-mkldnn, OpenVINO and ONNX Runtime against torch through whole runs, and what ``auto`` picks."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def run(raw: dict, tmp_path, client, backend: str, name: str):
     return tilemask.run(Workflow.from_dict(raw, base_dir=tmp_path), client)
 
 
-@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["torch-mkldnn", "openvino", "onnxruntime"])
 @pytest.mark.parametrize("dims", [2, 3])
 def test_every_backend_gives_torchs_probabilities(backend, dims, make_raster, make_volume, make_model, tmp_path, client):
     if dims == 2:
@@ -48,9 +48,9 @@ def test_every_backend_gives_torchs_probabilities(backend, dims, make_raster, ma
     assert np.abs(got - expected).max() > 0, "the converted network ran: not bitwise torch"
 
 
-def test_auto_takes_openvino_only_where_it_matches_torch(make_raster, make_model, tmp_path, client, caplog):
-    """MONAI's default UNet normalises per instance: on half-constant windows OpenVINO parts from torch, so auto
-    keeps torch; with batch norm it matches and auto runs OpenVINO."""
+def test_auto_takes_the_first_backend_that_matches_torch(make_raster, make_model, tmp_path, client, caplog):
+    """MONAI's default UNet normalises per instance: on constant windows OpenVINO parts from torch, so auto
+    takes torch's own oneDNN TorchScript; with batch norm OpenVINO matches and auto runs it."""
     path, _ = make_raster((3, 100, 120))
     chosen = {}
     for name, args in (("instance", UNET_2D), ("batch", BATCH_NORM_2D)):
@@ -61,7 +61,7 @@ def test_auto_takes_openvino_only_where_it_matches_torch(make_raster, make_model
             run(raw, tmp_path, client, "auto", name)
         (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("inference backend")]
         chosen[name] = line.split()[2]
-    assert chosen == {"instance": "torch", "batch": "openvino"}
+    assert chosen == {"instance": "torch-mkldnn", "batch": "openvino"}
 
 
 def test_an_unknown_backend_is_refused_by_name(make_raster, make_model, tmp_path):

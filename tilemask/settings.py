@@ -66,7 +66,7 @@ class InferenceSettings:
     batch_size: int = 8
     device: str = "auto"
     flips: tuple[tuple[int, ...], ...] = ((),)  # test-time augmentation: the spatial axes each pass flips
-    backend: str = "auto"  # auto | torch | openvino | onnxruntime (tilemask.backends)
+    backend: str = "auto"  # auto | torch | torch-mkldnn | openvino | onnxruntime (tilemask.backends)
 
 
 @dataclass(frozen=True)

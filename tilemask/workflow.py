@@ -152,8 +152,8 @@ class Inference(_Strict):
     sigma_scale: SigmaScale | list[SigmaScale] = 0.125
     batch_size: PositiveInt = 8
     device: str = "auto"
-    backend: Literal["auto", "torch", "openvino", "onnxruntime"] = Field(
-        default="auto", description="what runs the network: auto picks OpenVINO on the CPU when it matches torch"
+    backend: Literal["auto", "torch", "torch-mkldnn", "openvino", "onnxruntime"] = Field(
+        default="auto", description="what runs the network: auto picks OpenVINO or torch-mkldnn on the CPU when it matches torch"
     )
     activation: Literal["softmax", "sigmoid", "none"] = "softmax"
     threshold: Annotated[float, NotBool, Field(gt=0.0, lt=1.0)] = 0.5
