@@ -7,9 +7,8 @@ For MONAI's UNet 16-32-64-128 (2 residual units) in 2D (batch 8 x 3 x 256^2) and
 (random weights), through tilemask's own converters (:mod:`tilemask.backends`):
 the best of 5 batches, the speed-up over torch eager, and the largest softmax
 difference from torch on a random window and on a window of zeros (each alone).
-``torch-mkldnn`` runs the batch one window at a time when it measured that faster
-(once, as on a worker).  The 3D network also runs on a batch of one window: what a
-small volume, or MONAI's default ``sw_batch_size=1``, gives it.  A zero
+The 3D network also runs on a batch of one window: what a small volume, or
+MONAI's default ``sw_batch_size=1``, gives it.  A zero
 window is what padding, clipped air and nodata fill look like; it is where an
 instance norm divides rounding noise by ``sqrt(eps)``.  What ``auto`` picks
 follows from the last two columns (1e-4).

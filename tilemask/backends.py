@@ -14,22 +14,21 @@
   Runtime's CPU execution provider.
 * ``torch-mkldnn``: the TorchScript trace frozen and optimized for inference
   (``torch.jit.optimize_for_inference``): every convolution runs in oneDNN
-  (MKLDNN) with its weights pre-packed.  Eager torch sends a convolution of one
-  window with small kernels to its slow native kernel (``slow_conv3d`` in 3D:
-  4-6x slower here); and one window at a time is measured against whole batches
-  once per network, batch size and thread count (on this CPU one at a time is
-  25-40% faster per window: the activations stay in cache).
+  (MKLDNN) with its weights pre-packed.  Eager torch sends the convolutions of a
+  single 3D window to its native ``slow_conv3d`` (its heuristic for oneDNN looks
+  at batch x channels x depth x height): 4-6x slower here.
 * ``auto``: on the CPU, the first of OpenVINO and ``torch-mkldnn`` that converts
-  the network and whose activated output is within 1e-4 of torch's on three test
+  the network, whose activated output is within 1e-4 of torch's on three test
   windows, as a batch and one by one (random values, zeros, ones: constant
-  windows are where instance norms part, :func:`_difference`); otherwise torch.
-  On a GPU, torch.
+  windows are where instance norms part, :func:`_difference`), and that runs one
+  window or a batch of ``batch_size`` faster than torch; each batch then runs
+  through whichever was faster at its size.  Otherwise torch.  On a GPU, torch.
 
 A converted network is built once per worker process and also kept on disk (the
 cache folder: ``TILEMASK_CACHE_DIR``, else ``~/.cache/tilemask``) under the sha256
 of the weights, the network, its arguments, the window shape and the backend's
-version, so the next run or worker reads it instead of converting again; so is
-``auto``'s measured difference, so a network that failed it is not converted again.  Every
+version, so the next run or worker reads it instead of converting again; so are
+``auto``'s measurements (difference and time), so a network that failed them is not converted again.  Every
 runner takes and returns float32 torch tensors ``(N, C, *roi)`` on the CPU or
 the model's device.
 """
@@ -135,12 +134,15 @@ class NotConvertible(Exception):
 
 def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], torch.nn.Module], channels: int,
                roi: tuple[int, ...], batch: int) -> tuple[str, Runner] | None:  # fmt: skip
-    """Backend ``name``'s runner; for ``auto``, only when it keeps torch's answer (measured once, then read
-    from the cache), else None."""
-    verdict = _cache_path(spec, name, _version(name), channels, roi, ".verdict.json") if auto else None
-    known = _read_verdict(verdict) if verdict is not None else None
-    if known is not None and known > AUTO_TOLERANCE:
-        return None  # measured before: this network parts from torch under this backend
+    """Backend ``name``'s runner.  For ``auto``, only when it keeps torch's answer and is faster than torch on
+    one window or on ``batch`` (measured once, then read from the cache); each batch then runs through
+    whichever of the two was faster at its size.  None when not taken."""
+    sizes = sorted({1, batch})
+    suffix = f".b{batch}.t{torch.get_num_threads()}.verdict.json"
+    verdict = _cache_path(spec, name, _version(name), channels, roi, suffix) if auto else None
+    known = _read_verdict(verdict, sizes) if verdict is not None else None
+    if known is not None and not _faster_sizes(known):
+        return None  # measured before: under this backend the network parts from torch, or is no faster
     try:
         run = CONVERTERS[name](spec, network, channels, roi, batch)
     except ImportError:
@@ -156,21 +158,61 @@ def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], tor
         log = logger.info if isinstance(exc, NotConvertible) else logger.warning
         log("%s cannot convert the network, auto tries the next backend: %s", name, first_line(exc))
         return None
-    if verdict is not None and known is None:
-        known = _difference(network(), run, channels, roi)
-        _publish(lambda p: p.write_text(json.dumps({"difference": known})), verdict, (".json",))
-        if known > AUTO_TOLERANCE:
-            logger.warning("%s differs from torch by %.2g, auto does not take it", name, known)
-            return None
-    return name, run
+    if not auto:
+        return name, run
+    reference = _torch(spec, network, channels, roi, torch.device("cpu"))
+    if known is None:
+        known = {
+            "difference": _difference(network(), run, channels, roi),
+            "seconds": {str(n): _seconds(run, channels, roi, n) for n in sizes},
+            "torch_seconds": {str(n): _seconds(reference, channels, roi, n) for n in sizes},
+        }
+        _publish(lambda p: p.write_text(json.dumps(known)), verdict, (".json",))
+    faster = _faster_sizes(known)
+    logger.info("auto and %s: softmax %.2g from torch's; seconds for %s windows: %s against torch's %s", name,
+                known["difference"], sizes, [known["seconds"][str(n)] for n in sizes],
+                [known["torch_seconds"][str(n)] for n in sizes])  # fmt: skip
+    if not faster:
+        return None
+    if faster == set(sizes):
+        return name, run
+
+    def fastest(windows: torch.Tensor) -> torch.Tensor:  # one window and whole batches: each where faster
+        return (run if min(len(windows), batch) in faster else reference)(windows)
+
+    return name, fastest
 
 
-def _read_verdict(path: Path) -> float | None:
-    """``auto``'s cached difference for a network and backend; None when not measured (or unreadable)."""
+def _faster_sizes(verdict: dict) -> set[int]:
+    """The batch sizes at which a backend that keeps torch's answer was measured faster than torch."""
+    if verdict["difference"] > AUTO_TOLERANCE:
+        return set()
+    return {int(n) for n, seconds in verdict["seconds"].items() if seconds < verdict["torch_seconds"][n]}
+
+
+def _read_verdict(path: Path, sizes: list[int]) -> dict | None:
+    """``auto``'s cached measurements for a network and backend; None when not measured (or unreadable)."""
     try:
-        return float(json.loads(path.read_text())["difference"])
+        known = json.loads(path.read_text())
+        return {
+            "difference": float(known["difference"]),
+            "seconds": {str(n): float(known["seconds"][str(n)]) for n in sizes},
+            "torch_seconds": {str(n): float(known["torch_seconds"][str(n)]) for n in sizes},
+        }
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _seconds(run: Runner, channels: int, roi: tuple[int, ...], batch: int) -> float:
+    """Best of two: one batch of ``batch`` random windows through ``run``, after one to warm up."""
+    windows = torch.from_numpy(np.random.default_rng(0).standard_normal((batch, channels, *roi), dtype=np.float32))
+    times = []
+    with torch.inference_mode():
+        for _ in range(3):
+            start = time.perf_counter()
+            run(windows)
+            times.append(time.perf_counter() - start)
+    return min(times[1:])
 
 
 def _torch(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: int, roi: tuple[int, ...],
@@ -345,46 +387,13 @@ def _onnxruntime(spec: ModelSpec, network: Callable[[], torch.nn.Module], channe
 def _mkldnn(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: int, roi: tuple[int, ...],
             batch: int) -> Runner:  # fmt: skip
     """The CPU network's TorchScript (the cached trace, or the user's archive) frozen and optimized for
-    inference, run one window at a time where that was measured faster than whole batches."""
+    inference: every convolution in oneDNN with pre-packed weights."""
     module = _torch(spec, network, channels, roi, torch.device("cpu"))
     if not isinstance(module, torch.jit.ScriptModule):
         raise NotConvertible("the network is not TorchScript and cannot be traced")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        optimized = torch.jit.optimize_for_inference(torch.jit.freeze(module.eval()))
-    alone = batch > 1 and _alone_is_faster(spec, optimized, channels, roi, batch)
-
-    def run(windows: torch.Tensor) -> torch.Tensor:
-        if alone and len(windows) > 1:
-            return torch.cat([optimized(window[None]) for window in windows])
-        return optimized(windows)
-
-    return run
-
-
-def _alone_is_faster(spec: ModelSpec, run: Runner, channels: int, roi: tuple[int, ...], batch: int) -> bool:
-    """Whether ``batch`` windows take less time one at a time than as one batch: measured once (best of two)
-    per network, window, batch size and thread count, then read from the cache."""
-    threads = torch.get_num_threads()
-    path = _cache_path(spec, "torch-mkldnn", torch.__version__, channels, roi, f".b{batch}.t{threads}.json")
-    try:
-        return bool(json.loads(path.read_text())["alone"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    windows = torch.from_numpy(np.random.default_rng(0).standard_normal((batch, channels, *roi), dtype=np.float32))
-    seconds = {"batch": [], "alone": []}
-    with torch.inference_mode():
-        run(windows[:1])  # warm-up
-        for _ in range(2):
-            for way, call in (("batch", lambda: run(windows)), ("alone", lambda: [run(w[None]) for w in windows])):
-                start = time.perf_counter()
-                call()
-                seconds[way].append(time.perf_counter() - start)
-    best = {way: min(times) for way, times in seconds.items()}
-    logger.info("torch-mkldnn: %d windows take %.3f s as a batch, %.3f s one at a time", batch, best["batch"], best["alone"])
-    alone = best["alone"] < best["batch"]
-    _publish(lambda p: p.write_text(json.dumps({"alone": alone, "seconds": best})), path, (".json",))
-    return alone
+        return torch.jit.optimize_for_inference(torch.jit.freeze(module.eval()))
 
 
 CONVERTERS: dict[str, Callable[[ModelSpec, Callable[[], torch.nn.Module], int, tuple[int, ...], int], Runner]] = {
