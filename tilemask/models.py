@@ -9,7 +9,6 @@ small :class:`ModelSpec`, never the network.
 
 from __future__ import annotations
 
-import importlib
 import io
 import logging
 import pickle
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from .errors import WeightsError, WorkflowError
+from .imports import import_module
 from .settings import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def network_class(name: str) -> type[torch.nn.Module]:
     else:
         module_name, class_name = "monai.networks.nets", name
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
+        cls = getattr(import_module(module_name), class_name)
     except (ImportError, AttributeError):
         raise WorkflowError(f"model.network: no network class {name!r}") from None
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):

@@ -185,8 +185,10 @@ def sample(
     zero exactly where MONAI's do: a z-score over nonzero voxels depends on it.)
     """
     import torch
-    from monai.networks.utils import to_norm_affine
 
+    from .imports import import_module
+
+    to_norm_affine = import_module("monai.networks.utils").to_norm_affine
     theta = to_norm_affine(torch.as_tensor(xform, dtype=torch.float64)[None], src_shape, dst_shape, False)[0]
     theta = theta[[2, 1, 0, 3]][:, [2, 1, 0, 3]][:3]  # reverse_indexing: grid coordinates are (x, y, z)
     lines = [torch.linspace(-1, 1, size, dtype=torch.float64) * (size - 1) / size for size in dst_shape]
