@@ -79,7 +79,7 @@ def main() -> None:
             label = f"{name} UNet, {norm} norm"
             print(f"{label:25}{'torch':13}{base * 1e3:>10.0f}{1.0:>9.2f}x{0.0:>12.1e}{0.0:>12.1e}")
             for backend, convert in CONVERTERS.items():
-                run = convert(spec, lambda network=network: network, channels, roi, batch_size)
+                run = convert(spec, lambda network=network: network, channels, roi)
                 t = best_of(run, batch)
                 print(f"{'':25}{backend:13}{t * 1e3:>10.0f}{base / t:>9.2f}x"
                       f"{softmax_gap(network, run, random):>12.1e}{softmax_gap(network, run, zeros):>12.1e}")  # fmt: skip

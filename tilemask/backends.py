@@ -60,7 +60,6 @@ from .settings import InferenceSettings, ModelSpec
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "torch-mkldnn", "openvino", "onnxruntime")
 AUTO_ORDER = ("openvino", "torch-mkldnn")  # what auto tries on the CPU, in this order, before plain torch
 AUTO_TOLERANCE = 1e-4  # largest difference of activated outputs for auto to take a converted network
 
@@ -144,7 +143,7 @@ def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], tor
     if known is not None and not _faster_sizes(known):
         return None  # measured before: under this backend the network parts from torch, or is no faster
     try:
-        run = CONVERTERS[name](spec, network, channels, roi, batch)
+        run = CONVERTERS[name](spec, network, channels, roi)
     except ImportError:
         if not auto:
             raise WorkflowError(f"inference.backend: {name} is not installed on this worker") from None
@@ -160,12 +159,12 @@ def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], tor
         return None
     if not auto:
         return name, run
-    reference = _torch(spec, network, channels, roi, torch.device("cpu"))
+    reference = functools.cache(lambda: _torch(spec, network, channels, roi, torch.device("cpu")))
     if known is None:
         known = {
             "difference": _difference(network(), run, channels, roi),
             "seconds": {str(n): _seconds(run, channels, roi, n) for n in sizes},
-            "torch_seconds": {str(n): _seconds(reference, channels, roi, n) for n in sizes},
+            "torch_seconds": {str(n): _seconds(reference(), channels, roi, n) for n in sizes},
         }
         _publish(lambda p: p.write_text(json.dumps(known)), verdict, (".json",))
     faster = _faster_sizes(known)
@@ -177,10 +176,13 @@ def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], tor
     if faster == set(sizes):
         return name, run
 
-    def fastest(windows: torch.Tensor) -> torch.Tensor:  # one window and whole batches: each where faster
-        return (run if min(len(windows), batch) in faster else reference)(windows)
+    torch_run = reference()
 
-    return name, fastest
+    def fastest(windows: torch.Tensor) -> torch.Tensor:  # one window and whole batches: each where faster
+        return (run if min(len(windows), batch) in faster else torch_run)(windows)
+
+    alone, batched = (name if n in faster else "torch" for n in sizes)
+    return f"{alone} for one window, {batched} for batches of {batch}", fastest
 
 
 def _faster_sizes(verdict: dict) -> set[int]:
@@ -335,8 +337,7 @@ def _publish(write: Callable[[Path], None], final: Path, suffixes: tuple[str, ..
         stem.parent.rmdir()
 
 
-def _openvino(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: int, roi: tuple[int, ...],
-              batch: int) -> Runner:  # fmt: skip
+def _openvino(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: int, roi: tuple[int, ...]) -> Runner:
     import openvino as ov
 
     path = _cache_path(spec, "openvino", ov.__version__, channels, roi, ".xml")
@@ -361,8 +362,7 @@ def _openvino(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels:
     return run
 
 
-def _onnxruntime(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: int, roi: tuple[int, ...],
-                 batch: int) -> Runner:  # fmt: skip
+def _onnxruntime(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: int, roi: tuple[int, ...]) -> Runner:
     import onnxruntime as ort
 
     path = _cache_path(spec, "onnxruntime", ort.__version__, channels, roi, ".onnx")
@@ -384,8 +384,7 @@ def _onnxruntime(spec: ModelSpec, network: Callable[[], torch.nn.Module], channe
     return run
 
 
-def _mkldnn(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: int, roi: tuple[int, ...],
-            batch: int) -> Runner:  # fmt: skip
+def _mkldnn(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: int, roi: tuple[int, ...]) -> Runner:
     """The CPU network's TorchScript (the cached trace, or the user's archive) frozen and optimized for
     inference: every convolution in oneDNN with pre-packed weights."""
     module = _torch(spec, network, channels, roi, torch.device("cpu"))
@@ -396,7 +395,7 @@ def _mkldnn(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: i
         return torch.jit.optimize_for_inference(torch.jit.freeze(module.eval()))
 
 
-CONVERTERS: dict[str, Callable[[ModelSpec, Callable[[], torch.nn.Module], int, tuple[int, ...], int], Runner]] = {
+CONVERTERS: dict[str, Callable[[ModelSpec, Callable[[], torch.nn.Module], int, tuple[int, ...]], Runner]] = {
     "openvino": _openvino,
     "onnxruntime": _onnxruntime,
     "torch-mkldnn": _mkldnn,
