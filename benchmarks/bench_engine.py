@@ -149,7 +149,8 @@ def run_monai(raster: Path, net: torch.nn.Module, out: Path) -> dict:
     return {"wall": wall, "peak": mem.peak}
 
 
-def run_model_only(net: torch.nn.Module, n_windows: int) -> dict:
+def run_model_only(net, n_windows: int) -> dict:
+    """``n_windows`` windows through ``net`` (a module or a backend's runner) in batches of BATCH, nothing else."""
     batch = torch.randn(BATCH, 3, ROI, ROI)
     with torch.inference_mode():
         net(batch)  # warm-up
@@ -168,14 +169,7 @@ def run_backend_only(weights: Path, n_windows: int) -> dict:
     spec = ModelSpec.create("UNet", ARGS, str(weights))
     settings = InferenceSettings(roi=(ROI, ROI), batch_size=BATCH, backend="auto")
     backend, run = cached_runner(spec, settings, 3, torch.device("cpu"))
-    batch = torch.randn(BATCH, 3, ROI, ROI)
-    with torch.inference_mode():
-        run(batch)  # warm-up
-        start = time.perf_counter()
-        for _ in range(math.ceil(n_windows / BATCH)):
-            run(batch)
-        wall = time.perf_counter() - start
-    return {"wall": wall, "backend": backend}
+    return {**run_model_only(run, n_windows), "backend": backend}
 
 
 def gib(n: float) -> str:
