@@ -257,6 +257,28 @@ def not_abandoned() -> Iterator[None]:
         _abandon.reset(token)
 
 
+class _WorkerWatch:
+    """Fails a wait once the cluster has had no worker for longer than :func:`no_workers_timeout` (it asks the
+    scheduler at most once a second)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client, self.limit = client, no_workers_timeout()
+        self.last_worker = self.next_check = time.monotonic()
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now < self.next_check:
+            return
+        self.next_check = now + 1.0
+        if self.client.nthreads():
+            self.last_worker = now
+        elif now - self.last_worker > self.limit:
+            raise RunError(
+                f"the Dask cluster at {self.client.scheduler.address} has had no worker for {self.limit:g} s "
+                "(they died or never joined)"
+            )
+
+
 def completed(client: Client, futures: Iterable[Future]) -> Iterator[Future]:
     """Futures as they finish (as ``as_completed``), failing when the cluster has had no worker for too long.
 
@@ -264,14 +286,14 @@ def completed(client: Client, futures: Iterable[Future]) -> Iterator[Future]:
     leave the run waiting forever without a word.  Each future is yielded as soon
     as it finishes (a done callback wakes the loop), so a job of many short
     stages does not add a polling interval per stage.  In an item abandoned by
-    :mod:`tilemask.batch` it raises :class:`Abandoned`.
+    :mod:`tilemask.batch` it raises :class:`Abandoned`.  Take a yielded future's
+    value with :func:`result_of`: its worker may die before it is read.
     """
-    limit, abandon = no_workers_timeout(), _abandon.get()
+    abandon, watch = _abandon.get(), _WorkerWatch(client)
     done: queue.SimpleQueue[Future] = queue.SimpleQueue()
     futures = list(futures)
     for future in futures:
         future.add_done_callback(done.put)
-    last_worker = next_check = time.monotonic()
     for _ in futures:
         while True:
             if abandon is not None and abandon.is_set():
@@ -280,17 +302,22 @@ def completed(client: Client, futures: Iterable[Future]) -> Iterator[Future]:
                 yield done.get(timeout=0.25)
                 break
             except queue.Empty:
-                now = time.monotonic()
-                if now < next_check:
-                    continue
-                next_check = now + 1.0
-                if client.nthreads():
-                    last_worker = now
-                elif now - last_worker > limit:
-                    raise RunError(
-                        f"the Dask cluster at {client.scheduler.address} has had no worker for {limit:g} s "
-                        "(they died or never joined)"
-                    ) from None
+                watch.check()
+
+
+def result_of(client: Client, future: Future):
+    """``future.result()`` that fails, instead of waiting forever, when the cluster has had no worker for too long.
+
+    A finished result held only by a worker that dies before it is read is lost, and Dask computes it again,
+    which needs a worker: a plain ``result()`` then waits forever (a run whose only worker was killed hung
+    so, in 1 run of 8 of ``test_workers_that_all_die_mid_run_fail_the_run``).
+    """
+    watch = _WorkerWatch(client)
+    while True:
+        try:
+            return future.result(timeout=1.0)
+        except TimeoutError:
+            watch.check()
 
 
 def gather(client: Client, futures: list[Future]) -> list:
@@ -298,7 +325,7 @@ def gather(client: Client, futures: list[Future]) -> list:
     for future in completed(client, futures):
         if future.status == "error":
             future.result()  # the task's own exception, at once
-    return client.gather(futures)
+    return [result_of(client, future) for future in futures]
 
 
 def prepare_workers(client: Client) -> None:

@@ -53,7 +53,7 @@ import numpy as np
 from distributed import Client
 
 from . import timing
-from .cluster import Abandoned, cancel_and_drain, completed, gather, not_abandoned
+from .cluster import Abandoned, cancel_and_drain, completed, gather, not_abandoned, result_of
 from .errors import OutputError, RunError, TilemaskError
 from .finalize import class_histogram, finalize
 from .geometry import Block, Region, WindowPlan
@@ -277,7 +277,7 @@ def execute(client: Client, job: Job, progress: bool = True) -> RunResult:
                 if key in blocks:
                     advance(blocks[key].n_windows)
                 elif consumers[key] == 0:  # a chunk: its class histogram
-                    totals += future.result()
+                    totals += result_of(client, future)
                 for dep in deps[key]:  # a result is released once everything that needs it is done
                     consumers[dep] -= 1
                     if consumers[dep] == 0:

@@ -53,6 +53,7 @@ from scipy import ndimage, sparse
 from scipy.sparse import csgraph
 
 from .classes import class_name
+from .cluster import result_of
 from .errors import InputError, OutputError
 from .geometry import RasterGeometry
 from .outputs import atomic_path
@@ -276,7 +277,7 @@ def write_polygons(
     ]
     pieces = dict(zip(indexes, client.compute(tasks)))
     border_futures = {k: client.submit(chunk_border, f, pure=False) for k, f in pieces.items()}
-    borders = {k: f.result() for k, f in border_futures.items()}
+    borders = {k: result_of(client, f) for k, f in border_futures.items()}
     del border_futures
     groups = border_groups(borders, grid)
     del borders
@@ -305,14 +306,14 @@ def write_polygons(
             )
         )
     del pieces, selections
-    return _write(out_path, suffix, _gather_in_order(batches), rule.crs_wkt)
+    return _write(out_path, suffix, _gather_in_order(client, batches), rule.crs_wkt)
 
 
-def _gather_in_order(batches: list) -> Iterator[FeatureBatch]:
+def _gather_in_order(client, batches: list) -> Iterator[FeatureBatch]:
     """Results one chunk at a time, each released once read (the client never holds them all)."""
     while batches:
         future = batches.pop(0)
-        yield future.result()
+        yield result_of(client, future)
         future.release()
 
 
