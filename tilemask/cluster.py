@@ -276,7 +276,7 @@ class _WorkerWatch:
             raise RunError(
                 f"the Dask cluster at {self.client.scheduler.address} has had no worker for {self.limit:g} s "
                 "(they died or never joined)"
-            )
+            ) from None
 
 
 def completed(client: Client, futures: Iterable[Future]) -> Iterator[Future]:
