@@ -178,8 +178,8 @@ def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], tor
 
     torch_run = reference()
 
-    def fastest(windows: torch.Tensor) -> torch.Tensor:  # one window and whole batches: each where faster
-        return (run if min(len(windows), batch) in faster else torch_run)(windows)
+    def fastest(windows: torch.Tensor) -> torch.Tensor:  # one window, or a batch (a block's last one may be short)
+        return (run if (1 if len(windows) == 1 else batch) in faster else torch_run)(windows)
 
     alone, batched = (name if n in faster else "torch" for n in sizes)
     return f"{alone} for one window, {batched} for batches of {batch}", fastest
