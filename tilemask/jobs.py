@@ -33,6 +33,7 @@ after every line), the lock held on the machine that runs the job.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import errno
@@ -49,7 +50,7 @@ from pathlib import Path
 import yaml
 
 from . import storage
-from .errors import TilemaskError
+from .errors import OutputError, TilemaskError
 from .formats import for_path
 from .outputs import exists
 
@@ -224,7 +225,7 @@ class JobFolder:
         """Append one line to the manifest; ``durable``: fsync it, so that it survives a crash of the machine
         too (a line that is only written survives the process, not the machine)."""
         path = self.path / "manifest.jsonl"
-        with open(path, "a") as f:
+        with _writing(path), open(path, "a") as f:
             f.write(json.dumps(line) + "\n")
             f.flush()
             if durable:
@@ -283,11 +284,12 @@ class JobFolder:
                 "class_pixels": json.dumps(line["class_pixels"]) if line.get("class_pixels") else "",
             })  # fmt: skip
         staged = self.report_path.with_suffix(".csv.tmp")
-        with open(staged, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["item"])
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(staged, self.report_path)
+        with _writing(self.report_path):
+            with open(staged, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["item"])
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(staged, self.report_path)
         self._saved("report.csv")
         return self.report_path
 
@@ -482,5 +484,20 @@ def _lines(path: Path) -> list[str]:
 
 def _write_atomic(path: Path, text: str) -> None:
     staged = path.with_name(f".{path.name}.tmp")
-    staged.write_text(text)
-    os.replace(staged, path)
+    with _writing(path):
+        staged.write_text(text)
+        os.replace(staged, path)
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """A failed write of the job's records as one line naming the file, a full disk as such (the job folder
+    sits in the output folder: a run that fills that disk can fill it first)."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as exc:
+        from .outputs import describe_write_error
+
+        raise OutputError(f"{path}: cannot write the job's record: {describe_write_error(exc, path)}") from None
