@@ -84,3 +84,24 @@ def test_workers_count_the_seconds_of_each_stage(make_raster, make_model, tmp_pa
     after = totals()
     for stage in ("read", "preprocess", "model", "accumulate", "blend", "write"):
         assert after.get(stage, 0.0) > before.get(stage, 0.0), stage
+
+
+@pytest.mark.parametrize("dashboard", [True, False])
+def test_the_embedded_dashboard_and_profiler_run_only_when_someone_can_look(dashboard):
+    """The CLI asks for them when it shows progress (it prints the link); under --quiet neither starts."""
+    import urllib.error
+    import urllib.request
+
+    from tilemask.cluster import cluster_client
+
+    with cluster_client(workers=1, threads_per_worker=1, dashboard=dashboard) as client:
+        profiling = client.run(lambda: __import__("dask").config.get("distributed.worker.profile.enabled"))
+        link = client.dashboard_link  # the scheduler's HTTP server on a free port: the dashboard's pages or none
+        assert link.startswith("http://127.0.0.1:") and not link.startswith("http://127.0.0.1:8787/")
+        try:
+            with urllib.request.urlopen(link, timeout=10) as page:
+                status = page.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+    assert list(profiling.values()) == [dashboard]
+    assert status == (200 if dashboard else 404)

@@ -9,6 +9,10 @@ Defaults for the embedded cluster (see README, "Execution"):
   on a 2-core VM, one process with 2 torch threads predicts 1.9x faster than two
   single-threaded processes, which compete for memory bandwidth.
 * CUDA: one worker per GPU with 2 threads, each worker on its own GPU.
+* Dask's dashboard, and the workers' statistical profiler that feeds its profile
+  page, only when someone can look: the CLI asks for them when it shows progress
+  (it prints the link), not under ``--quiet``.  Off, they save about 0.3 s of
+  start-up and 2% of the workers' time.
 """
 
 from __future__ import annotations
@@ -71,10 +75,11 @@ def default_workers() -> tuple[int, int]:
 @contextlib.contextmanager
 def cluster_client(
     scheduler: str | None = None, workers: int | None = None, threads_per_worker: int | None = None,
-    kind: str = "local",
+    kind: str = "local", dashboard: bool = True,
 ) -> Iterator[Client]:
     """A client of ``scheduler``, or of a cluster this process starts and closes on exit: an embedded
-    ``LocalCluster`` (``kind="local"``) or SLURM jobs (``kind="slurm"``, :func:`slurm_cluster`)."""
+    ``LocalCluster`` (``kind="local"``, with Dask's dashboard and the workers' profiler when ``dashboard``)
+    or SLURM jobs (``kind="slurm"``, :func:`slurm_cluster`)."""
     if kind == "slurm":
         if scheduler:
             raise UsageError("--cluster slurm starts its own scheduler; leave out --scheduler")
@@ -90,14 +95,16 @@ def cluster_client(
             yield client
         return
     default_n, default_t = default_workers()
-    cluster = LocalCluster(
-        n_workers=workers or default_n,
-        threads_per_worker=threads_per_worker or default_t,
-        processes=True,
-        dashboard_address=":0",
-        plugins={EmbeddedWorker(quiet=not logger.isEnabledFor(logging.DEBUG))},
-        silence_logs=logging.CRITICAL if not logger.isEnabledFor(logging.DEBUG) else logging.INFO,
-    )
+    with dask.config.set({"distributed.worker.profile.enabled": dashboard}):  # the nannies take the config along
+        cluster = LocalCluster(
+            n_workers=workers or default_n,
+            threads_per_worker=threads_per_worker or default_t,
+            processes=True,
+            dashboard_address=":0",  # the scheduler's HTTP server (health, metrics) runs either way
+            scheduler_kwargs={"dashboard": dashboard},
+            plugins={EmbeddedWorker(quiet=not logger.isEnabledFor(logging.DEBUG))},
+            silence_logs=logging.CRITICAL if not logger.isEnabledFor(logging.DEBUG) else logging.INFO,
+        )
     try:
         with Client(cluster) as client:
             yield client
