@@ -86,14 +86,29 @@ def labels_from_sums(
     """
     if activation == "sigmoid":
         return (weighted[0] >= np.float32(np.log(threshold / (1.0 - threshold))) * weights).astype(dtype)
-    return np.argmax(weighted, axis=0).astype(dtype)
+    return argmax_labels(weighted, dtype)
 
 
 def to_labels(probabilities: np.ndarray, activation: str, threshold: float, dtype: np.dtype) -> np.ndarray:
     """Class per voxel: argmax over channels, or ``p >= threshold`` for a one-channel sigmoid."""
     if activation == "sigmoid":
         return (probabilities[0] >= threshold).astype(dtype)
-    return np.argmax(probabilities, axis=0).astype(dtype)
+    return argmax_labels(probabilities, dtype)
+
+
+def argmax_labels(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``np.argmax(values, axis=0).astype(dtype)``, one pass per channel: numpy's argmax over the first axis
+    copies the array transposed and returns int64 (50 ms against 23 ms for a 2-class 2048^2 chunk here).
+    The first of equal maxima wins, as in numpy; pixels with a NaN in any channel go to numpy's own argmax."""
+    labels = np.zeros(values.shape[1:], dtype)
+    best = values[0].copy()
+    for channel in range(1, values.shape[0]):
+        labels[values[channel] > best] = channel
+        np.maximum(best, values[channel], out=best)  # NaN spreads into best, so its pixels are found below
+    unordered = np.isnan(best)
+    if unordered.any():
+        labels[unordered] = np.argmax(values[:, unordered], axis=0)
+    return labels
 
 
 def encode_probabilities(probabilities: np.ndarray, kind: str) -> np.ndarray:
@@ -104,6 +119,12 @@ def encode_probabilities(probabilities: np.ndarray, kind: str) -> np.ndarray:
 
 
 def class_histogram(labels: np.ndarray, n_classes: int, nodata: int | None) -> np.ndarray:
-    """Pixels per class, nodata left out."""
-    counted = labels if nodata is None else labels[labels != nodata]
-    return np.bincount(counted.ravel(), minlength=n_classes)[:n_classes]
+    """Pixels per class, nodata left out.  For a few classes, one comparison per class (0.4 ms for a 2048^2
+    chunk of two classes here, against 10 ms for ``np.bincount``, which copies the labels to int64)."""
+    if n_classes > FEW_CLASSES:
+        counted = labels if nodata is None else labels[labels != nodata]
+        return np.bincount(counted.ravel(), minlength=n_classes)[:n_classes]
+    return np.array([0 if c == nodata else np.count_nonzero(labels == c) for c in range(n_classes)], np.int64)
+
+
+FEW_CLASSES = 16  # up to this many classes, class_histogram compares instead of counting with bincount
