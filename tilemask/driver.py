@@ -208,8 +208,9 @@ def drive_job(
         if first is not None:
             with contextlib.ExitStack() as stack:
                 if client is None:
-                    client = stack.enter_context(cluster_client(scheduler, workers, threads_per_worker, cluster,
-                                                                      dashboard=progress))
+                    client = stack.enter_context(
+                        cluster_client(scheduler, workers, threads_per_worker, cluster, dashboard=progress)
+                    )
                 stack.enter_context(_watch_cancel(job, stop))
                 wait_for_workers(client)
                 prepare_workers(client)
