@@ -1,12 +1,12 @@
 """tilemask against MONAI's sliding_window_inference and against the model alone, in one run.
 
-    python benchmarks/bench_engine.py                      # 16384^2 side by side + 32768^2 tilemask only
+    python benchmarks/bench_engine.py                      # 16384^2 side by side + 32768^2 tilemask and the bare model
     python benchmarks/bench_engine.py --sizes 4096 --giga 0  # a quick look
 
 For each size a 3-band uint8 GeoTIFF (tiled, deflate, smooth synthetic content)
 is written by windows, then:
 
-* **tilemask**: ``tilemask.run`` on an embedded cluster (the CLI defaults),
+* **tilemask**: ``tilemask.run`` on an embedded cluster (the CLI defaults under ``--quiet``),
   labels to Zarr, ``output.chunks`` 2048;
 * **MONAI**: the whole image read with rasterio, normalized, one
   ``sliding_window_inference`` call (same roi, overlap, gaussian mode, batch),
@@ -30,6 +30,7 @@ import gc
 import math
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def run_tilemask(raster: Path, weights: Path, out: Path, probabilities: str = "n
     })  # fmt: skip
     with PeakMemory() as mem:
         start = time.perf_counter()
-        with cluster_client() as client:  # the embedded cluster tilemask.run would start, kept to ask its workers
+        with cluster_client(dashboard=False) as client:  # the embedded cluster tilemask.run starts (no progress)
             (result,) = tilemask.run(wf, client, progress=False, overwrite=True)
             stages: dict[str, float] = {}
             for seconds in client.run(timing.snapshot).values():
@@ -150,15 +151,27 @@ def run_monai(raster: Path, net: torch.nn.Module, out: Path) -> dict:
 
 
 def run_model_only(net, n_windows: int) -> dict:
-    """``n_windows`` windows through ``net`` (a module or a backend's runner) in batches of BATCH, nothing else."""
+    """``n_windows`` windows through ``net`` (a module or a backend's runner) in batches of BATCH, nothing else,
+    on a thread of its own with glibc set as on a worker: otherwise glibc maps, page-faults and unmaps the
+    activations again and again, and the same forward passes measured anywhere from 55 to 92 ms a batch."""
+    from tilemask.cluster import reuse_large_allocations
+
+    reuse_large_allocations()  # after MONAI's run, which is timed as a user's script runs
     batch = torch.randn(BATCH, 3, ROI, ROI)
-    with torch.inference_mode():
-        net(batch)  # warm-up
-        start = time.perf_counter()
-        for _ in range(math.ceil(n_windows / BATCH)):
-            net(batch)
-        wall = time.perf_counter() - start
-    return {"wall": wall}
+    timed: list[float] = []
+
+    def forward_passes() -> None:
+        with torch.inference_mode():
+            net(batch)  # warm-up
+            start = time.perf_counter()
+            for _ in range(math.ceil(n_windows / BATCH)):
+                net(batch)
+            timed.append(time.perf_counter() - start)
+
+    thread = threading.Thread(target=forward_passes)
+    thread.start()
+    thread.join()
+    return {"wall": timed[0]}
 
 
 def run_backend_only(weights: Path, n_windows: int) -> dict:
@@ -179,7 +192,7 @@ def gib(n: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=[16384], help="side-by-side sizes")
-    parser.add_argument("--giga", type=int, default=32768, help="tilemask-only size (0 to skip)")
+    parser.add_argument("--giga", type=int, default=32768, help="big size, tilemask and the bare model (0 to skip)")
     parser.add_argument("--cog", action="store_true", help="also the big size with COG output and probabilities")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
@@ -212,10 +225,15 @@ def main() -> None:
         if not raster.exists():
             make_raster(raster, args.giga)
         t = run_tilemask(raster, weights, workdir / f"tilemask_{args.giga}.zarr")
+        b = run_backend_only(weights, t["windows"])
         gigapixels = args.giga**2 / 1e9
-        print(f"\n{args.giga} x {args.giga} x 3 ({gigapixels:.2f} gigapixels, {t['windows']} windows): tilemask only")
+        print(f"\n{args.giga} x {args.giga} x 3 ({gigapixels:.2f} gigapixels, {t['windows']} windows): tilemask "
+              f"and the bare model")  # fmt: skip
         print(f"wall {t['wall']:.1f} s, peak memory of all processes {gib(t['peak'])}, "
               f"{t['tasks']} tasks = {t['tasks'] / gigapixels:.0f} tasks per gigapixel")  # fmt: skip
+        print(f"backend only ({b['backend']}, what auto picked): {b['wall']:.1f} s; "
+              f"tilemask / backend only: time {t['wall'] / b['wall']:.2f}")  # fmt: skip
+        print_stages(t, b["wall"])
         monai_bytes = args.giga**2 * 4 * (3 + ARGS["out_channels"] + 1)
         print(f"MONAI would hold input + output + count map in float32: {gib(monai_bytes)} (not run)")
         if args.cog:
