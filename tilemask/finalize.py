@@ -17,6 +17,8 @@ import numpy as np
 
 from .settings import Finishing
 
+FEW_CLASSES = 16  # up to this many classes, class_histogram compares instead of counting with bincount
+
 
 def finalize(
     weighted: np.ndarray, weights: np.ndarray, valid: np.ndarray | None, finishing: Finishing
@@ -126,5 +128,3 @@ def class_histogram(labels: np.ndarray, n_classes: int, nodata: int | None) -> n
         return np.bincount(counted.ravel(), minlength=n_classes)[:n_classes]
     return np.array([0 if c == nodata else np.count_nonzero(labels == c) for c in range(n_classes)], np.int64)
 
-
-FEW_CLASSES = 16  # up to this many classes, class_histogram compares instead of counting with bincount
