@@ -86,7 +86,7 @@ def run_tilemask(raster: Path, weights: Path, out: Path, probabilities: str = "n
     })  # fmt: skip
     with PeakMemory() as mem:
         start = time.perf_counter()
-        with cluster_client(dashboard=False) as client:  # the embedded cluster tilemask.run starts (no progress)
+        with cluster_client() as client:  # the embedded cluster tilemask.run starts without progress
             (result,) = tilemask.run(wf, client, progress=False, overwrite=True)
             stages: dict[str, float] = {}
             for seconds in client.run(timing.snapshot).values():

@@ -10,9 +10,10 @@ Defaults for the embedded cluster (see README, "Execution"):
   single-threaded processes, which compete for memory bandwidth.
 * CUDA: one worker per GPU with 2 threads, each worker on its own GPU.
 * Dask's dashboard, and the workers' statistical profiler that feeds its profile
-  page, only when someone can look: the CLI asks for them when it shows progress
-  (it prints the link), not under ``--quiet``.  Off, they save about 0.3 s of
-  start-up and 2% of the workers' time.
+  page, only when someone can look: ``tilemask run`` asks for them when it shows
+  progress (it prints the link), not under ``--quiet``; ``stats`` and ``evaluate``
+  print no link and start neither.  Off, they save about 0.3 s of start-up and 2%
+  of the workers' time.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def default_workers() -> tuple[int, int]:
 @contextlib.contextmanager
 def cluster_client(
     scheduler: str | None = None, workers: int | None = None, threads_per_worker: int | None = None,
-    kind: str = "local", dashboard: bool = True,
+    kind: str = "local", dashboard: bool = False,
 ) -> Iterator[Client]:
     """A client of ``scheduler``, or of a cluster this process starts and closes on exit: an embedded
     ``LocalCluster`` (``kind="local"``, with Dask's dashboard and the workers' profiler when ``dashboard``)
