@@ -10,8 +10,9 @@ normalized with mean 100 and std 50); -2 with one pixel, and with 1% of the
 pixels, 0.02 higher (a flat fill with a few quantization steps); and two windows
 of the demo scene (``workflows/demo/RGB.byte.tif``, same normalization): its
 corner (black fill and land) and its middle.  Each window runs in a batch with a
-random one, as in a run.  The last column is the distance between the backend
-and torch float32: what ``auto``'s 1e-4 test measures.
+random one, as in a run.  Each backend's column gives its distance from float64,
+then from torch float32 (what ``auto``'s 1e-4 test measures); the last column is
+torch float32's own distance from float64.
 """
 
 from __future__ import annotations

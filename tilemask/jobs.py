@@ -52,7 +52,7 @@ import yaml
 from . import storage
 from .errors import OutputError, TilemaskError
 from .formats import for_path
-from .outputs import exists
+from .outputs import describe_write_error, exists
 
 logger = logging.getLogger(__name__)
 
@@ -495,9 +495,7 @@ def _writing(path: Path) -> Iterator[None]:
     sits in the output folder: a run that fills that disk can fill it first)."""
     try:
         yield
-    except OutputError:
+    except OutputError:  # an OSError already named
         raise
     except OSError as exc:
-        from .outputs import describe_write_error
-
         raise OutputError(f"{path}: cannot write the job's record: {describe_write_error(exc, path)}") from None
