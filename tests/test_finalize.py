@@ -21,6 +21,17 @@ def test_labels_are_numpys_argmax_with_ties_and_nan(shape, seed, ties, nans):
     np.testing.assert_array_equal(argmax_labels(values, np.dtype(np.uint8)), np.argmax(values, axis=0))
 
 
+@settings(max_examples=10, deadline=None)
+@given(channels=st.integers(250, 300), seed=st.integers(0, 2**32 - 1))
+def test_labels_past_255_classes_in_uint16(channels, seed):
+    """Past 255 classes the labels are uint16 (planning.labels_dtype): the arithmetic must not wrap at 256."""
+    values = np.random.default_rng(seed).standard_normal((channels, 7, 9)).astype(np.float32)
+    values[-1, 0, 0] = 99.0  # the last class wins somewhere
+    labels = argmax_labels(values, np.dtype(np.uint16))
+    assert labels.dtype == np.uint16 and labels[0, 0] == channels - 1
+    np.testing.assert_array_equal(labels, np.argmax(values, axis=0))
+
+
 @settings(max_examples=60, deadline=None)
 @given(n_classes=st.integers(1, 3 * FEW_CLASSES), seed=st.integers(0, 2**32 - 1), nodata=st.sampled_from([None, 0, 1, 255]))
 def test_class_counts_are_bincounts_without_nodata(n_classes, seed, nodata):
