@@ -9,7 +9,7 @@ from distributed import Client
 
 from tilemask.cluster import WorkerSetup
 
-from .conftest import GEO, raster_workflow, run_cli
+from .conftest import raster_workflow, run_cli
 
 
 @pytest.mark.slow
@@ -156,34 +156,3 @@ def test_a_workers_threads_reuse_freed_buffers_instead_of_faulting_them_in_again
             (after,) = client.run(_faults_of_buffers_on_a_new_thread).values()
     assert before > 5000  # 96 MB of buffers in 4 kB pages, faulted in again on every cycle
     assert after < 100
-
-
-def _gdal_cache_sizes_around_reads(path: str) -> list[int]:
-    """GDAL's block cache size (bytes) before, while and after tilemask reads windows of ``path``."""
-    from rasterio.env import get_gdal_config
-
-    from tilemask.sources import open_source
-    from tilemask.sources.raster import gdal_env
-
-    source = open_source(path, 2)
-    sizes = [get_gdal_config("GDAL_CACHEMAX")]
-    for rows in ((0, 256), (192, 448)):
-        source.read_with_valid((rows, (0, 256)))
-        with gdal_env():
-            sizes.append(get_gdal_config("GDAL_CACHEMAX"))
-        sizes.append(get_gdal_config("GDAL_CACHEMAX"))
-    return sizes
-
-
-def test_a_workers_gdal_block_cache_keeps_its_size_across_reads():
-    """Set around each read, the cache was resized on every entry and exit and kept little: the halo of a
-    block decoded its tiles again (16384^2: read 2.5-2.7 s against 1.9 s with the cache kept)."""
-    from distributed import LocalCluster
-
-    from tilemask.cluster import GDAL_CACHE_MB, prepare_workers
-
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        with Client(cluster) as client:
-            prepare_workers(client)
-            (sizes,) = client.run(_gdal_cache_sizes_around_reads, str(GEO["RGB.byte.tif"])).values()
-    assert sizes == [GDAL_CACHE_MB << 20] * 5

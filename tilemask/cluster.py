@@ -75,8 +75,6 @@ def default_workers() -> tuple[int, int]:
     return max(1, available_cores() // CORES_PER_WORKER), THREADS_PER_WORKER
 
 
-GDAL_CACHE_MB = 256  # each worker's GDAL block cache (WorkerSetup)
-
 UNWATCHED = {
     "distributed.worker.profile.enabled": False,  # the profile page's statistical profiler
     "distributed.admin.tick.interval": "1s",  # the event loop's health tick (20 ms): still logs a stall over 3 s
@@ -162,12 +160,7 @@ class WorkerSetup(WorkerPlugin):
       forward pass is mmap'd, page-faulted and unmapped again.  Measured here that
       makes CPU inference 2x slower; raising the thresholds again (``mallopt``)
       lets buffers be reused, and padding the heaps keeps glibc from unmapping the
-      compute thread's empty heaps (:func:`reuse_large_allocations`);
-    * GDAL's block cache: 256 MB (``GDAL_CACHEMAX``, unless the worker's environment
-      sets it), set once for the process.  Set through ``rasterio.Env`` around each
-      read instead, the cache was resized on every entry and exit and kept little:
-      a block's halo decoded its tiles again (16384^2 read 2.5-2.7 s, 1.9 s with
-      the cache kept, 1.9 s decoding every tile once).
+      compute thread's empty heaps (:func:`reuse_large_allocations`).
     """
 
     name = "tilemask-worker-setup"
@@ -180,7 +173,6 @@ class WorkerSetup(WorkerPlugin):
 
         set_torch_threads(threads_per_process(available_cores(), self.workers_by_host.get(_host(worker.address), 1)))
         reuse_large_allocations()
-        os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))  # read when GDAL first caches a block
 
 
 def threads_per_process(cores: int, processes: int) -> int:
