@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
+import pytest
 import zarr
 
+from tilemask.errors import InputError
 from tilemask.sources import cached_handle, file_stamp, open_source
 
 
@@ -39,6 +41,8 @@ def test_zarr_arrays_with_and_without_channels(tmp_path):
     source = open_source(str(tmp_path / "b.zarr"), spatial_dims=2)
     assert source.shape == (3, 30, 40)
     np.testing.assert_array_equal(source.read(((0, 30), (10, 20))), bands[:, :, 10:20])
+    with pytest.raises(InputError, match=r"b\.zarr: preprocess\.bands applies to rasters .* and NIfTI"):
+        open_source(str(tmp_path / "b.zarr"), spatial_dims=2, bands=[1])
 
 
 def test_raster_windows_and_band_order(make_raster):

@@ -13,7 +13,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -57,6 +57,7 @@ class ImageSource(ABC):
     """A channel-first image ``(C, *spatial)`` read by region."""
 
     path: str
+    selects_bands: ClassVar[bool] = False  # takes ``preprocess.bands`` (raster bands, volumes of a 4D NIfTI)
 
     @property
     @abstractmethod
@@ -102,11 +103,9 @@ class ImageSource(ABC):
 def open_source(path: str, spatial_dims: int, bands: list[int] | None = None) -> ImageSource:
     """The reader for ``path``, chosen by its format (:func:`tilemask.formats.for_path`)."""
     from ..formats import for_path
-    from .nifti import NiftiSource
-    from .raster import RasterSource
 
     source = for_path(path).open_source(path, spatial_dims, bands)
-    if bands and not isinstance(source, RasterSource | NiftiSource):
+    if bands and not source.selects_bands:
         raise InputError(f"{path}: preprocess.bands applies to rasters (bands) and NIfTI (volumes of a 4D file)")
     if len(source.spatial_shape) != spatial_dims:
         raise InputError(f"{path}: has {len(source.spatial_shape)} spatial axes but the model is {spatial_dims}D")

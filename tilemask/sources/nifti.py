@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import nibabel as nib
 import numpy as np
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 class NiftiSource(ImageSource):
     """A 3D volume ``(1, i, j, k)`` or a 4D one with channels last on disk ``(C, i, j, k)``; ``volumes``
     selects some of a 4D file's volumes as the channels, in that order (``preprocess.bands``, 1-based)."""
+
+    selects_bands: ClassVar[bool] = True
 
     path: str
     volume_shape: tuple[int, ...]

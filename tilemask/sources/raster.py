@@ -25,6 +25,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import rasterio
@@ -64,6 +65,8 @@ def gdal_env() -> rasterio.Env:
 @dataclass(frozen=True)
 class RasterSource(ImageSource):
     """Bands x rows x cols of a GDAL raster; ``bands`` are 1-based, in the order asked for."""
+
+    selects_bands: ClassVar[bool] = True
 
     path: str
     bands: tuple[int, ...]
