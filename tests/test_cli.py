@@ -15,6 +15,7 @@ import os
 import pickle
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -204,3 +205,25 @@ def test_probabilities_uint8(scene, write_workflow, tmp_path, cli):
     probs = group["probabilities"][:]
     assert probs.dtype == np.uint8
     assert np.all(np.abs(probs.astype(int).sum(axis=0) - 255) <= 2)  # softmax sums to 1, rounded per class
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_dask_and_asyncio_chatter_reaches_stderr_only_with_debug(debug):
+    """A worker killed while the client reads a result made distributed.client warn ("Couldn't gather 1 keys,
+    rescheduling": a logger with a level of its own in Dask's config) and asyncio print an inner task's
+    AllExit traceback above the run's own one-line error."""
+    script = (
+        "import logging, sys\n"
+        "from tilemask.command import configure_logging\n"
+        f"configure_logging(debug={debug})\n"
+        "logging.getLogger('distributed.client').warning(\"Couldn't gather 1 keys, rescheduling\")\n"
+        "logging.getLogger('distributed.worker').error('worker failed')\n"
+        "logging.getLogger('asyncio').error('Task exception was never retrieved')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    if debug:
+        for line in ("Couldn't gather 1 keys", "worker failed", "Task exception was never retrieved"):
+            assert line in proc.stderr
+    else:
+        assert proc.stderr == ""

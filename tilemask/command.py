@@ -52,7 +52,12 @@ def configure_logging(debug: bool, verbosity: int = 0) -> None:
         import distributed  # noqa: F401  # its import sets its own log levels; ours must come after
 
         warnings.simplefilter("ignore")
-        logging.getLogger("distributed").setLevel(logging.CRITICAL)  # its failures reach us as exceptions
+        # its failures reach us as exceptions; its config gives some loggers levels of their own
+        for name in ["distributed"] + [n for n in logging.root.manager.loggerDict if n.startswith("distributed.")]:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        # a result read that times out while its worker dies leaves distributed's inner gather task to end in
+        # AllExit, which asyncio reports as "Task exception was never retrieved"; the run's own error follows
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         # distributed's callbacks run on tornado's loop; one that fails while an interrupt tears the client down
         # (seen: "NameError: cannot access free variable 'future'" in distributed.utils.sync) is logged by tornado
         logging.getLogger("tornado").setLevel(logging.CRITICAL)
