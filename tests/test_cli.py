@@ -213,7 +213,7 @@ def test_dask_and_asyncio_chatter_reaches_stderr_only_with_debug(debug):
     rescheduling": a logger with a level of its own in Dask's config) and asyncio print an inner task's
     AllExit traceback above the run's own one-line error."""
     script = (
-        "import logging, sys\n"
+        "import logging\n"
         "from tilemask.command import configure_logging\n"
         f"configure_logging(debug={debug})\n"
         "logging.getLogger('distributed.client').warning(\"Couldn't gather 1 keys, rescheduling\")\n"
