@@ -100,9 +100,9 @@ def to_labels(probabilities: np.ndarray, activation: str, threshold: float, dtyp
 
 def argmax_labels(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """``np.argmax(values, axis=0).astype(dtype)``, one pass per channel: numpy's argmax over the first axis
-    copies the array transposed and returns int64 (50 ms against 23 ms for a 2-class 2048^2 chunk here).
-    Each channel moves the label up by arithmetic, not by masked assignment, whose branches mispredict where
-    classes interleave (3 ms against 23 ms for that chunk of noise).  The first of equal maxima wins, as in
+    copies the array transposed and returns int64 (50 ms for a 2-class 2048^2 chunk here).  Each channel
+    moves the label up by arithmetic, not by masked assignment, whose branches mispredict where classes
+    interleave (3 ms against 23 ms for a 2-class 2048^2 chunk of noise).  The first of equal maxima wins, as in
     numpy; pixels with a NaN in any channel go to numpy's own argmax."""
     labels = np.zeros(values.shape[1:], dtype)
     best = values[0].copy()

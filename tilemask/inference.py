@@ -121,8 +121,8 @@ def _accumulate(network, weight, data, windows, origin, shape, settings: Inferen
     items = [(start, f) for start in windows for f in block.flips_of(start, flips)]
     began, model = time.perf_counter(), 0.0
     # Only the forward passes get the process's threads: the windows' copies and sums are too small to split
-    # (one thread took 21 ms a block where two took 36-47), and one thread leaves the other cores to the
-    # worker's Dask threads.
+    # (21 ms for a 120-window block on one thread, 36-47 ms on two), and one thread leaves the other cores to
+    # the worker's Dask threads.
     with _torch_threads(1), torch.inference_mode():
         for batch in _batched(items, settings.batch_size):
             slices = [_window_slices(start, settings.roi, origin) for start, _ in batch]
