@@ -2,6 +2,7 @@
 
     python benchmarks/bench_engine.py                      # 16384^2 side by side + 32768^2 tilemask and the bare model
     python benchmarks/bench_engine.py --sizes 4096 --giga 0  # a quick look
+    python benchmarks/bench_engine.py --giga 0 --precision bfloat16  # every side under torch.autocast
 
 For each size a 3-band uint8 GeoTIFF (tiled, deflate, smooth synthetic content)
 is written by windows, then:
@@ -21,6 +22,8 @@ Peak memory is the largest sum of RSS over this process and all its children
 (the embedded scheduler and workers), sampled every 0.1 s.  Network: MONAI UNet
 with channels 16-32-64-128, strides 2-2-2, 2 residual units, roi 256,
 overlap 0.25, batch 8, random weights (speed does not depend on them).
+With ``--precision bfloat16`` or ``float16`` tilemask runs with ``inference.precision``
+set, and MONAI's call and the bare model run under ``torch.autocast`` in it.
 """
 
 from __future__ import annotations
@@ -72,7 +75,12 @@ def network(seed: int = 0) -> torch.nn.Module:
     return UNet(**ARGS).eval()
 
 
-def run_tilemask(raster: Path, weights: Path, out: Path, probabilities: str = "none") -> dict:
+def autocast(precision: str):
+    """``torch.autocast`` on the CPU in ``precision``; off for float32."""
+    return torch.autocast("cpu", dtype=getattr(torch, precision), enabled=precision != "float32")
+
+
+def run_tilemask(raster: Path, weights: Path, out: Path, probabilities: str = "none", precision: str = "float32") -> dict:
     import tilemask
     from tilemask import Workflow, timing
     from tilemask.cluster import cluster_client
@@ -81,7 +89,8 @@ def run_tilemask(raster: Path, weights: Path, out: Path, probabilities: str = "n
         "version": 1, "input": str(raster),
         "model": {"network": "UNet", "args": ARGS, "weights": str(weights)},
         "preprocess": {"normalize": {"mean": [MEAN] * 3, "std": [STD] * 3}},
-        "inference": {"roi_size": [ROI, ROI], "overlap": OVERLAP, "batch_size": BATCH, "device": "cpu"},
+        "inference": {"roi_size": [ROI, ROI], "overlap": OVERLAP, "batch_size": BATCH, "device": "cpu",
+                      "precision": precision},
         "output": {"path": str(out), "chunks": CHUNKS, "quicklook": False, "probabilities": probabilities},
     })  # fmt: skip
     with PeakMemory() as mem:
@@ -126,7 +135,7 @@ def run_cogeo_create(sources: list[str], workdir: Path) -> dict:
     return {"wall": wall, "peak": mem.peak}
 
 
-def run_monai(raster: Path, net: torch.nn.Module, out: Path) -> dict:
+def run_monai(raster: Path, net: torch.nn.Module, out: Path, precision: str = "float32") -> dict:
     from monai.inferers import sliding_window_inference
 
     with PeakMemory() as mem:
@@ -136,7 +145,7 @@ def run_monai(raster: Path, net: torch.nn.Module, out: Path) -> dict:
             image = torch.from_numpy(ds.read().astype(np.float32))
         image -= MEAN
         image /= STD
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(precision):
             logits = sliding_window_inference(image[None], (ROI, ROI), BATCH, net, overlap=OVERLAP, mode="gaussian")
         del image
         labels = logits[0].argmax(0).numpy().astype(np.uint8)
@@ -150,7 +159,7 @@ def run_monai(raster: Path, net: torch.nn.Module, out: Path) -> dict:
     return {"wall": wall, "peak": mem.peak}
 
 
-def run_model_only(net, n_windows: int) -> dict:
+def run_model_only(net, n_windows: int, precision: str = "float32") -> dict:
     """``n_windows`` windows through ``net`` (a module or a backend's runner) in batches of BATCH, nothing else,
     on a thread of its own with glibc set as on a worker: otherwise glibc maps, page-faults and unmaps the
     activations again and again, and the same forward passes measured anywhere from 55 to 92 ms a batch."""
@@ -161,7 +170,7 @@ def run_model_only(net, n_windows: int) -> dict:
     timed: list[float] = []
 
     def forward_passes() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(precision):
             net(batch)  # warm-up
             start = time.perf_counter()
             for _ in range(math.ceil(n_windows / BATCH)):
@@ -174,13 +183,13 @@ def run_model_only(net, n_windows: int) -> dict:
     return {"wall": timed[0]}
 
 
-def run_backend_only(weights: Path, n_windows: int) -> dict:
+def run_backend_only(weights: Path, n_windows: int, precision: str = "float32") -> dict:
     """The model-only floor through the backend ``auto`` picks on a worker (tilemask.backends), same batches."""
     from tilemask.backends import cached_runner
     from tilemask.settings import InferenceSettings, ModelSpec
 
     spec = ModelSpec.create("UNet", ARGS, str(weights))
-    settings = InferenceSettings(roi=(ROI, ROI), batch_size=BATCH, backend="auto")
+    settings = InferenceSettings(roi=(ROI, ROI), batch_size=BATCH, backend="auto", precision=precision)
     backend, run = cached_runner(spec, settings, 3, torch.device("cpu"))
     return {**run_model_only(run, n_windows), "backend": backend}
 
@@ -195,6 +204,8 @@ def main() -> None:
     parser.add_argument("--giga", type=int, default=32768, help="big size, tilemask and the bare model (0 to skip)")
     parser.add_argument("--cog", action="store_true", help="also the big size with COG output and probabilities")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="tilemask's inference.precision; MONAI and the bare model under torch.autocast in it")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tilemask-bench-"))
@@ -207,11 +218,11 @@ def main() -> None:
         raster = workdir / f"scene_{size}.tif"
         if not raster.exists():
             make_raster(raster, size)
-        t = run_tilemask(raster, weights, workdir / f"tilemask_{size}.zarr")
-        m = run_monai(raster, net, workdir / f"monai_{size}.tif")
-        p = run_model_only(net, t["windows"])
-        b = run_backend_only(weights, t["windows"])
-        print(f"\n{size} x {size} x 3 ({t['windows']} windows of {ROI}^2, {t['tasks']} tasks)")
+        t = run_tilemask(raster, weights, workdir / f"tilemask_{size}.zarr", precision=args.precision)
+        m = run_monai(raster, net, workdir / f"monai_{size}.tif", args.precision)
+        p = run_model_only(net, t["windows"], args.precision)
+        b = run_backend_only(weights, t["windows"], args.precision)
+        print(f"\n{size} x {size} x 3 ({t['windows']} windows of {ROI}^2, {t['tasks']} tasks), {args.precision}")
         print(f"{'':14}{'wall s':>10}{'peak memory':>14}{'vs model only':>16}")
         print(f"{'tilemask':14}{t['wall']:>10.1f}{gib(t['peak']):>14}{t['wall'] / p['wall']:>15.2f}x")
         print(f"{'MONAI':14}{m['wall']:>10.1f}{gib(m['peak']):>14}{m['wall'] / p['wall']:>15.2f}x")
@@ -224,8 +235,8 @@ def main() -> None:
         raster = workdir / f"scene_{args.giga}.tif"
         if not raster.exists():
             make_raster(raster, args.giga)
-        t = run_tilemask(raster, weights, workdir / f"tilemask_{args.giga}.zarr")
-        b = run_backend_only(weights, t["windows"])
+        t = run_tilemask(raster, weights, workdir / f"tilemask_{args.giga}.zarr", precision=args.precision)
+        b = run_backend_only(weights, t["windows"], args.precision)
         gigapixels = args.giga**2 / 1e9
         print(f"\n{args.giga} x {args.giga} x 3 ({gigapixels:.2f} gigapixels, {t['windows']} windows): tilemask "
               f"and the bare model")  # fmt: skip

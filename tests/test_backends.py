@@ -76,6 +76,17 @@ def test_an_unknown_backend_is_refused_by_name(make_raster, make_model, tmp_path
         Workflow.from_dict(raw, base_dir=tmp_path)
 
 
+def test_reduced_precision_with_a_float32_only_backend_is_refused(make_raster, make_model, tmp_path):
+    path, _ = make_raster((3, 50, 50))
+    weights, _ = make_model()
+    raw = raster_workflow(path, weights)
+    raw["inference"].update(backend="openvino", precision="bfloat16")
+    with pytest.raises(tilemask.TilemaskError, match="precision bfloat16 runs in torch.*openvino runs float32 only"):
+        Workflow.from_dict(raw, base_dir=tmp_path)
+    raw["inference"]["backend"] = "auto"
+    assert Workflow.from_dict(raw, base_dir=tmp_path).inference.precision == "bfloat16"
+
+
 @pytest.mark.parametrize("roi,mode,sigma", [((64, 64), "gaussian", 0.125), ((33, 17, 40), "gaussian", (0.1, 0.2, 0.3)),
                                             ((96, 96, 96), "gaussian", 0.125), ((48, 48), "constant", 0.125)])  # fmt: skip
 def test_window_weights_are_monais_to_the_bit(roi, mode, sigma):

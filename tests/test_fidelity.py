@@ -91,3 +91,18 @@ def test_nifti_volume_matches_monai(make_volume, make_model, tmp_path, client, m
     np.testing.assert_allclose(labels_img.header.get_sform(), reference.affine, atol=1e-6)
     np.testing.assert_allclose(labels_img.header.get_qform(), reference.affine, atol=1e-5)
     assert probs_img.shape == (*shape, 2)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_reduced_precision_is_monai_under_autocast(make_raster, make_model, tmp_path, client, precision):
+    """``inference.precision`` runs the forward passes as a MONAI user's ``torch.autocast`` around
+    ``sliding_window_inference`` does: tilemask lands on that answer, and away from float32's."""
+    path, image = make_raster((3, 203, 317))
+    weights, net = make_model()
+    probs, labels, _ = run_zarr(raster_workflow(path, weights, inference={"precision": precision}), tmp_path, client)
+    with torch.autocast("cpu", dtype=getattr(torch, precision)):
+        expected = monai_probabilities(image, net, (64, 64), 0.25, "gaussian", 127.0, 60.0)
+    full = monai_probabilities(image, net, (64, 64), 0.25, "gaussian", 127.0, 60.0)
+    to_autocast, to_float32 = np.abs(probs - expected), np.abs(expected - full)
+    assert to_autocast.max() < to_float32.max() / 2 and to_autocast.mean() < to_float32.mean() / 3
+    assert (labels != expected.argmax(0)).mean() < (expected.argmax(0) != full.argmax(0)).mean() / 4

@@ -24,6 +24,11 @@
   window or a batch of ``batch_size`` faster than torch; each batch then runs
   through whichever was faster at its size.  Otherwise torch.  On a GPU, torch.
 
+``inference.precision: bfloat16 | float16`` runs the network as built (eager, not
+the cached trace) in torch under ``torch.autocast`` on the worker's device, as a
+MONAI user wraps ``sliding_window_inference`` (:func:`_autocast`); its outputs are
+summed in float32 like MONAI's.
+
 A converted network is built once per worker process and also kept on disk (the
 cache folder: ``TILEMASK_CACHE_DIR``, else ``~/.cache/tilemask``) under the sha256
 of the weights, the network, its arguments, the window shape and the backend's
@@ -73,12 +78,12 @@ def cached_runner(spec: ModelSpec, settings: InferenceSettings, channels: int, d
     """``(backend, run)`` for the network of ``spec`` on windows of ``channels`` x ``settings.roi``, built
     once per worker process; ``backend`` names what ``auto`` chose."""
     global loads
-    key = (spec, str(device), settings.backend, channels, tuple(settings.roi), settings.batch_size)
+    key = (spec, str(device), settings.backend, settings.precision, channels, tuple(settings.roi), settings.batch_size)
     with _runners_lock:
         if key in _runners:
             _runners.move_to_end(key)
             return _runners[key]
-        _runners[key] = _build(spec, settings.backend, channels, tuple(settings.roi), settings.batch_size, device)
+        _runners[key] = _build(spec, settings, channels, device)
         loads += 1
         while len(_runners) > MODELS_PER_PROCESS:
             _runners.popitem(last=False)
@@ -104,9 +109,8 @@ def forward_check(run: Runner, channels: int, roi: tuple[int, ...], device: torc
     return int(output.shape[1])
 
 
-def _build(spec: ModelSpec, backend: str, channels: int, roi: tuple[int, ...], batch: int,
-           device: torch.device) -> tuple[str, Runner]:  # fmt: skip
-    spec = _local(spec)
+def _build(spec: ModelSpec, settings: InferenceSettings, channels: int, device: torch.device) -> tuple[str, Runner]:
+    spec, backend, roi, batch = _local(spec), settings.backend, tuple(settings.roi), settings.batch_size
 
     @functools.cache
     def network() -> torch.nn.Module:  # built (MONAI imported) only when no cached conversion serves
@@ -116,6 +120,8 @@ def _build(spec: ModelSpec, backend: str, channels: int, roi: tuple[int, ...], b
 
     if not os.path.isfile(spec.weights):
         return "torch", network()  # raises load_model's own error, naming the weights
+    if settings.precision != "float32":
+        return f"torch under {settings.precision} autocast", _autocast(network(), settings.precision, device)
     if backend != "torch" and not (backend == "auto" and device.type != "cpu"):
         if device.type != "cpu":
             raise WorkflowError(f"inference.backend: {backend} runs on the CPU, and inference.device is {device}")
@@ -125,6 +131,17 @@ def _build(spec: ModelSpec, backend: str, channels: int, roi: tuple[int, ...], b
                 logger.info("inference backend: %s", converted[0])
                 return converted
     return "torch", _torch(spec, network, channels, roi, device)
+
+
+def _autocast(network: torch.nn.Module, precision: str, device: torch.device) -> Runner:
+    """The network's forward passes under ``torch.autocast`` in ``precision`` on ``device``'s type."""
+    dtype = getattr(torch, precision)
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype):
+            return network(batch)
+
+    return run
 
 
 class NotConvertible(Exception):

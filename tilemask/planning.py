@@ -296,6 +296,7 @@ def plan_model(workflow: Workflow) -> WorkflowPlan:
             device=inference.device,
             flips=inference.flips,
             backend=inference.backend,
+            precision=inference.precision,
         ),
         preprocessing=preprocessing_of(workflow),
         items=items,

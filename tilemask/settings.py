@@ -67,6 +67,7 @@ class InferenceSettings:
     device: str = "auto"
     flips: tuple[tuple[int, ...], ...] = ((),)  # test-time augmentation: the spatial axes each pass flips
     backend: str = "auto"  # auto | torch | torch-mkldnn | openvino | onnxruntime (tilemask.backends)
+    precision: str = "float32"  # float32 | bfloat16 | float16: the forward passes under torch.autocast
 
 
 @dataclass(frozen=True)

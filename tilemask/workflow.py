@@ -155,6 +155,9 @@ class Inference(_Strict):
     backend: Literal["auto", "torch", "torch-mkldnn", "openvino", "onnxruntime"] = Field(
         default="auto", description="what runs the network: auto picks OpenVINO or torch-mkldnn on the CPU when it matches torch"
     )
+    precision: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="the forward passes' precision: bfloat16 or float16 run under torch.autocast"
+    )
     activation: Literal["softmax", "sigmoid", "none"] = "softmax"
     threshold: Annotated[float, NotBool, Field(gt=0.0, lt=1.0)] = 0.5
     tta: Literal["none", "flips"] | list[list[Annotated[int, NotBool, Field(ge=0)]]] = Field(
@@ -178,6 +181,13 @@ class Inference(_Strict):
         if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
         raise ValueError(f"must be auto, cpu, cuda or cuda:N (got {value!r})")
+
+    @model_validator(mode="after")
+    def _precision_in_torch(self) -> Inference:
+        if self.precision != "float32" and self.backend not in ("auto", "torch"):
+            raise ValueError(f"precision {self.precision} runs in torch (torch.autocast); backend {self.backend} "
+                             "runs float32 only")  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _flip_axes(self) -> Inference:
