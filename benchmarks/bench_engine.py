@@ -80,7 +80,8 @@ def autocast(precision: str):
     return torch.autocast("cpu", dtype=getattr(torch, precision), enabled=precision != "float32")
 
 
-def run_tilemask(raster: Path, weights: Path, out: Path, probabilities: str = "none", precision: str = "float32") -> dict:
+def run_tilemask(raster: Path, weights: Path, out: Path, probabilities: str = "none",
+                 precision: str = "float32") -> dict:  # fmt: skip
     import tilemask
     from tilemask import Workflow, timing
     from tilemask.cluster import cluster_client
@@ -239,7 +240,7 @@ def main() -> None:
         b = run_backend_only(weights, t["windows"], args.precision)
         gigapixels = args.giga**2 / 1e9
         print(f"\n{args.giga} x {args.giga} x 3 ({gigapixels:.2f} gigapixels, {t['windows']} windows): tilemask "
-              f"and the bare model")  # fmt: skip
+              f"and the bare model, {args.precision}")  # fmt: skip
         print(f"wall {t['wall']:.1f} s, peak memory of all processes {gib(t['peak'])}, "
               f"{t['tasks']} tasks = {t['tasks'] / gigapixels:.0f} tasks per gigapixel")  # fmt: skip
         print(f"backend only ({b['backend']}, what auto picked): {b['wall']:.1f} s; "
@@ -248,7 +249,7 @@ def main() -> None:
         monai_bytes = args.giga**2 * 4 * (3 + ARGS["out_channels"] + 1)
         print(f"MONAI would hold input + output + count map in float32: {gib(monai_bytes)} (not run)")
         if args.cog:
-            c = run_tilemask(raster, weights, workdir / f"tilemask_{args.giga}.tif", probabilities="uint8")
+            c = run_tilemask(raster, weights, workdir / f"tilemask_{args.giga}.tif", "uint8", args.precision)
             f = run_cogeo_create(c["outputs"][:2], workdir)
             print(f"\nsame raster, COG labels + uint8 probabilities COG: wall {c['wall']:.1f} s, "
                   f"peak memory {gib(c['peak'])}, COG assembly {c['commit']:.1f} s "

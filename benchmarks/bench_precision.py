@@ -31,7 +31,8 @@ def run_tilemask(workdir: Path, precision: str, client) -> tuple[np.ndarray, np.
     from tilemask import Workflow
 
     overrides = [f"inference.precision={precision}", "inference.device=cpu", "output.probabilities=float32",
-                 f"output.path={workdir / f'tilemask_{precision}.zarr'}", "output.vectors=null", "output.quicklook=false"]  # fmt: skip
+                 f"output.path={workdir / f'tilemask_{precision}.zarr'}", "output.vectors=null",
+                 "output.quicklook=false"]  # fmt: skip
     wf = Workflow.from_yaml(DEMO, overrides)
     (result,) = tilemask.run(wf, client, progress=False, overwrite=True)
     group = zarr.open_group(result.outputs[0], mode="r")

@@ -76,15 +76,54 @@ def test_an_unknown_backend_is_refused_by_name(make_raster, make_model, tmp_path
         Workflow.from_dict(raw, base_dir=tmp_path)
 
 
-def test_reduced_precision_with_a_float32_only_backend_is_refused(make_raster, make_model, tmp_path):
+@pytest.mark.parametrize("backend", ["torch-mkldnn", "openvino", "onnxruntime"])
+def test_reduced_precision_with_a_float32_only_backend_is_refused(make_raster, make_model, tmp_path, backend):
     path, _ = make_raster((3, 50, 50))
     weights, _ = make_model()
     raw = raster_workflow(path, weights)
-    raw["inference"].update(backend="openvino", precision="bfloat16")
-    with pytest.raises(tilemask.TilemaskError, match="precision bfloat16 runs in torch.*openvino runs float32 only"):
+    raw["inference"].update(backend=backend, precision="bfloat16")
+    with pytest.raises(tilemask.TilemaskError, match=f"precision bfloat16 runs in torch.*{backend} runs float32 only"):
         Workflow.from_dict(raw, base_dir=tmp_path)
-    raw["inference"]["backend"] = "auto"
-    assert Workflow.from_dict(raw, base_dir=tmp_path).inference.precision == "bfloat16"
+    for allowed in ("auto", "torch"):
+        raw["inference"]["backend"] = allowed
+        assert Workflow.from_dict(raw, base_dir=tmp_path).inference.precision == "bfloat16"
+
+
+@pytest.mark.parametrize("archive", ["state_dict", "torchscript", "exported"])
+def test_reduced_precision_is_the_network_under_autocast_bit_for_bit(make_model, tmp_path, monkeypatch, archive):
+    """Whatever the weights file holds, a reduced precision's runner answers what the loaded network answers
+    under ``torch.autocast``, in float32; one worker keeps the float32 and the bfloat16 runners apart."""
+    import dataclasses
+
+    import torch
+
+    from tilemask.backends import cached_runner
+    from tilemask.settings import InferenceSettings, ModelSpec
+
+    monkeypatch.setenv("TILEMASK_CACHE_DIR", str(tmp_path / "cache"))
+    weights, net = make_model()
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 3, 64, 64), dtype=np.float32))
+    if archive == "torchscript":
+        weights = tmp_path / "net.ts"
+        torch.jit.save(torch.jit.trace(net, x), weights)
+        net = torch.jit.load(weights)
+    elif archive == "exported":
+        weights = tmp_path / "net.pt2"
+        torch.export.save(torch.export.export(net, (x,)), weights)
+        net = torch.export.load(weights).module()
+    network, args = ("UNet", UNET_2D) if archive == "state_dict" else ("", {})
+    spec = ModelSpec.create(network, args, str(weights))
+    assert spec.archive == archive
+    settings = InferenceSettings(roi=(64, 64), backend="torch")
+    _, full = cached_runner(spec, settings, 3, torch.device("cpu"))
+    name, reduced = cached_runner(spec, dataclasses.replace(settings, precision="bfloat16"), 3, torch.device("cpu"))
+    assert name == "torch under bfloat16 autocast"
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = net(x).float()
+        got = reduced(x)
+        assert got.dtype == torch.float32 and torch.equal(got, expected)
+        assert (full(x) - got).abs().max() > 1e-3  # the float32 runner is another
 
 
 @pytest.mark.parametrize("roi,mode,sigma", [((64, 64), "gaussian", 0.125), ((33, 17, 40), "gaussian", (0.1, 0.2, 0.3)),

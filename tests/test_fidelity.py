@@ -105,4 +105,4 @@ def test_reduced_precision_is_monai_under_autocast(make_raster, make_model, tmp_
     full = monai_probabilities(image, net, (64, 64), 0.25, "gaussian", 127.0, 60.0)
     to_autocast, to_float32 = np.abs(probs - expected), np.abs(expected - full)
     assert to_autocast.max() < to_float32.max() / 2 and to_autocast.mean() < to_float32.mean() / 3
-    assert (labels != expected.argmax(0)).mean() < (expected.argmax(0) != full.argmax(0)).mean() / 4
+    assert (labels != expected.argmax(0)).mean() <= (expected.argmax(0) != full.argmax(0)).mean() / 4

@@ -24,10 +24,12 @@
   window or a batch of ``batch_size`` faster than torch; each batch then runs
   through whichever was faster at its size.  Otherwise torch.  On a GPU, torch.
 
-``inference.precision: bfloat16 | float16`` runs the network as built (eager, not
-the cached trace) in torch under ``torch.autocast`` on the worker's device, as a
-MONAI user wraps ``sliding_window_inference`` (:func:`_autocast`); its outputs are
-summed in float32 like MONAI's.
+``inference.precision: bfloat16 | float16`` runs the network as loaded in torch under
+``torch.autocast`` on the worker's device, as a MONAI user wraps
+``sliding_window_inference`` (:func:`_autocast`); its outputs are summed in float32
+like MONAI's.  A checkpoint's network runs eager, not as the cached trace: a traced
+MONAI UNet under autocast answers otherwise than the eager one (logits 2e-3 apart in
+float16, 1.2e-2 in bfloat16), and MONAI's users run it eager.
 
 A converted network is built once per worker process and also kept on disk (the
 cache folder: ``TILEMASK_CACHE_DIR``, else ``~/.cache/tilemask``) under the sha256
@@ -78,7 +80,8 @@ def cached_runner(spec: ModelSpec, settings: InferenceSettings, channels: int, d
     """``(backend, run)`` for the network of ``spec`` on windows of ``channels`` x ``settings.roi``, built
     once per worker process; ``backend`` names what ``auto`` chose."""
     global loads
-    key = (spec, str(device), settings.backend, settings.precision, channels, tuple(settings.roi), settings.batch_size)
+    key = (spec, str(device), settings.backend, settings.precision, channels, tuple(settings.roi),
+           settings.batch_size)  # fmt: skip
     with _runners_lock:
         if key in _runners:
             _runners.move_to_end(key)
@@ -121,6 +124,11 @@ def _build(spec: ModelSpec, settings: InferenceSettings, channels: int, device: 
     if not os.path.isfile(spec.weights):
         return "torch", network()  # raises load_model's own error, naming the weights
     if settings.precision != "float32":
+        if backend not in ("auto", "torch"):
+            raise WorkflowError(f"inference.precision: {settings.precision} runs in torch; inference.backend "
+                                f"{backend} runs float32 only")  # fmt: skip
+        if device.type == "cuda" and settings.precision == "bfloat16" and not torch.cuda.is_bf16_supported():
+            raise WorkflowError(f"inference.precision: bfloat16 is not supported by {device}; use float16")
         return f"torch under {settings.precision} autocast", _autocast(network(), settings.precision, device)
     if backend != "torch" and not (backend == "auto" and device.type != "cpu"):
         if device.type != "cpu":
@@ -134,12 +142,13 @@ def _build(spec: ModelSpec, settings: InferenceSettings, channels: int, device: 
 
 
 def _autocast(network: torch.nn.Module, precision: str, device: torch.device) -> Runner:
-    """The network's forward passes under ``torch.autocast`` in ``precision`` on ``device``'s type."""
+    """The network's forward passes under ``torch.autocast`` in ``precision`` on ``device``'s type, its output
+    back in float32 (exactly: every bfloat16 and float16 value is a float32), where MONAI's sums promote it."""
     dtype = getattr(torch, precision)
 
     def run(batch: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype):
-            return network(batch)
+            return network(batch).to(torch.float32)
 
     return run
 
