@@ -3,6 +3,7 @@
     python benchmarks/bench_engine.py                      # 16384^2 side by side + 32768^2 tilemask and the bare model
     python benchmarks/bench_engine.py --sizes 4096 --giga 0  # a quick look
     python benchmarks/bench_engine.py --giga 0 --precision bfloat16  # every side under torch.autocast
+    python benchmarks/bench_engine.py --device cuda                  # every side on the GPU
 
 For each size a 3-band uint8 GeoTIFF (tiled, deflate, smooth synthetic content)
 is written by windows, then:
@@ -23,7 +24,9 @@ Peak memory is the largest sum of RSS over this process and all its children
 with channels 16-32-64-128, strides 2-2-2, 2 residual units, roi 256,
 overlap 0.25, batch 8, random weights (speed does not depend on them).
 With ``--precision bfloat16`` or ``float16`` tilemask runs with ``inference.precision``
-set, and MONAI's call and the bare model run under ``torch.autocast`` in it.
+set, and MONAI's call and the bare model run under ``torch.autocast`` in it.  With ``--device cuda`` every
+side runs the network on the GPU (MONAI's call with the image and its sums there too) and the bare model's
+time ends with a ``torch.cuda.synchronize``; peak memory stays the host's.
 """
 
 from __future__ import annotations
@@ -75,13 +78,13 @@ def network(seed: int = 0) -> torch.nn.Module:
     return UNet(**ARGS).eval()
 
 
-def autocast(precision: str):
-    """``torch.autocast`` on the CPU in ``precision``; off for float32."""
-    return torch.autocast("cpu", dtype=getattr(torch, precision), enabled=precision != "float32")
+def autocast(precision: str, device: torch.device):
+    """``torch.autocast`` on ``device`` in ``precision``; off for float32."""
+    return torch.autocast(device.type, dtype=getattr(torch, precision), enabled=precision != "float32")
 
 
 def run_tilemask(raster: Path, weights: Path, out: Path, probabilities: str = "none",
-                 precision: str = "float32") -> dict:  # fmt: skip
+                 precision: str = "float32", device: torch.device = torch.device("cpu")) -> dict:  # fmt: skip
     import tilemask
     from tilemask import Workflow, timing
     from tilemask.cluster import cluster_client
@@ -90,7 +93,7 @@ def run_tilemask(raster: Path, weights: Path, out: Path, probabilities: str = "n
         "version": 1, "input": str(raster),
         "model": {"network": "UNet", "args": ARGS, "weights": str(weights)},
         "preprocess": {"normalize": {"mean": [MEAN] * 3, "std": [STD] * 3}},
-        "inference": {"roi_size": [ROI, ROI], "overlap": OVERLAP, "batch_size": BATCH, "device": "cpu",
+        "inference": {"roi_size": [ROI, ROI], "overlap": OVERLAP, "batch_size": BATCH, "device": str(device),
                       "precision": precision},
         "output": {"path": str(out), "chunks": CHUNKS, "quicklook": False, "probabilities": probabilities},
     })  # fmt: skip
@@ -136,20 +139,21 @@ def run_cogeo_create(sources: list[str], workdir: Path) -> dict:
     return {"wall": wall, "peak": mem.peak}
 
 
-def run_monai(raster: Path, net: torch.nn.Module, out: Path, precision: str = "float32") -> dict:
+def run_monai(raster: Path, net: torch.nn.Module, out: Path, precision: str, device: torch.device) -> dict:
     from monai.inferers import sliding_window_inference
 
     with PeakMemory() as mem:
         start = time.perf_counter()
         with rasterio.open(raster) as ds:
             profile = ds.profile
-            image = torch.from_numpy(ds.read().astype(np.float32))
+            image = torch.from_numpy(ds.read().astype(np.float32)).to(device)
         image -= MEAN
         image /= STD
-        with torch.inference_mode(), autocast(precision):
-            logits = sliding_window_inference(image[None], (ROI, ROI), BATCH, net, overlap=OVERLAP, mode="gaussian")
+        with torch.inference_mode(), autocast(precision, device):
+            logits = sliding_window_inference(image[None], (ROI, ROI), BATCH, net, overlap=OVERLAP, mode="gaussian",
+                                              sw_device=device, device=device)  # fmt: skip
         del image
-        labels = logits[0].argmax(0).numpy().astype(np.uint8)
+        labels = logits[0].argmax(0).cpu().numpy().astype(np.uint8)
         del logits
         profile.update(count=1, dtype="uint8", compress="deflate")
         with rasterio.open(out, "w", **profile) as dst:
@@ -160,22 +164,24 @@ def run_monai(raster: Path, net: torch.nn.Module, out: Path, precision: str = "f
     return {"wall": wall, "peak": mem.peak}
 
 
-def run_model_only(net, n_windows: int, precision: str = "float32") -> dict:
+def run_model_only(net, n_windows: int, precision: str, device: torch.device) -> dict:
     """``n_windows`` windows through ``net`` (a module or a backend's runner) in batches of BATCH, nothing else,
     on a thread of its own with glibc set as on a worker: otherwise glibc maps, page-faults and unmaps the
     activations again and again, and the same forward passes measured anywhere from 55 to 92 ms a batch."""
     from tilemask.cluster import reuse_large_allocations
 
     reuse_large_allocations()  # after MONAI's run, which is timed as a user's script runs
-    batch = torch.randn(BATCH, 3, ROI, ROI)
+    batch = torch.randn(BATCH, 3, ROI, ROI, device=device)
     timed: list[float] = []
 
     def forward_passes() -> None:
-        with torch.inference_mode(), autocast(precision):
+        with torch.inference_mode(), autocast(precision, device):
             net(batch)  # warm-up
+            synchronize(device)
             start = time.perf_counter()
             for _ in range(math.ceil(n_windows / BATCH)):
                 net(batch)
+            synchronize(device)
             timed.append(time.perf_counter() - start)
 
     thread = threading.Thread(target=forward_passes)
@@ -184,15 +190,20 @@ def run_model_only(net, n_windows: int, precision: str = "float32") -> dict:
     return {"wall": timed[0]}
 
 
-def run_backend_only(weights: Path, n_windows: int, precision: str = "float32") -> dict:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_backend_only(weights: Path, n_windows: int, precision: str, device: torch.device) -> dict:
     """The model-only floor through the backend ``auto`` picks on a worker (tilemask.backends), same batches."""
     from tilemask.backends import cached_runner
     from tilemask.settings import InferenceSettings, ModelSpec
 
     spec = ModelSpec.create("UNet", ARGS, str(weights))
     settings = InferenceSettings(roi=(ROI, ROI), batch_size=BATCH, backend="auto", precision=precision)
-    backend, run = cached_runner(spec, settings, 3, torch.device("cpu"))
-    return {**run_model_only(run, n_windows), "backend": backend}
+    backend, run = cached_runner(spec, settings, 3, device)
+    return {**run_model_only(run, n_windows, "float32", device), "backend": backend}  # the runner autocasts
 
 
 def gib(n: float) -> str:
@@ -205,6 +216,7 @@ def main() -> None:
     parser.add_argument("--giga", type=int, default=32768, help="big size, tilemask and the bare model (0 to skip)")
     parser.add_argument("--cog", action="store_true", help="also the big size with COG output and probabilities")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where every side runs the network")
     parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="tilemask's inference.precision; MONAI and the bare model under torch.autocast in it")
     args = parser.parse_args()
@@ -214,16 +226,20 @@ def main() -> None:
     net = network()
     weights = workdir / "unet.pt"
     torch.save(net.state_dict(), weights)
-    print(f"machine: {os.cpu_count()} cores, {gib(psutil.virtual_memory().total)}; torch {torch.__version__}")
+    device = torch.device(args.device)
+    net = net.to(device)
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    print(f"machine: {os.cpu_count()} cores, {gib(psutil.virtual_memory().total)}{gpu}; torch {torch.__version__}")
     for size in args.sizes:
         raster = workdir / f"scene_{size}.tif"
         if not raster.exists():
             make_raster(raster, size)
-        t = run_tilemask(raster, weights, workdir / f"tilemask_{size}.zarr", precision=args.precision)
-        m = run_monai(raster, net, workdir / f"monai_{size}.tif", args.precision)
-        p = run_model_only(net, t["windows"], args.precision)
-        b = run_backend_only(weights, t["windows"], args.precision)
-        print(f"\n{size} x {size} x 3 ({t['windows']} windows of {ROI}^2, {t['tasks']} tasks), {args.precision}")
+        t = run_tilemask(raster, weights, workdir / f"tilemask_{size}.zarr", "none", args.precision, device)
+        m = run_monai(raster, net, workdir / f"monai_{size}.tif", args.precision, device)
+        p = run_model_only(net, t["windows"], args.precision, device)
+        b = run_backend_only(weights, t["windows"], args.precision, device)
+        print(f"\n{size} x {size} x 3 ({t['windows']} windows of {ROI}^2, {t['tasks']} tasks), {args.precision} "
+              f"on {device}")  # fmt: skip
         print(f"{'':14}{'wall s':>10}{'peak memory':>14}{'vs model only':>16}")
         print(f"{'tilemask':14}{t['wall']:>10.1f}{gib(t['peak']):>14}{t['wall'] / p['wall']:>15.2f}x")
         print(f"{'MONAI':14}{m['wall']:>10.1f}{gib(m['peak']):>14}{m['wall'] / p['wall']:>15.2f}x")
@@ -236,11 +252,11 @@ def main() -> None:
         raster = workdir / f"scene_{args.giga}.tif"
         if not raster.exists():
             make_raster(raster, args.giga)
-        t = run_tilemask(raster, weights, workdir / f"tilemask_{args.giga}.zarr", precision=args.precision)
-        b = run_backend_only(weights, t["windows"], args.precision)
+        t = run_tilemask(raster, weights, workdir / f"tilemask_{args.giga}.zarr", "none", args.precision, device)
+        b = run_backend_only(weights, t["windows"], args.precision, device)
         gigapixels = args.giga**2 / 1e9
         print(f"\n{args.giga} x {args.giga} x 3 ({gigapixels:.2f} gigapixels, {t['windows']} windows): tilemask "
-              f"and the bare model, {args.precision}")  # fmt: skip
+              f"and the bare model, {args.precision} on {device}")  # fmt: skip
         print(f"wall {t['wall']:.1f} s, peak memory of all processes {gib(t['peak'])}, "
               f"{t['tasks']} tasks = {t['tasks'] / gigapixels:.0f} tasks per gigapixel")  # fmt: skip
         print(f"backend only ({b['backend']}, what auto picked): {b['wall']:.1f} s; "
@@ -249,7 +265,7 @@ def main() -> None:
         monai_bytes = args.giga**2 * 4 * (3 + ARGS["out_channels"] + 1)
         print(f"MONAI would hold input + output + count map in float32: {gib(monai_bytes)} (not run)")
         if args.cog:
-            c = run_tilemask(raster, weights, workdir / f"tilemask_{args.giga}.tif", "uint8", args.precision)
+            c = run_tilemask(raster, weights, workdir / f"tilemask_{args.giga}.tif", "uint8", args.precision, device)
             f = run_cogeo_create(c["outputs"][:2], workdir)
             print(f"\nsame raster, COG labels + uint8 probabilities COG: wall {c['wall']:.1f} s, "
                   f"peak memory {gib(c['peak'])}, COG assembly {c['commit']:.1f} s "

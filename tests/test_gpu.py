@@ -1,0 +1,72 @@
+"""The CUDA path, where the machine has a GPU (skipped here: none of this project's CI machines has one).
+
+Run on a lent GPU by ``benchmarks/gpu/check.sh``: MONAI's answer on the same GPU, the weighting and sums
+on the GPU, one embedded worker per GPU, and the reduced precisions as MONAI's ``torch.autocast`` on CUDA.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from monai.inferers import sliding_window_inference
+
+import tilemask
+from tilemask import Workflow
+
+from .conftest import raster_workflow
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def monai_on_gpu(image: np.ndarray, net, precision: str = "float32") -> np.ndarray:
+    """softmax(sliding_window_inference) of the conftest workflow's normalized image, all on the GPU."""
+    device = torch.device("cuda")
+    x = torch.from_numpy((image.astype(np.float32) - np.float32(127.0)) / np.float32(60.0))[None].to(device)
+    enabled = precision != "float32"
+    with torch.inference_mode(), torch.autocast("cuda", dtype=getattr(torch, precision), enabled=enabled):
+        logits = sliding_window_inference(x, (64, 64), 4, net.to(device), overlap=0.25, mode="gaussian")
+    return torch.softmax(logits.float(), 1)[0].cpu().numpy()
+
+
+def run_zarr(workflow: dict, tmp_path, client):
+    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client, overwrite=True)
+    group = zarr.open_group(result.outputs[0], mode="r")
+    return group["probabilities"][:], group["labels"][:]
+
+
+def test_a_cuda_run_gives_monais_answer_on_the_same_gpu(make_raster, make_model, tmp_path, client):
+    path, image = make_raster((3, 203, 317))
+    weights, net = make_model()
+    probs, labels = run_zarr(raster_workflow(path, weights, inference={"device": "cuda"}), tmp_path, client)
+    used = client.run(lambda: __import__("torch").cuda.max_memory_allocated())
+    assert max(used.values()) > 0, "the workers computed on the GPU"
+    expected = monai_on_gpu(image, net)
+    np.testing.assert_allclose(probs, expected, atol=1e-3)  # cuDNN's TF32 convolutions, batched otherwise
+    top2 = np.sort(expected, axis=0)[-2:]
+    assert np.all((labels == expected.argmax(0)) | (top2[1] - top2[0] < 2e-3)), "labels differ away from ties"
+
+
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+def test_reduced_precision_on_cuda_is_monai_under_autocast(make_raster, make_model, tmp_path, client, precision):
+    path, image = make_raster((3, 203, 317))
+    weights, net = make_model()
+    workflow = raster_workflow(path, weights, inference={"device": "cuda", "precision": precision})
+    probs, _ = run_zarr(workflow, tmp_path, client)
+    expected, full = monai_on_gpu(image, net, precision), monai_on_gpu(image, net)
+    to_autocast, to_float32 = np.abs(probs - expected), np.abs(expected - full)
+    assert to_autocast.max() < to_float32.max() / 2 and to_autocast.mean() < to_float32.mean() / 3
+
+
+def test_the_embedded_cluster_has_one_worker_per_gpu_and_auto_uses_it(make_raster, make_model, tmp_path):
+    from tilemask.cluster import THREADS_PER_WORKER, cluster_client, default_workers
+
+    assert default_workers() == (torch.cuda.device_count(), THREADS_PER_WORKER)
+    path, _ = make_raster((3, 150, 170))
+    weights, _ = make_model()
+    with cluster_client() as client:
+        assert len(client.scheduler_info()["workers"]) == torch.cuda.device_count()
+        run_zarr(raster_workflow(path, weights, inference={"device": "auto"}), tmp_path, client)
+        used = client.run(lambda: __import__("torch").cuda.max_memory_allocated())
+    assert all(n > 0 for n in used.values()), "device auto runs on each worker's GPU"
