@@ -123,10 +123,7 @@ def _build(spec: ModelSpec, settings: InferenceSettings, channels: int, device: 
 
     if not os.path.isfile(spec.weights):
         return "torch", network()  # raises load_model's own error, naming the weights
-    if settings.precision != "float32":
-        if backend not in ("auto", "torch"):
-            raise WorkflowError(f"inference.precision: {settings.precision} runs in torch; inference.backend "
-                                f"{backend} runs float32 only")  # fmt: skip
+    if settings.precision != "float32":  # with backend auto or torch (tilemask.workflow refuses the others)
         if device.type == "cuda" and settings.precision == "bfloat16" and not torch.cuda.is_bf16_supported():
             raise WorkflowError(f"inference.precision: bfloat16 is not supported by {device}; use float16")
         return f"torch under {settings.precision} autocast", _autocast(network(), settings.precision, device)
