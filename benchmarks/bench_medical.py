@@ -1,6 +1,6 @@
 """A volume with orientation and spacing to undo: tilemask against MONAI's whole-volume pipeline, in one run.
 
-    python benchmarks/bench_medical.py [--size 512] [--roi 96] [--dir /tmp]
+    python benchmarks/bench_medical.py [--size 512] [--roi 96] [--dir /tmp] [--precision bfloat16]
 
 * A ``size^3`` int16 ``.nii.gz`` stored LPS at 0.8 x 0.8 x 1.0 mm (kept in ``--dir``
   and reused), smooth blobs over noise.
@@ -12,6 +12,8 @@
   this process (LoadImaged ... sliding_window_inference, Activationsd, Invertd,
   AsDiscreted), the labels saved with nibabel.
 * Peak memory is the largest total RSS of this process and all its children.
+* ``--precision bfloat16 | float16``: tilemask's ``inference.precision`` and MONAI's call under
+  ``torch.autocast`` in it; the labels of an earlier float32 run in ``--dir`` are compared too.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def make_volume(path: Path, size: int) -> None:
     nib.save(nib.Nifti1Image(data.astype(np.int16), affine), path)
 
 
-def run_tilemask(scan: Path, weights: Path, out: Path, roi: int) -> dict:
+def run_tilemask(scan: Path, weights: Path, out: Path, roi: int, precision: str) -> dict:
     import tilemask
     from tilemask import Workflow
 
@@ -55,7 +57,7 @@ def run_tilemask(scan: Path, weights: Path, out: Path, roi: int) -> dict:
         "version": 1, "input": str(scan),
         "model": {"network": "UNet", "args": ARGS, "weights": str(weights)},
         "preprocess": {"orientation": "RAS", "spacing": list(SPACING), "intensity": INTENSITY},
-        "inference": {"roi_size": [roi] * 3, "overlap": 0.25, "batch_size": 2, "device": "cpu"},
+        "inference": {"roi_size": [roi] * 3, "overlap": 0.25, "batch_size": 2, "device": "cpu", "precision": precision},
         "output": {"path": str(out), "chunks": 128},
     })  # fmt: skip
     with PeakMemory() as mem:
@@ -65,7 +67,7 @@ def run_tilemask(scan: Path, weights: Path, out: Path, roi: int) -> dict:
     return {"wall": wall, "peak": mem.peak, "windows": result.windows}
 
 
-def run_monai(scan: Path, net: torch.nn.Module, out: Path, roi: int) -> dict:
+def run_monai(scan: Path, net: torch.nn.Module, out: Path, roi: int, precision: str) -> dict:
     from monai.inferers import sliding_window_inference
     from monai.transforms import (
         Activationsd, AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged, Orientationd,
@@ -79,8 +81,10 @@ def run_monai(scan: Path, net: torch.nn.Module, out: Path, roi: int) -> dict:
             Spacingd("image", pixdim=SPACING, mode="bilinear"), ScaleIntensityRanged("image", **INTENSITY),
         ])  # fmt: skip
         data = pre({"image": str(scan)})
-        with torch.inference_mode():
-            data["pred"] = sliding_window_inference(data["image"][None], (roi,) * 3, 2, net, overlap=0.25, mode="gaussian")[0]
+        dtype = getattr(torch, precision)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=precision != "float32"):
+            data["pred"] = sliding_window_inference(data["image"][None], (roi,) * 3, 2, net, overlap=0.25,
+                                                    mode="gaussian")[0].float()  # fmt: skip
         post = Compose([
             Activationsd("pred", softmax=True),
             Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False),
@@ -99,6 +103,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--roi", type=int, default=96)
     parser.add_argument("--dir", default=tempfile.gettempdir())
+    parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default="float32")
     args = parser.parse_args()
     folder = Path(args.dir) / "tilemask-bench-medical"
     folder.mkdir(exist_ok=True)
@@ -112,15 +117,22 @@ def main() -> None:
     weights = folder / "unet.pt"
     torch.save(net.state_dict(), weights)
     print(f"{args.size}^3 int16 LPS 0.8 x 0.8 x 1.0 mm -> RAS 1 mm, UNet roi {args.roi}^3, {torch.get_num_threads()} threads")
-    m = run_monai(scan, net, folder / "monai_labels.nii.gz", args.roi)
-    t = run_tilemask(scan, weights, folder / "tilemask_labels.nii.gz", args.roi)
-    agree = np.mean(np.asarray(nib.load(folder / "monai_labels.nii.gz").dataobj)
-                    == np.asarray(nib.load(folder / "tilemask_labels.nii.gz").dataobj))  # fmt: skip
+    labels = {side: folder / f"{side}_labels{'' if args.precision == 'float32' else '_' + args.precision}.nii.gz"
+              for side in ("monai", "tilemask")}  # fmt: skip
+    m = run_monai(scan, net, labels["monai"], args.roi, args.precision)
+    t = run_tilemask(scan, weights, labels["tilemask"], args.roi, args.precision)
+    read = lambda path: np.asarray(nib.load(path).dataobj)  # noqa: E731
+    agree = np.mean(read(labels["monai"]) == read(labels["tilemask"]))
     gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    print(args.precision)
     print(f"{'':10}{'wall s':>10}{'peak memory':>14}")
     print(f"{'MONAI':10}{m['wall']:>10.1f}{gib(m['peak']):>14}")
     print(f"{'tilemask':10}{t['wall']:>10.1f}{gib(t['peak']):>14}   ({t['windows']} windows)")
     print(f"tilemask / MONAI: time {t['wall'] / m['wall']:.2f}, peak memory {t['peak'] / m['peak']:.2f}; labels agree on {agree:.5%}")
+    for side, path in labels.items():
+        full = folder / f"{side}_labels.nii.gz"
+        if args.precision != "float32" and full.exists():
+            print(f"{side}: labels agree with its float32 run's on {np.mean(read(path) == read(full)):.5%}")
 
 
 if __name__ == "__main__":
