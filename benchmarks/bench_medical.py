@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_engine import autocast  # noqa: E402
 from peakmem import PeakMemory  # noqa: E402
 
 ARGS = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=[8, 16, 32], strides=[2, 2], num_res_units=1)
@@ -81,8 +82,7 @@ def run_monai(scan: Path, net: torch.nn.Module, out: Path, roi: int, precision: 
             Spacingd("image", pixdim=SPACING, mode="bilinear"), ScaleIntensityRanged("image", **INTENSITY),
         ])  # fmt: skip
         data = pre({"image": str(scan)})
-        dtype = getattr(torch, precision)
-        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=precision != "float32"):
+        with torch.inference_mode(), autocast(precision, torch.device("cpu")):
             data["pred"] = sliding_window_inference(data["image"][None], (roi,) * 3, 2, net, overlap=0.25,
                                                     mode="gaussian")[0].float()  # fmt: skip
         post = Compose([

@@ -20,6 +20,7 @@ import numpy as np
 import rasterio
 import torch
 import zarr
+from bench_engine import autocast
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "workflows" / "demo_landsat.yaml"
@@ -56,8 +57,7 @@ def run_monai(precision: str) -> tuple[np.ndarray, np.ndarray]:
         image, valid = ds.read().astype(np.float32), ds.dataset_mask() > 0
     mean, std = (np.asarray(v, np.float32)[:, None, None] for v in (norm.mean, norm.std))
     x = torch.from_numpy(np.where(valid, (image - mean) / std, np.float32(0)))[None]
-    dtype = getattr(torch, precision)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=precision != "float32"):
+    with torch.inference_mode(), autocast(precision, torch.device("cpu")):
         logits = sliding_window_inference(x, tuple(wf.inference.roi_size), wf.inference.batch_size, net,
                                           overlap=wf.inference.overlap, mode=wf.inference.mode)  # fmt: skip
     return torch.softmax(logits.float(), 1)[0].numpy(), valid

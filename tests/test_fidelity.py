@@ -15,14 +15,15 @@ from tilemask import Workflow
 from .conftest import UNET_3D, raster_workflow, volume_workflow
 
 
-def monai_probabilities(image: np.ndarray, net, roi, overlap, mode, mean, std, sigma_scale=0.125):
-    """softmax(sliding_window_inference(normalized image)) on the whole image, in memory."""
+def monai_probabilities(image: np.ndarray, net, roi, overlap, mode, mean, std, sigma_scale=0.125, device="cpu"):
+    """softmax(sliding_window_inference(normalized image)) on the whole image, in memory (on ``device``)."""
     x = (image.astype(np.float32) - np.float32(mean)) / np.float32(std)
     with torch.inference_mode():
         logits = sliding_window_inference(
-            torch.from_numpy(x[None]), roi, 4, net, overlap=overlap, mode=mode, sigma_scale=sigma_scale
-        )
-    return torch.softmax(logits, 1)[0].numpy()
+            torch.from_numpy(x[None]).to(device), roi, 4, net.to(device), overlap=overlap, mode=mode,
+            sigma_scale=sigma_scale,
+        )  # fmt: skip
+    return torch.softmax(logits, 1)[0].cpu().numpy()
 
 
 def run_zarr(workflow: dict, tmp_path, client, **overrides):

@@ -9,37 +9,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import zarr
-from monai.inferers import sliding_window_inference
-
-import tilemask
-from tilemask import Workflow
 
 from .conftest import raster_workflow
+from .test_fidelity import monai_probabilities, run_zarr
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
 def monai_on_gpu(image: np.ndarray, net, precision: str = "float32") -> np.ndarray:
-    """softmax(sliding_window_inference) of the conftest workflow's normalized image, all on the GPU."""
-    device = torch.device("cuda")
-    x = torch.from_numpy((image.astype(np.float32) - np.float32(127.0)) / np.float32(60.0))[None].to(device)
+    """MONAI's probabilities at ``raster_workflow``'s settings, all on the GPU, under ``torch.autocast`` in ``precision``."""
     enabled = precision != "float32"
-    with torch.inference_mode(), torch.autocast("cuda", dtype=getattr(torch, precision), enabled=enabled):
-        logits = sliding_window_inference(x, (64, 64), 4, net.to(device), overlap=0.25, mode="gaussian")
-    return torch.softmax(logits.float(), 1)[0].cpu().numpy()
-
-
-def run_zarr(workflow: dict, tmp_path, client):
-    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client, overwrite=True)
-    group = zarr.open_group(result.outputs[0], mode="r")
-    return group["probabilities"][:], group["labels"][:]
+    with torch.autocast("cuda", dtype=getattr(torch, precision), enabled=enabled):
+        return monai_probabilities(image, net, (64, 64), 0.25, "gaussian", 127.0, 60.0, device="cuda")
 
 
 def test_a_cuda_run_gives_monais_answer_on_the_same_gpu(make_raster, make_model, tmp_path, client):
     path, image = make_raster((3, 203, 317))
     weights, net = make_model()
-    probs, labels = run_zarr(raster_workflow(path, weights, inference={"device": "cuda"}), tmp_path, client)
+    probs, labels, _ = run_zarr(raster_workflow(path, weights, inference={"device": "cuda"}), tmp_path, client)
     used = client.run(lambda: __import__("torch").cuda.max_memory_allocated())
     assert max(used.values()) > 0, "the workers computed on the GPU"
     expected = monai_on_gpu(image, net)
@@ -53,7 +40,7 @@ def test_reduced_precision_on_cuda_is_monai_under_autocast(make_raster, make_mod
     path, image = make_raster((3, 203, 317))
     weights, net = make_model()
     workflow = raster_workflow(path, weights, inference={"device": "cuda", "precision": precision})
-    probs, _ = run_zarr(workflow, tmp_path, client)
+    probs, _, _ = run_zarr(workflow, tmp_path, client)
     expected, full = monai_on_gpu(image, net, precision), monai_on_gpu(image, net)
     to_autocast, to_float32 = np.abs(probs - expected), np.abs(expected - full)
     assert to_autocast.max() < to_float32.max() / 2 and to_autocast.mean() < to_float32.mean() / 3

@@ -111,8 +111,7 @@ def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int) 
 
 def _accumulate(network, weight, data, windows, origin, shape, settings: InferenceSettings, device, block: Block):
     """``(sum w * pred, sum w)`` over the block's extent, per flip, windows in MONAI's order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(threads)  # this thread's OpenMP team gets the process's setting
+    threads = torch.get_num_threads()  # the process's setting: the forward passes get it, as their OpenMP team
     flips = settings.flips
     image = torch.from_numpy(data).to(device)
     weighted = None
