@@ -53,6 +53,18 @@ def test_a_hosts_cores_are_shared_among_its_workers():
     assert threads_per_process(2, 0) == 2
 
 
+def test_the_embedded_cluster_gives_a_gpu_worker_the_cores_and_a_cpu_worker_two_threads():
+    """Independent of this machine: a GPU worker's Dask threads read, blend and write for a device that
+    computes faster than two of them could; on the CPU one thread waits on the model and one does the rest."""
+    from tilemask.cluster import workers_for
+
+    assert workers_for(16, 1) == (1, 16)
+    assert workers_for(16, 4) == (4, 4)
+    assert workers_for(2, 4) == (4, 2)  # never fewer than two threads
+    assert workers_for(16, 0) == (4, 2)
+    assert workers_for(2, 0) == (1, 2)
+
+
 def test_bad_scheduler_address_is_one_line(make_raster, make_model, write_workflow, tmp_path):
     path, _ = make_raster((3, 50, 50))
     weights, _ = make_model()

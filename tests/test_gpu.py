@@ -47,9 +47,10 @@ def test_reduced_precision_on_cuda_is_monai_under_autocast(make_raster, make_mod
 
 
 def test_the_embedded_cluster_has_one_worker_per_gpu_and_auto_uses_it(make_raster, make_model, tmp_path):
-    from tilemask.cluster import THREADS_PER_WORKER, cluster_client, default_workers
+    from tilemask.cluster import THREADS_PER_WORKER, available_cores, cluster_client, default_workers
 
-    assert default_workers() == (torch.cuda.device_count(), THREADS_PER_WORKER)
+    gpus = torch.cuda.device_count()
+    assert default_workers() == (gpus, max(THREADS_PER_WORKER, available_cores() // gpus))
     path, _ = make_raster((3, 150, 170))
     weights, _ = make_model()
     with cluster_client() as client:
