@@ -58,3 +58,20 @@ def test_the_embedded_cluster_has_one_worker_per_gpu_and_auto_uses_it(make_raste
         run_zarr(raster_workflow(path, weights, inference={"device": "auto"}), tmp_path, client)
         used = client.run(lambda: __import__("torch").cuda.max_memory_allocated())
     assert all(n > 0 for n in used.values()), "device auto runs on each worker's GPU"
+
+
+def test_blocks_copied_on_their_threads_streams_beside_the_compute_stream_give_monais_answer(
+    make_raster, make_model, tmp_path
+):
+    """110 blocks through one worker with 8 Dask threads: each thread copies its block in and its sums out on
+    a stream of its own while the compute thread runs other blocks; a copy not ordered by its event would
+    read or free a buffer too early and show here as a wrong answer."""
+    from tilemask.cluster import cluster_client
+
+    path, image = make_raster((3, 640, 704))
+    weights, net = make_model()
+    workflow = raster_workflow(path, weights, inference={"device": "cuda"}, output={"chunks": 64})
+    with cluster_client(workers=1, threads_per_worker=8) as client:
+        probs, _, result = run_zarr(workflow, tmp_path, client)
+    assert result.windows > 100
+    np.testing.assert_allclose(probs, monai_on_gpu(image, net), atol=1e-3)

@@ -10,6 +10,12 @@ items of the same batches; its prediction and ``w`` are flipped back and summed
 into that flip's own planes (:mod:`tilemask.stitch`).  Reading happens on the Dask thread; the
 forward passes run on the process's single compute thread, so another Dask
 thread of the worker reads, blends and writes while the model computes.
+
+On a GPU the copies stay off the compute thread too: the Dask thread stages the
+block's image in pinned host memory and copies it to the GPU on a CUDA stream of
+its own, and copies the block's sums back the same way, while the compute thread
+runs the windows of other blocks on the compute stream; events order each copy
+with the computation it feeds or waits for (:func:`_to_device`, :func:`_to_host`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,6 +45,7 @@ logger = logging.getLogger(__name__)
 # was given), and always from the same thread, so OpenMP keeps a single team instead of one per Dask thread
 # (idle teams spin and steal the cores).
 _compute_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilemask-compute")
+_copy_streams = threading.local()  # each Dask thread's CUDA stream for its copies, per device
 
 
 @functools.lru_cache(maxsize=8)
@@ -68,8 +76,6 @@ def predict_block(
 ) -> Partial:
     """Weighted sums of the block's window predictions over the block's region."""
     device = resolve_device(settings.device)
-    weight = importance_map(settings.roi, settings.mode, settings.sigma_scale, device)
-
     extent, region = block.extent, block.region
     origin = tuple(lo for lo, _ in extent)
     with timing.timed("read"):
@@ -87,17 +93,56 @@ def predict_block(
             padded[(slice(None), *local_slices(region, origin))] = data
             data = padded
     _, network = cached_runner(model, settings, data.shape[0], device)
-    weighted, weights = _compute_thread.submit(
-        _accumulate, network, weight, data, list(block.windows()), origin, region_shape(extent), settings, device, block
-    ).result()
+    image, ready = _to_device(data, device)
+    weighted, weights, done = _compute_thread.submit(
+        _accumulate, network, image, ready, list(block.windows()), origin, region_shape(extent), settings, device,
+        block,
+    ).result()  # fmt: skip
 
-    keep = local_slices(region, origin)
-    return Partial(
-        region=region,
-        weighted=weighted[(slice(None), *keep)].cpu().numpy(),
-        weights=weights[(slice(None), *keep)].cpu().numpy(),
-        valid=valid,
-    )
+    keep = (slice(None), *local_slices(region, origin))
+    weighted, weights = _to_host((weighted[keep], weights[keep]), done)
+    return Partial(region=region, weighted=weighted, weights=weights, valid=valid)
+
+
+def _to_device(data: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """The block's image on ``device``, and on a GPU the event that marks its copy done: staged in pinned
+    host memory (torch's caching host allocator reuses it once the copy is over) and copied on this
+    thread's stream, so that the copy runs beside the compute stream's work."""
+    if device.type != "cuda":
+        return torch.from_numpy(data).to(device), None
+    stream = _copy_stream(device)
+    staged = torch.from_numpy(data).pin_memory()
+    with torch.cuda.stream(stream):
+        image = staged.to(device, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(stream)
+    return image, ready
+
+
+def _to_host(tensors: tuple[torch.Tensor, ...], done: torch.cuda.Event | None) -> list[np.ndarray]:
+    """``tensors`` as numpy arrays in pageable memory; on a GPU copied after ``done`` (the compute stream's
+    event after the block's sums) into pinned buffers on this thread's stream, which this thread alone
+    waits for."""
+    if done is None:
+        return [t.cpu().numpy() for t in tensors]
+    stream = _copy_stream(tensors[0].device)
+    with torch.cuda.stream(stream):
+        stream.wait_event(done)
+        staged = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
+    stream.synchronize()
+    return [t.numpy().copy() for t in staged]  # a Partial can live long: not in page-locked memory
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    streams = _copy_streams.__dict__.setdefault("by_device", {})
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return streams[device]
+
+
+@functools.cache
+def _compute_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int) -> tuple[int, str]:
@@ -109,11 +154,26 @@ def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int) 
     return forward_check(network, channels, tuple(settings.roi), device), backend
 
 
-def _accumulate(network, weight, data, windows, origin, shape, settings: InferenceSettings, device, block: Block):
-    """``(sum w * pred, sum w)`` over the block's extent, per flip, windows in MONAI's order."""
+def _accumulate(network, image, ready, windows, origin, shape, settings: InferenceSettings, device, block: Block):
+    """``(sum w * pred, sum w, done)`` over the block's extent, per flip, windows in MONAI's order; on a GPU
+    computed on the compute stream once the image's copy is ``ready``, and ``done`` is the event after it."""
+    if device.type != "cuda":
+        return (*_sums(network, image, windows, origin, shape, settings, device, block), None)
+    stream = _compute_stream(device)
+    with torch.cuda.stream(stream):
+        stream.wait_event(ready)
+        image.record_stream(stream)  # copied on a Dask thread's stream: not reused before this work is done
+        sums = _sums(network, image, windows, origin, shape, settings, device, block)
+        done = torch.cuda.Event()
+        done.record(stream)
+    return (*sums, done)
+
+
+def _sums(network, image, windows, origin, shape, settings: InferenceSettings, device, block: Block):
+    """``(sum w * pred, sum w)`` over the block's extent, per flip, on the image's device and current stream."""
     threads = torch.get_num_threads()  # the process's setting: the forward passes get it, as their OpenMP team
     flips = settings.flips
-    image = torch.from_numpy(data).to(device)
+    weight = importance_map(settings.roi, settings.mode, settings.sigma_scale, device)
     weighted = None
     weights = torch.zeros((len(flips), *shape), dtype=torch.float32, device=device)
     flipped_weight = [torch.flip(weight, list(axes)) if axes else weight for axes in flips]
