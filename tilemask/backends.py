@@ -87,6 +87,8 @@ def cached_runner(spec: ModelSpec, settings: InferenceSettings, channels: int, d
             _runners.move_to_end(key)
             return _runners[key]
         _runners[key] = _build(spec, settings, channels, device)
+        if device.type == "cuda":  # the weights were put there on this thread's stream: in place before any use
+            torch.cuda.synchronize(device)
         loads += 1
         while len(_runners) > MODELS_PER_PROCESS:
             _runners.popitem(last=False)

@@ -134,6 +134,7 @@ def _to_host(tensors: tuple[torch.Tensor, ...], done: torch.cuda.Event | None) -
 
 
 def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """This thread's stream for copies to and from ``device``."""
     streams = _copy_streams.__dict__.setdefault("by_device", {})
     if device not in streams:
         streams[device] = torch.cuda.Stream(device)
@@ -142,7 +143,10 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
 
 @functools.cache
 def _compute_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device)
+    """The compute thread's stream on ``device``.  High priority: torch hands out the streams of each priority
+    from a pool of 32 per device, round robin, so a 33rd low-priority stream (16 Dask threads' copy streams
+    and more) would be one of the first, and its kernels would queue behind another's copies."""
+    return torch.cuda.Stream(device, priority=-1)
 
 
 def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int) -> tuple[int, str]:

@@ -340,7 +340,8 @@ def _qualified_name(network: str | None) -> str | None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``: a CUDA device when there is one (each Dask worker of a host its own), else the CPU."""
+    """``auto``: a CUDA device when there is one (each Dask worker of a host its own), else the CPU.  A CUDA
+    device always has its index (``cuda`` is the current one), so that one GPU has one name."""
     if name == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
@@ -348,6 +349,8 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise WorkflowError(f"inference.device: {name} asked for but this worker has no CUDA device")
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
     return device
 
 
