@@ -3,7 +3,8 @@
 # after benchmarks/gpu/wheels.sh, e.g. `bash benchmarks/gpu/check.sh` with timeout_s 600.
 #   1. the wheels into /tmp/site; 2. tests/test_gpu.py (MONAI's answer on the GPU, reduced precisions, one
 #   worker per GPU), the streams' test again under CUDA's sanitizer; 3. bench_engine.py on the GPU, 16384^2
-#   side by side (tilemask, MONAI, the bare model) then 1 gigapixel (tilemask and the bare model).  Logs land in $OUT (they come back) and on stdout.
+#   side by side (tilemask, MONAI, the bare model) then 1 gigapixel (tilemask and the bare model).
+#   Logs land in $OUT (they come back) and on stdout.
 set -uo pipefail
 out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
