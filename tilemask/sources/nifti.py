@@ -1,14 +1,23 @@
 """NIfTI volumes read by region with nibabel.
 
-Uncompressed files are memory-mapped.  ``.nii.gz`` files are opened through
-``indexed_gzip`` (nibabel uses it when installed and the file is kept open), so
-a region is read by seeking in the compressed stream instead of inflating the
-whole file; the seek index is built once per worker and reused.
+Uncompressed files are memory-mapped.  A compressed one (``.nii.gz``) is
+decompressed once per worker process into a temporary file that is unlinked at
+once (:func:`_unpacked`), and read from there: the disk space comes back when
+the process lets it go or dies.  Reading each block from the compressed stream
+instead (``indexed_gzip`` seeks to the block's span) inflates every span once per
+block that shares it: the blocks of a volume share their slabs of the slowest
+axis on disk, so a 512^3 scan was inflated about 12 times over, 0.4-1.1 s a
+block.  Where the temporary file cannot be written (a full disk), the stream is
+read that way.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -72,8 +81,7 @@ class NiftiSource(ImageSource):
     def read(self, region: Region) -> np.ndarray:
         index = tuple(slice(lo, hi) for lo, hi in region)
         try:
-            local = local_copy(self.path)
-            img = cached_handle(("nifti", local, file_stamp(local)), lambda: nib.load(local, keep_file_open=True, mmap=True))
+            img = _image(local_copy(self.path))
             if len(self.volume_shape) == 3:
                 block = np.asarray(img.dataobj[index])[None]
             elif self.volumes is None:
@@ -84,3 +92,61 @@ class NiftiSource(ImageSource):
         except Exception as exc:  # nibabel, gzip and zlib raise many types
             detail = f"{type(exc).__name__}: {exc}"
         raise ReadError(f"{self.path}: read failed at {region}: {detail}")
+
+
+UNPACKED_PER_PROCESS = 2  # decompressed volumes a process keeps: the one in work and the next input's
+_unpacked_images: OrderedDict[tuple, nib.Nifti1Image | None] = OrderedDict()  # None: could not be written
+_unpacked_lock = threading.Lock()
+unpacks = 0  # compressed files this process has decompressed (once each while kept)
+
+
+def _image(local: str):
+    """The image whose voxels :meth:`NiftiSource.read` slices: memory-mapped where uncompressed, else
+    :func:`_unpacked`, else (no room for it) the compressed stream kept open per thread."""
+    key = (local, file_stamp(local))
+    if nib.openers.Opener.compress_ext_map.get(_suffix(local)) is None:
+        return cached_handle(("nifti", *key), lambda: nib.load(local, mmap=True))
+    return _unpacked(key) or cached_handle(("nifti", *key), lambda: nib.load(local, keep_file_open=True))
+
+
+def _suffix(path: str) -> str:
+    return "." + path.rsplit(".", 1)[-1].lower() if "." in path else ""
+
+
+def _unpacked(key: tuple):
+    """The compressed file ``key[0]`` decompressed into an unlinked temporary file, once per process, as an
+    image read through that file (nibabel locks each seek and read); None when it cannot be written."""
+    global unpacks
+    with _unpacked_lock:
+        if key in _unpacked_images:
+            _unpacked_images.move_to_end(key)
+            return _unpacked_images[key]
+        local = key[0]
+        klass = type(nib.load(local))  # the header alone: NIfTI-1 or -2
+        try:
+            spool = _decompressed(local)
+        except OSError as exc:  # not tried again for this file: a full disk would fill up once per block
+            logger.warning("%s: cannot decompress it into a temporary file (%s): reading the compressed stream",
+                           local, exc)  # fmt: skip
+            image = None
+        else:
+            image = klass.from_file_map(klass.make_file_map({"image": spool}))
+            unpacks += 1
+        _unpacked_images[key] = image
+        while len(_unpacked_images) > UNPACKED_PER_PROCESS:
+            # not closed here: a thread may still be reading it; its file closes (and, unlinked, gives its
+            # space back) when the last reader lets it go
+            _unpacked_images.popitem(last=False)
+        return image
+
+
+def _decompressed(local: str):
+    """An unlinked temporary file holding ``local`` decompressed (closed again if that fails)."""
+    spool = tempfile.TemporaryFile(prefix="tilemask-nifti-")
+    try:
+        with nib.openers.Opener(local, "rb") as stream:
+            shutil.copyfileobj(stream, spool, 1 << 24)
+    except BaseException:
+        spool.close()
+        raise
+    return spool
