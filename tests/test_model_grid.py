@@ -173,6 +173,40 @@ def test_regions_of_the_model_grid_are_monais_voxels_to_the_bit(tmp_path, volume
     np.testing.assert_allclose(back, inverted[(slice(None), *(slice(a, b) for a, b in region))], rtol=0, atol=1e-5 * np.abs(model).max())
 
 
+def test_regions_of_a_volume_with_nan_and_infinity_are_monais_voxels_to_the_bit(tmp_path):
+    """Where values are not all finite, the corners beyond the volume's edge must be left out as torch's
+    grid_sample leaves them out (their weight is 0, and 0 * NaN is NaN): each region equals MONAI's voxels,
+    NaN for NaN."""
+    from tilemask.sources import open_source
+    from tilemask.spatial import ResampledSource, model_grid
+
+    img = nib.load(os.path.join(data_path, "example4d.nii.gz"))
+    data = np.asarray(img.dataobj[..., 0]).astype(np.float32)
+    data[-1, :, 5] = np.nan  # on the volume's last plane along the first axis: the clamped corners' own values
+    data[10, 20, :] = np.inf
+    data[-1, -1, -1] = -np.inf
+    path = tmp_path / "nonfinite.nii.gz"
+    stored = nib.Nifti1Image(data, img.affine)
+    stored.set_data_dtype(np.float32)
+    nib.save(stored, path)
+    spacing = (2.6, 2.3, 3.0)
+    pre = Compose([
+        LoadImaged("image"), EnsureChannelFirstd("image"), Orientationd("image", axcodes="RAS"),
+        Spacingd("image", pixdim=spacing, mode="bilinear"),
+    ])  # fmt: skip
+    expected = pre({"image": str(path)})["image"].numpy()
+    assert np.isnan(expected).any() and not np.isfinite(expected).all()
+    source = open_source(str(path), 3)
+    resampled = ResampledSource(source, model_grid(np.asarray(source.geometry.affine), source.spatial_shape, "RAS", spacing))
+    whole = tuple((0, s) for s in expected.shape[1:])
+    np.testing.assert_array_equal(resampled.read(whole), expected)
+    rng = np.random.default_rng(1)
+    for _ in range(4):
+        lo = [int(rng.integers(0, s - 1)) for s in expected.shape[1:]]
+        region = tuple((a, int(rng.integers(a + 1, s + 1))) for a, s in zip(lo, expected.shape[1:]))
+        np.testing.assert_array_equal(resampled.read(region), expected[(slice(None), *(slice(a, b) for a, b in region))])
+
+
 def test_grid_keys_are_checked_before_any_work(make_model, tmp_path):
     path = stored_psr(tmp_path)
     weights, _ = make_model(UNET_3D)

@@ -163,7 +163,8 @@ def source_region(matrix: np.ndarray, region: Region, shape: tuple[int, ...]) ->
     return tuple((int(min(max(lo, 0), size - 1)), int(max(min(hi, size), 1))) for lo, hi, size in zip(low, high, shape))
 
 
-SLAB_POINTS = 1 << 18  # points sampled at once: bounds the float64 temporaries (about 40 MB)
+SLAB_POINTS = 1 << 15  # points sampled at once (whole planes, at least one): their float64 temporaries stay in
+# the cache (a 512^3 scan's blocks: 0.22 s each, against 0.28 s with 2^18 points at once)
 
 
 def sample(
@@ -192,50 +193,69 @@ def sample(
     theta = to_norm_affine(torch.as_tensor(xform, dtype=torch.float64)[None], src_shape, dst_shape, False)[0]
     theta = theta[[2, 1, 0, 3]][:, [2, 1, 0, 3]][:3]  # reverse_indexing: grid coordinates are (x, y, z)
     lines = [torch.linspace(-1, 1, size, dtype=torch.float64) * (size - 1) / size for size in dst_shape]
-    lines = [line[lo:hi] for line, (lo, hi) in zip(lines, region)]
-    zi, yj, xk = torch.meshgrid(*lines, indexing="ij")
-    base = torch.stack([xk.reshape(-1), yj.reshape(-1), zi.reshape(-1), torch.ones(zi.numel(), dtype=torch.float64)], 1)
+    zs, ys, xs = (line[lo:hi] for line, (lo, hi) in zip(lines, region))
+    # affine_grid's product ((x * t0 + y * t1) + z * t2) + 1 * t3 per voxel, in its order, by broadcasting:
+    # the (x, y) part once for a plane of the region, then each plane's z
+    plane = xs[None, :, None] * theta[:, 0] + ys[:, None, None] * theta[:, 1]
     data = torch.from_numpy(np.ascontiguousarray(values)).to(torch.float64)
-    out = torch.empty((values.shape[0], base.shape[0]), dtype=torch.float64)
-    for start in range(0, base.shape[0], SLAB_POINTS):
-        rows = base[start : start + SLAB_POINTS]
-        grid = ((rows[:, 0:1] * theta[:, 0] + rows[:, 1:2] * theta[:, 1]) + rows[:, 2:3] * theta[:, 2]) + rows[:, 3:4] * theta[:, 3]
+    finite = values.dtype.kind != "f" or bool(np.isfinite(values).all())
+    out = torch.empty((values.shape[0], len(zs), len(ys), len(xs)), dtype=torch.float64)
+    step = max(1, SLAB_POINTS // (len(ys) * len(xs)))
+    for first in range(0, len(zs), step):
+        grid = ((plane + zs[first : first + step, None, None, None] * theta[:, 2]) + theta[:, 3]).reshape(-1, 3)
         # grid_sampler_compute_source_index: ((g + 1) * size - 1) / 2, then clip to [0, size - 1]
         iz, iy, ix = (
             torch.clamp(((grid[:, k] + 1) * size - 1) / 2, 0, size - 1) for k, size in zip((2, 1, 0), src_shape)
         )
-        out[:, start : start + rows.shape[0]] = _gather(data, origin, src_shape, iz, iy, ix, nearest)
-    result = out.reshape(values.shape[0], *(hi - lo for lo, hi in region))
-    return result.numpy().astype(values.dtype if nearest else np.float32)
+        out[:, first : first + step] = _gather(data, origin, src_shape, iz, iy, ix, nearest, finite).reshape(
+            values.shape[0], -1, len(ys), len(xs)
+        )
+    return out.numpy().astype(values.dtype if nearest else np.float32)
 
 
-def _gather(data, origin, src_shape, iz, iy, ix, nearest: bool):
-    """``grid_sampler_3d_cpu``'s bilinear (or nearest) value at (iz, iy, ix), ``data`` starting at ``origin``."""
+def _gather(data, origin, src_shape, iz, iy, ix, nearest: bool, finite: bool = False):
+    """``grid_sampler_3d_cpu``'s bilinear (or nearest) value at (iz, iy, ix), ``data`` starting at ``origin``:
+    its corner weights (the same products in the same order) and its sum over the corners inside the
+    volume, in its order.  The coordinates are clamped to the volume, so only an upper neighbour can lie
+    outside it; a corner is read at one linear offset into ``data``.
+
+    An upper neighbour lies outside only where the coordinate is the volume's last voxel exactly, and its
+    weight is then 0: where ``data`` is ``finite`` its term is +-0, and adding it leaves the sum as it is (a
+    sum from +0 is never -0), so no corner needs masking.  A NaN or an infinity would not vanish."""
     import torch
 
-    def at(z, y, x):
-        inside = (z < src_shape[0]) & (y < src_shape[1]) & (x < src_shape[2])
-        index = [(c.long() - o).clamp(0, n - 1) for c, o, n in zip((z, y, x), origin, data.shape[1:])]
-        return inside, data[:, index[0], index[1], index[2]]
+    flat = data.reshape(data.shape[0], -1)
+    sizes = data.shape[1:]
+    strides = (sizes[1] * sizes[2], sizes[2], 1)
 
-    if nearest:
-        return at(torch.round(iz), torch.round(iy), torch.round(ix))[1]  # nearbyint: halves to even
-    z0, y0, x0 = torch.floor(iz), torch.floor(iy), torch.floor(ix)
-    z1, y1, x1 = z0 + 1, y0 + 1, x0 + 1
-    corners = (  # torch's order: tnw, tne, tsw, tse, bnw, bne, bsw, bse
-        ((z0, y0, x0), (x1 - ix) * (y1 - iy) * (z1 - iz)),
-        ((z0, y0, x1), (ix - x0) * (y1 - iy) * (z1 - iz)),
-        ((z0, y1, x0), (x1 - ix) * (iy - y0) * (z1 - iz)),
-        ((z0, y1, x1), (ix - x0) * (iy - y0) * (z1 - iz)),
-        ((z1, y0, x0), (x1 - ix) * (y1 - iy) * (iz - z0)),
-        ((z1, y0, x1), (ix - x0) * (y1 - iy) * (iz - z0)),
-        ((z1, y1, x0), (x1 - ix) * (iy - y0) * (iz - z0)),
-        ((z1, y1, x1), (ix - x0) * (iy - y0) * (iz - z0)),
-    )
+    def offset(coordinate, axis: int):  # into ``data``, clamped to it (the corners outside the volume are unused)
+        return (coordinate.long() - origin[axis]).clamp_(0, sizes[axis] - 1).mul_(strides[axis])
+
+    def read(at):
+        return flat[0].take(at)[None] if len(flat) == 1 else flat.index_select(1, at)
+
+    if nearest:  # nearbyint: halves to even
+        return read(offset(torch.round(iz), 0) + offset(torch.round(iy), 1) + offset(torch.round(ix), 2))
+    low = [torch.floor(c) for c in (iz, iy, ix)]
+    high = [c + 1 for c in low]
+    spans = [(h - c, c - l) for c, l, h in zip((iz, iy, ix), low, high)]  # the weights' factors, per axis
+    offsets = [(offset(l, axis), offset(h, axis)) for axis, (l, h) in enumerate(zip(low, high))]
+    inside = [h < size for h, size in zip(high, src_shape)]
     total = torch.zeros((data.shape[0], iz.shape[0]), dtype=torch.float64)
-    for (z, y, x), weight in corners:
-        inside, value = at(z, y, x)
-        total = torch.where(inside, total + value * weight, total)
+    for z in (0, 1):  # torch's order: tnw, tne, tsw, tse, bnw, bne, bsw, bse
+        for y in (0, 1):
+            zy = offsets[0][z] + offsets[1][y]
+            for x in (0, 1):
+                weight = spans[2][x] * spans[1][y] * spans[0][z]
+                term = read(zy + offsets[2][x]) * weight
+                masks = [m for m, upper in zip(inside, (z, y, x)) if upper]
+                if not masks or finite:
+                    total = total + term
+                    continue
+                within = masks[0]
+                for mask in masks[1:]:
+                    within = within & mask
+                total = torch.where(within, total + term, total)
     return total
 
 
