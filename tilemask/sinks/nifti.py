@@ -17,7 +17,6 @@ labels.
 from __future__ import annotations
 
 import gzip
-import itertools
 import logging
 import os
 import shutil
@@ -38,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 VOX_OFFSET = 352  # 348-byte header + 4-byte "no extensions" flag
 COPY_BLOCK = 16 << 20
+COMPRESS_LEVEL = nib.openers.Opener.default_compresslevel  # nibabel's, so as nib.save (and MONAI's SaveImage): 1
 
 
 @dataclass(frozen=True)
@@ -87,19 +87,20 @@ class NiftiVolume:
         starts = [s.start or 0 for s in index]
         stops = [self.shape[a] if s.stop is None else s.stop for a, s in enumerate(index)]
         strides = np.cumprod((1, *self.shape[:-1]))  # elements, Fortran order
-        block = np.asarray(values, dtype=self.dtype)
         run_axes = 1
         while run_axes < ndim and starts[run_axes - 1] == 0 and stops[run_axes - 1] == self.shape[run_axes - 1]:
             run_axes += 1
         itemsize = np.dtype(self.dtype).itemsize
+        # the region's bytes in file order: its runs one after the other, each at its own offset in the file
+        data = memoryview(np.asarray(values, dtype=self.dtype).tobytes(order="F"))
+        run = int(np.prod([stops[a] - starts[a] for a in range(run_axes)])) * itemsize
+        outer = np.meshgrid(*[np.arange(starts[a], stops[a]) for a in range(run_axes, ndim)], indexing="ij")
+        first = int(np.dot(starts[:run_axes], strides[:run_axes]))
+        offsets = sum((c.ravel(order="F") * strides[a] for a, c in enumerate(outer, start=run_axes)), np.int64(first))
         fd = os.open(self.partial, os.O_WRONLY)
         try:
-            outer_ranges = [range(starts[a], stops[a]) for a in range(run_axes, ndim)]
-            for outer in itertools.product(*outer_ranges):
-                coords = [*starts[:run_axes], *outer]
-                local = (slice(None),) * run_axes + tuple(c - starts[a] for a, c in enumerate(outer, start=run_axes))
-                data = block[local].tobytes(order="F")
-                os.pwrite(fd, data, VOX_OFFSET + int(np.dot(coords, strides)) * itemsize)
+            for i, offset in enumerate((VOX_OFFSET + np.atleast_1d(offsets) * itemsize).tolist()):
+                os.pwrite(fd, data[i * run : (i + 1) * run], offset)
         finally:
             os.close(fd)
 
@@ -109,9 +110,9 @@ class NiftiVolume:
         return staged_path(self.path, self.run_id) if self.path.endswith(".gz") else self.partial
 
     def finish(self) -> None:
-        """Compress a ``.nii.gz`` by streaming the uncompressed file (constant memory)."""
+        """Compress a ``.nii.gz`` by streaming the uncompressed file (constant memory), at nibabel's level."""
         if self.path.endswith(".gz"):
-            with open(self.partial, "rb") as src, gzip.open(self.finished, "wb", compresslevel=6) as dst:
+            with open(self.partial, "rb") as src, gzip.open(self.finished, "wb", compresslevel=COMPRESS_LEVEL) as dst:
                 shutil.copyfileobj(src, dst, COPY_BLOCK)
             remove(self.partial)
 
