@@ -81,6 +81,32 @@ def test_a_series_folder_reads_as_simpleitk_reads_it(folder, tmp_path):
     np.testing.assert_array_equal(source.read(part)[0], source.read(full)[0][3:11, 5:16, 1:4])
 
 
+@pytest.mark.parametrize("room", ["unpacked", "no temporary file", "slices of two pixel types"])
+def test_regions_of_a_series_are_simpleitks_voxels_however_it_is_read(tmp_path, monkeypatch, caplog, room):
+    """Decoded once per process into a temporary file, or (no room for it, or a slice that would not fit it)
+    slice by slice in place: the same voxels as SimpleITK's."""
+    import tempfile
+
+    from tilemask import sources
+
+    folder = write_series(tmp_path / "series", rows=40, columns=30, slices=12)
+    if room == "no temporary file":
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-folder"))
+    if room == "slices of two pixel types":  # one slice stored unsigned: pydicom decodes it as uint16
+        path = sorted(folder.iterdir())[0]
+        ds = pydicom.dcmread(path)
+        ds.PixelRepresentation = 0
+        ds.PixelData = np.abs(ds.pixel_array).astype(np.uint16).tobytes()
+        ds.save_as(path)
+    _, voxels = sitk_ras(folder)
+    source = DicomSeriesSource.open(str(folder))
+    before = sources.unpacks
+    for region in (((0, 30), (0, 40), (0, 12)), ((3, 11), (5, 16), (1, 4)), ((29, 30), (39, 40), (11, 12))):
+        np.testing.assert_array_equal(source.read(region)[0], voxels[tuple(slice(a, b) for a, b in region)])
+    assert sources.unpacks == before + (room == "unpacked")
+    assert caplog.text.count("reading it in place") == (room != "unpacked")
+
+
 def test_a_run_on_a_series_writes_labels_on_the_scan_grid(make_model, tmp_path, client):
     weights, _ = make_model(UNET_3D)
     wf = Workflow.from_dict(

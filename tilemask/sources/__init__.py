@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -42,6 +43,61 @@ def cached_handle(key: tuple, opener: Callable[[], Any]) -> Any:
         if hasattr(old, "close"):
             old.close()
     return handle
+
+
+class CannotUnpack(Exception):
+    """An input that cannot be unpacked into a temporary file (no room, or not one array): read in place."""
+
+
+class Spool:
+    """An unlinked temporary file (in ``TMPDIR``): nothing is left behind, even by a killed process, and its
+    space comes back when the last reference to it goes.  Failing to create or write it is
+    :class:`CannotUnpack`; an input that fails to read while it is filled raises its own error."""
+
+    def __init__(self):
+        try:
+            self.file = tempfile.TemporaryFile(prefix="tilemask-")
+        except OSError as exc:
+            raise CannotUnpack(exc) from None
+
+    def write(self, data) -> None:
+        try:
+            self.file.write(data)
+        except OSError as exc:
+            raise CannotUnpack(exc) from None
+
+
+UNPACKED_PER_PROCESS = 2  # inputs a process keeps unpacked: the one in work and the next input's
+_unpacked: OrderedDict[tuple, Any] = OrderedDict()  # None: could not be unpacked, read in place
+_unpacked_lock = threading.Lock()
+unpacks = 0  # inputs this process has unpacked (once each while kept)
+
+
+def unpacked(key: tuple, unpack: Callable[[Spool], Any]) -> Any | None:
+    """What ``unpack`` makes of a :class:`Spool` it fills with an input (``key``: its path and stamp),
+    once per process and kept for the last :data:`UNPACKED_PER_PROCESS` inputs; None (and one warning)
+    where that fails with :class:`CannotUnpack`, so the caller reads the input in place.
+
+    For inputs whose regions are expensive to read in place because the blocks of a volume share what
+    must be decoded: a span of a gzip stream, a whole DICOM slice."""
+    global unpacks
+    with _unpacked_lock:
+        if key in _unpacked:
+            _unpacked.move_to_end(key)
+            return _unpacked[key]
+        try:
+            value = unpack(Spool())  # what it makes keeps the file open while it is needed
+        except CannotUnpack as exc:  # not tried again for this input: a full disk would fill up per block
+            logger.warning("%s: cannot unpack it into a temporary file (%s): reading it in place", key[0], exc)
+            value = None
+        if value is not None:
+            unpacks += 1
+        _unpacked[key] = value
+        while len(_unpacked) > UNPACKED_PER_PROCESS:
+            # not closed here: a thread may still be reading it; it closes (and its space comes back) when the
+            # last reader lets it go
+            _unpacked.popitem(last=False)
+        return value
 
 
 def file_stamp(path: str) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""A DICOM series (a folder of single-frame slices) as a volume, read a few slices at a time with pydicom.
+"""A DICOM series (a folder of single-frame slices) as a volume, read with pydicom.
 
 Geometry, as nibabel and SimpleITK derive it: slices are sorted along the slice
 normal (the cross product of ImageOrientationPatient's row and column cosines)
@@ -9,7 +9,8 @@ cosines, the slice axis the (uniform) step between consecutive positions; the
 patient LPS coordinates become RAS by negating x and y. Values are
 ``stored * RescaleSlope + RescaleIntercept`` (integers stay integers when every
 slope is 1 and every intercept whole). Only the headers are read to plan; a
-region reads the pixel data of its slices only.
+worker decodes the slices once, into a temporary file, and reads regions from it
+(:meth:`DicomSeriesSource.read`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from ..errors import InputError, ReadError
 from ..geometry import Region, VolumeGeometry
-from . import ImageSource
+from . import CannotUnpack, ImageSource, Spool, file_stamp, unpacked
 
 logger = logging.getLogger(__name__)
 
@@ -156,19 +157,40 @@ class DicomSeriesSource(ImageSource):
         return any(s != 1 for s in self.slopes) or any(i != int(i) for i in self.intercepts)
 
     def read(self, region: Region) -> np.ndarray:
+        """The stored values of the region's slices, rescaled.  The blocks of a series share its slices, each
+        decoded whole: the series is decoded once per process into a temporary file
+        (:func:`tilemask.sources.unpacked`), else each region decodes its slices."""
+        (i0, i1), (j0, j1), (k0, k1) = region
+        stored = unpacked((self.path, tuple(file_stamp(f) for f in self.files)), self._unpack)
+        if stored is not None:
+            pixels = np.asarray(stored[k0:k1, j0:j1, i0:i1])
+        else:
+            pixels = np.stack([self._pixels(k)[j0:j1, i0:i1] for k in range(k0, k1)])
+        if self.floating:
+            slopes = np.array(self.slopes[k0:k1], np.float32)[:, None, None]
+            values = pixels.astype(np.float32) * slopes + np.array(self.intercepts[k0:k1], np.float32)[:, None, None]
+        else:
+            intercepts = np.array([int(v) for v in self.intercepts[k0:k1]], np.int32)
+            values = pixels.astype(np.int32) + intercepts[:, None, None]
+        return np.ascontiguousarray(values.transpose(2, 1, 0))[None]  # (slice, row, column) -> (i, j, k)
+
+    def _pixels(self, k: int) -> np.ndarray:
         import pydicom
 
-        (i0, i1), (j0, j1), (k0, k1) = region
-        slices = []
-        for k in range(k0, k1):
-            try:
-                pixels = pydicom.dcmread(self.files[k]).pixel_array
-            except Exception as exc:  # noqa: BLE001 - pydicom and its pixel handlers raise many types
-                raise ReadError(f"{self.files[k]}: read failed: {type(exc).__name__}: {exc}") from None
-            part = pixels[j0:j1, i0:i1].T  # (rows, columns) on disk -> (i, j)
-            if self.floating:
-                part = part.astype(np.float32) * np.float32(self.slopes[k]) + np.float32(self.intercepts[k])
-            else:
-                part = part.astype(np.int32) + int(self.intercepts[k])
-            slices.append(part)
-        return np.stack(slices, axis=-1)[None]
+        try:
+            return pydicom.dcmread(self.files[k]).pixel_array
+        except Exception as exc:  # noqa: BLE001 - pydicom and its pixel handlers raise many types
+            raise ReadError(f"{self.files[k]}: read failed: {type(exc).__name__}: {exc}") from None
+
+    def _unpack(self, spool: Spool) -> np.memmap:
+        """Every slice's stored pixels, in order, into ``spool``; read back as one ``(slice, row, column)`` array."""
+        columns, rows, _ = self.volume_shape
+        dtype = None
+        for k in range(len(self.files)):
+            pixels = self._pixels(k)
+            dtype = pixels.dtype if dtype is None else dtype
+            if pixels.dtype != dtype or pixels.shape != (rows, columns):
+                raise CannotUnpack(f"{self.files[k]}: {pixels.dtype} {pixels.shape}, not {dtype} {(rows, columns)}")
+            spool.write(np.ascontiguousarray(pixels).tobytes())
+        spool.file.flush()
+        return np.memmap(spool.file, dtype=dtype, mode="r", shape=(len(self.files), rows, columns))

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,7 +23,7 @@ import numpy as np
 
 from ..errors import InputError, ReadError
 from ..geometry import Region, VolumeGeometry
-from . import ImageSource, cached_handle, file_stamp
+from . import ImageSource, Spool, cached_handle, file_stamp, unpacked
 from ..storage import local_copy
 
 logger = logging.getLogger(__name__)
@@ -94,59 +91,25 @@ class NiftiSource(ImageSource):
         raise ReadError(f"{self.path}: read failed at {region}: {detail}")
 
 
-UNPACKED_PER_PROCESS = 2  # decompressed volumes a process keeps: the one in work and the next input's
-_unpacked_images: OrderedDict[tuple, nib.Nifti1Image | None] = OrderedDict()  # None: could not be written
-_unpacked_lock = threading.Lock()
-unpacks = 0  # compressed files this process has decompressed (once each while kept)
-
-
 def _image(local: str):
     """The image whose voxels :meth:`NiftiSource.read` slices: memory-mapped where uncompressed, else
-    :func:`_unpacked`, else (no room for it) the compressed stream kept open per thread."""
+    decompressed once per process (:func:`tilemask.sources.unpacked`), else the compressed stream kept open
+    per thread."""
     key = (local, file_stamp(local))
     if nib.openers.Opener.compress_ext_map.get(_suffix(local)) is None:
         return cached_handle(("nifti", *key), lambda: nib.load(local, mmap=True))
-    return _unpacked(key) or cached_handle(("nifti", *key), lambda: nib.load(local, keep_file_open=True))
+    return unpacked(key, lambda spool: _decompressed(local, spool)) or cached_handle(
+        ("nifti", *key), lambda: nib.load(local, keep_file_open=True)
+    )
 
 
 def _suffix(path: str) -> str:
     return "." + path.rsplit(".", 1)[-1].lower() if "." in path else ""
 
 
-def _unpacked(key: tuple):
-    """The compressed file ``key[0]`` decompressed into an unlinked temporary file, once per process, as an
-    image read through that file (nibabel locks each seek and read); None when it cannot be written."""
-    global unpacks
-    with _unpacked_lock:
-        if key in _unpacked_images:
-            _unpacked_images.move_to_end(key)
-            return _unpacked_images[key]
-        local = key[0]
-        klass = type(nib.load(local))  # the header alone: NIfTI-1 or -2
-        try:
-            spool = _decompressed(local)
-        except OSError as exc:  # not tried again for this file: a full disk would fill up once per block
-            logger.warning("%s: cannot decompress it into a temporary file (%s): reading the compressed stream",
-                           local, exc)  # fmt: skip
-            image = None
-        else:
-            image = klass.from_file_map(klass.make_file_map({"image": spool}))
-            unpacks += 1
-        _unpacked_images[key] = image
-        while len(_unpacked_images) > UNPACKED_PER_PROCESS:
-            # not closed here: a thread may still be reading it; its file closes (and, unlinked, gives its
-            # space back) when the last reader lets it go
-            _unpacked_images.popitem(last=False)
-        return image
-
-
-def _decompressed(local: str):
-    """An unlinked temporary file holding ``local`` decompressed (closed again if that fails)."""
-    spool = tempfile.TemporaryFile(prefix="tilemask-nifti-")
-    try:
-        with nib.openers.Opener(local, "rb") as stream:
-            shutil.copyfileobj(stream, spool, 1 << 24)
-    except BaseException:
-        spool.close()
-        raise
-    return spool
+def _decompressed(local: str, spool: Spool):
+    """``local`` decompressed into ``spool``, as an image read through it (nibabel locks each seek and read)."""
+    klass = type(nib.load(local))  # the header alone: NIfTI-1 or -2
+    with nib.openers.Opener(local, "rb") as stream:
+        shutil.copyfileobj(stream, spool, 1 << 24)
+    return klass.from_file_map(klass.make_file_map({"image": spool.file}))
