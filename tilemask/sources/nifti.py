@@ -2,7 +2,7 @@
 
 Uncompressed files are memory-mapped.  A compressed one (``.nii.gz``) is
 decompressed once per worker process into a temporary file that is unlinked at
-once (:func:`_unpacked`), and read from there: the disk space comes back when
+once (:func:`tilemask.sources.unpacked`), and read from there: the disk space comes back when
 the process lets it go or dies.  Reading each block from the compressed stream
 instead (``indexed_gzip`` seeks to the block's span) inflates every span once per
 block that shares it: the blocks of a volume share their slabs of the slowest
@@ -97,7 +97,7 @@ def _image(local: str):
     per thread."""
     key = (local, file_stamp(local))
     if nib.openers.Opener.compress_ext_map.get(_suffix(local)) is None:
-        return cached_handle(("nifti", *key), lambda: nib.load(local, mmap=True))
+        return cached_handle(("nifti", *key), lambda: nib.load(local, keep_file_open=True, mmap=True))
     return unpacked(key, lambda spool: _decompressed(local, spool)) or cached_handle(
         ("nifti", *key), lambda: nib.load(local, keep_file_open=True)
     )
