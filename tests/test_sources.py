@@ -47,6 +47,63 @@ def test_nifti_gz_is_read_from_its_stream_where_no_temporary_file_can_be_written
         assert type(opened.fobj).__name__ == "IndexedGzipFile"
 
 
+FULL_DISK = """
+import logging, resource, signal, sys
+import nibabel as nib, numpy as np
+from tilemask.sources import open_source
+from tilemask.sources.dicom import DicomSeriesSource
+from tests.test_dicom import sitk_ras, write_series
+from pathlib import Path
+
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+folder = Path(sys.argv[1])
+volume = (np.arange(30 * 20 * 10) % 251).astype(np.int16).reshape(30, 20, 10)
+nib.save(nib.Nifti1Image(volume, np.eye(4)), folder / "scan.nii.gz")  # 12,352 bytes decompressed
+series = write_series(folder / "series", rows=40, columns=30, slices=6)  # 2,400 bytes a slice
+_, voxels = sitk_ras(series)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))  # a write past it fails
+nifti = open_source(str(folder / "scan.nii.gz"), spatial_dims=3)
+assert np.array_equal(nifti.read(((0, 30), (0, 20), (0, 10)))[0], volume)
+assert np.array_equal(DicomSeriesSource.open(str(series)).read(((0, 30), (0, 40), (0, 6)))[0], voxels)
+print("same values")
+"""
+
+
+@pytest.mark.parametrize("limit,in_place", [(4000, 2), (13000, 1)])  # 13,000: the .nii.gz fits, the series not
+def test_a_full_disk_reads_in_place_what_it_cannot_unpack(tmp_path, limit, in_place):
+    """No room in TMPDIR (the kernel refuses to write a file past ``limit`` bytes, as a full disk does part
+    way through a write): what does not fit is read in place, with the same values."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path), str(limit)], cwd=root, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "same values" in done.stdout
+    assert done.stderr.count("cannot unpack it into a temporary file") == in_place, done.stderr[-2000:]
+
+
+def test_an_input_let_go_of_is_read_in_place_and_not_unpacked_again(make_volume, monkeypatch):
+    """More inputs in flight than a worker keeps unpacked: the one let go of is read in place (what it was
+    before unpacking existed) instead of being unpacked again for each of its blocks."""
+    from tilemask import sources
+
+    monkeypatch.setattr(sources, "UNPACKED_BYTES", 0)  # keep only the last UNPACKED_MIN (2)
+    volumes = [make_volume((20, 18, 16), name=f"{name}.nii.gz", seed=i) for i, name in enumerate("abc")]
+    opened = [open_source(str(path), spatial_dims=3) for path, _ in volumes]
+    whole = ((0, 20), (0, 18), (0, 16))
+    before = sources.unpacks
+    for source, (_, volume) in zip(opened, volumes):
+        np.testing.assert_array_equal(source.read(whole)[0], volume)
+    assert sources.unpacks == before + 3
+    np.testing.assert_array_equal(opened[0].read(((2, 9), (0, 18), (3, 4)))[0], volumes[0][1][2:9, :, 3:4])
+    np.testing.assert_array_equal(opened[2].read(whole)[0], volumes[2][1])
+    assert sources.unpacks == before + 3
+
+
 def test_four_d_nifti_is_channels_first(tmp_path):
     data = np.arange(4 * 5 * 6 * 2, dtype=np.float32).reshape(4, 5, 6, 2)
     nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "two.nii")

@@ -200,7 +200,7 @@ def sample(
     data = torch.from_numpy(np.ascontiguousarray(values)).to(torch.float64)
     finite = values.dtype.kind != "f" or bool(np.isfinite(values).all())
     out = torch.empty((values.shape[0], len(zs), len(ys), len(xs)), dtype=torch.float64)
-    step = max(1, SLAB_POINTS // (len(ys) * len(xs)))
+    step = max(1, SLAB_POINTS // max(1, len(ys) * len(xs)))
     for first in range(0, len(zs), step):
         grid = ((plane + zs[first : first + step, None, None, None] * theta[:, 2]) + theta[:, 3]).reshape(-1, 3)
         # grid_sampler_compute_source_index: ((g + 1) * size - 1) / 2, then clip to [0, size - 1]

@@ -14,6 +14,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -50,54 +51,89 @@ class CannotUnpack(Exception):
 
 
 class Spool:
-    """An unlinked temporary file (in ``TMPDIR``): nothing is left behind, even by a killed process, and its
-    space comes back when the last reference to it goes.  Failing to create or write it is
-    :class:`CannotUnpack`; an input that fails to read while it is filled raises its own error."""
+    """An unlinked, unbuffered temporary file (in ``TMPDIR``): nothing is left behind, even by a killed
+    process, and its space comes back when the last reference to it goes.  Failing to create or write it is
+    :class:`CannotUnpack` (unbuffered, so that no write fails later, outside :meth:`write`); an input that
+    fails to read while it is filled raises its own error."""
 
     def __init__(self):
         try:
-            self.file = tempfile.TemporaryFile(prefix="tilemask-")
+            self.file = tempfile.TemporaryFile(prefix="tilemask-", buffering=0)
         except OSError as exc:
             raise CannotUnpack(exc) from None
+        self.size = 0
 
     def write(self, data) -> None:
+        """All of ``data``: an unbuffered write may write part of it (up to a full disk or a size limit), and
+        the next one then fails."""
+        rest = memoryview(data).cast("B")
         try:
-            self.file.write(data)
+            while rest:
+                written = self.file.write(rest)
+                rest = rest[written:]
+                self.size += written
         except OSError as exc:
             raise CannotUnpack(exc) from None
 
 
-UNPACKED_PER_PROCESS = 2  # inputs a process keeps unpacked: the one in work and the next input's
-_unpacked: OrderedDict[tuple, Any] = OrderedDict()  # None: could not be unpacked, read in place
-_unpacked_lock = threading.Lock()
-unpacks = 0  # inputs this process has unpacked (once each while kept)
+@dataclass
+class _Unpacked:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    done: bool = False
+    value: Any = None  # None once done: could not be unpacked, read in place
+    size: int = 0
+
+
+UNPACKED_BYTES = 2 << 30  # temporary files a process keeps, at most (but always its last UNPACKED_MIN inputs)
+UNPACKED_MIN = 2
+_unpacked: OrderedDict[tuple, _Unpacked] = OrderedDict()
+_evicted: OrderedDict[tuple, None] = OrderedDict()  # inputs let go of: read in place if asked for again
+_unpacked_lock = threading.Lock()  # guards the two; each input's own lock guards its unpacking
+unpacks = 0  # inputs this process has unpacked
 
 
 def unpacked(key: tuple, unpack: Callable[[Spool], Any]) -> Any | None:
-    """What ``unpack`` makes of a :class:`Spool` it fills with an input (``key``: its path and stamp),
-    once per process and kept for the last :data:`UNPACKED_PER_PROCESS` inputs; None (and one warning)
-    where that fails with :class:`CannotUnpack`, so the caller reads the input in place.
+    """What ``unpack`` makes of a :class:`Spool` it fills with an input (``key``: its path and stamp), once
+    per process; None where that fails with :class:`CannotUnpack` (one warning), so the caller reads the
+    input in place.
 
     For inputs whose regions are expensive to read in place because the blocks of a volume share what
-    must be decoded: a span of a gzip stream, a whole DICOM slice."""
+    must be decoded: a span of a gzip stream, a whole DICOM slice.  The most recently used inputs are kept
+    up to :data:`UNPACKED_BYTES`; an input let go of is read in place if its blocks come back (many items
+    in flight at once), never unpacked again, so the worst case is reading in place."""
     global unpacks
     with _unpacked_lock:
-        if key in _unpacked:
-            _unpacked.move_to_end(key)
-            return _unpacked[key]
-        try:
-            value = unpack(Spool())  # what it makes keeps the file open while it is needed
-        except CannotUnpack as exc:  # not tried again for this input: a full disk would fill up per block
-            logger.warning("%s: cannot unpack it into a temporary file (%s): reading it in place", key[0], exc)
-            value = None
-        if value is not None:
-            unpacks += 1
-        _unpacked[key] = value
-        while len(_unpacked) > UNPACKED_PER_PROCESS:
-            # not closed here: a thread may still be reading it; it closes (and its space comes back) when the
-            # last reader lets it go
-            _unpacked.popitem(last=False)
-        return value
+        if key in _evicted:
+            return None
+        entry = _unpacked.setdefault(key, _Unpacked())
+        _unpacked.move_to_end(key)
+    with entry.lock:  # other inputs' readers go on while this one unpacks
+        if not entry.done:
+            spool = None
+            try:
+                spool = Spool()
+                entry.value = unpack(spool)  # what it makes keeps the file open while it is needed
+                entry.size = spool.size
+                unpacks += 1
+            except CannotUnpack as exc:  # not tried again: a full disk would fill up once per block
+                logger.warning("%s: cannot unpack it into a temporary file (%s): reading it in place", key[0], exc)
+            entry.done = True
+            _evict(key)
+        return entry.value
+
+
+def _evict(keep: tuple) -> None:
+    """Let go of the least recently used inputs past :data:`UNPACKED_BYTES`; not closed here: a thread may
+    still be reading one, and it closes (its space comes back) when its last reader lets it go."""
+    with _unpacked_lock:
+        while len(_unpacked) > UNPACKED_MIN and sum(e.size for e in _unpacked.values()) > UNPACKED_BYTES:
+            key = next((k for k, e in _unpacked.items() if k != keep and e.done), None)
+            if key is None:  # the others are still being unpacked
+                break
+            del _unpacked[key]
+            _evicted[key] = None
+            while len(_evicted) > 4096:
+                _evicted.popitem(last=False)
 
 
 def file_stamp(path: str) -> tuple[int, int]:

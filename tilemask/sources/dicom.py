@@ -192,5 +192,4 @@ class DicomSeriesSource(ImageSource):
             if pixels.dtype != dtype or pixels.shape != (rows, columns):
                 raise CannotUnpack(f"{self.files[k]}: {pixels.dtype} {pixels.shape}, not {dtype} {(rows, columns)}")
             spool.write(np.ascontiguousarray(pixels).tobytes())
-        spool.file.flush()
         return np.memmap(spool.file, dtype=dtype, mode="r", shape=(len(self.files), rows, columns))
