@@ -109,7 +109,6 @@ def unpacked(key: tuple, unpack: Callable[[Spool], Any]) -> Any | None:
         _unpacked.move_to_end(key)
     with entry.lock:  # other inputs' readers go on while this one unpacks
         if not entry.done:
-            spool = None
             try:
                 spool = Spool()
                 entry.value = unpack(spool)  # what it makes keeps the file open while it is needed
