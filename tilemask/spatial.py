@@ -213,7 +213,7 @@ def sample(
     return out.numpy().astype(values.dtype if nearest else np.float32)
 
 
-def _gather(data, origin, src_shape, iz, iy, ix, nearest: bool, finite: bool = False):
+def _gather(data, origin, src_shape, iz, iy, ix, nearest: bool, finite: bool):
     """``grid_sampler_3d_cpu``'s bilinear (or nearest) value at (iz, iy, ix), ``data`` starting at ``origin``:
     its corner weights (the same products in the same order) and its sum over the corners inside the
     volume, in its order.  The coordinates are clamped to the volume, so only an upper neighbour can lie
@@ -240,7 +240,7 @@ def _gather(data, origin, src_shape, iz, iy, ix, nearest: bool, finite: bool = F
     high = [c + 1 for c in low]
     spans = [(h - c, c - l) for c, l, h in zip((iz, iy, ix), low, high)]  # the weights' factors, per axis
     offsets = [(offset(l, axis), offset(h, axis)) for axis, (l, h) in enumerate(zip(low, high))]
-    inside = [h < size for h, size in zip(high, src_shape)]
+    inside = None if finite else [h < size for h, size in zip(high, src_shape)]
     total = torch.zeros((data.shape[0], iz.shape[0]), dtype=torch.float64)
     for z in (0, 1):  # torch's order: tnw, tne, tsw, tse, bnw, bne, bsw, bse
         for y in (0, 1):
@@ -248,8 +248,8 @@ def _gather(data, origin, src_shape, iz, iy, ix, nearest: bool, finite: bool = F
             for x in (0, 1):
                 weight = spans[2][x] * spans[1][y] * spans[0][z]
                 term = read(zy + offsets[2][x]) * weight
-                masks = [m for m, upper in zip(inside, (z, y, x)) if upper]
-                if not masks or finite:
+                masks = [m for m, upper in zip(inside, (z, y, x)) if upper] if inside else []
+                if not masks:
                     total = total + term
                     continue
                 within = masks[0]

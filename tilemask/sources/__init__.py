@@ -88,6 +88,7 @@ UNPACKED_BYTES = 2 << 30  # temporary files a process keeps, at most (but always
 UNPACKED_MIN = 2
 _unpacked: OrderedDict[tuple, _Unpacked] = OrderedDict()
 _evicted: OrderedDict[tuple, None] = OrderedDict()  # inputs let go of: read in place if asked for again
+EVICTED_REMEMBERED = 4096  # the most recent of them
 _unpacked_lock = threading.Lock()  # guards the two; each input's own lock guards its unpacking
 unpacks = 0  # inputs this process has unpacked
 
@@ -131,7 +132,7 @@ def _evict(keep: tuple) -> None:
                 break
             del _unpacked[key]
             _evicted[key] = None
-            while len(_evicted) > 4096:
+            while len(_evicted) > EVICTED_REMEMBERED:
                 _evicted.popitem(last=False)
 
 
