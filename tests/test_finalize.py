@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -41,3 +42,107 @@ def test_class_counts_are_bincounts_without_nodata(n_classes, seed, nodata):
     counted = labels if nodata is None else labels[labels != nodata]
     expected = np.bincount(counted.ravel(), minlength=n_classes)[:n_classes]
     np.testing.assert_array_equal(class_histogram(labels, n_classes, nodata), expected)
+
+
+# -- blending on the device that holds the sums (tilemask.finalize_device) -----------------------------------------
+# torch's CPU stands in for the GPU here: the same torch code, without the CUDA streams and events
+# (tests/test_gpu.py runs it on CUDA where there is one).
+
+
+def _sums_around(chunk, flips, channels, seed):
+    """A device partial over the chunk and a halo past it, and host partials of two neighbours reaching in."""
+    import torch
+
+    from tilemask.stitch import DevicePartial, Partial
+
+    rng = np.random.default_rng(seed)
+
+    def sums(region):
+        shape = tuple(hi - lo for lo, hi in region)
+        weights = rng.uniform(0.001, 2.0, (flips, *shape)).astype(np.float32)
+        weighted = (rng.standard_normal((flips * channels, *shape)) * 3).astype(np.float32)
+        valid = rng.random(shape) > 0.1
+        return weighted, weights, valid
+
+    (y0, y1), (x0, x1) = chunk
+    own_region = ((y0, y1 + 5), (x0 - 3, x1))
+    weighted, weights, valid = sums(own_region)
+    own = DevicePartial(own_region, torch.from_numpy(weighted), torch.from_numpy(weights), valid)
+    others = [Partial(r, *sums(r)) for r in (((y0, y0 + 6), (x0, x1)), ((y0 + 4, y1), (x1 - 7, x1)))]
+    return own, others
+
+
+@pytest.mark.parametrize("flips", [1, 2])
+@pytest.mark.parametrize("probabilities", ["none", "float32", "uint8"])
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid", "none"])
+def test_a_chunk_blended_on_the_device_is_the_hosts(activation, probabilities, flips):
+    from tilemask.finalize import finalize
+    from tilemask.finalize_device import finish_on_device
+    from tilemask.settings import Finishing
+    from tilemask.stitch import overlap_add
+
+    channels = 1 if activation == "sigmoid" else 3
+    finishing = Finishing(activation, 0.3, max(channels, 2), "uint8", probabilities, nodata=255)
+    chunk = ((10, 40), (20, 45))
+    own, others = _sums_around(chunk, flips, channels, seed=len(activation) + len(probabilities) + flips)
+    host_own = own.host()
+    assert isinstance(host_own.weighted, np.ndarray) and not np.shares_memory(host_own.weighted, own.weighted.numpy())
+
+    labels, encoded, histogram = finish_on_device(chunk, own, others, finishing)
+    weighted, weights, valid = overlap_add(chunk, [host_own, *others])
+    expected_labels, expected, expected_histogram = finalize(weighted, weights, valid, finishing)
+
+    assert labels.dtype == expected_labels.dtype and labels.shape == (30, 25)
+    np.testing.assert_array_equal(labels, expected_labels)  # random sums: no ties
+    np.testing.assert_array_equal(histogram, expected_histogram)
+    assert (labels == 255).sum() == (~valid).sum() > 0
+    if probabilities == "none":
+        assert encoded is None and expected is None
+    else:
+        assert encoded.dtype == expected.dtype
+        np.testing.assert_allclose(encoded.astype(np.float32), expected.astype(np.float32), atol=1 if probabilities == "uint8" else 2e-6)
+
+
+def test_a_device_partial_sent_to_another_worker_arrives_as_host_sums():
+    import pickle
+
+    from tilemask.stitch import Partial, cut
+
+    own, _ = _sums_around(((10, 40), (20, 45)), 1, 2, seed=3)
+    arrived = pickle.loads(pickle.dumps(own))
+    assert type(arrived) is Partial and isinstance(arrived.weighted, np.ndarray)
+    np.testing.assert_array_equal(arrived.weighted, own.weighted.numpy())
+    piece = cut(own, {(1, 0): ((40, 45), (17, 30))})[(1, 0)]
+    assert type(piece) is Partial and piece.region == ((40, 45), (17, 30))
+    np.testing.assert_array_equal(piece.weights, own.weights.numpy()[:, 30:35, :13])
+    np.testing.assert_array_equal(piece.valid, own.valid[30:35, :13])
+
+
+def test_a_run_blending_on_the_device_gives_the_hosts_answer_and_monais(make_raster, make_model, tmp_path, monkeypatch):
+    """The whole graph, with a block's sums kept as torch tensors and its chunk blended in torch: on one
+    in-process worker, so that the switch below reaches it."""
+    from distributed import Client, LocalCluster
+
+    from tilemask import finalize_device, inference
+
+    from .conftest import raster_workflow
+    from .test_fidelity import monai_probabilities, run_zarr
+
+    path, image = make_raster((3, 203, 317))
+    weights, net = make_model()
+    workflow = raster_workflow(path, weights, output={"chunks": 64})
+    blended = []
+    finish = finalize_device.finish_on_device
+    monkeypatch.setattr(finalize_device, "finish_on_device", lambda *a: blended.append(a[0]) or finish(*a))
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            host_probs, host_labels, _ = run_zarr(workflow, tmp_path, client)
+            assert not blended
+            monkeypatch.setattr(inference, "SUMS_STAY_ON", {"cpu", "cuda"})
+            probs, labels, _ = run_zarr(workflow, tmp_path, client)
+    # windows start at rows 0, 48, 96, 139 and columns 0, 48, ..., 240, 253: the 3 x 4 chunks holding a start own
+    # a block, blended where its sums are; the last row and column of chunks hold only neighbours' host sums
+    assert sorted(blended) == sorted(((r, r + 64), (c, c + 64)) for r in (0, 64, 128) for c in (0, 64, 128, 192))
+    np.testing.assert_allclose(probs, host_probs, atol=1e-6)
+    np.testing.assert_array_equal(labels, host_labels)
+    np.testing.assert_allclose(probs, monai_probabilities(image, net, (64, 64), 0.25, "gaussian", 127.0, 60.0), atol=1e-4)

@@ -1,7 +1,8 @@
 """The CUDA path, where the machine has a GPU (skipped here: none of this project's CI machines has one).
 
-Run on a lent GPU by ``benchmarks/gpu/check.sh``: MONAI's answer on the same GPU, the weighting and sums
-on the GPU, one embedded worker per GPU, and the reduced precisions as MONAI's ``torch.autocast`` on CUDA.
+Run on a lent GPU by ``benchmarks/gpu/check.sh``: MONAI's answer on the same GPU, the weighting, sums and
+blending on the GPU, one embedded worker per GPU, and the reduced precisions as MONAI's ``torch.autocast`` on
+CUDA.
 """
 
 from __future__ import annotations
@@ -9,6 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import zarr
+
+import tilemask
+from tilemask.workflow import Workflow
 
 from .conftest import raster_workflow
 from .test_fidelity import monai_probabilities, run_zarr
@@ -63,15 +68,22 @@ def test_the_embedded_cluster_has_one_worker_per_gpu_and_auto_uses_it(make_raste
 def test_blocks_copied_on_their_threads_streams_beside_the_compute_stream_give_monais_answer(
     make_raster, make_model, tmp_path
 ):
-    """110 blocks through one worker with 8 Dask threads: each thread copies its block in and its sums out on
-    a stream of its own while the compute thread runs other blocks; a copy not ordered by its event would
-    read or free a buffer too early and show here as a wrong answer."""
+    """110 blocks through one worker with 8 Dask threads: each thread copies its block in, its strips of
+    neighbours' sums out and its chunk's labels back on a stream of its own, and blends the chunk there, while
+    the compute thread runs other blocks; a copy or a blend not ordered by its event would read or free a
+    buffer too early and show here as a wrong answer.  Then labels alone (argmax of the sums on the GPU)."""
     from tilemask.cluster import cluster_client
 
     path, image = make_raster((3, 640, 704))
     weights, net = make_model()
     workflow = raster_workflow(path, weights, inference={"device": "cuda"}, output={"chunks": 64})
+    expected = monai_on_gpu(image, net)
+    top2 = np.sort(expected, axis=0)[-2:]
     with cluster_client(workers=1, threads_per_worker=8) as client:
         probs, _, result = run_zarr(workflow, tmp_path, client)
-    assert result.windows > 100
-    np.testing.assert_allclose(probs, monai_on_gpu(image, net), atol=1e-3)
+        assert result.windows > 100
+        np.testing.assert_allclose(probs, expected, atol=1e-3)
+        wf = Workflow.from_dict(workflow, ["output.probabilities=none"], base_dir=tmp_path)
+        (result,) = tilemask.run(wf, client, overwrite=True)
+        labels = zarr.open_group(result.outputs[0], mode="r")["labels"][:]
+        assert np.all((labels == expected.argmax(0)) | (top2[1] - top2[0] < 2e-3)), "labels differ away from ties"

@@ -10,8 +10,9 @@ For each input the engine builds a three-layer graph over the output chunk grid
   strips of its sums that fall in them, so the whole partial can be freed as
   soon as its own chunk is written;
 * ``tilemask-chunk-<token>``, one task per output chunk: add its own block's
-  sums and its neighbours' halos, finalize (:mod:`tilemask.finalize`), write
-  labels (and probabilities) to the sink, return the class histogram.
+  sums and its neighbours' halos, finalize (:mod:`tilemask.finalize`; on a GPU
+  :mod:`tilemask.finalize_device`, where the block's sums stayed), write labels
+  (and probabilities) to the sink, return the class histogram.
 
 That is under three tasks per chunk: about 720 per gigapixel with 2048-pixel
 chunks, so a 100-gigapixel job stays near 72,000 tasks.  What every task shares
@@ -68,7 +69,7 @@ from .sinks import LabelSink
 from .sinks.zarr import ZarrSink
 from .sources import ImageSource, file_stamp
 from .stats.config import PostprocessConfig
-from .stitch import Partial, cut, overlap_add
+from .stitch import DevicePartial, Partial, cut, overlap_add
 
 logger = logging.getLogger(__name__)
 
@@ -193,9 +194,14 @@ def finish_chunk(
 ) -> np.ndarray:
     """Blend, finalize and write one output chunk; return its class histogram."""
     with timing.timed("blend"):
-        partials = ([own] if own is not None else []) + [h[index] for h in halos if index in h]
-        weighted, weights, valid = overlap_add(region, partials)
-        labels, probabilities, histogram = finalize(weighted, weights, valid, shared.finishing)
+        others = [h[index] for h in halos if index in h]
+        if isinstance(own, DevicePartial):  # its sums are on the worker's GPU: blended there
+            from .finalize_device import finish_on_device
+
+            labels, probabilities, histogram = finish_on_device(region, own, others, shared.finishing)
+        else:
+            weighted, weights, valid = overlap_add(region, ([own] if own is not None else []) + others)
+            labels, probabilities, histogram = finalize(weighted, weights, valid, shared.finishing)
     with timing.timed("write"):
         write_chunk(shared.sink, region, labels, probabilities)
         if shared.ledger:

@@ -13,9 +13,10 @@ thread of the worker reads, blends and writes while the model computes.
 
 On a GPU the copies stay off the compute thread too: the Dask thread stages the
 block's image in pinned host memory and copies it to the GPU on a CUDA stream of
-its own, and copies the block's sums back the same way, while the compute thread
-runs the windows of other blocks on the compute stream; events order each copy
-with the computation it feeds or waits for (:func:`_to_device`, :func:`_to_host`).
+its own while the compute thread runs the windows of other blocks on the compute
+stream; an event orders the copy before the computation (:mod:`tilemask.device`).
+The block's sums stay on the GPU (:class:`~tilemask.stitch.DevicePartial`): the
+chunks are blended there, and only their labels come back.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,11 +33,12 @@ import torch
 from .geometry import Block, local_slices, region_shape
 from . import timing
 from .backends import cached_runner, forward_check
+from .device import compute_stream, to_device
 from .models import ModelSpec, resolve_device
 from .preprocess import Preprocessing
 from .settings import InferenceSettings
 from .sources import ImageSource
-from .stitch import Partial
+from .stitch import DevicePartial, Partial
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,10 @@ logger = logging.getLogger(__name__)
 # was given), and always from the same thread, so OpenMP keeps a single team instead of one per Dask thread
 # (idle teams spin and steal the cores).
 _compute_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilemask-compute")
-_copy_streams = threading.local()  # each Dask thread's CUDA stream for its copies, per device
+
+SUMS_STAY_ON = {"cuda"}
+"""Device types on which a block's sums stay (:class:`~tilemask.stitch.DevicePartial`) and its chunk is blended
+(:mod:`tilemask.finalize_device`); elsewhere they come back as numpy arrays."""
 
 
 @functools.lru_cache(maxsize=8)
@@ -93,60 +97,16 @@ def predict_block(
             padded[(slice(None), *local_slices(region, origin))] = data
             data = padded
     _, network = cached_runner(model, settings, data.shape[0], device)
-    image, ready = _to_device(data, device)
+    image, ready = to_device(data, device)
     weighted, weights, done = _compute_thread.submit(
         _accumulate, network, image, ready, list(block.windows()), origin, region_shape(extent), settings, device,
         block,
     ).result()  # fmt: skip
 
     keep = (slice(None), *local_slices(region, origin))
-    weighted, weights = _to_host((weighted[keep], weights[keep]), done)
-    return Partial(region=region, weighted=weighted, weights=weights, valid=valid)
-
-
-def _to_device(data: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """The block's image on ``device``, and on a GPU the event that marks its copy done: staged in pinned
-    host memory (torch's caching host allocator reuses it once the copy is over) and copied on this
-    thread's stream, so that the copy runs beside the compute stream's work."""
-    if device.type != "cuda":
-        return torch.from_numpy(data).to(device), None
-    stream = _copy_stream(device)
-    staged = torch.from_numpy(data).pin_memory()
-    with torch.cuda.stream(stream):
-        image = staged.to(device, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record(stream)
-    return image, ready
-
-
-def _to_host(tensors: tuple[torch.Tensor, ...], done: torch.cuda.Event | None) -> list[np.ndarray]:
-    """``tensors`` as numpy arrays in pageable memory; on a GPU copied after ``done`` (the compute stream's
-    event after the block's sums) into pinned buffers on this thread's stream, which this thread alone
-    waits for."""
-    if done is None:
-        return [t.cpu().numpy() for t in tensors]
-    stream = _copy_stream(tensors[0].device)
-    with torch.cuda.stream(stream):
-        stream.wait_event(done)
-        staged = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
-    stream.synchronize()
-    return [t.numpy().copy() for t in staged]  # a Partial can live long: not in page-locked memory
-
-
-def _copy_stream(device: torch.device) -> torch.cuda.Stream:
-    """This thread's stream for copies to and from ``device``."""
-    streams = _copy_streams.__dict__.setdefault("by_device", {})
-    if device not in streams:
-        streams[device] = torch.cuda.Stream(device)
-    return streams[device]
-
-
-@functools.cache
-def _compute_stream(device: torch.device) -> torch.cuda.Stream:
-    """The compute thread's stream on ``device``.  High priority: torch hands out the streams of each priority
-    from a pool of 32 per device, round robin, so a 33rd low-priority stream (16 Dask threads' copy streams
-    and more) would be one of the first, and its kernels would queue behind another's copies."""
-    return torch.cuda.Stream(device, priority=-1)
+    if device.type in SUMS_STAY_ON:
+        return DevicePartial(region=region, weighted=weighted[keep], weights=weights[keep], valid=valid, done=done)
+    return Partial(region=region, weighted=weighted[keep].numpy(), weights=weights[keep].numpy(), valid=valid)
 
 
 def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int) -> tuple[int, str]:
@@ -163,7 +123,7 @@ def _accumulate(network, image, ready, windows, origin, shape, settings: Inferen
     computed on the compute stream once the image's copy is ``ready``, and ``done`` is the event after it."""
     if device.type != "cuda":
         return (*_sums(network, image, windows, origin, shape, settings, device, block), None)
-    stream = _compute_stream(device)
+    stream = compute_stream(device)
     with torch.cuda.stream(stream):
         stream.wait_event(ready)
         image.record_stream(stream)  # copied on a Dask thread's stream: not reused before this work is done

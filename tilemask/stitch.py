@@ -8,6 +8,10 @@ inference block returns the two sums over its own region (:class:`Partial`); a
 chunk adds the parts of its neighbours' partials that fall inside it
 (:func:`overlap_add`); :mod:`tilemask.finalize` divides and turns the result
 into labels and probabilities.
+
+On a GPU a block's sums stay there (:class:`DevicePartial`): only the parts
+that fall in other chunks are copied to the host, and its own chunk is added,
+blended and labelled on the GPU (:mod:`tilemask.finalize_device`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +42,29 @@ class Partial:
         return tuple(lo for lo, _ in self.region)
 
 
+@dataclass
+class DevicePartial(Partial):
+    """A :class:`Partial` whose sums are torch tensors on the worker's device (``valid`` stays on the host).
+
+    Pickled (sent to another worker, or spilled), it becomes a host :class:`Partial`: a GPU's memory is its own
+    process's."""
+
+    done: Any = None  # on a GPU: the CUDA event after which the sums hold their values
+
+    def host(self, region: Region | None = None) -> Partial:
+        """The sums over ``region`` (within this one's; all of it by default) copied to a host :class:`Partial`."""
+        from .device import to_host
+
+        region = region or self.region
+        keep = local_slices(region, self.origin)
+        weighted, weights = to_host((self.weighted[(slice(None), *keep)], self.weights[(slice(None), *keep)]), self.done)
+        return Partial(region, weighted, weights, None if self.valid is None else self.valid[keep].copy())
+
+    def __reduce__(self):
+        host = self.host()
+        return Partial, (host.region, host.weighted, host.weights, host.valid)
+
+
 def cut(partial: Partial, regions: dict[tuple[int, ...], Region]) -> dict[tuple[int, ...], Partial]:
     """The parts of ``partial`` inside each of ``regions`` (copies, so the whole partial can be freed)."""
     pieces = {}
@@ -45,6 +73,9 @@ def cut(partial: Partial, regions: dict[tuple[int, ...], Region]) -> dict[tuple[
         if common is None:
             continue
         src = local_slices(common, partial.origin)
+        if isinstance(partial, DevicePartial):
+            pieces[key] = partial.host(common)
+            continue
         pieces[key] = Partial(
             region=common,
             weighted=partial.weighted[(slice(None), *src)].copy(),
@@ -55,7 +86,9 @@ def cut(partial: Partial, regions: dict[tuple[int, ...], Region]) -> dict[tuple[
 
 
 def overlap_add(chunk: Region, partials: Iterable[Partial]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """The sums of all partials over ``chunk``, and the chunk's input validity (None: all valid)."""
+    """The sums of all partials over ``chunk``, and the chunk's input validity (None: all valid).
+
+    The sums are numpy arrays, or torch tensors on the device of the partials' tensors (all on one device)."""
     weighted = weights = valid = None
     chunk_origin = tuple(lo for lo, _ in chunk)
     for part in partials:
@@ -63,8 +96,8 @@ def overlap_add(chunk: Region, partials: Iterable[Partial]) -> tuple[np.ndarray,
         if common is None:
             continue
         if weighted is None:
-            weighted = np.zeros((part.weighted.shape[0], *region_shape(chunk)), np.float32)
-            weights = np.zeros((part.weights.shape[0], *region_shape(chunk)), np.float32)
+            weighted = _zeros_like(part.weighted, (part.weighted.shape[0], *region_shape(chunk)))
+            weights = _zeros_like(part.weights, (part.weights.shape[0], *region_shape(chunk)))
         dst = local_slices(common, chunk_origin)
         src = local_slices(common, part.origin)
         weighted[(slice(None), *dst)] += part.weighted[(slice(None), *src)]
@@ -76,3 +109,8 @@ def overlap_add(chunk: Region, partials: Iterable[Partial]) -> tuple[np.ndarray,
     if weighted is None:
         raise ValueError(f"no partial covers chunk {chunk}")
     return weighted, weights, valid
+
+
+def _zeros_like(array, shape: tuple[int, ...]):
+    """float32 zeros of ``shape`` where ``array`` lives: numpy, or a torch tensor on its device."""
+    return array.new_zeros(shape) if hasattr(array, "new_zeros") else np.zeros(shape, np.float32)

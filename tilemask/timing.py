@@ -6,7 +6,7 @@ prints next to its figures.
 * ``model``: the forward passes (on the process's compute thread);
 * ``accumulate``: cutting and stacking windows, weighting predictions and adding them into the block's sums
   (also on the compute thread);
-* ``blend``: a chunk's own and neighbouring sums added, divided, activated and labelled;
+* ``blend``: a chunk's own and neighbouring sums added, divided, activated and labelled (on a GPU, there);
 * ``write``: the chunk written to the output.
 
 Sums over the process's threads since it started (or :func:`reset`).  A few ``perf_counter`` calls per block
