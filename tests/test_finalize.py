@@ -85,7 +85,7 @@ def test_a_chunk_blended_on_the_device_is_the_hosts(activation, probabilities, f
     finishing = Finishing(activation, 0.3, max(channels, 2), "uint8", probabilities, nodata=255)
     chunk = ((10, 40), (20, 45))
     own, others = _sums_around(chunk, flips, channels, seed=len(activation) + len(probabilities) + flips)
-    host_own = own.host()
+    (host_own,) = own.host([own.region])
     assert isinstance(host_own.weighted, np.ndarray) and not np.shares_memory(host_own.weighted, own.weighted.numpy())
 
     labels, encoded, histogram = finish_on_device(chunk, own, others, finishing)
@@ -112,10 +112,12 @@ def test_a_device_partial_sent_to_another_worker_arrives_as_host_sums():
     arrived = pickle.loads(pickle.dumps(own))
     assert type(arrived) is Partial and isinstance(arrived.weighted, np.ndarray)
     np.testing.assert_array_equal(arrived.weighted, own.weighted.numpy())
-    piece = cut(own, {(1, 0): ((40, 45), (17, 30))})[(1, 0)]
-    assert type(piece) is Partial and piece.region == ((40, 45), (17, 30))
-    np.testing.assert_array_equal(piece.weights, own.weights.numpy()[:, 30:35, :13])
-    np.testing.assert_array_equal(piece.valid, own.valid[30:35, :13])
+    pieces = cut(own, {(1, 0): ((40, 64), (17, 30)), (0, 1): ((0, 40), (45, 64)), (0, -1): ((10, 40), (0, 18))})
+    assert list(pieces) == [(1, 0), (0, -1)], "the chunk that the partial does not reach gets no piece"
+    assert type(pieces[(1, 0)]) is Partial and pieces[(1, 0)].region == ((40, 45), (17, 30))
+    np.testing.assert_array_equal(pieces[(1, 0)].weights, own.weights.numpy()[:, 30:35, :13])
+    np.testing.assert_array_equal(pieces[(1, 0)].valid, own.valid[30:35, :13])
+    np.testing.assert_array_equal(pieces[(0, -1)].weighted, own.weighted.numpy()[:, :30, :1])
 
 
 def test_a_run_blending_on_the_device_gives_the_hosts_answer_and_monais(make_raster, make_model, tmp_path, monkeypatch):

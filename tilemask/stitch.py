@@ -51,33 +51,36 @@ class DevicePartial(Partial):
 
     done: Any = None  # on a GPU: the CUDA event after which the sums hold their values
 
-    def host(self, region: Region | None = None) -> Partial:
-        """The sums over ``region`` (within this one's; all of it by default) copied to a host :class:`Partial`."""
+    def host(self, regions: list[Region]) -> list[Partial]:
+        """The sums over each of ``regions`` (within this one's) copied to host :class:`Partial` objects, in
+        one wait for the device."""
         from .device import to_host
 
-        region = region or self.region
-        keep = local_slices(region, self.origin)
-        weighted, weights = to_host((self.weighted[(slice(None), *keep)], self.weights[(slice(None), *keep)]), self.done)
-        return Partial(region, weighted, weights, None if self.valid is None else self.valid[keep].copy())
+        if not regions:
+            return []
+        keeps = [local_slices(region, self.origin) for region in regions]
+        tensors = [t[(slice(None), *keep)] for keep in keeps for t in (self.weighted, self.weights)]
+        arrays = to_host(tuple(tensors), self.done)
+        return [
+            Partial(region, arrays[2 * i], arrays[2 * i + 1], None if self.valid is None else self.valid[keep].copy())
+            for i, (region, keep) in enumerate(zip(regions, keeps))
+        ]
 
     def __reduce__(self):
-        host = self.host()
+        (host,) = self.host([self.region])
         return Partial, (host.region, host.weighted, host.weights, host.valid)
 
 
 def cut(partial: Partial, regions: dict[tuple[int, ...], Region]) -> dict[tuple[int, ...], Partial]:
     """The parts of ``partial`` inside each of ``regions`` (copies, so the whole partial can be freed)."""
+    common = {key: c for key, region in regions.items() if (c := intersect(region, partial.region)) is not None}
+    if isinstance(partial, DevicePartial):
+        return dict(zip(common, partial.host(list(common.values()))))
     pieces = {}
-    for key, region in regions.items():
-        common = intersect(region, partial.region)
-        if common is None:
-            continue
-        src = local_slices(common, partial.origin)
-        if isinstance(partial, DevicePartial):
-            pieces[key] = partial.host(common)
-            continue
+    for key, region in common.items():
+        src = local_slices(region, partial.origin)
         pieces[key] = Partial(
-            region=common,
+            region=region,
             weighted=partial.weighted[(slice(None), *src)].copy(),
             weights=partial.weights[(slice(None), *src)].copy(),
             valid=None if partial.valid is None else partial.valid[src].copy(),
