@@ -106,7 +106,7 @@ def run_tilemask(raster: Path, weights: Path, out: Path, probabilities: str = "n
                 for stage, s in seconds.items():
                     stages[stage] = stages.get(stage, 0.0) + s
         wall = time.perf_counter() - start
-    return {"wall": wall, "peak": mem.peak, "windows": result.windows, "tasks": result.tasks,
+    return {"wall": wall, "peak": mem.peak, "own": mem.own_at_peak, "windows": result.windows, "tasks": result.tasks,
             "commit": result.commit_seconds, "outputs": result.outputs, "stages": stages,
             "inference": result.seconds}  # fmt: skip
 
@@ -247,6 +247,8 @@ def main() -> None:
         print(f"{'backend only':14}{b['wall']:>10.1f}{'':>14}{b['wall'] / p['wall']:>15.2f}x  ({b['backend']}, what auto picked)")
         print(f"tilemask / MONAI: time {t['wall'] / m['wall']:.2f}, peak memory {t['peak'] / m['peak']:.3f}; "
               f"tilemask / backend only: time {t['wall'] / b['wall']:.2f}")
+        print(f"tilemask's peak: {gib(t['own'])} this process (torch, MONAI, the network, the client), "
+              f"{gib(t['peak'] - t['own'])} the cluster's processes")
         print_stages(t, b["wall"])  # the worker's model stage times the backend
     if args.giga:
         raster = workdir / f"scene_{args.giga}.tif"

@@ -10,22 +10,24 @@ import psutil
 class PeakMemory:
     """Largest total RSS of this process and all its descendants (Dask workers, ``rio``) while in the block.
 
-    Sampled every ``interval`` seconds; ``peak`` may be reset to 0 to start a new phase.
+    Sampled every ``interval`` seconds; ``peak`` may be reset to 0 to start a new phase.  ``own_at_peak`` is
+    this process's share of the peak (the rest is its descendants').
     """
 
     def __init__(self, interval: float = 0.1):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.interval, self.peak, self.own_at_peak, self._stop = interval, 0, 0, threading.Event()
 
     def _sample(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
+            own = total = me.memory_info().rss
+            for p in me.children(recursive=True):
                 try:
                     total += p.memory_info().rss
                 except psutil.Error:
                     pass
-            self.peak = max(self.peak, total)
+            if total > self.peak:
+                self.peak, self.own_at_peak = total, own
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakMemory:
