@@ -31,9 +31,7 @@ def finalize(
         return finish_probabilities(blend(weighted, weights, finishing.activation), valid, finishing)
     dtype = np.dtype(finishing.labels_dtype)
     labels = labels_from_sums(weighted, weights[0], finishing.activation, finishing.threshold, dtype)
-    if valid is not None:
-        labels[~valid] = finishing.nodata
-    return labels, None, class_histogram(labels, finishing.n_classes, finishing.nodata)
+    return with_invalid(labels, None, valid, finishing)
 
 
 def finish_probabilities(
@@ -41,13 +39,19 @@ def finish_probabilities(
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """:func:`finalize` from activated probabilities (or blended outputs, no activation); modifies them."""
     labels = to_labels(probabilities, finishing.activation, finishing.threshold, np.dtype(finishing.labels_dtype))
-    encoded = None
-    if finishing.probabilities != "none":
-        if valid is not None:
-            probabilities[:, ~valid] = 0.0
-        encoded = encode_probabilities(probabilities, finishing.probabilities)
+    encoded = None if finishing.probabilities == "none" else encode_probabilities(probabilities, finishing.probabilities)
+    return with_invalid(labels, encoded, valid, finishing)
+
+
+def with_invalid(
+    labels: np.ndarray, encoded: np.ndarray | None, valid: np.ndarray | None, finishing: Finishing
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """``(labels, encoded, pixels per class)`` with invalid pixels given the nodata label and zero
+    probabilities (in place), counted in no class."""
     if valid is not None:
         labels[~valid] = finishing.nodata
+        if encoded is not None:
+            encoded[:, ~valid] = 0
     return labels, encoded, class_histogram(labels, finishing.n_classes, finishing.nodata)
 
 

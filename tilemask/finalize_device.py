@@ -4,7 +4,7 @@ probabilities, when they are written) come back to the host.
 :mod:`tilemask.finalize`'s arithmetic in torch, on this Dask thread's stream (:mod:`tilemask.device`): the
 block's own sums (:class:`~tilemask.stitch.DevicePartial`) after the compute stream's event, its neighbours'
 parts uploaded from the host.  Invalid pixels get the nodata label (and zero probabilities) on the host, where
-their mask is, and the class histogram is counted there, as on the CPU.
+their mask is, and the class histogram is counted there (:func:`tilemask.finalize.with_invalid`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .device import on_thread_stream, to_host
-from .finalize import class_histogram
+from .finalize import with_invalid
 from .geometry import Region
 from .settings import Finishing
 from .stitch import DevicePartial, Partial, overlap_add
@@ -35,13 +35,8 @@ def finish_on_device(
         weighted, weights, valid = overlap_add(chunk, [own, *uploaded])
         labels, probabilities = blend_and_label(weighted, weights, finishing)
         back = to_host((labels,) if probabilities is None else (labels, probabilities), None)
-    labels = back[0].astype(finishing.labels_dtype, copy=False)
     encoded = back[1] if probabilities is not None else None
-    if valid is not None:
-        labels[~valid] = finishing.nodata
-        if encoded is not None:
-            encoded[:, ~valid] = 0
-    return labels, encoded, class_histogram(labels, finishing.n_classes, finishing.nodata)
+    return with_invalid(back[0].astype(finishing.labels_dtype, copy=False), encoded, valid, finishing)
 
 
 def blend_and_label(
