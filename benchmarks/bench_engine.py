@@ -38,6 +38,8 @@ import os
 import tempfile
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -54,21 +56,31 @@ MEAN, STD = 100.0, 50.0
 
 
 def make_raster(path: Path, size: int) -> None:
-    """Smooth 3-band uint8 content written band-block by band-block (never whole in memory)."""
+    """Smooth 3-band uint8 content written strip by strip (never whole in memory): the noise drawn in order
+    from one generator, the rest of each strip composed on a thread pool and compressed by GDAL's threads."""
     profile = dict(driver="GTiff", height=size, width=size, count=3, dtype="uint8", tiled=True,
                    blockxsize=512, blockysize=512, compress="deflate", crs="EPSG:32618",
-                   transform=from_origin(500000, 4000000, 10, 10), BIGTIFF="IF_SAFER")  # fmt: skip
-    rng = np.random.default_rng(0)
-    with rasterio.open(path, "w", **profile) as ds:
-        step = 2048
+                   transform=from_origin(500000, 4000000, 10, 10), BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS")  # fmt: skip
+    rng, step = np.random.default_rng(0), 2048
+
+    def compose(r: int, noise: list[np.ndarray]) -> np.ndarray:
+        rows = np.arange(r, r + len(noise[0]))[:, None]
+        base = 100 + 60 * np.sin(rows / 700.0) * np.cos(np.arange(size)[None, :] / 900.0)
+        return np.stack([(base + 15 * band + n).clip(0, 255).astype(np.uint8) for band, n in enumerate(noise)])
+
+    with rasterio.open(path, "w", **profile) as ds, ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        def write_first() -> None:
+            r, strip = strips.popleft()
+            ds.write(strip.result(), window=Window(0, r, size, strip.result().shape[1]))
+
+        strips = deque()  # (first row, the strip being composed), up to 3 ahead of the writes
         for r in range(0, size, step):
-            rows = np.arange(r, min(r + step, size))[:, None]
-            cols = np.arange(size)[None, :]
-            base = 100 + 60 * np.sin(rows / 700.0) * np.cos(cols / 900.0)
-            for band in range(3):
-                noise = rng.integers(0, 20, (len(rows), size))
-                ds.write((base + 15 * band + noise).clip(0, 255).astype(np.uint8), band + 1,
-                         window=Window(0, r, size, len(rows)))  # fmt: skip
+            noise = [rng.integers(0, 20, (min(step, size - r), size)) for _ in range(3)]
+            strips.append((r, pool.submit(compose, r, noise)))
+            if len(strips) > 2:
+                write_first()
+        while strips:
+            write_first()
 
 
 def network(seed: int = 0) -> torch.nn.Module:

@@ -1,11 +1,12 @@
 """How far ``inference.precision: bfloat16 | float16`` moves the answer from float32, next to what the same
 ``torch.autocast`` does to MONAI's ``sliding_window_inference``, on a real scene and a trained network.
 
-    python benchmarks/bench_precision.py
+    python benchmarks/bench_precision.py                 # on the CPU
+    python benchmarks/bench_precision.py --device cuda   # tilemask's workers and MONAI's call on the GPU
 
 The demo (``workflows/demo_landsat.yaml``: Landsat 7 RGB.byte.tif, the trained 3-class UNet 8-16-32, roi
 128) is run by tilemask on an embedded cluster once per precision, probabilities to Zarr; MONAI's call runs
-on the same normalized scene in this process, under ``torch.autocast("cpu", dtype)``.  Printed per
+on the same normalized scene in this process, under ``torch.autocast(device, dtype)``.  Printed per
 precision: the largest and mean difference of the softmax probabilities from the same side's float32, the
 share of labelled pixels whose class changes, and tilemask's distance from MONAI at the same precision.
 Speed: ``bench_engine.py --precision``.
@@ -13,6 +14,7 @@ Speed: ``bench_engine.py --precision``.
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from pathlib import Path
 
@@ -27,11 +29,11 @@ DEMO = ROOT / "workflows" / "demo_landsat.yaml"
 PRECISIONS = ("float32", "bfloat16", "float16")
 
 
-def run_tilemask(workdir: Path, precision: str, client) -> tuple[np.ndarray, np.ndarray]:
+def run_tilemask(workdir: Path, precision: str, client, device: str) -> tuple[np.ndarray, np.ndarray]:
     import tilemask
     from tilemask import Workflow
 
-    overrides = [f"inference.precision={precision}", "inference.device=cpu", "output.probabilities=float32",
+    overrides = [f"inference.precision={precision}", f"inference.device={device}", "output.probabilities=float32",
                  f"output.path={workdir / f'tilemask_{precision}.zarr'}", "output.vectors=null",
                  "output.quicklook=false"]  # fmt: skip
     wf = Workflow.from_yaml(DEMO, overrides)
@@ -40,7 +42,7 @@ def run_tilemask(workdir: Path, precision: str, client) -> tuple[np.ndarray, np.
     return group["probabilities"][:], group["labels"][:]
 
 
-def run_monai(precision: str) -> tuple[np.ndarray, np.ndarray]:
+def run_monai(precision: str, device: str) -> tuple[np.ndarray, np.ndarray]:
     """MONAI's probabilities, and where the scene has data (GDAL's dataset mask): tilemask feeds the network
     0 (the normalized mean) at nodata pixels and labels them nodata, so MONAI gets the same zeros."""
     from monai.inferers import sliding_window_inference
@@ -51,30 +53,35 @@ def run_monai(precision: str) -> tuple[np.ndarray, np.ndarray]:
     wf = Workflow.from_yaml(DEMO)
     net = UNet(**wf.model.args)
     net.load_state_dict(torch.load(wf.resolve(wf.model.weights), weights_only=True))
-    net.eval()
+    net.eval().to(device)
     norm = wf.preprocess.normalize
     with rasterio.open(wf.resolve(wf.input)) as ds:
         image, valid = ds.read().astype(np.float32), ds.dataset_mask() > 0
     mean, std = (np.asarray(v, np.float32)[:, None, None] for v in (norm.mean, norm.std))
-    x = torch.from_numpy(np.where(valid, (image - mean) / std, np.float32(0)))[None]
-    with torch.inference_mode(), autocast(precision, torch.device("cpu")):
+    x = torch.from_numpy(np.where(valid, (image - mean) / std, np.float32(0)))[None].to(device)
+    with torch.inference_mode(), autocast(precision, torch.device(device)):
         logits = sliding_window_inference(x, tuple(wf.inference.roi_size), wf.inference.batch_size, net,
                                           overlap=wf.inference.overlap, mode=wf.inference.mode)  # fmt: skip
-    return torch.softmax(logits.float(), 1)[0].numpy(), valid
+    return torch.softmax(logits.float(), 1)[0].cpu().numpy(), valid
 
 
 def main() -> None:
     from tilemask.cluster import cluster_client
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where both sides run the network")
+    device = parser.parse_args().device
     workdir = Path(tempfile.mkdtemp(prefix="tilemask-precision-"))
     with cluster_client() as client:
-        ours = {p: run_tilemask(workdir, p, client) for p in PRECISIONS}
-    theirs = {p: run_monai(p) for p in PRECISIONS}
+        ours = {p: run_tilemask(workdir, p, client, device) for p in PRECISIONS}
+    theirs = {p: run_monai(p, device) for p in PRECISIONS}
+    gpu = device.startswith("cuda")
+    where = f"{device} ({torch.cuda.get_device_name(device)})" if gpu else f"cpu, {torch.get_num_threads()} threads"
     base_p, base_l = ours["float32"]
     monai_p, valid = theirs["float32"]
     print(f"demo scene {base_l.shape[1]} x {base_l.shape[0]} ({valid.sum()} pixels with data), trained UNet "
           f"8-16-32, {base_p.shape[0]} classes; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
+          f"torch {torch.__version__}, on {where}")
     print(f"{'':10}{'tilemask: max / mean |dp| vs float32':>40}{'labels changed':>16}"
           f"{'MONAI autocast: max / mean |dp|':>34}{'labels changed':>16}{'tilemask vs MONAI, same precision':>36}")
     for p in PRECISIONS:

@@ -1,23 +1,43 @@
 #!/usr/bin/env bash
 # One command for a lent GPU (the device tool): run it from the repository root with `carry: [".whl"]`
-# after benchmarks/gpu/wheels.sh, e.g. `bash benchmarks/gpu/check.sh` with timeout_s 600.
-#   1. the wheels into /tmp/site; 2. tests/test_gpu.py (MONAI's answer on the GPU, reduced precisions, one
-#   worker per GPU), the streams' test again under CUDA's sanitizer; 3. bench_engine.py on the GPU, 16384^2
-#   side by side (tilemask, MONAI, the bare model) then 1 gigapixel (tilemask and the bare model).
-#   Logs land in $OUT (they come back) and on stdout.
+# after benchmarks/gpu/wheels.sh, e.g. `bash benchmarks/gpu/check.sh` with timeout_s 600.  In order of what
+# matters most, each step under its own time limit (about 580 s in all), logs in $OUT (they come back):
+#   1. the wheels into /tmp/site, the GPU and the imports;
+#   2. tests/test_gpu.py: MONAI's answer on the GPU, the reduced precisions, one worker per GPU;
+#   3. forward.py: the bare model's forward passes eager, as a CUDA graph, under autocast, beside busy threads;
+#   4. bench_engine.py on the GPU: 16384^2 side by side (tilemask, MONAI, the bare model), then 1 gigapixel;
+#   5. bench_precision.py on the GPU: how far bfloat16 and float16 move the answer;
+#   6. the streams' test again under PyTorch's CUDA sanitizer.
+# STEPS="2 4" runs only those steps (1 always runs).
 set -uo pipefail
 out=${OUT:-/tmp/gpu-check}
+steps=" ${STEPS:-2 3 4 5 6} "
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "check.sh: the wheels in .whl/ did not install (run benchmarks/gpu/wheels.sh here, carry .whl)"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TILEMASK_CACHE_DIR=/tmp/tilemask-cache
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+nproc
 python3 -c "import torch, monai, dask, rasterio, zarr, tilemask; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
     || exit 1
-timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
-# the streams' ordering under PyTorch's CUDA sanitizer (CSAN), which reports kernels of different streams
-# touching the same memory unordered, beyond what a matching answer shows
-TORCH_CUDA_SANITIZER=1 timeout 90 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py \
-    -k blocks_copied 2>&1 | tee "$out/gpu_sanitizer.log"
-timeout "${BENCH_SECONDS:-330}" python3 benchmarks/bench_engine.py --device cuda --sizes 16384 --giga 32768 \
-    --workdir /tmp/bench 2>&1 | tee "$out/gpu_bench.log"
+step() { [[ $steps == *" $1 "* ]]; }
+if step 2; then
+    timeout 140 python3 -m pytest -q -p no:cacheprovider -o addopts="" --timeout 60 tests/test_gpu.py 2>&1 \
+        | tee "$out/gpu_tests.log"
+fi
+if step 3; then
+    timeout 50 python3 benchmarks/gpu/forward.py 2>&1 | tee "$out/gpu_forward.log"
+fi
+if step 4; then
+    timeout "${BENCH_SECONDS:-280}" python3 benchmarks/bench_engine.py --device cuda --sizes 16384 --giga 32768 \
+        --workdir /tmp/bench 2>&1 | tee "$out/gpu_bench.log"
+fi
+if step 5; then
+    timeout 50 python3 benchmarks/bench_precision.py --device cuda 2>&1 | tee "$out/gpu_precision.log"
+fi
+if step 6; then
+    # the streams' ordering under PyTorch's CUDA sanitizer (CSAN), which reports kernels of different streams
+    # touching the same memory unordered, beyond what a matching answer shows
+    TORCH_CUDA_SANITIZER=1 timeout 50 python3 -m pytest -q -p no:cacheprovider -o addopts="" --timeout 45 \
+        tests/test_gpu.py -k blocks_copied 2>&1 | tee "$out/gpu_sanitizer.log"
+fi

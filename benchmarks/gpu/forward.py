@@ -1,0 +1,121 @@
+"""The bare model's forward passes on a GPU, in the ways tilemask could run them: what sets its floor there.
+
+    python benchmarks/gpu/forward.py [--batches 200]
+
+bench_engine.py's UNet (16-32-64-128, 2 residual units) on batches of 8 windows of 256^2, median time per
+batch over ``--batches`` timed batches after a warm-up, each batch timed with CUDA events:
+
+* eager float32, as bench_engine.py's "model only" and tilemask's default run it;
+* with ``torch.backends.cudnn.benchmark`` (cuDNN times its convolution algorithms once per shape);
+* replayed as a CUDA graph (one launch per batch instead of one per kernel), against eager's answer;
+* eager under ``torch.autocast`` in bfloat16 and float16 (``inference.precision``);
+* eager while 15 other Python threads keep the interpreter busy, as a worker's Dask threads can: the forward
+  passes launch their kernels from Python, so a thread that waits for the GIL leaves the GPU idle.  Once with
+  the interpreter's default switch interval (5 ms), once with 0.5 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_engine import BATCH, ROI, network  # noqa: E402
+
+
+def per_batch(run, batches: int) -> float:
+    """Median milliseconds of ``run()`` over ``batches`` calls, after 20 warm-up calls."""
+    for _ in range(20):
+        run()
+    times = []
+    for _ in range(batches):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def graphed(net, batch: torch.Tensor):
+    """``net`` on ``batch`` captured as a CUDA graph: ``(replay, output)``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):
+            net(batch)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        output = net(batch)
+    return graph.replay, output
+
+
+def busy_threads(count: int) -> tuple[threading.Event, list[threading.Thread]]:
+    stop = threading.Event()
+
+    def spin() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+
+    threads = [threading.Thread(target=spin, daemon=True) for _ in range(count)]
+    for t in threads:
+        t.start()
+    return stop, threads
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=200)
+    n = parser.parse_args().batches
+    device = torch.device("cuda")
+    net = network().to(device)
+    batch = torch.randn(BATCH, 3, ROI, ROI, device=device)
+    print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}; "
+          f"UNet 16-32-64-128, batches of {BATCH} x {ROI}^2, median of {n}")  # fmt: skip
+
+    def eager(precision: str = "float32"):
+        def run():
+            with torch.inference_mode(), torch.autocast("cuda", dtype=getattr(torch, precision),
+                                                        enabled=precision != "float32"):  # fmt: skip
+                net(batch)
+
+        return run
+
+    rows = [("eager float32", per_batch(eager(), n))]
+    with torch.inference_mode():
+        reference = net(batch).float()
+    replay, output = graphed(net, batch)
+    replay()
+    torch.cuda.synchronize()
+    rows.append(("CUDA graph float32", per_batch(replay, n)))
+    graph_gap = (output - reference).abs().max().item()
+    for precision in ("bfloat16", "float16"):
+        rows.append((f"eager {precision} autocast", per_batch(eager(precision), n)))
+    for interval in (sys.getswitchinterval(), 0.0005):
+        sys.setswitchinterval(interval)
+        stop, threads = busy_threads(15)
+        rows.append((f"eager, 15 busy threads, switch {interval * 1e3:g} ms", per_batch(eager(), max(20, n // 4))))
+        rows.append((f"CUDA graph, 15 busy threads, switch {interval * 1e3:g} ms", per_batch(replay, max(20, n // 4))))
+        stop.set()
+        for t in threads:
+            t.join()
+    sys.setswitchinterval(0.005)
+    torch.backends.cudnn.benchmark = True
+    rows.append(("eager float32, cudnn.benchmark", per_batch(eager(), n)))
+    base = rows[0][1]
+    print(f"{'':48}{'ms / batch':>12}{'vs eager':>10}")
+    for name, ms in rows:
+        print(f"{name:48}{ms:>12.3f}{ms / base:>9.2f}x")
+    print(f"CUDA graph vs eager: max |logit difference| {graph_gap:.2e}")
+
+
+if __name__ == "__main__":
+    main()
