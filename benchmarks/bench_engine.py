@@ -112,15 +112,19 @@ def run_tilemask(raster: Path, weights: Path, out: Path, probabilities: str = "n
     with PeakMemory() as mem:
         start = time.perf_counter()
         with cluster_client() as client:  # the embedded cluster tilemask.run starts without progress
+            up = time.perf_counter()
             (result,) = tilemask.run(wf, client, progress=False, overwrite=True)
+            ran = time.perf_counter()
             stages: dict[str, float] = {}
             for seconds in client.run(timing.snapshot).values():
                 for stage, s in seconds.items():
                     stages[stage] = stages.get(stage, 0.0) + s
+            closing = time.perf_counter()
         wall = time.perf_counter() - start
     return {"wall": wall, "peak": mem.peak, "own": mem.own_at_peak, "windows": result.windows, "tasks": result.tasks,
             "commit": result.commit_seconds, "outputs": result.outputs, "stages": stages,
-            "inference": result.seconds}  # fmt: skip
+            "inference": result.seconds, "cluster_up": up - start, "run": ran - up,
+            "cluster_close": start + wall - closing}  # fmt: skip
 
 
 def print_stages(t: dict, model_only: float) -> None:
@@ -133,6 +137,8 @@ def print_stages(t: dict, model_only: float) -> None:
     print(f"compute thread: model + accumulate {busy:.1f} s of the run's {run:.1f} s (idle {run - busy:.1f} s); "
           f"model in the run {stages.get('model', 0.0):.1f} s vs {model_only:.1f} s alone "
           f"({stages.get('model', 0.0) / model_only:.2f}x); start-up and shutdown {t['wall'] - run:.1f} s")  # fmt: skip
+    print(f"start-up and shutdown: cluster start {t['cluster_up']:.1f} s, tilemask.run around the item's run "
+          f"{t['run'] - run:.1f} s (planning, the network's probe), cluster close {t['cluster_close']:.1f} s")
 
 
 def run_cogeo_create(sources: list[str], workdir: Path) -> dict:

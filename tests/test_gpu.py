@@ -15,7 +15,7 @@ import zarr
 import tilemask
 from tilemask.workflow import Workflow
 
-from .conftest import raster_workflow
+from .conftest import UNET_2D, UNET_3D, raster_workflow
 from .test_fidelity import monai_probabilities, run_zarr
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -49,6 +49,27 @@ def test_reduced_precision_on_cuda_is_monai_under_autocast(make_raster, make_mod
     expected, full = monai_on_gpu(image, net, precision), monai_on_gpu(image, net)
     to_autocast, to_float32 = np.abs(probs - expected), np.abs(expected - full)
     assert to_autocast.max() < to_float32.max() / 2 and to_autocast.mean() < to_float32.mean() / 3
+
+
+@pytest.mark.parametrize("args, channels, roi", [(UNET_2D, 3, (64, 64)), (UNET_3D, 1, (32, 32, 32))])
+def test_auto_on_cuda_replays_a_cuda_graph_that_keeps_the_networks_answer(make_model, args, channels, roi):
+    from tilemask.backends import cached_runner
+    from tilemask.settings import InferenceSettings, ModelSpec
+
+    weights, net = make_model(args)
+    settings = InferenceSettings(roi=roi, batch_size=4, backend="auto")
+    backend, run = cached_runner(ModelSpec.create("UNet", args, str(weights)), settings, channels, torch.device("cuda"))
+    assert backend == "torch, replayed as a CUDA graph of 4 windows"
+    net = net.cuda()
+    answers = []
+    for n in (4, 3, 1):  # a full batch, a block's last and shorter one (padded), one window
+        windows = torch.randn((n, channels, *roi), device="cuda")
+        with torch.inference_mode():
+            got, expected = run(windows), net(windows)
+        assert got.shape == expected.shape
+        assert (torch.softmax(got, 1) - torch.softmax(expected, 1)).abs().max() < 1e-4
+        answers.append(got)
+    assert not torch.equal(answers[0][:1], answers[2]), "each call answers in a tensor of its own, not the graph's"
 
 
 def test_the_embedded_cluster_has_one_worker_per_gpu_and_auto_uses_it(make_raster, make_model, tmp_path):

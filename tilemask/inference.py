@@ -158,8 +158,9 @@ def _sums(network, image, windows, origin, shape, settings: InferenceSettings, d
             if weighted is None:
                 channels = prediction.shape[1]
                 weighted = torch.zeros((len(flips), channels, *shape), dtype=torch.float32, device=device)
+            prediction = prediction * weight  # the whole batch in one operation (one kernel on a GPU)
             for s, p, (_, f) in zip(slices, prediction, batch):
-                weighted[(f, slice(None), *s)] += _flip(p * weight, flips[f])
+                weighted[(f, slice(None), *s)] += _flip(p, flips[f])
                 weights[(f, *s)] += flipped_weight[f]
     timing.add("model", model)
     timing.add("accumulate", time.perf_counter() - began - model)

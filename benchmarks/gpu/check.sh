@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One command for a lent GPU (the device tool): run it from the repository root with `carry: [".whl"]`
 # after benchmarks/gpu/wheels.sh, e.g. `bash benchmarks/gpu/check.sh` with timeout_s 600.  In order of what
-# matters most, each step under its own time limit (about 580 s in all), logs in $OUT (they come back):
+# matters most, each step under its own time limit (about 500 s in all), logs in $OUT (they come back):
 #   1. the wheels into /tmp/site, the GPU and the imports;
-#   2. tests/test_gpu.py: MONAI's answer on the GPU, the reduced precisions, one worker per GPU;
-#   3. forward.py: the bare model's forward passes eager, as a CUDA graph, under autocast, beside busy threads;
+#   2. tests/test_gpu.py: MONAI's answer on the GPU, the CUDA graph, the reduced precisions, one worker per GPU;
 #   4. bench_engine.py on the GPU: 16384^2 side by side (tilemask, MONAI, the bare model), then 1 gigapixel;
+#   3. forward.py: the bare model's forward passes eager, as a CUDA graph, under autocast, beside busy threads;
 #   5. bench_precision.py on the GPU: how far bfloat16 and float16 move the answer;
 #   6. the streams' test again under PyTorch's CUDA sanitizer.
 # STEPS="2 4" runs only those steps (1 always runs).
@@ -22,15 +22,15 @@ python3 -c "import torch, monai, dask, rasterio, zarr, tilemask; print('torch', 
     || exit 1
 step() { [[ $steps == *" $1 "* ]]; }
 if step 2; then
-    timeout 140 python3 -m pytest -q -p no:cacheprovider -o addopts="" --timeout 60 tests/test_gpu.py 2>&1 \
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" --timeout 60 tests/test_gpu.py 2>&1 \
         | tee "$out/gpu_tests.log"
 fi
-if step 3; then
-    timeout 50 python3 benchmarks/gpu/forward.py 2>&1 | tee "$out/gpu_forward.log"
-fi
 if step 4; then
-    timeout "${BENCH_SECONDS:-280}" python3 benchmarks/bench_engine.py --device cuda --sizes 16384 --giga 32768 \
+    timeout "${BENCH_SECONDS:-220}" python3 benchmarks/bench_engine.py --device cuda --sizes 16384 --giga 32768 \
         --workdir /tmp/bench 2>&1 | tee "$out/gpu_bench.log"
+fi
+if step 3; then
+    timeout 45 python3 benchmarks/gpu/forward.py 2>&1 | tee "$out/gpu_forward.log"
 fi
 if step 5; then
     timeout 50 python3 benchmarks/bench_precision.py --device cuda 2>&1 | tee "$out/gpu_precision.log"
@@ -38,6 +38,6 @@ fi
 if step 6; then
     # the streams' ordering under PyTorch's CUDA sanitizer (CSAN), which reports kernels of different streams
     # touching the same memory unordered, beyond what a matching answer shows
-    TORCH_CUDA_SANITIZER=1 timeout 50 python3 -m pytest -q -p no:cacheprovider -o addopts="" --timeout 45 \
+    TORCH_CUDA_SANITIZER=1 timeout 40 python3 -m pytest -q -p no:cacheprovider -o addopts="" --timeout 35 \
         tests/test_gpu.py -k blocks_copied 2>&1 | tee "$out/gpu_sanitizer.log"
 fi
