@@ -60,7 +60,8 @@ def make_raster(path: Path, size: int) -> None:
     from one generator, the rest of each strip composed on a thread pool and compressed by GDAL's threads."""
     profile = dict(driver="GTiff", height=size, width=size, count=3, dtype="uint8", tiled=True,
                    blockxsize=512, blockysize=512, compress="deflate", crs="EPSG:32618",
-                   transform=from_origin(500000, 4000000, 10, 10), BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS")  # fmt: skip
+                   transform=from_origin(500000, 4000000, 10, 10), BIGTIFF="IF_SAFER",
+                   NUM_THREADS="ALL_CPUS")  # fmt: skip
     rng, step = np.random.default_rng(0), 2048
 
     def compose(r: int, noise: list[np.ndarray]) -> np.ndarray:
