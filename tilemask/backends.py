@@ -155,8 +155,8 @@ def _cuda_graph(network: torch.nn.Module, channels: int, roi: tuple[int, ...], b
     16-32-64-128 took 0.84 ms a batch of 8 windows of 256^2 replayed, against 3.2 ms eager; eager forward
     passes took 1.5-1.9x their time alone in a run.  Any other batch size (a block's last batch, one window)
     runs eagerly: padded to a full batch, TF32 convolutions answer otherwise than on the batch itself.
-    Taken when the capture succeeds and a replay gives eager's answer on the same batch (random, zero and
-    constant windows, :func:`_activated_gap` within ``AUTO_TOLERANCE``); else None, and the network runs
+    Taken when the capture succeeds and a replay gives eager's answer on the same batch of random windows,
+    zeros and ones (:func:`_activated_gap` within ``AUTO_TOLERANCE``); else None, and the network runs
     eagerly."""
     static = torch.zeros((batch, channels, *roi), dtype=torch.float32, device=device)
     try:
