@@ -121,11 +121,11 @@ def run_tilemask(raster: Path, weights: Path, out: Path, probabilities: str = "n
                 for stage, s in seconds.items():
                     stages[stage] = stages.get(stage, 0.0) + s
             closing = time.perf_counter()
-        wall = time.perf_counter() - start
-    return {"wall": wall, "peak": mem.peak, "own": mem.own_at_peak, "windows": result.windows, "tasks": result.tasks,
-            "commit": result.commit_seconds, "outputs": result.outputs, "stages": stages,
+        end = time.perf_counter()
+    return {"wall": end - start, "peak": mem.peak, "own": mem.own_at_peak, "windows": result.windows,
+            "tasks": result.tasks, "commit": result.commit_seconds, "outputs": result.outputs, "stages": stages,
             "inference": result.seconds, "cluster_up": up - start, "run": ran - up,
-            "cluster_close": start + wall - closing}  # fmt: skip
+            "cluster_close": end - closing}  # fmt: skip
 
 
 def print_stages(t: dict, model_only: float) -> None:

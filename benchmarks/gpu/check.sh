@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # One command for a lent GPU (the device tool): run it from the repository root with `carry: [".whl"]` after
-# benchmarks/gpu/wheels.sh, e.g. `STEPS="2 4" bash benchmarks/gpu/check.sh` with timeout_s 600.  The steps run
+# benchmarks/gpu/wheels.sh, e.g. `STEPS="2 3" bash benchmarks/gpu/check.sh` with timeout_s 600.  The steps run
 # in order of what matters most, each under its own time limit, logs in $OUT (they come back).  All six take
-# more than one call's 10 minutes: run them as two calls, STEPS="2 4" then STEPS="3 5 6" (see NOTES.md).
+# more than one call's 10 minutes: run them as two calls, STEPS="2 3" then STEPS="4 5 6" (see NOTES.md).
 #   1. the wheels into /tmp/site, the GPU and the imports;
 #   2. tests/test_gpu.py: MONAI's answer on the GPU, the CUDA graph, the reduced precisions, one worker per GPU;
-#   4. bench_engine.py on the GPU: 16384^2 side by side (tilemask, MONAI, the bare model), then 1 gigapixel;
-#   3. forward.py: the bare model's forward passes eager, as a CUDA graph, under autocast, beside busy threads;
+#   3. bench_engine.py on the GPU: 16384^2 side by side (tilemask, MONAI, the bare model), then 1 gigapixel;
+#   4. forward.py: the bare model's forward passes eager, as a CUDA graph, under autocast, beside busy threads;
 #   5. bench_precision.py on the GPU: how far bfloat16 and float16 move the answer;
 #   6. the streams' test again under PyTorch's CUDA sanitizer.
-# STEPS="2 4" runs only those steps (1 always runs).
+# STEPS="2 3" runs only those steps (1 always runs).
 set -uo pipefail
 out=${OUT:-/tmp/gpu-check}
 steps=" ${STEPS:-2 3 4 5 6} "
@@ -26,11 +26,11 @@ if step 2; then
     timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" --timeout 60 tests/test_gpu.py 2>&1 \
         | tee "$out/gpu_tests.log"
 fi
-if step 4; then
+if step 3; then
     timeout "${BENCH_SECONDS:-220}" python3 benchmarks/bench_engine.py --device cuda --sizes 16384 --giga 32768 \
         --workdir /tmp/bench 2>&1 | tee "$out/gpu_bench.log"
 fi
-if step 3; then
+if step 4; then
     timeout 45 python3 benchmarks/gpu/forward.py 2>&1 | tee "$out/gpu_forward.log"
 fi
 if step 5; then

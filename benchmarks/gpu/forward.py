@@ -7,9 +7,10 @@ batch over ``--batches`` timed batches after a warm-up, each batch timed with CU
 
 * eager float32, as bench_engine.py's "model only" and tilemask's default run it;
 * with ``torch.backends.cudnn.benchmark`` (cuDNN times its convolution algorithms once per shape);
-* replayed as a CUDA graph (one launch per batch instead of one per kernel), against eager's answer;
+* through the runner ``inference.backend: auto`` builds on a worker (:mod:`tilemask.backends`: a CUDA graph
+  replayed, one launch per batch instead of one per kernel, with its copies in and out), against eager's answer;
 * eager under ``torch.autocast`` in bfloat16 and float16 (``inference.precision``);
-* replayed while 15 other Python threads keep the interpreter busy, as a worker's Dask threads can, with the
+* auto's runner while 15 other Python threads keep the interpreter busy, as a worker's Dask threads can, with the
   interpreter's default switch interval (5 ms) and with 0.5 ms; and eager at 0.5 ms: the forward passes
   launch their kernels from Python, so a thread that waits for the GIL leaves the GPU idle.
 """
@@ -19,13 +20,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_engine import BATCH, ROI, network  # noqa: E402
+from bench_engine import ARGS, BATCH, ROI, network  # noqa: E402
 
 
 def per_batch(run, batches: int, warm_up: int = 20) -> float:
@@ -43,18 +45,15 @@ def per_batch(run, batches: int, warm_up: int = 20) -> float:
     return statistics.median(times)
 
 
-def graphed(net, batch: torch.Tensor):
-    """``net`` on ``batch`` captured as a CUDA graph: ``(replay, output)``."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad():
-        for _ in range(3):
-            net(batch)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        output = net(batch)
-    return graph.replay, output
+def auto_runner(net: torch.nn.Module, device: torch.device):
+    """``(backend, run)``: what ``inference.backend: auto`` runs ``net`` with on a worker of ``device``."""
+    from tilemask.backends import cached_runner
+    from tilemask.settings import InferenceSettings, ModelSpec
+
+    weights = Path(tempfile.mkdtemp(prefix="tilemask-forward-")) / "unet.pt"
+    torch.save(net.state_dict(), weights)
+    spec = ModelSpec.create("UNet", ARGS, str(weights))
+    return cached_runner(spec, InferenceSettings(roi=(ROI, ROI), batch_size=BATCH, backend="auto"), 3, device)
 
 
 def busy_threads(count: int) -> tuple[threading.Event, list[threading.Thread]]:
@@ -96,20 +95,23 @@ def main() -> None:
         print(f"{name:52}{ms:>12.3f}{ms / base:>9.2f}x")
 
     row("eager float32", base)
+    backend, runner = auto_runner(net, device)
+
+    def replay():
+        with torch.inference_mode():
+            runner(batch)
+
+    row(f"auto: {backend}", per_batch(replay, n))
     with torch.inference_mode():
-        reference = net(batch).float()
-    replay, output = graphed(net, batch)
-    replay()
-    torch.cuda.synchronize()
-    row("CUDA graph float32", per_batch(replay, n))
-    print(f"  CUDA graph vs eager: max |logit difference| {(output - reference).abs().max().item():.2e}")
+        gap = (runner(batch) - net(batch)).abs().max().item()
+    print(f"  auto's runner vs eager: max |logit difference| {gap:.2e}")
     for precision in ("bfloat16", "float16"):
         row(f"eager {precision} autocast", per_batch(eager(precision), n))
     for interval in (sys.getswitchinterval(), 0.0005):
         sys.setswitchinterval(interval)
         stop, threads = busy_threads(15)
         # each launch can wait for the GIL through other threads' switch intervals: a few batches say enough
-        row(f"CUDA graph, 15 busy threads, switch {interval * 1e3:g} ms", per_batch(replay, 5, 1))
+        row(f"auto's runner, 15 busy threads, switch {interval * 1e3:g} ms", per_batch(replay, 5, 1))
         if interval < 0.001:  # at 5 ms one eager batch took longer than the step's 45 s on an H200
             row(f"eager, 15 busy threads, switch {interval * 1e3:g} ms", per_batch(eager(), 1, 0))
         stop.set()
@@ -118,6 +120,7 @@ def main() -> None:
     sys.setswitchinterval(0.005)
     torch.backends.cudnn.benchmark = True
     row("eager float32, cudnn.benchmark", per_batch(eager(), n))
+
 
 if __name__ == "__main__":
     main()
