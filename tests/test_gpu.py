@@ -7,6 +7,8 @@ CUDA.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -52,14 +54,15 @@ def test_reduced_precision_on_cuda_is_monai_under_autocast(make_raster, make_mod
 
 
 @pytest.mark.parametrize("args, channels, roi", [(UNET_2D, 3, (64, 64)), (UNET_3D, 1, (32, 32, 32))])
-def test_auto_on_cuda_replays_a_cuda_graph_that_keeps_the_networks_answer(make_model, args, channels, roi):
+def test_auto_on_cuda_replays_a_cuda_graph_that_keeps_the_networks_answer(make_model, caplog, args, channels, roi):
     from tilemask.backends import cached_runner
     from tilemask.settings import InferenceSettings, ModelSpec
 
     weights, net = make_model(args)
     settings = InferenceSettings(roi=roi, batch_size=4, backend="auto")
+    caplog.set_level(logging.INFO, logger="tilemask.backends")  # why a graph was refused, in the failure
     backend, run = cached_runner(ModelSpec.create("UNet", args, str(weights)), settings, channels, torch.device("cuda"))
-    assert backend == "torch, replayed as a CUDA graph of 4 windows"
+    assert backend == "torch, replayed as a CUDA graph of 4 windows", caplog.text
     net = net.cuda()
     answers = []
     for n in (4, 3, 4):  # full batches replay the graph; a block's last and shorter one runs eagerly
