@@ -72,7 +72,8 @@ def make_raster(path: Path, size: int) -> None:
     with rasterio.open(path, "w", **profile) as ds, ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
         def write_first() -> None:
             r, strip = strips.popleft()
-            ds.write(strip.result(), window=Window(0, r, size, strip.result().shape[1]))
+            data = strip.result()
+            ds.write(data, window=Window(0, r, size, data.shape[1]))
 
         strips = deque()  # (first row, the strip being composed), up to 3 ahead of the writes
         for r in range(0, size, step):
