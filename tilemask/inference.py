@@ -159,7 +159,7 @@ def _sums(network, image, windows, origin, shape, settings: InferenceSettings, d
                 channels = prediction.shape[1]
                 weighted = torch.zeros((len(flips), channels, *shape), dtype=torch.float32, device=device)
             # On a GPU the batch's products in one kernel; on the CPU window by window, each added while in
-            # cache (a batch's products leave it first: 2.7-3.3 against 2.1-2.2 ms a batch of 8 x 256^2 here).
+            # cache (a batch's products likely leave it first: 2.7-3.3 against 2.1-2.2 ms a batch of 8 x 256^2 here).
             products = prediction * weight if device.type == "cuda" else (p * weight for p in prediction)
             for s, product, (_, f) in zip(slices, products, batch):
                 weighted[(f, slice(None), *s)] += _flip(product, flips[f])
