@@ -133,11 +133,12 @@ def volume_workflow(input_path, weights, inference: dict, output: dict) -> dict:
 
 @pytest.fixture(scope="session")
 def client():
-    """An embedded cluster shared by the tests that only need *a* cluster."""
+    """An embedded cluster shared by the tests that only need *a* cluster. Not the default client: a test's own
+    ``.compute()`` keeps dask's local scheduler instead of shipping every chunk to these two processes."""
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        with Client(cluster) as c:
+        with Client(cluster, set_as_default=False) as c:
             yield c
 
 
