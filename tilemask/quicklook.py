@@ -100,12 +100,13 @@ def _read_labels(labels_path: str, size: int) -> tuple[np.ndarray, int | None, i
             raise InputError(f"{labels_path}: cannot read: {exc}") from None
         n_classes = len(json.loads(tag)) if tag else 0
         return labels, nodata, n_classes
-    # Zarr (no overviews): take every k-th pixel, chunk by chunk.
+    # Zarr (no overviews): take every k-th pixel, chunk by chunk, on this process's threads. Within a task Dask's
+    # default would be the cluster itself, through a new client of the worker's, while this task holds a thread.
     image = open_labels(labels_path)
     if image.array.ndim != 2:
         raise InputError(f"{labels_path}: a quick look needs a 2D label raster")
     step = max(1, -(-max(image.array.shape) // size))
-    labels = np.asarray(image.array[::step, ::step].compute())
+    labels = np.asarray(image.array[::step, ::step].compute(scheduler="threads"))
     return labels, image.nodata, len(image.class_names or ())
 
 
