@@ -71,6 +71,7 @@ def scenes(tmp_path):
     return folder, count
 
 
+@pytest.mark.slow  # ten items end to end; the corrupt input below keeps items in flight in the default run
 def test_items_in_flight_give_the_outputs_of_one_item_at_a_time(scenes, make_model, tmp_path, client):
     folder, count = scenes
     args = dict(UNET_2D, in_channels=count)

@@ -156,6 +156,7 @@ def test_a_truncated_last_manifest_line_is_dropped_and_the_manifest_goes_on(tmp_
     assert find(job.id).path == job.path  # listed in $TILEMASK_HOME/jobs
 
 
+@pytest.mark.slow  # the command line around the skip that the in-process test above checks in the default run
 def test_on_error_skip_from_the_command_line_exits_1_and_says_where_the_report_is(scene_workflow, tmp_path, write_workflow):
     workflow = write_workflow(scene_workflow)
     done = run_cli("run", workflow, "--on-error", "skip", "--quiet", "--workers", "1", cwd=tmp_path)

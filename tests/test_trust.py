@@ -279,11 +279,12 @@ def test_an_interrupted_input_resumes_writing_only_the_chunks_it_had_not_written
     assert resumed.stdout.split("[")[1] == clean.stdout.split("[")[1], "class totals count the chunks written before"
 
 
-def test_chunks_larger_than_the_image_are_clipped_and_booleans_refused(make_raster, make_model, write_workflow, tmp_path):
+def test_chunks_larger_than_the_image_are_clipped_and_booleans_refused(make_raster, make_model, write_workflow, tmp_path,
+                                                                      client):  # fmt: skip
     path, _ = make_raster((3, 120, 90))
     weights, _ = make_model()
     wf = write_workflow(raster_workflow(path, weights))
-    result = run_cli("run", wf, "--quiet", "--set", "output.chunks=99999")
+    result = run_cli("run", wf, "--quiet", "--set", "output.chunks=99999", "--scheduler", client.scheduler.address)
     assert result.returncode == 0, result.stderr
     assert zarr.open_group(str(tmp_path / "out" / "scene_mask.zarr"), mode="r")["labels"].chunks == (120, 90)
     refused = run_cli("run", wf, "--quiet", "--overwrite", "--set", "output.chunks=true")
@@ -357,11 +358,11 @@ def test_torchscript_channels_come_from_the_network(make_raster, tmp_path, clien
         tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client, overwrite=True)
 
 
-def test_torchscript_of_the_wrong_channels_is_one_line_exit_2(make_raster, write_workflow, tmp_path):
+def test_torchscript_of_the_wrong_channels_is_one_line_exit_2(make_raster, write_workflow, tmp_path, client):
     path, _ = make_raster((3, 100, 120))
     workflow = raster_workflow(path, scripted_unet(tmp_path, in_channels=1))
     workflow["model"].pop("args")
-    wrong = run_cli("run", write_workflow(workflow), "--quiet")
+    wrong = run_cli("run", write_workflow(workflow), "--quiet", "--scheduler", client.scheduler.address)
     assert wrong.returncode == 2 and "rejects a 3-channel window" in one_line(wrong.stderr)
 
 
@@ -496,12 +497,12 @@ def tmpfs(tmp_path):
 
 
 @pytest.mark.parametrize("suffix", [".zarr", ".tif"])
-def test_a_full_disk_is_named_and_cleaned_up(make_raster, make_model, write_workflow, tmp_path, tmpfs, suffix):
+def test_a_full_disk_is_named_and_cleaned_up(make_raster, make_model, write_workflow, tmp_path, tmpfs, suffix, client):
     path, _ = make_raster((3, 700, 700))
     weights, _ = make_model()
     disk = tmpfs("600k")
     workflow = raster_workflow(path, weights, output={"path": str(disk / f"{{stem}}{suffix}"), "chunks": 128})
-    result = run_cli("run", write_workflow(workflow), "--quiet")
+    result = run_cli("run", write_workflow(workflow), "--quiet", "--scheduler", client.scheduler.address)
     assert result.returncode == 1, result.stderr
     assert "no space left on device" in one_line(result.stderr)
     assert outputs_in(disk) == []
@@ -516,11 +517,11 @@ def test_a_read_only_output_folder_is_found_before_any_work(make_raster, make_mo
     assert result.returncode == 2 and "not writable" in one_line(result.stderr)
 
 
-def test_non_ascii_and_spaces_in_every_path(make_model, tmp_path):
+def test_non_ascii_and_spaces_in_every_path(make_raster, make_model, tmp_path):
     folder = tmp_path / "dé jà vu" / "données d'été"
     folder.mkdir(parents=True)
-    scene = folder / "scène 1.tif"
-    shutil.copy(GEO["RGB.byte.tif"], scene)
+    scene, _ = make_raster((3, 90, 120), name="scène 1.tif")
+    shutil.move(scene, folder / scene.name)
     weights, _ = make_model(name="poids é.pt")
     shutil.move(weights, folder / "poids é.pt")
     workflow = raster_workflow(scene.name, "poids é.pt", output={"path": "sortie ü/{stem} masque.tif"},
@@ -536,10 +537,11 @@ def test_non_ascii_and_spaces_in_every_path(make_model, tmp_path):
     ]  # fmt: skip
 
 
-def test_cuda_without_cuda_is_found_before_any_work(make_raster, make_model, write_workflow, tmp_path):
+def test_cuda_without_cuda_is_found_before_any_work(make_raster, make_model, write_workflow, tmp_path, client):
     path, _ = make_raster()
     weights, _ = make_model()
-    result = run_cli("run", write_workflow(raster_workflow(path, weights)), "--quiet", "--set", "inference.device=cuda")
+    result = run_cli("run", write_workflow(raster_workflow(path, weights)), "--quiet", "--set", "inference.device=cuda",
+                     "--scheduler", client.scheduler.address)  # fmt: skip
     assert result.returncode == 2 and "no CUDA device" in one_line(result.stderr)
     assert hidden(tmp_path / "out") == [] and not (tmp_path / "out" / "scene_mask.zarr").exists()
 

@@ -63,6 +63,7 @@ def interior_pixels(labels: np.ndarray, value: int, n: int, seed: int = 0):
     return list(zip(rows[pick], cols[pick]))
 
 
+@pytest.mark.slow  # Chromium's pixels are checked in the default run by the view below
 def test_map_shows_each_class_in_its_colour_and_a_click_names_it(browser, server, served_folder):
     with rasterio.open(served_folder / "RGB.byte_mask.tif") as ds:
         labels = ds.read(1)

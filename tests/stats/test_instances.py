@@ -28,7 +28,7 @@ def sitk_shapes(labels: np.ndarray, affine: np.ndarray, tmp_path):
     return shapes
 
 
-@pytest.mark.parametrize("connectivity", ["face", "full"])
+@pytest.mark.parametrize("connectivity", ["face", pytest.param("full", marks=pytest.mark.slow)])
 def test_instances_equal_scipy_and_simpleitk(blob_volume, tmp_path, connectivity):
     path, data, affine = blob_volume
     element = ndimage.generate_binary_structure(3, 1 if connectivity == "face" else 3)

@@ -30,7 +30,7 @@ def labels(request):
 
 def chunkings(shape):
     # many small blocks (2D) / about 100 blocks (3D), a few large ones, and one: every feature crosses chunk edges
-    fine = 7 if len(shape) == 2 else 5
+    fine = 7 if len(shape) == 2 else 4
     return [tuple(max(3, s // fine) for s in shape), tuple(max(4, s // 3) for s in shape), shape]
 
 
