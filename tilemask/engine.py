@@ -59,7 +59,7 @@ from .errors import OutputError, RunError, TilemaskError
 from .finalize import class_histogram, finalize
 from .geometry import Block, Region, WindowPlan
 from .interrupts import shielded
-from .outputs import remove
+from .outputs import describe_write_error, remove
 from .planning import Inversion, Job, WorkflowPlan
 from .preprocess import Preprocessing
 from .products import write_products
@@ -219,11 +219,17 @@ class Ledger:
     folder: str
 
     def record(self, index: tuple[int, ...], histogram: np.ndarray) -> None:
+        """The chunk at ``index`` is written.  The ledger sits beside the staged output: a disk that the chunk
+        just filled fails here, as one line naming the disk, and leaves no part of a record."""
         path = os.path.join(self.folder, "_".join(map(str, index)) + ".json")
         staged = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(staged, "w") as f:
-            json.dump([int(v) for v in histogram], f)
-        os.replace(staged, path)
+        try:
+            with open(staged, "w") as f:
+                json.dump([int(v) for v in histogram], f)
+            os.replace(staged, path)
+        except OSError as exc:
+            remove(staged)
+            raise OutputError(f"{path}: cannot record the chunk as written: {describe_write_error(exc, path)}") from None
 
     def written(self) -> dict[tuple[int, ...], np.ndarray]:
         found = {}
@@ -254,8 +260,6 @@ def write_chunk(sink: LabelSink, region: Region, labels: np.ndarray, probabiliti
         sink.write(region, labels, probabilities)
         return
     except (OSError, RuntimeError, ValueError, SystemError) as exc:  # GDAL, zarr stores and memmap raise these
-        from .outputs import describe_write_error
-
         detail = describe_write_error(exc, sink.path)
     raise OutputError(f"{sink.path}: writing chunk {region} failed: {detail}")
 
