@@ -280,8 +280,9 @@ def test_an_interrupted_input_resumes_writing_only_the_chunks_it_had_not_written
     assert resumed.stdout.split("[")[1] == clean.stdout.split("[")[1], "class totals count the chunks written before"
 
 
-def test_chunks_larger_than_the_image_are_clipped_and_booleans_refused(make_raster, make_model, write_workflow, tmp_path,
-                                                                      client):  # fmt: skip
+def test_chunks_larger_than_the_image_are_clipped_and_booleans_refused(
+    make_raster, make_model, write_workflow, tmp_path, client
+):
     path, _ = make_raster((3, 120, 90))
     weights, _ = make_model()
     wf = write_workflow(raster_workflow(path, weights))

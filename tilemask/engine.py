@@ -118,7 +118,8 @@ def predict(block: Block, shared: Shared) -> Partial:
     return predict_block(block, shared.source, shared.model, shared.settings, shared.preprocessing)
 
 def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int) -> tuple[int, str]:
-    from .inference import probe_network as probe
+    with timing.timed("probe: import"):  # torch, unless the worker's preload thread has imported it already
+        from .inference import probe_network as probe
 
     return probe(model, settings, channels)
 
@@ -229,7 +230,8 @@ class Ledger:
             os.replace(staged, path)
         except OSError as exc:
             remove(staged)
-            raise OutputError(f"{path}: cannot record the chunk as written: {describe_write_error(exc, path)}") from None
+            detail = describe_write_error(exc, path)
+            raise OutputError(f"{path}: cannot record the chunk as written: {detail}") from None
 
     def written(self) -> dict[tuple[int, ...], np.ndarray]:
         found = {}
