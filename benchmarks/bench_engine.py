@@ -141,6 +141,8 @@ def print_stages(t: dict, model_only: float) -> None:
           f"({stages.get('model', 0.0) / model_only:.2f}x); start-up and shutdown {t['wall'] - run:.1f} s")  # fmt: skip
     print(f"start-up and shutdown: cluster start {t['cluster_up']:.1f} s, tilemask.run around the item's run "
           f"{t['run'] - run:.1f} s (planning, the network's probe), cluster close {t['cluster_close']:.1f} s")
+    probe = ("import", "device", "network", "first window")
+    print("the probe on the worker: " + ", ".join(f"{k} {stages.get(f'probe: {k}', 0.0):.1f} s" for k in probe))
 
 
 def run_cogeo_create(sources: list[str], workdir: Path) -> dict:

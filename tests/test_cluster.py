@@ -94,8 +94,10 @@ def test_workers_count_the_seconds_of_each_stage(make_raster, make_model, tmp_pa
     before = totals()
     tilemask.run(Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path), client)
     after = totals()
-    for stage in ("read", "preprocess", "model", "accumulate", "blend", "write"):
+    stages = ("read", "preprocess", "model", "accumulate", "blend", "write", "probe: network", "probe: first window")
+    for stage in stages:
         assert after.get(stage, 0.0) > before.get(stage, 0.0), stage
+    assert "probe: import" in after and "probe: device" in after
 
 
 @pytest.mark.parametrize("dashboard", [True, False])

@@ -112,10 +112,18 @@ def predict_block(
 def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int) -> tuple[int, str]:
     """Output channels of the network (one window of zeros ``(1, channels, *roi)`` on the worker's device)
     and the backend that runs it, built now: a network that fails to load, to fit its weights, to take the
-    inputs' channels or to convert fails before any work."""
-    device = resolve_device(settings.device)
-    backend, network = cached_runner(model, settings, channels, device)
-    return forward_check(network, channels, tuple(settings.roi), device), backend
+    inputs' channels or to convert fails before any work.  Each step's seconds go to the worker's stage timers
+    (``probe: device``, ``probe: network``, ``probe: first window``): the start-up split that
+    ``benchmarks/bench_engine.py`` prints."""
+    with timing.timed("probe: device"):
+        device = resolve_device(settings.device)
+        if device.type == "cuda":  # the context and CUDA's libraries now, not inside the network's figure
+            torch.zeros((), device=device)
+            torch.cuda.synchronize(device)
+    with timing.timed("probe: network"):
+        backend, network = cached_runner(model, settings, channels, device)
+    with timing.timed("probe: first window"):
+        return forward_check(network, channels, tuple(settings.roi), device), backend
 
 
 def _accumulate(network, image, ready, windows, origin, shape, settings: InferenceSettings, device, block: Block):

@@ -7,7 +7,10 @@ prints next to its figures.
 * ``accumulate``: cutting and stacking windows, weighting predictions and adding them into the block's sums
   (also on the compute thread);
 * ``blend``: a chunk's own and neighbouring sums added, divided, activated and labelled (on a GPU, there);
-* ``write``: the chunk written to the output.
+* ``write``: the chunk written to the output;
+* ``probe: import``, ``probe: device``, ``probe: network``, ``probe: first window``: the network's probe before
+  a run (:func:`tilemask.inference.probe_network`): the inference code's import (unless preloaded), the device
+  (on a GPU its context), building the network for its backend, and one window through it.
 
 Sums over the process's threads since it started (or :func:`reset`).  A few ``perf_counter`` calls per block
 and chunk: always on.
