@@ -177,6 +177,7 @@ def test_a_checkpoints_network_is_traced_once_and_later_runs_load_it_without_mon
         np.testing.assert_allclose(first.numpy(), net(window).numpy(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # two fresh worker processes for an unwritable cache
 def test_a_cache_that_cannot_be_written_costs_a_conversion_not_the_run(make_model, tmp_path):
     import os
     import subprocess

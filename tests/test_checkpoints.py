@@ -62,6 +62,7 @@ def test_torch_export_archives_need_no_network_and_take_any_batch(net, tmp_path,
             torch.testing.assert_close(model(xb), net(xb), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # the archive's loading is checked above in the default run; this is the whole run on it
 def test_a_pt2_runs_end_to_end_without_model_network(net, make_raster, tmp_path, client):
     path, _ = make_raster(shape=(3, 150, 170))
     program = torch.export.export(net, (torch.zeros(4, 3, 64, 64),))  # static batch 4

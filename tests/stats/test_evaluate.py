@@ -69,6 +69,7 @@ def test_scores_equal_monai(pair, tmp_path):
     assert result["classes"]["class_4"]["fp"] == int((pred == 4).sum()) > 0
 
 
+@pytest.mark.slow  # the command around the scores that test_scores_equal_monai checks in the default run
 def test_cli_writes_json_and_rejects_other_grid(pair, tmp_path):
     pred_path, truth_path, pred, _ = pair
     out = tmp_path / "scores.json"
