@@ -512,7 +512,7 @@ def test_a_full_disk_is_named_and_cleaned_up(make_raster, make_model, write_work
 
 def test_a_chunk_written_onto_the_last_free_bytes_fails_its_record_as_a_full_disk(tmpfs):
     """The resume ledger sits beside the staged output: the chunk that fills the disk leaves no room for its
-    record. Seen in 2 of 8 runs of the test above on the shared cluster, as a bare ``OSError`` from the run."""
+    record. Seen in 3 of 9 runs of the test above on the shared cluster, as a bare ``OSError`` from the run."""
     from tilemask.engine import Ledger
     from tilemask.errors import OutputError
 
