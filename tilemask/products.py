@@ -44,7 +44,7 @@ def write_products(job: Job, labels_path: str, client: Client, progress: bool = 
 
 def _write_quicklook(*args) -> str:
     """:func:`tilemask.quicklook.write_quicklook`, imported on the worker only: its label reader brings
-    dask.array, nibabel and scipy, which the client of a raster run needs nowhere else (1.4 s of imports here;
+    dask.array, nibabel and scipy, which the client of a raster run needs nowhere else (1.4-2.3 s of imports here;
     ``tests/test_cli.py`` checks that it stays without them)."""
     from .quicklook import write_quicklook
 
