@@ -217,7 +217,8 @@ def test_readers_refuse_an_unfinished_zarr(make_raster, make_model, tmp_path, cl
     group.attrs["tilemask"] = {**group.attrs["tilemask"], "complete": False}
     with pytest.raises(InputError, match="unfinished"):
         tilemask.open_result(str(unfinished))
-    stats = run_cli("stats", unfinished, "-o", tmp_path / "s.csv")
+    nobody = f"tcp://127.0.0.1:{_free_port()}"  # refused before any cluster: no scheduler listens there
+    stats = run_cli("stats", unfinished, "-o", tmp_path / "s.csv", "--scheduler", nobody)
     assert stats.returncode != 0 and "unfinished" in one_line(stats.stderr)
     assert not (tmp_path / "s.csv").exists()
 

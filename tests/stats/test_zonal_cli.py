@@ -26,6 +26,7 @@ import shapely
 from exactextract import exact_extract
 from shapely import affinity
 
+from ..conftest import _free_port
 from .test_zonal import class_values, random_regions
 
 RUN_TIMEOUT = 120
@@ -155,7 +156,9 @@ def test_cli_fraction_lines_refused(tmp_path, shade_labels):
     path = tmp_path / "lines.gpkg"
     regions.to_file(path)
     out = tmp_path / "lines.csv"
-    result = run_stats(shade_labels, "-o", out, "--regions", path, "--region-id", "name", "--coverage", "fraction")
+    nobody = f"tcp://127.0.0.1:{_free_port()}"  # refused before any cluster: no scheduler listens there
+    result = run_stats(shade_labels, "-o", out, "--regions", path, "--region-id", "name", "--coverage", "fraction",
+                       "--scheduler", nobody)  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert result.stdout == ""
     # one error line (other stderr lines, e.g. Dask's shutdown chatter on a busy machine, are not ours)

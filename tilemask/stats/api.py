@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from .evaluate import evaluate
 from .instances import CONNECTIVITIES, find_instances
 from .tables import check_table_path, parse_classes, write_json, write_table
 from .totals import atlas_zonal, class_totals
-from .zonal import read_regions, vector_zonal
+from .zonal import prepare_vector_zonal, read_regions
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,29 @@ def compute_stats(
     """Compute the statistics of the label image at ``mask_path`` and write them to ``output_path``.
 
     Everything a user can get wrong (output suffix, regions, region id, coverage,
-    connectivity, class names) is checked before any pixel is read.
+    connectivity, class names) is checked before any pixel is read (:func:`prepare_stats`).
     """
+    return prepare_stats(
+        mask_path, output_path, regions=regions, region_id=region_id, coverage=coverage, instances=instances,
+        connectivity=connectivity, classes=classes, chunks=chunks,
+    )(client)  # fmt: skip
+
+
+def prepare_stats(
+    mask_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    *,
+    regions: str | os.PathLike | None = None,
+    region_id: str | None = None,
+    coverage: str = "center",
+    instances: bool = False,
+    connectivity: str = "face",
+    classes=None,
+    chunks: int | None = None,
+) -> Callable[..., Path]:
+    """Check the arguments and open the label image and the regions, reading no pixel; returns the computation
+    (``run(client) -> Path``).  ``tilemask stats`` starts its cluster only after this, so a wrong argument or
+    an unreadable file is refused at once."""
     output = check_table_path(output_path)
     for given in (mask_path, regions):
         if given is not None and "://" not in str(given) and os.path.realpath(given) == os.path.realpath(output):
@@ -69,19 +91,20 @@ def compute_stats(
     if not np.issubdtype(image.array.dtype, np.integer):
         raise InputError(f"{mask_path}: labels must be integers, not {image.array.dtype}")
     if instances:
-        table = find_instances(image, connectivity=connectivity, names=names, client=client)
-    elif regions is not None and is_label_image(regions):
+        return lambda client=None: write_table(
+            find_instances(image, connectivity=connectivity, names=names, client=client), output
+        )
+    if regions is not None and is_label_image(regions):
         atlas = open_labels(str(regions), chunks=chunks)
         if region_id is not None:
             raise InputError("--region-id applies to vector regions; an atlas is keyed by its label value")
-        table = atlas_zonal(image, atlas, names=names, client=client)
-    elif regions is not None:
+        return lambda client=None: write_table(atlas_zonal(image, atlas, names=names, client=client), output)
+    if regions is not None:
         frame, key = read_regions(regions, region_id)
         keep_geometry = output.suffix.lower() in (".parquet", ".gpkg", ".csv")
-        table = vector_zonal(image, frame, key, coverage, names=names, client=client, keep_geometry=keep_geometry)
-    else:
-        table = class_totals(image, names=names, client=client)
-    return write_table(table, output)
+        zonal = prepare_vector_zonal(image, frame, key, coverage, names=names, keep_geometry=keep_geometry)
+        return lambda client=None: write_table(zonal(client), output)
+    return lambda client=None: write_table(class_totals(image, names=names, client=client), output)
 
 
 def compute_from_config(mask_path: str | os.PathLike, config: StatsConfig, output_path=None, client=None) -> Path:
@@ -109,6 +132,19 @@ def evaluate_paths(
     client=None,
 ) -> dict:
     """Evaluate the prediction at ``pred_path`` against ``truth_path``; write JSON when asked."""
+    return prepare_evaluation(pred_path, truth_path, output_path, classes=classes, chunks=chunks)(client)
+
+
+def prepare_evaluation(
+    pred_path: str | os.PathLike,
+    truth_path: str | os.PathLike,
+    output_path: str | os.PathLike | None = None,
+    *,
+    classes=None,
+    chunks: int | None = None,
+) -> Callable[..., dict]:
+    """Check the arguments and open both label images, reading no pixel; returns the evaluation
+    (``run(client) -> dict``, see :func:`prepare_stats`)."""
     if output_path is not None and not Path(output_path).parent.exists():
         raise InputError(f"{output_path}: the folder {Path(output_path).parent} does not exist")
     if chunks is not None and int(chunks) < 1:
@@ -116,7 +152,11 @@ def evaluate_paths(
     names = parse_classes(classes)
     pred = open_labels(str(pred_path), chunks=chunks)
     truth = open_labels(str(truth_path), chunks=chunks)
-    result = evaluate(pred, truth, names=names, client=client)
-    if output_path is not None:
-        write_json(result, output_path)
-    return result
+
+    def run(client=None) -> dict:
+        result = evaluate(pred, truth, names=names, client=client)
+        if output_path is not None:
+            write_json(result, output_path)
+        return result
+
+    return run

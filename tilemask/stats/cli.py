@@ -28,14 +28,15 @@ logger = logging.getLogger(__name__)
 def stats(mask, output, regions, region_id, coverage, instances, connectivity, classes, chunks, scheduler, debug) -> None:
     """Per-class, per-region or per-instance statistics of the label image MASK."""
     from ..cluster import cluster_client
-    from .api import compute_stats
+    from .api import prepare_stats
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    with cluster_client(scheduler) as client:
-        path = compute_stats(
-            mask, output, regions=regions, region_id=region_id, coverage=coverage, instances=instances,
-            connectivity=connectivity, classes=classes, chunks=chunks, client=client,
-        )
+    run = prepare_stats(
+        mask, output, regions=regions, region_id=region_id, coverage=coverage, instances=instances,
+        connectivity=connectivity, classes=classes, chunks=chunks,
+    )  # fmt: skip
+    with cluster_client(scheduler) as client:  # started once the arguments and the files have passed
+        path = run(client)
     click.echo(f"wrote {path}")
 
 
@@ -52,12 +53,13 @@ def evaluate(pred, truth, output, classes, chunks, scheduler, debug) -> None:
     from rich.console import Console
 
     from ..cluster import cluster_client
-    from .api import evaluate_paths
+    from .api import prepare_evaluation
     from .evaluate import render
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    with cluster_client(scheduler) as client:
-        result = evaluate_paths(pred, truth, output, classes=classes, chunks=chunks, client=client)
+    run = prepare_evaluation(pred, truth, output, classes=classes, chunks=chunks)
+    with cluster_client(scheduler) as client:  # started once the arguments and the files have passed
+        result = run(client)
     Console().print(render(result))
     if output:
         click.echo(f"wrote {output}")

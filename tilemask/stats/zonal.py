@@ -166,6 +166,14 @@ def vector_zonal(
     for the feature index.  The result is a GeoDataFrame with the regions'
     original geometry and CRS when ``keep_geometry``.
     """
+    return prepare_vector_zonal(image, regions, key, coverage, names, keep_geometry)(client)
+
+
+def prepare_vector_zonal(image: LabelImage, regions, key: str = "region", coverage: str = "center", names=None,
+                         keep_geometry: bool = True):  # fmt: skip
+    """:func:`vector_zonal`'s checks and the regions on the raster's grid, reading no pixel; returns the
+    computation (``run(client)``), so that ``tilemask stats`` refuses what it cannot measure before it starts
+    a cluster."""
     grid = grid_of(image)
     if grid.is_volume:
         raise InputError(f"{image.path}: vector regions need a 2D raster, this is a volume")
@@ -180,27 +188,32 @@ def vector_zonal(
         None if g is None or g.is_empty or (measured is not None and not measured[i]) else shapely.to_wkb(g)
         for i, g in enumerate(projected.geometry)
     ]
-    reader = WindowReader(image.path)
-    nodata = None if image.nodata is None else int(image.nodata)
-    size = _batch_size(len(wkbs), client)
-    batches = [range(i, min(i + size, len(wkbs))) for i in range(0, len(wkbs), size)]
-    task = _centre_batch if coverage == "center" else _fraction_batch
-    tasks = [dask.delayed(task)(reader, grid, nodata, list(b), [wkbs[i] for i in b]) for b in batches]
-    parts = compute(tasks, client)
-    frame = pd.concat(parts, ignore_index=True) if parts else None
-    if frame is None or frame.empty:
-        frame = pd.DataFrame({"zone": pd.Series([], dtype=np.int64), "cls": pd.Series([], dtype=np.int64),
-                              "count": pd.Series([], dtype=float), "size": pd.Series([], dtype=float)})
-    if coverage == "center":
-        frame["count"] = frame["count"].astype(np.int64)
-    table = zone_table(frame, "_zone", names if names is not None else image.class_names, grid.units, zones=list(range(len(wkbs))))
-    table.insert(0, key, keys)
-    table = table.drop(columns="_zone")
-    if keep_geometry:
-        import geopandas as gpd
 
-        return gpd.GeoDataFrame(table, geometry=regions.geometry.to_numpy(), crs=regions.crs)
-    return table
+    def run(client=None):
+        reader = WindowReader(image.path)
+        nodata = None if image.nodata is None else int(image.nodata)
+        size = _batch_size(len(wkbs), client)
+        batches = [range(i, min(i + size, len(wkbs))) for i in range(0, len(wkbs), size)]
+        task = _centre_batch if coverage == "center" else _fraction_batch
+        tasks = [dask.delayed(task)(reader, grid, nodata, list(b), [wkbs[i] for i in b]) for b in batches]
+        parts = compute(tasks, client)
+        frame = pd.concat(parts, ignore_index=True) if parts else None
+        if frame is None or frame.empty:
+            frame = pd.DataFrame({"zone": pd.Series([], dtype=np.int64), "cls": pd.Series([], dtype=np.int64),
+                                  "count": pd.Series([], dtype=float), "size": pd.Series([], dtype=float)})
+        if coverage == "center":
+            frame["count"] = frame["count"].astype(np.int64)
+        classes = names if names is not None else image.class_names
+        table = zone_table(frame, "_zone", classes, grid.units, zones=list(range(len(wkbs))))
+        table.insert(0, key, keys)
+        table = table.drop(columns="_zone")
+        if keep_geometry:
+            import geopandas as gpd
+
+            return gpd.GeoDataFrame(table, geometry=regions.geometry.to_numpy(), crs=regions.crs)
+        return table
+
+    return run
 
 
 def _batch_size(n: int, client) -> int:
