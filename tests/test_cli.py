@@ -188,13 +188,13 @@ def test_torchscript_weights_run(scene, write_workflow, make_model, tmp_path, cl
     assert zarr.open_group(tmp_path / "out" / "scene_mask.zarr").attrs["tilemask"]["complete"]
 
 
-def test_real_corrupt_geotiff_fails_with_one_line_and_no_output(write_workflow, make_model, tmp_path):
+def test_real_corrupt_geotiff_fails_with_one_line_and_no_output(write_workflow, make_model, tmp_path, client):
     weights, _ = make_model()
     corrupt = tmp_path / "corrupt.tif"
     shutil.copy(GEO["corrupt.tif"], corrupt)
     workflow = raster_workflow(corrupt, weights, output={"chunks": 256, "path": "out/{stem}.zarr"})
     workflow["inference"]["roi_size"] = [128, 128]
-    proc = run_cli("run", write_workflow(workflow), "--workers", "1")
+    proc = run_cli("run", write_workflow(workflow), "--scheduler", client.scheduler.address)
     assert_one_line_error(proc, 1, "corrupt.tif", "read failed")
     assert nothing_finished(tmp_path / "out")
 

@@ -69,7 +69,7 @@ def test_a_scene_and_weights_on_s3_give_the_outputs_of_the_local_files(s3, tmp_p
     s3_client.upload_file(str(GEO["RGB.byte.tif"]), "tilemask", "scenes/RGB.byte.tif")
     s3_client.upload_file(str(weights), "tilemask", "models/demo.pt")
     remote = write_workflow(demo_workflow("s3://tilemask/scenes/RGB.byte.tif", "s3://tilemask/models/demo.pt", "s3out/{stem}_mask.tif"), "remote.yaml")
-    scratch = {"TILEMASK_SCRATCH": str(tmp_path / "scratch"), "TILEMASK_CACHE_DIR": str(tmp_path / "cache")}
+    scratch = {"TILEMASK_SCRATCH": str(tmp_path / "scratch")}
     done = run_cli("run", remote, "--quiet", "--workers", "1", cwd=tmp_path, env={**env, **scratch})
     assert done.returncode == 0, done.stderr
     local = demo_workflow(str(GEO["RGB.byte.tif"]), str(weights), "local/{stem}_mask.tif")
