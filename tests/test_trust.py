@@ -240,11 +240,20 @@ def test_interrupts_exit_130_leave_nothing_and_print_one_line(big_run, tmp_path,
         time.sleep(1.0)
     else:  # the VRT of the pieces is written when the COG assembly starts
         wait_for(lambda: any(p.suffix == ".vrt" for p in out.glob(".tilemask-*.parts/*")), what="COG assembly", proc=proc)
+    signals = _signal_sets(proc.pid)  # for the message below: whether the run caught or ignored the signal
     os.killpg(proc.pid, sig)  # the whole process group, as a terminal's Ctrl-C does
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    sent = time.monotonic()
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (f"exit {proc.returncode} {time.monotonic() - sent:.1f} s after the signal; "
+                                    f"{signals}; stdout {stdout!r}; stderr {stderr!r}")  # fmt: skip
     assert one_line(stderr) == "tilemask: interrupted"
     assert only_staged_by_its_job(out), "an interrupted run leaves nothing but its job's staged chunks"
+
+
+def _signal_sets(pid: int) -> str:
+    """The signals process ``pid`` ignores and catches, as ``/proc/PID/status`` lists them (hex masks)."""
+    with open(f"/proc/{pid}/status") as status:
+        return ", ".join(line.strip() for line in status if line.startswith(("SigIgn", "SigCgt")))
 
 
 def only_staged_by_its_job(out: Path) -> bool:
