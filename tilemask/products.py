@@ -30,9 +30,11 @@ def write_products(job: Job, labels_path: str, client: Client, progress: bool = 
             names = job.sink.layout.class_names
             written.append(write_polygons(labels_path, products.vectors, client=client, class_names=names, chunks=chunks))
     if products.quicklook:
+        from .quicklook import write_quicklook  # a GeoTIFF's needs rasterio and Pillow only; Zarr's, on the worker
+
         with stage(f"quick look -> {Path(products.quicklook).name}", progress):
             bands = list(products.quicklook_bands)
-            task = client.submit(_write_quicklook, job.input, labels_path, products.quicklook, bands, pure=False)
+            task = client.submit(write_quicklook, job.input, labels_path, products.quicklook, bands, pure=False)
             written.extend(gather(client, [task]))
     if products.stats:
         from .stats import compute_from_config
@@ -41,11 +43,3 @@ def write_products(job: Job, labels_path: str, client: Client, progress: bool = 
             written.append(str(compute_from_config(labels_path, products.stats, client=client)))
     return written
 
-
-def _write_quicklook(*args) -> str:
-    """:func:`tilemask.quicklook.write_quicklook`, imported on the worker only: its label reader brings
-    dask.array, nibabel and scipy, which the client of a raster run needs nowhere else (1.4-2.3 s of imports here;
-    ``tests/test_cli.py`` checks that it stays without them)."""
-    from .quicklook import write_quicklook
-
-    return write_quicklook(*args)

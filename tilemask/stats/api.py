@@ -35,28 +35,14 @@ def is_label_image(path: str | os.PathLike) -> bool:
     return str(path).lower().rstrip("/").endswith(LABEL_IMAGE_SUFFIXES)
 
 
-def compute_stats(
-    mask_path: str | os.PathLike,
-    output_path: str | os.PathLike,
-    *,
-    regions: str | os.PathLike | None = None,
-    region_id: str | None = None,
-    coverage: str = "center",
-    instances: bool = False,
-    connectivity: str = "face",
-    classes=None,
-    chunks: int | None = None,
-    client=None,
-) -> Path:
+def compute_stats(mask_path: str | os.PathLike, output_path: str | os.PathLike, *, client=None, **options) -> Path:
     """Compute the statistics of the label image at ``mask_path`` and write them to ``output_path``.
 
-    Everything a user can get wrong (output suffix, regions, region id, coverage,
-    connectivity, class names) is checked before any pixel is read (:func:`prepare_stats`).
+    ``options`` are :func:`prepare_stats`'s (``regions``, ``region_id``, ``coverage``, ``instances``,
+    ``connectivity``, ``classes``, ``chunks``).  Everything a user can get wrong (output suffix, regions,
+    region id, coverage, connectivity, class names) is checked before any pixel is read.
     """
-    return prepare_stats(
-        mask_path, output_path, regions=regions, region_id=region_id, coverage=coverage, instances=instances,
-        connectivity=connectivity, classes=classes, chunks=chunks,
-    )(client)  # fmt: skip
+    return prepare_stats(mask_path, output_path, **options)(client)
 
 
 def prepare_stats(

@@ -151,29 +151,17 @@ def read_regions(path: str | os.PathLike, region_id: str | None):
     return regions, region_id or "region"
 
 
-def vector_zonal(
-    image: LabelImage,
-    regions,
-    key: str = "region",
-    coverage: str = "center",
-    names=None,
-    client=None,
-    keep_geometry: bool = True,
-):
+def prepare_vector_zonal(image: LabelImage, regions, key: str = "region", coverage: str = "center", names=None,
+                         keep_geometry: bool = True):  # fmt: skip
     """One row per region: ``key`` then ``<class>_pixels``, ``<class>_fraction``, ``<class>_area_m2``.
 
     ``regions`` is a GeoDataFrame; ``key`` names its id column, or ``"region"``
     for the feature index.  The result is a GeoDataFrame with the regions'
-    original geometry and CRS when ``keep_geometry``.
+    original geometry and CRS when ``keep_geometry``.  The checks and the regions on
+    the raster's grid come now, reading no pixel; the table comes from the returned
+    ``run(client)``, so that ``tilemask stats`` refuses what it cannot measure before
+    it starts a cluster.
     """
-    return prepare_vector_zonal(image, regions, key, coverage, names, keep_geometry)(client)
-
-
-def prepare_vector_zonal(image: LabelImage, regions, key: str = "region", coverage: str = "center", names=None,
-                         keep_geometry: bool = True):  # fmt: skip
-    """:func:`vector_zonal`'s checks and the regions on the raster's grid, reading no pixel; returns the
-    computation (``run(client)``), so that ``tilemask stats`` refuses what it cannot measure before it starts
-    a cluster."""
     grid = grid_of(image)
     if grid.is_volume:
         raise InputError(f"{image.path}: vector regions need a 2D raster, this is a volume")
