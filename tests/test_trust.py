@@ -243,6 +243,11 @@ def test_interrupts_exit_130_leave_nothing_and_print_one_line(big_run, tmp_path,
     signals = _signal_sets(proc.pid)  # for the message below: whether the run caught or ignored the signal
     os.killpg(proc.pid, sig)  # the whole process group, as a terminal's Ctrl-C does
     sent = time.monotonic()
+    try:
+        proc.wait(timeout=3)
+    except subprocess.TimeoutExpired:  # still running: was the signal left pending, blocked by every thread?
+        with contextlib.suppress(OSError):
+            signals += f"; 3 s after it: {_signal_sets(proc.pid, threads=True)}"
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, (f"exit {proc.returncode} {time.monotonic() - sent:.1f} s after the signal; "
                                     f"{signals}; stdout {stdout!r}; stderr {stderr!r}")  # fmt: skip
@@ -250,10 +255,17 @@ def test_interrupts_exit_130_leave_nothing_and_print_one_line(big_run, tmp_path,
     assert only_staged_by_its_job(out), "an interrupted run leaves nothing but its job's staged chunks"
 
 
-def _signal_sets(pid: int) -> str:
-    """The signals process ``pid`` ignores and catches, as ``/proc/PID/status`` lists them (hex masks)."""
+def _signal_sets(pid: int, threads: bool = False) -> str:
+    """The signals process ``pid`` ignores, catches and blocks (its main thread), as ``/proc/PID/status`` lists
+    them (hex masks); with ``threads``, also those pending for the process and each thread's blocked set."""
     with open(f"/proc/{pid}/status") as status:
-        return ", ".join(line.strip() for line in status if line.startswith(("SigIgn", "SigCgt")))
+        text = ", ".join(line.strip() for line in status if line.startswith(("SigIgn", "SigCgt", "SigBlk", "ShdPnd")))
+    if threads:
+        for task in sorted(Path(f"/proc/{pid}/task").iterdir()):
+            with open(task / "status") as status:
+                fields = dict(line.rstrip("\n").split(":\t", 1) for line in status if ":\t" in line)
+            text += f"; {fields.get('Name')} {task.name}: SigBlk {fields.get('SigBlk')} SigPnd {fields.get('SigPnd')}"
+    return text
 
 
 def only_staged_by_its_job(out: Path) -> bool:
