@@ -151,6 +151,7 @@ print("monai" in sys.modules, isinstance(run, torch.jit.ScriptModule))
 """
 
 
+@pytest.mark.slow  # two fresh processes importing torch and MONAI (12 s)
 def test_a_checkpoints_network_is_traced_once_and_later_runs_load_it_without_monai(make_model, tmp_path):
     import os
     import subprocess

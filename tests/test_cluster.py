@@ -156,6 +156,7 @@ def _faults_of_buffers_on_a_new_thread() -> int:
     return faults[0]
 
 
+@pytest.mark.slow  # a worker process timing page faults (7 s)
 def test_a_workers_threads_reuse_freed_buffers_instead_of_faulting_them_in_again():
     """glibc unmaps a thread arena's empty heaps: every forward pass faulted its activations in again (2.5
     million faults, 15% of the model's time in a 1,800-window run) until the worker setup padded the heaps."""

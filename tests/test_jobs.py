@@ -240,6 +240,7 @@ def test_a_nifti_inside_a_tar_gz_is_read_from_a_scratch_copy(make_volume, make_m
     assert list((tmp_path / "scratch" / "tilemask-archives").glob("*/scan.nii.gz")), "the member was staged to scratch"
 
 
+@pytest.mark.slow  # seven `tilemask` processes (10 s)
 def test_a_running_job_whose_process_is_gone_is_lost_and_cancel_ends_it(tmp_path):
     import socket
     import subprocess

@@ -60,6 +60,7 @@ def demo_workflow(input_path: str, weights: str, output: str) -> dict:
     return workflow
 
 
+@pytest.mark.slow  # a moto S3 server and two full runs (19 s); the default run keeps the refusals of object-storage outputs
 def test_a_scene_and_weights_on_s3_give_the_outputs_of_the_local_files(s3, tmp_path, write_workflow, client):
     import tilemask
     from tilemask import Workflow

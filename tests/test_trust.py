@@ -407,6 +407,7 @@ def _scheduler(tmp_path) -> tuple[subprocess.Popen, str]:
     return proc, address
 
 
+@pytest.mark.slow  # a `dask scheduler` process and a 3 s wait (7 s)
 def test_a_cluster_without_workers_fails_with_one_line(make_raster, make_model, write_workflow, tmp_path):
     path, _ = make_raster()
     weights, _ = make_model()
@@ -445,6 +446,7 @@ def test_workers_that_all_die_mid_run_fail_the_run(big_run, tmp_path):
         scheduler.kill()
 
 
+@pytest.mark.slow  # waits out GDAL's HTTP timeout (11 s)
 def test_a_stalled_http_server_fails_the_run_instead_of_hanging(make_model, write_workflow, tmp_path):
     served = tmp_path / "www"
     served.mkdir()
@@ -556,6 +558,7 @@ def test_a_read_only_output_folder_is_found_before_any_work(make_raster, make_mo
     assert result.returncode == 2 and "not writable" in one_line(result.stderr)
 
 
+@pytest.mark.slow  # a whole embedded run with polygons (12 s)
 def test_non_ascii_and_spaces_in_every_path(make_raster, make_model, tmp_path):
     folder = tmp_path / "dé jà vu" / "données d'été"
     folder.mkdir(parents=True)

@@ -326,6 +326,7 @@ def test_nothing_outside_the_folder_is_ever_read(server, path):
     assert SECRET not in body and "root:" not in body
 
 
+@pytest.mark.slow  # a second `tilemask serve` process (9 s)
 def test_the_server_listens_on_loopback_and_cors_is_off_unless_asked(served_folder, server):
     assert urlsplit(server).hostname == "127.0.0.1"
     parts = urlsplit(server)

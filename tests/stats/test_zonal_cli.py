@@ -106,7 +106,8 @@ def polygon_regions(tmp_path, shade_labels):
 
 
 @pytest.mark.timeout(RUN_TIMEOUT + 60)
-@pytest.mark.parametrize("run", [0, *(pytest.param(n, marks=pytest.mark.slow) for n in range(1, 5))])  # 1 by default
+@pytest.mark.slow  # five CLI runs (11 s each); the default run checks the fraction rule in test_zonal.py
+@pytest.mark.parametrize("run", range(5))
 def test_cli_fraction_polygons_never_hangs(tmp_path, shade_labels, polygon_regions, run):
     path, regions = polygon_regions
     out = tmp_path / "zonal.csv"
@@ -121,7 +122,7 @@ def test_cli_fraction_polygons_never_hangs(tmp_path, shade_labels, polygon_regio
     assert_pixels_equal(table, reference)
 
 
-@pytest.mark.slow  # the polygons' run above takes the same path through exactextract in the default run
+@pytest.mark.slow  # the same path through exactextract as the polygons' runs above
 @pytest.mark.timeout(RUN_TIMEOUT + 60)
 def test_cli_fraction_points_zero_pixels(tmp_path, shade_labels):
     with rasterio.open(shade_labels) as ds:
