@@ -24,7 +24,6 @@ import atexit
 import contextlib
 import contextvars
 import ctypes
-import importlib
 import logging
 import os
 import queue
@@ -39,6 +38,7 @@ import dask
 from distributed import Client, Future, LocalCluster, WorkerPlugin
 
 from .errors import RunError, TilemaskError, UsageError
+from .imports import import_in_background
 
 CORES_PER_WORKER = 4
 THREADS_PER_WORKER = 2
@@ -243,17 +243,10 @@ class EmbeddedWorker(WorkerPlugin):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 2)
             os.close(devnull)
-        threading.Thread(target=_import_inference, name="tilemask-preload", daemon=True).start()
+        import_in_background(["tilemask.inference"])
 
     def teardown(self, worker) -> None:
         atexit.register(_exit_now)  # runs first at exit: atexit handlers run last registered first
-
-
-def _import_inference() -> None:
-    try:
-        importlib.import_module("tilemask.inference")
-    except Exception as exc:  # noqa: BLE001 - the first task imports it again and reports the error
-        logger.debug("preloading the inference code failed: %s", exc)
 
 
 def _exit_now() -> None:

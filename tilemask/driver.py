@@ -44,9 +44,11 @@ from .cluster import Abandoned, cluster_client, prepare_workers, wait_for_worker
 from .command import first_line
 from .engine import RunResult, probe, process_age, run_job
 from .errors import RunError, TilemaskError
+from .imports import import_in_background
 from .jobs import JobCancelled, JobError, JobFolder, default_job_dir, job_folder, job_id, outputs_complete
 from .outputs import FolderListings, OutputLock
 from .planning import InputPlan, WorkflowPlan, classes_of, plan_model
+from .products import client_imports
 from .progress import announce
 from .workflow import InputItem, Workflow
 
@@ -212,6 +214,7 @@ def drive_job(
                         cluster_client(scheduler, workers, threads_per_worker, cluster, dashboard=progress)
                     )
                 stack.enter_context(_watch_cancel(job, stop))
+                import_in_background(client_imports(plan.workflow))  # while the workers load the network
                 wait_for_workers(client)
                 prepare_workers(client)
                 announce(f"dask dashboard: {client.dashboard_link}", enabled=progress)

@@ -1,4 +1,4 @@
-"""Modules a worker imports on first use, one thread at a time.
+"""Modules imported on first use, one thread at a time, and imports started early on a thread of their own.
 
 Two Dask threads of a worker can need MONAI at once (the network built for one
 task, the resampling of another).  MONAI's first import is not safe from two
@@ -11,9 +11,12 @@ module imported under it may import others through it.
 from __future__ import annotations
 
 import importlib
+import logging
 import threading
+from collections.abc import Iterable
 from types import ModuleType
 
+logger = logging.getLogger(__name__)
 _lock = threading.RLock()
 
 
@@ -21,3 +24,21 @@ def import_module(name: str) -> ModuleType:
     """``importlib.import_module``, one thread at a time."""
     with _lock:
         return importlib.import_module(name)
+
+
+def import_in_background(names: Iterable[str]) -> None:
+    """Start importing ``names``, one after another, on a daemon thread: a process that will need them soon
+    imports them while it waits for something else.  An ``import`` of one of them meanwhile waits for that
+    import to finish (Python's lock of each module); a failure is logged at DEBUG and left to the first use
+    to raise."""
+    names = list(names)
+    if names:
+        threading.Thread(target=_import_all, args=(names,), name="tilemask-preload", daemon=True).start()
+
+
+def _import_all(names: list[str]) -> None:
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - the first use imports it again and reports the error
+            logger.debug("importing %s ahead of its use failed: %s", name, exc)

@@ -15,8 +15,16 @@ from distributed import Client
 from .cluster import gather
 from .planning import Job
 from .progress import stage
+from .workflow import Workflow
 
 logger = logging.getLogger(__name__)
+
+
+def client_imports(workflow: Workflow) -> list[str]:
+    """The modules :func:`write_products` imports on the client for ``workflow``'s products and that are slow
+    to import: polygons' (geopandas, dask.array, scipy: 2 s here) and statistics' (the label reader)."""
+    wanted = {"tilemask.vectors": workflow.output.vectors, "tilemask.stats.api": workflow.stats}
+    return [name for name, asked in wanted.items() if asked]
 
 
 def write_products(job: Job, labels_path: str, client: Client, progress: bool = False) -> list[str]:
