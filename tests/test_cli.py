@@ -94,14 +94,15 @@ def test_a_run_writes_a_complete_zarr(scene, write_workflow, tmp_path):
 
 def test_the_client_of_a_raster_run_imports_neither_torch_nor_the_label_readers(scene, write_workflow, tmp_path,
                                                                                 client):  # fmt: skip
-    """The client plans, waits and writes small files: the network, the NIfTI reader and dask.array (which the
-    quick look's label reader brings) are the workers' (README, "Execution")."""
+    """The client plans, waits and writes small files: the network, the NIfTI reader, dask.array (which the
+    quick look's label reader brings) and zarr (a COG's run stages nothing in it) are the workers' (README,
+    "Execution")."""
     workflow = write_workflow({**scene, "output": {"path": "out/{stem}_mask.tif"}})
     script = (
         "import json, sys\n"
         "from tilemask.cli import main\n"
         "main(sys.argv[1:], standalone_mode=False)\n"
-        "heavy = ('torch', 'monai', 'nibabel', 'scipy', 'dask.array')\n"
+        "heavy = ('torch', 'monai', 'nibabel', 'scipy', 'dask.array', 'zarr')\n"
         "print(json.dumps(sorted(m for m in heavy if m in sys.modules)))\n"
     )
     proc = subprocess.run([sys.executable, "-c", script, "run", str(workflow), "--scheduler", client.scheduler.address,

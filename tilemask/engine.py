@@ -48,6 +48,7 @@ from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dask
 import numpy as np
@@ -66,10 +67,12 @@ from .products import write_products
 from .progress import stage, window_progress
 from .settings import Finishing, InferenceSettings, ModelSpec
 from .sinks import LabelSink
-from .sinks.zarr import ZarrSink
 from .sources import ImageSource, file_stamp
 from .stats.config import PostprocessConfig
 from .stitch import DevicePartial, Partial, cut, overlap_add
+
+if TYPE_CHECKING:
+    from .sinks.zarr import ZarrSink
 
 logger = logging.getLogger(__name__)
 
@@ -398,6 +401,8 @@ def chunk_moments(region: Region, source: ImageSource, preprocessing: Preprocess
 def execute_and_invert(client: Client, job: Job, progress: bool) -> RunResult:
     """Predict on the model grid into a hidden Zarr of probabilities, then bring them back onto the input grid
     chunk by chunk (MONAI's ``Invertd(nearest_interp=False)``) and take the labels there."""
+    from .sinks.zarr import ZarrSink  # zarr: 0.3 s of imports, only for the runs that stage in it
+
     final, back = job.sink, job.back
     model_sink = ZarrSink(final.path.rstrip("/") + ".model.zarr", job.model_grid_layout(), visible=False)
     finishing = replace(job.finishing, probabilities="float32")
@@ -463,6 +468,7 @@ def execute_postprocessed(client: Client, job: Job, config: PostprocessConfig, p
     """
     from .postprocess import apply as postprocess  # dask.array, pandas: only when post-processing
     from .postprocess import spacing_of
+    from .sinks.zarr import ZarrSink
     from .sources.labels import open_labels
 
     final = job.sink
