@@ -30,12 +30,25 @@ def monai_on_gpu(image: np.ndarray, net, precision: str = "float32") -> np.ndarr
         return monai_probabilities(image, net, (64, 64), 0.25, "gaussian", 127.0, 60.0, device="cuda")
 
 
+def float32_cuda_backends(dask_worker) -> list[str]:
+    """What ``auto`` chose for this worker's float32 networks on a GPU (``tilemask.backends``' cached runners;
+    a key holds the device second, the precision fourth), for ``client.run``."""
+    from tilemask import backends
+
+    return [name for key, (name, _) in backends._runners.items() if key[1].startswith("cuda") and key[3] == "float32"]
+
+
+GRAPH_OF_4 = "torch, replayed as a CUDA graph of 4 windows"  # raster_workflow's batch_size: 4
+
+
 def test_a_cuda_run_gives_monais_answer_on_the_same_gpu(make_raster, make_model, tmp_path, client):
     path, image = make_raster((3, 203, 317))
     weights, net = make_model()
     probs, labels, _ = run_zarr(raster_workflow(path, weights, inference={"device": "cuda"}), tmp_path, client)
     used = client.run(lambda: __import__("torch").cuda.max_memory_allocated())
     assert max(used.values()) > 0, "the workers computed on the GPU"
+    chosen = client.run(float32_cuda_backends)
+    assert {n for names in chosen.values() for n in names} == {GRAPH_OF_4}, f"the workers replayed the graph: {chosen}"
     expected = monai_on_gpu(image, net)
     np.testing.assert_allclose(probs, expected, atol=1e-3)  # cuDNN's TF32 convolutions, batched otherwise
     top2 = np.sort(expected, axis=0)[-2:]
@@ -84,10 +97,12 @@ def test_the_embedded_cluster_has_one_worker_per_gpu_and_auto_uses_it(make_raste
     path, _ = make_raster((3, 150, 170))
     weights, _ = make_model()
     with cluster_client() as client:
-        assert len(client.scheduler_info()["workers"]) == torch.cuda.device_count()
+        names = {address: w["name"] for address, w in client.scheduler_info()["workers"].items()}
+        assert sorted(names.values()) == list(range(gpus))
         run_zarr(raster_workflow(path, weights, inference={"device": "auto"}), tmp_path, client)
-        used = client.run(lambda: __import__("torch").cuda.max_memory_allocated())
-    assert all(n > 0 for n in used.values()), "device auto runs on each worker's GPU"
+        used = client.run(lambda: [__import__("torch").cuda.max_memory_allocated(i) for i in range(gpus)])
+    for address, per_gpu in used.items():  # worker i on GPU i, and nothing of it on another GPU
+        assert [n > 0 for n in per_gpu] == [i == names[address] for i in range(gpus)], used
 
 
 def test_blocks_copied_on_their_threads_streams_beside_the_compute_stream_give_monais_answer(
@@ -108,6 +123,7 @@ def test_blocks_copied_on_their_threads_streams_beside_the_compute_stream_give_m
         probs, _, result = run_zarr(workflow, tmp_path, client)
         assert result.windows > 100
         np.testing.assert_allclose(probs, expected, atol=1e-3)
+        assert list(client.run(float32_cuda_backends).values()) == [[GRAPH_OF_4]], "the compute stream replayed the graph"
         wf = Workflow.from_dict(workflow, ["output.probabilities=none"], base_dir=tmp_path)
         (result,) = tilemask.run(wf, client, overwrite=True)
         labels = zarr.open_group(result.outputs[0], mode="r")["labels"][:]

@@ -158,6 +158,14 @@ def _cuda_graph(network: torch.nn.Module, channels: int, roi: tuple[int, ...], b
     Taken when the capture succeeds and a replay gives eager's answer on the same batch of random windows,
     zeros and ones (:func:`_activated_gap` within ``AUTO_TOLERANCE``); else None, and the network runs
     eagerly."""
+    # Every CUDA call here on ``device``: the capture's synchronisation and the replay's launch take the thread's
+    # current device, which is GPU 0 on a Dask thread whatever GPU its worker holds.
+    with torch.cuda.device(device):
+        return _capture(network, channels, roi, batch, device)
+
+
+def _capture(network: torch.nn.Module, channels: int, roi: tuple[int, ...], batch: int,
+             device: torch.device) -> Runner | None:  # fmt: skip
     static = torch.zeros((batch, channels, *roi), dtype=torch.float32, device=device)
     try:
         warm = torch.cuda.Stream(device)  # cuDNN's workspaces and lazy initialisation before, not in, the graph
@@ -167,8 +175,9 @@ def _cuda_graph(network: torch.nn.Module, channels: int, roi: tuple[int, ...], b
                 network(static)
         torch.cuda.current_stream(device).wait_stream(warm)
         graph = torch.cuda.CUDAGraph()
+        # captured on the warm-up stream of ``device`` (torch's default capture stream is the current device's);
         # thread_local: the worker's other threads may copy and allocate meanwhile
-        with torch.no_grad(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.no_grad(), torch.cuda.graph(graph, stream=warm, capture_error_mode="thread_local"):
             output = network(static)
     except Exception as exc:  # noqa: BLE001 - a network that syncs with the host or branches on values
         logger.info("the network cannot be captured as a CUDA graph, running it eagerly: %s", first_line(exc))
@@ -179,7 +188,7 @@ def _cuda_graph(network: torch.nn.Module, channels: int, roi: tuple[int, ...], b
     def run(windows: torch.Tensor) -> torch.Tensor:
         if len(windows) != batch:
             return network(windows)
-        with lock:
+        with lock, torch.cuda.device(device):  # the replay launches on the current device's current stream
             stream = torch.cuda.current_stream(device)
             stream.wait_event(done)
             static.copy_(windows)

@@ -340,17 +340,17 @@ def _qualified_name(network: str | None) -> str | None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``: a CUDA device when there is one (each Dask worker of a host its own), else the CPU.  A CUDA
-    device always has its index (``cuda`` is the current one), so that one GPU has one name."""
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda", _worker_index() % torch.cuda.device_count())
-    device = torch.device(name)
+    """``auto``: a CUDA device when there is one, else the CPU.  ``auto`` and ``cuda`` take each Dask worker of
+    a host a GPU of its own (worker ``i`` of a LocalCluster GPU ``i`` modulo their number; a worker that sees
+    one GPU, as dask-cuda's do, that one); ``cuda:N`` is GPU ``N``.  A CUDA device always has its index, so
+    that one GPU has one name."""
+    if name == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda" if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise WorkflowError(f"inference.device: {name} asked for but this worker has no CUDA device")
     if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda", _worker_index() % torch.cuda.device_count())
     return device
 
 
