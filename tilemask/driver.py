@@ -290,15 +290,16 @@ class _ItemRunner:
 
     def first_plannable(self, todo: list[int], results: list) -> int | None:
         """Prepare items in order until one is ready: that one fixes the channels the network is probed with.
-        A failure here is before any work (exit 2); with ``on_error="skip"`` it is recorded and the next tried."""
+        A failure here is before any work (exit 2), and the item stays pending (the next run checks it afresh);
+        with ``on_error="skip"`` it is recorded as failed and the next tried."""
         for index in todo:
             try:
                 self.prepared[index] = self._prepare(index)
                 return index
             except TilemaskError as exc:
-                results[index] = self._failed(index, self.plan.items[index], exc, 0.0)
                 if self.options.on_error == "abort":
                     raise
+                results[index] = self._failed(index, self.plan.items[index], exc, 0.0)
         return None
 
     def release(self) -> None:

@@ -110,8 +110,10 @@ class Manifest:
         return {line["name"]: line for line in self.lines if line.get("status") in ("ok", "failed")}
 
     def started(self) -> set[str]:
-        """The names of the items this job has begun at least once (their outputs are this job's own)."""
-        return {line["name"] for line in self.lines}
+        """The names of the items this job has begun at least once (their outputs are this job's own).  An item
+        refused before it began (its output was someone else's) has a ``failed`` line and no ``started`` one:
+        what is at its outputs is still not the job's."""
+        return {line["name"] for line in self.lines if line.get("status") == "started"}
 
 
 def job_folder(location: str | os.PathLike) -> JobFolder:
