@@ -84,3 +84,10 @@ def test_cli_writes_json_and_rejects_other_grid(pair, tmp_path):
     result = runner.invoke(evaluate_command, [str(pred_path), str(shifted)])
     assert result.exit_code == 2
     assert result.output.strip().startswith("tilemask: error:") and "same grid" in result.output
+    # an output that is an input, is not JSON or exists is refused (exit 2) and nothing is written
+    before = pred_path.read_bytes()
+    for output, why in ((pred_path, "the output is an input"), (tmp_path / "scores.txt", "use one of .json"),
+                        (out, "exists; pass --overwrite")):  # fmt: skip
+        result = runner.invoke(evaluate_command, [str(pred_path), str(truth_path), "-o", str(output)])
+        assert result.exit_code == 2 and why in result.output, result.output
+    assert pred_path.read_bytes() == before and not (tmp_path / "scores.txt").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import geopandas as gpd
 import numpy as np
 import pandas as pd
@@ -16,7 +18,7 @@ from .conftest import blobs, write_nifti, write_raster
 from .test_zonal import random_regions
 
 
-def test_cli_regions_on_cluster(tmp_path, shade_labels):
+def test_cli_regions_on_cluster(tmp_path, shade_labels, monkeypatch):
     regions = random_regions(shade_labels, 12, seed=9, crs_out="EPSG:4326")
     regions["district"] = [f"d{i}" for i in range(len(regions))]
     regions_path = tmp_path / "regions.gpkg"
@@ -26,11 +28,12 @@ def test_cli_regions_on_cluster(tmp_path, shade_labels):
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         runner = CliRunner()
+        monkeypatch.chdir(tmp_path)  # the paths relative to where the command runs, not where the workers do
         result = runner.invoke(
             stats_command,
-            [str(shade_labels), "-o", str(out), "--regions", str(regions_path), "--region-id", "district",
+            [os.path.relpath(shade_labels), "-o", "zonal.gpkg", "--regions", "regions.gpkg", "--region-id", "district",
              "--chunks", "128", "--scheduler", cluster.scheduler_address],
-        )
+        )  # fmt: skip
         assert result.exit_code == 0, result.output
         with Client(cluster) as client:
             local = compute_stats(shade_labels, tmp_path / "local.csv", regions=regions_path, region_id="district", client=client)
@@ -43,6 +46,15 @@ def test_cli_regions_on_cluster(tmp_path, shade_labels):
 
     bad = CliRunner().invoke(stats_command, [str(shade_labels), "-o", str(tmp_path / "x.parquet"), "--regions", str(regions_path), "--region-id", "nope"])
     assert bad.exit_code == 2 and "not a field" in bad.output
+
+    # an existing table is replaced only with --overwrite, as rio's commands do; refused before any work
+    before = out.read_bytes()
+    again = CliRunner().invoke(stats_command, [str(shade_labels), "-o", str(out), "--scheduler", "tcp://127.0.0.1:1"])
+    assert again.exit_code == 2 and again.output == f"tilemask: error: {out} exists; pass --overwrite to replace it\n"
+    assert out.read_bytes() == before
+    replaced = CliRunner().invoke(stats_command, [str(shade_labels), "-o", str(out), "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert len(gpd.read_file(out)) < len(table)  # the class totals now, not the regions
 
 
 def test_atlas_zonal_and_chunking(tmp_path):

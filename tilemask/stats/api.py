@@ -60,10 +60,7 @@ def prepare_stats(
     """Check the arguments and open the label image and the regions, reading no pixel; returns the computation
     (``run(client) -> Path``).  ``tilemask stats`` starts its cluster only after this, so a wrong argument or
     an unreadable file is refused at once."""
-    output = check_table_path(output_path)
-    for given in (mask_path, regions):
-        if given is not None and "://" not in str(given) and os.path.realpath(given) == os.path.realpath(output):
-            raise InputError(f"{output}: the output table is an input ({given}); refused to overwrite it")
+    output = check_table_path(output_path, inputs=(mask_path, regions))
     if coverage not in ("center", "fraction"):
         raise InputError(f"--coverage must be 'center' or 'fraction', got {coverage!r}")
     if connectivity not in CONNECTIVITIES:
@@ -131,8 +128,8 @@ def prepare_evaluation(
 ) -> Callable[..., dict]:
     """Check the arguments and open both label images, reading no pixel; returns the evaluation
     (``run(client) -> dict``, see :func:`prepare_stats`)."""
-    if output_path is not None and not Path(output_path).parent.exists():
-        raise InputError(f"{output_path}: the folder {Path(output_path).parent} does not exist")
+    if output_path is not None:
+        check_table_path(output_path, inputs=(pred_path, truth_path), suffixes=(".json",))
     if chunks is not None and int(chunks) < 1:
         raise InputError(f"--chunks must be a positive integer, got {chunks}")
     names = parse_classes(classes)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import click
 
 from ..command import TilemaskCommand
+from ..errors import OutputConflict
 
 logger = logging.getLogger(__name__)
 
@@ -24,17 +26,23 @@ logger = logging.getLogger(__name__)
 @click.option("--classes", metavar="A,B,...", help="Names of label values 0, 1, ... (default: those the file records).")
 @click.option("--chunks", type=click.IntRange(min=1), help="Block edge used to split the work (results do not depend on it).")
 @click.option("--scheduler", metavar="ADDRESS", help="Run on this Dask scheduler (default: an embedded local cluster).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
-def stats(mask, output, regions, region_id, coverage, instances, connectivity, classes, chunks, scheduler, debug) -> None:
+def stats(
+    mask, output, regions, region_id, coverage, instances, connectivity, classes, chunks, scheduler, overwrite, debug
+) -> None:
     """Per-class, per-region or per-instance statistics of the label image MASK."""
     from ..cluster import cluster_client
     from .api import prepare_stats
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # absolute: the workers of a --scheduler cluster open them from their own working folders
+    mask, regions = os.path.abspath(mask), regions and os.path.abspath(regions)
     run = prepare_stats(
         mask, output, regions=regions, region_id=region_id, coverage=coverage, instances=instances,
         connectivity=connectivity, classes=classes, chunks=chunks,
     )  # fmt: skip
+    _refuse_existing(output, overwrite)
     with cluster_client(scheduler) as client:  # started once the arguments and the files have passed
         path = run(client)
     click.echo(f"wrote {path}")
@@ -47,8 +55,9 @@ def stats(mask, output, regions, region_id, coverage, instances, connectivity, c
 @click.option("--classes", metavar="A,B,...", help="Names of label values 0, 1, ...")
 @click.option("--chunks", type=click.IntRange(min=1), help="Block edge used to split the work (results do not depend on it).")
 @click.option("--scheduler", metavar="ADDRESS", help="Run on this Dask scheduler (default: an embedded local cluster).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
-def evaluate(pred, truth, output, classes, chunks, scheduler, debug) -> None:
+def evaluate(pred, truth, output, classes, chunks, scheduler, overwrite, debug) -> None:
     """Dice, IoU, precision and recall of the label image PRED against TRUTH (same grid)."""
     from rich.console import Console
 
@@ -57,9 +66,17 @@ def evaluate(pred, truth, output, classes, chunks, scheduler, debug) -> None:
     from .evaluate import render
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    pred, truth = os.path.abspath(pred), os.path.abspath(truth)  # opened by the workers, as in ``stats``
     run = prepare_evaluation(pred, truth, output, classes=classes, chunks=chunks)
+    _refuse_existing(output, overwrite)
     with cluster_client(scheduler) as client:  # started once the arguments and the files have passed
         result = run(client)
     Console().print(render(result))
     if output:
         click.echo(f"wrote {output}")
+
+
+def _refuse_existing(output: str | None, overwrite: bool) -> None:
+    """An existing output file is replaced only with ``--overwrite`` (exit 2 before any work), as rio's commands."""
+    if output and not overwrite and os.path.lexists(output):
+        raise OutputConflict(f"{output} exists; pass --overwrite to replace it")

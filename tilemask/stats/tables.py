@@ -21,7 +21,7 @@ import pandas as pd
 
 from ..classes import class_name
 from ..errors import InputError, OutputError
-from ..outputs import atomic_path
+from ..outputs import atomic_path, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +51,18 @@ def parse_classes(text: str | Sequence[str] | None) -> tuple[str, ...] | None:
     return names
 
 
-def check_table_path(path: str | os.PathLike) -> Path:
-    """The output path, checked before any work: a known suffix and an existing folder."""
+def check_table_path(path: str | os.PathLike, inputs: Sequence = (), suffixes: Sequence[str] = TABLE_SUFFIXES) -> Path:
+    """The output path, checked before any work: a known suffix, an existing folder a file can be made in, and
+    none of ``inputs`` (paths or URLs; None for an input not given)."""
     path = Path(path)
-    if path.suffix.lower() not in TABLE_SUFFIXES:
-        raise InputError(f"{path}: unknown table format, use one of {', '.join(TABLE_SUFFIXES)}")
+    for given in inputs:
+        if given is not None and "://" not in str(given) and os.path.realpath(given) == os.path.realpath(path):
+            raise InputError(f"{path}: the output is an input ({given}); refused to overwrite it")
+    if path.suffix.lower() not in suffixes:
+        raise InputError(f"{path}: unknown {'table ' if suffixes == TABLE_SUFFIXES else ''}format, use one of {', '.join(suffixes)}")
     if not path.parent.exists():
         raise InputError(f"{path}: the folder {path.parent} does not exist")
+    check_writable(path.parent)
     return path
 
 
