@@ -667,3 +667,29 @@ def test_products_never_overwrite_the_regions_they_read(make_raster, make_model,
     with pytest.raises(InputError, match="is an input"):
         compute_stats(path, regions, regions=regions)
     assert regions.read_bytes() == before
+
+
+def test_a_workflows_region_key_is_checked_before_any_work(make_raster, make_model, tmp_path):
+    """A ``stats:`` key the regions lack (or repeat) is refused when the run is planned; found after the run, it
+    left a finished mask whose statistics had failed, and the fixed workflow was then refused its own output."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    from tilemask.planning import plan_workflow
+
+    path, _ = make_raster((3, 100, 120))
+    weights, _ = make_model()
+    regions = tmp_path / "zones.gpkg"
+    squares = [box(500000, 3997000, 501000, 3999000), box(501000, 3997000, 502000, 3999000)]
+    gpd.GeoDataFrame({"name": ["a", "b"], "kind": ["x", "x"]}, geometry=squares, crs="EPSG:32618").to_file(regions)
+    for region_id, why in (("nope", "region id 'nope' is not a field of the regions (fields: name, kind)"),
+                           ("kind", "region id 'kind' has repeated values")):  # fmt: skip
+        workflow = raster_workflow(path, weights, stats={"output": "s.csv", "regions": str(regions), "region_id": region_id})
+        with pytest.raises(InputError, match=re.escape(why)) as refused:
+            plan_workflow(Workflow.from_dict(workflow, base_dir=tmp_path))
+        assert refused.value.exit_status == 2
+    atlas = raster_workflow(path, weights, stats={"output": "s.csv", "regions": str(path), "region_id": "name"})
+    with pytest.raises(InputError, match="stats.region_id applies to vector regions"):
+        plan_workflow(Workflow.from_dict(atlas, base_dir=tmp_path))
+    keyed = raster_workflow(path, weights, stats={"output": "s.csv", "regions": str(regions), "region_id": "name"})
+    assert plan_workflow(Workflow.from_dict(keyed, base_dir=tmp_path)).items

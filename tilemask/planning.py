@@ -44,7 +44,7 @@ from .sinks import LabelSink, OutputLayout, make_sink
 from .sources import ImageSource, open_source
 from .sources.stack import StackedSource
 from .spatial import ModelGrid, ResampledSource, model_grid
-from .stats.config import PostprocessConfig, StatsConfig
+from .stats.config import PostprocessConfig, StatsConfig, is_label_image
 from .storage import is_remote
 from .workflow import REMOTE_PREFIXES, InputItem, Workflow
 
@@ -433,9 +433,19 @@ def _check_output_names(workflow: Workflow, items: list[InputItem]) -> None:
 
 
 def _check_regions(item: InputPlan) -> None:
+    """The ``stats:`` regions and their key, before the run predicts anything: a wrong key found after the run
+    left a finished output whose statistics failed."""
     stats = item.products.stats
-    if stats and stats.regions and not stats.regions.startswith(REMOTE_PREFIXES) and not Path(stats.regions).exists():
+    if not (stats and stats.regions) or stats.regions.startswith(REMOTE_PREFIXES):
+        return
+    if not Path(stats.regions).exists():
         raise InputError(f"stats.regions: no such file {stats.regions}")
+    if stats.region_id is not None and is_label_image(stats.regions):
+        raise InputError(f"stats.region_id applies to vector regions; the atlas {stats.regions} is keyed by its label value")
+    if stats.region_id is not None:
+        from .stats.zonal import check_region_key
+
+        check_region_key(stats.regions, stats.region_id)
 
 
 def _owned(path: str) -> bool:

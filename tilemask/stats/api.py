@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..sources.labels import open_labels
-from .config import StatsConfig
+from .config import StatsConfig, is_label_image
 from .evaluate import evaluate
 from .instances import CONNECTIVITIES, find_instances
 from .tables import check_table_path, parse_classes, write_json, write_table
@@ -27,13 +27,6 @@ from .totals import atlas_zonal, class_totals
 from .zonal import prepare_vector_zonal, read_regions
 
 logger = logging.getLogger(__name__)
-
-LABEL_IMAGE_SUFFIXES = (".tif", ".tiff", ".zarr", ".nii", ".nii.gz", ".vrt", ".img")
-
-
-def is_label_image(path: str | os.PathLike) -> bool:
-    return str(path).lower().rstrip("/").endswith(LABEL_IMAGE_SUFFIXES)
-
 
 def compute_stats(mask_path: str | os.PathLike, output_path: str | os.PathLike, *, client=None, **options) -> Path:
     """Compute the statistics of the label image at ``mask_path`` and write them to ``output_path``.

@@ -26,6 +26,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 
+LABEL_IMAGE_SUFFIXES = (".tif", ".tiff", ".zarr", ".nii", ".nii.gz", ".vrt", ".img")
+
+
+def is_label_image(path: str) -> bool:
+    """Whether ``regions`` name a label image (an atlas) rather than a vector file."""
+    return str(path).lower().rstrip("/").endswith(LABEL_IMAGE_SUFFIXES)
+
+
 def _not_bool(value: Any) -> Any:
     """pydantic's lax mode takes ``true`` as 1 where a number is expected; a YAML boolean there is a mistake."""
     if isinstance(value, bool):
