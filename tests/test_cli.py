@@ -75,6 +75,30 @@ def test_help_for_every_command():
         assert proc.returncode == 0 and "Usage:" in proc.stdout
 
 
+def test_usage_errors_and_unreadable_workflows_are_one_line_exit_2(tmp_path):
+    (tmp_path / "latin1.yaml").write_bytes("model: caf\xe9\n".encode("latin-1"))
+    for args, line in [
+        (["serve", tmp_path / "nothere"], f"Invalid value for 'FOLDER': Directory '{tmp_path / 'nothere'}' does not exist."),
+        (["run", tmp_path], f"Invalid value for 'WORKFLOW': File '{tmp_path}' is a directory."),
+        (["bogus"], "No such command 'bogus'."),
+        (["--bogus", "run"], "No such option '--bogus'. Did you mean '--verbose'?"),
+        (["run"], "Missing argument 'WORKFLOW'."),
+        (["run", tmp_path / "latin1.yaml"], f"workflow {tmp_path / 'latin1.yaml'}: not UTF-8 text (byte 10: invalid continuation byte)"),
+    ]:  # fmt: skip
+        proc = run_cli(*args)
+        assert (proc.returncode, proc.stderr, proc.stdout) == (2, f"tilemask: error: {line}\n", ""), args
+
+
+def test_a_scheduler_that_is_no_address_is_a_usage_error():
+    from tilemask.cluster import cluster_client
+    from tilemask.errors import UsageError
+
+    with pytest.raises(UsageError, match="^--scheduler notanaddress: not a Dask scheduler address: missing port") as refused:
+        with cluster_client("notanaddress"):
+            pass
+    assert refused.value.exit_status == 2
+
+
 @pytest.fixture
 def scene(make_raster, make_model, write_workflow, tmp_path):
     path, _ = make_raster((3, 90, 120))

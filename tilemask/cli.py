@@ -13,12 +13,12 @@ from typing import NoReturn
 import click
 
 from . import __version__
-from .command import TilemaskCommand
+from .command import TilemaskCommand, TilemaskGroup
 
 logger = logging.getLogger(__name__)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=TilemaskGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tilemask")
 @click.option("-v", "--verbose", count=True, help="Say more: -v one line per stage, -vv debug.")
 @click.option("-q", "--quiet", count=True, help="Say less: errors only.")

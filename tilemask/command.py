@@ -4,12 +4,35 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import NoReturn
 
 import click
 
 from .errors import TilemaskError
 
 logger = logging.getLogger(__name__)
+
+
+class TilemaskGroup(click.Group):
+    """The ``tilemask`` group: a usage error (an unknown command or option, a missing or invalid argument) is
+    one line, ``tilemask: error: ...``, exit 2, as every other refusal; ``--help`` still shows the usage."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            _usage_error(ctx, exc)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)  # the command is found and its arguments parsed in here
+        except click.UsageError as exc:
+            _usage_error(ctx, exc)
+
+
+def _usage_error(ctx: click.Context, exc: click.UsageError) -> NoReturn:
+    click.echo(f"tilemask: error: {' '.join(exc.format_message().split())}", err=True)
+    ctx.exit(exc.exit_code)
 
 
 class TilemaskCommand(click.Command):

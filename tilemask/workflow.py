@@ -380,9 +380,11 @@ class Workflow(_Strict):
         """Read, override (``key.path=value``, YAML values) and validate a workflow file."""
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")  # YAML 1.2's encoding, whatever the locale
         except OSError as exc:
             raise WorkflowError(f"cannot read workflow {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise WorkflowError(f"workflow {path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
         try:
             raw = load_yaml(text, f"workflow {path}")
         except yaml.YAMLError as exc:
