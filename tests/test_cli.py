@@ -116,6 +116,15 @@ def test_a_run_writes_a_complete_zarr(scene, write_workflow, tmp_path):
     assert "windows/s" in proc.stdout and "dask dashboard: http://" in proc.stdout
 
 
+def test_tilemask_q_prints_errors_only(scene, write_workflow, tmp_path, client):
+    """``tilemask -q``: no dashboard link, progress or summary lines, on a run and on its skipped rerun."""
+    workflow = write_workflow(scene)
+    for _ in range(2):
+        proc = run_cli("-q", "run", workflow, "--scheduler", client.scheduler.address)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+    assert zarr.open_group(tmp_path / "out" / "scene_mask.zarr", mode="r").attrs["tilemask"]["complete"] is True
+
+
 def test_the_client_of_a_raster_run_imports_neither_torch_nor_the_label_readers(scene, write_workflow, tmp_path,
                                                                                 client):  # fmt: skip
     """The client plans, waits and writes small files: the network, the NIfTI reader, dask.array (which the

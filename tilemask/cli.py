@@ -60,13 +60,14 @@ def run(
     from .driver import run as run_workflow
     from .workflow import Workflow
 
+    errors_only = click.get_current_context().find_root().obj["verbosity"] < 0  # tilemask -q
     wf = Workflow.from_yaml(workflow, overrides)
     results = run_workflow(
         wf,
         scheduler=scheduler,
         workers=workers,
         threads_per_worker=threads_per_worker,
-        progress=not quiet,
+        progress=not (quiet or errors_only),
         overwrite=overwrite,
         on_error=on_error,
         retry_failed=retry_failed,
@@ -74,7 +75,7 @@ def run(
         source=str(Path(workflow).resolve()),
         cluster=cluster_kind,
     )
-    for result in results:
+    for result in results if not errors_only else []:
         click.echo(describe(result))
     failed = results.failures()
     if failed:
