@@ -25,9 +25,10 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from ..classes import CLASSES_TAG, read_colour_table
-from ..errors import InputError
+from ..errors import InputError, ReadError
 from ..geometry import Geometry, RasterGeometry, VolumeGeometry, geometry_from_attrs, normalize_per_axis
 from ..storage import zarr_options
+from .raster import first_gdal_line
 from . import cached_handle, file_stamp
 
 logger = logging.getLogger(__name__)
@@ -58,9 +59,14 @@ class _RasterBand:
 
     def __getitem__(self, index: tuple[slice, slice]) -> np.ndarray:
         rows, cols = index
-        ds = cached_handle(("label-raster", self.path, file_stamp(self.path)), lambda: rasterio.open(self.path))
         window = Window.from_slices(rows, cols, height=self.shape[0], width=self.shape[1])
-        return ds.read(1, window=window)
+        try:
+            ds = cached_handle(("label-raster", self.path, file_stamp(self.path)), lambda: rasterio.open(self.path))
+            return ds.read(1, window=window)
+        except RasterioError as exc:
+            detail = first_gdal_line(exc)
+        # raised outside the handler: GDAL's exception chain must not travel back to the client
+        raise ReadError(f"{self.path}: read failed at rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop}: {detail}")
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,9 @@ def open_raster_labels(path: str, chunks) -> LabelImage:
         geometry = RasterGeometry(ds.crs.to_wkt() if ds.crs else None, tuple(ds.transform.to_gdal()))
         nodata = None if ds.nodata is None else int(ds.nodata)
         tag = ds.tags().get(CLASSES_TAG)
+        bands = ds.count
+    if bands != 1:
+        raise InputError(f"{path}: a label image has one band, this raster has {bands}")
     if not np.issubdtype(dtype, np.integer):
         raise InputError(f"{path}: labels must be integers, the raster holds {dtype}")
     native = tuple(max(b, 1024 // b * b) for b in block)  # whole GDAL blocks, about 1024 px

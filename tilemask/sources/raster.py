@@ -97,7 +97,7 @@ class RasterSource(ImageSource):
                 nodata_only = all(flags == [MaskFlags.nodata] for flags in ds.mask_flag_enums)
                 nodatavals = ds.nodatavals
         except RasterioError as exc:
-            raise InputError(f"{path}: cannot open raster: {_first_line(exc)}") from None
+            raise InputError(f"{path}: cannot open raster: {first_gdal_line(exc)}") from None
         if gcps_only:
             raise InputError(
                 f"{path}: georeferenced by ground control points only; warp it to a grid first (gdalwarp)"
@@ -164,7 +164,7 @@ class RasterSource(ImageSource):
             with gdal_env():
                 return self._dataset().read(indexes=list(self.bands), window=Window(c0, r0, c1 - c0, r1 - r0))
         except RasterioError as exc:
-            detail = self._tile_detail(_first_line(exc))
+            detail = self._tile_detail(first_gdal_line(exc))
         # raised outside the handler: GDAL's exception chain must not travel back to the client
         raise ReadError(f"{self.path}: read failed at rows {r0}:{r1}, cols {c0}:{c1}: {detail}")
 
@@ -192,11 +192,11 @@ class RasterSource(ImageSource):
             with gdal_env():
                 return self._dataset().dataset_mask(window=Window(c0, r0, c1 - c0, r1 - r0)) > 0
         except RasterioError as exc:
-            detail = _first_line(exc)
+            detail = first_gdal_line(exc)
         raise ReadError(f"{self.path}: mask read failed at rows {r0}:{r1}, cols {c0}:{c1}: {detail}")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_gdal_line(exc: BaseException) -> str:
     """GDAL's own words: the root of rasterio's exception chain, first line."""
     while (exc.__cause__ or exc.__context__) is not None:
         exc = exc.__cause__ or exc.__context__
