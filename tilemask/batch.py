@@ -6,9 +6,10 @@ the workers compute one item while the client waits on another.  Large items
 lose nothing: Dask runs the tasks of earlier submissions first, so a second
 item only fills threads the first leaves idle.
 
-When an item fails, the items in flight are abandoned (each cancels its tasks
-and removes what it staged, as any failed run does), no further item starts,
-and the first failure is raised.  Ctrl-C does the same and raises
+When an item fails, the items in flight are abandoned (each cancels its tasks and,
+as an interrupted run does, keeps what it staged for the job's next run to resume,
+or removes it where its output cannot resume), no further item starts, and the
+first failure is raised.  Ctrl-C does the same and raises
 ``KeyboardInterrupt`` once every item has cleaned up.
 """
 
