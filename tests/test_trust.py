@@ -28,7 +28,7 @@ from rasterio.control import GroundControlPoint
 
 import tilemask
 from tilemask import Workflow
-from tilemask.errors import InputError, ReadError, WorkflowError
+from tilemask.errors import InputError, ReadError, WeightsError, WorkflowError
 
 from .conftest import GEO, UNET_2D, _free_port, raster_workflow, run_cli
 
@@ -667,6 +667,23 @@ def test_products_never_overwrite_the_regions_they_read(make_raster, make_model,
     with pytest.raises(InputError, match="is an input"):
         compute_stats(path, regions, regions=regions)
     assert regions.read_bytes() == before
+
+
+def test_clashing_output_names_and_a_weights_folder_say_what_to_change(make_raster, make_model, tmp_path):
+    from tilemask.planning import plan_model, plan_workflow
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, _ = make_raster((3, 40, 40), name="a/x.tif")
+    second, _ = make_raster((3, 40, 40), name="b/x.tif")
+    weights, _ = make_model()
+    for path, advice in (("out/{stem}.zarr", "both are named 'x', which {stem} stands for; rename one"),
+                         ("out/mask.zarr", "put {stem} in the output's name")):  # fmt: skip
+        workflow = {**raster_workflow(first, weights, output={"path": path}), "input": [str(first), str(second)]}
+        with pytest.raises(WorkflowError, match=re.escape(f"would both write {tmp_path / 'out'}")) as refused:
+            plan_workflow(Workflow.from_dict(workflow, base_dir=tmp_path))
+        assert advice in str(refused.value) and refused.value.exit_status == 2
+    with pytest.raises(WeightsError, match=re.escape(f"model.weights: {tmp_path / 'a'} is a folder, not a weights file")):
+        plan_model(Workflow.from_dict(raster_workflow(str(first), str(tmp_path / "a")), base_dir=tmp_path))
 
 
 def test_a_workflows_region_key_is_checked_before_any_work(make_raster, make_model, tmp_path):

@@ -62,7 +62,8 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.
     """The network with its weights, in eval mode, on ``device``."""
     path = Path(spec.weights)
     if not path.is_file():
-        raise WeightsError(f"model.weights: no such file {spec.weights}")
+        raise WeightsError(f"model.weights: {spec.weights} is a folder, not a weights file" if path.is_dir()
+                           else f"model.weights: no such file {spec.weights}")  # fmt: skip
     _refuse_inflating_archive(path)
     kind = spec.archive
     if kind == "torchscript":

@@ -277,7 +277,8 @@ def plan_model(workflow: Workflow) -> WorkflowPlan:
     spatial_dims = int(workflow.model.spatial_dims or len(inference.roi_size))  # the model's rank (validated equal)
     weights = workflow.resolve(workflow.model.weights)
     if not weights.startswith(REMOTE_PREFIXES) and not os.path.isfile(weights):
-        raise WeightsError(f"model.weights: no such file {weights}")
+        raise WeightsError(f"model.weights: {weights} is a folder, not a weights file" if os.path.isdir(weights)
+                           else f"model.weights: no such file {weights}")  # fmt: skip
     spec = ModelSpec.create(workflow.model.network, workflow.model.args, weights)
     remote = weights.startswith(REMOTE_PREFIXES)  # read on the workers: the probe checks it there
     if not workflow.model.network and not remote and not spec.carries_network:
@@ -421,15 +422,22 @@ def check_source(workflow: Workflow, source: ImageSource) -> None:
 
 def _check_output_names(workflow: Workflow, items: list[InputItem]) -> None:
     """Two inputs must not write one file: checked from their names, before any input is opened."""
-    seen: dict[str, str] = {}
+    def stats_output(name: str) -> str | None:
+        stats = workflow.stats_for(name)
+        return stats and stats.output
+
+    seen: dict[str, InputItem] = {}
     for item in items:
-        stats = workflow.stats_for(item.name)
-        for path in (workflow.output_path(item.name), workflow.vectors_path(item.name), stats and stats.output):
+        for path_of in (workflow.output_path, workflow.vectors_path, stats_output):
+            path = path_of(item.name)
             if not path:
                 continue
             if path in seen:
-                raise WorkflowError(f"output: {seen[path]} and {item.files[0]} would both write {path}; use {{stem}}")
-            seen[path] = item.files[0]
+                advice = ("put {stem} in the output's name" if path_of(item.name + "-") == path else
+                          f"both are named {item.name!r}, which {{stem}} stands for; rename one, or run each folder as "
+                          "a workflow of its own")  # fmt: skip
+                raise WorkflowError(f"output: {seen[path].files[0]} and {item.files[0]} would both write {path}; {advice}")
+            seen[path] = item
 
 
 def _check_regions(item: InputPlan) -> None:
