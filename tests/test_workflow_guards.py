@@ -295,3 +295,24 @@ def test_a_whole_pickled_model_gets_its_own_message(make_model, tmp_path, which)
     message = str(caught.value)
     assert "model.pt is a whole pickled model (torch.save(model))" in message, message
     assert "refused" in message and "state_dict()" in message and "TorchScript" in message
+
+
+@pytest.mark.parametrize(
+    "rename,line",
+    [
+        (("model", "modle"), "workflow: modle: unknown key; did you mean 'model'?"),
+        (("postprocess", "postproces"), "workflow: postproces: unknown key; did you mean 'postprocess'?"),
+        (("model.weights", "model.weigths"), "workflow: model.weigths: unknown key; did you mean 'weights'?"),
+    ],
+)
+def test_a_misspelt_key_is_named_with_the_key_it_likely_meant(rename, line):
+    """A typo in a required key is an unknown key and a missing one: the unknown one is named, with the closest
+    key missing beside it (or section), not 'missing key model (and 1 more)'."""
+    workflow = {"version": 1, "input": "x.tif", "model": {"weights": "w.pt"}, "postprocess": {}}
+    (old, new) = rename
+    *parent, leaf = old.split(".")
+    section = workflow if not parent else workflow[parent[0]]
+    section[new.split(".")[-1]] = section.pop(leaf)
+    with pytest.raises(WorkflowError) as refused:
+        Workflow.from_dict(workflow)
+    assert str(refused.value).startswith(line), str(refused.value)

@@ -605,7 +605,7 @@ def _one_line(exc: ValidationError) -> str:
     pydantic reports a value that fits no member of a union once per member; the
     member of the value's own kind (a list for a list) says what is wrong.
     """
-    errors = exc.errors()
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")  # a typo: the unknown key first
     key = _clean_loc(errors[0]["loc"])
     same_key = [e for e in errors if _clean_loc(e["loc"])[: len(key)] == key]
     err = same_key[0]
@@ -614,7 +614,7 @@ def _one_line(exc: ValidationError) -> str:
     loc = ".".join(_clean_loc(err["loc"]))
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = "unknown key" + _did_you_mean(key, errors)
     elif err["type"] == "missing":
         msg = "missing key"
     elif err.get("input") is not None and loc and "(got" not in msg and not isinstance(err["input"], dict):
@@ -622,6 +622,17 @@ def _one_line(exc: ValidationError) -> str:
     others = len({_clean_loc(e["loc"])[:1] for e in errors if e not in same_key})
     more = f" (and {others} more)" if others else ""
     return f"workflow: {loc + ': ' if loc else ''}{msg}{more}"
+
+
+def _did_you_mean(key: tuple[str, ...], errors: list) -> str:
+    """``; did you mean 'model'?`` for a misspelt key: the closest of the keys missing beside it (and, at the
+    top level, of the workflow's sections)."""
+    import difflib
+
+    missing = [_clean_loc(e["loc"])[-1] for e in errors if e["type"] == "missing" and _clean_loc(e["loc"])[:-1] == key[:-1]]
+    known = missing + (list(Workflow.model_fields) if len(key) == 1 else [])
+    close = difflib.get_close_matches(key[-1], known, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _clean_loc(loc: tuple) -> tuple[str, ...]:
