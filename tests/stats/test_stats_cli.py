@@ -94,7 +94,7 @@ def test_totals_formats_and_nodata(tmp_path):
     pd.testing.assert_frame_equal(pd.DataFrame(gpd.read_file(frames[3])), csv, check_dtype=False)
 
 
-def test_a_damaged_or_many_band_label_raster_is_refused_in_one_line(tmp_path, shade_labels):
+def test_a_damaged_or_many_band_label_raster_is_refused_in_one_line(tmp_path, shade_labels, client):
     """A label raster is one band (the real corrupt.tif is RGB: refused at once, exit 2); a damaged tile is
     named with its file and place (exit 1), not as rasterio's bare 'Read failed'."""
     from tilemask.cli import main
@@ -104,7 +104,8 @@ def test_a_damaged_or_many_band_label_raster_is_refused_in_one_line(tmp_path, sh
     assert (rgb.exit_code, rgb.output) == (2, f"tilemask: error: {GEO['corrupt.tif']}: a label image has one band, this raster has 3\n")
     damaged = tmp_path / "damaged.tif"
     damaged.write_bytes(shade_labels.read_bytes()[: shade_labels.stat().st_size * 3 // 4])  # its last tiles cut off
-    result = CliRunner().invoke(main, ["stats", str(damaged), "-o", str(tmp_path / "d.csv"), "--chunks", "64"])
+    result = CliRunner().invoke(main, ["stats", str(damaged), "-o", str(tmp_path / "d.csv"), "--chunks", "64",
+                                       "--scheduler", client.scheduler.address])  # fmt: skip
     assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
     assert result.output.startswith(f"tilemask: error: {damaged}: read failed at rows "), result.output
     assert not (tmp_path / "d.csv").exists()
