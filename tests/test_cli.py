@@ -76,6 +76,8 @@ def test_help_for_every_command():
 
 
 def test_usage_errors_and_unreadable_workflows_are_one_line_exit_2(tmp_path):
+    alone = run_cli()  # no command: click's help, not one line
+    assert alone.returncode == 2 and alone.stderr.startswith("Usage: tilemask [OPTIONS] COMMAND") and "Commands:" in alone.stderr
     (tmp_path / "latin1.yaml").write_bytes("model: caf\xe9\n".encode("latin-1"))
     for args, line in [
         (["serve", tmp_path / "nothere"], f"Invalid value for 'FOLDER': Directory '{tmp_path / 'nothere'}' does not exist."),

@@ -31,6 +31,8 @@ class TilemaskGroup(click.Group):
 
 
 def _usage_error(ctx: click.Context, exc: click.UsageError) -> NoReturn:
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):  # ``tilemask`` alone: the help, as click shows it
+        raise exc
     click.echo(f"tilemask: error: {' '.join(exc.format_message().split())}", err=True)
     ctx.exit(exc.exit_code)
 
