@@ -111,6 +111,7 @@ def test_the_embedded_dashboard_and_profiler_run_only_when_someone_can_look(dash
     with cluster_client(workers=1, threads_per_worker=1, dashboard=dashboard) as client:
         profiling = client.run(lambda: __import__("dask").config.get("distributed.worker.profile.enabled"))
         ticks = client.run(lambda dask_worker: dask_worker._tick_interval)  # the event loop's health tick, s
+        numbered = client.run(lambda: __import__("os").environ.get("TILEMASK_GPU_PER_WORKER"))  # worker i: GPU i
         link = client.dashboard_link  # the scheduler's HTTP server on a free port: the dashboard's pages or none
         assert link.startswith("http://127.0.0.1:") and not link.startswith("http://127.0.0.1:8787/")
         try:
@@ -120,6 +121,7 @@ def test_the_embedded_dashboard_and_profiler_run_only_when_someone_can_look(dash
             status = exc.code
     assert list(profiling.values()) == [dashboard]
     assert list(ticks.values()) == [0.02 if dashboard else 1.0]  # Dask's default, or every second
+    assert list(numbered.values()) == ["1"]  # only the embedded workers: dask-cuda's each see their GPU as 0
     assert status == (200 if dashboard else 404)
 
 

@@ -13,7 +13,7 @@ from typing import NoReturn
 import click
 
 from . import __version__
-from .command import TilemaskCommand, TilemaskGroup
+from .command import TilemaskCommand, TilemaskGroup, errors_only
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +60,14 @@ def run(
     from .driver import run as run_workflow
     from .workflow import Workflow
 
-    errors_only = click.get_current_context().find_root().obj["verbosity"] < 0  # tilemask -q
+    quiet = quiet or errors_only()
     wf = Workflow.from_yaml(workflow, overrides)
     results = run_workflow(
         wf,
         scheduler=scheduler,
         workers=workers,
         threads_per_worker=threads_per_worker,
-        progress=not (quiet or errors_only),
+        progress=not quiet,
         overwrite=overwrite,
         on_error=on_error,
         retry_failed=retry_failed,
@@ -75,7 +75,7 @@ def run(
         source=str(Path(workflow).resolve()),
         cluster=cluster_kind,
     )
-    for result in results if not errors_only else []:
+    for result in results if not errors_only() else []:
         click.echo(describe(result))
     failed = results.failures()
     if failed:

@@ -96,6 +96,11 @@ UNWATCHED = {
 1.6 s of CPU every 30 s over its processes here, these 0.5 s; each wakes a process beside the forward passes."""
 
 
+GPU_PER_WORKER = "TILEMASK_GPU_PER_WORKER"
+"""Set in the environment of the embedded cluster's workers: their LocalCluster numbers, 0, 1, ..., pick their
+GPUs (:func:`tilemask.models.resolve_device`)."""
+
+
 @contextlib.contextmanager
 def cluster_client(
     scheduler: str | None = None, workers: int | None = None, threads_per_worker: int | None = None,
@@ -129,6 +134,7 @@ def cluster_client(
             dashboard_address=":0",  # the scheduler's HTTP server (health, metrics) runs either way
             scheduler_kwargs={"dashboard": dashboard},
             plugins={EmbeddedWorker(quiet=not logger.isEnabledFor(logging.DEBUG))},
+            env={GPU_PER_WORKER: "1"},  # worker i takes GPU i (:func:`tilemask.models.resolve_device`)
             silence_logs=logging.CRITICAL if not logger.isEnabledFor(logging.DEBUG) else logging.INFO,
         )
     try:

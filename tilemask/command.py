@@ -63,6 +63,11 @@ class TilemaskCommand(click.Command):
             ctx.exit(1)
 
 
+def errors_only() -> bool:
+    """``tilemask -q``: a command prints its errors and nothing else."""
+    return (click.get_current_context().find_root().obj or {}).get("verbosity", 0) < 0
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

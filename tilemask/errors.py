@@ -62,3 +62,12 @@ class UsageError(TilemaskError, ValueError):
     """Command-line options or cluster configuration that cannot work together: refused before any work."""
 
     exit_status = 2
+
+
+def missing_weights(path: str) -> WeightsError:
+    """``model.weights`` that name no file: a folder, or nothing."""
+    import os
+
+    what = "is a folder, not a weights file" if os.path.isdir(path) else "does not exist"
+    return WeightsError(f"model.weights: {path} {what}")
+

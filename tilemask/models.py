@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import pickle
 import pickletools
 import re
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .errors import WeightsError, WorkflowError
+from .errors import WeightsError, WorkflowError, missing_weights
 from .imports import import_module
 from .settings import ModelSpec
 
@@ -62,8 +63,7 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.
     """The network with its weights, in eval mode, on ``device``."""
     path = Path(spec.weights)
     if not path.is_file():
-        raise WeightsError(f"model.weights: {spec.weights} is a folder, not a weights file" if path.is_dir()
-                           else f"model.weights: no such file {spec.weights}")  # fmt: skip
+        raise missing_weights(spec.weights)
     _refuse_inflating_archive(path)
     kind = spec.archive
     if kind == "torchscript":
@@ -341,25 +341,30 @@ def _qualified_name(network: str | None) -> str | None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``: a CUDA device when there is one, else the CPU.  ``auto`` and ``cuda`` take each Dask worker of
-    a host a GPU of its own (worker ``i`` of a LocalCluster GPU ``i`` modulo their number; a worker that sees
-    one GPU, as dask-cuda's do, that one); ``cuda:N`` is GPU ``N``.  A CUDA device always has its index, so
-    that one GPU has one name."""
+    """``auto``: a CUDA device when there is one, else the CPU.  ``auto`` and ``cuda`` are this worker's GPU:
+    on tilemask's embedded cluster (one worker per GPU) worker ``i`` takes GPU ``i`` modulo their number;
+    elsewhere the current device, GPU 0, which dask-cuda's workers each see as their own (it rotates their
+    ``CUDA_VISIBLE_DEVICES``).  ``cuda:N`` is GPU ``N``.  A CUDA device always has its index, so that one GPU
+    has one name."""
     if name == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
     device = torch.device("cuda" if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise WorkflowError(f"inference.device: {name} asked for but this worker has no CUDA device")
     if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", _worker_index() % torch.cuda.device_count())
+        return torch.device("cuda", _embedded_worker_number() % torch.cuda.device_count())
     return device
 
 
-def _worker_index() -> int:
-    """The number of this Dask worker (LocalCluster names workers 0, 1, ...), else 0."""
+def _embedded_worker_number() -> int:
+    """The number of this embedded Dask worker (LocalCluster names workers 0, 1, ...), else 0."""
     try:
         from distributed import get_worker
 
+        from .cluster import GPU_PER_WORKER
+
+        if not os.environ.get(GPU_PER_WORKER):
+            return 0
         name = get_worker().name
     except (ImportError, ValueError):
         return 0

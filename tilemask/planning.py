@@ -34,7 +34,7 @@ import numpy as np
 
 from . import __version__
 from .classes import class_name
-from .errors import InputError, WeightsError, WorkflowError
+from .errors import InputError, WorkflowError, missing_weights
 from .formats import for_output, for_path
 from .geometry import VolumeGeometry, WindowPlan, normalize_per_axis
 from .outputs import check_outputs, new_run_id, staged_path
@@ -44,7 +44,7 @@ from .sinks import LabelSink, OutputLayout, make_sink
 from .sources import ImageSource, open_source
 from .sources.stack import StackedSource
 from .spatial import ModelGrid, ResampledSource, model_grid
-from .stats.config import PostprocessConfig, StatsConfig, is_label_image
+from .stats.config import PostprocessConfig, StatsConfig, check_region_key, is_label_image
 from .storage import is_remote
 from .workflow import REMOTE_PREFIXES, InputItem, Workflow
 
@@ -277,8 +277,7 @@ def plan_model(workflow: Workflow) -> WorkflowPlan:
     spatial_dims = int(workflow.model.spatial_dims or len(inference.roi_size))  # the model's rank (validated equal)
     weights = workflow.resolve(workflow.model.weights)
     if not weights.startswith(REMOTE_PREFIXES) and not os.path.isfile(weights):
-        raise WeightsError(f"model.weights: {weights} is a folder, not a weights file" if os.path.isdir(weights)
-                           else f"model.weights: no such file {weights}")  # fmt: skip
+        raise missing_weights(weights)
     spec = ModelSpec.create(workflow.model.network, workflow.model.args, weights)
     remote = weights.startswith(REMOTE_PREFIXES)  # read on the workers: the probe checks it there
     if not workflow.model.network and not remote and not spec.carries_network:
@@ -451,8 +450,6 @@ def _check_regions(item: InputPlan) -> None:
     if stats.region_id is not None and is_label_image(stats.regions):
         raise InputError(f"stats.region_id applies to vector regions; the atlas {stats.regions} is keyed by its label value")
     if stats.region_id is not None:
-        from .stats.zonal import check_region_key
-
         check_region_key(stats.regions, stats.region_id)
 
 

@@ -605,7 +605,9 @@ def _one_line(exc: ValidationError) -> str:
     pydantic reports a value that fits no member of a union once per member; the
     member of the value's own kind (a list for a list) says what is wrong.
     """
-    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")  # a typo: the unknown key first
+    # a typo is an unknown key and a missing one: the unknown key first, unless it is one of a union's members'
+    # errors (``input``: a key unknown to one kind of input is another kind's)
+    errors = sorted(exc.errors(), key=lambda e: not (e["type"] == "extra_forbidden" and not _in_union(e["loc"])))
     key = _clean_loc(errors[0]["loc"])
     same_key = [e for e in errors if _clean_loc(e["loc"])[: len(key)] == key]
     err = same_key[0]
@@ -619,9 +621,15 @@ def _one_line(exc: ValidationError) -> str:
         msg = "missing key"
     elif err.get("input") is not None and loc and "(got" not in msg and not isinstance(err["input"], dict):
         msg = f"{msg} (got {err['input']!r})"
-    others = len({_clean_loc(e["loc"])[:1] for e in errors if e not in same_key})
+    hinted = {key[:-1] + (m,) for m in [msg.rpartition("did you mean '")[2].rstrip("'?")] if "did you mean" in msg}
+    others = len({_clean_loc(e["loc"])[:1] for e in errors if e not in same_key and _clean_loc(e["loc"]) not in hinted})
     more = f" (and {others} more)" if others else ""
     return f"workflow: {loc + ': ' if loc else ''}{msg}{more}"
+
+
+def _in_union(loc: tuple) -> bool:
+    """Whether pydantic's location names a union member (a class, ``list[str]``, ...) on its way."""
+    return any(isinstance(p, str) and (_is_union_tag(p) or p[:1].isupper()) for p in loc)
 
 
 def _did_you_mean(key: tuple[str, ...], errors: list) -> str:

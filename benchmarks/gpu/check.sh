@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a lent GPU (the device tool): run it from the repository root with `carry: [".whl"]` after
 # benchmarks/gpu/wheels.sh, e.g. `STEPS="2 3" bash benchmarks/gpu/check.sh` with timeout_s 600.  The steps run
-# in order of what matters most, each under its own time limit, logs in $OUT (they come back).  All six take
+# in order of what matters most, each under its own time limit, logs in $OUT (they come back).  All five take
 # more than one call's 10 minutes: run them as two calls, STEPS="2 3" then STEPS="4 5" (see NOTES.md).
 #   1. the wheels into /tmp/site, the GPU and the imports;
 #   2. tests/test_gpu.py: MONAI's answer on the GPU, the CUDA graph, the reduced precisions, one worker per GPU;

@@ -37,7 +37,14 @@ def test_cli_regions_on_cluster(tmp_path, shade_labels, monkeypatch):
         assert result.exit_code == 0, result.output
         with Client(cluster) as client:
             local = compute_stats(shade_labels, tmp_path / "local.csv", regions=regions_path, region_id="district", client=client)
-    table = gpd.read_file(out)
+        # an existing table is replaced only with --overwrite, as rio's commands do; refused before any work
+        table, before = gpd.read_file(out), out.read_bytes()
+        again = runner.invoke(stats_command, [str(shade_labels), "-o", str(out), "--scheduler", cluster.scheduler_address])
+        assert again.exit_code == 2 and again.output == f"tilemask: error: {out} exists; pass --overwrite to replace it\n"
+        assert out.read_bytes() == before
+        replaced = runner.invoke(stats_command, [str(shade_labels), "-o", str(out), "--overwrite", "--scheduler", cluster.scheduler_address])
+        assert replaced.exit_code == 0, replaced.output
+        assert len(gpd.read_file(out)) < len(table)  # the class totals now, not the regions
     assert list(table["district"]) == list(regions["district"])
     reference = pd.read_csv(compute_stats(shade_labels, tmp_path / "threads.csv", regions=regions_path, region_id="district"))
     pd.testing.assert_frame_equal(pd.read_csv(local), reference)
@@ -46,15 +53,6 @@ def test_cli_regions_on_cluster(tmp_path, shade_labels, monkeypatch):
 
     bad = CliRunner().invoke(stats_command, [str(shade_labels), "-o", str(tmp_path / "x.parquet"), "--regions", str(regions_path), "--region-id", "nope"])
     assert bad.exit_code == 2 and "not a field" in bad.output
-
-    # an existing table is replaced only with --overwrite, as rio's commands do; refused before any work
-    before = out.read_bytes()
-    again = CliRunner().invoke(stats_command, [str(shade_labels), "-o", str(out), "--scheduler", "tcp://127.0.0.1:1"])
-    assert again.exit_code == 2 and again.output == f"tilemask: error: {out} exists; pass --overwrite to replace it\n"
-    assert out.read_bytes() == before
-    replaced = CliRunner().invoke(stats_command, [str(shade_labels), "-o", str(out), "--overwrite"])
-    assert replaced.exit_code == 0, replaced.output
-    assert len(gpd.read_file(out)) < len(table)  # the class totals now, not the regions
 
 
 def test_atlas_zonal_and_chunking(tmp_path):

@@ -54,6 +54,7 @@ def prepare_stats(
     (``run(client) -> Path``).  ``tilemask stats`` starts its cluster only after this, so a wrong argument or
     an unreadable file is refused at once."""
     output = check_table_path(output_path, inputs=(mask_path, regions))
+    mask_path, regions = _absolute(mask_path), regions and _absolute(regions)
     if coverage not in ("center", "fraction"):
         raise InputError(f"--coverage must be 'center' or 'fraction', got {coverage!r}")
     if connectivity not in CONNECTIVITIES:
@@ -123,6 +124,7 @@ def prepare_evaluation(
     (``run(client) -> dict``, see :func:`prepare_stats`)."""
     if output_path is not None:
         check_table_path(output_path, inputs=(pred_path, truth_path), suffixes=(".json",))
+    pred_path, truth_path = _absolute(pred_path), _absolute(truth_path)
     if chunks is not None and int(chunks) < 1:
         raise InputError(f"--chunks must be a positive integer, got {chunks}")
     names = parse_classes(classes)
@@ -136,3 +138,10 @@ def prepare_evaluation(
         return result
 
     return run
+
+
+def _absolute(path: str | os.PathLike) -> str:
+    """A local path made absolute (URLs as they are): the workers of another cluster open it from their own
+    working folders."""
+    return str(path) if "://" in str(path) else os.path.abspath(path)
+

@@ -7,7 +7,7 @@ import os
 
 import click
 
-from ..command import TilemaskCommand
+from ..command import TilemaskCommand, errors_only
 from ..errors import OutputConflict
 
 logger = logging.getLogger(__name__)
@@ -36,8 +36,6 @@ def stats(
     from .api import prepare_stats
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # absolute: the workers of a --scheduler cluster open them from their own working folders
-    mask, regions = os.path.abspath(mask), regions and os.path.abspath(regions)
     run = prepare_stats(
         mask, output, regions=regions, region_id=region_id, coverage=coverage, instances=instances,
         connectivity=connectivity, classes=classes, chunks=chunks,
@@ -45,7 +43,8 @@ def stats(
     _refuse_existing(output, overwrite)
     with cluster_client(scheduler) as client:  # started once the arguments and the files have passed
         path = run(client)
-    click.echo(f"wrote {path}")
+    if not errors_only():
+        click.echo(f"wrote {path}")
 
 
 @click.command("evaluate", cls=TilemaskCommand)
@@ -66,14 +65,14 @@ def evaluate(pred, truth, output, classes, chunks, scheduler, overwrite, debug) 
     from .evaluate import render
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    pred, truth = os.path.abspath(pred), os.path.abspath(truth)  # opened by the workers, as in ``stats``
     run = prepare_evaluation(pred, truth, output, classes=classes, chunks=chunks)
     _refuse_existing(output, overwrite)
     with cluster_client(scheduler) as client:  # started once the arguments and the files have passed
         result = run(client)
-    Console().print(render(result))
-    if output:
-        click.echo(f"wrote {output}")
+    if not errors_only():
+        Console().print(render(result))
+        if output:
+            click.echo(f"wrote {output}")
 
 
 def _refuse_existing(output: str | None, overwrite: bool) -> None:

@@ -21,9 +21,13 @@ postprocess:                         # applied in this order, to every foregroun
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+from ..errors import InputError
 
 
 LABEL_IMAGE_SUFFIXES = (".tif", ".tiff", ".zarr", ".nii", ".nii.gz", ".vrt", ".img")
@@ -32,6 +36,33 @@ LABEL_IMAGE_SUFFIXES = (".tif", ".tiff", ".zarr", ".nii", ".nii.gz", ".vrt", ".i
 def is_label_image(path: str) -> bool:
     """Whether ``regions`` name a label image (an atlas) rather than a vector file."""
     return str(path).lower().rstrip("/").endswith(LABEL_IMAGE_SUFFIXES)
+
+
+def check_region_key(path: str, region_id: str) -> None:
+    """What the zonal statistics check of their regions' key (a field, with unique values), from the attribute
+    table alone: a workflow's ``stats:`` is refused before its run predicts anything.  Read once per file."""
+    stat = os.stat(path)
+    _check_region_key(path, region_id, (stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=16)
+def _check_region_key(path: str, region_id: str, stamp: tuple[int, int]) -> None:
+    import pyogrio
+
+    try:
+        fields = list(pyogrio.read_info(path)["fields"])
+        values = pyogrio.read_dataframe(path, columns=[region_id], read_geometry=False)[region_id] if region_id in fields else None
+    except Exception as exc:  # pyogrio raises its own DataSourceError, DataLayerError, ...
+        raise InputError(f"{path}: cannot read the regions: {exc}") from None
+    check_key(path, region_id, fields, values)
+
+
+def check_key(path, region_id: str, fields: list[str], values) -> None:
+    """``region_id`` names one of the regions' ``fields``, and its ``values`` (a pandas Series) are unique."""
+    if region_id not in fields:
+        raise InputError(f"{path}: region id {region_id!r} is not a field of the regions (fields: {', '.join(fields) or 'none'})")
+    if values.duplicated().any():
+        raise InputError(f"{path}: region id {region_id!r} has repeated values; region keys must be unique")
 
 
 def _not_bool(value: Any) -> Any:

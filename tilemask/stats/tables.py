@@ -67,8 +67,9 @@ def check_table_path(path: str | os.PathLike, inputs: Sequence = (), suffixes: S
 
 
 def write_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write ``frame`` (a DataFrame or GeoDataFrame) to ``path`` by suffix, atomically."""
-    path = check_table_path(path)
+    """Write ``frame`` (a DataFrame or GeoDataFrame) to ``path`` by suffix, atomically (``path`` checked by
+    :func:`check_table_path` before the work)."""
+    path = Path(path)
     suffix = path.suffix.lower()
     has_geometry = hasattr(frame, "geometry") and "geometry" in frame.columns
     try:

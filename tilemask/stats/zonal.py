@@ -81,6 +81,7 @@ from affine import Affine
 from ..errors import InputError
 from ..sources import cached_handle, file_stamp
 from ..sources.labels import LabelImage
+from .config import check_key
 from .crosstab import compute
 from .measure import Grid
 from .totals import grid_of, zone_table
@@ -145,28 +146,8 @@ def read_regions(path: str | os.PathLike, region_id: str | None):
         raise InputError(f"{path}: cannot read the regions: {exc}") from None
     if region_id is not None:
         fields = [c for c in regions.columns if c != regions.geometry.name]
-        _check_key(path, region_id, fields, regions.get(region_id))
+        check_key(path, region_id, fields, regions.get(region_id))
     return regions, region_id or "region"
-
-
-def check_region_key(path: str | os.PathLike, region_id: str) -> None:
-    """What :func:`read_regions` checks of the key, from the regions' attribute table alone (no geometry): a
-    workflow's ``stats:`` is refused before its run predicts anything."""
-    import pyogrio
-
-    try:
-        fields = list(pyogrio.read_info(path)["fields"])
-        values = pyogrio.read_dataframe(path, columns=[region_id], read_geometry=False)[region_id] if region_id in fields else None
-    except Exception as exc:  # pyogrio raises its own DataSourceError, DataLayerError, ...
-        raise InputError(f"{path}: cannot read the regions: {exc}") from None
-    _check_key(path, region_id, fields, values)
-
-
-def _check_key(path, region_id: str, fields: list[str], values) -> None:
-    if region_id not in fields:
-        raise InputError(f"{path}: region id {region_id!r} is not a field of the regions (fields: {', '.join(fields) or 'none'})")
-    if values.duplicated().any():
-        raise InputError(f"{path}: region id {region_id!r} has repeated values; region keys must be unique")
 
 
 def prepare_vector_zonal(image: LabelImage, regions, key: str = "region", coverage: str = "center", names=None,
