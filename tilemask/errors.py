@@ -9,6 +9,8 @@ starts, 1 for a failure while running.
 
 from __future__ import annotations
 
+import os
+
 
 class TilemaskError(Exception):
     """Base of all errors tilemask reports to users."""
@@ -66,8 +68,6 @@ class UsageError(TilemaskError, ValueError):
 
 def missing_weights(path: str) -> WeightsError:
     """``model.weights`` that name no file: a folder, or nothing."""
-    import os
-
     what = "is a folder, not a weights file" if os.path.isdir(path) else "does not exist"
     return WeightsError(f"model.weights: {path} {what}")
 
