@@ -318,10 +318,13 @@ def test_chunks_larger_than_the_image_are_clipped_and_booleans_refused(
 # -- silently wrong answers -------------------------------------------------------------------------
 
 
-def test_nan_pixels_are_invalid(make_model, tmp_path, client):
+@pytest.mark.parametrize("where", ["scattered", "corner"])
+def test_nan_pixels_are_invalid(make_model, tmp_path, client, where):
+    """Only the NaN pixels are invalid: scattered over every block, or in one corner, where the blocks without
+    one overlap the chunks of a block with them (all of those chunks' other pixels came out nodata)."""
     rng = np.random.default_rng(0)
     data = (rng.random((3, 150, 170)) * 200).astype("float32")
-    rows, cols = rng.integers(0, 150, 100), rng.integers(0, 170, 100)
+    rows, cols = (rng.integers(0, 150, 100), rng.integers(0, 170, 100)) if where == "scattered" else np.indices((5, 5))
     flat = np.unique(rows * 170 + cols)
     data[0].flat[flat] = np.nan
     path = tmp_path / "nan.tif"
@@ -329,7 +332,7 @@ def test_nan_pixels_are_invalid(make_model, tmp_path, client):
                        crs="EPSG:32618", transform=rasterio.transform.from_origin(0, 0, 30, 30)) as ds:  # fmt: skip
         ds.write(data)
     weights, _ = make_model()
-    wf = Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path)
+    wf = Workflow.from_dict(raster_workflow(path, weights, output={"chunks": 64}), base_dir=tmp_path)
     (result,) = tilemask.run(wf, client)
     group = zarr.open_group(result.outputs[0], mode="r")
     labels, probabilities = group["labels"][:], group["probabilities"][:]

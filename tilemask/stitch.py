@@ -105,9 +105,9 @@ def overlap_add(chunk: Region, partials: Iterable[Partial]) -> tuple[np.ndarray,
         src = local_slices(common, part.origin)
         weighted[(slice(None), *dst)] += part.weighted[(slice(None), *src)]
         weights[(slice(None), *dst)] += part.weights[(slice(None), *src)]
-        if part.valid is not None:
+        if part.valid is not None:  # None: every pixel of the part is valid (and overlapping parts agree)
             if valid is None:
-                valid = np.zeros(region_shape(chunk), bool)
+                valid = np.ones(region_shape(chunk), bool)
             valid[dst] = part.valid[src]
     if weighted is None:
         raise ValueError(f"no partial covers chunk {chunk}")
