@@ -151,6 +151,23 @@ def test_a_job_dir_holding_another_workflows_job_is_refused_unless_overwrite(sce
     assert [row["status"] for row in report_rows(JobFolder(tmp_path / "myjob"))] == ["ok"]
 
 
+def test_job_dirs_of_one_name_are_different_jobs(scene_workflow, tmp_path, client, monkeypatch):
+    """A --job-dir's name is the user's, not unique: the id (which names the job and its staged files) is a
+    hash of the workflow and the folder, so two workflows run from A/jd and B/jd never resume each other."""
+    monkeypatch.setenv("TILEMASK_HOME", str(tmp_path / "home"))
+    scene_workflow["input"] = str(tmp_path / "scenes" / "a.tif")
+    other = {**scene_workflow, "inference": {**scene_workflow["inference"], "overlap": 0.5}}
+    ids = []
+    for workflow, folder in ((scene_workflow, "A"), (other, "B")):
+        (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client, job_dir=tmp_path / folder / "jd",
+                                 overwrite=True)  # fmt: skip
+        assert result.status == "ok"
+        ids.append(JobFolder(tmp_path / folder / "jd").id)
+    assert ids[0] != ids[1] and all(len(i) == 12 and int(i, 16) >= 0 for i in ids)
+    assert sorted(p.name for p in (tmp_path / "home" / "jobs").iterdir()) == sorted(ids)  # both listed
+    assert [f.location for f in map(find, ids)] == [str(tmp_path / "A" / "jd"), str(tmp_path / "B" / "jd")]
+
+
 def test_a_truncated_last_manifest_line_is_dropped_and_the_manifest_goes_on(tmp_path):
     job = JobFolder(tmp_path / "job")
     job.create({"version": 1}, str(tmp_path), None, {}, [{"item": 0, "name": "a", "files": ["a.tif"], "output": "o"}])

@@ -143,7 +143,12 @@ class JobFolder:
 
     @property
     def id(self) -> str:
-        return self.path.name
+        """What names the job (``tilemask status ID``, its staged files): recorded in ``job.json`` when the job
+        is created (:meth:`create`); until then, the folder's name."""
+        try:
+            return json.loads((self.path / "job.json").read_text())["id"]
+        except (OSError, ValueError, KeyError):
+            return self.path.name
 
     @property
     def report_path(self) -> Path:
@@ -167,9 +172,12 @@ class JobFolder:
                                "--job-dir, or pass --overwrite to start it afresh")  # fmt: skip
             (self.path / "job.json").unlink()
             self.reset()
+        # A default folder is named by the workflow's hash; one a user named (--job-dir) is not unique: two
+        # workflows whose --job-dir folders share a name resumed each other's staged chunks.
+        identity = workflow_id if self.path.name == workflow_id else job_id({"job": workflow_id}, self.location)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            info = {"id": self.id, "workflow_id": workflow_id, "created": now(), "base_dir": base_dir,
+            info = {"id": identity, "workflow_id": workflow_id, "created": now(), "base_dir": base_dir,
                     "workflow_file": source, "options": options}  # fmt: skip
             if self.exists():
                 info = {**self.info(), "options": options}
