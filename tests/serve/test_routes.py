@@ -375,6 +375,25 @@ def test_large_volumes_are_served_to_the_viewer_strided(tmp_path, monkeypatch):
     np.testing.assert_allclose(small.affine @ [1, 1, 1, 1], affine @ [2, 2, 2, 1])
 
 
+def test_a_damaged_volume_is_a_422_not_a_500(tmp_path):
+    """A NIfTI the catalog lists but nibabel cannot read (cut short) is refused with why, not an error page."""
+    import nibabel as nib
+    from starlette.testclient import TestClient
+
+    from tilemask.formats import NIFTI_DESCRIP
+    from tilemask.serve import create_app
+
+    img = nib.Nifti1Image(np.zeros((20, 20, 20), np.uint8), np.eye(4))
+    img.header["descrip"] = NIFTI_DESCRIP
+    nib.save(img, tmp_path / "cut_labels.nii")
+    whole = (tmp_path / "cut_labels.nii").read_bytes()
+    (tmp_path / "cut_labels.nii").write_bytes(whole[: len(whole) // 2])
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        answer = client.get("/volumes/cut_labels.nii")
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["detail"].startswith("cut_labels.nii: cannot read the volume: ")
+
+
 def test_serve_refuses_a_missing_folder_and_a_busy_port(tmp_path, server):
     from tests.conftest import run_cli
 
@@ -418,6 +437,8 @@ def test_ordinary_bad_requests_are_4xx_not_500(server):
         f"{server}tiles/12/1161/1759.png?output=zarr/RGB.byte_mask.zarr&band=9": 404,
         f"{server}tiles/99/0/0.png?output={LABELS}": 422,
         f"{server}tiles/12/-1/0.png?output={LABELS}": 422,
+        f"{server}tiles/8/328/109.png?output={LABELS}": 404,  # x past 2^8 would wrap to tile 8/72/109
+        f"{server}tiles/0/1/0.png?output={LABELS}": 404,
         f"{server}tiles/12/1161/1759.png?output=anatomical_labels.nii.gz": 400,  # a volume
         f"{server}point?output={LABELS}&lon=nan&lat=0": 422,
         f"{items}?bbox=nan,1,2,3": 400,

@@ -23,6 +23,7 @@ from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from ..command import first_line
 from . import features, raster, stac, tables, volumes
 from .catalog import Catalog, Entry
 from .paths import relative, resolve
@@ -95,6 +96,8 @@ def create_app(
         output: str, z: int = PathParam(ge=0, le=30), x: int = PathParam(ge=0), y: int = PathParam(ge=0),
         band: int | None = Query(None, ge=1),
     ):  # fmt: skip
+        if x >= 2**z or y >= 2**z:  # WebMercatorQuad has 2^z tiles a side: a larger x would wrap around the world
+            raise HTTPException(404, f"tile {z}/{x}/{y} is outside the tile matrix (0 to {2**z - 1} at zoom {z})")
         entry = map_labels(output)
         if band is not None and not entry.probabilities:
             raise HTTPException(404, f"{output}: no probabilities were written")
@@ -176,7 +179,10 @@ def create_app(
         if entry is None or entry.format != "nifti":
             raise HTTPException(404, f"{path}: not a NIfTI volume")
         st = target.stat()
-        body = volumes.browser_copy(target, (st.st_size, st.st_mtime_ns))
+        try:
+            body = volumes.browser_copy(target, (st.st_size, st.st_mtime_ns))
+        except (OSError, ValueError, EOFError) as exc:  # nibabel: a truncated file, a header that lies, ...
+            raise HTTPException(422, f"{path}: cannot read the volume: {first_line(exc)}") from None
         return Response(body, media_type="application/gzip")
 
     @app.get("/map")
