@@ -282,3 +282,16 @@ def test_dask_and_asyncio_chatter_reaches_stderr_only_with_debug(debug):
             assert line in proc.stderr
     else:
         assert proc.stderr == ""
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path, monkeypatch):
+    """``tilemask status JOB | head -1``: once the reader has gone, no 'BrokenPipeError' line (Python's exit 1)."""
+    from tilemask.jobs import JobFolder
+
+    monkeypatch.setenv("TILEMASK_HOME", str(tmp_path / "home"))
+    job = JobFolder(tmp_path / "job")
+    job.create({"version": 1}, str(tmp_path), None, {}, [])
+    exe = os.path.join(os.path.dirname(sys.executable), "tilemask")
+    proc = subprocess.Popen([exe, "status", job.path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # gone before the command writes, as head is after its first line
+    assert (proc.wait(timeout=120), proc.stderr.read()) == (1, b"")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 from typing import NoReturn
 
@@ -56,6 +58,9 @@ class TilemaskCommand(click.Command):
         except KeyboardInterrupt:
             click.echo("tilemask: interrupted", err=True)
             ctx.exit(130)
+        except BrokenPipeError:  # the reader went away (``| head``): nothing to tell it; Python's own rule, exit 1
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is left unflushed goes nowhere
+            ctx.exit(1)
         except Exception as exc:
             if ctx.params.get("debug"):
                 raise

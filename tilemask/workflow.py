@@ -637,7 +637,8 @@ def _did_you_mean(key: tuple[str, ...], errors: list) -> str:
     top level, of the workflow's sections)."""
     import difflib
 
-    missing = [_clean_loc(e["loc"])[-1] for e in errors if e["type"] == "missing" and _clean_loc(e["loc"])[:-1] == key[:-1]]
+    missing = [_clean_loc(e["loc"])[-1] for e in errors
+               if e["type"] == "missing" and _clean_loc(e["loc"])[:-1] == key[:-1]]  # fmt: skip
     known = missing + (list(Workflow.model_fields) if len(key) == 1 else [])
     close = difflib.get_close_matches(key[-1], known, n=1)
     return f"; did you mean {close[0]!r}?" if close else ""

@@ -39,10 +39,11 @@ def test_cli_regions_on_cluster(tmp_path, shade_labels, monkeypatch):
             local = compute_stats(shade_labels, tmp_path / "local.csv", regions=regions_path, region_id="district", client=client)
         # an existing table is replaced only with --overwrite, as rio's commands do; refused before any work
         table, before = gpd.read_file(out), out.read_bytes()
-        again = runner.invoke(stats_command, [str(shade_labels), "-o", str(out), "--scheduler", cluster.scheduler_address])
+        totals = [str(shade_labels), "-o", str(out), "--scheduler", cluster.scheduler_address]
+        again = runner.invoke(stats_command, totals)
         assert again.exit_code == 2 and again.output == f"tilemask: error: {out} exists; pass --overwrite to replace it\n"
         assert out.read_bytes() == before
-        replaced = runner.invoke(stats_command, [str(shade_labels), "-o", str(out), "--overwrite", "--scheduler", cluster.scheduler_address])
+        replaced = runner.invoke(stats_command, [*totals, "--overwrite"])
         assert replaced.exit_code == 0, replaced.output
         assert len(gpd.read_file(out)) < len(table)  # the class totals now, not the regions
     assert list(table["district"]) == list(regions["district"])

@@ -66,7 +66,8 @@ class _RasterBand:
         except RasterioError as exc:
             detail = first_gdal_line(exc)
         # raised outside the handler: GDAL's exception chain must not travel back to the client
-        raise ReadError(f"{self.path}: read failed at rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop}: {detail}")
+        where = f"rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop}"
+        raise ReadError(f"{self.path}: read failed at {where}: {detail}")
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,9 @@ def _check_region_key(path: str, region_id: str, stamp: tuple[int, int]) -> None
 
     try:
         fields = list(pyogrio.read_info(path)["fields"])
-        values = pyogrio.read_dataframe(path, columns=[region_id], read_geometry=False)[region_id] if region_id in fields else None
+        values = None
+        if region_id in fields:
+            values = pyogrio.read_dataframe(path, columns=[region_id], read_geometry=False)[region_id]
     except Exception as exc:  # pyogrio raises its own DataSourceError, DataLayerError, ...
         raise InputError(f"{path}: cannot read the regions: {exc}") from None
     check_key(path, region_id, fields, values)
@@ -60,7 +62,8 @@ def _check_region_key(path: str, region_id: str, stamp: tuple[int, int]) -> None
 def check_key(path, region_id: str, fields: list[str], values) -> None:
     """``region_id`` names one of the regions' ``fields``, and its ``values`` (a pandas Series) are unique."""
     if region_id not in fields:
-        raise InputError(f"{path}: region id {region_id!r} is not a field of the regions (fields: {', '.join(fields) or 'none'})")
+        listed = ", ".join(fields) or "none"
+        raise InputError(f"{path}: region id {region_id!r} is not a field of the regions (fields: {listed})")
     if values.duplicated().any():
         raise InputError(f"{path}: region id {region_id!r} has repeated values; region keys must be unique")
 

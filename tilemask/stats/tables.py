@@ -59,7 +59,8 @@ def check_table_path(path: str | os.PathLike, inputs: Sequence = (), suffixes: S
         if given is not None and "://" not in str(given) and os.path.realpath(given) == os.path.realpath(path):
             raise InputError(f"{path}: the output is an input ({given}); refused to overwrite it")
     if path.suffix.lower() not in suffixes:
-        raise InputError(f"{path}: unknown {'table ' if suffixes == TABLE_SUFFIXES else ''}format, use one of {', '.join(suffixes)}")
+        kind = "table " if suffixes == TABLE_SUFFIXES else ""
+        raise InputError(f"{path}: unknown {kind}format, use one of {', '.join(suffixes)}")
     if not path.parent.exists():
         raise InputError(f"{path}: the folder {path.parent} does not exist")
     check_writable(path.parent)
