@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import psutil
 import pytest
 import rasterio
@@ -30,7 +31,7 @@ import tilemask
 from tilemask import Workflow
 from tilemask.errors import InputError, ReadError, WeightsError, WorkflowError
 
-from .conftest import GEO, UNET_2D, _free_port, raster_workflow, run_cli
+from .conftest import GEO, UNET_2D, UNET_3D, _free_port, raster_workflow, run_cli, volume_workflow
 
 EXE = str(Path(sys.executable).parent / "tilemask")
 
@@ -341,6 +342,28 @@ def test_nan_pixels_are_invalid(make_model, tmp_path, client, where):
     np.testing.assert_array_equal(np.flatnonzero(labels == nodata), flat)
     assert np.isfinite(probabilities).all() and (probabilities[:, labels == nodata] == 0).all()
     assert sum(result.class_pixels.values()) == labels.size - flat.size
+
+
+def test_nan_voxels_are_nodata_in_a_nifti_output_and_its_statistics(make_volume, make_model, tmp_path, client):
+    """NIfTI has no nodata field: the label of invalid voxels goes in the header's descrip, where tilemask's
+    label reader (and so ``stats``) finds it; one NaN voxel counts in no class."""
+    import nibabel as nib
+
+    from tilemask.stats import compute_stats
+
+    path, data = make_volume(dtype="float32")
+    data[3, 4, 5] = np.nan
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), path)
+    weights, _ = make_model(UNET_3D)
+    workflow = volume_workflow(path, weights, {}, {"chunks": 16, "probabilities": "none"})
+    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    out = nib.load(result.outputs[0])
+    labels = np.asarray(out.dataobj)
+    assert bytes(out.header["descrip"]).rstrip(b"\0") == b"tilemask labels; nodata 255"
+    np.testing.assert_array_equal(np.argwhere(labels == 255), [[3, 4, 5]])
+    table = pd.read_csv(compute_stats(result.outputs[0], tmp_path / "totals.csv", client=client))
+    assert "class_255" not in set(table.iloc[:, 0].astype(str)) and table["voxels"].sum() == labels.size - 1, table
 
 
 def test_gcp_only_raster_is_refused(make_model, write_workflow, tmp_path):

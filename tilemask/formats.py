@@ -25,6 +25,17 @@ from .classes import CLASSES_TAG
 logger = logging.getLogger(__name__)
 
 NIFTI_DESCRIP = b"tilemask labels"  # NIfTI header descrip of the files tilemask writes
+NIFTI_NODATA = b"; nodata "  # then, in a label file with invalid voxels, their label: "tilemask labels; nodata 255"
+
+
+def nifti_nodata(descrip: bytes) -> int | None:
+    """The label of invalid voxels a tilemask NIfTI records in its header's ``descrip`` (NIfTI has no field of its
+    own for it), else None."""
+    text = bytes(descrip).rstrip(b"\0")
+    if not text.startswith(NIFTI_DESCRIP + NIFTI_NODATA):
+        return None
+    value = text[len(NIFTI_DESCRIP + NIFTI_NODATA):]
+    return int(value) if value.isdigit() else None
 CLASS_TABLE_SUFFIX = ".colors.csv"  # the class names beside NIfTI labels (3D Slicer's colour table CSV)
 
 

@@ -8,7 +8,9 @@ bytes).  The temporary file and the compressed one are hidden staged siblings
 (:mod:`tilemask.outputs`); on commit a ``.nii.gz`` is compressed by streaming the
 temporary file (constant memory), then renamed into place.  The header's
 ``descrip`` says ``tilemask labels``, which is how a later run knows it may
-replace the file.  Probabilities go to
+replace the file, then ``; nodata 255`` when the input had invalid voxels (their
+label: NIfTI has no field for it; tilemask's label reader and ``tilemask stats``
+read it there).  Probabilities go to
 ``<stem>_probabilities.nii.gz``, 4D with classes last; the class names and
 colours to ``<stem>.colors.csv``, a 3D Slicer colour table, published with the
 labels.
@@ -28,7 +30,7 @@ import numpy as np
 
 from ..classes import write_colour_table
 from ..errors import OutputError
-from ..formats import NIFTI_DESCRIP, for_path
+from ..formats import NIFTI_DESCRIP, NIFTI_NODATA, for_path
 from ..geometry import Region
 from ..outputs import publish, remove, staged_path
 from . import LabelSink, OutputLayout
@@ -48,6 +50,7 @@ class NiftiVolume:
     shape: tuple[int, ...]
     dtype: str
     run_id: str
+    nodata: int | None = None  # the labels of invalid voxels, recorded in the header's descrip
 
     @property
     def partial(self) -> str:
@@ -68,7 +71,7 @@ class NiftiVolume:
         header.set_qform(affine, code=codes[1])
         header["vox_offset"] = VOX_OFFSET
         header.set_slope_inter(1.0, 0.0)
-        header["descrip"] = NIFTI_DESCRIP
+        header["descrip"] = NIFTI_DESCRIP + (b"" if self.nodata is None else NIFTI_NODATA + str(self.nodata).encode())
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.partial, "wb") as f:
             f.write(header.binaryblock)
@@ -132,7 +135,7 @@ class NiftiSink(LabelSink):
     @property
     def volumes(self) -> tuple[NiftiVolume, NiftiVolume | None]:
         layout = self.layout
-        labels = NiftiVolume(self.path, layout.shape, layout.labels_dtype, layout.run_id)
+        labels = NiftiVolume(self.path, layout.shape, layout.labels_dtype, layout.run_id, layout.nodata)
         if not layout.writes_probabilities:
             return labels, None
         probabilities = NiftiVolume(

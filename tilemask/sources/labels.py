@@ -181,7 +181,7 @@ def open_nifti_labels(path: str, chunks) -> LabelImage:
     lazy = da.from_array(
         _NiftiVolume(path, shape, dtype), chunks=_chunks(chunks, tuple(min(s, 128) for s in shape)), asarray=False, fancy=False
     )
-    from ..formats import for_path
+    from ..formats import for_path, nifti_nodata
 
     names = read_colour_table(for_path(path).class_table_path(path))
-    return LabelImage(path, lazy, VolumeGeometry(affine), names, None)
+    return LabelImage(path, lazy, VolumeGeometry(affine), names, nifti_nodata(img.header["descrip"]))
