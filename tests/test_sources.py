@@ -173,3 +173,16 @@ def test_validity_from_the_pixels_read_is_gdals_dataset_mask(tmp_path):
     assert subset.nodata_values is None
     region = ((0, 50), (0, 50))
     np.testing.assert_array_equal(subset.read_with_valid(region)[1], subset.read_valid(region))
+
+
+def test_an_uncompressed_nifti_shorter_than_its_header_is_refused_before_any_work(make_volume):
+    """Found when the input is opened (exit 2), not when the block past its end is read (exit 1)."""
+    path, _ = make_volume(name="scan.nii")
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) * 2 // 3])
+    with pytest.raises(InputError, match=rf"{path}: truncated: its header describes {len(whole)} bytes, the file holds "
+                                         rf"{len(whole) * 2 // 3}$") as refused:  # fmt: skip
+        open_source(str(path), 3)
+    assert refused.value.exit_status == 2
+    path.write_bytes(whole)
+    assert open_source(str(path), 3).shape[1:] == (37, 29, 23)  # whole, it opens

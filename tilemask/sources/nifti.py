@@ -14,6 +14,8 @@ read that way.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import shutil
 from dataclasses import dataclass
 from typing import ClassVar
@@ -53,6 +55,7 @@ class NiftiSource(ImageSource):
             raise InputError(f"{path}: cannot open NIfTI: {exc}") from None
         if len(shape) not in (3, 4):
             raise InputError(f"{path}: NIfTI with {len(shape)} axes; expected 3 (i, j, k) or 4 (i, j, k, channel)")
+        _check_length(path, img, shape)
         affine = tuple(tuple(float(v) for v in row) for row in img.affine)
         slope, inter = img.dataobj.slope, img.dataobj.inter
         scaled = slope not in (1, None) or inter not in (0, None)
@@ -113,3 +116,16 @@ def _decompressed(local: str, spool: Spool):
     with nib.openers.Opener(local, "rb") as stream:
         shutil.copyfileobj(stream, spool, 1 << 24)
     return klass.from_file_map(klass.make_file_map({"image": spool.file}))
+
+
+def _check_length(path: str, img, shape: tuple[int, ...]) -> None:
+    """An uncompressed file shorter than its header says is refused now (exit 2), not when a block past its end
+    is read (nibabel's "n_bytes does not look right", exit 1).  A gzipped one can only be known by reading it."""
+    data_file = img.file_map["image"].filename
+    if not data_file or str(data_file).endswith(".gz"):
+        return
+    needed = int(img.dataobj.offset) + math.prod(shape) * np.dtype(img.get_data_dtype()).itemsize
+    held = os.path.getsize(data_file)
+    if held < needed:
+        raise InputError(f"{path}: truncated: its header describes {needed} bytes, the file holds {held}")
+
