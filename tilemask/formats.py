@@ -28,6 +28,12 @@ NIFTI_DESCRIP = b"tilemask labels"  # NIfTI header descrip of the files tilemask
 NIFTI_NODATA = b"; nodata "  # then, in a label file with invalid voxels, their label: "tilemask labels; nodata 255"
 
 
+def nifti_descrip(nodata: int | None) -> bytes:
+    """The ``descrip`` of a NIfTI tilemask writes: what marks it as tilemask's, and the label of invalid voxels
+    (NIfTI has no field of its own for it), which :func:`nifti_nodata` reads back."""
+    return NIFTI_DESCRIP + (b"" if nodata is None else NIFTI_NODATA + str(nodata).encode())
+
+
 def nifti_nodata(descrip: bytes) -> int | None:
     """The label of invalid voxels a tilemask NIfTI records in its header's ``descrip`` (NIfTI has no field of its
     own for it), else None."""

@@ -174,7 +174,9 @@ class JobFolder:
             self.reset()
         # A default folder is named by the workflow's hash; one a user named (--job-dir) is not unique: two
         # workflows whose --job-dir folders share a name resumed each other's staged chunks.
-        identity = workflow_id if self.path.name == workflow_id else job_id({"job": workflow_id}, self.location)
+        identity = workflow_id
+        if self.path.name != workflow_id:
+            identity = hashlib.sha256(f"{workflow_id} {self.location}".encode()).hexdigest()[:12]
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             info = {"id": identity, "workflow_id": workflow_id, "created": now(), "base_dir": base_dir,

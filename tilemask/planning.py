@@ -447,11 +447,12 @@ def _check_regions(item: InputPlan) -> None:
         return
     if not Path(stats.regions).exists():
         raise InputError(f"stats.regions: no such file {stats.regions}")
-    if stats.region_id is not None and is_label_image(stats.regions):
+    if stats.region_id is None:
+        return
+    if is_label_image(stats.regions):
         raise InputError(f"stats.region_id applies to vector regions; the atlas {stats.regions} is keyed by its "
                          "label value")  # fmt: skip
-    if stats.region_id is not None:
-        check_region_key(stats.regions, stats.region_id)
+    check_region_key(stats.regions, stats.region_id)
 
 
 def _owned(path: str) -> bool:

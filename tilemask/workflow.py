@@ -615,14 +615,15 @@ def _one_line(exc: ValidationError) -> str:
         err = next((e for e in same_key if any("list" in str(p) for p in e["loc"])), err)
     loc = ".".join(_clean_loc(err["loc"]))
     msg = err["msg"].removeprefix("Value error, ")
+    meant = _meant(key, errors) if err["type"] == "extra_forbidden" else None
     if err["type"] == "extra_forbidden":
-        msg = "unknown key" + _did_you_mean(key, errors)
+        msg = "unknown key" + (f"; did you mean {meant!r}?" if meant else "")
     elif err["type"] == "missing":
         msg = "missing key"
     elif err.get("input") is not None and loc and "(got" not in msg and not isinstance(err["input"], dict):
         msg = f"{msg} (got {err['input']!r})"
-    hinted = {key[:-1] + (m,) for m in [msg.rpartition("did you mean '")[2].rstrip("'?")] if "did you mean" in msg}
-    others = len({_clean_loc(e["loc"])[:1] for e in errors if e not in same_key and _clean_loc(e["loc"]) not in hinted})
+    hinted = key[:-1] + (meant,)  # the missing key the hint names is not one more error
+    others = len({_clean_loc(e["loc"])[:1] for e in errors if e not in same_key and _clean_loc(e["loc"]) != hinted})
     more = f" (and {others} more)" if others else ""
     return f"workflow: {loc + ': ' if loc else ''}{msg}{more}"
 
@@ -632,16 +633,16 @@ def _in_union(loc: tuple) -> bool:
     return any(isinstance(p, str) and (_is_union_tag(p) or p[:1].isupper()) for p in loc)
 
 
-def _did_you_mean(key: tuple[str, ...], errors: list) -> str:
-    """``; did you mean 'model'?`` for a misspelt key: the closest of the keys missing beside it (and, at the
-    top level, of the workflow's sections)."""
+def _meant(key: tuple[str, ...], errors: list) -> str | None:
+    """The key a misspelt one likely meant: the closest of the keys missing beside it (and, at the top level, of
+    the workflow's sections), else None."""
     import difflib
 
     missing = [_clean_loc(e["loc"])[-1] for e in errors
                if e["type"] == "missing" and _clean_loc(e["loc"])[:-1] == key[:-1]]  # fmt: skip
     known = missing + (list(Workflow.model_fields) if len(key) == 1 else [])
     close = difflib.get_close_matches(key[-1], known, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return close[0] if close else None
 
 
 def _clean_loc(loc: tuple) -> tuple[str, ...]:

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..classes import write_colour_table
 from ..errors import OutputError
-from ..formats import NIFTI_DESCRIP, NIFTI_NODATA, for_path
+from ..formats import for_path, nifti_descrip
 from ..geometry import Region
 from ..outputs import publish, remove, staged_path
 from . import LabelSink, OutputLayout
@@ -71,7 +71,7 @@ class NiftiVolume:
         header.set_qform(affine, code=codes[1])
         header["vox_offset"] = VOX_OFFSET
         header.set_slope_inter(1.0, 0.0)
-        header["descrip"] = NIFTI_DESCRIP + (b"" if self.nodata is None else NIFTI_NODATA + str(self.nodata).encode())
+        header["descrip"] = nifti_descrip(self.nodata)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.partial, "wb") as f:
             f.write(header.binaryblock)
