@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
 import rasterio
@@ -111,7 +112,38 @@ def test_volume_scale_is_the_voxel_size_and_an_ome_zarr_input_keeps_it(make_volu
     ImageLabel.from_zarr(root["labels/labels"])
     multiscale = dict(root["labels/labels"].attrs)["ome"]["multiscales"][0]
     assert [a["unit"] for a in multiscale["axes"]] == ["millimeter"] * 3
+    assert [a["name"] for a in multiscale["axes"]] == ["z", "y", "x"]  # named as the input named them
     assert multiscale["datasets"][0]["coordinateTransformations"][0]["scale"] == pytest.approx(scale)
-    # the input's grid is its scale, not an identity affine: the output records it
-    np.testing.assert_allclose(np.asarray(dict(root.attrs)["affine"])[:3, :3], np.diag(scale))
+    # the input's grid is its scale, each axis on the world axis it is named after: array axis 0 (z) is world z
+    expected = np.zeros((3, 3))
+    expected[2, 0], expected[1, 1], expected[0, 2] = scale
+    np.testing.assert_allclose(np.asarray(dict(root.attrs)["affine"])[:3, :3], expected)
+    assert np.asarray(root["labels/labels/0"]).shape == volume.shape
+
+
+def test_volume_axes_are_named_after_the_world_axes_they_run_along(make_volume, make_model, tmp_path, client):
+    """A NIfTI volume's array axes keep their order; each is named x, y or z after the world axis of its affine
+    that nibabel orients it to (the fixture's first axis runs along y, its second along -x)."""
+    path, volume = make_volume((24, 20, 16))
+    weights, _ = make_model(UNET_3D)
+    wf = Workflow.from_dict(
+        {
+            "version": 1,
+            "input": str(path),
+            "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
+            "preprocess": {"normalize": {"mean": [500.0], "std": [300.0]}},
+            "inference": {"roi_size": [16, 16, 16], "batch_size": 2, "device": "cpu"},
+            "output": {"path": "out/{stem}_labels.ome.zarr", "chunks": 16},
+        },
+        base_dir=tmp_path,
+    )
+    (result,) = tilemask.run(wf, client)
+    root = zarr.open_group(result.outputs[0], mode="r")
+    world = {"L": "x", "R": "x", "P": "y", "A": "y", "I": "z", "S": "z"}
+    expected = [world[code] for code in nib.aff2axcodes(nib.load(path).affine)]
+    assert expected == ["y", "x", "z"]
+    for node in (root, root["labels/labels"]):
+        (multiscale,) = dict(node.attrs)["ome"]["multiscales"]
+        assert [a["name"] for a in multiscale["axes"]] == expected
+        assert list(node["0"].metadata.dimension_names) == expected
     assert np.asarray(root["labels/labels/0"]).shape == volume.shape

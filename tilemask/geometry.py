@@ -306,6 +306,7 @@ def geometry_from_attrs(attrs: dict, spatial_dims: int) -> Geometry:
     return VolumeGeometry(tuple(tuple(float(i == j) for j in range(4)) for i in range(4)))
 
 
+WORLD_AXES = ("x", "y", "z")  # a volume's world coordinates (its affine's rows), as NGFF names them
 OME_UNITS_IN_MM = {"millimeter": 1.0, "micrometer": 1e-3, "nanometer": 1e-6, "centimeter": 10.0, "meter": 1000.0}
 
 
@@ -313,9 +314,10 @@ def ome_geometry(multiscale: dict, spatial_dims: int, level: int = 0) -> Geometr
     """The grid of one level of an OME-Zarr multiscale: its ``scale`` and ``translation`` on the space axes.
 
     NGFF applies a dataset's transformations first, then the multiscale's:
-    ``x = S_ms * (S_ds * i + t_ds) + t_ms``. Volumes get a diagonal affine in mm
-    (the axes' ``unit`` converted; none given: mm) in the axes' order, NGFF has
-    no rotation; 2D images a north-up transform with no CRS.
+    ``x = S_ms * (S_ds * i + t_ds) + t_ms``. Volumes get an axis-aligned affine in mm
+    (the axes' ``unit`` converted; none given: mm), each array axis on the world axis its name says when the
+    names are x, y and z in any order (else in the axes' order); NGFF has no rotation. 2D images get a north-up
+    transform with no CRS.
     """
     import numpy as np
 
@@ -345,5 +347,20 @@ def ome_geometry(multiscale: dict, spatial_dims: int, level: int = 0) -> Geometr
     origin = [float(translation[i]) * f for i, f in zip(space, to_mm)]
     if spatial_dims == 2:
         return RasterGeometry(None, (origin[1], sizes[1], 0.0, origin[0], 0.0, sizes[0]))
-    affine = [[sizes[r] if r == c else 0.0 for c in range(3)] + [origin[r]] for r in range(3)] + [[0.0, 0.0, 0.0, 1.0]]
+    names = [axes[i].get("name") for i in space]
+    world = [WORLD_AXES.index(n) for n in names] if sorted(names) == sorted(WORLD_AXES) else [0, 1, 2]
+    affine = [[0.0] * 4 for _ in range(3)] + [[0.0, 0.0, 0.0, 1.0]]
+    for axis, row in enumerate(world):
+        affine[row][axis], affine[row][3] = sizes[axis], origin[axis]
     return VolumeGeometry(tuple(tuple(row) for row in affine))
+
+
+def ome_space_names(geometry: Geometry, spatial_dims: int) -> tuple[str, ...]:
+    """The NGFF names of an output's space axes, in array order: ``y, x`` for rows and columns of an image; for a
+    volume, the world axis (x, y, z of its affine) each array axis runs closest to, as nibabel orients it."""
+    if spatial_dims == 2 or not isinstance(geometry, VolumeGeometry):
+        return ("z", "y", "x")[-spatial_dims:]
+    import numpy as np
+    from nibabel.orientations import io_orientation
+
+    return tuple(WORLD_AXES[int(w)] for w in io_orientation(np.asarray(geometry.affine))[:, 0])

@@ -29,7 +29,7 @@ import numpy as np
 import zarr
 
 from ..classes import class_colours, class_name
-from ..geometry import RasterGeometry, Region
+from ..geometry import RasterGeometry, Region, ome_space_names
 from ..outputs import publish, remove, staged_path
 from ..sources import cached_handle
 from . import LabelSink, OutputLayout
@@ -96,7 +96,7 @@ class OmeZarrSink(LabelSink):
         shapes = level_shapes(layout.shape)
         spacing, unit = spacing_and_unit(layout)
         root = zarr.open_group(self.staged, mode="w", zarr_format=3)
-        names = ("z", "y", "x")[-spatial:]
+        names = ome_space_names(layout.geometry, spatial)
         space = [{"name": n, "type": "space", **({"unit": unit} if unit else {})} for n in names]
         channels = layout.probability_channels if layout.writes_probabilities else 0
 
