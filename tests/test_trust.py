@@ -736,3 +736,57 @@ def test_a_workflows_region_key_is_checked_before_any_work(make_raster, make_mod
         plan_workflow(Workflow.from_dict(atlas, base_dir=tmp_path))
     keyed = raster_workflow(path, weights, stats={"output": "s.csv", "regions": str(regions), "region_id": "name"})
     assert plan_workflow(Workflow.from_dict(keyed, base_dir=tmp_path)).items
+
+
+def test_a_workflows_statistics_that_cannot_measure_its_output_are_refused_before_any_work(
+    make_raster, make_volume, make_model, tmp_path
+):
+    """What the statistics would refuse of the output's grid (vector regions on a volume or a rotated raster, an
+    atlas on another grid, geodesic areas of a rotated geographic raster) is refused when the run is planned,
+    from the input's grid, which is the output's: found after the run, it left a finished mask that had failed."""
+    import geopandas as gpd
+    from rasterio.transform import Affine
+    from shapely.geometry import box
+
+    from tilemask.planning import plan_workflow
+
+    path, data = make_raster((3, 100, 120))
+    weights, _ = make_model()
+    volume, _ = make_volume((30, 28, 26))
+    weights_3d, _ = make_model(UNET_3D, name="weights3d.pt")
+    regions = tmp_path / "zones.gpkg"
+    gpd.GeoDataFrame({"name": ["a"]}, geometry=[box(500000, 3997000, 501000, 3999000)], crs="EPSG:32618").to_file(regions)
+
+    def rotated(name: str, crs: str, transform: Affine) -> str:
+        with rasterio.open(tmp_path / name, "w", driver="GTiff", height=100, width=120, count=3, dtype="uint8",
+                           crs=crs, transform=transform) as ds:  # fmt: skip
+            ds.write(data)
+        return str(tmp_path / name)
+
+    turned = rotated("turned.tif", "EPSG:32618", Affine(30, 5, 500000, 5, -30, 4000000))
+    turned_degrees = rotated("turned4326.tif", "EPSG:4326", Affine(0.001, 0.0002, 10, 0.0002, -0.001, 50))
+    def atlas_of(name: str, height: int, width: int) -> Path:
+        with rasterio.open(tmp_path / name, "w", driver="GTiff", height=height, width=width, count=1, dtype="uint8",
+                           crs="EPSG:32618", transform=Affine(30, 0, 500000, 0, -30, 4000000)) as ds:  # fmt: skip
+            ds.write(np.ones((1, height, width), np.uint8))
+        return tmp_path / name
+
+    atlas = atlas_of("atlas.tif", 50, 50)
+    cases = [
+        (raster_workflow(turned, weights, stats={"output": "s.csv", "regions": str(regions)}),
+         f"{turned}: vector regions need a north-up raster (no rotation in the geotransform)"),
+        (volume_workflow(volume, weights_3d, {}, {}) | {"stats": {"output": "s.csv", "regions": str(regions)}},
+         f"{volume}: vector regions need a 2D raster, this is a volume"),
+        (raster_workflow(path, weights, stats={"output": "s.csv", "regions": str(atlas)}),
+         f"{atlas}: the atlas is not on the grid of {path} (shapes differ: (100, 120) vs (50, 50))"),
+        (raster_workflow(turned_degrees, weights, stats={"output": "s.csv"}),
+         f"{turned_degrees}: geodesic areas need a north-up geographic raster (no rotation in the geotransform)"),
+    ]  # fmt: skip
+    for workflow, why in cases:
+        with pytest.raises(InputError, match=re.escape(why)) as refused:
+            plan_workflow(Workflow.from_dict(workflow, base_dir=tmp_path))
+        assert refused.value.exit_status == 2
+    same_grid = raster_workflow(path, weights, stats={"output": "s.csv", "regions": str(atlas_of("same.tif", 100, 120))})
+    assert plan_workflow(Workflow.from_dict(same_grid, base_dir=tmp_path)).items  # an atlas on the output's grid
+    metric = raster_workflow(turned, weights, stats={"output": "s.csv"})
+    assert plan_workflow(Workflow.from_dict(metric, base_dir=tmp_path)).items  # a projected rotated grid has areas

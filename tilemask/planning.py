@@ -156,7 +156,7 @@ class WorkflowPlan:
         """Open one input's metadata and check it against the workflow and the inputs planned before it."""
         spatial_dims = int(self.workflow.model.spatial_dims or len(self.settings.roi))
         planned = _plan_input(self.workflow, item, spatial_dims)
-        _check_regions(planned)
+        _check_statistics(planned)
         if self.inputs and planned.source.channels != self.in_channels:
             raise InputError(
                 f"{planned.input}: gives {planned.source.channels} channels, the first input "
@@ -439,20 +439,43 @@ def _check_output_names(workflow: Workflow, items: list[InputItem]) -> None:
             seen[path] = item
 
 
-def _check_regions(item: InputPlan) -> None:
-    """The ``stats:`` regions and their key, before the run predicts anything: a wrong key found after the run
-    left a finished output whose statistics failed."""
+def _check_statistics(item: InputPlan) -> None:
+    """What the ``stats:`` section would refuse of the output, before the run predicts anything: the regions and
+    their key, and whether they can measure the output's grid (the input's).  Found after the run, a refusal left
+    a finished output whose statistics had failed, and the fixed workflow was then refused that output."""
     stats = item.products.stats
-    if not (stats and stats.regions) or stats.regions.startswith(REMOTE_PREFIXES):
+    if not stats:
+        return
+    from .stats.measure import Grid, same_grid
+
+    geometry = item.source.geometry
+    grid = Grid(tuple(int(s) for s in item.source.shape[1:]), geometry)
+    if grid.is_geographic and not grid.north_up:
+        raise InputError(f"{item.input}: geodesic areas need a north-up geographic raster (no rotation in the "
+                         "geotransform)")  # fmt: skip
+    if not stats.regions or stats.regions.startswith(REMOTE_PREFIXES):
         return
     if not Path(stats.regions).exists():
         raise InputError(f"stats.regions: no such file {stats.regions}")
-    if stats.region_id is None:
-        return
     if is_label_image(stats.regions):
-        raise InputError(f"stats.region_id applies to vector regions; the atlas {stats.regions} is keyed by its "
-                         "label value")  # fmt: skip
-    check_region_key(stats.regions, stats.region_id)
+        if stats.region_id is not None:
+            raise InputError(f"stats.region_id applies to vector regions; the atlas {stats.regions} is keyed by its "
+                             "label value")  # fmt: skip
+        from .sources.labels import open_labels
+
+        atlas = open_labels(stats.regions)
+        # a NIfTI output's affine is the input's in float32: within 1 um here; the statistics check it exactly
+        tolerance = 1e-6 if grid.is_volume else 1e-9
+        why = same_grid(grid, Grid(tuple(int(s) for s in atlas.array.shape), atlas.geometry), tolerance=tolerance)
+        if why:
+            raise InputError(f"{stats.regions}: the atlas is not on the grid of {item.input} ({why})")
+        return
+    if grid.is_volume:
+        raise InputError(f"{item.input}: vector regions need a 2D raster, this is a volume")
+    if not grid.north_up:
+        raise InputError(f"{item.input}: vector regions need a north-up raster (no rotation in the geotransform)")
+    if stats.region_id is not None:
+        check_region_key(stats.regions, stats.region_id)
 
 
 def _owned(path: str) -> bool:
