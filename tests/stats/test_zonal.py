@@ -209,6 +209,23 @@ def test_fraction_rule_zarr_labels_and_points(tmp_path, shade_labels):
     assert all(table.iloc[-3][f"class_{v}_pixels"] == 0 for v in values)
 
 
+@pytest.mark.parametrize("coverage", ["center", "fraction"])
+def test_regions_without_geometry_count_no_pixel_and_are_named_in_a_warning(tmp_path, shade_labels, coverage, caplog):
+    """A feature with no geometry (a GIS layer's unplaced row, or what GDAL reads of a damaged shape) keeps its row,
+    with no pixel, and is named in a warning rather than passing as a region that holds nothing."""
+    regions = random_regions(shade_labels, 4, seed=3)
+    regions.loc[1, "geometry"] = None
+    regions_path = tmp_path / "regions.gpkg"
+    regions.to_file(regions_path)
+    table = pd.read_csv(compute_stats(shade_labels, tmp_path / "t.csv", regions=regions_path, region_id="name",
+                                      coverage=coverage))  # fmt: skip
+    values = class_values(table)
+    assert list(table["name"]) == list(regions["name"])
+    assert all(table.iloc[1][f"class_{v}_pixels"] == 0 for v in values)
+    assert sum(table.iloc[4][f"class_{v}_pixels"] for v in values) > 0  # the large box counts pixels
+    assert "1 of 5 regions have no geometry (first: 'r1'): they count no pixel" in caplog.text
+
+
 def test_fraction_rule_refuses_lines_and_collections(tmp_path, shade_labels):
     regions = random_regions(shade_labels, 3, seed=1)
     with rasterio.open(shade_labels) as ds:
