@@ -446,13 +446,10 @@ def _check_statistics(item: InputPlan) -> None:
     stats = item.products.stats
     if not stats:
         return
-    from .stats.measure import Grid, same_grid
+    from .stats.measure import Grid
 
-    geometry = item.source.geometry
-    grid = Grid(tuple(int(s) for s in item.source.shape[1:]), geometry)
-    if grid.is_geographic and not grid.north_up:
-        raise InputError(f"{item.input}: geodesic areas need a north-up geographic raster (no rotation in the "
-                         "geotransform)")  # fmt: skip
+    grid = Grid(tuple(int(s) for s in item.source.shape[1:]), item.source.geometry)
+    grid.check_sizes(item.input)
     if not stats.regions or stats.regions.startswith(REMOTE_PREFIXES):
         return
     if not Path(stats.regions).exists():
@@ -462,18 +459,14 @@ def _check_statistics(item: InputPlan) -> None:
             raise InputError(f"stats.region_id applies to vector regions; the atlas {stats.regions} is keyed by its "
                              "label value")  # fmt: skip
         from .sources.labels import open_labels
+        from .stats.totals import check_atlas_grid
 
-        atlas = open_labels(stats.regions)
         # a NIfTI output's affine is the input's in float32: within 1 um here; the statistics check it exactly
-        tolerance = 1e-6 if grid.is_volume else 1e-9
-        why = same_grid(grid, Grid(tuple(int(s) for s in atlas.array.shape), atlas.geometry), tolerance=tolerance)
-        if why:
-            raise InputError(f"{stats.regions}: the atlas is not on the grid of {item.input} ({why})")
+        check_atlas_grid(grid, open_labels(stats.regions), item.input, tolerance=1e-6 if grid.is_volume else 1e-9)
         return
-    if grid.is_volume:
-        raise InputError(f"{item.input}: vector regions need a 2D raster, this is a volume")
-    if not grid.north_up:
-        raise InputError(f"{item.input}: vector regions need a north-up raster (no rotation in the geotransform)")
+    from .stats.zonal import check_vector_grid
+
+    check_vector_grid(grid, item.input)
     if stats.region_id is not None:
         check_region_key(stats.regions, stats.region_id)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import geopandas as gpd
@@ -124,6 +125,21 @@ def test_geographic_raster_geodesic_areas(tmp_path, geographic_labels):
     for row, ref in zip(zonal.to_dict(orient="records"), reference):
         for value in class_values(zonal):
             assert row[f"class_{value}_pixels"] == ref.get(value, 0)
+
+
+def test_a_rotated_geographic_raster_is_refused_before_any_pixel_is_read(tmp_path):
+    """Geodesic row areas need a north-up raster: a rotated one in degrees is refused by name when the statistics
+    are prepared (``tilemask stats`` starts no cluster), not by a task half way through."""
+    from affine import Affine
+
+    from tilemask.stats.api import prepare_stats
+
+    from .conftest import blobs, write_raster
+
+    path = write_raster(tmp_path / "turned.tif", blobs((60, 80), seed=3), "EPSG:4326",
+                        Affine(0.01, 0.002, 10.0, 0.002, -0.01, 61.0), block=32)  # fmt: skip
+    with pytest.raises(InputError, match=re.escape(f"{path}: geodesic areas need a north-up geographic raster")):
+        prepare_stats(path, tmp_path / "t.csv")
 
 
 def test_fraction_rule_on_a_geographic_raster_weights_each_cell_by_its_rows_area(tmp_path, geographic_labels):

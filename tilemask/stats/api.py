@@ -23,7 +23,7 @@ from .config import StatsConfig, is_label_image
 from .evaluate import evaluate
 from .instances import CONNECTIVITIES, find_instances
 from .tables import check_table_path, parse_classes, write_json, write_table
-from .totals import atlas_zonal, class_totals
+from .totals import atlas_zonal, class_totals, grid_of
 from .zonal import prepare_vector_zonal, read_regions
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ def prepare_stats(
     image = open_labels(str(mask_path), chunks=chunks)
     if not np.issubdtype(image.array.dtype, np.integer):
         raise InputError(f"{mask_path}: labels must be integers, not {image.array.dtype}")
+    grid_of(image).check_sizes(mask_path)
     if instances:
         return lambda client=None: write_table(
             find_instances(image, connectivity=connectivity, names=names, client=client), output

@@ -73,6 +73,12 @@ class Grid:
     def north_up(self) -> bool:
         return not self.is_volume and self.geometry.transform[2] == 0 and self.geometry.transform[4] == 0
 
+    def check_sizes(self, path) -> None:
+        """Refuse what :attr:`row_sizes` cannot measure: geodesic areas of a rotated geographic raster."""
+        if self.is_geographic and not self.north_up:
+            raise InputError(f"{path}: geodesic areas need a north-up geographic raster (no rotation in the "
+                             "geotransform)")  # fmt: skip
+
     @cached_property
     def row_sizes(self) -> np.ndarray:
         """Area (m^2) or volume (mL) of one pixel/voxel, per row (axis 0); NaN when unknown.
@@ -91,8 +97,7 @@ class Grid:
         if not self.is_geographic:
             unit = self.crs.axis_info[0].unit_conversion_factor if self.crs.axis_info else 1.0
             return np.full(n_rows, abs(dx * dy - rx * ry) * unit * unit)
-        if not self.north_up:
-            raise InputError("geodesic areas need a north-up geographic raster (no rotation in the geotransform)")
+        self.check_sizes("the labels")
         return geodesic_row_areas(x0, dx, y0, dy, n_rows, self.crs.get_geod() or WGS84)
 
     def pixel_centres(self, index: np.ndarray) -> np.ndarray:

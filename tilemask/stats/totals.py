@@ -52,12 +52,17 @@ def class_totals(image: LabelImage, names=None, client=None) -> pd.DataFrame:
     )
 
 
+def check_atlas_grid(grid: Grid, atlas: LabelImage, image_path, tolerance: float = 1e-9) -> None:
+    """Refuse an atlas that is not on the labels' ``grid`` (see :func:`same_grid` for ``tolerance``)."""
+    why = same_grid(grid, grid_of(atlas), tolerance)
+    if why:
+        raise InputError(f"{atlas.path}: the atlas is not on the grid of {image_path} ({why})")
+
+
 def atlas_zonal(image: LabelImage, atlas: LabelImage, names=None, client=None) -> pd.DataFrame:
     """One row per atlas label with per-class counts, fractions and sizes."""
-    grid, atlas_grid = grid_of(image), grid_of(atlas)
-    why = same_grid(grid, atlas_grid)
-    if why:
-        raise InputError(f"{atlas.path}: the atlas is not on the grid of {image.path} ({why})")
+    grid = grid_of(image)
+    check_atlas_grid(grid, atlas, image.path)
     zone_excluded = (0,) + (() if atlas.nodata is None else (int(atlas.nodata),))
     pairs = count_pairs(
         image.array, atlas.array, grid, excluded=excluded_values(image), zone_excluded=zone_excluded, client=client

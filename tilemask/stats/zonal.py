@@ -150,6 +150,14 @@ def read_regions(path: str | os.PathLike, region_id: str | None):
     return regions, region_id or "region"
 
 
+def check_vector_grid(grid: Grid, path) -> None:
+    """Refuse a grid vector regions cannot be burned on: a volume, a rotated raster."""
+    if grid.is_volume:
+        raise InputError(f"{path}: vector regions need a 2D raster, this is a volume")
+    if not grid.north_up:
+        raise InputError(f"{path}: vector regions need a north-up raster (no rotation in the geotransform)")
+
+
 def prepare_vector_zonal(image: LabelImage, regions, key: str = "region", coverage: str = "center", names=None,
                          keep_geometry: bool = True):  # fmt: skip
     """One row per region: ``key`` then ``<class>_pixels``, ``<class>_fraction``, ``<class>_area_m2``.
@@ -162,10 +170,7 @@ def prepare_vector_zonal(image: LabelImage, regions, key: str = "region", covera
     it starts a cluster.
     """
     grid = grid_of(image)
-    if grid.is_volume:
-        raise InputError(f"{image.path}: vector regions need a 2D raster, this is a volume")
-    if not grid.north_up:
-        raise InputError(f"{image.path}: vector regions need a north-up raster (no rotation in the geotransform)")
+    check_vector_grid(grid, image.path)
     if coverage not in ("center", "fraction"):
         raise InputError(f"coverage must be 'center' or 'fraction', got {coverage!r}")
     projected = _to_raster_crs(regions, grid, image.path)
