@@ -23,6 +23,17 @@ CT = SERIES / "98892001" / "CT5N"  # 5 axial slices, 0.49 x 0.49 x 2.5 mm, store
 RADIAL_MR = SERIES / "98892003" / "MR700"  # 7 slices, each in its own orientation: not a volume
 
 
+def sitk_grid(path) -> tuple[np.ndarray, ...]:
+    """Origin, direction and spacing as SimpleITK reads a file or a series."""
+    if Path(path).is_dir():
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path)))
+        image = reader.Execute()
+    else:
+        image = sitk.ReadImage(str(path))
+    return np.array(image.GetOrigin()), np.array(image.GetDirection()), np.array(image.GetSpacing())
+
+
 def sitk_ras(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """SimpleITK's reading of a series: the voxel-to-RAS affine and the voxels as (i, j, k)."""
     reader = sitk.ImageSeriesReader()
@@ -125,6 +136,9 @@ def test_a_run_on_a_series_writes_labels_on_the_scan_grid(make_model, tmp_path, 
     affine, voxels = sitk_ras(CT)
     np.testing.assert_allclose(labels.affine, affine, atol=1e-4)
     assert labels.shape == voxels.shape
+    assert labels.header.get_xyzt_units()[0] == "mm"  # DICOM's unit, said (it was "unknown")
+    for ours, theirs in zip(sitk_grid(labels.get_filename()), sitk_grid(CT)):
+        np.testing.assert_allclose(ours, theirs, atol=1e-4)  # where SimpleITK puts the scan, it puts the labels
 
 
 def test_a_folder_of_two_series_uneven_or_radial_slices_is_refused(tmp_path):

@@ -42,6 +42,19 @@ def nifti_nodata(descrip: bytes) -> int | None:
         return None
     value = text[len(NIFTI_DESCRIP + NIFTI_NODATA):]
     return int(value) if value.isdigit() else None
+
+
+NIFTI_UNITS_IN_MM = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3, "unknown": 1.0}  # xyzt_units' spatial part
+
+
+def nifti_affine_mm(img) -> tuple[tuple[float, ...], ...]:
+    """A nibabel image's voxel-to-RAS affine (nibabel's: the sform, else the qform, else the zooms) in mm: the
+    header's spatial unit applied, as SimpleITK applies it (nibabel and MONAI leave it; no unit counts as mm)."""
+    factor = NIFTI_UNITS_IN_MM.get(img.header.get_xyzt_units()[0], 1.0)
+    rows = [[float(v) * (factor if r < 3 else 1.0) for v in row] for r, row in enumerate(img.affine)]
+    return tuple(tuple(row) for row in rows)
+
+
 CLASS_TABLE_SUFFIX = ".colors.csv"  # the class names beside NIfTI labels (3D Slicer's colour table CSV)
 
 

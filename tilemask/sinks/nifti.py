@@ -1,7 +1,7 @@
 """NIfTI output: integer labels on the reference scan's exact grid.
 
-The client writes a header (the reference image's affine as both sform and qform,
-its units) and sizes the data part of an uncompressed temporary file; workers
+The client writes a header (on the reference scan's grid, its qform, sform, codes,
+zooms and units as they are; on another grid, its affine in mm as both) and sizes the data part of an uncompressed temporary file; workers
 write their chunks into it with ``pwrite`` (NIfTI data is Fortran-ordered, so a
 chunk is a set of strided runs of the file, and distinct chunks never share
 bytes).  The temporary file and the compressed one are hidden staged siblings
@@ -30,7 +30,7 @@ import numpy as np
 
 from ..classes import write_colour_table
 from ..errors import OutputError
-from ..formats import for_path, nifti_descrip
+from ..formats import for_path, nifti_affine_mm, nifti_descrip
 from ..geometry import Region
 from ..outputs import publish, remove, staged_path
 from . import LabelSink, OutputLayout
@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 VOX_OFFSET = 352  # 348-byte header + 4-byte "no extensions" flag
 COPY_BLOCK = 16 << 20
+GRID_FIELDS = ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y",
+               "qoffset_z", "srow_x", "srow_y", "srow_z", "xyzt_units")  # fmt: skip
 COMPRESS_LEVEL = nib.openers.Opener.default_compresslevel  # nibabel's, so as nib.save (and MONAI's SaveImage): 1
 
 
@@ -59,16 +61,21 @@ class NiftiVolume:
 
     def create(self, reference: str, affine: np.ndarray) -> None:
         header = nib.Nifti1Header()
-        try:
-            ref = nib.load(reference).header
-            header.set_xyzt_units(*ref.get_xyzt_units())
-            codes = int(ref["sform_code"]) or 1, int(ref["qform_code"]) or 1
-        except Exception:  # the reference is not a NIfTI (a Zarr volume): scanner coordinates
-            codes = 1, 1
         header.set_data_shape(self.shape)
         header.set_data_dtype(np.dtype(self.dtype))
-        header.set_sform(affine, code=codes[0])
-        header.set_qform(affine, code=codes[1])
+        try:
+            ref = nib.load(reference)
+        except Exception:  # the reference is not a NIfTI (a DICOM series, a Zarr volume): scanner coordinates
+            ref = None
+        if ref is not None and ref.shape[:3] == self.shape[:3] and np.allclose(nifti_affine_mm(ref), affine, atol=1e-4):
+            for field in GRID_FIELDS:  # the scan's grid as it says it, each reader's choice of qform or sform kept
+                header[field] = ref.header[field]
+            header["pixdim"][:4] = ref.header["pixdim"][:4]
+        else:  # another grid (the model's): tilemask's, in mm
+            codes = (int(ref.header["sform_code"]) or 1, int(ref.header["qform_code"]) or 1) if ref else (1, 1)
+            header.set_sform(affine, code=codes[0])
+            header.set_qform(affine, code=codes[1])
+            header.set_xyzt_units("mm", "sec")
         header["vox_offset"] = VOX_OFFSET
         header.set_slope_inter(1.0, 0.0)
         header["descrip"] = nifti_descrip(self.nodata)

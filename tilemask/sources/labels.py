@@ -177,11 +177,11 @@ def open_nifti_labels(path: str, chunks) -> LabelImage:
     if not np.issubdtype(dtype, np.integer) or img.dataobj.slope not in (1, None) or img.dataobj.inter not in (0, None):
         raise InputError(f"{path}: labels must be stored as unscaled integers (dtype {dtype})")
     shape = tuple(int(s) for s in img.shape)
-    affine = tuple(tuple(float(v) for v in row) for row in img.affine)
+    from ..formats import for_path, nifti_affine_mm, nifti_nodata
+
+    affine = nifti_affine_mm(img)
     lazy = da.from_array(
         _NiftiVolume(path, shape, dtype), chunks=_chunks(chunks, tuple(min(s, 128) for s in shape)), asarray=False, fancy=False
     )
-    from ..formats import for_path, nifti_nodata
-
     names = read_colour_table(for_path(path).class_table_path(path))
     return LabelImage(path, lazy, VolumeGeometry(affine), names, nifti_nodata(img.header["descrip"]))

@@ -24,6 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import InputError, ReadError
+from ..formats import nifti_affine_mm
 from ..geometry import Region, VolumeGeometry
 from . import ImageSource, Spool, cached_handle, file_stamp, unpacked
 from ..storage import local_copy
@@ -56,7 +57,7 @@ class NiftiSource(ImageSource):
         if len(shape) not in (3, 4):
             raise InputError(f"{path}: NIfTI with {len(shape)} axes; expected 3 (i, j, k) or 4 (i, j, k, channel)")
         _check_length(path, img, shape)
-        affine = tuple(tuple(float(v) for v in row) for row in img.affine)
+        affine = nifti_affine_mm(img)
         slope, inter = img.dataobj.slope, img.dataobj.inter
         scaled = slope not in (1, None) or inter not in (0, None)
         volumes = None

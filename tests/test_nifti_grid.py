@@ -1,0 +1,102 @@
+"""NIfTI labels on the scan's grid as every reader sees it (SimpleITK as well as nibabel), and volumes in mm."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import zarr
+
+import tilemask
+from tests.conftest import UNET_3D
+from tilemask.stats.api import compute_stats
+from tilemask.workflow import Workflow
+
+GRID_FIELDS = ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y",
+               "qoffset_z", "srow_x", "srow_y", "srow_z", "xyzt_units")  # fmt: skip
+
+
+def scan(path, header_of) -> str:
+    """A random int16 volume of 24 x 20 x 16 whose header ``header_of(header)`` sets up."""
+    data = (np.random.default_rng(1).random((24, 20, 16)) * 1000).astype(np.int16)
+    img = nib.Nifti1Image(data, None)
+    header_of(img.header)
+    nib.save(img, path)
+    return str(path)
+
+
+def run(path, make_model, tmp_path, client, suffix=".nii.gz") -> str:
+    weights, _ = make_model(UNET_3D)
+    workflow = {
+        "version": 1,
+        "input": path,
+        "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
+        "preprocess": {"normalize": {"mean": [500.0], "std": [300.0]}},
+        "inference": {"roi_size": [16, 16, 16], "batch_size": 2, "device": "cpu"},
+        "output": {"path": "out/{stem}_labels" + suffix, "chunks": 16},
+    }
+    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    return result.outputs[0]
+
+
+def sitk_grid(path) -> tuple[np.ndarray, ...]:
+    image = sitk.ReadImage(str(path))
+    return np.array(image.GetOrigin()), np.array(image.GetDirection()), np.array(image.GetSpacing())
+
+
+def qform_unlike_sform(header) -> None:
+    header.set_qform(np.diag([1.0, 1.0, 1.0, 1.0]) + np.array([[0, 0, 0, 10], [0, 0, 0, -20], [0, 0, 0, 30], [0] * 4]),
+                     code=1)  # fmt: skip
+    header.set_sform(np.array([[-1.0, 0, 0, 15], [0, -1.0, 0, -15], [0, 0, 1.0, 35], [0, 0, 0, 1]]), code=2)
+    header.set_xyzt_units("mm", "sec")
+
+
+def no_codes(header) -> None:
+    header.set_zooms((0.9, 1.1, 2.0))
+    header["qform_code"], header["sform_code"] = 0, 0
+
+
+@pytest.mark.parametrize("header_of", [qform_unlike_sform, no_codes], ids=["qform-unlike-sform", "no-codes"])
+def test_labels_keep_the_scans_qform_and_sform_so_simpleitk_places_them_on_it(make_model, tmp_path, client, header_of):
+    """SimpleITK (ITK-SNAP, 3D Slicer) reads a NIfTI's qform where nibabel (MONAI) reads its sform: labels whose
+    header held the sform in both, with the scan's qform code, sat 5 mm away and flipped in those readers."""
+    path = scan(tmp_path / "scan.nii.gz", header_of)
+    out = run(path, make_model, tmp_path, client)
+    source, labels = nib.load(path).header, nib.load(out).header
+    for field in GRID_FIELDS:
+        np.testing.assert_array_equal(labels[field], source[field], err_msg=field)
+    np.testing.assert_array_equal(labels["pixdim"][:4], source["pixdim"][:4])
+    for ours, theirs in zip(sitk_grid(out), sitk_grid(path)):
+        np.testing.assert_allclose(ours, theirs, atol=1e-6)
+    np.testing.assert_allclose(nib.load(out).affine, nib.load(path).affine)
+
+
+def test_a_scan_in_micrometres_is_measured_in_mm_as_simpleitk_reads_it(make_model, tmp_path, client):
+    """NIfTI's ``xyzt_units`` say what the affine is in; tilemask's grids are mm, as SimpleITK's spacing: 20 um
+    voxels hold 8e-9 mL each, not the 8 mL of 20 mm ones (the statistics were 10^9 times too large)."""
+
+    def micrometres(header) -> None:
+        header.set_qform(np.diag([20.0, 20.0, 20.0, 1.0]) + np.array([[0, 0, 0, 500.0]] + [[0] * 4] * 3), code=1)
+        header.set_sform(header.get_qform(), code=1)
+        header.set_xyzt_units("micron", "sec")
+
+    path = scan(tmp_path / "cells.nii.gz", micrometres)
+    out = run(path, make_model, tmp_path, client)
+    assert nib.load(out).header.get_xyzt_units()[0] == "micron"  # the labels say what the scan says
+    np.testing.assert_allclose(nib.load(out).affine, nib.load(path).affine)
+    spacing_mm = sitk_grid(path)[2]
+    np.testing.assert_allclose(spacing_mm, [0.02] * 3)  # the reference: ITK converts the NIfTI unit to mm
+
+    table = pd.read_csv(compute_stats(out, tmp_path / "volumes.csv"))
+    labels = np.asarray(nib.load(out).dataobj)
+    for row in table.itertuples(index=False):
+        voxels = int((labels == row.value).sum())
+        assert row.voxels == voxels
+        assert row.volume_ml == pytest.approx(voxels * np.prod(spacing_mm) / 1000, rel=1e-6)
+
+    ome = run(path, make_model, tmp_path, client, suffix=".ome.zarr")
+    (multiscale,) = dict(zarr.open_group(ome, mode="r")["labels/labels"].attrs)["ome"]["multiscales"]
+    assert [a["unit"] for a in multiscale["axes"]] == ["millimeter"] * 3
+    np.testing.assert_allclose(multiscale["datasets"][0]["coordinateTransformations"][0]["scale"], spacing_mm)
