@@ -85,13 +85,14 @@ def test_volume_scale_is_the_voxel_size_and_an_ome_zarr_input_keeps_it(make_volu
     weights, _ = make_model(UNET_3D)
     source = tmp_path / "scan.ome.zarr"
     group = zarr.open_group(source, mode="w", zarr_format=3)
-    scale = [2.5, 1.2, 0.9]
+    scale, translation = [2.5, 1.2, 0.9], [-50.0, 12.0, 7.0]
     group.create_array("s0", data=volume, chunks=(20, 20, 20), dimension_names=("z", "y", "x"))
     group.attrs["ome"] = {
         "version": "0.5",
         "multiscales": [{
             "axes": [{"name": n, "type": "space", "unit": "millimeter"} for n in "zyx"],
-            "datasets": [{"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+            "datasets": [{"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": scale},
+                                                                      {"type": "translation", "translation": translation}]}],
         }],
     }  # fmt: skip
     Image.from_zarr(zarr.open_group(source, mode="r"))  # a valid NGFF 0.5 image
@@ -113,12 +114,43 @@ def test_volume_scale_is_the_voxel_size_and_an_ome_zarr_input_keeps_it(make_volu
     multiscale = dict(root["labels/labels"].attrs)["ome"]["multiscales"][0]
     assert [a["unit"] for a in multiscale["axes"]] == ["millimeter"] * 3
     assert [a["name"] for a in multiscale["axes"]] == ["z", "y", "x"]  # named as the input named them
-    assert multiscale["datasets"][0]["coordinateTransformations"][0]["scale"] == pytest.approx(scale)
+    transforms = multiscale["datasets"][0]["coordinateTransformations"]
+    assert transforms[0]["scale"] == pytest.approx(scale)
+    assert transforms[1]["translation"] == pytest.approx(translation)  # where napari puts the scan, the labels
     # the input's grid is its scale, each axis on the world axis it is named after: array axis 0 (z) is world z
-    expected = np.zeros((3, 3))
+    expected = np.zeros((3, 4))
     expected[2, 0], expected[1, 1], expected[0, 2] = scale
-    np.testing.assert_allclose(np.asarray(dict(root.attrs)["affine"])[:3, :3], expected)
+    expected[2, 3], expected[1, 3], expected[0, 3] = translation
+    np.testing.assert_allclose(np.asarray(dict(root.attrs)["affine"])[:3], expected)
     assert np.asarray(root["labels/labels/0"]).shape == volume.shape
+
+
+def test_an_image_ome_zarr_input_keeps_its_scale_and_translation(make_model, tmp_path, client):
+    """A 2D OME-Zarr (a microscopy image: no CRS) gives labels with its pixel size and origin, so napari lays
+    them on it; they had a scale of 1 and no translation."""
+    image = (np.random.default_rng(2).random((3, 90, 110)) * 255).astype(np.uint8)
+    source = tmp_path / "cells.ome.zarr"
+    group = zarr.open_group(source, mode="w", zarr_format=3)
+    group.create_array("0", data=image, chunks=(3, 64, 64), dimension_names=("c", "y", "x"))
+    scale, translation = [1.0, 0.5, 0.5], [0.0, 100.0, 200.0]
+    group.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [{
+            "axes": [{"name": "c", "type": "channel"}] + [{"name": n, "type": "space", "unit": "micrometer"} for n in "yx"],
+            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale},
+                                                                     {"type": "translation", "translation": translation}]}],
+        }],
+    }  # fmt: skip
+    Image.from_zarr(zarr.open_group(source, mode="r"))
+    weights, _ = make_model(UNET_2D)
+    wf = raster_workflow(source, weights, output={"path": "out/{stem}_labels.ome.zarr", "chunks": 64})
+    (result,) = tilemask.run(Workflow.from_dict(wf, base_dir=tmp_path), client)
+    root = zarr.open_group(result.outputs[0], mode="r")
+    ImageLabel.from_zarr(root["labels/labels"])
+    (multiscale,) = dict(root["labels/labels"].attrs)["ome"]["multiscales"]
+    assert [a["name"] for a in multiscale["axes"]] == ["y", "x"]
+    transforms = multiscale["datasets"][0]["coordinateTransformations"]
+    assert transforms == [{"type": "scale", "scale": scale[1:]}, {"type": "translation", "translation": translation[1:]}]
 
 
 def test_volume_axes_are_named_after_the_world_axes_they_run_along(make_volume, make_model, tmp_path, client):

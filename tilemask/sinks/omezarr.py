@@ -29,7 +29,7 @@ import numpy as np
 import zarr
 
 from ..classes import class_colours, class_name
-from ..geometry import RasterGeometry, Region, ome_space_names
+from ..geometry import WORLD_AXES, RasterGeometry, Region, ome_space_names
 from ..outputs import publish, remove, staged_path
 from ..sources import cached_handle
 from . import LabelSink, OutputLayout
@@ -48,13 +48,24 @@ def level_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     return shapes
 
 
-def spacing_and_unit(layout: OutputLayout) -> tuple[tuple[float, ...], str | None]:
+def space_axes(layout: OutputLayout) -> tuple[tuple[str, ...], list[float], list[float], str | None]:
+    """The space axes' NGFF names, scale, translation (where pixel/voxel 0 is) and unit.
+
+    A volume: the voxel sizes in mm, and each axis's origin on the world axis it is named after.  An image: the
+    pixel size in metres in a projected CRS, else the geotransform's own sizes with no unit (an OME-Zarr input's
+    scale), and the geotransform's origin.  NGFF has no rotation or flip: those stay in tilemask's attributes.
+    """
     from ..postprocess import spacing_of
 
-    spacing = spacing_of(layout.geometry)
-    if spacing is None:
-        return (1.0,) * len(layout.shape), None
-    return spacing, ("meter" if isinstance(layout.geometry, RasterGeometry) else "millimeter")
+    geometry = layout.geometry
+    names = ome_space_names(geometry, len(layout.shape))
+    spacing = spacing_of(geometry)
+    if isinstance(geometry, RasterGeometry):
+        x0, dx, rx, y0, ry, dy = geometry.transform
+        sizes = spacing or (float(np.hypot(rx, dy)), float(np.hypot(dx, ry)))
+        return names, list(sizes), [y0, x0], ("meter" if spacing else None)
+    affine = np.asarray(geometry.affine)
+    return names, list(spacing), [float(affine[WORLD_AXES.index(n), 3]) for n in names], "millimeter"
 
 
 def mode_downsample(block: np.ndarray) -> np.ndarray:
@@ -92,11 +103,9 @@ class OmeZarrSink(LabelSink):
 
     def create(self) -> None:
         layout = self.layout
-        spatial = len(layout.shape)
         shapes = level_shapes(layout.shape)
-        spacing, unit = spacing_and_unit(layout)
+        names, spacing, origin, unit = space_axes(layout)
         root = zarr.open_group(self.staged, mode="w", zarr_format=3)
-        names = ome_space_names(layout.geometry, spatial)
         space = [{"name": n, "type": "space", **({"unit": unit} if unit else {})} for n in names]
         channels = layout.probability_channels if layout.writes_probabilities else 0
 
@@ -107,7 +116,8 @@ class OmeZarrSink(LabelSink):
                 "axes": ([{"name": "c", "type": "channel"}] if with_channels else []) + space,
                 "datasets": [
                     {"path": str(level), "coordinateTransformations": [
-                        {"type": "scale", "scale": lead + [s * 2**level for s in spacing]}]}
+                        {"type": "scale", "scale": lead + [s * 2**level for s in spacing]},
+                        {"type": "translation", "translation": [0.0] * len(lead) + origin}]}
                     for level in range(len(shapes))
                 ],
                 "type": "mean" if with_channels else "mode",  # probabilities are averaged, labels voted
