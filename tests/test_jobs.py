@@ -106,6 +106,23 @@ def test_skip_records_the_failure_goes_on_and_a_rerun_resumes_without_predicting
     ]
 
 
+def test_an_input_replaced_after_its_run_is_redone(make_raster, make_model, tmp_path, client):
+    """A finished item whose input file changed since (its size or modification time) is redone by the job's next
+    run; it was skipped as done, its labels those of the file it replaced."""
+    path, _ = make_raster((3, 80, 90))
+    weights, _ = make_model()
+    workflow = raster_workflow(path, weights, output={"path": "out/{stem}.zarr", "chunks": 64})
+    (first,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    before = zarr.open_group(first.outputs[0], mode="r")["labels"][:]
+    make_raster((3, 80, 90), seed=5)  # another scene under the same name
+    (redone,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert redone.status == "ok" and redone.windows > 0
+    after = zarr.open_group(redone.outputs[0], mode="r")["labels"][:]
+    assert (after != before).any(), "the new scene's labels"
+    (last,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert last.status == "skipped"  # unchanged since: done
+
+
 def test_abort_stops_at_the_first_failure_and_reports_what_did_not_run(scene_workflow, tmp_path, client):
     import dask
 

@@ -50,6 +50,7 @@ from .outputs import FolderListings, OutputLock
 from .planning import InputPlan, WorkflowPlan, classes_of, plan_model
 from .products import client_imports
 from .progress import announce
+from .sources import file_stamp
 from .workflow import InputItem, Workflow
 
 logger = logging.getLogger(__name__)
@@ -259,11 +260,23 @@ def _earlier(latest: dict[str, dict], name: str, options: Options) -> RunResult 
     line = latest.get(name)
     if line is None:
         return None
-    if line["status"] == "ok" and outputs_complete(line["outputs"]):
+    if line["status"] == "ok" and outputs_complete(line["outputs"]) and _unchanged(line):
         return _from_line(line, "skipped")
     if line["status"] == "failed" and not options.retry_failed:
         return _from_line(line, "failed")
     return None
+
+
+def _stamps(files) -> list[list[int]]:
+    """``(mtime_ns, size)`` of each local file an item reads; zeros for what is not a local file."""
+    return [list(file_stamp(f)) for f in files]
+
+
+def _unchanged(line: dict) -> bool:
+    """Whether the files an ok item read are as they were (a replaced input is redone; lines written before the
+    stamps were recorded count as unchanged)."""
+    files = line.get("files")
+    return files is None or _stamps(files) == line.get("stamps")
 
 
 def _from_line(line: dict, status: str) -> RunResult:
@@ -323,6 +336,7 @@ class _ItemRunner:
     def run(self, client: Client, index: int) -> RunResult:
         item = self.plan.items[index]
         start = time.perf_counter()
+        stamps = _stamps(item.files)  # as the run reads them: changed later, the next run redoes the item
         try:
             planned, lock = self.prepared.pop(index, None) or self._prepare(index)
             try:
@@ -344,7 +358,7 @@ class _ItemRunner:
                 raise
             logger.warning("%s: failed, skipped: %s", item.files[0], failed.error)
             return failed
-        self.job.record(_line(index, item.name, result))
+        self.job.record(_line(index, item.name, result) | {"files": list(item.files), "stamps": stamps})
         self.counts.add("ok")
         return result
 
