@@ -131,6 +131,36 @@ def test_spleen_ct_bundle_runs_as_monai_runs_it(tmp_path, client):
     assert set(result.class_pixels) == {"background", "spleen"}
 
 
+def test_fixed_normalization_of_one_value_for_all_channels_over_nonzero_voxels_runs_as_monai_runs_it(tmp_path, client):
+    """``NormalizeIntensityd(subtrahend=50.0, divisor=30.0, nonzero=True)``, the scalar form MONAI takes without
+    ``channel_wise`` (a list needs it): it failed with "'float' object is not iterable"."""
+    img = nib.load(stored_psr(tmp_path))
+    values = np.asarray(img.dataobj)
+    values[values < np.median(values)] = 0  # background for nonzero to leave alone
+    scan = tmp_path / "masked.nii.gz"
+    nib.save(nib.Nifti1Image(values, img.affine, img.header), scan)
+    assert 0.1 < np.mean(values == 0) < 0.9
+    folder = write_bundle(
+        tmp_path / "fixed",
+        {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8, 16],
+         "strides": [2, 2], "num_res_units": 1},
+        [{"_target_": "LoadImaged", "keys": "image"}, {"_target_": "EnsureChannelFirstd", "keys": "image"},
+         {"_target_": "NormalizeIntensityd", "keys": "image", "subtrahend": 50.0, "divisor": 30.0, "nonzero": True}],
+        {"_target_": "SlidingWindowInferer", "roi_size": [32, 32, 24], "sw_batch_size": 4, "overlap": 0.25},
+        [{"_target_": "Activationsd", "keys": "pred", "softmax": True}, {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}],
+        ["background", "foreground"],
+    )  # fmt: skip
+    _, labels, probabilities = run_bundle(folder, scan, tmp_path, client)
+    expected = monai_runs_the_bundle(folder, scan)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    assert np.mean(labels == expected.argmax(0)) >= 0.9999
+    half = json.loads((folder / "configs" / "inference.json").read_text())
+    half["preprocessing"]["transforms"][2].pop("divisor")
+    (folder / "configs" / "inference.json").write_text(json.dumps(half))
+    with pytest.raises(WorkflowError, match="NormalizeIntensity with only a subtrahend or only a divisor"):
+        Workflow.from_dict({"version": 1, "input": str(scan), "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}})
+
+
 @pytest.mark.slow  # a second bundle, SegResNet in TorchScript
 def test_brain_mr_bundle_with_torchscript_and_two_channels(tmp_path, client):
     folder = brain_mr_bundle(tmp_path / "brain_mr")

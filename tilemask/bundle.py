@@ -113,6 +113,11 @@ def _transforms(parser, key: str) -> list[dict]:
     return [t for t in transforms if isinstance(t, dict) and not t.get("_disabled_")]
 
 
+def _values(value) -> list[float]:
+    """A NormalizeIntensity subtrahend or divisor: one per channel (``channel_wise``), or one for them all."""
+    return [float(v) for v in value] if isinstance(value, list | tuple) else [float(value)]
+
+
 def _preprocessing(parser) -> dict:
     keys: dict[str, Any] = {}
     seen_intensity = False
@@ -134,8 +139,13 @@ def _preprocessing(parser) -> dict:
             keys["intensity"] = {k: args[k] for k in ("a_min", "a_max", "b_min", "b_max", "clip") if k in args}
         elif name == "NormalizeIntensity":
             seen_intensity = True
-            if args.get("subtrahend") is not None or args.get("divisor") is not None:
-                keys["normalize"] = {"mean": list(args["subtrahend"]), "std": list(args["divisor"])}
+            subtrahend, divisor = args.get("subtrahend"), args.get("divisor")
+            if subtrahend is not None or divisor is not None:
+                if subtrahend is None or divisor is None:  # MONAI takes the other from the image: a z-score half
+                    raise WorkflowError("model.bundle: NormalizeIntensity with only a subtrahend or only a divisor; "
+                                        "tilemask takes both (fixed values) or neither (the z-score)")  # fmt: skip
+                keys["normalize"] = {"mean": _values(subtrahend), "std": _values(divisor),
+                                     "nonzero": bool(args.get("nonzero", False))}  # fmt: skip
             else:
                 keys["normalize"] = {
                     "mode": "zscore", "nonzero": bool(args.get("nonzero", False)),

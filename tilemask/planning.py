@@ -413,7 +413,7 @@ def check_source(workflow: Workflow, source: ImageSource) -> None:
             f"channels{hint}"
         )
     normalize = workflow.preprocess.normalize
-    if normalize and normalize.fixed and len(normalize.mean) != source.channels:
+    if normalize and normalize.fixed and len(normalize.mean) not in (1, source.channels):
         raise InputError(
             f"{source.path}: preprocess.normalize has {len(normalize.mean)} values for {source.channels} channels"
         )

@@ -59,8 +59,9 @@ class ModelConfig(_Strict):
 
 
 class Normalize(_Strict):
-    """MONAI's ``NormalizeIntensity``: fixed per-channel ``mean`` / ``std``, or ``mode: zscore`` with the mean and
-    standard deviation of the whole (resampled) volume, over its nonzero voxels with ``nonzero``."""
+    """MONAI's ``NormalizeIntensity``: fixed ``mean`` / ``std`` (one per channel, or one for all), or ``mode:
+    zscore`` with the mean and standard deviation of the whole (resampled) volume; ``nonzero``: only nonzero
+    voxels are counted and normalized."""
 
     mode: Literal["fixed", "zscore"] = "fixed"
     mean: list[Float] | None = None
@@ -75,9 +76,9 @@ class Normalize(_Strict):
                 raise ValueError("mode zscore computes mean and std from the volume; give neither")
             return self
         if self.mean is None or self.std is None:
-            raise ValueError("give mean and std (one value per channel), or mode: zscore")
-        if self.nonzero or self.channel_wise:
-            raise ValueError("nonzero and channel_wise apply to mode: zscore")
+            raise ValueError("give mean and std (one value per channel, or one for all), or mode: zscore")
+        if self.channel_wise:
+            raise ValueError("channel_wise applies to mode: zscore (fixed values are per channel already)")
         if len(self.mean) != len(self.std):
             raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}")
         if any(s <= 0 for s in self.std):
@@ -361,7 +362,7 @@ class Workflow(_Strict):
             raise ValueError("output.probabilities uint8 needs an activation (softmax or sigmoid)")
         preprocess = self.preprocess
         normalize, bands = preprocess.normalize, preprocess.bands
-        if normalize and normalize.fixed and bands and len(normalize.mean) != len(bands):
+        if normalize and normalize.fixed and bands and len(normalize.mean) not in (1, len(bands)):
             raise ValueError(f"preprocess.normalize has {len(normalize.mean)} values but bands has {len(bands)}")
         if preprocess.resamples and len(roi) != 3:
             raise ValueError("preprocess.orientation and spacing resample volumes: they need a 3D model")
