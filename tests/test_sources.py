@@ -186,3 +186,28 @@ def test_an_uncompressed_nifti_shorter_than_its_header_is_refused_before_any_wor
     assert refused.value.exit_status == 2
     path.write_bytes(whole)
     assert open_source(str(path), 3).shape[1:] == (37, 29, 23)  # whole, it opens
+
+
+def test_a_truncated_nifti_gz_is_called_truncated_by_the_scan_reader_and_the_label_reader(make_volume):
+    """A ``.nii.gz`` can only be known short by reading it: the read says so in one line, naming the file, where it
+    said "OSError: Expected 288000 bytes, got 191336 bytes" (and the label reader of ``tilemask stats`` no file)."""
+    from tilemask.errors import ReadError
+    from tilemask.sources.labels import open_labels
+
+    path, _ = make_volume(name="scan.nii.gz")
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) * 2 // 3])
+    source = open_source(str(path), 3)
+    with pytest.raises(ReadError, match=rf"^{path}: read failed at .*: the file is truncated: it ends before the voxels"):
+        source.read(tuple((0, s) for s in source.shape[1:]))
+    labels, _ = make_volume(name="labels.nii.gz", dtype="uint8")
+    whole = labels.read_bytes()
+    labels.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ReadError, match=rf"^{labels}: read failed at \[.*\]: the file is truncated") as failed:
+        open_labels(str(labels)).array.compute()
+    assert "\n" not in str(failed.value)
+    uncompressed, _ = make_volume(name="labels.nii", dtype="uint8")
+    whole = uncompressed.read_bytes()
+    uncompressed.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InputError, match=rf"^{uncompressed}: truncated: its header describes"):
+        open_labels(str(uncompressed))

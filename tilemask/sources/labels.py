@@ -28,6 +28,7 @@ from ..classes import CLASSES_TAG, read_colour_table
 from ..errors import InputError, ReadError
 from ..geometry import Geometry, RasterGeometry, VolumeGeometry, geometry_from_attrs, normalize_per_axis
 from ..storage import zarr_options
+from .nifti import check_length, read_failure
 from .raster import first_gdal_line
 from . import cached_handle, file_stamp
 
@@ -80,11 +81,16 @@ class _NiftiVolume:
     ndim: int = 3
 
     def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
-        img = cached_handle(
-            ("label-nifti", self.path, file_stamp(self.path)),
-            lambda: nib.load(self.path, keep_file_open=True, mmap=True),
-        )
-        return np.asarray(img.dataobj[index])
+        try:
+            img = cached_handle(
+                ("label-nifti", self.path, file_stamp(self.path)),
+                lambda: nib.load(self.path, keep_file_open=True, mmap=True),
+            )
+            return np.asarray(img.dataobj[index])
+        except Exception as exc:  # nibabel, gzip and zlib raise many types
+            detail = read_failure(exc)
+        where = ", ".join(f"{s.start}:{s.stop}" for s in index)
+        raise ReadError(f"{self.path}: read failed at [{where}]: {detail}")
 
 
 def open_labels(path: str, chunks: int | tuple[int, ...] | None = None) -> LabelImage:
@@ -177,6 +183,7 @@ def open_nifti_labels(path: str, chunks) -> LabelImage:
     if not np.issubdtype(dtype, np.integer) or img.dataobj.slope not in (1, None) or img.dataobj.inter not in (0, None):
         raise InputError(f"{path}: labels must be stored as unscaled integers (dtype {dtype})")
     shape = tuple(int(s) for s in img.shape)
+    check_length(path, img, shape)
     from ..formats import for_path, nifti_affine_mm, nifti_nodata
 
     affine = nifti_affine_mm(img)

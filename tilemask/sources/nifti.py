@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from typing import ClassVar
@@ -56,7 +57,7 @@ class NiftiSource(ImageSource):
             raise InputError(f"{path}: cannot open NIfTI: {exc}") from None
         if len(shape) not in (3, 4):
             raise InputError(f"{path}: NIfTI with {len(shape)} axes; expected 3 (i, j, k) or 4 (i, j, k, channel)")
-        _check_length(path, img, shape)
+        check_length(path, img, shape)
         affine = nifti_affine_mm(img)
         slope, inter = img.dataobj.slope, img.dataobj.inter
         scaled = slope not in (1, None) or inter not in (0, None)
@@ -91,8 +92,20 @@ class NiftiSource(ImageSource):
                 block = np.stack([np.asarray(img.dataobj[(*index, v)]) for v in self.volumes])
             return block
         except Exception as exc:  # nibabel, gzip and zlib raise many types
-            detail = f"{type(exc).__name__}: {exc}"
+            detail = read_failure(exc)
         raise ReadError(f"{self.path}: read failed at {region}: {detail}")
+
+
+TRUNCATED = re.compile(r"Expected \d+ bytes, got \d+|n_bytes does not look right|Compressed file ended")
+
+
+def read_failure(exc: BaseException) -> str:
+    """What reading a NIfTI's voxels failed on, in a line: a file that ends before the voxels its header describes
+    (nibabel's "Expected N bytes, got M", gzip's end of stream) is called truncated."""
+    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    if isinstance(exc, EOFError) or TRUNCATED.search(str(exc)):
+        return f"the file is truncated: it ends before the voxels its header describes ({text})"
+    return text
 
 
 def _image(local: str):
@@ -119,7 +132,7 @@ def _decompressed(local: str, spool: Spool):
     return klass.from_file_map(klass.make_file_map({"image": spool.file}))
 
 
-def _check_length(path: str, img, shape: tuple[int, ...]) -> None:
+def check_length(path: str, img, shape: tuple[int, ...]) -> None:
     """An uncompressed file shorter than its header says is refused now (exit 2), not when a block past its end
     is read (nibabel's "n_bytes does not look right", exit 1).  A gzipped one can only be known by reading it."""
     data_file = img.file_map["image"].filename
