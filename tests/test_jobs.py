@@ -263,6 +263,29 @@ def test_archive_list_and_stac_inputs_give_the_outputs_of_the_files_themselves(m
         np.testing.assert_array_equal(labels[kind], labels["file"], err_msg=kind)
 
 
+def test_a_stac_items_id_is_one_file_name_in_the_output_folder(make_model, tmp_path):
+    """An id comes from whoever wrote the catalog: ``../../outside`` wrote its mask two folders above the output
+    folder, and ``T18/LC08 2020:01`` made a sub-folder. Each is made one file name in the output folder."""
+    from tilemask.planning import plan_workflow
+
+    ids = ["../../outside", "T18/LC08 2020:01", "LC08_L2SP_042034"]
+    (tmp_path / "items.json").write_text(json.dumps({
+        "type": "FeatureCollection",
+        "features": [{
+            "type": "Feature", "stac_version": "1.0.0", "id": i, "geometry": None,
+            "properties": {"datetime": "2000-01-01T00:00:00Z"}, "links": [],
+            "assets": {"rgb": {"href": str(GEO["RGB.byte.tif"])}},
+        } for i in ids],
+    }))  # fmt: skip
+    weights, _ = make_model(UNET_2D)
+    workflow = raster_workflow(str(tmp_path / "x.tif"), weights, output={"path": "out/{stem}_mask.tif"})
+    workflow["input"] = {"stac": str(tmp_path / "items.json"), "assets": ["rgb"]}
+    plan = plan_workflow(Workflow.from_dict(workflow, base_dir=tmp_path))
+    outputs = [Path(plan.workflow.output_path(item.name)) for item in plan.items]
+    assert [p.parent for p in outputs] == [tmp_path / "out"] * 3
+    assert [p.name for p in outputs] == ["_._.._outside_mask.tif", "T18_LC08 2020_01_mask.tif", "LC08_L2SP_042034_mask.tif"]
+
+
 def test_a_nifti_inside_a_tar_gz_is_read_from_a_scratch_copy(make_volume, make_model, tmp_path, client, monkeypatch):
     monkeypatch.setenv("TILEMASK_SCRATCH", str(tmp_path / "scratch"))
     path, _ = make_volume(shape=(30, 28, 26))

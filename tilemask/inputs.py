@@ -6,8 +6,8 @@ members, a STAC ItemCollection or catalog.  Listing opens no image: a run plans 
 * ``{archive: FILE, members: GLOB}``: the archive's files whose name (or base
   name) matches, read in place through GDAL's ``/vsizip/`` and ``/vsitar/``
   (NIfTI members are extracted once to scratch, :mod:`tilemask.sources.archive`).
-* ``{stac: FILE, assets: [...]}``: one item per STAC Item, named by its id, its
-  assets stacked as bands in the order given (each asset's bands, all on one
+* ``{stac: FILE, assets: [...]}``: one item per STAC Item, named by its id (made
+  one file name: :func:`file_name`), its assets stacked as bands in the order given (each asset's bands, all on one
   grid); relative hrefs resolve against the STAC file.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from .errors import InputError
@@ -67,5 +68,12 @@ def stac_items(path: str, assets: list[str]) -> list[InputItem]:
             raise InputError(f"input.stac: item {item.id} has no asset {missing[0]!r} (it has {', '.join(item.assets)})")
         hrefs = [item.assets[name].get_absolute_href() or item.assets[name].href for name in assets]
         hrefs = [h if h.startswith(REMOTE_PREFIXES) or os.path.isabs(h) else os.path.normpath(os.path.join(folder, h)) for h in hrefs]
-        found.append(InputItem(item.id, tuple(hrefs)))
+        found.append(InputItem(file_name(item.id), tuple(hrefs)))
     return found
+
+
+def file_name(name: str) -> str:
+    """``name`` (a STAC Item's id, from whoever wrote the catalog) as one file name in the output folder: path
+    separators, ``:`` and control characters become ``_``, and a leading ``.`` (``..``, a hidden file) too."""
+    safe = re.sub(r"[\\/:\x00-\x1f]", "_", name)
+    return "_" + safe[1:] if safe.startswith(".") or not safe else safe
