@@ -16,6 +16,7 @@ from rio_cogeo.cogeo import cog_validate
 
 import tilemask
 from tilemask import Workflow
+from tilemask.sources import open_source
 
 from .conftest import GEO
 from .range_server import RangeHandler, serve
@@ -153,6 +154,7 @@ def test_http_cog_gives_the_same_labels_as_the_local_file(tmp_path, client, seed
     from rio_cogeo.profiles import cog_profiles
 
     cog_translate(str(served / "scene.tif"), str(served / "x.tif"), cog_profiles.get("deflate"), quiet=True)
+    shutil.copy(served / "x.tif", served / "scene-without-suffix")
     server = serve(str(served))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -164,6 +166,9 @@ def test_http_cog_gives_the_same_labels_as_the_local_file(tmp_path, client, seed
         remote = run_workflow(tmp_path, client, url, THREE_BANDS, weights, mean, std, path="out/remote.tif")
         assert RangeHandler.requests_seen, "no range request reached the server"
         local = run_workflow(tmp_path, client, served / "x.tif", THREE_BANDS, weights, mean, std, path="out/local.tif")
+        # a URL whose path has no raster suffix opens as rasterio opens it (GDAL's allowed-extensions filter refused it)
+        bare = open_source(f"http://127.0.0.1:{server.server_address[1]}/scene-without-suffix", 2)
+        assert bare.shape == open_source(str(served / "x.tif"), 2).shape
     finally:
         server.shutdown()
     with rasterio.open(remote.outputs[0]) as a, rasterio.open(local.outputs[0]) as b:
