@@ -774,7 +774,7 @@ def test_a_workflows_statistics_that_cannot_measure_its_output_are_refused_befor
     atlas = atlas_of("atlas.tif", 50, 50)
     cases = [
         (raster_workflow(turned, weights, stats={"output": "s.csv", "regions": str(regions)}),
-         f"{turned}: vector regions need a north-up raster (no rotation in the geotransform)"),
+         f"{turned}: vector regions need a north-up raster (no rotation in the geotransform, rows running south"),
         (volume_workflow(volume, weights_3d, {}, {}) | {"stats": {"output": "s.csv", "regions": str(regions)}},
          f"{volume}: vector regions need a 2D raster, this is a volume"),
         (raster_workflow(path, weights, stats={"output": "s.csv", "regions": str(atlas)}),

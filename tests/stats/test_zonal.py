@@ -127,6 +127,23 @@ def test_geographic_raster_geodesic_areas(tmp_path, geographic_labels):
             assert row[f"class_{value}_pixels"] == ref.get(value, 0)
 
 
+@pytest.mark.parametrize("coverage", ["center", "fraction"])
+def test_a_south_up_raster_is_refused_for_vector_regions(tmp_path, shade_labels, coverage):
+    """A geotransform with rows running north (``e > 0``): the centre rule counted 0 pixels in every region
+    (exit 0), the fraction rule failed with exactextract's "Incompatible extents"."""
+    from affine import Affine
+
+    from .conftest import blobs, write_raster
+
+    south_up = write_raster(tmp_path / "south_up.tif", blobs((60, 80), seed=3), "EPSG:32618",
+                            Affine(30, 0, 500000, 0, 30, 4000000), block=32)  # fmt: skip
+    regions = tmp_path / "regions.gpkg"
+    gpd.GeoDataFrame({"name": ["all"]}, geometry=[shapely.box(499000, 3999000, 503000, 4003000)],
+                     crs="EPSG:32618").to_file(regions)  # fmt: skip
+    with pytest.raises(InputError, match=re.escape(f"{south_up}: vector regions need a north-up raster")):
+        compute_stats(south_up, tmp_path / "t.csv", regions=regions, coverage=coverage)
+
+
 def test_a_rotated_geographic_raster_is_refused_before_any_pixel_is_read(tmp_path):
     """Geodesic row areas need a north-up raster: a rotated one in degrees is refused by name when the statistics
     are prepared (``tilemask stats`` starts no cluster), not by a task half way through."""

@@ -151,11 +151,14 @@ def read_regions(path: str | os.PathLike, region_id: str | None):
 
 
 def check_vector_grid(grid: Grid, path) -> None:
-    """Refuse a grid vector regions cannot be burned on: a volume, a rotated raster."""
+    """Refuse a grid vector regions cannot be burned on: a volume, a rotated raster, one whose rows run south to
+    north or columns east to west (rasterstats' windows and exactextract's extents assume a north-up grid)."""
     if grid.is_volume:
         raise InputError(f"{path}: vector regions need a 2D raster, this is a volume")
-    if not grid.north_up:
-        raise InputError(f"{path}: vector regions need a north-up raster (no rotation in the geotransform)")
+    _, dx, _, _, _, dy = grid.geometry.transform
+    if not grid.north_up or dx <= 0 or dy >= 0:
+        raise InputError(f"{path}: vector regions need a north-up raster (no rotation in the geotransform, rows "
+                         "running south, columns east); gdalwarp it first")  # fmt: skip
 
 
 def prepare_vector_zonal(image: LabelImage, regions, key: str = "region", coverage: str = "center", names=None,
