@@ -113,11 +113,11 @@ def apply(
     values = _foreground(labels, nodata, client)
     for value in values:
         if min_size:
-            labels = _persist(remove_small(labels, value, min_size, config.connectivity, client), client)
+            labels = _persist(remove_small(labels, value, min_size, config.connectivity or "face", client), client)
         if config.keep_largest:
-            labels = _persist(keep_largest(labels, value, config.connectivity, client), client)
+            labels = _persist(keep_largest(labels, value, config.connectivity or "full", client), client)
         if config.fill_holes:
-            labels = _persist(fill_holes(labels, value, config.connectivity, client), client)
+            labels = _persist(fill_holes(labels, value, config.connectivity or "full", client), client)
         if any(radii["opening"]):
             labels = _persist(opening(labels, value, radii["opening"]), client)
         if any(radii["closing"]):

@@ -15,7 +15,7 @@ postprocess:                         # applied in this order, to every foregroun
   fill_holes: true
   opening: 1                         # binary opening, ball radius in pixels/voxels (or "2 mm", "30 m")
   closing: 1                         # binary closing, ball radius in pixels/voxels (or "2 mm", "30 m")
-  connectivity: face                 # for remove_small and fill_holes
+  connectivity: full                 # for all three; unset: MONAI's defaults (face, full, full)
 ```
 """
 
@@ -140,7 +140,8 @@ class PostprocessConfig(BaseModel):
     fill_holes: bool = False
     opening: Radius = 0
     closing: Radius = 0
-    connectivity: Literal["face", "full"] = "face"
+    # None: each step's MONAI default (RemoveSmallObjects: face; KeepLargestConnectedComponent, FillHoles: full)
+    connectivity: Literal["face", "full"] | None = None
 
     @property
     def active(self) -> bool:
