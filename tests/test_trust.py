@@ -790,3 +790,34 @@ def test_a_workflows_statistics_that_cannot_measure_its_output_are_refused_befor
     assert plan_workflow(Workflow.from_dict(same_grid, base_dir=tmp_path)).items  # an atlas on the output's grid
     metric = raster_workflow(turned, weights, stats={"output": "s.csv"})
     assert plan_workflow(Workflow.from_dict(metric, base_dir=tmp_path)).items  # a projected rotated grid has areas
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".nii.gz"])
+def test_labels_replaced_without_probabilities_take_the_old_probabilities_with_them(
+    make_raster, make_volume, make_model, tmp_path, client, suffix
+):
+    """``--overwrite`` with ``probabilities: none`` left the earlier run's probabilities beside the new labels, and
+    ``open_result`` and ``tilemask serve`` paired them (labels not their argmax); a file of that name tilemask did
+    not write is left alone."""
+    from tilemask.formats import for_path
+
+    if suffix == ".tif":
+        path, _ = make_raster((3, 60, 70))
+        weights, _ = make_model()
+        workflow = raster_workflow(path, weights, output={"path": "out/{stem}" + suffix, "probabilities": "uint8",
+                                                          "quicklook": False})  # fmt: skip
+    else:
+        path, _ = make_volume((24, 20, 16))
+        weights, _ = make_model(UNET_3D)
+        workflow = volume_workflow(path, weights, {"roi_size": [16, 16, 16]}, {"path": "out/{stem}" + suffix})
+    (first,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    labels = first.outputs[0]
+    probabilities = for_path(labels).probabilities_path(labels)
+    assert probabilities in first.outputs and os.path.exists(probabilities)
+    workflow["output"]["probabilities"] = "none"
+    (second,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client, overwrite=True)
+    assert second.outputs[0] == labels and not os.path.exists(probabilities)
+
+    shutil.copy(path, probabilities)  # someone's own file under that name (the input: not written by tilemask)
+    tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client, overwrite=True)
+    assert os.path.exists(probabilities)

@@ -88,6 +88,21 @@ class LabelSink(ABC):
     def abort(self) -> None:
         """Remove whatever a failed run staged (client, once no task still writes)."""
 
+    def remove_stale_probabilities(self) -> None:
+        """When this run writes no probabilities beside its labels, remove those an earlier tilemask run wrote
+        there: they belong to the labels being replaced (``open_result`` and ``tilemask serve`` pair the two).
+        A file of that name tilemask did not write is left alone."""
+        from ..formats import for_path
+        from ..outputs import exists, remove
+
+        fmt = for_path(self.path)
+        stale = fmt.probabilities_path(self.path)
+        if self.layout.writes_probabilities or stale is None or not exists(stale) or not fmt.written_by_tilemask(stale):
+            return
+        logger.info("%s: removing the probabilities of the labels it replaces", stale)
+        remove(stale)
+        remove(stale + ".aux.xml")
+
     def __dask_tokenize__(self):
         """Its kind, path and run: the layout holds the workflow, which Dask need not hash per task."""
         return (type(self).__name__, self.path, self.layout.run_id)

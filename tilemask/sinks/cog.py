@@ -183,6 +183,7 @@ class CogSink(LabelSink):
         rasters = [r for r in self.rasters if r is not None]
         for raster in rasters:
             raster.publish()
+        self.remove_stale_probabilities()
         remove(self.parts)
         return [raster.path for raster in rasters]
 

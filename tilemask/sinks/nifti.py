@@ -183,6 +183,7 @@ class NiftiSink(LabelSink):
         volumes = [v for v in self.volumes if v is not None]
         for volume in volumes:
             volume.publish()
+        self.remove_stale_probabilities()
         publish(staged_path(self.class_table, self.layout.run_id), self.class_table)
         return [volume.path for volume in volumes] + [self.class_table]
 
