@@ -263,6 +263,20 @@ def test_archive_list_and_stac_inputs_give_the_outputs_of_the_files_themselves(m
         np.testing.assert_array_equal(labels[kind], labels["file"], err_msg=kind)
 
 
+def test_a_glob_does_not_take_the_workflows_own_outputs_beside_its_inputs(make_raster, make_model, tmp_path):
+    """Outputs written into the inputs' folder matched the inputs' glob: the workflow's second run took its mask as
+    an input (exit 2: "in_channels is 3 but the input gives 1"), or with --on-error skip segmented its outputs."""
+    (tmp_path / "same").mkdir()
+    a, _ = make_raster((3, 40, 40), name="same/a.tif")
+    b, _ = make_raster((3, 40, 40), name="same/b_mask.tif")  # an input whose name looks like an output: kept
+    for name in ("a_mask.tif", "a_mask_probabilities.tif"):
+        shutil.copy(a, tmp_path / "same" / name)
+    weights, _ = make_model()
+    workflow = raster_workflow(str(tmp_path / "same" / "*.tif"), weights,
+                               output={"path": "same/{stem}_mask.tif", "probabilities": "uint8"})  # fmt: skip
+    assert Workflow.from_dict(workflow, base_dir=tmp_path).input_paths() == [str(a), str(b)]
+
+
 def test_a_stac_items_id_is_one_file_name_in_the_output_folder(make_model, tmp_path):
     """An id comes from whoever wrote the catalog: ``../../outside`` wrote its mask two folders above the output
     folder, and ``T18/LC08 2020:01`` made a sub-folder. Each is made one file name in the output folder."""

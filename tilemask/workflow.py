@@ -482,10 +482,27 @@ class Workflow(_Strict):
                 matches = sorted(glob.glob(resolved))
                 if not matches:
                     raise WorkflowError(f"input: no file matches {item!r}")
-                paths.extend(matches)
+                paths.extend(self._not_outputs(matches, item))
             else:
                 paths.append(resolved)
         return paths
+
+    def _not_outputs(self, matches: list[str], pattern: str) -> list[str]:
+        """The files a glob matched less this workflow's own outputs of them (labels and probabilities): outputs
+        written beside the inputs would be the next run's inputs."""
+        folders = {os.path.dirname(os.path.normpath(m)) for m in matches}
+        output_folder = os.path.normpath(os.path.dirname(self.output_path("x")))
+        if "{stem}" not in os.path.dirname(self.output.path) and output_folder not in folders:
+            return matches  # the outputs go to a folder the glob does not reach (the usual case: no cost per file)
+        own = set()
+        for match in matches:
+            labels = self.output_path(stem(match))
+            own.update(os.path.normpath(p) for p in for_output(labels).files(labels, probabilities=True))
+        kept = [m for m in matches if os.path.normpath(m) not in own]
+        if len(kept) < len(matches):
+            logger.info("input %r: %d file(s) it matches are this workflow's outputs, not inputs", pattern,
+                        len(matches) - len(kept))  # fmt: skip
+        return kept
 
     def output_path(self, name: str) -> str:
         """``output.path`` with ``{stem}`` replaced by an input's name (:attr:`InputItem.name`)."""
