@@ -2,10 +2,11 @@
 
 Each polygons file (GeoPackage, FlatGeobuf, GeoJSON, GeoParquet) is a collection
 named by its stem. Items are read with pyogrio, a page at a time: ``bbox`` (in
-CRS84) is turned into the layer's CRS and handed to OGR as a spatial filter
-(GeoPackage and FlatGeobuf answer it from their spatial index), ``offset`` /
-``limit`` skip and cap the features OGR returns, and ``numberMatched`` counts the
-features the filter selects (their ids only, no geometries). GeoParquet, which
+CRS84) is turned into a polygon in the layer's CRS (its edges densified) and
+handed to OGR as a spatial filter, which keeps the features whose geometry
+intersects it, as the standard asks (GeoPackage and FlatGeobuf find the candidates
+in their spatial index); the ids of the matches (no geometries) give
+``numberMatched``, and ``offset`` / ``limit`` page through them. GeoParquet, which
 pyogrio's GDAL cannot read, goes through geopandas (:class:`GeoParquetLayer`).
 Geometries go out in CRS84 (longitude, latitude), as the standard asks.
 """
@@ -77,12 +78,12 @@ def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
 
 def items(root: Path, entry: Entry, base: str, bbox, limit: int, offset: int) -> dict:
     layer = open_layer(root / entry.path)
-    layer_bbox = _transformer(CRS84, layer.crs).transform_bounds(*bbox, densify_pts=21) if bbox else None
-    frame = layer.page(layer_bbox, offset, limit)
+    area = _bbox_area(bbox, layer.crs) if bbox else None
+    frame = layer.page(area, offset, limit)
     if offset == 0 and len(frame) < limit:
         matched = len(frame)  # the first page holds every match: no second pass to count them
     else:
-        matched = layer.count(layer_bbox)
+        matched = layer.count(area)
     features = _features(frame, layer.crs)
     query = f"limit={limit}" + (f"&bbox={','.join(map(str, bbox))}" if bbox else "")
     here = f"{base}collections/{quote(entry.id)}/items?{query}"
@@ -108,6 +109,15 @@ def item(root: Path, entry: Entry, fid: int) -> dict:
     if frame is None or frame.empty:
         raise HTTPException(404, f"no feature {fid} in {entry.id}")
     return _features(frame, layer.crs)[0]
+
+
+def _bbox_area(bbox, crs: str | None):
+    """The CRS84 ``bbox`` as a polygon in the layer's CRS, its edges densified (a lon/lat rectangle is a curved
+    quadrilateral in a projection: its envelope there holds features that do not meet it)."""
+    import shapely
+
+    box = shapely.segmentize(shapely.box(*bbox), max_segment_length=max(bbox[2] - bbox[0], bbox[3] - bbox[1]) / 100)
+    return shapely.transform(box, _transformer(CRS84, crs).transform, interleaved=False) if crs else box
 
 
 @functools.lru_cache(maxsize=32)
@@ -144,14 +154,19 @@ class OgrLayer:
         if driver != OGR_DRIVERS.get(path.suffix.lower()):  # changed since the catalog looked: refuse an OGR VRT
             raise HTTPException(404, f"{path.name}: not a polygons file")
 
-    def count(self, bbox) -> int:
-        if bbox is None:
-            return self.features
-        _, fids, *_ = pyogrio.raw.read(self.path, bbox=bbox, read_geometry=False, columns=[], return_fids=True)
-        return len(fids)
+    def _matches(self, area):
+        """The ids of the features whose geometry intersects ``area`` (OGR's spatial filter with a polygon)."""
+        _, fids, *_ = pyogrio.raw.read(self.path, mask=area, read_geometry=False, columns=[], return_fids=True)
+        return fids
 
-    def page(self, bbox, offset: int, limit: int):
-        return pyogrio.read_dataframe(self.path, bbox=bbox, skip_features=offset, max_features=limit, fid_as_index=True)
+    def count(self, area) -> int:
+        return self.features if area is None else len(self._matches(area))
+
+    def page(self, area, offset: int, limit: int):
+        if area is None:
+            return pyogrio.read_dataframe(self.path, skip_features=offset, max_features=limit, fid_as_index=True)
+        # by id: pyogrio's skip_features under a polygon mask skips by the envelope filter, and pages overlapped
+        return pyogrio.read_dataframe(self.path, fids=self._matches(area)[offset : offset + limit], fid_as_index=True)
 
     def one(self, fid: int):
         return pyogrio.read_dataframe(self.path, fids=[fid], fid_as_index=True)
@@ -172,19 +187,17 @@ class GeoParquetLayer:
         self.frame = _parquet(str(path), st.st_mtime_ns, st.st_ino)
         self.crs = self.frame.crs.to_wkt() if self.frame.crs is not None else None
 
-    def _select(self, bbox):
-        if bbox is None:
+    def _select(self, area):
+        if area is None:
             return self.frame
-        import shapely
-
-        rows = self.frame.sindex.query(shapely.box(*bbox))  # bounding boxes that meet, as OGR's filter
+        rows = self.frame.sindex.query(area, predicate="intersects")
         return self.frame.iloc[np.sort(rows)]
 
-    def count(self, bbox) -> int:
-        return len(self._select(bbox))
+    def count(self, area) -> int:
+        return len(self._select(area))
 
-    def page(self, bbox, offset: int, limit: int):
-        return self._select(bbox).iloc[offset : offset + limit]
+    def page(self, area, offset: int, limit: int):
+        return self._select(area).iloc[offset : offset + limit]
 
     def one(self, fid: int):
         return self.frame.iloc[fid : fid + 1] if 0 <= fid < len(self.frame) else self.frame.iloc[:0]
