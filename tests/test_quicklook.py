@@ -100,8 +100,8 @@ def test_quicklook_of_rgb_input(tmp_path):
     image = np.asarray(image).astype(int)
     with rasterio.open(mask) as ds, rasterio.open(GEO["RGB.byte.tif"]) as src:  # the same reduced reads
         small = ds.read(1, out_shape=(363, 400))
-        invalid = src.read([3, 2, 1], out_shape=(3, 363, 400), masked=True).mask.any(axis=0)
-    assert np.array_equal(image[..., 3] == 0, invalid)  # the scene's nodata border is transparent
+        invalid = src.read([3, 2, 1], out_shape=(3, 363, 400), masked=True).mask.all(axis=0)
+    assert np.array_equal(image[..., 3] == 0, invalid)  # nodata in every band (GDAL's dataset mask) is transparent
     expected = shown(GEO["RGB.byte.tif"], [3, 2, 1], (363, 400))
     water = np.array(class_colours(2)[1][:3])
     expected[small == 1] = np.rint(0.5 * expected[small == 1] + 0.5 * water)  # bright pixels: half water colour
@@ -115,3 +115,23 @@ def test_labels_on_another_grid_are_refused(tmp_path, shade_case):
     with pytest.raises(InputError, match="not on its grid"):
         write_quicklook(str(GEO["RGB.byte.tif"]), mask, str(tmp_path / "look.png"))
     assert not (tmp_path / "look.png").exists()
+
+
+def test_a_pixel_with_nodata_in_one_band_only_is_shown(tmp_path):
+    """GDAL's dataset mask (and so tilemask's labels) takes a pixel as valid unless every band is nodata; the quick
+    look made it transparent where any band was (710 labelled pixels of the demo scene)."""
+    data = np.full((3, 64, 80), 120, np.uint8)
+    data[0, :, :20] = 0  # band 1 at the nodata value only
+    data[:, :, 60:] = 0  # every band: nodata
+    scene = tmp_path / "scene.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=80, height=64, count=3, dtype="uint8", nodata=0,
+                       crs="EPSG:32618", transform=rasterio.transform.from_origin(500000, 4000000, 30, 30)) as ds:  # fmt: skip
+        ds.write(data)
+    with rasterio.open(scene) as ds:
+        dataset_mask = ds.dataset_mask() > 0
+    labels = np.where(dataset_mask, 1, 255).astype(np.uint8)
+    png = write_quicklook(str(scene), write_labels_cog(tmp_path / "mask.tif", scene, labels, 255), str(tmp_path / "q.png"))
+    alpha = np.asarray(Image.open(png))[..., 3]
+    assert alpha.shape == dataset_mask.shape
+    np.testing.assert_array_equal(alpha > 0, dataset_mask)
+    assert (alpha[:, :20] == 255).all()

@@ -4,7 +4,7 @@ Both rasters are read at thumbnail size only (rasterio ``out_shape`` reads, whic
 use the overviews of a COG), never whole.  The input is contrast-stretched per
 band between its 2nd and 98th percentiles (on the valid pixels of the
 thumbnail); foreground classes are blended over it in the output's class colours
-at ``opacity``; background shows the image as is; pixels that are nodata in the
+at ``opacity``; background shows the image as is; pixels that are nodata in every band of the
 input or the labels are transparent.
 """
 
@@ -63,7 +63,7 @@ def write_quicklook(
     except RasterioError as exc:
         raise InputError(f"{input_path}: cannot read: {exc}") from None
     rgb = _stretch(image)
-    valid = ~np.ma.getmaskarray(image).any(axis=0)
+    valid = ~np.ma.getmaskarray(image).all(axis=0)  # as GDAL's dataset mask: nodata in every band
     if nodata is not None:
         valid &= labels != nodata
     colours = np.zeros((max(n_classes, int(labels.max(initial=0)) + 1), 3), np.float32)
