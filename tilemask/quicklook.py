@@ -4,8 +4,8 @@ Both rasters are read at thumbnail size only (rasterio ``out_shape`` reads, whic
 use the overviews of a COG), never whole.  The input is contrast-stretched per
 band between its 2nd and 98th percentiles (on the valid pixels of the
 thumbnail); foreground classes are blended over it in the output's class colours
-at ``opacity``; background shows the image as is; pixels that are nodata in every band of the
-input or the labels are transparent.
+at ``opacity``; background shows the image as is; pixels that are nodata in every input band
+(GDAL's dataset mask) or in the labels are transparent.
 """
 
 from __future__ import annotations
