@@ -157,6 +157,37 @@ def test_a_folder_of_two_series_uneven_or_radial_slices_is_refused(tmp_path):
         DicomSeriesSource.open(str(uneven))
 
 
+def test_a_repeated_slice_an_empty_folder_headerless_files_and_a_nifti_pair_are_named(tmp_path):
+    """Each was "not evenly spaced" or GDAL's "not recognized as being in a supported file format"."""
+    from tilemask.sources import open_source
+
+    repeated = tmp_path / "repeated"
+    shutil.copytree(CT, repeated)
+    first = sorted(repeated.iterdir())[0]
+    copy = pydicom.dcmread(first)
+    copy.SOPInstanceUID = pydicom.uid.generate_uid()  # a PACS export that gave one slice twice
+    copy.save_as(repeated / "copy.dcm")
+    with pytest.raises(InputError, match=rf"{repeated}: (copy.dcm and {first.name}|{first.name} and copy.dcm) are "
+                                         r"slices at one position \(1 such pair"):  # fmt: skip
+        DicomSeriesSource.open(str(repeated))
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=rf"^{tmp_path / 'empty'}: an empty folder$"):
+        open_source(str(tmp_path / "empty"), 3)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in sorted(CT.iterdir()):
+        (bare / f.name).write_bytes(f.read_bytes()[132:])  # no preamble, no "DICM": what old archives hold
+    with pytest.raises(InputError, match=rf"^{bare}: DICOM files without the Part 10 header \('DICM' at byte 128\)"):
+        open_source(str(bare), 3)
+
+    pair = tmp_path / "pair.hdr"
+    nib.save(nib.Nifti1Pair(np.zeros((4, 4, 4), np.int16), np.eye(4)), pair)
+    for given in (pair, pair.with_suffix(".img")):
+        with pytest.raises(InputError, match=rf"^{given}: a NIfTI pair \(.hdr and .img\); tilemask reads single-file NIfTI"):
+            open_source(str(given), 3)
+
+
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     """A real Orthanc (Debian's ``orthanc`` + ``orthanc-dicomweb``) on free loopback ports; yields its DICOMweb root."""

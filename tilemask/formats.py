@@ -356,6 +356,32 @@ class GdalRasterFormat(GeoTiffFormat):
     def matches(self, path):
         return True
 
+    def open_source(self, path, spatial_dims, bands):
+        from .errors import InputError
+
+        try:
+            return super().open_source(path, spatial_dims, bands)
+        except InputError:  # GDAL's "not recognized": say what the file or folder is, where that is known
+            if os.path.isdir(path):
+                from .sources.dicom import folder_problem
+
+                raise InputError(folder_problem(path)) from None
+            if _nifti_pair(path):
+                raise InputError(f"{path}: a NIfTI pair (.hdr and .img); tilemask reads single-file NIfTI: "
+                                 "nib.save(nib.load(path), 'scan.nii.gz') makes one") from None  # fmt: skip
+            raise
+
+
+def _nifti_pair(path: str) -> bool:
+    """Whether ``path`` is the header or image of a NIfTI-1 pair (magic ``ni1`` in the header)."""
+    header = str(Path(path).with_suffix(".hdr")) if path.lower().endswith(".img") else path
+    try:
+        with open(header, "rb") as f:
+            f.seek(344)
+            return f.read(4) == b"ni1\x00"
+    except OSError:
+        return False
+
 
 FORMATS: tuple[Format, ...] = (
     OmeZarrFormat(), ZarrFormat(), NiftiFormat(), GeoTiffFormat(), DicomSegFormat(), DicomSeriesFormat(),

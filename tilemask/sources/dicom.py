@@ -59,6 +59,28 @@ def is_dicom_file(path: str) -> bool:
 PROBE_FILES = 64  # how many files of a folder with no known suffix are looked at to recognise a DICOM series
 
 
+def folder_problem(path: str) -> str:
+    """Why a folder that neither a DICOM series nor GDAL opens is not an input, in a line."""
+    files = [p for p, _ in zip(_files(path), range(PROBE_FILES))]
+    if not files:
+        return f"{path}: an empty folder"
+    bare = next((p for p in files if _headerless_dicom(p)), None)
+    if bare:
+        return (f"{path}: DICOM files without the Part 10 header ('DICM' at byte 128), e.g. {os.path.relpath(bare, path)};"
+                " rewrite them as Part 10 files (gdcmconv, or pydicom's dcmwrite)")  # fmt: skip
+    return f"{path}: a folder with no DICOM file among its first {len(files)} files, and no dataset GDAL opens"
+
+
+def _headerless_dicom(path: str) -> bool:
+    """Whether ``path`` starts with a DICOM data element of group 0002 or 0008 (little endian), no preamble."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return len(head) == 4 and head[:2] in (b"\x02\x00", b"\x08\x00") and int.from_bytes(head[2:], "little") < 0x0100
+
+
 def is_dicom_folder(path: str) -> bool:
     """Whether ``path`` is a folder holding a DICOM file among its first :data:`PROBE_FILES` files."""
     if not os.path.isdir(path):
@@ -123,6 +145,11 @@ class DicomSeriesSource(ImageSource):
             step = (positions[-1] - positions[0]) / (len(images) - 1)
             if np.linalg.norm(step) < 1e-6:
                 raise InputError(f"{folder}: slices share one position (several acquisitions in one series?)")
+            repeated = np.flatnonzero(np.linalg.norm(steps, axis=1) < 1e-3 * np.linalg.norm(step))
+            if repeated.size:
+                a, b = (os.path.relpath(images[i][0], folder) for i in (repeated[0], repeated[0] + 1))
+                raise InputError(f"{folder}: {a} and {b} are slices at one position ({len(repeated)} such pair(s): a "
+                                 "slice given twice, or two acquisitions in one series)")  # fmt: skip
             if not np.allclose(steps, step, atol=max(1e-3, 1e-3 * np.linalg.norm(step))):
                 raise InputError(f"{folder}: slices are not evenly spaced; tilemask reads a regular grid")
         else:
