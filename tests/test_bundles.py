@@ -147,7 +147,8 @@ def test_fixed_normalization_of_one_value_for_all_channels_over_nonzero_voxels_r
         [{"_target_": "LoadImaged", "keys": "image"}, {"_target_": "EnsureChannelFirstd", "keys": "image"},
          {"_target_": "NormalizeIntensityd", "keys": "image", "subtrahend": 50.0, "divisor": 30.0, "nonzero": True}],
         {"_target_": "SlidingWindowInferer", "roi_size": [32, 32, 24], "sw_batch_size": 4, "overlap": 0.25},
-        [{"_target_": "Activationsd", "keys": "pred", "softmax": True}, {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}],
+        [{"_target_": "Activationsd", "keys": "pred", "softmax": True},
+         {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}],
         ["background", "foreground"],
     )  # fmt: skip
     _, labels, probabilities = run_bundle(folder, scan, tmp_path, client)
@@ -158,7 +159,8 @@ def test_fixed_normalization_of_one_value_for_all_channels_over_nonzero_voxels_r
     half["preprocessing"]["transforms"][2].pop("divisor")
     (folder / "configs" / "inference.json").write_text(json.dumps(half))
     with pytest.raises(WorkflowError, match="NormalizeIntensity with only a subtrahend or only a divisor"):
-        Workflow.from_dict({"version": 1, "input": str(scan), "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}})
+        Workflow.from_dict({"version": 1, "input": str(scan), "model": {"bundle": str(folder)},
+                            "output": {"path": "x.nii.gz"}})  # fmt: skip
 
 
 @pytest.mark.slow  # a second bundle, SegResNet in TorchScript

@@ -184,7 +184,7 @@ def test_a_repeated_slice_an_empty_folder_headerless_files_and_a_nifti_pair_are_
     pair = tmp_path / "pair.hdr"
     nib.save(nib.Nifti1Pair(np.zeros((4, 4, 4), np.int16), np.eye(4)), pair)
     for given in (pair, pair.with_suffix(".img")):
-        with pytest.raises(InputError, match=rf"^{given}: a NIfTI pair \(.hdr and .img\); tilemask reads single-file NIfTI"):
+        with pytest.raises(InputError, match=rf"^{given}: a NIfTI pair \(.hdr and .img\); tilemask reads one-file NIfTI"):
             open_source(str(given), 3)
 
 

@@ -297,7 +297,8 @@ def test_a_stac_items_id_is_one_file_name_in_the_output_folder(make_model, tmp_p
     plan = plan_workflow(Workflow.from_dict(workflow, base_dir=tmp_path))
     outputs = [Path(plan.workflow.output_path(item.name)) for item in plan.items]
     assert [p.parent for p in outputs] == [tmp_path / "out"] * 3
-    assert [p.name for p in outputs] == ["_._.._outside_mask.tif", "T18_LC08 2020_01_mask.tif", "LC08_L2SP_042034_mask.tif"]
+    names = ["_._.._outside_mask.tif", "T18_LC08 2020_01_mask.tif", "LC08_L2SP_042034_mask.tif"]
+    assert [p.name for p in outputs] == names
 
 
 def test_a_nifti_inside_a_tar_gz_is_read_from_a_scratch_copy(make_volume, make_model, tmp_path, client, monkeypatch):

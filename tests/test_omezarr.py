@@ -136,7 +136,8 @@ def test_an_image_ome_zarr_input_keeps_its_scale_and_translation(make_model, tmp
     group.attrs["ome"] = {
         "version": "0.5",
         "multiscales": [{
-            "axes": [{"name": "c", "type": "channel"}] + [{"name": n, "type": "space", "unit": "micrometer"} for n in "yx"],
+            "axes": [{"name": "c", "type": "channel"}]
+                    + [{"name": n, "type": "space", "unit": "micrometer"} for n in "yx"],
             "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale},
                                                                      {"type": "translation", "translation": translation}]}],
         }],
@@ -150,7 +151,8 @@ def test_an_image_ome_zarr_input_keeps_its_scale_and_translation(make_model, tmp
     (multiscale,) = dict(root["labels/labels"].attrs)["ome"]["multiscales"]
     assert [a["name"] for a in multiscale["axes"]] == ["y", "x"]
     transforms = multiscale["datasets"][0]["coordinateTransformations"]
-    assert transforms == [{"type": "scale", "scale": scale[1:]}, {"type": "translation", "translation": translation[1:]}]
+    assert transforms == [{"type": "scale", "scale": scale[1:]},
+                          {"type": "translation", "translation": translation[1:]}]  # fmt: skip
 
 
 def test_volume_axes_are_named_after_the_world_axes_they_run_along(make_volume, make_model, tmp_path, client):

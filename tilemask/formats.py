@@ -367,7 +367,7 @@ class GdalRasterFormat(GeoTiffFormat):
 
                 raise InputError(folder_problem(path)) from None
             if _nifti_pair(path):
-                raise InputError(f"{path}: a NIfTI pair (.hdr and .img); tilemask reads single-file NIfTI: "
+                raise InputError(f"{path}: a NIfTI pair (.hdr and .img); tilemask reads one-file NIfTI: "
                                  "nib.save(nib.load(path), 'scan.nii.gz') makes one") from None  # fmt: skip
             raise
 

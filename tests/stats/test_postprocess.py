@@ -70,7 +70,8 @@ def asked(connectivity: str | None) -> dict:
 @pytest.mark.parametrize("connectivity", ["face", "full", None])
 def test_fill_holes_equals_monai(labels, connectivity):
     """Unset, the connectivity is MONAI's default (full): it was face, and 400 pixels of a scene differed."""
-    expected = FillHoles(**monai_rank(connectivity, labels.ndim))(torch.from_numpy(labels[None].astype(np.int64))).numpy()[0]
+    fill = FillHoles(**monai_rank(connectivity, labels.ndim))
+    expected = fill(torch.from_numpy(labels[None].astype(np.int64))).numpy()[0]
     assert not np.array_equal(expected, labels)
     for chunks in chunkings(labels.shape):
         got = apply(da.from_array(labels, chunks=chunks), {"fill_holes": True, **asked(connectivity)}).compute()

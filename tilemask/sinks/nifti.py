@@ -1,19 +1,18 @@
 """NIfTI output: integer labels on the reference scan's exact grid.
 
 The client writes a header (on the reference scan's grid, its qform, sform, codes,
-zooms and units as they are; on another grid, its affine in mm as both) and sizes the data part of an uncompressed temporary file; workers
-write their chunks into it with ``pwrite`` (NIfTI data is Fortran-ordered, so a
-chunk is a set of strided runs of the file, and distinct chunks never share
-bytes).  The temporary file and the compressed one are hidden staged siblings
-(:mod:`tilemask.outputs`); on commit a ``.nii.gz`` is compressed by streaming the
-temporary file (constant memory), then renamed into place.  The header's
-``descrip`` says ``tilemask labels``, which is how a later run knows it may
-replace the file, then ``; nodata 255`` when the input had invalid voxels (their
-label: NIfTI has no field for it; tilemask's label reader and ``tilemask stats``
-read it there).  Probabilities go to
-``<stem>_probabilities.nii.gz``, 4D with classes last; the class names and
-colours to ``<stem>.colors.csv``, a 3D Slicer colour table, published with the
-labels.
+zooms and units as they are; on another grid, its affine in mm as both) and sizes
+the data part of an uncompressed temporary file; workers write their chunks into
+it with ``pwrite`` (NIfTI data is Fortran-ordered, so a chunk is a set of strided
+runs of the file, and distinct chunks never share bytes).  The temporary file and
+the compressed one are hidden staged siblings (:mod:`tilemask.outputs`); on commit
+a ``.nii.gz`` is compressed by streaming the temporary file (constant memory),
+then renamed into place.  The header's ``descrip`` says ``tilemask labels``, which
+is how a later run knows it may replace the file, then ``; nodata 255`` when the
+input had invalid voxels (their label: NIfTI has no field for it; tilemask's label
+reader and ``tilemask stats`` read it there).  Probabilities go to
+``<stem>_probabilities.nii.gz``, 4D with classes last; the class names and colours
+to ``<stem>.colors.csv``, a 3D Slicer colour table, published with the labels.
 """
 
 from __future__ import annotations

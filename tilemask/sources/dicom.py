@@ -66,8 +66,9 @@ def folder_problem(path: str) -> str:
         return f"{path}: an empty folder"
     bare = next((p for p in files if _headerless_dicom(p)), None)
     if bare:
-        return (f"{path}: DICOM files without the Part 10 header ('DICM' at byte 128), e.g. {os.path.relpath(bare, path)};"
-                " rewrite them as Part 10 files (gdcmconv, or pydicom's dcmwrite)")  # fmt: skip
+        example = os.path.relpath(bare, path)
+        return (f"{path}: DICOM files without the Part 10 header ('DICM' at byte 128), e.g. {example}; rewrite them "
+                "as Part 10 files (gdcmconv, or pydicom's dcmwrite)")  # fmt: skip
     return f"{path}: a folder with no DICOM file among its first {len(files)} files, and no dataset GDAL opens"
 
 
