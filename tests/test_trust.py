@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import psutil
@@ -790,6 +791,13 @@ def test_a_workflows_statistics_that_cannot_measure_its_output_are_refused_befor
     assert plan_workflow(Workflow.from_dict(same_grid, base_dir=tmp_path)).items  # an atlas on the output's grid
     metric = raster_workflow(turned, weights, stats={"output": "s.csv"})
     assert plan_workflow(Workflow.from_dict(metric, base_dir=tmp_path)).items  # a projected rotated grid has areas
+    # resampled for the network, the output is on the scan's grid still: an atlas on that grid is the right one
+    scan_atlas = tmp_path / "scan_atlas.nii.gz"
+    scan = nib.load(volume)
+    nib.save(nib.Nifti1Image(np.ones(scan.shape, np.uint8), scan.affine, scan.header), scan_atlas)
+    resampled = volume_workflow(volume, weights_3d, {}, {}) | {"stats": {"output": "s.csv", "regions": str(scan_atlas)}}
+    resampled["preprocess"] = {**resampled["preprocess"], "orientation": "RAS", "spacing": [1.5, 1.5, 2.0]}
+    assert plan_workflow(Workflow.from_dict(resampled, base_dir=tmp_path)).items
 
 
 @pytest.mark.parametrize("suffix", [".tif", ".nii.gz"])
