@@ -269,12 +269,17 @@ def test_a_glob_does_not_take_the_workflows_own_outputs_beside_its_inputs(make_r
     (tmp_path / "same").mkdir()
     a, _ = make_raster((3, 40, 40), name="same/a.tif")
     b, _ = make_raster((3, 40, 40), name="same/b_mask.tif")  # an input whose name looks like an output: kept
-    for name in ("a_mask.tif", "a_mask_probabilities.tif"):
+    for name in ("a_mask.tif", "a_mask_probabilities.tif", "a_mask.png"):
         shutil.copy(a, tmp_path / "same" / name)
     weights, _ = make_model()
-    workflow = raster_workflow(str(tmp_path / "same" / "*.tif"), weights,
+    workflow = raster_workflow(str(tmp_path / "same" / "*"), weights,
                                output={"path": "same/{stem}_mask.tif", "probabilities": "uint8"})  # fmt: skip
     assert Workflow.from_dict(workflow, base_dir=tmp_path).input_paths() == [str(a), str(b)]
+    # each input its own output: kept, for planning to refuse (a_mask_probabilities.tif is a_mask.tif's output)
+    itself = {**workflow, "input": str(tmp_path / "same" / "*.tif"),
+              "output": {"path": "same/{stem}.tif", "probabilities": "uint8"}}  # fmt: skip
+    mask = str(tmp_path / "same" / "a_mask.tif")
+    assert Workflow.from_dict(itself, base_dir=tmp_path).input_paths() == [str(a), mask, str(b)]
 
 
 def test_a_stac_items_id_is_one_file_name_in_the_output_folder(make_model, tmp_path):

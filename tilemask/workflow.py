@@ -488,17 +488,20 @@ class Workflow(_Strict):
         return paths
 
     def _not_outputs(self, matches: list[str], pattern: str) -> list[str]:
-        """The files a glob matched less this workflow's own outputs of them (labels and probabilities): outputs
-        written beside the inputs would be the next run's inputs."""
+        """The files a glob matched less this workflow's own outputs of them (labels, probabilities, quick look,
+        polygons): outputs written beside the inputs would be the next run's inputs."""
         folders = {os.path.dirname(os.path.normpath(m)) for m in matches}
         output_folder = os.path.normpath(os.path.dirname(self.output_path("x")))
         if "{stem}" not in os.path.dirname(self.output.path) and output_folder not in folders:
             return matches  # the outputs go to a folder the glob does not reach (the usual case: no cost per file)
-        own = set()
+        owners: dict[str, set[str]] = {}  # output file -> the matches it is an output of
         for match in matches:
             labels = self.output_path(stem(match))
-            own.update(os.path.normpath(p) for p in for_output(labels).files(labels, probabilities=True))
-        kept = [m for m in matches if os.path.normpath(m) not in own]
+            products = [os.path.splitext(labels.rstrip("/"))[0] + ".png", self.vectors_path(stem(match))]
+            for path in [*for_output(labels).files(labels, probabilities=True), *filter(None, products)]:
+                owners.setdefault(os.path.normpath(path), set()).add(os.path.normpath(match))
+        # an output of itself (output.path is the input) stays: planning refuses it by name
+        kept = [m for m in matches if not owners.get(os.path.normpath(m), set()) - {os.path.normpath(m)}]
         if len(kept) < len(matches):
             logger.info("input %r: %d file(s) it matches are this workflow's outputs, not inputs", pattern,
                         len(matches) - len(kept))  # fmt: skip
