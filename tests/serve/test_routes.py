@@ -209,6 +209,11 @@ def test_ogc_api_features_pages_and_filters_as_geopandas_reads(server, served_fo
         params = None
     ids = {f["id"] for f in seen}
     assert len(seen) == len(ids) == matched and surely_in <= ids <= maybe_in  # feature ids are the file's fids
+    world = get(items, params={"bbox": "-180,-90,180,90", "limit": 10000}).json()  # a client zoomed out
+    assert world["numberMatched"] == world["numberReturned"] == len(truth)
+    inside = shape(seen[0]["geometry"]).representative_point()
+    point = get(items, params={"bbox": f"{inside.x},{inside.y},{inside.x},{inside.y}"}).json()  # no width: a point
+    assert seen[0]["id"] in {f["id"] for f in point["features"]}
 
     one = get(f"{items}/{seen[0]['id']}").json()
     truth_one = gpd.read_file(served_folder / POLYGONS, fid_as_index=True).loc[[seen[0]["id"]]].to_crs("OGC:CRS84")

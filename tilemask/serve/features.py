@@ -1,12 +1,12 @@
 """Polygon outputs as OGC API - Features (Part 1: Core, GeoJSON): what QGIS's OAPIF provider reads.
 
 Each polygons file (GeoPackage, FlatGeobuf, GeoJSON, GeoParquet) is a collection
-named by its stem. Items are read with pyogrio, a page at a time: ``bbox`` (in
-CRS84) is turned into a polygon in the layer's CRS (its edges densified) and
-handed to OGR as a spatial filter, which keeps the features whose geometry
-intersects it, as the standard asks (GeoPackage and FlatGeobuf find the candidates
-in their spatial index); the ids of the matches (no geometries) give
-``numberMatched``, and ``offset`` / ``limit`` page through them. GeoParquet, which
+named by its stem. Items are read with pyogrio, a page at a time. A ``bbox`` (in
+CRS84): its envelope in the layer's CRS goes to OGR as a spatial filter, which
+finds the candidates (GeoPackage and FlatGeobuf from their spatial index); those
+whose geometry, in CRS84, intersects the bbox are the matches, as the standard
+asks; their ids give ``numberMatched``, and ``offset`` / ``limit`` page through
+them. GeoParquet, which
 pyogrio's GDAL cannot read, goes through geopandas (:class:`GeoParquetLayer`).
 Geometries go out in CRS84 (longitude, latitude), as the standard asks.
 """
@@ -78,12 +78,11 @@ def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
 
 def items(root: Path, entry: Entry, base: str, bbox, limit: int, offset: int) -> dict:
     layer = open_layer(root / entry.path)
-    area = _bbox_area(bbox, layer.crs) if bbox else None
-    frame = layer.page(area, offset, limit)
-    if offset == 0 and len(frame) < limit:
-        matched = len(frame)  # the first page holds every match: no second pass to count them
+    if bbox is None:
+        frame, matched = layer.page(offset, limit), layer.features
     else:
-        matched = layer.count(area)
+        ids = layer.matching(bbox)  # once: the page and the count come from it
+        frame, matched = layer.rows(ids[offset : offset + limit]), len(ids)
     features = _features(frame, layer.crs)
     query = f"limit={limit}" + (f"&bbox={','.join(map(str, bbox))}" if bbox else "")
     here = f"{base}collections/{quote(entry.id)}/items?{query}"
@@ -111,13 +110,22 @@ def item(root: Path, entry: Entry, fid: int) -> dict:
     return _features(frame, layer.crs)[0]
 
 
-def _bbox_area(bbox, crs: str | None):
-    """The CRS84 ``bbox`` as a polygon in the layer's CRS, its edges densified (a lon/lat rectangle is a curved
-    quadrilateral in a projection: its envelope there holds features that do not meet it)."""
+def _envelope(bbox, crs: str | None) -> tuple[float, float, float, float]:
+    """The CRS84 ``bbox``'s envelope in the layer's CRS: where the features that meet it are found."""
+    return _transformer(CRS84, crs).transform_bounds(*bbox, densify_pts=21) if crs else tuple(bbox)
+
+
+def _meeting(geometries, crs: str | None, bbox) -> np.ndarray:
+    """Which ``geometries`` (in ``crs``) intersect the CRS84 ``bbox``, tested in CRS84 (/req/core/fc-bbox-response:
+    a lon/lat box is a curved quadrilateral in a projection, and its envelope there holds features that do not
+    meet it). A bbox of no width or height is the point or line it is."""
     import shapely
 
-    box = shapely.segmentize(shapely.box(*bbox), max_segment_length=max(bbox[2] - bbox[0], bbox[3] - bbox[1]) / 100)
-    return shapely.transform(box, _transformer(CRS84, crs).transform, interleaved=False) if crs else box
+    geometries = np.asarray(geometries, dtype=object)
+    if crs:
+        geometries = shapely.transform(geometries, _transformer(crs, CRS84).transform, interleaved=False)
+    x0, y0, x1, y1 = bbox
+    return shapely.intersects(geometries, shapely.envelope(shapely.multipoints([(x0, y0), (x1, y1)])))
 
 
 @functools.lru_cache(maxsize=32)
@@ -154,19 +162,20 @@ class OgrLayer:
         if driver != OGR_DRIVERS.get(path.suffix.lower()):  # changed since the catalog looked: refuse an OGR VRT
             raise HTTPException(404, f"{path.name}: not a polygons file")
 
-    def _matches(self, area):
-        """The ids of the features whose geometry intersects ``area`` (OGR's spatial filter with a polygon)."""
-        _, fids, *_ = pyogrio.raw.read(self.path, mask=area, read_geometry=False, columns=[], return_fids=True)
-        return fids
+    def matching(self, bbox) -> np.ndarray:
+        """The ids of the features that intersect the CRS84 ``bbox``: OGR's filter on its envelope finds the
+        candidates (from the spatial index of a GeoPackage or FlatGeobuf), then :func:`_meeting`."""
+        import shapely
 
-    def count(self, area) -> int:
-        return self.features if area is None else len(self._matches(area))
+        envelope = _envelope(bbox, self.crs)
+        _, fids, wkb, _ = pyogrio.raw.read(self.path, bbox=envelope, columns=[], return_fids=True)
+        return fids[_meeting(shapely.from_wkb(wkb), self.crs, bbox)]
 
-    def page(self, area, offset: int, limit: int):
-        if area is None:
-            return pyogrio.read_dataframe(self.path, skip_features=offset, max_features=limit, fid_as_index=True)
-        # by id: pyogrio's skip_features under a polygon mask skips by the envelope filter, and pages overlapped
-        return pyogrio.read_dataframe(self.path, fids=self._matches(area)[offset : offset + limit], fid_as_index=True)
+    def page(self, offset: int, limit: int):
+        return pyogrio.read_dataframe(self.path, skip_features=offset, max_features=limit, fid_as_index=True)
+
+    def rows(self, ids):
+        return pyogrio.read_dataframe(self.path, fids=ids, fid_as_index=True)
 
     def one(self, fid: int):
         return pyogrio.read_dataframe(self.path, fids=[fid], fid_as_index=True)
@@ -187,17 +196,22 @@ class GeoParquetLayer:
         self.frame = _parquet(str(path), st.st_mtime_ns, st.st_ino)
         self.crs = self.frame.crs.to_wkt() if self.frame.crs is not None else None
 
-    def _select(self, area):
-        if area is None:
-            return self.frame
-        rows = self.frame.sindex.query(area, predicate="intersects")
-        return self.frame.iloc[np.sort(rows)]
+    @property
+    def features(self) -> int:
+        return len(self.frame)
 
-    def count(self, area) -> int:
-        return len(self._select(area))
+    def matching(self, bbox) -> np.ndarray:
+        """The row numbers of the features that intersect the CRS84 ``bbox`` (candidates from the spatial index)."""
+        import shapely
 
-    def page(self, area, offset: int, limit: int):
-        return self._select(area).iloc[offset : offset + limit]
+        candidates = np.sort(self.frame.sindex.query(shapely.box(*_envelope(bbox, self.crs))))
+        return candidates[_meeting(self.frame.geometry.values[candidates], self.crs, bbox)]
+
+    def page(self, offset: int, limit: int):
+        return self.frame.iloc[offset : offset + limit]
+
+    def rows(self, ids):
+        return self.frame.iloc[ids]
 
     def one(self, fid: int):
         return self.frame.iloc[fid : fid + 1] if 0 <= fid < len(self.frame) else self.frame.iloc[:0]
