@@ -96,7 +96,23 @@ def test_a_scan_in_micrometres_is_measured_in_mm_as_simpleitk_reads_it(make_mode
         assert row.voxels == voxels
         assert row.volume_ml == pytest.approx(voxels * np.prod(spacing_mm) / 1000, rel=1e-6)
 
+    from tilemask.serve.catalog import Catalog
+
+    (labels_entry,) = [e for e in Catalog(tmp_path).entries() if e.kind == "labels"]
+    assert labels_entry.scan == "cells.nii.gz"  # tilemask serve shows the labels over their scan, both in mm
+
     ome = run(path, make_model, tmp_path, client, suffix=".ome.zarr")
     (multiscale,) = dict(zarr.open_group(ome, mode="r")["labels/labels"].attrs)["ome"]["multiscales"]
     assert [a["unit"] for a in multiscale["axes"]] == ["millimeter"] * 3
     np.testing.assert_allclose(multiscale["datasets"][0]["coordinateTransformations"][0]["scale"], spacing_mm)
+
+
+def test_a_spatial_unit_code_that_is_not_a_length_counts_as_mm():
+    """xyzt_units codes 4-7 name no length (nibabel's get_xyzt_units raises KeyError on them): mm, as ITK takes them."""
+    from tilemask.formats import nifti_affine_mm
+
+    img = nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.diag([20.0, 20.0, 20.0, 1.0]))
+    img.header["xyzt_units"] = 5
+    np.testing.assert_array_equal(nifti_affine_mm(img), img.affine)
+    img.header.set_xyzt_units("meter")
+    np.testing.assert_array_equal(np.asarray(nifti_affine_mm(img))[:3, :3], np.diag([20000.0] * 3))

@@ -44,13 +44,14 @@ def nifti_nodata(descrip: bytes) -> int | None:
     return int(value) if value.isdigit() else None
 
 
-NIFTI_UNITS_IN_MM = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3, "unknown": 1.0}  # xyzt_units' spatial part
+NIFTI_UNITS_IN_MM = {1: 1000.0, 2: 1.0, 3: 1e-3}  # xyzt_units' spatial code: metre, mm, micron
 
 
 def nifti_affine_mm(img) -> tuple[tuple[float, ...], ...]:
     """A nibabel image's voxel-to-RAS affine (nibabel's: the sform, else the qform, else the zooms) in mm: the
-    header's spatial unit applied, as SimpleITK applies it (nibabel and MONAI leave it; no unit counts as mm)."""
-    factor = NIFTI_UNITS_IN_MM.get(img.header.get_xyzt_units()[0], 1.0)
+    header's spatial unit applied, as SimpleITK applies it (nibabel and MONAI leave it; no unit, or a code that is
+    not a length, counts as mm)."""
+    factor = NIFTI_UNITS_IN_MM.get(int(img.header["xyzt_units"]) & 0x07, 1.0)
     rows = [[float(v) * (factor if r < 3 else 1.0) for v in row] for r, row in enumerate(img.affine)]
     return tuple(tuple(row) for row in rows)
 
@@ -361,7 +362,9 @@ class GdalRasterFormat(GeoTiffFormat):
 
         try:
             return super().open_source(path, spatial_dims, bands)
-        except InputError:  # GDAL's "not recognized": say what the file or folder is, where that is known
+        except InputError as exc:  # GDAL's "not recognized": say what the file or folder is, where that is known
+            if "not recognized" not in str(exc) and "does not exist" not in str(exc):
+                raise
             if os.path.isdir(path):
                 from .sources.dicom import folder_problem
 

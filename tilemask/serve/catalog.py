@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..classes import class_colours, class_name
-from ..formats import CLASS_TABLE_SUFFIX, for_path
+from ..formats import CLASS_TABLE_SUFFIX, for_path, nifti_affine_mm
 from .paths import hidden, inside, relative
 
 logger = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def _image(root: Path, rel: str, path: Path) -> list[Entry]:
 
             img = nib.load(path)
             return [Entry(rel, "scan", fmt.name, stem, shape=tuple(int(s) for s in img.shape),
-                          affine=_affine(img.affine))]  # fmt: skip
+                          affine=_affine(nifti_affine_mm(img)))]  # fmt: skip (in mm, as the labels' reader gives)
         if fmt.gdal_raster:
             return [Entry(rel, "raster", fmt.name, stem, bounds=_raster_bounds(path))]
         return []
