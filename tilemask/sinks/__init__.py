@@ -88,20 +88,26 @@ class LabelSink(ABC):
     def abort(self) -> None:
         """Remove whatever a failed run staged (client, once no task still writes)."""
 
-    def remove_stale_probabilities(self) -> None:
-        """When this run writes no probabilities beside its labels, remove those an earlier tilemask run wrote
-        there: they belong to the labels being replaced (``open_result`` and ``tilemask serve`` pair the two).
-        A file of that name tilemask did not write is left alone."""
+    def remove_stale_probabilities(self, replaced: bool) -> None:
+        """When this run ``replaced`` labels and writes no probabilities beside them, remove those an earlier
+        tilemask run wrote there: they belong to the labels replaced (``open_result`` and ``tilemask serve`` pair
+        the two).  A file of that name tilemask did not write is left alone; one that cannot be removed is a
+        warning (the labels are published)."""
         from ..formats import for_path
         from ..outputs import exists, remove
 
         fmt = for_path(self.path)
         stale = fmt.probabilities_path(self.path)
-        if self.layout.writes_probabilities or stale is None or not exists(stale) or not fmt.written_by_tilemask(stale):
+        if not replaced or self.layout.writes_probabilities or stale is None or not exists(stale):
+            return
+        if not fmt.written_by_tilemask(stale):
             return
         logger.info("%s: removing the probabilities of the labels it replaces", stale)
-        remove(stale)
-        remove(stale + ".aux.xml")
+        try:
+            remove(stale)
+            remove(stale + ".aux.xml")
+        except OSError as exc:
+            logger.warning("%s: cannot remove the probabilities of the labels replaced: %s", stale, exc)
 
     def __dask_tokenize__(self):
         """Its kind, path and run: the layout holds the workflow, which Dask need not hash per task."""

@@ -181,9 +181,10 @@ class CogSink(LabelSink):
     def publish(self) -> list[str]:
         """Rename them all into place, then drop the pieces."""
         rasters = [r for r in self.rasters if r is not None]
+        replaced = exists(self.path)
         for raster in rasters:
             raster.publish()
-        self.remove_stale_probabilities()
+        self.remove_stale_probabilities(replaced)
         remove(self.parts)
         return [raster.path for raster in rasters]
 

@@ -180,9 +180,10 @@ class NiftiSink(LabelSink):
     def publish(self) -> list[str]:
         """Every file is finished before any is renamed: new labels never stand beside old probabilities."""
         volumes = [v for v in self.volumes if v is not None]
+        replaced = os.path.exists(self.path)
         for volume in volumes:
             volume.publish()
-        self.remove_stale_probabilities()
+        self.remove_stale_probabilities(replaced)
         publish(staged_path(self.class_table, self.layout.run_id), self.class_table)
         return [volume.path for volume in volumes] + [self.class_table]
 
