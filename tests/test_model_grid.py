@@ -231,7 +231,7 @@ def test_post_processing_runs_on_the_input_grid(make_model, tmp_path, client):
     keys = {**workflow(path, weights, tmp_path, preprocess, 29).to_dict(), "postprocess": {"keep_largest": True}}
     (result,) = tilemask.run(Workflow.from_dict(keys, base_dir=tmp_path), client)
     _, _, inverted = monai_pipeline(path, net, "RAS", (2.6, 2.6, 2.6), zscore={"nonzero": True})
-    keep = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False, connectivity=1)
+    keep = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False)  # MONAI's default connectivity
     expected = keep(torch.from_numpy(inverted.argmax(0)[None])).numpy()[0]
     labels, _ = read_nifti_output(result)
     assert labels.shape == nib.load(path).shape and not np.array_equal(expected, inverted.argmax(0))
