@@ -72,6 +72,7 @@ def test_labels_as_a_multiscale_label_image_that_validates_and_reads_as_napari_d
     scale = labels_node.metadata["coordinateTransformations"][1][0]["scale"]
     with rasterio.open(path) as ds:
         assert scale == [2 * ds.res[1], 2 * ds.res[0]]  # the raster's pixel size (rows, columns), times 2 at level 1
+    assert len(labels_node.metadata["coordinateTransformations"][1]) == 1  # rows run south: no translation
 
     labels = tilemask.open_result(omz)
     assert labels.attrs["class_names"] == ["background", "water", "cloud"] and labels.rio.crs is not None
@@ -180,4 +181,6 @@ def test_volume_axes_are_named_after_the_world_axes_they_run_along(make_volume, 
         (multiscale,) = dict(node.attrs)["ome"]["multiscales"]
         assert [a["name"] for a in multiscale["axes"]] == expected
         assert list(node["0"].metadata.dimension_names) == expected
+        # the second axis runs along -x: NGFF's positive scales cannot place it, so no translation claims to
+        assert [t["type"] for t in multiscale["datasets"][0]["coordinateTransformations"]] == ["scale"]
     assert np.asarray(root["labels/labels/0"]).shape == volume.shape

@@ -48,12 +48,15 @@ def level_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     return shapes
 
 
-def space_axes(layout: OutputLayout) -> tuple[tuple[str, ...], list[float], list[float], str | None]:
+def space_axes(layout: OutputLayout) -> tuple[tuple[str, ...], list[float], list[float] | None, str | None]:
     """The space axes' NGFF names, scale, translation (where pixel/voxel 0 is) and unit.
 
-    A volume: the voxel sizes in mm, and each axis's origin on the world axis it is named after.  An image: the
-    pixel size in metres in a projected CRS, else the geotransform's own sizes with no unit (an OME-Zarr input's
-    scale), and the geotransform's origin.  NGFF has no rotation or flip: those stay in tilemask's attributes.
+    A volume: the voxel sizes in mm.  An image: the pixel size in metres in a projected CRS, else the
+    geotransform's own sizes with no unit (an OME-Zarr input's scale).  NGFF has no rotation or flip, and its
+    scales are positive: the translation (the origin, on the world axis each axis is named after) is written
+    only where every axis runs along its world axis in the positive direction (an OME-Zarr input); else none
+    (a north-up raster's rows run south, a NIfTI's first axis often runs left), and the grid is in tilemask's
+    attributes.
     """
     from ..postprocess import spacing_of
 
@@ -63,9 +66,15 @@ def space_axes(layout: OutputLayout) -> tuple[tuple[str, ...], list[float], list
     if isinstance(geometry, RasterGeometry):
         x0, dx, rx, y0, ry, dy = geometry.transform
         sizes = spacing or (float(np.hypot(rx, dy)), float(np.hypot(dx, ry)))
-        return names, list(sizes), [y0, x0], ("meter" if spacing else None)
+        positive = rx == 0 and ry == 0 and dx > 0 and dy > 0
+        return names, list(sizes), [y0, x0] if positive else None, ("meter" if spacing else None)
     affine = np.asarray(geometry.affine)
-    return names, list(spacing), [float(affine[WORLD_AXES.index(n), 3]) for n in names], "millimeter"
+    rows = [WORLD_AXES.index(n) for n in names]
+    aligned = np.zeros((3, 3))
+    for axis, row in enumerate(rows):
+        aligned[row, axis] = affine[row, axis]
+    positive = all(aligned[row, axis] > 0 for axis, row in enumerate(rows)) and np.allclose(aligned, affine[:3, :3])
+    return names, list(spacing), [float(affine[r, 3]) for r in rows] if positive else None, "millimeter"
 
 
 def mode_downsample(block: np.ndarray) -> np.ndarray:
@@ -116,8 +125,8 @@ class OmeZarrSink(LabelSink):
                 "axes": ([{"name": "c", "type": "channel"}] if with_channels else []) + space,
                 "datasets": [
                     {"path": str(level), "coordinateTransformations": [
-                        {"type": "scale", "scale": lead + [s * 2**level for s in spacing]},
-                        {"type": "translation", "translation": [0.0] * len(lead) + origin}]}
+                        {"type": "scale", "scale": lead + [s * 2**level for s in spacing]}]
+                        + ([{"type": "translation", "translation": [0.0] * len(lead) + origin}] if origin else [])}
                     for level in range(len(shapes))
                 ],
                 "type": "mean" if with_channels else "mode",  # probabilities are averaged, labels voted
