@@ -118,6 +118,23 @@ def raster_workflow(input_path, weights, args=None, **sections) -> dict:
     return workflow
 
 
+def run_small_volume(input_path, weights, tmp_path, client, suffix: str = ".nii.gz") -> str:
+    """UNET_3D over a small volume (roi 16^3, chunks 16) into ``out/{stem}_labels<suffix>``; the labels' path."""
+    import tilemask
+    from tilemask.workflow import Workflow
+
+    workflow = {
+        "version": 1,
+        "input": str(input_path),
+        "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
+        "preprocess": {"normalize": {"mean": [500.0], "std": [300.0]}},
+        "inference": {"roi_size": [16, 16, 16], "batch_size": 2, "device": "cpu"},
+        "output": {"path": "out/{stem}_labels" + suffix, "chunks": 16},
+    }
+    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    return result.outputs[0]
+
+
 def volume_workflow(input_path, weights, inference: dict, output: dict) -> dict:
     """UNET_3D on a volume (normalised with mean 500 and std 300, roi 24^3), labels and float32 probabilities
     as ``.nii.gz``; ``inference`` and ``output`` keys added."""

@@ -9,10 +9,8 @@ import pytest
 import SimpleITK as sitk
 import zarr
 
-import tilemask
-from tests.conftest import UNET_3D
+from tests.conftest import UNET_3D, run_small_volume
 from tilemask.stats.api import compute_stats
-from tilemask.workflow import Workflow
 
 GRID_FIELDS = ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y",
                "qoffset_z", "srow_x", "srow_y", "srow_z", "xyzt_units")  # fmt: skip
@@ -29,16 +27,7 @@ def scan(path, header_of) -> str:
 
 def run(path, make_model, tmp_path, client, suffix=".nii.gz") -> str:
     weights, _ = make_model(UNET_3D)
-    workflow = {
-        "version": 1,
-        "input": path,
-        "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
-        "preprocess": {"normalize": {"mean": [500.0], "std": [300.0]}},
-        "inference": {"roi_size": [16, 16, 16], "batch_size": 2, "device": "cpu"},
-        "output": {"path": "out/{stem}_labels" + suffix, "chunks": 16},
-    }
-    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
-    return result.outputs[0]
+    return run_small_volume(path, weights, tmp_path, client, suffix)
 
 
 def sitk_grid(path) -> tuple[np.ndarray, ...]:

@@ -13,7 +13,7 @@ from ome_zarr_models.v05.image import Image
 from ome_zarr_models.v05.image_label import ImageLabel
 
 import tilemask
-from tests.conftest import UNET_2D, UNET_3D, raster_workflow
+from tests.conftest import UNET_2D, UNET_3D, raster_workflow, run_small_volume
 from tilemask.classes import class_colours
 from tilemask.sinks.omezarr import SMALLEST
 from tilemask.workflow import Workflow
@@ -97,19 +97,7 @@ def test_volume_scale_is_the_voxel_size_and_an_ome_zarr_input_keeps_it(make_volu
         }],
     }  # fmt: skip
     Image.from_zarr(zarr.open_group(source, mode="r"))  # a valid NGFF 0.5 image
-    wf = Workflow.from_dict(
-        {
-            "version": 1,
-            "input": str(source),
-            "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
-            "preprocess": {"normalize": {"mean": [500.0], "std": [300.0]}},
-            "inference": {"roi_size": [16, 16, 16], "batch_size": 2, "device": "cpu"},
-            "output": {"path": "out/{stem}_labels.ome.zarr", "chunks": 16},
-        },
-        base_dir=tmp_path,
-    )
-    (result,) = tilemask.run(wf, client)
-    root = zarr.open_group(result.outputs[0], mode="r")
+    root = zarr.open_group(run_small_volume(source, weights, tmp_path, client, ".ome.zarr"), mode="r")
     Image.from_zarr(root)
     ImageLabel.from_zarr(root["labels/labels"])
     multiscale = dict(root["labels/labels"].attrs)["ome"]["multiscales"][0]
@@ -161,19 +149,7 @@ def test_volume_axes_are_named_after_the_world_axes_they_run_along(make_volume, 
     that nibabel orients it to (the fixture's first axis runs along y, its second along -x)."""
     path, volume = make_volume((24, 20, 16))
     weights, _ = make_model(UNET_3D)
-    wf = Workflow.from_dict(
-        {
-            "version": 1,
-            "input": str(path),
-            "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
-            "preprocess": {"normalize": {"mean": [500.0], "std": [300.0]}},
-            "inference": {"roi_size": [16, 16, 16], "batch_size": 2, "device": "cpu"},
-            "output": {"path": "out/{stem}_labels.ome.zarr", "chunks": 16},
-        },
-        base_dir=tmp_path,
-    )
-    (result,) = tilemask.run(wf, client)
-    root = zarr.open_group(result.outputs[0], mode="r")
+    root = zarr.open_group(run_small_volume(path, weights, tmp_path, client, ".ome.zarr"), mode="r")
     world = {"L": "x", "R": "x", "P": "y", "A": "y", "I": "z", "S": "z"}
     expected = [world[code] for code in nib.aff2axcodes(nib.load(path).affine)]
     assert expected == ["y", "x", "z"]

@@ -377,13 +377,10 @@ class GdalRasterFormat(GeoTiffFormat):
 
 def _nifti_pair(path: str) -> bool:
     """Whether ``path`` is the header or image of a NIfTI-1 pair (magic ``ni1`` in the header)."""
+    from .sources import bytes_at
+
     header = str(Path(path).with_suffix(".hdr")) if path.lower().endswith(".img") else path
-    try:
-        with open(header, "rb") as f:
-            f.seek(344)
-            return f.read(4) == b"ni1\x00"
-    except OSError:
-        return False
+    return bytes_at(header, 344, 4) == b"ni1\x00"
 
 
 FORMATS: tuple[Format, ...] = (

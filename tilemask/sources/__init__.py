@@ -136,6 +136,16 @@ def _evict(keep: tuple) -> None:
                 _evicted.popitem(last=False)
 
 
+def bytes_at(path: str, offset: int, size: int) -> bytes:
+    """``size`` bytes of the file at ``path`` from ``offset`` (fewer at its end; none if it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+    except OSError:
+        return b""
+
+
 def file_stamp(path: str) -> tuple[int, int]:
     """``(mtime_ns, size)`` of a local file, so a replaced file is never read through a stale handle."""
     try:

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import InputError, ReadError
 from ..geometry import Region, VolumeGeometry
-from . import CannotUnpack, ImageSource, Spool, file_stamp, unpacked
+from . import CannotUnpack, ImageSource, Spool, bytes_at, file_stamp, unpacked
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +32,7 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 def _part10(path: str) -> bool:
     """Whether ``path`` starts like a DICOM Part 10 file (``DICM`` at byte 128)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
+    return bytes_at(path, 128, 4) == b"DICM"
 
 
 def _files(folder: str):
@@ -74,11 +69,7 @@ def folder_problem(path: str) -> str:
 
 def _headerless_dicom(path: str) -> bool:
     """Whether ``path`` starts with a DICOM data element of group 0002 or 0008 (little endian), no preamble."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:
-        return False
+    head = bytes_at(path, 0, 4)
     return len(head) == 4 and head[:2] in (b"\x02\x00", b"\x08\x00") and int.from_bytes(head[2:], "little") < 0x0100
 
 
