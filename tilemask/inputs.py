@@ -7,8 +7,9 @@ members, a STAC ItemCollection or catalog.  Listing opens no image: a run plans 
   name) matches, read in place through GDAL's ``/vsizip/`` and ``/vsitar/``
   (NIfTI members are extracted once to scratch, :mod:`tilemask.sources.archive`).
 * ``{stac: FILE, assets: [...]}``: one item per STAC Item, named by its id (made
-  one file name: :func:`file_name`), its assets stacked as bands in the order given (each asset's bands, all on one
-  grid); relative hrefs resolve against the STAC file.
+  one file name: :func:`file_name`), its assets stacked as bands in the order
+  given (each asset's bands, all on one grid); relative hrefs resolve against the
+  STAC file.
 """
 
 from __future__ import annotations
