@@ -10,7 +10,7 @@ from typing import NoReturn
 
 import click
 
-from .errors import TilemaskError
+from .errors import TilemaskError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +71,6 @@ class TilemaskCommand(click.Command):
 def errors_only() -> bool:
     """``tilemask -q``: a command prints its errors and nothing else."""
     return (click.get_current_context().find_root().obj or {}).get("verbosity", 0) < 0
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def configure_logging(debug: bool, verbosity: int = 0) -> None:

@@ -71,3 +71,8 @@ def missing_weights(path: str) -> WeightsError:
     what = "is a folder, not a weights file" if os.path.isdir(path) else "does not exist"
     return WeightsError(f"model.weights: {path} {what}")
 
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message in one line (its type's name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

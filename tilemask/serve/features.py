@@ -6,8 +6,8 @@ CRS84): its envelope in the layer's CRS goes to OGR as a spatial filter, which
 finds the candidates (GeoPackage and FlatGeobuf from their spatial index); those
 whose geometry, in CRS84, intersects the bbox are the matches, as the standard
 asks; their ids give ``numberMatched``, and ``offset`` / ``limit`` page through
-them. GeoParquet, which
-pyogrio's GDAL cannot read, goes through geopandas (:class:`GeoParquetLayer`).
+them. GeoParquet, which pyogrio's GDAL cannot read, goes through geopandas
+(:class:`GeoParquetLayer`).
 Geometries go out in CRS84 (longitude, latitude), as the standard asks.
 """
 

@@ -24,7 +24,7 @@ from typing import ClassVar
 import nibabel as nib
 import numpy as np
 
-from ..errors import InputError, ReadError
+from ..errors import InputError, ReadError, first_line
 from ..formats import nifti_affine_mm
 from ..geometry import Region, VolumeGeometry
 from . import ImageSource, Spool, cached_handle, file_stamp, unpacked
@@ -102,7 +102,7 @@ TRUNCATED = re.compile(r"Expected \d+ bytes, got \d+|n_bytes does not look right
 def read_failure(exc: BaseException) -> str:
     """What reading a NIfTI's voxels failed on, in a line: a file that ends before the voxels its header describes
     (nibabel's "Expected N bytes, got M", gzip's end of stream) is called truncated."""
-    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    text = f"{type(exc).__name__}: {first_line(exc)}"
     if isinstance(exc, EOFError) or TRUNCATED.search(str(exc)):
         return f"the file is truncated: it ends before the voxels its header describes ({text})"
     return text
