@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import rasterio
 import zarr
+from PIL import Image
 
 import tilemask
 from tilemask import Workflow
@@ -261,6 +262,9 @@ def test_archive_list_and_stac_inputs_give_the_outputs_of_the_files_themselves(m
     assert (labels["file"] > 0).any()
     for kind in ("zip", "list", "stac"):
         np.testing.assert_array_equal(labels[kind], labels["file"], err_msg=kind)
+    # the quick look of the STAC item's three assets is the scene's own
+    looks = {kind: np.asarray(Image.open(tmp_path / kind / "scene.png")) for kind in ("file", "stac")}
+    np.testing.assert_array_equal(looks["stac"], looks["file"])
 
 
 def test_a_glob_does_not_take_the_workflows_own_outputs_beside_its_inputs(make_raster, make_model, tmp_path):

@@ -57,7 +57,8 @@ class Products:
 
     vectors: str | None = None
     quicklook: str | None = None  # PNG path (2D rasters)
-    quicklook_bands: tuple[int, ...] = ()
+    quicklook_inputs: tuple[str, ...] = ()  # the rasters under it: several for a STAC item's assets
+    quicklook_bands: tuple[int, ...] = ()  # of each of them (none: all)
     stats: StatsConfig | None = None
 
     @property
@@ -221,10 +222,7 @@ class WorkflowPlan:
         )
         products = item.products
         if products.stats is not None and not workflow.stats.classes:
-            products = Products(
-                products.vectors, products.quicklook, products.quicklook_bands,
-                products.stats.model_copy(update={"classes": list(names)}),
-            )  # fmt: skip
+            products = replace(products, stats=products.stats.model_copy(update={"classes": list(names)}))
         sink = make_sink(item.output, layout)
         resumable = (  # worth a record of the chunks written: a job's item of several chunks, written straight
             self.job_id and sink.resumable and item.back is None and self.postprocess is None
@@ -350,9 +348,10 @@ def _plan_input(workflow: Workflow, item: InputItem, spatial_dims: int) -> Input
     if grid:
         chunks = WindowPlan.build(source.spatial_shape, inference.roi_size, inference.overlap, workflow.output.chunks)
         back = Inversion(network_source, chunks)
+    shown_bands = tuple(getattr(source, "bands", None) or workflow.preprocess.bands or ())  # a stack's: of each file
     source = network_source
     quicklook = (  # beside a local output only: it reads the labels back
-        workflow.output.quicklook and spatial_dims == 2 and for_path(path).gdal_raster and len(item.files) == 1
+        workflow.output.quicklook and spatial_dims == 2 and all(for_path(f).gdal_raster for f in item.files)
         and not is_remote(output)
     )  # fmt: skip
     return InputPlan(
@@ -363,7 +362,8 @@ def _plan_input(workflow: Workflow, item: InputItem, spatial_dims: int) -> Input
         products=Products(
             vectors=workflow.vectors_path(item.name),
             quicklook=os.path.splitext(output.rstrip("/"))[0] + ".png" if quicklook else None,
-            quicklook_bands=tuple(getattr(source, "bands", ())),
+            quicklook_inputs=item.files if quicklook else (),
+            quicklook_bands=shown_bands,
             stats=workflow.stats_for(item.name),
         ),
         files=item.files,

@@ -41,8 +41,8 @@ def write_products(job: Job, labels_path: str, client: Client, progress: bool = 
         from .quicklook import write_quicklook  # a GeoTIFF's needs rasterio and Pillow only; Zarr's, on the worker
 
         with stage(f"quick look -> {Path(products.quicklook).name}", progress):
-            bands = list(products.quicklook_bands)
-            task = client.submit(write_quicklook, job.input, labels_path, products.quicklook, bands, pure=False)
+            inputs, bands = list(products.quicklook_inputs), list(products.quicklook_bands)
+            task = client.submit(write_quicklook, inputs, labels_path, products.quicklook, bands, pure=False)
             written.extend(gather(client, [task]))
     if products.stats:
         from .stats import compute_from_config

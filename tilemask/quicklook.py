@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ def thumbnail_shape(shape: tuple[int, int], size: int) -> tuple[int, int]:
 
 
 def write_quicklook(
-    input_path: str,
+    input_path: str | Sequence[str],
     labels_path: str,
     png_path: str,
     bands: list[int] | None = None,
@@ -51,17 +52,27 @@ def write_quicklook(
 ) -> str:
     """Write ``png_path``: the labels over the input, longest side ``size``; returns ``png_path``.
 
-    ``bands`` are the 1-based input bands shown as RGB (default: 1, 2, 3, or band 1 as grey).
+    ``input_path`` is a raster, or several stacked as the channels of one input (a STAC item's assets):
+    ``bands`` (1-based) of each file, or all of its bands, in turn. The first three channels show as RGB,
+    else the first as grey.
     """
     labels, nodata, n_classes, labels_shape = _read_labels(labels_path, size)
-    try:
-        with gdal_env(), rasterio.open(input_path) as src:  # a remote input: GDAL's settings for it
-            if (src.height, src.width) != labels_shape:
-                raise InputError(f"{input_path}: {src.height}x{src.width} pixels, the labels are not on its grid")
-            bands = list(bands or ([1, 2, 3] if src.count >= 3 else [1]))
-            image = src.read(bands, out_shape=(len(bands), *labels.shape), masked=True, resampling=Resampling.nearest)
-    except RasterioError as exc:
-        raise InputError(f"{input_path}: cannot read: {exc}") from None
+    files = [input_path] if isinstance(input_path, str) else list(input_path)
+    layers = []
+    for path in files:
+        try:
+            with gdal_env(), rasterio.open(path) as src:  # a remote input: GDAL's settings for it
+                if (src.height, src.width) != labels_shape:
+                    raise InputError(f"{path}: {src.height}x{src.width} pixels, the labels are not on its grid")
+                wanted = (bands or range(1, src.count + 1))[: 3 - sum(len(layer) for layer in layers)]
+                layers.append(src.read(list(wanted), out_shape=(len(wanted), *labels.shape), masked=True,
+                                       resampling=Resampling.nearest))  # fmt: skip
+        except RasterioError as exc:
+            raise InputError(f"{path}: cannot read: {exc}") from None
+        if sum(len(layer) for layer in layers) == 3:
+            break
+    image = np.ma.concatenate(layers)
+    image = image if len(image) == 3 else image[:1]
     rgb = _stretch(image)
     valid = ~np.ma.getmaskarray(image).all(axis=0)  # as GDAL's dataset mask: nodata in every band
     if nodata is not None:
@@ -120,6 +131,4 @@ def _stretch(image: np.ma.MaskedArray) -> np.ndarray:
         lo, hi = np.percentile(values, (2, 98)) if values.size else (0.0, 1.0)
         scaled = (np.ma.filled(band, lo).astype(np.float64) - lo) / max(hi - lo, 1e-12)
         out.append(np.clip(scaled * 255.0, 0, 255))
-    while len(out) < 3:
-        out.append(out[0])
-    return np.rint(np.dstack(out[:3])).astype(np.uint8)
+    return np.rint(np.dstack(out * (3 // len(out)))).astype(np.uint8)
