@@ -56,7 +56,7 @@ def write_series(folder: Path, rows=12, columns=20, slices=6, pixel_spacing=(0.7
     row_cosines, column_cosines = rotation[:, 0], rotation[:, 1]
     normal = np.cross(row_cosines, column_cosines)
     rng = np.random.default_rng(seed)
-    study, series = generate_uid(), generate_uid()
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
     for k in rng.permutation(slices):
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
@@ -65,6 +65,7 @@ def write_series(folder: Path, rows=12, columns=20, slices=6, pixel_spacing=(0.7
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = CTImageStorage, study, series
         ds.Modality, ds.PatientID, ds.InstanceNumber = "CT", "tilemask-test", int(k) + 1
+        ds.FrameOfReferenceUID = frame
         ds.Rows, ds.Columns, ds.PixelSpacing = rows, columns, list(pixel_spacing)
         ds.ImageOrientationPatient = [float(v) for v in (*row_cosines, *column_cosines)]
         ds.ImagePositionPatient = [float(v) for v in np.array([-40.0, 25.0, 60.0]) + k * step * normal]
@@ -268,6 +269,41 @@ def test_a_dicom_segmentation_is_stored_on_orthanc_and_equals_the_nifti_labels(m
     frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=sources, combine_segments=True)
     for k in range(labels.shape[2]):  # per slice, the segments are the labels of the NIfTI path
         np.testing.assert_array_equal(frames[k], labels[:, :, k].T)
+
+
+def test_a_series_without_patient_and_study_details_gives_a_segmentation_that_highdicom_reads(
+    make_model, tmp_path, client
+):
+    """A series without PatientName (or the study's date, ID, ...: Type 2, which may be absent in practice) ran
+    every window, then failed in highdicom with "'FileDataset' object has no attribute 'PatientName'", exit 1."""
+    import highdicom as hd
+
+    from tilemask.planning import plan_workflow
+
+    folder = write_series(tmp_path / "series", rows=20, columns=24, slices=16)
+    weights, _ = make_model(UNET_3D)
+    workflow = {
+        "version": 1,
+        "input": str(folder),
+        "classes": ["background", "lesion"],
+        "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
+        "preprocess": {"normalize": {"mean": [500.0], "std": [800.0]}},
+        "inference": {"roi_size": [16, 16, 16], "device": "cpu"},
+        "output": {"path": "out/{stem}_seg.dcm", "chunks": 16},
+    }
+    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(result.outputs[0]))
+    assert seg.PatientID == "tilemask-test" and seg.PatientName == "" and seg.StudyDate == ""
+    slice_header = pydicom.dcmread(DicomSeriesSource.open(str(folder)).files[0])
+    assert seg.StudyInstanceUID == slice_header.StudyInstanceUID
+    # without the study's UID there is no SEG to make: refused before any work
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(path)
+        del ds.StudyInstanceUID
+        ds.save_as(path)
+    with pytest.raises(InputError, match="no StudyInstanceUID, which a DICOM Segmentation must copy"):
+        plan_workflow(Workflow.from_dict({**workflow, "output": {"path": "again/{stem}_seg.dcm"}}, base_dir=tmp_path))
+    assert not (tmp_path / "again").exists()
 
 
 def test_outputs_that_cannot_be_written_for_the_input_are_refused_when_planning(make_volume, make_model, tmp_path):

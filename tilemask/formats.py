@@ -331,6 +331,14 @@ class DicomSegFormat(Format):
 
         if not isinstance(source, DicomSeriesSource):
             raise InputError(f"{output}: a DICOM Segmentation refers to the slices of a DICOM series; {source.path} is not one")
+        import pydicom
+
+        from .sinks.dicomseg import REQUIRED
+
+        header = pydicom.dcmread(source.files[0], stop_before_pixels=True, specific_tags=list(REQUIRED))
+        missing = [keyword for keyword in REQUIRED if not header.get(keyword)]
+        if missing:
+            raise InputError(f"{source.files[0]}: no {' or '.join(missing)}, which a DICOM Segmentation must copy")
 
     def open_labels(self, path, chunks):
         from .errors import InputError

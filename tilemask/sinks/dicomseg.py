@@ -26,6 +26,11 @@ from .zarr import ZarrSink
 logger = logging.getLogger(__name__)
 
 TISSUE = ("85756007", "SCT", "Tissue")  # segmented property category and type when nothing more is known
+PATIENT_AND_STUDY = (  # Type 2 in the Patient and General Study modules (may be empty), copied by highdicom
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+    "AccessionNumber", "ReferringPhysicianName",
+)  # fmt: skip
+REQUIRED = ("StudyInstanceUID", "Modality", "FrameOfReferenceUID")  # Type 1: a SEG cannot be made without them
 
 
 @dataclass(frozen=True)
@@ -58,9 +63,11 @@ class DicomSegSink(LabelSink):
         import zarr
 
         source = self._source()
-        images = [
-            pydicom.dcmread(f) for f in source.files
-        ]  # the k axis, in order (highdicom reads their pixels' layout)
+        images = [pydicom.dcmread(f) for f in source.files]  # the k axis, in order (highdicom reads their pixels)
+        for image in images:  # a Type 2 attribute a series leaves out is present and empty in the SEG
+            for keyword in PATIENT_AND_STUDY:
+                if keyword not in image:
+                    setattr(image, keyword, "")
         layout = self.layout
         volume = np.asarray(zarr.open_array(f"{self.labels.staged}/labels", mode="r")[...])  # (i, j, k), read once
         if layout.nodata is not None:
