@@ -120,3 +120,39 @@ def test_view_shows_the_scan_in_grey_with_the_labels_in_their_colours(browser, s
         near = np.all(np.abs(shot - colours[value][:3]) <= 40, axis=-1)
         assert near.sum() > 500, (value, near.sum())
     page.close()
+
+
+@pytest.mark.slow
+def test_map_shows_polygons_across_the_antimeridian_and_keeps_them_zoomed_out(browser, tmp_path):
+    """The map fitted polygons across 180 degrees to an empty extent (a page error, no polygons), and a view
+    wider than the world asked the features for a bbox past +-180 degrees (400: every polygon vanished)."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    from .conftest import start_server
+
+    cells = [box(x, y, x + 9000, y + 9000) for x in range(0, 270000, 10000) for y in range(0, 200000, 10000)]
+    layer = gpd.GeoDataFrame({"class": ["land"] * len(cells)}, geometry=cells, crs="EPSG:32601")  # 178.5E..179.2W
+    layer.to_file(tmp_path / "cells.gpkg", driver="GPKG")
+    with start_server(tmp_path) as url:
+        page = browser.new_page(viewport=SIZE, device_scale_factor=1)
+        errors, statuses = [], []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("response", lambda r: statuses.append(r.status) if "/items?" in r.url else None)
+        page.goto(f"{url}map")
+        page.wait_for_function("window.tilemaskReady === true", timeout=60_000)
+        page.wait_for_timeout(500)
+        assert not errors and statuses and set(statuses) == {200}, (errors, statuses)
+        shot = screenshot(page)
+        dark = np.all(np.abs(shot - 0x33) <= 12, axis=-1)  # the polygons' outline (#333, no class colours here)
+        x180, _ = page.evaluate("tilemaskMap.getPixelFromCoordinate(ol.proj.fromLonLat([180, 0.6]))")
+        assert 50 < x180 < SIZE["width"] - 50, x180  # the view holds both sides
+        west, east = dark[:, : int(x180) - 3].sum(), dark[:, int(x180) + 3 :].sum()
+        assert west > 2000 and east > 500, (west, east)  # 178.5E..180 and 180..179.2W: both drawn
+        loaded = "tilemaskMap.getLayers().item(0).getSource().getFeatures().length"
+        assert page.evaluate(loaded) == len(cells)
+        page.evaluate("tilemaskMap.getView().setZoom(1)")  # the world three times across the 900 pixels
+        page.wait_for_timeout(1500)
+        assert not errors and set(statuses) == {200}, (errors, statuses)
+        assert page.evaluate(loaded) == len(cells)
+        page.close()

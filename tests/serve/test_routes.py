@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import shutil
 from urllib.parse import quote, urlsplit
 
 import geopandas as gpd
@@ -403,7 +404,98 @@ def test_a_damaged_volume_is_a_422_not_a_500(tmp_path):
     with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
         answer = client.get("/volumes/cut_labels.nii.gz")
     assert answer.status_code == 422, answer.text
-    assert answer.json()["detail"].startswith("cut_labels.nii.gz: cannot read the volume: ")
+    assert answer.json()["detail"].startswith("cut_labels.nii.gz: cannot read: ")
+
+
+def test_damaged_outputs_are_a_422_naming_the_file_not_a_500(tmp_path, served_folder):
+    """A label COG with a truncated tile, a Zarr chunk that does not decompress, a FlatGeobuf cut short: the
+    catalog lists them (their headers read), and reading them failed with a bare 500."""
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+
+    whole = (served_folder / LABELS).read_bytes()
+    (tmp_path / "cut.tif").write_bytes(whole[: len(whole) // 3])
+    shutil.copytree(served_folder / "zarr" / "RGB.byte_mask.zarr", tmp_path / "bad.zarr")
+    for chunk in (tmp_path / "bad.zarr" / "labels" / "c").rglob("*"):
+        if chunk.is_file():
+            chunk.write_bytes(b"garbage")
+    polygons = (served_folder / "polygons_fgb.fgb").read_bytes()
+    (tmp_path / "cutpoly.fgb").write_bytes(polygons[: len(polygons) * 2 // 3])
+    lon, lat = -77.75, 24.56
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        assert {e["path"] for e in client.get("/?f=json").json()["outputs"]} >= {"cut.tif", "bad.zarr", "cutpoly.fgb"}
+        for url, name in [
+            ("/tiles/10/290/439.png?output=cut.tif", "cut.tif"),
+            (f"/point?output=cut.tif&lon={lon}&lat={lat}", "cut.tif"),
+            ("/tiles/8/72/109.png?output=bad.zarr", "bad.zarr"),
+            ("/collections/cutpoly/items?limit=10000", "cutpoly.fgb"),
+            ("/stats?output=cutpoly.fgb", "cutpoly.fgb"),
+        ]:
+            answer = client.get(url)
+            assert answer.status_code == 422, (url, answer.status_code, answer.text)
+            assert answer.json()["detail"].startswith(f"{name}: cannot read: "), answer.text
+
+
+def test_features_across_the_antimeridian_are_cut_there_and_found_by_any_bbox(tmp_path):
+    """Polygons in UTM zone 1, on both sides of 180 degrees. A bbox far wider than the layer transformed into the
+    zone to nonsense (the whole world matched 197 of 785 polygons, -100..100 degrees matched 8), a bbox across
+    the antimeridian (minlon > maxlon, as OGC API allows and /map sends) was a 400, and a polygon across it came
+    out as a band around the globe. The expected sets come from the boxes moved into UTM, not the polygons out."""
+    import shapely
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+
+    cells = [box(x, y, x + 9000, y + 9000) for x in range(0, 270000, 10000) for y in range(0, 200000, 10000)]
+    layer = gpd.GeoDataFrame({"class": ["land"] * len(cells)}, geometry=cells, crs="EPSG:32601")
+    for suffix, driver in ((".gpkg", "GPKG"), (".fgb", "FlatGeobuf")):
+        layer.to_file(tmp_path / f"am{suffix[1:]}{suffix}", driver=driver)
+    layer.to_parquet(tmp_path / "amparquet.parquet")
+    to_utm = Transformer.from_crs("OGC:CRS84", "EPSG:32601", always_xy=True)
+
+    def in_utm(x0, y0, x1, y1):  # a CRS84 box (one side of the antimeridian) as a densified polygon in the zone
+        ring = box(x0, y0, x1, y1).segmentize(0.01)
+        return shapely.transform(ring, lambda xy: np.column_stack(to_utm.transform(xy[:, 0], xy[:, 1])))
+
+    boxes = {  # the bbox, and its sides of the antimeridian (None: the whole world)
+        "179.5,0,-179.5,1": [(179.5, 0, 180, 1), (-180, 0, -179.5, 1)],
+        "179.9,0.5,180,0.6": [(179.9, 0.5, 180, 0.6)],
+        "-179.6,0.2,-179.5,1.5": [(-179.6, 0.2, -179.5, 1.5)],
+        "-180,-90,180,90": None,
+        "-100,-1,100,2": [],
+    }
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        for name, path in (("amgpkg", "amgpkg.gpkg"), ("amfgb", "amfgb.fgb"), ("amparquet", "amparquet.parquet")):
+            stored = (  # feature ids: a GeoPackage's from 1, a FlatGeobuf's in its spatial index's order, row numbers
+                gpd.read_parquet(tmp_path / path) if path.endswith(".parquet")
+                else gpd.read_file(tmp_path / path, fid_as_index=True)
+            )  # fmt: skip
+            extent = client.get(f"/collections/{name}").json()["extent"]["spatial"]["bbox"][0]
+            assert extent[0] > extent[2] and 178 < extent[0] < 179 and -180 < extent[2] < -179  # across
+            for text, sides in boxes.items():
+                answer = client.get(f"/collections/{name}/items", params={"bbox": text, "limit": 10000})
+                assert answer.status_code == 200, answer.text
+                got = {f["id"] for f in answer.json()["features"]}
+                hit = np.full(len(stored), sides is None)
+                for side in sides or ():
+                    hit |= stored.intersects(in_utm(*side)).to_numpy()
+                expected = {int(i) for i in stored.index[hit]}
+                assert got == expected, (name, text, len(got), len(expected))
+                for feature in answer.json()["features"]:
+                    for part in getattr(shape(feature["geometry"]), "geoms", [shape(feature["geometry"])]):
+                        x0, _, x1, _ = part.bounds
+                        assert -180 <= x0 and x1 <= 180 and x1 - x0 < 1, (name, feature["id"], part.bounds)
+        item = client.get("/stac/items/amgpkg.json").json()  # its footprint: a box each side of 180 degrees
+        assert item["geometry"]["type"] == "MultiPolygon" and item["bbox"][0] > item["bbox"][2]
+        assert [shape(item["geometry"]).geoms[i].bounds[2 - 2 * i] for i in (0, 1)] == [180, -180]
+        # a cell across 180 degrees comes out as two parts, one each side
+        across = [f for f in client.get("/collections/amgpkg/items", params={"limit": 10000}).json()["features"]
+                  if shape(f["geometry"]).geom_type == "MultiPolygon"]  # fmt: skip
+        assert across
+        for feature in across:
+            west, east = sorted(shape(feature["geometry"]).geoms, key=lambda g: g.bounds[0])  # west of 0: -180..
+            assert west.bounds[0] == -180 and east.bounds[2] == 180
 
 
 def test_serve_refuses_a_missing_folder_and_a_busy_port(tmp_path, server):
@@ -460,9 +552,14 @@ def test_ordinary_bad_requests_are_4xx_not_500(server):
         f"{server}collections/polygons_parquet/items/99999999": 404,
         f"{server}files/{'x' * 300}": 404,
         f"{server}stats?output=nope.csv": 404,
+        f"{items}?foo=bar": 400,  # /req/core/query-param-unknown
+        f"{items}?datetime=2020-01-01T00:00:00Z": 200,  # a Core parameter: the features have no time
     }
     for url, status in cases.items():
         assert get(url).status_code == status, url
+    for collection in ("RGB.byte_polygons", "polygons_fgb", "polygons_parquet"):  # an offset past the end (OGR
+        page = get(f"{server}collections/{collection}/items?offset={10**23}")  # takes it as a C long: was a 500)
+        assert page.status_code == 200 and page.json()["numberReturned"] == 0, (collection, page.text)
     assert get(f"{items}?bbox=-78.3,24.9,0,-78.0,25.2,10").json()["numberMatched"] > 0  # a 3D bbox
 
 

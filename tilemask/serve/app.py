@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -22,8 +23,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from rasterio.errors import RasterioError
 
-from ..command import first_line
+from ..errors import first_line
 from . import features, raster, stac, tables, volumes
 from .catalog import Catalog, Entry
 from .paths import relative, resolve
@@ -35,6 +37,18 @@ GEOJSON = "application/geo+json"
 
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, RasterioError)
+"""What reading a damaged file raises: GDAL's, pyogrio's, nibabel's and the codecs' errors (a truncated tile,
+a chunk that does not decompress, a header that lies)."""
+
+
+@contextmanager
+def reading(path: str):
+    """A damaged file is the client's 422 naming it and the reason, not the server's 500."""
+    try:
+        yield
+    except READ_ERRORS as exc:
+        raise HTTPException(422, f"{path}: cannot read: {first_line(exc)}") from None
 
 
 def create_app(
@@ -76,7 +90,7 @@ def create_app(
                 "outputs": [e.to_json() for e in entries],
                 "links": [
                     {"href": base, "rel": "self", "type": "application/json"},
-                    {"href": f"{base}openapi.json", "rel": "service-desc", "type": "application/vnd.oai.openapi+json;version=3.0"},
+                    {"href": f"{base}openapi.json", "rel": "service-desc", "type": "application/vnd.oai.openapi+json;version=3.1"},
                     {"href": f"{base}conformance", "rel": "conformance", "type": "application/json"},
                     {"href": f"{base}collections", "rel": "data", "type": "application/json"},
                     {"href": f"{base}stac/catalog.json", "rel": "catalog", "type": "application/json"},
@@ -102,10 +116,11 @@ def create_app(
         if band is not None and not entry.probabilities:
             raise HTTPException(404, f"{output}: no probabilities were written")
         try:
-            if band is None:
-                body = raster.label_tile(root, entry, x, y, z)
-            else:
-                body = raster.probability_tile(root, entry, band, x, y, z)
+            with reading(entry.path):
+                if band is None:
+                    body = raster.label_tile(root, entry, x, y, z)
+                else:
+                    body = raster.probability_tile(root, entry, band, x, y, z)
         except raster.OUTSIDE:
             raise HTTPException(404, "tile outside the output") from None
         except IndexError:
@@ -116,14 +131,16 @@ def create_app(
     def point(output: str, lon: float = Query(ge=-180, le=180), lat: float = Query(ge=-90, le=90)):
         entry = map_labels(output)
         try:
-            return raster.point(root, entry, lon, lat)
+            with reading(entry.path):
+                return raster.point(root, entry, lon, lat)
         except raster.OUTSIDE:
             raise HTTPException(404, f"({lon}, {lat}) is outside {output}") from None
 
     @app.get("/stats")
     def stats(output: str):
         entry = entry_at(output, "table", "polygons")
-        return Response(tables.records_json(root / entry.path), media_type="application/json")
+        with reading(entry.path):
+            return Response(tables.records_json(root / entry.path), media_type="application/json")
 
     @app.get("/conformance")
     def conformance():
@@ -152,13 +169,20 @@ def create_app(
         collection_id: str, request: Request, bbox: str | None = None,
         limit: int = Query(features.DEFAULT_LIMIT, ge=1, le=features.MAX_LIMIT), offset: int = Query(0, ge=0),
     ):  # fmt: skip
-        entry = polygons(collection_id)
-        body = features.items(root, entry, str(request.base_url), features.parse_bbox(bbox), limit, offset)
+        unknown = sorted(set(request.query_params) - features.ITEMS_PARAMETERS)
+        if unknown:  # /req/core/query-param-unknown
+            raise HTTPException(400, f"unknown query parameter {', '.join(unknown)}: items takes "
+                                     f"{', '.join(sorted(features.ITEMS_PARAMETERS))}")  # fmt: skip
+        entry, box = polygons(collection_id), features.parse_bbox(bbox)
+        with reading(entry.path):
+            body = features.items(root, entry, str(request.base_url), box, limit, offset)
         return JSONResponse(body, media_type=GEOJSON)
 
     @app.get("/collections/{collection_id}/items/{fid}")
     def one_item(collection_id: str, fid: int):
-        return JSONResponse(features.item(root, polygons(collection_id), fid), media_type=GEOJSON)
+        entry = polygons(collection_id)
+        with reading(entry.path):
+            return JSONResponse(features.item(root, entry, fid), media_type=GEOJSON)
 
     @app.get("/stac/catalog.json")
     def stac_catalog(request: Request):
@@ -179,10 +203,8 @@ def create_app(
         if entry is None or entry.format != "nifti":
             raise HTTPException(404, f"{path}: not a NIfTI volume")
         st = target.stat()
-        try:
+        with reading(path):
             body = volumes.browser_copy(target, (st.st_size, st.st_mtime_ns))
-        except (OSError, ValueError, EOFError) as exc:  # nibabel: a truncated file, a header that lies, ...
-            raise HTTPException(422, f"{path}: cannot read the volume: {first_line(exc)}") from None
         return Response(body, media_type="application/gzip")
 
     @app.get("/map")

@@ -228,7 +228,7 @@ def _vector_or_table(rel: str, path: Path) -> list[Entry]:
 
         geo = parquet_geometry(path)
         if geo is not None and geo[0]:
-            return [Entry(rel, "polygons", "parquet", stem, bounds=_lonlat(*geo))]
+            return [Entry(rel, "polygons", "parquet", stem, bounds=lonlat_bounds(*geo))]
         return [Entry(rel, "table", "parquet", stem)]
     if suffix in OGR_DRIVERS:
         import pyogrio
@@ -237,7 +237,7 @@ def _vector_or_table(rel: str, path: Path) -> list[Entry]:
         if info.get("driver") != OGR_DRIVERS[suffix]:
             return []  # an OGR VRT (or anything else) under a GeoPackage / FlatGeobuf / GeoJSON name
         if info.get("geometry_type") and info.get("crs"):
-            return [Entry(rel, "polygons", suffix[1:], stem, bounds=_lonlat(info["crs"], info["total_bounds"]))]
+            return [Entry(rel, "polygons", suffix[1:], stem, bounds=lonlat_bounds(info["crs"], info["total_bounds"]))]
     if suffix == ".json" and not _records(path):
         return []
     if suffix in TABLE_SUFFIXES:
@@ -292,7 +292,7 @@ def _raster_bounds(path: Path) -> tuple[float, float, float, float] | None:
     import rasterio
 
     with rasterio.open(path, driver="GTiff") as ds:
-        return _lonlat(ds.crs.to_wkt(), ds.bounds) if ds.crs else None
+        return lonlat_bounds(ds.crs.to_wkt(), ds.bounds) if ds.crs else None
 
 
 def _geometry_bounds(geometry, shape) -> tuple[float, float, float, float] | None:
@@ -302,10 +302,11 @@ def _geometry_bounds(geometry, shape) -> tuple[float, float, float, float] | Non
         return None
     transform = Affine.from_gdal(*geometry.transform)
     xs, ys = zip(*(transform * corner for corner in ((0, 0), (shape[1], 0), (0, shape[0]), (shape[1], shape[0]))))
-    return _lonlat(geometry.crs_wkt, (min(xs), min(ys), max(xs), max(ys)))
+    return lonlat_bounds(geometry.crs_wkt, (min(xs), min(ys), max(xs), max(ys)))
 
 
-def _lonlat(crs, bounds) -> tuple[float, float, float, float] | None:
+def lonlat_bounds(crs, bounds) -> tuple[float, float, float, float] | None:
+    """``bounds`` in ``crs`` as CRS84 bounds (minlon > maxlon across the antimeridian); None without either."""
     from pyproj import CRS, Transformer
 
     if crs is None or bounds is None or not np.all(np.isfinite(bounds)):

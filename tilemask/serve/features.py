@@ -25,15 +25,15 @@ import pyogrio
 from fastapi import HTTPException
 from pyproj import CRS, Transformer
 
-from .catalog import Entry
+from .catalog import Entry, lonlat_bounds
 
 CRS84_URI = "http://www.opengis.net/def/crs/OGC/1.3/CRS84"  # how OGC API names longitude/latitude
 CRS84 = "OGC:CRS84"  # the same, as pyproj names it
 CONFORMANCE = [
     "http://www.opengis.net/spec/ogcapi-features-1/1.0/conf/core",
     "http://www.opengis.net/spec/ogcapi-features-1/1.0/conf/geojson",
-    "http://www.opengis.net/spec/ogcapi-features-1/1.0/conf/html",
-]
+]  # not conf/html: collections and items answer GeoJSON only
+ITEMS_PARAMETERS = {"bbox", "limit", "offset", "datetime", "f"}  # datetime: accepted, the features have no time
 DEFAULT_LIMIT = 10
 MAX_LIMIT = 10_000
 
@@ -56,7 +56,8 @@ def collection(entry: Entry, base: str) -> dict:
 
 
 def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
-    """``minlon,minlat,maxlon,maxlat`` (or the 6 numbers of a 3D bbox, heights ignored), finite and on the Earth."""
+    """``minlon,minlat,maxlon,maxlat`` (or the 6 numbers of a 3D bbox, heights ignored), finite and on the Earth;
+    a minlon larger than the maxlon is a box across the antimeridian, as OGC API - Features reads it."""
     if not text:
         return None
     try:
@@ -68,18 +69,24 @@ def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
     if (
         len(values) != 4
         or not all(math.isfinite(v) for v in values)
-        or values[0] > values[2]
         or values[1] > values[3]
-        or not (-180 <= values[0] and values[2] <= 180 and -90 <= values[1] and values[3] <= 90)
+        or not all(-180 <= v <= 180 for v in values[::2])
+        or not all(-90 <= v <= 90 for v in values[1::2])
     ):
         raise HTTPException(400, "bbox must be minlon,minlat,maxlon,maxlat in degrees")
     return tuple(values)
 
 
+def sides(box) -> list[tuple[float, float, float, float]]:
+    """A CRS84 box as boxes that do not cross the antimeridian: itself, or its parts east and west of it."""
+    x0, y0, x1, y1 = box
+    return [(x0, y0, 180.0, y1), (-180.0, y0, x1, y1)] if x0 > x1 else [tuple(box)]
+
+
 def items(root: Path, entry: Entry, base: str, bbox, limit: int, offset: int) -> dict:
     layer = open_layer(root / entry.path)
-    if bbox is None:
-        frame, matched = layer.page(offset, limit), layer.features
+    if bbox is None:  # an offset past the end (which OGR takes as a C long) pages from the end: nothing
+        frame, matched = layer.page(min(offset, layer.features), limit), layer.features
     else:
         ids = layer.matching(bbox)  # once: the page and the count come from it
         frame, matched = layer.rows(ids[offset : offset + limit]), len(ids)
@@ -110,9 +117,21 @@ def item(root: Path, entry: Entry, fid: int) -> dict:
     return _features(frame, layer.crs)[0]
 
 
-def _envelope(bbox, crs: str | None) -> tuple[float, float, float, float]:
-    """The CRS84 ``bbox``'s envelope in the layer's CRS: where the features that meet it are found."""
-    return _transformer(CRS84, crs).transform_bounds(*bbox, densify_pts=21) if crs else tuple(bbox)
+def _envelopes(bbox, crs: str | None, extent) -> list[tuple[float, float, float, float]]:
+    """Where, in the layer's CRS, the features that meet the CRS84 ``bbox`` are found: the parts of the bbox
+    within the layer's own CRS84 ``extent`` (a box reaching far past a layer in a projection of one zone
+    transforms to nonsense there), each side of the antimeridian apart, transformed."""
+    if not crs:
+        return list(sides(bbox))
+    if extent is None:  # an empty layer
+        return []
+    envelopes = []
+    for q in sides(bbox):
+        for e in sides(extent):
+            part = (max(q[0], e[0]), max(q[1], e[1]), min(q[2], e[2]), min(q[3], e[3]))
+            if part[0] <= part[2] and part[1] <= part[3]:
+                envelopes.append(_transformer(CRS84, crs).transform_bounds(*part, densify_pts=21))
+    return envelopes
 
 
 def _meeting(geometries, crs: str | None, bbox) -> np.ndarray:
@@ -121,11 +140,31 @@ def _meeting(geometries, crs: str | None, bbox) -> np.ndarray:
     meet it). A bbox of no width or height is the point or line it is."""
     import shapely
 
-    geometries = np.asarray(geometries, dtype=object)
-    if crs:
-        geometries = shapely.transform(geometries, _transformer(crs, CRS84).transform, interleaved=False)
-    x0, y0, x1, y1 = bbox
-    return shapely.intersects(geometries, shapely.envelope(shapely.multipoints([(x0, y0), (x1, y1)])))
+    geometries = _crs84(np.asarray(geometries, dtype=object), crs)
+    boxes = [shapely.envelope(shapely.multipoints([(x0, y0), (x1, y1)])) for x0, y0, x1, y1 in sides(bbox)]
+    return np.logical_or.reduce([shapely.intersects(geometries, box) for box in boxes])
+
+
+def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
+    """``geometries`` (in ``crs``) in CRS84. A polygon of a projected layer that crosses the antimeridian is cut
+    there into a multipolygon (RFC 7946 3.1.9, with the ``antimeridian`` package): moved as they are, its
+    coordinates would jump from 180 to -180 and make it a band around the whole globe."""
+    import shapely
+
+    if not crs:
+        return geometries
+    moved = shapely.transform(geometries, _transformer(crs, CRS84).transform, interleaved=False)
+    bounds = shapely.bounds(moved)
+    across = np.flatnonzero(bounds[:, 2] - bounds[:, 0] > 180)
+    if len(across) and not CRS.from_user_input(crs).is_geographic:
+        import antimeridian
+
+        fixes = {"Polygon": antimeridian.fix_polygon, "MultiPolygon": antimeridian.fix_multi_polygon}
+        for i in across:
+            fix = fixes.get(moved[i].geom_type)
+            if fix is not None:
+                moved[i] = fix(moved[i], great_circle=False, fix_winding=True)  # a projection's edges are straight
+    return moved
 
 
 @functools.lru_cache(maxsize=32)
@@ -137,10 +176,7 @@ def _features(frame, crs: str | None) -> list[dict]:
     """GeoJSON features in CRS84 (coordinates moved by a cached transformer), the layer's feature id as ``id``."""
     import shapely
 
-    geometries = frame.geometry.values
-    if crs:
-        geometries = shapely.transform(geometries, _transformer(crs, CRS84).transform, interleaved=False)
-    shapes = shapely.to_geojson(geometries)
+    shapes = shapely.to_geojson(_crs84(np.asarray(frame.geometry.values, dtype=object), crs))
     properties = json.loads(
         frame.drop(columns=frame.geometry.name).to_json(orient="records", double_precision=15, date_format="iso")
     )
@@ -158,7 +194,7 @@ class OgrLayer:
 
         self.path = path
         st = path.stat()
-        driver, self.crs, self.features = _ogr_info(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        driver, self.crs, self.features, self.extent = _ogr_info(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
         if driver != OGR_DRIVERS.get(path.suffix.lower()):  # changed since the catalog looked: refuse an OGR VRT
             raise HTTPException(404, f"{path.name}: not a polygons file")
 
@@ -167,8 +203,10 @@ class OgrLayer:
         candidates (from the spatial index of a GeoPackage or FlatGeobuf), then :func:`_meeting`."""
         import shapely
 
-        envelope = _envelope(bbox, self.crs)
-        _, fids, wkb, _ = pyogrio.raw.read(self.path, bbox=envelope, columns=[], return_fids=True)
+        found = [pyogrio.raw.read(self.path, bbox=envelope, columns=[], return_fids=True)[1:3]
+                 for envelope in _envelopes(bbox, self.crs, self.extent)]  # fmt: skip
+        fids, first = np.unique(np.concatenate([np.zeros(0, np.int64)] + [f for f, _ in found]), return_index=True)
+        wkb = np.concatenate([np.zeros(0, object)] + [w for _, w in found])[first]
         return fids[_meeting(shapely.from_wkb(wkb), self.crs, bbox)]
 
     def page(self, offset: int, limit: int):
@@ -182,9 +220,10 @@ class OgrLayer:
 
 
 @functools.lru_cache(maxsize=32)
-def _ogr_info(path: str, size: int, mtime_ns: int, inode: int) -> tuple[str, str | None, int]:
-    info = pyogrio.read_info(path, force_feature_count=True)
-    return info["driver"], info["crs"], int(info["features"])
+def _ogr_info(path: str, size: int, mtime_ns: int, inode: int) -> tuple[str, str | None, int, tuple | None]:
+    """The driver, CRS, number of features and CRS84 extent of an OGR layer."""
+    info = pyogrio.read_info(path, force_feature_count=True, force_total_bounds=True)
+    return info["driver"], info["crs"], int(info["features"]), lonlat_bounds(info["crs"], info["total_bounds"])
 
 
 class GeoParquetLayer:
@@ -195,6 +234,7 @@ class GeoParquetLayer:
         st = path.stat()
         self.frame = _parquet(str(path), st.st_mtime_ns, st.st_ino)
         self.crs = self.frame.crs.to_wkt() if self.frame.crs is not None else None
+        self.extent = lonlat_bounds(self.crs, self.frame.total_bounds) if self.crs else None
 
     @property
     def features(self) -> int:
@@ -204,7 +244,10 @@ class GeoParquetLayer:
         """The row numbers of the features that intersect the CRS84 ``bbox`` (candidates from the spatial index)."""
         import shapely
 
-        candidates = np.sort(self.frame.sindex.query(shapely.box(*_envelope(bbox, self.crs))))
+        envelopes = _envelopes(bbox, self.crs, self.extent)
+        candidates = np.unique(np.concatenate([np.zeros(0, np.int64)] + [
+            self.frame.sindex.query(shapely.box(*envelope)) for envelope in envelopes
+        ]))  # fmt: skip
         return candidates[_meeting(self.frame.geometry.values[candidates], self.crs, bbox)]
 
     def page(self, offset: int, limit: int):

@@ -17,6 +17,7 @@ from urllib.parse import quote
 import pystac
 from pystac.extensions.classification import Classification, ClassificationExtension
 
+from . import features
 from .catalog import Entry
 
 MEDIA = {
@@ -48,9 +49,10 @@ def catalog(entries: list[Entry], base: str) -> dict:
 def item(entry: Entry, base: str, modified: float) -> dict:
     bbox = list(entry.bounds) if entry.bounds else None
     geometry = None
-    if bbox:
-        w, s, e, n = bbox
-        geometry = {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]}
+    if bbox:  # across the antimeridian (west > east): a box each side of it (RFC 7946 3.1.9)
+        rings = [[[[w, s], [e, s], [e, n], [w, n], [w, s]]] for w, s, e, n in features.sides(bbox)]
+        geometry = {"type": "Polygon", "coordinates": rings[0]} if len(rings) == 1 else {
+            "type": "MultiPolygon", "coordinates": rings}  # fmt: skip
     stac_item = pystac.Item(
         id=entry.id, geometry=geometry, bbox=bbox,
         datetime=datetime.fromtimestamp(modified, timezone.utc), properties={"tilemask:kind": entry.kind},

@@ -1,6 +1,16 @@
 // /map: label COG tiles in their class colours, polygons as OGC API Features over them, a legend, and a
 // click that asks /point for the class. window.tilemaskMap and window.tilemaskReady are for tests.
 const config = JSON.parse(document.getElementById("config").textContent);
+
+// The view's extent as an OGC API bbox: longitudes past +-180 (the world repeats as the map pans or zooms out)
+// wrapped back, a minlon larger than the maxlon across the antimeridian, the whole world when it is all in view.
+function lonLatBox([x0, y0, x1, y1]) {
+  const wrap = (x) => ((((x + 180) % 360) + 360) % 360) - 180;
+  const lat = (y) => Math.max(-90, Math.min(90, y));
+  if (x1 - x0 >= 360) return [-180, lat(y0), 180, lat(y1)];
+  if (x0 >= -180 && x1 <= 180) return [x0, lat(y0), x1, lat(y1)];
+  return [wrap(x0), lat(y0), x1 === 180 ? 180 : wrap(x1), lat(y1)];
+}
 const layers = [];
 const classes = new Map();
 for (const r of config.rasters) {
@@ -16,7 +26,7 @@ for (const p of config.polygons) {
   const source = new ol.source.Vector({
     format: new ol.format.GeoJSON(),
     url: (extent, resolution, projection) => {
-      const bbox = ol.proj.transformExtent(extent, projection, "EPSG:4326");
+      const bbox = lonLatBox(ol.proj.transformExtent(extent, projection, "EPSG:4326"));
       return "collections/" + encodeURIComponent(p.id) + "/items?limit=10000&bbox=" + bbox.join(",");
     },
     strategy: ol.loadingstrategy.bbox,
@@ -31,9 +41,11 @@ for (const p of config.polygons) {
 const map = new ol.Map({ target: "map", layers, view: new ol.View({ center: [0, 0], zoom: 2 }) });
 const all = config.rasters.concat(config.polygons).filter((e) => e.bounds);
 if (all.length) {
-  const b = all[0].bounds.slice();
-  for (const e of all) { b[0] = Math.min(b[0], e.bounds[0]); b[1] = Math.min(b[1], e.bounds[1]);
-                         b[2] = Math.max(b[2], e.bounds[2]); b[3] = Math.max(b[3], e.bounds[3]); }
+  // bounds across the antimeridian (minlon > maxlon) are fitted past 180 degrees east, where the map repeats
+  const east = (e) => [e.bounds[0], e.bounds[1], e.bounds[2] + (e.bounds[0] > e.bounds[2] ? 360 : 0), e.bounds[3]];
+  const b = east(all[0]);
+  for (const e of all.map(east)) { b[0] = Math.min(b[0], e[0]); b[1] = Math.min(b[1], e[1]);
+                                   b[2] = Math.max(b[2], e[2]); b[3] = Math.max(b[3], e[3]); }
   map.getView().fit(ol.proj.transformExtent(b, "EPSG:4326", "EPSG:3857"), { padding: [10, 10, 10, 10] });
 }
 tilemaskLegend(Array.from(classes.values()));
