@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -41,12 +43,14 @@ def test_labels_as_a_multiscale_label_image_that_validates_and_reads_as_napari_d
     for suffix in (".zarr", ".ome.zarr"):
         wf = Workflow.from_dict(
             raster_workflow(path, weights, classes=["background", "water", "cloud"],
-                            output={"path": f"out/{{stem}}{suffix}", "probabilities": "uint8", "chunks": 256}),
+                            output={"path": f"out/{{stem}}{suffix}", "probabilities": "uint8", "chunks": 256,
+                                    "quicklook": suffix == ".ome.zarr"}),
             base_dir=tmp_path,
         )  # fmt: skip
         (result,) = tilemask.run(wf, client)
         outputs[suffix] = result.outputs[0]
     omz = outputs[".ome.zarr"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [Path(path).stem + ".png"]  # not *.ome.png
     root = zarr.open_group(omz, mode="r")
     image = Image.from_zarr(root)  # raises on anything NGFF 0.5 does not allow
     label = ImageLabel.from_zarr(root["labels/labels"])

@@ -361,7 +361,7 @@ def _plan_input(workflow: Workflow, item: InputItem, spatial_dims: int) -> Input
         output=output,
         products=Products(
             vectors=workflow.vectors_path(item.name),
-            quicklook=os.path.splitext(output.rstrip("/"))[0] + ".png" if quicklook else None,
+            quicklook=workflow.quicklook_path(item.name) if quicklook else None,
             quicklook_inputs=item.files if quicklook else (),
             quicklook_bands=shown_bands,
             stats=workflow.stats_for(item.name),

@@ -497,7 +497,7 @@ class Workflow(_Strict):
         owners: dict[str, set[str]] = {}  # output file -> the matches it is an output of
         for match in matches:
             labels = self.output_path(stem(match))
-            products = [os.path.splitext(labels.rstrip("/"))[0] + ".png", self.vectors_path(stem(match))]
+            products = [self.quicklook_path(stem(match)), self.vectors_path(stem(match))]
             for path in [*for_output(labels).files(labels, probabilities=True), *filter(None, products)]:
                 owners.setdefault(os.path.normpath(path), set()).add(os.path.normpath(match))
         # an output of itself (output.path is the input) stays: planning refuses it by name
@@ -523,6 +523,11 @@ class Workflow(_Strict):
                 "classes": self.stats.classes,  # else the network's, once probed (planning)
             }
         )
+
+    def quicklook_path(self, name: str) -> str:
+        """The quick look's PNG: beside the labels, named as they are (``scene_mask.ome.zarr`` -> ``scene_mask.png``)."""
+        labels = self.output_path(name).rstrip("/")
+        return os.path.join(os.path.dirname(labels), stem(labels) + ".png")
 
     def vectors_path(self, name: str) -> str | None:
         return self.resolve(self.output.vectors.format(stem=name)) if self.output.vectors else None
