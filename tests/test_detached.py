@@ -180,3 +180,25 @@ def test_cancel_stops_a_running_job_and_leaves_finished_items_whole(cluster, sce
     again = run_cli("submit", scenes_workflow, "--scheduler", address, cwd=tmp_path)  # and it can be resumed
     assert again.returncode == 0, again.stderr
     wait_for(lambda: status(job, tmp_path)["state"] == "done", "the resumed job")
+
+
+def test_cancel_of_a_job_no_worker_has_started_answers_at_once(scenes_workflow, tmp_path):
+    """A queued job (a scheduler without workers): its driver cannot see the request, and cancel waited out
+    its whole --wait (60 s) before it said "cancelled"."""
+    scheduler_file = tmp_path / "scheduler.json"
+    scheduler = subprocess.Popen(
+        [BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", scheduler_file],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(scheduler_file.exists, "the scheduler file")
+        job = submit(scenes_workflow, json.loads(scheduler_file.read_text())["address"])
+        assert status(job, tmp_path)["state"] == "queued"
+        started = time.monotonic()
+        done = run_cli("cancel", job, cwd=tmp_path)
+        assert done.returncode == 0 and done.stdout.strip() == f"job {job}: cancelled", (done.stdout, done.stderr)
+        assert time.monotonic() - started < 20
+        assert status(job, tmp_path)["state"] == "cancelled"
+    finally:
+        os.killpg(scheduler.pid, signal.SIGKILL)
+        scheduler.wait(timeout=30)

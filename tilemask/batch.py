@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextvars
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -26,6 +27,11 @@ import dask
 from .cluster import Abandoned, abandon_on
 from .interrupts import shielded
 from .progress import items_progress
+
+logger = logging.getLogger(__name__)
+STOPPING = ("stopping: the items in flight clean up; an item whose labels are already in place first finishes "
+            "its polygons, quick look and statistics (no output stands without its record)")
+
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -87,6 +93,8 @@ def run_items(
                         abandon.set()
         except BaseException:  # Ctrl-C or SIGTERM while waiting: abandon what runs and let it clean up
             abandon.set()
+            if running:
+                logger.warning(STOPPING)
             with shielded():
                 cf.wait(running)
             raise

@@ -103,6 +103,9 @@ def _summary(folder) -> dict:
     }
 
 
+QUEUED_GRACE_S = 2.0  # how long a queued job's driver, its task just taken back, may still show it had started
+
+
 @main.command(cls=TilemaskCommand)
 @click.argument("job")
 @click.option("--wait", "wait_s", type=float, default=60.0, show_default=True, help="Seconds to wait for the job to stop.")
@@ -119,12 +122,13 @@ def cancel(job, wait_s, debug) -> None:
         click.echo(f"job {folder.id}: {live_state(folder)}")
         return
     folder.request_cancel()
+    if state == "queued" and folder.status().get("driver"):  # no driver to see the request: take its task back
+        _forget_driver(folder.status())  # (one that starts meanwhile sees the request and stops)
     deadline = time.monotonic() + wait_s
-    while live_state(folder) in ACTIVE and time.monotonic() < deadline:
+    queued_until = time.monotonic() + min(wait_s, QUEUED_GRACE_S)
+    while (state := live_state(folder)) in ACTIVE and time.monotonic() < (queued_until if state == "queued" else deadline):
         time.sleep(0.25)
-    state = live_state(folder)
     if state == "queued" and folder.status().get("driver"):
-        _forget_driver(folder.status())  # a driver the scheduler has not started
         folder.set_status("cancelled", message="cancelled before its driver started")
         state = "cancelled"
     elif state in ACTIVE:
