@@ -135,3 +135,28 @@ def test_slurm_without_jobqueue_settings_is_a_one_line_usage_error(tmp_path):
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("tilemask: error: --cluster slurm:") and "jobqueue.slurm" in line
     assert not Path(tmp_path / "out" / "RGB.byte_mask.tif").exists()
+
+
+def test_a_slurm_that_sbatch_cannot_reach_is_one_line_at_once(tmp_path):
+    """sbatch failing ("Could not establish a configuration source") was a logged traceback from dask-jobqueue's
+    callback, then a 60 s wait, then "no Dask worker joined the cluster", exit 1."""
+    _need("sbatch")
+    config = tmp_path / "dask-config"
+    config.mkdir()
+    (config / "jobqueue.yaml").write_text(yaml.safe_dump({"jobqueue": {"slurm": {"cores": 1, "memory": "2GB"}}}))
+    workflow = yaml.safe_load((REPO / "workflows" / "demo_landsat.yaml").read_text())
+    workflow["input"] = str(REPO / "workflows" / "demo" / "RGB.byte.tif")
+    workflow["model"]["weights"] = str(REPO / "workflows" / "demo" / "landsat_water_land_cloud.pt")
+    workflow["output"] = {"path": "out/{stem}_mask.tif"}
+    path = tmp_path / "workflow.yaml"
+    path.write_text(yaml.safe_dump(workflow))
+    (tmp_path / "slurm.conf").write_text("ClusterName=nowhere\n")  # no controller: sbatch gives up at once
+    env = {"DASK_CONFIG": str(config), "SLURM_CONF": str(tmp_path / "slurm.conf")}
+    started = time.monotonic()
+    done = run_cli("run", path, "--cluster", "slurm", cwd=tmp_path, env=env)
+    assert time.monotonic() - started < 40
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("tilemask: error: --cluster slurm: sbatch refused the worker job: "), line
+    assert "No SlurmctldHost defined" in line
+    assert not (tmp_path / "out" / "RGB.byte_mask.tif").exists()

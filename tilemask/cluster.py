@@ -28,7 +28,9 @@ import logging
 import os
 import queue
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -161,7 +163,9 @@ def slurm_cluster(jobs: int | None) -> Iterator:
         reason = str(exc).strip().splitlines()[0].split(", for example")[0].rstrip(":")
         raise UsageError(f"--cluster slurm: {reason}: set it in the Dask config jobqueue.slurm (see cluster/slurm.yaml)") from None
     try:
-        logger.info("SLURM job script:\n%s", cluster.job_script())
+        script = cluster.job_script()
+        logger.info("SLURM job script:\n%s", script)
+        _check_sbatch(script)
         cluster.scale(jobs=jobs or 1)
         yield cluster
     finally:
@@ -169,6 +173,23 @@ def slurm_cluster(jobs: int | None) -> Iterator:
             cluster.close()
         except Exception as exc:  # noqa: BLE001 - scancel of jobs already gone
             logger.warning("closing the SLURM cluster: %s: %s", type(exc).__name__, exc)
+
+
+def _check_sbatch(script: str) -> None:
+    """``sbatch --test-only`` of the worker job: a SLURM that cannot be reached or a job it would never run is
+    one line now, where dask-jobqueue's own submission fails in a callback (a logged traceback) and the run
+    would wait for workers that never come."""
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="tilemask-slurm-") as file:
+        file.write(script)
+        file.flush()
+        try:
+            done = subprocess.run(["sbatch", "--test-only", file.name], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise UsageError(f"--cluster slurm: cannot run sbatch: {exc}") from None
+    if done.returncode != 0:
+        said = [line.strip().removeprefix("sbatch: ") for line in done.stderr.splitlines() if line.strip()]
+        reason = "; ".join(said[-2:]) or f"exit {done.returncode}"  # the cause, then its "fatal:"
+        raise UsageError(f"--cluster slurm: sbatch refused the worker job: {reason}")
 
 
 class WorkerSetup(WorkerPlugin):
