@@ -18,7 +18,7 @@ from PIL import Image
 
 import tilemask
 from tilemask import Workflow
-from tilemask.errors import OutputConflict, ReadError
+from tilemask.errors import InputError, OutputConflict, ReadError
 from tilemask.jobs import JobError, JobFolder, find
 
 from .conftest import GEO, UNET_2D, UNET_3D, raster_workflow, run_cli, volume_workflow
@@ -167,6 +167,13 @@ def test_a_job_dir_holding_another_workflows_job_is_refused_unless_overwrite(sce
     (again,) = tilemask.run(Workflow.from_dict(other, base_dir=tmp_path), client, job_dir=tmp_path / "myjob", overwrite=True)
     assert again.status == "ok" and again.outputs[0] == str(tmp_path / "other" / "a.zarr")
     assert [row["status"] for row in report_rows(JobFolder(tmp_path / "myjob"))] == ["ok"]
+    # a workflow refused when planning (exit 2, nothing begun) does not own the folder: its fix runs there
+    third = {**scene_workflow, "output": {**scene_workflow["output"], "path": "third/{stem}.zarr"}}
+    wrong = {**third, "preprocess": {**scene_workflow.get("preprocess", {}), "bands": [4, 3, 2]}}
+    with pytest.raises(InputError, match="out of range"):
+        tilemask.run(Workflow.from_dict(wrong, base_dir=tmp_path), client, job_dir=tmp_path / "fresh")
+    (fixed,) = tilemask.run(Workflow.from_dict(third, base_dir=tmp_path), client, job_dir=tmp_path / "fresh")
+    assert fixed.status == "ok" and fixed.outputs[0] == str(tmp_path / "third" / "a.zarr")
 
 
 def test_job_dirs_of_one_name_are_different_jobs(scene_workflow, tmp_path, client, monkeypatch):

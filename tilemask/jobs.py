@@ -164,10 +164,12 @@ class JobFolder:
         replace: bool = False,
     ) -> None:
         """Write the job's record: kept if the same job is there (its manifest carries over); a folder that holds
-        another workflow's job is refused (exit 2) unless ``replace`` (``--overwrite``: it is started afresh)."""
+        another workflow's job is refused (exit 2) unless ``replace`` (``--overwrite``: it is started afresh) or
+        that job never began an item."""
         workflow_id = job_id(workflow_dict, base_dir)
         if self.exists() and self.info().get("workflow_id") != workflow_id:
-            if not replace:
+            begun = (self.path / "manifest.jsonl").is_file() and (self.path / "manifest.jsonl").stat().st_size > 0
+            if not replace and begun:  # one that never began an item (refused when planning) has nothing to keep
                 raise JobError(f"job folder {self.location} holds the job of another workflow; choose another "
                                "--job-dir, or pass --overwrite to start it afresh")  # fmt: skip
             (self.path / "job.json").unlink()
