@@ -316,3 +316,19 @@ def test_a_misspelt_key_is_named_with_the_key_it_likely_meant(rename, line):
     with pytest.raises(WorkflowError) as refused:
         Workflow.from_dict(workflow)
     assert str(refused.value).startswith(line), str(refused.value)
+
+
+def test_a_sigmoid_networks_classes_are_background_and_foreground_unless_named(tmp_path):
+    """The README says so; unnamed, they were class_0 and class_1 in the COG, the tables and the summary."""
+    from tilemask.planning import classes_of
+
+    workflow = raster_workflow("scene.tif", tmp_path / "w.pt")
+    workflow["inference"]["activation"] = "sigmoid"
+    workflow["model"]["args"] = {**workflow["model"]["args"], "out_channels": 1}
+    workflow.pop("classes", None)
+    assert classes_of(Workflow.from_dict(workflow, base_dir=tmp_path), 1) == (2, ("background", "foreground"))
+    named = Workflow.from_dict({**workflow, "classes": ["land", "water"]}, base_dir=tmp_path)
+    assert classes_of(named, 1) == (2, ("land", "water"))
+    softmax = {**workflow, "inference": {**workflow["inference"], "activation": "softmax"},
+               "model": {**workflow["model"], "args": {**workflow["model"]["args"], "out_channels": 3}}}
+    assert classes_of(Workflow.from_dict(softmax, base_dir=tmp_path), 3)[1] == ("class_0", "class_1", "class_2")

@@ -265,7 +265,12 @@ def classes_of(workflow: Workflow, out_channels: int) -> tuple[int, tuple[str, .
             f"classes has {len(workflow.classes)} names but the network gives {n_classes} classes"
             f" ({out_channels} output channels)"
         )
-    names = tuple(workflow.classes) if workflow.classes else tuple(class_name(None, i) for i in range(n_classes))
+    if workflow.classes:
+        names = tuple(workflow.classes)
+    elif activation == "sigmoid":
+        names = ("background", "foreground")
+    else:
+        names = tuple(class_name(None, i) for i in range(n_classes))
     return n_classes, names
 
 
