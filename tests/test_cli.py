@@ -284,6 +284,20 @@ def test_dask_and_asyncio_chatter_reaches_stderr_only_with_debug(debug):
         assert proc.stderr == ""
 
 
+def test_v_logs_tilemasks_stages_not_the_errors_gdal_signals_on_the_way():
+    """``-v`` printed "INFO rasterio._env: GDAL signalled an error: ... No such file or directory" for every
+    output whose existence was checked."""
+    script = (
+        "import logging\n"
+        "from tilemask.command import configure_logging\n"
+        "configure_logging(debug=False, verbosity=1)\n"
+        "logging.getLogger('rasterio._env').info('GDAL signalled an error: err_no=4')\n"
+        "logging.getLogger('tilemask.engine').info('one line per stage')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "INFO tilemask.engine: one line per stage\n", proc.stderr
+
+
 def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path, monkeypatch):
     """``tilemask status JOB | head -1``: once the reader has gone, no 'BrokenPipeError' line (Python's exit 1)."""
     from tilemask.jobs import JobFolder

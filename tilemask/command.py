@@ -91,3 +91,5 @@ def configure_logging(debug: bool, verbosity: int = 0) -> None:
         # distributed's callbacks run on tornado's loop; one that fails while an interrupt tears the client down
         # (seen: "NameError: cannot access free variable 'future'" in distributed.utils.sync) is logged by tornado
         logging.getLogger("tornado").setLevel(logging.CRITICAL)
+        # rasterio logs at INFO every error GDAL signals, those its callers expect too (a file not there yet)
+        logging.getLogger("rasterio").setLevel(max(level, logging.WARNING))
