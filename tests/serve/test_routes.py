@@ -498,6 +498,37 @@ def test_features_across_the_antimeridian_are_cut_there_and_found_by_any_bbox(tm
             assert west.bounds[0] == -180 and east.bounds[2] == 180
 
 
+def test_global_layers_keep_their_wide_polygons_whole_and_findable(tmp_path):
+    """What the antimeridian handling must leave alone: a band along the whole bottom of a Web Mercator grid
+    (wider than 180 degrees, crossing nothing) and cells of a global Mollweide grid, whose extent pyproj gives
+    as one meridian (their bounding corners are off the Earth). Expected sets: the polygons' own test in
+    CRS84, their vertices moved one by one (geopandas)."""
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+
+    band = box(-20037508.34, -19971868.88, 20037508.34, -9e6)  # 85S..62S, every longitude, in four vertices
+    gpd.GeoDataFrame({"class": ["ice"]}, geometry=[band], crs="EPSG:3857").to_file(tmp_path / "ice.gpkg")
+    cells = [box(x, y, x + 1.5e6, y + 1.5e6) for x in np.arange(-1.5e7, 1.4e7, 2e6) for y in (-3e6, 0.0, 3e6)]
+    cells += [box(-1.8e7, -1e5, -1.65e7, 1e5), box(1.65e7, -1e5, 1.8e7, 1e5)]  # at the rim: bounds off the Earth
+    cells += [box(-1.2e7, -5e6, 1.2e7, -4.5e6)]  # 240 degrees wide, edges of one segment
+    grid = gpd.GeoDataFrame({"class": ["built"] * len(cells)}, geometry=cells, crs="ESRI:54009")
+    grid.to_file(tmp_path / "grid.gpkg")
+    in_crs84 = gpd.read_file(tmp_path / "grid.gpkg", fid_as_index=True).to_crs("OGC:CRS84")
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        for bbox in ("10,-80,11,-79", "-180,-90,180,90", "170,-70,-170,-60"):
+            answer = client.get("/collections/ice/items", params={"bbox": bbox})
+            assert answer.status_code == 200 and answer.json()["numberMatched"] == 1, (bbox, answer.text)
+        west, _, east, _ = shape(answer.json()["features"][0]["geometry"]).bounds
+        assert west < -179.9 and east > 179.9  # whole, not cut at a crossing it does not make
+        for bbox in ("-180,-90,180,90", "100,-10,170,40", "-170,-40,-120,0"):
+            answer = client.get("/collections/grid/items", params={"bbox": bbox, "limit": 10000})
+            assert answer.status_code == 200, answer.text
+            x0, y0, x1, y1 = map(float, bbox.split(","))
+            expected = set(in_crs84.index[in_crs84.intersects(box(x0, y0, x1, y1))])
+            assert expected and {f["id"] for f in answer.json()["features"]} == expected, bbox
+
+
 def test_serve_refuses_a_missing_folder_and_a_busy_port(tmp_path, server):
     from tests.conftest import run_cli
 

@@ -47,6 +47,8 @@ def reading(path: str):
     """A damaged file is the client's 422 naming it and the reason, not the server's 500."""
     try:
         yield
+    except FileNotFoundError:  # removed since the catalog listed it
+        raise HTTPException(404, f"{path}: not found") from None
     except READ_ERRORS as exc:
         raise HTTPException(422, f"{path}: cannot read: {first_line(exc)}") from None
 
@@ -169,11 +171,12 @@ def create_app(
         collection_id: str, request: Request, bbox: str | None = None,
         limit: int = Query(features.DEFAULT_LIMIT, ge=1, le=features.MAX_LIMIT), offset: int = Query(0, ge=0),
     ):  # fmt: skip
+        entry = polygons(collection_id)
         unknown = sorted(set(request.query_params) - features.ITEMS_PARAMETERS)
         if unknown:  # /req/core/query-param-unknown
             raise HTTPException(400, f"unknown query parameter {', '.join(unknown)}: items takes "
                                      f"{', '.join(sorted(features.ITEMS_PARAMETERS))}")  # fmt: skip
-        entry, box = polygons(collection_id), features.parse_bbox(bbox)
+        box = features.parse_bbox(bbox)
         with reading(entry.path):
             body = features.items(root, entry, str(request.base_url), box, limit, offset)
         return JSONResponse(body, media_type=GEOJSON)

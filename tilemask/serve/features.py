@@ -13,6 +13,7 @@ Geometries go out in CRS84 (longitude, latitude), as the standard asks.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -118,16 +119,18 @@ def item(root: Path, entry: Entry, fid: int) -> dict:
 
 
 def _envelopes(bbox, crs: str | None, extent) -> list[tuple[float, float, float, float]]:
-    """Where, in the layer's CRS, the features that meet the CRS84 ``bbox`` are found: the parts of the bbox
-    within the layer's own CRS84 ``extent`` (a box reaching far past a layer in a projection of one zone
-    transforms to nonsense there), each side of the antimeridian apart, transformed."""
+    """Where, in the layer's CRS, the features that meet the CRS84 ``bbox`` are found: each side of the
+    antimeridian apart, transformed. For a layer of less than half the globe, only the parts of the bbox within
+    its CRS84 ``extent``: a box reaching far past a layer in a projection of one zone (UTM) transforms to
+    nonsense there. A wider layer's extent is no guide (pyproj's bounds of a Mollweide or global grid can be
+    one meridian): the bbox is transformed whole."""
     if not crs:
         return list(sides(bbox))
-    if extent is None:  # an empty layer
-        return []
+    width = None if extent is None else (extent[2] - extent[0]) % 360
+    local = width is not None and np.all(np.isfinite(extent)) and 0 < width < 180
     envelopes = []
     for q in sides(bbox):
-        for e in sides(extent):
+        for e in sides(extent) if local else [q]:
             part = (max(q[0], e[0]), max(q[1], e[1]), min(q[2], e[2]), min(q[3], e[3]))
             if part[0] <= part[2] and part[1] <= part[3]:
                 envelopes.append(_transformer(CRS84, crs).transform_bounds(*part, densify_pts=21))
@@ -153,18 +156,36 @@ def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
 
     if not crs:
         return geometries
-    moved = shapely.transform(geometries, _transformer(crs, CRS84).transform, interleaved=False)
+    transform = _transformer(crs, CRS84).transform
+    moved = shapely.transform(geometries, transform, interleaved=False)
     bounds = shapely.bounds(moved)
-    across = np.flatnonzero(bounds[:, 2] - bounds[:, 0] > 180)
-    if len(across) and not CRS.from_user_input(crs).is_geographic:
+    with np.errstate(invalid="ignore"):  # a vertex outside the projection's domain: inf, left as it is
+        wide = np.flatnonzero(np.isfinite(bounds).all(axis=1) & (bounds[:, 2] - bounds[:, 0] > 180))
+    if len(wide) and not CRS.from_user_input(crs).is_geographic:
         import antimeridian
 
         fixes = {"Polygon": antimeridian.fix_polygon, "MultiPolygon": antimeridian.fix_multi_polygon}
-        for i in across:
-            fix = fixes.get(moved[i].geom_type)
-            if fix is not None:
-                moved[i] = fix(moved[i], great_circle=False, fix_winding=True)  # a projection's edges are straight
+        for i in wide:  # wide, or across? Edges cut short in the layer's CRS jump 180 degrees only across it
+            fix, original = fixes.get(moved[i].geom_type), geometries[i]
+            dense = shapely.transform(shapely.segmentize(original, _diagonal(original) / 256), transform,
+                                      interleaved=False)  # fmt: skip
+            if fix is not None and _jumps(dense):
+                with contextlib.suppress(ValueError):  # a cut the package cannot make: left as it was
+                    moved[i] = fix(dense, great_circle=False, fix_winding=True)  # a projection's edges are straight
     return moved
+
+
+def _diagonal(geometry) -> float:
+    x0, y0, x1, y1 = geometry.bounds
+    return max(math.hypot(x1 - x0, y1 - y0), 1e-9)
+
+
+def _jumps(geometry) -> bool:
+    """Whether a ring of ``geometry`` steps more than 180 degrees of longitude from one vertex to the next."""
+    import shapely
+
+    rings = shapely.get_rings(shapely.get_parts(geometry))
+    return any(np.any(np.abs(np.diff(shapely.get_coordinates(ring)[:, 0])) > 180) for ring in rings)
 
 
 @functools.lru_cache(maxsize=32)
