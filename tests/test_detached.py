@@ -194,11 +194,17 @@ def test_cancel_of_a_job_no_worker_has_started_answers_at_once(scenes_workflow, 
         wait_for(scheduler_file.exists, "the scheduler file")
         job = submit(scenes_workflow, json.loads(scheduler_file.read_text())["address"])
         assert status(job, tmp_path)["state"] == "queued"
+        # queued, it has begun no input yet, and it is still not another workflow's to take
+        other = yaml.safe_load(scenes_workflow.read_text()) | {"output": {"path": "other/{stem}.tif"}}
+        (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+        taken = run_cli("run", tmp_path / "other.yaml", "--job-dir", status(job, tmp_path)["folder"], cwd=tmp_path)
+        assert taken.returncode == 2 and "holds the job of another workflow" in taken.stderr, taken.stderr
         started = time.monotonic()
         done = run_cli("cancel", job, cwd=tmp_path)
         assert done.returncode == 0 and done.stdout.strip() == f"job {job}: cancelled", (done.stdout, done.stderr)
         assert time.monotonic() - started < 20
-        assert status(job, tmp_path)["state"] == "cancelled"
+        final = json.loads((Path(status(job, tmp_path)["folder"]) / "status.json").read_text())
+        assert final["state"] == "cancelled" and final["message"] == "cancelled before its driver started", final
     finally:
         os.killpg(scheduler.pid, signal.SIGKILL)
         scheduler.wait(timeout=30)

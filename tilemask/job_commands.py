@@ -103,9 +103,6 @@ def _summary(folder) -> dict:
     }
 
 
-QUEUED_GRACE_S = 2.0  # how long a queued job's driver, its task just taken back, may still show it had started
-
-
 @main.command(cls=TilemaskCommand)
 @click.argument("job")
 @click.option("--wait", "wait_s", type=float, default=60.0, show_default=True, help="Seconds to wait for the job to stop.")
@@ -122,13 +119,16 @@ def cancel(job, wait_s, debug) -> None:
         click.echo(f"job {folder.id}: {live_state(folder)}")
         return
     folder.request_cancel()
-    if state == "queued" and folder.status().get("driver"):  # no driver to see the request: take its task back
-        _forget_driver(folder.status())  # (one that starts meanwhile sees the request and stops)
+    if state == "queued" and _take_back_driver(folder.status()):  # no driver to see the request: none waited for
+        folder.set_status("cancelled", message="cancelled before its driver started")
+        click.echo(f"job {folder.id}: cancelled")
+        return
     deadline = time.monotonic() + wait_s
-    queued_until = time.monotonic() + min(wait_s, QUEUED_GRACE_S)
-    while (state := live_state(folder)) in ACTIVE and time.monotonic() < (queued_until if state == "queued" else deadline):
+    while live_state(folder) in ACTIVE and time.monotonic() < deadline:
         time.sleep(0.25)
+    state = live_state(folder)
     if state == "queued" and folder.status().get("driver"):
+        _forget_driver(folder.status())  # a driver the scheduler has not started
         folder.set_status("cancelled", message="cancelled before its driver started")
         state = "cancelled"
     elif state in ACTIVE:
@@ -138,6 +138,28 @@ def cancel(job, wait_s, debug) -> None:
         folder.set_status("cancelled", message="cancelled after it was lost")
         state = "cancelled"
     click.echo(f"job {folder.id}: {state}")
+
+
+def _take_back_driver(status: dict) -> bool:
+    """Cancel a queued job's driver task if no worker has started it (checked on the scheduler itself); whether
+    it was. One that has started is left to see the cancel request and stop."""
+    from distributed import Client, Future
+
+    if not (status.get("scheduler") and status.get("driver")):
+        return False
+
+    def not_started(dask_scheduler, key: str) -> bool:
+        task = dask_scheduler.tasks.get(key)
+        return task is not None and task.state in ("released", "waiting", "queued", "no-worker")
+
+    try:
+        with Client(status["scheduler"], timeout=5, set_as_default=False) as client:
+            if not client.run_on_scheduler(not_started, key=status["driver"]):
+                return False
+            client.cancel([Future(status["driver"], client)], force=True)
+            return True
+    except OSError:
+        return False
 
 
 def _forget_driver(status: dict) -> None:

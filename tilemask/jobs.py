@@ -168,8 +168,10 @@ class JobFolder:
         that job never began an item."""
         workflow_id = job_id(workflow_dict, base_dir)
         if self.exists() and self.info().get("workflow_id") != workflow_id:
-            begun = (self.path / "manifest.jsonl").is_file() and (self.path / "manifest.jsonl").stat().st_size > 0
-            if not replace and begun:  # one that never began an item (refused when planning) has nothing to keep
+            manifest = self.path / "manifest.jsonl"
+            begun = manifest.is_file() and manifest.stat().st_size > 0
+            if not replace and (begun or live_state(self) in ACTIVE):  # one that never began an item and is not
+                # queued or running (it was refused when planning) has nothing to keep
                 raise JobError(f"job folder {self.location} holds the job of another workflow; choose another "
                                "--job-dir, or pass --overwrite to start it afresh")  # fmt: skip
             (self.path / "job.json").unlink()
