@@ -177,7 +177,7 @@ def slurm_cluster(jobs: int | None) -> Iterator:
 
 def _check_sbatch(script: str) -> None:
     """``sbatch --test-only`` of the worker job: a SLURM that cannot be reached or a job it would never run is
-    one line now, where dask-jobqueue's own submission fails in a callback (a logged traceback) and the run
+    one line now (exit 1, as a scheduler that cannot be reached), where dask-jobqueue's own submission fails in a callback (a logged traceback) and the run
     would wait for workers that never come."""
     with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="tilemask-slurm-") as file:
         file.write(script)
@@ -185,11 +185,11 @@ def _check_sbatch(script: str) -> None:
         try:
             done = subprocess.run(["sbatch", "--test-only", file.name], capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise UsageError(f"--cluster slurm: cannot run sbatch: {exc}") from None
+            raise RunError(f"--cluster slurm: cannot run sbatch: {exc}") from None
     if done.returncode != 0:
         said = [line.strip().removeprefix("sbatch: ") for line in done.stderr.splitlines() if line.strip()]
         reason = "; ".join(said[-2:]) or f"exit {done.returncode}"  # the cause, then its "fatal:"
-        raise UsageError(f"--cluster slurm: sbatch refused the worker job: {reason}")
+        raise RunError(f"--cluster slurm: sbatch refused the worker job: {reason}")
 
 
 class WorkerSetup(WorkerPlugin):

@@ -353,7 +353,9 @@ def _plan_input(workflow: Workflow, item: InputItem, spatial_dims: int) -> Input
     if grid:
         chunks = WindowPlan.build(source.spatial_shape, inference.roi_size, inference.overlap, workflow.output.chunks)
         back = Inversion(network_source, chunks)
-    shown_bands = tuple(getattr(source, "bands", None) or workflow.preprocess.bands or ())  # a stack's: of each file
+    # the bands the run reads, of each file of a stack when they are alike (alpha bands left out as the run does)
+    chosen = {tuple(getattr(s, "bands", ())) for s in getattr(source, "sources", (source,))}
+    shown_bands = chosen.pop() if len(chosen) == 1 else tuple(workflow.preprocess.bands or ())
     source = network_source
     quicklook = (  # beside a local output only: it reads the labels back
         workflow.output.quicklook and spatial_dims == 2 and all(for_path(f).gdal_raster for f in item.files)

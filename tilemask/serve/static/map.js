@@ -9,7 +9,7 @@ function lonLatBox([x0, y0, x1, y1]) {
   const lat = (y) => Math.max(-90, Math.min(90, y));
   if (x1 - x0 >= 360) return [-180, lat(y0), 180, lat(y1)];
   if (x0 >= -180 && x1 <= 180) return [x0, lat(y0), x1, lat(y1)];
-  return [wrap(x0), lat(y0), x1 === 180 ? 180 : wrap(x1), lat(y1)];
+  return [wrap(x0), lat(y0), wrap(x1), lat(y1)];
 }
 const layers = [];
 const classes = new Map();
