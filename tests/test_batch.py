@@ -129,3 +129,18 @@ def test_ctrl_c_with_several_inputs_in_flight_exits_130_and_leaves_nothing(make_
     assert proc.returncode == 130, stderr
     assert one_line(stderr) == "tilemask: interrupted"
     assert only_staged_by_its_job(out), "an interrupted run leaves nothing but its job's staged chunks"
+
+
+def test_stopping_says_what_it_waits_for_only_when_it_waits(caplog):
+    """Ctrl-C while an item finishes its products waited a minute or more in silence; a stop with nothing past
+    the point of no return is at once and says nothing more than "interrupted"."""
+    from tilemask.batch import say_what_stopping_waits_for
+    from tilemask.cluster import not_abandoned
+
+    with caplog.at_level("WARNING", logger="tilemask.batch"):
+        say_what_stopping_waits_for()
+        assert caplog.text == ""
+        with not_abandoned(), not_abandoned():  # two items publishing or deriving their products
+            say_what_stopping_waits_for()
+        say_what_stopping_waits_for()
+    assert caplog.text.count("stopping once 2 item(s) whose labels are in place") == 1, caplog.text

@@ -24,13 +24,19 @@ from typing import TypeVar
 
 import dask
 
-from .cluster import Abandoned, abandon_on
+from .cluster import Abandoned, abandon_on, finishing
 from .interrupts import shielded
 from .progress import items_progress
 
 logger = logging.getLogger(__name__)
-STOPPING = ("stopping: the items in flight clean up; an item whose labels are already in place first finishes "
-            "its polygons, quick look and statistics (no output stands without its record)")
+STOPPING = ("stopping once %d item(s) whose labels are in place finish publishing them and their polygons, quick "
+            "look and statistics (no output stands without its record)")
+
+
+def say_what_stopping_waits_for() -> None:
+    """A line, only when stopping waits for items past the point of no return (else the stop is at once)."""
+    if finishing():
+        logger.warning(STOPPING, finishing())
 
 
 Item = TypeVar("Item")
@@ -93,8 +99,7 @@ def run_items(
                         abandon.set()
         except BaseException:  # Ctrl-C or SIGTERM while waiting: abandon what runs and let it clean up
             abandon.set()
-            if running:
-                logger.warning(STOPPING)
+            say_what_stopping_waits_for()
             with shielded():
                 cf.wait(running)
             raise

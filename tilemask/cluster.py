@@ -314,10 +314,22 @@ def not_abandoned() -> Iterator[None]:
     """Work that, once begun, is finished even if the item is abandoned: publishing an output and deriving
     its products (an output in place with no record of its item would look finished but not be)."""
     token = _abandon.set(None)
+    with _finishing_lock:
+        _finishing[0] += 1
     try:
         yield
     finally:
         _abandon.reset(token)
+        with _finishing_lock:
+            _finishing[0] -= 1
+
+
+_finishing, _finishing_lock = [0], threading.Lock()
+
+
+def finishing() -> int:
+    """How many items are in :func:`not_abandoned` work now: what stopping waits for."""
+    return _finishing[0]
 
 
 class _WorkerWatch:

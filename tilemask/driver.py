@@ -39,7 +39,7 @@ from pathlib import Path
 
 from distributed import Client
 
-from .batch import STOPPING, items_in_flight, run_items
+from .batch import items_in_flight, run_items, say_what_stopping_waits_for
 from .cluster import Abandoned, cluster_client, prepare_workers, wait_for_workers
 from .command import first_line
 from .engine import RunResult, probe, process_age, run_job
@@ -389,8 +389,9 @@ def _watch_cancel(job: JobFolder, stop: threading.Event, every: float = 0.5):
     def watch() -> None:
         while not done.wait(every):
             if job.cancel_requested():
-                logger.warning("job %s: cancel requested; %s", job.id, STOPPING)
+                logger.warning("job %s: cancel requested", job.id)
                 stop.set()
+                say_what_stopping_waits_for()
                 return
 
     thread = threading.Thread(target=watch, name="tilemask-cancel", daemon=True)
