@@ -232,19 +232,24 @@ def orthanc(tmp_path_factory):
     log.close()
 
 
+def series_workflow(folder, weights, classes: list[str], mean: float, std: float) -> dict:
+    """A 3D UNet (``UNET_3D``) over a series folder, roi 16^3, batches of 2, on the CPU; no output yet."""
+    return {
+        "version": 1,
+        "input": str(folder),
+        "classes": classes,
+        "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
+        "preprocess": {"normalize": {"mean": [mean], "std": [std]}},
+        "inference": {"roi_size": [16, 16, 16], "batch_size": 2, "device": "cpu"},
+    }
+
+
 def test_a_dicom_segmentation_is_stored_on_orthanc_and_equals_the_nifti_labels(make_model, tmp_path, client, orthanc):
     import highdicom as hd
     from dicomweb_client.api import DICOMwebClient
 
     weights, _ = make_model(UNET_3D)
-    base = {
-        "version": 1,
-        "input": str(CT),
-        "classes": ["background", "brain"],
-        "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
-        "preprocess": {"normalize": {"mean": [100.0], "std": [100.0]}},
-        "inference": {"roi_size": [16, 16, 16], "batch_size": 2, "device": "cpu"},
-    }
+    base = series_workflow(CT, weights, ["background", "brain"], 100.0, 100.0)
     outputs = {
         "nifti": {"path": "out/{stem}_labels.nii.gz", "chunks": 16},
         "seg": {"path": "out/{stem}_seg.dcm", "chunks": 16, "dicomweb": orthanc},
@@ -282,15 +287,8 @@ def test_a_series_without_patient_and_study_details_gives_a_segmentation_that_hi
 
     folder = write_series(tmp_path / "series", rows=20, columns=24, slices=16)
     weights, _ = make_model(UNET_3D)
-    workflow = {
-        "version": 1,
-        "input": str(folder),
-        "classes": ["background", "lesion"],
-        "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
-        "preprocess": {"normalize": {"mean": [500.0], "std": [800.0]}},
-        "inference": {"roi_size": [16, 16, 16], "device": "cpu"},
-        "output": {"path": "out/{stem}_seg.dcm", "chunks": 16},
-    }
+    workflow = series_workflow(folder, weights, ["background", "lesion"], 500.0, 800.0)
+    workflow["output"] = {"path": "out/{stem}_seg.dcm", "chunks": 16}
     (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
     seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(result.outputs[0]))
     assert seg.PatientID == "tilemask-test" and seg.PatientName == "" and seg.StudyDate == ""

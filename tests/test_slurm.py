@@ -120,16 +120,22 @@ def test_a_run_on_slurm_workers_equals_the_embedded_cluster(slurm, tmp_path, cli
         np.testing.assert_array_equal(a.read(1), b.read(1))
 
 
-def test_slurm_without_jobqueue_settings_is_a_one_line_usage_error(tmp_path):
+def demo_with_jobqueue(tmp_path: Path, slurm: dict) -> tuple[Path, Path]:
+    """The demo workflow (outputs in tmp_path/out) and a Dask config folder whose ``jobqueue.slurm`` is ``slurm``."""
     config = tmp_path / "dask-config"
     config.mkdir()
-    (config / "jobqueue.yaml").write_text(yaml.safe_dump({"jobqueue": {"slurm": {"cores": None, "memory": None}}}))
+    (config / "jobqueue.yaml").write_text(yaml.safe_dump({"jobqueue": {"slurm": slurm}}))
     workflow = yaml.safe_load((REPO / "workflows" / "demo_landsat.yaml").read_text())
     workflow["input"] = str(REPO / "workflows" / "demo" / "RGB.byte.tif")
     workflow["model"]["weights"] = str(REPO / "workflows" / "demo" / "landsat_water_land_cloud.pt")
     workflow["output"] = {"path": "out/{stem}_mask.tif"}
     path = tmp_path / "workflow.yaml"
     path.write_text(yaml.safe_dump(workflow))
+    return path, config
+
+
+def test_slurm_without_jobqueue_settings_is_a_one_line_usage_error(tmp_path):
+    path, config = demo_with_jobqueue(tmp_path, {"cores": None, "memory": None})
     done = run_cli("run", path, "--cluster", "slurm", "--quiet", cwd=tmp_path, env={"DASK_CONFIG": str(config)})
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.strip().splitlines()
@@ -141,15 +147,7 @@ def test_a_slurm_that_sbatch_cannot_reach_is_one_line_at_once(tmp_path):
     """sbatch failing ("Could not establish a configuration source") was a logged traceback from dask-jobqueue's
     callback, then a 60 s wait, then "no Dask worker joined the cluster", exit 1."""
     _need("sbatch")
-    config = tmp_path / "dask-config"
-    config.mkdir()
-    (config / "jobqueue.yaml").write_text(yaml.safe_dump({"jobqueue": {"slurm": {"cores": 1, "memory": "2GB"}}}))
-    workflow = yaml.safe_load((REPO / "workflows" / "demo_landsat.yaml").read_text())
-    workflow["input"] = str(REPO / "workflows" / "demo" / "RGB.byte.tif")
-    workflow["model"]["weights"] = str(REPO / "workflows" / "demo" / "landsat_water_land_cloud.pt")
-    workflow["output"] = {"path": "out/{stem}_mask.tif"}
-    path = tmp_path / "workflow.yaml"
-    path.write_text(yaml.safe_dump(workflow))
+    path, config = demo_with_jobqueue(tmp_path, {"cores": 1, "memory": "2GB"})
     (tmp_path / "slurm.conf").write_text("ClusterName=nowhere\n")  # no controller: sbatch gives up at once
     env = {"DASK_CONFIG": str(config), "SLURM_CONF": str(tmp_path / "slurm.conf")}
     started = time.monotonic()
