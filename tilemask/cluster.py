@@ -177,8 +177,8 @@ def slurm_cluster(jobs: int | None) -> Iterator:
 
 def _check_sbatch(script: str) -> None:
     """``sbatch --test-only`` of the worker job: a SLURM that cannot be reached or a job it would never run is
-    one line now (exit 1, as a scheduler that cannot be reached), where dask-jobqueue's own submission fails in a callback (a logged traceback) and the run
-    would wait for workers that never come."""
+    one line now (exit 1, as a scheduler that cannot be reached), where dask-jobqueue's own submission fails in
+    a callback (a logged traceback) and the run would wait for workers that never come."""
     with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="tilemask-slurm-") as file:
         file.write(script)
         file.flush()
@@ -313,23 +313,24 @@ def abandon_on(event: threading.Event) -> None:
 def not_abandoned() -> Iterator[None]:
     """Work that, once begun, is finished even if the item is abandoned: publishing an output and deriving
     its products (an output in place with no record of its item would look finished but not be)."""
+    global _finishing
     token = _abandon.set(None)
     with _finishing_lock:
-        _finishing[0] += 1
+        _finishing += 1
     try:
         yield
     finally:
         _abandon.reset(token)
         with _finishing_lock:
-            _finishing[0] -= 1
+            _finishing -= 1
 
 
-_finishing, _finishing_lock = [0], threading.Lock()
+_finishing, _finishing_lock = 0, threading.Lock()  # how much not_abandoned work is under way, over all threads
 
 
 def finishing() -> int:
     """How many items are in :func:`not_abandoned` work now: what stopping waits for."""
-    return _finishing[0]
+    return _finishing
 
 
 class _WorkerWatch:

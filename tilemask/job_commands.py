@@ -128,7 +128,7 @@ def cancel(job, wait_s, debug) -> None:
         time.sleep(0.25)
     state = live_state(folder)
     if state == "queued" and folder.status().get("driver"):
-        _forget_driver(folder.status())  # a driver the scheduler has not started
+        _take_back_driver(folder.status(), unless_started=False)  # a driver the scheduler has not started
         folder.set_status("cancelled", message="cancelled before its driver started")
         state = "cancelled"
     elif state in ACTIVE:
@@ -140,9 +140,9 @@ def cancel(job, wait_s, debug) -> None:
     click.echo(f"job {folder.id}: {state}")
 
 
-def _take_back_driver(status: dict) -> bool:
-    """Cancel a queued job's driver task if no worker has started it (checked on the scheduler itself); whether
-    it was. One that has started is left to see the cancel request and stop."""
+def _take_back_driver(status: dict, unless_started: bool = True) -> bool:
+    """Cancel a queued job's driver task; with ``unless_started``, only if no worker has started it (asked of the
+    scheduler itself: one that has started is left to see the cancel request and stop). Whether it was."""
     from distributed import Client, Future
 
     if not (status.get("scheduler") and status.get("driver")):
@@ -154,24 +154,12 @@ def _take_back_driver(status: dict) -> bool:
 
     try:
         with Client(status["scheduler"], timeout=5, set_as_default=False) as client:
-            if not client.run_on_scheduler(not_started, key=status["driver"]):
+            if unless_started and not client.run_on_scheduler(not_started, key=status["driver"]):
                 return False
             client.cancel([Future(status["driver"], client)], force=True)
             return True
     except OSError:
         return False
-
-
-def _forget_driver(status: dict) -> None:
-    from distributed import Client, Future
-
-    if not (status.get("scheduler") and status.get("driver")):
-        return
-    try:
-        with Client(status["scheduler"], timeout=5, set_as_default=False) as client:
-            client.cancel([Future(status["driver"], client)], force=True)
-    except OSError:
-        pass
 
 
 @main.command(cls=TilemaskCommand)

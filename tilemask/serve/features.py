@@ -167,9 +167,11 @@ def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
         fixes = {"Polygon": antimeridian.fix_polygon, "MultiPolygon": antimeridian.fix_multi_polygon}
         for i in wide:  # wide, or across? Edges cut short in the layer's CRS jump 180 degrees only across it
             fix, original = fixes.get(moved[i].geom_type), geometries[i]
+            if fix is None:
+                continue
             dense = shapely.transform(shapely.segmentize(original, _diagonal(original) / 256), transform,
                                       interleaved=False)  # fmt: skip
-            if fix is not None and _jumps(dense):
+            if _jumps(dense):
                 with contextlib.suppress(ValueError):  # a cut the package cannot make: left as it was
                     moved[i] = fix(dense, great_circle=False, fix_winding=True)  # a projection's edges are straight
     return moved
