@@ -22,7 +22,7 @@ from PIL import Image
 from pyproj import Transformer
 from rasterio.warp import Resampling, reproject
 from shapely import from_wkt as shapely_wkt
-from shapely.geometry import box, shape
+from shapely.geometry import Polygon, box, shape
 
 from tilemask.classes import class_colours
 
@@ -527,6 +527,39 @@ def test_global_layers_keep_their_wide_polygons_whole_and_findable(tmp_path):
             x0, y0, x1, y1 = map(float, bbox.split(","))
             expected = set(in_crs84.index[in_crs84.intersects(box(x0, y0, x1, y1))])
             assert expected and {f["id"] for f in answer.json()["features"]} == expected, bbox
+
+
+def test_polygons_partly_off_the_earth_are_cut_to_it_and_wholly_off_have_no_geometry(tmp_path):
+    """Cells of a global Mollweide grid at its rim: their corners outside the ellipse moved to inf, and the items
+    held GeoJSON's invalid [null, null] coordinates. The part on the Earth is measured here by sampling the cell
+    and moving each sample back (pyproj gives inf off the Earth), not by the server's outline of the domain."""
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+
+    cells = [box(1.75e7, -2e5, 1.85e7, 2e5), box(-1.2e7, 6.5e6, -1.0e7, 8.5e6), box(1.6e7, 8e6, 1.8e7, 9e6)]
+    cells += [box(0, 0, 1e5, 1e5)]  # rim on the equator, rim at 50-70N, wholly off the Earth, well inside
+    gpd.GeoDataFrame({"n": range(len(cells))}, geometry=cells, crs="ESRI:54009").to_file(tmp_path / "rim.gpkg")
+    out = Transformer.from_crs("ESRI:54009", "OGC:CRS84", always_xy=True)
+    back = Transformer.from_crs("OGC:CRS84", "ESRI:54009", always_xy=True)
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        answer = client.get("/collections/rim/items", params={"limit": 100})
+        assert answer.status_code == 200, answer.text
+        features = {f["properties"]["n"]: f["geometry"] for f in answer.json()["features"]}
+        assert features[2] is None and shape(features[3]).area > 0
+        for n in (0, 1):
+            x0, y0, x1, y1 = cells[n].bounds
+            xs, ys = np.meshgrid(np.linspace(x0, x1, 401)[:-1] + (x1 - x0) / 800,
+                                 np.linspace(y0, y1, 401)[:-1] + (y1 - y0) / 800)  # fmt: skip
+            on_earth = np.isfinite(out.transform(xs, ys)[0]).mean() * cells[n].area
+            assert 0.05 < on_earth / cells[n].area < 0.95  # the cell does straddle the rim
+            served = shape(features[n])
+            assert np.isfinite(np.asarray(served.exterior.coords)).all()
+            x, y = back.transform(*np.asarray(served.exterior.coords).T)
+            assert abs(Polygon(np.column_stack([x, y])).area / on_earth - 1) < 0.01
+        x0, y0, x1, y1 = shape(features[0]).bounds  # found by a bbox around its part on the Earth only
+        found = client.get("/collections/rim/items", params={"bbox": f"{x0},{y0},{x1},{y1}"}).json()
+        assert [f["properties"]["n"] for f in found["features"]] == [0]
 
 
 def test_serve_refuses_a_missing_folder_and_a_busy_port(tmp_path, server):

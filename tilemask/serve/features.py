@@ -151,7 +151,9 @@ def _meeting(geometries, crs: str | None, bbox) -> np.ndarray:
 def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
     """``geometries`` (in ``crs``) in CRS84. A polygon of a projected layer that crosses the antimeridian is cut
     there into a multipolygon (RFC 7946 3.1.9, with the ``antimeridian`` package): moved as they are, its
-    coordinates would jump from 180 to -180 and make it a band around the whole globe."""
+    coordinates would jump from 180 to -180 and make it a band around the whole globe. A geometry with vertices
+    off the Earth (they move to inf) is first cut to the projection's :func:`_domain`; one wholly off it, or in a
+    projection whose domain cannot be outlined, has no geometry (None: GeoJSON's null)."""
     import shapely
 
     if not crs:
@@ -159,8 +161,16 @@ def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
     transform = _transformer(crs, CRS84).transform
     moved = shapely.transform(geometries, transform, interleaved=False)
     bounds = shapely.bounds(moved)
-    with np.errstate(invalid="ignore"):  # a vertex outside the projection's domain: inf, left as it is
-        wide = np.flatnonzero(np.isfinite(bounds).all(axis=1) & (bounds[:, 2] - bounds[:, 0] > 180))
+    off = np.flatnonzero(~shapely.is_empty(moved) & ~np.isfinite(bounds).all(axis=1))
+    if len(off):  # vertices off the Earth (a Mollweide grid's corners): cut to the projection's domain first
+        geometries = geometries.copy()
+        geometries[off] = shapely.intersection(geometries[off], _domain(crs))
+        moved[off] = shapely.transform(geometries[off], transform, interleaved=False)
+        bounds[off] = shapely.bounds(moved[off])
+        lost = off[~np.isfinite(bounds[off]).all(axis=1)]
+        moved[lost] = None  # a domain pyproj cannot outline: no geometry rather than GeoJSON's invalid nulls
+        bounds[lost] = np.nan
+    wide = np.flatnonzero(np.isfinite(bounds).all(axis=1) & (bounds[:, 2] - bounds[:, 0] > 180))
     if len(wide) and not CRS.from_user_input(crs).is_geographic:
         import antimeridian
 
@@ -175,6 +185,19 @@ def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
                 with contextlib.suppress(ValueError):  # a cut the package cannot make: left as it was
                     moved[i] = fix(dense, great_circle=False, fix_winding=True)  # a projection's edges are straight
     return moved
+
+
+@functools.lru_cache(maxsize=32)
+def _domain(crs: str):
+    """The part of ``crs``'s plane that is on the Earth, as a polygon: the CRS84 world's outline, densified and
+    moved into ``crs`` (for Mollweide, Robinson or a sinusoidal grid, the ellipse or oval the map is drawn in),
+    drawn in by a millionth of its size so that its own rim transforms back."""
+    import shapely
+
+    world = shapely.segmentize(shapely.box(-180, -90, 180, 90), 0.25)
+    outline = shapely.make_valid(shapely.transform(world, _transformer(CRS84, crs).transform, interleaved=False))
+    x0, y0, x1, y1 = outline.bounds
+    return outline.buffer(-1e-6 * max(x1 - x0, y1 - y0)) if np.isfinite([x0, y0, x1, y1]).all() else outline
 
 
 def _diagonal(geometry) -> float:
