@@ -18,6 +18,7 @@ probabilities that are symlinks out of the folder.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ OGR_DRIVERS = {".gpkg": "GPKG", ".fgb": "FlatGeobuf", ".geojson": "GeoJSON"}  # 
 TABLE_SUFFIXES = (".csv", ".parquet", ".gpkg", ".json")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 GDAL_SIDECARS = (".ovr", ".msk", ".aux.xml")
+CLASSIFY_THREADS = 8  # files opened at once when the folder is first listed (bound by I/O as much as by CPU)
 
 
 @dataclass(frozen=True)
@@ -101,11 +103,17 @@ class Catalog:
         self._lock = threading.Lock()
 
     def entries(self) -> list[Entry]:
-        """Every entry of the folder, with unique ids and each label volume's scan."""
-        found: list[Entry] = []
-        for path in self._walk():
-            found.extend(self._classified(path))
-        return _link(found)
+        """Every entry of the folder, with unique ids and each label volume's scan. Files not classified yet (the
+        whole folder, on the first request) are opened by several threads: GDAL and PROJ release the GIL."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        paths = list(self._walk())
+        with self._lock:
+            new = [p for p in paths if self._cache.get(str(p), ((),))[0] != _stamp(p)]
+        if len(new) > 1:
+            with ThreadPoolExecutor(min(CLASSIFY_THREADS, len(new)), thread_name_prefix="catalog") as pool:
+                list(pool.map(self._classified, new))
+        return _link([entry for path in paths for entry in self._classified(path)])
 
     def find(self, rel: str, *kinds: str) -> Entry | None:
         """The entry at ``rel`` (one file classified, not the whole folder: what each tile asks)."""
@@ -162,11 +170,14 @@ def _stamp(path: Path) -> tuple:
 
 def _classify(root: Path, path: Path) -> list[Entry]:
     """What ``path`` is, as entries (none when it is nothing a viewer shows, or cannot be opened)."""
+    import rasterio
+
     rel = relative(root, path)
     name = path.name.lower()
     try:
         if name.endswith((".tif", ".tiff", ".zarr", ".nii", ".nii.gz")):
-            return _image(root, rel, path)
+            with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN=os.environ.get("GDAL_DISABLE_READDIR_ON_OPEN", "TRUE")):
+                return _image(root, rel, path)  # sidecars probed one by one, not the folder listed at each open
         if name.endswith(CLASS_TABLE_SUFFIX):
             return []  # the class names of NIfTI labels: part of that output, not a table of its own
         if name.endswith((*OGR_DRIVERS, *TABLE_SUFFIXES)):
@@ -301,18 +312,24 @@ def _geometry_bounds(geometry, shape) -> tuple[float, float, float, float] | Non
     if not geometry.crs_wkt:
         return None
     transform = Affine.from_gdal(*geometry.transform)
-    xs, ys = zip(*(transform * corner for corner in ((0, 0), (shape[1], 0), (0, shape[0]), (shape[1], shape[0]))))
+    xs, ys = zip(*(transform @ corner for corner in ((0, 0), (shape[1], 0), (0, shape[0]), (shape[1], shape[0]))))
     return lonlat_bounds(geometry.crs_wkt, (min(xs), min(ys), max(xs), max(ys)))
 
 
 def lonlat_bounds(crs, bounds) -> tuple[float, float, float, float] | None:
     """``bounds`` in ``crs`` as CRS84 bounds (minlon > maxlon across the antimeridian); None without either."""
-    from pyproj import CRS, Transformer
-
     if crs is None or bounds is None or not np.all(np.isfinite(bounds)):
         return None
-    transformer = Transformer.from_crs(CRS.from_user_input(crs), "OGC:CRS84", always_xy=True)
-    return tuple(float(v) for v in transformer.transform_bounds(*bounds, densify_pts=21))
+    return tuple(float(v) for v in transformer(str(crs), "OGC:CRS84").transform_bounds(*bounds, densify_pts=21))
+
+
+@functools.lru_cache(maxsize=64)
+def transformer(source: str, target: str):
+    """A pyproj transformer (x, y order), made once per pair of CRSs: making one takes milliseconds, as long as
+    opening the file it is for. pyproj's transformers may be shared by threads."""
+    from pyproj import CRS, Transformer
+
+    return Transformer.from_crs(CRS.from_user_input(source), CRS.from_user_input(target), always_xy=True)
 
 
 def _link(entries: list[Entry]) -> list[Entry]:

@@ -24,9 +24,9 @@ from urllib.parse import quote
 import numpy as np
 import pyogrio
 from fastapi import HTTPException
-from pyproj import CRS, Transformer
+from pyproj import CRS
 
-from .catalog import Entry, lonlat_bounds
+from .catalog import Entry, lonlat_bounds, transformer
 
 CRS84_URI = "http://www.opengis.net/def/crs/OGC/1.3/CRS84"  # how OGC API names longitude/latitude
 CRS84 = "OGC:CRS84"  # the same, as pyproj names it
@@ -133,7 +133,7 @@ def _envelopes(bbox, crs: str | None, extent) -> list[tuple[float, float, float,
         for e in sides(extent) if local else [q]:
             part = (max(q[0], e[0]), max(q[1], e[1]), min(q[2], e[2]), min(q[3], e[3]))
             if part[0] <= part[2] and part[1] <= part[3]:
-                envelopes.append(_transformer(CRS84, crs).transform_bounds(*part, densify_pts=21))
+                envelopes.append(transformer(CRS84, crs).transform_bounds(*part, densify_pts=21))
     return envelopes
 
 
@@ -158,7 +158,7 @@ def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
 
     if not crs:
         return geometries
-    transform = _transformer(crs, CRS84).transform
+    transform = transformer(crs, CRS84).transform
     moved = shapely.transform(geometries, transform, interleaved=False)
     bounds = shapely.bounds(moved)
     off = np.flatnonzero(~shapely.is_empty(moved) & ~np.isfinite(bounds).all(axis=1))
@@ -195,7 +195,7 @@ def _domain(crs: str):
     import shapely
 
     world = shapely.segmentize(shapely.box(-180, -90, 180, 90), 0.25)
-    outline = shapely.make_valid(shapely.transform(world, _transformer(CRS84, crs).transform, interleaved=False))
+    outline = shapely.make_valid(shapely.transform(world, transformer(CRS84, crs).transform, interleaved=False))
     x0, y0, x1, y1 = outline.bounds
     return outline.buffer(-1e-6 * max(x1 - x0, y1 - y0)) if np.isfinite([x0, y0, x1, y1]).all() else outline
 
@@ -211,11 +211,6 @@ def _jumps(geometry) -> bool:
 
     rings = shapely.get_rings(shapely.get_parts(geometry))
     return any(np.any(np.abs(np.diff(shapely.get_coordinates(ring)[:, 0])) > 180) for ring in rings)
-
-
-@functools.lru_cache(maxsize=32)
-def _transformer(source: str | None, target: str | None) -> Transformer:
-    return Transformer.from_crs(CRS.from_user_input(source), CRS.from_user_input(target), always_xy=True)
 
 
 def _features(frame, crs: str | None) -> list[dict]:

@@ -171,7 +171,8 @@ def open_raster_labels(path: str, chunks) -> LabelImage:
     if not np.issubdtype(dtype, np.integer):
         raise InputError(f"{path}: labels must be integers, the raster holds {dtype}")
     native = tuple(max(b, 1024 // b * b) for b in block)  # whole GDAL blocks, about 1024 px
-    lazy = da.from_array(_RasterBand(path, shape, dtype), chunks=_chunks(chunks, native), asarray=False, fancy=False)
+    lazy = da.from_array(_RasterBand(path, shape, dtype), chunks=_chunks(chunks, native), asarray=False, fancy=False,
+                         meta=np.empty((0, 0), dtype))  # fmt: skip (given, dask does not read an empty window for it)
     return LabelImage(path, lazy, geometry, tuple(json.loads(tag)) if tag else None, nodata)
 
 
@@ -188,7 +189,8 @@ def open_nifti_labels(path: str, chunks) -> LabelImage:
 
     affine = nifti_affine_mm(img)
     lazy = da.from_array(
-        _NiftiVolume(path, shape, dtype), chunks=_chunks(chunks, tuple(min(s, 128) for s in shape)), asarray=False, fancy=False
-    )
+        _NiftiVolume(path, shape, dtype), chunks=_chunks(chunks, tuple(min(s, 128) for s in shape)), asarray=False,
+        fancy=False, meta=np.empty((0, 0, 0), dtype),
+    )  # fmt: skip
     names = read_colour_table(for_path(path).class_table_path(path))
     return LabelImage(path, lazy, VolumeGeometry(affine), names, nifti_nodata(img.header["descrip"]))
