@@ -282,8 +282,10 @@ def test_a_series_without_patient_and_study_details_gives_a_segmentation_that_hi
     """A series without PatientName (or the study's date, ID, ...: Type 2, which may be absent in practice) ran
     every window, then failed in highdicom with "'FileDataset' object has no attribute 'PatientName'", exit 1."""
     import highdicom as hd
+    from starlette.testclient import TestClient
 
     from tilemask.planning import plan_workflow
+    from tilemask.serve import create_app
 
     folder = write_series(tmp_path / "series", rows=20, columns=24, slices=16)
     weights, _ = make_model(UNET_3D)
@@ -292,6 +294,12 @@ def test_a_series_without_patient_and_study_details_gives_a_segmentation_that_hi
     (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
     seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(result.outputs[0]))
     assert seg.PatientID == "tilemask-test" and seg.PatientName == "" and seg.StudyDate == ""
+    with TestClient(create_app(tmp_path / "out"), base_url="http://127.0.0.1") as server:  # listed, to download
+        (listed,) = server.get("/", params={"f": "json"}).json()["outputs"]
+        assert listed == {"path": Path(result.outputs[0]).name, "id": Path(result.outputs[0]).stem,
+                          "kind": "segmentation", "format": "dicom-seg",
+                          "segments": [d.segment_label for d in seg.SegmentSequence]}  # fmt: skip
+        assert server.get(f"/files/{listed['path']}").content == Path(result.outputs[0]).read_bytes()
     slice_header = pydicom.dcmread(DicomSeriesSource.open(str(folder)).files[0])
     assert seg.StudyInstanceUID == slice_header.StudyInstanceUID
     # without the study's UID there is no SEG to make: refused before any work

@@ -5,8 +5,8 @@ NIfTI, with its class names and colours and the probabilities beside or inside
 it), polygons (an OGR layer or GeoParquet with a geometry and a CRS), a
 statistics table, a scan (a NIfTI volume tilemask did not write; paired with
 the labels on the same voxel grid, which is the grid tilemask writes them on),
-or a picture (quick looks). Unfinished outputs, hidden files, staging files and
-locks are never listed.
+a picture (quick looks) or a DICOM Segmentation (to download). Unfinished
+outputs, hidden files, staging files and locks are never listed.
 
 What the catalog lists is all that tiles, points, statistics and features ever
 open, so it refuses here what could make a reader leave the folder: a raster
@@ -44,7 +44,7 @@ CLASSIFY_THREADS = 8  # files opened at once when the folder is first listed (bo
 @dataclass(frozen=True)
 class Entry:
     path: str  # relative to the folder, POSIX
-    kind: str  # labels | probabilities | polygons | table | scan | raster | picture
+    kind: str  # labels | probabilities | polygons | table | scan | raster | picture | segmentation (DICOM SEG)
     format: str  # the format registry's name, or the file's suffix
     id: str  # unique in the folder: the stem, or on a clash the relative path with "/" as "--"
     class_names: tuple[str, ...] = ()
@@ -80,6 +80,8 @@ class Entry:
             out["classes"] = self.legend()
             out["nodata"] = self.nodata
             out["probabilities"] = self.probabilities
+        if self.kind == "segmentation":
+            out["segments"] = list(self.class_names)
         if self.bounds:
             out["bounds"] = list(self.bounds)
         if self.shape:
@@ -178,6 +180,8 @@ def _classify(root: Path, path: Path) -> list[Entry]:
         if name.endswith((".tif", ".tiff", ".zarr", ".nii", ".nii.gz")):
             with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN=os.environ.get("GDAL_DISABLE_READDIR_ON_OPEN", "TRUE")):
                 return _image(root, rel, path)  # sidecars probed one by one, not the folder listed at each open
+        if name.endswith(".dcm"):
+            return _segmentation(rel, path)
         if name.endswith(CLASS_TABLE_SUFFIX):
             return []  # the class names of NIfTI labels: part of that output, not a table of its own
         if name.endswith((*OGR_DRIVERS, *TABLE_SUFFIXES)):
@@ -229,6 +233,19 @@ def _image(root: Path, rel: str, path: Path) -> list[Entry]:
     return [
         Entry(rel, "labels", fmt.name, stem, bounds=_geometry_bounds(labels.geometry, labels.array.shape), **common)
     ]
+
+
+def _segmentation(rel: str, path: Path) -> list[Entry]:
+    """A DICOM Segmentation (tilemask's or another's), listed with its segments' labels to be downloaded: its
+    place is a PACS (``output.dicomweb``) and its viewers there. Other DICOM files (the slices of a scan) are
+    not listed."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality", "SegmentSequence"])
+    if ds.get("Modality") != "SEG":
+        return []
+    segments = tuple(str(item.get("SegmentLabel", "")) for item in ds.get("SegmentSequence", []))
+    return [Entry(rel, "segmentation", "dicom-seg", Path(rel).stem, class_names=segments)]
 
 
 def _vector_or_table(rel: str, path: Path) -> list[Entry]:
