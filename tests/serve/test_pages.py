@@ -125,7 +125,8 @@ def test_view_shows_the_scan_in_grey_with_the_labels_in_their_colours(browser, s
 @pytest.mark.slow
 def test_map_shows_polygons_across_the_antimeridian_and_keeps_them_zoomed_out(browser, tmp_path):
     """The map fitted polygons across 180 degrees to an empty extent (a page error, no polygons), and a view
-    wider than the world asked the features for a bbox past +-180 degrees (400: every polygon vanished)."""
+    wider than the world asked the features for a bbox past +-180 degrees (400: every polygon vanished). A
+    second layer just west of 180 degrees (-179.7..-179.2) made the fitted view the whole world."""
     import geopandas as gpd
     from shapely.geometry import box
 
@@ -134,6 +135,7 @@ def test_map_shows_polygons_across_the_antimeridian_and_keeps_them_zoomed_out(br
     cells = [box(x, y, x + 9000, y + 9000) for x in range(0, 270000, 10000) for y in range(0, 200000, 10000)]
     layer = gpd.GeoDataFrame({"class": ["land"] * len(cells)}, geometry=cells, crs="EPSG:32601")  # 178.5E..179.2W
     layer.to_file(tmp_path / "cells.gpkg", driver="GPKG")
+    layer.cx[200000:, :].to_file(tmp_path / "west_of_180.gpkg", driver="GPKG")  # listed after cells.gpkg
     with start_server(tmp_path) as url:
         page = browser.new_page(viewport=SIZE, device_scale_factor=1)
         errors, statuses = [], []

@@ -38,15 +38,34 @@ for (const p of config.polygons) {
     }),
   }));
 }
+// The shortest run of longitudes holding every [west, east] (east < west: across the antimeridian), as
+// [west, east] with east past 180 where it crosses: going round the globe, it leaves out the widest gap.
+function lonSpan(spans) {
+  const arcs = spans.map(([w, e]) => {
+    const start = ((((w + 180) % 360) + 360) % 360) - 180;
+    return [start, start + (e >= w ? e - w : e - w + 360)];
+  }).sort((a, b) => a[0] - b[0]);
+  const merged = [];
+  for (const [s, e] of arcs) {
+    const last = merged[merged.length - 1];
+    if (last && s <= last[1]) last[1] = Math.max(last[1], e); else merged.push([s, e]);
+  }
+  let widest = 0, after = -1;  // the gap after merged[after], up to the next arc (the first one, once round)
+  merged.forEach(([, end], i) => {
+    const gap = (i + 1 < merged.length ? merged[i + 1][0] : merged[0][0] + 360) - end;
+    if (gap > widest) { widest = gap; after = i; }
+  });
+  if (after < 0) return [-180, 180];  // no gap: every longitude
+  const first = (after + 1) % merged.length;
+  return [merged[first][0], merged[after][1] + (first === 0 ? 0 : 360)];
+}
 const map = new ol.Map({ target: "map", layers, view: new ol.View({ center: [0, 0], zoom: 2 }) });
 const all = config.rasters.concat(config.polygons).filter((e) => e.bounds);
-if (all.length) {
-  // bounds across the antimeridian (minlon > maxlon) are fitted past 180 degrees east, where the map repeats
-  const east = (e) => [e.bounds[0], e.bounds[1], e.bounds[2] + (e.bounds[0] > e.bounds[2] ? 360 : 0), e.bounds[3]];
-  const b = east(all[0]);
-  for (const e of all.map(east)) { b[0] = Math.min(b[0], e[0]); b[1] = Math.min(b[1], e[1]);
-                                   b[2] = Math.max(b[2], e[2]); b[3] = Math.max(b[3], e[3]); }
-  map.getView().fit(ol.proj.transformExtent(b, "EPSG:4326", "EPSG:3857"), { padding: [10, 10, 10, 10] });
+if (all.length) {  // fitted past 180 degrees east where the extents cross it: the map repeats there
+  const [west, east] = lonSpan(all.map((e) => [e.bounds[0], e.bounds[2]]));
+  const south = Math.min(...all.map((e) => e.bounds[1])), north = Math.max(...all.map((e) => e.bounds[3]));
+  map.getView().fit(ol.proj.transformExtent([west, south, east, north], "EPSG:4326", "EPSG:3857"),
+                    { padding: [10, 10, 10, 10] });
 }
 tilemaskLegend(Array.from(classes.values()));
 map.on("singleclick", async (event) => {
