@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import geopandas as gpd
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -32,7 +33,7 @@ import tilemask
 from tilemask import Workflow
 from tilemask.errors import InputError, ReadError, WeightsError, WorkflowError
 
-from .conftest import GEO, UNET_2D, UNET_3D, _free_port, raster_workflow, run_cli, volume_workflow
+from .conftest import GEO, REPO, UNET_2D, UNET_3D, _free_port, raster_workflow, run_cli, volume_workflow
 
 EXE = str(Path(sys.executable).parent / "tilemask")
 
@@ -255,6 +256,30 @@ def test_interrupts_exit_130_leave_nothing_and_print_one_line(big_run, tmp_path,
                                     f"{signals}; stdout {stdout!r}; stderr {stderr!r}")  # fmt: skip
     assert one_line(stderr) == "tilemask: interrupted"
     assert only_staged_by_its_job(out), "an interrupted run leaves nothing but its job's staged chunks"
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_a_single_input_makes_its_products_lets_them_finish_and_records_it(tmp_path):
+    """Past the point of no return (its labels published) an input is finished, products and record, whatever
+    stops the run. A run of one input ran it on the main thread, where Ctrl-C cut its polygons short and left
+    the labels in place with no record: they looked finished, and the next run redid the input. The demo's
+    polygons take seconds after its labels are in place: the signal lands while they are made."""
+    out = tmp_path / "out"
+    wf = ["run", REPO / "workflows" / "demo_landsat.yaml", "--quiet", "--set", f"output.path={out}/{{stem}}_mask.tif",
+          "--set", f"output.vectors={out}/{{stem}}_polygons.gpkg"]  # fmt: skip
+    proc = start(wf, tmp_path)
+    wait_for(lambda: (out / "RGB.byte_mask.tif").exists(), timeout=300, what="the labels published", proc=proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    waits, last = stderr.strip().splitlines()  # what the stop waits for, said while it waits
+    assert waits.startswith("WARNING tilemask.batch: stopping once 1 item(s) whose labels are in place") and (
+        last == "tilemask: interrupted"
+    ), stderr
+    assert len(gpd.read_file(out / "RGB.byte_polygons.gpkg")) > 0 and (out / "RGB.byte_mask.png").exists()
+    again = run_cli("run", *wf[1:])
+    assert again.returncode == 0, again.stderr
+    assert "done in an earlier run" in again.stdout, again.stdout
 
 
 def _signal_sets(pid: int, threads: bool = False) -> str:

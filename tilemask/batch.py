@@ -16,6 +16,7 @@ first failure is raised.  Ctrl-C does the same and raises
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import contextvars
 import logging
 import threading
@@ -58,17 +59,18 @@ def run_items(
 ) -> list[Result]:
     """``run_one(item)`` for every item, at most ``window`` at a time, started in order; results in order.
 
-    Setting ``stop`` from another thread abandons the items in flight as a failure does and raises
+    Items run on threads of their own, even one alone: Ctrl-C or SIGTERM reach the main thread only, which
+    abandons the items in flight and waits for them, so that an item past the point of no return (its labels
+    published: :func:`~tilemask.cluster.not_abandoned`) finishes its products and is recorded. Setting
+    ``stop`` from another thread abandons them as a failure does and raises
     :class:`~tilemask.cluster.Abandoned` (how a detached job is cancelled).
     """
     abandon = stop or threading.Event()
-    if window <= 1 or len(items) <= 1:
-        context = contextvars.copy_context()
-        context.run(abandon_on, abandon)
-        return [context.run(_unless, abandon, run_one, item) for item in items]
+    window = max(1, min(window, len(items)))
     results: list = [None] * len(items)
     failure: BaseException | None = None
-    with items_progress(len(items), enabled=progress) as bar:
+    several = window > 1  # one bar for the run; an item alone, or one at a time, shows its own bars and stages
+    with items_progress(len(items), enabled=progress) if several else contextlib.nullcontext() as bar:
         pool = cf.ThreadPoolExecutor(max_workers=window, thread_name_prefix="tilemask-item")
         running: dict[cf.Future, int] = {}
         queued = iter(range(len(items)))
@@ -78,7 +80,8 @@ def run_items(
             if index is None or abandon.is_set():
                 return
             context = contextvars.copy_context()  # each item's own: its bar and the abandon flag
-            context.run(bar.attach)
+            if bar is not None:
+                context.run(bar.attach)
             context.run(abandon_on, abandon)
             running[pool.submit(context.run, run_one, items[index])] = index
 
@@ -92,7 +95,8 @@ def run_items(
                     exc = future.exception()
                     if exc is None:
                         results[index] = future.result()
-                        bar.item_done()
+                        if bar is not None:
+                            bar.item_done()
                         start_next()
                     elif not isinstance(exc, Abandoned) and failure is None:
                         failure = exc
@@ -111,8 +115,3 @@ def run_items(
         raise Abandoned("stopped")
     return results
 
-
-def _unless(stop: threading.Event, run_one: Callable[[Item], Result], item: Item) -> Result:
-    if stop.is_set():
-        raise Abandoned("stopped")
-    return run_one(item)
