@@ -135,3 +135,20 @@ def test_a_pixel_with_nodata_in_one_band_only_is_shown(tmp_path):
     assert alpha.shape == dataset_mask.shape
     np.testing.assert_array_equal(alpha > 0, dataset_mask)
     assert (alpha[:, :20] == 255).all()
+
+
+def test_non_finite_pixels_are_invalid_as_nodata_is(tmp_path):
+    """A float32 scene marking nodata with NaN (no nodata value) gave a black quick look: the percentiles of its
+    bands were NaN. It must show as the same scene in uint8 with its nodata value does."""
+    with rasterio.open(GEO["RGB.byte.tif"]) as src:
+        data, valid, profile = src.read(), src.dataset_mask() > 0, src.profile
+    scene = tmp_path / "float.tif"
+    profile.update(dtype="float32", nodata=None)
+    with rasterio.open(scene, "w", **profile) as ds:
+        ds.write(np.where(valid, data, np.nan).astype(np.float32))
+    labels = np.where(valid, (data[0] > 100).astype(np.uint8), 255).astype(np.uint8)
+    mask = write_labels_cog(tmp_path / "mask.tif", GEO["RGB.byte.tif"], labels, 255)
+    looks = [np.asarray(Image.open(write_quicklook(str(source), mask, str(tmp_path / f"{i}.png"), size=400)))
+             for i, source in enumerate((GEO["RGB.byte.tif"], scene))]  # fmt: skip
+    assert looks[0][..., :3].max() == 255 and (looks[0][..., 3] == 0).any()
+    np.testing.assert_array_equal(looks[1], looks[0])

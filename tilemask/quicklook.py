@@ -1,11 +1,11 @@
 """A quick look: a small PNG of the mask over the input image, because people look before they read.
 
 Both rasters are read at thumbnail size only (rasterio ``out_shape`` reads, which
-use the overviews of a COG), never whole.  The input is contrast-stretched per
+use the overviews of a COG, or without overviews each block once), never whole.  The input is contrast-stretched per
 band between its 2nd and 98th percentiles (on the valid pixels of the
 thumbnail); foreground classes are blended over it in the output's class colours
 at ``opacity``; background shows the image as is; pixels that are nodata in every input band
-(GDAL's dataset mask) or in the labels are transparent.
+(GDAL's dataset mask) or not finite, or nodata in the labels, are transparent.
 """
 
 from __future__ import annotations
@@ -65,13 +65,14 @@ def write_quicklook(
                 if (src.height, src.width) != labels_shape:
                     raise InputError(f"{path}: {src.height}x{src.width} pixels, the labels are not on its grid")
                 wanted = (bands or range(1, src.count + 1))[: 3 - sum(len(layer) for layer in layers)]
-                layers.append(src.read(list(wanted), out_shape=(len(wanted), *labels.shape), masked=True,
-                                       resampling=Resampling.nearest))  # fmt: skip
+                with rasterio.Env(GDAL_CACHEMAX=_row_of_blocks(src)):
+                    layers.append(src.read(list(wanted), out_shape=(len(wanted), *labels.shape), masked=True,
+                                           resampling=Resampling.nearest))  # fmt: skip
         except RasterioError as exc:
             raise InputError(f"{path}: cannot read: {exc}") from None
         if sum(len(layer) for layer in layers) == 3:
             break
-    image = np.ma.concatenate(layers)
+    image = np.ma.masked_invalid(np.ma.concatenate(layers))  # NaN and inf: invalid pixels, as the run takes them
     image = image if len(image) == 3 else image[:1]
     rgb = _stretch(image)
     valid = ~np.ma.getmaskarray(image).all(axis=0)  # as GDAL's dataset mask: nodata in every band
@@ -94,6 +95,16 @@ def write_quicklook(
         raise OutputError(f"{png_path}: cannot write the quick look: {exc}") from None
     logger.info("wrote %s (%dx%d)", target, rgba.shape[1], rgba.shape[0])
     return str(target)
+
+
+def _row_of_blocks(src) -> int:
+    """GDAL's block cache for a reduced read without overviews (bytes, as rasterio hands it to GDAL): four rows of
+    the raster's blocks, every band, at least 64 MB and at most 1 GiB. The read takes a few pixel rows from each
+    row of blocks; a cache that cannot hold the row decodes each block again for every one of them (76 s instead
+    of 1 s for a 3955 x 3590 scene: ``benchmarks/bench_quicklook.py``)."""
+    block_rows, block_cols = src.block_shapes[0]
+    row = -(-src.width // block_cols) * block_cols * block_rows * src.count * np.dtype(src.dtypes[0]).itemsize
+    return int(min(max(4 * row, 64 << 20), 1 << 30))
 
 
 def _read_labels(labels_path: str, size: int) -> tuple[np.ndarray, int | None, int, tuple[int, int]]:
