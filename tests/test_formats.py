@@ -135,6 +135,8 @@ def test_the_output_lock_is_exclusive_and_dies_with_its_process(tmp_path):
     with OutputLock(files):
         with pytest.raises(OutputConflict, match="being written by another tilemask run"):
             OutputLock(files[1:]).acquire()
+        with pytest.raises(OutputConflict, match=r"stats.csv \(with .*/a.tif, the labels\) is being written"):
+            OutputLock([str(tmp_path / "a.tif"), files[1]]).acquire()  # free labels, held statistics: named both
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from tilemask.outputs import OutputLock; "
          "OutputLock(sys.argv[1:]).acquire(); print('held', flush=True); time.sleep(60)", *files],

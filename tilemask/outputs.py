@@ -289,7 +289,7 @@ class OutputLock:
 
     def acquire(self) -> OutputLock:
         try:
-            for path in sorted(set(self.files)):
+            for path in sorted(set(self.files)):  # in one order for every run: two runs never wait on each other
                 self.held.append(self._take(path))
         except BaseException:
             self.release()
@@ -310,7 +310,8 @@ class OutputLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 os.close(fd)
-                raise OutputConflict(f"output {path} is being written by another tilemask run") from None
+                of = "" if path == self.files[0] else f" (with {self.files[0]}, the labels)"
+                raise OutputConflict(f"output {path}{of} is being written by another tilemask run") from None
             try:
                 same = os.stat(lock).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
