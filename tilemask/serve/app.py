@@ -276,7 +276,7 @@ def _index_html(root: Path, entries: list[Entry]) -> str:
             links.append(f'<a href="collections/{quote(e.id)}/items?limit=100">features</a>')
         if e.kind == "table":
             links.append(f'<a href="stats?output={q}">records</a>')
-        names = [c["name"] for c in e.legend()] if e.kind == "labels" else e.class_names if e.kind == "segmentation" else ()
+        names = {"labels": [c["name"] for c in e.legend()], "segmentation": e.class_names}.get(e.kind, ())
         classes = ", ".join(html.escape(name) for name in names)
         rows.append(f"<tr><td>{path}</td><td>{e.kind}</td><td>{e.format}</td><td>{classes}</td>"
                     f"<td>{' '.join(links)}</td></tr>")  # fmt: skip
