@@ -9,8 +9,9 @@ roi / overlap / mode / sigma / batch from the inferer, orientation / spacing /
 intensity / z-score from the preprocessing transforms, the activation, the
 threshold and whether the output goes back to the scan's grid (``Invertd``) from
 the post-processing, the class names from ``channel_def``.  The workflow's own
-keys override these.  A transform tilemask cannot apply chunk by chunk is refused
-by name before any work (exit 2).
+keys override these.  A transform tilemask cannot apply chunk by chunk, an
+argument it does not apply set to other than MONAI's default, and transforms out
+of tilemask's order are refused by name before any work (exit 2).
 
 Reading a bundle imports MONAI (and torch) on the client, and evaluates the
 config's ``$`` expressions as MONAI does: a bundle is code, trust it as such.
@@ -31,10 +32,24 @@ PASSIVE = {
     "LoadImage", "EnsureChannelFirst", "EnsureType", "ToTensor", "ToDevice", "CastToType", "AsChannelFirst",
     "AddChannel", "SaveImage", "CopyItems", "DeleteItems", "Identity", "FromMetaTensor", "ToMetaTensor",
 }  # fmt: skip
-SPATIAL = ("Orientation", "Spacing")
-KNOWN = PASSIVE | set(SPATIAL) | {
-    "ScaleIntensityRange", "NormalizeIntensity", "Activations", "AsDiscrete", "Invert", "SlidingWindowInferer",
+READ = {  # per transform tilemask applies: the arguments it reads (below); any other must be MONAI's default
+    "Orientation": {"axcodes", "as_closest_canonical"},
+    "Spacing": {"pixdim", "mode"},
+    "ScaleIntensityRange": {"a_min", "a_max", "b_min", "b_max", "clip"},
+    "NormalizeIntensity": {"subtrahend", "divisor", "nonzero", "channel_wise"},
+    "SlidingWindowInferer": {"roi_size", "sw_batch_size", "overlap", "mode", "sigma_scale"},
+    "Activations": {"softmax", "sigmoid"},
+    "Invert": {"nearest_interp"},
+    "AsDiscrete": {"argmax", "threshold"},
+}
+ANSWER_UNCHANGED = {  # arguments that change where or how fast, or the float type of a step, not the answer
+    "keys", "allow_missing_keys", "lazy", "dtype", "device", "sw_device", "progress", "cache_roi_weight_map",
+    "cpu_thresh", "buffer_steps", "buffer_dim", "transform", "orig_keys", "meta_keys", "orig_meta_keys",
+    "meta_key_postfix", "to_tensor",
 }  # fmt: skip
+PREPROCESSING_ORDER = ("Orientation", "Spacing", "ScaleIntensityRange", "NormalizeIntensity")  # tilemask's order
+POSTPROCESSING_ORDER = ("Activations", "Invert", "AsDiscrete")  # tilemask activates, inverts, then takes labels
+KNOWN = PASSIVE | set(READ)
 
 
 def bundle_defaults(folder: Path) -> dict[str, Any]:
@@ -87,6 +102,44 @@ def _arguments(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
+def _applied(section: str, config: dict) -> dict:
+    """The arguments of a transform (or the inferer) tilemask applies, once every other one is checked to be
+    MONAI's default: a bundle's ``padding_mode`` or ``cval`` silently dropped gave another answer than MONAI's."""
+    import inspect
+
+    import monai.inferers
+    import monai.transforms
+
+    name, args = _name(config), _arguments(config)
+    target = str(config.get("_target_", "")).rsplit(".", 1)[-1]
+    cls = getattr(monai.inferers if name == "SlidingWindowInferer" else monai.transforms, target, None)
+    parameters = inspect.signature(cls).parameters if cls is not None else {}
+    for key, value in args.items():
+        if key in READ[name] or key in ANSWER_UNCHANGED:
+            continue
+        default = parameters[key].default if key in parameters else inspect.Parameter.empty
+        if default is inspect.Parameter.empty or _plain(value) != _plain(default):
+            shown = "" if default is inspect.Parameter.empty else f" (only MONAI's default, {_plain(default)!r})"
+            raise WorkflowError(f"model.bundle: {section} {target} {key}={value!r}: tilemask does not apply it{shown}")
+    return args
+
+
+def _plain(value):
+    """A value as configs write it: enums as their value, sequences as tuples (to compare with a default)."""
+    if isinstance(value, list | tuple):
+        return tuple(_plain(v) for v in value)
+    value = getattr(value, "value", value)
+    return value.lower() if isinstance(value, str) else value
+
+
+def _in_order(section: str, names: list[str], order: tuple[str, ...]) -> None:
+    """``names`` (the transforms a section holds, in its order, all of ``order``) each once, in tilemask's order."""
+    seen = list(names)
+    if len(set(seen)) != len(seen) or seen != sorted(seen, key=order.index):
+        raise WorkflowError(f"model.bundle: {section} has {', '.join(seen)}: tilemask applies "
+                            f"{', '.join(n for n in order if n in seen)} once each, in that order")  # fmt: skip
+
+
 def _network(parser, folder: Path) -> dict:
     models = folder / "models"
     weights = next((models / n for n in ("model.pt", "model.ts") if (models / n).is_file()), None)
@@ -120,13 +173,13 @@ def _values(value) -> list[float]:
 
 def _preprocessing(parser) -> dict:
     keys: dict[str, Any] = {}
-    seen_intensity = False
-    for config in _transforms(parser, "preprocessing"):
-        name, args = _name(config), _arguments(config)
-        if name in PASSIVE:
-            continue
-        if name in SPATIAL and seen_intensity:
-            raise WorkflowError(f"model.bundle: preprocessing {name} after an intensity transform: tilemask resamples first")
+    transforms = [c for c in _transforms(parser, "preprocessing") if _name(c) not in PASSIVE]
+    for config in transforms:
+        if _name(config) not in PREPROCESSING_ORDER:
+            raise WorkflowError(f"model.bundle: preprocessing {config.get('_target_')} cannot run chunk by chunk")
+    _in_order("preprocessing", [_name(c) for c in transforms], PREPROCESSING_ORDER)
+    for config in transforms:
+        name, args = _name(config), _applied("preprocessing", config)
         if name == "Orientation":
             keys["orientation"] = "RAS" if args.get("as_closest_canonical") else args.get("axcodes")
         elif name == "Spacing":
@@ -135,10 +188,8 @@ def _preprocessing(parser) -> dict:
                 raise WorkflowError(f"model.bundle: preprocessing Spacing mode {mode!r}: tilemask resamples bilinear")
             keys["spacing"] = list(args["pixdim"]) if isinstance(args["pixdim"], list | tuple) else args["pixdim"]
         elif name == "ScaleIntensityRange":
-            seen_intensity = True
             keys["intensity"] = {k: args[k] for k in ("a_min", "a_max", "b_min", "b_max", "clip") if k in args}
         elif name == "NormalizeIntensity":
-            seen_intensity = True
             subtrahend, divisor = args.get("subtrahend"), args.get("divisor")
             if subtrahend is not None or divisor is not None:
                 if subtrahend is None or divisor is None:  # MONAI takes the other from the image: a z-score half
@@ -151,8 +202,6 @@ def _preprocessing(parser) -> dict:
                     "mode": "zscore", "nonzero": bool(args.get("nonzero", False)),
                     "channel_wise": bool(args.get("channel_wise", False)),
                 }  # fmt: skip
-        else:
-            raise WorkflowError(f"model.bundle: preprocessing {config.get('_target_')} cannot run chunk by chunk")
     return keys
 
 
@@ -160,7 +209,7 @@ def _inferer(parser) -> dict:
     inferer = _parsed(parser, "inferer")
     if not isinstance(inferer, dict) or _name(inferer) != "SlidingWindowInferer":
         raise WorkflowError(f"model.bundle: inferer must be a SlidingWindowInferer (got {inferer and inferer.get('_target_')})")
-    args = _arguments(inferer)
+    args = _applied("inferer", inferer)
     roi = args["roi_size"]
     keys = {
         "roi_size": list(roi) if isinstance(roi, list | tuple) else [roi],
@@ -176,10 +225,13 @@ def _inferer(parser) -> dict:
 def _postprocessing(parser) -> dict:
     inference: dict[str, Any] = {"activation": "none"}
     inverted = False
-    for config in _transforms(parser, "postprocessing"):
-        name, args = _name(config), _arguments(config)
-        if name in PASSIVE:
-            continue
+    transforms = [c for c in _transforms(parser, "postprocessing") if _name(c) not in PASSIVE]
+    for config in transforms:
+        if _name(config) not in POSTPROCESSING_ORDER:
+            raise WorkflowError(f"model.bundle: postprocessing {config.get('_target_')} cannot run chunk by chunk")
+    _in_order("postprocessing", [_name(c) for c in transforms], POSTPROCESSING_ORDER)
+    for config in transforms:
+        name, args = _name(config), _applied("postprocessing", config)
         if name == "Activations":
             if args.get("softmax"):
                 inference["activation"] = "softmax"
@@ -192,8 +244,6 @@ def _postprocessing(parser) -> dict:
         elif name == "AsDiscrete":
             if args.get("threshold") is not None:
                 inference["threshold"] = float(args["threshold"])
-        else:
-            raise WorkflowError(f"model.bundle: postprocessing {config.get('_target_')} cannot run chunk by chunk")
     return {"inference": inference, "inverted": inverted}
 
 
