@@ -113,6 +113,17 @@ def test_four_d_nifti_is_channels_first(tmp_path):
     np.testing.assert_array_equal(source.read(((1, 3), (0, 5), (2, 6))), np.moveaxis(data[1:3, :, 2:6], -1, 0))
 
 
+@pytest.mark.parametrize("dtype", [np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]), np.dtype("complex64")])
+def test_a_nifti_of_rgb_or_complex_voxels_is_refused_naming_the_file(tmp_path, dtype):
+    """An RGB NIfTI failed while running (exit 1) with numpy's cast error and no file named; a complex one ran,
+    its imaginary part dropped without a word."""
+    path = tmp_path / "rgb.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), dtype), np.eye(4)), path)
+    with pytest.raises(InputError, match=rf"^{path}: NIfTI of {dtype.name if dtype.kind == 'c' else 'RGB'}") as refused:
+        open_source(str(path), spatial_dims=3)
+    assert refused.value.exit_status == 2
+
+
 def test_zarr_arrays_with_and_without_channels(tmp_path):
     plain = zarr.create_array(str(tmp_path / "a.zarr"), shape=(30, 40), chunks=(16, 16), dtype="uint16")
     plain[:] = np.arange(1200, dtype=np.uint16).reshape(30, 40)

@@ -57,6 +57,10 @@ class NiftiSource(ImageSource):
             raise InputError(f"{path}: cannot open NIfTI: {exc}") from None
         if len(shape) not in (3, 4):
             raise InputError(f"{path}: NIfTI with {len(shape)} axes; expected 3 (i, j, k) or 4 (i, j, k, channel)")
+        stored = np.dtype(img.get_data_dtype())
+        if stored.kind not in "biuf":  # an RGB (structured) or complex NIfTI: not one real value per voxel
+            kind = "RGB" if stored.fields else stored.name
+            raise InputError(f"{path}: NIfTI of {kind} voxels; tilemask reads one real value per voxel and channel")
         check_length(path, img, shape)
         affine = nifti_affine_mm(img)
         slope, inter = img.dataobj.slope, img.dataobj.inter
