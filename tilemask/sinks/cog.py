@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 BLOCKSIZE = 512
 PIECE_OPTIONS = {"tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "zstd", "zstd_level": 1}
-GDAL_OPTIONS = {"GDAL_CACHEMAX": 256, "GDAL_NUM_THREADS": "ALL_CPUS"}
+GDAL_OPTIONS = {"GDAL_CACHEMAX": 256 << 20, "GDAL_NUM_THREADS": "ALL_CPUS"}  # bytes, as rasterio passes it on
 
 GDAL_TYPES = {"uint8": "Byte", "uint16": "UInt16", "uint32": "UInt32", "float32": "Float32"}
 
