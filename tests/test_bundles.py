@@ -213,6 +213,7 @@ def _insert_normalize_first(config):  # before ScaleIntensityRanged
         (lambda c: c["postprocessing"]["transforms"].insert(0, c["postprocessing"]["transforms"].pop(1)),
          "postprocessing has Invert, Activations, AsDiscrete: tilemask applies Activations, Invert, AsDiscrete"),
         (lambda c: c["postprocessing"]["transforms"][2].update(to_onehot=2), "AsDiscreted to_onehot=2"),
+        (lambda c: c["postprocessing"]["transforms"][2].update(threshold=0.5), "AsDiscreted with both argmax and "),
     ],
 )
 def test_bundle_settings_tilemask_does_not_apply_are_refused_by_name(tmp_path, edit, refusal):
@@ -232,7 +233,7 @@ def test_bundle_settings_that_leave_the_answer_alone_are_accepted(tmp_path):
 
     def edit(config):
         config["inferer"].update(sw_device="cpu", progress=False, padding_mode="constant", cval=0.0)
-        config["preprocessing"]["transforms"][3].update(dtype="$np.float32", padding_mode="border", align_corners=False)
+        config["preprocessing"]["transforms"][3].update(dtype="$np.float32", padding_mode=["border"], align_corners=False)
 
     _edited(folder, edit)
     raw = {"version": 1, "input": "x.nii.gz", "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}}

@@ -40,7 +40,7 @@ READ = {  # per transform tilemask applies: the arguments it reads (below); any 
     "SlidingWindowInferer": {"roi_size", "sw_batch_size", "overlap", "mode", "sigma_scale"},
     "Activations": {"softmax", "sigmoid"},
     "Invert": {"nearest_interp"},
-    "AsDiscrete": {"argmax", "threshold"},
+    "AsDiscrete": {"argmax", "threshold"},  # labels by argmax, or by a threshold (a sigmoid's): always labels
 }
 ANSWER_UNCHANGED = {  # arguments that change where or how fast, or the float type of a step, not the answer
     "keys", "allow_missing_keys", "lazy", "dtype", "device", "sw_device", "progress", "cache_roi_weight_map",
@@ -118,10 +118,25 @@ def _applied(section: str, config: dict) -> dict:
         if key in READ[name] or key in ANSWER_UNCHANGED:
             continue
         default = parameters[key].default if key in parameters else inspect.Parameter.empty
-        if default is inspect.Parameter.empty or _plain(value) != _plain(default):
+        if default is inspect.Parameter.empty or not _is_default(value, default):
             shown = "" if default is inspect.Parameter.empty else f" (only MONAI's default, {_plain(default)!r})"
             raise WorkflowError(f"model.bundle: {section} {target} {key}={value!r}: tilemask does not apply it{shown}")
+    if name == "AsDiscrete" and args.get("argmax") and args.get("threshold") is not None:
+        raise WorkflowError(f"model.bundle: {section} {target} with both argmax and threshold: MONAI thresholds the "
+                            "class indices; tilemask takes one or the other")  # fmt: skip
     return args
+
+
+def _is_default(value, default) -> bool:
+    """Whether a config's ``value`` is MONAI's ``default``: one per key (``["border", "border"]``) counts as one;
+    anything that does not compare plainly (an array) is not."""
+    plain, expected = _plain(value), _plain(default)
+    if isinstance(plain, tuple) and not isinstance(expected, tuple):
+        return bool(plain) and all(_is_default(v, default) for v in plain)
+    try:
+        return bool(plain == expected)
+    except (ValueError, TypeError):
+        return False
 
 
 def _plain(value):

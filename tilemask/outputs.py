@@ -274,7 +274,7 @@ class OutputLock:
     """
 
     def __init__(self, files: list[str], keep: str | None = None, listings: FolderListings | None = None):
-        self.files = [f.rstrip("/") for f in files]
+        self.files = [f.rstrip("/") for f in files]  # the labels first (``output_files``): a refusal names them
         self.held: list[tuple[Path, int]] = []
         self.keep = keep  # the run id whose staged files are not leftovers: the job resuming them
         self.listings = listings  # a run of many inputs lists each folder once

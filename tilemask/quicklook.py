@@ -99,12 +99,12 @@ def write_quicklook(
 
 def _row_of_blocks(src) -> int:
     """GDAL's block cache for a reduced read without overviews (bytes, as rasterio hands it to GDAL): four rows of
-    the raster's blocks, every band, at least 64 MB and at most 1 GiB. The read takes a few pixel rows from each
+    the raster's blocks, every band, at least 64 MB and at most 512 MB. The read takes a few pixel rows from each
     row of blocks; a cache that cannot hold the row decodes each block again for every one of them (76 s instead
     of 1 s for a 3955 x 3590 scene: ``benchmarks/bench_quicklook.py``)."""
     block_rows, block_cols = src.block_shapes[0]
     row = -(-src.width // block_cols) * block_cols * block_rows * src.count * np.dtype(src.dtypes[0]).itemsize
-    return int(min(max(4 * row, 64 << 20), 1 << 30))
+    return int(min(max(4 * row, 64 << 20), 512 << 20))
 
 
 def _read_labels(labels_path: str, size: int) -> tuple[np.ndarray, int | None, int, tuple[int, int]]:

@@ -560,6 +560,15 @@ def test_polygons_partly_off_the_earth_are_cut_to_it_and_wholly_off_have_no_geom
         x0, y0, x1, y1 = shape(features[0]).bounds  # found by a bbox around its part on the Earth only
         found = client.get("/collections/rim/items", params={"bbox": f"{x0},{y0},{x1},{y1}"}).json()
         assert [f["properties"]["n"] for f in found["features"]] == [0]
+        # a geostationary view, whose world outline leaves the plane: a cell across the disk's edge has no
+        # geometry (its first version was a 500), one inside the disk is served
+        disk = [box(5.0e6, -1e5, 5.6e6, 1e5), box(0, 0, 1e5, 1e5)]
+        geos = "+proj=geos +h=35786023 +lon_0=140 +sweep=x +ellps=GRS80 +units=m +no_defs"
+        gpd.GeoDataFrame({"n": [0, 1]}, geometry=disk, crs=geos).to_file(tmp_path / "disk.gpkg")
+        answer = client.get("/collections/disk/items", params={"limit": 100})
+        assert answer.status_code == 200, answer.text
+        geometries = {f["properties"]["n"]: f["geometry"] for f in answer.json()["features"]}
+        assert geometries.get(0) is None and shape(geometries[1]).bounds[0] == pytest.approx(140)
 
 
 def test_serve_refuses_a_missing_folder_and_a_busy_port(tmp_path, server):

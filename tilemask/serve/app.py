@@ -276,7 +276,7 @@ def _index_html(root: Path, entries: list[Entry]) -> str:
             links.append(f'<a href="collections/{quote(e.id)}/items?limit=100">features</a>')
         if e.kind == "table":
             links.append(f'<a href="stats?output={q}">records</a>')
-        names = {"labels": [c["name"] for c in e.legend()], "segmentation": e.class_names}.get(e.kind, ())
+        names = [c["name"] for c in e.legend()] if e.kind == "labels" else e.class_names
         classes = ", ".join(html.escape(name) for name in names)
         rows.append(f"<tr><td>{path}</td><td>{e.kind}</td><td>{e.format}</td><td>{classes}</td>"
                     f"<td>{' '.join(links)}</td></tr>")  # fmt: skip

@@ -161,14 +161,16 @@ def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
     transform = transformer(crs, CRS84).transform
     moved = shapely.transform(geometries, transform, interleaved=False)
     bounds = shapely.bounds(moved)
-    off = np.flatnonzero(~shapely.is_empty(moved) & ~np.isfinite(bounds).all(axis=1))
+    present = ~shapely.is_missing(moved) & ~shapely.is_empty(moved)
+    off = np.flatnonzero(present & ~np.isfinite(bounds).all(axis=1))
     if len(off):  # vertices off the Earth (a Mollweide grid's corners): cut to the projection's domain first
+        domain = _domain(crs)
         geometries = geometries.copy()
-        geometries[off] = shapely.intersection(geometries[off], _domain(crs))
+        geometries[off] = shapely.intersection(geometries[off], domain) if domain is not None else None
         moved[off] = shapely.transform(geometries[off], transform, interleaved=False)
         bounds[off] = shapely.bounds(moved[off])
         lost = off[~np.isfinite(bounds[off]).all(axis=1)]
-        moved[lost] = None  # a domain pyproj cannot outline: no geometry rather than GeoJSON's invalid nulls
+        moved[lost] = None  # wholly off, or no outline: no geometry rather than GeoJSON's invalid nulls
         bounds[lost] = np.nan
     wide = np.flatnonzero(np.isfinite(bounds).all(axis=1) & (bounds[:, 2] - bounds[:, 0] > 180))
     if len(wide) and not CRS.from_user_input(crs).is_geographic:
@@ -190,14 +192,18 @@ def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
 @functools.lru_cache(maxsize=32)
 def _domain(crs: str):
     """The part of ``crs``'s plane that is on the Earth, as a polygon: the CRS84 world's outline, densified and
-    moved into ``crs`` (for Mollweide, Robinson or a sinusoidal grid, the ellipse or oval the map is drawn in),
-    drawn in by a millionth of its size so that its own rim transforms back."""
+    moved into ``crs`` (for Mollweide or Robinson, the ellipse or oval the map is drawn in), drawn in by a
+    millionth of its size so that its own rim transforms back. None where the outline itself leaves the plane
+    (a geostationary or orthographic view sees half the Earth at most)."""
     import shapely
 
     world = shapely.segmentize(shapely.box(-180, -90, 180, 90), 0.25)
-    outline = shapely.make_valid(shapely.transform(world, transformer(CRS84, crs).transform, interleaved=False))
+    outline = shapely.transform(world, transformer(CRS84, crs).transform, interleaved=False)
+    if not np.isfinite(shapely.get_coordinates(outline)).all():
+        return None
+    outline = shapely.make_valid(outline)
     x0, y0, x1, y1 = outline.bounds
-    return outline.buffer(-1e-6 * max(x1 - x0, y1 - y0)) if np.isfinite([x0, y0, x1, y1]).all() else outline
+    return outline.buffer(-1e-6 * max(x1 - x0, y1 - y0))
 
 
 def _diagonal(geometry) -> float:
