@@ -186,15 +186,20 @@ def _values(value) -> list[float]:
     return [float(v) for v in value] if isinstance(value, list | tuple) else [float(value)]
 
 
+def _steps(parser, section: str, order: tuple[str, ...]) -> list[tuple[str, dict]]:
+    """The transforms of ``section`` tilemask applies, as (name, arguments), in order; a transform it cannot
+    apply chunk by chunk, one out of ``order`` or twice, or an argument it does not apply, is refused."""
+    transforms = [c for c in _transforms(parser, section) if _name(c) not in PASSIVE]
+    for config in transforms:
+        if _name(config) not in order:
+            raise WorkflowError(f"model.bundle: {section} {config.get('_target_')} cannot run chunk by chunk")
+    _in_order(section, [_name(c) for c in transforms], order)
+    return [(_name(c), _applied(section, c)) for c in transforms]
+
+
 def _preprocessing(parser) -> dict:
     keys: dict[str, Any] = {}
-    transforms = [c for c in _transforms(parser, "preprocessing") if _name(c) not in PASSIVE]
-    for config in transforms:
-        if _name(config) not in PREPROCESSING_ORDER:
-            raise WorkflowError(f"model.bundle: preprocessing {config.get('_target_')} cannot run chunk by chunk")
-    _in_order("preprocessing", [_name(c) for c in transforms], PREPROCESSING_ORDER)
-    for config in transforms:
-        name, args = _name(config), _applied("preprocessing", config)
+    for name, args in _steps(parser, "preprocessing", PREPROCESSING_ORDER):
         if name == "Orientation":
             keys["orientation"] = "RAS" if args.get("as_closest_canonical") else args.get("axcodes")
         elif name == "Spacing":
@@ -240,13 +245,7 @@ def _inferer(parser) -> dict:
 def _postprocessing(parser) -> dict:
     inference: dict[str, Any] = {"activation": "none"}
     inverted = False
-    transforms = [c for c in _transforms(parser, "postprocessing") if _name(c) not in PASSIVE]
-    for config in transforms:
-        if _name(config) not in POSTPROCESSING_ORDER:
-            raise WorkflowError(f"model.bundle: postprocessing {config.get('_target_')} cannot run chunk by chunk")
-    _in_order("postprocessing", [_name(c) for c in transforms], POSTPROCESSING_ORDER)
-    for config in transforms:
-        name, args = _name(config), _applied("postprocessing", config)
+    for name, args in _steps(parser, "postprocessing", POSTPROCESSING_ORDER):
         if name == "Activations":
             if args.get("softmax"):
                 inference["activation"] = "softmax"
