@@ -149,10 +149,9 @@ def _plain(value):
 
 def _in_order(section: str, names: list[str], order: tuple[str, ...]) -> None:
     """``names`` (the transforms a section holds, in its order, all of ``order``) each once, in tilemask's order."""
-    seen = list(names)
-    if len(set(seen)) != len(seen) or seen != sorted(seen, key=order.index):
-        raise WorkflowError(f"model.bundle: {section} has {', '.join(seen)}: tilemask applies "
-                            f"{', '.join(n for n in order if n in seen)} once each, in that order")  # fmt: skip
+    if len(set(names)) != len(names) or names != sorted(names, key=order.index):
+        raise WorkflowError(f"model.bundle: {section} has {', '.join(names)}: tilemask applies "
+                            f"{', '.join(n for n in order if n in names)} once each, in that order")  # fmt: skip
 
 
 def _network(parser, folder: Path) -> dict:
