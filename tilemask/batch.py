@@ -16,7 +16,6 @@ first failure is raised.  Ctrl-C does the same and raises
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import contextvars
 import logging
 import threading
@@ -70,7 +69,7 @@ def run_items(
     results: list = [None] * len(items)
     failure: BaseException | None = None
     several = window > 1  # one bar for the run; an item alone, or one at a time, shows its own bars and stages
-    with items_progress(len(items), enabled=progress) if several else contextlib.nullcontext() as bar:
+    with items_progress(len(items), enabled=progress and several) as bar:
         pool = cf.ThreadPoolExecutor(max_workers=window, thread_name_prefix="tilemask-item")
         running: dict[cf.Future, int] = {}
         queued = iter(range(len(items)))
@@ -80,7 +79,7 @@ def run_items(
             if index is None or abandon.is_set():
                 return
             context = contextvars.copy_context()  # each item's own: its bar and the abandon flag
-            if bar is not None:
+            if several:
                 context.run(bar.attach)
             context.run(abandon_on, abandon)
             running[pool.submit(context.run, run_one, items[index])] = index
@@ -95,8 +94,7 @@ def run_items(
                     exc = future.exception()
                     if exc is None:
                         results[index] = future.result()
-                        if bar is not None:
-                            bar.item_done()
+                        bar.item_done()
                         start_next()
                     elif not isinstance(exc, Abandoned) and failure is None:
                         failure = exc

@@ -104,9 +104,8 @@ class Catalog:
         self._lock = threading.Lock()
 
     def entries(self) -> list[Entry]:
-        """Every entry of the folder, with unique ids and each label volume's scan. (Classifying the files of a
-        first listing on 8 threads was slower here, 13.7-14.2 s against 11.6-11.7 s for 2,000 files on 2 cores:
-        much of it is Python, under the GIL.)"""
+        """Every entry of the folder, with unique ids and each label volume's scan (on one thread: README,
+        "Serving", measured several slower)."""
         found: list[Entry] = []
         for path in self._walk():
             found.extend(self._classified(path))

@@ -47,7 +47,7 @@ CLOUD_DEFAULTS = {
     "GDAL_HTTP_VERSION": "2",
     "VSI_CACHE": "TRUE",
     "VSI_CACHE_SIZE": str(64 << 20),
-    "GDAL_CACHEMAX": 16 << 20,  # bytes: rasterio hands the number to GDALSetCacheMax64 (it was 256, i.e. bytes)
+    "GDAL_CACHEMAX": 16 << 20,  # bytes (rasterio hands the number to GDALSetCacheMax64): a block's tiles, once
     "GDAL_HTTP_MAX_RETRY": "3",
     "GDAL_HTTP_RETRY_DELAY": "1",
     "GDAL_HTTP_CONNECTTIMEOUT": "10",  # seconds to connect
