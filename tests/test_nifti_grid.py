@@ -105,3 +105,42 @@ def test_a_spatial_unit_code_that_is_not_a_length_counts_as_mm():
     np.testing.assert_array_equal(nifti_affine_mm(img), img.affine)
     img.header.set_xyzt_units("meter")
     np.testing.assert_array_equal(np.asarray(nifti_affine_mm(img))[:3, :3], np.diag([20000.0] * 3))
+
+
+def test_a_nifti2_scans_labels_are_nifti2_with_its_grid_as_it_is(make_model, tmp_path, client):
+    """A NIfTI-2 scan's qform is float64: labels written as NIfTI-1 had its quaternion rounded to float32 (the
+    rotation of nibabel's ``example_nifti2.nii.gz`` moved by 1.4e-4)."""
+    data = (np.random.default_rng(2).random((24, 20, 16)) * 1000).astype(np.int16)
+    angle = 0.3000000001  # a rotation whose quaternion float32 cannot hold
+    c, s = np.cos(angle), np.sin(angle)
+    affine = np.array([[1.1 * c, -1.2 * s, 0, -12.25], [1.1 * s, 1.2 * c, 0, 7.5], [0, 0, 2.5, 30.125], [0, 0, 0, 1]])
+    img = nib.Nifti2Image(data, affine)
+    img.header.set_qform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    path = tmp_path / "scan2.nii.gz"
+    nib.save(img, path)
+    out = run(path, make_model, tmp_path, client)
+    source, labels = nib.load(path), nib.load(out)
+    assert isinstance(labels, nib.Nifti2Image)
+    for field in GRID_FIELDS:
+        np.testing.assert_array_equal(labels.header[field], source.header[field], err_msg=field)
+    np.testing.assert_array_equal(labels.header.get_qform(), source.header.get_qform())
+    np.testing.assert_array_equal(labels.affine, source.affine)  # SimpleITK 2 reads no NIfTI-2, input or labels
+
+
+def test_a_volume_with_a_side_over_32767_is_written_as_nifti2(tmp_path):
+    """NIfTI-1 holds sides up to 32767 (int16): a longer one is NIfTI-2, written chunk by chunk as NIfTI-1 is."""
+    from tilemask.sinks.nifti import NiftiVolume
+
+    volume = NiftiVolume(str(tmp_path / "long.nii.gz"), (40000, 3, 2), "uint8", "run1")
+    volume.create(str(tmp_path / "no-reference.zarr"), np.diag([0.5, 1.0, 2.0, 1.0]))
+    expected = (np.arange(40000 * 3 * 2) % 251).astype(np.uint8).reshape(40000, 3, 2)
+    for start in range(0, 40000, 16384):
+        stop = min(start + 16384, 40000)
+        volume.write((slice(start, stop), slice(None), slice(None)), expected[start:stop])
+    volume.finish()
+    volume.publish()
+    img = nib.load(tmp_path / "long.nii.gz")
+    assert isinstance(img, nib.Nifti2Image)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), expected)
+    np.testing.assert_array_equal(img.affine, np.diag([0.5, 1.0, 2.0, 1.0]))

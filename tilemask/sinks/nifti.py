@@ -1,7 +1,8 @@
 """NIfTI output: integer labels on the reference scan's exact grid.
 
-The client writes a header (on the reference scan's grid, its qform, sform, codes,
-zooms and units as they are; on another grid, its affine in mm as both) and sizes
+The client writes a header (NIfTI-2 for a NIfTI-2 scan or a side over 32767, else
+NIfTI-1; on the reference scan's grid, its qform, sform, codes, zooms and units as
+they are; on another grid, its affine in mm as both) and sizes
 the data part of an uncompressed temporary file; workers write their chunks into
 it with ``pwrite`` (NIfTI data is Fortran-ordered, so a chunk is a set of strided
 runs of the file, and distinct chunks never share bytes).  The temporary file and
@@ -36,7 +37,8 @@ from . import LabelSink, OutputLayout
 
 logger = logging.getLogger(__name__)
 
-VOX_OFFSET = 352  # 348-byte header + 4-byte "no extensions" flag
+VOX_OFFSETS = {348: 352, 540: 544}  # by header size, NIfTI-1 and NIfTI-2: the header + a 4-byte "no extensions" flag
+NIFTI1_MAX_DIM = 32767  # NIfTI-1's dim fields are int16
 COPY_BLOCK = 16 << 20
 GRID_FIELDS = ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y",
                "qoffset_z", "srow_x", "srow_y", "srow_z", "xyzt_units")  # fmt: skip
@@ -59,13 +61,16 @@ class NiftiVolume:
         return staged_path(self.path, self.run_id) + ".raw.nii"
 
     def create(self, reference: str, affine: np.ndarray) -> None:
-        header = nib.Nifti1Header()
-        header.set_data_shape(self.shape)
-        header.set_data_dtype(np.dtype(self.dtype))
+        """Write the header and size the file: NIfTI-2 for a NIfTI-2 scan (its qform in float64, as it is) or a
+        side over NIfTI-1's 32767, else NIfTI-1."""
         try:
             ref = nib.load(reference)
         except Exception:  # the reference is not a NIfTI (a DICOM series, a Zarr volume): scanner coordinates
             ref = None
+        nifti2 = isinstance(ref, nib.Nifti2Image) or max(self.shape) > NIFTI1_MAX_DIM
+        header = nib.Nifti2Header() if nifti2 else nib.Nifti1Header()
+        header.set_data_shape(self.shape)
+        header.set_data_dtype(np.dtype(self.dtype))
         if ref is not None and ref.shape[:3] == self.shape[:3] and np.allclose(nifti_affine_mm(ref), affine, atol=1e-4):
             for field in GRID_FIELDS:  # the scan's grid as it says it, each reader's choice of qform or sform kept
                 header[field] = ref.header[field]
@@ -75,14 +80,15 @@ class NiftiVolume:
             header.set_sform(affine, code=codes[0])
             header.set_qform(affine, code=codes[1])
             header.set_xyzt_units("mm", "sec")
-        header["vox_offset"] = VOX_OFFSET
+        vox_offset = VOX_OFFSETS[len(header.binaryblock)]
+        header["vox_offset"] = vox_offset
         header.set_slope_inter(1.0, 0.0)
         header["descrip"] = nifti_descrip(self.nodata)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.partial, "wb") as f:
             f.write(header.binaryblock)
-            f.write(b"\0" * (VOX_OFFSET - len(header.binaryblock)))
-            f.truncate(VOX_OFFSET + int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize)
+            f.write(b"\0" * (vox_offset - len(header.binaryblock)))
+            f.truncate(vox_offset + int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize)
 
     def write(self, index: tuple[slice, ...], values: np.ndarray) -> None:
         """Write ``values`` at ``index`` with ``pwrite`` of its contiguous runs.
@@ -106,9 +112,10 @@ class NiftiVolume:
         outer = np.meshgrid(*[np.arange(starts[a], stops[a]) for a in range(run_axes, ndim)], indexing="ij")
         first = int(np.dot(starts[:run_axes], strides[:run_axes]))
         offsets = sum((c.ravel(order="F") * strides[a] for a, c in enumerate(outer, start=run_axes)), np.int64(first))
-        fd = os.open(self.partial, os.O_WRONLY)
+        fd = os.open(self.partial, os.O_RDWR)
         try:
-            for i, offset in enumerate((VOX_OFFSET + np.atleast_1d(offsets) * itemsize).tolist()):
+            vox_offset = VOX_OFFSETS[int.from_bytes(os.pread(fd, 4, 0), "little")]  # NIfTI-1 or -2, as create chose
+            for i, offset in enumerate((vox_offset + np.atleast_1d(offsets) * itemsize).tolist()):
                 os.pwrite(fd, data[i * run : (i + 1) * run], offset)
         finally:
             os.close(fd)
