@@ -569,6 +569,24 @@ def test_polygons_partly_off_the_earth_are_cut_to_it_and_wholly_off_have_no_geom
         assert answer.status_code == 200, answer.text
         geometries = {f["properties"]["n"]: f["geometry"] for f in answer.json()["features"]}
         assert geometries.get(0) is None and shape(geometries[1]).bounds[0] == pytest.approx(140)
+        # MODIS's sinusoidal grid, where PROJ wraps a point off the map round to a longitude instead of inf: a
+        # cell across the rim at 45N is cut to its part on the Earth (samples that come back through CRS84),
+        # one wholly off has no geometry
+        sinu = "+proj=sinu +lon_0=0 +x_0=0 +y_0=0 +R=6371007.181 +units=m +no_defs"
+        lens = [box(1.36e7, 4.8e6, 1.48e7, 5.2e6), box(1.9e7, 5e6, 1.95e7, 5.3e6)]
+        gpd.GeoDataFrame({"n": [0, 1]}, geometry=lens, crs=sinu).to_file(tmp_path / "modis.gpkg")
+        answer = client.get("/collections/modis/items", params={"limit": 100})
+        assert answer.status_code == 200, answer.text
+        geometries = {f["properties"]["n"]: f["geometry"] for f in answer.json()["features"]}
+        assert geometries.get(1) is None
+        out, back = (Transformer.from_crs(*pair, always_xy=True) for pair in ((sinu, "OGC:CRS84"), ("OGC:CRS84", sinu)))
+        x0, y0, x1, y1 = lens[0].bounds
+        xs, ys = np.meshgrid(np.linspace(x0, x1, 401)[:-1] + (x1 - x0) / 800,
+                             np.linspace(y0, y1, 401)[:-1] + (y1 - y0) / 800)  # fmt: skip
+        returned = np.hypot(*(np.asarray(back.transform(*out.transform(xs, ys))) - [xs, ys])) < 1.0
+        assert 0.05 < returned.mean() < 0.95
+        x, y = back.transform(*np.asarray(shape(geometries[0]).exterior.coords).T)
+        assert abs(Polygon(np.column_stack([x, y])).area / (returned.mean() * lens[0].area) - 1) < 0.01
 
 
 def test_serve_refuses_a_missing_folder_and_a_busy_port(tmp_path, server):

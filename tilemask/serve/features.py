@@ -152,7 +152,8 @@ def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
     """``geometries`` (in ``crs``) in CRS84. A polygon of a projected layer that crosses the antimeridian is cut
     there into a multipolygon (RFC 7946 3.1.9, with the ``antimeridian`` package): moved as they are, its
     coordinates would jump from 180 to -180 and make it a band around the whole globe. A geometry with vertices
-    off the Earth (they move to inf) is first cut to the projection's :func:`_domain`; one wholly off it, or in a
+    off the Earth (they move to inf, or their bounding corners do not come back: :func:`_corners_on_earth`) is
+    first cut to the projection's :func:`_domain`; one wholly off it, or in a
     projection whose domain cannot be outlined, has no geometry (None: GeoJSON's null)."""
     import shapely
 
@@ -162,7 +163,7 @@ def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
     moved = shapely.transform(geometries, transform, interleaved=False)
     bounds = shapely.bounds(moved)
     present = ~shapely.is_missing(moved) & ~shapely.is_empty(moved)
-    off = np.flatnonzero(present & ~np.isfinite(bounds).all(axis=1))
+    off = np.flatnonzero(present & ~(np.isfinite(bounds).all(axis=1) & _corners_on_earth(geometries, crs)))
     if len(off):  # vertices off the Earth (a Mollweide grid's corners): cut to the projection's domain first
         domain = _domain(crs)
         geometries = geometries.copy()
@@ -187,6 +188,21 @@ def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
                 with contextlib.suppress(ValueError):  # a cut the package cannot make: left as it was
                     moved[i] = fix(dense, great_circle=False, fix_winding=True)  # a projection's edges are straight
     return moved
+
+
+def _corners_on_earth(geometries: np.ndarray, crs: str) -> np.ndarray:
+    """Whether each geometry's bounding corners come back to themselves through CRS84: PROJ moves a point off a
+    sinusoidal map (MODIS) to a longitude wrapped round, not to inf. Off by 1e-3 of the point's distance from the
+    origin or more: a wrap moves it by thousands of km, a projection's own round trip far out (UTM) by mm.
+    For a domain that is convex (sinusoidal, Mollweide), corners on it mean the whole geometry is on it."""
+    import shapely
+
+    x0, y0, x1, y1 = shapely.bounds(geometries).T
+    xs, ys = np.stack([x0, x0, x1, x1]), np.stack([y0, y1, y0, y1])
+    with np.errstate(invalid="ignore"):
+        back = transformer(CRS84, crs).transform(*transformer(crs, CRS84).transform(xs, ys))
+        missed = np.hypot(back[0] - xs, back[1] - ys) > 1e-3 * np.hypot(xs, ys) + 1e-6
+    return ~missed.any(axis=0)
 
 
 @functools.lru_cache(maxsize=32)
