@@ -101,6 +101,19 @@ def test_a_scheduler_that_is_no_address_is_a_usage_error():
     assert refused.value.exit_status == 2
 
 
+@pytest.mark.parametrize("command", ["run", "submit"])
+def test_where_the_work_runs_is_refused_before_a_job_folder_is_made(scene, write_workflow, tmp_path, command):
+    """An empty --scheduler (an unset ``$DASK_SCHEDULER_ADDRESS``) started an embedded cluster: ``submit`` said
+    "submitted" with exit 0, and the job, whose driver died with that cluster, read ``queued`` for ever."""
+    path = write_workflow(scene)
+    refusals = [(["--scheduler", ""], "--scheduler is empty")]
+    if command == "run":
+        refusals.append((["--cluster", "slurm", "--scheduler", "tcp://127.0.0.1:1"], "leave out --scheduler"))
+    for args, words in refusals:
+        assert_one_line_error(run_cli(command, path, *args, cwd=tmp_path), 2, words)
+        assert not (tmp_path / "out").exists(), "no job folder, no output folder"
+
+
 @pytest.fixture
 def scene(make_raster, make_model, write_workflow, tmp_path):
     path, _ = make_raster((3, 90, 120))

@@ -92,13 +92,16 @@ def manifest(job_folder: str) -> list[dict]:
     return [json.loads(line) for line in (Path(job_folder) / "manifest.jsonl").read_text().splitlines()]
 
 
-def submit(workflow: Path, address: str) -> str:
+def submit(workflow: Path, address: str, quiet: bool = False) -> str:
+    """``tilemask submit``; ``quiet``: ``tilemask -q submit``, which prints the job's id and nothing else."""
     started = time.monotonic()
-    done = run_cli("submit", workflow, "--scheduler", address, cwd=workflow.parent)
+    done = run_cli(*(["-q"] if quiet else []), "submit", workflow, "--scheduler", address, cwd=workflow.parent)
     assert done.returncode == 0, done.stderr
     assert time.monotonic() - started < 30, "submit returns at once; the job runs on the cluster"
     job = done.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"[0-9a-f]{12}", job), done.stdout  # the id alone on the last line
+    if quiet:
+        assert (done.stdout, done.stderr) == (f"{job}\n", "")
     return job
 
 
@@ -116,7 +119,7 @@ def test_a_submitted_job_outlives_its_submitter_and_a_killed_driver_resumes_from
     cluster, scenes_workflow, tmp_path, client
 ):
     address, _ = cluster
-    job = submit(scenes_workflow, address)
+    job = submit(scenes_workflow, address, quiet=True)
     folder = status(job, tmp_path)["folder"]
     wait_for(lambda: ok_items(folder) >= 3, "three items done")
     driver = status(job, tmp_path)

@@ -359,3 +359,18 @@ def test_a_running_job_whose_process_is_gone_is_lost_and_cancel_ends_it(tmp_path
     cancelled = run_cli("cancel", job.path)
     assert cancelled.returncode == 0 and cancelled.stdout.strip() == f"job {job.id}: cancelled"
     assert json.loads((job.path / "status.json").read_text())["state"] == "cancelled"
+
+
+def test_jobs_lists_the_others_when_one_record_is_damaged(tmp_path):
+    """One unreadable ``status.json`` made ``tilemask jobs`` list nothing, exit 2."""
+    folders = [JobFolder(tmp_path / name) for name in ("a", "b")]
+    for n, job in enumerate(folders):
+        job.create({"version": 1, "n": n}, str(tmp_path), None, {}, [{"item": 0, "name": "x", "files": [], "output": "o"}])
+        job.set_status("done")
+    (folders[0].path / "status.json").write_text("garbage")
+    listing = run_cli("jobs")
+    assert listing.returncode == 0, listing.stderr
+    assert [line.split()[0] for line in listing.stdout.splitlines()] == [folders[1].id]
+    (warning,) = listing.stderr.strip().splitlines()
+    assert warning.startswith(f"tilemask: warning: {folders[0].path}/status.json: unreadable") and "left out" in warning
+

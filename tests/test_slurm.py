@@ -140,7 +140,7 @@ def test_slurm_without_jobqueue_settings_is_a_one_line_usage_error(tmp_path):
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("tilemask: error: --cluster slurm:") and "jobqueue.slurm" in line
-    assert not Path(tmp_path / "out" / "RGB.byte_mask.tif").exists()
+    assert not (tmp_path / "out").exists(), "refused before the job's folder is made"
 
 
 def test_a_slurm_that_sbatch_cannot_reach_is_one_line_at_once(tmp_path):

@@ -103,6 +103,21 @@ GPU_PER_WORKER = "TILEMASK_GPU_PER_WORKER"
 GPUs (:func:`tilemask.models.resolve_device`)."""
 
 
+def check_cluster_options(scheduler: str | None, kind: str = "local") -> None:
+    """Refuse (exit 2) where the work would run, before a job folder is made: an empty ``--scheduler`` (an unset
+    ``$DASK_SCHEDULER_ADDRESS``: it started an embedded cluster, which a detached job's driver died with),
+    ``--cluster slurm`` with ``--scheduler``, or with no cores or memory in the Dask config ``jobqueue.slurm``."""
+    if scheduler is not None and not scheduler.strip():
+        raise UsageError("--scheduler is empty: give the Dask scheduler's address (tcp://HOST:PORT)")
+    if kind == "slurm":
+        if scheduler:
+            raise UsageError("--cluster slurm starts its own scheduler; leave out --scheduler")
+        unset = [key for key in ("cores", "memory") if dask.config.get(f"jobqueue.slurm.{key}", None) is None]
+        if unset:
+            raise UsageError(f"--cluster slurm: no {' or '.join(unset)} for the worker jobs: set it in the Dask "
+                             "config jobqueue.slurm (see cluster/slurm.yaml)")  # fmt: skip
+
+
 @contextlib.contextmanager
 def cluster_client(
     scheduler: str | None = None, workers: int | None = None, threads_per_worker: int | None = None,
@@ -111,9 +126,8 @@ def cluster_client(
     """A client of ``scheduler``, or of a cluster this process starts and closes on exit: an embedded
     ``LocalCluster`` (``kind="local"``, with Dask's dashboard and the workers' profiler when ``dashboard``)
     or SLURM jobs (``kind="slurm"``, :func:`slurm_cluster`)."""
+    check_cluster_options(scheduler, kind)
     if kind == "slurm":
-        if scheduler:
-            raise UsageError("--cluster slurm starts its own scheduler; leave out --scheduler")
         with slurm_cluster(workers) as cluster, Client(cluster) as client:
             yield client
         return

@@ -40,7 +40,7 @@ from pathlib import Path
 from distributed import Client
 
 from .batch import items_in_flight, run_items, say_what_stopping_waits_for
-from .cluster import Abandoned, cluster_client, prepare_workers, wait_for_workers
+from .cluster import Abandoned, check_cluster_options, cluster_client, prepare_workers, wait_for_workers
 from .command import first_line
 from .engine import RunResult, probe, process_age, run_job
 from .errors import RunError, TilemaskError
@@ -117,6 +117,8 @@ def run(
         source = str(Path(workflow).resolve())
         workflow = Workflow.from_yaml(workflow)
     options = Options(on_error, retry_failed, overwrite)
+    if client is None:
+        check_cluster_options(scheduler, cluster)
     plan, job, record = prepare(workflow, options, job_dir, source)
     with job:
         record()

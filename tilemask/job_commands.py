@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from .cli import job_options, main
-from .command import TilemaskCommand
+from .command import TilemaskCommand, errors_only
 
 
 @main.command(cls=TilemaskCommand)
@@ -30,11 +30,12 @@ def submit(workflow, scheduler, overrides, overwrite, on_error, retry_failed, jo
     """Start WORKFLOW.yaml as a job on a Dask cluster and print its id; the job goes on after this exits."""
     from distributed import fire_and_forget
 
-    from .cluster import cluster_client
+    from .cluster import check_cluster_options, cluster_client
     from .driver import Options, drive, prepare
     from .jobs import JobError, live_state
     from .workflow import Workflow
 
+    check_cluster_options(scheduler)
     wf = Workflow.from_yaml(workflow, overrides)
     plan, job, record = prepare(wf, Options(on_error, retry_failed, overwrite), job_dir, str(Path(workflow).resolve()))
     if plan.items:
@@ -50,7 +51,8 @@ def submit(workflow, scheduler, overrides, overwrite, on_error, retry_failed, jo
         future = client.submit(drive, job.location, key=key, pure=False, retries=0)
         fire_and_forget(future)
         _wait_until_known(client, key)
-    click.echo(f"submitted; follow it with: tilemask status {job.id}", err=True)
+    if not errors_only():
+        click.echo(f"submitted; follow it with: tilemask status {job.id}", err=True)
     click.echo(job.id)
 
 
@@ -167,9 +169,14 @@ def _take_back_driver(status: dict, unless_started: bool = True) -> bool:
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 def jobs(as_json, debug) -> None:
     """The jobs this user has run or submitted, newest last: id, state, items ok / failed / total, folder."""
-    from .jobs import listed
+    from .jobs import JobError, listed
 
-    summaries = [_summary(folder) for folder in listed()]
+    summaries = []
+    for folder in listed():
+        try:
+            summaries.append(_summary(folder))
+        except JobError as exc:  # one damaged record does not hide the other jobs
+            click.echo(f"tilemask: warning: {exc}; left out of the list", err=True)
     summaries.sort(key=lambda s: s.get("updated") or "")
     if as_json:
         click.echo(json.dumps(summaries, indent=2))
