@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import re
 import socket
 import subprocess
 import sys
@@ -98,8 +99,10 @@ def test_a_run_on_slurm_workers_equals_the_embedded_cluster(slurm, tmp_path, cli
     path = tmp_path / "workflow.yaml"
     path.write_text(yaml.safe_dump(workflow))
 
-    done = run_cli("run", path, "--cluster", "slurm", "--workers", "2", "--quiet", cwd=tmp_path, env={**slurm, "DASK_CONFIG": str(config)})
+    done = run_cli("run", path, "--cluster", "slurm", "--workers", "2", cwd=tmp_path, env={**slurm, "DASK_CONFIG": str(config)})
     assert done.returncode == 0, done.stderr
+    (dashboard,) = re.findall(r"dask dashboard: (\S+)", done.stdout)
+    assert dashboard.startswith("http://127.0.0.1:") and ":8787/" not in dashboard, "a free port, not dask-jobqueue's 8787"
     worker_logs = sorted(logs.glob("*.err"))
     assert len(worker_logs) == 2, "two SLURM jobs, one worker each"
     assert all("Start worker" in log.read_text() for log in worker_logs)

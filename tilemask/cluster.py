@@ -171,8 +171,9 @@ def slurm_cluster(jobs: int | None) -> Iterator:
         from dask_jobqueue import SLURMCluster
     except ImportError:
         raise UsageError("--cluster slurm needs dask-jobqueue: pip install 'tilemask[slurm]'") from None
+    options = {"dashboard_address": ":0", **dask.config.get("jobqueue.slurm.scheduler-options", {})}  # a free port
     try:
-        cluster = SLURMCluster()
+        cluster = SLURMCluster(scheduler_options=options)
     except ValueError as exc:  # e.g. no cores / memory in jobqueue.slurm: dask-jobqueue explains over lines
         reason = str(exc).strip().splitlines()[0].split(", for example")[0].rstrip(":")
         raise UsageError(f"--cluster slurm: {reason}: set it in the Dask config jobqueue.slurm (see cluster/slurm.yaml)") from None

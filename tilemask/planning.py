@@ -440,8 +440,8 @@ def _check_output_names(workflow: Workflow, items: list[InputItem]) -> None:
                 continue
             if path in seen:
                 advice = ("put {stem} in the output's name" if path_of(item.name + "-") == path else
-                          f"both are named {item.name!r}, which {{stem}} stands for; rename one, or run each folder as "
-                          "a workflow of its own")  # fmt: skip
+                          f"both are named {item.name!r}, which {{stem}} stands for; rename one, narrow the input's "
+                          "glob (input.members within an archive), or run each folder as a workflow of its own")  # fmt: skip
                 raise WorkflowError(f"output: {seen[path].files[0]} and {item.files[0]} would both write {path}; {advice}")
             seen[path] = item
 
