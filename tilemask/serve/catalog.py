@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..classes import class_colours, class_name
+from ..classes import CLASSES_TAG, class_colours, class_name
 from ..formats import CLASS_TABLE_SUFFIX, for_path, nifti_affine_mm
 from .paths import hidden, inside, relative
 
@@ -192,24 +192,27 @@ def _image(root: Path, rel: str, path: Path) -> list[Entry]:
 
     fmt = for_path(str(path))
     stem = fmt.stem(rel)
-    if fmt.gdal_raster and not (_is_gtiff(path) and _sidecars_inside(root, path)):
-        return []  # a .tif holding a VRT (or anything else), or sidecars leading out: never opened
+    geotiff = None
+    if fmt.gdal_raster:
+        geotiff = _geotiff(root, path)
+        if geotiff is None:
+            return []
     if fmt.zarr_store and not _store_inside(root, path):
         return []
-    if not fmt.written_by_tilemask(str(path)):
+    if not (geotiff.written_by_tilemask if geotiff else fmt.written_by_tilemask(str(path))):
         if fmt.name == "nifti":
             import nibabel as nib
 
             img = nib.load(path)
             return [Entry(rel, "scan", fmt.name, stem, shape=tuple(int(s) for s in img.shape),
                           affine=_affine(nifti_affine_mm(img)))]  # fmt: skip (in mm, as the labels' reader gives)
-        if fmt.gdal_raster:
-            return [Entry(rel, "raster", fmt.name, stem, bounds=_raster_bounds(path))]
+        if geotiff:
+            return [Entry(rel, "raster", fmt.name, stem, bounds=geotiff.bounds)]
         return []
     if not fmt.is_complete(str(path)):
         return []
-    if fmt.gdal_raster and Path(rel).stem.endswith("_probabilities"):
-        return [Entry(rel, "probabilities", fmt.name, stem, bounds=_raster_bounds(path))]
+    if geotiff and Path(rel).stem.endswith("_probabilities"):
+        return [Entry(rel, "probabilities", fmt.name, stem, bounds=geotiff.bounds)]
     if fmt.name == "nifti" and Path(stem).name.endswith("_probabilities"):
         return [Entry(rel, "probabilities", fmt.name, stem)]
     labels = open_labels(str(path))
@@ -280,15 +283,26 @@ def _records(path: Path) -> bool:
     return isinstance(rows, list) and all(isinstance(r, dict) for r in rows)
 
 
-def _is_gtiff(path: Path) -> bool:
+@dataclass(frozen=True)
+class _GeoTiff:
+    written_by_tilemask: bool
+    bounds: tuple[float, float, float, float] | None  # in CRS84
+
+
+def _geotiff(root: Path, path: Path) -> _GeoTiff | None:
+    """What a listing needs of a ``.tif``, from one open; None for a file that is not a GeoTIFF (a VRT, or
+    anything else, under that name) or whose sidecars lead out of the folder: never opened."""
     import rasterio
     from rasterio.errors import RasterioError
 
+    if not _sidecars_inside(root, path):
+        return None
     try:
-        with rasterio.open(path, driver="GTiff"):
-            return True
+        with rasterio.open(path, driver="GTiff") as ds:
+            bounds = lonlat_bounds(ds.crs.to_wkt(), ds.bounds) if ds.crs else None
+            return _GeoTiff(CLASSES_TAG in ds.tags(), bounds)
     except (RasterioError, OSError):
-        return False
+        return None
 
 
 def _sidecars_inside(root: Path, path: Path) -> bool:
@@ -308,13 +322,6 @@ def _store_inside(root: Path, store: Path) -> bool:
 
 def _affine(affine) -> tuple[tuple[float, ...], ...]:
     return tuple(tuple(float(v) for v in row) for row in np.asarray(affine))
-
-
-def _raster_bounds(path: Path) -> tuple[float, float, float, float] | None:
-    import rasterio
-
-    with rasterio.open(path, driver="GTiff") as ds:
-        return lonlat_bounds(ds.crs.to_wkt(), ds.bounds) if ds.crs else None
 
 
 def _geometry_bounds(geometry, shape) -> tuple[float, float, float, float] | None:
