@@ -372,5 +372,6 @@ def test_jobs_lists_the_others_when_one_record_is_damaged(tmp_path):
     assert listing.returncode == 0, listing.stderr
     assert [line.split()[0] for line in listing.stdout.splitlines()] == [folders[1].id]
     (warning,) = listing.stderr.strip().splitlines()
-    assert warning.startswith(f"tilemask: warning: {folders[0].path}/status.json: unreadable") and "left out" in warning
+    assert warning.startswith(f"tilemask: warning: {folders[0].location}: ") and "status.json: unreadable" in warning
+    assert warning.endswith("left out of the list")
 

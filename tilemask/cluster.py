@@ -174,7 +174,7 @@ def slurm_cluster(jobs: int | None) -> Iterator:
     options = {"dashboard_address": ":0", **dask.config.get("jobqueue.slurm.scheduler-options", {})}  # a free port
     try:
         cluster = SLURMCluster(scheduler_options=options)
-    except ValueError as exc:  # e.g. no cores / memory in jobqueue.slurm: dask-jobqueue explains over lines
+    except ValueError as exc:  # another setting dask-jobqueue refuses: it explains over lines
         reason = str(exc).strip().splitlines()[0].split(", for example")[0].rstrip(":")
         raise UsageError(f"--cluster slurm: {reason}: set it in the Dask config jobqueue.slurm (see cluster/slurm.yaml)") from None
     try:

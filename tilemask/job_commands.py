@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from .cli import job_options, main
-from .command import TilemaskCommand, errors_only
+from .command import TilemaskCommand, errors_only, first_line
 
 
 @main.command(cls=TilemaskCommand)
@@ -175,8 +175,8 @@ def jobs(as_json, debug) -> None:
     for folder in listed():
         try:
             summaries.append(_summary(folder))
-        except JobError as exc:  # one damaged record does not hide the other jobs
-            click.echo(f"tilemask: warning: {exc}; left out of the list", err=True)
+        except (JobError, ValueError, OSError) as exc:  # one damaged record does not hide the other jobs
+            click.echo(f"tilemask: warning: {folder.location}: {first_line(exc)}; left out of the list", err=True)
     summaries.sort(key=lambda s: s.get("updated") or "")
     if as_json:
         click.echo(json.dumps(summaries, indent=2))
