@@ -71,6 +71,27 @@ def scenes(tmp_path):
     return folder, count
 
 
+def test_a_failed_inputs_windows_leave_the_runs_bar():
+    """With several inputs on one bar, a failed input's windows stayed in the total: a run ended at 167/249."""
+    import contextvars
+
+    from tilemask.progress import ItemsBar, window_progress
+
+    bar = {"total": 0, "done": 0}
+    shared = ItemsBar(lambda n: bar.update(done=bar["done"] + n), lambda: None, lambda n: bar.update(total=bar["total"] + n))
+
+    def run() -> None:
+        shared.attach()
+        with window_progress(10, "a") as advance:
+            advance(10)
+        with pytest.raises(ReadError), window_progress(8, "b") as advance:
+            advance(3)
+            raise ReadError("corrupt")
+
+    contextvars.copy_context().run(run)
+    assert bar == {"total": 13, "done": 13}
+
+
 @pytest.mark.slow  # ten items end to end; the corrupt input below keeps items in flight in the default run
 def test_items_in_flight_give_the_outputs_of_one_item_at_a_time(scenes, make_model, tmp_path, client):
     folder, count = scenes

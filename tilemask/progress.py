@@ -26,7 +26,18 @@ def window_progress(total: int, label: str, enabled: bool = True) -> Iterator[Ca
     shared = _shared.get()
     if shared is not None:
         shared.grow(total)  # inputs are planned as they start: the run's total grows with them
-        yield shared.advance
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            shared.advance(n)
+
+        try:
+            yield advance
+        finally:
+            if done < total:  # a failed or stopped input's windows that will not run leave the total
+                shared.grow(done - total)
     elif not enabled:
         yield lambda n: None
     else:
