@@ -185,6 +185,22 @@ def test_cancel_stops_a_running_job_and_leaves_finished_items_whole(cluster, sce
     wait_for(lambda: status(job, tmp_path)["state"] == "done", "the resumed job")
 
 
+def test_under_on_error_skip_a_bad_first_input_is_the_jobs_failure_not_a_refusal(cluster, scenes_workflow, tmp_path):
+    """As ``tilemask run --on-error skip`` records it and goes on; ``submit`` refused it (exit 2)."""
+    address, _ = cluster
+    (tmp_path / "inputs.txt").write_text("scenes/missing.tif\nscenes/s00.tif\n")
+    workflow = tmp_path / "listed.yaml"
+    workflow.write_text(yaml.safe_dump(yaml.safe_load(scenes_workflow.read_text()) | {"input": {"list": "inputs.txt"}}))
+    done = run_cli("submit", workflow, "--scheduler", address, "--on-error", "skip", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.strip().splitlines()[-1]
+    wait_for(lambda: status(job, tmp_path)["state"] not in ("queued", "running"), "the job to end")
+    final = status(job, tmp_path)
+    assert final["state"] == "failed" and final["counts"] == {"items": 2, "ok": 1, "failed": 1, "pending": 0}, final
+    refused = run_cli("submit", workflow, "--scheduler", address, "--overwrite", cwd=tmp_path)
+    assert refused.returncode == 2 and "missing.tif" in refused.stderr, refused.stderr  # under abort: exit 2
+
+
 def test_cancel_of_a_job_no_worker_has_started_answers_at_once(scenes_workflow, tmp_path):
     """A queued job (a scheduler without workers): its driver cannot see the request, and cancel waited out
     its whole --wait (60 s) before it said "cancelled"."""

@@ -38,8 +38,8 @@ def submit(workflow, scheduler, overrides, overwrite, on_error, retry_failed, jo
     check_cluster_options(scheduler)
     wf = Workflow.from_yaml(workflow, overrides)
     plan, job, record = prepare(wf, Options(on_error, retry_failed, overwrite), job_dir, str(Path(workflow).resolve()))
-    if plan.items:
-        plan.plan_input(plan.items[0])  # the first input opens and fits the workflow (exit 2 if not)
+    if plan.items and on_error == "abort":  # the first input opens and fits the workflow (exit 2 if not); under
+        plan.plan_input(plan.items[0])  # skip the driver records it failed and goes on, as tilemask run does
     key = f"tilemask-job-{job.id}-{uuid.uuid4().hex[:8]}"
     with cluster_client(scheduler) as client:
         with job:  # no process runs the job here (its driver, or a tilemask run, would hold this lock)
