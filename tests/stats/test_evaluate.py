@@ -91,3 +91,35 @@ def test_cli_writes_json_and_rejects_other_grid(pair, tmp_path):
         result = runner.invoke(evaluate_command, [str(pred_path), str(truth_path), "-o", str(output)])
         assert result.exit_code == 2 and why in result.output, result.output
     assert pred_path.read_bytes() == before and not (tmp_path / "scores.txt").exists()
+
+
+def test_negative_and_far_label_values_are_classes_of_their_own(tmp_path):
+    """A truth with -1 (an unmarked "ignore") had it counted as the last class (a wrapped index), and one with
+    5000 made a 5001 x 5001 matrix (61 s, 2.7 GB for 64 x 64 pixels). The reference: pandas' crosstab."""
+    import pandas as pd
+
+    truth = blobs((90, 110), seed=7).astype(np.int16)
+    pred = blobs((90, 110), seed=7, sigma=3.5).astype(np.int16)
+    truth[:12] = -1
+    truth[80:, :30] = 5000
+    transform = Affine(10, 0, 0, 0, -10, 1000)
+    pred_path = write_raster(tmp_path / "pred.tif", pred, "EPSG:32633", transform, block=32)
+    truth_path = write_raster(tmp_path / "truth.tif", truth, "EPSG:32633", transform, block=32)
+    result = evaluate_paths(pred_path, truth_path, chunks=40)
+    labels = sorted(set(np.unique(pred).tolist()) | set(np.unique(truth).tolist()))
+    expected = pd.crosstab(pred.ravel(), truth.ravel()).reindex(index=labels, columns=labels, fill_value=0)
+    assert result["confusion_matrix"]["labels"] == labels == [-1, 0, 1, 2, 5000]
+    np.testing.assert_array_equal(np.array(result["confusion_matrix"]["values"]), expected.to_numpy())
+    for value in labels:
+        row = result["classes"][f"class_{value}"]
+        tp = int(expected.loc[value, value])
+        assert (row["tp"], row["fp"], row["fn"]) == (tp, int(expected.loc[value].sum()) - tp,
+                                                     int(expected[value].sum()) - tp)  # fmt: skip
+
+
+def test_a_given_name_that_is_another_values_generated_name_is_refused(pair):
+    """``--classes class_2,b`` named value 0 ``class_2``: value 2 (unnamed, so also ``class_2``) took its place,
+    and value 0 was gone from the scores."""
+    pred_path, truth_path, _, _ = pair
+    with pytest.raises(InputError, match="'class_2' names label 0 and is the name of label 2"):
+        evaluate_paths(pred_path, truth_path, classes="class_2,b")

@@ -8,6 +8,8 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import pytest
+import rasterio
+import shapely
 from click.testing import CliRunner
 from rasterio.transform import Affine
 
@@ -108,4 +110,16 @@ def test_a_damaged_or_many_band_label_raster_is_refused_in_one_line(tmp_path, sh
     assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
     assert result.output.startswith(f"tilemask: error: {damaged}: read failed at rows "), result.output
     assert not (tmp_path / "d.csv").exists()
+    # with regions too: exactextract (the fraction rule) reads the file itself, and gave "Exception:
+    # RasterioIOError('Read failed. See previous exception for details.')", no file, no window
+    with rasterio.open(shade_labels) as ds:
+        whole = gpd.GeoDataFrame({"name": ["all"]}, geometry=[shapely.box(*ds.bounds)], crs=ds.crs)
+    whole.to_file(tmp_path / "whole.gpkg")
+    for coverage in ("center", "fraction"):
+        result = CliRunner().invoke(main, ["stats", str(damaged), "-o", str(tmp_path / "z.csv"), "--regions",
+                                           str(tmp_path / "whole.gpkg"), "--coverage", coverage,
+                                           "--scheduler", client.scheduler.address])  # fmt: skip
+        assert result.exit_code == 1 and result.output.count("\n") == 1, (coverage, result.output)
+        assert result.output.startswith(f"tilemask: error: {damaged}: read failed at rows "), (coverage, result.output)
+        assert not (tmp_path / "z.csv").exists()
 

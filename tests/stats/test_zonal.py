@@ -339,3 +339,7 @@ def test_fraction_rule_without_crs(tmp_path):
         weighted = dict(zip((int(u) for u in unique), (count * f for f in frac)))
         for value in class_values(table):
             assert row[f"class_{value}_pixels"] == pytest.approx(weighted.get(value, 0.0), rel=1e-9, abs=1e-9)
+    for value in class_values(table):  # no CRS, no area: empty, as the warning says (it was 0.0)
+        assert table[f"class_{value}_area_m2"].isna().all()
+    totals = pd.read_csv(compute_stats(raster, tmp_path / "totals.csv"))
+    assert totals["area_m2"].isna().all() and totals["pixels"].sum() == data.size

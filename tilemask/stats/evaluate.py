@@ -2,7 +2,9 @@
 
 The confusion matrix ``M[p, t]`` (pixels predicted ``p`` whose truth is ``t``)
 is summed over chunks (integers, so independent of the chunking); pixels where
-either image holds its nodata value are left out.  Per class ``c``:
+either image holds its nodata value are left out.  Its rows and columns are the
+label values found in either image (``labels`` in the JSON), negative ones too,
+at most 1024 of them.  Per class ``c``:
 
 * ``tp = M[c, c]``, ``fp = sum_t M[c, t] - tp``, ``fn = sum_p M[p, c] - tp``;
 * ``dice = 2 tp / (2 tp + fp + fn)`` and ``iou = tp / (tp + fp + fn)``, NaN
@@ -34,8 +36,14 @@ logger = logging.getLogger(__name__)
 METRICS = ("dice", "iou", "precision", "recall")
 
 
-def confusion_matrix(pred: LabelImage, truth: LabelImage, client=None) -> np.ndarray:
-    """``M[p, t]`` over the valid pixels of both images."""
+MAX_LABELS = 1024
+"""Distinct label values ``evaluate`` compares: classes, not instance ids (its matrix grows with their square)."""
+
+
+def confusion_matrix(pred: LabelImage, truth: LabelImage, client=None) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, M)``: the label values found in either image, in order, and ``M[i, j]``, the valid pixels
+    predicted ``labels[i]`` whose truth is ``labels[j]``. Only values present have a row and column: a truth
+    with 5000 as an unmarked value, or -1, gives them their own, not a matrix 5001 wide or a wrapped index."""
     grid = grid_of(pred)
     why = same_grid(grid, grid_of(truth))
     if why:
@@ -43,27 +51,27 @@ def confusion_matrix(pred: LabelImage, truth: LabelImage, client=None) -> np.nda
     excluded = () if pred.nodata is None else (int(pred.nodata),)
     zone_excluded = () if truth.nodata is None else (int(truth.nodata),)
     pairs = count_pairs(pred.array, truth.array, grid, sizes=False, excluded=excluded, zone_excluded=zone_excluded, client=client)
-    if pairs.empty:
-        return np.zeros((1, 1), np.int64)
-    size = int(max(pairs["cls"].max(), pairs["zone"].max())) + 1
-    matrix = np.zeros((size, size), np.int64)
-    np.add.at(matrix, (pairs["cls"].to_numpy(), pairs["zone"].to_numpy()), pairs["count"].to_numpy())
-    return matrix
+    predicted, true = pairs["cls"].to_numpy(np.int64), pairs["zone"].to_numpy(np.int64)
+    labels = np.union1d(predicted, true)
+    if len(labels) > MAX_LABELS:
+        raise InputError(f"{pred.path} and {truth.path} hold {len(labels)} distinct label values (at most "
+                         f"{MAX_LABELS}): evaluate compares classes; is one an instance map?")  # fmt: skip
+    matrix = np.zeros((len(labels), len(labels)), np.int64)
+    np.add.at(matrix, (np.searchsorted(labels, predicted), np.searchsorted(labels, true)), pairs["count"].to_numpy())
+    return labels, matrix
 
 
-def scores(matrix: np.ndarray, names=None) -> dict:
-    """Per-class metrics and their means over foreground classes (see the module docstring)."""
-    n = matrix.shape[0]
-    named = class_names(range(n), names)
+def scores(labels: np.ndarray, matrix: np.ndarray, names=None) -> dict:
+    """Per-class metrics and their means over foreground classes (see the module docstring); ``labels``: the
+    value of each row and column of ``matrix``. A named class absent from both images scores as empty."""
+    position = {int(value): i for i, value in enumerate(labels)}
     tp = np.diag(matrix).astype(np.int64)
     fp = matrix.sum(axis=1) - tp
     fn = matrix.sum(axis=0) - tp
     per_class = {}
-    for value, name in named.items():
-        if value >= n:
-            t = p = f = 0
-        else:
-            t, p, f = int(tp[value]), int(fp[value]), int(fn[value])
+    for value, name in class_names(position, names).items():
+        i = position.get(value)
+        t, p, f = (0, 0, 0) if i is None else (int(tp[i]), int(fp[i]), int(fn[i]))
         truth_empty = t + f == 0
         per_class[name] = {
             "value": value,
@@ -84,10 +92,11 @@ def scores(matrix: np.ndarray, names=None) -> dict:
 
 def evaluate(pred: LabelImage, truth: LabelImage, names=None, client=None) -> dict:
     """Scores of ``pred`` against ``truth``, plus the inputs and the confusion matrix."""
-    matrix = confusion_matrix(pred, truth, client)
-    result = scores(matrix, names if names is not None else (pred.class_names or truth.class_names))
+    labels, matrix = confusion_matrix(pred, truth, client)
+    result = scores(labels, matrix, names if names is not None else (pred.class_names or truth.class_names))
     result["prediction"], result["truth"] = pred.path, truth.path
-    result["confusion_matrix"] = {"rows": "prediction", "columns": "truth", "values": matrix.tolist()}
+    result["confusion_matrix"] = {"rows": "prediction", "columns": "truth", "labels": labels.tolist(),
+                                  "values": matrix.tolist()}  # fmt: skip
     return jsonable(result)
 
 

@@ -59,6 +59,11 @@ class Grid:
     def units(self) -> Units:
         return VOLUME_UNITS if self.is_volume else RASTER_UNITS
 
+    @property
+    def sizes_known(self) -> bool:
+        """Whether a pixel has an area (a raster without a CRS has none: its size columns are empty)."""
+        return self.is_volume or self.crs is not None
+
     @cached_property
     def crs(self) -> CRS | None:
         if self.is_volume or not self.geometry.crs_wkt:

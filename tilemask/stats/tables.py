@@ -31,11 +31,17 @@ TABLE_SUFFIXES = (".parquet", ".gpkg", ".csv", ".json")
 def class_names(values: Iterable[int], names: Sequence[str] | None) -> dict[int, str]:
     """Name of each label value: ``names[v]`` when given, else ``class_<v>``.
 
-    Every named class is listed (in value order), then the other values found.
+    Every named class is listed (in value order), then the other values found. Names that repeat are refused.
     """
     named = {i: class_name(names, i) for i in range(len(names or ()))}
     for value in sorted(int(v) for v in values):
         named.setdefault(value, class_name(names, value))
+    seen: dict[str, int] = {}
+    for value, name in sorted(named.items()):
+        if name in seen:  # a given name that is another value's class_<v>: one would hide the other's columns
+            raise InputError(f"class names: {name!r} names label {seen[name]} and is the name of label {value}, "
+                             "which has none; name that label too, or choose another name")  # fmt: skip
+        seen[name] = value
     return dict(sorted(named.items()))
 
 

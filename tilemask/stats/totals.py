@@ -47,7 +47,7 @@ def class_totals(image: LabelImage, names=None, client=None) -> pd.DataFrame:
             "class": list(named.values()),
             "value": np.array(list(named), dtype=np.int64),
             units.count: np.array([counts.get(v, 0) for v in named], dtype=np.int64),
-            units.size: np.array([sizes.get(v, 0.0) for v in named], dtype=float),
+            units.size: np.array([sizes.get(v, 0.0) if grid.sizes_known else np.nan for v in named], dtype=float),
         }
     )
 
@@ -67,14 +67,16 @@ def atlas_zonal(image: LabelImage, atlas: LabelImage, names=None, client=None) -
     pairs = count_pairs(
         image.array, atlas.array, grid, excluded=excluded_values(image), zone_excluded=zone_excluded, client=client
     )
-    return zone_table(pairs, "region", names if names is not None else image.class_names, grid.units)
+    return zone_table(pairs, "region", names if names is not None else image.class_names, grid)
 
 
-def zone_table(pairs: pd.DataFrame, key: str, names, units, zones=None) -> pd.DataFrame:
-    """Pivot ``zone, cls, count, size`` rows into one row per zone with per-class columns.
+def zone_table(pairs: pd.DataFrame, key: str, names, grid: Grid, zones=None) -> pd.DataFrame:
+    """Pivot ``zone, cls, count, size`` rows into one row per zone with per-class columns (in ``grid``'s units;
+    sizes empty where it has none).
 
     ``zones`` lists the zones to report (in order) including those with no pixels.
     """
+    units = grid.units
     named = class_names(pairs["cls"].unique(), names)
     if zones is None:
         zones = sorted(pairs["zone"].unique())
@@ -89,5 +91,5 @@ def zone_table(pairs: pd.DataFrame, key: str, names, units, zones=None) -> pd.Da
             column = counts[value].to_numpy()
             table[f"{name}_{units.count}"] = column
             table[f"{name}_fraction"] = np.where(totals > 0, column / np.where(totals > 0, totals, 1), np.nan)
-            table[f"{name}_{units.size}"] = sizes[value].to_numpy(dtype=float)
+            table[f"{name}_{units.size}"] = sizes[value].to_numpy(dtype=float) if grid.sizes_known else np.nan
     return pd.DataFrame(table)

@@ -78,7 +78,7 @@ import pandas as pd
 import shapely
 from affine import Affine
 
-from ..errors import InputError
+from ..errors import InputError, ReadError
 from ..sources import cached_handle, file_stamp
 from ..sources.labels import LabelImage
 from .config import check_key
@@ -130,10 +130,28 @@ class WindowReader:
         if self.is_zarr:
             return np.asarray(self.zarr_array()[rows, cols])
         import rasterio
+        from rasterio.errors import RasterioError
         from rasterio.windows import Window
 
-        ds = cached_handle(("stats-raster", self.path, file_stamp(self.path)), lambda: rasterio.open(self.path))
-        return ds.read(1, window=Window.from_slices(rows, cols, height=ds.height, width=ds.width))
+        from ..sources.raster import first_gdal_line
+
+        try:
+            ds = cached_handle(("stats-raster", self.path, file_stamp(self.path)), lambda: rasterio.open(self.path))
+            return ds.read(1, window=Window.from_slices(rows, cols, height=ds.height, width=ds.width))
+        except RasterioError as exc:
+            detail = first_gdal_line(exc)
+        # raised outside the handler: GDAL's exception chain must not travel back to the client
+        raise ReadError(f"{self.path}: read failed at rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop}: {detail}")
+
+    def check_readable(self, grid: Grid, wkbs: list) -> None:
+        """Read the windows under ``wkbs`` strip by strip: a :class:`ReadError` naming the file and the window
+        where exactextract, which reads a GDAL raster by its path, failed with its own untyped ``Exception``."""
+        x0, y0, x1, y1 = shapely.total_bounds(shapely.from_wkb(wkbs))
+        cols, rows = np.array([~Affine.from_gdal(*grid.geometry.transform) * (x, y) for x in (x0, x1) for y in (y0, y1)]).T
+        r0, r1 = max(0, math.floor(rows.min())), min(grid.shape[0], math.ceil(rows.max()))
+        c0, c1 = max(0, math.floor(cols.min())), min(grid.shape[1], math.ceil(cols.max()))
+        for top in range(r0, r1, 512):
+            self.read(slice(top, min(top + 512, r1)), slice(c0, c1))
 
 
 def read_regions(path: str | os.PathLike, region_id: str | None):
@@ -203,7 +221,7 @@ def prepare_vector_zonal(image: LabelImage, regions, key: str = "region", covera
         if coverage == "center":
             frame["count"] = frame["count"].astype(np.int64)
         classes = names if names is not None else image.class_names
-        table = zone_table(frame, "_zone", classes, grid.units, zones=list(range(len(wkbs))))
+        table = zone_table(frame, "_zone", classes, grid, zones=list(range(len(wkbs))))
         table.insert(0, key, keys)
         table = table.drop(columns="_zone")
         if keep_geometry:
@@ -314,6 +332,17 @@ def _centre_batch(reader: WindowReader, grid: Grid, nodata, zones: list[int], wk
     return pd.DataFrame(rows_out, columns=["zone", "cls", "count", "size"])
 
 
+def _extracted(reader: WindowReader, grid: Grid, wkbs: list, raster, features, ops: list[str]) -> pd.DataFrame:
+    """exactextract's ``ops`` of the ``features`` (in a table with their ``zone``); a read failure as tilemask's
+    :class:`ReadError`, not exactextract's ``Exception: RasterioIOError('Read failed. ...')``."""
+    try:
+        return locked_exact_extract(raster, features, ops, include_cols=["zone"], output="pandas")
+    except Exception as exc:  # noqa: BLE001 - exactextract wraps what its source raised in a bare Exception
+        failure = exc
+    reader.check_readable(grid, wkbs)  # outside the handler: a chain of exceptions does not travel to the client
+    raise failure
+
+
 class LabelRasterSource:
     """An exactextract ``RasterSource`` over a Zarr label array, read window by window.
 
@@ -402,14 +431,14 @@ def _fraction_batch(reader: WindowReader, grid: Grid, nodata, zones: list[int], 
     rows_out = []
     if np.isnan(sizes).all() or (sizes == sizes[0]).all():  # one pixel size: exactextract sums per class itself
         ops = ["count", "unique", "frac"]  # a class's pixels: count * frac = the sum of its cells' coverage
-        result = locked_exact_extract(raster, features, ops, include_cols=["zone"], output="pandas")
+        result = _extracted(reader, grid, [w for _, w in keep], raster, features, ops)
         for zone, count, classes, fractions in zip(result["zone"], result["count"], result["unique"], result["frac"]):
             for cls, fraction in zip(np.asarray(classes, dtype=np.int64), np.asarray(fractions, dtype=float)):
                 pixels = float(count) * fraction
                 rows_out.append((int(zone), int(cls), pixels, pixels * float(sizes[0])))
         return pd.DataFrame(rows_out, columns=["zone", "cls", "count", "size"])
     # geographic rasters: every covered cell, weighted by its row's area
-    result = locked_exact_extract(raster, features, ["values", "coverage", "cell_id"], include_cols=["zone"], output="pandas")
+    result = _extracted(reader, grid, [w for _, w in keep], raster, features, ["values", "coverage", "cell_id"])
     width = grid.shape[1]
     for zone, values, coverage, cell_id in zip(result["zone"], result["values"], result["coverage"], result["cell_id"]):
         values = np.asarray(values, dtype=np.int64)
