@@ -734,6 +734,10 @@ def test_clashing_output_names_and_a_weights_folder_say_what_to_change(make_rast
         with pytest.raises(WorkflowError, match=re.escape(f"would both write {tmp_path / 'out'}")) as refused:
             plan_workflow(Workflow.from_dict(workflow, base_dir=tmp_path))
         assert advice in str(refused.value) and refused.value.exit_status == 2
+    # one input, two of its outputs on one file: it was told that x.tif and x.tif are both named 'x'
+    one = raster_workflow(first, weights, output={"path": "out/{stem}.tif", "vectors": "out/{stem}.gpkg"})
+    with pytest.raises(WorkflowError, match=re.escape(f"output.vectors and stats.output are one file, {tmp_path / 'out' / 'x.gpkg'}")):
+        plan_workflow(Workflow.from_dict({**one, "stats": {"output": "out/{stem}.gpkg"}}, base_dir=tmp_path))
     with pytest.raises(WeightsError, match=re.escape(f"model.weights: {tmp_path / 'a'} is a folder, not a weights file")):
         plan_model(Workflow.from_dict(raster_workflow(str(first), str(tmp_path / "a")), base_dir=tmp_path))
 

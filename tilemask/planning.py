@@ -432,18 +432,21 @@ def _check_output_names(workflow: Workflow, items: list[InputItem]) -> None:
         stats = workflow.stats_for(name)
         return stats and stats.output
 
-    seen: dict[str, InputItem] = {}
+    seen: dict[str, tuple[InputItem, str]] = {}
     for item in items:
-        for path_of in (workflow.output_path, workflow.vectors_path, stats_output):
+        for key, path_of in (("output.path", workflow.output_path), ("output.vectors", workflow.vectors_path),
+                             ("stats.output", stats_output)):  # fmt: skip
             path = path_of(item.name)
             if not path:
                 continue
+            if path in seen and seen[path][0] is item:
+                raise WorkflowError(f"{seen[path][1]} and {key} are one file, {path}; give each its own name")
             if path in seen:
                 advice = ("put {stem} in the output's name" if path_of(item.name + "-") == path else
                           f"both are named {item.name!r}, which {{stem}} stands for; rename one, narrow the input's "
                           "glob (input.members within an archive), or run each folder as a workflow of its own")  # fmt: skip
-                raise WorkflowError(f"output: {seen[path].files[0]} and {item.files[0]} would both write {path}; {advice}")
-            seen[path] = item
+                raise WorkflowError(f"output: {seen[path][0].files[0]} and {item.files[0]} would both write {path}; {advice}")
+            seen[path] = item, key
 
 
 def _check_statistics(item: InputPlan) -> None:
