@@ -56,6 +56,10 @@ def test_cli_regions_on_cluster(tmp_path, shade_labels, monkeypatch):
 
     bad = CliRunner().invoke(stats_command, [str(shade_labels), "-o", str(tmp_path / "x.parquet"), "--regions", str(regions_path), "--region-id", "nope"])
     assert bad.exit_code == 2 and "not a field" in bad.output
+    # the CSV's WKT is the regions' geometry as it is (it was rounded to 6 decimals: 5 cm in lon/lat)
+    assert list(shapely.from_wkt(reference["geometry"])) == list(gpd.read_file(regions_path).geometry)
+    unused = CliRunner().invoke(stats_command, [str(shade_labels), "-o", str(tmp_path / "u.csv"), "--region-id", "district"])
+    assert (unused.exit_code, unused.output) == (2, "tilemask: error: --region-id applies to --regions, which is not given\n")
 
 
 def test_atlas_zonal_and_chunking(tmp_path):

@@ -93,7 +93,7 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
             elif suffix == ".csv":
                 plain = pd.DataFrame(frame)
                 if has_geometry:
-                    plain["geometry"] = frame.geometry.to_wkt()
+                    plain["geometry"] = frame.geometry.to_wkt(rounding_precision=-1)  # as they are, not to 6 decimals
                 plain.to_csv(tmp, index=False)
             else:
                 plain = pd.DataFrame(frame.drop(columns="geometry") if has_geometry else frame)
