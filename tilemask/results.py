@@ -84,7 +84,8 @@ def _probabilities(path: str, chunks: int | None) -> xr.DataArray:
         p = Path(path)
         tif = p if p.stem.endswith("_probabilities") else Path(fmt.probabilities_path(path))
         if not tif.exists():
-            raise InputError(f"{path}: no probabilities beside it ({tif.name} is missing)")
+            missing = "does not exist" if not p.exists() else f"has no probabilities beside it ({tif.name} is missing)"
+            raise InputError(f"{path}: {missing}")
         edge = chunks or 1024
         opened = rioxarray.open_rasterio(tif, chunks={"band": -1, "y": edge, "x": edge}, mask_and_scale=False)
         opened = opened.rename({"band": "class"}).drop_vars("class").rename("probabilities")
