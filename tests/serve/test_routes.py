@@ -496,6 +496,19 @@ def test_features_across_the_antimeridian_are_cut_there_and_found_by_any_bbox(tm
         for feature in across:
             west, east = sorted(shape(feature["geometry"]).geoms, key=lambda g: g.bounds[0])  # west of 0: -180..
             assert west.bounds[0] == -180 and east.bounds[2] == 180
+        # cells of Web Mercator and plate carree maps past x = 20037508, which PROJ wraps across 180 degrees: the
+        # Earth goes on there, so they are cut at the antimeridian (taken for off the Earth, as on a sinusoidal
+        # map, the first lost its part past 180 and the second its geometry)
+        edge = 20037508.342789244
+        for name, crs in (("mercator", "EPSG:3857"), ("carree", "EPSG:4087")):
+            cells = [box(edge - 1e5, -2e6, edge + 2e5, -1.9e6), box(edge + 1e5, -2e6, edge + 2e5, -1.9e6)]
+            gpd.GeoDataFrame({"n": [0, 1]}, geometry=cells, crs=crs).to_file(tmp_path / f"{name}.gpkg")
+            answer = client.get(f"/collections/{name}/items", params={"limit": 10})
+            assert answer.status_code == 200, answer.text
+            parts = {f["properties"]["n"]: shape(f["geometry"]) for f in answer.json()["features"]}
+            west, east = sorted(parts[0].geoms, key=lambda g: g.bounds[0])
+            assert west.bounds[0] == -180 and east.bounds[2] == 180 and east.bounds[0] < 179.2, name
+            assert -179.2 < parts[1].bounds[0] < -179 and parts[1].bounds[2] < -178, name
 
 
 def test_global_layers_keep_their_wide_polygons_whole_and_findable(tmp_path):

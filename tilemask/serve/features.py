@@ -163,7 +163,10 @@ def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
     moved = shapely.transform(geometries, transform, interleaved=False)
     bounds = shapely.bounds(moved)
     present = ~shapely.is_missing(moved) & ~shapely.is_empty(moved)
-    off = np.flatnonzero(present & ~(np.isfinite(bounds).all(axis=1) & _corners_on_earth(geometries, crs)))
+    on_earth = np.isfinite(bounds).all(axis=1)
+    if _curved_rim(crs):
+        on_earth &= _corners_on_earth(geometries, crs)
+    off = np.flatnonzero(present & ~on_earth)
     if len(off):  # vertices off the Earth (a Mollweide grid's corners): cut to the projection's domain first
         domain = _domain(crs)
         geometries = geometries.copy()
@@ -191,8 +194,8 @@ def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
 
 
 def _corners_on_earth(geometries: np.ndarray, crs: str) -> np.ndarray:
-    """Whether each geometry's bounding corners come back to themselves through CRS84: PROJ moves a point off a
-    sinusoidal map (MODIS) to a longitude wrapped round, not to inf. Off by 1e-3 of the point's distance from the
+    """Whether each geometry's bounding corners come back to themselves through CRS84 (on a map with a
+    :func:`_curved_rim`): PROJ moves a point off a sinusoidal map (MODIS) to a longitude wrapped round, not to inf. Off by 1e-3 of the point's distance from the
     origin or more: a wrap moves it by thousands of km, a projection's own round trip far out (UTM) by mm.
     For a domain that is convex (sinusoidal, Mollweide), corners on it mean the whole geometry is on it."""
     import shapely
@@ -203,6 +206,15 @@ def _corners_on_earth(geometries: np.ndarray, crs: str) -> np.ndarray:
         back = transformer(CRS84, crs).transform(*transformer(crs, CRS84).transform(xs, ys))
         missed = np.hypot(back[0] - xs, back[1] - ys) > 1e-3 * np.hypot(xs, ys) + 1e-6
     return ~missed.any(axis=0)
+
+
+@functools.lru_cache(maxsize=32)
+def _curved_rim(crs: str) -> bool:
+    """Whether the map's rim is curved (sinusoidal, Mollweide, Robinson): past it there is no Earth, though PROJ
+    may wrap such a point round. Past the straight rim of a cylindrical map (Web Mercator, plate carree) the
+    Earth goes on across 180 degrees: those polygons are cut at the antimeridian, not to the domain."""
+    domain = _domain(crs)
+    return domain is not None and domain.area < 0.99 * domain.envelope.area
 
 
 @functools.lru_cache(maxsize=32)
