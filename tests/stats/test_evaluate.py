@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -93,7 +94,7 @@ def test_cli_writes_json_and_rejects_other_grid(pair, tmp_path):
     assert pred_path.read_bytes() == before and not (tmp_path / "scores.txt").exists()
 
 
-def test_negative_and_far_label_values_are_classes_of_their_own(tmp_path):
+def test_negative_and_far_label_values_are_classes_of_their_own(tmp_path, caplog):
     """A truth with -1 (an unmarked "ignore") had it counted as the last class (a wrapped index), and one with
     5000 made a 5001 x 5001 matrix (61 s, 2.7 GB for 64 x 64 pixels). The reference: pandas' crosstab."""
     import pandas as pd
@@ -105,7 +106,10 @@ def test_negative_and_far_label_values_are_classes_of_their_own(tmp_path):
     transform = Affine(10, 0, 0, 0, -10, 1000)
     pred_path = write_raster(tmp_path / "pred.tif", pred, "EPSG:32633", transform, block=32)
     truth_path = write_raster(tmp_path / "truth.tif", truth, "EPSG:32633", transform, block=32)
-    result = evaluate_paths(pred_path, truth_path, chunks=40)
+    with caplog.at_level(logging.WARNING, logger="tilemask.stats.evaluate"):
+        result = evaluate_paths(pred_path, truth_path, chunks=40)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "label value(s) -1, 5000 are in the truth only" in warning and "nodata" in warning
     labels = sorted(set(np.unique(pred).tolist()) | set(np.unique(truth).tolist()))
     expected = pd.crosstab(pred.ravel(), truth.ravel()).reindex(index=labels, columns=labels, fill_value=0)
     assert result["confusion_matrix"]["labels"] == labels == [-1, 0, 1, 2, 5000]
@@ -121,5 +125,9 @@ def test_a_given_name_that_is_another_values_generated_name_is_refused(pair):
     """``--classes class_2,b`` named value 0 ``class_2``: value 2 (unnamed, so also ``class_2``) took its place,
     and value 0 was gone from the scores."""
     pred_path, truth_path, _, _ = pair
-    with pytest.raises(InputError, match="'class_2' names label 0 and is the name of label 2"):
+    with pytest.raises(InputError, match="'class_2' names label 0, and is the name of label 2 when it has none"):
         evaluate_paths(pred_path, truth_path, classes="class_2,b")
+    from tilemask.stats.tables import class_names
+
+    with pytest.raises(InputError, match="class names repeat: labels 0 and 1 are both named 'a'"):
+        class_names([0, 1], ("a", "a"))  # names a file records are checked when the values are known

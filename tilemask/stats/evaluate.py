@@ -93,7 +93,14 @@ def scores(labels: np.ndarray, matrix: np.ndarray, names=None) -> dict:
 def evaluate(pred: LabelImage, truth: LabelImage, names=None, client=None) -> dict:
     """Scores of ``pred`` against ``truth``, plus the inputs and the confusion matrix."""
     labels, matrix = confusion_matrix(pred, truth, client)
-    result = scores(labels, matrix, names if names is not None else (pred.class_names or truth.class_names))
+    names = names if names is not None else (pred.class_names or truth.class_names)
+    unpredicted = [int(v) for v, p, t in zip(labels, matrix.sum(axis=1), matrix.sum(axis=0))
+                   if t and not p and not 0 <= v < len(names or ())]  # fmt: skip
+    if unpredicted:
+        logger.warning("%s: label value(s) %s are in the truth only, and not named: each is a class with dice 0 in "
+                       "the means; if they mark pixels to ignore, make the truth's nodata say so", truth.path,
+                       ", ".join(map(str, unpredicted)))  # fmt: skip
+    result = scores(labels, matrix, names)
     result["prediction"], result["truth"] = pred.path, truth.path
     result["confusion_matrix"] = {"rows": "prediction", "columns": "truth", "labels": labels.tolist(),
                                   "values": matrix.tolist()}  # fmt: skip

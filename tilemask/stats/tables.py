@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -38,9 +39,8 @@ def class_names(values: Iterable[int], names: Sequence[str] | None) -> dict[int,
         named.setdefault(value, class_name(names, value))
     seen: dict[str, int] = {}
     for value, name in sorted(named.items()):
-        if name in seen:  # a given name that is another value's class_<v>: one would hide the other's columns
-            raise InputError(f"class names: {name!r} names label {seen[name]} and is the name of label {value}, "
-                             "which has none; name that label too, or choose another name")  # fmt: skip
+        if name in seen:  # one would hide the other's columns (names given with --classes are checked before)
+            raise InputError(f"class names repeat: labels {seen[name]} and {value} are both named {name!r}")
         seen[name] = value
     return dict(sorted(named.items()))
 
@@ -54,6 +54,11 @@ def parse_classes(text: str | Sequence[str] | None) -> tuple[str, ...] | None:
         raise InputError(f"--classes: expected comma-separated names, got {text!r}")
     if len(set(names)) != len(names):
         raise InputError(f"--classes: names repeat in {text!r}")
+    for value, name in enumerate(names):
+        generated = re.fullmatch(r"class_(-?\d+)", name)
+        if generated and int(generated[1]) != value:  # an unnamed label's name: one would hide the other's columns
+            raise InputError(f"--classes: {name!r} names label {value}, and is the name of label {generated[1]} "
+                             "when it has none; choose another name")  # fmt: skip
     return names
 
 
