@@ -469,6 +469,9 @@ def _check_statistics(item: InputPlan) -> None:
         if stats.region_id is not None:
             raise InputError(f"stats.region_id applies to vector regions; the atlas {stats.regions} is keyed by its "
                              "label value")  # fmt: skip
+        if stats.coverage == "fraction":
+            raise InputError(f"stats.coverage fraction applies to vector regions; the atlas {stats.regions}'s pixels "
+                             "are the labels' own")  # fmt: skip
         from .sources.labels import open_labels
         from .stats.totals import check_atlas_grid
 

@@ -13,6 +13,7 @@ import shapely
 from click.testing import CliRunner
 from rasterio.transform import Affine
 
+from tilemask.errors import InputError, WorkflowError
 from tilemask.stats import compute_stats
 from tilemask.stats.cli import stats as stats_command
 
@@ -60,6 +61,17 @@ def test_cli_regions_on_cluster(tmp_path, shade_labels, monkeypatch):
     assert list(shapely.from_wkt(reference["geometry"])) == list(gpd.read_file(regions_path).geometry)
     unused = CliRunner().invoke(stats_command, [str(shade_labels), "-o", str(tmp_path / "u.csv"), "--region-id", "district"])
     assert (unused.exit_code, unused.output) == (2, "tilemask: error: --region-id applies to --regions, which is not given\n")
+    with pytest.raises(InputError, match="^--coverage fraction applies to --regions, which is not given$"):
+        compute_stats(shade_labels, tmp_path / "u.csv", coverage="fraction")  # from Python as from the command
+    with pytest.raises(InputError, match="^--coverage fraction applies to vector regions; an atlas"):
+        compute_stats(shade_labels, tmp_path / "u.csv", regions=shade_labels, coverage="fraction")
+    from tilemask.workflow import Workflow
+
+    from ..conftest import REPO
+
+    with pytest.raises(WorkflowError, match="region_id and coverage fraction apply to regions, which are not given"):
+        Workflow.from_yaml(REPO / "workflows" / "demo_landsat.yaml",
+                           ["stats.output=s.csv", "stats.region_id=district", "stats.coverage=fraction"])  # fmt: skip
 
 
 def test_atlas_zonal_and_chunking(tmp_path):

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..sources.labels import open_labels
-from .config import StatsConfig, is_label_image
+from .config import StatsConfig, is_label_image, region_options_without_regions
 from .evaluate import evaluate
 from .instances import CONNECTIVITIES, find_instances
 from .tables import check_table_path, parse_classes, write_json, write_table
@@ -61,6 +61,10 @@ def prepare_stats(
         raise InputError(f"--connectivity must be 'face' or 'full', got {connectivity!r}")
     if instances and regions is not None:
         raise InputError("--instances and --regions cannot be combined: pick one table")
+    unused = region_options_without_regions(regions, region_id, coverage)
+    if unused:
+        flags = " and ".join("--" + name.replace("_", "-") for name in unused)
+        raise InputError(f"{flags} appl{'ies' if len(unused) == 1 else 'y'} to --regions, which is not given")
     if chunks is not None and int(chunks) < 1:
         raise InputError(f"--chunks must be a positive integer, got {chunks}")
     names = parse_classes(classes)
@@ -76,6 +80,8 @@ def prepare_stats(
         atlas = open_labels(str(regions), chunks=chunks)
         if region_id is not None:
             raise InputError("--region-id applies to vector regions; an atlas is keyed by its label value")
+        if coverage == "fraction":
+            raise InputError("--coverage fraction applies to vector regions; an atlas's pixels are the labels' own")
         return lambda client=None: write_table(atlas_zonal(image, atlas, names=names, client=client), output)
     if regions is not None:
         frame, key = read_regions(regions, region_id)

@@ -8,7 +8,7 @@ import os
 import click
 
 from ..command import TilemaskCommand, errors_only
-from ..errors import OutputConflict, UsageError
+from ..errors import OutputConflict
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +36,6 @@ def stats(
     from .api import prepare_stats
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    unused = [o for o, given in (("--region-id", region_id is not None), ("--coverage fraction", coverage == "fraction"))
-              if given and regions is None]  # fmt: skip
-    if unused:
-        raise UsageError(f"{' and '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} to --regions, which is not given")
     run = prepare_stats(
         mask, output, regions=regions, region_id=region_id, coverage=coverage, instances=instances,
         connectivity=connectivity, classes=classes, chunks=chunks,

@@ -25,7 +25,7 @@ import functools
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, model_validator
 
 from ..errors import InputError
 
@@ -78,6 +78,13 @@ def _not_bool(value: Any) -> Any:
 NotBool = BeforeValidator(_not_bool)  # add to every int or float field: Annotated[int, NotBool]
 
 
+def region_options_without_regions(regions, region_id, coverage: str) -> list[str]:
+    """The options that key or measure vector regions (``region_id``, ``coverage: fraction``) given without
+    regions: they would be left unused, and a user left believing they applied."""
+    given = (("region_id", region_id is not None), ("coverage fraction", coverage == "fraction"))
+    return [name for name, present in given if present and regions is None]
+
+
 class StatsConfig(BaseModel):
     """What statistics to compute on a fresh output, and where to write them."""
 
@@ -90,6 +97,14 @@ class StatsConfig(BaseModel):
     instances: bool = False
     connectivity: Literal["face", "full"] = "face"
     classes: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _regions_given(self) -> StatsConfig:
+        unused = region_options_without_regions(self.regions, self.region_id, self.coverage)
+        if unused:
+            raise ValueError(f"{' and '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} to regions, which are "
+                             "not given")  # fmt: skip
+        return self
 
 
 SIZE_UNITS = {"mL": 1000.0, "cm3": 1000.0, "mm3": 1.0, "m2": 1.0, "ha": 10_000.0, "km2": 1e6}  # -> mm3 or m2
