@@ -24,6 +24,7 @@ import atexit
 import contextlib
 import contextvars
 import ctypes
+import importlib.util
 import logging
 import os
 import queue
@@ -112,9 +113,12 @@ def check_cluster_options(scheduler: str | None, kind: str = "local") -> None:
     if kind == "slurm":
         if scheduler:
             raise UsageError("--cluster slurm starts its own scheduler; leave out --scheduler")
+        if importlib.util.find_spec("dask_jobqueue") is None:
+            raise UsageError("--cluster slurm needs dask-jobqueue: pip install 'tilemask[slurm]'")
         unset = [key for key in ("cores", "memory") if dask.config.get(f"jobqueue.slurm.{key}", None) is None]
         if unset:
-            raise UsageError(f"--cluster slurm: no {' or '.join(unset)} for the worker jobs: set it in the Dask "
+            which = "them" if len(unset) > 1 else "it"
+            raise UsageError(f"--cluster slurm: no {' or '.join(unset)} for the worker jobs: set {which} in the Dask "
                              "config jobqueue.slurm (see cluster/slurm.yaml)")  # fmt: skip
 
 
@@ -167,10 +171,8 @@ def cluster_client(
 def slurm_cluster(jobs: int | None) -> Iterator:
     """dask-jobqueue's ``SLURMCluster``, configured by the user's Dask config ``jobqueue.slurm`` (see
     ``cluster/slurm.yaml``), scaled to ``jobs`` SLURM jobs (default 1); the jobs are cancelled on exit."""
-    try:
-        from dask_jobqueue import SLURMCluster
-    except ImportError:
-        raise UsageError("--cluster slurm needs dask-jobqueue: pip install 'tilemask[slurm]'") from None
+    from dask_jobqueue import SLURMCluster  # installed: cluster_client checked it first (check_cluster_options)
+
     options = {"dashboard_address": ":0", **dask.config.get("jobqueue.slurm.scheduler-options", {})}  # a free port
     try:
         cluster = SLURMCluster(scheduler_options=options)

@@ -338,6 +338,8 @@ def _extracted(reader: WindowReader, grid: Grid, wkbs: list, raster, features, o
     try:
         return locked_exact_extract(raster, features, ops, include_cols=["zone"], output="pandas")
     except Exception as exc:  # noqa: BLE001 - exactextract wraps what its source raised in a bare Exception
+        if "RasterioIOError" not in str(exc):  # not a read: a geometry it refused, memory, ... as it is
+            raise
         failure = exc
     reader.check_readable(grid, wkbs)  # outside the handler: a chain of exceptions does not travel to the client
     raise failure
