@@ -334,12 +334,13 @@ def _centre_batch(reader: WindowReader, grid: Grid, nodata, zones: list[int], wk
 
 def _extracted(reader: WindowReader, grid: Grid, wkbs: list, raster, features, ops: list[str]) -> pd.DataFrame:
     """exactextract's ``ops`` of the ``features`` (in a table with their ``zone``); a read failure as tilemask's
-    :class:`ReadError`, not exactextract's ``Exception: RasterioIOError('Read failed. ...')``."""
+    :class:`ReadError` naming the file and window, not rasterio's bare "Read failed" (which, unpicklable, reached
+    the client as ``Exception: RasterioIOError('Read failed. ...')``)."""
+    from rasterio.errors import RasterioError
+
     try:
         return locked_exact_extract(raster, features, ops, include_cols=["zone"], output="pandas")
-    except Exception as exc:  # noqa: BLE001 - exactextract wraps what its source raised in a bare Exception
-        if "RasterioIOError" not in str(exc):  # not a read: a geometry it refused, memory, ... as it is
-            raise
+    except RasterioError as exc:  # exactextract's GDAL source failed: "Read failed. See previous exception"
         failure = exc
     reader.check_readable(grid, wkbs)  # outside the handler: a chain of exceptions does not travel to the client
     raise failure
