@@ -198,8 +198,9 @@ def prepare_vector_zonal(image: LabelImage, regions, key: str = "region", covera
     keys = regions[key].to_numpy() if key in regions.columns else np.arange(len(regions))
     empty = [k for k, g in zip(keys, regions.geometry) if g is None or g.is_empty]
     if empty:
-        logger.warning("%d of %d regions have no geometry (first: %s): they count no pixel", len(empty), len(keys),
-                       empty[0])  # fmt: skip
+        first = empty[0].item() if isinstance(empty[0], np.generic) else empty[0]  # 40, not np.int64(40)
+        logger.warning("%d of %d regions have no geometry (first: %r): they count no pixel", len(empty), len(keys),
+                       first)  # fmt: skip
     measured = _fraction_geometries(projected.geometry, keys) if coverage == "fraction" else None
     wkbs = [
         None if g is None or g.is_empty or (measured is not None and not measured[i]) else shapely.to_wkb(g)
