@@ -276,9 +276,14 @@ class GeoTiffFormat(Format):
 
         try:
             with gdal_env(), rasterio.open(path) as ds:
-                return CLASSES_TAG in ds.tags()
+                return self.dataset_written_by_tilemask(ds)
         except (RasterioError, OSError):
             return False
+
+    @staticmethod
+    def dataset_written_by_tilemask(ds) -> bool:
+        """Whether an open rasterio dataset is a tilemask output (its class names tag)."""
+        return CLASSES_TAG in ds.tags()
 
 
 class DicomSeriesFormat(Format):

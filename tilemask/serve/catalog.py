@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..classes import CLASSES_TAG, class_colours, class_name
+from ..classes import class_colours, class_name
 from ..formats import CLASS_TABLE_SUFFIX, for_path, nifti_affine_mm
 from .paths import hidden, inside, relative
 
@@ -194,24 +194,24 @@ def _image(root: Path, rel: str, path: Path) -> list[Entry]:
     stem = fmt.stem(rel)
     geotiff = None
     if fmt.gdal_raster:
-        geotiff = _geotiff(root, path)
+        geotiff = _geotiff(root, path, fmt)
         if geotiff is None:
             return []
     if fmt.zarr_store and not _store_inside(root, path):
         return []
-    if not (geotiff.written_by_tilemask if geotiff else fmt.written_by_tilemask(str(path))):
+    if not (geotiff.written_by_tilemask if geotiff is not None else fmt.written_by_tilemask(str(path))):
         if fmt.name == "nifti":
             import nibabel as nib
 
             img = nib.load(path)
             return [Entry(rel, "scan", fmt.name, stem, shape=tuple(int(s) for s in img.shape),
                           affine=_affine(nifti_affine_mm(img)))]  # fmt: skip (in mm, as the labels' reader gives)
-        if geotiff:
+        if geotiff is not None:
             return [Entry(rel, "raster", fmt.name, stem, bounds=geotiff.bounds)]
         return []
     if not fmt.is_complete(str(path)):
         return []
-    if geotiff and Path(rel).stem.endswith("_probabilities"):
+    if geotiff is not None and Path(rel).stem.endswith("_probabilities"):
         return [Entry(rel, "probabilities", fmt.name, stem, bounds=geotiff.bounds)]
     if fmt.name == "nifti" and Path(stem).name.endswith("_probabilities"):
         return [Entry(rel, "probabilities", fmt.name, stem)]
@@ -286,10 +286,16 @@ def _records(path: Path) -> bool:
 @dataclass(frozen=True)
 class _GeoTiff:
     written_by_tilemask: bool
-    bounds: tuple[float, float, float, float] | None  # in CRS84
+    crs_wkt: str | None
+    native_bounds: tuple[float, float, float, float]
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float] | None:
+        """In CRS84 (worked out only for the entries that list them)."""
+        return lonlat_bounds(self.crs_wkt, self.native_bounds) if self.crs_wkt else None
 
 
-def _geotiff(root: Path, path: Path) -> _GeoTiff | None:
+def _geotiff(root: Path, path: Path, fmt) -> _GeoTiff | None:
     """What a listing needs of a ``.tif``, from one open; None for a file that is not a GeoTIFF (a VRT, or
     anything else, under that name) or whose sidecars lead out of the folder: never opened."""
     import rasterio
@@ -299,8 +305,8 @@ def _geotiff(root: Path, path: Path) -> _GeoTiff | None:
         return None
     try:
         with rasterio.open(path, driver="GTiff") as ds:
-            bounds = lonlat_bounds(ds.crs.to_wkt(), ds.bounds) if ds.crs else None
-            return _GeoTiff(CLASSES_TAG in ds.tags(), bounds)
+            crs_wkt = ds.crs.to_wkt() if ds.crs else None
+            return _GeoTiff(fmt.dataset_written_by_tilemask(ds), crs_wkt, tuple(ds.bounds))
     except (RasterioError, OSError):
         return None
 
