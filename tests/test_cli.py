@@ -104,7 +104,8 @@ def test_a_scheduler_that_is_no_address_is_a_usage_error():
 @pytest.mark.parametrize("command", ["run", "submit"])
 def test_where_the_work_runs_is_refused_before_a_job_folder_is_made(scene, write_workflow, tmp_path, command):
     """An empty --scheduler (an unset ``$DASK_SCHEDULER_ADDRESS``) started an embedded cluster: ``submit`` said
-    "submitted" with exit 0, and the job, whose driver died with that cluster, read ``queued`` for ever."""
+    "submitted" with exit 0, and the job, whose driver died with that cluster, read ``queued`` for ever. That and
+    ``--cluster slurm`` with ``--scheduler`` are refused before a job folder is made (it was left ``failed``)."""
     path = write_workflow(scene)
     refusals = [(["--scheduler", ""], "--scheduler is empty")]
     if command == "run":

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
-import re
 import socket
 import subprocess
 import sys

@@ -38,8 +38,10 @@ def submit(workflow, scheduler, overrides, overwrite, on_error, retry_failed, jo
     check_cluster_options(scheduler)
     wf = Workflow.from_yaml(workflow, overrides)
     plan, job, record = prepare(wf, Options(on_error, retry_failed, overwrite), job_dir, str(Path(workflow).resolve()))
-    if plan.items and on_error == "abort":  # the first input opens and fits the workflow (exit 2 if not); under
-        plan.plan_input(plan.items[0])  # skip the driver records it failed and goes on, as tilemask run does
+    # the first input opens and fits the workflow (exit 2 if not); under skip the driver records its failure and
+    # goes on, as tilemask run does
+    if plan.items and on_error == "abort":
+        plan.plan_input(plan.items[0])
     key = f"tilemask-job-{job.id}-{uuid.uuid4().hex[:8]}"
     with cluster_client(scheduler) as client:
         with job:  # no process runs the job here (its driver, or a tilemask run, would hold this lock)
@@ -175,8 +177,8 @@ def jobs(as_json, debug) -> None:
     for folder in listed():
         try:
             summaries.append(_summary(folder))
-        except (JobError, ValueError, OSError) as exc:  # one damaged record does not hide the other jobs
-            click.echo(f"tilemask: warning: {folder.location}: {first_line(exc)}; left out of the list", err=True)
+        except (JobError, OSError) as exc:  # one damaged record does not hide the other jobs
+            click.echo(f"tilemask: warning: {first_line(exc)}; left out of the list", err=True)
     summaries.sort(key=lambda s: s.get("updated") or "")
     if as_json:
         click.echo(json.dumps(summaries, indent=2))

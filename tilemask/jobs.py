@@ -213,7 +213,18 @@ class JobFolder:
         return Workflow.from_dict(raw, base_dir=self.info()["base_dir"])
 
     def items(self) -> list[dict]:
-        return [json.loads(line) for line in _lines(self.path / "items.jsonl")]
+        """The inputs as listed (``item``, ``name``, ``files``, ``output``); a damaged line is a :class:`JobError`."""
+        path = self.path / "items.jsonl"
+        items = []
+        for number, line in enumerate(_lines(path), 1):
+            try:
+                item = json.loads(line)
+            except ValueError:
+                item = None
+            if not isinstance(item, dict) or "name" not in item:
+                raise JobError(f"{path} line {number}: not an input's record; the job's record is damaged")
+            items.append(item)
+        return items
 
     # -- the manifest ----------------------------------------------------------------------------------------
 
@@ -258,11 +269,14 @@ class JobFolder:
 
     def status(self) -> dict:
         try:
-            return json.loads((self.path / "status.json").read_text())
+            status = json.loads((self.path / "status.json").read_text())
         except FileNotFoundError:
             return {"job": self.id, "state": "queued"}
         except ValueError as exc:
             raise JobError(f"{self.path}/status.json: unreadable: {exc}") from None
+        if not isinstance(status, dict):
+            raise JobError(f"{self.path}/status.json: unreadable: not a JSON object")
+        return status
 
     def set_status(self, state: str, **fields) -> None:
         status = {**self.status(), **fields, "job": self.id, "state": state, "folder": self.location, "updated": now()}

@@ -115,6 +115,7 @@ def test_a_damaged_or_many_band_label_raster_is_refused_in_one_line(tmp_path, sh
     """A label raster is one band (the real corrupt.tif is RGB: refused at once, exit 2); a damaged tile is
     named with its file and place (exit 1), not as rasterio's bare 'Read failed'."""
     from tilemask.cli import main
+
     from .conftest import GEO
 
     rgb = CliRunner().invoke(main, ["stats", str(GEO["corrupt.tif"]), "-o", str(tmp_path / "rgb.csv")])
