@@ -110,8 +110,12 @@ def test_where_the_work_runs_is_refused_before_a_job_folder_is_made(scene, write
     refusals = [(["--scheduler", ""], "--scheduler is empty")]
     if command == "run":
         refusals.append((["--cluster", "slurm", "--scheduler", "tcp://127.0.0.1:1"], "leave out --scheduler"))
-    for args, words in refusals:
-        assert_one_line_error(run_cli(command, path, *args, cwd=tmp_path), 2, words)
+    from click.testing import CliRunner
+
+    from tilemask.cli import main
+
+    for args, words in refusals:  # in this process: refused before any cluster, as the command in its own
+        assert_one_line_error(CliRunner().invoke(main, [command, str(path), *args]), 2, words)
         assert not (tmp_path / "out").exists(), "no job folder, no output folder"
 
 

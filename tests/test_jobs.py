@@ -367,16 +367,20 @@ def test_jobs_lists_the_others_when_one_record_is_damaged(tmp_path):
     for n, job in enumerate(folders):
         job.create({"version": 1, "n": n}, str(tmp_path), None, {}, [{"item": 0, "name": "x", "files": [], "output": "o"}])
         job.set_status("done")
+    from click.testing import CliRunner
+
+    from tilemask.cli import main
+
     for damage in ("garbage", "[]"):  # not JSON; JSON, not the record
         (folders[0].path / "status.json").write_text(damage)
-        listing = run_cli("jobs")
-        assert listing.returncode == 0, listing.stderr
+        listing = CliRunner().invoke(main, ["jobs"])
+        assert listing.exit_code == 0, listing.stderr
         assert [line.split()[0] for line in listing.stdout.splitlines()] == [folders[1].id]
         (warning,) = listing.stderr.strip().splitlines()
         assert warning.startswith(f"tilemask: warning: {folders[0].path}/status.json: unreadable: ")
         assert warning.endswith("left out of the list")
     (folders[0].path / "status.json").unlink()
     (folders[0].path / "items.jsonl").write_text('{"item": 0}\n')
-    (warning,) = run_cli("jobs").stderr.strip().splitlines()
+    (warning,) = CliRunner().invoke(main, ["jobs"]).stderr.strip().splitlines()
     assert warning.startswith(f"tilemask: warning: {folders[0].path}/items.jsonl line 1: not an input's record")
 
