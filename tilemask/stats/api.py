@@ -61,10 +61,9 @@ def prepare_stats(
         raise InputError(f"--connectivity must be 'face' or 'full', got {connectivity!r}")
     if instances and regions is not None:
         raise InputError("--instances and --regions cannot be combined: pick one table")
-    unused = region_options_without_regions(regions, region_id, coverage)
-    if unused:
-        flags = " and ".join("--" + name.replace("_", "-") for name in unused)
-        raise InputError(f"{flags} appl{'ies' if len(unused) == 1 else 'y'} to --regions, which is not given")
+    refusal = region_options_without_regions(regions, region_id, coverage, flags=True)
+    if refusal:
+        raise InputError(refusal)
     if chunks is not None and int(chunks) < 1:
         raise InputError(f"--chunks must be a positive integer, got {chunks}")
     names = parse_classes(classes)

@@ -78,11 +78,18 @@ def _not_bool(value: Any) -> Any:
 NotBool = BeforeValidator(_not_bool)  # add to every int or float field: Annotated[int, NotBool]
 
 
-def region_options_without_regions(regions, region_id, coverage: str) -> list[str]:
-    """The options that key or measure vector regions (``region_id``, ``coverage: fraction``) given without
-    regions: they would be left unused, and a user left believing they applied."""
+def region_options_without_regions(regions, region_id, coverage: str, flags: bool) -> str | None:
+    """Why the options that key or measure vector regions (``region_id``, ``coverage: fraction``) are refused
+    when no regions are given (they would be left unused, and a user left believing they applied); None when
+    they are not. ``flags``: named as the command's options, else as the workflow's keys."""
     given = (("region_id", region_id is not None), ("coverage fraction", coverage == "fraction"))
-    return [name for name, present in given if present and regions is None]
+    unused = [name for name, present in given if present and regions is None]
+    if not unused:
+        return None
+    if flags:
+        unused = ["--" + name.replace("_", "-") for name in unused]
+    verb = "applies" if len(unused) == 1 else "apply"
+    return f"{' and '.join(unused)} {verb} to {'--regions, which is' if flags else 'regions, which are'} not given"
 
 
 class StatsConfig(BaseModel):
@@ -100,10 +107,9 @@ class StatsConfig(BaseModel):
 
     @model_validator(mode="after")
     def _regions_given(self) -> StatsConfig:
-        unused = region_options_without_regions(self.regions, self.region_id, self.coverage)
-        if unused:
-            raise ValueError(f"{' and '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} to regions, which are "
-                             "not given")  # fmt: skip
+        refusal = region_options_without_regions(self.regions, self.region_id, self.coverage, flags=False)
+        if refusal:
+            raise ValueError(refusal)
         return self
 
 
