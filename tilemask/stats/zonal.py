@@ -145,7 +145,7 @@ class WindowReader:
 
     def check_readable(self, grid: Grid, wkbs: list) -> None:
         """Read the windows under ``wkbs`` strip by strip: a :class:`ReadError` naming the file and the window
-        where exactextract, which reads a GDAL raster by its path, failed with its own untyped ``Exception``."""
+        where exactextract, which reads a GDAL raster by its path, failed with rasterio's bare "Read failed"."""
         x0, y0, x1, y1 = shapely.total_bounds(shapely.from_wkb(wkbs))
         cols, rows = np.array([~Affine.from_gdal(*grid.geometry.transform) * (x, y) for x in (x0, x1) for y in (y0, y1)]).T
         r0, r1 = max(0, math.floor(rows.min())), min(grid.shape[0], math.ceil(rows.max()))
