@@ -437,6 +437,7 @@ def test_damaged_outputs_are_a_422_naming_the_file_not_a_500(tmp_path, served_fo
             assert answer.json()["detail"].startswith(f"{name}: cannot read: "), answer.text
 
 
+@pytest.mark.slow  # 20 s: three formats, five boxes; test_cylindrical_maps_go_on_past_180_degrees cuts at 180 by default
 def test_features_across_the_antimeridian_are_cut_there_and_found_by_any_bbox(tmp_path):
     """Polygons in UTM zone 1, on both sides of 180 degrees. A bbox far wider than the layer transformed into the
     zone to nonsense (the whole world matched 197 of 785 polygons, -100..100 degrees matched 8), a bbox across
@@ -496,9 +497,17 @@ def test_features_across_the_antimeridian_are_cut_there_and_found_by_any_bbox(tm
         for feature in across:
             west, east = sorted(shape(feature["geometry"]).geoms, key=lambda g: g.bounds[0])  # west of 0: -180..
             assert west.bounds[0] == -180 and east.bounds[2] == 180
-        # cells of Web Mercator and plate carree maps past x = 20037508, which PROJ wraps across 180 degrees: the
-        # Earth goes on there, so they are cut at the antimeridian (taken for off the Earth, as on a sinusoidal
-        # map, the first lost its part past 180 and the second its geometry)
+
+
+def test_cylindrical_maps_go_on_past_180_degrees(tmp_path):
+    """Cells of Web Mercator and plate carree maps past x = 20037508, which PROJ wraps across 180 degrees: the
+    Earth goes on there, so they are cut at the antimeridian (taken for off the Earth, as on a sinusoidal map,
+    the first lost its part past 180 and the second its geometry)."""
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
         edge = 20037508.342789244
         for name, crs in (("mercator", "EPSG:3857"), ("carree", "EPSG:4087")):
             cells = [box(edge - 1e5, -2e6, edge + 2e5, -1.9e6), box(edge + 1e5, -2e6, edge + 2e5, -1.9e6)]
