@@ -153,8 +153,8 @@ def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
     there into a multipolygon (RFC 7946 3.1.9, with the ``antimeridian`` package): moved as they are, its
     coordinates would jump from 180 to -180 and make it a band around the whole globe. A geometry with vertices
     off the Earth (they move to inf, or their bounding corners do not come back: :func:`_corners_on_earth`) is
-    first cut to the projection's :func:`_domain`; one wholly off it, or in a
-    projection whose domain cannot be outlined, has no geometry (None: GeoJSON's null)."""
+    first cut to the projection's :func:`_domain`; one wholly off it, or in a projection whose domain cannot be
+    outlined, has no geometry (None: GeoJSON's null)."""
     import shapely
 
     if not crs:
@@ -195,9 +195,10 @@ def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
 
 def _corners_on_earth(geometries: np.ndarray, crs: str) -> np.ndarray:
     """Whether each geometry's bounding corners come back to themselves through CRS84 (on a map with a
-    :func:`_curved_rim`): PROJ moves a point off a sinusoidal map (MODIS) to a longitude wrapped round, not to inf. Off by 1e-3 of the point's distance from the
-    origin or more: a wrap moves it by thousands of km, a projection's own round trip far out (UTM) by mm.
-    For a domain that is convex (sinusoidal, Mollweide), corners on it mean the whole geometry is on it."""
+    :func:`_curved_rim`): PROJ moves a point off a sinusoidal map (MODIS) to a longitude wrapped round, not to
+    inf. Off by 1e-3 of the point's distance from the origin or more: a wrap moves it by thousands of km, a
+    projection's own round trip far out by mm. For a domain that is convex (sinusoidal, Mollweide), corners on
+    it mean the whole geometry is on it."""
     import shapely
 
     x0, y0, x1, y1 = shapely.bounds(geometries).T

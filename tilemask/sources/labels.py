@@ -59,16 +59,19 @@ class _RasterBand:
     ndim: int = 2
 
     def __getitem__(self, index: tuple[slice, slice]) -> np.ndarray:
-        rows, cols = index
-        window = Window.from_slices(rows, cols, height=self.shape[0], width=self.shape[1])
-        try:
-            ds = cached_handle(("label-raster", self.path, file_stamp(self.path)), lambda: rasterio.open(self.path))
-            return ds.read(1, window=window)
-        except RasterioError as exc:
-            detail = first_gdal_line(exc)
-        # raised outside the handler: GDAL's exception chain must not travel back to the client
-        where = f"rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop}"
-        raise ReadError(f"{self.path}: read failed at {where}: {detail}")
+        return read_band_window(self.path, *index)
+
+
+def read_band_window(path: str, rows: slice, cols: slice) -> np.ndarray:
+    """Band 1 of a GDAL raster at ``[rows, cols]`` (its handle kept per worker thread); a damaged file as a
+    :class:`ReadError` naming it and the window."""
+    try:
+        ds = cached_handle(("label-raster", path, file_stamp(path)), lambda: rasterio.open(path))
+        return ds.read(1, window=Window.from_slices(rows, cols, height=ds.height, width=ds.width))
+    except RasterioError as exc:
+        detail = first_gdal_line(exc)
+    # raised outside the handler: GDAL's exception chain must not travel back to the client
+    raise ReadError(f"{path}: read failed at rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop}: {detail}")
 
 
 @dataclass(frozen=True)

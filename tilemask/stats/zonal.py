@@ -78,9 +78,9 @@ import pandas as pd
 import shapely
 from affine import Affine
 
-from ..errors import InputError, ReadError
+from ..errors import InputError
 from ..sources import cached_handle, file_stamp
-from ..sources.labels import LabelImage
+from ..sources.labels import LabelImage, read_band_window
 from .config import check_key
 from .crosstab import compute
 from .measure import Grid
@@ -129,19 +129,7 @@ class WindowReader:
     def read(self, rows: slice, cols: slice) -> np.ndarray:
         if self.is_zarr:
             return np.asarray(self.zarr_array()[rows, cols])
-        import rasterio
-        from rasterio.errors import RasterioError
-        from rasterio.windows import Window
-
-        from ..sources.raster import first_gdal_line
-
-        try:
-            ds = cached_handle(("stats-raster", self.path, file_stamp(self.path)), lambda: rasterio.open(self.path))
-            return ds.read(1, window=Window.from_slices(rows, cols, height=ds.height, width=ds.width))
-        except RasterioError as exc:
-            detail = first_gdal_line(exc)
-        # raised outside the handler: GDAL's exception chain must not travel back to the client
-        raise ReadError(f"{self.path}: read failed at rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop}: {detail}")
+        return read_band_window(self.path, rows, cols)
 
     def check_readable(self, grid: Grid, wkbs: list) -> None:
         """Read the windows under ``wkbs`` strip by strip: a :class:`ReadError` naming the file and the window
