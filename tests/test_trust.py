@@ -764,6 +764,9 @@ def test_a_workflows_region_key_is_checked_before_any_work(make_raster, make_mod
     atlas = raster_workflow(path, weights, stats={"output": "s.csv", "regions": str(path), "region_id": "name"})
     with pytest.raises(InputError, match="stats.region_id applies to vector regions"):
         plan_workflow(Workflow.from_dict(atlas, base_dir=tmp_path))
+    fraction = raster_workflow(path, weights, stats={"output": "s.csv", "regions": str(path), "coverage": "fraction"})
+    with pytest.raises(InputError, match="stats.coverage fraction applies to vector regions; the atlas"):
+        plan_workflow(Workflow.from_dict(fraction, base_dir=tmp_path))
     keyed = raster_workflow(path, weights, stats={"output": "s.csv", "regions": str(regions), "region_id": "name"})
     assert plan_workflow(Workflow.from_dict(keyed, base_dir=tmp_path)).items
 
