@@ -45,8 +45,11 @@ def sitk_ras(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, sitk.GetArrayFromImage(image).transpose(2, 1, 0)
 
 
-def write_series(folder: Path, rows=12, columns=20, slices=6, pixel_spacing=(0.7, 1.3), step=2.5, seed=0) -> Path:
-    """An oblique, non-square, anisotropic CT series written with pydicom, files in shuffled order."""
+def write_series(
+    folder: Path, rows=12, columns=20, slices=6, pixel_spacing=(0.7, 1.3), step=2.5, seed=0, mutate=None
+) -> Path:
+    """An oblique, non-square, anisotropic CT series written with pydicom, files in shuffled order;
+    ``mutate(dataset, k)`` changes slice ``k`` before it is saved."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
     from scipy.spatial.transform import Rotation
@@ -74,6 +77,8 @@ def write_series(folder: Path, rows=12, columns=20, slices=6, pixel_spacing=(0.7
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
         ds.PixelData = rng.integers(0, 3000, (rows, columns)).astype(np.int16).tobytes()
+        if mutate:
+            mutate(ds, int(k))
         ds.save_as(folder / f"slice{rng.integers(1e9)}.dcm", enforce_file_format=True)
     return folder
 
@@ -143,7 +148,7 @@ def test_a_run_on_a_series_writes_labels_on_the_scan_grid(make_model, tmp_path, 
 
 
 def test_a_folder_of_two_series_uneven_or_radial_slices_is_refused(tmp_path):
-    with pytest.raises(InputError, match="its size or orientation differs from the rest of the series"):
+    with pytest.raises(InputError, match=r"its orientation \[.*\] differs from \[.*\] of .*; tilemask reads one grid"):
         DicomSeriesSource.open(str(RADIAL_MR))
     mixed = tmp_path / "mixed"
     shutil.copytree(RADIAL_MR, mixed / "a")
@@ -154,8 +159,44 @@ def test_a_folder_of_two_series_uneven_or_radial_slices_is_refused(tmp_path):
     shutil.copytree(CT, uneven)
     by_position = sorted(uneven.iterdir(), key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
     by_position[2].unlink()  # the middle slice of five: a gap
-    with pytest.raises(InputError, match="not evenly spaced"):
+    pair = rf"({by_position[1].name} and {by_position[3].name}|{by_position[3].name} and {by_position[1].name})"
+    with pytest.raises(InputError, match=rf"not evenly spaced \({pair} are 5 mm apart where the series steps 3.333 mm"):
         DicomSeriesSource.open(str(uneven))
+
+
+def test_slices_at_positions_rounded_to_a_hundredth_of_a_mm_read_as_simpleitk_reads_them(tmp_path, caplog):
+    """0.625 mm slices at positions written to 2 decimals were "not evenly spaced"; GDCM warns and reads them."""
+
+    def rounded(ds, k):
+        ds.ImagePositionPatient = [round(float(v), 2) for v in ds.ImagePositionPatient]
+
+    folder = write_series(tmp_path / "rounded", slices=9, step=0.625, mutate=rounded)
+    source = DicomSeriesSource.open(str(folder))
+    assert "slices depart from a regular grid by up to" in caplog.text
+    affine, voxels = sitk_ras(folder)
+    np.testing.assert_allclose(np.asarray(source.geometry.affine), affine, atol=2e-3)
+    np.testing.assert_array_equal(source.read(((0, 20), (0, 12), (0, 9)))[0], voxels)
+
+
+@pytest.mark.parametrize("fault", ["colour", "pixel spacing"])
+def test_a_colour_series_or_one_of_two_pixel_spacings_is_refused_by_name(fault, tmp_path):
+    """A colour series failed deep in a worker ("operands could not be broadcast"); a slice of another pixel
+    spacing was read on the first slice's, silently."""
+
+    def colour(ds, k):
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.PixelData = np.zeros((12, 20, 3), np.uint8).tobytes()
+
+    def spacing(ds, k):
+        if k == 3:
+            ds.PixelSpacing = [0.9, 1.3]
+
+    folder = write_series(tmp_path / "series", mutate=colour if fault == "colour" else spacing)
+    why = (r"RGB pixels \(SamplesPerPixel 3\); tilemask reads greyscale series$" if fault == "colour" else
+           r"its pixel spacing \[0.[79], 1.3\] differs from \[0.[79], 1.3\] of slice\d+.dcm; tilemask reads one grid$")
+    with pytest.raises(InputError, match=why):
+        DicomSeriesSource.open(str(folder))
 
 
 def test_a_repeated_slice_an_empty_folder_headerless_files_and_a_nifti_pair_are_named(tmp_path):
