@@ -165,6 +165,29 @@ def test_a_lost_scheduler_leaves_the_job_lost_and_run_resumes_it(cluster, scenes
     assert done.stdout.count("done in an earlier run") >= len(before)
 
 
+def test_a_run_that_loses_its_scheduler_names_every_input_in_flight(cluster, scenes_workflow, tmp_path):
+    """Each of them is redone when the job runs again; a message that named one hid the others."""
+    address, procs = cluster
+    run = subprocess.Popen(
+        [BIN / "tilemask", "run", scenes_workflow, "--quiet", "--scheduler", address], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {"COLUMNS": "1000"},
+    )  # fmt: skip
+    jobs = tmp_path / "out" / ".tilemask" / "jobs"
+
+    def in_flight() -> set[str]:
+        lines = [line for folder in jobs.glob("*") if (folder / "manifest.jsonl").exists() for line in manifest(folder)]
+        ended = {line["item"] for line in lines if line["status"] != "started"}
+        return {Path(line["input"]).name for line in lines if line["status"] == "started" and line["item"] not in ended}
+
+    wait_for(lambda: len(in_flight()) >= 2 and run.poll() is None, "two inputs in flight")
+    os.killpg(procs[0].pid, signal.SIGKILL)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 1, stderr
+    (line,) = [line for line in stderr.splitlines() if "lost the Dask scheduler" in line]
+    named = set(re.findall(r"s\d\d\.tif", line))
+    assert len(named) >= 2 and named >= in_flight(), (line, in_flight())  # one just starting may have no line yet
+
+
 def test_cancel_stops_a_running_job_and_leaves_finished_items_whole(cluster, scenes_workflow, tmp_path):
     address, _ = cluster
     job = submit(scenes_workflow, address)

@@ -302,6 +302,7 @@ class _ItemRunner:
         self.out_channels = 0
         self.prepared: dict[int, tuple[InputPlan, OutputLock]] = {}  # prepared before the cluster started
         self.listings = FolderListings()  # each output folder listed once for leftovers, not once per item
+        self.in_flight: dict[int, str] = {}  # item -> its first file, while it runs: a lost scheduler names them all
 
     def first_plannable(self, todo: list[int], results: list) -> int | None:
         """Prepare items in order until one is ready: that one fixes the channels the network is probed with.
@@ -339,6 +340,7 @@ class _ItemRunner:
         item = self.plan.items[index]
         start = time.perf_counter()
         stamps = _stamps(item.files)  # as the run reads them: changed later, the next run redoes the item
+        self.in_flight[index] = item.files[0]
         try:
             planned, lock = self.prepared.pop(index, None) or self._prepare(index)
             try:
@@ -352,7 +354,8 @@ class _ItemRunner:
             raise
         except Exception as exc:
             if client.status != "running":
-                raise SchedulerLost(f"lost the Dask scheduler while running {item.files[0]}") from exc
+                raise SchedulerLost(f"lost the Dask scheduler while running {self._running()}") from exc
+            del self.in_flight[index]  # a lost scheduler's message names the items still in flight, even after it
             failed = self._failed(index, item, exc, time.perf_counter() - start)
             if self.options.on_error == "abort":
                 if isinstance(exc, TilemaskError):
@@ -360,9 +363,15 @@ class _ItemRunner:
                 raise
             logger.warning("%s: failed, skipped: %s", item.files[0], failed.error)
             return failed
+        del self.in_flight[index]
         self.job.record(_line(index, item.name, result) | {"files": list(item.files), "stamps": stamps})
         self.counts.add("ok")
         return result
+
+    def _running(self) -> str:
+        """The inputs in flight, in item order: each is redone when the job runs again."""
+        files = [file for _, file in sorted(self.in_flight.items())]
+        return files[0] if len(files) == 1 else f"{len(files)} inputs ({', '.join(files)})"
 
     def _failed(self, index: int, item: InputItem, exc: BaseException, seconds: float) -> RunResult:
         error = f"{type(exc).__name__}: {first_line(exc)}" if not isinstance(exc, TilemaskError) else first_line(exc)
