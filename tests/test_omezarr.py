@@ -85,7 +85,10 @@ def test_labels_as_a_multiscale_label_image_that_validates_and_reads_as_napari_d
     assert probabilities.shape == (3, *level0.shape)
 
 
-def test_volume_scale_is_the_voxel_size_and_an_ome_zarr_input_keeps_it(make_volume, make_model, tmp_path, client):
+@pytest.mark.parametrize("unit", ["millimeter", "micrometer"])
+def test_volume_scale_is_the_voxel_size_and_an_ome_zarr_input_keeps_it(make_volume, make_model, tmp_path, client, unit):
+    """A micrometre input's labels were written in millimetres (scale 0.0025 for 2.5 um): napari places layers by
+    their numbers, so they landed at a thousandth of the scan."""
     _, volume = make_volume((40, 36, 30))
     weights, _ = make_model(UNET_3D)
     source = tmp_path / "scan.ome.zarr"
@@ -95,7 +98,7 @@ def test_volume_scale_is_the_voxel_size_and_an_ome_zarr_input_keeps_it(make_volu
     group.attrs["ome"] = {
         "version": "0.5",
         "multiscales": [{
-            "axes": [{"name": n, "type": "space", "unit": "millimeter"} for n in "zyx"],
+            "axes": [{"name": n, "type": "space", "unit": unit} for n in "zyx"],
             "datasets": [{"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": scale},
                                                                       {"type": "translation", "translation": translation}]}],
         }],
@@ -105,7 +108,7 @@ def test_volume_scale_is_the_voxel_size_and_an_ome_zarr_input_keeps_it(make_volu
     Image.from_zarr(root)
     ImageLabel.from_zarr(root["labels/labels"])
     multiscale = dict(root["labels/labels"].attrs)["ome"]["multiscales"][0]
-    assert [a["unit"] for a in multiscale["axes"]] == ["millimeter"] * 3
+    assert [a["unit"] for a in multiscale["axes"]] == [unit] * 3
     assert [a["name"] for a in multiscale["axes"]] == ["z", "y", "x"]  # named as the input named them
     transforms = multiscale["datasets"][0]["coordinateTransformations"]
     assert transforms[0]["scale"] == pytest.approx(scale)
@@ -114,7 +117,8 @@ def test_volume_scale_is_the_voxel_size_and_an_ome_zarr_input_keeps_it(make_volu
     expected = np.zeros((3, 4))
     expected[2, 0], expected[1, 1], expected[0, 2] = scale
     expected[2, 3], expected[1, 3], expected[0, 3] = translation
-    np.testing.assert_allclose(np.asarray(dict(root.attrs)["affine"])[:3], expected)
+    in_mm = {"millimeter": 1.0, "micrometer": 1e-3}[unit]  # tilemask's own affine is in mm, as its statistics are
+    np.testing.assert_allclose(np.asarray(dict(root.attrs)["affine"])[:3], expected * in_mm)
     assert np.asarray(root["labels/labels/0"]).shape == volume.shape
 
 
@@ -142,7 +146,7 @@ def test_an_image_ome_zarr_input_keeps_its_scale_and_translation(make_model, tmp
     root = zarr.open_group(result.outputs[0], mode="r")
     ImageLabel.from_zarr(root["labels/labels"])
     (multiscale,) = dict(root["labels/labels"].attrs)["ome"]["multiscales"]
-    assert [a["name"] for a in multiscale["axes"]] == ["y", "x"]
+    assert multiscale["axes"] == [{"name": n, "type": "space", "unit": "micrometer"} for n in "yx"]  # was unit-less
     transforms = multiscale["datasets"][0]["coordinateTransformations"]
     assert transforms == [{"type": "scale", "scale": scale[1:]},
                           {"type": "translation", "translation": translation[1:]}]  # fmt: skip
@@ -164,3 +168,32 @@ def test_volume_axes_are_named_after_the_world_axes_they_run_along(make_volume, 
         # the second axis runs along -x: NGFF's positive scales cannot place it, so no translation claims to
         assert [t["type"] for t in multiscale["datasets"][0]["coordinateTransformations"]] == ["scale"]
     assert np.asarray(root["labels/labels/0"]).shape == volume.shape
+
+
+def test_an_ome_zarr_named_zarr_is_read_as_one_and_an_array_inside_a_group_by_its_path(make_model, tmp_path):
+    """NGFF 0.4 stores are often plain ``.zarr``: one was "a Zarr group; give the path of the array inside it",
+    and that path then read as a GDAL raster (2 spatial axes for a 3D model)."""
+    from tilemask.errors import InputError
+    from tilemask.sources import open_source
+
+    volume = np.arange(20 * 18 * 16, dtype=np.int16).reshape(20, 18, 16)
+    named = tmp_path / "v04.zarr"
+    group = zarr.open_group(named, mode="w", zarr_format=2)
+    group.create_array("0", data=volume, chunks=(10, 9, 8))
+    group.attrs["multiscales"] = [{
+        "version": "0.4", "axes": [{"name": n, "type": "space", "unit": "millimeter"} for n in "zyx"],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [2.0, 1.0, 0.5]}]}],
+    }]  # fmt: skip
+    source = open_source(str(named), 3)
+    affine = np.asarray(source.geometry.affine)
+    assert (affine[2, 0], affine[1, 1], affine[0, 2]) == (2.0, 1.0, 0.5)  # array axis z on world z, ...: its scale
+    inside = open_source(str(named / "0"), 3)
+    assert inside.shape == (1, 20, 18, 16)
+    np.testing.assert_array_equal(inside.read(((0, 20), (0, 18), (0, 16)))[0], volume)
+
+    plain = tmp_path / "plain.zarr"
+    zarr.open_group(plain, mode="w", zarr_format=3).create_array("scan", data=volume, chunks=(10, 9, 8))
+    with pytest.raises(InputError, match=rf"^{plain}: a Zarr group without OME-Zarr multiscales; give the path of the "
+                                         rf"image array inside it, {plain}/NAME \(it holds scan\)$"):  # fmt: skip
+        open_source(str(plain), 3)
+    np.testing.assert_array_equal(open_source(str(plain / "scan"), 3).read(((0, 20), (0, 18), (0, 16)))[0], volume)

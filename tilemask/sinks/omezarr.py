@@ -15,7 +15,9 @@ axis is at most :data:`SMALLEST`) are made when the run finishes, a chunk at a
 time: labels by the mode of each 2 x 2 (x 2) block (ties to the smallest
 value), probabilities by the mean. Each level's ``scale`` is the pixel/voxel
 size (mm for volumes, from the affine; metres for rasters in a projected CRS)
-times its factor; the whole affine and CRS stay in tilemask's attributes.
+times its factor; the whole affine and CRS stay in tilemask's attributes. An
+OME-Zarr input's own unit is kept (micrometres stay micrometres): napari places
+layers by their numbers, not their units.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 import zarr
 
 from ..classes import class_colours, class_name
-from ..geometry import WORLD_AXES, RasterGeometry, Region, ome_space_names
+from ..geometry import OME_UNITS_IN_MM, WORLD_AXES, RasterGeometry, Region, ome_space_names
 from ..outputs import publish, remove, staged_path
 from ..sources import cached_handle
 from . import LabelSink, OutputLayout
@@ -51,30 +53,36 @@ def level_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
 def space_axes(layout: OutputLayout) -> tuple[tuple[str, ...], list[float], list[float] | None, str | None]:
     """The space axes' NGFF names, scale, translation (where pixel/voxel 0 is) and unit.
 
-    A volume: the voxel sizes in mm.  An image: the pixel size in metres in a projected CRS, else the
-    geotransform's own sizes with no unit (an OME-Zarr input's scale).  NGFF has no rotation or flip, and its
+    A volume: the voxel sizes in mm, or in the unit of an OME-Zarr input.  An image: the pixel size in metres in
+    a projected CRS, else the geotransform's own sizes, in the unit of an OME-Zarr input (none if it has none).  NGFF has no rotation or flip, and its
     scales are positive: the translation (the origin, on the world axis each axis is named after) is written
     only where every axis runs along its world axis in the positive direction (an OME-Zarr input); else none
     (a north-up raster's rows run south, a NIfTI's first axis often runs left), and the grid is in tilemask's
     attributes.
     """
     from ..postprocess import spacing_of
+    from ..sources.zarr import ome_space_unit
 
     geometry = layout.geometry
     names = ome_space_names(geometry, len(layout.shape))
     spacing = spacing_of(geometry)
+    unit = ome_space_unit(layout.reference)  # None unless the input is an OME-Zarr with one unit
     if isinstance(geometry, RasterGeometry):
         x0, dx, rx, y0, ry, dy = geometry.transform
         sizes = spacing or (float(np.hypot(rx, dy)), float(np.hypot(dx, ry)))
         positive = rx == 0 and ry == 0 and dx > 0 and dy > 0
-        return names, list(sizes), [y0, x0] if positive else None, ("meter" if spacing else None)
+        return names, list(sizes), [y0, x0] if positive else None, ("meter" if spacing else unit)
     affine = np.asarray(geometry.affine)
     rows = [WORLD_AXES.index(n) for n in names]
     aligned = np.zeros((3, 3))
     for axis, row in enumerate(rows):
         aligned[row, axis] = affine[row, axis]
     positive = all(aligned[row, axis] > 0 for axis, row in enumerate(rows)) and np.allclose(aligned, affine[:3, :3])
-    return names, list(spacing), [float(affine[r, 3]) for r in rows] if positive else None, "millimeter"
+    origin = [float(affine[r, 3]) for r in rows] if positive else None
+    if unit not in OME_UNITS_IN_MM:  # the affine is in mm
+        return names, list(spacing), origin, "millimeter"
+    per_mm = 1.0 / OME_UNITS_IN_MM[unit]
+    return names, [s * per_mm for s in spacing], origin and [o * per_mm for o in origin], unit
 
 
 def mode_downsample(block: np.ndarray) -> np.ndarray:

@@ -3,6 +3,9 @@
 An array of ``spatial_dims`` axes is one channel; one with an extra leading axis
 is channel-first.  Geometry comes from tilemask's own attributes when present
 (``crs`` + ``transform`` for rasters, ``affine`` for volumes), else identity.
+A group is read as an OME-Zarr image when it holds OME-Zarr multiscales,
+whatever its name says (NGFF 0.4 stores are often plain ``.zarr``); an array
+inside a group is given by its path (``scan.zarr/0``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,28 @@ from . import ImageSource, cached_handle, file_stamp
 logger = logging.getLogger(__name__)
 
 
+def ome_multiscales(attrs: dict) -> list | None:
+    """An OME-Zarr group's multiscales (NGFF 0.5 under ``ome``, 0.4 at the top), else None."""
+    multiscales = attrs.get("ome", attrs).get("multiscales") if isinstance(attrs.get("ome", attrs), dict) else None
+    return multiscales if isinstance(multiscales, list) and multiscales else None
+
+
+def ome_space_unit(path: str) -> str | None:
+    """The unit an OME-Zarr image's space axes share (an output is written in it, for viewers such as napari
+    that place layers by their numbers), else None: not an OME-Zarr, no unit, or units that differ."""
+    from ..formats import for_path
+
+    if not for_path(path).zarr_store:
+        return None
+    try:
+        multiscales = ome_multiscales(dict(zarr.open_group(path, mode="r").attrs))
+    except Exception:  # noqa: BLE001 - not a Zarr group at all
+        return None
+    axes = (multiscales or [{}])[0].get("axes", [])
+    units = {a.get("unit") for a in axes if isinstance(a, dict) and a.get("type") == "space"}
+    return units.pop() if len(units) == 1 else None
+
+
 @dataclass(frozen=True)
 class ZarrSource(ImageSource):
     path: str
@@ -35,7 +60,12 @@ class ZarrSource(ImageSource):
         except Exception as exc:
             raise InputError(f"{path}: cannot open Zarr: {exc}") from None
         if isinstance(node, zarr.Group):
-            raise InputError(f"{path}: is a Zarr group; give the path of the array inside it")
+            if ome_multiscales(dict(node.attrs)) is not None:
+                return cls.open_ome(path, spatial_dims)
+            arrays = sorted(name for name, _ in node.arrays())
+            example = f" (it holds {', '.join(arrays[:5])})" if arrays else " (it holds no array)"
+            raise InputError(f"{path}: a Zarr group without OME-Zarr multiscales; give the path of the image array "
+                             f"inside it, {path.rstrip('/')}/NAME{example}")  # fmt: skip
         shape = tuple(int(s) for s in node.shape)
         if len(shape) not in (spatial_dims, spatial_dims + 1):
             raise InputError(f"{path}: Zarr array with {len(shape)} axes for a {spatial_dims}D model")
@@ -48,11 +78,13 @@ class ZarrSource(ImageSource):
         from ..geometry import ome_geometry
 
         try:
-            group = zarr.open_group(path, mode="r")
-            attrs = dict(group.attrs)
-            multiscale = attrs.get("ome", attrs)["multiscales"][0]
+            attrs = dict(zarr.open_group(path, mode="r").attrs)
         except Exception as exc:
             raise InputError(f"{path}: not an OME-Zarr image: {exc}") from None
+        multiscales = ome_multiscales(attrs)
+        if multiscales is None:
+            raise InputError(f"{path}: not an OME-Zarr image: its group has no multiscales")
+        multiscale = multiscales[0]
         kinds = [a.get("type") if isinstance(a, dict) else a for a in multiscale.get("axes", [])]
         if "time" in kinds or kinds.count("channel") > 1:
             raise InputError(f"{path}: OME-Zarr axes {kinds}: tilemask reads channel and space axes only")
