@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -315,6 +316,69 @@ def test_a_dicom_segmentation_is_stored_on_orthanc_and_equals_the_nifti_labels(m
     frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=sources, combine_segments=True)
     for k in range(labels.shape[2]):  # per slice, the segments are the labels of the NIfTI path
         np.testing.assert_array_equal(frames[k], labels[:, :, k].T)
+
+
+def test_a_store_that_fails_keeps_the_segmentation_and_a_server_that_does_not_answer_is_refused_first(
+    make_model, tmp_path, client, orthanc
+):
+    """A failed store removed the SEG (every window run again to get it back); a server that did not answer was
+    found only once every window had run."""
+    import json
+
+    from tilemask.errors import OutputError
+
+    weights, _ = make_model(UNET_3D)
+    base = series_workflow(CT, weights, ["background", "brain"], 100.0, 100.0)
+    wrong_root = orthanc.replace("/dicom-web", "/no-dicom-web")  # Orthanc answers, and refuses the store (404)
+    output = {"path": "out/{stem}_seg.dcm", "chunks": 16, "dicomweb": wrong_root}
+    with pytest.raises(OutputError, match=rf"^output.dicomweb: storing {tmp_path}/out/CT5N_seg.dcm on {wrong_root} "
+                                          r"failed: .*\(the file is whole and kept\)$"):  # fmt: skip
+        tilemask.run(Workflow.from_dict({**base, "output": output}, base_dir=tmp_path), client)
+    import highdicom as hd
+
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(tmp_path / "out" / "CT5N_seg.dcm"))
+    assert seg.SegmentationType == "LABELMAP" and len(seg.PerFrameFunctionalGroupsSequence) == 5
+
+    silent = f"http://127.0.0.1:{_free_port()}/dicom-web"  # nothing listens there
+    output = {"path": "silent/{stem}_seg.dcm", "chunks": 16, "dicomweb": silent}
+    with pytest.raises(OutputError, match=rf"^output.dicomweb: {silent} does not answer: .*Connection refused"):
+        tilemask.run(Workflow.from_dict({**base, "output": output}, base_dir=tmp_path), client)
+    (job,) = (tmp_path / "silent" / ".tilemask" / "jobs").iterdir()
+    assert not (job / "manifest.jsonl").exists() or "started" not in (job / "manifest.jsonl").read_text()
+    assert json.loads((job / "status.json").read_text())["state"] == "failed"
+    assert sorted(p.name for p in (tmp_path / "silent").iterdir()) == [".tilemask"]
+
+
+def test_segment_labels_dicom_cannot_hold_are_refused_and_others_are_written_in_utf8(make_model, tmp_path, client):
+    """A 75-character name gave a SEG pydicom's strict reading refuses; a backslash made two labels of one; a
+    non-ASCII name was written in Latin-1 with no SpecificCharacterSet; a series without SeriesInstanceUID ran
+    every window, then failed with an AttributeError."""
+    from tilemask.errors import WorkflowError
+    from tilemask.planning import plan_workflow
+
+    def latin1(ds, k):
+        ds.SpecificCharacterSet, ds.PatientName = "ISO_IR 100", "Müller^Jörg"
+
+    folder = write_series(tmp_path / "series", rows=20, columns=24, slices=16, mutate=latin1)
+    weights, _ = make_model(UNET_3D)
+    output = {"path": "out/{stem}_seg.dcm", "chunks": 16}
+    for name, why in (("x" * 65, "65 characters, where a DICOM SegmentLabel holds 64"),
+                      ("liver\\segment", "a backslash or a control character")):  # fmt: skip
+        with pytest.raises(WorkflowError, match=re.escape(why)):
+            Workflow.from_dict({**series_workflow(folder, weights, ["background", name], 500.0, 800.0), "output": output})
+    workflow = series_workflow(folder, weights, ["background", "Läsion"], 500.0, 800.0) | {"output": output}
+    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    with pydicom.config.strict_reading():
+        dataset = pydicom.dcmread(result.outputs[0])
+        assert dataset.SpecificCharacterSet == "ISO_IR 192" and dataset.PatientName == "Müller^Jörg"
+        assert [d.SegmentLabel for d in dataset.SegmentSequence][-1] == "Läsion"
+
+    def no_series(ds, k):
+        del ds.SeriesInstanceUID
+
+    bare = write_series(tmp_path / "bare", mutate=no_series)
+    with pytest.raises(InputError, match="no SeriesInstanceUID, which a DICOM Segmentation must copy"):
+        plan_workflow(Workflow.from_dict({**workflow, "input": str(bare), "output": {"path": "b/x.dcm"}}, base_dir=tmp_path))
 
 
 def test_a_series_without_patient_and_study_details_gives_a_segmentation_that_highdicom_reads(

@@ -101,6 +101,10 @@ class Format:
     def check_input(self, output: str, source) -> None:
         """Refuse (exit 2, when planning) an input this output cannot be written for."""
 
+    def class_name_problem(self, name: str) -> str | None:
+        """Why this format cannot hold ``name`` as a class's name, or None."""
+        return None
+
     def files(self, path: str, probabilities: bool) -> list[str]:
         """The paths one output is made of."""
         extra = self.probabilities_path(path) if probabilities else None
@@ -126,6 +130,12 @@ class ZarrFormat(Format):
     name = "zarr"
     suffixes = (".zarr",)
     zarr_store = True
+
+    def matches(self, path):
+        """A Zarr store, or an array inside one (``scan.zarr/0``: a last name with no suffix of its own)."""
+        name = path.lower().rstrip("/")
+        inside = ".zarr/" in name and "." not in name.rsplit("/", 1)[-1]
+        return super().matches(path) or inside
 
     def open_source(self, path, spatial_dims, bands):
         from .sources.zarr import ZarrSource
@@ -176,6 +186,7 @@ class OmeZarrFormat(ZarrFormat):
 
     name = "ome-zarr"
     suffixes = (".ome.zarr",)
+    matches = Format.matches  # an array inside an OME-Zarr is a plain Zarr array
 
     def open_source(self, path, spatial_dims, bands):
         from .sources.zarr import ZarrSource
@@ -340,10 +351,16 @@ class DicomSegFormat(Format):
 
         from .sinks.dicomseg import REQUIRED
 
-        header = pydicom.dcmread(source.files[0], stop_before_pixels=True, specific_tags=list(REQUIRED))
-        missing = [keyword for keyword in REQUIRED if not header.get(keyword)]
-        if missing:
-            raise InputError(f"{source.files[0]}: no {' or '.join(missing)}, which a DICOM Segmentation must copy")
+        for path in source.files:  # headers only: each slice is referred to by its own UIDs
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(REQUIRED))
+            missing = [keyword for keyword in REQUIRED if not header.get(keyword)]
+            if missing:
+                raise InputError(f"{path}: no {' or '.join(missing)}, which a DICOM Segmentation must copy")
+
+    def class_name_problem(self, name):
+        from .sinks.dicomseg import segment_label_problem
+
+        return segment_label_problem(name)
 
     def open_labels(self, path, chunks):
         from .errors import InputError

@@ -356,6 +356,10 @@ class Workflow(_Strict):
             )
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise ValueError("classes: names must be unique")
+        for name in self.classes or ():
+            problem = fmt.class_name_problem(name)
+            if problem:
+                raise ValueError(f"classes: {name!r} has {problem}")
         if self.stats and not self.stats.output.lower().endswith((".parquet", ".gpkg", ".csv", ".json")):
             raise ValueError(f"stats.output: suffix must be .parquet, .gpkg, .csv or .json (got {self.stats.output!r})")
         if self.inference.activation == "none" and self.output.probabilities == "uint8":

@@ -2,12 +2,13 @@
 
 Workers write their chunks into a hidden Zarr (the plain Zarr sink, staged, never
 published); when the run finishes, the labels are read back slice by slice into
-the frames of one Segmentation instance (a LABELMAP segmentation where highdicom
-supports it, else BINARY): one segment per foreground class, named by the class,
-each frame referring to the source slice it lies on (same position and
-orientation, highdicom checks it). Label 0 and the nodata value are background.
-The instance is written under a hidden name and renamed into place; with
-``output.dicomweb`` it is then stored on that DICOMweb server (STOW-RS).
+the frames of one LABELMAP Segmentation instance: one segment per foreground
+class, named by the class, each frame referring to the source slice it lies on
+(same position and orientation, highdicom checks it). Label 0 and the nodata
+value are background. The instance is written under a hidden name and renamed
+into place; with ``output.dicomweb`` it is then stored on that DICOMweb server
+(STOW-RS): a server that does not answer is refused before any window runs, and
+a store that fails keeps the file in place.
 """
 
 from __future__ import annotations
@@ -30,7 +31,20 @@ PATIENT_AND_STUDY = (  # Type 2 in the Patient and General Study modules (may be
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
     "AccessionNumber", "ReferringPhysicianName",
 )  # fmt: skip
-REQUIRED = ("StudyInstanceUID", "Modality", "FrameOfReferenceUID")  # Type 1: a SEG cannot be made without them
+REQUIRED = (  # Type 1 in every slice: a SEG cannot be made without them
+    "StudyInstanceUID", "SeriesInstanceUID", "Modality", "FrameOfReferenceUID", "SOPInstanceUID", "SOPClassUID",
+)  # fmt: skip
+SEGMENT_LABEL_LENGTH = 64  # SegmentLabel is LO: at most 64 characters, no backslash (it separates values)
+UTF8 = "ISO_IR 192"
+
+
+def segment_label_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a SegmentLabel, or None."""
+    if len(name) > SEGMENT_LABEL_LENGTH:
+        return f"{len(name)} characters, where a DICOM SegmentLabel holds {SEGMENT_LABEL_LENGTH}"
+    if "\\" in name or not name.isprintable():
+        return "a backslash or a control character, which a DICOM SegmentLabel cannot hold"
+    return None
 
 
 @dataclass(frozen=True)
@@ -104,13 +118,15 @@ class DicomSegSink(LabelSink):
             series_description="tilemask labels",
             omit_empty_frames=False,
         )
+        if not all(name.isascii() for name in layout.class_names):
+            seg.SpecificCharacterSet = UTF8  # pydicom encodes every text of the SEG in it when saving
         seg.save_as(self.staged, enforce_file_format=True)
 
     def publish(self) -> list[str]:
-        if self.layout.dicomweb:  # stored first: a failed store leaves nothing that looks finished
-            store(self.staged, self.layout.dicomweb)
         publish(self.staged, self.path)
         self.labels.abort()
+        if self.layout.dicomweb:  # after the file is in place: a failed store keeps it (the run is still a failure)
+            store(self.path, self.layout.dicomweb)
         return [self.path]
 
     def abort(self) -> None:
@@ -138,4 +154,17 @@ def store(path: str, url: str) -> None:
     try:
         DICOMwebClient(url=url.rstrip("/"), session=session).store_instances([pydicom.dcmread(path)])
     except Exception as exc:  # noqa: BLE001 - requests and the client raise many types
-        raise OutputError(f"output.dicomweb: storing {path} on {url} failed: {str(exc).splitlines()[0]}") from None
+        raise OutputError(f"output.dicomweb: storing {path} on {url} failed: {str(exc).splitlines()[0]} (the file "
+                          "is whole and kept)") from None  # fmt: skip
+
+
+def check_answers(url: str) -> None:
+    """Refuse a DICOMweb server that does not answer now (exit 1: it may be down for now) before any window
+    runs, where the store comes once every window has.  Any HTTP answer will do (a QIDO refused for want of
+    rights or of QIDO does not say the store will fail)."""
+    import requests
+
+    try:
+        requests.get(f"{url.rstrip('/')}/studies", params={"limit": 1}, timeout=STORE_TIMEOUT[0])
+    except requests.RequestException as exc:
+        raise OutputError(f"output.dicomweb: {url} does not answer: {str(exc).splitlines()[0]}") from None
