@@ -158,3 +158,32 @@ def test_map_shows_polygons_across_the_antimeridian_and_keeps_them_zoomed_out(br
         assert not errors and set(statuses) == {200}, (errors, statuses)
         assert page.evaluate(loaded) == len(cells)
         page.close()
+
+
+def test_map_loads_every_page_of_a_layer_of_more_features_than_a_page(browser, tmp_path):
+    """The map asked for the features in view with limit=10000 and never followed the "next" link: every polygon
+    after the first 10,000 was missing, and nothing said so."""
+    import geopandas as gpd
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from shapely.geometry import box
+
+    from .conftest import start_server
+
+    cells = [box(x * 0.01, y * 0.01, x * 0.01 + 0.008, y * 0.01 + 0.008) for x in range(105) for y in range(100)]
+    gpd.GeoDataFrame({"n": range(len(cells))}, geometry=cells, crs="OGC:CRS84").to_file(tmp_path / "cells.gpkg")
+    with start_server(tmp_path) as url:
+        page = browser.new_page(viewport=SIZE, device_scale_factor=1)
+        errors, asked = [], []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("response", lambda r: asked.append((r.status, r.url)) if "/items" in r.url else None)
+        page.goto(f"{url}map")
+        loaded = "tilemaskMap.getLayers().item(0).getSource().getFeatures().length"
+        try:
+            page.wait_for_function(f"window.tilemaskReady === true && {loaded} >= {len(cells)}", timeout=60_000)
+        except PlaywrightTimeout:
+            pass  # the count below says how many came
+        count = page.evaluate(f"window.tilemaskMap ? {loaded} : null")
+        assert count == len(cells) == 10_500, count
+        assert not errors and page.evaluate("window.tilemaskError") is None, errors
+        assert {status for status, _ in asked} == {200} and any("offset=10000" in u for _, u in asked), asked
+        page.close()

@@ -682,3 +682,161 @@ def test_stats_serves_geoparquet_polygons_with_wkt_geometry(server, served_folde
     assert len(records) == len(truth)
     assert records[0]["class"] == truth["class"].iloc[0]
     assert shapely_wkt(records[0]["geometry"]).equals(truth.geometry.iloc[0])
+
+
+def test_labels_in_a_geostationary_full_disk_have_finite_bounds_or_none(tmp_path, served_folder):
+    """A label COG on a geostationary satellite's full disk: its corners are off the Earth, so PROJ's bounds
+    were infinite and the listing, its STAC item and /map were a 500 (the page embedded Infinity, blank for
+    every output). One whose pixels are all off the disk has no bounds, and the pages still work."""
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+
+    geos = "+proj=geos +h=35786023 +lon_0=-75 +sweep=x +ellps=GRS80 +units=m +no_defs"
+    for name, (x0, y0) in (("goes_mask.tif", (-5434894.0, 5434894.0)), ("offdisk_mask.tif", (5.2e6, 5.43e6))):
+        shutil.copyfile(served_folder / LABELS, tmp_path / name)
+        # the full disk, 10869788 m a side; a corner off it
+        with rasterio.open(tmp_path / name, "r+", IGNORE_COG_LAYOUT_BREAK="YES") as ds:
+            width = 2 * 5434894.0 if name == "goes_mask.tif" else 2e5
+            ds.crs = rasterio.crs.CRS.from_string(geos)
+            ds.transform = rasterio.transform.from_origin(x0, y0, width / ds.width, width / ds.height)
+
+    def strict(text: str):  # as a browser's JSON.parse: no Infinity, no NaN
+        return json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"not JSON: {c}")))
+
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        listing = client.get("/?f=json")
+        assert listing.status_code == 200, listing.text
+        outputs = {o["path"]: o for o in strict(listing.text)["outputs"]}
+        west, south, east, north = outputs["goes_mask.tif"]["bounds"]
+        assert -160 < west < -140 and -10 < east < 10 and -90 <= south < -70 and 70 < north <= 90  # -75 +- 81
+        assert "bounds" not in outputs["offdisk_mask.tif"]
+        item = client.get("/stac/items/goes_mask.json")
+        assert item.status_code == 200 and strict(item.text)["bbox"] == [west, south, east, north]
+        item = client.get("/stac/items/offdisk_mask.json")
+        assert item.status_code == 200 and strict(item.text)["geometry"] is None
+        page = client.get("/map")
+        assert page.status_code == 200, page.text
+        config = strict(page.text.split('type="application/json">', 1)[1].split("</script>", 1)[0])
+        assert [r["path"] for r in config["rasters"]] == ["goes_mask.tif"]
+        assert client.get("/map", params={"output": "offdisk_mask.tif"}).status_code == 400
+        assert client.get("/").status_code == 200
+        tile = client.get("/tiles/2/1/1.png", params={"output": "goes_mask.tif"})  # -90..0 W, 0..66 N
+        assert png(tile)[..., 3].any()
+
+
+def test_stats_keeps_identifiers_as_text_and_floats_exact(tmp_path):
+    """Region codes such as "01001" came back as the number 1001 (pandas guessed their type) and floats were
+    cut to 15 digits (0.30000000000000004 became 0.3, an area gained digits it never had)."""
+    import pyogrio
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+
+    rows = [
+        {"code": "01001", "pixels": 2**62 + 1, "fraction": 0.1 + 0.2, "area_m2": 12489917884.709246},
+        {"code": "99999", "pixels": 3, "fraction": 0.7167655142485173, "area_m2": 2577834789.020104},
+    ]
+    frame = pd.DataFrame(rows)
+    frame.to_csv(tmp_path / "regions.csv", index=False)
+    (tmp_path / "regions.json").write_text(json.dumps(rows))
+    frame.to_parquet(tmp_path / "regions_table.parquet")
+    pyogrio.write_dataframe(frame, tmp_path / "regions_table.gpkg")  # attributes only: a table
+    assert (tmp_path / "regions.csv").read_text().splitlines()[1].startswith("01001,4611686018427387905,")
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1") as client:
+        for name in ("regions.csv", "regions.json", "regions_table.parquet", "regions_table.gpkg"):
+            answer = client.get("/stats", params={"output": name})
+            assert answer.status_code == 200, (name, answer.text)
+            assert answer.json() == rows, name  # == on floats: the same doubles; "01001" stays text
+            assert "0.30000000000000004" in answer.text and "12489917884.709246}" in answer.text, name
+
+
+def test_probability_tiles_are_transparent_where_the_labels_are_nodata(server, served_folder):
+    """The labels' nodata collar (the input's own nodata) was drawn opaque in the probability tiles: viridis at
+    the writer's fill, 0, over the whole collar. (At zoom 8 the tiles come from overviews: edge pixels may differ
+    from the full-resolution warp.)"""
+    import morecantile
+
+    with rasterio.open(served_folder / LABELS) as ds:
+        nodata = int(ds.nodata)
+    tile = morecantile.tms.get("WebMercatorQuad").tile(-78.9, 24.0, 8)
+    labels = expected_tile(served_folder / LABELS, tile.x, tile.y, 8)
+    collar, valid = labels == nodata, (labels >= 0) & (labels != nodata)
+    assert collar.sum() > 2000 and valid.sum() > 500  # the tile holds both
+    for output in (LABELS, "zarr/RGB.byte_mask.zarr"):
+        rgba = png(get(f"{server}tiles/8/{tile.x}/{tile.y}.png", params={"output": output, "band": 1}))
+        assert (rgba[collar, 3] == 0).mean() > 0.95, (output, (rgba[collar, 3] == 0).mean())
+        assert (rgba[valid, 3] == 255).mean() > 0.95, (output, (rgba[valid, 3] == 255).mean())
+
+
+def test_a_file_whose_name_is_not_utf8_is_left_out_with_a_warning(tmp_path, caplog):
+    """A picture named with Latin-1 bytes (caf\\xe9.png) made the index and its JSON a 500 (surrogates do not
+    encode); it is left out, named in a warning, as other files the catalog cannot list are."""
+    import os
+
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
+    os.rename(os.fsencode(tmp_path / "ok.png"), os.fsencode(tmp_path) + b"/caf\xe9.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        listing = client.get("/?f=json")
+        assert listing.status_code == 200, listing.text
+        assert [o["path"] for o in listing.json()["outputs"]] == ["ok.png"]
+        assert client.get("/").status_code == 200 and client.get("/stac/catalog.json").status_code == 200
+    assert any("caf\\xe9.png" in r.getMessage() and "not UTF-8" in r.getMessage() for r in caplog.records)
+
+
+def test_sidecars_published_after_the_output_are_seen(tmp_path, served_folder):
+    """The catalog cached an entry by its main file's stamp: probabilities copied beside a label COG later, or
+    the colour table beside a NIfTI, were never seen while serving."""
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+
+    shutil.copyfile(served_folder / LABELS, tmp_path / LABELS)
+    shutil.copyfile(served_folder / "anatomical_labels.nii.gz", tmp_path / "anatomical_labels.nii.gz")
+    tile = "/tiles/12/1161/1759.png"
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+
+        def listed(path):
+            return next(o for o in client.get("/?f=json").json()["outputs"] if o["path"] == path)
+
+        assert listed(LABELS)["probabilities"] is None
+        assert client.get(tile, params={"output": LABELS, "band": 1}).status_code == 404
+        assert [c["name"] for c in listed("anatomical_labels.nii.gz")["classes"]] != ["background", "tissue"]
+        shutil.copyfile(served_folder / PROBS, tmp_path / PROBS)
+        shutil.copyfile(served_folder / "anatomical_labels.colors.csv", tmp_path / "anatomical_labels.colors.csv")
+        assert listed(LABELS)["probabilities"] == PROBS
+        assert client.get(tile, params={"output": LABELS, "band": 1}).status_code == 200
+        assert [c["name"] for c in listed("anatomical_labels.nii.gz")["classes"]] == ["background", "tissue"]
+
+
+def test_every_file_link_of_the_index_is_served(server):
+    """The index linked each Zarr store (a folder) under /files/, which serves files only: a 404."""
+    import re
+
+    links = re.findall(r'href="(files/[^"]+)"', get(server).text)
+    assert any(link.startswith("files/zarr/RGB.byte_mask.zarr") for link in links)
+    for link in links:
+        assert httpx.head(server + link, timeout=30).status_code == 200, link
+
+
+def test_items_parameters_of_invalid_values_are_400_and_a_large_limit_is_the_maximum(server):
+    """OGC API - Features Part 1, /req/core/query-param-invalid: a parameter of an invalid value is a 400 (they
+    were FastAPI's 422); a limit above the maximum is served as the maximum (the standard's example: asked
+    50000, a server of maximum 10000 returns up to 10000 and a next link), not refused. An id that is not a
+    feature's is a 404, as any other id of no feature."""
+    items = f"{server}collections/RGB.byte_polygons/items"
+    for query in ("limit=0", "limit=-5", "limit=abc", "offset=-1", "offset=x"):
+        answer = get(f"{items}?{query}")
+        assert answer.status_code == 400, (query, answer.status_code, answer.text)
+    assert get(f"{items}/abc").status_code == 404
+    page = get(f"{items}?limit=50000")
+    assert page.status_code == 200, page.text
+    page = page.json()
+    assert page["numberReturned"] == min(page["numberMatched"], 10_000)
+    assert all("limit=10000" in link["href"] for link in page["links"])
+    assert "maximum" in get(f"{server}openapi.json").text  # clients (GDAL's OAPIF) read the maximum there

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -169,8 +172,10 @@ def create_app(
     @app.get("/collections/{collection_id}/items")
     def items(
         collection_id: str, request: Request, bbox: str | None = None,
-        limit: int = Query(features.DEFAULT_LIMIT, ge=1, le=features.MAX_LIMIT), offset: int = Query(0, ge=0),
+        limit: int = Query(features.DEFAULT_LIMIT, ge=1, json_schema_extra={"maximum": features.MAX_LIMIT}),
+        offset: int = Query(0, ge=0),
     ):  # fmt: skip
+        limit = min(limit, features.MAX_LIMIT)  # a larger limit is served as the maximum, with a next link
         entry = polygons(collection_id)
         unknown = sorted(set(request.query_params) - features.ITEMS_PARAMETERS)
         if unknown:  # /req/core/query-param-unknown
@@ -182,10 +187,19 @@ def create_app(
         return JSONResponse(body, media_type=GEOJSON)
 
     @app.get("/collections/{collection_id}/items/{fid}")
-    def one_item(collection_id: str, fid: int):
+    def one_item(collection_id: str, fid: str):
         entry = polygons(collection_id)
+        if not re.fullmatch(r"-?[0-9]+", fid):  # feature ids are the layer's integer fids: no such feature
+            raise HTTPException(404, f"no feature {fid} in {entry.id}")
         with reading(entry.path):
-            return JSONResponse(features.item(root, entry, fid), media_type=GEOJSON)
+            return JSONResponse(features.item(root, entry, int(fid)), media_type=GEOJSON)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        """OGC API - Features' routes answer a parameter of an invalid value (``limit=0``, ``offset=-1``) with
+        400 (/req/core/query-param-invalid); the others with FastAPI's 422."""
+        status = 400 if request.scope.get("endpoint") in (items, one_item) else 422
+        return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=status)
 
     @app.get("/stac/catalog.json")
     def stac_catalog(request: Request):
@@ -267,7 +281,10 @@ def _index_html(root: Path, entries: list[Entry]) -> str:
     for e in entries:
         path = html.escape(e.path)
         q = quote(e.path)
-        links = [f'<a href="files/{q}">file</a>']
+        if (root / e.path).is_dir():  # a Zarr store: /files/ serves its keys, not the folder; its metadata
+            links = [f'<a href="files/{q}/zarr.json">zarr.json</a>'] if (root / e.path / "zarr.json").is_file() else []
+        else:
+            links = [f'<a href="files/{q}">file</a>']
         if e.kind == "labels" and e.bounds:
             links.append(f'<a href="map?output={q}">map</a>')
         if e.kind == "labels" and e.is_volume and e.format == "nifti":

@@ -1,4 +1,5 @@
-"""What a served folder holds: each file classified once (by the format registry), cached by its stamp.
+"""What a served folder holds: each file classified once (by the format registry), cached by its stamp and its
+sidecars' (probabilities, colour table), so that a sidecar published later is seen.
 
 An :class:`Entry` is one thing a viewer can show: a label output (COG, Zarr or
 NIfTI, with its class names and colours and the probabilities beside or inside
@@ -126,7 +127,7 @@ class Catalog:
         return next((e for e in self.entries() if e.id == entry_id and (not kinds or e.kind in kinds)), None)
 
     def _classified(self, path: Path) -> list[Entry]:
-        stamp = _stamp(path)
+        stamp = (_stamp(path), *(_stamp(side, follow=False) for side in _sidecars(path)))
         key = str(path)
         with self._lock:
             cached = self._cache.get(key)
@@ -155,13 +156,34 @@ class Catalog:
                     yield path
 
 
-def _stamp(path: Path) -> tuple:
+def _stamp(path: Path, follow: bool = True) -> tuple:
+    """A file's size, mtime and inode (a Zarr store's: its ``zarr.json``'s); () when absent. ``follow=False``:
+    a symlink's own (so that swapping the link is a change)."""
     marker = path / "zarr.json" if path.is_dir() else path
     try:
-        st = marker.stat()
+        st = marker.stat() if follow else marker.lstat()
     except OSError:
         return ()
     return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _sidecars(path: Path) -> list[Path]:
+    """The files beside (or inside) an output that its entry is read from, and so part of its cache key: they
+    can be published after it. Probabilities beside a COG or NIfTI, a NIfTI's colour table, GDAL's sidecars
+    of a GeoTIFF (whose symlinks :func:`_sidecars_inside` checks), a Zarr store's arrays."""
+    name = path.name.lower()
+    if not name.endswith((".tif", ".tiff", ".zarr", ".nii", ".nii.gz")):
+        return []
+    fmt = for_path(str(path))
+    if fmt.zarr_store:
+        try:
+            return sorted(child for child in path.iterdir() if child.is_dir())  # each array's zarr.json
+        except OSError:
+            return []
+    found = [Path(p) for p in fmt.files(str(path), probabilities=True)[1:]]  # probabilities, colour table
+    if fmt.gdal_raster:
+        found += [Path(f"{path}{s}") for s in GDAL_SIDECARS]
+    return found
 
 
 def _classify(root: Path, path: Path) -> list[Entry]:
@@ -170,6 +192,12 @@ def _classify(root: Path, path: Path) -> list[Entry]:
 
     rel = relative(root, path)
     name = path.name.lower()
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 (Python's surrogate escapes): no URL or JSON can name it
+        shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        logger.warning("%s: left out of the catalog: its name is not UTF-8; rename it to list it", shown)
+        return []
     try:
         if name.endswith((".tif", ".tiff", ".zarr", ".nii", ".nii.gz")):
             with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN=os.environ.get("GDAL_DISABLE_READDIR_ON_OPEN", "TRUE")):
@@ -341,10 +369,44 @@ def _geometry_bounds(geometry, shape) -> tuple[float, float, float, float] | Non
 
 
 def lonlat_bounds(crs, bounds) -> tuple[float, float, float, float] | None:
-    """``bounds`` in ``crs`` as CRS84 bounds (minlon > maxlon across the antimeridian); None without either."""
+    """``bounds`` in ``crs`` as CRS84 bounds (minlon > maxlon across the antimeridian), always finite; None
+    without either, or when no point of ``bounds`` is on the Earth.
+
+    PROJ's densified edges give the bounds, unless a point of an edge is off the Earth (it moves to inf: the
+    corners of a geostationary full disk, of a global Mollweide grid): then the bounds are those of the points of
+    a grid over ``bounds`` that are on it (:func:`_sampled_bounds`), a little inside the true ones."""
     if crs is None or bounds is None or not np.all(np.isfinite(bounds)):
         return None
-    return tuple(float(v) for v in transformer(str(crs), "OGC:CRS84").transform_bounds(*bounds, densify_pts=21))
+    to_lonlat = transformer(str(crs), "OGC:CRS84")
+    with np.errstate(invalid="ignore"):
+        out = to_lonlat.transform_bounds(*bounds, densify_pts=21)
+    if np.all(np.isfinite(out)):
+        return tuple(float(v) for v in out)
+    return _sampled_bounds(to_lonlat, bounds)
+
+
+SAMPLES = 257  # a side of the grid :func:`_sampled_bounds` moves: 66,049 points, about 20 ms, once per file
+
+
+def _sampled_bounds(to_lonlat, bounds) -> tuple[float, float, float, float] | None:
+    """The CRS84 bounds of the points of a ``SAMPLES`` x ``SAMPLES`` grid over ``bounds`` that land on the Earth
+    (finite, longitude within +-180 and latitude within +-90 degrees); None when none does. Across the
+    antimeridian (their longitudes, taken 0..360, span less than taken -180..180) minlon > maxlon."""
+    x0, y0, x1, y1 = bounds
+    xs, ys = np.meshgrid(np.linspace(x0, x1, SAMPLES), np.linspace(y0, y1, SAMPLES))
+    with np.errstate(invalid="ignore"):
+        lon, lat = (np.asarray(v).ravel() for v in to_lonlat.transform(xs, ys))
+    keep = np.isfinite(lon) & np.isfinite(lat) & (np.abs(lon) <= 180) & (np.abs(lat) <= 90)
+    if not keep.any():
+        return None
+    lon, lat = lon[keep], lat[keep]
+    south, north = float(lat.min()), float(lat.max())
+    west, east = float(lon.min()), float(lon.max())
+    east360 = np.where(lon < 0, lon + 360, lon)
+    if east360.max() - east360.min() < east - west:  # shorter across 180 degrees
+        west, east = float(east360.min()), float(east360.max())
+        west, east = (west - 360 if west > 180 else west), (east - 360 if east > 180 else east)
+    return west, south, east, north
 
 
 @functools.lru_cache(maxsize=64)

@@ -6,7 +6,8 @@ any other driver); Zarr outputs go through ``XarrayReader`` on
 :func:`tilemask.open_result`'s DataArray. Labels are read with nearest
 resampling (from the COG's overviews at low zooms) and drawn in their class
 colours, with nodata and the outside of the image transparent; probabilities
-are drawn as a viridis ramp, one band (class) at a time.
+are drawn as a viridis ramp, one band (class) at a time, transparent where the
+labels are nodata (that collar holds the writer's fill, not a prediction).
 """
 
 from __future__ import annotations
@@ -112,8 +113,17 @@ def probability_tile(root: Path, entry: Entry, band: int, x: int, y: int, z: int
     index = np.clip(np.rint(values / scale * 255), 0, 255).astype(np.uint8)
     ramp = np.array([cmap.get("viridis")[i] for i in range(256)], np.uint8)
     rgba = ramp[index]
-    rgba[..., 3] = np.where(image.array.mask[0], 0, 255)
+    rgba[..., 3] = np.where(image.array.mask[0] | _no_labels(root, entry, x, y, z), 0, 255)
     return _png(rgba)
+
+
+def _no_labels(root: Path, entry: Entry, x: int, y: int, z: int) -> np.ndarray:
+    """Where the tile has no label (the labels' nodata, or outside them): the probabilities there are the
+    writer's fill, not a prediction, and are drawn transparent as the labels are."""
+    with reader(root, entry) as r:
+        image = r.tile(x, y, z, indexes=1, **NEAREST)
+    empty = np.asarray(image.array.mask[0], bool)
+    return empty | (image.data[0] == entry.nodata) if entry.nodata is not None else empty
 
 
 def point(root: Path, entry: Entry, lon: float, lat: float) -> dict:

@@ -1,9 +1,11 @@
 """A STAC catalog of the served outputs (pystac): one Item per label output or polygons file.
 
 Label Items carry ``classification:classes`` (value, name, colour hint) on the
-labels asset, the probabilities as a second asset when they exist, and the
-projection of georeferenced outputs; volumes have no footprint on the Earth, so
-their Items have a null geometry (as STAC allows). Asset hrefs point at
+labels asset, and the probabilities as a second asset when they exist. Georeferenced
+outputs have their footprint in CRS84 (``bbox`` and ``geometry``); the projection
+extension is not written (the files' own CRS is in the assets). Volumes, and
+outputs none of whose points is on the Earth, have no footprint, so their Items
+have a null geometry (as STAC allows). Asset hrefs point at
 ``/files/``, so STAC browsers and QGIS's STAC plugin open them through the same
 range-request route.
 """

@@ -22,15 +22,43 @@ for (const r of config.rasters) {
     }),
   }));
 }
+// Every feature in the view, page after page: the server answers at most 10,000 a page, with a "next" link to
+// the rest. window.tilemaskLoading counts the pages being fetched (for tests); a layer whose pages fail is named
+// in #info and window.tilemaskError.
+const PAGE = 10000;
+const geojson = new ol.format.GeoJSON();
+window.tilemaskLoading = 0;
+function pagedLoader(p, source) {
+  return async (extent, resolution, projection, success, failure) => {
+    const bbox = lonLatBox(ol.proj.transformExtent(extent, projection, "EPSG:4326"));
+    let url = "collections/" + encodeURIComponent(p.id) + "/items?limit=" + PAGE + "&bbox=" + bbox.join(",");
+    const loaded = [];
+    window.tilemaskLoading += 1;
+    try {
+      while (url) {
+        const response = await fetch(url);
+        if (!response.ok) throw new Error(`${response.status} ${await response.text()}`);
+        const page = await response.json();
+        const features = geojson.readFeatures(page, { featureProjection: projection });
+        source.addFeatures(features);  // features already there (same id, from another extent) are skipped
+        loaded.push(...features);
+        const next = (page.links || []).find((link) => link.rel === "next");
+        url = next ? next.href : null;
+      }
+      success(loaded);
+    } catch (error) {
+      source.removeLoadedExtent(extent);
+      window.tilemaskError = `${p.path}: ${error.message}`;
+      document.getElementById("info").textContent = `${p.path}: not all polygons loaded (${error.message})`;
+      failure();
+    } finally {
+      window.tilemaskLoading -= 1;
+    }
+  };
+}
 for (const p of config.polygons) {
-  const source = new ol.source.Vector({
-    format: new ol.format.GeoJSON(),
-    url: (extent, resolution, projection) => {
-      const bbox = lonLatBox(ol.proj.transformExtent(extent, projection, "EPSG:4326"));
-      return "collections/" + encodeURIComponent(p.id) + "/items?limit=10000&bbox=" + bbox.join(",");
-    },
-    strategy: ol.loadingstrategy.bbox,
-  });
+  const source = new ol.source.Vector({ strategy: ol.loadingstrategy.bbox });
+  source.setLoader(pagedLoader(p, source));
   layers.push(new ol.layer.Vector({
     source,
     style: (feature) => new ol.style.Style({
