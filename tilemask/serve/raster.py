@@ -3,7 +3,10 @@
 COG outputs are opened by rio-tiler's ``Reader`` on a dataset that tilemask opens
 itself with the GTiff driver only (so a client can never make GDAL open a VRT or
 any other driver); Zarr outputs go through ``XarrayReader`` on
-:func:`tilemask.open_result`'s DataArray. Labels are read with nearest
+:func:`tilemask.open_result`'s DataArray, or, for a tile of an OME-Zarr, on the
+level of its pyramid that is as fine as the tile and no finer (as rio-tiler
+picks a COG's overview); a plain Zarr has no pyramid, so a zoomed-out tile of a
+large one reads the whole array. Labels are read with nearest
 resampling (from the COG's overviews at low zooms) and drawn in their class
 colours, with nodata and the outside of the image transparent; probabilities
 are drawn as a viridis ramp, one band (class) at a time, transparent where the
@@ -35,12 +38,16 @@ OUTSIDE = (TileOutsideBounds, PointOutsideBounds)
 
 
 @contextlib.contextmanager
-def reader(root: Path, entry: Entry, variable: str = "labels"):
-    """A rio-tiler reader of ``entry``'s labels or probabilities."""
+def reader(root: Path, entry: Entry, variable: str = "labels", zoom: int | None = None):
+    """A rio-tiler reader of ``entry``'s labels or probabilities; for a tile at ``zoom``, of an OME-Zarr's level
+    that suits it."""
     path = root / entry.path
-    if for_path(entry.path).zarr_store:
+    fmt = for_path(entry.path)
+    if fmt.zarr_store:
         st = (path / "zarr.json").stat()
-        with XarrayReader(_zarr_array(str(path), variable, st.st_mtime_ns, st.st_ino)) as r:
+        stamp = (st.st_mtime_ns, st.st_ino)
+        level = _level_for(str(path), variable, zoom, *stamp) if zoom is not None and fmt.name == "ome-zarr" else 0
+        with XarrayReader(_zarr_array(str(path), variable, level, *stamp)) as r:
             yield r
         return
     if variable == "probabilities":
@@ -52,13 +59,65 @@ def reader(root: Path, entry: Entry, variable: str = "labels"):
 
 
 @functools.lru_cache(maxsize=16)
-def _zarr_array(path: str, variable: str, mtime_ns: int, inode: int):
-    """A Zarr output as :func:`tilemask.open_result` gives it (lazy), opened once while the store is unchanged
-    rather than for every tile; probabilities with their class axis named ``band``, as rio-tiler expects."""
+def _zarr_array(path: str, variable: str, level: int, mtime_ns: int, inode: int):
+    """A Zarr output as :func:`tilemask.open_result` gives it (lazy), or that array's ``level`` of an OME-Zarr's
+    pyramid, each 2**level times coarser on the same grid; opened once while the store is unchanged rather than
+    for every tile; probabilities with their class axis named ``band``, as rio-tiler expects."""
+    import dask.array as da
+    import xarray as xr
+    import zarr
+
     from ..results import open_result
 
     array = open_result(path, variable)
-    return array.rename({"class": "band"}) if variable == "probabilities" else array
+    array = array.rename({"class": "band"}) if variable == "probabilities" else array
+    if level == 0:
+        return array
+    stored = zarr.open_group(path, mode="r")[_level_paths(path, variable)[level]]
+    grid = array.rio.transform() * rasterio.Affine.scale(2**level)
+    height, width = stored.shape[-2:]
+    coords = {name: values for name, values in array.coords.items() if name not in ("x", "y", "spatial_ref")}
+    coords["y"] = grid.f + (np.arange(height) + 0.5) * grid.e  # pixel centres, as rioxarray reads a grid
+    coords["x"] = grid.c + (np.arange(width) + 0.5) * grid.a
+    out = xr.DataArray(da.from_zarr(stored), dims=array.dims, coords=coords, attrs=array.attrs, name=array.name)
+    out = out.rio.write_crs(array.rio.crs)
+    return out.rio.write_nodata(array.rio.nodata, encoded=False) if array.rio.nodata is not None else out
+
+
+@functools.lru_cache(maxsize=16)
+def _level_paths(path: str, variable: str) -> tuple[str, ...]:
+    """The store keys of an OME-Zarr output's levels of ``variable``, finest first."""
+    import zarr
+
+    from ..formats import OmeZarrFormat
+
+    group = zarr.open_group(path, mode="r")
+    fmt = OmeZarrFormat()
+    first = fmt.labels_key(group) if variable == "labels" else fmt.probabilities_key(group)
+    parent = first.rsplit("/", 1)[0] if "/" in first else ""
+    attrs = dict(group[parent].attrs) if parent else dict(group.attrs)
+    datasets = attrs["ome"]["multiscales"][0]["datasets"]
+    return tuple(f"{parent}/{d['path']}" if parent else d["path"] for d in datasets)
+
+
+def _level_for(path: str, variable: str, zoom: int, mtime_ns: int, inode: int) -> int:
+    """The coarsest level of an OME-Zarr output whose pixels are no larger than a Web Mercator tile's at ``zoom``
+    (rio-tiler's rule for a COG's overviews), measured at the output's centre."""
+    base = _zarr_array(path, variable, 0, mtime_ns, inode)
+    if base.rio.crs is None:
+        return 0
+    from rasterio.warp import transform
+
+    grid = base.rio.transform()
+    height, width = base.sizes["y"], base.sizes["x"]
+    centre = grid * (width / 2, height / 2)
+    xs, ys = transform(base.rio.crs, "EPSG:3857", [centre[0], centre[0] + grid.a], [centre[1], centre[1]])
+    pixel = float(np.hypot(xs[1] - xs[0], ys[1] - ys[0]))  # one output pixel, in Web Mercator metres there
+    tile_pixel = 2 * np.pi * 6378137.0 / (256 * 2**zoom)
+    if not np.isfinite(pixel) or pixel <= 0:
+        return 0
+    levels = len(_level_paths(path, variable))
+    return int(max(0, min(levels - 1, np.floor(np.log2(tile_pixel / pixel)))))
 
 
 _local = threading.local()
@@ -87,7 +146,7 @@ def _open_gtiff(path: Path) -> rasterio.io.DatasetReader:
 
 
 def label_tile(root: Path, entry: Entry, x: int, y: int, z: int) -> bytes:
-    with reader(root, entry) as r:
+    with reader(root, entry, zoom=z) as r:
         image = r.tile(x, y, z, indexes=1, **NEAREST)
     labels = image.data[0]
     colours = entry.colours()
@@ -103,7 +162,7 @@ def label_tile(root: Path, entry: Entry, x: int, y: int, z: int) -> bytes:
 
 
 def probability_tile(root: Path, entry: Entry, band: int, x: int, y: int, z: int) -> bytes:
-    with reader(root, entry, "probabilities") as r:
+    with reader(root, entry, "probabilities", zoom=z) as r:
         bands = r.input.sizes["band"] if isinstance(r, XarrayReader) else r.dataset.count
         if band > bands:
             raise IndexError(f"band {band} of {bands}")
@@ -120,7 +179,7 @@ def probability_tile(root: Path, entry: Entry, band: int, x: int, y: int, z: int
 def _no_labels(root: Path, entry: Entry, x: int, y: int, z: int) -> np.ndarray:
     """Where the tile has no label (the labels' nodata, or outside them): the probabilities there are the
     writer's fill, not a prediction, and are drawn transparent as the labels are."""
-    with reader(root, entry) as r:
+    with reader(root, entry, zoom=z) as r:
         image = r.tile(x, y, z, indexes=1, **NEAREST)
     empty = np.asarray(image.array.mask[0], bool)
     return empty | (image.data[0] == entry.nodata) if entry.nodata is not None else empty
