@@ -160,6 +160,7 @@ def test_map_shows_polygons_across_the_antimeridian_and_keeps_them_zoomed_out(br
         page.close()
 
 
+@pytest.mark.slow  # 18 s: 10,500 polygons through OpenLayers
 def test_map_loads_every_page_of_a_layer_of_more_features_than_a_page(browser, tmp_path):
     """The map asked for the features in view with limit=10000 and never followed the "next" link: every polygon
     after the first 10,000 was missing, and nothing said so."""
