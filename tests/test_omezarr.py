@@ -173,7 +173,7 @@ def test_volume_axes_are_named_after_the_world_axes_they_run_along(make_volume, 
 def test_an_ome_zarr_named_zarr_is_read_as_one_and_an_array_inside_a_group_by_its_path(make_model, tmp_path):
     """NGFF 0.4 stores are often plain ``.zarr``: one was "a Zarr group; give the path of the array inside it",
     and that path then read as a GDAL raster (2 spatial axes for a 3D model)."""
-    from tilemask.errors import InputError
+    from tilemask.errors import InputError, WorkflowError
     from tilemask.sources import open_source
 
     volume = np.arange(20 * 18 * 16, dtype=np.int16).reshape(20, 18, 16)
@@ -197,3 +197,16 @@ def test_an_ome_zarr_named_zarr_is_read_as_one_and_an_array_inside_a_group_by_it
                                          rf"image array inside it, {plain}/NAME \(it holds scan\)$"):  # fmt: skip
         open_source(str(plain), 3)
     np.testing.assert_array_equal(open_source(str(plain / "scan"), 3).read(((0, 20), (0, 18), (0, 16)))[0], volume)
+
+    # a raster GDAL wrote into a Zarr store keeps the CRS and transform GDAL reads (zarr-python knows neither)
+    with rasterio.open(tmp_path / "scene.zarr", "w", driver="Zarr", width=64, height=48, count=1, dtype="uint8",
+                       crs="EPSG:32633", transform=rasterio.transform.from_origin(5e5, 4e6, 10, 10)) as ds:  # fmt: skip
+        ds.write(np.arange(48 * 64, dtype=np.uint8).reshape(1, 48, 64))
+    scene = open_source(str(tmp_path / "scene.zarr" / "scene"), 2)
+    assert rasterio.CRS.from_wkt(scene.geometry.crs_wkt).to_epsg() == 32633
+    assert scene.geometry.transform == (5e5, 10.0, 0.0, 4e6, 0.0, -10.0)
+    # an array inside a store is an input, never an output path
+    weights, _ = make_model(UNET_2D)
+    for inside in ("out.zarr/{stem}", "scan.ome.zarr/{stem}_seg"):
+        with pytest.raises(WorkflowError, match="suffix must be one of"):
+            Workflow.from_dict(raster_workflow(str(named), weights, output={"path": inside}), base_dir=tmp_path)

@@ -131,12 +131,6 @@ class ZarrFormat(Format):
     suffixes = (".zarr",)
     zarr_store = True
 
-    def matches(self, path):
-        """A Zarr store, or an array inside one (``scan.zarr/0``: a last name with no suffix of its own)."""
-        name = path.lower().rstrip("/")
-        inside = ".zarr/" in name and "." not in name.rsplit("/", 1)[-1]
-        return super().matches(path) or inside
-
     def open_source(self, path, spatial_dims, bands):
         from .sources.zarr import ZarrSource
 
@@ -186,7 +180,6 @@ class OmeZarrFormat(ZarrFormat):
 
     name = "ome-zarr"
     suffixes = (".ome.zarr",)
-    matches = Format.matches  # an array inside an OME-Zarr is a plain Zarr array
 
     def open_source(self, path, spatial_dims, bands):
         from .sources.zarr import ZarrSource
@@ -389,7 +382,10 @@ class GdalRasterFormat(GeoTiffFormat):
 
     def open_source(self, path, spatial_dims, bands):
         from .errors import InputError
+        from .sources.zarr import ZarrSource, read_by_gdal
 
+        if _inside_zarr_store(path) and not read_by_gdal(path, spatial_dims):
+            return ZarrSource.open(path, spatial_dims)
         try:
             return super().open_source(path, spatial_dims, bands)
         except InputError as exc:  # GDAL's "not recognized": say what the file or folder is, where that is known
@@ -403,6 +399,12 @@ class GdalRasterFormat(GeoTiffFormat):
                 raise InputError(f"{path}: a NIfTI pair (.hdr and .img); tilemask reads one-file NIfTI: "
                                  "nib.save(nib.load(path), 'scan.nii.gz') makes one") from None  # fmt: skip
             raise
+
+
+def _inside_zarr_store(path: str) -> bool:
+    """Whether ``path`` names an array inside a local Zarr store (``scan.zarr/0``: a last name with no suffix)."""
+    name = path.lower().rstrip("/")
+    return "://" not in name and ".zarr/" in name and "." not in name.rsplit("/", 1)[-1]
 
 
 def _nifti_pair(path: str) -> bool:

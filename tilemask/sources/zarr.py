@@ -5,7 +5,8 @@ is channel-first.  Geometry comes from tilemask's own attributes when present
 (``crs`` + ``transform`` for rasters, ``affine`` for volumes), else identity.
 A group is read as an OME-Zarr image when it holds OME-Zarr multiscales,
 whatever its name says (NGFF 0.4 stores are often plain ``.zarr``); an array
-inside a group is given by its path (``scan.zarr/0``).
+inside a group is given by its path (``scan.zarr/0``), and read here unless it
+is a georeferenced raster GDAL wrote (:func:`read_by_gdal`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,17 @@ from ..geometry import Geometry, Region, geometry_from_attrs
 from . import ImageSource, cached_handle, file_stamp
 
 logger = logging.getLogger(__name__)
+
+
+def read_by_gdal(path: str, spatial_dims: int) -> bool:
+    """Whether the array at ``path``, inside a Zarr store, is left to GDAL: a 2D raster GDAL georeferenced (its
+    ``_CRS``, which GDAL's Zarr driver reads and zarr-python does not), or no array zarr-python opens.  Volumes
+    are read here: GDAL would make bands of their third axis."""
+    try:
+        attrs = dict(zarr.open_array(path, mode="r").attrs)
+    except Exception:  # noqa: BLE001 - not an array zarr-python opens: GDAL names the problem
+        return True
+    return spatial_dims == 2 and "_CRS" in attrs
 
 
 def ome_multiscales(attrs: dict) -> list | None:
