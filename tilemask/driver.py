@@ -209,11 +209,11 @@ def drive_job(
     counts.write("running", host=socket.gethostname(), pid=os.getpid(), started=time.time(), message=None,
                  scheduler=address, driver=driver, finished=None)  # fmt: skip
     try:
-        if todo and plan.workflow.output.dicomweb:
+        first = runner.first_plannable(todo, results)  # before any work: exit 2 if the workflow cannot run
+        if first is not None and plan.workflow.output.dicomweb:
             from .sinks.dicomseg import check_answers
 
             check_answers(plan.workflow.output.dicomweb)  # before any window; the store comes after them all
-        first = runner.first_plannable(todo, results)  # before any work: exit 2 if the workflow cannot run
         if first is not None:
             with contextlib.ExitStack() as stack:
                 if client is None:

@@ -780,6 +780,10 @@ def test_stats_keeps_identifiers_as_text_and_floats_exact(tmp_path):
             assert answer.status_code == 200, (name, answer.text)
             assert answer.json() == rows, name  # == on floats: the same doubles; "01001" stays text
             assert "0.30000000000000004" in answer.text and "12489917884.709246}" in answer.text, name
+        # as pandas wrote them and reads them back: booleans, repeated names told apart, missing cells null
+        pd.DataFrame([[True, 1, "x"], [False, 2, None]], columns=["flag", "a", "a"]).to_csv(tmp_path / "t.csv", index=False)
+        assert client.get("/stats", params={"output": "t.csv"}).json() == [{"flag": True, "a": 1, "a.1": "x"},
+                                                                          {"flag": False, "a": 2, "a.1": None}]  # fmt: skip
 
 
 def test_probability_tiles_are_transparent_where_the_labels_are_nodata(server, served_folder):

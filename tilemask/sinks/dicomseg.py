@@ -161,10 +161,11 @@ def store(path: str, url: str) -> None:
 def check_answers(url: str) -> None:
     """Refuse a DICOMweb server that does not answer now (exit 1: it may be down for now) before any window
     runs, where the store comes once every window has.  Any HTTP answer will do (a QIDO refused for want of
-    rights or of QIDO does not say the store will fail)."""
+    rights or of QIDO does not say the store will fail); its body is not read.  Asked from the process that
+    drives the job (the store runs on a worker: they must both reach the server)."""
     import requests
 
     try:
-        requests.get(f"{url.rstrip('/')}/studies", params={"limit": 1}, timeout=STORE_TIMEOUT[0])
+        requests.get(f"{url.rstrip('/')}/studies", params={"limit": 1}, timeout=STORE_TIMEOUT[0], stream=True).close()
     except requests.RequestException as exc:
         raise OutputError(f"output.dicomweb: {url} does not answer: {str(exc).splitlines()[0]}") from None
