@@ -365,7 +365,8 @@ def test_segment_labels_dicom_cannot_hold_are_refused_and_others_are_written_in_
     for name, why in (("x" * 65, "65 characters, where a DICOM SegmentLabel holds 64"),
                       ("liver\\segment", "a backslash or a control character")):  # fmt: skip
         with pytest.raises(WorkflowError, match=re.escape(why)):
-            Workflow.from_dict({**series_workflow(folder, weights, ["background", name], 500.0, 800.0), "output": output})
+            named = series_workflow(folder, weights, ["background", name], 500.0, 800.0)
+            Workflow.from_dict(named | {"output": output})
     workflow = series_workflow(folder, weights, ["background", "Läsion"], 500.0, 800.0) | {"output": output}
     (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
     with pydicom.config.strict_reading():
@@ -378,7 +379,8 @@ def test_segment_labels_dicom_cannot_hold_are_refused_and_others_are_written_in_
 
     bare = write_series(tmp_path / "bare", mutate=no_series)
     with pytest.raises(InputError, match="no SeriesInstanceUID, which a DICOM Segmentation must copy"):
-        plan_workflow(Workflow.from_dict({**workflow, "input": str(bare), "output": {"path": "b/x.dcm"}}, base_dir=tmp_path))
+        bare_workflow = workflow | {"input": str(bare), "output": {"path": "b/x.dcm"}}
+        plan_workflow(Workflow.from_dict(bare_workflow, base_dir=tmp_path))
 
 
 def test_a_series_without_patient_and_study_details_gives_a_segmentation_that_highdicom_reads(

@@ -468,7 +468,7 @@ def test_damaged_outputs_are_a_422_naming_the_file_not_a_500(tmp_path, served_fo
             assert answer.json()["detail"].startswith(f"{name}: cannot read: "), answer.text
 
 
-@pytest.mark.slow  # 20 s: three formats, five boxes; test_cylindrical_maps_go_on_past_180_degrees cuts at 180 by default
+@pytest.mark.slow  # 20 s: three formats, five boxes; test_cylindrical_maps_go_on_past_180_degrees: the default run
 def test_features_across_the_antimeridian_are_cut_there_and_found_by_any_bbox(tmp_path):
     """Polygons in UTM zone 1, on both sides of 180 degrees. A bbox far wider than the layer transformed into the
     zone to nonsense (the whole world matched 197 of 785 polygons, -100..100 degrees matched 8), a bbox across
@@ -754,6 +754,16 @@ def test_labels_in_a_geostationary_full_disk_have_finite_bounds_or_none(tmp_path
         assert client.get("/").status_code == 200
         tile = client.get("/tiles/2/1/1.png", params={"output": "goes_mask.tif"})  # -90..0 W, 0..66 N
         assert png(tile)[..., 3].any()
+    # the rim of the disk is in the bounds (a grid of samples alone missed 2 degrees of it), and so a polygon
+    # near it is found by a bbox there
+    assert west < -156.2 and east > 6.2, (west, east)  # the limb: 81.3 degrees either side of -75
+    to_geos = Transformer.from_crs("OGC:CRS84", geos, always_xy=True)
+    corners = ((-156, -0.1), (-155.8, -0.1), (-155.8, 0.1), (-156, 0.1))
+    cell = Polygon([to_geos.transform(lon, lat) for lon, lat in corners])
+    gpd.GeoDataFrame({"name": ["rim"]}, geometry=[cell], crs=geos).to_file(tmp_path / "rim.gpkg")
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1") as client:
+        found = client.get("/collections/rim/items", params={"bbox": "-157,-1,-155,1"}).json()
+        assert [f["properties"]["name"] for f in found["features"]] == ["rim"]
 
 
 def test_stats_keeps_identifiers_as_text_and_floats_exact(tmp_path):
@@ -781,9 +791,10 @@ def test_stats_keeps_identifiers_as_text_and_floats_exact(tmp_path):
             assert answer.json() == rows, name  # == on floats: the same doubles; "01001" stays text
             assert "0.30000000000000004" in answer.text and "12489917884.709246}" in answer.text, name
         # as pandas wrote them and reads them back: booleans, repeated names told apart, missing cells null
-        pd.DataFrame([[True, 1, "x"], [False, 2, None]], columns=["flag", "a", "a"]).to_csv(tmp_path / "t.csv", index=False)
-        assert client.get("/stats", params={"output": "t.csv"}).json() == [{"flag": True, "a": 1, "a.1": "x"},
-                                                                          {"flag": False, "a": 2, "a.1": None}]  # fmt: skip
+        table = pd.DataFrame([[True, 1, "x"], [False, 2, None]], columns=["flag", "a", "a"])
+        table.to_csv(tmp_path / "t.csv", index=False)
+        expected = [{"flag": True, "a": 1, "a.1": "x"}, {"flag": False, "a": 2, "a.1": None}]
+        assert client.get("/stats", params={"output": "t.csv"}).json() == expected
 
 
 def test_probability_tiles_are_transparent_where_the_labels_are_nodata(server, served_folder):

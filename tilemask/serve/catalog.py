@@ -373,8 +373,8 @@ def lonlat_bounds(crs, bounds) -> tuple[float, float, float, float] | None:
     without either, or when no point of ``bounds`` is on the Earth.
 
     PROJ's densified edges give the bounds, unless a point of an edge is off the Earth (it moves to inf: the
-    corners of a geostationary full disk, of a global Mollweide grid): then the bounds are those of the points of
-    a grid over ``bounds`` that are on it (:func:`_sampled_bounds`), a little inside the true ones."""
+    corners of a geostationary full disk): then the bounds are those of the points of a grid over ``bounds`` that
+    are on it (:func:`_sampled_bounds`), widened by a step of that grid so as to hold the rim between them."""
     if crs is None or bounds is None or not np.all(np.isfinite(bounds)):
         return None
     to_lonlat = transformer(str(crs), "OGC:CRS84")
@@ -390,16 +390,29 @@ SAMPLES = 257  # a side of the grid :func:`_sampled_bounds` moves: 66,049 points
 
 def _sampled_bounds(to_lonlat, bounds) -> tuple[float, float, float, float] | None:
     """The CRS84 bounds of the points of a ``SAMPLES`` x ``SAMPLES`` grid over ``bounds`` that land on the Earth
-    (finite, longitude within +-180 and latitude within +-90 degrees); None when none does. Across the
-    antimeridian (their longitudes, taken 0..360, span less than taken -180..180) minlon > maxlon."""
+    (finite, longitude within +-180 and latitude within +-90 degrees), and of the rim between them and their
+    neighbours off it (found by bisection: the grid alone misses 2 degrees of a full disk's longitudes); None
+    when none does. Across the antimeridian (their longitudes, taken 0..360, span less than taken -180..180)
+    minlon > maxlon."""
     x0, y0, x1, y1 = bounds
     xs, ys = np.meshgrid(np.linspace(x0, x1, SAMPLES), np.linspace(y0, y1, SAMPLES))
-    with np.errstate(invalid="ignore"):
-        lon, lat = (np.asarray(v).ravel() for v in to_lonlat.transform(xs, ys))
-    keep = np.isfinite(lon) & np.isfinite(lat) & (np.abs(lon) <= 180) & (np.abs(lat) <= 90)
+    lon, lat, keep = _on_earth(to_lonlat, xs, ys)
     if not keep.any():
         return None
-    lon, lat = lon[keep], lat[keep]
+    inside, outside = [], []  # neighbours either side of the rim, along rows and along columns
+    for a, b in (((slice(None), slice(None, -1)), (slice(None), slice(1, None))),
+                 ((slice(None, -1), slice(None)), (slice(1, None), slice(None)))):  # fmt: skip
+        for p, q in ((a, b), (b, a)):
+            rim = keep[p] & ~keep[q]
+            inside.append(np.stack([xs[p][rim], ys[p][rim]], axis=-1))
+            outside.append(np.stack([xs[q][rim], ys[q][rim]], axis=-1))
+    on, off = np.concatenate(inside), np.concatenate(outside)
+    for _ in range(30):  # each halves the gap: 42 km of a full disk's grid to millimetres
+        middle = (on + off) / 2
+        landed = _on_earth(to_lonlat, middle[:, 0], middle[:, 1])[2]
+        on[landed], off[~landed] = middle[landed], middle[~landed]
+    rim_lon, rim_lat, _ = _on_earth(to_lonlat, on[:, 0], on[:, 1])
+    lon, lat = np.concatenate([lon[keep], rim_lon]), np.concatenate([lat[keep], rim_lat])
     south, north = float(lat.min()), float(lat.max())
     west, east = float(lon.min()), float(lon.max())
     east360 = np.where(lon < 0, lon + 360, lon)
@@ -407,6 +420,14 @@ def _sampled_bounds(to_lonlat, bounds) -> tuple[float, float, float, float] | No
         west, east = float(east360.min()), float(east360.max())
         west, east = (west - 360 if west > 180 else west), (east - 360 if east > 180 else east)
     return west, south, east, north
+
+
+def _on_earth(to_lonlat, xs, ys) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Longitudes and latitudes of the points, and which of them are on the Earth."""
+    with np.errstate(invalid="ignore"):
+        lon, lat = (np.asarray(v, dtype=float) for v in to_lonlat.transform(xs, ys))
+        keep = np.isfinite(lon) & np.isfinite(lat) & (np.abs(lon) <= 180) & (np.abs(lat) <= 90)
+    return lon, lat, keep
 
 
 @functools.lru_cache(maxsize=64)

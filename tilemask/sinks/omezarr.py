@@ -54,11 +54,11 @@ def space_axes(layout: OutputLayout) -> tuple[tuple[str, ...], list[float], list
     """The space axes' NGFF names, scale, translation (where pixel/voxel 0 is) and unit.
 
     A volume: the voxel sizes in mm, or in the unit of an OME-Zarr input.  An image: the pixel size in metres in
-    a projected CRS, else the geotransform's own sizes, in the unit of an OME-Zarr input (none if it has none).  NGFF has no rotation or flip, and its
-    scales are positive: the translation (the origin, on the world axis each axis is named after) is written
-    only where every axis runs along its world axis in the positive direction (an OME-Zarr input); else none
-    (a north-up raster's rows run south, a NIfTI's first axis often runs left), and the grid is in tilemask's
-    attributes.
+    a projected CRS, else the geotransform's own sizes, in the unit of an OME-Zarr input (none if it has none).
+    NGFF has no rotation or flip, and its scales are positive: the translation (the origin, on the world axis
+    each axis is named after) is written only where every axis runs along its world axis in the positive
+    direction (an OME-Zarr input); else none (a north-up raster's rows run south, a NIfTI's first axis often runs
+    left), and the grid is in tilemask's attributes.
     """
     from ..postprocess import spacing_of
     from ..sources.zarr import ome_space_unit
