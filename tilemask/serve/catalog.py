@@ -108,8 +108,8 @@ class Catalog:
         """Every entry of the folder, with unique ids and each label volume's scan (on one thread: README,
         "Serving", measured several slower)."""
         found: list[Entry] = []
-        for path in self._walk():
-            found.extend(self._classified(path))
+        for path, names in self._walk():
+            found.extend(self._classified(path, names))
         return _link(found)
 
     def find(self, rel: str, *kinds: str) -> Entry | None:
@@ -126,8 +126,11 @@ class Catalog:
     def by_id(self, entry_id: str, *kinds: str) -> Entry | None:
         return next((e for e in self.entries() if e.id == entry_id and (not kinds or e.kind in kinds)), None)
 
-    def _classified(self, path: Path) -> list[Entry]:
-        stamp = (_stamp(path), *(_stamp(side, follow=False) for side in _sidecars(path)))
+    def _classified(self, path: Path, names: frozenset[str] | None = None) -> list[Entry]:
+        """``path``'s entries, classified again when it or a sidecar changed; ``names``: what its folder holds
+        (from the walk), so that a sidecar absent from it costs no system call."""
+        stamp = (_stamp(path), *(_stamp(Path(side), follow=False) if names is None or os.path.basename(side) in names
+                                 else () for side in _sidecars(path)))  # fmt: skip
         key = str(path)
         with self._lock:
             cached = self._cache.get(key)
@@ -138,22 +141,24 @@ class Catalog:
         return cached[1]
 
     def _walk(self):
+        """Each file and Zarr store to classify, with the names its folder holds."""
         for dirpath, dirnames, filenames in os.walk(self.root):
             here = Path(dirpath)
+            names = frozenset(filenames) | frozenset(dirnames)
             keep = []
             for name in sorted(dirnames):
                 sub = here / name
                 if name.startswith(".") or not inside(self.root, sub):
                     continue
                 if name.lower().endswith(".zarr"):
-                    yield sub  # a Zarr store is one entry; never walked into
+                    yield sub, None  # a Zarr store is one entry; never walked into (its arrays are its sidecars)
                 else:
                     keep.append(name)
             dirnames[:] = keep
             for name in sorted(filenames):
                 path = here / name
                 if not name.startswith(".") and inside(self.root, path):
-                    yield path
+                    yield path, names
 
 
 def _stamp(path: Path, follow: bool = True) -> tuple:
@@ -167,23 +172,23 @@ def _stamp(path: Path, follow: bool = True) -> tuple:
     return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-def _sidecars(path: Path) -> list[Path]:
+def _sidecars(path: Path) -> list[str]:
     """The files beside (or inside) an output that its entry is read from, and so part of its cache key: they
     can be published after it. Probabilities beside a COG or NIfTI, a NIfTI's colour table, GDAL's sidecars
-    of a GeoTIFF (whose symlinks :func:`_sidecars_inside` checks), a Zarr store's arrays."""
+    of a GeoTIFF (whose symlinks :func:`_sidecars_inside` checks), a Zarr store's arrays. Paths as text: a
+    listing asks this of every file."""
     name = path.name.lower()
     if not name.endswith((".tif", ".tiff", ".zarr", ".nii", ".nii.gz")):
         return []
-    fmt = for_path(str(path))
+    text = str(path)
+    fmt = for_path(text)
     if fmt.zarr_store:
         try:
-            return sorted(child for child in path.iterdir() if child.is_dir())  # each array's zarr.json
+            return sorted(str(child) for child in path.iterdir() if child.is_dir())  # each array's zarr.json
         except OSError:
             return []
-    found = [Path(p) for p in fmt.files(str(path), probabilities=True)[1:]]  # probabilities, colour table
-    if fmt.gdal_raster:
-        found += [Path(f"{path}{s}") for s in GDAL_SIDECARS]
-    return found
+    found = fmt.files(text, probabilities=True)[1:]  # probabilities, colour table
+    return found + [text + s for s in GDAL_SIDECARS] if fmt.gdal_raster else found
 
 
 def _classify(root: Path, path: Path) -> list[Entry]:
