@@ -192,7 +192,9 @@ class OmeZarrFormat(ZarrFormat):
         return open_omezarr_labels(path, chunks)
 
     def probabilities_key(self, group):
-        image = dict(group.attrs).get("ome", {}).get("multiscales", [{}])[0]
+        from .sources.zarr import ome_multiscales
+
+        image = (ome_multiscales(dict(group.attrs)) or [{}])[0]
         return image["datasets"][0]["path"] if image.get("name") == "probabilities" else None
 
     def labels_key(self, group):

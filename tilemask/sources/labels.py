@@ -30,6 +30,7 @@ from ..geometry import Geometry, RasterGeometry, VolumeGeometry, geometry_from_a
 from ..storage import zarr_options
 from .nifti import check_length, read_failure
 from .raster import first_gdal_line
+from .zarr import ome_multiscales
 from . import cached_handle, file_stamp
 
 logger = logging.getLogger(__name__)
@@ -133,9 +134,8 @@ def omezarr_labels_key(root) -> str:
     try:
         container = dict(root["labels"].attrs)
         names = container.get("ome", container).get("labels", [])
-        group = root[f"labels/{names[0]}"]
-        ome = dict(group.attrs).get("ome", dict(group.attrs))
-        return f"labels/{names[0]}/{ome['multiscales'][0]['datasets'][0]['path']}"
+        multiscales = ome_multiscales(dict(root[f"labels/{names[0]}"].attrs))
+        return f"labels/{names[0]}/{multiscales[0]['datasets'][0]['path']}"
     except (KeyError, IndexError, TypeError):
         raise InputError(f"{root.store}: an OME-Zarr without a label image (no labels/ with multiscales)") from None
 
@@ -156,8 +156,10 @@ def open_omezarr_labels(path: str, chunks) -> LabelImage:
 def _ome_geometry(group, spatial_dims: int) -> Geometry:
     from ..geometry import ome_geometry
 
-    ome = dict(group.attrs).get("ome", dict(group.attrs))
-    return ome_geometry(ome["multiscales"][0], spatial_dims)
+    multiscales = ome_multiscales(dict(group.attrs))
+    if multiscales is None:
+        raise InputError(f"{group.store}: an OME-Zarr label image without multiscales")
+    return ome_geometry(multiscales[0], spatial_dims)
 
 
 def open_raster_labels(path: str, chunks) -> LabelImage:
