@@ -23,9 +23,10 @@ for (const r of config.rasters) {
   }));
 }
 // Every feature in the view, page after page: the server answers at most 10,000 a page, with a "next" link to
-// the rest. window.tilemaskLoading counts the pages being fetched (for tests); a layer whose pages fail is named
-// in #info and window.tilemaskError.
+// the rest, up to MOST_FEATURES a view (past them, #info asks to zoom in). window.tilemaskLoading counts the
+// pages being fetched (for tests); a layer whose pages fail is named in #info and window.tilemaskError.
 const PAGE = 10000;
+const MOST_FEATURES = 200000;
 const geojson = new ol.format.GeoJSON();
 window.tilemaskLoading = 0;
 function pagedLoader(p, source) {
@@ -44,6 +45,12 @@ function pagedLoader(p, source) {
         loaded.push(...features);
         const next = (page.links || []).find((link) => link.rel === "next");
         url = next ? next.href : null;
+        if (url && loaded.length >= MOST_FEATURES) {
+          document.getElementById("info").textContent =
+            `${p.path}: the first ${loaded.length} polygons of this view are drawn; zoom in for the rest`;
+          source.removeLoadedExtent(extent);  // asked again when the view changes
+          url = null;
+        }
       }
       success(loaded);
     } catch (error) {
