@@ -146,6 +146,36 @@ def test_raster_windows_and_band_order(make_raster):
     np.testing.assert_array_equal(source.read(((7, 50), (20, 61))), data[[2, 0], 7:50, 20:61])
 
 
+def test_a_rasters_sidecar_files_count_as_rasterio_finds_them(tmp_path):
+    """A world file and an external mask were ignored (GDAL was told not to list the folder, as for remote
+    files): the labels had no place on Earth, and masked pixels were classified."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    data = np.arange(3 * 40 * 50, dtype=np.uint8).reshape(3, 40, 50)
+    world = tmp_path / "world.tif"
+    with rasterio.open(world, "w", driver="GTiff", width=50, height=40, count=3, dtype="uint8") as ds:
+        ds.write(data)
+    (tmp_path / "world.tfw").write_text("30\n0\n0\n-30\n500015\n4199985\n")  # pixel centres, as world files say
+    masked = tmp_path / "masked.tif"
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False), rasterio.open(
+        masked, "w", driver="GTiff", width=50, height=40, count=3, dtype="uint8", crs="EPSG:32633",
+        transform=from_origin(5e5, 4.2e6, 30, 30),
+    ) as ds:  # fmt: skip
+        ds.write(data)
+        mask = np.full((40, 50), 255, np.uint8)
+        mask[:, :20] = 0
+        ds.write_mask(mask)
+    assert (tmp_path / "masked.tif.msk").exists()
+    for path in (world, masked):
+        source = open_source(str(path), spatial_dims=2)
+        with rasterio.open(path) as ds:  # what rasterio (GDAL, listing the folder) reads
+            assert source.geometry.transform == tuple(ds.transform.to_gdal()), path.name
+            assert source.read_valid(((0, 40), (0, 50))) is None if path == world else np.array_equal(
+                source.read_valid(((0, 40), (0, 50))), ds.dataset_mask() > 0)  # fmt: skip
+    assert open_source(str(world), spatial_dims=2).geometry.transform == (5e5, 30.0, 0.0, 4.2e6, 0.0, -30.0)
+
+
 def test_validity_from_the_pixels_read_is_gdals_dataset_mask(tmp_path):
     """Where the mask comes from nodata values alone, it is computed from the pixels read (GDAL's dataset mask
     reads every band again): the same pixels as rasterio's ``dataset_mask``, on the demo scene (nodata 0) and

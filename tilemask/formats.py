@@ -281,7 +281,7 @@ class GeoTiffFormat(Format):
         from .sources.raster import gdal_env
 
         try:
-            with gdal_env(), rasterio.open(path) as ds:
+            with gdal_env(path), rasterio.open(path) as ds:
                 return self.dataset_written_by_tilemask(ds)
         except (RasterioError, OSError):
             return False

@@ -61,7 +61,7 @@ def write_quicklook(
     layers = []
     for path in files:
         try:
-            with gdal_env(), rasterio.open(path) as src:  # a remote input: GDAL's settings for it
+            with gdal_env(path), rasterio.open(path) as src:  # a remote input: GDAL's settings for it
                 if (src.height, src.width) != labels_shape:
                     raise InputError(f"{path}: {src.height}x{src.width} pixels, the labels are not on its grid")
                 wanted = (bands or range(1, src.count + 1))[: 3 - sum(len(layer) for layer in layers)]

@@ -41,7 +41,6 @@ from . import ImageSource, cached_handle, file_stamp
 logger = logging.getLogger(__name__)
 
 CLOUD_DEFAULTS = {
-    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # no directory listing to find sidecar files
     "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
     "GDAL_HTTP_MULTIPLEX": "YES",
     "GDAL_HTTP_VERSION": "2",
@@ -55,10 +54,18 @@ CLOUD_DEFAULTS = {
 }
 
 
-def gdal_env() -> rasterio.Env:
+NETWORK = ("/vsicurl", "/vsis3", "/vsigs", "/vsiaz", "/vsiadls", "/vsioss", "/vsiswift", "/vsiwebhdfs", "://")
+
+
+def gdal_env(path: str | None = None) -> rasterio.Env:
     """:data:`CLOUD_DEFAULTS`, less what the environment sets itself, and the S3 endpoint the AWS variables
-    name (:func:`tilemask.storage.gdal_options`), as a ``rasterio.Env``."""
-    return rasterio.Env(**{k: v for k, v in CLOUD_DEFAULTS.items() if k not in os.environ}, **gdal_options())
+    name (:func:`tilemask.storage.gdal_options`), as a ``rasterio.Env``; for a ``path`` over the network, no
+    directory listing to find sidecar files (a request per open). A local file's sidecars (``.msk``, ``.tfw``,
+    ``.aux.xml``) are GDAL's to find: without them its mask and georeferencing are lost, silently."""
+    settings = dict(CLOUD_DEFAULTS)
+    if path is not None and any(marker in path for marker in NETWORK):
+        settings["GDAL_DISABLE_READDIR_ON_OPEN"] = "EMPTY_DIR"
+    return rasterio.Env(**{k: v for k, v in settings.items() if k not in os.environ}, **gdal_options())
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,7 @@ class RasterSource(ImageSource):
     @classmethod
     def open(cls, path: str, bands: list[int] | None = None) -> RasterSource:
         try:
-            with gdal_env(), rasterio.open(path) as ds:
+            with gdal_env(path), rasterio.open(path) as ds:
                 count, height, width = ds.count, ds.height, ds.width
                 gcps_only = ds.crs is None and ds.transform.is_identity and bool(ds.gcps[0])
                 dtype = ds.dtypes[0]
@@ -160,7 +167,7 @@ class RasterSource(ImageSource):
     def _read_raw(self, region: Region) -> np.ndarray:
         (r0, r1), (c0, c1) = region
         try:
-            with gdal_env():
+            with gdal_env(self.path):
                 return self._dataset().read(indexes=list(self.bands), window=Window(c0, r0, c1 - c0, r1 - r0))
         except RasterioError as exc:
             detail = self._tile_detail(first_gdal_line(exc))
@@ -188,7 +195,7 @@ class RasterSource(ImageSource):
             return None
         (r0, r1), (c0, c1) = region
         try:
-            with gdal_env():
+            with gdal_env(self.path):
                 return self._dataset().dataset_mask(window=Window(c0, r0, c1 - c0, r1 - r0)) > 0
         except RasterioError as exc:
             detail = first_gdal_line(exc)
