@@ -317,6 +317,56 @@ def test_a_stac_items_id_is_one_file_name_in_the_output_folder(make_model, tmp_p
     assert [p.name for p in outputs] == names
 
 
+def test_listings_as_windows_and_other_tools_write_them_are_read_or_refused_by_name(make_model, tmp_path):
+    """Each was a Python exception (UnicodeDecodeError, TypeError, AttributeError, STACTypeError) with exit 1, a
+    path that does not exist (a byte-order mark, a zip's "\\" folders), or inputs left out in silence (``**``)."""
+    from tilemask.planning import plan_model
+
+    weights, _ = make_model(UNET_2D)
+    scene = str(GEO["RGB.byte.tif"])
+
+    def planned(given) -> list[str]:
+        workflow = raster_workflow(scene, weights, output={"path": "out/{stem}_mask.tif"}) | {"input": given}
+        return [item.files[0] for item in plan_model(Workflow.from_dict(workflow, base_dir=tmp_path)).items]
+
+    (tmp_path / "sub").mkdir()
+    shutil.copy(scene, tmp_path / "sub" / "a.tif")
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfsub/a.tif\r\n")  # Notepad's UTF-8
+    assert planned({"list": "bom.txt"}) == [str(tmp_path / "sub" / "a.tif")]
+    (tmp_path / "latin1.txt").write_bytes(b"sub/a.tif\nsub/b\xe9.tif\n")
+    with pytest.raises(InputError, match=r"^input.list: .*latin1.txt is not UTF-8 text \(byte 15\); save it as UTF-8$"):
+        planned({"list": "latin1.txt"})
+
+    with zipfile.ZipFile(tmp_path / "windows.zip", "w") as zf:
+        zf.write(scene, "2020\\scene.tif")
+    (member,) = planned({"archive": "windows.zip", "members": "*.tif"})
+    assert member.endswith("windows.zip/2020/scene.tif")
+    with rasterio.open(member) as ds:  # the path GDAL reads
+        assert ds.width == 791
+    with tarfile.open(tmp_path / "latin.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tf:
+        tf.add(scene, "sc\xe8ne.tif")
+    with pytest.raises(InputError, match=r"the member sc\\xe8ne.tif is not named in UTF-8"):
+        planned({"archive": "latin.tar", "members": "*.tif"})
+
+    def stac(name: str, document) -> str:
+        (tmp_path / name).write_text(json.dumps(document))
+        return name
+
+    item = {"type": "Feature", "stac_version": "1.0.0", "id": 20200101, "geometry": None, "links": [],
+            "properties": {"datetime": "2000-01-01T00:00:00Z"}, "assets": {"rgb": {"href": scene}}}  # fmt: skip
+    assert planned({"stac": stac("numeric.json", item), "assets": ["rgb"]}) == [scene]  # an id written as a number
+    for name, document, why in (("array.json", [item], "a JSON list, not a STAC"),
+                                ("invalid.json", {"type": "Feature"}, "cannot read"),
+                                ("nohref.json", item | {"assets": {"rgb": {"href": None}}}, "")):  # fmt: skip
+        with pytest.raises(InputError, match="^input.stac: "):
+            planned({"stac": stac(name, document), "assets": ["rgb"]})
+
+    (tmp_path / "gl" / "2020" / "06").mkdir(parents=True)
+    for where in ("gl/top.tif", "gl/2020/06/deep.tif", "gl/2021.tif"):
+        shutil.copy(scene, tmp_path / where)
+    assert [Path(f).name for f in planned("gl/**/*.tif")] == ["deep.tif", "2021.tif", "top.tif"]
+
+
 def test_a_nifti_inside_a_tar_gz_is_read_from_a_scratch_copy(make_volume, make_model, tmp_path, client, monkeypatch):
     monkeypatch.setenv("TILEMASK_SCRATCH", str(tmp_path / "scratch"))
     path, _ = make_volume(shape=(30, 28, 26))

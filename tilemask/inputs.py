@@ -27,9 +27,11 @@ from .workflow import REMOTE_PREFIXES, InputItem
 
 def list_items(path: str) -> list[InputItem]:
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark (Notepad) is not a path
     except OSError as exc:
         raise InputError(f"input.list: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"input.list: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     folder = os.path.dirname(path)
     files = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not files:
@@ -49,16 +51,20 @@ def stac_items(path: str, assets: list[str]) -> list[InputItem]:
     import pystac
 
     try:
-        with open(path) as f:
-            kind = json.load(f).get("type")
+        with open(path, encoding="utf-8") as f:
+            document = json.load(f)
+        if not isinstance(document, dict):
+            raise ValueError(f"a JSON {type(document).__name__}, not a STAC Catalog, ItemCollection or Item")
+        kind = document.get("type")
         if kind == "FeatureCollection":
             items = list(pystac.ItemCollection.from_file(path))
         elif kind == "Feature":
             items = [pystac.Item.from_file(path)]
         else:
             items = list(pystac.Catalog.from_file(path).get_items(recursive=True))
-    except (OSError, ValueError, pystac.STACError) as exc:
-        raise InputError(f"input.stac: cannot read {path}: {exc}") from None
+    except (OSError, ValueError, TypeError, KeyError, pystac.STACError, pystac.STACTypeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        raise InputError(f"input.stac: cannot read {path}: {reason}") from None
     if not items:
         raise InputError(f"input.stac: {path} holds no STAC Item")
     folder = os.path.dirname(path)
@@ -68,8 +74,10 @@ def stac_items(path: str, assets: list[str]) -> list[InputItem]:
         if missing:
             raise InputError(f"input.stac: item {item.id} has no asset {missing[0]!r} (it has {', '.join(item.assets)})")
         hrefs = [item.assets[name].get_absolute_href() or item.assets[name].href for name in assets]
+        if not all(isinstance(h, str) and h for h in hrefs):
+            raise InputError(f"input.stac: item {item.id} has an asset without an href")
         hrefs = [h if h.startswith(REMOTE_PREFIXES) or os.path.isabs(h) else os.path.normpath(os.path.join(folder, h)) for h in hrefs]
-        found.append(InputItem(file_name(item.id), tuple(hrefs)))
+        found.append(InputItem(file_name(str(item.id)), tuple(hrefs)))  # ids are text, even those written as numbers
     return found
 
 

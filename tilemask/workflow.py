@@ -483,7 +483,7 @@ class Workflow(_Strict):
         for item in items:
             resolved = self.resolve(item)
             if not resolved.startswith(REMOTE_PREFIXES) and glob.has_magic(resolved):
-                matches = sorted(glob.glob(resolved))
+                matches = sorted(glob.glob(resolved, recursive=True))  # "**": any depth of folders, as in a shell
                 if not matches:
                     raise WorkflowError(f"input: no file matches {item!r}")
                 paths.extend(self._not_outputs(matches, item))

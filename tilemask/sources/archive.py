@@ -50,8 +50,8 @@ def members(archive: str, pattern: str) -> list[str]:
         raise InputError(f"input.archive: {archive}: not a .zip, .tar, .tar.gz or .tgz archive")
     try:
         if archive.lower().endswith(".zip"):
-            with zipfile.ZipFile(archive) as zf:
-                names = [i.filename for i in zf.infolist() if not i.is_dir()]
+            with zipfile.ZipFile(archive) as zf:  # Windows' zips may separate folders with "\": GDAL reads "/"
+                names = [i.filename.replace("\\", "/") for i in zf.infolist() if not i.is_dir()]
         else:
             with tarfile.open(archive) as tf:
                 names = [m.name for m in tf.getmembers() if m.isfile()]
@@ -59,7 +59,15 @@ def members(archive: str, pattern: str) -> list[str]:
         raise InputError(f"input.archive: no such file {archive}") from None
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
         raise InputError(f"input.archive: {archive}: cannot read the archive: {exc}") from None
-    return sorted(n for n in names if fnmatch.fnmatch(n, pattern) or fnmatch.fnmatch(os.path.basename(n), pattern))
+    found = sorted(n for n in names if fnmatch.fnmatch(n, pattern) or fnmatch.fnmatch(os.path.basename(n), pattern))
+    for name in found:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # a tar's bytes in another encoding: Python's surrogate escapes
+            shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise InputError(f"input.archive: {archive}: the member {shown} is not named in UTF-8, which GDAL needs; "
+                             "narrow input.members, or rename it") from None  # fmt: skip
+    return found
 
 
 def extract(path: str, archive: str, member: str, target: str) -> None:
@@ -74,8 +82,10 @@ def extract(path: str, archive: str, member: str, target: str) -> None:
 @contextlib.contextmanager
 def _member(archive: str, member: str) -> Iterator[IO[bytes]]:
     if archive.lower().endswith(".zip"):
-        with zipfile.ZipFile(archive) as zf, zf.open(member) as handle:
-            yield handle
+        with zipfile.ZipFile(archive) as zf:
+            names = {i.filename.replace("\\", "/"): i.filename for i in zf.infolist()}  # as :func:`members` named it
+            with zf.open(names.get(member, member)) as handle:
+                yield handle
         return
     with tarfile.open(archive) as tf:
         handle = tf.extractfile(member)
