@@ -274,6 +274,29 @@ def test_archive_list_and_stac_inputs_give_the_outputs_of_the_files_themselves(m
     np.testing.assert_array_equal(looks["stac"], looks["file"])
 
 
+@pytest.mark.slow  # three runs
+def test_a_replaced_archive_is_read_again_not_taken_for_the_one_a_job_read(make_model, tmp_path, client):
+    """A member's stamp was (0, 0) (not a local file): a job's next run kept the labels of the archive it had
+    replaced ("done in an earlier run"), and an interrupted one resumed on the old archive's chunks."""
+    with rasterio.open(GEO["RGB.byte.tif"]) as src:
+        profile, data = src.profile, src.read(window=((200, 328), (200, 328)))
+        profile.update(width=128, height=128, transform=src.window_transform(((200, 328), (200, 328))))
+    weights, _ = make_model(UNET_2D)
+    workflow = raster_workflow("", weights, output={"path": "out/{stem}.zarr", "chunks": 128})
+    workflow["input"] = {"archive": "scenes.zip", "members": "*.tif"}
+    labels = []
+    for content in (data, data[:, ::-1], data[:, ::-1]):  # the archive replaced by another, then left as it is
+        with rasterio.open(tmp_path / "scene.tif", "w", **profile) as dst:
+            dst.write(np.ascontiguousarray(content))
+        if len(labels) < 2:
+            with zipfile.ZipFile(tmp_path / "scenes.zip", "w") as zf:
+                zf.write(tmp_path / "scene.tif", "scene.tif")
+        (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+        labels.append((result.status, zarr.open_group(tmp_path / "out" / "scene.zarr", mode="r")["labels"][:]))
+    assert [status for status, _ in labels] == ["ok", "ok", "skipped"]
+    assert not np.array_equal(labels[0][1], labels[1][1])  # the new archive's scene, not the old one's
+
+
 def test_a_glob_does_not_take_the_workflows_own_outputs_beside_its_inputs(make_raster, make_model, tmp_path):
     """Outputs written into the inputs' folder matched the inputs' glob: the workflow's second run took its mask as
     an input (exit 2: "in_channels is 3 but the input gives 1"), or with --on-error skip segmented its outputs."""

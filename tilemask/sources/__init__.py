@@ -147,9 +147,13 @@ def bytes_at(path: str, offset: int, size: int) -> bytes:
 
 
 def file_stamp(path: str) -> tuple[int, int]:
-    """``(mtime_ns, size)`` of a local file, so a replaced file is never read through a stale handle."""
+    """``(mtime_ns, size)`` of a local file (of its archive, for a member of one), so a replaced file is never
+    read through a stale handle, nor taken for the one a job read before; ``(0, 0)`` for what is not local."""
+    from .archive import split_member
+
+    member = split_member(path)
     try:
-        stat = os.stat(path)
+        stat = os.stat(member[0] if member else path)
     except OSError:
         return (0, 0)
     return (stat.st_mtime_ns, stat.st_size)
