@@ -183,3 +183,13 @@ def test_one_listing_per_folder_finds_the_leftovers_a_listing_per_output_finds(t
         expected = sorted(leftovers(tmp_path / output))
         assert sorted(listings.leftovers(tmp_path / output)) == expected, output
     assert len(leftovers(tmp_path / "x.tif")) == 4 and len(leftovers(tmp_path / "x.tif.aux.xml")) == 3
+
+
+def test_a_urls_query_is_not_its_stem_and_a_files_question_mark_is():
+    """A zip member ``b #1?.tif`` was written as ``b #1_mask.tif``: the "?" of a URL's query was cut from any name."""
+    from tilemask.formats import stem
+
+    assert stem("https://example.com/scenes/scene.tif?X-Amz-Credential=a/b&sig=1") == "scene"
+    assert stem("/vsicurl/https://example.com/scene.tif?token=x") == "scene"
+    assert stem("/vsizip//data/scenes.zip/日本/b #1?.tif") == "b #1?"
+    assert stem("/data/what?.nii.gz") == "what?"

@@ -71,7 +71,9 @@ class Format:
         return path.lower().rstrip("/").endswith(self.suffixes)
 
     def stem(self, path: str) -> str:
-        name = os.path.basename(path.rstrip("/")).split("?", 1)[0]
+        if path.startswith(("http://", "https://", "/vsicurl/")):
+            path = path.split("?", 1)[0]  # a URL's query (a signature) is not its name; a file's "?" is
+        name = os.path.basename(path.rstrip("/"))
         for suffix in self.suffixes:
             if name.lower().endswith(suffix):
                 return name[: -len(suffix)]
