@@ -186,7 +186,9 @@ class RasterSource(ImageSource):
         t0, u0 = tile // across * block_h, tile % across * block_w
         rest = detail.split(";", 1)[1].strip() if ";" in detail else detail
         remote = any(marker in self.path for marker in NETWORK)  # a short read there is more often a stall
-        what = "could not be read whole (the server stopped answering, or the file is damaged)" if remote else "is damaged"
+        what = "is damaged"
+        if remote:
+            what = "could not be read whole (the server stopped answering, or the file is damaged)"
         return (
             f"TIFF tile {found.group(1)} (rows {t0}:{min(t0 + block_h, self.height)}, "
             f"cols {u0}:{min(u0 + block_w, self.width)}) {what}: {rest}"
