@@ -18,7 +18,7 @@ from PIL import Image
 
 import tilemask
 from tilemask import Workflow
-from tilemask.errors import InputError, OutputConflict, ReadError
+from tilemask.errors import InputError, OutputConflict, ReadError, WorkflowError
 from tilemask.jobs import JobError, JobFolder, find
 
 from .conftest import GEO, UNET_2D, UNET_3D, raster_workflow, run_cli, volume_workflow
@@ -388,6 +388,14 @@ def test_listings_as_windows_and_other_tools_write_them_are_read_or_refused_by_n
     for where in ("gl/top.tif", "gl/2020/06/deep.tif", "gl/2021.tif"):
         shutil.copy(scene, tmp_path / where)
     assert [Path(f).name for f in planned("gl/**/*.tif")] == ["deep.tif", "2021.tif", "top.tif"]
+
+    # what is read on the local file system only says so (they were "no such file" or S3's "key does not exist")
+    for given, why in (({"stac": "https://example.com/catalog.json", "assets": ["rgb"]}, "only a local STAC file"),
+                       ({"archive": "s3://bucket/scenes.zip"}, "only a local archive is listed"),
+                       ("s3://bucket/scenes/*.tif", "a glob is expanded on the local file system only")):  # fmt: skip
+        with pytest.raises((InputError, WorkflowError), match=why):
+            planned(given)
+    assert planned("https://example.com/scene.tif?sig=a*b") == ["https://example.com/scene.tif?sig=a*b"]  # a query
 
 
 def test_a_nifti_inside_a_tar_gz_is_read_from_a_scratch_copy(make_volume, make_model, tmp_path, client, monkeypatch):

@@ -41,6 +41,9 @@ def list_items(path: str) -> list[InputItem]:
 
 
 def archive_items(archive: str, pattern: str) -> list[InputItem]:
+    if archive.startswith(REMOTE_PREFIXES):
+        raise InputError(f"input.archive: {archive}: only a local archive is listed; copy it here, or list its "
+                         "members in input.list as /vsizip/ paths (/vsizip//vsis3/bucket/a.zip/scene.tif)")  # fmt: skip
     names = members(archive, pattern)
     if not names:
         raise InputError(f"input.archive: no member of {archive} matches {pattern!r}")
@@ -50,6 +53,9 @@ def archive_items(archive: str, pattern: str) -> list[InputItem]:
 def stac_items(path: str, assets: list[str]) -> list[InputItem]:
     import pystac
 
+    if path.startswith(REMOTE_PREFIXES):
+        raise InputError(f"input.stac: {path}: only a local STAC file is read; download it (its assets may stay "
+                         "remote)")  # fmt: skip
     try:
         with open(path, encoding="utf-8") as f:
             document = json.load(f)

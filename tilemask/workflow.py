@@ -487,6 +487,9 @@ class Workflow(_Strict):
                 if not matches:
                     raise WorkflowError(f"input: no file matches {item!r}")
                 paths.extend(self._not_outputs(matches, item))
+            elif resolved.startswith(REMOTE_PREFIXES) and "*" in resolved.split("?", 1)[0]:
+                raise WorkflowError(f"input: {item!r}: a glob is expanded on the local file system only; list the "
+                                    "remote files in input.list")  # fmt: skip
             else:
                 paths.append(resolved)
         return paths
