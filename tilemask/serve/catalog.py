@@ -379,7 +379,7 @@ def lonlat_bounds(crs, bounds) -> tuple[float, float, float, float] | None:
 
     PROJ's densified edges give the bounds, unless a point of an edge is off the Earth (it moves to inf: the
     corners of a geostationary full disk): then the bounds are those of the points of a grid over ``bounds`` that
-    are on it (:func:`_sampled_bounds`), widened by a step of that grid so as to hold the rim between them."""
+    are on it and of the rim between them and the points off it (:func:`_sampled_bounds`)."""
     if crs is None or bounds is None or not np.all(np.isfinite(bounds)):
         return None
     to_lonlat = transformer(str(crs), "OGC:CRS84")

@@ -69,10 +69,10 @@ def _zarr_array(path: str, variable: str, level: int, mtime_ns: int, inode: int)
 
     from ..results import open_result
 
-    array = open_result(path, variable)
-    array = array.rename({"class": "band"}) if variable == "probabilities" else array
     if level == 0:
-        return array
+        array = open_result(path, variable)
+        return array.rename({"class": "band"}) if variable == "probabilities" else array
+    array = _zarr_array(path, variable, 0, mtime_ns, inode)  # level 0's grid, CRS and nodata, opened once
     stored = zarr.open_group(path, mode="r")[_level_paths(path, variable)[level]]
     grid = array.rio.transform() * rasterio.Affine.scale(2**level)
     height, width = stored.shape[-2:]

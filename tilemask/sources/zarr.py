@@ -37,7 +37,8 @@ def read_by_gdal(path: str, spatial_dims: int) -> bool:
 
 def ome_multiscales(attrs: dict) -> list | None:
     """An OME-Zarr group's multiscales (NGFF 0.5 under ``ome``, 0.4 at the top), else None."""
-    multiscales = attrs.get("ome", attrs).get("multiscales") if isinstance(attrs.get("ome", attrs), dict) else None
+    ome = attrs.get("ome", attrs)
+    multiscales = ome.get("multiscales") if isinstance(ome, dict) else None
     return multiscales if isinstance(multiscales, list) and multiscales else None
 
 
