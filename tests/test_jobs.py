@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tarfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from tilemask.errors import InputError, OutputConflict, ReadError, WorkflowError
 from tilemask.jobs import JobError, JobFolder, find
 
 from .conftest import GEO, UNET_2D, UNET_3D, raster_workflow, run_cli, volume_workflow
+from .range_server import serve
 
 
 @pytest.fixture
@@ -122,6 +124,30 @@ def test_an_input_replaced_after_its_run_is_redone(make_raster, make_model, tmp_
     assert (after != before).any(), "the new scene's labels"
     (last,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
     assert last.status == "skipped"  # unchanged since: done
+
+
+def test_an_input_replaced_on_a_web_server_is_redone(make_raster, make_model, tmp_path, client):
+    """A scene served over HTTP and replaced there (a new Last-Modified, the same size) is redone by the job's next
+    run, as a local file is; it was skipped as done, its stamp zeros whatever the server held."""
+    (tmp_path / "www").mkdir()
+    make_raster((3, 80, 90), name="www/scene.tif")
+    weights, _ = make_model()
+    server = serve(str(tmp_path / "www"))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/scene.tif"
+        workflow = raster_workflow(url, weights, output={"path": "out/{stem}.zarr", "chunks": 64})
+        (first,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+        before = zarr.open_group(first.outputs[0], mode="r")["labels"][:]
+        (same,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+        assert same.status == "skipped"  # unchanged on the server: done
+        path, _ = make_raster((3, 80, 90), name="www/scene.tif", seed=5)  # another scene under the same URL
+        os.utime(path, (path.stat().st_atime + 10, path.stat().st_mtime + 10))  # Last-Modified is to the second
+        (redone,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    finally:
+        server.shutdown()
+    assert redone.status == "ok" and redone.windows > 0
+    assert (zarr.open_group(redone.outputs[0], mode="r")["labels"][:] != before).any(), "the new scene's labels"
 
 
 def test_abort_stops_at_the_first_failure_and_reports_what_did_not_run(scene_workflow, tmp_path, client):

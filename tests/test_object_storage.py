@@ -60,7 +60,7 @@ def demo_workflow(input_path: str, weights: str, output: str) -> dict:
     return workflow
 
 
-@pytest.mark.slow  # a moto S3 server and two full runs (19 s); the default run keeps the refusals of object-storage outputs
+@pytest.mark.slow  # a moto S3 server and four full runs (30 s); the default run keeps the refusals of object-storage outputs
 def test_a_scene_and_weights_on_s3_give_the_outputs_of_the_local_files(s3, tmp_path, write_workflow, client):
     import tilemask
     from tilemask import Workflow
@@ -79,6 +79,19 @@ def test_a_scene_and_weights_on_s3_give_the_outputs_of_the_local_files(s3, tmp_p
         np.testing.assert_array_equal(a.read(1), b.read(1))
         assert a.crs == b.crs and a.transform == b.transform
     assert list((tmp_path / "scratch" / "tilemask-remote").glob("*/demo.pt")), "the weights were fetched to scratch"
+
+    # the scene replaced on S3 (another ETag): the job's next run redoes it, where it skipped it unchanged
+    written = (tmp_path / "s3out" / "RGB.byte_mask.tif").stat().st_mtime_ns
+    assert run_cli("run", remote, "--quiet", "--workers", "1", cwd=tmp_path, env={**env, **scratch}).returncode == 0
+    assert (tmp_path / "s3out" / "RGB.byte_mask.tif").stat().st_mtime_ns == written, "unchanged: skipped"
+    with rasterio.open(GEO["RGB.byte.tif"]) as src:
+        profile, flipped = src.profile, src.read()[:, ::-1]
+    with rasterio.open(tmp_path / "flipped.tif", "w", **profile) as dst:
+        dst.write(flipped)
+    s3_client.upload_file(str(tmp_path / "flipped.tif"), "tilemask", "scenes/RGB.byte.tif")
+    assert run_cli("run", remote, "--quiet", "--workers", "1", cwd=tmp_path, env={**env, **scratch}).returncode == 0
+    with rasterio.open(tmp_path / "s3out" / "RGB.byte_mask.tif") as redone, rasterio.open(expected.outputs[0]) as b:
+        assert (redone.read(1) != b.read(1)).any(), "the replaced scene's labels"
 
     missing = write_workflow(demo_workflow("s3://tilemask/scenes/RGB.byte.tif", "s3://tilemask/models/nope.pt", "o/{stem}.tif"), "missing.yaml")
     refused = run_cli("run", missing, "--quiet", "--workers", "1", cwd=tmp_path, env={**env, **scratch})

@@ -42,7 +42,7 @@ def test_nifti_gz_is_read_from_its_stream_where_no_temporary_file_can_be_written
     np.testing.assert_array_equal(source.read(((5, 30), (10, 50), (0, 17)))[0], volume[5:30, 10:50, 0:17])
     np.testing.assert_array_equal(source.read(((0, 60), (0, 50), (30, 40)))[0], volume[:, :, 30:40])
     assert caplog.text.count("cannot unpack it into a temporary file") == 1, "tried once, not once per read"
-    img = cached_handle(("nifti", source.path, file_stamp(source.path)), lambda: None)
+    img = cached_handle(("nifti", source.path), lambda: None, file_stamp(source.path))
     with img.dataobj._get_fileobj() as opened:  # the worker's kept-open handle seeks in the gzip stream
         assert type(opened.fobj).__name__ == "IndexedGzipFile"
 

@@ -33,6 +33,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from pathlib import Path
@@ -50,7 +51,7 @@ from .outputs import FolderListings, OutputLock
 from .planning import InputPlan, WorkflowPlan, classes_of, plan_model
 from .products import client_imports
 from .progress import announce
-from .sources import file_stamp
+from .sources import input_stamp
 from .workflow import InputItem, Workflow
 
 logger = logging.getLogger(__name__)
@@ -192,8 +193,9 @@ def drive_job(
     skipped: set[str] = set()
     todo = []
     latest = manifest.latest()
+    unchanged = _unchanged(latest)
     for index, item in enumerate(items):
-        earlier = _earlier(latest, item.name, options)
+        earlier = _earlier(latest.get(item.name), item.name in unchanged, options)
         if earlier is None:
             todo.append(index)
             continue
@@ -260,29 +262,33 @@ def drive_job(
     return JobResults([r for r in results if r is not None], job)
 
 
-def _earlier(latest: dict[str, dict], name: str, options: Options) -> RunResult | None:
-    """The result of an item that this run does not redo: ok before with its outputs complete (skipped), or
-    failed before (kept unless ``retry_failed``); None: run it."""
-    line = latest.get(name)
+def _earlier(line: dict | None, unchanged: bool, options: Options) -> RunResult | None:
+    """The result of an item that this run does not redo: ok before (``line``, its latest) with its outputs
+    complete and its files ``unchanged`` (skipped), or failed before (kept unless ``retry_failed``); None: run it."""
     if line is None:
         return None
-    if line["status"] == "ok" and outputs_complete(line["outputs"]) and _unchanged(line):
+    if line["status"] == "ok" and unchanged and outputs_complete(line["outputs"]):
         return _from_line(line, "skipped")
     if line["status"] == "failed" and not options.retry_failed:
         return _from_line(line, "failed")
     return None
 
 
-def _stamps(files) -> list[list[int]]:
-    """``(mtime_ns, size)`` of each local file an item reads; zeros for what is not a local file."""
-    return [list(file_stamp(f)) for f in files]
+def _stamps(files) -> list[list]:
+    """:func:`~tilemask.sources.input_stamp` of each file an item reads."""
+    return [input_stamp(f) for f in files]
 
 
-def _unchanged(line: dict) -> bool:
-    """Whether the files an ok item read are as they were (a replaced input is redone; lines written before the
-    stamps were recorded count as unchanged)."""
-    files = line.get("files")
-    return files is None or _stamps(files) == line.get("stamps")
+def _unchanged(latest: dict[str, dict]) -> set[str]:
+    """The names of the ok items whose files are as they were (a replaced input is redone; lines written before
+    the stamps were recorded count as unchanged).  Objects on the network are asked in parallel, a request each."""
+    ok = {name: line for name, line in latest.items() if line["status"] == "ok"}
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        now = dict(zip(ok, pool.map(lambda line: line.get("files") and _stamps(line["files"]), ok.values())))
+    return {
+        name for name, line in ok.items()
+        if line.get("files") is None or (now[name] == line.get("stamps") and [None] not in now[name])
+    }  # fmt: skip
 
 
 def _from_line(line: dict, status: str) -> RunResult:

@@ -74,14 +74,43 @@ def local_copy(path: str) -> str:
     if not path.startswith(OBJECT_STORES + WEB):
         return path
     fs, key = _filesystem(path)
+    tag = _version(_info(fs, key, path))
+    return _copy_once("tilemask-remote", f"{path}\0{tag}", urlsplit(path).path, lambda target: fs.get_file(key, target))
+
+
+def _info(fs, key: str, path: str) -> dict:
     try:
-        info = fs.info(key)
+        return fs.info(key)
     except FileNotFoundError:
         raise InputError(f"{path}: no such object") from None
     except Exception as exc:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many types
         raise InputError(f"{path}: cannot reach it: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    tag = info.get("ETag") or info.get("etag") or f"{info.get('size')}-{info.get('LastModified') or info.get('mtime')}"
-    return _copy_once("tilemask-remote", f"{path}\0{tag}", urlsplit(path).path, lambda target: fs.get_file(key, target))
+
+
+def _version(info: dict) -> str:
+    """What names one version of an object: its ETag, else its size and modification time."""
+    modified = info.get("LastModified") or info.get("Last-Modified") or info.get("mtime")
+    return info.get("ETag") or info.get("etag") or f"{info.get('size')}-{modified}"
+
+
+def object_version(url: str) -> str | None:
+    """The version (:func:`_version`, one request) of the object at ``url``; None where it cannot be reached."""
+    try:
+        fs, key = _filesystem(url)
+        return _version(_info(fs, key, url))
+    except InputError:
+        return None
+
+
+def network_object(path: str) -> str | None:
+    """The URL fsspec reads ``path`` by where it names an object on a web server or object storage (a URL, or the
+    name GDAL reads it by: ``/vsis3/b/k`` -> ``s3://b/k``, the inverse of :func:`gdal_path`); None for any other."""
+    if path.startswith("/vsicurl/"):
+        path = path[len("/vsicurl/"):]
+    for scheme, prefix in GDAL_PREFIXES.items():
+        if path.startswith(prefix):
+            path = scheme + path[len(prefix):]
+    return path if path.startswith(OBJECT_STORES + WEB) else None
 
 
 def _copy_once(kind: str, identity: str, name: str, write: Callable[[str], None]) -> str:

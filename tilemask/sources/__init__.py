@@ -28,22 +28,33 @@ _handles = threading.local()
 MAX_OPEN_HANDLES = 32
 
 
-def cached_handle(key: tuple, opener: Callable[[], Any]) -> Any:
+def cached_handle(key: tuple, opener: Callable[[], Any], version: Any = None) -> Any:
     """An open file handle, opened once per worker thread and reused by later tasks.
 
-    The least recently used handles are closed past ``MAX_OPEN_HANDLES`` so a batch
-    of thousands of inputs does not exhaust file descriptors.
+    A handle opened on another ``version`` of the file (its :func:`file_stamp`, or an object's version) is closed
+    and the file opened again: a replaced file is never read through the old handle, nor through GDAL's cache of
+    the old object (closing a network raster's handle drops it: :func:`tilemask.sources.raster.gdal_env`).  The
+    least recently used handles are closed past ``MAX_OPEN_HANDLES`` so a batch of thousands of inputs does not
+    exhaust file descriptors.
     """
     cache: OrderedDict = _handles.__dict__.setdefault("cache", OrderedDict())
     if key in cache:
-        cache.move_to_end(key)
-        return cache[key]
-    handle = cache[key] = opener()
+        held_version, handle = cache[key]
+        if held_version == version:
+            cache.move_to_end(key)
+            return handle
+        del cache[key]
+        _close(handle)
+    handle = opener()
+    cache[key] = (version, handle)
     while len(cache) > MAX_OPEN_HANDLES:
-        _, old = cache.popitem(last=False)
-        if hasattr(old, "close"):
-            old.close()
+        _close(cache.popitem(last=False)[1][1])
     return handle
+
+
+def _close(handle: Any) -> None:
+    if hasattr(handle, "close"):
+        handle.close()
 
 
 class CannotUnpack(Exception):
@@ -157,6 +168,16 @@ def file_stamp(path: str) -> tuple[int, int]:
     except OSError:
         return (0, 0)
     return (stat.st_mtime_ns, stat.st_size)
+
+
+def input_stamp(path: str) -> list:
+    """What tells a replaced input from the one a job read: ``[mtime_ns, size]`` of a local file (:func:`file_stamp`),
+    ``[version]`` of an object on a web server or object storage (its ETag, else its size and modification time:
+    one request), ``[None]`` for one that cannot be reached (never taken for the one read before)."""
+    from ..storage import network_object, object_version
+
+    url = network_object(path)
+    return [object_version(url)] if url else list(file_stamp(path))
 
 
 class ImageSource(ABC):

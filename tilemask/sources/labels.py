@@ -67,7 +67,7 @@ def read_band_window(path: str, rows: slice, cols: slice) -> np.ndarray:
     """Band 1 of a GDAL raster at ``[rows, cols]`` (its handle kept per worker thread); a damaged file as a
     :class:`ReadError` naming it and the window."""
     try:
-        ds = cached_handle(("label-raster", path, file_stamp(path)), lambda: rasterio.open(path))
+        ds = cached_handle(("label-raster", path), lambda: rasterio.open(path), file_stamp(path))
         return ds.read(1, window=Window.from_slices(rows, cols, height=ds.height, width=ds.width))
     except RasterioError as exc:
         detail = first_gdal_line(exc)
@@ -86,10 +86,8 @@ class _NiftiVolume:
 
     def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
         try:
-            img = cached_handle(
-                ("label-nifti", self.path, file_stamp(self.path)),
-                lambda: nib.load(self.path, keep_file_open=True, mmap=True),
-            )
+            opener = lambda: nib.load(self.path, keep_file_open=True, mmap=True)  # noqa: E731
+            img = cached_handle(("label-nifti", self.path), opener, file_stamp(self.path))
             return np.asarray(img.dataobj[index])
         except Exception as exc:  # nibabel, gzip and zlib raise many types
             detail = read_failure(exc)

@@ -116,11 +116,11 @@ def _image(local: str):
     """The image whose voxels :meth:`NiftiSource.read` slices: memory-mapped where uncompressed, else
     decompressed once per process (:func:`tilemask.sources.unpacked`), else the compressed stream kept open
     per thread."""
-    key = (local, file_stamp(local))
+    stamp = file_stamp(local)
     if nib.openers.Opener.compress_ext_map.get(_suffix(local)) is None:
-        return cached_handle(("nifti", *key), lambda: nib.load(local, keep_file_open=True, mmap=True))
-    return unpacked(key, lambda spool: _decompressed(local, spool)) or cached_handle(
-        ("nifti", *key), lambda: nib.load(local, keep_file_open=True)
+        return cached_handle(("nifti", local), lambda: nib.load(local, keep_file_open=True, mmap=True), stamp)
+    return unpacked((local, stamp), lambda spool: _decompressed(local, spool)) or cached_handle(
+        ("nifti", local), lambda: nib.load(local, keep_file_open=True), stamp
     )
 
 

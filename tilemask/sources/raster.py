@@ -35,7 +35,7 @@ from rasterio.windows import Window
 
 from ..errors import InputError, ReadError
 from ..geometry import RasterGeometry, Region
-from ..storage import gdal_options
+from ..storage import gdal_options, network_object, object_version
 from . import ImageSource, cached_handle, file_stamp
 
 logger = logging.getLogger(__name__)
@@ -57,14 +57,22 @@ CLOUD_DEFAULTS = {
 NETWORK = ("/vsicurl", "/vsis3", "/vsigs", "/vsiaz", "/vsiadls", "/vsioss", "/vsiswift", "/vsiwebhdfs", "://")
 
 
+# GDAL keeps what it read of a network file (its size, its blocks) after the file is closed, for the next open of
+# the same name: a worker reading an object replaced since would read the old one's blocks.  Files under these
+# prefixes are dropped from that cache when closed (a colon-separated list, each a prefix of the names)
+NOT_CACHED_ACROSS_OPENS = "/vsicurl/:/vsis3/:/vsigs/:/vsiaz/:/vsiadls/:/vsioss/:/vsiswift/"
+
+
 def gdal_env(path: str | None = None) -> rasterio.Env:
     """:data:`CLOUD_DEFAULTS`, less what the environment sets itself, and the S3 endpoint the AWS variables
     name (:func:`tilemask.storage.gdal_options`), as a ``rasterio.Env``; for a ``path`` over the network, no
-    directory listing to find sidecar files (a request per open). A local file's sidecars (``.msk``, ``.tfw``,
-    ``.aux.xml``) are GDAL's to find: without them its mask and georeferencing are lost, silently."""
+    directory listing to find sidecar files (a request per open), and nothing of it cached once closed
+    (:data:`NOT_CACHED_ACROSS_OPENS`).  A local file's sidecars (``.msk``, ``.tfw``, ``.aux.xml``) are GDAL's to
+    find: without them its mask and georeferencing are lost, silently."""
     settings = dict(CLOUD_DEFAULTS)
     if path is not None and any(marker in path for marker in NETWORK):
         settings["GDAL_DISABLE_READDIR_ON_OPEN"] = "EMPTY_DIR"
+        settings["CPL_VSIL_CURL_NON_CACHED"] = NOT_CACHED_ACROSS_OPENS
     return rasterio.Env(**{k: v for k, v in settings.items() if k not in os.environ}, **gdal_options())
 
 
@@ -84,6 +92,7 @@ class RasterSource(ImageSource):
     scales: tuple[float, ...] | None = None  # per selected band, when not all 1 / 0
     offsets: tuple[float, ...] | None = None
     nodata_values: tuple[int, ...] | None = None  # per selected band: GDAL's mask is "any band != its nodata"
+    version: str | None = None  # of an object on the network, when opened (:func:`tilemask.storage.object_version`)
 
     @classmethod
     def open(cls, path: str, bands: list[int] | None = None) -> RasterSource:
@@ -127,6 +136,7 @@ class RasterSource(ImageSource):
             path, chosen, height, width, dtype, geometry, masked,
             band_scales if rescaled else None, band_offsets if rescaled else None,
             tuple(int(nodatavals[b - 1]) for b in chosen) if from_pixels else None,
+            object_version(url) if (url := network_object(path)) else None,
         )  # fmt: skip
 
     @property
@@ -146,7 +156,8 @@ class RasterSource(ImageSource):
         return np.dtype(self.dtype).kind == "f" or self.scales is not None
 
     def _dataset(self):
-        return cached_handle(("raster", self.path, file_stamp(self.path)), lambda: rasterio.open(self.path))
+        version = self.version or file_stamp(self.path)  # opened again where the file was replaced since
+        return cached_handle(("raster", self.path), lambda: rasterio.open(self.path), version)
 
     def read(self, region: Region) -> np.ndarray:
         return self._scaled(self._read_raw(region))

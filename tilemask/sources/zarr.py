@@ -120,7 +120,8 @@ class ZarrSource(ImageSource):
     def read(self, region: Region) -> np.ndarray:
         index = tuple(slice(lo, hi) for lo, hi in region)
         try:
-            array = cached_handle(("zarr", self.path, file_stamp(self.path)), lambda: zarr.open_array(self.path, mode="r"))
+            opener = lambda: zarr.open_array(self.path, mode="r")  # noqa: E731
+            array = cached_handle(("zarr", self.path), opener, file_stamp(self.path))
             block = array[(slice(None), *index)] if self.channel_first else array[index][None]
             return np.asarray(block)
         except Exception as exc:  # codecs and stores raise many types

@@ -124,7 +124,7 @@ class WindowReader:
             node = zarr.open(self.path, mode="r")
             return node[for_path(self.path).labels_key(node)] if isinstance(node, zarr.Group) else node
 
-        return cached_handle(("stats-zarr", self.path, file_stamp(self.path)), opener)
+        return cached_handle(("stats-zarr", self.path), opener, file_stamp(self.path))
 
     def read(self, rows: slice, cols: slice) -> np.ndarray:
         if self.is_zarr:
