@@ -193,7 +193,7 @@ def drive_job(
     skipped: set[str] = set()
     todo = []
     latest = manifest.latest()
-    unchanged = _unchanged(latest)
+    unchanged = _unchanged({item.name: latest[item.name] for item in items if item.name in latest})
     for index, item in enumerate(items):
         earlier = _earlier(latest.get(item.name), item.name in unchanged, options)
         if earlier is None:
@@ -279,10 +279,11 @@ def _stamps(files) -> list[list]:
     return [input_stamp(f) for f in files]
 
 
-def _unchanged(latest: dict[str, dict]) -> set[str]:
-    """The names of the ok items whose files are as they were (a replaced input is redone; lines written before
-    the stamps were recorded count as unchanged).  Objects on the network are asked in parallel, a request each."""
-    ok = {name: line for name, line in latest.items() if line["status"] == "ok"}
+def _unchanged(lines: dict[str, dict]) -> set[str]:
+    """The names of the items whose latest line (``lines``) is ok and whose files are as they were (a replaced
+    input is redone; lines written before the stamps were recorded count as unchanged).  Objects on the network
+    are asked in parallel, a request each."""
+    ok = {name: line for name, line in lines.items() if line["status"] == "ok"}
     with ThreadPoolExecutor(max_workers=16) as pool:
         now = dict(zip(ok, pool.map(lambda line: line.get("files") and _stamps(line["files"]), ok.values())))
     return {
