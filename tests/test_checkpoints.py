@@ -32,7 +32,29 @@ def forms(sd: dict) -> dict[str, object]:
             "epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0", "hyper_parameters": {"lr": 1e-3},
         },
         "data_parallel": {f"module.{k}": v for k, v in sd.items()},
-        "nnunet": {"network_weights": sd, "trainer_name": "nnUNetTrainer", "current_epoch": 1000},
+        "nnunet": nnunet_checkpoint(sd, lambda: UNet(**UNET_2D), torch.zeros(1, 3, 32, 32)),
+    }  # fmt: skip
+
+
+def nnunet_checkpoint(sd: dict, build, example: torch.Tensor) -> dict:
+    """What nnU-Net v2's ``nnUNetTrainer.save_checkpoint`` writes (nnunetv2 2.x, ``checkpoint_final.pth``): the
+    weights beside the optimizer's state, the logger's numpy floats, the EMA Dice as a numpy float32 and the
+    init arguments with a ``torch.device`` (what a real one from nnunetv2 2.8.1 held, read with weights_only=False).
+    ``build()`` makes a network that ``sd`` fits, trained one step on ``example`` for the optimizer's state."""
+    net = build()
+    net.load_state_dict(sd)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99, nesterov=True)
+    net(example).sum().backward()
+    optimizer.step()  # momentum buffers in the optimizer's state, as after training
+    return {
+        "network_weights": sd, "optimizer_state": optimizer.state_dict(), "grad_scaler_state": None,
+        "logging": {"mean_fg_dice": [np.float32(0.41), np.float32(0.52)], "ema_fg_dice": [np.float32(0.41), np.float32(0.42)],
+                    "dice_per_class_or_region": [[np.float64(0.4), np.float64(0.6)]], "train_losses": [np.float32(-0.3)],
+                    "val_losses": [np.float32(-0.2)], "lrs": [0.01], "epoch_start_timestamps": [1.7e9]},
+        "_best_ema": np.float32(0.42), "current_epoch": 1000,
+        "init_args": {"plans": {"dataset_name": "Dataset001_Toy"}, "configuration": "2d", "fold": "all",
+                      "dataset_json": {"labels": {"background": 0, "organ": 1}}, "device": torch.device("cpu")},
+        "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1),
     }  # fmt: skip
 
 
@@ -128,3 +150,42 @@ def test_a_pt2_holding_a_pickle_with_code_is_refused_without_running_it(net, tmp
     with pytest.raises(WeightsError, match="holds a pickle that needs code to load"):
         load_model(ModelSpec.create("", {}, str(crafted)))
     assert not marker.exists()
+
+
+class PlansNet(torch.nn.Module):
+    """A network built as nnU-Net's dynamic_network_architectures builds theirs: layer classes as arguments."""
+
+    def __init__(self, input_channels, num_classes, conv_op, norm_op, norm_op_kwargs, dropout_op, nonlin, nonlin_kwargs):
+        super().__init__()
+        self.conv = conv_op(input_channels, 8, 3, padding=1)
+        self.norm = norm_op(8, **norm_op_kwargs)
+        self.drop = dropout_op() if dropout_op else torch.nn.Identity()
+        self.act = nonlin(**nonlin_kwargs)
+        self.head = conv_op(8, num_classes, 1)
+
+    def forward(self, x):
+        return self.head(self.act(self.drop(self.norm(self.conv(x)))))
+
+
+def test_nnunet_plans_arch_kwargs_are_built_as_nnunet_builds_them(tmp_path):
+    """plans.json's ``arch_kwargs`` with its ``_kw_requires_import`` (layer classes by dotted name), given as
+    ``model.args``, build the network nnU-Net's ``get_network_from_plans`` would; its checkpoint loads into it."""
+    arch_kwargs = {  # a 3d_fullres configuration's, as nnU-Net v2 plans write it
+        "conv_op": "torch.nn.modules.conv.Conv3d", "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+        "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"inplace": True}, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }  # fmt: skip
+    build = lambda: PlansNet(1, 3, torch.nn.Conv3d, torch.nn.InstanceNorm3d, {"eps": 1e-05, "affine": True}, None,  # noqa: E731
+                             torch.nn.LeakyReLU, {"inplace": True})  # fmt: skip
+    torch.manual_seed(0)
+    expected = build().eval()
+    path = tmp_path / "checkpoint_final.pth"
+    torch.save(nnunet_checkpoint(expected.state_dict(), build, torch.zeros(1, 1, 8, 8, 8)), path)
+    spec = ModelSpec.create(f"{__name__}:PlansNet", {"input_channels": 1, "num_classes": 3, **arch_kwargs}, str(path))
+    model = load_model(spec)
+    x = torch.randn(1, 1, 12, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected(x), rtol=0, atol=0)
+    wrong = {**arch_kwargs, "nonlin": "torch.nn.NoSuchThing"}
+    with pytest.raises(tilemask.errors.WorkflowError, match=r"model.args.nonlin: cannot import 'torch.nn.NoSuchThing'"):
+        load_model(ModelSpec.create(f"{__name__}:PlansNet", {"input_channels": 1, "num_classes": 3, **wrong}, str(path)))

@@ -51,12 +51,26 @@ def network_class(name: str) -> type[torch.nn.Module]:
 
 
 def build_network(spec: ModelSpec) -> torch.nn.Module:
-    """The network from its class and arguments, untrained."""
+    """The network from its class and arguments, untrained.  The arguments that ``_kw_requires_import`` names
+    are dotted names of classes, imported first, as nnU-Net v2 builds the network of its plans.json
+    (``arch_kwargs``: ``conv_op: torch.nn.modules.conv.Conv3d``, ...)."""
     cls = network_class(spec.network)
+    args = dict(spec.args)
+    for key in args.pop("_kw_requires_import", None) or []:
+        if isinstance(args.get(key), str):
+            args[key] = _dotted(args[key], f"model.args.{key}")
     try:
-        return cls(**spec.args)
+        return cls(**args)
     except (TypeError, ValueError, AssertionError) as exc:
         raise WorkflowError(f"model.args: {spec.network} rejects them: {exc}") from None
+
+
+def _dotted(name: str, where: str) -> Any:
+    module_name, _, attribute = name.rpartition(".")
+    try:
+        return getattr(import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError):
+        raise WorkflowError(f"{where}: cannot import {name!r}") from None
 
 
 def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -96,7 +110,8 @@ def _load_state_dict(path: Path, network: str | None = None) -> dict[str, torch.
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
             warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(_numpy_values()):
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # torch's weights-only unpickler refused it: find out why
         raise _refusal(path, str(exc), network) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
@@ -112,6 +127,19 @@ def _load_state_dict(path: Path, network: str | None = None) -> dict[str, torch.
     if not (isinstance(state, dict) and _all_tensors(state)):
         raise WeightsError(f"model.weights: {path} holds no state_dict of tensors")
     return state
+
+
+def _numpy_values() -> list:
+    """numpy's scalars, dtypes and arrays: data that training checkpoints hold beside the weights (nnU-Net v2's
+    EMA Dice and logged losses are numpy floats), rebuilt from their bytes without running code (what torch's
+    documentation allows for numpy in ``weights_only`` loads)."""
+    import numpy as np
+
+    multiarray = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    kinds = [np.bool_, np.float16, np.float32, np.float64, np.complex64, np.complex128,
+             np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]  # fmt: skip
+    return [multiarray.multiarray.scalar, multiarray.multiarray._reconstruct, np.ndarray, np.dtype,
+            *{type(np.dtype(kind)) for kind in kinds}]  # fmt: skip
 
 
 CHECKPOINT_KEYS = ("state_dict", "model", "network", "model_state_dict", "network_weights", "net")
