@@ -1,5 +1,5 @@
 """Test-time augmentation by flips: the reference is the mean of MONAI's activated sliding-window results
-over the flipped inputs, each flipped back (nnU-Net's mirroring)."""
+over the flipped inputs, each flipped back (as nnU-Net v1 averaged the softmax of its mirrored patches)."""
 
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ def blend_and_label(
     per_flip = weighted.reshape(flips, channels, *weights.shape[1:])
     per_flip /= weights[:, None]
     probabilities = _activate(per_flip[0], finishing.activation)
-    if flips > 1:  # nnU-Net's mirroring: the mean of each flip's activated blend
+    if flips > 1:  # the mean of each flip's activated blend (nnU-Net v1's mirroring; v2 averages logits)
         probabilities = probabilities.clone()
         for one in per_flip[1:]:
             probabilities += _activate(one, finishing.activation)
