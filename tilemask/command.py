@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 from typing import NoReturn
@@ -73,6 +74,9 @@ def errors_only() -> bool:
     return (click.get_current_context().find_root().obj or {}).get("verbosity", 0) < 0
 
 
+_NO_ANSWER = re.compile(r"HTTP response code on \S+: 0$")
+
+
 def configure_logging(debug: bool, verbosity: int = 0) -> None:
     """Levels as rio's ``-v`` / ``-q``: WARNING by default, INFO with ``-v`` (one line per stage), DEBUG with
     ``-vv`` or ``--debug``, ERROR with ``-q``.  Library warnings and Dask's chatter only with ``--debug``."""
@@ -93,3 +97,6 @@ def configure_logging(debug: bool, verbosity: int = 0) -> None:
         logging.getLogger("tornado").setLevel(logging.CRITICAL)
         # rasterio logs at INFO every error GDAL signals, those its callers expect too (a file not there yet)
         logging.getLogger("rasterio").setLevel(max(level, logging.WARNING))
+        # and warns of a request that got no answer at all (HTTP code 0) before the open or read fails with
+        # curl's reason, which tilemask's one line names
+        logging.getLogger("rasterio._env").addFilter(lambda record: not _NO_ANSWER.search(record.getMessage()))
