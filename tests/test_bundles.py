@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import os
 
+import dask.array as da
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
-from monai.transforms import AsDiscreted, Compose, SaveImaged
+from monai.transforms import AsDiscreted, Compose, FillHoles, KeepLargestConnectedComponent, SaveImaged
 from nibabel.testing import data_path
 
 import tilemask
-from tilemask import Workflow
+from tilemask import Workflow, postprocess
 from tilemask.errors import WorkflowError
 
 from .test_model_grid import stored_psr
@@ -49,12 +50,12 @@ def write_bundle(folder, network_def, preprocessing, inferer, postprocessing, cl
     return folder
 
 
-def spleen_ct_bundle(folder):
-    """spleen_ct_segmentation's inference.json, with a smaller UNet and roi."""
+def spleen_ct_bundle(folder, network=None):
+    """spleen_ct_segmentation's inference.json, with a smaller UNet (or ``network``) and roi."""
     return write_bundle(
         folder,
-        {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8, 16],
-         "strides": [2, 2], "num_res_units": 2, "norm": "batch"},
+        network or {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8, 16],
+                    "strides": [2, 2], "num_res_units": 2, "norm": "batch"},
         [{"_target_": "LoadImaged", "keys": "image"}, {"_target_": "EnsureChannelFirstd", "keys": "image"},
          {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
          {"_target_": "Spacingd", "keys": "image", "pixdim": [1.5, 1.5, 2.0], "mode": "bilinear"},
@@ -90,12 +91,13 @@ def brain_mr_bundle(folder):
     )  # fmt: skip
 
 
-def monai_runs_the_bundle(folder, image_path):
-    """The bundle's own preprocessing, network, inferer and postprocessing (up to the argmax), by MONAI."""
+def monai_runs_the_bundle(folder, image_path, labels=False):
+    """The bundle's own preprocessing, network, inferer and postprocessing (up to the argmax; all of it but the
+    saving with ``labels``), by MONAI; the transforms are the dataset's and the evaluator's where it has them."""
     parser = ConfigParser()
     parser.read_config(str(folder / "configs" / "inference.json"))
     parser["bundle_root"] = str(folder)
-    pre = parser.get_parsed_content("preprocessing")
+    pre = parser.get_parsed_content("dataset::transform" if "dataset" in parser else "preprocessing")
     if (folder / "models" / "model.ts").exists():
         net = torch.jit.load(folder / "models" / "model.ts")
     else:
@@ -105,7 +107,10 @@ def monai_runs_the_bundle(folder, image_path):
     data = pre({"image": str(image_path)})
     with torch.inference_mode():
         data["pred"] = parser.get_parsed_content("inferer")(data["image"][None], net)[0]
-    post = [t for t in parser.get_parsed_content("postprocessing").transforms if not isinstance(t, AsDiscreted | SaveImaged)]
+    post_key = "evaluator::postprocessing" if "evaluator" in parser else "postprocessing"
+    post = [t for t in parser.get_parsed_content(post_key).transforms if not isinstance(t, SaveImaged)]
+    if not labels:
+        post = post[: next((i for i, t in enumerate(post) if isinstance(t, AsDiscreted)), len(post))]
     return np.asarray(Compose(post)(data)["pred"])
 
 
@@ -238,3 +243,206 @@ def test_bundle_settings_that_leave_the_answer_alone_are_accepted(tmp_path):
     _edited(folder, edit)
     raw = {"version": 1, "input": "x.nii.gz", "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}}
     assert Workflow.from_dict(raw).preprocess.spacing == [1.5, 1.5, 2.0]
+
+
+UNRESAMPLED = [{"_target_": "LoadImaged", "keys": "image"}, {"_target_": "EnsureChannelFirstd", "keys": "image"},
+               {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 200, "a_max": 5000, "b_min": 0.0,
+                "b_max": 1.0, "clip": True}]  # fmt: skip  # no resampling: a bundle that runs in about a second
+SMALL_INFERER = {"_target_": "SlidingWindowInferer", "roi_size": [32, 32, 24], "sw_batch_size": 4, "overlap": 0.25}
+SOFTMAX_LABELS = [{"_target_": "Activationsd", "keys": "pred", "softmax": True},
+                  {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}]  # fmt: skip
+
+
+KLCC = "KeepLargestConnectedComponentd"
+
+
+def small_unet(out_channels):
+    return {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": out_channels,
+            "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}  # fmt: skip
+
+
+def test_transforms_under_other_names_are_found_as_monai_finds_them(tmp_path, client):
+    """The preprocessing and postprocessing named ``pre_transforms`` and ``post_transforms``, which the bundle's
+    ``dataset`` and ``evaluator`` refer to (``preprocessing`` is a convention only): the bundle ran with neither
+    (exit 0), labels differing from MONAI's on 16565 of 33825 voxels in a first-contact review."""
+    folder = write_bundle(tmp_path / "renamed", small_unet(2), UNRESAMPLED, SMALL_INFERER, SOFTMAX_LABELS,
+                          ["background", "foreground"])  # fmt: skip
+
+    def rename(config):
+        config["pre_transforms"] = config.pop("preprocessing")
+        config["post_transforms"] = config.pop("postprocessing")
+        config["dataset"] = {"_target_": "Dataset", "data": [], "transform": "@pre_transforms"}
+        config["dataloader"] = {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1}
+        config["evaluator"] = {"_target_": "SupervisedEvaluator", "device": "@device", "network": "@network",
+                               "val_data_loader": "@dataloader", "inferer": "@inferer",
+                               "postprocessing": "@post_transforms"}  # fmt: skip
+
+    _edited(folder, rename)
+    scan = stored_psr(tmp_path)
+    _, labels, probabilities = run_bundle(folder, scan, tmp_path, client)
+    expected = monai_runs_the_bundle(folder, scan)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    assert np.mean(labels == expected.argmax(0)) >= 0.9999
+
+
+def test_preprocessing_is_found_through_invertd_else_a_bundle_without_it_is_refused(tmp_path):
+    """Without a dataset, ``Invertd``'s ``transform`` names the preprocessing (the one it inverts): the settings
+    are those of the bundle naming it ``preprocessing``, which the spleen test holds to MONAI's result.  With
+    neither, a bundle whose transforms load the images is refused rather than run without its preprocessing."""
+    folder = spleen_ct_bundle(tmp_path / "bundle")
+    raw = {"version": 1, "input": "x.nii.gz", "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}}
+    standard = Workflow.from_dict(raw).preprocess
+
+    def rename(config):
+        config["pre_transforms"] = config.pop("preprocessing")
+        config["postprocessing"]["transforms"][1]["transform"] = "@pre_transforms"
+
+    _edited(folder, rename)
+    assert Workflow.from_dict(raw).preprocess == standard
+    _edited(folder, lambda c: c["postprocessing"]["transforms"].pop(1))
+    with pytest.raises(WorkflowError, match="found no preprocessing .*, yet the bundle loads images") as caught:
+        Workflow.from_dict(raw)
+    assert caught.value.exit_status == 2
+
+
+def test_one_channel_sigmoid_bundle_naming_its_channel_runs_as_monai_runs_it(tmp_path, client):
+    """``channel_def: {"0": "lesion"}`` names the one output channel of a sigmoid network, label 1 where its
+    probability reaches ``AsDiscreted``'s threshold: it was refused ("classes has 1 names but the network gives 2
+    classes")."""
+    post = [{"_target_": "Activationsd", "keys": "pred", "sigmoid": True},
+            {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.7}]  # fmt: skip
+    folder = write_bundle(tmp_path / "sigmoid", small_unet(1), UNRESAMPLED, SMALL_INFERER, post, ["lesion"])
+    scan = stored_psr(tmp_path)
+    result, labels, _ = run_bundle(folder, scan, tmp_path, client)
+    expected = monai_runs_the_bundle(folder, scan, labels=True)[0]
+    assert 0.05 < expected.mean() < 0.95  # both classes
+    assert np.mean(labels == expected) >= 0.9999
+    assert set(result.class_pixels) == {"background", "lesion"}
+
+
+@pytest.mark.parametrize(
+    "bundle, steps",
+    [
+        (lambda f: spleen_ct_bundle(f, small_unet(2)),  # on the scan's grid, after Invertd
+         [{"_target_": KLCC, "keys": "pred", "applied_labels": [1], "connectivity": 1},
+          {"_target_": "FillHolesd", "keys": "pred", "connectivity": 1}]),
+        (lambda f: write_bundle(f, small_unet(3), UNRESAMPLED, SMALL_INFERER, SOFTMAX_LABELS, ["b", "x", "y"]),
+         [{"_target_": KLCC, "keys": "pred", "applied_labels": [1, 2]}]),
+    ],
+)  # fmt: skip
+def test_largest_component_and_holes_run_as_monai_runs_them(tmp_path, client, bundle, steps):
+    """``KeepLargestConnectedComponentd`` and ``FillHolesd`` after the labels, as tilemask's ``postprocess``
+    (``keep_largest``, ``fill_holes``, ``connectivity``): they were refused ("cannot run chunk by chunk")."""
+    folder = bundle(tmp_path / "bundle")
+
+    def add(config):
+        transforms = config["postprocessing"]["transforms"]
+        at = next(i for i, t in enumerate(transforms) if t["_target_"] == "AsDiscreted") + 1
+        transforms[at:at] = steps
+
+    _edited(folder, add)
+    scan = stored_psr(tmp_path)
+    _, labels, _ = run_bundle(folder, scan, tmp_path, client)
+    expected = monai_runs_the_bundle(folder, scan, labels=True)[0]
+    assert np.sum(expected != monai_runs_the_bundle(folder, scan).argmax(0)) > 100  # MONAI's steps change labels
+    assert np.mean(labels == expected) >= 0.9999
+
+
+def test_largest_component_and_holes_of_several_classes_together_are_refused(tmp_path):
+    """MONAI keeps the largest component of every class before filling any hole; tilemask's postprocess does
+    both class by class.  They differ where a class's holes hold another class: here class 2's largest piece
+    lies inside class 1 (MONAI keeps it, then fills it with 1), a smaller one outside (tilemask keeps that)."""
+    labels = np.zeros((8, 12, 12), np.uint8)
+    labels[1:6, 1:6, 1:6] = 1
+    labels[2:5, 2:5, 2:5] = 2
+    labels[1:3, 8:10, 8:10] = 2
+    monai = Compose([KeepLargestConnectedComponent(), FillHoles()])(torch.tensor(labels[None]))[0].numpy()  # a copy
+    ours = postprocess.apply(da.from_array(labels, chunks=4), {"keep_largest": True, "fill_holes": True}).compute()
+    assert np.sum(monai != ours) == 8
+    steps = [{"_target_": "KeepLargestConnectedComponentd", "keys": "pred"}, {"_target_": "FillHolesd", "keys": "pred"}]
+    folder = write_bundle(tmp_path / "three", small_unet(3), UNRESAMPLED, SMALL_INFERER, SOFTMAX_LABELS + steps,
+                          ["background", "x", "y"])  # fmt: skip
+    raw = {"version": 1, "input": "x.nii.gz", "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}}
+    with pytest.raises(WorkflowError, match="has KeepLargestConnectedComponent and FillHoles over 2 ") as caught:
+        Workflow.from_dict(raw)
+    assert caught.value.exit_status == 2
+
+
+def test_a_short_pixdim_is_padded_as_monai_pads_it(tmp_path):
+    """``Spacingd(pixdim=[1.5, 2.0])`` on a volume: MONAI pads it with its last value; it was refused with
+    "preprocess.spacing has 2 values", a key the bundle never wrote."""
+    folder = spleen_ct_bundle(tmp_path / "bundle")
+    _edited(folder, lambda c: c["preprocessing"]["transforms"][3].update(pixdim=[1.5, 2.0]))
+    raw = {"version": 1, "input": "x.nii.gz", "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}}
+    parser = ConfigParser()
+    parser.read_config(str(folder / "configs" / "inference.json"))
+    image = parser.get_parsed_content("preprocessing")({"image": str(stored_psr(tmp_path))})["image"]
+    np.testing.assert_allclose(Workflow.from_dict(raw).preprocess.spacing, image.pixdim)
+
+
+def _postprocessing_step(at, **step):
+    return lambda c: c["postprocessing"]["transforms"].insert(at, {"keys": "pred", **step})
+
+
+def _sigmoid_over_three_channels(config):  # brats_mri_segmentation's: one overlapping region per channel
+    config["network_def"]["out_channels"] = 3
+    config["postprocessing"]["transforms"][0].update(softmax=False, sigmoid=True)
+    config["postprocessing"]["transforms"][2].update(argmax=False, threshold=0.5)
+
+
+def _fill_holes_before_largest(config):  # tilemask keeps the largest component first: another answer
+    config["postprocessing"]["transforms"][3:3] = [{"_target_": "FillHolesd", "keys": "pred"},
+                                                   {"_target_": KLCC, "keys": "pred"}]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "edit, refusal",
+    [
+        (_sigmoid_over_three_channels, (r"postprocessing Activationsd sigmoid on the network's out_channels 3 "
+                                        r"\(background, spleen\): one binary mask per channel, which may overlap "
+                                        r"\(multi-label output\), is not supported")),
+        (lambda c: c["preprocessing"]["transforms"][3].update(pixdim=[1.5, 1.5, -1]),
+         r"preprocessing Spacingd pixdim=\[1.5, 1.5, -1\]: MONAI keeps each scan's own spacing along an axis <= 0"),
+        (lambda c: c["inferer"].update(roi_size=[32, 32, -1]),
+         r"inferer SlidingWindowInferer roi_size=\[32, 32, -1\]: MONAI takes each image's own size"),
+        (lambda c: c.update(network_def=("$monai.networks.nets.UNet(spatial_dims=3, in_channels=1, out_channels=2, "
+                                         "channels=[4, 8, 16], strides=[2, 2])")),
+         "network_def is an expression .*: tilemask builds the network on its workers from a _target_ dict"),
+        (_postprocessing_step(3, _target_=KLCC, applied_labels=[0, 1]),
+         (r"postprocessing KeepLargestConnectedComponentd applied_labels=\[0, 1\]: tilemask applies it to every "
+          r"foreground class \(\[1\]\)")),
+        (_postprocessing_step(3, _target_=KLCC, num_components=2),
+         "KeepLargestConnectedComponentd num_components=2: tilemask does not apply it .*1"),
+        (_postprocessing_step(3, _target_=KLCC, connectivity=2),
+         r"KeepLargestConnectedComponentd connectivity=2: tilemask connects voxels by their faces \(1\) or fully"),
+        (_postprocessing_step(3, _target_=KLCC, is_onehot=True), "KeepLargestConnectedComponentd is_onehot=True"),
+        (lambda c: c["postprocessing"]["transforms"].__setitem__(2, {"_target_": KLCC, "keys": "pred"}),
+         "postprocessing KeepLargestConnectedComponentd without AsDiscreted before it runs on the network's output"),
+        (_postprocessing_step(2, _target_=KLCC),
+         "postprocessing has Activations, Invert, KeepLargestConnectedComponent, AsDiscrete: tilemask applies"),
+        (_fill_holes_before_largest, ("postprocessing has Activations, Invert, AsDiscrete, FillHoles, "
+                                      "KeepLargestConnectedComponent: tilemask applies .*, "
+                                      "KeepLargestConnectedComponent, FillHoles once each")),
+    ],
+)  # fmt: skip
+def test_bundle_settings_refused_by_what_monai_does_with_them(tmp_path, edit, refusal):
+    """Found by a first-contact review: these were refused with a message naming a key the bundle never wrote
+    (``preprocess.spacing.2``, ``model.args.out_channels``, "configs have no network_def") or, for the largest
+    component, "cannot run chunk by chunk"; each now names the bundle's transform and argument."""
+    folder = spleen_ct_bundle(tmp_path / "bundle")
+    raw = {"version": 1, "input": "x.nii.gz", "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}}
+    _edited(folder, edit)
+    with pytest.raises(WorkflowError, match=refusal) as caught:
+        Workflow.from_dict(raw)
+    assert caught.value.exit_status == 2
+
+
+def test_a_zipped_bundle_is_refused_with_what_to_do(tmp_path):
+    """A Model Zoo download is a zip of the bundle's folder: "no such folder" did not say to unzip it."""
+    import shutil
+
+    folder = spleen_ct_bundle(tmp_path / "spleen_ct_segmentation")
+    archive = shutil.make_archive(str(tmp_path / "spleen_ct_segmentation_v0.5.9"), "zip", tmp_path, folder.name)
+    raw = {"version": 1, "input": "x.nii.gz", "model": {"bundle": archive}, "output": {"path": "x.nii.gz"}}
+    with pytest.raises(WorkflowError, match=r"\.zip is a zip file \(a Model Zoo download\): unzip it"):
+        Workflow.from_dict(raw, base_dir=tmp_path)

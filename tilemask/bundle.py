@@ -7,11 +7,15 @@ A bundle (the MONAI Model Zoo's layout) is a folder with ``configs/inference.jso
 instantiated) and turns it into workflow keys: the network from ``network_def``,
 roi / overlap / mode / sigma / batch from the inferer, orientation / spacing /
 intensity / z-score from the preprocessing transforms, the activation, the
-threshold and whether the output goes back to the scan's grid (``Invertd``) from
-the post-processing, the class names from ``channel_def``.  The workflow's own
-keys override these.  A transform tilemask cannot apply chunk by chunk, an
-argument it does not apply set to other than MONAI's default, and transforms out
-of tilemask's order are refused by name before any work (exit 2).
+threshold, whether the output goes back to the scan's grid (``Invertd``) and the
+largest component / hole filling from the post-processing, the class names from
+``channel_def``.  The preprocessing is found as MONAI's inference finds it: what
+``dataset``'s ``transform`` refers to, else ``Invertd``'s, else ``preprocessing``
+(the name is a convention only); the post-processing is what ``evaluator`` refers
+to, else ``postprocessing``.  The workflow's own keys override these.  A
+transform tilemask cannot apply chunk by chunk, an argument it does not apply set
+to other than MONAI's default, and transforms out of tilemask's order are refused
+by name before any work (exit 2).
 
 Reading a bundle imports MONAI (and torch) on the client, and evaluates the
 config's ``$`` expressions as MONAI does: a bundle is code, trust it as such.
@@ -41,6 +45,8 @@ READ = {  # per transform tilemask applies: the arguments it reads (below); any 
     "Activations": {"softmax", "sigmoid"},
     "Invert": {"nearest_interp"},
     "AsDiscrete": {"argmax", "threshold"},  # labels by argmax, or by a threshold (a sigmoid's): always labels
+    "KeepLargestConnectedComponent": {"applied_labels", "is_onehot", "independent", "connectivity"},
+    "FillHoles": {"applied_labels", "connectivity"},
 }
 ANSWER_UNCHANGED = {  # arguments that change where or how fast, or the float type of a step, not the answer
     "keys", "allow_missing_keys", "lazy", "dtype", "device", "sw_device", "progress", "cache_roi_weight_map",
@@ -48,7 +54,8 @@ ANSWER_UNCHANGED = {  # arguments that change where or how fast, or the float ty
     "meta_key_postfix", "to_tensor",
 }  # fmt: skip
 PREPROCESSING_ORDER = ("Orientation", "Spacing", "ScaleIntensityRange", "NormalizeIntensity")  # tilemask's order
-POSTPROCESSING_ORDER = ("Activations", "Invert", "AsDiscrete")  # tilemask activates, inverts, then takes labels
+# tilemask activates, inverts, takes labels, then keeps each class's largest component and fills its holes
+POSTPROCESSING_ORDER = ("Activations", "Invert", "AsDiscrete", "KeepLargestConnectedComponent", "FillHoles")
 KNOWN = PASSIVE | set(READ)
 
 
@@ -69,17 +76,35 @@ def bundle_defaults(folder: Path) -> dict[str, Any]:
             parser.read_meta(str(metadata))
     except Exception as exc:  # JSON / YAML errors of many types
         raise WorkflowError(f"model.bundle: cannot read {found[0]}: {exc}") from None
-    keys: dict[str, Any] = {"model": _network(parser, folder), "preprocess": {}, "inference": {}, "output": {}}
-    keys["preprocess"] = _preprocessing(parser)
-    keys["inference"] = _inferer(parser)
-    post = _postprocessing(parser)
+    model = _network(parser, folder)
+    inference = _inferer(parser)
+    ndim = int(model.get("args", {}).get("spatial_dims") or len(inference["roi_size"]))  # the model's rank
+    post_key = _referred(parser, "evaluator::postprocessing") or _referred(parser, "postprocessing")
+    keys: dict[str, Any] = {"model": model, "preprocess": _preprocessing(parser, folder, post_key, ndim),
+                            "inference": inference, "output": {}}  # fmt: skip
+    channel_def = _channel_def(parser)
+    post = _postprocessing(parser, post_key, model.get("args", {}), channel_def, ndim)
     keys["inference"].update(post["inference"])
+    if post["postprocess"]:
+        keys["postprocess"] = post["postprocess"]
     if not post["inverted"] and keys["preprocess"].keys() & {"orientation", "spacing"}:
         keys["output"]["grid"] = "model"  # no Invertd: MONAI saves the prediction on the grid the network saw
-    classes = _classes(parser)
-    if classes:
-        keys["classes"] = classes
+    if channel_def:
+        keys["classes"] = _classes(channel_def, keys["inference"]["activation"])
     return keys
+
+
+def _referred(parser, key: str) -> str | None:
+    """The id of what ``key`` holds: the id it names when it is a plain reference (``"@pre_transforms"``), else
+    ``key`` itself; None when the configs have no ``key``."""
+    if key not in parser:
+        return None
+    value = parser.get(key)
+    if isinstance(value, str) and value.startswith("@"):
+        if value[1:] not in parser:
+            raise WorkflowError(f"model.bundle: {key} refers to {value}, which the configs do not define")
+        return value[1:]
+    return key
 
 
 def _parsed(parser, key: str, default=None):
@@ -160,7 +185,16 @@ def _network(parser, folder: Path) -> dict:
     if weights is None:
         raise WorkflowError(f"model.bundle: {folder} has no models/model.pt or models/model.ts")
     model: dict[str, Any] = {"weights": str(weights), "bundle": str(folder)}
-    network = _parsed(parser, "network_def")
+    key = _referred(parser, "network_def")
+    expression = parser.get(key) if key else None
+    if isinstance(expression, str) and expression.startswith("$"):
+        if weights.suffix == ".ts":
+            return model  # TorchScript holds its network
+        shown = expression if len(expression) <= 60 else f"{expression[:57]}..."
+        raise WorkflowError(f"model.bundle: {folder}: network_def is an expression ({shown}): tilemask "
+                            "builds the network on its workers from a _target_ dict, such as "
+                            '{"_target_": "UNet", "spatial_dims": 3, ...}')  # fmt: skip
+    network = _parsed(parser, key) if key else None
     if isinstance(network, dict) and network.get("_target_"):
         target = str(network["_target_"])
         module, _, name = target.rpartition(".")
@@ -171,11 +205,16 @@ def _network(parser, folder: Path) -> dict:
     return model
 
 
-def _transforms(parser, key: str) -> list[dict]:
-    value = _parsed(parser, key)
+def _transforms(parser, key: str | None) -> list[dict]:
+    """The configs of the transforms ``key`` holds (a Compose or a list; none without ``key``), those not
+    ``_disabled_``."""
+    value = _parsed(parser, key) if key else None
     if value is None:
         return []
     transforms = value.get("transforms", []) if isinstance(value, dict) else value
+    if not isinstance(transforms, list | tuple):
+        raise WorkflowError(f"model.bundle: {key} is not a Compose or a list of transforms "
+                            f"(it gives a {type(transforms).__name__})")  # fmt: skip
     transforms = [t.get_config() if hasattr(t, "get_config") else t for t in transforms]  # parsed components
     return [t for t in transforms if isinstance(t, dict) and not t.get("_disabled_")]
 
@@ -185,27 +224,66 @@ def _values(value) -> list[float]:
     return [float(v) for v in value] if isinstance(value, list | tuple) else [float(value)]
 
 
-def _steps(parser, section: str, order: tuple[str, ...]) -> list[tuple[str, dict]]:
-    """The transforms of ``section`` tilemask applies, as (name, arguments), in order; a transform it cannot
-    apply chunk by chunk, one out of ``order`` or twice, or an argument it does not apply, is refused."""
+def _steps(parser, section: str | None, order: tuple[str, ...]) -> list[tuple[str, str, dict]]:
+    """The transforms of ``section`` tilemask applies, as (name, class name, arguments), in order; a transform it
+    cannot apply chunk by chunk, one out of ``order`` or twice, or an argument it does not apply, is refused."""
     transforms = [c for c in _transforms(parser, section) if _name(c) not in PASSIVE]
     for config in transforms:
         if _name(config) not in order:
             raise WorkflowError(f"model.bundle: {section} {config.get('_target_')} cannot run chunk by chunk")
     _in_order(section, [_name(c) for c in transforms], order)
-    return [(_name(c), _applied(section, c)) for c in transforms]
+    return [(_name(c), str(c["_target_"]).rsplit(".", 1)[-1], _applied(section, c)) for c in transforms]
 
 
-def _preprocessing(parser) -> dict:
+def _preprocessing_key(parser, folder: Path, post_key: str | None) -> str | None:
+    """The id of the preprocessing, as MONAI's inference finds it: what ``dataset``'s ``transform`` refers to,
+    else ``Invertd``'s ``transform``, else ``preprocessing``; None for a bundle that has none and neither has a
+    dataset nor loads images.  A bundle that does and has none is refused: run without its preprocessing, a
+    bundle naming it ``pre_transforms`` gave labels with a Dice of 0.51 against MONAI's."""
+    for key in ("dataset::transform", _invert_transform(parser, post_key), "preprocessing"):
+        found = _referred(parser, key) if key else None
+        if found:
+            return found
+    if "dataset" in parser or _loads_images(parser.get()):
+        raise WorkflowError(f"model.bundle: {folder}: found no preprocessing (no dataset::transform, Invertd "
+                            "transform or preprocessing key), yet the bundle "
+                            f"{'has a dataset' if 'dataset' in parser else 'loads images'}: tilemask will not run "
+                            "it without its preprocessing")  # fmt: skip
+    return None
+
+
+def _invert_transform(parser, post_key: str | None) -> str | None:
+    """The id of the first ``Invertd``'s ``transform`` in the post-processing ``post_key`` (None without one)."""
+    if post_key is None:
+        return None
+    listed = f"{post_key}::transforms" if isinstance(parser.get(post_key), dict) else post_key
+    transforms = parser.get(listed) if listed in parser else None
+    for i, config in enumerate(transforms if isinstance(transforms, list) else []):
+        if isinstance(config, dict) and _name(config) == "Invert" and "transform" in config:
+            return f"{listed}::{i}::transform"
+    return None
+
+
+def _loads_images(config) -> bool:
+    """Whether a raw config holds a ``LoadImage`` or ``LoadImaged`` anywhere."""
+    if isinstance(config, dict):
+        if str(config.get("_target_", "")).rsplit(".", 1)[-1] in ("LoadImage", "LoadImaged"):
+            return True
+        return any(_loads_images(v) for v in config.values())
+    return isinstance(config, list) and any(_loads_images(v) for v in config)
+
+
+def _preprocessing(parser, folder: Path, post_key: str | None, ndim: int) -> dict:
+    key = _preprocessing_key(parser, folder, post_key)
     keys: dict[str, Any] = {}
-    for name, args in _steps(parser, "preprocessing", PREPROCESSING_ORDER):
+    for name, target, args in _steps(parser, key, PREPROCESSING_ORDER):
         if name == "Orientation":
             keys["orientation"] = "RAS" if args.get("as_closest_canonical") else args.get("axcodes")
         elif name == "Spacing":
             mode = args.get("mode", "bilinear")
             if (mode[0] if isinstance(mode, list | tuple) else mode) != "bilinear":
-                raise WorkflowError(f"model.bundle: preprocessing Spacing mode {mode!r}: tilemask resamples bilinear")
-            keys["spacing"] = list(args["pixdim"]) if isinstance(args["pixdim"], list | tuple) else args["pixdim"]
+                raise WorkflowError(f"model.bundle: {key} {target} mode {mode!r}: tilemask resamples bilinear")
+            keys["spacing"] = _pixdim(f"{key} {target}", args["pixdim"], ndim)
         elif name == "ScaleIntensityRange":
             keys["intensity"] = {k: args[k] for k in ("a_min", "a_max", "b_min", "b_max", "clip") if k in args}
         elif name == "NormalizeIntensity":
@@ -224,14 +302,29 @@ def _preprocessing(parser) -> dict:
     return keys
 
 
+def _pixdim(step: str, pixdim, ndim: int) -> list[float]:
+    """Spacingd's ``pixdim`` on ``ndim`` axes as MONAI takes it: one number for all, a list cut to ``ndim`` or
+    padded with its last value.  An axis <= 0 (MONAI keeps the scan's own spacing there) is refused."""
+    given = [float(v) for v in pixdim] if isinstance(pixdim, list | tuple) else [float(pixdim)]
+    values = (given + given[-1:] * ndim)[:ndim]
+    if any(v <= 0 for v in values):
+        raise WorkflowError(f"model.bundle: {step} pixdim={pixdim!r}: MONAI keeps each scan's own spacing along an "
+                            "axis <= 0; tilemask resamples every input to one spacing given on every axis")  # fmt: skip
+    return values
+
+
 def _inferer(parser) -> dict:
     inferer = _parsed(parser, "inferer")
     if not isinstance(inferer, dict) or _name(inferer) != "SlidingWindowInferer":
         raise WorkflowError(f"model.bundle: inferer must be a SlidingWindowInferer (got {inferer and inferer.get('_target_')})")
     args = _applied("inferer", inferer)
-    roi = args["roi_size"]
+    roi = list(args["roi_size"]) if isinstance(args["roi_size"], list | tuple) else [args["roi_size"]]
+    if any(r is None or r <= 0 for r in roi):
+        raise WorkflowError(f"model.bundle: inferer {_name(inferer)} roi_size={args['roi_size']!r}: MONAI takes "
+                            "each image's own size along an axis <= 0; tilemask slides one window size, given on "
+                            "every axis")  # fmt: skip
     keys = {
-        "roi_size": list(roi) if isinstance(roi, list | tuple) else [roi],
+        "roi_size": roi,
         "overlap": args.get("overlap", 0.25),
         "mode": args.get("mode", "constant"),  # MONAI's default, not tilemask's
         "batch_size": args.get("sw_batch_size", 1),
@@ -241,32 +334,106 @@ def _inferer(parser) -> dict:
     return keys
 
 
-def _postprocessing(parser) -> dict:
+def _postprocessing(parser, key: str | None, network: dict, channel_def: dict, ndim: int) -> dict:
+    """Workflow keys from the post-processing ``key``: ``inference`` (activation, threshold), ``postprocess``
+    (largest component, holes) and whether it is ``inverted``.  ``network`` (the network's arguments) and
+    ``channel_def`` give the number of classes, the foreground labels being 1 up to it."""
     inference: dict[str, Any] = {"activation": "none"}
+    postprocess: dict[str, Any] = {}
+    connectivity: set[str] = set()
+    foreground: set[int] | None = None  # the labels other than background, once known
     inverted = False
-    for name, args in _steps(parser, "postprocessing", POSTPROCESSING_ORDER):
+    out_channels = network.get("out_channels")
+    steps = _steps(parser, key, POSTPROCESSING_ORDER)
+    for name, target, args in steps:
         if name == "Activations":
             if args.get("softmax"):
                 inference["activation"] = "softmax"
             elif args.get("sigmoid"):
+                if out_channels is not None and int(out_channels) > 1:
+                    names = f" ({', '.join(_classes(channel_def, 'none'))})" if channel_def else ""
+                    raise WorkflowError(f"model.bundle: {key} {target} sigmoid on the network's out_channels "
+                                        f"{out_channels}{names}: one binary mask per channel, which may overlap "
+                                        "(multi-label output), is not supported; tilemask writes one class per "
+                                        "voxel")  # fmt: skip
                 inference["activation"] = "sigmoid"
         elif name == "Invert":
             if args.get("nearest_interp", True):
-                raise WorkflowError("model.bundle: postprocessing Invertd with nearest_interp: tilemask inverts probabilities (nearest_interp: false)")
+                raise WorkflowError(f"model.bundle: {key} {target} with nearest_interp: tilemask inverts probabilities "
+                                    "(nearest_interp: false)")  # fmt: skip
             inverted = True
         elif name == "AsDiscrete":
             if args.get("threshold") is not None:
                 inference["threshold"] = float(args["threshold"])
-    return {"inference": inference, "inverted": inverted}
+        else:
+            if "AsDiscrete" not in (n for n, _, _ in steps):
+                raise WorkflowError(f"model.bundle: {key} {target} without AsDiscreted before it runs on the network's "
+                                    "output; tilemask runs it on the labels")  # fmt: skip
+            n = 2 if inference["activation"] == "sigmoid" else out_channels or len(channel_def)
+            foreground = set(range(1, int(n))) if n else None
+            _labels_of(f"{key} {target}", args, foreground, zero=name == "FillHoles")
+            if name == "KeepLargestConnectedComponent":
+                if args.get("is_onehot"):
+                    raise WorkflowError(f"model.bundle: {key} {target} is_onehot=True: tilemask's labels are one "
+                                        "channel of class values")  # fmt: skip
+                if args.get("independent") is False and (foreground is None or len(foreground) > 1):
+                    raise WorkflowError(f"model.bundle: {key} {target} independent=False: tilemask keeps the "
+                                        "largest component of each class on its own")  # fmt: skip
+                postprocess["keep_largest"] = True
+            else:
+                postprocess["fill_holes"] = True
+            connectivity.add(_connectivity(f"{key} {target}", args.get("connectivity"), ndim))
+    if len(postprocess) == 2 and (foreground is None or len(foreground) > 1):
+        raise WorkflowError(f"model.bundle: {key} has KeepLargestConnectedComponent and FillHoles over "
+                            f"{len(foreground) if foreground else 'an unknown number of'} foreground classes: MONAI "
+                            "keeps the largest component of every class before filling any hole, tilemask does both "
+                            "class by class, which differs where one class's holes hold another class")  # fmt: skip
+    if len(connectivity) > 1:
+        raise WorkflowError(f"model.bundle: {key} has KeepLargestConnectedComponent and FillHoles with different "
+                            "connectivity: tilemask applies one to both")  # fmt: skip
+    if connectivity == {"face"}:
+        postprocess["connectivity"] = "face"
+    return {"inference": inference, "postprocess": postprocess, "inverted": inverted}
 
 
-def _classes(parser) -> list[str]:
+def _labels_of(step: str, args: dict, foreground: set[int] | None, zero: bool) -> None:
+    """Refuse ``applied_labels`` other than every foreground label (tilemask's postprocess applies to each one);
+    FillHoles leaves label 0 out itself (``zero``), KeepLargestConnectedComponent would keep background's
+    largest component."""
+    applied = args.get("applied_labels")
+    if applied is None:
+        return
+    labels = {int(v) for v in (applied if isinstance(applied, list | tuple) else [applied])} - ({0} if zero else set())
+    if labels != foreground:
+        every = f" ({sorted(foreground)})" if foreground else ""
+        raise WorkflowError(f"model.bundle: {step} applied_labels={applied!r}: tilemask applies it to every "
+                            f"foreground class{every}")  # fmt: skip
+
+
+def _connectivity(step: str, value, ndim: int) -> str:
+    """A KeepLargestConnectedComponent's or FillHoles's ``connectivity`` (hops; None is ``ndim``) as tilemask's."""
+    if value is None or value == ndim:
+        return "full"
+    if value == 1:
+        return "face"
+    raise WorkflowError(f"model.bundle: {step} connectivity={value!r}: tilemask connects voxels by their faces (1) "
+                        f"or fully ({ndim})")  # fmt: skip
+
+
+def _channel_def(parser) -> dict:
+    """``metadata.json``'s ``channel_def`` of the network's output: channel index (a string) to name."""
     try:
         outputs = parser.get("_meta_", {}).get("network_data_format", {}).get("outputs", {})
-        channel_def = next(iter(outputs.values())).get("channel_def", {})
-    except (AttributeError, StopIteration):
-        return []
-    return [str(channel_def[k]) for k in sorted(channel_def, key=int)] if channel_def else []
+        return dict(next(iter(outputs.values())).get("channel_def", {}))
+    except (AttributeError, StopIteration, TypeError, ValueError):
+        return {}
+
+
+def _classes(channel_def: dict, activation: str) -> list[str]:
+    """Class names from ``channel_def``; with a sigmoid, one entry names the one output channel: label 1 where
+    its probability reaches the threshold, and 0 is background."""
+    names = [str(channel_def[k]) for k in sorted(channel_def, key=int)]
+    return ["background", *names] if activation == "sigmoid" and len(names) == 1 else names
 
 
 def merge(defaults: dict, workflow: dict) -> dict:

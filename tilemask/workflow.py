@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -413,6 +414,9 @@ class Workflow(_Strict):
 
             folder = Path(bundle).expanduser()
             folder = folder if folder.is_absolute() else base / folder
+            if folder.is_file() and zipfile.is_zipfile(folder):
+                raise WorkflowError(f"model.bundle: {folder} is a zip file (a Model Zoo download): unzip it and "
+                                    "give the folder it holds")  # fmt: skip
             if not folder.is_dir():
                 raise WorkflowError(f"model.bundle: no such folder {folder}")
             raw = merge(bundle_defaults(folder), raw)
