@@ -173,3 +173,34 @@ def test_a_workers_threads_reuse_freed_buffers_instead_of_faulting_them_in_again
             (after,) = client.run(_faults_of_buffers_on_a_new_thread).values()
     assert before > 5000  # 96 MB of buffers in 4 kB pages, faulted in again on every cycle
     assert after < 100
+
+
+class SlowToRead:
+    """A task result that takes ``seconds`` to unpickle on the client: a result that takes that long to arrive."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __reduce__(self):
+        return (_arrive_slowly, (self.seconds,))
+
+
+def _arrive_slowly(seconds: float) -> SlowToRead:
+    import time
+
+    time.sleep(seconds)
+    return SlowToRead(seconds)
+
+
+@pytest.mark.timeout(60)
+def test_a_result_that_takes_seconds_to_arrive_is_read_once(client):
+    """A chunk's polygons (a million features) took over a second to reach the client; waiting in 1 s slices
+    dropped the transfer at each slice and began it again, for ever (a first-contact review's hang)."""
+    import time
+
+    from tilemask.cluster import result_of
+
+    future = client.submit(SlowToRead, 1.5, pure=False)
+    begin = time.monotonic()
+    assert isinstance(result_of(client, future), SlowToRead)
+    assert time.monotonic() - begin < 20

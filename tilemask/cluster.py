@@ -21,6 +21,7 @@ Defaults for the embedded cluster (see README, "Execution"):
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
 import contextvars
 import ctypes
@@ -403,13 +404,25 @@ def result_of(client: Client, future: Future):
 
     A finished result held only by a worker that dies before it is read is lost, and Dask computes it again,
     which needs a worker: a plain ``result()`` then waits forever (a run whose only worker was killed hung
-    so, in 1 run of 8 of ``test_workers_that_all_die_mid_run_fail_the_run``).
+    so, in 1 run of 8 of ``test_workers_that_all_die_mid_run_fail_the_run``).  The result is read once, on a
+    thread of its own, while this one watches the workers: a ``result(timeout=...)`` that times out drops the
+    transfer under way, and a result that took longer than the timeout to arrive (a chunk of a million polygons)
+    was begun again, for ever.
     """
     watch = _WorkerWatch(client)
+    arrived: concurrent.futures.Future = concurrent.futures.Future()
+
+    def read() -> None:
+        try:
+            arrived.set_result(future.result())
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread as it is
+            arrived.set_exception(exc)
+
+    threading.Thread(target=read, name="tilemask-result", daemon=True).start()
     while True:
         try:
-            return future.result(timeout=1.0)
-        except TimeoutError:
+            return arrived.result(timeout=1.0)
+        except concurrent.futures.TimeoutError:
             watch.check()
 
 
