@@ -66,12 +66,14 @@ def assert_identical(result: gpd.GeoDataFrame, reference, class_names):
         assert any(shapely.equals(geom, reference[k][0]) for k in tree.query(geom.representative_point()))
 
 
-def areas_by_class(geoms, classes, crs):
+def areas_by_class(geoms, classes, crs, step=None):
+    """Area per class: planar, or for a geographic CRS geodesic on the polygons with a vertex every ``step``
+    (degrees) along their edges, so that the geodesics between vertices follow the parallels of the pixel edges."""
     crs = CRS.from_user_input(crs)
     totals = defaultdict(float)
     for geom, name in zip(geoms, classes):
         if crs.is_geographic:
-            totals[name] += abs(crs.get_geod().geometry_area_perimeter(geom)[0])
+            totals[name] += abs(crs.get_geod().geometry_area_perimeter(shapely.segmentize(geom, step))[0])
         else:
             totals[name] += geom.area
     return dict(totals)
@@ -108,12 +110,37 @@ def test_geographic_crs_geodesic_area(tmp_path, client):
     names = ("class_0", "class_1", "class_2")  # the raster records no class names
     reference = reference_shapes(labels, transform, None)
     assert_identical(result, reference, names)
-    expected = areas_by_class([g for g, _ in reference], [names[v] for _, v in reference], "EPSG:4326")
+    expected = areas_by_class([g for g, _ in reference], [names[v] for _, v in reference], "EPSG:4326", 0.0002)
     got = result.groupby("class")["area_m2"].sum().to_dict()
     for name in expected:
         assert got[name] == pytest.approx(expected[name], rel=1e-9)
     # a 0.001 degree pixel near 46.5 N is about 111 m x 77 m: geodesic m^2, not square degrees
     assert 8.0e3 < result["area_m2"].sum() / np.count_nonzero(labels) < 9.0e3
+
+
+@pytest.mark.parametrize(
+    "rows, cols, west",
+    [((0, 180), (0, 360), -180), ((80, 90), (0, 360), -180), ((20, 40), (30, 150), -180), ((80, 100), (0, 20), 170)],
+    ids=["globe", "band-0-10N-360deg", "50-70N-120deg", "antimeridian-170-190E"],
+)
+def test_geographic_area_of_wide_regions(tmp_path, client, rows, cols, west):
+    """A region bounded by long parallels (merged pixel edges, one edge per side) gets the area of its pixels: the
+    stats module's per-pixel geodesic sum (its own 1-degree pixels' edges are geodesics: 3e-5 off away from the
+    equator) and, closer, the geodesic area of the polygon with a vertex every 0.01 degree along its edges."""
+    from tilemask.stats.measure import geodesic_row_areas
+
+    labels = np.zeros((180, 360), np.uint8)
+    labels[slice(*rows), slice(*cols)] = 1
+    transform = Affine(1, 0, west, 0, -1, 90)
+    path = write_raster(tmp_path / "labels.tif", labels, "EPSG:4326", transform)
+    result = read(write_polygons(path, str(tmp_path / "p.parquet"), client=client, chunks=64))
+    assert len(result) == 1
+    geod = CRS.from_epsg(4326).get_geod()
+    per_pixel = (geodesic_row_areas(west, 1.0, 90.0, -1.0, 180, geod) * (labels == 1).sum(axis=1)).sum()
+    assert result["area_m2"].iloc[0] == pytest.approx(per_pixel, rel=1e-4)
+    if rows != (0, 180):  # the whole globe's densified outline has its two long edges on the poles
+        dense = abs(geod.geometry_area_perimeter(shapely.segmentize(result.geometry.iloc[0], 0.01))[0])
+        assert result["area_m2"].iloc[0] == pytest.approx(dense, rel=1e-8)
 
 
 def test_region_across_many_chunks_with_holes_and_corner_contacts(tmp_path, client):

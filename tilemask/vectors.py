@@ -29,14 +29,16 @@ the whole image:
    under a temporary name, renamed when whole.
 
 Attributes: ``class`` (name) and ``area_m2`` (planar area times the CRS unit's
-metres squared for a projected CRS; geodesic area on the CRS's ellipsoid via
-``pyproj.Geod`` for a geographic CRS).
+metres squared for a projected CRS; for a geographic CRS, the area on the CRS's
+ellipsoid: planar area in its cylindrical equal-area projection, exact for the
+parallels and meridians bounding the pixels of a north-up grid).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,7 +50,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import rasterio.features
 import shapely
-from pyproj import CRS
+from pyproj import CRS, Proj
+from rasterio.errors import NotGeoreferencedWarning
 from scipy import ndimage, sparse
 from scipy.sparse import csgraph
 
@@ -60,6 +63,10 @@ from .outputs import atomic_path
 from .sources.labels import open_labels
 
 logger = logging.getLogger(__name__)
+
+# polygonize_chunk hands rasterio.features.shapes arrays in pixel units, never georeferenced; rasterio silences its
+# warnings about that with warnings.catch_warnings, which a shapes call on another worker thread can undo
+warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module="rasterio.features")
 
 VECTOR_DRIVERS = {".gpkg": "GPKG", ".fgb": "FlatGeobuf", ".geojson": "GeoJSON"}
 SIDES = ("top", "bottom", "left", "right")
@@ -228,12 +235,29 @@ class AreaRule:
             return np.zeros(0)
         crs = CRS.from_wkt(self.crs_wkt) if self.crs_wkt else None
         if crs is not None and crs.is_geographic:
-            geod = crs.get_geod()
-            return np.array([abs(geod.geometry_area_perimeter(g)[0]) for g in geoms])
+            return shapely.area(shapely.transform(geoms, equal_area(crs)))
         factor = 1.0
         if crs is not None and crs.axis_info:
             factor = crs.axis_info[0].unit_conversion_factor or 1.0
         return shapely.area(geoms) * factor**2
+
+
+def equal_area(crs: CRS):
+    """The map from ``crs``'s longitude/latitude (x, y, in its angular unit) to the cylindrical equal-area projection
+    (``+proj=cea``) on its ellipsoid, longitudes beyond +-180 kept as they are (``+over``).
+
+    Planar areas there are areas on the ellipsoid, and parallels and meridians (the pixel edges of a north-up
+    grid) are straight lines, so a polygon of such pixels gets its exact area, however wide: a geodesic between
+    its vertices would cut across the pixels (the whole globe's edges along +-90 and +-180 enclose nothing).
+    """
+    geod = crs.get_geod()
+    proj = Proj(f"+proj=cea +a={geod.a!r} +f={geod.f!r} +over")
+    to_degrees = np.degrees(crs.axis_info[0].unit_conversion_factor)
+
+    def forward(xy: np.ndarray) -> np.ndarray:
+        return np.column_stack(proj(xy[:, 0] * to_degrees, xy[:, 1] * to_degrees))
+
+    return forward
 
 
 # -- 4. write ------------------------------------------------------------------------------------------
