@@ -10,9 +10,9 @@ in ascending order, steps in this order:
    becomes 0 (MONAI's ``KeepLargestConnectedComponent(independent=True)``; of
    equal largest ones, the one whose first pixel comes first in C order stays).
 3. ``fill_holes``: MONAI's ``FillHoles`` rule: pixels not reachable from outside
-   the image through pixels other than ``c`` become ``c``.  "Reachable" is a
-   component of ``labels != c`` holding an image-border pixel, found across
-   chunks like (1).
+   the image through pixels other than ``c`` become ``c``, except ``nodata``
+   pixels, which stay nodata.  "Reachable" is a component of ``labels != c``
+   holding an image-border pixel, found across chunks like (1).
 4. ``opening=r``: pixels of ``c`` outside ``binary_opening(labels == c, ball(r))``
    become 0.
 5. ``closing=r``: pixels that are 0 inside ``binary_closing(labels == c, ball(r))``
@@ -80,9 +80,15 @@ def spacing_of(geometry) -> tuple[float, ...] | None:
 
 
 def cell_size(spacing: tuple[float, ...], geometry=None) -> float:
-    """The volume (mm3) or area (m2) of one voxel/pixel: |det| of the affine's linear part when there is one
-    (a sheared grid's cell is smaller than the product of its edge lengths), else the product of the spacing."""
-    if geometry is not None and hasattr(geometry, "affine"):
+    """The volume (mm3) or area (m2) of one voxel/pixel: |det| of the geometry's linear part when it is given (the
+    volume's affine, the raster's geotransform: a sheared grid's cell is smaller than the product of its edge
+    lengths), else the product of the spacing."""
+    from .geometry import RasterGeometry
+
+    if isinstance(geometry, RasterGeometry):
+        _, a, b, _, d, e = geometry.transform
+        return float(abs(a * e - b * d))
+    if geometry is not None:
         return float(abs(np.linalg.det(np.asarray(geometry.affine)[:3, :3])))
     return float(np.prod(spacing))
 
@@ -117,7 +123,7 @@ def apply(
         if config.keep_largest:
             labels = _persist(keep_largest(labels, value, config.connectivity or "full", client), client)
         if config.fill_holes:
-            labels = _persist(fill_holes(labels, value, config.connectivity or "full", client), client)
+            labels = _persist(fill_holes(labels, value, config.connectivity or "full", client, nodata), client)
         if any(radii["opening"]):
             labels = _persist(opening(labels, value, radii["opening"]), client)
         if any(radii["closing"]):
@@ -159,7 +165,9 @@ def keep_largest(labels: da.Array, value: int, connectivity: str = "face", clien
     return da.where(ids.map_blocks(_take, drop, dtype=bool), labels.dtype.type(0), labels)
 
 
-def fill_holes(labels: da.Array, value: int, connectivity: str = "face", client=None) -> da.Array:
+def fill_holes(
+    labels: da.Array, value: int, connectivity: str = "face", client=None, nodata: int | None = None
+) -> da.Array:
     components = label(labels != value, structure(labels.ndim, connectivity), client)
     moments = components.moments
     touches = np.zeros(components.count + 1, dtype=bool)
@@ -170,6 +178,8 @@ def fill_holes(labels: da.Array, value: int, connectivity: str = "face", client=
     hole[0] = False
     ids = components.labels()
     filled = ids.map_blocks(_take, hole, dtype=bool)
+    if nodata is not None:
+        filled &= labels != nodata
     return da.where(filled, labels.dtype.type(value), labels)
 
 

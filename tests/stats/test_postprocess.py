@@ -5,11 +5,15 @@ from __future__ import annotations
 import dask.array as da
 import numpy as np
 import pytest
+import shapely
 import torch
 from monai.transforms import FillHoles
+from pyproj import CRS
+from rasterio.transform import Affine
 from scipy import ndimage
 
-from tilemask.postprocess import apply, ball
+from tilemask.geometry import RasterGeometry
+from tilemask.postprocess import apply, ball, spacing_of
 from tilemask.stats import PostprocessConfig
 
 from .conftest import blobs
@@ -135,3 +139,38 @@ def test_physical_sizes_and_radii_use_the_voxel_size(labels):
         apply(da.from_array(labels, chunks=chunks), {"opening": "2 mm"})
     with pytest.raises(Exception, match="not a unit of a volume"):
         apply(da.from_array(labels, chunks=chunks), {"opening": "30 m"}, spacing=spacing)
+
+
+def test_fill_holes_keeps_nodata(labels):
+    """Nodata pixels stay nodata, even in a hole; everything else as MONAI's FillHoles of the classes (a class-1
+    shell around nodata, and scattered nodata)."""
+    data = labels.copy()
+    data[np.random.default_rng(0).random(data.shape) < 0.01] = 255
+    data[tuple(slice(21, 27) for _ in data.shape)] = 1
+    inside = tuple(slice(22, 26) for _ in data.shape)
+    data[inside] = 255
+    fill = FillHoles(applied_labels=[1, 2])
+    expected = fill(torch.from_numpy(data[None].astype(np.int64))).numpy()[0]
+    assert (expected[inside] == 1).all()  # MONAI, unaware of nodata, fills the shell's nodata
+    expected[data == 255] = 255
+    assert not np.array_equal(expected, data)
+    for chunks in chunkings(data.shape):
+        got = apply(da.from_array(data, chunks=chunks), {"fill_holes": True}, nodata=255).compute()
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_remove_small_in_m2_on_a_sheared_grid():
+    """A pixel of a sheared grid has the area of its outline in world coordinates (|a*e - b*d|), less than the
+    product of its edge lengths: '23.9 pixels' of m2 removes a 23-pixel object."""
+    transform = Affine.from_gdal(500000.0, 10.0, 3.0, 6000000.0, 0.0, -10.0)
+    geometry = RasterGeometry(CRS.from_epsg(32633).to_wkt(), transform.to_gdal())
+    pixel = shapely.Polygon([transform @ corner for corner in ((0, 0), (1, 0), (1, 1), (0, 1))]).area
+    data = np.zeros((20, 20), np.uint8)
+    data[1, :20] = data[3, :3] = 1
+    data[6, :12] = data[7, :11] = 1
+    components, n = ndimage.label(data)
+    sizes = ndimage.sum_labels(np.ones_like(components), components, range(n + 1))
+    expected = np.where(sizes[components] < 23.9, 0, data).astype(data.dtype)
+    config = {"remove_small": f"{23.9 * pixel} m2"}
+    got = apply(da.from_array(data, chunks=10), config, spacing=spacing_of(geometry), geometry=geometry).compute()
+    np.testing.assert_array_equal(got, expected)
