@@ -586,6 +586,25 @@ def test_a_full_disk_is_named_and_cleaned_up(make_raster, make_model, write_work
     assert outputs_in(disk) == []
 
 
+def test_a_cog_assembled_onto_a_full_disk_is_named_so(tmp_path, tmpfs):
+    """The chunks fitted, the COG did not: GDAL's error (a CPLE_AppDefinedError, not a RasterioError) went up as
+    ``Exception: CPLE_AppDefinedError(3, 1, 'TIFFRewriteDirectory:...')``, and the partial file was removed before
+    the free space was looked at (a first-contact review)."""
+    from tilemask.errors import OutputError
+    from tilemask.sinks.cog import CogRaster, CogSink
+
+    source = tmp_path / "pieces.tif"
+    noise = np.random.default_rng(0).integers(0, 255, (3, 1024, 1024), dtype=np.uint8)  # does not compress
+    with rasterio.open(source, "w", driver="GTiff", width=1024, height=1024, count=3, dtype="uint8") as dst:
+        dst.write(noise)
+    disk = tmpfs("256k")
+    raster = CogRaster(str(disk / "scene.tif"), str(disk / "parts"), 3, "uint8", "probabilities", "run")
+    sink = object.__new__(CogSink)  # the assembly step alone: a VRT of the pieces is any GDAL dataset to it
+    with pytest.raises(OutputError, match=r"scene\.tif: cannot assemble the COG: no space left on device$"):
+        sink._translate(raster, str(source))
+    assert list(disk.iterdir()) == []
+
+
 def test_a_chunk_written_onto_the_last_free_bytes_fails_its_record_as_a_full_disk(tmpfs):
     """The resume ledger sits beside the staged output: the chunk that fills the disk leaves no room for its
     record. Seen in 3 of 9 runs of the test above on the shared cluster, as a bare ``OSError`` from the run."""

@@ -45,6 +45,7 @@ from xml.sax.saxutils import escape, quoteattr
 import numpy as np
 import rasterio
 import rasterio.shutil
+from rasterio._err import CPLE_BaseError  # what GDAL raises through rasterio.shutil.copy, not a RasterioError
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from ..classes import BACKGROUND, CLASSES_TAG, class_colours, class_name
@@ -310,9 +311,10 @@ class CogSink(LabelSink):
         try:
             with gdal_env(), rasterio.Env(**GDAL_OPTIONS):
                 rasterio.shutil.copy(vrt, raster.assembled, driver="COG", **options)
-        except (RasterioError, OSError, SystemError) as exc:  # rasterio raises SystemError for "Unknown GDAL Error"
+        except (RasterioError, CPLE_BaseError, OSError, SystemError) as exc:  # SystemError: "Unknown GDAL Error"
+            detail = describe_write_error(exc, raster.assembled)  # before the partial file goes: a full disk is seen
             raster.abort()
-            raise OutputError(f"{raster.path}: cannot assemble the COG: {describe_write_error(exc, raster.assembled)}") from None
+            raise OutputError(f"{raster.path}: cannot assemble the COG: {detail}") from None
         if raster.assembled != raster.partial:  # uploaded whole under the staged name, the sidecar first
             try:
                 for suffix in (".aux.xml", ""):
