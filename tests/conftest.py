@@ -29,6 +29,15 @@ UNET_2D = dict(spatial_dims=2, in_channels=3, out_channels=3, channels=[8, 16, 3
 UNET_3D = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=[4, 8, 16], strides=[2, 2], num_res_units=1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_tilemask_home(tmp_path_factory):
+    """The jobs of session and module fixtures' runs (the served folder's demo runs) are listed here, not in the
+    user's ``~/.local/share/tilemask``: the per-test folder below is set only once those fixtures have run."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TILEMASK_HOME", str(tmp_path_factory.mktemp("tilemask-home")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def tilemask_home(tmp_path, monkeypatch):
     """Each test lists its jobs in its own folder, not in the user's ``~/.local/share/tilemask``."""
