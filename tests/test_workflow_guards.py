@@ -250,6 +250,19 @@ def test_random_bytes_are_not_called_a_pickle(tmp_path):
     assert str(caught.value) == f"model.weights: {path} {NOT_A_CHECKPOINT}"
 
 
+@pytest.mark.parametrize("kind", ["zeros", "cut short"])
+def test_unreadable_weights_say_what_the_file_is_not_torchs_advice(make_model, tmp_path, kind):
+    """torch's message for 1000 zero bytes advised ``weights_only=False`` (which runs a file's code), and a
+    checkpoint cut short was ``[Errno 22] Invalid argument`` (a first-contact review)."""
+    weights, _ = make_model()
+    path = tmp_path / "model.pt"
+    path.write_bytes(bytes(1000) if kind == "zeros" else weights.read_bytes()[:5000])
+    with pytest.raises(WeightsError) as caught:
+        load_model(ModelSpec.create("UNet", UNET_2D, str(path)))
+    said = "1000 bytes in no format torch reads" if kind == "zeros" else "a zip archive cut short or damaged (5000 bytes)"
+    assert str(caught.value) == f"model.weights: {path} {NOT_A_CHECKPOINT}: {said}"
+
+
 class _Exploit:
     """Would create a file when unpickled."""
 

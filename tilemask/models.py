@@ -119,8 +119,7 @@ def _load_state_dict(path: Path, network: str | None = None) -> dict[str, torch.
             raise WeightsError(
                 f"model.weights: {path} is a JSON file, not weights (a MONAI bundle's weights are models/model.pt)"
             ) from None
-        detail = (str(exc).strip().splitlines() or [""])[0]
-        raise WeightsError(f"model.weights: {path} {NOT_A_CHECKPOINT}{': ' + detail if detail else ''}") from None
+        raise WeightsError(f"model.weights: {path} {NOT_A_CHECKPOINT}: {_unreadable(path, exc)}") from None
     if isinstance(state, dict) and not _all_tensors(state):
         # training checkpoints: Lightning and MONAI's CheckpointSaver ("state_dict" / "model" / "network"), nnU-Net
         state = next((state[k] for k in CHECKPOINT_KEYS if isinstance(state.get(k), dict) and _all_tensors(state[k])), state)
@@ -260,6 +259,23 @@ def _refuse_inflating_archive(path: Path) -> None:
             f"model.weights: {path} would unpack to {unpacked / 2**20:,.0f} MiB from {size / 2**20:,.1f} MiB "
             "on disk; refused (torch checkpoints store their tensors uncompressed)"
         )
+
+
+def _unreadable(path: Path, exc: BaseException) -> str:
+    """What ``path`` is, that ``torch.load`` could not read: torch's own message suggests ``weights_only=False``,
+    which would run the file's code, and names a cut-short archive ``[Errno 22] Invalid argument``."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as error:
+        return f"cannot read it: {error.strerror}"
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return f"a zip archive cut short or damaged ({size} bytes)"
+    text = (str(exc).strip().splitlines() or [""])[0]
+    if not text or "weights_only" in text:
+        return f"{size} bytes in no format torch reads"
+    return text
 
 
 def _looks_like_json(path: Path) -> bool:
