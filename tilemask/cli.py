@@ -32,7 +32,8 @@ def job_options(command):
     """The options ``run`` and ``submit`` share: how the job runs and where it is recorded."""
     for option in reversed([
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a workflow key, e.g. output.chunks=1024."),
-        click.option("--overwrite", is_flag=True, help="Redo every item, replacing outputs an earlier tilemask run wrote."),
+        click.option("--overwrite", is_flag=True, help="Redo every item, replacing outputs an earlier tilemask run "
+                     "wrote (polygons, tables and quick looks carry no mark: any file at their paths)."),
         click.option("--on-error", type=click.Choice(["abort", "skip"]), default="abort", show_default=True,
                      help="On a failed input: stop the run, or record it and go on (exit 1 at the end)."),
         click.option("--retry-failed", is_flag=True, help="Redo the inputs that failed in an earlier run of this job."),
