@@ -605,6 +605,30 @@ def test_a_cog_assembled_onto_a_full_disk_is_named_so(tmp_path, tmpfs):
     assert list(disk.iterdir()) == []
 
 
+def test_polygons_and_a_table_written_onto_a_full_disk_are_named_so(tmp_path, tmpfs, client):
+    """A GeoPackage's full disk is SQLite's "database or disk is full", or GDAL's "Failed to commit transaction":
+    they went up as pyogrio's DataLayerError / DataSourceError, naming neither the file nor the full disk."""
+    import geopandas as gpd
+    import shapely
+
+    from tilemask.errors import OutputError
+    from tilemask.stats.tables import write_table
+    from tilemask.vectors import write_polygons
+
+    labels = tmp_path / "labels.tif"
+    noise = np.random.default_rng(0).integers(0, 3, (400, 400), dtype=np.uint8)  # tens of thousands of polygons
+    with rasterio.open(labels, "w", driver="GTiff", width=400, height=400, count=1, dtype="uint8", crs="EPSG:32618",
+                       transform=rasterio.transform.from_origin(500000, 4000000, 30, 30)) as dst:  # fmt: skip
+        dst.write(noise, 1)
+    disk = tmpfs("200k")
+    with pytest.raises(OutputError, match=r"/p\.gpkg: no space left on device$"):
+        write_polygons(str(labels), str(disk / "p.gpkg"), client=client)
+    frame = gpd.GeoDataFrame({"id": range(20000)}, geometry=shapely.points(np.arange(20000.0), 0.0), crs="EPSG:32618")
+    with pytest.raises(OutputError, match=r"/t\.gpkg: no space left on device$"):
+        write_table(frame, disk / "t.gpkg")
+    assert list(disk.iterdir()) == []
+
+
 def test_a_chunk_written_onto_the_last_free_bytes_fails_its_record_as_a_full_disk(tmpfs):
     """The resume ledger sits beside the staged output: the chunk that fills the disk leaves no room for its
     record. Seen in 3 of 9 runs of the test above on the shared cluster, as a bare ``OSError`` from the run."""

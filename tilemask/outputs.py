@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import errno
 import fcntl
 import hashlib
@@ -186,10 +187,22 @@ def atomic_path(path: str | os.PathLike, run_id: str | None = None) -> Iterator[
         yield staged
         publish(staged, path)
     except BaseException as exc:
+        # a full disk, looked at before the staged file goes; GDAL's vector writers (pyogrio) raise their own types
+        write_error = isinstance(exc, (OSError, *_ogr_errors()))
+        full = write_error and describe_write_error(exc, staged) == "no space left on device"
         remove(staged)
-        if isinstance(exc, OSError) and describe_write_error(exc, staged) == "no space left on device":
+        if full:
             raise OutputError(f"{path}: no space left on device") from None
         raise
+
+
+@functools.cache
+def _ogr_errors() -> tuple[type[Exception], ...]:
+    try:
+        from pyogrio.errors import DataLayerError, DataSourceError
+    except ImportError:  # pragma: no cover - pyogrio comes with the stats extra
+        return ()
+    return (DataLayerError, DataSourceError)
 
 
 def describe_write_error(exc: BaseException, path: str | os.PathLike) -> str:
@@ -198,7 +211,7 @@ def describe_write_error(exc: BaseException, path: str | os.PathLike) -> str:
     GDAL reports a full disk as libtiff lines and ``Unknown GDAL Error``; when the
     target's file system has no room left, that is what the user needs to hear.
     """
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "disk is full" in str(exc):  # SQLite's (GPKG)
         return "no space left on device"
     with contextlib.suppress(OSError):
         if shutil.disk_usage(Path(path).parent).free < (1 << 20):

@@ -103,6 +103,8 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
             else:
                 plain = pd.DataFrame(frame.drop(columns="geometry") if has_geometry else frame)
                 Path(tmp).write_text(json.dumps(to_records(plain), indent=2) + "\n")
+    except OutputError:
+        raise  # named already (a full disk)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write the table: {exc}") from None
     logger.info("wrote %s (%d rows)", path, len(frame))
