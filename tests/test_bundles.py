@@ -206,6 +206,16 @@ def _insert_normalize_first(config):  # before ScaleIntensityRanged
                                                      "subtrahend": 40.0, "divisor": 100.0})  # fmt: skip
 
 
+def _assert_refused(tmp_path, edit, refusal: str) -> None:
+    """The spleen bundle, changed by ``edit``, is refused with ``refusal`` (a regex) and exit status 2."""
+    folder = spleen_ct_bundle(tmp_path / "bundle")
+    raw = {"version": 1, "input": "x.nii.gz", "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}}
+    _edited(folder, edit)
+    with pytest.raises(WorkflowError, match=refusal) as caught:
+        Workflow.from_dict(raw)
+    assert caught.value.exit_status == 2
+
+
 @pytest.mark.parametrize(
     "edit, refusal",
     [
@@ -224,12 +234,7 @@ def _insert_normalize_first(config):  # before ScaleIntensityRanged
 def test_bundle_settings_tilemask_does_not_apply_are_refused_by_name(tmp_path, edit, refusal):
     """Found by a first-contact review: each of these ran (exit 0) and gave another answer than MONAI's for the
     same bundle (labels on 32253 of 33825 voxels for the order of the intensity transforms)."""
-    folder = spleen_ct_bundle(tmp_path / "bundle")
-    raw = {"version": 1, "input": "x.nii.gz", "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}}
-    _edited(folder, edit)
-    with pytest.raises(WorkflowError, match=refusal) as caught:
-        Workflow.from_dict(raw)
-    assert caught.value.exit_status == 2
+    _assert_refused(tmp_path, edit, refusal)
 
 
 def test_bundle_settings_that_leave_the_answer_alone_are_accepted(tmp_path):
@@ -429,12 +434,7 @@ def test_bundle_settings_refused_by_what_monai_does_with_them(tmp_path, edit, re
     """Found by a first-contact review: these were refused with a message naming a key the bundle never wrote
     (``preprocess.spacing.2``, ``model.args.out_channels``, "configs have no network_def") or, for the largest
     component, "cannot run chunk by chunk"; each now names the bundle's transform and argument."""
-    folder = spleen_ct_bundle(tmp_path / "bundle")
-    raw = {"version": 1, "input": "x.nii.gz", "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}}
-    _edited(folder, edit)
-    with pytest.raises(WorkflowError, match=refusal) as caught:
-        Workflow.from_dict(raw)
-    assert caught.value.exit_status == 2
+    _assert_refused(tmp_path, edit, refusal)
 
 
 def test_a_zipped_bundle_is_refused_with_what_to_do(tmp_path):
