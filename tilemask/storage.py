@@ -157,6 +157,16 @@ def scratch(kind: str) -> Path:
 def storage_options(path: str) -> dict:
     """fsspec's options for ``path`` (the S3 endpoint the AWS variables name), for zarr's ``storage_options``."""
     options: dict = {}
+    if path.startswith(WEB):
+        try:
+            import aiohttp
+        except ImportError:  # fsspec names what it needs when it is asked to reach the server
+            return options
+        # a server that stops answering fails the request, as GDAL's reads of it do, instead of waiting 5 minutes
+        options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(
+            total=None, sock_connect=float(os.environ.get("GDAL_HTTP_CONNECTTIMEOUT") or 10),
+            sock_read=float(os.environ.get("GDAL_HTTP_TIMEOUT") or 30),
+        )}  # fmt: skip
     if path.startswith("s3://"):
         options["use_listings_cache"] = False  # other processes write the same prefixes
         if s3_endpoint():
