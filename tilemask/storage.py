@@ -162,10 +162,14 @@ def storage_options(path: str) -> dict:
             import aiohttp
         except ImportError:  # fsspec names what it needs when it is asked to reach the server
             return options
+        from .sources.raster import CLOUD_DEFAULTS
+
+        def seconds(name: str) -> float:  # GDAL's setting for its reads of the same server
+            return float(os.environ.get(name) or CLOUD_DEFAULTS[name])
+
         # a server that stops answering fails the request, as GDAL's reads of it do, instead of waiting 5 minutes
         options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(
-            total=None, sock_connect=float(os.environ.get("GDAL_HTTP_CONNECTTIMEOUT") or 10),
-            sock_read=float(os.environ.get("GDAL_HTTP_TIMEOUT") or 30),
+            total=None, sock_connect=seconds("GDAL_HTTP_CONNECTTIMEOUT"), sock_read=seconds("GDAL_HTTP_TIMEOUT"),
         )}  # fmt: skip
     if path.startswith("s3://"):
         options["use_listings_cache"] = False  # other processes write the same prefixes
