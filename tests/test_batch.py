@@ -165,3 +165,16 @@ def test_stopping_says_what_it_waits_for_only_when_it_waits(caplog):
             say_what_stopping_waits_for()
         say_what_stopping_waits_for()
     assert caplog.text.count("stopping once 2 item(s) whose labels are in place") == 1, caplog.text
+
+
+def test_process_age_is_the_time_since_the_process_started():
+    """The start-up figure of bench_small: psutil's create_time rounds the boot time down to a whole second,
+    which made every process look up to 1 s older (0.65 s on the VM of 2026-12-01)."""
+    import subprocess
+    import sys
+
+    script = "import time; time.sleep(0.3); from tilemask.engine import process_age; print(process_age())"
+    started = time.perf_counter()
+    age = float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60).stdout)
+    wall = time.perf_counter() - started
+    assert 0.3 <= age <= wall + 0.02  # clock ticks of 10 ms
