@@ -316,16 +316,39 @@ def test_a_whole_pickled_model_gets_its_own_message(make_model, tmp_path, which)
         (("model", "modle"), "workflow: modle: unknown key; did you mean 'model'?"),
         (("postprocess", "postproces"), "workflow: postproces: unknown key; did you mean 'postprocess'?"),
         (("model.weights", "model.weigths"), "workflow: model.weigths: unknown key; did you mean 'weights'?"),
+        (("inference.overlap", "inference.overlapp"), "workflow: inference.overlapp: unknown key; did you mean 'overlap'?"),
+        (("output.quicklook", "output.quiklook"), "workflow: output.quiklook: unknown key; did you mean 'quicklook'?"),
     ],
 )
 def test_a_misspelt_key_is_named_with_the_key_it_likely_meant(rename, line):
     """A typo in a required key is an unknown key and a missing one: the unknown one is named, with the closest
     key missing beside it (or section), not 'missing key model (and 1 more)'."""
-    workflow = {"version": 1, "input": "x.tif", "model": {"weights": "w.pt"}, "postprocess": {}}
+    workflow = {"version": 1, "input": "x.tif", "model": {"weights": "w.pt"}, "postprocess": {},
+                "inference": {"roi_size": [64, 64], "overlap": 0.5}, "output": {"path": "o.tif", "quicklook": False}}
     (old, new) = rename
     *parent, leaf = old.split(".")
     section = workflow if not parent else workflow[parent[0]]
     section[new.split(".")[-1]] = section.pop(leaf)
+    with pytest.raises(WorkflowError) as refused:
+        Workflow.from_dict(workflow)
+    assert str(refused.value).startswith(line), str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "given,line",
+    [
+        ({"lists": "scenes.txt"}, "workflow: input.lists: unknown key; did you mean 'list'?"),
+        ({"archive": "a.zip", "member": "*.tif"}, "workflow: input.member: unknown key; did you mean 'members'?"),
+        ({"list": 5}, "workflow: input.list: Input should be a valid string (got 5)"),
+        ({"stac": "items.json"}, "workflow: input.assets: missing key"),
+        ({"list": "a.txt", "archive": "b.zip"}, "workflow: input.archive: not a key of the same kind of input as"),
+    ],
+)
+def test_a_wrong_input_mapping_is_named_by_the_kind_it_fits_best(given, line):
+    """``input`` takes a path, a list, or one of four kinds of mapping: the error of the kind the mapping fits
+    best, not that of a path ('Input should be a valid string' for ``{lists: ...}``)."""
+    workflow = {"version": 1, "input": given, "model": {"weights": "w.pt"},
+                "inference": {"roi_size": [64, 64]}, "output": {"path": "o.tif"}}  # fmt: skip
     with pytest.raises(WorkflowError) as refused:
         Workflow.from_dict(workflow)
     assert str(refused.value).startswith(line), str(refused.value)

@@ -12,11 +12,13 @@ Python resolves them against the current directory.
 
 from __future__ import annotations
 
+import functools
 import glob
 import itertools
 import logging
 import os
 import re
+import typing
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -632,8 +634,22 @@ def _deep_copy(value: Any) -> Any:
 
 
 def _is_union_tag(part: Any) -> bool:
-    """pydantic names the union member that failed (``float``, ``list[float]``) in the location."""
-    return isinstance(part, str) and (part in ("int", "float", "str") or "[" in part or "constrained" in part)
+    """pydantic names the union member that failed (``float``, ``list[float]``, ``ListInput``) in the location."""
+    return isinstance(part, str) and (
+        part in ("int", "float", "str") or "[" in part or "constrained" in part or part in _model_names()
+    )
+
+
+@functools.cache
+def _model_names() -> frozenset[str]:
+    """The class names of the workflow's models, as pydantic names a union's members."""
+    names, todo = set(), [Workflow]
+    while todo:
+        model = todo.pop()
+        if model.__name__ not in names:
+            names.add(model.__name__)
+            todo += [m for field in model.model_fields.values() for m in _models_in(field.annotation)]
+    return frozenset(names)
 
 
 def _one_line(exc: ValidationError) -> str:
@@ -650,10 +666,15 @@ def _one_line(exc: ValidationError) -> str:
     err = same_key[0]
     if isinstance(err.get("input"), list):
         err = next((e for e in same_key if any("list" in str(p) for p in e["loc"])), err)
-    loc = ".".join(_clean_loc(err["loc"]))
+    elif isinstance(err.get("input"), dict):
+        err = _kind_that_fits(same_key) or err
+    key = _clean_loc(err["loc"])
+    loc = ".".join(key)
     msg = err["msg"].removeprefix("Value error, ")
     meant = _meant(key, errors) if err["type"] == "extra_forbidden" else None
-    if err["type"] == "extra_forbidden":
+    if err["type"] == "extra_forbidden" and key[-1] in _keys_at(key[:-1]):  # a key of the union's other kinds
+        msg = f"not a key of the same kind of {key[-2] if len(key) > 1 else 'workflow'} as the others given"
+    elif err["type"] == "extra_forbidden":
         msg = "unknown key" + (f"; did you mean {meant!r}?" if meant else "")
     elif err["type"] == "missing":
         msg = "missing key"
@@ -665,21 +686,52 @@ def _one_line(exc: ValidationError) -> str:
     return f"workflow: {loc + ': ' if loc else ''}{msg}{more}"
 
 
+def _kind_that_fits(errors: list) -> dict | None:
+    """A mapping given where a union takes several kinds of mapping (``input``): the first error of the kind
+    with the fewest (an unknown key before the others), else None when no kind is a mapping."""
+    by_kind: dict[str, list] = {}
+    for e in errors:
+        kind = next((p for p in e["loc"] if p in _model_names()), None)
+        if kind is not None:
+            by_kind.setdefault(kind, []).append(e)
+    if not by_kind:
+        return None
+    fewest = min(map(len, by_kind.values()))
+    best = [e for kind_errors in by_kind.values() if len(kind_errors) == fewest for e in kind_errors]
+    return next((e for e in best if e["type"] == "extra_forbidden"), best[0])
+
+
 def _in_union(loc: tuple) -> bool:
     """Whether pydantic's location names a union member (a class, ``list[str]``, ...) on its way."""
-    return any(isinstance(p, str) and (_is_union_tag(p) or p[:1].isupper()) for p in loc)
+    return any(_is_union_tag(p) for p in loc)
 
 
 def _meant(key: tuple[str, ...], errors: list) -> str | None:
-    """The key a misspelt one likely meant: the closest of the keys missing beside it (and, at the top level, of
-    the workflow's sections), else None."""
+    """The key a misspelt one likely meant: the closest of the keys missing beside it, then of the keys its
+    section takes, else None."""
     import difflib
 
     missing = [_clean_loc(e["loc"])[-1] for e in errors
                if e["type"] == "missing" and _clean_loc(e["loc"])[:-1] == key[:-1]]  # fmt: skip
-    known = missing + (list(Workflow.model_fields) if len(key) == 1 else [])
-    close = difflib.get_close_matches(key[-1], known, n=1)
+    close = difflib.get_close_matches(key[-1], missing, n=1) or difflib.get_close_matches(key[-1], _keys_at(key[:-1]), n=1)
     return close[0] if close else None
+
+
+def _keys_at(section: tuple[str, ...]) -> list[str]:
+    """The keys the workflow takes at ``section`` (``()``: the top level; ``("inference",)``), from its models;
+    list indexes on the way are stepped over."""
+    models: list[type[BaseModel]] = [Workflow]
+    for part in section:
+        inner = [m for model in models if part in model.model_fields for m in _models_in(model.model_fields[part].annotation)]
+        models = inner or (models if part.isdigit() else [])
+    return list(dict.fromkeys(name for model in models for name in model.model_fields))
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field's type holds: itself, or the members of a union, list, dict or Annotated."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in typing.get_args(annotation) for model in _models_in(arg)]
 
 
 def _clean_loc(loc: tuple) -> tuple[str, ...]:
