@@ -398,7 +398,8 @@ class _ItemRunner:
 def _line(index: int, name: str, result: RunResult) -> dict:
     return {
         "item": index, "name": name, "input": result.input, "status": result.status, "outputs": result.outputs,
-        "error": result.error, "seconds": round(result.seconds, 3), "windows": result.windows,
+        "error": result.error, "seconds": round(result.seconds, 3),
+        "windows": result.windows if result.status != "failed" else None,  # how many a failed item predicted is unknown
         "class_pixels": result.class_pixels, "time": time.time(),
     }  # fmt: skip
 
