@@ -64,7 +64,7 @@ def test_skip_records_the_failure_goes_on_and_a_rerun_resumes_without_predicting
     workflow = Workflow.from_dict(scene_workflow, base_dir=tmp_path)
     results = tilemask.run(workflow, client, on_error="skip")
     job = results.job
-    assert job.path.parent == tmp_path / "out" / ".tilemask" / "jobs"  # DESIGN section 9's default folder
+    assert job.path.parent == tmp_path / "out" / ".tilemask" / "jobs"  # docs/DESIGN.md section 9's default folder
     assert [r.status for r in results] == ["ok", "ok", "failed", "ok", "ok"]
     assert "c.tif" in results[2].error and "damaged" in results[2].error
     assert results.failures() == f"1 of 5 items failed; report: {job.report_path}"

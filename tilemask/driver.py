@@ -4,7 +4,7 @@
 same run started on a cluster worker by ``tilemask submit``, where it outlives
 the process that submitted it.
 
-What a run of a job does (DESIGN.md section 9, :mod:`tilemask.jobs`):
+What a run of a job does (docs/DESIGN.md section 9, :mod:`tilemask.jobs`):
 
 1. Check what every input shares and list the inputs without opening them
    (:func:`~tilemask.planning.plan_model`), then create or reopen the job's folder

@@ -1,4 +1,4 @@
-"""The inputs a workflow lists beyond paths and globs (DESIGN.md section 9): a list file, an archive's
+"""The inputs a workflow lists beyond paths and globs (docs/DESIGN.md section 9): a list file, an archive's
 members, a STAC ItemCollection or catalog.  Listing opens no image: a run plans each item when it starts.
 
 * ``{list: FILE}``: one path or URL a line; blank lines and ``#`` comments are

@@ -1,4 +1,4 @@
-"""Jobs: every run has a folder that records what was planned and what finished (DESIGN.md section 9).
+"""Jobs: every run has a folder that records what was planned and what finished (docs/DESIGN.md section 9).
 
 ``<output folder>/.tilemask/jobs/<job-id>/`` (or ``--job-dir``) holds:
 

@@ -313,7 +313,7 @@ class InputItem:
 
 
 class Workflow(_Strict):
-    """A validated workflow, version 1 (see DESIGN.md section 3)."""
+    """A validated workflow, version 1 (see docs/DESIGN.md section 3)."""
 
     version: Annotated[Literal[1], NotBool]
     input: str | Annotated[list[str], Field(min_length=1)] | CaseChannels | ListInput | ArchiveInput | StacInput

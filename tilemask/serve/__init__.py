@@ -1,4 +1,4 @@
-"""``tilemask serve``: a folder of outputs for GIS and medical viewers (DESIGN section 10).
+"""``tilemask serve``: a folder of outputs for GIS and medical viewers (docs/DESIGN.md section 10).
 
 :func:`create_app` builds the read-only ASGI app (``app.py``); :func:`serve` runs
 it with uvicorn on a socket it binds itself, so ``--port 0`` works and the first

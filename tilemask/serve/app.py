@@ -1,6 +1,6 @@
 """The ``tilemask serve`` ASGI app: one read-only FastAPI app over one folder of outputs.
 
-Routes (DESIGN section 10): ``/`` (index, HTML or JSON), ``/files/`` (range
+Routes (docs/DESIGN.md section 10): ``/`` (index, HTML or JSON), ``/files/`` (range
 requests), ``/tiles/``, ``/point``, ``/stats``, OGC API - Features
 (``/conformance``, ``/collections/...``), ``/map``, ``/view``, ``/stac/``, and
 ``/static/`` (the pages' own scripts, no CDN). Every path a client names goes

@@ -1,6 +1,6 @@
 """``compute_stats``: the statistics the ``tilemask stats`` command and the workflow's ``stats:`` run.
 
-One table per call, chosen by the arguments (DESIGN.md section 6):
+One table per call, chosen by the arguments (docs/DESIGN.md section 6):
 
 * nothing else: per-class totals;
 * ``regions`` a vector file: one row per region (center or fraction coverage);
