@@ -213,8 +213,9 @@ def test_outputs_on_object_storage_are_zarr_or_cog_and_not_read_back(tmp_path):
         "https://b/{stem}.tif": "outputs are written to a file system the workers see or to object storage (s3://)",
     }
     for output, message in refusals.items():
-        with pytest.raises(WorkflowError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(WorkflowError, match=message.replace("(", r"\(").replace(")", r"\)")) as refused:
             Workflow.from_dict(demo_workflow(str(GEO["RGB.byte.tif"]), weights, output), base_dir=tmp_path)
+        assert str(refused.value).count(output) == 1, str(refused.value)  # not again as "(got ...)"
     with_stats = {**demo_workflow(str(GEO["RGB.byte.tif"]), weights, "s3://b/{stem}.tif"), "stats": {"output": "areas.csv"}}
     with pytest.raises(WorkflowError, match="stats read the labels back from a local file system"):
         Workflow.from_dict(with_stats, base_dir=tmp_path)

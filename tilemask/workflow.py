@@ -246,7 +246,7 @@ class Output(_Strict):
                                  f"to a file system the workers see (got {value!r})")  # fmt: skip
         elif value.startswith(REMOTE_PREFIXES):
             raise ValueError(f"outputs are written to a file system the workers see or to object storage (s3://), "
-                             f"not to {value!r}")  # fmt: skip
+                             f"not over HTTP or GDAL's /vsi paths (got {value!r})")  # fmt: skip
         return _only_stem_placeholder(value)
 
     @field_validator("vectors")
