@@ -140,6 +140,12 @@ def test_shade_cog_with_nodata_and_probabilities(tmp_path, client, shade_labels)
     with rasterio.open(probs) as ds:
         assert ds.count == 4 and ds.dtypes == ("uint8",) * 4
         assert np.array_equal(ds.read(), probabilities)
+        assert ds.scales == (1 / 255,) * 4  # round(p * 255)
+        assert np.array_equal(ds.dataset_mask() == 0, labels == 255)  # the labels' nodata is the file's mask
+    with rasterio.open(probs, overview_level=0) as ov:  # AVERAGE over valid pixels only: one-hot sums stay 255
+        sums, valid = ov.read().astype(int).sum(0), ov.dataset_mask() > 0
+        assert valid.any() and not valid.all()
+        assert sums[valid].min() >= 255 - 4, "nodata's zeros were averaged into the overview"  # rounding per band
     # open_labels, the reader of statistics and polygons, sees the class names and nodata
     image = open_labels(str(mask))
     assert image.class_names == classes and image.nodata == 255
@@ -159,6 +165,29 @@ def test_rgb_byte_georeferencing_without_nodata(tmp_path):
         assert np.array_equal(ds.read(1), labels)
     _, values = overview_values(path)
     assert all(set(v.tolist()) <= {0, 1} for v in values)
+
+
+@pytest.mark.parametrize("window", [(slice(None), slice(400, 401)), (slice(300, 301), slice(None))])
+def test_a_one_pixel_wide_or_high_raster_is_a_valid_cog(tmp_path, window):
+    """A 1 x 718 column had overviews 1 pixel wide (decimation 1), which rio-cogeo refuses.  It now has none, which
+    ``--strict`` warns about (over 512 pixels high); no layout of a 1-pixel-wide raster that tall passes it."""
+    with rasterio.open(GEO["RGB.byte.tif"]) as src:
+        red = src.read(1)[window]
+        transform = src.transform * Affine.translation(window[1].start or 0, window[0].start or 0)
+        reference = tmp_path / "thin.tif"
+        profile = {**src.profile, "count": 1, "width": red.shape[1], "height": red.shape[0], "transform": transform}
+    with rasterio.open(reference, "w", **profile) as dst:
+        dst.write(red, 1)
+    labels = (red > 100).astype(np.uint8)
+    layout = layout_for(reference, labels, ("background", "bright"), (256, 256), None, "uint8")
+    drive(CogSink(str(tmp_path / "out" / "thin_mask.tif"), layout), labels, one_hot(labels, 2, "uint8"))
+    one_wide = labels.shape[1] == 1
+    for name in ("thin_mask.tif", "thin_mask_probabilities.tif"):
+        valid, errors, warnings = cog_validate(str(tmp_path / "out" / name), strict=not one_wide)
+        assert valid, (errors, warnings)
+        assert not one_wide or warnings == ["The file is greater than 512xH or 512xW, it is recommended to include internal overviews"]
+    with rasterio.open(tmp_path / "out" / "thin_mask.tif") as ds:
+        assert np.array_equal(ds.read(1), labels)
 
 
 def test_geographic_crs_float32_probabilities(tmp_path):

@@ -241,25 +241,45 @@ class CogSink(LabelSink):
                 lines.extend(self._label_band_metadata(raster.dtype))
             else:
                 lines.append(f"    <Description>{escape(class_name(layout.class_names, band - 1))}</Description>")
-            for region in regions:
-                (r0, r1), (c0, c1) = region
-                if is_remote(raster.parts):
-                    name, relative = gdal_path(raster.piece(region)), 0
-                else:
-                    name, relative = os.path.relpath(raster.piece(region), self.parts), 1
-                lines.append(
-                    "    <SimpleSource>"
-                    f'<SourceFilename relativeToVRT="{relative}">{escape(name)}</SourceFilename>'
-                    f"<SourceBand>{band}</SourceBand>"
-                    f'<SourceProperties RasterXSize="{c1 - c0}" RasterYSize="{r1 - r0}" DataType="{gdal_type}"'
-                    f' BlockXSize="{min(256, c1 - c0)}" BlockYSize="{min(256, r1 - r0)}"/>'
-                    f'<SrcRect xOff="0" yOff="0" xSize="{c1 - c0}" ySize="{r1 - r0}"/>'
-                    f'<DstRect xOff="{c0}" yOff="{r0}" xSize="{c1 - c0}" ySize="{r1 - r0}"/>'
-                    "</SimpleSource>"
-                )
+                if raster.dtype == "uint8":  # round(p * 255): QGIS and GDAL's unscaling read 0-1
+                    lines.append(f"    <Scale>{1 / 255!r}</Scale>")
+            lines.extend(self._sources(raster, band, regions))
             lines.append("  </VRTRasterBand>")
+        if raster.kind == "probabilities" and layout.nodata is not None:
+            # the labels' nodata as the file's mask: readers see those pixels as invalid, and the AVERAGE
+            # overviews leave them out instead of averaging in their zeros
+            labels = self.rasters[0]
+            lookup = f"0:255,{layout.nodata - 1}:255,{layout.nodata}:0"  # nodata is the dtype's largest value
+            lines.append('  <MaskBand><VRTRasterBand dataType="Byte">')
+            lines.extend(self._sources(labels, 1, regions, lookup=lookup))
+            lines.append("  </VRTRasterBand></MaskBand>")
         lines.append("</VRTDataset>")
         return "\n".join(lines) + "\n"
+
+    def _sources(self, raster: CogRaster, band: int, regions: list[Region], lookup: str | None = None) -> list[str]:
+        """A VRT band's sources: ``band`` of each piece of ``raster`` in its place; through a lookup table
+        (GDAL's ``<LUT>``: ``value:output`` pairs) when given."""
+        gdal_type = GDAL_TYPES[raster.dtype]
+        element = "ComplexSource" if lookup else "SimpleSource"
+        lines = []
+        for region in regions:
+            (r0, r1), (c0, c1) = region
+            if is_remote(raster.parts):
+                name, relative = gdal_path(raster.piece(region)), 0
+            else:
+                name, relative = os.path.relpath(raster.piece(region), self.parts), 1
+            lines.append(
+                f"    <{element}>"
+                f'<SourceFilename relativeToVRT="{relative}">{escape(name)}</SourceFilename>'
+                f"<SourceBand>{band}</SourceBand>"
+                f'<SourceProperties RasterXSize="{c1 - c0}" RasterYSize="{r1 - r0}" DataType="{gdal_type}"'
+                f' BlockXSize="{min(256, c1 - c0)}" BlockYSize="{min(256, r1 - r0)}"/>'
+                f'<SrcRect xOff="0" yOff="0" xSize="{c1 - c0}" ySize="{r1 - r0}"/>'
+                f'<DstRect xOff="{c0}" yOff="{r0}" xSize="{c1 - c0}" ySize="{r1 - r0}"/>'
+                + (f"<LUT>{lookup}</LUT>" if lookup else "")
+                + f"</{element}>"
+            )
+        return lines
 
     def _label_band_metadata(self, dtype: str) -> list[str]:
         """Nodata, colour table, category names and raster attribute table of the labels band."""
@@ -307,6 +327,8 @@ class CogSink(LabelSink):
         }
         if raster.kind == "probabilities":
             options["PREDICTOR"] = "YES"
+        if self.layout.shape[1] == 1:  # every overview would be 1 wide too: a decimation of 1, not a valid COG
+            options["OVERVIEWS"] = "NONE"
         raster.abort()
         try:
             with gdal_env(), rasterio.Env(**GDAL_OPTIONS):
