@@ -152,3 +152,27 @@ def test_non_finite_pixels_are_invalid_as_nodata_is(tmp_path):
              for i, source in enumerate((GEO["RGB.byte.tif"], scene))]  # fmt: skip
     assert looks[0][..., :3].max() == 255 and (looks[0][..., 3] == 0).any()
     np.testing.assert_array_equal(looks[1], looks[0])
+
+
+@pytest.mark.timeout(60)
+def test_the_quick_look_carries_tilemasks_mark_and_other_pngs_do_not(tmp_path, shade_case):
+    """A quick look's ``Software`` text chunk says tilemask wrote it, read back without its pixels: ``--overwrite``
+    replaces no other PNG (one Pillow wrote, one another program marked as its own, a JPEG named .png, noise)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from tilemask.formats import product_written_by_tilemask
+
+    mask, _ = shade_case
+    png = write_quicklook(str(GEO["shade.tif"]), mask, str(tmp_path / "look.png"), size=128)
+    with Image.open(png) as image:
+        assert image.info["Software"].startswith("tilemask ") and image.size == (128, 128)
+    assert product_written_by_tilemask(png) is True
+    pixels = Image.fromarray(np.zeros((20, 30, 4), np.uint8), "RGBA")
+    pixels.save(tmp_path / "plain.png")
+    other = PngInfo()
+    other.add_text("Software", "GIMP 2.10")
+    pixels.save(tmp_path / "gimp.png", pnginfo=other)
+    pixels.convert("RGB").save(tmp_path / "photo.png", format="JPEG")
+    (tmp_path / "noise.png").write_bytes(np.random.default_rng(0).bytes(3000))
+    for name in ("plain.png", "gimp.png", "photo.png", "noise.png"):
+        assert product_written_by_tilemask(tmp_path / name) is False, name

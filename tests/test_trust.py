@@ -904,3 +904,60 @@ def test_labels_replaced_without_probabilities_take_the_old_probabilities_with_t
     shutil.copy(path, probabilities)  # someone's own file under that name (the input: not written by tilemask)
     tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client, overwrite=True)
     assert os.path.exists(probabilities)
+
+
+@pytest.mark.timeout(120)
+def test_a_file_tilemask_did_not_write_at_a_products_path_is_never_replaced(
+    make_raster, make_model, write_workflow, tmp_path, client
+):
+    """``tilemask run --overwrite`` replaced any file at the path of a derived product: a reviewer's own
+    ``districts.gpkg``, given by mistake as ``output.vectors``, was lost. Polygons, tables and quick looks now carry
+    tilemask's mark (a GeoPackage's metadata item, a Parquet schema's key, a PNG's Software chunk): a file at their
+    path without it is refused even with ``--overwrite``, as a label output without its mark is, and left as it
+    was; the products of an earlier run are replaced."""
+    from PIL import Image
+    from shapely.geometry import box
+
+    from tilemask.formats import product_written_by_tilemask
+
+    path, _ = make_raster((3, 90, 120))
+    weights, _ = make_model()
+    out = tmp_path / "out"
+    out.mkdir()
+    workflow = raster_workflow(path, weights, output={"vectors": "out/districts.gpkg"},
+                               stats={"output": "out/{stem}_stats.parquet"})  # fmt: skip
+    vectors, table, quicklook = out / "districts.gpkg", out / "scene_stats.parquet", out / "scene_mask.png"
+    districts = gpd.GeoDataFrame({"name": ["north"]}, geometry=[box(500000, 3997000, 501000, 3999000)], crs=32618)
+    districts.to_file(vectors)
+    before = vectors.read_bytes()
+    result = run_cli("run", write_workflow(workflow), "--quiet", "--overwrite")
+    assert result.returncode == 2, result.stderr
+    assert one_line(result.stderr) == (
+        f"tilemask: error: output {vectors} exists and was not written by tilemask; refused to replace it")
+    assert vectors.read_bytes() == before
+    vectors.rename(tmp_path / "districts.gpkg")
+
+    someone_elses = {
+        table: lambda p: pd.DataFrame({"name": ["north"], "score": [0.5]}).to_parquet(p),
+        quicklook: lambda p: Image.fromarray(np.zeros((8, 8, 4), np.uint8), "RGBA").save(p),
+    }
+    wf = Workflow.from_dict(workflow, base_dir=tmp_path)
+    for foreign, write in someone_elses.items():
+        write(foreign)
+        before = foreign.read_bytes()
+        with pytest.raises(tilemask.TilemaskError, match=f"^output {re.escape(str(foreign))} exists and was not "
+                           "written by tilemask; refused to replace it$") as refused:  # fmt: skip
+            tilemask.run(wf, client, overwrite=True)
+        assert refused.value.exit_status == 2
+        assert foreign.read_bytes() == before
+        foreign.unlink()
+
+    tilemask.run(wf, client)
+    products = (vectors, table, quicklook)
+    assert [product_written_by_tilemask(p) for p in products] == [True] * 3
+    inodes = [p.stat().st_ino for p in products]
+    tilemask.run(wf, client, overwrite=True)
+    assert all(p.stat().st_ino != inode for p, inode in zip(products, inodes)), "each product written anew"
+    assert [product_written_by_tilemask(p) for p in products] == [True] * 3
+    assert len(gpd.read_file(vectors)) > 0 and "pixels" in pd.read_parquet(table).columns
+    assert hidden(out) == []

@@ -178,6 +178,30 @@ def test_unknown_format_is_a_one_line_error(tmp_path, client):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.tif"]
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("suffix", [".gpkg", ".fgb", ".geojson", ".parquet"])
+def test_polygons_carry_tilemasks_mark_and_someone_elses_do_not(tmp_path, client, suffix):
+    """``--overwrite`` replaces polygons only where tilemask's mark says tilemask wrote them: a metadata item of a
+    GeoPackage or FlatGeobuf, a GeoJSON's description, a key of the Parquet schema's metadata. Polygons geopandas
+    wrote carry none, and a file that cannot be read is not tilemask's."""
+    from tilemask.formats import product_written_by_tilemask
+
+    labels = blobs((120, 150), seed=5, nodata=255)
+    path = write_raster(tmp_path / "labels.tif", labels, "EPSG:32618", Affine(30, 0, 500000, 0, -30, 4000000), 255)
+    ours = write_polygons(path, str(tmp_path / f"ours{suffix}"), client=client, class_names=CLASSES, chunks=64)
+    assert product_written_by_tilemask(ours) is True
+    assert_identical(read(ours), reference_shapes(labels, Affine(30, 0, 500000, 0, -30, 4000000), 255), CLASSES)
+    north, south = shapely.box(500000, 3998000, 502000, 4000000), shapely.box(500000, 3996000, 502000, 3998000)
+    districts = gpd.GeoDataFrame({"name": ["north", "south"]}, geometry=[north, south], crs="EPSG:32618")
+    foreign = tmp_path / f"districts{suffix}"
+    districts.to_parquet(foreign) if suffix == ".parquet" else districts.to_file(foreign)
+    assert product_written_by_tilemask(foreign) is False
+    for name, content in (("cut", foreign.read_bytes()[:200]), ("noise", np.random.default_rng(0).bytes(5000))):
+        damaged = tmp_path / f"{name}{suffix}"  # someone's file cut short, bytes of no format: not tilemask's
+        damaged.write_bytes(content)
+        assert product_written_by_tilemask(damaged) is False, name
+
+
 def _spans_chunks(geom, transform, chunk):
     minx, miny, maxx, maxy = geom.bounds
     (c0, r0), (c1, r1) = ~transform @ (minx, maxy), ~transform @ (maxx, miny)

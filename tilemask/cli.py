@@ -33,7 +33,8 @@ def job_options(command):
     for option in reversed([
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a workflow key, e.g. output.chunks=1024."),
         click.option("--overwrite", is_flag=True, help="Redo every item, replacing outputs an earlier tilemask run "
-                     "wrote (polygons, tables and quick looks carry no mark: any file at their paths)."),
+                     "wrote (labels, polygons, tables and quick looks carry its mark; a file without it is refused). "
+                     "A CSV or JSON-records table has no place for a mark: any such file at its path is replaced."),
         click.option("--on-error", type=click.Choice(["abort", "skip"]), default="abort", show_default=True,
                      help="On a failed input: stop the run, or record it and go on (exit 1 at the end)."),
         click.option("--retry-failed", is_flag=True, help="Redo the inputs that failed in an earlier run of this job."),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 from .classes import CLASSES_TAG
@@ -443,3 +444,54 @@ def for_output(path: str) -> Format:
 def stem(path: str) -> str:
     """A file name without its format suffix (``scan.nii.gz`` -> ``scan``)."""
     return for_path(path).stem(path)
+
+
+# -- derived products: the mark of the files tilemask wrote -----------------------------------------------------
+
+PRODUCT_MARK = "tilemask"
+"""The key of the mark tilemask puts in the derived products it writes (polygons, statistics tables, quick looks,
+scores), with its version as the value: a metadata item of a GeoPackage (dataset and layer) or a FlatGeobuf
+(layer), a key of a Parquet file's Arrow schema metadata, the first key of a JSON object. A GeoJSON's mark is its
+``description`` member, a PNG's its ``Software`` text chunk: ``tilemask <version>``. CSV and a JSON list of
+records have no place for one."""
+
+
+def product_written_by_tilemask(path: str | os.PathLike) -> bool | None:
+    """Whether the derived product at ``path`` carries tilemask's mark (:data:`PRODUCT_MARK`); None where the
+    format has no place for one (CSV, a JSON list of records), nothing is there, or it is on object storage: then
+    ``--overwrite`` alone decides. Reads metadata only (a GeoPackage's or FlatGeobuf's header and tables, a
+    Parquet footer, a PNG's chunks before its pixels, a JSON's or GeoJSON's first 4 kB); a file it cannot read is
+    not tilemask's."""
+    path = os.fspath(path)
+    if "://" in path or path.startswith("/vsi") or not os.path.lexists(path):
+        return None
+    suffix = os.path.splitext(path.rstrip("/"))[1].lower()
+    if suffix not in (".gpkg", ".fgb", ".geojson", ".parquet", ".png", ".json"):
+        return None  # .csv: a header is no mark (columns follow the classes and the regions' fields)
+    if not os.path.isfile(path):
+        return False  # a folder, a device: not a file tilemask wrote
+    try:
+        if suffix in (".gpkg", ".fgb"):
+            import pyogrio
+
+            info = pyogrio.read_info(path)
+            return any(PRODUCT_MARK in (info.get(scope) or {}) for scope in ("dataset_metadata", "layer_metadata"))
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return PRODUCT_MARK.encode() in (pq.read_schema(path).metadata or {})
+        if suffix == ".png":
+            from PIL import Image
+
+            with Image.open(path, formats=["PNG"]) as image:
+                return str(image.info.get("Software", "")).startswith(PRODUCT_MARK + " ")
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except Exception:  # noqa: BLE001 - damaged, or not of its suffix's format: not a file tilemask wrote
+        return False
+    if suffix == ".geojson":  # GDAL writes the collection's members, then its features
+        members = head.split(b'"features"', 1)[0]
+        return re.search(rb'"description"\s*:\s*"' + re.escape(PRODUCT_MARK.encode() + b" "), members) is not None
+    if head.lstrip().startswith(b"["):
+        return None  # a list of records (a statistics table): no place for a mark
+    return re.match(rb'\s*\{\s*"' + re.escape(PRODUCT_MARK.encode()) + rb'"\s*:', head) is not None

@@ -35,7 +35,7 @@ import numpy as np
 from . import __version__
 from .classes import class_name
 from .errors import InputError, WorkflowError, missing_weights
-from .formats import for_output, for_path
+from .formats import for_output, for_path, product_written_by_tilemask
 from .geometry import VolumeGeometry, WindowPlan, normalize_per_axis
 from .outputs import check_outputs, new_run_id, staged_path
 from .preprocess import Intensity, Preprocessing
@@ -486,8 +486,10 @@ def _check_statistics(item: InputPlan) -> None:
 
 
 def _owned(path: str) -> bool:
-    """Whether the file at ``path`` is one tilemask wrote (label outputs) or may replace (derived tables, PNGs)."""
+    """Whether what is at ``path`` is one tilemask wrote: the format decides for label outputs, the mark for derived
+    products (polygons, quick look, tables: :func:`~tilemask.formats.product_written_by_tilemask`); a CSV has no
+    place for a mark, and ``--overwrite`` alone decides."""
     fmt = for_path(path)
     if not fmt.writable:
-        return True  # derived products (polygons, quick look, tables) carry no mark; --overwrite decides
+        return product_written_by_tilemask(path) is not False
     return fmt.written_by_tilemask(path)

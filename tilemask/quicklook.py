@@ -5,7 +5,8 @@ use the overviews of a COG, or without overviews each block once), never whole. 
 band between its 2nd and 98th percentiles (on the valid pixels of the
 thumbnail); foreground classes are blended over it in the output's class colours
 at ``opacity``; background shows the image as is; pixels that are nodata in every input band
-(GDAL's dataset mask) or not finite, or nodata in the labels, are transparent.
+(GDAL's dataset mask) or not finite, or nodata in the labels, are transparent.  Its ``Software`` text chunk,
+``tilemask <version>``, marks it as tilemask's: ``--overwrite`` replaces no other PNG.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 
+from . import __version__
 from .classes import CLASSES_TAG, class_colours
 from .errors import InputError, OutputError
-from .formats import for_path
+from .formats import PRODUCT_MARK, for_path
 from .outputs import atomic_path
 from .sources.raster import gdal_env
 
@@ -89,8 +92,10 @@ def write_quicklook(
     target = Path(png_path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        mark = PngInfo()  # tilemask's mark: a text chunk before the pixels, read back without them
+        mark.add_text("Software", f"{PRODUCT_MARK} {__version__}")
         with atomic_path(target) as staged:
-            Image.fromarray(rgba, "RGBA").save(staged, format="PNG", compress_level=PNG_LEVEL)
+            Image.fromarray(rgba, "RGBA").save(staged, format="PNG", compress_level=PNG_LEVEL, pnginfo=mark)
     except OSError as exc:
         raise OutputError(f"{png_path}: cannot write the quick look: {exc}") from None
     logger.info("wrote %s (%dx%d)", target, rgba.shape[1], rgba.shape[0])

@@ -55,9 +55,11 @@ from rasterio.errors import NotGeoreferencedWarning
 from scipy import ndimage, sparse
 from scipy.sparse import csgraph
 
+from . import __version__
 from .classes import class_name
 from .cluster import result_of
 from .errors import InputError, OutputError
+from .formats import PRODUCT_MARK
 from .geometry import RasterGeometry
 from .outputs import atomic_path
 from .sources.labels import open_labels
@@ -354,9 +356,20 @@ def _record_batches(batches: Iterator[FeatureBatch]) -> Iterator[pa.RecordBatch]
 
 
 def _schema(geo: dict | None = None) -> pa.Schema:
+    """The features' columns; with ``geo``, GeoParquet's metadata and tilemask's mark (:data:`PRODUCT_MARK`)."""
     geometry = pa.field("geometry", pa.binary(), metadata={b"ARROW:extension:name": b"geoarrow.wkb"})
     schema = pa.schema([geometry, pa.field("class", pa.string()), pa.field("area_m2", pa.float64())])
-    return schema.with_metadata({b"geo": json.dumps(geo).encode()}) if geo else schema
+    mark = {PRODUCT_MARK.encode(): __version__.encode()}
+    return schema.with_metadata({b"geo": json.dumps(geo).encode(), **mark}) if geo else schema
+
+
+def _ogr_mark(driver: str) -> dict:
+    """tilemask's mark (:data:`PRODUCT_MARK`) as ``pyogrio.write_arrow`` keywords: the metadata items a GeoPackage
+    (dataset and layer) and a FlatGeobuf (layer) keep, a GeoJSON's ``description`` member (it keeps no metadata)."""
+    if driver == "GeoJSON":
+        return {"layer_options": {"DESCRIPTION": f"{PRODUCT_MARK} {__version__}"}}
+    mark = {PRODUCT_MARK: __version__}
+    return {"dataset_metadata": mark, "layer_metadata": mark} if driver == "GPKG" else {"layer_metadata": mark}
 
 
 def _write(out_path: str, suffix: str, batches: Iterator[FeatureBatch], crs_wkt: str | None) -> str:
@@ -394,6 +407,7 @@ def _write(out_path: str, suffix: str, batches: Iterator[FeatureBatch], crs_wkt:
                 geometry_name="geometry",
                 geometry_type="Polygon",
                 crs=crs_wkt,
+                **_ogr_mark(VECTOR_DRIVERS[suffix]),
             )
             count = counted.count
     logger.info("wrote %d polygons to %s", count, target)

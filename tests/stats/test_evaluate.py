@@ -131,3 +131,33 @@ def test_a_given_name_that_is_another_values_generated_name_is_refused(pair):
 
     with pytest.raises(InputError, match="class names repeat: labels 0 and 1 are both named 'a'"):
         class_names([0, 1], ("a", "a"))  # names a file records are checked when the values are known
+
+
+@pytest.mark.timeout(120)
+def test_scores_json_carries_the_mark_and_a_json_tilemask_did_not_write_is_never_replaced(pair, tmp_path, client):
+    """The scores' JSON opens with tilemask's mark (``"tilemask": version``); ``--overwrite`` replaces such a file
+    and refuses, before any work, someone's own JSON object or a damaged file at the path, leaving it as it was."""
+    from tilemask import __version__
+    from tilemask.formats import product_written_by_tilemask
+
+    pred_path, truth_path, _, _ = pair
+    runner, args = CliRunner(), [str(pred_path), str(truth_path), "--scheduler", client.scheduler.address]
+    foreign, damaged = tmp_path / "settings.json", tmp_path / "damaged.json"
+    foreign.write_text(json.dumps({"project": "mine", "classes": {"class_1": {"dice": 0.9}}}, indent=2))
+    damaged.write_bytes(b"\x00\xffnot json")
+    for path in (foreign, damaged):
+        before = path.read_bytes()
+        refused = runner.invoke(evaluate_command, [*args, "-o", str(path), "--overwrite"])
+        assert (refused.exit_code, refused.output) == (
+            2, f"tilemask: error: {path} exists and was not written by tilemask; refused to replace it\n")
+        assert path.read_bytes() == before
+    ours = tmp_path / "scores.json"
+    assert runner.invoke(evaluate_command, [*args, "-o", str(ours)]).exit_code == 0
+    scores = json.loads(ours.read_text())
+    assert next(iter(scores)) == "tilemask" and scores["tilemask"] == __version__
+    assert scores["classes"]["class_1"]["tp"] > 0
+    assert product_written_by_tilemask(ours) is True
+    inode = ours.stat().st_ino
+    replaced = runner.invoke(evaluate_command, [*args, "-o", str(ours), "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert ours.stat().st_ino != inode and product_written_by_tilemask(ours) is True

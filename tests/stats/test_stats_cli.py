@@ -140,3 +140,42 @@ def test_a_damaged_or_many_band_label_raster_is_refused_in_one_line(tmp_path, sh
         assert result.output.startswith(f"tilemask: error: {damaged}: read failed at rows "), (coverage, result.output)
         assert not (tmp_path / "z.csv").exists()
 
+
+
+@pytest.mark.timeout(120)
+def test_a_table_tilemask_did_not_write_is_never_replaced(tmp_path, shade_labels, client):
+    """``--overwrite`` replaces a Parquet or GeoPackage table only when it carries tilemask's mark (a key of its
+    schema's metadata, the GeoPackage's metadata item): someone's own table at the path, or a damaged file, is
+    refused even then, before any work, and left as it was. A CSV has no place for a mark: --overwrite decides."""
+    from tilemask.formats import product_written_by_tilemask
+
+    with rasterio.open(shade_labels) as ds:
+        whole = shapely.box(*ds.bounds)
+        districts = gpd.GeoDataFrame({"district": ["a", "b"]}, geometry=[whole, whole.buffer(-1000)], crs=ds.crs)
+    runner, scheduler = CliRunner(), ["--scheduler", client.scheduler.address]
+    for suffix in (".parquet", ".gpkg"):
+        foreign, damaged = tmp_path / f"districts{suffix}", tmp_path / f"damaged{suffix}"
+        districts.to_parquet(foreign) if suffix == ".parquet" else districts.to_file(foreign)
+        damaged.write_bytes(foreign.read_bytes()[:100])
+        for path in (foreign, damaged):
+            before = path.read_bytes()
+            for flags in ([], ["--overwrite"]):
+                refused = runner.invoke(stats_command, [str(shade_labels), "-o", str(path), *scheduler, *flags])
+                assert (refused.exit_code, refused.output) == (
+                    2, f"tilemask: error: {path} exists and was not written by tilemask; refused to replace it\n")
+            assert path.read_bytes() == before
+        ours = tmp_path / f"totals{suffix}"
+        assert runner.invoke(stats_command, [str(shade_labels), "-o", str(ours), *scheduler]).exit_code == 0
+        assert product_written_by_tilemask(ours) is True
+        again = runner.invoke(stats_command, [str(shade_labels), "-o", str(ours), *scheduler])
+        assert (again.exit_code, again.output) == (
+            2, f"tilemask: error: {ours} exists; pass --overwrite to replace it\n")
+        inode = ours.stat().st_ino
+        replaced = runner.invoke(stats_command, [str(shade_labels), "-o", str(ours), *scheduler, "--overwrite"])
+        assert replaced.exit_code == 0, replaced.output
+        assert ours.stat().st_ino != inode and product_written_by_tilemask(ours) is True  # a new file, marked
+        assert "pixels" in (gpd.read_file(ours) if suffix == ".gpkg" else pd.read_parquet(ours)).columns
+    table = tmp_path / "mine.csv"
+    table.write_text("district,score\na,1\n")
+    replaced = runner.invoke(stats_command, [str(shade_labels), "-o", str(table), *scheduler, "--overwrite"])
+    assert replaced.exit_code == 0 and "pixels" in table.read_text()

@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 @click.option("--classes", metavar="A,B,...", help="Names of label values 0, 1, ... (default: those the file records).")
 @click.option("--chunks", type=click.IntRange(min=1), help="Block edge used to split the work (results do not depend on it).")
 @click.option("--scheduler", metavar="ADDRESS", help="Run on this Dask scheduler (default: an embedded local cluster).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--overwrite", is_flag=True, help="Replace an output file tilemask wrote (its mark says so; a CSV or "
+              "JSON-records table has no place for one: any such file at the path).")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 def stats(
     mask, output, regions, region_id, coverage, instances, connectivity, classes, chunks, scheduler, overwrite, debug
@@ -54,7 +55,7 @@ def stats(
 @click.option("--classes", metavar="A,B,...", help="Names of label values 0, 1, ...")
 @click.option("--chunks", type=click.IntRange(min=1), help="Block edge used to split the work (results do not depend on it).")
 @click.option("--scheduler", metavar="ADDRESS", help="Run on this Dask scheduler (default: an embedded local cluster).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--overwrite", is_flag=True, help="Replace an output file tilemask wrote.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 def evaluate(pred, truth, output, classes, chunks, scheduler, overwrite, debug) -> None:
     """Dice, IoU, precision and recall of the label image PRED against TRUTH (same grid)."""
@@ -76,6 +77,14 @@ def evaluate(pred, truth, output, classes, chunks, scheduler, overwrite, debug) 
 
 
 def _refuse_existing(output: str | None, overwrite: bool) -> None:
-    """An existing output file is replaced only with ``--overwrite`` (exit 2 before any work), as rio's commands."""
-    if output and not overwrite and os.path.lexists(output):
+    """An existing output file is replaced only with ``--overwrite`` (exit 2 before any work), as rio's commands,
+    and only when tilemask wrote it: a file without tilemask's mark is refused even then (a CSV has no place for a
+    mark: ``--overwrite`` alone decides)."""
+    if not output or not os.path.lexists(output):
+        return
+    from ..formats import product_written_by_tilemask
+
+    if product_written_by_tilemask(output) is False:
+        raise OutputConflict(f"{output} exists and was not written by tilemask; refused to replace it")
+    if not overwrite:
         raise OutputConflict(f"{output} exists; pass --overwrite to replace it")

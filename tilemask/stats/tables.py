@@ -5,6 +5,9 @@ geometry, plain Parquet otherwise), ``.gpkg`` (GeoPackage; a table without
 geometry becomes an attribute-only layer), ``.csv`` (geometry, if any, as WKT)
 and ``.json`` (a list of records).  Files are written under a temporary name
 and renamed into place, so a failed run leaves nothing that looks finished.
+Parquet and GeoPackage tables, and the scores' JSON, carry tilemask's mark
+(:data:`tilemask.formats.PRODUCT_MARK`), so that ``--overwrite`` replaces only
+tables tilemask wrote; a CSV or a JSON list of records has no place for one.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import __version__
 from ..classes import class_name
 from ..errors import InputError, OutputError
+from ..formats import PRODUCT_MARK
 from ..outputs import atomic_path, check_writable
 
 logger = logging.getLogger(__name__)
@@ -87,14 +92,13 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
     try:
         with atomic_path(path) as tmp:
             if suffix == ".parquet":
-                if has_geometry:
-                    frame.to_parquet(tmp, index=False)
-                else:
-                    pd.DataFrame(frame).to_parquet(tmp, index=False)
+                _write_parquet(frame, tmp, has_geometry)
             elif suffix == ".gpkg":
                 import pyogrio
 
-                pyogrio.write_dataframe(frame, tmp, driver="GPKG", layer=path.stem)
+                mark = {PRODUCT_MARK: __version__}  # the GeoPackage's and the layer's metadata
+                pyogrio.write_dataframe(frame, tmp, driver="GPKG", layer=path.stem, dataset_metadata=mark,
+                                        layer_metadata=mark)  # fmt: skip
             elif suffix == ".csv":
                 plain = pd.DataFrame(frame)
                 if has_geometry:
@@ -111,11 +115,29 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
     return path
 
 
+def _write_parquet(frame: pd.DataFrame, path: str, has_geometry: bool) -> None:
+    """``frame`` as Parquet (GeoParquet with a geometry, as ``GeoDataFrame.to_parquet`` writes it), tilemask's mark
+    (:data:`PRODUCT_MARK`) in its Arrow schema's metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if has_geometry:  # GeoParquet as geopandas writes it (its ``geo`` metadata), read back to add the mark
+        frame.to_parquet(path, index=False)
+        table = pq.read_table(path)
+    else:
+        table = pa.Table.from_pandas(pd.DataFrame(frame), preserve_index=False)
+    mark = {PRODUCT_MARK.encode(): __version__.encode()}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **mark})
+    pq.write_table(table, path, compression="snappy")
+
+
 def write_json(data: dict, path: str | os.PathLike) -> Path:
+    """``data`` as a JSON object whose first key is tilemask's mark (:data:`PRODUCT_MARK`: its version)."""
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
-            Path(tmp).write_text(json.dumps(jsonable(data), indent=2) + "\n")
+            marked = {PRODUCT_MARK: __version__, **{k: v for k, v in data.items() if k != PRODUCT_MARK}}
+            Path(tmp).write_text(json.dumps(jsonable(marked), indent=2) + "\n")
     except OSError as exc:
         raise OutputError(f"{path}: cannot write: {exc}") from None
     return path
