@@ -173,8 +173,8 @@ class CogSink(LabelSink):
                 if is_remote(vrt):
                     vrt = str(scratch("tilemask-staged") / f"{os.path.basename(raster.partial)}.vrt")
                 Path(vrt).write_text(self._vrt(raster))
-                try:
-                    self._translate(raster, vrt)
+                try:  # a raster 1 pixel wide has overviews 1 pixel wide too: a decimation of 1, not a valid COG
+                    self._translate(raster, vrt, overviews=self.layout.shape[1] > 1)
                 finally:
                     if is_remote(raster.path):
                         remove(vrt)
@@ -314,7 +314,7 @@ class CogSink(LabelSink):
         lines.append("    </GDALRasterAttributeTable>")
         return lines
 
-    def _translate(self, raster: CogRaster, vrt: str) -> None:
+    def _translate(self, raster: CogRaster, vrt: str, overviews: bool = True) -> None:
         """VRT -> COG under the partial name."""
         options = {
             "BLOCKSIZE": BLOCKSIZE,
@@ -327,7 +327,7 @@ class CogSink(LabelSink):
         }
         if raster.kind == "probabilities":
             options["PREDICTOR"] = "YES"
-        if self.layout.shape[1] == 1:  # every overview would be 1 wide too: a decimation of 1, not a valid COG
+        if not overviews:
             options["OVERVIEWS"] = "NONE"
         raster.abort()
         try:
