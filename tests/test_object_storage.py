@@ -216,6 +216,12 @@ def test_outputs_on_object_storage_are_zarr_or_cog_and_not_read_back(tmp_path):
         with pytest.raises(WorkflowError, match=message.replace("(", r"\(").replace(")", r"\)")) as refused:
             Workflow.from_dict(demo_workflow(str(GEO["RGB.byte.tif"]), weights, output), base_dir=tmp_path)
         assert str(refused.value).count(output) == 1, str(refused.value)  # not again as "(got ...)"
+    local = demo_workflow(str(GEO["RGB.byte.tif"]), weights, "out/{stem}.tif")
+    products = {"output.vectors": {**local, "output": {**local["output"], "vectors": "s3://b/{stem}.gpkg"}},
+                "stats.output": {**local, "stats": {"output": "https://b/{stem}.csv"}}}  # fmt: skip
+    for key, workflow in products.items():  # were written to ./s3:/b/ and ./https:/b/
+        with pytest.raises(WorkflowError, match=f"{key} is written to a file system the workers see"):
+            Workflow.from_dict(workflow, base_dir=tmp_path)
     with_stats = {**demo_workflow(str(GEO["RGB.byte.tif"]), weights, "s3://b/{stem}.tif"), "stats": {"output": "areas.csv"}}
     with pytest.raises(WorkflowError, match="stats read the labels back from a local file system"):
         Workflow.from_dict(with_stats, base_dir=tmp_path)

@@ -348,6 +348,10 @@ class Workflow(_Strict):
         if is_remote(self.output.path) and (self.output.vectors or self.stats is not None):
             raise ValueError("output.vectors and stats read the labels back from a local file system: write the "
                              "labels there, not to object storage")  # fmt: skip
+        for key, path in (("output.vectors", self.output.vectors), ("stats.output", self.stats and self.stats.output)):
+            if path and (is_remote(path) or path.startswith(REMOTE_PREFIXES)):  # Path("s3://b/x") is ./s3:/b/x
+                raise ValueError(f"{key} is written to a file system the workers see; polygons and tables are not "
+                                 f"written to object storage or over HTTP (got {path!r})")  # fmt: skip
         if len(roi) != 2 and self.output.vectors:
             raise ValueError("output.vectors needs a 2D raster model (roi_size of 2 values)")
         fmt = for_output(self.output.path)
