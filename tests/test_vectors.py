@@ -118,6 +118,19 @@ def test_geographic_crs_geodesic_area(tmp_path, client):
     assert 8.0e3 < result["area_m2"].sum() / np.count_nonzero(labels) < 9.0e3
 
 
+def test_without_a_crs_the_polygons_have_no_area(tmp_path, client, caplog):
+    """The coordinates are in no known unit: area_m2 was the planar area in them, as if metres; the statistics
+    leave it empty."""
+    labels = blobs((120, 150), seed=3, nodata=None, n_classes=3)
+    transform = Affine(30.0, 0, 1000.0, 0, -30.0, 5000.0)
+    path = write_raster(tmp_path / "labels.tif", labels, None, transform)
+    with caplog.at_level("WARNING", logger="tilemask.vectors"):
+        result = read(write_polygons(path, str(tmp_path / "p.gpkg"), client=client, chunks=48))
+    assert_identical(result, reference_shapes(labels, transform, None), ("class_0", "class_1", "class_2"))
+    assert len(result) > 10 and result["area_m2"].isna().all()
+    assert "has no CRS: the polygons' area_m2 is left empty" in caplog.text
+
+
 @pytest.mark.parametrize(
     "rows, cols, west",
     [((0, 180), (0, 360), -180), ((80, 90), (0, 360), -180), ((20, 40), (30, 150), -180), ((80, 100), (0, 20), 170)],

@@ -31,7 +31,8 @@ the whole image:
 Attributes: ``class`` (name) and ``area_m2`` (planar area times the CRS unit's
 metres squared for a projected CRS; for a geographic CRS, the area on the CRS's
 ellipsoid: planar area in its cylindrical equal-area projection, exact for the
-parallels and meridians bounding the pixels of a north-up grid).
+parallels and meridians bounding the pixels of a north-up grid; empty (null)
+without a CRS, as in the statistics).
 """
 
 from __future__ import annotations
@@ -235,12 +236,12 @@ class AreaRule:
     def area_m2(self, geoms: np.ndarray) -> np.ndarray:
         if len(geoms) == 0:
             return np.zeros(0)
-        crs = CRS.from_wkt(self.crs_wkt) if self.crs_wkt else None
-        if crs is not None and crs.is_geographic:
+        if not self.crs_wkt:  # coordinates in no known unit: no area, as in the statistics
+            return np.full(len(geoms), np.nan)
+        crs = CRS.from_wkt(self.crs_wkt)
+        if crs.is_geographic:
             return shapely.area(shapely.transform(geoms, equal_area(crs)))
-        factor = 1.0
-        if crs is not None and crs.axis_info:
-            factor = crs.axis_info[0].unit_conversion_factor or 1.0
+        factor = (crs.axis_info[0].unit_conversion_factor or 1.0) if crs.axis_info else 1.0
         return shapely.area(geoms) * factor**2
 
 
@@ -291,6 +292,8 @@ def write_polygons(
     names = tuple(class_names or image.class_names or ())
     client = client or get_client()
     rule = AreaRule(tuple(float(v) for v in image.geometry.transform), image.geometry.crs_wkt)
+    if not image.geometry.crs_wkt:
+        logger.warning("%s has no CRS: the polygons' area_m2 is left empty", labels_path)
 
     blocks = image.array.to_delayed()
     row_starts = np.concatenate([[0], np.cumsum(image.array.chunks[0])[:-1]])
