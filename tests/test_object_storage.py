@@ -51,6 +51,43 @@ def s3():
     server.wait(timeout=30)
 
 
+def test_a_stalled_s3_server_fails_a_request_as_gdals_settings_say(s3, tmp_path):
+    """fsspec's S3 requests kept s3fs's timeouts (15 s a read) and botocore's 5 attempts under s3fs's own 5: a
+    server that stopped answering held a request for over 6 minutes.  They now take GDAL's timeouts, one botocore
+    attempt under each of s3fs's."""
+    import signal
+    import socket
+
+    s3_client, env = s3
+    s3_client.put_object(Bucket="tilemask", Key="stalled/object.bin", Body=b"x" * 100)
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        stalled = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "GDAL_HTTP_TIMEOUT": "2",
+                   "GDAL_HTTP_CONNECTTIMEOUT": "2"}  # fmt: skip
+        deadline = time.monotonic() + 60
+        while True:  # listening: a connection is accepted (else the request would fail at once, not stall)
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "moto's S3 server did not start"
+                time.sleep(0.2)
+        os.kill(server.pid, signal.SIGSTOP)  # the kernel still accepts connections; nothing answers them
+        script = "from tilemask.storage import object_version; print(object_version('s3://tilemask/stalled/object.bin'))"
+        begin = time.monotonic()
+        done = subprocess.run([sys.executable, "-c", script], env={**os.environ, **stalled}, capture_output=True,
+                              text=True, timeout=150)  # fmt: skip
+        took = time.monotonic() - begin
+        assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr[-2000:]  # cannot be reached
+        assert took < 25, f"{took:.0f} s: s3fs's 5 attempts of 2 s each, and its backoff (2 s)"
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        server.kill()
+        server.wait(timeout=30)
+
+
 def demo_workflow(input_path: str, weights: str, output: str) -> dict:
     workflow = yaml.safe_load((REPO / "workflows" / "demo_landsat.yaml").read_text())
     workflow.update(input=input_path)

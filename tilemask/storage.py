@@ -155,27 +155,37 @@ def scratch(kind: str) -> Path:
 
 
 def storage_options(path: str) -> dict:
-    """fsspec's options for ``path`` (the S3 endpoint the AWS variables name), for zarr's ``storage_options``."""
+    """fsspec's options for ``path`` (the S3 endpoint the AWS variables name), for zarr's ``storage_options``.
+
+    A server that stops answering fails a request as GDAL's reads of it do (its settings, :data:`CLOUD_DEFAULTS`
+    unless the environment sets them): ``GDAL_HTTP_CONNECTTIMEOUT`` to connect, ``GDAL_HTTP_TIMEOUT`` for a read,
+    instead of aiohttp's 5 minutes.  On S3, s3fs makes its 5 attempts (it backs off a server that asks it to slow
+    down), botocore one under each instead of 5 (s3fs's 15 s reads: over 6 minutes for a stalled server)."""
     options: dict = {}
     if path.startswith(WEB):
         try:
             import aiohttp
         except ImportError:  # fsspec names what it needs when it is asked to reach the server
             return options
-        from .sources.raster import CLOUD_DEFAULTS
-
-        def seconds(name: str) -> float:  # GDAL's setting for its reads of the same server
-            return float(os.environ.get(name) or CLOUD_DEFAULTS[name])
-
-        # a server that stops answering fails the request, as GDAL's reads of it do, instead of waiting 5 minutes
         options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(
-            total=None, sock_connect=seconds("GDAL_HTTP_CONNECTTIMEOUT"), sock_read=seconds("GDAL_HTTP_TIMEOUT"),
+            total=None, sock_connect=_gdal_setting("GDAL_HTTP_CONNECTTIMEOUT"), sock_read=_gdal_setting("GDAL_HTTP_TIMEOUT"),
         )}  # fmt: skip
     if path.startswith("s3://"):
         options["use_listings_cache"] = False  # other processes write the same prefixes
+        options["config_kwargs"] = {  # botocore's: one attempt each, under s3fs's 5
+            "connect_timeout": _gdal_setting("GDAL_HTTP_CONNECTTIMEOUT"), "read_timeout": _gdal_setting("GDAL_HTTP_TIMEOUT"),
+            "retries": {"total_max_attempts": 1},
+        }  # fmt: skip
         if s3_endpoint():
             options["client_kwargs"] = {"endpoint_url": s3_endpoint()}
     return options
+
+
+def _gdal_setting(name: str) -> float:
+    """GDAL's setting ``name`` for its own requests (the environment's, else :data:`CLOUD_DEFAULTS`'), as a number."""
+    from .sources.raster import CLOUD_DEFAULTS
+
+    return float(os.environ.get(name) or CLOUD_DEFAULTS[name])
 
 
 def _reaching(operation: Callable) -> Callable:
