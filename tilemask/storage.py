@@ -159,8 +159,10 @@ def storage_options(path: str) -> dict:
 
     A server that stops answering fails a request as GDAL's reads of it do (its settings, :data:`CLOUD_DEFAULTS`
     unless the environment sets them): ``GDAL_HTTP_CONNECTTIMEOUT`` to connect, ``GDAL_HTTP_TIMEOUT`` for a read,
-    instead of aiohttp's 5 minutes.  On S3, s3fs makes its 5 attempts (it backs off a server that asks it to slow
-    down), botocore one under each instead of 5 (s3fs's 15 s reads: over 6 minutes for a stalled server)."""
+    instead of aiohttp's 5 minutes.  On S3, botocore retries a server error or a timeout ``GDAL_HTTP_MAX_RETRY``
+    times (standard mode), and s3fs makes its own 5 attempts over a timeout: a stalled server fails a request after
+    ``GDAL_HTTP_TIMEOUT`` x (``GDAL_HTTP_MAX_RETRY`` + 1) x 5 seconds (10 minutes by default; set them lower to
+    fail sooner)."""
     options: dict = {}
     if path.startswith(WEB):
         try:
@@ -172,9 +174,9 @@ def storage_options(path: str) -> dict:
         )}  # fmt: skip
     if path.startswith("s3://"):
         options["use_listings_cache"] = False  # other processes write the same prefixes
-        options["config_kwargs"] = {  # botocore's: one attempt each, under s3fs's 5
+        options["config_kwargs"] = {  # botocore's: a 5xx or a timeout retried as GDAL retries them
             "connect_timeout": _gdal_setting("GDAL_HTTP_CONNECTTIMEOUT"), "read_timeout": _gdal_setting("GDAL_HTTP_TIMEOUT"),
-            "retries": {"total_max_attempts": 1},
+            "retries": {"mode": "standard", "total_max_attempts": int(_gdal_setting("GDAL_HTTP_MAX_RETRY")) + 1},
         }  # fmt: skip
         if s3_endpoint():
             options["client_kwargs"] = {"endpoint_url": s3_endpoint()}
