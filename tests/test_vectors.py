@@ -129,6 +129,10 @@ def test_without_a_crs_the_polygons_have_no_area(tmp_path, client, caplog):
     assert_identical(result, reference_shapes(labels, transform, None), ("class_0", "class_1", "class_2"))
     assert len(result) > 10 and result["area_m2"].isna().all()
     assert "has no CRS: the polygons' area_m2 is left empty" in caplog.text
+    import pyarrow.parquet as pq  # null, not NaN (GeoPackage stores NaN as NULL; GeoParquet keeps NaN)
+
+    column = pq.read_table(write_polygons(path, str(tmp_path / "p.parquet"), client=client, chunks=48))["area_m2"]
+    assert column.null_count == len(column) == len(result)
 
 
 @pytest.mark.parametrize(

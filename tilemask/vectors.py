@@ -352,7 +352,7 @@ def _record_batches(batches: Iterator[FeatureBatch]) -> Iterator[pa.RecordBatch]
             [
                 pa.array(batch.wkb, pa.binary()),
                 pa.array(batch.classes, pa.string()),
-                pa.array(batch.area_m2, pa.float64()),
+                pa.array(batch.area_m2, pa.float64(), from_pandas=True),  # NaN (no CRS: no area) as null
             ],
             schema=_schema(),
         )
