@@ -349,7 +349,7 @@ class Workflow(_Strict):
             raise ValueError("output.vectors and stats read the labels back from a local file system: write the "
                              "labels there, not to object storage")  # fmt: skip
         for key, path in (("output.vectors", self.output.vectors), ("stats.output", self.stats and self.stats.output)):
-            if path and (is_remote(path) or path.startswith(REMOTE_PREFIXES)):  # Path("s3://b/x") is ./s3:/b/x
+            if path and ("://" in path or path.startswith(REMOTE_PREFIXES)):  # Path("s3://b/x") is ./s3:/b/x
                 raise ValueError(f"{key} is written to a file system the workers see; polygons and tables are not "
                                  f"written to object storage or over HTTP (got {path!r})")  # fmt: skip
         if len(roi) != 2 and self.output.vectors:
