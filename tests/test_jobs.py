@@ -79,6 +79,7 @@ def test_skip_records_the_failure_goes_on_and_a_rerun_resumes_without_predicting
     assert [(row["name"], row["status"]) for row in rows] == [("a", "ok"), ("b", "ok"), ("c", "failed"), ("d", "ok"), ("e", "ok")]
     assert "damaged" in rows[2]["error"]
     assert rows[2]["windows"] == "" and all(int(row["windows"]) > 0 for row in rows if row["status"] == "ok")  # not 0
+    assert results[2].windows is None
     status = json.loads((job.path / "status.json").read_text())
     assert status["state"] == "failed" and status["counts"] == {"items": 5, "ok": 4, "failed": 1, "pending": 0}
     assert (tmp_path / "out" / "c.zarr").exists() is False

@@ -386,7 +386,8 @@ class _ItemRunner:
 
     def _failed(self, index: int, item: InputItem, exc: BaseException, seconds: float) -> RunResult:
         error = f"{type(exc).__name__}: {first_line(exc)}" if not isinstance(exc, TilemaskError) else first_line(exc)
-        result = RunResult(input=item.files[0], outputs=[], windows=0, tasks=0, seconds=seconds, status="failed", error=error)
+        result = RunResult(input=item.files[0], outputs=[], windows=None, tasks=0, seconds=seconds,
+                           status="failed", error=error)  # fmt: skip
         try:
             self.job.record(_line(index, item.name, result))
             self.counts.add("failed")
@@ -398,8 +399,7 @@ class _ItemRunner:
 def _line(index: int, name: str, result: RunResult) -> dict:
     return {
         "item": index, "name": name, "input": result.input, "status": result.status, "outputs": result.outputs,
-        "error": result.error, "seconds": round(result.seconds, 3),
-        "windows": result.windows if result.status != "failed" else None,  # how many a failed item predicted is unknown
+        "error": result.error, "seconds": round(result.seconds, 3), "windows": result.windows,
         "class_pixels": result.class_pixels, "time": time.time(),
     }  # fmt: skip
 

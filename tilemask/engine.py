@@ -80,7 +80,7 @@ logger = logging.getLogger(__name__)
 class RunResult:
     input: str
     outputs: list[str]
-    windows: int
+    windows: int | None  # predicted in this run; None: it failed here (how many it predicted is not known)
     tasks: int
     seconds: float
     class_pixels: dict[str, int] = field(default_factory=dict)
