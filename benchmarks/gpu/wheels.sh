@@ -5,6 +5,7 @@
 # psutil, toolz, fsspec, jinja2, pytest, pytest-timeout and hypothesis, and no network: see check.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+rm -rf .whl  # pip download keeps older versions beside new ones: two of a package stop the install there
 mkdir -p .whl
 wheels=(
     dask==2026.8.0 distributed==2026.8.0 importlib_metadata==10.2.0 lazy-importer==0.1.0 tornado==6.6.1 tblib==3.2.2 zict==3.0.0 locket==1.0.0 partd==1.4.2
