@@ -456,6 +456,18 @@ scores), with its version as the value: a metadata item of a GeoPackage (dataset
 records have no place for one."""
 
 
+def product_mark() -> dict[str, str]:
+    """tilemask's mark as a metadata item, :data:`PRODUCT_MARK` and the version."""
+    from . import __version__
+
+    return {PRODUCT_MARK: __version__}
+
+
+def product_mark_text() -> str:
+    """tilemask's mark as one text (a PNG's ``Software`` chunk, a GeoJSON's ``description``): ``tilemask <version>``."""
+    return " ".join(*product_mark().items())
+
+
 def product_written_by_tilemask(path: str | os.PathLike) -> bool | None:
     """Whether the derived product at ``path`` carries tilemask's mark (:data:`PRODUCT_MARK`); None where the
     format has no place for one (CSV, a JSON list of records), nothing is there, or it is on object storage: then

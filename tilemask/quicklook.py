@@ -23,10 +23,9 @@ from PIL.PngImagePlugin import PngInfo
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 
-from . import __version__
 from .classes import CLASSES_TAG, class_colours
 from .errors import InputError, OutputError
-from .formats import PRODUCT_MARK, for_path
+from .formats import for_path, product_mark_text
 from .outputs import atomic_path
 from .sources.raster import gdal_env
 
@@ -93,7 +92,7 @@ def write_quicklook(
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         mark = PngInfo()  # tilemask's mark: a text chunk before the pixels, read back without them
-        mark.add_text("Software", f"{PRODUCT_MARK} {__version__}")
+        mark.add_text("Software", product_mark_text())
         with atomic_path(target) as staged:
             Image.fromarray(rgba, "RGBA").save(staged, format="PNG", compress_level=PNG_LEVEL, pnginfo=mark)
     except OSError as exc:

@@ -56,11 +56,10 @@ from rasterio.errors import NotGeoreferencedWarning
 from scipy import ndimage, sparse
 from scipy.sparse import csgraph
 
-from . import __version__
 from .classes import class_name
 from .cluster import result_of
 from .errors import InputError, OutputError
-from .formats import PRODUCT_MARK
+from .formats import product_mark, product_mark_text
 from .geometry import RasterGeometry
 from .outputs import atomic_path
 from .sources.labels import open_labels
@@ -359,19 +358,20 @@ def _record_batches(batches: Iterator[FeatureBatch]) -> Iterator[pa.RecordBatch]
 
 
 def _schema(geo: dict | None = None) -> pa.Schema:
-    """The features' columns; with ``geo``, GeoParquet's metadata and tilemask's mark (:data:`PRODUCT_MARK`)."""
+    """The features' columns; with ``geo``, GeoParquet's metadata and tilemask's mark
+    (:func:`~tilemask.formats.product_mark`)."""
     geometry = pa.field("geometry", pa.binary(), metadata={b"ARROW:extension:name": b"geoarrow.wkb"})
     schema = pa.schema([geometry, pa.field("class", pa.string()), pa.field("area_m2", pa.float64())])
-    mark = {PRODUCT_MARK.encode(): __version__.encode()}
+    mark = {key.encode(): value.encode() for key, value in product_mark().items()}
     return schema.with_metadata({b"geo": json.dumps(geo).encode(), **mark}) if geo else schema
 
 
 def _ogr_mark(driver: str) -> dict:
-    """tilemask's mark (:data:`PRODUCT_MARK`) as ``pyogrio.write_arrow`` keywords: the metadata items a GeoPackage
-    (dataset and layer) and a FlatGeobuf (layer) keep, a GeoJSON's ``description`` member (it keeps no metadata)."""
+    """tilemask's mark (:func:`~tilemask.formats.product_mark`) as ``pyogrio.write_arrow`` keywords: the metadata
+    items a GeoPackage (dataset and layer) and a FlatGeobuf (layer) keep, a GeoJSON's ``description`` member (it keeps no metadata)."""
     if driver == "GeoJSON":
-        return {"layer_options": {"DESCRIPTION": f"{PRODUCT_MARK} {__version__}"}}
-    mark = {PRODUCT_MARK: __version__}
+        return {"layer_options": {"DESCRIPTION": product_mark_text()}}
+    mark = product_mark()
     return {"dataset_metadata": mark, "layer_metadata": mark} if driver == "GPKG" else {"layer_metadata": mark}
 
 

@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import __version__
 from ..classes import class_name
 from ..errors import InputError, OutputError
-from ..formats import PRODUCT_MARK
+from ..formats import PRODUCT_MARK, product_mark
 from ..outputs import atomic_path, check_writable
 
 logger = logging.getLogger(__name__)
@@ -96,7 +95,7 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
             elif suffix == ".gpkg":
                 import pyogrio
 
-                mark = {PRODUCT_MARK: __version__}  # the GeoPackage's and the layer's metadata
+                mark = product_mark()  # the GeoPackage's and the layer's metadata
                 pyogrio.write_dataframe(frame, tmp, driver="GPKG", layer=path.stem, dataset_metadata=mark,
                                         layer_metadata=mark)  # fmt: skip
             elif suffix == ".csv":
@@ -126,7 +125,7 @@ def _write_parquet(frame: pd.DataFrame, path: str, has_geometry: bool) -> None:
         table = pq.read_table(path)
     else:
         table = pa.Table.from_pandas(pd.DataFrame(frame), preserve_index=False)
-    mark = {PRODUCT_MARK.encode(): __version__.encode()}
+    mark = {key.encode(): value.encode() for key, value in product_mark().items()}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **mark})
     pq.write_table(table, path, compression="snappy")
 
@@ -136,7 +135,7 @@ def write_json(data: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
-            marked = {PRODUCT_MARK: __version__, **{k: v for k, v in data.items() if k != PRODUCT_MARK}}
+            marked = {**product_mark(), **{k: v for k, v in data.items() if k != PRODUCT_MARK}}
             Path(tmp).write_text(json.dumps(jsonable(marked), indent=2) + "\n")
     except OSError as exc:
         raise OutputError(f"{path}: cannot write: {exc}") from None
