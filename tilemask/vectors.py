@@ -368,7 +368,8 @@ def _schema(geo: dict | None = None) -> pa.Schema:
 
 def _ogr_mark(driver: str) -> dict:
     """tilemask's mark (:func:`~tilemask.formats.product_mark`) as ``pyogrio.write_arrow`` keywords: the metadata
-    items a GeoPackage (dataset and layer) and a FlatGeobuf (layer) keep, a GeoJSON's ``description`` member (it keeps no metadata)."""
+    items a GeoPackage (dataset and layer) and a FlatGeobuf (layer) keep, a GeoJSON's ``description`` member (it
+    keeps no metadata)."""
     if driver == "GeoJSON":
         return {"layer_options": {"DESCRIPTION": product_mark_text()}}
     mark = product_mark()
