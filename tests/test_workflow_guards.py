@@ -334,6 +334,14 @@ def test_a_misspelt_key_is_named_with_the_key_it_likely_meant(rename, line):
     assert str(refused.value).startswith(line), str(refused.value)
 
 
+def test_a_key_already_given_is_not_what_a_misspelt_one_meant():
+    workflow = {"version": 1, "input": "x.tif", "model": {"weights": "w.pt"}, "output": {"path": "o.tif"},
+                "inference": {"roi_size": [64, 64], "overlap": 0.5, "overlapp": 0.25}}  # fmt: skip
+    with pytest.raises(WorkflowError) as refused:
+        Workflow.from_dict(workflow)
+    assert str(refused.value) == "workflow: inference.overlapp: unknown key", str(refused.value)
+
+
 @pytest.mark.parametrize(
     "given,line",
     [

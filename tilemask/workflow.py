@@ -429,7 +429,7 @@ class Workflow(_Strict):
         try:
             workflow = cls.model_validate(raw)
         except ValidationError as exc:
-            raise WorkflowError(_one_line(exc)) from None
+            raise WorkflowError(_one_line(exc, raw)) from None
         workflow._base_dir = base
         return workflow
 
@@ -656,7 +656,7 @@ def _model_names() -> frozenset[str]:
     return frozenset(names)
 
 
-def _one_line(exc: ValidationError) -> str:
+def _one_line(exc: ValidationError, raw: Any = None) -> str:
     """The first invalid key as ``workflow: key.path: message``.
 
     pydantic reports a value that fits no member of a union once per member; the
@@ -675,7 +675,7 @@ def _one_line(exc: ValidationError) -> str:
     key = _clean_loc(err["loc"])
     loc = ".".join(key)
     msg = err["msg"].removeprefix("Value error, ")
-    meant = _meant(key, errors) if err["type"] == "extra_forbidden" else None
+    meant = _meant(key, errors, _given(raw, key[:-1])) if err["type"] == "extra_forbidden" else None
     if err["type"] == "extra_forbidden" and key[-1] in _keys_at(key[:-1]):  # a key of the union's other kinds
         msg = f"not a key of the same kind of {key[-2] if len(key) > 1 else 'workflow'} as the others given"
     elif err["type"] == "extra_forbidden":
@@ -710,15 +710,28 @@ def _in_union(loc: tuple) -> bool:
     return any(_is_union_tag(p) for p in loc)
 
 
-def _meant(key: tuple[str, ...], errors: list) -> str | None:
+def _meant(key: tuple[str, ...], errors: list, given: set[str] = frozenset()) -> str | None:
     """The key a misspelt one likely meant: the closest of the keys missing beside it, then of the keys its
-    section takes, else None."""
+    section takes and the workflow does not already give (``given``), else None."""
     import difflib
 
     missing = [_clean_loc(e["loc"])[-1] for e in errors
                if e["type"] == "missing" and _clean_loc(e["loc"])[:-1] == key[:-1]]  # fmt: skip
-    close = difflib.get_close_matches(key[-1], missing, n=1) or difflib.get_close_matches(key[-1], _keys_at(key[:-1]), n=1)
+    known = [k for k in _keys_at(key[:-1]) if k not in given]
+    close = difflib.get_close_matches(key[-1], missing, n=1) or difflib.get_close_matches(key[-1], known, n=1)
     return close[0] if close else None
+
+
+def _given(raw: Any, section: tuple[str, ...]) -> set[str]:
+    """The keys the raw workflow gives at ``section`` (empty where it is not a mapping)."""
+    for part in section:
+        if isinstance(raw, dict):
+            raw = raw.get(part)
+        elif isinstance(raw, list) and part.isdigit() and int(part) < len(raw):
+            raw = raw[int(part)]
+        else:
+            return set()
+    return set(raw) if isinstance(raw, dict) else set()
 
 
 def _keys_at(section: tuple[str, ...]) -> list[str]:
