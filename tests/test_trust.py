@@ -906,6 +906,7 @@ def test_labels_replaced_without_probabilities_take_the_old_probabilities_with_t
     assert os.path.exists(probabilities)
 
 
+@pytest.mark.slow  # three runs (32 s); the default run keeps each format's mark and refusal (test_vectors, test_quicklook, stats)
 @pytest.mark.timeout(120)
 def test_a_file_tilemask_did_not_write_at_a_products_path_is_never_replaced(
     make_raster, make_model, write_workflow, tmp_path, client
