@@ -62,6 +62,12 @@ def test_remove_small_equals_scipy(labels):
         np.testing.assert_array_equal(got, expected)
 
 
+# Each connectivity in 2D; in 3D (about 3 s each of dask graph on ~100 blocks) the unset one in the default run, the
+# others in the slow run.
+IN_2D_AND_3D_UNSET = [(2, "face"), (2, "full"), (2, None), pytest.param(3, "face", marks=pytest.mark.slow),
+                      pytest.param(3, "full", marks=pytest.mark.slow), (3, None)]  # fmt: skip
+
+
 def monai_rank(connectivity: str | None, ndim: int) -> dict:
     """MONAI's ``connectivity`` argument for tilemask's: none given, MONAI's own default."""
     return {} if connectivity is None else {"connectivity": 1 if connectivity == "face" else ndim}
@@ -71,7 +77,7 @@ def asked(connectivity: str | None) -> dict:
     return {} if connectivity is None else {"connectivity": connectivity}
 
 
-@pytest.mark.parametrize("connectivity", ["face", "full", None])
+@pytest.mark.parametrize("labels,connectivity", IN_2D_AND_3D_UNSET, indirect=["labels"])
 def test_fill_holes_equals_monai(labels, connectivity):
     """Unset, the connectivity is MONAI's default (full): it was face, and 400 pixels of a scene differed."""
     fill = FillHoles(**monai_rank(connectivity, labels.ndim))
@@ -82,6 +88,7 @@ def test_fill_holes_equals_monai(labels, connectivity):
         np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("labels", [2, pytest.param(3, marks=pytest.mark.slow)], indirect=True)
 @pytest.mark.parametrize("operation", ["opening", "closing"])
 def test_opening_closing_equal_scipy(labels, operation):
     radius = 2
@@ -98,7 +105,7 @@ def test_opening_closing_equal_scipy(labels, operation):
         np.testing.assert_array_equal(got, expected)
 
 
-@pytest.mark.parametrize("connectivity", ["face", "full", None])
+@pytest.mark.parametrize("labels,connectivity", IN_2D_AND_3D_UNSET, indirect=["labels"])
 def test_keep_largest_equals_monai(labels, connectivity):
     """Unset, the connectivity is MONAI's default (full): it was face, and 12,592 pixels of a scene differed."""
     from monai.transforms import KeepLargestConnectedComponent
