@@ -128,6 +128,28 @@ def test_an_input_replaced_after_its_run_is_redone(make_raster, make_model, tmp_
     assert last.status == "skipped"  # unchanged since: done
 
 
+def test_a_finished_item_whose_product_someone_replaced_is_not_skipped_as_done(make_raster, make_model, tmp_path,
+                                                                               client):  # fmt: skip
+    """A job's rerun skipped a finished item when each of its outputs existed: polygons replaced since by a file
+    tilemask did not write (someone's own GeoPackage saved over them) passed for the item's. The item is no longer
+    done: the job's rerun redoes it, refuses to replace that file (naming it) and leaves it as it was."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    path, _ = make_raster((3, 80, 90))
+    weights, _ = make_model()
+    workflow = raster_workflow(path, weights, output={"path": "out/{stem}.zarr", "chunks": 64,
+                                                     "vectors": "out/{stem}.gpkg"})  # fmt: skip
+    (first,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    (polygons,) = [p for p in first.outputs if p.endswith(".gpkg")]
+    Path(polygons).unlink()
+    gpd.GeoDataFrame({"name": ["north"]}, geometry=[box(0, 0, 1, 1)], crs=32618).to_file(polygons)
+    before = Path(polygons).read_bytes()
+    with pytest.raises(OutputConflict, match=f"^output {polygons} exists and was not written by tilemask"):
+        tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert Path(polygons).read_bytes() == before
+
+
 def test_an_input_replaced_on_a_web_server_is_redone(make_raster, make_model, tmp_path, client):
     """A scene served over HTTP and replaced there (a new Last-Modified, the same size) is redone by the job's next
     run, as a local file is; it was skipped as done, its stamp zeros whatever the server held."""
