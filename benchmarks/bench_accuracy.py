@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 
 from tilemask.backends import CONVERTERS
 from tilemask.settings import ModelSpec
+from scratch import scratch_folder
 
 warnings.filterwarnings("ignore")
 ARGS = dict(spatial_dims=2, in_channels=3, out_channels=2, channels=[16, 32, 64, 128], strides=[2, 2, 2], num_res_units=2)
@@ -62,11 +62,11 @@ def main() -> None:
     from monai.networks.nets import UNet
 
     torch.set_num_threads(os.cpu_count() or 1)
-    os.environ.setdefault("TILEMASK_CACHE_DIR", tempfile.mkdtemp(prefix="tilemask-bench-cache-"))
+    os.environ.setdefault("TILEMASK_CACHE_DIR", str(scratch_folder("tilemask-bench-cache-")))
     torch.manual_seed(0)
     network = UNet(**ARGS).eval()
     exact = copy.deepcopy(network).double()
-    weights = Path(tempfile.mkdtemp(prefix="tilemask-bench-accuracy-")) / "unet.pt"
+    weights = scratch_folder("tilemask-bench-accuracy-") / "unet.pt"
     torch.save(network.state_dict(), weights)
     spec = ModelSpec.create("UNet", ARGS, str(weights))
     runners = {"torch": network, **{name: convert(spec, lambda: network, 3, ROI) for name, convert in CONVERTERS.items()}}

@@ -17,15 +17,14 @@ follows from the last two columns (1e-4).
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
 from tilemask.backends import CONVERTERS
 from tilemask.settings import ModelSpec
+from scratch import scratch_folder
 
 warnings.filterwarnings("ignore")
 CASES = [
@@ -55,8 +54,8 @@ def main() -> None:
     from monai.networks.nets import UNet
 
     torch.set_num_threads(os.cpu_count() or 1)
-    os.environ.setdefault("TILEMASK_CACHE_DIR", tempfile.mkdtemp(prefix="tilemask-bench-cache-"))
-    folder = Path(tempfile.mkdtemp(prefix="tilemask-bench-backends-"))
+    os.environ.setdefault("TILEMASK_CACHE_DIR", str(scratch_folder("tilemask-bench-cache-")))
+    folder = scratch_folder("tilemask-bench-backends-")
     print(f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'network':25}{'backend':13}{'ms/batch':>10}{'vs torch':>10}{'gap random':>12}{'gap zeros':>12}")
     for name, args, batch_size, roi in CASES:

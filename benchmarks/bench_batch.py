@@ -32,12 +32,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
+from scratch import scratch_folder
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "workflows" / "demo"
@@ -257,7 +257,7 @@ def main() -> None:
     parser.add_argument("--resume", type=int, default=16384, help="size of the raster interrupted and resumed (0: skip)")
     parser.add_argument("--dir", default=None)
     args = parser.parse_args()
-    work = Path(args.dir or tempfile.mkdtemp(prefix="tilemask-batch-"))
+    work = Path(args.dir) if args.dir else scratch_folder("tilemask-batch-")
     work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {os.cpu_count()} cores; work folder {work}")
     if args.scenes:

@@ -35,7 +35,6 @@ import argparse
 import gc
 import math
 import os
-import tempfile
 import threading
 import time
 from collections import deque
@@ -49,6 +48,7 @@ import torch
 from rasterio.transform import from_origin
 from peakmem import PeakMemory
 from rasterio.windows import Window
+from scratch import scratch_folder
 
 ARGS = dict(spatial_dims=2, in_channels=3, out_channels=2, channels=[16, 32, 64, 128], strides=[2, 2, 2], num_res_units=2)
 ROI, OVERLAP, BATCH, CHUNKS = 256, 0.25, 8, 2048
@@ -243,7 +243,7 @@ def main() -> None:
                         help="tilemask's inference.precision; MONAI and the bare model under torch.autocast in it")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tilemask-bench-"))
+    workdir = Path(args.workdir) if args.workdir else scratch_folder("tilemask-bench-")
     workdir.mkdir(parents=True, exist_ok=True)
     net = network()
     weights = workdir / "unet.pt"

@@ -15,7 +15,6 @@ Speed: ``bench_engine.py --precision``.
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ import rasterio
 import torch
 import zarr
 from bench_engine import autocast
+from scratch import scratch_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "workflows" / "demo_landsat.yaml"
@@ -71,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where both sides run the network")
     device = parser.parse_args().device
-    workdir = Path(tempfile.mkdtemp(prefix="tilemask-precision-"))
+    workdir = scratch_folder("tilemask-precision-")
     with cluster_client() as client:
         ours = {p: run_tilemask(workdir, p, client, device) for p in PRECISIONS}
     theirs = {p: run_monai(p, device) for p in PRECISIONS}

@@ -27,6 +27,7 @@ from tilemask.geometry import RasterGeometry
 from tilemask.quicklook import THUMBNAIL, thumbnail_shape, write_quicklook
 from tilemask.sinks import OutputLayout
 from tilemask.sinks.cog import CogSink
+from scratch import scratch_folder
 
 DEMO = Path(__file__).resolve().parents[1] / "workflows" / "demo" / "RGB.byte.tif"
 
@@ -64,7 +65,7 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=5, help="the demo scene repeated this many times each way")
     parser.add_argument("--dir", default=tempfile.gettempdir())
     args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="bench_quicklook_", dir=args.dir))
+    folder = scratch_folder("bench_quicklook_", args.dir)
     scene, labels = write_inputs(folder, args.tiles)
     flush_block_cache()
     start = time.perf_counter()

@@ -21,7 +21,6 @@ import math
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import psutil
 import rasterio
 from rasterio.transform import from_origin
+from scratch import scratch_folder
 
 BIN = Path(sys.executable).parent
 ARGS = dict(spatial_dims=2, in_channels=3, out_channels=2, channels=[16, 32, 64, 128], strides=[2, 2, 2], num_res_units=2)
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=2048)
     args = parser.parse_args()
     side = int(math.sqrt(args.gigapixels * 1e9))
-    folder = Path(tempfile.mkdtemp(prefix="tilemask-bench-scheduler-"))
+    folder = scratch_folder("tilemask-bench-scheduler-")
     workflow = make_workflow(folder, side, args.chunks)
     for module in ("tilemask.engine", "tilemask.planning"):  # before the clock starts, as a run's client has them
         importlib.import_module(module)

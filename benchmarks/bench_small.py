@@ -28,11 +28,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from scratch import scratch_folder
 
 ARGS_2D = dict(spatial_dims=2, in_channels=3, out_channels=2, channels=[16, 32, 64, 128], strides=[2, 2, 2], num_res_units=2)
 ARGS_3D = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=[16, 32, 64, 128], strides=[2, 2, 2], num_res_units=2)
@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--dir", default=None)
     args = parser.parse_args()
-    work = Path(args.dir or tempfile.mkdtemp(prefix="tilemask-small-"))
+    work = Path(args.dir) if args.dir else scratch_folder("tilemask-small-")
     print(f"machine: {os.cpu_count()} cores; each figure is the best of {args.repeat} fresh processes")
     tilemask = [str(BIN / "tilemask"), "run", "--quiet"]
 
