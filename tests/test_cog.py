@@ -185,7 +185,7 @@ def test_a_one_pixel_wide_or_high_raster_is_a_valid_cog(tmp_path, window):
     for name in ("thin_mask.tif", "thin_mask_probabilities.tif"):
         valid, errors, warnings = cog_validate(str(tmp_path / "out" / name), strict=not one_wide)
         assert valid, (errors, warnings)
-        assert not one_wide or warnings == ["The file is greater than 512xH or 512xW, it is recommended to include internal overviews"]
+        assert not one_wide or (len(warnings) == 1 and "overviews" in warnings[0]), warnings  # its one: no overviews
     with rasterio.open(tmp_path / "out" / "thin_mask.tif") as ds:
         assert np.array_equal(ds.read(1), labels)
 
