@@ -258,6 +258,27 @@ def test_interrupts_exit_130_leave_nothing_and_print_one_line(big_run, tmp_path,
     assert only_staged_by_its_job(out), "an interrupted run leaves nothing but its job's staged chunks"
 
 
+def test_ctrl_c_while_the_command_starts_is_an_interrupt_not_click_aborting(make_raster, make_model, write_workflow,
+                                                                            tmp_path):  # fmt: skip
+    """Ctrl-C in a command's first second or so (its logging set up, ``distributed`` imported) reached click,
+    which printed ``Aborted!`` and exited 1, as for a failure (a reviewer's ``submit`` at 0.6-1.5 s); while the
+    embedded cluster started it killed the half-started worker processes (their import tracebacks, then
+    distributed's ``AssertionError: Status.init`` at exit). Now it is 130 and one line at every moment; before
+    tilemask's own code runs (Python's imports) Python dies of the signal, which a shell reports as 130 too."""
+    path, _ = make_raster((3, 90, 120))
+    weights, _ = make_model()
+    workflow = write_workflow(raster_workflow(path, weights, output={"path": "out/{stem}.zarr"}))
+    seen = []
+    for after in (0.4, 0.8, 1.4, 2.0, 2.5):
+        proc = start(["run", workflow, "--quiet"], tmp_path)
+        time.sleep(after)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        seen.append((after, proc.returncode, stderr.strip() if proc.returncode != -signal.SIGINT else ""))
+    assert all(rc == -signal.SIGINT or (rc, said) == (130, "tilemask: interrupted") for _, rc, said in seen), seen
+    assert not (tmp_path / "out" / "scene.zarr").exists()
+
+
 @pytest.mark.slow
 def test_ctrl_c_while_a_single_input_makes_its_products_lets_them_finish_and_records_it(tmp_path):
     """Past the point of no return (its labels published) an input is finished, products and record, whatever

@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from multiprocessing import resource_tracker
 from collections.abc import Iterable, Iterator
 
 import dask
@@ -147,18 +148,30 @@ def cluster_client(
             yield client
         return
     default_n, default_t = default_workers()
-    with dask.config.set(UNWATCHED if not dashboard else {}):  # the nannies take the config along
-        cluster = LocalCluster(
-            n_workers=workers or default_n,
-            threads_per_worker=threads_per_worker or default_t,
-            processes=True,
-            dashboard_address=":0",  # the scheduler's HTTP server (health, metrics) runs either way
-            scheduler_kwargs={"dashboard": dashboard},
-            plugins={EmbeddedWorker(quiet=not logger.isEnabledFor(logging.DEBUG))},
-            env={GPU_PER_WORKER: "1"},  # worker i takes GPU i (:func:`tilemask.models.resolve_device`)
-            silence_logs=logging.CRITICAL if not logger.isEnabledFor(logging.DEBUG) else logging.INFO,
-        )
+    # SIGINT held while the cluster starts: the worker processes spawned now (from distributed's event loop, whose
+    # thread starts now too) inherit the mask, so a Ctrl-C to the process group while they start no longer kills
+    # them half-started (a KeyboardInterrupt traceback from their imports, then distributed's "Status.init" at
+    # exit); this process gets it once the cluster is up, and closes it. multiprocessing's resource tracker is
+    # started first: starting it unblocks SIGINT in the thread that does, whatever that thread's mask was.
+    resource_tracker.ensure_running()
+    unheld = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
+        with dask.config.set(UNWATCHED if not dashboard else {}):  # the nannies take the config along
+            cluster = LocalCluster(
+                n_workers=workers or default_n,
+                threads_per_worker=threads_per_worker or default_t,
+                processes=True,
+                dashboard_address=":0",  # the scheduler's HTTP server (health, metrics) runs either way
+                scheduler_kwargs={"dashboard": dashboard},
+                plugins={EmbeddedWorker(quiet=not logger.isEnabledFor(logging.DEBUG))},
+                env={GPU_PER_WORKER: "1"},  # worker i takes GPU i (:func:`tilemask.models.resolve_device`)
+                silence_logs=logging.CRITICAL if not logger.isEnabledFor(logging.DEBUG) else logging.INFO,
+            )
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, unheld)
+        raise
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, unheld)  # a Ctrl-C during the start is raised here
         with Client(cluster) as client:
             yield client
     finally:

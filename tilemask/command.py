@@ -31,6 +31,9 @@ class TilemaskGroup(click.Group):
             return super().invoke(ctx)  # the command is found and its arguments parsed in here
         except click.UsageError as exc:
             _usage_error(ctx, exc)
+        except KeyboardInterrupt:  # before the command's own handling (its logging, distributed's import): click
+            click.echo("tilemask: interrupted", err=True)  # would print "Aborted!" and exit 1, as for a failure
+            ctx.exit(130)
 
 
 def _usage_error(ctx: click.Context, exc: click.UsageError) -> NoReturn:
