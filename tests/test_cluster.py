@@ -204,3 +204,19 @@ def test_a_result_that_takes_seconds_to_arrive_is_read_once(client):
     begin = time.monotonic()
     assert isinstance(result_of(client, future), SlowToRead)
     assert time.monotonic() - begin < 20
+
+
+def test_importing_dask_jobqueue_for_slurm_keeps_the_commands_ctrl_c():
+    """Importing ``dask_jobqueue`` sets SIGINT's handler to ``sys.exit()``: a Ctrl-C of a ``--cluster slurm`` run
+    exited 0, recorded as a failure (a reviewer's, on a real SLURM). tilemask imports it keeping its own handler.
+    Each in a fresh interpreter: the import does this once."""
+    import subprocess
+    import sys
+
+    check = "import signal; {imports}; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    bare = subprocess.run([sys.executable, "-c", check.format(imports="import dask_jobqueue")],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    ours = subprocess.run([sys.executable, "-c", check.format(
+        imports="from tilemask.cluster import slurm_cluster_class; slurm_cluster_class()")],
+        capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert (bare.stdout.strip(), ours.stdout.strip()) == ("False", "True"), (bare.stderr, ours.stderr)

@@ -161,3 +161,34 @@ def test_a_slurm_that_sbatch_cannot_reach_is_one_line_at_once(tmp_path):
     assert line.startswith("tilemask: error: --cluster slurm: sbatch refused the worker job: "), line
     assert "No SlurmctldHost defined" in line
     assert not (tmp_path / "out" / "RGB.byte_mask.tif").exists()
+
+
+def test_ctrl_c_of_a_slurm_run_is_an_interrupt_and_cancels_its_jobs(slurm, tmp_path):
+    """Importing dask-jobqueue had set SIGINT's handler to ``sys.exit()``: a Ctrl-C of a ``--cluster slurm`` run
+    exited 0 with nothing said, the job recorded as failed (a reviewer's, at 4, 7 and 25 s). It is exit 130, one
+    line, and the worker jobs leave the queue."""
+    path, config = demo_with_jobqueue(tmp_path, {
+        "cores": 1, "processes": 1, "memory": "2GB", "walltime": "00:10:00", "python": sys.executable,
+        "scheduler-options": {"host": "127.0.0.1"}, "worker-extra-args": ["--host", "127.0.0.1"],
+        "log-directory": str(tmp_path / "slurm-logs"), "local-directory": str(tmp_path / "scratch"),
+    })  # fmt: skip
+    env = {**os.environ, **slurm, "DASK_CONFIG": str(config)}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "tilemask"), "run", str(path), "--cluster", "slurm",
+                             "--quiet"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+
+    def squeue() -> list[str]:
+        return subprocess.run(["squeue", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout.split()
+
+    deadline = time.monotonic() + 120
+    while "RUNNING" not in squeue() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is None and "RUNNING" in squeue(), "a worker job running before the Ctrl-C"
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert (proc.returncode, stderr.strip().splitlines()[-1:]) == (130, ["tilemask: interrupted"]), stderr
+    assert not (tmp_path / "out" / "RGB.byte_mask.tif").exists()
+    deadline = time.monotonic() + 30
+    while squeue() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert squeue() == [], "its worker jobs are cancelled"

@@ -185,11 +185,9 @@ def cluster_client(
 def slurm_cluster(jobs: int | None) -> Iterator:
     """dask-jobqueue's ``SLURMCluster``, configured by the user's Dask config ``jobqueue.slurm`` (see
     ``cluster/slurm.yaml``), scaled to ``jobs`` SLURM jobs (default 1); the jobs are cancelled on exit."""
-    from dask_jobqueue import SLURMCluster  # installed: cluster_client checked it first (check_cluster_options)
-
     options = {"dashboard_address": ":0", **dask.config.get("jobqueue.slurm.scheduler-options", {})}  # a free port
     try:
-        cluster = SLURMCluster(scheduler_options=options)
+        cluster = slurm_cluster_class()(scheduler_options=options)
     except ValueError as exc:  # another setting dask-jobqueue refuses: it explains over lines
         reason = str(exc).strip().splitlines()[0].split(", for example")[0].rstrip(":")
         raise UsageError(f"--cluster slurm: {reason}: set it in the Dask config jobqueue.slurm (see cluster/slurm.yaml)") from None
@@ -204,6 +202,18 @@ def slurm_cluster(jobs: int | None) -> Iterator:
             cluster.close()
         except Exception as exc:  # noqa: BLE001 - scancel of jobs already gone
             logger.warning("closing the SLURM cluster: %s: %s", type(exc).__name__, exc)
+
+
+def slurm_cluster_class() -> type:
+    """dask-jobqueue's ``SLURMCluster`` (installed: :func:`check_cluster_options` checked it), imported with this
+    process's SIGINT handler kept: importing ``dask_jobqueue`` sets its own, ``sys.exit()``, so a Ctrl-C of a
+    ``--cluster slurm`` run exited 0 and was recorded as a failure (a reviewer's)."""
+    handler = signal.getsignal(signal.SIGINT)
+    from dask_jobqueue import SLURMCluster
+
+    if threading.current_thread() is threading.main_thread() and handler is not None:
+        signal.signal(signal.SIGINT, handler)
+    return SLURMCluster
 
 
 def _check_sbatch(script: str) -> None:
