@@ -92,10 +92,10 @@ def manifest(job_folder: str) -> list[dict]:
     return [json.loads(line) for line in (Path(job_folder) / "manifest.jsonl").read_text().splitlines()]
 
 
-def submit(workflow: Path, address: str, quiet: bool = False) -> str:
-    """``tilemask submit``; ``quiet``: ``tilemask -q submit``, which prints the job's id and nothing else."""
+def submit(workflow: Path, address: str, *options: str, quiet: bool = False) -> str:
+    """``tilemask submit [OPTIONS]``; ``quiet``: ``tilemask -q submit``, which prints the job's id and nothing else."""
     started = time.monotonic()
-    done = run_cli(*(["-q"] if quiet else []), "submit", workflow, "--scheduler", address, cwd=workflow.parent)
+    done = run_cli(*(["-q"] if quiet else []), "submit", workflow, "--scheduler", address, *options, cwd=workflow.parent)
     assert done.returncode == 0, done.stderr
     assert time.monotonic() - started < 30, "submit returns at once; the job runs on the cluster"
     job = done.stdout.strip().splitlines()[-1]
@@ -115,11 +115,14 @@ def labels(path) -> np.ndarray:
         return ds.read(1)
 
 
+@pytest.mark.parametrize("options", [(), ("--overwrite",)], ids=["", "overwrite"])
 def test_a_submitted_job_outlives_its_submitter_and_a_killed_driver_resumes_from_the_manifest(
-    cluster, scenes_workflow, tmp_path, client
+    cluster, scenes_workflow, tmp_path, client, options
 ):
+    """Under ``--overwrite`` the driver Dask started again forgot the manifest and redid every item (a
+    reviewer's): ``submit`` forgets the earlier attempts once, when it records the job."""
     address, _ = cluster
-    job = submit(scenes_workflow, address, quiet=True)
+    job = submit(scenes_workflow, address, *options, quiet=True)
     folder = status(job, tmp_path)["folder"]
     wait_for(lambda: ok_items(folder) >= 3, "three items done")
     driver = status(job, tmp_path)
@@ -132,6 +135,7 @@ def test_a_submitted_job_outlives_its_submitter_and_a_killed_driver_resumes_from
     final = status(job, tmp_path)
     assert final["state"] == "done", final
     assert final["counts"] == {"items": 12, "ok": 12, "failed": 0, "pending": 0}
+    assert manifest(folder)[: len(lines)] == lines, "the record of the items done before the kill was kept"
     started = Counter(line["item"] for line in manifest(folder) if line["status"] == "started")
     assert all(started[item] == 1 for item in before), "an item done before the kill was redone"
     assert {item for item, n in started.items() if n > 1} <= in_flight, "only the items in flight at the kill were redone"
@@ -160,6 +164,7 @@ def test_a_lost_scheduler_leaves_the_job_lost_and_run_resumes_it(cluster, scenes
     assert done.returncode == 0, done.stderr
     final = status(job, tmp_path)
     assert final["state"] == "done" and final["counts"]["ok"] == 12
+    assert manifest(folder)[: len(lines)] == lines, "the record of the items done before the kill was kept"
     started = Counter(line["item"] for line in manifest(folder) if line["status"] == "started")
     assert all(started[item] == 1 for item in before)
     assert done.stdout.count("done in an earlier run") >= len(before)

@@ -182,8 +182,10 @@ def drive_job(
     cluster: str = "local",
 ) -> JobResults:
     """Run ``job`` (its lock held): resume from the manifest, run what is left, record every item.
-    ``driver``: the key of the detached driver's task running this (``tilemask status`` asks the scheduler)."""
-    if options.overwrite:
+    ``driver``: the key of the detached driver's task running this (``tilemask status`` asks the scheduler);
+    it resumes from the manifest even under ``--overwrite``, as Dask starts it again when its worker dies:
+    ``submit`` forgot the earlier attempts when it recorded the job."""
+    if options.overwrite and driver is None:
         job.reset()
     plan.job_id = job.id  # outputs staged under the job's id, kept when interrupted, resumed by its next run
     manifest = job.manifest()

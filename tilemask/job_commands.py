@@ -49,6 +49,8 @@ def submit(workflow, scheduler, overrides, overwrite, on_error, retry_failed, jo
             if state in ("queued", "running") and job.status().get("driver"):
                 raise JobError(f"job {job.id} is {state} already; see tilemask status {job.id}")
             record()
+            if overwrite:
+                job.reset()  # once: the driver does not, as Dask may start it again (its worker died)
             job.set_status("queued", scheduler=scheduler, driver=key, submitted=time.time(), message=None)
         future = client.submit(drive, job.location, key=key, pure=False, retries=0)
         fire_and_forget(future)
