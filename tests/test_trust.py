@@ -497,25 +497,44 @@ def test_a_cluster_without_workers_fails_with_one_line(make_raster, make_model, 
 
 
 @pytest.mark.slow
-def test_workers_that_all_die_mid_run_fail_the_run(big_run, tmp_path):
+def test_workers_that_all_die_mid_run_fail_the_run_and_its_next_run_resumes(big_run, tmp_path):
+    """Every worker gone (killed; on SLURM, jobs at their walltime) is not the item's fault: it was recorded as
+    failed, its staged chunks deleted, and the job's next run did nothing without ``--retry-failed`` (a
+    reviewer's). The run still fails (exit 1, one line), keeping the item's chunks; the next run resumes it."""
     scheduler, address = _scheduler(tmp_path)
-    worker = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dask"), "worker", address, "--no-nanny", "--nthreads", "2",
-         "--host", "127.0.0.1", "--no-dashboard"],
-        stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+
+    def worker() -> subprocess.Popen:
+        return subprocess.Popen(
+            [str(Path(sys.executable).parent / "dask"), "worker", address, "--no-nanny", "--nthreads", "2",
+             "--host", "127.0.0.1", "--no-dashboard"],
+            stdout=open(tmp_path / "worker.log", "a"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    workers = [worker()]
     try:
-        proc = start(["run", big_run(), "--quiet", "--scheduler", address], tmp_path,
+        wf = big_run()
+        out = tmp_path / "out"
+        proc = start(["run", wf, "--quiet", "--scheduler", address], tmp_path,
                      env={"DASK_TILEMASK__NO_WORKERS_TIMEOUT": "3"})  # fmt: skip
-        wait_for(lambda: any(n.endswith(".parts") for n in hidden(tmp_path / "out")), what="chunk pieces", proc=proc)
-        time.sleep(1.0)
-        worker.kill()
+        wait_for(lambda: len(list(out.glob(".tilemask-*.done/*_*.json"))) >= 2, what="two chunks written", proc=proc)
+        workers[0].kill()
         _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 1, stderr
         assert "no worker" in one_line(stderr)
-        assert [n for n in hidden(tmp_path / "out") if not n.startswith(".tilemask-lock")] == []
+        assert only_staged_by_its_job(out), "the item's chunks are kept for the next run"
+        (job,) = (out / ".tilemask" / "jobs").iterdir()
+        lines = [json.loads(line) for line in (job / "manifest.jsonl").read_text().splitlines()]
+        assert [line["status"] for line in lines] == ["started"], "not recorded as failed"
+
+        workers.append(worker())
+        resumed = run_cli("run", wf, "--quiet", "--scheduler", address)
+        assert resumed.returncode == 0, resumed.stderr
+        windows = int(resumed.stdout.split(" windows in ")[0].rsplit(" ", 1)[1])
+        assert 0 < windows <= 256 - 2 * 16, resumed.stdout  # a chunk of 1024 owns 16 windows of 256
+        assert hidden(out) == [] and (out / "big_mask.tif").is_file()
     finally:
-        worker.kill()
+        for proc in workers:
+            proc.kill()
         scheduler.kill()
 
 

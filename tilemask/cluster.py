@@ -42,7 +42,7 @@ from collections.abc import Iterable, Iterator
 import dask
 from distributed import Client, Future, LocalCluster, WorkerPlugin
 
-from .errors import RunError, TilemaskError, UsageError
+from .errors import NoWorkers, RunError, TilemaskError, UsageError
 from .imports import import_in_background
 
 CORES_PER_WORKER = 4
@@ -390,7 +390,7 @@ class _WorkerWatch:
         if self.client.nthreads():
             self.last_worker = now
         elif now - self.last_worker > self.limit:
-            raise RunError(
+            raise NoWorkers(
                 f"the Dask cluster at {self.client.scheduler.address} has had no worker for {self.limit:g} s "
                 "(they died or never joined)"
             ) from None

@@ -44,7 +44,7 @@ from .batch import items_in_flight, run_items, say_what_stopping_waits_for
 from .cluster import Abandoned, check_cluster_options, cluster_client, prepare_workers, wait_for_workers
 from .command import first_line
 from .engine import RunResult, probe, process_age, run_job
-from .errors import RunError, TilemaskError
+from .errors import NoWorkers, RunError, TilemaskError
 from .imports import import_in_background
 from .jobs import JobCancelled, JobError, JobFolder, default_job_dir, job_folder, job_id, outputs_complete
 from .outputs import FolderListings, OutputLock
@@ -368,6 +368,8 @@ class _ItemRunner:
         except Exception as exc:
             if client.status != "running":
                 raise SchedulerLost(f"lost the Dask scheduler while running {self._running()}") from exc
+            if isinstance(exc, NoWorkers):
+                raise  # not the item's fault either: left as started, with what it staged, for the next run
             del self.in_flight[index]  # a lost scheduler's message names the items still in flight, even after it
             failed = self._failed(index, item, exc, time.perf_counter() - start)
             if self.options.on_error == "abort":

@@ -56,7 +56,7 @@ from distributed import Client
 
 from . import timing
 from .cluster import Abandoned, cancel_and_drain, completed, gather, not_abandoned, result_of
-from .errors import OutputError, RunError, TilemaskError
+from .errors import NoWorkers, OutputError, RunError, TilemaskError
 from .finalize import class_histogram, finalize
 from .geometry import Block, Region, WindowPlan
 from .interrupts import shielded
@@ -339,9 +339,9 @@ def _reopen(job: Job) -> dict[tuple[int, ...], np.ndarray]:
 
 
 def interrupted(exc: BaseException, client: Client) -> bool:
-    """Whether the run was stopped rather than failed: Ctrl-C, SIGTERM, a cancel, another item's failure, or
-    the scheduler lost.  Its chunks are whole and worth keeping."""
-    return isinstance(exc, (KeyboardInterrupt, Abandoned)) or client.status != "running"
+    """Whether the run was stopped rather than failed: Ctrl-C, SIGTERM, a cancel, another item's failure, the
+    scheduler lost or every worker gone.  Its chunks are whole and worth keeping."""
+    return isinstance(exc, (KeyboardInterrupt, Abandoned, NoWorkers)) or client.status != "running"
 
 
 def finish_and_publish(client: Client, sink: LabelSink, held: dict) -> list[str]:

@@ -60,6 +60,12 @@ class RunError(TilemaskError, RuntimeError):
     exit_status = 1
 
 
+class NoWorkers(RunError):
+    """The cluster has had no worker for too long mid-run (they died; their SLURM jobs reached their walltime or
+    were cancelled): not the items' fault, so the items in flight keep what they staged and are not recorded as
+    failed; the job's next run resumes them."""
+
+
 class UsageError(TilemaskError, ValueError):
     """Command-line options or cluster configuration that cannot work together: refused before any work."""
 
