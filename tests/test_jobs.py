@@ -515,3 +515,24 @@ def test_jobs_lists_the_others_when_one_record_is_damaged(tmp_path):
     (warning,) = CliRunner().invoke(main, ["jobs"]).stderr.strip().splitlines()
     assert warning.startswith(f"tilemask: warning: {folders[0].path}/items.jsonl line 1: not an input's record")
 
+
+
+@pytest.mark.slow  # waits out one connect timeout (5 s)
+def test_jobs_asks_about_the_jobs_of_a_gone_scheduler_at_once_not_in_turn(tmp_path):
+    """``tilemask jobs`` asked each queued job's scheduler in turn, waiting out the connect timeout (5 s) for
+    each job of a scheduler that is gone: a reviewer's 4 jobs listed nothing for 21 s, 20 would take 100 s."""
+    import time
+
+    from .conftest import _free_port
+
+    gone = f"tcp://127.0.0.1:{_free_port()}"  # nothing listens there
+    for n in range(4):
+        job = JobFolder(tmp_path / f"job{n}")
+        job.create({"version": 1, "n": n}, str(tmp_path), None, {}, [{"item": 0, "name": "x", "files": [], "output": "o"}])
+        job.set_status("queued", scheduler=gone, driver=f"tilemask-job-{job.id}-0")
+    begin = time.monotonic()
+    listing = run_cli("jobs")
+    took = time.monotonic() - begin
+    assert listing.returncode == 0, listing.stderr
+    assert [line.split()[1] for line in listing.stdout.splitlines()] == ["lost"] * 4
+    assert took < 14, f"{took:.1f} s: one connect timeout (5 s), not one per job"

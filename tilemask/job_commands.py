@@ -173,14 +173,23 @@ def _take_back_driver(status: dict, unless_started: bool = True) -> bool:
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 def jobs(as_json, debug) -> None:
     """The jobs this user has run or submitted, newest last: id, state, items ok / failed / total, folder."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from .jobs import JobError, listed
 
-    summaries = []
-    for folder in listed():
+    def summary(folder) -> dict | str:
         try:
-            summaries.append(_summary(folder))
+            return _summary(folder)
         except (JobError, OSError) as exc:  # one damaged record does not hide the other jobs
-            click.echo(f"tilemask: warning: {first_line(exc)}; left out of the list", err=True)
+            return f"tilemask: warning: {first_line(exc)}; left out of the list"
+
+    # each queued or running job's scheduler is asked if it still holds the driver: one gone waits out the
+    # connect timeout (5 s) for each of its jobs, so they are asked at once, not in turn
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(summary, listed()))
+    for warning in (a for a in answers if isinstance(a, str)):
+        click.echo(warning, err=True)
+    summaries = [a for a in answers if isinstance(a, dict)]
     summaries.sort(key=lambda s: s.get("updated") or "")
     if as_json:
         click.echo(json.dumps(summaries, indent=2))
