@@ -192,3 +192,21 @@ def test_ctrl_c_of_a_slurm_run_is_an_interrupt_and_cancels_its_jobs(slurm, tmp_p
     while squeue() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert squeue() == [], "its worker jobs are cancelled"
+
+
+def test_slurm_worker_jobs_that_die_at_once_are_named_with_where_they_logged(slurm, tmp_path):
+    """A worker job that cannot start (a wrong ``python``) left 60 s of silence, then "no Dask worker joined",
+    naming neither SLURM nor where its jobs wrote why (a reviewer's). The line names the jobs and their logs."""
+    logs = tmp_path / "slurm-logs"
+    path, config = demo_with_jobqueue(tmp_path, {
+        "cores": 1, "processes": 1, "memory": "2GB", "walltime": "00:10:00", "python": str(tmp_path / "no-python"),
+        "scheduler-options": {"host": "127.0.0.1"}, "log-directory": str(logs),
+    })  # fmt: skip
+    env = {**slurm, "DASK_CONFIG": str(config), "DASK_TILEMASK__NO_WORKERS_TIMEOUT": "10"}
+    done = run_cli("run", path, "--cluster", "slurm", "--quiet", cwd=tmp_path, env=env)
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert re.fullmatch(rf"tilemask: error: no Dask worker joined the cluster at \S+ within 10 s; its SLURM worker "
+                        rf"jobs \((\d+)\) wrote their output to {re.escape(str(logs))}", line), line  # fmt: skip
+    (job_id,) = re.findall(r"jobs \((\d+)\)", line)
+    assert "no-python" in (logs / f"dask-worker-{job_id}.err").read_text()

@@ -335,7 +335,20 @@ def wait_for_workers(client: Client) -> None:
     try:
         client.wait_for_workers(1, timeout=limit)
     except (TimeoutError, OSError):
-        raise RunError(f"no Dask worker joined the cluster at {client.scheduler.address} within {limit:g} s") from None
+        raise RunError(f"no Dask worker joined the cluster at {client.scheduler.address} within {limit:g} s"
+                       f"{_where_slurm_workers_log(client)}") from None
+
+
+def _where_slurm_workers_log(client: Client) -> str:
+    """For ``--cluster slurm``: where its worker jobs wrote what stopped them (a wrong ``python``, a missing
+    module), which the run's own line cannot say; else nothing."""
+    cluster = getattr(client, "cluster", None)
+    if type(cluster).__name__ != "SLURMCluster":
+        return ""
+    ids = sorted(str(job.job_id) for job in cluster.workers.values() if getattr(job, "job_id", None))
+    folder = dask.config.get("jobqueue.slurm.log-directory", None)
+    where = folder or f"slurm-<job id>.out files in {os.getcwd()}"
+    return f"; its SLURM worker jobs ({', '.join(ids) or 'none submitted'}) wrote their output to {where}"
 
 
 class Abandoned(Exception):
