@@ -105,9 +105,11 @@ def test_a_scheduler_that_is_no_address_is_a_usage_error():
 def test_where_the_work_runs_is_refused_before_a_job_folder_is_made(scene, write_workflow, tmp_path, command):
     """An empty --scheduler (an unset ``$DASK_SCHEDULER_ADDRESS``) started an embedded cluster: ``submit`` said
     "submitted" with exit 0, and the job, whose driver died with that cluster, read ``queued`` for ever. That and
-    ``--cluster slurm`` with ``--scheduler`` are refused before a job folder is made (it was left ``failed``)."""
+    ``--cluster slurm`` with ``--scheduler`` are refused before a job folder is made (it was left ``failed``), as
+    is an address that is not one (a scheduler file given as the address: a reviewer's)."""
     path = write_workflow(scene)
-    refusals = [(["--scheduler", ""], "--scheduler is empty")]
+    refusals = [(["--scheduler", ""], "--scheduler is empty"),
+                (["--scheduler", "dask/scheduler.json"], "not a Dask scheduler address: missing port number")]
     if command == "run":
         refusals.append((["--cluster", "slurm", "--scheduler", "tcp://127.0.0.1:1"], "leave out --scheduler"))
     from click.testing import CliRunner

@@ -108,10 +108,20 @@ GPUs (:func:`tilemask.models.resolve_device`)."""
 
 def check_cluster_options(scheduler: str | None, kind: str = "local") -> None:
     """Refuse (exit 2) where the work would run, before a job folder is made: an empty ``--scheduler`` (an unset
-    ``$DASK_SCHEDULER_ADDRESS``: it started an embedded cluster, which a detached job's driver died with),
+    ``$DASK_SCHEDULER_ADDRESS``: it started an embedded cluster, which a detached job's driver died with) or one
+    that is not an address,
     ``--cluster slurm`` with ``--scheduler``, or with no cores or memory in the Dask config ``jobqueue.slurm``."""
     if scheduler is not None and not scheduler.strip():
         raise UsageError("--scheduler is empty: give the Dask scheduler's address (tcp://HOST:PORT)")
+    if scheduler:
+        from distributed.comm.addressing import get_address_host_port, normalize_address
+
+        try:
+            address = normalize_address(scheduler)
+            if address.startswith(("tcp://", "tls://", "ws://", "wss://")):
+                get_address_host_port(address)
+        except ValueError as exc:  # "missing port number", "unknown address scheme"
+            raise UsageError(f"--scheduler {scheduler}: not a Dask scheduler address: {exc}") from None
     if kind == "slurm":
         if scheduler:
             raise UsageError("--cluster slurm starts its own scheduler; leave out --scheduler")
