@@ -258,6 +258,7 @@ def test_interrupts_exit_130_leave_nothing_and_print_one_line(big_run, tmp_path,
     assert only_staged_by_its_job(out), "an interrupted run leaves nothing but its job's staged chunks"
 
 
+@pytest.mark.slow  # five commands interrupted at set moments of their start (9-14 s)
 def test_ctrl_c_while_the_command_starts_is_an_interrupt_not_click_aborting(make_raster, make_model, write_workflow,
                                                                             tmp_path):  # fmt: skip
     """Ctrl-C in a command's first second or so (its logging set up, ``distributed`` imported) reached click,
