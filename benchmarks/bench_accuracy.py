@@ -62,7 +62,8 @@ def main() -> None:
     from monai.networks.nets import UNet
 
     torch.set_num_threads(os.cpu_count() or 1)
-    os.environ.setdefault("TILEMASK_CACHE_DIR", str(scratch_folder("tilemask-bench-cache-")))
+    if "TILEMASK_CACHE_DIR" not in os.environ:
+        os.environ["TILEMASK_CACHE_DIR"] = str(scratch_folder("tilemask-bench-cache-"))
     torch.manual_seed(0)
     network = UNet(**ARGS).eval()
     exact = copy.deepcopy(network).double()

@@ -54,7 +54,8 @@ def main() -> None:
     from monai.networks.nets import UNet
 
     torch.set_num_threads(os.cpu_count() or 1)
-    os.environ.setdefault("TILEMASK_CACHE_DIR", str(scratch_folder("tilemask-bench-cache-")))
+    if "TILEMASK_CACHE_DIR" not in os.environ:
+        os.environ["TILEMASK_CACHE_DIR"] = str(scratch_folder("tilemask-bench-cache-"))
     folder = scratch_folder("tilemask-bench-backends-")
     print(f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'network':25}{'backend':13}{'ms/batch':>10}{'vs torch':>10}{'gap random':>12}{'gap zeros':>12}")

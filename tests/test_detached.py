@@ -210,6 +210,11 @@ def test_cancel_takes_back_a_driver_whose_workers_all_died(cluster, scenes_workf
     assert time.monotonic() - begin < 15
     final = status(job, tmp_path)
     assert final["state"] == "cancelled" and final["counts"]["ok"] >= 1, final
+    from distributed import Client
+
+    with Client(address, timeout=30) as client:
+        assert not client.run_on_scheduler(lambda key, dask_scheduler=None: key in dask_scheduler.tasks,
+                                           key=final["driver"]), "the scheduler no longer holds the driver"  # fmt: skip
 
 
 def test_cancel_stops_a_running_job_and_leaves_finished_items_whole(cluster, scenes_workflow, tmp_path):

@@ -162,9 +162,11 @@ def cluster_client(
     # thread starts now too) inherit the mask, so a Ctrl-C to the process group while they start no longer kills
     # them half-started (a KeyboardInterrupt traceback from their imports, then distributed's "Status.init" at
     # exit); this process gets it once the cluster is up, and closes it. multiprocessing's resource tracker is
-    # started first: starting it unblocks SIGINT in the thread that does, whatever that thread's mask was.
+    # started first: starting it unblocks SIGINT and SIGTERM in the thread that does, whatever that thread's mask
+    # was, so the mask put back is the one read before.
+    unheld = signal.pthread_sigmask(signal.SIG_BLOCK, set())
     resource_tracker.ensure_running()
-    unheld = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_SETMASK, unheld | {signal.SIGINT})
     try:
         with dask.config.set(UNWATCHED if not dashboard else {}):  # the nannies take the config along
             cluster = LocalCluster(
@@ -196,8 +198,9 @@ def slurm_cluster(jobs: int | None) -> Iterator:
     """dask-jobqueue's ``SLURMCluster``, configured by the user's Dask config ``jobqueue.slurm`` (see
     ``cluster/slurm.yaml``), scaled to ``jobs`` SLURM jobs (default 1); the jobs are cancelled on exit."""
     options = {"dashboard_address": ":0", **dask.config.get("jobqueue.slurm.scheduler-options", {})}  # a free port
+    slurm = slurm_cluster_class()
     try:
-        cluster = slurm_cluster_class()(scheduler_options=options)
+        cluster = slurm(scheduler_options=options)
     except ValueError as exc:  # another setting dask-jobqueue refuses: it explains over lines
         reason = str(exc).strip().splitlines()[0].split(", for example")[0].rstrip(":")
         raise UsageError(f"--cluster slurm: {reason}: set it in the Dask config jobqueue.slurm (see cluster/slurm.yaml)") from None

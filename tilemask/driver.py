@@ -195,9 +195,9 @@ def drive_job(
     skipped: set[str] = set()
     todo = []
     latest = manifest.latest()
-    unchanged = _unchanged({item.name: latest[item.name] for item in items if item.name in latest})
+    finished = _finished({item.name: latest[item.name] for item in items if item.name in latest})
     for index, item in enumerate(items):
-        earlier = _earlier(latest.get(item.name), item.name in unchanged, options)
+        earlier = _earlier(latest.get(item.name), item.name in finished, options)
         if earlier is None:
             todo.append(index)
             continue
@@ -264,12 +264,12 @@ def drive_job(
     return JobResults([r for r in results if r is not None], job)
 
 
-def _earlier(line: dict | None, unchanged: bool, options: Options) -> RunResult | None:
-    """The result of an item that this run does not redo: ok before (``line``, its latest) with its outputs
-    complete and its files ``unchanged`` (skipped), or failed before (kept unless ``retry_failed``); None: run it."""
+def _earlier(line: dict | None, finished: bool, options: Options) -> RunResult | None:
+    """The result of an item that this run does not redo: ok before (``line``, its latest) and still
+    ``finished`` (:func:`_finished`: skipped), or failed before (kept unless ``retry_failed``); None: run it."""
     if line is None:
         return None
-    if line["status"] == "ok" and unchanged and outputs_complete(line["outputs"]):
+    if line["status"] == "ok" and finished:
         return _from_line(line, "skipped")
     if line["status"] == "failed" and not options.retry_failed:
         return _from_line(line, "failed")
@@ -281,17 +281,20 @@ def _stamps(files) -> list[list]:
     return [input_stamp(f) for f in files]
 
 
-def _unchanged(lines: dict[str, dict]) -> set[str]:
-    """The names of the items whose latest line (``lines``) is ok and whose files are as they were (a replaced
-    input is redone; lines written before the stamps were recorded count as unchanged).  Objects on the network
-    are asked in parallel, a request each."""
+def _finished(lines: dict[str, dict]) -> set[str]:
+    """The names of the items whose latest line (``lines``) is ok, whose files are as they were (a replaced
+    input is redone; lines written before the stamps were recorded count as unchanged) and whose outputs are
+    complete (:func:`~tilemask.jobs.outputs_complete`).  Asked in parallel: objects on the network a request
+    each, a GeoPackage's mark a few ms."""
+
+    def finished(line: dict) -> bool:
+        now = line.get("files") and _stamps(line["files"])
+        unchanged = line.get("files") is None or (now == line.get("stamps") and [None] not in now)
+        return unchanged and outputs_complete(line["outputs"])
+
     ok = {name: line for name, line in lines.items() if line["status"] == "ok"}
     with ThreadPoolExecutor(max_workers=16) as pool:
-        now = dict(zip(ok, pool.map(lambda line: line.get("files") and _stamps(line["files"]), ok.values())))
-    return {
-        name for name, line in ok.items()
-        if line.get("files") is None or (now[name] == line.get("stamps") and [None] not in now[name])
-    }  # fmt: skip
+        return {name for name, done in zip(ok, pool.map(finished, ok.values())) if done}
 
 
 def _from_line(line: dict, status: str) -> RunResult:
@@ -368,8 +371,8 @@ class _ItemRunner:
         except Exception as exc:
             if client.status != "running":
                 raise SchedulerLost(f"lost the Dask scheduler while running {self._running()}") from exc
-            if isinstance(exc, NoWorkers):
-                raise  # not the item's fault either: left as started, with what it staged, for the next run
+            if isinstance(exc, NoWorkers):  # not the item's fault either: left as started for the next run
+                raise NoWorkers(f"{first_line(exc)} while running {self._running()}") from exc
             del self.in_flight[index]  # a lost scheduler's message names the items still in flight, even after it
             failed = self._failed(index, item, exc, time.perf_counter() - start)
             if self.options.on_error == "abort":

@@ -451,9 +451,9 @@ def listed() -> Iterator[JobFolder]:
             continue
         if folder.exists():
             yield folder
-        elif isinstance(folder, JobFolder) and not folder.path.exists():  # removed, its outputs' folder with it
-            logger.warning("job %s: its folder %s is gone; forgotten", entry.name, folder.location)
-            entry.unlink(missing_ok=True)
+        elif isinstance(folder, JobFolder) and not folder.path.exists():  # removed, or not mounted on this host
+            logger.warning("job %s: its folder %s is not there (removed, or not mounted here); to forget the "
+                           "job, remove %s", entry.name, folder.location, entry)
 
 
 def live_state(job: JobFolder, status: dict | None = None, timeout: float = 5.0) -> str:
