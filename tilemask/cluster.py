@@ -36,8 +36,8 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from multiprocessing import resource_tracker
 from collections.abc import Iterable, Iterator
+from multiprocessing import resource_tracker
 
 import dask
 from distributed import Client, Future, LocalCluster, WorkerPlugin

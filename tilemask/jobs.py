@@ -451,7 +451,7 @@ def listed() -> Iterator[JobFolder]:
             continue
         if folder.exists():
             yield folder
-        elif isinstance(folder, JobFolder) and not folder.path.exists():  # removed, or not mounted on this host
+        elif not folder.path.exists():  # removed, or not mounted on this host
             logger.warning("job %s: its folder %s is not there (removed, or not mounted here); to forget the "
                            "job, remove %s", entry.name, folder.location, entry)
 
