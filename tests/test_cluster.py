@@ -206,6 +206,7 @@ def test_a_result_that_takes_seconds_to_arrive_is_read_once(client):
     assert time.monotonic() - begin < 20
 
 
+@pytest.mark.slow  # two interpreters importing dask-jobqueue (5 s); test_slurm.py interrupts a real SLURM run
 def test_importing_dask_jobqueue_for_slurm_keeps_the_commands_ctrl_c():
     """Importing ``dask_jobqueue`` sets SIGINT's handler to ``sys.exit()``: a Ctrl-C of a ``--cluster slurm`` run
     exited 0, recorded as a failure (a reviewer's, on a real SLURM). tilemask imports it keeping its own handler.

@@ -82,6 +82,7 @@ def seeded_net(tmp_path):
     return make
 
 
+@pytest.mark.slow  # 6 s; the default run keeps the Landsat COG against MONAI
 def test_shade_nodata_is_carried_pixel_for_pixel(tmp_path, client, seeded_net):
     source = GEO["shade.tif"]  # real hillshade, EPSG:3857, nodata 255
     weights, net = seeded_net(ONE_BAND)
