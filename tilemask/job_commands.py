@@ -125,11 +125,8 @@ def cancel(job, wait_s, debug) -> None:
         click.echo(f"job {folder.id}: {live_state(folder)}")
         return
     folder.request_cancel()
-    # a driver the scheduler holds but no worker runs (queued; or started again after its worker died, waiting
-    # for one) would never see the request: taken back at once
-    if _take_back_driver(folder.status()):
-        message = "before its driver started" if state == "queued" else "while its driver waited for a worker"
-        folder.set_status("cancelled", message=f"cancelled {message}")
+    if state == "queued" and _take_back_driver(folder.status()):  # no driver to see the request: none waited for
+        folder.set_status("cancelled", message="cancelled before its driver started")
         click.echo(f"job {folder.id}: cancelled")
         return
     deadline = time.monotonic() + wait_s
