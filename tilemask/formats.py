@@ -507,3 +507,12 @@ def product_written_by_tilemask(path: str | os.PathLike) -> bool | None:
     if head.lstrip().startswith(b"["):
         return None  # a list of records (a statistics table): no place for a mark
     return re.match(rb'\s*\{\s*"' + re.escape(PRODUCT_MARK.encode()) + rb'"\s*:', head) is not None
+
+
+def written_by_tilemask(path: str | os.PathLike) -> bool:
+    """Whether what is at ``path`` is an output tilemask wrote: the format decides for label outputs, the mark for
+    derived products (:func:`product_written_by_tilemask`; a CSV has no place for one, and counts as tilemask's)."""
+    fmt = for_path(os.fspath(path))
+    if not fmt.writable:
+        return product_written_by_tilemask(path) is not False
+    return fmt.written_by_tilemask(os.fspath(path))

@@ -51,7 +51,7 @@ import yaml
 
 from . import storage
 from .errors import OutputError, TilemaskError
-from .formats import for_path, product_written_by_tilemask
+from .formats import for_path, written_by_tilemask
 from .outputs import describe_write_error, exists
 
 logger = logging.getLogger(__name__)
@@ -404,12 +404,10 @@ def outputs_complete(outputs: list[str]) -> bool:
     """Whether every output of an item exists, each label output is a finished tilemask output, and no derived
     product is a file without tilemask's mark (someone's own saved over it; CSV has no mark: it counts if there)."""
     for path in outputs:
-        if not exists(path):
+        if not (exists(path) and written_by_tilemask(path)):
             return False
         fmt = for_path(path)
-        if fmt.writable and not (fmt.written_by_tilemask(path) and fmt.is_complete(path)):
-            return False
-        if not fmt.writable and product_written_by_tilemask(path) is False:
+        if fmt.writable and not fmt.is_complete(path):
             return False
     return True
 

@@ -35,7 +35,7 @@ import numpy as np
 from . import __version__
 from .classes import class_name
 from .errors import InputError, WorkflowError, missing_weights
-from .formats import for_output, for_path, product_written_by_tilemask
+from .formats import for_output, for_path, written_by_tilemask
 from .geometry import VolumeGeometry, WindowPlan, normalize_per_axis
 from .outputs import check_outputs, new_run_id, staged_path
 from .preprocess import Intensity, Preprocessing
@@ -177,7 +177,7 @@ class WorkflowPlan:
         inputs = [*(item.files or (item.input,)), self.model.weights]
         if item.products.stats and item.products.stats.regions:
             inputs.append(item.products.stats.regions)
-        check_outputs(((f, _owned(f)) for f in self.output_files(item)), inputs, overwrite)
+        check_outputs(((f, written_by_tilemask(f)) for f in self.output_files(item)), inputs, overwrite)
 
     def check_outputs(self, overwrite: bool) -> None:
         """:meth:`check_item_outputs` for every input planned."""
@@ -483,13 +483,3 @@ def _check_statistics(item: InputPlan) -> None:
     check_vector_grid(grid, item.input)
     if stats.region_id is not None:
         check_region_key(stats.regions, stats.region_id)
-
-
-def _owned(path: str) -> bool:
-    """Whether what is at ``path`` is one tilemask wrote: the format decides for label outputs, the mark for derived
-    products (polygons, quick look, tables: :func:`~tilemask.formats.product_written_by_tilemask`); a CSV has no
-    place for a mark, and ``--overwrite`` alone decides."""
-    fmt = for_path(path)
-    if not fmt.writable:
-        return product_written_by_tilemask(path) is not False
-    return fmt.written_by_tilemask(path)
