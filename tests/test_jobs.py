@@ -128,6 +128,23 @@ def test_an_input_replaced_after_its_run_is_redone(make_raster, make_model, tmp_
     assert last.status == "skipped"  # unchanged since: done
 
 
+def test_weights_retrained_at_the_same_path_redo_every_finished_item(make_raster, make_model, tmp_path, client):
+    """The same workflow after the weights file was saved over (a retrained network, same path) is the same job:
+    its rerun skipped every item as done, their labels the old network's."""
+    path, _ = make_raster((3, 80, 90))
+    weights, _ = make_model()
+    workflow = raster_workflow(path, weights, output={"path": "out/{stem}.zarr", "chunks": 64})
+    (first,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    before = zarr.open_group(first.outputs[0], mode="r")["probabilities"][:]
+    make_model(seed=7)  # retrained: other weights in the same file
+    (redone,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert redone.status == "ok" and redone.windows > 0
+    after = zarr.open_group(redone.outputs[0], mode="r")["probabilities"][:]
+    assert not np.allclose(after, before), "the retrained network's probabilities"
+    (last,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert last.status == "skipped"  # unchanged since: done
+
+
 def test_a_finished_item_whose_product_someone_replaced_is_not_skipped_as_done(make_raster, make_model, tmp_path,
                                                                                client):  # fmt: skip
     """A job's rerun skipped a finished item when each of its outputs existed: polygons replaced since by a file

@@ -352,6 +352,40 @@ def test_an_interrupted_input_resumes_writing_only_the_chunks_it_had_not_written
     assert resumed.stdout.split("[")[1] == clean.stdout.split("[")[1], "class totals count the chunks written before"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("replaced", ["second file", "weights"])
+def test_an_interrupted_input_starts_over_when_any_file_it_read_was_replaced(
+    make_raster, make_model, write_workflow, tmp_path, replaced
+):
+    """The record of the chunks written was stamped with the input's first file only: a case read from two files
+    whose second was replaced since, or weights retrained at the same path, resumed on the chunks that the old
+    file or network had predicted."""
+    for channel in range(2):
+        make_raster((1, 4000, 4000), name=f"big_{channel:04d}.tif", seed=channel)
+    args = dict(UNET_2D, in_channels=2)
+    weights, _ = make_model(args)
+    workflow = raster_workflow(tmp_path / "big_0000.tif", weights, args=args)
+    workflow["input"] = {"channels": [str(tmp_path / "{case}_0000.tif"), str(tmp_path / "{case}_0001.tif")]}
+    workflow["inference"].update(roi_size=[256, 256], overlap=0.0, batch_size=8)
+    workflow["output"] = {"path": "out/{stem}_mask.tif", "probabilities": "float32", "chunks": 1024, "quicklook": False}
+    wf = write_workflow(workflow)
+    proc = start(["run", wf, "--quiet"], tmp_path)
+    out = tmp_path / "out"
+    wait_for(lambda: len(list(out.glob(".tilemask-*.done/*_*.json"))) >= 2, what="two chunks written", proc=proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130 and only_staged_by_its_job(out)
+
+    if replaced == "weights":
+        make_model(args, seed=7)
+    else:
+        make_raster((1, 4000, 4000), name="big_0001.tif", seed=9)
+    again = run_cli("run", wf, "--quiet")
+    assert again.returncode == 0, again.stderr
+    windows = int(again.stdout.split(" windows in ")[0].rsplit(" ", 1)[1])
+    assert windows == 256, again.stdout  # every window predicted again: nothing kept from the old file or weights
+
+
 def test_chunks_larger_than_the_image_are_clipped_and_booleans_refused(
     make_raster, make_model, write_workflow, tmp_path, client
 ):

@@ -34,7 +34,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from collections.abc import Callable
 from pathlib import Path
 
@@ -195,7 +195,8 @@ def drive_job(
     skipped: set[str] = set()
     todo = []
     latest = manifest.latest()
-    finished = _finished({item.name: latest[item.name] for item in items if item.name in latest})
+    weights = input_stamp(plan.model.weights)  # retrained weights at the same path: every item is redone
+    finished = _finished({item.name: latest[item.name] for item in items if item.name in latest}, weights)
     for index, item in enumerate(items):
         earlier = _earlier(latest.get(item.name), item.name in finished, options)
         if earlier is None:
@@ -207,7 +208,7 @@ def drive_job(
             skipped.add(item.name)
     logger.info("job %s: %d item(s), %d to do, %d done before", job.id, len(items), len(todo), len(skipped))
     stop = threading.Event()
-    runner = _ItemRunner(job, plan, options, manifest.started(), counts, progress, stop)
+    runner = _ItemRunner(job, plan, options, manifest.started(), counts, progress, stop, weights)
     state = "failed"
     address = client.scheduler.address if client is not None else scheduler
     counts.write("running", host=socket.gethostname(), pid=os.getpid(), started=time.time(), message=None,
@@ -281,16 +282,17 @@ def _stamps(files) -> list[list]:
     return [input_stamp(f) for f in files]
 
 
-def _finished(lines: dict[str, dict]) -> set[str]:
-    """The names of the items whose latest line (``lines``) is ok, whose files are as they were (a replaced
-    input is redone; lines written before the stamps were recorded count as unchanged) and whose outputs are
-    complete (:func:`~tilemask.jobs.outputs_complete`).  Asked in parallel: objects on the network a request
-    each, a GeoPackage's mark a few ms."""
+def _finished(lines: dict[str, dict], weights: list) -> set[str]:
+    """The names of the items whose latest line (``lines``) is ok, whose files and weights (stamped ``weights``
+    now) are as they were (a replaced input, or retrained weights, is redone; lines written before the stamps were
+    recorded count as unchanged) and whose outputs are complete (:func:`~tilemask.jobs.outputs_complete`).  Asked
+    in parallel: objects on the network a request each, a GeoPackage's mark a few ms."""
 
     def finished(line: dict) -> bool:
         now = line.get("files") and _stamps(line["files"])
         unchanged = line.get("files") is None or (now == line.get("stamps") and [None] not in now)
-        return unchanged and outputs_complete(line["outputs"])
+        same_model = line.get("weights_stamp", weights) == weights and weights != [None]
+        return unchanged and same_model and outputs_complete(line["outputs"])
 
     ok = {name: line for name, line in lines.items() if line["status"] == "ok"}
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -307,7 +309,7 @@ def _from_line(line: dict, status: str) -> RunResult:
 class _ItemRunner:
     """Plans, checks, runs and records one item at a time (called from the item threads of :func:`run_items`)."""
 
-    def __init__(self, job, plan, options, begun, counts, progress, stop):
+    def __init__(self, job, plan, options, begun, counts, progress, stop, weights):
         self.job: JobFolder = job
         self.plan: WorkflowPlan = plan
         self.options: Options = options
@@ -315,6 +317,7 @@ class _ItemRunner:
         self.counts: _Progress = counts
         self.progress: bool = progress
         self.stop: threading.Event = stop
+        self.weights_stamp: list = weights  # the weights' input_stamp when this run began
         self.out_channels = 0
         self.prepared: dict[int, tuple[InputPlan, OutputLock]] = {}  # prepared before the cluster started
         self.listings = FolderListings()  # each output folder listed once for leftovers, not once per item
@@ -363,7 +366,8 @@ class _ItemRunner:
                 started = {"item": index, "name": item.name, "input": planned.input, "status": "started", "time": time.time()}
                 self.job.record(started, durable=False)  # lost only with the machine: its outputs then need --overwrite
                 self.begun.add(item.name)
-                result = run_job(client, self.plan.job(planned, self.out_channels), self.plan, self.progress)
+                item_job = replace(self.plan.job(planned, self.out_channels), stamps=[*stamps, self.weights_stamp])
+                result = run_job(client, item_job, self.plan, self.progress)  # a resumed input's chunks need these stamps
             finally:
                 lock.release()
         except Abandoned:
@@ -382,7 +386,8 @@ class _ItemRunner:
             logger.warning("%s: failed, skipped: %s", item.files[0], failed.error)
             return failed
         del self.in_flight[index]
-        self.job.record(_line(index, item.name, result) | {"files": list(item.files), "stamps": stamps})
+        stamped = {"files": list(item.files), "stamps": stamps, "weights_stamp": self.weights_stamp}
+        self.job.record(_line(index, item.name, result) | stamped)
         self.counts.add("ok")
         return result
 

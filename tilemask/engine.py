@@ -67,7 +67,7 @@ from .products import write_products
 from .progress import stage, window_progress
 from .settings import Finishing, InferenceSettings, ModelSpec
 from .sinks import LabelSink
-from .sources import ImageSource, input_stamp
+from .sources import ImageSource
 from .stats.config import PostprocessConfig
 from .stitch import DevicePartial, Partial, cut, overlap_add
 
@@ -245,7 +245,7 @@ class Ledger:
         return found
 
     def stamp(self) -> list | None:
-        """The input's :func:`~tilemask.sources.input_stamp` when this record was begun."""
+        """The job's ``stamps`` when this record was begun: its input's files' and the weights'."""
         try:
             with open(os.path.join(self.folder, "input.json")) as f:
                 return json.load(f)
@@ -326,8 +326,8 @@ def execute(client: Client, job: Job, progress: bool = True) -> RunResult:
 def _reopen(job: Job) -> dict[tuple[int, ...], np.ndarray]:
     """Create the job's output, or reopen what an interrupted run of the same job staged: the chunks it
     wrote, with their class histograms (empty: start from nothing)."""
-    stamp = input_stamp(job.input)  # the input as it was: a replaced input (or one not reached) starts over
-    known = stamp != [None]
+    stamp = job.stamps  # every file the input reads and the weights: any of them replaced (or not reached) starts over
+    known = bool(stamp) and [None] not in stamp
     if job.ledger and job.sink.resumable and known and job.sink.reopen() and Ledger(job.ledger).stamp() == stamp:
         written = Ledger(job.ledger).written()
         if written:

@@ -111,6 +111,7 @@ class Job:
     products: Products = field(default_factory=Products)
     back: Inversion | None = None  # predict on the model grid (``source``, ``plan``), then resample back
     ledger: str | None = None  # a job's record of the chunks written, kept to resume (:class:`tilemask.engine.Ledger`)
+    stamps: list = field(default_factory=list)  # the input's files' and the weights' stamps as the driver read them
 
     @property
     def output_plan(self) -> WindowPlan:
