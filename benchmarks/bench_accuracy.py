@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import torch
+from scratch import scratch_folder
 
 from tilemask.backends import CONVERTERS
 from tilemask.settings import ModelSpec
-from scratch import scratch_folder
 
 warnings.filterwarnings("ignore")
 ARGS = dict(spatial_dims=2, in_channels=3, out_channels=2, channels=[16, 32, 64, 128], strides=[2, 2, 2], num_res_units=2)

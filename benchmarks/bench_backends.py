@@ -21,10 +21,10 @@ import time
 import warnings
 
 import torch
+from scratch import scratch_folder
 
 from tilemask.backends import CONVERTERS
 from tilemask.settings import ModelSpec
-from scratch import scratch_folder
 
 warnings.filterwarnings("ignore")
 CASES = [

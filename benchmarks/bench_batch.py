@@ -205,9 +205,8 @@ def scheduler_benchmark(work: Path, listed: int, seconds: float) -> None:
 
 def resume_benchmark(work: Path, size: int) -> None:
     """A ``size``^2 run interrupted (SIGTERM, as Ctrl-C) once half its chunks are written, then run again."""
-    from bench_engine import ARGS, BATCH, CHUNKS, MEAN, OVERLAP, ROI, STD, make_raster, network
-
     import torch
+    from bench_engine import ARGS, BATCH, CHUNKS, MEAN, OVERLAP, ROI, STD, make_raster, network
 
     raster = work / f"raster{size}.tif"
     if not raster.exists():

@@ -45,8 +45,8 @@ import numpy as np
 import psutil
 import rasterio
 import torch
-from rasterio.transform import from_origin
 from peakmem import PeakMemory
+from rasterio.transform import from_origin
 from rasterio.windows import Window
 from scratch import scratch_folder
 

@@ -22,12 +22,12 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.enums import Resampling
+from scratch import scratch_folder
 
 from tilemask.geometry import RasterGeometry
 from tilemask.quicklook import THUMBNAIL, thumbnail_shape, write_quicklook
 from tilemask.sinks import OutputLayout
 from tilemask.sinks.cog import CogSink
-from scratch import scratch_folder
 
 DEMO = Path(__file__).resolve().parents[1] / "workflows" / "demo" / "RGB.byte.tif"
 

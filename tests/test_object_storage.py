@@ -5,14 +5,13 @@ equal those of the same files read from and written to disk."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 import subprocess
 import sys
 import time
-
-import csv
-import io
-import json
 
 import nibabel as nib
 import numpy as np
@@ -178,8 +177,9 @@ def _object(s3_client, key: str) -> bytes:
 def test_outputs_and_the_job_folder_on_s3_equal_a_local_run_and_the_job_resumes(
     s3, suffix, tmp_path, write_workflow, client, monkeypatch
 ):
-    import tilemask
     import zarr
+
+    import tilemask
     from tilemask import Workflow
 
     s3_client, env = s3

@@ -152,8 +152,6 @@ def cluster_client(
             client = Client(scheduler)  # connect timeout: distributed.comm.timeouts.connect
         except OSError as exc:
             raise TilemaskError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
-        except ValueError as exc:  # not an address: distributed's parser ("missing port number", "unknown ...")
-            raise UsageError(f"--scheduler {scheduler}: not a Dask scheduler address: {exc}") from None
         with client:
             yield client
         return

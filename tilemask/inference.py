@@ -30,10 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .geometry import Block, local_slices, region_shape
 from . import timing
 from .backends import cached_runner, forward_check
 from .device import compute_stream, to_device
+from .geometry import Block, local_slices, region_shape
 from .models import ModelSpec, resolve_device
 from .preprocess import Preprocessing
 from .settings import InferenceSettings

@@ -22,9 +22,9 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging

@@ -50,10 +50,11 @@ def auto_runner(net: torch.nn.Module, device: torch.device):
     from tilemask.backends import cached_runner
     from tilemask.settings import InferenceSettings, ModelSpec
 
-    weights = Path(tempfile.mkdtemp(prefix="tilemask-forward-")) / "unet.pt"
-    torch.save(net.state_dict(), weights)
-    spec = ModelSpec.create("UNet", ARGS, str(weights))
-    return cached_runner(spec, InferenceSettings(roi=(ROI, ROI), batch_size=BATCH, backend="auto"), 3, device)
+    with tempfile.TemporaryDirectory(prefix="tilemask-forward-") as folder:  # the weights are read once, here
+        weights = Path(folder) / "unet.pt"
+        torch.save(net.state_dict(), weights)
+        spec = ModelSpec.create("UNet", ARGS, str(weights))
+        return cached_runner(spec, InferenceSettings(roi=(ROI, ROI), batch_size=BATCH, backend="auto"), 3, device)
 
 
 def busy_threads(count: int) -> tuple[threading.Event, list[threading.Thread]]:

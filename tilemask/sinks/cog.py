@@ -38,8 +38,8 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np

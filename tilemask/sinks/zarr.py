@@ -22,8 +22,8 @@ import zarr
 
 from ..geometry import Region
 from ..outputs import publish, remove, staged_path
-from ..storage import is_remote, zarr_options
 from ..sources import cached_handle
+from ..storage import is_remote, zarr_options
 from . import LabelSink, OutputLayout
 
 logger = logging.getLogger(__name__)

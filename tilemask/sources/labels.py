@@ -28,10 +28,10 @@ from ..classes import CLASSES_TAG, read_colour_table
 from ..errors import InputError, ReadError
 from ..geometry import Geometry, RasterGeometry, VolumeGeometry, geometry_from_attrs, normalize_per_axis
 from ..storage import zarr_options
+from . import cached_handle, file_stamp
 from .nifti import check_length, read_failure
 from .raster import first_gdal_line
 from .zarr import ome_multiscales
-from . import cached_handle, file_stamp
 
 logger = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ import numpy as np
 from ..errors import InputError, ReadError, first_line
 from ..formats import nifti_affine_mm
 from ..geometry import Region, VolumeGeometry
-from . import ImageSource, Spool, cached_handle, file_stamp, unpacked
 from ..storage import local_copy
+from . import ImageSource, Spool, cached_handle, file_stamp, unpacked
 
 logger = logging.getLogger(__name__)
 

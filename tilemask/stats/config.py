@@ -29,7 +29,6 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, model_validator
 
 from ..errors import InputError
 
-
 LABEL_IMAGE_SUFFIXES = (".tif", ".tiff", ".zarr", ".nii", ".nii.gz", ".vrt", ".img")
 
 
