@@ -163,6 +163,18 @@ def test_a_slurm_that_sbatch_cannot_reach_is_one_line_at_once(tmp_path):
     assert not (tmp_path / "out" / "RGB.byte_mask.tif").exists()
 
 
+def test_a_worker_job_that_slurm_refuses_for_its_settings_is_a_usage_error(slurm, tmp_path):
+    """A partition the cluster does not have is a setting (exit 2), as a missing ``cores`` is; it was exit 1, as a
+    SLURM that cannot be reached is (a reviewer's). The line gives SLURM's reason and where the setting lives."""
+    path, config = demo_with_jobqueue(tmp_path, {"cores": 1, "memory": "2GB", "queue": "nosuchpartition"})
+    done = run_cli("run", path, "--cluster", "slurm", cwd=tmp_path, env={**slurm, "DASK_CONFIG": str(config)})
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("tilemask: error: --cluster slurm: sbatch refused the worker job: "), line
+    assert "invalid partition" in line.lower() and "jobqueue.slurm" in line, line
+    assert not (tmp_path / "out" / "RGB.byte_mask.tif").exists()
+
+
 def test_ctrl_c_of_a_slurm_run_is_an_interrupt_and_cancels_its_jobs(slurm, tmp_path):
     """Importing dask-jobqueue had set SIGINT's handler to ``sys.exit()``: a Ctrl-C of a ``--cluster slurm`` run
     exited 0 with nothing said, the job recorded as failed (a reviewer's, at 4, 7 and 25 s). It is exit 130, one

@@ -241,7 +241,24 @@ def _check_sbatch(script: str) -> None:
     if done.returncode != 0:
         said = [line.strip().removeprefix("sbatch: ") for line in done.stderr.splitlines() if line.strip()]
         reason = "; ".join(said[-2:]) or f"exit {done.returncode}"  # the cause, then its "fatal:"
+        if _refused_as_configured(said):
+            raise UsageError(f"--cluster slurm: sbatch refused the worker job: {reason}: set the Dask config "
+                             "jobqueue.slurm (see cluster/slurm.yaml)")  # fmt: skip
         raise RunError(f"--cluster slurm: sbatch refused the worker job: {reason}")
+
+
+_UNREACHED = ("unable to contact", "socket timed out", "zero bytes", "communication", "authentication", "standby", "busy")
+
+
+def _refused_as_configured(said: list[str]) -> bool:
+    """Whether SLURM's controller answered and refused the job as the config makes it (a partition, account or QOS
+    it does not have, more memory or time than allowed): a setting, where a controller not reached is not."""
+    for line in reversed(said):
+        for verdict in ("allocation failure:", "Batch job submission failed:"):  # --test-only's, sbatch's
+            if verdict in line:
+                reason = line.split(verdict, 1)[1].lower()
+                return not any(word in reason for word in _UNREACHED)
+    return False
 
 
 class WorkerSetup(WorkerPlugin):
