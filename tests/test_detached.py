@@ -192,6 +192,31 @@ def test_a_run_that_loses_its_scheduler_names_every_input_in_flight(cluster, sce
     assert len(named) >= 2 and named >= in_flight(), (line, in_flight())  # one just starting may have no line yet
 
 
+def test_cancel_takes_back_a_driver_whose_workers_all_died(cluster, scenes_workflow, tmp_path):
+    """Every worker killed, the scheduler holds the driver again, waiting for one: ``status`` said running and
+    ``cancel`` waited 60 s, then exit 1 "still running", leaving the driver to start on the next worker (a
+    reviewer's). It is taken back at once; the items done stay done."""
+    address, procs = cluster
+    job = submit(scenes_workflow, address)
+    folder = status(job, tmp_path)["folder"]
+    wait_for(lambda: ok_items(folder) >= 1, "an item done")
+    for proc in procs[1:]:  # the workers, not the scheduler
+        os.killpg(proc.pid, signal.SIGKILL)
+    for proc in procs[1:]:
+        proc.wait(timeout=30)
+    begin = time.monotonic()
+    done = run_cli("cancel", job, "--wait", "20", cwd=tmp_path)
+    assert (done.returncode, done.stdout.strip()) == (0, f"job {job}: cancelled"), (done.stdout, done.stderr)
+    assert time.monotonic() - begin < 15
+    final = status(job, tmp_path)
+    assert final["state"] == "cancelled" and final["counts"]["ok"] >= 1, final
+    from distributed import Client
+
+    with Client(address, timeout=30) as client:
+        assert not client.run_on_scheduler(lambda key, dask_scheduler=None: key in dask_scheduler.tasks,
+                                           key=final["driver"]), "the scheduler no longer holds the driver"  # fmt: skip
+
+
 def test_cancel_stops_a_running_job_and_leaves_finished_items_whole(cluster, scenes_workflow, tmp_path):
     address, _ = cluster
     job = submit(scenes_workflow, address)

@@ -115,18 +115,22 @@ def _summary(folder) -> dict:
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 def cancel(job, wait_s, debug) -> None:
     """Stop JOB: the items in flight are abandoned and clean up; finished items stay done."""
-    from .jobs import ACTIVE, find, live_state
+    from .jobs import ACTIVE, HELD, find, live_driver, live_state
 
     folder = find(job)
-    state = live_state(folder)
+    state, task = live_driver(folder)
     if state not in ACTIVE:
         if state == "lost":
             folder.set_status("cancelled", message="cancelled after it was lost")
         click.echo(f"job {folder.id}: {live_state(folder)}")
         return
     folder.request_cancel()
-    if state == "queued" and _take_back_driver(folder.status()):  # no driver to see the request: none waited for
-        folder.set_status("cancelled", message="cancelled before its driver started")
+    # a driver the scheduler holds but no worker runs (queued; or started again after its worker died, waiting
+    # for one) would never see the request: taken back at once. Only then: a running driver's reaction to the
+    # request (cancelling its items' tasks) can fail the handshake of a Client that connects meanwhile
+    if task in HELD and _take_back_driver(folder.status()):
+        message = "before its driver started" if state == "queued" else "while its driver waited for a worker"
+        folder.set_status("cancelled", message=f"cancelled {message}")
         click.echo(f"job {folder.id}: cancelled")
         return
     deadline = time.monotonic() + wait_s
@@ -151,12 +155,14 @@ def _take_back_driver(status: dict, unless_started: bool = True) -> bool:
     scheduler itself: one that has started is left to see the cancel request and stop). Whether it was."""
     from distributed import Client, Future
 
+    from .jobs import HELD
+
     if not (status.get("scheduler") and status.get("driver")):
         return False
 
     def not_started(dask_scheduler, key: str) -> bool:
         task = dask_scheduler.tasks.get(key)
-        return task is not None and task.state in ("released", "waiting", "queued", "no-worker")
+        return task is not None and task.state in HELD
 
     try:
         with Client(status["scheduler"], timeout=5, set_as_default=False) as client:

@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 STATES = ("queued", "running", "done", "failed", "cancelled", "lost")
 ACTIVE = ("queued", "running")
+# a driver task the scheduler holds but no worker runs: not started yet, or started again after its worker died
+HELD = ("released", "waiting", "queued", "no-worker")
 
 
 class JobError(TilemaskError):
@@ -458,30 +460,52 @@ def live_state(job: JobFolder, status: dict | None = None, timeout: float = 5.0)
     """The recorded state, or ``lost`` when it says queued or running but nothing runs the job any more:
     the scheduler that held its driver is gone or no longer knows it, or the process that ran it on this
     host has exited."""
+    return live_driver(job, status, timeout)[0]
+
+
+def live_driver(job: JobFolder, status: dict | None = None, timeout: float = 5.0) -> tuple[str, str | None]:
+    """:func:`live_state`, and the scheduler's state of the job's driver task (``None``: no driver on a scheduler,
+    or not asked: the job is not active), from the one question to the scheduler: ``cancel`` sees a driver the
+    scheduler holds but no worker runs (:data:`HELD`) without connecting again while a running driver reacts to
+    its request (a Client that connects while the scheduler tells every client of cancelled keys fails in
+    distributed's handshake, a bare AssertionError)."""
     status = job.status() if status is None else status
     state = status.get("state", "queued")
     if state not in ACTIVE:
-        return state
+        return state, None
     if status.get("driver") and status.get("scheduler"):
-        return state if driver_known(status["scheduler"], status["driver"], timeout) else "lost"
+        task = driver_state(status["scheduler"], status["driver"], timeout)
+        return (state if task not in (None, "forgotten", "erred", "memory") else "lost"), task
     if status.get("host") == socket.gethostname() and status.get("pid"):
-        return state if _pid_alive(int(status["pid"])) and _holds_lock(job) else "lost"
-    return state
+        return (state if _pid_alive(int(status["pid"])) and _holds_lock(job) else "lost"), None
+    return state, None
 
 
-def driver_known(address: str, key: str, timeout: float) -> bool:
+def driver_state(address: str, key: str, timeout: float) -> str | None:
+    """The state of task ``key`` on the scheduler at ``address``; ``None`` if it has no such task or cannot be
+    reached."""
     from distributed import Client
 
-    try:
-        with Client(address, timeout=timeout, set_as_default=False) as client:
-            return bool(client.run_on_scheduler(_scheduler_knows, key=key))
-    except OSError:
-        return False
+    for attempt in range(3):
+        try:
+            client = Client(address, timeout=timeout, set_as_default=False)
+        except OSError:
+            return None
+        except AssertionError:  # distributed's handshake (assert len(msg) == 1): the scheduler sent its
+            if attempt == 2:  # "stream-start" with a message to every client (another one cancelled keys: a
+                raise  # driver stopping its items); connecting again gets a clean one
+            logger.debug("the Client's handshake with %s met a broadcast; connecting again", address)
+            continue
+        try:
+            with client:
+                return client.run_on_scheduler(_task_state, key=key)
+        except OSError:
+            return None
 
 
-def _scheduler_knows(key: str, dask_scheduler=None) -> bool:
+def _task_state(key: str, dask_scheduler=None) -> str | None:
     task = dask_scheduler.tasks.get(key)
-    return task is not None and task.state not in ("forgotten", "erred", "memory")
+    return None if task is None else task.state
 
 
 def _pid_alive(pid: int) -> bool:
