@@ -204,6 +204,8 @@ def test_cancel_takes_back_a_driver_whose_workers_all_died(cluster, scenes_workf
         os.killpg(proc.pid, signal.SIGKILL)
     for proc in procs[1:]:
         proc.wait(timeout=30)
+    wait_for(lambda: status(job, tmp_path)["state"] == "queued", "status to say queued", timeout=30)  # was running
+    assert "waits for a Dask worker" in status(job, tmp_path)["message"]
     begin = time.monotonic()
     done = run_cli("cancel", job, "--wait", "20", cwd=tmp_path)
     assert (done.returncode, done.stdout.strip()) == (0, f"job {job}: cancelled"), (done.stdout, done.stderr)

@@ -96,14 +96,17 @@ def status(job, as_json, debug) -> None:
 
 
 def _summary(folder) -> dict:
-    from .jobs import live_state
+    from .jobs import HELD, live_driver
 
     recorded = folder.status()
+    state, task = live_driver(folder, recorded)
+    if state == "running" and task in HELD:  # Dask holds the driver again: the worker that ran it is gone
+        state, recorded = "queued", {**recorded, "message": "its driver waits for a Dask worker (the one it ran on is gone)"}
     return {
         **recorded,
         "job": folder.id,
         "folder": folder.location,
-        "state": live_state(folder, recorded),
+        "state": state,
         "counts": folder.counts({item["name"] for item in folder.items()}),
         "report": folder.report if folder.report_path.exists() else None,
     }
