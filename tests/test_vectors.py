@@ -181,6 +181,48 @@ def test_region_across_many_chunks_with_holes_and_corner_contacts(tmp_path, clie
     assert (result["class"] == "urban").sum() == 4
 
 
+@pytest.mark.parametrize("dtype", ["int64", "uint32"])
+def test_noise_labels_of_integer_types_shapes_does_not_read(tmp_path, client, dtype):
+    """Pixel noise (corner contacts everywhere, across chunk sides and corners too) in types ``shapes`` does not
+    read exactly: the chunks polygonize codes of the values."""
+    labels = blobs((90, 110), seed=8, nodata=9, sigma=0.6).astype(dtype)
+    transform = Affine(20, 0, 500000, 0, -20, 4000000)
+    path = write_raster(tmp_path / "labels.tif", labels, "EPSG:32633", transform, nodata=9)
+    result = read(write_polygons(path, str(tmp_path / "p.parquet"), client=client, class_names=CLASSES, chunks=16))
+    reference = reference_shapes(labels.astype(np.int32), transform, 9)
+    assert len(reference) > 300
+    assert_identical(result, reference, CLASSES)
+
+
+def test_stitched_regions_equal_the_overlay_union():
+    """The merge cancels the pieces' shared edges and links the rest into rings (a corner contact: the ring turns
+    round the pixel that is not the region's); GEOS's overlay union of the same pieces is the same polygon."""
+    from tilemask.vectors import (
+        border_groups,
+        chunk_border,
+        drop_collinear,
+        polygonize_chunk,
+        select_pieces,
+        stitch_pieces,
+    )
+
+    labels = blobs((96, 96), seed=2, sigma=0.8, n_classes=3)
+    size = 12
+    pieces = {
+        (i, j): polygonize_chunk(labels[i * size : (i + 1) * size, j * size : (j + 1) * size], (i, j), (i * size, j * size), None)
+        for i in range(8)
+        for j in range(8)
+    }  # fmt: skip
+    groups = border_groups({k: chunk_border(p) for k, p in pieces.items()}, (8, 8))
+    assert len(groups) > 20
+    for group in groups:
+        parts = [select_pieces(pieces[(int(i), int(j))], np.array([r]))[int(r)] for i, j, r in group]
+        stitched = stitch_pieces(parts)
+        assert stitched is not None
+        overlay = shapely.simplify(shapely.union_all(parts), 0.0)
+        assert shapely.normalize(drop_collinear(stitched)).equals_exact(shapely.normalize(overlay), 0)
+
+
 def test_empty_foreground_writes_an_empty_layer(tmp_path, client):
     labels = np.zeros((100, 100), np.uint8)
     path = write_raster(tmp_path / "labels.tif", labels, "EPSG:32633", Affine(10, 0, 0, 0, -10, 0))
