@@ -101,7 +101,8 @@ def _summary(folder) -> dict:
     recorded = folder.status()
     state, task = live_driver(folder, recorded)
     if state == "running" and task in HELD:  # Dask holds the driver again: the worker that ran it is gone
-        state, recorded = "queued", {**recorded, "message": "its driver waits for a Dask worker (the one it ran on is gone)"}
+        waiting = "its driver waits for a Dask worker (the one it ran on is gone)"
+        state, recorded = "queued", {**recorded, "message": waiting}
     return {
         **recorded,
         "job": folder.id,

@@ -416,20 +416,17 @@ def stitch_pieces(parts: list) -> object | None:
     coords = xy[index]
     counts = np.bincount(vertex_ring, minlength=ring)
     begin = np.cumsum(counts) - counts
-    at = np.arange(len(coords))
-    after, before = at + 1, at - 1
-    after[begin + counts - 1], before[begin] = begin, begin + counts - 1
+    after = np.arange(len(coords)) + 1
+    after[begin + counts - 1] = begin
     local = coords - coords.min(axis=0)  # shoelace products well within 2**53: exact on integers
     cross = local[:, 0] * local[after, 1] - local[after, 0] * local[:, 1]
     area = np.bincount(vertex_ring, weights=cross, minlength=ring) / 2
     outer = np.flatnonzero(np.sign(area) == np.sign(shell_sign))
     if len(outer) != 1 or abs(area.sum()) != np.sum(shapely.area(parts)):
         return None
-    x, y = coords[:, 0], coords[:, 1]
-    straight = ((x[before] == x) & (x == x[after])) | ((y[before] == y) & (y == y[after]))
-    new_rings = shapely.linearrings(coords[~straight], indices=vertex_ring[~straight])  # closed by linearrings
+    new_rings = shapely.linearrings(coords, indices=vertex_ring)  # closed by linearrings
     outer_first = np.concatenate([outer, np.delete(np.arange(ring), outer)])
-    return shapely.polygons(new_rings[outer_first], indices=np.zeros(ring, np.int64))[0]
+    return drop_collinear(shapely.polygons(new_rings[outer_first], indices=np.zeros(ring, np.int64))[0])
 
 
 def _outer_turn(ring: np.ndarray) -> float:
