@@ -88,7 +88,7 @@ class ChunkPieces:
     geoms: np.ndarray  # shapely polygons, region id i + 1
     border_ids: dict[str, np.ndarray]  # region id per pixel of each border strip (0: none)
     border_classes: dict[str, np.ndarray]  # class per pixel of each border strip (-1: none)
-    extent: tuple[int, int, int, int] = (0, 0, 0, 0)  # first row, first column, end row, end column in the image
+    extent: tuple[int, int, int, int]  # first row, first column, end row, end column in the image
 
 
 @dataclass
