@@ -255,6 +255,48 @@ def test_under_on_error_skip_a_bad_first_input_is_the_jobs_failure_not_a_refusal
     assert refused.returncode == 2 and "missing.tif" in refused.stderr, refused.stderr  # under abort: exit 2
 
 
+def test_a_submit_interrupted_while_it_hands_over_the_driver_leaves_no_job_running(scenes_workflow, tmp_path):
+    """Ctrl-C while the scheduler takes the driver (here 3 s, a slow scheduler; usually 50 ms): submit said
+    "interrupted", exit 130, and the job ran anyway (a reviewer's). Now the driver is taken back."""
+    scheduler_file = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen(
+        [BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file",
+         scheduler_file, "--preload", REPO / "tests" / "slow_scheduler.py"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )]  # fmt: skip
+    try:
+        wait_for(scheduler_file.exists, "the scheduler file")
+        procs.append(subprocess.Popen(
+            [BIN / "dask", "worker", "--scheduler-file", scheduler_file, "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        ))  # fmt: skip
+        address = json.loads(scheduler_file.read_text())["address"]
+        submitter = subprocess.Popen(
+            [BIN / "tilemask", "submit", scenes_workflow, "--scheduler", address],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        )
+        statuses = tmp_path / "out" / ".tilemask" / "jobs"
+
+        def queued() -> bool:
+            found = list(statuses.glob("*/status.json")) if statuses.exists() else []
+            return bool(found) and json.loads(found[0].read_text())["state"] == "queued"
+
+        wait_for(queued, "submit to hand the driver over")
+        time.sleep(1.0)  # the scheduler is still taking the graph
+        submitter.send_signal(signal.SIGINT)
+        out, err = submitter.communicate(timeout=60)
+        assert (submitter.returncode, err.strip()) == (130, "tilemask: interrupted"), (out, err)
+        job = json.loads(next(statuses.glob("*/status.json")).read_text())["job"]
+        time.sleep(8)  # a driver left running would have finished items by now (about a second each)
+        final = status(job, tmp_path)
+        assert final["state"] == "cancelled" and final["counts"]["ok"] == 0, final
+        assert not any((tmp_path / "out").glob("*_mask.tif"))
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
 def test_cancel_of_a_job_no_worker_has_started_answers_at_once(scenes_workflow, tmp_path):
     """A queued job (a scheduler without workers): its driver cannot see the request, and cancel waited out
     its whole --wait (60 s) before it said "cancelled"."""

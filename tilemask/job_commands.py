@@ -32,6 +32,7 @@ def submit(workflow, scheduler, overrides, overwrite, on_error, retry_failed, jo
 
     from .cluster import check_cluster_options, cluster_client
     from .driver import Options, drive, prepare
+    from .interrupts import shielded
     from .jobs import JobError, live_state
     from .workflow import Workflow
 
@@ -52,12 +53,30 @@ def submit(workflow, scheduler, overrides, overwrite, on_error, retry_failed, jo
             if overwrite:
                 job.reset()  # once: the driver does not, as Dask may start it again (its worker died)
             job.set_status("queued", scheduler=scheduler, driver=key, submitted=time.time(), message=None)
-        future = client.submit(drive, job.location, key=key, pure=False, retries=0)
-        fire_and_forget(future)
-        _wait_until_known(client, key)
+        future = None
+        try:
+            # Ctrl-C during the handover waits for its end, then takes the driver back: an interrupted submit
+            # (exit 130) leaves no job running
+            with shielded():
+                future = client.submit(drive, job.location, key=key, pure=False, retries=0)
+                fire_and_forget(future)
+                _wait_until_known(client, key)
+        except KeyboardInterrupt:
+            with shielded():
+                _withdraw(job, client, future)
+            raise
     if not errors_only():
         click.echo(f"submitted; follow it with: tilemask status {job.id}", err=True)
     click.echo(job.id)
+
+
+def _withdraw(job, client, future) -> None:
+    """Undo a submit interrupted after it created the job: its driver cancelled on the scheduler and, should a
+    worker have started it already, asked to stop as ``tilemask cancel`` asks."""
+    if future is not None:
+        job.request_cancel()
+        client.cancel([future], force=True)
+    job.set_status("cancelled", message="cancelled: its submit was interrupted")
 
 
 def _wait_until_known(client, key: str, timeout: float = 30.0) -> None:
