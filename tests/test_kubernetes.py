@@ -40,6 +40,7 @@ def errors(document: dict) -> list[str]:
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]
 
 
+@pytest.mark.slow
 def test_the_daskjob_manifest_is_valid_under_the_operators_crd():
     job = documents()["DaskJob"]
     assert job["apiVersion"] == "kubernetes.dask.org/v1"

@@ -70,7 +70,8 @@ print("same values")
 """
 
 
-@pytest.mark.parametrize("limit,in_place", [(4000, 2), pytest.param(13000, 1, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("limit,in_place", [(4000, 2), (13000, 1)])
 # 13,000: the .nii.gz fits, the series not (slow: the default run keeps the case where neither fits)
 def test_a_full_disk_reads_in_place_what_it_cannot_unpack(tmp_path, limit, in_place):
     """No room in TMPDIR (the kernel refuses to write a file past ``limit`` bytes, as a full disk does part

@@ -386,6 +386,7 @@ def test_an_interrupted_input_starts_over_when_any_file_it_read_was_replaced(
     assert windows == 256, again.stdout  # every window predicted again: nothing kept from the old file or weights
 
 
+@pytest.mark.slow
 def test_chunks_larger_than_the_image_are_clipped_and_booleans_refused(
     make_raster, make_model, write_workflow, tmp_path, client
 ):

@@ -79,7 +79,8 @@ def areas_by_class(geoms, classes, crs, step=None):
     return dict(totals)
 
 
-@pytest.mark.parametrize("suffix", [".gpkg", ".fgb", ".parquet"])
+@pytest.mark.parametrize("suffix", [".gpkg", pytest.param(".fgb", marks=pytest.mark.slow),
+                                    pytest.param(".parquet", marks=pytest.mark.slow)])
 def test_projected_labels_match_whole_image_shapes(tmp_path, client, suffix):
     labels = blobs((400, 520), seed=3, nodata=255)
     transform = Affine(300.0379266750948, 0.0, 101985.0, 0.0, -300.041782729805, 2826915.0)  # RGB.byte's grid

@@ -221,6 +221,7 @@ def test_a_zip_bomb_state_dict_is_refused_before_loading(make_model, tmp_path):
     load_model(ModelSpec.create("UNet", UNET_2D, str(weights)))  # the genuine archive passes the guard
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_zip_bomb_torchscript_is_refused_before_loading(make_model, tmp_path):
     import torch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dask.array as da
 import numpy as np
+import pytest
 import pandas as pd
 import zarr
 
@@ -15,6 +16,7 @@ from .conftest import raster_workflow
 from .test_trust import hidden
 
 
+@pytest.mark.slow
 def test_postprocess_and_stats_sections(make_raster, make_model, tmp_path, client):
     path, _ = make_raster((3, 180, 230))
     weights, _ = make_model()

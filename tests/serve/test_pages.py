@@ -103,6 +103,7 @@ def test_map_shows_each_class_in_its_colour_and_a_click_names_it(browser, server
     page.close()
 
 
+@pytest.mark.slow
 def test_view_shows_the_scan_in_grey_with_the_labels_in_their_colours(browser, server, served_folder):
     labels = np.asarray(nib.load(served_folder / "anatomical_labels.nii.gz").dataobj)
     present = [int(v) for v in np.unique(labels) if v > 0]

@@ -642,6 +642,7 @@ def test_polygons_partly_off_the_earth_are_cut_to_it_and_wholly_off_have_no_geom
         assert abs(Polygon(np.column_stack([x, y])).area / (returned.mean() * lens[0].area) - 1) < 0.01
 
 
+@pytest.mark.slow
 def test_serve_refuses_a_missing_folder_and_a_busy_port(tmp_path, server):
     from tests.conftest import run_cli
 

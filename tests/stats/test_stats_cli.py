@@ -21,6 +21,7 @@ from .conftest import blobs, write_nifti, write_raster
 from .test_zonal import random_regions
 
 
+@pytest.mark.slow
 def test_cli_regions_on_cluster(tmp_path, shade_labels, monkeypatch):
     regions = random_regions(shade_labels, 12, seed=9, crs_out="EPSG:4326")
     regions["district"] = [f"d{i}" for i in range(len(regions))]
