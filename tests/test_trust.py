@@ -616,8 +616,10 @@ def test_killing_a_worker_mid_run_gives_the_same_output(big_run, tmp_path):
     proc = start(args, tmp_path)
     staged = tmp_path / "out" / ".tilemask-*-big_mask.zarr" / "labels" / "c"
     wait_for(lambda: any(Path(tmp_path / "out").glob(str(staged.relative_to(tmp_path / "out")))), what="chunks written", proc=proc)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]  # fmt: skip
+    # the workers are forked by multiprocessing's fork server, a child of the command (tilemask/forkserver.py)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    servers = {p.pid for p in children if p.ppid() == proc.pid and "forkserver" in " ".join(p.cmdline())}
+    workers = [p for p in children if p.ppid() in servers]
     assert workers, "no worker process found"
     workers[0].kill()
     assert proc.poll() is None, "the run had ended before a worker was killed: make it longer"

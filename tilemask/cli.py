@@ -59,6 +59,10 @@ def run(
     quiet, debug,
 ) -> None:
     """Segment the inputs of WORKFLOW.yaml and write the masks (a job: run it again to resume)."""
+    if scheduler is None and cluster_kind == "local":
+        from . import forkserver
+
+        forkserver.start()  # the embedded cluster's workers: imported meanwhile, forked later
     from .driver import run as run_workflow
     from .workflow import Workflow
 

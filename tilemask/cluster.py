@@ -42,6 +42,7 @@ from multiprocessing import resource_tracker
 import dask
 from distributed import Client, Future, LocalCluster, WorkerPlugin
 
+from . import forkserver
 from .errors import NoWorkers, RunError, TilemaskError, UsageError
 from .imports import import_in_background
 
@@ -162,6 +163,8 @@ def cluster_client(
     # exit); this process gets it once the cluster is up, and closes it. multiprocessing's resource tracker is
     # started first: starting it unblocks SIGINT and SIGTERM in the thread that does, whatever that thread's mask
     # was, so the mask put back is the one read before.
+    if forkserver.started():
+        forkserver.use_for_workers()
     unheld = signal.pthread_sigmask(signal.SIG_BLOCK, set())
     resource_tracker.ensure_running()
     signal.pthread_sigmask(signal.SIG_SETMASK, unheld | {signal.SIGINT})
