@@ -63,6 +63,16 @@ def start(args, cwd, env=None) -> subprocess.Popen:
     )  # fmt: skip
 
 
+def in_session(sid: int) -> list[str]:
+    """The processes still in session ``sid`` (a command started by :func:`start`, and its children)."""
+    left = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        with contextlib.suppress(OSError):
+            if os.getsid(p.info["pid"]) == sid:
+                left.append(" ".join(p.info["cmdline"] or []))
+    return left
+
+
 def wait_for(predicate, timeout=100.0, what="condition", proc: subprocess.Popen | None = None):
     """Poll ``predicate``; fail (never hang) after ``timeout`` s or as soon as ``proc`` has exited."""
     deadline = time.monotonic() + timeout
@@ -276,6 +286,8 @@ def test_ctrl_c_while_the_command_starts_is_an_interrupt_not_click_aborting(make
         os.killpg(proc.pid, signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
         seen.append((after, proc.returncode, stderr.strip() if proc.returncode != -signal.SIGINT else ""))
+        # nothing of the run outlives it: the workers' fork server and the workers exit with the command
+        wait_for(lambda: not in_session(proc.pid), timeout=15, what=f"the run's processes to exit ({after} s)")
     assert all(rc == -signal.SIGINT or (rc, said) == (130, "tilemask: interrupted") for _, rc, said in seen), seen
     assert any(rc == 130 for _, rc, _ in seen), f"every signal landed in Python's own imports: {seen}"
     assert not (tmp_path / "out" / "scene.zarr").exists()

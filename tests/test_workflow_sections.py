@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dask.array as da
 import numpy as np
-import pytest
 import pandas as pd
+import pytest
 import zarr
 
 import tilemask

@@ -163,13 +163,12 @@ def cluster_client(
     # exit); this process gets it once the cluster is up, and closes it. multiprocessing's resource tracker is
     # started first: starting it unblocks SIGINT and SIGTERM in the thread that does, whatever that thread's mask
     # was, so the mask put back is the one read before.
-    if forkserver.started():
-        forkserver.use_for_workers()
     unheld = signal.pthread_sigmask(signal.SIG_BLOCK, set())
     resource_tracker.ensure_running()
     signal.pthread_sigmask(signal.SIG_SETMASK, unheld | {signal.SIGINT})
     try:
-        with dask.config.set(UNWATCHED if not dashboard else {}):  # the nannies take the config along
+        # the nannies take the config along; one that restarts a worker later spawns it
+        with dask.config.set({**(UNWATCHED if not dashboard else {}), **forkserver.worker_config()}):
             cluster = LocalCluster(
                 n_workers=workers or default_n,
                 threads_per_worker=threads_per_worker or default_t,

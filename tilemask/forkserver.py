@@ -50,19 +50,26 @@ def start() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, unheld)
 
 
-def started() -> bool:
-    """Whether :func:`start` ran in this process: the embedded cluster then forks its workers from the server."""
-    return _started
+def stop() -> None:
+    """Stop the server once the clusters whose workers it forked have closed (it tells a nanny its worker's exit
+    status: while they run, its end reads as theirs). The command needs none: the server exits with it."""
+    global _started
+    from multiprocessing import forkserver
+
+    forkserver._forkserver._stop()  # the standard library's own way, used by its tests
+    _started = False
 
 
-def use_for_workers() -> None:
-    """Have Dask's nannies fork their workers from the running server. distributed would otherwise import its
-    own preload list (pandas, lz4: 0.4 s) in this process, for a server that has started already."""
-    import dask
+def worker_config() -> dict:
+    """The Dask config under which nannies fork their workers from the running server (none if not started).
+    distributed would otherwise import its own preload list (pandas, lz4: 0.4 s) in this process, for a server
+    that has started already."""
+    if not _started:
+        return {}
     import distributed.utils
 
     distributed.utils._forkserver_preload_set = True
-    dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
+    return {"distributed.worker.multiprocessing-method": "forkserver"}
 
 
 def _set_worker_environment() -> None:
