@@ -14,7 +14,7 @@ cluster start and shutdown included), run once to warm the disk cache and then
   voxels, the size issue 10 timed), z-score, MONAI UNet 16-32-64-128 (3D),
   roi 64^3 (the volume is padded to it, as MONAI does), labels as ``.nii.gz``.
 * **start-up**: ``tilemask run`` on one scene, with the time at which the
-  network was loaded on the worker (from the log) and the whole run.
+  network was loaded on the worker (from the log) and the whole run, best of ``--repeat``.
 
 The loop is what a MONAI user writes: LoadImage / rasterio, the same
 normalisation, ``sliding_window_inference``, softmax, argmax, save.
@@ -161,11 +161,15 @@ def main() -> None:
 
         one = workflow(work / "one.json", "scenes/scene000.tif", ARGS_2D, work / "unet2d.pt", "out1/{stem}.tif",
                        [256, 256], {"mean": [100.0] * 3, "std": [50.0] * 3})  # fmt: skip
-        shutil.rmtree(work / "out1", ignore_errors=True)
-        wall, log = timed([*tilemask[:2], "--debug", "--quiet", str(one)], work)
-        probe = re.search(r"network loaded after ([0-9.]+) s", log)
-        print(f"start-up: one scene, whole run {wall:.2f} s; network ready on the worker "
-              f"{probe.group(1) if probe else '?'} s after the command started")  # fmt: skip
+        runs = []  # (network ready, whole run), each a fresh command
+        for _ in range(args.repeat):
+            shutil.rmtree(work / "out1", ignore_errors=True)
+            wall, log = timed([*tilemask[:2], "--debug", "--quiet", str(one)], work)
+            probe = re.search(r"network loaded after ([0-9.]+) s", log)
+            runs.append((float(probe.group(1)) if probe else float("nan"), wall))
+        ready, wall = min(runs)
+        print(f"start-up: one scene, best of {args.repeat}: network ready on the worker {ready:.2f} s after the "
+              f"command started, whole run {wall:.2f} s (all: {', '.join(f'{r:.2f}' for r, _ in runs)} s)")  # fmt: skip
 
     if args.volumes:
         make_volumes(work / "volumes", args.volumes)
