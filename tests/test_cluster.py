@@ -65,6 +65,7 @@ def test_the_embedded_cluster_gives_a_gpu_worker_the_cores_and_a_cpu_worker_two_
     assert workers_for(2, 0) == (1, 2)
 
 
+@pytest.mark.slow
 def test_bad_scheduler_address_is_one_line(make_raster, make_model, write_workflow, tmp_path):
     path, _ = make_raster((3, 50, 50))
     weights, _ = make_model()

@@ -286,6 +286,7 @@ def series_workflow(folder, weights, classes: list[str], mean: float, std: float
     }
 
 
+@pytest.mark.slow
 def test_a_dicom_segmentation_is_stored_on_orthanc_and_equals_the_nifti_labels(make_model, tmp_path, client, orthanc):
     import highdicom as hd
     from dicomweb_client.api import DICOMwebClient

@@ -147,6 +147,7 @@ def test_band_selection_scale_offset_and_geographic_crs(tmp_path, client, seeded
     assert_labels_match(labels, monai_labels(reflectance, valid, net, [0.1] * 3, [0.1] * 3), valid, 255)
 
 
+@pytest.mark.slow
 def test_http_cog_gives_the_same_labels_as_the_local_file(tmp_path, client, seeded_net):
     served = tmp_path / "www"
     served.mkdir()

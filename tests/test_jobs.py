@@ -555,6 +555,7 @@ def test_jobs_asks_about_the_jobs_of_a_gone_scheduler_at_once_not_in_turn(tmp_pa
     assert took < 14, f"{took:.1f} s: one connect timeout (5 s), not one per job"
 
 
+@pytest.mark.slow
 def test_jobs_names_a_job_whose_folder_is_not_there(tmp_path):
     """A job whose folder was removed (with its outputs' folder) was left out of ``tilemask jobs`` without a word,
     its driver possibly still running (a reviewer's). It is named in a warning, each time: a folder on a file

@@ -220,6 +220,7 @@ def test_a_killed_run_leaves_nothing_that_reads_as_finished_and_the_next_run_cle
         assert ds.shape == (4000, 4000)
 
 
+@pytest.mark.slow
 def test_readers_refuse_an_unfinished_zarr(make_raster, make_model, tmp_path, client):
     path, _ = make_raster()
     weights, _ = make_model()

@@ -75,6 +75,7 @@ def test_cli_regions_on_cluster(tmp_path, shade_labels, monkeypatch):
                            ["stats.output=s.csv", "stats.region_id=district", "stats.coverage=fraction"])  # fmt: skip
 
 
+@pytest.mark.slow
 def test_atlas_zonal_and_chunking(tmp_path):
     data = blobs((40, 44, 36), seed=2)
     atlas = (np.indices(data.shape)[0] // 10 + 1).astype(np.uint8)  # 4 slabs, labels 1..4
