@@ -7,8 +7,9 @@ the command starts, multiprocessing's fork server imports them on the other
 core meanwhile, and each worker is a fork of it: the network was ready 0.9 s
 sooner here (README, "Many small inputs"). torch is left to the workers
 (imported on a thread of their own as they start,
-:class:`tilemask.cluster.EmbeddedWorker`): preloaded in the server too, it was no
-faster, and the server's resident memory went from 70 to 250 MB.
+:class:`tilemask.cluster.EmbeddedWorker`): preloaded in the server too, the
+network was ready about 0.4 s sooner still (two runs each), but the server's
+resident memory went from 70 to 254 MB, counted again beside every worker's.
 
 The server starts with SIGINT blocked, so its workers inherit the mask a
 spawned worker gets from ``cluster_client`` (a Ctrl-C while they start does not
