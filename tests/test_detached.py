@@ -3,6 +3,7 @@ faults a job outlives (its driver's worker killed, the scheduler gone).  Slow: e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -29,33 +30,45 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    """A ``dask scheduler`` on a free port (``--port 0``, found through its scheduler file) and two
-    ``dask worker`` processes; yields ``(address, processes)``; stops whatever is left."""
+@contextlib.contextmanager
+def dask_cluster(tmp_path: Path, workers: int, *scheduler_options):
+    """A ``dask scheduler`` on a free port (``--port 0``, found through its scheduler file) and ``workers``
+    ``dask worker`` processes (logs in ``tmp_path/logs``); yields ``(address, processes)``; stops whatever is
+    left."""
     scheduler_file = tmp_path / "scheduler.json"
     logs = tmp_path / "logs"
     logs.mkdir()
     procs = [subprocess.Popen(
-        [BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", scheduler_file],
+        [BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", scheduler_file,
+         *scheduler_options],
         stdout=open(logs / "scheduler.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )]  # fmt: skip
-    wait_for(scheduler_file.exists, "the scheduler file")
-    address = json.loads(scheduler_file.read_text())["address"]
-    for i in range(2):
-        procs.append(subprocess.Popen(
-            [BIN / "dask", "worker", "--scheduler-file", scheduler_file, "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"],
-            stdout=open(logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-        ))  # fmt: skip
-    from distributed import Client
+    try:
+        wait_for(scheduler_file.exists, "the scheduler file")
+        address = json.loads(scheduler_file.read_text())["address"]
+        for i in range(workers):
+            procs.append(subprocess.Popen(
+                [BIN / "dask", "worker", "--scheduler-file", scheduler_file, "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"],
+                stdout=open(logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+            ))  # fmt: skip
+        if workers:
+            from distributed import Client
 
-    with Client(address, timeout=30) as client:
-        client.wait_for_workers(2, timeout=60)
-    yield address, procs
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+            with Client(address, timeout=30) as client:
+                client.wait_for_workers(workers, timeout=60)
+        yield address, procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A scheduler and two workers (:func:`dask_cluster`)."""
+    with dask_cluster(tmp_path, 2) as running:
+        yield running
 
 
 def wait_for(condition, what: str, timeout: float = 120.0) -> None:
@@ -260,19 +273,7 @@ def test_under_on_error_skip_a_bad_first_input_is_the_jobs_failure_not_a_refusal
 def test_a_submit_interrupted_while_it_hands_over_the_driver_leaves_no_job_running(scenes_workflow, tmp_path):
     """Ctrl-C while the scheduler takes the driver (here 3 s, a slow scheduler; usually 50 ms): submit said
     "interrupted", exit 130, and the job ran anyway (a reviewer's). Now the driver is taken back."""
-    scheduler_file = tmp_path / "scheduler.json"
-    procs = [subprocess.Popen(
-        [BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file",
-         scheduler_file, "--preload", REPO / "tests" / "slow_scheduler.py"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )]  # fmt: skip
-    try:
-        wait_for(scheduler_file.exists, "the scheduler file")
-        procs.append(subprocess.Popen(
-            [BIN / "dask", "worker", "--scheduler-file", scheduler_file, "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        ))  # fmt: skip
-        address = json.loads(scheduler_file.read_text())["address"]
+    with dask_cluster(tmp_path, 1, "--preload", REPO / "tests" / "slow_scheduler.py") as (address, _):
         submitter = subprocess.Popen(
             [BIN / "tilemask", "submit", scenes_workflow, "--scheduler", address],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
@@ -293,23 +294,13 @@ def test_a_submit_interrupted_while_it_hands_over_the_driver_leaves_no_job_runni
         final = status(job, tmp_path)
         assert final["state"] == "cancelled" and final["counts"]["ok"] == 0, final
         assert not any((tmp_path / "out").glob("*_mask.tif"))
-    finally:
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
 
 
 def test_cancel_of_a_job_no_worker_has_started_answers_at_once(scenes_workflow, tmp_path):
     """A queued job (a scheduler without workers): its driver cannot see the request, and cancel waited out
     its whole --wait (60 s) before it said "cancelled"."""
-    scheduler_file = tmp_path / "scheduler.json"
-    scheduler = subprocess.Popen(
-        [BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", scheduler_file],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    try:
-        wait_for(scheduler_file.exists, "the scheduler file")
-        job = submit(scenes_workflow, json.loads(scheduler_file.read_text())["address"])
+    with dask_cluster(tmp_path, 0) as (address, _):  # a scheduler without workers
+        job = submit(scenes_workflow, address)
         assert status(job, tmp_path)["state"] == "queued"
         # queued, it has begun no input yet, and it is still not another workflow's to take
         other = yaml.safe_load(scenes_workflow.read_text()) | {"output": {"path": "other/{stem}.tif"}}
@@ -322,6 +313,3 @@ def test_cancel_of_a_job_no_worker_has_started_answers_at_once(scenes_workflow, 
         assert time.monotonic() - started < 20
         final = json.loads((Path(status(job, tmp_path)["folder"]) / "status.json").read_text())
         assert final["state"] == "cancelled" and final["message"] == "cancelled before its driver started", final
-    finally:
-        os.killpg(scheduler.pid, signal.SIGKILL)
-        scheduler.wait(timeout=30)
