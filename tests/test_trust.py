@@ -678,10 +678,12 @@ def test_a_full_disk_is_named_and_cleaned_up(make_raster, make_model, write_work
     assert outputs_in(disk) == []
 
 
-def test_a_cog_assembled_onto_a_full_disk_is_named_so(tmp_path, tmpfs):
+def test_a_cog_assembled_onto_a_full_disk_is_named_so(tmp_path, tmpfs, client):
     """The chunks fitted, the COG did not: GDAL's error (a CPLE_AppDefinedError, not a RasterioError) went up as
     ``Exception: CPLE_AppDefinedError(3, 1, 'TIFFRewriteDirectory:...')``, and the partial file was removed before
-    the free space was looked at (a first-contact review)."""
+    the free space was looked at (a first-contact review). Then, assembled on a worker as a run does it, the error
+    came back as ``Exception: OutputError('...')``: Dask pickles it with the GDAL error it replaced, which does not
+    unpickle (a first-contact run onto a full disk)."""
     from tilemask.errors import OutputError
     from tilemask.sinks.cog import CogRaster, CogSink
 
@@ -694,6 +696,9 @@ def test_a_cog_assembled_onto_a_full_disk_is_named_so(tmp_path, tmpfs):
     sink = object.__new__(CogSink)  # the assembly step alone: a VRT of the pieces is any GDAL dataset to it
     with pytest.raises(OutputError, match=r"scene\.tif: cannot assemble the COG: no space left on device$"):
         sink._translate(raster, str(source))
+    assert list(disk.iterdir()) == []
+    with pytest.raises(OutputError, match=r"scene\.tif: cannot assemble the COG: no space left on device$"):
+        client.submit(sink._translate, raster, str(source), pure=False).result(timeout=60)
     assert list(disk.iterdir()) == []
 
 

@@ -13,9 +13,47 @@ import os
 
 
 class TilemaskError(Exception):
-    """Base of all errors tilemask reports to users."""
+    """Base of all errors tilemask reports to users.
+
+    Its ``__cause__`` and ``__context__`` are only builtin exceptions and tilemask's own, whose own links are too
+    (and no context that ``raise ... from`` suppressed): Dask carries an error from a worker pickled with that
+    chain (tblib), and rasterio's GDAL errors do not unpickle that way (their ``args`` is a read-only property).
+    One in the chain turned the whole error into ``Exception: OutputError('...')``, its exit status with it.
+    tilemask's messages name the problem themselves.
+    """
 
     exit_status = 1
+
+    @property
+    def __cause__(self) -> BaseException | None:
+        return _portable(BaseException.__cause__.__get__(self))
+
+    @__cause__.setter
+    def __cause__(self, value: BaseException | None) -> None:
+        BaseException.__cause__.__set__(self, value)
+
+    @property
+    def __context__(self) -> BaseException | None:
+        return None if self.__suppress_context__ else _portable(BaseException.__context__.__get__(self))
+
+    @__context__.setter
+    def __context__(self, value: BaseException | None) -> None:
+        BaseException.__context__.__set__(self, value)
+
+
+def _portable(link: BaseException | None) -> BaseException | None:
+    """``link`` if it and every exception chained to it is builtin or tilemask's, else None."""
+    seen: set[int] = set()
+    pending = [link]
+    while pending:
+        exc = pending.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        if not (isinstance(exc, TilemaskError) or type(exc).__module__ == "builtins"):
+            return None
+        seen.add(id(exc))
+        pending += [exc.__cause__, None if exc.__suppress_context__ else exc.__context__]
+    return link
 
 
 class WorkflowError(TilemaskError, ValueError):
