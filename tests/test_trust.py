@@ -294,6 +294,21 @@ def test_ctrl_c_while_the_command_starts_is_an_interrupt_not_click_aborting(make
     assert not (tmp_path / "out" / "scene.zarr").exists()
 
 
+@pytest.mark.slow  # a whole run with spawned workers (10 s)
+def test_a_fork_server_that_cannot_start_leaves_the_workers_spawned(make_raster, make_model, write_workflow, tmp_path):
+    """The fork server listens on a Unix socket in the temporary folder, whose path may not be longer than 107
+    bytes: under a deep TMPDIR it cannot start, and the run goes on with workers the nanny spawns."""
+    path, _ = make_raster((3, 90, 120))
+    weights, _ = make_model()
+    workflow = write_workflow(raster_workflow(path, weights, output={"path": "out/{stem}.zarr"}))
+    deep = tmp_path / ("t" * max(1, 100 - len(str(tmp_path))))
+    deep.mkdir()
+    done = run_cli("-vv", "run", workflow, "--quiet", cwd=tmp_path, env={"TMPDIR": str(deep)})
+    assert done.returncode == 0, done.stderr
+    assert "no fork server for the workers: AF_UNIX path too long" in done.stderr
+    assert zarr.open_group(str(tmp_path / "out" / "scene.zarr"), mode="r")["labels"].shape == (90, 120)
+
+
 @pytest.mark.slow
 def test_ctrl_c_while_a_single_input_makes_its_products_lets_them_finish_and_records_it(tmp_path):
     """Past the point of no return (its labels published) an input is finished, products and record, whatever

@@ -31,7 +31,8 @@ _IN_SERVER = "TILEMASK_IN_FORKSERVER"
 
 def start() -> None:
     """Start the fork server now, importing :data:`PRELOAD` on its own while this process goes on. Where it
-    cannot start (no room for its socket in the temporary folder), the nannies spawn their workers as usual."""
+    cannot start (its socket in a temporary folder whose path is too long for one: ``AF_UNIX path too long``),
+    the nannies spawn their workers as usual."""
     global _started
     import multiprocessing
     from multiprocessing import forkserver, resource_tracker
