@@ -717,6 +717,38 @@ def test_a_cog_assembled_onto_a_full_disk_is_named_so(tmp_path, tmpfs, client):
     assert list(disk.iterdir()) == []
 
 
+def test_a_cog_assembled_onto_a_nearly_full_disk_is_whole_or_refused(tmp_path, tmpfs):
+    """GDAL's COG driver returned from a copy onto a nearly full disk with no error and the file cut short: the
+    run exited 0 and published a COG that did not read (a first-contact review; 8-40 of its 42 kB here). At
+    every size of disk, the assembly now gives a COG that reads back whole, or says the disk is full and leaves
+    nothing."""
+    from tilemask.errors import OutputError
+    from tilemask.sinks.cog import CogRaster, CogSink
+
+    source = tmp_path / "pieces.tif"
+    with rasterio.open(GEO["RGB.byte.tif"]) as src:
+        labels = (src.read(1) // 80).astype(np.uint8)  # compresses as labels do: the COG is about 42 kB
+    with rasterio.open(source, "w", driver="GTiff", width=labels.shape[1], height=labels.shape[0], count=1,
+                       dtype="uint8") as dst:  # fmt: skip
+        dst.write(labels, 1)
+    sink = object.__new__(CogSink)
+    seen = {"refused": 0, "whole": 0}
+    for size in range(8, 104, 8):
+        disk = tmpfs(f"{size}k", name=f"disk{size}")
+        raster = CogRaster(str(disk / "scene.tif"), str(disk / "parts"), 1, "uint8", "labels", "run")
+        try:
+            sink._translate(raster, str(source))
+        except OutputError as exc:
+            assert str(exc).endswith("scene.tif: cannot assemble the COG: no space left on device"), (size, exc)
+            assert list(disk.iterdir()) == [], size
+            seen["refused"] += 1
+            continue
+        with rasterio.open(raster.partial) as done:
+            np.testing.assert_array_equal(done.read(1), labels, err_msg=f"a {size} kB disk")
+        seen["whole"] += 1
+    assert seen["refused"] and seen["whole"], seen  # the sizes span both
+
+
 def test_polygons_and_a_table_written_onto_a_full_disk_are_named_so(tmp_path, tmpfs, client):
     """A GeoPackage's full disk is SQLite's "database or disk is full", or GDAL's "Failed to commit transaction":
     they went up as pyogrio's DataLayerError / DataSourceError, naming neither the file nor the full disk."""

@@ -40,12 +40,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
+from xml.etree import ElementTree
 from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 import rasterio
 import rasterio.shutil
 from rasterio._err import CPLE_BaseError  # what GDAL raises through rasterio.shutil.copy, not a RasterioError
+from rasterio.enums import Interleaving
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from ..classes import BACKGROUND, CLASSES_TAG, class_colours, class_name
@@ -119,6 +121,35 @@ class CogRaster:
             remove(self.partial + suffix)
             if self.assembled != self.partial:
                 remove(self.assembled + suffix)
+
+
+def written_short(path: str) -> str | None:
+    """What is missing from a COG GDAL has just written, or None when it is whole: every block of the image and
+    of its overviews ends within the file, and its ``.aux.xml`` sidecar, if any, parses. GDAL's COG driver can
+    return from a copy onto a full disk with no error and the file cut short (a first-contact review: the run
+    exited 0 and published a COG that did not read)."""
+    size, end = os.path.getsize(path), 0
+    with rasterio.open(path) as ds:
+        levels = [None, *range(len(ds.overviews(1)))]
+        bands = [1] if ds.interleaving == Interleaving.pixel else list(ds.indexes)
+    for level in levels:
+        with rasterio.open(path, overview_level=level) as ds:
+            (block_h, block_w), rows, cols = ds.block_shapes[0], ds.height, ds.width
+            for band in bands:
+                for y in range(-(-rows // block_h)):
+                    for x in range(-(-cols // block_w)):
+                        offset = ds.get_tag_item(f"BLOCK_OFFSET_{x}_{y}", "TIFF", bidx=band)
+                        if offset:
+                            length = ds.get_tag_item(f"BLOCK_SIZE_{x}_{y}", "TIFF", bidx=band)
+                            end = max(end, int(offset) + int(length or 0))
+    if end > size:
+        return f"{path} is {size} bytes, its blocks end at byte {end}"
+    if os.path.exists(path + ".aux.xml"):
+        try:
+            ElementTree.parse(path + ".aux.xml")
+        except ElementTree.ParseError as exc:
+            return f"{path}.aux.xml does not parse: {exc}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -333,10 +364,15 @@ class CogSink(LabelSink):
         try:
             with gdal_env(), rasterio.Env(**GDAL_OPTIONS):
                 rasterio.shutil.copy(vrt, raster.assembled, driver="COG", **options)
+                short = written_short(raster.assembled)
         except (RasterioError, CPLE_BaseError, OSError, SystemError) as exc:  # SystemError: "Unknown GDAL Error"
             detail = describe_write_error(exc, raster.assembled)  # before the partial file goes: a full disk is seen
             raster.abort()
             raise OutputError(f"{raster.path}: cannot assemble the COG: {detail}") from None
+        if short:
+            detail = describe_write_error(OSError(short), raster.assembled)
+            raster.abort()
+            raise OutputError(f"{raster.path}: cannot assemble the COG: {detail}")
         if raster.assembled != raster.partial:  # uploaded whole under the staged name, the sidecar first
             try:
                 for suffix in (".aux.xml", ""):
