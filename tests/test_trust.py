@@ -717,6 +717,36 @@ def test_a_cog_assembled_onto_a_full_disk_is_named_so(tmp_path, tmpfs, client):
     assert list(disk.iterdir()) == []
 
 
+@pytest.mark.slow  # seven runs of a volume (50 s)
+def test_a_volume_written_onto_a_disk_of_any_size_is_whole_or_named(make_volume, make_model, write_workflow, tmp_path,
+                                                                    tmpfs):  # fmt: skip
+    """A NIfTI output through its model grid (a hidden Zarr), onto disks from 8 kB to 1.2 MB: a full disk went
+    up as ``OSError: [Errno 28] No space left on device (run with --debug for details)``, naming no file, when
+    the output lock, the model grid's Zarr or the final gzip met it, and the lock file stayed (a first-contact
+    review). Now every size gives a whole output or one line naming the file and the full disk, and nothing
+    left on the disk."""
+    path, _ = make_volume()
+    weights, _ = make_model(UNET_3D)
+    failed, whole = [], 0
+    for size in (8, 16, 24, 200, 600, 800, 1200):
+        disk = tmpfs(f"{size}k", name=f"disk{size}")
+        workflow = volume_workflow(path, weights, {}, {"path": str(disk / "{stem}_labels.nii.gz")})
+        workflow["preprocess"]["spacing"] = [1.0, 1.0, 1.0]  # predicted on a grid of its own, then resampled
+        done = run_cli("run", write_workflow(workflow, name=f"w{size}.yaml"), "--quiet", "--job-dir",
+                       tmp_path / f"job{size}")  # fmt: skip
+        if done.returncode == 0:
+            assert nib.load(disk / "scan_labels.nii.gz").get_fdata().shape == (37, 29, 23)
+            whole += 1
+            continue
+        line = one_line(done.stderr)
+        assert done.returncode == 1 and f" {disk}" in line and line.endswith(": no space left on device"), (size, line)
+        assert sorted(p.name for p in disk.iterdir()) == [], (size, line)
+        failed.append(line.replace(str(disk), "DISK"))
+    # the lock, the model grid's Zarr and the NIfTI met the full disk (a chunk's write too, named as before)
+    kinds = ("DISK: no space", ".model.zarr: cannot write the output", ".nii.gz: cannot write the output")
+    assert whole and {kind for kind in kinds for line in failed if kind in line} == set(kinds), (whole, failed)
+
+
 def test_a_cog_assembled_onto_a_nearly_full_disk_is_whole_or_refused(tmp_path, tmpfs):
     """GDAL's COG driver returned from a copy onto a nearly full disk with no error and the file cut short: the
     run exited 0 and published a COG that did not read (a first-contact review; 8-40 of its 42 kB here). At

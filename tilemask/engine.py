@@ -60,7 +60,7 @@ from .errors import NoWorkers, OutputError, RunError, TilemaskError
 from .finalize import class_histogram, finalize
 from .geometry import Block, Region, WindowPlan
 from .interrupts import shielded
-from .outputs import describe_write_error, remove
+from .outputs import describe_write_error, output_step, remove
 from .planning import Inversion, Job, WorkflowPlan
 from .preprocess import Preprocessing
 from .products import write_products
@@ -332,7 +332,7 @@ def _reopen(job: Job) -> dict[tuple[int, ...], np.ndarray]:
         written = Ledger(job.ledger).written()
         if written:
             return written
-    job.sink.create()
+    output_step(job.sink.create, job.sink.path)
     if job.ledger:
         Ledger(job.ledger).clear(stamp)
     return {}
@@ -350,7 +350,7 @@ def finish_and_publish(client: Client, sink: LabelSink, held: dict) -> list[str]
     Two tasks: an interrupt while the first runs leaves only staged files, which
     the caller's cleanup removes once ``held``'s tasks have stopped.
     """
-    held["finish"] = client.submit(sink.finish, pure=False)
+    held["finish"] = client.submit(output_step, sink.finish, sink.path, pure=False)
     gather(client, [held["finish"]])
     with not_abandoned():
         held["publish"] = client.submit(sink.publish, pure=False)
@@ -447,7 +447,7 @@ def fill_sink(
     futures: list = []
     finishing: dict = {}  # the finish and publish tasks, once submitted
     try:
-        sink.create()
+        output_step(sink.create, sink.path)
         futures = submit()
         totals = np.sum(gather(client, futures), axis=0)
         with stage(what, enabled=progress):

@@ -34,11 +34,14 @@ import shutil
 import socket
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from . import storage
-from .errors import OutputConflict, OutputError
+from .errors import OutputConflict, OutputError, TilemaskError
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +223,18 @@ def describe_write_error(exc: BaseException, path: str | os.PathLike) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+def output_step(step: Callable[[], T], path: str) -> T:
+    """``step()`` of writing the output at ``path`` (create it, make it whole): an ``OSError`` of its own (a
+    full disk, a folder gone) as the output's one line. A full disk had gone up bare, naming no file:
+    ``OSError: [Errno 28] No space left on device`` (a COG's VRT, a NIfTI's gzip, its model-grid Zarr)."""
+    try:
+        return step()
+    except TilemaskError:
+        raise
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write the output: {describe_write_error(exc, path)}") from None
+
+
 # -- before any work ----------------------------------------------------------------------------
 
 
@@ -330,8 +345,13 @@ class OutputLock:
             except FileNotFoundError:
                 same = False
             if same:  # not a lock file its previous holder unlinked while we waited to open it
-                os.ftruncate(fd, 0)
-                os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode())
+                try:
+                    os.ftruncate(fd, 0)
+                    os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode())
+                except OSError as exc:  # a full disk: the lock goes with the refusal
+                    lock.unlink()
+                    os.close(fd)
+                    raise OutputError(f"output folder {lock.parent}: {describe_write_error(exc, lock)}") from None
                 return lock, fd
             os.close(fd)
 
