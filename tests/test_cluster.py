@@ -78,6 +78,19 @@ def test_bad_scheduler_address_is_one_line(make_raster, make_model, write_workfl
     assert proc.stderr.strip().count("\n") == 0 and "tilemask: error:" in proc.stderr
 
 
+@pytest.mark.timeout(60)
+def test_a_scheduler_address_of_an_unknown_scheme_is_refused(make_raster, make_model, write_workflow):
+    """A reviewer's: 'nonsense://x' ended as a ValueError from distributed, exit 1; it is no address (exit 2)."""
+    path, _ = make_raster((3, 50, 50))
+    weights, _ = make_model()
+    proc = run_cli("-q", "run", write_workflow(raster_workflow(path, weights)), "--scheduler", "nonsense://x",
+                   timeout=40)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith("tilemask: error: --scheduler nonsense://x: not a Dask scheduler address: unknown "
+                                  "address scheme 'nonsense'"), proc.stderr  # fmt: skip
+
+
 def test_workers_count_the_seconds_of_each_stage(make_raster, make_model, tmp_path, client):
     """What benchmarks/bench_engine.py's breakdown reads: every stage of a run adds to its worker's counters."""
     import tilemask

@@ -115,10 +115,12 @@ def check_cluster_options(scheduler: str | None, kind: str = "local") -> None:
     if scheduler is not None and not scheduler.strip():
         raise UsageError("--scheduler is empty: give the Dask scheduler's address (tcp://HOST:PORT)")
     if scheduler:
-        from distributed.comm.addressing import get_address_host_port, normalize_address
+        from distributed.comm import registry
+        from distributed.comm.addressing import get_address_host_port, normalize_address, parse_address
 
         try:
             address = normalize_address(scheduler)
+            registry.get_backend(parse_address(address)[0])  # 'nonsense://x' passes normalize_address
             if address.startswith(("tcp://", "tls://", "ws://", "wss://")):
                 get_address_host_port(address)
         except ValueError as exc:  # "missing port number", "unknown address scheme"
