@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
+
 import numpy as np
 import pytest
 import zarr
@@ -78,6 +83,75 @@ def test_bad_scheduler_address_is_one_line(make_raster, make_model, write_workfl
     assert proc.stderr.strip().count("\n") == 0 and "tilemask: error:" in proc.stderr
 
 
+@contextlib.contextmanager
+def tcp_service(reply: bytes | None):
+    """A server on a free port of 127.0.0.1 that is not a Dask scheduler; yields its ``tcp://`` address. It takes
+    every connection and, with ``reply``, sends it and closes (an HTTP server's answer to Dask's first bytes);
+    without, it holds the connection and never says a word (``python -m http.server`` waiting for a line)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # closed: the test is over
+                return
+            if reply is None:
+                held.append(conn)
+            else:
+                with conn:
+                    conn.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"tcp://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+
+
+QUICK_CONNECT = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"}  # the 30 s a --scheduler has to answer
+
+
+@pytest.mark.timeout(60)
+def test_a_scheduler_address_that_takes_the_connection_and_never_answers_fails_within_the_connect_timeout(
+    make_raster, make_model, write_workflow
+):
+    """A reviewer's: a service that accepts and waits (python -m http.server) left tilemask run waiting forever in
+    distributed's handshake, whose read has no timeout. It may be a stalled scheduler too: exit 1."""
+    path, _ = make_raster((3, 50, 50))
+    weights, _ = make_model()
+    with tcp_service(reply=None) as address:
+        start = time.monotonic()
+        proc = run_cli("-q", "run", write_workflow(raster_workflow(path, weights)), "--scheduler", address,
+                       env=QUICK_CONNECT, timeout=40)  # fmt: skip
+        took = time.monotonic() - start
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("tilemask: error:") and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert address in proc.stderr and "did not answer as a Dask scheduler within 2 s" in proc.stderr
+    assert took < 20
+
+
+@pytest.mark.timeout(60)
+def test_a_scheduler_address_where_something_else_answers_is_refused(make_raster, make_model, write_workflow):
+    """A reviewer's: a service that answers other bytes (the dashboard's HTTP port by mistake) ended as
+    'MemoryError: Unable to allocate 3.07 EiB' (its 'HTTP/1.1' read as the length of Dask's first message). It is
+    not a scheduler's address, and trying again will not make it one: exit 2."""
+    path, _ = make_raster((3, 50, 50))
+    weights, _ = make_model()
+    with tcp_service(reply=b"HTTP/1.1 400 Bad Request\r\n\r\n") as address:
+        proc = run_cli("-q", "run", write_workflow(raster_workflow(path, weights)), "--scheduler", address,
+                       env=QUICK_CONNECT, timeout=40)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("tilemask: error:") and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert f"--scheduler {address}: not a Dask scheduler" in proc.stderr and "MemoryError" not in proc.stderr
+
+
 @pytest.mark.timeout(60)
 def test_a_scheduler_address_of_an_unknown_scheme_is_refused(make_raster, make_model, write_workflow):
     """A reviewer's: 'nonsense://x' ended as a ValueError from distributed, exit 1; it is no address (exit 2)."""
@@ -89,6 +163,21 @@ def test_a_scheduler_address_of_an_unknown_scheme_is_refused(make_raster, make_m
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("tilemask: error: --scheduler nonsense://x: not a Dask scheduler address: unknown "
                                   "address scheme 'nonsense'"), proc.stderr  # fmt: skip
+
+
+@pytest.mark.slow  # the real dask scheduler and workers of dask_processes take ~10 s to start
+@pytest.mark.timeout(120)
+def test_a_workers_address_is_refused_and_the_schedulers_connects(dask_processes):
+    """A Dask worker answers Dask's handshake, but is no scheduler: one line, exit 2 (was 'TypeError:
+    Worker.identity() got an unexpected keyword argument', exit 1). The scheduler's own address connects."""
+    from tilemask.cluster import cluster_client
+    from tilemask.errors import UsageError
+
+    with cluster_client(dask_processes) as client:
+        worker = sorted(client.scheduler_info(n_workers=-1)["workers"])[0]
+    with pytest.raises(UsageError, match="not a Dask scheduler: a Dask server answered there, but not a scheduler"):
+        with cluster_client(worker):
+            pass
 
 
 def test_workers_count_the_seconds_of_each_stage(make_raster, make_model, tmp_path, client):

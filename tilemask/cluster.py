@@ -20,6 +20,7 @@ Defaults for the embedded cluster (see README, "Execution"):
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import concurrent.futures
 import contextlib
@@ -40,6 +41,7 @@ from collections.abc import Iterable, Iterator
 from multiprocessing import resource_tracker
 
 import dask
+from dask.utils import parse_timedelta
 from distributed import Client, Future, LocalCluster, WorkerPlugin
 
 from . import forkserver
@@ -151,11 +153,7 @@ def cluster_client(
             yield client
         return
     if scheduler:
-        try:
-            client = Client(scheduler)  # connect timeout: distributed.comm.timeouts.connect
-        except OSError as exc:
-            raise TilemaskError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
-        with client:
+        with scheduler_client(scheduler) as client:
             yield client
         return
     default_n, default_t = default_workers()
@@ -193,6 +191,120 @@ def cluster_client(
             cluster.close()
         except Exception as exc:  # e.g. a nanny still restarting a killed worker: the work itself is done
             logger.warning("closing the embedded cluster: %s: %s", type(exc).__name__, exc)
+
+
+def connect_timeout() -> float:
+    """Seconds a ``--scheduler`` has to answer: Dask's ``distributed.comm.timeouts.connect`` (30 s)."""
+    return float(parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s"))
+
+
+def scheduler_client(address: str) -> Client:
+    """A client of the Dask scheduler at ``address``, or one line within :func:`connect_timeout`: exit 1 when
+    nothing takes the connection or what takes it says nothing (a scheduler may be down or stalled for now), exit 2
+    when what answers is not a Dask scheduler (another service's port, a Dask worker's).
+
+    ``Client(address)`` alone waited forever on a service that takes the connection and never answers (the read
+    of distributed's handshake has no timeout), and reading an HTTP server's answer as Dask's ended as
+    ``MemoryError: Unable to allocate 3.07 EiB`` (its 'HTTP/1.1' taken for the length of a message): the
+    scheduler is asked who it is first, on a connection of its own, with a deadline."""
+    timeout = connect_timeout()
+    answer: concurrent.futures.Future = concurrent.futures.Future()
+
+    def ask() -> None:  # a thread of its own: the caller's may run an event loop already (a notebook)
+        try:
+            answer.set_result(asyncio.run(_scheduler_identity(address, timeout)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread as it is
+            answer.set_exception(exc)
+
+    threading.Thread(target=ask, name="tilemask-scheduler-probe", daemon=True).start()
+    try:
+        answer.result(timeout + 10)  # the probe keeps its own deadline; this one only guards against a bug there
+    except _NoAnswer as exc:
+        raise RunError(f"{address} did not answer as a Dask scheduler within {timeout:g} s: {exc}") from None
+    except _Unreached as exc:
+        raise TilemaskError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+    except _NotAScheduler as exc:
+        raise UsageError(f"--scheduler {address}: not a Dask scheduler: {exc}") from None
+    except concurrent.futures.TimeoutError:
+        raise RunError(f"{address} did not answer as a Dask scheduler within {timeout:g} s") from None
+    try:  # it answered as a scheduler: its Client (the same deadline, which it keeps from here on)
+        return Client(address, timeout=timeout)
+    except OSError as exc:
+        raise TilemaskError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+
+
+class _Unreached(Exception):
+    """No connection within the deadline, or it was closed before a word."""
+
+
+class _NoAnswer(Exception):
+    """Connected, and nothing came back within the deadline."""
+
+
+class _NotAScheduler(Exception):
+    """What answered speaks no Dask, or is a Dask server other than a scheduler."""
+
+
+async def _scheduler_identity(address: str, timeout: float) -> dict:
+    """What the Dask scheduler at ``address`` says it is (its ``identity``), as ``distributed.comm.connect`` and
+    a ``Client`` reach it (connections retried until the deadline, then the handshake), with every read
+    under the deadline too. Raises :class:`_Unreached`, :class:`_NoAnswer` or :class:`_NotAScheduler`."""
+    from distributed.comm import registry
+    from distributed.comm.addressing import parse_address
+    from distributed.security import Security
+
+    scheme, location = parse_address(address)
+    connector = registry.get_backend(scheme).get_connector()
+    options = Security().get_connection_args("client")  # as a Client's, e.g. TLS from the Dask config
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            comm = await asyncio.wait_for(connector.connect(location, deserialize=True, **options),
+                                          max(0.0, deadline - time.monotonic()))  # fmt: skip
+            break
+        except OSError as exc:  # refused, no route, the attempt timed out (TimeoutError is an OSError)
+            if time.monotonic() + 0.2 >= deadline:
+                raise _Unreached(f"no connection within {timeout:g} s{_why(exc)}") from None
+            await asyncio.sleep(0.2)
+
+    async def read():
+        try:
+            return await asyncio.wait_for(comm.read(), max(1.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise _NoAnswer("it took the connection and said nothing (a stalled scheduler, or another service "
+                            "waiting for its own request)") from None  # fmt: skip
+        except OSError as exc:  # closed
+            raise _Unreached(f"it closed the connection before it answered{_why(exc)}") from None
+        except Exception:  # noqa: BLE001 - bytes that are no Dask message: MemoryError, struct, msgpack errors
+            raise _NotAScheduler("what answered there does not speak Dask's protocol (a dashboard's or another "
+                                 "service's port?)") from None  # fmt: skip
+
+    try:
+        mine = comm.handshake_info()
+        await comm.write(mine)
+        theirs = await read()
+        if not isinstance(theirs, dict) or "pickle-protocol" not in theirs:
+            raise _NotAScheduler("what answered there does not speak Dask's protocol")
+        comm.local_info, comm.remote_info = {**mine, "address": comm.local_address}, {**theirs, "address": address}
+        comm.handshake_options = comm.handshake_configuration(comm.local_info, comm.remote_info)
+        await comm.write({"op": "identity", "n_workers": 0, "reply": True})
+        identity = await read()
+    finally:
+        comm.abort()
+    if not (isinstance(identity, dict) and "n_workers" in identity):  # a worker or nanny: no such argument
+        raise _NotAScheduler("a Dask server answered there, but not a scheduler (a worker's or nanny's address?)")
+    return identity
+
+
+def _why(exc: BaseException) -> str:
+    """': Connection refused' from the operating system's error behind ``exc``, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.strerror:
+            return f": {exc.strerror}"
+        exc = getattr(exc, "real_error", None) or exc.__cause__ or exc.__context__
+    return ""
 
 
 @contextlib.contextmanager
