@@ -63,8 +63,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputError, WeightsError, WorkflowError
-from .models import MODELS_PER_PROCESS, cached_model, first_line
+from .errors import InputError, WeightsError, WorkflowError, first_line
+from .models import MODELS_PER_PROCESS, cached_model
 from .settings import InferenceSettings, ModelSpec
 
 logger = logging.getLogger(__name__)

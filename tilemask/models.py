@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .errors import WeightsError, WorkflowError, missing_weights
+from .errors import WeightsError, WorkflowError, first_line, missing_weights
 from .imports import import_module
 from .settings import ModelSpec
 
@@ -99,11 +99,27 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.
     try:
         network.load_state_dict(state)
     except RuntimeError as exc:
-        detail = str(exc).strip().splitlines()
-        raise WeightsError(
-            f"model.weights: {path} does not fit {spec.network}: {detail[1].strip() if len(detail) > 1 else detail[0]}"
-        ) from None
+        detail = _misfit(network.state_dict(), state) or first_line(exc)
+        raise WeightsError(f"model.weights: {path} does not fit {spec.network}: {detail}") from None
     return network.to(device).eval()
+
+
+def _misfit(expected: dict[str, torch.Tensor], state: dict) -> str:
+    """How ``state`` differs from a network's own state_dict, in one short line: how many keys are missing,
+    unexpected or of another shape, and the first few of each. torch lists every key (1.1 kB for weights of
+    another MONAI UNet, a first-contact review)."""
+    shape = {key: tuple(getattr(value, "shape", ())) for key, value in state.items()}
+    kinds = (
+        ("missing", [key for key in expected if key not in state]),
+        ("unexpected", [key for key in state if key not in expected]),
+        ("of another shape", [f"{key} {list(shape[key])} for {list(value.shape)}" for key, value in expected.items()
+                              if key in state and shape[key] != tuple(value.shape)]),  # fmt: skip
+    )
+    return "; ".join(
+        f"{len(keys)} key(s) {what}: {', '.join(keys[:2])}{f' and {len(keys) - 2} more' if len(keys) > 2 else ''}"
+        for what, keys in kinds
+        if keys
+    )
 
 
 def _load_state_dict(path: Path, network: str | None = None) -> dict[str, torch.Tensor]:
@@ -227,11 +243,6 @@ def _refuse_pickles_with_code(path: Path) -> None:
                 raise WeightsError(
                     f"model.weights: {path} holds a pickle that needs code to load ({name}); refused"
                 ) from exc
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 NOT_A_CHECKPOINT = "is not a torch checkpoint (neither a state_dict archive nor TorchScript)"
