@@ -240,6 +240,15 @@ def test_weights_of_another_network_are_refused(scene, write_workflow, make_mode
     assert nothing_finished(tmp_path / "out")
 
 
+def test_an_output_under_a_file_names_the_file(scene, write_workflow, tmp_path, cli):
+    """A file where a folder of the output's path should be said "File exists" or "Not a directory"."""
+    (tmp_path / "afile").write_text("")
+    for output, jobs in (("afile/{stem}.tif", []), ("afile/sub/{stem}.zarr", ["--job-dir", tmp_path / "job"])):
+        scene["output"] = {"path": str(tmp_path / output)}
+        assert_one_line_error(cli(write_workflow(scene), *jobs), 2, f"{tmp_path / 'afile'} is a file, not a folder")
+    assert (tmp_path / "afile").read_text() == ""
+
+
 def test_torchscript_weights_run(scene, write_workflow, make_model, tmp_path, cli):
     import torch
 

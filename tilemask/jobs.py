@@ -52,7 +52,7 @@ import yaml
 from . import storage
 from .errors import OutputError, TilemaskError
 from .formats import for_path, written_by_tilemask
-from .outputs import describe_write_error, exists
+from .outputs import describe_write_error, exists, why_unwritable
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class JobFolder:
             for name in ("workflow.yaml", "items.jsonl", "job.json", "cancel"):
                 self._saved(name)
         except OSError as exc:
-            raise JobError(f"job folder {self.location} is not writable: {exc.strerror or exc}") from None
+            raise JobError(f"job folder {self.location} is not writable: {why_unwritable(self.path, exc)}") from None
         register(self)
 
     def info(self) -> dict:
@@ -333,7 +333,7 @@ class JobFolder:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise JobError(f"job folder {self.location} is not writable: {exc.strerror or exc}") from None
+            raise JobError(f"job folder {self.location} is not writable: {why_unwritable(self.path, exc)}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

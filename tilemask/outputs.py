@@ -269,6 +269,15 @@ def check_outputs(outputs: Iterable[tuple[str, bool]], inputs: Iterable[str], ov
             check_writable(Path(path).parent)
 
 
+def why_unwritable(folder: str | os.PathLike, exc: OSError) -> str:
+    """Why ``folder`` could not be made or written, in words: a file where a folder of its path should be ("File
+    exists" and "Not a directory" said it for ``out/`` when ``out`` was a file), else the system's reason."""
+    for place in (Path(folder), *Path(folder).parents):
+        if place.exists():
+            return str(exc.strerror or exc) if place.is_dir() else f"{place} is a file, not a folder"
+    return str(exc.strerror or exc)
+
+
 def check_writable(folder: Path) -> None:
     """Create ``folder`` if needed and prove a file can be made in it."""
     try:
@@ -277,7 +286,7 @@ def check_writable(folder: Path) -> None:
         probe.touch()
         probe.unlink()
     except OSError as exc:
-        raise OutputConflict(f"output folder {folder} is not writable: {exc.strerror or exc}") from None
+        raise OutputConflict(f"output folder {folder} is not writable: {why_unwritable(folder, exc)}") from None
 
 
 def check_remote_writable(folder: str) -> None:
@@ -333,7 +342,8 @@ class OutputLock:
                 lock.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
             except OSError as exc:
-                raise OutputConflict(f"output folder {lock.parent} is not writable: {exc.strerror or exc}") from None
+                why = why_unwritable(lock.parent, exc)
+                raise OutputConflict(f"output folder {lock.parent} is not writable: {why}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
