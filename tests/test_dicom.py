@@ -443,3 +443,26 @@ def test_outputs_that_cannot_be_written_for_the_input_are_refused_when_planning(
         plan_workflow(Workflow.from_dict({**base, "input": str(next(CT.iterdir())), "output": {"path": "o.nii.gz"}},
                                          base_dir=tmp_path))  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("fault", ["pixel spacing 0", "parallel cosines"])
+def test_a_series_whose_voxel_axes_do_not_span_space_is_refused_by_name(fault, tmp_path):
+    """A PixelSpacing of 0 gives a singular affine, which failed in nibabel when reoriented ("Unable to find out
+    axis") and could not be written into NIfTI labels; ImageOrientationPatient with one direction twice has no slice
+    normal to sort the slices along, and was called "not evenly spaced"."""
+
+    def mutate(ds, k):
+        if fault == "pixel spacing 0":
+            ds.PixelSpacing = [0.0, 1.3]
+        else:
+            ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+
+    folder = write_series(tmp_path / "series", mutate=mutate)
+    why = (rf"^{folder}: its affine \(voxel-to-world matrix\) is not usable: it is singular .*PixelSpacing"
+           if fault == "pixel spacing 0" else
+           rf"^{folder}/slice\d+.dcm: ImageOrientationPatient \[1, 0, 0, 1, 0, 0\] gives no slice normal")  # fmt: skip
+    with pytest.raises(InputError, match=why) as refused:
+        DicomSeriesSource.open(str(folder))
+    assert refused.value.exit_status == 2

@@ -210,3 +210,22 @@ def test_an_ome_zarr_named_zarr_is_read_as_one_and_an_array_inside_a_group_by_it
     for inside in ("out.zarr/{stem}", "scan.ome.zarr/{stem}_seg"):
         with pytest.raises(WorkflowError, match="suffix must be one of"):
             Workflow.from_dict(raster_workflow(str(named), weights, output={"path": inside}), base_dir=tmp_path)
+
+
+@pytest.mark.timeout(30)
+def test_an_ome_zarr_volume_with_a_scale_of_0_is_refused_for_its_affine(tmp_path):
+    """A scale of 0 puts every voxel of an axis at one place: a singular affine, refused when the input is opened."""
+    from tilemask.errors import InputError
+    from tilemask.sources import open_source
+
+    path = tmp_path / "flat.ome.zarr"
+    group = zarr.open_group(path, mode="w", zarr_format=2)
+    group.create_array("0", data=np.zeros((8, 8, 8), np.int16), chunks=(8, 8, 8))
+    group.attrs["multiscales"] = [{
+        "version": "0.4", "axes": [{"name": n, "type": "space", "unit": "millimeter"} for n in "zyx"],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [0.0, 1.0, 1.0]}]}],
+    }]  # fmt: skip
+    with pytest.raises(InputError, match=rf"^{path}: its affine \(voxel-to-world matrix\) is not usable: it is "
+                                         r"singular .*scale") as refused:  # fmt: skip
+        open_source(str(path), 3)
+    assert refused.value.exit_status == 2

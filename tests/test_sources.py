@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
 import zarr
 
+from tests.conftest import UNET_3D, run_cli
 from tilemask.errors import InputError
 from tilemask.sources import cached_handle, file_stamp, open_source
+
+NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 
 
 def test_nifti_gz_is_decompressed_once_per_process_into_a_file_no_one_sees(make_volume, monkeypatch, tmp_path):
@@ -254,3 +259,67 @@ def test_a_truncated_nifti_gz_is_called_truncated_by_the_scan_reader_and_the_lab
     uncompressed.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(InputError, match=rf"^{uncompressed}: truncated: its header describes"):
         open_labels(str(uncompressed))
+
+
+def broken_affine(path: Path, fault: str) -> Path:
+    """nibabel's anatomical.nii with its sform made singular (the 3x3 part zeros, no qform) or not finite (a NaN in
+    srow_x): the affine nibabel gives is that sform."""
+    real = nib.load(NIBABEL_DATA / "anatomical.nii")
+    img = nib.Nifti1Image(np.asarray(real.dataobj), None, real.header.copy())
+    if fault == "singular":
+        img.header.set_sform(np.diag([0.0, 0.0, 0.0, 1.0]) + np.array([[0, 0, 0, 32.0]] + [[0] * 4] * 3), code=2)
+        img.header["qform_code"] = 0
+    else:
+        img.header.set_sform(real.affine, code=2)
+        img.header["srow_x"] = [np.nan, 0.0, 0.0, 32.0]
+    nib.save(img, path)
+    return path
+
+
+AFFINE_FAULTS = {"singular": "it is singular", "nan": "it holds values that are not finite"}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("fault", AFFINE_FAULTS)
+def test_a_nifti_whose_affine_is_singular_or_not_finite_is_refused_when_opened(fault, tmp_path):
+    """Such an affine failed later, each time as a raw exception naming no file (exit 1): reoriented, nibabel's
+    "Unable to find out axis 0.0 in start_ornt" or "SVD did not converge"; as it is, "Could not decompose affine"
+    when the labels' header was written."""
+    path = broken_affine(tmp_path / f"{fault}.nii", fault)
+    with pytest.raises(InputError, match=rf"^{path}: its affine \(voxel-to-world matrix\) is not usable: "
+                                         rf"{AFFINE_FAULTS[fault]}") as refused:  # fmt: skip
+        open_source(str(path), 3)
+    assert refused.value.exit_status == 2 and "\n" not in str(refused.value)
+    from tilemask.sources.labels import open_labels
+
+    labels = nib.load(path)
+    labels = nib.Nifti1Image(np.asarray(labels.dataobj).astype(np.uint8), None, labels.header)
+    nib.save(labels, tmp_path / "labels.nii")
+    with pytest.raises(InputError, match=rf"^{tmp_path / 'labels.nii'}: its affine .* is not usable"):
+        open_labels(str(tmp_path / "labels.nii"))  # tilemask stats measures volumes with it
+    for name in ("anatomical.nii", "example4d.nii.gz"):  # real scans, one of them oblique, still open
+        source = open_source(str(NIBABEL_DATA / name), 3)
+        np.testing.assert_array_equal(source.geometry.affine, nib.load(NIBABEL_DATA / name).affine)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("fault, preprocess", [("singular", {"orientation": "RAS"}),
+                                               ("nan", {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0]}),
+                                               ("nan", {})], ids=["singular-RAS", "nan-RAS-spacing", "nan"])  # fmt: skip
+def test_tilemask_run_refuses_a_nifti_with_an_unusable_affine_in_one_line_exit_2(
+    fault, preprocess, make_model, write_workflow, tmp_path
+):
+    path = broken_affine(tmp_path / "scan.nii", fault)
+    weights, _ = make_model(UNET_3D)
+    workflow = write_workflow({
+        "version": 1, "input": str(path), "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
+        "preprocess": {"normalize": {"mean": [500.0], "std": [300.0]}, **preprocess},
+        "inference": {"roi_size": [16, 16, 16], "device": "cpu"}, "output": {"path": "out/{stem}_labels.nii.gz"},
+    })  # fmt: skip
+    proc = run_cli("run", workflow, cwd=tmp_path, timeout=80)
+    assert proc.returncode == 2, proc.stderr
+    (error,) = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert error.startswith(f"tilemask: error: {path}: its affine (voxel-to-world matrix) is not usable: "
+                            f"{AFFINE_FAULTS[fault]}"), proc.stderr
+    assert "--debug" not in error
+    assert not list((tmp_path / "out").glob("*.nii*")), "refused before any labels are written"

@@ -294,6 +294,25 @@ class VolumeGeometry:
 
 Geometry = RasterGeometry | VolumeGeometry
 
+
+def affine_problem(affine) -> str | None:
+    """Why a voxel-to-world affine cannot place a volume's voxels, in a line, or None when it can: values that are
+    not finite, or a 3x3 part that is singular (the voxel axes span fewer than three dimensions), judged with the
+    tolerance of nibabel's ``io_orientation``, which reorienting needs (singular values of at most
+    ``max * 3 * eps`` count as zero).  Reorienting such an affine failed in nibabel ("Unable to find out axis",
+    "SVD did not converge"), and a NIfTI header cannot hold it ("Could not decompose affine")."""
+    import numpy as np
+
+    rows = np.asarray(affine, dtype=float)[:3]
+    shown = "[" + "; ".join(" ".join(f"{v:g}" for v in row) for row in rows) + "]"
+    if not np.isfinite(rows).all():
+        return f"it holds values that are not finite: {shown}"
+    values = np.linalg.svd(rows[:, :3], compute_uv=False)
+    if values.min() <= values.max() * 3 * np.finfo(float).eps:
+        return f"it is singular (its voxel axes span fewer than three dimensions): {shown}"
+    return None
+
+
 IDENTITY_TRANSFORM = (0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 

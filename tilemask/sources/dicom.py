@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError, ReadError
-from ..geometry import Region, VolumeGeometry
+from ..geometry import Region, VolumeGeometry, affine_problem
 from . import CannotUnpack, ImageSource, Spool, bytes_at, file_stamp, unpacked
 
 logger = logging.getLogger(__name__)
@@ -160,6 +160,9 @@ class DicomSeriesSource(ImageSource):
                                      f"{os.path.relpath(first_path, folder)}; tilemask reads one grid")  # fmt: skip
         row_cosines, col_cosines = orientation[:3], orientation[3:]
         normal = np.cross(row_cosines, col_cosines)
+        if not np.linalg.norm(normal) > 1e-3:  # NaN too: the slices have no direction to be sorted along
+            raise InputError(f"{first_path}: ImageOrientationPatient {_listed(orientation)} gives no slice normal (its "
+                             "row and column directions are parallel, zero or not numbers)")  # fmt: skip
         positions = np.array([np.array(h.ImagePositionPatient, dtype=float) for _, h in images])
         order = np.argsort(positions @ normal, kind="stable")
         positions = positions[order]
@@ -185,6 +188,10 @@ class DicomSeriesSource(ImageSource):
         lps[:3, 2] = step
         lps[:3, 3] = positions[0]
         ras = LPS_TO_RAS @ lps
+        problem = affine_problem(ras)
+        if problem:
+            raise InputError(f"{folder}: its affine (voxel-to-world matrix) is not usable: {problem}; it comes from "
+                             "the slices' ImageOrientationPatient, PixelSpacing and ImagePositionPatient")  # fmt: skip
         return cls(
             path=folder,
             files=tuple(p for p, _ in images),

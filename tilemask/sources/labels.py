@@ -29,7 +29,7 @@ from ..errors import InputError, ReadError
 from ..geometry import Geometry, RasterGeometry, VolumeGeometry, geometry_from_attrs, normalize_per_axis
 from ..storage import zarr_options
 from . import cached_handle, file_stamp
-from .nifti import check_length, read_failure
+from .nifti import check_length, nifti_geometry, read_failure
 from .raster import first_gdal_line
 from .zarr import ome_multiscales
 
@@ -188,12 +188,12 @@ def open_nifti_labels(path: str, chunks) -> LabelImage:
         raise InputError(f"{path}: labels must be stored as unscaled integers (dtype {dtype})")
     shape = tuple(int(s) for s in img.shape)
     check_length(path, img, shape)
-    from ..formats import for_path, nifti_affine_mm, nifti_nodata
+    from ..formats import for_path, nifti_nodata
 
-    affine = nifti_affine_mm(img)
+    geometry = nifti_geometry(path, img)
     lazy = da.from_array(
         _NiftiVolume(path, shape, dtype), chunks=_chunks(chunks, tuple(min(s, 128) for s in shape)), asarray=False,
         fancy=False, meta=np.empty((0, 0, 0), dtype),
     )  # fmt: skip
     names = read_colour_table(for_path(path).class_table_path(path))
-    return LabelImage(path, lazy, VolumeGeometry(affine), names, nifti_nodata(img.header["descrip"]))
+    return LabelImage(path, lazy, geometry, names, nifti_nodata(img.header["descrip"]))

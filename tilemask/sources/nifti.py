@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import InputError, ReadError, first_line
 from ..formats import nifti_affine_mm
-from ..geometry import Region, VolumeGeometry
+from ..geometry import Region, VolumeGeometry, affine_problem
 from ..storage import local_copy
 from . import ImageSource, Spool, cached_handle, file_stamp, unpacked
 
@@ -62,7 +62,7 @@ class NiftiSource(ImageSource):
             kind = "RGB" if stored.fields else stored.name
             raise InputError(f"{path}: NIfTI of {kind} voxels; tilemask reads one real value per voxel and channel")
         check_length(path, img, shape)
-        affine = nifti_affine_mm(img)
+        geometry = nifti_geometry(path, img)
         slope, inter = img.dataobj.slope, img.dataobj.inter
         scaled = slope not in (1, None) or inter not in (0, None)
         volumes = None
@@ -73,7 +73,7 @@ class NiftiSource(ImageSource):
                 raise InputError(f"{path}: preprocess.bands {bad} out of range: the file holds {count} volume(s)")
             volumes = tuple(b - 1 for b in bands)
         floating = np.dtype(img.get_data_dtype()).kind == "f" or scaled
-        return cls(path, shape, VolumeGeometry(affine), floating, volumes)
+        return cls(path, shape, geometry, floating, volumes)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -98,6 +98,22 @@ class NiftiSource(ImageSource):
         except Exception as exc:  # nibabel, gzip and zlib raise many types
             detail = read_failure(exc)
         raise ReadError(f"{self.path}: read failed at {region}: {detail}")
+
+
+def nifti_geometry(path: str, img) -> VolumeGeometry:
+    """The voxel-to-RAS affine in mm of a NIfTI image (nibabel's: the sform, else the qform, else the pixdim), refused
+    now (exit 2) where it cannot place the voxels: not finite, or singular (:func:`tilemask.geometry.affine_problem`).
+    """
+    affine = nifti_affine_mm(img)
+    problem = affine_problem(affine)
+    if problem:
+        header = img.header
+        origin = ("sform (srow_x, srow_y, srow_z)" if int(header["sform_code"]) else
+                  "qform (quatern_b/c/d, qoffset_x/y/z, pixdim)" if int(header["qform_code"]) else
+                  "pixdim (it has no sform or qform code)")  # fmt: skip
+        raise InputError(f"{path}: its affine (voxel-to-world matrix) is not usable: {problem}; it is the header's "
+                         f"{origin}")  # fmt: skip
+    return VolumeGeometry(affine)
 
 
 TRUNCATED = re.compile(r"Expected \d+ bytes, got \d+|n_bytes does not look right|Compressed file ended")

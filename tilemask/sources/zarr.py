@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 
 from ..errors import InputError, ReadError
-from ..geometry import Geometry, Region, geometry_from_attrs
+from ..geometry import Geometry, Region, VolumeGeometry, affine_problem, geometry_from_attrs
 from . import ImageSource, cached_handle, file_stamp
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,15 @@ def ome_space_unit(path: str) -> str | None:
     return units.pop() if len(units) == 1 else None
 
 
+def _usable(path: str, geometry: Geometry, origin: str) -> Geometry:
+    """``geometry``, refused (exit 2) when it is a volume's affine that cannot place its voxels (not finite, singular:
+    a scale of 0)."""
+    problem = affine_problem(geometry.affine) if isinstance(geometry, VolumeGeometry) else None
+    if problem:
+        raise InputError(f"{path}: its affine (voxel-to-world matrix) is not usable: {problem}; it comes from {origin}")
+    return geometry
+
+
 @dataclass(frozen=True)
 class ZarrSource(ImageSource):
     path: str
@@ -82,7 +91,7 @@ class ZarrSource(ImageSource):
         shape = tuple(int(s) for s in node.shape)
         if len(shape) not in (spatial_dims, spatial_dims + 1):
             raise InputError(f"{path}: Zarr array with {len(shape)} axes for a {spatial_dims}D model")
-        geometry = geometry_from_attrs(dict(node.attrs), spatial_dims)
+        geometry = _usable(path, geometry_from_attrs(dict(node.attrs), spatial_dims), "its 'affine' attribute")
         return cls(path, shape, len(shape) == spatial_dims + 1, geometry, np.dtype(node.dtype).kind == "f")
 
     @classmethod
@@ -106,7 +115,10 @@ class ZarrSource(ImageSource):
         except (KeyError, IndexError, TypeError):
             raise InputError(f"{path}: an OME-Zarr multiscale without datasets") from None
         source = cls.open(f"{path.rstrip('/')}/{level0}", spatial_dims)
-        geometry = geometry_from_attrs(attrs, spatial_dims) if "tilemask" in attrs else ome_geometry(multiscale, spatial_dims)
+        if "tilemask" in attrs:
+            geometry = _usable(path, geometry_from_attrs(attrs, spatial_dims), "its 'affine' attribute")
+        else:
+            geometry = _usable(path, ome_geometry(multiscale, spatial_dims), "the multiscale's scale transformations")
         return cls(source.path, source.array_shape, source.channel_first, geometry, source.floating)
 
     @property
