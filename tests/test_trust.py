@@ -988,6 +988,33 @@ def test_a_workflows_region_key_is_checked_before_any_work(make_raster, make_mod
     assert plan_workflow(Workflow.from_dict(keyed, base_dir=tmp_path)).items
 
 
+@pytest.mark.timeout(90)
+def test_regions_gdal_cannot_read_are_refused_before_any_work(make_raster, make_model, write_workflow, tmp_path):
+    """A regions file that is no vector format (with or without a region_id) is refused when the run is planned, in
+    one line naming it without GDAL's advice on driver prefixes: it was read after the whole prediction, whose
+    outputs were published before the run failed (exit 1)."""
+    from tilemask.planning import plan_workflow
+
+    path, _ = make_raster((3, 100, 120))
+    weights, _ = make_model()
+    (tmp_path / "zones.yaml").write_text("zones: [a, b]\n")
+    (tmp_path / "zones.gpkg").write_text("not a geopackage")
+    for regions, region_id in (("zones.yaml", None), ("zones.gpkg", None), ("zones.gpkg", "name")):
+        stats = {"output": "out/s.parquet", "regions": regions, **({"region_id": region_id} if region_id else {})}
+        workflow = Workflow.from_dict(raster_workflow(path, weights, stats=stats), base_dir=tmp_path)
+        with pytest.raises(InputError, match=rf"^{tmp_path / regions}: cannot read the regions: .*not recognized as "
+                                             r"being in a supported file format") as refused:  # fmt: skip
+            plan_workflow(workflow)
+        assert refused.value.exit_status == 2 and "It might help" not in str(refused.value)
+    proc = run_cli("run", write_workflow(raster_workflow(path, weights, stats={"output": "out/s.parquet", "regions":
+                                                                               "zones.yaml"})), timeout=80)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    (error,) = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert error.startswith(f"tilemask: error: {tmp_path / 'zones.yaml'}: cannot read the regions: ")
+    assert "It might help" not in error and "--debug" not in error
+    assert not list((tmp_path / "out").glob("*.zarr")), "refused before the mask is written"
+
+
 def test_a_workflows_statistics_that_cannot_measure_its_output_are_refused_before_any_work(
     make_raster, make_volume, make_model, tmp_path
 ):

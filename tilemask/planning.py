@@ -44,7 +44,7 @@ from .sinks import LabelSink, OutputLayout, make_sink
 from .sources import ImageSource, open_source
 from .sources.stack import StackedSource
 from .spatial import ModelGrid, ResampledSource, model_grid
-from .stats.config import PostprocessConfig, StatsConfig, check_region_key, is_label_image
+from .stats.config import PostprocessConfig, StatsConfig, check_regions, is_label_image
 from .storage import is_remote
 from .workflow import REMOTE_PREFIXES, InputItem, Workflow
 
@@ -482,5 +482,4 @@ def _check_statistics(item: InputPlan) -> None:
     from .stats.zonal import check_vector_grid
 
     check_vector_grid(grid, item.input)
-    if stats.region_id is not None:
-        check_region_key(stats.regions, stats.region_id)
+    check_regions(stats.regions, stats.region_id)  # GDAL reads them (the layer's info), and their key

@@ -37,25 +37,40 @@ def is_label_image(path: str) -> bool:
     return str(path).lower().rstrip("/").endswith(LABEL_IMAGE_SUFFIXES)
 
 
-def check_region_key(path: str, region_id: str) -> None:
-    """What the zonal statistics check of their regions' key (a field, with unique values), from the attribute
-    table alone: a workflow's ``stats:`` is refused before its run predicts anything.  Read once per file."""
+def check_regions(path: str, region_id: str | None) -> None:
+    """What the zonal statistics check of their regions, from the layer's info and attribute table alone: that GDAL
+    reads the file, and that their key (``region_id``, when given) is a field with unique values; a workflow's
+    ``stats:`` is refused before its run predicts anything.  Read once per file."""
     stat = os.stat(path)
-    _check_region_key(path, region_id, (stat.st_mtime_ns, stat.st_size))
+    _check_regions(path, region_id, (stat.st_mtime_ns, stat.st_size))
 
 
 @functools.lru_cache(maxsize=16)
-def _check_region_key(path: str, region_id: str, stamp: tuple[int, int]) -> None:
+def _check_regions(path: str, region_id: str | None, stamp: tuple[int, int]) -> None:
     import pyogrio
 
     try:
-        fields = list(pyogrio.read_info(path)["fields"])
+        fields = list(pyogrio.read_info(path)["fields"])  # the layer's metadata: no feature is read
         values = None
         if region_id in fields:
             values = pyogrio.read_dataframe(path, columns=[region_id], read_geometry=False)[region_id]
     except Exception as exc:  # pyogrio raises its own DataSourceError, DataLayerError, ...
-        raise InputError(f"{path}: cannot read the regions: {exc}") from None
-    check_key(path, region_id, fields, values)
+        raise regions_unreadable(path, exc) from None
+    if region_id is not None:
+        check_key(path, region_id, fields, values)
+
+
+GDAL_DRIVER_ADVICE = "; It might help to specify the correct driver"  # pyogrio's tail on a format GDAL does not know
+
+
+def regions_unreadable(path, exc: BaseException) -> InputError:
+    """The error for regions GDAL cannot read, in one line: its words without pyogrio's advice on driver prefixes
+    (``'CSV:path'``), which tilemask does not take, nor the path it repeats."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = text.split(GDAL_DRIVER_ADVICE, 1)[0]
+    for quoted in (f"'{path}' ", f"{path}: "):
+        text = text.removeprefix(quoted)
+    return InputError(f"{path}: cannot read the regions: {text}")
 
 
 def check_key(path, region_id: str, fields: list[str], values) -> None:

@@ -81,7 +81,7 @@ from affine import Affine
 from ..errors import InputError
 from ..sources import cached_handle, file_stamp
 from ..sources.labels import LabelImage, read_band_window
-from .config import check_key
+from .config import check_key, regions_unreadable
 from .crosstab import compute
 from .measure import Grid
 from .totals import grid_of, zone_table
@@ -149,7 +149,7 @@ def read_regions(path: str | os.PathLike, region_id: str | None):
     try:
         regions = gpd.read_file(path, engine="pyogrio")
     except Exception as exc:  # pyogrio raises its own DataSourceError, DataLayerError, ...
-        raise InputError(f"{path}: cannot read the regions: {exc}") from None
+        raise regions_unreadable(path, exc) from None
     if region_id is not None:
         fields = [c for c in regions.columns if c != regions.geometry.name]
         check_key(path, region_id, fields, regions.get(region_id))
