@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, model_validator
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 
 LABEL_IMAGE_SUFFIXES = (".tif", ".tiff", ".zarr", ".nii", ".nii.gz", ".vrt", ".img")
 
@@ -66,8 +66,7 @@ GDAL_DRIVER_ADVICE = "; It might help to specify the correct driver"  # pyogrio'
 def regions_unreadable(path, exc: BaseException) -> InputError:
     """The error for regions GDAL cannot read, in one line: its words without pyogrio's advice on driver prefixes
     (``'CSV:path'``), which tilemask does not take, nor the path it repeats."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    text = text.split(GDAL_DRIVER_ADVICE, 1)[0]
+    text = first_line(exc).split(GDAL_DRIVER_ADVICE, 1)[0]
     for quoted in (f"'{path}' ", f"{path}: "):
         text = text.removeprefix(quoted)
     return InputError(f"{path}: cannot read the regions: {text}")
