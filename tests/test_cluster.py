@@ -137,6 +137,19 @@ def test_a_scheduler_address_that_takes_the_connection_and_never_answers_fails_w
     assert took < 20
 
 
+@pytest.mark.timeout(30)
+def test_a_jobs_recorded_scheduler_that_never_answers_reads_as_gone_within_the_timeout():
+    """``tilemask status`` and ``cancel`` ask a job's recorded scheduler about its driver; a port another service
+    took since (one that holds the connection and says nothing) held them in distributed's handshake."""
+    from tilemask.jobs import driver_state
+
+    for reply in (None, b"HTTP/1.1 400 Bad Request\r\n\r\n"):
+        with tcp_service(reply=reply) as address:
+            start = time.monotonic()
+            assert driver_state(address, "tilemask-driver-x", timeout=1.0) is None
+            assert time.monotonic() - start < 10, reply
+
+
 @pytest.mark.timeout(60)
 def test_a_scheduler_address_where_something_else_answers_is_refused(make_raster, make_model, write_workflow):
     """A reviewer's: a service that answers other bytes (the dashboard's HTTP port by mistake) ended as

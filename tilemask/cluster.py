@@ -198,8 +198,9 @@ def connect_timeout() -> float:
     return float(parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s"))
 
 
-def scheduler_client(address: str) -> Client:
-    """A client of the Dask scheduler at ``address``, or one line within :func:`connect_timeout`: exit 1 when
+def scheduler_client(address: str, timeout: float | None = None, set_as_default: bool = True) -> Client:
+    """A client of the Dask scheduler at ``address``, or one line within ``timeout`` (else
+    :func:`connect_timeout`): exit 1 when
     nothing takes the connection or what takes it says nothing (a scheduler may be down or stalled for now), exit 2
     when what answers is not a Dask scheduler (another service's port, a Dask worker's).
 
@@ -207,7 +208,7 @@ def scheduler_client(address: str) -> Client:
     of distributed's handshake has no timeout), and reading an HTTP server's answer as Dask's ended as
     ``MemoryError: Unable to allocate 3.07 EiB`` (its 'HTTP/1.1' taken for the length of a message): the
     scheduler is asked who it is first, on a connection of its own, with a deadline."""
-    timeout = connect_timeout()
+    timeout = connect_timeout() if timeout is None else timeout
     answer: concurrent.futures.Future = concurrent.futures.Future()
 
     def ask() -> None:  # a thread of its own: the caller's may run an event loop already (a notebook)
@@ -228,7 +229,7 @@ def scheduler_client(address: str) -> Client:
     except concurrent.futures.TimeoutError:
         raise RunError(f"{address} did not answer as a Dask scheduler within {timeout:g} s") from None
     try:  # it answered as a scheduler: its Client (the same deadline, which it keeps from here on)
-        return Client(address, timeout=timeout)
+        return Client(address, timeout=timeout, set_as_default=set_as_default)
     except OSError as exc:
         raise TilemaskError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
 

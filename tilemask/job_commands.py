@@ -176,8 +176,10 @@ def cancel(job, wait_s, debug) -> None:
 def _take_back_driver(status: dict, unless_started: bool = True) -> bool:
     """Cancel a queued job's driver task; with ``unless_started``, only if no worker has started it (asked of the
     scheduler itself: one that has started is left to see the cancel request and stop). Whether it was."""
-    from distributed import Client, Future
+    from distributed import Future
 
+    from .cluster import scheduler_client
+    from .errors import TilemaskError
     from .jobs import HELD
 
     if not (status.get("scheduler") and status.get("driver")):
@@ -188,12 +190,12 @@ def _take_back_driver(status: dict, unless_started: bool = True) -> bool:
         return task is not None and task.state in HELD
 
     try:
-        with Client(status["scheduler"], timeout=5, set_as_default=False) as client:
+        with scheduler_client(status["scheduler"], 5, set_as_default=False) as client:
             if unless_started and not client.run_on_scheduler(not_started, key=status["driver"]):
                 return False
             client.cancel([Future(status["driver"], client)], force=True)
             return True
-    except OSError:
+    except (OSError, TilemaskError):  # gone, or no scheduler answers there any more
         return False
 
 

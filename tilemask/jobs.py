@@ -483,13 +483,13 @@ def live_driver(job: JobFolder, status: dict | None = None, timeout: float = 5.0
 
 def driver_state(address: str, key: str, timeout: float) -> str | None:
     """The state of task ``key`` on the scheduler at ``address``; ``None`` if it has no such task or cannot be
-    reached."""
-    from distributed import Client
+    reached (nothing there, nothing that answers within ``timeout``: a port another service took since)."""
+    from .cluster import scheduler_client
 
     for attempt in range(3):
         try:
-            client = Client(address, timeout=timeout, set_as_default=False)
-        except OSError:
+            client = scheduler_client(address, timeout, set_as_default=False)
+        except TilemaskError:
             return None
         except AssertionError:  # distributed's handshake (assert len(msg) == 1): the scheduler sent its
             if attempt == 2:  # "stream-start" with a message to every client (another one cancelled keys: a
