@@ -134,14 +134,12 @@ def written_short(path: str) -> str | None:
         bands = [1] if ds.interleaving == Interleaving.pixel else list(ds.indexes)
     for level in levels:
         with rasterio.open(path, overview_level=level) as ds:
-            (block_h, block_w), rows, cols = ds.block_shapes[0], ds.height, ds.width
             for band in bands:
-                for y in range(-(-rows // block_h)):
-                    for x in range(-(-cols // block_w)):
-                        offset = ds.get_tag_item(f"BLOCK_OFFSET_{x}_{y}", "TIFF", bidx=band)
-                        if offset:
-                            length = ds.get_tag_item(f"BLOCK_SIZE_{x}_{y}", "TIFF", bidx=band)
-                            end = max(end, int(offset) + int(length or 0))
+                for (y, x), _ in ds.block_windows(band):
+                    offset = ds.get_tag_item(f"BLOCK_OFFSET_{x}_{y}", "TIFF", bidx=band)
+                    if offset:
+                        length = ds.get_tag_item(f"BLOCK_SIZE_{x}_{y}", "TIFF", bidx=band)
+                        end = max(end, int(offset) + int(length or 0))
     if end > size:
         return f"{path} is {size} bytes, its blocks end at byte {end}"
     if os.path.exists(path + ".aux.xml"):
