@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
 import threading
 import time
 
@@ -15,6 +16,7 @@ from distributed import Client
 from tilemask.cluster import WorkerSetup
 
 from .conftest import raster_workflow, run_cli
+from .test_detached import dask_cluster, dask_variables
 
 
 @pytest.mark.slow
@@ -176,6 +178,42 @@ def test_a_scheduler_address_of_an_unknown_scheme_is_refused(make_raster, make_m
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("tilemask: error: --scheduler nonsense://x: not a Dask scheduler address: unknown "
                                   "address scheme 'nonsense'"), proc.stderr  # fmt: skip
+
+
+@pytest.mark.slow  # a real TLS scheduler and worker
+@pytest.mark.timeout(180)
+def test_a_tls_scheduler_takes_the_dask_configs_tls_settings_and_without_them_is_one_line(
+    make_raster, make_model, write_workflow, tmp_path
+):
+    """A reviewer's: ``--scheduler tls://...`` with no TLS settings ended as distributed's bare 'TypeError: TLS
+    expects a `ssl_context` argument', and a missing certificate as 'FileNotFoundError', both exit 1. They are
+    settings to give: one line naming them, exit 2. With Dask's own TLS keys the run completes on the cluster."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True, timeout=60)  # fmt: skip
+    tls = {"distributed.comm.tls.ca-file": str(cert)}
+    for who in ("scheduler", "worker", "client"):
+        tls |= {f"distributed.comm.tls.{who}.cert": str(cert), f"distributed.comm.tls.{who}.key": str(key)}
+    path, _ = make_raster((3, 100, 100))
+    weights, _ = make_model()
+    workflow = write_workflow(raster_workflow(path, weights))
+    gone = tmp_path / "gone.pem"
+    with dask_cluster(tmp_path, 1, "--protocol", "tls", config=tls) as (address, _):
+        assert address.startswith("tls://")
+        bare = run_cli("-q", "run", workflow, "--scheduler", address, timeout=60)
+        missing = run_cli("-q", "run", workflow, "--scheduler", address,
+                          env=dask_variables({**tls, "distributed.comm.tls.client.key": gone}), timeout=60)  # fmt: skip
+        assert not (tmp_path / "out").exists()
+        ran = run_cli("-q", "run", workflow, "--scheduler", address, env=dask_variables(tls), timeout=120)
+    for refused in (bare, missing):
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.startswith(f"tilemask: error: --scheduler {address}: ") and refused.stderr.count("\n") == 1
+        assert "Error" not in refused.stderr
+    assert "no TLS settings for the client: set distributed.comm.tls.ca-file" in bare.stderr
+    assert f"no such file for TLS: distributed.comm.tls.client.key ({gone})" in missing.stderr
+    assert ran.returncode == 0, ran.stderr
+    group = zarr.open_group(tmp_path / "out" / f"{path.stem}_mask.zarr", mode="r")
+    assert group.attrs["tilemask"]["complete"] and group["labels"].shape == (100, 100)
 
 
 @pytest.mark.slow  # the real dask scheduler and workers of dask_processes take ~10 s to start

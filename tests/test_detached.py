@@ -31,17 +31,20 @@ BIN = Path(sys.executable).parent
 
 
 @contextlib.contextmanager
-def dask_cluster(tmp_path: Path, workers: int, *scheduler_options):
+def dask_cluster(tmp_path: Path, workers: int, *scheduler_options, config: dict | None = None):
     """A ``dask scheduler`` on a free port (``--port 0``, found through its scheduler file) and ``workers``
-    ``dask worker`` processes (logs in ``tmp_path/logs``); yields ``(address, processes)``; stops whatever is
-    left."""
+    ``dask worker`` processes (logs in ``tmp_path/logs``), all with the Dask ``config`` (as their
+    ``DASK_...`` variables); yields ``(address, processes)``; stops whatever is left."""
+    import dask
+
     scheduler_file = tmp_path / "scheduler.json"
     logs = tmp_path / "logs"
     logs.mkdir()
+    env = {**os.environ, **dask_variables(config or {})}
     procs = [subprocess.Popen(
         [BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", scheduler_file,
          *scheduler_options],
-        stdout=open(logs / "scheduler.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=open(logs / "scheduler.log", "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env,
     )]  # fmt: skip
     try:
         wait_for(scheduler_file.exists, "the scheduler file")
@@ -49,12 +52,12 @@ def dask_cluster(tmp_path: Path, workers: int, *scheduler_options):
         for i in range(workers):
             procs.append(subprocess.Popen(
                 [BIN / "dask", "worker", "--scheduler-file", scheduler_file, "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"],
-                stdout=open(logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                stdout=open(logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env,
             ))  # fmt: skip
         if workers:
             from distributed import Client
 
-            with Client(address, timeout=30) as client:
+            with dask.config.set(config or {}), Client(address, timeout=30) as client:
                 client.wait_for_workers(workers, timeout=60)
         yield address, procs
     finally:
@@ -62,6 +65,11 @@ def dask_cluster(tmp_path: Path, workers: int, *scheduler_options):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
+
+def dask_variables(config: dict) -> dict[str, str]:
+    """Dask ``config`` keys (``"distributed.comm.tls.ca-file"``) as the environment variables Dask reads them from."""
+    return {"DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value) for key, value in config.items()}
 
 
 @pytest.fixture

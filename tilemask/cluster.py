@@ -45,7 +45,7 @@ from dask.utils import parse_timedelta
 from distributed import Client, Future, LocalCluster, WorkerPlugin
 
 from . import forkserver
-from .errors import NoWorkers, RunError, TilemaskError, UsageError
+from .errors import NoWorkers, RunError, TilemaskError, UsageError, first_line
 from .imports import import_in_background
 
 CORES_PER_WORKER = 4
@@ -127,6 +127,8 @@ def check_cluster_options(scheduler: str | None, kind: str = "local") -> None:
                 get_address_host_port(address)
         except ValueError as exc:  # "missing port number", "unknown address scheme"
             raise UsageError(f"--scheduler {scheduler}: not a Dask scheduler address: {exc}") from None
+        if address.startswith("tls://"):
+            check_client_tls(scheduler)
     if kind == "slurm":
         if scheduler:
             raise UsageError("--cluster slurm starts its own scheduler; leave out --scheduler")
@@ -191,6 +193,31 @@ def cluster_client(
             cluster.close()
         except Exception as exc:  # e.g. a nanny still restarting a killed worker: the work itself is done
             logger.warning("closing the embedded cluster: %s: %s", type(exc).__name__, exc)
+
+
+TLS_SETTINGS = {"ca-file": "distributed.comm.tls.ca-file", "cert": "distributed.comm.tls.client.cert",
+                "key": "distributed.comm.tls.client.key"}  # fmt: skip
+
+
+def check_client_tls(scheduler: str) -> None:
+    """Refuse (exit 2) a ``tls://`` scheduler where the Dask config gives the client no TLS context, or one of
+    files it cannot load: distributed's connector failed with a bare ``TypeError`` or ``FileNotFoundError``."""
+    import ssl
+
+    from distributed.security import Security
+
+    named = {what: dask.config.get(key, None) for what, key in TLS_SETTINGS.items()}
+    missing = [f"{TLS_SETTINGS[what]} ({path})" for what, path in named.items() if path and not os.path.isfile(path)]
+    if missing:
+        raise UsageError(f"--scheduler {scheduler}: no such file for TLS: {', '.join(missing)}")
+    try:
+        context = Security().get_connection_args("client").get("ssl_context")
+    except (OSError, ssl.SSLError, ValueError) as exc:  # a certificate or key that does not load
+        raise UsageError(f"--scheduler {scheduler}: the TLS settings do not load: {first_line(exc)}") from None
+    if context is None:
+        raise UsageError(f"--scheduler {scheduler}: no TLS settings for the client: set {TLS_SETTINGS['ca-file']}, "
+                         f"{TLS_SETTINGS['cert']} and {TLS_SETTINGS['key']} in the Dask config (or their "
+                         "DASK_DISTRIBUTED__COMM__TLS__... variables)")  # fmt: skip
 
 
 def connect_timeout() -> float:
