@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import nibabel as nib
@@ -236,29 +237,53 @@ def test_an_uncompressed_nifti_shorter_than_its_header_is_refused_before_any_wor
     assert open_source(str(path), 3).shape[1:] == (37, 29, 23)  # whole, it opens
 
 
-def test_a_truncated_nifti_gz_is_called_truncated_by_the_scan_reader_and_the_label_reader(make_volume):
-    """A ``.nii.gz`` can only be known short by reading it: the read says so in one line, naming the file, where it
-    said "OSError: Expected 288000 bytes, got 191336 bytes" (and the label reader of ``tilemask stats`` no file)."""
+def test_a_truncated_nifti_gz_is_refused_when_opened_and_called_truncated_when_cut_short_later(make_volume):
+    """A ``.nii.gz`` shorter than its header says is refused when the scan reader or the label reader opens it
+    (exit 2): the gzip trailer's size disagrees, and inflating it counts what it holds. It was found only when
+    a block was read, as "OSError: Expected 288000 bytes, got 191336 bytes" (exit 1). One cut short after it
+    was opened still fails its read in one line that says truncated, and nibabel's text no more."""
     from tilemask.errors import ReadError
     from tilemask.sources.labels import open_labels
 
     path, _ = make_volume(name="scan.nii.gz")
     whole = path.read_bytes()
     path.write_bytes(whole[: len(whole) * 2 // 3])
-    source = open_source(str(path), 3)
-    with pytest.raises(ReadError, match=rf"^{path}: read failed at .*: the file is truncated: it ends before the voxels"):
+    size = len(gzip.decompress(whole))
+    with pytest.raises(InputError, match=rf"^{path}: truncated: its header describes {size} bytes, the file holds "
+                                         r"\d+ once decompressed$") as refused:  # fmt: skip
+        open_source(str(path), 3)
+    assert refused.value.exit_status == 2
+    path.write_bytes(whole)
+    source = open_source(str(path), 3)  # whole, it opens; then cut short before its voxels are read
+    path.write_bytes(whole[: len(whole) * 2 // 3])
+    with pytest.raises(ReadError, match=rf"^{path}: read failed at .*: the file is truncated: it ends before the "
+                                        "voxels its header describes$"):  # fmt: skip
         source.read(tuple((0, s) for s in source.shape[1:]))
-    labels, _ = make_volume(name="labels.nii.gz", dtype="uint8")
-    whole = labels.read_bytes()
-    labels.write_bytes(whole[: len(whole) // 2])
-    with pytest.raises(ReadError, match=rf"^{labels}: read failed at \[.*\]: the file is truncated") as failed:
-        open_labels(str(labels)).array.compute()
-    assert "\n" not in str(failed.value)
-    uncompressed, _ = make_volume(name="labels.nii", dtype="uint8")
-    whole = uncompressed.read_bytes()
-    uncompressed.write_bytes(whole[: len(whole) // 2])
-    with pytest.raises(InputError, match=rf"^{uncompressed}: truncated: its header describes"):
-        open_labels(str(uncompressed))
+    for name in ("labels.nii.gz", "labels.nii"):
+        labels, _ = make_volume(name=name, dtype="uint8")
+        whole = labels.read_bytes()
+        labels.write_bytes(whole[: len(whole) // 2])
+        with pytest.raises(InputError, match=rf"^{labels}: truncated: its header describes \d+ bytes, the file holds"):
+            open_labels(str(labels))
+
+
+def test_a_nifti_gz_of_several_gzip_members_opens_and_one_that_does_not_inflate_is_named(make_volume):
+    """The gzip trailer gives the size of the last member only: a whole file of two members (``cat a.gz b.gz``,
+    as bgzip and parallel compressors write) is counted, not refused. One whose stream and trailer are damaged
+    is named so when counting it ends before the header's size, as gzip's check sum fails."""
+    path, _ = make_volume(name="scan.nii.gz")
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    source = open_source(str(path), 3)
+    assert source.read(tuple((0, s) for s in source.shape[1:])).shape[1:] == (37, 29, 23)
+    ramps = (np.indices((160, 160, 160)).sum(0) % 97).astype(np.int16)
+    nib.save(nib.Nifti1Image(ramps, np.eye(4)), path)
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2 : len(damaged) // 2 + 64] = b"\xff" * 64  # its deflate stream
+    damaged[-8:] = bytes(b ^ 0xFF for b in damaged[-8:])  # its trailer: the check sum and the size
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(InputError, match=rf"^{path}: the compressed file is damaged: "):
+        open_source(str(path), 3)
 
 
 def broken_affine(path: Path, fault: str) -> Path:

@@ -13,11 +13,13 @@ read that way.
 
 from __future__ import annotations
 
+import gzip
 import logging
 import math
 import os
 import re
 import shutil
+import zlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -121,11 +123,11 @@ TRUNCATED = re.compile(r"Expected \d+ bytes, got \d+|n_bytes does not look right
 
 def read_failure(exc: BaseException) -> str:
     """What reading a NIfTI's voxels failed on, in a line: a file that ends before the voxels its header describes
-    (nibabel's "Expected N bytes, got M", gzip's end of stream) is called truncated."""
-    text = f"{type(exc).__name__}: {first_line(exc)}"
+    (nibabel's "Expected N bytes, got M", gzip's end of stream; cut short since :func:`check_length` passed it) is
+    called truncated."""
     if isinstance(exc, EOFError) or TRUNCATED.search(str(exc)):
-        return f"the file is truncated: it ends before the voxels its header describes ({text})"
-    return text
+        return "the file is truncated: it ends before the voxels its header describes"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def _image(local: str):
@@ -153,13 +155,41 @@ def _decompressed(local: str, spool: Spool):
 
 
 def check_length(path: str, img, shape: tuple[int, ...]) -> None:
-    """An uncompressed file shorter than its header says is refused now (exit 2), not when a block past its end
-    is read (nibabel's "n_bytes does not look right", exit 1).  A gzipped one can only be known by reading it."""
+    """A file shorter than its header says is refused now (exit 2), not when a block past its end is read
+    (nibabel's "n_bytes does not look right" or "Expected N bytes, got M", exit 1)."""
     data_file = img.file_map["image"].filename
-    if not data_file or str(data_file).endswith(".gz"):
+    if not data_file:
         return
     needed = int(img.dataobj.offset) + math.prod(shape) * np.dtype(img.get_data_dtype()).itemsize
+    if str(data_file).endswith(".gz"):
+        held = _gzip_short(path, str(data_file), needed)
+        if held is not None:
+            raise InputError(f"{path}: truncated: its header describes {needed} bytes, the file holds {held} once "
+                             "decompressed")  # fmt: skip
+        return
     held = os.path.getsize(data_file)
     if held < needed:
         raise InputError(f"{path}: truncated: its header describes {needed} bytes, the file holds {held}")
+
+
+def _gzip_short(path: str, local: str, needed: int) -> int | None:
+    """The bytes the gzipped ``local`` holds once decompressed where that is fewer than ``needed``, else None.
+
+    The gzip trailer's last 4 bytes (the decompressed size mod 2^32) answer for a whole file; only where they
+    disagree (a file cut short ends in other bytes, or one of several gzip members) is the stream inflated to
+    count, up to ``needed``."""
+    with open(local, "rb") as stream:
+        stream.seek(-4, os.SEEK_END)
+        if int.from_bytes(stream.read(4), "little") == needed % (1 << 32):
+            return None
+    held = 0
+    try:
+        with gzip.open(local, "rb") as stream:
+            while held < needed and (chunk := stream.read1(1 << 20)):  # read1: what came before the end counts
+                held += len(chunk)
+    except EOFError:  # "Compressed file ended before the end-of-stream marker was reached": short
+        pass
+    except (OSError, zlib.error) as exc:  # a bad CRC, a damaged deflate stream
+        raise InputError(f"{path}: the compressed file is damaged: {first_line(exc)}") from None
+    return held if held < needed else None
 
