@@ -195,6 +195,41 @@ def test_the_real_graph_of_a_gigapixel_has_about_three_tasks_per_chunk(make_mode
     assert max(map(len, chunk_deps)) == 4  # its own block's sums and at most three neighbours' halos
 
 
+def test_chunks_finer_than_the_roi_are_told_once_a_run(make_model, tmp_path, caplog):
+    """A reviewer's: ``output.chunks`` 64 under a roi of 256 ran 17x slower on 16384^2, silently (Dask's cost per
+    task outweighs the windows'). One warning a run with the counts; chunks of at least the roi, or clipped to an
+    image smaller than the roi, say nothing."""
+    import logging
+
+    from tilemask import Workflow
+    from tilemask.planning import plan_workflow
+
+    for name, size in (("a", 300), ("b", 300), ("small", 40)):
+        with rasterio.open(tmp_path / f"{name}.tif", "w", driver="GTiff", width=size, height=size, count=1,
+                           dtype="uint8", crs="EPSG:3857", transform=from_origin(0, 0, 10, 10)):  # fmt: skip
+            pass
+    args = dict(spatial_dims=2, in_channels=1, out_channels=2, channels=[4, 8], strides=[2], num_res_units=0)
+    weights, _ = make_model(args)
+
+    def warnings(inputs: str, chunks) -> list[str]:
+        workflow = Workflow.from_dict({
+            "version": 1, "input": inputs,
+            "model": {"network": "UNet", "args": args, "weights": str(weights)},
+            "inference": {"roi_size": [64, 64], "overlap": 0.25, "device": "cpu"},
+            "output": {"path": "out/{stem}.zarr", "chunks": chunks},
+        }, base_dir=tmp_path)  # fmt: skip
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tilemask.planning"):
+            plan_workflow(workflow)
+        return [r.getMessage() for r in caplog.records if "output.chunks" in r.getMessage()]
+
+    assert warnings("?.tif", 32) == ["output.chunks 32 is smaller than inference.roi_size [64, 64]: 100 chunks for 36 "
+                                     "windows, each with Dask's own cost; chunks of at least the roi (default 2048) "
+                                     "run faster"]  # fmt: skip
+    assert warnings("?.tif", [64, 16])[0].startswith("output.chunks [64, 16] is smaller than")
+    assert warnings("?.tif", 64) == warnings("?.tif", 2048) == warnings("small.tif", 40) == []
+
+
 @pytest.mark.parametrize(
     "pattern, exact",
     [(lambda c: c[0] < 2, True), (lambda c: c != (1, 1), True), (lambda c: sum(c) % 3 == 0, False)],
