@@ -8,9 +8,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import rasterio
 import zarr
 
-from tests.conftest import UNET_3D, run_cli
+from tests.conftest import GEO, UNET_3D, run_cli
 from tilemask.errors import InputError
 from tilemask.sources import cached_handle, file_stamp, open_source
 
@@ -325,6 +326,60 @@ def test_a_nifti_whose_affine_is_singular_or_not_finite_is_refused_when_opened(f
     for name in ("anatomical.nii", "example4d.nii.gz"):  # real scans, one of them oblique, still open
         source = open_source(str(NIBABEL_DATA / name), 3)
         np.testing.assert_array_equal(source.geometry.affine, nib.load(NIBABEL_DATA / name).affine)
+
+
+GEOTRANSFORM_FAULTS = {"singular": (0.0, 10.0, 20.0, 0.0, 1.0, 2.0), "nan": (np.nan, np.nan, 0.0, 0.0, 0.0, -10.0)}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("fault", AFFINE_FAULTS)
+def test_rasters_and_label_images_whose_georeferencing_cannot_place_them_are_refused_when_opened(fault, tmp_path):
+    """A reviewer's: a GeoTIFF whose geotransform is singular ran, its polygons of no area; one with a NaN wrote
+    its mask, then failed on the polygons ("RuntimeError: Error while accessing batch from stream", exit 1); as
+    labels, ``tilemask stats`` gave every class an area of 0.0. Zarr and OME-Zarr label images were not checked
+    either. Each is refused when opened, in one line naming the file (exit 2); real rasters still open."""
+    from rasterio.transform import Affine
+
+    from tilemask.sources.labels import open_labels
+
+    transform = GEOTRANSFORM_FAULTS[fault]
+    for name, count in (("scene.tif", 3), ("labels.tif", 1)):
+        with rasterio.open(tmp_path / name, "w", driver="GTiff", width=20, height=10, count=count, dtype="uint8",
+                           crs="EPSG:32618", transform=Affine.from_gdal(*transform)) as ds:  # fmt: skip
+            ds.write(np.ones((count, 10, 20), np.uint8))
+    flat = tmp_path / "labels.zarr"
+    group = zarr.open_group(flat, mode="w")
+    group.create_array("labels", data=np.ones((10, 20), np.uint8))
+    group.attrs["transform"] = list(transform) if fault == "singular" else [0.0, 1.0, 0.0, 0.0, 0.0, None]
+    volume = tmp_path / "volume.zarr"
+    group = zarr.open_group(volume, mode="w")
+    group.create_array("labels", data=np.ones((4, 4, 4), np.uint8))
+    group.attrs["affine"] = np.diag([1.0, 0.0 if fault == "singular" else np.nan, 1.0, 1.0]).tolist()
+    ome = tmp_path / "labels.ome.zarr"
+    root = zarr.open_group(ome, mode="w", zarr_format=2)
+    root.create_group("labels").attrs["labels"] = ["organs"]
+    organs = root.create_group("labels/organs")
+    organs.create_array("0", data=np.ones((4, 4, 4), np.uint8))
+    organs.attrs["multiscales"] = [{
+        "version": "0.4", "axes": [{"name": n, "type": "space", "unit": "millimeter"} for n in "zyx"],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [0.0, 1.0, 1.0]}]}],
+    }]  # fmt: skip
+    what = AFFINE_FAULTS[fault]
+    for opened, path, why in (
+        (lambda p: open_source(p, 2), tmp_path / "scene.tif", rf"its geotransform \(pixel-to-map\) is not usable: {what}"),
+        (open_labels, tmp_path / "labels.tif", rf"its geotransform \(pixel-to-map\) is not usable: {what}"),
+        (open_labels, flat, r"its geotransform \(pixel-to-map\) is not usable: .*; it comes from tilemask's attributes"),
+        (open_labels, volume, rf"its affine \(voxel-to-world matrix\) is not usable: {what}.*; it comes from tilemask"),
+        (open_labels, ome, r"its affine \(voxel-to-world matrix\) is not usable: it is singular .*; it comes from the "
+                           "multiscale's scale transformations"),
+    ):  # fmt: skip
+        with pytest.raises(InputError, match=rf"^{path}: {why}") as refused:
+            opened(str(path))
+        assert refused.value.exit_status == 2 and "\n" not in str(refused.value)
+    for name in ("RGB.byte.tif", "shade.tif"):  # real rasters still open, as images and (one band) as labels
+        with rasterio.open(GEO[name]) as ds:
+            assert open_source(str(GEO[name]), 2).geometry.transform == ds.transform.to_gdal()
+    assert open_labels(str(GEO["shade.tif"])).geometry.transform == rasterio.open(GEO["shade.tif"]).transform.to_gdal()
 
 
 @pytest.mark.timeout(90)

@@ -313,6 +313,33 @@ def affine_problem(affine) -> str | None:
     return None
 
 
+def transform_problem(transform) -> str | None:
+    """Why a GDAL geotransform ``(x0, dx, rx, y0, ry, dy)`` cannot place a raster's pixels, in a line, or None
+    when it can: values that are not finite, or a 2x2 part that is singular (a pixel of no area: rows and columns
+    along one line), with :func:`affine_problem`'s tolerance.  Such a raster ran: its areas came out 0, its
+    polygons failed to write."""
+    import numpy as np
+
+    values = np.asarray(transform, dtype=float)
+    shown = "(" + ", ".join(f"{v:g}" for v in values) + ")"
+    if not np.isfinite(values).all():
+        return f"it holds values that are not finite: {shown}"
+    scales = np.linalg.svd(values[[1, 2, 4, 5]].reshape(2, 2), compute_uv=False)
+    if scales.min() <= scales.max() * 3 * np.finfo(float).eps:
+        return f"it is singular (a pixel of no area): {shown}"
+    return None
+
+
+def geometry_problem(geometry: Geometry) -> str | None:
+    """Why ``geometry`` cannot place an image's pixels or voxels (:func:`transform_problem`,
+    :func:`affine_problem`), as the end of a line naming the file, or None."""
+    if isinstance(geometry, VolumeGeometry):
+        problem = affine_problem(geometry.affine)
+        return problem and f"its affine (voxel-to-world matrix) is not usable: {problem}"
+    problem = transform_problem(geometry.transform)
+    return problem and f"its geotransform (pixel-to-map) is not usable: {problem}"
+
+
 IDENTITY_TRANSFORM = (0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 

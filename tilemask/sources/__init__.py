@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import InputError
-from ..geometry import Geometry, Region
+from ..geometry import Geometry, Region, geometry_problem
 
 logger = logging.getLogger(__name__)
 
@@ -237,3 +237,13 @@ def open_source(path: str, spatial_dims: int, bands: list[int] | None = None) ->
     if len(source.spatial_shape) != spatial_dims:
         raise InputError(f"{path}: has {len(source.spatial_shape)} spatial axes but the model is {spatial_dims}D")
     return source
+
+
+def usable_geometry(path: str, geometry: Geometry, origin: str | None = None) -> Geometry:
+    """``geometry``, refused (exit 2) where it cannot place the pixels or voxels (not finite, singular: a scale of
+    0; :func:`tilemask.geometry.geometry_problem`); the line says where it comes from where that is not the
+    file's own georeferencing."""
+    problem = geometry_problem(geometry)
+    if problem:
+        raise InputError(f"{path}: {problem}" + (f"; it comes from {origin}" if origin else ""))
+    return geometry

@@ -28,10 +28,10 @@ from ..classes import CLASSES_TAG, read_colour_table
 from ..errors import InputError, ReadError
 from ..geometry import Geometry, RasterGeometry, VolumeGeometry, geometry_from_attrs, normalize_per_axis
 from ..storage import zarr_options
-from . import cached_handle, file_stamp
+from . import cached_handle, file_stamp, usable_geometry
 from .nifti import check_length, nifti_geometry, read_failure
 from .raster import first_gdal_line
-from .zarr import ome_multiscales
+from .zarr import TILEMASK_ATTRS, ome_multiscales
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def open_zarr_labels(path: str, chunks) -> LabelImage:
     attrs = dict(node.attrs)
     array = node["labels"] if isinstance(node, zarr.Group) else node
     meta = attrs.get("tilemask", {})
-    geometry = geometry_from_attrs(attrs, array.ndim)
+    geometry = usable_geometry(path, geometry_from_attrs(attrs, array.ndim), TILEMASK_ATTRS)
     lazy = da.from_zarr(array, chunks=_chunks(chunks, tuple(array.chunks)))
     classes = tuple(meta["classes"]) if meta.get("classes") else None
     return LabelImage(path, lazy, geometry, classes, meta.get("nodata"))
@@ -145,7 +145,9 @@ def open_omezarr_labels(path: str, chunks) -> LabelImage:
     meta = attrs.get("tilemask", {})
     labels_path = omezarr_labels_key(root)
     array = root[labels_path]
-    geometry = geometry_from_attrs(attrs, array.ndim) if meta else _ome_geometry(root[labels_path.rsplit("/", 1)[0]], array.ndim)
+    geometry = (usable_geometry(path, geometry_from_attrs(attrs, array.ndim), TILEMASK_ATTRS) if meta else
+                usable_geometry(path, _ome_geometry(root[labels_path.rsplit("/", 1)[0]], array.ndim),
+                                "the multiscale's scale transformations"))  # fmt: skip
     lazy = da.from_zarr(array, chunks=_chunks(chunks, tuple(array.chunks)))
     classes = tuple(meta["classes"]) if meta.get("classes") else None
     return LabelImage(path, lazy, geometry, classes, meta.get("nodata"))
@@ -165,7 +167,7 @@ def open_raster_labels(path: str, chunks) -> LabelImage:
         shape = (ds.height, ds.width)
         dtype = np.dtype(ds.dtypes[0])
         block = ds.block_shapes[0]
-        geometry = RasterGeometry(ds.crs.to_wkt() if ds.crs else None, tuple(ds.transform.to_gdal()))
+        geometry = usable_geometry(path, RasterGeometry(ds.crs.to_wkt() if ds.crs else None, tuple(ds.transform.to_gdal())))
         nodata = None if ds.nodata is None else int(ds.nodata)
         tag = ds.tags().get(CLASSES_TAG)
         bands = ds.count

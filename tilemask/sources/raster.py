@@ -36,7 +36,7 @@ from rasterio.windows import Window
 from ..errors import InputError, ReadError
 from ..geometry import RasterGeometry, Region
 from ..storage import gdal_options, network_object, object_version
-from . import ImageSource, cached_handle, file_stamp
+from . import ImageSource, cached_handle, file_stamp, usable_geometry
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ class RasterSource(ImageSource):
             raise InputError(
                 f"{path}: georeferenced by ground control points only; warp it to a grid first (gdalwarp)"
             )
+        usable_geometry(path, geometry)
         if bands:
             bad = [b for b in bands if b > count]
             if bad:

@@ -18,8 +18,8 @@ import numpy as np
 import zarr
 
 from ..errors import InputError, ReadError
-from ..geometry import Geometry, Region, VolumeGeometry, affine_problem, geometry_from_attrs
-from . import ImageSource, cached_handle, file_stamp
+from ..geometry import Geometry, Region, geometry_from_attrs
+from . import ImageSource, cached_handle, file_stamp, usable_geometry
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +58,7 @@ def ome_space_unit(path: str) -> str | None:
     return units.pop() if len(units) == 1 else None
 
 
-def _usable(path: str, geometry: Geometry, origin: str) -> Geometry:
-    """``geometry``, refused (exit 2) when it is a volume's affine that cannot place its voxels (not finite, singular:
-    a scale of 0)."""
-    problem = affine_problem(geometry.affine) if isinstance(geometry, VolumeGeometry) else None
-    if problem:
-        raise InputError(f"{path}: its affine (voxel-to-world matrix) is not usable: {problem}; it comes from {origin}")
-    return geometry
+TILEMASK_ATTRS = "tilemask's attributes ('affine' for a volume, 'transform' for a raster)"
 
 
 @dataclass(frozen=True)
@@ -91,7 +85,7 @@ class ZarrSource(ImageSource):
         shape = tuple(int(s) for s in node.shape)
         if len(shape) not in (spatial_dims, spatial_dims + 1):
             raise InputError(f"{path}: Zarr array with {len(shape)} axes for a {spatial_dims}D model")
-        geometry = _usable(path, geometry_from_attrs(dict(node.attrs), spatial_dims), "its 'affine' attribute")
+        geometry = usable_geometry(path, geometry_from_attrs(dict(node.attrs), spatial_dims), TILEMASK_ATTRS)
         return cls(path, shape, len(shape) == spatial_dims + 1, geometry, np.dtype(node.dtype).kind == "f")
 
     @classmethod
@@ -116,9 +110,9 @@ class ZarrSource(ImageSource):
             raise InputError(f"{path}: an OME-Zarr multiscale without datasets") from None
         source = cls.open(f"{path.rstrip('/')}/{level0}", spatial_dims)
         if "tilemask" in attrs:
-            geometry = _usable(path, geometry_from_attrs(attrs, spatial_dims), "its 'affine' attribute")
+            geometry = usable_geometry(path, geometry_from_attrs(attrs, spatial_dims), TILEMASK_ATTRS)
         else:
-            geometry = _usable(path, ome_geometry(multiscale, spatial_dims), "the multiscale's scale transformations")
+            geometry = usable_geometry(path, ome_geometry(multiscale, spatial_dims), "the multiscale's scale transformations")
         return cls(source.path, source.array_shape, source.channel_first, geometry, source.floating)
 
     @property
