@@ -195,10 +195,11 @@ def test_the_real_graph_of_a_gigapixel_has_about_three_tasks_per_chunk(make_mode
     assert max(map(len, chunk_deps)) == 4  # its own block's sums and at most three neighbours' halos
 
 
-def test_chunks_finer_than_the_roi_are_told_once_a_run(make_model, tmp_path, caplog):
+def test_chunks_finer_than_the_roi_and_a_roi_far_over_the_image_are_told_once_a_run(make_model, tmp_path, caplog):
     """A reviewer's: ``output.chunks`` 64 under a roi of 256 ran 17x slower on 16384^2, silently (Dask's cost per
-    task outweighs the windows'). One warning a run with the counts; chunks of at least the roi, or clipped to an
-    image smaller than the roi, say nothing."""
+    task outweighs the windows'); a roi of 4096^2 over the demo scene took 6.5 GB and over 100 s (padded to it,
+    as MONAI pads). One warning a run each, with the counts; chunks of at least the roi, or clipped to an image
+    smaller than the roi, and a small roi padded over a small image (nnU-Net's 3D patches) say nothing."""
     import logging
 
     from tilemask import Workflow
@@ -211,23 +212,27 @@ def test_chunks_finer_than_the_roi_are_told_once_a_run(make_model, tmp_path, cap
     args = dict(spatial_dims=2, in_channels=1, out_channels=2, channels=[4, 8], strides=[2], num_res_units=0)
     weights, _ = make_model(args)
 
-    def warnings(inputs: str, chunks) -> list[str]:
+    def warnings(inputs: str, chunks, roi=(64, 64)) -> list[str]:
         workflow = Workflow.from_dict({
             "version": 1, "input": inputs,
             "model": {"network": "UNet", "args": args, "weights": str(weights)},
-            "inference": {"roi_size": [64, 64], "overlap": 0.25, "device": "cpu"},
+            "inference": {"roi_size": list(roi), "overlap": 0.25, "device": "cpu"},
             "output": {"path": "out/{stem}.zarr", "chunks": chunks},
         }, base_dir=tmp_path)  # fmt: skip
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="tilemask.planning"):
             plan_workflow(workflow)
-        return [r.getMessage() for r in caplog.records if "output.chunks" in r.getMessage()]
+        return [r.getMessage() for r in caplog.records if r.name == "tilemask.planning"]
 
     assert warnings("?.tif", 32) == ["output.chunks 32 is smaller than inference.roi_size [64, 64]: 100 chunks for 36 "
-                                     "windows, each with Dask's own cost; chunks of at least the roi (default 2048) "
+                                     "window(s), each with Dask's own cost; chunks of at least the roi (default 2048) "
                                      "run faster"]  # fmt: skip
     assert warnings("?.tif", [64, 16])[0].startswith("output.chunks [64, 16] is smaller than")
     assert warnings("?.tif", 64) == warnings("?.tif", 2048) == warnings("small.tif", 40) == []
+    assert warnings("?.tif", 2048, roi=(2048, 2048)) == ["inference.roi_size [2048, 2048] is larger than the image "
+                                                         "(300 x 300): it is padded to it, as MONAI pads, 46.6x the "
+                                                         "pixels for the network to compute"]  # fmt: skip
+    assert warnings("small.tif", 2048, roi=(1024, 1024)) == []  # 655x the pixels, but one window of 1 Mpx
 
 
 @pytest.mark.parametrize(

@@ -149,7 +149,7 @@ class WorkflowPlan:
     inputs: list[InputPlan] = field(default_factory=list)  # planned so far, in the order planned
     classes: tuple[int, tuple[str, ...]] | None = None  # (n_classes, names), once the network is probed
     job_id: str | None = None  # the job this plan runs in: its outputs are staged under this id, to resume
-    chunks_warned: bool = False  # an input's chunks were finer than the roi, and the run was told
+    warned: set[str] = field(default_factory=set)  # what settings cost an input that the run was told of
 
     @property
     def in_channels(self) -> int:
@@ -160,10 +160,10 @@ class WorkflowPlan:
         spatial_dims = int(self.workflow.model.spatial_dims or len(self.settings.roi))
         planned = _plan_input(self.workflow, item, spatial_dims)
         _check_statistics(planned)
-        slow = chunks_under_the_roi(planned.plan)
-        if slow and not self.chunks_warned:  # once a run
-            logger.warning("%s", slow)
-            self.chunks_warned = True
+        for kind, costly in (("chunks", chunks_under_the_roi(planned.plan)), ("roi", roi_over_the_image(planned.plan))):
+            if costly and kind not in self.warned:  # once a run
+                logger.warning("%s", costly)
+                self.warned.add(kind)
         if self.inputs and planned.source.channels != self.in_channels:
             raise InputError(
                 f"{planned.input}: gives {planned.source.channels} channels, the first input "
@@ -347,8 +347,23 @@ def chunks_under_the_roi(plan: WindowPlan) -> str | None:
         return None
     chunks = list(plan.chunks) if len(set(plan.chunks)) > 1 else plan.chunks[0]
     return (f"output.chunks {chunks} is smaller than inference.roi_size {list(plan.roi)}: "
-            f"{math.prod(plan.chunk_counts)} chunks for {plan.n_windows} windows, each with Dask's own cost; "
+            f"{math.prod(plan.chunk_counts)} chunks for {plan.n_windows} window(s), each with Dask's own cost; "
             "chunks of at least the roi (default 2048) run faster")  # fmt: skip
+
+
+LARGE_WINDOW = 1 << 22  # pixels or voxels of one window (2048^2, 161^3), past which padding is worth a word
+
+
+def roi_over_the_image(plan: WindowPlan) -> str | None:
+    """Why ``inference.roi_size`` costs this input time, where it is so much larger than the image that padding
+    to it (as MONAI pads) at least doubles what the network computes and one window is large: a roi of 4096^2
+    over the 791 x 718 demo scene took 6.5 GB and over 100 s."""
+    padded = math.prod(max(a.roi, a.size) for a in plan.axes)
+    if not (math.prod(plan.roi) >= LARGE_WINDOW and padded >= 2 * math.prod(plan.shape)):
+        return None
+    return (f"inference.roi_size {list(plan.roi)} is larger than the image ({' x '.join(map(str, plan.shape))}): "
+            f"it is padded to it, as MONAI pads, {padded / math.prod(plan.shape):.1f}x the pixels for the network "
+            "to compute")  # fmt: skip
 
 
 def _plan_input(workflow: Workflow, item: InputItem, spatial_dims: int) -> InputPlan:
