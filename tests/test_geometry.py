@@ -197,8 +197,8 @@ def test_the_real_graph_of_a_gigapixel_has_about_three_tasks_per_chunk(make_mode
 
 def test_chunks_finer_than_the_roi_and_a_roi_far_over_the_image_are_told_once_a_run(make_model, tmp_path, caplog):
     """A reviewer's: ``output.chunks`` 64 under a roi of 256 ran 17x slower on 16384^2, silently (Dask's cost per
-    task outweighs the windows'); a roi of 4096^2 over the demo scene took 6.5 GB and over 100 s (padded to it,
-    as MONAI pads). One warning a run each, with the counts; chunks of at least the roi, or clipped to an image
+    task outweighs the windows'); a roi of 2048^2 over the demo scene took 213 s on a first run (padded to it, as
+    MONAI pads). One warning a run each, with the counts; chunks of at least the roi, or clipped to an image
     smaller than the roi, and a small roi padded over a small image (nnU-Net's 3D patches) say nothing."""
     import logging
 
