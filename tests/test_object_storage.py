@@ -15,6 +15,7 @@ import time
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import rasterio
 import yaml
@@ -133,6 +134,65 @@ def test_a_scene_and_weights_on_s3_give_the_outputs_of_the_local_files(s3, tmp_p
     refused = run_cli("run", missing, "--quiet", "--workers", "1", cwd=tmp_path, env={**env, **scratch})
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.strip() == "tilemask: error: model.weights: s3://tilemask/models/nope.pt: no such object"
+
+
+@pytest.mark.slow  # a moto S3 server and a run
+def test_stats_regions_and_atlases_on_s3_give_the_zones_of_the_local_file_and_a_missing_one_is_refused_first(
+    s3, tmp_path, write_workflow
+):
+    """A reviewer's: a workflow's ``stats.regions: s3://...`` was not checked when planned, and pyogrio's own GDAL,
+    which knows no S3-compatible endpoint, failed reading it after the run ("Could not resolve host", exit 1,
+    the mask written); so did an atlas, read without the endpoint. Vector regions are copied once, as weights
+    are, an atlas read in place; a missing object is exit 2 before any work."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    from tilemask.stats import compute_stats
+
+    s3_client, env = s3
+    with rasterio.open(GEO["RGB.byte.tif"]) as src:
+        left, bottom, right, top = src.bounds
+        crs = src.crs
+    middle = (left + right) / 2
+    regions = gpd.GeoDataFrame({"name": ["west", "east"]}, crs=crs,
+                               geometry=[box(left, bottom, middle, top), box(middle, bottom, right, top)])  # fmt: skip
+    regions.to_file(tmp_path / "halves.gpkg")
+    s3_client.upload_file(str(tmp_path / "halves.gpkg"), "tilemask", "regions/halves.gpkg")
+    weights = str(REPO / "workflows" / "demo" / "landsat_water_land_cloud.pt")
+    workflow = demo_workflow(str(GEO["RGB.byte.tif"]), weights, "out/{stem}_mask.tif")
+    workflow["stats"] = {"regions": "s3://tilemask/regions/halves.gpkg", "region_id": "name",
+                         "output": "out/{stem}_zones.csv"}  # fmt: skip
+    scratch = {"TILEMASK_SCRATCH": str(tmp_path / "scratch")}
+    missing = {**workflow, "stats": {**workflow["stats"], "regions": "s3://tilemask/regions/nope.gpkg"}}
+    refused = run_cli("run", write_workflow(missing, "missing.yaml"), "--quiet", "--workers", "1", cwd=tmp_path,
+                      env={**env, **scratch})  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip() == "tilemask: error: s3://tilemask/regions/nope.gpkg: no such object"
+    assert not [p for p in (tmp_path / "out").rglob("*") if ".tilemask" not in p.parts]  # its job's record only
+    done = run_cli("run", write_workflow(workflow, "remote.yaml"), "--quiet", "--workers", "1", cwd=tmp_path,
+                   env={**env, **scratch})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    remote = pd.read_csv(tmp_path / "out" / "RGB.byte_zones.csv")
+    local = compute_stats(tmp_path / "out" / "RGB.byte_mask.tif", tmp_path / "local.csv",
+                          regions=str(tmp_path / "halves.gpkg"), region_id="name")  # fmt: skip
+    pd.testing.assert_frame_equal(remote, pd.read_csv(local))
+    assert list(remote["name"]) == ["west", "east"] and (remote.filter(like="_pixels").sum(axis=1) > 0).all()
+
+    # an atlas (a label image of regions) on S3: read by GDAL with the endpoint, as the inputs are
+    with rasterio.open(GEO["RGB.byte.tif"]) as src:
+        profile = {**src.profile, "count": 1, "nodata": None}
+        thirds = (np.indices((src.height, src.width))[1] * 3 // src.width + 1).astype(np.uint8)
+    with rasterio.open(tmp_path / "thirds.tif", "w", **profile) as dst:
+        dst.write(thirds, 1)
+    s3_client.upload_file(str(tmp_path / "thirds.tif"), "tilemask", "regions/thirds.tif")
+    workflow["stats"] = {"regions": "s3://tilemask/regions/thirds.tif", "output": "out/{stem}_thirds.csv"}
+    done = run_cli("run", write_workflow(workflow, "atlas.yaml"), "--quiet", "--workers", "1", "--overwrite",
+                   cwd=tmp_path, env={**env, **scratch})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    local = compute_stats(tmp_path / "out" / "RGB.byte_mask.tif", tmp_path / "thirds.csv", regions=str(tmp_path / "thirds.tif"))
+    remote = pd.read_csv(tmp_path / "out" / "RGB.byte_thirds.csv")
+    pd.testing.assert_frame_equal(remote, pd.read_csv(local))
+    assert list(remote["region"]) == [1, 2, 3]
 
 
 @pytest.mark.slow

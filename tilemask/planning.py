@@ -494,9 +494,9 @@ def _check_statistics(item: InputPlan) -> None:
     output = item.back.source if item.back else item.source  # the grid the output is written on
     grid = Grid(tuple(int(s) for s in output.shape[1:]), output.geometry)
     grid.check_sizes(item.input)
-    if not stats.regions or stats.regions.startswith(REMOTE_PREFIXES):
+    if not stats.regions:
         return
-    if not Path(stats.regions).exists():
+    if not stats.regions.startswith(REMOTE_PREFIXES) and not Path(stats.regions).exists():
         raise InputError(f"stats.regions: no such file {stats.regions}")
     if is_label_image(stats.regions):
         if stats.region_id is not None:

@@ -30,7 +30,7 @@ from ..geometry import Geometry, RasterGeometry, VolumeGeometry, geometry_from_a
 from ..storage import zarr_options
 from . import cached_handle, file_stamp, usable_geometry
 from .nifti import check_length, nifti_geometry, read_failure
-from .raster import first_gdal_line
+from .raster import first_gdal_line, gdal_env
 from .zarr import TILEMASK_ATTRS, ome_multiscales
 
 logger = logging.getLogger(__name__)
@@ -67,8 +67,9 @@ def read_band_window(path: str, rows: slice, cols: slice) -> np.ndarray:
     """Band 1 of a GDAL raster at ``[rows, cols]`` (its handle kept per worker thread); a damaged file as a
     :class:`ReadError` naming it and the window."""
     try:
-        ds = cached_handle(("label-raster", path), lambda: rasterio.open(path), file_stamp(path))
-        return ds.read(1, window=Window.from_slices(rows, cols, height=ds.height, width=ds.width))
+        with gdal_env(path):  # an atlas on S3 or a web server: the endpoint the AWS variables name
+            ds = cached_handle(("label-raster", path), lambda: rasterio.open(path), file_stamp(path))
+            return ds.read(1, window=Window.from_slices(rows, cols, height=ds.height, width=ds.width))
     except RasterioError as exc:
         detail = first_gdal_line(exc)
     # raised outside the handler: GDAL's exception chain must not travel back to the client
@@ -163,7 +164,7 @@ def _ome_geometry(group, spatial_dims: int) -> Geometry:
 
 
 def open_raster_labels(path: str, chunks) -> LabelImage:
-    with rasterio.open(path) as ds:
+    with gdal_env(path), rasterio.open(path) as ds:
         shape = (ds.height, ds.width)
         dtype = np.dtype(ds.dtypes[0])
         block = ds.block_shapes[0]

@@ -37,25 +37,35 @@ def is_label_image(path: str) -> bool:
     return str(path).lower().rstrip("/").endswith(LABEL_IMAGE_SUFFIXES)
 
 
+def regions_file(path: str) -> str:
+    """A local file holding the vector regions at ``path``: itself, or a copy made once of the object it names
+    (``s3://``, ``https://``, ``/vsis3/``...: fsspec, with the AWS variables as for the inputs; pyogrio's own GDAL
+    knew no S3-compatible endpoint, so such regions failed after the run, its outputs written)."""
+    from ..storage import local_copy, network_object
+
+    return local_copy(network_object(str(path)) or str(path))
+
+
 def check_regions(path: str, region_id: str | None) -> None:
     """What the zonal statistics check of their regions, from the layer's info and attribute table alone: that GDAL
     reads the file, and that their key (``region_id``, when given) is a field with unique values; a workflow's
     ``stats:`` is refused before its run predicts anything.  Read once per file."""
-    stat = os.stat(path)
-    _check_regions(path, region_id, (stat.st_mtime_ns, stat.st_size))
+    local = regions_file(path)
+    stat = os.stat(local)
+    _check_regions(path, local, region_id, (stat.st_mtime_ns, stat.st_size))
 
 
 @functools.lru_cache(maxsize=16)
-def _check_regions(path: str, region_id: str | None, stamp: tuple[int, int]) -> None:
+def _check_regions(path: str, local: str, region_id: str | None, stamp: tuple[int, int]) -> None:
     import pyogrio
 
     try:
-        fields = list(pyogrio.read_info(path)["fields"])  # the layer's metadata: no feature is read
+        fields = list(pyogrio.read_info(local)["fields"])  # the layer's metadata: no feature is read
         values = None
         if region_id in fields:
-            values = pyogrio.read_dataframe(path, columns=[region_id], read_geometry=False)[region_id]
+            values = pyogrio.read_dataframe(local, columns=[region_id], read_geometry=False)[region_id]
     except Exception as exc:  # pyogrio raises its own DataSourceError, DataLayerError, ...
-        raise regions_unreadable(path, exc) from None
+        raise regions_unreadable(path, exc, local) from None
     if region_id is not None:
         check_key(path, region_id, fields, values)
 
@@ -63,12 +73,14 @@ def _check_regions(path: str, region_id: str | None, stamp: tuple[int, int]) -> 
 GDAL_DRIVER_ADVICE = "; It might help to specify the correct driver"  # pyogrio's tail on a format GDAL does not know
 
 
-def regions_unreadable(path, exc: BaseException) -> InputError:
+def regions_unreadable(path, exc: BaseException, local: str | None = None) -> InputError:
     """The error for regions GDAL cannot read, in one line: its words without pyogrio's advice on driver prefixes
-    (``'CSV:path'``), which tilemask does not take, nor the path it repeats."""
+    (``'CSV:path'``), which tilemask does not take, nor the path it repeats (``path``, or the ``local`` copy it
+    read)."""
     text = first_line(exc).split(GDAL_DRIVER_ADVICE, 1)[0]
-    for quoted in (f"'{path}' ", f"{path}: "):
-        text = text.removeprefix(quoted)
+    for shown in {str(path), local or str(path)}:
+        for quoted in (f"'{shown}' ", f"{shown}: "):
+            text = text.removeprefix(quoted)
     return InputError(f"{path}: cannot read the regions: {text}")
 
 

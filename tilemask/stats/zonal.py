@@ -81,7 +81,7 @@ from affine import Affine
 from ..errors import InputError
 from ..sources import cached_handle, file_stamp
 from ..sources.labels import LabelImage, read_band_window
-from .config import check_key, regions_unreadable
+from .config import check_key, regions_file, regions_unreadable
 from .crosstab import compute
 from .measure import Grid
 from .totals import grid_of, zone_table
@@ -146,10 +146,11 @@ def read_regions(path: str | os.PathLike, region_id: str | None):
     """The regions of a vector file as a GeoDataFrame, and the name of their key column."""
     import geopandas as gpd
 
+    local = regions_file(str(path))
     try:
-        regions = gpd.read_file(path, engine="pyogrio")
+        regions = gpd.read_file(local, engine="pyogrio")
     except Exception as exc:  # pyogrio raises its own DataSourceError, DataLayerError, ...
-        raise regions_unreadable(path, exc) from None
+        raise regions_unreadable(path, exc, local) from None
     if region_id is not None:
         fields = [c for c in regions.columns if c != regions.geometry.name]
         check_key(path, region_id, fields, regions.get(region_id))
