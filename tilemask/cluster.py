@@ -200,8 +200,8 @@ TLS_SETTINGS = {"ca-file": "distributed.comm.tls.ca-file", "cert": "distributed.
 
 
 def check_client_tls(scheduler: str) -> None:
-    """Refuse (exit 2) a ``tls://`` scheduler where the Dask config gives the client no TLS context, or one of
-    files it cannot load: distributed's connector failed with a bare ``TypeError`` or ``FileNotFoundError``."""
+    """Refuse (exit 2) a ``tls://`` scheduler where the Dask config gives the client no TLS context, or files it
+    cannot load: distributed's connector failed with a bare ``TypeError`` or ``FileNotFoundError``."""
     import ssl
 
     from distributed.security import Security

@@ -31,7 +31,7 @@ from ..storage import zarr_options
 from . import cached_handle, file_stamp, usable_geometry
 from .nifti import check_length, nifti_geometry, read_failure
 from .raster import first_gdal_line, gdal_env
-from .zarr import TILEMASK_ATTRS, ome_multiscales
+from .zarr import OME_SCALES, TILEMASK_ATTRS, ome_multiscales
 
 logger = logging.getLogger(__name__)
 
@@ -147,8 +147,7 @@ def open_omezarr_labels(path: str, chunks) -> LabelImage:
     labels_path = omezarr_labels_key(root)
     array = root[labels_path]
     geometry = (usable_geometry(path, geometry_from_attrs(attrs, array.ndim), TILEMASK_ATTRS) if meta else
-                usable_geometry(path, _ome_geometry(root[labels_path.rsplit("/", 1)[0]], array.ndim),
-                                "the multiscale's scale transformations"))  # fmt: skip
+                usable_geometry(path, _ome_geometry(root[labels_path.rsplit("/", 1)[0]], array.ndim), OME_SCALES))
     lazy = da.from_zarr(array, chunks=_chunks(chunks, tuple(array.chunks)))
     classes = tuple(meta["classes"]) if meta.get("classes") else None
     return LabelImage(path, lazy, geometry, classes, meta.get("nodata"))
@@ -168,7 +167,8 @@ def open_raster_labels(path: str, chunks) -> LabelImage:
         shape = (ds.height, ds.width)
         dtype = np.dtype(ds.dtypes[0])
         block = ds.block_shapes[0]
-        geometry = usable_geometry(path, RasterGeometry(ds.crs.to_wkt() if ds.crs else None, tuple(ds.transform.to_gdal())))
+        crs = ds.crs.to_wkt() if ds.crs else None
+        geometry = usable_geometry(path, RasterGeometry(crs, tuple(ds.transform.to_gdal())))
         nodata = None if ds.nodata is None else int(ds.nodata)
         tag = ds.tags().get(CLASSES_TAG)
         bands = ds.count

@@ -192,4 +192,3 @@ def _gzip_short(path: str, local: str, needed: int) -> int | None:
     except (OSError, zlib.error) as exc:  # a bad CRC, a damaged deflate stream
         raise InputError(f"{path}: the compressed file is damaged: {first_line(exc)}") from None
     return held if held < needed else None
-

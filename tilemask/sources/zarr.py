@@ -59,6 +59,7 @@ def ome_space_unit(path: str) -> str | None:
 
 
 TILEMASK_ATTRS = "tilemask's attributes ('affine' for a volume, 'transform' for a raster)"
+OME_SCALES = "the multiscale's scale transformations"
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class ZarrSource(ImageSource):
         if "tilemask" in attrs:
             geometry = usable_geometry(path, geometry_from_attrs(attrs, spatial_dims), TILEMASK_ATTRS)
         else:
-            geometry = usable_geometry(path, ome_geometry(multiscale, spatial_dims), "the multiscale's scale transformations")
+            geometry = usable_geometry(path, ome_geometry(multiscale, spatial_dims), OME_SCALES)
         return cls(source.path, source.array_shape, source.channel_first, geometry, source.floating)
 
     @property
