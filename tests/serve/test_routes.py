@@ -419,8 +419,10 @@ def test_large_volumes_are_served_to_the_viewer_strided(tmp_path, monkeypatch):
 
 
 def test_a_damaged_volume_is_a_422_not_a_500(tmp_path):
-    """A NIfTI the catalog lists but nibabel cannot read (a .nii.gz cut short: only reading it tells) is refused
-    with why, not an error page. (An uncompressed one cut short is refused when opened: the catalog leaves it out.)"""
+    """A NIfTI the catalog lists but nibabel cannot read is refused with why, not an error page: here a .nii.gz
+    cut short whose last 8 bytes are its whole self's gzip trailer (so its size passes; only reading tells). One
+    cut short plainly is refused when opened (its trailer disagrees), as an uncompressed one is: the catalog
+    leaves it out."""
     import nibabel as nib
     from starlette.testclient import TestClient
 
@@ -432,10 +434,13 @@ def test_a_damaged_volume_is_a_422_not_a_500(tmp_path):
     nib.save(img, tmp_path / "cut_labels.nii.gz")
     whole = (tmp_path / "cut_labels.nii.gz").read_bytes()
     (tmp_path / "cut_labels.nii.gz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "damaged_labels.nii.gz").write_bytes(whole[: len(whole) // 2] + whole[-8:])
     with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
-        answer = client.get("/volumes/cut_labels.nii.gz")
+        cut = client.get("/volumes/cut_labels.nii.gz")
+        answer = client.get("/volumes/damaged_labels.nii.gz")
+    assert cut.status_code == 404 and cut.json()["detail"] == "cut_labels.nii.gz: not a NIfTI volume", cut.text
     assert answer.status_code == 422, answer.text
-    assert answer.json()["detail"].startswith("cut_labels.nii.gz: cannot read: ")
+    assert answer.json()["detail"].startswith("damaged_labels.nii.gz: cannot read: ")
 
 
 def test_damaged_outputs_are_a_422_naming_the_file_not_a_500(tmp_path, served_folder):
