@@ -895,3 +895,33 @@ def test_items_parameters_of_invalid_values_are_400_and_a_large_limit_is_the_max
     parameters = spec["paths"]["/collections/{collection_id}/items"]["get"]["parameters"]
     (limit,) = [p for p in parameters if p["name"] == "limit"]
     assert limit["schema"]["maximum"] == 10000
+
+
+@pytest.mark.timeout(60)
+def test_polygons_without_attributes_are_served_as_features_with_empty_properties(tmp_path):
+    """A polygons layer with a geometry and no attribute field (a GeoJSON whose features have ``"properties": {}``,
+    what ogr2ogr or geopandas write from shapes alone) is listed as a collection; its items came back as no
+    features at all beside ``numberMatched: 2`` (pandas writes a frame with no columns as ``[]``, and the
+    features were zipped with it), and ``/items/0`` was a 500 with an IndexError traceback."""
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+
+    shapes = [box(-77.7, 24.5, -77.6, 24.6), box(-77.5, 24.4, -77.4, 24.5)]
+    gpd.GeoDataFrame(geometry=shapes, crs="OGC:CRS84").to_file(tmp_path / "bare.geojson", driver="GeoJSON")
+    gpd.GeoDataFrame(geometry=shapes, crs="OGC:CRS84").to_parquet(tmp_path / "bareparquet.parquet")
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        for name in ("bare", "bareparquet"):
+            page = client.get(f"/collections/{name}/items")
+            assert page.status_code == 200, page.text
+            body = page.json()
+            assert body["numberMatched"] == body["numberReturned"] == 2, body
+            assert [f["properties"] for f in body["features"]] == [{}, {}]
+            got = [shape(f["geometry"]).bounds for f in body["features"]]
+            np.testing.assert_allclose(got, [s.bounds for s in shapes], atol=1e-9)
+            boxed = client.get(f"/collections/{name}/items", params={"bbox": "-77.55,24.45,-77.45,24.55"}).json()
+            assert [f["properties"] for f in boxed["features"]] == [{}]
+            first = body["features"][0]["id"]
+            one = client.get(f"/collections/{name}/items/{first}")
+            assert one.status_code == 200, one.text
+            assert one.json()["properties"] == {} and one.json()["id"] == first

@@ -253,9 +253,11 @@ def _features(frame, crs: str | None) -> list[dict]:
     import shapely
 
     shapes = shapely.to_geojson(_crs84(np.asarray(frame.geometry.values, dtype=object), crs))
-    properties = json.loads(
-        frame.drop(columns=frame.geometry.name).to_json(orient="records", double_precision=15, date_format="iso")
-    )
+    attributes = frame.drop(columns=frame.geometry.name)
+    properties = (  # pandas writes a frame without columns as [], not one {} per row
+        json.loads(attributes.to_json(orient="records", double_precision=15, date_format="iso"))
+        if len(attributes.columns) else [{} for _ in range(len(frame))]
+    )  # fmt: skip
     return [
         {"type": "Feature", "id": int(fid), "geometry": json.loads(shape) if shape else None, "properties": props}
         for fid, shape, props in zip(frame.index, shapes, properties)
