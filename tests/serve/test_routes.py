@@ -925,3 +925,27 @@ def test_polygons_without_attributes_are_served_as_features_with_empty_propertie
             one = client.get(f"/collections/{name}/items/{first}")
             assert one.status_code == 200, one.text
             assert one.json()["properties"] == {} and one.json()["id"] == first
+
+
+@pytest.mark.timeout(60)
+def test_damaged_probabilities_are_a_422_naming_the_probabilities_not_the_labels(tmp_path, served_folder):
+    """A label COG that reads whole beside probabilities cut short: ``/point`` and a ``&band=`` tile answered 422
+    ``cut_mask.tif: cannot read: Read failed...``, naming the labels, which read fine (``/point`` reads them
+    first); the file to look at, or publish again, is the probabilities."""
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+
+    shutil.copyfile(served_folder / LABELS, tmp_path / "cut_mask.tif")
+    whole = (served_folder / PROBS).read_bytes()
+    (tmp_path / "cut_mask_probabilities.tif").write_bytes(whole[: len(whole) // 3])
+    lon, lat = -77.75, 24.56
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        listed = {e["path"]: e for e in client.get("/?f=json").json()["outputs"]}
+        assert listed["cut_mask.tif"]["probabilities"] == "cut_mask_probabilities.tif"
+        point, tile = f"/point?output=cut_mask.tif&lon={lon}&lat={lat}", "/tiles/10/290/439.png?output=cut_mask.tif"
+        assert client.get(tile).status_code == 200  # the labels read
+        for url in (point, f"{tile}&band=2"):
+            answer = client.get(url)
+            assert answer.status_code == 422, (url, answer.status_code, answer.text)
+            assert answer.json()["detail"].startswith("cut_mask_probabilities.tif: cannot read: "), answer.text

@@ -14,7 +14,6 @@ from __future__ import annotations
 import html
 import json
 import re
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -26,12 +25,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from rasterio.errors import RasterioError
 
-from ..errors import first_line
 from . import features, raster, stac, tables, volumes
 from .catalog import Catalog, Entry
-from .paths import relative, resolve
+from .paths import reading, relative, resolve
 
 STATIC = Path(__file__).parent / "static"
 VENDOR = STATIC / "vendor"
@@ -40,20 +37,6 @@ GEOJSON = "application/geo+json"
 
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
-READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, RasterioError)
-"""What reading a damaged file raises: GDAL's, pyogrio's, nibabel's and the codecs' errors (a truncated tile,
-a chunk that does not decompress, a header that lies)."""
-
-
-@contextmanager
-def reading(path: str):
-    """A damaged file is the client's 422 naming it and the reason, not the server's 500."""
-    try:
-        yield
-    except FileNotFoundError:  # removed since the catalog listed it
-        raise HTTPException(404, f"{path}: not found") from None
-    except READ_ERRORS as exc:
-        raise HTTPException(422, f"{path}: cannot read: {first_line(exc)}") from None
 
 
 def create_app(

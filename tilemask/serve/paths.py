@@ -11,11 +11,18 @@ not, so a client learns nothing about the rest of the disk.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 from fastapi import HTTPException
+from rasterio.errors import RasterioError
+
+from ..errors import first_line
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
+READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, RasterioError)
+"""What reading a damaged file raises: GDAL's, pyogrio's, nibabel's and the codecs' errors (a truncated tile,
+a chunk that does not decompress, a header that lies)."""
 
 
 class NotInFolder(HTTPException):
@@ -60,3 +67,15 @@ def inside(root: Path, path: Path) -> bool:
         return path.resolve(strict=True).is_relative_to(root)
     except (OSError, RuntimeError):
         return False
+
+
+@contextmanager
+def reading(path: str):
+    """A damaged file is the client's 422 naming it (``path``, the client's name) and the reason, not the
+    server's 500."""
+    try:
+        yield
+    except FileNotFoundError:  # removed since the catalog listed it
+        raise HTTPException(404, f"{path}: not found") from None
+    except READ_ERRORS as exc:
+        raise HTTPException(422, f"{path}: cannot read: {first_line(exc)}") from None

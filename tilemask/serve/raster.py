@@ -31,7 +31,7 @@ from rio_tiler.io import Reader, XarrayReader
 from ..classes import class_name
 from ..formats import for_path
 from .catalog import Entry
-from .paths import inside
+from .paths import inside, reading
 
 NEAREST = {"resampling_method": "nearest", "reproject_method": "nearest"}
 OUTSIDE = (TileOutsideBounds, PointOutsideBounds)
@@ -50,11 +50,12 @@ def reader(root: Path, entry: Entry, variable: str = "labels", zoom: int | None 
         with XarrayReader(_zarr_array(str(path), variable, level, *stamp)) as r:
             yield r
         return
-    if variable == "probabilities":
-        path = root / entry.probabilities
+    name = entry.path
+    if variable == "probabilities":  # a file of its own: a read that fails names it, not the labels
+        path, name = root / entry.probabilities, entry.probabilities
     if not inside(root, path):  # a symlink swapped in since the catalog looked
         raise HTTPException(404, f"not found: {entry.path}")
-    with Reader(str(path), dataset=_open_gtiff(path)) as r:  # the dataset stays open: it is this thread's
+    with reading(name), Reader(str(path), dataset=_open_gtiff(path)) as r:  # the dataset stays open: this thread's
         yield r
 
 
