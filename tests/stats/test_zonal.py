@@ -343,3 +343,25 @@ def test_fraction_rule_without_crs(tmp_path):
         assert table[f"class_{value}_area_m2"].isna().all()
     totals = pd.read_csv(compute_stats(raster, tmp_path / "totals.csv"))
     assert totals["area_m2"].isna().all() and totals["pixels"].sum() == data.size
+
+
+@pytest.mark.timeout(120)
+def test_geoparquet_regions_are_read_as_the_same_regions_in_a_geopackage(tmp_path, shade_labels):
+    """GeoParquet regions (what tilemask writes its own polygons and tables with geometry as) were refused as
+    unreadable: ``cannot read the regions: libduckdb.so: cannot open shared object file``, GDAL's ADBC driver
+    claiming the ``.parquet`` that pyogrio's wheels have no Parquet driver for; the workflow's ``stats:`` check
+    refused them the same way. They are read with geopandas (pyarrow), keyed and counted as any other file."""
+    from tilemask.stats.config import check_regions
+
+    regions = random_regions(shade_labels, 12, seed=4, crs_out="EPSG:4326")
+    regions.to_file(tmp_path / "regions.gpkg")
+    regions.to_parquet(tmp_path / "regions.parquet")
+    check_regions(str(tmp_path / "regions.parquet"), "name")
+    with pytest.raises(InputError, match="region id 'nope' is not a field of the regions \\(fields: name\\)"):
+        check_regions(str(tmp_path / "regions.parquet"), "nope")
+    expected = compute_stats(shade_labels, tmp_path / "gpkg.csv", regions=tmp_path / "regions.gpkg", region_id="name")
+    got = compute_stats(shade_labels, tmp_path / "parquet.csv", regions=tmp_path / "regions.parquet", region_id="name")
+    pd.testing.assert_frame_equal(pd.read_csv(got), pd.read_csv(expected))
+    pd.DataFrame({"name": ["a"]}).to_parquet(tmp_path / "plain.parquet")  # a table, no geometry
+    with pytest.raises(InputError, match="plain.parquet: cannot read the regions: "):
+        compute_stats(shade_labels, tmp_path / "z.csv", regions=tmp_path / "plain.parquet")

@@ -60,14 +60,40 @@ def _check_regions(path: str, local: str, region_id: str | None, stamp: tuple[in
     import pyogrio
 
     try:
-        fields = list(pyogrio.read_info(local)["fields"])  # the layer's metadata: no feature is read
-        values = None
-        if region_id in fields:
-            values = pyogrio.read_dataframe(local, columns=[region_id], read_geometry=False)[region_id]
+        if is_geoparquet(path):
+            import pandas as pd
+
+            fields = geoparquet_fields(local)
+            values = pd.read_parquet(local, columns=[region_id])[region_id] if region_id in fields else None
+        else:
+            fields = list(pyogrio.read_info(local)["fields"])  # the layer's metadata: no feature is read
+            values = None
+            if region_id in fields:
+                values = pyogrio.read_dataframe(local, columns=[region_id], read_geometry=False)[region_id]
     except Exception as exc:  # pyogrio raises its own DataSourceError, DataLayerError, ...
         raise regions_unreadable(path, exc, local) from None
     if region_id is not None:
         check_key(path, region_id, fields, values)
+
+
+def is_geoparquet(path) -> bool:
+    """Regions in (Geo)Parquet are read with geopandas (pyarrow): pyogrio's wheels have no Parquet driver, and
+    GDAL's ADBC driver claims the file and fails loading libduckdb."""
+    return str(path).lower().endswith(".parquet")
+
+
+def geoparquet_fields(path) -> list[str]:
+    """The attribute fields of a GeoParquet file, from its schema; a Parquet file without GeoParquet's ``geo``
+    metadata has no geometry (ValueError)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    geo = json.loads((schema.metadata or {}).get(b"geo", b"null"))
+    if not isinstance(geo, dict) or not geo.get("columns"):
+        raise ValueError("a Parquet table without GeoParquet's geo metadata: no geometry")
+    return [name for name in schema.names if name not in geo["columns"]]
 
 
 GDAL_DRIVER_ADVICE = "; It might help to specify the correct driver"  # pyogrio's tail on a format GDAL does not know
