@@ -949,3 +949,43 @@ def test_damaged_probabilities_are_a_422_naming_the_probabilities_not_the_labels
             answer = client.get(url)
             assert answer.status_code == 422, (url, answer.status_code, answer.text)
             assert answer.json()["detail"].startswith("cut_mask_probabilities.tif: cannot read: "), answer.text
+
+
+@pytest.mark.timeout(90)
+def test_a_named_pipe_in_the_folder_is_left_out_and_hangs_nothing(tmp_path):
+    """A FIFO named like an output (``pipe.csv``, ``pipe.tif``) was opened by the catalog to classify it, and an
+    open of a FIFO waits for a writer: the index, ``/collections`` and ``/stats?output=pipe.csv`` never answered
+    (each held a server thread for good). Only regular files and Zarr folders are classified."""
+    import os
+    import threading
+
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+
+    pd.DataFrame({"class": ["water"], "pixels": [3]}).to_csv(tmp_path / "table.csv", index=False)
+    pipes = [tmp_path / "pipe.csv", tmp_path / "pipe.tif"]
+    for pipe in pipes:
+        os.mkfifo(pipe)
+    answers = {}
+
+    def ask():
+        with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+            for url in ("/?f=json", "/collections", "/stats?output=pipe.csv", "/stats?output=table.csv"):
+                answers[url] = client.get(url)
+
+    asker = threading.Thread(target=ask, daemon=True)
+    asker.start()
+    asker.join(30)
+    hung = asker.is_alive()
+    for pipe in pipes:  # a reader still blocked in open() gets an end of file and lets go
+        try:
+            os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # ENXIO: nobody is reading it
+            pass
+    asker.join(30)
+    assert not hung, f"hung; answered so far: {sorted(answers)}"
+    assert [e["path"] for e in answers["/?f=json"].json()["outputs"]] == ["table.csv"]
+    assert answers["/collections"].status_code == 200
+    assert answers["/stats?output=pipe.csv"].status_code == 404, answers["/stats?output=pipe.csv"].text
+    assert answers["/stats?output=table.csv"].json() == [{"class": "water", "pixels": 3}]

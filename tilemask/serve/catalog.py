@@ -199,6 +199,8 @@ def _classify(root: Path, path: Path) -> list[Entry]:
 
     rel = relative(root, path)
     name = path.name.lower()
+    if not (path.is_file() or path.is_dir()):  # a FIFO, socket or device: opening a FIFO waits for a writer, forever
+        return []
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError:  # bytes that are not UTF-8 (Python's surrogate escapes): no URL or JSON can name it
