@@ -101,6 +101,24 @@ def test_a_scheduler_that_is_no_address_is_a_usage_error():
     assert refused.value.exit_status == 2
 
 
+@pytest.mark.timeout(60)
+def test_a_scheduler_port_out_of_range_is_refused_at_once(tmp_path):
+    """``tilemask stats MASK --scheduler tcp://127.0.0.1:99999`` (a digit too many) tried to connect for 30 s and
+    ended ``cannot reach the Dask scheduler ... Connection refused``, exit 1, as for a scheduler that is down for
+    now; no port past 65535 ever answers: it is an address that is not one, exit 2 at once, nothing written."""
+    import rasterio
+
+    mask = tmp_path / "mask.tif"
+    with rasterio.open(mask, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint8") as ds:
+        ds.write(np.zeros((8, 8), np.uint8), 1)
+    for address, port in (("tcp://127.0.0.1:99999", 99999), ("127.0.0.1:70000", 70000)):
+        proc = run_cli("stats", mask, "-o", tmp_path / "out.csv", "--scheduler", address, timeout=25)
+        assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+        assert proc.stderr == (f"tilemask: error: --scheduler {address}: not a Dask scheduler address: port {port} "
+                               "is out of range (1-65535)\n")  # fmt: skip
+        assert not (tmp_path / "out.csv").exists()
+
+
 @pytest.mark.parametrize("command", ["run", "submit"])
 def test_where_the_work_runs_is_refused_before_a_job_folder_is_made(scene, write_workflow, tmp_path, command):
     """An empty --scheduler (an unset ``$DASK_SCHEDULER_ADDRESS``) started an embedded cluster: ``submit`` said

@@ -124,7 +124,9 @@ def check_cluster_options(scheduler: str | None, kind: str = "local") -> None:
             address = normalize_address(scheduler)
             registry.get_backend(parse_address(address)[0])  # 'nonsense://x' passes normalize_address
             if address.startswith(("tcp://", "tls://", "ws://", "wss://")):
-                get_address_host_port(address)
+                port = get_address_host_port(address)[1]
+                if not 0 < port <= 65535:  # connecting to it is refused for the 30 s of a scheduler down for now
+                    raise ValueError(f"port {port} is out of range (1-65535)")
         except ValueError as exc:  # "missing port number", "unknown address scheme"
             raise UsageError(f"--scheduler {scheduler}: not a Dask scheduler address: {exc}") from None
         if address.startswith("tls://"):
