@@ -254,6 +254,9 @@ def _features(frame, crs: str | None) -> list[dict]:
 
     shapes = shapely.to_geojson(_crs84(np.asarray(frame.geometry.values, dtype=object), crs))
     attributes = frame.drop(columns=frame.geometry.name)
+    for name in attributes.columns[attributes.dtypes == object]:  # bytes as hex, as /stats gives them: pandas'
+        if attributes[name].map(lambda v: isinstance(v, bytes)).any():  # JSON writer decodes them as UTF-8 text
+            attributes[name] = attributes[name].map(lambda v: v.hex() if isinstance(v, bytes) else v)
     properties = (  # pandas writes a frame without columns as [], not one {} per row
         json.loads(attributes.to_json(orient="records", double_precision=15, date_format="iso"))
         if len(attributes.columns) else [{} for _ in range(len(frame))]
