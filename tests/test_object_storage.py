@@ -177,6 +177,11 @@ def test_stats_regions_and_atlases_on_s3_give_the_zones_of_the_local_file_and_a_
                           regions=str(tmp_path / "halves.gpkg"), region_id="name")  # fmt: skip
     pd.testing.assert_frame_equal(remote, pd.read_csv(local))
     assert list(remote["name"]) == ["west", "east"] and (remote.filter(like="_pixels").sum(axis=1) > 0).all()
+    # tilemask stats takes the URL too (click refused it: "Path 's3://...' does not exist")
+    table = run_cli("-q", "stats", tmp_path / "out" / "RGB.byte_mask.tif", "--regions", "s3://tilemask/regions/halves.gpkg",
+                    "--region-id", "name", "-o", tmp_path / "cli.csv", env={**env, **scratch})  # fmt: skip
+    assert table.returncode == 0, table.stderr
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "cli.csv"), remote)
 
     # an atlas (a label image of regions) on S3: read by GDAL with the endpoint, as the inputs are
     with rasterio.open(GEO["RGB.byte.tif"]) as src:
