@@ -13,10 +13,20 @@ from ..errors import OutputConflict
 logger = logging.getLogger(__name__)
 
 
+def _file_or_url(ctx, param, value: str | None) -> str | None:
+    """A local file that exists (click's own check and message), or a URL the run reads over the network (regions
+    on object storage: copied once, as a workflow's ``stats.regions``); click refused a URL as 'does not exist'."""
+    from ..storage import network_object
+
+    if value is None or network_object(value) is not None:
+        return value
+    return click.Path(exists=True).convert(value, param, ctx)
+
+
 @click.command("stats", cls=TilemaskCommand)
 @click.argument("mask", type=click.Path(exists=True))
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Table: .parquet, .gpkg, .csv or .json.")
-@click.option("--regions", metavar="PATH|URL", callback=lambda ctx, param, value: _file_or_url(ctx, param, value),
+@click.option("--regions", metavar="PATH|URL", callback=_file_or_url,
               help="Vector regions (any OGR format, GeoParquet) or an atlas label image; a path or an s3:// or "
               "https:// URL.")  # fmt: skip
 @click.option("--region-id", metavar="FIELD", help="Field keying the regions (default: the feature index).")
@@ -48,16 +58,6 @@ def stats(
         path = run(client)
     if not errors_only():
         click.echo(f"wrote {path}")
-
-
-def _file_or_url(ctx, param, value: str | None) -> str | None:
-    """A local file that exists (click's own check and message), or a URL the run reads over the network (regions
-    on object storage: copied once, as a workflow's ``stats.regions``); click refused a URL as 'does not exist'."""
-    from ..storage import network_object
-
-    if value is None or network_object(value) is not None:
-        return value
-    return click.Path(exists=True).convert(value, param, ctx)
 
 
 @click.command("evaluate", cls=TilemaskCommand)
