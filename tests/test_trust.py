@@ -323,10 +323,14 @@ def test_ctrl_c_while_a_single_input_makes_its_products_lets_them_finish_and_rec
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    waits, last = stderr.strip().splitlines()  # what the stop waits for, said while it waits
-    assert waits.startswith("WARNING tilemask.batch: stopping once 1 item(s) whose labels are in place") and (
-        last == "tilemask: interrupted"
-    ), stderr
+    *waits, last = stderr.strip().splitlines()  # what the stop waits for, said while it waits
+    assert last == "tilemask: interrupted", stderr
+    # Said where the signal finds the item publishing its labels or making its products. Between the two (the
+    # engine's return from publishing) nothing is counted as finishing and nothing is said (stderr was the last
+    # line alone once in a fresh clone's CI); the products' waits still do not abandon, and what must hold is
+    # that the products and the record are made, as asserted below.
+    assert len(waits) <= 1 and all(w.startswith("WARNING tilemask.batch: stopping once 1 item(s) whose labels are in "
+                                                "place") for w in waits), stderr  # fmt: skip
     assert len(gpd.read_file(out / "RGB.byte_polygons.gpkg")) > 0 and (out / "RGB.byte_mask.png").exists()
     again = run_cli("run", *wf[1:])
     assert again.returncode == 0, again.stderr
