@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import subprocess
 import threading
@@ -358,6 +359,38 @@ def test_a_result_that_takes_seconds_to_arrive_is_read_once(client):
     begin = time.monotonic()
     assert isinstance(result_of(client, future), SlowToRead)
     assert time.monotonic() - begin < 20
+
+
+class SwallowsACtrlC:
+    """A Ctrl-C in a ``__del__``: Python prints the ``KeyboardInterrupt`` raised there ("Exception ignored in") and
+    goes on."""
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)
+        for _ in range(1000):  # the signal's handler runs in here
+            pass
+
+
+def test_an_item_waiting_on_the_cluster_stops_at_a_ctrl_c_python_swallowed(client):
+    """A run's items check for a stop each time they wait on the cluster, so a Ctrl-C lost so in the command's
+    main thread still stops the run before it publishes anything (``test_trust`` has one lost while the command
+    starts)."""
+    import contextvars
+
+    from tilemask.cluster import abandon_on, completed
+    from tilemask.interrupts import stop_signals
+
+    future = client.submit(time.sleep, 60, pure=False)
+    item = contextvars.copy_context()
+    item.run(abandon_on, threading.Event())
+    begin = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):  # the command, once its items have stopped
+        with stop_signals():
+            SwallowsACtrlC()
+            with pytest.raises(KeyboardInterrupt):  # the item
+                item.run(lambda: list(completed(client, [future])))
+    assert time.monotonic() - begin < 10
+    future.cancel()
 
 
 @pytest.mark.slow  # two interpreters importing dask-jobqueue (5 s); test_slurm.py interrupts a real SLURM run

@@ -47,6 +47,7 @@ from distributed import Client, Future, LocalCluster, WorkerPlugin
 from . import forkserver
 from .errors import NoWorkers, RunError, TilemaskError, UsageError, first_line
 from .imports import import_in_background
+from .interrupts import raise_if_stopped
 
 CORES_PER_WORKER = 4
 THREADS_PER_WORKER = 2
@@ -152,6 +153,7 @@ def cluster_client(
     ``LocalCluster`` (``kind="local"``, with Dask's dashboard and the workers' profiler when ``dashboard``)
     or SLURM jobs (``kind="slurm"``, :func:`slurm_cluster`)."""
     check_cluster_options(scheduler, kind)
+    raise_if_stopped()  # nothing started for a command asked to stop meanwhile
     if kind == "slurm":
         with slurm_cluster(workers) as cluster, Client(cluster) as client:
             yield client
@@ -600,8 +602,10 @@ def completed(client: Client, futures: Iterable[Future]) -> Iterator[Future]:
         future.add_done_callback(done.put)
     for _ in futures:
         while True:
-            if abandon is not None and abandon.is_set():
-                raise Abandoned()
+            if abandon is not None:  # an item of a run, before the point of no return
+                if abandon.is_set():
+                    raise Abandoned()
+                raise_if_stopped()
             try:
                 yield done.get(timeout=0.25)
                 break

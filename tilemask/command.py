@@ -47,12 +47,12 @@ class TilemaskCommand(click.Command):
     """Reports tilemask errors as one line with their exit status (tracebacks only with --debug)."""
 
     def invoke(self, ctx: click.Context):
-        from .interrupts import terminate_as_interrupt
+        from .interrupts import stop_signals
 
         verbosity = (ctx.find_root().obj or {}).get("verbosity", 0)
-        configure_logging(bool(ctx.params.get("debug")), verbosity)
         try:
-            with terminate_as_interrupt():
+            with stop_signals():
+                configure_logging(bool(ctx.params.get("debug")), verbosity)  # imports distributed: a second or so
                 return super().invoke(ctx)
         except TilemaskError as exc:
             if ctx.params.get("debug"):

@@ -59,7 +59,7 @@ from .cluster import Abandoned, cancel_and_drain, completed, gather, not_abandon
 from .errors import NoWorkers, OutputError, RunError, TilemaskError
 from .finalize import class_histogram, finalize
 from .geometry import Block, Region, WindowPlan
-from .interrupts import shielded
+from .interrupts import raise_if_stopped, shielded
 from .outputs import describe_write_error, output_step, remove
 from .planning import Inversion, Job, WorkflowPlan
 from .preprocess import Preprocessing
@@ -352,6 +352,7 @@ def finish_and_publish(client: Client, sink: LabelSink, held: dict) -> list[str]
     """
     held["finish"] = client.submit(output_step, sink.finish, sink.path, pure=False)
     gather(client, [held["finish"]])
+    raise_if_stopped()  # the point of no return
     with not_abandoned():
         held["publish"] = client.submit(sink.publish, pure=False)
         (outputs,) = gather(client, [held["publish"]])
