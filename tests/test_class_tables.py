@@ -54,3 +54,38 @@ def test_nifti_labels_carry_their_class_names_in_a_slicer_colour_table(make_volu
     stats = compute_stats(tmp_path / "out" / "scan_labels.nii.gz", tmp_path / "stats.csv", client=client)
     named = set(pd.read_csv(stats)["class"])
     assert named <= set(CLASSES) and named
+
+
+def test_nifti_labels_keep_their_class_count_in_the_header_for_a_viewer_without_the_colour_table(
+    make_volume, make_model, tmp_path, client
+):
+    """Labels of three classes, their colour table not copied along: ``tilemask serve`` gave them a legend of two
+    (a helper's sweep). The header's display range (``cal_min`` / ``cal_max``, which ITK-SNAP and niivue read) is
+    the classes' range, and the legend takes it from there."""
+    import nibabel as nib
+
+    from tilemask.serve.catalog import Catalog
+
+    path, _ = make_volume((30, 26, 20))
+    args = {**UNET_3D, "out_channels": 3}
+    weights, _ = make_model(args)
+    wf = Workflow.from_dict(
+        {
+            "version": 1,
+            "input": str(path),
+            "model": {"network": "UNet", "args": args, "weights": str(weights)},
+            "preprocess": {"normalize": {"mean": [500.0], "std": [300.0]}},
+            "inference": {"roi_size": [16, 16, 16], "device": "cpu"},
+            "output": {"path": "out/{stem}_labels.nii.gz", "chunks": 16, "probabilities": "uint8"},
+        },
+        base_dir=tmp_path,
+    )
+    tilemask.run(wf, client)
+    out = tmp_path / "out"
+    (out / "scan_labels.colors.csv").unlink()
+    labels, probabilities = nib.load(out / "scan_labels.nii.gz"), nib.load(out / "scan_labels_probabilities.nii.gz")
+    assert (labels.header["cal_min"], labels.header["cal_max"]) == (0, 2)
+    assert (probabilities.header["cal_min"], probabilities.header["cal_max"]) == (0, 255)
+    assert np.asarray(probabilities.dataobj).max() > 1  # round(p * 255)
+    (entry,) = [e for e in Catalog(out).entries() if e.kind == "labels"]
+    assert [c["value"] for c in entry.legend()] == [0, 1, 2]

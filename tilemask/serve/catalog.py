@@ -260,7 +260,12 @@ def _image(root: Path, rel: str, path: Path) -> list[Entry]:
     else:
         beside = Path(fmt.probabilities_path(str(path)))
         probabilities = relative(root, beside) if inside(root, beside) else None
-    common = {"class_names": tuple(labels.class_names or ()), "nodata": labels.nodata, "probabilities": probabilities,
+    names = tuple(labels.class_names or ())
+    if not names and fmt.name == "nifti":  # no colour table beside it: as many classes as its header's cal_max says
+        import nibabel as nib
+
+        names = tuple(class_name((), v) for v in range(max(2, int(nib.load(path).header["cal_max"]) + 1)))
+    common = {"class_names": names, "nodata": labels.nodata, "probabilities": probabilities,
               "shape": tuple(labels.array.shape)}  # fmt: skip
     if labels.is_volume:
         return [Entry(rel, "labels", fmt.name, stem, affine=labels.geometry.affine, **common)]

@@ -11,7 +11,8 @@ a ``.nii.gz`` is compressed by streaming the temporary file (constant memory),
 then renamed into place.  The header's ``descrip`` says ``tilemask labels``, which
 is how a later run knows it may replace the file, then ``; nodata 255`` when the
 input had invalid voxels (their label: NIfTI has no field for it; tilemask's label
-reader and ``tilemask stats`` read it there).  Probabilities go to
+reader and ``tilemask stats`` read it there); ``cal_min`` / ``cal_max`` are the classes' range, 0 to the last
+(the display range viewers take, and the class count where the colour table is not beside the file).  Probabilities go to
 ``<stem>_probabilities.nii.gz``, 4D with classes last; the class names and colours
 to ``<stem>.colors.csv``, a 3D Slicer colour table, published with the labels.
 """
@@ -54,6 +55,7 @@ class NiftiVolume:
     dtype: str
     run_id: str
     nodata: int | None = None  # the labels of invalid voxels, recorded in the header's descrip
+    display: tuple[float, float] = (0.0, 0.0)  # the header's cal_min and cal_max: the values' range, for viewers
 
     @property
     def partial(self) -> str:
@@ -84,6 +86,7 @@ class NiftiVolume:
         header["vox_offset"] = vox_offset
         header.set_slope_inter(1.0, 0.0)
         header["descrip"] = nifti_descrip(self.nodata)
+        header["cal_min"], header["cal_max"] = self.display
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.partial, "wb") as f:
             f.write(header.binaryblock)
@@ -148,7 +151,8 @@ class NiftiSink(LabelSink):
     @property
     def volumes(self) -> tuple[NiftiVolume, NiftiVolume | None]:
         layout = self.layout
-        labels = NiftiVolume(self.path, layout.shape, layout.labels_dtype, layout.run_id, layout.nodata)
+        labels = NiftiVolume(self.path, layout.shape, layout.labels_dtype, layout.run_id, layout.nodata,
+                             display=(0, len(layout.class_names) - 1))  # fmt: skip
         if not layout.writes_probabilities:
             return labels, None
         probabilities = NiftiVolume(
@@ -156,6 +160,7 @@ class NiftiSink(LabelSink):
             (*layout.shape, layout.probability_channels),
             layout.probabilities_dtype,
             layout.run_id,
+            display=(0, 255 if layout.probabilities_dtype == "uint8" else 1),  # round(p * 255) or p
         )
         return labels, probabilities
 
