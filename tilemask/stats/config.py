@@ -111,10 +111,15 @@ def regions_unreadable(path, exc: BaseException, local: str | None = None) -> In
 
 
 def check_key(path, region_id: str, fields: list[str], values) -> None:
-    """``region_id`` names one of the regions' ``fields``, and its ``values`` (a pandas Series) are unique."""
+    """``region_id`` names one of the regions' ``fields``, and its ``values`` (a pandas Series) are set (a feature
+    with no key gave a row no one could join back) and unique."""
     if region_id not in fields:
         listed = ", ".join(fields) or "none"
         raise InputError(f"{path}: region id {region_id!r} is not a field of the regions (fields: {listed})")
+    missing = int(values.isna().sum())
+    if missing:
+        raise InputError(f"{path}: region id {region_id!r} has no value in {missing} of {len(values)} features; "
+                         "every region needs a key")  # fmt: skip
     if values.duplicated().any():
         raise InputError(f"{path}: region id {region_id!r} has repeated values; region keys must be unique")
 
