@@ -216,6 +216,32 @@ def test_regions_without_a_key_are_refused_in_one_line(tmp_path, shade_labels):
         with pytest.raises(InputError, match=re.escape(why)):
             check_regions(str(path), field)  # what a workflow's stats: section is checked with when planned
 
+
+@pytest.mark.timeout(60)
+def test_regions_of_several_layers_are_refused_naming_them(tmp_path, shade_labels):
+    """A GeoPackage of two layers, or a folder of two shapefiles, is refused, exit 2, by the command and by a
+    workflow's check, naming the layers: GDAL read the first and the command measured it alone without a word."""
+    from click.testing import CliRunner
+
+    from tilemask.cli import main
+    from tilemask.stats.config import check_regions
+
+    regions = random_regions(shade_labels, 3, seed=5)
+    regions.to_file(tmp_path / "regions.gpkg", layer="districts")
+    regions.iloc[:2].to_file(tmp_path / "regions.gpkg", layer="parks")
+    (tmp_path / "shapes").mkdir()
+    regions.to_file(tmp_path / "shapes" / "districts.shp")
+    regions.iloc[:2].to_file(tmp_path / "shapes" / "parks.shp")
+    for path in (tmp_path / "regions.gpkg", tmp_path / "shapes"):
+        out = tmp_path / f"{path.stem}.csv"
+        result = CliRunner().invoke(main, ["stats", str(shade_labels), "-o", str(out), "--regions", str(path)])
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        why = f"{path}: the regions hold 2 layers (districts, parks); a regions file must hold one layer"
+        assert result.output.startswith(f"tilemask: error: {why} ("), result.output
+        assert not out.exists()
+        with pytest.raises(InputError, match=re.escape(why)):
+            check_regions(str(path), None)  # what a workflow's stats: section is checked with when planned
+
 def write_zarr_labels(raster, path):
     """The labels of a GeoTIFF as a tilemask Zarr group (``labels`` array, CRS, transform and nodata attributes)."""
     import zarr

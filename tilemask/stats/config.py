@@ -48,8 +48,8 @@ def regions_file(path: str) -> str:
 
 def check_regions(path: str, region_id: str | None) -> None:
     """What the zonal statistics check of their regions, from the layer's info and attribute table alone: that GDAL
-    reads the file, and that their key (``region_id``, when given) is a field with unique values; a workflow's
-    ``stats:`` is refused before its run predicts anything.  Read once per file."""
+    reads the file, that it holds one layer, and that their key (``region_id``, when given) is a field with unique
+    values; a workflow's ``stats:`` is refused before its run predicts anything.  Read once per file."""
     local = regions_file(path)
     stat = os.stat(local)
     _check_regions(path, local, region_id, (stat.st_mtime_ns, stat.st_size))
@@ -66,10 +66,13 @@ def _check_regions(path: str, local: str, region_id: str | None, stamp: tuple[in
             fields = geoparquet_fields(local)
             values = pd.read_parquet(local, columns=[region_id])[region_id] if region_id in fields else None
         else:
+            check_one_layer(path, local)
             fields = list(pyogrio.read_info(local)["fields"])  # the layer's metadata: no feature is read
             values = None
             if region_id in fields:
                 values = pyogrio.read_dataframe(local, columns=[region_id], read_geometry=False)[region_id]
+    except InputError:
+        raise
     except Exception as exc:  # pyogrio raises its own DataSourceError, DataLayerError, ...
         raise regions_unreadable(path, exc, local) from None
     if region_id is not None:
@@ -108,6 +111,18 @@ def regions_unreadable(path, exc: BaseException, local: str | None = None) -> In
         for quoted in (f"'{shown}' ", f"{shown}: "):
             text = text.removeprefix(quoted)
     return InputError(f"{path}: cannot read the regions: {text}")
+
+
+def check_one_layer(path, local: str) -> None:
+    """The vector regions in the file ``local`` (``path``'s copy) are one layer: GDAL reads the first of several (a
+    GeoPackage's second table, a folder's other shapefiles) and the others were left out without a word.  tilemask
+    takes no layer's name, so a file of several is refused, naming them; pyogrio's errors are left to the caller."""
+    import pyogrio
+
+    layers = [str(name) for name, _ in pyogrio.list_layers(local)]
+    if len(layers) > 1:
+        raise InputError(f"{path}: the regions hold {len(layers)} layers ({', '.join(layers)}); a regions file must "
+                         f"hold one layer (ogr2ogr one.gpkg {path} LAYER copies one out)")  # fmt: skip
 
 
 def check_key(path, region_id: str, fields: list[str], values) -> None:

@@ -81,7 +81,7 @@ from affine import Affine
 from ..errors import InputError
 from ..sources import cached_handle, file_stamp
 from ..sources.labels import LabelImage, read_band_window
-from .config import check_key, geoparquet_fields, is_geoparquet, regions_file, regions_unreadable
+from .config import check_key, check_one_layer, geoparquet_fields, is_geoparquet, regions_file, regions_unreadable
 from .crosstab import compute
 from .measure import Grid
 from .totals import grid_of, zone_table
@@ -152,7 +152,10 @@ def read_regions(path: str | os.PathLike, region_id: str | None):
             geoparquet_fields(local)  # a plain Parquet table is refused as having no geometry
             regions = gpd.read_parquet(local)
         else:
+            check_one_layer(path, local)
             regions = gpd.read_file(local, engine="pyogrio")
+    except InputError:
+        raise
     except Exception as exc:  # pyogrio raises its own DataSourceError, DataLayerError, ...
         raise regions_unreadable(path, exc, local) from None
     if region_id is not None:
