@@ -311,6 +311,34 @@ def test_regions_without_geometry_count_no_pixel_and_are_named_in_a_warning(tmp_
     assert "1 of 5 regions have no geometry (first: 'r1'): they count no pixel" in caplog.text
 
 
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("coverage", ["center", "fraction"])
+def test_regions_off_the_raster_keep_their_rows_and_are_counted_in_one_warning(tmp_path, shade_labels, coverage,
+                                                                                caplog):  # fmt: skip
+    """Regions wholly off the raster (one beside it, one 1 mm from its east edge), in lon/lat over a Web Mercator
+    raster with nodata, keep their rows with no pixel, as rasterstats gives them, and one warning says how many there
+    are, judged on the raster's grid after reprojection (in lon/lat, every region lies off its metres): they passed
+    as regions that hold nothing."""
+    regions = random_regions(shade_labels, 3, seed=6, pad=0.0)
+    with rasterio.open(shade_labels) as ds:
+        left, bottom, right, top = ds.bounds
+    width = right - left
+    beside = shapely.box(right + width, bottom, right + 2 * width, top)
+    edge = shapely.box(right + 1e-3, bottom, right + 0.1 * width, top)  # off by more than reprojection's error
+    extra = gpd.GeoDataFrame({"name": ["beside", "edge"]}, geometry=[beside, edge], crs=regions.crs)
+    regions = pd.concat([regions.iloc[:2], extra, regions.iloc[2:]], ignore_index=True).to_crs("EPSG:4326")
+    regions.to_file(tmp_path / "regions.geojson")
+    with caplog.at_level("WARNING", logger="tilemask.stats.zonal"):
+        table = pd.read_csv(compute_stats(shade_labels, tmp_path / "t.csv", regions=tmp_path / "regions.geojson",
+                                          region_id="name", coverage=coverage))  # fmt: skip
+    pixels = table[[f"class_{v}_pixels" for v in class_values(table)]].sum(axis=1)
+    assert list(table["name"]) == list(regions["name"])
+    assert list(pixels == 0) == [False, False, True, True, False, False]
+    assert [bool(r) for r in reference_centre(shade_labels, regions)] == [True, True, False, False, True, True]
+    off = [r.getMessage() for r in caplog.records if "do not overlap" in r.getMessage()]
+    assert off == [f"2 of 6 regions do not overlap the raster {shade_labels} (first: 'beside'): they count no pixel"]
+
 def test_fraction_rule_refuses_lines_and_collections(tmp_path, shade_labels):
     regions = random_regions(shade_labels, 3, seed=1)
     with rasterio.open(shade_labels) as ds:

@@ -60,7 +60,8 @@ and burns centre-rule windows, and the other workers are separate processes.
 
 Sizes are ``sum(weight * pixel area of the row)`` (geodesic per row for
 geographic rasters).  Pixels outside the raster and nodata pixels count for
-nothing: a region partly outside gets the statistics of its inside part.
+nothing: a region partly outside gets the statistics of its inside part, one wholly outside a row with no
+pixel (as exactextract gives it) and a place in one warning.
 """
 
 from __future__ import annotations
@@ -194,9 +195,12 @@ def prepare_vector_zonal(image: LabelImage, regions, key: str = "region", covera
     keys = regions[key].to_numpy() if key in regions.columns else np.arange(len(regions))
     empty = [k for k, g in zip(keys, regions.geometry) if g is None or g.is_empty]
     if empty:
-        first = empty[0].item() if isinstance(empty[0], np.generic) else empty[0]  # 40, not np.int64(40)
         logger.warning("%d of %d regions have no geometry (first: %r): they count no pixel", len(empty), len(keys),
-                       first)  # fmt: skip
+                       _plain(empty[0]))  # fmt: skip
+    off = [k for k, outside in zip(keys, _off_raster(projected.geometry, grid)) if outside]
+    if off:
+        logger.warning("%d of %d regions do not overlap the raster %s (first: %r): they count no pixel", len(off),
+                       len(keys), image.path, _plain(off[0]))  # fmt: skip
     measured = _fraction_geometries(projected.geometry, keys) if coverage == "fraction" else None
     wkbs = [
         None if g is None or g.is_empty or (measured is not None and not measured[i]) else shapely.to_wkb(g)
@@ -230,6 +234,11 @@ def prepare_vector_zonal(image: LabelImage, regions, key: str = "region", covera
     return run
 
 
+def _plain(key):
+    """A region's key as a warning shows it: 40, not np.int64(40)."""
+    return key.item() if isinstance(key, np.generic) else key
+
+
 def _batch_size(n: int, client) -> int:
     workers = len(client.scheduler_info(n_workers=-1)["workers"]) if client is not None else (os.cpu_count() or 1)
     return max(1, min(REGIONS_PER_TASK, math.ceil(n / (4 * max(workers, 1)))))
@@ -261,6 +270,15 @@ def _fraction_geometries(geometries, keys) -> list[bool]:
             points, len(types),
         )
     return [t in _POLYGONAL for t in types]
+
+
+def _off_raster(geometries, grid: Grid) -> np.ndarray:
+    """Which regions, on the raster's grid (reprojected), lie wholly off the raster by their bounds (touching its
+    edge at most): their windows hold no pixel under either rule.  Regions with no geometry are not among them."""
+    x0, dx, _, y0, _, dy = grid.geometry.transform  # north-up (check_vector_grid): dx > 0, dy < 0
+    height, width = grid.shape
+    xmin, ymin, xmax, ymax = shapely.bounds(np.asarray(geometries, dtype=object)).T  # no geometry: NaN, not off
+    return (xmax <= x0) | (xmin >= x0 + width * dx) | (ymax <= y0 + height * dy) | (ymin >= y0)
 
 
 def _to_raster_crs(regions, grid: Grid, path: str):
