@@ -406,6 +406,24 @@ class GdalRasterFormat(GeoTiffFormat):
             raise
 
 
+class MincFormat(GdalRasterFormat):
+    """A MINC volume (``.mnc``: MINC1 is netCDF, MINC2 HDF5), which tilemask does not read as labels: GDAL's netCDF
+    driver took a MINC1 file for a 2D raster whose bands are its slices (refused as a label image of 10 bands, after
+    a warning of GDAL's own), and a MINC2 failed with an ``IndexError``.  As an input it is GDAL's, as before."""
+
+    name = "minc"
+    suffixes = (".mnc",)
+
+    def matches(self, path):
+        return Format.matches(self, path)
+
+    def open_labels(self, path, chunks):
+        from .errors import InputError
+
+        raise InputError(f"{path}: cannot open as a label image: a MINC volume, which tilemask does not read; convert "
+                         "it to NIfTI (.nii.gz)")  # fmt: skip
+
+
 def _inside_zarr_store(path: str) -> bool:
     """Whether ``path`` names an array inside a local Zarr store (``scan.zarr/0``: a last name with no suffix)."""
     name = path.lower().rstrip("/")
@@ -421,7 +439,7 @@ def _nifti_pair(path: str) -> bool:
 
 
 FORMATS: tuple[Format, ...] = (
-    OmeZarrFormat(), ZarrFormat(), NiftiFormat(), GeoTiffFormat(), DicomSegFormat(), DicomSeriesFormat(),
+    OmeZarrFormat(), ZarrFormat(), NiftiFormat(), GeoTiffFormat(), DicomSegFormat(), DicomSeriesFormat(), MincFormat(),
     GdalRasterFormat(),
 )
 OUTPUT_SUFFIXES = tuple(s for f in FORMATS if f.writable for s in f.suffixes)

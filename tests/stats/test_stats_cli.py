@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
@@ -142,6 +143,28 @@ def test_a_damaged_or_many_band_label_raster_is_refused_in_one_line(tmp_path, sh
         assert result.output.startswith(f"tilemask: error: {damaged}: read failed at rows "), (coverage, result.output)
         assert not (tmp_path / "z.csv").exists()
 
+
+
+@pytest.mark.timeout(60)
+def test_a_minc_volume_is_refused_in_one_line(tmp_path):
+    """nibabel's MINC test volumes are refused as labels in one line naming the file, exit 2, as other files tilemask
+    does not read: GDAL read the MINC1 one as a 10-band raster, logging a warning line of its own before the error
+    ('a label image has one band, this raster has 10'), and a MINC2 one failed with 'IndexError: tuple index out of
+    range' (exit 1)."""
+    import nibabel
+
+    from tilemask.cli import main
+
+    from ..conftest import run_cli
+
+    data = Path(nibabel.__file__).parent / "tests" / "data"
+    why = "cannot open as a label image: a MINC volume, which tilemask does not read; convert it to NIfTI (.nii.gz)"
+    minc1 = run_cli("stats", data / "tiny.mnc", "-o", tmp_path / "t.csv", timeout=60)  # as a user runs it
+    assert (minc1.returncode, minc1.stdout) == (2, "")
+    assert minc1.stderr == f"tilemask: error: {data / 'tiny.mnc'}: {why}\n"
+    minc2 = CliRunner().invoke(main, ["stats", str(data / "minc2_4d.mnc"), "-o", str(tmp_path / "t.csv")])
+    assert (minc2.exit_code, minc2.output) == (2, f"tilemask: error: {data / 'minc2_4d.mnc'}: {why}\n")
+    assert not (tmp_path / "t.csv").exists()
 
 
 @pytest.mark.timeout(120)
