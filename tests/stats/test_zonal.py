@@ -242,6 +242,28 @@ def test_regions_of_several_layers_are_refused_naming_them(tmp_path, shade_label
         with pytest.raises(InputError, match=re.escape(why)):
             check_regions(str(path), None)  # what a workflow's stats: section is checked with when planned
 
+
+@pytest.mark.timeout(60)
+def test_a_table_without_geometries_beside_the_regions_is_passed_over(tmp_path, shade_labels):
+    """QGIS saves a layer's style into its GeoPackage as a table without geometries, ``layer_styles``: such a file
+    holds one layer of regions, measured as the same regions alone."""
+    import pyogrio
+
+    from tilemask.stats.config import check_regions
+
+    regions = random_regions(shade_labels, 3, seed=5)
+    regions.to_file(tmp_path / "alone.gpkg", layer="districts")
+    regions.to_file(tmp_path / "styled.gpkg", layer="districts")
+    pyogrio.write_dataframe(pd.DataFrame({"styleName": ["districts"], "styleQML": ["<qgis/>"]}),
+                            tmp_path / "styled.gpkg", layer="layer_styles")  # fmt: skip
+    assert [geometry for _, geometry in pyogrio.list_layers(tmp_path / "styled.gpkg")] == ["Polygon", None]
+    check_regions(str(tmp_path / "styled.gpkg"), "name")
+    tables = [compute_stats(shade_labels, tmp_path / f"{name}.csv", regions=str(tmp_path / f"{name}.gpkg"),
+                            region_id="name") for name in ("alone", "styled")]  # fmt: skip
+    assert len(pd.read_csv(tables[0])) == len(regions)
+    pd.testing.assert_frame_equal(pd.read_csv(tables[1]), pd.read_csv(tables[0]))
+
+
 def write_zarr_labels(raster, path):
     """The labels of a GeoTIFF as a tilemask Zarr group (``labels`` array, CRS, transform and nodata attributes)."""
     import zarr

@@ -66,11 +66,11 @@ def _check_regions(path: str, local: str, region_id: str | None, stamp: tuple[in
             fields = geoparquet_fields(local)
             values = pd.read_parquet(local, columns=[region_id])[region_id] if region_id in fields else None
         else:
-            check_one_layer(path, local)
-            fields = list(pyogrio.read_info(local)["fields"])  # the layer's metadata: no feature is read
+            layer = regions_layer(path, local)
+            fields = list(pyogrio.read_info(local, layer=layer)["fields"])  # the layer's metadata: no feature is read
             values = None
             if region_id in fields:
-                values = pyogrio.read_dataframe(local, columns=[region_id], read_geometry=False)[region_id]
+                values = pyogrio.read_dataframe(local, layer=layer, columns=[region_id], read_geometry=False)[region_id]
     except InputError:
         raise
     except Exception as exc:  # pyogrio raises its own DataSourceError, DataLayerError, ...
@@ -113,16 +113,20 @@ def regions_unreadable(path, exc: BaseException, local: str | None = None) -> In
     return InputError(f"{path}: cannot read the regions: {text}")
 
 
-def check_one_layer(path, local: str) -> None:
-    """The vector regions in the file ``local`` (``path``'s copy) are one layer: GDAL reads the first of several (a
-    GeoPackage's second table, a folder's other shapefiles) and the others were left out without a word.  tilemask
-    takes no layer's name, so a file of several is refused, naming them; pyogrio's errors are left to the caller."""
+def regions_layer(path, local: str) -> str:
+    """The layer of vector regions in the file ``local`` (``path``'s copy): its one layer with geometries. GDAL read
+    the first of several (a GeoPackage's second table, a folder's other shapefiles) and the others were left out
+    without a word; tilemask takes no layer's name, so a file of several is refused, naming them. Tables without
+    geometries (the ``layer_styles`` QGIS saves into a GeoPackage) are not regions and are passed over; pyogrio's
+    errors are left to the caller."""
     import pyogrio
 
-    layers = [str(name) for name, _ in pyogrio.list_layers(local)]
-    if len(layers) > 1:
-        raise InputError(f"{path}: the regions hold {len(layers)} layers ({', '.join(layers)}); a regions file must "
+    layers = [(str(name), geometry) for name, geometry in pyogrio.list_layers(local)]
+    spatial = [name for name, geometry in layers if geometry is not None] or [name for name, _ in layers[:1]]
+    if len(spatial) > 1:
+        raise InputError(f"{path}: the regions hold {len(spatial)} layers ({', '.join(spatial)}); a regions file must "
                          f"hold one layer (ogr2ogr one.gpkg {path} LAYER copies one out)")  # fmt: skip
+    return spatial[0]
 
 
 def check_key(path, region_id: str, fields: list[str], values) -> None:

@@ -82,7 +82,7 @@ from affine import Affine
 from ..errors import InputError
 from ..sources import cached_handle, file_stamp
 from ..sources.labels import LabelImage, read_band_window
-from .config import check_key, check_one_layer, geoparquet_fields, is_geoparquet, regions_file, regions_unreadable
+from .config import check_key, geoparquet_fields, is_geoparquet, regions_file, regions_layer, regions_unreadable
 from .crosstab import compute
 from .measure import Grid
 from .totals import grid_of, zone_table
@@ -153,8 +153,7 @@ def read_regions(path: str | os.PathLike, region_id: str | None):
             geoparquet_fields(local)  # a plain Parquet table is refused as having no geometry
             regions = gpd.read_parquet(local)
         else:
-            check_one_layer(path, local)
-            regions = gpd.read_file(local, engine="pyogrio")
+            regions = gpd.read_file(local, layer=regions_layer(path, local), engine="pyogrio")
     except InputError:
         raise
     except Exception as exc:  # pyogrio raises its own DataSourceError, DataLayerError, ...
