@@ -406,22 +406,27 @@ class GdalRasterFormat(GeoTiffFormat):
             raise
 
 
-class MincFormat(GdalRasterFormat):
-    """A MINC volume (``.mnc``: MINC1 is netCDF, MINC2 HDF5), which tilemask does not read as labels: GDAL's netCDF
-    driver took a MINC1 file for a 2D raster whose bands are its slices (refused as a label image of 10 bands, after
-    a warning of GDAL's own), and a MINC2 failed with an ``IndexError``.  As an input it is GDAL's, as before."""
+class MincFormat(Format):
+    """A MINC volume (``.mnc``: MINC1 is netCDF, MINC2 HDF5), which tilemask does not read, as an input or as labels,
+    as MONAI's readers do not: GDAL's netCDF driver took a MINC1 file for a 2D raster whose bands are its slices (a
+    label image of 10 bands, after a warning of GDAL's own; an input of 10 channels), and a MINC2 failed with an
+    ``IndexError``."""
 
     name = "minc"
     suffixes = (".mnc",)
 
-    def matches(self, path):
-        return Format.matches(self, path)
+    def open_source(self, path, spatial_dims, bands):
+        raise self._unread(path, "an input")
 
     def open_labels(self, path, chunks):
+        raise self._unread(path, "a label image")
+
+    @staticmethod
+    def _unread(path: str, what: str) -> Exception:
         from .errors import InputError
 
-        raise InputError(f"{path}: cannot open as a label image: a MINC volume, which tilemask does not read; convert "
-                         "it to NIfTI (.nii.gz)")  # fmt: skip
+        return InputError(f"{path}: cannot open as {what}: a MINC volume, which tilemask does not read; convert it "
+                          "to NIfTI (.nii.gz)")  # fmt: skip
 
 
 def _inside_zarr_store(path: str) -> bool:

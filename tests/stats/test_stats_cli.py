@@ -146,16 +146,16 @@ def test_a_damaged_or_many_band_label_raster_is_refused_in_one_line(tmp_path, sh
 
 
 @pytest.mark.timeout(60)
-def test_a_minc_volume_is_refused_in_one_line(tmp_path):
-    """nibabel's MINC test volumes are refused as labels in one line naming the file, exit 2, as other files tilemask
-    does not read: GDAL read the MINC1 one as a 10-band raster, logging a warning line of its own before the error
-    ('a label image has one band, this raster has 10'), and a MINC2 one failed with 'IndexError: tuple index out of
-    range' (exit 1)."""
+def test_a_minc_volume_is_refused_in_one_line(tmp_path, make_model, write_workflow):
+    """nibabel's MINC test volumes are refused as labels and as an input in one line naming the file, exit 2, as
+    other files tilemask does not read (nor MONAI's readers): GDAL read the MINC1 one as a 10-band raster, logging a
+    warning line of its own before the error ('a label image has one band, this raster has 10'), and a MINC2 one
+    failed with 'IndexError: tuple index out of range' (exit 1)."""
     import nibabel
 
     from tilemask.cli import main
 
-    from ..conftest import run_cli
+    from ..conftest import UNET_3D, run_cli, volume_workflow
 
     data = Path(nibabel.__file__).parent / "tests" / "data"
     why = "cannot open as a label image: a MINC volume, which tilemask does not read; convert it to NIfTI (.nii.gz)"
@@ -165,6 +165,11 @@ def test_a_minc_volume_is_refused_in_one_line(tmp_path):
     minc2 = CliRunner().invoke(main, ["stats", str(data / "minc2_4d.mnc"), "-o", str(tmp_path / "t.csv")])
     assert (minc2.exit_code, minc2.output) == (2, f"tilemask: error: {data / 'minc2_4d.mnc'}: {why}\n")
     assert not (tmp_path / "t.csv").exists()
+    weights, _ = make_model(UNET_3D)
+    workflow = write_workflow(volume_workflow(data / "tiny.mnc", weights, {}, {"path": "out/{stem}.nii.gz"}))
+    run = run_cli("run", workflow, cwd=tmp_path, timeout=60)
+    why = why.replace("a label image", "an input")
+    assert (run.returncode, run.stderr) == (2, f"tilemask: error: {data / 'tiny.mnc'}: {why}\n")
 
 
 @pytest.mark.timeout(120)
