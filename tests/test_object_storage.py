@@ -182,6 +182,16 @@ def test_stats_regions_and_atlases_on_s3_give_the_zones_of_the_local_file_and_a_
                     "--region-id", "name", "-o", tmp_path / "cli.csv", env={**env, **scratch})  # fmt: skip
     assert table.returncode == 0, table.stderr
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "cli.csv"), remote)
+    # and the mask itself on S3, by either rule (exactextract's fraction reads it through GDAL too)
+    s3_client.upload_file(str(tmp_path / "out" / "RGB.byte_mask.tif"), "tilemask", "masks/RGB.byte_mask.tif")
+    for coverage in ("center", "fraction"):
+        local = compute_stats(tmp_path / "out" / "RGB.byte_mask.tif", tmp_path / f"local-{coverage}.csv",
+                              regions=str(tmp_path / "halves.gpkg"), region_id="name", coverage=coverage)  # fmt: skip
+        table = run_cli("-q", "stats", "s3://tilemask/masks/RGB.byte_mask.tif", "--regions",
+                        "s3://tilemask/regions/halves.gpkg", "--region-id", "name", "--coverage", coverage,
+                        "-o", tmp_path / f"mask-{coverage}.csv", env={**env, **scratch})  # fmt: skip
+        assert table.returncode == 0, table.stderr
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / f"mask-{coverage}.csv"), pd.read_csv(local))
 
     # an atlas (a label image of regions) on S3: read by GDAL with the endpoint, as the inputs are
     with rasterio.open(GEO["RGB.byte.tif"]) as src:

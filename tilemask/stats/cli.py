@@ -14,8 +14,9 @@ logger = logging.getLogger(__name__)
 
 
 def _file_or_url(ctx, param, value: str | None) -> str | None:
-    """A local file that exists (click's own check and message), or a URL the run reads over the network (regions
-    on object storage: copied once, as a workflow's ``stats.regions``); click refused a URL as 'does not exist'."""
+    """A local file that exists (click's own check and message), or a URL read over the network (a label COG or
+    an atlas read in place by GDAL, vector regions copied once, as a workflow's ``stats.regions``); click refused a
+    URL as 'does not exist'."""
     from ..storage import network_object
 
     if value is None or network_object(value) is not None:
@@ -24,7 +25,7 @@ def _file_or_url(ctx, param, value: str | None) -> str | None:
 
 
 @click.command("stats", cls=TilemaskCommand)
-@click.argument("mask", type=click.Path(exists=True))
+@click.argument("mask", callback=_file_or_url)
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Table: .parquet, .gpkg, .csv or .json.")
 @click.option("--regions", metavar="PATH|URL", callback=_file_or_url,
               help="Vector regions (any OGR format, GeoParquet) or an atlas label image; a path or an s3:// or "

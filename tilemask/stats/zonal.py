@@ -82,6 +82,7 @@ from affine import Affine
 from ..errors import InputError
 from ..sources import cached_handle, file_stamp
 from ..sources.labels import LabelImage, read_band_window
+from ..sources.raster import gdal_env
 from .config import check_key, geoparquet_fields, is_geoparquet, regions_file, regions_layer, regions_unreadable
 from .crosstab import compute
 from .measure import Grid
@@ -353,7 +354,8 @@ def _extracted(reader: WindowReader, grid: Grid, wkbs: list, raster, features, o
     from rasterio.errors import RasterioError
 
     try:
-        return locked_exact_extract(raster, features, ops, include_cols=["zone"], output="pandas")
+        with gdal_env(reader.path):  # a label COG on S3 or a web server: the endpoint the AWS variables name
+            return locked_exact_extract(raster, features, ops, include_cols=["zone"], output="pandas")
     except RasterioError as exc:  # exactextract's GDAL source failed: "Read failed. See previous exception"
         failure = exc
     reader.check_readable(grid, wkbs)  # outside the handler: a chain of exceptions does not travel to the client
