@@ -414,6 +414,7 @@ class MincFormat(Format):
 
     name = "minc"
     suffixes = (".mnc",)
+    writable = False
 
     def open_source(self, path, spatial_dims, bands):
         raise self._unread(path, "an input")
