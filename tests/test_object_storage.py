@@ -182,7 +182,11 @@ def test_stats_regions_and_atlases_on_s3_give_the_zones_of_the_local_file_and_a_
                     "--region-id", "name", "-o", tmp_path / "cli.csv", env={**env, **scratch})  # fmt: skip
     assert table.returncode == 0, table.stderr
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "cli.csv"), remote)
-    # and the mask itself on S3, by either rule (exactextract's fraction reads it through GDAL too)
+    # and the mask itself on S3, by either rule (exactextract's fraction reads it through GDAL too); a missing one
+    missing = run_cli("stats", "s3://tilemask/masks/nope.tif", "-o", tmp_path / "nope.csv", env={**env, **scratch})
+    assert (missing.returncode, missing.stderr) == (
+        2, "tilemask: error: s3://tilemask/masks/nope.tif: cannot open as a label image: The specified key does not exist.\n"
+    )  # fmt: skip
     s3_client.upload_file(str(tmp_path / "out" / "RGB.byte_mask.tif"), "tilemask", "masks/RGB.byte_mask.tif")
     for coverage in ("center", "fraction"):
         local = compute_stats(tmp_path / "out" / "RGB.byte_mask.tif", tmp_path / f"local-{coverage}.csv",
