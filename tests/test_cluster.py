@@ -376,21 +376,27 @@ def test_an_item_waiting_on_the_cluster_stops_at_a_ctrl_c_python_swallowed(clien
     main thread still stops the run before it publishes anything (``test_trust`` has one lost while the command
     starts)."""
     import contextvars
+    import uuid
+
+    from distributed import Event
 
     from tilemask.cluster import abandon_on, completed
     from tilemask.interrupts import stop_signals
 
-    future = client.submit(time.sleep, 60, pure=False)
+    released = Event(f"release-{uuid.uuid4().hex}", client=client)  # a task that waits for it, a worker's thread held
+    future = client.submit(lambda name: Event(name).wait(60), released.name, pure=False)
     item = contextvars.copy_context()
     item.run(abandon_on, threading.Event())
-    begin = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):  # the command, once its items have stopped
-        with stop_signals():
-            SwallowsACtrlC()
-            with pytest.raises(KeyboardInterrupt):  # the item
-                item.run(lambda: list(completed(client, [future])))
-    assert time.monotonic() - begin < 10
-    future.cancel()
+    try:
+        with pytest.raises(KeyboardInterrupt):  # the command, once its items have stopped
+            with stop_signals():
+                SwallowsACtrlC()
+                with pytest.raises(KeyboardInterrupt):  # the item
+                    item.run(lambda: list(completed(client, [future])))
+        assert not future.done()
+    finally:
+        released.set()  # the shared cluster's worker is free again
+        future.result(timeout=30)
 
 
 @pytest.mark.slow  # two interpreters importing dask-jobqueue (5 s); test_slurm.py interrupts a real SLURM run
