@@ -196,6 +196,10 @@ def test_stats_regions_and_atlases_on_s3_give_the_zones_of_the_local_file_and_a_
                         "-o", tmp_path / f"mask-{coverage}.csv", env={**env, **scratch})  # fmt: skip
         assert table.returncode == 0, table.stderr
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / f"mask-{coverage}.csv"), pd.read_csv(local))
+    scores = run_cli("-q", "evaluate", "s3://tilemask/masks/RGB.byte_mask.tif", tmp_path / "out" / "RGB.byte_mask.tif",
+                     "-o", tmp_path / "scores.json", env={**env, **scratch})  # fmt: skip
+    assert scores.returncode == 0, scores.stderr
+    assert json.loads((tmp_path / "scores.json").read_text())["mean_foreground"]["dice"] == 1.0  # the mask itself
 
     # an atlas (a label image of regions) on S3: read by GDAL with the endpoint, as the inputs are
     with rasterio.open(GEO["RGB.byte.tif"]) as src:

@@ -62,8 +62,8 @@ def stats(
 
 
 @click.command("evaluate", cls=TilemaskCommand)
-@click.argument("pred", type=click.Path(exists=True))
-@click.argument("truth", type=click.Path(exists=True))
+@click.argument("pred", callback=_file_or_url)
+@click.argument("truth", callback=_file_or_url)
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False), help="Write the scores as JSON.")
 @click.option("--classes", metavar="A,B,...", help="Names of label values 0, 1, ...")
 @click.option("--chunks", type=click.IntRange(min=1), help="Block edge used to split the work (results do not depend on it).")
