@@ -60,7 +60,8 @@ def run_items(
 
     Items run on threads of their own, even one alone: Ctrl-C or SIGTERM reach the main thread only, which
     abandons the items in flight and waits for them, so that an item past the point of no return (its labels
-    published: :func:`~tilemask.cluster.not_abandoned`) finishes its products and is recorded. Setting
+    published: :func:`~tilemask.cluster.not_abandoned`) finishes its products and is recorded (a stop Python
+    swallowed in the main thread is raised in the items instead, as they wait: the first is the run's). Setting
     ``stop`` from another thread abandons them as a failure does and raises
     :class:`~tilemask.cluster.Abandoned` (how a detached job is cancelled).
     """

@@ -592,7 +592,8 @@ def completed(client: Client, futures: Iterable[Future]) -> Iterator[Future]:
     leave the run waiting forever without a word.  Each future is yielded as soon
     as it finishes (a done callback wakes the loop), so a job of many short
     stages does not add a polling interval per stage.  In an item abandoned by
-    :mod:`tilemask.batch` it raises :class:`Abandoned`.  Take a yielded future's
+    :mod:`tilemask.batch` it raises :class:`Abandoned`, and in any item of a command asked to stop,
+    ``KeyboardInterrupt`` (a Ctrl-C Python swallowed: :mod:`tilemask.interrupts`).  Take a yielded future's
     value with :func:`result_of`: its worker may die before it is read.
     """
     abandon, watch = _abandon.get(), _WorkerWatch(client)

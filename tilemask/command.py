@@ -31,7 +31,7 @@ class TilemaskGroup(click.Group):
             return super().invoke(ctx)  # the command is found and its arguments parsed in here
         except click.UsageError as exc:
             _usage_error(ctx, exc)
-        except KeyboardInterrupt:  # before the command's own handling (its logging, distributed's import): click
+        except KeyboardInterrupt:  # while the command's arguments are parsed, before its own handling: click
             click.echo("tilemask: interrupted", err=True)  # would print "Aborted!" and exit 1, as for a failure
             ctx.exit(130)
 

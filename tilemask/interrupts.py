@@ -10,11 +10,12 @@ from collections.abc import Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-_asked = threading.Event()  # a stop signal reached the command
+_asked = False  # a stop signal reached the command (a plain flag: a handler must take no lock)
 
 
 def _raise_interrupt(signum, frame) -> None:
-    _asked.set()
+    global _asked
+    _asked = True
     raise KeyboardInterrupt
 
 
@@ -26,14 +27,19 @@ def stop_signals() -> Iterator[None]:
     or a ``__del__`` (importlib runs one as each module's import lock is freed) it is printed as "Exception
     ignored in ..." and lost, and the command went on to finish, exit 0 (seen once at 0.8 s into a ``run``).
     Such a stop is not printed, and :func:`raise_if_stopped` raises it again."""
+    global _asked
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _asked = False
     previous = {s: signal.signal(s, _raise_interrupt) for s in STOP_SIGNALS}
     hook = sys.unraisablehook
 
     def unraisable(what) -> None:
-        if not issubclass(what.exc_type, KeyboardInterrupt):  # a stop swallowed by Python: remembered in _asked
+        global _asked
+        if issubclass(what.exc_type, KeyboardInterrupt):  # a stop swallowed by Python, whoever's handler raised it
+            _asked = True
+        else:
             hook(what)
 
     sys.unraisablehook = unraisable
@@ -41,16 +47,16 @@ def stop_signals() -> Iterator[None]:
         yield
         raise_if_stopped()
     finally:
-        _asked.clear()  # for the next command in this process (tests run many)
-        sys.unraisablehook = hook
-        for s, handler in previous.items():
+        for s, handler in previous.items():  # first: a signal from here on is the caller's to handle
             signal.signal(s, handler)
+        sys.unraisablehook = hook
+        _asked = False  # for the next command in this process (tests run many)
 
 
 def raise_if_stopped() -> None:
     """Raise ``KeyboardInterrupt`` if the command was asked to stop (from any thread: a run's items check it
     before they publish), though the interrupt raised then was lost."""
-    if _asked.is_set():
+    if _asked:
         raise KeyboardInterrupt
 
 

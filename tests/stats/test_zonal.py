@@ -262,6 +262,13 @@ def test_a_table_without_geometries_beside_the_regions_is_passed_over(tmp_path, 
                             region_id="name") for name in ("alone", "styled")]  # fmt: skip
     assert len(pd.read_csv(tables[0])) == len(regions)
     pd.testing.assert_frame_equal(pd.read_csv(tables[1]), pd.read_csv(tables[0]))
+    # tables alone are no regions (they passed the check, then failed: 'DataFrame' object has no attribute 'crs')
+    pyogrio.write_dataframe(pd.DataFrame({"styleName": ["districts"]}), tmp_path / "styles.gpkg", layer="layer_styles")
+    why = f"{tmp_path / 'styles.gpkg'}: the regions hold no layer with geometries (tables: layer_styles)"
+    with pytest.raises(InputError, match=re.escape(why)):
+        check_regions(str(tmp_path / "styles.gpkg"), None)
+    with pytest.raises(InputError, match=re.escape(why)):
+        compute_stats(shade_labels, tmp_path / "styles.csv", regions=str(tmp_path / "styles.gpkg"))
 
 
 def write_zarr_labels(raster, path):

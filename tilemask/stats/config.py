@@ -48,7 +48,7 @@ def regions_file(path: str) -> str:
 
 def check_regions(path: str, region_id: str | None) -> None:
     """What the zonal statistics check of their regions, from the layer's info and attribute table alone: that GDAL
-    reads the file, that it holds one layer, and that their key (``region_id``, when given) is a field with unique
+    reads the file, that it holds one layer with geometries, and that their key (``region_id``, when given) is a field with unique
     values; a workflow's ``stats:`` is refused before its run predicts anything.  Read once per file."""
     local = regions_file(path)
     stat = os.stat(local)
@@ -122,10 +122,13 @@ def regions_layer(path, local: str) -> str:
     import pyogrio
 
     layers = [(str(name), geometry) for name, geometry in pyogrio.list_layers(local)]
-    spatial = [name for name, geometry in layers if geometry is not None] or [name for name, _ in layers[:1]]
+    spatial = sorted(name for name, geometry in layers if geometry is not None)  # a folder lists them in no order
+    if not spatial:
+        tables = ", ".join(name for name, _ in layers) or "none"
+        raise InputError(f"{path}: the regions hold no layer with geometries (tables: {tables})")
     if len(spatial) > 1:
         raise InputError(f"{path}: the regions hold {len(spatial)} layers ({', '.join(spatial)}); a regions file must "
-                         f"hold one layer (ogr2ogr one.gpkg {path} LAYER copies one out)")  # fmt: skip
+                         "hold one layer (ogr2ogr one.gpkg FILE LAYER copies one out)")  # fmt: skip
     return spatial[0]
 
 
