@@ -12,8 +12,8 @@ then renamed into place.  The header's ``descrip`` says ``tilemask labels``, whi
 is how a later run knows it may replace the file, then ``; nodata 255`` when the
 input had invalid voxels (their label: NIfTI has no field for it; tilemask's label
 reader and ``tilemask stats`` read it there); ``cal_min`` / ``cal_max`` are the classes' range, 0 to the last
-(the display range viewers take, and the class count where the colour table is not beside the file).  Probabilities go to
-``<stem>_probabilities.nii.gz``, 4D with classes last; the class names and colours
+(the display range viewers take, and the class count where the colour table is not beside the file).
+Probabilities go to ``<stem>_probabilities.nii.gz``, 4D with classes last; the class names and colours
 to ``<stem>.colors.csv``, a 3D Slicer colour table, published with the labels.
 """
 
