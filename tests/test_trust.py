@@ -330,6 +330,17 @@ def test_a_ctrl_c_python_swallows_still_stops_the_run(make_raster, make_model, w
     assert not (tmp_path / "out" / "scene.zarr").exists()
 
 
+def test_a_handler_set_outside_python_is_put_back_as_the_default_action():
+    """``signal.signal`` returns ``None`` for a handler set from C before Python started (Python embedded in an
+    application), which ``signal.signal`` does not take back: restoring it raised ``TypeError`` at the end of a
+    command or a cleanup. The default action stands in for it."""
+    from tilemask.interrupts import _restore
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    _restore({signal.SIGUSR1: None})
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+
+
 @pytest.mark.slow  # a whole run with spawned workers (10 s)
 def test_a_fork_server_that_cannot_start_leaves_the_workers_spawned(make_raster, make_model, write_workflow, tmp_path):
     """The fork server listens on a Unix socket in the temporary folder, whose path may not be longer than 107

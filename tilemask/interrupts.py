@@ -47,10 +47,16 @@ def stop_signals() -> Iterator[None]:
         yield
         raise_if_stopped()
     finally:
-        for s, handler in previous.items():  # first: a signal from here on is the caller's to handle
-            signal.signal(s, handler)
+        _restore(previous)  # first: a signal from here on is the caller's to handle
         sys.unraisablehook = hook
         _asked = False  # for the next command in this process (tests run many)
+
+
+def _restore(previous: dict) -> None:
+    """Put back the handlers ``signal.signal`` returned; one set from C (outside Python, when it embeds Python) is
+    returned as ``None``, which cannot be set again: the default action stands in for it."""
+    for s, handler in previous.items():
+        signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 def raise_if_stopped() -> None:
@@ -72,7 +78,6 @@ def shielded() -> Iterator[None]:
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        _restore(previous)
     if received:
         raise KeyboardInterrupt

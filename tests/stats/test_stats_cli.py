@@ -170,6 +170,9 @@ def test_a_minc_volume_is_refused_in_one_line(tmp_path, make_model, write_workfl
     run = run_cli("run", workflow, cwd=tmp_path, timeout=60)
     why = why.replace("a label image", "an input")
     assert (run.returncode, run.stderr) == (2, f"tilemask: error: {data / 'tiny.mnc'}: {why}\n")
+    workflow = write_workflow(volume_workflow(tmp_path / "gone.mnc", weights, {}, {"path": "out/{stem}.nii.gz"}))
+    run = run_cli("run", workflow, cwd=tmp_path, timeout=60)  # a missing one is missing, not "a MINC volume"
+    assert (run.returncode, run.stderr) == (2, f"tilemask: error: {tmp_path / 'gone.mnc'}: no such file\n")
 
 
 @pytest.mark.timeout(120)
