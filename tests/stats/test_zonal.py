@@ -195,18 +195,18 @@ def test_region_errors(tmp_path, shade_labels):
 def test_regions_without_a_key_are_refused_in_one_line(tmp_path, shade_labels):
     """A feature whose key field is null (a GeoPackage's missing text, a GeoJSON's missing number) is refused, exit
     2, by the command and by a workflow's check, naming the field and how many features lack it: one was accepted
-    and gave a row with an empty key; two were refused as 'repeated values'."""
+    and gave a row with an empty key; two were refused as 'repeated values'. So is a blank text key."""
     from click.testing import CliRunner
 
     from tilemask.cli import main
     from tilemask.stats.config import check_regions
 
     regions = random_regions(shade_labels, 4, seed=2)
-    regions["name"] = ["a", None, "c", "d", "e"]
+    regions["name"] = ["a", None, "c", " ", "e"]  # a blank name is none too (a shapefile's missing text)
     regions["code"] = [1.0, np.nan, 3.0, np.nan, 5.0]
     regions.to_file(tmp_path / "regions.gpkg")
     regions.to_crs("EPSG:4326").to_file(tmp_path / "regions.geojson")
-    for path, field, missing in ((tmp_path / "regions.gpkg", "name", 1), (tmp_path / "regions.geojson", "code", 2)):
+    for path, field, missing in ((tmp_path / "regions.gpkg", "name", 2), (tmp_path / "regions.geojson", "code", 2)):
         out = tmp_path / f"{path.suffix[1:]}.csv"
         result = CliRunner().invoke(main, ["stats", str(shade_labels), "-o", str(out), "--regions", str(path),
                                            "--region-id", field])  # fmt: skip

@@ -135,11 +135,12 @@ def regions_layer(path, local: str) -> str:
 
 def check_key(path, region_id: str, fields: list[str], values) -> None:
     """``region_id`` names one of the regions' ``fields``, and its ``values`` (a pandas Series) are set (a feature
-    with no key gave a row no one could join back) and unique."""
+    with no key gave a row no one could join back; a blank text counts as none, as a shapefile stores a missing
+    text) and unique."""
     if region_id not in fields:
         listed = ", ".join(fields) or "none"
         raise InputError(f"{path}: region id {region_id!r} is not a field of the regions (fields: {listed})")
-    missing = int(values.isna().sum())
+    missing = int((values.isna() | values.map(lambda v: isinstance(v, str) and not v.strip())).sum())
     if missing:
         raise InputError(f"{path}: region id {region_id!r} has no value in {missing} of {len(values)} features; "
                          "every region needs a key")  # fmt: skip
