@@ -66,6 +66,7 @@ pixel (as exactextract gives it) and a place in one warning.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -351,10 +352,15 @@ def _extracted(reader: WindowReader, grid: Grid, wkbs: list, raster, features, o
     """exactextract's ``ops`` of the ``features`` (in a table with their ``zone``); a read failure as tilemask's
     :class:`ReadError` naming the file and window, not rasterio's bare "Read failed" (which, unpicklable, reached
     the client as ``Exception: RasterioIOError('Read failed. ...')``)."""
+    import rasterio
     from rasterio.errors import RasterioError
 
     try:
-        with gdal_env(reader.path):  # a label COG on S3 or a web server: the endpoint the AWS variables name
+        # A label COG on S3 or a web server: the endpoint the AWS variables name. Given a path, exactextract opens it
+        # with GDAL's own bindings when they are installed, outside rasterio's environment: it gets the dataset.
+        with gdal_env(reader.path), contextlib.ExitStack() as opened:
+            if isinstance(raster, str):
+                raster = opened.enter_context(rasterio.open(raster))
             return locked_exact_extract(raster, features, ops, include_cols=["zone"], output="pandas")
     except RasterioError as exc:  # exactextract's GDAL source failed: "Read failed. See previous exception"
         failure = exc
