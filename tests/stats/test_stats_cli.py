@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import geopandas as gpd
@@ -173,6 +175,28 @@ def test_a_minc_volume_is_refused_in_one_line(tmp_path, make_model, write_workfl
     workflow = write_workflow(volume_workflow(tmp_path / "gone.mnc", weights, {}, {"path": "out/{stem}.nii.gz"}))
     run = run_cli("run", workflow, cwd=tmp_path, timeout=60)  # a missing one is missing, not "a MINC volume"
     assert (run.returncode, run.stderr) == (2, f"tilemask: error: {tmp_path / 'gone.mnc'}: no such file\n")
+
+
+@pytest.mark.timeout(120)
+def test_a_ctrl_c_python_swallows_while_the_table_is_computed_leaves_no_table(tmp_path, shade_labels):
+    """A Ctrl-C Python swallows (raised in a gc callback, a weakref callback or a ``__del__``) once the cluster's
+    client exists: ``stats`` and ``evaluate`` stop before they write, exit 130. Both wrote their table, then exited
+    130: an output that looked finished."""
+    from ..test_trust import SWALLOWED_CTRL_C
+
+    # Once a client exists; the main thread collects often from distributed's import on (it mostly waits on the
+    # cluster: with Python's default threshold its first collection came as evaluate printed its scores, written)
+    client = 'getattr(sys.modules["distributed"], "Client", None)'  # None while distributed is imported
+    script = SWALLOWED_CTRL_C.replace("WHEN", f"gc.set_threshold(100) or len(getattr({client}, '_instances', ()))")
+    for args, out in ((["stats", shade_labels, "-o", "t.csv"], "t.csv"),
+                      (["evaluate", shade_labels, shade_labels, "-o", "e.json"], "e.json")):  # fmt: skip
+        (tmp_path / "fired").unlink(missing_ok=True)
+        (tmp_path / "raised in the callback").unlink(missing_ok=True)
+        proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=100)  # fmt: skip
+        assert (tmp_path / "raised in the callback").exists()
+        assert (proc.returncode, proc.stderr.strip()) == (130, "tilemask: interrupted")
+        assert not (tmp_path / out).exists()
 
 
 @pytest.mark.timeout(120)

@@ -51,8 +51,9 @@ def prepare_stats(
     chunks: int | None = None,
 ) -> Callable[..., Path]:
     """Check the arguments and open the label image and the regions, reading no pixel; returns the computation
-    (``run(client) -> Path``).  ``tilemask stats`` starts its cluster only after this, so a wrong argument or
-    an unreadable file is refused at once."""
+    (``run(client, before_writing=) -> Path``, ``before_writing`` called between computing the table and writing
+    it).  ``tilemask stats`` starts its cluster only after this, so a wrong argument or an unreadable file is
+    refused at once."""
     output = check_table_path(output_path, inputs=(mask_path, regions))
     mask_path, regions = _absolute(mask_path), regions and _absolute(regions)
     if coverage not in ("center", "fraction"):
@@ -72,22 +73,27 @@ def prepare_stats(
         raise InputError(f"{mask_path}: labels must be integers, not {image.array.dtype}")
     grid_of(image).check_sizes(mask_path)
     if instances:
-        return lambda client=None: write_table(
-            find_instances(image, connectivity=connectivity, names=names, client=client), output
-        )
-    if regions is not None and is_label_image(regions):
+        table = lambda client: find_instances(image, connectivity=connectivity, names=names, client=client)
+    elif regions is not None and is_label_image(regions):
         atlas = open_labels(str(regions), chunks=chunks)
         if region_id is not None:
             raise InputError("--region-id applies to vector regions; an atlas is keyed by its label value")
         if coverage == "fraction":
             raise InputError("--coverage fraction applies to vector regions; an atlas's pixels are the labels' own")
-        return lambda client=None: write_table(atlas_zonal(image, atlas, names=names, client=client), output)
-    if regions is not None:
+        table = lambda client: atlas_zonal(image, atlas, names=names, client=client)
+    elif regions is not None:
         frame, key = read_regions(regions, region_id)
         keep_geometry = output.suffix.lower() in (".parquet", ".gpkg", ".csv")
-        zonal = prepare_vector_zonal(image, frame, key, coverage, names=names, keep_geometry=keep_geometry)
-        return lambda client=None: write_table(zonal(client), output)
-    return lambda client=None: write_table(class_totals(image, names=names, client=client), output)
+        table = prepare_vector_zonal(image, frame, key, coverage, names=names, keep_geometry=keep_geometry)
+    else:
+        table = lambda client: class_totals(image, names=names, client=client)
+
+    def run(client=None, *, before_writing: Callable[[], None] = lambda: None) -> Path:
+        frame = table(client)
+        before_writing()  # the command stops here if it was asked to (a Ctrl-C Python swallowed): no table
+        return write_table(frame, output)
+
+    return run
 
 
 def compute_from_config(mask_path: str | os.PathLike, config: StatsConfig, output_path=None, client=None) -> Path:
@@ -127,7 +133,7 @@ def prepare_evaluation(
     chunks: int | None = None,
 ) -> Callable[..., dict]:
     """Check the arguments and open both label images, reading no pixel; returns the evaluation
-    (``run(client) -> dict``, see :func:`prepare_stats`)."""
+    (``run(client, before_writing=) -> dict``, see :func:`prepare_stats`)."""
     if output_path is not None:
         check_table_path(output_path, inputs=(pred_path, truth_path), suffixes=(".json",))
     pred_path, truth_path = _absolute(pred_path), _absolute(truth_path)
@@ -137,8 +143,9 @@ def prepare_evaluation(
     pred = open_labels(str(pred_path), chunks=chunks)
     truth = open_labels(str(truth_path), chunks=chunks)
 
-    def run(client=None) -> dict:
+    def run(client=None, *, before_writing: Callable[[], None] = lambda: None) -> dict:
         result = evaluate(pred, truth, names=names, client=client)
+        before_writing()
         if output_path is not None:
             write_json(result, output_path)
         return result

@@ -47,6 +47,7 @@ def stats(
 ) -> None:
     """Per-class, per-region or per-instance statistics of the label image MASK."""
     from ..cluster import cluster_client
+    from ..interrupts import raise_if_stopped
     from .api import prepare_stats
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -56,7 +57,7 @@ def stats(
     )  # fmt: skip
     _refuse_existing(output, overwrite)
     with cluster_client(scheduler) as client:  # started once the arguments and the files have passed
-        path = run(client)
+        path = run(client, before_writing=raise_if_stopped)
     if not errors_only():
         click.echo(f"wrote {path}")
 
@@ -75,6 +76,7 @@ def evaluate(pred, truth, output, classes, chunks, scheduler, overwrite, debug) 
     from rich.console import Console
 
     from ..cluster import cluster_client
+    from ..interrupts import raise_if_stopped
     from .api import prepare_evaluation
     from .evaluate import render
 
@@ -82,7 +84,7 @@ def evaluate(pred, truth, output, classes, chunks, scheduler, overwrite, debug) 
     run = prepare_evaluation(pred, truth, output, classes=classes, chunks=chunks)
     _refuse_existing(output, overwrite)
     with cluster_client(scheduler) as client:  # started once the arguments and the files have passed
-        result = run(client)
+        result = run(client, before_writing=raise_if_stopped)
     if not errors_only():
         Console().print(render(result))
         if output:
