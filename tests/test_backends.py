@@ -48,10 +48,12 @@ def test_every_backend_gives_torchs_probabilities(backend, dims, make_raster, ma
     assert np.abs(got - expected).max() > 0, "the converted network ran: not bitwise torch"
 
 
-def test_auto_takes_the_first_backend_that_matches_torch_and_is_faster(make_volume, make_model, tmp_path, client, caplog):
+def test_auto_takes_the_first_backend_that_matches_torch_and_is_faster(make_volume, make_model, tmp_path, client, caplog,
+                                                                       monkeypatch):  # fmt: skip
     """MONAI's default UNet normalises per instance: on constant windows OpenVINO parts from torch, so auto
     takes torch's own oneDNN TorchScript; with batch norm OpenVINO matches and auto runs it.  One 3D window
     at a time, where both are several times faster than torch's own kernel (``slow_conv3d``)."""
+    monkeypatch.setenv("TILEMASK_AUTO_MEASURE_AFTER", "0")  # measured for so small a job too
     path, _ = make_volume((40, 36, 30), name="scan.nii.gz")
     chosen = {}
     for name, args in (("instance", UNET_3D), ("batch", BATCH_NORM_3D)):
@@ -65,6 +67,30 @@ def test_auto_takes_the_first_backend_that_matches_torch_and_is_faster(make_volu
         (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("inference backend")]
         chosen[name] = line.split()[2]
     assert chosen == {"instance": "torch-mkldnn", "batch": "openvino"}
+
+
+@pytest.mark.timeout(120)
+def test_auto_measures_the_other_backends_once_the_jobs_would_repay_it(make_raster, make_model, write_workflow,
+                                                                        tmp_path):  # fmt: skip
+    """Converting and timing the backends took 10-15 s on the demo's first run, whose 64 windows take 1.4 s:
+    until a network's jobs at a roi would take 15 s in torch together, ``auto`` runs torch and measures
+    nothing, and adds the job's time to the tally.  The test above measures a one-window job with
+    ``TILEMASK_AUTO_MEASURE_AFTER=0``."""
+    import json
+
+    from .conftest import run_cli
+
+    path, _ = make_raster((3, 150, 170))
+    weights, _ = make_model()
+    workflow = write_workflow(raster_workflow(path, weights, output={"path": "out/{stem}.zarr"}))
+    cache = tmp_path / "cache"
+    small = run_cli("-v", "run", workflow, "--quiet", cwd=tmp_path, env={"TILEMASK_CACHE_DIR": str(cache)})
+    assert small.returncode == 0, small.stderr
+    said = "inference backend torch (inference.backend: auto; too little run in torch yet to repay measuring"
+    assert said in small.stderr
+    assert not list(cache.glob("*/*.verdict.json"))
+    (tally,) = cache.glob("auto/*.json")
+    assert 0 < json.loads(tally.read_text())["unmeasured_seconds"] < 15
 
 
 def test_an_unknown_backend_is_refused_by_name(make_raster, make_model, tmp_path):

@@ -22,7 +22,11 @@
   windows, as a batch and one by one (random values, zeros, ones: constant
   windows are where instance norms part, :func:`_difference`), and that runs one
   window or a batch of ``batch_size`` faster than torch; each batch then runs
-  through whichever was faster at its size.  Otherwise torch.  On a GPU, torch,
+  through whichever was faster at its size.  Otherwise torch.  Measuring a backend
+  (converting the network, timing it) takes seconds, paid once per network, roi
+  and machine: until the jobs of a network at a roi would take
+  :data:`tilemask.settings.MEASURE_AFTER_SECONDS` in torch together, ``auto``
+  measures no backend it has no cached verdict for (:func:`settle_auto`).  On a GPU, torch,
   its forward pass for a full batch captured once as a CUDA graph and replayed
   (:func:`_cuda_graph`), when the capture succeeds and keeps torch's answer.
 
@@ -116,6 +120,45 @@ def forward_check(run: Runner, channels: int, roi: tuple[int, ...], device: torc
     return int(output.shape[1])
 
 
+def settle_auto(spec: ModelSpec, settings: InferenceSettings, channels: int, device: torch.device, windows: int,
+                after: float) -> InferenceSettings:  # fmt: skip
+    """``settings`` for a job of ``windows`` forward passes of one window: with ``measure`` off while ``auto``
+    has no cached verdict for some backend it tries and the network's jobs at this roi on this machine, this one
+    and the earlier ones it did not measure for, would take less than ``after`` seconds in torch together.  A
+    first small job (the demo) then does not wait for measurements it cannot repay, and a small job run again
+    and again measures once they add up.  The job's time is estimated from a window of zeros: up to three, as
+    the first passes of a TorchScript network are slower (it optimises the graph as it goes: 0.05-0.27 s
+    against 0.01 s for the demo's window)."""
+    if settings.backend != "auto" or device.type != "cpu" or settings.precision != "float32" or not settings.measure:
+        return settings
+    local, roi, batch = _local(spec), tuple(settings.roi), settings.batch_size
+    if not os.path.isfile(local.weights):
+        return settings  # load_model's own error comes from building it
+    sizes = sorted({1, batch})
+    unmeasured = [name for name in AUTO_ORDER if _read_verdict(_verdict_path(local, name, channels, roi, batch),
+                                                               sizes) is None]  # fmt: skip
+    if not unmeasured:
+        return settings
+    tally = _cache_path(local, "auto", _version("torch"), channels, roi, f".b{batch}.t{torch.get_num_threads()}.json")
+    try:
+        before = float(json.loads(tally.read_text())["unmeasured_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        before = 0.0
+    _, run = cached_runner(spec, dataclasses.replace(settings, backend="torch"), channels, device)
+    for _ in range(3):
+        start = time.perf_counter()
+        forward_check(run, channels, roi, device)
+        estimate = windows * (time.perf_counter() - start)
+        if before + estimate < after:
+            break
+    else:
+        return settings
+    _publish(lambda p: p.write_text(json.dumps({"unmeasured_seconds": before + estimate})), tally, (".json",))
+    logger.info("auto: %d windows, about %.1f s in torch (%.1f s with the earlier jobs): too few to repay measuring "
+                "%s", windows, estimate, before + estimate, ", ".join(unmeasured))  # fmt: skip
+    return dataclasses.replace(settings, measure=False)
+
+
 def _build(spec: ModelSpec, settings: InferenceSettings, channels: int, device: torch.device) -> tuple[str, Runner]:
     spec, backend, roi, batch = _local(spec), settings.backend, tuple(settings.roi), settings.batch_size
 
@@ -135,7 +178,7 @@ def _build(spec: ModelSpec, settings: InferenceSettings, channels: int, device: 
         if device.type != "cpu":
             raise WorkflowError(f"inference.backend: {backend} runs on the CPU, and inference.device is {device}")
         for name in AUTO_ORDER if backend == "auto" else (backend,):
-            converted = _converted(spec, name, backend == "auto", network, channels, roi, batch)
+            converted = _converted(spec, name, backend == "auto", network, channels, roi, batch, settings.measure)
             if converted is not None:
                 logger.info("inference backend: %s", converted[0])
                 return converted
@@ -226,16 +269,17 @@ class NotConvertible(Exception):
 
 
 def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], torch.nn.Module], channels: int,
-               roi: tuple[int, ...], batch: int) -> tuple[str, Runner] | None:  # fmt: skip
+               roi: tuple[int, ...], batch: int, measure: bool) -> tuple[str, Runner] | None:  # fmt: skip
     """Backend ``name``'s runner.  For ``auto``, only when it keeps torch's answer and is faster than torch on
-    one window or on ``batch`` (measured once, then read from the cache); each batch then runs through
-    whichever of the two was faster at its size.  None when not taken."""
+    one window or on ``batch`` (measured once, then read from the cache; not measured unless ``measure``);
+    each batch then runs through whichever of the two was faster at its size.  None when not taken."""
     sizes = sorted({1, batch})
-    suffix = f".b{batch}.t{torch.get_num_threads()}.verdict.json"
-    verdict = _cache_path(spec, name, _version(name), channels, roi, suffix) if auto else None
+    verdict = _verdict_path(spec, name, channels, roi, batch) if auto else None
     known = _read_verdict(verdict, sizes) if verdict is not None else None
     if known is not None and not _faster_sizes(known):
         return None  # measured before: under this backend the network parts from torch, or is no faster
+    if auto and known is None and not measure:
+        return None  # a job too small to repay measuring it (settle_auto)
     try:
         run = CONVERTERS[name](spec, network, channels, roi)
     except ImportError:
@@ -277,6 +321,12 @@ def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], tor
 
     alone, batched = (name if n in faster else "torch" for n in sizes)
     return f"{alone} for one window, {batched} for batches of {batch}", fastest
+
+
+def _verdict_path(spec: ModelSpec, name: str, channels: int, roi: tuple[int, ...], batch: int) -> Path:
+    """Where ``auto``'s measurements of backend ``name`` are cached (per batch size and torch's threads)."""
+    suffix = f".b{batch}.t{torch.get_num_threads()}.verdict.json"
+    return _cache_path(spec, name, _version(name), channels, roi, suffix)
 
 
 def _faster_sizes(verdict: dict) -> set[int]:

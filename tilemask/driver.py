@@ -230,10 +230,11 @@ def drive_job(
                 wait_for_workers(client)
                 prepare_workers(client)
                 announce(f"dask dashboard: {client.dashboard_link}", enabled=progress)
-                runner.out_channels = probe(client, plan)
+                rest = [i for i in todo if i >= first and results[i] is None]
+                windows = runner.prepared[first][0].plan.n_windows * len(rest) * len(plan.settings.flips)  # about
+                runner.out_channels = probe(client, plan, windows)
                 plan.classes = classes_of(plan.workflow, runner.out_channels)  # exit 2: before any item runs
                 logger.info("the network gives %d output channels; network loaded after %.2f s", runner.out_channels, process_age())
-                rest = [i for i in todo if i >= first and results[i] is None]
                 done = run_items(
                     rest, lambda index: runner.run(client, index), window=items_in_flight(sum(client.nthreads().values())),
                     progress=progress, stop=stop,

@@ -65,7 +65,7 @@ from .planning import Inversion, Job, WorkflowPlan
 from .preprocess import Preprocessing
 from .products import write_products
 from .progress import stage, window_progress
-from .settings import Finishing, InferenceSettings, ModelSpec
+from .settings import Finishing, InferenceSettings, ModelSpec, measure_after_seconds
 from .sinks import LabelSink
 from .sources import ImageSource
 from .stats.config import PostprocessConfig
@@ -120,11 +120,12 @@ def predict(block: Block, shared: Shared) -> Partial:
 
     return predict_block(block, shared.source, shared.model, shared.settings, shared.preprocessing)
 
-def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int) -> tuple[int, str]:
+def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int, windows: int | None = None,
+                  measure_after: float = 0.0) -> tuple[int, str, InferenceSettings]:  # fmt: skip
     with timing.timed("probe: import"):  # torch, unless the worker's preload thread has imported it already
         from .inference import probe_network as probe
 
-    return probe(model, settings, channels)
+    return probe(model, settings, channels, windows, measure_after)
 
 # -- the graph ------------------------------------------------------------------------------------
 
@@ -532,18 +533,23 @@ def process_age() -> float:
         return time.time() - psutil.Process().create_time()
 
 
-def probe(client: Client, plan: WorkflowPlan) -> int:
+def probe(client: Client, plan: WorkflowPlan, windows: int | None = None) -> int:
     """The network's output channels, from one forward pass of zeros at the roi on a worker.
 
     This also proves on a worker, before any work, that the weights load, fit
     the network and are safe, that the device exists, and that the network takes
     the inputs' channels (a failure here keeps its type: exit 2), and converts
-    it for the backend (:mod:`tilemask.backends`).
+    it for the backend (:mod:`tilemask.backends`). For a job of ``windows``
+    forward passes, ``plan.settings`` become those the probe settled ``auto`` to.
     """
-    future = client.submit(probe_network, plan.model, plan.settings, plan.in_channels, pure=False)
+    future = client.submit(probe_network, plan.model, plan.settings, plan.in_channels, windows,
+                           measure_after_seconds(), pure=False)  # fmt: skip
     with cluster_failures("probing the network"):
-        ((channels, backend),) = gather(client, [future])
-    logger.info("inference backend %s (inference.backend: %s)", backend, plan.settings.backend)
+        ((channels, backend, settings),) = gather(client, [future])
+    unmeasured = plan.settings.measure and not settings.measure
+    logger.info("inference backend %s (inference.backend: %s%s)", backend, plan.settings.backend,
+                "; too little run in torch yet to repay measuring the others" if unmeasured else "")  # fmt: skip
+    plan.settings = settings
     return channels
 
 def run_job(client: Client, job: Job, plan: WorkflowPlan, progress: bool) -> RunResult:

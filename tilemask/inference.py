@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import timing
-from .backends import cached_runner, forward_check
+from .backends import cached_runner, forward_check, settle_auto
 from .device import compute_stream, to_device
 from .geometry import Block, local_slices, region_shape
 from .models import ModelSpec, resolve_device
@@ -109,21 +109,25 @@ def predict_block(
     return Partial(region=region, weighted=weighted[keep].numpy(), weights=weights[keep].numpy(), valid=valid)
 
 
-def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int) -> tuple[int, str]:
-    """Output channels of the network (one window of zeros ``(1, channels, *roi)`` on the worker's device)
-    and the backend that runs it, built now: a network that fails to load, to fit its weights, to take the
-    inputs' channels or to convert fails before any work.  Each step's seconds go to the worker's stage timers
-    (``probe: device``, ``probe: network``, ``probe: first window``): the start-up split that
-    ``benchmarks/bench_engine.py`` prints."""
+def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int, windows: int | None = None,
+                  measure_after: float = 0.0) -> tuple[int, str, InferenceSettings]:  # fmt: skip
+    """Output channels of the network (one window of zeros ``(1, channels, *roi)`` on the worker's device),
+    the backend that runs it, built now, and the settings the job's tasks run with (``auto`` settled for a job
+    of ``windows`` forward passes, :func:`tilemask.backends.settle_auto`; as given when ``windows`` is None): a
+    network that fails to load, to fit its weights, to take the inputs' channels or to convert fails before any
+    work.  Each step's seconds go to the worker's stage timers (``probe: device``, ``probe: network``,
+    ``probe: first window``): the start-up split that ``benchmarks/bench_engine.py`` prints."""
     with timing.timed("probe: device"):
         device = resolve_device(settings.device)
         if device.type == "cuda":  # the context and CUDA's libraries now, not inside the network's figure
             torch.zeros((), device=device)
             torch.cuda.synchronize(device)
     with timing.timed("probe: network"):
+        if windows is not None:
+            settings = settle_auto(model, settings, channels, device, windows, measure_after)
         backend, network = cached_runner(model, settings, channels, device)
     with timing.timed("probe: first window"):
-        return forward_check(network, channels, tuple(settings.roi), device), backend
+        return forward_check(network, channels, tuple(settings.roi), device), backend, settings
 
 
 def _accumulate(network, image, ready, windows, origin, shape, settings: InferenceSettings, device, block: Block):

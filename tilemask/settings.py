@@ -56,6 +56,27 @@ class ModelSpec:
         return self.archive != "state_dict"
 
 
+MEASURE_AFTER_SECONDS = 15.0
+"""How long the jobs of a network at a roi on a machine would take in torch, together, before
+``inference.backend: auto`` measures the backends it has no cached verdict for
+(:func:`tilemask.backends.settle_auto`): converting and timing them took 10-15 s on the demo (OpenVINO's
+conversion 8 s), whose 64 windows take 1.4 s."""
+
+
+def measure_after_seconds() -> float:
+    """:data:`MEASURE_AFTER_SECONDS`, or ``TILEMASK_AUTO_MEASURE_AFTER`` where the run starts (0: measure for any
+    job)."""
+    value = os.environ.get("TILEMASK_AUTO_MEASURE_AFTER", "").strip()
+    if not value:
+        return MEASURE_AFTER_SECONDS
+    try:
+        return float(value)
+    except ValueError:
+        from .errors import UsageError
+
+        raise UsageError(f"TILEMASK_AUTO_MEASURE_AFTER={value!r}: not a number of seconds") from None
+
+
 @dataclass(frozen=True)
 class InferenceSettings:
     """What a worker needs to predict a block's windows (per-axis tuples)."""
@@ -68,6 +89,7 @@ class InferenceSettings:
     flips: tuple[tuple[int, ...], ...] = ((),)  # test-time augmentation: the spatial axes each pass flips
     backend: str = "auto"  # auto | torch | torch-mkldnn | openvino | onnxruntime (tilemask.backends)
     precision: str = "float32"  # float32 | bfloat16 | float16: the forward passes under torch.autocast
+    measure: bool = True  # auto may measure the backends it has no verdict for (a job too small to repay it: not)
 
 
 @dataclass(frozen=True)
