@@ -90,7 +90,7 @@ def test_bad_scheduler_address_is_one_line(make_raster, make_model, write_workfl
 def tcp_service(reply: bytes | None):
     """A server on a free port of 127.0.0.1 that is not a Dask scheduler; yields its ``tcp://`` address. It takes
     every connection and, with ``reply``, sends it and closes (an HTTP server's answer to Dask's first bytes);
-    without, it holds the connection and never says a word (``python -m http.server`` waiting for a line)."""
+    without, it holds the connection and never says a word, not even to an HTTP request (a stalled scheduler)."""
     server = socket.create_server(("127.0.0.1", 0))
     held: list[socket.socket] = []
 
@@ -125,7 +125,7 @@ QUICK_CONNECT = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"}  # the 30 s 
 def test_a_scheduler_address_that_takes_the_connection_and_never_answers_fails_within_the_connect_timeout(
     make_raster, make_model, write_workflow
 ):
-    """A reviewer's: a service that accepts and waits (python -m http.server) left tilemask run waiting forever in
+    """A reviewer's: a service that accepts and waits (then python -m http.server) left tilemask run waiting forever in
     distributed's handshake, whose read has no timeout. It may be a stalled scheduler too: exit 1."""
     path, _ = make_raster((3, 50, 50))
     weights, _ = make_model()
@@ -166,6 +166,24 @@ def test_a_scheduler_address_where_something_else_answers_is_refused(make_raster
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("tilemask: error:") and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert f"--scheduler {address}: not a Dask scheduler" in proc.stderr and "MemoryError" not in proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_the_real_dashboards_port_is_refused_as_no_scheduler(client):
+    """A first-contact user's: ``--scheduler`` at a real Dask dashboard's port (the scheduler's HTTP server). Unlike
+    the server above, it answers nothing to Dask's first bytes (it waits for the end of an HTTP request), so it read
+    as a stalled scheduler: exit 1 after the whole connect timeout, where the README names the dashboard's port an
+    address that is not a scheduler's (exit 2)."""
+    from urllib.parse import urlsplit
+
+    from tilemask.cluster import scheduler_client
+    from tilemask.errors import UsageError
+
+    address = f"tcp://127.0.0.1:{urlsplit(client.dashboard_link).port}"
+    start = time.monotonic()
+    with pytest.raises(UsageError, match=f"^--scheduler {address}: not a Dask scheduler: an HTTP server answered"):
+        scheduler_client(address, timeout=10, set_as_default=False)
+    assert time.monotonic() - start < 8  # a real scheduler answers at once: the HTTP question waits a second
 
 
 @pytest.mark.timeout(60)

@@ -233,7 +233,8 @@ def scheduler_client(address: str, timeout: float | None = None, set_as_default:
     """A client of the Dask scheduler at ``address``, or one line within ``timeout`` (else
     :func:`connect_timeout`): exit 1 when
     nothing takes the connection or what takes it says nothing (a scheduler may be down or stalled for now), exit 2
-    when what answers is not a Dask scheduler (another service's port, a Dask worker's).
+    when what answers is not a Dask scheduler (another service's port, a Dask worker's; an HTTP server such as Dask's
+    dashboard, which says nothing to Dask's first bytes, is asked in HTTP after a second of silence).
 
     ``Client(address)`` alone waited forever on a service that takes the connection and never answers (the read
     of distributed's handshake has no timeout), and reading an HTTP server's answer as Dask's ended as
@@ -299,9 +300,21 @@ async def _scheduler_identity(address: str, timeout: float) -> dict:
                 raise _Unreached(f"no connection within {timeout:g} s{_why(exc)}") from None
             await asyncio.sleep(0.2)
 
-    async def read():
+    async def read(first: bool = False):
+        reading = asyncio.ensure_future(comm.read())
+        if first and scheme == "tcp":  # a Dask server speaks at once; one silent for a second is asked in HTTP
+            done, _ = await asyncio.wait({reading}, timeout=max(0.0, min(HTTP_QUESTION_AFTER,
+                                                                         deadline - time.monotonic())))  # fmt: skip
+            if not done:  # whichever comes first: Dask's handshake (a slow scheduler) or an HTTP answer
+                asking = asyncio.ensure_future(_answers_http(location, deadline))
+                await asyncio.wait({reading, asking}, timeout=max(0.0, deadline - time.monotonic()),
+                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                if not reading.done() and asking.done() and asking.result():
+                    reading.cancel()
+                    raise _NotAScheduler("an HTTP server answered there (the dashboard's port?), not Dask's protocol")
+                asking.cancel()
         try:
-            return await asyncio.wait_for(comm.read(), max(1.0, deadline - time.monotonic()))
+            return await asyncio.wait_for(reading, max(1.0, deadline - time.monotonic()))
         except TimeoutError:
             raise _NoAnswer("it took the connection and said nothing (a stalled scheduler, or another service "
                             "waiting for its own request)") from None  # fmt: skip
@@ -314,7 +327,7 @@ async def _scheduler_identity(address: str, timeout: float) -> dict:
     try:
         mine = comm.handshake_info()
         await comm.write(mine)
-        theirs = await read()
+        theirs = await read(first=True)
         if not isinstance(theirs, dict) or "pickle-protocol" not in theirs:
             raise _NotAScheduler("what answered there does not speak Dask's protocol")
         comm.local_info, comm.remote_info = {**mine, "address": comm.local_address}, {**theirs, "address": address}
@@ -326,6 +339,32 @@ async def _scheduler_identity(address: str, timeout: float) -> dict:
     if not (isinstance(identity, dict) and "n_workers" in identity):  # a worker or nanny: no such argument
         raise _NotAScheduler("a Dask server answered there, but not a scheduler (a worker's or nanny's address?)")
     return identity
+
+
+HTTP_QUESTION_AFTER = 1.0
+"""Seconds of silence after which what took a ``tcp://`` connection is asked, on a connection of its own, whether it
+is an HTTP server: a Dask server writes its handshake as it accepts, an HTTP server (Dask's dashboard) waits for a
+request and so read as a stalled scheduler (exit 1 after the whole connect timeout)."""
+
+
+async def _answers_http(location: str, deadline: float) -> bool:
+    """Whether what listens at ``host:port`` answers an HTTP request as an HTTP server, before ``deadline``."""
+    from distributed.comm.addressing import parse_host_port
+
+    host, port = parse_host_port(location)
+    writer = None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
+                                                max(0.1, deadline - time.monotonic()))  # fmt: skip
+        writer.write(b"HEAD / HTTP/1.0\r\nHost: " + host.encode() + b"\r\n\r\n")
+        await writer.drain()
+        start = await asyncio.wait_for(reader.read(5), max(0.1, deadline - time.monotonic()))
+        return start == b"HTTP/"
+    except (OSError, TimeoutError, ValueError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def _why(exc: BaseException) -> str:
