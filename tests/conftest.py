@@ -67,6 +67,20 @@ def make_raster(tmp_path):
     return make
 
 
+def band_vrt(path: Path, bands: list[tuple[str, str, int]], width: int, height: int) -> Path:
+    """A VRT of ``(file, GDAL type, source band)`` bands (files relative to it), on the files' grid."""
+    with rasterio.open(path.parent / bands[0][0]) as ds:
+        srs, transform = ds.crs.to_wkt().replace('"', "&quot;"), ", ".join(map(str, ds.transform.to_gdal()))
+    xml = "".join(
+        f'<VRTRasterBand dataType="{kind}" band="{i}"><SimpleSource><SourceFilename relativeToVRT="1">{name}'
+        f"</SourceFilename><SourceBand>{source}</SourceBand></SimpleSource></VRTRasterBand>"
+        for i, (name, kind, source) in enumerate(bands, start=1)
+    )
+    path.write_text(f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>{srs}</SRS>'
+                    f"<GeoTransform>{transform}</GeoTransform>{xml}</VRTDataset>")  # fmt: skip
+    return path
+
+
 @pytest.fixture
 def make_volume(tmp_path):
     """Write a NIfTI volume with an anisotropic, rotated affine; returns (path, array)."""

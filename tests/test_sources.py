@@ -11,7 +11,7 @@ import pytest
 import rasterio
 import zarr
 
-from tests.conftest import GEO, UNET_3D, run_cli
+from tests.conftest import GEO, UNET_3D, band_vrt, run_cli
 from tilemask.errors import InputError
 from tilemask.sources import cached_handle, file_stamp, open_source
 
@@ -153,6 +153,38 @@ def test_raster_windows_and_band_order(make_raster):
     assert source.shape == (2, 70, 90) and source.read_valid(((0, 10), (0, 10))) is None
     np.testing.assert_array_equal(source.read(((7, 50), (20, 61))), data[[2, 0], 7:50, 20:61])
 
+
+
+@pytest.mark.timeout(30)
+def test_rasters_of_complex_pixels_or_of_no_band_are_refused_and_bands_of_several_types_are_read(make_raster, tmp_path):
+    """A reviewer's fault sweep: a complex GeoTIFF ran (exit 0), numpy's cast dropping the imaginary part without a
+    word (a complex NIfTI is refused); a VRT stacking a uint8 and a float32 file failed on a worker, exit 1,
+    ``ValueError: more than one 'dtype' found``, no file named; a GeoPackage of two raster tables (no band of its
+    own, only subdatasets) failed ``IndexError: tuple index out of range``, exit 1."""
+    complex_path, _ = make_raster((2, 20, 30), dtype="complex64", name="complex.tif")
+    with pytest.raises(InputError, match=rf"^{complex_path}: band 1 holds complex \(complex64\) pixels") as refused:
+        open_source(str(complex_path), spatial_dims=2)
+    assert refused.value.exit_status == 2
+    _, grey = make_raster((2, 40, 50), dtype="uint8", name="grey.tif")
+    _, heights = make_raster((1, 40, 50), dtype="float32", name="heights.tif", nodata=float("nan"))
+    with rasterio.open(tmp_path / "heights.tif", "r+") as ds:
+        heights[0, :5] = np.nan
+        ds.write(heights)
+    vrt = band_vrt(tmp_path / "stack.vrt", [("grey.tif", "Byte", 2), ("heights.tif", "Float32", 1)], 50, 40)
+    source = open_source(str(vrt), spatial_dims=2)
+    assert source.shape == (2, 40, 50) and source.floating
+    block = source.read(((3, 30), (10, 45)))
+    assert block.dtype == np.float32
+    np.testing.assert_array_equal(block, np.stack([grey[1], heights[0]])[:, 3:30, 10:45])  # NaN: invalid pixels
+    tables = tmp_path / "tables.gpkg"
+    for i, name in enumerate(("north", "south")):
+        with rasterio.open(tables, "w", driver="GPKG", width=16, height=16, count=3, dtype="uint8", crs="EPSG:32618",
+                           transform=rasterio.transform.from_origin(0, 0, 30, 30), RASTER_TABLE=name,
+                           APPEND_SUBDATASET="YES" if i else "NO") as ds:  # fmt: skip
+            ds.write(np.ones((3, 16, 16), np.uint8))
+    with pytest.raises(InputError, match=rf"^{tables}: a raster with no bands \(it holds 2 subdatasets: .*"
+                                         rf"gdal_translate 'GPKG:{tables}:north' out.tif\)$"):  # fmt: skip
+        open_source(str(tables), spatial_dims=2)
 
 def test_a_rasters_sidecar_files_count_as_rasterio_finds_them(tmp_path):
     """A world file and an external mask were ignored (GDAL was told not to list the folder, as for remote

@@ -93,6 +93,7 @@ class RasterSource(ImageSource):
     offsets: tuple[float, ...] | None = None
     nodata_values: tuple[int, ...] | None = None  # per selected band: GDAL's mask is "any band != its nodata"
     version: str | None = None  # of an object on the network, when opened (:func:`tilemask.storage.object_version`)
+    mixed: bool = False  # the selected bands are of several types (``dtype`` is their common type)
 
     @classmethod
     def open(cls, path: str, bands: list[int] | None = None) -> RasterSource:
@@ -100,7 +101,7 @@ class RasterSource(ImageSource):
             with gdal_env(path), rasterio.open(path) as ds:
                 count, height, width = ds.count, ds.height, ds.width
                 gcps_only = ds.crs is None and ds.transform.is_identity and bool(ds.gcps[0])
-                dtype = ds.dtypes[0]
+                dtypes = ds.dtypes
                 geometry = RasterGeometry(
                     crs_wkt=ds.crs.to_wkt() if ds.crs else None, transform=tuple(ds.transform.to_gdal())
                 )
@@ -111,18 +112,32 @@ class RasterSource(ImageSource):
                 scales, offsets = ds.scales, ds.offsets
                 nodata_only = all(flags == [MaskFlags.nodata] for flags in ds.mask_flag_enums)
                 nodatavals = ds.nodatavals
+                subdatasets = ds.subdatasets
         except RasterioError as exc:
             raise InputError(f"{path}: cannot open raster: {first_gdal_line(exc)}") from None
         if gcps_only:
             raise InputError(
                 f"{path}: georeferenced by ground control points only; warp it to a grid first (gdalwarp)"
             )
+        if not count:  # a container (NetCDF, HDF) whose rasters are its subdatasets, or a VRT of no band
+            hint = f" (it holds {len(subdatasets)} subdatasets: write the one to segment to a GeoTIFF first, " \
+                f"gdal_translate '{subdatasets[0]}' out.tif)" if subdatasets else ""
+            raise InputError(f"{path}: a raster with no bands{hint}")
         usable_geometry(path, geometry)
         if bands:
             bad = [b for b in bands if b > count]
             if bad:
                 raise InputError(f"{path}: preprocess.bands {bad} out of range, the raster has {count} bands")
         chosen = tuple(bands or image_bands or range(1, count + 1))
+        complex_band = next((b for b in chosen if np.dtype(dtypes[b - 1]).kind == "c"), None)
+        if complex_band:  # numpy's cast to float dropped the imaginary part without a word
+            raise InputError(
+                f"{path}: band {complex_band} holds complex ({dtypes[complex_band - 1]}) pixels; tilemask reads one "
+                "real value per pixel and band (write the amplitude or the parts as bands first)"
+            )
+        # bands of different types (a VRT stacking files): read one by one into their common type
+        dtype = np.result_type(*(dtypes[b - 1] for b in chosen)).name
+        mixed = len({dtypes[b - 1] for b in chosen}) > 1
         band_scales = tuple(float(scales[b - 1]) for b in chosen)
         band_offsets = tuple(float(offsets[b - 1]) for b in chosen)
         rescaled = any(s != 1.0 for s in band_scales) or any(o != 0.0 for o in band_offsets)
@@ -137,7 +152,7 @@ class RasterSource(ImageSource):
             path, chosen, height, width, dtype, geometry, masked,
             band_scales if rescaled else None, band_offsets if rescaled else None,
             tuple(int(nodatavals[b - 1]) for b in chosen) if from_pixels else None,
-            object_version(url) if (url := network_object(path)) else None,
+            object_version(url) if (url := network_object(path)) else None, mixed,
         )  # fmt: skip
 
     @property
@@ -180,7 +195,10 @@ class RasterSource(ImageSource):
         (r0, r1), (c0, c1) = region
         try:
             with gdal_env(self.path):
-                return self._dataset().read(indexes=list(self.bands), window=Window(c0, r0, c1 - c0, r1 - r0))
+                window = Window(c0, r0, c1 - c0, r1 - r0)
+                if self.mixed:  # rasterio reads bands of several types in one call only as "more than one 'dtype'"
+                    return np.stack([self._dataset().read(b, window=window, out_dtype=self.dtype) for b in self.bands])
+                return self._dataset().read(indexes=list(self.bands), window=window)
         except RasterioError as exc:
             detail = self._tile_detail(first_gdal_line(exc))
         # raised outside the handler: GDAL's exception chain must not travel back to the client
