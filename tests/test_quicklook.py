@@ -17,7 +17,7 @@ from tilemask.quicklook import thumbnail_shape, write_quicklook
 from tilemask.sinks import OutputLayout
 from tilemask.sinks.cog import CogSink
 
-from .conftest import GEO
+from .conftest import GEO, band_vrt
 
 
 def write_labels_cog(path: Path, reference: Path, labels: np.ndarray, nodata: int | None) -> str:
@@ -176,3 +176,27 @@ def test_the_quick_look_carries_tilemasks_mark_and_other_pngs_do_not(tmp_path, s
     (tmp_path / "noise.png").write_bytes(np.random.default_rng(0).bytes(3000))
     for name in ("plain.png", "gimp.png", "photo.png", "noise.png"):
         assert product_written_by_tilemask(tmp_path / name) is False, name
+
+
+@pytest.mark.timeout(30)
+def test_a_vrt_of_bands_of_several_types_is_shown(tmp_path):
+    """A reviewer's: a VRT stacking uint8 bands and a float32 one ran, wrote its labels and polygons, then failed
+    the quick look (``ValueError: more than one 'dtype' found``, exit 1). Shown as the same bands in one type are."""
+    with rasterio.open(GEO["RGB.byte.tif"]) as src:
+        data, profile = src.read(), src.profile
+    profile.update(dtype="float32", count=1, nodata=None)  # the VRT's bands say no nodata value
+    with rasterio.open(tmp_path / "blue.tif", "w", **profile) as ds:
+        ds.write(data[2:].astype(np.float32))
+    profile.update(count=3)
+    with rasterio.open(tmp_path / "same.tif", "w", **profile) as ds:
+        ds.write(data.astype(np.float32))
+    width, height = data.shape[2], data.shape[1]
+    scene = str(GEO["RGB.byte.tif"])
+    mixed = band_vrt(tmp_path / "mixed.vrt", [(scene, "Byte", 1), (scene, "Byte", 2), ("blue.tif", "Float32", 1)],
+                     width, height)  # fmt: skip
+    labels = (data[0] > 100).astype(np.uint8)
+    mask = write_labels_cog(tmp_path / "mask.tif", GEO["RGB.byte.tif"], labels, None)
+    looks = [np.asarray(Image.open(write_quicklook(str(source), mask, str(tmp_path / f"{i}.png"), size=300)))
+             for i, source in enumerate((tmp_path / "same.tif", mixed))]  # fmt: skip
+    assert looks[0][..., :3].max() == 255
+    np.testing.assert_array_equal(looks[1], looks[0])
