@@ -450,6 +450,10 @@ def test_listings_as_windows_and_other_tools_write_them_are_read_or_refused_by_n
                                 ("nohref.json", item | {"assets": {"rgb": {"href": None}}}, "")):  # fmt: skip
         with pytest.raises(InputError, match="^input.stac: "):
             planned({"stac": stac(name, document), "assets": ["rgb"]})
+    # an empty href resolved to the STAC file's folder: "...: a folder with no DICOM file among its first 40 files"
+    for href in ("", " "):
+        with pytest.raises(InputError, match=r"^input.stac: item 20200101's asset 'rgb' has no href$"):
+            planned({"stac": stac("empty.json", item | {"assets": {"rgb": {"href": href}}}), "assets": ["rgb"]})
 
     (tmp_path / "gl" / "2020" / "06").mkdir(parents=True)
     for where in ("gl/top.tif", "gl/2020/06/deep.tif", "gl/2021.tif"):

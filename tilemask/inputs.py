@@ -79,9 +79,11 @@ def stac_items(path: str, assets: list[str]) -> list[InputItem]:
         missing = [name for name in assets if name not in item.assets]
         if missing:
             raise InputError(f"input.stac: item {item.id} has no asset {missing[0]!r} (it has {', '.join(item.assets)})")
+        empty = next((name for name in assets if not isinstance(item.assets[name].href, str)
+                      or not item.assets[name].href.strip()), None)  # fmt: skip
+        if empty is not None:  # "" resolved to the STAC file's folder: "a folder with no DICOM file"
+            raise InputError(f"input.stac: item {item.id}'s asset {empty!r} has no href")
         hrefs = [item.assets[name].get_absolute_href() or item.assets[name].href for name in assets]
-        if not all(isinstance(h, str) and h for h in hrefs):
-            raise InputError(f"input.stac: item {item.id} has an asset without an href")
         hrefs = [h if h.startswith(REMOTE_PREFIXES) or os.path.isabs(h) else os.path.normpath(os.path.join(folder, h)) for h in hrefs]
         found.append(InputItem(file_name(str(item.id)), tuple(hrefs)))  # ids are text, even those written as numbers
     return found
