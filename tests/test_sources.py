@@ -186,6 +186,36 @@ def test_rasters_of_complex_pixels_or_of_no_band_are_refused_and_bands_of_severa
                                          rf"gdal_translate 'GPKG:{tables}:north' out.tif\)$"):  # fmt: skip
         open_source(str(tables), spatial_dims=2)
 
+
+@pytest.mark.timeout(60)
+def test_a_geotiff_cut_short_names_its_broken_block_in_words_not_as_row_4294967295(make_raster, tmp_path):
+    """A reviewer's fault sweep: a GeoTIFF cut short failed ``read failed at rows 0:100, cols 0:120:
+    TIFFReadEncodedStrip:Read error at scanline 4294967295; got 1959 bytes, expected 7920`` (libtiff's -1), and a
+    web server killed mid-run ``TIFFReadEncodedTile:Read error at row 4294967295, col 4294967295; got 0 bytes``,
+    without the hint a remote tile gets."""
+    import threading
+
+    from tests.range_server import serve
+    from tilemask.errors import ReadError
+
+    for name, layout in (("strips.tif", {}), ("tiles.tif", dict(tiled=True, blockxsize=128, blockysize=128))):
+        path, _ = make_raster((3, 300, 300), name=name, **layout)
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+    server = serve(str(tmp_path))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for where, what in ((str(tmp_path), "is damaged or cut short"),
+                            (f"http://127.0.0.1:{server.server_address[1]}", "could not be read whole \\(the server "
+                                                                             "stopped answering, or the file is damaged\\)")):  # fmt: skip
+            for name, block in (("strips.tif", "strip"), ("tiles.tif", "tile")):
+                source = open_source(f"{where}/{name}", spatial_dims=2)
+                with pytest.raises(ReadError, match=rf"^{where}/{name}: read failed at rows 0:300, cols 0:300: a TIFF "
+                                                    rf"{block} in this window {what}: got \d+ bytes, expected \d+$"):  # fmt: skip
+                    source.read(((0, 300), (0, 300)))
+    finally:
+        server.shutdown()
+
 def test_a_rasters_sidecar_files_count_as_rasterio_finds_them(tmp_path):
     """A world file and an external mask were ignored (GDAL was told not to list the folder, as for remote
     files): the labels had no place on Earth, and masked pixels were classified."""

@@ -208,17 +208,22 @@ class RasterSource(ImageSource):
         """libtiff names a broken tile by number, with a row/col that may lie outside the block being read
         (``TIFFFillTile:Read error at row 512, col 0, tile 3``): say where that tile is, in pixels."""
         found = re.search(r"\btile (\d+)", detail)
-        if not found:
+        # a short read of a block libtiff cannot place: "TIFFReadEncodedStrip:Read error at scanline 4294967295"
+        # (-1), "TIFFReadEncodedTile:Read error at row 4294967295, col 4294967295"; the block is in the rows read
+        unplaced = re.search(r"Read error at (scanline|row) 4294967295\b", detail)
+        if not found and not unplaced:
             return detail
+        rest = detail.split(";", 1)[1].strip() if ";" in detail else detail
+        remote = any(marker in self.path for marker in NETWORK)  # a short read there is more often a stall
+        what = "is damaged or cut short"
+        if remote:
+            what = "could not be read whole (the server stopped answering, or the file is damaged)"
+        if not found:
+            return f"a TIFF {'strip' if unplaced.group(1) == 'scanline' else 'tile'} in this window {what}: {rest}"
         block_h, block_w = self._dataset().block_shapes[0]
         across, down = -(-self.width // block_w), -(-self.height // block_h)
         tile = int(found.group(1)) % (across * down)  # separate planes number their tiles band after band
         t0, u0 = tile // across * block_h, tile % across * block_w
-        rest = detail.split(";", 1)[1].strip() if ";" in detail else detail
-        remote = any(marker in self.path for marker in NETWORK)  # a short read there is more often a stall
-        what = "is damaged"
-        if remote:
-            what = "could not be read whole (the server stopped answering, or the file is damaged)"
         return (
             f"TIFF tile {found.group(1)} (rows {t0}:{min(t0 + block_h, self.height)}, "
             f"cols {u0}:{min(u0 + block_w, self.width)}) {what}: {rest}"
