@@ -216,6 +216,27 @@ def test_a_geotiff_cut_short_names_its_broken_block_in_words_not_as_row_42949672
     finally:
         server.shutdown()
 
+
+@pytest.mark.timeout(30)
+def test_a_vsizip_path_says_what_is_wrong_with_its_archive(make_raster, tmp_path):
+    """A reviewer's fault sweep: a ``/vsizip/`` input into a zip cut short, or naming a member the zip does not
+    hold, or a zip that is not there, each said GDAL's "... does not exist in the file system, and is not recognized
+    as a supported dataset name", as if the path were mistyped."""
+    import zipfile
+
+    scene, _ = make_raster((3, 20, 30))
+    whole, cut = tmp_path / "scenes.zip", tmp_path / "cut.zip"
+    with zipfile.ZipFile(whole, "w") as zf:
+        zf.write(scene, "sub/scene.tif")
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    assert open_source(f"/vsizip/{whole}/sub/scene.tif", spatial_dims=2).shape == (3, 20, 30)
+    for path, why in ((f"/vsizip/{cut}/sub/scene.tif", f"{cut}: cannot read the archive: File is not a zip file"),
+                      (f"/vsizip/{whole}/sub/other.tif", f"{whole} has no member sub/other.tif"),
+                      (f"/vsizip/{tmp_path}/none.zip/scene.tif", f"no such archive {tmp_path}/none.zip")):  # fmt: skip
+        with pytest.raises(InputError, match=f"^{path}: cannot open raster: {why}$") as refused:
+            open_source(path, spatial_dims=2)
+        assert refused.value.exit_status == 2
+
 def test_a_rasters_sidecar_files_count_as_rasterio_finds_them(tmp_path):
     """A world file and an external mask were ignored (GDAL was told not to list the folder, as for remote
     files): the labels had no place on Earth, and masked pixels were classified."""

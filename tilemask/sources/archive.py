@@ -70,6 +70,24 @@ def members(archive: str, pattern: str) -> list[str]:
     return found
 
 
+
+def archive_problem(path: str) -> str | None:
+    """Why GDAL cannot open the ``/vsizip/`` or ``/vsitar/`` ``path`` of a local archive, where the archive says:
+    it is not there, cannot be read (cut short, not an archive), or holds no such member; None otherwise. GDAL
+    says "does not exist in the file system" for all of them."""
+    split = split_member(path)
+    if split is None:
+        return None
+    archive, member = split
+    archive = archive[1:] if archive.startswith("//") else archive  # "/vsizip/" + "/abs.zip": the name has "//"
+    if not os.path.isfile(archive):
+        return None if os.path.exists(archive) else f"no such archive {archive}"
+    try:
+        names = members(archive, "*")
+    except InputError as exc:
+        return str(exc).removeprefix("input.archive: ")
+    return None if member in names else f"{archive} has no member {member}"
+
 def extract(path: str, archive: str, member: str, target: str) -> None:
     """Write ``member`` of ``archive`` (the input ``path`` names) to the file ``target``."""
     try:

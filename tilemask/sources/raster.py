@@ -114,7 +114,9 @@ class RasterSource(ImageSource):
                 nodatavals = ds.nodatavals
                 subdatasets = ds.subdatasets
         except RasterioError as exc:
-            raise InputError(f"{path}: cannot open raster: {first_gdal_line(exc)}") from None
+            from .archive import archive_problem
+
+            raise InputError(f"{path}: cannot open raster: {archive_problem(path) or first_gdal_line(exc)}") from None
         if gcps_only:
             raise InputError(
                 f"{path}: georeferenced by ground control points only; warp it to a grid first (gdalwarp)"
