@@ -237,6 +237,25 @@ def test_a_vsizip_path_says_what_is_wrong_with_its_archive(make_raster, tmp_path
             open_source(path, spatial_dims=2)
         assert refused.value.exit_status == 2
 
+
+@pytest.mark.timeout(30)
+def test_a_label_raster_georeferenced_by_ground_control_points_only_is_refused_as_an_input_is(tmp_path):
+    """A reviewer's fault sweep: ``tilemask stats`` of such labels exited 0, its areas and centroids those of the
+    identity transform (pixels), where the same raster as an input is refused."""
+    from rasterio.control import GroundControlPoint
+
+    from tilemask.sources.labels import open_labels
+
+    path = tmp_path / "labels.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=30, height=20, count=1, dtype="uint8") as ds:
+        ds.write(np.ones((1, 20, 30), np.uint8))
+        ds.gcps = ([GroundControlPoint(0, 0, 5e5, 4e6), GroundControlPoint(0, 30, 500900, 4e6),
+                    GroundControlPoint(20, 0, 5e5, 3999400)], rasterio.crs.CRS.from_epsg(32618))  # fmt: skip
+    for opened in (open_labels, lambda p: open_source(p, spatial_dims=2)):
+        with pytest.raises(InputError, match=rf"^{path}: georeferenced by ground control points only") as refused:
+            opened(str(path))
+        assert refused.value.exit_status == 2
+
 def test_a_rasters_sidecar_files_count_as_rasterio_finds_them(tmp_path):
     """A world file and an external mask were ignored (GDAL was told not to list the folder, as for remote
     files): the labels had no place on Earth, and masked pixels were classified."""

@@ -168,6 +168,8 @@ def open_raster_labels(path: str, chunks) -> LabelImage:
         dtype = np.dtype(ds.dtypes[0])
         block = ds.block_shapes[0]
         crs = ds.crs.to_wkt() if ds.crs else None
+        if crs is None and ds.transform.is_identity and ds.gcps[0]:  # as an input is (README): areas in pixels
+            raise InputError(f"{path}: georeferenced by ground control points only; warp it to a grid first (gdalwarp)")
         geometry = usable_geometry(path, RasterGeometry(crs, tuple(ds.transform.to_gdal())))
         nodata = None if ds.nodata is None else int(ds.nodata)
         tag = ds.tags().get(CLASSES_TAG)
