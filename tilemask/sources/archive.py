@@ -70,7 +70,6 @@ def members(archive: str, pattern: str) -> list[str]:
     return found
 
 
-
 def archive_problem(path: str) -> str | None:
     """Why GDAL cannot open the ``/vsizip/`` or ``/vsitar/`` ``path`` of a local archive, where the archive says:
     it is not there, cannot be read (cut short, not an archive), or holds no such member; None otherwise. GDAL
@@ -87,6 +86,7 @@ def archive_problem(path: str) -> str | None:
     except InputError as exc:
         return str(exc).removeprefix("input.archive: ")
     return None if member in names else f"{archive} has no member {member}"
+
 
 def extract(path: str, archive: str, member: str, target: str) -> None:
     """Write ``member`` of ``archive`` (the input ``path`` names) to the file ``target``."""
