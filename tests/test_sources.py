@@ -160,7 +160,8 @@ def test_rasters_of_complex_pixels_or_of_no_band_are_refused_and_bands_of_severa
     """A reviewer's fault sweep: a complex GeoTIFF ran (exit 0), numpy's cast dropping the imaginary part without a
     word (a complex NIfTI is refused); a VRT stacking a uint8 and a float32 file failed on a worker, exit 1,
     ``ValueError: more than one 'dtype' found``, no file named; a GeoPackage of two raster tables (no band of its
-    own, only subdatasets) failed ``IndexError: tuple index out of range``, exit 1."""
+    own, only subdatasets) failed ``IndexError: tuple index out of range``, exit 1; a VRT whose source file is
+    gone opened, and failed at its first read on a worker, exit 1."""
     complex_path, _ = make_raster((2, 20, 30), dtype="complex64", name="complex.tif")
     with pytest.raises(InputError, match=rf"^{complex_path}: band 1 holds complex \(complex64\) pixels") as refused:
         open_source(str(complex_path), spatial_dims=2)
@@ -176,6 +177,9 @@ def test_rasters_of_complex_pixels_or_of_no_band_are_refused_and_bands_of_severa
     block = source.read(((3, 30), (10, 45)))
     assert block.dtype == np.float32
     np.testing.assert_array_equal(block, np.stack([grey[1], heights[0]])[:, 3:30, 10:45])  # NaN: invalid pixels
+    gone = band_vrt(tmp_path / "gone.vrt", [("grey.tif", "Byte", 1), ("moved.tif", "Byte", 1)], 50, 40)
+    with pytest.raises(InputError, match=rf"^{gone}: a VRT whose source {tmp_path / 'moved.tif'} does not exist$"):
+        open_source(str(gone), spatial_dims=2)  # it opened, and the first read failed on a worker, exit 1
     tables = tmp_path / "tables.gpkg"
     for i, name in enumerate(("north", "south")):
         with rasterio.open(tables, "w", driver="GPKG", width=16, height=16, count=3, dtype="uint8", crs="EPSG:32618",

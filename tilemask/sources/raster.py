@@ -113,6 +113,7 @@ class RasterSource(ImageSource):
                 nodata_only = all(flags == [MaskFlags.nodata] for flags in ds.mask_flag_enums)
                 nodatavals = ds.nodatavals
                 subdatasets = ds.subdatasets
+                sources = ds.files[1:] if ds.driver == "VRT" else []
         except RasterioError as exc:
             from .archive import archive_problem
 
@@ -125,6 +126,10 @@ class RasterSource(ImageSource):
             hint = f" (it holds {len(subdatasets)} subdatasets: write the one to segment to a GeoTIFF first, " \
                 f"gdal_translate '{subdatasets[0]}' out.tif)" if subdatasets else ""
             raise InputError(f"{path}: a raster with no bands{hint}")
+        missing = [f for f in sources if not f.startswith("/vsi") and "://" not in f and not os.path.exists(f)]
+        if missing:  # GDAL opens the VRT and fails at the first read of the file, on a worker (exit 1)
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise InputError(f"{path}: a VRT whose source {missing[0]} does not exist{more}")
         usable_geometry(path, geometry)
         if bands:
             bad = [b for b in bands if b > count]
