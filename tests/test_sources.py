@@ -196,11 +196,12 @@ def test_a_geotiff_cut_short_names_its_broken_block_in_words_not_as_row_42949672
     """A reviewer's fault sweep: a GeoTIFF cut short failed ``read failed at rows 0:100, cols 0:120:
     TIFFReadEncodedStrip:Read error at scanline 4294967295; got 1959 bytes, expected 7920`` (libtiff's -1), and a
     web server killed mid-run ``TIFFReadEncodedTile:Read error at row 4294967295, col 4294967295; got 0 bytes``,
-    without the hint a remote tile gets."""
+    without the hint a remote tile gets. A label raster cut short (``stats``, ``evaluate``) said libtiff's too."""
     import threading
 
     from tests.range_server import serve
     from tilemask.errors import ReadError
+    from tilemask.sources.labels import read_band_window
 
     for name, layout in (("strips.tif", {}), ("tiles.tif", dict(tiled=True, blockxsize=128, blockysize=128))):
         path, _ = make_raster((3, 300, 300), name=name, **layout)
@@ -217,6 +218,12 @@ def test_a_geotiff_cut_short_names_its_broken_block_in_words_not_as_row_42949672
                 why = rf"a TIFF {block} in this window {what}: got \d+ bytes, expected \d+$"
                 with pytest.raises(ReadError, match=rf"^{where}/{name}: read failed at rows 0:300, cols 0:300: {why}"):
                     source.read(((0, 300), (0, 300)))
+        labels = make_raster((1, 300, 300), name="labels.tif")[0]  # a label image (stats, evaluate) read alike
+        with open(labels, "r+b") as f:
+            f.truncate(labels.stat().st_size // 2)
+        why = r"a TIFF strip in this window is damaged or cut short: got \d+ bytes, expected \d+$"
+        with pytest.raises(ReadError, match=rf"^{labels}: read failed at rows 0:300, cols 0:300: {why}"):
+            read_band_window(str(labels), slice(0, 300), slice(0, 300))
     finally:
         server.shutdown()
 

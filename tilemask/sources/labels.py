@@ -30,7 +30,7 @@ from ..geometry import Geometry, RasterGeometry, VolumeGeometry, geometry_from_a
 from ..storage import zarr_options
 from . import cached_handle, file_stamp, usable_geometry
 from .nifti import check_length, nifti_geometry, read_failure
-from .raster import first_gdal_line, gdal_env
+from .raster import first_gdal_line, gdal_env, tiff_read_detail
 from .zarr import OME_SCALES, TILEMASK_ATTRS, ome_multiscales
 
 logger = logging.getLogger(__name__)
@@ -66,12 +66,15 @@ class _RasterBand:
 def read_band_window(path: str, rows: slice, cols: slice) -> np.ndarray:
     """Band 1 of a GDAL raster at ``[rows, cols]`` (its handle kept per worker thread); a damaged file as a
     :class:`ReadError` naming it and the window."""
+    ds = None
     try:
         with gdal_env(path):  # an atlas on S3 or a web server: the endpoint the AWS variables name
             ds = cached_handle(("label-raster", path), lambda: rasterio.open(path), file_stamp(path))
             return ds.read(1, window=Window.from_slices(rows, cols, height=ds.height, width=ds.width))
     except RasterioError as exc:
         detail = first_gdal_line(exc)
+    if ds is not None:  # libtiff's broken block in words
+        detail = tiff_read_detail(path, detail, (ds.height, ds.width), lambda: ds.block_shapes[0])
     # raised outside the handler: GDAL's exception chain must not travel back to the client
     raise ReadError(f"{path}: read failed at rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop}: {detail}")
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -212,29 +213,7 @@ class RasterSource(ImageSource):
         raise ReadError(f"{self.path}: read failed at rows {r0}:{r1}, cols {c0}:{c1}: {detail}")
 
     def _tile_detail(self, detail: str) -> str:
-        """libtiff names a broken tile by number, with a row/col that may lie outside the block being read
-        (``TIFFFillTile:Read error at row 512, col 0, tile 3``): say where that tile is, in pixels."""
-        found = re.search(r"\btile (\d+)", detail)
-        # a short read of a block libtiff cannot place: "TIFFReadEncodedStrip:Read error at scanline 4294967295"
-        # (-1), "TIFFReadEncodedTile:Read error at row 4294967295, col 4294967295"; the block is in the rows read
-        unplaced = re.search(r"Read error at (scanline|row) 4294967295\b", detail)
-        if not found and not unplaced:
-            return detail
-        rest = detail.split(";", 1)[1].strip() if ";" in detail else detail
-        remote = any(marker in self.path for marker in NETWORK)  # a short read there is more often a stall
-        what = "is damaged or cut short"
-        if remote:
-            what = "could not be read whole (the server stopped answering, or the file is damaged)"
-        if not found:
-            return f"a TIFF {'strip' if unplaced.group(1) == 'scanline' else 'tile'} in this window {what}: {rest}"
-        block_h, block_w = self._dataset().block_shapes[0]
-        across, down = -(-self.width // block_w), -(-self.height // block_h)
-        tile = int(found.group(1)) % (across * down)  # separate planes number their tiles band after band
-        t0, u0 = tile // across * block_h, tile % across * block_w
-        return (
-            f"TIFF tile {found.group(1)} (rows {t0}:{min(t0 + block_h, self.height)}, "
-            f"cols {u0}:{min(u0 + block_w, self.width)}) {what}: {rest}"
-        )
+        return tiff_read_detail(self.path, detail, (self.height, self.width), lambda: self._dataset().block_shapes[0])
 
     def read_valid(self, region: Region) -> np.ndarray | None:
         if not self.masked:
@@ -246,6 +225,31 @@ class RasterSource(ImageSource):
         except RasterioError as exc:
             detail = first_gdal_line(exc)
         raise ReadError(f"{self.path}: mask read failed at rows {r0}:{r1}, cols {c0}:{c1}: {detail}")
+
+
+def tiff_read_detail(path: str, detail: str, shape: tuple[int, int], block_shape: Callable[[], tuple[int, int]]) -> str:
+    """GDAL's words for a failed read of the raster at ``path`` (``shape``: its rows and columns), with libtiff's
+    broken block said in words. libtiff names a broken tile by number, with a row/col that may lie outside the
+    block being read (``TIFFFillTile:Read error at row 512, col 0, tile 3``): where that tile is, in pixels; a
+    short read of a block it cannot place (``TIFFReadEncodedStrip:Read error at scanline 4294967295``, -1) is in
+    the window read."""
+    found = re.search(r"\btile (\d+)", detail)
+    unplaced = re.search(r"Read error at (scanline|row) 4294967295\b", detail)
+    if not found and not unplaced:
+        return detail
+    rest = detail.split(";", 1)[1].strip() if ";" in detail else detail
+    remote = any(marker in path for marker in NETWORK)  # a short read there is more often a stall
+    what = "is damaged or cut short"
+    if remote:
+        what = "could not be read whole (the server stopped answering, or the file is damaged)"
+    if not found:
+        return f"a TIFF {'strip' if unplaced.group(1) == 'scanline' else 'tile'} in this window {what}: {rest}"
+    (height, width), (block_h, block_w) = shape, block_shape()
+    across, down = -(-width // block_w), -(-height // block_h)
+    tile = int(found.group(1)) % (across * down)  # separate planes number their tiles band after band
+    t0, u0 = tile // across * block_h, tile % across * block_w
+    rows, cols = f"{t0}:{min(t0 + block_h, height)}", f"{u0}:{min(u0 + block_w, width)}"
+    return f"TIFF tile {found.group(1)} (rows {rows}, cols {cols}) {what}: {rest}"
 
 
 def first_gdal_line(exc: BaseException) -> str:
