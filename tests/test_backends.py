@@ -219,3 +219,21 @@ def test_a_cache_that_cannot_be_written_costs_a_conversion_not_the_run(make_mode
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "True"]  # traced and run, not cached
     assert "cannot cache" in done.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_ran_a_small_job_measures_for_a_big_one(make_model, tmp_path, monkeypatch):
+    """A worker of a scheduler that outlives its jobs keeps its runners: the runner an unmeasured small job
+    built is not the one a job big enough to repay measuring gets."""
+    from tilemask.inference import probe_network
+    from tilemask.settings import InferenceSettings, ModelSpec
+
+    monkeypatch.setenv("TILEMASK_CACHE_DIR", str(tmp_path / "cache"))
+    weights, _ = make_model(dict(UNET_2D, norm="batch"))
+    spec = ModelSpec.create("UNet", dict(UNET_2D, norm="batch"), str(weights))
+    settings = InferenceSettings(roi=(64, 64), batch_size=2, device="cpu", backend="auto")
+    *_, small = probe_network(spec, settings, 3, windows=1, measure_after=1e6)
+    assert not small.measure
+    *_, big = probe_network(spec, settings, 3, windows=10**12, measure_after=1e6)
+    assert big.measure
+    assert list((tmp_path / "cache").glob("*/*.verdict.json")), "the big job measured no backend"

@@ -87,7 +87,7 @@ def cached_runner(spec: ModelSpec, settings: InferenceSettings, channels: int, d
     once per worker process; ``backend`` names what ``auto`` chose."""
     global loads
     key = (spec, str(device), settings.backend, settings.precision, channels, tuple(settings.roi),
-           settings.batch_size)  # fmt: skip
+           settings.batch_size, settings.measure)  # fmt: skip  # measure: a worker's later, bigger job measures
     with _runners_lock:
         if key in _runners:
             _runners.move_to_end(key)
