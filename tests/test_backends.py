@@ -237,3 +237,30 @@ def test_a_worker_that_ran_a_small_job_measures_for_a_big_one(make_model, tmp_pa
     *_, big = probe_network(spec, settings, 3, windows=10**12, measure_after=1e6)
     assert big.measure
     assert list((tmp_path / "cache").glob("*/*.verdict.json")), "the big job measured no backend"
+
+
+@pytest.mark.timeout(120)
+def test_auto_settles_on_the_runner_its_job_runs(make_model, tmp_path, monkeypatch):
+    """The probe of a job too small to measure builds the network once (a scheduler's worker loads it once per
+    model); a job whose cached verdict takes a backend measures nothing after it, so it settles nothing."""
+    import json
+
+    import torch
+
+    from tilemask import backends
+    from tilemask.inference import probe_network
+    from tilemask.settings import InferenceSettings, ModelSpec
+
+    monkeypatch.setenv("TILEMASK_CACHE_DIR", str(tmp_path / "cache"))
+    weights, _ = make_model()
+    spec = ModelSpec.create("UNet", UNET_2D, str(weights))
+    settings = InferenceSettings(roi=(64, 64), batch_size=2, device="cpu", backend="auto")
+    before = backends.loads
+    *_, small = probe_network(spec, settings, 3, windows=1, measure_after=1e6)
+    assert not small.measure and backends.loads == before + 1
+
+    verdict = backends._verdict_path(spec, "openvino", 3, (64, 64), 2)
+    verdict.parent.mkdir(parents=True, exist_ok=True)
+    verdict.write_text(json.dumps({"difference": 0.0, "seconds": {"1": 1.0, "2": 1.0},
+                                   "torch_seconds": {"1": 2.0, "2": 2.0}}))  # fmt: skip
+    assert backends.settle_auto(spec, settings, 3, torch.device("cpu"), 1, 1e6) is settings

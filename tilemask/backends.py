@@ -134,9 +134,13 @@ def settle_auto(spec: ModelSpec, settings: InferenceSettings, channels: int, dev
     local, roi, batch = _local(spec), tuple(settings.roi), settings.batch_size
     if not os.path.isfile(local.weights):
         return settings  # load_model's own error comes from building it
-    sizes = sorted({1, batch})
-    unmeasured = [name for name in AUTO_ORDER if _read_verdict(_verdict_path(local, name, channels, roi, batch),
-                                                               sizes) is None]  # fmt: skip
+    sizes, unmeasured = sorted({1, batch}), []
+    for name in AUTO_ORDER:
+        known = _read_verdict(_verdict_path(local, name, channels, roi, batch), sizes)
+        if known is None:
+            unmeasured.append(name)
+        elif _faster_sizes(known):
+            break  # auto takes this one: it never tries those after it
     if not unmeasured:
         return settings
     tally = _cache_path(local, "auto", _version("torch"), channels, roi, f".b{batch}.t{torch.get_num_threads()}.json")
@@ -144,7 +148,8 @@ def settle_auto(spec: ModelSpec, settings: InferenceSettings, channels: int, dev
         before = float(json.loads(tally.read_text())["unmeasured_seconds"])
     except (OSError, ValueError, KeyError, TypeError):
         before = 0.0
-    _, run = cached_runner(spec, dataclasses.replace(settings, backend="torch"), channels, device)
+    # the runner the job gets if it does not measure: built once, not once more for the job
+    _, run = cached_runner(spec, dataclasses.replace(settings, measure=False), channels, device)
     for _ in range(3):
         start = time.perf_counter()
         forward_check(run, channels, roi, device)
