@@ -166,7 +166,7 @@ def test_rasters_of_complex_pixels_or_of_no_band_are_refused_and_bands_of_severa
     with pytest.raises(InputError, match=rf"^{complex_path}: band 1 holds complex \(complex64\) pixels") as refused:
         open_source(str(complex_path), spatial_dims=2)
     assert refused.value.exit_status == 2
-    _, grey = make_raster((2, 40, 50), dtype="uint8", name="grey.tif")
+    grey_path, grey = make_raster((2, 40, 50), dtype="uint8", name="grey.tif")
     _, heights = make_raster((1, 40, 50), dtype="float32", name="heights.tif", nodata=float("nan"))
     with rasterio.open(tmp_path / "heights.tif", "r+") as ds:
         heights[0, :5] = np.nan
@@ -180,6 +180,10 @@ def test_rasters_of_complex_pixels_or_of_no_band_are_refused_and_bands_of_severa
     gone = band_vrt(tmp_path / "gone.vrt", [("grey.tif", "Byte", 1), ("moved.tif", "Byte", 1)], 50, 40)
     with pytest.raises(InputError, match=rf"^{gone}: a VRT whose source {tmp_path / 'moved.tif'} does not exist$"):
         open_source(str(gone), spatial_dims=2)  # it opened, and the first read failed on a worker, exit 1
+    named = tmp_path / "named.vrt"  # a source named as a subdataset (NETCDF:"x.nc":var, HDF5:..., GTIFF_DIR:...)
+    subdataset = f'relativeToVRT="0">GTIFF_DIR:1:{grey_path}'
+    named.write_text(vrt.read_text().replace('relativeToVRT="1">grey.tif', subdataset))
+    assert open_source(str(named), spatial_dims=2).shape == (2, 40, 50)  # refused as 'does not exist'
     tables = tmp_path / "tables.gpkg"
     for i, name in enumerate(("north", "south")):
         with rasterio.open(tables, "w", driver="GPKG", width=16, height=16, count=3, dtype="uint8", crs="EPSG:32618",

@@ -127,7 +127,8 @@ class RasterSource(ImageSource):
             hint = f" (it holds {len(subdatasets)} subdatasets: write the one to segment to a GeoTIFF first, " \
                 f"gdal_translate '{subdatasets[0]}' out.tif)" if subdatasets else ""
             raise InputError(f"{path}: a raster with no bands{hint}")
-        missing = [f for f in sources if not f.startswith("/vsi") and "://" not in f and not os.path.exists(f)]
+        missing = [f for f in sources if not f.startswith("/vsi") and "://" not in f and not SUBDATASET.match(f)
+                   and not os.path.exists(f)]  # fmt: skip
         if missing:  # GDAL opens the VRT and fails at the first read of the file, on a worker (exit 1)
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise InputError(f"{path}: a VRT whose source {missing[0]} does not exist{more}")
@@ -225,6 +226,9 @@ class RasterSource(ImageSource):
         except RasterioError as exc:
             detail = first_gdal_line(exc)
         raise ReadError(f"{self.path}: mask read failed at rows {r0}:{r1}, cols {c0}:{c1}: {detail}")
+
+
+SUBDATASET = re.compile(r"[A-Za-z][A-Za-z0-9_]+:")  # a VRT's source named as GDAL names a subdataset: NETCDF:"x.nc":t
 
 
 def tiff_read_detail(path: str, detail: str, shape: tuple[int, int], block_shape: Callable[[], tuple[int, int]]) -> str:
