@@ -426,7 +426,7 @@ class MincFormat(Format):
     def _unread(path: str, what: str) -> Exception:
         from .errors import InputError
 
-        if "://" not in path and not os.path.exists(path):
+        if "://" not in path and not path.startswith("/vsi") and not os.path.exists(path):  # /vsizip/: a member
             return InputError(f"{path}: no such file")
         return InputError(f"{path}: cannot open as {what}: a MINC volume, which tilemask does not read; convert it "
                           "to NIfTI (.nii.gz)")  # fmt: skip

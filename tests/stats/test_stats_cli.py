@@ -175,6 +175,16 @@ def test_a_minc_volume_is_refused_in_one_line(tmp_path, make_model, write_workfl
     workflow = write_workflow(volume_workflow(tmp_path / "gone.mnc", weights, {}, {"path": "out/{stem}.nii.gz"}))
     run = run_cli("run", workflow, cwd=tmp_path, timeout=60)  # a missing one is missing, not "a MINC volume"
     assert (run.returncode, run.stderr) == (2, f"tilemask: error: {tmp_path / 'gone.mnc'}: no such file\n")
+    import zipfile
+
+    from tilemask.errors import InputError
+    from tilemask.formats import MincFormat
+
+    with zipfile.ZipFile(tmp_path / "scans.zip", "w") as archive:  # input.archive's members are /vsizip/ paths
+        archive.write(data / "tiny.mnc", "tiny.mnc")
+    member = f"/vsizip/{tmp_path}/scans.zip/tiny.mnc"
+    with pytest.raises(InputError, match="^/vsizip/.*: cannot open as an input: a MINC volume"):  # not 'no such file'
+        MincFormat().open_source(member, 3, None)
 
 
 @pytest.mark.timeout(120)
