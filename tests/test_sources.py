@@ -233,10 +233,11 @@ def test_a_geotiff_cut_short_names_its_broken_block_in_words_not_as_row_42949672
 
 
 @pytest.mark.timeout(30)
-def test_a_vsizip_path_says_what_is_wrong_with_its_archive(make_raster, tmp_path):
+def test_a_vsizip_path_says_what_is_wrong_with_its_archive(make_raster, tmp_path, monkeypatch):
     """A reviewer's fault sweep: a ``/vsizip/`` input into a zip cut short, or naming a member the zip does not
     hold, or a zip that is not there, each said GDAL's "... does not exist in the file system, and is not recognized
-    as a supported dataset name", as if the path were mistyped."""
+    as a supported dataset name", as if the path were mistyped. A relative archive (``/vsizip/a.zip/...``, from
+    the working folder as GDAL reads it) was then called 'no such archive /a.zip'."""
     import zipfile
 
     scene, _ = make_raster((3, 20, 30))
@@ -251,6 +252,11 @@ def test_a_vsizip_path_says_what_is_wrong_with_its_archive(make_raster, tmp_path
         with pytest.raises(InputError, match=f"^{path}: cannot open raster: {why}$") as refused:
             open_source(path, spatial_dims=2)
         assert refused.value.exit_status == 2
+    monkeypatch.chdir(tmp_path)
+    assert open_source("/vsizip/scenes.zip/sub/scene.tif", spatial_dims=2).shape == (3, 20, 30)
+    with pytest.raises(InputError, match="^/vsizip/scenes.zip/sub/other.tif: cannot open raster: scenes.zip has no "
+                                         "member sub/other.tif$"):  # fmt: skip
+        open_source("/vsizip/scenes.zip/sub/other.tif", spatial_dims=2)
 
 
 @pytest.mark.timeout(30)

@@ -341,10 +341,12 @@ async def _scheduler_identity(address: str, timeout: float) -> dict:
     return identity
 
 
-HTTP_QUESTION_AFTER = 1.0
+HTTP_QUESTION_AFTER = 3.0
 """Seconds of silence after which what took a ``tcp://`` connection is asked, on a connection of its own, whether it
 is an HTTP server: a Dask server writes its handshake as it accepts, an HTTP server (Dask's dashboard) waits for a
-request and so read as a stalled scheduler (exit 1 after the whole connect timeout)."""
+request and so read as a stalled scheduler (exit 1 after the whole connect timeout). A scheduler whose event loop is
+held up longer (a big graph arriving) gets the question on its Dask port too: it logs an error as it reads the
+request as a message of exabytes (a reviewer's, at 1 s), then answers Dask's handshake as ever."""
 
 
 async def _answers_http(location: str, deadline: float) -> bool:

@@ -31,10 +31,11 @@ def member_path(archive: str, member: str) -> str:
 
 
 def split_member(path: str) -> tuple[str, str] | None:
-    """``(archive, member)`` of a ``/vsizip/`` or ``/vsitar/`` path; None for any other path."""
+    """``(archive, member)`` of a ``/vsizip/`` or ``/vsitar/`` path; None for any other path.  The archive's path
+    is GDAL's: after the prefix, ``/abs/a.zip`` (``/vsizip//abs/a.zip/...``) or relative (``/vsizip/a.zip/...``)."""
     if not path.startswith(("/vsizip/", "/vsitar/")):
         return None
-    rest = path[len("/vsizip") :]
+    rest = path[len("/vsizip/") :]
     lowered = rest.lower()
     for suffix in ARCHIVE_SUFFIXES:
         at = lowered.find(suffix + "/")
@@ -78,7 +79,6 @@ def archive_problem(path: str) -> str | None:
     if split is None:
         return None
     archive, member = split
-    archive = archive[1:] if archive.startswith("//") else archive  # "/vsizip/" + "/abs.zip": the name has "//"
     if not os.path.isfile(archive):
         return None if os.path.exists(archive) else f"no such archive {archive}"
     try:
