@@ -466,3 +466,42 @@ def test_a_series_whose_voxel_axes_do_not_span_space_is_refused_by_name(fault, t
     with pytest.raises(InputError, match=why) as refused:
         DicomSeriesSource.open(str(folder))
     assert refused.value.exit_status == 2
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "syntax", ["1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.100"], ids=["jpeg-lossless", "mpeg2"]
+)
+def test_a_series_whose_pixels_no_installed_decoder_reads_is_refused_when_planning(syntax, make_model, tmp_path):
+    """A JPEG Lossless series (CT's usual compression) without gdcm or pylibjpeg-libjpeg installed was planned, then
+    failed on a worker's first read, exit 1 ("RuntimeError: Unable to decompress ..."); so was a syntax pydicom has
+    no decoder for at all (MPEG2)."""
+    from pydicom.encaps import encapsulate
+    from pydicom.pixels import get_decoder
+
+    from tilemask.planning import plan_workflow
+
+    try:
+        if get_decoder(syntax).is_available:
+            pytest.skip(f"a decoder for {syntax} is installed here")
+    except NotImplementedError:
+        pass
+
+    def compressed(ds, k):
+        ds.file_meta.TransferSyntaxUID = syntax
+        ds.PixelData = encapsulate([b"\xff\xd8\xff\xc3" + bytes(64) + b"\xff\xd9"])
+        ds["PixelData"].VR = "OB"
+
+    folder = write_series(tmp_path / "series", rows=20, columns=24, slices=16, mutate=compressed)
+    why = (rf"^{folder}/slice\d+.dcm: its pixels are stored as .*{re.escape(syntax)}.*, (and no decoder for it is "
+           r"installed \(pydicom's plugins: .*\)|which pydicom has no decoder for)$")  # fmt: skip
+    with pytest.raises(InputError, match=why) as refused:
+        DicomSeriesSource.open(str(folder))
+    assert refused.value.exit_status == 2
+    weights, _ = make_model(UNET_3D)
+    workflow = series_workflow(folder, weights, ["background", "lesion"], 500.0, 800.0)
+    workflow["output"] = {"path": "out/{stem}_labels.nii.gz"}
+    with pytest.raises(InputError, match=why):
+        plan_workflow(Workflow.from_dict(workflow, base_dir=tmp_path))
+    assert not (tmp_path / "out").exists()
+

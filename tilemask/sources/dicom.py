@@ -80,6 +80,25 @@ def is_dicom_folder(path: str) -> bool:
     return any(_part10(p) for p, _ in zip(_files(path), range(PROBE_FILES)))
 
 
+def decoder_problem(path: str, syntax: str) -> str | None:
+    """Why the pixels of ``path``, stored in transfer syntax ``syntax``, cannot be decoded here, in a line; None
+    when a pydicom pixel decoder for it is installed. Found when planning (exit 2), not when a worker first reads
+    a slice (exit 1)."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    uid = UID(syntax)
+    named = uid if uid.name == str(uid) else f"{uid.name} ({uid})"
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        return f"{path}: its pixels are stored as {named}, which pydicom has no decoder for"
+    if decoder.is_available:
+        return None
+    return (f"{path}: its pixels are stored as {named}, and no decoder for it is installed (pydicom's plugins: "
+            f"{'; '.join(decoder.missing_dependencies)})")  # fmt: skip
+
+
 UNEVEN_SLICES = 0.02  # of the step: how far a slice may sit from its place on the regular grid (rounded positions)
 
 
@@ -148,6 +167,11 @@ class DicomSeriesSource(ImageSource):
             if int(h.get("SamplesPerPixel", 1) or 1) != 1:
                 raise InputError(f"{path}: {h.get('PhotometricInterpretation', 'colour')} pixels (SamplesPerPixel "
                                  f"{h.SamplesPerPixel}); tilemask reads greyscale series")  # fmt: skip
+        syntaxes = {str(getattr(h, "file_meta", {}).get("TransferSyntaxUID", "")): p for p, h in images}
+        for syntax, path in syntaxes.items():
+            problem = syntax and decoder_problem(path, syntax)
+            if problem:
+                raise InputError(problem)
         first_path, first = images[0]
         orientation = np.array(first.ImageOrientationPatient, dtype=float)
         rows, cols = int(first.Rows), int(first.Columns)
