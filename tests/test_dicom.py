@@ -505,3 +505,29 @@ def test_a_series_whose_pixels_no_installed_decoder_reads_is_refused_when_planni
         plan_workflow(Workflow.from_dict(workflow, base_dir=tmp_path))
     assert not (tmp_path / "out").exists()
 
+
+@pytest.mark.timeout(30)
+def test_a_multi_frame_file_given_as_the_input_is_named_as_one_not_sent_to_its_folder(tmp_path):
+    """An Enhanced CT file given as the input was told "give the folder of the series as the input"; its folder was
+    then refused for holding a multi-frame image. A .dcm path that does not exist got the same hint."""
+    from tilemask.sources import open_source
+
+    folder = write_series(tmp_path / "series", rows=12, columns=20, slices=6)
+    files = sorted(folder.iterdir(), key=lambda f: int(pydicom.dcmread(f).InstanceNumber))
+    enhanced = pydicom.dcmread(files[0])
+    enhanced.SOPClassUID = enhanced.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT
+    enhanced.NumberOfFrames = len(files)
+    enhanced.PixelData = b"".join(pydicom.dcmread(f).PixelData for f in files)
+    (tmp_path / "enhanced").mkdir()
+    for name in ("ct.dcm", "ct"):  # DICOM SEG's suffix, and none: two formats answer for one file
+        path = tmp_path / "enhanced" / name
+        enhanced.save_as(path)
+        for given in (path, path.parent):
+            with pytest.raises(InputError, match=rf"^{path}: a multi-frame image \(6 frames\); tilemask reads series "
+                                                 "of single-frame slices$"):  # fmt: skip
+                open_source(str(given), 3)
+        path.unlink()
+    with pytest.raises(InputError, match=rf"^{files[0]}: one DICOM file; give the folder of the series as the input$"):
+        open_source(str(files[0]), 3)
+    with pytest.raises(InputError, match=rf"^{tmp_path}/missing.dcm: no such file$"):
+        open_source(str(tmp_path / "missing.dcm"), 3)

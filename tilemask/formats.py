@@ -315,10 +315,10 @@ class DicomSeriesFormat(Format):
 
     def open_source(self, path, spatial_dims, bands):
         from .errors import InputError
-        from .sources.dicom import DicomSeriesSource
+        from .sources.dicom import DicomSeriesSource, single_file_problem
 
         if not os.path.isdir(path):
-            raise InputError(f"{path}: one DICOM file; give the folder of the series as the input")
+            raise InputError(single_file_problem(path))
         return DicomSeriesSource.open(path)
 
 
@@ -336,8 +336,9 @@ class DicomSegFormat(Format):
 
     def open_source(self, path, spatial_dims, bands):
         from .errors import InputError
+        from .sources.dicom import single_file_problem
 
-        raise InputError(f"{path}: one DICOM file; give the folder of the series as the input")
+        raise InputError(single_file_problem(path))
 
     def check_input(self, output, source):
         from .errors import InputError

@@ -51,6 +51,25 @@ def is_dicom_file(path: str) -> bool:
     return os.path.isfile(path) and _part10(path)
 
 
+MULTI_FRAME = "a multi-frame image ({frames} frames); tilemask reads series of single-frame slices"
+
+
+def single_file_problem(path: str) -> str:
+    """Why one DICOM file given as the input is not one, in a line: a multi-frame image is named as such (its
+    folder is refused for it too), any other file is a slice whose folder is the input."""
+    import pydicom
+
+    if not os.path.isfile(path):
+        return f"{path}: no such file"
+    try:
+        frames = int(pydicom.dcmread(path, stop_before_pixels=True).get("NumberOfFrames", 1) or 1)
+    except Exception:  # noqa: BLE001 - not a DICOM file pydicom reads: the hint below still holds
+        frames = 1
+    if frames > 1:
+        return f"{path}: {MULTI_FRAME.format(frames=frames)}"
+    return f"{path}: one DICOM file; give the folder of the series as the input"
+
+
 PROBE_FILES = 64  # how many files of a folder with no known suffix are looked at to recognise a DICOM series
 
 
@@ -162,8 +181,9 @@ class DicomSeriesSource(ImageSource):
                 raise InputError(f"{path}: no {missing[0]}: tilemask needs the slice geometry")
             if len(h.ImageOrientationPatient) != 6 or len(h.ImagePositionPatient) != 3 or len(h.PixelSpacing) != 2:
                 raise InputError(f"{path}: ImageOrientationPatient, ImagePositionPatient or PixelSpacing is malformed")
-            if int(h.get("NumberOfFrames", 1) or 1) != 1:
-                raise InputError(f"{path}: a multi-frame image; tilemask reads series of single-frame slices")
+            frames = int(h.get("NumberOfFrames", 1) or 1)
+            if frames != 1:
+                raise InputError(f"{path}: {MULTI_FRAME.format(frames=frames)}")
             if int(h.get("SamplesPerPixel", 1) or 1) != 1:
                 raise InputError(f"{path}: {h.get('PhotometricInterpretation', 'colour')} pixels (SamplesPerPixel "
                                  f"{h.SamplesPerPixel}); tilemask reads greyscale series")  # fmt: skip
