@@ -411,16 +411,20 @@ def test_a_nifti_gz_of_several_gzip_members_opens_and_one_that_does_not_inflate_
 
 
 def broken_affine(path: Path, fault: str) -> Path:
-    """nibabel's anatomical.nii with its sform made singular (the 3x3 part zeros, no qform) or not finite (a NaN in
-    srow_x): the affine nibabel gives is that sform."""
+    """nibabel's anatomical.nii with its sform made singular (the 3x3 part zeros, no qform, pixdim zeros) or its
+    qform not finite (a NaN in qoffset_x, no sform): the affine nibabel gives, and MONAI. A sform that disagrees with
+    the pixdim (a NaN in srow_x, a singular one beside voxel sizes) is placed by the qform instead, as MONAI places
+    it (``formats._monai_affine``)."""
     real = nib.load(NIBABEL_DATA / "anatomical.nii")
     img = nib.Nifti1Image(np.asarray(real.dataobj), None, real.header.copy())
     if fault == "singular":
+        img.header["pixdim"][1:4] = 0.0  # read as 1: what the zero sform's columns count as in MONAI's check
         img.header.set_sform(np.diag([0.0, 0.0, 0.0, 1.0]) + np.array([[0, 0, 0, 32.0]] + [[0] * 4] * 3), code=2)
         img.header["qform_code"] = 0
     else:
-        img.header.set_sform(real.affine, code=2)
-        img.header["srow_x"] = [np.nan, 0.0, 0.0, 32.0]
+        img.header.set_qform(real.affine, code=1)
+        img.header["sform_code"] = 0
+        img.header["qoffset_x"] = np.nan
     nib.save(img, path)
     return path
 

@@ -49,12 +49,36 @@ NIFTI_UNITS_IN_MM = {1: 1000.0, 2: 1.0, 3: 1e-3}  # xyzt_units' spatial code: me
 
 
 def nifti_affine_mm(img) -> tuple[tuple[float, ...], ...]:
-    """A nibabel image's voxel-to-RAS affine (nibabel's: the sform, else the qform, else the zooms) in mm: the
-    header's spatial unit applied, as SimpleITK applies it (nibabel and MONAI leave it; no unit, or a code that is
-    not a length, counts as mm)."""
+    """A nibabel image's voxel-to-RAS affine as MONAI's ``NibabelReader`` reads it (:func:`_monai_affine`), in
+    mm: the header's spatial unit applied, as SimpleITK applies it (nibabel and MONAI leave it; no unit, or a code
+    that is not a length, counts as mm)."""
     factor = NIFTI_UNITS_IN_MM.get(int(img.header["xyzt_units"]) & 0x07, 1.0)
-    rows = [[float(v) * (factor if r < 3 else 1.0) for v in row] for r, row in enumerate(img.affine)]
+    rows = [[float(v) * (factor if r < 3 else 1.0) for v in row] for r, row in enumerate(_monai_affine(img))]
     return tuple(tuple(row) for row in rows)
+
+
+def _monai_affine(img):
+    """nibabel's affine (the sform, else the qform, else the zooms), but the qform where the sform is set and its
+    voxel sizes disagree with the header's pixdim while the qform's agree: MONAI's
+    ``correct_nifti_header_if_necessary`` (``rectify_header_sform_qform``), which its ``NibabelReader`` applies
+    to every file, and which is the only one of its rules that moves the affine (tilemask does not import MONAI
+    to read a header). A reviewer's file of that kind gave 51% of MONAI's labels."""
+    import numpy as np
+
+    header = img.header
+    dim = int(header["dim"][0])
+    if dim >= 5 or not hasattr(img, "get_sform") or int(header["sform_code"]) == 0:
+        return img.affine
+
+    def spacing(affine):  # MONAI's affine_to_spacing(affine, r=dim): zero columns count as 1
+        norms = np.sqrt(np.sum(np.asarray(affine, float)[:dim, :dim] ** 2, axis=0))
+        return np.where(norms == 0, 1.0, norms)
+
+    pixdim = np.asarray(header.get_zooms())[:dim]
+    if np.allclose(pixdim, spacing(img.affine)) or np.allclose(spacing(img.get_sform()), pixdim):
+        return img.affine
+    qform = img.get_qform()
+    return qform if np.allclose(spacing(qform), pixdim) else img.affine
 
 
 CLASS_TABLE_SUFFIX = ".colors.csv"  # the class names beside NIfTI labels (3D Slicer's colour table CSV)
