@@ -93,6 +93,23 @@ def test_auto_measures_the_other_backends_once_the_jobs_would_repay_it(make_rast
     assert 0 < json.loads(tally.read_text())["unmeasured_seconds"] < 15
 
 
+def test_a_threshold_that_is_not_a_number_is_refused_before_the_cluster_starts(make_raster, make_model,
+                                                                                write_workflow, tmp_path):  # fmt: skip
+    """``TILEMASK_AUTO_MEASURE_AFTER=soon``: exit 2 in one line before any cluster starts (it was read as the
+    network was probed, on the cluster)."""
+    from click.testing import CliRunner
+
+    from tilemask.cli import main
+
+    path, _ = make_raster((3, 50, 50))
+    weights, _ = make_model()
+    workflow = write_workflow(raster_workflow(path, weights, output={"path": "out/{stem}.zarr"}))
+    result = CliRunner().invoke(main, ["run", str(workflow), "--scheduler", "tcp://127.0.0.1:9"],
+                                env={"TILEMASK_AUTO_MEASURE_AFTER": "soon"})  # fmt: skip
+    assert (result.exit_code, result.output) == (2, "tilemask: error: TILEMASK_AUTO_MEASURE_AFTER='soon': not a "
+                                                    "number of seconds\n")  # fmt: skip
+
+
 def test_an_unknown_backend_is_refused_by_name(make_raster, make_model, tmp_path):
     path, _ = make_raster((3, 50, 50))
     weights, _ = make_model()

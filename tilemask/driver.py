@@ -51,6 +51,7 @@ from .outputs import FolderListings, OutputLock
 from .planning import InputPlan, WorkflowPlan, classes_of, plan_model
 from .products import client_imports
 from .progress import announce
+from .settings import measure_after_seconds
 from .sources import input_stamp
 from .workflow import InputItem, Workflow
 
@@ -215,6 +216,7 @@ def drive_job(
                  scheduler=address, driver=driver, finished=None)  # fmt: skip
     try:
         first = runner.first_plannable(todo, results)  # before any work: exit 2 if the workflow cannot run
+        measure_after = measure_after_seconds()  # so is a TILEMASK_AUTO_MEASURE_AFTER that is not a number
         if first is not None and plan.workflow.output.dicomweb:
             from .sinks.dicomseg import check_answers
 
@@ -232,7 +234,7 @@ def drive_job(
                 announce(f"dask dashboard: {client.dashboard_link}", enabled=progress)
                 rest = [i for i in todo if i >= first and results[i] is None]
                 windows = runner.prepared[first][0].plan.n_windows * len(rest) * len(plan.settings.flips)  # about
-                runner.out_channels = probe(client, plan, windows)
+                runner.out_channels = probe(client, plan, windows, measure_after)
                 plan.classes = classes_of(plan.workflow, runner.out_channels)  # exit 2: before any item runs
                 logger.info("the network gives %d output channels; network loaded after %.2f s", runner.out_channels, process_age())
                 done = run_items(

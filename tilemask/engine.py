@@ -65,7 +65,7 @@ from .planning import Inversion, Job, WorkflowPlan
 from .preprocess import Preprocessing
 from .products import write_products
 from .progress import stage, window_progress
-from .settings import Finishing, InferenceSettings, ModelSpec, measure_after_seconds
+from .settings import Finishing, InferenceSettings, ModelSpec
 from .sinks import LabelSink
 from .sources import ImageSource
 from .stats.config import PostprocessConfig
@@ -533,17 +533,18 @@ def process_age() -> float:
         return time.time() - psutil.Process().create_time()
 
 
-def probe(client: Client, plan: WorkflowPlan, windows: int | None = None) -> int:
+def probe(client: Client, plan: WorkflowPlan, windows: int | None = None, measure_after: float = 0.0) -> int:
     """The network's output channels, from one forward pass of zeros at the roi on a worker.
 
     This also proves on a worker, before any work, that the weights load, fit
     the network and are safe, that the device exists, and that the network takes
     the inputs' channels (a failure here keeps its type: exit 2), and converts
     it for the backend (:mod:`tilemask.backends`). For a job of ``windows``
-    forward passes, ``plan.settings`` become those the probe settled ``auto`` to.
+    forward passes, ``plan.settings`` become those the probe settled ``auto`` to
+    (``measure_after``: :func:`tilemask.settings.measure_after_seconds`).
     """
-    future = client.submit(probe_network, plan.model, plan.settings, plan.in_channels, windows,
-                           measure_after_seconds(), pure=False)  # fmt: skip
+    future = client.submit(probe_network, plan.model, plan.settings, plan.in_channels, windows, measure_after,
+                           pure=False)  # fmt: skip
     with cluster_failures("probing the network"):
         ((channels, backend, settings),) = gather(client, [future])
     unmeasured = plan.settings.measure and not settings.measure
