@@ -75,7 +75,7 @@ def _monai_affine(img):
         return np.where(norms == 0, 1.0, norms)
 
     pixdim = np.asarray(header.get_zooms())[:dim]
-    if np.allclose(pixdim, spacing(img.affine)) or np.allclose(spacing(img.get_sform()), pixdim):
+    if np.allclose(pixdim, spacing(img.affine)):  # the sform (its code is set) agrees with the pixdim
         return img.affine
     qform = img.get_qform()
     return qform if np.allclose(spacing(qform), pixdim) else img.affine

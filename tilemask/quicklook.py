@@ -27,7 +27,7 @@ from .classes import CLASSES_TAG, class_colours
 from .errors import InputError, OutputError
 from .formats import for_path, product_mark_text
 from .outputs import atomic_path
-from .sources.raster import gdal_env
+from .sources.raster import gdal_env, read_bands
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +67,9 @@ def write_quicklook(
                 if (src.height, src.width) != labels_shape:
                     raise InputError(f"{path}: {src.height}x{src.width} pixels, the labels are not on its grid")
                 wanted = (bands or range(1, src.count + 1))[: 3 - sum(len(layer) for layer in layers)]
-                read = dict(out_shape=labels.shape, masked=True, resampling=Resampling.nearest)
                 with rasterio.Env(GDAL_CACHEMAX=_row_of_blocks(src)):
-                    if len({src.dtypes[b - 1] for b in wanted}) > 1:  # a VRT's bands of several types: rasterio
-                        common = np.result_type(*(src.dtypes[b - 1] for b in wanted))  # reads one type a call
-                        layers.append(np.ma.stack([src.read(b, out_dtype=common, **read) for b in wanted]))
-                    else:
-                        layers.append(src.read(list(wanted), **{**read, "out_shape": (len(wanted), *labels.shape)}))
+                    layers.append(read_bands(src, list(wanted), out_shape=labels.shape, masked=True,
+                                             resampling=Resampling.nearest))  # fmt: skip
         except RasterioError as exc:
             raise InputError(f"{path}: cannot read: {exc}") from None
         if sum(len(layer) for layer in layers) == 3:

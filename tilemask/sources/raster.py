@@ -94,7 +94,6 @@ class RasterSource(ImageSource):
     offsets: tuple[float, ...] | None = None
     nodata_values: tuple[int, ...] | None = None  # per selected band: GDAL's mask is "any band != its nodata"
     version: str | None = None  # of an object on the network, when opened (:func:`tilemask.storage.object_version`)
-    mixed: bool = False  # the selected bands are of several types (``dtype`` is their common type)
 
     @classmethod
     def open(cls, path: str, bands: list[int] | None = None) -> RasterSource:
@@ -144,9 +143,7 @@ class RasterSource(ImageSource):
                 f"{path}: band {complex_band} holds complex ({dtypes[complex_band - 1]}) pixels; tilemask reads one "
                 "real value per pixel and band (write the amplitude or the parts as bands first)"
             )
-        # bands of different types (a VRT stacking files): read one by one into their common type
-        dtype = np.result_type(*(dtypes[b - 1] for b in chosen)).name
-        mixed = len({dtypes[b - 1] for b in chosen}) > 1
+        dtype = np.result_type(*(dtypes[b - 1] for b in chosen)).name  # bands of several types: read_bands
         band_scales = tuple(float(scales[b - 1]) for b in chosen)
         band_offsets = tuple(float(offsets[b - 1]) for b in chosen)
         rescaled = any(s != 1.0 for s in band_scales) or any(o != 0.0 for o in band_offsets)
@@ -161,7 +158,7 @@ class RasterSource(ImageSource):
             path, chosen, height, width, dtype, geometry, masked,
             band_scales if rescaled else None, band_offsets if rescaled else None,
             tuple(int(nodatavals[b - 1]) for b in chosen) if from_pixels else None,
-            object_version(url) if (url := network_object(path)) else None, mixed,
+            object_version(url) if (url := network_object(path)) else None,
         )  # fmt: skip
 
     @property
@@ -204,10 +201,7 @@ class RasterSource(ImageSource):
         (r0, r1), (c0, c1) = region
         try:
             with gdal_env(self.path):
-                window = Window(c0, r0, c1 - c0, r1 - r0)
-                if self.mixed:  # rasterio reads bands of several types in one call only as "more than one 'dtype'"
-                    return np.stack([self._dataset().read(b, window=window, out_dtype=self.dtype) for b in self.bands])
-                return self._dataset().read(indexes=list(self.bands), window=window)
+                return read_bands(self._dataset(), self.bands, window=Window(c0, r0, c1 - c0, r1 - r0))
         except RasterioError as exc:
             detail = self._tile_detail(first_gdal_line(exc))
         # raised outside the handler: GDAL's exception chain must not travel back to the client
@@ -226,6 +220,17 @@ class RasterSource(ImageSource):
         except RasterioError as exc:
             detail = first_gdal_line(exc)
         raise ReadError(f"{self.path}: mask read failed at rows {r0}:{r1}, cols {c0}:{c1}: {detail}")
+
+
+def read_bands(ds, bands, out_shape: tuple[int, int] | None = None, **read) -> np.ndarray:
+    """``ds.read(bands, ...)`` (1-based ``bands``; ``out_shape`` of one band), in their common type when they are of
+    several types (a VRT stacking files), which rasterio reads one type a call only ("more than one 'dtype'")."""
+    types = {ds.dtypes[b - 1] for b in bands}
+    if len(types) == 1:
+        return ds.read(list(bands), out_shape=out_shape and (len(bands), *out_shape), **read)
+    common = np.result_type(*types)
+    parts = [ds.read(b, out_shape=out_shape, out_dtype=common, **read) for b in bands]
+    return np.ma.stack(parts) if read.get("masked") else np.stack(parts)
 
 
 SUBDATASET = re.compile(r"[A-Za-z][A-Za-z0-9_]+:")  # a VRT's source named as GDAL names a subdataset: NETCDF:"x.nc":t
