@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 import tilemask
@@ -281,3 +282,43 @@ def test_auto_settles_on_the_runner_its_job_runs(make_model, tmp_path, monkeypat
     verdict.write_text(json.dumps({"difference": 0.0, "seconds": {"1": 1.0, "2": 1.0},
                                    "torch_seconds": {"1": 2.0, "2": 2.0}}))  # fmt: skip
     assert backends.settle_auto(spec, settings, 3, torch.device("cpu"), 1, 1e6) is settings
+
+
+class TakesABranch(torch.nn.Module):
+    """A network whose path depends on its input: a trace keeps one branch, so it runs in eager torch and
+    torch-mkldnn (which needs TorchScript) cannot take it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) if float(x.mean()) > 0 else -self.conv(x)
+
+
+@pytest.mark.timeout(120)
+def test_a_backend_that_cannot_take_the_network_is_not_tried_again(tmp_path, monkeypatch, caplog):
+    """A conversion that fails is remembered as that backend's verdict: the next job neither converts again
+    nor counts it as unmeasured (it re-timed torch and grew the tally for it, every job)."""
+    from tilemask import backends
+    from tilemask.inference import probe_network
+    from tilemask.settings import InferenceSettings, ModelSpec
+
+    monkeypatch.setenv("TILEMASK_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    weights = tmp_path / "branch.pt"
+    torch.save(TakesABranch().state_dict(), weights)
+    spec = ModelSpec.create(f"{__name__}:TakesABranch", {}, str(weights))
+    settings = InferenceSettings(roi=(32, 32), batch_size=2, device="cpu", backend="auto")
+    with caplog.at_level(logging.INFO, logger="tilemask.backends"):
+        *_, first = probe_network(spec, settings, 3, windows=10**12, measure_after=1e6)
+    assert first.measure
+    assert any("torch-mkldnn cannot convert" in r.getMessage() for r in caplog.records)
+    backends._runners.clear()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tilemask.backends"):
+        backend, second = probe_network(spec, settings, 3, windows=1, measure_after=1e6)[1:]
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "cannot convert" in m or "too few to repay" in m], messages
+    assert backend == "torch" and second is settings
+    assert not list((tmp_path / "cache").glob("auto/*.json")), "a job with nothing left to measure grew the tally"

@@ -290,6 +290,8 @@ def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], tor
     except ImportError:
         if not auto:
             raise WorkflowError(f"inference.backend: {name} is not installed on this worker") from None
+        if _version(name) == "absent":  # the verdict's key holds that: installing the package makes another
+            _cannot_convert(verdict, "not installed")
         return None
     except WorkflowError:
         raise  # the network itself rejects the window
@@ -299,6 +301,8 @@ def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], tor
                                 f"{first_line(exc)}") from None  # fmt: skip
         log = logger.info if isinstance(exc, NotConvertible) else logger.warning
         log("%s cannot convert the network, auto tries the next backend: %s", name, first_line(exc))
+        if not isinstance(exc, (OSError, MemoryError)):  # those may pass; the network will not become convertible
+            _cannot_convert(verdict, first_line(exc))
         return None
     if not auto:
         return name, run
@@ -328,6 +332,12 @@ def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], tor
     return f"{alone} for one window, {batched} for batches of {batch}", fastest
 
 
+def _cannot_convert(verdict: Path, reason: str) -> None:
+    """Remember that a backend cannot take the network, so that ``auto`` neither converts it again nor counts
+    it among the backends it has yet to measure (:func:`settle_auto`)."""
+    _publish(lambda p: p.write_text(json.dumps({"cannot_convert": reason})), verdict, (".json",))
+
+
 def _verdict_path(spec: ModelSpec, name: str, channels: int, roi: tuple[int, ...], batch: int) -> Path:
     """Where ``auto``'s measurements of backend ``name`` are cached (per batch size and torch's threads)."""
     suffix = f".b{batch}.t{torch.get_num_threads()}.verdict.json"
@@ -336,15 +346,18 @@ def _verdict_path(spec: ModelSpec, name: str, channels: int, roi: tuple[int, ...
 
 def _faster_sizes(verdict: dict) -> set[int]:
     """The batch sizes at which a backend that keeps torch's answer was measured faster than torch."""
-    if verdict["difference"] > AUTO_TOLERANCE:
+    if "cannot_convert" in verdict or verdict["difference"] > AUTO_TOLERANCE:
         return set()
     return {int(n) for n, seconds in verdict["seconds"].items() if seconds < verdict["torch_seconds"][n]}
 
 
 def _read_verdict(path: Path, sizes: list[int]) -> dict | None:
-    """``auto``'s cached measurements for a network and backend; None when not measured (or unreadable)."""
+    """``auto``'s cached measurements for a network and backend (or why the backend cannot convert it); None
+    when not measured (or unreadable)."""
     try:
         known = json.loads(path.read_text())
+        if isinstance(known, dict) and isinstance(known.get("cannot_convert"), str):
+            return {"cannot_convert": known["cannot_convert"]}
         return {
             "difference": float(known["difference"]),
             "seconds": {str(n): float(known["seconds"][str(n)]) for n in sizes},
