@@ -340,7 +340,6 @@ def test_regions_without_geometry_count_no_pixel_and_are_named_in_a_warning(tmp_
     assert "1 of 5 regions have no geometry (first: 'r1'): they count no pixel" in caplog.text
 
 
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("coverage", ["center", "fraction"])
 def test_regions_off_the_raster_keep_their_rows_and_are_counted_in_one_warning(tmp_path, shade_labels, coverage,
@@ -367,6 +366,38 @@ def test_regions_off_the_raster_keep_their_rows_and_are_counted_in_one_warning(t
     assert [bool(r) for r in reference_centre(shade_labels, regions)] == [True, True, False, False, True, True]
     off = [r.getMessage() for r in caplog.records if "do not overlap" in r.getMessage()]
     assert off == [f"2 of 6 regions do not overlap the raster {shade_labels} (first: 'beside'): they count no pixel"]
+
+
+@pytest.mark.timeout(60)
+def test_points_on_pixel_edges_count_the_pixel_rasterstats_counts(tmp_path, caplog):
+    """A point on a pixel's edge or corner counts the pixel east and south of it, as rasterstats counts it (it makes
+    each point the box of the cell it falls in): one on the raster's west or north edge its first column or row, one
+    on an inner corner the pixel below and right.  They counted nothing (their bounds gave an empty window), and the
+    first two were warned of as off the raster.  One on the east or south edge lies off it: tilemask counts nothing
+    and warns, where rasterstats counts the fill of its boundless read (a 0 the raster does not hold)."""
+    from rasterio.transform import from_origin
+
+    from .conftest import write_raster
+
+    labels = write_raster(tmp_path / "labels.tif", np.arange(48 * 64, dtype=np.uint8).reshape(48, 64) % 3 + 1,
+                          "EPSG:32618", from_origin(500000, 4000000, 10, 10))  # fmt: skip
+    left, top, right, bottom = 500000, 4000000, 500000 + 640, 4000000 - 480
+    points = {"west": (left, top - 235), "north": (left + 315, top), "corner": (left + 320, top - 240),
+              "inside": (left + 123, top - 321), "east": (right, top - 235), "south": (left + 315, bottom)}  # fmt: skip
+    regions = gpd.GeoDataFrame({"name": list(points)}, geometry=[shapely.Point(p) for p in points.values()],
+                               crs="EPSG:32618")  # fmt: skip
+    regions.to_file(tmp_path / "points.gpkg")
+    with caplog.at_level("WARNING", logger="tilemask.stats.zonal"):
+        table = pd.read_csv(compute_stats(labels, tmp_path / "t.csv", regions=tmp_path / "points.gpkg",
+                                          region_id="name"))  # fmt: skip
+    reference = reference_centre(labels, regions)
+    for row, ref in zip(table.to_dict(orient="records"), reference):
+        counted = {v: row[f"class_{v}_pixels"] for v in class_values(table) if row[f"class_{v}_pixels"]}
+        assert counted == ({} if row["name"] in ("east", "south") else ref), row["name"]
+    assert [r for r in reference[-2:]] == [{0: 1}, {0: 1}]
+    off = [r.getMessage() for r in caplog.records if "do not overlap" in r.getMessage()]
+    assert off == [f"2 of 6 regions do not overlap the raster {labels} (first: 'east'): they count no pixel"]
+
 
 def test_fraction_rule_refuses_lines_and_collections(tmp_path, shade_labels):
     regions = random_regions(shade_labels, 3, seed=1)

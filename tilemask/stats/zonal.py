@@ -279,7 +279,10 @@ def _off_raster(geometries, grid: Grid) -> np.ndarray:
     x0, dx, _, y0, _, dy = grid.geometry.transform  # north-up (check_vector_grid): dx > 0, dy < 0
     height, width = grid.shape
     xmin, ymin, xmax, ymax = shapely.bounds(np.asarray(geometries, dtype=object)).T  # no geometry: NaN, not off
-    return (xmax <= x0) | (xmin >= x0 + width * dx) | (ymax <= y0 + height * dy) | (ymin >= y0)
+    # a point (or a line along the edge) on the west or north edge lies in the first column or row (rasterstats)
+    west = (xmax < x0) | ((xmax == x0) & (xmin < xmax))
+    north = (ymin > y0) | ((ymin == y0) & (ymax > ymin))
+    return west | (xmin >= x0 + width * dx) | (ymax <= y0 + height * dy) | north
 
 
 def _to_raster_crs(regions, grid: Grid, path: str):
@@ -304,6 +307,19 @@ def _rasterstats_window(bounds, transform) -> tuple[int, int, int, int]:
     )
 
 
+def _cells_of_points(points, transform: Affine):
+    """rasterstats' ``boxify_points``: each point as the cell it falls in (the floor of its pixel coordinates), less
+    1% of a pixel on every side.  A point on a cell's edge or corner then counts the cell east and south of it, as in
+    rasterstats; rasterized as it is, its bounds gave an empty window."""
+    inset = -0.01 * abs(min(transform.a, transform.e))
+    cells = []
+    for point in getattr(points, "geoms", [points]):
+        col, row = (math.floor(a) for a in ~transform * (point.x, point.y))
+        (x_a, y_a), (x_b, y_b) = transform * (col, row), transform * (col + 1, row + 1)
+        cells.append(shapely.box(x_a, y_a, x_b, y_b).buffer(inset))
+    return shapely.MultiPolygon(cells)
+
+
 def _centre_batch(reader: WindowReader, grid: Grid, nodata, zones: list[int], wkbs: list) -> pd.DataFrame:
     from rasterio.features import rasterize
 
@@ -315,6 +331,8 @@ def _centre_batch(reader: WindowReader, grid: Grid, nodata, zones: list[int], wk
         if wkb is None:
             continue
         geom = shapely.from_wkb(wkb)
+        if geom.geom_type in _PUNCTUAL:
+            geom = _cells_of_points(geom, Affine.from_gdal(*grid.geometry.transform))
         r0, r1, c0, c1 = _rasterstats_window(geom.bounds, grid.geometry.transform)
         window_transform = Affine(dx, 0.0, x0 + c0 * dx, 0.0, dy, y0 + r0 * dy)
         rows_in = (max(r0, 0), min(r1, height))
