@@ -377,3 +377,14 @@ def test_a_sigmoid_networks_classes_are_background_and_foreground_unless_named(t
     softmax = {**workflow, "inference": {**workflow["inference"], "activation": "softmax"},
                "model": {**workflow["model"], "args": {**workflow["model"]["args"], "out_channels": 3}}}
     assert classes_of(Workflow.from_dict(softmax, base_dir=tmp_path), 3)[1] == ("class_0", "class_1", "class_2")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("raw", [None, [], ["version: 1"], "workflow.yaml"])
+def test_a_workflow_that_is_no_mapping_is_refused_in_one_line_from_python(raw):
+    """``Workflow.from_dict(yaml.safe_load(open(path)))`` of an empty file gives None: it failed with
+    ``AttributeError: 'NoneType' object has no attribute 'get'`` (exit 1 from the CLI's catch-all), where
+    ``from_yaml`` of the same file says what is wrong."""
+    with pytest.raises(WorkflowError) as refused:
+        Workflow.from_dict(raw)
+    assert str(refused.value) == f"workflow: expected a mapping of keys, got {type(raw).__name__}", str(refused.value)

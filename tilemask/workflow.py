@@ -412,6 +412,8 @@ class Workflow(_Strict):
     def from_dict(
         cls, raw: dict, overrides: list[str] | tuple[str, ...] = (), base_dir: str | Path | None = None
     ) -> Workflow:
+        if not isinstance(raw, dict):  # yaml.safe_load of an empty file is None
+            raise WorkflowError(f"workflow: expected a mapping of keys, got {type(raw).__name__}")
         raw = apply_overrides(raw, overrides)
         base = Path(base_dir) if base_dir else Path.cwd()
         bundle = raw.get("model", {}).get("bundle") if isinstance(raw.get("model"), dict) else None
