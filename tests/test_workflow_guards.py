@@ -388,3 +388,18 @@ def test_a_workflow_that_is_no_mapping_is_refused_in_one_line_from_python(raw):
     with pytest.raises(WorkflowError) as refused:
         Workflow.from_dict(raw)
     assert str(refused.value) == f"workflow: expected a mapping of keys, got {type(raw).__name__}", str(refused.value)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "stats,key",
+    [({"output": "out/{name}_stats.csv"}, "stats.output"), ({"output": "out/{}.csv"}, "stats.output"),
+     ({"output": "out/{stem}.csv", "regions": "regions_{region}.gpkg"}, "stats.regions")],
+)  # fmt: skip
+def test_a_stats_path_with_another_placeholder_than_stem_is_refused_with_the_workflow(tmp_path, stats, key):
+    """As output.path and output.vectors are: the ``{name}`` of a statistics table failed as the run planned its
+    first input, ``KeyError: 'name'`` (exit 1, no key named)."""
+    workflow = raster_workflow("scene.tif", tmp_path / "w.pt", stats=stats)
+    with pytest.raises(WorkflowError) as refused:
+        Workflow.from_dict(workflow, base_dir=tmp_path)
+    assert str(refused.value).startswith(f"workflow: {key}: the only placeholder"), str(refused.value)

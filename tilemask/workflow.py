@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .errors import InputError, WorkflowError
 from .formats import FORMATS, for_output, stem
-from .stats.config import NotBool, PostprocessConfig, StatsConfig
+from .stats.config import NotBool, PostprocessConfig, StatsConfig, only_stem_placeholder
 from .storage import is_remote
 
 logger = logging.getLogger(__name__)
@@ -247,23 +247,14 @@ class Output(_Strict):
         elif value.startswith(REMOTE_PREFIXES):
             raise ValueError(f"outputs are written to a file system the workers see or to object storage (s3://), "
                              f"not over HTTP or GDAL's /vsi paths (got {value!r})")  # fmt: skip
-        return _only_stem_placeholder(value)
+        return only_stem_placeholder(value)
 
     @field_validator("vectors")
     @classmethod
     def _vector_suffix(cls, value: str | None) -> str | None:
         if value is not None and not value.lower().endswith(VECTOR_SUFFIXES):
             raise ValueError(f"suffix must be one of {', '.join(VECTOR_SUFFIXES)} (got {value!r})")
-        return value if value is None else _only_stem_placeholder(value)
-
-
-def _only_stem_placeholder(path: str) -> str:
-    """Output paths may hold ``{stem}`` and nothing else in braces."""
-    try:
-        path.format(stem="x")
-    except (KeyError, IndexError, ValueError):
-        raise ValueError(f"the only placeholder an output path may hold is {{stem}} (got {path!r})") from None
-    return path
+        return value if value is None else only_stem_placeholder(value)
 
 
 CASE = "{case}"

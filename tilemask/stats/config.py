@@ -25,7 +25,7 @@ import functools
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, field_validator, model_validator
 
 from ..errors import InputError, first_line
 
@@ -185,12 +185,26 @@ class StatsConfig(BaseModel):
     connectivity: Literal["face", "full"] = "face"
     classes: list[str] | None = None
 
+    @field_validator("output", "regions")
+    @classmethod
+    def _stem_only(cls, value: str | None) -> str | None:
+        return value if value is None else only_stem_placeholder(value)
+
     @model_validator(mode="after")
     def _regions_given(self) -> StatsConfig:
         refusal = region_options_without_regions(self.regions, self.region_id, self.coverage, flags=False)
         if refusal:
             raise ValueError(refusal)
         return self
+
+
+def only_stem_placeholder(path: str) -> str:
+    """Paths of a workflow's outputs (and its regions) may hold ``{stem}`` and nothing else in braces."""
+    try:
+        path.format(stem="x")
+    except (KeyError, IndexError, ValueError):
+        raise ValueError(f"the only placeholder a path may hold is {{stem}} (got {path!r})") from None
+    return path
 
 
 SIZE_UNITS = {"mL": 1000.0, "cm3": 1000.0, "mm3": 1.0, "m2": 1.0, "ha": 10_000.0, "km2": 1e6}  # -> mm3 or m2
