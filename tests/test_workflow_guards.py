@@ -403,3 +403,14 @@ def test_a_stats_path_with_another_placeholder_than_stem_is_refused_with_the_wor
     with pytest.raises(WorkflowError) as refused:
         Workflow.from_dict(workflow, base_dir=tmp_path)
     assert str(refused.value).startswith(f"workflow: {key}: the only placeholder"), str(refused.value)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("field", ["{stem.upper}", "{stem[0]}", "{stem!r}", "{stem:>9}"])
+def test_stem_is_the_placeholder_as_written_not_a_format_field_of_it(tmp_path, field):
+    """``{stem.upper}`` passed as ``{stem}`` and named the labels ``<built-in method upper of str object at
+    0x7f...>_mask.tif``, a name the job's next run (another process, another address) no longer finds."""
+    workflow = raster_workflow("scene.tif", tmp_path / "w.pt", output={"path": f"out/{field}_mask.tif"})
+    with pytest.raises(WorkflowError) as refused:
+        Workflow.from_dict(workflow, base_dir=tmp_path)
+    assert str(refused.value).startswith("workflow: output.path: the only placeholder"), str(refused.value)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+import string
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, field_validator, model_validator
@@ -201,9 +202,11 @@ class StatsConfig(BaseModel):
 def only_stem_placeholder(path: str) -> str:
     """Paths of a workflow's outputs (and its regions) may hold ``{stem}`` and nothing else in braces."""
     try:
-        path.format(stem="x")
-    except (KeyError, IndexError, ValueError):
-        raise ValueError(f"the only placeholder a path may hold is {{stem}} (got {path!r})") from None
+        fields = [field for _, *field in string.Formatter().parse(path) if field[0] is not None]  # name, spec, !conv
+    except ValueError:  # a lone brace
+        fields = [None]
+    if any(field != ["stem", "", None] for field in fields):  # {stem.upper}, {stem[0]}: a format field of it
+        raise ValueError(f"the only placeholder a path may hold is {{stem}} (got {path!r})")
     return path
 
 
