@@ -414,3 +414,31 @@ def test_stem_is_the_placeholder_as_written_not_a_format_field_of_it(tmp_path, f
     with pytest.raises(WorkflowError) as refused:
         Workflow.from_dict(workflow, base_dir=tmp_path)
     assert str(refused.value).startswith("workflow: output.path: the only placeholder"), str(refused.value)
+
+
+@pytest.mark.timeout(60)
+def test_a_key_given_twice_in_a_workflow_file_is_refused_with_both_lines(tmp_path):
+    """YAML keys are unique; PyYAML kept the last of two without a word, so a workflow edited by adding
+    ``overlap: 0.5`` below the ``overlap: 0.25`` already there ran with whichever came last."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            version: 1
+            input: scene.tif
+            model: {network: UNet, weights: weights.pt}
+            inference:
+              roi_size: [64, 64]
+              overlap: 0.25
+              batch_size: 4
+              overlap: 0.5
+            output: {path: "out/{stem}.zarr"}
+            """
+        )
+    )
+    with pytest.raises(WorkflowError) as refused:
+        Workflow.from_yaml(path)
+    assert str(refused.value) == f"workflow {path} line 9: overlap given twice (first on line 7)", str(refused.value)
+    with pytest.raises(WorkflowError) as refused:
+        Workflow.from_dict({}, ["inference={roi_size: [64, 64], roi_size: [32, 32]}"])
+    assert str(refused.value) == "--set inference line 1: roi_size given twice (first on line 1)", str(refused.value)

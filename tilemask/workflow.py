@@ -608,10 +608,25 @@ def _node_counts(root: yaml.Node, where: str) -> tuple[int, int]:
         elif id(node) in open_nodes:
             raise WorkflowError(f"{where}: a YAML alias refers to a collection that holds it (recursive); refused")
         elif id(node) not in expanded:
+            _unique_keys(node, where)
             open_nodes.add(id(node))
             stack.append((node, True))
             stack.extend((child, False) for child in children)
     return len(expanded), expanded[id(root)]
+
+
+def _unique_keys(node: yaml.Node, where: str) -> None:
+    """Refuse a mapping that gives a key twice: YAML keys are unique, and PyYAML keeps the last without a word."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first: dict[tuple[str, str], yaml.Node] = {}
+    for key, _ in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":  # ``<<`` merges may repeat
+            continue
+        seen = first.setdefault((key.tag, key.value), key)
+        if seen is not key:
+            raise WorkflowError(f"{where} line {key.start_mark.line + 1}: {key.value} given twice (first on line "
+                                f"{seen.start_mark.line + 1})")  # fmt: skip
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
