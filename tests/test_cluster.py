@@ -430,3 +430,27 @@ def test_importing_dask_jobqueue_for_slurm_keeps_the_commands_ctrl_c():
         imports="from tilemask.cluster import slurm_cluster_class; slurm_cluster_class()")],
         capture_output=True, text=True, timeout=60)  # fmt: skip
     assert (bare.stdout.strip(), ours.stdout.strip()) == ("False", "True"), (bare.stderr, ours.stderr)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("closed", ["client", "cluster"])
+def test_a_closed_client_is_refused_in_one_line_before_a_job_is_made(make_raster, make_model, tmp_path, closed):
+    """A notebook's client closed (or its cluster, which closes it): ``tilemask.run(workflow, client)`` failed
+    with ``AttributeError: 'NoneType' object has no attribute 'address'`` and left a job folder that
+    ``tilemask jobs`` listed as queued for ever."""
+    from distributed import LocalCluster
+
+    import tilemask
+    from tilemask.errors import UsageError
+
+    path, _ = make_raster((3, 64, 64))
+    weights, _ = make_model()
+    workflow = tilemask.Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        client = Client(cluster, set_as_default=False)
+        (client if closed == "client" else cluster).close()
+        with pytest.raises(UsageError) as refused:
+            tilemask.run(workflow, client)
+        client.close()
+    assert str(refused.value).startswith("the Dask client is closed"), str(refused.value)
+    assert not (tmp_path / "out").exists()

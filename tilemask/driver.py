@@ -44,7 +44,7 @@ from .batch import items_in_flight, run_items, say_what_stopping_waits_for
 from .cluster import Abandoned, check_cluster_options, cluster_client, prepare_workers, wait_for_workers
 from .command import first_line
 from .engine import RunResult, probe, process_age, run_job
-from .errors import NoWorkers, RunError, TilemaskError
+from .errors import NoWorkers, RunError, TilemaskError, UsageError
 from .imports import import_in_background
 from .jobs import JobCancelled, JobError, JobFolder, default_job_dir, job_folder, job_id, outputs_complete
 from .outputs import FolderListings, OutputLock
@@ -121,6 +121,9 @@ def run(
     options = Options(on_error, retry_failed, overwrite)
     if client is None:
         check_cluster_options(scheduler, cluster)
+    elif client.status != "running":  # closed, or its cluster was: no job folder for a run that cannot start
+        raise UsageError(f"the Dask client is {client.status}: give a running one, or none (tilemask then starts "
+                         "its own cluster)")  # fmt: skip
     plan, job, record = prepare(workflow, options, job_dir, source)
     with job:
         record()
