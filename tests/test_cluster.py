@@ -454,3 +454,20 @@ def test_a_closed_client_is_refused_in_one_line_before_a_job_is_made(make_raster
         client.close()
     assert str(refused.value).startswith("the Dask client is closed"), str(refused.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_schedulers_address_given_as_the_client_says_to_give_it_as_scheduler(make_raster, make_model, tmp_path):
+    """``tilemask.run(workflow, "tcp://host:8786")``, as ``Client("tcp://host:8786")`` reads: it failed with
+    ``AttributeError: 'str' object has no attribute 'scheduler'``."""
+    import tilemask
+    from tilemask.errors import UsageError
+
+    path, _ = make_raster((3, 64, 64))
+    weights, _ = make_model()
+    workflow = tilemask.Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path)
+    with pytest.raises(UsageError) as refused:
+        tilemask.run(workflow, "tcp://127.0.0.1:8786")
+    assert str(refused.value) == ("client: a distributed.Client, not str 'tcp://127.0.0.1:8786' (give a scheduler's "
+                                  "address as scheduler=)"), str(refused.value)  # fmt: skip
+    assert not (tmp_path / "out").exists()

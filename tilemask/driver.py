@@ -121,6 +121,9 @@ def run(
     options = Options(on_error, retry_failed, overwrite)
     if client is None:
         check_cluster_options(scheduler, cluster)
+    elif not isinstance(client, Client):  # an address, as Client("tcp://...") takes it
+        raise UsageError(f"client: a distributed.Client, not {type(client).__name__} {client!r} (give a scheduler's "
+                         "address as scheduler=)")  # fmt: skip
     elif client.status != "running":  # closed, or its cluster was: no job folder for a run that cannot start
         raise UsageError(f"the Dask client is {client.status}: give a running one, or none (tilemask then starts "
                          "its own cluster)")  # fmt: skip
