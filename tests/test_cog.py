@@ -272,3 +272,26 @@ def test_pieces_are_replaced_atomically_on_retry(tmp_path, shade_labels):
     assert [p.name for p in Path(sink.parts, "labels").iterdir()] == ["0_0.tif"]
     assert not any(name.endswith(".tmp") for _, _, names in os.walk(sink.parts) for name in names)
     sink.abort()
+
+
+@pytest.mark.timeout(120)
+def test_writing_pieces_from_many_threads_leaves_the_processs_warning_filters_as_they_were(tmp_path, shade_labels):
+    """The workers of a ``LocalCluster(processes=False)`` are threads of the user's own process. Each piece was
+    written inside ``warnings.catch_warnings()``, which saves and restores the process's filters: two threads in
+    it at once left one's "ignore NotGeoreferencedWarning" in the user's process for good (seen after one
+    2-scene run on such a client)."""
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    labels = shade_labels
+    layout = layout_for(GEO["shade.tif"], labels, ["a", "b", "c", "d"], (32, 32), 255)
+    sink = CogSink(str(tmp_path / "mask.tif"), layout)
+    sink.create()
+    before = list(warnings.filters)
+    regions = chunk_regions(labels.shape, (32, 32))
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda region: write_chunk(sink, region, labels, None), regions))
+    assert warnings.filters == before, [f for f in warnings.filters if f not in before]
+    sink.commit()
+    with rasterio.open(tmp_path / "mask.tif") as ds:
+        assert np.array_equal(ds.read(1), labels)

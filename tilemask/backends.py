@@ -59,7 +59,6 @@ import os
 import tempfile
 import threading
 import time
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -68,6 +67,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, WeightsError, WorkflowError, first_line
+from .imports import ignoring_warnings
 from .models import MODELS_PER_PROCESS, cached_model
 from .settings import InferenceSettings, ModelSpec
 
@@ -402,8 +402,7 @@ def _torch(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: in
 
 def _trace(network: torch.nn.Module, channels: int, roi: tuple[int, ...]) -> torch.jit.ScriptModule | None:
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
+        with ignoring_warnings(), torch.no_grad():
             traced = torch.jit.trace(network, torch.zeros((1, channels, *roi)), check_trace=False)
         rng = np.random.default_rng(0)
         with torch.inference_mode():
@@ -554,8 +553,7 @@ def _mkldnn(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: i
     module = _torch(spec, network, channels, roi, torch.device("cpu"))
     if not isinstance(module, torch.jit.ScriptModule):
         raise NotConvertible("the network is not TorchScript and cannot be traced")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with ignoring_warnings():
         return torch.jit.optimize_for_inference(torch.jit.freeze(module.eval()))
 
 

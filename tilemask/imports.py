@@ -1,4 +1,5 @@
-"""Modules imported on first use, one thread at a time, and imports started early on a thread of their own.
+"""Modules imported on first use, one thread at a time, and imports started early on a thread of their own;
+warnings silenced one thread at a time.
 
 Two Dask threads of a worker can need MONAI at once (the network built for one
 task, the resampling of another).  MONAI's first import is not safe from two
@@ -6,24 +7,40 @@ threads: the second can see the package partially initialised (measured: a
 predict task failed with "partially initialized module 'monai' has no attribute
 'data'" while another thread was importing it).  The lock is re-entrant, so a
 module imported under it may import others through it.
+
+``warnings.catch_warnings()`` saves the process's filters and puts them back: two threads in it at once leave
+one's filter in place for good, and the workers of a ``LocalCluster(processes=False)`` are threads of the user's
+own process (:func:`ignoring_warnings`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import threading
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
 from types import ModuleType
 
 logger = logging.getLogger(__name__)
 _lock = threading.RLock()
+_warnings_lock = threading.RLock()
 
 
 def import_module(name: str) -> ModuleType:
     """``importlib.import_module``, one thread at a time."""
     with _lock:
         return importlib.import_module(name)
+
+
+@contextlib.contextmanager
+def ignoring_warnings(category: type[Warning] = Warning) -> Iterator[None]:
+    """``category`` ignored inside (any thread's warnings meanwhile), the process's filters put back after, one
+    thread at a time: keep the body short."""
+    with _warnings_lock, warnings.catch_warnings():
+        warnings.simplefilter("ignore", category)
+        yield
 
 
 def import_in_background(names: Iterable[str]) -> None:

@@ -16,7 +16,6 @@ import pickle
 import pickletools
 import re
 import threading
-import warnings
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 
 from .errors import WeightsError, WorkflowError, first_line, missing_weights
-from .imports import import_module
+from .imports import ignoring_warnings, import_module
 from .settings import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -81,8 +80,7 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.
     _refuse_inflating_archive(path)
     kind = spec.archive
     if kind == "torchscript":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
+        with ignoring_warnings(DeprecationWarning):
             try:
                 model = torch.jit.load(str(path), map_location=device)
             except RuntimeError as exc:
@@ -124,8 +122,7 @@ def _misfit(expected: dict[str, torch.Tensor], state: dict) -> str:
 
 def _load_state_dict(path: Path, network: str | None = None) -> dict[str, torch.Tensor]:
     try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
-            warnings.simplefilter("ignore", UserWarning)
+        with ignoring_warnings(UserWarning):  # torch warns about pickle protocols before refusing
             with torch.serialization.safe_globals(_numpy_values()):
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # torch's weights-only unpickler refused it: find out why
@@ -231,8 +228,7 @@ def _refuse_pickles_with_code(path: Path) -> None:
                 continue
             data = archive.read(name)
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
+                with ignoring_warnings():
                     if name.endswith("data.pkl"):  # a bare pickle: its opcodes tell what it would import
                         imports = _pickle_imports(data) or []
                         if any(not i.startswith(("torch.", "collections.", "_codecs.", "builtins.")) for i in imports):

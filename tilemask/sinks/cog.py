@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -54,6 +53,7 @@ from ..classes import BACKGROUND, CLASSES_TAG, class_colours, class_name
 from ..errors import OutputError
 from ..formats import for_path
 from ..geometry import RasterGeometry, Region
+from ..imports import ignoring_warnings
 from ..outputs import atomic_path, describe_write_error, exists, publish, remove, staged_path
 from ..sources.raster import gdal_env
 from ..storage import gdal_path, is_remote, names, scratch, upload
@@ -100,9 +100,10 @@ class CogRaster:
             profile.update(PIECE_OPTIONS)
         else:
             profile.update(compress="zstd", zstd_level=1)
-        with warnings.catch_warnings(), atomic_path(self.piece(region)) as staged:
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a piece is placed by the VRT
-            with rasterio.open(staged, "w", **profile) as dst:
+        with atomic_path(self.piece(region)) as staged:
+            with ignoring_warnings(NotGeoreferencedWarning):  # a piece is placed by the VRT; rasterio warns as it opens
+                dst = rasterio.open(staged, "w", **profile)
+            with dst:
                 dst.write(values.reshape(self.bands, height, width))
 
     def publish(self) -> None:
