@@ -1015,6 +1015,24 @@ def test_clashing_output_names_and_a_weights_folder_say_what_to_change(make_rast
         plan_model(Workflow.from_dict(raster_workflow(str(first), str(tmp_path / "a")), base_dir=tmp_path))
 
 
+@pytest.mark.timeout(60)
+def test_one_inputs_probabilities_on_anothers_labels_are_refused_before_any_work(make_raster, make_model, tmp_path):
+    """``x.tif`` writes ``out/x_probabilities.tif`` beside its labels, which are ``x_probabilities.tif``'s labels:
+    the run began x, then failed as the other input was planned, 'output .../x_probabilities.tif is being written by
+    another tilemask run' (this one), leaving x's staged pieces behind."""
+    from tilemask.planning import plan_workflow
+
+    first, _ = make_raster((3, 40, 40), name="x.tif")
+    second, _ = make_raster((3, 40, 40), name="x_probabilities.tif")
+    weights, _ = make_model()
+    workflow = raster_workflow(first, weights, output={"path": "out/{stem}.tif", "probabilities": "uint8"})
+    with pytest.raises(WorkflowError) as refused:
+        plan_workflow(Workflow.from_dict({**workflow, "input": [str(first), str(second)]}, base_dir=tmp_path))
+    both = tmp_path / "out" / "x_probabilities.tif"
+    assert str(refused.value) == (f"output: {first} and {second} would both write {both}; the output.probabilities "
+                                  "of one is the output.path of the other; rename one"), str(refused.value)
+
+
 def test_a_workflows_region_key_is_checked_before_any_work(make_raster, make_model, tmp_path):
     """A ``stats:`` key the regions lack (or repeat) is refused when the run is planned; found after the run, it
     left a finished mask whose statistics had failed, and the fixed workflow was then refused its own output."""

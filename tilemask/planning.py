@@ -465,15 +465,22 @@ def _check_output_names(workflow: Workflow, items: list[InputItem]) -> None:
         stats = workflow.stats_for(name)
         return stats and stats.output
 
+    def probabilities(name: str) -> str | None:  # beside the labels: x.tif's are x_probabilities.tif's labels
+        labels = workflow.output_path(name)
+        return for_output(labels).probabilities_path(labels) if workflow.output.probabilities != "none" else None
+
     seen: dict[str, tuple[InputItem, str]] = {}
     for item in items:
-        for key, path_of in (("output.path", workflow.output_path), ("output.vectors", workflow.vectors_path),
-                             ("stats.output", stats_output)):  # fmt: skip
+        for key, path_of in (("output.path", workflow.output_path), ("output.probabilities", probabilities),
+                             ("output.vectors", workflow.vectors_path), ("stats.output", stats_output)):  # fmt: skip
             path = path_of(item.name)
             if not path:
                 continue
             if path in seen and seen[path][0] is item:
                 raise WorkflowError(f"{seen[path][1]} and {key} are one file, {path}; give each its own name")
+            if path in seen and seen[path][1] != key:  # one's probabilities on the other's labels, or the like
+                raise WorkflowError(f"output: {seen[path][0].files[0]} and {item.files[0]} would both write {path}; "
+                                    f"the {seen[path][1]} of one is the {key} of the other; rename one")  # fmt: skip
             if path in seen:
                 advice = ("put {stem} in the output's name" if path_of(item.name + "-") == path else
                           f"both are named {item.name!r}, which {{stem}} stands for; rename one, narrow the input's "
