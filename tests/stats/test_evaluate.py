@@ -161,3 +161,18 @@ def test_scores_json_carries_the_mark_and_a_json_tilemask_did_not_write_is_never
     replaced = runner.invoke(evaluate_command, [*args, "-o", str(ours), "--overwrite"])
     assert replaced.exit_code == 0, replaced.output
     assert ours.stat().st_ino != inode and product_written_by_tilemask(ours) is True
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("chunks", [2.5, "64", True, 0])
+def test_python_chunks_that_are_no_positive_integer_are_named_not_blamed_on_the_file(pair, tmp_path, chunks):
+    """``evaluate_paths(..., chunks=2.5)`` was 'pred.tif: cannot open as a label image: chunks can only contain
+    integers', and ``chunks="64"`` a bare ``ValueError`` (invalid literal for int()); ``compute_stats`` the same."""
+    from tilemask.stats import compute_stats
+
+    pred, truth, _, _ = pair
+    for call in (lambda: evaluate_paths(pred, truth, chunks=chunks),
+                 lambda: compute_stats(pred, tmp_path / "t.csv", chunks=chunks)):  # fmt: skip
+        with pytest.raises(InputError) as refused:
+            call()
+        assert str(refused.value) == f"--chunks must be a positive integer, got {chunks!r}", str(refused.value)

@@ -11,6 +11,7 @@ One table per call, chosen by the arguments (docs/DESIGN.md section 6):
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -65,8 +66,7 @@ def prepare_stats(
     refusal = region_options_without_regions(regions, region_id, coverage, flags=True)
     if refusal:
         raise InputError(refusal)
-    if chunks is not None and int(chunks) < 1:
-        raise InputError(f"--chunks must be a positive integer, got {chunks}")
+    _check_chunks(chunks)
     names = parse_classes(classes)
     image = open_labels(str(mask_path), chunks=chunks)
     if not np.issubdtype(image.array.dtype, np.integer):
@@ -137,8 +137,7 @@ def prepare_evaluation(
     if output_path is not None:
         check_table_path(output_path, inputs=(pred_path, truth_path), suffixes=(".json",))
     pred_path, truth_path = _absolute(pred_path), _absolute(truth_path)
-    if chunks is not None and int(chunks) < 1:
-        raise InputError(f"--chunks must be a positive integer, got {chunks}")
+    _check_chunks(chunks)
     names = parse_classes(classes)
     pred = open_labels(str(pred_path), chunks=chunks)
     truth = open_labels(str(truth_path), chunks=chunks)
@@ -151,6 +150,12 @@ def prepare_evaluation(
         return result
 
     return run
+
+
+def _check_chunks(chunks) -> None:
+    """``chunks`` a positive integer or None (the CLI's own ``--chunks`` is one already; Python's may be anything)."""
+    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, numbers.Integral) or chunks < 1):
+        raise InputError(f"--chunks must be a positive integer, got {chunks!r}")
 
 
 def _absolute(path: str | os.PathLike) -> str:
