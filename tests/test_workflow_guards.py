@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -162,6 +163,23 @@ def test_a_boolean_is_no_number(tmp_path, override, key, got):
     with pytest.raises(WorkflowError) as caught:
         Workflow.from_dict(workflow, [override])
     assert str(caught.value) == f"workflow: {key}: expected a number, not a boolean (got {got})"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("preprocess.normalize.mean=[.nan, 1, 1]", "preprocess.normalize.mean.0"),
+        ("preprocess.normalize.std=[1, .inf, 1]", "preprocess.normalize.std.1"),
+        ("preprocess.intensity={a_min: 0, a_max: .inf}", "preprocess.intensity.a_max"),
+        ("inference.sigma_scale=.inf", "inference.sigma_scale"),
+    ],
+)
+def test_a_number_that_is_not_finite_is_refused(tmp_path, override, key):
+    """YAML's ``.nan`` and ``.inf`` were taken: a NaN mean or std made every window NaN for the network."""
+    workflow = raster_workflow(tmp_path / "scene.tif", tmp_path / "weights.pt")
+    with pytest.raises(WorkflowError, match=rf"^workflow: {re.escape(key)}: Input should be a finite number"):
+        Workflow.from_dict(workflow, [override])
 
 
 @pytest.mark.timeout(60)

@@ -36,9 +36,9 @@ logger = logging.getLogger(__name__)
 
 # Every number refuses a boolean (pydantic's lax mode would take ``true`` as 1); floats still take ints.
 PositiveInt = Annotated[int, NotBool, Field(ge=1)]
-Float = Annotated[float, NotBool]
+Float = Annotated[float, NotBool, Field(allow_inf_nan=False)]  # a NaN mean or std would feed NaN to the network
 Overlap = Annotated[float, NotBool, Field(ge=0.0, lt=1.0)]
-SigmaScale = Annotated[float, NotBool, Field(gt=0)]
+SigmaScale = Annotated[float, NotBool, Field(gt=0, allow_inf_nan=False)]
 MAX_ALIAS_EXPANSION = 100_000  # values YAML aliases may add to a workflow (a "billion laughs" adds ~10**9)
 REMOTE_PREFIXES = ("http://", "https://", "s3://", "/vsi", "gs://", "az://")
 REMOTE_OUTPUT_FORMATS = ("zarr", "cog")  # written chunk by chunk through fsspec, or assembled and uploaded whole
