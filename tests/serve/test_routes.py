@@ -1012,3 +1012,29 @@ def test_binary_attributes_of_geoparquet_polygons_are_hex_as_in_stats(tmp_path):
         assert one.status_code == 200, one.text
         assert one.json()["properties"] == {"digest": "00ff", "name": "a"}
         assert [r["digest"] for r in client.get("/stats?output=hashed.parquet").json()] == ["00ff", "6f6b"]
+
+
+@pytest.mark.timeout(60)
+def test_serving_writes_nothing_into_the_folder(tmp_path, served_folder):
+    """Reading a tilemask GeoPackage (its features, its records) made GDAL write ``RGB.byte_polygons.gpkg.aux.xml``
+    beside it (the GPKG driver of pyogrio's GDAL saves the dataset and layer metadata it read as PAM when the file
+    is closed): the read-only server wrote into the folder it serves."""
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+
+    for name in (LABELS, f"{LABELS}.aux.xml", "RGB.byte_mask_probabilities.tif", POLYGONS, "polygons_fgb.fgb",
+                 "RGB.byte_stats.csv"):  # fmt: skip
+        shutil.copyfile(served_folder / name, tmp_path / name)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    lon, lat = -77.75, 24.56
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        items = "/collections/RGB.byte_polygons/items"
+        for url in ("/?f=json", f"{items}?limit=5", f"{items}?bbox=-78.3,24.9,-78.0,25.2", f"{items}/1",
+                    "/collections/polygons_fgb/items", f"/stats?output={POLYGONS}", "/stats?output=RGB.byte_stats.csv",
+                    f"/tiles/10/290/439.png?output={LABELS}&band=2", f"/point?output={LABELS}&lon={lon}&lat={lat}",
+                    "/stac/catalog.json"):  # fmt: skip
+            answer = client.get(url)
+            assert answer.status_code == 200, (url, answer.text)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+
