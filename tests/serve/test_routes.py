@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import re
 import shutil
 from urllib.parse import quote, urlsplit
 
@@ -1038,3 +1039,23 @@ def test_serving_writes_nothing_into_the_folder(tmp_path, served_folder):
             assert answer.status_code == 200, (url, answer.text)
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
 
+
+@pytest.mark.timeout(60)
+def test_a_cog_cut_short_is_a_422_with_gdals_reason(tmp_path, served_folder):
+    """The 422 of a label COG or probabilities cut short said ``cannot read: Read failed. See previous exception
+    for details.``: rasterio's words, where GDAL's, at the root of its exception chain, say what is wrong."""
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+
+    for name in (LABELS, "RGB.byte_mask_probabilities.tif"):
+        whole = (served_folder / name).read_bytes()
+        (tmp_path / name.replace("RGB.byte", "cut")).write_bytes(whole[: len(whole) // 2])
+    lon, lat = -77.75, 24.56
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        for url, name in [("/tiles/10/290/439.png?output=cut_mask.tif", "cut_mask.tif"),
+                          ("/tiles/10/290/439.png?output=cut_mask.tif&band=2", "cut_mask_probabilities.tif"),
+                          (f"/point?output=cut_mask.tif&lon={lon}&lat={lat}", "cut_mask.tif")]:  # fmt: skip
+            answer = client.get(url)
+            assert answer.status_code == 422, (url, answer.status_code, answer.text)
+            assert re.fullmatch(rf"{name}: cannot read: TIFF.* got \d+ bytes, expected \d+", answer.json()["detail"])

@@ -18,6 +18,7 @@ from fastapi import HTTPException
 from rasterio.errors import RasterioError
 
 from ..errors import first_line
+from ..sources.raster import first_gdal_line
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, RasterioError)
@@ -77,5 +78,6 @@ def reading(path: str):
         yield
     except FileNotFoundError:  # removed since the catalog listed it
         raise HTTPException(404, f"{path}: not found") from None
-    except READ_ERRORS as exc:
-        raise HTTPException(422, f"{path}: cannot read: {first_line(exc)}") from None
+    except READ_ERRORS as exc:  # rasterio's own words are "Read failed. See previous exception": GDAL's say why
+        reason = first_gdal_line(exc) if isinstance(exc, RasterioError) else first_line(exc)
+        raise HTTPException(422, f"{path}: cannot read: {reason}") from None
