@@ -659,6 +659,17 @@ def test_serve_refuses_a_missing_folder_and_a_busy_port(tmp_path, server):
     assert busy.stderr.strip().splitlines()[-1].startswith("tilemask: error: cannot listen on 127.0.0.1:")
 
 
+@pytest.mark.timeout(60)
+def test_serve_refuses_an_empty_host(tmp_path):
+    """``--host ""`` (an unset variable in a script: ``--host "$HOST"``) served the folder on every interface, to
+    any Host name, and printed ``http://:PORT/``."""
+    from tests.conftest import run_cli
+
+    empty = run_cli("serve", tmp_path, "--host", "", "--port", "0", "--workers", "1", timeout=30)
+    assert empty.returncode == 2, empty.stdout + empty.stderr
+    assert empty.stderr.strip().splitlines()[-1].startswith("tilemask: error: cannot listen on an empty --host")
+
+
 def test_quote_roundtrip_for_names_with_spaces(served_folder, server):
     """A file name with a space and a '#' (quoted by the client) is served as itself."""
     weird = served_folder / "a b#c.csv"

@@ -46,6 +46,9 @@ def serve(
 
     from ..errors import InputError
 
+    if not host.strip():  # "" is every interface to bind(), and the address shown would be http://:PORT/
+        raise InputError("cannot listen on an empty --host: give an address (127.0.0.1, the default; 0.0.0.0 "
+                         "shares the folder on every interface)")  # fmt: skip
     hosts = allowed_hosts(host)
     create_app(folder, cors_origins, hosts)  # refuses a bad folder here, with one line, before anything listens
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
