@@ -234,6 +234,17 @@ def test_a_repeated_slice_an_empty_folder_headerless_files_and_a_nifti_pair_are_
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     """A real Orthanc (Debian's ``orthanc`` + ``orthanc-dicomweb``) on free loopback ports; yields its DICOMweb root."""
+    yield from _orthanc(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def orthanc_with_users(tmp_path_factory):
+    """The same Orthanc with HTTP Basic authentication (user ``alice``, password ``secret``); yields its DICOMweb
+    root, without them."""
+    yield from _orthanc(tmp_path_factory, AuthenticationEnabled=True, RegisteredUsers={"alice": "secret"})
+
+
+def _orthanc(tmp_path_factory, **settings):
     import json
     import subprocess
     import time
@@ -252,7 +263,7 @@ def orthanc(tmp_path_factory):
         "Name": "tilemask-test", "HttpPort": port, "DicomServerEnabled": False, "DicomPort": _free_port(),
         "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
         "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [str(plugin)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Host": f"127.0.0.1:{port}"},
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Host": f"127.0.0.1:{port}"}, **settings,
     }  # fmt: skip
     (folder / "orthanc.json").write_text(json.dumps(config))
     log = open(folder / "orthanc.log", "w")
@@ -260,7 +271,7 @@ def orthanc(tmp_path_factory):
     deadline = time.time() + 60
     while True:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/system", timeout=2).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/system", timeout=2).status_code in (200, 401):
                 break
         except httpx.HTTPError:
             pass
@@ -348,6 +359,39 @@ def test_a_store_that_fails_keeps_the_segmentation_and_a_server_that_does_not_an
     assert not (job / "manifest.jsonl").exists() or "started" not in (job / "manifest.jsonl").read_text()
     assert json.loads((job / "status.json").read_text())["state"] == "failed"
     assert sorted(p.name for p in (tmp_path / "silent").iterdir()) == [".tilemask"]
+
+
+def test_credentials_the_server_refuses_are_refused_before_any_window_and_those_it_takes_store(
+    make_model, tmp_path, client, orthanc_with_users
+):
+    """A DICOMweb server that refuses the URL's user and password (401) passed the check before the windows (any
+    answer did): every window ran, then the store failed (exit 1). The credentials go in the URL."""
+    import json
+
+    from dicomweb_client.api import DICOMwebClient
+    from dicomweb_client.session_utils import create_session_from_user_pass
+
+    from tilemask.errors import WorkflowError
+
+    weights, _ = make_model(UNET_3D)
+    base = series_workflow(CT, weights, ["background", "brain"], 100.0, 100.0)
+    root = orthanc_with_users
+    for given, why in [(root.replace("http://", "http://alice:wrong@"), "refuses the user and password in the URL"),
+                       (root, "wants a user and password")]:  # fmt: skip
+        output = {"path": "refused/{stem}_seg.dcm", "chunks": 16, "dicomweb": given}
+        with pytest.raises(WorkflowError, match=rf"^output.dicomweb: {root} {why} \(401 Unauthorized\)"):
+            tilemask.run(Workflow.from_dict({**base, "output": output}, base_dir=tmp_path), client)
+    for job in (tmp_path / "refused" / ".tilemask" / "jobs").iterdir():
+        assert not (job / "manifest.jsonl").exists() or "started" not in (job / "manifest.jsonl").read_text()
+        assert json.loads((job / "status.json").read_text())["state"] == "failed"
+    assert sorted(p.name for p in (tmp_path / "refused").iterdir()) == [".tilemask"]
+
+    output = {"path": "out/{stem}_seg.dcm", "chunks": 16, "dicomweb": root.replace("http://", "http://alice:secret@")}
+    tilemask.run(Workflow.from_dict({**base, "output": output}, base_dir=tmp_path), client)
+    local = pydicom.dcmread(tmp_path / "out" / "CT5N_seg.dcm")
+    web = DICOMwebClient(url=root, session=create_session_from_user_pass("alice", "secret"))
+    found = web.search_for_series(search_filters={"Modality": "SEG"})
+    assert [s["0020000E"]["Value"][0] for s in found] == [local.SeriesInstanceUID]
 
 
 def test_segment_labels_dicom_cannot_hold_are_refused_and_others_are_written_in_utf8(make_model, tmp_path, client):

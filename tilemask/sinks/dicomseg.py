@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import __version__
-from ..errors import OutputError
+from ..errors import OutputError, WorkflowError
 from ..outputs import publish, remove, staged_path
 from . import LabelSink, OutputLayout
 from .zarr import ZarrSink
@@ -159,13 +159,26 @@ def store(path: str, url: str) -> None:
 
 
 def check_answers(url: str) -> None:
-    """Refuse a DICOMweb server that does not answer now (exit 1: it may be down for now) before any window
-    runs, where the store comes once every window has.  Any HTTP answer will do (a QIDO refused for want of
-    rights or of QIDO does not say the store will fail); its body is not read.  Asked from the process that
-    drives the job (the store runs on a worker: they must both reach the server)."""
+    """Refuse a DICOMweb server that does not answer now (exit 1: it may be down for now), or that refuses the
+    URL's credentials (401: exit 2, the store would be refused too), before any window runs, where the store
+    comes once every window has.  Any other HTTP answer will do (a QIDO refused for want of rights or of QIDO
+    does not say the store will fail); its body is not read.  Asked from the process that drives the job (the
+    store runs on a worker: they must both reach the server)."""
+    from urllib.parse import urlsplit
+
     import requests
 
     try:
-        requests.get(f"{url.rstrip('/')}/studies", params={"limit": 1}, timeout=STORE_TIMEOUT[0], stream=True).close()
+        answer = requests.get(f"{url.rstrip('/')}/studies", params={"limit": 1}, timeout=STORE_TIMEOUT[0], stream=True)
+        answer.close()
     except requests.RequestException as exc:
         raise OutputError(f"output.dicomweb: {url} does not answer: {str(exc).splitlines()[0]}") from None
+    if answer.status_code == 401:
+        parts = urlsplit(url)
+        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()  # no password in the message
+        why = (
+            "refuses the user and password in the URL (401 Unauthorized)"
+            if parts.username
+            else "wants a user and password (401 Unauthorized): give them in the URL, https://USER:PASSWORD@HOST/..."
+        )
+        raise WorkflowError(f"output.dicomweb: {shown} {why}")
