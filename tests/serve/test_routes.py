@@ -6,11 +6,13 @@ pyogrio / pandas, never from the server's own code.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
 import re
 import shutil
+from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import geopandas as gpd
@@ -668,6 +670,51 @@ def test_serve_refuses_an_empty_host(tmp_path):
     empty = run_cli("serve", tmp_path, "--host", "", "--port", "0", "--workers", "1", timeout=30)
     assert empty.returncode == 2, empty.stdout + empty.stderr
     assert empty.stderr.strip().splitlines()[-1].startswith("tilemask: error: cannot listen on an empty --host")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_a_stopped_server_exits_130_whatever_its_workers(tmp_path, workers, how):
+    """Ctrl-C (SIGINT to the terminal's process group) or SIGTERM (``kill PID``) stopped one server process with
+    ``tilemask: interrupted``, exit 130, as every command; with more (the default on more than one core) it exited
+    0, silently."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    command = [str(Path(sys.executable).parent / "tilemask"), "serve", str(tmp_path), "--port", "0",
+               "--workers", workers]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)  # fmt: skip
+    try:
+        url = re.search(r"at (http://\S+/) ", process.stdout.readline()).group(1)
+        assert get(f"{url}?f=json").status_code == 200
+        if how == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 130
+        assert process.stdout.read().strip().splitlines()[-1] == "tilemask: interrupted"
+        left = [p for p in psutil.process_iter(["pid", "status"]) if p.info["status"] != psutil.STATUS_ZOMBIE
+                and _pgid(p.info["pid"]) == process.pid]  # fmt: skip
+        assert not left, left  # no worker left behind
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # the server and its workers, whatever happened
+        process.stdout.close()
+
+
+def _pgid(pid: int) -> int | None:
+    import os
+
+    try:
+        return os.getpgid(pid)
+    except OSError:  # gone meanwhile
+        return None
 
 
 def test_quote_roundtrip_for_names_with_spaces(served_folder, server):

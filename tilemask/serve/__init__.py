@@ -42,9 +42,10 @@ def serve(
 ) -> None:
     import click
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
 
-    from ..errors import InputError
+    from ..errors import InputError, RunError
 
     if not host.strip():  # "" is every interface to bind(), and the address shown would be http://:PORT/
         raise InputError("cannot listen on an empty --host: give an address (127.0.0.1, the default; 0.0.0.0 "
@@ -71,6 +72,10 @@ def serve(
     )  # fmt: skip
     click.echo(f"tilemask: serving {folder} at http://{shown}:{bound_port}/ with {workers} worker(s) (Ctrl-C to stop)")
     if workers > 1:
-        Multiprocess(config, sockets=[sock]).run()
+        supervisor = Multiprocess(config, sockets=[sock])
+        supervisor.run()  # returns once SIGINT or SIGTERM stopped it, or a process could not start
+        if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
+            raise RunError("a server process could not start (its error is above)")
+        raise KeyboardInterrupt  # as the one-process server re-raises the signal: exit 130, as every command
     else:
         uvicorn.Server(config).run(sockets=[sock])
