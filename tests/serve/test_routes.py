@@ -372,6 +372,22 @@ def test_nothing_outside_the_folder_is_ever_read(server, path):
     assert SECRET not in body and "root:" not in body
 
 
+@pytest.mark.timeout(60)
+def test_another_loopback_address_answers_only_loopback_names(tmp_path):
+    """``--host 127.0.0.2`` (or a host name that resolves to loopback, as Debian's own does to 127.0.1.1) is
+    loopback too, but it answered any ``Host`` name: a web page could reach it through DNS rebinding."""
+    from .conftest import start_server
+
+    (tmp_path / "table.csv").write_text("class,pixels\nland,1\n")
+    with start_server(tmp_path, "--host", "127.0.0.2", "--workers", "1") as url:
+        parts = urlsplit(url)
+        for host, status in (("evil.example", 400), (f"127.0.0.2:{parts.port}", 200), (f"localhost:{parts.port}", 200)):
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+            conn.request("GET", "/files/table.csv", headers={"Host": host})
+            assert conn.getresponse().status == status, host
+            conn.close()
+
+
 @pytest.mark.slow  # a second `tilemask serve` process (9 s)
 def test_the_server_listens_on_loopback_and_cors_is_off_unless_asked(served_folder, server):
     assert urlsplit(server).hostname == "127.0.0.1"

@@ -10,6 +10,7 @@ instead of one interpreter's GIL.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -32,9 +33,13 @@ def app_from_environment():
     return create_app(settings["folder"], tuple(settings["cors_origins"]), tuple(settings["allowed_hosts"]))
 
 
-def allowed_hosts(host: str) -> tuple[str, ...]:
-    """Loopback names when listening on loopback (no DNS rebinding); any name when shared on purpose."""
-    return LOOPBACK_NAMES if host in LOOPBACK_NAMES else ("*",)
+def allowed_hosts(host: str, address: str) -> tuple[str, ...]:
+    """Loopback names, and the ``host`` given, when listening on a loopback ``address`` (no DNS rebinding: any
+    of 127.0.0.0/8, or a name that resolves there, as Debian's own host name does to 127.0.1.1); any name when
+    shared on purpose."""
+    if host in LOOPBACK_NAMES:
+        return LOOPBACK_NAMES
+    return (*LOOPBACK_NAMES, host) if ipaddress.ip_address(address).is_loopback else ("*",)
 
 
 def serve(
@@ -50,8 +55,7 @@ def serve(
     if not host.strip():  # "" is every interface to bind(), and the address shown would be http://:PORT/
         raise InputError("cannot listen on an empty --host: give an address (127.0.0.1, the default; 0.0.0.0 "
                          "shares the folder on every interface)")  # fmt: skip
-    hosts = allowed_hosts(host)
-    create_app(folder, cors_origins, hosts)  # refuses a bad folder here, with one line, before anything listens
+    create_app(folder, cors_origins)  # refuses a bad folder here, with one line, before anything listens
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only then
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -61,7 +65,8 @@ def serve(
         sock.close()
         raise InputError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.listen(128)
-    bound_port = sock.getsockname()[1]
+    address, bound_port = sock.getsockname()[:2]
+    hosts = allowed_hosts(host, address)
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     os.environ[_SETTINGS] = json.dumps(
         {"folder": os.path.abspath(folder), "cors_origins": list(cors_origins), "allowed_hosts": list(hosts)}
