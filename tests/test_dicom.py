@@ -371,7 +371,7 @@ def test_credentials_the_server_refuses_are_refused_before_any_window_and_those_
     from dicomweb_client.api import DICOMwebClient
     from dicomweb_client.session_utils import create_session_from_user_pass
 
-    from tilemask.errors import WorkflowError
+    from tilemask.errors import OutputError, WorkflowError
 
     weights, _ = make_model(UNET_3D)
     base = series_workflow(CT, weights, ["background", "brain"], 100.0, 100.0)
@@ -392,6 +392,13 @@ def test_credentials_the_server_refuses_are_refused_before_any_window_and_those_
     web = DICOMwebClient(url=root, session=create_session_from_user_pass("alice", "secret"))
     found = web.search_for_series(search_filters={"Modality": "SEG"})
     assert [s["0020000E"]["Value"][0] for s in found] == [local.SeriesInstanceUID]
+
+    # a store refused for another reason (no DICOMweb root there: 404) names the URL without the password
+    wrong = root.replace("http://", "http://alice:secret@").replace("/dicom-web", "/dicom-wrong")
+    output = {"path": "wrong/{stem}_seg.dcm", "chunks": 16, "dicomweb": wrong}
+    with pytest.raises(OutputError, match=r"^output.dicomweb: storing .* on http://127\.0\.0\.1:\d+/dicom-wrong/? failed: 404") as caught:
+        tilemask.run(Workflow.from_dict({**base, "output": output}, base_dir=tmp_path), client)
+    assert "secret" not in str(caught.value)
 
 
 def test_segment_labels_dicom_cannot_hold_are_refused_and_others_are_written_in_utf8(make_model, tmp_path, client):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -154,8 +155,15 @@ def store(path: str, url: str) -> None:
     try:
         DICOMwebClient(url=url.rstrip("/"), session=session).store_instances([pydicom.dcmread(path)])
     except Exception as exc:  # noqa: BLE001 - requests and the client raise many types
-        raise OutputError(f"output.dicomweb: storing {path} on {url} failed: {str(exc).splitlines()[0]} (the file "
-                          "is whole and kept)") from None  # fmt: skip
+        raise OutputError(f"output.dicomweb: storing {path} on {_shown(url)} failed: "
+                          f"{_shown(url, str(exc).splitlines()[0])} (the file is whole and kept)") from None  # fmt: skip
+
+
+def _shown(url: str, text: str | None = None) -> str:
+    """``text`` (``url`` itself by default) with the user and password ``url`` holds left out: messages and logs
+    name the server, not its password (requests quotes the URL it asked)."""
+    netloc = urlsplit(url).netloc
+    return (url if text is None else text).replace(netloc, netloc.rpartition("@")[2])
 
 
 def check_answers(url: str) -> None:
@@ -164,21 +172,18 @@ def check_answers(url: str) -> None:
     comes once every window has.  Any other HTTP answer will do (a QIDO refused for want of rights or of QIDO
     does not say the store will fail); its body is not read.  Asked from the process that drives the job (the
     store runs on a worker: they must both reach the server)."""
-    from urllib.parse import urlsplit
-
     import requests
 
     try:
         answer = requests.get(f"{url.rstrip('/')}/studies", params={"limit": 1}, timeout=STORE_TIMEOUT[0], stream=True)
         answer.close()
     except requests.RequestException as exc:
-        raise OutputError(f"output.dicomweb: {url} does not answer: {str(exc).splitlines()[0]}") from None
+        raise OutputError(f"output.dicomweb: {_shown(url)} does not answer: "
+                          f"{_shown(url, str(exc).splitlines()[0])}") from None  # fmt: skip
     if answer.status_code == 401:
-        parts = urlsplit(url)
-        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()  # no password in the message
         why = (
             "refuses the user and password in the URL (401 Unauthorized)"
-            if parts.username
+            if urlsplit(url).username
             else "wants a user and password (401 Unauthorized): give them in the URL, https://USER:PASSWORD@HOST/..."
         )
-        raise WorkflowError(f"output.dicomweb: {shown} {why}")
+        raise WorkflowError(f"output.dicomweb: {_shown(url)} {why}")
