@@ -471,3 +471,17 @@ def test_a_schedulers_address_given_as_the_client_says_to_give_it_as_scheduler(m
     assert str(refused.value) == ("client: a distributed.Client, not str 'tcp://127.0.0.1:8786' (give a scheduler's "
                                   "address as scheduler=)"), str(refused.value)  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_workflow_given_as_a_dict_runs_as_workflow_from_dict_reads_it(make_raster, make_model, tmp_path, client,
+                                                                       monkeypatch):  # fmt: skip
+    """``tilemask.run({...}, client)``, the mapping a YAML file holds: it failed with ``TypeError: expected str,
+    bytes or os.PathLike object, not dict``. Its relative paths are the working folder's, as ``from_dict``'s."""
+    import tilemask
+
+    path, _ = make_raster((3, 64, 64))
+    weights, _ = make_model()
+    monkeypatch.chdir(tmp_path)
+    (result,) = tilemask.run(raster_workflow(path.name, weights.name, output={"path": "out/{stem}.zarr"}), client)
+    assert result.status == "ok" and result.outputs[0] == str(tmp_path / "out" / f"{path.stem}.zarr")

@@ -9,7 +9,8 @@ from .workflow import Workflow  # noqa: E402
 
 
 def run(workflow, client=None, **kwargs):
-    """Run a workflow (a :class:`Workflow` or a YAML path) as a job; see :func:`tilemask.driver.run`."""
+    """Run a workflow (a :class:`Workflow`, a YAML path, or the mapping one holds) as a job; see
+    :func:`tilemask.driver.run`."""
     from .driver import run as _run
 
     return _run(workflow, client, **kwargs)

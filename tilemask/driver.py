@@ -33,7 +33,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -98,7 +98,7 @@ def prepare(
 
 
 def run(
-    workflow: Workflow | str | Path,
+    workflow: Workflow | Mapping | str | Path,
     client: Client | None = None,
     *,
     scheduler: str | None = None,
@@ -114,8 +114,11 @@ def run(
 ) -> JobResults:
     """Run a workflow's job on ``client``, on ``scheduler``, or on a cluster it starts (``cluster``: local,
     embedded; slurm, jobs of dask-jobqueue): one result per input (``status`` ok, skipped or failed).
-    ``source``: the workflow file, recorded in the job."""
-    if not isinstance(workflow, Workflow):
+    ``workflow``: a Workflow, a workflow file, or the mapping one holds (read as :meth:`Workflow.from_dict`, its
+    relative paths the working folder's).  ``source``: the workflow file, recorded in the job."""
+    if isinstance(workflow, Mapping):
+        workflow = Workflow.from_dict(dict(workflow))
+    elif not isinstance(workflow, Workflow):
         source = str(Path(workflow).resolve())
         workflow = Workflow.from_yaml(workflow)
     options = Options(on_error, retry_failed, overwrite)
