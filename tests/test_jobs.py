@@ -264,11 +264,11 @@ def test_a_truncated_last_manifest_line_is_dropped_and_the_manifest_goes_on(tmp_
     job = JobFolder(tmp_path / "job")
     job.create({"version": 1}, str(tmp_path), None, {}, [{"item": 0, "name": "a", "files": ["a.tif"], "output": "o"}])
     job.record({"item": 0, "name": "a", "status": "started"})
-    job.record({"item": 0, "name": "a", "status": "ok", "outputs": []})
+    job.record({"item": 0, "name": "a", "input": "a.tif", "status": "ok", "outputs": []})
     with open(job.path / "manifest.jsonl", "a") as f:
         f.write('{"item": 1, "name": "b", "status": "o')  # a crash in the middle of a write
     assert [line["status"] for line in job.manifest().lines] == ["started", "ok"]
-    job.record({"item": 1, "name": "b", "status": "failed", "error": "x"})
+    job.record({"item": 1, "name": "b", "input": "b.tif", "status": "failed", "error": "x"})
     assert [line["status"] for line in job.manifest().lines] == ["started", "ok", "failed"]
     assert set(job.manifest().latest()) == {"a", "b"}
     assert find(job.id).path == job.path  # listed in $TILEMASK_HOME/jobs
@@ -536,6 +536,46 @@ def test_jobs_lists_the_others_when_one_record_is_damaged(tmp_path):
     (warning,) = CliRunner().invoke(main, ["jobs"]).stderr.strip().splitlines()
     assert warning.startswith(f"tilemask: warning: {folders[0].path}/items.jsonl line 1: not an input's record")
 
+
+
+@pytest.mark.timeout(60)
+def test_a_job_record_or_manifest_line_that_is_json_but_no_record_is_one_line(tmp_path):
+    """A ``job.json`` or a manifest line that is JSON but not what tilemask writes there (``[]``, ``null``, a line
+    without a name or an ok line without outputs: an edited or damaged folder) was a bare ``TypeError``,
+    ``AttributeError`` or ``KeyError`` from ``tilemask status`` and ``run`` (exit 1), and made ``tilemask jobs``
+    list nothing."""
+    from click.testing import CliRunner
+
+    from tilemask.cli import main
+
+    folders = [JobFolder(tmp_path / name) for name in ("a", "b")]
+    for n, job in enumerate(folders):
+        job.create({"version": 1, "n": n}, str(tmp_path), None, {}, [{"item": 0, "name": "x", "files": [], "output": "o"}])
+        job.record({"item": 0, "name": "x", "input": "x.tif", "status": "started"})
+        job.set_status("done")
+    damaged, good = folders
+    manifest = (damaged.path / "manifest.jsonl").read_text()
+    for line in ("[1, 2]", "null", '"x"', '{"status": "ok"}', '{"name": "x", "input": "x.tif", "status": "ok"}'):
+        (damaged.path / "manifest.jsonl").write_text(manifest + line + "\n")
+        with pytest.raises(JobError, match="manifest.jsonl line 2: not an attempt's record; the manifest is damaged"):
+            damaged.manifest()
+        status = CliRunner().invoke(main, ["status", str(damaged.path)])
+        assert status.exit_code == 2 and status.stderr == (f"tilemask: error: {damaged.path}/manifest.jsonl line 2: not "
+                                                           "an attempt's record; the manifest is damaged\n")  # fmt: skip
+        listing = CliRunner().invoke(main, ["jobs"])
+        assert listing.exit_code == 0, listing.stderr
+        assert [row.split()[0] for row in listing.stdout.splitlines()] == [good.id]
+    (damaged.path / "manifest.jsonl").write_text(manifest)
+    for record in ("[]", "null", "5"):
+        (damaged.path / "job.json").write_text(record)
+        with pytest.raises(JobError, match="job.json: unreadable: not a JSON object"):
+            damaged.info()
+        status = CliRunner().invoke(main, ["status", str(damaged.path)])
+        assert status.exit_code == 0, status.stderr  # the state is in status.json; the id falls back to the name
+        assert status.stdout.startswith("job a: done")
+        listing = CliRunner().invoke(main, ["jobs"])
+        assert listing.exit_code == 0, listing.stderr
+        assert sorted(row.split()[0] for row in listing.stdout.splitlines()) == sorted(["a", good.id])
 
 
 @pytest.mark.slow  # waits out one connect timeout (5 s)

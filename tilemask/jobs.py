@@ -149,7 +149,7 @@ class JobFolder:
         is created (:meth:`create`); until then, the folder's name."""
         try:
             return json.loads((self.path / "job.json").read_text())["id"]
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):  # TypeError: JSON, not an object
             return self.path.name
 
     @property
@@ -201,11 +201,14 @@ class JobFolder:
 
     def info(self) -> dict:
         try:
-            return json.loads((self.path / "job.json").read_text())
+            info = json.loads((self.path / "job.json").read_text())
         except FileNotFoundError:
             raise JobError(f"{self.path}: not a tilemask job folder (no job.json)") from None
         except (OSError, ValueError) as exc:
             raise JobError(f"{self.path}/job.json: unreadable: {exc}") from None
+        if not isinstance(info, dict):
+            raise JobError(f"{self.path}/job.json: unreadable: not a JSON object")
+        return info
 
     def workflow(self):
         """The job's workflow, resolved against the folder it was written for."""
@@ -245,9 +248,12 @@ class JobFolder:
         lines = []
         for number, text in enumerate(whole.decode().splitlines(), 1):
             try:
-                lines.append(json.loads(text))
+                line = json.loads(text)
             except ValueError:
                 raise JobError(f"{path} line {number} is not JSON; the manifest is damaged") from None
+            if not _attempt(line):  # JSON, but no attempt's record ([], null, a line without a name)
+                raise JobError(f"{path} line {number}: not an attempt's record; the manifest is damaged")
+            lines.append(line)
         return Manifest(lines)
 
     def record(self, line: dict, durable: bool = True) -> None:
@@ -400,6 +406,17 @@ class RemoteJobFolder(JobFolder):
 
     def cancel_requested(self) -> bool:
         return storage.exists(f"{self.url}/cancel")
+
+
+def _attempt(line) -> bool:
+    """Whether a manifest line is an attempt's record as :meth:`JobFolder.record` writes it: a ``started`` line
+    names its item; an ``ok`` or ``failed`` line its input too, and an ``ok`` line the list of its outputs."""
+    if not (isinstance(line, dict) and isinstance(line.get("name"), str)):
+        return False
+    status = line.get("status")
+    if status == "started":
+        return True
+    return status in ("ok", "failed") and "input" in line and (status == "failed" or isinstance(line.get("outputs"), list))
 
 
 def outputs_complete(outputs: list[str]) -> bool:
