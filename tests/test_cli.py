@@ -102,6 +102,29 @@ def test_a_scheduler_that_is_no_address_is_a_usage_error():
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", ["run", "submit"])
+def test_a_scheduler_address_no_command_can_connect_by_is_refused_before_a_job_folder_is_made(
+    scene, write_workflow, tmp_path, command
+):
+    """``--scheduler inproc://...`` (distributed's comms inside one process) ended as ``ValueError: not enough values
+    to unpack``, and ``ucx://`` (a stub since distributed moved it to distributed-ucxx) as ``TypeError: Can't
+    instantiate abstract class UCXConnector``, both exit 1 once the job folder was made: addresses no command can
+    connect by, refused as such (exit 2) before anything is written."""
+    from click.testing import CliRunner
+
+    from tilemask.cli import main
+
+    path = write_workflow(scene)
+    refusals = [("inproc://192.168.1.5/1234/1", "an inproc:// address names a scheduler inside one Python process"),
+                ("ucx://127.0.0.1:8786", "this Dask has no ucx:// transport (distributed moved ucx:// to the package "
+                                         "distributed-ucxx)")]  # fmt: skip
+    for address, words in refusals:
+        refused = CliRunner().invoke(main, [command, str(path), "--scheduler", address])
+        assert_one_line_error(refused, 2, f"--scheduler {address}: not a Dask scheduler address: {words}")
+        assert not (tmp_path / "out").exists(), "no job folder, no output folder"
+
+
+@pytest.mark.timeout(60)
 def test_a_scheduler_port_out_of_range_is_refused_at_once(tmp_path):
     """``tilemask stats MASK --scheduler tcp://127.0.0.1:99999`` (a digit too many) tried to connect for 30 s and
     ended ``cannot reach the Dask scheduler ... Connection refused``, exit 1, as for a scheduler that is down for

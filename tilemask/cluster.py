@@ -123,7 +123,16 @@ def check_cluster_options(scheduler: str | None, kind: str = "local") -> None:
 
         try:
             address = normalize_address(scheduler)
-            registry.get_backend(parse_address(address)[0])  # 'nonsense://x' passes normalize_address
+            scheme = parse_address(address)[0]
+            backend = registry.get_backend(scheme)  # 'nonsense://x' passes normalize_address
+            if scheme == "inproc":  # distributed's comms within one process: no command reaches one
+                raise ValueError("an inproc:// address names a scheduler inside one Python process; give its tcp:// "
+                                 "address")  # fmt: skip
+            try:
+                backend.get_connector()
+            except (TypeError, ImportError) as exc:  # ucx://: a stub since distributed moved it to distributed-ucxx
+                raise ValueError(f"this Dask has no {scheme}:// transport (distributed moved ucx:// to the package "
+                                 f"distributed-ucxx): {exc}") from None  # fmt: skip
             if address.startswith(("tcp://", "tls://", "ws://", "wss://")):
                 port = get_address_host_port(address)[1]
                 if not 0 < port <= 65535:  # connecting to it is refused for the 30 s of a scheduler down for now
