@@ -162,6 +162,27 @@ def test_where_the_work_runs_is_refused_before_a_job_folder_is_made(scene, write
         assert not (tmp_path / "out").exists(), "no job folder, no output folder"
 
 
+@pytest.mark.timeout(60)
+def test_slurm_worker_settings_that_are_no_counts_are_refused_before_a_job_folder_is_made(scene, write_workflow,
+                                                                                          tmp_path):  # fmt: skip
+    """``jobqueue.slurm.cores: 0`` or ``processes: 0`` (dask-jobqueue divides one by the other) ended as
+    ``ZeroDivisionError``, and ``cores: four`` as ``TypeError: '<=' not supported``, exit 1 once the job folder was
+    made: settings, refused as the missing ``cores`` is (exit 2, one line naming it, nothing written)."""
+    import dask
+    from click.testing import CliRunner
+
+    from tilemask.cli import main
+
+    path = write_workflow(scene)
+    for key, value in (("cores", 0), ("processes", 0), ("cores", "four"), ("processes", -2), ("cores", True)):
+        settings = {"cores": 1, "memory": "2GB", key: value}
+        with dask.config.set({"jobqueue.slurm": settings}):
+            refused = CliRunner().invoke(main, ["run", str(path), "--cluster", "slurm"])
+        assert_one_line_error(refused, 2, f"--cluster slurm: jobqueue.slurm.{key} is {value!r}, not a whole number of "
+                                          "at least 1")  # fmt: skip
+        assert not (tmp_path / "out").exists(), "no job folder, no output folder"
+
+
 @pytest.fixture
 def scene(make_raster, make_model, write_workflow, tmp_path):
     path, _ = make_raster((3, 90, 120))

@@ -151,6 +151,11 @@ def check_cluster_options(scheduler: str | None, kind: str = "local") -> None:
             which = "them" if len(unset) > 1 else "it"
             raise UsageError(f"--cluster slurm: no {' or '.join(unset)} for the worker jobs: set {which} in the Dask "
                              "config jobqueue.slurm (see cluster/slurm.yaml)")  # fmt: skip
+        for key in ("cores", "processes"):  # dask-jobqueue divides one by the other: 0 was a ZeroDivisionError
+            value = dask.config.get(f"jobqueue.slurm.{key}", None)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise UsageError(f"--cluster slurm: jobqueue.slurm.{key} is {value!r}, not a whole number of at least "
+                                 "1: set it in the Dask config (see cluster/slurm.yaml)")  # fmt: skip
 
 
 @contextlib.contextmanager
