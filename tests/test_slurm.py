@@ -163,6 +163,30 @@ def test_a_slurm_that_sbatch_cannot_reach_is_one_line_at_once(tmp_path):
     assert not (tmp_path / "out" / "RGB.byte_mask.tif").exists()
 
 
+def test_worker_job_options_that_sbatch_itself_refuses_are_a_usage_error(tmp_path):
+    """A ``walltime: bogus``, or an unknown option or a ``--gres`` in ``job-extra-directives``, is refused by sbatch
+    before it asks the controller ("Invalid --time specification", "unrecognized option"): settings, exit 2, as a
+    partition the controller does not have; they were exit 1, as a SLURM that cannot be reached (for now) is."""
+    _need("sbatch")
+    # a controller named but not there: sbatch reads the job's options first, and refuses these at once
+    conf = f"ClusterName=nowhere\nSlurmctldHost=localhost\nSlurmctldPort={_free_port()}\n"
+    (tmp_path / "slurm.conf").write_text(conf)
+    refusals = [({"walltime": "bogus"}, "error: Invalid --time specification"),
+                ({"job-extra-directives": ["--bogus"]}, "unrecognized option '--bogus'"),
+                ({"job-extra-directives": ["--gres=gpu:1"]}, "error: Invalid generic resource")]
+    for n, (setting, said) in enumerate(refusals):
+        folder = tmp_path / f"case{n}"
+        folder.mkdir()
+        path, config = demo_with_jobqueue(folder, {"cores": 1, "memory": "2GB", **setting})
+        env = {"DASK_CONFIG": str(config), "SLURM_CONF": str(tmp_path / "slurm.conf")}
+        done = run_cli("run", path, "--cluster", "slurm", "--quiet", cwd=folder, env=env, timeout=60)
+        assert done.returncode == 2, done.stderr
+        (line,) = done.stderr.strip().splitlines()
+        assert line.startswith(f"tilemask: error: --cluster slurm: sbatch refused the worker job: {said}"), line
+        assert line.endswith("set the Dask config jobqueue.slurm (see cluster/slurm.yaml)"), line
+        assert not (folder / "out" / "RGB.byte_mask.tif").exists()
+
+
 def test_a_worker_job_that_slurm_refuses_for_its_settings_is_a_usage_error(slurm, tmp_path):
     """A partition the cluster does not have is a setting (exit 2), as a missing ``cores`` is; it was exit 1, as a
     SLURM that cannot be reached is (a reviewer's). The line gives SLURM's reason and where the setting lives."""

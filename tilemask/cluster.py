@@ -30,6 +30,7 @@ import importlib.util
 import logging
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -453,15 +454,22 @@ def _check_sbatch(script: str) -> None:
 _UNREACHED = ("unable to contact", "socket timed out", "zero bytes", "communication", "authentication", "standby", "busy")
 
 
+_OPTION_REFUSED = re.compile(r"^(error: Invalid .*(specification|value)|unrecognized option|invalid option"
+                             r"|option .* requires an argument)")
+"""sbatch's own refusal of an option of the job script, before it asks the controller: ``--time`` of
+``walltime: bogus``, an ``--gres`` or an unknown option in ``job-extra-directives``."""
+
+
 def _refused_as_configured(said: list[str]) -> bool:
     """Whether SLURM's controller answered and refused the job as the config makes it (a partition, account or QOS
-    it does not have, more memory or time than allowed): a setting, where a controller not reached is not."""
+    it does not have, more memory or time than allowed), or sbatch itself refused one of its options: a setting,
+    where a controller not reached is not."""
     for line in reversed(said):
         for verdict in ("allocation failure:", "Batch job submission failed:"):  # --test-only's, sbatch's
             if verdict in line:
                 reason = line.split(verdict, 1)[1].lower()
                 return not any(word in reason for word in _UNREACHED)
-    return False
+    return any(_OPTION_REFUSED.match(line) for line in said)
 
 
 class WorkerSetup(WorkerPlugin):
