@@ -128,6 +128,28 @@ def test_an_input_replaced_after_its_run_is_redone(make_raster, make_model, tmp_
     assert last.status == "skipped"  # unchanged since: done
 
 
+def test_an_input_a_list_names_anew_under_the_same_name_is_redone(make_raster, make_model, tmp_path, client):
+    """The same workflow whose list file (or STAC Item) now names another file under the same name is the same job:
+    its rerun checked the files the earlier run had read, found them unchanged and skipped the item as done ("a.tif:
+    done in an earlier run"), its labels those of the file the list no longer names."""
+    for folder, seed in (("a", 0), ("b", 5)):
+        (tmp_path / folder).mkdir()
+        make_raster((3, 80, 90), name=f"{folder}/scene.tif", seed=seed)
+    weights, _ = make_model()
+    (tmp_path / "scenes.txt").write_text("a/scene.tif\n")
+    workflow = raster_workflow(tmp_path / "x.tif", weights, output={"path": "out/{stem}.zarr", "chunks": 64})
+    workflow["input"] = {"list": "scenes.txt"}
+    (first,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    before = zarr.open_group(first.outputs[0], mode="r")["labels"][:]
+    (tmp_path / "scenes.txt").write_text("b/scene.tif\n")  # another scene, the same name
+    (redone,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert (redone.status, redone.input) == ("ok", str(tmp_path / "b" / "scene.tif")) and redone.windows > 0
+    after = zarr.open_group(redone.outputs[0], mode="r")["labels"][:]
+    assert (after != before).any(), "the new scene's labels"
+    (last,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert (last.status, last.input) == ("skipped", str(tmp_path / "b" / "scene.tif"))  # unchanged since: done
+
+
 def test_weights_retrained_at_the_same_path_redo_every_finished_item(make_raster, make_model, tmp_path, client):
     """The same workflow after the weights file was saved over (a retrained network, same path) is the same job:
     its rerun skipped every item as done, their labels the old network's."""

@@ -206,7 +206,8 @@ def drive_job(
     todo = []
     latest = manifest.latest()
     weights = input_stamp(plan.model.weights)  # retrained weights at the same path: every item is redone
-    finished = _finished({item.name: latest[item.name] for item in items if item.name in latest}, weights)
+    finished = _finished({item.name: latest[item.name] for item in items if item.name in latest}, weights,
+                         {item.name: list(item.files) for item in items})
     for index, item in enumerate(items):
         earlier = _earlier(latest.get(item.name), item.name in finished, options)
         if earlier is None:
@@ -294,15 +295,17 @@ def _stamps(files) -> list[list]:
     return [input_stamp(f) for f in files]
 
 
-def _finished(lines: dict[str, dict], weights: list) -> set[str]:
-    """The names of the items whose latest line (``lines``) is ok, whose files and weights (stamped ``weights``
-    now) are as they were (a replaced input, or retrained weights, is redone; lines written before the stamps were
+def _finished(lines: dict[str, dict], weights: list, files: dict[str, list[str]]) -> set[str]:
+    """The names of the items whose latest line (``lines``) is ok, whose files (``files``, by name, as listed now:
+    a list file or STAC Item may name other files under the same name) and weights (stamped ``weights`` now) are as
+    they were (a replaced input, or retrained weights, is redone; lines written before the files and stamps were
     recorded count as unchanged) and whose outputs are complete (:func:`~tilemask.jobs.outputs_complete`).  Asked
     in parallel: objects on the network a request each, a GeoPackage's mark a few ms."""
 
     def finished(line: dict) -> bool:
         now = line.get("files") and _stamps(line["files"])
-        unchanged = line.get("files") is None or (now == line.get("stamps") and [None] not in now)
+        unchanged = line.get("files") is None or (line["files"] == files[line["name"]] and now == line.get("stamps")
+                                                  and [None] not in now)  # fmt: skip
         same_model = line.get("weights_stamp", weights) == weights and weights != [None]
         return unchanged and same_model and outputs_complete(line["outputs"])
 
