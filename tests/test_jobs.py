@@ -245,6 +245,33 @@ def test_a_different_workflow_may_not_replace_a_jobs_outputs_without_overwrite(s
     assert len(list((tmp_path / "out" / ".tilemask" / "jobs").iterdir())) == 2  # one job per workflow
 
 
+def test_a_run_with_overwrite_stopped_early_leaves_the_jobs_outputs_its_own(make_raster, make_model, tmp_path, client):
+    """``--overwrite`` forgot the manifest whole, the ``started`` lines too: a run with it that stopped before it
+    redid every item (a scheduler not reached, a lost one, Ctrl-C) left the job's earlier outputs as someone else's,
+    and the job's next run refused them ("output ... exists; pass --overwrite", exit 2 for the first, a failure for
+    a later one): an interrupted ``--overwrite`` run of 100,000 items could only start over."""
+    import dask
+
+    from .conftest import _free_port
+
+    for name, seed in (("a", 0), ("b", 1)):
+        make_raster((3, 80, 90), name=f"{name}.tif", seed=seed)
+    weights, _ = make_model()
+    workflow = raster_workflow(tmp_path / "*.tif", weights, output={"path": "out/{stem}.zarr", "chunks": 64})
+    first = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert [r.status for r in first] == ["ok", "ok"]
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):  # the --overwrite run stops before any work
+        with pytest.raises(tilemask.errors.TilemaskError, match="cannot reach the Dask scheduler"):
+            tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), scheduler=f"tcp://127.0.0.1:{_free_port()}",
+                         overwrite=True)  # fmt: skip
+    again = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)  # no --overwrite: the job's own
+    assert [r.status for r in again] == ["ok", "ok"] and all(r.windows > 0 for r in again), "every item redone"
+    assert [r.status for r in tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)] == ["skipped"] * 2
+    tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client, overwrite=True)
+    statuses = sorted(line["status"] for line in manifest_lines(first.job))
+    assert statuses == ["ok"] * 2 + ["started"] * 4, "each item's last start kept, then redone once"
+
+
 def test_a_job_dir_holding_another_workflows_job_is_refused_unless_overwrite(scene_workflow, tmp_path, client):
     scene_workflow["input"] = str(tmp_path / "scenes" / "a.tif")
     (first,) = tilemask.run(Workflow.from_dict(scene_workflow, base_dir=tmp_path), client, job_dir=tmp_path / "myjob")

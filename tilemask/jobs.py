@@ -177,7 +177,7 @@ class JobFolder:
                 raise JobError(f"job folder {self.location} holds the job of another workflow; choose another "
                                "--job-dir, or pass --overwrite to start it afresh")  # fmt: skip
             (self.path / "job.json").unlink()
-            self.reset()
+            self.reset(begun=False)  # what another workflow's job began is not this one's
         # A default folder is named by the workflow's hash; one a user named (--job-dir) is not unique: two
         # workflows whose --job-dir folders share a name resumed each other's staged chunks.
         identity = workflow_id
@@ -267,10 +267,23 @@ class JobFolder:
                 os.fsync(f.fileno())
         self._saved("manifest.jsonl")
 
-    def reset(self) -> None:
-        """Forget every attempt (``--overwrite``: every item is redone)."""
-        for name in ("manifest.jsonl", "report.csv", "cancel"):
+    def reset(self, begun: bool = True) -> None:
+        """Forget every attempt (``--overwrite``: every item is redone); with ``begun``, not which items the job
+        began: their outputs are still its own, so that its next run, should this one be interrupted, resumes
+        without ``--overwrite`` (it refused them as someone else's)."""
+        started = {}
+        try:
+            if begun:
+                started = {line["name"]: line for line in self.manifest().lines if line["status"] == "started"}
+        except JobError:  # a damaged manifest: --overwrite is how a job starts afresh
+            pass
+        if started:
+            _write_atomic(self.path / "manifest.jsonl", "".join(json.dumps(line) + "\n" for line in started.values()))
+        else:
+            (self.path / "manifest.jsonl").unlink(missing_ok=True)
+        for name in ("report.csv", "cancel"):
             (self.path / name).unlink(missing_ok=True)
+        for name in ("manifest.jsonl", "report.csv", "cancel"):
             self._saved(name)
 
     # -- status, cancel, report -------------------------------------------------------------------------------
