@@ -304,6 +304,20 @@ def test_a_submit_interrupted_while_it_hands_over_the_driver_leaves_no_job_runni
         assert not any((tmp_path / "out").glob("*_mask.tif"))
 
 
+def test_a_queued_job_says_its_driver_waits_for_a_worker(scenes_workflow, tmp_path):
+    """A job submitted to a scheduler without workers read ``queued`` and nothing more, for ever; docs/jobs.md says
+    ``tilemask status`` shows it "with 'its driver waits for a Dask worker'", as it did only for a driver held again
+    after its worker died."""
+    with dask_cluster(tmp_path, 0) as (address, _):  # a scheduler without workers
+        job = submit(scenes_workflow, address)
+        summary = status(job, tmp_path)
+        assert (summary["state"], summary["message"]) == ("queued", "its driver waits for a Dask worker"), summary
+        shown = run_cli("status", job, cwd=tmp_path).stdout.splitlines()
+        assert shown[:2] == [f"job {job}: queued, 0 of 12 items ok, 0 failed, 12 pending",
+                             "  its driver waits for a Dask worker"], shown  # fmt: skip
+        assert run_cli("cancel", job, cwd=tmp_path).returncode == 0
+
+
 def test_cancel_of_a_job_no_worker_has_started_answers_at_once(scenes_workflow, tmp_path):
     """A queued job (a scheduler without workers): its driver cannot see the request, and cancel waited out
     its whole --wait (60 s) before it said "cancelled"."""

@@ -119,8 +119,8 @@ def _summary(folder) -> dict:
 
     recorded = folder.status()
     state, task = live_driver(folder, recorded)
-    if state == "running" and task in HELD:  # Dask holds the driver again: the worker that ran it is gone
-        waiting = "its driver waits for a Dask worker (the one it ran on is gone)"
+    if state in ("queued", "running") and task in HELD:  # not started yet, or held again: its worker is gone
+        waiting = "its driver waits for a Dask worker" + (" (the one it ran on is gone)" if state == "running" else "")
         state, recorded = "queued", {**recorded, "message": waiting}
     return {
         **recorded,
