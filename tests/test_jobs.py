@@ -562,6 +562,28 @@ def test_a_running_job_whose_process_is_gone_is_lost_and_cancel_ends_it(tmp_path
     assert json.loads((job.path / "status.json").read_text())["state"] == "cancelled"
 
 
+@pytest.mark.timeout(60)
+def test_cancel_with_a_wait_that_is_no_number_of_seconds_is_refused_before_it_asks(tmp_path):
+    """``tilemask cancel JOB --wait -1`` (or ``nan``) wrote the cancel request, then said "cancel requested; still
+    running after -1 s", exit 1, at once: a usage error, refused (exit 2) before anything is written."""
+    import socket
+
+    from click.testing import CliRunner
+
+    from tilemask.cli import main
+
+    job = JobFolder(tmp_path / "job")
+    job.create({"version": 1}, str(tmp_path), None, {}, [{"item": 0, "name": "a", "files": ["a.tif"], "output": "o"}])
+    job.set_status("running", host=socket.gethostname(), pid=os.getpid())
+    with job:  # this process runs the job
+        for wait in ("-1", "nan"):
+            refused = CliRunner().invoke(main, ["cancel", str(job.path), "--wait", wait])
+            assert refused.exit_code == 2, refused.stdout + refused.stderr
+            assert refused.stderr == (f"tilemask: error: Invalid value for '--wait': {wait} is not a number of seconds "
+                                      "(0 or more)\n")  # fmt: skip
+            assert not job.cancel_requested()
+
+
 def test_jobs_lists_the_others_when_one_record_is_damaged(tmp_path):
     """One unreadable ``status.json`` made ``tilemask jobs`` list nothing, exit 2."""
     folders = [JobFolder(tmp_path / name) for name in ("a", "b")]

@@ -132,9 +132,17 @@ def _summary(folder) -> dict:
     }
 
 
+def _seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """``--wait``: -1 or nan wrote the cancel request, then said "still running after -1 s", exit 1, at once."""
+    if not value >= 0:
+        raise click.BadParameter(f"{value:g} is not a number of seconds (0 or more)")
+    return value
+
+
 @main.command(cls=TilemaskCommand)
 @click.argument("job")
-@click.option("--wait", "wait_s", type=float, default=60.0, show_default=True, help="Seconds to wait for the job to stop.")
+@click.option("--wait", "wait_s", type=float, default=60.0, show_default=True, callback=_seconds,
+              help="Seconds to wait for the job to stop.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 def cancel(job, wait_s, debug) -> None:
     """Stop JOB: the items in flight are abandoned and clean up; finished items stay done."""
