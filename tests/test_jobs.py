@@ -538,6 +538,33 @@ def test_a_nifti_inside_a_tar_gz_is_read_from_a_scratch_copy(make_volume, make_m
     assert list((tmp_path / "scratch" / "tilemask-archives").glob("*/scan.nii.gz")), "the member was staged to scratch"
 
 
+def test_a_tar_of_a_folder_whose_members_are_named_dot_slash_is_read(make_raster, make_volume, make_model, tmp_path,
+                                                                     client, monkeypatch):  # fmt: skip
+    """``tar -czf scenes.tar.gz -C scenes .``, the usual way to pack a folder, names its members ``./a.tif``: each
+    input was ``/vsitar/.../scenes.tar.gz/./a.tif``, which GDAL does not find ("does not exist in the file system",
+    exit 2 at the first). They are named as GDAL reads them, ``a.tif``; a NIfTI member is still extracted."""
+    monkeypatch.setenv("TILEMASK_SCRATCH", str(tmp_path / "scratch"))
+    path, _ = make_raster((3, 80, 90), name="a.tif")
+    volume, data = make_volume(shape=(20, 18, 16))
+    with tarfile.open(tmp_path / "scenes.tar.gz", "w:gz") as tf:
+        tf.add(path, "./a.tif")
+        tf.add(volume, "./sub/scan.nii.gz")
+    assert tarfile.open(tmp_path / "scenes.tar.gz").getnames() == ["./a.tif", "./sub/scan.nii.gz"]
+    weights, _ = make_model()
+    workflow = raster_workflow(path, weights, output={"path": "out/{stem}.zarr", "chunks": 64})
+    workflow["input"] = {"archive": "scenes.tar.gz", "members": "*.tif"}
+    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert (result.status, result.input) == ("ok", f"/vsitar/{tmp_path}/scenes.tar.gz/a.tif") and result.windows > 0
+    from tilemask.inputs import archive_items
+    from tilemask.storage import local_copy
+
+    (item,) = archive_items(str(tmp_path / "scenes.tar.gz"), "*.nii.gz")
+    assert item.files == (f"/vsitar/{tmp_path}/scenes.tar.gz/sub/scan.nii.gz",)
+    import nibabel as nib
+
+    np.testing.assert_array_equal(np.asarray(nib.load(local_copy(item.files[0])).dataobj), data)
+
+
 @pytest.mark.slow  # seven `tilemask` processes (10 s)
 def test_a_running_job_whose_process_is_gone_is_lost_and_cancel_ends_it(tmp_path):
     import socket

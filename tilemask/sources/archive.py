@@ -54,8 +54,8 @@ def members(archive: str, pattern: str) -> list[str]:
             with zipfile.ZipFile(archive) as zf:  # Windows' zips may separate folders with "\": GDAL reads "/"
                 names = [i.filename.replace("\\", "/") for i in zf.infolist() if not i.is_dir()]
         else:
-            with tarfile.open(archive) as tf:
-                names = [m.name for m in tf.getmembers() if m.isfile()]
+            with tarfile.open(archive) as tf:  # "tar -C folder ." names "./scan.tif", which GDAL reads as "scan.tif"
+                names = [_gdal_name(m.name) for m in tf.getmembers() if m.isfile()]
     except FileNotFoundError:
         raise InputError(f"input.archive: no such file {archive}") from None
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
@@ -69,6 +69,11 @@ def members(archive: str, pattern: str) -> list[str]:
             raise InputError(f"input.archive: {archive}: the member {shown} is not named in UTF-8, which GDAL needs; "
                              "narrow input.members, or rename it") from None  # fmt: skip
     return found
+
+
+def _gdal_name(name: str) -> str:
+    """A tar member's name as GDAL's ``/vsitar/`` reads it: without a leading ``./``."""
+    return name[2:] if name.startswith("./") else name
 
 
 def archive_problem(path: str) -> str | None:
@@ -106,7 +111,8 @@ def _member(archive: str, member: str) -> Iterator[IO[bytes]]:
                 yield handle
         return
     with tarfile.open(archive) as tf:
-        handle = tf.extractfile(member)
+        names = {_gdal_name(m.name): m for m in tf.getmembers()}  # as :func:`members` named it
+        handle = tf.extractfile(names.get(member, member))
         if handle is None:
             raise KeyError(f"{member} is not a file")
         with handle:
