@@ -163,6 +163,24 @@ def test_where_the_work_runs_is_refused_before_a_job_folder_is_made(scene, write
 
 
 @pytest.mark.timeout(60)
+def test_submit_refuses_the_first_inputs_outputs_as_run_does(scene, write_workflow, tmp_path):
+    """``tilemask run`` refuses an output that is not the job's (exit 2, before any work); ``submit`` said
+    "submitted", exit 0, and the job failed on the cluster with that refusal. It is refused before the scheduler is
+    asked (nothing listens at this address: it is never reached)."""
+    from click.testing import CliRunner
+
+    from tilemask.cli import main
+
+    from .conftest import _free_port
+
+    path = write_workflow(scene)
+    (tmp_path / "out" / "scene_mask.zarr").mkdir(parents=True)  # a folder of someone else's at the output's path
+    refused = CliRunner().invoke(main, ["submit", str(path), "--scheduler", f"tcp://127.0.0.1:{_free_port()}"])
+    assert_one_line_error(refused, 2, f"{tmp_path / 'out' / 'scene_mask.zarr'}", "was not written by tilemask")
+    assert not (tmp_path / "out" / ".tilemask").exists(), "no job folder"
+
+
+@pytest.mark.timeout(60)
 def test_slurm_worker_settings_that_are_no_counts_are_refused_before_a_job_folder_is_made(scene, write_workflow,
                                                                                           tmp_path):  # fmt: skip
     """``jobqueue.slurm.cores: 0`` or ``processes: 0`` (dask-jobqueue divides one by the other) ended as

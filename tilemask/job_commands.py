@@ -1,6 +1,6 @@
 """``tilemask submit``, ``status``, ``cancel`` and ``jobs``: jobs that run on a cluster without the terminal.
 
-``submit`` checks the workflow and its first input (exit 2 if invalid), creates
+``submit`` checks the workflow, its first input and that input's outputs (exit 2 if invalid), creates
 the job's folder, starts :func:`tilemask.driver.drive` on the cluster as a
 task nobody waits for (``fire_and_forget``), prints the job id alone on the
 last line of stdout and exits.  The job folder is the durable record; the
@@ -39,10 +39,12 @@ def submit(workflow, scheduler, overrides, overwrite, on_error, retry_failed, jo
     check_cluster_options(scheduler)
     wf = Workflow.from_yaml(workflow, overrides)
     plan, job, record = prepare(wf, Options(on_error, retry_failed, overwrite), job_dir, str(Path(workflow).resolve()))
-    # the first input opens and fits the workflow (exit 2 if not); under skip the driver records its failure and
-    # goes on, as tilemask run does
+    # the first input opens and fits the workflow, and its outputs may be written (exit 2 if not, as tilemask run
+    # refuses them: one there that is not the job's, an output folder not writable); under skip the driver records
+    # its failure and goes on, as tilemask run does
     if plan.items and on_error == "abort":
-        plan.plan_input(plan.items[0])
+        first = plan.plan_input(plan.items[0])
+        plan.check_item_outputs(first, overwrite or plan.items[0].name in job.manifest().started())
     key = f"tilemask-job-{job.id}-{uuid.uuid4().hex[:8]}"
     with cluster_client(scheduler) as client:
         with job:  # no process runs the job here (its driver, or a tilemask run, would hold this lock)
