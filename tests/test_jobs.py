@@ -565,6 +565,30 @@ def test_a_tar_of_a_folder_whose_members_are_named_dot_slash_is_read(make_raster
     np.testing.assert_array_equal(np.asarray(nib.load(local_copy(item.files[0])).dataobj), data)
 
 
+@pytest.mark.timeout(60)
+def test_an_archive_member_gdal_cannot_read_is_named_with_why(make_raster, make_model, tmp_path):
+    """A zip member compressed with LZMA or bzip2 (``zipfile``'s, 7-Zip's) was refused as "cpl_unzOpenCurrentFile()
+    failed", and one named ``../../x.tif`` as not existing "in the file system": the one line says why."""
+    path, _ = make_raster((3, 40, 40))
+    weights, _ = make_model()
+    cases = {"lzma.zip": (zipfile.ZIP_LZMA, "a.tif", "is compressed with LZMA, which GDAL does not read (stored or "
+                                                     "deflate only); pack the archive again with deflate"),
+             "bzip2.zip": (zipfile.ZIP_BZIP2, "a.tif", "is compressed with bzip2, which GDAL does not read"),
+             "up.zip": (zipfile.ZIP_DEFLATED, "../../a.tif", "is named with '..', which GDAL does not read"),
+             }  # fmt: skip
+    for archive, (method, member, words) in cases.items():
+        with zipfile.ZipFile(tmp_path / archive, "w", compression=method) as zf:
+            zf.writestr(member, path.read_bytes())
+        workflow = raster_workflow(path, weights)
+        workflow["input"] = {"archive": archive, "members": "*.tif"}
+        with pytest.raises(InputError) as refused:
+            tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path))  # refused before a cluster starts
+        said = str(refused.value)
+        assert said.startswith(f"/vsizip/{tmp_path}/{archive}/{member}: cannot open raster: {tmp_path}/{archive}: its "
+                               f"member {member} {words}"), said  # fmt: skip
+        assert refused.value.exit_status == 2
+
+
 @pytest.mark.slow  # seven `tilemask` processes (10 s)
 def test_a_running_job_whose_process_is_gone_is_lost_and_cancel_ends_it(tmp_path):
     import socket

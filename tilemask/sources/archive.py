@@ -78,8 +78,9 @@ def _gdal_name(name: str) -> str:
 
 def archive_problem(path: str) -> str | None:
     """Why GDAL cannot open the ``/vsizip/`` or ``/vsitar/`` ``path`` of a local archive, where the archive says:
-    it is not there, cannot be read (cut short, not an archive), or holds no such member; None otherwise. GDAL
-    says "does not exist in the file system" for all of them."""
+    it is not there, cannot be read (cut short, not an archive), holds no such member, names it with ``..``, or
+    compressed it in a way GDAL does not read; None otherwise. GDAL says "does not exist in the file system" or
+    "cpl_unzOpenCurrentFile() failed" for them."""
     split = split_member(path)
     if split is None:
         return None
@@ -90,7 +91,18 @@ def archive_problem(path: str) -> str | None:
         names = members(archive, "*")
     except InputError as exc:
         return str(exc).removeprefix("input.archive: ")
-    return None if member in names else f"{archive} has no member {member}"
+    if member not in names:
+        return f"{archive} has no member {member}"
+    if ".." in member.split("/"):
+        return f"{archive}: its member {member} is named with '..', which GDAL does not read; narrow input.members"
+    if archive.lower().endswith(".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            method = next(i.compress_type for i in zf.infolist() if i.filename.replace("\\", "/") == member)
+        if method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            name = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA"}.get(method, f"method {method}")
+            return (f"{archive}: its member {member} is compressed with {name}, which GDAL does not read (stored or "
+                    "deflate only); pack the archive again with deflate")  # fmt: skip
+    return None
 
 
 def extract(path: str, archive: str, member: str, target: str) -> None:
