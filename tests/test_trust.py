@@ -749,6 +749,21 @@ def test_a_full_disk_is_named_and_cleaned_up(make_raster, make_model, write_work
     assert outputs_in(disk) == []
 
 
+@pytest.mark.timeout(60)
+def test_a_job_record_that_does_not_fit_leaves_no_staged_copy(tmpfs):
+    """A job's status or report written onto a full disk is one line naming it; its staged copy is gone (an empty
+    ``.status.json.tmp`` stayed beside the records, found by a fault sweep)."""
+    from tilemask.errors import OutputError
+    from tilemask.jobs import _write_atomic
+
+    disk = tmpfs("64k")
+    (disk / "status.json").write_text("{}")
+    with pytest.raises(OutputError, match=r"status\.json: cannot write the job's record: no space left on device"):
+        _write_atomic(disk / "status.json", "x" * 200_000)
+    assert sorted(p.name for p in disk.iterdir()) == ["status.json"]
+    assert (disk / "status.json").read_text() == "{}"
+
+
 def test_a_cog_assembled_onto_a_full_disk_is_named_so(tmp_path, tmpfs, client):
     """The chunks fitted, the COG did not: GDAL's error (a CPLE_AppDefinedError, not a RasterioError) went up as
     ``Exception: CPLE_AppDefinedError(3, 1, 'TIFFRewriteDirectory:...')``, and the partial file was removed before

@@ -573,8 +573,12 @@ def _lines(path: Path) -> list[str]:
 def _write_atomic(path: Path, text: str) -> None:
     staged = path.with_name(f".{path.name}.tmp")
     with _writing(path):
-        staged.write_text(text)
-        os.replace(staged, path)
+        try:
+            staged.write_text(text)
+            os.replace(staged, path)
+        except OSError:  # a full disk: no empty staged copy left beside the records
+            staged.unlink(missing_ok=True)
+            raise
 
 
 @contextlib.contextmanager
