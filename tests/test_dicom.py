@@ -582,3 +582,39 @@ def test_a_multi_frame_file_given_as_the_input_is_named_as_one_not_sent_to_its_f
         open_source(str(files[0]), 3)
     with pytest.raises(InputError, match=rf"^{tmp_path}/missing.dcm: no such file$"):
         open_source(str(tmp_path / "missing.dcm"), 3)
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_store_never_names_the_password_whatever_the_url_looks_like(tmp_path):
+    """The password was left out of the message only where requests quoted the URL exactly as given: a host written
+    in capitals (``PACS01``, as Windows names machines) or a password that requests percent-encodes (a space) came
+    back as requests rewrote the URL, ``http://alice:secret@localhost:PORT/...``, password and all."""
+    import http.server
+    import threading
+
+    from tilemask.errors import OutputError
+    from tilemask.sinks.dicomseg import store
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        slice_ = next(p for p in sorted(CT.iterdir()) if p.is_file())
+        for given in (f"http://alice:secret@LOCALHOST:{port}/dicom-web",
+                      f"http://alice:se cret@localhost:{port}/dicom-web"):  # fmt: skip
+            with pytest.raises(OutputError, match=r"failed: 404 Client Error") as caught:
+                store(str(slice_), given)
+            assert "secret" not in str(caught.value) and "cret@" not in str(caught.value), str(caught.value)
+    finally:
+        server.shutdown()
+        server.server_close()

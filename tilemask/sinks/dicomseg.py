@@ -14,6 +14,7 @@ a store that fails keeps the file in place.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -159,11 +160,15 @@ def store(path: str, url: str) -> None:
                           f"{_shown(url, str(exc).splitlines()[0])} (the file is whole and kept)") from None  # fmt: skip
 
 
+_USERINFO = re.compile(r"(?<=://)[^/?#@\s]*@")
+
+
 def _shown(url: str, text: str | None = None) -> str:
-    """``text`` (``url`` itself by default) with the user and password ``url`` holds left out: messages and logs
-    name the server, not its password (requests quotes the URL it asked)."""
+    """``text`` (``url`` itself by default) with the user and password of ``url``, and of every URL in it, left
+    out: messages and logs name the server, not its password.  Requests quotes the URL it asked as it rewrote it
+    (the host in lower case, the password percent-encoded): ``url``'s credentials as written are not found there."""
     netloc = urlsplit(url).netloc
-    return (url if text is None else text).replace(netloc, netloc.rpartition("@")[2])
+    return _USERINFO.sub("", (url if text is None else text).replace(netloc, netloc.rpartition("@")[2]))
 
 
 def check_answers(url: str) -> None:
