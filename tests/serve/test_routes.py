@@ -388,6 +388,22 @@ def test_another_loopback_address_answers_only_loopback_names(tmp_path):
             conn.close()
 
 
+@pytest.mark.timeout(60)
+def test_loopback_written_as_an_ipv4_mapped_address_answers_only_loopback_names(tmp_path):
+    """``--host ::ffff:127.0.0.1`` listens on loopback only (IPv4's 127.0.0.1 through an IPv6 socket), but Python's
+    ``is_loopback`` is False for an IPv4-mapped address: it answered any ``Host`` name, open to DNS rebinding."""
+    from .conftest import start_server
+
+    (tmp_path / "table.csv").write_text("class,pixels\nland,1\n")
+    with start_server(tmp_path, "--host", "::ffff:127.0.0.1", "--workers", "1") as url:
+        port = urlsplit(url).port
+        for host, status in (("evil.example", 400), (f"localhost:{port}", 200)):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", "/files/table.csv", headers={"Host": host})
+            assert conn.getresponse().status == status, host
+            conn.close()
+
+
 @pytest.mark.slow  # a second `tilemask serve` process (9 s)
 def test_the_server_listens_on_loopback_and_cors_is_off_unless_asked(served_folder, server):
     assert urlsplit(server).hostname == "127.0.0.1"

@@ -39,7 +39,9 @@ def allowed_hosts(host: str, address: str) -> tuple[str, ...]:
     shared on purpose."""
     if host in LOOPBACK_NAMES:
         return LOOPBACK_NAMES
-    return (*LOOPBACK_NAMES, host) if ipaddress.ip_address(address).is_loopback else ("*",)
+    ip = ipaddress.ip_address(address)
+    ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1: Python's is_loopback says False (3.11)
+    return (*LOOPBACK_NAMES, host) if ip.is_loopback else ("*",)
 
 
 def serve(
