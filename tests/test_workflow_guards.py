@@ -460,3 +460,29 @@ def test_a_key_given_twice_in_a_workflow_file_is_refused_with_both_lines(tmp_pat
     with pytest.raises(WorkflowError) as refused:
         Workflow.from_dict({}, ["inference={roi_size: [64, 64], roi_size: [32, 32]}"])
     assert str(refused.value) == "--set inference line 1: roi_size given twice (first on line 1)", str(refused.value)
+
+
+@pytest.mark.timeout(60)
+def test_a_key_given_twice_through_one_alias_is_refused_too(tmp_path):
+    """Two aliases of one anchored scalar are one YAML node: the check by identity took the second for the first,
+    and PyYAML kept the last value without a word (``mode: zscore`` here, where ``fixed`` came first)."""
+    path = tmp_path / "aliased.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            version: 1
+            input: scene.tif
+            model: {network: UNet, weights: weights.pt, args: {note: &mode mode}}
+            preprocess:
+              normalize:
+                *mode : fixed
+                *mode : zscore
+            inference: {roi_size: [64, 64]}
+            output: {path: "out/{stem}.zarr"}
+            """
+        )
+    )
+    with pytest.raises(WorkflowError) as refused:
+        Workflow.from_yaml(path)
+    assert re.fullmatch(rf"workflow {re.escape(str(path))} line \d+: mode given twice \(first on line \d+\)",
+                        str(refused.value)), str(refused.value)  # fmt: skip

@@ -619,13 +619,15 @@ def _unique_keys(node: yaml.Node, where: str) -> None:
     """Refuse a mapping that gives a key twice: YAML keys are unique, and PyYAML keeps the last without a word."""
     if not isinstance(node, yaml.MappingNode):
         return
-    first: dict[tuple[str, str], yaml.Node] = {}
-    for key, _ in node.value:
+    first: dict[tuple[str, str], int] = {}
+    for index, (key, value) in enumerate(node.value):
         if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":  # ``<<`` merges may repeat
             continue
-        seen = first.setdefault((key.tag, key.value), key)
-        if seen is not key:
-            raise WorkflowError(f"{where} line {key.start_mark.line + 1}: {key.value} given twice (first on line "
+        at = first.setdefault((key.tag, key.value), index)
+        if at != index:  # by place, not identity: two aliases of one scalar are one node (marked at its anchor)
+            (seen, seen_value), again = node.value[at], (key if key is not node.value[at][0] else value)
+            seen = seen if seen is not key else seen_value
+            raise WorkflowError(f"{where} line {again.start_mark.line + 1}: {key.value} given twice (first on line "
                                 f"{seen.start_mark.line + 1})")  # fmt: skip
 
 
