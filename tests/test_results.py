@@ -90,3 +90,27 @@ def test_missing_probabilities(tmp_path):
     assert open_result(str(path)).shape == (4, 4)
     with pytest.raises(InputError, match=f"^{re.escape(str(tmp_path / 'gone.tif'))}: does not exist$"):  # not "no probabilities"
         open_result(str(tmp_path / "gone.tif"), "probabilities")
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".zarr"])
+def test_a_rotated_grid_has_rioxarrays_2d_coordinates(tmp_path, suffix):
+    """A rotated geotransform gives 2D pixel-centre coordinates, named ``xc``/``yc`` as rioxarray.open_rasterio
+    names them: named ``x``/``y`` after the dimensions, rioxarray took them for 1D axes (``rio.bounds()`` and
+    ``rio.reproject`` raised 'only 0-dimensional arrays can be converted to Python scalars')."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, size=(40, 50)).astype(np.uint8)
+    probabilities = rng.integers(0, 256, size=(3, 40, 50)).astype(np.uint8)
+    transform = Affine.translation(500000, 4000000) * Affine.rotation(20) * Affine.scale(30, -30)
+    geometry = RasterGeometry(rasterio.crs.CRS.from_epsg(32618).to_wkt(), tuple(transform.to_gdal()))
+    layout = OutputLayout(labels.shape, (32, 32), CLASSES, "uint8", 3, "uint8", geometry, "input.tif", 255)
+    paths = {s: str(tmp_path / f"mask{s}") for s in {".tif", suffix}}
+    for each in paths.values():
+        drive(make_sink(each, layout), labels, probabilities)
+    native = rioxarray.open_rasterio(paths[".tif"])
+    for array in (open_result(paths[suffix]), open_result(paths[suffix], "probabilities")):
+        assert set(array.coords) == {"xc", "yc", "spatial_ref"} and array.dims[-2:] == ("y", "x")
+        assert array.rio.transform() == transform
+        np.testing.assert_array_equal(array.xc.values, native.xc.values)
+        np.testing.assert_array_equal(array.yc.values, native.yc.values)
+        array.rio.bounds()
+        assert array.rio.reproject("EPSG:32618").rio.crs.to_epsg() == 32618

@@ -2,7 +2,7 @@
 
 COG and Zarr outputs open alike: labels as a ``(y, x)`` DataArray named
 ``labels``, probabilities as ``(class, y, x)`` named ``probabilities``, with
-pixel-centre ``x``/``y`` coordinates (as ``rioxarray.open_rasterio`` gives),
+pixel-centre ``x``/``y`` coordinates (2D ``xc``/``yc`` on a rotated grid, as ``rioxarray.open_rasterio`` gives),
 ``spatial_ref`` holding the CRS and transform, the nodata value as ``_FillValue``
 (integers are not masked) and the class names in ``attrs["class_names"]``.
 NIfTI volumes open as ``(i, j, k)`` with the voxel-to-RAS affine in ``attrs``.
@@ -104,8 +104,8 @@ def _georeferenced(lazy: da.Array, dims: tuple[str, ...], geometry: RasterGeomet
     transform = Affine.from_gdal(*geometry.transform)
     height, width = lazy.shape[-2:]
     coords = affine_to_coords(transform, width, height)  # the coordinates rioxarray.open_rasterio gives
-    if np.ndim(coords["x"]) == 2:  # rotated grid: 2D coordinates
-        coords = {k: (("y", "x"), v) for k, v in coords.items()}
+    if np.ndim(coords["x"]) == 2:  # rotated grid: 2D coordinates, named xc/yc as rioxarray names them
+        coords = {f"{k}c": (("y", "x"), v) for k, v in coords.items()}
     array = xr.DataArray(lazy, dims=dims, coords=coords, name=name)
     if geometry.crs_wkt:
         array = array.rio.write_crs(geometry.crs_wkt)

@@ -77,7 +77,7 @@ def _zarr_array(path: str, variable: str, level: int, mtime_ns: int, inode: int)
     stored = zarr.open_group(path, mode="r")[_level_paths(path, variable)[level]]
     grid = array.rio.transform() * rasterio.Affine.scale(2**level)
     height, width = stored.shape[-2:]
-    coords = {name: values for name, values in array.coords.items() if name not in ("x", "y", "spatial_ref")}
+    coords = {name: values for name, values in array.coords.items() if name not in ("x", "y", "xc", "yc", "spatial_ref")}
     coords["y"] = grid.f + (np.arange(height) + 0.5) * grid.e  # pixel centres, as rioxarray reads a grid
     coords["x"] = grid.c + (np.arange(width) + 0.5) * grid.a
     out = xr.DataArray(da.from_zarr(stored), dims=array.dims, coords=coords, attrs=array.attrs, name=array.name)
