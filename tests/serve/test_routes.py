@@ -705,7 +705,7 @@ def test_serve_refuses_an_empty_host(tmp_path):
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("workers", [pytest.param("1", marks=pytest.mark.slow), "2"])  # one: exit 130 before too
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_a_stopped_server_exits_130_whatever_its_workers(tmp_path, workers, how):
     """Ctrl-C (SIGINT to the terminal's process group) or SIGTERM (``kill PID``) stopped one server process with
