@@ -325,6 +325,7 @@ def _centre_batch(reader: WindowReader, grid: Grid, nodata, zones: list[int], wk
 
     height, width = grid.shape
     x0, dx, _, y0, _, dy = grid.geometry.transform
+    affine = Affine.from_gdal(*grid.geometry.transform)
     sizes = grid.row_sizes
     rows_out: list[tuple] = []
     for zone, wkb in zip(zones, wkbs):
@@ -332,7 +333,7 @@ def _centre_batch(reader: WindowReader, grid: Grid, nodata, zones: list[int], wk
             continue
         geom = shapely.from_wkb(wkb)
         if geom.geom_type in _PUNCTUAL:
-            geom = _cells_of_points(geom, Affine.from_gdal(*grid.geometry.transform))
+            geom = _cells_of_points(geom, affine)
         r0, r1, c0, c1 = _rasterstats_window(geom.bounds, grid.geometry.transform)
         window_transform = Affine(dx, 0.0, x0 + c0 * dx, 0.0, dy, y0 + r0 * dy)
         rows_in = (max(r0, 0), min(r1, height))
