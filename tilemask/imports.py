@@ -37,7 +37,8 @@ def import_module(name: str) -> ModuleType:
 @contextlib.contextmanager
 def ignoring_warnings(category: type[Warning] = Warning) -> Iterator[None]:
     """``category`` ignored inside (any thread's warnings meanwhile), the process's filters put back after, one
-    thread at a time: keep the body short."""
+    thread at a time: another thread waits for the body (a trace or a ``torch.load`` here, seconds, once per
+    network and worker)."""
     with _warnings_lock, warnings.catch_warnings():
         warnings.simplefilter("ignore", category)
         yield
