@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -322,3 +323,73 @@ def test_a_backend_that_cannot_take_the_network_is_not_tried_again(tmp_path, mon
     assert not [m for m in messages if "cannot convert" in m or "too few to repay" in m], messages
     assert backend == "torch" and second is settings
     assert not list((tmp_path / "cache").glob("auto/*.json")), "a job with nothing left to measure grew the tally"
+
+
+class RunsOutOfMemoryWhenTraced(torch.nn.Module):
+    """A network whose conversion runs out of memory (a real allocation torch's CPU allocator refuses), as a
+    big 3D network can on a small worker, while it runs in eager torch: until ``traced_fits`` is set."""
+
+    traced_fits = False
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, x):
+        if torch.jit.is_tracing() and not RunsOutOfMemoryWhenTraced.traced_fits:
+            torch.empty(2**46)  # 256 TiB
+        return self.conv(x)
+
+
+@pytest.mark.timeout(120)
+def test_running_out_of_memory_while_converting_is_not_remembered(tmp_path, monkeypatch, caplog):
+    """Memory that runs out while converting says nothing of the network: the job runs in torch and the next one,
+    with memory to spare, converts and measures (a RuntimeError from the allocator was remembered as 'cannot
+    convert', for good)."""
+    from tilemask import backends
+    from tilemask.inference import probe_network
+    from tilemask.settings import InferenceSettings, ModelSpec
+
+    monkeypatch.setenv("TILEMASK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(RunsOutOfMemoryWhenTraced, "traced_fits", False)
+    torch.manual_seed(0)
+    weights = tmp_path / "big.pt"
+    torch.save(RunsOutOfMemoryWhenTraced().state_dict(), weights)
+    spec = ModelSpec.create(f"{__name__}:RunsOutOfMemoryWhenTraced", {}, str(weights))
+    settings = InferenceSettings(roi=(32, 32), batch_size=2, device="cpu", backend="auto")
+    with caplog.at_level(logging.INFO, logger="tilemask.backends"):
+        channels, backend, _ = probe_network(spec, settings, 3, windows=10**12, measure_after=1e6)
+    assert (channels, backend) == (2, "torch")
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if "can't allocate memory" in m], messages
+    assert not [p for p in (tmp_path / "cache").rglob("*.verdict.json")], "running out of memory was remembered"
+    backends._runners.clear()
+    monkeypatch.setattr(RunsOutOfMemoryWhenTraced, "traced_fits", True)
+    probe_network(spec, settings, 3, windows=10**12, measure_after=1e6)
+    verdicts = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("*.verdict.json")]
+    assert verdicts and all("difference" in v for v in verdicts), verdicts  # measured: auto takes the first faster
+
+
+class RunsOutOfMemory(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return self.scale * x[:, :1] + torch.empty(2**46)  # 256 TiB: torch's CPU allocator refuses it
+
+
+@pytest.mark.timeout(60)
+def test_a_window_that_runs_out_of_memory_is_not_called_the_networks_fault(tmp_path):
+    """Running out of memory on the probe's window is the machine's failure (exit 1), not a network that rejects
+    the window (a workflow error, exit 2, which told the user to change the model)."""
+    from tilemask.errors import WorkflowError
+    from tilemask.inference import probe_network
+    from tilemask.settings import InferenceSettings, ModelSpec
+
+    weights = tmp_path / "oom.pt"
+    torch.save(RunsOutOfMemory().state_dict(), weights)
+    spec = ModelSpec.create(f"{__name__}:RunsOutOfMemory", {}, str(weights))
+    with pytest.raises(RuntimeError, match="can't allocate memory") as raised:
+        probe_network(spec, InferenceSettings(roi=(16, 16), device="cpu", backend="torch"), 3)
+    assert not isinstance(raised.value, WorkflowError)

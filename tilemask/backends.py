@@ -56,6 +56,7 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
@@ -77,6 +78,9 @@ AUTO_ORDER = ("openvino", "torch-mkldnn")  # what auto tries on the CPU, in this
 AUTO_TOLERANCE = 1e-4  # largest difference of activated outputs for auto to take a converted network
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
+# how torch's CPU allocator, OpenVINO (std::bad_alloc) and ONNX Runtime say that memory ran out: a RuntimeError
+_OUT_OF_MEMORY = re.compile(r"can't allocate memory|cannot allocate memory|out of memory|bad_alloc|bad allocation|"
+                            r"failed to allocate", re.IGNORECASE)  # fmt: skip
 _runners: OrderedDict[tuple, tuple[str, Runner]] = OrderedDict()
 _runners_lock = threading.Lock()
 loads = 0  # networks this process has built or loaded (each worker should do it once per model)
@@ -108,9 +112,9 @@ def forward_check(run: Runner, channels: int, roi: tuple[int, ...], device: torc
     try:
         with torch.inference_mode():
             output = run(torch.zeros(shape, dtype=torch.float32, device=device))
-    except torch.OutOfMemoryError:
-        raise  # the device, not the workflow
     except Exception as exc:  # noqa: BLE001 - torch and TorchScript raise RuntimeError with pages of context
+        if out_of_memory(exc):
+            raise  # the machine, not the workflow
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         raise WorkflowError(f"model: the network rejects a {channels}-channel window of roi {list(roi)}: "
                             f"{lines[-1] if lines else type(exc).__name__}") from None  # fmt: skip
@@ -301,7 +305,7 @@ def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], tor
                                 f"{first_line(exc)}") from None  # fmt: skip
         log = logger.info if isinstance(exc, NotConvertible) else logger.warning
         log("%s cannot convert the network, auto tries the next backend: %s", name, first_line(exc))
-        if not isinstance(exc, (OSError, MemoryError)):  # those may pass; the network will not become convertible
+        if not isinstance(exc, OSError) and not out_of_memory(exc):  # those may pass; the network stays as it is
             _cannot_convert(verdict, first_line(exc))
         return None
     if not auto:
@@ -330,6 +334,11 @@ def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], tor
 
     alone, batched = (name if n in faster else "torch" for n in sizes)
     return f"{alone} for one window, {batched} for batches of {batch}", fastest
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says that memory ran out (torch's CPU allocator and the converters raise RuntimeError)."""
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or bool(_OUT_OF_MEMORY.search(str(exc)))
 
 
 def _cannot_convert(verdict: Path, reason: str) -> None:
@@ -380,10 +389,12 @@ def _seconds(run: Runner, channels: int, roi: tuple[int, ...], batch: int) -> fl
 
 
 def _torch(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: int, roi: tuple[int, ...],
-           device: torch.device) -> Runner:  # fmt: skip
+           device: torch.device, eager_if_out_of_memory: bool = True) -> Runner:  # fmt: skip
     """The network in torch: on the CPU, a checkpoint's network traced to TorchScript once and cached, so a
     later run loads it in milliseconds without building the network or importing MONAI; kept only when the
-    trace gives the network's own output bit for bit, for one window and for three."""
+    trace gives the network's own output bit for bit, for one window and for three.  Memory that runs out while
+    tracing (it checks three windows at once) runs the network as it is, or is raised when not
+    ``eager_if_out_of_memory`` (torch-mkldnn, which needs the trace, fails now and is tried again later)."""
     if device.type != "cpu" or spec.archive != "state_dict":
         return network()
     path = _cache_path(spec, "torchscript", torch.__version__, channels, roi, ".pt")
@@ -393,7 +404,13 @@ def _torch(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: in
         except RuntimeError as exc:
             logger.warning("%s: unreadable cached TorchScript, tracing again: %s", path, first_line(exc))
     eager = network()
-    traced = _trace(eager, channels, roi)
+    try:
+        traced = _trace(eager, channels, roi)
+    except Exception as exc:  # noqa: BLE001 - out of memory: _trace lets nothing else through
+        if not eager_if_out_of_memory:
+            raise
+        logger.warning("memory ran out while tracing the network (%s): running it as it is", first_line(exc))
+        return eager
     if traced is None:
         return eager
     _publish(lambda p: torch.jit.save(traced, str(p)), path, (".pt",))
@@ -412,6 +429,8 @@ def _trace(network: torch.nn.Module, channels: int, roi: tuple[int, ...]) -> tor
                     logger.info("the traced network differs from the network: running it as it is")
                     return None
     except Exception as exc:  # noqa: BLE001 - tracing fails on networks with data-dependent control flow
+        if out_of_memory(exc):
+            raise
         logger.info("the network cannot be traced (%s): running it as it is", first_line(exc))
         return None
     return traced
@@ -550,7 +569,7 @@ def _onnxruntime(spec: ModelSpec, network: Callable[[], torch.nn.Module], channe
 def _mkldnn(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: int, roi: tuple[int, ...]) -> Runner:
     """The CPU network's TorchScript (the cached trace, or the user's archive) frozen and optimized for
     inference: every convolution in oneDNN with pre-packed weights."""
-    module = _torch(spec, network, channels, roi, torch.device("cpu"))
+    module = _torch(spec, network, channels, roi, torch.device("cpu"), eager_if_out_of_memory=False)
     if not isinstance(module, torch.jit.ScriptModule):
         raise NotConvertible("the network is not TorchScript and cannot be traced")
     with ignoring_warnings():
