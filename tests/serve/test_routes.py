@@ -705,8 +705,8 @@ def test_serve_refuses_an_empty_host(tmp_path):
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("workers", [pytest.param("1", marks=pytest.mark.slow), "2"])  # one: exit 130 before too
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize(("how", "workers"), [("ctrl-c", "2"), *(pytest.param(*p, marks=pytest.mark.slow) for p in (
+    ("sigterm", "2"), ("ctrl-c", "1"), ("sigterm", "1")))])  # one worker: exit 130 before too  # fmt: skip
 def test_a_stopped_server_exits_130_whatever_its_workers(tmp_path, workers, how):
     """Ctrl-C (SIGINT to the terminal's process group) or SIGTERM (``kill PID``) stopped one server process with
     ``tilemask: interrupted``, exit 130, as every command; with more (the default on more than one core) it exited
