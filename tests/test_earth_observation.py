@@ -18,7 +18,7 @@ import tilemask
 from tilemask import Workflow
 from tilemask.sources import open_source
 
-from .conftest import GEO
+from .conftest import GEO, raster_workflow, run_cli
 from .range_server import RangeHandler, serve
 
 ONE_BAND = dict(spatial_dims=2, in_channels=1, out_channels=3, channels=[8, 16, 32], strides=[2, 2], num_res_units=1)
@@ -176,3 +176,19 @@ def test_http_cog_gives_the_same_labels_as_the_local_file(tmp_path, client, seed
     with rasterio.open(remote.outputs[0]) as a, rasterio.open(local.outputs[0]) as b:
         np.testing.assert_array_equal(a.read(), b.read())
         assert a.transform == b.transform and a.crs == b.crs
+
+
+def test_geojson_polygons_of_an_input_without_a_crs_are_refused_before_any_work(
+    tmp_path, client, make_raster, make_model, write_workflow
+):
+    """GDAL writes such polygons as a GeoJSON with no ``crs`` member, which every reader takes for WGS 84
+    longitude/latitude: refused when the input is planned (exit 2), not after the inference, naming GeoPackage."""
+    path, _ = make_raster((3, 96, 120), crs=None)
+    weights, _ = make_model()
+    workflow = write_workflow(raster_workflow(path, weights, output={"vectors": "out/{stem}.geojson"}))
+    done = run_cli("run", workflow, "--scheduler", client.scheduler.address)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (f"tilemask: error: {tmp_path / 'out' / 'scene.geojson'}: {path} has no CRS, and a GeoJSON "
+                           "without one is read as WGS 84 longitude/latitude; write the polygons to .gpkg, .fgb or "
+                           ".parquet, which keep the raster's CRS as it is\n")  # fmt: skip
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".tilemask"]  # the job's record, no output

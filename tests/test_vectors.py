@@ -12,6 +12,7 @@ from collections import Counter, defaultdict
 
 import geopandas as gpd
 import numpy as np
+import pyogrio
 import pytest
 import rasterio
 import rasterio.features
@@ -20,7 +21,7 @@ from pyproj import CRS
 from rasterio.transform import Affine
 from scipy import ndimage
 
-from tilemask.errors import OutputError
+from tilemask.errors import InputError, OutputError
 from tilemask.vectors import write_polygons
 
 CLASSES = ("background", "water", "forest", "urban")
@@ -229,6 +230,26 @@ def test_empty_foreground_writes_an_empty_layer(tmp_path, client):
     path = write_raster(tmp_path / "labels.tif", labels, "EPSG:32633", Affine(10, 0, 0, 0, -10, 0))
     result = read(write_polygons(path, str(tmp_path / "p.gpkg"), client=client, chunks=32))
     assert len(result) == 0
+
+
+@pytest.mark.parametrize("crs", [None, 'LOCAL_CS["site grid",UNIT["metre",1]]',
+                                 "+proj=tmerc +lon_0=9.5 +k=0.9996 +x_0=500000 +ellps=GRS80 +units=m"],
+                         ids=["no-crs", "local", "no-authority-code"])  # fmt: skip
+def test_geojson_of_a_crs_it_cannot_name_is_refused_and_geopackage_keeps_it(tmp_path, client, crs):
+    """A GeoJSON without a ``crs`` member is WGS 84 longitude/latitude (RFC 7946): GDAL wrote none for a raster
+    without a CRS or with one it has no code for, and every reader put the polygons near (0, 0) degrees."""
+    labels = blobs((60, 70), seed=3, nodata=None, n_classes=3)
+    transform = Affine(30.0, 0, 1000.0, 0, -30.0, 5000.0)
+    path = write_raster(tmp_path / "labels.tif", labels, crs, transform)
+    out = tmp_path / "p.geojson"
+    with pytest.raises(InputError, match=rf"^{out}: {path} has (no CRS|a CRS without an authority code .*), and a "
+                                         r"GeoJSON without one is read as WGS 84 .*write the polygons to \.gpkg"):
+        write_polygons(path, str(out), client=client, chunks=32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.tif"]
+    gpkg = write_polygons(path, str(tmp_path / "p.gpkg"), client=client, chunks=32)
+    written = pyogrio.read_info(gpkg)["crs"]
+    assert (written is None) if crs is None else CRS(written).equals(CRS(crs))
+    assert_identical(read(gpkg), reference_shapes(labels, transform, None), ("class_0", "class_1", "class_2"))
 
 
 def test_unknown_format_is_a_one_line_error(tmp_path, client):

@@ -36,7 +36,7 @@ from . import __version__
 from .classes import class_name
 from .errors import InputError, WorkflowError, missing_weights
 from .formats import for_output, for_path, written_by_tilemask
-from .geometry import VolumeGeometry, WindowPlan, normalize_per_axis
+from .geometry import RasterGeometry, VolumeGeometry, WindowPlan, normalize_per_axis
 from .outputs import check_outputs, new_run_id, staged_path
 from .preprocess import Intensity, Preprocessing
 from .settings import Finishing, InferenceSettings, ModelSpec
@@ -160,6 +160,7 @@ class WorkflowPlan:
         spatial_dims = int(self.workflow.model.spatial_dims or len(self.settings.roi))
         planned = _plan_input(self.workflow, item, spatial_dims)
         _check_statistics(planned)
+        _check_polygons(planned)
         for kind, costly in (("chunks", chunks_under_the_roi(planned.plan)), ("roi", roi_over_the_image(planned.plan))):
             if costly and kind not in self.warned:  # once a run
                 logger.warning("%s", costly)
@@ -487,6 +488,16 @@ def _check_output_names(workflow: Workflow, items: list[InputItem]) -> None:
                           "glob (input.members within an archive), or run each folder as a workflow of its own")  # fmt: skip
                 raise WorkflowError(f"output: {seen[path][0].files[0]} and {item.files[0]} would both write {path}; {advice}")
             seen[path] = item, key
+
+
+def _check_polygons(item: InputPlan) -> None:
+    """What the polygons' format would refuse of the output's CRS (a GeoJSON needs one it can name), before the
+    run predicts anything."""
+    geometry = item.source.geometry
+    if item.products.vectors and isinstance(geometry, RasterGeometry):
+        from .vectors import check_polygons_crs
+
+        check_polygons_crs(item.products.vectors, geometry.crs_wkt, item.input)
 
 
 def _check_statistics(item: InputPlan) -> None:

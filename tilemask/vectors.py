@@ -42,6 +42,7 @@ without a CRS, as in the statistics).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import warnings
@@ -532,6 +533,7 @@ def write_polygons(
     image = open_labels(labels_path, chunks)
     if image.is_volume or image.array.ndim != 2 or not isinstance(image.geometry, RasterGeometry):
         raise InputError(f"{labels_path}: polygons need a 2D georeferenced label raster")
+    check_polygons_crs(out_path, image.geometry.crs_wkt, labels_path)
     names = tuple(class_names or image.class_names or ())
     client = client or get_client()
     rule = AreaRule(tuple(float(v) for v in image.geometry.transform), image.geometry.crs_wkt)
@@ -586,6 +588,28 @@ def write_polygons(
         )
     del pieces, selections
     return _write(out_path, suffix, _gather_in_order(client, batches), rule.crs_wkt)
+
+
+def check_polygons_crs(out_path: str, crs_wkt: str | None, raster: str) -> None:
+    """Refuse polygons in GeoJSON where GDAL's GeoJSON writer would not name the raster's CRS in the file (its
+    ``crs`` member): with no CRS, or one without an authority code, the file holds none, and every reader then takes
+    the coordinates for WGS 84 longitudes and latitudes (RFC 7946), a map place near (0, 0) degrees."""
+    if Path(out_path).suffix.lower() != ".geojson" or (crs_wkt and _geojson_names(crs_wkt)):
+        return
+    what = "has no CRS" if not crs_wkt else "has a CRS without an authority code (EPSG, ESRI, ...)"
+    raise InputError(f"{out_path}: {raster} {what}, and a GeoJSON without one is read as WGS 84 longitude/latitude; "
+                     "write the polygons to .gpkg, .fgb or .parquet, which keep the raster's CRS as it is")  # fmt: skip
+
+
+def _geojson_names(crs_wkt: str) -> bool:
+    """Whether GDAL's GeoJSON writer gives a layer in ``crs_wkt`` a ``crs`` member: asked of the writer itself,
+    on an empty layer in memory (it names a CRS it finds an authority code for)."""
+    import pyogrio
+
+    buffer = io.BytesIO()
+    empty = pa.RecordBatchReader.from_batches(_schema(), [])
+    pyogrio.write_arrow(empty, buffer, driver="GeoJSON", layer="crs", geometry_type="Polygon", crs=crs_wkt)
+    return "crs" in json.loads(buffer.getvalue())
 
 
 def _gather_in_order(client, batches: list) -> Iterator[FeatureBatch]:
