@@ -8,7 +8,9 @@ and ring start), plus topological equality as a second opinion.
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
@@ -250,6 +252,34 @@ def test_geojson_of_a_crs_it_cannot_name_is_refused_and_geopackage_keeps_it(tmp_
     written = pyogrio.read_info(gpkg)["crs"]
     assert (written is None) if crs is None else CRS(written).equals(CRS(crs))
     assert_identical(read(gpkg), reference_shapes(labels, transform, None), ("class_0", "class_1", "class_2"))
+
+
+@pytest.mark.parametrize("crs, transform, decimals", [
+    ("EPSG:32618", Affine(300.0379266750948, 0.0, 101985.0, 0.0, -300.041782729805, 2826915.0), 0),  # RGB.byte
+    ("EPSG:4326", Affine(1 / 3600, 0.0, 11.1, 0.0, -1 / 3600, 46.7), 6),  # 1 arc second
+], ids=["utm-300m", "wgs84-1arcsec"])  # fmt: skip
+def test_geojson_coordinates_keep_what_the_pixel_size_warrants_and_the_crs(tmp_path, client, crs, transform, decimals):
+    """GDAL's GeoJSON default, 15 significant digits, wrote 104085.265486726 for a 300 m pixel's corner: its
+    ``COORDINATE_PRECISION`` now keeps a step of 1/100 of a pixel, each vertex within half a step of
+    ``rasterio.features.shapes``'s, and the file names the raster's CRS."""
+    labels = blobs((150, 170), seed=4, nodata=255)
+    path = write_raster(tmp_path / "labels.tif", labels, crs, transform, nodata=255)
+    out = write_polygons(path, str(tmp_path / "p.geojson"), client=client, class_names=CLASSES, chunks=48)
+    assert CRS(pyogrio.read_info(out)["crs"]) == CRS(crs)
+    features = json.loads(Path(out).read_text())["features"]
+    rings = [ring for feature in features for ring in feature["geometry"]["coordinates"]]
+    scaled = np.concatenate(rings) * 10.0**decimals  # as written in the file
+    assert np.allclose(scaled, np.round(scaled), rtol=0, atol=1e-6), "coordinates carry more decimals than asked"
+    result, reference = read(out), reference_shapes(labels, transform, 255)
+    assert len(result) == len(reference) > 50
+    half_step = 0.5 * 10.0**-decimals
+    assert half_step <= abs(transform.a) / 200
+    tree = shapely.STRtree([g for g, _ in reference])
+    for geom, name in zip(result.geometry, result["class"]):
+        (k,) = tree.query(geom.representative_point(), predicate="within")
+        expected, value = reference[k]
+        assert name == CLASSES[value] and shapely.get_num_coordinates(geom) == shapely.get_num_coordinates(expected)
+        assert shapely.hausdorff_distance(geom, expected) <= half_step * 1.5  # a corner moves along both axes
 
 
 def test_unknown_format_is_a_one_line_error(tmp_path, client):

@@ -45,6 +45,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
@@ -587,7 +588,7 @@ def write_polygons(
             )
         )
     del pieces, selections
-    return _write(out_path, suffix, _gather_in_order(client, batches), rule.crs_wkt)
+    return _write(out_path, suffix, _gather_in_order(client, batches), rule)
 
 
 def check_polygons_crs(out_path: str, crs_wkt: str | None, raster: str) -> None:
@@ -610,6 +611,15 @@ def _geojson_names(crs_wkt: str) -> bool:
     empty = pa.RecordBatchReader.from_batches(_schema(), [])
     pyogrio.write_arrow(empty, buffer, driver="GeoJSON", layer="crs", geometry_type="Polygon", crs=crs_wkt)
     return "crs" in json.loads(buffer.getvalue())
+
+
+def coordinate_decimals(gt: tuple[float, ...]) -> int:
+    """The decimals a GeoJSON's coordinates keep (GDAL's ``COORDINATE_PRECISION``) for the GDAL geotransform
+    ``gt``: a step of at most 1/100 of the shorter pixel side ``s``, ``d = ceil(2 - log10(s))``, so rounding moves a
+    vertex by at most 1/200 of a pixel along each axis; GDAL's default, 15 significant digits, wrote float noise
+    (``104085.265486726`` for a corner of 300 m pixels)."""
+    side = min(math.hypot(gt[1], gt[4]), math.hypot(gt[2], gt[5]))
+    return max(0, math.ceil(2 - math.log10(side)))
 
 
 def _gather_in_order(client, batches: list) -> Iterator[FeatureBatch]:
@@ -641,18 +651,20 @@ def _schema(geo: dict | None = None) -> pa.Schema:
     return schema.with_metadata({b"geo": json.dumps(geo).encode(), **mark}) if geo else schema
 
 
-def _ogr_mark(driver: str) -> dict:
+def _ogr_options(driver: str, transform: tuple[float, ...]) -> dict:
     """tilemask's mark (:func:`~tilemask.formats.product_mark`) as ``pyogrio.write_arrow`` keywords: the metadata
     items a GeoPackage (dataset and layer) and a FlatGeobuf (layer) keep, a GeoJSON's ``description`` member (it
-    keeps no metadata)."""
+    keeps no metadata); a GeoJSON's coordinates rounded to :func:`coordinate_decimals`."""
     if driver == "GeoJSON":
-        return {"layer_options": {"DESCRIPTION": product_mark_text()}}
+        decimals = str(coordinate_decimals(transform))
+        return {"layer_options": {"DESCRIPTION": product_mark_text(), "COORDINATE_PRECISION": decimals}}
     mark = product_mark()
     return {"dataset_metadata": mark, "layer_metadata": mark} if driver == "GPKG" else {"layer_metadata": mark}
 
 
-def _write(out_path: str, suffix: str, batches: Iterator[FeatureBatch], crs_wkt: str | None) -> str:
+def _write(out_path: str, suffix: str, batches: Iterator[FeatureBatch], rule: AreaRule) -> str:
     """Stream the features into ``out_path`` under a temporary name; rename when whole."""
+    crs_wkt = rule.crs_wkt
     target = Path(out_path)
     target.parent.mkdir(parents=True, exist_ok=True)
     count = 0
@@ -686,7 +698,7 @@ def _write(out_path: str, suffix: str, batches: Iterator[FeatureBatch], crs_wkt:
                 geometry_name="geometry",
                 geometry_type="Polygon",
                 crs=crs_wkt,
-                **_ogr_mark(VECTOR_DRIVERS[suffix]),
+                **_ogr_options(VECTOR_DRIVERS[suffix], rule.transform),
             )
             count = counted.count
     logger.info("wrote %d polygons to %s", count, target)
