@@ -11,7 +11,7 @@ from PIL import Image
 from rasterio.enums import Resampling
 
 from tilemask.classes import class_colours
-from tilemask.errors import InputError
+from tilemask.errors import InputError, ReadError
 from tilemask.geometry import RasterGeometry
 from tilemask.quicklook import thumbnail_shape, write_quicklook
 from tilemask.sinks import OutputLayout
@@ -200,3 +200,27 @@ def test_a_vrt_of_bands_of_several_types_is_shown(tmp_path):
              for i, source in enumerate((tmp_path / "same.tif", mixed))]  # fmt: skip
     assert looks[0][..., :3].max() == 255
     np.testing.assert_array_equal(looks[1], looks[0])
+
+
+def test_an_input_whose_overviews_are_cut_short_fails_the_quick_look_in_gdals_words_exit_1(tmp_path):
+    """A GeoTIFF with overviews appended (``gdaladdo``) and cut short in them: the run reads its pixels whole, and the
+    quick look, which reads an overview, failed ``InputError`` (exit 2, after the run) ``cannot read: Read failed.
+    See previous exception for details.``, rasterio's words without GDAL's."""
+    data = (np.random.default_rng(0).random((3, 1024, 1024)) * 255).astype(np.uint8)
+    scene = tmp_path / "scene.tif"
+    grid = dict(crs="EPSG:32618", transform=rasterio.transform.from_origin(500000, 4000000, 30, 30))
+    with rasterio.open(scene, "w", driver="GTiff", width=1024, height=1024, count=3, dtype="uint8", tiled=True,
+                       **grid) as ds:  # fmt: skip
+        ds.write(data)
+    with rasterio.open(scene, "r+") as ds:
+        ds.build_overviews([2, 4, 8], Resampling.average)
+    with open(scene, "r+b") as f:
+        f.truncate(scene.stat().st_size - 2000)  # the last overview's last tile
+    with rasterio.open(scene) as ds:
+        assert np.array_equal(ds.read(), data)  # what the run reads is whole
+    labels = write_labels_cog(tmp_path / "labels.tif", scene, (data[0] > 127).astype(np.uint8), None)
+    why = r"TIFFReadEncodedTile:.*got \d+ bytes, expected \d+$"
+    with pytest.raises(ReadError, match=rf"^{scene}: cannot read for the quick look: {why}") as failed:
+        write_quicklook(str(scene), labels, str(tmp_path / "look.png"), size=128)
+    assert failed.value.exit_status == 1
+    assert not (tmp_path / "look.png").exists()

@@ -24,10 +24,10 @@ from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 
 from .classes import CLASSES_TAG, class_colours
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, ReadError
 from .formats import for_path, product_mark_text
 from .outputs import atomic_path
-from .sources.raster import gdal_env, read_bands
+from .sources.raster import first_gdal_line, gdal_env, read_bands
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ def write_quicklook(
                 with rasterio.Env(GDAL_CACHEMAX=_row_of_blocks(src)):
                     layers.append(read_bands(src, list(wanted), out_shape=labels.shape, masked=True,
                                              resampling=Resampling.nearest))  # fmt: skip
-        except RasterioError as exc:
-            raise InputError(f"{path}: cannot read: {exc}") from None
+        except RasterioError as exc:  # after the run, which read the pixels: an overview cut short, say
+            raise ReadError(f"{path}: cannot read for the quick look: {first_gdal_line(exc)}") from None
         if sum(len(layer) for layer in layers) == 3:
             break
     image = np.ma.masked_invalid(np.ma.concatenate(layers))  # NaN and inf: invalid pixels, as the run takes them
@@ -121,7 +121,7 @@ def _read_labels(labels_path: str, size: int) -> tuple[np.ndarray, int | None, i
                 tag = ds.tags().get(CLASSES_TAG)
                 nodata = None if ds.nodata is None else int(ds.nodata)
         except RasterioError as exc:
-            raise InputError(f"{labels_path}: cannot read: {exc}") from None
+            raise ReadError(f"{labels_path}: cannot read for the quick look: {first_gdal_line(exc)}") from None
         n_classes = len(json.loads(tag)) if tag else 0
         return labels, nodata, n_classes, (ds.height, ds.width)
     # Zarr (no overviews): take every k-th pixel, chunk by chunk, on this process's threads. Within a task Dask's
