@@ -232,6 +232,30 @@ def test_a_geotiff_cut_short_names_its_broken_block_in_words_not_as_row_42949672
         server.shutdown()
 
 
+def test_a_vrt_whose_source_in_a_local_archive_is_missing_is_refused_when_opened(make_raster, tmp_path):
+    """A fault sweep: a VRT whose source is ``/vsizip/`` into a local zip that is gone, or that lacks the member,
+    opened and failed at its first read on a worker, exit 1 (``... does not exist in the file system, and is not
+    recognized as a supported dataset name``); a missing plain file was refused when opened already."""
+    import zipfile
+
+    grey, _ = make_raster((1, 40, 50), name="grey.tif")
+    with zipfile.ZipFile(tmp_path / "scenes.zip", "w") as zf:
+        zf.write(grey, "grey.tif")
+    vrt = band_vrt(tmp_path / "stack.vrt", [("grey.tif", "Byte", 1)], 50, 40).read_text()
+    for member, why in ((f"/vsizip/{tmp_path}/scenes.zip/grey.tif", None),
+                        (f"/vsizip/{tmp_path}/gone.zip/grey.tif", f"no such archive {tmp_path}/gone.zip"),
+                        (f"/vsizip/{tmp_path}/scenes.zip/other.tif", f"{tmp_path}/scenes.zip has no member other.tif")):
+        path = tmp_path / "zipped.vrt"
+        path.write_text(vrt.replace('relativeToVRT="1">grey.tif', f'relativeToVRT="0">{member}'))
+        if why is None:
+            assert open_source(str(path), spatial_dims=2).read(((0, 40), (0, 50))).shape == (1, 40, 50)
+            continue
+        refusal = rf"^{path}: a VRT whose source {member} cannot be read: {why}$"
+        with pytest.raises(InputError, match=refusal) as refused:
+            open_source(str(path), spatial_dims=2)
+        assert refused.value.exit_status == 2
+
+
 @pytest.mark.timeout(30)
 def test_a_vsizip_path_says_what_is_wrong_with_its_archive(make_raster, tmp_path, monkeypatch):
     """A reviewer's fault sweep: a ``/vsizip/`` input into a zip cut short, or naming a member the zip does not

@@ -126,11 +126,10 @@ class RasterSource(ImageSource):
             hint = f" (it holds {len(subdatasets)} subdatasets: write the one to segment to a GeoTIFF first, " \
                 f"gdal_translate '{subdatasets[0]}' out.tif)" if subdatasets else ""
             raise InputError(f"{path}: a raster with no bands{hint}")
-        missing = [f for f in sources if not f.startswith("/vsi") and "://" not in f and not SUBDATASET.match(f)
-                   and not os.path.exists(f)]  # fmt: skip
+        missing = [(f, why) for f in sources if (why := _unreadable_source(f))]
         if missing:  # GDAL opens the VRT and fails at the first read of the file, on a worker (exit 1)
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise InputError(f"{path}: a VRT whose source {missing[0]} does not exist{more}")
+            raise InputError(f"{path}: a VRT whose source {missing[0][0]} {missing[0][1]}{more}")
         usable_geometry(path, geometry)
         if bands:
             bad = [b for b in bands if b > count]
@@ -231,6 +230,20 @@ def read_bands(ds, bands, out_shape: tuple[int, int] | None = None, **read) -> n
     common = np.result_type(*types)
     parts = [ds.read(b, out_shape=out_shape, out_dtype=common, **read) for b in bands]
     return np.ma.stack(parts) if read.get("masked") else np.stack(parts)
+
+
+def _unreadable_source(name: str) -> str | None:
+    """Why a VRT's source file cannot be read, where the local file system can say (a file that does not exist, an
+    archive of ``/vsizip/``/``/vsitar/`` that is not there or lacks the member); None for a remote source or one
+    named as a subdataset: GDAL says so at the first read."""
+    from .archive import archive_problem, split_member
+
+    if split_member(name):
+        problem = archive_problem(name)
+        return problem and f"cannot be read: {problem}"
+    if name.startswith("/vsi") or "://" in name or SUBDATASET.match(name) or os.path.exists(name):
+        return None
+    return "does not exist"
 
 
 SUBDATASET = re.compile(r"[A-Za-z][A-Za-z0-9_]+:")  # a VRT's source named as GDAL names a subdataset: NETCDF:"x.nc":t
