@@ -618,3 +618,60 @@ def test_a_failed_store_never_names_the_password_whatever_the_url_looks_like(tmp
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _Answering:
+    """A loopback HTTP server whose every request gets ``answer(handler)``: (status, headers, body)."""
+
+    def __init__(self, answer):
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _any(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                status, headers, body = answer(self)
+                self.send_response(status)
+                for key, value in {**headers, "Content-Length": str(len(body))}.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _any  # noqa: N815 - http.server's names
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+
+    def __enter__(self) -> str:
+        import threading
+
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("status", [301, 302])
+def test_a_dicomweb_url_that_redirects_is_refused_naming_where_to(orthanc, status):
+    """A proxy's 301 or 302 in front of Orthanc passed the check (requests followed it), then the store was sent
+    on as a GET, Orthanc's QIDO answered a list of studies, and the store failed with "'list' object has no
+    attribute 'items'". Refused before any window, naming where it leads (exit 2), and not followed by a store."""
+    from tilemask.errors import OutputError, WorkflowError
+    from tilemask.sinks.dicomseg import check_answers, store
+
+    def moved(handler):
+        return status, {"Location": orthanc + handler.path.removeprefix("/pacs")}, b""
+
+    slice_ = next(p for p in sorted(CT.iterdir()) if p.is_file())
+    with _Answering(moved) as proxy:
+        given = f"{proxy}/pacs"
+        where = rf"{given}/studies(\?limit=1)? answered {status} \w[\w ]+, to {orthanc}/studies(\?limit=1)?: "
+        with pytest.raises(WorkflowError, match=rf"^output.dicomweb: {where}give the DICOMweb root there$") as caught:
+            check_answers(given)
+        assert caught.value.exit_status == 2
+        with pytest.raises(OutputError, match=rf"^output.dicomweb: storing {slice_} on {given} failed: {where}"):
+            store(str(slice_), given)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 
@@ -140,7 +140,8 @@ STORE_TIMEOUT = (10, 120)  # seconds: connecting, then waiting for each answer
 
 
 def store(path: str, url: str) -> None:
-    """STOW-RS of the instance at ``path`` to the DICOMweb root ``url`` (dicomweb-client), with timeouts."""
+    """STOW-RS of the instance at ``path`` to the DICOMweb root ``url`` (dicomweb-client), with timeouts.  A
+    redirect is not followed: requests sends a 301 or 302's POST on as a GET, and the store would be lost."""
     import pydicom
     import requests
     from dicomweb_client.api import DICOMwebClient
@@ -150,14 +151,32 @@ def store(path: str, url: str) -> None:
             kwargs["timeout"] = kwargs.get("timeout") or STORE_TIMEOUT
             return super().send(request, **kwargs)
 
-    session = requests.Session()
+    class Session(requests.Session):
+        def get_redirect_target(self, resp):
+            return None
+
+    session = Session()
     session.mount("http://", TimeoutAdapter())
     session.mount("https://", TimeoutAdapter())
+    answers: list = []
+    session.hooks["response"].append(lambda answer, **kwargs: answers.append(answer))
     try:
         DICOMwebClient(url=url.rstrip("/"), session=session).store_instances([pydicom.dcmread(path)])
+        why = None
     except Exception as exc:  # noqa: BLE001 - requests and the client raise many types
+        why = str(exc).splitlines()[0]
+    redirect = next((answer for answer in answers if answer.is_redirect), None)  # whatever the client made of it
+    if redirect is not None:
+        why = _redirect(redirect)
+    if why is not None:
         raise OutputError(f"output.dicomweb: storing {path} on {_shown(url)} failed: "
-                          f"{_shown(url, str(exc).splitlines()[0])} (the file is whole and kept)") from None  # fmt: skip
+                          f"{_shown(url, why)} (the file is whole and kept)")  # fmt: skip
+
+
+def _redirect(answer) -> str:
+    """What a redirect answered, and where to: the URL to give instead."""
+    target = urljoin(answer.url, answer.headers["Location"])
+    return f"{answer.url} answered {answer.status_code} {answer.reason}, to {target}: give the DICOMweb root there"
 
 
 _USERINFO = re.compile(r"(?<=://)[^/?#@\s]*@")
@@ -173,18 +192,21 @@ def _shown(url: str, text: str | None = None) -> str:
 
 def check_answers(url: str) -> None:
     """Refuse a DICOMweb server that does not answer now (exit 1: it may be down for now), or that refuses the
-    URL's credentials (401: exit 2, the store would be refused too), before any window runs, where the store
-    comes once every window has.  Any other HTTP answer will do (a QIDO refused for want of rights or of QIDO
-    does not say the store will fail); its body is not read.  Asked from the process that drives the job (the
-    store runs on a worker: they must both reach the server)."""
+    URL's credentials (401: exit 2, the store would be refused too) or redirects (exit 2: the store is not
+    redirected), before any window runs, where the store comes once every window has.  Any other HTTP answer will
+    do (a QIDO refused for want of rights or of QIDO does not say the store will fail); its body is not read.
+    Asked from the process that drives the job (the store runs on a worker: they must both reach the server)."""
     import requests
 
     try:
-        answer = requests.get(f"{url.rstrip('/')}/studies", params={"limit": 1}, timeout=STORE_TIMEOUT[0], stream=True)
+        answer = requests.get(f"{url.rstrip('/')}/studies", params={"limit": 1}, timeout=STORE_TIMEOUT[0], stream=True,
+                              allow_redirects=False)  # fmt: skip
         answer.close()
     except requests.RequestException as exc:
         raise OutputError(f"output.dicomweb: {_shown(url)} does not answer: "
                           f"{_shown(url, str(exc).splitlines()[0])}") from None  # fmt: skip
+    if answer.is_redirect:  # the store would be redirected too, and is not followed (store)
+        raise WorkflowError(f"output.dicomweb: {_shown(url, _redirect(answer))}")
     if answer.status_code == 401:
         why = (
             "refuses the user and password in the URL (401 Unauthorized)"
