@@ -675,3 +675,72 @@ def test_a_dicomweb_url_that_redirects_is_refused_naming_where_to(orthanc, statu
         assert caught.value.exit_status == 2
         with pytest.raises(OutputError, match=rf"^output.dicomweb: storing {slice_} on {given} failed: {where}"):
             store(str(slice_), given)
+
+
+@pytest.fixture(scope="module")
+def orthanc_dropping(tmp_path_factory):
+    """The same Orthanc with a ``ReceivedInstanceFilter`` that drops every instance (its Lua hook for a PACS's
+    rules on what it keeps)."""
+    lua = tmp_path_factory.mktemp("lua") / "drop.lua"
+    lua.write_text("function ReceivedInstanceFilter(dicom, origin, info)\n  return false\nend\n")
+    yield from _orthanc(tmp_path_factory, LuaScripts=[str(lua)])
+
+
+def _store_response(stored: list, failed: list, warning: int | None = None) -> bytes:
+    """A Store Instances Response (PS3.18 10.5.3) as DICOM JSON: ``stored`` and ``failed`` SOP Instance UIDs."""
+    import json
+
+    from pydicom.dataset import Dataset
+
+    def item(uid, **more):
+        ds = Dataset()
+        ds.ReferencedSOPClassUID, ds.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", uid
+        for keyword, value in more.items():
+            setattr(ds, keyword, value)
+        return ds
+
+    answer = Dataset()
+    answer.ReferencedSOPSequence = [item(u, **({"WarningReason": warning} if warning else {})) for u in stored]
+    answer.FailedSOPSequence = [item(u, FailureReason=0xA700) for u in failed]
+    return json.dumps(answer.to_json_dict()).encode()
+
+
+@pytest.mark.timeout(120)
+def test_a_segmentation_the_server_does_not_store_is_a_failed_store(orthanc, orthanc_dropping, caplog):
+    """A STOW-RS answer listing the instance as failed, or not listing it as stored, with 200 or 202, and Orthanc
+    1.10's 200 listing an instance its ReceivedInstanceFilter dropped, all counted as stored (exit 0). Each is a
+    failed store naming why; a 409 names the failure reason its body gives; an instance stored with a warning is
+    stored, the warning logged."""
+    import json
+
+    from dicomweb_client.api import DICOMwebClient
+
+    from tilemask.errors import OutputError
+    from tilemask.sinks.dicomseg import store
+
+    slice_ = next(p for p in sorted(CT.iterdir()) if p.is_file())
+    uid = pydicom.dcmread(slice_).SOPInstanceUID
+    stowed = {"Content-Type": "application/dicom+json"}
+    found = json.dumps([{"00080018": {"vr": "UI", "Value": [uid]}}]).encode()  # QIDO-RS finds it
+    cases = {
+        (200, _store_response([], [uid])): r"the server lists it as failed \(FailureReason A700H\)",
+        (202, _store_response(["1.2.3"], [uid])): r"the server lists it as failed \(FailureReason A700H\)",
+        (200, _store_response(["1.2.3"], [])): r"the server's answer does not list it as stored",
+        (202, b""): r"the server's answer does not list it as stored",
+        (409, _store_response([], [uid])): r"409 Client Error: Conflict for url: \S+ \(FailureReason A700H\)",
+    }
+    for (status, body), why in cases.items():
+        with _Answering(lambda h: (status, stowed, body) if h.command == "POST" else (200, stowed, found)) as pacs:
+            with pytest.raises(OutputError, match=rf"^output.dicomweb: storing {slice_} on {pacs} failed: {why} "):
+                store(str(slice_), pacs)
+
+    warned = _store_response([uid], [], warning=0xB000)
+    with _Answering(lambda h: (202, stowed, warned) if h.command == "POST" else (200, stowed, found)) as pacs:
+        store(str(slice_), pacs)
+    assert any(f"stored {uid} with a warning (WarningReason B000H)" in r.getMessage() for r in caplog.records)
+
+    with pytest.raises(OutputError, match=r"failed: it answered that it stored it, and its QIDO-RS does not find it"):
+        store(str(slice_), orthanc_dropping)
+    assert DICOMwebClient(url=orthanc_dropping).search_for_instances() == []  # Orthanc answered 200, listing it
+    store(str(slice_), orthanc)  # and an Orthanc that keeps it: stored
+    assert DICOMwebClient(url=orthanc).search_for_instances(search_filters={"SOPInstanceUID": uid}) != []

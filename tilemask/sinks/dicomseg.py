@@ -140,8 +140,10 @@ STORE_TIMEOUT = (10, 120)  # seconds: connecting, then waiting for each answer
 
 
 def store(path: str, url: str) -> None:
-    """STOW-RS of the instance at ``path`` to the DICOMweb root ``url`` (dicomweb-client), with timeouts.  A
-    redirect is not followed: requests sends a 301 or 302's POST on as a GET, and the store would be lost."""
+    """STOW-RS of the instance at ``path`` to the DICOMweb root ``url`` (dicomweb-client), with timeouts; stored
+    only when the answer lists it as stored (:func:`_not_stored`) and QIDO-RS then finds it (Orthanc 1.10 answers
+    200 listing an instance its ``ReceivedInstanceFilter`` dropped).  A redirect is not followed: requests would
+    send a 301 or 302's POST on as a GET, and the store would be lost."""
     import pydicom
     import requests
     from dicomweb_client.api import DICOMwebClient
@@ -160,14 +162,19 @@ def store(path: str, url: str) -> None:
     session.mount("https://", TimeoutAdapter())
     answers: list = []
     session.hooks["response"].append(lambda answer, **kwargs: answers.append(answer))
+    client = DICOMwebClient(url=url.rstrip("/"), session=session)
     try:
-        DICOMwebClient(url=url.rstrip("/"), session=session).store_instances([pydicom.dcmread(path)])
-        why = None
+        instance = pydicom.dcmread(path)
+        why = _not_stored(client.store_instances([instance]), instance.SOPInstanceUID)
+    except requests.HTTPError as exc:  # 4xx or 5xx: a 400 or 409 lists the instance as failed, with the reason
+        why = str(exc).splitlines()[0] + _failure_in(exc.response)
     except Exception as exc:  # noqa: BLE001 - requests and the client raise many types
         why = str(exc).splitlines()[0]
     redirect = next((answer for answer in answers if answer.is_redirect), None)  # whatever the client made of it
     if redirect is not None:
         why = _redirect(redirect)
+    if why is None and not _found(client, instance, url):
+        why = "it answered that it stored it, and its QIDO-RS does not find it: the server dropped it"
     if why is not None:
         raise OutputError(f"output.dicomweb: storing {path} on {_shown(url)} failed: "
                           f"{_shown(url, why)} (the file is whole and kept)")  # fmt: skip
@@ -177,6 +184,51 @@ def _redirect(answer) -> str:
     """What a redirect answered, and where to: the URL to give instead."""
     target = urljoin(answer.url, answer.headers["Location"])
     return f"{answer.url} answered {answer.status_code} {answer.reason}, to {target}: give the DICOMweb root there"
+
+
+def _not_stored(listed, uid: str) -> str | None:
+    """Why a Store Instances Response (DICOM PS3.18 10.5.3) does not say that the instance ``uid`` was stored, or
+    None: it must be in the ReferencedSOPSequence (0008,1199) and not in the FailedSOPSequence (0008,1198) (a 202
+    Accepted may list it there).  A WarningReason (0008,1196) in its item, a change the server made (coerced or
+    discarded elements), is logged: it is stored."""
+    failed = [item for item in listed.get("FailedSOPSequence", []) if item.get("ReferencedSOPInstanceUID") == uid]
+    if failed:
+        return f"the server lists it as failed{_reason(failed[0], 'FailureReason')}"
+    stored = [item for item in listed.get("ReferencedSOPSequence", []) if item.get("ReferencedSOPInstanceUID") == uid]
+    if not stored:
+        return "the server's answer does not list it as stored (ReferencedSOPSequence)"
+    if stored[0].get("WarningReason") is not None:
+        logger.warning("output.dicomweb: the server stored %s with a warning%s", uid,
+                       _reason(stored[0], "WarningReason"))
+    return None
+
+
+def _found(client, instance, url: str) -> bool:
+    """Whether QIDO-RS finds the instance just stored; True when the server answers no QIDO (a warning says so)."""
+    try:
+        found = client.search_for_instances(instance.StudyInstanceUID, instance.SeriesInstanceUID,
+                                            search_filters={"SOPInstanceUID": instance.SOPInstanceUID})  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - requests and the client raise many types
+        logger.warning("output.dicomweb: %s stored %s; its QIDO-RS, asked to confirm it, failed: %s", _shown(url),
+                       instance.SOPInstanceUID, _shown(url, str(exc).splitlines()[0]))  # fmt: skip
+        return True
+    return bool(found)
+
+
+def _failure_in(answer) -> str:
+    """The FailureReason of a refusal's Store Instances Response, if its body is one."""
+    import pydicom
+
+    try:
+        failed = pydicom.Dataset.from_json(answer.json()).get("FailedSOPSequence", [])
+    except (ValueError, TypeError, AttributeError):  # not one: no body, an HTML page, a list
+        return ""
+    return _reason(failed[0], "FailureReason") if failed else ""
+
+
+def _reason(item, keyword: str) -> str:
+    """`` (FailureReason 0110H)``: a status code as DICOM writes them."""
+    return f" ({keyword} {item.get(keyword):04X}H)" if item.get(keyword) is not None else ""
 
 
 _USERINFO = re.compile(r"(?<=://)[^/?#@\s]*@")
