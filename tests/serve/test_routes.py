@@ -1149,3 +1149,50 @@ def test_a_cog_cut_short_is_a_422_with_gdals_reason(tmp_path, served_folder):
             answer = client.get(url)
             assert answer.status_code == 422, (url, answer.status_code, answer.text)
             assert re.fullmatch(rf"{name}: cannot read: TIFF.* got \d+ bytes, expected \d+", answer.json()["detail"])
+
+
+def write_segmentation(path: Path, *, transfer_syntax: str = "1.2.840.10008.1.2.1") -> None:
+    """A LABELMAP DICOM Segmentation (highdicom) of pydicom's CT series: one segment, ``brain``."""
+    import highdicom as hd
+    import pydicom
+
+    from tilemask.sources.dicom import DicomSeriesSource
+
+    series = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+    images = [pydicom.dcmread(f) for f in DicomSeriesSource.open(str(series)).files]
+    frames = np.zeros((len(images), images[0].Rows, images[0].Columns), np.uint8)
+    frames[:, 4:12, 4:12] = 1
+    tissue = hd.sr.CodedConcept("85756007", "SCT", "Tissue")
+    algorithm = hd.AlgorithmIdentificationSequence("test", hd.sr.CodedConcept("113112", "DCM", "Artificial Intelligence"),
+                                                   "1")  # fmt: skip
+    brain = hd.seg.SegmentDescription(1, "brain", tissue, tissue, hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                                      algorithm)  # fmt: skip
+    seg = hd.seg.Segmentation(images, frames, hd.seg.SegmentationTypeValues.LABELMAP, [brain], hd.UID(), 900,
+                              hd.UID(), 1, "test", "test", "1", "0", transfer_syntax_uid=transfer_syntax,
+                              omit_empty_frames=False)  # fmt: skip
+    seg.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.timeout(60)
+def test_a_dicom_segmentation_cut_short_is_left_out_with_a_warning(tmp_path, caplog):
+    """A SEG cut short in its pixel data, or before it, was listed as whole, segments and all (its header was read
+    up to its pixels, and pydicom stops where a file ends without a word). Each is left out, named in a warning with
+    why; the whole ones, native and RLE, are listed."""
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+
+    write_segmentation(tmp_path / "whole_seg.dcm")
+    write_segmentation(tmp_path / "rle_seg.dcm", transfer_syntax="1.2.840.10008.1.2.5")
+    whole = (tmp_path / "whole_seg.dcm").read_bytes()
+    (tmp_path / "pixels_cut_seg.dcm").write_bytes(whole[:-100])
+    (tmp_path / "half_seg.dcm").write_bytes(whole[: len(whole) // 2])
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        listing = client.get("/?f=json")
+        assert listing.status_code == 200 and client.get("/").status_code == 200
+    segments = {o["path"]: o["segments"] for o in listing.json()["outputs"]}
+    assert segments == {"rle_seg.dcm": ["Background", "brain"], "whole_seg.dcm": ["Background", "brain"]}
+    warned = [r.getMessage() for r in caplog.records if "left out of the catalog" in r.getMessage()]
+    assert any(re.fullmatch(rf"pixels_cut_seg.dcm: left out of the catalog: cut short: its pixel data ends at byte "
+                            rf"{len(whole)}, the file at byte {len(whole) - 100}", m) for m in warned), warned  # fmt: skip
+    assert "half_seg.dcm: left out of the catalog: cut short: no pixel data" in warned, warned

@@ -39,6 +39,7 @@ OGR_DRIVERS = {".gpkg": "GPKG", ".fgb": "FlatGeobuf", ".geojson": "GeoJSON"}  # 
 TABLE_SUFFIXES = (".csv", ".parquet", ".gpkg", ".json")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 GDAL_SIDECARS = (".ovr", ".msk", ".aux.xml")
+PIXEL_DATA, UNDEFINED_LENGTH = 0x7FE00010, 0xFFFFFFFF  # DICOM's tag and encapsulated pixels' length (read whole)
 
 
 @dataclass(frozen=True)
@@ -277,12 +278,18 @@ def _image(root: Path, rel: str, path: Path) -> list[Entry]:
 def _segmentation(rel: str, path: Path) -> list[Entry]:
     """A DICOM Segmentation (tilemask's or another's), listed with its segments' labels to be downloaded: its
     place is a PACS (``output.dicomweb``) and its viewers there. Other DICOM files (the slices of a scan) are
-    not listed."""
+    not listed, nor is a SEG cut short (its pixel data missing or past the end of the file)."""
     import pydicom
 
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality", "SegmentSequence"])
+    ds = pydicom.dcmread(path, defer_size=1024)  # its pixels left unread: where they end is what is checked
     if ds.get("Modality") != "SEG":
         return []
+    pixels = ds.get_item(PIXEL_DATA, keep_deferred=True)  # pydicom stops where a file ends, without a word
+    if pixels is None:
+        raise ValueError("cut short: no pixel data")
+    end, size = pixels.value_tell + (0 if pixels.length == UNDEFINED_LENGTH else pixels.length), path.stat().st_size
+    if end > size:
+        raise ValueError(f"cut short: its pixel data ends at byte {end}, the file at byte {size}")
     segments = tuple(str(item.get("SegmentLabel", "")) for item in ds.get("SegmentSequence", []))
     return [Entry(rel, "segmentation", "dicom-seg", Path(rel).stem, class_names=segments)]
 
