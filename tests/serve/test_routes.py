@@ -1196,3 +1196,39 @@ def test_a_dicom_segmentation_cut_short_is_left_out_with_a_warning(tmp_path, cap
     assert any(re.fullmatch(rf"pixels_cut_seg.dcm: left out of the catalog: cut short: its pixel data ends at byte "
                             rf"{len(whole)}, the file at byte {len(whole) - 100}", m) for m in warned), warned  # fmt: skip
     assert "half_seg.dcm: left out of the catalog: cut short: no pixel data" in warned, warned
+
+
+@pytest.mark.timeout(60)
+def test_labels_up_to_a_million_list_a_legend_of_their_classes_not_a_row_per_value(tmp_path):
+    """A NIfTI label volume whose cal_max is 1e6, or whose colour table names label 1e6, made the index build a
+    legend row for every value up to it: 2 minutes and 162 MB of JSON. The legend lists the first 256 classes and,
+    beyond them, those the colour table names, in tilemask's colours."""
+    import nibabel as nib
+    from starlette.testclient import TestClient
+
+    from tilemask.formats import NIFTI_DESCRIP
+    from tilemask.serve import create_app
+
+    top = 1_000_000
+    volume = np.zeros((8, 8, 8), np.int32)
+    volume[0, 0, 0] = top
+    for name, cal_max in (("calmax", top), ("table", 0)):
+        img = nib.Nifti1Image(volume, np.eye(4))
+        img.header["descrip"], img.header["cal_max"] = NIFTI_DESCRIP, cal_max
+        nib.save(img, tmp_path / f"{name}_labels.nii.gz")
+    (tmp_path / "table_labels.colors.csv").write_text(
+        f"LabelValue,Name,Color_R,Color_G,Color_B,Color_A\n0,background,0,0,0,0\n1,liver,1,2,3,255\n{top},lesion,4,5,6,255\n"
+    )
+    colours = class_colours(top + 1)
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        listing = client.get("/?f=json")
+        assert listing.status_code == 200 and client.get("/").status_code == 200
+        item = client.get("/stac/items/table_labels.json")
+    legends = {o["path"]: o["classes"] for o in listing.json()["outputs"]}
+    assert [c["value"] for c in legends["calmax_labels.nii.gz"]] == list(range(256))
+    assert [c["value"] for c in legends["table_labels.nii.gz"]] == [*range(256), top]
+    lesion = legends["table_labels.nii.gz"][-1]
+    assert lesion["name"] == "lesion" and tuple(lesion["rgba"]) == colours[top]
+    for legend in legends.values():
+        assert all(tuple(c["rgba"]) == colours[c["value"]] for c in legend)
+    assert [c["name"] for c in item.json()["assets"]["labels"]["classification:classes"]][-1] == "lesion"

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..classes import class_colours, class_name
+from ..classes import PALETTE, class_colours, class_name
 from ..formats import CLASS_TABLE_SUFFIX, for_path, nifti_affine_mm
 from .paths import hidden, inside, relative
 
@@ -39,6 +39,15 @@ OGR_DRIVERS = {".gpkg": "GPKG", ".fgb": "FlatGeobuf", ".geojson": "GeoJSON"}  # 
 TABLE_SUFFIXES = (".csv", ".parquet", ".gpkg", ".json")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 GDAL_SIDECARS = (".ovr", ".msk", ".aux.xml")
+LEGEND_CLASSES = 256  # the classes a legend lists by value; beyond them, only those a colour table names
+CYCLE = class_colours(len(PALETTE) + 1)  # class_colours cycles through the palette: these are all its colours
+
+
+def cycled(value):
+    """The class in :data:`CYCLE` whose colour label ``value`` (an int or an array) has."""
+    return np.where(value > 0, (value - 1) % len(PALETTE) + 1, 0)
+
+
 PIXEL_DATA, UNDEFINED_LENGTH = 0x7FE00010, 0xFFFFFFFF  # DICOM's tag and encapsulated pixels' length (read whole)
 
 
@@ -55,6 +64,7 @@ class Entry:
     shape: tuple[int, ...] = ()
     affine: tuple[tuple[float, ...], ...] | None = None  # volumes: voxel to RAS
     scan: str | None = None  # volumes: the scan on the same grid
+    named_beyond: tuple[int, ...] = ()  # labels: values past LEGEND_CLASSES with a name of their own (a colour table)
 
     @property
     def is_volume(self) -> bool:
@@ -64,16 +74,15 @@ class Entry:
     def n_classes(self) -> int:
         return len(self.class_names) or 2
 
-    def colours(self) -> dict[int, tuple[int, int, int, int]]:
-        return class_colours(self.n_classes)
-
     def legend(self) -> list[dict]:
-        colours = self.colours()
-        return [
-            {"value": v, "name": class_name(self.class_names, v), "color": "#{:02x}{:02x}{:02x}".format(*colours[v][:3]),
-             "rgba": list(colours[v])}
-            for v in range(self.n_classes)
-        ]  # fmt: skip
+        """The first :data:`LEGEND_CLASSES` classes, and beyond them those with a name of their own (from a colour
+        table): not a row for each value up to a label of 1e6."""
+        rows = []
+        for v in (*range(min(self.n_classes, LEGEND_CLASSES)), *self.named_beyond):
+            rgba = CYCLE[int(cycled(v))]
+            rows.append({"value": v, "name": class_name(self.class_names, v),
+                         "color": "#{:02x}{:02x}{:02x}".format(*rgba[:3]), "rgba": list(rgba)})  # fmt: skip
+        return rows
 
     def to_json(self) -> dict:
         out = {"path": self.path, "id": self.id, "kind": self.kind, "format": self.format}
@@ -265,9 +274,11 @@ def _image(root: Path, rel: str, path: Path) -> list[Entry]:
     if not names and fmt.name == "nifti":  # no colour table beside it: as many classes as its header's cal_max says
         import nibabel as nib
 
-        names = tuple(class_name((), v) for v in range(max(2, int(nib.load(path).header["cal_max"]) + 1)))
+        top = min(int(nib.load(path).header["cal_max"]), LEGEND_CLASSES - 1)  # those of the legend; the rest class_<v>
+        names = tuple(class_name((), v) for v in range(max(2, top + 1)))
+    beyond = tuple(v for v in range(LEGEND_CLASSES, len(names)) if names[v] != class_name((), v))
     common = {"class_names": names, "nodata": labels.nodata, "probabilities": probabilities,
-              "shape": tuple(labels.array.shape)}  # fmt: skip
+              "shape": tuple(labels.array.shape), "named_beyond": beyond}  # fmt: skip
     if labels.is_volume:
         return [Entry(rel, "labels", fmt.name, stem, affine=labels.geometry.affine, **common)]
     return [

@@ -30,7 +30,7 @@ from rio_tiler.io import Reader, XarrayReader
 
 from ..classes import class_name
 from ..formats import for_path
-from .catalog import Entry
+from .catalog import CYCLE, Entry, cycled
 from .paths import inside, reading
 
 NEAREST = {"resampling_method": "nearest", "reproject_method": "nearest"}
@@ -150,12 +150,8 @@ def label_tile(root: Path, entry: Entry, x: int, y: int, z: int) -> bytes:
     with reader(root, entry, zoom=z) as r:
         image = r.tile(x, y, z, indexes=1, **NEAREST)
     labels = image.data[0]
-    colours = entry.colours()
-    top = int(labels.max()) if labels.size else 0
-    lut = np.zeros((max(top + 1, len(colours)), 4), np.uint8)
-    for value, rgba in colours.items():
-        lut[value] = rgba
-    rgba = lut[labels]
+    lut = np.array([CYCLE[v] for v in range(len(CYCLE))], np.uint8)
+    rgba = lut[cycled(np.where(labels < entry.n_classes, labels, 0))]  # a value past the classes: transparent
     rgba[..., 3] = np.where(image.array.mask[0], 0, rgba[..., 3])
     if entry.nodata is not None:
         rgba[labels == entry.nodata, 3] = 0
