@@ -1232,3 +1232,22 @@ def test_labels_up_to_a_million_list_a_legend_of_their_classes_not_a_row_per_val
     for legend in legends.values():
         assert all(tuple(c["rgba"]) == colours[c["value"]] for c in legend)
     assert [c["name"] for c in item.json()["assets"]["labels"]["classification:classes"]][-1] == "lesion"
+
+
+def test_a_folder_whose_own_name_is_not_utf8_is_served_with_its_name_escaped(tmp_path):
+    """Serving a folder named with Latin-1 bytes (r\\xe9sultats) made the index and its JSON a 500: the title
+    held its name's surrogate escapes, which do not encode. Its name is shown with the byte escaped."""
+    import os
+
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+
+    folder = os.fsdecode(os.fsencode(tmp_path) + b"/r\xe9sultats")
+    os.mkdir(folder)
+    Image.new("RGB", (4, 4)).save(Path(folder) / "ok.png")
+    with TestClient(create_app(folder), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        listing, page = client.get("/?f=json"), client.get("/")
+    assert listing.status_code == 200 and page.status_code == 200, (listing.text, page.text)
+    assert listing.json()["title"] == "tilemask: r\\xe9sultats" and "<h1>tilemask: r\\xe9sultats</h1>" in page.text
+    assert [o["path"] for o in listing.json()["outputs"]] == ["ok.png"]

@@ -29,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 
 from . import features, raster, stac, tables, volumes
 from .catalog import Catalog, Entry
-from .paths import reading, relative, resolve
+from .paths import reading, relative, resolve, shown
 
 STATIC = Path(__file__).parent / "static"
 VENDOR = STATIC / "vendor"
@@ -77,7 +77,7 @@ def create_app(
         base = str(request.base_url)
         if f == "json" or (f is None and "application/json" in request.headers.get("accept", "")):
             return {
-                "title": f"tilemask: {root.name}",
+                "title": f"tilemask: {shown(root.name)}",
                 "outputs": [e.to_json() for e in entries],
                 "links": [
                     {"href": base, "rel": "self", "type": "application/json"},
@@ -286,7 +286,7 @@ def _index_html(root: Path, entries: list[Entry]) -> str:
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>tilemask outputs</title>"
         "<link rel='stylesheet' href='static/tilemask.css'></head><body>"
-        f"<h1>tilemask: {html.escape(root.name)}</h1>"
+        f"<h1>tilemask: {html.escape(shown(root.name))}</h1>"
         "<p><a href='map'>map</a> · <a href='stac/catalog.json'>STAC</a> · <a href='collections'>OGC API Features</a>"
         " · <a href='?f=json'>JSON</a></p>"
         "<table><tr><th>path</th><th>kind</th><th>format</th><th>classes</th><th></th></tr>"

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..classes import PALETTE, class_colours, class_name
 from ..formats import CLASS_TABLE_SUFFIX, for_path, nifti_affine_mm
-from .paths import hidden, inside, relative
+from .paths import hidden, inside, relative, shown
 
 logger = logging.getLogger(__name__)
 
@@ -214,8 +214,7 @@ def _classify(root: Path, path: Path) -> list[Entry]:
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError:  # bytes that are not UTF-8 (Python's surrogate escapes): no URL or JSON can name it
-        shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        logger.warning("%s: left out of the catalog: its name is not UTF-8; rename it to list it", shown)
+        logger.warning("%s: left out of the catalog: its name is not UTF-8; rename it to list it", shown(rel))
         return []
     try:
         if name.endswith((".tif", ".tiff", ".zarr", ".nii", ".nii.gz")):

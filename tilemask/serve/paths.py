@@ -57,6 +57,12 @@ def resolve(root: Path, relative: str) -> Path:
     return path
 
 
+def shown(name: str) -> str:
+    """A file name as text any page, JSON or log can hold: bytes that are not UTF-8 (Python's surrogate escapes)
+    as ``\\xe9``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def relative(root: Path, path: Path) -> str:
     """The client's name for ``path`` (POSIX, relative to ``root``)."""
     return path.relative_to(root).as_posix()
