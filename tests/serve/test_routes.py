@@ -1283,3 +1283,20 @@ def test_zoomed_out_probability_tiles_of_a_cog_answer_as_fast_as_its_label_tiles
                     expected = expected_tile(tmp_path / PROBS, tile.x, tile.y, z, band=band)
                     inside = expected >= 0
                     assert np.all(rgba[inside] == ramp[expected[inside]], axis=-1).mean() > 0.97
+
+
+def test_a_json_table_with_an_integer_past_64_bits_and_an_infinite_number_has_it_null(tmp_path):
+    """A JSON table holding an integer past 64 bits (orjson's limit) and a number too large for a double (1e400:
+    inf, as Python's json reads it) was a 422 "Out of range float values are not JSON compliant"; the inf is null,
+    as everywhere in /stats, and the integer whole."""
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+
+    big = 2**64 + 1
+    (tmp_path / "ids.json").write_text(f'[{{"id": {big}, "area": 1e400}}, {{"id": 2, "area": 0.5}}]')
+    assert json.loads((tmp_path / "ids.json").read_text())[0]["area"] == float("inf")
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1") as client:
+        answer = client.get("/stats", params={"output": "ids.json"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == [{"id": big, "area": None}, {"id": 2, "area": 0.5}]

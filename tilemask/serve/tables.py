@@ -52,7 +52,7 @@ def _dumps(records: list) -> bytes:
     try:
         return orjson.dumps(records)
     except orjson.JSONEncodeError:
-        return json.dumps(records, allow_nan=False).encode()
+        return json.dumps(_plain(records), allow_nan=False).encode()
 
 
 def _json_records(path: Path) -> list:
