@@ -229,16 +229,16 @@ def test_a_different_workflow_may_not_replace_a_jobs_outputs_without_overwrite(s
     tilemask.run(Workflow.from_dict(scene_workflow, base_dir=tmp_path), client)
     changed = {**scene_workflow, "inference": {**scene_workflow["inference"], "overlap": 0.5}}
     first = zarr.open_group(tmp_path / "out" / "a.zarr", mode="r")["probabilities"][:]
-    with pytest.raises(OutputConflict, match="exists; pass --overwrite") as refused:
+    with pytest.raises(OutputConflict, match="exists; pass overwrite=True") as refused:
         tilemask.run(Workflow.from_dict(changed, base_dir=tmp_path), client)
     assert refused.value.exit_status == 2
     # the refusal is not the item's start: the next try, failed items retried, is refused as the first was
-    with pytest.raises(OutputConflict, match="exists; pass --overwrite"):
+    with pytest.raises(OutputConflict, match="exists; pass overwrite=True"):
         tilemask.run(Workflow.from_dict(changed, base_dir=tmp_path), client, retry_failed=True)
     (skipped,) = tilemask.run(Workflow.from_dict(changed, base_dir=tmp_path), client, on_error="skip")
-    assert skipped.status == "failed" and "exists; pass --overwrite" in skipped.error
+    assert skipped.status == "failed" and "exists; pass overwrite=True" in skipped.error
     (retried,) = tilemask.run(Workflow.from_dict(changed, base_dir=tmp_path), client, on_error="skip", retry_failed=True)
-    assert retried.status == "failed" and "exists; pass --overwrite" in retried.error
+    assert retried.status == "failed" and "exists; pass overwrite=True" in retried.error
     np.testing.assert_array_equal(zarr.open_group(tmp_path / "out" / "a.zarr", mode="r")["probabilities"][:], first)
     (result,) = tilemask.run(Workflow.from_dict(changed, base_dir=tmp_path), client, overwrite=True)
     assert result.status == "ok" and result.windows > 0

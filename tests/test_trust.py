@@ -136,10 +136,14 @@ def test_existing_output_needs_overwrite_and_foreign_folders_are_never_replaced(
     out = Path(first.outputs[0])
     (again,) = tilemask.run(wf, client)
     assert again.status == "skipped"  # the same workflow is the same job: it resumes, nothing is redone
-    changed = Workflow.from_dict(raster_workflow(path, weights, inference={"overlap": 0.5}), base_dir=tmp_path)
-    with pytest.raises(tilemask.TilemaskError, match="pass --overwrite") as refused:
-        tilemask.run(changed, client)
+    changed = raster_workflow(path, weights, inference={"overlap": 0.5})
+    with pytest.raises(tilemask.TilemaskError, match=r"exists; pass overwrite=True to replace it$") as refused:
+        tilemask.run(Workflow.from_dict(changed, base_dir=tmp_path), client)  # Python's words (it said --overwrite)
     assert refused.value.exit_status == 2
+    result = run_cli("run", write_workflow(changed), cwd=tmp_path)  # and the command's, from the same check
+    assert (result.returncode, result.stderr) == (2, f"tilemask: error: output {out} exists; pass --overwrite to "
+                                                     "replace it\n")  # fmt: skip
+    changed = Workflow.from_dict(changed, base_dir=tmp_path)
     (second,) = tilemask.run(changed, client, overwrite=True)
     assert zarr.open_group(second.outputs[0], mode="r").attrs["tilemask"]["complete"] is True
 

@@ -11,7 +11,7 @@ from typing import NoReturn
 
 import click
 
-from .errors import TilemaskError, first_line
+from .errors import TilemaskError, command_line, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class TilemaskCommand(click.Command):
 
         verbosity = (ctx.find_root().obj or {}).get("verbosity", 0)
         try:
-            with stop_signals():
+            with stop_signals(), command_line():
                 configure_logging(bool(ctx.params.get("debug")), verbosity)  # imports distributed: a second or so
                 return super().invoke(ctx)
         except TilemaskError as exc:

@@ -44,7 +44,7 @@ from .batch import items_in_flight, run_items, say_what_stopping_waits_for
 from .cluster import Abandoned, check_cluster_options, cluster_client, prepare_workers, wait_for_workers
 from .command import first_line
 from .engine import RunResult, probe, process_age, run_job
-from .errors import NoWorkers, RunError, TilemaskError, UsageError
+from .errors import NoWorkers, RunError, TilemaskError, UsageError, command_line
 from .imports import import_in_background
 from .jobs import JobCancelled, JobError, JobFolder, default_job_dir, job_folder, job_id, outputs_complete
 from .outputs import FolderListings, OutputLock
@@ -152,7 +152,7 @@ def drive(folder: str) -> int:
         job.set_status("failed", message=first_line(exc))
         raise
     key = get_worker().get_current_task()
-    with job, worker_client(separate_thread=True) as client:
+    with job, worker_client(separate_thread=True) as client, command_line():  # submitted by the command
         results = drive_job(job, plan, options, progress=False, client=client, driver=key)
     return sum(r.status == "failed" for r in results)
 

@@ -9,7 +9,10 @@ starts, 1 for a failure while running.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 
 
 class TilemaskError(Exception):
@@ -108,6 +111,26 @@ class UsageError(TilemaskError, ValueError):
     """Command-line options or cluster configuration that cannot work together: refused before any work."""
 
     exit_status = 2
+
+
+_COMMAND_LINE: contextvars.ContextVar[bool] = contextvars.ContextVar("tilemask_command_line", default=False)
+
+
+@contextlib.contextmanager
+def command_line() -> Iterator[None]:
+    """Inside, messages name options as a command takes them (:func:`option`): the commands run in here."""
+    token = _COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
+
+
+def option(name: str, value: str = "") -> str:
+    """The option ``name`` (a Python argument's name, ``job_dir``) as the caller gives it: ``--job-dir`` to a
+    command (inside :func:`command_line`), ``job_dir=`` to a Python function (``overwrite=True`` with ``value``).
+    One check serves both, each told in its own words."""
+    return "--" + name.replace("_", "-") if _COMMAND_LINE.get() else f"{name}={value}"
 
 
 def missing_weights(path: str) -> WeightsError:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from . import storage
-from .errors import OutputConflict, OutputError, TilemaskError
+from .errors import OutputConflict, OutputError, TilemaskError, option
 
 T = TypeVar("T")
 
@@ -262,7 +262,7 @@ def check_outputs(outputs: Iterable[tuple[str, bool]], inputs: Iterable[str], ov
             if not owned:
                 raise OutputConflict(f"output {path} exists and was not written by tilemask; refused to replace it")
             if not overwrite:
-                raise OutputConflict(f"output {path} exists; pass --overwrite to replace it")
+                raise OutputConflict(f"output {path} exists; pass {option('overwrite', 'True')} to replace it")
         if storage.is_remote(path):
             check_remote_writable(path.rstrip("/").rpartition("/")[0])
         else:
