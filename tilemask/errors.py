@@ -126,11 +126,18 @@ def command_line() -> Iterator[None]:
         _COMMAND_LINE.reset(token)
 
 
-def option(name: str, value: str = "") -> str:
+def on_command_line() -> bool:
+    """Whether the caller is a command (inside :func:`command_line`), not Python."""
+    return _COMMAND_LINE.get()
+
+
+def option(name: str, value: str | None = None) -> str:
     """The option ``name`` (a Python argument's name, ``job_dir``) as the caller gives it: ``--job-dir`` to a
-    command (inside :func:`command_line`), ``job_dir=`` to a Python function (``overwrite=True`` with ``value``).
-    One check serves both, each told in its own words."""
-    return "--" + name.replace("_", "-") if _COMMAND_LINE.get() else f"{name}={value}"
+    command, ``job_dir`` to a Python function; ``value`` is what a command's flag stands for in Python
+    (``overwrite=True``).  One check serves both, each told in its own words."""
+    if on_command_line():
+        return "--" + name.replace("_", "-")
+    return name if value is None else f"{name}={value}"
 
 
 def missing_weights(path: str) -> WeightsError:

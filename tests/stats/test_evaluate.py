@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from monai.metrics import ConfusionMatrixMetric, DiceMetric, MeanIoU
 from rasterio.transform import Affine
 
-from tilemask.errors import InputError
+from tilemask.errors import InputError, UsageError
 from tilemask.stats import evaluate_paths
 from tilemask.stats.cli import evaluate as evaluate_command
 
@@ -175,4 +175,22 @@ def test_python_chunks_that_are_no_positive_integer_are_named_not_blamed_on_the_
                  lambda: compute_stats(pred, tmp_path / "t.csv", chunks=chunks)):  # fmt: skip
         with pytest.raises(InputError) as refused:
             call()
-        assert str(refused.value) == f"--chunks must be a positive integer, got {chunks!r}", str(refused.value)
+        assert str(refused.value) == f"chunks must be a positive integer, got {chunks!r}", str(refused.value)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("classes", [5, {0: "bg", 1: "a"}, ["bg", 1]], ids=["int", "dict", "not-str"])
+def test_python_classes_that_are_no_names_are_a_usage_error_naming_the_argument(pair, tmp_path, classes):
+    """``compute_stats(..., classes=5)`` was a bare ``TypeError: 'int' object is not iterable`` from deep inside,
+    a mapping or a list holding a number an ``AttributeError``; from the command ``--classes`` is always text."""
+    from tilemask.stats import compute_stats
+
+    pred, truth, _, _ = pair
+    for call in (lambda: evaluate_paths(pred, truth, classes=classes),
+                 lambda: compute_stats(pred, tmp_path / "t.csv", classes=classes)):  # fmt: skip
+        with pytest.raises(UsageError) as refused:
+            call()
+        assert str(refused.value) == (f"classes: names of label values 0, 1, ...: 'a,b,...' or a list of str, not "
+                                      f"{type(classes).__name__} {classes!r}")  # fmt: skip
+        assert refused.value.exit_status == 2
+    assert not (tmp_path / "t.csv").exists()

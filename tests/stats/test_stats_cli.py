@@ -65,9 +65,9 @@ def test_cli_regions_on_cluster(tmp_path, shade_labels, monkeypatch):
     assert list(shapely.from_wkt(reference["geometry"])) == list(gpd.read_file(regions_path).geometry)
     unused = CliRunner().invoke(stats_command, [str(shade_labels), "-o", str(tmp_path / "u.csv"), "--region-id", "district"])
     assert (unused.exit_code, unused.output) == (2, "tilemask: error: --region-id applies to --regions, which is not given\n")
-    with pytest.raises(InputError, match="^--coverage fraction applies to --regions, which is not given$"):
-        compute_stats(shade_labels, tmp_path / "u.csv", coverage="fraction")  # from Python as from the command
-    with pytest.raises(InputError, match="^--coverage fraction applies to vector regions; an atlas"):
+    with pytest.raises(InputError, match="^coverage fraction applies to regions, which are not given$"):
+        compute_stats(shade_labels, tmp_path / "u.csv", coverage="fraction")  # from Python, in its words
+    with pytest.raises(InputError, match="^coverage fraction applies to vector regions; an atlas"):
         compute_stats(shade_labels, tmp_path / "u.csv", regions=shade_labels, coverage="fraction")
     from tilemask.workflow import Workflow
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, on_command_line, option
 from ..sources.labels import open_labels
 from .config import StatsConfig, is_label_image, region_options_without_regions
 from .evaluate import evaluate
@@ -58,12 +58,12 @@ def prepare_stats(
     output = check_table_path(output_path, inputs=(mask_path, regions))
     mask_path, regions = _absolute(mask_path), regions and _absolute(regions)
     if coverage not in ("center", "fraction"):
-        raise InputError(f"--coverage must be 'center' or 'fraction', got {coverage!r}")
+        raise InputError(f"{option('coverage')} must be 'center' or 'fraction', got {coverage!r}")
     if connectivity not in CONNECTIVITIES:
-        raise InputError(f"--connectivity must be 'face' or 'full', got {connectivity!r}")
+        raise InputError(f"{option('connectivity')} must be 'face' or 'full', got {connectivity!r}")
     if instances and regions is not None:
-        raise InputError("--instances and --regions cannot be combined: pick one table")
-    refusal = region_options_without_regions(regions, region_id, coverage, flags=True)
+        raise InputError(f"{option('instances')} and {option('regions')} cannot be combined: pick one table")
+    refusal = region_options_without_regions(regions, region_id, coverage, flags=on_command_line())
     if refusal:
         raise InputError(refusal)
     _check_chunks(chunks)
@@ -77,9 +77,10 @@ def prepare_stats(
     elif regions is not None and is_label_image(regions):
         atlas = open_labels(str(regions), chunks=chunks)
         if region_id is not None:
-            raise InputError("--region-id applies to vector regions; an atlas is keyed by its label value")
+            raise InputError(f"{option('region_id')} applies to vector regions; an atlas is keyed by its label value")
         if coverage == "fraction":
-            raise InputError("--coverage fraction applies to vector regions; an atlas's pixels are the labels' own")
+            raise InputError(f"{option('coverage')} fraction applies to vector regions; an atlas's pixels are the "
+                             "labels' own")  # fmt: skip
         table = lambda client: atlas_zonal(image, atlas, names=names, client=client)
     elif regions is not None:
         frame, key = read_regions(regions, region_id)
@@ -155,7 +156,7 @@ def prepare_evaluation(
 def _check_chunks(chunks) -> None:
     """``chunks`` a positive integer or None (the CLI's own ``--chunks`` is one already; Python's may be anything)."""
     if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, numbers.Integral) or chunks < 1):
-        raise InputError(f"--chunks must be a positive integer, got {chunks!r}")
+        raise InputError(f"{option('chunks')} must be a positive integer, got {chunks!r}")
 
 
 def _absolute(path: str | os.PathLike) -> str:

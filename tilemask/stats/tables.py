@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ..classes import class_name
-from ..errors import InputError, OutputError
+from ..errors import InputError, OutputError, UsageError, option
 from ..formats import PRODUCT_MARK, product_mark
 from ..outputs import atomic_path, check_writable
 
@@ -53,16 +53,19 @@ def parse_classes(text: str | Sequence[str] | None) -> tuple[str, ...] | None:
     """``"a,b,c"`` or a list into class names for label values 0, 1, 2, ..."""
     if text is None:
         return None
+    if not isinstance(text, str) and not (isinstance(text, Sequence) and all(isinstance(n, str) for n in text)):
+        raise UsageError(f"{option('classes')}: names of label values 0, 1, ...: 'a,b,...' or a list of str, not "
+                         f"{type(text).__name__} {text!r}")  # fmt: skip
     names = tuple(n.strip() for n in (text.split(",") if isinstance(text, str) else text))
     if not names or any(not n for n in names):
-        raise InputError(f"--classes: expected comma-separated names, got {text!r}")
+        raise InputError(f"{option('classes')}: expected comma-separated names, got {text!r}")
     if len(set(names)) != len(names):
-        raise InputError(f"--classes: names repeat in {text!r}")
+        raise InputError(f"{option('classes')}: names repeat in {text!r}")
     for value, name in enumerate(names):
         generated = re.fullmatch(r"class_(-?\d+)", name)
         if generated and int(generated[1]) != value:  # an unnamed label's name: one would hide the other's columns
-            raise InputError(f"--classes: {name!r} names label {value}, and is the name of label {generated[1]} "
-                             "when it has none; choose another name")  # fmt: skip
+            raise InputError(f"{option('classes')}: {name!r} names label {value}, and is the name of label "
+                             f"{generated[1]} when it has none; choose another name")  # fmt: skip
     return names
 
 
