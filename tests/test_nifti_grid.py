@@ -9,8 +9,10 @@ import pytest
 import SimpleITK as sitk
 import zarr
 
+import tilemask
 from tests.conftest import UNET_3D, run_small_volume
 from tilemask.stats.api import compute_stats
+from tilemask.workflow import Workflow
 
 GRID_FIELDS = ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y",
                "qoffset_z", "srow_x", "srow_y", "srow_z", "xyzt_units")  # fmt: skip
@@ -144,3 +146,34 @@ def test_a_volume_with_a_side_over_32767_is_written_as_nifti2(tmp_path):
     assert isinstance(img, nib.Nifti2Image)
     np.testing.assert_array_equal(np.asarray(img.dataobj), expected)
     np.testing.assert_array_equal(img.affine, np.diag([0.5, 1.0, 2.0, 1.0]))
+
+
+@pytest.mark.parametrize("out_channels, nan", [(1, False), (3, True)], ids=["one-class", "nodata"])
+def test_the_labels_display_range_holds_every_value_they_take(make_volume, make_model, tmp_path, client, out_channels,
+                                                                nan):
+    """NIfTI-1's ``cal_min`` / ``cal_max`` are the display range (values above ``cal_max`` show as it, and both 0
+    means "not set"): the nodata label 255 lay above ``cal_max`` 2, so a grey-scale viewer showed invalid voxels as
+    the last class, and a one-class map's range was (0, 0). Both read back with nibabel and SimpleITK (ITK-SNAP, 3D
+    Slicer); the labels' intent is NIFTI_INTENT_LABEL (1002), which NiiVue colours a value apart."""
+    path, data = make_volume((24, 20, 16), dtype="float32" if nan else "int16")  # a float scan may hold NaN
+    if nan:
+        data[3, 4, 5] = np.nan
+        nib.save(nib.Nifti1Image(data, nib.load(path).affine), path)
+    weights, _ = make_model({**UNET_3D, "out_channels": out_channels})
+    workflow = {"version": 1, "input": str(path),
+                "model": {"network": "UNet", "args": {**UNET_3D, "out_channels": out_channels}, "weights": str(weights)},
+                "preprocess": {"normalize": {"mean": [500.0], "std": [300.0]}},
+                "inference": {"roi_size": [16, 16, 16], "device": "cpu"},
+                "output": {"path": "out/{stem}_labels.nii.gz", "chunks": 16}}  # fmt: skip
+    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    labels = nib.load(result.outputs[0])
+    values = np.unique(np.asarray(labels.dataobj))
+    expected = (0, 255) if nan else (0, 1)
+    assert (255 in values) == nan and values.max() <= expected[1]
+    assert (float(labels.header["cal_min"]), float(labels.header["cal_max"])) == expected
+    assert labels.header.get_intent()[0] == "label"
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(result.outputs[0])
+    reader.ReadImageInformation()
+    assert [float(reader.GetMetaData(k)) for k in ("cal_min", "cal_max")] == list(expected)
+    assert reader.GetMetaData("intent_code") == "1002"

@@ -11,8 +11,10 @@ a ``.nii.gz`` is compressed by streaming the temporary file (constant memory),
 then renamed into place.  The header's ``descrip`` says ``tilemask labels``, which
 is how a later run knows it may replace the file, then ``; nodata 255`` when the
 input had invalid voxels (their label: NIfTI has no field for it; tilemask's label
-reader and ``tilemask stats`` read it there); ``cal_min`` / ``cal_max`` are the classes' range, 0 to the last
-(the display range viewers take, and the class count where the colour table is not beside the file).
+reader and ``tilemask stats`` read it there).  Labels carry NIfTI's ``NIFTI_INTENT_LABEL`` (NiiVue
+colours each value apart) and ``cal_min`` / ``cal_max``, the display range (values above ``cal_max`` show as it),
+0 to the last class or to the nodata label when there is one, and to at least 1: a one-class map's (0, 0) reads
+as "not set" (nifti1.h: the fields are used "if nonzero").
 Probabilities go to ``<stem>_probabilities.nii.gz``, 4D with classes last; the class names and colours
 to ``<stem>.colors.csv``, a 3D Slicer colour table, published with the labels.
 """
@@ -56,6 +58,7 @@ class NiftiVolume:
     run_id: str
     nodata: int | None = None  # the labels of invalid voxels, recorded in the header's descrip
     display: tuple[float, float] = (0.0, 0.0)  # the header's cal_min and cal_max: the values' range, for viewers
+    intent: str = "none"  # the header's intent code, nibabel's name for it: "label" for labels
 
     @property
     def partial(self) -> str:
@@ -87,6 +90,7 @@ class NiftiVolume:
         header.set_slope_inter(1.0, 0.0)
         header["descrip"] = nifti_descrip(self.nodata)
         header["cal_min"], header["cal_max"] = self.display
+        header.set_intent(self.intent)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.partial, "wb") as f:
             f.write(header.binaryblock)
@@ -151,8 +155,9 @@ class NiftiSink(LabelSink):
     @property
     def volumes(self) -> tuple[NiftiVolume, NiftiVolume | None]:
         layout = self.layout
+        top = max(1, len(layout.class_names) - 1, layout.nodata or 0)  # every value shown, none clipped
         labels = NiftiVolume(self.path, layout.shape, layout.labels_dtype, layout.run_id, layout.nodata,
-                             display=(0, len(layout.class_names) - 1))  # fmt: skip
+                             display=(0, top), intent="label")  # fmt: skip
         if not layout.writes_probabilities:
             return labels, None
         probabilities = NiftiVolume(
