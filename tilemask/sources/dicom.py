@@ -118,6 +118,28 @@ def decoder_problem(path: str, syntax: str) -> str | None:
             f"{'; '.join(decoder.missing_dependencies)})")  # fmt: skip
 
 
+PIXEL_TAGS = (0x7FE00010, 0x7FE00009, 0x7FE00008)  # Pixel Data, Float and Double Float Pixel Data: where dcmread stops
+
+
+def _header(path: str):
+    """``path``'s data elements before its pixels, as ``dcmread(stop_before_pixels=True)`` reads them, and the
+    length of its pixel data element (0xFFFFFFFF encapsulated; None without one): pydicom's ``read_partial``, which
+    its docs name for stopping on a condition of one's own (here: noting where it stops)."""
+    from pydicom.filereader import read_partial
+
+    found = []
+
+    def at_pixels(tag, vr, length: int) -> bool:
+        if tag in PIXEL_TAGS:
+            found.append(length)
+            return True
+        return False
+
+    with open(path, "rb") as f:
+        header = read_partial(f, stop_when=at_pixels)
+    return header, (found or [None])[0]
+
+
 UNEVEN_SLICES = 0.02  # of the step: how far a slice may sit from its place on the regular grid (rounded positions)
 
 
@@ -156,17 +178,17 @@ class DicomSeriesSource(ImageSource):
 
     @classmethod
     def open(cls, folder: str) -> DicomSeriesSource:
-        import pydicom
         from pydicom.errors import InvalidDicomError
 
         if not os.path.isdir(folder):
             raise InputError(f"{folder}: no such folder")
-        headers = []
+        headers, pixel_lengths = [], {}
         for path in dicom_files(folder):
             try:
-                headers.append((path, pydicom.dcmread(path, stop_before_pixels=True)))
+                header, pixel_lengths[path] = _header(path)
             except (InvalidDicomError, OSError, ValueError) as exc:
                 raise InputError(f"{path}: cannot read DICOM: {exc}") from None
+            headers.append((path, header))
         images = [(p, h) for p, h in headers if "Rows" in h]  # images (not DICOMDIRs, reports, ...)
         if not images:
             raise InputError(f"{folder}: no DICOM image in this folder")
@@ -179,6 +201,9 @@ class DicomSeriesSource(ImageSource):
             ]
             if missing:
                 raise InputError(f"{path}: no {missing[0]}: tilemask needs the slice geometry")
+            if not pixel_lengths[path]:  # pydicom's pixel_array would fail on a worker, mid-run
+                what = "an empty" if pixel_lengths[path] == 0 else "no"
+                raise InputError(f"{path}: a slice with {what} PixelData element: its image is missing")
             if len(h.ImageOrientationPatient) != 6 or len(h.ImagePositionPatient) != 3 or len(h.PixelSpacing) != 2:
                 raise InputError(f"{path}: ImageOrientationPatient, ImagePositionPatient or PixelSpacing is malformed")
             frames = int(h.get("NumberOfFrames", 1) or 1)
