@@ -114,3 +114,34 @@ def test_a_rotated_grid_has_rioxarrays_2d_coordinates(tmp_path, suffix):
         np.testing.assert_array_equal(array.yc.values, native.yc.values)
         array.rio.bounds()
         assert array.rio.reproject("EPSG:32618").rio.crs.to_epsg() == 32618
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".zarr", ".ome.zarr"])
+def test_a_volumes_nodata_label_is_its_fill_value_and_odd_arguments_are_named(tmp_path, suffix):
+    """Volume labels opened with no word of their nodata label (a raster's is ``_FillValue``): 255, where the scan
+    was NaN, read as a class. ``chunks=0`` was a ZeroDivisionError, ``chunks=2.5`` blamed on the file; a folder
+    inside a Zarr (which GDAL opens with no band) an IndexError."""
+    from tilemask.geometry import VolumeGeometry
+
+    labels = np.random.default_rng(2).integers(0, 3, size=(20, 18, 12)).astype(np.uint8)
+    labels[3, 4, 5] = 255
+    affine = tuple(tuple(r) for r in np.diag([0.8, 0.8, 2.5, 1.0]).tolist())
+    layout = OutputLayout(labels.shape, (16, 16, 16), CLASSES, "uint8", 0, "none", VolumeGeometry(affine),
+                          str(tmp_path / "scan.nii.gz"), 255)  # fmt: skip
+    path = str(tmp_path / f"labels{suffix}")
+    sink = make_sink(path, layout)
+    sink.create()
+    sink.write(((0, 16), (0, 16), (0, 12)), labels[:16, :16], None)
+    sink.write(((16, 20), (0, 16), (0, 12)), labels[16:, :16], None)
+    sink.write(((0, 16), (16, 18), (0, 12)), labels[:16, 16:], None)
+    sink.write(((16, 20), (16, 18), (0, 12)), labels[16:, 16:], None)
+    sink.commit()
+    opened = open_result(path)
+    np.testing.assert_array_equal(opened.values, labels)
+    assert opened.attrs["_FillValue"] == 255 and opened.rio.nodata == 255  # as rioxarray reads a raster's
+    for chunks in (0, 2.5, "8"):
+        with pytest.raises(InputError, match=f"^chunks must be a positive integer, got {re.escape(repr(chunks))}$"):
+            open_result(path, chunks=chunks)
+    if suffix == ".ome.zarr":  # its labels/ group
+        with pytest.raises(InputError, match=r"/labels: a label image has one band, this raster has 0$"):
+            open_result(f"{path}/labels")

@@ -17,7 +17,8 @@ def run(workflow, client=None, **kwargs):
 
 
 def open_result(path, variable="labels", chunks=None):
-    """A tilemask output (COG or Zarr) as a georeferenced xarray DataArray; see :func:`tilemask.results.open_result`."""
+    """A tilemask output (COG, Zarr, OME-Zarr, NIfTI labels) as a lazy xarray DataArray; see
+    :func:`tilemask.results.open_result`."""
     from .results import open_result as _open_result
 
     return _open_result(path, variable, chunks)

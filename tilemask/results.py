@@ -5,7 +5,8 @@ COG and Zarr outputs open alike: labels as a ``(y, x)`` DataArray named
 pixel-centre ``x``/``y`` coordinates (2D ``xc``/``yc`` on a rotated grid, as ``rioxarray.open_rasterio`` gives),
 ``spatial_ref`` holding the CRS and transform, the nodata value as ``_FillValue``
 (integers are not masked) and the class names in ``attrs["class_names"]``.
-NIfTI volumes open as ``(i, j, k)`` with the voxel-to-RAS affine in ``attrs``.
+Volumes (NIfTI, Zarr, OME-Zarr) open as ``(i, j, k)`` with the voxel-to-RAS affine in ``attrs``, and their
+labels' nodata value as ``_FillValue`` there too.
 """
 
 from __future__ import annotations
@@ -26,18 +27,20 @@ from .classes import CLASSES_TAG
 from .errors import InputError
 from .formats import for_path
 from .geometry import RasterGeometry
-from .sources.labels import open_labels
+from .sources.labels import check_chunks, open_labels
 
 logger = logging.getLogger(__name__)
 
 
 def open_result(path: str, variable: str = "labels", chunks: int | None = None) -> xr.DataArray:
-    """A tilemask output (COG ``.tif`` or ``.zarr``) as a lazy DataArray with its CRS.
+    """A tilemask output (COG ``.tif``, ``.zarr``, ``.ome.zarr``, NIfTI labels) as a lazy DataArray with its CRS
+    (a volume: its affine).
 
     ``variable`` is ``"labels"`` or ``"probabilities"`` (for a COG, the
     ``<stem>_probabilities.tif`` beside ``path``); ``chunks`` is the dask block edge
     (default: the file's own blocks, about 1024 pixels).
     """
+    check_chunks(chunks)
     if variable == "labels":
         return _labels(path, chunks)
     if variable == "probabilities":
@@ -48,12 +51,9 @@ def open_result(path: str, variable: str = "labels", chunks: int | None = None) 
 def _labels(path: str, chunks: int | None) -> xr.DataArray:
     image = open_labels(path, chunks)
     if not isinstance(image.geometry, RasterGeometry):
-        return xr.DataArray(
-            image.array,
-            dims=("i", "j", "k"),
-            name="labels",
-            attrs={"affine": [list(r) for r in image.geometry.affine], "class_names": list(image.class_names or ())},
-        )
+        attrs = {"affine": [list(r) for r in image.geometry.affine], "class_names": list(image.class_names or ())}
+        nodata = {} if image.nodata is None else {"_FillValue": image.nodata}  # as rio.write_nodata marks a raster's
+        return xr.DataArray(image.array, dims=("i", "j", "k"), name="labels", attrs={**attrs, **nodata})
     array = _georeferenced(image.array, ("y", "x"), image.geometry, "labels")
     array.attrs["class_names"] = list(image.class_names or ())
     if image.nodata is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 from dataclasses import dataclass
 
 import dask.array as da
@@ -25,7 +26,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from ..classes import CLASSES_TAG, read_colour_table
-from ..errors import InputError, ReadError
+from ..errors import InputError, ReadError, option
 from ..geometry import Geometry, RasterGeometry, VolumeGeometry, geometry_from_attrs, normalize_per_axis
 from ..storage import zarr_options
 from . import cached_handle, file_stamp, usable_geometry
@@ -113,6 +114,13 @@ def open_labels(path: str, chunks: int | tuple[int, ...] | None = None) -> Label
         raise InputError(f"{path}: cannot open as a label image: {exc}") from None
 
 
+def check_chunks(chunks) -> None:
+    """``chunks`` a positive integer or None, checked before a file is opened (the commands' own ``--chunks`` is one
+    already; Python's may be anything: 2.5 was blamed on the file, 0 a ZeroDivisionError)."""
+    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, numbers.Integral) or chunks < 1):
+        raise InputError(f"{option('chunks')} must be a positive integer, got {chunks!r}")
+
+
 def _chunks(chunks, native: tuple[int, ...]) -> tuple[int, ...]:
     return native if chunks is None else tuple(normalize_per_axis(chunks, len(native), "chunks"))
 
@@ -167,6 +175,9 @@ def _ome_geometry(group, spatial_dims: int) -> Geometry:
 
 def open_raster_labels(path: str, chunks) -> LabelImage:
     with gdal_env(path), rasterio.open(path) as ds:
+        bands = ds.count
+        if bands != 1:  # a Zarr group GDAL opens has none: ds.dtypes[0] was an IndexError
+            raise InputError(f"{path}: a label image has one band, this raster has {bands}")
         shape = (ds.height, ds.width)
         dtype = np.dtype(ds.dtypes[0])
         block = ds.block_shapes[0]
@@ -176,9 +187,6 @@ def open_raster_labels(path: str, chunks) -> LabelImage:
         geometry = usable_geometry(path, RasterGeometry(crs, tuple(ds.transform.to_gdal())))
         nodata = None if ds.nodata is None else int(ds.nodata)
         tag = ds.tags().get(CLASSES_TAG)
-        bands = ds.count
-    if bands != 1:
-        raise InputError(f"{path}: a label image has one band, this raster has {bands}")
     if not np.issubdtype(dtype, np.integer):
         raise InputError(f"{path}: labels must be integers, the raster holds {dtype}")
     native = tuple(max(b, 1024 // b * b) for b in block)  # whole GDAL blocks, about 1024 px

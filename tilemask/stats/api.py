@@ -11,7 +11,6 @@ One table per call, chosen by the arguments (docs/DESIGN.md section 6):
 from __future__ import annotations
 
 import logging
-import numbers
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, on_command_line, option
-from ..sources.labels import open_labels
+from ..sources.labels import check_chunks, open_labels
 from .config import StatsConfig, is_label_image, region_options_without_regions
 from .evaluate import evaluate
 from .instances import CONNECTIVITIES, find_instances
@@ -66,7 +65,7 @@ def prepare_stats(
     refusal = region_options_without_regions(regions, region_id, coverage, flags=on_command_line())
     if refusal:
         raise InputError(refusal)
-    _check_chunks(chunks)
+    check_chunks(chunks)
     names = parse_classes(classes)
     image = open_labels(str(mask_path), chunks=chunks)
     if not np.issubdtype(image.array.dtype, np.integer):
@@ -138,7 +137,7 @@ def prepare_evaluation(
     if output_path is not None:
         check_table_path(output_path, inputs=(pred_path, truth_path), suffixes=(".json",))
     pred_path, truth_path = _absolute(pred_path), _absolute(truth_path)
-    _check_chunks(chunks)
+    check_chunks(chunks)
     names = parse_classes(classes)
     pred = open_labels(str(pred_path), chunks=chunks)
     truth = open_labels(str(truth_path), chunks=chunks)
@@ -151,12 +150,6 @@ def prepare_evaluation(
         return result
 
     return run
-
-
-def _check_chunks(chunks) -> None:
-    """``chunks`` a positive integer or None (the CLI's own ``--chunks`` is one already; Python's may be anything)."""
-    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, numbers.Integral) or chunks < 1):
-        raise InputError(f"{option('chunks')} must be a positive integer, got {chunks!r}")
 
 
 def _absolute(path: str | os.PathLike) -> str:
