@@ -473,6 +473,32 @@ def test_a_schedulers_address_given_as_the_client_says_to_give_it_as_scheduler(m
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("argument, message", [
+    ({"cluster": "bogus"}, "cluster must be one of local, slurm, not 'bogus'"),
+    ({"workers": 0}, "workers must be a positive integer, not 0"),
+    ({"workers": "2"}, "workers must be a positive integer, not '2'"),
+    ({"threads_per_worker": 1.5}, "threads_per_worker must be a positive integer, not 1.5"),
+    ({"scheduler": 8786}, "scheduler: a Dask scheduler's address (tcp://HOST:PORT), not 8786"),
+    ({"overwrite": "no"}, "overwrite must be True or False, not 'no'"),
+])  # fmt: skip
+def test_python_arguments_the_command_would_refuse_are_refused_before_a_job_is_made(make_raster, make_model, tmp_path,
+                                                                                   argument, message):  # fmt: skip
+    """From Python, ``cluster="bogus"``, ``workers=0`` and ``threads_per_worker=0`` ran an embedded cluster of the
+    default size, ``overwrite="no"`` replaced every output; ``workers="2"`` was a ``TypeError`` from distributed,
+    ``scheduler=8786`` an ``AttributeError``. The command's options never reach these (click checks them)."""
+    import tilemask
+    from tilemask.errors import UsageError
+
+    path, _ = make_raster((3, 64, 64))
+    weights, _ = make_model()
+    workflow = tilemask.Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path)
+    with pytest.raises(UsageError) as refused:
+        tilemask.run(workflow, **argument)
+    assert (str(refused.value), refused.value.exit_status) == (message, 2)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.timeout(120)
 def test_a_workflow_given_as_a_dict_runs_as_workflow_from_dict_reads_it(make_raster, make_model, tmp_path, client,
                                                                        monkeypatch):  # fmt: skip

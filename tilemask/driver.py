@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import os
 import socket
 import threading
@@ -44,7 +45,7 @@ from .batch import items_in_flight, run_items, say_what_stopping_waits_for
 from .cluster import Abandoned, check_cluster_options, cluster_client, prepare_workers, wait_for_workers
 from .command import first_line
 from .engine import RunResult, probe, process_age, run_job
-from .errors import NoWorkers, RunError, TilemaskError, UsageError, command_line
+from .errors import NoWorkers, RunError, TilemaskError, UsageError, command_line, option
 from .imports import import_in_background
 from .jobs import JobCancelled, JobError, JobFolder, default_job_dir, job_folder, job_id, outputs_complete
 from .outputs import FolderListings, OutputLock
@@ -58,6 +59,7 @@ from .workflow import InputItem, Workflow
 logger = logging.getLogger(__name__)
 
 ON_ERROR = ("abort", "skip")
+CLUSTERS = ("local", "slurm")
 
 
 class SchedulerLost(RunError):
@@ -76,6 +78,9 @@ class Options:
     def __post_init__(self) -> None:
         if self.on_error not in ON_ERROR:
             raise JobError(f"on_error must be one of {', '.join(ON_ERROR)} (got {self.on_error!r})")
+        for name in ("retry_failed", "overwrite"):  # overwrite="no" replaced every output
+            if getattr(self, name) not in (True, False):
+                raise UsageError(f"{name} must be True or False, not {getattr(self, name)!r}")
 
 
 def prepare(
@@ -122,6 +127,7 @@ def run(
         source = str(Path(workflow).resolve())
         workflow = Workflow.from_yaml(workflow)
     options = Options(on_error, retry_failed, overwrite)
+    _check_cluster_arguments(scheduler, workers, threads_per_worker, cluster)
     if client is None:
         check_cluster_options(scheduler, cluster)
     elif not isinstance(client, Client):  # an address, as Client("tcp://...") takes it
@@ -135,6 +141,20 @@ def run(
         record()
         return drive_job(job, plan, options, progress, client=client, scheduler=scheduler, workers=workers,
                          threads_per_worker=threads_per_worker, cluster=cluster)  # fmt: skip
+
+
+def _check_cluster_arguments(scheduler, workers, threads_per_worker, cluster: str) -> None:
+    """Where the work runs, as Python gives it (the commands' options are checked as they are parsed): refused in
+    one line, before a job folder is made.  ``cluster="bogus"``, ``workers=0`` and ``threads_per_worker=0`` ran an
+    embedded cluster of the default size, ``workers="2"`` and ``scheduler=5`` were a TypeError and an
+    AttributeError."""
+    if cluster not in CLUSTERS:
+        raise UsageError(f"{option('cluster')} must be one of {', '.join(CLUSTERS)}, not {cluster!r}")
+    if scheduler is not None and not isinstance(scheduler, str):
+        raise UsageError(f"{option('scheduler')}: a Dask scheduler's address (tcp://HOST:PORT), not {scheduler!r}")
+    for name, value in (("workers", workers), ("threads_per_worker", threads_per_worker)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise UsageError(f"{option(name)} must be a positive integer, not {value!r}")
 
 
 def drive(folder: str) -> int:
