@@ -145,3 +145,36 @@ def test_a_volumes_nodata_label_is_its_fill_value_and_odd_arguments_are_named(tm
     if suffix == ".ome.zarr":  # its labels/ group
         with pytest.raises(InputError, match=r"/labels: a label image has one band, this raster has 0$"):
             open_result(f"{path}/labels")
+
+
+def test_nifti_probabilities_open_as_nibabel_reads_them(tmp_path):
+    """``open_result(labels.nii.gz, "probabilities")`` was refused ('probabilities are read from .tif or .zarr
+    outputs') though tilemask writes them beside NIfTI labels, 4D with classes last."""
+    import nibabel as nib
+
+    from tilemask.geometry import VolumeGeometry
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, size=(20, 18, 12)).astype(np.uint8)
+    probabilities = rng.random((3, 20, 18, 12)).astype(np.float32)
+    affine = tuple(tuple(r) for r in [[0, -0.8, 0, 10], [0.9, 0, 0, -5], [0, 0, 2.5, 3], [0, 0, 0, 1]])
+    layout = OutputLayout(labels.shape, (16, 16, 16), CLASSES, "uint8", 3, "float32", VolumeGeometry(affine),
+                          str(tmp_path / "scan.nii.gz"))  # fmt: skip
+    path = str(tmp_path / "labels.nii.gz")
+    sink = make_sink(path, layout)
+    sink.create()
+    for i in (0, 16):
+        for j in (0, 16):
+            region = ((i, min(i + 16, 20)), (j, min(j + 16, 18)), (0, 12))
+            index = tuple(slice(lo, hi) for lo, hi in region)
+            sink.write(region, labels[index], probabilities[(slice(None), *index)])
+    sink.commit()
+    opened = open_result(path, "probabilities", chunks=8)
+    reference = nib.load(tmp_path / "labels_probabilities.nii.gz")
+    assert opened.dims == ("class", "i", "j", "k") and opened.data.chunks[1:] == ((8, 8, 4), (8, 8, 2), (8, 4))
+    np.testing.assert_array_equal(opened.values, np.moveaxis(reference.get_fdata(dtype=np.float32), 3, 0))
+    np.testing.assert_allclose(opened.attrs["affine"], reference.affine)
+    assert opened.attrs["class_names"] == list(CLASSES)
+    (tmp_path / "labels_probabilities.nii.gz").unlink()
+    with pytest.raises(InputError, match=r"labels.nii.gz: has no probabilities beside it \(labels_probabilities"):
+        open_result(path, "probabilities")

@@ -23,11 +23,11 @@ import zarr
 from affine import Affine
 from rioxarray.rioxarray import affine_to_coords
 
-from .classes import CLASSES_TAG
+from .classes import CLASSES_TAG, read_colour_table
 from .errors import InputError
 from .formats import for_path
 from .geometry import RasterGeometry
-from .sources.labels import check_chunks, open_labels
+from .sources.labels import check_chunks, open_labels, open_nifti_probabilities
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +36,9 @@ def open_result(path: str, variable: str = "labels", chunks: int | None = None) 
     """A tilemask output (COG ``.tif``, ``.zarr``, ``.ome.zarr``, NIfTI labels) as a lazy DataArray with its CRS
     (a volume: its affine).
 
-    ``variable`` is ``"labels"`` or ``"probabilities"`` (for a COG, the
-    ``<stem>_probabilities.tif`` beside ``path``); ``chunks`` is the dask block edge
-    (default: the file's own blocks, about 1024 pixels).
+    ``variable`` is ``"labels"`` or ``"probabilities"`` (for a COG or NIfTI labels, the
+    ``<stem>_probabilities.tif`` or ``.nii.gz`` beside ``path``; a volume's as ``(class, i, j, k)``); ``chunks``
+    is the dask block edge (default: the file's own blocks, about 1024 pixels).
     """
     check_chunks(chunks)
     if variable == "labels":
@@ -81,22 +81,34 @@ def _probabilities(path: str, chunks: int | None) -> xr.DataArray:
             )  # fmt: skip
         geometry = RasterGeometry(attrs.get("crs"), tuple(attrs["transform"]))
     elif fmt.name == "cog":  # probabilities beside the labels
-        p = Path(path)
-        tif = p if p.stem.endswith("_probabilities") else Path(fmt.probabilities_path(path))
-        if not tif.exists():
-            missing = "does not exist" if not p.exists() else f"has no probabilities beside it ({tif.name} is missing)"
-            raise InputError(f"{path}: {missing}")
+        tif = _beside(path, fmt)
         edge = chunks or 1024
         opened = rioxarray.open_rasterio(tif, chunks={"band": -1, "y": edge, "x": edge}, mask_and_scale=False)
         opened = opened.rename({"band": "class"}).drop_vars("class").rename("probabilities")
         label_tag = opened.attrs.get(CLASSES_TAG)
         opened.attrs = {"class_names": json.loads(label_tag) if label_tag else []}
         return opened
+    elif fmt.name == "nifti":  # probabilities beside the labels, 4D with classes last
+        lazy, volume = open_nifti_probabilities(str(_beside(path, fmt)), chunks)
+        names = read_colour_table(fmt.class_table_path(path)) or ()
+        return xr.DataArray(lazy, dims=("class", "i", "j", "k"), name="probabilities",
+                            attrs={"affine": [list(r) for r in volume.affine], "class_names": list(names)})  # fmt: skip
     else:
-        raise InputError(f"{path}: probabilities are read from .tif or .zarr outputs")
+        raise InputError(f"{path}: probabilities are read from .tif, .zarr or NIfTI outputs")
     array = _georeferenced(lazy, ("class", "y", "x"), geometry, "probabilities")
     array.attrs["class_names"] = list(names)
     return array
+
+
+def _beside(path: str, fmt) -> Path:
+    """The probabilities file of the labels at ``path`` (``path`` itself when it is one), refused in one line when
+    it is not there."""
+    p = Path(path)
+    beside = p if fmt.stem(path).endswith("_probabilities") else Path(fmt.probabilities_path(path))
+    if not beside.exists():
+        missing = "does not exist" if not p.exists() else f"has no probabilities beside it ({beside.name} is missing)"
+        raise InputError(f"{path}: {missing}")
+    return beside
 
 
 def _georeferenced(lazy: da.Array, dims: tuple[str, ...], geometry: RasterGeometry, name: str) -> xr.DataArray:

@@ -121,6 +121,21 @@ def check_chunks(chunks) -> None:
         raise InputError(f"{option('chunks')} must be a positive integer, got {chunks!r}")
 
 
+def open_nifti_probabilities(path: str, chunks) -> tuple[da.Array, VolumeGeometry]:
+    """The probabilities tilemask writes beside NIfTI labels (4D, classes last) as a lazy ``(class, i, j, k)``
+    array, each block all classes, and their grid."""
+    img = nib.load(path)
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) != 4:
+        raise InputError(f"{path}: probabilities are a 4D volume (i, j, k, class), this one has shape {shape}")
+    check_length(path, img, shape)
+    dtype = np.dtype(img.get_data_dtype())
+    spatial = _chunks(chunks, tuple(min(s, 128) for s in shape[:3]))
+    lazy = da.from_array(_NiftiVolume(path, shape, dtype, ndim=4), chunks=(*spatial, shape[3]), asarray=False,
+                         fancy=False, meta=np.empty((0,) * 4, dtype))  # fmt: skip
+    return da.moveaxis(lazy, 3, 0), nifti_geometry(path, img)
+
+
 def _chunks(chunks, native: tuple[int, ...]) -> tuple[int, ...]:
     return native if chunks is None else tuple(normalize_per_axis(chunks, len(native), "chunks"))
 
