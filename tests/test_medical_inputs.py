@@ -14,20 +14,27 @@ from tilemask.sources.dicom import DicomSeriesSource
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("damage, what", [("deleted", "no"), ("empty", "an empty")])
-def test_a_slice_without_pixel_data_is_refused_when_the_series_is_opened(damage, what, make_model, tmp_path):
-    """A slice whose PixelData was deleted (or left empty) was planned from its header, then failed on a worker,
-    exit 1, with pydicom's "AttributeError: The dataset has no 'Pixel Data', ... element"."""
+@pytest.mark.parametrize("damage, what", [
+    ("deleted", "a slice with no PixelData element: its image is missing"),
+    ("empty", "a slice with an empty PixelData element: its image is missing"),
+    ("cut", "a slice cut short: its PixelData holds 380 of its 480 bytes"),  # pydicom: "(380 vs 480 bytes)"
+])  # fmt: skip
+def test_a_slice_without_its_pixels_is_refused_when_the_series_is_opened(damage, what, make_model, tmp_path):
+    """A slice whose PixelData was deleted, left empty or cut short (a copy that stopped) was planned from its
+    header, then failed on a worker, exit 1, with pydicom's "AttributeError: The dataset has no 'Pixel Data', ...
+    element" or "ValueError: The number of bytes of pixel data is less than expected"."""
 
     def damaged(ds, k):
-        if k == 3:
-            if damage == "deleted":
-                del ds.PixelData
-            else:
-                ds.PixelData = b""
+        if k == 3 and damage == "deleted":
+            del ds.PixelData
+        elif k == 3 and damage == "empty":
+            ds.PixelData = b""
 
-    folder = write_series(tmp_path / "series", slices=8, mutate=damaged)
-    why = rf"^{re.escape(str(folder))}/slice\d+\.dcm: a slice with {what} PixelData element: its image is missing$"
+    folder = write_series(tmp_path / "series", slices=8, mutate=damaged)  # 12 x 20 int16 pixels: 480 bytes
+    if damage == "cut":
+        cut = sorted(folder.iterdir())[0]
+        cut.write_bytes(cut.read_bytes()[:-100])
+    why = rf"^{re.escape(str(folder))}/slice\d+\.dcm: {re.escape(what)}$"
     with pytest.raises(InputError, match=why):
         DicomSeriesSource.open(str(folder))
     weights, _ = make_model(UNET_3D)

@@ -122,22 +122,33 @@ PIXEL_TAGS = (0x7FE00010, 0x7FE00009, 0x7FE00008)  # Pixel Data, Float and Doubl
 
 
 def _header(path: str):
-    """``path``'s data elements before its pixels, as ``dcmread(stop_before_pixels=True)`` reads them, and the
-    length of its pixel data element (0xFFFFFFFF encapsulated; None without one): pydicom's ``read_partial``, which
-    its docs name for stopping on a condition of one's own (here: noting where it stops)."""
+    """``path``'s data elements before its pixels, as ``dcmread(stop_before_pixels=True)`` reads them, and why its
+    pixels cannot be read, in words (None when they are there): no pixel data element, an empty one, or one the file
+    ends inside (pydicom's ``pixel_array`` fails on a worker, mid-run). pydicom's ``read_partial``, which its docs
+    name for stopping on a condition of one's own: here, noting where the pixels start."""
     from pydicom.filereader import read_partial
+    from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
     found = []
 
     def at_pixels(tag, vr, length: int) -> bool:
         if tag in PIXEL_TAGS:
-            found.append(length)
+            found.append((vr, length))
             return True
         return False
 
     with open(path, "rb") as f:
         header = read_partial(f, stop_when=at_pixels)
-    return header, (found or [None])[0]
+        available = os.fstat(f.fileno()).st_size - f.tell()  # read_partial rewinds to the pixel element's start
+    if not found:
+        return header, "a slice with no PixelData element: its image is missing"
+    vr, length = found[0]
+    if length == 0:
+        return header, "a slice with an empty PixelData element: its image is missing"
+    available -= 12 if vr in EXPLICIT_VR_LENGTH_32 else 8  # the element's tag, VR and length (implicit VR: no VR)
+    if length != 0xFFFFFFFF and available < length:  # encapsulated pixels (undefined length) are read on a worker
+        return header, f"a slice cut short: its PixelData holds {max(available, 0)} of its {length} bytes"
+    return header, None
 
 
 UNEVEN_SLICES = 0.02  # of the step: how far a slice may sit from its place on the regular grid (rounded positions)
@@ -182,10 +193,10 @@ class DicomSeriesSource(ImageSource):
 
         if not os.path.isdir(folder):
             raise InputError(f"{folder}: no such folder")
-        headers, pixel_lengths = [], {}
+        headers, pixel_problems = [], {}
         for path in dicom_files(folder):
             try:
-                header, pixel_lengths[path] = _header(path)
+                header, pixel_problems[path] = _header(path)
             except (InvalidDicomError, OSError, ValueError) as exc:
                 raise InputError(f"{path}: cannot read DICOM: {exc}") from None
             headers.append((path, header))
@@ -201,9 +212,8 @@ class DicomSeriesSource(ImageSource):
             ]
             if missing:
                 raise InputError(f"{path}: no {missing[0]}: tilemask needs the slice geometry")
-            if not pixel_lengths[path]:  # pydicom's pixel_array would fail on a worker, mid-run
-                what = "an empty" if pixel_lengths[path] == 0 else "no"
-                raise InputError(f"{path}: a slice with {what} PixelData element: its image is missing")
+            if pixel_problems[path]:
+                raise InputError(f"{path}: {pixel_problems[path]}")
             if len(h.ImageOrientationPatient) != 6 or len(h.ImagePositionPatient) != 3 or len(h.PixelSpacing) != 2:
                 raise InputError(f"{path}: ImageOrientationPatient, ImagePositionPatient or PixelSpacing is malformed")
             frames = int(h.get("NumberOfFrames", 1) or 1)
