@@ -292,6 +292,29 @@ def test_a_job_dir_holding_another_workflows_job_is_refused_unless_overwrite(sce
     assert fixed.status == "ok" and fixed.outputs[0] == str(tmp_path / "third" / "a.zarr")
 
 
+def test_a_run_refused_before_any_work_leaves_no_job(make_raster, make_model, write_workflow, tmp_path, tilemask_home):
+    """A run refused before any work (exit 2) kept the job folder it had made, and ``tilemask jobs`` listed a job
+    that never ran (``failed, 0 of 1 items ok``); the folders made for it go too, the user's own stay."""
+    scene, _ = make_raster()
+    weights, _ = make_model()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "scene_mask.zarr").write_text("someone's own")
+    workflow = raster_workflow(scene, weights)
+    refused = run_cli("run", write_workflow(workflow), cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr == (
+        f"tilemask: error: output {tmp_path}/out/scene_mask.zarr exists and was not written by tilemask; refused to "
+        "replace it\n")
+    wrong = {**workflow, "preprocess": {**workflow["preprocess"], "bands": [4, 3, 2]},
+             "output": {"path": "new/{stem}.zarr"}}  # fmt: skip
+    refused = run_cli("run", write_workflow(wrong), cwd=tmp_path)
+    assert refused.returncode == 2 and "out of range" in refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "scene.tif", "weights.pt", "workflow.yaml"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["scene_mask.zarr"]
+    assert not any((tilemask_home / "jobs").iterdir())
+    listing = run_cli("jobs")
+    assert listing.returncode == 0 and listing.stdout == listing.stderr == ""
+
+
 def test_job_dirs_of_one_name_are_different_jobs(scene_workflow, tmp_path, client, monkeypatch):
     """A --job-dir's name is the user's, not unique: the id (which names the job and its staged files) is a
     hash of the workflow and the folder, so two workflows run from A/jd and B/jd never resume each other."""

@@ -137,10 +137,17 @@ def run(
         raise UsageError(f"the Dask client is {client.status}: give a running one, or none (tilemask then starts "
                          "its own cluster)")  # fmt: skip
     plan, job, record = prepare(workflow, options, job_dir, source)
+    new = not job.exists()
     with job:
         record()
-        return drive_job(job, plan, options, progress, client=client, scheduler=scheduler, workers=workers,
-                         threads_per_worker=threads_per_worker, cluster=cluster)  # fmt: skip
+        try:
+            return drive_job(job, plan, options, progress, client=client, scheduler=scheduler, workers=workers,
+                             threads_per_worker=threads_per_worker, cluster=cluster)  # fmt: skip
+        except TilemaskError as exc:
+            if new and exc.exit_status == 2 and not job.manifest().started():  # refused before any work
+                with contextlib.suppress(OSError, JobError):  # the refusal is what to tell
+                    job.discard()
+            raise
 
 
 def _check_cluster_arguments(scheduler, workers, threads_per_worker, cluster: str) -> None:

@@ -126,9 +126,12 @@ def job_folder(location: str | os.PathLike) -> JobFolder:
 class JobFolder:
     """One job's folder: its record on disk and the lock of the process that runs it."""
 
+    FILES = ("job.json", "workflow.yaml", "items.jsonl", "manifest.jsonl", "status.json", "report.csv", "cancel")
+
     def __init__(self, path: str | Path):
         self.path = Path(path).absolute()
         self._lock_fd: int | None = None
+        self._made: Path | None = None
 
     @property
     def location(self) -> str:
@@ -348,6 +351,8 @@ class JobFolder:
 
     def acquire(self) -> JobFolder:
         """Take the job's lock, or refuse: another process runs this job."""
+        missing = [folder for folder in (self.path, *self.path.parents) if not folder.exists()]
+        self._made = missing[-1] if missing else None  # the uppermost folder made for the job, if any
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -362,6 +367,20 @@ class JobFolder:
             raise
         self._lock_fd = fd
         return self
+
+    def discard(self) -> None:
+        """Remove a job its first run created and then refused before any work (exit 2): its files, its listing in
+        ``$TILEMASK_HOME`` and the folders made for it (:meth:`acquire`), so that no job is listed that never ran."""
+        (home() / "jobs" / self.id).unlink(missing_ok=True)
+        for name in self.FILES:
+            (self.path / name).unlink(missing_ok=True)
+            self._saved(name)
+        (self.path / "lock").unlink(missing_ok=True)
+        for folder in (self.path, *self.path.parents) if self._made else ():
+            with contextlib.suppress(OSError):  # one that holds something else stays
+                folder.rmdir()
+            if folder == self._made:
+                break
 
     def release(self) -> None:
         if self._lock_fd is not None:
@@ -382,8 +401,6 @@ class RemoteJobFolder(JobFolder):
     the manifest is put again after each line, which costs as the manifest grows).  The lock is held on this
     machine only: object storage has none, so two machines must not run one job at once.
     """
-
-    FILES = ("job.json", "workflow.yaml", "items.jsonl", "manifest.jsonl", "status.json", "report.csv", "cancel")
 
     def __init__(self, url: str):
         self.url = url.rstrip("/")
