@@ -479,6 +479,37 @@ def test_a_stac_items_id_is_one_file_name_in_the_output_folder(make_model, tmp_p
     assert [p.name for p in outputs] == names
 
 
+def test_a_hidden_archive_member_or_listed_file_writes_outputs_that_are_not_hidden(make_model, tmp_path):
+    """A member ``.x.tif`` (and a listed ``.x.tif``) wrote ``out/.x_mask.tif`` and its quick look ``.x_mask.png``:
+    hidden from file browsers and skipped by globs. Its ``{stem}`` has its leading ``.`` made ``_``."""
+    from tilemask.planning import plan_workflow
+
+    shutil.copy(GEO["RGB.byte.tif"], tmp_path / ".x.tif")
+    with zipfile.ZipFile(tmp_path / "scenes.zip", "w") as zf:
+        zf.write(tmp_path / ".x.tif", ".x.tif")
+        zf.write(tmp_path / ".x.tif", "in/.y.tif")
+    with tarfile.open(tmp_path / "scenes.tar", "w") as tf:
+        tf.add(tmp_path / ".x.tif", "./.x.tif")
+    (tmp_path / "items.txt").write_text(".x.tif\n")
+    weights, _ = make_model(UNET_2D)
+    workflow = raster_workflow(str(tmp_path / ".x.tif"), weights, output={"path": "out/{stem}_mask.tif"})
+    for given, names in [
+        ({"archive": "scenes.zip", "members": "*.tif"}, ["_x_mask.tif", "_y_mask.tif"]),
+        ({"archive": "scenes.tar", "members": "*.tif"}, ["_x_mask.tif"]),
+        ({"list": "items.txt"}, ["_x_mask.tif"]),
+    ]:
+        plan = plan_workflow(Workflow.from_dict({**workflow, "input": given}, base_dir=tmp_path))
+        outputs = [Path(plan.workflow.output_path(item.name)) for item in plan.items]
+        assert [(p.parent, p.name) for p in outputs] == [(tmp_path / "out", name) for name in names], given
+        assert [Path(plan.workflow.quicklook_path(item.name)).name[0] for item in plan.items] == ["_"] * len(names)
+    with zipfile.ZipFile(tmp_path / "scenes.zip", "a") as zf:  # "_x.tif" beside ".x.tif": one output, refused
+        zf.write(tmp_path / ".x.tif", "_x.tif")
+    with pytest.raises(WorkflowError, match=r"both write \S+/out/_x_mask.tif; both are named '_x'") as refused:
+        plan_workflow(Workflow.from_dict({**workflow, "input": {"archive": "scenes.zip", "members": "*.tif"}},
+                                         base_dir=tmp_path))  # fmt: skip
+    assert refused.value.exit_status == 2
+
+
 def test_listings_as_windows_and_other_tools_write_them_are_read_or_refused_by_name(make_model, tmp_path):
     """Each was a Python exception (UnicodeDecodeError, TypeError, AttributeError, STACTypeError) with exit 1, a
     path that does not exist (a byte-order mark, a zip's "\\" folders), or inputs left out in silence (``**``)."""

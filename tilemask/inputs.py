@@ -2,7 +2,8 @@
 members, a STAC ItemCollection or catalog.  Listing opens no image: a run plans each item when it starts.
 
 * ``{list: FILE}``: one path or URL a line; blank lines and ``#`` comments are
-  skipped; relative paths resolve against the list file's folder.
+  skipped; relative paths resolve against the list file's folder.  Here and for
+  archives a name's leading ``.`` becomes ``_`` (:func:`visible`).
 * ``{archive: FILE, members: GLOB}``: the archive's files whose name (or base
   name) matches, read in place through GDAL's ``/vsizip/`` and ``/vsitar/``
   (NIfTI members are extracted once to scratch, :mod:`tilemask.sources.archive`).
@@ -37,7 +38,7 @@ def list_items(path: str) -> list[InputItem]:
     if not files:
         raise InputError(f"input.list: {path} lists no input")
     resolved = [f if f.startswith(REMOTE_PREFIXES) or os.path.isabs(f) else os.path.normpath(os.path.join(folder, f)) for f in files]
-    return [InputItem(stem(f), (f,)) for f in resolved]
+    return [InputItem(visible(stem(f)), (f,)) for f in resolved]
 
 
 def archive_items(archive: str, pattern: str) -> list[InputItem]:
@@ -47,7 +48,7 @@ def archive_items(archive: str, pattern: str) -> list[InputItem]:
     names = members(archive, pattern)
     if not names:
         raise InputError(f"input.archive: no member of {archive} matches {pattern!r}")
-    return [InputItem(stem(name), (member_path(archive, name),)) for name in names]
+    return [InputItem(visible(stem(name)), (member_path(archive, name),)) for name in names]
 
 
 def stac_items(path: str, assets: list[str]) -> list[InputItem]:
@@ -92,5 +93,10 @@ def stac_items(path: str, assets: list[str]) -> list[InputItem]:
 def file_name(name: str) -> str:
     """``name`` (a STAC Item's id, from whoever wrote the catalog) as one file name in the output folder: path
     separators, ``:`` and control characters become ``_``, and a leading ``.`` (``..``, a hidden file) too."""
-    safe = re.sub(r"[\\/:\x00-\x1f]", "_", name)
-    return "_" + safe[1:] if safe.startswith(".") or not safe else safe
+    return visible(re.sub(r"[\\/:\x00-\x1f]", "_", name)) or "_"
+
+
+def visible(name: str) -> str:
+    """``name`` with a leading ``.`` made ``_`` (``.x`` -> ``_x``): outputs named by it are not hidden from file
+    browsers and globs (an archive member or a listed file may be a hidden file)."""
+    return "_" + name[1:] if name.startswith(".") else name
