@@ -667,6 +667,27 @@ def test_a_running_job_whose_process_is_gone_is_lost_and_cancel_ends_it(tmp_path
     assert json.loads((job.path / "status.json").read_text())["state"] == "cancelled"
 
 
+def test_a_foreground_run_stopped_by_cancel_says_so_in_one_line_exit_1(make_raster, make_model, write_workflow,
+                                                                        tmp_path):
+    """``tilemask cancel JOB`` of a ``tilemask run`` printed two lines: ``WARNING tilemask.driver: job ...: cancel
+    requested``, then ``tilemask: error: job ... was cancelled``."""
+    from .test_trust import one_line, start, wait_for
+
+    scene, _ = make_raster((3, 3000, 3000), name="big.tif")
+    weights, _ = make_model()
+    workflow = raster_workflow(scene, weights, output={"path": "out/{stem}.zarr", "chunks": 512})
+    proc = start(["run", write_workflow(workflow), "--workers", "1", "--no-progress"], tmp_path)
+    jobs = tmp_path / "out" / ".tilemask" / "jobs"
+    wait_for(lambda: any(jobs.glob("*/manifest.jsonl")), what="the item started", proc=proc)
+    (job,) = jobs.iterdir()
+    cancelled = run_cli("cancel", job.name)
+    assert cancelled.returncode == 0 and cancelled.stdout == f"job {job.name}: cancelled\n", cancelled.stderr
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and stdout == ""
+    assert one_line(stderr) == f"tilemask: error: job {job.name} was cancelled"
+    assert json.loads((job / "status.json").read_text())["state"] == "cancelled"
+
+
 @pytest.mark.timeout(60)
 def test_cancel_with_a_wait_that_is_no_number_of_seconds_is_refused_before_it_asks(tmp_path):
     """``tilemask cancel JOB --wait -1`` (or ``nan``) wrote the cancel request, then said "cancel requested; still

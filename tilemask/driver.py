@@ -466,7 +466,7 @@ def _watch_cancel(job: JobFolder, stop: threading.Event, every: float = 0.5):
     def watch() -> None:
         while not done.wait(every):
             if job.cancel_requested():
-                logger.warning("job %s: cancel requested", job.id)
+                logger.info("job %s: cancel requested", job.id)  # a foreground run's one line is its JobCancelled
                 stop.set()
                 say_what_stopping_waits_for()
                 return
