@@ -213,6 +213,61 @@ def test_an_input_replaced_on_a_web_server_is_redone(make_raster, make_model, tm
     assert (zarr.open_group(redone.outputs[0], mode="r")["labels"][:] != before).any(), "the new scene's labels"
 
 
+def test_a_stac_item_whose_hrefs_are_signed_anew_is_not_redone(make_raster, make_model, tmp_path, client):
+    """A STAC Item's asset hrefs signed again (a new SAS token: the same path, another query) made its job's next run
+    redo the item as another file; and the earlier run's URL, its signature expired, was asked for the stamp."""
+    import functools
+    import http.server
+    from urllib.parse import parse_qs, urlsplit
+
+    from .range_server import RangeHandler
+
+    class Signed(RangeHandler):
+        signature = "first"
+
+        def send_head(self):  # as object storage: only the current signature is let in
+            if parse_qs(urlsplit(self.path).query).get("sig") != [Signed.signature]:
+                self.send_error(403, "Signature not valid in the specified time frame")
+                return None
+            return super().send_head()
+
+    (tmp_path / "www" / "copy").mkdir(parents=True)
+    scene, _ = make_raster((3, 80, 90), name="www/scene.tif")
+    shutil.copy2(scene, tmp_path / "www" / "copy" / "scene.tif")  # another file of the same size and time
+    weights, _ = make_model()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Signed, directory=scene.parent))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def stac(signature: str, path: str = "scene.tif") -> None:
+        href = f"http://127.0.0.1:{server.server_address[1]}/{path}?se=2026-12-0{len(signature)}&sp=r&sig={signature}"
+        (tmp_path / "items.json").write_text(json.dumps({
+            "type": "Feature", "stac_version": "1.0.0", "id": "scene", "geometry": None,
+            "properties": {"datetime": "2000-01-01T00:00:00Z"}, "links": [], "assets": {"rgb": {"href": href}},
+        }))  # fmt: skip
+        Signed.signature = signature
+
+    workflow = raster_workflow(tmp_path / "x.tif", weights, output={"path": "out/{stem}.zarr", "chunks": 64})
+    workflow["input"] = {"stac": "items.json", "assets": ["rgb"]}
+    runs = []
+    try:
+        for signature, path in (("first", "scene.tif"), ("second", "scene.tif"), ("third", "copy/scene.tif")):
+            stac(signature, path)
+            (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+            runs.append(result.status)
+    finally:
+        server.shutdown()
+    assert runs == ["ok", "skipped", "ok"]  # signed anew: done; another file of the same size and time: redone
+    from tilemask.storage import unsigned  # what is a signature: the names AWS, Google and Azure give it
+
+    signed = "https://b.s3.amazonaws.com/k.tif?versionId=3&X-Amz-Signature=ab&X-Amz-Date=2&x-amz-security-token=t"
+    assert unsigned(signed) == "https://b.s3.amazonaws.com/k.tif?versionId=3"
+    assert unsigned("/vsicurl/https://s.googleapis.com/b/k.tif?X-Goog-Signature=1&X-Goog-Expires=9") == (
+        "/vsicurl/https://s.googleapis.com/b/k.tif")
+    assert unsigned("https://a.blob.core.windows.net/c/k.tif?st=1&se=2&sp=r&sv=3&sr=b&sig=x%2F") == (
+        "https://a.blob.core.windows.net/c/k.tif")
+    assert unsigned("/data/what?sig=1.tif") == "/data/what?sig=1.tif"  # a local file's "?" is its name's
+
+
 def test_abort_stops_at_the_first_failure_and_reports_what_did_not_run(scene_workflow, tmp_path, client):
     import dask
 

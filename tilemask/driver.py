@@ -54,6 +54,7 @@ from .products import client_imports
 from .progress import announce
 from .settings import measure_after_seconds
 from .sources import input_stamp
+from .storage import unsigned
 from .workflow import InputItem, Workflow
 
 logger = logging.getLogger(__name__)
@@ -330,9 +331,11 @@ def _finished(lines: dict[str, dict], weights: list, files: dict[str, list[str]]
     in parallel: objects on the network a request each, a GeoPackage's mark a few ms."""
 
     def finished(line: dict) -> bool:
-        now = line.get("files") and _stamps(line["files"])
-        unchanged = line.get("files") is None or (line["files"] == files[line["name"]] and now == line.get("stamps")
-                                                  and [None] not in now)  # fmt: skip
+        current = files[line["name"]]  # stamped, not the files as recorded: a URL signed then may have expired
+        unchanged = line.get("files") is None or (
+            list(map(unsigned, line["files"])) == list(map(unsigned, current))
+            and (now := _stamps(current)) == line.get("stamps") and [None] not in now
+        )
         same_model = line.get("weights_stamp", weights) == weights and weights != [None]
         return unchanged and same_model and outputs_complete(line["outputs"])
 

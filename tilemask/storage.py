@@ -33,7 +33,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from .errors import InputError, OutputError, TilemaskError
 
@@ -100,6 +100,29 @@ def object_version(url: str) -> str | None:
         return _version(_info(fs, key, url))
     except InputError:
         return None
+
+
+# the query parameters that sign a URL: presigned S3 (SigV2; SigV4's are X-Amz-*) and Google Cloud (V2; V4's are
+# X-Goog-*) URLs, CloudFront signed URLs, Azure SAS tokens (signed fields and the response headers they fix)
+SIGNING = frozenset({"awsaccesskeyid", "googleaccessid", "signature", "expires", "policy", "key-pair-id",
+                     "sv", "ss", "srt", "sp", "st", "se", "sip", "spr", "si", "sr", "sdd", "ses", "sig", "skoid",
+                     "sktid", "skt", "ske", "sks", "skv", "saoid", "suoid", "scid", "rscc", "rscd", "rsce", "rscl",
+                     "rsct"})  # fmt: skip
+
+
+def unsigned(path: str) -> str:
+    """``path`` without the query parameters that sign a web URL (:data:`SIGNING`, ``X-Amz-*``, ``X-Goog-*``): the
+    same object signed anew (a new SAS token) is the same input.  Its other parameters, and any other path (a local
+    file's ``?`` is its name's), are kept as they are."""
+    if "?" not in path or not path.removeprefix("/vsicurl/").startswith(WEB):
+        return path
+    base, _, query = path.partition("?")
+    kept = [p for p in query.split("&") if not _signs(unquote_plus(p.partition("=")[0]).lower())]
+    return f"{base}?{'&'.join(kept)}" if kept else base
+
+
+def _signs(name: str) -> bool:
+    return name in SIGNING or name.startswith(("x-amz-", "x-goog-"))
 
 
 def network_object(path: str) -> str | None:
