@@ -75,6 +75,27 @@ def test_help_for_every_command():
         assert proc.returncode == 0 and "Usage:" in proc.stdout
 
 
+@pytest.mark.parametrize("module", ["pydantic", "click", "tilemask.job_commands"])
+def test_a_ctrl_c_while_the_command_imports_its_modules_is_interrupted_exit_130(module, tmp_path):
+    """A Ctrl-C in the first second of ``tilemask run``, while its modules are imported, was a Python traceback
+    ending in ``KeyboardInterrupt`` and a process killed by SIGINT (status -2). The console script (as pip writes it
+    from pyproject.toml's entry point) and ``python -m tilemask`` are sent SIGINT as ``module`` is imported."""
+    import tomllib
+
+    from .conftest import REPO
+
+    entry = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["tilemask"]
+    where, function = entry.split(":")
+    stop = (f"import os, signal, sys\nsys.addaudithook(lambda event, args: event == 'import' and args[0] == {module!r}"
+            " and os.kill(os.getpid(), signal.SIGINT))\n")  # fmt: skip
+    for start in (f"from {where} import {function}\nsys.exit({function}())",
+                  "import runpy\nrunpy.run_module('tilemask', run_name='__main__', alter_sys=True)"):  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", stop + start, "run", "workflow.yaml"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert (done.returncode, done.stderr) == (130, "tilemask: interrupted\n"), start
+    assert not any(tmp_path.iterdir())
+
+
 def test_usage_errors_and_unreadable_workflows_are_one_line_exit_2(tmp_path):
     alone = run_cli()  # no command: click's help, not one line
     assert alone.returncode == 2 and alone.stderr.startswith("Usage: tilemask [OPTIONS] COMMAND") and "Commands:" in alone.stderr

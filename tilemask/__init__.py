@@ -5,7 +5,14 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .errors import TilemaskError  # noqa: E402
-from .workflow import Workflow  # noqa: E402
+
+
+def __getattr__(name: str):
+    if name == "Workflow":  # imported when first used: pydantic and the models take most of a second, which the
+        from .workflow import Workflow  # ``tilemask`` command spends where a Ctrl-C is its own (tilemask.__main__)
+
+        return Workflow
+    raise AttributeError(f"module 'tilemask' has no attribute {name!r}")
 
 
 def run(workflow, client=None, **kwargs):

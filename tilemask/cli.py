@@ -161,5 +161,7 @@ def console() -> NoReturn:
     os._exit(status)
 
 
-if __name__ == "__main__":
-    console()
+if __name__ == "__main__":  # python -m tilemask.cli: the command as its console script runs it (this module is
+    from tilemask.__main__ import main as command  # then imported anew as tilemask.cli, where the commands are)
+
+    command()
