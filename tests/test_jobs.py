@@ -851,6 +851,32 @@ def test_jobs_asks_about_the_jobs_of_a_gone_scheduler_at_once_not_in_turn(tmp_pa
     assert took < 14, f"{took:.1f} s: one connect timeout (5 s), not one per job"
 
 
+def test_a_damaged_entry_of_the_job_list_is_named_and_the_others_listed(tmp_path):
+    """An entry of ``$TILEMASK_HOME/jobs`` that could not be read (not UTF-8, a folder) made ``tilemask jobs`` list
+    nothing (``tilemask: error: UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff ...``, exit 1), and an empty
+    one was taken for the working folder. Each is named in a warning, as a job whose folder is not there."""
+    from tilemask.jobs import home
+
+    job = JobFolder(tmp_path / "job")
+    job.create({"version": 1}, str(tmp_path), None, {}, [{"item": 0, "name": "x", "files": [], "output": "o"}])
+    job.set_status("done")
+    index = home() / "jobs"
+    (index / "0bin").write_bytes(b"\xff\xfe")
+    (index / "1dir").mkdir()
+    (index / "2empty").write_text("\n")
+    listing = run_cli("jobs", cwd=job.path)  # the working folder is a job's: an empty entry is not that job
+    assert listing.returncode == 0 and listing.stdout.split()[:2] == [job.id, "done"], listing.stderr
+    reasons = {"0bin": "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte",
+               "1dir": "Is a directory", "2empty": "empty"}  # fmt: skip
+    assert listing.stderr.splitlines() == [
+        f"WARNING tilemask.jobs: job {name}: {index / name}: names no job folder ({reason}); to forget the job, "
+        "remove it" for name, reason in reasons.items()
+    ]
+    status = run_cli("status", "0bin")
+    assert (status.returncode, status.stderr) == (2, f"tilemask: error: {index / '0bin'}: names no job folder "
+                                                     f"({reasons['0bin']}); to forget the job, remove it\n")
+
+
 @pytest.mark.slow
 def test_jobs_names_a_job_whose_folder_is_not_there(tmp_path):
     """A job whose folder was removed (with its outputs' folder) was left out of ``tilemask jobs`` without a word,

@@ -482,18 +482,32 @@ def find(job: str) -> JobFolder:
         entry = home() / "jobs" / job
         if not entry.is_file():
             raise JobError(f"no job {job!r} (give its id from tilemask jobs, or its folder)")
-        folder = job_folder(entry.read_text().strip())
+        folder = _listed_folder(entry)
     if not folder.exists():
         raise JobError(f"{folder.location}: not a tilemask job folder (no job.json)")
     return folder
+
+
+def _listed_folder(entry: Path) -> JobFolder:
+    """The job folder an entry of ``$TILEMASK_HOME/jobs`` names (:func:`register`); one that names none is a
+    :class:`JobError` that names it."""
+    try:
+        location = entry.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        location, reason = "", getattr(exc, "strerror", None) or exc
+    else:
+        reason = "empty"
+    if not location:
+        raise JobError(f"{entry}: names no job folder ({reason}); to forget the job, remove it")
+    return job_folder(location)
 
 
 def listed() -> Iterator[JobFolder]:
     index = home() / "jobs"
     for entry in sorted(index.iterdir()) if index.is_dir() else ():
         try:
-            folder = job_folder(entry.read_text().strip())
-        except TilemaskError as exc:  # a folder on object storage that cannot be reached now
+            folder = _listed_folder(entry)
+        except TilemaskError as exc:  # a folder on object storage that cannot be reached now; a damaged entry
             logger.warning("job %s: %s", entry.name, exc)
             continue
         if folder.exists():
