@@ -818,6 +818,16 @@ def test_a_job_record_or_manifest_line_that_is_json_but_no_record_is_one_line(tm
         assert listing.exit_code == 0, listing.stderr
         assert [row.split()[0] for row in listing.stdout.splitlines()] == [good.id]
     (damaged.path / "manifest.jsonl").write_text(manifest)
+    # a line that is not UTF-8 (a damaged disk) was a UnicodeDecodeError naming no file, exit 1; tilemask jobs failed
+    for name, said in (("manifest.jsonl", "line 2 is not JSON; the manifest is damaged"),
+                       ("items.jsonl", "line 2: not an input's record; the job's record is damaged")):  # fmt: skip
+        kept = (damaged.path / name).read_bytes()
+        (damaged.path / name).write_bytes(kept + b'{"name": "\xff"}\n')
+        status = CliRunner().invoke(main, ["status", str(damaged.path)])
+        assert (status.exit_code, status.stderr) == (2, f"tilemask: error: {damaged.path}/{name} {said}\n")
+        listing = CliRunner().invoke(main, ["jobs"])
+        assert listing.exit_code == 0 and [row.split()[0] for row in listing.stdout.splitlines()] == [good.id]
+        (damaged.path / name).write_bytes(kept)
     for record in ("[]", "null", "5"):
         (damaged.path / "job.json").write_text(record)
         with pytest.raises(JobError, match="job.json: unreadable: not a JSON object"):

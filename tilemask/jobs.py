@@ -249,7 +249,7 @@ class JobFolder:
             with open(path, "r+b") as f:
                 f.truncate(len(whole) + 1 if whole else 0)
         lines = []
-        for number, text in enumerate(whole.decode().splitlines(), 1):
+        for number, text in enumerate(whole.splitlines(), 1):  # JSON of bytes: one not UTF-8 is not JSON
             try:
                 line = json.loads(text)
             except ValueError:
@@ -594,9 +594,10 @@ def _holds_lock(job: JobFolder) -> bool:
     return False
 
 
-def _lines(path: Path) -> list[str]:
+def _lines(path: Path) -> list[bytes]:
+    """The lines of ``path`` that are not blank, as bytes (``json.loads`` reads them; one not UTF-8 is not JSON)."""
     try:
-        return [line for line in path.read_text().splitlines() if line.strip()]
+        return [line for line in path.read_bytes().splitlines() if line.strip()]
     except FileNotFoundError:
         return []
 
