@@ -743,6 +743,21 @@ def test_a_foreground_run_stopped_by_cancel_says_so_in_one_line_exit_1(make_rast
     assert json.loads((job / "status.json").read_text())["state"] == "cancelled"
 
 
+def test_a_job_whose_run_was_killed_before_it_recorded_its_state_is_lost_and_cancel_ends_it(tmp_path):
+    """A run killed after it created its job but before it wrote ``status.json`` (while it checked what earlier runs
+    finished: a request per remote input) left the job ``queued`` for ever, and ``tilemask cancel`` waited its minute
+    out: "cancel requested; still queued after 60 s", exit 1. Nothing holds its lock: it is lost."""
+    job = JobFolder(tmp_path / "job")
+    job.create({"version": 1}, str(tmp_path), None, {}, [{"item": 0, "name": "a", "files": ["a.tif"], "output": "o"}])
+    assert not (job.path / "status.json").exists()
+    with job:  # the process that creates the job holds its lock while it does
+        assert json.loads(run_cli("status", job.path, "--json").stdout)["state"] == "queued"
+    assert json.loads(run_cli("status", job.path, "--json").stdout)["state"] == "lost"
+    cancelled = run_cli("cancel", job.path, "--wait", "5")
+    assert (cancelled.returncode, cancelled.stdout) == (0, f"job {job.id}: cancelled\n"), cancelled.stderr
+    assert json.loads((job.path / "status.json").read_text())["state"] == "cancelled"
+
+
 @pytest.mark.timeout(60)
 def test_cancel_with_a_wait_that_is_no_number_of_seconds_is_refused_before_it_asks(tmp_path):
     """``tilemask cancel JOB --wait -1`` (or ``nan``) wrote the cancel request, then said "cancel requested; still
