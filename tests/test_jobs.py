@@ -743,6 +743,28 @@ def test_a_foreground_run_stopped_by_cancel_says_so_in_one_line_exit_1(make_rast
     assert json.loads((job / "status.json").read_text())["state"] == "cancelled"
 
 
+def test_the_state_of_a_running_job_is_read_from_a_folder_this_user_may_not_write(tmp_path):
+    """``tilemask status`` of a job that a run on this host runs, asked by a user who may not write its folder (a
+    teammate's job, a read-only mount), opened the job's lock to write and failed: ``tilemask: error: OSError:
+    [Errno 30] Read-only file system: '.../lock'``, exit 1. The lock is tried through a read-only descriptor."""
+    import socket
+    import subprocess
+    import sys
+
+    unshare = shutil.which("unshare")
+    if not unshare or subprocess.run([unshare, "-m", "mount", "--bind", tmp_path, tmp_path]).returncode:
+        pytest.skip("no mount namespace to make a read-only view of a folder in")
+    job = JobFolder(tmp_path / "job")
+    job.create({"version": 1}, str(tmp_path), None, {}, [{"item": 0, "name": "a", "files": ["a.tif"], "output": "o"}])
+    job.set_status("running", host=socket.gethostname(), pid=os.getpid())
+    exe = Path(sys.executable).parent / "tilemask"
+    read_only = (f"mount --bind {job.path} {job.path} && mount -o remount,bind,ro {job.path} && "
+                 f"! touch {job.path}/x 2>/dev/null && exec {exe} status {job.path} --json")  # fmt: skip
+    with job:  # this process runs the job
+        asked = subprocess.run([unshare, "-m", "sh", "-c", read_only], capture_output=True, text=True, timeout=60)
+    assert asked.returncode == 0 and json.loads(asked.stdout)["state"] == "running", asked.stderr
+
+
 def test_a_job_whose_run_was_killed_before_it_recorded_its_state_is_lost_and_cancel_ends_it(tmp_path):
     """A run killed after it created its job but before it wrote ``status.json`` (while it checked what earlier runs
     finished: a request per remote input) left the job ``queued`` for ever, and ``tilemask cancel`` waited its minute

@@ -582,9 +582,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _holds_lock(job: JobFolder) -> bool:
-    """Whether some process holds the job's lock (a pid can be reused; the lock cannot outlive its process)."""
+    """Whether some process holds the job's lock (a pid can be reused; the lock cannot outlive its process).  Asked
+    through a read-only descriptor (``flock`` needs no more): of a folder this user may not write too."""
     try:
-        fd = os.open(job.path / "lock", os.O_RDWR)
+        fd = os.open(job.path / "lock", os.O_RDONLY)
     except FileNotFoundError:
         return False
     try:
