@@ -808,11 +808,16 @@ def test_jobs_lists_the_others_when_one_record_is_damaged(tmp_path):
     for n, job in enumerate(folders):
         job.create({"version": 1, "n": n}, str(tmp_path), None, {}, [{"item": 0, "name": "x", "files": [], "output": "o"}])
         job.set_status("done")
+    import socket
+
     from click.testing import CliRunner
 
     from tilemask.cli import main
 
-    for damage in ("garbage", "[]"):  # not JSON; JSON, not the record
+    # not JSON; JSON, not the record; a record whose pid is no number (it was "ValueError: invalid literal for int()",
+    # exit 1, and nothing listed)
+    here = socket.gethostname()
+    for damage in ("garbage", "[]", json.dumps({"state": "running", "host": here, "pid": "12ab"})):
         (folders[0].path / "status.json").write_text(damage)
         listing = CliRunner().invoke(main, ["jobs"])
         assert listing.exit_code == 0, listing.stderr
@@ -820,6 +825,13 @@ def test_jobs_lists_the_others_when_one_record_is_damaged(tmp_path):
         (warning,) = listing.stderr.strip().splitlines()
         assert warning.startswith(f"tilemask: warning: {folders[0].path}/status.json: unreadable: ")
         assert warning.endswith("left out of the list")
+    assert "pid '12ab' is not a pid" in warning
+    # a scheduler address that is none (it was "ValueError: missing port number in address 'nowhere'", exit 1)
+    nowhere = {"state": "running", "scheduler": "nowhere", "driver": "k"}
+    (folders[0].path / "status.json").write_text(json.dumps(nowhere))
+    listing = CliRunner().invoke(main, ["jobs"])
+    assert listing.exit_code == 0 and sorted(line.split()[:2] for line in listing.stdout.splitlines()) == sorted(
+        [[folders[1].id, "done"], [folders[0].id, "lost"]]), listing.stderr  # fmt: skip
     (folders[0].path / "status.json").unlink()
     (folders[0].path / "items.jsonl").write_text('{"item": 0}\n')
     (warning,) = CliRunner().invoke(main, ["jobs"]).stderr.strip().splitlines()

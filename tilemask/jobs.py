@@ -58,6 +58,9 @@ logger = logging.getLogger(__name__)
 
 STATES = ("queued", "running", "done", "failed", "cancelled", "lost")
 ACTIVE = ("queued", "running")
+# the fields of status.json that say who runs a job, and their types (None: not recorded)
+STATUS_FIELDS = {"state": (str, type(None)), "host": (str, type(None)), "pid": (int, type(None)),
+                 "scheduler": (str, type(None)), "driver": (str, type(None))}  # fmt: skip
 # a driver task the scheduler holds but no worker runs: not started yet, or started again after its worker died
 HELD = ("released", "waiting", "queued", "no-worker")
 
@@ -300,6 +303,9 @@ class JobFolder:
             raise JobError(f"{self.path}/status.json: unreadable: {exc}") from None
         if not isinstance(status, dict):
             raise JobError(f"{self.path}/status.json: unreadable: not a JSON object")
+        wrong = next((key for key, kind in STATUS_FIELDS.items() if not isinstance(status.get(key), kind)), None)
+        if wrong is not None:  # what tilemask writes there is none of these: an edited or damaged record
+            raise JobError(f"{self.path}/status.json: unreadable: {wrong} {status[wrong]!r} is not a {wrong}")
         return status
 
     def set_status(self, state: str, **fields) -> None:
@@ -552,7 +558,7 @@ def driver_state(address: str, key: str, timeout: float) -> str | None:
     for attempt in range(3):
         try:
             client = scheduler_client(address, timeout, set_as_default=False)
-        except TilemaskError:
+        except (TilemaskError, ValueError):  # ValueError: no address distributed can read (an edited status.json)
             return None
         except AssertionError:  # distributed's handshake (assert len(msg) == 1): the scheduler sent its
             if attempt == 2:  # "stream-start" with a message to every client (another one cancelled keys: a
