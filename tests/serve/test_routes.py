@@ -1234,6 +1234,29 @@ def test_labels_up_to_a_million_list_a_legend_of_their_classes_not_a_row_per_val
     assert [c["name"] for c in item.json()["assets"]["labels"]["classification:classes"]][-1] == "lesion"
 
 
+@pytest.mark.timeout(60)
+def test_the_legend_of_nifti_labels_without_their_colour_table_leaves_out_the_nodata_label(tmp_path):
+    """NIfTI labels' display range (cal_max) reaches their nodata label (255) where the scan had invalid voxels,
+    so a viewer shows every value; without the colour table the legend, which runs to cal_max, listed 255 as a
+    class."""
+    import nibabel as nib
+    from starlette.testclient import TestClient
+
+    from tilemask.formats import nifti_descrip
+    from tilemask.serve import create_app
+
+    volume = np.zeros((8, 8, 8), np.uint8)
+    volume[0, 0, :3], volume[1] = (1, 2, 0), 255
+    for name, nodata, cal_max in (("nodata", 255, 255), ("none", None, 2)):
+        img = nib.Nifti1Image(volume, np.eye(4))
+        img.header["descrip"], img.header["cal_max"] = nifti_descrip(nodata), cal_max
+        nib.save(img, tmp_path / f"{name}_labels.nii.gz")
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        listing = client.get("/?f=json")
+    legends = {o["path"]: [c["value"] for c in o["classes"]] for o in listing.json()["outputs"]}
+    assert legends == {"nodata_labels.nii.gz": list(range(255)), "none_labels.nii.gz": [0, 1, 2]}, legends
+
+
 def test_a_folder_whose_own_name_is_not_utf8_is_served_with_its_name_escaped(tmp_path):
     """Serving a folder named with Latin-1 bytes (r\\xe9sultats) made the index and its JSON a 500: the title
     held its name's surrogate escapes, which do not encode. Its name is shown with the byte escaped."""

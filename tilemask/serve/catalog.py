@@ -273,7 +273,8 @@ def _image(root: Path, rel: str, path: Path) -> list[Entry]:
     if not names and fmt.name == "nifti":  # no colour table beside it: as many classes as its header's cal_max says
         import nibabel as nib
 
-        top = min(int(nib.load(path).header["cal_max"]), LEGEND_CLASSES - 1)  # those of the legend; the rest class_<v>
+        top = int(nib.load(path).header["cal_max"])  # tilemask's reaches the nodata label, which is no class
+        top = min(top if labels.nodata is None or top < labels.nodata else labels.nodata - 1, LEGEND_CLASSES - 1)
         names = tuple(class_name((), v) for v in range(max(2, top + 1)))
     beyond = tuple(v for v in range(LEGEND_CLASSES, len(names)) if names[v] != class_name((), v))
     common = {"class_names": names, "nodata": labels.nodata, "probabilities": probabilities,
