@@ -722,6 +722,7 @@ def test_a_running_job_whose_process_is_gone_is_lost_and_cancel_ends_it(tmp_path
     assert json.loads((job.path / "status.json").read_text())["state"] == "cancelled"
 
 
+@pytest.mark.slow
 def test_a_foreground_run_stopped_by_cancel_says_so_in_one_line_exit_1(make_raster, make_model, write_workflow,
                                                                         tmp_path):
     """``tilemask cancel JOB`` of a ``tilemask run`` printed two lines: ``WARNING tilemask.driver: job ...: cancel
