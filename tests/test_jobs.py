@@ -254,9 +254,14 @@ def test_a_stac_item_whose_hrefs_are_signed_anew_is_not_redone(make_raster, make
             stac(signature, path)
             (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
             runs.append(result.status)
+        stac("fourth", "copy/scene.tif")  # the command's lines name the input without its signature, a credential
+        (tmp_path / "w.yaml").write_text(json.dumps(workflow))
+        shown = run_cli("run", tmp_path / "w.yaml", "--scheduler", client.scheduler.address, cwd=tmp_path)
     finally:
         server.shutdown()
     assert runs == ["ok", "skipped", "ok"]  # signed anew: done; another file of the same size and time: redone
+    assert shown.returncode == 0 and "done in an earlier run" in shown.stdout, shown.stdout + shown.stderr
+    assert "/copy/scene.tif?se=2026-12-06&sp=r:" not in shown.stdout and "sig=" not in shown.stdout + shown.stderr
     from tilemask.storage import unsigned  # what is a signature: the names AWS, Google and Azure give it
 
     signed = "https://b.s3.amazonaws.com/k.tif?versionId=3&X-Amz-Signature=ab&X-Amz-Date=2&x-amz-security-token=t"

@@ -90,14 +90,17 @@ def run(
 
 
 def describe(result) -> str:
-    """One line per input of a run."""
+    """One line per input of a run, a signed URL's input without its signature (a SAS token is a credential)."""
+    from .storage import unsigned
+
+    shown = unsigned(result.input)
     if result.status == "failed":
-        return f"{result.input}: failed: {result.error}"
+        return f"{shown}: failed: {result.error}"
     if result.status == "skipped":
-        return f"{result.input}: done in an earlier run -> {', '.join(result.outputs)}"
+        return f"{shown}: done in an earlier run -> {', '.join(result.outputs)}"
     counts = ", ".join(f"{name} {n}" for name, n in result.class_pixels.items())
     return (
-        f"{result.input}: {result.windows} windows in {result.seconds:.1f} s "
+        f"{shown}: {result.windows} windows in {result.seconds:.1f} s "
         f"({result.windows / max(result.seconds, 1e-9):.1f} windows/s) -> {', '.join(result.outputs)} [{counts}]"
     )
 
