@@ -189,3 +189,34 @@ def test_nnunet_plans_arch_kwargs_are_built_as_nnunet_builds_them(tmp_path):
     wrong = {**arch_kwargs, "nonlin": "torch.nn.NoSuchThing"}
     with pytest.raises(tilemask.errors.WorkflowError, match=r"model.args.nonlin: cannot import 'torch.nn.NoSuchThing'"):
         load_model(ModelSpec.create(f"{__name__}:PlansNet", {"input_channels": 1, "num_classes": 3, **wrong}, str(path)))
+
+
+NETWORK_MODULES = {
+    "raises_on_import": ("raise RuntimeError('needs a licence server')", "raises_on_import:Net",
+                         "importing raises_on_import raises RuntimeError: needs a licence server"),
+    "builds_with_a_missing_package": (
+        "import torch\n\nclass Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        import tilemask_absent_package  # noqa: F401\n",
+        "builds_with_a_missing_package:Net",
+        "building it raises ModuleNotFoundError: No module named 'tilemask_absent_package'",
+    ),
+    "absent": ("", "tilemask_absent_package.nets:Net",
+               "importing tilemask_absent_package.nets raises ModuleNotFoundError: No module named 'tilemask_absent_package'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", NETWORK_MODULES)
+def test_a_network_module_that_fails_to_import_or_build_is_a_workflow_error_naming_it(
+    net, tmp_path, monkeypatch, case
+):
+    """A network whose module raises as it is imported, or that imports a package that is not installed, is
+    refused as a workflow error (exit 2, before any work) naming the module and its error; it was a bare
+    ``RuntimeError`` / ``ModuleNotFoundError`` from the worker, exit 1, that did not say which setting it came from."""
+    source, network, message = NETWORK_MODULES[case]
+    (tmp_path / f"{case}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    with pytest.raises(tilemask.errors.WorkflowError) as refused:
+        load_model(ModelSpec.create(network, {}, str(tmp_path / "w.pt")))
+    assert str(refused.value) == f"model.network: {network}: {message}"
+    assert refused.value.exit_status == 2

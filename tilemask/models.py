@@ -40,10 +40,17 @@ def network_class(name: str) -> type[torch.nn.Module]:
         module_name, _, class_name = name.partition(":")
     else:
         module_name, class_name = "monai.networks.nets", name
+    if not (module_name and class_name):
+        raise WorkflowError(f"model.network: {name!r} is not a class name or 'package.module:Class'")
     try:
-        cls = getattr(import_module(module_name), class_name)
-    except (ImportError, AttributeError):
-        raise WorkflowError(f"model.network: no network class {name!r}") from None
+        module = import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - not installed, or the module's own code fails as it is imported
+        raise WorkflowError(f"model.network: {name}: importing {module_name} raises {type(exc).__name__}: "
+                            f"{first_line(exc)}") from None  # fmt: skip
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        hint = " (another package's class is written 'package.module:Class')" if ":" not in name else ""
+        raise WorkflowError(f"model.network: no network class {class_name!r} in {module_name}{hint}")
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
         raise WorkflowError(f"model.network: {name!r} is not a torch.nn.Module class")
     return cls
@@ -62,6 +69,9 @@ def build_network(spec: ModelSpec) -> torch.nn.Module:
         return cls(**args)
     except (TypeError, ValueError, AssertionError) as exc:
         raise WorkflowError(f"model.args: {spec.network} rejects them: {exc}") from None
+    except ImportError as exc:  # a package the network imports as it is built
+        raise WorkflowError(f"model.network: {spec.network}: building it raises {type(exc).__name__}: "
+                            f"{first_line(exc)}") from None  # fmt: skip
 
 
 def _dotted(name: str, where: str) -> Any:
