@@ -446,3 +446,17 @@ def test_a_zipped_bundle_is_refused_with_what_to_do(tmp_path):
     raw = {"version": 1, "input": "x.nii.gz", "model": {"bundle": archive}, "output": {"path": "x.nii.gz"}}
     with pytest.raises(WorkflowError, match=r"\.zip is a zip file \(a Model Zoo download\): unzip it"):
         Workflow.from_dict(raw, base_dir=tmp_path)
+
+
+def test_a_bundle_expression_that_raises_is_one_line_naming_it_and_its_error(tmp_path):
+    """MONAI writes the expression that failed on a second line and keeps its error as the cause: the one line
+    the command line shows was 'model.bundle: network_def: RuntimeError: Failed to evaluate ConfigExpression:',
+    naming neither the expression nor what went wrong."""
+    folder = spleen_ct_bundle(tmp_path / "bundle")
+    _edited(folder, lambda c: c["network_def"].update(channels="$[4, 8, 16 // 0]"))
+    raw = {"version": 1, "input": "x.nii.gz", "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}}
+    with pytest.raises(WorkflowError) as caught:
+        Workflow.from_dict(raw)
+    assert str(caught.value) == ("model.bundle: network_def: Failed to evaluate ConfigExpression: '$[4, 8, 16 // 0]' "
+                                 "(ZeroDivisionError: integer division or modulo by zero)")  # fmt: skip
+    assert caught.value.exit_status == 2

@@ -27,7 +27,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .errors import WorkflowError
+from .errors import WorkflowError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +113,16 @@ def _parsed(parser, key: str, default=None):
     try:
         value = parser.get_parsed_content(key, instantiate=False)
     except Exception as exc:  # an expression or a reference that fails
-        raise WorkflowError(f"model.bundle: {key}: {type(exc).__name__}: {exc}") from None
+        raise WorkflowError(f"model.bundle: {key}: {_failure(exc)}") from None
     return value.get_config() if hasattr(value, "get_config") else value
+
+
+def _failure(exc: BaseException) -> str:
+    """MONAI's error in one line, with the error under it: MONAI writes the expression that failed on a line of
+    its own (``Failed to evaluate ConfigExpression:`` then ``'$...'``) and keeps the expression's error as the
+    ``__cause__``."""
+    said, cause = " ".join(str(exc).split()), exc.__cause__
+    return f"{said} ({type(cause).__name__}: {first_line(cause)})" if cause else f"{type(exc).__name__}: {said}"
 
 
 def _name(config: dict) -> str:
