@@ -460,3 +460,34 @@ def test_a_bundle_expression_that_raises_is_one_line_naming_it_and_its_error(tmp
     assert str(caught.value) == ("model.bundle: network_def: Failed to evaluate ConfigExpression: '$[4, 8, 16 // 0]' "
                                  "(ZeroDivisionError: integer division or modulo by zero)")  # fmt: skip
     assert caught.value.exit_status == 2
+
+
+def _channel_def(channel_def):
+    def edit(folder):
+        metadata = json.loads((folder / "configs" / "metadata.json").read_text())
+        metadata["network_data_format"]["outputs"]["pred"]["channel_def"] = channel_def
+        (folder / "configs" / "metadata.json").write_text(json.dumps(metadata))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, refusal",
+    [
+        (lambda folder: (folder / "configs" / "metadata.json").write_text('{"version": "0.1.0",'),
+         r"cannot read .*/bundle/configs/metadata\.json: Expecting property name"),
+        (_channel_def({"background": "0", "spleen": "1"}),
+         r"/bundle/configs/metadata\.json: channel_def has keys \['background', 'spleen'\]: they must be the output "
+         r"channels 0 to 1$"),
+        (_channel_def({"0": "background", "2": "spleen"}), r"channel_def has keys \['0', '2'\]"),
+    ],
+)  # fmt: skip
+def test_a_bundle_metadata_that_does_not_name_the_output_channels_is_refused_naming_it(tmp_path, edit, refusal):
+    """A metadata.json that is no JSON was named as configs/inference.json; channel_def keys that are no channel
+    numbers failed with a bare ValueError (exit 1), and keys with a gap ran, naming channel 2's name label 1."""
+    folder = spleen_ct_bundle(tmp_path / "bundle")
+    edit(folder)
+    raw = {"version": 1, "input": "x.nii.gz", "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}}
+    with pytest.raises(WorkflowError, match=refusal) as caught:
+        Workflow.from_dict(raw)
+    assert caught.value.exit_status == 2

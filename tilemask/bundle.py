@@ -68,21 +68,21 @@ def bundle_defaults(folder: Path) -> dict[str, Any]:
     if not found:
         raise WorkflowError(f"model.bundle: {folder} has no configs/inference.json or .yaml")
     parser = ConfigParser()
-    try:
-        parser.read_config(str(found[0]))
-        parser["bundle_root"] = str(folder)
-        metadata = configs / "metadata.json"
-        if metadata.is_file():
-            parser.read_meta(str(metadata))
-    except Exception as exc:  # JSON / YAML errors of many types
-        raise WorkflowError(f"model.bundle: cannot read {found[0]}: {exc}") from None
+    metadata = configs / "metadata.json"
+    for path, read in ((found[0], parser.read_config), (metadata, parser.read_meta)):
+        try:
+            if path.is_file():
+                read(str(path))
+        except Exception as exc:  # JSON / YAML errors of many types
+            raise WorkflowError(f"model.bundle: cannot read {path}: {first_line(exc)}") from None
+    parser["bundle_root"] = str(folder)
     model = _network(parser, folder)
     inference = _inferer(parser)
     ndim = int(model.get("args", {}).get("spatial_dims") or len(inference["roi_size"]))  # the model's rank
     post_key = _referred(parser, "evaluator::postprocessing") or _referred(parser, "postprocessing")
     keys: dict[str, Any] = {"model": model, "preprocess": _preprocessing(parser, folder, post_key, ndim),
                             "inference": inference, "output": {}}  # fmt: skip
-    channel_def = _channel_def(parser)
+    channel_def = _channel_def(parser, metadata)
     post = _postprocessing(parser, post_key, model.get("args", {}), channel_def, ndim)
     keys["inference"].update(post["inference"])
     if post["postprocess"]:
@@ -428,13 +428,18 @@ def _connectivity(step: str, value, ndim: int) -> str:
                         f"or fully ({ndim})")  # fmt: skip
 
 
-def _channel_def(parser) -> dict:
-    """``metadata.json``'s ``channel_def`` of the network's output: channel index (a string) to name."""
+def _channel_def(parser, metadata: Path) -> dict:
+    """``metadata.json``'s ``channel_def`` of the network's output: channel index (a string) to name.  Keys other
+    than the channels 0, 1, ... are refused: the names are the classes in the order of their keys."""
     try:
         outputs = parser.get("_meta_", {}).get("network_data_format", {}).get("outputs", {})
-        return dict(next(iter(outputs.values())).get("channel_def", {}))
+        channel_def = dict(next(iter(outputs.values())).get("channel_def", {}))
     except (AttributeError, StopIteration, TypeError, ValueError):
         return {}
+    if sorted(str(k).strip() for k in channel_def) != sorted(str(i) for i in range(len(channel_def))):
+        raise WorkflowError(f"model.bundle: {metadata}: channel_def has keys {list(channel_def)}: they must be the "
+                            f"output channels 0 to {len(channel_def) - 1}")  # fmt: skip
+    return channel_def
 
 
 def _classes(channel_def: dict, activation: str) -> list[str]:
