@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import dask.array as da
 import nibabel as nib
@@ -491,3 +492,11 @@ def test_a_bundle_metadata_that_does_not_name_the_output_channels_is_refused_nam
     with pytest.raises(WorkflowError, match=refusal) as caught:
         Workflow.from_dict(raw)
     assert caught.value.exit_status == 2
+
+
+@pytest.mark.parametrize("inferer", ["$monai.inferers.SimpleInferer()", "$monai.inferers.SlidingWindowInferer([32] * 3)"])
+def test_an_inferer_written_as_an_expression_is_refused_naming_it(tmp_path, inferer):
+    """An inferer the config builds by an expression failed with "AttributeError: 'SimpleInferer' object has no
+    attribute 'get'" (exit 1): tilemask reads the inferer's settings from a _target_ dict."""
+    _assert_refused(tmp_path, lambda c: c.update(inferer=inferer),
+                    rf"^model.bundle: inferer must be a SlidingWindowInferer _target_ dict \(got '{re.escape(inferer)}'\)$")  # fmt: skip

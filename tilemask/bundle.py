@@ -324,7 +324,8 @@ def _pixdim(step: str, pixdim, ndim: int) -> list[float]:
 def _inferer(parser) -> dict:
     inferer = _parsed(parser, "inferer")
     if not isinstance(inferer, dict) or _name(inferer) != "SlidingWindowInferer":
-        raise WorkflowError(f"model.bundle: inferer must be a SlidingWindowInferer (got {inferer and inferer.get('_target_')})")
+        got = inferer.get("_target_") if isinstance(inferer, dict) else parser.get("inferer")  # an expression's text
+        raise WorkflowError(f"model.bundle: inferer must be a SlidingWindowInferer _target_ dict (got {got!r})")
     args = _applied("inferer", inferer)
     roi = list(args["roi_size"]) if isinstance(args["roi_size"], list | tuple) else [args["roi_size"]]
     if any(r is None or r <= 0 for r in roi):
