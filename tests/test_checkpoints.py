@@ -220,3 +220,21 @@ def test_a_network_module_that_fails_to_import_or_build_is_a_workflow_error_nami
         load_model(ModelSpec.create(network, {}, str(tmp_path / "w.pt")))
     assert str(refused.value) == f"model.network: {network}: {message}"
     assert refused.value.exit_status == 2
+
+
+def test_a_state_dict_nested_deeper_than_the_keys_read_is_refused_naming_where_it_is(net, tmp_path):
+    """A training checkpoint with its state_dict one level deeper than the keys tilemask reads was refused as
+    "holds no state_dict of tensors", which it does; the refusal now says where (the largest dict of tensors:
+    the weights, not an optimizer's per-parameter state)."""
+    nested = nnunet_checkpoint(net.state_dict(), lambda: UNet(**UNET_2D), torch.zeros(1, 3, 32, 32))
+    nested["checkpoint"] = {"state_dict": nested.pop("network_weights"), "epoch": 3}
+    path = tmp_path / "nested.ckpt"
+    torch.save(nested, path)
+    with pytest.raises(WeightsError) as refused:
+        load_model(ModelSpec.create("UNet", UNET_2D, str(path)))
+    assert str(refused.value) == (
+        f"model.weights: {path} has its tensors under 'checkpoint' > 'state_dict' ({len(net.state_dict())} of them), "
+        "where tilemask does not look (the file itself, or state_dict, model, network, model_state_dict, "
+        "network_weights, net): save that dict on its own"
+    )
+    assert refused.value.exit_status == 2

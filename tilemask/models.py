@@ -147,8 +147,23 @@ def _load_state_dict(path: Path, network: str | None = None) -> dict[str, torch.
         # training checkpoints: Lightning and MONAI's CheckpointSaver ("state_dict" / "model" / "network"), nnU-Net
         state = next((state[k] for k in CHECKPOINT_KEYS if isinstance(state.get(k), dict) and _all_tensors(state[k])), state)
     if not (isinstance(state, dict) and _all_tensors(state)):
+        found = max(_tensor_dicts(state), key=lambda item: len(item[1]), default=None)  # the weights, not a buffer's
+        if found:
+            raise WeightsError(f"model.weights: {path} has its tensors under {' > '.join(found[0])} "
+                               f"({len(found[1])} of them), where tilemask does not look (the file itself, or "
+                               f"{', '.join(CHECKPOINT_KEYS)}): save that dict on its own")  # fmt: skip
         raise WeightsError(f"model.weights: {path} holds no state_dict of tensors")
     return state
+
+
+def _tensor_dicts(value, keys: tuple[str, ...] = (), depth: int = 3):
+    """``(keys, dict)`` for each dict of tensors nested in ``value`` (dicts and lists) up to ``depth`` levels down."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list | tuple) else ()
+    for key, item in items:
+        if isinstance(item, dict) and _all_tensors(item):
+            yield (*keys, repr(key)), item
+        elif depth > 1:
+            yield from _tensor_dicts(item, (*keys, repr(key)), depth - 1)
 
 
 def _numpy_values() -> list:
