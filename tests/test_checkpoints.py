@@ -238,3 +238,35 @@ def test_a_state_dict_nested_deeper_than_the_keys_read_is_refused_naming_where_i
         "network_weights, net): save that dict on its own"
     )
     assert refused.value.exit_status == 2
+
+
+def _newer_schema(data: bytes) -> bytes:
+    program = json.loads(data)
+    program["schema_version"] = {"major": program["schema_version"]["major"] + 1, "minor": 0}
+    return json.dumps(program).encode()
+
+
+@pytest.mark.parametrize(
+    "member, edit, refusal",
+    [
+        ("models/model.json", _newer_schema, r"is not a loadable torch.export archive: Serialized schema version "
+                                             r"SchemaVersion\(major=\d+, minor=0\) does not match our current"),
+        ("sample_inputs/model.pt", lambda data: b"junk", r"is not a loadable torch.export archive: its "
+                                                         r"\w+/data/sample_inputs/model.pt is damaged \(error: unpack"),
+    ],
+)  # fmt: skip
+def test_a_pt2_of_another_schema_or_with_a_damaged_member_says_why(net, tmp_path, member, edit, refusal):
+    """torch.export.load logs why it cannot read an archive (a program saved by a newer torch) and raises "Please
+    check the warnings above", which the command line's one line showed with no warning above it; a damaged
+    sample input failed as 'error: unpack requires a buffer of 4 bytes' (exit 1)."""
+    import zipfile
+
+    clean = tmp_path / "clean.pt2"
+    torch.export.save(torch.export.export(net, (torch.zeros(2, 3, 64, 64),)), clean)
+    edited = tmp_path / "net.pt2"
+    with zipfile.ZipFile(clean) as src, zipfile.ZipFile(edited, "w") as dst:
+        for name in src.namelist():
+            dst.writestr(name, edit(src.read(name)) if name.endswith(member) else src.read(name))
+    with pytest.raises(WeightsError, match=refusal) as refused:
+        load_model(ModelSpec.create("", {}, str(edited)))
+    assert refused.value.exit_status == 2

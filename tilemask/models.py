@@ -230,10 +230,16 @@ def _load_exported(path: Path, device) -> torch.nn.Module:
     archive that would run code is refused, as a checkpoint would be.
     """
     _refuse_pickles_with_code(path)
+    logged = _Records()  # torch logs why it could not read the archive, then raises "check the warnings above"
+    export_log = logging.getLogger("torch.export")
+    export_log.addHandler(logged)
     try:
         program = torch.export.load(str(path))
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged archive
-        raise WeightsError(f"model.weights: {path} is not a loadable torch.export archive: {first_line(exc)}") from None
+        why = next((r.exc_info[1] for r in logged.records if r.exc_info and r.exc_info[1]), exc)
+        raise WeightsError(f"model.weights: {path} is not a loadable torch.export archive: {first_line(why)}") from None
+    finally:
+        export_log.removeHandler(logged)
     inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in program.graph_signature.user_inputs]
     shape = inputs[0].meta["val"].shape if inputs and "val" in inputs[0].meta else ()
     if torch.device(device).type != "cpu":  # constants baked into the graph move too, not only the parameters
@@ -244,6 +250,17 @@ def _load_exported(path: Path, device) -> torch.nn.Module:
     if shape and isinstance(shape[0], int):  # exported without a dynamic batch dimension
         return _FixedBatch(module, int(shape[0]))
     return module
+
+
+class _Records(logging.Handler):
+    """The log records a logger emits while this handler is attached."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def _refuse_pickles_with_code(path: Path) -> None:
@@ -264,6 +281,9 @@ def _refuse_pickles_with_code(path: Path) -> None:
                 raise WeightsError(
                     f"model.weights: {path} holds a pickle that needs code to load ({name}); refused"
                 ) from exc
+            except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged member
+                raise WeightsError(f"model.weights: {path} is not a loadable torch.export archive: its {name} is "
+                                   f"damaged ({type(exc).__name__}: {first_line(exc)})") from None  # fmt: skip
 
 
 NOT_A_CHECKPOINT = "is not a torch checkpoint (neither a state_dict archive nor TorchScript)"
