@@ -270,3 +270,43 @@ def test_a_pt2_of_another_schema_or_with_a_damaged_member_says_why(net, tmp_path
     with pytest.raises(WeightsError, match=refusal) as refused:
         load_model(ModelSpec.create("", {}, str(edited)))
     assert refused.value.exit_status == 2
+
+
+def _flip_bytes_of(path, member: str) -> None:
+    """Invert the first 16 bytes of ``member``'s data in place, as bit rot or a bad copy would: the zip's
+    directory and the member's recorded CRC-32 stay as they were."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        offset = archive.getinfo(member).header_offset
+    with open(path, "r+b") as f:
+        f.seek(offset + 26)
+        start = offset + 30 + sum(int.from_bytes(f.read(2), "little") for _ in range(2))  # name and extra lengths
+        f.seek(start)
+        data = bytes(b ^ 0xFF for b in f.read(16))
+        f.seek(start)
+        f.write(data)
+
+
+@pytest.mark.parametrize("kind", ["state_dict", "torchscript", "exported"])
+def test_weights_whose_bytes_changed_after_saving_are_refused_naming_the_member(net, tmp_path, kind):
+    """torch reads none of the CRC-32s its archives carry: a state_dict, a TorchScript and a torch.export archive
+    with 16 bytes of one tensor changed loaded, and predicted with other weights, without a word."""
+    import zipfile
+
+    path = tmp_path / "net.weights"
+    if kind == "state_dict":
+        torch.save(net.state_dict(), path)
+    elif kind == "torchscript":
+        torch.jit.script(net).save(path)
+    else:
+        torch.export.save(torch.export.export(net, (torch.zeros(2, 3, 64, 64),)), path)
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size if "/data/" in info.filename else 0).filename
+    _flip_bytes_of(path, member)
+    spec = ModelSpec.create("UNet", UNET_2D, str(path))
+    assert spec.archive == kind
+    with pytest.raises(WeightsError) as refused:
+        load_model(spec)
+    assert str(refused.value) == (f"model.weights: {path} is damaged: its member {member} does not match its CRC-32 "
+                                  "(the file changed after it was saved)")  # fmt: skip

@@ -87,7 +87,7 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.
     path = Path(spec.weights)
     if not path.is_file():
         raise missing_weights(spec.weights)
-    _refuse_inflating_archive(path)
+    _refuse_damaged_archive(path)
     kind = spec.archive
     if kind == "torchscript":
         with ignoring_warnings(DeprecationWarning):
@@ -292,25 +292,32 @@ INFLATION_SLACK = 16 << 20  # bytes: TorchScript deflates its code/ folder
 PICKLE_SCAN_BYTES = 16 << 20  # how much of a pickle is read to name what it would import
 
 
-def _refuse_inflating_archive(path: Path) -> None:
-    """Refuse a zip (state_dict or TorchScript archive) that unpacks to far more than its size on disk.
+def _refuse_damaged_archive(path: Path) -> None:
+    """Refuse a zip (state_dict, TorchScript or torch.export archive) that unpacks to far more than its size on
+    disk, or whose members do not match their CRC-32.
 
     torch.save and torch.jit.save store tensors uncompressed, but torch reads
     deflated members too: a 2 MB archive can declare gigabytes, which torch
     allocates and inflates.  The sizes come from the central directory, the same
-    sizes torch allocates for, so nothing is inflated to check them.
+    sizes torch allocates for, so nothing is inflated to check them.  torch does
+    not check the CRC-32 each member carries: bytes changed in a tensor's record
+    loaded as other weights, in all three formats; :meth:`zipfile.ZipFile.testzip` checks them.
     """
     try:
         with zipfile.ZipFile(path) as archive:
             unpacked = sum(info.file_size for info in archive.infolist())
+            size = path.stat().st_size
+            damaged = archive.testzip() if unpacked <= MAX_INFLATION * size + INFLATION_SLACK else None
     except (zipfile.BadZipFile, OSError, ValueError):
         return  # not a zip: torch's legacy format or a plain pickle, refused or read by torch.load
-    size = path.stat().st_size
     if unpacked > MAX_INFLATION * size + INFLATION_SLACK:
         raise WeightsError(
             f"model.weights: {path} would unpack to {unpacked / 2**20:,.0f} MiB from {size / 2**20:,.1f} MiB "
             "on disk; refused (torch checkpoints store their tensors uncompressed)"
         )
+    if damaged is not None:
+        raise WeightsError(f"model.weights: {path} is damaged: its member {damaged} does not match its CRC-32 "
+                           "(the file changed after it was saved)")  # fmt: skip
 
 
 def _unreadable(path: Path, exc: BaseException) -> str:
