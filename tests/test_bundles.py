@@ -494,9 +494,10 @@ def test_a_bundle_metadata_that_does_not_name_the_output_channels_is_refused_nam
     assert caught.value.exit_status == 2
 
 
-@pytest.mark.parametrize("inferer", ["$monai.inferers.SimpleInferer()", "$monai.inferers.SlidingWindowInferer([32] * 3)"])
+@pytest.mark.parametrize("inferer", ["$monai.inferers.SimpleInferer()",
+                                     "$monai.inferers.SlidingWindowInferer([32] * 3)"])  # fmt: skip
 def test_an_inferer_written_as_an_expression_is_refused_naming_it(tmp_path, inferer):
     """An inferer the config builds by an expression failed with "AttributeError: 'SimpleInferer' object has no
     attribute 'get'" (exit 1): tilemask reads the inferer's settings from a _target_ dict."""
-    _assert_refused(tmp_path, lambda c: c.update(inferer=inferer),
-                    rf"^model.bundle: inferer must be a SlidingWindowInferer _target_ dict \(got '{re.escape(inferer)}'\)$")  # fmt: skip
+    refusal = rf"^model.bundle: inferer must be a SlidingWindowInferer _target_ dict \(got '{re.escape(inferer)}'\)$"
+    _assert_refused(tmp_path, lambda c: c.update(inferer=inferer), refusal)
