@@ -200,8 +200,8 @@ NETWORK_MODULES = {
         "builds_with_a_missing_package:Net",
         "building it raises ModuleNotFoundError: No module named 'tilemask_absent_package'",
     ),
-    "absent": ("", "tilemask_absent_package.nets:Net",
-               "importing tilemask_absent_package.nets raises ModuleNotFoundError: No module named 'tilemask_absent_package'"),
+    "absent": ("", "tilemask_absent_package.nets:Net", "importing tilemask_absent_package.nets raises "
+               "ModuleNotFoundError: No module named 'tilemask_absent_package'"),
 }  # fmt: skip
 
 
@@ -310,3 +310,21 @@ def test_weights_whose_bytes_changed_after_saving_are_refused_naming_the_member(
         load_model(spec)
     assert str(refused.value) == (f"model.weights: {path} is damaged: its member {member} does not match its CRC-32 "
                                   "(the file changed after it was saved)")  # fmt: skip
+
+
+def test_a_torchscript_archive_missing_its_code_is_refused_on_one_line(net, tmp_path):
+    """torch.jit.load's message for an archive without the code of its network starts with a line break: the
+    command line's one line was 'model.weights: X is not a loadable TorchScript archive: ' and nothing after."""
+    import zipfile
+
+    whole = tmp_path / "whole.ts"
+    torch.jit.script(net).save(whole)
+    path = tmp_path / "net.ts"
+    with zipfile.ZipFile(whole) as src, zipfile.ZipFile(path, "w") as dst:
+        for name in src.namelist():
+            if not name.endswith("code/__torch__/monai/networks/nets/unet.py"):
+                dst.writestr(name, src.read(name))
+    with pytest.raises(WeightsError) as refused:
+        load_model(ModelSpec.create("", {}, str(path)))
+    assert str(refused.value) == (f"model.weights: {path} is not a loadable TorchScript archive: Unknown type name "
+                                  "'__torch__.monai.networks.nets.unet.UNet':")  # fmt: skip

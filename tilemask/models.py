@@ -94,7 +94,8 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.
             try:
                 model = torch.jit.load(str(path), map_location=device)
             except RuntimeError as exc:
-                raise WeightsError(f"model.weights: {path} is not a loadable TorchScript archive: {exc}") from None
+                raise WeightsError(f"model.weights: {path} is not a loadable TorchScript archive: "
+                                   f"{first_line(exc)}") from None  # fmt: skip
         return model.eval()
     if kind == "exported":
         return _load_exported(path, device)
