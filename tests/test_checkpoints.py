@@ -328,3 +328,26 @@ def test_a_torchscript_archive_missing_its_code_is_refused_on_one_line(net, tmp_
         load_model(ModelSpec.create("", {}, str(path)))
     assert str(refused.value) == (f"model.weights: {path} is not a loadable TorchScript archive: Unknown type name "
                                   "'__torch__.monai.networks.nets.unet.UNet':")  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["state_dict", "torchscript", "exported"])
+def test_weights_holding_nan_are_refused_naming_the_tensor(net, tmp_path, kind):
+    """One NaN weight (training that diverged) makes every output NaN, which the argmax takes as class 0: such a
+    state_dict ran to a scene of background only, exit 0."""
+    import copy
+
+    diverged = copy.deepcopy(net)
+    with torch.no_grad():
+        diverged.model[1].submodule[0].conv.unit0.conv.weight[0, 0, 0, 0] = float("nan")
+    with torch.no_grad():
+        assert torch.isnan(diverged(torch.randn(1, 3, 64, 64))).all()
+    path = tmp_path / "net.weights"
+    if kind == "state_dict":
+        torch.save(diverged.state_dict(), path)
+    elif kind == "torchscript":
+        torch.jit.script(diverged).save(path)
+    else:
+        torch.export.save(torch.export.export(diverged, (torch.zeros(2, 3, 64, 64),)), path)
+    with pytest.raises(WeightsError, match=rf"^model.weights: {path} holds NaN in \S*model.1.submodule.0.conv.unit0"
+                                           r".conv.weight: the network would answer NaN$"):  # fmt: skip
+        load_model(ModelSpec.create("UNet", UNET_2D, str(path)))

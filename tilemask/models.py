@@ -96,9 +96,9 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.
             except RuntimeError as exc:
                 raise WeightsError(f"model.weights: {path} is not a loadable TorchScript archive: "
                                    f"{first_line(exc)}") from None  # fmt: skip
-        return model.eval()
+        return _refuse_nan(path, model).eval()
     if kind == "exported":
-        return _load_exported(path, device)
+        return _refuse_nan(path, _load_exported(path, device))
     if not spec.network:
         raise WorkflowError(f"model.network: needed for {path}, a checkpoint of weights (only TorchScript "
                             "and torch.export archives carry their network)")  # fmt: skip
@@ -110,7 +110,17 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.
     except RuntimeError as exc:
         detail = _misfit(network.state_dict(), state) or first_line(exc)
         raise WeightsError(f"model.weights: {path} does not fit {spec.network}: {detail}") from None
-    return network.to(device).eval()
+    return _refuse_nan(path, network).to(device).eval()
+
+
+def _refuse_nan(path: Path, model: torch.nn.Module) -> torch.nn.Module:
+    """``model``, unless a parameter or buffer holds NaN (training that diverged): one NaN weight made every
+    output NaN, which the argmax took as class 0, a whole scene of background from a run that exited 0."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    nan = [name for name, tensor in tensors if tensor.is_floating_point() and bool(tensor.isnan().any())]
+    if nan:
+        raise WeightsError(f"model.weights: {path} holds NaN in {_listed(nan)}: the network would answer NaN")
+    return model
 
 
 def _misfit(expected: dict[str, torch.Tensor], state: dict) -> str:
@@ -124,11 +134,12 @@ def _misfit(expected: dict[str, torch.Tensor], state: dict) -> str:
         ("of another shape", [f"{key} {list(shape[key])} for {list(value.shape)}" for key, value in expected.items()
                               if key in state and shape[key] != tuple(value.shape)]),  # fmt: skip
     )
-    return "; ".join(
-        f"{len(keys)} key(s) {what}: {', '.join(keys[:2])}{f' and {len(keys) - 2} more' if len(keys) > 2 else ''}"
-        for what, keys in kinds
-        if keys
-    )
+    return "; ".join(f"{len(keys)} key(s) {what}: {_listed(keys)}" for what, keys in kinds if keys)
+
+
+def _listed(keys: list[str]) -> str:
+    """The first two of ``keys`` and how many more."""
+    return f"{', '.join(keys[:2])}{f' and {len(keys) - 2} more' if len(keys) > 2 else ''}"
 
 
 def _load_state_dict(path: Path, network: str | None = None) -> dict[str, torch.Tensor]:
