@@ -351,3 +351,18 @@ def test_weights_holding_nan_are_refused_naming_the_tensor(net, tmp_path, kind):
     with pytest.raises(WeightsError, match=rf"^model.weights: {path} holds NaN in \S*model.1.submodule.0.conv.unit0"
                                            r".conv.weight: the network would answer NaN$"):  # fmt: skip
         load_model(ModelSpec.create("UNet", UNET_2D, str(path)))
+
+
+def test_a_zip_torch_did_not_write_is_named_so_not_by_torchs_internals(tmp_path):
+    """A zip of other files given as weights (a Model Zoo download) was refused with torch's internals: '[enforce
+    fail at inline_container.cc:180] . file in archive is not in a subdirectory: metadata.json'."""
+    import zipfile
+
+    path = tmp_path / "spleen_ct_segmentation.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("metadata.json", "{}")
+        archive.writestr("configs/inference.json", "{}")
+    with pytest.raises(WeightsError) as refused:
+        load_model(ModelSpec.create("UNet", UNET_2D, str(path)))
+    assert str(refused.value) == (f"model.weights: {path} is not a torch checkpoint (neither a state_dict archive nor "
+                                  "TorchScript): a zip archive that torch did not write (it has no data.pkl)")  # fmt: skip

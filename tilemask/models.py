@@ -343,6 +343,8 @@ def _unreadable(path: Path, exc: BaseException) -> str:
         return f"cannot read it: {error.strerror}"
     if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
         return f"a zip archive cut short or damaged ({size} bytes)"
+    if head == b"PK\x03\x04" and not _pickle_bytes(path):
+        return "a zip archive that torch did not write (it has no data.pkl)"
     text = (str(exc).strip().splitlines() or [""])[0]
     if not text or "weights_only" in text:
         return f"{size} bytes in no format torch reads"
