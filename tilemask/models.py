@@ -17,6 +17,7 @@ import pickletools
 import re
 import threading
 import zipfile
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -313,13 +314,13 @@ def _refuse_damaged_archive(path: Path) -> None:
     allocates and inflates.  The sizes come from the central directory, the same
     sizes torch allocates for, so nothing is inflated to check them.  torch does
     not check the CRC-32 each member carries: bytes changed in a tensor's record
-    loaded as other weights, in all three formats; :meth:`zipfile.ZipFile.testzip` checks them.
+    loaded as other weights, in all three formats; :func:`_damaged_member` checks them.
     """
     try:
         with zipfile.ZipFile(path) as archive:
             unpacked = sum(info.file_size for info in archive.infolist())
             size = path.stat().st_size
-            damaged = archive.testzip() if unpacked <= MAX_INFLATION * size + INFLATION_SLACK else None
+            damaged = _damaged_member(archive) if unpacked <= MAX_INFLATION * size + INFLATION_SLACK else None
     except (zipfile.BadZipFile, OSError, ValueError):
         return  # not a zip: torch's legacy format or a plain pickle, refused or read by torch.load
     if unpacked > MAX_INFLATION * size + INFLATION_SLACK:
@@ -328,8 +329,21 @@ def _refuse_damaged_archive(path: Path) -> None:
             "on disk; refused (torch checkpoints store their tensors uncompressed)"
         )
     if damaged is not None:
-        raise WeightsError(f"model.weights: {path} is damaged: its member {damaged} does not match its CRC-32 "
-                           "(the file changed after it was saved)")  # fmt: skip
+        raise WeightsError(f"model.weights: {path} is damaged: its member {damaged} does not read back as saved "
+                           "(its CRC-32 or its compression is wrong: the file changed after it was saved)")  # fmt: skip
+
+
+def _damaged_member(archive: zipfile.ZipFile) -> str | None:
+    """The first member that does not match its CRC-32 or does not inflate (zipfile checks both as it reads),
+    as :meth:`zipfile.ZipFile.testzip`, which lets a deflated member's ``zlib.error`` through."""
+    for info in archive.infolist():
+        try:
+            with archive.open(info) as member:
+                while member.read(1 << 20):
+                    pass
+        except (zipfile.BadZipFile, zlib.error, EOFError):
+            return info.filename
+    return None
 
 
 def _unreadable(path: Path, exc: BaseException) -> str:
