@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -325,12 +326,12 @@ def test_a_torchscript_archive_missing_its_code_is_refused_on_one_line(net, tmp_
     path = tmp_path / "net.ts"
     with zipfile.ZipFile(whole) as src, zipfile.ZipFile(path, "w") as dst:
         for name in src.namelist():
-            if not name.endswith("code/__torch__/monai/networks/nets/unet.py"):
+            if "code/__torch__/monai/networks/nets/unet" not in name:  # unet.py, or unet/___torch_mangle_N.py in a
                 dst.writestr(name, src.read(name))
-    with pytest.raises(WeightsError) as refused:
+    with pytest.raises(WeightsError) as refused:  # process that scripted another UNet before
         load_model(ModelSpec.create("", {}, str(path)))
-    assert str(refused.value) == (f"model.weights: {path} is not a loadable TorchScript archive: Unknown type name "
-                                  "'__torch__.monai.networks.nets.unet.UNet':")  # fmt: skip
+    assert re.fullmatch(rf"model.weights: {re.escape(str(path))} is not a loadable TorchScript archive: Unknown type "
+                        r"name '__torch__\.monai\.networks\.nets\.[\w.]+':", str(refused.value)), str(refused.value)
 
 
 @pytest.mark.parametrize("kind", ["state_dict", "torchscript", "exported"])
