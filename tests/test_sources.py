@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import threading
 from pathlib import Path
 
 import nibabel as nib
@@ -12,6 +13,7 @@ import rasterio
 import zarr
 
 from tests.conftest import GEO, UNET_3D, band_vrt, run_cli
+from tests.range_server import serve
 from tilemask.errors import InputError
 from tilemask.sources import cached_handle, file_stamp, open_source
 
@@ -254,6 +256,16 @@ def test_a_vrt_whose_source_in_a_local_archive_is_missing_is_refused_when_opened
         with pytest.raises(InputError, match=refusal) as refused:
             open_source(str(path), spatial_dims=2)
         assert refused.value.exit_status == 2
+    server = serve(str(tmp_path))  # a zip on a web server is GDAL's to read: it was called 'no such archive'
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        member = f"/vsizip//vsicurl/http://127.0.0.1:{server.server_address[1]}/scenes.zip/grey.tif"
+        path.write_text(vrt.replace('relativeToVRT="1">grey.tif', f'relativeToVRT="0">{member}'))
+        with rasterio.open(grey) as ds:
+            expected = ds.read()
+        np.testing.assert_array_equal(open_source(str(path), spatial_dims=2).read(((0, 40), (0, 50))), expected)
+    finally:
+        server.shutdown()
 
 
 @pytest.mark.timeout(30)

@@ -85,6 +85,8 @@ def archive_problem(path: str) -> str | None:
     if split is None:
         return None
     archive, member = split
+    if archive.startswith("/vsi") or "://" in archive:
+        return None  # a remote archive (/vsizip//vsicurl/https://...): GDAL says what is wrong at the read
     if not os.path.isfile(archive):
         return None if os.path.exists(archive) else f"no such archive {archive}"
     try:
