@@ -139,9 +139,11 @@ def test_a_volumes_nodata_label_is_its_fill_value_and_odd_arguments_are_named(tm
     opened = open_result(path)
     np.testing.assert_array_equal(opened.values, labels)
     assert opened.attrs["_FillValue"] == 255 and opened.rio.nodata == 255  # as rioxarray reads a raster's
-    for chunks in (0, 2.5, "8"):
-        with pytest.raises(InputError, match=f"^chunks must be a positive integer, got {re.escape(repr(chunks))}$"):
+    for chunks in (0, 2.5, "8", (8, 0, 8), ()):
+        with pytest.raises(InputError, match=f"^chunks must be a positive integer or one per axis, got "
+                                             f"{re.escape(repr(chunks))}$"):  # fmt: skip
             open_result(path, chunks=chunks)
+    assert open_result(path, chunks=(8, 6, 4)).data.chunks == ((8, 8, 4), (6, 6, 6), (4, 4, 4))  # one per axis
     if suffix == ".ome.zarr":  # its labels/ group
         with pytest.raises(InputError, match=r"/labels: a label image has one band, this raster has 0$"):
             open_result(f"{path}/labels")

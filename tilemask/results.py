@@ -26,13 +26,13 @@ from rioxarray.rioxarray import affine_to_coords
 from .classes import CLASSES_TAG, read_colour_table
 from .errors import InputError
 from .formats import for_path
-from .geometry import RasterGeometry
+from .geometry import RasterGeometry, normalize_per_axis
 from .sources.labels import check_chunks, open_labels, open_nifti_probabilities
 
 logger = logging.getLogger(__name__)
 
 
-def open_result(path: str, variable: str = "labels", chunks: int | None = None) -> xr.DataArray:
+def open_result(path: str, variable: str = "labels", chunks: int | tuple[int, ...] | None = None) -> xr.DataArray:
     """A tilemask output (COG ``.tif``, ``.zarr``, ``.ome.zarr``, NIfTI labels) as a lazy DataArray with its CRS
     (a volume: its affine).
 
@@ -48,7 +48,7 @@ def open_result(path: str, variable: str = "labels", chunks: int | None = None) 
     raise ValueError(f"variable must be 'labels' or 'probabilities', not {variable!r}")
 
 
-def _labels(path: str, chunks: int | None) -> xr.DataArray:
+def _labels(path: str, chunks) -> xr.DataArray:
     image = open_labels(path, chunks)
     if not isinstance(image.geometry, RasterGeometry):
         attrs = {"affine": [list(r) for r in image.geometry.affine], "class_names": list(image.class_names or ())}
@@ -61,7 +61,7 @@ def _labels(path: str, chunks: int | None) -> xr.DataArray:
     return array
 
 
-def _probabilities(path: str, chunks: int | None) -> xr.DataArray:
+def _probabilities(path: str, chunks) -> xr.DataArray:
     fmt = for_path(path)
     if fmt.zarr_store:  # probabilities inside the output
         group = zarr.open_group(path, mode="r")
@@ -71,7 +71,8 @@ def _probabilities(path: str, chunks: int | None) -> xr.DataArray:
             raise InputError(f"{path}: this output holds no probabilities")
         stored = group[key]
         spatial = stored.ndim - 1
-        lazy = da.from_zarr(stored, chunks=stored.chunks if chunks is None else (stored.shape[0], *(chunks,) * spatial))
+        per_axis = stored.chunks[1:] if chunks is None else normalize_per_axis(chunks, spatial, "chunks")
+        lazy = da.from_zarr(stored, chunks=(stored.chunks[0] if chunks is None else stored.shape[0], *per_axis))
         attrs = dict(group.attrs)
         names = attrs.get("tilemask", {}).get("classes") or []
         if "affine" in attrs:  # a volume: voxel axes and the nibabel affine, no CRS

@@ -115,10 +115,14 @@ def open_labels(path: str, chunks: int | tuple[int, ...] | None = None) -> Label
 
 
 def check_chunks(chunks) -> None:
-    """``chunks`` a positive integer or None, checked before a file is opened (the commands' own ``--chunks`` is one
-    already; Python's may be anything: 2.5 was blamed on the file, 0 a ZeroDivisionError)."""
-    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, numbers.Integral) or chunks < 1):
-        raise InputError(f"{option('chunks')} must be a positive integer, got {chunks!r}")
+    """``chunks`` a positive integer, one per axis, or None, checked before a file is opened (the commands' own
+    ``--chunks`` is one already; Python's may be anything: 2.5 was blamed on the file, 0 a ZeroDivisionError)."""
+    def whole(n) -> bool:
+        return not isinstance(n, bool) and isinstance(n, numbers.Integral) and n >= 1
+
+    if chunks is not None and not whole(chunks) and not (isinstance(chunks, (tuple, list)) and chunks
+                                                         and all(map(whole, chunks))):  # fmt: skip
+        raise InputError(f"{option('chunks')} must be a positive integer or one per axis, got {chunks!r}")
 
 
 def open_nifti_probabilities(path: str, chunks) -> tuple[da.Array, VolumeGeometry]:
