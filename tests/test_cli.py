@@ -116,7 +116,7 @@ def test_a_scheduler_that_is_no_address_is_a_usage_error():
     from tilemask.cluster import cluster_client
     from tilemask.errors import UsageError
 
-    with pytest.raises(UsageError, match="^--scheduler notanaddress: not a Dask scheduler address: missing port") as refused:
+    with pytest.raises(UsageError, match="^scheduler='notanaddress': not a Dask scheduler address: missing port") as refused:
         with cluster_client("notanaddress"):
             pass
     assert refused.value.exit_status == 2

@@ -181,7 +181,7 @@ def test_the_real_dashboards_port_is_refused_as_no_scheduler(client):
 
     address = f"tcp://127.0.0.1:{urlsplit(client.dashboard_link).port}"
     start = time.monotonic()
-    with pytest.raises(UsageError, match=f"^--scheduler {address}: not a Dask scheduler: an HTTP server answered"):
+    with pytest.raises(UsageError, match=f"^scheduler='{address}': not a Dask scheduler: an HTTP server answered"):
         scheduler_client(address, timeout=10, set_as_default=False)
     assert time.monotonic() - start < 8  # a real scheduler answers at once: the HTTP question waits 3 s
 
@@ -481,6 +481,11 @@ def test_a_schedulers_address_given_as_the_client_says_to_give_it_as_scheduler(m
     ({"threads_per_worker": 1.5}, "threads_per_worker must be a positive integer, not 1.5"),
     ({"scheduler": 8786}, "scheduler: a Dask scheduler's address (tcp://HOST:PORT), not 8786"),
     ({"overwrite": "no"}, "overwrite must be True or False, not 'no'"),
+    ({"scheduler": " "}, "scheduler is empty: give the Dask scheduler's address (tcp://HOST:PORT)"),
+    ({"cluster": "slurm", "scheduler": "tcp://127.0.0.1:1"}, "cluster='slurm' starts its own scheduler; leave out "
+                                                             "scheduler"),
+    ({"scheduler": "tcp://127.0.0.1:99999"}, "scheduler='tcp://127.0.0.1:99999': not a Dask scheduler address: "
+                                             "port 99999 is out of range (1-65535)"),
 ])  # fmt: skip
 def test_python_arguments_the_command_would_refuse_are_refused_before_a_job_is_made(make_raster, make_model, tmp_path,
                                                                                    argument, message):  # fmt: skip

@@ -46,7 +46,7 @@ from dask.utils import parse_timedelta
 from distributed import Client, Future, LocalCluster, WorkerPlugin
 
 from . import forkserver
-from .errors import NoWorkers, RunError, TilemaskError, UsageError, first_line
+from .errors import NoWorkers, RunError, TilemaskError, UsageError, first_line, given, option
 from .imports import import_in_background
 from .interrupts import raise_if_stopped
 
@@ -117,7 +117,7 @@ def check_cluster_options(scheduler: str | None, kind: str = "local") -> None:
     that is not an address,
     ``--cluster slurm`` with ``--scheduler``, or with no cores or memory in the Dask config ``jobqueue.slurm``."""
     if scheduler is not None and not scheduler.strip():
-        raise UsageError("--scheduler is empty: give the Dask scheduler's address (tcp://HOST:PORT)")
+        raise UsageError(f"{option('scheduler')} is empty: give the Dask scheduler's address (tcp://HOST:PORT)")
     if scheduler:
         from distributed.comm import registry
         from distributed.comm.addressing import get_address_host_port, normalize_address, parse_address
@@ -139,24 +139,24 @@ def check_cluster_options(scheduler: str | None, kind: str = "local") -> None:
                 if not 0 < port <= 65535:  # connecting to it is refused for the 30 s of a scheduler down for now
                     raise ValueError(f"port {port} is out of range (1-65535)")
         except ValueError as exc:  # "missing port number", "unknown address scheme"
-            raise UsageError(f"--scheduler {scheduler}: not a Dask scheduler address: {exc}") from None
+            raise UsageError(f"{given('scheduler', scheduler)}: not a Dask scheduler address: {exc}") from None
         if address.startswith("tls://"):
             check_client_tls(scheduler)
     if kind == "slurm":
         if scheduler:
-            raise UsageError("--cluster slurm starts its own scheduler; leave out --scheduler")
+            raise UsageError(f"{given('cluster', 'slurm')} starts its own scheduler; leave out {option('scheduler')}")
         if importlib.util.find_spec("dask_jobqueue") is None:
-            raise UsageError("--cluster slurm needs dask-jobqueue: pip install 'tilemask[slurm]'")
+            raise UsageError(f"{given('cluster', 'slurm')} needs dask-jobqueue: pip install 'tilemask[slurm]'")
         unset = [key for key in ("cores", "memory") if dask.config.get(f"jobqueue.slurm.{key}", None) is None]
         if unset:
             which = "them" if len(unset) > 1 else "it"
-            raise UsageError(f"--cluster slurm: no {' or '.join(unset)} for the worker jobs: set {which} in the Dask "
-                             "config jobqueue.slurm (see cluster/slurm.yaml)")  # fmt: skip
+            raise UsageError(f"{given('cluster', 'slurm')}: no {' or '.join(unset)} for the worker jobs: set {which} "
+                             "in the Dask config jobqueue.slurm (see cluster/slurm.yaml)")  # fmt: skip
         for key in ("cores", "processes"):  # dask-jobqueue divides one by the other: 0 was a ZeroDivisionError
             value = dask.config.get(f"jobqueue.slurm.{key}", None)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise UsageError(f"--cluster slurm: jobqueue.slurm.{key} is {value!r}, not a whole number of at least "
-                                 "1: set it in the Dask config (see cluster/slurm.yaml)")  # fmt: skip
+                raise UsageError(f"{given('cluster', 'slurm')}: jobqueue.slurm.{key} is {value!r}, not a whole number "
+                                 "of at least 1: set it in the Dask config (see cluster/slurm.yaml)")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -228,15 +228,15 @@ def check_client_tls(scheduler: str) -> None:
     named = {what: dask.config.get(key, None) for what, key in TLS_SETTINGS.items()}
     missing = [f"{TLS_SETTINGS[what]} ({path})" for what, path in named.items() if path and not os.path.isfile(path)]
     if missing:
-        raise UsageError(f"--scheduler {scheduler}: no such file for TLS: {', '.join(missing)}")
+        raise UsageError(f"{given('scheduler', scheduler)}: no such file for TLS: {', '.join(missing)}")
     try:
         context = Security().get_connection_args("client").get("ssl_context")
     except (OSError, ssl.SSLError, ValueError) as exc:  # a certificate or key that does not load
-        raise UsageError(f"--scheduler {scheduler}: the TLS settings do not load: {first_line(exc)}") from None
+        raise UsageError(f"{given('scheduler', scheduler)}: the TLS settings do not load: {first_line(exc)}") from None
     if context is None:
-        raise UsageError(f"--scheduler {scheduler}: no TLS settings for the client: set {TLS_SETTINGS['ca-file']}, "
-                         f"{TLS_SETTINGS['cert']} and {TLS_SETTINGS['key']} in the Dask config (or their "
-                         "DASK_DISTRIBUTED__COMM__TLS__... variables)")  # fmt: skip
+        raise UsageError(f"{given('scheduler', scheduler)}: no TLS settings for the client: set "
+                         f"{TLS_SETTINGS['ca-file']}, {TLS_SETTINGS['cert']} and {TLS_SETTINGS['key']} in the Dask "
+                         "config (or their DASK_DISTRIBUTED__COMM__TLS__... variables)")  # fmt: skip
 
 
 def connect_timeout() -> float:
@@ -272,7 +272,7 @@ def scheduler_client(address: str, timeout: float | None = None, set_as_default:
     except _Unreached as exc:
         raise TilemaskError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
     except _NotAScheduler as exc:
-        raise UsageError(f"--scheduler {address}: not a Dask scheduler: {exc}") from None
+        raise UsageError(f"{given('scheduler', address)}: not a Dask scheduler: {exc}") from None
     except concurrent.futures.TimeoutError:
         raise RunError(f"{address} did not answer as a Dask scheduler within {timeout:g} s") from None
     try:  # it answered as a scheduler: its Client (the same deadline, which it keeps from here on)

@@ -140,6 +140,12 @@ def option(name: str, value: str | None = None) -> str:
     return name if value is None else f"{name}={value}"
 
 
+def given(name: str, value) -> str:
+    """The option ``name`` with the ``value`` given, as the caller wrote it: ``--cluster slurm`` to a command,
+    ``cluster='slurm'`` to a Python function."""
+    return f"--{name.replace('_', '-')} {value}" if on_command_line() else f"{name}={value!r}"
+
+
 def missing_weights(path: str) -> WeightsError:
     """``model.weights`` that name no file: a folder, or nothing."""
     what = "is a folder, not a weights file" if os.path.isdir(path) else "does not exist"

@@ -413,7 +413,7 @@ def test_fraction_rule_refuses_lines_and_collections(tmp_path, shade_labels):
         frame.loc[1, "geometry"] = geom
         path = tmp_path / f"{kind}.gpkg"
         frame.to_file(path)
-        expected = rf"1 of 4 regions are {kind} \(first: 'r1'\); use --coverage center"
+        expected = rf"^coverage='fraction' measures .* 1 of 4 regions are {kind} \(first: 'r1'\); use coverage='center'"
         with pytest.raises(InputError, match=expected) as info:
             compute_stats(shade_labels, tmp_path / "z.csv", regions=path, region_id="name", coverage="fraction")
         assert "\n" not in str(info.value)

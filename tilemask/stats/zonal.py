@@ -80,7 +80,7 @@ import pandas as pd
 import shapely
 from affine import Affine
 
-from ..errors import InputError
+from ..errors import InputError, given
 from ..sources import cached_handle, file_stamp
 from ..sources.labels import LabelImage, read_band_window
 from ..sources.raster import gdal_env
@@ -260,15 +260,14 @@ def _fraction_geometries(geometries, keys) -> list[bool]:
     if bad:
         kinds = ", ".join(sorted({t for _, t in bad}))
         raise InputError(
-            f"--coverage fraction measures the area of polygons, but {len(bad)} of {len(types)} regions are "
-            f"{kinds} (first: {bad[0][0]!r}); use --coverage center, or buffer them into polygons"
+            f"{given('coverage', 'fraction')} measures the area of polygons, but {len(bad)} of {len(types)} regions "
+            f"are {kinds} (first: {bad[0][0]!r}); use {given('coverage', 'center')}, or buffer them into polygons"
         )
     points = sum(t in _PUNCTUAL for t in types)
     if points:
         logger.warning(
-            "%d of %d regions are points, which cover no area: --coverage fraction gives them 0 pixels "
-            "(--coverage center counts the pixel under each point)",
-            points, len(types),
+            "%d of %d regions are points, which cover no area: %s gives them 0 pixels (%s counts the pixel under "
+            "each point)", points, len(types), given("coverage", "fraction"), given("coverage", "center"),
         )
     return [t in _POLYGONAL for t in types]
 
