@@ -48,9 +48,6 @@ def cycled(value):
     return np.where(value > 0, (value - 1) % len(PALETTE) + 1, 0)
 
 
-PIXEL_DATA, UNDEFINED_LENGTH = 0x7FE00010, 0xFFFFFFFF  # DICOM's tag and encapsulated pixels' length (read whole)
-
-
 @dataclass(frozen=True)
 class Entry:
     path: str  # relative to the folder, POSIX
@@ -289,18 +286,15 @@ def _image(root: Path, rel: str, path: Path) -> list[Entry]:
 def _segmentation(rel: str, path: Path) -> list[Entry]:
     """A DICOM Segmentation (tilemask's or another's), listed with its segments' labels to be downloaded: its
     place is a PACS (``output.dicomweb``) and its viewers there. Other DICOM files (the slices of a scan) are
-    not listed, nor is a SEG cut short (its pixel data missing or past the end of the file)."""
-    import pydicom
+    not listed, nor is a SEG cut short (its pixel data missing or past the end of the file), found as a series'
+    slices are (:func:`tilemask.sources.dicom.read_header`)."""
+    from ..sources.dicom import read_header
 
-    ds = pydicom.dcmread(path, defer_size=1024)  # its pixels left unread: where they end is what is checked
+    ds, problem = read_header(str(path))
     if ds.get("Modality") != "SEG":
         return []
-    pixels = ds.get_item(PIXEL_DATA, keep_deferred=True)  # pydicom stops where a file ends, without a word
-    if pixels is None:
-        raise ValueError("cut short: no pixel data")
-    end, size = pixels.value_tell + (0 if pixels.length == UNDEFINED_LENGTH else pixels.length), path.stat().st_size
-    if end > size:
-        raise ValueError(f"cut short: its pixel data ends at byte {end}, the file at byte {size}")
+    if problem:
+        raise ValueError(problem)
     segments = tuple(str(item.get("SegmentLabel", "")) for item in ds.get("SegmentSequence", []))
     return [Entry(rel, "segmentation", "dicom-seg", Path(rel).stem, class_names=segments)]
 

@@ -121,12 +121,17 @@ def decoder_problem(path: str, syntax: str) -> str | None:
 PIXEL_TAGS = (0x7FE00010, 0x7FE00009, 0x7FE00008)  # Pixel Data, Float and Double Float Pixel Data: where dcmread stops
 
 
-def _header(path: str):
+def read_header(path: str):
     """``path``'s data elements before its pixels, as ``dcmread(stop_before_pixels=True)`` reads them, and why its
     pixels cannot be read, in words (None when they are there): no pixel data element, an empty one, or one the file
-    ends inside (pydicom's ``pixel_array`` fails on a worker, mid-run). pydicom's ``read_partial``, which its docs
-    name for stopping on a condition of one's own: here, noting where the pixels start."""
+    ends inside (pydicom's ``pixel_array`` fails on a worker, mid-run; for a SEG, pydicom reads what there is without
+    a word). pydicom's ``read_partial``, which its docs name for stopping on a condition of one's own: here, noting
+    where the pixels start. A deflated file is inflated whole to be read (the inflate fails on one cut short), so
+    its length on disk says nothing of its pixels and is not compared."""
+    import zlib
+
     from pydicom.filereader import read_partial
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
     from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
     found = []
@@ -138,16 +143,21 @@ def _header(path: str):
         return False
 
     with open(path, "rb") as f:
-        header = read_partial(f, stop_when=at_pixels)
+        try:
+            header = read_partial(f, stop_when=at_pixels)
+        except zlib.error as exc:
+            raise ValueError(f"its deflated data do not inflate (cut short or damaged): {exc}") from None
         available = os.fstat(f.fileno()).st_size - f.tell()  # read_partial rewinds to the pixel element's start
     if not found:
-        return header, "a slice with no PixelData element: its image is missing"
+        return header, "no PixelData element: its image is missing"
     vr, length = found[0]
     if length == 0:
-        return header, "a slice with an empty PixelData element: its image is missing"
+        return header, "an empty PixelData element: its image is missing"
+    if header.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        return header, None
     available -= 12 if vr in EXPLICIT_VR_LENGTH_32 else 8  # the element's tag, VR and length (implicit VR: no VR)
     if length != 0xFFFFFFFF and available < length:  # encapsulated pixels (undefined length) are read on a worker
-        return header, f"a slice cut short: its PixelData holds {max(available, 0)} of its {length} bytes"
+        return header, f"cut short: its PixelData holds {max(available, 0)} of its {length} bytes"
     return header, None
 
 
@@ -196,7 +206,7 @@ class DicomSeriesSource(ImageSource):
         headers, pixel_problems = [], {}
         for path in dicom_files(folder):
             try:
-                header, pixel_problems[path] = _header(path)
+                header, pixel_problems[path] = read_header(path)
             except (InvalidDicomError, OSError, ValueError) as exc:
                 raise InputError(f"{path}: cannot read DICOM: {exc}") from None
             headers.append((path, header))
