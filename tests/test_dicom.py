@@ -719,10 +719,11 @@ def _store_response(stored: list, failed: list, warning: int | None = None) -> b
 
 @pytest.mark.timeout(120)
 def test_a_segmentation_the_server_does_not_store_is_a_failed_store(orthanc, orthanc_dropping, caplog):
-    """A STOW-RS answer listing the instance as failed, or not listing it as stored, with 200 or 202, and Orthanc
-    1.10's 200 listing an instance its ReceivedInstanceFilter dropped, all counted as stored (exit 0). Each is a
-    failed store naming why; a 409 names the failure reason its body gives; an instance stored with a warning is
-    stored, the warning logged."""
+    """A STOW-RS answer listing the instance as failed, with 200 or 202, and Orthanc 1.10's 200 listing an instance
+    its ReceivedInstanceFilter dropped, all counted as stored (exit 0). Each is a failed store naming why; a 409
+    names the failure reason its body gives; an instance stored with a warning is stored, the warning logged. An
+    answer that does not list it, or that dicomweb-client does not read (an empty body, a Content-Type with a
+    charset), was a failed store even when the server had stored it: QIDO-RS decides."""
     import json
 
     from dicomweb_client.api import DICOMwebClient
@@ -732,19 +733,29 @@ def test_a_segmentation_the_server_does_not_store_is_a_failed_store(orthanc, ort
 
     slice_ = next(p for p in sorted(CT.iterdir()) if p.is_file())
     uid = pydicom.dcmread(slice_).SOPInstanceUID
-    stowed = {"Content-Type": "application/dicom+json"}
+    dicom_json, charset = "application/dicom+json", "application/dicom+json; charset=utf-8"
+    stowed = {"Content-Type": dicom_json}
     found = json.dumps([{"00080018": {"vr": "UI", "Value": [uid]}}]).encode()  # QIDO-RS finds it
+    dropped = r"it answered that it stored it, and its QIDO-RS does not find it: the server dropped it"
+    unlisted, listed, refused = _store_response(["1.2.3"], []), _store_response([uid], []), _store_response([], [uid])
+    failed = r"the server lists it as failed \(FailureReason A700H\)"
     cases = {
-        (200, _store_response([], [uid])): r"the server lists it as failed \(FailureReason A700H\)",
-        (202, _store_response(["1.2.3"], [uid])): r"the server lists it as failed \(FailureReason A700H\)",
-        (200, _store_response(["1.2.3"], [])): r"the server's answer does not list it as stored",
-        (202, b""): r"the server's answer does not list it as stored",
-        (409, _store_response([], [uid])): r"409 Client Error: Conflict for url: \S+ \(FailureReason A700H\)",
+        (200, dicom_json, refused, found): failed,
+        (202, dicom_json, _store_response(["1.2.3"], [uid]), found): failed,
+        (200, dicom_json, unlisted, b"[]"): dropped,
+        (202, dicom_json, b"", b"[]"): dropped,
+        (200, charset, listed, b"[]"): dropped,
+        (409, dicom_json, refused, found): r"409 Client Error: Conflict for url: \S+ \(FailureReason A700H\)",
     }
-    for (status, body), why in cases.items():
-        with _Answering(lambda h: (status, stowed, body) if h.command == "POST" else (200, stowed, found)) as pacs:
+    for (status, content_type, body, qido), why in cases.items():
+        answer = (status, {"Content-Type": content_type}, body)
+        with _Answering(lambda h: answer if h.command == "POST" else (200, stowed, qido)) as pacs:
             with pytest.raises(OutputError, match=rf"^output.dicomweb: storing {slice_} on {pacs} failed: {why} "):
                 store(str(slice_), pacs)
+    for status, content_type, body in [(200, dicom_json, unlisted), (202, dicom_json, b""), (200, charset, listed)]:
+        answer = (status, {"Content-Type": content_type}, body)
+        with _Answering(lambda h: answer if h.command == "POST" else (200, stowed, found)) as pacs:
+            store(str(slice_), pacs)  # QIDO-RS finds it: stored
 
     warned = _store_response([uid], [], warning=0xB000)
     with _Answering(lambda h: (202, stowed, warned) if h.command == "POST" else (200, stowed, found)) as pacs:

@@ -141,9 +141,9 @@ STORE_TIMEOUT = (10, 120)  # seconds: connecting, then waiting for each answer
 
 def store(path: str, url: str) -> None:
     """STOW-RS of the instance at ``path`` to the DICOMweb root ``url`` (dicomweb-client), with timeouts; stored
-    only when the answer lists it as stored (:func:`_not_stored`) and QIDO-RS then finds it (Orthanc 1.10 answers
-    200 listing an instance its ``ReceivedInstanceFilter`` dropped).  A redirect is not followed: requests would
-    send a 301 or 302's POST on as a GET, and the store would be lost."""
+    only when the answer does not list it as failed (:func:`_not_stored`) and QIDO-RS then finds it (Orthanc 1.10
+    answers 200 listing an instance its ``ReceivedInstanceFilter`` dropped).  A redirect is not followed: requests
+    would send a 301 or 302's POST on as a GET, and the store would be lost."""
     import pydicom
     import requests
     from dicomweb_client.api import DICOMwebClient
@@ -187,17 +187,17 @@ def _redirect(answer) -> str:
 
 
 def _not_stored(listed, uid: str) -> str | None:
-    """Why a Store Instances Response (DICOM PS3.18 10.5.3) does not say that the instance ``uid`` was stored, or
-    None: it must be in the ReferencedSOPSequence (0008,1199) and not in the FailedSOPSequence (0008,1198) (a 202
-    Accepted may list it there).  A WarningReason (0008,1196) in its item, a change the server made (coerced or
-    discarded elements), is logged: it is stored."""
+    """Why a Store Instances Response (DICOM PS3.18 10.5.3) says that the instance ``uid`` was not stored, or None:
+    only an item of its FailedSOPSequence (0008,1198) for it (a 202 Accepted may list it there) is taken as proof.
+    An answer that does not list it, or that dicomweb-client does not parse (it reads a body only under a bare
+    ``application/dicom+json``, not with ``; charset=utf-8``, and gives an empty Dataset otherwise) is left to the
+    QIDO-RS check (:func:`_found`).  A WarningReason (0008,1196) in its ReferencedSOPSequence item, a change the
+    server made (coerced or discarded elements), is logged: it is stored."""
     failed = [item for item in listed.get("FailedSOPSequence", []) if item.get("ReferencedSOPInstanceUID") == uid]
     if failed:
         return f"the server lists it as failed{_reason(failed[0], 'FailureReason')}"
     stored = [item for item in listed.get("ReferencedSOPSequence", []) if item.get("ReferencedSOPInstanceUID") == uid]
-    if not stored:
-        return "the server's answer does not list it as stored (ReferencedSOPSequence)"
-    if stored[0].get("WarningReason") is not None:
+    if stored and stored[0].get("WarningReason") is not None:
         logger.warning("output.dicomweb: the server stored %s with a warning%s", uid,
                        _reason(stored[0], "WarningReason"))
     return None
