@@ -30,6 +30,16 @@ def class_colours(n_classes: int) -> dict[int, tuple[int, int, int, int]]:
     return colours
 
 
+CYCLE = class_colours(len(PALETTE) + 1)  # class_colours cycles through the palette: these are all its colours
+
+
+def cycled(value):
+    """The class in :data:`CYCLE` whose colour label ``value`` (an int or an array) has."""
+    import numpy as np
+
+    return np.where(value > 0, (value - 1) % len(PALETTE) + 1, 0)
+
+
 COLOUR_TABLE_COLUMNS = ("LabelValue", "Name", "Color_R", "Color_G", "Color_B", "Color_A")
 """3D Slicer's colour table CSV format: what Slicer loads as a colour table for a label volume."""
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..classes import PALETTE, class_colours, class_name
+from ..classes import CYCLE, class_name, cycled
 from ..formats import CLASS_TABLE_SUFFIX, for_path, nifti_affine_mm
 from .paths import hidden, inside, relative, shown
 
@@ -40,12 +40,6 @@ TABLE_SUFFIXES = (".csv", ".parquet", ".gpkg", ".json")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 GDAL_SIDECARS = (".ovr", ".msk", ".aux.xml")
 LEGEND_CLASSES = 256  # the classes a legend lists by value; beyond them, only those a colour table names
-CYCLE = class_colours(len(PALETTE) + 1)  # class_colours cycles through the palette: these are all its colours
-
-
-def cycled(value):
-    """The class in :data:`CYCLE` whose colour label ``value`` (an int or an array) has."""
-    return np.where(value > 0, (value - 1) % len(PALETTE) + 1, 0)
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ from rio_tiler.colormap import cmap
 from rio_tiler.errors import PointOutsideBounds, TileOutsideBounds
 from rio_tiler.io import Reader, XarrayReader
 
-from ..classes import class_name
+from ..classes import CYCLE, class_name, cycled
 from ..formats import for_path
-from .catalog import CYCLE, Entry, cycled
+from .catalog import Entry
 from .paths import inside, reading
 
 NEAREST = {"resampling_method": "nearest", "reproject_method": "nearest"}
