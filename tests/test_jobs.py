@@ -771,6 +771,31 @@ def test_the_state_of_a_running_job_is_read_from_a_folder_this_user_may_not_writ
     assert asked.returncode == 0 and json.loads(asked.stdout)["state"] == "running", asked.stderr
 
 
+def test_a_lock_another_process_holds_reads_as_held_and_a_free_one_as_free(tmp_path):
+    """The lock is asked for shared through a read-only descriptor (on NFS an exclusive byte-range lock needs the
+    file open to write: EBADF, which read as held, so a dead run was never lost); only a conflict is held."""
+    import subprocess
+    import sys
+
+    from tilemask.jobs import _holds_lock
+
+    job = JobFolder(tmp_path / "job")
+    job.create({"version": 1}, str(tmp_path), None, {}, [{"item": 0, "name": "a", "files": ["a.tif"], "output": "o"}])
+    with job:
+        pass
+    assert not _holds_lock(job)
+    hold = "import fcntl, os, sys; fcntl.flock(os.open(sys.argv[1], os.O_RDWR), fcntl.LOCK_EX); print(flush=True); input()"
+    holder = subprocess.Popen([sys.executable, "-c", hold, job.path / "lock"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "\n"  # it holds the lock
+        assert _holds_lock(job)
+        assert _holds_lock(job), "asking does not take the lock from its holder"
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert not _holds_lock(job)
+
+
 def test_a_job_whose_run_was_killed_before_it_recorded_its_state_is_lost_and_cancel_ends_it(tmp_path):
     """A run killed after it created its job but before it wrote ``status.json`` (while it checked what earlier runs
     finished: a request per remote input) left the job ``queued`` for ever, and ``tilemask cancel`` waited its minute

@@ -589,15 +589,19 @@ def _pid_alive(pid: int) -> bool:
 
 def _holds_lock(job: JobFolder) -> bool:
     """Whether some process holds the job's lock (a pid can be reused; the lock cannot outlive its process).  Asked
-    through a read-only descriptor (``flock`` needs no more): of a folder this user may not write too."""
+    through a read-only descriptor, of a folder this user may not write too, for a shared lock: on NFS ``flock`` is
+    a byte-range lock, and an exclusive one needs the file open to write (EBADF).  Only a lock that conflicts
+    (EWOULDBLOCK) is held; a lock that cannot be asked is not taken for one that is."""
     try:
         fd = os.open(job.path / "lock", os.O_RDONLY)
     except FileNotFoundError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return True
+        logger.warning("%s: cannot ask whether a process holds it: %s", job.path / "lock", exc)
     finally:
         os.close(fd)
     return False
