@@ -323,6 +323,28 @@ def test_outputs_and_the_job_folder_on_s3_equal_a_local_run_and_the_job_resumes(
     assert json.loads(status.stdout)["state"] == "done", status.stdout
 
 
+@pytest.mark.slow  # a moto S3 server
+def test_a_job_on_s3_another_machine_prepares_is_not_lost_nor_cancelled_from_this_one(s3, tmp_path, monkeypatch):
+    """A job on object storage with no state recorded yet (machine A lists its inputs, its lock held there) read
+    ``lost`` from machine B (this machine's lock, in B's scratch, is free), and ``tilemask cancel`` from B stamped
+    it cancelled: object storage has no lock to ask, so B takes the job as it is recorded."""
+    from tilemask.jobs import job_folder
+
+    s3_client, env = s3
+    for name, value in {**env, "TILEMASK_SCRATCH": str(tmp_path / "machine-a")}.items():
+        monkeypatch.setenv(name, value)
+    url = "s3://tilemask/prepared/.tilemask/jobs/jd"
+    job = job_folder(url)
+    machine_b = {**env, "TILEMASK_SCRATCH": str(tmp_path / "machine-b")}
+    with job:  # machine A creates the job and lists its inputs
+        job.create({"version": 1}, str(tmp_path), None, {}, [{"item": 0, "name": "a", "files": ["a.tif"], "output": "o"}])
+        status = run_cli("status", url, "--json", env=machine_b)
+        assert json.loads(status.stdout)["state"] == "queued", status.stdout + status.stderr
+        cancel = run_cli("cancel", url, "--wait", "1", env=machine_b)
+        assert (cancel.returncode, cancel.stdout) == (1, f"job {job.id}: cancel requested; still queued after 1 s\n")
+        assert job.cancel_requested() and "prepared/.tilemask/jobs/jd/status.json" not in _keys(s3_client, "prepared/")
+
+
 def test_outputs_on_object_storage_are_zarr_or_cog_and_not_read_back(tmp_path):
     from tilemask import Workflow
     from tilemask.errors import WorkflowError

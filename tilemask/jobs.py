@@ -545,7 +545,8 @@ def live_driver(job: JobFolder, status: dict | None = None, timeout: float = 5.0
         return (state if task not in (None, "forgotten", "erred", "memory") else "lost"), task
     if status.get("host") == socket.gethostname() and status.get("pid"):
         return (state if _pid_alive(int(status["pid"])) and _holds_lock(job) else "lost"), None
-    if not status.get("host"):  # no state recorded yet (no status.json): the process creating the job holds its lock
+    if not status.get("host") and not storage.is_remote(job.location):  # no state recorded yet (no status.json):
+        # the process creating the job holds its lock; one on object storage may be created on another machine
         return (state if _holds_lock(job) else "lost"), None
     return state, None
 
