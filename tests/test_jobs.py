@@ -373,6 +373,18 @@ def test_a_run_refused_before_any_work_leaves_no_job(make_raster, make_model, wr
     assert not any((tilemask_home / "jobs").iterdir())
     listing = run_cli("jobs")
     assert listing.returncode == 0 and listing.stdout == listing.stderr == ""
+    # a --job-dir holding the user's own report.csv and status.json: a run wrote over them, and its refusal
+    # removed them with its own record; the folder is refused before anything is written there
+    mine = {"report.csv": "the user's report\n", "status.json": "{}\n", "notes.txt": "the user's notes\n"}
+    (tmp_path / "mine").mkdir()
+    for name, text in mine.items():
+        (tmp_path / "mine" / name).write_text(text)
+    refused = run_cli("run", write_workflow(workflow), "--job-dir", "mine", cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr == (
+        f"tilemask: error: job folder {tmp_path}/mine holds status.json, report.csv but no job.json: they are not a "
+        "tilemask job's; move them, or choose another --job-dir\n")
+    assert {p.name: p.read_text() for p in (tmp_path / "mine").iterdir()} == mine
+    assert not any((tilemask_home / "jobs").iterdir())
 
 
 def test_job_dirs_of_one_name_are_different_jobs(scene_workflow, tmp_path, client, monkeypatch):

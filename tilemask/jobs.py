@@ -50,7 +50,7 @@ from pathlib import Path
 import yaml
 
 from . import storage
-from .errors import OutputError, TilemaskError
+from .errors import OutputError, TilemaskError, option
 from .formats import for_path, written_by_tilemask
 from .outputs import describe_write_error, exists, why_unwritable
 
@@ -356,7 +356,13 @@ class JobFolder:
     # -- one driver at a time --------------------------------------------------------------------------------
 
     def acquire(self) -> JobFolder:
-        """Take the job's lock, or refuse: another process runs this job."""
+        """Take the job's lock, or refuse: another process runs this job, or the folder holds files of the job's
+        record's names but no job's record (a user's own ``report.csv`` in a ``--job-dir``: a run would write over
+        them, and a refused first run remove them with its own, :meth:`discard`)."""
+        foreign = [name for name in self.FILES if name != "job.json" and (self.path / name).exists()]
+        if foreign and not self.exists():
+            raise JobError(f"job folder {self.location} holds {', '.join(foreign)} but no job.json: they are not a "
+                           f"tilemask job's; move them, or choose another {option('job_dir')}")  # fmt: skip
         missing = [folder for folder in (self.path, *self.path.parents) if not folder.exists()]
         self._made = missing[-1] if missing else None  # the uppermost folder made for the job, if any
         try:
