@@ -552,8 +552,9 @@ def test_a_stac_items_id_is_one_file_name_in_the_output_folder(make_model, tmp_p
 
 
 def test_a_hidden_archive_member_or_listed_file_writes_outputs_that_are_not_hidden(make_model, tmp_path):
-    """A member ``.x.tif`` (and a listed ``.x.tif``) wrote ``out/.x_mask.tif`` and its quick look ``.x_mask.png``:
-    hidden from file browsers and skipped by globs. Its ``{stem}`` has its leading ``.`` made ``_``."""
+    """A member ``.x.tif`` (and a listed ``.x.tif``, a path or glob given as input) wrote ``out/.x_mask.tif`` and
+    its quick look ``.x_mask.png``: hidden from file browsers and skipped by globs. Its ``{stem}`` has its leading
+    ``.`` made ``_``."""
     from tilemask.planning import plan_workflow
 
     shutil.copy(GEO["RGB.byte.tif"], tmp_path / ".x.tif")
@@ -569,6 +570,8 @@ def test_a_hidden_archive_member_or_listed_file_writes_outputs_that_are_not_hidd
         ({"archive": "scenes.zip", "members": "*.tif"}, ["_x_mask.tif", "_y_mask.tif"]),
         ({"archive": "scenes.tar", "members": "*.tif"}, ["_x_mask.tif"]),
         ({"list": "items.txt"}, ["_x_mask.tif"]),
+        (".x.tif", ["_x_mask.tif"]),  # a path or a glob too: `.x.tif` and `.*.tif` wrote `out/.x_mask.tif`
+        (".*.tif", ["_x_mask.tif"]),
     ]:
         plan = plan_workflow(Workflow.from_dict({**workflow, "input": given}, base_dir=tmp_path))
         outputs = [Path(plan.workflow.output_path(item.name)) for item in plan.items]
@@ -580,6 +583,11 @@ def test_a_hidden_archive_member_or_listed_file_writes_outputs_that_are_not_hidd
         plan_workflow(Workflow.from_dict({**workflow, "input": {"archive": "scenes.zip", "members": "*.tif"}},
                                          base_dir=tmp_path))  # fmt: skip
     assert refused.value.exit_status == 2
+    # a glob that matches its outputs beside it leaves them out by the same name (`.x.tif` writes `._x_mask.tif`)
+    shutil.copy(GEO["RGB.byte.tif"], tmp_path / "._x_mask.tif")
+    beside = {**workflow, "input": ".*.tif", "output": {"path": ".{stem}_mask.tif"}}
+    assert [item.files for item in Workflow.from_dict(beside, base_dir=tmp_path).input_items()] == [
+        (str(tmp_path / ".x.tif"),)]
 
 
 def test_listings_as_windows_and_other_tools_write_them_are_read_or_refused_by_name(make_model, tmp_path):

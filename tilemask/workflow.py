@@ -460,7 +460,7 @@ class Workflow(_Strict):
             return inputs.archive_items(self.resolve(given.archive), given.members)
         if isinstance(given, StacInput):
             return inputs.stac_items(self.resolve(given.stac), given.assets)
-        return [InputItem(stem(path), (path,)) for path in self.input_paths()]
+        return [InputItem(inputs.visible(stem(path)), (path,)) for path in self.input_paths()]
 
     def _cases(self, patterns: list[str]) -> list[InputItem]:
         first = self.resolve(patterns[0])
@@ -504,10 +504,13 @@ class Workflow(_Strict):
         output_folder = os.path.normpath(os.path.dirname(self.output_path("x")))
         if "{stem}" not in os.path.dirname(self.output.path) and output_folder not in folders:
             return matches  # the outputs go to a folder the glob does not reach (the usual case: no cost per file)
+        from .inputs import visible
+
         owners: dict[str, set[str]] = {}  # output file -> the matches it is an output of
         for match in matches:
-            labels = self.output_path(stem(match))
-            products = [self.quicklook_path(stem(match)), self.vectors_path(stem(match))]
+            name = visible(stem(match))
+            labels = self.output_path(name)
+            products = [self.quicklook_path(name), self.vectors_path(name)]
             for path in [*for_output(labels).files(labels, probabilities=True), *filter(None, products)]:
                 owners.setdefault(os.path.normpath(path), set()).add(os.path.normpath(match))
         # an output of itself (output.path is the input) stays: planning refuses it by name
