@@ -181,7 +181,7 @@ class JobFolder:
             if not replace and (begun or live_state(self) in ACTIVE):  # one that never began an item and is not
                 # queued or running (it was refused when planning) has nothing to keep
                 raise JobError(f"job folder {self.location} holds the job of another workflow; choose another "
-                               "--job-dir, or pass --overwrite to start it afresh")  # fmt: skip
+                               f"{option('job_dir')}, or pass {option('overwrite', 'True')} to start it afresh")
             (self.path / "job.json").unlink()
             self.reset(begun=False)  # what another workflow's job began is not this one's
         # A default folder is named by the workflow's hash; one a user named (--job-dir) is not unique: two
