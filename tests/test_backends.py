@@ -285,6 +285,18 @@ def test_auto_settles_on_the_runner_its_job_runs(make_model, tmp_path, monkeypat
     assert backends.settle_auto(spec, settings, 3, torch.device("cpu"), 1, 1e6) is settings
 
 
+def _auto_on(network: type[torch.nn.Module], tmp_path):
+    """The spec of ``network`` (a class of this module, its weights seeded and saved in ``tmp_path``) and settings
+    that run it with ``auto`` on the CPU, windows of 32 x 32 in batches of 2."""
+    from tilemask.settings import InferenceSettings, ModelSpec
+
+    torch.manual_seed(0)
+    weights = tmp_path / f"{network.__name__}.pt"
+    torch.save(network().state_dict(), weights)
+    spec = ModelSpec.create(f"{__name__}:{network.__name__}", {}, str(weights))
+    return spec, InferenceSettings(roi=(32, 32), batch_size=2, device="cpu", backend="auto")
+
+
 class TakesABranch(torch.nn.Module):
     """A network whose path depends on its input: a trace keeps one branch, so it runs in eager torch and
     torch-mkldnn (which needs TorchScript) cannot take it."""
@@ -303,14 +315,9 @@ def test_a_backend_that_cannot_take_the_network_is_not_tried_again(tmp_path, mon
     nor counts it as unmeasured (it re-timed torch and grew the tally for it, every job)."""
     from tilemask import backends
     from tilemask.inference import probe_network
-    from tilemask.settings import InferenceSettings, ModelSpec
 
     monkeypatch.setenv("TILEMASK_CACHE_DIR", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    weights = tmp_path / "branch.pt"
-    torch.save(TakesABranch().state_dict(), weights)
-    spec = ModelSpec.create(f"{__name__}:TakesABranch", {}, str(weights))
-    settings = InferenceSettings(roi=(32, 32), batch_size=2, device="cpu", backend="auto")
+    spec, settings = _auto_on(TakesABranch, tmp_path)
     with caplog.at_level(logging.INFO, logger="tilemask.backends"):
         *_, first = probe_network(spec, settings, 3, windows=10**12, measure_after=1e6)
     assert first.measure
@@ -348,15 +355,10 @@ def test_running_out_of_memory_while_converting_is_not_remembered(tmp_path, monk
     convert', for good)."""
     from tilemask import backends
     from tilemask.inference import probe_network
-    from tilemask.settings import InferenceSettings, ModelSpec
 
     monkeypatch.setenv("TILEMASK_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(RunsOutOfMemoryWhenTraced, "traced_fits", False)
-    torch.manual_seed(0)
-    weights = tmp_path / "big.pt"
-    torch.save(RunsOutOfMemoryWhenTraced().state_dict(), weights)
-    spec = ModelSpec.create(f"{__name__}:RunsOutOfMemoryWhenTraced", {}, str(weights))
-    settings = InferenceSettings(roi=(32, 32), batch_size=2, device="cpu", backend="auto")
+    spec, settings = _auto_on(RunsOutOfMemoryWhenTraced, tmp_path)
     with caplog.at_level(logging.INFO, logger="tilemask.backends"):
         channels, backend, _ = probe_network(spec, settings, 3, windows=10**12, measure_after=1e6)
     assert (channels, backend) == (2, "torch")

@@ -273,6 +273,17 @@ def test_a_pt2_of_another_schema_or_with_a_damaged_member_says_why(net, tmp_path
     assert refused.value.exit_status == 2
 
 
+def _saved(net: torch.nn.Module, kind: str, path):
+    """``net`` saved at ``path`` as a ``state_dict``, a TorchScript archive or a torch.export archive."""
+    if kind == "state_dict":
+        torch.save(net.state_dict(), path)
+    elif kind == "torchscript":
+        torch.jit.script(net).save(path)
+    else:
+        torch.export.save(torch.export.export(net, (torch.zeros(2, 3, 64, 64),)), path)
+    return path
+
+
 def _flip_bytes_of(path, member: str) -> None:
     """Invert the first 16 bytes of ``member``'s data in place, as bit rot or a bad copy would: the zip's
     directory and the member's recorded CRC-32 stay as they were."""
@@ -297,13 +308,7 @@ def test_weights_whose_bytes_changed_after_saving_are_refused_naming_the_member(
     member changed so (TorchScript's code) fails to inflate: zipfile's own testzip let that zlib.error through."""
     import zipfile
 
-    path = tmp_path / "net.weights"
-    if kind == "state_dict":
-        torch.save(net.state_dict(), path)
-    elif kind == "torchscript":
-        torch.jit.script(net).save(path)
-    else:
-        torch.export.save(torch.export.export(net, (torch.zeros(2, 3, 64, 64),)), path)
+    path = _saved(net, kind, tmp_path / "net.weights")
     with zipfile.ZipFile(path) as archive:
         member = max(archive.infolist(), key=lambda info: info.file_size if part in info.filename else 0).filename
     _flip_bytes_of(path, member)
@@ -345,13 +350,7 @@ def test_weights_holding_nan_are_refused_naming_the_tensor(net, tmp_path, kind):
         diverged.model[1].submodule[0].conv.unit0.conv.weight[0, 0, 0, 0] = float("nan")
     with torch.no_grad():
         assert torch.isnan(diverged(torch.randn(1, 3, 64, 64))).all()
-    path = tmp_path / "net.weights"
-    if kind == "state_dict":
-        torch.save(diverged.state_dict(), path)
-    elif kind == "torchscript":
-        torch.jit.script(diverged).save(path)
-    else:
-        torch.export.save(torch.export.export(diverged, (torch.zeros(2, 3, 64, 64),)), path)
+    path = _saved(diverged, kind, tmp_path / "net.weights")
     with pytest.raises(WeightsError, match=rf"^model.weights: {path} holds NaN in \S*model.1.submodule.0.conv.unit0"
                                            r".conv.weight: the network would answer NaN$"):  # fmt: skip
         load_model(ModelSpec.create("UNet", UNET_2D, str(path)))
