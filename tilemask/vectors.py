@@ -42,6 +42,7 @@ without a CRS, as in the statistics).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -602,9 +603,11 @@ def check_polygons_crs(out_path: str, crs_wkt: str | None, raster: str) -> None:
                      "write the polygons to .gpkg, .fgb or .parquet, which keep the raster's CRS as it is")  # fmt: skip
 
 
+@functools.lru_cache(maxsize=16)
 def _geojson_names(crs_wkt: str) -> bool:
     """Whether GDAL's GeoJSON writer gives a layer in ``crs_wkt`` a ``crs`` member: asked of the writer itself,
-    on an empty layer in memory (it names a CRS it finds an authority code for)."""
+    on an empty layer in memory (it names a CRS it finds an authority code for), once per CRS (a run asks it of
+    each input as it is planned, then as its polygons are written)."""
     import pyogrio
 
     buffer = io.BytesIO()
