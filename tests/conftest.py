@@ -32,9 +32,12 @@ UNET_3D = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=[4, 8, 16
 @pytest.fixture(scope="session", autouse=True)
 def session_tilemask_home(tmp_path_factory):
     """The jobs of session and module fixtures' runs (the served folder's demo runs) are listed here, not in the
-    user's ``~/.local/share/tilemask``: the per-test folder below is set only once those fixtures have run."""
+    user's ``~/.local/share/tilemask``: the per-test folder below is set only once those fixtures have run. The
+    backends' verdicts and ``auto``'s tally go to a folder of the session's, not the user's ``~/.cache/tilemask``:
+    what a test's run measures does not hang on the runs before it on this machine."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TILEMASK_HOME", str(tmp_path_factory.mktemp("tilemask-home")))
+        patch.setenv("TILEMASK_CACHE_DIR", str(tmp_path_factory.mktemp("tilemask-cache")))
         yield
 
 

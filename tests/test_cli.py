@@ -156,7 +156,7 @@ def test_a_scheduler_port_out_of_range_is_refused_at_once(tmp_path):
     with rasterio.open(mask, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint8") as ds:
         ds.write(np.zeros((8, 8), np.uint8), 1)
     for address, port in (("tcp://127.0.0.1:99999", 99999), ("127.0.0.1:70000", 70000)):
-        proc = run_cli("stats", mask, "-o", tmp_path / "out.csv", "--scheduler", address, timeout=25)
+        proc = run_cli("stats", mask, "-o", tmp_path / "out.csv", "--scheduler", address, timeout=60)
         assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
         assert proc.stderr == (f"tilemask: error: --scheduler {address}: not a Dask scheduler address: port {port} "
                                "is out of range (1-65535)\n")  # fmt: skip
