@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import pytest
+import rasterio
 import torch
 import zarr
 
@@ -395,3 +396,36 @@ def test_a_window_that_runs_out_of_memory_is_not_called_the_networks_fault(tmp_p
     with pytest.raises(RuntimeError, match="can't allocate memory") as raised:
         probe_network(spec, InferenceSettings(roi=(16, 16), device="cpu", backend="torch"), 3)
     assert not isinstance(raised.value, WorkflowError)
+
+
+class NaNOnFlatWindows(torch.nn.Module):
+    """A network with fine weights that divides by each window's spread: 0 / 0 on a flat window."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        spread = x.amax(dim=(1, 2, 3), keepdim=True) - x.amin(dim=(1, 2, 3), keepdim=True)
+        return self.conv(x) * spread / spread
+
+
+def test_a_network_that_answers_nan_fails_the_run_naming_the_window(make_raster, write_workflow, tmp_path, client):
+    """NaN in a window's prediction blends into NaN probabilities, whose argmax is class 0: the run wrote
+    background there and exited 0.  It fails (exit 1) naming the input and the window, and publishes nothing."""
+    from .conftest import run_cli
+    from .test_cli import assert_one_line_error, nothing_finished
+
+    path, data = make_raster((3, 150, 170))
+    data[:, 64:128, 96:160] = 7  # the window at [64, 96] alone is flat
+    with rasterio.open(path, "r+") as ds:
+        ds.write(data)
+    torch.manual_seed(0)
+    weights = tmp_path / "nan.pt"
+    torch.save(NaNOnFlatWindows().state_dict(), weights)
+    raw = raster_workflow(path, weights, output={"path": "out/{stem}.zarr"})
+    raw["model"] = {"network": f"{__name__}:NaNOnFlatWindows", "weights": str(weights)}
+    raw["inference"]["overlap"] = 0.5
+    done = run_cli("run", write_workflow(raw), "--scheduler", client.scheduler.address, cwd=tmp_path)
+    assert_one_line_error(done, 1, str(path), "NaN", "window at [64, 96] (roi [64, 64])")
+    assert nothing_finished(tmp_path / "out")
