@@ -429,3 +429,54 @@ def test_a_network_that_answers_nan_fails_the_run_naming_the_window(make_raster,
     done = run_cli("run", write_workflow(raw), "--scheduler", client.scheduler.address, cwd=tmp_path)
     assert_one_line_error(done, 1, str(path), "NaN", "window at [64, 96] (roi [64, 64])")
     assert nothing_finished(tmp_path / "out")
+
+
+SETTLE = """
+import json, logging, os, time, torch
+from tilemask.backends import settle_auto
+from tilemask.settings import InferenceSettings, ModelSpec
+
+class Estimates(logging.Handler):  # the seconds each 'too few to repay measuring' line says this job adds
+    seconds = []
+    def emit(self, record):
+        if record.msg.startswith("auto: "):
+            self.seconds.append(record.args[1])
+
+logging.getLogger("tilemask.backends").addHandler(Estimates())
+logging.getLogger("tilemask.backends").setLevel(logging.INFO)
+spec = ModelSpec.create("UNet", {args!r}, {weights!r})
+print("ready", flush=True)
+while not os.path.exists({go!r}):
+    time.sleep(0.001)
+settings = InferenceSettings(roi=(64, 64), batch_size=2, device="cpu", backend="auto")
+settle_auto(spec, settings, 3, torch.device("cpu"), 1000, 1e6)
+print(json.dumps(Estimates.seconds))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_two_jobs_settling_at_once_both_count_in_the_tally(make_model, tmp_path):
+    """``auto``'s tally of seconds run unmeasured is read, added to and written back by each job: two jobs at
+    once both read the old figure and the last to write lost the other's seconds."""
+    import os
+    import subprocess
+    import sys
+
+    weights, _ = make_model()
+    env = {**os.environ, "TILEMASK_CACHE_DIR": str(tmp_path / "cache")}
+    go = tmp_path / "go"
+
+    def start():
+        script = SETTLE.format(args=UNET_2D, weights=str(weights), go=str(go))
+        return subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+
+    subprocess.run([sys.executable, "-c", SETTLE.format(args=UNET_2D, weights=str(weights), go="/")], env=env,
+                   check=True, timeout=120, capture_output=True)  # fmt: skip  # traced and cached: both load it
+    (tally,) = (tmp_path / "cache" / "auto").glob("*.json")
+    first = json.loads(tally.read_text())["unmeasured_seconds"]
+    jobs = [start(), start()]
+    assert [job.stdout.readline() for job in jobs] == ["ready\n"] * 2  # both imported: they settle at once
+    go.touch()
+    estimates = [json.loads(job.communicate(timeout=120)[0]) for job in jobs]
+    assert all(job.returncode == 0 for job in jobs) and all(len(e) == 1 for e in estimates), estimates
+    assert json.loads(tally.read_text())["unmeasured_seconds"] == pytest.approx(first + sum(e[0] for e in estimates))

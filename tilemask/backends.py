@@ -48,7 +48,9 @@ the model's device.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import importlib.metadata
@@ -148,10 +150,7 @@ def settle_auto(spec: ModelSpec, settings: InferenceSettings, channels: int, dev
     if not unmeasured:
         return settings
     tally = _cache_path(local, "auto", _version("torch"), channels, roi, f".b{batch}.t{torch.get_num_threads()}.json")
-    try:
-        before = float(json.loads(tally.read_text())["unmeasured_seconds"])
-    except (OSError, ValueError, KeyError, TypeError):
-        before = 0.0
+    before = _unmeasured_seconds(tally)
     # the runner the job gets if it does not measure: built once, not once more for the job
     _, run = cached_runner(spec, dataclasses.replace(settings, measure=False), channels, device)
     for _ in range(3):
@@ -162,10 +161,37 @@ def settle_auto(spec: ModelSpec, settings: InferenceSettings, channels: int, dev
             break
     else:
         return settings
-    _publish(lambda p: p.write_text(json.dumps({"unmeasured_seconds": before + estimate})), tally, (".json",))
+    with _locked(tally):  # read again: a job settling at the same time may have added its seconds since
+        before = _unmeasured_seconds(tally)
+        _publish(lambda p: p.write_text(json.dumps({"unmeasured_seconds": before + estimate})), tally, (".json",))
     logger.info("auto: %d windows, about %.1f s in torch (%.1f s with the earlier jobs): too few to repay measuring "
                 "%s", windows, estimate, before + estimate, ", ".join(unmeasured))  # fmt: skip
     return dataclasses.replace(settings, measure=False)
+
+
+def _unmeasured_seconds(tally: Path) -> float:
+    """The seconds of the jobs ``auto`` did not measure for, added up in ``tally`` (0 if unreadable)."""
+    try:
+        return float(json.loads(tally.read_text())["unmeasured_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive ``flock`` on ``path`` with the suffix ``.lock`` for what is inside: none where it cannot be
+    made (a cache folder that cannot be written, where nothing is written either)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _build(spec: ModelSpec, settings: InferenceSettings, channels: int, device: torch.device) -> tuple[str, Runner]:
