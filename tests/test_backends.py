@@ -480,3 +480,31 @@ def test_two_jobs_settling_at_once_both_count_in_the_tally(make_model, tmp_path)
     estimates = [json.loads(job.communicate(timeout=120)[0]) for job in jobs]
     assert all(job.returncode == 0 for job in jobs) and all(len(e) == 1 for e in estimates), estimates
     assert json.loads(tally.read_text())["unmeasured_seconds"] == pytest.approx(first + sum(e[0] for e in estimates))
+
+
+class HasAnOpOpenVINOLacks(torch.nn.Module):
+    """Convolutions and ``torch.linalg.svdvals``, which neither OpenVINO nor ONNX has a conversion for."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y + torch.linalg.svdvals(y[:, :, :4, :4])[..., :1, None]
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_a_conversion_that_fails_names_the_operation(backend, tmp_path, monkeypatch):
+    """OpenVINO's error begins with where in its sources a check failed (``Check 'false' failed at
+    src/frontends/...cpp:151:``), and that line alone was all the user read; the operation is in its summary."""
+    import dataclasses
+
+    from tilemask.errors import WorkflowError
+    from tilemask.inference import probe_network
+
+    monkeypatch.setenv("TILEMASK_CACHE_DIR", str(tmp_path / "cache"))
+    spec, settings = _auto_on(HasAnOpOpenVINOLacks, tmp_path)
+    with pytest.raises(WorkflowError, match=f"^inference.backend: {backend} cannot convert .*HasAnOpOpenVINOLacks: .*"
+                                            "aten::linalg_svdvals"):  # fmt: skip
+        probe_network(spec, dataclasses.replace(settings, backend=backend), 3)

@@ -326,13 +326,14 @@ def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], tor
     except WorkflowError:
         raise  # the network itself rejects the window
     except Exception as exc:  # noqa: BLE001 - exporters raise anything a traced network can
+        reason = _conversion_failure(exc)
         if not auto:
             raise WorkflowError(f"inference.backend: {name} cannot convert {spec.network or spec.weights}: "
-                                f"{first_line(exc)}") from None  # fmt: skip
+                                f"{reason}") from None  # fmt: skip
         log = logger.info if isinstance(exc, NotConvertible) else logger.warning
-        log("%s cannot convert the network, auto tries the next backend: %s", name, first_line(exc))
+        log("%s cannot convert the network, auto tries the next backend: %s", name, reason)
         if not isinstance(exc, OSError) and not out_of_memory(exc):  # those may pass; the network stays as it is
-            _cannot_convert(verdict, first_line(exc))
+            _cannot_convert(verdict, reason)
         return None
     if not auto:
         return name, run
@@ -360,6 +361,13 @@ def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], tor
 
     alone, batched = (name if n in faster else "torch" for n in sizes)
     return f"{alone} for one window, {batched} for batches of {batch}", fastest
+
+
+def _conversion_failure(exc: BaseException) -> str:
+    """A converter's error in one line: OpenVINO's begins with where in its sources a check failed (``Check
+    'false' failed at src/frontends/...cpp:151:``) and names the operations it has no rule for in a summary."""
+    unconverted = re.search(r"No conversion rule found for operations: .*", str(exc))
+    return unconverted.group(0).strip() if unconverted else first_line(exc)
 
 
 def out_of_memory(exc: BaseException) -> bool:
