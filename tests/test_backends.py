@@ -508,3 +508,24 @@ def test_a_conversion_that_fails_names_the_operation(backend, tmp_path, monkeypa
     with pytest.raises(WorkflowError, match=f"^inference.backend: {backend} cannot convert .*HasAnOpOpenVINOLacks: .*"
                                             "aten::linalg_svdvals"):  # fmt: skip
         probe_network(spec, dataclasses.replace(settings, backend=backend), 3)
+
+
+@pytest.mark.timeout(120)
+def test_auto_takes_no_backend_whose_difference_from_torch_is_nan(tmp_path, monkeypatch):
+    """A network that answers NaN for a constant window makes auto's measured difference NaN, and ``NaN >
+    1e-4`` is false: a backend faster than torch was taken without having matched it."""
+    import dataclasses
+
+    from tilemask import backends
+    from tilemask.inference import probe_network
+
+    monkeypatch.setenv("TILEMASK_CACHE_DIR", str(tmp_path / "cache"))
+    spec, settings = _auto_on(NaNOnFlatWindows, tmp_path)
+    probe_network(spec, settings, 3, windows=10**12, measure_after=0)
+    verdict = backends._verdict_path(spec, "openvino", 3, (32, 32), 2)
+    measured = json.loads(verdict.read_text())
+    assert np.isnan(measured["difference"]), measured
+    faster = {size: seconds / 10 for size, seconds in measured["torch_seconds"].items()}
+    verdict.write_text(json.dumps(dict(measured, seconds=faster)))  # as fast as OpenVINO is on a big network
+    backends._runners.clear()
+    assert probe_network(spec, dataclasses.replace(settings, measure=False), 3)[1] == "torch"

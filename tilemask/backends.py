@@ -389,7 +389,7 @@ def _verdict_path(spec: ModelSpec, name: str, channels: int, roi: tuple[int, ...
 
 def _faster_sizes(verdict: dict) -> set[int]:
     """The batch sizes at which a backend that keeps torch's answer was measured faster than torch."""
-    if "cannot_convert" in verdict or verdict["difference"] > AUTO_TOLERANCE:
+    if "cannot_convert" in verdict or not verdict["difference"] <= AUTO_TOLERANCE:  # NaN: no match either
         return set()
     return {int(n) for n, seconds in verdict["seconds"].items() if seconds < verdict["torch_seconds"][n]}
 
