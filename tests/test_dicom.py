@@ -483,6 +483,26 @@ def test_a_series_without_patient_and_study_details_gives_a_segmentation_that_hi
     assert not (tmp_path / "again").exists()
 
 
+def test_segments_carry_the_class_colours_of_the_other_outputs(make_model, tmp_path, client):
+    """The SEG had no RecommendedDisplayCIELabValue: OHIF and Slicer coloured its segments their own way, unlike
+    the COG, OME-Zarr, NIfTI colour table and quick look of the same classes."""
+    import highdicom as hd
+
+    from tilemask.classes import class_colours
+
+    folder = write_series(tmp_path / "series", rows=20, columns=24, slices=16)
+    args = {**UNET_3D, "out_channels": 3}
+    weights, _ = make_model(args)
+    workflow = series_workflow(folder, weights, ["background", "liver", "lesion"], 500.0, 800.0)
+    workflow["model"]["args"] = args
+    workflow["output"] = {"path": "out/{stem}_seg.dcm", "chunks": 16}
+    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    seg = hd.seg.segread(result.outputs[0])
+    shown = {v: seg.get_segment_description(v).get("RecommendedDisplayCIELabValue") for v in (1, 2)}
+    assert {v: lab and hd.color.CIELabColor.from_dicom_value(lab).to_rgb() for v, lab in shown.items()} == {
+        v: class_colours(3)[v][:3] for v in (1, 2)}  # fmt: skip
+
+
 def test_outputs_that_cannot_be_written_for_the_input_are_refused_when_planning(make_volume, make_model, tmp_path):
     from tilemask.planning import plan_workflow
 

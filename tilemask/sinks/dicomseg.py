@@ -3,8 +3,9 @@
 Workers write their chunks into a hidden Zarr (the plain Zarr sink, staged, never
 published); when the run finishes, the labels are read back slice by slice into
 the frames of one LABELMAP Segmentation instance: one segment per foreground
-class, named by the class, each frame referring to the source slice it lies on
-(same position and orientation, highdicom checks it). Label 0 and the nodata
+class, named by the class and given its colour (RecommendedDisplayCIELabValue, the
+other outputs' :func:`~tilemask.classes.class_colours`), each frame referring to the
+source slice it lies on (same position and orientation, highdicom checks it). Label 0 and the nodata
 value are background. The instance is written under a hidden name and renamed
 into place; with ``output.dicomweb`` it is then stored on that DICOMweb server
 (STOW-RS): a server that does not answer is refused before any window runs, and
@@ -21,6 +22,7 @@ from urllib.parse import urljoin, urlsplit
 import numpy as np
 
 from .. import __version__
+from ..classes import class_colours
 from ..errors import OutputError, WorkflowError
 from ..outputs import publish, remove, staged_path
 from . import LabelSink, OutputLayout
@@ -90,6 +92,7 @@ class DicomSegSink(LabelSink):
             volume[volume == layout.nodata] = 0
         frames = np.ascontiguousarray(volume.transpose(2, 1, 0))  # (slices, rows, columns)
         foreground = list(range(1, len(layout.class_names)))
+        colours = class_colours(len(layout.class_names))
         algorithm = hd.AlgorithmIdentificationSequence(
             name="tilemask", version=__version__, family=hd.sr.CodedConcept("113112", "DCM", "Artificial Intelligence")
         )
@@ -101,6 +104,7 @@ class DicomSegSink(LabelSink):
                 segmented_property_type=hd.sr.CodedConcept(*TISSUE),
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=algorithm,
+                display_color=hd.color.CIELabColor.from_rgb(*colours[value][:3]),
             )
             for value in foreground
         ]
