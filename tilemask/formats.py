@@ -91,6 +91,7 @@ class Format:
     writable: bool = True
     gdal_raster: bool = False  # read with rasterio: bands, overviews, GDAL's dataset mask
     zarr_store: bool = False  # a Zarr group: a folder of chunk files, probabilities inside it
+    most_classes: int | None = None  # the most classes, background included, an output holds (None: a uint32's)
 
     def matches(self, path: str) -> bool:
         return path.lower().rstrip("/").endswith(self.suffixes)
@@ -352,6 +353,7 @@ class DicomSegFormat(Format):
     name = "dicom-seg"
     suffixes = (".dcm",)
     spatial_dims = (3,)
+    most_classes = 65536  # segment numbers are 1 to 65535 (a LABELMAP's 16-bit pixels), 0 the background
 
     def make_sink(self, path, layout):
         from .sinks.dicomseg import DicomSegSink
