@@ -229,3 +229,26 @@ def test_an_ome_zarr_volume_with_a_scale_of_0_is_refused_for_its_affine(tmp_path
                                          r"singular .*scale") as refused:  # fmt: skip
         open_source(str(path), 3)
     assert refused.value.exit_status == 2
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_a_run_cut_short_leaves_no_group_an_ome_zarr_reader_takes_for_an_image(tmp_path, client, ndim):
+    """The multiscales and image-label were written when the output was created: a run killed before it finished
+    (SIGKILL, a lost node) left a hidden group that ome-zarr-models validated and ome-zarr's reader (napari's)
+    opened as labels, background where no chunk had come. They are written once every level holds its data."""
+    from tests.test_formats import regions, started, write
+
+    path, _, layout, sink, labels, probabilities = started(tmp_path, ".ome.zarr", ndim)
+    write(sink, labels, probabilities, regions(layout)[:2], client)  # two chunks, then the run dies
+    (staged,) = tmp_path.iterdir()
+    with pytest.raises(ValueError, match="ome"):
+        Image.from_zarr(zarr.open_group(staged, mode="r"))
+    assert [spec for node in Reader(parse_url(str(staged)))() for spec in node.specs] == []
+
+    write(sink, labels, probabilities, regions(layout)[2:], client)
+    sink.commit()
+    root = zarr.open_group(path, mode="r")
+    Image.from_zarr(root)
+    ImageLabel.from_zarr(root["labels/labels"])
+    (label,) = [n for n in Reader(parse_url(path))() if any(isinstance(s, Label) for s in n.specs)]
+    np.testing.assert_array_equal(np.asarray(label.data[0]), labels)

@@ -13,7 +13,8 @@ Level 0 is written chunk by chunk by the workers, as the plain Zarr output is;
 the coarser levels (each half the size of the one before, until the longest
 axis is at most :data:`SMALLEST`) are made when the run finishes, a chunk at a
 time: labels by the mode of each 2 x 2 (x 2) block (ties to the smallest
-value), probabilities by the mean. Each level's ``scale`` is the pixel/voxel
+value), probabilities by the mean; then, once every level holds its data, the
+OME-Zarr metadata (a run cut short leaves a plain Zarr group). Each level's ``scale`` is the pixel/voxel
 size (mm for volumes, from the affine; metres for rasters in a projected CRS)
 times its factor; the whole affine and CRS stay in tilemask's attributes. An
 OME-Zarr input's own unit is kept (micrometres stay micrometres): napari places
@@ -119,12 +120,35 @@ class OmeZarrSink(LabelSink):
         return staged_path(self.path, self.layout.run_id)
 
     def create(self) -> None:
+        """The arrays of every level and tilemask's attributes; the OME-Zarr metadata waits for the data (finish):
+        a run cut short leaves a plain Zarr group, which no OME-Zarr reader takes for a finished image."""
         layout = self.layout
-        shapes = level_shapes(layout.shape)
-        names, spacing, origin, unit = space_axes(layout)
+        names = space_axes(layout)[0]
         root = zarr.open_group(self.staged, mode="w", zarr_format=3)
-        space = [{"name": n, "type": "space", **({"unit": unit} if unit else {})} for n in names]
         channels = layout.probability_channels if layout.writes_probabilities else 0
+        labels = root.create_group("labels").create_group("labels")
+        for level, shape in enumerate(level_shapes(layout.shape)):
+            chunks = tuple(min(c, s) for c, s in zip(layout.chunks, shape))
+            if channels:
+                root.create_array(str(level), shape=(channels, *shape), chunks=(channels, *chunks),
+                                  dtype=layout.probabilities_dtype, fill_value=0, dimension_names=("c", *names))  # fmt: skip
+            else:
+                root.create_array(str(level), shape=shape, chunks=chunks, dtype=layout.labels_dtype, fill_value=0,
+                                  dimension_names=names)  # fmt: skip
+            labels.create_array(str(level), shape=shape, chunks=chunks, dtype=layout.labels_dtype, fill_value=0,
+                                dimension_names=names)  # fmt: skip
+        root.attrs.update(
+            {"tilemask": {**layout.metadata, "classes": list(layout.class_names), "nodata": layout.nodata,
+                          "complete": False, "labels": "labels/labels/0"}}
+            | layout.geometry.to_attrs()
+        )  # fmt: skip
+
+    def _ome(self) -> tuple[dict, dict]:
+        """The ``ome`` attributes of the image (the root) and of the label image (``labels/labels``)."""
+        layout = self.layout
+        levels = len(level_shapes(layout.shape))
+        names, spacing, origin, unit = space_axes(layout)
+        space = [{"name": n, "type": "space", **({"unit": unit} if unit else {})} for n in names]
 
         def multiscale(name: str, with_channels: bool) -> dict:
             lead = [1.0] if with_channels else []
@@ -135,29 +159,14 @@ class OmeZarrSink(LabelSink):
                     {"path": str(level), "coordinateTransformations": [
                         {"type": "scale", "scale": lead + [s * 2**level for s in spacing]}]
                         + ([{"type": "translation", "translation": [0.0] * len(lead) + origin}] if origin else [])}
-                    for level in range(len(shapes))
+                    for level in range(levels)
                 ],
                 "type": "mean" if with_channels else "mode",  # probabilities are averaged, labels voted
             }  # fmt: skip
 
-        for level, shape in enumerate(shapes):
-            chunks = tuple(min(c, s) for c, s in zip(layout.chunks, shape))
-            if channels:
-                root.create_array(str(level), shape=(channels, *shape), chunks=(channels, *chunks),
-                                  dtype=layout.probabilities_dtype, fill_value=0, dimension_names=("c", *names))  # fmt: skip
-            else:
-                root.create_array(str(level), shape=shape, chunks=chunks, dtype=layout.labels_dtype, fill_value=0,
-                                  dimension_names=names)  # fmt: skip
-        labels_group = root.create_group("labels")
-        labels_group.attrs["ome"] = {"version": NGFF, "labels": ["labels"]}
-        labels = labels_group.create_group("labels")
-        for level, shape in enumerate(shapes):
-            chunks = tuple(min(c, s) for c, s in zip(layout.chunks, shape))
-            labels.create_array(str(level), shape=shape, chunks=chunks, dtype=layout.labels_dtype, fill_value=0,
-                                dimension_names=names)  # fmt: skip
         colours = class_colours(max(len(layout.class_names), 2))
         values = list(range(len(layout.class_names)))
-        labels.attrs["ome"] = {
+        label_image = {
             "version": NGFF,
             "multiscales": [multiscale("labels", False)],
             "image-label": {
@@ -168,14 +177,9 @@ class OmeZarrSink(LabelSink):
                 "source": {"image": "../../"},
             },
         }
-        root.attrs.update(
-            {
-                "ome": {"version": NGFF, "multiscales": [multiscale("probabilities" if channels else "image", bool(channels))]},
-                "tilemask": {**layout.metadata, "classes": list(layout.class_names), "nodata": layout.nodata,
-                             "complete": False, "labels": "labels/labels/0"},
-            }
-            | layout.geometry.to_attrs()
-        )  # fmt: skip
+        channels = layout.writes_probabilities
+        image = {"version": NGFF, "multiscales": [multiscale("probabilities" if channels else "image", channels)]}
+        return image, label_image
 
     def _array(self, name: str):
         return cached_handle(
@@ -191,7 +195,8 @@ class OmeZarrSink(LabelSink):
             self._array("0")[index] = labels
 
     def finish(self) -> None:
-        """Make the coarser levels from the one before, one output chunk at a time, then mark the output whole."""
+        """Make the coarser levels from the one before, one output chunk at a time, then write the OME-Zarr
+        metadata and mark the output whole."""
         root = zarr.open_group(self.staged, mode="r+")
         shapes = level_shapes(self.layout.shape)
         for level in range(1, len(shapes)):
@@ -199,7 +204,10 @@ class OmeZarrSink(LabelSink):
             image_source, image_target = root[str(level - 1)], root[str(level)]
             channels = image_source.ndim > len(self.layout.shape)
             self._downsample(image_source, image_target, mean_downsample if channels else mode_downsample, channels)
-        root.attrs["tilemask"] = {**root.attrs["tilemask"], "complete": True}
+        image, label_image = self._ome()
+        root["labels/labels"].attrs["ome"] = label_image
+        root["labels"].attrs["ome"] = {"version": NGFF, "labels": ["labels"]}
+        root.attrs.update({"ome": image, "tilemask": {**root.attrs["tilemask"], "complete": True}})  # the root last
 
     @staticmethod
     def _downsample(source, target, reduce, channels: bool = False) -> None:
