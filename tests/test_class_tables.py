@@ -89,3 +89,35 @@ def test_nifti_labels_keep_their_class_count_in_the_header_for_a_viewer_without_
     assert np.asarray(probabilities.dataobj).max() > 1  # round(p * 255)
     (entry,) = [e for e in Catalog(out).entries() if e.kind == "labels"]
     assert [c["value"] for c in entry.legend()] == [0, 1, 2]
+
+
+def test_a_colour_table_naming_sparse_labels_names_those_only_and_one_naming_a_label_twice_is_refused(tmp_path, client):
+    """A 3D Slicer colour table naming label 1e6 (Slicer's own tables skip values; FreeSurfer's LUT reaches 14175)
+    was read into a name for every value up to it: 1e6 rows of unnamed classes in the statistics (label 3e8 ate
+    the memory). A label named twice kept the last name silently."""
+    import SimpleITK as sitk
+
+    from tests.conftest import run_cli
+    from tests.stats.conftest import anisotropic_affine, blobs, write_nifti
+    from tilemask.classes import COLOUR_TABLE_COLUMNS
+
+    labels = blobs((20, 24, 16), seed=3, sigma=2.0, classes=3).astype(np.int32)
+    labels[labels == 2] = 10**6
+    labels[:5][labels[:5] == 1] = 0  # sizes that differ
+    path = write_nifti(tmp_path / "scan_labels.nii.gz", labels, anisotropic_affine())
+    table = tmp_path / "scan_labels.colors.csv"
+    rows = [(0, "background"), (1, "liver"), (10**6, "tumour")]
+    table.write_text("\n".join(",".join(map(str, r)) for r in [COLOUR_TABLE_COLUMNS, *[(*r, 1, 2, 3, 255) for r in rows]]))
+    stats = pd.read_csv(compute_stats(path, tmp_path / "stats.csv", client=client))
+    assert list(zip(stats["value"], stats["class"])) == rows
+    shapes = sitk.LabelShapeStatisticsImageFilter()
+    shapes.Execute(sitk.ReadImage(str(path)))
+    expected = [shapes.GetPhysicalSize(v) / 1000 for v, _ in rows[1:]]  # mm3 to mL (its spacing in float32)
+    np.testing.assert_allclose(stats["volume_ml"][1:], expected, rtol=1e-6)
+    assert tilemask.open_result(str(path)).attrs["class_names"] == dict(rows)
+
+    table.write_text(table.read_text() + "\n1,spleen,4,5,6,255")
+    refused = run_cli("stats", path, "-o", tmp_path / "again.csv")
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr == f"tilemask: error: {table}: label 1 is named twice ('liver' and 'spleen')\n"
+    assert not (tmp_path / "again.csv").exists()

@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
+ClassNames = Sequence[str] | Mapping[int, str]
+"""Names of label values: a sequence names 0, 1, 2, ...; a mapping (a colour table's, whose values may be sparse)
+names its keys only."""
+
 CLASSES_TAG = "TILEMASK_CLASSES"
 """GeoTIFF dataset tag holding the class names as a JSON list."""
 
 
-def class_name(names: tuple[str, ...] | list[str] | None, value: int) -> str:
+def class_name(names: ClassNames | None, value: int) -> str:
     """The name of label ``value``: ``names[value]``, else ``class_<value>``."""
     names = names or ()
+    if isinstance(names, Mapping):
+        return str(names[value]) if value in names else f"class_{value}"
     return str(names[value]) if 0 <= value < len(names) else f"class_{value}"
+
+
+def named_values(names: ClassNames | None) -> list[int]:
+    """The label values ``names`` names, ascending."""
+    return sorted(names) if isinstance(names, Mapping) else list(range(len(names or ())))
+
+
+def class_count(names: ClassNames | None) -> int:
+    """One more than the largest value ``names`` names: the classes 0, 1, ... they reach."""
+    return max(names) + 1 if isinstance(names, Mapping) and names else len(names or ())
 
 
 # A qualitative palette (Tableau 10, then Tableau 20's light tones); class 0 is background.
@@ -57,9 +75,16 @@ def write_colour_table(path, names: tuple[str, ...] | list[str]) -> None:
             writer.writerow((value, str(name).replace('"', "'"), *colours[value]))
 
 
-def read_colour_table(path) -> tuple[str, ...] | None:
-    """The class names of a colour table written by :func:`write_colour_table` (gaps named ``class_<v>``)."""
+def read_colour_table(path) -> ClassNames | None:
+    """The class names of a colour table such as :func:`write_colour_table` writes: a tuple when its values are 0 to
+    n - 1, else a mapping of the values it names (a table naming label 3e8 holds one name, not 3e8).
+
+    None when there is no readable table; a value named twice is refused (3D Slicer's format does not say which
+    name would hold).
+    """
     import csv
+
+    from .errors import InputError
 
     try:
         with open(path, newline="") as f:
@@ -67,9 +92,15 @@ def read_colour_table(path) -> tuple[str, ...] | None:
     except (OSError, UnicodeDecodeError, csv.Error):
         return None
     try:
-        named = {int(row["LabelValue"]): row["Name"] for row in rows}
+        pairs = [(int(row["LabelValue"]), row["Name"]) for row in rows]
     except (KeyError, TypeError, ValueError):
         return None
+    named: dict[int, str] = {}
+    for value, name in pairs:
+        if value in named:
+            raise InputError(f"{path}: label {value} is named twice ({named[value]!r} and {name!r})")
+        named[value] = name
     if not named or min(named) < 0:
         return None
-    return tuple(named.get(v, f"class_{v}") for v in range(max(named) + 1))
+    named = dict(sorted(named.items()))
+    return tuple(named.values()) if max(named) == len(named) - 1 else named

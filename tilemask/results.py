@@ -6,13 +6,15 @@ pixel-centre ``x``/``y`` coordinates (2D ``xc``/``yc`` on a rotated grid, as ``r
 ``spatial_ref`` holding the CRS and transform, the nodata value as ``_FillValue``
 (integers are not masked) and the class names in ``attrs["class_names"]``.
 Volumes (NIfTI, Zarr, OME-Zarr) open as ``(i, j, k)`` with the voxel-to-RAS affine in ``attrs``, and their
-labels' nodata value as ``_FillValue`` there too.
+labels' nodata value as ``_FillValue`` there too; the class names of a NIfTI whose colour table names values other
+than 0 to n - 1 are a dict of value to name.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import dask.array as da
@@ -23,7 +25,7 @@ import zarr
 from affine import Affine
 from rioxarray.rioxarray import affine_to_coords
 
-from .classes import CLASSES_TAG, read_colour_table
+from .classes import CLASSES_TAG, ClassNames, read_colour_table
 from .errors import InputError
 from .formats import for_path
 from .geometry import RasterGeometry, normalize_per_axis
@@ -51,7 +53,7 @@ def open_result(path: str, variable: str = "labels", chunks: int | tuple[int, ..
 def _labels(path: str, chunks) -> xr.DataArray:
     image = open_labels(path, chunks)
     if not isinstance(image.geometry, RasterGeometry):
-        attrs = {"affine": [list(r) for r in image.geometry.affine], "class_names": list(image.class_names or ())}
+        attrs = {"affine": [list(r) for r in image.geometry.affine], "class_names": _names_attr(image.class_names)}
         nodata = {} if image.nodata is None else {"_FillValue": image.nodata}  # as rio.write_nodata marks a raster's
         return xr.DataArray(image.array, dims=("i", "j", "k"), name="labels", attrs={**attrs, **nodata})
     array = _georeferenced(image.array, ("y", "x"), image.geometry, "labels")
@@ -91,14 +93,19 @@ def _probabilities(path: str, chunks) -> xr.DataArray:
         return opened
     elif fmt.name == "nifti":  # probabilities beside the labels, 4D with classes last
         lazy, volume = open_nifti_probabilities(str(_beside(path, fmt)), chunks)
-        names = read_colour_table(fmt.class_table_path(path)) or ()
+        names = _names_attr(read_colour_table(fmt.class_table_path(path)))
         return xr.DataArray(lazy, dims=("class", "i", "j", "k"), name="probabilities",
-                            attrs={"affine": [list(r) for r in volume.affine], "class_names": list(names)})  # fmt: skip
+                            attrs={"affine": [list(r) for r in volume.affine], "class_names": names})  # fmt: skip
     else:
         raise InputError(f"{path}: probabilities are read from .tif, .zarr or NIfTI outputs")
     array = _georeferenced(lazy, ("class", "y", "x"), geometry, "probabilities")
     array.attrs["class_names"] = list(names)
     return array
+
+
+def _names_attr(names: ClassNames | None) -> list[str] | dict[int, str]:
+    """Class names for ``attrs``: a list (of values 0, 1, ...), or a dict of the values a sparse colour table names."""
+    return dict(names) if isinstance(names, Mapping) else list(names or ())
 
 
 def _beside(path: str, fmt) -> Path:

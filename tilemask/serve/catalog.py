@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..classes import CYCLE, class_name, cycled
+from ..classes import CYCLE, ClassNames, class_count, class_name, cycled, named_values
 from ..formats import CLASS_TABLE_SUFFIX, for_path, nifti_affine_mm
 from .paths import hidden, inside, relative, shown
 
@@ -48,7 +48,7 @@ class Entry:
     kind: str  # labels | probabilities | polygons | table | scan | raster | picture | segmentation (DICOM SEG)
     format: str  # the format registry's name, or the file's suffix
     id: str  # unique in the folder: the stem, or on a clash the relative path with "/" as "--"
-    class_names: tuple[str, ...] = ()
+    class_names: ClassNames = ()
     nodata: int | None = None
     bounds: tuple[float, float, float, float] | None = None  # lon/lat (CRS84) when georeferenced
     probabilities: str | None = None  # where the probabilities of a label output are (inside the folder)
@@ -63,7 +63,7 @@ class Entry:
 
     @property
     def n_classes(self) -> int:
-        return len(self.class_names) or 2
+        return class_count(self.class_names) or 2
 
     def legend(self) -> list[dict]:
         """The first :data:`LEGEND_CLASSES` classes, and beyond them those with a name of their own (from a colour
@@ -260,14 +260,14 @@ def _image(root: Path, rel: str, path: Path) -> list[Entry]:
     else:
         beside = Path(fmt.probabilities_path(str(path)))
         probabilities = relative(root, beside) if inside(root, beside) else None
-    names = tuple(labels.class_names or ())
+    names = labels.class_names or ()
     if not names and fmt.name == "nifti":  # no colour table beside it: as many classes as its header's cal_max says
         import nibabel as nib
 
         top = int(nib.load(path).header["cal_max"])  # tilemask's reaches the nodata label, which is no class
         top = min(top if labels.nodata is None or top < labels.nodata else labels.nodata - 1, LEGEND_CLASSES - 1)
         names = tuple(class_name((), v) for v in range(max(2, top + 1)))
-    beyond = tuple(v for v in range(LEGEND_CLASSES, len(names)) if names[v] != class_name((), v))
+    beyond = tuple(v for v in named_values(names) if v >= LEGEND_CLASSES and class_name(names, v) != class_name((), v))
     common = {"class_names": names, "nodata": labels.nodata, "probabilities": probabilities,
               "shape": tuple(labels.array.shape), "named_beyond": beyond}  # fmt: skip
     if labels.is_volume:

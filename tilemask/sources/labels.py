@@ -25,7 +25,7 @@ import zarr
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from ..classes import CLASSES_TAG, read_colour_table
+from ..classes import CLASSES_TAG, ClassNames, read_colour_table
 from ..errors import InputError, ReadError, option
 from ..geometry import Geometry, RasterGeometry, VolumeGeometry, geometry_from_attrs, normalize_per_axis
 from ..storage import zarr_options
@@ -43,7 +43,7 @@ class LabelImage:
     path: str
     array: da.Array  # spatial axes only, integer labels
     geometry: Geometry
-    class_names: tuple[str, ...] | None
+    class_names: ClassNames | None
     nodata: int | None
 
     @property

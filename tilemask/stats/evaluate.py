@@ -24,6 +24,7 @@ import math
 
 import numpy as np
 
+from ..classes import named_values
 from ..errors import InputError
 from ..sources.labels import LabelImage
 from .crosstab import count_pairs
@@ -94,8 +95,9 @@ def evaluate(pred: LabelImage, truth: LabelImage, names=None, client=None) -> di
     """Scores of ``pred`` against ``truth``, plus the inputs and the confusion matrix."""
     labels, matrix = confusion_matrix(pred, truth, client)
     names = names if names is not None else (pred.class_names or truth.class_names)
+    named = set(named_values(names))
     unpredicted = [int(v) for v, p, t in zip(labels, matrix.sum(axis=1), matrix.sum(axis=0))
-                   if t and not p and not 0 <= v < len(names or ())]  # fmt: skip
+                   if t and not p and int(v) not in named]  # fmt: skip
     if unpredicted:
         logger.warning("%s: label value(s) %s are in the truth only, and not named: each is a class with dice 0 in "
                        "the means; if they mark pixels to ignore, make the truth's nodata say so", truth.path,

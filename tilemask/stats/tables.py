@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..classes import class_name
+from ..classes import ClassNames, class_name, named_values
 from ..errors import InputError, OutputError, UsageError, option
 from ..formats import PRODUCT_MARK, product_mark
 from ..outputs import atomic_path, check_writable
@@ -33,12 +33,12 @@ logger = logging.getLogger(__name__)
 TABLE_SUFFIXES = (".parquet", ".gpkg", ".csv", ".json")
 
 
-def class_names(values: Iterable[int], names: Sequence[str] | None) -> dict[int, str]:
+def class_names(values: Iterable[int], names: ClassNames | None) -> dict[int, str]:
     """Name of each label value: ``names[v]`` when given, else ``class_<v>``.
 
     Every named class is listed (in value order), then the other values found. Names that repeat are refused.
     """
-    named = {i: class_name(names, i) for i in range(len(names or ()))}
+    named = {i: class_name(names, i) for i in named_values(names)}
     for value in sorted(int(v) for v in values):
         named.setdefault(value, class_name(names, value))
     seen: dict[str, int] = {}
