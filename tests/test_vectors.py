@@ -254,14 +254,19 @@ def test_geojson_of_a_crs_it_cannot_name_is_refused_and_geopackage_keeps_it(tmp_
     assert_identical(read(gpkg), reference_shapes(labels, transform, None), ("class_0", "class_1", "class_2"))
 
 
-@pytest.mark.parametrize("crs, transform, decimals", [
-    ("EPSG:32618", Affine(300.0379266750948, 0.0, 101985.0, 0.0, -300.041782729805, 2826915.0), 0),  # RGB.byte
-    ("EPSG:4326", Affine(1 / 3600, 0.0, 11.1, 0.0, -1 / 3600, 46.7), 6),  # 1 arc second
-], ids=["utm-300m", "wgs84-1arcsec"])  # fmt: skip
-def test_geojson_coordinates_keep_what_the_pixel_size_warrants_and_the_crs(tmp_path, client, crs, transform, decimals):
+@pytest.mark.parametrize("crs, transform, decimals, area_decimals", [
+    ("EPSG:32618", Affine(300.0379266750948, 0.0, 101985.0, 0.0, -300.041782729805, 2826915.0), 0, 0),  # RGB.byte
+    ("EPSG:4326", Affine(1 / 3600, 0.0, 11.1, 0.0, -1 / 3600, 46.7), 6, 0),  # 1 arc second: 655 m2 pixels
+    ("EPSG:32633", Affine(0.4999, 0.0, 500000.3, 0.0, -0.5003, 4100000.7), 3, 3),  # 0.25 m2 pixels
+], ids=["utm-300m", "wgs84-1arcsec", "utm-50cm"])  # fmt: skip
+def test_geojson_coordinates_keep_what_the_pixel_size_warrants_and_the_crs(
+    tmp_path, client, crs, transform, decimals, area_decimals
+):
     """GDAL's GeoJSON default, 15 significant digits, wrote 104085.265486726 for a 300 m pixel's corner: its
     ``COORDINATE_PRECISION`` now keeps a step of 1/100 of a pixel, each vertex within half a step of
-    ``rasterio.features.shapes``'s, and the file names the raster's CRS."""
+    ``rasterio.features.shapes``'s, and the file names the raster's CRS. ``area_m2`` was written with 17 digits
+    (8993.9970000118738 for ten 29.97 x 30.01 m pixels); it keeps a step of 1/100 of a pixel's area, within half a
+    step of the area of ``shapes``'s polygon (on the ellipsoid, pyproj's ``Geod``, its edges along the parallels)."""
     labels = blobs((150, 170), seed=4, nodata=255)
     path = write_raster(tmp_path / "labels.tif", labels, crs, transform, nodata=255)
     out = write_polygons(path, str(tmp_path / "p.geojson"), client=client, class_names=CLASSES, chunks=48)
@@ -280,6 +285,17 @@ def test_geojson_coordinates_keep_what_the_pixel_size_warrants_and_the_crs(tmp_p
         expected, value = reference[k]
         assert name == CLASSES[value] and shapely.get_num_coordinates(geom) == shapely.get_num_coordinates(expected)
         assert shapely.hausdorff_distance(geom, expected) <= half_step * 1.5  # a corner moves along both axes
+    written = [f["properties"]["area_m2"] for f in json.loads(Path(out).read_text(), parse_float=str)["features"]]
+    assert max(len(text.partition(".")[2].rstrip("0")) for text in written) <= area_decimals, written
+    geod = CRS(crs).get_geod()
+    for geom, area in zip(result.geometry, result["area_m2"]):
+        (k,) = tree.query(geom.representative_point(), predicate="within")
+        expected = reference[k][0]
+        if CRS(crs).is_geographic:  # edges cut into steps of 1e-5 degree: geodesics that follow the parallels
+            exact = abs(geod.geometry_area_perimeter(shapely.segmentize(expected, 1e-5))[0])
+        else:
+            exact = expected.area
+        assert abs(area - exact) <= 0.5 * 10.0**-area_decimals + 1e-9 * exact
 
 
 def test_unknown_format_is_a_one_line_error(tmp_path, client):

@@ -37,7 +37,7 @@ Attributes: ``class`` (name) and ``area_m2`` (planar area times the CRS unit's
 metres squared for a projected CRS; for a geographic CRS, the area on the CRS's
 ellipsoid: planar area in its cylindrical equal-area projection, exact for the
 parallels and meridians bounding the pixels of a north-up grid; empty (null)
-without a CRS, as in the statistics).
+without a CRS, as in the statistics; in a GeoJSON, rounded to :meth:`AreaRule.area_decimals`).
 """
 
 from __future__ import annotations
@@ -490,6 +490,14 @@ class AreaRule:
         factor = (crs.axis_info[0].unit_conversion_factor or 1.0) if crs.axis_info else 1.0
         return shapely.area(geoms) * factor**2
 
+    def area_decimals(self, rows: int) -> int:
+        """The decimals a GeoJSON's ``area_m2`` keeps, as :func:`coordinate_decimals` for its vertices: a step of at
+        most 1/100 of the smallest pixel's area ``a`` (m2), ``d = ceil(2 - log10(a))``, at least 0. The smallest
+        pixel of a grid in degrees is in its first or last row, the one nearer a pole."""
+        corners = np.array([0, rows - 1])
+        area = np.nanmin(self.area_m2(self.to_world(shapely.box(0, corners, 1, corners + 1))), initial=np.inf)
+        return max(0, math.ceil(2 - math.log10(area))) if np.isfinite(area) else 0
+
 
 def equal_area(crs: CRS):
     """The map from ``crs``'s longitude/latitude (x, y, in its angular unit) to the cylindrical equal-area projection
@@ -589,7 +597,7 @@ def write_polygons(
             )
         )
     del pieces, selections
-    return _write(out_path, suffix, _gather_in_order(client, batches), rule)
+    return _write(out_path, suffix, _gather_in_order(client, batches), rule, image.array.shape[0])
 
 
 def check_polygons_crs(out_path: str, crs_wkt: str | None, raster: str) -> None:
@@ -633,13 +641,15 @@ def _gather_in_order(client, batches: list) -> Iterator[FeatureBatch]:
         future.release()
 
 
-def _record_batches(batches: Iterator[FeatureBatch]) -> Iterator[pa.RecordBatch]:
+def _record_batches(batches: Iterator[FeatureBatch], area_decimals: int | None = None) -> Iterator[pa.RecordBatch]:
+    """The features as Arrow; their areas rounded to ``area_decimals`` when given (a GeoJSON's text)."""
     for batch in batches:
+        area = batch.area_m2 if area_decimals is None else np.round(batch.area_m2, area_decimals)
         yield pa.record_batch(
             [
                 pa.array(batch.wkb, pa.binary()),
                 pa.array(batch.classes, pa.string()),
-                pa.array(batch.area_m2, pa.float64(), from_pandas=True),  # NaN (no CRS: no area) as null
+                pa.array(area, pa.float64(), from_pandas=True),  # NaN (no CRS: no area) as null
             ],
             schema=_schema(),
         )
@@ -665,8 +675,9 @@ def _ogr_options(driver: str, transform: tuple[float, ...]) -> dict:
     return {"dataset_metadata": mark, "layer_metadata": mark} if driver == "GPKG" else {"layer_metadata": mark}
 
 
-def _write(out_path: str, suffix: str, batches: Iterator[FeatureBatch], rule: AreaRule) -> str:
-    """Stream the features into ``out_path`` under a temporary name; rename when whole."""
+def _write(out_path: str, suffix: str, batches: Iterator[FeatureBatch], rule: AreaRule, rows: int) -> str:
+    """Stream the features of a label raster of ``rows`` rows into ``out_path`` under a temporary name; rename when
+    whole."""
     crs_wkt = rule.crs_wkt
     target = Path(out_path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -691,7 +702,8 @@ def _write(out_path: str, suffix: str, batches: Iterator[FeatureBatch], rule: Ar
         else:
             import pyogrio
 
-            counted = _counting(_record_batches(batches))
+            decimals = rule.area_decimals(rows) if suffix == ".geojson" else None
+            counted = _counting(_record_batches(batches, decimals))
             reader = pa.RecordBatchReader.from_batches(_schema(), counted)
             pyogrio.write_arrow(
                 reader,
