@@ -15,6 +15,7 @@ from rasterio.transform import Affine
 
 from tilemask.errors import InputError, UsageError
 from tilemask.stats import evaluate_paths
+from tilemask.stats.api import prepare_evaluation
 from tilemask.stats.cli import evaluate as evaluate_command
 
 from .conftest import blobs, write_raster
@@ -92,6 +93,21 @@ def test_cli_writes_json_and_rejects_other_grid(pair, tmp_path):
         result = runner.invoke(evaluate_command, [str(pred_path), str(truth_path), "-o", str(output)])
         assert result.exit_code == 2 and why in result.output, result.output
     assert pred_path.read_bytes() == before and not (tmp_path / "scores.txt").exists()
+
+
+def test_images_on_other_grids_are_refused_before_any_cluster_starts(pair, tmp_path):
+    """``prepare_evaluation`` (what the command runs before it starts its cluster) opened both images and left the
+    grids to the run: another shape, origin, pixel size or CRS started a LocalCluster before exit 2."""
+    pred_path, _, pred, _ = pair
+    for name, crs, transform, labels, why in (
+        ("shape", "EPSG:32633", Affine(10, 0, 0, 0, -10, 1000), pred[:-1], "shapes differ"),
+        ("origin", "EPSG:32633", Affine(10, 0, 5, 0, -10, 1000), pred, "geotransforms differ"),
+        ("pixel", "EPSG:32633", Affine(10.01, 0, 0, 0, -10, 1000), pred, "geotransforms differ"),
+        ("crs", "EPSG:32634", Affine(10, 0, 0, 0, -10, 1000), pred, "CRSs differ"),
+    ):
+        other = write_raster(tmp_path / f"{name}.tif", labels, crs, transform)
+        with pytest.raises(InputError, match=f"are not on the same grid \\({why}"):
+            prepare_evaluation(pred_path, other)
 
 
 def test_negative_and_far_label_values_are_classes_of_their_own(tmp_path, caplog):

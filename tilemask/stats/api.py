@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import InputError, on_command_line, option
 from ..sources.labels import check_chunks, open_labels
 from .config import StatsConfig, is_label_image, region_options_without_regions
-from .evaluate import evaluate
+from .evaluate import check_same_grid, evaluate
 from .instances import CONNECTIVITIES, find_instances
 from .tables import check_table_path, parse_classes, write_json, write_table
 from .totals import atlas_zonal, class_totals, grid_of
@@ -141,6 +141,7 @@ def prepare_evaluation(
     names = parse_classes(classes)
     pred = open_labels(str(pred_path), chunks=chunks)
     truth = open_labels(str(truth_path), chunks=chunks)
+    check_same_grid(pred, truth)
 
     def run(client=None, *, before_writing: Callable[[], None] = lambda: None) -> dict:
         result = evaluate(pred, truth, names=names, client=client)

@@ -28,7 +28,7 @@ from ..classes import named_values
 from ..errors import InputError
 from ..sources.labels import LabelImage
 from .crosstab import count_pairs
-from .measure import same_grid
+from .measure import Grid, same_grid
 from .tables import class_names, jsonable
 from .totals import grid_of
 
@@ -41,14 +41,20 @@ MAX_LABELS = 1024
 """Distinct label values ``evaluate`` compares: classes, not instance ids (its matrix grows with their square)."""
 
 
-def confusion_matrix(pred: LabelImage, truth: LabelImage, client=None) -> tuple[np.ndarray, np.ndarray]:
-    """``(labels, M)``: the label values found in either image, in order, and ``M[i, j]``, the valid pixels
-    predicted ``labels[i]`` whose truth is ``labels[j]``. Only values present have a row and column: a truth
-    with 5000 as an unmarked value, or -1, gives them their own, not a matrix 5001 wide or a wrapped index."""
+def check_same_grid(pred: LabelImage, truth: LabelImage) -> Grid:
+    """The grid of ``pred``, refused unless ``truth`` is on it too (shape, CRS and geotransform, or affine)."""
     grid = grid_of(pred)
     why = same_grid(grid, grid_of(truth))
     if why:
         raise InputError(f"{pred.path} and {truth.path} are not on the same grid ({why}); resample one onto the other")
+    return grid
+
+
+def confusion_matrix(pred: LabelImage, truth: LabelImage, client=None) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, M)``: the label values found in either image, in order, and ``M[i, j]``, the valid pixels
+    predicted ``labels[i]`` whose truth is ``labels[j]``. Only values present have a row and column: a truth
+    with 5000 as an unmarked value, or -1, gives them their own, not a matrix 5001 wide or a wrapped index."""
+    grid = check_same_grid(pred, truth)
     excluded = () if pred.nodata is None else (int(pred.nodata),)
     zone_excluded = () if truth.nodata is None else (int(truth.nodata),)
     pairs = count_pairs(pred.array, truth.array, grid, sizes=False, excluded=excluded, zone_excluded=zone_excluded, client=client)
