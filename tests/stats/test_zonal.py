@@ -340,6 +340,18 @@ def test_regions_without_geometry_count_no_pixel_and_are_named_in_a_warning(tmp_
     assert "1 of 5 regions have no geometry (first: 'r1'): they count no pixel" in caplog.text
 
 
+def test_regions_of_no_feature_give_no_row_and_a_warning(tmp_path, shade_labels, caplog):
+    """An empty layer gave a table of no rows with nothing said; exactextract gives no row either."""
+    regions_path = tmp_path / "regions.gpkg"
+    random_regions(shade_labels, 4, seed=3).iloc[:0].to_file(regions_path)
+    assert len(exact_extract(str(shade_labels), gpd.read_file(regions_path), ["count"], output="pandas")) == 0
+    for coverage in ("center", "fraction"):
+        table = compute_stats(shade_labels, tmp_path / f"{coverage}.parquet", regions=regions_path, region_id="name",
+                              coverage=coverage)  # fmt: skip
+        assert len(gpd.read_parquet(table)) == 0
+    assert caplog.text.count(f"{regions_path} holds no features: the table has no rows") == 2
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("coverage", ["center", "fraction"])
 def test_regions_off_the_raster_keep_their_rows_and_are_counted_in_one_warning(tmp_path, shade_labels, coverage,

@@ -163,6 +163,8 @@ def read_regions(path: str | os.PathLike, region_id: str | None):
     if region_id is not None:
         fields = [c for c in regions.columns if c != regions.geometry.name]
         check_key(path, region_id, fields, regions.get(region_id))
+    if regions.empty:  # an empty table, as exactextract gives; said, not silent
+        logger.warning("%s holds no features: the table has no rows", path)
     return regions, region_id or "region"
 
 
