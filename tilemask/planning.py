@@ -530,8 +530,7 @@ def _check_statistics(item: InputPlan) -> None:
         from .sources.labels import open_labels
         from .stats.totals import check_atlas_grid
 
-        # a volume's output affine may be stored in float32 (NIfTI) where the input's is float64 (DICOM): 1 um here
-        check_atlas_grid(grid, open_labels(stats.regions), item.input, tolerance=1e-6 if grid.is_volume else 1e-9)
+        check_atlas_grid(grid, open_labels(stats.regions), item.input)
         return
     from .stats.zonal import check_vector_grid
 

@@ -100,6 +100,33 @@ def test_atlas_zonal_and_chunking(tmp_path):
             assert getattr(row, f"{name}_fraction") == pytest.approx(count / inside.sum(), rel=1e-12)
 
 
+def test_an_atlas_is_on_the_grid_within_1_um_and_is_checked_before_any_cluster_starts(tmp_path):
+    """An atlas in NIfTI-2 (a float64 affine) beside labels in NIfTI-1 (float32) was refused as off their grid
+    (4e-6 mm apart) once the cluster had started, where a workflow's planning took it (1 um). An atlas 0.01 mm off is
+    refused by ``prepare_stats`` now, before the command starts a cluster."""
+    import nibabel as nib
+
+    from tilemask.stats.api import prepare_stats
+
+    data = blobs((20, 22, 18), seed=2)
+    atlas = (np.indices(data.shape)[0] // 5 + 1).astype(np.uint8)
+    affine = np.diag([0.9, 1.1, 3.0, 1.0])
+    affine[:3, 3] = [-123.456789, 87.654321, -45.6789]
+    mask_path = write_nifti(tmp_path / "mask.nii.gz", data, affine)
+    float64 = nib.Nifti2Image(atlas, affine)
+    float64.set_sform(affine, code=1)
+    nib.save(float64, tmp_path / "atlas.nii")
+    assert 1e-6 < np.abs(nib.load(mask_path).affine - nib.load(tmp_path / "atlas.nii").affine).max() < 1e-5
+    table = pd.read_csv(compute_stats(mask_path, tmp_path / "a.csv", regions=tmp_path / "atlas.nii"))
+    for row in table.itertuples(index=False):
+        assert [getattr(row, f"class_{v}_voxels") for v in range(3)] == np.bincount(data[atlas == row.region],
+                                                                                   minlength=3).tolist()
+    affine[0, 3] += 0.01
+    write_nifti(tmp_path / "off.nii.gz", atlas, affine)
+    with pytest.raises(InputError, match="off.nii.gz: the atlas is not on the grid of .*mask.nii.gz .affines differ"):
+        prepare_stats(mask_path, tmp_path / "b.csv", regions=tmp_path / "off.nii.gz")
+
+
 def test_totals_formats_and_nodata(tmp_path):
     data = blobs((50, 60), seed=4)
     data[:5] = 255

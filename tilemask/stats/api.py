@@ -23,7 +23,7 @@ from .config import StatsConfig, is_label_image, region_options_without_regions
 from .evaluate import check_same_grid, evaluate
 from .instances import CONNECTIVITIES, find_instances
 from .tables import check_table_path, parse_classes, write_json, write_table
-from .totals import atlas_zonal, class_totals, grid_of
+from .totals import atlas_zonal, check_atlas_grid, class_totals, grid_of
 from .zonal import prepare_vector_zonal, read_regions
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ def prepare_stats(
         if coverage == "fraction":
             raise InputError(f"{option('coverage')} fraction applies to vector regions; an atlas's pixels are the "
                              "labels' own")  # fmt: skip
+        check_atlas_grid(grid_of(image), atlas, mask_path)
         table = lambda client: atlas_zonal(image, atlas, names=names, client=client)
     elif regions is not None:
         frame, key = read_regions(regions, region_id)

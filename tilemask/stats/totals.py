@@ -52,17 +52,18 @@ def class_totals(image: LabelImage, names=None, client=None) -> pd.DataFrame:
     )
 
 
-def check_atlas_grid(grid: Grid, atlas: LabelImage, image_path, tolerance: float = 1e-9) -> None:
-    """Refuse an atlas that is not on the labels' ``grid`` (see :func:`same_grid` for ``tolerance``)."""
-    why = same_grid(grid, grid_of(atlas), tolerance)
+def check_atlas_grid(grid: Grid, atlas: LabelImage, image_path) -> None:
+    """Refuse an atlas that is not on the labels' ``grid``: a volume's affine within 1 um, as a NIfTI stores it in
+    float32 where a DICOM series or a NIfTI-2 atlas has it in float64 (see :func:`same_grid`)."""
+    why = same_grid(grid, grid_of(atlas), 1e-6 if grid.is_volume else 1e-9)
     if why:
         raise InputError(f"{atlas.path}: the atlas is not on the grid of {image_path} ({why})")
 
 
 def atlas_zonal(image: LabelImage, atlas: LabelImage, names=None, client=None) -> pd.DataFrame:
-    """One row per atlas label with per-class counts, fractions and sizes."""
+    """One row per atlas label with per-class counts, fractions and sizes (``atlas`` on the grid of ``image``:
+    :func:`check_atlas_grid`)."""
     grid = grid_of(image)
-    check_atlas_grid(grid, atlas, image.path)
     zone_excluded = (0,) + (() if atlas.nodata is None else (int(atlas.nodata),))
     pairs = count_pairs(
         image.array, atlas.array, grid, excluded=excluded_values(image), zone_excluded=zone_excluded, client=client
