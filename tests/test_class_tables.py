@@ -6,6 +6,7 @@ import csv
 
 import numpy as np
 import pandas as pd
+import pytest
 from scipy import ndimage
 
 import tilemask
@@ -121,3 +122,21 @@ def test_a_colour_table_naming_sparse_labels_names_those_only_and_one_naming_a_l
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr == f"tilemask: error: {table}: label 1 is named twice ('liver' and 'spleen')\n"
     assert not (tmp_path / "again.csv").exists()
+
+
+@pytest.mark.parametrize("rows, why", [
+    ("LabelValue,Name\n0,background\n1.5,liver", "not a row of an integer LabelValue and a Name"),
+    ("Value,Name\n0,background\n1,liver", "not a row of an integer LabelValue and a Name: 'LabelValue'"),
+    ("LabelValue,Name\n-1,ignore\n1,liver", "label -1 is negative"),
+], ids=["float", "no-column", "negative"])  # fmt: skip
+def test_a_colour_table_that_is_no_slicer_table_is_left_out_with_a_warning(tmp_path, caplog, rows, why):
+    """Such a table beside NIfTI labels was passed over in silence: its names were gone, the labels class_<v>."""
+    from tests.stats.conftest import write_nifti
+    from tilemask.sources.labels import open_labels
+
+    path = write_nifti(tmp_path / "scan_labels.nii.gz", np.arange(8, dtype=np.uint8).reshape(2, 2, 2) % 2, np.eye(4))
+    (tmp_path / "scan_labels.colors.csv").write_text(rows)
+    assert open_labels(str(path)).class_names is None
+    (record,) = [r for r in caplog.records if r.name == "tilemask.classes"]
+    assert record.levelname == "WARNING" and record.getMessage().startswith(
+        f"{tmp_path / 'scan_labels.colors.csv'}: class names left out ({why}")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
+
+logger = logging.getLogger(__name__)
 
 ClassNames = Sequence[str] | Mapping[int, str]
 """Names of label values: a sequence names 0, 1, 2, ...; a mapping (a colour table's, whose values may be sparse)
@@ -79,8 +82,8 @@ def read_colour_table(path) -> ClassNames | None:
     """The class names of a colour table such as :func:`write_colour_table` writes: a tuple when its values are 0 to
     n - 1, else a mapping of the values it names (a table naming label 3e8 holds one name, not 3e8).
 
-    None when there is no readable table; a value named twice is refused (3D Slicer's format does not say which
-    name would hold).
+    None when there is no table; a table that cannot be read as one is left out with a warning that says why, and
+    a value named twice is refused (3D Slicer's format does not say which name would hold).
     """
     import csv
 
@@ -89,18 +92,24 @@ def read_colour_table(path) -> ClassNames | None:
     try:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error):
+    except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        return _left_out(path, str(exc))
     try:
         pairs = [(int(row["LabelValue"]), row["Name"]) for row in rows]
-    except (KeyError, TypeError, ValueError):
-        return None
+    except (KeyError, TypeError, ValueError) as exc:
+        return _left_out(path, f"not a row of an integer LabelValue and a Name: {exc}")
     named: dict[int, str] = {}
     for value, name in pairs:
         if value in named:
             raise InputError(f"{path}: label {value} is named twice ({named[value]!r} and {name!r})")
         named[value] = name
     if not named or min(named) < 0:
-        return None
+        return _left_out(path, "it names no label" if not named else f"label {min(named)} is negative")
     named = dict(sorted(named.items()))
     return tuple(named.values()) if max(named) == len(named) - 1 else named
+
+
+def _left_out(path, why: str) -> None:
+    logger.warning("%s: class names left out (%s): the labels are named class_<value>", path, why)
