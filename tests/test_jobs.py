@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -590,6 +591,38 @@ def test_a_hidden_archive_member_or_listed_file_writes_outputs_that_are_not_hidd
     beside = {**workflow, "input": ".*.tif", "output": {"path": ".{stem}_mask.tif"}}
     assert [item.files for item in Workflow.from_dict(beside, base_dir=tmp_path).input_items()] == [
         (str(tmp_path / ".x.tif"),)]
+
+
+def test_macos_resource_forks_in_an_archive_are_not_inputs(make_model, tmp_path):
+    """A zip made by macOS's Finder holds ``__MACOSX/._a.tif`` beside ``a.tif`` (and ``tar`` on macOS ``._a.tif``):
+    AppleDouble metadata, not rasters. ``members: "*.tif"`` took them as inputs: the run was refused ("not
+    recognized as being in a supported file format", exit 2) where one sorted first, else each was a failed item."""
+    from tilemask.planning import plan_workflow
+
+    scene = GEO["RGB.byte.tif"]
+    fork = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(50)  # AppleDouble's header
+    with zipfile.ZipFile(tmp_path / "finder.zip", "w") as zf:
+        zf.write(scene, "scenes/a.tif")
+        zf.writestr("__MACOSX/scenes/._a.tif", fork)
+    with tarfile.open(tmp_path / "mac.tar", "w") as tf:
+        tf.add(scene, "./a.tif")
+        tf.add(scene, "sub/b.tif")
+        for name in ("./._a.tif", "sub/._b.tif"):
+            info = tarfile.TarInfo(name)
+            info.size = len(fork)
+            tf.addfile(info, io.BytesIO(fork))
+    weights, _ = make_model(UNET_2D)
+    workflow = raster_workflow(str(scene), weights, output={"path": "out/{stem}_mask.tif"})
+    for archive, members in (("finder.zip", ["scenes/a.tif"]), ("mac.tar", ["a.tif", "sub/b.tif"])):
+        plan = plan_workflow(Workflow.from_dict({**workflow, "input": {"archive": archive, "members": "*.tif"}},
+                                                base_dir=tmp_path))  # fmt: skip
+        assert [item.files for item in plan.items] == [(f"{'/vsizip/' if archive.endswith('zip') else '/vsitar/'}"
+                                                         f"{tmp_path}/{archive}/{m}",) for m in members]  # fmt: skip
+    with zipfile.ZipFile(tmp_path / "forks.zip", "w") as zf:  # nothing but forks: nothing matches
+        zf.writestr("__MACOSX/._a.tif", fork)
+    with pytest.raises(InputError, match=r"no member of \S+forks.zip matches '\*.tif'"):
+        plan_workflow(Workflow.from_dict({**workflow, "input": {"archive": "forks.zip", "members": "*.tif"}},
+                                         base_dir=tmp_path))  # fmt: skip
 
 
 def test_listings_as_windows_and_other_tools_write_them_are_read_or_refused_by_name(make_model, tmp_path):

@@ -46,7 +46,8 @@ def split_member(path: str) -> tuple[str, str] | None:
 
 
 def members(archive: str, pattern: str) -> list[str]:
-    """The files in ``archive`` whose name matches ``pattern`` (fnmatch, on the whole name), sorted."""
+    """The files in ``archive`` whose name (or base name) matches ``pattern`` (fnmatch), sorted; macOS resource
+    forks are no files (:func:`is_resource_fork`)."""
     if not archive.lower().endswith(ARCHIVE_SUFFIXES):
         raise InputError(f"input.archive: {archive}: not a .zip, .tar, .tar.gz or .tgz archive")
     try:
@@ -60,6 +61,7 @@ def members(archive: str, pattern: str) -> list[str]:
         raise InputError(f"input.archive: no such file {archive}") from None
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
         raise InputError(f"input.archive: {archive}: cannot read the archive: {exc}") from None
+    names = [n for n in names if not is_resource_fork(n)]
     found = sorted(n for n in names if fnmatch.fnmatch(n, pattern) or fnmatch.fnmatch(os.path.basename(n), pattern))
     for name in found:
         try:
@@ -69,6 +71,13 @@ def members(archive: str, pattern: str) -> list[str]:
             raise InputError(f"input.archive: {archive}: the member {shown} is not named in UTF-8, which GDAL needs; "
                              "narrow input.members, or rename it") from None  # fmt: skip
     return found
+
+
+def is_resource_fork(name: str) -> bool:
+    """Whether a member is macOS metadata, not a file: a ``._x`` AppleDouble file (``tar`` on macOS writes one
+    beside each file with extended attributes) or anything under ``__MACOSX/`` (Finder's Compress), which
+    Finder and ``ditto`` do not extract as files."""
+    return os.path.basename(name).startswith("._") or name.split("/", 1)[0] == "__MACOSX"
 
 
 def _gdal_name(name: str) -> str:
