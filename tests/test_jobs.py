@@ -390,6 +390,45 @@ def test_a_run_refused_before_any_work_leaves_no_job(make_raster, make_model, wr
     assert not any((tilemask_home / "jobs").iterdir())
 
 
+def test_a_run_killed_while_it_writes_the_jobs_record_is_taken_up_by_the_next(make_raster, make_model,
+                                                                             write_workflow, tmp_path):
+    """The record was written ``workflow.yaml``, ``items.jsonl``, then ``job.json``: a run killed between them left a
+    folder without ``job.json``, which every later run refused as holding "workflow.yaml but no job.json: they are
+    not a tilemask job's" (exit 2). ``job.json`` comes first: the folder is the job's, and the next run writes the
+    rest. The kernel kills the run (SIGXFSZ, which Python ignores: its default action is restored) when it writes
+    past a file size limit that each record but ``items.jsonl`` fits."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    deep = tmp_path.joinpath(*["d" * 200] * 12)  # long paths: items.jsonl is larger than job.json and workflow.yaml
+    deep.mkdir(parents=True)
+    scene, _ = make_raster((3, 64, 64))
+    for name in ("a", "b"):
+        shutil.copy(scene, deep / f"{name}.tif")
+    (deep / "items.txt").write_text("a.tif\nb.tif\n")
+    weights, _ = make_model()
+    workflow = raster_workflow(scene, weights, output={"path": "out/{stem}.zarr", "probabilities": "none"})
+    workflow = write_workflow({**workflow, "input": {"list": str(deep / "items.txt")}})
+    limit = 4000
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    killed = subprocess.run(
+        [sys.executable, "-c", "import signal; signal.signal(signal.SIGXFSZ, signal.SIG_DFL); "
+                               "from tilemask.__main__ import main; main()", "run", workflow, "--workers", "1"],
+        capture_output=True, text=True, cwd=tmp_path, preexec_fn=limited, timeout=120)  # fmt: skip
+    assert killed.returncode == -signal.SIGXFSZ, killed.stderr
+    (folder,) = (tmp_path / "out" / ".tilemask" / "jobs").iterdir()
+    assert (folder / ".items.jsonl.tmp").stat().st_size == limit  # killed writing it, the other records whole
+    done = run_cli("run", workflow, "--workers", "1", "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.zarr")) == ["a.zarr", "b.zarr"]
+    assert [row["status"] for row in report_rows(JobFolder(folder))] == ["ok"] * 2
+
+
 def test_job_dirs_of_one_name_are_different_jobs(scene_workflow, tmp_path, client, monkeypatch):
     """A --job-dir's name is the user's, not unique: the id (which names the job and its staged files) is a
     hash of the workflow and the folder, so two workflows run from A/jd and B/jd never resume each other."""

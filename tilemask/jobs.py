@@ -195,11 +195,13 @@ class JobFolder:
                     "workflow_file": source, "options": options}  # fmt: skip
             if self.exists():
                 info = {**self.info(), "options": options}
+            # job.json first: a run stopped after it (a kill, a full disk) leaves a folder that is this job's, which
+            # the next run completes; the other files first left one refused as holding files not a job's
+            _write_atomic(self.path / "job.json", json.dumps(info, indent=2) + "\n")
             _write_atomic(self.path / "workflow.yaml", yaml.safe_dump(workflow_dict, sort_keys=False))
             _write_atomic(self.path / "items.jsonl", "".join(json.dumps(item) + "\n" for item in items))
-            _write_atomic(self.path / "job.json", json.dumps(info, indent=2) + "\n")
             (self.path / "cancel").unlink(missing_ok=True)  # an earlier run's request is not this one's
-            for name in ("workflow.yaml", "items.jsonl", "job.json", "cancel"):
+            for name in ("job.json", "workflow.yaml", "items.jsonl", "cancel"):
                 self._saved(name)
         except OSError as exc:
             raise JobError(f"job folder {self.location} is not writable: {why_unwritable(self.path, exc)}") from None
