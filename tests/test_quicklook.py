@@ -224,3 +224,39 @@ def test_an_input_whose_overviews_are_cut_short_fails_the_quick_look_in_gdals_wo
         write_quicklook(str(scene), labels, str(tmp_path / "look.png"), size=128)
     assert failed.value.exit_status == 1
     assert not (tmp_path / "look.png").exists()
+
+
+def test_a_run_whose_quick_look_fails_warns_and_keeps_its_labels_as_the_item_ok(make_model, write_workflow, tmp_path):
+    """A scene whose overviews are cut short (the run reads its pixels whole): its labels COG was published, and the
+    item recorded failed for the quick look (exit 1) though the labels stood as finished; ``--retry-failed`` redid
+    it whole, to fail again. The quick look is a picture beside the product: a warning, the item ok, exit 0."""
+    import csv
+
+    from .conftest import UNET_2D, raster_workflow, run_cli
+
+    data = (np.random.default_rng(0).random((3, 2048, 2048)) * 255).astype(np.uint8)
+    scene = tmp_path / "scene.tif"
+    grid = dict(crs="EPSG:32618", transform=rasterio.transform.from_origin(500000, 4000000, 30, 30))
+    with rasterio.open(scene, "w", driver="GTiff", width=2048, height=2048, count=3, dtype="uint8", tiled=True,
+                       **grid) as ds:  # fmt: skip
+        ds.write(data)
+    with rasterio.open(scene, "r+") as ds:
+        ds.build_overviews([2], Resampling.average)
+    with open(scene, "r+b") as f:
+        f.truncate(scene.stat().st_size - 2000)  # the overview's last tile, which the 1024 px quick look reads
+    weights, _ = make_model(UNET_2D)
+    workflow = raster_workflow(scene, weights, output={"path": "out/{stem}_mask.tif", "probabilities": "none", "chunks": 1024},
+                               inference={"roi_size": [512, 512], "overlap": 0.0})  # fmt: skip
+    done = run_cli("run", write_workflow(workflow), "--workers", "1", "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith(f"WARNING tilemask.products: no quick look {tmp_path}/out/scene_mask.png: {scene}: "
+                                  "cannot read for the quick look: TIFFReadEncodedTile")  # fmt: skip
+    assert not (tmp_path / "out" / "scene_mask.png").exists()
+    with rasterio.open(tmp_path / "out" / "scene_mask.tif") as ds:
+        assert ds.shape == (2048, 2048)
+    (report,) = (tmp_path / "out" / ".tilemask" / "jobs").glob("*/report.csv")
+    with open(report, newline="") as f:
+        (row,) = csv.DictReader(f)
+    assert (row["status"], row["outputs"]) == ("ok", f"{tmp_path}/out/scene_mask.tif")
+    again = run_cli("run", write_workflow(workflow), "--workers", "1", "--quiet", cwd=tmp_path)
+    assert again.returncode == 0 and again.stderr == ""  # resumed: skipped, not redone

@@ -13,6 +13,7 @@ from pathlib import Path
 from distributed import Client
 
 from .cluster import gather
+from .errors import InputError, OutputError, ReadError, first_line
 from .planning import Job
 from .progress import stage
 from .workflow import Workflow
@@ -28,7 +29,8 @@ def client_imports(workflow: Workflow) -> list[str]:
 
 
 def write_products(job: Job, labels_path: str, client: Client, progress: bool = False) -> list[str]:
-    """Polygons, quick look (2D rasters) and statistics of ``labels_path``, as the job's products ask."""
+    """Polygons, quick look (2D rasters) and statistics of ``labels_path``, as the job's products ask. A quick look
+    that cannot be made (an input's overview cut short) is a warning: the item's labels and other products stand."""
     products, written = job.products, []
     chunks = max(job.plan.chunks)
     if products.vectors:
@@ -43,7 +45,10 @@ def write_products(job: Job, labels_path: str, client: Client, progress: bool = 
         with stage(f"quick look -> {Path(products.quicklook).name}", progress):
             inputs, bands = list(products.quicklook_inputs), list(products.quicklook_bands)
             task = client.submit(write_quicklook, inputs, labels_path, products.quicklook, bands, pure=False)
-            written.extend(gather(client, [task]))
+            try:
+                written.extend(gather(client, [task]))
+            except (InputError, ReadError, OutputError) as exc:  # a picture for people: the labels are the product
+                logger.warning("no quick look %s: %s", products.quicklook, first_line(exc))
     if products.stats:
         from .stats import compute_from_config
 
