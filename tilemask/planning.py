@@ -495,10 +495,13 @@ def _check_output_names(workflow: Workflow, items: list[InputItem]) -> None:
 
 
 def _check_polygons(item: InputPlan) -> None:
-    """What the polygons' format would refuse of the output's CRS (a GeoJSON needs one it can name), before the
-    run predicts anything."""
+    """What the polygons would refuse of the output, before the run predicts anything: a 2D input placed by a
+    volume's affine (a Zarr slice of a volume), and a CRS the format cannot name (a GeoJSON needs one)."""
     geometry = item.source.geometry
-    if item.products.vectors and isinstance(geometry, RasterGeometry):
+    if item.products.vectors and not isinstance(geometry, RasterGeometry):
+        raise InputError(f"{item.input}: output.vectors: polygons need a 2D georeferenced raster; this input is "
+                         "placed by a volume's affine; leave out output.vectors")  # fmt: skip
+    if item.products.vectors:
         from .vectors import check_polygons_crs
 
         check_polygons_crs(item.products.vectors, geometry.crs_wkt, item.input)
