@@ -566,3 +566,30 @@ def test_tilemask_run_refuses_a_nifti_with_an_unusable_affine_in_one_line_exit_2
                             f"{AFFINE_FAULTS[fault]}"), proc.stderr
     assert "--debug" not in error
     assert not list((tmp_path / "out").glob("*.nii*")), "refused before any labels are written"
+
+
+@pytest.mark.timeout(60)
+def test_a_vrt_whose_remote_source_is_not_there_is_refused_when_opened(make_raster, tmp_path):
+    """A VRT on a web server (or a local one naming a URL) whose source answers 404: GDAL opens a VRT without its
+    sources, so it failed at the first read, on a worker (exit 1). Each remote source is opened when the VRT is."""
+    grey, _ = make_raster((1, 40, 50), name="grey.tif")
+    band_vrt(tmp_path / "stack.vrt", [("grey.tif", "Byte", 1)], 50, 40)
+    band_vrt(tmp_path / "gone.vrt", [("grey.tif", "Byte", 1), ("moved.tif", "Byte", 1)], 50, 40)
+    server = serve(str(tmp_path))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with rasterio.open(grey) as ds:
+            expected = ds.read()
+        served = open_source(f"/vsicurl/{url}/stack.vrt", spatial_dims=2)
+        np.testing.assert_array_equal(served.read(((0, 40), (0, 50))), expected)
+        local = tmp_path / "remote.vrt"  # a local VRT naming a URL
+        local.write_text((tmp_path / "gone.vrt").read_text().replace('relativeToVRT="1">', f'relativeToVRT="0">/vsicurl/{url}/'))
+        for path, source in ((f"/vsicurl/{url}/gone.vrt", f"/vsicurl/{url}/moved.tif"),
+                             (str(local), f"/vsicurl/{url}/moved.tif")):  # fmt: skip
+            with pytest.raises(InputError) as refused:
+                open_source(path, spatial_dims=2)
+            assert str(refused.value) == f"{path}: a VRT whose source {source} cannot be opened: HTTP response code: 404"
+            assert refused.value.exit_status == 2
+    finally:
+        server.shutdown()

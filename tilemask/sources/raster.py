@@ -126,7 +126,7 @@ class RasterSource(ImageSource):
             hint = f" (it holds {len(subdatasets)} subdatasets: write the one to segment to a GeoTIFF first, " \
                 f"gdal_translate '{subdatasets[0]}' out.tif)" if subdatasets else ""
             raise InputError(f"{path}: a raster with no bands{hint}")
-        missing = [(f, why) for f in sources if (why := _unreadable_source(f))]
+        missing = [(f, why) for f, why in zip(sources, _sources_problems(sources)) if why]
         if missing:  # GDAL opens the VRT and fails at the first read of the file, on a worker (exit 1)
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise InputError(f"{path}: a VRT whose source {missing[0][0]} {missing[0][1]}{more}")
@@ -232,18 +232,39 @@ def read_bands(ds, bands, out_shape: tuple[int, int] | None = None, **read) -> n
     return np.ma.stack(parts) if read.get("masked") else np.stack(parts)
 
 
+def _sources_problems(names: list[str]) -> list[str | None]:
+    """:func:`_unreadable_source` of each of a VRT's sources, 16 at a time (a remote one is a request or two)."""
+    if not any(_remote(name) for name in names):
+        return [_unreadable_source(name) for name in names]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(_unreadable_source, names))
+
+
 def _unreadable_source(name: str) -> str | None:
-    """Why a VRT's source file cannot be read, where the local file system can say (a file that does not exist, an
-    archive of ``/vsizip/``/``/vsitar/`` that is not there or lacks the member); None for a remote source or one
-    named as a subdataset: GDAL says so at the first read."""
+    """Why a VRT's source file cannot be read (GDAL opens a VRT without its sources, and would say so at the first
+    read, on a worker): a local file that does not exist, an archive of ``/vsizip/``/``/vsitar/`` that is not there
+    or lacks the member, a remote source GDAL cannot open (a 404: its header is read, as GDAL opens it); None for
+    one named as a subdataset, which GDAL says at the first read."""
     from .archive import archive_problem, split_member
 
     if split_member(name):
         problem = archive_problem(name)
         return problem and f"cannot be read: {problem}"
-    if name.startswith("/vsi") or "://" in name or SUBDATASET.match(name) or os.path.exists(name):
+    if _remote(name):
+        try:
+            with gdal_env(name), rasterio.open(name):
+                return None
+        except RasterioError as exc:
+            return f"cannot be opened: {first_gdal_line(exc)}"
+    if name.startswith("/vsi") or SUBDATASET.match(name) or os.path.exists(name):
         return None
     return "does not exist"
+
+
+def _remote(name: str) -> bool:
+    return any(marker in name for marker in NETWORK)
 
 
 SUBDATASET = re.compile(r"[A-Za-z][A-Za-z0-9_]+:")  # a VRT's source named as GDAL names a subdataset: NETCDF:"x.nc":t
