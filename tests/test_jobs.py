@@ -1061,6 +1061,25 @@ def test_a_damaged_entry_of_the_job_list_is_named_and_the_others_listed(tmp_path
                                                      f"({reasons['0bin']}); to forget the job, remove it\n")
 
 
+def test_jobs_whose_folders_are_not_there_are_named_in_one_line(tmp_path):
+    """Each job whose folder was gone was one warning: a user who removed an output folder of 200 jobs got 200
+    lines before the list. One line counts them and names the first three."""
+    from tilemask.jobs import home
+
+    folders = [JobFolder(tmp_path / f"f{n}" / "j") for n in range(6)]
+    for n, job in enumerate(folders):
+        job.create({"version": 1, "n": n}, str(tmp_path), None, {}, [{"item": 0, "name": "x", "files": [], "output": "o"}])
+        job.set_status("done")
+    gone = sorted((job.id, job.path) for job in folders[1:])  # the ids, as job.json records them
+    for job in folders[1:]:
+        shutil.rmtree(job.path.parent)
+    listing = run_cli("jobs")
+    assert listing.returncode == 0 and [line.split()[0] for line in listing.stdout.splitlines()] == [folders[0].id]
+    named = ", ".join(f"{identity} ({path})" for identity, path in gone[:3])
+    assert listing.stderr == (f"WARNING tilemask.jobs: 5 jobs' folders are not there (removed, or not mounted here): "
+                              f"{named} and 2 more; to forget a job, remove its file in {home() / 'jobs'}\n")  # fmt: skip
+
+
 @pytest.mark.slow
 def test_jobs_names_a_job_whose_folder_is_not_there(tmp_path):
     """A job whose folder was removed (with its outputs' folder) was left out of ``tilemask jobs`` without a word,

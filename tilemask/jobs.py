@@ -517,7 +517,10 @@ def _listed_folder(entry: Path) -> JobFolder:
 
 
 def listed() -> Iterator[JobFolder]:
+    """The jobs listed in ``$TILEMASK_HOME/jobs`` whose folder is there; those whose folder is not (removed, or
+    not mounted on this host) are named in one warning at the end, the first three of them by id and folder."""
     index = home() / "jobs"
+    gone: list[tuple[Path, JobFolder]] = []
     for entry in sorted(index.iterdir()) if index.is_dir() else ():
         try:
             folder = _listed_folder(entry)
@@ -526,9 +529,17 @@ def listed() -> Iterator[JobFolder]:
             continue
         if folder.exists():
             yield folder
-        elif not folder.path.exists():  # removed, or not mounted on this host
-            logger.warning("job %s: its folder %s is not there (removed, or not mounted here); to forget the "
-                           "job, remove %s", entry.name, folder.location, entry)
+        elif not folder.path.exists():
+            gone.append((entry, folder))
+    if len(gone) == 1:
+        (entry, folder), = gone
+        logger.warning("job %s: its folder %s is not there (removed, or not mounted here); to forget the "
+                       "job, remove %s", entry.name, folder.location, entry)
+    elif gone:
+        named = ", ".join(f"{entry.name} ({folder.location})" for entry, folder in gone[:3])
+        more = f" and {len(gone) - 3} more" if len(gone) > 3 else ""
+        logger.warning("%d jobs' folders are not there (removed, or not mounted here): %s%s; to forget a job, "
+                       "remove its file in %s", len(gone), named, more, index)
 
 
 def live_state(job: JobFolder, status: dict | None = None, timeout: float = 5.0) -> str:
