@@ -942,7 +942,9 @@ def test_jobs_lists_the_others_when_one_record_is_damaged(tmp_path):
     # not JSON; JSON, not the record; a record whose pid is no number (it was "ValueError: invalid literal for int()",
     # exit 1, and nothing listed)
     here = socket.gethostname()
-    for damage in ("garbage", "[]", json.dumps({"state": "running", "host": here, "pid": "12ab"})):
+    # a state tilemask never writes was listed as it was ("finished"), and tilemask status said it
+    for damage in ("garbage", "[]", json.dumps({"state": "running", "host": here, "pid": "12ab"}),
+                   json.dumps({"state": "finished"})):  # fmt: skip
         (folders[0].path / "status.json").write_text(damage)
         listing = CliRunner().invoke(main, ["jobs"])
         assert listing.exit_code == 0, listing.stderr
@@ -950,6 +952,12 @@ def test_jobs_lists_the_others_when_one_record_is_damaged(tmp_path):
         (warning,) = listing.stderr.strip().splitlines()
         assert warning.startswith(f"tilemask: warning: {folders[0].path}/status.json: unreadable: ")
         assert warning.endswith("left out of the list")
+    assert warning == (f"tilemask: warning: {folders[0].path}/status.json: unreadable: state 'finished' is not one of "
+                       "queued, running, done, failed, cancelled; left out of the list")  # fmt: skip
+    status = CliRunner().invoke(main, ["status", str(folders[0].path)])
+    assert (status.exit_code, status.stdout) == (2, ""), status.stdout
+    (folders[0].path / "status.json").write_text(json.dumps({"state": "running", "host": here, "pid": "12ab"}))
+    (warning,) = CliRunner().invoke(main, ["jobs"]).stderr.strip().splitlines()
     assert "pid '12ab' is not a pid" in warning
     # a scheduler address that is none (it was "ValueError: missing port number in address 'nowhere'", exit 1)
     nowhere = {"state": "running", "scheduler": "nowhere", "driver": "k"}

@@ -56,7 +56,8 @@ from .outputs import describe_write_error, exists, why_unwritable
 
 logger = logging.getLogger(__name__)
 
-STATES = ("queued", "running", "done", "failed", "cancelled", "lost")
+WRITTEN = ("queued", "running", "done", "failed", "cancelled")  # the states status.json records
+STATES = (*WRITTEN, "lost")  # lost: found, not written (live_state)
 ACTIVE = ("queued", "running")
 # the fields of status.json that say who runs a job, and their types (None: not recorded)
 STATUS_FIELDS = {"state": (str, type(None)), "host": (str, type(None)), "pid": (int, type(None)),
@@ -308,6 +309,9 @@ class JobFolder:
         wrong = next((key for key, kind in STATUS_FIELDS.items() if not isinstance(status.get(key), kind)), None)
         if wrong is not None:  # what tilemask writes there is none of these: an edited or damaged record
             raise JobError(f"{self.path}/status.json: unreadable: {wrong} {status[wrong]!r} is not a {wrong}")
+        if status.get("state") not in (None, *WRITTEN):
+            raise JobError(f"{self.path}/status.json: unreadable: state {status['state']!r} is not one of "
+                           f"{', '.join(WRITTEN)}")
         return status
 
     def set_status(self, state: str, **fields) -> None:
