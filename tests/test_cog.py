@@ -295,3 +295,29 @@ def test_writing_pieces_from_many_threads_leaves_the_processs_warning_filters_as
     sink.commit()
     with rasterio.open(tmp_path / "mask.tif") as ds:
         assert np.array_equal(ds.read(1), labels)
+
+
+def test_a_2d_input_placed_by_a_volumes_affine_is_refused_a_cog_before_the_run(make_model, tmp_path, client):
+    """A 2D Zarr carrying an ``affine`` (a slice of a volume) written to ``.tif``: refused when the COG was created
+    as "a COG holds a 2D raster, this output is 2D" (exit 1), which says nothing of why. It is refused when the input
+    is planned (exit 2), saying why and what to write instead."""
+    import zarr
+
+    import tilemask
+    from tilemask import Workflow
+    from tilemask.errors import InputError
+
+    from .conftest import UNET_2D, raster_workflow
+
+    image = zarr.open_array(tmp_path / "slice.zarr", mode="w", shape=(3, 96, 96), dtype="uint8", chunks=(3, 48, 48))
+    image[:] = (np.random.default_rng(0).random((3, 96, 96)) * 255).astype(np.uint8)
+    image.attrs["affine"] = [[0.8, 0, 0, 0], [0, 0.8, 0, 0], [0, 0, 2.5, 0], [0, 0, 0, 1]]
+    weights, _ = make_model(UNET_2D)
+    workflow = raster_workflow(tmp_path / "slice.zarr", weights, output={"path": "out/{stem}.tif"})
+    with pytest.raises(InputError) as refused:
+        tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert str(refused.value) == (f"{tmp_path}/slice.zarr: output.path {tmp_path}/out/slice.tif: a COG holds a "
+                                  "georeferenced 2D raster, and this input is placed by a volume's affine; write .zarr "
+                                  "or .ome.zarr")  # fmt: skip
+    assert refused.value.exit_status == 2
+    assert not (tmp_path / "out").exists()

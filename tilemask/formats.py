@@ -298,6 +298,14 @@ class GeoTiffFormat(Format):
 
         return CogSink(path, layout)
 
+    def check_input(self, output, source):
+        from .errors import InputError
+        from .geometry import RasterGeometry
+
+        if not isinstance(source.geometry, RasterGeometry):  # a 2D Zarr with an affine: a slice of a volume
+            raise InputError(f"{source.path}: output.path {output}: a COG holds a georeferenced 2D raster, and this "
+                             "input is placed by a volume's affine; write .zarr or .ome.zarr")  # fmt: skip
+
     def probabilities_path(self, path):
         folder, slash, _ = path.rpartition("/")
         return f"{folder}{slash}{self.stem(path)}_probabilities{self.suffix(path) or '.tif'}"
