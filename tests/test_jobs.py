@@ -429,6 +429,30 @@ def test_a_run_killed_while_it_writes_the_jobs_record_is_taken_up_by_the_next(ma
     assert [row["status"] for row in report_rows(JobFolder(folder))] == ["ok"] * 2
 
 
+def test_a_first_run_that_cannot_write_its_jobs_record_leaves_no_job(make_raster, make_model, write_workflow,
+                                                                     tmp_path, tilemask_home):
+    """A first run refused because its record cannot be written (a full disk; here a file size limit: "File too
+    large", exit 2) left its job folder and the folders made for it, where any other refusal before work leaves
+    none."""
+    import resource
+    import subprocess
+    import sys
+
+    scene, _ = make_raster((3, 64, 64))
+    weights, _ = make_model()
+    workflow = write_workflow(raster_workflow(scene, weights, output={"path": "out/{stem}.zarr"}))
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))  # job.json is larger
+
+    refused = subprocess.run([Path(sys.executable).parent / "tilemask", "run", workflow], capture_output=True,
+                             text=True, cwd=tmp_path, preexec_fn=limited, timeout=120)  # fmt: skip
+    assert refused.returncode == 2 and refused.stderr.startswith("tilemask: error: job folder ")
+    assert "File too large" in refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif", "weights.pt", "workflow.yaml"]
+    assert not list(tilemask_home.glob("jobs/*"))
+
+
 def test_job_dirs_of_one_name_are_different_jobs(scene_workflow, tmp_path, client, monkeypatch):
     """A --job-dir's name is the user's, not unique: the id (which names the job and its staged files) is a
     hash of the workflow and the folder, so two workflows run from A/jd and B/jd never resume each other."""

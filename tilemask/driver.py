@@ -140,8 +140,8 @@ def run(
     plan, job, record = prepare(workflow, options, job_dir, source)
     new = not job.exists()
     with job:
-        record()
         try:
+            record()  # a first run that cannot write it (a full disk) is refused as the others are: no job left
             return drive_job(job, plan, options, progress, client=client, scheduler=scheduler, workers=workers,
                              threads_per_worker=threads_per_worker, cluster=cluster)  # fmt: skip
         except TilemaskError as exc:
