@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -39,6 +40,17 @@ def session_tilemask_home(tmp_path_factory):
         patch.setenv("TILEMASK_HOME", str(tmp_path_factory.mktemp("tilemask-home")))
         patch.setenv("TILEMASK_CACHE_DIR", str(tmp_path_factory.mktemp("tilemask-cache")))
         yield
+
+
+@pytest.fixture(autouse=True)
+def root_logging_level():
+    """An in-process CLI run sets the root logger's level (``-q``: errors only), which outlived its test: a later
+    test's warning, in a run whose files came in another order (``-n 2``), was never logged. Each test starts at
+    the level the session started with."""
+    root = logging.getLogger()
+    level = root.level
+    yield
+    root.setLevel(level)
 
 
 @pytest.fixture(autouse=True)
