@@ -108,7 +108,8 @@ def test_a_colour_table_naming_sparse_labels_names_those_only_and_one_naming_a_l
     path = write_nifti(tmp_path / "scan_labels.nii.gz", labels, anisotropic_affine())
     table = tmp_path / "scan_labels.colors.csv"
     rows = [(0, "background"), (1, "liver"), (10**6, "tumour")]
-    table.write_text("\n".join(",".join(map(str, r)) for r in [COLOUR_TABLE_COLUMNS, *[(*r, 1, 2, 3, 255) for r in rows]]))
+    lines = [COLOUR_TABLE_COLUMNS, *[(*r, 1, 2, 3, 255) for r in rows]]
+    table.write_text("\n".join(",".join(map(str, line)) for line in lines))
     stats = pd.read_csv(compute_stats(path, tmp_path / "stats.csv", client=client))
     assert list(zip(stats["value"], stats["class"])) == rows
     shapes = sitk.LabelShapeStatisticsImageFilter()
