@@ -57,7 +57,6 @@ from .outputs import describe_write_error, exists, why_unwritable
 logger = logging.getLogger(__name__)
 
 WRITTEN = ("queued", "running", "done", "failed", "cancelled")  # the states status.json records
-STATES = (*WRITTEN, "lost")  # lost: found, not written (live_state)
 ACTIVE = ("queued", "running")
 # the fields of status.json that say who runs a job, and their types (None: not recorded)
 STATUS_FIELDS = {"state": (str, type(None)), "host": (str, type(None)), "pid": (int, type(None)),
