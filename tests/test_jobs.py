@@ -429,11 +429,12 @@ def test_a_run_killed_while_it_writes_the_jobs_record_is_taken_up_by_the_next(ma
     assert [row["status"] for row in report_rows(JobFolder(folder))] == ["ok"] * 2
 
 
+@pytest.mark.parametrize("command", ["run", "submit"])
 def test_a_first_run_that_cannot_write_its_jobs_record_leaves_no_job(make_raster, make_model, write_workflow,
-                                                                     tmp_path, tilemask_home):
-    """A first run refused because its record cannot be written (a full disk; here a file size limit: "File too
-    large", exit 2) left its job folder and the folders made for it, where any other refusal before work leaves
-    none."""
+                                                                     tmp_path, tilemask_home, client, command):
+    """A first run or submit refused because its record cannot be written (a full disk; here a file size limit:
+    "File too large", exit 2) left its job folder and the folders made for it, where any other refusal before
+    work leaves none."""
     import resource
     import subprocess
     import sys
@@ -445,11 +446,15 @@ def test_a_first_run_that_cannot_write_its_jobs_record_leaves_no_job(make_raster
     def limited():
         resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))  # job.json is larger
 
-    refused = subprocess.run([Path(sys.executable).parent / "tilemask", "run", workflow], capture_output=True,
-                             text=True, cwd=tmp_path, preexec_fn=limited, timeout=120)  # fmt: skip
+    where = ["--scheduler", client.scheduler.address] if command == "submit" else []
+    refused = subprocess.run([Path(sys.executable).parent / "tilemask", command, workflow, *where],
+                             capture_output=True, text=True, cwd=tmp_path, preexec_fn=limited, timeout=120)  # fmt: skip
     assert refused.returncode == 2 and refused.stderr.startswith("tilemask: error: job folder ")
     assert "File too large" in refused.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif", "weights.pt", "workflow.yaml"]
+    # submit checks the first input's outputs before it asks the scheduler: their folder, made then, stays empty
+    made = ["out"] if command == "submit" else []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [*made, "scene.tif", "weights.pt", "workflow.yaml"]
+    assert not [p for p in tmp_path.glob("out/*")]
     assert not list(tilemask_home.glob("jobs/*"))
 
 

@@ -9,6 +9,7 @@ scheduler holds the live state (``lost``: it no longer knows the job).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -32,6 +33,7 @@ def submit(workflow, scheduler, overrides, overwrite, on_error, retry_failed, jo
 
     from .cluster import check_cluster_options, cluster_client
     from .driver import Options, drive, prepare
+    from .errors import TilemaskError
     from .interrupts import shielded
     from .jobs import JobError, live_state
     from .workflow import Workflow
@@ -46,12 +48,19 @@ def submit(workflow, scheduler, overrides, overwrite, on_error, retry_failed, jo
         first = plan.plan_input(plan.items[0])
         plan.check_item_outputs(first, overwrite or plan.items[0].name in job.manifest().started())
     key = f"tilemask-job-{job.id}-{uuid.uuid4().hex[:8]}"
+    new = not job.exists()
     with cluster_client(scheduler) as client:
         with job:  # no process runs the job here (its driver, or a tilemask run, would hold this lock)
             state = live_state(job)
             if state in ("queued", "running") and job.status().get("driver"):
                 raise JobError(f"job {job.id} is {state} already; see tilemask status {job.id}")
-            record()
+            try:
+                record()
+            except TilemaskError:  # a first submit that cannot write it (a full disk) leaves no job, as run's
+                if new:
+                    with contextlib.suppress(OSError, JobError):
+                        job.discard()
+                raise
             if overwrite:
                 job.reset()  # once: the driver does not, as Dask may start it again (its worker died)
             job.set_status("queued", scheduler=scheduler, driver=key, submitted=time.time(), message=None)
