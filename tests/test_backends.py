@@ -529,3 +529,31 @@ def test_auto_takes_no_backend_whose_difference_from_torch_is_nan(tmp_path, monk
     verdict.write_text(json.dumps(dict(measured, seconds=faster)))  # as fast as OpenVINO is on a big network
     backends._runners.clear()
     assert probe_network(spec, dataclasses.replace(settings, measure=False), 3)[1] == "torch"
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_a_truncated_cached_conversion_is_converted_again(backend, make_model, tmp_path, monkeypatch, caplog):
+    """A cached conversion cut short (a machine that went down before its disk had the file, a cache folder
+    copied in part) failed every later run with 'cannot convert UNet: [ONNXRuntimeError] ... INVALID_PROTOBUF',
+    blaming the network, where an unreadable cached TorchScript is traced again."""
+    from tilemask import backends
+    from tilemask.inference import probe_network
+    from tilemask.settings import InferenceSettings, ModelSpec
+
+    monkeypatch.setenv("TILEMASK_CACHE_DIR", str(tmp_path / "cache"))
+    weights, _ = make_model()
+    spec = ModelSpec.create("UNet", UNET_2D, str(weights))
+    settings = InferenceSettings(roi=(64, 64), batch_size=2, device="cpu", backend=backend)
+    probe_network(spec, settings, 3)
+    cached = {path: path.read_bytes() for path in (tmp_path / "cache" / backend).iterdir()}
+    for path, data in cached.items():
+        path.write_bytes(data[: len(data) // 2])
+    backends._runners.clear()
+    with caplog.at_level(logging.WARNING, logger="tilemask.backends"):
+        assert probe_network(spec, settings, 3)[:2] == (3, backend)
+    assert [r for r in caplog.records if "unreadable cached conversion, converting again" in r.getMessage()]
+    backends._runners.clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tilemask.backends"):
+        assert probe_network(spec, settings, 3)[:2] == (3, backend)
+    assert not caplog.records, "the conversion was not cached again"

@@ -553,21 +553,35 @@ def _publish(write: Callable[[Path], None], final: Path, suffixes: tuple[str, ..
         stem.parent.rmdir()
 
 
+def _read_cached(path: Path, read: Callable[[Path], object]):
+    """``read(path)``: a runtime's network from its cached conversion; None when there is none, or when it cannot
+    be read (a file cut short: converted again, as an unreadable cached TorchScript is traced again)."""
+    if not path.is_file():
+        return None
+    try:
+        return read(path)
+    except Exception as exc:  # noqa: BLE001 - each runtime raises its own types for a corrupt file
+        if out_of_memory(exc):
+            raise
+        logger.warning("%s: unreadable cached conversion, converting again: %s", path, first_line(exc))
+        return None
+
+
 def _openvino(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: int, roi: tuple[int, ...]) -> Runner:
     import openvino as ov
 
     path = _cache_path(spec, "openvino", ov.__version__, channels, roi, ".xml")
     core = ov.Core()
-    if path.is_file():
-        model = core.read_model(path)
-    else:
-        example = torch.zeros((1, channels, *roi))
-        model = ov.convert_model(network(), example_input=example, input=[ov.PartialShape([-1, channels, *roi])])
-        _publish(lambda p: ov.save_model(model, p, compress_to_fp16=False), path, (".xml", ".bin"))
-    compiled = core.compile_model(model, "CPU", {
+    on_cpu = functools.partial(core.compile_model, device_name="CPU", config={
         "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_NUM_THREADS": torch.get_num_threads(),
     })  # fmt: skip
+    compiled = _read_cached(path, lambda p: on_cpu(core.read_model(p)))
+    if compiled is None:
+        example = torch.zeros((1, channels, *roi))
+        model = ov.convert_model(network(), example_input=example, input=[ov.PartialShape([-1, channels, *roi])])
+        _publish(lambda p: ov.save_model(model, p, compress_to_fp16=False), path, (".xml", ".bin"))
+        compiled = on_cpu(model)
     request, lock = compiled.create_infer_request(), threading.Lock()
 
     def run(batch: torch.Tensor) -> torch.Tensor:
@@ -582,17 +596,17 @@ def _onnxruntime(spec: ModelSpec, network: Callable[[], torch.nn.Module], channe
     import onnxruntime as ort
 
     path = _cache_path(spec, "onnxruntime", ort.__version__, channels, roi, ".onnx")
-    if path.is_file():
-        exported = path.read_bytes()
-    else:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    start = functools.partial(ort.InferenceSession, sess_options=options, providers=["CPUExecutionProvider"])
+    session = _read_cached(path, lambda p: start(p.read_bytes()))
+    if session is None:
         buffer = io.BytesIO()
         torch.onnx.export(network(), (torch.zeros((1, channels, *roi)),), buffer, input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False)  # fmt: skip
         exported = buffer.getvalue()
         _publish(lambda p: p.write_bytes(exported), path, (".onnx",))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(exported, options, providers=["CPUExecutionProvider"])
+        session = start(exported)
 
     def run(batch: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {"x": batch.detach().cpu().numpy()})[0])
