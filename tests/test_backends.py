@@ -122,6 +122,24 @@ def test_an_unknown_backend_is_refused_by_name(make_raster, make_model, tmp_path
         Workflow.from_dict(raw, base_dir=tmp_path)
 
 
+def test_a_backend_not_installed_says_how_to_install_it(make_model, monkeypatch, tmp_path):
+    """``backend: onnxruntime`` on a worker without it said only "not installed", where the README installs it as
+    ``tilemask[onnx]``; the import fails as it does without the package (``sys.modules`` entry None)."""
+    import sys
+
+    from tilemask.inference import probe_network
+    from tilemask.settings import InferenceSettings, ModelSpec
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    weights, _ = make_model()
+    spec = ModelSpec.create("UNet", UNET_2D, str(weights))
+    settings = InferenceSettings(roi=(64, 64), batch_size=2, device="cpu", backend="onnxruntime")
+    with pytest.raises(tilemask.errors.WorkflowError) as refused:
+        probe_network(spec, settings, 3)
+    assert str(refused.value) == ("inference.backend: onnxruntime is not installed on this worker "
+                                  "(pip install 'tilemask[onnx]')")  # fmt: skip
+
+
 @pytest.mark.parametrize("backend", ["torch-mkldnn", "openvino", "onnxruntime"])
 def test_reduced_precision_with_a_float32_only_backend_is_refused(make_raster, make_model, tmp_path, backend):
     path, _ = make_raster((3, 50, 50))

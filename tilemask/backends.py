@@ -319,7 +319,8 @@ def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], tor
         run = CONVERTERS[name](spec, network, channels, roi)
     except ImportError:
         if not auto:
-            raise WorkflowError(f"inference.backend: {name} is not installed on this worker") from None
+            extra = " (pip install 'tilemask[onnx]')" if name == "onnxruntime" else ""  # openvino is a dependency
+            raise WorkflowError(f"inference.backend: {name} is not installed on this worker{extra}") from None
         if _version(name) == "absent":  # the verdict's key holds that: installing the package makes another
             _cannot_convert(verdict, "not installed")
         return None
