@@ -91,7 +91,6 @@ class Format:
     writable: bool = True
     gdal_raster: bool = False  # read with rasterio: bands, overviews, GDAL's dataset mask
     zarr_store: bool = False  # a Zarr group: a folder of chunk files, probabilities inside it
-    most_classes: int | None = None  # the most classes, background included, an output holds (None: a uint32's)
 
     def matches(self, path: str) -> bool:
         return path.lower().rstrip("/").endswith(self.suffixes)
@@ -131,6 +130,10 @@ class Format:
 
     def class_name_problem(self, name: str) -> str | None:
         """Why this format cannot hold ``name`` as a class's name, or None."""
+        return None
+
+    def classes_problem(self, n_classes: int) -> str | None:
+        """Why this format cannot hold ``n_classes`` classes (background included), or None."""
         return None
 
     def files(self, path: str, probabilities: bool) -> list[str]:
@@ -361,7 +364,6 @@ class DicomSegFormat(Format):
     name = "dicom-seg"
     suffixes = (".dcm",)
     spatial_dims = (3,)
-    most_classes = 65536  # segment numbers are 1 to 65535 (a LABELMAP's 16-bit pixels), 0 the background
 
     def make_sink(self, path, layout):
         from .sinks.dicomseg import DicomSegSink
@@ -394,6 +396,11 @@ class DicomSegFormat(Format):
         from .sinks.dicomseg import segment_label_problem
 
         return segment_label_problem(name)
+
+    def classes_problem(self, n_classes):
+        if not 1 <= n_classes - 1 <= 65535:  # segment numbers: 1 to 65535 (a LABELMAP's 16-bit pixels), 0 background
+            return f"holds 1 to 65535 classes besides the background (its segments); this network gives {n_classes - 1}"
+        return None
 
     def open_labels(self, path, chunks):
         from .errors import InputError

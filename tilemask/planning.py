@@ -272,10 +272,9 @@ def classes_of(workflow: Workflow, out_channels: int) -> tuple[int, tuple[str, .
             f"classes has {len(workflow.classes)} names but the network gives {n_classes} classes"
             f" ({out_channels} output channels)"
         )
-    most = for_output(workflow.output.path).most_classes
-    if most is not None and n_classes > most:
-        raise WorkflowError(f"output.path {workflow.output.path} holds at most {most - 1} classes besides the "
-                            f"background; the network gives {n_classes} classes")  # fmt: skip
+    problem = for_output(workflow.output.path).classes_problem(n_classes)
+    if problem:
+        raise WorkflowError(f"output.path {workflow.output.path} {problem}")
     if workflow.classes:
         names = tuple(workflow.classes)
     elif activation == "sigmoid":
