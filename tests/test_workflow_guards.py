@@ -397,6 +397,25 @@ def test_a_sigmoid_networks_classes_are_background_and_foreground_unless_named(t
     assert classes_of(Workflow.from_dict(softmax, base_dir=tmp_path), 3)[1] == ("class_0", "class_1", "class_2")
 
 
+def test_a_one_channel_network_under_softmax_is_refused(tmp_path):
+    """softmax over one channel is 1 everywhere: every pixel was written class 0 (background), exit 0. A
+    one-channel network is a binary one: refused before any work, declared or found by the probe."""
+    from tilemask.planning import classes_of
+
+    workflow = raster_workflow("scene.tif", tmp_path / "w.pt")
+    workflow.pop("classes", None)
+    declared = {**workflow, "model": {**workflow["model"], "args": {**workflow["model"]["args"], "out_channels": 1}}}
+    why = "inference.activation softmax of a one-channel network is 1 everywhere (every pixel class 0); use sigmoid"
+    with pytest.raises(WorkflowError, match=re.escape(why)):
+        Workflow.from_dict(declared, base_dir=tmp_path)
+    found = {**workflow, "model": {**workflow["model"], "args": {k: v for k, v in workflow["model"]["args"].items()
+                                                                  if k != "out_channels"}}}  # fmt: skip
+    with pytest.raises(WorkflowError, match=re.escape(why)):
+        classes_of(Workflow.from_dict(found, base_dir=tmp_path), 1)
+    none = {**found, "inference": {**found["inference"], "activation": "none"}}  # raw outputs: the user's choice
+    assert classes_of(Workflow.from_dict(none, base_dir=tmp_path), 1)[0] == 1
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("raw", [None, [], ["version: 1"], "workflow.yaml"])
 def test_a_workflow_that_is_no_mapping_is_refused_in_one_line_from_python(raw):

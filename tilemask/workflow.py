@@ -34,6 +34,9 @@ from .storage import is_remote
 
 logger = logging.getLogger(__name__)
 
+ONE_CHANNEL_SOFTMAX = ("inference.activation softmax of a one-channel network is 1 everywhere (every pixel class 0); "
+                       "use sigmoid for a binary network")
+
 # Every number refuses a boolean (pydantic's lax mode would take ``true`` as 1); floats still take ints.
 PositiveInt = Annotated[int, NotBool, Field(ge=1)]
 Float = Annotated[float, NotBool, Field(allow_inf_nan=False)]  # a NaN mean or std would feed NaN to the network
@@ -334,6 +337,8 @@ class Workflow(_Strict):
         out_channels = self.model.args.get("out_channels")
         if self.inference.activation == "sigmoid" and out_channels not in (None, 1):
             raise ValueError("inference.activation sigmoid needs model.args.out_channels: 1 (one binary class)")
+        if self.inference.activation == "softmax" and out_channels == 1:
+            raise ValueError(ONE_CHANNEL_SOFTMAX)
         if self.classes is not None and out_channels is not None and len(self.classes) != self.n_classes:
             raise ValueError(f"classes has {len(self.classes)} names but the model gives {self.n_classes} classes")
         if is_remote(self.output.path) and (self.output.vectors or self.stats is not None):
