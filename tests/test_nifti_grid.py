@@ -148,12 +148,12 @@ def test_a_volume_with_a_side_over_32767_is_written_as_nifti2(tmp_path):
     np.testing.assert_array_equal(img.affine, np.diag([0.5, 1.0, 2.0, 1.0]))
 
 
-@pytest.mark.parametrize("out_channels, nan", [(1, False), (3, True)], ids=["one-class", "nodata"])
+@pytest.mark.parametrize("out_channels, nan", [(1, False), (3, True)], ids=["binary", "nodata"])
 def test_the_labels_display_range_holds_every_value_they_take(make_volume, make_model, tmp_path, client, out_channels,
                                                                 nan):
     """NIfTI-1's ``cal_min`` / ``cal_max`` are the display range (values above ``cal_max`` show as it, and both 0
     means "not set"): the nodata label 255 lay above ``cal_max`` 2, so a grey-scale viewer showed invalid voxels as
-    the last class, and a one-class map's range was (0, 0). Both read back with nibabel and SimpleITK (ITK-SNAP, 3D
+    the last class; a binary (sigmoid) network's is (0, 1). Both read back with nibabel and SimpleITK (ITK-SNAP, 3D
     Slicer); the labels' intent is NIFTI_INTENT_LABEL (1002), which NiiVue colours a value apart."""
     path, data = make_volume((24, 20, 16), dtype="float32" if nan else "int16")  # a float scan may hold NaN
     if nan:
@@ -164,7 +164,7 @@ def test_the_labels_display_range_holds_every_value_they_take(make_volume, make_
                 "model": {"network": "UNet", "args": {**UNET_3D, "out_channels": out_channels}, "weights": str(weights)},
                 "preprocess": {"normalize": {"mean": [500.0], "std": [300.0]}},
                 "inference": {"roi_size": [16, 16, 16], "device": "cpu",
-                              "activation": "none" if out_channels == 1 else "softmax"},  # softmax of 1 is refused
+                              "activation": "sigmoid" if out_channels == 1 else "softmax"},
                 "output": {"path": "out/{stem}_labels.nii.gz", "chunks": 16}}  # fmt: skip
     (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
     labels = nib.load(result.outputs[0])

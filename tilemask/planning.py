@@ -46,7 +46,7 @@ from .sources.stack import StackedSource
 from .spatial import ModelGrid, ResampledSource, model_grid
 from .stats.config import PostprocessConfig, StatsConfig, check_regions, is_label_image
 from .storage import is_remote
-from .workflow import ONE_CHANNEL_SOFTMAX, REMOTE_PREFIXES, InputItem, Workflow
+from .workflow import ONE_CHANNEL, REMOTE_PREFIXES, InputItem, Workflow
 
 logger = logging.getLogger(__name__)
 
@@ -266,8 +266,8 @@ def classes_of(workflow: Workflow, out_channels: int) -> tuple[int, tuple[str, .
     activation = workflow.inference.activation
     if activation == "sigmoid" and out_channels != 1:
         raise WorkflowError(f"inference.activation sigmoid needs a one-channel network; this one gives {out_channels}")
-    if activation == "softmax" and out_channels == 1:
-        raise WorkflowError(ONE_CHANNEL_SOFTMAX)
+    if activation != "sigmoid" and out_channels == 1:
+        raise WorkflowError(ONE_CHANNEL.format(activation))
     n_classes = 2 if activation == "sigmoid" else out_channels
     if workflow.classes is not None and len(workflow.classes) != n_classes:
         raise WorkflowError(

@@ -34,8 +34,8 @@ from .storage import is_remote
 
 logger = logging.getLogger(__name__)
 
-ONE_CHANNEL_SOFTMAX = ("inference.activation softmax of a one-channel network is 1 everywhere (every pixel class 0); "
-                       "use sigmoid for a binary network")
+ONE_CHANNEL = ("inference.activation {} of a one-channel network labels every pixel class 0 (softmax of one channel "
+               "is 1 everywhere); a binary network takes sigmoid")
 
 # Every number refuses a boolean (pydantic's lax mode would take ``true`` as 1); floats still take ints.
 PositiveInt = Annotated[int, NotBool, Field(ge=1)]
@@ -337,8 +337,8 @@ class Workflow(_Strict):
         out_channels = self.model.args.get("out_channels")
         if self.inference.activation == "sigmoid" and out_channels not in (None, 1):
             raise ValueError("inference.activation sigmoid needs model.args.out_channels: 1 (one binary class)")
-        if self.inference.activation == "softmax" and out_channels == 1:
-            raise ValueError(ONE_CHANNEL_SOFTMAX)
+        if self.inference.activation != "sigmoid" and out_channels == 1:
+            raise ValueError(ONE_CHANNEL.format(self.inference.activation))
         if self.classes is not None and out_channels is not None and len(self.classes) != self.n_classes:
             raise ValueError(f"classes has {len(self.classes)} names but the model gives {self.n_classes} classes")
         if is_remote(self.output.path) and (self.output.vectors or self.stats is not None):
