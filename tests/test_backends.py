@@ -449,6 +449,32 @@ def test_a_network_that_answers_nan_fails_the_run_naming_the_window(make_raster,
     assert nothing_finished(tmp_path / "out")
 
 
+class HugeLogits(torch.nn.Module):
+    """Finite logits whose sum over a window overflows float32: class 1 at 1e35, the others 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        huge = torch.tensor([0.0, 1e35, 0.0], device=x.device).view(1, 3, 1, 1)
+        return self.conv(x) * 0 + huge
+
+
+def test_finite_logits_whose_sum_overflows_are_not_called_nan(make_raster, tmp_path, client):
+    """The NaN check summed each window's values: logits of 1e35 overflowed that sum, and a network whose
+    answer is finite (softmax 0, 1, 0) failed the run as answering NaN or infinite values."""
+    path, _ = make_raster((3, 150, 170))
+    weights = tmp_path / "huge.pt"
+    torch.save(HugeLogits().state_dict(), weights)
+    raw = raster_workflow(path, weights, output={"path": "out/{stem}.zarr"})
+    raw["model"] = {"network": f"{__name__}:HugeLogits", "weights": str(weights)}
+    (result,) = tilemask.run(Workflow.from_dict(raw, base_dir=tmp_path), client)
+    assert result.status == "ok", result.error
+    labels = zarr.open_group(str(tmp_path / "out" / "scene.zarr"), mode="r")["labels"][...]
+    assert (labels == 1).all()
+
+
 SETTLE = """
 import json, logging, os, time, torch
 from tilemask.backends import settle_auto

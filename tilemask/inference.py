@@ -173,9 +173,10 @@ def _sums(network, image, windows, origin, shape, settings: InferenceSettings, d
             with _torch_threads(threads):
                 prediction = network(inputs).to(torch.float32)
             model += time.perf_counter() - forward
-            # a window's sum is NaN or infinite when one of its values is (or when finite logits of 1e33 overflow):
-            # 0.04 ms a batch of 8 x 3 x 128^2 here, against 1.4 ms for isfinite(prediction).all()
-            finite.append(torch.isfinite(prediction.flatten(1).sum(1)))
+            # a window's sum of its values times 0 is NaN when one of them is NaN or infinite, and never overflows
+            # (the plain sum of finite logits of 1e35 did): 0.14 ms a batch of 8 x 3 x 128^2 here, against 0.54 ms
+            # for isfinite(prediction).all(1)
+            finite.append(torch.isfinite((prediction.flatten(1) * 0).sum(1)))
             if weighted is None:
                 channels = prediction.shape[1]
                 weighted = torch.zeros((len(flips), channels, *shape), dtype=torch.float32, device=device)
