@@ -524,6 +524,22 @@ def test_two_jobs_settling_at_once_both_count_in_the_tally(make_model, tmp_path)
     estimates = [json.loads(job.communicate(timeout=120)[0]) for job in jobs]
     assert all(job.returncode == 0 for job in jobs) and all(len(e) == 1 for e in estimates), estimates
     assert json.loads(tally.read_text())["unmeasured_seconds"] == pytest.approx(first + sum(e[0] for e in estimates))
+    # the tally is written under a lock: a job waits while another holds it (its flock waits in /proc/locks)
+    import fcntl
+    import time
+
+    total = json.loads(tally.read_text())["unmeasured_seconds"]
+    with open(tally.with_suffix(".lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        job = start()
+        assert job.stdout.readline() == "ready\n"
+        deadline = time.monotonic() + 60
+        while f" {job.pid} " not in "".join(x for x in open("/proc/locks") if "->" in x):
+            assert job.poll() is None and time.monotonic() < deadline, "the job did not wait for the lock"
+            time.sleep(0.05)
+        assert json.loads(tally.read_text())["unmeasured_seconds"] == total
+    (estimate,) = json.loads(job.communicate(timeout=120)[0])
+    assert json.loads(tally.read_text())["unmeasured_seconds"] == pytest.approx(total + estimate)
 
 
 class HasAnOpOpenVINOLacks(torch.nn.Module):

@@ -163,6 +163,8 @@ def settle_auto(spec: ModelSpec, settings: InferenceSettings, channels: int, dev
         return settings
     with _locked(tally):  # read again: a job settling at the same time may have added its seconds since
         before = _unmeasured_seconds(tally)
+        if before + estimate >= after:
+            return settings  # with them, this job repays measuring
         _publish(lambda p: p.write_text(json.dumps({"unmeasured_seconds": before + estimate})), tally, (".json",))
     logger.info("auto: %d windows, about %.1f s in torch (%.1f s with the earlier jobs): too few to repay measuring "
                 "%s", windows, estimate, before + estimate, ", ".join(unmeasured))  # fmt: skip
