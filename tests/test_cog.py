@@ -297,10 +297,19 @@ def test_writing_pieces_from_many_threads_leaves_the_processs_warning_filters_as
         assert np.array_equal(ds.read(1), labels)
 
 
-def test_a_2d_input_placed_by_a_volumes_affine_is_refused_a_cog_before_the_run(make_model, tmp_path, client):
-    """A 2D Zarr carrying an ``affine`` (a slice of a volume) written to ``.tif``: refused when the COG was created
-    as "a COG holds a 2D raster, this output is 2D" (exit 1), which says nothing of why. It is refused when the input
-    is planned (exit 2), saying why and what to write instead."""
+@pytest.mark.parametrize("output, why", [
+    ({"path": "out/{stem}.tif"}, "output.path {tmp_path}/out/slice.tif: a COG holds a georeferenced 2D raster, and "
+                                 "this input is placed by a volume's affine; write .zarr or .ome.zarr"),
+    ({"vectors": "out/{stem}.gpkg"}, "output.vectors: polygons need a 2D georeferenced raster; this input is placed "
+                                     "by a volume's affine; leave out output.vectors"),
+], ids=["cog", "polygons"])  # fmt: skip
+def test_a_2d_input_placed_by_a_volumes_affine_is_refused_a_cog_or_polygons_before_the_run(make_model, tmp_path,
+                                                                                            client, output, why):
+    """A 2D Zarr carrying an ``affine`` (a slice of a volume, as tilemask writes a volume's grid) has no raster
+    georeferencing. Written to ``.tif`` it was refused when the COG was created as "a COG holds a 2D raster, this
+    output is 2D" (exit 1), which says nothing of why; ``output.vectors`` was refused only after the whole run
+    ("polygons need a 2D georeferenced label raster", exit 1), its labels left written. Both are refused when the
+    input is planned (exit 2), saying why, nothing written."""
     import zarr
 
     import tilemask
@@ -313,11 +322,9 @@ def test_a_2d_input_placed_by_a_volumes_affine_is_refused_a_cog_before_the_run(m
     image[:] = (np.random.default_rng(0).random((3, 96, 96)) * 255).astype(np.uint8)
     image.attrs["affine"] = [[0.8, 0, 0, 0], [0, 0.8, 0, 0], [0, 0, 2.5, 0], [0, 0, 0, 1]]
     weights, _ = make_model(UNET_2D)
-    workflow = raster_workflow(tmp_path / "slice.zarr", weights, output={"path": "out/{stem}.tif"})
+    workflow = raster_workflow(tmp_path / "slice.zarr", weights, output=output)
     with pytest.raises(InputError) as refused:
         tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
-    assert str(refused.value) == (f"{tmp_path}/slice.zarr: output.path {tmp_path}/out/slice.tif: a COG holds a "
-                                  "georeferenced 2D raster, and this input is placed by a volume's affine; write .zarr "
-                                  "or .ome.zarr")  # fmt: skip
+    assert str(refused.value) == f"{tmp_path}/slice.zarr: {why.format(tmp_path=tmp_path)}"
     assert refused.value.exit_status == 2
     assert not (tmp_path / "out").exists()

@@ -202,20 +202,26 @@ def test_a_vrt_of_bands_of_several_types_is_shown(tmp_path):
     np.testing.assert_array_equal(looks[1], looks[0])
 
 
+def overviews_cut_short(scene, size: int, factors: list[int]):
+    """A tiled GeoTIFF of ``size``^2 random pixels, overviews appended (``gdaladdo``), cut short in its last
+    overview's last tile; returns (path, pixels)."""
+    data = (np.random.default_rng(0).random((3, size, size)) * 255).astype(np.uint8)
+    grid = dict(crs="EPSG:32618", transform=rasterio.transform.from_origin(500000, 4000000, 30, 30))
+    with rasterio.open(scene, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8", tiled=True,
+                       **grid) as ds:  # fmt: skip
+        ds.write(data)
+    with rasterio.open(scene, "r+") as ds:
+        ds.build_overviews(factors, Resampling.average)
+    with open(scene, "r+b") as f:
+        f.truncate(scene.stat().st_size - 2000)
+    return scene, data
+
+
 def test_an_input_whose_overviews_are_cut_short_fails_the_quick_look_in_gdals_words_exit_1(tmp_path):
     """A GeoTIFF with overviews appended (``gdaladdo``) and cut short in them: the run reads its pixels whole, and the
     quick look, which reads an overview, failed ``InputError`` (exit 2, after the run) ``cannot read: Read failed.
     See previous exception for details.``, rasterio's words without GDAL's."""
-    data = (np.random.default_rng(0).random((3, 1024, 1024)) * 255).astype(np.uint8)
-    scene = tmp_path / "scene.tif"
-    grid = dict(crs="EPSG:32618", transform=rasterio.transform.from_origin(500000, 4000000, 30, 30))
-    with rasterio.open(scene, "w", driver="GTiff", width=1024, height=1024, count=3, dtype="uint8", tiled=True,
-                       **grid) as ds:  # fmt: skip
-        ds.write(data)
-    with rasterio.open(scene, "r+") as ds:
-        ds.build_overviews([2, 4, 8], Resampling.average)
-    with open(scene, "r+b") as f:
-        f.truncate(scene.stat().st_size - 2000)  # the last overview's last tile
+    scene, data = overviews_cut_short(tmp_path / "scene.tif", 1024, [2, 4, 8])
     with rasterio.open(scene) as ds:
         assert np.array_equal(ds.read(), data)  # what the run reads is whole
     labels = write_labels_cog(tmp_path / "labels.tif", scene, (data[0] > 127).astype(np.uint8), None)
@@ -234,16 +240,7 @@ def test_a_run_whose_quick_look_fails_warns_and_keeps_its_labels_as_the_item_ok(
 
     from .conftest import UNET_2D, raster_workflow, run_cli
 
-    data = (np.random.default_rng(0).random((3, 2048, 2048)) * 255).astype(np.uint8)
-    scene = tmp_path / "scene.tif"
-    grid = dict(crs="EPSG:32618", transform=rasterio.transform.from_origin(500000, 4000000, 30, 30))
-    with rasterio.open(scene, "w", driver="GTiff", width=2048, height=2048, count=3, dtype="uint8", tiled=True,
-                       **grid) as ds:  # fmt: skip
-        ds.write(data)
-    with rasterio.open(scene, "r+") as ds:
-        ds.build_overviews([2], Resampling.average)
-    with open(scene, "r+b") as f:
-        f.truncate(scene.stat().st_size - 2000)  # the overview's last tile, which the 1024 px quick look reads
+    scene, _ = overviews_cut_short(tmp_path / "scene.tif", 2048, [2])  # the 1024 px quick look reads the overview
     weights, _ = make_model(UNET_2D)
     workflow = raster_workflow(scene, weights, output={"path": "out/{stem}_mask.tif", "probabilities": "none", "chunks": 1024},
                                inference={"roi_size": [512, 512], "overlap": 0.0})  # fmt: skip

@@ -333,27 +333,3 @@ def _spans_chunks(geom, transform, chunk):
     minx, miny, maxx, maxy = geom.bounds
     (c0, r0), (c1, r1) = ~transform @ (minx, maxy), ~transform @ (maxx, miny)
     return int(c0) // chunk != (int(round(c1)) - 1) // chunk or int(r0) // chunk != (int(round(r1)) - 1) // chunk
-
-
-def test_polygons_of_a_2d_input_placed_by_a_volumes_affine_are_refused_before_the_run(make_model, tmp_path, client):
-    """A 2D Zarr carrying an ``affine`` (a slice of a volume, as tilemask writes a volume's grid) has no raster
-    georeferencing: ``output.vectors`` was refused only after the whole run ("polygons need a 2D georeferenced label
-    raster", exit 1), its labels left written. It is refused when the input is planned (exit 2), nothing written."""
-    import zarr
-
-    import tilemask
-    from tilemask import Workflow
-
-    from .conftest import UNET_2D, raster_workflow
-
-    image = zarr.open_array(tmp_path / "slice.zarr", mode="w", shape=(3, 96, 96), dtype="uint8", chunks=(3, 48, 48))
-    image[:] = (np.random.default_rng(0).random((3, 96, 96)) * 255).astype(np.uint8)
-    image.attrs["affine"] = [[0.8, 0, 0, 0], [0, 0.8, 0, 0], [0, 0, 2.5, 0], [0, 0, 0, 1]]
-    weights, _ = make_model(UNET_2D)
-    workflow = raster_workflow(tmp_path / "slice.zarr", weights, output={"vectors": "out/{stem}.gpkg"})
-    with pytest.raises(InputError) as refused:
-        tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
-    assert str(refused.value) == (f"{tmp_path}/slice.zarr: output.vectors: polygons need a 2D georeferenced raster; "
-                                  "this input is placed by a volume's affine; leave out output.vectors")  # fmt: skip
-    assert refused.value.exit_status == 2
-    assert not (tmp_path / "out").exists()
