@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -66,10 +67,14 @@ class Entry:
         return class_count(self.class_names) or 2
 
     def legend(self) -> list[dict]:
-        """The first :data:`LEGEND_CLASSES` classes, and beyond them those with a name of their own (from a colour
-        table): not a row for each value up to a label of 1e6."""
+        """The first :data:`LEGEND_CLASSES` classes (the values a colour table names, when it names some and not
+        others), and beyond them those with a name of their own: not a row for each value up to a label of 1e6."""
         rows = []
-        for v in (*range(min(self.n_classes, LEGEND_CLASSES)), *self.named_beyond):
+        if isinstance(self.class_names, Mapping):
+            below = [v for v in named_values(self.class_names) if v < LEGEND_CLASSES]
+        else:
+            below = range(min(self.n_classes, LEGEND_CLASSES))
+        for v in (*below, *self.named_beyond):
             rgba = CYCLE[int(cycled(v))]
             rows.append({"value": v, "name": class_name(self.class_names, v),
                          "color": "#{:02x}{:02x}{:02x}".format(*rgba[:3]), "rgba": list(rgba)})  # fmt: skip
