@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import rasterio
 import zarr
+from ome_zarr.format import FormatV05
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Label, Multiscales, Reader
 from ome_zarr_models.v05.image import Image
@@ -73,10 +74,17 @@ def test_labels_as_a_multiscale_label_image_that_validates_and_reads_as_napari_d
     np.testing.assert_array_equal(np.asarray(labels_node.data[0]), level0)
     names = {value: p["class"] for value, p in labels_node.metadata["properties"].items()}  # the reader keys by value
     assert [names[v] for v in range(3)] == ["background", "water", "cloud"]
-    scale = labels_node.metadata["coordinateTransformations"][1][0]["scale"]
+    levels = labels_node.metadata["coordinateTransformations"]
     with rasterio.open(path) as ds:
-        assert scale == [2 * ds.res[1], 2 * ds.res[0]]  # the raster's pixel size (rows, columns), times 2 at level 1
-    assert len(labels_node.metadata["coordinateTransformations"][1]) == 1  # rows run south: no translation
+        size = np.array([ds.res[1], ds.res[0]])  # the raster's pixel size (rows, columns)
+    assert [t["type"] for t in levels[0]] == ["scale"]  # rows run south: no origin
+    # each coarser level where ome-zarr's writer puts a level binning 2 x 2 cells of the one before (shapes of
+    # exact halves, as its factors are the shapes' ratios): the centre of its first cell, not level 0's
+    reference = FormatV05().generate_coordinate_transformations([(4, 4), (2, 2), (1, 1)])
+    for level, (scale, translation) in enumerate(reference):
+        np.testing.assert_allclose(levels[level][0]["scale"], np.multiply(scale["scale"], size))
+        if level:
+            np.testing.assert_allclose(levels[level][1]["translation"], np.multiply(translation["translation"], size))
 
     labels = tilemask.open_result(omz)
     assert labels.attrs["class_names"] == ["background", "water", "cloud"] and labels.rio.crs is not None

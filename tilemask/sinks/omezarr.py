@@ -16,7 +16,8 @@ time: labels by the mode of each 2 x 2 (x 2) block (ties to the smallest
 value), probabilities by the mean; then, once every level holds its data, the
 OME-Zarr metadata (a run cut short leaves a plain Zarr group). Each level's ``scale`` is the pixel/voxel
 size (mm for volumes, from the affine; metres for rasters in a projected CRS)
-times its factor; the whole affine and CRS stay in tilemask's attributes. An
+times its factor, its ``translation`` the centre of its first cell (:func:`level_translation`); the whole affine
+and CRS stay in tilemask's attributes. An
 OME-Zarr input's own unit is kept (micrometres stay micrometres): napari places
 layers by their numbers, not their units.
 """
@@ -49,6 +50,13 @@ def level_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     while max(shapes[-1]) > SMALLEST and min(shapes[-1]) > 1:
         shapes.append(tuple(math.ceil(s / 2) for s in shapes[-1]))
     return shapes
+
+
+def level_translation(spacing: list[float], origin: list[float] | None, level: int) -> list[float]:
+    """Where the centre of a level's first pixel/voxel is: that level's cell bins the ``2**level`` first ones of
+    level 0 along each axis, so its centre lies ``(2**level - 1) / 2`` of level 0's spacing past theirs (``origin``,
+    0 where no origin is written), as ``ome-zarr``'s writer places its levels."""
+    return [o + s * (2**level - 1) / 2 for s, o in zip(spacing, origin or [0.0] * len(spacing))]
 
 
 def space_axes(layout: OutputLayout) -> tuple[tuple[str, ...], list[float], list[float] | None, str | None]:
@@ -151,14 +159,15 @@ class OmeZarrSink(LabelSink):
         space = [{"name": n, "type": "space", **({"unit": unit} if unit else {})} for n in names]
 
         def multiscale(name: str, with_channels: bool) -> dict:
-            lead = [1.0] if with_channels else []
+            lead, lead_0 = ([1.0], [0.0]) if with_channels else ([], [])
             return {
                 "name": name,
                 "axes": ([{"name": "c", "type": "channel"}] if with_channels else []) + space,
                 "datasets": [
                     {"path": str(level), "coordinateTransformations": [
                         {"type": "scale", "scale": lead + [s * 2**level for s in spacing]}]
-                        + ([{"type": "translation", "translation": [0.0] * len(lead) + origin}] if origin else [])}
+                        + ([{"type": "translation", "translation": lead_0 + level_translation(spacing, origin, level)}]
+                           if origin or level else [])}  # level 0 without an origin: at 0
                     for level in range(levels)
                 ],
                 "type": "mean" if with_channels else "mode",  # probabilities are averaged, labels voted
