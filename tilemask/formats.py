@@ -398,8 +398,10 @@ class DicomSegFormat(Format):
         return segment_label_problem(name)
 
     def classes_problem(self, n_classes):
-        if not 1 <= n_classes - 1 <= 65535:  # segment numbers: 1 to 65535 (a LABELMAP's 16-bit pixels), 0 background
-            return f"holds 1 to 65535 classes besides the background (its segments); this network gives {n_classes - 1}"
+        # segment numbers: 1 to 65535 (a LABELMAP's 16-bit pixels), 0 background; a network of one class is refused
+        # for every output (planning.classes_of)
+        if n_classes - 1 > 65535:
+            return f"holds at most 65535 classes besides the background (its segments); this network gives {n_classes - 1}"
         return None
 
     def open_labels(self, path, chunks):
