@@ -141,3 +141,17 @@ def test_a_colour_table_that_is_no_slicer_table_is_left_out_with_a_warning(tmp_p
     (record,) = [r for r in caplog.records if r.name == "tilemask.classes"]
     assert record.levelname == "WARNING" and record.getMessage().startswith(
         f"{tmp_path / 'scan_labels.colors.csv'}: class names left out ({why}")
+
+
+def test_a_colour_table_saved_with_a_byte_order_mark_keeps_its_names(tmp_path, caplog):
+    """Excel's "CSV UTF-8" (and pandas' ``encoding="utf-8-sig"``) starts the file with a byte order mark: the first
+    column read as ``\\ufeffLabelValue``, and the table was left out with a warning, the labels named class_<v>."""
+    from tests.stats.conftest import write_nifti
+    from tilemask.sources.labels import open_labels
+
+    path = write_nifti(tmp_path / "scan_labels.nii.gz", np.arange(8, dtype=np.uint8).reshape(2, 2, 2) % 2, np.eye(4))
+    table = pd.DataFrame({"LabelValue": [0, 1], "Name": ["background", "hígado"], "Color_R": [0, 255]})
+    table.to_csv(tmp_path / "scan_labels.colors.csv", index=False, encoding="utf-8-sig")
+    assert (tmp_path / "scan_labels.colors.csv").read_bytes().startswith(b"\xef\xbb\xbf")
+    assert open_labels(str(path)).class_names == ("background", "hígado")
+    assert not [r for r in caplog.records if r.name == "tilemask.classes"]

@@ -70,7 +70,7 @@ def write_colour_table(path, names: tuple[str, ...] | list[str]) -> None:
     import csv
 
     colours = class_colours(max(len(names), 2))
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(COLOUR_TABLE_COLUMNS)
         for value, name in enumerate(names):
@@ -90,7 +90,7 @@ def read_colour_table(path) -> ClassNames | None:
     from .errors import InputError
 
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # UTF-8, with or without Excel's byte order mark
             rows = list(csv.DictReader(f))
     except FileNotFoundError:
         return None
