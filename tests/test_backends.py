@@ -285,7 +285,7 @@ def test_auto_settles_on_the_runner_its_job_runs(make_model, tmp_path, monkeypat
 
     import torch
 
-    from tilemask import backends
+    from tilemask import backend_cache, backends
     from tilemask.inference import probe_network
     from tilemask.settings import InferenceSettings, ModelSpec
 
@@ -297,7 +297,7 @@ def test_auto_settles_on_the_runner_its_job_runs(make_model, tmp_path, monkeypat
     *_, small = probe_network(spec, settings, 3, windows=1, measure_after=1e6)
     assert not small.measure and backends.loads == before + 1
 
-    verdict = backends._verdict_path(spec, "openvino", 3, (64, 64), 2)
+    verdict = backend_cache.verdict_path(spec, "openvino", 3, (64, 64), 2)
     verdict.parent.mkdir(parents=True, exist_ok=True)
     verdict.write_text(json.dumps({"difference": 0.0, "seconds": {"1": 1.0, "2": 1.0},
                                    "torch_seconds": {"1": 2.0, "2": 2.0}}))  # fmt: skip
@@ -576,13 +576,13 @@ def test_auto_takes_no_backend_whose_difference_from_torch_is_nan(tmp_path, monk
     1e-4`` is false: a backend faster than torch was taken without having matched it."""
     import dataclasses
 
-    from tilemask import backends
+    from tilemask import backend_cache, backends
     from tilemask.inference import probe_network
 
     monkeypatch.setenv("TILEMASK_CACHE_DIR", str(tmp_path / "cache"))
     spec, settings = _auto_on(NaNOnFlatWindows, tmp_path)
     probe_network(spec, settings, 3, windows=10**12, measure_after=0)
-    verdict = backends._verdict_path(spec, "openvino", 3, (32, 32), 2)
+    verdict = backend_cache.verdict_path(spec, "openvino", 3, (32, 32), 2)
     measured = json.loads(verdict.read_text())
     assert np.isnan(measured["difference"]), measured
     faster = {size: seconds / 10 for size, seconds in measured["torch_seconds"].items()}
@@ -617,3 +617,36 @@ def test_a_truncated_cached_conversion_is_converted_again(backend, make_model, t
     with caplog.at_level(logging.WARNING, logger="tilemask.backends"):
         assert probe_network(spec, settings, 3)[:2] == (3, backend)
     assert not caplog.records, "the conversion was not cached again"
+
+
+def test_the_weights_are_read_once_per_version_and_process_for_their_cache_keys(tmp_path, monkeypatch):
+    """Each cache entry's key holds the weights' sha256: the TorchScript trace, each backend's verdict and auto's
+    tally, several per worker and job. The digest's per-process cache was lost (47d19dc): every key read the
+    whole file again, 2-3 s a worker for a few hundred MB of nnU-Net checkpoint. Counted in the bytes this
+    process reads (/proc/self/io)."""
+    import os
+
+    from tilemask import backend_cache
+    from tilemask.settings import ModelSpec
+
+    def bytes_read() -> int:
+        return int(dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())["rchar"])
+
+    monkeypatch.setenv("TILEMASK_CACHE_DIR", str(tmp_path / "cache"))
+    weights = tmp_path / "big.pt"
+    weights.write_bytes(os.urandom(16 << 20))
+    size = weights.stat().st_size
+    spec = ModelSpec.create("UNet", UNET_2D, str(weights))
+    before = bytes_read()
+    keys = {backend_cache.verdict_path(spec, name, 3, (64, 64), 2) for name in ("openvino", "torch-mkldnn")}
+    keys |= {backend_cache.tally_path(spec, 3, (64, 64), 2), backend_cache.cache_path(spec, "torchscript", "2", 3,
+                                                                                     (64, 64), ".pt")}
+    assert len(keys) == 4
+    assert size <= bytes_read() - before < 2 * size  # hashed once for the four keys
+
+    with open(weights, "ab") as f:
+        f.write(b"\0")  # another version of the file: hashed again, another key
+    changed = ModelSpec.create("UNet", UNET_2D, str(weights))
+    before = bytes_read()
+    assert backend_cache.tally_path(changed, 3, (64, 64), 2) not in keys
+    assert bytes_read() - before >= size

@@ -37,8 +37,8 @@ like MONAI's.  A checkpoint's network runs eager, not as the cached trace: a tra
 MONAI UNet under autocast answers otherwise than the eager one (logits 2e-3 apart in
 float16, 1.2e-2 in bfloat16), and MONAI's users run it eager.
 
-A converted network is built once per worker process and also kept on disk (the
-cache folder: ``TILEMASK_CACHE_DIR``, else ``~/.cache/tilemask``) under the sha256
+A converted network is built once per worker process and also kept on disk (:mod:`tilemask.backend_cache`:
+``TILEMASK_CACHE_DIR``, else ``~/.cache/tilemask``) under the sha256
 of the weights, the network, its arguments, the window shape and the backend's
 version, so the next run or worker reads it instead of converting again; so are
 ``auto``'s measurements (difference and time), so a network that failed them is not converted again.  Every
@@ -48,18 +48,13 @@ the model's device.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import functools
-import hashlib
-import importlib.metadata
 import io
 import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -69,7 +64,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputError, WeightsError, WorkflowError, first_line
+from .backend_cache import (
+    backend_version,
+    cache_path,
+    local_spec,
+    locked,
+    publish_entry,
+    read_verdict,
+    record_cannot_convert,
+    tally_path,
+    unmeasured_seconds,
+    verdict_path,
+)
+from .errors import WorkflowError, first_line
 from .imports import ignoring_warnings
 from .models import MODELS_PER_PROCESS, cached_model
 from .settings import InferenceSettings, ModelSpec
@@ -137,20 +144,20 @@ def settle_auto(spec: ModelSpec, settings: InferenceSettings, channels: int, dev
     against 0.01 s for the demo's window)."""
     if settings.backend != "auto" or device.type != "cpu" or settings.precision != "float32" or not settings.measure:
         return settings
-    local, roi, batch = _local(spec), tuple(settings.roi), settings.batch_size
+    local, roi, batch = local_spec(spec), tuple(settings.roi), settings.batch_size
     if not os.path.isfile(local.weights):
         return settings  # load_model's own error comes from building it
     sizes, unmeasured = sorted({1, batch}), []
     for name in AUTO_ORDER:
-        known = _read_verdict(_verdict_path(local, name, channels, roi, batch), sizes)
+        known = read_verdict(verdict_path(local, name, channels, roi, batch), sizes)
         if known is None:
             unmeasured.append(name)
         elif _faster_sizes(known):
             break  # auto takes this one: it never tries those after it
     if not unmeasured:
         return settings
-    tally = _cache_path(local, "auto", _version("torch"), channels, roi, f".b{batch}.t{torch.get_num_threads()}.json")
-    before = _unmeasured_seconds(tally)
+    tally = tally_path(local, channels, roi, batch)
+    before = unmeasured_seconds(tally)
     # the runner the job gets if it does not measure: built once, not once more for the job
     _, run = cached_runner(spec, dataclasses.replace(settings, measure=False), channels, device)
     for _ in range(3):
@@ -161,43 +168,18 @@ def settle_auto(spec: ModelSpec, settings: InferenceSettings, channels: int, dev
             break
     else:
         return settings
-    with _locked(tally):  # read again: a job settling at the same time may have added its seconds since
-        before = _unmeasured_seconds(tally)
+    with locked(tally):  # read again: a job settling at the same time may have added its seconds since
+        before = unmeasured_seconds(tally)
         if before + estimate >= after:
             return settings  # with them, this job repays measuring
-        _publish(lambda p: p.write_text(json.dumps({"unmeasured_seconds": before + estimate})), tally, (".json",))
+        publish_entry(lambda p: p.write_text(json.dumps({"unmeasured_seconds": before + estimate})), tally, (".json",))
     logger.info("auto: %d windows, about %.1f s in torch (%.1f s with the earlier jobs): too few to repay measuring "
                 "%s", windows, estimate, before + estimate, ", ".join(unmeasured))  # fmt: skip
     return dataclasses.replace(settings, measure=False)
 
 
-def _unmeasured_seconds(tally: Path) -> float:
-    """The seconds of the jobs ``auto`` did not measure for, added up in ``tally`` (0 if unreadable)."""
-    try:
-        return float(json.loads(tally.read_text())["unmeasured_seconds"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0.0
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive ``flock`` on ``path`` with the suffix ``.lock`` for what is inside: none where it cannot be
-    made (a cache folder that cannot be written, where nothing is written either)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def _build(spec: ModelSpec, settings: InferenceSettings, channels: int, device: torch.device) -> tuple[str, Runner]:
-    spec, backend, roi, batch = _local(spec), settings.backend, tuple(settings.roi), settings.batch_size
+    spec, backend, roi, batch = local_spec(spec), settings.backend, tuple(settings.roi), settings.batch_size
 
     @functools.cache
     def network() -> torch.nn.Module:  # built (MONAI imported) only when no cached conversion serves
@@ -311,8 +293,8 @@ def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], tor
     one window or on ``batch`` (measured once, then read from the cache; not measured unless ``measure``);
     each batch then runs through whichever of the two was faster at its size.  None when not taken."""
     sizes = sorted({1, batch})
-    verdict = _verdict_path(spec, name, channels, roi, batch) if auto else None
-    known = _read_verdict(verdict, sizes) if verdict is not None else None
+    verdict = verdict_path(spec, name, channels, roi, batch) if auto else None
+    known = read_verdict(verdict, sizes) if verdict is not None else None
     if known is not None and not _faster_sizes(known):
         return None  # measured before: under this backend the network parts from torch, or is no faster
     if auto and known is None and not measure:
@@ -323,8 +305,8 @@ def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], tor
         if not auto:
             extra = " (pip install 'tilemask[onnx]')" if name == "onnxruntime" else ""  # openvino is a dependency
             raise WorkflowError(f"inference.backend: {name} is not installed on this worker{extra}") from None
-        if _version(name) == "absent":  # the verdict's key holds that: installing the package makes another
-            _cannot_convert(verdict, "not installed")
+        if backend_version(name) == "absent":  # the verdict's key holds that: installing the package makes another
+            record_cannot_convert(verdict, "not installed")
         return None
     except WorkflowError:
         raise  # the network itself rejects the window
@@ -336,7 +318,7 @@ def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], tor
         log = logger.info if isinstance(exc, NotConvertible) else logger.warning
         log("%s cannot convert the network, auto tries the next backend: %s", name, reason)
         if not isinstance(exc, OSError) and not out_of_memory(exc):  # those may pass; the network stays as it is
-            _cannot_convert(verdict, reason)
+            record_cannot_convert(verdict, reason)
         return None
     if not auto:
         return name, run
@@ -347,7 +329,7 @@ def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], tor
             "seconds": {str(n): _seconds(run, channels, roi, n) for n in sizes},
             "torch_seconds": {str(n): _seconds(reference(), channels, roi, n) for n in sizes},
         }
-        _publish(lambda p: p.write_text(json.dumps(known)), verdict, (".json",))
+        publish_entry(lambda p: p.write_text(json.dumps(known)), verdict, (".json",))
     faster = _faster_sizes(known)
     logger.info("auto and %s: softmax %.2g from torch's; seconds for %s windows: %s against torch's %s", name,
                 known["difference"], sizes, [known["seconds"][str(n)] for n in sizes],
@@ -378,39 +360,11 @@ def out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or bool(_OUT_OF_MEMORY.search(str(exc)))
 
 
-def _cannot_convert(verdict: Path, reason: str) -> None:
-    """Remember that a backend cannot take the network, so that ``auto`` neither converts it again nor counts
-    it among the backends it has yet to measure (:func:`settle_auto`)."""
-    _publish(lambda p: p.write_text(json.dumps({"cannot_convert": reason})), verdict, (".json",))
-
-
-def _verdict_path(spec: ModelSpec, name: str, channels: int, roi: tuple[int, ...], batch: int) -> Path:
-    """Where ``auto``'s measurements of backend ``name`` are cached (per batch size and torch's threads)."""
-    suffix = f".b{batch}.t{torch.get_num_threads()}.verdict.json"
-    return _cache_path(spec, name, _version(name), channels, roi, suffix)
-
-
 def _faster_sizes(verdict: dict) -> set[int]:
     """The batch sizes at which a backend that keeps torch's answer was measured faster than torch."""
     if "cannot_convert" in verdict or not verdict["difference"] <= AUTO_TOLERANCE:  # NaN: no match either
         return set()
     return {int(n) for n, seconds in verdict["seconds"].items() if seconds < verdict["torch_seconds"][n]}
-
-
-def _read_verdict(path: Path, sizes: list[int]) -> dict | None:
-    """``auto``'s cached measurements for a network and backend (or why the backend cannot convert it); None
-    when not measured (or unreadable)."""
-    try:
-        known = json.loads(path.read_text())
-        if isinstance(known, dict) and isinstance(known.get("cannot_convert"), str):
-            return {"cannot_convert": known["cannot_convert"]}
-        return {
-            "difference": float(known["difference"]),
-            "seconds": {str(n): float(known["seconds"][str(n)]) for n in sizes},
-            "torch_seconds": {str(n): float(known["torch_seconds"][str(n)]) for n in sizes},
-        }
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _seconds(run: Runner, channels: int, roi: tuple[int, ...], batch: int) -> float:
@@ -434,7 +388,7 @@ def _torch(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: in
     ``eager_if_out_of_memory`` (torch-mkldnn, which needs the trace, fails now and is tried again later)."""
     if device.type != "cpu" or spec.archive != "state_dict":
         return network()
-    path = _cache_path(spec, "torchscript", torch.__version__, channels, roi, ".pt")
+    path = cache_path(spec, "torchscript", torch.__version__, channels, roi, ".pt")
     if path.is_file():
         try:
             return torch.jit.load(str(path), map_location=device).eval()
@@ -450,7 +404,7 @@ def _torch(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: in
         return eager
     if traced is None:
         return eager
-    _publish(lambda p: torch.jit.save(traced, str(p)), path, (".pt",))
+    publish_entry(lambda p: torch.jit.save(traced, str(p)), path, (".pt",))
     return traced
 
 
@@ -471,14 +425,6 @@ def _trace(network: torch.nn.Module, channels: int, roi: tuple[int, ...]) -> tor
         logger.info("the network cannot be traced (%s): running it as it is", first_line(exc))
         return None
     return traced
-
-
-def _version(backend: str) -> str:
-    """The version of the package that runs ``backend``."""
-    try:
-        return importlib.metadata.version("torch" if backend.startswith("torch") else backend)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
 
 
 def _difference(network: Runner, run: Runner, channels: int, roi: tuple[int, ...]) -> float:
@@ -502,60 +448,6 @@ def _activated_gap(expected: torch.Tensor, got: torch.Tensor) -> float:
     return float((activate(expected) - activate(got)).abs().max())
 
 
-def _cache_path(spec: ModelSpec, backend: str, version: str, channels: int, roi: tuple[int, ...], suffix: str) -> Path:
-    digest = hashlib.sha256(_weights_digest(spec.weights, spec.weights_stamp).encode())
-    digest.update(json.dumps([spec.network, spec.args_json, backend, version, channels, roi]).encode())
-    folder = Path(os.environ.get("TILEMASK_CACHE_DIR") or Path.home() / ".cache" / "tilemask") / backend
-    return folder / f"{digest.hexdigest()[:32]}{suffix}"
-
-
-@functools.lru_cache(maxsize=16)
-def _local(spec: ModelSpec) -> ModelSpec:
-    """The spec with its weights on this machine: weights on object storage or a web server are fetched once
-    (:func:`tilemask.storage.local_copy`); what follows reads, checks and caches the local file."""
-    from .storage import local_copy
-
-    try:
-        local = local_copy(spec.weights)
-    except InputError as exc:
-        raise WeightsError(f"model.weights: {exc}") from None
-    if local == spec.weights:
-        return spec
-    stat = os.stat(local)
-    return dataclasses.replace(spec, weights=local, weights_stamp=(stat.st_mtime_ns, stat.st_size))
-
-
-def _weights_digest(path: str, stamp: tuple[int, int]) -> str:
-    """sha256 of a weights file, once per file version (``stamp``: mtime and size) and process."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as weights:
-        for block in iter(lambda: weights.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _publish(write: Callable[[Path], None], final: Path, suffixes: tuple[str, ...]) -> None:
-    """Write the files of a converted network under a temporary stem, then rename them into place, the one
-    that marks the entry complete (``final``) last: a reader never sees half an entry.  A cache that cannot
-    be written (read-only home, full disk) costs the next run a conversion, nothing more."""
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        stem = Path(tempfile.mkdtemp(dir=final.parent, prefix=".partial-")) / "model"
-    except OSError as exc:
-        logger.warning("cannot cache %s: %s", final, exc)
-        return
-    try:
-        write(stem.with_suffix(suffixes[0]))
-        for suffix in reversed(suffixes):
-            os.replace(stem.with_suffix(suffix), final.with_suffix(suffix))
-    except OSError as exc:
-        logger.warning("cannot cache %s: %s", final, exc)
-    finally:
-        for leftover in stem.parent.iterdir():
-            leftover.unlink()
-        stem.parent.rmdir()
-
-
 def _read_cached(path: Path, read: Callable[[Path], object]):
     """``read(path)``: a runtime's network from its cached conversion; None when there is none, or when it cannot
     be read (a file cut short: converted again, as an unreadable cached TorchScript is traced again)."""
@@ -573,7 +465,7 @@ def _read_cached(path: Path, read: Callable[[Path], object]):
 def _openvino(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: int, roi: tuple[int, ...]) -> Runner:
     import openvino as ov
 
-    path = _cache_path(spec, "openvino", ov.__version__, channels, roi, ".xml")
+    path = cache_path(spec, "openvino", ov.__version__, channels, roi, ".xml")
     core = ov.Core()
     on_cpu = functools.partial(core.compile_model, device_name="CPU", config={
         "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
@@ -583,7 +475,7 @@ def _openvino(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels:
     if compiled is None:
         example = torch.zeros((1, channels, *roi))
         model = ov.convert_model(network(), example_input=example, input=[ov.PartialShape([-1, channels, *roi])])
-        _publish(lambda p: ov.save_model(model, p, compress_to_fp16=False), path, (".xml", ".bin"))
+        publish_entry(lambda p: ov.save_model(model, p, compress_to_fp16=False), path, (".xml", ".bin"))
         compiled = on_cpu(model)
     request, lock = compiled.create_infer_request(), threading.Lock()
 
@@ -598,7 +490,7 @@ def _openvino(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels:
 def _onnxruntime(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: int, roi: tuple[int, ...]) -> Runner:
     import onnxruntime as ort
 
-    path = _cache_path(spec, "onnxruntime", ort.__version__, channels, roi, ".onnx")
+    path = cache_path(spec, "onnxruntime", ort.__version__, channels, roi, ".onnx")
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     start = functools.partial(ort.InferenceSession, sess_options=options, providers=["CPUExecutionProvider"])
@@ -608,7 +500,7 @@ def _onnxruntime(spec: ModelSpec, network: Callable[[], torch.nn.Module], channe
         torch.onnx.export(network(), (torch.zeros((1, channels, *roi)),), buffer, input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False)  # fmt: skip
         exported = buffer.getvalue()
-        _publish(lambda p: p.write_bytes(exported), path, (".onnx",))
+        publish_entry(lambda p: p.write_bytes(exported), path, (".onnx",))
         session = start(exported)
 
     def run(batch: torch.Tensor) -> torch.Tensor:
