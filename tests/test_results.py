@@ -26,7 +26,7 @@ def drive(sink, labels, probabilities):
     for r in range(0, h, ch):
         for c in range(0, w, cw):
             sink.write(((r, min(r + ch, h)), (c, min(c + cw, w))), labels[r : r + ch, c : c + cw],
-                       probabilities[:, r : r + ch, c : c + cw])  # fmt: skip
+                       None if probabilities is None else probabilities[:, r : r + ch, c : c + cw])  # fmt: skip
     return sink.commit()
 
 
@@ -180,3 +180,33 @@ def test_nifti_probabilities_open_as_nibabel_reads_them(tmp_path):
     (tmp_path / "labels_probabilities.nii.gz").unlink()
     with pytest.raises(InputError, match=r"labels.nii.gz: has no probabilities beside it \(labels_probabilities"):
         open_result(path, "probabilities")
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".ome.zarr"])
+def test_a_zarr_output_with_a_damaged_chunk_is_named_by_stats_and_evaluate(tmp_path, suffix):
+    """A fault sweep: a label Zarr or OME-Zarr whose chunk in the middle does not decompress failed ``tilemask
+    stats`` and ``evaluate`` as ``tilemask: error: RuntimeError: Zstd decompression error: invalid input data``,
+    naming neither the file nor where; a NIfTI's or a GeoTIFF's broken block is named with its window."""
+    from tests.conftest import run_cli
+
+    labels = np.random.default_rng(4).integers(0, 3, size=(600, 700)).astype(np.uint8)
+    geometry = RasterGeometry(rasterio.crs.CRS.from_epsg(32618).to_wkt(), (500000.0, 30.0, 0.0, 4000000.0, 0.0, -30.0))
+    layout = OutputLayout(labels.shape, (256, 256), CLASSES, "uint8", 0, "none", geometry, "input.tif", 255)
+    path = tmp_path / f"mask{suffix}"
+    drive(make_sink(str(path), layout), labels, None)
+    truth = tmp_path / "truth.tif"
+    with rasterio.open(truth, "w", driver="GTiff", width=700, height=600, count=1, dtype="uint8", crs="EPSG:32618",
+                       transform=Affine(30, 0, 500000, 0, -30, 4000000)) as dst:  # fmt: skip
+        dst.write(labels, 1)
+    chunk = path / {".zarr": "labels", ".ome.zarr": "labels/labels/0"}[suffix] / "c" / "1" / "1"  # rows 256:512
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    where = re.escape(f"{path}: read failed at [256:512, 256:512]: ")
+    for args, table in ((["stats", path, "-o", tmp_path / "t.parquet"], "t.parquet"),
+                        (["evaluate", path, truth, "-o", tmp_path / "scores.json"], "scores.json"),
+                        (["evaluate", truth, path], None)):  # fmt: skip
+        done = run_cli(*args)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1, (args, done.stderr)
+        assert re.match(rf"^tilemask: error: {where}\S", lines[0]), lines[0]
+        assert table is None or not (tmp_path / table).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, truth.name])

@@ -100,6 +100,40 @@ class _NiftiVolume:
         raise ReadError(f"{self.path}: read failed at [{where}]: {detail}")
 
 
+@dataclass(frozen=True)
+class _ZarrLabels:
+    """Array-like view of a Zarr label array (for ``da.from_array``): a chunk that does not decompress or decode
+    as a :class:`ReadError` naming the store and the window (zarr's own text named neither)."""
+
+    path: str
+    array: zarr.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.array.dtype)
+
+    @property
+    def ndim(self) -> int:
+        return self.array.ndim
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        try:
+            return np.asarray(self.array[index])
+        except Exception as exc:  # codecs and stores raise many types
+            detail = f"{type(exc).__name__}: {exc}"
+        where = ", ".join(f"{s.start}:{s.stop}" for s in index)
+        raise ReadError(f"{self.path}: read failed at [{where}]: {detail}")
+
+
+def _from_zarr(path: str, array: zarr.Array, chunks) -> da.Array:
+    return da.from_array(_ZarrLabels(path, array), chunks=_chunks(chunks, tuple(array.chunks)), asarray=False,
+                         fancy=False, meta=np.empty((0,) * array.ndim, np.dtype(array.dtype)))  # fmt: skip
+
+
 def open_labels(path: str, chunks: int | tuple[int, ...] | None = None) -> LabelImage:
     """The labels at ``path`` as a lazy array; ``chunks`` defaults to the file's own blocks."""
     from ..formats import for_path
@@ -150,7 +184,7 @@ def open_zarr_labels(path: str, chunks) -> LabelImage:
     array = node["labels"] if isinstance(node, zarr.Group) else node
     meta = attrs.get("tilemask", {})
     geometry = usable_geometry(path, geometry_from_attrs(attrs, array.ndim), TILEMASK_ATTRS)
-    lazy = da.from_zarr(array, chunks=_chunks(chunks, tuple(array.chunks)))
+    lazy = _from_zarr(path, array, chunks)
     classes = tuple(meta["classes"]) if meta.get("classes") else None
     return LabelImage(path, lazy, geometry, classes, meta.get("nodata"))
 
@@ -178,7 +212,7 @@ def open_omezarr_labels(path: str, chunks) -> LabelImage:
     array = root[labels_path]
     geometry = (usable_geometry(path, geometry_from_attrs(attrs, array.ndim), TILEMASK_ATTRS) if meta else
                 usable_geometry(path, _ome_geometry(root[labels_path.rsplit("/", 1)[0]], array.ndim), OME_SCALES))
-    lazy = da.from_zarr(array, chunks=_chunks(chunks, tuple(array.chunks)))
+    lazy = _from_zarr(path, array, chunks)
     classes = tuple(meta["classes"]) if meta.get("classes") else None
     return LabelImage(path, lazy, geometry, classes, meta.get("nodata"))
 
