@@ -878,6 +878,30 @@ def test_polygons_and_a_table_written_onto_a_full_disk_are_named_so(tmp_path, tm
     assert list(disk.iterdir()) == []
 
 
+def test_a_quick_look_and_scores_written_onto_a_full_disk_name_their_file_once(tmp_path, tmpfs):
+    """A fault sweep: a quick look met a full disk as the warning ``no quick look DISK/q.png: DISK/q.png: cannot
+    write the quick look: DISK/q.png: no space left on device``, and ``evaluate -o`` as ``DISK/s.json: cannot
+    write: DISK/s.json: no space left on device``: the full disk, already named with its file, was wrapped again."""
+    from tilemask.errors import OutputError
+    from tilemask.quicklook import write_quicklook
+    from tilemask.stats.tables import write_json
+
+    with rasterio.open(GEO["RGB.byte.tif"]) as src:
+        labels = (src.read(1) // 80).astype(np.uint8)
+        profile = dict(driver="GTiff", width=src.width, height=src.height, count=1, dtype="uint8", crs=src.crs,
+                       transform=src.transform)  # fmt: skip
+    mask = tmp_path / "mask.tif"
+    with rasterio.open(mask, "w", **profile) as dst:
+        dst.write(labels, 1)
+    disk = tmpfs("16k")
+    png, scores = disk / "q.png", disk / "s.json"
+    with pytest.raises(OutputError, match=rf"^{re.escape(str(png))}: no space left on device$"):
+        write_quicklook(str(GEO["RGB.byte.tif"]), str(mask), str(png), size=1024)
+    with pytest.raises(OutputError, match=rf"^{re.escape(str(scores))}: no space left on device$"):
+        write_json({"scores": ["x" * 100] * 400}, scores)
+    assert list(disk.iterdir()) == []
+
+
 def test_a_chunk_written_onto_the_last_free_bytes_fails_its_record_as_a_full_disk(tmpfs):
     """The resume ledger sits beside the staged output: the chunk that fills the disk leaves no room for its
     record. Seen in 3 of 9 runs of the test above on the shared cluster, as a bare ``OSError`` from the run."""

@@ -48,7 +48,9 @@ def write_products(job: Job, labels_path: str, client: Client, progress: bool = 
             try:
                 written.extend(gather(client, [task]))
             except (InputError, ReadError, OutputError) as exc:  # a picture for people: the labels are the product
-                logger.warning("no quick look %s: %s", products.quicklook, first_line(exc))
+                why = first_line(exc)  # a full disk's OutputError names the PNG already
+                logger.warning("no quick look %s", why if why.startswith(products.quicklook) else
+                               f"{products.quicklook}: {why}")  # fmt: skip
     if products.stats:
         from .stats import compute_from_config
 

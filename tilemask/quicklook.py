@@ -95,6 +95,8 @@ def write_quicklook(
         mark.add_text("Software", product_mark_text())
         with atomic_path(target) as staged:
             Image.fromarray(rgba, "RGBA").save(staged, format="PNG", compress_level=PNG_LEVEL, pnginfo=mark)
+    except OutputError:  # a full disk, named with the file already
+        raise
     except OSError as exc:
         raise OutputError(f"{png_path}: cannot write the quick look: {exc}") from None
     logger.info("wrote %s (%dx%d)", target, rgba.shape[1], rgba.shape[0])

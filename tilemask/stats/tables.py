@@ -140,6 +140,8 @@ def write_json(data: dict, path: str | os.PathLike) -> Path:
         with atomic_path(path) as tmp:
             marked = {**product_mark(), **{k: v for k, v in data.items() if k != PRODUCT_MARK}}
             Path(tmp).write_text(json.dumps(jsonable(marked), indent=2) + "\n")
+    except OutputError:  # a full disk, named with the file already
+        raise
     except OSError as exc:
         raise OutputError(f"{path}: cannot write: {exc}") from None
     return path
