@@ -398,6 +398,31 @@ def test_an_uncompressed_nifti_shorter_than_its_header_is_refused_before_any_wor
     assert open_source(str(path), 3).shape[1:] == (37, 29, 23)  # whole, it opens
 
 
+def test_a_web_server_gone_mid_run_is_unreachable_not_a_missing_nifti(make_volume, tmp_path):
+    """A fault sweep: a NIfTI read over HTTP whose server died mid-run failed ``URL: read failed at ((0, 40), ...):
+    InputError: URL: no such object`` (and so did one whose server stalled, 46 s later): fsspec calls every failed
+    request a FileNotFoundError. The file is there; the server is not. A 404 is still no such object."""
+    import re
+
+    path, data = make_volume(name="scan.nii.gz")
+    server = serve(str(tmp_path))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(InputError, match=rf"^{base}/gone\.nii\.gz: no such object$"):
+            open_source(f"{base}/gone.nii.gz", spatial_dims=3)
+        source = open_source(f"{base}/scan.nii.gz", spatial_dims=3)
+        np.testing.assert_array_equal(source.read(((0, 5), (0, 29), (0, 23)))[0], data[:5])
+    finally:
+        server.shutdown()
+        server.server_close()
+    where = re.escape(f"{base}/scan.nii.gz: read failed at ((0, 5), (0, 29), (0, 23)): ")
+    with pytest.raises(ReadError, match=rf"^{where}cannot reach it: ClientConnectorError: .*Connect call failed"):
+        source.read(((0, 5), (0, 29), (0, 23)))
+    with pytest.raises(InputError, match=rf"^{base}/scan\.nii\.gz: cannot reach it: ClientConnectorError: "):
+        open_source(f"{base}/scan.nii.gz", spatial_dims=3)
+
+
 def test_a_truncated_nifti_gz_is_refused_when_opened_and_called_truncated_when_cut_short_later(make_volume):
     """A ``.nii.gz`` shorter than its header says is refused when the scan reader or the label reader opens it
     (exit 2): the gzip trailer's size disagrees, and inflating it counts what it holds. It was found only when

@@ -81,10 +81,28 @@ def local_copy(path: str) -> str:
 def _info(fs, key: str, path: str) -> dict:
     try:
         return fs.info(key)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such object") from None
+    except FileNotFoundError as exc:
+        unreachable = _unreachable(exc.__cause__)
+        if unreachable is None:
+            raise InputError(f"{path}: no such object") from None
+        failure = unreachable
     except Exception as exc:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many types
-        raise InputError(f"{path}: cannot reach it: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        failure = exc
+    text = str(failure).strip()
+    raise InputError(f"{path}: cannot reach it: {type(failure).__name__}: {text.splitlines()[0] if text else ''}") from None
+
+
+def _unreachable(cause: BaseException | None) -> BaseException | None:
+    """fsspec's HTTP file system calls every failed request a FileNotFoundError, its cause the request's error: a
+    server that refused the connection, timed out or answered other than 404/410 is that error, not a missing file
+    (a NIfTI whose web server died mid-run was 'no such object'). None: the object is not there."""
+    try:
+        from aiohttp import ClientConnectionError, ClientResponseError
+    except ImportError:  # pragma: no cover - fsspec's HTTP needs aiohttp
+        return None
+    if isinstance(cause, ClientResponseError):
+        return None if cause.status in (404, 410) else cause
+    return cause if isinstance(cause, (ClientConnectionError, TimeoutError)) else None
 
 
 def _version(info: dict) -> str:

@@ -55,6 +55,8 @@ class NiftiSource(ImageSource):
             shape = tuple(int(s) for s in img.shape)
         except FileNotFoundError:
             raise InputError(f"{path}: no such file") from None
+        except InputError:  # an object or a web server that cannot give the file, named by storage
+            raise
         except Exception as exc:  # nibabel raises many types (ImageFileError, EOFError, zlib.error...)
             raise InputError(f"{path}: cannot open NIfTI: {exc}") from None
         if len(shape) not in (3, 4):
@@ -97,6 +99,8 @@ class NiftiSource(ImageSource):
             else:  # one volume at a time: nibabel reads a 4th-axis slice without the others
                 block = np.stack([np.asarray(img.dataobj[(*index, v)]) for v in self.volumes])
             return block
+        except InputError as exc:  # the copy of an object or a web server's file: storage names its path
+            detail = first_line(exc).removeprefix(f"{self.path}: ")
         except Exception as exc:  # nibabel, gzip and zlib raise many types
             detail = read_failure(exc)
         raise ReadError(f"{self.path}: read failed at {region}: {detail}")
