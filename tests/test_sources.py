@@ -398,6 +398,36 @@ def test_an_uncompressed_nifti_shorter_than_its_header_is_refused_before_any_wor
     assert open_source(str(path), 3).shape[1:] == (37, 29, 23)  # whole, it opens
 
 
+def test_an_image_whose_header_gives_an_axis_of_no_length_is_refused_by_name(make_volume, make_model, tmp_path):
+    """A fault sweep: a NIfTI whose header gives an axis of length 0 ran (exit 0) and published an empty labels
+    volume; one of length -64 failed when its output was written, ``OUTPUT: cannot write the output: OSError:
+    [Errno 22] Invalid argument`` (exit 1), naming the output, not the input. A Zarr array of no pixels alike."""
+    import struct
+
+    import yaml
+
+    from tests.conftest import volume_workflow
+
+    path, _ = make_volume(name="scan.nii")
+    raw = path.read_bytes()
+    for name, dims in (("zero.nii", (3, 37, 0, 23)), ("negative.nii", (3, 37, -29, 23))):
+        (tmp_path / name).write_bytes(raw[:40] + struct.pack("<4h", *dims) + raw[48:])  # the header's dim[0:4]
+        with pytest.raises(InputError, match=rf"^{tmp_path / name}: its axes are \(37, -?\d+, 23\): an image of no "
+                                             r"voxels$"):  # fmt: skip
+            open_source(str(tmp_path / name), spatial_dims=3)
+    empty = tmp_path / "empty.zarr"
+    zarr.create_array(str(empty), shape=(3, 0, 50), chunks=(3, 16, 16), dtype="uint8")
+    with pytest.raises(InputError, match=rf"^{empty}: its axes are \(0, 50\): an image of no pixels$"):
+        open_source(str(empty), spatial_dims=2)
+    weights, _ = make_model(UNET_3D)
+    workflow = volume_workflow(tmp_path / "zero.nii", weights, {}, {"path": str(tmp_path / "out" / "{stem}.nii.gz")})
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(workflow))
+    done = run_cli("run", tmp_path / "w.yaml", "--quiet")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"tilemask: error: {tmp_path / 'zero.nii'}: its axes are (37, 0, 23): an image of no voxels"], done.stderr
+    assert not (tmp_path / "out" / "zero.nii.gz").exists()
+
+
 def test_a_web_server_gone_mid_run_is_unreachable_not_a_missing_nifti(make_volume, tmp_path):
     """A fault sweep: a NIfTI read over HTTP whose server died mid-run failed ``URL: read failed at ((0, 40), ...):
     InputError: URL: no such object`` (and so did one whose server stalled, 46 s later): fsspec calls every failed

@@ -236,6 +236,9 @@ def open_source(path: str, spatial_dims: int, bands: list[int] | None = None) ->
         raise InputError(f"{path}: preprocess.bands applies to rasters (bands) and NIfTI (volumes of a 4D file)")
     if len(source.spatial_shape) != spatial_dims:
         raise InputError(f"{path}: has {len(source.spatial_shape)} spatial axes but the model is {spatial_dims}D")
+    if min(source.shape) < 1:  # a header that gives an axis of length 0 (or less): nothing to segment
+        unit = "channels" if min(source.spatial_shape) >= 1 else "voxels" if spatial_dims == 3 else "pixels"
+        raise InputError(f"{path}: its axes are {tuple(source.spatial_shape)}: an image of no {unit}")
     return source
 
 
