@@ -428,6 +428,26 @@ def test_an_image_whose_header_gives_an_axis_of_no_length_is_refused_by_name(mak
     assert not (tmp_path / "out" / "zero.nii.gz").exists()
 
 
+def test_a_nifti_of_an_unknown_data_type_is_one_line(make_volume, make_model, tmp_path):
+    """A fault sweep: a NIfTI header's datatype code 999 was refused in three lines, nibabel's logger printing
+    ``data code 999 not recognized; not attempting fix`` twice (its own handler, and ours) before the error."""
+    import struct
+
+    import yaml
+
+    from tests.conftest import volume_workflow
+
+    path, _ = make_volume(name="scan.nii")
+    raw = path.read_bytes()
+    (tmp_path / "odd.nii").write_bytes(raw[:70] + struct.pack("<h", 999) + raw[72:])  # the header's datatype
+    weights, _ = make_model(UNET_3D)
+    workflow = volume_workflow(tmp_path / "odd.nii", weights, {}, {"path": str(tmp_path / "out" / "{stem}.nii.gz")})
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(workflow))
+    done = run_cli("run", tmp_path / "w.yaml", "--quiet")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"tilemask: error: {tmp_path / 'odd.nii'}: cannot open NIfTI: data code 999 not recognized"], done.stderr
+
+
 def test_a_web_server_gone_mid_run_is_unreachable_not_a_missing_nifti(make_volume, tmp_path):
     """A fault sweep: a NIfTI read over HTTP whose server died mid-run failed ``URL: read failed at ((0, 40), ...):
     InputError: URL: no such object`` (and so did one whose server stalled, 46 s later): fsspec calls every failed

@@ -100,6 +100,9 @@ def configure_logging(debug: bool, verbosity: int = 0) -> None:
         logging.getLogger("tornado").setLevel(logging.CRITICAL)
         # rasterio logs at INFO every error GDAL signals, those its callers expect too (a file not there yet)
         logging.getLogger("rasterio").setLevel(max(level, logging.WARNING))
+        # nibabel logs a header it refuses (a datatype code it does not know) with a handler of its own, and
+        # through ours, before it raises: two lines before tilemask's one
+        logging.getLogger("nibabel").setLevel(logging.CRITICAL)
         # and warns of a request that got no answer at all (HTTP code 0) before the open or read fails with
         # curl's reason, which tilemask's one line names
         logging.getLogger("rasterio._env").addFilter(lambda record: not _NO_ANSWER.search(record.getMessage()))
