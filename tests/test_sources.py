@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -448,12 +449,29 @@ def test_a_nifti_of_an_unknown_data_type_is_one_line(make_volume, make_model, tm
         f"tilemask: error: {tmp_path / 'odd.nii'}: cannot open NIfTI: data code 999 not recognized"], done.stderr
 
 
+def test_a_nifti_gz_damaged_in_the_middle_is_called_damaged_not_of_unknown_type(tmp_path):
+    """A fault sweep: a .nii.gz whose compressed stream is damaged in its middle (50 bytes overwritten) was refused
+    as ``cannot open NIfTI: Cannot work out file type of "..."``: indexed_gzip fails nibabel's look at the header,
+    and nibabel calls any failure an unknown type. gzip names the damage."""
+    import gzip as gz
+
+    data = (np.random.default_rng(0).random((64, 64, 48)) * 1000).astype(np.int16)
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0])), path)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 50] = np.random.default_rng(0).bytes(50)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(Exception) as gzips, gz.open(path) as stream:
+        stream.read()
+    with pytest.raises(InputError, match=rf"^{path}: cannot open NIfTI: its gzip stream is damaged: "
+                                         rf"{re.escape(str(gzips.value))}$"):  # fmt: skip
+        open_source(str(path), spatial_dims=3)
+
+
 def test_a_web_server_gone_mid_run_is_unreachable_not_a_missing_nifti(make_volume, tmp_path):
     """A fault sweep: a NIfTI read over HTTP whose server died mid-run failed ``URL: read failed at ((0, 40), ...):
     InputError: URL: no such object`` (and so did one whose server stalled, 46 s later): fsspec calls every failed
     request a FileNotFoundError. The file is there; the server is not. A 404 is still no such object."""
-    import re
-
     path, data = make_volume(name="scan.nii.gz")
     server = serve(str(tmp_path))
     threading.Thread(target=server.serve_forever, daemon=True).start()

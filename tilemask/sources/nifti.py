@@ -50,15 +50,18 @@ class NiftiSource(ImageSource):
 
     @classmethod
     def open(cls, path: str, bands: list[int] | None = None) -> NiftiSource:
+        local = None
         try:
-            img = nib.load(local_copy(path))  # an archive's member or an object: copied here once (storage)
+            local = local_copy(path)  # an archive's member or an object: copied here once (storage)
+            img = nib.load(local)
             shape = tuple(int(s) for s in img.shape)
         except FileNotFoundError:
             raise InputError(f"{path}: no such file") from None
         except InputError:  # an object or a web server that cannot give the file, named by storage
             raise
         except Exception as exc:  # nibabel raises many types (ImageFileError, EOFError, zlib.error...)
-            raise InputError(f"{path}: cannot open NIfTI: {exc}") from None
+            damage = _gzip_damage(local) if local and _suffix(local) == ".gz" else None
+            raise InputError(f"{path}: cannot open NIfTI: {damage or exc}") from None
         if len(shape) not in (3, 4):
             raise InputError(f"{path}: NIfTI with {len(shape)} axes; expected 3 (i, j, k) or 4 (i, j, k, channel)")
         stored = np.dtype(img.get_data_dtype())
@@ -144,6 +147,18 @@ def _image(local: str):
     return unpacked((local, stamp), lambda spool: _decompressed(local, spool)) or cached_handle(
         ("nifti", local), lambda: nib.load(local, keep_file_open=True), stamp
     )
+
+
+def _gzip_damage(local: str) -> str | None:
+    """What is wrong with the gzip stream of ``local``, read to its end, else None. nibabel calls a .nii.gz whose
+    stream is damaged in its middle a file of unknown type (indexed_gzip fails its look at the header)."""
+    try:
+        with gzip.open(local, "rb") as stream:
+            while stream.read(1 << 24):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        return f"its gzip stream is damaged: {first_line(exc)}"
+    return None
 
 
 def _suffix(path: str) -> str:
