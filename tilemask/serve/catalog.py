@@ -109,14 +109,22 @@ class Catalog:
         self.root = root
         self._cache: dict[str, tuple[tuple, list[Entry]]] = {}
         self._lock = threading.Lock()
+        self._listing: tuple[dict[str, tuple], dict[str, Entry]] | None = None  # what it saw, entries by id
 
     def entries(self) -> list[Entry]:
         """Every entry of the folder, with unique ids and each label volume's scan (on one thread: README,
         "Serving", measured several slower)."""
         found: list[Entry] = []
-        for path, names in self._walk():
-            found.extend(self._classified(path, names))
-        return _link(found)
+        stamps: dict[str, tuple] = {}  # each folder walked, and each file left out (it may be whole next time)
+        for path, names in self._walk(stamps):
+            classified = self._classified(path, names)
+            if not classified:
+                stamps[str(path)] = ("file", *_stamp(path))
+            found.extend(classified)
+        linked = _link(found)
+        with self._lock:
+            self._listing = (stamps, {e.id: e for e in linked})
+        return linked
 
     def find(self, rel: str, *kinds: str) -> Entry | None:
         """The entry at ``rel`` (one file classified, not the whole folder: what each tile asks)."""
@@ -130,7 +138,23 @@ class Catalog:
         return next((e for e in self.entries() if e.path == entry.path and e.kind == entry.kind), entry)
 
     def by_id(self, entry_id: str, *kinds: str) -> Entry | None:
-        return next((e for e in self.entries() if e.id == entry_id and (not kinds or e.kind in kinds)), None)
+        """The entry named ``entry_id``, from the last listing while nothing it saw has changed: a folder's mtime
+        (a file added, removed or renamed there, which may change the ids), a file it left out (a copy that was
+        not whole yet), the entry's own file and sidecars; else from a new listing. Each of the map's feature
+        requests asks this: walking a folder of 2,000 files took 80 ms a request. Not seen until the next
+        listing (``/``, ``/collections``, ``/map``, the STAC catalog): another listed file damaged in place (not
+        replaced by a rename), whose leaving would give its stem back to a file that shared it."""
+        with self._lock:
+            listing = self._listing
+        if listing is not None and _unchanged(listing[0]):
+            entry = listing[1].get(entry_id)
+            if entry is None:  # no such id in an unchanged folder
+                return None
+            current = self.find(entry.path, entry.kind)
+            if current is not None and replace(current, id=entry.id, scan=entry.scan) == entry:
+                return entry if not kinds or entry.kind in kinds else None
+        entry = next((e for e in self.entries() if e.id == entry_id), None)
+        return entry if entry is not None and (not kinds or entry.kind in kinds) else None
 
     def _classified(self, path: Path, names: frozenset[str] | None = None) -> list[Entry]:
         """``path``'s entries, classified again when it or a sidecar changed; ``names``: what its folder holds
@@ -146,27 +170,62 @@ class Catalog:
                 self._cache[key] = cached
         return cached[1]
 
-    def _walk(self):
-        """Each file and Zarr store to classify, with the names its folder holds.  ``os.walk`` does not follow
-        links, so every folder it walks is in the root: only a link there may lead out and needs resolving (each
-        path resolved was 45% of a listing's time)."""
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            here = Path(dirpath)
-            names = frozenset(filenames) | frozenset(dirnames)
-            keep = []
-            for name in sorted(dirnames):
-                sub = here / name
-                if name.startswith(".") or (os.path.islink(sub) and not inside(self.root, sub)):
+    def _walk(self, stamps: dict[str, tuple] | None = None):
+        """Each file and Zarr store to classify, with the names its folder holds; ``stamps`` gets each walked
+        folder's stamp, taken before it is listed (so that a change while listing is a change the next time).
+        Links to folders are not walked into, so every folder walked is in the root: only a link there may lead
+        out and needs resolving (each path resolved was 45% of a listing's time)."""
+        stack = [self.root]
+        while stack:
+            here = stack.pop()
+            stamp = _folder_stamp(str(here))
+            try:
+                with os.scandir(here) as it:
+                    children = list(it)
+            except OSError:  # unreadable, or removed since its parent was listed (as os.walk, left out)
+                continue
+            if stamps is not None:
+                stamps[str(here)] = stamp
+            names = frozenset(child.name for child in children)
+            subfolders = []
+            for child in sorted((c for c in children if _is_dir(c)), key=lambda c: c.name):
+                sub = here / child.name
+                if child.name.startswith(".") or (child.is_symlink() and not inside(self.root, sub)):
                     continue
-                if name.lower().endswith(".zarr"):
+                if child.name.lower().endswith(".zarr"):
                     yield sub, None  # a Zarr store is one entry; never walked into (its arrays are its sidecars)
-                else:
-                    keep.append(name)
-            dirnames[:] = keep
-            for name in sorted(filenames):
-                path = here / name
-                if not name.startswith(".") and (not os.path.islink(path) or inside(self.root, path)):
+                elif not child.is_symlink():  # as os.walk: a link to a folder is not walked into
+                    subfolders.append(sub)
+            stack.extend(reversed(subfolders))  # walked in name order, each before the next (top-down)
+            for child in sorted((c for c in children if not _is_dir(c)), key=lambda c: c.name):
+                path = here / child.name
+                if not child.name.startswith(".") and (not child.is_symlink() or inside(self.root, path)):
                     yield path, names
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _unchanged(stamps: dict[str, tuple]) -> bool:
+    """Whether every folder a listing walked (no file added, removed or renamed there) and every file it left out
+    still has the stamp it had."""
+    return all(
+        (("file", *_stamp(Path(path))) if stamp[:1] == ("file",) else _folder_stamp(path)) == stamp
+        for path, stamp in stamps.items()
+    )
+
+
+def _folder_stamp(path: str) -> tuple:
+    """A folder's mtime and inode (a name added, removed or renamed in it changes its mtime); () when absent."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return ()
+    return ("folder", st.st_mtime_ns, st.st_ino)
 
 
 def _stamp(path: Path, follow: bool = True) -> tuple:
