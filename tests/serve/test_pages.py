@@ -189,3 +189,37 @@ def test_map_loads_every_page_of_a_layer_of_more_features_than_a_page(browser, t
         assert not errors and page.evaluate("window.tilemaskError") is None, errors
         assert {status for status, _ in asked} == {200} and any("offset=10000" in u for _, u in asked), asked
         page.close()
+
+
+@pytest.mark.slow
+def test_view_leaves_the_nodata_label_transparent(browser, served_folder, tmp_path):
+    """NiiVue draws a value past its label colormap's last entry in that entry's colour: the voxels tilemask labels
+    255 (nodata: the scan's invalid voxels) were drawn as the last class, tissue, over the scan, where the map
+    leaves them transparent. Half the volume made nodata must show less of the class colour, not more."""
+    from tilemask.formats import nifti_descrip
+
+    from .conftest import start_server
+
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "half").mkdir()
+    img = nib.load(served_folder / "anatomical_labels.nii.gz")
+    labels = np.asarray(img.dataobj)
+    assert labels.max() == 1 and (labels[:, :, 12:] == 1).sum() > 1000
+    invalid = labels.copy()
+    invalid[:, :, :12] = 255  # the lower half invalid, as tilemask labels voxels whose scan was not finite
+    header = img.header.copy()
+    header["descrip"], header["cal_max"] = nifti_descrip(255), 255  # as tilemask's writer records nodata
+    for folder, data in (("whole", labels), ("half", invalid)):
+        for name in ("anatomical.nii", "anatomical_labels.colors.csv"):
+            shutil.copyfile(served_folder / name, tmp_path / folder / name)
+        nib.save(nib.Nifti1Image(data, img.affine, header), tmp_path / folder / "anatomical_labels.nii.gz")
+    tinted = {}
+    for folder in ("whole", "half"):
+        with start_server(tmp_path / folder) as url:
+            page = open_page(browser, f"{url}view?volume=anatomical_labels.nii.gz")
+            page.wait_for_timeout(1500)
+            shot = screenshot(page)
+            Image.fromarray(shot.astype(np.uint8)).save(tmp_path / f"view_{folder}.png")
+            page.close()
+        tinted[folder] = int(((shot[..., 2] - shot[..., 0]) > 40).sum())  # the class colour (blue) over the grey
+    assert 500 < tinted["half"] < 0.8 * tinted["whole"], tinted

@@ -236,6 +236,7 @@ def create_app(
             "labels": _volume_url(labels),
             "scan": _volume_url(scan_entry) if scan_entry else None,
             "classes": labels.legend(),
+            "nodata": labels.nodata,
         }
         return HTMLResponse(_page("view.html", config))
 

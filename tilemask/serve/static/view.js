@@ -11,10 +11,17 @@ tilemaskLegend(config.classes);
   await nv.loadVolumes(list);
   const labels = nv.volumes[nv.volumes.length - 1];
   const cmap = { R: [], G: [], B: [], A: [], I: [], labels: [] };
-  for (const c of config.classes) {
-    cmap.R.push(c.rgba[0]); cmap.G.push(c.rgba[1]); cmap.B.push(c.rgba[2]); cmap.A.push(c.rgba[3]);
-    cmap.I.push(c.value); cmap.labels.push(c.name);
-  }
+  const add = (value, rgba, name) => {
+    cmap.R.push(rgba[0]); cmap.G.push(rgba[1]); cmap.B.push(rgba[2]); cmap.A.push(rgba[3]);
+    cmap.I.push(value); cmap.labels.push(name);
+  };
+  for (const c of config.classes) add(c.value, c.rgba, c.name);
+  // NiiVue draws a value past the last entry in the last entry's colour: the nodata label (255 where the scan had
+  // invalid voxels) and values past the classes are transparent, as on the map.
+  const values = new Set(cmap.I);
+  const past = Math.max(...cmap.I) + 1;
+  if (config.nodata !== null && !values.has(config.nodata) && config.nodata < past) add(config.nodata, [0, 0, 0, 0], "");
+  add(past, [0, 0, 0, 0], "");
   labels.setColormapLabel(cmap);
   nv.setSliceType(nv.sliceTypeMultiplanar);
   nv.updateGLVolume();
