@@ -223,3 +223,44 @@ def test_view_leaves_the_nodata_label_transparent(browser, served_folder, tmp_pa
             page.close()
         tinted[folder] = int(((shot[..., 2] - shot[..., 0]) > 40).sum())  # the class colour (blue) over the grey
     assert 500 < tinted["half"] < 0.8 * tinted["whole"], tinted
+
+
+@pytest.mark.slow
+def test_a_click_names_the_class_of_the_output_drawn_on_top(browser, served_folder, tmp_path):
+    """With two outputs over the same place, the map draws the second over the first but a click asked the first
+    and named its class: a pixel drawn as cloud was named land. Where the top one has no data (transparent), the
+    click names the class of the one below."""
+    from rasterio.enums import Resampling as Resample
+
+    from .conftest import start_server
+
+    for name in ("a_mask.tif", "b_mask.tif"):  # listed, and drawn, in this order: b on top
+        shutil.copyfile(served_folder / "RGB.byte_mask.tif", tmp_path / name)
+        shutil.copyfile(served_folder / "RGB.byte_mask.tif.aux.xml", tmp_path / f"{name}.aux.xml")
+    with rasterio.open(tmp_path / "b_mask.tif", "r+", IGNORE_COG_LAYOUT_BREAK="YES") as ds:
+        labels = ds.read(1)
+        names = json.loads(ds.tags()["TILEMASK_CLASSES"])
+        top = np.full_like(labels, 255)  # nodata below the middle row
+        top[: labels.shape[0] // 2] = names.index("cloud")  # cloud above it
+        ds.write(top, 1)
+        ds.build_overviews([2], Resample.mode)
+        to_lonlat = Transformer.from_crs(ds.crs, "OGC:CRS84", always_xy=True)
+        xy = ds.xy
+    land = [(r, c) for r, c in interior_pixels(labels, names.index("land"), 400, seed=3)]
+    above = next((r, c) for r, c in land if r < labels.shape[0] // 2 - 10)
+    below = next((r, c) for r, c in land if r > labels.shape[0] // 2 + 10)
+    colours = class_colours(len(names))
+    with start_server(tmp_path) as url:
+        page = open_page(browser, f"{url}map")
+        page.wait_for_timeout(500)
+        shot = screenshot(page)
+        for (row, col), name in ((above, "cloud"), (below, "land")):
+            lon, lat = to_lonlat.transform(*xy(row, col))
+            px, py = page.evaluate(f"tilemaskMap.getPixelFromCoordinate(ol.proj.fromLonLat([{lon}, {lat}]))")
+            drawn = shot[int(round(py)), int(round(px))]
+            assert np.abs(drawn - colours[names.index(name)][:3]).max() <= 8, (name, drawn)  # what is seen there
+            page.evaluate("document.getElementById('info').textContent = ''")
+            page.mouse.click(px, py)
+            page.wait_for_function("document.getElementById('info').textContent.length > 0", timeout=30_000)
+            assert page.inner_text("#info") == name
+        page.close()

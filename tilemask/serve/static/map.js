@@ -106,15 +106,19 @@ tilemaskLegend(Array.from(classes.values()));
 map.on("singleclick", async (event) => {
   const [lon, lat] = ol.proj.toLonLat(event.coordinate);
   const info = document.getElementById("info");
-  for (const r of config.rasters) {
+  let noData = false;
+  // The layer drawn on top first (the last one), down through those transparent there (nodata, or outside).
+  for (const r of config.rasters.slice().reverse()) {
     const response = await fetch(`point?output=${encodeURIComponent(r.path)}&lon=${lon}&lat=${lat}`);
     if (!response.ok) continue;
     const answer = await response.json();
-    info.textContent = answer.class === null ? "no data" : answer.class;
+    if (answer.class === null) { noData = true; continue; }
+    info.textContent = answer.class;
     info.dataset.value = answer.value;
     return;
   }
-  info.textContent = "outside the outputs";
+  info.textContent = noData ? "no data" : "outside the outputs";
+  delete info.dataset.value;
 });
 map.once("rendercomplete", () => { window.tilemaskReady = true; });
 window.tilemaskMap = map;
