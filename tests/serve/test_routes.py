@@ -1378,3 +1378,28 @@ def test_a_collection_asked_by_id_is_found_without_classifying_the_folder_again(
             f.seek(len(whole) // 3)
             f.write(whole[len(whole) // 3 :])
         assert client.get("/collections/late/items?limit=1").status_code == 200
+
+
+def test_a_csv_whose_first_row_has_more_cells_than_its_header_is_a_422_not_shifted_records(tmp_path):
+    """pandas takes the extra cell of a first row longer than the header as the row's index: ``a,b`` over
+    ``1,2,3`` was served as ``{"a": 2, "b": 3}``, every value under the wrong name and the first lost. A longer
+    row further down was already refused (pandas: "Expected 2 fields"); a shorter one has its missing cells
+    null, as an empty cell."""
+    import csv
+
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+
+    (tmp_path / "ragged.csv").write_text("region,pixels\n01001,12,7\n99999,3,4\n")
+    (tmp_path / "short.csv").write_text("region,pixels,area\n01001,12,0.5\n99999,3\n")
+    with open(tmp_path / "ragged.csv", newline="") as f:
+        header, first = list(csv.reader(f))[:2]
+    assert len(first) > len(header)
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1") as client:
+        answer = client.get("/stats", params={"output": "ragged.csv"})
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["detail"].startswith("ragged.csv: not a table: ") and "3" in answer.json()["detail"]
+        short = client.get("/stats", params={"output": "short.csv"})
+        rows = [{"region": "01001", "pixels": 12, "area": 0.5}, {"region": "99999", "pixels": 3, "area": None}]
+        assert short.json() == rows
