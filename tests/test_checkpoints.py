@@ -169,13 +169,18 @@ class PlansNet(torch.nn.Module):
 
 
 def test_nnunet_plans_arch_kwargs_are_built_as_nnunet_builds_them(tmp_path):
-    """plans.json's ``arch_kwargs`` with its ``_kw_requires_import`` (layer classes by dotted name), given as
-    ``model.args``, build the network nnU-Net's ``get_network_from_plans`` would; its checkpoint loads into it."""
-    arch_kwargs = {  # a 3d_fullres configuration's, as nnU-Net v2 plans write it
-        "conv_op": "torch.nn.modules.conv.Conv3d", "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-        "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True}, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    """plans.json's ``arch_kwargs``, given as ``model.args`` with its ``_kw_requires_import`` (layer classes by dotted
+    name, which plans.json keeps beside ``arch_kwargs``), build the network nnU-Net's ``get_network_from_plans``
+    would; its checkpoint loads into it."""
+    architecture = {  # a 3d_fullres configuration's, as nnU-Net v2's ExperimentPlanner writes it
+        "network_class_name": f"{__name__}.PlansNet",
+        "arch_kwargs": {"conv_op": "torch.nn.modules.conv.Conv3d",
+                        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                        "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None,
+                        "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
     }  # fmt: skip
+    arch_kwargs = {**architecture["arch_kwargs"], "_kw_requires_import": architecture["_kw_requires_import"]}
     build = lambda: PlansNet(1, 3, torch.nn.Conv3d, torch.nn.InstanceNorm3d, {"eps": 1e-05, "affine": True}, None,  # noqa: E731
                              torch.nn.LeakyReLU, {"inplace": True})  # fmt: skip
     torch.manual_seed(0)
@@ -190,6 +195,29 @@ def test_nnunet_plans_arch_kwargs_are_built_as_nnunet_builds_them(tmp_path):
     wrong = {**arch_kwargs, "nonlin": "torch.nn.NoSuchThing"}
     with pytest.raises(tilemask.errors.WorkflowError, match=r"model.args.nonlin: cannot import 'torch.nn.NoSuchThing'"):
         load_model(ModelSpec.create(f"{__name__}:PlansNet", {"input_channels": 1, "num_classes": 3, **wrong}, str(path)))
+
+
+def test_arch_kwargs_copied_without_kw_requires_import_name_the_class_names_left_strings(tmp_path):
+    """``arch_kwargs`` copied alone (plans.json lists the arguments to import beside them, not in them) reach the
+    network as strings: the refusal names them and ``_kw_requires_import``. It was "'str' object is not callable"."""
+    torch.save(PlansNet(1, 3, torch.nn.Conv2d, torch.nn.InstanceNorm2d, {}, None, torch.nn.ReLU, {}).state_dict(),
+               tmp_path / "w.pt")  # fmt: skip
+    args = {"input_channels": 1, "num_classes": 3, "conv_op": "torch.nn.modules.conv.Conv2d",
+            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d", "norm_op_kwargs": {}, "dropout_op": None,
+            "nonlin": "torch.nn.ReLU", "nonlin_kwargs": {}}  # fmt: skip
+    with pytest.raises(tilemask.errors.WorkflowError) as refused:
+        load_model(ModelSpec.create(f"{__name__}:PlansNet", args, str(tmp_path / "w.pt")))
+    assert str(refused.value) == (
+        f"model.args: {__name__}:PlansNet rejects them: 'str' object is not callable (conv_op, nonlin, norm_op are "
+        "class names left a string: list them in model.args._kw_requires_import, as plans.json does beside arch_kwargs)"
+    )
+    assert refused.value.exit_status == 2
+    not_classes = {**args, "conv_op": "conv.3d", "norm_op": "torch.nn.NoSuchNorm", "nonlin": "torch.nn.functional.relu"}
+    with pytest.raises(tilemask.errors.WorkflowError) as refused:  # no class name among them: the network's own words
+        load_model(ModelSpec.create(f"{__name__}:PlansNet", not_classes, str(tmp_path / "w.pt")))
+    assert str(refused.value) == f"model.args: {__name__}:PlansNet rejects them: 'str' object is not callable"
+    listed = {**args, "_kw_requires_import": ["conv_op", "norm_op", "nonlin"]}
+    load_model(ModelSpec.create(f"{__name__}:PlansNet", listed, str(tmp_path / "w.pt")))
 
 
 NETWORK_MODULES = {

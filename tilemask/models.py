@@ -69,10 +69,30 @@ def build_network(spec: ModelSpec) -> torch.nn.Module:
     try:
         return cls(**args)
     except (TypeError, ValueError, AssertionError) as exc:
-        raise WorkflowError(f"model.args: {spec.network} rejects them: {exc}") from None
+        raise WorkflowError(f"model.args: {spec.network} rejects them: {exc}{_class_names_hint(args)}") from None
     except ImportError as exc:  # a package the network imports as it is built
         raise WorkflowError(f"model.network: {spec.network}: building it raises {type(exc).__name__}: "
                             f"{first_line(exc)}") from None  # fmt: skip
+
+
+def _class_names_hint(args: dict) -> str:
+    """Why a network refused its arguments when one of them is the dotted name of a class left a string: plans.json
+    lists the arguments to import in ``_kw_requires_import``, beside ``arch_kwargs``, not in them, so arguments
+    copied from ``arch_kwargs`` alone reached nnU-Net's networks as strings ("'str' object is not callable")."""
+    names = []
+    for key, value in args.items():
+        if isinstance(value, str) and re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", value):
+            module_name, _, attribute = value.rpartition(".")
+            try:
+                if isinstance(getattr(import_module(module_name), attribute, None), type):
+                    names.append(key)
+            except Exception:  # noqa: BLE001, S110 - not a module: no hint, the network's own error stands
+                pass
+    if not names:
+        return ""
+    return (f" ({', '.join(names)} {'is a class name' if len(names) == 1 else 'are class names'} left a string: "
+            f"list {'it' if len(names) == 1 else 'them'} in model.args._kw_requires_import, as plans.json does beside "
+            "arch_kwargs)")  # fmt: skip
 
 
 def _dotted(name: str, where: str) -> Any:
