@@ -165,6 +165,32 @@ def test_a_run_on_a_series_writes_labels_on_the_scan_grid(make_model, tmp_path, 
         np.testing.assert_allclose(ours, theirs, atol=1e-4)  # where SimpleITK puts the scan, it puts the labels
 
 
+def test_a_case_of_one_series_per_channel_gets_a_segmentation_of_the_first_series_slices(make_model, tmp_path, client):
+    """nnU-Net's ``{case}_0000``, ``{case}_0001`` as DICOM series folders (a T2 and an ADC series of one study): the
+    SEG refers to the first channel's slices, its frames the NIfTI run's labels. It was refused as "... /pat_0000 is
+    not one" (a DICOM series), though the same channels ran to NIfTI."""
+    import highdicom as hd
+
+    for channel in (0, 1):
+        write_series(tmp_path / "mr" / f"pat_{channel:04d}", rows=20, columns=24, slices=16, seed=channel)
+    args = {**UNET_3D, "in_channels": 2}
+    weights, _ = make_model(args)
+    workflow = series_workflow(tmp_path / "mr", weights, ["background", "prostate"], 1500.0, 800.0)
+    workflow["input"] = {"channels": [str(tmp_path / "mr" / "{case}_0000"), str(tmp_path / "mr" / "{case}_0001")]}
+    workflow["model"]["args"] = args
+    for suffix in (".nii.gz", ".dcm"):
+        workflow["output"] = {"path": f"out/{{stem}}{suffix}", "chunks": 16}
+        (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    labels = np.asarray(nib.load(tmp_path / "out" / "pat.nii.gz").dataobj)
+    assert (labels == 1).any() and (labels == 0).any()
+    seg = hd.seg.segread(tmp_path / "out" / "pat.dcm")
+    first = [pydicom.dcmread(f) for f in DicomSeriesSource.open(str(tmp_path / "mr" / "pat_0000")).files]
+    assert [s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence] == [first[0].SeriesInstanceUID]
+    frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=[d.SOPInstanceUID for d in first],
+                                               combine_segments=True)  # fmt: skip
+    np.testing.assert_array_equal(frames, labels.transpose(2, 1, 0))
+
+
 def test_a_folder_of_two_series_uneven_or_radial_slices_is_refused(tmp_path):
     with pytest.raises(InputError, match=r"its orientation \[.*\] differs from \[.*\] of .*; tilemask reads one grid"):
         DicomSeriesSource.open(str(RADIAL_MR))

@@ -379,7 +379,10 @@ class DicomSegFormat(Format):
     def check_input(self, output, source):
         from .errors import InputError
         from .sources.dicom import DicomSeriesSource
+        from .sources.stack import StackedSource
 
+        if isinstance(source, StackedSource):  # a case read channel by channel: it refers to the first's slices
+            source = source.sources[0]
         if not isinstance(source, DicomSeriesSource):
             raise InputError(f"{output}: a DICOM Segmentation refers to the slices of a DICOM series; {source.path} is not one")
         import pydicom
