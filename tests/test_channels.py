@@ -5,6 +5,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 import tilemask
 from tests.test_fidelity import monai_probabilities
@@ -77,3 +78,29 @@ def test_a_case_missing_a_channel_or_on_another_grid_is_refused(make_volume, mak
     make_volume((30, 26, 21), name="a_0001.nii.gz")
     with pytest.raises(InputError, match="the channels of one case must share a grid"):
         tilemask.run(workflow(patterns, weights, tmp_path), client)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_a_case_whose_file_holds_more_volumes_is_refused_naming_that_file(make_volume, make_model, tmp_path, client):
+    """A case whose ``_0001`` is a 4D NIfTI (two volumes) gives one more channel than the network's ``in_channels``,
+    or than the cases before it (a network without ``model.args``): the refusal names each file's channel count.
+    It named only the case's ``_0000`` file, which holds one volume."""
+    weights, net = make_model(UNET_2CH)
+    for name in ("a_0000", "a_0001", "b_0000"):
+        make_volume((30, 26, 20), name=f"{name}.nii.gz")
+    one = nib.load(tmp_path / "b_0000.nii.gz")
+    nib.save(nib.Nifti1Image(np.stack([one.get_fdata()] * 2, axis=-1), one.affine), tmp_path / "b_0001.nii.gz")
+    patterns = {"channels": ["{case}_0000.nii.gz", "{case}_0001.nii.gz"]}
+    with pytest.raises(InputError) as refused:
+        tilemask.run(workflow(patterns, weights, tmp_path), client)
+    assert str(refused.value) == (f"{tmp_path}/b_0000.nii.gz: model.args.in_channels is 2 but the input gives 3 "
+                                  "channels (b_0000.nii.gz 1, b_0001.nii.gz 2)")  # fmt: skip
+    torch.jit.trace(net, torch.zeros(1, 2, 16, 16, 16)).save(tmp_path / "traced.pt")
+    traced = workflow(patterns, weights, tmp_path).model_dump(exclude_none=True)
+    traced["model"], traced["preprocess"] = {"weights": str(tmp_path / "traced.pt")}, {}
+    with pytest.raises(InputError) as refused:
+        tilemask.run(Workflow.from_dict(traced, base_dir=tmp_path), client)
+    assert str(refused.value) == (
+        f"{tmp_path}/b_0000.nii.gz: gives 3 channels (b_0000.nii.gz 1, b_0001.nii.gz 2), the first input "
+        f"{tmp_path}/a_0000.nii.gz 2 (a_0000.nii.gz 1, a_0001.nii.gz 1); one network takes one channel count"
+    )

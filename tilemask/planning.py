@@ -167,8 +167,9 @@ class WorkflowPlan:
                 self.warned.add(kind)
         if self.inputs and planned.source.channels != self.in_channels:
             raise InputError(
-                f"{planned.input}: gives {planned.source.channels} channels, the first input "
-                f"{self.inputs[0].input} {self.in_channels}; one network takes one channel count"
+                f"{planned.input}: gives {planned.source.channels} channels{_per_file(planned.source)}, the first "
+                f"input {self.inputs[0].input} {self.in_channels}{_per_file(self.inputs[0].source)}; one network "
+                "takes one channel count"
             )
         self.inputs.append(planned)
         return planned
@@ -456,7 +457,7 @@ def check_source(workflow: Workflow, source: ImageSource) -> None:
         hint = " (select them with preprocess.bands)" if for_path(source.path).gdal_raster else ""
         raise InputError(
             f"{source.path}: model.args.in_channels is {in_channels} but the input gives {source.channels} "
-            f"channels{hint}"
+            f"channels{_per_file(source)}{hint}"
         )
     normalize = workflow.preprocess.normalize
     if normalize and normalize.fixed and len(normalize.mean) not in (1, source.channels):
@@ -507,6 +508,16 @@ def _check_polygons(item: InputPlan) -> None:
 
         check_polygons_crs(item.products.vectors, geometry.crs_wkt, item.input)
 
+
+
+def _per_file(source) -> str:
+    """How many channels each file of a case read channel by channel gives (a 4D NIfTI gives several), so that a
+    refusal names the file that differs, not only the case's first: empty for an input of one file."""
+    from .sources.stack import StackedSource
+
+    if not isinstance(source, StackedSource):
+        return ""
+    return f" ({', '.join(f'{Path(s.path).name} {s.channels}' for s in source.sources)})"
 
 def _check_statistics(item: InputPlan) -> None:
     """What the ``stats:`` section would refuse of the output, before the run predicts anything: the regions and
