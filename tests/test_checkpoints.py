@@ -33,8 +33,15 @@ def forms(sd: dict) -> dict[str, object]:
             "epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0", "hyper_parameters": {"lr": 1e-3},
         },
         "data_parallel": {f"module.{k}": v for k, v in sd.items()},
+        "compiled": torch.compile(_fitted(sd)).state_dict(),  # what a torch.compile'd network saves: _orig_mod.
         "nnunet": nnunet_checkpoint(sd, lambda: UNet(**UNET_2D), torch.zeros(1, 3, 32, 32)),
     }  # fmt: skip
+
+
+def _fitted(sd: dict) -> torch.nn.Module:
+    net = UNet(**UNET_2D)
+    net.load_state_dict(sd)
+    return net
 
 
 def nnunet_checkpoint(sd: dict, build, example: torch.Tensor) -> dict:
@@ -59,7 +66,7 @@ def nnunet_checkpoint(sd: dict, build, example: torch.Tensor) -> dict:
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("form", ["model", "network", "lightning", "data_parallel", "nnunet"])
+@pytest.mark.parametrize("form", ["model", "network", "lightning", "data_parallel", "nnunet", "compiled"])
 def test_training_checkpoints_load_the_same_network(net, tmp_path, form):
     path = tmp_path / f"{form}.ckpt"
     torch.save(forms(net.state_dict())[form], path)

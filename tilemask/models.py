@@ -213,7 +213,7 @@ def _numpy_values() -> list:
 
 
 CHECKPOINT_KEYS = ("state_dict", "model", "network", "model_state_dict", "network_weights", "net")
-PREFIXES = ("model.", "net.", "network.", "module.")  # Lightning attributes, DataParallel
+PREFIXES = ("model.", "net.", "network.", "module.", "_orig_mod.")  # Lightning attributes, DataParallel, torch.compile
 
 
 def _all_tensors(state: dict) -> bool:
@@ -222,7 +222,7 @@ def _all_tensors(state: dict) -> bool:
 
 def _strip_prefix(state: dict[str, torch.Tensor], expected) -> dict[str, torch.Tensor]:
     """``state`` with the prefix a training wrapper added (``model.`` of a LightningModule attribute, ``module.``
-    of DataParallel) taken off, when every key has it and taking it off gives exactly the network's keys."""
+    of DataParallel, ``_orig_mod.`` of a ``torch.compile``'d network) taken off, when every key has it and taking it off gives exactly the network's keys."""
     expected = set(expected)
     if set(state) == expected:
         return state
