@@ -329,6 +329,32 @@ def test_polygons_carry_tilemasks_mark_and_someone_elses_do_not(tmp_path, client
         assert product_written_by_tilemask(damaged) is False, name
 
 
+@pytest.mark.timeout(120)
+def test_reading_tilemasks_geopackages_leaves_no_sidecar(tmp_path, client):
+    """A GeoPackage tilemask wrote (polygons, a statistics table) is read by geopandas / pyogrio without a
+    ``.aux.xml`` appearing beside it: GDAL read a dataset metadata item of a GeoPackage back into its PAM and wrote
+    it out as ``<name>.gpkg.aux.xml`` when the file closed, so every read of the polygons left one in the output
+    folder (and a read-only folder a warning). The mark is the layer's metadata item, which GDAL reads in place."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from tilemask.formats import product_written_by_tilemask
+    from tilemask.stats.tables import write_table
+
+    labels = blobs((120, 150), seed=5, nodata=255)
+    path = write_raster(tmp_path / "labels.tif", labels, "EPSG:32618", Affine(30, 0, 500000, 0, -30, 4000000), 255)
+    polygons = write_polygons(path, str(tmp_path / "polygons.gpkg"), client=client, class_names=CLASSES, chunks=64)
+    table = write_table(pd.DataFrame({"class": ["water"], "pixels": [3]}), tmp_path / "totals.gpkg")
+    for written in (Path(polygons), table):
+        assert product_written_by_tilemask(written) is True
+        read = "import geopandas, pyogrio, sys; geopandas.read_file(sys.argv[1]); pyogrio.list_layers(sys.argv[1])"
+        subprocess.run([sys.executable, "-c", read, str(written)], check=True, timeout=60)  # GDAL's defaults
+        assert not (tmp_path / f"{written.name}.aux.xml").exists(), sorted(p.name for p in tmp_path.iterdir())
+        assert product_written_by_tilemask(written) is True
+
+
 def _spans_chunks(geom, transform, chunk):
     minx, miny, maxx, maxy = geom.bounds
     (c0, r0), (c1, r1) = ~transform @ (minx, maxy), ~transform @ (maxx, miny)

@@ -523,10 +523,10 @@ def stem(path: str) -> str:
 
 PRODUCT_MARK = "tilemask"
 """The key of the mark tilemask puts in the derived products it writes (polygons, statistics tables, quick looks,
-scores), with its version as the value: a metadata item of a GeoPackage (dataset and layer) or a FlatGeobuf
-(layer), a key of a Parquet file's Arrow schema metadata, the first key of a JSON object. A GeoJSON's mark is its
-``description`` member, a PNG's its ``Software`` text chunk: ``tilemask <version>``. CSV and a JSON list of
-records have no place for one."""
+scores), with its version as the value: a layer metadata item of a GeoPackage or a FlatGeobuf (a GeoPackage's
+dataset item, which tilemask wrote before 2026-12-03, counts too), a key of a Parquet file's Arrow schema metadata,
+the first key of a JSON object. A GeoJSON's mark is its ``description`` member, a PNG's its ``Software`` text chunk:
+``tilemask <version>``. CSV and a JSON list of records have no place for one."""
 
 
 def product_mark() -> dict[str, str]:

@@ -665,14 +665,14 @@ def _schema(geo: dict | None = None) -> pa.Schema:
 
 
 def _ogr_options(driver: str, transform: tuple[float, ...]) -> dict:
-    """tilemask's mark (:func:`~tilemask.formats.product_mark`) as ``pyogrio.write_arrow`` keywords: the metadata
-    items a GeoPackage (dataset and layer) and a FlatGeobuf (layer) keep, a GeoJSON's ``description`` member (it
-    keeps no metadata); a GeoJSON's coordinates rounded to :func:`coordinate_decimals`."""
+    """tilemask's mark (:func:`~tilemask.formats.product_mark`) as ``pyogrio.write_arrow`` keywords: the layer's
+    metadata item of a GeoPackage or a FlatGeobuf (not a GeoPackage's dataset item: GDAL copies that into its PAM
+    on every read and writes a ``.aux.xml`` beside the file), a GeoJSON's ``description`` member (it keeps no
+    metadata); a GeoJSON's coordinates rounded to :func:`coordinate_decimals`."""
     if driver == "GeoJSON":
         decimals = str(coordinate_decimals(transform))
         return {"layer_options": {"DESCRIPTION": product_mark_text(), "COORDINATE_PRECISION": decimals}}
-    mark = product_mark()
-    return {"dataset_metadata": mark, "layer_metadata": mark} if driver == "GPKG" else {"layer_metadata": mark}
+    return {"layer_metadata": product_mark()}
 
 
 def _write(out_path: str, suffix: str, batches: Iterator[FeatureBatch], rule: AreaRule, rows: int) -> str:

@@ -98,9 +98,8 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
             elif suffix == ".gpkg":
                 import pyogrio
 
-                mark = product_mark()  # the GeoPackage's and the layer's metadata
-                pyogrio.write_dataframe(frame, tmp, driver="GPKG", layer=path.stem, dataset_metadata=mark,
-                                        layer_metadata=mark)  # fmt: skip
+                # the layer's metadata: a GeoPackage's dataset item is copied to a .aux.xml by every read
+                pyogrio.write_dataframe(frame, tmp, driver="GPKG", layer=path.stem, layer_metadata=product_mark())
             elif suffix == ".csv":
                 plain = pd.DataFrame(frame)
                 if has_geometry:
