@@ -16,8 +16,10 @@ def __getattr__(name: str):
 
 
 def run(workflow, client=None, **kwargs):
-    """Run a workflow (a :class:`Workflow`, a YAML path, or the mapping one holds) as a job; see
-    :func:`tilemask.driver.run`."""
+    """Run a workflow (a :class:`Workflow`, a YAML path, or the mapping one holds) as a job on ``client`` (else
+    an embedded cluster); keywords as the command's options: ``scheduler``, ``workers``, ``threads_per_worker``,
+    ``cluster``, ``progress``, ``overwrite``, ``on_error``, ``retry_failed``, ``job_dir``. One result per input;
+    see :func:`tilemask.driver.run`."""
     from .driver import run as _run
 
     return _run(workflow, client, **kwargs)
