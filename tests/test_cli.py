@@ -174,6 +174,8 @@ def test_where_the_work_runs_is_refused_before_a_job_folder_is_made(scene, write
                 (["--scheduler", "dask/scheduler.json"], "not a Dask scheduler address: missing port number")]
     if command == "run":
         refusals.append((["--cluster", "slurm", "--scheduler", "tcp://127.0.0.1:1"], "leave out --scheduler"))
+        refusals.append((["--scheduler", "tcp://127.0.0.1:1", "--workers", "4"],  # dropped without a word
+                         "--workers applies to the cluster tilemask starts, not to one given by --scheduler"))
     from click.testing import CliRunner
 
     from tilemask.cli import main

@@ -486,12 +486,18 @@ def test_a_schedulers_address_given_as_the_client_says_to_give_it_as_scheduler(m
                                                              "scheduler"),
     ({"scheduler": "tcp://127.0.0.1:99999"}, "scheduler='tcp://127.0.0.1:99999': not a Dask scheduler address: "
                                              "port 99999 is out of range (1-65535)"),
+    ({"scheduler": "tcp://127.0.0.1:1", "workers": 2}, "workers applies to the cluster tilemask starts, not to one "
+                                                      "given by scheduler: leave it out"),
+    ({"scheduler": "tcp://127.0.0.1:1", "workers": 2, "threads_per_worker": 1},
+     "workers and threads_per_worker apply to the cluster tilemask starts, not to one given by scheduler: leave "
+     "them out"),
 ])  # fmt: skip
 def test_python_arguments_the_command_would_refuse_are_refused_before_a_job_is_made(make_raster, make_model, tmp_path,
                                                                                    argument, message):  # fmt: skip
     """From Python, ``cluster="bogus"``, ``workers=0`` and ``threads_per_worker=0`` ran an embedded cluster of the
     default size, ``overwrite="no"`` replaced every output; ``workers="2"`` was a ``TypeError`` from distributed,
-    ``scheduler=8786`` an ``AttributeError``. The command's options never reach these (click checks them)."""
+    ``scheduler=8786`` an ``AttributeError``. The command's options never reach these (click checks them).
+    ``workers=`` beside ``scheduler=`` was dropped without a word (the cluster there has its own workers)."""
     import tilemask
     from tilemask.errors import UsageError
 
@@ -501,6 +507,23 @@ def test_python_arguments_the_command_would_refuse_are_refused_before_a_job_is_m
     with pytest.raises(UsageError) as refused:
         tilemask.run(workflow, **argument)
     assert (str(refused.value), refused.value.exit_status) == (message, 2)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(60)
+def test_workers_beside_a_client_are_refused_before_a_job_is_made(make_raster, make_model, tmp_path, client):
+    """``tilemask.run(workflow, client, workers=4)`` ran on the client's cluster as it is, the 4 dropped without a
+    word: a caller who meant to size the cluster is told, before a job folder is made."""
+    import tilemask
+    from tilemask.errors import UsageError
+
+    path, _ = make_raster((3, 64, 64))
+    weights, _ = make_model()
+    workflow = tilemask.Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path)
+    with pytest.raises(UsageError) as refused:
+        tilemask.run(workflow, client, threads_per_worker=2)
+    assert str(refused.value) == ("threads_per_worker applies to the cluster tilemask starts, not to one given by "
+                                  "client: leave it out")  # fmt: skip
     assert not (tmp_path / "out").exists()
 
 

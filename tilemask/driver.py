@@ -128,7 +128,7 @@ def run(
         source = str(Path(workflow).resolve())
         workflow = Workflow.from_yaml(workflow)
     options = Options(on_error, retry_failed, overwrite)
-    _check_cluster_arguments(scheduler, workers, threads_per_worker, cluster)
+    _check_cluster_arguments(scheduler, workers, threads_per_worker, cluster, client)
     if client is None:
         check_cluster_options(scheduler, cluster)
     elif not isinstance(client, Client):  # an address, as Client("tcp://...") takes it
@@ -151,11 +151,12 @@ def run(
             raise
 
 
-def _check_cluster_arguments(scheduler, workers, threads_per_worker, cluster: str) -> None:
+def _check_cluster_arguments(scheduler, workers, threads_per_worker, cluster: str, client=None) -> None:
     """Where the work runs, as Python gives it (the commands' options are checked as they are parsed): refused in
     one line, before a job folder is made.  ``cluster="bogus"``, ``workers=0`` and ``threads_per_worker=0`` ran an
     embedded cluster of the default size, ``workers="2"`` and ``scheduler=5`` were a TypeError and an
-    AttributeError."""
+    AttributeError; ``--workers`` / ``--threads-per-worker`` beside ``--scheduler`` (or a client) were dropped
+    without a word."""
     if cluster not in CLUSTERS:
         raise UsageError(f"{option('cluster')} must be one of {', '.join(CLUSTERS)}, not {cluster!r}")
     if scheduler is not None and not isinstance(scheduler, str):
@@ -163,6 +164,13 @@ def _check_cluster_arguments(scheduler, workers, threads_per_worker, cluster: st
     for name, value in (("workers", workers), ("threads_per_worker", threads_per_worker)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
             raise UsageError(f"{option(name)} must be a positive integer, not {value!r}")
+    sizes = [option(name) for name, value in (("workers", workers), ("threads_per_worker", threads_per_worker))
+             if value is not None]  # fmt: skip
+    if sizes and (scheduler is not None or client is not None):
+        verb, them = ("applies", "it") if len(sizes) == 1 else ("apply", "them")
+        given = option("scheduler") if client is None else "client"
+        raise UsageError(f"{' and '.join(sizes)} {verb} to the cluster tilemask starts, not to one given by {given}: "
+                         f"leave {them} out")  # fmt: skip
 
 
 def drive(folder: str) -> int:
