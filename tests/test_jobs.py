@@ -451,10 +451,32 @@ def test_a_first_run_that_cannot_write_its_jobs_record_leaves_no_job(make_raster
                              capture_output=True, text=True, cwd=tmp_path, preexec_fn=limited, timeout=120)  # fmt: skip
     assert refused.returncode == 2 and refused.stderr.startswith("tilemask: error: job folder ")
     assert "File too large" in refused.stderr
-    # submit checks the first input's outputs before it asks the scheduler: their folder, made then, stays empty
-    made = ["out"] if command == "submit" else []
-    assert sorted(p.name for p in tmp_path.iterdir()) == [*made, "scene.tif", "weights.pt", "workflow.yaml"]
-    assert not [p for p in tmp_path.glob("out/*")]
+    # submit checks the first input's outputs before it asks the scheduler: their folder, made then, stayed empty
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif", "weights.pt", "workflow.yaml"]
+    assert not list(tilemask_home.glob("jobs/*"))
+
+
+def test_a_refusal_after_the_output_check_leaves_none_of_the_folders_it_made(make_raster, make_model,
+                                                                              write_workflow, tmp_path, tilemask_home):
+    """The output check makes the outputs' folder (to prove a file can be made there). A submit whose scheduler
+    cannot be reached, and a run with a ``--job-dir`` elsewhere whose weights do not fit (found by the probe, after
+    the check), left it behind empty (``out/``, ``out/sub/``); the user's own folder above them stays."""
+    scene, _ = make_raster((3, 64, 64))
+    weights, _ = make_model()
+    (tmp_path / "mine").mkdir()
+    workflow = write_workflow(raster_workflow(scene, weights, output={"path": "mine/out/sub/{stem}.zarr"}))
+    quick = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "1s"}
+    refused = run_cli("submit", workflow, "--scheduler", "tcp://127.0.0.1:1", cwd=tmp_path, env=quick)
+    assert refused.returncode == 1 and refused.stderr.startswith("tilemask: error: cannot reach the Dask scheduler")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "scene.tif", "weights.pt", "workflow.yaml"]
+    assert not any((tmp_path / "mine").iterdir())
+    misfit = write_workflow(raster_workflow(scene, weights, args={**UNET_2D, "out_channels": 4},
+                                            output={"path": "mine/out/sub/{stem}.zarr"}), name="misfit.yaml")
+    refused = run_cli("run", misfit, "--job-dir", "jobs/misfit", "--workers", "1", cwd=tmp_path)
+    assert refused.returncode == 2 and "does not fit UNet" in refused.stderr, refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "misfit.yaml", "scene.tif", "weights.pt",
+                                                          "workflow.yaml"]  # fmt: skip
+    assert not any((tmp_path / "mine").iterdir())
     assert not list(tilemask_home.glob("jobs/*"))
 
 

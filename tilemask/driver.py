@@ -145,9 +145,11 @@ def run(
             return drive_job(job, plan, options, progress, client=client, scheduler=scheduler, workers=workers,
                              threads_per_worker=threads_per_worker, cluster=cluster)  # fmt: skip
         except TilemaskError as exc:
-            if new and exc.exit_status == 2 and not job.manifest().started():  # refused before any work
-                with contextlib.suppress(OSError, JobError):  # the refusal is what to tell
-                    job.discard()
+            if exc.exit_status == 2:  # refused before any work (found while running is exit 1)
+                if new and not job.manifest().started():
+                    with contextlib.suppress(OSError, JobError):  # the refusal is what to tell
+                        job.discard()
+                plan.remove_made()  # the output folders its checks made, if still empty (outside a --job-dir)
             raise
 
 
@@ -382,7 +384,7 @@ class _ItemRunner:
         with ``on_error="skip"`` it is recorded as failed and the next tried."""
         for index in todo:
             try:
-                self.prepared[index] = self._prepare(index)
+                self.prepared[index] = self._prepare(index, note=True)
                 return index
             except TilemaskError as exc:
                 if self.options.on_error == "abort":
@@ -396,9 +398,12 @@ class _ItemRunner:
             lock.release()
         self.prepared.clear()
 
-    def _prepare(self, index: int) -> tuple[InputPlan, OutputLock]:
-        """Plan one item, take its outputs' locks and check its outputs with them held."""
+    def _prepare(self, index: int, note: bool = False) -> tuple[InputPlan, OutputLock]:
+        """Plan one item, take its outputs' locks and check its outputs with them held; ``note``: first note which
+        of its outputs' folders are not there yet (a run refused before any work removes them)."""
         planned = self.plan.plan_input(self.plan.items[index])
+        if note:
+            self.plan.note_folders(planned)
         keep = None if self.options.overwrite else self.job.id  # what this job staged before is resumed
         lock = OutputLock(self.plan.output_files(planned), keep=keep, listings=self.listings).acquire()
         try:

@@ -29,13 +29,8 @@ from .command import TilemaskCommand, errors_only, first_line
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 def submit(workflow, scheduler, overrides, overwrite, on_error, retry_failed, job_dir, debug) -> None:
     """Start WORKFLOW.yaml as a job on a Dask cluster and print its id; the job goes on after this exits."""
-    from distributed import fire_and_forget
-
-    from .cluster import check_cluster_options, cluster_client
-    from .driver import Options, drive, prepare
-    from .errors import TilemaskError
-    from .interrupts import shielded
-    from .jobs import JobError, live_state
+    from .cluster import check_cluster_options
+    from .driver import Options, prepare
     from .workflow import Workflow
 
     check_cluster_options(scheduler)
@@ -44,11 +39,33 @@ def submit(workflow, scheduler, overrides, overwrite, on_error, retry_failed, jo
     # the first input opens and fits the workflow, and its outputs may be written (exit 2 if not, as tilemask run
     # refuses them: one there that is not the job's, an output folder not writable); under skip the driver records
     # its failure and goes on, as tilemask run does
-    if plan.items and on_error == "abort":
-        first = plan.plan_input(plan.items[0])
-        plan.check_item_outputs(first, overwrite or plan.items[0].name in job.manifest().started())
-    key = f"tilemask-job-{job.id}-{uuid.uuid4().hex[:8]}"
     new = not job.exists()
+    try:
+        if plan.items and on_error == "abort":
+            first = plan.plan_input(plan.items[0])
+            plan.note_folders(first)  # the check makes its outputs' folders: a refused submit removes them
+            plan.check_item_outputs(first, overwrite or plan.items[0].name in job.manifest().started())
+        _submit(plan, job, record, scheduler, overwrite, new)
+    except BaseException:
+        if new and not job.exists():  # refused, or interrupted, before it created the job: it leaves nothing
+            plan.remove_made()
+        raise
+    if not errors_only():
+        click.echo(f"submitted; follow it with: tilemask status {job.id}", err=True)
+    click.echo(job.id)
+
+
+def _submit(plan, job, record, scheduler: str, overwrite: bool, new: bool) -> None:
+    """Create the job (``record``) and hand its driver to the scheduler."""
+    from distributed import fire_and_forget
+
+    from .cluster import cluster_client
+    from .driver import drive
+    from .errors import TilemaskError
+    from .interrupts import shielded
+    from .jobs import JobError, live_state
+
+    key = f"tilemask-job-{job.id}-{uuid.uuid4().hex[:8]}"
     with cluster_client(scheduler) as client:
         with job:  # no process runs the job here (its driver, or a tilemask run, would hold this lock)
             state = live_state(job)
@@ -76,9 +93,6 @@ def submit(workflow, scheduler, overrides, overwrite, on_error, retry_failed, jo
             with shielded():
                 _withdraw(job, client, future)
             raise
-    if not errors_only():
-        click.echo(f"submitted; follow it with: tilemask status {job.id}", err=True)
-    click.echo(job.id)
 
 
 def _withdraw(job, client, future) -> None:

@@ -289,6 +289,35 @@ def check_writable(folder: Path) -> None:
         raise OutputConflict(f"output folder {folder} is not writable: {why_unwritable(folder, exc)}") from None
 
 
+def missing_folders(paths: Iterable[str]) -> list[tuple[Path, Path]]:
+    """The folders of the local ``paths`` that are not there yet, each as ``(folder, top)``: ``top`` the uppermost of
+    it and the folders above it that are not there either.  What the output checks and locks of a run then make,
+    for :func:`remove_made` to remove when the run is refused before any work."""
+    missing = {}
+    for path in paths:
+        if storage.is_remote(path) or "://" in path or path.startswith("/vsi"):
+            continue
+        folder = Path(path).absolute().parent
+        absent = [place for place in (folder, *folder.parents) if not place.exists()]
+        if absent:
+            missing[folder] = absent[-1]
+    return list(missing.items())
+
+
+def remove_made(folders: Iterable[tuple[Path, Path]]) -> None:
+    """Remove the folders :func:`missing_folders` found missing that are empty now, each up to its ``top``: a run
+    refused before any work leaves none of the folders made for it; one that holds something stays."""
+    for folder, top in folders:
+        for place in (folder, *folder.parents):
+            try:
+                place.rmdir()
+            except OSError:  # not empty (another run's, or the user's, files), or gone already
+                if place.exists():
+                    break
+            if place == top:
+                break
+
+
 def check_remote_writable(folder: str) -> None:
     """Prove an object can be put in ``folder`` on object storage (the bucket is there, the keys may write)."""
     probe = f"{folder}/{PREFIX}{new_run_id()}-probe"
