@@ -429,6 +429,53 @@ def test_a_run_killed_while_it_writes_the_jobs_record_is_taken_up_by_the_next(ma
     assert [row["status"] for row in report_rows(JobFolder(folder))] == ["ok"] * 2
 
 
+def test_a_job_whose_run_stopped_before_it_listed_its_inputs_says_so_and_its_next_run_completes_it(
+        make_raster, make_model, write_workflow, tmp_path, tilemask_home):
+    """A run killed just after it wrote ``job.json`` (here by a file size limit that ``job.json`` fits and
+    ``workflow.yaml`` does not) of a job listed before (its output folder removed since) was listed by ``tilemask
+    jobs`` as ``lost 0/0/0``, and ``tilemask status`` said "lost, 0 of 0 items ok": as if the job had no inputs.
+    Its inputs were never listed; status says so, why, and what completes it; the next run does."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    scene, _ = make_raster((3, 64, 64))
+    weights, _ = make_model()
+    workflow = write_workflow(raster_workflow(scene, weights, output={"path": "out/{stem}.zarr", "probabilities": "none"}))
+    assert run_cli("-q", "run", workflow, "--workers", "1", cwd=tmp_path).returncode == 0
+    (folder,) = (tmp_path / "out" / ".tilemask" / "jobs").iterdir()
+    limit = (folder / "job.json").stat().st_size + 16  # workflow.yaml, written next, is larger
+    assert (folder / "workflow.yaml").stat().st_size > limit
+    shutil.rmtree(tmp_path / "out")
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    killed = subprocess.run(
+        [sys.executable, "-c", "import signal; signal.signal(signal.SIGXFSZ, signal.SIG_DFL); "
+                               "from tilemask.__main__ import main; main()", "run", workflow, "--workers", "1"],
+        capture_output=True, text=True, cwd=tmp_path, preexec_fn=limited, timeout=120)  # fmt: skip
+    assert killed.returncode == -signal.SIGXFSZ, killed.stderr
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["job.json", "lock"]
+    job = find(folder.name)
+    listing = run_cli("jobs")
+    assert (listing.returncode, listing.stdout) == (0, f"{job.id}  lost       0/0/?  {folder}\n"), listing.stderr
+    shown = run_cli("status", job.id)
+    assert (shown.returncode, shown.stdout) == (0, (
+        f"job {job.id}: lost, its inputs not listed\n"
+        "  its record is incomplete (no workflow.yaml, items.jsonl): the run that created it stopped before it listed "
+        f"the inputs; tilemask run {workflow} (or submit it) to complete the record and run the job\n")), shown.stderr
+    summary = json.loads(run_cli("status", job.id, "--json").stdout)
+    assert summary["counts"] == {"items": None, "ok": 0, "failed": 0, "pending": None}
+    assert summary["incomplete"] == ["workflow.yaml", "items.jsonl"]
+    with job:  # a run writing the record holds the job's lock: not lost, not incomplete for long
+        assert json.loads(run_cli("status", job.id, "--json").stdout)["message"] == "its run is writing its record"
+    assert run_cli("-q", "run", workflow, "--workers", "1", cwd=tmp_path).returncode == 0
+    shown = run_cli("status", job.id)
+    assert shown.stdout.startswith(f"job {job.id}: done, 1 of 1 items ok, 0 failed, 0 pending\n"), shown.stdout
+
+
 @pytest.mark.parametrize("command", ["run", "submit"])
 def test_a_first_run_that_cannot_write_its_jobs_record_leaves_no_job(make_raster, make_model, write_workflow,
                                                                      tmp_path, tilemask_home, client, command):

@@ -132,6 +132,8 @@ def status(job, as_json, debug) -> None:
         return
     counts = summary["counts"]
     line = f"job {folder.id}: {summary['state']}, {counts['ok']} of {counts['items']} items ok, {counts['failed']} failed, {counts['pending']} pending"
+    if counts["items"] is None:  # its record is incomplete: the inputs were never listed
+        line = f"job {folder.id}: {summary['state']}, its inputs not listed"
     click.echo(line)
     if summary.get("message"):
         click.echo(f"  {summary['message']}")
@@ -147,11 +149,20 @@ def _summary(folder) -> dict:
     if state in ("queued", "running") and task in HELD:  # not started yet, or held again: its worker is gone
         waiting = "its driver waits for a Dask worker" + (" (the one it ran on is gone)" if state == "running" else "")
         state, recorded = "queued", {**recorded, "message": waiting}
+    summary = {**recorded, "job": folder.id, "folder": folder.location, "state": state}
+    missing = folder.incomplete()
+    if missing:  # a run stopped (killed, a full disk) after job.json, before it listed the inputs: 0 of 0 items
+        # ok was no count; the job's next run completes the record (a run that writes it now holds its lock)
+        source = folder.info().get("workflow_file")
+        again = f"tilemask run {source}" if isinstance(source, str) else "run its workflow again"
+        why = ("its run is writing its record" if state in ("queued", "running") else
+               f"its record is incomplete (no {', '.join(missing)}): the run that created it stopped before it "
+               f"listed the inputs; {again} (or submit it) to complete the record and run the job")  # fmt: skip
+        counts = {"items": None, "ok": 0, "failed": 0, "pending": None}
+        return {**summary, "counts": counts, "incomplete": missing, "message": recorded.get("message") or why,
+                "report": None}  # fmt: skip
     return {
-        **recorded,
-        "job": folder.id,
-        "folder": folder.location,
-        "state": state,
+        **summary,
         "counts": folder.counts({item["name"] for item in folder.items()}),
         "report": folder.report if folder.report_path.exists() else None,
     }
@@ -260,4 +271,5 @@ def jobs(as_json, debug) -> None:
         return
     for s in summaries:
         c = s["counts"]
-        click.echo(f"{s['job']}  {s['state']:<9}  {c['ok']}/{c['failed']}/{c['items']}  {s['folder']}")
+        total = "?" if c["items"] is None else c["items"]  # its record is incomplete: the inputs were never listed
+        click.echo(f"{s['job']}  {s['state']:<9}  {c['ok']}/{c['failed']}/{total}  {s['folder']}")

@@ -165,6 +165,13 @@ class JobFolder:
     def exists(self) -> bool:
         return (self.path / "job.json").is_file()
 
+    def incomplete(self) -> list[str]:
+        """The files of the job's record that :meth:`create` writes after ``job.json`` and that are not there: a run
+        stopped (killed, a full disk) while it wrote them; its next run writes them.  None of a job not created."""
+        if not self.exists():
+            return []
+        return [name for name in ("workflow.yaml", "items.jsonl") if not (self.path / name).is_file()]
+
     # -- creating and reading ------------------------------------------------------------------------------
 
     def create(
