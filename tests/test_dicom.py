@@ -11,9 +11,10 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+import yaml
 
 import tilemask
-from tests.conftest import UNET_3D, _free_port
+from tests.conftest import UNET_3D, _free_port, run_cli
 from tilemask.errors import InputError
 from tilemask.formats import for_path
 from tilemask.sources.dicom import DicomSeriesSource
@@ -203,9 +204,45 @@ def test_a_folder_of_two_series_uneven_or_radial_slices_is_refused(tmp_path):
     shutil.copytree(CT, uneven)
     by_position = sorted(uneven.iterdir(), key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
     by_position[2].unlink()  # the middle slice of five: a gap
-    pair = rf"({by_position[1].name} and {by_position[3].name}|{by_position[3].name} and {by_position[1].name})"
-    with pytest.raises(InputError, match=rf"not evenly spaced \({pair} are 5 mm apart where the series steps 3.333 mm"):
+    z = [float(pydicom.dcmread(f).ImagePositionPatient[2]) for f in (by_position[1], by_position[3])]
+    why = (rf"not evenly spaced: the series steps 2.5 mm, but {by_position[1].name} and {by_position[3].name}, at "
+           rf"{z[0]:g} and {z[1]:g} mm along the slice normal, are 5 mm apart \(a missing slice\?\)")  # fmt: skip
+    with pytest.raises(InputError, match=why):  # it said "5 mm apart where the series steps 3.333 mm": the average
         DicomSeriesSource.open(str(uneven))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("gap", ["two missing", "wider"])
+def test_a_gap_in_a_series_is_named_with_the_series_own_spacing_and_where_it_lies(gap, make_model, tmp_path):
+    """Two slices missing from ten 2.5 mm slices were "7.5 mm apart where the series steps 3.214 mm" (the average
+    from the first slice to the last), naming neither the spacing nor where along the scan the gap is."""
+    def wider(ds, k):
+        if k >= 6:  # slices 6 to 9 one more mm on: the gap between slices 5 and 6 is 3.5 mm
+            normal = np.cross(*np.reshape(np.array(ds.ImageOrientationPatient, float), (2, 3)))
+            ds.ImagePositionPatient = [float(v) for v in np.array(ds.ImagePositionPatient, float) + normal]
+
+    folder = write_series(tmp_path / "series", slices=10, mutate=wider if gap == "wider" else None)
+    by_number = {int(pydicom.dcmread(f).InstanceNumber) - 1: f for f in folder.iterdir()}
+    if gap == "two missing":
+        by_number.pop(4).unlink()
+        by_number.pop(5).unlink()
+    a, b = (by_number[3], by_number[6]) if gap == "two missing" else (by_number[5], by_number[6])
+    along = []
+    for f in (a, b):
+        ds = pydicom.dcmread(f)
+        normal = np.cross(*np.reshape(np.array(ds.ImageOrientationPatient, float), (2, 3)))
+        along.append(float(np.array(ds.ImagePositionPatient, float) @ normal))
+    apart, why = ("7.5", "2 missing slices") if gap == "two missing" else ("3.5", "a change of spacing")
+    line = (rf"tilemask: error: {re.escape(str(folder))}: slices are not evenly spaced: the series steps 2.5 mm, "
+            rf"but {a.name} and {b.name}, at {along[0]:g} and {along[1]:g} mm along the slice normal, are {apart} mm "
+            rf"apart \({why}\?\); tilemask reads a regular grid\n")  # fmt: skip
+    weights, _ = make_model(UNET_3D)
+    workflow = series_workflow(folder, weights, ["background", "lesion"], 500.0, 800.0)
+    workflow["output"] = {"path": "out/{stem}_labels.nii.gz"}
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(workflow))
+    result = run_cli("run", tmp_path / "w.yaml", cwd=tmp_path)
+    assert result.returncode == 2 and re.fullmatch(line, result.stderr), result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_slices_at_positions_rounded_to_a_hundredth_of_a_mm_read_as_simpleitk_reads_them(tmp_path, caplog):

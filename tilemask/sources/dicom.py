@@ -168,6 +168,15 @@ def _listed(value) -> str:
     return "[" + ", ".join(f"{float(v):g}" for v in value) + "]"
 
 
+def _usual_gap(gaps: np.ndarray) -> float:
+    """The gap most pairs of neighbouring slices share (within :data:`UNEVEN_SLICES`), the smallest of those tied:
+    a series' spacing where a slice is missing (the average between its first and last slice is not)."""
+    near = np.abs(gaps[:, None] - gaps[None, :]) <= UNEVEN_SLICES * gaps[:, None]  # near[i, j]: gap j is gap i's
+    shared = near.sum(axis=1)
+    usual = int(np.argmin(np.where(shared == shared.max(), gaps, np.inf)))
+    return float(np.median(gaps[near[usual]]))
+
+
 def _check_even(folder: str, files: list[str], positions: np.ndarray, step: np.ndarray) -> None:
     """Refuse slices off the regular grid from the first slice to the last by more than :data:`UNEVEN_SLICES` of
     the step (a missing slice, a change of spacing); warn of smaller departures, as GDCM does (positions written
@@ -178,12 +187,21 @@ def _check_even(folder: str, files: list[str], positions: np.ndarray, step: np.n
     if departure[worst] <= max(1e-3, 1e-3 * spacing):
         return
     gaps = np.linalg.norm(np.diff(positions, axis=0), axis=1)
+    if departure[worst] > UNEVEN_SLICES * spacing:
+        usual = _usual_gap(gaps)  # the series' own spacing: the first-to-last average counts a gap in
+        at = int(np.argmax(np.abs(gaps - usual)))
+        a, b = (os.path.relpath(files[i], folder) for i in (at, at + 1))
+        along = positions[at : at + 2] @ (step / spacing)  # where they lie along the slice normal, in mm
+        missing = round(gaps[at] / usual) - 1
+        why = "a change of spacing?"
+        if missing >= 1 and abs(gaps[at] - (missing + 1) * usual) <= UNEVEN_SLICES * usual:
+            why = "a missing slice?" if missing == 1 else f"{missing} missing slices?"
+        raise InputError(f"{folder}: slices are not evenly spaced: the series steps {usual:.4g} mm, but {a} and {b}, "
+                         f"at {along[0]:g} and {along[1]:g} mm along the slice normal, are {gaps[at]:.4g} mm apart "
+                         f"({why}); tilemask reads a regular grid")  # fmt: skip
     at = int(np.argmax(np.abs(gaps - spacing)))
     a, b = (os.path.relpath(files[i], folder) for i in (at, at + 1))
     pair = f"{a} and {b} are {gaps[at]:.4g} mm apart where the series steps {spacing:.4g} mm"
-    if departure[worst] > UNEVEN_SLICES * spacing:
-        raise InputError(f"{folder}: slices are not evenly spaced ({pair}: a missing slice, or a change of "
-                         "spacing); tilemask reads a regular grid")  # fmt: skip
     logger.warning("%s: slices depart from a regular grid by up to %.3g mm (%s); read as the regular grid",
                    folder, departure[worst], pair)  # fmt: skip
 
