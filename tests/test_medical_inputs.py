@@ -50,3 +50,36 @@ def test_a_slice_without_its_pixels_is_refused_when_the_series_is_opened(damage,
     result = run_cli("run", tmp_path / "w.yaml", cwd=tmp_path)
     assert result.returncode == 2 and re.fullmatch("tilemask: error: " + why[1:-1] + "\n", result.stderr), result.stderr
     assert not (tmp_path / "out" / "series_labels.nii.gz").exists()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("bits, what", [
+    ((8, 16, 15), "its BitsStored 16 is not from 1 to its BitsAllocated 8: its pixels cannot be unpacked"),
+    ((12, 12, 11), "its BitsAllocated 12 is not 1 or a multiple of 8 up to 64: its pixels cannot be unpacked"),
+])  # fmt: skip
+def test_a_slice_whose_bits_pydicom_cannot_unpack_is_refused_when_the_series_is_opened(bits, what, make_model,
+                                                                                       tmp_path):  # fmt: skip
+    """A slice of BitsAllocated 8 and BitsStored 16 was planned from its header, then failed on a worker, exit 1
+    ("read failed: ValueError: A (0028,0101) 'Bits Stored' value of '16' is invalid"), as the other header problems
+    are found when planning, exit 2."""
+    import pydicom
+
+    def bad_bits(ds, k):
+        if k == 3:
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits
+
+    folder = write_series(tmp_path / "series", slices=8, mutate=bad_bits)
+    bad = [f for f in folder.iterdir() if pydicom.dcmread(f).InstanceNumber == 4]
+    with pytest.raises(ValueError, match="is invalid"):  # pydicom itself does not read its pixels
+        pydicom.dcmread(bad[0]).pixel_array
+    why = rf"^{re.escape(str(bad[0]))}: {re.escape(what)}$"
+    with pytest.raises(InputError, match=why) as refused:
+        DicomSeriesSource.open(str(folder))
+    assert refused.value.exit_status == 2
+    weights, _ = make_model(UNET_3D)
+    workflow = series_workflow(folder, weights, ["background", "lesion"], 500.0, 800.0)
+    workflow["output"] = {"path": "out/{stem}_labels.nii.gz"}
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(workflow))
+    result = run_cli("run", tmp_path / "w.yaml", cwd=tmp_path)
+    assert result.returncode == 2 and re.fullmatch("tilemask: error: " + why[1:-1] + "\n", result.stderr), result.stderr
+    assert not (tmp_path / "out").exists()

@@ -121,6 +121,21 @@ def decoder_problem(path: str, syntax: str) -> str | None:
 PIXEL_TAGS = (0x7FE00010, 0x7FE00009, 0x7FE00008)  # Pixel Data, Float and Double Float Pixel Data: where dcmread stops
 
 
+def bits_problem(header) -> str | None:
+    """Why the integer pixels that ``header`` describes cannot be unpacked, in a line, by the rule pydicom checks
+    before it decodes (``RunnerBase._validate_options``): BitsAllocated 1 or a multiple of 8 up to 64, BitsStored from
+    1 to BitsAllocated; None when they can. Found when planning (exit 2), not on a worker's first read (exit 1)."""
+    allocated, stored = header.get("BitsAllocated"), header.get("BitsStored")
+    if allocated is None or stored is None:
+        return f"no {'BitsAllocated' if allocated is None else 'BitsStored'}: its pixels cannot be unpacked"
+    if not (allocated == 1 or (allocated % 8 == 0 and 8 <= allocated <= 64)):
+        return f"its BitsAllocated {allocated} is not 1 or a multiple of 8 up to 64: its pixels cannot be unpacked"
+    if not 1 <= stored <= allocated:
+        return (f"its BitsStored {stored} is not from 1 to its BitsAllocated {allocated}: its pixels cannot be "
+                "unpacked")  # fmt: skip
+    return None
+
+
 def read_header(path: str):
     """``path``'s data elements before its pixels, as ``dcmread(stop_before_pixels=True)`` reads them, and why its
     pixels cannot be read, in words (None when they are there): no pixel data element, an empty one, or one the file
@@ -138,7 +153,7 @@ def read_header(path: str):
 
     def at_pixels(tag, vr, length: int) -> bool:
         if tag in PIXEL_TAGS:
-            found.append((vr, length))
+            found.append((tag, vr, length))
             return True
         return False
 
@@ -150,9 +165,11 @@ def read_header(path: str):
         available = os.fstat(f.fileno()).st_size - f.tell()  # read_partial rewinds to the pixel element's start
     if not found:
         return header, "no PixelData element: its image is missing"
-    vr, length = found[0]
+    tag, vr, length = found[0]
     if length == 0:
         return header, "an empty PixelData element: its image is missing"
+    if tag == PIXEL_TAGS[0] and (problem := bits_problem(header)):
+        return header, problem
     if header.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
         return header, None
     available -= 12 if vr in EXPLICIT_VR_LENGTH_32 else 8  # the element's tag, VR and length (implicit VR: no VR)
