@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import rasterio
+import yaml
 import zarr
 
 from tests.conftest import GEO, UNET_3D, band_vrt, run_cli
@@ -484,7 +485,7 @@ def test_a_web_server_gone_mid_run_is_unreachable_not_a_missing_nifti(make_volum
     finally:
         server.shutdown()
         server.server_close()
-    where = re.escape(f"{base}/scan.nii.gz: read failed at ((0, 5), (0, 29), (0, 23)): ")
+    where = re.escape(f"{base}/scan.nii.gz: read failed at [0:5, 0:29, 0:23]: ")  # a NumPy index, as rasters' rows
     with pytest.raises(ReadError, match=rf"^{where}cannot reach it: ClientConnectorError: .*Connect call failed"):
         source.read(((0, 5), (0, 29), (0, 23)))
     with pytest.raises(InputError, match=rf"^{base}/scan\.nii\.gz: cannot reach it: ClientConnectorError: "):
@@ -510,8 +511,8 @@ def test_a_truncated_nifti_gz_is_refused_when_opened_and_called_truncated_when_c
     path.write_bytes(whole)
     source = open_source(str(path), 3)  # whole, it opens; then cut short before its voxels are read
     path.write_bytes(whole[: len(whole) * 2 // 3])
-    with pytest.raises(ReadError, match=rf"^{path}: read failed at .*: the file is truncated: it ends before the "
-                                        "voxels its header describes$"):  # fmt: skip
+    with pytest.raises(ReadError, match=rf"^{path}: read failed at \[0:37, 0:29, 0:23\]: the file is truncated: it "
+                                        "ends before the voxels its header describes$"):  # fmt: skip
         source.read(tuple((0, s) for s in source.shape[1:]))
     for name in ("labels.nii.gz", "labels.nii"):
         labels, _ = make_volume(name=name, dtype="uint8")
@@ -698,3 +699,33 @@ def test_a_vrt_whose_remote_source_is_not_there_is_refused_when_opened(make_rast
             late.read(((0, 40), (0, 50)))
     finally:
         server.shutdown()
+
+
+@pytest.mark.timeout(90)
+def test_a_zarr_volume_whose_chunk_does_not_decompress_names_its_region_as_rasters_do(make_model, tmp_path):
+    """A fault sweep: a Zarr volume's damaged chunk failed the run as ``read failed at ((0, 32), (0, 32), (0, 32))``,
+    where a raster's says ``rows 0:100, cols 0:120``; the region is named as a NumPy index, ``[0:32, 0:32, 0:32]``."""
+    volume = np.random.default_rng(5).integers(0, 1000, (32, 32, 32)).astype(np.int16)
+    path = tmp_path / "scan.zarr"
+    zarr.create_array(str(path), shape=volume.shape, chunks=(16, 16, 16), dtype="int16")[:] = volume
+    chunk = path / "c" / "1" / "0" / "1"  # voxels [16:32, 0:16, 16:32]
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    with pytest.raises(Exception, match="ecompress|ecod"):  # zarr itself does not read it
+        zarr.open_array(str(path), mode="r")[16:32, 0:16, 16:32]
+    weights, _ = make_model(UNET_3D)
+    workflow = {
+        "version": 1,
+        "input": str(path),
+        "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
+        "inference": {"roi_size": [16, 16, 16], "device": "cpu"},
+        "output": {"path": "out/{stem}_labels.zarr"},
+    }
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(workflow))
+    done = run_cli("run", tmp_path / "w.yaml", cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    found = re.match(rf"^tilemask: error: {re.escape(str(path))}: read failed at \[(\d+):(\d+), (\d+):(\d+), "
+                     r"(\d+):(\d+)\]: \w+", lines[0])  # fmt: skip
+    assert found, lines[0]
+    (i0, i1), (j0, j1), (k0, k1) = np.reshape([int(v) for v in found.groups()], (3, 2))
+    assert i0 < 32 and i1 > 16 and j0 < 16 and k0 < 32 and k1 > 16, lines[0]  # it holds the damaged chunk

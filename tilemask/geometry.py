@@ -42,6 +42,11 @@ Region = tuple[tuple[int, int], ...]
 """Half-open ``(start, stop)`` per spatial axis."""
 
 
+def region_text(region: Region) -> str:
+    """``region`` as messages name it, a NumPy index: ``[144:304, 144:304, 0:64]`` (not ``((144, 304), ...)``)."""
+    return "[" + ", ".join(f"{start}:{stop}" for start, stop in region) + "]"
+
+
 def normalize_per_axis(value: float | int | Sequence, ndim: int, name: str) -> tuple:
     """Turn a scalar or a per-axis sequence into a tuple of length ``ndim``."""
     if isinstance(value, (int, float)):

@@ -27,7 +27,7 @@ from rasterio.windows import Window
 
 from ..classes import CLASSES_TAG, ClassNames, read_colour_table
 from ..errors import InputError, ReadError, option
-from ..geometry import Geometry, RasterGeometry, VolumeGeometry, geometry_from_attrs, normalize_per_axis
+from ..geometry import Geometry, RasterGeometry, VolumeGeometry, geometry_from_attrs, normalize_per_axis, region_text
 from ..storage import zarr_options
 from . import cached_handle, file_stamp, usable_geometry
 from .nifti import check_length, nifti_geometry, read_failure
@@ -96,8 +96,8 @@ class _NiftiVolume:
             return np.asarray(img.dataobj[index])
         except Exception as exc:  # nibabel, gzip and zlib raise many types
             detail = read_failure(exc)
-        where = ", ".join(f"{s.start}:{s.stop}" for s in index)
-        raise ReadError(f"{self.path}: read failed at [{where}]: {detail}")
+        where = region_text(tuple((s.start, s.stop) for s in index))
+        raise ReadError(f"{self.path}: read failed at {where}: {detail}")
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,8 @@ class _ZarrLabels:
             return np.asarray(self.array[index])
         except Exception as exc:  # codecs and stores raise many types
             detail = f"{type(exc).__name__}: {exc}"
-        where = ", ".join(f"{s.start}:{s.stop}" for s in index)
-        raise ReadError(f"{self.path}: read failed at [{where}]: {detail}")
+        where = region_text(tuple((s.start, s.stop) for s in index))
+        raise ReadError(f"{self.path}: read failed at {where}: {detail}")
 
 
 def _from_zarr(path: str, array: zarr.Array, chunks) -> da.Array:

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import InputError, ReadError, first_line
 from ..formats import nifti_affine_mm
-from ..geometry import Region, VolumeGeometry, affine_problem
+from ..geometry import Region, VolumeGeometry, affine_problem, region_text
 from ..storage import local_copy
 from . import ImageSource, Spool, cached_handle, file_stamp, unpacked
 
@@ -106,7 +106,7 @@ class NiftiSource(ImageSource):
             detail = first_line(exc).removeprefix(f"{self.path}: ")
         except Exception as exc:  # nibabel, gzip and zlib raise many types
             detail = read_failure(exc)
-        raise ReadError(f"{self.path}: read failed at {region}: {detail}")
+        raise ReadError(f"{self.path}: read failed at {region_text(region)}: {detail}")
 
 
 def nifti_geometry(path: str, img) -> VolumeGeometry:

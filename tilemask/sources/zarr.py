@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 
 from ..errors import InputError, ReadError
-from ..geometry import Geometry, Region, geometry_from_attrs
+from ..geometry import Geometry, Region, geometry_from_attrs, region_text
 from . import ImageSource, cached_handle, file_stamp, usable_geometry
 
 logger = logging.getLogger(__name__)
@@ -133,4 +133,4 @@ class ZarrSource(ImageSource):
             return np.asarray(block)
         except Exception as exc:  # codecs and stores raise many types
             detail = f"{type(exc).__name__}: {exc}"
-        raise ReadError(f"{self.path}: read failed at {region}: {detail}")
+        raise ReadError(f"{self.path}: read failed at {region_text(region)}: {detail}")
