@@ -236,13 +236,7 @@ def test_a_gap_in_a_series_is_named_with_the_series_own_spacing_and_where_it_lie
     line = (rf"tilemask: error: {re.escape(str(folder))}: slices are not evenly spaced: the series steps 2.5 mm, "
             rf"but {a.name} and {b.name}, at {along[0]:g} and {along[1]:g} mm along the slice normal, are {apart} mm "
             rf"apart \({why}\?\); tilemask reads a regular grid\n")  # fmt: skip
-    weights, _ = make_model(UNET_3D)
-    workflow = series_workflow(folder, weights, ["background", "lesion"], 500.0, 800.0)
-    workflow["output"] = {"path": "out/{stem}_labels.nii.gz"}
-    (tmp_path / "w.yaml").write_text(yaml.safe_dump(workflow))
-    result = run_cli("run", tmp_path / "w.yaml", cwd=tmp_path)
-    assert result.returncode == 2 and re.fullmatch(line, result.stderr), result.stderr
-    assert not (tmp_path / "out").exists()
+    run_refused(folder, make_model, tmp_path, line)
 
 
 def test_slices_at_positions_rounded_to_a_hundredth_of_a_mm_read_as_simpleitk_reads_them(tmp_path, caplog):
@@ -363,6 +357,18 @@ def _orthanc(tmp_path_factory, **settings):
     proc.terminate()
     proc.wait(timeout=30)
     log.close()
+
+
+def run_refused(folder, make_model, tmp_path, line: str) -> None:
+    """``tilemask run`` of the series in ``folder`` (a 3D UNet writing ``out/{stem}_labels.nii.gz``): refused in the
+    one line the regular expression ``line`` matches, exit 2, no output folder."""
+    weights, _ = make_model(UNET_3D)
+    workflow = series_workflow(folder, weights, ["background", "lesion"], 500.0, 800.0)
+    workflow["output"] = {"path": "out/{stem}_labels.nii.gz"}
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(workflow))
+    result = run_cli("run", tmp_path / "w.yaml", cwd=tmp_path)
+    assert result.returncode == 2 and re.fullmatch(line, result.stderr), result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def series_workflow(folder, weights, classes: list[str], mean: float, std: float) -> dict:

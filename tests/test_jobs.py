@@ -355,6 +355,24 @@ def test_a_job_dir_holding_another_workflows_job_is_refused_unless_overwrite(sce
     assert fixed.status == "ok" and fixed.outputs[0] == str(tmp_path / "third" / "a.zarr")
 
 
+def killed_past_file_size(workflow, limit: int, cwd) -> None:
+    """``tilemask run workflow`` (one worker) in a process that may write files of at most ``limit`` bytes: killed
+    by SIGXFSZ at the first write past it, as a full quota stops a run mid-record."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    killed = subprocess.run(
+        [sys.executable, "-c", "import signal; signal.signal(signal.SIGXFSZ, signal.SIG_DFL); "
+                               "from tilemask.__main__ import main; main()", "run", workflow, "--workers", "1"],
+        capture_output=True, text=True, cwd=cwd, preexec_fn=limited, timeout=120)  # fmt: skip
+    assert killed.returncode == -signal.SIGXFSZ, killed.stderr
+
+
 def test_a_run_refused_before_any_work_leaves_no_job(make_raster, make_model, write_workflow, tmp_path, tilemask_home):
     """A run refused before any work (exit 2) kept the job folder it had made, and ``tilemask jobs`` listed a job
     that never ran (``failed, 0 of 1 items ok``); the folders made for it go too, the user's own stay."""
@@ -397,11 +415,6 @@ def test_a_run_killed_while_it_writes_the_jobs_record_is_taken_up_by_the_next(ma
     not a tilemask job's" (exit 2). ``job.json`` comes first: the folder is the job's, and the next run writes the
     rest. The kernel kills the run (SIGXFSZ, which Python ignores: its default action is restored) when it writes
     past a file size limit that each record but ``items.jsonl`` fits."""
-    import resource
-    import signal
-    import subprocess
-    import sys
-
     deep = tmp_path.joinpath(*["d" * 200] * 12)  # long paths: items.jsonl is larger than job.json and workflow.yaml
     deep.mkdir(parents=True)
     scene, _ = make_raster((3, 64, 64))
@@ -413,14 +426,7 @@ def test_a_run_killed_while_it_writes_the_jobs_record_is_taken_up_by_the_next(ma
     workflow = write_workflow({**workflow, "input": {"list": str(deep / "items.txt")}})
     limit = 4000
 
-    def limited():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    killed = subprocess.run(
-        [sys.executable, "-c", "import signal; signal.signal(signal.SIGXFSZ, signal.SIG_DFL); "
-                               "from tilemask.__main__ import main; main()", "run", workflow, "--workers", "1"],
-        capture_output=True, text=True, cwd=tmp_path, preexec_fn=limited, timeout=120)  # fmt: skip
-    assert killed.returncode == -signal.SIGXFSZ, killed.stderr
+    killed_past_file_size(workflow, limit, tmp_path)
     (folder,) = (tmp_path / "out" / ".tilemask" / "jobs").iterdir()
     assert (folder / ".items.jsonl.tmp").stat().st_size == limit  # killed writing it, the other records whole
     done = run_cli("run", workflow, "--workers", "1", "--quiet", cwd=tmp_path)
@@ -435,11 +441,6 @@ def test_a_job_whose_run_stopped_before_it_listed_its_inputs_says_so_and_its_nex
     ``workflow.yaml`` does not) of a job listed before (its output folder removed since) was listed by ``tilemask
     jobs`` as ``lost 0/0/0``, and ``tilemask status`` said "lost, 0 of 0 items ok": as if the job had no inputs.
     Its inputs were never listed; status says so, why, and what completes it; the next run does."""
-    import resource
-    import signal
-    import subprocess
-    import sys
-
     scene, _ = make_raster((3, 64, 64))
     weights, _ = make_model()
     workflow = write_workflow(raster_workflow(scene, weights, output={"path": "out/{stem}.zarr", "probabilities": "none"}))
@@ -449,14 +450,7 @@ def test_a_job_whose_run_stopped_before_it_listed_its_inputs_says_so_and_its_nex
     assert (folder / "workflow.yaml").stat().st_size > limit
     shutil.rmtree(tmp_path / "out")
 
-    def limited():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    killed = subprocess.run(
-        [sys.executable, "-c", "import signal; signal.signal(signal.SIGXFSZ, signal.SIG_DFL); "
-                               "from tilemask.__main__ import main; main()", "run", workflow, "--workers", "1"],
-        capture_output=True, text=True, cwd=tmp_path, preexec_fn=limited, timeout=120)  # fmt: skip
-    assert killed.returncode == -signal.SIGXFSZ, killed.stderr
+    killed_past_file_size(workflow, limit, tmp_path)
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["job.json", "lock"]
     job = find(folder.name)
     listing = run_cli("jobs")

@@ -5,10 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-import yaml
 
-from tests.conftest import UNET_3D, run_cli
-from tests.test_dicom import series_workflow, write_series
+from tests.test_dicom import run_refused, write_series
 from tilemask.errors import InputError
 from tilemask.sources.dicom import DicomSeriesSource
 
@@ -43,13 +41,7 @@ def test_a_slice_without_its_pixels_is_refused_when_the_series_is_opened(damage,
     why = rf"^{re.escape(str(folder))}/slice\d+\.dcm: {re.escape(what)}$"
     with pytest.raises(InputError, match=why):
         DicomSeriesSource.open(str(folder))
-    weights, _ = make_model(UNET_3D)
-    workflow = series_workflow(folder, weights, ["background", "lesion"], 500.0, 800.0)
-    workflow["output"] = {"path": "out/{stem}_labels.nii.gz"}
-    (tmp_path / "w.yaml").write_text(yaml.safe_dump(workflow))
-    result = run_cli("run", tmp_path / "w.yaml", cwd=tmp_path)
-    assert result.returncode == 2 and re.fullmatch("tilemask: error: " + why[1:-1] + "\n", result.stderr), result.stderr
-    assert not (tmp_path / "out" / "series_labels.nii.gz").exists()
+    run_refused(folder, make_model, tmp_path, "tilemask: error: " + why[1:-1] + "\n")
 
 
 @pytest.mark.timeout(60)
@@ -76,10 +68,4 @@ def test_a_slice_whose_bits_pydicom_cannot_unpack_is_refused_when_the_series_is_
     with pytest.raises(InputError, match=why) as refused:
         DicomSeriesSource.open(str(folder))
     assert refused.value.exit_status == 2
-    weights, _ = make_model(UNET_3D)
-    workflow = series_workflow(folder, weights, ["background", "lesion"], 500.0, 800.0)
-    workflow["output"] = {"path": "out/{stem}_labels.nii.gz"}
-    (tmp_path / "w.yaml").write_text(yaml.safe_dump(workflow))
-    result = run_cli("run", tmp_path / "w.yaml", cwd=tmp_path)
-    assert result.returncode == 2 and re.fullmatch("tilemask: error: " + why[1:-1] + "\n", result.stderr), result.stderr
-    assert not (tmp_path / "out").exists()
+    run_refused(folder, make_model, tmp_path, "tilemask: error: " + why[1:-1] + "\n")
