@@ -38,29 +38,17 @@ def records_json(path: Path) -> bytes:
         import pandas as pd
 
         try:
-            _first_row_fits(path)
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+            if not isinstance(frame.index, pd.RangeIndex):  # pandas took the first row's extra cells as the index:
+                # every value would come under the name of the column before it (a longer row further down it refuses)
+                cells, header = frame.index.nlevels + len(frame.columns), len(frame.columns)
+                raise ValueError(f"its first row has {cells} cells, its header {header}")
         except (ValueError, UnicodeDecodeError) as exc:  # pandas' ParserError and EmptyDataError are ValueErrors
             raise HTTPException(422, f"{path.name}: not a table: {str(exc).splitlines()[0] or repr(exc)}") from None
         names, columns = list(frame.columns), [_csv_column(frame[name]) for name in frame.columns]
     else:  # what the readers raise on a damaged file goes to the route, which names the file (422)
         names, columns = _stored_columns(path)
     return _dumps([dict(zip(names, row)) for row in zip(*columns)])
-
-
-def _first_row_fits(path: Path) -> None:
-    """ValueError when the first row has more cells than the header: pandas would take the first cells as the
-    rows' index and give every value the name of the column before it (a longer row further down it refuses)."""
-    import csv
-
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = csv.reader(f)
-        try:
-            header, first = next(rows, []), next(rows, [])
-        except csv.Error:  # a cell past the csv module's 128 kB, a NUL: pandas' to judge
-            return
-    if len(first) > len(header):
-        raise ValueError(f"its first row has {len(first)} cells, its header {len(header)}")
 
 
 def _dumps(records: list) -> bytes:
