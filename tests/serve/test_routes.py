@@ -10,6 +10,7 @@ import contextlib
 import http.client
 import io
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -1359,8 +1360,14 @@ def test_a_collection_asked_by_id_is_found_without_classifying_the_folder_again(
             assert client.get(items).json()["numberMatched"] == len(gpd.read_file(tmp_path / POLYGONS))
         assert client.get("/stac/items/RGB.byte_polygons.json").status_code == 200
         assert client.get("/stac/items/s07_mask.json").json()["assets"]["labels"]["title"] == "s07_mask.tif"
-        assert client.get("/collections/nope/items").status_code == 404
         assert len(classified) <= 7, len(classified)  # one file a request, not the 41
+        assert client.get("/collections/nope/items").status_code == 404  # after a new listing
+
+        stamp = tmp_path.stat()
+        shutil.copyfile(tmp_path / POLYGONS, tmp_path / "fresh.gpkg")
+        os.utime(tmp_path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # published in the listing's clock tick
+        assert client.get("/collections/fresh/items?limit=1").status_code == 200  # not in the listing: listed again
+        (tmp_path / "fresh.gpkg").unlink()
 
         (tmp_path / "sub").mkdir()
         shutil.copyfile(tmp_path / POLYGONS, tmp_path / "sub" / POLYGONS)  # the stem is shared: ids are paths

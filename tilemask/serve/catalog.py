@@ -143,13 +143,12 @@ class Catalog:
         not whole yet), the entry's own file and sidecars; else from a new listing. Each of the map's feature
         requests asks this: walking a folder of 2,000 files took 80 ms a request. Not seen until the next
         listing (``/``, ``/collections``, ``/map``, the STAC catalog): another listed file damaged in place (not
-        replaced by a rename), whose leaving would give its stem back to a file that shared it."""
+        replaced by a rename), whose leaving would give its stem back to a file that shared it. An id the last
+        listing did not hold is looked for in a new one (a folder's mtime may not move for a file published in
+        the same clock tick as the listing, or on a network file system's cached attributes)."""
         with self._lock:
             listing = self._listing
-        if listing is not None and _unchanged(listing[0]):
-            entry = listing[1].get(entry_id)
-            if entry is None:  # no such id in an unchanged folder
-                return None
+        if listing is not None and _unchanged(listing[0]) and (entry := listing[1].get(entry_id)) is not None:
             current = self.find(entry.path, entry.kind)
             if current is not None and replace(current, id=entry.id, scan=entry.scan) == entry:
                 return entry if not kinds or entry.kind in kinds else None
