@@ -60,7 +60,10 @@ class NiftiSource(ImageSource):
         except InputError:  # an object or a web server that cannot give the file, named by storage
             raise
         except Exception as exc:  # nibabel raises many types (ImageFileError, EOFError, zlib.error...)
-            damage = _gzip_damage(local) if local and _suffix(local) == ".gz" else None
+            # nibabel's "Cannot work out file type" for a .nii.gz is also what a damaged stream gives: read it
+            # through (never for a refused header, which costs no decompression of a large scan)
+            unknown = isinstance(exc, nib.filebasedimages.ImageFileError)
+            damage = _gzip_damage(local) if unknown and local and _suffix(local) == ".gz" else None
             raise InputError(f"{path}: cannot open NIfTI: {damage or exc}") from None
         if len(shape) not in (3, 4):
             raise InputError(f"{path}: NIfTI with {len(shape)} axes; expected 3 (i, j, k) or 4 (i, j, k, channel)")
