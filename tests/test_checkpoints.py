@@ -204,7 +204,7 @@ def test_nnunet_plans_arch_kwargs_are_built_as_nnunet_builds_them(tmp_path):
         load_model(ModelSpec.create(f"{__name__}:PlansNet", {"input_channels": 1, "num_classes": 3, **wrong}, str(path)))
 
 
-def test_arch_kwargs_copied_without_kw_requires_import_name_the_class_names_left_strings(tmp_path):
+def test_arch_kwargs_copied_without_kw_requires_import_name_the_class_names_left_strings(tmp_path, monkeypatch):
     """``arch_kwargs`` copied alone (plans.json lists the arguments to import beside them, not in them) reach the
     network as strings: the refusal names them and ``_kw_requires_import``. It was "'str' object is not callable"."""
     torch.save(PlansNet(1, 3, torch.nn.Conv2d, torch.nn.InstanceNorm2d, {}, None, torch.nn.ReLU, {}).state_dict(),
@@ -223,6 +223,12 @@ def test_arch_kwargs_copied_without_kw_requires_import_name_the_class_names_left
     with pytest.raises(tilemask.errors.WorkflowError) as refused:  # no class name among them: the network's own words
         load_model(ModelSpec.create(f"{__name__}:PlansNet", not_classes, str(tmp_path / "w.pt")))
     assert str(refused.value) == f"model.args: {__name__}:PlansNet rejects them: 'str' object is not callable"
+    # a value that reads as a dotted name of a module not imported ("weights.pt", say) is not imported to find out
+    (tmp_path / "side_effect.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w').close()\nclass Net: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(tilemask.errors.WorkflowError):
+        load_model(ModelSpec.create(f"{__name__}:PlansNet", {**args, "nonlin": "side_effect.Net"}, str(tmp_path / "w.pt")))
+    assert not (tmp_path / "imported").exists()
     listed = {**args, "_kw_requires_import": ["conv_op", "norm_op", "nonlin"]}
     load_model(ModelSpec.create(f"{__name__}:PlansNet", listed, str(tmp_path / "w.pt")))
 

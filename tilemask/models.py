@@ -15,6 +15,7 @@ import os
 import pickle
 import pickletools
 import re
+import sys
 import threading
 import zipfile
 import zlib
@@ -83,6 +84,8 @@ def _class_names_hint(args: dict) -> str:
     for key, value in args.items():
         if isinstance(value, str) and re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", value):
             module_name, _, attribute = value.rpartition(".")
+            if module_name.partition(".")[0] not in sys.modules:  # "weights.pt": no module "weights" imported here
+                continue
             try:
                 if isinstance(getattr(import_module(module_name), attribute, None), type):
                     names.append(key)
