@@ -227,7 +227,8 @@ def test_arch_kwargs_copied_without_kw_requires_import_name_the_class_names_left
     (tmp_path / "side_effect.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w').close()\nclass Net: pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(tilemask.errors.WorkflowError):
-        load_model(ModelSpec.create(f"{__name__}:PlansNet", {**args, "nonlin": "side_effect.Net"}, str(tmp_path / "w.pt")))
+        load_model(ModelSpec.create(f"{__name__}:PlansNet", {**args, "nonlin": "side_effect.Net"},
+                                    str(tmp_path / "w.pt")))
     assert not (tmp_path / "imported").exists()
     listed = {**args, "_kw_requires_import": ["conv_op", "norm_op", "nonlin"]}
     load_model(ModelSpec.create(f"{__name__}:PlansNet", listed, str(tmp_path / "w.pt")))

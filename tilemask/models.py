@@ -216,7 +216,8 @@ def _numpy_values() -> list:
 
 
 CHECKPOINT_KEYS = ("state_dict", "model", "network", "model_state_dict", "network_weights", "net")
-PREFIXES = ("model.", "net.", "network.", "module.", "_orig_mod.")  # Lightning attributes, DataParallel, torch.compile
+# what training wrappers put before the network's keys: Lightning attributes, DataParallel, torch.compile
+PREFIXES = ("model.", "net.", "network.", "module.", "_orig_mod.")
 
 
 def _all_tensors(state: dict) -> bool:

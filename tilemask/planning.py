@@ -520,7 +520,6 @@ def _check_polygons(item: InputPlan) -> None:
         check_polygons_crs(item.products.vectors, geometry.crs_wkt, item.input)
 
 
-
 def _per_file(source) -> str:
     """How many channels each file of a case read channel by channel gives (a 4D NIfTI gives several), so that a
     refusal names the file that differs, not only the case's first: empty for an input of one file."""
@@ -529,6 +528,7 @@ def _per_file(source) -> str:
     if not isinstance(source, StackedSource):
         return ""
     return f" ({', '.join(f'{Path(s.path).name} {s.channels}' for s in source.sources)})"
+
 
 def _check_statistics(item: InputPlan) -> None:
     """What the ``stats:`` section would refuse of the output, before the run predicts anything: the regions and
