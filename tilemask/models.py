@@ -226,7 +226,8 @@ def _all_tensors(state: dict) -> bool:
 
 def _strip_prefix(state: dict[str, torch.Tensor], expected) -> dict[str, torch.Tensor]:
     """``state`` with the prefix a training wrapper added (``model.`` of a LightningModule attribute, ``module.``
-    of DataParallel, ``_orig_mod.`` of a ``torch.compile``'d network) taken off, when every key has it and taking it off gives exactly the network's keys."""
+    of DataParallel, ``_orig_mod.`` of a ``torch.compile``'d network) taken off, when every key has it and taking
+    it off gives exactly the network's keys."""
     expected = set(expected)
     if set(state) == expected:
         return state
