@@ -131,10 +131,11 @@ def status(job, as_json, debug) -> None:
         click.echo(json.dumps(summary, indent=2))
         return
     counts = summary["counts"]
-    line = f"job {folder.id}: {summary['state']}, {counts['ok']} of {counts['items']} items ok, {counts['failed']} failed, {counts['pending']} pending"
     if counts["items"] is None:  # its record is incomplete: the inputs were never listed
-        line = f"job {folder.id}: {summary['state']}, its inputs not listed"
-    click.echo(line)
+        click.echo(f"job {folder.id}: {summary['state']}, its inputs not listed")
+    else:
+        click.echo(f"job {folder.id}: {summary['state']}, {counts['ok']} of {counts['items']} items ok, "
+                   f"{counts['failed']} failed, {counts['pending']} pending")
     if summary.get("message"):
         click.echo(f"  {summary['message']}")
     if summary["report"]:
@@ -159,8 +160,7 @@ def _summary(folder) -> dict:
                f"its record is incomplete (no {', '.join(missing)}): the run that created it stopped before it "
                f"listed the inputs; {again} (or submit it) to complete the record and run the job")  # fmt: skip
         counts = {"items": None, "ok": 0, "failed": 0, "pending": None}
-        return {**summary, "counts": counts, "incomplete": missing, "message": recorded.get("message") or why,
-                "report": None}  # fmt: skip
+        return {**summary, "counts": counts, "incomplete": missing, "message": why, "report": None}
     return {
         **summary,
         "counts": folder.counts({item["name"] for item in folder.items()}),
