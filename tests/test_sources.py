@@ -387,6 +387,18 @@ def test_validity_from_the_pixels_read_is_gdals_dataset_mask(tmp_path):
     np.testing.assert_array_equal(subset.read_with_valid(region)[1], subset.read_valid(region))
 
 
+def run_volume(path, make_model, tmp_path):
+    """``tilemask run --quiet`` of the volume at ``path`` with a 3D UNet, writing ``out/{stem}.nii.gz``."""
+    import yaml
+
+    from tests.conftest import volume_workflow
+
+    weights, _ = make_model(UNET_3D)
+    workflow = volume_workflow(path, weights, {}, {"path": str(tmp_path / "out" / "{stem}.nii.gz")})
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(workflow))
+    return run_cli("run", tmp_path / "w.yaml", "--quiet")
+
+
 def test_an_uncompressed_nifti_shorter_than_its_header_is_refused_before_any_work(make_volume):
     """Found when the input is opened (exit 2), not when the block past its end is read (exit 1)."""
     path, _ = make_volume(name="scan.nii")
@@ -406,10 +418,6 @@ def test_an_image_whose_header_gives_an_axis_of_no_length_is_refused_by_name(mak
     [Errno 22] Invalid argument`` (exit 1), naming the output, not the input. A Zarr array of no pixels alike."""
     import struct
 
-    import yaml
-
-    from tests.conftest import volume_workflow
-
     path, _ = make_volume(name="scan.nii")
     raw = path.read_bytes()
     for name, dims in (("zero.nii", (3, 37, 0, 23)), ("negative.nii", (3, 37, -29, 23))):
@@ -421,10 +429,7 @@ def test_an_image_whose_header_gives_an_axis_of_no_length_is_refused_by_name(mak
     zarr.create_array(str(empty), shape=(3, 0, 50), chunks=(3, 16, 16), dtype="uint8")
     with pytest.raises(InputError, match=rf"^{empty}: its axes are \(0, 50\): an image of no pixels$"):
         open_source(str(empty), spatial_dims=2)
-    weights, _ = make_model(UNET_3D)
-    workflow = volume_workflow(tmp_path / "zero.nii", weights, {}, {"path": str(tmp_path / "out" / "{stem}.nii.gz")})
-    (tmp_path / "w.yaml").write_text(yaml.safe_dump(workflow))
-    done = run_cli("run", tmp_path / "w.yaml", "--quiet")
+    done = run_volume(tmp_path / "zero.nii", make_model, tmp_path)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         f"tilemask: error: {tmp_path / 'zero.nii'}: its axes are (37, 0, 23): an image of no voxels"], done.stderr
     assert not (tmp_path / "out" / "zero.nii.gz").exists()
@@ -435,17 +440,10 @@ def test_a_nifti_of_an_unknown_data_type_is_one_line(make_volume, make_model, tm
     ``data code 999 not recognized; not attempting fix`` twice (its own handler, and ours) before the error."""
     import struct
 
-    import yaml
-
-    from tests.conftest import volume_workflow
-
     path, _ = make_volume(name="scan.nii")
     raw = path.read_bytes()
     (tmp_path / "odd.nii").write_bytes(raw[:70] + struct.pack("<h", 999) + raw[72:])  # the header's datatype
-    weights, _ = make_model(UNET_3D)
-    workflow = volume_workflow(tmp_path / "odd.nii", weights, {}, {"path": str(tmp_path / "out" / "{stem}.nii.gz")})
-    (tmp_path / "w.yaml").write_text(yaml.safe_dump(workflow))
-    done = run_cli("run", tmp_path / "w.yaml", "--quiet")
+    done = run_volume(tmp_path / "odd.nii", make_model, tmp_path)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         f"tilemask: error: {tmp_path / 'odd.nii'}: cannot open NIfTI: data code 999 not recognized"], done.stderr
 
