@@ -110,7 +110,7 @@ def stages(raster: Path, out: Path, chunks: int) -> list[tuple[str, float]]:
     import rasterio
     from rasterio.windows import Window
 
-    from tilemask import vectors
+    from tilemask import polygon_files, vectors
 
     times: dict[str, float] = {}
 
@@ -121,7 +121,7 @@ def stages(raster: Path, out: Path, chunks: int) -> list[tuple[str, float]]:
         return value
 
     with rasterio.open(raster) as ds:
-        rule = vectors.AreaRule(tuple(ds.transform.to_gdal()), ds.crs.to_wkt())
+        rule = polygon_files.AreaRule(tuple(ds.transform.to_gdal()), ds.crs.to_wkt())
         size = ds.shape
         grid = (-(-size[0] // chunks), -(-size[1] // chunks))
         pieces = {}

@@ -515,7 +515,7 @@ def _check_polygons(item: InputPlan) -> None:
         raise InputError(f"{item.input}: output.vectors: polygons need a 2D georeferenced raster; this input is "
                          "placed by a volume's affine; leave out output.vectors")  # fmt: skip
     if item.products.vectors:
-        from .vectors import check_polygons_crs
+        from .polygon_files import check_polygons_crs
 
         check_polygons_crs(item.products.vectors, geometry.crs_wkt, item.input)
 
