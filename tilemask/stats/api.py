@@ -22,6 +22,7 @@ from ..sources.labels import check_chunks, open_labels
 from .config import StatsConfig, is_label_image, region_options_without_regions
 from .evaluate import check_same_grid, evaluate
 from .instances import CONNECTIVITIES, find_instances
+from .surface import check_surface
 from .tables import check_table_path, parse_classes, write_json, write_table
 from .totals import atlas_zonal, check_atlas_grid, class_totals, grid_of
 from .zonal import prepare_vector_zonal, read_regions
@@ -119,10 +120,14 @@ def evaluate_paths(
     *,
     classes=None,
     chunks: int | None = None,
+    surface: bool = False,
     client=None,
 ) -> dict:
-    """Evaluate the prediction at ``pred_path`` against ``truth_path``; write JSON when asked."""
-    return prepare_evaluation(pred_path, truth_path, output_path, classes=classes, chunks=chunks)(client)
+    """Evaluate the prediction at ``pred_path`` against ``truth_path``; write JSON when asked. ``surface``: add
+    each class's surface distances (Hausdorff, its 95th percentile, average symmetric surface distance)."""
+    return prepare_evaluation(pred_path, truth_path, output_path, classes=classes, chunks=chunks, surface=surface)(
+        client
+    )
 
 
 def prepare_evaluation(
@@ -132,9 +137,11 @@ def prepare_evaluation(
     *,
     classes=None,
     chunks: int | None = None,
+    surface: bool = False,
 ) -> Callable[..., dict]:
     """Check the arguments and open both label images, reading no pixel; returns the evaluation
-    (``run(client, before_writing=) -> dict``, see :func:`prepare_stats`)."""
+    (``run(client, before_writing=) -> dict``, see :func:`prepare_stats`). With ``surface``, an image too big to
+    read whole or on a geographic CRS is refused here too."""
     if output_path is not None:
         check_table_path(output_path, inputs=(pred_path, truth_path), suffixes=(".json",))
     pred_path, truth_path = _absolute(pred_path), _absolute(truth_path)
@@ -142,10 +149,12 @@ def prepare_evaluation(
     names = parse_classes(classes)
     pred = open_labels(str(pred_path), chunks=chunks)
     truth = open_labels(str(truth_path), chunks=chunks)
-    check_same_grid(pred, truth)
+    grid = check_same_grid(pred, truth)
+    if surface:
+        check_surface(grid, pred_path)
 
     def run(client=None, *, before_writing: Callable[[], None] = lambda: None) -> dict:
-        result = evaluate(pred, truth, names=names, client=client)
+        result = evaluate(pred, truth, names=names, client=client, surface=surface)
         before_writing()
         if output_path is not None:
             write_json(result, output_path)

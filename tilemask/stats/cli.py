@@ -68,11 +68,14 @@ def stats(
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False), help="Write the scores as JSON.")
 @click.option("--classes", metavar="A,B,...", help="Names of label values 0, 1, ...")
 @click.option("--chunks", type=click.IntRange(min=1), help="Block edge used to split the work (results do not depend on it).")
+@click.option("--surface", is_flag=True, help="Also the surface distances per class: Hausdorff (hd), its 95th "
+              "percentile (hd95), average symmetric (assd), in mm or CRS units; reads both images whole.")
 @click.option("--scheduler", metavar="ADDRESS", help="Run on this Dask scheduler (default: an embedded local cluster).")
 @click.option("--overwrite", is_flag=True, help="Replace an output file tilemask wrote.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
-def evaluate(pred, truth, output, classes, chunks, scheduler, overwrite, debug) -> None:
-    """Dice, IoU, precision and recall of the label image PRED against TRUTH (same grid)."""
+def evaluate(pred, truth, output, classes, chunks, surface, scheduler, overwrite, debug) -> None:
+    """Dice, IoU, precision and recall (and with --surface the surface distances) of the label image PRED against
+    TRUTH (same grid)."""
     from rich.console import Console
 
     from ..cluster import cluster_client
@@ -81,7 +84,7 @@ def evaluate(pred, truth, output, classes, chunks, scheduler, overwrite, debug) 
     from .evaluate import render
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    run = prepare_evaluation(pred, truth, output, classes=classes, chunks=chunks)
+    run = prepare_evaluation(pred, truth, output, classes=classes, chunks=chunks, surface=surface)
     _refuse_existing(output, overwrite)
     with cluster_client(scheduler) as client:  # started once the arguments and the files have passed
         result = run(client, before_writing=raise_if_stopped)

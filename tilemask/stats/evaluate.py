@@ -15,6 +15,11 @@ at most 1024 of them.  Per class ``c``:
 
 Means are over the foreground classes (every class but 0), ignoring NaN, as
 MONAI's ``mean`` reduction does; NaN when no foreground class has a value.
+
+With ``surface=True``, each class also gets ``hd``, ``hd95`` and ``assd``, its surface distances
+(:mod:`tilemask.stats.surface`), read from both images whole; their means are over the foreground
+classes the same way (an infinite distance makes the mean infinite, as in MONAI). JSON holds an
+infinite distance as the string ``"inf"`` (strict JSON has no infinity).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from ..errors import InputError
 from ..sources.labels import LabelImage
 from .crosstab import count_pairs
 from .measure import Grid, same_grid
+from .surface import SURFACE_METRICS, check_surface, surface_distances
 from .tables import class_names, jsonable
 from .totals import grid_of
 
@@ -68,9 +74,10 @@ def confusion_matrix(pred: LabelImage, truth: LabelImage, client=None) -> tuple[
     return labels, matrix
 
 
-def scores(labels: np.ndarray, matrix: np.ndarray, names=None) -> dict:
+def scores(labels: np.ndarray, matrix: np.ndarray, names=None, distances=None) -> dict:
     """Per-class metrics and their means over foreground classes (see the module docstring); ``labels``: the
-    value of each row and column of ``matrix``. A named class absent from both images scores as empty."""
+    value of each row and column of ``matrix``. A named class absent from both images scores as empty.
+    ``distances``: ``{value: {"hd", "hd95", "assd"}}`` for every class's value, or None."""
     position = {int(value): i for i, value in enumerate(labels)}
     tp = np.diag(matrix).astype(np.int64)
     fp = matrix.sum(axis=1) - tp
@@ -90,15 +97,23 @@ def scores(labels: np.ndarray, matrix: np.ndarray, names=None) -> dict:
             "fp": p,
             "fn": f,
         }
+    metrics = METRICS
+    if distances is not None:
+        for row in per_class.values():
+            row.update(distances[row["value"]])
+        metrics = METRICS + SURFACE_METRICS
     means = {}
-    for metric in METRICS:
+    for metric in metrics:
         values = [row[metric] for row in per_class.values() if row["value"] != 0 and not math.isnan(row[metric])]
         means[metric] = float(np.mean(values)) if values else math.nan
     return {"classes": per_class, "mean_foreground": means}
 
 
-def evaluate(pred: LabelImage, truth: LabelImage, names=None, client=None) -> dict:
-    """Scores of ``pred`` against ``truth``, plus the inputs and the confusion matrix."""
+def evaluate(pred: LabelImage, truth: LabelImage, names=None, client=None, surface: bool = False) -> dict:
+    """Scores of ``pred`` against ``truth``, plus the inputs and the confusion matrix; with ``surface``, the
+    surface distances too (both images read whole: refused over :data:`surface.MAX_SURFACE_ELEMENTS`)."""
+    if surface:
+        check_surface(check_same_grid(pred, truth), pred.path)
     labels, matrix = confusion_matrix(pred, truth, client)
     names = names if names is not None else (pred.class_names or truth.class_names)
     named = set(named_values(names))
@@ -108,26 +123,57 @@ def evaluate(pred: LabelImage, truth: LabelImage, names=None, client=None) -> di
         logger.warning("%s: label value(s) %s are in the truth only, and not named: each is a class with dice 0 in "
                        "the means; if they mark pixels to ignore, make the truth's nodata say so", truth.path,
                        ", ".join(map(str, unpredicted)))  # fmt: skip
-    result = scores(labels, matrix, names)
+    distances = unit = None
+    if surface:
+        distances, unit = whole_image_distances(pred, truth, set(labels.tolist()) | named, client)
+    result = scores(labels, matrix, names, distances)
+    if surface:
+        result["distance_unit"] = unit
+        _infinite_as_text(result)
     result["prediction"], result["truth"] = pred.path, truth.path
     result["confusion_matrix"] = {"rows": "prediction", "columns": "truth", "labels": labels.tolist(),
                                   "values": matrix.tolist()}  # fmt: skip
     return jsonable(result)
 
 
+def whole_image_distances(pred: LabelImage, truth: LabelImage, values, client=None):
+    """:func:`surface.surface_distances` of both images read whole (nodata in either: no class in both)."""
+    from .crosstab import compute
+
+    grid = grid_of(pred)
+    p, t = compute([pred.array, truth.array], client)
+    p, t = np.asarray(p), np.asarray(t)
+    valid = None
+    for image, array in ((pred, p), (truth, t)):
+        if image.nodata is not None:
+            here = array != image.nodata
+            valid = here if valid is None else valid & here
+    return surface_distances(p, t, valid, grid, values)
+
+
+def _infinite_as_text(result: dict) -> None:
+    """Infinite distances as ``"inf"``: JSON has no infinity (Python's ``Infinity`` is refused by strict readers)."""
+    for row in (*result["classes"].values(), result["mean_foreground"]):
+        for metric in SURFACE_METRICS:
+            if isinstance(row.get(metric), float) and math.isinf(row[metric]):
+                row[metric] = "inf"
+
+
 def render(result: dict):
     """A rich table of the per-class scores and the foreground means."""
     from rich.table import Table
 
-    table = Table(title=f"{result['prediction']} vs {result['truth']}")
-    for column in ("class", *METRICS, "tp", "fp", "fn"):
+    metrics = METRICS + (SURFACE_METRICS if "distance_unit" in result else ())
+    unit = f" (distances in {result['distance_unit']})" if result.get("distance_unit") else ""
+    table = Table(title=f"{result['prediction']} vs {result['truth']}{unit}")
+    for column in ("class", *metrics, "tp", "fp", "fn"):
         table.add_column(column, justify="left" if column == "class" else "right")
 
     def fmt(v):
         return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
     for name, row in result["classes"].items():
-        table.add_row(name, *(fmt(row[m]) for m in METRICS), str(row["tp"]), str(row["fp"]), str(row["fn"]))
+        table.add_row(name, *(fmt(row[m]) for m in metrics), str(row["tp"]), str(row["fp"]), str(row["fn"]))
     means = result["mean_foreground"]
-    table.add_row("mean (foreground)", *(fmt(means[m]) for m in METRICS), "", "", "", style="bold")
+    table.add_row("mean (foreground)", *(fmt(means[m]) for m in metrics), "", "", "", style="bold")
     return table
