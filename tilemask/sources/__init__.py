@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import InputError
-from ..geometry import Geometry, Region, geometry_problem
+from ..errors import InputError, ReadError
+from ..geometry import Geometry, Region, geometry_problem, region_text
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,24 @@ def cached_handle(key: tuple, opener: Callable[[], Any], version: Any = None) ->
     while len(cache) > MAX_OPEN_HANDLES:
         _close(cache.popitem(last=False)[1][1])
     return handle
+
+
+def exception_text(exc: BaseException) -> str:
+    """What an exception says, after its type's name (``ValueError: ...``): a reader's failure in its own words."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+def read_region(path: str, region: Region, read: Callable[[], np.ndarray],
+                detail: Callable[[BaseException], str] = exception_text) -> np.ndarray:
+    """``read()``, the pixels of ``region`` of the image at ``path``; any failure (codecs, stores and nibabel raise
+    many types) as a :class:`tilemask.errors.ReadError` naming the file and the region as a NumPy index, ``path:
+    read failed at [144:304, 144:304, 0:64]: <detail(exc)>``.  Raised outside the handler: the reader's exception
+    chain (unpicklable for some) must not travel back to the client."""
+    try:
+        return read()
+    except Exception as exc:  # noqa: BLE001 - what failed is named by detail
+        why = detail(exc)
+    raise ReadError(f"{path}: read failed at {region_text(region)}: {why}")
 
 
 def _close(handle: Any) -> None:

@@ -27,9 +27,9 @@ from rasterio.windows import Window
 
 from ..classes import CLASSES_TAG, ClassNames, read_colour_table
 from ..errors import InputError, ReadError, option
-from ..geometry import Geometry, RasterGeometry, VolumeGeometry, geometry_from_attrs, normalize_per_axis, region_text
+from ..geometry import Geometry, RasterGeometry, Region, VolumeGeometry, geometry_from_attrs, normalize_per_axis
 from ..storage import zarr_options
-from . import cached_handle, file_stamp, usable_geometry
+from . import cached_handle, file_stamp, read_region, usable_geometry
 from .nifti import check_length, nifti_geometry, read_failure
 from .raster import first_gdal_line, gdal_env, tiff_read_detail
 from .zarr import OME_SCALES, TILEMASK_ATTRS, ome_multiscales
@@ -90,14 +90,12 @@ class _NiftiVolume:
     ndim: int = 3
 
     def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
-        try:
+        def block() -> np.ndarray:
             opener = lambda: nib.load(self.path, keep_file_open=True, mmap=True)  # noqa: E731
             img = cached_handle(("label-nifti", self.path), opener, file_stamp(self.path))
             return np.asarray(img.dataobj[index])
-        except Exception as exc:  # nibabel, gzip and zlib raise many types
-            detail = read_failure(exc)
-        where = region_text(tuple((s.start, s.stop) for s in index))
-        raise ReadError(f"{self.path}: read failed at {where}: {detail}")
+
+        return read_region(self.path, _region(index), block, read_failure)  # nibabel, gzip and zlib: many types
 
 
 @dataclass(frozen=True)
@@ -121,12 +119,12 @@ class _ZarrLabels:
         return self.array.ndim
 
     def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
-        try:
-            return np.asarray(self.array[index])
-        except Exception as exc:  # codecs and stores raise many types
-            detail = f"{type(exc).__name__}: {exc}"
-        where = region_text(tuple((s.start, s.stop) for s in index))
-        raise ReadError(f"{self.path}: read failed at {where}: {detail}")
+        return read_region(self.path, _region(index), lambda: np.asarray(self.array[index]))
+
+
+def _region(index: tuple[slice, ...]) -> Region:
+    """The region dask asks a view for, as :func:`tilemask.sources.read_region` names it."""
+    return tuple((s.start, s.stop) for s in index)
 
 
 def _from_zarr(path: str, array: zarr.Array, chunks) -> da.Array:

@@ -26,11 +26,11 @@ from typing import ClassVar
 import nibabel as nib
 import numpy as np
 
-from ..errors import InputError, ReadError, first_line
+from ..errors import InputError, first_line
 from ..formats import nifti_affine_mm
-from ..geometry import Region, VolumeGeometry, affine_problem, region_text
+from ..geometry import Region, VolumeGeometry, affine_problem
 from ..storage import local_copy
-from . import ImageSource, Spool, cached_handle, file_stamp, unpacked
+from . import ImageSource, Spool, cached_handle, file_stamp, read_region, unpacked
 
 logger = logging.getLogger(__name__)
 
@@ -96,20 +96,24 @@ class NiftiSource(ImageSource):
 
     def read(self, region: Region) -> np.ndarray:
         index = tuple(slice(lo, hi) for lo, hi in region)
-        try:
+
+        def block() -> np.ndarray:
             img = _image(local_copy(self.path))
             if len(self.volume_shape) == 3:
-                block = np.asarray(img.dataobj[index])[None]
-            elif self.volumes is None:
-                block = np.moveaxis(np.asarray(img.dataobj[index]), -1, 0)
-            else:  # one volume at a time: nibabel reads a 4th-axis slice without the others
-                block = np.stack([np.asarray(img.dataobj[(*index, v)]) for v in self.volumes])
-            return block
-        except InputError as exc:  # the copy of an object or a web server's file: storage names its path
-            detail = first_line(exc).removeprefix(f"{self.path}: ")
-        except Exception as exc:  # nibabel, gzip and zlib raise many types
-            detail = read_failure(exc)
-        raise ReadError(f"{self.path}: read failed at {region_text(region)}: {detail}")
+                return np.asarray(img.dataobj[index])[None]
+            if self.volumes is None:
+                return np.moveaxis(np.asarray(img.dataobj[index]), -1, 0)
+            # one volume at a time: nibabel reads a 4th-axis slice without the others
+            return np.stack([np.asarray(img.dataobj[(*index, v)]) for v in self.volumes])
+
+        return read_region(self.path, region, block, self._failure)
+
+    def _failure(self, exc: BaseException) -> str:
+        """What a read failed on: the copy of an object or a web server's file, storage's words without the path
+        (it names it); else :func:`read_failure` (nibabel, gzip and zlib raise many types)."""
+        if isinstance(exc, InputError):
+            return first_line(exc).removeprefix(f"{self.path}: ")
+        return read_failure(exc)
 
 
 def nifti_geometry(path: str, img) -> VolumeGeometry:

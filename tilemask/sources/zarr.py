@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
-from ..errors import InputError, ReadError
-from ..geometry import Geometry, Region, geometry_from_attrs, region_text
-from . import ImageSource, cached_handle, file_stamp, usable_geometry
+from ..errors import InputError
+from ..geometry import Geometry, Region, geometry_from_attrs
+from . import ImageSource, cached_handle, file_stamp, read_region, usable_geometry
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +126,10 @@ class ZarrSource(ImageSource):
 
     def read(self, region: Region) -> np.ndarray:
         index = tuple(slice(lo, hi) for lo, hi in region)
-        try:
+
+        def block() -> np.ndarray:
             opener = lambda: zarr.open_array(self.path, mode="r")  # noqa: E731
             array = cached_handle(("zarr", self.path), opener, file_stamp(self.path))
-            block = array[(slice(None), *index)] if self.channel_first else array[index][None]
-            return np.asarray(block)
-        except Exception as exc:  # codecs and stores raise many types
-            detail = f"{type(exc).__name__}: {exc}"
-        raise ReadError(f"{self.path}: read failed at {region_text(region)}: {detail}")
+            return np.asarray(array[(slice(None), *index)] if self.channel_first else array[index][None])
+
+        return read_region(self.path, region, block)
