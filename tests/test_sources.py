@@ -6,6 +6,7 @@ import gzip
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -488,6 +489,42 @@ def test_a_web_server_gone_mid_run_is_unreachable_not_a_missing_nifti(make_volum
         source.read(((0, 5), (0, 29), (0, 23)))
     with pytest.raises(InputError, match=rf"^{base}/scan\.nii\.gz: cannot reach it: ClientConnectorError: "):
         open_source(f"{base}/scan.nii.gz", spatial_dims=3)
+
+
+def test_a_web_server_that_stalls_fails_a_nifti_within_gdal_http_timeout(make_volume, make_model, tmp_path,
+                                                                         monkeypatch):
+    """A fault sweep: a NIfTI over HTTP whose server accepts connections and never answers failed after twice
+    ``GDAL_HTTP_TIMEOUT`` (60 s by default; 48 s measured mid-run): fsspec asks an object's size by HEAD, then by
+    GET, each under the read timeout. Now one timeout in all, as GDAL's own requests, when planned (exit 2, one
+    line, no output) and when a worker reads it. A server that stopped serving but still listens: the kernel
+    accepts the connection, no one answers."""
+    monkeypatch.setenv("GDAL_HTTP_TIMEOUT", "3")  # what users set (README), and the subprocess inherits
+    path, data = make_volume(name="scan.nii.gz")
+    server = serve(str(tmp_path))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/scan.nii.gz"
+    try:
+        source = open_source(url, spatial_dims=3)
+        np.testing.assert_array_equal(source.read(((0, 5), (0, 29), (0, 23)))[0], data[:5])
+        server.shutdown()  # still listening: connections are accepted, never answered
+        stalled = re.escape(f"{url}: cannot reach it: TimeoutError: no answer in 3 s (GDAL_HTTP_TIMEOUT)")
+        start = time.monotonic()
+        with pytest.raises(InputError, match=rf"^{stalled}$"):
+            open_source(url, spatial_dims=3)
+        assert time.monotonic() - start < 4.5  # one timeout, not the HEAD's and then the GET's (6 s)
+        start = time.monotonic()
+        with pytest.raises(ReadError, match=rf"^{re.escape(url)}: read failed at \[0:5, 0:29, 0:23\]: cannot reach it: "
+                                            r"TimeoutError: no answer in 3 s \(GDAL_HTTP_TIMEOUT\)$"):  # fmt: skip
+            source.read(((0, 5), (0, 29), (0, 23)))
+        assert time.monotonic() - start < 4.5
+        done = run_volume(url, make_model, tmp_path)
+        assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"tilemask: error: {url}: cannot reach "
+                                                                             "it: TimeoutError: no answer in 3 s "
+                                                                             "(GDAL_HTTP_TIMEOUT)"], done.stderr
+        assert not (tmp_path / "out").exists()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_truncated_nifti_gz_is_refused_when_opened_and_called_truncated_when_cut_short_later(make_volume):

@@ -79,8 +79,14 @@ def local_copy(path: str) -> str:
 
 
 def _info(fs, key: str, path: str) -> dict:
+    """``fs.info(key)``: the object's size and version.  On a web server, within ``GDAL_HTTP_TIMEOUT`` in all, as
+    GDAL's own request (CURLOPT_TIMEOUT): fsspec asks by HEAD, then by GET where HEAD failed, each under the read
+    timeout, so a server that accepts the connection and never answers held it twice as long (60 s by default)."""
+    deadline = _gdal_setting("GDAL_HTTP_TIMEOUT") if path.startswith(WEB) else None
     try:
-        return fs.info(key)
+        return fs.info(key, timeout=deadline) if deadline else fs.info(key)  # fsspec's sync takes the deadline
+    except TimeoutError as exc:  # fsspec's FSTimeoutError where the deadline passed
+        failure: BaseException = TimeoutError(f"no answer in {deadline:g} s (GDAL_HTTP_TIMEOUT)") if deadline else exc
     except FileNotFoundError as exc:
         unreachable = _unreachable(exc.__cause__)
         if unreachable is None:
