@@ -400,6 +400,53 @@ def run_volume(path, make_model, tmp_path):
     return run_cli("run", tmp_path / "w.yaml", "--quiet")
 
 
+def test_a_cog_whose_tile_does_not_decompress_names_the_file_the_window_and_the_tile(make_model, tmp_path):
+    """A fault sweep: a COG whose tile was damaged in place (its length kept) failed the run as ``read failed at
+    rows 384:512, cols 288:400: ZIPDecode:Decoding error at scanline 256``, libtiff's text, a scanline of a tile it
+    did not name (LZW's, ``<file>:Using code not yet in table``, named none and the file twice). The tile is named
+    by its number, rows and columns and the codec (exit 1, one line, no output), for a label raster alike."""
+    import tifffile
+    from rasterio.transform import from_origin
+
+    from tests.conftest import UNET_2D, raster_workflow
+    from tilemask.sources.labels import read_band_window
+
+    pixels = (np.random.default_rng(3).random((3, 512, 512)) * 255).astype(np.uint8)
+    for codec in ("DEFLATE", "LZW"):
+        for count in (3, 1):  # an image, and a label raster (stats, evaluate)
+            path = tmp_path / f"{codec}_{count}.tif"
+            with rasterio.open(path, "w", driver="COG", width=512, height=512, count=count, dtype="uint8",
+                               crs="EPSG:32633", transform=from_origin(500000, 4000000, 10, 10), compress=codec,
+                               blocksize=256) as cog:  # fmt: skip
+                cog.write(pixels[:count])
+            with tifffile.TiffFile(path) as tiff:  # the full-resolution image's tiles, 2 x 2, row by row
+                tags = tiff.pages[0].tags
+                offset, length = tags["TileOffsets"].value[3], tags["TileByteCounts"].value[3]
+                assert tiff.pages[0].planarconfig == 1 and len(tags["TileOffsets"].value) == 4
+            with open(path, "r+b") as f:  # tile 3, rows 256:512, cols 256:512: its first bytes, its length kept
+                f.seek(offset)
+                f.write(b"\xff" * min(16, length))
+            broken = rf"TIFF tile 3 \(rows 256:512, cols 256:512\) does not decompress \({codec}\): \w"
+            window = re.escape(f"{path}: read failed at rows 200:600, cols 200:600: ")
+            if count == 3:
+                source = open_source(str(path), spatial_dims=2)
+                np.testing.assert_array_equal(source.read(((0, 256), (0, 512))), pixels[:, :256])  # the rest reads
+                with pytest.raises(ReadError, match=rf"^{window}{broken}"):
+                    source.read(((200, 600), (200, 600)))
+            else:
+                with pytest.raises(ReadError, match=rf"^{window}{broken}"):
+                    read_band_window(str(path), slice(200, 600), slice(200, 600))
+    weights, _ = make_model(UNET_2D)
+    path = tmp_path / "DEFLATE_3.tif"
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(raster_workflow(path, weights)))
+    done = run_cli("run", tmp_path / "w.yaml", "--quiet", cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert re.match(rf"^tilemask: error: {re.escape(str(path))}: read failed at rows \d+:\d+, cols \d+:\d+: TIFF tile 3 "
+                    r"\(rows 256:512, cols 256:512\) does not decompress \(DEFLATE\): Decoding error$", lines[0]), lines
+    assert not (tmp_path / "out" / "DEFLATE_3_mask.zarr").exists()
+
+
 def test_an_uncompressed_nifti_shorter_than_its_header_is_refused_before_any_work(make_volume):
     """Found when the input is opened (exit 2), not when the block past its end is read (exit 1)."""
     path, _ = make_volume(name="scan.nii")

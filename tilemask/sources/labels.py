@@ -31,7 +31,7 @@ from ..geometry import Geometry, RasterGeometry, Region, VolumeGeometry, geometr
 from ..storage import zarr_options
 from . import cached_handle, file_stamp, read_region, usable_geometry
 from .nifti import check_length, nifti_geometry, read_failure
-from .raster import first_gdal_line, gdal_env, tiff_read_detail
+from .raster import block_failure, first_gdal_line, gdal_env
 from .zarr import OME_SCALES, TILEMASK_ATTRS, ome_multiscales
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,8 @@ def read_band_window(path: str, rows: slice, cols: slice) -> np.ndarray:
     except RasterioError as exc:
         detail = first_gdal_line(exc)
     if ds is not None:  # libtiff's broken block in words
-        detail = tiff_read_detail(path, detail, (ds.height, ds.width), lambda: ds.block_shapes[0])
+        with gdal_env(path):
+            detail = block_failure(path, detail, ds, ((rows.start, rows.stop), (cols.start, cols.stop)), [1])
     # raised outside the handler: GDAL's exception chain must not travel back to the client
     raise ReadError(f"{path}: read failed at rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop}: {detail}")
 

@@ -202,12 +202,11 @@ class RasterSource(ImageSource):
             with gdal_env(self.path):
                 return read_bands(self._dataset(), self.bands, window=Window(c0, r0, c1 - c0, r1 - r0))
         except RasterioError as exc:
-            detail = self._tile_detail(first_gdal_line(exc))
+            detail = first_gdal_line(exc)
+        with gdal_env(self.path):
+            detail = block_failure(self.path, detail, self._dataset(), region, self.bands)
         # raised outside the handler: GDAL's exception chain must not travel back to the client
         raise ReadError(f"{self.path}: read failed at rows {r0}:{r1}, cols {c0}:{c1}: {detail}")
-
-    def _tile_detail(self, detail: str) -> str:
-        return tiff_read_detail(self.path, detail, (self.height, self.width), lambda: self._dataset().block_shapes[0])
 
     def read_valid(self, region: Region) -> np.ndarray | None:
         if not self.masked:
@@ -302,6 +301,48 @@ def tiff_read_detail(path: str, detail: str, shape: tuple[int, int], block_shape
     t0, u0 = tile // across * block_h, tile % across * block_w
     rows, cols = f"{t0}:{min(t0 + block_h, height)}", f"{u0}:{min(u0 + block_w, width)}"
     return f"TIFF tile {found.group(1)} (rows {rows}, cols {cols}) {what}: {rest}"
+
+
+CODEC_FAILURE = re.compile(r"decod|decompress|code not yet in table|corrupted|jpeglib", re.IGNORECASE)
+"""libtiff's words for a block that does not decompress: ``ZIPDecode:Decoding error at scanline 256``,
+``<file>:Using code not yet in table`` (LZW), ``ZSTDDecode:Error in ZSTD_decompressStream()``, ``LZMADecode:...``,
+``LERCPreDecode:lerc_decode() failed``, ``JPEGLib:...``."""
+MAX_BLOCKS_PROBED = 64
+
+
+def block_failure(path: str, detail: str, ds, region: Region, bands) -> str:
+    """GDAL's words ``detail`` for a failed read of ``region`` (rows, cols) of ``bands`` of the open raster ``ds``
+    at ``path``, with the broken TIFF block said in words (:func:`tiff_read_detail`).  A tile that does not
+    decompress, libtiff names by a scanline at most (``ZIPDecode:Decoding error at scanline 256``) or not at all
+    (LZW's ``<file>:Using code not yet in table``): the window's tiles (:data:`MAX_BLOCKS_PROBED` at most) are read
+    one by one, and the first that fails is named, ``TIFF tile 5 (rows 256:512, cols 256:512) does not decompress
+    (DEFLATE): Decoding error``."""
+    placed = tiff_read_detail(path, detail, (ds.height, ds.width), lambda: ds.block_shapes[0])
+    if placed != detail or not CODEC_FAILURE.search(detail) or ds.driver != "GTiff":
+        return placed
+    (block_h, block_w), ((r0, r1), (c0, c1)) = ds.block_shapes[0], region
+    across = -(-ds.width // block_w)
+    tiles = [(t0, u0) for t0 in range(max(r0, 0) // block_h * block_h, min(r1, ds.height), block_h)
+             for u0 in range(max(c0, 0) // block_w * block_w, min(c1, ds.width), block_w)]  # fmt: skip
+    for t0, u0 in tiles[:MAX_BLOCKS_PROBED]:
+        t1, u1 = min(t0 + block_h, ds.height), min(u0 + block_w, ds.width)
+        try:
+            read_bands(ds, bands, window=Window(u0, t0, u1 - u0, t1 - t0))
+        except RasterioError as exc:
+            words = first_gdal_line(exc)
+            for module in (path, ds.name):  # libtiff's module: its function, or the file's name (LZW's)
+                words = words.removeprefix(f"{module}:")
+            words = re.sub(r" at scanline \d+", "", re.sub(r"^\w+:", "", words))  # the tile is placed
+            # a tile's number where the bands share it (pixel interleaving); band after band, each has its own
+            number = f" {t0 // block_h * across + u0 // block_w}" if ds.count == 1 or not _planar(ds) else ""
+            codec = f" ({ds.compression.value})" if ds.compression else ""
+            return f"TIFF tile{number} (rows {t0}:{t1}, cols {u0}:{u1}) does not decompress{codec}: {words}"
+    return detail
+
+
+def _planar(ds) -> bool:
+    """Whether ``ds`` holds its bands one after another (TIFF PlanarConfiguration 2): a tile for each band."""
+    return ds.tags(ns="IMAGE_STRUCTURE").get("INTERLEAVE") == "BAND"
 
 
 def first_gdal_line(exc: BaseException) -> str:
