@@ -160,6 +160,47 @@ def test_an_image_ome_zarr_input_keeps_its_scale_and_translation(make_model, tmp
                           {"type": "translation", "translation": translation[1:]}]  # fmt: skip
 
 
+def test_a_rasters_translation_is_the_centre_of_its_first_pixel_as_ngff_and_a_volumes_are(make_model, tmp_path,
+                                                                                             client):
+    """A raster whose rows run the positive way (a south-up GeoTIFF, y growing down the rows) gave its OME-Zarr
+    labels its geotransform's corner as the translation, where NGFF (and a volume's, from the NIfTI affine) places
+    pixel (0, 0)'s centre: napari laid them half a pixel off. Now rasterio's centre of pixel (0, 0), and each
+    coarser level's as ome-zarr's writer places it; a 2D OME-Zarr input's translation is read as that centre too
+    (its grid's corner half a pixel before)."""
+    from rasterio.transform import Affine
+
+    from tilemask.sources import open_source
+
+    image = (np.random.default_rng(4).random((3, 600, 700)) * 255).astype(np.uint8)
+    path = tmp_path / "south_up.tif"
+    with rasterio.open(path, "w", driver="GTiff", height=600, width=700, count=3, dtype="uint8", crs="EPSG:32618",
+                       transform=Affine(30.0, 0.0, 500000.0, 0.0, 30.0, 3990000.0)) as ds:  # fmt: skip
+        ds.write(image)
+        x, y = ds.xy(0, 0)  # the centre of pixel (0, 0), rasterio's
+    weights, _ = make_model(UNET_2D)
+    wf = raster_workflow(path, weights, output={"path": "out/{stem}.ome.zarr", "chunks": 256})
+    (result,) = tilemask.run(Workflow.from_dict(wf, base_dir=tmp_path), client)
+    root = zarr.open_group(result.outputs[0], mode="r")
+    ImageLabel.from_zarr(root["labels/labels"])
+    (multiscale,) = dict(root["labels/labels"].attrs)["ome"]["multiscales"]
+    levels = [d["coordinateTransformations"] for d in multiscale["datasets"]]
+    assert levels[0] == [{"type": "scale", "scale": [30.0, 30.0]}, {"type": "translation", "translation": [y, x]}]
+    shapes = [np.asarray(root[f"labels/labels/{d['path']}"]).shape for d in multiscale["datasets"]]
+    assert shapes == [(600, 700), (300, 350), (150, 175)]  # exact halves: ome-zarr's factors are their ratios
+    for level, (scale, translation) in enumerate(FormatV05().generate_coordinate_transformations(shapes)):
+        np.testing.assert_allclose(levels[level][0]["scale"], np.multiply(scale["scale"], 30.0))
+        np.testing.assert_allclose(levels[level][1]["translation"],
+                                   np.add([y, x], np.multiply(translation["translation"], 30.0)))  # fmt: skip
+    # as an input (level 0 of that multiscale): the translation is pixel (0, 0)'s centre in the grid read from it
+    read = zarr.open_group(tmp_path / "read.ome.zarr", mode="w", zarr_format=3)
+    read.create_array("0", data=np.asarray(root["labels/labels/0"]), chunks=(256, 256), dimension_names=("y", "x"))
+    read.attrs["ome"] = {"version": "0.5", "multiscales": [{**multiscale, "datasets": multiscale["datasets"][:1]}]}
+    Image.from_zarr(zarr.open_group(tmp_path / "read.ome.zarr", mode="r"))
+    source = open_source(str(tmp_path / "read.ome.zarr"), spatial_dims=2)
+    centre = rasterio.transform.xy(Affine.from_gdal(*source.geometry.transform), 0, 0)
+    np.testing.assert_allclose(centre, (x, y))
+
+
 def test_volume_axes_are_named_after_the_world_axes_they_run_along(make_volume, make_model, tmp_path, client):
     """A NIfTI volume's array axes keep their order; each is named x, y or z after the world axis of its affine
     that nibabel orients it to (the fixture's first axis runs along y, its second along -x)."""

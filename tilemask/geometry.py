@@ -367,8 +367,9 @@ def ome_geometry(multiscale: dict, spatial_dims: int, level: int = 0) -> Geometr
     NGFF applies a dataset's transformations first, then the multiscale's:
     ``x = S_ms * (S_ds * i + t_ds) + t_ms``. Volumes get an axis-aligned affine in mm
     (the axes' ``unit`` converted; none given: mm), each array axis on the world axis its name says when the
-    names are x, y and z in any order (else in the axes' order); NGFF has no rotation. 2D images get a north-up
-    transform with no CRS.
+    names are x, y and z in any order (else in the axes' order); NGFF has no rotation. 2D images get a
+    transform with no CRS whose rows run the way y grows, its corner half a pixel before the translation (the centre
+    of pixel (0, 0) in NGFF, as a voxel's in a NIfTI affine).
     """
     import numpy as np
 
@@ -396,8 +397,9 @@ def ome_geometry(multiscale: dict, spatial_dims: int, level: int = 0) -> Geometr
         to_mm = np.ones(2)
     sizes = [float(scale[i]) * f for i, f in zip(space, to_mm)]
     origin = [float(translation[i]) * f for i, f in zip(space, to_mm)]
-    if spatial_dims == 2:
-        return RasterGeometry(None, (origin[1], sizes[1], 0.0, origin[0], 0.0, sizes[0]))
+    if spatial_dims == 2:  # NGFF places pixel centres; a geotransform, pixel (0, 0)'s corner, half a pixel before
+        corner = [o - size / 2 for o, size in zip(origin, sizes)]
+        return RasterGeometry(None, (corner[1], sizes[1], 0.0, corner[0], 0.0, sizes[0]))
     names = [axes[i].get("name") for i in space]
     world = [WORLD_AXES.index(n) for n in names] if sorted(names) == sorted(WORLD_AXES) else [0, 1, 2]
     affine = [[0.0] * 4 for _ in range(3)] + [[0.0, 0.0, 0.0, 1.0]]

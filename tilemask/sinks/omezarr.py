@@ -60,7 +60,7 @@ def level_translation(spacing: list[float], origin: list[float] | None, level: i
 
 
 def space_axes(layout: OutputLayout) -> tuple[tuple[str, ...], list[float], list[float] | None, str | None]:
-    """The space axes' NGFF names, scale, translation (where pixel/voxel 0 is) and unit.
+    """The space axes' NGFF names, scale, translation (where the centre of pixel/voxel 0 is) and unit.
 
     A volume: the voxel sizes in mm, or in the unit of an OME-Zarr input.  An image: the pixel size in metres in
     a projected CRS, else the geotransform's own sizes, in the unit of an OME-Zarr input (none if it has none).
@@ -80,7 +80,9 @@ def space_axes(layout: OutputLayout) -> tuple[tuple[str, ...], list[float], list
         x0, dx, rx, y0, ry, dy = geometry.transform
         sizes = spacing or (float(np.hypot(rx, dy)), float(np.hypot(dx, ry)))
         positive = rx == 0 and ry == 0 and dx > 0 and dy > 0
-        return names, list(sizes), [y0, x0] if positive else None, ("meter" if spacing else unit)
+        # the geotransform's (x0, y0) is pixel (0, 0)'s corner; NGFF's translation, its centre (as a NIfTI's affine)
+        centre = [y0 + dy / 2, x0 + dx / 2]
+        return names, list(sizes), centre if positive else None, ("meter" if spacing else unit)
     affine = np.asarray(geometry.affine)
     rows = [WORLD_AXES.index(n) for n in names]
     aligned = np.zeros((3, 3))
