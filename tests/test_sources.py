@@ -748,7 +748,8 @@ def test_tilemask_run_refuses_a_nifti_with_an_unusable_affine_in_one_line_exit_2
 @pytest.mark.timeout(60)
 def test_a_vrt_whose_remote_source_is_not_there_is_refused_when_opened(make_raster, tmp_path):
     """A VRT on a web server (or a local one naming a URL) whose source answers 404: GDAL opens a VRT without its
-    sources, so it failed at the first read, on a worker (exit 1). Its first 16 remote sources are opened with it."""
+    sources, so it failed at the first read, on a worker (exit 1). Its first 16 remote sources are opened with it,
+    the others asked for by a HEAD each."""
     grey, _ = make_raster((1, 40, 50), name="grey.tif")
     band_vrt(tmp_path / "stack.vrt", [("grey.tif", "Byte", 1)], 50, 40)
     band_vrt(tmp_path / "gone.vrt", [("grey.tif", "Byte", 1), ("moved.tif", "Byte", 1)], 50, 40)
@@ -768,17 +769,21 @@ def test_a_vrt_whose_remote_source_is_not_there_is_refused_when_opened(make_rast
                 open_source(path, spatial_dims=2)
             assert str(refused.value) == f"{path}: a VRT whose source {source} cannot be opened: HTTP response code: 404"
             assert refused.value.exit_status == 2
-        # a mosaic's sources past the first 16 remote ones are not opened at planning (three requests each): the
-        # 17th, gone, fails at its first read
-        for i in range(16):
+        # a mosaic's sources past the first 16 remote ones are not opened at planning (three requests each) but
+        # asked for, one HEAD each: the 40th, gone, was found at its first read, on a worker (exit 1)
+        for i in range(40):
             shutil.copy(grey, tmp_path / f"grey{i}.tif")
-        band_vrt(tmp_path / "many.vrt", [(f"grey{i}.tif", "Byte", 1) for i in range(16)] + [("moved.tif", "Byte", 1)],
+        band_vrt(tmp_path / "many.vrt", [(f"grey{i}.tif", "Byte", 1) for i in range(39)] + [("moved.tif", "Byte", 1)],
                  50, 40)  # fmt: skip
         many = tmp_path / "many_remote.vrt"
         many.write_text((tmp_path / "many.vrt").read_text().replace('relativeToVRT="1">', f'relativeToVRT="0">/vsicurl/{url}/'))
-        late = open_source(str(many), spatial_dims=2)
-        with pytest.raises(ReadError, match="404"):
-            late.read(((0, 40), (0, 50)))
+        with pytest.raises(InputError) as refused:
+            open_source(str(many), spatial_dims=2)
+        assert str(refused.value) == f"{many}: a VRT whose source /vsicurl/{url}/moved.tif cannot be opened: no such object"
+        assert refused.value.exit_status == 2
+        many.write_text(many.read_text().replace("moved.tif", "grey39.tif"))  # every source there: it opens, reads
+        np.testing.assert_array_equal(open_source(str(many), spatial_dims=2).read(((0, 40), (0, 50))),
+                                      np.repeat(expected, 40, axis=0))  # fmt: skip
     finally:
         server.shutdown()
 

@@ -126,6 +126,21 @@ def object_version(url: str) -> str | None:
         return None
 
 
+def object_problem(url: str) -> str | None:
+    """Why the object at ``url`` cannot be had, by one request (:func:`_info`: a HEAD on a web server): ``no such
+    object``, or ``cannot reach it: ...``; None where it is there, or where it cannot be asked so (a scheme whose
+    fsspec package is not installed: s3fs, gcsfs, adlfs)."""
+    try:
+        fs, key = _filesystem(url)
+        _info(fs, key, url)
+    except InputError as exc:
+        text = str(exc)
+        return None if "reading it needs" in text else text.removeprefix(f"{url}: ")
+    except ValueError:  # a scheme fsspec does not know
+        return None
+    return None
+
+
 # the query parameters that sign a URL: presigned S3 (SigV2; SigV4's are X-Amz-*) and Google Cloud (V2; V4's are
 # X-Goog-*) URLs, CloudFront signed URLs, Azure SAS tokens (signed fields and the response headers they fix)
 SIGNING = frozenset({"awsaccesskeyid", "googleaccessid", "signature", "expires", "policy", "key-pair-id",
