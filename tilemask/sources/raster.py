@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -250,17 +251,23 @@ def _sources_problems(names: list[str]) -> list[tuple[str, str | None]]:
     from concurrent.futures import ThreadPoolExecutor
 
     opened, asked = remote[:REMOTE_SOURCES_OPENED], remote[REMOTE_SOURCES_OPENED:]
+    unreached = threading.Event()  # one source not reached (a stalled server): the rest are not asked
+
+    def missing(name: str) -> str | None:
+        """Refused only where it is not there (a 404 or 410): one that fsspec cannot ask for, or cannot reach where
+        GDAL may (its own credentials and headers: ``AWS_NO_SIGN_REQUEST``, ``GDAL_HTTP_HEADERS``), is left to the
+        read."""
+        if unreached.is_set():
+            return None
+        url = network_object(name)
+        problem = url and object_problem(url)
+        if problem and problem != "no such object":
+            unreached.set()
+        return "cannot be opened: no such object" if problem == "no such object" else None
+
     with ThreadPoolExecutor(max_workers=min(len(remote), SOURCES_ASKED_AT_ONCE)) as pool:
-        found = [*pool.map(_unreadable_source, opened), *pool.map(_missing_object, asked)]
+        found = [*pool.map(_unreadable_source, opened), *pool.map(missing, asked)]
     return local + list(zip(opened + asked, found))
-
-
-def _missing_object(name: str) -> str | None:
-    """Why a VRT's remote source cannot be opened, by one request for its object (a 404: ``no such object``);
-    None where it is there, or is not an object fsspec can ask for."""
-    url = network_object(name)
-    problem = url and object_problem(url)
-    return problem and f"cannot be opened: {problem}"
 
 
 def _unreadable_source(name: str) -> str | None:
