@@ -166,6 +166,28 @@ def test_an_output_set_aside_by_an_interrupted_swap_is_put_back(tmp_path):
     assert os.listdir(tmp_path) == ["out.zarr"]
 
 
+def test_the_folders_a_lock_and_a_check_make_are_noted_and_only_the_empty_ones_removed(tmp_path):
+    """What a refused run removes is what its locks and output checks made, as they made it (``made``): the
+    folders already there (the user's) are not noted, and a made folder something was put in since stays, with
+    the folders above it."""
+    from tilemask.outputs import check_outputs, remove_made
+
+    (tmp_path / "mine").mkdir()
+    labels, table = tmp_path / "mine/out/a/x.zarr", tmp_path / "mine/out/b/c/x.csv"
+    made = []
+    with OutputLock([str(labels), str(table)], made=made):
+        check_outputs([(str(labels), True), (str(table), True)], [], overwrite=False, made=made)
+    assert made == [tmp_path / "mine/out", tmp_path / "mine/out/a", tmp_path / "mine/out/b", tmp_path / "mine/out/b/c"]
+    (tmp_path / "mine/out/a/kept.txt").write_text("")  # written meanwhile by someone else
+    remove_made(made)
+    assert made == []
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "mine", "mine/out", "mine/out/a", "mine/out/a/kept.txt"]  # fmt: skip
+    made = []
+    check_outputs([(str(labels), True)], [], overwrite=False, made=made)  # there now: nothing made, nothing noted
+    assert made == []
+
+
 def test_one_listing_per_folder_finds_the_leftovers_a_listing_per_output_finds(tmp_path):
     """A run of many inputs lists each output folder once (FolderListings); it must find what listing the
     folder for each output finds, names that could belong to two outputs included."""

@@ -384,7 +384,7 @@ class _ItemRunner:
         with ``on_error="skip"`` it is recorded as failed and the next tried."""
         for index in todo:
             try:
-                self.prepared[index] = self._prepare(index, note=True)
+                self.prepared[index] = self._prepare(index)
                 return index
             except TilemaskError as exc:
                 if self.options.on_error == "abort":
@@ -398,14 +398,13 @@ class _ItemRunner:
             lock.release()
         self.prepared.clear()
 
-    def _prepare(self, index: int, note: bool = False) -> tuple[InputPlan, OutputLock]:
-        """Plan one item, take its outputs' locks and check its outputs with them held; ``note``: first note which
-        of its outputs' folders are not there yet (a run refused before any work removes them)."""
+    def _prepare(self, index: int) -> tuple[InputPlan, OutputLock]:
+        """Plan one item, take its outputs' locks and check its outputs with them held; the folders both make are
+        noted in the plan (``plan.made``: a run refused before any work removes them)."""
         planned = self.plan.plan_input(self.plan.items[index])
-        if note:
-            self.plan.note_folders(planned)
         keep = None if self.options.overwrite else self.job.id  # what this job staged before is resumed
-        lock = OutputLock(self.plan.output_files(planned), keep=keep, listings=self.listings).acquire()
+        files = self.plan.output_files(planned)
+        lock = OutputLock(files, keep=keep, listings=self.listings, made=self.plan.made).acquire()
         try:
             self.plan.check_item_outputs(planned, self.options.overwrite or self.plan.items[index].name in self.begun)
         except BaseException:

@@ -43,12 +43,11 @@ def submit(workflow, scheduler, overrides, overwrite, on_error, retry_failed, jo
     try:
         if plan.items and on_error == "abort":
             first = plan.plan_input(plan.items[0])
-            plan.note_folders(first)  # the check makes its outputs' folders: a refused submit removes them
             plan.check_item_outputs(first, overwrite or plan.items[0].name in job.manifest().started())
         _submit(plan, job, record, scheduler, overwrite, new)
     except BaseException:
         if new and not job.exists():  # refused, or interrupted, before it created the job: it leaves nothing
-            plan.remove_made()
+            plan.remove_made()  # the outputs' folders its check made (in plan.made), if still empty
         raise
     if not errors_only():
         click.echo(f"submitted; follow it with: tilemask status {job.id}", err=True)

@@ -52,7 +52,7 @@ import yaml
 from . import storage
 from .errors import OutputError, TilemaskError, option
 from .formats import for_path, written_by_tilemask
-from .outputs import describe_write_error, exists, why_unwritable
+from .outputs import describe_write_error, exists, make_folder, remove_made, why_unwritable
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class JobFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path).absolute()
         self._lock_fd: int | None = None
-        self._made: Path | None = None
+        self._made: list[Path] = []  # the folders made for the job (:meth:`acquire`), uppermost first
 
     @property
     def location(self) -> str:
@@ -375,10 +375,8 @@ class JobFolder:
         if foreign and not self.exists():
             raise JobError(f"job folder {self.location} holds {', '.join(foreign)} but no job.json: they are not a "
                            f"tilemask job's; move them, or choose another {option('job_dir')}")  # fmt: skip
-        missing = [folder for folder in (self.path, *self.path.parents) if not folder.exists()]
-        self._made = missing[-1] if missing else None  # the uppermost folder made for the job, if any
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            make_folder(self.path, self._made)
             fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise JobError(f"job folder {self.location} is not writable: {why_unwritable(self.path, exc)}") from None
@@ -400,11 +398,7 @@ class JobFolder:
             (self.path / name).unlink(missing_ok=True)
             self._saved(name)
         (self.path / "lock").unlink(missing_ok=True)
-        for folder in (self.path, *self.path.parents) if self._made else ():
-            with contextlib.suppress(OSError):  # one that holds something else stays
-                folder.rmdir()
-            if folder == self._made:
-                break
+        remove_made(self._made)  # one that holds something else stays
 
     def release(self) -> None:
         if self._lock_fd is not None:

@@ -247,11 +247,13 @@ def _same_place(a: str, b: str) -> bool:
     return ra == rb or ra in rb.parents or rb in ra.parents
 
 
-def check_outputs(outputs: Iterable[tuple[str, bool]], inputs: Iterable[str], overwrite: bool) -> None:
+def check_outputs(outputs: Iterable[tuple[str, bool]], inputs: Iterable[str], overwrite: bool,
+                  made: list[Path] | None = None) -> None:
     """Refuse (exit 2) outputs that would destroy an input, another file or a running run's work.
 
     ``outputs`` are ``(path, owned)``: ``owned`` tells whether what exists at the path
-    was written by tilemask (the format decides; see :mod:`tilemask.formats`).
+    was written by tilemask (the format decides; see :mod:`tilemask.formats`).  The
+    local folders the check makes are added to ``made`` (:func:`check_writable`).
     """
     inputs = [i for i in inputs if storage.is_remote(i) or ("://" not in i and not i.startswith("/vsi"))]
     for path, owned in outputs:
@@ -266,7 +268,7 @@ def check_outputs(outputs: Iterable[tuple[str, bool]], inputs: Iterable[str], ov
         if storage.is_remote(path):
             check_remote_writable(path.rstrip("/").rpartition("/")[0])
         else:
-            check_writable(Path(path).parent)
+            check_writable(Path(path).parent, made)
 
 
 def why_unwritable(folder: str | os.PathLike, exc: OSError) -> str:
@@ -278,44 +280,44 @@ def why_unwritable(folder: str | os.PathLike, exc: OSError) -> str:
     return str(exc.strerror or exc)
 
 
-def check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and prove a file can be made in it."""
+def make_folder(folder: Path, made: list[Path] | None = None) -> None:
+    """Make ``folder`` and the folders above it that are not there, adding to ``made`` each one this call made
+    (uppermost first; one another process made meanwhile is not this call's): what :func:`remove_made` removes
+    from a run refused before any work."""
+    folder, missing = Path(folder).absolute(), []
+    for place in (folder, *folder.parents):
+        if place.exists():
+            break
+        missing.append(place)
+    for place in reversed(missing):
+        try:
+            place.mkdir()
+        except FileExistsError:
+            continue
+        if made is not None:
+            made.append(place)
+    folder.mkdir(exist_ok=True)  # there already: a file where it should be is refused here
+
+
+def remove_made(made: list[Path]) -> None:
+    """Remove the folders :func:`make_folder` made that are empty now, deepest first, and forget them: a run
+    refused before any work leaves none of the folders made for it; one that holds something stays."""
+    for place in reversed(made):
+        with contextlib.suppress(OSError):  # not empty (another run's, or the user's, files), or gone already
+            place.rmdir()
+    made.clear()
+
+
+def check_writable(folder: Path, made: list[Path] | None = None) -> None:
+    """Create ``folder`` if needed (noting in ``made`` the folders made, :func:`make_folder`) and prove a file can be
+    made in it."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder, made)
         probe = folder / f"{PREFIX}{new_run_id()}-probe"
         probe.touch()
         probe.unlink()
     except OSError as exc:
         raise OutputConflict(f"output folder {folder} is not writable: {why_unwritable(folder, exc)}") from None
-
-
-def missing_folders(paths: Iterable[str]) -> list[tuple[Path, Path]]:
-    """The folders of the local ``paths`` that are not there yet, each as ``(folder, top)``: ``top`` the uppermost of
-    it and the folders above it that are not there either.  What the output checks and locks of a run then make,
-    for :func:`remove_made` to remove when the run is refused before any work."""
-    missing = {}
-    for path in paths:
-        if storage.is_remote(path) or "://" in path or path.startswith("/vsi"):
-            continue
-        folder = Path(path).absolute().parent
-        absent = [place for place in (folder, *folder.parents) if not place.exists()]
-        if absent:
-            missing[folder] = absent[-1]
-    return list(missing.items())
-
-
-def remove_made(folders: Iterable[tuple[Path, Path]]) -> None:
-    """Remove the folders :func:`missing_folders` found missing that are empty now, each up to its ``top``: a run
-    refused before any work leaves none of the folders made for it; one that holds something stays."""
-    for folder, top in folders:
-        for place in (folder, *folder.parents):
-            try:
-                place.rmdir()
-            except OSError:  # not empty (another run's, or the user's, files), or gone already
-                if place.exists():
-                    break
-            if place == top:
-                break
 
 
 def check_remote_writable(folder: str) -> None:
@@ -339,7 +341,9 @@ class OutputLock:
     and puts back an older output that a half-done :func:`publish` set aside.
     """
 
-    def __init__(self, files: list[str], keep: str | None = None, listings: FolderListings | None = None):
+    def __init__(self, files: list[str], keep: str | None = None, listings: FolderListings | None = None,
+                 made: list[Path] | None = None):
+        self.made = made  # the local folders its locks make are added here (:func:`make_folder`)
         self.files = [f.rstrip("/") for f in files]  # the labels first (``output_files``): a refusal names them
         self.held: list[tuple[Path, int]] = []
         self.keep = keep  # the run id whose staged files are not leftovers: the job resuming them
@@ -368,7 +372,7 @@ class OutputLock:
         lock = self.lock_path(path)
         while True:
             try:
-                lock.parent.mkdir(parents=True, exist_ok=True)
+                make_folder(lock.parent, None if storage.is_remote(path) else self.made)  # scratch's stays
                 fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
             except OSError as exc:
                 why = why_unwritable(lock.parent, exc)

@@ -37,7 +37,7 @@ from .classes import class_name
 from .errors import InputError, WorkflowError, missing_weights
 from .formats import for_output, for_path, written_by_tilemask
 from .geometry import RasterGeometry, VolumeGeometry, WindowPlan, normalize_per_axis
-from .outputs import check_outputs, missing_folders, new_run_id, remove_made, staged_path
+from .outputs import check_outputs, new_run_id, remove_made, staged_path
 from .preprocess import Intensity, Preprocessing
 from .settings import Finishing, InferenceSettings, ModelSpec
 from .sinks import LabelSink, OutputLayout, make_sink
@@ -150,8 +150,8 @@ class WorkflowPlan:
     classes: tuple[int, tuple[str, ...]] | None = None  # (n_classes, names), once the network is probed
     job_id: str | None = None  # the job this plan runs in: its outputs are staged under this id, to resume
     warned: set[str] = field(default_factory=set)  # what settings cost an input that the run was told of
-    made: list[tuple[Path, Path]] = field(default_factory=list)  # output folders not there before its first input:
-    # what its checks and locks make, removed if the run is refused before any work (:meth:`note_folders`)
+    made: list[Path] = field(default_factory=list)  # the output folders its checks and locks made (uppermost first):
+    # removed, if still empty, from a run refused before any work (:meth:`remove_made`)
 
     @property
     def in_channels(self) -> int:
@@ -181,14 +181,10 @@ class WorkflowPlan:
         probabilities = self.workflow.output.probabilities != "none"
         return for_output(item.output).files(item.output, probabilities) + item.products.paths
 
-    def note_folders(self, item: InputPlan) -> None:
-        """Note which of the folders of one input's outputs are not there yet (before its checks and locks make
-        them): :meth:`remove_made` removes them, if still empty, from a run refused before any work."""
-        self.made.extend(missing_folders(self.output_files(item)))
-
     def remove_made(self) -> None:
+        """Remove the output folders its checks and locks made (:attr:`made`) that are still empty: a run refused
+        before any work leaves none of them."""
         remove_made(self.made)
-        self.made.clear()
 
     def check_item_outputs(self, item: InputPlan, overwrite: bool) -> None:
         """Refuse (exit 2) outputs of one input that are inputs (images, weights, regions), that exist without
@@ -196,7 +192,7 @@ class WorkflowPlan:
         inputs = [*(item.files or (item.input,)), self.model.weights]
         if item.products.stats and item.products.stats.regions:
             inputs.append(item.products.stats.regions)
-        check_outputs(((f, written_by_tilemask(f)) for f in self.output_files(item)), inputs, overwrite)
+        check_outputs(((f, written_by_tilemask(f)) for f in self.output_files(item)), inputs, overwrite, self.made)
 
     def check_outputs(self, overwrite: bool) -> None:
         """:meth:`check_item_outputs` for every input planned."""
