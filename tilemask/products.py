@@ -45,12 +45,12 @@ def write_products(job: Job, labels_path: str, client: Client, progress: bool = 
         with stage(f"quick look -> {Path(products.quicklook).name}", progress):
             inputs, bands = list(products.quicklook_inputs), list(products.quicklook_bands)
             task = client.submit(write_quicklook, inputs, labels_path, products.quicklook, bands, pure=False)
-            try:
+            try:  # a picture for people: the labels are the product, a quick look that fails is a warning
                 written.extend(gather(client, [task]))
-            except (InputError, ReadError, OutputError) as exc:  # a picture for people: the labels are the product
-                why = first_line(exc)  # a full disk's OutputError names the PNG already
-                logger.warning("no quick look %s", why if why.startswith(products.quicklook) else
-                               f"{products.quicklook}: {why}")  # fmt: skip
+            except OutputError as exc:  # the PNG could not be written: write_quicklook's OutputError names it
+                logger.warning("no quick look %s", first_line(exc))
+            except (InputError, ReadError) as exc:  # an input or the labels could not be read: named, not the PNG
+                logger.warning("no quick look %s: %s", products.quicklook, first_line(exc))
     if products.stats:
         from .stats import compute_from_config
 

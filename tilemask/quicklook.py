@@ -57,6 +57,10 @@ def write_quicklook(
     ``input_path`` is a raster, or several stacked as the channels of one input (a STAC item's assets):
     ``bands`` (1-based) of each file, or all of its bands, in turn. The first three channels show as RGB,
     else the first as grey.
+
+    An :class:`OutputError` (the PNG cannot be written: a full disk, a folder not writable) begins with the PNG's
+    path; an :class:`InputError` or :class:`ReadError` names the file it could not read (an input, the labels),
+    never the PNG: the run's warning names the PNG once (:func:`tilemask.products.write_products`).
     """
     labels, nodata, n_classes, labels_shape = _read_labels(labels_path, size)
     files = [input_path] if isinstance(input_path, str) else list(input_path)
@@ -98,7 +102,7 @@ def write_quicklook(
     except OutputError:  # a full disk, named with the file already
         raise
     except OSError as exc:
-        raise OutputError(f"{png_path}: cannot write the quick look: {exc}") from None
+        raise OutputError(f"{target}: cannot write the quick look: {exc}") from None
     logger.info("wrote %s (%dx%d)", target, rgba.shape[1], rgba.shape[0])
     return str(target)
 
