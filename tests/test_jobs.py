@@ -538,6 +538,26 @@ def test_job_dirs_of_one_name_are_different_jobs(scene_workflow, tmp_path, clien
     assert [f.location for f in map(find, ids)] == [str(tmp_path / "A" / "jd"), str(tmp_path / "B" / "jd")]
 
 
+def test_tilemask_jobs_lines_up_its_folders_whatever_the_counts_widths(tmp_path, tilemask_home):
+    """``tilemask jobs`` printed each job's counts unpadded: a job of 12 items (``0/0/12``) beside one of 1
+    (``1/0/1``) pushed its folder two columns right. The counts are padded to the widest, the folders in one column."""
+    jobs = []
+    for name, n, ok in (("one", 1, 1), ("dozen", 12, 0), ("many", 120, 101)):
+        job = JobFolder(tmp_path / name)
+        items = [{"item": i, "name": f"s{i}", "files": [f"s{i}.tif"], "output": f"o{i}"} for i in range(n)]
+        job.create({"version": 1, "name": name}, str(tmp_path), None, {}, items)
+        for i in range(ok):
+            job.record({"item": i, "name": f"s{i}", "input": f"s{i}.tif", "status": "ok", "outputs": []})
+        jobs.append(job)
+    listing = run_cli("jobs")
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert sorted(line.split()[2] for line in lines) == ["0/0/12", "1/0/1", "101/0/120"]
+    assert sorted(line.split()[-1] for line in lines) == sorted(str(job.path) for job in jobs)
+    assert len({line.index(str(tmp_path)) for line in lines}) == 1  # one column
+    assert f" 101/0/120  {tmp_path}" in listing.stdout  # as wide as the widest counts
+
+
 def test_a_truncated_last_manifest_line_is_dropped_and_the_manifest_goes_on(tmp_path):
     job = JobFolder(tmp_path / "job")
     job.create({"version": 1}, str(tmp_path), None, {}, [{"item": 0, "name": "a", "files": ["a.tif"], "output": "o"}])

@@ -268,7 +268,11 @@ def jobs(as_json, debug) -> None:
     if as_json:
         click.echo(json.dumps(summaries, indent=2))
         return
+    counts = []
     for s in summaries:
         c = s["counts"]
         total = "?" if c["items"] is None else c["items"]  # its record is incomplete: the inputs were never listed
-        click.echo(f"{s['job']}  {s['state']:<9}  {c['ok']}/{c['failed']}/{total}  {s['folder']}")
+        counts.append(f"{c['ok']}/{c['failed']}/{total}")
+    width = max(map(len, counts), default=0)  # the folders in one column, whatever the counts' widths
+    for s, count in zip(summaries, counts):
+        click.echo(f"{s['job']}  {s['state']:<9}  {count:<{width}}  {s['folder']}")
