@@ -122,9 +122,15 @@ PIXEL_TAGS = (0x7FE00010, 0x7FE00009, 0x7FE00008)  # Pixel Data, Float and Doubl
 
 
 def bits_problem(header) -> str | None:
-    """Why the integer pixels that ``header`` describes cannot be unpacked, in a line, by the rule pydicom checks
-    before it decodes (``RunnerBase._validate_options``): BitsAllocated 1 or a multiple of 8 up to 64, BitsStored from
-    1 to BitsAllocated; None when they can. Found when planning (exit 2), not on a worker's first read (exit 1)."""
+    """Why the integer pixels that ``header`` describes cannot be unpacked, in a line; None when they can. Found when
+    planning (exit 2), not on a worker's first read (exit 1).
+
+    The rule is pydicom 3's, checked before it decodes (``pydicom.pixels.common.RunnerBase._validate_options``, a
+    private method): BitsAllocated 1 or a multiple of 8 up to 64, BitsStored from 1 to BitsAllocated. The DICOM
+    standard's part of it: PS3.5 section 8.1.1 (Bits Stored shall never be larger than Bits Allocated; the values
+    allowed are the IODs' of PS3.3, as its Image Pixel Module, C.7.6.3). pydicom has no public check of these alone:
+    its public ``DecodeRunner.validate()`` wants the dataset with its pixels (``set_source`` refuses one without
+    them) and checks every pixel attribute, where this runs on the header read before the pixels."""
     allocated, stored = header.get("BitsAllocated"), header.get("BitsStored")
     if allocated is None or stored is None:
         return f"no {'BitsAllocated' if allocated is None else 'BitsStored'}: its pixels cannot be unpacked"
