@@ -559,7 +559,10 @@ def product_written_by_tilemask(path: str | os.PathLike) -> bool | None:
         if suffix in (".gpkg", ".fgb"):
             import pyogrio
 
-            info = pyogrio.read_info(path)
+            from .ogr import no_pam
+
+            with no_pam():
+                info = pyogrio.read_info(path)
             return any(PRODUCT_MARK in (info.get(scope) or {}) for scope in ("dataset_metadata", "layer_metadata"))
         if suffix == ".parquet":
             import pyarrow.parquet as pq

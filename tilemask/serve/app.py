@@ -17,7 +17,6 @@ import re
 from pathlib import Path
 from urllib.parse import quote
 
-import pyogrio
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.encoders import jsonable_encoder
@@ -48,8 +47,6 @@ def create_app(
     root = Path(folder).resolve()
     if not root.is_dir():
         raise NotADirectoryError(f"{folder}: not a folder")
-    # read-only: the GPKG driver of pyogrio's GDAL saves the metadata it read as a .aux.xml beside the file
-    pyogrio.set_gdal_config_options({"GDAL_PAM_ENABLED": "NO"})
     catalog = Catalog(root)
     app = FastAPI(title="tilemask serve", docs_url=None, redoc_url=None)  # the docs pages load from a CDN
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))

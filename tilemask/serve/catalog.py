@@ -369,7 +369,10 @@ def _vector_or_table(rel: str, path: Path) -> list[Entry]:
     if suffix in OGR_DRIVERS:
         import pyogrio
 
-        info = pyogrio.read_info(path)
+        from ..ogr import no_pam
+
+        with no_pam():
+            info = pyogrio.read_info(path)
         if info.get("driver") != OGR_DRIVERS[suffix]:
             return []  # an OGR VRT (or anything else) under a GeoPackage / FlatGeobuf / GeoJSON name
         if info.get("geometry_type") and info.get("crs"):

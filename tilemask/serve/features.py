@@ -26,6 +26,7 @@ import pyogrio
 from fastapi import HTTPException
 from pyproj import CRS
 
+from ..ogr import no_pam
 from .catalog import Entry, lonlat_bounds, transformer
 
 CRS84_URI = "http://www.opengis.net/def/crs/OGC/1.3/CRS84"  # how OGC API names longitude/latitude
@@ -284,26 +285,31 @@ class OgrLayer:
         candidates (from the spatial index of a GeoPackage or FlatGeobuf), then :func:`_meeting`."""
         import shapely
 
-        found = [pyogrio.raw.read(self.path, bbox=envelope, columns=[], return_fids=True)[1:3]
-                 for envelope in _envelopes(bbox, self.crs, self.extent)]  # fmt: skip
+        with no_pam():
+            found = [pyogrio.raw.read(self.path, bbox=envelope, columns=[], return_fids=True)[1:3]
+                     for envelope in _envelopes(bbox, self.crs, self.extent)]  # fmt: skip
         fids, first = np.unique(np.concatenate([np.zeros(0, np.int64)] + [f for f, _ in found]), return_index=True)
         wkb = np.concatenate([np.zeros(0, object)] + [w for _, w in found])[first]
         return fids[_meeting(shapely.from_wkb(wkb), self.crs, bbox)]
 
     def page(self, offset: int, limit: int):
-        return pyogrio.read_dataframe(self.path, skip_features=offset, max_features=limit, fid_as_index=True)
+        with no_pam():
+            return pyogrio.read_dataframe(self.path, skip_features=offset, max_features=limit, fid_as_index=True)
 
     def rows(self, ids):
-        return pyogrio.read_dataframe(self.path, fids=ids, fid_as_index=True)
+        with no_pam():
+            return pyogrio.read_dataframe(self.path, fids=ids, fid_as_index=True)
 
     def one(self, fid: int):
-        return pyogrio.read_dataframe(self.path, fids=[fid], fid_as_index=True)
+        with no_pam():
+            return pyogrio.read_dataframe(self.path, fids=[fid], fid_as_index=True)
 
 
 @functools.lru_cache(maxsize=32)
 def _ogr_info(path: str, size: int, mtime_ns: int, inode: int) -> tuple[str, str | None, int, tuple | None]:
     """The driver, CRS, number of features and CRS84 extent of an OGR layer."""
-    info = pyogrio.read_info(path, force_feature_count=True, force_total_bounds=True)
+    with no_pam():
+        info = pyogrio.read_info(path, force_feature_count=True, force_total_bounds=True)
     return info["driver"], info["crs"], int(info["features"]), lonlat_bounds(info["crs"], info["total_bounds"])
 
 

@@ -99,7 +99,10 @@ def _stored_columns(path: Path) -> tuple[list[str], list[list]]:
     else:
         import pyogrio
 
-        table, wkb = pyogrio.read_arrow(path, read_geometry=False)[1], set()
+        from ..ogr import no_pam
+
+        with no_pam():
+            table, wkb = pyogrio.read_arrow(path, read_geometry=False)[1], set()
     return list(table.column_names), [_arrow_column(table[n], n in wkb) for n in table.column_names]
 
 

@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, field_validator, model_validator
 
 from ..errors import InputError, first_line
+from ..ogr import no_pam
 
 LABEL_IMAGE_SUFFIXES = (".tif", ".tiff", ".zarr", ".nii", ".nii.gz", ".vrt", ".img")
 
@@ -69,10 +70,12 @@ def _check_regions(path: str, local: str, region_id: str | None, stamp: tuple[in
             values = pd.read_parquet(local, columns=[region_id])[region_id] if region_id in fields else None
         else:
             layer = regions_layer(path, local)
-            fields = list(pyogrio.read_info(local, layer=layer)["fields"])  # the layer's metadata: no feature is read
-            values = None
-            if region_id in fields:
-                values = pyogrio.read_dataframe(local, layer=layer, columns=[region_id], read_geometry=False)[region_id]
+            with no_pam():
+                fields = list(pyogrio.read_info(local, layer=layer)["fields"])  # the layer's metadata: no feature read
+                values = None
+                if region_id in fields:
+                    values = pyogrio.read_dataframe(local, layer=layer, columns=[region_id],
+                                                    read_geometry=False)[region_id]  # fmt: skip
     except InputError:
         raise
     except Exception as exc:  # pyogrio raises its own DataSourceError, DataLayerError, ...
@@ -123,7 +126,8 @@ def regions_layer(path, local: str) -> str:
     errors are left to the caller."""
     import pyogrio
 
-    layers = [(str(name), geometry) for name, geometry in pyogrio.list_layers(local)]
+    with no_pam():
+        layers = [(str(name), geometry) for name, geometry in pyogrio.list_layers(local)]
     spatial = sorted(name for name, geometry in layers if geometry is not None)  # a folder lists them in no order
     if not spatial:
         tables = ", ".join(name for name, _ in layers) or "none"

@@ -81,6 +81,7 @@ import shapely
 from affine import Affine
 
 from ..errors import InputError, given
+from ..ogr import no_pam
 from ..sources import cached_handle, file_stamp
 from ..sources.labels import LabelImage, read_band_window
 from ..sources.raster import gdal_env
@@ -155,7 +156,8 @@ def read_regions(path: str | os.PathLike, region_id: str | None):
             geoparquet_fields(local)  # a plain Parquet table is refused as having no geometry
             regions = gpd.read_parquet(local)
         else:
-            regions = gpd.read_file(local, layer=regions_layer(path, local), engine="pyogrio")
+            with no_pam():
+                regions = gpd.read_file(local, layer=regions_layer(path, local), engine="pyogrio")
     except InputError:
         raise
     except Exception as exc:  # pyogrio raises its own DataSourceError, DataLayerError, ...
