@@ -479,6 +479,45 @@ def test_a_damaged_volume_is_a_422_not_a_500(tmp_path):
     assert answer.json()["detail"].startswith("damaged_labels.nii.gz: cannot read: ")
 
 
+def test_a_file_removed_after_the_catalog_found_it_is_a_404_not_a_500(tmp_path, monkeypatch):
+    """/volumes/ and the STAC item took the file's stat outside their error handler: a NIfTI (or polygons file)
+    removed between the catalog finding it and that stat was a 500 with no word of why. Here the file is removed
+    right after the real catalog's lookup returns, as another process would."""
+    import nibabel as nib
+    from starlette.testclient import TestClient
+
+    from tilemask.formats import NIFTI_DESCRIP
+    from tilemask.serve import create_app
+    from tilemask.serve.catalog import Catalog
+
+    img = nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4))
+    img.header["descrip"] = NIFTI_DESCRIP
+    nib.save(img, tmp_path / "gone_labels.nii.gz")
+    real_find, real_by_id = Catalog.find, Catalog.by_id
+
+    def find_then_remove(self, rel, *kinds):
+        found = real_find(self, rel, *kinds)
+        (tmp_path / rel).unlink(missing_ok=True)
+        return found
+
+    def by_id_then_remove(self, entry_id, *kinds):
+        found = real_by_id(self, entry_id, *kinds)
+        if found is not None:
+            (tmp_path / found.path).unlink(missing_ok=True)
+        return found
+
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        monkeypatch.setattr(Catalog, "find", find_then_remove)
+        answer = client.get("/volumes/gone_labels.nii.gz")
+        monkeypatch.setattr(Catalog, "find", real_find)
+        nib.save(img, tmp_path / "gone_labels.nii.gz")
+        assert client.get("/stac/items/gone_labels.json").status_code == 200
+        monkeypatch.setattr(Catalog, "by_id", by_id_then_remove)
+        item = client.get("/stac/items/gone_labels.json")
+    assert answer.status_code == 404 and answer.json()["detail"] == "gone_labels.nii.gz: not found", answer.text
+    assert item.status_code == 404 and item.json()["detail"] == "gone_labels.nii.gz: not found", item.text
+
+
 def test_damaged_outputs_are_a_422_naming_the_file_not_a_500(tmp_path, served_folder):
     """A label COG with a truncated tile, a Zarr chunk that does not decompress, a FlatGeobuf cut short: the
     catalog lists them (their headers read), and reading them failed with a bare 500."""

@@ -193,7 +193,8 @@ def create_app(
         entry = catalog.by_id(item_id, "labels", "polygons")
         if entry is None:
             raise HTTPException(404, f"no item {item_id}")
-        modified = (root / entry.path).stat().st_mtime
+        with reading(entry.path):
+            modified = (root / entry.path).stat().st_mtime
         return JSONResponse(stac.item(entry, str(request.base_url), modified), media_type=GEOJSON)
 
     @app.get("/volumes/{path:path}")
@@ -202,8 +203,8 @@ def create_app(
         entry = catalog.find(relative(root, target), "labels", "scan", "probabilities")
         if entry is None or entry.format != "nifti":
             raise HTTPException(404, f"{path}: not a NIfTI volume")
-        st = target.stat()
-        with reading(path):
+        with reading(path):  # removed since the catalog looked (its stat included): a 404, not a 500
+            st = target.stat()
             body = volumes.browser_copy(target, (st.st_size, st.st_mtime_ns))
         return Response(body, media_type="application/gzip")
 
