@@ -69,6 +69,8 @@ def build_network(spec: ModelSpec) -> torch.nn.Module:
             args[key] = _dotted(args[key], f"model.args.{key}")
     try:
         return cls(**args)
+    except WorkflowError:
+        raise
     except (TypeError, ValueError, AssertionError) as exc:
         raise WorkflowError(f"model.args: {spec.network} rejects them: {exc}{_class_names_hint(args)}") from None
     except ImportError as exc:  # a package the network imports as it is built

@@ -459,11 +459,13 @@ def _check_postprocess_units(workflow: Workflow, source: ImageSource) -> None:
 
 def check_source(workflow: Workflow, source: ImageSource) -> None:
     """Checks that need the input: channels against ``in_channels`` and normalization."""
-    in_channels = workflow.model.args.get("in_channels")
+    args = workflow.model.args
+    key = "in_channels" if "in_channels" in args else "input_channels"  # MONAI's name, or nnU-Net's
+    in_channels = args.get(key)
     if in_channels is not None and in_channels != source.channels:
         hint = " (select them with preprocess.bands)" if for_path(source.path).gdal_raster else ""
         raise InputError(
-            f"{source.path}: model.args.in_channels is {in_channels} but the input gives {source.channels} "
+            f"{source.path}: model.args.{key} is {in_channels} but the input gives {source.channels} "
             f"channels{_per_file(source)}{hint}"
         )
     normalize = workflow.preprocess.normalize

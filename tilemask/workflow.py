@@ -53,6 +53,13 @@ class _Strict(BaseModel):
 
 class ModelConfig(_Strict):
     bundle: str | None = Field(default=None, description="a MONAI bundle folder: its network, weights and settings")
+    nnunet: str | None = Field(default=None, description="an nnU-Net v2 results folder (Trainer__Plans__configuration)")
+    fold: Annotated[int, NotBool, Field(ge=0)] | Literal["all"] | None = Field(
+        default=None, description="with nnunet: the fold whose weights run (fold_N); needed when there are several"
+    )
+    checkpoint: Literal["checkpoint_final.pth", "checkpoint_best.pth"] | None = Field(
+        default=None, description="with nnunet: the checkpoint of the fold (checkpoint_final.pth)"
+    )
     network: str = Field(
         default="", description='class in monai.networks.nets, or "package.module:Class" (not for TorchScript / .pt2)'
     )
@@ -412,7 +419,12 @@ class Workflow(_Strict):
             raise WorkflowError(f"workflow: expected a mapping of keys, got {type(raw).__name__}")
         raw = apply_overrides(raw, overrides)
         base = Path(base_dir) if base_dir else Path.cwd()
-        bundle = raw.get("model", {}).get("bundle") if isinstance(raw.get("model"), dict) else None
+        model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+        bundle = model.get("bundle")
+        if model.get("nnunet") is not None:
+            raw = _with_nnunet(raw, model, base)
+        elif model.keys() & {"fold", "checkpoint"}:
+            raise WorkflowError("model.fold and model.checkpoint choose an nnU-Net fold's weights: give model.nnunet")
         if isinstance(bundle, str):
             from .bundle import bundle_defaults, merge
 
@@ -672,6 +684,27 @@ def _model_names() -> frozenset[str]:
             names.add(model.__name__)
             todo += [m for field in model.model_fields.values() for m in _models_in(field.annotation)]
     return frozenset(names)
+
+
+def _with_nnunet(raw: dict, model: dict, base: Path) -> dict:
+    """``raw`` over the defaults read from ``model.nnunet``'s nnU-Net results folder (:mod:`tilemask.nnunet`)."""
+    from .bundle import merge
+    from .nnunet import CHECKPOINTS, nnunet_defaults
+
+    folder, fold, checkpoint = model["nnunet"], model.get("fold"), model.get("checkpoint")
+    if not isinstance(folder, str):
+        raise WorkflowError(f"model.nnunet: a folder path (got {folder!r})")
+    if model.get("bundle") is not None:
+        raise WorkflowError("model: give bundle or nnunet, not both")
+    if fold is not None and fold != "all" and (isinstance(fold, bool) or not isinstance(fold, int) or fold < 0):
+        raise WorkflowError(f"model.fold: a fold number (0, 1, ...) or all (got {fold!r})")
+    if checkpoint is not None and checkpoint not in CHECKPOINTS:
+        raise WorkflowError(f"model.checkpoint: {' or '.join(CHECKPOINTS)} (got {checkpoint!r})")
+    path = Path(folder).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not path.is_dir():
+        raise WorkflowError(f"model.nnunet: no such folder {path}")
+    return merge(nnunet_defaults(path, fold, checkpoint), raw)
 
 
 def _one_line(exc: ValidationError, raw: Any = None) -> str:

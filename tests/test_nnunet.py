@@ -1,0 +1,256 @@
+"""nnU-Net v2 results folders as the model: ``model: {nnunet: FOLDER, fold: 0}`` reads plans.json, dataset.json and
+the fold's checkpoint.  The run is checked against nnU-Net's own steps redone here (SimpleITK's array, the plans'
+transpose, CTNormalization, MONAI's sliding window at nnU-Net's step), on a real scan; what tilemask cannot
+reproduce is refused before any work.  nnU-Net itself is not a dependency: benchmarks/nnunet_fidelity.py compares
+with its ``nnUNetPredictor``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from nibabel.testing import data_path
+
+import tilemask
+from tests.conftest import run_cli
+from tests.test_checkpoints import nnunet_checkpoint
+from tilemask.errors import WorkflowError
+from tilemask.workflow import Workflow
+
+FOLDER = "Dataset042_Anat/nnUNetTrainer__nnUNetPlans__3d_fullres"
+TRANSPOSE = [2, 0, 1]  # nnU-Net's planner puts the axis of largest spacing first: not the identity here
+PATCH = [16, 24, 16]  # in the network's axes
+
+
+class AxisNet(torch.nn.Module):
+    """A network built as dynamic_network_architectures builds theirs (layer classes as arguments), with kernels of
+    another size along each axis: fed its axes in another order, it answers otherwise."""
+
+    def __init__(self, input_channels, num_classes, conv_op, kernel_sizes, norm_op, norm_op_kwargs, nonlin,
+                 nonlin_kwargs, deep_supervision=False):  # fmt: skip
+        super().__init__()
+        kernel = tuple(kernel_sizes[0])
+        self.conv = conv_op(input_channels, 6, kernel, padding=tuple(k // 2 for k in kernel))
+        self.norm = norm_op(6, **norm_op_kwargs)
+        self.act = nonlin(**nonlin_kwargs)
+        self.head = conv_op(6, num_classes, 1)
+
+    def forward(self, x):
+        return self.head(self.act(self.norm(self.conv(x))))
+
+
+ARCH_KWARGS = {"conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": [[1, 3, 5]],
+               "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+               "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}  # fmt: skip
+
+
+def scan() -> tuple[str, np.ndarray]:
+    """nibabel's ``anatomical.nii`` (a real MRI, 33 x 41 x 25 at 2 mm): path and data."""
+    path = os.path.join(data_path, "anatomical.nii")
+    return path, np.asarray(nib.load(path).dataobj)
+
+
+def results_folder(root, data: np.ndarray, plans_edit=None, dataset_edit=None, folds=(0,)):
+    """An nnU-Net v2 results folder as training leaves it: plans.json and dataset.json as nnU-Net's planner and
+    dataset conversion write them, a seeded AxisNet saved per fold as ``checkpoint_final.pth``."""
+    foreground = data[data > np.percentile(data, 60)].astype(np.float64)
+    properties = {"max": float(foreground.max()), "mean": float(foreground.mean()), "median": float(np.median(foreground)),
+                  "min": float(foreground.min()), "percentile_00_5": float(np.percentile(foreground, 0.5)),
+                  "percentile_99_5": float(np.percentile(foreground, 99.5)), "std": float(foreground.std())}  # fmt: skip
+    config = {"data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
+              "patch_size": PATCH, "median_image_size_in_voxels": [33.0, 25.0, 41.0], "spacing": [2.0, 2.0, 2.0],
+              "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
+              "resampling_fn_data": "resample_data_or_seg_to_shape",
+              "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+              "architecture": {"network_class_name": f"{__name__}.AxisNet", "arch_kwargs": ARCH_KWARGS,
+                               "_kw_requires_import": ["conv_op", "norm_op", "nonlin"]},
+              "batch_dice": False}  # fmt: skip
+    plans = {"dataset_name": "Dataset042_Anat", "plans_name": "nnUNetPlans", "original_median_spacing_after_transp":
+             [2.0, 2.0, 2.0], "original_median_shape_after_transp": [33, 25, 41], "image_reader_writer": "SimpleITKIO",
+             "transpose_forward": TRANSPOSE, "transpose_backward": [1, 2, 0],
+             "configurations": {"2d": {**config, "patch_size": [24, 48], "spacing": [2.0, 2.0],
+                                       "architecture": {**config["architecture"], "arch_kwargs": {
+                                           **ARCH_KWARGS, "conv_op": "torch.nn.modules.conv.Conv2d"}}},
+                                "3d_fullres": config},
+             "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+             "foreground_intensity_properties_per_channel": {"0": properties}}  # fmt: skip
+    dataset = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "grey": 1, "bright": 2},
+               "numTraining": 1, "file_ending": ".nii.gz"}  # fmt: skip
+    (plans_edit or (lambda p: None))(plans)
+    (dataset_edit or (lambda d: None))(dataset)
+    folder = root / FOLDER
+    folder.mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans, indent=4))
+    (folder / "dataset.json").write_text(json.dumps(dataset, indent=4))
+    torch.manual_seed(11)  # a seed whose labels hold each class on thousands of voxels
+    net = build(3).eval()
+    for fold in folds:
+        (folder / f"fold_{fold}").mkdir()
+        torch.save(nnunet_checkpoint(net.state_dict(), lambda: build(3), torch.zeros(1, 1, 8, 8, 8)),
+                   folder / f"fold_{fold}" / "checkpoint_final.pth")  # fmt: skip
+    return folder, plans, net
+
+
+def build(classes: int) -> AxisNet:
+    return AxisNet(1, classes, torch.nn.Conv3d, [[1, 3, 5]], torch.nn.InstanceNorm3d, {"eps": 1e-05, "affine": True},
+                   torch.nn.LeakyReLU, {"inplace": True})  # fmt: skip
+
+
+def nnunet_steps(path: str, plans: dict, net: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """nnU-Net's prediction, redone: SimpleITK's array (axes k, j, i), transposed by ``transpose_forward``,
+    CTNormalization (clip to the percentiles, then the foreground's mean and std), MONAI's gaussian sliding window
+    half a patch apart; labels and the margin between the two best probabilities, both on tilemask's axes."""
+    import SimpleITK as sitk
+    from monai.inferers import sliding_window_inference
+
+    array = sitk.GetArrayFromImage(sitk.ReadImage(path)).astype(np.float32).transpose(plans["transpose_forward"])
+    p = plans["foreground_intensity_properties_per_channel"]["0"]
+    array = (np.clip(array, p["percentile_00_5"], p["percentile_99_5"]) - p["mean"]) / p["std"]
+    with torch.no_grad():
+        logits = sliding_window_inference(torch.from_numpy(array)[None, None], PATCH, 4, net, overlap=0.5,
+                                          mode="gaussian", sigma_scale=0.125)  # fmt: skip
+    probabilities = torch.softmax(logits, 1)[0].numpy()
+    back = [0, *(1 + a for a in np.argsort(plans["transpose_forward"]))]  # network axes -> SimpleITK's
+    probabilities = probabilities.transpose(back).transpose(0, 3, 2, 1)  # -> (C, i, j, k)
+    top = np.sort(probabilities, 0)
+    return probabilities.argmax(0), top[-1] - top[-2]
+
+
+def test_results_folder_runs_as_nnunet_predicts(tmp_path, client):
+    """plans.json's network, patch, spacing, CTNormalization and transpose, dataset.json's classes and channels and
+    fold 0's checkpoint give nnU-Net's labels on a real scan, voxel for voxel (but for float ties); the class names
+    are dataset.json's."""
+    path, data = scan()
+    folder, plans, net = results_folder(tmp_path, data)
+    workflow = {"version": 1, "input": path, "model": {"nnunet": str(folder), "fold": 0},
+                "inference": {"device": "cpu", "batch_size": 4}, "output": {"path": "out/{stem}.nii.gz"}}  # fmt: skip
+    parsed = Workflow.from_dict(workflow, base_dir=tmp_path)
+    assert parsed.inference.roi_size == [16, 16, 24]  # (i, j, k): the network's axes are (i, k, j)
+    assert parsed.classes == ["background", "grey", "bright"]
+    (result,) = tilemask.run(parsed, client)
+    ours = np.asarray(nib.load(result.outputs[0]).dataobj)
+    theirs, margin = nnunet_steps(path, plans, net)
+    assert ours.shape == theirs.shape == data.shape
+    apart = ours != theirs
+    assert np.bincount(theirs.ravel(), minlength=3).min() > 1000  # all three classes are there to get wrong
+    assert apart.sum() == 0 or margin[apart].max() < 1e-5, f"{apart.sum()} voxels apart, not ties"
+    assert (tmp_path / "out" / "anatomical.colors.csv").read_text().count("grey") == 1
+
+
+def test_transpose_forward_is_what_the_network_sees(tmp_path):
+    """Built from the folder, the network permutes tilemask's axes (i, j, k) into nnU-Net's (SimpleITK's k, j, i
+    transposed by the plans): with the axes of the identity transpose, the same weights answer otherwise."""
+    from tilemask.models import load_model
+    from tilemask.settings import ModelSpec
+
+    _, data = scan()
+    folder, _, net = results_folder(tmp_path, data)
+    model = Workflow.from_dict({"version": 1, "input": "x.nii.gz", "model": {"nnunet": str(folder)},
+                                "output": {"path": "o.nii.gz"}}).model  # fmt: skip
+    loaded = load_model(ModelSpec.create(model.network, model.args, model.weights))
+    x = torch.randn(1, 1, 16, 16, 24)  # (i, j, k)
+    network_axes = x.permute(0, 1, 2, 4, 3)  # SimpleITK's (k, j, i) transposed by [2, 0, 1]: (i, k, j)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net(network_axes).permute(0, 1, 2, 4, 3), rtol=0, atol=0)
+        identity = load_model(ModelSpec.create(model.network, {**model.args, "axes": [2, 1, 0]}, model.weights))
+        assert not torch.allclose(identity(x), loaded(x), atol=1e-3)
+
+
+def _set(path: str, value):
+    """An edit of plans.json or dataset.json at ``a/b/c``."""
+    def edit(d):
+        *keys, last = path.split("/")
+        for key in keys:
+            d = d[key]
+        d[last] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "folder_name, plans_edit, dataset_edit, message",
+    [
+        ("Dataset042_Anat/nnUNetTrainer__nnUNetPlans__2d", None, None, "is a 2D configuration (2d), which nnU-Net predicts"),
+        (FOLDER, _set("configurations/3d_fullres/normalization_schemes", ["RescaleTo01Normalization"]), None,
+         "plans.json normalizes with RescaleTo01Normalization, which tilemask does not reproduce"),
+        (FOLDER, _set("configurations/3d_fullres/use_mask_for_norm", [True]), None,
+         "normalizes within the nonzero region (use_mask_for_norm"),
+        (FOLDER, _set("configurations/3d_fullres/previous_stage", "3d_lowres"), None, "is a cascade stage"),
+        (FOLDER, None, _set("labels", {"background": 0, "whole tumor": [1, 2], "core": 2}),
+         "dataset.json trains regions (whole tumor)"),
+        (FOLDER, None, _set("channel_names", {"0": "CT", "1": "PET"}),
+         "configuration 3d_fullres normalizes 1 channel(s) but dataset.json names 2"),
+        (FOLDER, None, _set("overwrite_image_reader_writer", "NibabelIOWithReorient"),
+         "dataset.json reads images with NibabelIOWithReorient"),
+        (FOLDER, _set("configurations/3d_fullres/architecture", None), None, "has no architecture"),
+    ],
+)  # fmt: skip
+def test_what_tilemask_cannot_reproduce_is_refused_by_name(tmp_path, folder_name, plans_edit, dataset_edit, message):
+    _, data = scan()
+    folder, _, _ = results_folder(tmp_path, data, plans_edit, dataset_edit)
+    if folder_name != FOLDER:
+        folder = folder.rename(tmp_path / folder_name)
+    with pytest.raises(WorkflowError) as refused:
+        Workflow.from_dict({"version": 1, "input": "x.nii.gz", "model": {"nnunet": str(folder), "fold": 0},
+                            "output": {"path": "o.nii.gz"}})  # fmt: skip
+    assert message in str(refused.value) and refused.value.exit_status == 2
+    assert "\n" not in str(refused.value)
+
+
+def test_folds_and_checkpoints(tmp_path):
+    """One fold is taken as it is; of several, model.fold chooses (tilemask runs one, not nnU-Net's ensemble);
+    checkpoint_best.pth when asked; the workflow's keys override the folder's."""
+    _, data = scan()
+    folder, _, _ = results_folder(tmp_path, data, folds=(0, 3))
+    raw = {"version": 1, "input": "x.nii.gz", "model": {"nnunet": str(folder)}, "output": {"path": "o.nii.gz"}}
+    with pytest.raises(WorkflowError, match=r"has folds 0, 3: give model.fold"):
+        Workflow.from_dict(raw)
+    assert Workflow.from_dict(raw, ["model.fold=3"]).model.weights == str(folder / "fold_3" / "checkpoint_final.pth")
+    with pytest.raises(WorkflowError, match=r"no fold_3/checkpoint_best.pth in"):
+        Workflow.from_dict(raw, ["model.fold=3", "model.checkpoint=checkpoint_best.pth"])
+    shutil.copy(folder / "fold_3" / "checkpoint_final.pth", folder / "fold_3" / "checkpoint_best.pth")
+    best = Workflow.from_dict(raw, ["model.fold=3", "model.checkpoint=checkpoint_best.pth", "inference.overlap=0.25"])
+    assert best.model.weights == str(folder / "fold_3" / "checkpoint_best.pth")
+    assert best.inference.overlap == 0.25 and best.preprocess.spacing == [2.0, 2.0, 2.0]
+    with pytest.raises(WorkflowError, match=r"model.fold and model.checkpoint choose an nnU-Net fold's weights"):
+        Workflow.from_dict({**raw, "model": {"network": "UNet", "weights": "w.pt", "fold": 1}})
+
+
+def test_cli_refuses_a_2d_configuration_before_any_work(tmp_path):
+    """Exit 2 and one line; no output written."""
+    _, data = scan()
+    folder, _, _ = results_folder(tmp_path, data)
+    folder = folder.rename(folder.with_name("nnUNetTrainer__nnUNetPlans__2d"))
+    (tmp_path / "w.yaml").write_text(json.dumps({
+        "version": 1, "input": scan()[0], "model": {"nnunet": str(folder)}, "output": {"path": "out/{stem}.nii.gz"}}))  # fmt: skip
+    done = run_cli("run", str(tmp_path / "w.yaml"), cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "is a 2D configuration" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_scan_with_fewer_channels_than_dataset_json_names_is_refused(tmp_path, client):
+    """dataset.json's channel_names set the network's input channels: a one-file case for a two-channel model is
+    refused naming them before any work (it was refused as "preprocess.normalize has 2 values", keys the user never
+    wrote: only MONAI's model.args.in_channels was compared, and nnU-Net's networks take input_channels)."""
+    from tilemask.errors import InputError
+
+    def two_ct_channels(plans):
+        config = plans["configurations"]["3d_fullres"]
+        config["normalization_schemes"], config["use_mask_for_norm"] = ["CTNormalization"] * 2, [False] * 2
+        properties = plans["foreground_intensity_properties_per_channel"]
+        properties["1"] = properties["0"]
+
+    path, data = scan()
+    folder, _, _ = results_folder(tmp_path, data, two_ct_channels, _set("channel_names", {"0": "CT", "1": "CT"}))
+    workflow = Workflow.from_dict({"version": 1, "input": path, "model": {"nnunet": str(folder), "fold": 0},
+                                   "inference": {"device": "cpu"}, "output": {"path": "out/{stem}.nii.gz"}},
+                                  base_dir=tmp_path)  # fmt: skip
+    with pytest.raises(InputError, match=r"model.args.input_channels is 2 but the input gives 1 channels"):
+        tilemask.run(workflow, client)
+    assert not (tmp_path / "out").exists()

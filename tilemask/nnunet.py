@@ -1,0 +1,251 @@
+"""nnU-Net v2 results folders as workflow defaults: ``model: {nnunet: FOLDER, fold: 0}``.
+
+``FOLDER`` is what nnU-Net's training writes, ``Dataset123_X/nnUNetTrainer__nnUNetPlans__3d_fullres``: its
+``plans.json``, ``dataset.json`` and ``fold_N/checkpoint_final.pth``.  :func:`nnunet_defaults` turns them into
+workflow keys, as nnU-Net's ``nnUNetPredictor`` reads them: the network from the configuration's ``architecture``
+(built as ``get_network_from_plans`` builds it, :class:`NnUNetNetwork`), the roi from its ``patch_size``, the
+spacing, the normalization of each channel (``CTNormalization``: clipped to the foreground's 0.5 and 99.5
+percentiles, then ``(x - mean) / std``; ``ZScoreNormalization``: the case's own mean and standard deviation per
+channel; ``NoNormalization``), the class names from ``dataset.json``'s ``labels``, the number of input channels
+from its ``channel_names``, the weights, and nnU-Net's sliding window (half a patch apart, gaussian weighting).
+The workflow's own keys override these.
+
+nnU-Net works on the arrays SimpleITK reads, whose axes are the NIfTI's (i, j, k) reversed, then transposed by
+the plans' ``transpose_forward``; tilemask's are (i, j, k).  The roi and the spacing are given in tilemask's
+order, and the network permutes its input's axes to nnU-Net's (and its output's back), so its kernels see the
+axes they were trained on.
+
+What nnU-Net does that tilemask cannot reproduce chunk by chunk is refused by name before any work (exit 2):
+2D configurations (nnU-Net predicts them slice by slice), cascades (the previous stage's segmentation is an
+input), region-based training (overlapping sigmoid outputs), normalization within the nonzero mask
+(``use_mask_for_norm``), other normalization schemes, channels with different schemes or CT ranges, and image
+readers that reorient.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import WorkflowError, first_line
+
+KEY = "model.nnunet"
+READERS = {"SimpleITKIO", "NibabelIO"}  # read the voxels as stored, axes reversed: what tilemask reproduces
+OVERLAP = 0.5  # nnUNetPredictor's tile_step_size 0.5: windows half a patch apart
+CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
+
+
+def nnunet_defaults(folder: Path, fold: int | str | None, checkpoint: str | None) -> dict[str, Any]:
+    """Workflow keys (a raw workflow dict) from the nnU-Net v2 results folder ``folder``."""
+    plans, dataset = _json(folder / "plans.json"), _json(folder / "dataset.json")
+    name = _configuration_name(folder, plans)
+    config = _configuration(plans, name)
+    patch = [int(p) for p in config.get("patch_size") or []]
+    if len(patch) == 2:
+        raise WorkflowError(f"{KEY}: {folder.name} is a 2D configuration ({name}), which nnU-Net predicts slice by "
+                            "slice; tilemask runs 3D configurations (3d_fullres, 3d_lowres)")  # fmt: skip
+    if len(patch) != 3:
+        raise WorkflowError(f"{KEY}: plans.json: configuration {name} has patch_size {patch}, not 3 values")
+    if config.get("previous_stage") or "cascade" in name:
+        raise WorkflowError(f"{KEY}: {name} is a cascade stage (it takes the previous stage's segmentation as input "
+                            "channels); tilemask runs one stage: give 3d_fullres or 3d_lowres")  # fmt: skip
+    transpose = [int(t) for t in plans.get("transpose_forward", [0, 1, 2])]
+    if sorted(transpose) != [0, 1, 2]:
+        raise WorkflowError(f"{KEY}: plans.json: transpose_forward {transpose} is not a permutation of 0, 1, 2")
+    axes = [2 - t for t in transpose]  # network axis n holds tilemask's axis axes[n]
+    classes, channels = _labels(dataset), _channels(dataset)
+    reader = dataset.get("overwrite_image_reader_writer")
+    if reader is not None and reader not in READERS:
+        raise WorkflowError(f"{KEY}: dataset.json reads images with {reader}, which tilemask does not reproduce "
+                            f"(it reads voxels as {' and '.join(sorted(READERS))} do)")  # fmt: skip
+    architecture = config.get("architecture")
+    if not isinstance(architecture, dict) or "network_class_name" not in architecture:
+        raise WorkflowError(f"{KEY}: plans.json: configuration {name} has no architecture (plans of nnU-Net "
+                            "before 2.4 name their network otherwise: plan again with 2.4 or later)")  # fmt: skip
+    args = {"network_class_name": str(architecture["network_class_name"]), "axes": axes,
+            "input_channels": channels, "num_classes": len(classes), **dict(architecture.get("arch_kwargs") or {}),
+            "_kw_requires_import": list(architecture.get("_kw_requires_import") or [])}  # fmt: skip
+    spacing = [float(s) for s in config.get("spacing") or []]
+    if len(spacing) != 3:
+        raise WorkflowError(f"{KEY}: plans.json: configuration {name} has spacing {spacing}, not 3 values")
+    return {
+        "classes": classes,
+        "model": {"network": f"{__name__}:NnUNetNetwork", "args": args,
+                  "weights": str(_weights(folder, fold, checkpoint))},  # fmt: skip
+        "preprocess": {"spacing": _tilemask_order(spacing, axes), **_normalization(plans, config, name, channels)},
+        "inference": {"roi_size": _tilemask_order(patch, axes), "overlap": OVERLAP, "mode": "gaussian",
+                      "sigma_scale": 0.125, "activation": "softmax"},  # fmt: skip
+    }
+
+
+def _tilemask_order(values: list, axes: list[int]) -> list:
+    """Per-axis values in nnU-Net's (network) order -> tilemask's (i, j, k)."""
+    out = [None] * 3
+    for n, axis in enumerate(axes):
+        out[axis] = values[n]
+    return out
+
+
+def _json(path: Path) -> dict:
+    if not path.is_file():
+        raise WorkflowError(f"{KEY}: {path.parent} has no {path.name} (give the folder nnU-Net trained into, "
+                            "Dataset123_X/nnUNetTrainer__nnUNetPlans__3d_fullres)")  # fmt: skip
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise WorkflowError(f"{KEY}: cannot read {path}: {first_line(exc)}") from None
+    if not isinstance(value, dict):
+        raise WorkflowError(f"{KEY}: {path} holds a {type(value).__name__}, not a mapping")
+    return value
+
+
+def _configuration_name(folder: Path, plans: dict) -> str:
+    """The configuration, from the folder's name ``Trainer__Plans__configuration`` as nnU-Net names it."""
+    parts = folder.resolve().name.split("__")
+    configurations = plans.get("configurations") or {}
+    if len(parts) != 3 or parts[2] not in configurations:
+        raise WorkflowError(f"{KEY}: {folder.name} is not named Trainer__Plans__configuration with a configuration "
+                            f"of its plans.json ({', '.join(configurations) or 'none'}), as nnU-Net names the "
+                            "folders it trains into")  # fmt: skip
+    return parts[2]
+
+
+def _configuration(plans: dict, name: str, seen: tuple[str, ...] = ()) -> dict:
+    """The configuration with what it inherits, as nnU-Net's ``PlansManager`` resolves ``inherits_from``."""
+    configurations = plans["configurations"]
+    if name not in configurations:
+        raise WorkflowError(f"{KEY}: plans.json: {seen[-1]} inherits from {name}, which it does not define")
+    config = dict(configurations[name])
+    parent = config.get("inherits_from")
+    if parent is None:
+        return config
+    if parent in (*seen, name):
+        raise WorkflowError(f"{KEY}: plans.json: configurations inherit in a circle ({', '.join((*seen, name))})")
+    return {**_configuration(plans, parent, (*seen, name)), **config}
+
+
+def _labels(dataset: dict) -> list[str]:
+    """Class names by label value, 0 to K-1; an ``ignore`` label (the highest) is no network output."""
+    labels = dataset.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise WorkflowError(f"{KEY}: dataset.json has no labels")
+    regions = [name for name, value in labels.items() if isinstance(value, list | tuple)]
+    if regions or "regions_class_order" in dataset:
+        raise WorkflowError(f"{KEY}: dataset.json trains regions ({', '.join(regions) or 'regions_class_order'}): "
+                            "one sigmoid per region, overlapping; tilemask writes one label per voxel")  # fmt: skip
+    try:
+        by_value = sorted((int(value), str(name)) for name, value in labels.items() if name != "ignore")
+    except (TypeError, ValueError):
+        raise WorkflowError(f"{KEY}: dataset.json: labels must map names to integers (got {labels})") from None
+    if [value for value, _ in by_value] != list(range(len(by_value))):
+        raise WorkflowError(f"{KEY}: dataset.json: label values {[v for v, _ in by_value]} are not 0, 1, 2, ... "
+                            "(nnU-Net requires consecutive labels)")  # fmt: skip
+    return [name for _, name in by_value]
+
+
+def _channels(dataset: dict) -> int:
+    names = dataset.get("channel_names", dataset.get("modality"))
+    if not isinstance(names, dict) or not names:
+        raise WorkflowError(f"{KEY}: dataset.json has no channel_names")
+    return len(names)
+
+
+def _normalization(plans: dict, config: dict, name: str, channels: int) -> dict:
+    """``intensity`` / ``normalize`` from the configuration's ``normalization_schemes`` (one per channel)."""
+    schemes = [str(s) for s in config.get("normalization_schemes") or []]
+    masks = [bool(m) for m in config.get("use_mask_for_norm") or []]
+    if len(schemes) != channels:
+        raise WorkflowError(f"{KEY}: plans.json: configuration {name} normalizes {len(schemes)} channel(s) "
+                            f"but dataset.json names {channels}")  # fmt: skip
+    known = ("CTNormalization", "ZScoreNormalization", "NoNormalization")
+    other = [s for s in schemes if s not in known]
+    if other:
+        raise WorkflowError(f"{KEY}: plans.json normalizes with {other[0]}, which tilemask does not reproduce "
+                            f"(it does {', '.join(known)})")  # fmt: skip
+    if any(masks):
+        raise WorkflowError(f"{KEY}: plans.json: configuration {name} normalizes within the nonzero region "
+                            "(use_mask_for_norm, for scans cropped to their nonzero voxels, BraTS's say), which "
+                            "tilemask does not reproduce")  # fmt: skip
+    if len(set(schemes)) > 1:
+        raise WorkflowError(f"{KEY}: plans.json normalizes its channels with {', '.join(schemes)}: tilemask applies "
+                            "one scheme to every channel")  # fmt: skip
+    scheme = schemes[0]
+    if scheme == "NoNormalization":
+        return {}
+    if scheme == "ZScoreNormalization":
+        return {"normalize": {"mode": "zscore", "channel_wise": True}}
+    properties = plans.get("foreground_intensity_properties_per_channel") or {}
+    try:
+        per_channel = [properties[str(c)] for c in range(channels)]
+        ranges = {(float(p["percentile_00_5"]), float(p["percentile_99_5"])) for p in per_channel}
+        mean = [float(p["mean"]) for p in per_channel]
+        std = [max(float(p["std"]), 1e-8) for p in per_channel]  # nnU-Net divides by max(std, 1e-8)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WorkflowError(f"{KEY}: plans.json: CTNormalization needs the mean, std, percentile_00_5 and "
+                            "percentile_99_5 of each channel in foreground_intensity_properties_per_channel "
+                            f"({exc!r} missing)") from None
+    if len(ranges) > 1:
+        raise WorkflowError(f"{KEY}: plans.json clips each of its CT channels to its own range: tilemask applies one "
+                            "intensity range to every channel")  # fmt: skip
+    low, high = ranges.pop()
+    if low == high:
+        raise WorkflowError(f"{KEY}: plans.json: CTNormalization's percentiles are both {low}")
+    return {"intensity": {"a_min": low, "a_max": high, "b_min": low, "b_max": high, "clip": True},
+            "normalize": {"mean": mean, "std": std}}  # fmt: skip
+
+
+def _weights(folder: Path, fold: int | str | None, checkpoint: str | None) -> Path:
+    folds = sorted(p.name[5:] for p in folder.glob("fold_*") if p.is_dir())
+    if fold is None:
+        if len(folds) != 1:
+            raise WorkflowError(f"{KEY}: {folder.name} has folds {', '.join(folds) or 'none'}: give model.fold "
+                                "(tilemask runs one fold, not nnU-Net's ensemble of them)")  # fmt: skip
+        fold = folds[0]
+    checkpoint = checkpoint or CHECKPOINTS[0]
+    path = folder / f"fold_{fold}" / checkpoint
+    if not path.is_file():
+        raise WorkflowError(f"{KEY}: no {path.relative_to(folder)} in {folder} (folds: {', '.join(folds) or 'none'})")
+    return path
+
+
+class NnUNetNetwork(torch.nn.Module):
+    """nnU-Net's network (``network_class_name`` built with ``arch_kwargs``, as ``get_network_from_plans`` builds
+    it, deep supervision off), on tilemask's axes: its input's spatial axes permuted to nnU-Net's (network axis
+    ``n`` is tilemask's axis ``axes[n]``), its output's back.  The instance is of a subclass of nnU-Net's class,
+    so its state_dict is the checkpoint's."""
+
+    def __new__(cls, network_class_name: str, axes: list[int], **kwargs):
+        from .imports import import_module
+
+        module_name, _, attribute = network_class_name.rpartition(".")
+        try:
+            base = getattr(import_module(module_name), attribute)
+        except (ImportError, AttributeError, ValueError) as exc:
+            package = module_name.split(".")[0]
+            hint = f" (install {package.replace('_', '-')} where the workers run)" if module_name else ""
+            raise WorkflowError(f"model.args.network_class_name: cannot import {network_class_name!r}: "
+                                f"{first_line(exc)}{hint}") from None  # fmt: skip
+        if not (isinstance(base, type) and issubclass(base, torch.nn.Module)):
+            raise WorkflowError(f"model.args.network_class_name: {network_class_name} is not a torch.nn.Module class")
+        return _on_tilemask_axes(base)(axes, **kwargs)
+
+
+@functools.cache
+def _on_tilemask_axes(base: type[torch.nn.Module]) -> type[torch.nn.Module]:
+    class Permuted(base):
+        def __init__(self, axes, **kwargs):
+            super().__init__(**kwargs)
+            self.tilemask_axes = tuple(int(a) for a in axes)
+
+        def forward(self, x):
+            lead = x.ndim - len(self.tilemask_axes)
+            order = (*range(lead), *(lead + a for a in self.tilemask_axes))
+            back = (*range(lead), *(lead + order[lead:].index(lead + a) for a in range(len(self.tilemask_axes))))
+            return super().forward(x.permute(order)).permute(back)
+
+    Permuted.__name__ = Permuted.__qualname__ = f"{base.__name__}OnTilemaskAxes"
+    return Permuted
