@@ -1,0 +1,146 @@
+"""tilemask's ``model: {nnunet: FOLDER}`` against nnU-Net v2's own ``nnUNetPredictor`` (a manual check).
+
+Builds a real nnU-Net v2 results folder: a raw dataset of one case (nibabel's ``anatomical.nii``, a real MRI,
+33 x 41 x 25 at 2 mm, with a label image thresholded from it), nnU-Net's fingerprint extraction and
+``ExperimentPlanner`` write ``plans.json`` and ``dataset.json``; a network built by nnU-Net's
+``get_network_from_plans`` with nnU-Net's random initialization is saved as ``fold_0/checkpoint_final.pth`` in
+the structure ``nnUNetTrainer.save_checkpoint`` writes.  Then nnU-Net predicts the case (``use_mirroring`` off,
+tile step 0.5, gaussian) and tilemask runs the folder; the labels are compared voxel by voxel.
+
+nnU-Net is not a tilemask dependency (it pins its own stack): install it beside, without touching the venv:
+
+    pip install --no-deps --target /tmp/nnpkgs nnunetv2==2.8.1 dynamic-network-architectures==0.4.4 acvl-utils \\
+        batchgenerators batchgeneratorsv2 einops yacs blosc2 threadpoolctl tqdm ndindex
+    PYTHONPATH=.:/tmp/nnpkgs python benchmarks/nnunet_fidelity.py [--scheme CT|MR] [--zooms 2 2 2] [--spacing ...]
+
+``--zooms`` rewrites the scan's voxel size (the data unchanged) so that nnU-Net's planner transposes the axes
+(its largest spacing first); ``--spacing`` sets the configuration's target spacing in plans.json (nnU-Net's axis
+order), so both sides resample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.testing import data_path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scheme", default="CT", help="the channel name: CT (CTNormalization) or MR (z-score)")
+    parser.add_argument("--zooms", type=float, nargs=3, default=None, help="the scan's voxel size, rewritten")
+    parser.add_argument("--spacing", type=float, nargs=3, default=None, help="plans.json's target spacing")
+    parser.add_argument("--image", default="anatomical.nii", help="a scan of nibabel's test data (a 4D one: its first "
+                        "volume), e.g. example4d.nii.gz (128 x 96 x 24, oblique, 2 x 2 x 2.2 mm)")
+    parser.add_argument("--offset", type=int, default=0, help="added to the scan's values: 1 leaves no zero voxel, "
+                        "so nnU-Net's crop to the nonzero voxels' bounding box keeps the whole scan")
+    parser.add_argument("--patch", type=int, nargs=3, default=None, help="plans.json's patch size (several windows)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", default=None, help="a folder to build in (kept), else a temporary one")
+    args = parser.parse_args()
+    root = Path(args.keep or tempfile.mkdtemp(prefix="nnunet_fidelity_"))
+    os.environ.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
+                      nnUNet_results=str(root / "results"))  # fmt: skip
+    folder = build(root, args)
+    case_dir = root / "imagesTs"
+    ours = run_tilemask(root, folder, case_dir)
+    theirs = run_nnunet(root, folder, case_dir)
+    a, b = np.asarray(nib.load(ours).dataobj), np.asarray(nib.load(theirs).dataobj)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    apart = int((a != b).sum())
+    print(f"labels: {a.size} voxels, {apart} apart ({100 * apart / a.size:.3f} %); classes tilemask "
+          f"{np.bincount(a.ravel().astype(int)).tolist()}, nnU-Net {np.bincount(b.ravel().astype(int)).tolist()}")
+
+
+def build(root: Path, args) -> Path:
+    """The raw dataset, nnU-Net's plans for it and a randomly initialized fold 0: the results folder."""
+    import torch
+
+    image = nib.load(os.path.join(data_path, args.image))
+    data = np.asarray(image.dataobj).astype(np.int16)
+    data = (data[..., 0] if data.ndim == 4 else data) + np.int16(args.offset)
+    affine = image.affine.copy()
+    if args.zooms:
+        affine[:3, :3] = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0) * np.asarray(args.zooms)
+    raw = root / "raw" / "Dataset999_Anat"
+    for sub in ("imagesTr", "labelsTr"):
+        (raw / sub).mkdir(parents=True, exist_ok=True)
+    (root / "imagesTs").mkdir(exist_ok=True)
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.int16)
+    nib.save(nib.Nifti1Image(data, affine, header), raw / "imagesTr" / "anat_000_0000.nii.gz")
+    nib.save(nib.Nifti1Image(data, affine, header), root / "imagesTs" / "anat_001_0000.nii.gz")
+    labels = np.digitize(data, np.percentile(data, [50, 80])).astype(np.uint8)
+    nib.save(nib.Nifti1Image(labels, affine), raw / "labelsTr" / "anat_000.nii.gz")
+    (raw / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": args.scheme}, "labels": {"background": 0, "grey": 1, "bright": 2},
+        "numTraining": 1, "file_ending": ".nii.gz"}))  # fmt: skip
+
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    extract_fingerprints([999], check_dataset_integrity=True, clean=True, verbose=False)
+    plans_path = root / "preprocessed" / "Dataset999_Anat" / "nnUNetPlans.json"
+    plan_experiments([999])
+    plans = json.loads(plans_path.read_text())
+    if args.spacing:
+        plans["configurations"]["3d_fullres"]["spacing"] = list(args.spacing)
+    if args.patch:
+        plans["configurations"]["3d_fullres"]["patch_size"] = list(args.patch)
+    plans_path.write_text(json.dumps(plans, indent=4))
+    folder = root / "results" / "Dataset999_Anat" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    (folder / "fold_0").mkdir(parents=True, exist_ok=True)
+    (folder / "plans.json").write_text(plans_path.read_text())
+    (folder / "dataset.json").write_text((raw / "dataset.json").read_text())
+    config = plans["configurations"]["3d_fullres"]
+    print("plans: transpose_forward", plans["transpose_forward"], "patch", config["patch_size"], "spacing",
+          config["spacing"], "normalization", config["normalization_schemes"])
+    architecture = config["architecture"]
+    torch.manual_seed(args.seed)
+    network = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                     architecture["_kw_requires_import"], 1, 3, allow_init=True,
+                                     deep_supervision=False)  # fmt: skip
+    torch.save({"network_weights": network.state_dict(), "optimizer_state": None, "grad_scaler_state": None,
+                "logging": {}, "_best_ema": None, "current_epoch": 1000,
+                "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0,
+                              "dataset_json": json.loads((raw / "dataset.json").read_text()), "device": torch.device("cpu")},
+                "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2)},
+               folder / "fold_0" / "checkpoint_final.pth")  # fmt: skip
+    return folder
+
+
+def run_nnunet(root: Path, folder: Path, cases: Path) -> Path:
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                                allow_tqdm=False)  # fmt: skip
+    predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0,), checkpoint_name="checkpoint_final.pth")
+    out = root / "nnunet_out"
+    predictor.predict_from_files(str(cases), str(out), save_probabilities=False, overwrite=True,
+                                 num_processes_preprocessing=1, num_processes_segmentation_export=1)  # fmt: skip
+    return out / "anat_001.nii.gz"
+
+
+def run_tilemask(root: Path, folder: Path, cases: Path) -> Path:
+    workflow = root / "workflow.yaml"
+    workflow.write_text(json.dumps({
+        "version": 1, "input": {"channels": [str(cases / "{case}_0000.nii.gz")]},
+        "model": {"nnunet": str(folder), "fold": 0},
+        "inference": {"device": "cpu"}, "output": {"path": str(root / "tilemask_out" / "{stem}.nii.gz")},
+    }))  # fmt: skip
+    subprocess.run([sys.executable, "-m", "tilemask", "run", str(workflow)], check=True)
+    return root / "tilemask_out" / "anat_001.nii.gz"
+
+
+if __name__ == "__main__":
+    main()
