@@ -254,3 +254,22 @@ def test_a_scan_with_fewer_channels_than_dataset_json_names_is_refused(tmp_path,
     with pytest.raises(InputError, match=r"model.args.input_channels is 2 but the input gives 1 channels"):
         tilemask.run(workflow, client)
     assert not (tmp_path / "out").exists()
+
+
+def test_inherited_configuration_and_ignore_label(tmp_path):
+    """A configuration that ``inherits_from`` another takes its parent's keys but its own (as nnU-Net's
+    PlansManager resolves it); dataset.json's ``ignore`` label is no output of the network."""
+
+    def lowres(plans):
+        plans["configurations"]["3d_lowres"] = {"inherits_from": "3d_fullres", "spacing": [4.0, 3.0, 2.5],
+                                                "data_identifier": "nnUNetPlans_3d_lowres"}  # fmt: skip
+
+    _, data = scan()
+    folder, _, _ = results_folder(tmp_path, data, lowres, _set("labels", {"background": 0, "grey": 1, "bright": 2,
+                                                                          "ignore": 3}))  # fmt: skip
+    folder = folder.rename(folder.with_name("nnUNetTrainer__nnUNetPlans__3d_lowres"))
+    parsed = Workflow.from_dict({"version": 1, "input": "x.nii.gz", "model": {"nnunet": str(folder)},
+                                 "output": {"path": "o.nii.gz"}})  # fmt: skip
+    assert parsed.preprocess.spacing == [4.0, 2.5, 3.0]  # (i, j, k) from the network's (i, k, j)
+    assert parsed.inference.roi_size == [16, 16, 24] and parsed.preprocess.intensity.clip
+    assert parsed.classes == ["background", "grey", "bright"] and parsed.model.args["num_classes"] == 3
