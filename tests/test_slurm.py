@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -246,3 +247,106 @@ def test_slurm_worker_jobs_that_die_at_once_are_named_with_where_they_logged(slu
                         rf"jobs \((\d+)\) wrote their output to {re.escape(str(logs))}", line), line  # fmt: skip
     (job_id,) = re.findall(r"jobs \((\d+)\)", line)
     assert "no-python" in (logs / f"dask-worker-{job_id}.err").read_text()
+
+
+def _slurm_submit_setup(tmp_path: Path, slurm: dict, driver: dict | None = None) -> tuple[Path, dict]:
+    """The demo workflow and the environment of a ``submit --cluster slurm``: worker jobs of one core that reach
+    their scheduler on loopback, and ``driver`` as ``tilemask.slurm-driver``."""
+    path, config = demo_with_jobqueue(tmp_path, {
+        "cores": 1, "processes": 1, "memory": "2GB", "walltime": "00:10:00", "python": sys.executable,
+        "scheduler-options": {"host": "127.0.0.1"}, "worker-extra-args": ["--host", "127.0.0.1"],
+        "log-directory": str(tmp_path / "slurm-logs"), "local-directory": str(tmp_path / "scratch"),
+    })  # fmt: skip
+    if driver:
+        (config / "tilemask.yaml").write_text(yaml.safe_dump({"tilemask": {"slurm-driver": driver}}))
+    return path, {**slurm, "DASK_CONFIG": str(config)}
+
+
+def _squeue(env: dict) -> list[str]:
+    """``job-id:state`` of each job in the queue."""
+    return subprocess.run(["squeue", "-h", "-o", "%i:%T"], env={**os.environ, **env}, capture_output=True,
+                          text=True).stdout.split()  # fmt: skip
+
+
+def _status(job: str, env: dict, cwd: Path) -> dict:
+    done = run_cli("status", job, "--json", cwd=cwd, env=env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _wait_until(check, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while not (answer := check()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.5)
+    return answer
+
+
+def test_submit_to_slurm_is_a_driver_job_that_outlives_the_submit_and_equals_a_plain_run(slurm, tmp_path, client):
+    """``submit --cluster slurm`` sbatches a driver job (``tilemask drive`` of the job folder, whose SLURMCluster
+    starts the worker jobs) and exits at once; ``status`` follows the driver job to ``done``, the labels equal a
+    plain run's, and no SLURM job is left."""
+    path, env = _slurm_submit_setup(tmp_path, slurm)
+    started = time.monotonic()
+    done = run_cli("submit", path, "--cluster", "slurm", "--set", "inference.device=cpu", cwd=tmp_path, env=env)
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"[0-9a-f]{12}", job), done.stdout
+    assert took < 20, f"submit waits for nothing but sbatch ({took:.1f} s)"
+    record = json.loads((tmp_path / "out" / ".tilemask" / "jobs" / job / "status.json").read_text())
+    slurm_job = record["slurm_job"]
+    assert slurm_job.isdigit() and any(line.startswith(f"{slurm_job}:") for line in _squeue(env)), _squeue(env)
+    assert _status(job, env, tmp_path)["state"] in ("queued", "running")
+
+    final = _wait_until(lambda: (s := _status(job, env, tmp_path))["state"] not in ("queued", "running") and s, 240,
+                        "the job ends")  # fmt: skip
+    log = tmp_path / "out" / ".tilemask" / "jobs" / job / f"driver-{slurm_job}.log"
+    assert final["state"] == "done", (final, log.read_text() if log.exists() else "no driver log")
+    assert (final["counts"]["ok"], final["counts"]["failed"]) == (1, 0)
+    assert len(list((tmp_path / "slurm-logs").glob("*.err"))) == 1, "one worker job, started by the driver job"
+    _wait_until(lambda: _squeue(env) == [], 60, f"no SLURM job is left: {_squeue(env)}")
+
+    workflow = yaml.safe_load(path.read_text())
+    workflow["inference"]["device"] = "cpu"
+    local = Workflow.from_dict({**workflow, "output": {"path": "local/{stem}_mask.tif"}}, base_dir=tmp_path)
+    (expected,) = tilemask.run(local, client)
+    with rasterio.open(tmp_path / "out" / "RGB.byte_mask.tif") as a, rasterio.open(expected.outputs[0]) as b:
+        np.testing.assert_array_equal(a.read(1), b.read(1))
+
+
+def test_cancel_of_a_slurm_job_scancels_its_driver_and_workers_and_the_job_resumes(slurm, tmp_path):
+    """``cancel`` of a running ``submit --cluster slurm`` job scancels its driver job (SIGTERM: it stops as Ctrl-C
+    stops a run, and its SLURMCluster cancels the worker jobs): the queue empties, the job reads ``cancelled``, and
+    ``tilemask run`` of the workflow resumes it to ``done``."""
+    path, env = _slurm_submit_setup(tmp_path, slurm)
+    done = run_cli("submit", path, "--cluster", "slurm", "--set", "inference.device=cpu", cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.strip().splitlines()[-1]
+    _wait_until(lambda: [s for s in _squeue(env) if s.endswith(":RUNNING")][1:], 120, "driver and worker jobs run")
+    cancelled = run_cli("cancel", job, cwd=tmp_path, env=env)
+    assert (cancelled.returncode, cancelled.stdout.strip()) == (0, f"job {job}: cancelled"), cancelled.stderr
+    _wait_until(lambda: _squeue(env) == [], 60, f"no SLURM job is left: {_squeue(env)}")
+    assert _status(job, env, tmp_path)["state"] == "cancelled"
+    assert not (tmp_path / "out" / "RGB.byte_mask.tif").exists()
+
+    again = run_cli("run", path, "--set", "inference.device=cpu", "--quiet", cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr
+    assert _status(job, env, tmp_path)["state"] == "done"
+    assert (tmp_path / "out" / "RGB.byte_mask.tif").exists()
+
+
+def test_a_pending_slurm_driver_job_is_queued_and_cancel_takes_it_out_of_the_queue(slurm, tmp_path):
+    """A driver job SLURM holds back (here: not before an hour from now) is ``queued``, saying so; ``cancel``
+    takes it out of the queue and records the job cancelled."""
+    path, env = _slurm_submit_setup(tmp_path, slurm, {"job-extra-directives": ["--begin=now+3600"]})
+    done = run_cli("submit", path, "--cluster", "slurm", cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.strip().splitlines()[-1]
+    status = _status(job, env, tmp_path)
+    assert status["state"] == "queued" and "is pending" in status["message"], status
+    assert [s.split(":")[1] for s in _squeue(env)] == ["PENDING"]
+    cancelled = run_cli("cancel", job, cwd=tmp_path, env=env)
+    assert (cancelled.returncode, cancelled.stdout.strip()) == (0, f"job {job}: cancelled"), cancelled.stderr
+    assert _squeue(env) == []
+    assert _status(job, env, tmp_path)["state"] == "cancelled"

@@ -195,6 +195,23 @@ def drive(folder: str) -> int:
     return sum(r.status == "failed" for r in results)
 
 
+def drive_folder(folder: str, cluster: str, workers: int | None) -> int:
+    """The driver job of ``tilemask submit --cluster slurm`` (``tilemask drive``): runs the job in ``folder`` as
+    ``tilemask run`` would, on SLURM worker jobs it starts (``cluster``), and returns how many items failed.  Its
+    status records its SLURM job id; started again (``tilemask run``, another submit), the job resumes."""
+    job = job_folder(folder)
+    options = Options(**job.info()["options"])
+    slurm_job = os.environ.get("SLURM_JOB_ID") or None
+    try:
+        plan = plan_model(job.workflow())
+    except TilemaskError as exc:
+        job.set_status("failed", message=first_line(exc), finished=time.time())
+        raise
+    with job:
+        results = drive_job(job, plan, options, progress=False, cluster=cluster, workers=workers, slurm_job=slurm_job)
+    return sum(r.status == "failed" for r in results)
+
+
 @dataclass
 class _Progress:
     """The item counts of ``status.json``, rewritten at most once a second."""
@@ -228,12 +245,14 @@ def drive_job(
     threads_per_worker: int | None = None,
     driver: str | None = None,
     cluster: str = "local",
+    slurm_job: str | None = None,
 ) -> JobResults:
     """Run ``job`` (its lock held): resume from the manifest, run what is left, record every item.
     ``driver``: the key of the detached driver's task running this (``tilemask status`` asks the scheduler);
     it resumes from the manifest even under ``--overwrite``, as Dask starts it again when its worker dies:
-    ``submit`` forgot the earlier attempts when it recorded the job."""
-    if options.overwrite and driver is None:
+    ``submit`` forgot the earlier attempts when it recorded the job.  ``slurm_job``: the SLURM job id of the driver
+    job of ``submit --cluster slurm`` running this (``tilemask status`` asks SLURM), which resumes so too."""
+    if options.overwrite and driver is None and slurm_job is None:
         job.reset()
     plan.job_id = job.id  # outputs staged under the job's id, kept when interrupted, resumed by its next run
     manifest = job.manifest()
@@ -261,7 +280,7 @@ def drive_job(
     state = "failed"
     address = client.scheduler.address if client is not None else scheduler
     counts.write("running", host=socket.gethostname(), pid=os.getpid(), started=time.time(), message=None,
-                 scheduler=address, driver=driver, finished=None)  # fmt: skip
+                 scheduler=address, driver=driver, slurm_job=slurm_job, finished=None)  # fmt: skip
     try:
         first = runner.first_plannable(todo, results)  # before any work: exit 2 if the workflow cannot run
         measure_after = measure_after_seconds()  # so is a TILEMASK_AUTO_MEASURE_AFTER that is not a number

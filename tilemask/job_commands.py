@@ -24,16 +24,27 @@ from .command import TilemaskCommand, errors_only, first_line
 
 @main.command(cls=TilemaskCommand)
 @click.argument("workflow", type=click.Path(dir_okay=False))
-@click.option("--scheduler", metavar="ADDRESS", required=True, help="The Dask scheduler the job runs on.")
+@click.option("--scheduler", metavar="ADDRESS", help="The Dask scheduler the job runs on.")
+@click.option("--cluster", "cluster_kind", type=click.Choice(["slurm"]),
+              help="Instead of --scheduler: the job's driver as a SLURM job, which starts its workers as SLURM jobs "
+                   "(dask-jobqueue; Dask config jobqueue.slurm and tilemask.slurm-driver).")  # fmt: skip
+@click.option("--workers", type=click.IntRange(min=1), help="With --cluster slurm: the worker jobs (default 1).")
 @job_options
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
-def submit(workflow, scheduler, overrides, overwrite, on_error, retry_failed, job_dir, debug) -> None:
+def submit(workflow, scheduler, cluster_kind, workers, overrides, overwrite, on_error, retry_failed, job_dir,
+           debug) -> None:  # fmt: skip
     """Start WORKFLOW.yaml as a job on a Dask cluster and print its id; the job goes on after this exits."""
     from .cluster import check_cluster_options
     from .driver import Options, prepare
+    from .errors import UsageError, option
     from .workflow import Workflow
 
-    check_cluster_options(scheduler)
+    if scheduler is None and cluster_kind is None:
+        raise UsageError(f"give {option('scheduler')} ADDRESS (a Dask scheduler) or {option('cluster')} slurm")
+    if workers is not None and cluster_kind is None:
+        raise UsageError(f"{option('workers')} applies to {option('cluster')} slurm, not to a scheduler given by "
+                         f"{option('scheduler')}: leave it out")  # fmt: skip
+    check_cluster_options(scheduler, cluster_kind or "local")
     wf = Workflow.from_yaml(workflow, overrides)
     plan, job, record = prepare(wf, Options(on_error, retry_failed, overwrite), job_dir, str(Path(workflow).resolve()))
     # the first input opens and fits the workflow, and its outputs may be written (exit 2 if not, as tilemask run
@@ -44,7 +55,10 @@ def submit(workflow, scheduler, overrides, overwrite, on_error, retry_failed, jo
         if plan.items and on_error == "abort":
             first = plan.plan_input(plan.items[0])
             plan.check_item_outputs(first, overwrite or plan.items[0].name in job.manifest().started())
-        _submit(plan, job, record, scheduler, overwrite, new)
+        if cluster_kind == "slurm":
+            _submit_slurm(job, record, workers, overwrite, new)
+        else:
+            _submit(plan, job, record, scheduler, overwrite, new)
     except BaseException:
         if new and not job.exists():  # refused, or interrupted, before it created the job: it leaves nothing
             plan.remove_made()  # the outputs' folders its check made (in plan.made), if still empty
@@ -54,32 +68,76 @@ def submit(workflow, scheduler, overrides, overwrite, on_error, retry_failed, jo
     click.echo(job.id)
 
 
+def _refuse_if_active(job) -> None:
+    from .jobs import JobError, live_state
+
+    state = live_state(job)
+    status = job.status()
+    if state in ("queued", "running") and (status.get("driver") or status.get("slurm_job")):
+        raise JobError(f"job {job.id} is {state} already; see tilemask status {job.id}")
+
+
+def _record(job, record, new: bool) -> None:
+    from .errors import TilemaskError
+    from .jobs import JobError
+
+    try:
+        record()
+    except TilemaskError:  # a first submit that cannot write it (a full disk) leaves no job, as run's
+        if new:
+            with contextlib.suppress(OSError, JobError):
+                job.discard()
+        raise
+
+
+def _submit_slurm(job, record, workers: int | None, overwrite: bool, new: bool) -> None:
+    """Create the job (``record``) and ``sbatch`` its driver job (:mod:`tilemask.slurm`): submitted held, its
+    SLURM job id recorded in ``status.json``, then released, so that no driver runs a job whose record does not
+    name it. The driver job's settings are tried first (``sbatch --test-only``): refused, no job is created."""
+    from . import slurm
+    from .interrupts import shielded
+    from .storage import is_remote
+
+    script = slurm.driver_script(job.location, workers, local=not is_remote(job.location))
+    slurm.check_driver(script)
+    slurm_job = None
+    try:
+        with job:  # no process runs the job here (its driver, or a tilemask run, would hold this lock)
+            _refuse_if_active(job)
+            _record(job, record, new)
+            if overwrite:
+                job.reset()  # once: the driver does not (it resumes, as a driver job requeued would)
+            with shielded():  # Ctrl-C meanwhile: the driver job, once submitted, is known, and taken back below
+                slurm_job = slurm.submit_held(script)
+                job.set_status("queued", scheduler=None, driver=None, host=None, pid=None, slurm_job=slurm_job,
+                               submitted=time.time(), finished=None, message=None)  # fmt: skip
+        slurm.release(slurm_job)
+    except BaseException:
+        if slurm_job is not None:  # submitted: taken back, and the job says why it will not run
+            with shielded(), contextlib.suppress(Exception):
+                slurm.cancel(slurm_job)
+                job.set_status("cancelled", message=f"cancelled: its submit failed or was interrupted (SLURM job "
+                                                    f"{slurm_job} cancelled)")  # fmt: skip
+        raise
+
+
 def _submit(plan, job, record, scheduler: str, overwrite: bool, new: bool) -> None:
     """Create the job (``record``) and hand its driver to the scheduler."""
     from distributed import fire_and_forget
 
     from .cluster import cluster_client
     from .driver import drive
-    from .errors import TilemaskError
     from .interrupts import shielded
-    from .jobs import JobError, live_state
 
     key = f"tilemask-job-{job.id}-{uuid.uuid4().hex[:8]}"
     with cluster_client(scheduler) as client:
         with job:  # no process runs the job here (its driver, or a tilemask run, would hold this lock)
-            state = live_state(job)
-            if state in ("queued", "running") and job.status().get("driver"):
-                raise JobError(f"job {job.id} is {state} already; see tilemask status {job.id}")
-            try:
-                record()
-            except TilemaskError:  # a first submit that cannot write it (a full disk) leaves no job, as run's
-                if new:
-                    with contextlib.suppress(OSError, JobError):
-                        job.discard()
-                raise
+            _refuse_if_active(job)
+            _record(job, record, new)
             if overwrite:
                 job.reset()  # once: the driver does not, as Dask may start it again (its worker died)
-            job.set_status("queued", scheduler=scheduler, driver=key, submitted=time.time(), message=None)
+            job.set_status("queued", scheduler=scheduler, driver=key, slurm_job=None, submitted=time.time(),
+                           message=None)  # fmt: skip
         future = None
         try:
             # Ctrl-C during the handover waits for its end, then takes the driver back: an interrupted submit
@@ -149,6 +207,15 @@ def _summary(folder) -> dict:
     if state in ("queued", "running") and task in HELD:  # not started yet, or held again: its worker is gone
         waiting = "its driver waits for a Dask worker" + (" (the one it ran on is gone)" if state == "running" else "")
         state, recorded = "queued", {**recorded, "message": waiting}
+    elif recorded.get("slurm_job") and task is not None:
+        where = f"its driver job, SLURM job {recorded['slurm_job']},"
+        if state == "queued":
+            recorded = {**recorded, "message": f"{where} is pending"}
+        elif state == "lost":
+            log = folder.path / f"driver-{recorded['slurm_job']}.log"
+            said = f"; its output: {log}" if log.is_file() else ""
+            recorded = {**recorded, "message": f"{where} ended ({task.lower()}) without recording how the job "
+                                               f"ended{said}"}  # fmt: skip
     summary = {**recorded, "job": folder.id, "folder": folder.location, "state": state}
     missing = folder.incomplete()
     if missing:  # a run stopped (killed, a full disk) after job.json, before it listed the inputs: 0 of 0 items
@@ -191,6 +258,9 @@ def cancel(job, wait_s, debug) -> None:
         click.echo(f"job {folder.id}: {live_state(folder)}")
         return
     folder.request_cancel()
+    if folder.status().get("slurm_job"):
+        _cancel_slurm(folder, wait_s)
+        return
     # a driver the scheduler holds but no worker runs (queued; or started again after its worker died, waiting
     # for one) would never see the request: taken back at once. Only then: a running driver's reaction to the
     # request (cancelling its items' tasks) can fail the handshake of a Client that connects meanwhile
@@ -212,6 +282,27 @@ def cancel(job, wait_s, debug) -> None:
         sys.exit(1)
     elif state == "lost":
         folder.set_status("cancelled", message="cancelled after it was lost")
+        state = "cancelled"
+    click.echo(f"job {folder.id}: {state}")
+
+
+def _cancel_slurm(folder, wait_s: float) -> None:
+    """``scancel`` the job's driver job: a pending one leaves the queue, a running one gets SIGTERM and stops as
+    Ctrl-C stops a run (its worker jobs cancelled as its SLURM cluster closes); a job whose driver ended without
+    recording it (pending, or killed) is recorded cancelled."""
+    from . import slurm
+    from .jobs import ACTIVE, live_state
+
+    slurm_job = folder.status()["slurm_job"]
+    slurm.cancel(slurm_job)
+    deadline = time.monotonic() + wait_s
+    while (state := live_state(folder)) in ACTIVE and time.monotonic() < deadline:
+        time.sleep(0.25)
+    if state in ACTIVE:
+        click.echo(f"job {folder.id}: cancel requested; still {state} after {wait_s:g} s")
+        sys.exit(1)
+    if state == "lost":
+        folder.set_status("cancelled", message=f"cancelled: its driver job, SLURM job {slurm_job}, was cancelled")
         state = "cancelled"
     click.echo(f"job {folder.id}: {state}")
 
@@ -240,6 +331,21 @@ def _take_back_driver(status: dict, unless_started: bool = True) -> bool:
             return True
     except (OSError, TilemaskError):  # gone, or no scheduler answers there any more
         return False
+
+
+@main.command(cls=TilemaskCommand, hidden=True)
+@click.argument("folder")
+@click.option("--cluster", "cluster_kind", type=click.Choice(["slurm"]), required=True)
+@click.option("--workers", type=click.IntRange(min=1))
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+def drive(folder, cluster_kind, workers, debug) -> None:
+    """Run the job in FOLDER: the driver job that tilemask submit --cluster slurm hands to sbatch."""
+    from .driver import drive_folder
+
+    failed = drive_folder(folder, cluster_kind, workers)
+    if failed:
+        click.echo(f"tilemask: {failed} items failed; see tilemask status {folder}", err=True)
+        sys.exit(1)
 
 
 @main.command(cls=TilemaskCommand)

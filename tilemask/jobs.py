@@ -12,7 +12,7 @@
   attempt begins, so a later attempt knows the item's outputs are this job's
   own; a truncated last line (a crash mid-write) is dropped on reload;
 * ``status.json``: the state (queued | running | done | failed | cancelled),
-  the item counts, who runs it (host, pid, scheduler, driver key), rewritten
+  the item counts, who runs it (host, pid, scheduler, driver key, the SLURM job id of a driver job), rewritten
   atomically; ``lost`` is not written but found by :func:`live_state`;
 * ``report.csv``: one row per item at the end of each run (ok, skipped: ok in
   an earlier run and not redone, failed, not run);
@@ -60,7 +60,8 @@ WRITTEN = ("queued", "running", "done", "failed", "cancelled")  # the states sta
 ACTIVE = ("queued", "running")
 # the fields of status.json that say who runs a job, and their types (None: not recorded)
 STATUS_FIELDS = {"state": (str, type(None)), "host": (str, type(None)), "pid": (int, type(None)),
-                 "scheduler": (str, type(None)), "driver": (str, type(None))}  # fmt: skip
+                 "scheduler": (str, type(None)), "driver": (str, type(None)),
+                 "slurm_job": (str, type(None))}  # fmt: skip
 # a driver task the scheduler holds but no worker runs: not started yet, or started again after its worker died
 HELD = ("released", "waiting", "queued", "no-worker")
 
@@ -563,6 +564,17 @@ def live_driver(job: JobFolder, status: dict | None = None, timeout: float = 5.0
     state = status.get("state", "queued")
     if state not in ACTIVE:
         return state, None
+    if status.get("slurm_job"):  # the driver job of submit --cluster slurm: SLURM's state of it
+        from . import slurm
+
+        task = slurm.job_state(status["slurm_job"])
+        if task is None:  # SLURM cannot be asked from here: the record is all there is
+            return state, None
+        if task in slurm.ALIVE:
+            return ("queued" if task in slurm.PENDING else "running"), task
+        # it ended: as it ended it may have written its final state, after the record was read
+        again = job.status().get("state", "queued")
+        return (again if again not in ACTIVE else "lost"), task
     if status.get("driver") and status.get("scheduler"):
         task = driver_state(status["scheduler"], status["driver"], timeout)
         return (state if task not in (None, "forgotten", "erred", "memory") else "lost"), task
