@@ -81,7 +81,8 @@ class DicomSegSink(LabelSink):
         import zarr
 
         source = self._source()
-        images = [pydicom.dcmread(f) for f in source.files]  # the k axis, in order (highdicom reads their pixels)
+        # the k axis, in order; highdicom reads their attributes, not their pixels: a series' pixels are not held
+        images = [pydicom.dcmread(f, stop_before_pixels=True) for f in source.files]
         for image in images:  # a Type 2 attribute a series leaves out is present and empty in the SEG
             for keyword in PATIENT_AND_STUDY:
                 if keyword not in image:
