@@ -35,6 +35,13 @@ def mode_of_cells(labels: np.ndarray) -> np.ndarray:
     return out
 
 
+def labels_multiscale(root: zarr.Group) -> dict:
+    """The multiscale of the labels of an OME-Zarr output, once ome-zarr-models has validated them."""
+    ImageLabel.from_zarr(root["labels/labels"])
+    (multiscale,) = dict(root["labels/labels"].attrs)["ome"]["multiscales"]
+    return multiscale
+
+
 def test_labels_as_a_multiscale_label_image_that_validates_and_reads_as_napari_does(
     make_raster, make_model, tmp_path, client
 ):
@@ -114,8 +121,7 @@ def test_volume_scale_is_the_voxel_size_and_an_ome_zarr_input_keeps_it(make_volu
     Image.from_zarr(zarr.open_group(source, mode="r"))  # a valid NGFF 0.5 image
     root = zarr.open_group(run_small_volume(source, weights, tmp_path, client, ".ome.zarr"), mode="r")
     Image.from_zarr(root)
-    ImageLabel.from_zarr(root["labels/labels"])
-    multiscale = dict(root["labels/labels"].attrs)["ome"]["multiscales"][0]
+    multiscale = labels_multiscale(root)
     assert [a["unit"] for a in multiscale["axes"]] == [unit] * 3
     assert [a["name"] for a in multiscale["axes"]] == ["z", "y", "x"]  # named as the input named them
     transforms = multiscale["datasets"][0]["coordinateTransformations"]
@@ -152,8 +158,7 @@ def test_an_image_ome_zarr_input_keeps_its_scale_and_translation(make_model, tmp
     wf = raster_workflow(source, weights, output={"path": "out/{stem}_labels.ome.zarr", "chunks": 64})
     (result,) = tilemask.run(Workflow.from_dict(wf, base_dir=tmp_path), client)
     root = zarr.open_group(result.outputs[0], mode="r")
-    ImageLabel.from_zarr(root["labels/labels"])
-    (multiscale,) = dict(root["labels/labels"].attrs)["ome"]["multiscales"]
+    multiscale = labels_multiscale(root)
     assert multiscale["axes"] == [{"name": n, "type": "space", "unit": "micrometer"} for n in "yx"]  # was unit-less
     transforms = multiscale["datasets"][0]["coordinateTransformations"]
     assert transforms == [{"type": "scale", "scale": scale[1:]},
@@ -181,8 +186,7 @@ def test_a_rasters_translation_is_the_centre_of_its_first_pixel_as_ngff_and_a_vo
     wf = raster_workflow(path, weights, output={"path": "out/{stem}.ome.zarr", "chunks": 256})
     (result,) = tilemask.run(Workflow.from_dict(wf, base_dir=tmp_path), client)
     root = zarr.open_group(result.outputs[0], mode="r")
-    ImageLabel.from_zarr(root["labels/labels"])
-    (multiscale,) = dict(root["labels/labels"].attrs)["ome"]["multiscales"]
+    multiscale = labels_multiscale(root)
     levels = [d["coordinateTransformations"] for d in multiscale["datasets"]]
     assert levels[0] == [{"type": "scale", "scale": [30.0, 30.0]}, {"type": "translation", "translation": [y, x]}]
     shapes = [np.asarray(root[f"labels/labels/{d['path']}"]).shape for d in multiscale["datasets"]]
