@@ -506,3 +506,14 @@ def test_a_key_given_twice_through_one_alias_is_refused_too(tmp_path):
         Workflow.from_yaml(path)
     assert re.fullmatch(rf"workflow {re.escape(str(path))} line \d+: mode given twice \(first on line \d+\)",
                         str(refused.value)), str(refused.value)  # fmt: skip
+
+
+def test_a_saved_workflow_reads_back_as_itself(tmp_path):
+    """A job folder's workflow is ``to_dict``'s, with model.fold and model.checkpoint as null: reading it back refused
+    it as an nnU-Net choice without model.nnunet, and every submitted job and SLURM driver failed (CI's slow run)."""
+    workflow = Workflow.from_dict(raster_workflow("scene.tif", tmp_path / "w.pt"), base_dir=tmp_path)
+    saved = workflow.to_dict()
+    assert saved["model"]["fold"] is None and saved["model"]["checkpoint"] is None
+    assert Workflow.from_dict(saved, base_dir=tmp_path).to_dict() == saved
+    with pytest.raises(WorkflowError, match="give model.nnunet"):
+        Workflow.from_dict({**saved, "model": {**saved["model"], "fold": 0}}, base_dir=tmp_path)
