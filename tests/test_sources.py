@@ -161,6 +161,19 @@ def test_raster_windows_and_band_order(make_raster):
 
 
 
+def test_a_raster_that_no_longer_opens_when_read_is_a_read_error_naming_it(make_raster):
+    """A raster that opened at planning and fails to open at a read (its server stalled: CURL's timeout) was opened a
+    second time for the broken block's words, outside the read's error handler: rasterio's exception reached the
+    client raw, 'Exception: RasterioIOError(...)' without the file's name (CI's slow run). A local file replaced by
+    bytes that are no raster fails to open the same way."""
+    path, _ = make_raster((1, 70, 90))
+    source = open_source(str(path), spatial_dims=2)
+    path.write_bytes(b"no raster here" * 100)  # another stamp: the handle is opened again, and fails
+    named = rf"{re.escape(str(path))}: read failed at rows 0:10, cols 0:10: .*not recognized"
+    with pytest.raises(ReadError, match=named):
+        source.read(((0, 10), (0, 10)))
+
+
 @pytest.mark.timeout(30)
 def test_rasters_of_complex_pixels_or_of_no_band_are_refused_and_bands_of_several_types_are_read(make_raster, tmp_path):
     """A reviewer's fault sweep: a complex GeoTIFF ran (exit 0), numpy's cast dropping the imaginary part without a

@@ -423,7 +423,7 @@ class Workflow(_Strict):
         bundle = model.get("bundle")
         if model.get("nnunet") is not None:
             raw = _with_nnunet(raw, model, base)
-        elif model.get("fold") is not None or model.get("checkpoint") is not None:  # a saved workflow holds them as null
+        elif model.get("fold") is not None or model.get("checkpoint") is not None:  # a saved workflow has them null
             raise WorkflowError("model.fold and model.checkpoint choose an nnU-Net fold's weights: give model.nnunet")
         if isinstance(bundle, str):
             from .bundle import bundle_defaults, merge

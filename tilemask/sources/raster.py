@@ -199,13 +199,16 @@ class RasterSource(ImageSource):
 
     def _read_raw(self, region: Region) -> np.ndarray:
         (r0, r1), (c0, c1) = region
+        ds = None
         try:
             with gdal_env(self.path):
-                return read_bands(self._dataset(), self.bands, window=Window(c0, r0, c1 - c0, r1 - r0))
+                ds = self._dataset()
+                return read_bands(ds, self.bands, window=Window(c0, r0, c1 - c0, r1 - r0))
         except RasterioError as exc:
             detail = first_gdal_line(exc)
-        with gdal_env(self.path):
-            detail = block_failure(self.path, detail, self._dataset(), region, self.bands)
+        if ds is not None:  # not opened again: a file that failed to open (a stalled server) fails so again, raw
+            with gdal_env(self.path):
+                detail = block_failure(self.path, detail, ds, region, self.bands)
         # raised outside the handler: GDAL's exception chain must not travel back to the client
         raise ReadError(f"{self.path}: read failed at rows {r0}:{r1}, cols {c0}:{c1}: {detail}")
 
