@@ -350,3 +350,27 @@ def test_a_pending_slurm_driver_job_is_queued_and_cancel_takes_it_out_of_the_que
     assert (cancelled.returncode, cancelled.stdout.strip()) == (0, f"job {job}: cancelled"), cancelled.stderr
     assert _squeue(env) == []
     assert _status(job, env, tmp_path)["state"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("driver", "key"),
+    [({"cores": 0}, "cores"), ({"memory": "lots"}, "memory"), ({"job-extra-directives": "--gres=gpu:1"},
+                                                                 "job-extra-directives")],
+)
+def test_a_driver_job_setting_that_is_no_setting_is_one_line_before_any_job(tmp_path, driver, key):
+    """``tilemask.slurm-driver`` is checked before ``sbatch`` is asked and before the job's folder is made: exit 2
+    naming the key, and nothing left that looks like a job (no SLURM here: none is asked)."""
+    path, env = _slurm_submit_setup(tmp_path, {}, driver)
+    done = run_cli("submit", path, "--cluster", "slurm", cwd=tmp_path, env=env)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"tilemask: error: --cluster slurm: tilemask.slurm-driver.{key} is "), line
+    assert not done.stdout.strip(), "no job id printed"
+    assert not (tmp_path / "out").exists(), "refused before the job's folder is made"
+
+
+def test_submit_workers_without_a_slurm_cluster_is_refused(tmp_path):
+    path, env = _slurm_submit_setup(tmp_path, {})
+    done = run_cli("submit", path, "--scheduler", "tcp://127.0.0.1:1", "--workers", "2", cwd=tmp_path, env=env)
+    assert done.returncode == 2 and "--workers applies to --cluster slurm" in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()
