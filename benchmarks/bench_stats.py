@@ -9,7 +9,7 @@ times ``tilemask.stats.compute_stats(coverage="fraction")`` on a LocalCluster
 ``--coverage center``.  Instances: a ``volume^3`` blob volume, tilemask's
 chunked labelling vs ``scipy.ndimage.label`` (and ``cc3d`` when installed).
 Peak memory is the peak of the summed RSS of this process and all its children
-(sampled every 50 ms with psutil).
+(sampled every 100 ms with psutil: benchmarks/peakmem.py).
 """
 
 from __future__ import annotations
