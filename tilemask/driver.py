@@ -47,7 +47,7 @@ from .command import first_line
 from .engine import RunResult, probe, process_age, run_job
 from .errors import NoWorkers, RunError, TilemaskError, UsageError, command_line, option
 from .imports import import_in_background
-from .jobs import JobCancelled, JobError, JobFolder, default_job_dir, job_folder, job_id, outputs_complete
+from .jobs import ACTIVE, JobCancelled, JobError, JobFolder, default_job_dir, job_folder, job_id, outputs_complete
 from .outputs import FolderListings, OutputLock
 from .planning import InputPlan, WorkflowPlan, classes_of, plan_model
 from .products import client_imports
@@ -189,6 +189,11 @@ def drive(folder: str) -> int:
     except TilemaskError as exc:
         job.set_status("failed", message=first_line(exc))
         raise
+    if job.cancel_requested():  # withdrawn or cancelled before a worker started it: it starts nothing, and its
+        # "running" does not overwrite the "cancelled" that submit or cancel writes (the job then read as lost)
+        if job.status().get("state") in ACTIVE:
+            job.set_status("cancelled", message="cancelled before its driver started", finished=time.time())
+        return 0
     key = get_worker().get_current_task()
     with job, worker_client(separate_thread=True) as client, command_line():  # submitted by the command
         results = drive_job(job, plan, options, progress=False, client=client, driver=key)
