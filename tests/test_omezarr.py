@@ -52,7 +52,8 @@ def test_labels_as_a_multiscale_label_image_that_validates_and_reads_as_napari_d
         wf = Workflow.from_dict(
             raster_workflow(path, weights, classes=["background", "water", "cloud"],
                             output={"path": f"out/{{stem}}{suffix}", "probabilities": "uint8", "chunks": 256,
-                                    "quicklook": suffix == ".ome.zarr"}),
+                                    "quicklook": suffix == ".ome.zarr"},
+                            inference={"backend": "torch"}),  # auto may settle on another between the two runs
             base_dir=tmp_path,
         )  # fmt: skip
         (result,) = tilemask.run(wf, client)
