@@ -182,6 +182,11 @@ def drive(folder: str) -> int:
     from distributed import get_worker, worker_client
 
     job = job_folder(folder)
+    if job.cancel_requested():  # withdrawn or cancelled before a worker started it: it starts nothing, and its
+        # "running" does not overwrite the "cancelled" that submit or cancel writes (the job then read as lost)
+        if job.status().get("state") in ACTIVE:
+            job.set_status("cancelled", message="cancelled before its driver started", finished=time.time())
+        return 0
     info = job.info()
     options = Options(**info["options"])
     try:
@@ -189,11 +194,6 @@ def drive(folder: str) -> int:
     except TilemaskError as exc:
         job.set_status("failed", message=first_line(exc))
         raise
-    if job.cancel_requested():  # withdrawn or cancelled before a worker started it: it starts nothing, and its
-        # "running" does not overwrite the "cancelled" that submit or cancel writes (the job then read as lost)
-        if job.status().get("state") in ACTIVE:
-            job.set_status("cancelled", message="cancelled before its driver started", finished=time.time())
-        return 0
     key = get_worker().get_current_task()
     with job, worker_client(separate_thread=True) as client, command_line():  # submitted by the command
         results = drive_job(job, plan, options, progress=False, client=client, driver=key)
