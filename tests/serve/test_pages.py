@@ -264,3 +264,68 @@ def test_a_click_names_the_class_of_the_output_drawn_on_top(browser, served_fold
             page.wait_for_function("document.getElementById('info').textContent.length > 0", timeout=30_000)
             assert page.inner_text("#info") == name
         page.close()
+
+
+@pytest.mark.slow
+def test_map_names_an_output_whose_tiles_cannot_be_read(browser, served_folder, tmp_path):
+    """A label COG cut short: its header reads, so the catalog lists it and the map asks for its tiles, and those
+    past the cut were 422s the page left as gaps without a word. The page names the file and GDAL's reason, and
+    still draws the tiles that read."""
+    from .conftest import start_server
+
+    whole = (served_folder / "RGB.byte_mask.tif").read_bytes()
+    (tmp_path / "cut_mask.tif").write_bytes(whole[: len(whole) * 9 // 10])  # its last tiles cut
+    shutil.copyfile(served_folder / "RGB.byte_mask.tif.aux.xml", tmp_path / "cut_mask.tif.aux.xml")
+    with start_server(tmp_path) as url:
+        page = browser.new_page(viewport=SIZE, device_scale_factor=1)
+        page.goto(f"{url}map?output=cut_mask.tif")
+        page.wait_for_function("window.tilemaskError !== undefined", timeout=60_000)
+        error = page.evaluate("window.tilemaskError")
+        assert error.startswith("cut_mask.tif: cannot read: "), error  # GDAL's reason for one of the tiles
+        assert page.inner_text("#info").startswith("not all tiles drawn: cut_mask.tif: cannot read: ")
+        page.wait_for_function("window.tilemaskReady === true", timeout=60_000)
+        page.wait_for_timeout(500)
+        shot = screenshot(page)
+        page.close()
+    with rasterio.open(served_folder / "RGB.byte_mask.tif") as ds:
+        names = json.loads(ds.tags()["TILEMASK_CLASSES"])
+    colours = class_colours(len(names))
+    drawn = {value: int((np.abs(shot - colours[value][:3]).max(axis=2) <= 8).sum()) for value in (1, 2)}
+    assert drawn[1] > 1000, drawn  # land, from the tiles before the cut
+
+
+@pytest.mark.slow
+def test_the_maps_legend_names_the_outputs_of_a_class_drawn_in_two_colours(browser, served_folder, tmp_path):
+    """Two outputs naming their classes in another order draw "land" in two colours, but the legend, merged by
+    class name, showed one swatch for it: the other output's land looked like its cloud. A name drawn in two
+    colours is now a row per colour naming its outputs, each swatch in the colour the tiles use."""
+    from tilemask.sources.labels import open_labels
+
+    from .conftest import start_server
+
+    for name in ("a_mask.tif", "b_mask.tif"):
+        shutil.copyfile(served_folder / "RGB.byte_mask.tif", tmp_path / name)
+        shutil.copyfile(served_folder / "RGB.byte_mask.tif.aux.xml", tmp_path / f"{name}.aux.xml")
+    with rasterio.open(served_folder / "RGB.byte_mask.tif") as ds:
+        names = json.loads(ds.tags()["TILEMASK_CLASSES"])
+    assert len(names) == 3, names
+    swapped = [names[0], names[2], names[1]]
+    with rasterio.open(tmp_path / "b_mask.tif", "r+", IGNORE_COG_LAYOUT_BREAK="YES") as ds:
+        ds.update_tags(TILEMASK_CLASSES=json.dumps(swapped))
+    assert open_labels(str(tmp_path / "b_mask.tif")).class_names == tuple(swapped)
+    colours = class_colours(3)
+    expected = {
+        f"{names[1]} (a_mask.tif)": colours[1], f"{names[2]} (a_mask.tif)": colours[2],
+        f"{names[2]} (b_mask.tif)": colours[1], f"{names[1]} (b_mask.tif)": colours[2],
+    }  # fmt: skip
+    with start_server(tmp_path) as url:
+        page = open_page(browser, f"{url}map")
+        rows = page.eval_on_selector_all(
+            "#legend > div", "rows => rows.map(r => [r.textContent, r.firstChild.getBoundingClientRect().toJSON()])"
+        )
+        shot = screenshot(page)
+        page.close()
+    assert sorted(text for text, _ in rows) == sorted(expected), rows
+    for text, box in rows:
+        drawn = shot[int(box["y"] + box["height"] / 2), int(box["x"] + box["width"] / 2)]
+        assert np.abs(drawn - expected[text][:3]).max() <= 8, (text, drawn, expected[text])

@@ -1449,3 +1449,20 @@ def test_a_csv_whose_first_row_has_more_cells_than_its_header_is_a_422_not_shift
         short = client.get("/stats", params={"output": "short.csv"})
         rows = [{"region": "01001", "pixels": 12, "area": 0.5}, {"region": "99999", "pixels": 3, "area": None}]
         assert short.json() == rows
+
+
+def test_the_catalogs_cache_forgets_files_removed_from_the_folder(tmp_path, served_folder):
+    """A long-lived server over a folder whose outputs come and go kept the classification of every file it had
+    ever listed. After a listing, it holds those of the files there now."""
+    from tilemask.serve.catalog import Catalog
+
+    shutil.copyfile(served_folder / LABELS, tmp_path / "kept_mask.tif")
+    for i in range(40):
+        (tmp_path / f"note{i}.txt").write_text("not an output")
+    catalog = Catalog(tmp_path)
+    assert [e.path for e in catalog.entries()] == ["kept_mask.tif"]
+    assert len(catalog._cache) == 41
+    for i in range(40):
+        (tmp_path / f"note{i}.txt").unlink()
+    assert [e.path for e in catalog.entries()] == ["kept_mask.tif"]
+    assert set(catalog._cache) == {str(tmp_path / "kept_mask.tif")}

@@ -116,7 +116,9 @@ class Catalog:
         "Serving", measured several slower)."""
         found: list[Entry] = []
         stamps: dict[str, tuple] = {}  # each folder walked, and each file left out (it may be whole next time)
+        walked: set[str] = set()
         for path, names in self._walk(stamps):
+            walked.add(str(path))
             classified = self._classified(path, names)
             if not classified:
                 stamps[str(path)] = ("file", *_stamp(path))
@@ -124,6 +126,8 @@ class Catalog:
         linked = _link(found)
         with self._lock:
             self._listing = (stamps, {e.id: e for e in linked})
+            for key in self._cache.keys() - walked:  # files gone since: a long-lived server's cache stays the folder's
+                del self._cache[key]
         return linked
 
     def find(self, rel: str, *kinds: str) -> Entry | None:

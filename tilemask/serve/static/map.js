@@ -11,14 +11,51 @@ function lonLatBox([x0, y0, x1, y1]) {
   if (x0 >= -180 && x1 <= 180) return [x0, lat(y0), x1, lat(y1)];
   return [wrap(x0), lat(y0), wrap(x1), lat(y1)];
 }
+// A tile fetched rather than left to an <img>, so that the server's reason for one it cannot draw (a COG whose
+// tiles are cut short or do not decompress: 422) is named in #info and window.tilemaskError, not a silent gap.
+// 404 is a tile outside the output: nothing to draw there.
+const TILE_ERROR = 3;  // ol's TileState.ERROR (the full build does not export TileState)
+function tileLoader(r) {
+  return async (tile, src) => {
+    try {
+      const response = await fetch(src);
+      if (!response.ok) {
+        if (response.status !== 404) {
+          const body = await response.text();
+          let reason = `${r.path}: ${response.status} ${body}`;
+          try { reason = JSON.parse(body).detail; } catch (e) { /* not tilemask's JSON (it names the file) */ }
+          window.tilemaskError = reason;
+          document.getElementById("info").textContent = `not all tiles drawn: ${reason}`;
+        }
+        tile.setState(TILE_ERROR);
+        return;
+      }
+      const url = URL.createObjectURL(await response.blob());
+      const image = tile.getImage();
+      const revoke = () => URL.revokeObjectURL(url);
+      image.addEventListener("load", revoke, { once: true });
+      image.addEventListener("error", revoke, { once: true });
+      image.src = url;
+    } catch (error) {  // the server went away
+      window.tilemaskError = `${r.path}: ${error.message}`;
+      tile.setState(TILE_ERROR);
+    }
+  };
+}
 const layers = [];
-const classes = new Map();
+const classes = new Map();  // by name, the first output's: what colours the polygons (their "class" is a name)
+const swatches = new Map();  // by name and colour, with the outputs drawing it so
 for (const r of config.rasters) {
-  for (const c of r.classes) if (!classes.has(c.name)) classes.set(c.name, c);
+  for (const c of r.classes) {
+    if (!classes.has(c.name)) classes.set(c.name, c);
+    const key = `${c.name}\n${c.color}`;
+    if (!swatches.has(key)) swatches.set(key, { ...c, outputs: [] });
+    swatches.get(key).outputs.push(r.path);
+  }
   layers.push(new ol.layer.Tile({
     source: new ol.source.XYZ({
       url: "tiles/{z}/{x}/{y}.png?output=" + encodeURIComponent(r.path),
-      interpolate: false, maxZoom: 24, transition: 0,
+      tileLoadFunction: tileLoader(r), interpolate: false, maxZoom: 24, transition: 0,
     }),
   }));
 }
@@ -102,7 +139,12 @@ if (all.length) {  // fitted past 180 degrees east where the extents cross it: t
   map.getView().fit(ol.proj.transformExtent([west, south, east, north], "EPSG:4326", "EPSG:3857"),
                     { padding: [10, 10, 10, 10] });
 }
-tilemaskLegend(Array.from(classes.values()));
+// A class name two outputs draw in two colours (their classes in another order) is a row per colour, naming
+// the outputs: one row would tell the reader the wrong colour for the others.
+const colourCount = new Map();
+for (const c of swatches.values()) colourCount.set(c.name, (colourCount.get(c.name) || 0) + 1);
+tilemaskLegend(Array.from(swatches.values(), (c) =>
+  colourCount.get(c.name) > 1 ? { ...c, name: `${c.name} (${c.outputs.join(", ")})` } : c));
 map.on("singleclick", async (event) => {
   const [lon, lat] = ol.proj.toLonLat(event.coordinate);
   const info = document.getElementById("info");
