@@ -97,8 +97,8 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=getattr(torch, precision), enabled=precision != "float32")
 
 
-def run_tilemask(raster: Path, weights: Path, out: Path, probabilities: str = "none",
-                 precision: str = "float32", device: torch.device = torch.device("cpu")) -> dict:  # fmt: skip
+def run_tilemask(raster: Path, weights: Path, out: Path, probabilities: str = "none", precision: str = "float32",
+                 device: torch.device = torch.device("cpu"), backend: str = "auto") -> dict:  # fmt: skip
     import tilemask
     from tilemask import Workflow, forkserver, timing
     from tilemask.cluster import cluster_client
@@ -108,7 +108,7 @@ def run_tilemask(raster: Path, weights: Path, out: Path, probabilities: str = "n
         "model": {"network": "UNet", "args": ARGS, "weights": str(weights)},
         "preprocess": {"normalize": {"mean": [MEAN] * 3, "std": [STD] * 3}},
         "inference": {"roi_size": [ROI, ROI], "overlap": OVERLAP, "batch_size": BATCH, "device": str(device),
-                      "precision": precision},
+                      "precision": precision, "backend": backend},
         "output": {"path": str(out), "chunks": CHUNKS, "quicklook": False, "probabilities": probabilities},
     })  # fmt: skip
     with PeakMemory() as mem:
@@ -219,13 +219,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_backend_only(weights: Path, n_windows: int, precision: str, device: torch.device) -> dict:
-    """The model-only floor through the backend ``auto`` picks on a worker (tilemask.backends), same batches."""
+def run_backend_only(weights: Path, n_windows: int, precision: str, device: torch.device, backend: str = "auto") -> dict:
+    """The model-only floor through the runner of ``backend`` on a worker (tilemask.backends), same batches."""
     from tilemask.backends import cached_runner
     from tilemask.settings import InferenceSettings, ModelSpec
 
     spec = ModelSpec.create("UNet", ARGS, str(weights))
-    settings = InferenceSettings(roi=(ROI, ROI), batch_size=BATCH, backend="auto", precision=precision)
+    settings = InferenceSettings(roi=(ROI, ROI), batch_size=BATCH, backend=backend, precision=precision)
     backend, run = cached_runner(spec, settings, 3, device)
     return {**run_model_only(run, n_windows, "float32", device), "backend": backend}  # the runner autocasts
 
@@ -243,6 +243,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where every side runs the network")
     parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="tilemask's inference.precision; MONAI and the bare model under torch.autocast in it")
+    parser.add_argument("--backend", default="auto", help="tilemask's inference.backend, and the backend-only column's")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     workdir = Path(args.workdir) if args.workdir else scratch_folder("tilemask-bench-")
@@ -258,17 +259,18 @@ def main() -> None:
         raster = workdir / f"scene_{size}.tif"
         if not raster.exists():
             make_raster(raster, size)
-        t = run_tilemask(raster, weights, workdir / f"tilemask_{size}.zarr", "none", args.precision, device)
+        t = run_tilemask(raster, weights, workdir / f"tilemask_{size}.zarr", "none", args.precision, device,
+                         args.backend)
         m = run_monai(raster, net, workdir / f"monai_{size}.tif", args.precision, device)
         p = run_model_only(net, t["windows"], args.precision, device)
-        b = run_backend_only(weights, t["windows"], args.precision, device)
+        b = run_backend_only(weights, t["windows"], args.precision, device, args.backend)
         print(f"\n{size} x {size} x 3 ({t['windows']} windows of {ROI}^2, {t['tasks']} tasks), {args.precision} "
               f"on {device}")  # fmt: skip
         print(f"{'':14}{'wall s':>10}{'peak memory':>14}{'vs model only':>16}")
         print(f"{'tilemask':14}{t['wall']:>10.1f}{gib(t['peak']):>14}{t['wall'] / p['wall']:>15.2f}x")
         print(f"{'MONAI':14}{m['wall']:>10.1f}{gib(m['peak']):>14}{m['wall'] / p['wall']:>15.2f}x")
         print(f"{'model only':14}{p['wall']:>10.1f}{'':>14}{1.0:>15.2f}x  (torch eager, batches of {BATCH})")
-        print(f"{'backend only':14}{b['wall']:>10.1f}{'':>14}{b['wall'] / p['wall']:>15.2f}x  ({b['backend']}, what auto picked)")
+        print(f"{'backend only':14}{b['wall']:>10.1f}{'':>14}{b['wall'] / p['wall']:>15.2f}x  ({b['backend']}, what {args.backend} ran)")
         print(f"tilemask / MONAI: time {t['wall'] / m['wall']:.2f}, peak memory {t['peak'] / m['peak']:.3f}; "
               f"tilemask / backend only: time {t['wall'] / b['wall']:.2f}")
         print(f"tilemask's peak: {gib(t['own'])} this process (torch, MONAI, the network, the client), "
@@ -278,14 +280,15 @@ def main() -> None:
         raster = workdir / f"scene_{args.giga}.tif"
         if not raster.exists():
             make_raster(raster, args.giga)
-        t = run_tilemask(raster, weights, workdir / f"tilemask_{args.giga}.zarr", "none", args.precision, device)
-        b = run_backend_only(weights, t["windows"], args.precision, device)
+        t = run_tilemask(raster, weights, workdir / f"tilemask_{args.giga}.zarr", "none", args.precision, device,
+                         args.backend)
+        b = run_backend_only(weights, t["windows"], args.precision, device, args.backend)
         gigapixels = args.giga**2 / 1e9
         print(f"\n{args.giga} x {args.giga} x 3 ({gigapixels:.2f} gigapixels, {t['windows']} windows): tilemask "
               f"and the bare model, {args.precision} on {device}")  # fmt: skip
         print(f"wall {t['wall']:.1f} s, peak memory of all processes {gib(t['peak'])}, "
               f"{t['tasks']} tasks = {t['tasks'] / gigapixels:.0f} tasks per gigapixel")  # fmt: skip
-        print(f"backend only ({b['backend']}, what auto picked): {b['wall']:.1f} s; "
+        print(f"backend only ({b['backend']}, what {args.backend} ran): {b['wall']:.1f} s; "
               f"tilemask / backend only: time {t['wall'] / b['wall']:.2f}")  # fmt: skip
         print_stages(t, b["wall"])
         monai_bytes = args.giga**2 * 4 * (3 + ARGS["out_channels"] + 1)

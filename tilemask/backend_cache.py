@@ -111,9 +111,26 @@ def backend_version(backend: str) -> str:
 
 
 def verdict_path(spec: ModelSpec, name: str, channels: int, roi: tuple[int, ...], batch: int) -> Path:
-    """Where ``auto``'s measurements of backend ``name`` are cached (per batch size and torch's threads)."""
-    suffix = f".b{batch}.t{torch.get_num_threads()}.verdict.json"
+    """Where ``auto``'s measurements of backend ``name`` are cached: per batch size, torch's threads and CPU
+    (:func:`cpu_key`)."""
+    suffix = f".b{batch}.t{torch.get_num_threads()}.{cpu_key()}.verdict.json"
     return cache_path(spec, name, backend_version(name), channels, roi, suffix)
+
+
+@functools.cache
+def cpu_key() -> str:
+    """A short name for this machine's CPU: its model name (``/proc/cpuinfo``, else the platform's) and the
+    vector instructions torch's kernels use here.  Which backend is fastest depends on them, and a cache folder in
+    a home shared by a cluster's nodes serves CPUs of several kinds: measured on one, a verdict held on all (this
+    project's VMs, AVX2 and AVX-512 machines over one home folder, ran 1.3-2x apart per batch)."""
+    import platform
+
+    model = platform.processor()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    text = f"{model}|{torch.backends.cpu.get_cpu_capability()}"
+    return "cpu" + hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def read_verdict(path: Path, sizes: list[int]) -> dict | None:

@@ -324,10 +324,11 @@ def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], tor
         return name, run
     reference = functools.cache(lambda: _torch(spec, network, channels, roi, torch.device("cpu")))
     if known is None:
+        timed = {n: _paired_seconds(run, reference(), channels, roi, n) for n in sizes}
         known = {
             "difference": _difference(network(), run, channels, roi),
-            "seconds": {str(n): _seconds(run, channels, roi, n) for n in sizes},
-            "torch_seconds": {str(n): _seconds(reference(), channels, roi, n) for n in sizes},
+            "seconds": {str(n): seconds for n, (seconds, _) in timed.items()},
+            "torch_seconds": {str(n): seconds for n, (_, seconds) in timed.items()},
         }
         publish_entry(lambda p: p.write_text(json.dumps(known)), verdict, (".json",))
     faster = _faster_sizes(known)
@@ -367,16 +368,31 @@ def _faster_sizes(verdict: dict) -> set[int]:
     return {int(n) for n, seconds in verdict["seconds"].items() if seconds < verdict["torch_seconds"][n]}
 
 
-def _seconds(run: Runner, channels: int, roi: tuple[int, ...], batch: int) -> float:
-    """Best of two: one batch of ``batch`` random windows through ``run``, after one to warm up."""
+WARM_UP_PASSES, TIMED_ROUNDS = 3, 5
+
+
+def _paired_seconds(run: Runner, reference: Runner, channels: int, roi: tuple[int, ...],
+                    batch: int) -> tuple[float, float]:  # fmt: skip
+    """Seconds of one batch of ``batch`` random windows through ``run`` and through torch (``reference``): each
+    warmed up :data:`WARM_UP_PASSES` times, then the two in turn :data:`TIMED_ROUNDS` times, the median of each.
+
+    Warmed up, because a TorchScript network optimises its graph over its first passes and fresh buffers
+    page-fault; in turn, so that a machine whose speed moves meanwhile moves both.  Measured one after the other,
+    best of two after one pass, the cached trace had not settled: on 2026-12-04 torch read 253 ms a batch of 8
+    against torch-mkldnn's 225 ms, and ``auto`` took torch-mkldnn, which then ran 142 ms a batch alone against
+    torch's 112 ms and made the run slower (README, "Benchmarks")."""
     windows = torch.from_numpy(np.random.default_rng(0).standard_normal((batch, channels, *roi), dtype=np.float32))
-    times = []
+    times: dict[int, list[float]] = {0: [], 1: []}
     with torch.inference_mode():
-        for _ in range(3):
-            start = time.perf_counter()
-            run(windows)
-            times.append(time.perf_counter() - start)
-    return min(times[1:])
+        for runner in (run, reference):
+            for _ in range(WARM_UP_PASSES):
+                runner(windows)
+        for _ in range(TIMED_ROUNDS):
+            for i, runner in enumerate((run, reference)):
+                start = time.perf_counter()
+                runner(windows)
+                times[i].append(time.perf_counter() - start)
+    return float(np.median(times[0])), float(np.median(times[1]))
 
 
 def _torch(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: int, roi: tuple[int, ...],
