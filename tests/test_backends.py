@@ -653,18 +653,18 @@ def test_the_weights_are_read_once_per_version_and_process_for_their_cache_keys(
 
 
 def test_auto_times_each_runner_after_its_first_passes_and_in_turn():
-    """auto's timing took the best of two passes after one: a TorchScript trace still optimising its graph
-    (its first passes slower) read slower than torch-mkldnn and lost to it, though 1.27x faster once settled
-    (2026-12-04). Each runner is now warmed up, then the two are timed in turn and their medians compared."""
+    """auto's timing took the best of two passes after one, each runner after the other: a runner whose first
+    passes are slower (a TorchScript trace optimises its graph as it goes) read slower than it runs. Each runner is
+    now warmed up, then the two are timed in turn and their medians compared."""
     import time
 
     from tilemask.backends import WARM_UP_PASSES, _paired_seconds
 
     calls = {"settling": 0}
 
-    def settling(windows):  # slow for its first passes, as a trace that has not settled
+    def settling(windows):  # slow for its first passes and one more, as a trace that has not settled
         calls["settling"] += 1
-        time.sleep(0.05 if calls["settling"] <= WARM_UP_PASSES else 0.002)
+        time.sleep(0.05 if calls["settling"] <= WARM_UP_PASSES + 1 else 0.002)
         return windows
 
     def steady(windows):

@@ -368,7 +368,7 @@ def _faster_sizes(verdict: dict) -> set[int]:
     return {int(n) for n, seconds in verdict["seconds"].items() if seconds < verdict["torch_seconds"][n]}
 
 
-WARM_UP_PASSES, TIMED_ROUNDS = 3, 5
+WARM_UP_PASSES, TIMED_ROUNDS = 2, 5  # 14 passes in all (6 before): measured once per network and CPU
 
 
 def _paired_seconds(run: Runner, reference: Runner, channels: int, roi: tuple[int, ...],
@@ -378,9 +378,9 @@ def _paired_seconds(run: Runner, reference: Runner, channels: int, roi: tuple[in
 
     Warmed up, because a TorchScript network optimises its graph over its first passes and fresh buffers
     page-fault; in turn, so that a machine whose speed moves meanwhile moves both.  Measured one after the other,
-    best of two after one pass, the cached trace had not settled: on 2026-12-04 torch read 253 ms a batch of 8
-    against torch-mkldnn's 225 ms, and ``auto`` took torch-mkldnn, which then ran 142 ms a batch alone against
-    torch's 112 ms and made the run slower (README, "Benchmarks")."""
+    best of two after one pass, on a worker's probe on 2026-12-04: torch-mkldnn 225 ms a batch of 8, torch 253 ms,
+    both about twice their steady time, and ``auto`` took torch-mkldnn for batches, which then ran 142 ms a batch
+    alone against torch's 112 ms.  Measured this way on the same VM: 108 and 104 ms (README, "Benchmarks")."""
     windows = torch.from_numpy(np.random.default_rng(0).standard_normal((batch, channels, *roi), dtype=np.float32))
     times: dict[int, list[float]] = {0: [], 1: []}
     with torch.inference_mode():
