@@ -219,7 +219,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_backend_only(weights: Path, n_windows: int, precision: str, device: torch.device, backend: str = "auto") -> dict:
+def run_backend_only(weights: Path, n_windows: int, precision: str, device: torch.device,
+                     backend: str = "auto") -> dict:  # fmt: skip
     """The model-only floor through the runner of ``backend`` on a worker (tilemask.backends), same batches."""
     from tilemask.backends import cached_runner
     from tilemask.settings import InferenceSettings, ModelSpec
@@ -254,7 +255,10 @@ def main() -> None:
     device = torch.device(args.device)
     net = net.to(device)
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    print(f"machine: {os.cpu_count()} cores, {gib(psutil.virtual_memory().total)}{gpu}; torch {torch.__version__}")
+    from tilemask.backend_cache import cpu_model
+
+    print(f"machine: {cpu_model()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores, "
+          f"{gib(psutil.virtual_memory().total)}{gpu}; torch {torch.__version__}")  # fmt: skip
     for size in args.sizes:
         raster = workdir / f"scene_{size}.tif"
         if not raster.exists():

@@ -658,18 +658,23 @@ def test_auto_times_each_runner_after_its_first_passes_and_in_turn():
     now warmed up, then the two are timed in turn and their medians compared."""
     import time
 
-    from tilemask.backends import WARM_UP_PASSES, _paired_seconds
+    from tilemask.backend_cache import WARM_UP_PASSES
+    from tilemask.backends import _paired_seconds
 
-    calls = {"settling": 0}
+    calls = []
 
     def settling(windows):  # slow for its first passes and one more, as a trace that has not settled
-        calls["settling"] += 1
-        time.sleep(0.05 if calls["settling"] <= WARM_UP_PASSES + 1 else 0.002)
+        calls.append("torch")
+        if calls.count("torch") <= WARM_UP_PASSES + 1:
+            time.sleep(0.2)
         return windows
 
     def steady(windows):
-        time.sleep(0.01)
+        calls.append("converted")
+        time.sleep(0.05)
         return windows
 
     converted, reference = _paired_seconds(steady, settling, 1, (4, 4), 2)
-    assert reference < 0.008 < converted, (converted, reference)
+    assert reference < 0.025 < converted, (converted, reference)
+    timed = calls[2 * WARM_UP_PASSES :]
+    assert timed == ["converted", "torch"] * (len(timed) // 2), calls  # in turn

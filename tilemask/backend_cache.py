@@ -110,27 +110,43 @@ def backend_version(backend: str) -> str:
         return "absent"
 
 
+WARM_UP_PASSES, TIMED_ROUNDS = 2, 5  # how auto times a backend (tilemask.backends._paired_seconds): 14 passes in all
+TIMING = f"w{WARM_UP_PASSES}r{TIMED_ROUNDS}"  # in a verdict's name: one timed otherwise is measured again
+
+
 def verdict_path(spec: ModelSpec, name: str, channels: int, roi: tuple[int, ...], batch: int) -> Path:
-    """Where ``auto``'s measurements of backend ``name`` are cached: per batch size, torch's threads and CPU
-    (:func:`cpu_key`)."""
-    suffix = f".b{batch}.t{torch.get_num_threads()}.{cpu_key()}.verdict.json"
+    """Where ``auto``'s measurements of backend ``name`` are cached: per batch size, torch's threads, CPU
+    (:func:`cpu_key`) and way of timing (:data:`TIMING`)."""
+    suffix = f".b{batch}.t{torch.get_num_threads()}.{cpu_key()}.{TIMING}.verdict.json"
     return cache_path(spec, name, backend_version(name), channels, roi, suffix)
 
 
 @functools.cache
 def cpu_key() -> str:
-    """A short name for this machine's CPU: its model name (``/proc/cpuinfo``, else the platform's) and the
-    vector instructions torch's kernels use here.  Which backend is fastest depends on them, and a cache folder in
-    a home shared by a cluster's nodes serves CPUs of several kinds: measured on one, a verdict held on all (this
-    project's VMs over one home folder, AVX2 and AVX-512 ones, took 76 to 210 ms a batch of the same UNet)."""
-    import platform
+    """A short name for this machine's CPU (:func:`cpu_model`) and the vector instructions torch's kernels use
+    here.  Which backend is fastest depends on them, and a cache folder in a home shared by a cluster's nodes
+    serves CPUs of several kinds: measured on one, a verdict held on all (this project's VMs over one home folder,
+    AVX2 and AVX-512 ones, took 76 to 210 ms a batch of the same UNet)."""
+    text = f"{cpu_model()}|{torch.backends.cpu.get_cpu_capability()}"
+    return "cpu" + hashlib.sha256(text.encode()).hexdigest()[:8]
 
-    model = platform.processor()
+
+def cpu_model() -> str:
+    """The CPU's model as Linux names it in ``/proc/cpuinfo``: ``model name`` on x86, the implementer and part
+    numbers on ARM (which has no model name there); else the platform's word for it."""
+    fields: dict[str, str] = {}
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
-    text = f"{model}|{torch.backends.cpu.get_cpu_capability()}"
-    return "cpu" + hashlib.sha256(text.encode()).hexdigest()[:8]
+            for line in info:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    if fields.get("model name"):
+        return fields["model name"]
+    if fields.get("CPU implementer"):
+        return f"ARM implementer {fields['CPU implementer']} part {fields.get('CPU part', '?')}"
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def read_verdict(path: Path, sizes: list[int]) -> dict | None:
@@ -156,8 +172,9 @@ def record_cannot_convert(verdict: Path, reason: str) -> None:
 
 
 def tally_path(spec: ModelSpec, channels: int, roi: tuple[int, ...], batch: int) -> Path:
-    """Where ``auto`` adds up the seconds of the jobs it did not measure for (per batch size and torch's threads)."""
-    suffix = f".b{batch}.t{torch.get_num_threads()}.json"
+    """Where ``auto`` adds up the seconds of the jobs it did not measure for (per batch size, torch's threads and
+    CPU, as its verdicts)."""
+    suffix = f".b{batch}.t{torch.get_num_threads()}.{cpu_key()}.json"
     return cache_path(spec, "auto", backend_version("torch"), channels, roi, suffix)
 
 

@@ -14,32 +14,38 @@ function lonLatBox([x0, y0, x1, y1]) {
 // A tile fetched rather than left to an <img>, so that the server's reason for one it cannot draw (a COG whose
 // tiles are cut short or do not decompress: 422) is named in #info and window.tilemaskError, not a silent gap.
 // 404 is a tile outside the output: nothing to draw there.
-const TILE_ERROR = 3;  // ol's TileState.ERROR (the full build does not export TileState)
+const TILE_LOADING = 1, TILE_ERROR = 3;  // ol's TileState (the full build does not export it)
 function tileLoader(r) {
   return async (tile, src) => {
+    const image = tile.getImage();  // now: a tile the map drops meanwhile (its cache trimmed) lets it go
+    let response, body;
     try {
-      const response = await fetch(src);
-      if (!response.ok) {
-        if (response.status !== 404) {
-          const body = await response.text();
-          let reason = `${r.path}: ${response.status} ${body}`;
-          try { reason = JSON.parse(body).detail; } catch (e) { /* not tilemask's JSON (it names the file) */ }
-          window.tilemaskError = reason;
-          document.getElementById("info").textContent = `not all tiles drawn: ${reason}`;
-        }
-        tile.setState(TILE_ERROR);
-        return;
-      }
-      const url = URL.createObjectURL(await response.blob());
-      const image = tile.getImage();
-      const revoke = () => URL.revokeObjectURL(url);
-      image.addEventListener("load", revoke, { once: true });
-      image.addEventListener("error", revoke, { once: true });
-      image.src = url;
+      response = await fetch(src);
+      body = response.ok ? await response.blob() : await response.text();
     } catch (error) {  // the server went away
       window.tilemaskError = `${r.path}: ${error.message}`;
       tile.setState(TILE_ERROR);
+      return;
     }
+    if (tile.getState() !== TILE_LOADING) return;  // dropped by the map while it was fetched
+    if (!response.ok) {
+      if (response.status !== 404) {
+        let detail;
+        try { detail = JSON.parse(body).detail; } catch (e) { /* not JSON */ }
+        const reason = typeof detail === "string" ? detail : `${r.path}: ${response.status} ${body}`;
+        window.tilemaskError = reason;
+        const info = document.getElementById("info");
+        info.textContent = `not all tiles drawn: ${reason}`;
+        delete info.dataset.value;  // no longer the class a click named
+      }
+      tile.setState(TILE_ERROR);
+      return;
+    }
+    const url = URL.createObjectURL(body);
+    const revoke = () => URL.revokeObjectURL(url);
+    image.addEventListener("load", revoke, { once: true });
+    image.addEventListener("error", revoke, { once: true });
+    image.src = url;
   };
 }
 const layers = [];
@@ -141,8 +147,8 @@ if (all.length) {  // fitted past 180 degrees east where the extents cross it: t
 }
 // A class name two outputs draw in two colours (their classes in another order) is a row per colour, naming
 // the outputs: one row would tell the reader the wrong colour for the others.
-const colourCount = new Map();
-for (const c of swatches.values()) colourCount.set(c.name, (colourCount.get(c.name) || 0) + 1);
+const colourCount = new Map();  // of each name, among the swatches shown (background is transparent: none)
+for (const c of swatches.values()) if (c.rgba[3] !== 0) colourCount.set(c.name, (colourCount.get(c.name) || 0) + 1);
 tilemaskLegend(Array.from(swatches.values(), (c) =>
   colourCount.get(c.name) > 1 ? { ...c, name: `${c.name} (${c.outputs.join(", ")})` } : c));
 map.on("singleclick", async (event) => {
