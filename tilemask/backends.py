@@ -390,7 +390,7 @@ def _paired_seconds(run: Runner, reference: Runner, channels: int, roi: tuple[in
     alone against torch's 112 ms.  Measured in turn after three warm-up passes on the same VM: 108 and 104 ms
     (README, "Benchmarks")."""
     windows = torch.from_numpy(np.random.default_rng(0).standard_normal((batch, channels, *roi), dtype=np.float32))
-    times: dict[int, list[float]] = {0: [], 1: []}
+    times: tuple[list[float], list[float]] = ([], [])
     with torch.inference_mode():
         for runner in (run, reference):
             for _ in range(WARM_UP_PASSES):

@@ -15,7 +15,16 @@ function lonLatBox([x0, y0, x1, y1]) {
 // tiles are cut short or do not decompress: 422) is named in #info and window.tilemaskError, not a silent gap.
 // 404 is a tile outside the output: nothing to draw there.
 const TILE_LOADING = 1, TILE_ERROR = 3;  // ol's TileState (the full build does not export it)
-function tileLoader(r) {
+function tileFailed(tile, reason) {
+  if (reason) {
+    window.tilemaskError = reason;
+    const info = document.getElementById("info");
+    info.textContent = `not all tiles drawn: ${reason}`;
+    delete info.dataset.value;  // no longer the class a click named
+  }
+  tile.setState(TILE_ERROR);
+}
+function tileLoader(path) {
   return async (tile, src) => {
     const image = tile.getImage();  // now: a tile the map drops meanwhile (its cache trimmed) lets it go
     let response, body;
@@ -23,22 +32,15 @@ function tileLoader(r) {
       response = await fetch(src);
       body = response.ok ? await response.blob() : await response.text();
     } catch (error) {  // the server went away
-      window.tilemaskError = `${r.path}: ${error.message}`;
-      tile.setState(TILE_ERROR);
+      tileFailed(tile, `${path}: ${error.message}`);
       return;
     }
     if (tile.getState() !== TILE_LOADING) return;  // dropped by the map while it was fetched
     if (!response.ok) {
-      if (response.status !== 404) {
-        let detail;
-        try { detail = JSON.parse(body).detail; } catch (e) { /* not JSON */ }
-        const reason = typeof detail === "string" ? detail : `${r.path}: ${response.status} ${body}`;
-        window.tilemaskError = reason;
-        const info = document.getElementById("info");
-        info.textContent = `not all tiles drawn: ${reason}`;
-        delete info.dataset.value;  // no longer the class a click named
-      }
-      tile.setState(TILE_ERROR);
+      let detail;
+      try { detail = JSON.parse(body).detail; } catch (e) { /* not JSON */ }
+      const reason = typeof detail === "string" ? detail : `${path}: ${response.status} ${body}`;
+      tileFailed(tile, response.status === 404 ? null : reason);
       return;
     }
     const url = URL.createObjectURL(body);
@@ -61,7 +63,7 @@ for (const r of config.rasters) {
   layers.push(new ol.layer.Tile({
     source: new ol.source.XYZ({
       url: "tiles/{z}/{x}/{y}.png?output=" + encodeURIComponent(r.path),
-      tileLoadFunction: tileLoader(r), interpolate: false, maxZoom: 24, transition: 0,
+      tileLoadFunction: tileLoader(r.path), interpolate: false, maxZoom: 24, transition: 0,
     }),
   }));
 }
