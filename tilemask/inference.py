@@ -21,7 +21,6 @@ chunks are blended there, and only their labels come back.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import time
@@ -35,7 +34,7 @@ from .backends import cached_runner, forward_check, settle_auto
 from .device import compute_stream, to_device
 from .errors import RunError
 from .geometry import Block, local_slices, region_shape
-from .models import ModelSpec, resolve_device
+from .models import ModelSpec, resolve_device, torch_threads
 from .preprocess import Preprocessing
 from .settings import InferenceSettings
 from .sources import ImageSource
@@ -164,13 +163,13 @@ def _sums(network, image, windows, origin, shape, settings: InferenceSettings, d
     # Only the forward passes get the process's threads: the windows' copies and sums are too small to split
     # (21 ms for a 120-window block on one thread, 36-47 ms on two), and one thread leaves the other cores to
     # the worker's Dask threads.
-    with _torch_threads(1), torch.inference_mode():
+    with torch_threads(1), torch.inference_mode():
         for batch in _batched(items, settings.batch_size):
             slices = [_window_slices(start, settings.roi, origin) for start, _ in batch]
             inputs = [image[(slice(None), *s)] for s in slices]
             inputs = torch.stack([_flip(x, flips[f]) for x, (_, f) in zip(inputs, batch)])
             forward = time.perf_counter()
-            with _torch_threads(threads):
+            with torch_threads(threads):
                 prediction = network(inputs).to(torch.float32)
             model += time.perf_counter() - forward
             # a window's sum of its values times 0 is NaN when one of them is NaN or infinite, and never overflows
@@ -201,17 +200,6 @@ def _refuse_non_finite(finite: torch.Tensor, starts: list, done, path: str, roi:
     if len(failed):
         raise RunError(f"{path}: the network answered NaN or infinite values for the window at "
                        f"{list(starts[int(failed[0])])} (roi {list(roi)})")  # fmt: skip
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int):
-    """This thread's torch intra-op threads set to ``threads`` inside, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _flip(tensor: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:

@@ -9,6 +9,7 @@ small :class:`ModelSpec`, never the network.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -546,3 +547,14 @@ def cached_model(spec: ModelSpec, device: torch.device) -> torch.nn.Module:
 def set_torch_threads(threads: int) -> None:
     """Intra-op threads of this process (one worker's share of the machine's cores)."""
     torch.set_num_threads(max(1, threads))
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """This thread's torch intra-op threads (its OpenMP team) set to ``threads`` inside, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
