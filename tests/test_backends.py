@@ -684,8 +684,8 @@ def test_auto_times_each_runner_after_its_first_passes_and_in_turn():
 @pytest.mark.timeout(60)
 def test_a_2d_batch_runs_in_two_halves_at_once_each_on_half_the_threads():
     """One forward pass over both cores stalls whenever another thread takes one: on the CPU a batch of 2D
-    windows runs in two halves at once, each on a thread with half of the caller's torch threads; a single
-    window on the caller's thread; the caller's and the process's thread counts as they were."""
+    windows runs in two halves at once, each on a thread with half of the caller's torch threads; fewer windows
+    on the caller's thread; the process's thread count, which threads started later take, as it was."""
     import threading
 
     from tilemask.backends import _halved
@@ -695,50 +695,78 @@ def test_a_2d_batch_runs_in_two_halves_at_once_each_on_half_the_threads():
     together = threading.Barrier(2, timeout=10)  # broken, failing the test, unless both halves run at once
 
     def run(windows):
-        calls.append((threading.current_thread().name, torch.get_num_threads(), len(windows)))
-        if threading.current_thread() is not threading.main_thread():
+        name = threading.current_thread().name
+        calls.append((name, torch.get_num_threads(), len(windows), torch.is_inference_mode_enabled()))
+        if name.startswith("tilemask-half"):
             together.wait()
         return windows * 2
 
+    caller = threading.current_thread().name
     with torch_threads(2):
-        label, halves = _halved("torch", run, "torch", (32, 32), 8)
+        halves = _halved(run, "torch", (32, 32), 8)
         batch = torch.randn(7, 3, 32, 32)
-        assert label == "torch" and torch.equal(halves(batch), batch * 2)
-        assert sorted((name.split("_")[0], threads, n) for name, threads, n in calls) == [
-            ("tilemask-half", 1, 3), ("tilemask-half", 1, 4)], calls  # fmt: skip
+        with torch.inference_mode():
+            assert torch.equal(halves(batch), batch * 2)
+        assert sorted((name.split("_")[0], *rest) for name, *rest in calls) == [
+            ("tilemask-half", 1, 3, True), ("tilemask-half", 1, 4, True)], calls  # fmt: skip
         calls.clear()
-        halves(batch[:1])
-        assert calls == [("MainThread", 2, 1)]
-        assert torch.get_num_threads() == 2
+        halves(batch[:3])  # too few to halve: a half of one window would go to auto's single-window runtime
+        assert calls == [(caller, 2, 3, False)]
         seen = []
         thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
         thread.start()
         thread.join()
         assert seen == [2], "a thread started later took the halves' thread count"
         # where halves do not apply: the runner as given
-        assert _halved("torch", run, "torch", (16, 16, 16), 8)[1] is run  # 3D
-        assert _halved("openvino", run, "openvino", (32, 32), 8)[1] is run  # its own threads, one request
-        assert _halved("torch", run, "torch", (32, 32), 1)[1] is run  # batches of one window
+        assert _halved(run, "torch", (16, 16, 16), 8) is run  # 3D
+        assert _halved(run, "openvino", (32, 32), 8) is run  # its own threads, one request
+        assert _halved(run, "torch", (32, 32), 3) is run  # batches too small to halve
     with torch_threads(1):
-        assert _halved("torch", run, "torch", (32, 32), 8)[1] is run
+        assert _halved(run, "torch", (32, 32), 8) is run
+
+
+@pytest.mark.timeout(60)
+def test_a_half_that_fails_fails_the_batch_after_the_other_half_is_done():
+    import threading
+    import time
+
+    from tilemask.backends import _halved
+    from tilemask.models import torch_threads
+
+    finished = []
+
+    def run(windows):
+        if len(windows) == 5:
+            raise RuntimeError("the network refuses this half")
+        time.sleep(0.3)
+        finished.append(threading.current_thread().name)
+        return windows
+
+    with torch_threads(2):
+        halves = _halved(run, "torch", (32, 32), 9)
+    with pytest.raises(RuntimeError, match="refuses this half"):
+        halves(torch.zeros(9, 3, 32, 32))
+    assert len(finished) == 1, "the batch failed while its other half still ran"
 
 
 @pytest.mark.timeout(120)
 def test_a_cpu_workers_torch_runner_halves_its_batches_and_keeps_the_networks_answer(tmp_path, monkeypatch, caplog):
+    from collections import OrderedDict
+
     from tilemask import backends
     from tilemask.models import torch_threads
 
     monkeypatch.setenv("TILEMASK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(backends, "_runners", OrderedDict())
     spec, settings = _auto_on(TwoConvolutions, tmp_path)
     settings = dataclasses.replace(settings, backend="torch", batch_size=8)
-    backends._runners.clear()
     with torch_threads(2), caplog.at_level(logging.INFO, logger="tilemask.backends"):
         backend, run = backends.cached_runner(spec, settings, 3, torch.device("cpu"))
         batch = torch.randn(8, 3, 32, 32)
         with torch.inference_mode():
             got = run(batch)
     assert backend == "torch"
-    assert any("each batch in two halves at once" in r.getMessage() for r in caplog.records)
+    assert any("in two halves at once" in r.getMessage() for r in caplog.records)
     network = TwoConvolutions()
     network.load_state_dict(torch.load(spec.weights, weights_only=True))
     with torch.inference_mode():

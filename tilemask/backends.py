@@ -82,7 +82,7 @@ from .backend_cache import (
 )
 from .errors import WorkflowError, first_line
 from .imports import ignoring_warnings
-from .models import MODELS_PER_PROCESS, cached_model, torch_threads
+from .models import MODELS_PER_PROCESS, cached_model
 from .settings import InferenceSettings, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ def _build(spec: ModelSpec, settings: InferenceSettings, channels: int, device: 
             if graphed is not None:
                 return f"torch, replayed as a CUDA graph of {batch} windows", graphed
         return "torch", run
-    return _halved("torch", run, "torch", roi, batch)
+    return "torch", _halved(run, "torch", roi, batch)
 
 
 def _cuda_graph(network: torch.nn.Module, channels: int, roi: tuple[int, ...], batch: int,
@@ -328,7 +328,7 @@ def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], tor
             record_cannot_convert(verdict, reason)
         return None
     if not auto:
-        return _halved(name, run, name, roi, batch)
+        return name, _halved(run, name, roi, batch)
     reference = functools.cache(lambda: _torch(spec, network, channels, roi, torch.device("cpu")))
     if known is None:
         difference = _difference(network(), run, channels, roi)
@@ -348,7 +348,7 @@ def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], tor
     if not faster:
         return None
     if faster == set(sizes):
-        return _halved(name, run, name, roi, batch)
+        return name, _halved(run, name, roi, batch)
 
     torch_run = reference()
 
@@ -356,51 +356,74 @@ def _converted(spec: ModelSpec, name: str, auto: bool, network: Callable[[], tor
         return (run if (1 if len(windows) == 1 else batch) in faster else torch_run)(windows)
 
     alone, batched = (name if n in faster else "torch" for n in sizes)
-    return _halved(f"{alone} for one window, {batched} for batches of {batch}", fastest, batched, roi, batch)
+    return f"{alone} for one window, {batched} for batches of {batch}", _halved(fastest, batched, roi, batch)
 
 
 HALVED_RUNTIMES = ("torch", "torch-mkldnn")
-"""The CPU runtimes whose batches :func:`_halved` splits: their runners may be called from two threads at once
-(OpenVINO's holds one infer request under a lock, and OpenVINO and ONNX Runtime keep thread pools of their own)."""
+"""The CPU runtimes whose batches :func:`_halved` splits, calling their runner from two threads at once: a
+TorchScript trace, torch-mkldnn's frozen one, or the network as loaded (whose ``forward`` must then keep no state
+between calls, as for any server that answers requests on several threads).  Not OpenVINO (one infer request
+under a lock) nor ONNX Runtime: both keep thread pools of their own."""
+HALF_AT_LEAST = 2  # windows in each half: a batch of fewer than twice this runs whole
 
 
-def _halved(label: str, run: Runner, runtime: str, roi: tuple[int, ...], batch: int) -> tuple[str, Runner]:
-    """``(label, run)`` with each batch of two 2D windows or more split in two halves run at once, each on a thread
-    of its own with half of this thread's torch threads, where ``runtime`` runs the batches on the CPU and this
-    thread has an even number of torch threads; else as given.
+def _halved(run: Runner, runtime: str, roi: tuple[int, ...], batch: int) -> Runner:
+    """``run`` with each batch of at least ``2 * HALF_AT_LEAST`` 2D windows split in two halves run at once, each on
+    a thread of its own with half of the calling thread's torch threads, where ``runtime`` runs the batches on the
+    CPU and the calling thread (the one that builds the runner: a worker's, set by :func:`set_torch_threads`) has an
+    even number of them; else ``run`` itself.  Each half is a batch: a single-window runner (``auto``'s) is never
+    given one.
 
     One forward pass over both cores stalls whenever another thread of the worker takes one of them: each of
     its parallel regions waits for both of its threads.  On this project's 2-core VM (MONAI's UNet 16-32-64-128,
     batches of 8 windows of 256^2, 2026-12-04), two halves in one thread each took 96-98 ms a batch alone
     against 95-103 ms for the batch on both threads, and 131-136 ms against 149-158 ms beside a thread doing
-    numpy work and compression; in a run of 16384^2 the forward passes took 90-100 s against 109-112 s.
-    Not for 3D windows: a half of one 3D window would run in eager torch's slow ``slow_conv3d`` (unmeasured
-    otherwise); not under autocast (a reduced precision's answer depends on the batch).  A window's answer in a
-    half of the batch differs from its answer in the whole batch by float32 rounding (3e-6 in logits here)."""
+    numpy work and compression; in runs of 16384^2 tilemask took 95.5 / 106.9 s against 107.7-128.4 s.
+    Not for 3D windows: a half of a few 3D windows may run in eager torch's slow ``slow_conv3d`` (not measured);
+    not under autocast (a reduced precision's answer depends on the batch).  A window's answer in a half of the
+    batch differs from its answer in the whole batch by float32 rounding (3e-6 in logits here).  ``auto`` times
+    the runtimes unhalved (:func:`_paired_seconds`): halving is the same for torch and torch-mkldnn."""
     threads = torch.get_num_threads()
-    if runtime not in HALVED_RUNTIMES or len(roi) != 2 or batch < 2 or threads < 2 or threads % 2:
-        return label, run
-    pool = _halves_pool()
-
-    def half(windows: torch.Tensor) -> torch.Tensor:
-        with torch_threads(threads // 2), torch.inference_mode():
-            return run(windows)
+    if runtime not in HALVED_RUNTIMES or len(roi) != 2 or batch < 2 * HALF_AT_LEAST or threads < 2 or threads % 2:
+        return run
+    pool = _halves_pool(threads // 2)
 
     def halves(windows: torch.Tensor) -> torch.Tensor:
-        if len(windows) < 2:
+        if len(windows) < 2 * HALF_AT_LEAST:
             return run(windows)
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()  # the caller's, per thread
+
+        def half(part: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return run(part)
+
         running = [pool.submit(half, part) for part in windows.chunk(2)]
         concurrent.futures.wait(running)  # both, even when one failed: no half left running into the next batch
         return torch.cat([r.result() for r in running])
 
-    logger.info("%s: each batch in two halves at once, on threads of %d torch threads", label, threads // 2)
-    return label, halves
+    logger.info("inference backend %s: each batch of %d windows or more in two halves at once, on threads of %d "
+                "torch threads", runtime, 2 * HALF_AT_LEAST, threads // 2)  # fmt: skip
+    return halves
 
 
 @functools.cache
-def _halves_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """The two threads of this process that run the halves of a batch (:func:`_halved`)."""
-    return concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tilemask-half")
+def _halves_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The two threads of this process that run the halves of a batch (:func:`_halved`), ``threads`` torch threads
+    each, started now.  ``torch.set_num_threads`` sets the calling thread's count and also the process's, which a
+    thread's first use of torch copies: the count of the thread that builds the pool is put back as the process's
+    once both have set theirs, so a thread started later (a Dask thread) does not take the halves' count."""
+
+    def start() -> None:
+        torch.get_num_threads()  # torch's own first-use setting of this thread's count, before ours
+        torch.set_num_threads(threads)
+
+    pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tilemask-half", initializer=start)
+    both = threading.Barrier(3)
+    started = [pool.submit(both.wait) for _ in range(2)]  # one task per thread: each waits for the other's start
+    both.wait()
+    concurrent.futures.wait(started)
+    torch.set_num_threads(torch.get_num_threads())  # this thread's count, as the process's again
+    return pool
 
 
 def _conversion_failure(exc: BaseException) -> str:

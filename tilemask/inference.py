@@ -42,9 +42,10 @@ from .stitch import DevicePartial, Partial
 
 logger = logging.getLogger(__name__)
 
-# Every forward pass of a process runs on this one thread: one at a time (torch already uses the cores it
+# Every forward pass of a process is called from this one thread: one at a time (torch already uses the cores it
 # was given), and always from the same thread, so OpenMP keeps a single team instead of one per Dask thread
-# (idle teams spin and steal the cores).
+# (idle teams spin and steal the cores).  On the CPU a batch of 2D windows runs from there in two halves, on two
+# threads of half the team each (:func:`tilemask.backends._halved`): still one batch at a time.
 _compute_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilemask-compute")
 
 SUMS_STAY_ON = {"cuda"}
@@ -151,7 +152,7 @@ def _sums(network, image, windows, origin, shape, settings: InferenceSettings, d
     """``(sum w * pred, sum w, finite, starts)`` over the block's extent, per flip, on the image's device and
     current stream; ``finite[i]``: whether the prediction of the window at ``starts[i]`` (or a flip of it) holds
     only finite values, on the device too, so that checking it waits for the device once a block."""
-    threads = torch.get_num_threads()  # the process's setting: the forward passes get it, as their OpenMP team
+    threads = torch.get_num_threads()  # the process's setting: the forward passes get it (split between halves)
     flips = settings.flips
     weight = importance_map(settings.roi, settings.mode, settings.sigma_scale, device)
     weighted = None
