@@ -207,13 +207,11 @@ def _build(spec: ModelSpec, settings: InferenceSettings, channels: int, device: 
                 logger.info("inference backend: %s", converted[0])
                 return converted
     run = _torch(spec, network, channels, roi, device)
-    if device.type != "cpu":
-        if backend == "auto" and device.type == "cuda":
-            graphed = _cuda_graph(run, channels, roi, batch, device)
-            if graphed is not None:
-                return f"torch, replayed as a CUDA graph of {batch} windows", graphed
-        return "torch", run
-    return "torch", _halved(run, "torch", roi, batch)
+    if backend == "auto" and device.type == "cuda":
+        graphed = _cuda_graph(run, channels, roi, batch, device)
+        if graphed is not None:
+            return f"torch, replayed as a CUDA graph of {batch} windows", graphed
+    return "torch", _halved(run, "torch", roi, batch) if device.type == "cpu" else run
 
 
 def _cuda_graph(network: torch.nn.Module, channels: int, roi: tuple[int, ...], batch: int,
@@ -364,11 +362,11 @@ HALVED_RUNTIMES = ("torch", "torch-mkldnn")
 TorchScript trace, torch-mkldnn's frozen one, or the network as loaded (whose ``forward`` must then keep no state
 between calls, as for any server that answers requests on several threads).  Not OpenVINO (one infer request
 under a lock) nor ONNX Runtime: both keep thread pools of their own."""
-HALF_AT_LEAST = 2  # windows in each half: a batch of fewer than twice this runs whole
+HALVED_FROM = 4  # windows in a batch: each half a batch of 2 or more, never one window
 
 
 def _halved(run: Runner, runtime: str, roi: tuple[int, ...], batch: int) -> Runner:
-    """``run`` with each batch of at least ``2 * HALF_AT_LEAST`` 2D windows split in two halves run at once, each on
+    """``run`` with each batch of at least ``HALVED_FROM`` 2D windows split in two halves run at once, each on
     a thread of its own with half of the calling thread's torch threads, where ``runtime`` runs the batches on the
     CPU and the calling thread (the one that builds the runner: a worker's, set by :func:`set_torch_threads`) has an
     even number of them; else ``run`` itself.  Each half is a batch: a single-window runner (``auto``'s) is never
@@ -384,12 +382,12 @@ def _halved(run: Runner, runtime: str, roi: tuple[int, ...], batch: int) -> Runn
     batch differs from its answer in the whole batch by float32 rounding (3e-6 in logits here).  ``auto`` times
     the runtimes unhalved (:func:`_paired_seconds`): halving is the same for torch and torch-mkldnn."""
     threads = torch.get_num_threads()
-    if runtime not in HALVED_RUNTIMES or len(roi) != 2 or batch < 2 * HALF_AT_LEAST or threads < 2 or threads % 2:
+    if runtime not in HALVED_RUNTIMES or len(roi) != 2 or batch < HALVED_FROM or threads < 2 or threads % 2:
         return run
     pool = _halves_pool(threads // 2)
 
     def halves(windows: torch.Tensor) -> torch.Tensor:
-        if len(windows) < 2 * HALF_AT_LEAST:
+        if len(windows) < HALVED_FROM:
             return run(windows)
         inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()  # the caller's, per thread
 
@@ -402,7 +400,7 @@ def _halved(run: Runner, runtime: str, roi: tuple[int, ...], batch: int) -> Runn
         return torch.cat([r.result() for r in running])
 
     logger.info("inference backend %s: each batch of %d windows or more in two halves at once, on threads of %d "
-                "torch threads", runtime, 2 * HALF_AT_LEAST, threads // 2)  # fmt: skip
+                "torch threads", runtime, HALVED_FROM, threads // 2)  # fmt: skip
     return halves
 
 
