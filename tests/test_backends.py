@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -781,3 +782,70 @@ class TwoConvolutions(torch.nn.Module):
 
     def forward(self, x):
         return self.layers(x)
+
+
+def _block_sums(network, batch_size=8):
+    """``tilemask.inference._sums`` over the first block of a 64 x 80 image of random values, windows of 16^2."""
+    from tilemask.geometry import WindowPlan, region_shape
+    from tilemask.inference import _sums
+    from tilemask.settings import InferenceSettings
+
+    block = WindowPlan.build((64, 80), (16, 16), 0.25, 64).block((0, 0))
+    origin, shape = tuple(lo for lo, _ in block.extent), region_shape(block.extent)
+    image = torch.from_numpy(np.random.default_rng(0).standard_normal((3, *shape), dtype=np.float32))
+    settings = InferenceSettings(roi=(16, 16), batch_size=batch_size)
+    return _sums(network, image, list(block.windows()), origin, shape, settings, torch.device("cpu"), block)
+
+
+@pytest.mark.timeout(60)
+def test_a_block_queues_its_next_batch_before_waiting_for_one_and_sums_as_batches_run_one_at_a_time():
+    """With halves, the compute thread starts the next batch before it waits for the last, so the pool's threads
+    go on while it adds that one up; the block's sums are those of its batches run one at a time, bit for bit."""
+    import time
+
+    from tilemask.backends import _halved
+    from tilemask.models import torch_threads
+
+    events = []
+
+    def run(windows):
+        time.sleep(0.1)
+        events.append("answered")
+        return windows[:, :2] * 2 + 1  # window by window: the same answer in any batch
+
+    with torch_threads(2):
+        halves = _halved(run, "torch", (16, 16), 8)
+        submit = halves.submit
+        halves.submit = lambda windows: events.append("started") or submit(windows)
+        queued = _block_sums(halves)
+        started = events.count("started")
+        one_at_a_time = _block_sums(run)
+    assert started == math.ceil(len(queued[3]) / 8) > 2
+    assert events[:2] == ["started", "started"], events  # the second batch started before the first answered
+    for got, expected in zip(queued, one_at_a_time):
+        assert torch.equal(got, expected) if isinstance(got, torch.Tensor) else got == expected
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_batch_fails_the_block_once_the_batch_queued_behind_it_is_done():
+    import threading
+    import time
+
+    from tilemask.backends import _halved
+    from tilemask.models import torch_threads
+
+    answered, first = [], threading.Lock()
+
+    def run(windows):
+        if first.acquire(blocking=False):  # the first half to start, of the first batch
+            answered.append("failed")
+            raise RuntimeError("the network refuses this half")
+        time.sleep(0.2)
+        answered.append("answered")
+        return windows[:, :2]
+
+    with torch_threads(2):
+        halves = _halved(run, "torch", (16, 16), 8)
+        with pytest.raises(RuntimeError, match="refuses this half"):
+            _block_sums(halves)
+    assert answered == ["failed"] + ["answered"] * 3, "the block failed while a half still ran, or went on"

@@ -384,24 +384,60 @@ def _halved(run: Runner, runtime: str, roi: tuple[int, ...], batch: int) -> Runn
     threads = torch.get_num_threads()
     if runtime not in HALVED_RUNTIMES or len(roi) != 2 or batch < HALVED_FROM or threads < 2 or threads % 2:
         return run
-    pool = _halves_pool(threads // 2)
-
-    def halves(windows: torch.Tensor) -> torch.Tensor:
-        if len(windows) < HALVED_FROM:
-            return run(windows)
-        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()  # the caller's, per thread
-
-        def half(part: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                return run(part)
-
-        running = [pool.submit(half, part) for part in windows.chunk(2)]
-        concurrent.futures.wait(running)  # both, even when one failed: no half left running into the next batch
-        return torch.cat([r.result() for r in running])
-
     logger.info("inference backend %s: each batch of %d windows or more in two halves at once, on threads of %d "
                 "torch threads", runtime, HALVED_FROM, threads // 2)  # fmt: skip
-    return halves
+    return Halves(run, _halves_pool(threads // 2))
+
+
+class Halves:
+    """A runner whose batches run on the two threads of :func:`_halves_pool` (:func:`_halved`).
+
+    Called, it runs a batch and returns its answer, as any runner.  :meth:`submit` starts a batch and returns at
+    once (:class:`Pending`), so that a caller can queue the next batch while one runs and add up the last one's
+    answer meanwhile: each pool thread takes the next half as soon as its own is done, instead of waiting at
+    the end of each batch for the other half, which a Dask thread on its core slowed."""
+
+    def __init__(self, run: Runner, pool: concurrent.futures.ThreadPoolExecutor):
+        self.run, self.pool = run, pool
+
+    def __call__(self, windows: torch.Tensor) -> torch.Tensor:
+        if len(windows) < HALVED_FROM:
+            return self.run(windows)
+        return self.submit(windows).result()
+
+    def submit(self, windows: torch.Tensor) -> Pending:
+        """The batch's forward passes started on the pool: two halves, or one piece under ``HALVED_FROM``
+        windows (on one of the pool's threads, with its torch threads)."""
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()  # the caller's, per thread
+
+        def piece(part: torch.Tensor) -> tuple[torch.Tensor, float]:
+            start = time.perf_counter()
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return self.run(part), time.perf_counter() - start
+
+        parts = windows.chunk(2) if len(windows) >= HALVED_FROM else (windows,)
+        return Pending([self.pool.submit(piece, part) for part in parts])
+
+
+class Pending:
+    """A batch started by :meth:`Halves.submit`: the futures of its pieces."""
+
+    def __init__(self, pieces: list[concurrent.futures.Future]):
+        self.pieces = pieces
+
+    def wait(self) -> None:
+        """Until every piece is done, failed or not: none is left running into the caller's next work."""
+        concurrent.futures.wait(self.pieces)
+
+    def result(self) -> torch.Tensor:
+        """The batch's answer; a piece's error once all are done."""
+        self.wait()
+        answers = [piece.result()[0] for piece in self.pieces]
+        return answers[0] if len(answers) == 1 else torch.cat(answers)
+
+    def seconds(self) -> float:
+        """The forward passes' time: the longest piece's, once done."""
+        return max(piece.result()[1] for piece in self.pieces)
 
 
 @functools.cache

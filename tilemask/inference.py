@@ -21,6 +21,8 @@ chunks are blended there, and only their labels come back.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import logging
 import time
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 from . import timing
-from .backends import cached_runner, forward_check, settle_auto
+from .backends import Halves, cached_runner, forward_check, settle_auto
 from .device import compute_stream, to_device
 from .errors import RunError
 from .geometry import Block, local_slices, region_shape
@@ -45,8 +47,15 @@ logger = logging.getLogger(__name__)
 # Every forward pass of a process is called from this one thread: one at a time (torch already uses the cores it
 # was given), and always from the same thread, so OpenMP keeps a single team instead of one per Dask thread
 # (idle teams spin and steal the cores).  On the CPU a batch of 2D windows runs from there in two halves, on two
-# threads of half the team each (:func:`tilemask.backends._halved`): still one batch at a time.
+# threads of half the team each (:func:`tilemask.backends._halved`), the next batch queued behind it
+# (:data:`QUEUED_BATCHES`) while this thread adds up the last.
 _compute_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilemask-compute")
+
+QUEUED_BATCHES = 1
+"""Batches started behind the one running, where the runner takes them (:class:`tilemask.backends.Halves`): its
+threads go on to the next batch while the compute thread adds up the last one.  At 16384^2 on this project's 2-core
+VM (2026-12-04) tilemask took 92.6 / 93.4 s against 98.4 / 106.8 s with each batch waited for, runs in turn; one
+batch queued holds one more batch's windows and answers (10 MB for 8 x 256^2)."""
 
 SUMS_STAY_ON = {"cuda"}
 """Device types on which a block's sums stay (:class:`~tilemask.stitch.DevicePartial`) and its chunk is blended
@@ -160,35 +169,76 @@ def _sums(network, image, windows, origin, shape, settings: InferenceSettings, d
     flipped_weight = [torch.flip(weight, list(axes)) if axes else weight for axes in flips]
     items = [(start, f) for start in windows for f in block.flips_of(start, flips)]
     finite = []
-    began, model = time.perf_counter(), 0.0
+    began, clock = time.perf_counter(), {"model": 0.0, "waited": 0.0}
     # Only the forward passes get the process's threads: the windows' copies and sums are too small to split
     # (21 ms for a 120-window block on one thread, 36-47 ms on two), and one thread leaves the other cores to
     # the worker's Dask threads.
     with torch_threads(1), torch.inference_mode():
+        with contextlib.closing(_predictions(network, image, items, origin, settings, threads, clock)) as answers:
+            for batch, slices, prediction in answers:
+                # a window's sum of its values times 0 is NaN when one of them is NaN or infinite, and never
+                # overflows (the plain sum of finite logits of 1e35 did): 0.14 ms a batch of 8 x 3 x 128^2 here,
+                # against 0.54 ms for isfinite(prediction).all(1)
+                finite.append(torch.isfinite((prediction.flatten(1) * 0).sum(1)))
+                if weighted is None:
+                    channels = prediction.shape[1]
+                    weighted = torch.zeros((len(flips), channels, *shape), dtype=torch.float32, device=device)
+                # On a GPU the batch's products in one kernel; on the CPU window by window, each added while in
+                # cache (a batch's products likely leave it first: 2.7-3.3 against 2.1-2.2 ms a batch of 8 x 256^2).
+                products = prediction * weight if device.type == "cuda" else (p * weight for p in prediction)
+                for s, product, (_, f) in zip(slices, products, batch):
+                    weighted[(f, slice(None), *s)] += _flip(product, flips[f])
+                    weights[(f, *s)] += flipped_weight[f]
+    timing.add("model", clock["model"])
+    timing.add("accumulate", time.perf_counter() - began - clock["waited"])
+    return weighted.reshape(-1, *shape), weights, torch.cat(finite), [start for start, _ in items]
+
+
+def _predictions(network, image, items, origin, settings: InferenceSettings, threads: int, clock: dict):
+    """``(batch, slices, prediction)`` for each batch of ``items`` in order, the forward passes on ``threads``
+    torch threads.  A runner that can start a batch and return (:class:`tilemask.backends.Halves`) has the next
+    batch queued while the caller adds up one: its threads never wait for the caller.  ``clock["model"]`` gets
+    the forward passes' seconds, ``clock["waited"]`` the caller's seconds waiting for them (the same, unqueued);
+    closed early, it waits for the batches still running."""
+    flips = settings.flips
+
+    def inputs(batch):
+        slices = [_window_slices(start, settings.roi, origin) for start, _ in batch]
+        stacked = torch.stack([_flip(image[(slice(None), *s)], flips[f]) for s, (_, f) in zip(slices, batch)])
+        return slices, stacked
+
+    if not isinstance(network, Halves):
         for batch in _batched(items, settings.batch_size):
-            slices = [_window_slices(start, settings.roi, origin) for start, _ in batch]
-            inputs = [image[(slice(None), *s)] for s in slices]
-            inputs = torch.stack([_flip(x, flips[f]) for x, (_, f) in zip(inputs, batch)])
+            slices, windows = inputs(batch)
             forward = time.perf_counter()
             with torch_threads(threads):
-                prediction = network(inputs).to(torch.float32)
-            model += time.perf_counter() - forward
-            # a window's sum of its values times 0 is NaN when one of them is NaN or infinite, and never overflows
-            # (the plain sum of finite logits of 1e35 did): 0.14 ms a batch of 8 x 3 x 128^2 here, against 0.54 ms
-            # for isfinite(prediction).all(1)
-            finite.append(torch.isfinite((prediction.flatten(1) * 0).sum(1)))
-            if weighted is None:
-                channels = prediction.shape[1]
-                weighted = torch.zeros((len(flips), channels, *shape), dtype=torch.float32, device=device)
-            # On a GPU the batch's products in one kernel; on the CPU window by window, each added while in
-            # cache (a batch's products likely leave it first: 2.7-3.3 against 2.1-2.2 ms a batch of 8 x 256^2 here).
-            products = prediction * weight if device.type == "cuda" else (p * weight for p in prediction)
-            for s, product, (_, f) in zip(slices, products, batch):
-                weighted[(f, slice(None), *s)] += _flip(product, flips[f])
-                weights[(f, *s)] += flipped_weight[f]
-    timing.add("model", model)
-    timing.add("accumulate", time.perf_counter() - began - model)
-    return weighted.reshape(-1, *shape), weights, torch.cat(finite), [start for start, _ in items]
+                prediction = network(windows).to(torch.float32)
+            seconds = time.perf_counter() - forward
+            clock["model"] += seconds
+            clock["waited"] += seconds
+            yield batch, slices, prediction
+        return
+    queued = collections.deque()
+    try:
+        for batch in _batched(items, settings.batch_size):
+            slices, windows = inputs(batch)
+            queued.append((batch, slices, network.submit(windows)))
+            if len(queued) > QUEUED_BATCHES:
+                yield _answer(queued.popleft(), clock)
+        while queued:
+            yield _answer(queued.popleft(), clock)
+    finally:
+        for *_, pending in queued:
+            pending.wait()
+
+
+def _answer(queued: tuple, clock: dict) -> tuple:
+    batch, slices, pending = queued
+    waiting = time.perf_counter()
+    prediction = pending.result().to(torch.float32)
+    clock["waited"] += time.perf_counter() - waiting
+    clock["model"] += pending.seconds()
+    return batch, slices, prediction
 
 
 def _refuse_non_finite(finite: torch.Tensor, starts: list, done, path: str, roi: tuple[int, ...]) -> None:
