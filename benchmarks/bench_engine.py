@@ -9,7 +9,8 @@ For each size a 3-band uint8 GeoTIFF (tiled, deflate, smooth synthetic content)
 is written by windows, then:
 
 * **tilemask**: ``tilemask.run`` on an embedded cluster (the CLI defaults under ``--quiet``),
-  labels to Zarr, ``output.chunks`` 2048;
+  labels to Zarr, ``output.chunks`` 2048, in a process of its own (``tilemask_column.py``) whose client
+  does not import torch, as a user's ``tilemask run``; timed from that process's start to its end;
 * **MONAI**: the whole image read with rasterio, normalized, one
   ``sliding_window_inference`` call (same roi, overlap, gaussian mode, batch),
   argmax, labels written with rasterio: what a user does today;
@@ -17,10 +18,12 @@ is written by windows, then:
   same network with every core, no reading, blending or writing: the floor in
   torch eager;
 * **backend only**: the same through the runner ``inference.backend: auto`` picks
-  on a worker (:mod:`tilemask.backends`): the floor tilemask itself can reach.
+  on a worker (:mod:`tilemask.backends`), each batch started behind the one running
+  where the runner takes that, as a worker's: the floor tilemask itself can reach.
 
-Peak memory is the largest sum of RSS over this process and all its children
-(the embedded scheduler and workers), sampled every 0.1 s.  Network: MONAI UNet
+Peak memory is the largest sum of RSS over a column's process and all its children
+(tilemask's embedded scheduler and workers), sampled every 0.1 s; the other columns run in this process,
+which holds torch, MONAI and the network.  Network: MONAI UNet
 with channels 16-32-64-128, strides 2-2-2, 2 residual units, roi 256,
 overlap 0.25, batch 8, random weights (speed does not depend on them).
 With ``--precision bfloat16`` or ``float16`` tilemask runs with ``inference.precision``
@@ -33,8 +36,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -99,36 +105,27 @@ def autocast(precision: str, device: torch.device):
 
 def run_tilemask(raster: Path, weights: Path, out: Path, probabilities: str = "none", precision: str = "float32",
                  device: torch.device = torch.device("cpu"), backend: str = "auto") -> dict:  # fmt: skip
-    import tilemask
-    from tilemask import Workflow, forkserver, timing
-    from tilemask.cluster import cluster_client
+    """tilemask's column: ``tilemask_column.py`` in a process of its own (its client without torch, as a user's
+    ``tilemask run``), timed from its start to its end, its peak memory that of it and its children."""
+    params = dict(raster=str(raster), weights=str(weights), out=str(out), args=ARGS, mean=MEAN, std=STD, roi=ROI,
+                  overlap=OVERLAP, batch=BATCH, chunks=CHUNKS, probabilities=probabilities, precision=precision,
+                  device=str(device), backend=backend)  # fmt: skip
+    column = [sys.executable, str(Path(__file__).with_name("tilemask_column.py")), json.dumps(params)]
+    start = time.perf_counter()
+    with subprocess.Popen(column, stdout=subprocess.PIPE, text=True) as process, PeakMemory(process.pid) as mem:
+        printed, _ = process.communicate()
+    end = time.perf_counter()
+    if process.returncode:
+        raise SystemExit(f"the tilemask column failed (exit status {process.returncode})")
+    result = json.loads(printed.splitlines()[-1])
+    if result["client_imported_torch"]:
+        raise SystemExit("the tilemask column's client imported torch")
+    return {**result, "wall": end - start, "peak": mem.peak, "own": mem.own_at_peak}
 
-    wf = Workflow.from_dict({
-        "version": 1, "input": str(raster),
-        "model": {"network": "UNet", "args": ARGS, "weights": str(weights)},
-        "preprocess": {"normalize": {"mean": [MEAN] * 3, "std": [STD] * 3}},
-        "inference": {"roi_size": [ROI, ROI], "overlap": OVERLAP, "batch_size": BATCH, "device": str(device),
-                      "precision": precision, "backend": backend},
-        "output": {"path": str(out), "chunks": CHUNKS, "quicklook": False, "probabilities": probabilities},
-    })  # fmt: skip
-    with PeakMemory() as mem:
-        start = time.perf_counter()
-        forkserver.start()  # as tilemask run starts it; stopped below, before the other columns are measured
-        with cluster_client() as client:  # the embedded cluster tilemask.run starts without progress
-            up = time.perf_counter()
-            (result,) = tilemask.run(wf, client, progress=False, overwrite=True)
-            ran = time.perf_counter()
-            stages: dict[str, float] = {}
-            for seconds in client.run(timing.snapshot).values():
-                for stage, s in seconds.items():
-                    stages[stage] = stages.get(stage, 0.0) + s
-            closing = time.perf_counter()
-        end = time.perf_counter()
-        forkserver.stop()
-    return {"wall": end - start, "peak": mem.peak, "own": mem.own_at_peak, "windows": result.windows,
-            "tasks": result.tasks, "commit": result.commit_seconds, "outputs": result.outputs, "stages": stages,
-            "inference": result.seconds, "cluster_up": up - start, "run": ran - up,
-            "cluster_close": end - closing}  # fmt: skip
+
+def print_peak(t: dict) -> None:
+    print(f"tilemask's peak: {gib(t['own'])} the column's process (the client, without torch), "
+          f"{gib(t['peak'] - t['own'])} the cluster's processes")
 
 
 def print_stages(t: dict, model_only: float) -> None:
@@ -136,13 +133,13 @@ def print_stages(t: dict, model_only: float) -> None:
     stages = t["stages"]
     order = ("read", "preprocess", "model", "accumulate", "blend", "write")
     print("worker stages, seconds summed over threads: " + ", ".join(f"{k} {stages.get(k, 0.0):.1f}" for k in order))
-    busy = stages.get("model", 0.0) + stages.get("accumulate", 0.0)
-    run = t["inference"]
-    print(f"compute thread: model + accumulate {busy:.1f} s of the run's {run:.1f} s (idle {run - busy:.1f} s); "
-          f"model in the run {stages.get('model', 0.0):.1f} s vs {model_only:.1f} s alone "
-          f"({stages.get('model', 0.0) / model_only:.2f}x); start-up and shutdown {t['wall'] - run:.1f} s")  # fmt: skip
-    print(f"start-up and shutdown: cluster start {t['cluster_up']:.1f} s, tilemask.run around the item's run "
-          f"{t['run'] - run:.1f} s (planning, the network's probe), cluster close {t['cluster_close']:.1f} s")
+    run, model = t["inference"], stages.get("model", 0.0)
+    print(f"forward passes in the run {model:.1f} s vs {model_only:.1f} s alone ({model / model_only:.2f}x); the "
+          f"compute thread's own work (cutting windows, adding up answers) {stages.get('accumulate', 0.0):.1f} s, "
+          f"beside them where batches are queued; start-up and shutdown {t['wall'] - run:.1f} s")  # fmt: skip
+    print(f"start-up and shutdown: the column's process start and imports {t['wall'] - t['inside']:.1f} s, cluster "
+          f"start {t['cluster_up']:.1f} s, tilemask.run around the item's run {t['run'] - run:.1f} s (planning, the "
+          f"network's probe), cluster close {t['cluster_close']:.1f} s")  # fmt: skip
     probe = ("import", "device", "network", "first window")
     print("the probe on the worker: " + ", ".join(f"{k} {stages.get(f'probe: {k}', 0.0):.1f} s" for k in probe))
 
@@ -192,7 +189,9 @@ def run_model_only(net, n_windows: int, precision: str, device: torch.device) ->
     """``n_windows`` windows through ``net`` (a module or a backend's runner) in batches of BATCH, nothing else,
     on a thread of its own with glibc set as on a worker: otherwise glibc maps, page-faults and unmaps the
     activations again and again, and the same forward passes measured anywhere from 55 to 92 ms a batch."""
+    from tilemask.backends import Halves
     from tilemask.cluster import reuse_large_allocations
+    from tilemask.inference import QUEUED_BATCHES
 
     reuse_large_allocations()  # after MONAI's run, which is timed as a user's script runs
     batch = torch.randn(BATCH, 3, ROI, ROI, device=device)
@@ -203,8 +202,17 @@ def run_model_only(net, n_windows: int, precision: str, device: torch.device) ->
             net(batch)  # warm-up
             synchronize(device)
             start = time.perf_counter()
-            for _ in range(math.ceil(n_windows / BATCH)):
-                net(batch)
+            if isinstance(net, Halves):  # batches queued behind the one running, as on a worker
+                queued = deque()
+                for _ in range(math.ceil(n_windows / BATCH)):
+                    queued.append(net.submit(batch))
+                    if len(queued) > QUEUED_BATCHES:
+                        queued.popleft().result()
+                while queued:
+                    queued.popleft().result()
+            else:
+                for _ in range(math.ceil(n_windows / BATCH)):
+                    net(batch)
             synchronize(device)
             timed.append(time.perf_counter() - start)
 
@@ -277,8 +285,7 @@ def main() -> None:
         print(f"{'backend only':14}{b['wall']:>10.1f}{'':>14}{b['wall'] / p['wall']:>15.2f}x  ({b['backend']}, what {args.backend} ran)")
         print(f"tilemask / MONAI: time {t['wall'] / m['wall']:.2f}, peak memory {t['peak'] / m['peak']:.3f}; "
               f"tilemask / backend only: time {t['wall'] / b['wall']:.2f}")
-        print(f"tilemask's peak: {gib(t['own'])} this process (torch, MONAI, the network, the client), "
-              f"{gib(t['peak'] - t['own'])} the cluster's processes")
+        print_peak(t)
         print_stages(t, b["wall"])  # the worker's model stage times the backend
     if args.giga:
         raster = workdir / f"scene_{args.giga}.tif"
@@ -294,6 +301,7 @@ def main() -> None:
               f"{t['tasks']} tasks = {t['tasks'] / gigapixels:.0f} tasks per gigapixel")  # fmt: skip
         print(f"backend only ({b['backend']}, what {args.backend} ran): {b['wall']:.1f} s; "
               f"tilemask / backend only: time {t['wall'] / b['wall']:.2f}")  # fmt: skip
+        print_peak(t)
         print_stages(t, b["wall"])
         monai_bytes = args.giga**2 * 4 * (3 + ARGS["out_channels"] + 1)
         print(f"MONAI would hold input + output + count map in float32: {gib(monai_bytes)} (not run)")

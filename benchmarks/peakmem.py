@@ -8,20 +8,25 @@ import psutil
 
 
 class PeakMemory:
-    """Largest total RSS of this process and all its descendants (Dask workers, ``rio``) while in the block.
+    """Largest total RSS of this process (or of process ``pid``) and all its descendants (Dask workers, ``rio``)
+    while in the block.
 
     Sampled every ``interval`` seconds; ``peak`` may be reset to 0 to start a new phase.  ``own_at_peak`` is
-    this process's share of the peak (the rest is its descendants').
+    that process's share of the peak (the rest is its descendants').
     """
 
-    def __init__(self, interval: float = 0.1):
-        self.interval, self.peak, self.own_at_peak, self._stop = interval, 0, 0, threading.Event()
+    def __init__(self, pid: int | None = None, interval: float = 0.1):
+        self.pid, self.interval, self.peak, self.own_at_peak, self._stop = pid, interval, 0, 0, threading.Event()
 
     def _sample(self) -> None:
-        me = psutil.Process()
+        me = psutil.Process(self.pid)
         while not self._stop.is_set():
-            own = total = me.memory_info().rss
-            for p in me.children(recursive=True):
+            try:
+                own = total = me.memory_info().rss
+                children = me.children(recursive=True)
+            except psutil.Error:  # process ``pid`` has ended
+                return
+            for p in children:
                 try:
                     total += p.memory_info().rss
                 except psutil.Error:
