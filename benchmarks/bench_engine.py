@@ -10,7 +10,8 @@ is written by windows, then:
 
 * **tilemask**: ``tilemask.run`` on an embedded cluster (the CLI defaults under ``--quiet``),
   labels to Zarr, ``output.chunks`` 2048, in a process of its own (``tilemask_column.py``) whose client
-  does not import torch, as a user's ``tilemask run``; timed from that process's start to its end;
+  does not import torch, as a user's ``tilemask run``; timed from that process's start to its end (the
+  other columns' imports of torch and MONAI and the network's building are not timed);
 * **MONAI**: the whole image read with rasterio, normalized, one
   ``sliding_window_inference`` call (same roi, overlap, gaussian mode, batch),
   argmax, labels written with rasterio: what a user does today;
@@ -55,6 +56,7 @@ from peakmem import PeakMemory
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 from scratch import scratch_folder
+from tilemask_column import RESULT
 
 ARGS = dict(spatial_dims=2, in_channels=3, out_channels=2, channels=[16, 32, 64, 128], strides=[2, 2, 2], num_res_units=2)
 ROI, OVERLAP, BATCH, CHUNKS = 256, 0.25, 8, 2048
@@ -117,7 +119,8 @@ def run_tilemask(raster: Path, weights: Path, out: Path, probabilities: str = "n
     end = time.perf_counter()
     if process.returncode:
         raise SystemExit(f"the tilemask column failed (exit status {process.returncode})")
-    result = json.loads(printed.splitlines()[-1])
+    (line,) = [line for line in printed.splitlines() if line.startswith(RESULT)]
+    result = json.loads(line[len(RESULT):])
     if result["client_imported_torch"]:
         raise SystemExit("the tilemask column's client imported torch")
     return {**result, "wall": end - start, "peak": mem.peak, "own": mem.own_at_peak}
@@ -137,7 +140,7 @@ def print_stages(t: dict, model_only: float) -> None:
     print(f"forward passes in the run {model:.1f} s vs {model_only:.1f} s alone ({model / model_only:.2f}x); the "
           f"compute thread's own work (cutting windows, adding up answers) {stages.get('accumulate', 0.0):.1f} s, "
           f"beside them where batches are queued; start-up and shutdown {t['wall'] - run:.1f} s")  # fmt: skip
-    print(f"start-up and shutdown: the column's process start and imports {t['wall'] - t['inside']:.1f} s, cluster "
+    print(f"start-up and shutdown: the column's process start, imports and exit {t['wall'] - t['inside']:.1f} s, cluster "
           f"start {t['cluster_up']:.1f} s, tilemask.run around the item's run {t['run'] - run:.1f} s (planning, the "
           f"network's probe), cluster close {t['cluster_close']:.1f} s")  # fmt: skip
     probe = ("import", "device", "network", "first window")
@@ -146,9 +149,6 @@ def print_stages(t: dict, model_only: float) -> None:
 
 def run_cogeo_create(sources: list[str], workdir: Path) -> dict:
     """``rio cogeo create`` of rasters of the same size as tilemask's COGs: the floor of the assembly step."""
-    import subprocess
-    import sys
-
     rio = str(Path(sys.executable).parent / "rio")
     with PeakMemory() as mem:
         start = time.perf_counter()

@@ -19,9 +19,9 @@ class PeakMemory:
         self.pid, self.interval, self.peak, self.own_at_peak, self._stop = pid, interval, 0, 0, threading.Event()
 
     def _sample(self) -> None:
-        me = psutil.Process(self.pid)
         while not self._stop.is_set():
             try:
+                me = psutil.Process(self.pid)
                 own = total = me.memory_info().rss
                 children = me.children(recursive=True)
             except psutil.Error:  # process ``pid`` has ended

@@ -4,7 +4,8 @@ process holds torch, MONAI and the network for the other columns (0.47 GiB), whi
 
     python benchmarks/tilemask_column.py '{"raster": ..., "weights": ..., "out": ..., "args": {...}, ...}'
 
-prints one line of JSON: the run's figures (bench_engine.py measures its time and memory from outside).
+prints the run's figures as JSON on a line beginning with :data:`RESULT` (bench_engine.py measures its time and
+memory from outside).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+
+RESULT = "tilemask column: "
 
 
 def run_tilemask(raster: str, weights: str, out: str, args: dict, mean: float, std: float, roi: int,
@@ -41,12 +44,13 @@ def run_tilemask(raster: str, weights: str, out: str, args: dict, mean: float, s
             for stage, s in seconds.items():
                 stages[stage] = stages.get(stage, 0.0) + s
         closing = time.perf_counter()
-    end = time.perf_counter()
+    closed = time.perf_counter()
     forkserver.stop()
+    end = time.perf_counter()
     return {"windows": result.windows, "tasks": result.tasks, "commit": result.commit_seconds,
             "outputs": result.outputs, "stages": stages, "inference": result.seconds, "cluster_up": up - start,
-            "run": ran - up, "cluster_close": end - closing, "inside": end - start, "client_imported_torch": "torch" in sys.modules}  # fmt: skip
+            "run": ran - up, "cluster_close": closed - closing, "inside": end - start, "client_imported_torch": "torch" in sys.modules}  # fmt: skip
 
 
 if __name__ == "__main__":
-    print(json.dumps(run_tilemask(**json.loads(sys.argv[1]))))
+    print(RESULT + json.dumps(run_tilemask(**json.loads(sys.argv[1]))))

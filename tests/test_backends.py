@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 
 import numpy as np
 import pytest
@@ -800,52 +799,76 @@ def _block_sums(network, batch_size=8):
 @pytest.mark.timeout(60)
 def test_a_block_queues_its_next_batch_before_waiting_for_one_and_sums_as_batches_run_one_at_a_time():
     """With halves, the compute thread starts the next batch before it waits for the last, so the pool's threads
-    go on while it adds that one up; the block's sums are those of its batches run one at a time, bit for bit."""
-    import time
+    go on while it adds that one up; a short last batch runs on the compute thread with all its torch threads, as
+    before; the block's sums are those of its batches run one at a time, bit for bit."""
+    import threading
 
     from tilemask.backends import _halved
     from tilemask.models import torch_threads
 
-    events = []
+    events, calls, lock, second = [], [], threading.Lock(), threading.Event()
 
     def run(windows):
-        time.sleep(0.1)
+        with lock:
+            calls.append((threading.current_thread().name, torch.get_num_threads(), len(windows)))
+            first_batch = len(calls) <= 2
+        if first_batch:  # unless the second batch is queued meanwhile, answered after 10 s, in the wrong order
+            second.wait(timeout=10)
         events.append("answered")
         return windows[:, :2] * 2 + 1  # window by window: the same answer in any batch
 
+    def started(windows):
+        events.append("started")
+        if events.count("started") == 2:
+            second.set()
+        return submit(windows)
+
+    caller = threading.current_thread().name
     with torch_threads(2):
-        halves = _halved(run, "torch", (16, 16), 8)
-        submit = halves.submit
-        halves.submit = lambda windows: events.append("started") or submit(windows)
-        queued = _block_sums(halves)
-        started = events.count("started")
-        one_at_a_time = _block_sums(run)
-    assert started == math.ceil(len(queued[3]) / 8) > 2
-    assert events[:2] == ["started", "started"], events  # the second batch started before the first answered
-    for got, expected in zip(queued, one_at_a_time):
+        halves = _halved(run, "torch", (16, 16), 9)
+        submit, halves.submit = halves.submit, started
+        queued = _block_sums(halves, batch_size=9)  # 30 windows: batches of 9, 9, 9 and 3
+        assert events[:2] == ["started", "started"], events  # the second batch started before the first answered
+        assert events.count("started") == 3
+        assert sorted((name.split("_")[0], *rest) for name, *rest in calls[:-1]) == [
+            ("tilemask-half", 1, 4)] * 3 + [("tilemask-half", 1, 5)] * 3  # fmt: skip
+        assert calls[-1] == (caller, 2, 3)  # the short last batch
+        calls.clear()
+        one_at_a_time = _block_sums(run, batch_size=9)
+    for got, expected in zip(queued, one_at_a_time, strict=True):
         assert torch.equal(got, expected) if isinstance(got, torch.Tensor) else got == expected
 
 
 @pytest.mark.timeout(60)
-def test_a_failed_batch_fails_the_block_once_the_batch_queued_behind_it_is_done():
+def test_a_failed_batch_fails_the_block_with_no_half_left_running():
+    """A half fails: the block fails once the other half is done, the batch queued behind it cancelled or done."""
     import threading
     import time
 
     from tilemask.backends import _halved
     from tilemask.models import torch_threads
 
-    answered, first = [], threading.Lock()
+    lock, running, started, answered = threading.Lock(), [0], [0], []
 
     def run(windows):
-        if first.acquire(blocking=False):  # the first half to start, of the first batch
-            answered.append("failed")
-            raise RuntimeError("the network refuses this half")
-        time.sleep(0.2)
-        answered.append("answered")
+        with lock:
+            started[0] += 1
+            if started[0] == 1:  # the first half to start, of the first batch
+                raise RuntimeError("the network refuses this half")
+            running[0] += 1
+        time.sleep(0.3)
+        with lock:
+            running[0] -= 1
+            answered.append(len(windows))
         return windows[:, :2]
 
     with torch_threads(2):
         halves = _halved(run, "torch", (16, 16), 8)
+        submit = halves.submit
+        submitted = []
+        halves.submit = lambda windows: submitted.append(len(windows)) or submit(windows)
         with pytest.raises(RuntimeError, match="refuses this half"):
             _block_sums(halves)
-    assert answered == ["failed"] + ["answered"] * 3, "the block failed while a half still ran, or went on"
+        assert running == [0], "the block failed while a half still ran"
+    assert submitted == [8, 8], "no batch queued behind the failed one, or more started after it"
+    assert 1 <= len(answered) <= 3

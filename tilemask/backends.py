@@ -401,43 +401,43 @@ class Halves:
         self.run, self.pool = run, pool
 
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
-        if len(windows) < HALVED_FROM:
+        if len(windows) < HALVED_FROM:  # on the calling thread, with its torch threads
             return self.run(windows)
         return self.submit(windows).result()
 
     def submit(self, windows: torch.Tensor) -> Pending:
-        """The batch's forward passes started on the pool: two halves, or one piece under ``HALVED_FROM``
-        windows (on one of the pool's threads, with its torch threads)."""
+        """The forward passes of a batch of ``HALVED_FROM`` windows or more started on the pool, in two halves."""
         inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()  # the caller's, per thread
 
-        def piece(part: torch.Tensor) -> tuple[torch.Tensor, float]:
+        def half(part: torch.Tensor) -> tuple[torch.Tensor, float]:
             start = time.perf_counter()
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                 return self.run(part), time.perf_counter() - start
 
-        parts = windows.chunk(2) if len(windows) >= HALVED_FROM else (windows,)
-        return Pending([self.pool.submit(piece, part) for part in parts])
+        return Pending([self.pool.submit(half, part) for part in windows.chunk(2)])
 
 
 class Pending:
-    """A batch started by :meth:`Halves.submit`: the futures of its pieces."""
+    """A batch started by :meth:`Halves.submit`: the futures of its halves."""
 
-    def __init__(self, pieces: list[concurrent.futures.Future]):
-        self.pieces = pieces
-
-    def wait(self) -> None:
-        """Until every piece is done, failed or not: none is left running into the caller's next work."""
-        concurrent.futures.wait(self.pieces)
+    def __init__(self, halves: list[concurrent.futures.Future]):
+        self.halves = halves
 
     def result(self) -> torch.Tensor:
-        """The batch's answer; a piece's error once all are done."""
-        self.wait()
-        answers = [piece.result()[0] for piece in self.pieces]
-        return answers[0] if len(answers) == 1 else torch.cat(answers)
+        """The batch's answer, once both halves are done (a half's error once both are: none is left running into
+        the caller's next work)."""
+        concurrent.futures.wait(self.halves)
+        return torch.cat([half.result()[0] for half in self.halves])
 
     def seconds(self) -> float:
-        """The forward passes' time: the longest piece's, once done."""
-        return max(piece.result()[1] for piece in self.pieces)
+        """The forward passes' time, once done: the longer half's."""
+        return max(half.result()[1] for half in self.halves)
+
+    def cancel(self) -> None:
+        """The halves not started yet cancelled, then the others waited for."""
+        for half in self.halves:
+            half.cancel()
+        concurrent.futures.wait(self.halves)
 
 
 @functools.cache

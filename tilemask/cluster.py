@@ -4,7 +4,7 @@ Defaults for the embedded cluster (see README, "Execution"):
 
 * CPU: one worker process per 4 cores (at least one), each with 2 Dask threads
   and the process's share of the cores as torch intra-op threads.  A process
-  runs one forward pass at a time (one compute thread in :mod:`tilemask.inference`), so the
+  calls its forward passes from one compute thread (:mod:`tilemask.inference`), so the
   second thread reads, blends and writes while the model computes.  Measured
   on a 2-core VM, one process with 2 torch threads predicts 1.9x faster than two
   single-threaded processes, which compete for memory bandwidth.

@@ -8,8 +8,9 @@ batches of ``batch_size`` and accumulates ``w * pred`` and ``w`` exactly as
 also runs flipped, once for each flip whose (mirrored) grid holds it, as extra
 items of the same batches; its prediction and ``w`` are flipped back and summed
 into that flip's own planes (:mod:`tilemask.stitch`).  Reading happens on the Dask thread; the
-forward passes run on the process's single compute thread, so another Dask
-thread of the worker reads, blends and writes while the model computes.
+forward passes are called from the process's single compute thread (on the CPU, a batch of 2D windows in two
+halves on two threads of their own, the next batch queued behind it), so another Dask thread of the worker
+reads, blends and writes while the model computes.
 
 On a GPU the copies stay off the compute thread too: the Dask thread stages the
 block's image in pinned host memory and copies it to the GPU on a CUDA stream of
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from . import timing
-from .backends import Halves, cached_runner, forward_check, settle_auto
+from .backends import HALVED_FROM, Halves, cached_runner, forward_check, settle_auto
 from .device import compute_stream, to_device
 from .errors import RunError
 from .geometry import Block, local_slices, region_shape
@@ -44,11 +45,11 @@ from .stitch import DevicePartial, Partial
 
 logger = logging.getLogger(__name__)
 
-# Every forward pass of a process is called from this one thread: one at a time (torch already uses the cores it
-# was given), and always from the same thread, so OpenMP keeps a single team instead of one per Dask thread
-# (idle teams spin and steal the cores).  On the CPU a batch of 2D windows runs from there in two halves, on two
-# threads of half the team each (:func:`tilemask.backends._halved`), the next batch queued behind it
-# (:data:`QUEUED_BATCHES`) while this thread adds up the last.
+# Every forward pass of a process is called from this one thread, and runs on it (torch already uses the cores it
+# was given), so OpenMP keeps a single team instead of one per Dask thread (idle teams spin and steal the cores);
+# one batch at a time, except that on the CPU a batch of 2D windows runs in two halves on two threads of half the
+# team each (:func:`tilemask.backends._halved`), with the next batch queued behind it (:data:`QUEUED_BATCHES`)
+# while this thread adds up the last.
 _compute_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilemask-compute")
 
 QUEUED_BATCHES = 1
@@ -161,7 +162,7 @@ def _sums(network, image, windows, origin, shape, settings: InferenceSettings, d
     """``(sum w * pred, sum w, finite, starts)`` over the block's extent, per flip, on the image's device and
     current stream; ``finite[i]``: whether the prediction of the window at ``starts[i]`` (or a flip of it) holds
     only finite values, on the device too, so that checking it waits for the device once a block."""
-    threads = torch.get_num_threads()  # the process's setting: the forward passes get it (split between halves)
+    threads = torch.get_num_threads()  # the process's setting: forward passes run on this thread get it
     flips = settings.flips
     weight = importance_map(settings.roi, settings.mode, settings.sigma_scale, device)
     weighted = None
@@ -195,21 +196,26 @@ def _sums(network, image, windows, origin, shape, settings: InferenceSettings, d
 
 
 def _predictions(network, image, items, origin, settings: InferenceSettings, threads: int, clock: dict):
-    """``(batch, slices, prediction)`` for each batch of ``items`` in order, the forward passes on ``threads``
-    torch threads.  A runner that can start a batch and return (:class:`tilemask.backends.Halves`) has the next
-    batch queued while the caller adds up one: its threads never wait for the caller.  ``clock["model"]`` gets
-    the forward passes' seconds, ``clock["waited"]`` the caller's seconds waiting for them (the same, unqueued);
-    closed early, it waits for the batches still running."""
+    """``(batch, slices, prediction)`` for each batch of ``items`` in order.  A runner that can start a batch and
+    return (:class:`tilemask.backends.Halves`) has the next batch of ``HALVED_FROM`` windows or more queued while
+    the caller adds up one: its threads never wait for the caller.  Other batches (a block's short last one, any
+    batch of another runner) run on this thread with ``threads`` torch threads, once the queued ones are answered.
+    ``clock["model"]`` gets the forward passes' seconds, ``clock["waited"]`` the caller's seconds waiting for them
+    (the same, unqueued); closed early, the queued batches not started yet are cancelled and the others waited
+    for: none is left running into the next block."""
     flips = settings.flips
-
-    def inputs(batch):
-        slices = [_window_slices(start, settings.roi, origin) for start, _ in batch]
-        stacked = torch.stack([_flip(image[(slice(None), *s)], flips[f]) for s, (_, f) in zip(slices, batch)])
-        return slices, stacked
-
-    if not isinstance(network, Halves):
+    queued = collections.deque()
+    try:
         for batch in _batched(items, settings.batch_size):
-            slices, windows = inputs(batch)
+            slices = [_window_slices(start, settings.roi, origin) for start, _ in batch]
+            windows = torch.stack([_flip(image[(slice(None), *s)], flips[f]) for s, (_, f) in zip(slices, batch)])
+            if isinstance(network, Halves) and len(batch) >= HALVED_FROM:
+                queued.append((batch, slices, network.submit(windows)))
+                if len(queued) > QUEUED_BATCHES:
+                    yield _answer(queued.popleft(), clock)
+                continue
+            while queued:
+                yield _answer(queued.popleft(), clock)
             forward = time.perf_counter()
             with torch_threads(threads):
                 prediction = network(windows).to(torch.float32)
@@ -217,22 +223,15 @@ def _predictions(network, image, items, origin, settings: InferenceSettings, thr
             clock["model"] += seconds
             clock["waited"] += seconds
             yield batch, slices, prediction
-        return
-    queued = collections.deque()
-    try:
-        for batch in _batched(items, settings.batch_size):
-            slices, windows = inputs(batch)
-            queued.append((batch, slices, network.submit(windows)))
-            if len(queued) > QUEUED_BATCHES:
-                yield _answer(queued.popleft(), clock)
         while queued:
             yield _answer(queued.popleft(), clock)
     finally:
         for *_, pending in queued:
-            pending.wait()
+            pending.cancel()
 
 
 def _answer(queued: tuple, clock: dict) -> tuple:
+    """``(batch, slices, prediction)`` of a queued batch, once answered; its seconds on ``clock``."""
     batch, slices, pending = queued
     waiting = time.perf_counter()
     prediction = pending.result().to(torch.float32)

@@ -3,9 +3,10 @@ prints next to its figures.
 
 * ``read``: decoding a block's region from the input;
 * ``preprocess``: normalising it, invalid pixels to 0, padding to the roi;
-* ``model``: the forward passes (on the process's compute thread);
+* ``model``: the forward passes (called from the process's compute thread; on the CPU, batches of 2D windows in
+  two halves on threads of their own, each batch's time its longer half's);
 * ``accumulate``: cutting and stacking windows, weighting predictions and adding them into the block's sums
-  (also on the compute thread);
+  (on the compute thread, less its waits for the forward passes: beside them where batches are queued);
 * ``blend``: a chunk's own and neighbouring sums added, divided, activated and labelled (on a GPU, there);
 * ``write``: the chunk written to the output;
 * ``probe: import``, ``probe: device``, ``probe: network``, ``probe: first window``: the network's probe before
