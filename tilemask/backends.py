@@ -401,12 +401,17 @@ class Halves:
         self.run, self.pool = run, pool
 
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
-        if len(windows) < HALVED_FROM:  # on the calling thread, with its torch threads
+        if not self.takes(len(windows)):  # on the calling thread, with its torch threads
             return self.run(windows)
         return self.submit(windows).result()
 
+    @staticmethod
+    def takes(windows: int) -> bool:
+        """Whether a batch of ``windows`` windows runs in halves (:meth:`submit`): ``HALVED_FROM`` or more."""
+        return windows >= HALVED_FROM
+
     def submit(self, windows: torch.Tensor) -> Pending:
-        """The forward passes of a batch of ``HALVED_FROM`` windows or more started on the pool, in two halves."""
+        """The forward passes of a batch that :meth:`takes` started on the pool, in two halves."""
         inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()  # the caller's, per thread
 
         def half(part: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import timing
-from .backends import HALVED_FROM, Halves, cached_runner, forward_check, settle_auto
+from .backends import Halves, cached_runner, forward_check, settle_auto
 from .device import compute_stream, to_device
 from .errors import RunError
 from .geometry import Block, local_slices, region_shape
@@ -197,7 +197,7 @@ def _sums(network, image, windows, origin, shape, settings: InferenceSettings, d
 
 def _predictions(network, image, items, origin, settings: InferenceSettings, threads: int, clock: dict):
     """``(batch, slices, prediction)`` for each batch of ``items`` in order.  A runner that can start a batch and
-    return (:class:`tilemask.backends.Halves`) has the next batch of ``HALVED_FROM`` windows or more queued while
+    return (:class:`tilemask.backends.Halves`) has the next batch it takes in halves queued while
     the caller adds up one: its threads never wait for the caller.  Other batches (a block's short last one, any
     batch of another runner) run on this thread with ``threads`` torch threads, once the queued ones are answered.
     ``clock["model"]`` gets the forward passes' seconds, ``clock["waited"]`` the caller's seconds waiting for them
@@ -209,7 +209,7 @@ def _predictions(network, image, items, origin, settings: InferenceSettings, thr
         for batch in _batched(items, settings.batch_size):
             slices = [_window_slices(start, settings.roi, origin) for start, _ in batch]
             windows = torch.stack([_flip(image[(slice(None), *s)], flips[f]) for s, (_, f) in zip(slices, batch)])
-            if isinstance(network, Halves) and len(batch) >= HALVED_FROM:
+            if isinstance(network, Halves) and network.takes(len(batch)):
                 queued.append((batch, slices, network.submit(windows)))
                 if len(queued) > QUEUED_BATCHES:
                     yield _answer(queued.popleft(), clock)
