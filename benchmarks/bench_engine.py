@@ -26,7 +26,9 @@ is written by windows, then:
 
 Peak memory is the largest sum of RSS over a column's process and all its children
 (tilemask's embedded scheduler and workers), sampled every 0.1 s; the other columns run in this process,
-which holds torch, MONAI and the network.  Network: MONAI UNet
+which holds torch, MONAI and the network.  tilemask's CPU seconds (its processes', sampled likewise) and the
+backend's (this process's, over its timed batches) give the least time tilemask could take on these cores
+with the work it did: the breakdown's first line.  Network: MONAI UNet
 with channels 16-32-64-128, strides 2-2-2, 2 residual units, roi 256,
 overlap 0.25, batch 8, random weights (speed does not depend on them).
 With ``--precision bfloat16`` or ``float16`` tilemask runs with ``inference.precision``
@@ -125,7 +127,7 @@ def run_tilemask(raster: Path, weights: Path, out: Path, probabilities: str = "n
     result = json.loads(line[len(RESULT):])
     if result["client_imported_torch"]:
         raise SystemExit("the tilemask column's client imported torch")
-    return {**result, "wall": end - start, "peak": mem.peak, "own": mem.own_at_peak}
+    return {**result, "wall": end - start, "peak": mem.peak, "own": mem.own_at_peak, "cpu": mem.cpu_seconds}
 
 
 def print_peak(t: dict) -> None:
@@ -133,8 +135,15 @@ def print_peak(t: dict) -> None:
           f"{gib(t['peak'] - t['own'])} the cluster's processes")
 
 
-def print_stages(t: dict, model_only: float) -> None:
-    """Where tilemask's time went, per worker stage (tilemask.timing), against the bare model."""
+def print_stages(t: dict, b: dict) -> None:
+    """Where tilemask's time went, per worker stage (tilemask.timing) and in CPU seconds, against the backend
+    alone (``b``)."""
+    model_only, cores = b["wall"], os.cpu_count() or 1
+    busy, more = t["cpu"] / (t["wall"] * cores), t["cpu"] - b["cpu"]
+    print(f"CPU: tilemask's processes used {t['cpu']:.1f} CPU s in {t['wall']:.1f} s ({busy:.0%} of the {cores} "
+          f"cores), the backend alone {b['cpu']:.1f}; so tilemask cannot take less than {t['cpu'] / cores:.1f} s on "
+          f"{cores} cores, {t['cpu'] / cores / model_only:.2f}x the backend alone, unless its {more:.1f} CPU s more "
+          f"(start-up, reading, cutting and adding up windows, blending, writing, Dask) shrink")  # fmt: skip
     stages = t["stages"]
     order = ("read", "preprocess", "model", "accumulate", "blend", "write")
     print("worker stages, seconds summed over threads: " + ", ".join(f"{k} {stages.get(k, 0.0):.1f}" for k in order))
@@ -203,7 +212,7 @@ def run_model_only(net, n_windows: int, precision: str, device: torch.device) ->
         with torch.inference_mode(), autocast(precision, device):
             net(batch)  # warm-up
             synchronize(device)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             if isinstance(net, Halves):  # batches queued behind the one running, as on a worker
                 queued = deque()
                 for _ in range(math.ceil(n_windows / BATCH)):
@@ -216,12 +225,13 @@ def run_model_only(net, n_windows: int, precision: str, device: torch.device) ->
                 for _ in range(math.ceil(n_windows / BATCH)):
                     net(batch)
             synchronize(device)
-            timed.append(time.perf_counter() - start)
+            timed.append((time.perf_counter() - start, time.process_time() - cpu))
 
     thread = threading.Thread(target=forward_passes)
     thread.start()
     thread.join()
-    return {"wall": timed[0]}
+    (wall, cpu), = timed
+    return {"wall": wall, "cpu": cpu}
 
 
 def synchronize(device: torch.device) -> None:
@@ -253,8 +263,8 @@ def run_bracketed(raster: Path, weights: Path, out: Path, size: int, args: argpa
     after = run_backend_only(weights, windows, args.precision, device, args.backend)
     if t["windows"] != windows:
         raise SystemExit(f"tilemask predicted {t['windows']} windows, MONAI's scan has {windows}")
-    mean = (before["wall"] + after["wall"]) / 2
-    return t, {"wall": mean, "before": before["wall"], "after": after["wall"], "backend": before["backend"]}
+    mean = {k: (before[k] + after[k]) / 2 for k in ("wall", "cpu")}
+    return t, {**mean, "before": before["wall"], "after": after["wall"], "backend": before["backend"]}
 
 
 def monai_windows(size: int) -> int:
@@ -321,7 +331,7 @@ def main() -> None:
         print(f"tilemask / MONAI: time {t['wall'] / m['wall']:.2f}, peak memory {t['peak'] / m['peak']:.3f}; "
               f"tilemask / backend only: time {ratios_to_bracket(t, b)}")
         print_peak(t)
-        print_stages(t, b["wall"])  # the worker's model stage times the backend
+        print_stages(t, b)
     if args.giga:
         raster = workdir / f"scene_{args.giga}.tif"
         if not raster.exists():
@@ -335,7 +345,7 @@ def main() -> None:
         print(f"backend only ({b['backend']}, what {args.backend} ran; {describe_bracket(b)}): {b['wall']:.1f} s; "
               f"tilemask / backend only: time {ratios_to_bracket(t, b)}")  # fmt: skip
         print_peak(t)
-        print_stages(t, b["wall"])
+        print_stages(t, b)
         monai_bytes = args.giga**2 * 4 * (3 + ARGS["out_channels"] + 1)
         print(f"MONAI would hold input + output + count map in float32: {gib(monai_bytes)} (not run)")
         if args.cog:

@@ -1,4 +1,4 @@
-"""Peak memory of a process tree: what every benchmark here reports."""
+"""Peak memory of a process tree, what every benchmark here reports, and the CPU seconds the tree used."""
 
 from __future__ import annotations
 
@@ -12,30 +12,47 @@ class PeakMemory:
     while in the block.
 
     Sampled every ``interval`` seconds; ``peak`` may be reset to 0 to start a new phase.  ``own_at_peak`` is
-    that process's share of the peak (the rest is its descendants').
+    that process's share of the peak (the rest is its descendants').  ``cpu_seconds``: user and system CPU of
+    the processes seen while in the block, each as last sampled (a process loses what it used in its last
+    ``interval``).
     """
 
     def __init__(self, pid: int | None = None, interval: float = 0.1):
         self.pid, self.interval, self.peak, self.own_at_peak, self._stop = pid, interval, 0, 0, threading.Event()
+        self._cpu: dict[int, float] = {}
+        self._cpu_before = 0.0  # the root process's, on entering the block
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(self._cpu.values()) - self._cpu_before
 
     def _sample(self) -> None:
         while not self._stop.is_set():
             try:
                 me = psutil.Process(self.pid)
                 own = total = me.memory_info().rss
+                self._add_cpu(me)
                 children = me.children(recursive=True)
             except psutil.Error:  # process ``pid`` has ended
                 return
             for p in children:
                 try:
                     total += p.memory_info().rss
+                    self._add_cpu(p)
                 except psutil.Error:
                     pass
             if total > self.peak:
                 self.peak, self.own_at_peak = total, own
             self._stop.wait(self.interval)
 
+    def _add_cpu(self, process: psutil.Process) -> None:
+        times = process.cpu_times()
+        self._cpu[process.pid] = times.user + times.system
+
     def __enter__(self) -> PeakMemory:
+        root = psutil.Process(self.pid)
+        self._add_cpu(root)
+        self._cpu_before = self._cpu[root.pid]
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
