@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import psutil
@@ -50,9 +51,10 @@ class PeakMemory:
         self._cpu[process.pid] = times.user + times.system
 
     def __enter__(self) -> PeakMemory:
-        root = psutil.Process(self.pid)
-        self._add_cpu(root)
-        self._cpu_before = self._cpu[root.pid]
+        with contextlib.suppress(psutil.Error):  # ended already: the sampler finds that too
+            root = psutil.Process(self.pid)
+            self._add_cpu(root)
+            self._cpu_before = self._cpu[root.pid]
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
