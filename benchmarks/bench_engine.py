@@ -22,7 +22,8 @@ is written by windows, then:
   on a worker (:mod:`tilemask.backends`), each batch started behind the one running
   where the runner takes that, as a worker's: the floor tilemask itself can reach.
   It runs just before tilemask's column and again just after it, and the floor is the
-  mean of the two (:func:`run_bracketed`); MONAI and the model only come after.
+  mean of the two (:func:`run_bracketed`).  MONAI runs first, while this process is still
+  as a user's script starts (glibc untuned, no backend runner built); the eager model last.
 
 Peak memory is the largest sum of RSS over a column's process and all its children
 (tilemask's embedded scheduler and workers), sampled every 0.1 s; the other columns run in this process,
@@ -138,17 +139,18 @@ def print_peak(t: dict) -> None:
 def print_stages(t: dict, b: dict) -> None:
     """Where tilemask's time went, per worker stage (tilemask.timing) and in CPU seconds, against the backend
     alone (``b``)."""
-    model_only, cores = b["wall"], os.cpu_count() or 1
-    busy, more = t["cpu"] / (t["wall"] * cores), t["cpu"] - b["cpu"]
-    print(f"CPU: tilemask's processes used {t['cpu']:.1f} CPU s in {t['wall']:.1f} s ({busy:.0%} of the {cores} "
-          f"cores), the backend alone {b['cpu']:.1f}; so tilemask cannot take less than {t['cpu'] / cores:.1f} s on "
-          f"{cores} cores, {t['cpu'] / cores / model_only:.2f}x the backend alone, unless its {more:.1f} CPU s more "
-          f"(start-up, reading, cutting and adding up windows, blending, writing, Dask) shrink")  # fmt: skip
+    floor, cores = b["wall"], os.cpu_count() or 1
+    if b["device"].type == "cpu":  # on a GPU the floor's CPU seconds include its waits for the device
+        busy, least = t["cpu"] / (t["wall"] * cores), t["cpu"] / cores
+        print(f"CPU: tilemask's processes used {t['cpu']:.1f} CPU s in {t['wall']:.1f} s ({busy:.0%} of the "
+              f"{cores} cores), {t['cpu'] - b['cpu']:+.1f} CPU s against the backend alone ({b['cpu']:.1f}); with "
+              f"that work tilemask cannot take less than {least:.1f} s on {cores} cores, {least / floor:.2f}x the "
+              f"backend alone")  # fmt: skip
     stages = t["stages"]
     order = ("read", "preprocess", "model", "accumulate", "blend", "write")
     print("worker stages, seconds summed over threads: " + ", ".join(f"{k} {stages.get(k, 0.0):.1f}" for k in order))
     run, model = t["inference"], stages.get("model", 0.0)
-    print(f"forward passes in the run {model:.1f} s vs {model_only:.1f} s alone ({model / model_only:.2f}x); the "
+    print(f"forward passes in the run {model:.1f} s vs {floor:.1f} s alone ({model / floor:.2f}x); the "
           f"compute thread's own work (cutting windows, adding up answers) {stages.get('accumulate', 0.0):.1f} s, "
           f"beside them where batches are queued; start-up and shutdown {t['wall'] - run:.1f} s")  # fmt: skip
     print(f"start-up and shutdown: the column's process start, imports and exit {t['wall'] - t['inside']:.1f} s, cluster "
@@ -204,9 +206,9 @@ def run_model_only(net, n_windows: int, precision: str, device: torch.device) ->
     from tilemask.cluster import reuse_large_allocations
     from tilemask.inference import QUEUED_BATCHES
 
-    reuse_large_allocations()  # after MONAI's run, which is timed as a user's script runs
+    reuse_large_allocations()  # MONAI's run came first, timed as a user's script runs
     batch = torch.randn(BATCH, 3, ROI, ROI, device=device)
-    timed: list[float] = []
+    timed: list[tuple[float, float]] = []  # wall and CPU seconds
 
     def forward_passes() -> None:
         with torch.inference_mode(), autocast(precision, device):
@@ -230,7 +232,7 @@ def run_model_only(net, n_windows: int, precision: str, device: torch.device) ->
     thread = threading.Thread(target=forward_passes)
     thread.start()
     thread.join()
-    (wall, cpu), = timed
+    ((wall, cpu),) = timed
     return {"wall": wall, "cpu": cpu}
 
 
@@ -256,24 +258,27 @@ def run_bracketed(raster: Path, weights: Path, out: Path, size: int, args: argpa
     """tilemask's column between two runs of the backend-only floor, the floor their mean: the VM's speed drifts
     (by 15% within 20 minutes here), and a floor measured minutes away from tilemask's run moved its ratio by more
     than the 1.10x goal allows.  The floor runs as many windows as MONAI's scan of the image; tilemask must
-    predict as many."""
+    predict as many.  The first floor builds the backend's runner, so on an empty ``TILEMASK_CACHE_DIR`` it,
+    not tilemask's column, converts the network and settles ``auto``: the column starts as a user's second
+    run does."""
     windows = monai_windows(size)
     before = run_backend_only(weights, windows, args.precision, device, args.backend)
     t = run_tilemask(raster, weights, out, "none", args.precision, device, args.backend)
-    after = run_backend_only(weights, windows, args.precision, device, args.backend)
     if t["windows"] != windows:
         raise SystemExit(f"tilemask predicted {t['windows']} windows, MONAI's scan has {windows}")
+    after = run_backend_only(weights, windows, args.precision, device, args.backend)
     mean = {k: (before[k] + after[k]) / 2 for k in ("wall", "cpu")}
-    return t, {**mean, "before": before["wall"], "after": after["wall"], "backend": before["backend"]}
+    return t, {**mean, "before": before["wall"], "after": after["wall"], "backend": before["backend"],
+               "device": device}  # fmt: skip
 
 
 def monai_windows(size: int) -> int:
-    """The windows of MONAI's ``sliding_window_inference`` over a ``size``^2 image, at ROI and OVERLAP."""
+    """The windows of MONAI's ``sliding_window_inference`` over a ``size``^2 image (``size`` >= ROI), at ROI and
+    OVERLAP: its scan interval is ``int(roi * (1 - overlap))``."""
     from monai.data.utils import dense_patch_slices
-    from monai.inferers.utils import _get_scan_interval
 
-    interval = _get_scan_interval((size, size), (ROI, ROI), 2, (OVERLAP, OVERLAP))
-    return len(dense_patch_slices((size, size), (ROI, ROI), interval))
+    interval = int(ROI * (1 - OVERLAP))
+    return len(dense_patch_slices((size, size), (ROI, ROI), (interval, interval)))
 
 
 def describe_bracket(b: dict) -> str:
@@ -317,8 +322,8 @@ def main() -> None:
         raster = workdir / f"scene_{size}.tif"
         if not raster.exists():
             make_raster(raster, size)
-        t, b = run_bracketed(raster, weights, workdir / f"tilemask_{size}.zarr", size, args, device)
         m = run_monai(raster, net, workdir / f"monai_{size}.tif", args.precision, device)
+        t, b = run_bracketed(raster, weights, workdir / f"tilemask_{size}.zarr", size, args, device)
         p = run_model_only(net, t["windows"], args.precision, device)
         print(f"\n{size} x {size} x 3 ({t['windows']} windows of {ROI}^2, {t['tasks']} tasks), {args.precision} "
               f"on {device}")  # fmt: skip

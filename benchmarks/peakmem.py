@@ -13,19 +13,19 @@ class PeakMemory:
     while in the block.
 
     Sampled every ``interval`` seconds; ``peak`` may be reset to 0 to start a new phase.  ``own_at_peak`` is
-    that process's share of the peak (the rest is its descendants').  ``cpu_seconds``: user and system CPU of
-    the processes seen while in the block, each as last sampled (a process loses what it used in its last
-    ``interval``).
+    that process's share of the peak (the rest is its descendants').  ``cpu_seconds``: user and system CPU that
+    the tree used while in the block, each process as last sampled: one that ends loses what it used in its last
+    ``interval``, one that lives less than an interval is missed.
     """
 
     def __init__(self, pid: int | None = None, interval: float = 0.1):
         self.pid, self.interval, self.peak, self.own_at_peak, self._stop = pid, interval, 0, 0, threading.Event()
         self._cpu: dict[int, float] = {}
-        self._cpu_before = 0.0  # the root process's, on entering the block
+        self._cpu_before: dict[int, float] = {}  # of the processes there on entering the block
 
     @property
     def cpu_seconds(self) -> float:
-        return sum(self._cpu.values()) - self._cpu_before
+        return sum(seconds - self._cpu_before.get(pid, 0.0) for pid, seconds in self._cpu.items())
 
     def _sample(self) -> None:
         while not self._stop.is_set():
@@ -53,8 +53,10 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         with contextlib.suppress(psutil.Error):  # ended already: the sampler finds that too
             root = psutil.Process(self.pid)
-            self._add_cpu(root)
-            self._cpu_before = self._cpu[root.pid]
+            for process in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    self._add_cpu(process)
+        self._cpu_before = dict(self._cpu)
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
