@@ -128,3 +128,43 @@ def test_blocks_copied_on_their_threads_streams_beside_the_compute_stream_give_m
         (result,) = tilemask.run(wf, client, overwrite=True)
         labels = zarr.open_group(result.outputs[0], mode="r")["labels"][:]
         assert np.all((labels == expected.argmax(0)) | (top2[1] - top2[0] < 2e-3)), "labels differ away from ties"
+
+
+CUDA_PROBE = """
+import sys, numpy, torch
+from tilemask.backends import cached_runner
+from tilemask.settings import InferenceSettings, ModelSpec
+spec = ModelSpec.create("UNet", {args!r}, {weights!r})
+settings = InferenceSettings(roi=(64, 64), batch_size=4, backend="auto")
+backend, run = cached_runner(spec, settings, 3, torch.device("cuda"))
+windows = torch.from_numpy(numpy.random.default_rng(1).standard_normal((4, 3, 64, 64), dtype="float32")).cuda()
+with torch.inference_mode():
+    torch.save(run(windows).cpu(), sys.argv[1])
+print("monai" in sys.modules, "|", backend)
+"""
+
+
+@pytest.mark.timeout(240)  # two fresh processes importing torch and CUDA, the first MONAI too (16 s on an H200 host)
+def test_on_a_gpu_the_network_is_traced_once_and_later_workers_load_it_without_monai(make_model, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    weights, net = make_model()
+    env = {**os.environ, "TILEMASK_CACHE_DIR": str(tmp_path / "cache")}
+    script = CUDA_PROBE.format(args=UNET_2D, weights=str(weights))
+    answers = []
+    for n in range(2):
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"out{n}.pt")], env=env,
+                              capture_output=True, text=True, timeout=110)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        answers.append(done.stdout.strip().splitlines()[-1])
+    assert answers[0] == f"True | {GRAPH_OF_4}"  # built with MONAI, traced on the GPU, cached, captured
+    assert answers[1] == f"False | {GRAPH_OF_4}"  # read from the cache: MONAI never imported
+    assert list((tmp_path / "cache" / "torchscript").glob("*.cuda0.pt"))
+    first, second = (torch.load(tmp_path / f"out{n}.pt") for n in range(2))
+    assert torch.equal(first, second)  # the cached trace replays as the traced network did, bit for bit
+    windows = torch.from_numpy(np.random.default_rng(1).standard_normal((4, 3, 64, 64), dtype="float32")).cuda()
+    with torch.inference_mode():
+        expected = net.cuda()(windows).cpu()
+    assert (torch.softmax(first, 1) - torch.softmax(expected, 1)).abs().max() < 1e-4

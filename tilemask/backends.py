@@ -514,22 +514,26 @@ def _paired_seconds(run: Runner, reference: Runner, channels: int, roi: tuple[in
 
 def _torch(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: int, roi: tuple[int, ...],
            device: torch.device, eager_if_out_of_memory: bool = True) -> Runner:  # fmt: skip
-    """The network in torch: on the CPU, a checkpoint's network traced to TorchScript once and cached, so a
-    later run loads it in milliseconds without building the network or importing MONAI; kept only when the
-    trace gives the network's own output bit for bit, for one window and for three.  Memory that runs out while
-    tracing (it checks three windows at once) runs the network as it is, or is raised when not
-    ``eager_if_out_of_memory`` (torch-mkldnn, which needs the trace, fails now and is tried again later)."""
-    if device.type != "cpu" or spec.archive != "state_dict":
+    """The network in torch: a checkpoint's network traced to TorchScript once per device and cached, so a
+    later run loads it in milliseconds without building the network or importing MONAI (on a GPU machine whose
+    MONAI imports torchvision and transformers, 16 s of a worker's start: ``benchmarks/gpu/NOTES.md``); kept
+    only when the trace gives the network's own output bit for bit, for one window and for three, on ``device``.
+    On a GPU the trace runs op by op (:func:`_op_by_op`).  Memory that runs out while tracing (it checks three
+    windows at once) runs the network as it is, or is raised when not ``eager_if_out_of_memory`` (torch-mkldnn,
+    which needs the trace, fails now and is tried again later)."""
+    if spec.archive != "state_dict":
         return network()
-    path = cache_path(spec, "torchscript", torch.__version__, channels, roi, ".pt")
+    # one trace per device: a traced network may hold its device as a constant (a tensor made in ``forward``)
+    suffix = ".pt" if device.type == "cpu" else f".{device.type}{device.index or 0}.pt"
+    path = cache_path(spec, "torchscript", torch.__version__, channels, roi, suffix)
     if path.is_file():
         try:
-            return torch.jit.load(str(path), map_location=device).eval()
+            return _traced_runner(torch.jit.load(str(path), map_location=device).eval(), device)
         except RuntimeError as exc:
             logger.warning("%s: unreadable cached TorchScript, tracing again: %s", path, first_line(exc))
     eager = network()
     try:
-        traced = _trace(eager, channels, roi)
+        traced = _trace(eager, channels, roi, device)
     except Exception as exc:  # noqa: BLE001 - out of memory: _trace lets nothing else through
         if not eager_if_out_of_memory:
             raise
@@ -538,18 +542,36 @@ def _torch(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: in
     if traced is None:
         return eager
     publish_entry(lambda p: torch.jit.save(traced, str(p)), path, (".pt",))
-    return traced
+    return _traced_runner(traced, device)
 
 
-def _trace(network: torch.nn.Module, channels: int, roi: tuple[int, ...]) -> torch.jit.ScriptModule | None:
+def _traced_runner(traced: torch.jit.ScriptModule, device: torch.device) -> Runner:
+    return traced if device.type == "cpu" else _op_by_op(traced)
+
+
+def _op_by_op(traced: torch.jit.ScriptModule) -> Runner:
+    """``traced`` run by TorchScript's interpreter without its optimizing executor (a per-thread setting): the
+    network's operators one by one, the kernels eager torch launches, never fused.  On a GPU that executor
+    fuses element-wise operators after profiling a few calls, into kernels that may round otherwise than the
+    network's own, after the trace was checked."""
+
+    def run(windows: torch.Tensor) -> torch.Tensor:
+        with torch.jit.optimized_execution(False):
+            return traced(windows)
+
+    return run
+
+
+def _trace(network: torch.nn.Module, channels: int, roi: tuple[int, ...],
+           device: torch.device) -> torch.jit.ScriptModule | None:  # fmt: skip
     try:
         with ignoring_warnings(), torch.no_grad():
-            traced = torch.jit.trace(network, torch.zeros((1, channels, *roi)), check_trace=False)
-        rng = np.random.default_rng(0)
+            traced = torch.jit.trace(network, torch.zeros((1, channels, *roi), device=device), check_trace=False)
+        run, rng = _traced_runner(traced, device), np.random.default_rng(0)
         with torch.inference_mode():
             for batch in (1, 3):
-                window = torch.from_numpy(rng.standard_normal((batch, channels, *roi), dtype=np.float32))
-                if not torch.equal(network(window), traced(window)):
+                window = torch.from_numpy(rng.standard_normal((batch, channels, *roi), dtype=np.float32)).to(device)
+                if not torch.equal(network(window), run(window)):
                     logger.info("the traced network differs from the network: running it as it is")
                     return None
     except Exception as exc:  # noqa: BLE001 - tracing fails on networks with data-dependent control flow

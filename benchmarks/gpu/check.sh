@@ -27,7 +27,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TILEMASK_CACHE_DIR=/tmp/tile
 python3 -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'" || exit 1
 step() { [[ $steps == *" $1 "* ]]; }
 if step 2; then
-    timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts="" -rs --timeout 60 tests/test_gpu.py 2>&1 \
+    timeout 260 python3 -m pytest -q -p no:cacheprovider -o addopts="" -rs --timeout 60 tests/test_gpu.py 2>&1 \
         | tee "$out/gpu_tests.log"
 fi
 if step 3; then
