@@ -3,9 +3,9 @@
 ``inference.backend`` (see README, "Inference backends"):
 
 * ``torch``: the network as loaded (:func:`tilemask.models.cached_model`): eager,
-  TorchScript or an exported program, on the CPU or a GPU.  On the CPU a
-  checkpoint's network is traced to TorchScript once (kept only when the trace
-  answers bit for bit what the network does) and cached, so later runs load it in
+  TorchScript or an exported program, on the CPU or a GPU.  A checkpoint's network
+  is traced to TorchScript once per device (kept only when the trace answers bit for
+  bit what the network does there) and cached, so later runs load it in
   milliseconds without building the network or importing MONAI (:func:`_torch`).
 * ``openvino``: the network converted by ``openvino.convert_model`` (traced with a
   window of the roi's shape, any batch size) and compiled for the CPU with float32
