@@ -136,7 +136,7 @@ from tilemask.backends import cached_runner
 from tilemask.settings import InferenceSettings, ModelSpec
 spec = ModelSpec.create("UNet", {args!r}, {weights!r})
 settings = InferenceSettings(roi=(64, 64), batch_size=4, backend="auto")
-backend, run = cached_runner(spec, settings, 3, torch.device("cuda"))
+backend, run = cached_runner(spec, settings, 3, torch.device("cuda", 0))  # a worker's device is indexed
 windows = torch.from_numpy(numpy.random.default_rng(1).standard_normal((4, 3, 64, 64), dtype="float32")).cuda()
 with torch.inference_mode():
     torch.save(run(windows).cpu(), sys.argv[1])
@@ -161,7 +161,7 @@ def test_on_a_gpu_the_network_is_traced_once_and_later_workers_load_it_without_m
         answers.append(done.stdout.strip().splitlines()[-1])
     assert answers[0] == f"True | {GRAPH_OF_4}"  # built with MONAI, traced on the GPU, cached, captured
     assert answers[1] == f"False | {GRAPH_OF_4}"  # read from the cache: MONAI never imported
-    assert list((tmp_path / "cache" / "torchscript").glob("*.cuda0.pt"))
+    assert list((tmp_path / "cache" / "torchscript").glob("*.cuda0.cudnn*.pt"))
     first, second = (torch.load(tmp_path / f"out{n}.pt") for n in range(2))
     assert torch.equal(first, second)  # the cached trace replays as the traced network did, bit for bit
     windows = torch.from_numpy(np.random.default_rng(1).standard_normal((4, 3, 64, 64), dtype="float32")).cuda()

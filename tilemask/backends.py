@@ -523,13 +523,13 @@ def _torch(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: in
     which needs the trace, fails now and is tried again later)."""
     if spec.archive != "state_dict":
         return network()
-    # one trace per device: a traced network may hold its device as a constant (a tensor made in ``forward``)
-    suffix = ".pt" if device.type == "cpu" else f".{device.type}{device.index or 0}.pt"
-    path = cache_path(spec, "torchscript", torch.__version__, channels, roi, suffix)
+    path = cache_path(spec, "torchscript", torch.__version__, channels, roi, _trace_suffix(device))
     if path.is_file():
         try:
             return _traced_runner(torch.jit.load(str(path), map_location=device).eval(), device)
         except RuntimeError as exc:
+            if out_of_memory(exc):  # the device's memory, not the file: traced again it would need more
+                raise
             logger.warning("%s: unreadable cached TorchScript, tracing again: %s", path, first_line(exc))
     eager = network()
     try:
@@ -545,6 +545,17 @@ def _torch(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: in
     return _traced_runner(traced, device)
 
 
+def _trace_suffix(device: torch.device) -> str:
+    """A cached trace's suffix: one trace per GPU, as a traced network may hold its device as a constant (a tensor
+    made in ``forward``), and per cuDNN setting that a trace freezes into its convolutions (enabled, benchmark,
+    deterministic, TF32), as checked against the network when traced."""
+    if device.type == "cpu":
+        return ".pt"
+    cudnn = torch.backends.cudnn
+    flags = "".join(str(int(f)) for f in (cudnn.enabled, cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32))
+    return f".{device.type}{device.index or 0}.cudnn{flags}.pt"
+
+
 def _traced_runner(traced: torch.jit.ScriptModule, device: torch.device) -> Runner:
     return traced if device.type == "cpu" else _op_by_op(traced)
 
@@ -553,7 +564,8 @@ def _op_by_op(traced: torch.jit.ScriptModule) -> Runner:
     """``traced`` run by TorchScript's interpreter without its optimizing executor (a per-thread setting): the
     network's operators one by one, the kernels eager torch launches, never fused.  On a GPU that executor
     fuses element-wise operators after profiling a few calls, into kernels that may round otherwise than the
-    network's own, after the trace was checked."""
+    network's own, after the trace was checked.  Only while ``traced`` is never called otherwise: a module whose
+    executor has built its optimized plan runs that plan whatever the setting."""
 
     def run(windows: torch.Tensor) -> torch.Tensor:
         with torch.jit.optimized_execution(False):
