@@ -217,25 +217,29 @@ print("monai" in sys.modules, isinstance(getattr(run, "run", run), torch.jit.Scr
 """
 
 
-@pytest.mark.slow  # two fresh processes importing torch and MONAI (12 s)
-def test_a_checkpoints_network_is_traced_once_and_later_runs_load_it_without_monai(make_model, tmp_path):
+def probe_twice(script: str, tmp_path, timeout: float) -> list[str]:
+    """The last line ``script`` prints in each of two fresh processes, one after the other, that share a
+    ``TILEMASK_CACHE_DIR`` under ``tmp_path``; process ``n`` is given ``tmp_path / f"out{n}.pt"`` to save to."""
     import os
     import subprocess
     import sys
 
-    import torch
-
-    weights, net = make_model()
     env = {**os.environ, "TILEMASK_CACHE_DIR": str(tmp_path / "cache")}
-    script = PROBE.format(args=UNET_2D, weights=str(weights))
-    answers = []
+    lines = []
     for n in range(2):
         done = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"out{n}.pt")], env=env,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
         assert done.returncode == 0, done.stderr
-        answers.append(done.stdout.split())
-    assert answers[0] == ["True", "True"]  # built with MONAI, traced, cached
-    assert answers[1] == ["False", "True"]  # read from the cache: MONAI never imported
+        lines.append(done.stdout.strip().splitlines()[-1])
+    return lines
+
+
+@pytest.mark.slow  # two fresh processes importing torch and MONAI (12 s)
+def test_a_checkpoints_network_is_traced_once_and_later_runs_load_it_without_monai(make_model, tmp_path):
+    weights, net = make_model()
+    answers = probe_twice(PROBE.format(args=UNET_2D, weights=str(weights)), tmp_path, timeout=120)
+    assert answers[0] == "True True"  # built with MONAI, traced, cached
+    assert answers[1] == "False True"  # read from the cache: MONAI never imported
     assert list((tmp_path / "cache" / "torchscript").glob("*.pt"))
     first, second = (torch.load(tmp_path / f"out{n}.pt") for n in range(2))
     assert torch.equal(first, second)  # the cached trace answers as the traced network did, bit for bit

@@ -18,6 +18,7 @@ import tilemask
 from tilemask.workflow import Workflow
 
 from .conftest import UNET_2D, UNET_3D, raster_workflow
+from .test_backends import probe_twice
 from .test_fidelity import monai_probabilities, run_zarr
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -146,19 +147,8 @@ print("monai" in sys.modules, "|", backend)
 
 @pytest.mark.timeout(240)  # two fresh processes importing torch and CUDA, the first MONAI too (16 s on an H200 host)
 def test_on_a_gpu_the_network_is_traced_once_and_later_workers_load_it_without_monai(make_model, tmp_path):
-    import os
-    import subprocess
-    import sys
-
     weights, net = make_model()
-    env = {**os.environ, "TILEMASK_CACHE_DIR": str(tmp_path / "cache")}
-    script = CUDA_PROBE.format(args=UNET_2D, weights=str(weights))
-    answers = []
-    for n in range(2):
-        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"out{n}.pt")], env=env,
-                              capture_output=True, text=True, timeout=110)  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        answers.append(done.stdout.strip().splitlines()[-1])
+    answers = probe_twice(CUDA_PROBE.format(args=UNET_2D, weights=str(weights)), tmp_path, timeout=110)
     assert answers[0] == f"True | {GRAPH_OF_4}"  # built with MONAI, traced on the GPU, cached, captured
     assert answers[1] == f"False | {GRAPH_OF_4}"  # read from the cache: MONAI never imported
     assert list((tmp_path / "cache" / "torchscript").glob("*.cuda0.cudnn*.pt"))
