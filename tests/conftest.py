@@ -173,6 +173,19 @@ def run_small_volume(input_path, weights, tmp_path, client, suffix: str = ".nii.
     return result.outputs[0]
 
 
+def probe_twice(script: str, tmp_path, timeout: float) -> list[str]:
+    """The last line ``script`` prints in each of two fresh processes, one after the other, that share a
+    ``TILEMASK_CACHE_DIR`` under ``tmp_path``; process ``n`` is given ``tmp_path / f"out{n}.pt"`` to save to."""
+    env = {**os.environ, "TILEMASK_CACHE_DIR": str(tmp_path / "cache")}
+    lines = []
+    for n in range(2):
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"out{n}.pt")], env=env,
+                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        lines.append(done.stdout.strip().splitlines()[-1])
+    return lines
+
+
 def volume_workflow(input_path, weights, inference: dict, output: dict) -> dict:
     """UNET_3D on a volume (normalised with mean 500 and std 300, roi 24^3), labels and float32 probabilities
     as ``.nii.gz``; ``inference`` and ``output`` keys added."""

@@ -15,7 +15,7 @@ import zarr
 import tilemask
 from tilemask import Workflow
 
-from .conftest import UNET_2D, UNET_3D, raster_workflow
+from .conftest import UNET_2D, UNET_3D, probe_twice, raster_workflow
 
 BATCH_NORM_2D = dict(UNET_2D, norm="batch")
 BATCH_NORM_3D = dict(UNET_3D, norm="batch")
@@ -215,23 +215,6 @@ with torch.inference_mode():
 # a runner of halves (two CPU threads or more, an even number) holds the trace as its run
 print("monai" in sys.modules, isinstance(getattr(run, "run", run), torch.jit.ScriptModule))
 """
-
-
-def probe_twice(script: str, tmp_path, timeout: float) -> list[str]:
-    """The last line ``script`` prints in each of two fresh processes, one after the other, that share a
-    ``TILEMASK_CACHE_DIR`` under ``tmp_path``; process ``n`` is given ``tmp_path / f"out{n}.pt"`` to save to."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TILEMASK_CACHE_DIR": str(tmp_path / "cache")}
-    lines = []
-    for n in range(2):
-        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"out{n}.pt")], env=env,
-                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        lines.append(done.stdout.strip().splitlines()[-1])
-    return lines
 
 
 @pytest.mark.slow  # two fresh processes importing torch and MONAI (12 s)

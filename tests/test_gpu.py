@@ -17,8 +17,7 @@ import zarr
 import tilemask
 from tilemask.workflow import Workflow
 
-from .conftest import UNET_2D, UNET_3D, raster_workflow
-from .test_backends import probe_twice
+from .conftest import UNET_2D, UNET_3D, probe_twice, raster_workflow
 from .test_fidelity import monai_probabilities, run_zarr
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
