@@ -150,7 +150,7 @@ def test_on_a_gpu_the_network_is_traced_once_and_later_workers_load_it_without_m
     answers = probe_twice(CUDA_PROBE.format(args=UNET_2D, weights=str(weights)), tmp_path, timeout=110)
     assert answers[0] == f"True | {GRAPH_OF_4}"  # built with MONAI, traced on the GPU, cached, captured
     assert answers[1] == f"False | {GRAPH_OF_4}"  # read from the cache: MONAI never imported
-    assert list((tmp_path / "cache" / "torchscript").glob("*.cuda0.cudnn*.pt"))
+    assert list((tmp_path / "cache" / "torchscript").glob("*.cuda0.gpu*.cudnn*.pt"))
     first, second = (torch.load(tmp_path / f"out{n}.pt") for n in range(2))
     assert torch.equal(first, second)  # the cached trace replays as the traced network did, bit for bit
     windows = torch.from_numpy(np.random.default_rng(1).standard_normal((4, 3, 64, 64), dtype="float32")).cuda()

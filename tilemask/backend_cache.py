@@ -131,6 +131,14 @@ def cpu_key() -> str:
     return "cpu" + hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
+def gpu_key(device: torch.device) -> str:
+    """A short name for the model of the GPU ``device``, its compute capability and the cuDNN version torch runs,
+    as :func:`cpu_key` is for the CPU."""
+    major, minor = torch.cuda.get_device_capability(device)
+    text = f"{torch.cuda.get_device_name(device)}|sm{major}{minor}|cudnn{torch.backends.cudnn.version()}"
+    return "gpu" + hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def cpu_model() -> str:
     """The CPU's model as Linux names it in ``/proc/cpuinfo``: ``model name`` on x86, the implementer and part
     numbers on ARM (which has no model name there); else the platform's word for it."""

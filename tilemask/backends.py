@@ -71,6 +71,7 @@ from .backend_cache import (
     WARM_UP_PASSES,
     backend_version,
     cache_path,
+    gpu_key,
     local_spec,
     locked,
     publish_entry,
@@ -546,14 +547,15 @@ def _torch(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: in
 
 
 def _trace_suffix(device: torch.device) -> str:
-    """A cached trace's suffix: one trace per GPU, as a traced network may hold its device as a constant (a tensor
-    made in ``forward``), and per cuDNN setting that a trace freezes into its convolutions (enabled, benchmark,
-    deterministic, TF32), as checked against the network when traced."""
+    """A cached trace's suffix: one trace per GPU number, as a traced network may hold its device as a constant (a
+    tensor made in ``forward``), per GPU model and cuDNN version (a home folder shared by nodes with GPUs of several
+    kinds: the trace is checked only where it was made), and per cuDNN setting that a trace freezes into its
+    convolutions (enabled, benchmark, deterministic, TF32), as checked against the network when traced."""
     if device.type == "cpu":
         return ".pt"
     cudnn = torch.backends.cudnn
     flags = "".join(str(int(f)) for f in (cudnn.enabled, cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32))
-    return f".{device.type}{device.index or 0}.cudnn{flags}.pt"
+    return f".{device.type}{device.index or 0}.{gpu_key(device)}.cudnn{flags}.pt"
 
 
 def _traced_runner(traced: torch.jit.ScriptModule, device: torch.device) -> Runner:
