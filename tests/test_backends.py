@@ -141,6 +141,28 @@ def test_a_backend_not_installed_says_how_to_install_it(make_model, monkeypatch,
                                   "(pip install 'tilemask[onnx]')")  # fmt: skip
 
 
+def test_onnx_runtimes_other_builds_key_its_cache_by_their_own_version(tmp_path, monkeypatch):
+    """``onnxruntime-gpu`` (and ONNX Runtime's other builds) install the same ``onnxruntime`` module under another
+    distribution's name: its version read as "absent", so upgrading it kept the old conversions and verdicts.
+    Packages here are real ``.dist-info`` folders on a ``sys.path`` that holds only them."""
+    import sys
+
+    from tilemask.backend_cache import backend_version
+
+    def install(name: str, version: str) -> None:
+        folder = tmp_path / f"{name.replace('-', '_')}-{version}.dist-info"
+        folder.mkdir()
+        (folder / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])
+    assert backend_version("onnxruntime") == "absent"
+    install("onnxruntime-gpu", "1.99.0")
+    assert backend_version("onnxruntime") == "onnxruntime-gpu-1.99.0"
+    install("onnxruntime", "1.98.0")
+    assert backend_version("onnxruntime") == "1.98.0"  # the plain build's key as before: its caches stay valid
+    assert backend_version("torch-mkldnn") == "absent"
+
+
 @pytest.mark.parametrize("backend", ["torch-mkldnn", "openvino", "onnxruntime"])
 def test_reduced_precision_with_a_float32_only_backend_is_refused(make_raster, make_model, tmp_path, backend):
     path, _ = make_raster((3, 50, 50))

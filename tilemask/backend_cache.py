@@ -102,12 +102,23 @@ def locked(path: Path):
         os.close(fd)
 
 
+# The distributions that install each backend's module: ONNX Runtime's builds for GPUs and other accelerators
+# are other distributions of the same ``onnxruntime`` module.
+DISTRIBUTIONS = {
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml"),
+}
+
+
 def backend_version(backend: str) -> str:
-    """The version of the package that runs ``backend``."""
-    try:
-        return importlib.metadata.version("torch" if backend.startswith("torch") else backend)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
+    """The distribution and version of the package that runs ``backend`` ("absent" where none is installed)."""
+    module = "torch" if backend.startswith("torch") else backend
+    for distribution in DISTRIBUTIONS.get(module, (module,)):
+        try:
+            version = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return version if distribution == module else f"{distribution}-{version}"
+    return "absent"
 
 
 WARM_UP_PASSES, TIMED_ROUNDS = 2, 5  # how auto times a backend (tilemask.backends._paired_seconds): 14 passes in all
