@@ -150,6 +150,10 @@ def print_stages(t: dict, b: dict) -> None:
     stages = t["stages"]
     order = ("read", "preprocess", "model", "accumulate", "blend", "write")
     print("worker stages, seconds summed over threads: " + ", ".join(f"{k} {stages.get(k, 0.0):.1f}" for k in order))
+    cpu = t["stages_cpu"]
+    print("worker stages, CPU seconds of the threads that ran them (no waits for a core): "
+          + ", ".join(f"{k} {cpu.get(k, 0.0):.1f}" for k in order if k != "model")
+          + f"; {sum(cpu.get(k, 0.0) for k in order):.1f} in all")  # fmt: skip
     run, model = t["inference"], stages.get("model", 0.0)
     print(f"forward passes in the run {model:.1f} s vs {floor:.1f} s alone ({model / floor:.2f}x); the "
           f"compute thread's own work (cutting windows, adding up answers) {stages.get('accumulate', 0.0):.1f} s, "

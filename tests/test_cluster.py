@@ -255,22 +255,25 @@ def test_workers_count_the_seconds_of_each_stage(make_raster, make_model, tmp_pa
     import tilemask
     from tilemask import Workflow, timing
 
-    def totals() -> dict[str, float]:
+    def totals(snapshot) -> dict[str, float]:
         summed: dict[str, float] = {}
-        for seconds in client.run(timing.snapshot).values():
+        for seconds in client.run(snapshot).values():
             for stage, s in seconds.items():
                 summed[stage] = summed.get(stage, 0.0) + s
         return summed
 
     path, _ = make_raster((3, 200, 230))
     weights, _ = make_model()
-    before = totals()
+    before, before_cpu = totals(timing.snapshot), totals(timing.cpu_snapshot)
     tilemask.run(Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path), client)
-    after = totals()
+    after, after_cpu = totals(timing.snapshot), totals(timing.cpu_snapshot)
     stages = ("read", "preprocess", "model", "accumulate", "blend", "write", "probe: network", "probe: first window")
     for stage in stages:
         assert after.get(stage, 0.0) > before.get(stage, 0.0), stage
     assert "probe: import" in after and "probe: device" in after
+    for stage in ("read", "preprocess", "accumulate", "blend", "write"):  # CPU seconds too, never above the wall's
+        assert 0.0 < after_cpu[stage] - before_cpu.get(stage, 0.0) <= after[stage] - before.get(stage, 0.0) + 0.01
+    assert "model" not in after_cpu  # its passes run on the runner's threads
 
 
 @pytest.mark.parametrize("dashboard", [True, False])

@@ -12,7 +12,7 @@ from monai.inferers import sliding_window_inference
 import tilemask
 from tilemask import Workflow
 
-from .conftest import UNET_3D, raster_workflow, volume_workflow
+from .conftest import UNET_2D, UNET_3D, raster_workflow, volume_workflow
 
 
 def monai_probabilities(image: np.ndarray, net, roi, overlap, mode, mean, std, sigma_scale=0.125, device="cpu"):
@@ -46,6 +46,32 @@ def test_raster_matches_monai(make_raster, make_model, tmp_path, client, mode, o
     agree = labels == expected.argmax(0)
     top2 = np.sort(expected, axis=0)[-2:]
     assert np.all(agree | (top2[1] - top2[0] < 1e-4)), "labels differ away from ties"
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_labels_alone_are_the_labels_written_with_probabilities(make_raster, make_model, tmp_path, client, activation):
+    """A job that writes labels alone, argmax of the weighted sums, adds up no window weights in its blocks (a third
+    of a 2-class network's sums, :meth:`tilemask.settings.Finishing.needs_weights`); a sigmoid's threshold needs
+    them.  Either way its labels are those of the same run with probabilities, which match MONAI's above."""
+    from tilemask.engine import build_graph, predict
+    from tilemask.planning import plan_workflow
+
+    path, _ = make_raster((3, 203, 317))
+    args = {**UNET_2D, "out_channels": 1} if activation == "sigmoid" else UNET_2D
+    weights, _ = make_model(args)
+    workflow = raster_workflow(path, weights, args, inference={"activation": activation})
+    _, labels, _ = run_zarr(workflow, tmp_path, client)
+    labels_only = Workflow.from_dict(workflow, ["output.probabilities=none", "output.path=out/only.zarr"], base_dir=tmp_path)
+    (result,) = tilemask.run(labels_only, client)
+    np.testing.assert_array_equal(zarr.open_group(result.outputs[0], mode="r")["labels"][:], labels)
+    assert 0 < labels.mean() < 1 if activation == "sigmoid" else len(np.unique(labels)) > 1
+
+    (job,) = plan_workflow(labels_only).jobs(out_channels=args["out_channels"])
+    graph, blocks, _ = build_graph(job)
+    key, block = next(iter(blocks.items()))
+    partial = predict(block, graph[graph[key][2]])  # the task, run here: (predict, block, key of what is shared)
+    assert partial.weighted.shape[0] == args["out_channels"]
+    assert (partial.weights is None) == (activation == "softmax")
 
 
 def test_axis_smaller_than_roi_is_padded_like_monai(make_raster, make_model, tmp_path, client):

@@ -88,9 +88,17 @@ def test_a_chunk_blended_on_the_device_is_the_hosts(activation, probabilities, f
     (host_own,) = own.host([own.region])
     assert isinstance(host_own.weighted, np.ndarray) and not np.shares_memory(host_own.weighted, own.weighted.numpy())
 
-    labels, encoded, histogram = finish_on_device(chunk, own, others, finishing)
     weighted, weights, valid = overlap_add(chunk, [host_own, *others])
     expected_labels, expected, expected_histogram = finalize(weighted, weights, valid, finishing)
+    if not finishing.needs_weights(flips):  # labels by argmax: the blocks of such a job add up no weights
+        assert activation != "sigmoid" and probabilities == "none" and flips == 1
+        for part in (own, host_own, *others):
+            part.weights = None
+        weighted, weights, _ = overlap_add(chunk, [host_own, *others])
+        assert weights is None
+        host_labels, _, _ = finalize(weighted, weights, valid, finishing)
+        np.testing.assert_array_equal(host_labels, expected_labels)
+    labels, encoded, histogram = finish_on_device(chunk, own, others, finishing)
 
     assert labels.dtype == expected_labels.dtype and labels.shape == (30, 25)
     np.testing.assert_array_equal(labels, expected_labels)  # random sums: no ties
@@ -103,19 +111,26 @@ def test_a_chunk_blended_on_the_device_is_the_hosts(activation, probabilities, f
         np.testing.assert_allclose(encoded.astype(np.float32), expected.astype(np.float32), atol=1 if probabilities == "uint8" else 2e-6)
 
 
-def test_a_device_partial_sent_to_another_worker_arrives_as_host_sums():
+@pytest.mark.parametrize("weights", [True, False])
+def test_a_device_partial_sent_to_another_worker_arrives_as_host_sums(weights):
     import pickle
 
     from tilemask.stitch import Partial, cut
 
     own, _ = _sums_around(((10, 40), (20, 45)), 1, 2, seed=3)
+    if not weights:  # a job labelled by argmax (Finishing.needs_weights)
+        own.weights = None
     arrived = pickle.loads(pickle.dumps(own))
     assert type(arrived) is Partial and isinstance(arrived.weighted, np.ndarray)
     np.testing.assert_array_equal(arrived.weighted, own.weighted.numpy())
     pieces = cut(own, {(1, 0): ((40, 64), (17, 30)), (0, 1): ((0, 40), (45, 64)), (0, -1): ((10, 40), (0, 18))})
     assert list(pieces) == [(1, 0), (0, -1)], "the chunk that the partial does not reach gets no piece"
     assert type(pieces[(1, 0)]) is Partial and pieces[(1, 0)].region == ((40, 45), (17, 30))
-    np.testing.assert_array_equal(pieces[(1, 0)].weights, own.weights.numpy()[:, 30:35, :13])
+    np.testing.assert_array_equal(pieces[(1, 0)].weighted, own.weighted.numpy()[:, 30:35, :13])
+    if weights:
+        np.testing.assert_array_equal(pieces[(1, 0)].weights, own.weights.numpy()[:, 30:35, :13])
+    else:
+        assert arrived.weights is None and pieces[(1, 0)].weights is None
     np.testing.assert_array_equal(pieces[(1, 0)].valid, own.valid[30:35, :13])
     np.testing.assert_array_equal(pieces[(0, -1)].weighted, own.weighted.numpy()[:, :30, :1])
 

@@ -118,7 +118,8 @@ class Shared:
 def predict(block: Block, shared: Shared) -> Partial:
     from .inference import predict_block
 
-    return predict_block(block, shared.source, shared.model, shared.settings, shared.preprocessing)
+    keep_weights = shared.finishing.needs_weights(len(shared.settings.flips))
+    return predict_block(block, shared.source, shared.model, shared.settings, shared.preprocessing, keep_weights)
 
 def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int, windows: int | None = None,
                   measure_after: float = 0.0) -> tuple[int, str, InferenceSettings]:  # fmt: skip

@@ -25,12 +25,14 @@ def finalize(
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """``(labels, encoded probabilities or None, pixels per class)`` of one chunk; ``weighted`` is consumed.
 
-    ``weights`` has one plane per flip of test-time augmentation (one without it).
+    ``weights`` has one plane per flip of test-time augmentation (one without it); None where the finishing needs
+    none (:meth:`~tilemask.settings.Finishing.needs_weights`).
     """
-    if finishing.probabilities != "none" or weights.shape[0] > 1:
+    if finishing.probabilities != "none" or (weights is not None and weights.shape[0] > 1):
         return finish_probabilities(blend(weighted, weights, finishing.activation), valid, finishing)
     dtype = np.dtype(finishing.labels_dtype)
-    labels = labels_from_sums(weighted, weights[0], finishing.activation, finishing.threshold, dtype)
+    labels = labels_from_sums(weighted, None if weights is None else weights[0], finishing.activation,
+                              finishing.threshold, dtype)  # fmt: skip
     return with_invalid(labels, None, valid, finishing)
 
 
@@ -81,14 +83,14 @@ def activate(blended: np.ndarray, activation: str) -> np.ndarray:
 
 
 def labels_from_sums(
-    weighted: np.ndarray, weights: np.ndarray, activation: str, threshold: float, dtype: np.dtype
+    weighted: np.ndarray, weights: np.ndarray | None, activation: str, threshold: float, dtype: np.dtype
 ) -> np.ndarray:
     """Labels straight from the sums, when no probabilities are written.
 
     ``sum(w) > 0`` scales every channel of a pixel alike and softmax is monotonic,
     so ``argmax`` of the sums is ``argmax`` of the probabilities; for a sigmoid,
     ``sigmoid(z) >= t`` is ``z >= logit(t)``, i.e. ``sum(w*z) >= logit(t) * sum(w)``.
-    This skips a division and an exponential per voxel and channel.
+    This skips a division and an exponential per voxel and channel; by argmax, ``weights`` are not needed (None).
     """
     if activation == "sigmoid":
         return (weighted[0] >= np.float32(np.log(threshold / (1.0 - threshold))) * weights).astype(dtype)

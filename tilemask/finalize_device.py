@@ -29,7 +29,8 @@ def finish_on_device(
         if own.done is not None:
             torch.cuda.current_stream(device).wait_event(own.done)
         uploaded = [
-            Partial(p.region, torch.as_tensor(p.weighted, device=device), torch.as_tensor(p.weights, device=device), p.valid)
+            Partial(p.region, torch.as_tensor(p.weighted, device=device),
+                    None if p.weights is None else torch.as_tensor(p.weights, device=device), p.valid)
             for p in others
         ]  # fmt: skip
         weighted, weights, valid = overlap_add(chunk, [own, *uploaded])
@@ -40,11 +41,12 @@ def finish_on_device(
 
 
 def blend_and_label(
-    weighted: torch.Tensor, weights: torch.Tensor, finishing: Finishing
+    weighted: torch.Tensor, weights: torch.Tensor | None, finishing: Finishing
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Labels (uint8, or int32 past 256 channels) and encoded probabilities (None unless written) of the sums
-    (``weighted`` is consumed), as :func:`tilemask.finalize.finalize` computes them."""
-    flips = weights.shape[0]
+    (``weighted`` is consumed; ``weights`` None where not needed), as :func:`tilemask.finalize.finalize` computes
+    them."""
+    flips = 1 if weights is None else weights.shape[0]
     channels = weighted.shape[0] // flips
     small = torch.uint8 if channels <= 256 else torch.int32
     if finishing.probabilities == "none" and flips == 1:  # labels straight from the sums (finalize.labels_from_sums)

@@ -88,8 +88,10 @@ def predict_block(
     model: ModelSpec,
     settings: InferenceSettings,
     preprocessing: Preprocessing,
+    keep_weights: bool = True,
 ) -> Partial:
-    """Weighted sums of the block's window predictions over the block's region."""
+    """Weighted sums of the block's window predictions over the block's region, and the sums of the weights
+    where ``keep_weights`` (:meth:`tilemask.settings.Finishing.needs_weights`)."""
     device = resolve_device(settings.device)
     extent, region = block.extent, block.region
     origin = tuple(lo for lo, _ in extent)
@@ -111,14 +113,16 @@ def predict_block(
     image, ready = to_device(data, device)
     weighted, weights, finite, starts, done = _compute_thread.submit(
         _accumulate, network, image, ready, list(block.windows()), origin, region_shape(extent), settings, device,
-        block,
+        block, keep_weights,
     ).result()  # fmt: skip
     _refuse_non_finite(finite, starts, done, source.path, settings.roi)
 
     keep = (slice(None), *local_slices(region, origin))
+    weights = None if weights is None else weights[keep]
     if device.type in SUMS_STAY_ON:
-        return DevicePartial(region=region, weighted=weighted[keep], weights=weights[keep], valid=valid, done=done)
-    return Partial(region=region, weighted=weighted[keep].numpy(), weights=weights[keep].numpy(), valid=valid)
+        return DevicePartial(region=region, weighted=weighted[keep], weights=weights, valid=valid, done=done)
+    return Partial(region=region, weighted=weighted[keep].numpy(), weights=None if weights is None else weights.numpy(),
+                   valid=valid)  # fmt: skip
 
 
 def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int, windows: int | None = None,
@@ -142,35 +146,39 @@ def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int, 
         return forward_check(network, channels, tuple(settings.roi), device), backend, settings
 
 
-def _accumulate(network, image, ready, windows, origin, shape, settings: InferenceSettings, device, block: Block):
+def _accumulate(network, image, ready, windows, origin, shape, settings: InferenceSettings, device, block: Block,
+                keep_weights: bool = True):  # fmt: skip
     """``(sum w * pred, sum w, finite, starts, done)`` over the block's extent, per flip, windows in MONAI's
     order (:func:`_sums`); on a GPU computed on the compute stream once the image's copy is ``ready``, and
     ``done`` is the event after it."""
     if device.type != "cuda":
-        return (*_sums(network, image, windows, origin, shape, settings, device, block), None)
+        return (*_sums(network, image, windows, origin, shape, settings, device, block, keep_weights), None)
     stream = compute_stream(device)
     with torch.cuda.stream(stream):
         stream.wait_event(ready)
         image.record_stream(stream)  # copied on a Dask thread's stream: not reused before this work is done
-        sums = _sums(network, image, windows, origin, shape, settings, device, block)
+        sums = _sums(network, image, windows, origin, shape, settings, device, block, keep_weights)
         done = torch.cuda.Event()
         done.record(stream)
     return (*sums, done)
 
 
-def _sums(network, image, windows, origin, shape, settings: InferenceSettings, device, block: Block):
+def _sums(network, image, windows, origin, shape, settings: InferenceSettings, device, block: Block,
+          keep_weights: bool = True):  # fmt: skip
     """``(sum w * pred, sum w, finite, starts)`` over the block's extent, per flip, on the image's device and
-    current stream; ``finite[i]``: whether the prediction of the window at ``starts[i]`` (or a flip of it) holds
-    only finite values, on the device too, so that checking it waits for the device once a block."""
+    current stream (``sum w`` None unless ``keep_weights``); ``finite[i]``: whether the prediction of the window
+    at ``starts[i]`` (or a flip of it) holds only finite values, on the device too, so that checking it waits for
+    the device once a block."""
     threads = torch.get_num_threads()  # the process's setting: forward passes run on this thread get it
     flips = settings.flips
     weight = importance_map(settings.roi, settings.mode, settings.sigma_scale, device)
     weighted = None
-    weights = torch.zeros((len(flips), *shape), dtype=torch.float32, device=device)
+    weights = torch.zeros((len(flips), *shape), dtype=torch.float32, device=device) if keep_weights else None
     flipped_weight = [torch.flip(weight, list(axes)) if axes else weight for axes in flips]
     items = [(start, f) for start in windows for f in block.flips_of(start, flips)]
     finite = []
-    began, clock = time.perf_counter(), {"model": 0.0, "waited": 0.0}
+    began, began_cpu = time.perf_counter(), time.thread_time()
+    clock = {"model": 0.0, "waited": 0.0, "model cpu": 0.0}
     # Only the forward passes get the process's threads: the windows' copies and sums are too small to split
     # (21 ms for a 120-window block on one thread, 36-47 ms on two), and one thread leaves the other cores to
     # the worker's Dask threads.
@@ -189,9 +197,11 @@ def _sums(network, image, windows, origin, shape, settings: InferenceSettings, d
                 products = prediction * weight if device.type == "cuda" else (p * weight for p in prediction)
                 for s, product, (_, f) in zip(slices, products, batch):
                     weighted[(f, slice(None), *s)] += _flip(product, flips[f])
-                    weights[(f, *s)] += flipped_weight[f]
+                    if weights is not None:
+                        weights[(f, *s)] += flipped_weight[f]
     timing.add("model", clock["model"])
-    timing.add("accumulate", time.perf_counter() - began - clock["waited"])
+    timing.add("accumulate", time.perf_counter() - began - clock["waited"],
+               time.thread_time() - began_cpu - clock["model cpu"])
     return weighted.reshape(-1, *shape), weights, torch.cat(finite), [start for start, _ in items]
 
 
@@ -201,7 +211,7 @@ def _predictions(network, image, items, origin, settings: InferenceSettings, thr
     the caller adds up one: its threads never wait for the caller.  Other batches (a block's short last one, any
     batch of another runner) run on this thread with ``threads`` torch threads, once the queued ones are answered.
     ``clock["model"]`` gets the forward passes' seconds, ``clock["waited"]`` the caller's seconds waiting for them
-    (the same, unqueued); closed early, the queued batches not started yet are cancelled and the others waited
+    (the same, unqueued), ``clock["model cpu"]`` this thread's CPU seconds in the unqueued ones; closed early, the queued batches not started yet are cancelled and the others waited
     for: none is left running into the next block."""
     flips = settings.flips
     queued = collections.deque()
@@ -216,12 +226,13 @@ def _predictions(network, image, items, origin, settings: InferenceSettings, thr
                 continue
             while queued:
                 yield _answer(queued.popleft(), clock)
-            forward = time.perf_counter()
+            forward, forward_cpu = time.perf_counter(), time.thread_time()
             with torch_threads(threads):
                 prediction = network(windows).to(torch.float32)
             seconds = time.perf_counter() - forward
             clock["model"] += seconds
             clock["waited"] += seconds
+            clock["model cpu"] += time.thread_time() - forward_cpu
             yield batch, slices, prediction
         while queued:
             yield _answer(queued.popleft(), clock)

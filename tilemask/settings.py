@@ -102,3 +102,10 @@ class Finishing:
     labels_dtype: str
     probabilities: str  # none | float32 | uint8
     nodata: int | None = None  # label of invalid input pixels
+
+    def needs_weights(self, flips: int) -> bool:
+        """Whether a chunk needs the sums of its windows' weights besides the weighted sums: to divide by them
+        (probabilities, the mean over test-time flips) or to compare a sigmoid's sums with its threshold.  Labels
+        by argmax need only the weighted sums (:func:`tilemask.finalize.labels_from_sums`), so the blocks of such
+        a job add up no weights (a third of the sums of a 2-class network)."""
+        return self.probabilities != "none" or flips > 1 or self.activation == "sigmoid"

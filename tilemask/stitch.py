@@ -34,7 +34,7 @@ class Partial:
 
     region: Region
     weighted: np.ndarray  # (F * C, *region) sum of w * prediction, per flip F
-    weights: np.ndarray  # (F, *region) sum of w, per flip
+    weights: np.ndarray | None  # (F, *region) sum of w, per flip; None where not needed (Finishing.needs_weights)
     valid: np.ndarray | None = None  # (*region) input validity, None when every pixel is valid
 
     @property
@@ -59,12 +59,13 @@ class DevicePartial(Partial):
         if not regions:
             return []
         keeps = [local_slices(region, self.origin) for region in regions]
-        tensors = [t[(slice(None), *keep)] for keep in keeps for t in (self.weighted, self.weights)]
-        arrays = to_host(tuple(tensors), self.done)
+        sums = [t for t in (self.weighted, self.weights) if t is not None]
+        arrays = iter(to_host(tuple(t[(slice(None), *keep)] for keep in keeps for t in sums), self.done))
         return [
-            Partial(region, arrays[2 * i], arrays[2 * i + 1], None if self.valid is None else self.valid[keep].copy())
-            for i, (region, keep) in enumerate(zip(regions, keeps))
-        ]
+            Partial(region, next(arrays), None if self.weights is None else next(arrays),
+                    None if self.valid is None else self.valid[keep].copy())
+            for region, keep in zip(regions, keeps)
+        ]  # fmt: skip
 
     def __reduce__(self):
         (host,) = self.host([self.region])
@@ -82,7 +83,7 @@ def cut(partial: Partial, regions: dict[tuple[int, ...], Region]) -> dict[tuple[
         pieces[key] = Partial(
             region=region,
             weighted=partial.weighted[(slice(None), *src)].copy(),
-            weights=partial.weights[(slice(None), *src)].copy(),
+            weights=None if partial.weights is None else partial.weights[(slice(None), *src)].copy(),
             valid=None if partial.valid is None else partial.valid[src].copy(),
         )
     return pieces
@@ -91,7 +92,8 @@ def cut(partial: Partial, regions: dict[tuple[int, ...], Region]) -> dict[tuple[
 def overlap_add(chunk: Region, partials: Iterable[Partial]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The sums of all partials over ``chunk``, and the chunk's input validity (None: all valid).
 
-    The sums are numpy arrays, or torch tensors on the device of the partials' tensors (all on one device)."""
+    The sums are numpy arrays, or torch tensors on the device of the partials' tensors (all on one device); the
+    weights' None when the partials hold none."""
     weighted = weights = valid = None
     chunk_origin = tuple(lo for lo, _ in chunk)
     for part in partials:
@@ -100,11 +102,13 @@ def overlap_add(chunk: Region, partials: Iterable[Partial]) -> tuple[np.ndarray,
             continue
         if weighted is None:
             weighted = _zeros_like(part.weighted, (part.weighted.shape[0], *region_shape(chunk)))
-            weights = _zeros_like(part.weights, (part.weights.shape[0], *region_shape(chunk)))
+            if part.weights is not None:
+                weights = _zeros_like(part.weights, (part.weights.shape[0], *region_shape(chunk)))
         dst = local_slices(common, chunk_origin)
         src = local_slices(common, part.origin)
         weighted[(slice(None), *dst)] += part.weighted[(slice(None), *src)]
-        weights[(slice(None), *dst)] += part.weights[(slice(None), *src)]
+        if weights is not None:
+            weights[(slice(None), *dst)] += part.weights[(slice(None), *src)]
         if part.valid is not None:  # None: every pixel of the part is valid (and overlapping parts agree)
             if valid is None:
                 valid = np.ones(region_shape(chunk), bool)

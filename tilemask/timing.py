@@ -13,8 +13,10 @@ prints next to its figures.
   a run (:func:`tilemask.inference.probe_network`): the inference code's import (unless preloaded), the device
   (on a GPU its context), building the network for its backend, and one window through it.
 
-Sums over the process's threads since it started (or :func:`reset`).  A few ``perf_counter`` calls per block
-and chunk: always on.
+Sums over the process's threads since it started (or :func:`reset`): wall seconds (:func:`snapshot`), and the
+CPU seconds of the threads that ran each stage (:func:`cpu_snapshot`; ``model`` has none, its passes run on the
+runner's threads).  On a busy worker a stage's wall seconds include the time its thread waited for a core; its
+CPU seconds do not.  A few clock reads per block and chunk: always on.
 """
 
 from __future__ import annotations
@@ -26,28 +28,39 @@ from collections import Counter
 from collections.abc import Iterator
 
 _seconds: Counter[str] = Counter()
+_cpu: Counter[str] = Counter()
 _lock = threading.Lock()
 
 
-def add(stage: str, seconds: float) -> None:
+def add(stage: str, seconds: float, cpu: float | None = None) -> None:
     with _lock:
         _seconds[stage] += seconds
+        if cpu is not None:
+            _cpu[stage] += cpu
 
 
 @contextlib.contextmanager
 def timed(stage: str) -> Iterator[None]:
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     try:
         yield
     finally:
-        add(stage, time.perf_counter() - start)
+        add(stage, time.perf_counter() - start, time.thread_time() - cpu)
 
 
 def snapshot() -> dict[str, float]:
+    """Wall seconds per stage."""
     with _lock:
         return dict(_seconds)
+
+
+def cpu_snapshot() -> dict[str, float]:
+    """CPU seconds per stage, of the threads that ran it."""
+    with _lock:
+        return dict(_cpu)
 
 
 def reset() -> None:
     with _lock:
         _seconds.clear()
+        _cpu.clear()
