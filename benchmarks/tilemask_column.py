@@ -45,8 +45,9 @@ def run_tilemask(raster: str, weights: str, out: str, args: dict, mean: float, s
     forkserver.stop()
     end = time.perf_counter()
     return {"windows": result.windows, "tasks": result.tasks, "commit": result.commit_seconds,
-            "outputs": result.outputs, "stages": stages, "stages_cpu": stages_cpu, "inference": result.seconds, "cluster_up": up - start,
-            "run": ran - up, "cluster_close": closed - closing, "inside": end - start, "client_imported_torch": "torch" in sys.modules}  # fmt: skip
+            "outputs": result.outputs, "stages": stages, "stages_cpu": stages_cpu, "inference": result.seconds,
+            "cluster_up": up - start, "run": ran - up, "cluster_close": closed - closing, "inside": end - start,
+            "client_imported_torch": "torch" in sys.modules}  # fmt: skip
 
 
 def summed(per_worker: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -61,7 +61,8 @@ def test_labels_alone_are_the_labels_written_with_probabilities(make_raster, mak
     weights, _ = make_model(args)
     workflow = raster_workflow(path, weights, args, inference={"activation": activation})
     _, labels, _ = run_zarr(workflow, tmp_path, client)
-    labels_only = Workflow.from_dict(workflow, ["output.probabilities=none", "output.path=out/only.zarr"], base_dir=tmp_path)
+    labels_only = Workflow.from_dict(workflow, ["output.probabilities=none", "output.path=out/only.zarr"],
+                                     base_dir=tmp_path)  # fmt: skip
     (result,) = tilemask.run(labels_only, client)
     np.testing.assert_array_equal(zarr.open_group(result.outputs[0], mode="r")["labels"][:], labels)
     assert 0 < labels.mean() < 1 if activation == "sigmoid" else len(np.unique(labels)) > 1

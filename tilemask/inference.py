@@ -211,8 +211,9 @@ def _predictions(network, image, items, origin, settings: InferenceSettings, thr
     the caller adds up one: its threads never wait for the caller.  Other batches (a block's short last one, any
     batch of another runner) run on this thread with ``threads`` torch threads, once the queued ones are answered.
     ``clock["model"]`` gets the forward passes' seconds, ``clock["waited"]`` the caller's seconds waiting for them
-    (the same, unqueued), ``clock["model cpu"]`` this thread's CPU seconds in the unqueued ones; closed early, the queued batches not started yet are cancelled and the others waited
-    for: none is left running into the next block."""
+    (the same, unqueued), ``clock["model cpu"]`` this thread's CPU seconds in the unqueued ones; closed early,
+    the queued batches not started yet are cancelled and the others waited for: none is left running into the
+    next block."""
     flips = settings.flips
     queued = collections.deque()
     try:

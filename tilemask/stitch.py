@@ -89,7 +89,7 @@ def cut(partial: Partial, regions: dict[tuple[int, ...], Region]) -> dict[tuple[
     return pieces
 
 
-def overlap_add(chunk: Region, partials: Iterable[Partial]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def overlap_add(chunk: Region, partials: Iterable[Partial]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """The sums of all partials over ``chunk``, and the chunk's input validity (None: all valid).
 
     The sums are numpy arrays, or torch tensors on the device of the partials' tensors (all on one device); the
