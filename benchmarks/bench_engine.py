@@ -151,7 +151,8 @@ def print_stages(t: dict, b: dict) -> None:
     order = ("read", "preprocess", "model", "accumulate", "blend", "write")
     print("worker stages, seconds summed over threads: " + ", ".join(f"{k} {stages.get(k, 0.0):.1f}" for k in order))
     cpu = t["stages_cpu"]
-    print("worker stages, CPU seconds of the threads that ran them (no waits for a core): "
+    print("worker stages, CPU seconds of the threads that ran them (no waits for a core; a Zarr chunk is encoded "
+          "and stored on zarr's own threads, not counted in write): "
           + ", ".join(f"{k} {cpu.get(k, 0.0):.1f}" for k in order if k != "model")
           + f"; {sum(cpu.get(k, 0.0) for k in order):.1f} in all")  # fmt: skip
     run, model = t["inference"], stages.get("model", 0.0)
