@@ -39,7 +39,7 @@ def run_tilemask(raster: str, weights: str, out: str, args: dict, mean: float, s
         up = time.perf_counter()
         (result,) = tilemask.run(wf, client, progress=False, overwrite=True)
         ran = time.perf_counter()
-        stages, stages_cpu = summed(client.run(timing.snapshot)), summed(client.run(timing.cpu_snapshot))
+        stages, stages_cpu = timing.totals(client.run(timing.snapshot)), timing.totals(client.run(timing.cpu_snapshot))
         closing = time.perf_counter()
     closed = time.perf_counter()
     forkserver.stop()
@@ -48,15 +48,6 @@ def run_tilemask(raster: str, weights: str, out: str, args: dict, mean: float, s
             "outputs": result.outputs, "stages": stages, "stages_cpu": stages_cpu, "inference": result.seconds,
             "cluster_up": up - start, "run": ran - up, "cluster_close": closed - closing, "inside": end - start,
             "client_imported_torch": "torch" in sys.modules}  # fmt: skip
-
-
-def summed(per_worker: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Each stage's seconds summed over the workers."""
-    total: dict[str, float] = {}
-    for seconds in per_worker.values():
-        for stage, s in seconds.items():
-            total[stage] = total.get(stage, 0.0) + s
-    return total
 
 
 if __name__ == "__main__":

@@ -256,11 +256,7 @@ def test_workers_count_the_seconds_of_each_stage(make_raster, make_model, tmp_pa
     from tilemask import Workflow, timing
 
     def totals(snapshot) -> dict[str, float]:
-        summed: dict[str, float] = {}
-        for seconds in client.run(snapshot).values():
-            for stage, s in seconds.items():
-                summed[stage] = summed.get(stage, 0.0) + s
-        return summed
+        return timing.totals(client.run(snapshot))
 
     path, _ = make_raster((3, 200, 230))
     weights, _ = make_model()

@@ -60,6 +60,14 @@ def cpu_snapshot() -> dict[str, float]:
         return dict(_cpu)
 
 
+def totals(per_worker: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Each stage's seconds summed over the workers: of ``client.run(snapshot)`` or ``client.run(cpu_snapshot)``."""
+    summed: Counter[str] = Counter()
+    for seconds in per_worker.values():
+        summed.update(seconds)
+    return dict(summed)
+
+
 def reset() -> None:
     with _lock:
         _seconds.clear()
