@@ -146,6 +146,7 @@ def test_onnx_runtimes_other_builds_key_its_cache_by_their_own_version(tmp_path,
     """``onnxruntime-gpu`` (and ONNX Runtime's other builds) install the same ``onnxruntime`` module under another
     distribution's name: its version read as "absent", so upgrading it kept the old conversions and verdicts.
     Packages here are real ``.dist-info`` folders on a ``sys.path`` that holds only them."""
+    import importlib
     import sys
 
     from tilemask.backend_cache import backend_version
@@ -154,14 +155,21 @@ def test_onnx_runtimes_other_builds_key_its_cache_by_their_own_version(tmp_path,
         folder = tmp_path / f"{name.replace('-', '_')}-{version}.dist-info"
         folder.mkdir()
         (folder / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        importlib.invalidate_caches()  # importlib.metadata lists a folder once per modification time
 
     monkeypatch.setattr(sys, "path", [str(tmp_path)])
     assert backend_version("onnxruntime") == "absent"
     install("onnxruntime-gpu", "1.99.0")
     assert backend_version("onnxruntime") == "onnxruntime-gpu-1.99.0"
-    install("onnxruntime", "1.98.0")
-    assert backend_version("onnxruntime") == "1.98.0"  # the plain build's key as before: its caches stay valid
+    install("onnxruntime", "1.98.0")  # both: either may be the module that imports, so both key it
+    assert backend_version("onnxruntime") == "1.98.0+onnxruntime-gpu-1.99.0"
+    (tmp_path / "onnxruntime_gpu-1.99.0.dist-info" / "METADATA").unlink()
+    (tmp_path / "onnxruntime_gpu-1.99.0.dist-info").rmdir()
+    importlib.invalidate_caches()
+    assert backend_version("onnxruntime") == "1.98.0"  # the plain build alone: its key as before, its caches valid
     assert backend_version("torch-mkldnn") == "absent"
+    install("torch", "2.99.0")
+    assert backend_version("torch-mkldnn") == backend_version("torch") == "2.99.0"  # torch's own version
 
 
 @pytest.mark.parametrize("backend", ["torch-mkldnn", "openvino", "onnxruntime"])

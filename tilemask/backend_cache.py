@@ -110,15 +110,18 @@ DISTRIBUTIONS = {
 
 
 def backend_version(backend: str) -> str:
-    """The distribution and version of the package that runs ``backend`` ("absent" where none is installed)."""
+    """The distributions and versions of the packages that run ``backend`` ("absent" where none is installed):
+    the version alone for the module's own distribution, joined by "+" where several builds are installed (one
+    of them is the module that imports)."""
     module = "torch" if backend.startswith("torch") else backend
+    found = []
     for distribution in DISTRIBUTIONS.get(module, (module,)):
         try:
             version = importlib.metadata.version(distribution)
         except importlib.metadata.PackageNotFoundError:
             continue
-        return version if distribution == module else f"{distribution}-{version}"
-    return "absent"
+        found.append(version if distribution == module else f"{distribution}-{version}")
+    return "+".join(found) or "absent"
 
 
 WARM_UP_PASSES, TIMED_ROUNDS = 2, 5  # how auto times a backend (tilemask.backends._paired_seconds): 14 passes in all
