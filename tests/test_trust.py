@@ -92,7 +92,8 @@ def big_run(make_raster, make_model, write_workflow, tmp_path):
     Its backend is torch, not ``auto``: the tests compare a resumed or disturbed run's output with a clean run's bit
     for bit, and ``auto`` measures once the session's jobs of this network add up to 15 s in torch, which may fall
     between two of a test's runs; measured, it runs this network's batches in torch-mkldnn, 1e-7 away (a CI run
-    failed so, its clean run 1 ulp from the resumed one in a fifth of the probabilities)."""
+    failed so, its clean run 1 ulp from the resumed one in a fifth of the probabilities).  The session's
+    ``TILEMASK_AUTO_MEASURE_AFTER=inf`` (conftest) keeps auto from measuring too; this holds without it."""
     path, _ = make_raster((3, 4000, 4000), name="big.tif")
     weights, _ = make_model()
 

@@ -21,7 +21,7 @@ FEW_CLASSES = 16  # up to this many classes, class_histogram compares instead of
 
 
 def finalize(
-    weighted: np.ndarray, weights: np.ndarray, valid: np.ndarray | None, finishing: Finishing
+    weighted: np.ndarray, weights: np.ndarray | None, valid: np.ndarray | None, finishing: Finishing
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """``(labels, encoded probabilities or None, pixels per class)`` of one chunk; ``weighted`` is consumed.
 

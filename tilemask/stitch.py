@@ -4,7 +4,8 @@ An output voxel is ``sum_w(w * pred) / sum_w(w)`` over the windows covering it
 (MONAI's blending).  With test-time augmentation there is one such blend per
 flip (each flip is its own MONAI run), so the sums carry a leading flip axis:
 ``weighted`` holds ``flips x channels`` planes, ``weights`` one per flip.  Each
-inference block returns the two sums over its own region (:class:`Partial`); a
+inference block returns the sums over its own region (:class:`Partial`: ``weights``
+None where labels alone are written, :meth:`~tilemask.settings.Finishing.needs_weights`); a
 chunk adds the parts of its neighbours' partials that fall inside it
 (:func:`overlap_add`); :mod:`tilemask.finalize` divides and turns the result
 into labels and probabilities.

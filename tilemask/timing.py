@@ -14,8 +14,9 @@ prints next to its figures.
   (on a GPU its context), building the network for its backend, and one window through it.
 
 Sums over the process's threads since it started (or :func:`reset`): wall seconds (:func:`snapshot`), and the
-CPU seconds of the threads that ran each stage (:func:`cpu_snapshot`; ``model`` has none, its passes run on the
-runner's threads).  On a busy worker a stage's wall seconds include the time its thread waited for a core; its
+CPU seconds of the threads that ran each stage (:func:`cpu_snapshot`; ``model`` has none: its halved batches run
+on the runner's threads, and the CPU of the batches the compute thread runs itself, a block's short last one or
+those of a runner that is not halved, is taken out of its ``accumulate``).  On a busy worker a stage's wall seconds include the time its thread waited for a core; its
 CPU seconds do not.  A few clock reads per block and chunk: always on.
 """
 
