@@ -140,6 +140,8 @@ def print_peak(t: dict) -> None:
 def print_stages(t: dict, b: dict) -> None:
     """Where tilemask's time went, per worker stage (tilemask.timing) and in CPU seconds, against the backend
     alone (``b``)."""
+    from tilemask import timing
+
     floor, cores = b["wall"], os.cpu_count() or 1
     if b["device"].type == "cpu":  # on a GPU the floor's CPU seconds include its waits for the device
         busy, least = t["cpu"] / (t["wall"] * cores), t["cpu"] / cores
@@ -151,10 +153,11 @@ def print_stages(t: dict, b: dict) -> None:
     order = ("read", "preprocess", "model", "accumulate", "blend", "write")
     print("worker stages, seconds summed over threads: " + ", ".join(f"{k} {stages.get(k, 0.0):.1f}" for k in order))
     cpu = t["stages_cpu"]
-    print("worker stages, CPU seconds of the threads that ran them (no waits for a core; a Zarr chunk is encoded "
-          "and stored on zarr's own threads, not counted in write): "
+    zarr = cpu.get(timing.ZARR_THREADS, 0.0)
+    print("worker stages, CPU seconds of the threads that ran them (no waits for a core): "
           + ", ".join(f"{k} {cpu.get(k, 0.0):.1f}" for k in order if k != "model")
-          + f"; {sum(cpu.get(k, 0.0) for k in order):.1f} in all")  # fmt: skip
+          + f", and zarr's own threads {zarr:.1f} (encoding and storing the Zarr chunks); "
+          f"{sum(cpu.get(k, 0.0) for k in order) + zarr:.1f} in all")  # fmt: skip
     run, model = t["inference"], stages.get("model", 0.0)
     print(f"forward passes in the run {model:.1f} s vs {floor:.1f} s alone ({model / floor:.2f}x); the "
           f"compute thread's own work (cutting windows, adding up answers) {stages.get('accumulate', 0.0):.1f} s, "

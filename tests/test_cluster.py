@@ -270,6 +270,7 @@ def test_workers_count_the_seconds_of_each_stage(make_raster, make_model, tmp_pa
     for stage in ("read", "preprocess", "accumulate", "blend", "write"):  # CPU seconds too, never above the wall's
         assert 0.0 < after_cpu[stage] - before_cpu.get(stage, 0.0) <= after[stage] - before.get(stage, 0.0) + 0.01
     assert "model" not in after_cpu  # its passes run on the runner's threads
+    assert after_cpu[timing.ZARR_THREADS] > before_cpu.get(timing.ZARR_THREADS, 0.0)  # the Zarr output's chunks
 
 
 @pytest.mark.parametrize("dashboard", [True, False])

@@ -16,7 +16,9 @@ prints next to its figures.
 Sums over the process's threads since it started (or :func:`reset`): wall seconds (:func:`snapshot`), and the
 CPU seconds of the threads that ran each stage (:func:`cpu_snapshot`; ``model`` has none: its halved batches run
 on the runner's threads, and the CPU of the batches the compute thread runs itself, a block's short last one or
-those of a runner that is not halved, is taken out of its ``accumulate``).  On a busy worker a stage's wall seconds include the time its thread waited for a core; its
+those of a runner that is not halved, is taken out of its ``accumulate``).  Zarr 3 encodes and stores a chunk on
+threads of its own (its event loop and the pool it hands codecs to), so ``write`` holds little CPU; their CPU
+seconds are ``ZARR_THREADS``.  On a busy worker a stage's wall seconds include the time its thread waited for a core; its
 CPU seconds do not.  A few clock reads per block and chunk: always on.
 """
 
@@ -31,6 +33,10 @@ from collections.abc import Iterator
 _seconds: Counter[str] = Counter()
 _cpu: Counter[str] = Counter()
 _lock = threading.Lock()
+
+ZARR_THREADS = "write: zarr's threads"
+"""The key of :func:`cpu_snapshot` for the CPU seconds of zarr's own threads: chunks encoded and stored."""
+_zarr_before = 0.0  # their CPU seconds at the last reset
 
 
 def add(stage: str, seconds: float, cpu: float | None = None) -> None:
@@ -56,9 +62,23 @@ def snapshot() -> dict[str, float]:
 
 
 def cpu_snapshot() -> dict[str, float]:
-    """CPU seconds per stage, of the threads that ran it."""
+    """CPU seconds per stage, of the threads that ran it, and :data:`ZARR_THREADS` where zarr started its own."""
+    zarr = _zarr_threads_cpu()
     with _lock:
-        return dict(_cpu)
+        return {**_cpu, ZARR_THREADS: zarr - _zarr_before} if zarr else dict(_cpu)
+
+
+def _zarr_threads_cpu() -> float:
+    """The CPU seconds of the live threads that zarr 3 starts (``zarr.core.sync``: ``zarr_io`` runs its event
+    loop, ``zarr_pool_N`` its codecs); its pool keeps them for the process's life."""
+    total = 0.0
+    for thread in threading.enumerate():
+        if thread.ident is not None and (thread.name == "zarr_io" or thread.name.startswith("zarr_pool")):
+            try:
+                total += time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+            except (OSError, AttributeError):  # exited meanwhile; or no per-thread clocks on this platform
+                pass
+    return total
 
 
 def totals(per_worker: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -70,6 +90,9 @@ def totals(per_worker: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def reset() -> None:
+    global _zarr_before
+    zarr = _zarr_threads_cpu()
     with _lock:
         _seconds.clear()
         _cpu.clear()
+        _zarr_before = zarr
