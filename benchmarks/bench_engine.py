@@ -156,7 +156,7 @@ def print_stages(t: dict, b: dict) -> None:
     zarr = cpu.get(timing.ZARR_THREADS, 0.0)
     print("worker stages, CPU seconds of the threads that ran them (no waits for a core): "
           + ", ".join(f"{k} {cpu.get(k, 0.0):.1f}" for k in order if k != "model")
-          + f", and zarr's own threads {zarr:.1f} (encoding and storing the Zarr chunks); "
+          + f", and zarr's own threads {zarr:.1f} (here: encoding and storing the Zarr chunks); "
           f"{sum(cpu.get(k, 0.0) for k in order) + zarr:.1f} in all")  # fmt: skip
     run, model = t["inference"], stages.get("model", 0.0)
     print(f"forward passes in the run {model:.1f} s vs {floor:.1f} s alone ({model / floor:.2f}x); the "

@@ -149,8 +149,8 @@ def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int, 
 def _accumulate(network, image, ready, windows, origin, shape, settings: InferenceSettings, device, block: Block,
                 keep_weights: bool = True):  # fmt: skip
     """``(sum w * pred, sum w, finite, starts, done)`` over the block's extent, per flip, windows in MONAI's
-    order (:func:`_sums`; ``sum w`` None unless ``keep_weights``); on a GPU computed on the compute stream once the image's copy is ``ready``, and
-    ``done`` is the event after it."""
+    order (:func:`_sums`; ``sum w`` None unless ``keep_weights``); on a GPU computed on the compute stream once
+    the image's copy is ``ready``, and ``done`` is the event after it."""
     if device.type != "cuda":
         return (*_sums(network, image, windows, origin, shape, settings, device, block, keep_weights), None)
     stream = compute_stream(device)

@@ -16,10 +16,10 @@ prints next to its figures.
 Sums over the process's threads since it started (or :func:`reset`): wall seconds (:func:`snapshot`), and the
 CPU seconds of the threads that ran each stage (:func:`cpu_snapshot`; ``model`` has none: its halved batches run
 on the runner's threads, and the CPU of the batches the compute thread runs itself, a block's short last one or
-those of a runner that is not halved, is taken out of its ``accumulate``).  Zarr 3 encodes and stores a chunk on
-threads of its own (its event loop and the pool it hands codecs to), so ``write`` holds little CPU; their CPU
-seconds are ``ZARR_THREADS``.  On a busy worker a stage's wall seconds include the time its thread waited for a core; its
-CPU seconds do not.  A few clock reads per block and chunk: always on.
+those of a runner that is not halved, is taken out of its ``accumulate``).  Zarr 3 encodes and stores a chunk,
+and reads and decodes one, on threads of its own (its event loop and the pool it hands codecs to), so ``write``
+holds little CPU; their CPU seconds are :data:`ZARR_THREADS`.  On a busy worker a stage's wall seconds include
+the time its thread waited for a core; its CPU seconds do not.  A few clock reads per block and chunk: always on.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ _seconds: Counter[str] = Counter()
 _cpu: Counter[str] = Counter()
 _lock = threading.Lock()
 
-ZARR_THREADS = "write: zarr's threads"
-"""The key of :func:`cpu_snapshot` for the CPU seconds of zarr's own threads: chunks encoded and stored."""
+ZARR_THREADS = "zarr's threads"
+"""The key of :func:`cpu_snapshot` for the CPU seconds of zarr's own threads: Zarr chunks written (encoded and
+stored), and those of a Zarr input read (loaded and decoded)."""
 _zarr_before = 0.0  # their CPU seconds at the last reset
 
 
