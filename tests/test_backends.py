@@ -840,8 +840,10 @@ def _block_sums(network, batch_size=8):
 @pytest.mark.timeout(60)
 def test_a_block_queues_its_next_batch_before_waiting_for_one_and_sums_as_batches_run_one_at_a_time():
     """With halves, the compute thread starts the next batch before it waits for the last, so the pool's threads
-    go on while it adds that one up; a short last batch runs on the compute thread with all its torch threads, as
-    before; the block's sums are those of its batches run one at a time, bit for bit."""
+    go on while it adds that one up; a block's windows come in batches of even sizes, so that none is left short
+    to run on the compute thread while the pool waits; a runner without halves gets MONAI's batches on the
+    compute thread with all its torch threads; the block's sums are those of its batches run one at a time, bit
+    for bit."""
     import threading
 
     from tilemask.backends import _halved
@@ -868,14 +870,14 @@ def test_a_block_queues_its_next_batch_before_waiting_for_one_and_sums_as_batche
     with torch_threads(2):
         halves = _halved(run, "torch", (16, 16), 9)
         submit, halves.submit = halves.submit, started
-        queued = _block_sums(halves, batch_size=9)  # 30 windows: batches of 9, 9, 9 and 3
+        queued = _block_sums(halves, batch_size=9)  # 30 windows: 4 batches, of 8, 8, 7 and 7
         assert events[:2] == ["started", "started"], events  # the second batch started before the first answered
-        assert events.count("started") == 3
-        assert sorted((name.split("_")[0], *rest) for name, *rest in calls[:-1]) == [
-            ("tilemask-half", 1, 4)] * 3 + [("tilemask-half", 1, 5)] * 3  # fmt: skip
-        assert calls[-1] == (caller, 2, 3)  # the short last batch
+        assert events.count("started") == 4
+        assert sorted((name.split("_")[0], *rest) for name, *rest in calls) == [
+            ("tilemask-half", 1, 3)] * 2 + [("tilemask-half", 1, 4)] * 6  # fmt: skip
         calls.clear()
-        one_at_a_time = _block_sums(run, batch_size=9)
+        one_at_a_time = _block_sums(run, batch_size=9)  # no halves: batches of 9, 9, 9 and 3 on this thread
+        assert calls == [(caller, 2, 9)] * 3 + [(caller, 2, 3)]
     for got, expected in zip(queued, one_at_a_time, strict=True):
         assert torch.equal(got, expected) if isinstance(got, torch.Tensor) else got == expected
 

@@ -207,9 +207,10 @@ def _sums(network, image, windows, origin, shape, settings: InferenceSettings, d
 
 def _predictions(network, image, items, origin, settings: InferenceSettings, threads: int, clock: dict):
     """``(batch, slices, prediction)`` for each batch of ``items`` in order.  A runner that can start a batch and
-    return (:class:`tilemask.backends.Halves`) has the next batch it takes in halves queued while
-    the caller adds up one: its threads never wait for the caller.  Other batches (a block's short last one, any
-    batch of another runner) run on this thread with ``threads`` torch threads, once the queued ones are answered.
+    return (:class:`tilemask.backends.Halves`) gets batches of even sizes (:func:`_batched`) and has the next
+    batch it takes in halves queued while the caller adds up one: its threads never wait for the caller.  Other
+    batches (one too small to halve, any batch of another runner) run on this thread with ``threads`` torch
+    threads, once the queued ones are answered.
     ``clock["model"]`` gets the forward passes' seconds, ``clock["waited"]`` the caller's seconds waiting for them
     (the same, unqueued), ``clock["model cpu"]`` this thread's CPU seconds in the unqueued ones; closed early,
     the queued batches not started yet are cancelled and the others waited for: none is left running into the
@@ -217,7 +218,7 @@ def _predictions(network, image, items, origin, settings: InferenceSettings, thr
     flips = settings.flips
     queued = collections.deque()
     try:
-        for batch in _batched(items, settings.batch_size):
+        for batch in _batched(items, settings.batch_size, even=isinstance(network, Halves)):
             slices = [_window_slices(start, settings.roi, origin) for start, _ in batch]
             windows = torch.stack([_flip(image[(slice(None), *s)], flips[f]) for s, (_, f) in zip(slices, batch)])
             if isinstance(network, Halves) and network.takes(len(batch)):
@@ -273,6 +274,18 @@ def _window_slices(start: tuple[int, ...], roi: tuple[int, ...], origin: tuple[i
     return tuple(slice(s - o, s - o + r) for s, r, o in zip(start, roi, origin))
 
 
-def _batched(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def _batched(items: list, size: int, even: bool = False):
+    """``items`` in batches of ``size``, the last one short; ``even``: as many batches, their sizes differing by
+    one at most.  For :class:`tilemask.backends.Halves`: a block's short last batch (one window of 113 at 2048^2
+    and a roi of 256) ran on the compute thread once the queued ones were answered, while the halves' threads
+    waited (63 ms a block of 1.5 s); batches of 7 and 8 all run in halves, queued (README, "Execution")."""
+    batches = -(-len(items) // size)
+    if not even or batches < 2:
+        yield from (items[i : i + size] for i in range(0, len(items), size))
+        return
+    small, larger = divmod(len(items), batches)  # ``larger`` batches of small + 1 first, then small ones
+    start = 0
+    for i in range(batches):
+        end = start + small + (i < larger)
+        yield items[start:end]
+        start = end
