@@ -286,8 +286,10 @@ def test_ctrl_c_while_the_command_starts_is_an_interrupt_not_click_aborting(make
     which printed ``Aborted!`` and exited 1, as for a failure (a reviewer's ``submit`` at 0.6-1.5 s); while the
     embedded cluster started it killed the half-started worker processes (their import tracebacks, then
     distributed's ``AssertionError: Status.init`` at exit). Now it is 130 and one line at every moment; before
-    tilemask's own code runs (Python's imports) Python dies of the signal, which a shell reports as 130 too."""
-    path, _ = make_raster((3, 90, 120))
+    tilemask's own code runs (Python's imports) Python dies of the signal, which a shell reports as 130 too.
+    The scene is big enough (seconds of windows) that the last signal still lands before its labels are in place:
+    a scene of 90 x 120 was done by 2.5 s in a CI run, and stopping then waited for it to publish, as it should."""
+    path, _ = make_raster((3, 1200, 1600))
     weights, _ = make_model()
     workflow = write_workflow(raster_workflow(path, weights, output={"path": "out/{stem}.zarr"}))
     seen = []
