@@ -279,10 +279,10 @@ def _batched(items: list, size: int, even: bool = False):
     one at most.  For :class:`tilemask.backends.Halves`: a block's short last batch (one window of 113 at 2048^2
     and a roi of 256) ran on the compute thread once the queued ones were answered, while the halves' threads
     waited (63 ms a block of 1.5 s); batches of 7 and 8 all run in halves, queued (README, "Execution")."""
-    batches = -(-len(items) // size)
-    if not even or batches < 2:
+    if not even or not items:
         yield from (items[i : i + size] for i in range(0, len(items), size))
         return
+    batches = -(-len(items) // size)
     small, larger = divmod(len(items), batches)  # ``larger`` batches of small + 1 first, then small ones
     start = 0
     for i in range(batches):

@@ -15,7 +15,7 @@ prints next to its figures.
 
 Sums over the process's threads since it started (or :func:`reset`): wall seconds (:func:`snapshot`), and the
 CPU seconds of the threads that ran each stage (:func:`cpu_snapshot`; ``model`` has none: its halved batches run
-on the runner's threads, and the CPU of the batches the compute thread runs itself, a block's short last one or
+on the runner's threads, and the CPU of the batches the compute thread runs itself, one too small to halve or
 those of a runner that is not halved, is taken out of its ``accumulate``).  Zarr 3 encodes and stores a chunk,
 and reads and decodes one, on threads of its own (its event loop and the pool it hands codecs to), so ``write``
 holds little CPU; their CPU seconds are :data:`ZARR_THREADS`.  On a busy worker a stage's wall seconds include
