@@ -157,6 +157,18 @@ def test_blending_a_constant_prediction_gives_the_constant(axes, overlap, value,
         np.testing.assert_allclose(weighted / weights, value, rtol=1e-5, atol=1e-5)
 
 
+def test_partials_that_disagree_on_holding_weights_are_refused():
+    """A chunk's partials with and without the sums of the weights cannot be added up: an error, not sums whose
+    weights miss some blocks' (whichever partial comes first)."""
+    with_weights = Partial(((0, 4), (0, 4)), np.ones((2, 4, 4), np.float32), np.ones((1, 4, 4), np.float32))
+    without = Partial(((2, 6), (0, 4)), np.ones((2, 4, 4), np.float32), None)
+    for partials in ([with_weights, without], [without, with_weights]):
+        with pytest.raises(ValueError, match="disagree on holding the sums of the weights"):
+            overlap_add(((0, 8), (0, 4)), partials)
+    weighted, weights, _ = overlap_add(((0, 8), (0, 4)), [without, without])
+    assert weights is None and weighted.sum() == 2 * 2 * 16
+
+
 def test_the_real_graph_of_a_gigapixel_has_about_three_tasks_per_chunk(make_model, write_workflow, tmp_path):
     """The graph :func:`tilemask.engine.build_graph` makes for a planned 32768 x 32768 raster."""
     from tilemask import Workflow

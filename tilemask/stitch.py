@@ -94,7 +94,7 @@ def overlap_add(chunk: Region, partials: Iterable[Partial]) -> tuple[np.ndarray,
     """The sums of all partials over ``chunk``, and the chunk's input validity (None: all valid).
 
     The sums are numpy arrays, or torch tensors on the device of the partials' tensors (all on one device); the
-    weights' None when the partials hold none."""
+    weights' None when the partials hold none (all of them or none hold weights: a mix is an error)."""
     weighted = weights = valid = None
     chunk_origin = tuple(lo for lo, _ in chunk)
     for part in partials:
@@ -105,6 +105,8 @@ def overlap_add(chunk: Region, partials: Iterable[Partial]) -> tuple[np.ndarray,
             weighted = _zeros_like(part.weighted, (part.weighted.shape[0], *region_shape(chunk)))
             if part.weights is not None:
                 weights = _zeros_like(part.weights, (part.weights.shape[0], *region_shape(chunk)))
+        elif (part.weights is None) != (weights is None):  # one job's blocks all keep them or none does
+            raise ValueError(f"the partials of chunk {chunk} disagree on holding the sums of the weights")
         dst = local_slices(common, chunk_origin)
         src = local_slices(common, part.origin)
         weighted[(slice(None), *dst)] += part.weighted[(slice(None), *src)]
