@@ -303,6 +303,18 @@ def test_missing_weights(scene, write_workflow, tmp_path, cli):
     assert nothing_finished(tmp_path / "out")
 
 
+@pytest.mark.parametrize("text", ["hello\n", "hi\n", "model weights go here\n"])
+def test_weights_of_plain_text_are_named_exit_2(scene, write_workflow, tmp_path, cli, text):
+    """torch's legacy reader took "hello" for a pickle and raised ``KeyError: 101``, which left as exit 1 with a
+    failed job folder (an exploratory review)."""
+    path = tmp_path / "weights.pt"
+    path.write_text(text)
+    scene["model"]["weights"] = str(path)
+    assert_one_line_error(cli(write_workflow(scene)), 2, f"model.weights: {path}", "is not a torch checkpoint")
+    assert nothing_finished(tmp_path / "out")
+    assert not (tmp_path / "out" / ".tilemask").exists()
+
+
 class _Exploit:
     """A checkpoint that would create a file when unpickled."""
 
