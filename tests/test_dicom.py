@@ -305,6 +305,39 @@ def test_a_repeated_slice_an_empty_folder_headerless_files_and_a_nifti_pair_are_
             open_source(str(given), 3)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("damage", ["header zeroed", "cut short", "named .dcm"])
+def test_a_damaged_slice_among_a_series_is_named_not_left_out(damage, make_model, tmp_path):
+    """A slice with no 'DICM' at byte 128 was dropped from its series: the last one gone, the run exited 0."""
+    folder = tmp_path / "series"
+    if damage == "named .dcm":
+        write_series(folder)
+    else:
+        shutil.copytree(CT, folder)
+    last = sorted(folder.iterdir(), key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))[-1]
+    data = last.read_bytes()
+    last.write_bytes(bytes(200) + data[200:] if damage == "header zeroed" else data[:100])
+    (folder / "notes.txt").write_text("acquired on the old scanner")  # files not named as slices are no slices
+    (folder / ".DS_Store").write_bytes(bytes(64))
+    size = last.stat().st_size
+    run_refused(folder, make_model, tmp_path, rf"tilemask: error: {re.escape(str(last))}: not a DICOM Part 10 file "
+                rf"\({size} bytes, no 'DICM' at byte 128\), named as the series' slices beside it: a slice damaged or "
+                r"cut short\? Repair or remove it\n")  # fmt: skip
+    last.unlink()
+    assert DicomSeriesSource.open(str(folder)).volume_shape[2] == (5 if damage == "named .dcm" else 4)  # 6 written, CT5N has 5
+
+
+@pytest.mark.timeout(60)
+def test_a_slice_without_a_series_uid_among_slices_with_one_is_named(tmp_path):
+    def unnamed(ds, k):
+        if k == 3:
+            del ds.SeriesInstanceUID
+
+    folder = write_series(tmp_path / "series", mutate=unnamed)
+    with pytest.raises(InputError, match=r"/slice\d+\.dcm: no SeriesInstanceUID, where 5 other slice\(s\) have one"):
+        DicomSeriesSource.open(str(folder))
+
+
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     """A real Orthanc (Debian's ``orthanc`` + ``orthanc-dicomweb``) on free loopback ports; yields its DICOMweb root."""

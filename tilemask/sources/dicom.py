@@ -42,9 +42,24 @@ def _files(folder: str):
             yield os.path.join(dirpath, name)
 
 
-def dicom_files(folder: str) -> list[str]:
-    """The DICOM files under ``folder``."""
-    return [path for path in _files(folder) if _part10(path)]
+def _name_kind(path: str) -> tuple[str, str]:
+    """A file's folder and suffix, lower case; no suffix for one of digits only (files named by their UID)."""
+    suffix = os.path.splitext(path)[1].lower()
+    return os.path.dirname(path), "" if suffix[1:].isdigit() else suffix
+
+
+def _stray_slice(others: list[str], slices: list[str]) -> str | None:
+    """Why a file of ``others`` (no Part 10 DICOM) that lies beside ``slices`` and is named as they are (in their
+    folder, with their suffix) is refused, in a line; None when there is none. A slice damaged or cut short in its
+    first 132 bytes is no Part 10 file: it was left out, and a run of a series with its last slice missing exited 0
+    (an exploratory review). Other files (``notes.txt`` beside ``*.dcm``, hidden files) are not slices."""
+    kinds = {_name_kind(p) for p in slices}
+    for path in others:
+        if not os.path.basename(path).startswith(".") and _name_kind(path) in kinds:
+            size = os.path.getsize(path)
+            return (f"{path}: not a DICOM Part 10 file ({size} bytes, no 'DICM' at byte 128), named as the series' "
+                    "slices beside it: a slice damaged or cut short? Repair or remove it")  # fmt: skip
+    return None
 
 
 def is_dicom_file(path: str) -> bool:
@@ -245,7 +260,8 @@ class DicomSeriesSource(ImageSource):
         if not os.path.isdir(folder):
             raise InputError(f"{folder}: no such folder")
         headers, pixel_problems = [], {}
-        for path in dicom_files(folder):
+        files = {path: _part10(path) for path in _files(folder)}  # whether each is a Part 10 file
+        for path in (p for p, part10 in files.items() if part10):
             try:
                 header, pixel_problems[path] = read_header(path)
             except (InvalidDicomError, OSError, ValueError) as exc:
@@ -254,6 +270,13 @@ class DicomSeriesSource(ImageSource):
         images = [(p, h) for p, h in headers if "Rows" in h]  # images (not DICOMDIRs, reports, ...)
         if not images:
             raise InputError(f"{folder}: no DICOM image in this folder")
+        stray = _stray_slice([p for p, part10 in files.items() if not part10], [p for p, _ in images])
+        if stray:
+            raise InputError(stray)
+        unnamed = [p for p, h in images if not h.get("SeriesInstanceUID")]
+        if 0 < len(unnamed) < len(images):
+            raise InputError(f"{unnamed[0]}: no SeriesInstanceUID, where {len(images) - len(unnamed)} other slice(s) "
+                             "have one: it is not known to be of their series")  # fmt: skip
         series = {h.get("SeriesInstanceUID") for _, h in images}
         if len(series) > 1:
             raise InputError(f"{folder}: holds {len(series)} DICOM series; give the folder of one series")
