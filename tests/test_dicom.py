@@ -15,7 +15,7 @@ import yaml
 
 import tilemask
 from tests.conftest import UNET_3D, _free_port, run_cli
-from tilemask.errors import InputError
+from tilemask.errors import InputError, ReadError
 from tilemask.formats import for_path
 from tilemask.sources.dicom import DicomSeriesSource
 from tilemask.workflow import Workflow
@@ -325,6 +325,26 @@ def test_a_damaged_slice_among_a_series_is_named_not_left_out(damage, make_model
                 r"cut short\? Repair or remove it\n")  # fmt: skip
     last.unlink()
     assert DicomSeriesSource.open(str(folder)).volume_shape[2] == (5 if damage == "named .dcm" else 4)  # 6 written, CT5N has 5
+
+
+@pytest.mark.timeout(60)
+def test_a_slice_whose_pixels_do_not_decode_says_why_in_its_one_line(tmp_path):
+    """pydicom gives each decoder's reason on a line of its own: the line of the error ended at "plugins:"."""
+
+    def damaged_rle(ds, k):
+        ds.compress(pydicom.uid.RLELossless, np.frombuffer(ds.PixelData, np.int16).reshape(ds.Rows, ds.Columns))
+        if k == 2:  # the RLE header of its one fragment says 7 segments, where 16-bit greyscale has 2
+            data = bytearray(ds.PixelData)
+            start = data.find(b"\xfe\xff\x00\xe0", 8) + 8
+            data[start:start + 4] = (7).to_bytes(4, "little")
+            ds.PixelData = bytes(data)
+
+    source = DicomSeriesSource.open(str(write_series(tmp_path / "series", mutate=damaged_rle)))
+    with pytest.raises(ReadError) as caught:
+        source.read(((0, 20), (0, 12), (0, 6)))
+    assert re.fullmatch(r".*/slice\d+\.dcm: read failed: RuntimeError: Unable to decode as exceptions were raised by all "
+                        r"available plugins: pydicom: The number of RLE segments in the pixel data doesn't match the "
+                        r"expected amount \(7 vs. 2 segments\)", str(caught.value)), str(caught.value)  # fmt: skip
 
 
 @pytest.mark.timeout(60)

@@ -390,7 +390,9 @@ class DicomSeriesSource(ImageSource):
         try:
             return pydicom.dcmread(self.files[k]).pixel_array
         except Exception as exc:  # noqa: BLE001 - pydicom and its pixel handlers raise many types
-            raise ReadError(f"{self.files[k]}: read failed: {type(exc).__name__}: {exc}") from None
+            # one line: pydicom puts each decoder's reason on a line of its own, after "...all available plugins:"
+            reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            raise ReadError(f"{self.files[k]}: read failed: {type(exc).__name__}: {reason}") from None
 
     def _unpack(self, spool: Spool) -> np.memmap:
         """Every slice's stored pixels, in order, into ``spool``; read back as one ``(slice, row, column)`` array."""
