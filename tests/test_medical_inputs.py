@@ -16,13 +16,15 @@ from tilemask.sources.dicom import DicomSeriesSource
     ("deleted", "no PixelData element: its image is missing"),
     ("empty", "an empty PixelData element: its image is missing"),
     ("cut", "cut short: its PixelData holds 380 of its 480 bytes"),  # pydicom: "(380 vs 480 bytes)"
+    ("short", "its PixelData holds 240 bytes, where its 12 x 20 x 1 pixels of 16 bits need 480"),
     ("cut deflated", "cannot read DICOM: its deflated data do not inflate (cut short or damaged): Error -5 while "
                      "decompressing data: incomplete or truncated stream"),
 ])  # fmt: skip
 def test_a_slice_without_its_pixels_is_refused_when_the_series_is_opened(damage, what, make_model, tmp_path):
     """A slice whose PixelData was deleted, left empty or cut short (a copy that stopped) was planned from its
     header, then failed on a worker, exit 1, with pydicom's "AttributeError: The dataset has no 'Pixel Data', ...
-    element" or "ValueError: The number of bytes of pixel data is less than expected". A deflated slice cut short
+    element" or "ValueError: The number of bytes of pixel data is less than expected" (a PixelData element of half
+    an image too). A deflated slice cut short
     does not inflate: zlib's error was a traceback."""
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
@@ -31,6 +33,8 @@ def test_a_slice_without_its_pixels_is_refused_when_the_series_is_opened(damage,
             del ds.PixelData
         elif k == 3 and damage == "empty":
             ds.PixelData = b""
+        elif k == 3 and damage == "short":  # a whole file, its element as long as it says: half an image
+            ds.PixelData = ds.PixelData[:240]
         elif damage == "cut deflated":
             ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
 

@@ -196,7 +196,21 @@ def read_header(path: str):
     available -= 12 if vr in EXPLICIT_VR_LENGTH_32 else 8  # the element's tag, VR and length (implicit VR: no VR)
     if length != 0xFFFFFFFF and available < length:  # encapsulated pixels (undefined length) are read on a worker
         return header, f"cut short: its PixelData holds {max(available, 0)} of its {length} bytes"
+    if length != 0xFFFFFFFF and tag == PIXEL_TAGS[0] and length < (need := _native_bytes(header)):
+        return header, (f"its PixelData holds {length} bytes, where its {header.Rows} x {header.Columns} x "
+                        f"{header.get('NumberOfFrames', 1) or 1} pixels of {header.BitsAllocated} bits need {need}")
     return header, None
+
+
+def _native_bytes(header) -> int:
+    """How many bytes the native (not encapsulated) pixels that ``header`` describes take: 0 when it does not say
+    (no Rows, say). A shorter PixelData failed on a worker's first read (exit 1, an exploratory review)."""
+    try:
+        values = int(header.Rows) * int(header.Columns) * int(header.get("NumberOfFrames", 1) or 1)
+        bits = values * int(header.get("SamplesPerPixel", 1) or 1) * int(header.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        return 0
+    return (bits + 7) // 8
 
 
 UNEVEN_SLICES = 0.02  # of the step: how far a slice may sit from its place on the regular grid (rounded positions)
