@@ -829,3 +829,12 @@ def test_a_zarr_volume_whose_chunk_does_not_decompress_names_its_region_as_raste
     assert found, lines[0]
     (i0, i1), (j0, j1), (k0, k1) = np.reshape([int(v) for v in found.groups()], (3, 2))
     assert i0 < 32 and i1 > 16 and j0 < 16 and k0 < 32 and k1 > 16, lines[0]  # it holds the damaged chunk
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("name", ["scans", "scans/", "scene.tif", "gone/scene.tif"])
+def test_a_local_input_that_is_not_there_is_named_as_missing(tmp_path, name):
+    """A missing series folder was "cannot open raster: ...: No such file or directory" (an exploratory review)."""
+    path = str(tmp_path / name)
+    with pytest.raises(InputError, match=rf"^{re.escape(path)}: no such file or folder$"):
+        open_source(path, spatial_dims=3 if "scans" in name else 2)

@@ -472,8 +472,9 @@ class MincFormat(Format):
     @staticmethod
     def _unread(path: str, what: str) -> Exception:
         from .errors import InputError
+        from .sources import missing_local
 
-        if "://" not in path and not path.startswith("/vsi") and not os.path.exists(path):  # /vsizip/: a member
+        if missing_local(path):
             return InputError(f"{path}: no such file")
         return InputError(f"{path}: cannot open as {what}: a MINC volume, which tilemask does not read; convert it "
                           "to NIfTI (.nii.gz)")  # fmt: skip

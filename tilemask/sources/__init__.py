@@ -165,6 +165,11 @@ def _evict(keep: tuple) -> None:
                 _evicted.popitem(last=False)
 
 
+def missing_local(path: str) -> bool:
+    """Whether ``path`` names a local file or folder that is not there (not a URL, nor a GDAL ``/vsi`` member)."""
+    return "://" not in path and not path.startswith("/vsi") and not os.path.exists(path)
+
+
 def bytes_at(path: str, offset: int, size: int) -> bytes:
     """``size`` bytes of the file at ``path`` from ``offset`` (fewer at its end; none if it cannot be read)."""
     try:

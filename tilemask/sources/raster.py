@@ -38,7 +38,7 @@ from rasterio.windows import Window
 from ..errors import InputError, ReadError
 from ..geometry import RasterGeometry, Region
 from ..storage import gdal_options, network_object, object_problem, object_version
-from . import ImageSource, cached_handle, file_stamp, usable_geometry
+from . import ImageSource, cached_handle, file_stamp, missing_local, usable_geometry
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +118,8 @@ class RasterSource(ImageSource):
         except RasterioError as exc:
             from .archive import archive_problem
 
+            if missing_local(path):  # GDAL's line said "cannot open raster: {path}: No such file or directory"
+                raise InputError(f"{path}: no such file or folder") from None
             raise InputError(f"{path}: cannot open raster: {archive_problem(path) or first_gdal_line(exc)}") from None
         if gcps_only:
             raise InputError(
