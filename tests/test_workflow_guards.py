@@ -361,6 +361,19 @@ def test_a_key_already_given_is_not_what_a_misspelt_one_meant():
     assert str(refused.value) == "workflow: inference.overlapp: unknown key", str(refused.value)
 
 
+@pytest.mark.parametrize("override, line", [
+    ("inference.overlapp=0.5", "workflow: inference.overlapp: unknown key; did you mean 'overlap'?"),
+    ("outptu.path=x.tif", "workflow: outptu: unknown key; did you mean 'output'?"),
+])  # fmt: skip
+def test_a_key_misspelt_in_set_is_named_with_the_given_key_it_meant(override, line):
+    """``--set`` overrides a key the workflow gives: its misspelling got no hint, as a YAML's second key does not."""
+    workflow = {"version": 1, "input": "x.tif", "model": {"weights": "w.pt"}, "output": {"path": "o.tif"},
+                "inference": {"roi_size": [64, 64], "overlap": 0.25}}  # fmt: skip
+    with pytest.raises(WorkflowError) as refused:
+        Workflow.from_dict(workflow, [override])
+    assert str(refused.value).startswith(line), str(refused.value)
+
+
 @pytest.mark.parametrize(
     "given,line",
     [

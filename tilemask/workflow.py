@@ -439,7 +439,7 @@ class Workflow(_Strict):
         try:
             workflow = cls.model_validate(raw)
         except ValidationError as exc:
-            raise WorkflowError(_one_line(exc, raw)) from None
+            raise WorkflowError(_one_line(exc, raw, overrides)) from None
         workflow._base_dir = base
         return workflow
 
@@ -707,8 +707,9 @@ def _with_nnunet(raw: dict, model: dict, base: Path) -> dict:
     return merge(nnunet_defaults(path, fold, checkpoint), raw)
 
 
-def _one_line(exc: ValidationError, raw: Any = None) -> str:
-    """The first invalid key as ``workflow: key.path: message``.
+def _one_line(exc: ValidationError, raw: Any = None, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """The first invalid key as ``workflow: key.path: message``. A misspelt key's hint may name a key the workflow
+    gives where ``--set`` (``overrides``) misspelt it: ``--set outptu.path=...`` meant the workflow's ``output``.
 
     pydantic reports a value that fits no member of a union once per member; the
     member of the value's own kind (a list for a list) says what is wrong.
@@ -726,7 +727,9 @@ def _one_line(exc: ValidationError, raw: Any = None) -> str:
     key = _clean_loc(err["loc"])
     loc = ".".join(key)
     msg = err["msg"].removeprefix("Value error, ")
-    meant = _meant(key, errors, _given(raw, key[:-1])) if err["type"] == "extra_forbidden" else None
+    overridden = any(tuple(item.partition("=")[0].split("."))[: len(key)] == key for item in overrides)
+    given = set() if overridden else _given(raw, key[:-1])
+    meant = _meant(key, errors, given) if err["type"] == "extra_forbidden" else None
     if err["type"] == "extra_forbidden" and key[-1] in _keys_at(key[:-1]):  # a key of the union's other kinds
         msg = f"not a key of the same kind of {key[-2] if len(key) > 1 else 'workflow'} as the others given"
     elif err["type"] == "extra_forbidden":
