@@ -117,9 +117,9 @@ class NiftiSource(ImageSource):
 
 
 def nifti_geometry(path: str, img) -> VolumeGeometry:
-    """The voxel-to-RAS affine in mm of a NIfTI image (nibabel's: the sform, else the qform, else the pixdim), refused
-    now (exit 2) where it cannot place the voxels: not finite, or singular (:func:`tilemask.geometry.affine_problem`).
-    """
+    """The voxel-to-RAS affine in mm of a NIfTI image, as MONAI reads it (:func:`tilemask.formats.nifti_affine_mm`),
+    refused now (exit 2) where it cannot place the voxels: not finite, or singular
+    (:func:`tilemask.geometry.affine_problem`)."""
     affine = nifti_affine_mm(img)
     problem = affine_problem(affine)
     if problem:
