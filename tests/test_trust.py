@@ -886,6 +886,40 @@ def test_polygons_and_a_table_written_onto_a_full_disk_are_named_so(tmp_path, tm
     assert list(disk.iterdir()) == []
 
 
+@pytest.mark.timeout(60)
+def test_polygons_whose_spatial_index_does_not_fit_are_not_published(tmpfs):
+    """GDAL builds a GeoPackage's R-tree as the layer closes; where the disk filled then, it said nothing and the
+    file, every feature in it but no index, was published (exit 0, an exploratory review)."""
+    import sqlite3
+
+    import shapely
+
+    from tilemask.errors import OutputError
+    from tilemask.polygon_files import AreaRule, write_features
+    from tilemask.vectors import FeatureBatch
+
+    rule = AreaRule((500000.0, 30.0, 0.0, 4000000.0, 0.0, -30.0), "EPSG:32618")
+    seen = {"whole": 0, "full": 0, "no index": 0}
+    for count in (8000, 17000, 18500, 20000, 30000):  # on 4 MB, GDAL 3.x: whole, no index (x3), full
+        disk = tmpfs("4m", name=f"disk{count}")
+        i = np.arange(count)
+        boxes = shapely.box(i % 1000, i // 1000, i % 1000 + 0.5, i // 1000 + 0.5)
+        batch = FeatureBatch(list(shapely.to_wkb(boxes)), np.array(["a"] * count, object), np.ones(count))
+        try:
+            write_features(str(disk / "p.gpkg"), ".gpkg", iter([batch]), rule, 100)
+        except OutputError as exc:
+            assert list(disk.iterdir()) == [], count
+            full = str(exc).endswith("/p.gpkg: no space left on device")
+            assert full or re.search(r"/p\.gpkg: GDAL wrote the features without their spatial index, as it does when "
+                                     r"the disk fills as it builds it \([\d.]+ MiB free there\)$", str(exc)), str(exc)
+            seen["full" if full else "no index"] += 1
+            continue
+        with sqlite3.connect(disk / "p.gpkg") as db:
+            assert db.execute("SELECT count(*) FROM rtree_p_geom").fetchone() == (count,)
+        seen["whole"] += 1
+    assert all(seen.values()), seen
+
+
 def test_a_quick_look_and_scores_written_onto_a_full_disk_name_their_file_once(tmp_path, tmpfs):
     """A fault sweep: a quick look met a full disk as the warning ``no quick look DISK/q.png: DISK/q.png: cannot
     write the quick look: DISK/q.png: no space left on device``, and ``evaluate -o`` as ``DISK/s.json: cannot

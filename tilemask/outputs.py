@@ -223,6 +223,21 @@ def describe_write_error(exc: BaseException, path: str | os.PathLike) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+def check_spatial_index(staged: str, target: Path) -> None:
+    """Refuse a GeoPackage layer (named as ``target``'s stem) that GDAL wrote without its spatial index: it builds
+    the R-tree as the layer is closed, and where the disk filled then it said nothing, and the file, its features
+    all there, was published (exit 0, an exploratory review). An empty layer has its index too."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(f"file:{staged}?mode=ro", uri=True)) as db:
+        indexed = db.execute("SELECT count(*) FROM gpkg_extensions WHERE table_name = ? AND extension_name = "
+                             "'gpkg_rtree_index'", (target.stem,)).fetchone()[0]  # fmt: skip
+    if not indexed:
+        free = shutil.disk_usage(Path(staged).parent).free / 2**20
+        raise OutputError(f"{target}: GDAL wrote the features without their spatial index, as it does when the disk "
+                          f"fills as it builds it ({free:.1f} MiB free there)")  # fmt: skip
+
+
 def output_step(step: Callable[[], T], path: str) -> T:
     """``step()`` of writing the output at ``path`` (create it, make it whole): an ``OSError`` of its own (a
     full disk, a folder gone) as the output's one line. A full disk had gone up bare, naming no file:

@@ -30,7 +30,7 @@ from pyproj import CRS, Proj
 
 from .errors import InputError
 from .formats import product_mark, product_mark_text
-from .outputs import atomic_path
+from .outputs import atomic_path, check_spatial_index
 
 if TYPE_CHECKING:
     from .vectors import FeatureBatch
@@ -203,6 +203,8 @@ def write_features(out_path: str, suffix: str, batches: Iterator[FeatureBatch], 
                 **_ogr_options(VECTOR_DRIVERS[suffix], rule.transform),
             )
             count = counted.count
+            if suffix == ".gpkg":
+                check_spatial_index(staged, target)
     logger.info("wrote %d polygons to %s", count, target)
     return str(target)
 

@@ -26,7 +26,7 @@ import pandas as pd
 from ..classes import ClassNames, class_name, named_values
 from ..errors import InputError, OutputError, UsageError, option
 from ..formats import PRODUCT_MARK, product_mark
-from ..outputs import atomic_path, check_writable
+from ..outputs import atomic_path, check_spatial_index, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
 
                 # the layer's metadata: a GeoPackage's dataset item is copied to a .aux.xml by every read
                 pyogrio.write_dataframe(frame, tmp, driver="GPKG", layer=path.stem, layer_metadata=product_mark())
+                if has_geometry:
+                    check_spatial_index(tmp, path)
             elif suffix == ".csv":
                 plain = pd.DataFrame(frame)
                 if has_geometry:
