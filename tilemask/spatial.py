@@ -194,15 +194,12 @@ def sample(
     theta = theta[[2, 1, 0, 3]][:, [2, 1, 0, 3]][:3]  # reverse_indexing: grid coordinates are (x, y, z)
     lines = [torch.linspace(-1, 1, size, dtype=torch.float64) * (size - 1) / size for size in dst_shape]
     zs, ys, xs = (line[lo:hi] for line, (lo, hi) in zip(lines, region))
-    # affine_grid's product ((x * t0 + y * t1) + z * t2) + 1 * t3 per voxel, in its order, by broadcasting:
-    # the (x, y) part once for a plane of the region, then each plane's z
-    plane = xs[None, :, None] * theta[:, 0] + ys[:, None, None] * theta[:, 1]
     data = torch.from_numpy(np.ascontiguousarray(values)).to(torch.float64)
     finite = values.dtype.kind != "f" or bool(np.isfinite(values).all())
     out = torch.empty((values.shape[0], len(zs), len(ys), len(xs)), dtype=torch.float64)
     step = max(1, SLAB_POINTS // max(1, len(ys) * len(xs)))
     for first in range(0, len(zs), step):
-        grid = ((plane + zs[first : first + step, None, None, None] * theta[:, 2]) + theta[:, 3]).reshape(-1, 3)
+        grid = _affine_grid(theta, zs[first : first + step], ys, xs)
         # grid_sampler_compute_source_index: ((g + 1) * size - 1) / 2, then clip to [0, size - 1]
         iz, iy, ix = (
             torch.clamp(((grid[:, k] + 1) * size - 1) / 2, 0, size - 1) for k, size in zip((2, 1, 0), src_shape)
@@ -211,6 +208,20 @@ def sample(
             values.shape[0], -1, len(ys), len(xs)
         )
     return out.numpy().astype(values.dtype if nearest else np.float32)
+
+
+def _affine_grid(theta, zs, ys, xs):
+    """``affine_grid``'s points ``(x, y, z)`` for the voxels ``zs x ys x xs`` of its base grid, ``(n, 3)``: its base
+    grid's rows ``(x, y, z, 1)`` times ``theta`` transposed by the same ``bmm``, so by the same BLAS kernel (MKL's
+    AVX-512 kernel sums the four products in another order than its AVX2 one: a product written out here matched
+    MONAI's points on one machine and missed them by 1e-16 on another)."""
+    import torch
+
+    base = torch.ones((1, len(zs), len(ys), len(xs), 4), dtype=torch.float64)
+    base[..., 0] = xs
+    base[..., 1] = ys[:, None]
+    base[..., 2] = zs[:, None, None]
+    return base.view(1, -1, 4).bmm(theta[None].transpose(1, 2))[0]
 
 
 def _gather(data, origin, src_shape, iz, iy, ix, nearest: bool, finite: bool):
