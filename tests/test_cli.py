@@ -291,6 +291,15 @@ def test_invalid_workflows_exit_2_before_any_work(scene, write_workflow, tmp_pat
     assert nothing_finished(tmp_path / "out")
 
 
+def test_an_output_path_ending_in_a_slash_is_the_zarr_it_names(scene, write_workflow, tmp_path, cli):
+    """``out/scene_mask.zarr/`` was refused as "exists and was not written by tilemask": the job folder had been
+    made inside it first (an exploratory review)."""
+    scene["output"]["path"] = "out/scene_mask.zarr/"  # its job folder goes beside it, in out/
+    result = cli(write_workflow(scene))
+    assert result.exit_code == 0, result.stderr
+    assert zarr.open_group(tmp_path / "out" / "scene_mask.zarr", mode="r").attrs["tilemask"]["complete"] is True
+
+
 def test_malformed_yaml(write_workflow, tmp_path, cli):
     path = tmp_path / "bad.yaml"
     path.write_text("version: 1\ninput: [a.tif\nmodel: {")

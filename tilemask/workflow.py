@@ -249,6 +249,9 @@ class Output(_Strict):
     @field_validator("path")
     @classmethod
     def _suffix(cls, value: str) -> str:
+        # a Zarr named as a folder ("out/m.zarr/") is the Zarr: with the slash, its job folder was made inside it
+        # first, and the output was refused as a folder tilemask did not write (an exploratory review)
+        value = value.rstrip("/") or value
         fmt = for_output(value)  # ValueError naming the suffixes tilemask writes
         if is_remote(value):
             if fmt.name not in REMOTE_OUTPUT_FORMATS:
