@@ -100,6 +100,27 @@ def test_atlas_zonal_and_chunking(tmp_path):
             assert getattr(row, f"{name}_fraction") == pytest.approx(count / inside.sum(), rel=1e-12)
 
 
+@pytest.mark.timeout(120)
+def test_an_atlas_label_wholly_over_the_masks_nodata_keeps_its_row(tmp_path):
+    """Its row was left out (one row per atlas label, as a vector region over nodata keeps its row)."""
+    transform = Affine(10, 0, 500000, 0, -10, 4000000)
+    labels = np.ones((30, 40), np.uint8)
+    labels[:, :20] = 255  # nodata: the left half
+    labels[5:10, 25:30] = 2
+    atlas = np.where(np.arange(40) < 20, 1, 2)[None, :].repeat(30, 0).astype(np.uint8)
+    atlas[:, 30:] = 3
+    mask = write_raster(tmp_path / "mask.tif", labels, "EPSG:32618", transform, nodata=255)
+    regions = write_raster(tmp_path / "atlas.tif", atlas, "EPSG:32618", transform)
+    table = pd.read_csv(compute_stats(mask, tmp_path / "t.csv", regions=regions, classes="bg,a,b"))
+    assert list(table["region"]) == [1, 2, 3]
+    for row in table.itertuples(index=False):
+        valid = (atlas == row.region) & (labels != 255)
+        for value, name in enumerate(("bg", "a", "b")):
+            assert getattr(row, f"{name}_pixels") == int((labels[valid] == value).sum())
+            assert getattr(row, f"{name}_area_m2") == 100.0 * int((labels[valid] == value).sum())
+    assert table.loc[0, ["a_pixels", "b_pixels"]].tolist() == [0, 0] and np.isnan(table.loc[0, "a_fraction"])
+
+
 def test_an_atlas_is_on_the_grid_within_1_um_and_is_checked_before_any_cluster_starts(tmp_path):
     """An atlas in NIfTI-2 (a float64 affine) beside labels in NIfTI-1 (float32) was refused as off their grid
     (4e-6 mm apart) once the cluster had started, where a workflow's planning took it (1 um). An atlas 0.01 mm off is

@@ -65,10 +65,12 @@ def atlas_zonal(image: LabelImage, atlas: LabelImage, names=None, client=None) -
     :func:`check_atlas_grid`)."""
     grid = grid_of(image)
     zone_excluded = (0,) + (() if atlas.nodata is None else (int(atlas.nodata),))
-    pairs = count_pairs(
-        image.array, atlas.array, grid, excluded=excluded_values(image), zone_excluded=zone_excluded, client=client
-    )
-    return zone_table(pairs, "region", names if names is not None else image.class_names, grid)
+    # the mask's nodata counted, then dropped: an atlas label wholly over it keeps its row, with no pixel (it had
+    # none, an exploratory review), as a vector region does
+    pairs = count_pairs(image.array, atlas.array, grid, zone_excluded=zone_excluded, client=client)
+    zones = sorted(pairs["zone"].unique())
+    pairs = pairs[~pairs["cls"].isin(excluded_values(image))]
+    return zone_table(pairs, "region", names if names is not None else image.class_names, grid, zones)
 
 
 def zone_table(pairs: pd.DataFrame, key: str, names, grid: Grid, zones=None) -> pd.DataFrame:
