@@ -169,3 +169,26 @@ def test_cli_fraction_lines_refused(tmp_path, shade_labels):
     assert message.startswith("tilemask: error: --coverage fraction measures the area of polygons")
     assert "2 of 2 regions are LineString (first: 'a')" in message and "--coverage center" in message
     assert not out.exists()
+
+
+@pytest.mark.timeout(2 * RUN_TIMEOUT + 60)
+@pytest.mark.parametrize("coverage", ["center", "fraction"])
+def test_a_region_with_a_vertex_that_is_not_a_number_is_refused_before_any_cluster(tmp_path, shade_labels, coverage):
+    """exactextract failed on it mid-run ("RuntimeError: Failed to parse geometry", exit 1, naming no file); the
+    center rule counted it 0 pixels, silently (an exploratory review)."""
+    with rasterio.open(shade_labels) as ds:
+        left, bottom, right, top = ds.bounds
+        crs = ds.crs
+    good = shapely.box(left, bottom, (left + right) / 2, (bottom + top) / 2)
+    broken = shapely.Polygon([(left, top), (right, top), (right, np.nan), (left, bottom)])
+    path = tmp_path / "regions.gpkg"
+    gpd.GeoDataFrame({"name": ["good", "broken"]}, geometry=[good, broken], crs=crs).to_file(path)
+    out = tmp_path / "t.csv"
+    nobody = f"tcp://127.0.0.1:{_free_port()}"  # refused before any cluster: no scheduler listens there
+    result = run_stats(shade_labels, "-o", out, "--regions", path, "--region-id", "name", "--coverage", coverage,
+                       "--scheduler", nobody)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("tilemask: error:")]
+    assert errors == [f"tilemask: error: {path}: 1 region(s) have a vertex that is not a number (NaN or infinite; "
+                      "first: 'broken'): fix or drop them"], result.stderr  # fmt: skip
+    assert not out.exists()

@@ -165,6 +165,12 @@ def read_regions(path: str | os.PathLike, region_id: str | None):
     if region_id is not None:
         fields = [c for c in regions.columns if c != regions.geometry.name]
         check_key(path, region_id, fields, regions.get(region_id))
+    coordinates, owners = shapely.get_coordinates(regions.geometry.to_numpy(), return_index=True)
+    broken = owners[~np.isfinite(coordinates).all(axis=1)]
+    if len(broken):  # exactextract failed on it ("Failed to parse geometry", exit 1); the center rule counted 0
+        first = regions[region_id].iloc[broken[0]] if region_id is not None else regions.index[broken[0]]
+        raise InputError(f"{path}: {len(np.unique(broken))} region(s) have a vertex that is not a number (NaN or "
+                         f"infinite; first: {_plain(first)!r}): fix or drop them")  # fmt: skip
     if regions.empty:  # an empty table, as exactextract gives; said, not silent
         logger.warning("%s holds no features: the table has no rows", path)
     return regions, region_id or "region"
