@@ -1322,3 +1322,26 @@ def test_a_file_tilemask_did_not_write_at_a_products_path_is_never_replaced(
     assert [product_written_by_tilemask(p) for p in products] == [True] * 3
     assert len(gpd.read_file(vectors)) > 0 and "pixels" in pd.read_parquet(table).columns
     assert hidden(out) == []
+
+
+@pytest.mark.timeout(30)
+def test_an_output_name_too_long_for_its_hidden_siblings_is_named_so(tmp_path):
+    """A 245-byte name (the file system takes 255) was refused as "output folder ... is not writable: File name too
+    long": tilemask's hidden names beside it are longer (an exploratory review)."""
+    from tilemask.errors import OutputConflict
+    from tilemask.outputs import HIDDEN_NAME_BYTES, OutputLock, check_outputs
+
+    longest = tmp_path / ("x" * (255 - HIDDEN_NAME_BYTES - 4) + ".tif")
+    too_long = tmp_path / ("x" * (245 - 9) + "_mask.tif")
+    too_long.touch()  # the name itself is one the file system takes
+    too_long.unlink()
+    why = (rf"^output {re.escape(str(too_long))}: its name is 245 bytes, and tilemask stages it under hidden names "
+           rf"{HIDDEN_NAME_BYTES} bytes longer \(\.tilemask-<run>-<name>\.labels\.zarr\), where this file system "
+           rf"takes 255: shorten it to {255 - HIDDEN_NAME_BYTES} bytes at most$")  # fmt: skip
+    for refuse in (lambda: check_outputs([(str(too_long), True)], [], False), OutputLock([str(too_long)]).acquire):
+        with pytest.raises(OutputConflict, match=why):
+            refuse()
+    check_outputs([(str(longest), True)], [], False)
+    lock = OutputLock([str(longest)]).acquire()  # the longest name that fits: its lock is taken
+    assert [p.name for p in tmp_path.iterdir()] == [f".tilemask-lock-{longest.name}"]
+    lock.release()

@@ -275,6 +275,7 @@ def check_outputs(outputs: Iterable[tuple[str, bool]], inputs: Iterable[str], ov
         clash = next((i for i in inputs if _same_place(path, i)), None)
         if clash is not None:
             raise OutputConflict(f"output {path} is the input {clash} (or inside it); refused to overwrite an input")
+        _check_name_length(path)
         if exists(path):
             if not owned:
                 raise OutputConflict(f"output {path} exists and was not written by tilemask; refused to replace it")
@@ -284,6 +285,29 @@ def check_outputs(outputs: Iterable[tuple[str, bool]], inputs: Iterable[str], ov
             check_remote_writable(path.rstrip("/").rpartition("/")[0])
         else:
             check_writable(Path(path).parent, made)
+
+
+HIDDEN_NAME_BYTES = len(f"{PREFIX}{new_run_id()}-") + max(map(len, STAGING_SUFFIXES))
+"""How many bytes longer than an output's name the longest hidden name beside it is (``.tilemask-<run>-<name>``
+with a staging suffix; ``.tilemask-lock-<name>`` is shorter)."""
+
+
+def _check_name_length(path: str) -> None:
+    """Refuse a local output whose hidden siblings' names the file system cannot hold: a 245-byte name was refused
+    as "output folder ... is not writable: File name too long" (an exploratory review), which sent the user to its
+    permissions."""
+    if storage.is_remote(path):
+        return
+    name = os.path.basename(path.rstrip("/")).encode()
+    try:
+        limit = os.pathconf(next(p for p in (Path(path).parent, *Path(path).parents) if p.exists()), "PC_NAME_MAX")
+    except (OSError, ValueError, StopIteration):
+        limit = 255
+    if len(name) + HIDDEN_NAME_BYTES > limit:
+        raise OutputConflict(f"output {path}: its name is {len(name)} bytes, and tilemask stages it under hidden names "
+                             f"{HIDDEN_NAME_BYTES} bytes longer ({PREFIX}<run>-<name>{max(STAGING_SUFFIXES, key=len)}), "
+                             f"where this file system takes {limit}: shorten it to {limit - HIDDEN_NAME_BYTES} bytes "
+                             "at most")  # fmt: skip
 
 
 def why_unwritable(folder: str | os.PathLike, exc: OSError) -> str:
@@ -373,6 +397,8 @@ class OutputLock:
         return p.with_name(f"{PREFIX}lock-{p.name}")
 
     def acquire(self) -> OutputLock:
+        for path in self.files:
+            _check_name_length(path)
         try:
             for path in sorted(set(self.files)):  # in one order for every run: two runs never wait on each other
                 self.held.append(self._take(path))
