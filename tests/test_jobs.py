@@ -304,6 +304,15 @@ def test_a_different_workflow_may_not_replace_a_jobs_outputs_without_overwrite(s
     (result,) = tilemask.run(Workflow.from_dict(changed, base_dir=tmp_path), client, overwrite=True)
     assert result.status == "ok" and result.windows > 0
     assert len(list((tmp_path / "out" / ".tilemask" / "jobs").iterdir())) == 2  # one job per workflow
+    # the first workflow's job again: its outputs are the other's now, not "done in an earlier run" (they were
+    # skipped as its own, an exploratory review)
+    replaced = zarr.open_group(tmp_path / "out" / "a.zarr", mode="r")["probabilities"][:]
+    with pytest.raises(OutputConflict, match="exists; pass overwrite=True"):
+        tilemask.run(Workflow.from_dict(scene_workflow, base_dir=tmp_path), client)
+    np.testing.assert_array_equal(zarr.open_group(tmp_path / "out" / "a.zarr", mode="r")["probabilities"][:], replaced)
+    (again,) = tilemask.run(Workflow.from_dict(scene_workflow, base_dir=tmp_path), client, overwrite=True)
+    assert again.status == "ok" and again.windows > 0
+    np.testing.assert_array_equal(zarr.open_group(tmp_path / "out" / "a.zarr", mode="r")["probabilities"][:], first)
 
 
 def test_a_run_with_overwrite_stopped_early_leaves_the_jobs_outputs_its_own(make_raster, make_model, tmp_path, client):

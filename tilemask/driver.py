@@ -47,7 +47,18 @@ from .command import first_line
 from .engine import RunResult, probe, process_age, run_job
 from .errors import NoWorkers, RunError, TilemaskError, UsageError, command_line, option
 from .imports import import_in_background
-from .jobs import ACTIVE, JobCancelled, JobError, JobFolder, default_job_dir, job_folder, job_id, outputs_complete
+from .jobs import (
+    ACTIVE,
+    JobCancelled,
+    JobError,
+    JobFolder,
+    default_job_dir,
+    job_folder,
+    job_id,
+    labels_stamp,
+    outputs_complete,
+    own_labels,
+)
 from .outputs import FolderListings, OutputLock
 from .planning import InputPlan, WorkflowPlan, classes_of, plan_model
 from .products import client_imports
@@ -371,7 +382,7 @@ def _finished(lines: dict[str, dict], weights: list, files: dict[str, list[str]]
             and (now := _stamps(current)) == line.get("stamps") and [None] not in now
         )
         same_model = line.get("weights_stamp", weights) == weights and weights != [None]
-        return unchanged and same_model and outputs_complete(line["outputs"])
+        return unchanged and same_model and own_labels(line) and outputs_complete(line["outputs"])
 
     ok = {name: line for name, line in lines.items() if line["status"] == "ok"}
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -467,7 +478,8 @@ class _ItemRunner:
             logger.warning("%s: failed, skipped: %s", item.files[0], failed.error)
             return failed
         del self.in_flight[index]
-        stamped = {"files": list(item.files), "stamps": stamps, "weights_stamp": self.weights_stamp}
+        stamped = {"files": list(item.files), "stamps": stamps, "weights_stamp": self.weights_stamp,
+                   "labels_stamp": labels_stamp(result.outputs)}  # fmt: skip
         self.job.record(_line(index, item.name, result) | stamped)
         self.counts.add("ok")
         return result

@@ -118,8 +118,26 @@ class Manifest:
     def started(self) -> set[str]:
         """The names of the items this job has begun at least once (their outputs are this job's own).  An item
         refused before it began (its output was someone else's) has a ``failed`` line and no ``started`` one:
-        what is at its outputs is still not the job's."""
-        return {line["name"] for line in self.lines if line.get("status") == "started"}
+        what is at its outputs is still not the job's; nor are labels another workflow wrote over the job's
+        (:func:`own_labels`)."""
+        replaced = {name for name, line in self.latest().items() if line["status"] == "ok" and not own_labels(line)}
+        return {line["name"] for line in self.lines if line.get("status") == "started"} - replaced
+
+
+def labels_stamp(outputs: list[str]) -> list | None:
+    """:func:`~tilemask.sources.file_stamp` of an item's labels (its first output) where they are local, else None:
+    what tells the labels a job wrote from those another workflow wrote over them with ``--overwrite`` (they were
+    taken for the job's own, "done in an earlier run", an exploratory review). The labels only: a derived product
+    (a statistics table) may be shared by items and rewritten after."""
+    from .sources import file_stamp
+
+    return list(file_stamp(outputs[0])) if outputs and not storage.is_remote(outputs[0]) else None
+
+
+def own_labels(line: dict) -> bool:
+    """Whether the labels of an item's ``ok`` line are those it wrote, or gone (nobody else's are there; a line
+    without their stamp: taken so)."""
+    return line.get("labels_stamp") is None or labels_stamp(line["outputs"]) in (line["labels_stamp"], [0, 0])
 
 
 def job_folder(location: str | os.PathLike) -> JobFolder:
