@@ -746,6 +746,11 @@ def test_a_hidden_archive_member_or_listed_file_writes_outputs_that_are_not_hidd
         plan_workflow(Workflow.from_dict({**workflow, "input": {"archive": "scenes.zip", "members": "*.tif"}},
                                          base_dir=tmp_path))  # fmt: skip
     assert refused.value.exit_status == 2
+    # a list naming one file twice, by two paths: said so (it was advice about globs and archives)
+    (tmp_path / "twice.txt").write_text(".x.tif\n./.x.tif\n")
+    with pytest.raises(WorkflowError, match=rf"^input: {tmp_path}/\.x\.tif and {tmp_path}/\.x\.tif are one file, "
+                                            r"given twice; give it once$"):  # fmt: skip
+        plan_workflow(Workflow.from_dict({**workflow, "input": {"list": "twice.txt"}}, base_dir=tmp_path))
     # a glob that matches its outputs beside it leaves them out by the same name (`.x.tif` writes `._x_mask.tif`)
     shutil.copy(GEO["RGB.byte.tif"], tmp_path / "._x_mask.tif")
     beside = {**workflow, "input": ".*.tif", "output": {"path": ".{stem}_mask.tif"}}

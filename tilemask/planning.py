@@ -497,12 +497,23 @@ def _check_output_names(workflow: Workflow, items: list[InputItem]) -> None:
             if path in seen and seen[path][1] != key:  # one's probabilities on the other's labels, or the like
                 raise WorkflowError(f"output: {seen[path][0].files[0]} and {item.files[0]} would both write {path}; "
                                     f"the {seen[path][1]} of one is the {key} of the other; rename one")  # fmt: skip
+            if path in seen and _one_file(seen[path][0].files[0], item.files[0]):  # a list naming it twice
+                raise WorkflowError(f"input: {seen[path][0].files[0]} and {item.files[0]} are one file, given twice; "
+                                    "give it once")  # fmt: skip
             if path in seen:
                 advice = ("put {stem} in the output's name" if path_of(item.name + "-") == path else
                           f"both are named {item.name!r}, which {{stem}} stands for; rename one, narrow the input's "
                           "glob (input.members within an archive), or run each folder as a workflow of its own")  # fmt: skip
                 raise WorkflowError(f"output: {seen[path][0].files[0]} and {item.files[0]} would both write {path}; {advice}")
             seen[path] = item, key
+
+
+def _one_file(a: str, b: str) -> bool:
+    """Whether two inputs are one local file (``scenes/a.tif`` and ``./scenes/a.tif``)."""
+    try:
+        return "://" not in a + b and os.path.samefile(a, b)
+    except OSError:  # a member of an archive, a /vsi path, a file not there
+        return False
 
 
 def _check_polygons(item: InputPlan) -> None:
