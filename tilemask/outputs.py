@@ -304,10 +304,10 @@ def _check_name_length(path: str) -> None:
     except (OSError, ValueError, StopIteration):
         limit = 255
     if len(name) + HIDDEN_NAME_BYTES > limit:
+        longest = f"{PREFIX}<run>-<name>{max(STAGING_SUFFIXES, key=len)}"
         raise OutputConflict(f"output {path}: its name is {len(name)} bytes, and tilemask stages it under hidden names "
-                             f"{HIDDEN_NAME_BYTES} bytes longer ({PREFIX}<run>-<name>{max(STAGING_SUFFIXES, key=len)}), "
-                             f"where this file system takes {limit}: shorten it to {limit - HIDDEN_NAME_BYTES} bytes "
-                             "at most")  # fmt: skip
+                             f"{HIDDEN_NAME_BYTES} bytes longer ({longest}), where this file system takes {limit}: "
+                             f"shorten it to {limit - HIDDEN_NAME_BYTES} bytes at most")  # fmt: skip
 
 
 def why_unwritable(folder: str | os.PathLike, exc: OSError) -> str:
@@ -397,7 +397,7 @@ class OutputLock:
         return p.with_name(f"{PREFIX}lock-{p.name}")
 
     def acquire(self) -> OutputLock:
-        for path in self.files:
+        for path in self.files:  # before a lock's own (shorter) name: check_outputs runs with the locks held
             _check_name_length(path)
         try:
             for path in sorted(set(self.files)):  # in one order for every run: two runs never wait on each other
