@@ -78,6 +78,24 @@ def test_cli_regions_on_cluster(tmp_path, shade_labels, monkeypatch):
                            ["stats.output=s.csv", "stats.region_id=district", "stats.coverage=fraction"])  # fmt: skip
 
 
+def test_connectivity_without_instances_is_refused_before_any_table(tmp_path, shade_labels):
+    """--connectivity joins instances only; given alone it was left unused and class totals written (exit 0)."""
+    out = tmp_path / "u.csv"
+    alone = CliRunner().invoke(stats_command, [str(shade_labels), "-o", str(out), "--connectivity", "full"])
+    assert (alone.exit_code, alone.output) == (2, "tilemask: error: --connectivity full applies to --instances, which "
+                                                  "is not given\n")  # fmt: skip
+    assert not out.exists()
+    with pytest.raises(InputError, match="^connectivity full applies to instances, which is not given$"):
+        compute_stats(shade_labels, out, connectivity="full")  # from Python, in its words
+    from tilemask.workflow import Workflow
+
+    from ..conftest import REPO
+
+    with pytest.raises(WorkflowError, match="connectivity full applies to instances, which is not given"):
+        Workflow.from_yaml(REPO / "workflows" / "demo_landsat.yaml", ["stats.output=s.csv", "stats.connectivity=full"])
+    assert compute_stats(shade_labels, tmp_path / "i.csv", instances=True, connectivity="full").exists()
+
+
 @pytest.mark.slow
 def test_atlas_zonal_and_chunking(tmp_path):
     data = blobs((40, 44, 36), seed=2)

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import InputError, on_command_line, option
 from ..sources.labels import check_chunks, open_labels
-from .config import StatsConfig, is_label_image, region_options_without_regions
+from .config import StatsConfig, is_label_image, unused_options
 from .evaluate import check_same_grid, evaluate
 from .instances import CONNECTIVITIES, find_instances
 from .surface import check_surface
@@ -63,7 +63,7 @@ def prepare_stats(
         raise InputError(f"{option('connectivity')} must be 'face' or 'full', got {connectivity!r}")
     if instances and regions is not None:
         raise InputError(f"{option('instances')} and {option('regions')} cannot be combined: pick one table")
-    refusal = region_options_without_regions(regions, region_id, coverage, flags=on_command_line())
+    refusal = unused_options(regions, region_id, coverage, instances, connectivity, flags=on_command_line())
     if refusal:
         raise InputError(refusal)
     check_chunks(chunks)

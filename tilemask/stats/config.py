@@ -163,18 +163,23 @@ def _not_bool(value: Any) -> Any:
 NotBool = BeforeValidator(_not_bool)  # add to every int or float field: Annotated[int, NotBool]
 
 
-def region_options_without_regions(regions, region_id, coverage: str, flags: bool) -> str | None:
-    """Why the options that key or measure vector regions (``region_id``, ``coverage: fraction``) are refused
-    when no regions are given (they would be left unused, and a user left believing they applied); None when
-    they are not. ``flags``: named as the command's options, else as the workflow's keys."""
-    given = (("region_id", region_id is not None), ("coverage fraction", coverage == "fraction"))
-    unused = [name for name, present in given if present and regions is None]
+def unused_options(regions, region_id, coverage: str, instances: bool, connectivity: str, flags: bool) -> str | None:
+    """Why options that apply only beside another one are refused when that one is not given: ``region_id`` and
+    ``coverage: fraction`` key or measure vector regions, ``connectivity: full`` joins instances (they would be
+    left unused, and a user left believing they applied); None when none is.  ``flags``: named as the command's
+    options, else as the workflow's keys."""
+    region_options = [("region_id", region_id is not None), ("coverage fraction", coverage == "fraction")]
+    unused = [name for name, present in region_options if present and regions is None]
+    needs, which = ("regions", "are") if unused else ("instances", "is")
+    if not unused and connectivity == "full" and not instances:
+        unused = ["connectivity full"]
     if not unused:
         return None
     if flags:
-        unused = ["--" + name.replace("_", "-") for name in unused]
+        unused, which = ["--" + name.replace("_", "-") for name in unused], "is"
+        needs = "--" + needs
     verb = "applies" if len(unused) == 1 else "apply"
-    return f"{' and '.join(unused)} {verb} to {'--regions, which is' if flags else 'regions, which are'} not given"
+    return f"{' and '.join(unused)} {verb} to {needs}, which {which} not given"
 
 
 class StatsConfig(BaseModel):
@@ -196,8 +201,8 @@ class StatsConfig(BaseModel):
         return value if value is None else only_stem_placeholder(value)
 
     @model_validator(mode="after")
-    def _regions_given(self) -> StatsConfig:
-        refusal = region_options_without_regions(self.regions, self.region_id, self.coverage, flags=False)
+    def _needed_options_given(self) -> StatsConfig:
+        refusal = unused_options(self.regions, self.region_id, self.coverage, self.instances, self.connectivity, flags=False)
         if refusal:
             raise ValueError(refusal)
         return self
