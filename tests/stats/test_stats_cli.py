@@ -213,6 +213,30 @@ def test_a_damaged_or_many_band_label_raster_is_refused_in_one_line(tmp_path, sh
 
 
 
+def test_scaled_labels_are_refused_in_one_line(tmp_path, shade_labels):
+    """Labels with a band scale or offset (GeoTIFF) or scl_slope / scl_inter (NIfTI) are not the stored values a
+    table would count: both are refused, exit 2, before any cluster (the GeoTIFF's were counted as stored)."""
+    import nibabel as nib
+
+    from tilemask.cli import main
+
+    scaled = tmp_path / "scaled.tif"
+    scaled.write_bytes(shade_labels.read_bytes())
+    with rasterio.open(scaled, "r+") as ds:
+        ds.scales, ds.offsets = (2.0,), (1.0,)
+    result = CliRunner().invoke(main, ["stats", str(scaled), "-o", str(tmp_path / "s.csv")])
+    assert (result.exit_code, result.output) == (2, f"tilemask: error: {scaled}: labels must be stored as unscaled "
+                                                    "integers (band scale 2, offset 1)\n")  # fmt: skip
+    volume = tmp_path / "scaled.nii.gz"
+    image = nib.Nifti1Image(blobs((12, 10, 8), seed=1), np.eye(4))
+    image.header.set_slope_inter(2.0, 0.0)
+    nib.save(image, volume)
+    result = CliRunner().invoke(main, ["stats", str(volume), "-o", str(tmp_path / "v.csv")])
+    assert (result.exit_code, result.output) == (2, f"tilemask: error: {volume}: labels must be stored as unscaled "
+                                                    "integers (dtype uint8)\n")  # fmt: skip
+    assert not (tmp_path / "s.csv").exists() and not (tmp_path / "v.csv").exists()
+
+
 @pytest.mark.timeout(60)
 def test_a_minc_volume_is_refused_in_one_line(tmp_path, make_model, write_workflow):
     """nibabel's MINC test volumes are refused as labels and as an input in one line naming the file, exit 2, as
