@@ -520,6 +520,9 @@ def find(job: str) -> JobFolder:
         if not entry.is_file():
             raise JobError(f"no job {job!r} (give its id from tilemask jobs, or its folder)")
         folder = _listed_folder(entry)
+        if not folder.exists() and not folder.path.exists():  # "not a tilemask job folder" said it was not one
+            raise JobError(f"job {job}: its folder {folder.location} is not there (moved, removed, or not mounted "
+                           f"here); give the folder where it is now, or to forget the job remove {entry}")
     if not folder.exists():
         raise JobError(f"{folder.location}: not a tilemask job folder (no job.json)")
     return folder
