@@ -45,11 +45,13 @@ def browser_copy(path: Path, stamp: tuple) -> bytes:
             return _CACHE[key]
     img = nib.load(path)
     step = stride(img.shape)
-    index = (slice(None, None, step),) * 3 + (0,) * (len(img.shape) - 3)
+    spatial = min(len(img.shape), 3)  # a 2D NIfTI (a slide) has two
+    index = (slice(None, None, step),) * spatial + (0,) * (len(img.shape) - spatial)
     data = np.asarray(img.dataobj[index])
+    data = data.reshape(data.shape + (1,) * (3 - data.ndim))  # one slice: the 3D texture a viewer uploads
     if data.dtype == np.float64:  # scaled integers come back as float64; a texture needs no more than float32
         data = data.astype(np.float32)
-    affine = img.affine @ np.diag([step, step, step, 1.0])
+    affine = img.affine @ np.diag([step] * spatial + [1.0] * (4 - spatial))
     small = nib.Nifti1Image(data, affine)
     small.header.set_xyzt_units(*img.header.get_xyzt_units())
     small.set_qform(affine, code=int(img.header["qform_code"]) or 1)
