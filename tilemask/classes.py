@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from collections.abc import Mapping, Sequence
 
 logger = logging.getLogger(__name__)
@@ -90,6 +92,8 @@ def read_colour_table(path) -> ClassNames | None:
     from .errors import InputError
 
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO: opening it waits for a writer, forever
+            return _left_out(path, "not a file")
         with open(path, newline="", encoding="utf-8-sig") as f:  # UTF-8, with or without Excel's byte order mark
             rows = list(csv.DictReader(f))
     except FileNotFoundError:
