@@ -454,6 +454,27 @@ def test_large_volumes_are_served_to_the_viewer_strided(tmp_path, monkeypatch):
     np.testing.assert_allclose(small.affine @ [1, 1, 1, 1], affine @ [2, 2, 2, 1])
 
 
+def test_a_2d_nifti_is_served_as_one_slice(tmp_path, monkeypatch):
+    """A 2D NIfTI (a slide) is listed as a scan; its /volumes/ copy, strided when large, was a 500 (IndexError:
+    the copy was cut along three axes). It is one slice, with the two axes strided and the affine to match."""
+    import nibabel as nib
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app, volumes
+
+    monkeypatch.setattr(volumes, "MAX_EDGE", 40)
+    data = np.random.default_rng(0).integers(0, 200, (90, 70), dtype=np.int16)
+    affine = np.diag([0.5, 0.7, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "slide.nii.gz")
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        body = client.get("/volumes/slide.nii.gz")
+    assert body.status_code == 200, body.text
+    small = nib.Nifti1Image.from_bytes(__import__("gzip").decompress(body.content))
+    assert small.shape == (30, 24, 1)
+    np.testing.assert_array_equal(np.asarray(small.dataobj)[..., 0], data[::3, ::3])
+    np.testing.assert_allclose(small.affine, affine @ np.diag([3, 3, 1, 1]))
+
+
 def test_a_damaged_volume_is_a_422_not_a_500(tmp_path):
     """A NIfTI the catalog lists but nibabel cannot read is refused with why, not an error page: here a .nii.gz
     cut short whose last 8 bytes are its whole self's gzip trailer (so its size passes; only reading tells). One
@@ -744,6 +765,46 @@ def test_serve_refuses_an_empty_host(tmp_path):
     assert empty.stderr.strip().splitlines()[-1].startswith("tilemask: error: cannot listen on an empty --host")
 
 
+@pytest.mark.slow  # a table that takes the server over 2 s to read (90 MB)
+@pytest.mark.timeout(120)
+def test_a_request_cut_short_by_ctrl_c_is_one_line_not_a_traceback(tmp_path):
+    """A Ctrl-C while a request ran for longer than the server's 2 s of grace printed 60 lines (asyncio's
+    CancelledError traceback, logged by uvicorn) before 'tilemask: interrupted'; now uvicorn's one line says it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import pyarrow as pa
+    import pyarrow.csv
+
+    n = 4_500_000
+    rows = pa.table({"region": pa.array(np.char.zfill(np.arange(n).astype(str), 7)),
+                     "a": np.random.default_rng(0).random(n), "b": np.arange(n)})  # fmt: skip
+    pyarrow.csv.write_csv(rows, tmp_path / "big.csv")
+    command = [str(Path(sys.executable).parent / "tilemask"), "serve", str(tmp_path), "--port", "0", "--workers", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)  # fmt: skip
+    try:
+        url = re.search(r"at (http://\S+/) ", process.stdout.readline()).group(1)
+        answers = []
+        asking = threading.Thread(target=lambda: answers.append(get(f"{url}stats", params={"output": "big.csv"})))
+        asking.start()
+        time.sleep(1.5)  # the table is being read
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=30) == 130
+        asking.join(30)
+        printed = process.stdout.read().strip().splitlines()
+        assert printed == ["ERROR:    Cancel 1 running task(s), timeout graceful shutdown exceeded",
+                           "tilemask: interrupted"], printed  # fmt: skip
+        assert answers and answers[0].status_code == 500  # the request was cut short, not answered
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize(("how", "workers"), [("ctrl-c", "2"), *(pytest.param(*p, marks=pytest.mark.slow) for p in (
     ("sigterm", "2"), ("ctrl-c", "1"), ("sigterm", "1")))])  # one worker: exit 130 before too  # fmt: skip
@@ -970,6 +1031,37 @@ def test_a_file_whose_name_is_not_utf8_is_left_out_with_a_warning(tmp_path, capl
         assert [o["path"] for o in listing.json()["outputs"]] == ["ok.png"]
         assert client.get("/").status_code == 200 and client.get("/stac/catalog.json").status_code == 200
     assert any("caf\\xe9.png" in r.getMessage() and "not UTF-8" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_in_a_store_or_as_a_colour_table_does_not_hang_the_listing(tmp_path, caplog):
+    """A FIFO named zarr.json inside a .zarr folder, or as the colour table beside NIfTI labels: zarr (in a thread
+    of its pool) and the table's reader opened it and waited for a writer forever; every listing hung, and the
+    server then did not exit on Ctrl-C (that thread was joined). The store is left out with a warning, the
+    labels listed without their names."""
+    import os
+
+    import nibabel as nib
+    from starlette.testclient import TestClient
+
+    from tilemask.formats import NIFTI_DESCRIP, for_path
+    from tilemask.serve import create_app
+
+    (tmp_path / "odd.zarr" / "labels").mkdir(parents=True)
+    (tmp_path / "odd.zarr" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    os.mkfifo(tmp_path / "odd.zarr" / "labels" / "zarr.json")
+    img = nib.Nifti1Image(np.random.default_rng(0).integers(0, 3, (8, 8, 8), dtype=np.uint8), np.eye(4))
+    img.header["descrip"] = NIFTI_DESCRIP
+    nib.save(img, tmp_path / "seg.nii.gz")
+    os.mkfifo(for_path("seg.nii.gz").class_table_path(str(tmp_path / "seg.nii.gz")))
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        listing = client.get("/?f=json")
+    assert listing.status_code == 200, listing.text
+    outputs = {o["path"]: o for o in listing.json()["outputs"]}
+    assert list(outputs) == ["seg.nii.gz"] and outputs["seg.nii.gz"]["kind"] == "labels"
+    messages = [r.getMessage() for r in caplog.records]
+    assert "odd.zarr: left out of the catalog: odd.zarr/labels/zarr.json is not a file" in messages, messages
+    assert any("seg.colors.csv: class names left out (not a file)" in m for m in messages), messages
 
 
 def test_sidecars_published_after_the_output_are_seen(tmp_path, served_folder):

@@ -10,8 +10,11 @@ instead of one interpreter's GIL.
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import ipaddress
 import json
+import logging
 import os
 import socket
 
@@ -20,6 +23,26 @@ from .app import LOOPBACK_NAMES, create_app
 __all__ = ["create_app", "default_workers", "serve"]
 
 _SETTINGS = "TILEMASK_SERVE_SETTINGS"  # how the worker processes learn the folder and CORS origins
+
+
+class CutShortQuietly(logging.Filter):
+    """Leaves out the traceback uvicorn logs for each request still running when a stopped server's grace (2 s)
+    ends: 60 lines of asyncio's ``CancelledError`` after a Ctrl-C, where its own line above them ("Cancel 1
+    running task(s), timeout graceful shutdown exceeded") says what happened."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
+def log_config() -> dict:
+    """uvicorn's logging, with :class:`CutShortQuietly` on its handler (in each server process: uvicorn's
+    supervisor configures the logging of the processes it starts from this)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["filters"] = {"cut_short": {"()": f"{__name__}.CutShortQuietly"}}
+    config["handlers"]["default"]["filters"] = ["cut_short"]
+    return config
 
 
 def default_workers() -> int:
@@ -75,7 +98,7 @@ def serve(
     )
     config = uvicorn.Config(
         "tilemask.serve:app_from_environment", factory=True, workers=workers,
-        log_level="warning", access_log=False, timeout_graceful_shutdown=2,
+        log_config=log_config(), log_level="warning", access_log=False, timeout_graceful_shutdown=2,
     )  # fmt: skip
     click.echo(f"tilemask: serving {folder} at http://{shown}:{bound_port}/ with {workers} worker(s) (Ctrl-C to stop)")
     if workers > 1:
