@@ -158,6 +158,27 @@ def test_a_pt2_holding_a_pickle_with_code_is_refused_without_running_it(net, tmp
     with pytest.raises(WeightsError, match="holds a pickle that needs code to load"):
         load_model(ModelSpec.create("", {}, str(crafted)))
     assert not marker.exists()
+    # a weight its payload config marks use_pickle, stored under its plain name (weight_0): torch.export.load
+    # unpickles it with weights_only=False; only members named .pt or .pkl were checked, and the code ran (exit 0)
+    for member, edit, refusal in (
+        ("weight_0", {"use_pickle": True}, "holds a pickle that needs code to load (clean/data/weights/weight_0)"),
+        ("weight_0", {"path_name": "opaque_obj_0"}, "holds an object that needs code to load "
+                                                    "(clean/data/weights/opaque_obj_0)"),
+    ):  # fmt: skip
+        with zipfile.ZipFile(clean) as src, zipfile.ZipFile(crafted, "w") as dst:
+            for name in src.namelist():
+                data = src.read(name)
+                if name.endswith("model_weights_config.json"):
+                    config = json.loads(data)
+                    first = next(meta for meta in config["config"].values() if meta["path_name"] == member)
+                    first.update(edit)
+                    data = json.dumps(config).encode()
+                elif name.endswith(f"weights/{member}"):
+                    data = payload.read_bytes()
+                dst.writestr(name, data)
+        with pytest.raises(WeightsError, match=re.escape(refusal)):
+            load_model(ModelSpec.create("", {}, str(crafted)))
+        assert not marker.exists()
 
 
 class PlansNet(torch.nn.Module):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import pickle
@@ -306,8 +307,9 @@ class _Records(logging.Handler):
 
 def _refuse_pickles_with_code(path: Path) -> None:
     with zipfile.ZipFile(path) as archive:
+        pickled = _pickled_payloads(path, archive)
         for name in archive.namelist():
-            if not name.endswith((".pt", ".pkl", "data.pkl")):
+            if not (name.endswith((".pt", ".pkl", "data.pkl")) or name in pickled):
                 continue
             data = archive.read(name)
             try:
@@ -325,6 +327,33 @@ def _refuse_pickles_with_code(path: Path) -> None:
             except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged member
                 raise WeightsError(f"model.weights: {path} is not a loadable torch.export archive: its {name} is "
                                    f"damaged ({type(exc).__name__}: {first_line(exc)})") from None  # fmt: skip
+
+
+PAYLOAD_CONFIG = re.compile(r"(?:^|/)data/(?:weights|constants)/[^/]+_(?:weights|constants)_config\.json$")
+OBJECT_PAYLOADS = ("custom_obj_", "opaque_obj_")  # torch.export's prefixes of a constant that is an object
+
+
+def _pickled_payloads(path: Path, archive: zipfile.ZipFile) -> set[str]:
+    """The members of a ``.pt2`` archive that ``torch.export.load`` unpickles with ``weights_only=False``: the
+    weights and constants its payload configs mark ``use_pickle``, whatever their names (``weight_0``). A constant
+    that is an object (a torchbind or opaque object, unpickled as such: ``pickle.loads``) is refused at once: a
+    network's weights need none."""
+    pickled = set()
+    for config_name in filter(PAYLOAD_CONFIG.search, archive.namelist()):
+        folder = config_name.rsplit("/", 1)[0]
+        try:
+            payloads = json.loads(archive.read(config_name))["config"]
+            marked = {meta["path_name"]: bool(meta.get("use_pickle")) for meta in payloads.values()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise WeightsError(f"model.weights: {path} is not a loadable torch.export archive: its {config_name} "
+                               f"is damaged ({type(exc).__name__}: {first_line(exc)})") from None  # fmt: skip
+        for name, use_pickle in marked.items():
+            if str(name).startswith(OBJECT_PAYLOADS):
+                raise WeightsError(f"model.weights: {path} holds an object that needs code to load ({folder}/"
+                                   f"{name}); refused")  # fmt: skip
+            if use_pickle:
+                pickled.add(f"{folder}/{name}")
+    return pickled
 
 
 NOT_A_CHECKPOINT = "is not a torch checkpoint (neither a state_dict archive nor TorchScript)"
