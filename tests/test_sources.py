@@ -312,6 +312,32 @@ def test_a_vsizip_path_says_what_is_wrong_with_its_archive(make_raster, tmp_path
         open_source("/vsizip/scenes.zip/sub/other.tif", spatial_dims=2)
 
 
+@pytest.mark.timeout(60)
+def test_a_damaged_raster_in_a_zip_or_tar_gz_is_refused_not_read_as_other_pixels(make_raster, tmp_path):
+    """A reviewer's fault sweep: bytes changed inside a raster member's compressed data (a zip's, a .tar.gz's):
+    GDAL checks no CRC, and the run exited 0 with half the labels different. Python's readers check them."""
+    import tarfile
+    import zipfile
+
+    scene, _ = make_raster((3, 200, 230), compress="deflate")
+    zipped, tarred = tmp_path / "scenes.zip", tmp_path / "scenes.tar.gz"
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.write(scene, "scene.tif")
+    with tarfile.open(tarred, "w:gz") as tf:
+        tf.add(scene, "scene.tif")
+    for archive, prefix in ((zipped, "/vsizip/"), (tarred, "/vsitar/")):
+        assert open_source(f"{prefix}{archive}/scene.tif", spatial_dims=2).shape == (3, 200, 230)  # whole: read
+        damaged = bytearray(archive.read_bytes())
+        middle = len(damaged) // 2
+        damaged[middle : middle + 64] = bytes(b ^ 0x5A for b in damaged[middle : middle + 64])
+        copy = archive.with_name(f"damaged_{archive.name}")
+        copy.write_bytes(bytes(damaged))
+        why = "its member scene.tif is damaged (Bad CRC-32" if archive == zipped else "the archive is damaged ("
+        with pytest.raises(InputError, match=f"^{re.escape(f'{copy}: {why}')}") as refused:
+            open_source(f"{prefix}{copy}/scene.tif", spatial_dims=2)
+        assert refused.value.exit_status == 2
+
+
 @pytest.mark.timeout(30)
 def test_a_label_raster_georeferenced_by_ground_control_points_only_is_refused_as_an_input_is(tmp_path):
     """A reviewer's fault sweep: ``tilemask stats`` of such labels exited 0, its areas and centroids those of the

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
+import gzip
 import os
 import shutil
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from typing import IO
 
@@ -113,6 +116,37 @@ def archive_problem(path: str) -> str | None:
             name = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA"}.get(method, f"method {method}")
             return (f"{archive}: its member {member} is compressed with {name}, which GDAL does not read (stored or "
                     "deflate only); pack the archive again with deflate")  # fmt: skip
+    return None
+
+
+def damaged_member(path: str) -> str | None:
+    """Why the member of a local archive that the ``/vsizip/`` or ``/vsitar/`` ``path`` names does not match its
+    checksum; None when it does, or when nothing can be checked (a remote archive, a plain .tar: no checksum of
+    its data). GDAL checks none: a damaged member was read as other pixels (exit 0, wrong labels). A zip's member
+    is read once for its CRC-32; a .tar.gz's whole stream once for gzip's, which covers the stream, not a member
+    (once per archive and version: a batch of its members reads it once)."""
+    split = split_member(path)
+    if split is None:
+        return None
+    archive, member = split
+    if archive.startswith("/vsi") or "://" in archive or not os.path.isfile(archive):
+        return None
+    stat = os.stat(archive)
+    zipped = archive.lower().endswith(".zip")
+    if not (zipped or archive.lower().endswith((".tar.gz", ".tgz"))):
+        return None
+    return _damage(archive, member if zipped else None, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _damage(archive: str, member: str | None, inode: int, mtime_ns: int, size: int) -> str | None:
+    try:
+        with _member(archive, member) if member is not None else gzip.open(archive) as handle:
+            while handle.read(1 << 22):
+                pass
+    except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        what = f"its member {member}" if member is not None else "the archive"
+        return f"{archive}: {what} is damaged ({exc})"
     return None
 
 

@@ -133,6 +133,11 @@ class RasterSource(ImageSource):
         if missing:  # GDAL opens the VRT and fails at the first read of the file, on a worker (exit 1)
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise InputError(f"{path}: a VRT whose source {missing[0][0]} {missing[0][1]}{more}")
+        from .archive import damaged_member
+
+        damage = damaged_member(path)
+        if damage:
+            raise InputError(damage)
         usable_geometry(path, geometry)
         if bands:
             bad = [b for b in bands if b > count]
