@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import threading
@@ -712,6 +713,35 @@ def test_a_stac_items_id_is_one_file_name_in_the_output_folder(make_model, tmp_p
     assert [p.parent for p in outputs] == [tmp_path / "out"] * 3
     names = ["_._.._outside_mask.tif", "T18_LC08 2020_01_mask.tif", "LC08_L2SP_042034_mask.tif"]
     assert [p.name for p in outputs] == names
+
+
+def test_a_stac_catalog_is_walked_into_its_children_and_a_loop_is_refused(tmp_path):
+    """A catalog's items and its children's, as pystac's recursive walk gives them; a child linking back to a
+    catalog above it made that walk recurse until Python's limit (RecursionError, exit 1)."""
+    from tilemask.errors import InputError
+    from tilemask.inputs import stac_items
+
+    def catalog(name, links):
+        (tmp_path / name).write_text(json.dumps({"type": "Catalog", "stac_version": "1.0.0", "id": name,
+                                                 "description": "x", "links": links}))  # fmt: skip
+
+    for n in range(3):
+        (tmp_path / f"i{n}.json").write_text(json.dumps({
+            "type": "Feature", "stac_version": "1.0.0", "id": f"i{n}", "geometry": None,
+            "properties": {"datetime": "2000-01-01T00:00:00Z"}, "links": [], "assets": {"rgb": {"href": "a.tif"}},
+        }))  # fmt: skip
+    catalog("root.json", [{"rel": "child", "href": "./sub.json"}, {"rel": "item", "href": "./i0.json"}])
+    catalog("sub.json", [{"rel": "item", "href": "./i1.json"}, {"rel": "child", "href": "./leaf.json"}])
+    catalog("leaf.json", [{"rel": "item", "href": "./i2.json"}])
+    import pystac
+
+    expected = [item.id for item in pystac.Catalog.from_file(str(tmp_path / "root.json")).get_items(recursive=True)]
+    assert [item.name for item in stac_items(str(tmp_path / "root.json"), ["rgb"])] == expected == ["i0", "i1", "i2"]
+    catalog("leaf.json", [{"rel": "item", "href": "./i2.json"}, {"rel": "child", "href": "./root.json"}])
+    with pytest.raises(InputError, match=re.escape(f"input.stac: cannot read {tmp_path / 'root.json'}: the catalog "
+                                                   f"{tmp_path / 'leaf.json'} links to {tmp_path / 'root.json'}, "
+                                                   "which it lies under (a loop)")):  # fmt: skip
+        stac_items(str(tmp_path / "root.json"), ["rgb"])
 
 
 def test_a_hidden_archive_member_or_listed_file_writes_outputs_that_are_not_hidden(make_model, tmp_path):

@@ -68,7 +68,7 @@ def stac_items(path: str, assets: list[str]) -> list[InputItem]:
         elif kind == "Feature":
             items = [pystac.Item.from_file(path)]
         else:
-            items = list(pystac.Catalog.from_file(path).get_items(recursive=True))
+            items = _catalog_items(pystac.Catalog.from_file(path), path)
     except (OSError, ValueError, TypeError, KeyError, pystac.STACError, pystac.STACTypeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else repr(exc)
         raise InputError(f"input.stac: cannot read {path}: {reason}") from None
@@ -88,6 +88,19 @@ def stac_items(path: str, assets: list[str]) -> list[InputItem]:
         hrefs = [h if h.startswith(REMOTE_PREFIXES) or os.path.isabs(h) else os.path.normpath(os.path.join(folder, h)) for h in hrefs]
         found.append(InputItem(file_name(str(item.id)), tuple(hrefs)))  # ids are text, even those written as numbers
     return found
+
+
+def _catalog_items(catalog, path: str, walked: tuple[str, ...] = ()) -> list:
+    """The items of a STAC catalog and of its children, in pystac's order (``get_items(recursive=True)``, which
+    followed a child linking back to its parent until Python's recursion limit: exit 1). A child that is one of
+    the catalogs it lies under is a ``ValueError`` naming both (the caller's "cannot read")."""
+    here = os.path.normpath(catalog.get_self_href() or path)
+    if here in walked:
+        raise ValueError(f"the catalog {walked[-1]} links to {here}, which it lies under (a loop)")
+    items = list(catalog.get_items())
+    for child in catalog.get_children():
+        items += _catalog_items(child, path, (*walked, here))
+    return items
 
 
 def file_name(name: str) -> str:
