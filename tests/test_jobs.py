@@ -275,6 +275,63 @@ def test_a_stac_item_whose_hrefs_are_signed_anew_is_not_redone(make_raster, make
     assert unsigned("/data/what?sig=1.tif") == "/data/what?sig=1.tif"  # a local file's "?" is its name's
 
 
+def test_credentials_in_urls_are_left_out_of_errors_logs_and_the_report(make_raster, make_model, tmp_path, client):
+    """A reviewer's fault sweep: the success line left out a signature, but an error line printed it whole (and a
+    URL's password), as did GDAL's warning above it and the report's error and input columns."""
+    import base64
+    import functools
+    import http.server
+
+    from .range_server import RangeHandler
+
+    class Guarded(RangeHandler):
+        def send_head(self):
+            if self.path.startswith("/denied"):
+                self.send_error(403, "Signature not valid")
+                return None
+            if self.path.startswith("/private") and self.headers.get("Authorization") != "Basic " + base64.b64encode(
+                    b"user:right").decode():  # fmt: skip
+                self.send_error(401, "Unauthorized")
+                return None
+            return super().send_head()
+
+    (tmp_path / "www").mkdir()
+    scene, _ = make_raster((3, 200, 230), name="www/scene.tif", tiled=True, blockxsize=64, blockysize=64)
+    (scene.parent / "cut.tif").write_bytes(scene.read_bytes()[: scene.stat().st_size * 2 // 3])  # tiles cut off
+    weights, _ = make_model()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Guarded, directory=scene.parent))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"127.0.0.1:{server.server_address[1]}"
+    runs = {}
+    try:
+        for name, url in (("denied", f"http://{base}/denied/scene.tif?se=2026&sp=r&sig=SECRET1"),
+                          ("password", f"http://user:SECRET2@{base}/private/scene.tif"),
+                          ("cut", f"http://{base}/cut.tif?sp=r&sig=SECRET3")):  # fmt: skip
+            workflow = raster_workflow(url, weights, output={"path": f"{tmp_path}/{name}/{{stem}}.zarr", "chunks": 64})
+            (tmp_path / f"{name}.yaml").write_text(json.dumps(workflow))
+            skip = ["--on-error", "skip"] if name == "cut" else []  # recorded, then the report
+            runs[name] = run_cli("run", tmp_path / f"{name}.yaml", "--scheduler", client.scheduler.address, *skip,
+                                 cwd=tmp_path)  # fmt: skip
+    finally:
+        server.shutdown()
+    printed = {name: run.stdout + run.stderr for name, run in runs.items()}
+    assert all("SECRET" not in text for text in printed.values()), printed
+    assert (runs["denied"].returncode, runs["denied"].stderr.splitlines()[-1]) == (
+        2, f"tilemask: error: http://{base}/denied/scene.tif: cannot open raster: HTTP response code: 403")
+    assert "WARNING rasterio._env: CPLE_AppDefined in HTTP response code on " \
+           f"http://{base}/denied/scene.tif: 403" in runs["denied"].stderr  # GDAL's own warning, as logged
+    assert (runs["password"].returncode, runs["password"].stderr.splitlines()[-1]) == (
+        2, f"tilemask: error: http://user:***@{base}/private/scene.tif: cannot open raster: HTTP response code: 401")
+    assert runs["cut"].returncode == 1 and f"http://{base}/cut.tif: failed: " in runs["cut"].stdout, printed["cut"]
+    (report,) = (tmp_path / "cut").glob(".tilemask/jobs/*/report.csv")
+    row = next(csv.DictReader(report.open()))
+    assert (row["status"], row["input"]) == ("failed", f"http://{base}/cut.tif"), row  # sp: an Azure SAS field
+    assert row["error"].startswith(f"http://{base}/cut.tif: read failed at rows "), row
+    manifest = (report.parent / "manifest.jsonl").read_text()
+    assert "SECRET3" in manifest  # what the job reads its input by, to resume it (as its workflow.yaml holds it)
+    assert all("SECRET3" not in json.loads(line).get("error", "") or "" for line in manifest.splitlines())
+
+
 def test_abort_stops_at_the_first_failure_and_reports_what_did_not_run(scene_workflow, tmp_path, client):
     import dask
 

@@ -90,10 +90,10 @@ def run(
 
 
 def describe(result) -> str:
-    """One line per input of a run, a signed URL's input without its signature (a SAS token is a credential)."""
-    from .storage import unsigned
+    """One line per input of a run, a URL's input without its credentials (a password, a SAS token)."""
+    from .storage import redacted
 
-    shown = unsigned(result.input)
+    shown = redacted(result.input)
     if result.status == "failed":
         return f"{shown}: failed: {result.error}"
     if result.status == "skipped":

@@ -57,7 +57,7 @@ class TilemaskCommand(click.Command):
         except TilemaskError as exc:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"tilemask: error: {first_line(exc)}", err=True)
+            click.echo(f"tilemask: error: {_shown(first_line(exc))}", err=True)
             ctx.exit(exc.exit_status)
         except KeyboardInterrupt:
             click.echo("tilemask: interrupted", err=True)
@@ -68,8 +68,26 @@ class TilemaskCommand(click.Command):
         except Exception as exc:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"tilemask: error: {type(exc).__name__}: {first_line(exc)} (run with --debug for details)", err=True)
+            message = f"{type(exc).__name__}: {_shown(first_line(exc))}"
+            click.echo(f"tilemask: error: {message} (run with --debug for details)", err=True)
             ctx.exit(1)
+
+
+def _shown(message: str) -> str:
+    """An error's line as printed: the URLs in it without their credentials (a password, a SAS token), which
+    would otherwise end up in terminals, CI logs and tickets (:func:`tilemask.storage.redacted`)."""
+    from .storage import redacted
+
+    return redacted(message)
+
+
+def _without_credentials(record: logging.LogRecord) -> bool:
+    """A log record's URLs as :func:`_shown` shows an error's (GDAL's warnings name the URL it was given)."""
+    message = record.getMessage()
+    shown = _shown(message)
+    if shown != message:
+        record.msg, record.args = shown, None
+    return True
 
 
 def errors_only() -> bool:
@@ -85,6 +103,8 @@ def configure_logging(debug: bool, verbosity: int = 0) -> None:
     ``-vv`` or ``--debug``, ERROR with ``-q``.  Library warnings and Dask's chatter only with ``--debug``."""
     level = logging.DEBUG if debug or verbosity >= 2 else {1: logging.INFO, 0: logging.WARNING}.get(verbosity, logging.ERROR)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    for handler in logging.root.handlers:
+        handler.addFilter(_without_credentials)
     if not debug:
         import distributed  # noqa: F401  # its import sets its own log levels; ours must come after
 

@@ -65,7 +65,7 @@ from .products import client_imports
 from .progress import announce
 from .settings import measure_after_seconds
 from .sources import input_stamp
-from .storage import unsigned
+from .storage import redacted, unsigned
 from .workflow import InputItem, Workflow
 
 logger = logging.getLogger(__name__)
@@ -491,6 +491,7 @@ class _ItemRunner:
 
     def _failed(self, index: int, item: InputItem, exc: BaseException, seconds: float) -> RunResult:
         error = f"{type(exc).__name__}: {first_line(exc)}" if not isinstance(exc, TilemaskError) else first_line(exc)
+        error = redacted(error)  # as the terminal shows it: the report and the manifest are shared too
         result = RunResult(input=item.files[0], outputs=[], windows=None, tasks=0, seconds=seconds,
                            status="failed", error=error)  # fmt: skip
         try:

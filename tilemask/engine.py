@@ -70,6 +70,7 @@ from .sinks import LabelSink
 from .sources import ImageSource
 from .stats.config import PostprocessConfig
 from .stitch import DevicePartial, Partial, cut, overlap_add
+from .storage import redacted
 
 if TYPE_CHECKING:
     from .sinks.zarr import ZarrSink
@@ -286,7 +287,7 @@ def execute(client: Client, job: Job, progress: bool = True) -> RunResult:
             logger.info("%s: resuming: %d chunks written before; %d of %d windows to predict",
                         job.input, len(written), windows, job.plan.n_windows)  # fmt: skip
         held = dict(zip(deps, client.get(graph, list(deps), sync=False)))
-        with window_progress(windows, Path(job.input).name, enabled=progress) as advance:
+        with window_progress(windows, Path(redacted(job.input)).name, enabled=progress) as advance:
             for future in completed(client, list(held.values())):
                 if future.status == "error":
                     future.result()  # raises the task's exception

@@ -369,8 +369,9 @@ class JobFolder:
             if status == "ok" and item["name"] in skipped:
                 status = "skipped"
             rows.append({
-                "item": item["item"], "name": item["name"], "input": ";".join(item["files"]), "status": status,
-                "outputs": ";".join(line.get("outputs", [])), "error": line.get("error") or "",
+                "item": item["item"], "name": item["name"], "input": storage.redacted(";".join(item["files"])),
+                "status": status, "outputs": ";".join(line.get("outputs", [])),
+                "error": storage.redacted(line.get("error") or ""),
                 "seconds": line.get("seconds", ""), "windows": line.get("windows", ""),
                 "class_pixels": json.dumps(line["class_pixels"]) if line.get("class_pixels") else "",
             })  # fmt: skip

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Callable
@@ -158,6 +159,24 @@ def unsigned(path: str) -> str:
     base, _, query = path.partition("?")
     kept = [p for p in query.split("&") if not _signs(unquote_plus(p.partition("=")[0]).lower())]
     return f"{base}?{'&'.join(kept)}" if kept else base
+
+
+_URL_IN_TEXT = re.compile(r"[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.IGNORECASE)
+_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^/@:\s]*:)[^/@\s]*@", re.IGNORECASE)
+
+
+def redacted(text: str) -> str:
+    """``text`` (an error, a report's field) with the credentials of the URLs it holds left out: a password
+    (``user:***@``) and the query parameters that sign a URL (:func:`unsigned`). A URL's trailing punctuation
+    (``...?sig=X: cannot open``) stays the text's."""
+
+    def hide(match: re.Match) -> str:
+        url = match.group(0)
+        tail = len(url) - len(url.rstrip(":,;.)]"))
+        url, after = (url[:-tail], url[-tail:]) if tail else (url, "")
+        return unsigned(_PASSWORD.sub(r"\1***@", url)) + after
+
+    return _URL_IN_TEXT.sub(hide, text)
 
 
 def _signs(name: str) -> bool:
