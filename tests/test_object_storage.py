@@ -367,3 +367,50 @@ def test_outputs_on_object_storage_are_zarr_or_cog_and_not_read_back(tmp_path):
     with_stats = {**demo_workflow(str(GEO["RGB.byte.tif"]), weights, "s3://b/{stem}.tif"), "stats": {"output": "areas.csv"}}
     with pytest.raises(WorkflowError, match="stats read the labels back from a local file system"):
         Workflow.from_dict(with_stats, base_dir=tmp_path)
+
+
+def test_weights_on_a_web_server_without_versions_are_fetched_again_and_a_cut_download_is_named(tmp_path, monkeypatch):
+    """A reviewer's fault sweep: a server that sends neither ETag nor Last-Modified had its objects named by their
+    size alone, so retrained weights of the same network (the same size) published at the same URL were never
+    fetched again (a run exit 0 on the old weights); a body cut short was aiohttp's bare ClientPayloadError."""
+    import functools
+    import http.server
+    import threading
+
+    from tilemask.errors import InputError
+    from tilemask.sources import input_stamp
+    from tilemask.storage import local_copy
+
+    class Unversioned(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def send_header(self, keyword, value):
+            if keyword != "Last-Modified":
+                super().send_header(keyword, value)
+
+        def copyfile(self, source, outputfile):
+            data = source.read()
+            outputfile.write(data[: len(data) // 2] if self.path.startswith("/cut") else data)
+
+    monkeypatch.setenv("TILEMASK_SCRATCH", str(tmp_path / "scratch"))
+    (tmp_path / "www" / "cut").mkdir(parents=True)
+    for folder in ("www", "www/cut"):
+        (tmp_path / folder / "w.pt").write_bytes(b"A" * 5000)
+    handler = functools.partial(Unversioned, directory=tmp_path / "www")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/w.pt"
+    try:
+        first = local_copy(url)
+        assert open(first, "rb").read() == b"A" * 5000
+        (tmp_path / "www" / "w.pt").write_bytes(b"B" * 5000)  # retrained: the same size, at the same URL
+        second = local_copy(url)
+        assert open(second, "rb").read() == b"B" * 5000 and second != first
+        assert input_stamp(url) == [None]  # a job cannot tell it from the one it read: redone, never skipped
+        cut = url.replace("/w.pt", "/cut/w.pt")
+        with pytest.raises(InputError, match=f"^{cut}: download failed: ClientPayloadError: "):
+            local_copy(cut)
+    finally:
+        server.shutdown()
+    assert not [p for p in (tmp_path / "scratch").rglob("*") if p.name.endswith(".part")]  # nothing half-fetched left

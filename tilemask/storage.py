@@ -26,6 +26,7 @@ there.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import os
@@ -76,7 +77,46 @@ def local_copy(path: str) -> str:
         return path
     fs, key = _filesystem(path)
     tag = _version(_info(fs, key, path))
-    return _copy_once("tilemask-remote", f"{path}\0{tag}", urlsplit(path).path, lambda target: fs.get_file(key, target))
+    if tag is None:  # no ETag, no modification time: the size alone kept retrained weights of one size for good
+        return _copy_by_content(fs, key, path)
+    fetch = lambda target: _fetch(fs, key, path, target)  # noqa: E731
+    return _copy_once("tilemask-remote", f"{path}\0{tag}", urlsplit(path).path, fetch)
+
+
+def _copy_by_content(fs, key: str, path: str) -> str:
+    """``path`` fetched now, and kept under the hash of its bytes (a server that names no version of it)."""
+    staged = scratch("tilemask-remote") / f".fetch.{os.getpid()}.{threading.get_ident()}.part"
+    try:
+        _fetch(fs, key, path, str(staged))
+        digest = hashlib.sha256()
+        with open(staged, "rb") as fetched:
+            for block in iter(lambda: fetched.read(1 << 20), b""):
+                digest.update(block)
+        return _copy_once("tilemask-remote", f"{path}\0sha256:{digest.hexdigest()}", urlsplit(path).path,
+                          lambda target: os.replace(staged, target))  # fmt: skip
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def _fetch(fs, key: str, path: str, target: str) -> None:
+    """``fs.get_file``, its failures named as :func:`_info` names them (a body cut short was aiohttp's bare
+    ``ClientPayloadError``, a stalled one ``FSTimeoutError: FSTimeoutError``, naming neither the object nor why)."""
+    deadline = _gdal_setting("GDAL_HTTP_TIMEOUT") if path.startswith(WEB) else None
+    try:
+        fs.get_file(key, target)
+    except TimeoutError as exc:  # fsspec's FSTimeoutError
+        failure: BaseException = TimeoutError(f"no answer in {deadline:g} s (GDAL_HTTP_TIMEOUT)") if deadline else exc
+    except OSError as exc:  # a full or unwritable scratch folder: the machine's, not the object's
+        if exc.filename is not None or exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        failure = exc
+    except Exception as exc:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many types
+        failure = exc
+    else:
+        return
+    text = str(failure).strip()
+    why = f"{type(failure).__name__}: {text.splitlines()[0] if text else ''}"
+    raise InputError(f"{path}: download failed: {why}") from None
 
 
 def _info(fs, key: str, path: str) -> dict:
@@ -112,10 +152,12 @@ def _unreachable(cause: BaseException | None) -> BaseException | None:
     return cause if isinstance(cause, (ClientConnectionError, TimeoutError)) else None
 
 
-def _version(info: dict) -> str:
-    """What names one version of an object: its ETag, else its size and modification time."""
+def _version(info: dict) -> str | None:
+    """What names one version of an object: its ETag, else its size and modification time; None where the server
+    gives neither (its size alone told retrained weights of the same network from the old ones)."""
     modified = info.get("LastModified") or info.get("Last-Modified") or info.get("mtime")
-    return info.get("ETag") or info.get("etag") or f"{info.get('size')}-{modified}"
+    etag = info.get("ETag") or info.get("etag")
+    return etag or (f"{info.get('size')}-{modified}" if modified else None)
 
 
 def object_version(url: str) -> str | None:
