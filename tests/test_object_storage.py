@@ -414,3 +414,41 @@ def test_weights_on_a_web_server_without_versions_are_fetched_again_and_a_cut_do
     finally:
         server.shutdown()
     assert not [p for p in (tmp_path / "scratch").rglob("*") if p.name.endswith(".part")]  # nothing half-fetched left
+
+
+@pytest.mark.slow  # a moto server of its own, checking credentials (5 s)
+def test_an_s3_output_whose_credentials_are_refused_is_refused_before_any_work(tmp_path, write_workflow):
+    """A reviewer's fault sweep: credentials S3 does not know gave 'object storage: PermissionError: ...', exit 1,
+    where a missing bucket is exit 2: the job folder's own check for a key that may not write never saw it."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "unknown",
+           "AWS_SECRET_ACCESS_KEY": "wrong", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    try:
+        _wait_for_port(port)
+        weights = REPO / "workflows" / "demo" / "landsat_water_land_cloud.pt"
+        remote = write_workflow(demo_workflow(str(GEO["RGB.byte.tif"]), str(weights), "s3://tilemask/out/{stem}.tif"))
+        refused = run_cli("run", remote, "--workers", "1", cwd=tmp_path, env=env, timeout=120)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert refused.returncode == 2, refused.stderr
+    (line,) = refused.stderr.splitlines()
+    assert line.startswith("tilemask: error: job folder s3://tilemask/out/.tilemask/jobs/") and line.endswith(
+        "object storage: PermissionError: The AWS Access Key Id you provided does not exist in our records."), line
+
+
+def _wait_for_port(port: int, timeout: float = 60) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError("moto's S3 server did not start") from None
+            time.sleep(0.2)

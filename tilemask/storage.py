@@ -325,9 +325,15 @@ def _reaching(operation: Callable) -> Callable:
             raise
         except Exception as exc:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many types
             text = str(exc).strip()
-            raise OutputError(f"{path}: object storage: {type(exc).__name__}: {text.splitlines()[0] if text else ''}") from None
+            why = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+            raise (AccessDenied if isinstance(exc, PermissionError) else OutputError)(f"{path}: object storage: {why}") from None
 
     return wrapped
+
+
+class AccessDenied(OutputError, PermissionError):
+    """Object storage refused the credentials or the key: an :class:`OutputError` that is still a
+    ``PermissionError``, so that a job folder's checks refuse it before any work (exit 2), as a missing bucket."""
 
 
 def zarr_options(path: str) -> dict:
