@@ -326,7 +326,8 @@ def _reaching(operation: Callable) -> Callable:
         except Exception as exc:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many types
             text = str(exc).strip()
             why = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
-            raise (AccessDenied if isinstance(exc, PermissionError) else OutputError)(f"{path}: object storage: {why}") from None
+            kind = AccessDenied if isinstance(exc, PermissionError) else OutputError
+            raise kind(f"{path}: object storage: {why}") from None
 
     return wrapped
 
