@@ -799,6 +799,11 @@ def test_a_stac_catalog_is_walked_into_its_children_and_a_loop_is_refused(tmp_pa
                                                    f"{tmp_path / 'leaf.json'} links to {tmp_path / 'root.json'}, "
                                                    "which it lies under (a loop)")):  # fmt: skip
         stac_items(str(tmp_path / "root.json"), ["rgb"])
+    item = json.loads((tmp_path / "i0.json").read_text())
+    item["assets"]["rgb"]["href"] = None
+    (tmp_path / "i0.json").write_text(json.dumps(item))
+    with pytest.raises(InputError, match=re.escape("i0.json: item i0's asset 'rgb' has no href")):
+        stac_items(str(tmp_path / "i0.json"), ["rgb"])  # pystac's "expected str, bytes or os.PathLike object"
 
 
 def test_a_hidden_archive_member_or_listed_file_writes_outputs_that_are_not_hidden(make_model, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import nibabel as nib
@@ -219,6 +220,10 @@ def test_folds_and_checkpoints(tmp_path):
     assert best.inference.overlap == 0.25 and best.preprocess.spacing == [2.0, 2.0, 2.0]
     with pytest.raises(WorkflowError, match=r"model.fold and model.checkpoint choose an nnU-Net fold's weights"):
         Workflow.from_dict({**raw, "model": {"network": "UNet", "weights": "w.pt", "fold": 1}})
+    for fold in ("0", "3"):
+        shutil.rmtree(folder / f"fold_{fold}")
+    with pytest.raises(WorkflowError, match=rf"^model.nnunet: {re.escape(str(folder))} holds no fold_\* folder: give "):
+        Workflow.from_dict(raw)  # it said "has folds none: give model.fold"
 
 
 def test_cli_refuses_a_2d_configuration_before_any_work(tmp_path):

@@ -305,6 +305,15 @@ def test_a_vsizip_path_says_what_is_wrong_with_its_archive(make_raster, tmp_path
         with pytest.raises(InputError, match=f"^{path}: cannot open raster: {why}$") as refused:
             open_source(path, spatial_dims=2)
         assert refused.value.exit_status == 2
+    import pydicom.data
+
+    slice_file = pydicom.data.get_testdata_file("CT_small.dcm")  # a series zipped whole: GDAL's "not recognized"
+    with zipfile.ZipFile(tmp_path / "series.zip", "w") as zf:
+        zf.write(slice_file, "CT/0001")
+    with pytest.raises(InputError, match=re.escape(f"cannot open raster: {tmp_path / 'series.zip'}: its member "
+                                                   "CT/0001 is a DICOM file; a DICOM series is read from its folder: "
+                                                   "extract the archive")):  # fmt: skip
+        open_source(f"/vsizip/{tmp_path / 'series.zip'}/CT/0001", spatial_dims=2)
     monkeypatch.chdir(tmp_path)
     assert open_source("/vsizip/scenes.zip/sub/scene.tif", spatial_dims=2).shape == (3, 20, 30)
     with pytest.raises(InputError, match="^/vsizip/scenes.zip/sub/other.tif: cannot open raster: scenes.zip has no "

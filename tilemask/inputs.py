@@ -63,6 +63,9 @@ def stac_items(path: str, assets: list[str]) -> list[InputItem]:
         if not isinstance(document, dict):
             raise ValueError(f"a JSON {type(document).__name__}, not a STAC Catalog, ItemCollection or Item")
         kind = document.get("type")
+        unnamed = _asset_without_href(document.get("features") if kind == "FeatureCollection" else [document])
+        if unnamed:  # pystac's own error for one: "expected str, bytes or os.PathLike object, not NoneType"
+            raise ValueError(f"{unnamed} has no href")
         if kind == "FeatureCollection":
             items = list(pystac.ItemCollection.from_file(path))
         elif kind == "Feature":
@@ -88,6 +91,16 @@ def stac_items(path: str, assets: list[str]) -> list[InputItem]:
         hrefs = [h if h.startswith(REMOTE_PREFIXES) or os.path.isabs(h) else os.path.normpath(os.path.join(folder, h)) for h in hrefs]
         found.append(InputItem(file_name(str(item.id)), tuple(hrefs)))  # ids are text, even those written as numbers
     return found
+
+
+def _asset_without_href(features) -> str | None:
+    """``item X's asset 'a'`` for the first asset of these STAC Items (JSON) whose href is not text; None if none."""
+    for feature in features if isinstance(features, list) else ():
+        assets = feature.get("assets") if isinstance(feature, dict) else None
+        for name, asset in assets.items() if isinstance(assets, dict) else ():
+            if isinstance(asset, dict) and not isinstance(asset.get("href"), str):
+                return f"item {feature.get('id')}'s asset {name!r}"
+    return None
 
 
 def _catalog_items(catalog, path: str, walked: tuple[str, ...] = ()) -> list:

@@ -200,6 +200,9 @@ def _normalization(plans: dict, config: dict, name: str, channels: int) -> dict:
 
 def _weights(folder: Path, fold: int | str | None, checkpoint: str | None) -> Path:
     folds = sorted(p.name[5:] for p in folder.glob("fold_*") if p.is_dir())
+    if not folds:
+        raise WorkflowError(f"{KEY}: {folder} holds no fold_* folder: give a trained configuration's folder "
+                            "(as nnUNetv2_predict's -d, -c and -tr name it, holding fold_0 ... and plans.json)")
     if fold is None:
         if len(folds) != 1:
             raise WorkflowError(f"{KEY}: {folder.name} has folds {', '.join(folds) or 'none'}: give model.fold "

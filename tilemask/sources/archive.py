@@ -109,6 +109,9 @@ def archive_problem(path: str) -> str | None:
         return f"{archive} has no member {member}"
     if ".." in member.split("/"):
         return f"{archive}: its member {member} is named with '..', which GDAL does not read; narrow input.members"
+    if _is_dicom(archive, member):
+        return (f"{archive}: its member {member} is a DICOM file; a DICOM series is read from its folder: extract "
+                "the archive and give the series' folder as the input")  # fmt: skip
     if archive.lower().endswith(".zip"):
         with zipfile.ZipFile(archive) as zf:
             method = next(i.compress_type for i in zf.infolist() if i.filename.replace("\\", "/") == member)
@@ -117,6 +120,15 @@ def archive_problem(path: str) -> str | None:
             return (f"{archive}: its member {member} is compressed with {name}, which GDAL does not read (stored or "
                     "deflate only); pack the archive again with deflate")  # fmt: skip
     return None
+
+
+def _is_dicom(archive: str, member: str) -> bool:
+    """Whether the member starts as a DICOM Part 10 file does (``DICM`` after its 128-byte preamble)."""
+    try:
+        with _member(archive, member) as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except (KeyError, zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, NotImplementedError):
+        return False
 
 
 def damaged_member(path: str) -> str | None:
