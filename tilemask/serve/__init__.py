@@ -45,6 +45,28 @@ def log_config() -> dict:
     return config
 
 
+def quiet_supervisor():
+    """uvicorn's supervisor, whose first server processes start with SIGINT ignored: a Ctrl-C to the terminal's
+    process group while one imported its modules ended it with a KeyboardInterrupt traceback. An ignored signal
+    stays ignored through exec, and Python then installs no KeyboardInterrupt of its own; each server takes SIGINT
+    again once it installs its handlers, and the supervisor stops them itself (SIGTERM). Only while it starts
+    them, which waits for none: a restart waits for its new process to answer, and ignoring SIGINT then would lose
+    a Ctrl-C."""
+    import signal
+
+    from uvicorn.supervisors import Multiprocess
+
+    class QuietStart(Multiprocess):
+        def init_processes(self) -> None:
+            handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                super().init_processes()
+            finally:
+                signal.signal(signal.SIGINT, handler)  # the supervisor's own
+
+    return QuietStart
+
+
 def default_workers() -> int:
     """One process per core, at most 4 (each holds GDAL's block cache and the open datasets)."""
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
@@ -73,7 +95,6 @@ def serve(
     import click
     import uvicorn
     from uvicorn.config import STARTUP_FAILURE
-    from uvicorn.supervisors import Multiprocess
 
     from ..errors import InputError, RunError
 
@@ -102,7 +123,7 @@ def serve(
     )  # fmt: skip
     click.echo(f"tilemask: serving {folder} at http://{shown}:{bound_port}/ with {workers} worker(s) (Ctrl-C to stop)")
     if workers > 1:
-        supervisor = Multiprocess(config, sockets=[sock])
+        supervisor = quiet_supervisor()(config, sockets=[sock])
         supervisor.run()  # returns once SIGINT or SIGTERM stopped it, or a process could not start
         if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
             raise RunError("a server process could not start (its error is above)")
