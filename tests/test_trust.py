@@ -629,6 +629,35 @@ def test_a_cluster_without_workers_fails_with_one_line(make_raster, make_model, 
         scheduler.kill()
 
 
+@pytest.mark.slow  # a `dask scheduler`, a paused `dask worker` and a 3 s wait (10 s)
+def test_a_cluster_whose_workers_are_all_paused_fails_with_one_line(make_raster, make_model, write_workflow, tmp_path):
+    """A reviewer's: a worker whose memory limit left it paused (over distributed.worker.memory.pause) from its
+    first tasks ran nothing more, and the run waited for ever; a SIGTERM (timeout's) was held back by the same
+    wait. It fails as a cluster without workers does, naming the pause."""
+    path, _ = make_raster()
+    weights, _ = make_model()
+    scheduler, address = _scheduler(tmp_path)
+    paused = {"DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE": "0.05", "DASK_DISTRIBUTED__WORKER__MEMORY__TARGET": "False",
+              "DASK_DISTRIBUTED__WORKER__MEMORY__SPILL": "False"}  # fmt: skip (over 5% of 2 GB: paused at once)
+    worker = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dask"), "worker", address, "--nthreads", "2", "--memory-limit", "2GB",
+         "--host", "127.0.0.1", "--no-dashboard"],
+        stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT, env={**os.environ, **paused},
+    )  # fmt: skip
+    try:
+        begin = time.monotonic()
+        result = run_cli("run", write_workflow(raster_workflow(path, weights)), "--quiet", "--scheduler", address,
+                         env={"DASK_TILEMASK__NO_WORKERS_TIMEOUT": "3"}, timeout=120)  # fmt: skip
+        assert result.returncode == 1, result.stderr
+        assert f"the Dask cluster at {address} has had no worker running tasks for 3 s: its 1 worker(s) are " \
+               "paused, over their memory's pause threshold" in one_line(result.stderr)  # fmt: skip
+        assert time.monotonic() - begin < 60
+        assert "Pausing worker" in (tmp_path / "worker.log").read_text()
+    finally:
+        worker.kill()
+        scheduler.kill()
+
+
 @pytest.mark.slow
 def test_workers_that_all_die_mid_run_fail_the_run_and_its_next_run_resumes(big_run, tmp_path):
     """Every worker gone (killed; on SLURM, jobs at their walltime) is not the item's fault: it was recorded as

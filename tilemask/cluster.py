@@ -627,25 +627,49 @@ def finishing() -> int:
 
 
 class _WorkerWatch:
-    """Fails a wait once the cluster has had no worker for longer than :func:`no_workers_timeout` (it asks the
-    scheduler at most once a second)."""
+    """Fails a wait once the cluster has had no worker for longer than :func:`no_workers_timeout`, or none that
+    runs tasks: all paused (over their memory's pause threshold) and executing nothing (it asks the scheduler at
+    most once a second)."""
 
     def __init__(self, client: Client) -> None:
         self.client, self.limit = client, no_workers_timeout()
-        self.last_worker = self.next_check = time.monotonic()
+        self.last_worker = self.last_working = self.next_check = time.monotonic()
 
     def check(self) -> None:
         now = time.monotonic()
         if now < self.next_check:
             return
         self.next_check = now + 1.0
-        if self.client.nthreads():
+        workers, working = _worker_counts(self.client)
+        if workers:
             self.last_worker = now
-        elif now - self.last_worker > self.limit:
+        if working:
+            self.last_working = now
+        if now - self.last_worker > self.limit:
             raise NoWorkers(
                 f"the Dask cluster at {self.client.scheduler.address} has had no worker for {self.limit:g} s "
                 "(they died or never joined)"
             ) from None
+        if now - self.last_working > self.limit:  # Dask waits for memory to be freed that nothing will free
+            raise NoWorkers(
+                f"the Dask cluster at {self.client.scheduler.address} has had no worker running tasks for "
+                f"{self.limit:g} s: its {workers} worker(s) are paused, over their memory's pause threshold "
+                "(distributed.worker.memory.pause of their memory limit); give them more memory"
+            ) from None
+
+
+def _worker_counts(client: Client) -> tuple[int, int]:
+    """How many workers the scheduler has, and how many of them run tasks: not paused, or executing one still.  A
+    scheduler that runs no function of the client's (pickling refused) is asked for its workers alone, all taken
+    as running."""
+    try:
+        return client.run_on_scheduler(lambda dask_scheduler: (
+            len(dask_scheduler.workers),
+            sum(1 for ws in dask_scheduler.workers.values() if ws in dask_scheduler.running or ws.executing),
+        ))  # fmt: skip
+    except Exception:  # noqa: BLE001 - a scheduler that allows no pickled function says so with many types
+        workers = len(client.nthreads())
+        return workers, workers
 
 
 def completed(client: Client, futures: Iterable[Future]) -> Iterator[Future]:
