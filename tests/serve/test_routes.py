@@ -138,6 +138,11 @@ def test_probability_tiles_are_a_ramp_of_the_band(server, served_folder):
     assert agree > 0.97, agree
     assert np.all(rgba[~inside, 3] == 0)
     assert get(f"{server}tiles/10/{tile.x}/{tile.y}.png", params={"output": LABELS, "band": 0}).status_code == 422
+    # the probabilities COG named itself, as docs/DESIGN.md's route table does: it was "not a labels output" (404)
+    by_name = get(f"{server}tiles/10/{tile.x}/{tile.y}.png", params={"output": PROBS, "band": 3})
+    assert by_name.status_code == 200 and np.array_equal(png(by_name), rgba)
+    unbanded = get(f"{server}tiles/10/{tile.x}/{tile.y}.png", params={"output": PROBS})
+    assert unbanded.status_code == 422 and "give the band" in unbanded.json()["detail"]
 
 
 @pytest.mark.parametrize("store", ["zarr/RGB.byte_mask.zarr", "zarr/RGB.byte_mask.ome.zarr"])

@@ -61,9 +61,16 @@ def create_app(
             raise HTTPException(404, f"{output}: not a {' or '.join(kinds)} output")
         return entry
 
-    def map_labels(output: str) -> Entry:
-        """A label output with a place on the Earth (tiles, points, the map)."""
-        entry = entry_at(output, "labels")
+    def map_labels(output: str, probabilities: bool = False) -> Entry:
+        """A label output with a place on the Earth (tiles, points, the map); with ``probabilities``, also the one
+        whose probabilities COG ``output`` names (its tiles: a band's colour ramp)."""
+        if probabilities and catalog.find(relative(root, resolve(root, output)), "labels") is None:
+            path = relative(root, resolve(root, output))
+            entry = next((e for e in catalog.entries() if e.kind == "labels" and e.probabilities == path), None)
+            if entry is None:
+                raise HTTPException(404, f"{output}: not a labels or probabilities output")
+        else:
+            entry = entry_at(output, "labels")
         if entry.is_volume or entry.bounds is None:
             raise HTTPException(400, f"{output}: labels without a CRS (a volume or an image) have no map tiles")
         return entry
@@ -100,7 +107,9 @@ def create_app(
     ):  # fmt: skip
         if x >= 2**z or y >= 2**z:  # WebMercatorQuad has 2^z tiles a side: a larger x would wrap around the world
             raise HTTPException(404, f"tile {z}/{x}/{y} is outside the tile matrix (0 to {2**z - 1} at zoom {z})")
-        entry = map_labels(output)
+        entry = map_labels(output, probabilities=True)
+        if band is None and entry.path != relative(root, resolve(root, output)):  # the probabilities named
+            raise HTTPException(422, f"{output}: probabilities: give the band to show (&band=1 for the first class)")
         if band is not None and not entry.probabilities:
             raise HTTPException(404, f"{output}: no probabilities were written")
         try:
