@@ -192,8 +192,8 @@ def test_set_chunks_true_exits_2(write_workflow, tmp_path):
 @pytest.mark.timeout(60)
 def test_numbers_still_take_ints_and_floats(write_workflow, tmp_path):
     workflow = raster_workflow(
-        tmp_path / "scene.tif", tmp_path / "weights.pt",
-        inference={"overlap": 0, "sigma_scale": [1, 0.5], "threshold": 0.3, "batch_size": 2},
+        tmp_path / "scene.tif", tmp_path / "weights.pt", {**UNET_2D, "out_channels": 1},
+        inference={"overlap": 0, "sigma_scale": [1, 0.5], "threshold": 0.3, "activation": "sigmoid", "batch_size": 2},
         output={"chunks": [64, 128]},
         postprocess={"remove_small": 5, "fill_holes": True},
     )
@@ -203,6 +203,20 @@ def test_numbers_still_take_ints_and_floats(write_workflow, tmp_path):
     assert loaded.output.chunks == [64, 128] and loaded.inference.roi_size == [32, 32]
     assert loaded.preprocess.normalize.mean == [1.0, 2.0, 3.0] and loaded.postprocess.remove_small == 5
     assert loaded.postprocess.fill_holes is True and loaded.output.quicklook is False
+
+
+def test_a_threshold_beside_softmax_is_refused(tmp_path):
+    """inference.threshold is a sigmoid's (DESIGN: 'sigmoid only'); given beside softmax it was left unused, the
+    labels those of the largest output, exit 0 (a reviewer's). 0.5, the default, is what a job's workflow.yaml
+    holds for every workflow."""
+    workflow = raster_workflow(tmp_path / "scene.tif", tmp_path / "weights.pt", inference={"threshold": 0.3})
+    with pytest.raises(WorkflowError, match="threshold 0.3 applies to activation: sigmoid; softmax labels each pixel"):
+        Workflow.from_dict(workflow)
+    workflow["inference"]["threshold"] = 0.5
+    assert Workflow.from_dict(workflow).inference.threshold == 0.5
+    workflow["inference"].update(threshold=0.3, activation="sigmoid")
+    workflow["model"]["args"] = {**UNET_2D, "out_channels": 1}
+    assert Workflow.from_dict(workflow).inference.threshold == 0.3
 
 
 # -- 3. zip-bomb checkpoints ----------------------------------------------------------------------

@@ -204,6 +204,13 @@ class Inference(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _threshold_of_a_sigmoid(self) -> Inference:
+        if self.threshold != 0.5 and self.activation != "sigmoid":  # 0.5, the default: as a job's workflow.yaml has it
+            raise ValueError(f"threshold {self.threshold:g} applies to activation: sigmoid; {self.activation} labels "
+                             "each pixel by its largest output, and the threshold would be left unused")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
     def _flip_axes(self) -> Inference:
         if isinstance(self.tta, list):
             bad = [a for axes in self.tta for a in axes if a >= len(self.roi_size)]
