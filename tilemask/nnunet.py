@@ -205,13 +205,13 @@ def _weights(folder: Path, fold: int | str | None, checkpoint: str | None) -> Pa
                             "(as nnUNetv2_predict's -d, -c and -tr name it, holding fold_0 ... and plans.json)")
     if fold is None:
         if len(folds) != 1:
-            raise WorkflowError(f"{KEY}: {folder.name} has folds {', '.join(folds) or 'none'}: give model.fold "
+            raise WorkflowError(f"{KEY}: {folder.name} has folds {', '.join(folds)}: give model.fold "
                                 "(tilemask runs one fold, not nnU-Net's ensemble of them)")  # fmt: skip
         fold = folds[0]
     checkpoint = checkpoint or CHECKPOINTS[0]
     path = folder / f"fold_{fold}" / checkpoint
     if not path.is_file():
-        raise WorkflowError(f"{KEY}: no {path.relative_to(folder)} in {folder} (folds: {', '.join(folds) or 'none'})")
+        raise WorkflowError(f"{KEY}: no {path.relative_to(folder)} in {folder} (folds: {', '.join(folds)})")
     return path
 
 

@@ -161,7 +161,8 @@ def _version(info: dict) -> str | None:
 
 
 def object_version(url: str) -> str | None:
-    """The version (:func:`_version`, one request) of the object at ``url``; None where it cannot be reached."""
+    """The version (:func:`_version`, one request) of the object at ``url``; None where it cannot be reached, or
+    its server names none."""
     try:
         fs, key = _filesystem(url)
         return _version(_info(fs, key, url))

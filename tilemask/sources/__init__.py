@@ -196,7 +196,8 @@ def file_stamp(path: str) -> tuple[int, int]:
 def input_stamp(path: str) -> list:
     """What tells a replaced input from the one a job read: ``[mtime_ns, size]`` of a local file (:func:`file_stamp`),
     ``[version]`` of an object on a web server or object storage (its ETag, else its size and modification time:
-    one request), ``[None]`` for one that cannot be reached (never taken for the one read before)."""
+    one request), ``[None]`` for one that cannot be reached or whose server names no version (never taken for the
+    one read before)."""
     from ..storage import network_object, object_version
 
     url = network_object(path)
