@@ -1306,9 +1306,10 @@ def test_jobs_whose_folders_are_not_there_are_named_in_one_line(tmp_path):
                               f"{named} and 2 more; to forget a job, remove its file in {home() / 'jobs'}\n")  # fmt: skip
     identity, path = gone[0]
     status = run_cli("status", identity)  # was "<folder>: not a tilemask job folder (no job.json)": it had been one
+    entry = home() / "jobs" / identity
     assert (status.returncode, status.stderr) == (2, f"tilemask: error: job {identity}: its folder {path} is not there "
                                                      "(moved, removed, or not mounted here); give the folder where it "
-                                                     f"is now, or to forget the job remove {home() / 'jobs' / identity}\n")
+                                                     f"is now, or to forget the job remove {entry}\n")
 
 
 @pytest.mark.slow

@@ -243,7 +243,8 @@ def open_raster_labels(path: str, chunks) -> LabelImage:
     if not np.issubdtype(dtype, np.integer):
         raise InputError(f"{path}: labels must be integers, the raster holds {dtype}")
     if (scale, offset) != (1, 0):  # counted on stored values, they were not the labels GDAL's users read; as NIfTI
-        raise InputError(f"{path}: labels must be stored as unscaled integers (band scale {scale:g}, offset {offset:g})")
+        raise InputError(f"{path}: labels must be stored as unscaled integers (band scale {scale:g}, offset "
+                         f"{offset:g})")
     native = tuple(max(b, 1024 // b * b) for b in block)  # whole GDAL blocks, about 1024 px
     lazy = da.from_array(_RasterBand(path, shape, dtype), chunks=_chunks(chunks, native), asarray=False, fancy=False,
                          meta=np.empty((0, 0), dtype))  # fmt: skip (given, dask does not read an empty window for it)

@@ -202,7 +202,8 @@ class StatsConfig(BaseModel):
 
     @model_validator(mode="after")
     def _needed_options_given(self) -> StatsConfig:
-        refusal = unused_options(self.regions, self.region_id, self.coverage, self.instances, self.connectivity, flags=False)
+        refusal = unused_options(self.regions, self.region_id, self.coverage, self.instances, self.connectivity,
+                                 flags=False)
         if refusal:
             raise ValueError(refusal)
         return self
