@@ -88,11 +88,9 @@ def _copy_by_content(fs, key: str, path: str) -> str:
     staged = scratch("tilemask-remote") / f".fetch.{os.getpid()}.{threading.get_ident()}.part"
     try:
         _fetch(fs, key, path, str(staged))
-        digest = hashlib.sha256()
         with open(staged, "rb") as fetched:
-            for block in iter(lambda: fetched.read(1 << 20), b""):
-                digest.update(block)
-        return _copy_once("tilemask-remote", f"{path}\0sha256:{digest.hexdigest()}", urlsplit(path).path,
+            digest = hashlib.file_digest(fetched, "sha256").hexdigest()
+        return _copy_once("tilemask-remote", f"{path}\0sha256:{digest}", urlsplit(path).path,
                           lambda target: os.replace(staged, target))  # fmt: skip
     finally:
         staged.unlink(missing_ok=True)
@@ -105,7 +103,7 @@ def _fetch(fs, key: str, path: str, target: str) -> None:
     try:
         fs.get_file(key, target)
     except TimeoutError as exc:  # fsspec's FSTimeoutError
-        failure: BaseException = TimeoutError(f"no answer in {deadline:g} s (GDAL_HTTP_TIMEOUT)") if deadline else exc
+        failure: BaseException = _timed_out(exc, deadline)
     except OSError as exc:  # a full or unwritable scratch folder: the machine's, not the object's
         if exc.filename is not None or exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -114,9 +112,7 @@ def _fetch(fs, key: str, path: str, target: str) -> None:
         failure = exc
     else:
         return
-    text = str(failure).strip()
-    why = f"{type(failure).__name__}: {text.splitlines()[0] if text else ''}"
-    raise InputError(f"{path}: download failed: {why}") from None
+    raise InputError(f"{path}: download failed: {_named(failure)}") from None
 
 
 def _info(fs, key: str, path: str) -> dict:
@@ -127,7 +123,7 @@ def _info(fs, key: str, path: str) -> dict:
     try:
         return fs.info(key, timeout=deadline) if deadline else fs.info(key)  # fsspec's sync takes the deadline
     except TimeoutError as exc:  # fsspec's FSTimeoutError where the deadline passed
-        failure: BaseException = TimeoutError(f"no answer in {deadline:g} s (GDAL_HTTP_TIMEOUT)") if deadline else exc
+        failure: BaseException = _timed_out(exc, deadline)
     except FileNotFoundError as exc:
         unreachable = _unreachable(exc.__cause__)
         if unreachable is None:
@@ -135,8 +131,18 @@ def _info(fs, key: str, path: str) -> dict:
         failure = unreachable
     except Exception as exc:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many types
         failure = exc
+    raise InputError(f"{path}: cannot reach it: {_named(failure)}") from None
+
+
+def _timed_out(exc: TimeoutError, deadline: float | None) -> TimeoutError:
+    """fsspec's bare ``FSTimeoutError`` as the setting whose deadline passed."""
+    return TimeoutError(f"no answer in {deadline:g} s (GDAL_HTTP_TIMEOUT)") if deadline else exc
+
+
+def _named(failure: BaseException) -> str:
+    """``Type: first line`` of a store's or the network's error (its type alone when it has no text)."""
     text = str(failure).strip()
-    raise InputError(f"{path}: cannot reach it: {type(failure).__name__}: {text.splitlines()[0] if text else ''}") from None
+    return f"{type(failure).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _unreachable(cause: BaseException | None) -> BaseException | None:
@@ -325,10 +331,8 @@ def _reaching(operation: Callable) -> Callable:
         except (FileNotFoundError, TilemaskError):
             raise
         except Exception as exc:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many types
-            text = str(exc).strip()
-            why = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
             kind = AccessDenied if isinstance(exc, PermissionError) else OutputError
-            raise kind(f"{path}: object storage: {why}") from None
+            raise kind(f"{path}: object storage: {_named(exc)}") from None
 
     return wrapped
 

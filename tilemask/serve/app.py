@@ -64,8 +64,8 @@ def create_app(
     def map_labels(output: str, probabilities: bool = False) -> Entry:
         """A label output with a place on the Earth (tiles, points, the map); with ``probabilities``, also the one
         whose probabilities COG ``output`` names (its tiles: a band's colour ramp)."""
-        if probabilities and catalog.find(relative(root, resolve(root, output)), "labels") is None:
-            path = relative(root, resolve(root, output))
+        path = relative(root, resolve(root, output))
+        if probabilities and catalog.find(path, "labels") is None:
             entry = next((e for e in catalog.entries() if e.kind == "labels" and e.probabilities == path), None)
             if entry is None:
                 raise HTTPException(404, f"{output}: not a labels or probabilities output")
