@@ -658,6 +658,77 @@ def test_a_cluster_whose_workers_are_all_paused_fails_with_one_line(make_raster,
         scheduler.kill()
 
 
+_WITHOUT_TILEMASK = """import sys
+class Block:  # as if tilemask were not installed where this worker runs
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "tilemask":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+@pytest.mark.slow  # a `dask scheduler` and a `dask worker` (10 s)
+def test_workers_that_cannot_import_tilemask_are_named_before_a_job_is_made(make_raster, make_model, write_workflow,
+                                                                             tmp_path):
+    """A reviewer's: ``submit`` to workers in an environment without tilemask exited 0; the first worker to take the
+    driver could not unpickle it, Dask closed the worker, and the job stayed ``queued`` for ever. ``run`` printed
+    ``Exception: ModuleNotFoundError(...)`` and left a failed job. Both now name the worker and the package, exit
+    2, and make no job; the worker lives on."""
+    path, _ = make_raster()
+    weights, _ = make_model()
+    workflow = write_workflow(raster_workflow(path, weights))
+    (tmp_path / "blocker").mkdir()
+    (tmp_path / "blocker" / "sitecustomize.py").write_text(_WITHOUT_TILEMASK)
+    scheduler, address = _scheduler(tmp_path)
+    worker = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dask"), "worker", address, "--nthreads", "1", "--host", "127.0.0.1",
+         "--no-dashboard"], stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "blocker")},
+    )  # fmt: skip
+    try:
+        from distributed import Client
+
+        with Client(address, timeout="60s") as c:
+            c.wait_for_workers(1, timeout=60)
+            worker_address = next(iter(c.nthreads()))
+        for command in ("run", "submit"):
+            result = run_cli(command, workflow, "--scheduler", address, timeout=120)
+            assert result.returncode == 2, result.stderr
+            assert one_line(result.stderr) == (
+                f"tilemask: error: Dask worker {worker_address} cannot import tilemask (ModuleNotFoundError: No module "
+                "named 'tilemask'): install tilemask, with torch, in the environment its workers run in"
+            )
+        assert run_cli("jobs", "--json").stdout.strip() == "[]"
+        assert worker.poll() is None
+    finally:
+        worker.kill()
+        scheduler.kill()
+
+
+@pytest.mark.slow  # a `dask scheduler` and a `dask worker` that its nanny restarts (10 s)
+def test_a_worker_restarted_as_it_loads_torch_is_named(make_raster, make_model, write_workflow, tmp_path):
+    """A reviewer's: a worker whose memory limit cannot hold torch is restarted by its nanny as tilemask prepares
+    it; the run ended with a bare ``CommClosedError``. It names the worker and the memory limit, exit 1."""
+    path, _ = make_raster()
+    weights, _ = make_model()
+    scheduler, address = _scheduler(tmp_path)
+    worker = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dask"), "worker", address, "--nthreads", "1", "--host", "127.0.0.1",
+         "--memory-limit", "200MB", "--no-dashboard"], stdout=open(tmp_path / "worker.log", "w"),
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        result = run_cli("run", write_workflow(raster_workflow(path, weights)), "--scheduler", address, timeout=120)
+        assert result.returncode == 1, result.stderr
+        assert re.fullmatch(r"tilemask: error: Dask worker tcp://127\.0\.0\.1:\d+ left as tilemask prepared it: a "
+                            r"nanny restarts its worker over the memory limit \(distributed\.worker\.memory\."
+                            r"terminate\), which must hold torch and the network", one_line(result.stderr))  # fmt: skip
+        assert "exceeded 95% memory budget" in (tmp_path / "worker.log").read_text()
+    finally:
+        worker.kill()
+        scheduler.kill()
+
+
 @pytest.mark.slow
 def test_workers_that_all_die_mid_run_fail_the_run_and_its_next_run_resumes(big_run, tmp_path):
     """Every worker gone (killed; on SLURM, jobs at their walltime) is not the item's fault: it was recorded as

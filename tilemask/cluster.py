@@ -736,10 +736,55 @@ def gather(client: Client, futures: list[Future]) -> list:
     return [result_of(client, future) for future in futures]
 
 
+WORKER_PACKAGES = ("tilemask", "torch")
+"""What every worker must import: a task or plugin of tilemask's that a worker cannot unpickle makes Dask close
+the worker, and a detached job wait for it forever."""
+
+
+def check_workers(client: Client) -> None:
+    """Each worker now in the cluster imports :data:`WORKER_PACKAGES`, or one line names the first that cannot
+    (exit 2, before any job is made or runs); one that leaves meanwhile (its nanny restarted it: over its memory
+    limit as torch loads) is named, exit 1.  A scheduler that lets no function be run on its workers (pickling
+    refused) is not asked: the forward pass of zeros fails there instead."""
+
+    def failed_imports(names: tuple[str, ...]) -> dict[str, str]:  # a closure, sent by value: see above
+        import importlib
+
+        failed = {}
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # noqa: BLE001 - a broken install fails with any type
+                failed[name] = f"{type(exc).__name__}: {exc}"
+        return failed
+
+    try:
+        answers = client.run(failed_imports, WORKER_PACKAGES, on_error="return")
+    except Exception as exc:  # noqa: BLE001 - the scheduler's refusal comes with many types
+        logger.debug("cannot ask the workers what they import: %r", exc)
+        return
+    for address, answer in sorted(answers.items()):
+        if isinstance(answer, BaseException):
+            raise _left_while_prepared(f"Dask worker {address}", answer)
+        for name, why in answer.items():
+            raise UsageError(f"Dask worker {address} cannot import {name} ({why}): install tilemask, with torch, "
+                             "in the environment its workers run in")
+
+
 def prepare_workers(client: Client) -> None:
     """Register :class:`WorkerSetup`: each host's cores shared among its worker processes."""
+    check_workers(client)
     workers_by_host = Counter(_host(a) for a in client.scheduler_info(n_workers=-1)["workers"])
-    client.register_plugin(WorkerSetup(dict(workers_by_host)))
+    try:
+        client.register_plugin(WorkerSetup(dict(workers_by_host)))
+    except OSError as exc:  # CommClosedError: a worker restarted meanwhile
+        raise _left_while_prepared("a Dask worker", exc) from None
+
+
+def _left_while_prepared(worker: str, exc: BaseException) -> RunError:
+    logger.debug("%s left: %r", worker, exc)
+    return RunError(f"{worker} left as tilemask prepared it: a nanny restarts its worker over the memory limit "
+                    "(distributed.worker.memory.terminate), which must hold torch and the network")
 
 
 def _host(address: str) -> str:

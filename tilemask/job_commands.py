@@ -125,12 +125,13 @@ def _submit(plan, job, record, scheduler: str, overwrite: bool, new: bool) -> No
     """Create the job (``record``) and hand its driver to the scheduler."""
     from distributed import fire_and_forget
 
-    from .cluster import cluster_client
+    from .cluster import check_workers, cluster_client
     from .driver import drive
     from .interrupts import shielded
 
     key = f"tilemask-job-{job.id}-{uuid.uuid4().hex[:8]}"
     with cluster_client(scheduler) as client:
+        check_workers(client)  # those there now: a driver no worker can unpickle would wait forever
         with job:  # no process runs the job here (its driver, or a tilemask run, would hold this lock)
             _refuse_if_active(job)
             _record(job, record, new)
