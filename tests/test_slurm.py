@@ -58,7 +58,8 @@ def slurm(tmp_path):
         "SelectTypeParameters=CR_Core", "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/none",
         "JobAcctGatherType=jobacct_gather/none", "MpiDefault=none", "ReturnToService=2",
         f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=8000 State=UNKNOWN",
-        "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP", "",
+        "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+        "PartitionName=short Nodes=ALL MaxTime=00:30:00 State=UP", "",
     ]))  # fmt: skip
     env = {**os.environ, "SLURM_CONF": str(conf)}
     daemons = [
@@ -249,13 +250,42 @@ def test_slurm_worker_jobs_that_die_at_once_are_named_with_where_they_logged(slu
     assert "no-python" in (logs / f"dask-worker-{job_id}.err").read_text()
 
 
-def _slurm_submit_setup(tmp_path: Path, slurm: dict, driver: dict | None = None) -> tuple[Path, dict]:
+def test_jobs_over_the_partitions_time_limit_are_named_with_slurms_reason(slurm, tmp_path):
+    """A reviewer's: a walltime over the partition's MaxTime, which ``sbatch --test-only`` accepts (the partitions
+    do not enforce their limits at submission), left the jobs pending for ever: ``run`` failed after 60 s naming an
+    empty log folder, and a submitted job read ``queued`` with no word why. ``run`` is refused within seconds (exit
+    2) with SLURM's reason, its worker jobs cancelled; ``status`` of the submitted job gives the reason."""
+    path, env = _slurm_submit_setup(tmp_path, slurm, jobqueue={"walltime": "02:00:00", "queue": "short"})
+    started = time.monotonic()
+    done = run_cli("run", path, "--cluster", "slurm", "--quiet", cwd=tmp_path, env=env)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert re.fullmatch(r"tilemask: error: --cluster slurm: SLURM will not start the worker jobs as configured "
+                        r"\(squeue's reason: \d+ PartitionTimeLimit\): set the Dask config jobqueue\.slurm \(walltime, "
+                        r"queue, cores, memory\) within the partition's limits \(scontrol show partition\)", line), line
+    assert time.monotonic() - started < 40
+    _wait_until(lambda: _squeue(env) == [], 30, f"its worker jobs are cancelled: {_squeue(env)}")
+
+    done = run_cli("submit", path, "--cluster", "slurm", cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.strip().splitlines()[-1]
+    status = _wait_until(lambda: (s := _status(job, env, tmp_path))["message"].endswith("submit it again") and s, 30,
+                         "status gives SLURM's reason")  # fmt: skip
+    assert status["state"] == "queued"
+    assert "is pending and SLURM will not start it as submitted (PartitionTimeLimit)" in status["message"], status
+    assert run_cli("cancel", job, cwd=tmp_path, env=env).returncode == 0
+    assert _squeue(env) == []
+
+
+def _slurm_submit_setup(tmp_path: Path, slurm: dict, driver: dict | None = None,
+                        jobqueue: dict | None = None) -> tuple[Path, dict]:
     """The demo workflow and the environment of a ``submit --cluster slurm``: worker jobs of one core that reach
-    their scheduler on loopback, and ``driver`` as ``tilemask.slurm-driver``."""
+    their scheduler on loopback (and ``jobqueue``'s settings), and ``driver`` as ``tilemask.slurm-driver``."""
     path, config = demo_with_jobqueue(tmp_path, {
         "cores": 1, "processes": 1, "memory": "2GB", "walltime": "00:10:00", "python": sys.executable,
         "scheduler-options": {"host": "127.0.0.1"}, "worker-extra-args": ["--host", "127.0.0.1"],
         "log-directory": str(tmp_path / "slurm-logs"), "local-directory": str(tmp_path / "scratch"),
+        **(jobqueue or {}),
     })  # fmt: skip
     if driver:
         (config / "tilemask.yaml").write_text(yaml.safe_dump({"tilemask": {"slurm-driver": driver}}))

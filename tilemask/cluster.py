@@ -569,22 +569,51 @@ def no_workers_timeout() -> float:
 
 
 def wait_for_workers(client: Client) -> None:
-    """Return once the cluster has a worker; fail with one line after :func:`no_workers_timeout`."""
+    """Return once the cluster has a worker; fail with one line after :func:`no_workers_timeout`, or once SLURM
+    says it will start none of the worker jobs (exit 2: :func:`_refuse_stuck_worker_jobs`)."""
     limit = no_workers_timeout()
-    try:
-        client.wait_for_workers(1, timeout=limit)
-    except (TimeoutError, OSError):
-        raise RunError(f"no Dask worker joined the cluster at {client.scheduler.address} within {limit:g} s"
-                       f"{_where_slurm_workers_log(client)}") from None
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            client.wait_for_workers(1, timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+            return
+        except (TimeoutError, OSError):
+            if time.monotonic() >= deadline:
+                raise RunError(f"no Dask worker joined the cluster at {client.scheduler.address} within {limit:g} s"
+                               f"{_where_slurm_workers_log(client)}") from None
+        _refuse_stuck_worker_jobs(client)
+
+
+def _slurm_worker_jobs(client: Client) -> list[str] | None:
+    """The SLURM job ids of a ``--cluster slurm`` run's worker jobs; None for any other cluster."""
+    cluster = getattr(client, "cluster", None)
+    if type(cluster).__name__ != "SLURMCluster":
+        return None
+    return sorted(str(job.job_id) for job in cluster.workers.values() if getattr(job, "job_id", None))
+
+
+def _refuse_stuck_worker_jobs(client: Client) -> None:
+    """A worker job SLURM will not start as submitted waits in its queue for ever (a walltime over the partition's
+    MaxTime, which ``sbatch --test-only`` accepts): when every one does, one line with SLURM's reasons."""
+    ids = _slurm_worker_jobs(client)
+    if not ids:
+        return
+    from . import slurm
+
+    reasons = slurm.pending_reasons(ids)
+    if len(reasons) == len(ids) and all(slurm.never_starts(reason) for reason in reasons.values()):
+        said = ", ".join(f"{job} {reason}" for job, reason in sorted(reasons.items()))
+        raise UsageError(f"--cluster slurm: SLURM will not start the worker jobs as configured (squeue's reason: "
+                         f"{said}): set the Dask config jobqueue.slurm (walltime, queue, cores, memory) within the "
+                         "partition's limits (scontrol show partition)")
 
 
 def _where_slurm_workers_log(client: Client) -> str:
     """For ``--cluster slurm``: where its worker jobs wrote what stopped them (a wrong ``python``, a missing
     module), which the run's own line cannot say; else nothing."""
-    cluster = getattr(client, "cluster", None)
-    if type(cluster).__name__ != "SLURMCluster":
+    ids = _slurm_worker_jobs(client)
+    if ids is None:
         return ""
-    ids = sorted(str(job.job_id) for job in cluster.workers.values() if getattr(job, "job_id", None))
     folder = dask.config.get("jobqueue.slurm.log-directory", None)
     where = folder or f"slurm-<job id>.out files in {os.getcwd()}"
     return f"; its SLURM worker jobs ({', '.join(ids) or 'none submitted'}) wrote their output to {where}"

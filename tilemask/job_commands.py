@@ -200,6 +200,19 @@ def status(job, as_json, debug) -> None:
         click.echo(f"  report: {summary['report']}")
 
 
+def _pending_reason(slurm_job: str) -> str:
+    """squeue's reason for a pending driver job, and what to do where SLURM will not start it as submitted."""
+    from . import slurm
+
+    reason = slurm.pending_reasons([slurm_job]).get(slurm_job)
+    if reason is None:
+        return ""
+    if slurm.never_starts(reason):
+        return (f" and SLURM will not start it as submitted ({reason}): cancel the job, set the Dask config "
+                "tilemask.slurm-driver (or jobqueue.slurm) within the partition's limits, and submit it again")
+    return f" ({reason})"
+
+
 def _summary(folder) -> dict:
     from .jobs import HELD, live_driver
 
@@ -211,7 +224,7 @@ def _summary(folder) -> dict:
     elif recorded.get("slurm_job") and task is not None:
         where = f"its driver job, SLURM job {recorded['slurm_job']},"
         if state == "queued":
-            recorded = {**recorded, "message": f"{where} is pending"}
+            recorded = {**recorded, "message": f"{where} is pending{_pending_reason(recorded['slurm_job'])}"}
         elif state == "lost":
             log = folder.path / f"driver-{recorded['slurm_job']}.log"
             said = f"; its output: {log}" if log.is_file() else ""

@@ -149,6 +149,30 @@ def job_state(job_id: str) -> str | None:
     return states[0] if states else GONE
 
 
+NEVER_STARTS = frozenset({"PartitionTimeLimit", "PartitionNodeLimit", "PartitionConfig", "BadConstraints",
+                          "AccountNotAllowed", "QOSNotAllowed", "InvalidAccount", "InvalidQOS"})  # fmt: skip
+"""squeue's reasons (``%r``) for a pending job that SLURM will not start as submitted (its settings over a limit of
+the partition, such as a walltime over its MaxTime, or that none of its nodes meet); so are the per-job limits of
+its QOS or association, ``QOSMax*PerJob*`` and ``AssocMax*PerJob*`` (:func:`never_starts`).  ``sbatch --test-only``
+accepts them where the partitions do not enforce their limits at submission (``EnforcePartLimits=NO``)."""
+
+
+def never_starts(reason: str) -> bool:
+    return reason in NEVER_STARTS or (reason.startswith(("QOSMax", "AssocMax")) and "PerJob" in reason)
+
+
+def pending_reasons(job_ids: list[str]) -> dict[str, str]:
+    """squeue's reason (``%r``) for each of ``job_ids`` that SLURM holds pending; none when it cannot be asked."""
+    if not job_ids:
+        return {}
+    try:
+        done = _run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T %r"], timeout=30)
+    except RunError:
+        return {}
+    lines = [line.split(None, 2) for line in done.stdout.splitlines()] if done.returncode == 0 else []
+    return {fields[0]: fields[2] for fields in lines if len(fields) == 3 and fields[1] in PENDING}
+
+
 def _run(command: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
