@@ -658,6 +658,16 @@ def test_a_cluster_whose_workers_are_all_paused_fails_with_one_line(make_raster,
         scheduler.kill()
 
 
+def _dask_worker(address: str, tmp_path, *options: str, env: dict | None = None) -> subprocess.Popen:
+    """A ``dask worker`` process of one thread on 127.0.0.1 (``env`` added to its environment), logging to
+    tmp_path/worker.log."""
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "dask"), "worker", address, "--nthreads", "1", "--host", "127.0.0.1",
+         "--no-dashboard", *options], stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
 _WITHOUT_TILEMASK = """import sys
 class Block:  # as if tilemask were not installed where this worker runs
     def find_spec(self, name, path=None, target=None):
@@ -680,11 +690,7 @@ def test_workers_that_cannot_import_tilemask_are_named_before_a_job_is_made(make
     (tmp_path / "blocker").mkdir()
     (tmp_path / "blocker" / "sitecustomize.py").write_text(_WITHOUT_TILEMASK)
     scheduler, address = _scheduler(tmp_path)
-    worker = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dask"), "worker", address, "--nthreads", "1", "--host", "127.0.0.1",
-         "--no-dashboard"], stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONPATH": str(tmp_path / "blocker")},
-    )  # fmt: skip
+    worker = _dask_worker(address, tmp_path, env={"PYTHONPATH": str(tmp_path / "blocker")})
     try:
         from distributed import Client
 
@@ -712,11 +718,7 @@ def test_a_worker_restarted_as_it_loads_torch_is_named(make_raster, make_model, 
     path, _ = make_raster()
     weights, _ = make_model()
     scheduler, address = _scheduler(tmp_path)
-    worker = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dask"), "worker", address, "--nthreads", "1", "--host", "127.0.0.1",
-         "--memory-limit", "200MB", "--no-dashboard"], stdout=open(tmp_path / "worker.log", "w"),
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    worker = _dask_worker(address, tmp_path, "--memory-limit", "200MB")
     try:
         result = run_cli("run", write_workflow(raster_workflow(path, weights)), "--scheduler", address, timeout=120)
         assert result.returncode == 1, result.stderr
@@ -724,6 +726,39 @@ def test_a_worker_restarted_as_it_loads_torch_is_named(make_raster, make_model, 
                             r"nanny restarts its worker over the memory limit \(distributed\.worker\.memory\."
                             r"terminate\), which must hold torch and the network", one_line(result.stderr))  # fmt: skip
         assert "exceeded 95% memory budget" in (tmp_path / "worker.log").read_text()
+    finally:
+        worker.kill()
+        scheduler.kill()
+
+
+@pytest.mark.slow  # a `dask scheduler` and a `dask worker` (10 s)
+def test_workers_of_other_package_versions_are_one_warning_line(make_raster, make_model, write_workflow, tmp_path):
+    """A reviewer's: Dask's warning that the workers run other versions of its packages (here numpy and Python, as
+    its version check reports them) was hidden unless --debug. It is one warning line; the run goes on."""
+    path, _ = make_raster()
+    weights, _ = make_model()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "sitecustomize.py").write_text(
+        "import distributed.versions as v, distributed.worker as w\n"
+        "_versions = v.get_versions\n"
+        "def get_versions(packages=None):\n"
+        "    found = _versions(packages)\n"
+        "    found['packages'].update(numpy='1.26.4', python='3.10.12.final.0')\n"
+        "    return found\n"
+        "v.get_versions = w.get_versions = get_versions\n"
+    )
+    scheduler, address = _scheduler(tmp_path)
+    worker = _dask_worker(address, tmp_path, env={"PYTHONPATH": str(tmp_path / "other")})
+    try:
+        result = run_cli("run", write_workflow(raster_workflow(path, weights)), "--scheduler", address, timeout=120)
+        assert result.returncode == 0, result.stderr
+        said = [line for line in result.stderr.splitlines() if "differ" in line or "Mismatch" in line]
+        here = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+        assert len(said) == 1 and said[0].startswith(
+            "WARNING tilemask.command: the Dask cluster's packages differ from this process's (--debug shows Dask's "
+            f"table): numpy {np.__version__} here, {np.__version__} on the scheduler, 1.26.4 on the workers; python "
+            f"{here}"), result.stderr  # fmt: skip
+        assert said[0].endswith("3.10.12.final.0 on the workers"), said
     finally:
         worker.kill()
         scheduler.kill()

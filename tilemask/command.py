@@ -98,6 +98,17 @@ def errors_only() -> bool:
 _NO_ANSWER = re.compile(r"HTTP response code on \S+: 0$")
 
 
+def _one_line_version_mismatch(message, category, filename, lineno, file=None, line=None) -> None:
+    """Dask's ``VersionMismatchWarning`` (a table of the packages whose versions differ between this process, the
+    scheduler and the workers) as one warning line: workers of another environment can unpickle tasks wrongly."""
+    rows = [[cell.strip() for cell in row.strip().strip("|").split("|")] for row in str(message).splitlines()
+            if row.startswith("|")][1:]  # fmt: skip (the first row names the columns)
+    said = "; ".join(f"{row[0]} {row[1]} here, {row[2]} on the scheduler, {row[3]} on the workers" for row in rows
+                     if len(row) == 4)  # fmt: skip
+    logger.warning("the Dask cluster's packages differ from this process's (--debug shows Dask's table): %s",
+                   said or first_line(message))  # fmt: skip
+
+
 def configure_logging(debug: bool, verbosity: int = 0) -> None:
     """Levels as rio's ``-v`` / ``-q``: WARNING by default, INFO with ``-v`` (one line per stage), DEBUG with
     ``-vv`` or ``--debug``, ERROR with ``-q``.  Library warnings and Dask's chatter only with ``--debug``."""
@@ -108,7 +119,11 @@ def configure_logging(debug: bool, verbosity: int = 0) -> None:
     if not debug:
         import distributed  # noqa: F401  # its import sets its own log levels; ours must come after
 
+        from distributed.versions import VersionMismatchWarning
+
         warnings.simplefilter("ignore")
+        warnings.simplefilter("default", VersionMismatchWarning)  # in one line: _one_line_version_mismatch
+        warnings.showwarning = _one_line_version_mismatch
         # its failures reach us as exceptions; its config gives some loggers levels of their own
         for name in ["distributed"] + [n for n in logging.root.manager.loggerDict if n.startswith("distributed.")]:
             logging.getLogger(name).setLevel(logging.CRITICAL)
