@@ -539,3 +539,23 @@ def test_a_workflow_given_as_a_dict_runs_as_workflow_from_dict_reads_it(make_ras
     monkeypatch.chdir(tmp_path)
     (result,) = tilemask.run(raster_workflow(path.name, weights.name, output={"path": "out/{stem}.zarr"}), client)
     assert result.status == "ok" and result.outputs[0] == str(tmp_path / "out" / f"{path.stem}.zarr")
+
+
+@pytest.mark.slow  # a `dask scheduler` and a `dask worker` (10 s)
+def test_a_scheduler_file_is_taken_as_its_schedulers_address(make_raster, make_model, write_workflow, tmp_path):
+    """A reviewer's: ``--scheduler`` given the scheduler file that ``dask scheduler --scheduler-file`` writes (and
+    ``dask worker --scheduler-file`` reads) was refused ("missing port number"). Its address is taken; a file that
+    is no scheduler file is one line, exit 2."""
+    path, _ = make_raster()
+    weights, _ = make_model()
+    workflow = write_workflow(raster_workflow(path, weights))
+    with dask_cluster(tmp_path, 1) as (address, _):
+        done = run_cli("run", workflow, "--scheduler", tmp_path / "scheduler.json", "--quiet")
+        assert done.returncode == 0, done.stderr
+        (job,) = [line.split()[0] for line in run_cli("jobs").stdout.splitlines()]
+        assert run_cli("status", job, "--json").stdout.count(f'"scheduler": "{address}"') == 1
+    (tmp_path / "other.json").write_text('{"type": "Worker"}')
+    done = run_cli("run", workflow, "--scheduler", tmp_path / "other.json")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (f"tilemask: error: Invalid value for '--scheduler': {tmp_path / 'other.json'}: not "
+                                   "a Dask scheduler file: it names no address")  # fmt: skip

@@ -1333,3 +1333,16 @@ def test_jobs_names_a_job_whose_folder_is_not_there(tmp_path):
     assert (again.stdout, again.stderr) == (first.stdout, first.stderr)
     entry.unlink()
     assert run_cli("jobs").stderr == ""
+
+
+def test_an_empty_job_is_refused_not_taken_for_the_current_folder(tmp_path):
+    """A reviewer's: ``tilemask cancel ""`` (an unset ``$JOB``) took the current folder for the job; in a job
+    folder it cancelled that job. ``status``, ``cancel`` and ``drive`` of an empty job are one line, exit 2."""
+    job = JobFolder(tmp_path / ".tilemask" / "jobs" / "j")
+    job.create({"version": 1}, str(tmp_path), None, {}, [{"item": 0, "name": "x", "files": [], "output": "o"}])
+    job.set_status("queued")
+    for command in ("status", "cancel"):
+        done = run_cli(command, "", cwd=job.path)
+        assert (done.returncode, done.stderr.strip()) == (
+            2, "tilemask: error: no job given: give its id from tilemask jobs, or its folder"), command
+    assert job.status()["state"] == "queued" and not (job.path / "cancel").exists()

@@ -13,7 +13,7 @@ from typing import NoReturn
 import click
 
 from . import __version__
-from .command import TilemaskCommand, TilemaskGroup, errors_only
+from .command import TilemaskCommand, TilemaskGroup, errors_only, scheduler_address
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ def job_options(command):
 
 @main.command(cls=TilemaskCommand)
 @click.argument("workflow", type=click.Path(dir_okay=False))
-@click.option("--scheduler", metavar="ADDRESS", help="Run on this Dask scheduler (default: an embedded local cluster).")
+@click.option("--scheduler", metavar="ADDRESS", callback=scheduler_address,
+              help="This Dask scheduler: its address or scheduler file (default: an embedded local cluster).")
 @click.option("--cluster", "cluster_kind", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
               help="Without --scheduler: an embedded cluster, or SLURM jobs (dask-jobqueue, Dask config jobqueue.slurm).")
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes of the embedded cluster (SLURM: jobs).")

@@ -98,6 +98,24 @@ def errors_only() -> bool:
 _NO_ANSWER = re.compile(r"HTTP response code on \S+: 0$")
 
 
+def scheduler_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--scheduler``: an address (tcp://HOST:PORT) or a scheduler file, as ``dask scheduler --scheduler-file``
+    writes it and ``dask worker --scheduler-file`` reads it: its ``address``.  Spaces around it are dropped."""
+    if value is None or not os.path.isfile(value.strip()):
+        return value if value is None else value.strip()
+    import json
+
+    try:
+        with open(value.strip(), encoding="utf-8") as file:
+            found = json.load(file)
+    except (OSError, ValueError) as exc:  # not JSON, not UTF-8, unreadable
+        raise click.BadParameter(f"{value}: not a Dask scheduler file: {first_line(exc)}") from None
+    address = found.get("address") if isinstance(found, dict) else None
+    if not isinstance(address, str):
+        raise click.BadParameter(f"{value}: not a Dask scheduler file: it names no address")
+    return address
+
+
 def _one_line_version_mismatch(message, category, filename, lineno, file=None, line=None) -> None:
     """Dask's ``VersionMismatchWarning`` (a table of the packages whose versions differ between this process, the
     scheduler and the workers) as one warning line: workers of another environment can unpickle tasks wrongly."""
@@ -118,7 +136,6 @@ def configure_logging(debug: bool, verbosity: int = 0) -> None:
         handler.addFilter(_without_credentials)
     if not debug:
         import distributed  # noqa: F401  # its import sets its own log levels; ours must come after
-
         from distributed.versions import VersionMismatchWarning
 
         warnings.simplefilter("ignore")

@@ -19,12 +19,13 @@ from pathlib import Path
 import click
 
 from .cli import job_options, main
-from .command import TilemaskCommand, errors_only, first_line
+from .command import TilemaskCommand, errors_only, first_line, scheduler_address
 
 
 @main.command(cls=TilemaskCommand)
 @click.argument("workflow", type=click.Path(dir_okay=False))
-@click.option("--scheduler", metavar="ADDRESS", help="The Dask scheduler the job runs on.")
+@click.option("--scheduler", metavar="ADDRESS", callback=scheduler_address,
+              help="The Dask scheduler the job runs on: its address, or its scheduler file.")
 @click.option("--cluster", "cluster_kind", type=click.Choice(["slurm"]),
               help="Instead of --scheduler: the job's driver as a SLURM job, which starts its workers as SLURM jobs "
                    "(dask-jobqueue; Dask config jobqueue.slurm and tilemask.slurm-driver).")  # fmt: skip

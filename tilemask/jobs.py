@@ -514,6 +514,8 @@ def register(job: JobFolder) -> None:
 
 def find(job: str) -> JobFolder:
     """A job by folder or by id (listed in ``$TILEMASK_HOME/jobs``)."""
+    if not job.strip():  # an unset $JOB: "" was the current folder
+        raise JobError("no job given: give its id from tilemask jobs, or its folder")
     if os.sep in job or Path(job).is_dir():
         folder = job_folder(job)
     else:

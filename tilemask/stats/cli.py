@@ -7,7 +7,7 @@ import os
 
 import click
 
-from ..command import TilemaskCommand, errors_only
+from ..command import TilemaskCommand, errors_only, scheduler_address
 from ..errors import OutputConflict
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ def _file_or_url(ctx, param, value: str | None) -> str | None:
               help="Neighbours for --instances: face (4/6) or full (8/26).")
 @click.option("--classes", metavar="A,B,...", help="Names of label values 0, 1, ... (default: those the file records).")
 @click.option("--chunks", type=click.IntRange(min=1), help="Block edge used to split the work (results do not depend on it).")
-@click.option("--scheduler", metavar="ADDRESS", help="Run on this Dask scheduler (default: an embedded local cluster).")
+@click.option("--scheduler", metavar="ADDRESS", callback=scheduler_address,
+              help="This Dask scheduler: its address or scheduler file (default: an embedded local cluster).")
 @click.option("--overwrite", is_flag=True, help="Replace an output file tilemask wrote (its mark says so; a CSV or "
               "JSON-records table has no place for one: any such file at the path).")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
@@ -70,7 +71,8 @@ def stats(
 @click.option("--chunks", type=click.IntRange(min=1), help="Block edge used to split the work (results do not depend on it).")
 @click.option("--surface", is_flag=True, help="Also the surface distances per class: Hausdorff (hd), its 95th "
               "percentile (hd95), average symmetric (assd), in mm or CRS units; reads both images whole.")
-@click.option("--scheduler", metavar="ADDRESS", help="Run on this Dask scheduler (default: an embedded local cluster).")
+@click.option("--scheduler", metavar="ADDRESS", callback=scheduler_address,
+              help="This Dask scheduler: its address or scheduler file (default: an embedded local cluster).")
 @click.option("--overwrite", is_flag=True, help="Replace an output file tilemask wrote.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 def evaluate(pred, truth, output, classes, chunks, surface, scheduler, overwrite, debug) -> None:
