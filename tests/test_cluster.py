@@ -6,6 +6,7 @@ import contextlib
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -559,3 +560,54 @@ def test_a_scheduler_file_is_taken_as_its_schedulers_address(make_raster, make_m
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == (f"tilemask: error: Invalid value for '--scheduler': {tmp_path / 'other.json'}: not "
                                    "a Dask scheduler file: it names no address")  # fmt: skip
+
+
+_INTERRUPTED_AS_IT_STARTS = """
+import os, subprocess, sys, threading, time
+import psutil
+import tilemask
+
+def children():  # the cluster's processes: Pythons other than multiprocessing's resource tracker
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            alive = p.status() != psutil.STATUS_ZOMBIE
+            if alive and "python" in p.name() and "resource_tracker" not in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return found
+
+if __name__ == "__main__":
+    threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()  # an idle thread, as a notebook has
+    workflow = tilemask.Workflow.from_yaml(sys.argv[1])
+    tilemask.run(workflow, overwrite=True)  # the imports done: the next runs start their cluster at once
+    for delay in (0.1, 0.2, 0.3, 0.4):
+        subprocess.Popen(["sh", "-c", f"sleep {delay}; kill -INT {os.getpid()}"])
+        try:
+            tilemask.run(workflow, overwrite=True)
+            print("finished", flush=True)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        deadline = time.monotonic() + 20
+        while children() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        print("left running:", len(children()), flush=True)
+"""
+
+
+@pytest.mark.slow  # five embedded clusters started in one interpreter (30 s)
+def test_a_ctrl_c_as_the_embedded_cluster_starts_leaves_no_process(make_raster, make_model, write_workflow, tmp_path):
+    """A reviewer's: a SIGINT in ``tilemask.run``'s first half second, as a notebook's "interrupt kernel" sends it
+    while a thread of its own idles, raised KeyboardInterrupt half-way through starting the embedded cluster; its
+    scheduler, nanny and 250 MB worker process stayed until the interpreter exited. It is raised once the cluster
+    stands, which is closed."""
+    path, _ = make_raster()
+    weights, _ = make_model()
+    workflow = write_workflow(raster_workflow(path, weights, output={"path": str(tmp_path / "{stem}.zarr")}))
+    (tmp_path / "interrupt.py").write_text(_INTERRUPTED_AS_IT_STARTS)
+    done = subprocess.run([sys.executable, str(tmp_path / "interrupt.py"), str(workflow)], capture_output=True,
+                          text=True, timeout=240)  # fmt: skip
+    said = done.stdout.split("\n")
+    assert said.count("interrupted") == 4, done.stdout + done.stderr
+    assert said.count("left running: 0") == 4, done.stdout + done.stderr

@@ -48,7 +48,7 @@ from distributed import Client, Future, LocalCluster, WorkerPlugin
 from . import forkserver
 from .errors import NoWorkers, RunError, TilemaskError, UsageError, first_line, given, option
 from .imports import import_in_background
-from .interrupts import raise_if_stopped
+from .interrupts import raise_if_stopped, shielded
 
 CORES_PER_WORKER = 4
 THREADS_PER_WORKER = 2
@@ -184,12 +184,16 @@ def cluster_client(
     # exit); this process gets it once the cluster is up, and closes it. multiprocessing's resource tracker is
     # started first: starting it unblocks SIGINT and SIGTERM in the thread that does, whatever that thread's mask
     # was, so the mask put back is the one read before.
+    # A Ctrl-C that reaches the process through another of its threads (unmasked there: a notebook's) is held
+    # back too (:func:`shielded`) and raised once the cluster stands, which is then closed: raised half-way
+    # through LocalCluster, it left the processes started so far running until the interpreter exited.
     unheld = signal.pthread_sigmask(signal.SIG_BLOCK, set())
     resource_tracker.ensure_running()
     signal.pthread_sigmask(signal.SIG_SETMASK, unheld | {signal.SIGINT})
+    cluster = None
     try:
         # the nannies take the config along; one that restarts a worker later spawns it
-        with dask.config.set({**(UNWATCHED if not dashboard else {}), **forkserver.worker_config()}):
+        with shielded(), dask.config.set({**(UNWATCHED if not dashboard else {}), **forkserver.worker_config()}):
             cluster = LocalCluster(
                 n_workers=workers or default_n,
                 threads_per_worker=threads_per_worker or default_t,
@@ -200,18 +204,16 @@ def cluster_client(
                 env={GPU_PER_WORKER: "1"},  # worker i takes GPU i (:func:`tilemask.models.resolve_device`)
                 silence_logs=logging.CRITICAL if not logger.isEnabledFor(logging.DEBUG) else logging.INFO,
             )
-    except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, unheld)
-        raise
-    try:
         signal.pthread_sigmask(signal.SIG_SETMASK, unheld)  # a Ctrl-C during the start is raised here
         with Client(cluster) as client:
             yield client
     finally:
-        try:
-            cluster.close()
-        except Exception as exc:  # e.g. a nanny still restarting a killed worker: the work itself is done
-            logger.warning("closing the embedded cluster: %s: %s", type(exc).__name__, exc)
+        signal.pthread_sigmask(signal.SIG_SETMASK, unheld)
+        if cluster is not None:
+            try:
+                cluster.close()
+            except Exception as exc:  # e.g. a nanny still restarting a killed worker: the work itself is done
+                logger.warning("closing the embedded cluster: %s: %s", type(exc).__name__, exc)
 
 
 TLS_SETTINGS = {"ca-file": "distributed.comm.tls.ca-file", "cert": "distributed.comm.tls.client.cert",
