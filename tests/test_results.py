@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import dask.array as da
 import numpy as np
@@ -12,7 +13,7 @@ import rioxarray
 import xarray as xr
 from rasterio.transform import Affine
 
-from tilemask.errors import InputError
+from tilemask.errors import InputError, UsageError
 from tilemask.geometry import RasterGeometry
 from tilemask.results import open_result
 from tilemask.sinks import OutputLayout, make_sink
@@ -78,6 +79,22 @@ def test_probabilities(outputs, suffix):
     assert array.rio.crs.to_epsg() == 4326 and array.rio.transform() == transform
     assert array.attrs["class_names"] == list(CLASSES)
     assert np.array_equal(array.values, probabilities)
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".zarr"])
+def test_a_path_and_chunks_per_axis_open_a_cog_as_they_open_zarr(outputs, suffix):
+    """A reviewer's: ``open_result(Path(cog))`` was a TypeError (``Path(zarr)`` opened), its probabilities an
+    AttributeError, and a COG's probabilities with ``chunks=(y, x)`` a dask ValueError. A variable that is none
+    is a UsageError, a ValueError too, as a wrong number of chunks is."""
+    paths, labels, probabilities, _ = outputs
+    np.testing.assert_array_equal(open_result(Path(paths[suffix])).values, labels)
+    opened = open_result(Path(paths[suffix]), "probabilities", chunks=(100, 300))
+    assert opened.data.chunks == ((3,), (100,) * 6, (300, 300, 100))
+    np.testing.assert_array_equal(opened.values, probabilities)
+    with pytest.raises(UsageError, match=r"^variable must be 'labels' or 'probabilities', not 'probs'$"):
+        open_result(paths[suffix], "probs")
+    with pytest.raises(ValueError, match=r"^chunks has 3 values but the image has 2 spatial axes$"):
+        open_result(paths[suffix], "probabilities", chunks=(8, 8, 8))
 
 
 def test_missing_probabilities(tmp_path):

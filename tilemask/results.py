@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from affine import Affine
 from rioxarray.rioxarray import affine_to_coords
 
 from .classes import CLASSES_TAG, ClassNames, read_colour_table
-from .errors import InputError
+from .errors import InputError, UsageError
 from .formats import for_path
 from .geometry import RasterGeometry, normalize_per_axis
 from .sources.labels import check_chunks, open_labels, open_nifti_probabilities
@@ -43,11 +44,12 @@ def open_result(path: str, variable: str = "labels", chunks: int | tuple[int, ..
     is the dask block edge (default: the file's own blocks, about 1024 pixels).
     """
     check_chunks(chunks)
+    path = os.fspath(path) if isinstance(path, os.PathLike) else path  # a pathlib.Path, as rasterio.open takes
     if variable == "labels":
         return _labels(path, chunks)
     if variable == "probabilities":
         return _probabilities(path, chunks)
-    raise ValueError(f"variable must be 'labels' or 'probabilities', not {variable!r}")
+    raise UsageError(f"variable must be 'labels' or 'probabilities', not {variable!r}")
 
 
 def _labels(path: str, chunks) -> xr.DataArray:
@@ -73,7 +75,7 @@ def _probabilities(path: str, chunks) -> xr.DataArray:
             raise InputError(f"{path}: this output holds no probabilities")
         stored = group[key]
         spatial = stored.ndim - 1
-        per_axis = stored.chunks[1:] if chunks is None else normalize_per_axis(chunks, spatial, "chunks")
+        per_axis = stored.chunks[1:] if chunks is None else _per_axis(chunks, spatial)
         lazy = da.from_zarr(stored, chunks=(stored.chunks[0] if chunks is None else stored.shape[0], *per_axis))
         attrs = dict(group.attrs)
         names = attrs.get("tilemask", {}).get("classes") or []
@@ -85,8 +87,8 @@ def _probabilities(path: str, chunks) -> xr.DataArray:
         geometry = RasterGeometry(attrs.get("crs"), tuple(attrs["transform"]))
     elif fmt.name == "cog":  # probabilities beside the labels
         tif = _beside(path, fmt)
-        edge = chunks or 1024
-        opened = rioxarray.open_rasterio(tif, chunks={"band": -1, "y": edge, "x": edge}, mask_and_scale=False)
+        y, x = (1024, 1024) if chunks is None else _per_axis(chunks, 2)
+        opened = rioxarray.open_rasterio(tif, chunks={"band": -1, "y": y, "x": x}, mask_and_scale=False)
         opened = opened.rename({"band": "class"}).drop_vars("class").rename("probabilities")
         label_tag = opened.attrs.get(CLASSES_TAG)
         opened.attrs = {"class_names": json.loads(label_tag) if label_tag else []}
@@ -101,6 +103,13 @@ def _probabilities(path: str, chunks) -> xr.DataArray:
     array = _georeferenced(lazy, ("class", "y", "x"), geometry, "probabilities")
     array.attrs["class_names"] = list(names)
     return array
+
+
+def _per_axis(chunks: int | tuple[int, ...], spatial: int) -> tuple[int, ...]:
+    try:
+        return normalize_per_axis(chunks, spatial, "chunks")
+    except ValueError as exc:  # one per axis of another number of axes
+        raise UsageError(str(exc)) from None
 
 
 def _names_attr(names: ClassNames | None) -> list[str] | dict[int, str]:
