@@ -469,8 +469,8 @@ def test_a_schedulers_address_given_as_the_client_says_to_give_it_as_scheduler(m
     workflow = tilemask.Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path)
     with pytest.raises(UsageError) as refused:
         tilemask.run(workflow, "tcp://127.0.0.1:8786")
-    assert str(refused.value) == ("client: a distributed.Client, not str 'tcp://127.0.0.1:8786' (give a scheduler's "
-                                  "address as scheduler=)"), str(refused.value)  # fmt: skip
+    assert str(refused.value) == ("client: a distributed.Client, not str 'tcp://127.0.0.1:8786' (tilemask.run takes "
+                                  "a scheduler's address as scheduler=)"), str(refused.value)  # fmt: skip
     assert not (tmp_path / "out").exists()
 
 
@@ -482,6 +482,8 @@ def test_a_schedulers_address_given_as_the_client_says_to_give_it_as_scheduler(m
     ({"threads_per_worker": 1.5}, "threads_per_worker must be a positive integer, not 1.5"),
     ({"scheduler": 8786}, "scheduler: a Dask scheduler's address (tcp://HOST:PORT), not 8786"),
     ({"overwrite": "no"}, "overwrite must be True or False, not 'no'"),
+    ({"progress": "no"}, "progress must be True or False, not 'no'"),  # a reviewer's: it showed the bars
+    ({"on_error": "ignore"}, "on_error must be one of abort, skip (got 'ignore')"),  # a ValueError too
     ({"scheduler": " "}, "scheduler is empty: give the Dask scheduler's address (tcp://HOST:PORT)"),
     ({"cluster": "slurm", "scheduler": "tcp://127.0.0.1:1"}, "cluster='slurm' starts its own scheduler; leave out "
                                                              "scheduler"),
@@ -611,3 +613,57 @@ def test_a_ctrl_c_as_the_embedded_cluster_starts_leaves_no_process(make_raster, 
     said = done.stdout.split("\n")
     assert said.count("interrupted") == 4, done.stdout + done.stderr
     assert said.count("left running: 0") == 4, done.stdout + done.stderr
+
+
+def test_an_asynchronous_client_and_the_statistics_clients_are_refused_before_any_work(make_raster, make_model,
+                                                                                       tmp_path, client):
+    """A reviewer's: an asynchronous Client (``await``-ed in Jupyter) was a coroutine's AttributeError and left a
+    failed job; ``compute_stats`` and ``evaluate_paths`` took a closed client or an address as a client and failed
+    inside Dask. Each is one UsageError, no job and no table."""
+    import asyncio
+
+    from distributed import LocalCluster
+
+    import tilemask
+    from tilemask.errors import UsageError
+    from tilemask.stats import compute_stats, evaluate_paths
+
+    path, _ = make_raster((3, 64, 64))
+    weights, _ = make_model()
+    workflow = tilemask.Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path)
+    labels = tilemask.run(workflow, client)[0].outputs[0]
+    table = tmp_path / "table.csv"
+
+    async def asynchronous() -> list[str]:
+        async with LocalCluster(n_workers=1, processes=False, asynchronous=True, dashboard_address=":0") as cluster:
+            async with Client(cluster, asynchronous=True) as given:
+                return [_refusal(lambda: call(given)) for call in (
+                    lambda c: tilemask.run(workflow.model_copy(update={"output": workflow.output.model_copy(
+                        update={"path": str(tmp_path / "async" / "{stem}.zarr")})}), c),
+                    lambda c: compute_stats(labels, table, client=c),
+                    lambda c: evaluate_paths(labels, labels, client=c),
+                )]  # fmt: skip
+
+    asynchronous_said = asyncio.run(asynchronous())
+    assert set(asynchronous_said) == {"the Dask client is asynchronous (asynchronous=True), which tilemask cannot "
+                                      "wait on: give a synchronous one, or none"}, asynchronous_said  # fmt: skip
+    assert not (tmp_path / "async").exists()
+    closed = Client(client.cluster, set_as_default=False)
+    closed.close()
+    for given, said in ((closed, "the Dask client is closed: give a running one"),
+                        ("tcp://127.0.0.1:8786", "client: a distributed.Client, not str 'tcp://127.0.0.1:8786'")):
+        for call in (lambda: compute_stats(labels, table, client=given), lambda: evaluate_paths(labels, labels,
+                                                                                               client=given)):
+            with pytest.raises(UsageError, match=f"^{said}"):
+                call()
+    assert not table.exists()
+
+
+def _refusal(call) -> str:
+    from tilemask.errors import UsageError
+
+    try:
+        call()
+    except UsageError as exc:
+        return str(exc)
+    return "not refused"

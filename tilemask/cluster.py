@@ -216,6 +216,21 @@ def cluster_client(
                 logger.warning("closing the embedded cluster: %s: %s", type(exc).__name__, exc)
 
 
+def check_client(client) -> None:
+    """A ``client=`` given in Python: a running, synchronous ``distributed.Client``, else one line before any job
+    or table is made (a closed one, an address, or an asynchronous one were a ClosedClientError, an AttributeError
+    and a coroutine's, and left a failed job)."""
+    if not isinstance(client, Client):  # an address, as Client("tcp://...") takes it
+        raise UsageError(f"client: a distributed.Client, not {type(client).__name__} {client!r} (tilemask.run takes "
+                         "a scheduler's address as scheduler=)")  # fmt: skip
+    if client.status != "running":  # closed, or its cluster was
+        raise UsageError(f"the Dask client is {client.status}: give a running one, or none (tilemask then starts "
+                         "its own cluster)")  # fmt: skip
+    if client.asynchronous:
+        raise UsageError("the Dask client is asynchronous (asynchronous=True), which tilemask cannot wait on: give "
+                         "a synchronous one, or none")  # fmt: skip
+
+
 TLS_SETTINGS = {"ca-file": "distributed.comm.tls.ca-file", "cert": "distributed.comm.tls.client.cert",
                 "key": "distributed.comm.tls.client.key"}  # fmt: skip
 

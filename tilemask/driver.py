@@ -42,10 +42,10 @@ from pathlib import Path
 from distributed import Client
 
 from .batch import items_in_flight, run_items, say_what_stopping_waits_for
-from .cluster import Abandoned, check_cluster_options, cluster_client, prepare_workers, wait_for_workers
+from .cluster import Abandoned, check_client, check_cluster_options, cluster_client, prepare_workers, wait_for_workers
 from .command import first_line
 from .engine import RunResult, probe, process_age, run_job
-from .errors import NoWorkers, RunError, TilemaskError, UsageError, command_line, option
+from .errors import NoWorkers, RunError, TilemaskError, UsageError, check_flags, command_line, option
 from .imports import import_in_background
 from .jobs import (
     ACTIVE,
@@ -89,10 +89,8 @@ class Options:
 
     def __post_init__(self) -> None:
         if self.on_error not in ON_ERROR:
-            raise JobError(f"on_error must be one of {', '.join(ON_ERROR)} (got {self.on_error!r})")
-        for name in ("retry_failed", "overwrite"):  # overwrite="no" replaced every output
-            if getattr(self, name) not in (True, False):
-                raise UsageError(f"{name} must be True or False, not {getattr(self, name)!r}")
+            raise UsageError(f"on_error must be one of {', '.join(ON_ERROR)} (got {self.on_error!r})")
+        check_flags(retry_failed=self.retry_failed, overwrite=self.overwrite)
 
 
 def prepare(
@@ -139,15 +137,12 @@ def run(
         source = str(Path(workflow).resolve())
         workflow = Workflow.from_yaml(workflow)
     options = Options(on_error, retry_failed, overwrite)
+    check_flags(progress=progress)
     _check_cluster_arguments(scheduler, workers, threads_per_worker, cluster, client)
     if client is None:
         check_cluster_options(scheduler, cluster)
-    elif not isinstance(client, Client):  # an address, as Client("tcp://...") takes it
-        raise UsageError(f"client: a distributed.Client, not {type(client).__name__} {client!r} (give a scheduler's "
-                         "address as scheduler=)")  # fmt: skip
-    elif client.status != "running":  # closed, or its cluster was: no job folder for a run that cannot start
-        raise UsageError(f"the Dask client is {client.status}: give a running one, or none (tilemask then starts "
-                         "its own cluster)")  # fmt: skip
+    else:  # no job folder for a run that cannot start
+        check_client(client)
     plan, job, record = prepare(workflow, options, job_dir, source)
     new = not job.exists()
     with job:

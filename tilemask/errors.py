@@ -146,6 +146,14 @@ def given(name: str, value) -> str:
     return f"--{name.replace('_', '-')} {value}" if on_command_line() else f"{name}={value!r}"
 
 
+def check_flags(**flags) -> None:
+    """Python's True/False arguments: ``"no"`` is no flag (``overwrite="no"`` replaced every output, and
+    ``progress="no"`` showed the bars)."""
+    for name, value in flags.items():
+        if value not in (True, False):
+            raise UsageError(f"{name} must be True or False, not {value!r}")
+
+
 def missing_weights(path: str) -> WeightsError:
     """``model.weights`` that name no file: a folder, or nothing."""
     what = "is a folder, not a weights file" if os.path.isdir(path) else "does not exist"

@@ -93,6 +93,21 @@ def cell_size(spacing: tuple[float, ...], geometry=None) -> float:
     return float(np.prod(spacing))
 
 
+def _config_of(given: dict) -> PostprocessConfig:
+    """A ``postprocess`` section given as a dict, or one line naming its first wrong key (a WorkflowError, as the
+    workflow's own section is refused)."""
+    from pydantic import ValidationError
+
+    from .errors import WorkflowError
+
+    try:
+        return PostprocessConfig(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        said = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+        raise WorkflowError(f"postprocess: {'.'.join(map(str, first['loc']))}: {said}") from None
+
+
 def apply(
     labels: da.Array, config: PostprocessConfig | dict, nodata: int | None = None, client=None,
     spacing: tuple[float, ...] | None = None, geometry=None,
@@ -105,7 +120,7 @@ def apply(
     given) before this returns.
     """
     if isinstance(config, dict):
-        config = PostprocessConfig(**config)
+        config = _config_of(config)
     if not config.active:
         return labels
     try:

@@ -210,3 +210,24 @@ def test_python_classes_that_are_no_names_are_a_usage_error_naming_the_argument(
                                       f"{type(classes).__name__} {classes!r}")  # fmt: skip
         assert refused.value.exit_status == 2
     assert not (tmp_path / "t.csv").exists()
+
+
+@pytest.mark.timeout(60)
+def test_python_flags_that_are_no_true_or_false_are_refused(pair, tmp_path):
+    """A reviewer's: ``instances="no"`` wrote an instances table and ``surface="no"`` computed surface distances,
+    as ``"no"`` is true. Both are a UsageError; a ``postprocess`` section given as a dict with a misspelt key was
+    pydantic's ValidationError, and is a WorkflowError naming the key."""
+    import dask.array as da
+
+    from tilemask import postprocess
+    from tilemask.errors import WorkflowError
+    from tilemask.stats import compute_stats
+
+    pred, truth, _, _ = pair
+    with pytest.raises(UsageError, match=r"^instances must be True or False, not 'no'$"):
+        compute_stats(pred, tmp_path / "t.csv", instances="no")
+    with pytest.raises(UsageError, match=r"^surface must be True or False, not 'no'$"):
+        evaluate_paths(pred, truth, surface="no")
+    assert not (tmp_path / "t.csv").exists()
+    with pytest.raises(WorkflowError, match=r"^postprocess: remove_smal: unknown key$"):
+        postprocess.apply(da.zeros((8, 8), dtype="uint8"), {"remove_smal": 5})

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, on_command_line, option
+from ..errors import InputError, check_flags, on_command_line, option
 from ..sources.labels import check_chunks, open_labels
 from .config import StatsConfig, is_label_image, unused_options
 from .evaluate import check_same_grid, evaluate
@@ -36,6 +36,7 @@ def compute_stats(mask_path: str | os.PathLike, output_path: str | os.PathLike, 
     ``connectivity``, ``classes``, ``chunks``).  Everything a user can get wrong (output suffix, regions,
     region id, coverage, connectivity, class names) is checked before any pixel is read.
     """
+    _check_client(client)
     return prepare_stats(mask_path, output_path, **options)(client)
 
 
@@ -55,6 +56,7 @@ def prepare_stats(
     (``run(client, before_writing=) -> Path``, ``before_writing`` called between computing the table and writing
     it).  ``tilemask stats`` starts its cluster only after this, so a wrong argument or an unreadable file is
     refused at once."""
+    check_flags(instances=instances)
     output = check_table_path(output_path, inputs=(mask_path, regions))
     mask_path, regions = _absolute(mask_path), regions and _absolute(regions)
     if coverage not in ("center", "fraction"):
@@ -125,6 +127,7 @@ def evaluate_paths(
 ) -> dict:
     """Evaluate the prediction at ``pred_path`` against ``truth_path``; write JSON when asked. ``surface``: add
     each class's surface distances (Hausdorff, its 95th percentile, average symmetric surface distance)."""
+    _check_client(client)
     return prepare_evaluation(pred_path, truth_path, output_path, classes=classes, chunks=chunks, surface=surface)(
         client
     )
@@ -142,6 +145,7 @@ def prepare_evaluation(
     """Check the arguments and open both label images, reading no pixel; returns the evaluation
     (``run(client, before_writing=) -> dict``, see :func:`prepare_stats`). With ``surface``, an image too big to
     read whole or on a geographic CRS is refused here too."""
+    check_flags(surface=surface)
     if output_path is not None:
         check_table_path(output_path, inputs=(pred_path, truth_path), suffixes=(".json",))
     pred_path, truth_path = _absolute(pred_path), _absolute(truth_path)
@@ -161,6 +165,13 @@ def prepare_evaluation(
         return result
 
     return run
+
+
+def _check_client(client) -> None:
+    if client is not None:
+        from ..cluster import check_client
+
+        check_client(client)
 
 
 def _absolute(path: str | os.PathLike) -> str:
