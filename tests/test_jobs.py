@@ -1171,7 +1171,8 @@ def test_jobs_lists_the_others_when_one_record_is_damaged(tmp_path):
         assert warning.startswith(f"tilemask: warning: {folders[0].path}/status.json: unreadable: ")
         assert warning.endswith("left out of the list")
     assert warning == (f"tilemask: warning: {folders[0].path}/status.json: unreadable: state 'finished' is not one of "
-                       "queued, running, done, failed, cancelled; left out of the list")  # fmt: skip
+                       "queued, running, done, failed, cancelled (a run with --overwrite starts the job afresh); "
+                       "left out of the list")  # fmt: skip
     status = CliRunner().invoke(main, ["status", str(folders[0].path)])
     assert (status.exit_code, status.stdout) == (2, ""), status.stdout
     (folders[0].path / "status.json").write_text(json.dumps({"state": "running", "host": here, "pid": "12ab"}))
@@ -1213,13 +1214,15 @@ def test_a_job_record_or_manifest_line_that_is_json_but_no_record_is_one_line(tm
             damaged.manifest()
         status = CliRunner().invoke(main, ["status", str(damaged.path)])
         assert status.exit_code == 2 and status.stderr == (f"tilemask: error: {damaged.path}/manifest.jsonl line 2: not "
-                                                           "an attempt's record; the manifest is damaged\n")  # fmt: skip
+                                                           "an attempt's record; the manifest is damaged (a run with "
+                                                           "--overwrite starts the job afresh)\n")  # fmt: skip
         listing = CliRunner().invoke(main, ["jobs"])
         assert listing.exit_code == 0, listing.stderr
         assert [row.split()[0] for row in listing.stdout.splitlines()] == [good.id]
     (damaged.path / "manifest.jsonl").write_text(manifest)
     # a line that is not UTF-8 (a damaged disk) was a UnicodeDecodeError naming no file, exit 1; tilemask jobs failed
-    for name, said in (("manifest.jsonl", "line 2 is not JSON; the manifest is damaged"),
+    for name, said in (("manifest.jsonl", "line 2 is not JSON; the manifest is damaged (a run with --overwrite "
+                                          "starts the job afresh)"),
                        ("items.jsonl", "line 2: not an input's record; the job's record is damaged")):  # fmt: skip
         kept = (damaged.path / name).read_bytes()
         (damaged.path / name).write_bytes(kept + b'{"name": "\xff"}\n')
@@ -1346,3 +1349,25 @@ def test_an_empty_job_is_refused_not_taken_for_the_current_folder(tmp_path):
         assert (done.returncode, done.stderr.strip()) == (
             2, "tilemask: error: no job given: give its id from tilemask jobs, or its folder"), command
     assert job.status()["state"] == "queued" and not (job.path / "cancel").exists()
+
+
+def test_a_damaged_state_record_says_what_starts_the_job_afresh_and_overwrite_does(make_raster, make_model,
+                                                                                  write_workflow, tmp_path):
+    """A damaged ``status.json`` (a disk that filled as it was written, an edit) refused ``status``, ``cancel``
+    and every run of the job, ``--overwrite`` too, without a word of what to do. The line says; a run with
+    ``--overwrite`` starts the job afresh, as it does a damaged manifest."""
+    path, _ = make_raster((3, 64, 64))
+    weights, _ = make_model()
+    workflow = write_workflow(raster_workflow(path, weights))
+    assert run_cli("run", workflow, "--quiet").returncode == 0
+    (job,) = [line.split()[0] for line in run_cli("jobs").stdout.splitlines()]
+    record = find(job).path / "status.json"
+    record.write_text('{"state": ')
+    afresh = " (a run with --overwrite starts the job afresh)"
+    for args in (("status", job), ("cancel", job), ("run", workflow, "--quiet")):
+        done = run_cli(*args)
+        assert (done.returncode, done.stderr) == (
+            2, f"tilemask: error: {record}: unreadable: Expecting value: line 1 column 11 (char 10){afresh}\n"), args
+    done = run_cli("run", workflow, "--quiet", "--overwrite")
+    assert done.returncode == 0, done.stderr
+    assert run_cli("status", job).stdout.startswith(f"job {job}: done, 1 of 1 items ok")

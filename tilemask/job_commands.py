@@ -10,6 +10,7 @@ scheduler holds the live state (``lost``: it no longer knows the job).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import sys
 import time
@@ -380,8 +381,9 @@ def jobs(as_json, debug) -> None:
 
     # each queued or running job's scheduler is asked if it still holds the driver: one gone waits out the
     # connect timeout (5 s) for each of its jobs, so they are asked at once, not in turn
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        answers = list(pool.map(summary, listed()))
+    with ThreadPoolExecutor(max_workers=16) as pool:  # in this command's context: its errors in its words
+        asked = [pool.submit(contextvars.copy_context().run, summary, folder) for folder in listed()]
+        answers = [answer.result() for answer in asked]
     for warning in (a for a in answers if isinstance(a, str)):
         click.echo(warning, err=True)
     summaries = [a for a in answers if isinstance(a, dict)]

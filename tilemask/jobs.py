@@ -66,6 +66,11 @@ STATUS_FIELDS = {"state": (str, type(None)), "host": (str, type(None)), "pid": (
 HELD = ("released", "waiting", "queued", "no-worker")
 
 
+def _afresh() -> str:
+    """What to do with a job whose record is damaged: its run with --overwrite starts it afresh (:meth:`reset`)."""
+    return f" (a run with {option('overwrite', 'True')} starts the job afresh)"
+
+
 class JobError(TilemaskError):
     """A job folder that cannot be used: unknown id, corrupt record, another process running it."""
 
@@ -284,9 +289,9 @@ class JobFolder:
             try:
                 line = json.loads(text)
             except ValueError:
-                raise JobError(f"{path} line {number} is not JSON; the manifest is damaged") from None
+                raise JobError(f"{path} line {number} is not JSON; the manifest is damaged{_afresh()}") from None
             if not _attempt(line):  # JSON, but no attempt's record ([], null, a line without a name)
-                raise JobError(f"{path} line {number}: not an attempt's record; the manifest is damaged")
+                raise JobError(f"{path} line {number}: not an attempt's record; the manifest is damaged{_afresh()}")
             lines.append(line)
         return Manifest(lines)
 
@@ -319,6 +324,11 @@ class JobFolder:
             (self.path / name).unlink(missing_ok=True)
         for name in ("manifest.jsonl", "report.csv", "cancel"):
             self._saved(name)
+        try:
+            self.status()
+        except JobError:  # a damaged record of its state, as a damaged manifest: written again as the job runs
+            (self.path / "status.json").unlink(missing_ok=True)
+            self._saved("status.json")
 
     # -- status, cancel, report -------------------------------------------------------------------------------
 
@@ -328,15 +338,16 @@ class JobFolder:
         except FileNotFoundError:
             return {"job": self.id, "state": "queued"}
         except ValueError as exc:
-            raise JobError(f"{self.path}/status.json: unreadable: {exc}") from None
+            raise JobError(f"{self.path}/status.json: unreadable: {exc}{_afresh()}") from None
         if not isinstance(status, dict):
-            raise JobError(f"{self.path}/status.json: unreadable: not a JSON object")
+            raise JobError(f"{self.path}/status.json: unreadable: not a JSON object{_afresh()}")
         wrong = next((key for key, kind in STATUS_FIELDS.items() if not isinstance(status.get(key), kind)), None)
         if wrong is not None:  # what tilemask writes there is none of these: an edited or damaged record
-            raise JobError(f"{self.path}/status.json: unreadable: {wrong} {status[wrong]!r} is not a {wrong}")
+            raise JobError(f"{self.path}/status.json: unreadable: {wrong} {status[wrong]!r} is not a {wrong}"
+                           f"{_afresh()}")  # fmt: skip
         if status.get("state") not in (None, *WRITTEN):
             raise JobError(f"{self.path}/status.json: unreadable: state {status['state']!r} is not one of "
-                           f"{', '.join(WRITTEN)}")
+                           f"{', '.join(WRITTEN)}{_afresh()}")  # fmt: skip
         return status
 
     def set_status(self, state: str, **fields) -> None:
