@@ -329,3 +329,42 @@ def test_the_maps_legend_names_the_outputs_of_a_class_drawn_in_two_colours(brows
     for text, box in rows:
         drawn = shot[int(box["y"] + box["height"] / 2), int(box["x"] + box["width"] / 2)]
         assert np.abs(drawn - expected[text][:3]).max() <= 8, (text, drawn, expected[text])
+
+
+@pytest.mark.slow
+def test_map_names_an_output_removed_while_open_and_a_long_legend_scrolls_in_its_panel(browser, served_folder,
+                                                                                        tmp_path):
+    """A reviewer's: once a label COG was removed, the map's tiles of it were 404s the page took for tiles outside
+    the output (no word), and a click there said "outside the outputs". Both name the file now. A legend of 300
+    classes made the page itself scroll, the map out of sight; it scrolls inside its panel."""
+    from .conftest import start_server
+
+    for name in ("gone_mask.tif", "many_mask.tif"):
+        shutil.copyfile(served_folder / "RGB.byte_mask.tif", tmp_path / name)
+        shutil.copyfile(served_folder / "RGB.byte_mask.tif.aux.xml", tmp_path / f"{name}.aux.xml")
+    with rasterio.open(tmp_path / "many_mask.tif", "r+", IGNORE_COG_LAYOUT_BREAK="YES") as ds:
+        ds.update_tags(TILEMASK_CLASSES=json.dumps([f"class{v}" for v in range(300)]))
+    with start_server(tmp_path) as url:
+        page = browser.new_page(viewport=SIZE, device_scale_factor=1)
+        failed = []
+        page.on("response", lambda r: failed.append(r.url) if r.status >= 400 else None)
+        page.goto(f"{url}map?output=many_mask.tif")
+        page.wait_for_function("window.tilemaskReady === true", timeout=60_000)
+        assert failed == [], failed
+        panel = page.evaluate("(() => { const p = document.querySelector('.panel'); return [p.scrollHeight, "
+                              "p.clientHeight, document.scrollingElement.scrollHeight, innerHeight]; })()")
+        assert panel[0] > panel[1] and panel[2] <= panel[3], panel  # the legend scrolls, the page does not
+        page.close()
+
+        page = open_page(browser, f"{url}map?output=gone_mask.tif")
+        (tmp_path / "gone_mask.tif").unlink()
+        page.evaluate("tilemaskMap.getView().setZoom(tilemaskMap.getView().getZoom() + 1)")
+        page.wait_for_function("window.tilemaskError !== undefined", timeout=60_000)
+        assert "gone_mask.tif" in page.evaluate("window.tilemaskError")
+        page.mouse.click(SIZE["width"] // 2, SIZE["height"] // 2)
+        page.wait_for_function("document.getElementById('info').textContent.includes('gone_mask.tif') && "
+                               "!document.getElementById('info').textContent.startsWith('not all tiles')",
+                               timeout=30_000)  # fmt: skip
+        said = page.inner_text("#info")
+        page.close()
+    assert said.startswith("not found") or "not a labels" in said, said

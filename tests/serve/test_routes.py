@@ -1589,3 +1589,38 @@ def test_the_catalogs_cache_forgets_files_removed_from_the_folder(tmp_path, serv
         (tmp_path / f"note{i}.txt").unlink()
     assert [e.path for e in catalog.entries()] == ["kept_mask.tif"]
     assert set(catalog._cache) == {str(tmp_path / "kept_mask.tif")}
+
+
+def test_every_get_route_answers_head_and_a_range_of_another_unit_is_ignored(server, served_folder):
+    """A reviewer's: HEAD was a 405 everywhere but ``/files`` and ``/static`` (RFC 9110 9.1: every general-purpose
+    server supports GET and HEAD, which OGC API - Features Core asks for), and ``Range: items=0-1`` a 400 where RFC
+    9110 14.2 says to ignore a unit the server does not know. HEAD answers as GET would, with no body."""
+    for route in ("", "?f=json", "map", "view?volume=anatomical_labels.nii.gz", "tiles/9/144/219.png?output=" + LABELS,
+                  "conformance", "collections", "stac/catalog.json", "volumes/anatomical_labels.nii.gz",
+                  f"stats?output={POLYGONS}", "static/map.js", f"files/{LABELS}", "tiles/1/5/0.png?output=" + LABELS):
+        whole, head = get(f"{server}{route}"), httpx.head(f"{server}{route}", timeout=30)
+        assert (head.status_code, head.content) == (whole.status_code, b""), route
+        assert head.headers.get("content-type") == whole.headers.get("content-type"), route
+        assert head.headers.get("content-length") == whole.headers.get("content-length") == str(len(whole.content))
+    data = (served_folder / LABELS).read_bytes()
+    other_unit = get(f"{server}files/{LABELS}", headers={"Range": "items=0-1"})
+    assert (other_unit.status_code, other_unit.content == data) == (200, True)
+
+
+def test_a_scan_cut_short_is_left_out_not_paired_with_its_labels(tmp_path, served_folder, caplog):
+    """A reviewer's: a scan still being copied beside intact labels was listed and paired with them; the viewer
+    then stopped at "loading" with gzip's "Compressed input was truncated", naming no file, and drew no labels.
+    It is left out with a warning, as labels cut short are, and the labels stand alone."""
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+
+    shutil.copyfile(served_folder / "anatomical_labels.nii.gz", tmp_path / "anatomical_labels.nii.gz")
+    shutil.copyfile(served_folder / "anatomical_labels.colors.csv", tmp_path / "anatomical_labels.colors.csv")
+    whole = (served_folder / "anatomical.nii").read_bytes()
+    (tmp_path / "anatomical.nii").write_bytes(whole[: len(whole) // 2])
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1") as client:
+        outputs = client.get("/?f=json").json()["outputs"]
+    assert [(o["path"], o["kind"], o.get("scan")) for o in outputs] == [("anatomical_labels.nii.gz", "labels", None)]
+    assert any("anatomical.nii: left out of the catalog" in r.getMessage() and "truncated" in r.getMessage()
+               for r in caplog.records), caplog.text  # fmt: skip

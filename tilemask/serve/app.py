@@ -39,6 +39,32 @@ GEOJSON = "application/geo+json"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
+class HeadAsGet:
+    """HEAD of every GET route, answered as GET without its body (RFC 9110 9.1: every general-purpose server
+    supports both; FastAPI's routes answered 405); ``/files`` and ``/static`` answer HEAD themselves, without
+    reading the file.  A ``Range`` of another unit than bytes is ignored, as RFC 9110 14.2 says (it was a 400)."""
+
+    ANSWER_HEAD = ("/files/", "/static/")
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = [(k, v) for k, v in scope["headers"] if k != b"range" or v.strip().lower().startswith(b"bytes=")]
+        scope = {**scope, "headers": headers}
+        if scope["method"] != "HEAD" or scope["path"].startswith(self.ANSWER_HEAD):
+            return await self.app(scope, receive, send)
+
+        async def without_body(message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, without_body)
+
+
 def create_app(
     folder: str | Path, cors_origins: tuple[str, ...] = (), allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES
 ) -> FastAPI:
@@ -49,6 +75,7 @@ def create_app(
         raise NotADirectoryError(f"{folder}: not a folder")
     catalog = Catalog(root)
     app = FastAPI(title="tilemask serve", docs_url=None, redoc_url=None)  # the docs pages load from a CDN
+    app.add_middleware(HeadAsGet)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "HEAD"],
@@ -292,7 +319,7 @@ def _index_html(root: Path, entries: list[Entry]) -> str:
         rows.append(f"<tr><td>{path}</td><td>{e.kind}</td><td>{e.format}</td><td>{classes}</td>"
                     f"<td>{' '.join(links)}</td></tr>")  # fmt: skip
     return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>tilemask outputs</title>"
+        "<!doctype html><html><head><meta charset='utf-8'><link rel='icon' href='data:,'><title>tilemask outputs</title>"
         "<link rel='stylesheet' href='static/tilemask.css'></head><body>"
         f"<h1>tilemask: {html.escape(shown(root.name))}</h1>"
         "<p><a href='map'>map</a> · <a href='stac/catalog.json'>STAC</a> · <a href='collections'>OGC API Features</a>"

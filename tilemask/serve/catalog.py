@@ -307,7 +307,10 @@ def _image(root: Path, rel: str, path: Path) -> list[Entry]:
         if fmt.name == "nifti":
             import nibabel as nib
 
+            from ..sources.nifti import check_length
+
             img = nib.load(path)
+            check_length(str(path), img, img.shape)  # one still being copied is left out, as labels are
             return [Entry(rel, "scan", fmt.name, stem, shape=tuple(int(s) for s in img.shape),
                           affine=_affine(nifti_affine_mm(img)))]  # fmt: skip (in mm, as the labels' reader gives)
         if geotiff is not None:

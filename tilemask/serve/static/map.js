@@ -13,7 +13,8 @@ function lonLatBox([x0, y0, x1, y1]) {
 }
 // A tile fetched rather than left to an <img>, so that the server's reason for one it cannot draw (a COG whose
 // tiles are cut short or do not decompress: 422) is named in #info and window.tilemaskError, not a silent gap.
-// 404 is a tile outside the output: nothing to draw there.
+// A 404 "tile ... outside ..." is a tile outside the output: nothing to draw there. Any other (the output
+// removed while the page is open) is named.
 const TILE_LOADING = 1, TILE_ERROR = 3;  // ol's TileState (the full build does not export it)
 function tileFailed(tile, reason) {
   if (reason) {
@@ -40,7 +41,8 @@ function tileLoader(path) {
       let detail;
       try { detail = JSON.parse(body).detail; } catch (e) { /* not JSON */ }
       const reason = typeof detail === "string" ? detail : `${path}: ${response.status} ${body}`;
-      tileFailed(tile, response.status === 404 ? null : reason);
+      const outside = response.status === 404 && typeof detail === "string" && /^tile .*outside/.test(detail);
+      tileFailed(tile, outside ? null : reason);
       return;
     }
     const url = URL.createObjectURL(body);
@@ -160,7 +162,14 @@ map.on("singleclick", async (event) => {
   // The layer drawn on top first (the last one), down through those transparent there (nodata, or outside).
   for (const r of config.rasters.slice().reverse()) {
     const response = await fetch(`point?output=${encodeURIComponent(r.path)}&lon=${lon}&lat=${lat}`);
-    if (!response.ok) continue;
+    if (!response.ok) {
+      let detail;
+      try { detail = (await response.json()).detail; } catch (e) { /* not JSON */ }
+      if (response.status === 404 && typeof detail === "string" && detail.startsWith("(")) continue;  // outside
+      info.textContent = typeof detail === "string" ? detail : `${r.path}: ${response.status}`;  // gone, damaged
+      delete info.dataset.value;
+      return;
+    }
     const answer = await response.json();
     if (answer.class === null) { noData = true; continue; }
     info.textContent = answer.class;
