@@ -319,7 +319,8 @@ def _index_html(root: Path, entries: list[Entry]) -> str:
         rows.append(f"<tr><td>{path}</td><td>{e.kind}</td><td>{e.format}</td><td>{classes}</td>"
                     f"<td>{' '.join(links)}</td></tr>")  # fmt: skip
     return (
-        "<!doctype html><html><head><meta charset='utf-8'><link rel='icon' href='data:,'><title>tilemask outputs</title>"
+        "<!doctype html><html><head><meta charset='utf-8'><link rel='icon' href='data:,'>"
+        "<title>tilemask outputs</title>"
         "<link rel='stylesheet' href='static/tilemask.css'></head><body>"
         f"<h1>tilemask: {html.escape(shown(root.name))}</h1>"
         "<p><a href='map'>map</a> · <a href='stac/catalog.json'>STAC</a> · <a href='collections'>OGC API Features</a>"
