@@ -368,3 +368,39 @@ def test_map_names_an_output_removed_while_open_and_a_long_legend_scrolls_in_its
         said = page.inner_text("#info")
         page.close()
     assert said.startswith("not found") or "not a labels" in said, said
+
+
+@pytest.mark.slow
+def test_view_draws_labels_whose_values_pass_the_gpus_largest_texture(browser, tmp_path):
+    """A reviewer's: labels naming a value of 14175 (FreeSurfer's greatest) or 1e6 showed the scan alone: NiiVue's
+    label colormap, a texel per value up to the greatest, was past the GPU's largest texture (8192 here), and the
+    page said nothing. Both classes are drawn over the scan as labels of small values are: as many pixels differ
+    from the scan drawn under labels of background alone."""
+    from tilemask.formats import NIFTI_DESCRIP
+
+    from .conftest import start_server
+
+    scan = np.full((40, 40, 40), 300, np.int16)
+    scan[::2] += 200
+    shots = {}
+    for top in (0, 2, 14175, 1_000_000):
+        folder = tmp_path / str(top)
+        folder.mkdir()
+        labels = np.zeros((40, 40, 40), np.int32)
+        if top:
+            labels[5:18, 5:35], labels[22:35, 5:35] = 1, top
+        nib.save(nib.Nifti1Image(scan, np.eye(4)), folder / "m.nii.gz")
+        img = nib.Nifti1Image(labels, np.eye(4))
+        img.header["descrip"] = NIFTI_DESCRIP
+        nib.save(img, folder / "m_labels.nii.gz")
+        (folder / "m_labels.colors.csv").write_text("LabelValue,Name,Color_R,Color_G,Color_B,Color_A\n"
+                                                    "0,background,0,0,0,0\n1,liver,31,119,180,255\n"
+                                                    f"{top or 2},lesion,214,39,40,255\n")  # fmt: skip
+        with start_server(folder) as url:
+            page = open_page(browser, f"{url}view?volume=m_labels.nii.gz")
+            page.wait_for_timeout(1500)
+            shots[top] = screenshot(page)[:, :780]  # left of the legend
+            page.close()
+    drawn = {top: int((np.abs(shot - shots[0]).max(axis=2) > 25).sum()) for top, shot in shots.items() if top}
+    assert drawn[2] > 20_000, drawn
+    assert all(abs(n - drawn[2]) < 0.25 * drawn[2] for n in drawn.values()), drawn
