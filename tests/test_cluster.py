@@ -667,3 +667,29 @@ def _refusal(call) -> str:
     except UsageError as exc:
         return str(exc)
     return "not refused"
+
+
+@pytest.mark.timeout(120)
+def test_a_run_inside_a_dask_task_without_a_client_is_refused_not_hung(make_raster, make_model, tmp_path, client):
+    """A reviewer's: ``tilemask.run(workflow)`` inside a Dask task started an embedded cluster, which a worker's
+    process (daemonic: its nanny's child) may not, and hung without a word. It is one UsageError naming the way:
+    the worker's own client."""
+    import tilemask
+
+    path, _ = make_raster((3, 64, 64))
+    weights, _ = make_model()
+    workflow = tilemask.Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path)
+
+    def inside(workflow) -> str:
+        import tilemask
+
+        try:
+            tilemask.run(workflow)
+        except tilemask.TilemaskError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "ran"
+
+    said = client.submit(inside, workflow, pure=False).result(timeout=90)
+    assert said == ("UsageError: tilemask cannot start its cluster inside a Dask task: a worker's process may start "
+                    "none of its own; give the worker's, client=distributed.get_client()"), said
+    assert not (tmp_path / "out").exists()

@@ -95,7 +95,7 @@ def test_an_alias_bomb_in_a_set_value_is_refused(tmp_path):
     flow = "[" + ", ".join(f"&b{i} [" + ", ".join([f"*b{i - 1}" if i else "x"] * 10) + "]" for i in range(8)) + "]"
     workflow = raster_workflow(tmp_path / "scene.tif", tmp_path / "weights.pt")
     start = time.perf_counter()
-    with pytest.raises(WorkflowError, match=r"^--set model\.args: YAML aliases expand"):
+    with pytest.raises(WorkflowError, match=r"^overrides model\.args: YAML aliases expand"):
         Workflow.from_dict(workflow, [f"model.args={{bomb: {flow}}}"])
     assert time.perf_counter() - start < 2.0
 
@@ -506,7 +506,7 @@ def test_a_key_given_twice_in_a_workflow_file_is_refused_with_both_lines(tmp_pat
     assert str(refused.value) == f"workflow {path} line 9: overlap given twice (first on line 7)", str(refused.value)
     with pytest.raises(WorkflowError) as refused:
         Workflow.from_dict({}, ["inference={roi_size: [64, 64], roi_size: [32, 32]}"])
-    assert str(refused.value) == "--set inference line 1: roi_size given twice (first on line 1)", str(refused.value)
+    assert str(refused.value) == "overrides inference line 1: roi_size given twice (first on line 1)", str(refused.value)
 
 
 @pytest.mark.timeout(60)
@@ -544,3 +544,16 @@ def test_a_saved_workflow_reads_back_as_itself(tmp_path):
     assert Workflow.from_dict(saved, base_dir=tmp_path).to_dict() == saved
     with pytest.raises(WorkflowError, match="give model.nnunet"):
         Workflow.from_dict({**saved, "model": {**saved["model"], "fold": 0}}, base_dir=tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_one_override_given_alone_as_a_string_is_taken_whole_and_refusals_name_overrides(make_raster, make_model,
+                                                                                          write_workflow):
+    """A reviewer's: ``Workflow.from_yaml(path, "inference.backend=onnxruntime")`` took the string a letter at a
+    time ("--set 'i': expected KEY=VALUE"), its refusal naming the command's --set to a Python caller."""
+    path, _ = make_raster((3, 64, 64))
+    weights, _ = make_model()
+    workflow = write_workflow(raster_workflow(path, weights))
+    assert Workflow.from_yaml(workflow, "inference.overlap=0.5").inference.overlap == 0.5
+    with pytest.raises(WorkflowError, match=r"^overrides 'overlap': expected KEY=VALUE, e\.g\. output\.chunks=1024$"):
+        Workflow.from_yaml(workflow, ["overlap"])

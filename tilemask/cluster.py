@@ -28,6 +28,7 @@ import contextvars
 import ctypes
 import importlib.util
 import logging
+import multiprocessing
 import os
 import queue
 import re
@@ -142,6 +143,10 @@ def check_cluster_options(scheduler: str | None, kind: str = "local") -> None:
             raise UsageError(f"{given('scheduler', scheduler)}: not a Dask scheduler address: {exc}") from None
         if address.startswith("tls://"):
             check_client_tls(scheduler)
+    if kind == "local" and not scheduler and multiprocessing.current_process().daemon:
+        # a Dask worker's process (its nanny's child) may start none of its own: LocalCluster hung without a word
+        raise UsageError("tilemask cannot start its cluster inside a Dask task: a worker's process may start none "
+                         "of its own; give the worker's, client=distributed.get_client()")  # fmt: skip
     if kind == "slurm":
         if scheduler:
             raise UsageError(f"{given('cluster', 'slurm')} starts its own scheduler; leave out {option('scheduler')}")

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .errors import InputError, WorkflowError
+from .errors import InputError, WorkflowError, on_command_line
 from .formats import FORMATS, for_output, stem
 from .stats.config import NotBool, PostprocessConfig, StatsConfig, only_stem_placeholder
 from .storage import is_remote
@@ -401,7 +401,7 @@ class Workflow(_Strict):
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Workflow:
+    def from_yaml(cls, path: str | Path, overrides: str | list[str] | tuple[str, ...] = ()) -> Workflow:
         """Read, override (``key.path=value``, YAML values) and validate a workflow file."""
         path = Path(path)
         try:
@@ -577,22 +577,24 @@ class Workflow(_Strict):
 
 
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
-    """Apply ``--set key.path=value`` overrides (values parsed as YAML) to a raw workflow dict."""
+    """Apply ``--set key.path=value`` overrides (values parsed as YAML) to a raw workflow dict; one override may be
+    given alone, as a string (Python's ``overrides="k=v"`` was taken a letter at a time)."""
     raw = _deep_copy(raw)
-    for item in overrides:
-        key, sep, value = item.partition("=")
+    where = "--set" if on_command_line() else "overrides"  # each refusal in the caller's words
+    for item in [overrides] if isinstance(overrides, str) else overrides:
+        key, sep, value = str(item).partition("=")
         if not sep or not key:
-            raise WorkflowError(f"--set {item!r}: expected KEY=VALUE, e.g. output.chunks=1024")
+            raise WorkflowError(f"{where} {item!r}: expected KEY=VALUE, e.g. output.chunks=1024")
         try:
-            parsed = load_yaml(value, f"--set {key}")
+            parsed = load_yaml(value, f"{where} {key}")
         except yaml.YAMLError:
-            raise WorkflowError(f"--set {key}: value {value!r} is not valid YAML") from None
+            raise WorkflowError(f"{where} {key}: value {value!r} is not valid YAML") from None
         node = raw
         parts = key.split(".")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise WorkflowError(f"--set {key}: {part} is not a section")
+                raise WorkflowError(f"{where} {key}: {part} is not a section")
             node = child
         node[parts[-1]] = parsed
     return raw
