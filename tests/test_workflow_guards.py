@@ -506,7 +506,7 @@ def test_a_key_given_twice_in_a_workflow_file_is_refused_with_both_lines(tmp_pat
     assert str(refused.value) == f"workflow {path} line 9: overlap given twice (first on line 7)", str(refused.value)
     with pytest.raises(WorkflowError) as refused:
         Workflow.from_dict({}, ["inference={roi_size: [64, 64], roi_size: [32, 32]}"])
-    assert str(refused.value) == "overrides inference line 1: roi_size given twice (first on line 1)", str(refused.value)
+    assert str(refused.value) == "overrides inference line 1: roi_size given twice (first on line 1)", refused
 
 
 @pytest.mark.timeout(60)
