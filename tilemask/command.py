@@ -101,12 +101,15 @@ _NO_ANSWER = re.compile(r"HTTP response code on \S+: 0$")
 def scheduler_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """``--scheduler``: an address (tcp://HOST:PORT) or a scheduler file, as ``dask scheduler --scheduler-file``
     writes it and ``dask worker --scheduler-file`` reads it: its ``address``.  Spaces around it are dropped."""
-    if value is None or not os.path.isfile(value.strip()):
-        return value if value is None else value.strip()
+    if value is None:
+        return None
+    value = value.strip()
+    if not os.path.isfile(value):
+        return value
     import json
 
     try:
-        with open(value.strip(), encoding="utf-8") as file:
+        with open(value, encoding="utf-8") as file:
             found = json.load(file)
     except (OSError, ValueError) as exc:  # not JSON, not UTF-8, unreadable
         raise click.BadParameter(f"{value}: not a Dask scheduler file: {first_line(exc)}") from None
