@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from multiprocessing import resource_tracker
@@ -820,6 +821,24 @@ def check_workers(client: Client) -> None:
         for name, why in answer.items():
             raise UsageError(f"Dask worker {address} cannot import {name} ({why}): install tilemask, with torch, "
                              "in the environment its workers run in")
+    if not isinstance(client.cluster, LocalCluster):  # whose workers run this environment
+        _warn_of_other_versions(client)
+
+
+def _warn_of_other_versions(client: Client) -> None:
+    """Dask's ``VersionMismatchWarning``, asked again now that workers have joined: Dask compares versions as the
+    client connects, before the workers of a cluster just started (SLURM, a ``dask worker`` started beside the
+    run) are there.  The command line says it once (:func:`tilemask.command._one_line_version_mismatch`)."""
+    from distributed.versions import VersionMismatchWarning, error_message
+
+    try:
+        versions = client.get_versions()
+    except Exception as exc:  # noqa: BLE001 - as check_workers: a scheduler may refuse
+        logger.debug("cannot ask the cluster for its versions: %r", exc)
+        return
+    said = error_message(versions["scheduler"], versions["workers"], versions["client"])
+    if said["warning"]:
+        warnings.warn(VersionMismatchWarning(said["warning"]), stacklevel=1)
 
 
 def prepare_workers(client: Client) -> None:

@@ -119,15 +119,20 @@ def scheduler_address(ctx: click.Context, param: click.Parameter, value: str | N
     return address
 
 
+_VERSIONS_SAID: set[str] = set()
+
+
 def _one_line_version_mismatch(message, category, filename, lineno, file=None, line=None) -> None:
     """Dask's ``VersionMismatchWarning`` (a table of the packages whose versions differ between this process, the
     scheduler and the workers) as one warning line: workers of another environment can unpickle tasks wrongly."""
     rows = [[cell.strip() for cell in row.strip().strip("|").split("|")] for row in str(message).splitlines()
             if row.startswith("|")][1:]  # fmt: skip (the first row names the columns)
     said = "; ".join(f"{row[0]} {row[1]} here, {row[2]} on the scheduler, {row[3]} on the workers" for row in rows
-                     if len(row) == 4)  # fmt: skip
-    logger.warning("the Dask cluster's packages differ from this process's (--debug shows Dask's table): %s",
-                   said or first_line(message))  # fmt: skip
+                     if len(row) == 4) or first_line(message)  # fmt: skip
+    if said in _VERSIONS_SAID:  # Dask's check as the client connects, then tilemask's once workers joined
+        return
+    _VERSIONS_SAID.add(said)
+    logger.warning("the Dask cluster's packages differ from this process's (--debug shows Dask's table): %s", said)
 
 
 def configure_logging(debug: bool, verbosity: int = 0) -> None:
