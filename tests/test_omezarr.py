@@ -244,6 +244,13 @@ def test_an_ome_zarr_named_zarr_is_read_as_one_and_an_array_inside_a_group_by_it
     inside = open_source(str(named / "0"), 3)
     assert inside.shape == (1, 20, 18, 16)
     np.testing.assert_array_equal(inside.read(((0, 20), (0, 18), (0, 16)))[0], volume)
+    assert inside.geometry == source.geometry  # a level's scale is its parent's metadata: it was 1 mm voxels
+    group.create_array("1", data=volume[::2, ::2, ::2], chunks=(10, 9, 8))
+    group.attrs["multiscales"] = [{**group.attrs["multiscales"][0], "datasets": [
+        *group.attrs["multiscales"][0]["datasets"],
+        {"path": "1", "coordinateTransformations": [{"type": "scale", "scale": [4.0, 2.0, 1.0]}]}]}]  # fmt: skip
+    coarse = np.asarray(open_source(str(named / "1"), 3).geometry.affine)
+    assert (coarse[2, 0], coarse[1, 1], coarse[0, 2]) == (4.0, 2.0, 1.0)
 
     plain = tmp_path / "plain.zarr"
     zarr.open_group(plain, mode="w", zarr_format=3).create_array("scan", data=volume, chunks=(10, 9, 8))

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import dask.array as da
 import numpy as np
+import pandas as pd
 import pytest
 import rasterio
 import rioxarray
 import xarray as xr
+import zarr
 from rasterio.transform import Affine
 
 from tilemask.errors import InputError, UsageError
@@ -164,6 +167,83 @@ def test_a_volumes_nodata_label_is_its_fill_value_and_odd_arguments_are_named(tm
     if suffix == ".ome.zarr":  # its labels/ group
         with pytest.raises(InputError, match=r"/labels: a label image has one band, this raster has 0$"):
             open_result(f"{path}/labels")
+
+
+def test_labels_given_by_their_path_inside_a_zarr_store_open_on_the_stores_grid(tmp_path):
+    """An array or label image inside a Zarr store (``seg.ome.zarr/labels/labels/0``, ``seg.zarr/labels``, a level
+    of another OME-Zarr's label image) was handed to GDAL: "Unsupported codec: bytes", or a group "with 0 bands".
+    A tilemask output's labels open as the output does; another OME-Zarr level on that level's scale, as its
+    multiscale's metadata gives it (ome-zarr's reader reads the same scale)."""
+    from distributed import Client, LocalCluster
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    from tilemask.geometry import VolumeGeometry
+    from tilemask.stats.api import compute_stats
+
+    labels = np.random.default_rng(4).integers(0, 3, size=(20, 18, 12)).astype(np.uint8)
+    affine = tuple(tuple(r) for r in np.diag([0.8, 0.8, 2.5, 1.0]).tolist())
+    for suffix, inside in ((".zarr", ["labels"]), (".ome.zarr", ["labels/labels/0", "labels/labels"])):
+        layout = OutputLayout(labels.shape, (16, 16, 16), CLASSES, "uint8", 0, "none", VolumeGeometry(affine),
+                              str(tmp_path / "scan.nii.gz"), 255)  # fmt: skip
+        store = tmp_path / f"seg{suffix}"
+        sink = make_sink(str(store), layout)
+        sink.create()
+        sink.write(((0, 20), (0, 18), (0, 12)), labels, None)
+        sink.commit()
+        whole = open_result(store)
+        for key in inside:
+            opened = open_result(store / key)
+            xr.testing.assert_identical(opened, whole)
+    # an OME-Zarr label image of two levels, not tilemask's
+    root = zarr.open_group(tmp_path / "atlas.ome.zarr", mode="w", zarr_format=3)
+    image = root.create_group("labels/regions")
+    image.create_array("0", data=labels, chunks=(10, 9, 6), dimension_names=("z", "y", "x"))
+    image.create_array("1", data=labels[::2, ::2, ::2], chunks=(10, 9, 6), dimension_names=("z", "y", "x"))
+    image.attrs["ome"] = {"version": "0.5", "image-label": {}, "multiscales": [{
+        "axes": [{"name": n, "type": "space", "unit": "millimeter"} for n in "zyx"],
+        "datasets": [{"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+                     for level, scale in enumerate(([2.5, 0.8, 0.8], [5.0, 1.6, 1.6]))]}]}  # fmt: skip
+    root["labels"].attrs["ome"] = {"version": "0.5", "labels": ["regions"]}
+    root.attrs["ome"] = {"version": "0.5"}
+    (node,) = [n for n in Reader(parse_url(str(tmp_path / "atlas.ome.zarr" / "labels" / "regions")))()
+               if n.metadata.get("coordinateTransformations")]  # fmt: skip
+    reference = node.metadata["coordinateTransformations"][1][0]["scale"]  # ome-zarr's reading of level 1
+    coarse = open_result(tmp_path / "atlas.ome.zarr" / "labels" / "regions" / "1")
+    np.testing.assert_array_equal(coarse.values, labels[::2, ::2, ::2])
+    placed = np.asarray(coarse.attrs["affine"])
+    np.testing.assert_allclose((placed[2, 0], placed[1, 1], placed[0, 2]), reference)  # array axis z on world z
+    with Client(LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None)) as client:
+        table = pd.read_csv(compute_stats(tmp_path / "atlas.ome.zarr/labels/regions/1", tmp_path / "coarse.csv",
+                                          client=client))  # fmt: skip
+        values, counts = np.unique(labels[::2, ::2, ::2], return_counts=True)
+        np.testing.assert_array_equal(table["voxels"], counts)
+        np.testing.assert_allclose(table["volume_ml"], counts * np.prod(reference) / 1000)
+        # a 2D label array in a store, per polygon: as the same labels in a GeoTIFF (exactextract's reading)
+        scene = np.random.default_rng(5).integers(0, 3, (300, 400)).astype(np.uint8)
+        transform = Affine(10.0, 0.0, 5e5, 0.0, -10.0, 4e6)
+        array = zarr.open_group(tmp_path / "plain.zarr", mode="w", zarr_format=3).create_array("mask", data=scene,
+                                                                                               chunks=(128, 128))
+        array.attrs.update(crs=rasterio.CRS.from_epsg(32633).to_wkt(), transform=list(transform.to_gdal()))
+        with rasterio.open(tmp_path / "mask.tif", "w", driver="GTiff", width=400, height=300, count=1, dtype="uint8",
+                           crs="EPSG:32633", transform=transform) as ds:  # fmt: skip
+            ds.write(scene, 1)
+        regions = tmp_path / "regions.geojson"
+        regions.write_text(json.dumps({"type": "FeatureCollection", "features": [{
+            "type": "Feature", "properties": {"id": 1}, "geometry": {"type": "Polygon", "coordinates": [[
+                [500105, 3999905], [503000, 3999905], [503000, 3998003], [500105, 3998003], [500105, 3999905]]]}}],
+            "crs": {"type": "name", "properties": {"name": "EPSG:32633"}}}))  # fmt: skip
+        for coverage in ("center", "fraction"):
+            pd.testing.assert_frame_equal(
+                pd.read_csv(compute_stats(tmp_path / "plain.zarr/mask", tmp_path / "z.csv", regions=regions,
+                                          coverage=coverage, client=client)),
+                pd.read_csv(compute_stats(tmp_path / "mask.tif", tmp_path / "t.csv", regions=regions,
+                                          coverage=coverage, client=client)))  # fmt: skip
+        for key in ("labels", "labels/labels/0"):  # a tilemask output's table, as of the output itself
+            store = tmp_path / ("seg.zarr" if key == "labels" else "seg.ome.zarr")
+            pd.testing.assert_frame_equal(
+                pd.read_csv(compute_stats(store / key, tmp_path / "inside.csv", client=client)),
+                pd.read_csv(compute_stats(store, tmp_path / "whole.csv", client=client)))
 
 
 def test_nifti_probabilities_open_as_nibabel_reads_them(tmp_path):

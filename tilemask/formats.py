@@ -452,6 +452,16 @@ class GdalRasterFormat(GeoTiffFormat):
                                  "nib.save(nib.load(path), 'scan.nii.gz') makes one") from None  # fmt: skip
             raise
 
+    def open_labels(self, path, chunks):
+        from .sources.labels import open_zarr_array_labels
+        from .sources.zarr import ome_first_level
+
+        if _inside_zarr_store(path):
+            path = ome_first_level(path) or path  # a label image's group: its full resolution
+            if zarr_array_inside_store(path):
+                return open_zarr_array_labels(path, chunks)
+        return super().open_labels(path, chunks)
+
 
 class MincFormat(Format):
     """A MINC volume (``.mnc``: MINC1 is netCDF, MINC2 HDF5), which tilemask does not read, as an input or as labels,
@@ -484,6 +494,22 @@ def _inside_zarr_store(path: str) -> bool:
     """Whether ``path`` names an array inside a local Zarr store (``scan.zarr/0``: a last name with no suffix)."""
     name = path.lower().rstrip("/")
     return "://" not in name and ".zarr/" in name and "." not in name.rsplit("/", 1)[-1]
+
+
+def zarr_array_inside_store(path: str) -> bool:
+    """Whether ``path`` names an array inside a local Zarr store that zarr-python reads, not GDAL (labels:
+    ``seg.ome.zarr/labels/labels/0``, ``seg.zarr/labels``; :func:`tilemask.sources.zarr.read_by_gdal`)."""
+    from .sources.zarr import read_by_gdal
+
+    return _inside_zarr_store(path) and not read_by_gdal(path, 2)
+
+
+def zarr_store_of(path: str) -> tuple[str, str]:
+    """The innermost Zarr store holding ``path`` and the key inside it (``seg.ome.zarr/labels/labels/0``:
+    ``seg.ome.zarr`` and ``labels/labels/0``)."""
+    parts = path.rstrip("/").split("/")
+    inner = max(i for i, part in enumerate(parts[:-1]) if part.lower().endswith(".zarr"))
+    return "/".join(parts[: inner + 1]), "/".join(parts[inner + 1 :])
 
 
 def _nifti_pair(path: str) -> bool:

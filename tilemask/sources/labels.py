@@ -188,6 +188,27 @@ def open_zarr_labels(path: str, chunks) -> LabelImage:
     return LabelImage(path, lazy, geometry, classes, meta.get("nodata"))
 
 
+def open_zarr_array_labels(path: str, chunks) -> LabelImage:
+    """A label array inside a Zarr store, on the grid an input array gets (:meth:`ZarrSource.open`: its OME-Zarr
+    level's scale, its tilemask output's attributes); a tilemask output's labels (``seg.ome.zarr/labels/labels/0``,
+    ``seg.zarr/labels``) are its output, opened whole, with their class names and nodata label."""
+    from ..formats import for_path, zarr_store_of
+    from .zarr import ZarrSource
+
+    store, key = zarr_store_of(path)
+    output = for_path(store)
+    if output.written_by_tilemask(store) and key == output.labels_key(zarr.open_group(store, mode="r")):
+        output.require_complete(store)
+        return output.open_labels(store, chunks)
+    array = zarr.open_array(path, mode="r")
+    if array.ndim not in (2, 3):
+        raise InputError(f"{path}: a label image has 2 or 3 axes, this Zarr array has {array.ndim}")
+    if not np.issubdtype(np.dtype(array.dtype), np.integer):
+        raise InputError(f"{path}: labels must be integers, the array holds {np.dtype(array.dtype)}")
+    geometry = ZarrSource.open(path, array.ndim).geometry
+    return LabelImage(path, _from_zarr(path, array, chunks), geometry, None, None)
+
+
 def omezarr_labels_key(root) -> str:
     """The first level of an OME-Zarr's first label image (tilemask records it: ``labels/labels/0``)."""
     meta = dict(root.attrs).get("tilemask", {})

@@ -58,6 +58,38 @@ def ome_space_unit(path: str) -> str | None:
     return units.pop() if len(units) == 1 else None
 
 
+def _has_geometry(attrs: dict) -> bool:
+    return "affine" in attrs or "transform" in attrs
+
+
+def _parent_attrs(path: str) -> dict:
+    """The attributes of the Zarr group holding the array at ``path`` ({} where none does)."""
+    parent = path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else ""
+    try:
+        return dict(zarr.open_group(parent, mode="r").attrs) if parent else {}
+    except Exception:  # noqa: BLE001 - not inside a Zarr group
+        return {}
+
+
+def _ome_level(path: str, parent: dict) -> int | None:
+    """Which level of its parent group's OME-Zarr multiscale (``parent``: the group's attributes) the array at
+    ``path`` is (``scan.ome.zarr/0``: 0), else None: its grid is that level's scale."""
+    datasets = (ome_multiscales(parent) or [{}])[0].get("datasets")
+    paths = [d.get("path") if isinstance(d, dict) else None for d in datasets] if isinstance(datasets, list) else []
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return paths.index(name) if name in paths else None
+
+
+def ome_first_level(path: str) -> str | None:
+    """The path of the first level of the OME-Zarr multiscale group at ``path`` (a label image inside a store:
+    ``seg.ome.zarr/labels/labels``), else None."""
+    try:
+        multiscales = ome_multiscales(dict(zarr.open_group(path, mode="r").attrs))
+        return f"{path.rstrip('/')}/{multiscales[0]['datasets'][0]['path']}" if multiscales else None
+    except Exception:  # noqa: BLE001 - not a Zarr group, or a multiscale without datasets
+        return None
+
+
 TILEMASK_ATTRS = "tilemask's attributes ('affine' for a volume, 'transform' for a raster)"
 OME_SCALES = "the multiscale's scale transformations"
 
@@ -83,15 +115,24 @@ class ZarrSource(ImageSource):
             example = f" (it holds {', '.join(arrays[:5])})" if arrays else " (it holds no array)"
             raise InputError(f"{path}: a Zarr group without OME-Zarr multiscales; give the path of the image array "
                              f"inside it, {path.rstrip('/')}/NAME{example}")  # fmt: skip
+        attrs = dict(node.attrs)
+        if not _has_geometry(attrs):  # an array of a group whose attributes place it
+            parent = _parent_attrs(path)
+            level = _ome_level(path, parent)
+            if level is not None:
+                return cls.open_ome(path.rstrip("/").rsplit("/", 1)[0], spatial_dims, level)
+            if "tilemask" in parent and _has_geometry(parent):  # an array of a tilemask output's .zarr group
+                attrs = parent
         shape = tuple(int(s) for s in node.shape)
         if len(shape) not in (spatial_dims, spatial_dims + 1):
             raise InputError(f"{path}: Zarr array with {len(shape)} axes for a {spatial_dims}D model")
-        geometry = usable_geometry(path, geometry_from_attrs(dict(node.attrs), spatial_dims), TILEMASK_ATTRS)
+        geometry = usable_geometry(path, geometry_from_attrs(attrs, spatial_dims), TILEMASK_ATTRS)
         return cls(path, shape, len(shape) == spatial_dims + 1, geometry, np.dtype(node.dtype).kind == "f")
 
     @classmethod
-    def open_ome(cls, path: str, spatial_dims: int) -> ZarrSource:
-        """An OME-Zarr image: the first level of its first multiscale, with that level's scale as its grid."""
+    def open_ome(cls, path: str, spatial_dims: int, level: int = 0) -> ZarrSource:
+        """An OME-Zarr image: a level of its first multiscale (the first: full resolution), with that level's scale
+        as its grid."""
         from ..geometry import ome_geometry
 
         try:
@@ -106,15 +147,22 @@ class ZarrSource(ImageSource):
         if "time" in kinds or kinds.count("channel") > 1:
             raise InputError(f"{path}: OME-Zarr axes {kinds}: tilemask reads channel and space axes only")
         try:
-            level0 = multiscale["datasets"][0]["path"]
+            dataset = multiscale["datasets"][level]["path"]
         except (KeyError, IndexError, TypeError):
             raise InputError(f"{path}: an OME-Zarr multiscale without datasets") from None
-        source = cls.open(f"{path.rstrip('/')}/{level0}", spatial_dims)
-        if "tilemask" in attrs:
+        array = f"{path.rstrip('/')}/{dataset}"
+        try:
+            node = zarr.open_array(array, mode="r")
+        except Exception as exc:
+            raise InputError(f"{array}: cannot open Zarr: {exc}") from None
+        shape = tuple(int(s) for s in node.shape)
+        if len(shape) not in (spatial_dims, spatial_dims + 1):
+            raise InputError(f"{array}: Zarr array with {len(shape)} axes for a {spatial_dims}D model")
+        if "tilemask" in attrs and level == 0:
             geometry = usable_geometry(path, geometry_from_attrs(attrs, spatial_dims), TILEMASK_ATTRS)
         else:
-            geometry = usable_geometry(path, ome_geometry(multiscale, spatial_dims), OME_SCALES)
-        return cls(source.path, source.array_shape, source.channel_first, geometry, source.floating)
+            geometry = usable_geometry(path, ome_geometry(multiscale, spatial_dims, level), OME_SCALES)
+        return cls(array, shape, len(shape) == spatial_dims + 1, geometry, np.dtype(node.dtype).kind == "f")
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -67,6 +67,7 @@ pixel (as exactextract gives it) and a place in one warning.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -112,11 +113,11 @@ class WindowReader:
 
     path: str
 
-    @property
+    @functools.cached_property
     def is_zarr(self) -> bool:
-        from ..formats import for_path
+        from ..formats import for_path, zarr_array_inside_store
 
-        return for_path(self.path).zarr_store
+        return for_path(self.path).zarr_store or zarr_array_inside_store(self.path)
 
     def zarr_array(self):
         """The Zarr label array, opened once per worker thread (the ``labels`` array of a group)."""
