@@ -600,11 +600,11 @@ def test_torchscript_of_the_wrong_channels_is_one_line_exit_2(make_raster, write
 # -- hangs and dead parts -------------------------------------------------------------------------
 
 
-def _scheduler(tmp_path) -> tuple[subprocess.Popen, str]:
+def _scheduler(tmp_path, env: dict | None = None) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-        stdout=open(tmp_path / "scheduler.log", "w"), stderr=subprocess.STDOUT,
+        stdout=open(tmp_path / "scheduler.log", "w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
     )  # fmt: skip
     address = f"tcp://127.0.0.1:{port}"
     from distributed import Client
@@ -679,19 +679,23 @@ sys.meta_path.insert(0, Block())
 
 
 @pytest.mark.slow  # a `dask scheduler` and a `dask worker` (10 s)
+@pytest.mark.parametrize("without", ["worker", "scheduler"])
 def test_workers_that_cannot_import_tilemask_are_named_before_a_job_is_made(make_raster, make_model, write_workflow,
-                                                                             tmp_path):
+                                                                             tmp_path, without):
     """A reviewer's: ``submit`` to workers in an environment without tilemask exited 0; the first worker to take the
     driver could not unpickle it, Dask closed the worker, and the job stayed ``queued`` for ever. ``run`` printed
     ``Exception: ModuleNotFoundError(...)`` and left a failed job. Both now name the worker and the package, exit
-    2, and make no job; the worker lives on."""
+    2, and make no job; the worker lives on.  A scheduler without tilemask (it unpickles the graphs) failed ``run``
+    with "Error during deserialization of the task graph", and ``submit`` with a bare ModuleNotFoundError after
+    making a job that stayed queued; ``tilemask jobs`` then failed as it asked the scheduler about it."""
     path, _ = make_raster()
     weights, _ = make_model()
     workflow = write_workflow(raster_workflow(path, weights))
     (tmp_path / "blocker").mkdir()
     (tmp_path / "blocker" / "sitecustomize.py").write_text(_WITHOUT_TILEMASK)
-    scheduler, address = _scheduler(tmp_path)
-    worker = _dask_worker(address, tmp_path, env={"PYTHONPATH": str(tmp_path / "blocker")})
+    blocked = {"PYTHONPATH": str(tmp_path / "blocker")}
+    scheduler, address = _scheduler(tmp_path, env=blocked if without == "scheduler" else None)
+    worker = _dask_worker(address, tmp_path, env=blocked if without == "worker" else None)
     try:
         from distributed import Client
 
@@ -701,10 +705,13 @@ def test_workers_that_cannot_import_tilemask_are_named_before_a_job_is_made(make
         for command in ("run", "submit"):
             result = run_cli(command, workflow, "--scheduler", address, timeout=120)
             assert result.returncode == 2, result.stderr
-            assert one_line(result.stderr) == (
+            assert one_line(result.stderr) == ((
                 f"tilemask: error: Dask worker {worker_address} cannot import tilemask (ModuleNotFoundError: No module "
                 "named 'tilemask'): install tilemask, with torch, in the environment its workers run in"
-            )
+            ) if without == "worker" else (
+                f"tilemask: error: the Dask scheduler at {address} cannot import tilemask (ModuleNotFoundError: No "
+                "module named 'tilemask'): it unpickles the tasks' graphs; install tilemask in the environment it "
+                "runs in"))  # fmt: skip
         assert run_cli("jobs", "--json").stdout.strip() == "[]"
         assert worker.poll() is None
     finally:

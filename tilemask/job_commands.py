@@ -166,15 +166,14 @@ def _withdraw(job, client, future) -> None:
 
 def _wait_until_known(client, key: str, timeout: float = 30.0) -> None:
     """The scheduler holds the driver before this process may exit."""
+    def has(key: str, dask_scheduler=None) -> bool:  # a closure, sent by value (cluster.check_scheduler)
+        return key in dask_scheduler.tasks
+
     deadline = time.monotonic() + timeout
-    while not client.run_on_scheduler(_scheduler_has, key=key):
+    while not client.run_on_scheduler(has, key=key):
         if time.monotonic() > deadline:
             raise RuntimeError(f"the scheduler did not take the job's driver {key} within {timeout:g} s")
         time.sleep(0.05)
-
-
-def _scheduler_has(key: str, dask_scheduler=None) -> bool:
-    return key in dask_scheduler.tasks
 
 
 @main.command(cls=TilemaskCommand)

@@ -636,16 +636,15 @@ def driver_state(address: str, key: str, timeout: float) -> str | None:
                 raise  # driver stopping its items); connecting again gets a clean one
             logger.debug("the Client's handshake with %s met a broadcast; connecting again", address)
             continue
+        def task_state(key: str, dask_scheduler=None) -> str | None:  # a closure, sent by value: a scheduler
+            task = dask_scheduler.tasks.get(key)  # without tilemask runs it (cluster.check_scheduler)
+            return None if task is None else task.state
+
         try:
             with client:
-                return client.run_on_scheduler(_task_state, key=key)
+                return client.run_on_scheduler(task_state, key=key)
         except OSError:
             return None
-
-
-def _task_state(key: str, dask_scheduler=None) -> str | None:
-    task = dask_scheduler.tasks.get(key)
-    return None if task is None else task.state
 
 
 def _pid_alive(pid: int) -> bool:
