@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -222,20 +223,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def scheduler_address(scheduler_file: Path, process: subprocess.Popen, timeout: float = 60.0) -> str:
+    """The address a ``dask scheduler --scheduler-file`` wrote, once the file is whole (it exists, empty, while
+    the scheduler writes it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return json.loads(scheduler_file.read_text())["address"]
+        except (OSError, ValueError, KeyError):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the dask scheduler wrote no {scheduler_file}") from None
+            time.sleep(0.1)
+
+
+def start_scheduler(logdir: Path, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """A real ``dask scheduler`` on 127.0.0.1 and a port of its own choosing (``--port 0``), logging to
+    logdir/scheduler.log; returns the process and its address."""
+    scheduler_file = logdir / "scheduler.json"
+    scheduler_file.unlink(missing_ok=True)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+         "--scheduler-file", str(scheduler_file)],
+        stdout=open(logdir / "scheduler.log", "w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    return process, scheduler_address(scheduler_file, process)
+
+
 @pytest.fixture(scope="session")
 def dask_processes(tmp_path_factory):
     """A real ``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1; yields the address."""
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
     bindir = Path(sys.executable).parent
     logdir = tmp_path_factory.mktemp("dask-logs")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    procs = [
-        subprocess.Popen(
-            [str(bindir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-            stdout=open(logdir / "scheduler.log", "w"), stderr=subprocess.STDOUT, env=env,
-        )
-    ]
+    scheduler, address = start_scheduler(logdir, env)
+    procs = [scheduler]
     for i in range(2):
         procs.append(
             subprocess.Popen(

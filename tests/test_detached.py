@@ -23,7 +23,7 @@ import yaml
 import tilemask
 from tilemask import Workflow
 
-from .conftest import GEO, REPO, run_cli
+from .conftest import GEO, REPO, run_cli, scheduler_address
 from .test_trust import hidden
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -47,8 +47,7 @@ def dask_cluster(tmp_path: Path, workers: int, *scheduler_options, config: dict 
         stdout=open(logs / "scheduler.log", "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env,
     )]  # fmt: skip
     try:
-        wait_for(scheduler_file.exists, "the scheduler file")
-        address = json.loads(scheduler_file.read_text())["address"]
+        address = scheduler_address(scheduler_file, procs[0])
         for i in range(workers):
             procs.append(subprocess.Popen(
                 [BIN / "dask", "worker", "--scheduler-file", scheduler_file, "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"],
