@@ -154,8 +154,8 @@ def test_map_shows_polygons_across_the_antimeridian_and_keeps_them_zoomed_out(br
         assert west > 2000 and east > 500, (west, east)  # 178.5E..180 and 180..179.2W: both drawn
         loaded = "tilemaskMap.getLayers().item(0).getSource().getFeatures().length"
         assert page.evaluate(loaded) == len(cells)
-        page.evaluate("tilemaskMap.getView().setZoom(1)")  # the world three times across the 900 pixels
-        page.wait_for_timeout(1500)
+        page.evaluate("new Promise(done => { tilemaskMap.once('rendercomplete', done); "
+                      "tilemaskMap.getView().setZoom(1); })")  # the world three times across the 900 pixels, drawn
         assert not errors and set(statuses) == {200}, (errors, statuses)
         assert page.evaluate(loaded) == len(cells)
         page.close()
