@@ -49,6 +49,27 @@ def test_a_slice_without_its_pixels_is_refused_when_the_series_is_opened(damage,
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("end", ["first", "last"])
+def test_a_slice_cut_short_before_its_rows_is_refused_not_left_out(end, make_model, tmp_path):
+    """A reviewer's: a slice whose file ends inside its header, before Rows, was taken for a file that holds no image
+    (a DICOMDIR, a report) and left out; the first or last slice of a series leaves no gap, so the series ran a slice
+    short, exit 0. An image's file (its SOP class an Image Storage) without Rows is refused."""
+    import pydicom
+
+    folder = write_series(tmp_path / "series", slices=8)
+    files = sorted(folder.iterdir(), key=lambda f: pydicom.dcmread(f).InstanceNumber)
+    cut = files[0 if end == "first" else -1]
+    data = cut.read_bytes()
+    cut.write_bytes(data[: data.index(b"\x28\x00\x10\x00")])  # up to (0028,0010) Rows
+    assert "Rows" not in pydicom.dcmread(cut, force=True)
+    why = rf"^{re.escape(str(cut))}: a CT Image Storage file without Rows or pixels \(cut short or damaged\?\): no " \
+          r"PixelData element: its image is missing$"  # fmt: skip
+    with pytest.raises(InputError, match=why):
+        DicomSeriesSource.open(str(folder))
+    run_refused(folder, make_model, tmp_path, "tilemask: error: " + why[1:-1] + "\n")
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("bits, what", [
     ((8, 16, 15), "its BitsStored 16 is not from 1 to its BitsAllocated 8: its pixels cannot be unpacked"),
     ((12, 12, 11), "its BitsAllocated 12 is not 1 or a multiple of 8 up to 64: its pixels cannot be unpacked"),

@@ -157,6 +157,13 @@ def bits_problem(header) -> str | None:
     return None
 
 
+def _sop_class(header) -> str:
+    """The name of a file's SOP class (``CT Image Storage``), from its file meta or its data set; '' if none."""
+    uid = header.file_meta.get("MediaStorageSOPClassUID") if header.file_meta else None
+    uid = uid or header.get("SOPClassUID")
+    return uid.name if uid else ""
+
+
 def read_header(path: str):
     """``path``'s data elements before its pixels, as ``dcmread(stop_before_pixels=True)`` reads them, and why its
     pixels cannot be read, in words (None when they are there): no pixel data element, an empty one, or one the file
@@ -282,6 +289,11 @@ class DicomSeriesSource(ImageSource):
                 raise InputError(f"{path}: cannot read DICOM: {exc}") from None
             headers.append((path, header))
         images = [(p, h) for p, h in headers if "Rows" in h]  # images (not DICOMDIRs, reports, ...)
+        for path, h in headers:  # an image's file that ends before its Rows: left out, the series ran a slice short
+            kind = _sop_class(h)
+            if "Rows" not in h and kind.endswith("Image Storage"):
+                raise InputError(f"{path}: a {kind} file without Rows or pixels (cut short or damaged?): "
+                                 f"{pixel_problems[path]}")  # fmt: skip
         if not images:
             raise InputError(f"{folder}: no DICOM image in this folder")
         stray = _stray_slice([p for p, part10 in files.items() if not part10], [p for p, _ in images])
