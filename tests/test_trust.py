@@ -27,6 +27,7 @@ import psutil
 import pytest
 import rasterio
 import torch
+import yaml
 import zarr
 from rasterio.control import GroundControlPoint
 
@@ -1063,6 +1064,32 @@ def test_polygons_and_a_table_written_onto_a_full_disk_are_named_so(tmp_path, tm
     with pytest.raises(OutputError, match=r"/t\.gpkg: no space left on device$"):
         write_table(frame, disk / "t.gpkg")
     assert list(disk.iterdir()) == []
+
+
+@pytest.mark.timeout(120)
+def test_a_runs_statistics_geopackage_onto_a_full_disk_is_one_line_not_gdals_errors(tmp_path, tmpfs):
+    """A fault review's: a workflow's ``stats:`` GeoPackage onto a disk with 56 kB free printed six of GDAL's own
+    lines ("ERROR 1: sqlite3_exec(COMMIT) failed: database or disk is full", ...) before tilemask's one line:
+    pyogrio's GDAL, writing from a thread where no handler takes its errors, prints them itself."""
+    workflow = yaml.safe_load((REPO / "workflows" / "demo_landsat.yaml").read_text())
+    workflow["input"] = str(GEO["RGB.byte.tif"])
+    workflow["model"]["weights"] = str(REPO / "workflows" / "demo" / "landsat_water_land_cloud.pt")
+    workflow["output"].update(path="out/{stem}_mask.tif", vectors="out/{stem}_polygons.gpkg", probabilities="none")
+    with rasterio.open(GEO["RGB.byte.tif"]) as ds:
+        x0, y0, x1, y1 = ds.bounds
+        crs = ds.crs.to_string()
+    (tmp_path / "regions.geojson").write_text(json.dumps({
+        "type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": crs}},
+        "features": [{"type": "Feature", "properties": {"name": "all"}, "geometry": {
+            "type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}}]}))  # fmt: skip
+    disk = tmpfs("2M")
+    workflow["stats"] = {"output": str(disk / "{stem}_stats.gpkg"), "regions": "regions.geojson"}
+    (disk / "filler").write_bytes(b"\0" * (2048 - 56) * 1024)  # 56 kB left
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(workflow))
+    done = run_cli("run", tmp_path / "w.yaml", "--quiet", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == f"tilemask: error: {disk}/RGB.byte_stats.gpkg: no space left on device\n"
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]
 
 
 @pytest.mark.timeout(60)

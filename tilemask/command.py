@@ -147,6 +147,9 @@ def configure_logging(debug: bool, verbosity: int = 0) -> None:
         from distributed.versions import VersionMismatchWarning
 
         warnings.simplefilter("ignore")
+        # GDAL's own "ERROR 1: ..." lines, printed where no handler of rasterio's or pyogrio's takes them (pyogrio's
+        # GeoPackage writes on a full disk, from a thread): the error comes back as an exception, in one line
+        os.environ.setdefault("CPL_LOG", "OFF")
         warnings.simplefilter("default", VersionMismatchWarning)  # in one line: _one_line_version_mismatch
         warnings.showwarning = _one_line_version_mismatch
         # its failures reach us as exceptions; its config gives some loggers levels of their own
