@@ -1090,6 +1090,7 @@ def test_a_runs_statistics_geopackage_onto_a_full_disk_is_one_line_not_gdals_err
     assert done.returncode == 1, done.stderr
     assert done.stderr == f"tilemask: error: {disk}/RGB.byte_stats.gpkg: no space left on device\n"
     assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "out", "regions.geojson", "w.yaml"]  # no log file
 
 
 @pytest.mark.timeout(60)

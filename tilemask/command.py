@@ -148,8 +148,9 @@ def configure_logging(debug: bool, verbosity: int = 0) -> None:
 
         warnings.simplefilter("ignore")
         # GDAL's own "ERROR 1: ..." lines, printed where no handler of rasterio's or pyogrio's takes them (pyogrio's
-        # GeoPackage writes on a full disk, from a thread): the error comes back as an exception, in one line
-        os.environ.setdefault("CPL_LOG", "OFF")
+        # GeoPackage writes on a full disk, from a thread): the error comes back as an exception, in one line.
+        # (CPL_LOG=OFF is GDAL 3.11's: pyogrio's GDAL 3.10 wrote them to a file named OFF.)
+        os.environ.setdefault("CPL_LOG", os.devnull)
         warnings.simplefilter("default", VersionMismatchWarning)  # in one line: _one_line_version_mismatch
         warnings.showwarning = _one_line_version_mismatch
         # its failures reach us as exceptions; its config gives some loggers levels of their own
