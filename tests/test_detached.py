@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import rasterio
 import yaml
@@ -76,6 +77,14 @@ def cluster(tmp_path):
     """A scheduler and two workers (:func:`dask_cluster`)."""
     with dask_cluster(tmp_path, 2) as running:
         yield running
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie its parent has not reaped yet too)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def wait_for(condition, what: str, timeout: float = 120.0) -> None:
@@ -148,6 +157,7 @@ def test_a_submitted_job_outlives_its_submitter_and_a_killed_driver_resumes_from
     driver = json.loads((Path(folder) / "status.json").read_text())  # read at once: a status command takes a second
     assert driver["state"] == "running" and driver["driver"].startswith(f"tilemask-job-{job}"), driver
     os.kill(driver["pid"], signal.SIGKILL)  # the worker process the driver runs in
+    wait_for(lambda: _gone(driver["pid"]), "the driver's process to die")  # no line of its own after this read
     lines = manifest(folder)
     before = {line["item"] for line in lines if line["status"] == "ok"}
     in_flight = {line["item"] for line in lines if line["status"] == "started"} - before
