@@ -611,10 +611,6 @@ def test_torchscript_of_the_wrong_channels_is_one_line_exit_2(make_raster, write
 # -- hangs and dead parts -------------------------------------------------------------------------
 
 
-def _scheduler(tmp_path, env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    return start_scheduler(tmp_path, env)
-
-
 def _wait_for_a_worker(address: str) -> None:
     """Until a worker has joined, whatever its status (a paused one too: Client.wait_for_workers counts only
     running workers)."""
@@ -631,7 +627,7 @@ def _wait_for_a_worker(address: str) -> None:
 def test_a_cluster_without_workers_fails_with_one_line(make_raster, make_model, write_workflow, tmp_path):
     path, _ = make_raster()
     weights, _ = make_model()
-    scheduler, address = _scheduler(tmp_path)
+    scheduler, address = start_scheduler(tmp_path)
     try:
         begin = time.monotonic()
         result = run_cli("run", write_workflow(raster_workflow(path, weights)), "--quiet", "--scheduler", address,
@@ -650,7 +646,7 @@ def test_a_cluster_whose_workers_are_all_paused_fails_with_one_line(make_raster,
     wait. It fails as a cluster without workers does, naming the pause."""
     path, _ = make_raster()
     weights, _ = make_model()
-    scheduler, address = _scheduler(tmp_path)
+    scheduler, address = start_scheduler(tmp_path)
     paused = {"DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE": "0.05", "DASK_DISTRIBUTED__WORKER__MEMORY__TARGET": "False",
               "DASK_DISTRIBUTED__WORKER__MEMORY__SPILL": "False"}  # fmt: skip (over 5% of 2 GB: paused at once)
     worker = subprocess.Popen(
@@ -708,7 +704,7 @@ def test_workers_that_cannot_import_tilemask_are_named_before_a_job_is_made(make
     (tmp_path / "blocker").mkdir()
     (tmp_path / "blocker" / "sitecustomize.py").write_text(_WITHOUT_TILEMASK)
     blocked = {"PYTHONPATH": str(tmp_path / "blocker")}
-    scheduler, address = _scheduler(tmp_path, env=blocked if without == "scheduler" else None)
+    scheduler, address = start_scheduler(tmp_path, env=blocked if without == "scheduler" else None)
     worker = _dask_worker(address, tmp_path, env=blocked if without == "worker" else None)
     try:
         from distributed import Client
@@ -739,7 +735,7 @@ def test_a_worker_restarted_as_it_loads_torch_is_named(make_raster, make_model, 
     it; the run ended with a bare ``CommClosedError``. It names the worker and the memory limit, exit 1."""
     path, _ = make_raster()
     weights, _ = make_model()
-    scheduler, address = _scheduler(tmp_path)
+    scheduler, address = start_scheduler(tmp_path)
     worker = _dask_worker(address, tmp_path, "--memory-limit", "200MB")
     try:
         result = run_cli("run", write_workflow(raster_workflow(path, weights)), "--scheduler", address, timeout=120)
@@ -773,17 +769,14 @@ def test_workers_of_other_package_versions_are_one_warning_line(make_raster, mak
         "    return found\n"
         "v.get_versions = w.get_versions = n.get_versions = get_versions\n"
     )
-    scheduler, address = _scheduler(tmp_path)
+    scheduler, address = start_scheduler(tmp_path)
     workflow = write_workflow(raster_workflow(path, weights))
     start_worker = functools.partial(_dask_worker, address, tmp_path, env={"PYTHONPATH": str(tmp_path / "other")})
     worker = run = None
     try:
         if worker_joins == "before the run":
             worker = start_worker()
-            from distributed import Client
-
-            with Client(address, timeout="60s") as client:
-                client.wait_for_workers(1, timeout=60)
+            _wait_for_a_worker(address)
             result = run_cli("run", workflow, "--scheduler", address, timeout=120)
         else:
             run = subprocess.Popen([str(Path(sys.executable).parent / "tilemask"), "run", str(workflow), "--scheduler",
@@ -793,7 +786,8 @@ def test_workers_of_other_package_versions_are_one_warning_line(make_raster, mak
                 assert time.monotonic() < deadline and run.poll() is None, "the run never connected"
                 time.sleep(0.1)
             worker = start_worker()
-            result = subprocess.CompletedProcess(run.args, run.wait(timeout=120), None, run.stderr.read())
+            _, stderr = run.communicate(timeout=120)
+            result = subprocess.CompletedProcess(run.args, run.returncode, None, stderr)
         assert result.returncode == 0, result.stderr
         said = [line for line in result.stderr.splitlines() if "differ" in line or "Mismatch" in line]
         here = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
@@ -813,7 +807,7 @@ def test_workers_that_all_die_mid_run_fail_the_run_and_its_next_run_resumes(big_
     """Every worker gone (killed; on SLURM, jobs at their walltime) is not the item's fault: it was recorded as
     failed, its staged chunks deleted, and the job's next run did nothing without ``--retry-failed`` (a
     reviewer's). The run still fails (exit 1, one line), keeping the item's chunks; the next run resumes it."""
-    scheduler, address = _scheduler(tmp_path)
+    scheduler, address = start_scheduler(tmp_path)
 
     def worker() -> subprocess.Popen:
         return subprocess.Popen(
