@@ -135,6 +135,10 @@ def test_volume_scale_is_the_voxel_size_and_an_ome_zarr_input_keeps_it(make_volu
     in_mm = {"millimeter": 1.0, "micrometer": 1e-3}[unit]  # tilemask's own affine is in mm, as its statistics are
     np.testing.assert_allclose(np.asarray(dict(root.attrs)["affine"])[:3], expected * in_mm)
     assert np.asarray(root["labels/labels/0"]).shape == volume.shape
+    if unit == "micrometer":  # the input given by its level's path: its group's unit, not mm (napari: 1/1000)
+        (tmp_path / "out").rename(tmp_path / "whole")
+        level = zarr.open_group(run_small_volume(source / "s0", weights, tmp_path, client, ".ome.zarr"), mode="r")
+        assert labels_multiscale(level) == multiscale
 
 
 def test_an_image_ome_zarr_input_keeps_its_scale_and_translation(make_model, tmp_path, client):
@@ -251,6 +255,11 @@ def test_an_ome_zarr_named_zarr_is_read_as_one_and_an_array_inside_a_group_by_it
         {"path": "1", "coordinateTransformations": [{"type": "scale", "scale": [4.0, 2.0, 1.0]}]}]}]  # fmt: skip
     coarse = np.asarray(open_source(str(named / "1"), 3).geometry.affine)
     assert (coarse[2, 0], coarse[1, 1], coarse[0, 2]) == (4.0, 2.0, 1.0)
+    nested = group.create_group("A/1")  # an image's group inside a store (an HCS field): its first level, on its
+    nested.create_array("0", data=volume, chunks=(10, 9, 8))  # scale (it was refused as a GDAL raster of no band)
+    nested.attrs["multiscales"] = group.attrs["multiscales"]
+    field = open_source(str(named / "A" / "1"), 3)
+    assert field.geometry == source.geometry and field.shape == (1, 20, 18, 16)
 
     plain = tmp_path / "plain.zarr"
     zarr.open_group(plain, mode="w", zarr_format=3).create_array("scan", data=volume, chunks=(10, 9, 8))

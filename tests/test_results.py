@@ -219,6 +219,13 @@ def test_labels_given_by_their_path_inside_a_zarr_store_open_on_the_stores_grid(
         values, counts = np.unique(labels[::2, ::2, ::2], return_counts=True)
         np.testing.assert_array_equal(table["voxels"], counts)
         np.testing.assert_allclose(table["volume_ml"], counts * np.prod(reference) / 1000)
+        # a label image inside a store as the regions (an atlas): it was taken for a vector file GDAL did not open
+        atlas = pd.read_csv(compute_stats(tmp_path / "atlas.ome.zarr/labels/regions/0", tmp_path / "atlas.csv",
+                                          regions=tmp_path / "atlas.ome.zarr/labels/regions", client=client))  # fmt: skip
+        whole = np.unique(labels, return_counts=True)[1]
+        np.testing.assert_array_equal(atlas["region"], [1, 2])  # an atlas's 0 is outside every region
+        assert [c for c in atlas.columns if c.endswith("_voxels")] == ["class_1_voxels", "class_2_voxels"], atlas
+        np.testing.assert_array_equal(atlas[["class_1_voxels", "class_2_voxels"]].to_numpy(), np.diag(whole[1:]))
         # a 2D label array in a store, per polygon: as the same labels in a GeoTIFF (exactextract's reading)
         scene = np.random.default_rng(5).integers(0, 3, (300, 400)).astype(np.uint8)
         transform = Affine(10.0, 0.0, 5e5, 0.0, -10.0, 4e6)

@@ -434,10 +434,10 @@ class GdalRasterFormat(GeoTiffFormat):
 
     def open_source(self, path, spatial_dims, bands):
         from .errors import InputError
-        from .sources.zarr import ZarrSource, read_by_gdal
+        from .sources.zarr import ZarrSource, ome_first_level, read_by_gdal
 
-        if _inside_zarr_store(path) and not read_by_gdal(path, spatial_dims):
-            return ZarrSource.open(path, spatial_dims)
+        if inside_zarr_store(path) and (ome_first_level(path) or not read_by_gdal(path, spatial_dims)):
+            return ZarrSource.open(path, spatial_dims)  # an array, or an OME-Zarr image's group
         try:
             return super().open_source(path, spatial_dims, bands)
         except InputError as exc:  # GDAL's "not recognized": say what the file or folder is, where that is known
@@ -456,7 +456,7 @@ class GdalRasterFormat(GeoTiffFormat):
         from .sources.labels import open_zarr_array_labels
         from .sources.zarr import ome_first_level
 
-        if _inside_zarr_store(path):
+        if inside_zarr_store(path):
             path = ome_first_level(path) or path  # a label image's group: its full resolution
             if zarr_array_inside_store(path):
                 return open_zarr_array_labels(path, chunks)
@@ -490,10 +490,18 @@ class MincFormat(Format):
                           "to NIfTI (.nii.gz)")  # fmt: skip
 
 
-def _inside_zarr_store(path: str) -> bool:
+def inside_zarr_store(path: str) -> bool:
     """Whether ``path`` names an array inside a local Zarr store (``scan.zarr/0``: a last name with no suffix)."""
     name = path.lower().rstrip("/")
     return "://" not in name and ".zarr/" in name and "." not in name.rsplit("/", 1)[-1]
+
+
+def zarr_labels_inside_store(path: str) -> bool:
+    """Whether ``path`` names labels inside a local Zarr store that zarr-python reads: an array, or an OME-Zarr label
+    image's group (:meth:`GdalRasterFormat.open_labels`)."""
+    from .sources.zarr import ome_first_level
+
+    return inside_zarr_store(path) and (ome_first_level(path) is not None or zarr_array_inside_store(path))
 
 
 def zarr_array_inside_store(path: str) -> bool:
@@ -501,7 +509,7 @@ def zarr_array_inside_store(path: str) -> bool:
     ``seg.ome.zarr/labels/labels/0``, ``seg.zarr/labels``; :func:`tilemask.sources.zarr.read_by_gdal`)."""
     from .sources.zarr import read_by_gdal
 
-    return _inside_zarr_store(path) and not read_by_gdal(path, 2)
+    return inside_zarr_store(path) and not read_by_gdal(path, 2)
 
 
 def zarr_store_of(path: str) -> tuple[str, str]:

@@ -44,15 +44,17 @@ def ome_multiscales(attrs: dict) -> list | None:
 
 def ome_space_unit(path: str) -> str | None:
     """The unit an OME-Zarr image's space axes share (an output is written in it, for viewers such as napari
-    that place layers by their numbers), else None: not an OME-Zarr, no unit, or units that differ."""
-    from ..formats import for_path
+    that place layers by their numbers), else None: not an OME-Zarr, no unit, or units that differ.  An array
+    inside a store that is a level of its group's multiscale (``scan.ome.zarr/0``) has its group's unit."""
+    from ..formats import for_path, inside_zarr_store
 
-    if not for_path(path).zarr_store:
+    if not (for_path(path).zarr_store or inside_zarr_store(path)):
         return None
     try:
         multiscales = ome_multiscales(dict(zarr.open_group(path, mode="r").attrs))
-    except Exception:  # noqa: BLE001 - not a Zarr group at all
-        return None
+    except Exception:  # noqa: BLE001 - not a Zarr group: an array, or no Zarr at all
+        parent = _parent_attrs(path)
+        multiscales = ome_multiscales(parent) if _ome_level(path, parent) is not None else None
     axes = (multiscales or [{}])[0].get("axes", [])
     units = {a.get("unit") for a in axes if isinstance(a, dict) and a.get("type") == "space"}
     return units.pop() if len(units) == 1 else None

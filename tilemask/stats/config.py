@@ -35,8 +35,11 @@ LABEL_IMAGE_SUFFIXES = (".tif", ".tiff", ".zarr", ".nii", ".nii.gz", ".vrt", ".i
 
 
 def is_label_image(path: str) -> bool:
-    """Whether ``regions`` name a label image (an atlas) rather than a vector file."""
-    return str(path).lower().rstrip("/").endswith(LABEL_IMAGE_SUFFIXES)
+    """Whether ``regions`` name a label image (an atlas) rather than a vector file: by its suffix, or labels inside a
+    Zarr store (``atlas.ome.zarr/labels/regions``)."""
+    from ..formats import zarr_labels_inside_store
+
+    return str(path).lower().rstrip("/").endswith(LABEL_IMAGE_SUFFIXES) or zarr_labels_inside_store(str(path))
 
 
 def regions_file(path: str) -> str:
