@@ -253,6 +253,50 @@ def test_labels_given_by_their_path_inside_a_zarr_store_open_on_the_stores_grid(
                 pd.read_csv(compute_stats(store, tmp_path / "whole.csv", client=client)))
 
 
+def test_a_coarser_level_of_an_outputs_labels_keeps_its_classes_nodata_and_place(tmp_path):
+    """A review's: ``seg.ome.zarr/labels/labels/1`` was read as a foreign array: its nodata label counted as a
+    class, its class names lost, and its grid NGFF's (no flip, no CRS: the volume 100 mm away, a raster's areas
+    in pixels). Each pixel of level 1 is where the 2 x 2 (x 2) pixels of level 0 it sums up are, on average."""
+    import rasterio.transform
+
+    from tilemask.geometry import VolumeGeometry
+
+    rng = np.random.default_rng(6)
+    volume = rng.integers(0, 3, size=(300, 40, 30)).astype(np.uint8)
+    volume[:40, :8] = 255
+    raster = rng.integers(0, 3, size=(520, 90)).astype(np.uint8)
+    raster[:30] = 255
+    crs = rasterio.CRS.from_epsg(32633).to_wkt()
+    transform = (5e5, 10.0, 0.0, 4e6, 0.0, -10.0)
+    for name, labels, geometry in (("vol", volume, VolumeGeometry(((-0.8, 0.0, 0.0, 100.0), (0.0, 1.2, 0.0, -50.0),
+                                                                   (0.0, 0.0, 2.5, 30.0), (0.0, 0.0, 0.0, 1.0)))),
+                                   ("ras", raster, RasterGeometry(crs, transform))):  # fmt: skip
+        layout = OutputLayout(labels.shape, (64,) * labels.ndim, CLASSES, "uint8", 0, "none", geometry,
+                              str(tmp_path / "scan.nii.gz"), 255)  # fmt: skip
+        sink = make_sink(str(tmp_path / f"{name}.ome.zarr"), layout)
+        sink.create()
+        for start in range(0, labels.shape[0], 64):
+            region = ((start, min(start + 64, labels.shape[0])), *((0, n) for n in labels.shape[1:]))
+            sink.write(region, labels[start : start + 64], None)
+        sink.commit()
+        coarse = open_result(tmp_path / f"{name}.ome.zarr" / "labels" / "labels" / "1")
+        stored = np.asarray(zarr.open_array(tmp_path / f"{name}.ome.zarr" / "labels" / "labels" / "1", mode="r"))
+        np.testing.assert_array_equal(coarse.values, stored)
+        assert coarse.attrs["class_names"] == list(CLASSES)
+        assert coarse.attrs["_FillValue"] == 255  # nodata, not a class
+        if name == "vol":
+            fine, placed = np.asarray(geometry.affine), np.asarray(coarse.attrs["affine"])
+            for i, j, k in ((0, 0, 0), (7, 3, 5), (149, 19, 14)):
+                block = [fine @ (2 * i + a, 2 * j + b, 2 * k + c, 1) for a in (0, 1) for b in (0, 1) for c in (0, 1)]
+                np.testing.assert_allclose(placed @ (i, j, k, 1), np.mean(block, axis=0), atol=1e-9)
+        else:
+            fine, placed = rasterio.transform.Affine.from_gdal(*transform), coarse.rio.transform()
+            assert coarse.rio.crs.to_epsg() == 32633
+            for row, col in ((0, 0), (11, 30), (259, 44)):
+                block = [rasterio.transform.xy(fine, 2 * row + a, 2 * col + b) for a in (0, 1) for b in (0, 1)]
+                np.testing.assert_allclose(rasterio.transform.xy(placed, row, col), np.mean(block, axis=0))
+
+
 def test_nifti_probabilities_open_as_nibabel_reads_them(tmp_path):
     """``open_result(labels.nii.gz, "probabilities")`` was refused ('probabilities are read from .tif or .zarr
     outputs') though tilemask writes them beside NIfTI labels, 4D with classes last."""

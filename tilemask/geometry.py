@@ -361,6 +361,38 @@ WORLD_AXES = ("x", "y", "z")  # a volume's world coordinates (its affine's rows)
 OME_UNITS_IN_MM = {"millimeter": 1.0, "micrometer": 1e-3, "nanometer": 1e-6, "centimeter": 10.0, "meter": 1000.0}
 
 
+def level_geometry(level0: Geometry, multiscale: dict, level: int) -> Geometry:
+    """The grid of ``level`` of a tilemask output's label multiscale, from its full resolution's recorded grid
+    (which keeps the CRS and the flips NGFF has no place for): along each array axis, the level's pixel ``i`` is
+    level 0's ``step * i + offset``, from the two levels' scale and translation (NGFF places pixel centres)."""
+    import numpy as np
+
+    def scale_and_translation(index: int) -> tuple[np.ndarray, np.ndarray]:
+        n = len(multiscale["axes"])
+        scale, translation = np.ones(n), np.zeros(n)
+        for transform in multiscale["datasets"][index].get("coordinateTransformations", []):
+            if transform.get("type") == "scale":
+                scale = np.asarray(transform["scale"], dtype=float)
+            elif transform.get("type") == "translation":
+                translation = np.asarray(transform["translation"], dtype=float)
+        return scale, translation
+
+    space = [i for i, a in enumerate(multiscale["axes"]) if isinstance(a, dict) and a.get("type") == "space"]
+    (s0, t0), (sk, tk) = scale_and_translation(0), scale_and_translation(level)
+    step, offset = sk[space] / s0[space], (tk[space] - t0[space]) / s0[space]
+    if isinstance(level0, VolumeGeometry):
+        to_level0 = np.eye(4)
+        to_level0[:3, :3], to_level0[:3, 3] = np.diag(step), offset
+        return VolumeGeometry(tuple(tuple(float(v) for v in row) for row in np.asarray(level0.affine) @ to_level0))
+    x0, dx, rx, y0, ry, dy = level0.transform  # GDAL's: (col, row) of pixel corners; the array's axes are (row, col)
+    (row_step, col_step), (row_offset, col_offset) = step, offset
+    to_level0 = np.array([[col_step, 0.0, col_offset + 0.5 - 0.5 * col_step],
+                          [0.0, row_step, row_offset + 0.5 - 0.5 * row_step], [0.0, 0.0, 1.0]])  # fmt: skip
+    placed = np.array([[dx, rx, x0], [ry, dy, y0], [0.0, 0.0, 1.0]]) @ to_level0
+    return RasterGeometry(level0.crs_wkt, tuple(float(v) for v in (placed[0, 2], placed[0, 0], placed[0, 1],
+                                                                   placed[1, 2], placed[1, 0], placed[1, 1])))
+
+
 def ome_geometry(multiscale: dict, spatial_dims: int, level: int = 0) -> Geometry:
     """The grid of one level of an OME-Zarr multiscale: its ``scale`` and ``translation`` on the space axes.
 

@@ -27,7 +27,15 @@ from rasterio.windows import Window
 
 from ..classes import CLASSES_TAG, ClassNames, read_colour_table
 from ..errors import InputError, ReadError, option
-from ..geometry import Geometry, RasterGeometry, Region, VolumeGeometry, geometry_from_attrs, normalize_per_axis
+from ..geometry import (
+    Geometry,
+    RasterGeometry,
+    Region,
+    VolumeGeometry,
+    geometry_from_attrs,
+    level_geometry,
+    normalize_per_axis,
+)
 from ..storage import zarr_options
 from . import cached_handle, file_stamp, read_region, usable_geometry
 from .nifti import check_length, nifti_geometry, read_failure
@@ -197,9 +205,21 @@ def open_zarr_array_labels(path: str, chunks) -> LabelImage:
 
     store, key = zarr_store_of(path)
     output = for_path(store)
-    if output.written_by_tilemask(store) and key == output.labels_key(zarr.open_group(store, mode="r")):
-        output.require_complete(store)
-        return output.open_labels(store, chunks)
+    if output.written_by_tilemask(store):
+        root = zarr.open_group(store, mode="r")
+        labels_key = output.labels_key(root)
+        if key == labels_key:
+            output.require_complete(store)
+            return output.open_labels(store, chunks)
+        image = labels_key.rsplit("/", 1)[0]  # a coarser level of its label image: the output's classes and nodata
+        multiscale = (ome_multiscales(dict(root[image].attrs)) or [{}])[0] if "/" in labels_key else {}
+        levels = [d.get("path") for d in multiscale.get("datasets", [])]
+        if key.rsplit("/", 1)[0] == image and key.rsplit("/", 1)[-1] in levels[1:]:
+            output.require_complete(store)
+            whole = output.open_labels(store, None)
+            geometry = level_geometry(whole.geometry, multiscale, levels.index(key.rsplit("/", 1)[-1]))
+            array = zarr.open_array(path, mode="r")
+            return LabelImage(path, _from_zarr(path, array, chunks), geometry, whole.class_names, whole.nodata)
     array = zarr.open_array(path, mode="r")
     if array.ndim not in (2, 3):
         raise InputError(f"{path}: a label image has 2 or 3 axes, this Zarr array has {array.ndim}")
