@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from pathlib import Path
 
 import dask.array as da
@@ -20,6 +21,8 @@ from tilemask.errors import InputError, UsageError
 from tilemask.geometry import RasterGeometry
 from tilemask.results import open_result
 from tilemask.sinks import OutputLayout, make_sink
+
+from .range_server import serve
 
 CLASSES = ("background", "water", "land")
 
@@ -213,6 +216,13 @@ def test_labels_given_by_their_path_inside_a_zarr_store_open_on_the_stores_grid(
     np.testing.assert_array_equal(coarse.values, labels[::2, ::2, ::2])
     placed = np.asarray(coarse.attrs["affine"])
     np.testing.assert_allclose((placed[2, 0], placed[1, 1], placed[0, 2]), reference)  # array axis z on world z
+    server = serve(str(tmp_path))  # the same level on a web server: it went to GDAL ("Unsupported codec")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        remote = open_result(f"http://127.0.0.1:{server.server_address[1]}/atlas.ome.zarr/labels/regions/1")
+        xr.testing.assert_identical(remote, coarse)
+    finally:
+        server.shutdown()
     with Client(LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None)) as client:
         table = pd.read_csv(compute_stats(tmp_path / "atlas.ome.zarr/labels/regions/1", tmp_path / "coarse.csv",
                                           client=client))  # fmt: skip

@@ -491,9 +491,12 @@ class MincFormat(Format):
 
 
 def inside_zarr_store(path: str) -> bool:
-    """Whether ``path`` names an array inside a local Zarr store (``scan.zarr/0``: a last name with no suffix)."""
+    """Whether ``path`` names an array inside a Zarr store, local or on a web server (``scan.zarr/0``: a last name
+    with no suffix). An array over HTTP went to GDAL, which took its fill value for nodata: a label array's 0, its
+    background, was left out of the statistics without a word (a review's)."""
     name = path.lower().rstrip("/")
-    return "://" not in name and ".zarr/" in name and "." not in name.rsplit("/", 1)[-1]
+    local = "://" not in name and not name.startswith("/vsi")
+    return (local or name.startswith(("http://", "https://"))) and ".zarr/" in name and "." not in name.rsplit("/", 1)[-1]
 
 
 def zarr_labels_inside_store(path: str) -> bool:
