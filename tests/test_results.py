@@ -216,6 +216,14 @@ def test_labels_given_by_their_path_inside_a_zarr_store_open_on_the_stores_grid(
     np.testing.assert_array_equal(coarse.values, labels[::2, ::2, ::2])
     placed = np.asarray(coarse.attrs["affine"])
     np.testing.assert_allclose((placed[2, 0], placed[1, 1], placed[0, 2]), reference)  # array axis z on world z
+    cells = zarr.open_group(tmp_path / "cells.ome.zarr", mode="w", zarr_format=3)  # labels with a channel axis
+    cells.create_array("0", data=labels[:1], chunks=(1, 9, 6))
+    cells.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": [{"name": "c", "type": "channel"}, *(
+        {"name": n, "type": "space"} for n in "yx")], "datasets": [{"path": "0", "coordinateTransformations": [
+            {"type": "scale", "scale": [1.0, 0.5, 0.5]}]}]}]}  # fmt: skip
+    with pytest.raises(InputError, match=r"/cells\.ome\.zarr/0: a label image has space axes only; this OME-Zarr's "
+                                         r"are c, y, x$"):  # fmt: skip (it was "OME-Zarr with 2 space axes for a
+        open_result(tmp_path / "cells.ome.zarr" / "0")  # 3D model", naming no file)
     server = serve(str(tmp_path))  # the same level on a web server: it went to GDAL ("Unsupported codec")
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

@@ -40,7 +40,7 @@ from ..storage import zarr_options
 from . import cached_handle, file_stamp, read_region, usable_geometry
 from .nifti import check_length, nifti_geometry, read_failure
 from .raster import block_failure, first_gdal_line, gdal_env
-from .zarr import OME_SCALES, TILEMASK_ATTRS, ome_multiscales
+from .zarr import OME_SCALES, TILEMASK_ATTRS, ome_level_multiscale, ome_multiscales
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +221,9 @@ def open_zarr_array_labels(path: str, chunks) -> LabelImage:
             array = zarr.open_array(path, mode="r")
             return LabelImage(path, _from_zarr(path, array, chunks), geometry, whole.class_names, whole.nodata)
     array = zarr.open_array(path, mode="r")
+    multiscale = ome_level_multiscale(path)
+    if multiscale is not None:
+        check_space_axes_only(path, multiscale)
     if array.ndim not in (2, 3):
         raise InputError(f"{path}: a label image has 2 or 3 axes, this Zarr array has {array.ndim}")
     if not np.issubdtype(np.dtype(array.dtype), np.integer):
@@ -251,19 +254,29 @@ def open_omezarr_labels(path: str, chunks) -> LabelImage:
     labels_path = omezarr_labels_key(root)
     array = root[labels_path]
     geometry = (usable_geometry(path, geometry_from_attrs(attrs, array.ndim), TILEMASK_ATTRS) if meta else
-                usable_geometry(path, _ome_geometry(root[labels_path.rsplit("/", 1)[0]], array.ndim), OME_SCALES))
+                usable_geometry(path, _ome_geometry(path, root[labels_path.rsplit("/", 1)[0]], array.ndim), OME_SCALES))
     lazy = _from_zarr(path, array, chunks)
     classes = tuple(meta["classes"]) if meta.get("classes") else None
     return LabelImage(path, lazy, geometry, classes, meta.get("nodata"))
 
 
-def _ome_geometry(group, spatial_dims: int) -> Geometry:
+def _ome_geometry(path: str, group, spatial_dims: int) -> Geometry:
     from ..geometry import ome_geometry
 
     multiscales = ome_multiscales(dict(group.attrs))
     if multiscales is None:
         raise InputError(f"{group.store}: an OME-Zarr label image without multiscales")
+    check_space_axes_only(f"{path.rstrip('/')}/{group.path}", multiscales[0])
     return ome_geometry(multiscales[0], spatial_dims)
+
+
+def check_space_axes_only(path: str, multiscale: dict) -> None:
+    """Refuse labels whose OME-Zarr multiscale has axes other than space ones (a channel, time): the message was an
+    input's, "OME-Zarr with 2 space axes for a 3D model", naming no file."""
+    axes = [a if isinstance(a, dict) else {"name": a} for a in multiscale.get("axes", [])]
+    if any(a.get("type") != "space" for a in axes):
+        names = ", ".join(str(a.get("name")) for a in axes)
+        raise InputError(f"{path}: a label image has space axes only; this OME-Zarr's are {names}")
 
 
 def open_raster_labels(path: str, chunks) -> LabelImage:

@@ -53,8 +53,8 @@ def ome_space_unit(path: str) -> str | None:
     try:
         multiscales = ome_multiscales(dict(zarr.open_group(path, mode="r").attrs))
     except Exception:  # noqa: BLE001 - not a Zarr group: an array, or no Zarr at all
-        parent = _parent_attrs(path)
-        multiscales = ome_multiscales(parent) if _ome_level(path, parent) is not None else None
+        level = ome_level_multiscale(path)
+        multiscales = [level] if level else None
     axes = (multiscales or [{}])[0].get("axes", [])
     units = {a.get("unit") for a in axes if isinstance(a, dict) and a.get("type") == "space"}
     return units.pop() if len(units) == 1 else None
@@ -80,6 +80,12 @@ def _ome_level(path: str, parent: dict) -> int | None:
     paths = [d.get("path") if isinstance(d, dict) else None for d in datasets] if isinstance(datasets, list) else []
     name = path.rstrip("/").rsplit("/", 1)[-1]
     return paths.index(name) if name in paths else None
+
+
+def ome_level_multiscale(path: str) -> dict | None:
+    """The OME-Zarr multiscale of the group holding the array at ``path``, where the array is one of its levels."""
+    parent = _parent_attrs(path)
+    return ome_multiscales(parent)[0] if _ome_level(path, parent) is not None else None
 
 
 def ome_first_level(path: str) -> str | None:
