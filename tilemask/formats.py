@@ -453,10 +453,15 @@ class GdalRasterFormat(GeoTiffFormat):
             raise
 
     def open_labels(self, path, chunks):
+        from .errors import InputError
         from .sources.labels import open_zarr_array_labels
-        from .sources.zarr import ome_first_level
+        from .sources.zarr import ome_first_level, ome_label_names
 
         if inside_zarr_store(path):
+            names = ome_label_names(path)
+            if names is not None:  # GDAL's word for it was "a label image has one band, this raster has 0"
+                some = ", ".join(f"{path.rstrip('/')}/{n}" for n in names[:3]) or "none"
+                raise InputError(f"{path}: an OME-Zarr labels group, which lists label images; give one ({some})")
             path = ome_first_level(path) or path  # a label image's group: its full resolution
             if zarr_array_inside_store(path):
                 return open_zarr_array_labels(path, chunks)

@@ -88,6 +88,16 @@ def ome_level_multiscale(path: str) -> dict | None:
     return ome_multiscales(parent)[0] if _ome_level(path, parent) is not None else None
 
 
+def ome_label_names(path: str) -> list[str] | None:
+    """The label images an OME-Zarr ``labels`` group at ``path`` lists, else None (not such a group)."""
+    try:
+        attrs = dict(zarr.open_group(path, mode="r").attrs)
+    except Exception:  # noqa: BLE001 - not a Zarr group
+        return None
+    names = attrs.get("ome", attrs).get("labels")
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
 def ome_first_level(path: str) -> str | None:
     """The path of the first level of the OME-Zarr multiscale group at ``path`` (a label image inside a store:
     ``seg.ome.zarr/labels/labels``), else None."""
