@@ -505,16 +505,16 @@ def inside_zarr_store(path: str) -> bool:
 
 
 def zarr_labels_inside_store(path: str) -> bool:
-    """Whether ``path`` names labels inside a local Zarr store that zarr-python reads: an array, or an OME-Zarr label
-    image's group (:meth:`GdalRasterFormat.open_labels`)."""
+    """Whether ``path`` names labels inside a Zarr store (:func:`inside_zarr_store`) that zarr-python reads: an array,
+    or an OME-Zarr label image's group (:meth:`GdalRasterFormat.open_labels`)."""
     from .sources.zarr import ome_first_level
 
     return inside_zarr_store(path) and (ome_first_level(path) is not None or zarr_array_inside_store(path))
 
 
 def zarr_array_inside_store(path: str) -> bool:
-    """Whether ``path`` names an array inside a local Zarr store that zarr-python reads, not GDAL (labels:
-    ``seg.ome.zarr/labels/labels/0``, ``seg.zarr/labels``; :func:`tilemask.sources.zarr.read_by_gdal`)."""
+    """Whether ``path`` names an array inside a Zarr store (:func:`inside_zarr_store`) that zarr-python reads, not
+    GDAL (labels: ``seg.ome.zarr/labels/labels/0``, ``seg.zarr/labels``; :func:`tilemask.sources.zarr.read_by_gdal`)."""
     from .sources.zarr import read_by_gdal
 
     return inside_zarr_store(path) and not read_by_gdal(path, 2)

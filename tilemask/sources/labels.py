@@ -198,28 +198,12 @@ def open_zarr_labels(path: str, chunks) -> LabelImage:
 
 def open_zarr_array_labels(path: str, chunks) -> LabelImage:
     """A label array inside a Zarr store, on the grid an input array gets (:meth:`ZarrSource.open`: its OME-Zarr
-    level's scale, its tilemask output's attributes); a tilemask output's labels (``seg.ome.zarr/labels/labels/0``,
-    ``seg.zarr/labels``) are its output, opened whole, with their class names and nodata label."""
-    from ..formats import for_path, zarr_store_of
+    level's scale); a tilemask output's labels or their coarser levels as :func:`_output_labels` opens them."""
     from .zarr import ZarrSource
 
-    store, key = zarr_store_of(path)
-    output = for_path(store)
-    if output.written_by_tilemask(store):
-        root = zarr.open_group(store, mode="r")
-        labels_key = output.labels_key(root)
-        if key == labels_key:
-            output.require_complete(store)
-            return output.open_labels(store, chunks)
-        image = labels_key.rsplit("/", 1)[0]  # a coarser level of its label image: the output's classes and nodata
-        multiscale = (ome_multiscales(dict(root[image].attrs)) or [{}])[0] if "/" in labels_key else {}
-        levels = [d.get("path") for d in multiscale.get("datasets", [])]
-        if key.rsplit("/", 1)[0] == image and key.rsplit("/", 1)[-1] in levels[1:]:
-            output.require_complete(store)
-            whole = output.open_labels(store, None)
-            geometry = level_geometry(whole.geometry, multiscale, levels.index(key.rsplit("/", 1)[-1]))
-            array = zarr.open_array(path, mode="r")
-            return LabelImage(path, _from_zarr(path, array, chunks), geometry, whole.class_names, whole.nodata)
+    of_output = _output_labels(path, chunks)
+    if of_output is not None:
+        return of_output
     array = zarr.open_array(path, mode="r")
     multiscale = ome_level_multiscale(path)
     if multiscale is not None:
@@ -230,6 +214,32 @@ def open_zarr_array_labels(path: str, chunks) -> LabelImage:
         raise InputError(f"{path}: labels must be integers, the array holds {np.dtype(array.dtype)}")
     geometry = ZarrSource.open(path, array.ndim).geometry
     return LabelImage(path, _from_zarr(path, array, chunks), geometry, None, None)
+
+
+def _output_labels(path: str, chunks) -> LabelImage | None:
+    """The labels of the tilemask output whose store holds ``path``, where ``path`` is its labels (the output,
+    opened whole) or a coarser level of them (the output's classes and nodata on that level's grid); else None."""
+    from ..formats import for_path, zarr_store_of
+
+    store, key = zarr_store_of(path)
+    output = for_path(store)
+    if not output.written_by_tilemask(store):
+        return None
+    root = zarr.open_group(store, mode="r")
+    labels_key = output.labels_key(root)
+    if key == labels_key:
+        output.require_complete(store)
+        return output.open_labels(store, chunks)
+    image, _, name = key.rpartition("/")
+    multiscale = (ome_multiscales(dict(root[image].attrs)) or [{}])[0] if image == labels_key.rpartition("/")[0] else {}
+    levels = [d.get("path") for d in multiscale.get("datasets", [])]
+    if name not in levels[1:]:
+        return None
+    output.require_complete(store)
+    whole = output.open_labels(store, None)
+    geometry = level_geometry(whole.geometry, multiscale, levels.index(name))
+    return LabelImage(path, _from_zarr(path, zarr.open_array(path, mode="r"), chunks), geometry, whole.class_names,
+                      whole.nodata)  # fmt: skip
 
 
 def omezarr_labels_key(root) -> str:
@@ -273,7 +283,8 @@ def _ome_geometry(path: str, group, spatial_dims: int) -> Geometry:
 def check_space_axes_only(path: str, multiscale: dict) -> None:
     """Refuse labels whose OME-Zarr multiscale has axes other than space ones (a channel, time): the message was an
     input's, "OME-Zarr with 2 space axes for a 3D model", naming no file."""
-    axes = [a if isinstance(a, dict) else {"name": a} for a in multiscale.get("axes", [])]
+    axes = [a if isinstance(a, dict) else {"name": a, "type": {"t": "time", "c": "channel"}.get(a, "space")}
+            for a in multiscale.get("axes", [])]  # fmt: skip (NGFF 0.3 names its axes only)
     if any(a.get("type") != "space" for a in axes):
         names = ", ".join(str(a.get("name")) for a in axes)
         raise InputError(f"{path}: a label image has space axes only; this OME-Zarr's are {names}")
