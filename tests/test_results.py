@@ -18,9 +18,11 @@ import zarr
 from rasterio.transform import Affine
 
 from tilemask.errors import InputError, UsageError
+from tilemask.formats import zarr_store_of
 from tilemask.geometry import RasterGeometry
 from tilemask.results import open_result
 from tilemask.sinks import OutputLayout, make_sink
+from tilemask.sources import open_source
 
 from .range_server import serve
 
@@ -225,6 +227,16 @@ def test_labels_given_by_their_path_inside_a_zarr_store_open_on_the_stores_grid(
     with pytest.raises(InputError, match=r"/cells\.ome\.zarr/0: a label image has space axes only; this OME-Zarr's "
                                          r"are c, y, x$"):  # fmt: skip (it was "OME-Zarr with 2 space axes for a
         open_result(tmp_path / "cells.ome.zarr" / "0")  # 3D model", naming no file)
+    scores = OutputLayout((40, 50), (32, 32), CLASSES, "uint8", 3, "uint8", RasterGeometry(None, (0, 1, 0, 0, 0, -1)),
+                          str(tmp_path / "scene.tif"))  # fmt: skip (uint8 probabilities: integers, 3 axes)
+    drive(make_sink(str(tmp_path / "scores.zarr"), scores), np.zeros((40, 50), np.uint8),
+          np.zeros((3, 40, 50), np.uint8))  # fmt: skip
+    with pytest.raises(InputError, match=r"scores\.zarr/probabilities: not the labels of the tilemask output \S+"
+                                         r"scores\.zarr \(they are \S+scores\.zarr/labels\); give "):  # fmt: skip
+        open_result(tmp_path / "scores.zarr" / "probabilities")  # they were read as labels of a volume
+    assert zarr_store_of(f"{tmp_path}/seg.zarr//labels") == (f"{tmp_path}/seg.zarr", "labels")
+    with pytest.raises(ValueError, match="inside no Zarr store"):
+        zarr_store_of(f"{tmp_path}/labels/0")
     server = serve(str(tmp_path))  # the same level on a web server: it went to GDAL ("Unsupported codec")
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -299,6 +311,9 @@ def test_a_coarser_level_of_an_outputs_labels_keeps_its_classes_nodata_and_place
             sink.write(region, labels[start : start + 64], None)
         sink.commit()
         coarse = open_result(tmp_path / f"{name}.ome.zarr" / "labels" / "labels" / "1")
+        as_input = open_source(str(tmp_path / f"{name}.ome.zarr" / "1"), labels.ndim).geometry  # the image's level 1
+        assert as_input == (VolumeGeometry(tuple(map(tuple, coarse.attrs["affine"]))) if name == "vol" else
+                            RasterGeometry(crs, tuple(coarse.rio.transform().to_gdal())))  # fmt: skip
         stored = np.asarray(zarr.open_array(tmp_path / f"{name}.ome.zarr" / "labels" / "labels" / "1", mode="r"))
         np.testing.assert_array_equal(coarse.values, stored)
         assert coarse.attrs["class_names"] == list(CLASSES)

@@ -798,7 +798,7 @@ def check_scheduler(client: Client) -> None:
     every task graph, and one of tilemask's tasks failed there as "Error during deserialization of the task graph"
     (``submit`` left a job queued for ever).  A scheduler that runs no function sent to it is not asked."""
 
-    def failed_import() -> str | None:  # a closure, sent by value: see above
+    def failed_import() -> str | None:  # nested: sent by value, see above
         import importlib
 
         try:

@@ -500,8 +500,8 @@ def inside_zarr_store(path: str) -> bool:
     with no suffix). An array over HTTP went to GDAL, which took its fill value for nodata: a label array's 0, its
     background, was left out of the statistics without a word (a review's)."""
     name = path.lower().rstrip("/")
-    local = "://" not in name and not name.startswith("/vsi")
-    return (local or name.startswith(("http://", "https://"))) and ".zarr/" in name and "." not in name.rsplit("/", 1)[-1]
+    reachable = ("://" not in name and not name.startswith("/vsi")) or name.startswith(("http://", "https://"))
+    return reachable and ".zarr/" in name and "." not in name.rsplit("/", 1)[-1]
 
 
 def zarr_labels_inside_store(path: str) -> bool:
@@ -521,11 +521,13 @@ def zarr_array_inside_store(path: str) -> bool:
 
 
 def zarr_store_of(path: str) -> tuple[str, str]:
-    """The innermost Zarr store holding ``path`` and the key inside it (``seg.ome.zarr/labels/labels/0``:
-    ``seg.ome.zarr`` and ``labels/labels/0``)."""
+    """The innermost Zarr store holding ``path`` (:func:`inside_zarr_store`) and the key inside it
+    (``seg.ome.zarr/labels/labels/0``: ``seg.ome.zarr`` and ``labels/labels/0``; ``seg.zarr//labels``: ``labels``)."""
     parts = path.rstrip("/").split("/")
-    inner = max(i for i, part in enumerate(parts[:-1]) if part.lower().endswith(".zarr"))
-    return "/".join(parts[: inner + 1]), "/".join(parts[inner + 1 :])
+    stores = [i for i, part in enumerate(parts[:-1]) if part.lower().endswith(".zarr")]
+    if not stores:
+        raise ValueError(f"{path}: inside no Zarr store")
+    return "/".join(parts[: stores[-1] + 1]), "/".join(part for part in parts[stores[-1] + 1 :] if part)
 
 
 def _nifti_pair(path: str) -> bool:

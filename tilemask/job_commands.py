@@ -166,7 +166,7 @@ def _withdraw(job, client, future) -> None:
 
 def _wait_until_known(client, key: str, timeout: float = 30.0) -> None:
     """The scheduler holds the driver before this process may exit."""
-    def has(key: str, dask_scheduler=None) -> bool:  # a closure, sent by value (cluster.check_scheduler)
+    def has(key: str, dask_scheduler=None) -> bool:  # sent by value, nested (cluster.check_scheduler)
         return key in dask_scheduler.tasks
 
     deadline = time.monotonic() + timeout

@@ -626,6 +626,10 @@ def driver_state(address: str, key: str, timeout: float) -> str | None:
     reached (nothing there, nothing that answers within ``timeout``: a port another service took since)."""
     from .cluster import scheduler_client
 
+    def task_state(key: str, dask_scheduler=None) -> str | None:  # sent by value (nested): a scheduler without
+        task = dask_scheduler.tasks.get(key)  # tilemask runs it (cluster.check_scheduler)
+        return None if task is None else task.state
+
     for attempt in range(3):
         try:
             client = scheduler_client(address, timeout, set_as_default=False)
@@ -636,10 +640,6 @@ def driver_state(address: str, key: str, timeout: float) -> str | None:
                 raise  # driver stopping its items); connecting again gets a clean one
             logger.debug("the Client's handshake with %s met a broadcast; connecting again", address)
             continue
-        def task_state(key: str, dask_scheduler=None) -> str | None:  # a closure, sent by value: a scheduler
-            task = dask_scheduler.tasks.get(key)  # without tilemask runs it (cluster.check_scheduler)
-            return None if task is None else task.state
-
         try:
             with client:
                 return client.run_on_scheduler(task_state, key=key)

@@ -218,7 +218,9 @@ def open_zarr_array_labels(path: str, chunks) -> LabelImage:
 
 def _output_labels(path: str, chunks) -> LabelImage | None:
     """The labels of the tilemask output whose store holds ``path``, where ``path`` is its labels (the output,
-    opened whole) or a coarser level of them (the output's classes and nodata on that level's grid); else None."""
+    opened whole) or a coarser level of them (the output's classes and nodata on that level's grid); None where no
+    tilemask output holds ``path``. Another of an output's arrays (its probabilities: uint8 ones read as 3D labels on
+    1 mm voxels) is refused."""
     from ..formats import for_path, zarr_store_of
 
     store, key = zarr_store_of(path)
@@ -234,7 +236,8 @@ def _output_labels(path: str, chunks) -> LabelImage | None:
     multiscale = (ome_multiscales(dict(root[image].attrs)) or [{}])[0] if image == labels_key.rpartition("/")[0] else {}
     levels = [d.get("path") for d in multiscale.get("datasets", [])]
     if name not in levels[1:]:
-        return None
+        raise InputError(f"{path}: not the labels of the tilemask output {store} (they are {store}/{labels_key}); "
+                         f"give {store}")  # fmt: skip
     output.require_complete(store)
     whole = output.open_labels(store, None)
     geometry = level_geometry(whole.geometry, multiscale, levels.index(name))

@@ -151,7 +151,7 @@ class ZarrSource(ImageSource):
     def open_ome(cls, path: str, spatial_dims: int, level: int = 0) -> ZarrSource:
         """An OME-Zarr image: a level of its first multiscale (the first: full resolution), with that level's scale
         as its grid."""
-        from ..geometry import ome_geometry
+        from ..geometry import level_geometry, ome_geometry
 
         try:
             attrs = dict(zarr.open_group(path, mode="r").attrs)
@@ -176,8 +176,10 @@ class ZarrSource(ImageSource):
         shape = tuple(int(s) for s in node.shape)
         if len(shape) not in (spatial_dims, spatial_dims + 1):
             raise InputError(f"{array}: Zarr array with {len(shape)} axes for a {spatial_dims}D model")
-        if "tilemask" in attrs and level == 0:
-            geometry = usable_geometry(path, geometry_from_attrs(attrs, spatial_dims), TILEMASK_ATTRS)
+        if "tilemask" in attrs:  # a tilemask output's grid keeps the CRS and flips NGFF has no place for
+            recorded = geometry_from_attrs(attrs, spatial_dims)
+            geometry = usable_geometry(path, level_geometry(recorded, multiscale, level) if level else recorded,
+                                       TILEMASK_ATTRS)  # fmt: skip
         else:
             geometry = usable_geometry(path, ome_geometry(multiscale, spatial_dims, level), OME_SCALES)
         return cls(array, shape, len(shape) == spatial_dims + 1, geometry, np.dtype(node.dtype).kind == "f")
