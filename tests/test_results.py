@@ -227,6 +227,13 @@ def test_labels_given_by_their_path_inside_a_zarr_store_open_on_the_stores_grid(
     with pytest.raises(InputError, match=r"/cells\.ome\.zarr/0: a label image has space axes only; this OME-Zarr's "
                                          r"are c, y, x$"):  # fmt: skip (it was "OME-Zarr with 2 space axes for a
         open_result(tmp_path / "cells.ome.zarr" / "0")  # 3D model", naming no file)
+    for axes in (["z", "y", "x"], [{"name": n} for n in "zyx"]):  # NGFF 0.3 names axes only; 0.4 may leave out types
+        old = zarr.open_group(tmp_path / "old.ome.zarr", mode="w", zarr_format=2)
+        old.create_array("0", data=labels, chunks=(10, 9, 6))
+        old.attrs["multiscales"] = [{"version": "0.3", "axes": axes, "datasets": [
+            {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [2.5, 0.8, 0.8]}]}]}]  # fmt: skip
+        placed = np.asarray(open_result(tmp_path / "old.ome.zarr" / "0").attrs["affine"])
+        np.testing.assert_allclose((placed[2, 0], placed[1, 1], placed[0, 2]), [2.5, 0.8, 0.8])
     scores = OutputLayout((40, 50), (32, 32), CLASSES, "uint8", 3, "uint8", RasterGeometry(None, (0, 1, 0, 0, 0, -1)),
                           str(tmp_path / "scene.tif"))  # fmt: skip (uint8 probabilities: integers, 3 axes)
     drive(make_sink(str(tmp_path / "scores.zarr"), scores), np.zeros((40, 50), np.uint8),

@@ -361,6 +361,17 @@ WORLD_AXES = ("x", "y", "z")  # a volume's world coordinates (its affine's rows)
 OME_UNITS_IN_MM = {"millimeter": 1.0, "micrometer": 1e-3, "nanometer": 1e-6, "centimeter": 10.0, "meter": 1000.0}
 
 
+def ome_axes(multiscale: dict) -> list[dict]:
+    """A multiscale's axes as NGFF 0.4 writes them, each a dict with a ``type``: NGFF 0.3 names them only, and 0.4
+    does not require the type; an untyped axis is a space axis unless named ``t`` (time) or ``c`` (channel)."""
+    axes = []
+    for axis in multiscale.get("axes", []):
+        axis = dict(axis) if isinstance(axis, dict) else {"name": str(axis)}
+        axis.setdefault("type", {"t": "time", "c": "channel"}.get(str(axis.get("name", "")).lower(), "space"))
+        axes.append(axis)
+    return axes
+
+
 def level_geometry(level0: Geometry, multiscale: dict, level: int) -> Geometry:
     """The grid of ``level`` of a tilemask output's label multiscale, from its full resolution's recorded grid
     (which keeps the CRS and the flips NGFF has no place for): along each array axis, the level's pixel ``i`` is
@@ -368,7 +379,7 @@ def level_geometry(level0: Geometry, multiscale: dict, level: int) -> Geometry:
     import numpy as np
 
     def scale_and_translation(index: int) -> tuple[np.ndarray, np.ndarray]:
-        n = len(multiscale["axes"])
+        n = len(ome_axes(multiscale))
         scale, translation = np.ones(n), np.zeros(n)
         for transform in multiscale["datasets"][index].get("coordinateTransformations", []):
             if transform.get("type") == "scale":
@@ -377,7 +388,7 @@ def level_geometry(level0: Geometry, multiscale: dict, level: int) -> Geometry:
                 translation = np.asarray(transform["translation"], dtype=float)
         return scale, translation
 
-    space = [i for i, a in enumerate(multiscale["axes"]) if isinstance(a, dict) and a.get("type") == "space"]
+    space = [i for i, a in enumerate(ome_axes(multiscale)) if a["type"] == "space"]
     (s0, t0), (sk, tk) = scale_and_translation(0), scale_and_translation(level)
     step, offset = sk[space] / s0[space], (tk[space] - t0[space]) / s0[space]
     if isinstance(level0, VolumeGeometry):
@@ -407,8 +418,8 @@ def ome_geometry(multiscale: dict, spatial_dims: int, level: int = 0) -> Geometr
 
     from .errors import InputError
 
-    axes = multiscale.get("axes", [])
-    space = [i for i, a in enumerate(axes) if isinstance(a, dict) and a.get("type") == "space"]
+    axes = ome_axes(multiscale)
+    space = [i for i, a in enumerate(axes) if a["type"] == "space"]
     if len(space) != spatial_dims:
         raise InputError(f"OME-Zarr with {len(space)} space axes for a {spatial_dims}D model")
     scale, translation = np.ones(len(axes)), np.zeros(len(axes))

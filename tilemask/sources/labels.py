@@ -35,6 +35,7 @@ from ..geometry import (
     geometry_from_attrs,
     level_geometry,
     normalize_per_axis,
+    ome_axes,
 )
 from ..storage import zarr_options
 from . import cached_handle, file_stamp, read_region, usable_geometry
@@ -286,9 +287,8 @@ def _ome_geometry(path: str, group, spatial_dims: int) -> Geometry:
 def check_space_axes_only(path: str, multiscale: dict) -> None:
     """Refuse labels whose OME-Zarr multiscale has axes other than space ones (a channel, time): the message was an
     input's, "OME-Zarr with 2 space axes for a 3D model", naming no file."""
-    axes = [a if isinstance(a, dict) else {"name": a, "type": {"t": "time", "c": "channel"}.get(a, "space")}
-            for a in multiscale.get("axes", [])]  # fmt: skip (NGFF 0.3 names its axes only)
-    if any(a.get("type") != "space" for a in axes):
+    axes = ome_axes(multiscale)
+    if any(a["type"] != "space" for a in axes):
         names = ", ".join(str(a.get("name")) for a in axes)
         raise InputError(f"{path}: a label image has space axes only; this OME-Zarr's are {names}")
 

@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 
 from ..errors import InputError
-from ..geometry import Geometry, Region, geometry_from_attrs
+from ..geometry import Geometry, Region, geometry_from_attrs, ome_axes
 from . import ImageSource, cached_handle, file_stamp, read_region, usable_geometry
 
 logger = logging.getLogger(__name__)
@@ -55,8 +55,7 @@ def ome_space_unit(path: str) -> str | None:
     except Exception:  # noqa: BLE001 - not a Zarr group: an array, or no Zarr at all
         level = ome_level_multiscale(path)
         multiscales = [level] if level else None
-    axes = (multiscales or [{}])[0].get("axes", [])
-    units = {a.get("unit") for a in axes if isinstance(a, dict) and a.get("type") == "space"}
+    units = {a.get("unit") for a in ome_axes((multiscales or [{}])[0]) if a["type"] == "space"}
     return units.pop() if len(units) == 1 else None
 
 
@@ -161,7 +160,7 @@ class ZarrSource(ImageSource):
         if multiscales is None:
             raise InputError(f"{path}: not an OME-Zarr image: its group has no multiscales")
         multiscale = multiscales[0]
-        kinds = [a.get("type") if isinstance(a, dict) else a for a in multiscale.get("axes", [])]
+        kinds = [a["type"] for a in ome_axes(multiscale)]
         if "time" in kinds or kinds.count("channel") > 1:
             raise InputError(f"{path}: OME-Zarr axes {kinds}: tilemask reads channel and space axes only")
         try:
