@@ -132,8 +132,10 @@ class ZarrSource(ImageSource):
             example = f" (it holds {', '.join(arrays[:5])})" if arrays else " (it holds no array)"
             raise InputError(f"{path}: a Zarr group without OME-Zarr multiscales; give the path of the image array "
                              f"inside it, {path.rstrip('/')}/NAME{example}")  # fmt: skip
+        from ..formats import inside_zarr_store
+
         attrs = dict(node.attrs)
-        if not _has_geometry(attrs):  # an array of a group whose attributes place it
+        if not _has_geometry(attrs) and inside_zarr_store(path):  # an array of a group whose attributes place it
             parent = _parent_attrs(path)
             level = _ome_level(path, parent)
             if level is not None:
