@@ -793,40 +793,11 @@ WORKER_PACKAGES = ("tilemask", "torch")
 the worker, and a detached job wait for it forever."""
 
 
-def check_scheduler(client: Client) -> None:
-    """The scheduler imports tilemask, or one line says so (exit 2, before any job is made or runs): it unpickles
-    every task graph, and one of tilemask's tasks failed there as "Error during deserialization of the task graph"
-    (``submit`` left a job queued for ever).  A scheduler that runs no function sent to it is not asked."""
+def _import_failures():
+    """A function that imports each of ``names`` and returns ``{name: why}`` for those that fail: nested, so
+    cloudpickle sends it by value to a scheduler or worker that cannot import tilemask itself."""
 
-    def failed_import() -> str | None:  # nested: sent by value, see above
-        import importlib
-
-        try:
-            importlib.import_module("tilemask")
-        except Exception as exc:  # noqa: BLE001 - a broken install fails with any type
-            return f"{type(exc).__name__}: {exc}"
-        return None
-
-    try:
-        why = client.run_on_scheduler(failed_import)
-    except Exception as exc:  # noqa: BLE001 - the scheduler's refusal comes with many types
-        logger.debug("cannot ask the scheduler what it imports: %r", exc)
-        return
-    if why:
-        raise UsageError(f"the Dask scheduler at {client.scheduler.address} cannot import tilemask ({why}): it "
-                         "unpickles the tasks' graphs; install tilemask in the environment it runs in")
-
-
-def check_workers(client: Client) -> None:
-    """The scheduler (:func:`check_scheduler`) and each worker now in the cluster import what tilemask's tasks
-    need (the workers: :data:`WORKER_PACKAGES`), or one line names the first that cannot (exit 2, before any job is
-    made or runs); a worker that leaves meanwhile (its nanny restarted it: over its memory limit as torch loads) is
-    named, exit 1.  A scheduler that lets no function be run on its workers (pickling refused) is not asked: the
-    forward pass of zeros fails there instead."""
-    if not isinstance(client.cluster, LocalCluster):  # whose scheduler runs in this process
-        check_scheduler(client)
-
-    def failed_imports(names: tuple[str, ...]) -> dict[str, str]:  # a closure, sent by value: see above
+    def failed_imports(names: tuple[str, ...]) -> dict[str, str]:
         import importlib
 
         failed = {}
@@ -837,8 +808,35 @@ def check_workers(client: Client) -> None:
                 failed[name] = f"{type(exc).__name__}: {exc}"
         return failed
 
+    return failed_imports
+
+
+def check_scheduler(client: Client) -> None:
+    """The scheduler imports tilemask, or one line says so (exit 2, before any job is made or runs): it unpickles
+    every task graph, and one of tilemask's tasks failed there as "Error during deserialization of the task graph"
+    (``submit`` left a job queued for ever).  A scheduler that runs no function sent to it is not asked."""
     try:
-        answers = client.run(failed_imports, WORKER_PACKAGES, on_error="return")
+        failed = client.run_on_scheduler(_import_failures(), ("tilemask",))
+    except Exception as exc:  # noqa: BLE001 - the scheduler's refusal comes with many types
+        logger.debug("cannot ask the scheduler what it imports: %r", exc)
+        return
+    for why in failed.values():
+        raise UsageError(f"the Dask scheduler at {client.scheduler.address} cannot import tilemask ({why}): it "
+                         "unpickles the tasks' graphs; install tilemask in the environment it runs in")
+
+
+def check_workers(client: Client) -> None:
+    """The scheduler (:func:`check_scheduler`) and each worker now in the cluster import what tilemask's tasks
+    need (the workers: :data:`WORKER_PACKAGES`), or one line names the first that cannot (exit 2, before any job is
+    made or runs); a worker that leaves meanwhile (its nanny restarted it: over its memory limit as torch loads) is
+    named, exit 1.  A scheduler that lets no function be run on its workers (pickling refused) is not asked: the
+    forward pass of zeros fails there instead.  An embedded cluster runs this process's environment: its scheduler
+    and versions are not asked."""
+    embedded = isinstance(client.cluster, LocalCluster)
+    if not embedded:
+        check_scheduler(client)
+    try:
+        answers = client.run(_import_failures(), WORKER_PACKAGES, on_error="return")
     except Exception as exc:  # noqa: BLE001 - the scheduler's refusal comes with many types
         logger.debug("cannot ask the workers what they import: %r", exc)
         return
@@ -848,7 +846,7 @@ def check_workers(client: Client) -> None:
         for name, why in answer.items():
             raise UsageError(f"Dask worker {address} cannot import {name} ({why}): install tilemask, with torch, "
                              "in the environment its workers run in")
-    if not isinstance(client.cluster, LocalCluster):  # whose workers run this environment
+    if not embedded:
         _warn_of_other_versions(client)
 
 
