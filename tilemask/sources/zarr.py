@@ -107,6 +107,14 @@ def ome_first_level(path: str) -> str | None:
         return None
 
 
+def _spatial_shape(path: str, node: zarr.Array, spatial_dims: int) -> tuple[int, ...]:
+    """The shape of the array ``node`` at ``path``: ``spatial_dims`` axes, or one more (channels first)."""
+    shape = tuple(int(s) for s in node.shape)
+    if len(shape) not in (spatial_dims, spatial_dims + 1):
+        raise InputError(f"{path}: Zarr array with {len(shape)} axes for a {spatial_dims}D model")
+    return shape
+
+
 TILEMASK_ATTRS = "tilemask's attributes ('affine' for a volume, 'transform' for a raster)"
 OME_SCALES = "the multiscale's scale transformations"
 
@@ -142,9 +150,7 @@ class ZarrSource(ImageSource):
                 return cls.open_ome(path.rstrip("/").rsplit("/", 1)[0], spatial_dims, level)
             if "tilemask" in parent and _has_geometry(parent):  # an array of a tilemask output's .zarr group
                 attrs = parent
-        shape = tuple(int(s) for s in node.shape)
-        if len(shape) not in (spatial_dims, spatial_dims + 1):
-            raise InputError(f"{path}: Zarr array with {len(shape)} axes for a {spatial_dims}D model")
+        shape = _spatial_shape(path, node, spatial_dims)
         geometry = usable_geometry(path, geometry_from_attrs(attrs, spatial_dims), TILEMASK_ATTRS)
         return cls(path, shape, len(shape) == spatial_dims + 1, geometry, np.dtype(node.dtype).kind == "f")
 
@@ -174,9 +180,7 @@ class ZarrSource(ImageSource):
             node = zarr.open_array(array, mode="r")
         except Exception as exc:
             raise InputError(f"{array}: cannot open Zarr: {exc}") from None
-        shape = tuple(int(s) for s in node.shape)
-        if len(shape) not in (spatial_dims, spatial_dims + 1):
-            raise InputError(f"{array}: Zarr array with {len(shape)} axes for a {spatial_dims}D model")
+        shape = _spatial_shape(array, node, spatial_dims)
         if "tilemask" in attrs:  # a tilemask output's grid keeps the CRS and flips NGFF has no place for
             recorded = geometry_from_attrs(attrs, spatial_dims)
             geometry = usable_geometry(path, level_geometry(recorded, multiscale, level) if level else recorded,
