@@ -452,3 +452,46 @@ def _wait_for_port(port: int, timeout: float = 60) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError("moto's S3 server did not start") from None
             time.sleep(0.2)
+
+
+@pytest.mark.slow  # a moto S3 server
+def test_arrays_inside_a_zarr_store_on_s3_are_read_by_zarr_as_the_same_local_ones(s3, tmp_path, monkeypatch):
+    """A review's: an array inside a Zarr store on S3 (``s3://.../scene.ome.zarr/s1``), or one whose name has a dot
+    (``mask.5``, local too), went to GDAL: "Unsupported codec: bytes", as labels and as an input. They are read by
+    zarr through the AWS variables' endpoint, on the grid and with the statistics of the same local arrays."""
+    import xarray as xr
+    import zarr
+    from distributed import Client, LocalCluster
+
+    from tilemask.formats import for_path
+    from tilemask.results import open_result
+    from tilemask.stats.api import compute_stats
+
+    s3_client, env = s3
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    labels = np.random.default_rng(6).integers(0, 3, (300, 400)).astype(np.uint8)
+    root = zarr.open_group(tmp_path / "scene.ome.zarr", mode="w", zarr_format=3)
+    root.create_array("s0", data=labels, chunks=(128, 128), dimension_names=("y", "x"))
+    root.create_array("s1", data=labels[::2, ::2], chunks=(128, 128), dimension_names=("y", "x"))
+    root.create_array("mask.5", data=labels, chunks=(128, 128))
+    root.attrs["ome"] = {"version": "0.5", "multiscales": [{
+        "axes": [{"name": n, "type": "space", "unit": "micrometer"} for n in "yx"],
+        "datasets": [{"path": level, "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+                     for level, scale in (("s0", [0.5, 0.5]), ("s1", [1.0, 1.0]))]}]}  # fmt: skip
+    for file in (tmp_path / "scene.ome.zarr").rglob("*"):
+        if file.is_file():
+            s3_client.upload_file(str(file), "tilemask", f"stores/{file.relative_to(tmp_path)}")
+    with Client(LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None)) as client:
+        for key in ("s1", "mask.5"):
+            local, remote = str(tmp_path / "scene.ome.zarr" / key), f"s3://tilemask/stores/scene.ome.zarr/{key}"
+            xr.testing.assert_identical(open_result(remote), open_result(local))
+            tables = [pd.read_csv(compute_stats(path, tmp_path / f"{n}.csv", client=client))
+                      for n, path in (("local", local), ("remote", remote))]  # fmt: skip
+            pd.testing.assert_frame_equal(*tables)
+            assert tables[0]["pixels"].sum() == (labels[::2, ::2] if key == "s1" else labels).size  # 0 counted
+            source, same = (for_path(path).open_source(path, 2, None) for path in (remote, local))
+            assert source.geometry == same.geometry and source.shape == same.shape
+            np.testing.assert_array_equal(source.read(((0, 100), (0, 150))), same.read(((0, 100), (0, 150))))
+    coarse = open_result("s3://tilemask/stores/scene.ome.zarr/s1")
+    np.testing.assert_allclose(coarse["x"][:3], [0.0, 1.0, 2.0])  # its level's scale, a micrometre, not s0's

@@ -178,12 +178,10 @@ class ZarrFormat(Format):
         return ZarrSink(path.rstrip("/"), layout)
 
     def _tilemask_attrs(self, path: str) -> dict | None:
-        import zarr
-
-        from .storage import zarr_options
+        from .sources.zarr import open_zarr
 
         try:
-            node = zarr.open(path, mode="r", **zarr_options(path))
+            node = open_zarr(path)
         except Exception:
             return None
         meta = dict(node.attrs).get("tilemask")
@@ -496,12 +494,16 @@ class MincFormat(Format):
 
 
 def inside_zarr_store(path: str) -> bool:
-    """Whether ``path`` names an array inside a Zarr store, local or on a web server (``scan.zarr/0``: a last name
-    with no suffix). An array over HTTP went to GDAL, which took its fill value for nodata: a label array's 0, its
-    background, was left out of the statistics without a word (a review's)."""
+    """Whether ``path`` may name a node inside a Zarr store, local, on a web server or on object storage
+    (``scan.zarr/0``, ``s3://bucket/seg.zarr/mask.5``: a path below a ``.zarr`` folder that is not a store itself).
+    Callers open it with zarr and leave it to GDAL where zarr opens no array there.  An array over HTTP or S3, or
+    one whose name had a dot, went to GDAL, which took its fill value for nodata: a label array's 0, its
+    background, was left out of the statistics without a word (reviews')."""
+    from .storage import OBJECT_STORES, WEB
+
     name = path.lower().rstrip("/")
-    reachable = ("://" not in name and not name.startswith("/vsi")) or name.startswith(("http://", "https://"))
-    return reachable and ".zarr/" in name and "." not in name.rsplit("/", 1)[-1]
+    reachable = ("://" not in name and not name.startswith("/vsi")) or name.startswith(WEB + OBJECT_STORES)
+    return reachable and ".zarr/" in name and not name.endswith(".zarr")
 
 
 def zarr_labels_inside_store(path: str) -> bool:

@@ -22,7 +22,6 @@ import dask.array as da
 import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
-import zarr
 from affine import Affine
 from rioxarray.rioxarray import affine_to_coords
 
@@ -31,6 +30,7 @@ from .errors import InputError, UsageError
 from .formats import for_path
 from .geometry import RasterGeometry, normalize_per_axis
 from .sources.labels import check_chunks, open_labels, open_nifti_probabilities
+from .sources.zarr import open_zarr
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _labels(path: str, chunks) -> xr.DataArray:
 def _probabilities(path: str, chunks) -> xr.DataArray:
     fmt = for_path(path)
     if fmt.zarr_store:  # probabilities inside the output
-        group = zarr.open_group(path, mode="r")
+        group = open_zarr(path, "group")
         fmt.require_complete(path)
         key = fmt.probabilities_key(group)
         if key is None:

@@ -343,8 +343,8 @@ class AccessDenied(OutputError, PermissionError):
 
 
 def zarr_options(path: str) -> dict:
-    """zarr's ``open`` keywords for ``path``: fsspec's options where it is on object storage."""
-    return {"storage_options": storage_options(path)} if is_remote(path) else {}
+    """zarr's ``open`` keywords for ``path``: fsspec's options where it is on object storage or a web server."""
+    return {"storage_options": storage_options(path)} if is_remote(path) or os.fspath(path).startswith(WEB) else {}
 
 
 @_reaching

@@ -37,11 +37,10 @@ from ..geometry import (
     normalize_per_axis,
     ome_axes,
 )
-from ..storage import zarr_options
 from . import cached_handle, file_stamp, read_region, usable_geometry
 from .nifti import check_length, nifti_geometry, read_failure
 from .raster import block_failure, first_gdal_line, gdal_env
-from .zarr import OME_SCALES, TILEMASK_ATTRS, ome_level_multiscale, ome_multiscales
+from .zarr import OME_SCALES, TILEMASK_ATTRS, ome_level_multiscale, ome_multiscales, open_zarr
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +186,7 @@ def _chunks(chunks, native: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def open_zarr_labels(path: str, chunks) -> LabelImage:
-    node = zarr.open(path, mode="r", **zarr_options(path))
+    node = open_zarr(path)
     attrs = dict(node.attrs)
     array = node["labels"] if isinstance(node, zarr.Group) else node
     meta = attrs.get("tilemask", {})
@@ -205,7 +204,7 @@ def open_zarr_array_labels(path: str, chunks) -> LabelImage:
     of_output = _output_labels(path, chunks)
     if of_output is not None:
         return of_output
-    array = zarr.open_array(path, mode="r")
+    array = open_zarr(path, "array")
     multiscale = ome_level_multiscale(path)
     if multiscale is not None:
         check_space_axes_only(path, multiscale)
@@ -228,7 +227,7 @@ def _output_labels(path: str, chunks) -> LabelImage | None:
     output = for_path(store)
     if not output.written_by_tilemask(store):
         return None
-    root = zarr.open_group(store, mode="r")
+    root = open_zarr(store, "group")
     labels_key = output.labels_key(root)
     if key == labels_key:
         output.require_complete(store)
@@ -242,7 +241,7 @@ def _output_labels(path: str, chunks) -> LabelImage | None:
     output.require_complete(store)
     whole = output.open_labels(store, None)
     geometry = level_geometry(whole.geometry, multiscale, levels.index(name))
-    return LabelImage(path, _from_zarr(path, zarr.open_array(path, mode="r"), chunks), geometry, whole.class_names,
+    return LabelImage(path, _from_zarr(path, open_zarr(path, "array"), chunks), geometry, whole.class_names,
                       whole.nodata)  # fmt: skip
 
 
@@ -262,7 +261,7 @@ def omezarr_labels_key(root) -> str:
 
 def open_omezarr_labels(path: str, chunks) -> LabelImage:
     """The first level of an OME-Zarr's first label image, with its geometry and class names."""
-    root = zarr.open_group(path, mode="r")
+    root = open_zarr(path, "group")
     attrs = dict(root.attrs)
     meta = attrs.get("tilemask", {})
     labels_path = omezarr_labels_key(root)

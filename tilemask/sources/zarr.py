@@ -19,9 +19,19 @@ import zarr
 
 from ..errors import InputError
 from ..geometry import Geometry, Region, geometry_from_attrs, ome_axes
+from ..storage import zarr_options
 from . import ImageSource, cached_handle, file_stamp, read_region, usable_geometry
 
 logger = logging.getLogger(__name__)
+
+_OPENERS = {"node": zarr.open, "array": zarr.open_array, "group": zarr.open_group}
+
+
+def open_zarr(path: str, kind: str = "node"):
+    """The Zarr ``kind`` (``node``, ``array`` or ``group``) at ``path``, opened to read: on object storage through
+    the endpoint the environment names and on a web server, with GDAL's timeouts
+    (:func:`tilemask.storage.zarr_options`).  An array inside a store on S3 was opened without them."""
+    return _OPENERS[kind](path, mode="r", **zarr_options(path))
 
 
 def read_by_gdal(path: str, spatial_dims: int) -> bool:
@@ -29,7 +39,7 @@ def read_by_gdal(path: str, spatial_dims: int) -> bool:
     ``_CRS``, which GDAL's Zarr driver reads and zarr-python does not), or no array zarr-python opens.  Volumes
     are read here: GDAL would make bands of their third axis."""
     try:
-        attrs = dict(zarr.open_array(path, mode="r").attrs)
+        attrs = dict(open_zarr(path, "array").attrs)
     except Exception:  # noqa: BLE001 - not an array zarr-python opens: GDAL names the problem
         return True
     return spatial_dims == 2 and "_CRS" in attrs
@@ -51,7 +61,7 @@ def ome_space_unit(path: str) -> str | None:
     if not (for_path(path).zarr_store or inside_zarr_store(path)):
         return None
     try:
-        multiscales = ome_multiscales(dict(zarr.open_group(path, mode="r").attrs))
+        multiscales = ome_multiscales(dict(open_zarr(path, "group").attrs))
     except Exception:  # noqa: BLE001 - not a Zarr group: an array, or no Zarr at all
         level = ome_level_multiscale(path)
         multiscales = [level] if level else None
@@ -67,7 +77,7 @@ def _parent_attrs(path: str) -> dict:
     """The attributes of the Zarr group holding the array at ``path`` ({} where none does)."""
     parent = path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else ""
     try:
-        return dict(zarr.open_group(parent, mode="r").attrs) if parent else {}
+        return dict(open_zarr(parent, "group").attrs) if parent else {}
     except Exception:  # noqa: BLE001 - not inside a Zarr group
         return {}
 
@@ -90,7 +100,7 @@ def ome_level_multiscale(path: str) -> dict | None:
 def ome_label_names(path: str) -> list[str] | None:
     """The label images an OME-Zarr ``labels`` group at ``path`` lists, else None (not such a group)."""
     try:
-        attrs = dict(zarr.open_group(path, mode="r").attrs)
+        attrs = dict(open_zarr(path, "group").attrs)
     except Exception:  # noqa: BLE001 - not a Zarr group
         return None
     names = attrs.get("ome", attrs).get("labels")
@@ -101,7 +111,7 @@ def ome_first_level(path: str) -> str | None:
     """The path of the first level of the OME-Zarr multiscale group at ``path`` (a label image inside a store:
     ``seg.ome.zarr/labels/labels``), else None."""
     try:
-        multiscales = ome_multiscales(dict(zarr.open_group(path, mode="r").attrs))
+        multiscales = ome_multiscales(dict(open_zarr(path, "group").attrs))
         return f"{path.rstrip('/')}/{multiscales[0]['datasets'][0]['path']}" if multiscales else None
     except Exception:  # noqa: BLE001 - not a Zarr group, or a multiscale without datasets
         return None
@@ -130,7 +140,7 @@ class ZarrSource(ImageSource):
     @classmethod
     def open(cls, path: str, spatial_dims: int) -> ZarrSource:
         try:
-            node = zarr.open(path, mode="r")
+            node = open_zarr(path)
         except Exception as exc:
             raise InputError(f"{path}: cannot open Zarr: {exc}") from None
         if isinstance(node, zarr.Group):
@@ -161,7 +171,7 @@ class ZarrSource(ImageSource):
         from ..geometry import level_geometry, ome_geometry
 
         try:
-            attrs = dict(zarr.open_group(path, mode="r").attrs)
+            attrs = dict(open_zarr(path, "group").attrs)
         except Exception as exc:
             raise InputError(f"{path}: not an OME-Zarr image: {exc}") from None
         multiscales = ome_multiscales(attrs)
@@ -177,7 +187,7 @@ class ZarrSource(ImageSource):
             raise InputError(f"{path}: an OME-Zarr multiscale without datasets") from None
         array = f"{path.rstrip('/')}/{dataset}"
         try:
-            node = zarr.open_array(array, mode="r")
+            node = open_zarr(array, "array")
         except Exception as exc:
             raise InputError(f"{array}: cannot open Zarr: {exc}") from None
         shape = _spatial_shape(array, node, spatial_dims)
@@ -201,7 +211,7 @@ class ZarrSource(ImageSource):
         index = tuple(slice(lo, hi) for lo, hi in region)
 
         def block() -> np.ndarray:
-            opener = lambda: zarr.open_array(self.path, mode="r")  # noqa: E731
+            opener = lambda: open_zarr(self.path, "array")  # noqa: E731
             array = cached_handle(("zarr", self.path), opener, file_stamp(self.path))
             return np.asarray(array[(slice(None), *index)] if self.channel_first else array[index][None])
 

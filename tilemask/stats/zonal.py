@@ -125,8 +125,9 @@ class WindowReader:
 
         def opener():
             from ..formats import for_path
+            from ..sources.zarr import open_zarr
 
-            node = zarr.open(self.path, mode="r")
+            node = open_zarr(self.path)
             return node[for_path(self.path).labels_key(node)] if isinstance(node, zarr.Group) else node
 
         return cached_handle(("stats-zarr", self.path), opener, file_stamp(self.path))
