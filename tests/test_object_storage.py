@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import rasterio
+import xarray as xr
 import yaml
 
 from .conftest import GEO, REPO, UNET_3D, _free_port, run_cli, volume_workflow
@@ -267,7 +268,14 @@ def test_outputs_and_the_job_folder_on_s3_equal_a_local_run_and_the_job_resumes(
 
     s3_client, env = s3
     weights = REPO / "workflows" / "demo" / "landsat_water_land_cloud.pt"
-    s3_client.upload_file(str(GEO["RGB.byte.tif"]), "tilemask", "scenes/RGB.byte.tif")
+    scene = tmp_path / "scene" / "RGB.byte.tif"  # the demo's scene 2 x 2 times: GDAL 3.10 read a VRT of its 42
+    scene.parent.mkdir()  # pieces (the demo's 12 are too few) on threads of its own, which went to AWS, not to the
+    with rasterio.open(GEO["RGB.byte.tif"]) as src:  # endpoint (a review's: "cannot assemble the COG", exit 1)
+        tiled = np.tile(src.read(), (1, 2, 2))
+        profile = {**src.profile, "height": tiled.shape[1], "width": tiled.shape[2]}
+    with rasterio.open(scene, "w", **profile) as dst:
+        dst.write(tiled)
+    s3_client.upload_file(str(scene), "tilemask", "scenes/RGB.byte.tif")
     prefix = f"out{suffix.replace('.', '-')}"
     workflow = demo_workflow("s3://tilemask/scenes/RGB.byte.tif", str(weights), f"s3://tilemask/{prefix}/{{stem}}_mask{suffix}")
     workflow["output"]["probabilities"] = "uint8"
@@ -278,7 +286,7 @@ def test_outputs_and_the_job_folder_on_s3_equal_a_local_run_and_the_job_resumes(
     done = run_cli("run", remote, "--quiet", "--workers", "2", cwd=tmp_path, env={**env, **scratch})
     assert done.returncode == 0, done.stderr
 
-    local = {**workflow, "input": str(GEO["RGB.byte.tif"]), "output": {**workflow["output"], "path": f"local/{{stem}}_mask{suffix}"}}
+    local = {**workflow, "input": str(scene), "output": {**workflow["output"], "path": f"local/{{stem}}_mask{suffix}"}}
     (expected,) = tilemask.run(Workflow.from_dict(local, base_dir=tmp_path), client)
     keys = _keys(s3_client, f"{prefix}/")
     assert not [k for k in keys if "/.tilemask-" in k], "nothing staged is left on the store, nor what a killed run left"
@@ -307,6 +315,14 @@ def test_outputs_and_the_job_folder_on_s3_equal_a_local_run_and_the_job_resumes(
                 np.testing.assert_array_equal(a.read(), b.read())
                 assert a.crs == b.crs and a.transform == b.transform and a.tags() == b.tags()
                 assert a.overviews(1) == b.overviews(1) and a.overviews(1)
+        from tilemask.results import open_result
+
+        for name, value in env.items():  # read back as a user would: rioxarray read the probabilities without the
+            monkeypatch.setenv(name, value)  # endpoint, after a check for a local file ("does not exist")
+        for variable in ("labels", "probabilities"):
+            back = open_result(f"s3://tilemask/{prefix}/RGB.byte_mask.tif", variable)
+            want = open_result(expected.outputs[0], variable)
+            xr.testing.assert_identical(back.compute(scheduler="sync"), want.compute(scheduler="sync"))
     assert not (tmp_path / "s3:").exists(), "no local folder is made of the URL"
 
     (job,) = {k.split("/")[3] for k in keys if k.startswith(f"{prefix}/.tilemask/jobs/")}
@@ -459,7 +475,6 @@ def test_arrays_inside_a_zarr_store_on_s3_are_read_by_zarr_as_the_same_local_one
     """A review's: an array inside a Zarr store on S3 (``s3://.../scene.ome.zarr/s1``), or one whose name has a dot
     (``mask.5``, local too), went to GDAL: "Unsupported codec: bytes", as labels and as an input. They are read by
     zarr through the AWS variables' endpoint, on the grid and with the statistics of the same local arrays."""
-    import xarray as xr
     import zarr
     from distributed import Client, LocalCluster
 

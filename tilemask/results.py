@@ -12,11 +12,9 @@ than 0 to n - 1 are a dict of value to name.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import dask.array as da
 import numpy as np
@@ -25,12 +23,13 @@ import xarray as xr
 from affine import Affine
 from rioxarray.rioxarray import affine_to_coords
 
-from .classes import CLASSES_TAG, ClassNames, read_colour_table
+from .classes import ClassNames, read_colour_table
 from .errors import InputError, UsageError
 from .formats import for_path
 from .geometry import RasterGeometry, normalize_per_axis
-from .sources.labels import check_chunks, open_labels, open_nifti_probabilities
+from .sources.labels import check_chunks, open_labels, open_nifti_probabilities, open_raster_probabilities
 from .sources.zarr import open_zarr
+from .storage import exists
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +85,8 @@ def _probabilities(path: str, chunks) -> xr.DataArray:
             )  # fmt: skip
         geometry = RasterGeometry(attrs.get("crs"), tuple(attrs["transform"]))
     elif fmt.name == "cog":  # probabilities beside the labels
-        tif = _beside(path, fmt)
-        y, x = (1024, 1024) if chunks is None else _per_axis(chunks, 2)
-        opened = rioxarray.open_rasterio(tif, chunks={"band": -1, "y": y, "x": x}, mask_and_scale=False)
-        opened = opened.rename({"band": "class"}).drop_vars("class").rename("probabilities")
-        label_tag = opened.attrs.get(CLASSES_TAG)
-        opened.attrs = {"class_names": json.loads(label_tag) if label_tag else []}
-        return opened
+        lazy, geometry, names = open_raster_probabilities(_beside(path, fmt), None if chunks is None else
+                                                          _per_axis(chunks, 2))  # fmt: skip
     elif fmt.name == "nifti":  # probabilities beside the labels, 4D with classes last
         lazy, volume = open_nifti_probabilities(str(_beside(path, fmt)), chunks)
         names = _names_attr(read_colour_table(fmt.class_table_path(path)))
@@ -117,13 +111,13 @@ def _names_attr(names: ClassNames | None) -> list[str] | dict[int, str]:
     return dict(names) if isinstance(names, Mapping) else list(names or ())
 
 
-def _beside(path: str, fmt) -> Path:
-    """The probabilities file of the labels at ``path`` (``path`` itself when it is one), refused in one line when
-    it is not there."""
-    p = Path(path)
-    beside = p if fmt.stem(path).endswith("_probabilities") else Path(fmt.probabilities_path(path))
-    if not beside.exists():
-        missing = "does not exist" if not p.exists() else f"has no probabilities beside it ({beside.name} is missing)"
+def _beside(path: str, fmt) -> str:
+    """The probabilities file of the labels at ``path`` (``path`` itself when it is one; on disk or object
+    storage), refused in one line when it is not there."""
+    beside = path if fmt.stem(path).endswith("_probabilities") else fmt.probabilities_path(path)
+    if not exists(beside):
+        name = beside.rstrip("/").rsplit("/", 1)[-1]
+        missing = "does not exist" if not exists(path) else f"has no probabilities beside it ({name} is missing)"
         raise InputError(f"{path}: {missing}")
     return beside
 

@@ -65,6 +65,12 @@ BLOCKSIZE = 512
 PIECE_OPTIONS = {"tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "zstd", "zstd_level": 1}
 GDAL_OPTIONS = {"GDAL_CACHEMAX": 256 << 20, "GDAL_NUM_THREADS": "ALL_CPUS"}  # bytes, as rasterio passes it on
 
+# GDAL_NUM_THREADS made GDAL 3.10 read a VRT of more than a few pieces on threads of its own, which do not see the
+# settings rasterio.Env gives a thread other than the main one (a Dask worker's): pieces on S3 were asked of AWS,
+# not of the endpoint the AWS variables name ("cannot assemble the COG: Unknown GDAL Error", a review's).  The
+# pieces are then read on the assembling thread; the COG's compression still runs on all cores.
+PIECES_ON_OBJECT_STORAGE = {"VRT_NUM_THREADS": "1"}
+
 GDAL_TYPES = {"uint8": "Byte", "uint16": "UInt16", "uint32": "UInt32", "float32": "Float32"}
 
 
@@ -361,7 +367,8 @@ class CogSink(LabelSink):
             options["OVERVIEWS"] = "NONE"
         raster.abort()
         try:
-            with gdal_env(), rasterio.Env(**GDAL_OPTIONS):
+            remote = PIECES_ON_OBJECT_STORAGE if is_remote(raster.path) else {}
+            with gdal_env(), rasterio.Env(**GDAL_OPTIONS, **remote):
                 rasterio.shutil.copy(vrt, raster.assembled, driver="COG", **options)
                 short = written_short(raster.assembled)
         except (RasterioError, CPLE_BaseError, OSError, SystemError) as exc:  # SystemError: "Unknown GDAL Error"

@@ -72,19 +72,36 @@ class _RasterBand:
         return read_band_window(self.path, *index)
 
 
-def read_band_window(path: str, rows: slice, cols: slice) -> np.ndarray:
-    """Band 1 of a GDAL raster at ``[rows, cols]`` (its handle kept per worker thread); a damaged file as a
-    :class:`ReadError` naming it and the window."""
+@dataclass(frozen=True)
+class _RasterBands:
+    """Array-like view of all the bands of a GDAL raster, ``(band, row, col)``, read by window (for
+    ``da.from_array``; a COG's probabilities)."""
+
+    path: str
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    ndim: int = 3
+
+    def __getitem__(self, index: tuple[slice, slice, slice]) -> np.ndarray:
+        bands, rows, cols = index
+        return read_band_window(self.path, rows, cols, list(range(1, self.shape[0] + 1)))[bands]
+
+
+def read_band_window(path: str, rows: slice, cols: slice, bands: int | list[int] = 1) -> np.ndarray:
+    """Band ``bands`` of a GDAL raster at ``[rows, cols]`` (a list of bands: ``(band, row, col)``; its handle
+    kept per worker thread), read with tilemask's GDAL settings (on S3 or a web server: the endpoint the AWS
+    variables name); a damaged file as a :class:`ReadError` naming it and the window."""
     ds = None
     try:
-        with gdal_env(path):  # an atlas on S3 or a web server: the endpoint the AWS variables name
+        with gdal_env(path):
             ds = cached_handle(("label-raster", path), lambda: rasterio.open(path), file_stamp(path))
-            return ds.read(1, window=Window.from_slices(rows, cols, height=ds.height, width=ds.width))
+            return ds.read(bands, window=Window.from_slices(rows, cols, height=ds.height, width=ds.width))
     except RasterioError as exc:
         detail = first_gdal_line(exc)
     if ds is not None:  # libtiff's broken block in words
         with gdal_env(path):
-            detail = block_failure(path, detail, ds, ((rows.start, rows.stop), (cols.start, cols.stop)), [1])
+            detail = block_failure(path, detail, ds, ((rows.start, rows.stop), (cols.start, cols.stop)),
+                                   bands if isinstance(bands, list) else [bands])  # fmt: skip
     # raised outside the handler: GDAL's exception chain must not travel back to the client
     raise ReadError(f"{path}: read failed at rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop}: {detail}")
 
@@ -290,6 +307,19 @@ def check_space_axes_only(path: str, multiscale: dict) -> None:
     if any(a["type"] != "space" for a in axes):
         names = ", ".join(str(a.get("name")) for a in axes)
         raise InputError(f"{path}: a label image has space axes only; this OME-Zarr's are {names}")
+
+
+def open_raster_probabilities(path: str, chunks) -> tuple[da.Array, RasterGeometry, list[str]]:
+    """The probabilities tilemask writes beside COG labels as a lazy ``(class, y, x)`` array, each block all
+    classes, with their grid and class names.  Read as the labels are (:func:`read_band_window`): rioxarray read
+    them with none of tilemask's GDAL settings, so not from the S3 endpoint the AWS variables name."""
+    with gdal_env(path), rasterio.open(path) as ds:
+        shape, dtype = (ds.count, ds.height, ds.width), np.dtype(ds.dtypes[0])
+        geometry = RasterGeometry(ds.crs.to_wkt() if ds.crs else None, tuple(ds.transform.to_gdal()))
+        tag = ds.tags().get(CLASSES_TAG)
+    lazy = da.from_array(_RasterBands(path, shape, dtype), chunks=(shape[0], *_chunks(chunks, (1024, 1024))),
+                         asarray=False, fancy=False, meta=np.empty((0, 0, 0), dtype))  # fmt: skip
+    return lazy, geometry, json.loads(tag) if tag else []
 
 
 def open_raster_labels(path: str, chunks) -> LabelImage:
