@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -436,17 +437,29 @@ def test_weights_on_a_web_server_without_versions_are_fetched_again_and_a_cut_do
 def test_an_s3_output_whose_credentials_are_refused_is_refused_before_any_work(tmp_path, write_workflow):
     """A reviewer's fault sweep: credentials S3 does not know gave 'object storage: PermissionError: ...', exit 1,
     where a missing bucket is exit 2: the job folder's own check for a key that may not write never saw it."""
+    import boto3
+
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "2"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "unknown",
            "AWS_SECRET_ACCESS_KEY": "wrong", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
     try:
         _wait_for_port(port)
+        owner = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                             aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+        owner.create_bucket(Bucket="tilemask")  # the two requests moto lets through; every one after is checked
+        owner.upload_file(str(GEO["RGB.byte.tif"]), "tilemask", "scenes/RGB.byte.tif")
         weights = REPO / "workflows" / "demo" / "landsat_water_land_cloud.pt"
         remote = write_workflow(demo_workflow(str(GEO["RGB.byte.tif"]), str(weights), "s3://tilemask/out/{stem}.tif"))
         refused = run_cli("run", remote, "--workers", "1", cwd=tmp_path, env=env, timeout=120)
+        # a scene on S3 so refused: GDAL's line blamed the file ("not recognized as being in a supported file
+        # format"); tilemask stats said why after two of rasterio's warnings ("HTTP response code on ...: 403")
+        scene = write_workflow(demo_workflow("s3://tilemask/scenes/RGB.byte.tif", str(weights), "out/{stem}.tif"),
+                               "in.yaml")  # fmt: skip
+        unread = run_cli("run", scene, "--workers", "1", cwd=tmp_path, env=env, timeout=120)
+        counted = run_cli("stats", "s3://tilemask/scenes/RGB.byte.tif", "-o", tmp_path / "t.csv", env=env, timeout=120)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -454,6 +467,13 @@ def test_an_s3_output_whose_credentials_are_refused_is_refused_before_any_work(t
     (line,) = refused.stderr.splitlines()
     assert line.startswith("tilemask: error: job folder s3://tilemask/out/.tilemask/jobs/") and line.endswith(
         "object storage: PermissionError: The AWS Access Key Id you provided does not exist in our records."), line
+    assert unread.returncode == 2 and re.fullmatch(  # (GDAL said the server's words here; in a review's run, "not
+        r"tilemask: error: s3://tilemask/scenes/RGB\.byte\.tif: cannot open raster: (The AWS Access Key Id you "
+        r"provided does not exist in our records\.|cannot reach it: PermissionError: Forbidden)\n",  # recognized")
+        unread.stderr), unread.stderr  # fmt: skip
+    assert not (tmp_path / "out").exists()
+    assert counted.returncode == 2 and len(counted.stderr.splitlines()) == 1, counted.stderr
+    assert "The AWS Access Key Id you provided does not exist" in counted.stderr
 
 
 def _wait_for_port(port: int, timeout: float = 60) -> None:

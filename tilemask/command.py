@@ -95,7 +95,9 @@ def errors_only() -> bool:
     return (click.get_current_context().find_root().obj or {}).get("verbosity", 0) < 0
 
 
-_NO_ANSWER = re.compile(r"HTTP response code on \S+: 0$")
+# a request that got no answer (code 0), or a refusal (4xx: a key refused, an object not there) that GDAL does not
+# retry: the open or read then fails, and tilemask's one line names why
+_NO_ANSWER = re.compile(r"HTTP response code on \S+: (0|4\d\d)$")
 
 
 def scheduler_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -167,6 +169,6 @@ def configure_logging(debug: bool, verbosity: int = 0) -> None:
         # nibabel logs a header it refuses (a datatype code it does not know) with a handler of its own, and
         # through ours, before it raises: two lines before tilemask's one
         logging.getLogger("nibabel").setLevel(logging.CRITICAL)
-        # and warns of a request that got no answer at all (HTTP code 0) before the open or read fails with
-        # curl's reason, which tilemask's one line names
+        # and warns of a request that got no answer at all (HTTP code 0), or a refusal, before the open or read
+        # fails with curl's reason or the server's, which tilemask's one line names
         logging.getLogger("rasterio._env").addFilter(lambda record: not _NO_ANSWER.search(record.getMessage()))

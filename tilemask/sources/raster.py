@@ -120,7 +120,11 @@ class RasterSource(ImageSource):
 
             if missing_local(path):  # GDAL's line said "cannot open raster: {path}: No such file or directory"
                 raise InputError(f"{path}: no such file or folder") from None
-            raise InputError(f"{path}: cannot open raster: {archive_problem(path) or first_gdal_line(exc)}") from None
+            detail = archive_problem(path) or first_gdal_line(exc)
+            url = network_object(path)  # an object the store refused to a key it does not know: GDAL's line said
+            if url and "not recognized as being" in detail:  # "not recognized as being in a supported file format"
+                detail = object_problem(url) or detail
+            raise InputError(f"{path}: cannot open raster: {detail}") from None
         if gcps_only:
             raise InputError(
                 f"{path}: georeferenced by ground control points only; warp it to a grid first (gdalwarp)"
