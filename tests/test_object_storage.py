@@ -136,6 +136,13 @@ def test_a_scene_and_weights_on_s3_give_the_outputs_of_the_local_files(s3, tmp_p
     refused = run_cli("run", missing, "--quiet", "--workers", "1", cwd=tmp_path, env={**env, **scratch})
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.strip() == "tilemask: error: model.weights: s3://tilemask/models/nope.pt: no such object"
+    s3_client.put_object(Bucket="tilemask", Key="models/cut.pt", Body=weights.read_bytes()[:20000])
+    cut = write_workflow(demo_workflow("s3://tilemask/scenes/RGB.byte.tif", "s3://tilemask/models/cut.pt",
+                                       "o/{stem}.tif"), "cut.yaml")  # fmt: skip
+    refused = run_cli("run", cut, "--quiet", "--workers", "1", cwd=tmp_path, env={**env, **scratch})
+    assert refused.returncode == 2, refused.stderr  # it named the weights' copy in scratch, not the URL (a review's)
+    assert refused.stderr.startswith("tilemask: error: model.weights: s3://tilemask/models/cut.pt is not a torch "), \
+        refused.stderr
 
 
 @pytest.mark.slow  # a moto S3 server and a run

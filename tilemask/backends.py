@@ -81,7 +81,7 @@ from .backend_cache import (
     unmeasured_seconds,
     verdict_path,
 )
-from .errors import WorkflowError, first_line
+from .errors import WeightsError, WorkflowError, first_line
 from .imports import ignoring_warnings
 from .models import MODELS_PER_PROCESS, cached_model
 from .settings import InferenceSettings, ModelSpec
@@ -111,7 +111,13 @@ def cached_runner(spec: ModelSpec, settings: InferenceSettings, channels: int, d
         if key in _runners:
             _runners.move_to_end(key)
             return _runners[key]
-        _runners[key] = _build(spec, settings, channels, device)
+        local = local_spec(spec)  # weights on object storage or a web server: fetched once, read here
+        try:
+            _runners[key] = _build(local, settings, channels, device)
+        except WeightsError as exc:  # it named their copy in scratch, not the URL the workflow gives
+            if local.weights == spec.weights:
+                raise
+            raise WeightsError(str(exc).replace(local.weights, spec.weights)) from None
         if device.type == "cuda":  # the weights were put there on this thread's stream: in place before any use
             torch.cuda.synchronize(device)
         loads += 1
@@ -185,7 +191,8 @@ def settle_auto(spec: ModelSpec, settings: InferenceSettings, channels: int, dev
 
 
 def _build(spec: ModelSpec, settings: InferenceSettings, channels: int, device: torch.device) -> tuple[str, Runner]:
-    spec, backend, roi, batch = local_spec(spec), settings.backend, tuple(settings.roi), settings.batch_size
+    """The runner of :func:`cached_runner`, ``spec``'s weights on this machine (:func:`local_spec`)."""
+    backend, roi, batch = settings.backend, tuple(settings.roi), settings.batch_size
 
     @functools.cache
     def network() -> torch.nn.Module:  # built (MONAI imported) only when no cached conversion serves
