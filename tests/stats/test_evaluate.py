@@ -89,7 +89,9 @@ def test_cli_writes_json_and_rejects_other_grid(pair, tmp_path):
     # an output that is an input, is not JSON or exists is refused (exit 2) and nothing is written
     before = pred_path.read_bytes()
     for output, why in ((pred_path, "the output is an input"), (tmp_path / "scores.txt", "use one of .json"),
-                        (out, "exists; pass --overwrite")):  # fmt: skip
+                        (out, "exists; pass --overwrite"),  # a URL: written to ./s3:/b/ where that folder existed
+                        ("s3://b/scores.json", "s3://b/scores.json: written to a local file system, not to object "
+                                               "storage")):  # fmt: skip
         result = runner.invoke(evaluate_command, [str(pred_path), str(truth_path), "-o", str(output)])
         assert result.exit_code == 2 and why in result.output, result.output
     assert pred_path.read_bytes() == before and not (tmp_path / "scores.txt").exists()

@@ -71,7 +71,11 @@ def parse_classes(text: str | Sequence[str] | None) -> tuple[str, ...] | None:
 
 def check_table_path(path: str | os.PathLike, inputs: Sequence = (), suffixes: Sequence[str] = TABLE_SUFFIXES) -> Path:
     """The output path, checked before any work: a known suffix, an existing folder a file can be made in, and
-    none of ``inputs`` (paths or URLs; None for an input not given)."""
+    none of ``inputs`` (paths or URLs; None for an input not given).  A URL is refused: ``Path("s3://b/t.csv")`` is
+    ``./s3:/b/t.csv``, where a table was written (a review's)."""
+    if "://" in str(path):
+        raise InputError(f"{path}: written to a local file system, not to object storage or over HTTP; "
+                         "write it here and copy it (aws s3 cp)")  # fmt: skip
     path = Path(path)
     for given in inputs:
         if given is not None and "://" not in str(given) and os.path.realpath(given) == os.path.realpath(path):
