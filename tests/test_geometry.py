@@ -21,6 +21,7 @@ from monai.data.utils import dense_patch_slices, get_valid_patch_size
 from monai.inferers.utils import _get_scan_interval
 from rasterio.transform import from_origin
 
+from tilemask.errors import WorkflowError
 from tilemask.geometry import WindowPlan, local_slices, region_shape
 from tilemask.stitch import Partial, overlap_add
 
@@ -245,6 +246,10 @@ def test_chunks_finer_than_the_roi_and_a_roi_far_over_the_image_are_told_once_a_
                                                          "(300 x 300): it is padded to it, as MONAI pads, 46.6x the "
                                                          "pixels for the network to compute"]  # fmt: skip
     assert warnings("small.tif", 2048, roi=(1024, 1024)) == []  # 655x the pixels, but one window of 1 Mpx
+    with pytest.raises(WorkflowError, match=r"^output\.chunks 4 cuts \S+a\.tif into 5,625 chunks for 36 window\(s\), "
+                                            r"more than 64 a window, "):  # fmt: skip (a review's chunks of 1 pixel
+        warnings("?.tif", 4)  # ignored SIGTERM for minutes)
+    assert len(warnings("?.tif", 8)) == 1  # 1,444 chunks: 40 a window, warned of
 
 
 @pytest.mark.parametrize(

@@ -896,8 +896,8 @@ def cancel_and_drain(client: Client, futures: list, timeout: float = 60.0) -> No
     client.cancel(futures, force=True)
     deadline = time.monotonic() + timeout
     with contextlib.suppress(Exception):  # best effort: the cluster itself may be what failed
-        while time.monotonic() < deadline:
-            running = client.run(_running_keys)
+        while time.monotonic() < deadline:  # each question within it too: a scheduler busy releasing many tasks
+            running = client.run(_running_keys, callback_timeout=max(deadline - time.monotonic(), 0.1))
             if not any(k in keys for ks in running.values() for k in ks):
                 return
             time.sleep(0.1)

@@ -163,6 +163,7 @@ class WorkflowPlan:
         planned = _plan_input(self.workflow, item, spatial_dims)
         _check_statistics(planned)
         _check_polygons(planned)
+        _check_chunk_count(planned)
         for kind, costly in (("chunks", chunks_under_the_roi(planned.plan)), ("roi", roi_over_the_image(planned.plan))):
             if costly and kind not in self.warned:  # once a run
                 logger.warning("%s", costly)
@@ -351,6 +352,22 @@ def preprocessing_of(workflow: Workflow) -> Preprocessing:
         nonzero=bool(normalize and normalize.nonzero),
         channel_wise=bool(normalize and normalize.channel_wise),
     )
+
+
+CHUNKS_PER_WINDOW = 64  # past this many chunks a window (chunks under the roi), a run is refused
+
+
+def _check_chunk_count(planned: InputPlan) -> None:
+    """Refuse ``output.chunks`` that cut an input into more than :data:`CHUNKS_PER_WINDOW` chunks a window: each
+    chunk is Dask tasks, and a review's ``output.chunks: 1`` (567,938 chunks for 64 windows of the demo's scene)
+    held 6.5 GB and kept the scheduler busy for minutes, a SIGTERM included (it did not stop)."""
+    plan = planned.plan
+    count = math.prod(plan.chunk_counts)
+    if count > CHUNKS_PER_WINDOW * plan.n_windows and any(a.chunk < min(a.roi, a.size) for a in plan.axes):
+        chunks = list(plan.chunks) if len(set(plan.chunks)) > 1 else plan.chunks[0]
+        raise WorkflowError(f"output.chunks {chunks} cuts {planned.input} into {count:,} chunks for "
+                            f"{plan.n_windows:,} window(s), more than {CHUNKS_PER_WINDOW} a window, each Dask tasks "
+                            f"of its own; use chunks nearer inference.roi_size {list(plan.roi)} (default 2048)")
 
 
 def chunks_under_the_roi(plan: WindowPlan) -> str | None:
