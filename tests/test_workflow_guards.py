@@ -15,6 +15,7 @@ import time
 import zipfile
 
 import pytest
+import yaml
 
 from tilemask import Workflow
 from tilemask.errors import WeightsError, WorkflowError
@@ -406,6 +407,34 @@ def test_a_wrong_input_mapping_is_named_by_the_kind_it_fits_best(given, line):
     with pytest.raises(WorkflowError) as refused:
         Workflow.from_dict(workflow)
     assert str(refused.value).startswith(line), str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "given, line",
+    [
+        ({"input": ""}, "workflow: input: String should have at least 1 character (got '')"),
+        ({"input": ["a.tif", ""]}, "workflow: input.1: String should have at least 1 character (got '')"),
+        ({"preprocess": {"bands": []}}, "workflow: preprocess.bands: List should have at least 1 item"),
+    ],
+)
+def test_an_empty_input_or_band_list_is_refused_not_taken_for_all(given, line):
+    """A review's: ``input: ""`` was the workflow's own folder ("a folder with no DICOM file ..."), and
+    ``preprocess.bands: []`` every band, as if it was not given."""
+    workflow = {"version": 1, "input": "a.tif", "model": {"weights": "w.pt"},
+                "inference": {"roi_size": [64, 64]}, "output": {"path": "o.tif"}, **given}  # fmt: skip
+    with pytest.raises(WorkflowError) as refused:
+        Workflow.from_dict(workflow)
+    assert str(refused.value).startswith(line), str(refused.value)
+
+
+def test_an_empty_preprocess_section_is_its_defaults_as_an_empty_postprocess_is_none():
+    """``preprocess:`` with its keys commented out was refused ("Input should be a valid dictionary or instance of
+    Preprocess"), where an empty ``postprocess:`` or ``stats:`` ran."""
+    text = "version: 1\ninput: a.tif\nmodel: {weights: w.pt}\ninference: {roi_size: [64, 64]}\noutput: {path: o.tif}\n"
+    empty = {section: Workflow.from_dict(yaml.safe_load(f"{text}{section}:\n  # mean: [0]\n"))
+             for section in ("preprocess", "postprocess", "stats")}  # fmt: skip
+    assert empty["preprocess"].preprocess == Workflow.from_dict(yaml.safe_load(text)).preprocess
+    assert empty["postprocess"].postprocess is None and empty["stats"].stats is None
 
 
 def test_a_sigmoid_networks_classes_are_background_and_foreground_unless_named(tmp_path):

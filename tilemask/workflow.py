@@ -128,7 +128,9 @@ AXIS_CODES = ("LR", "PA", "IS")
 
 
 class Preprocess(_Strict):
-    bands: list[PositiveInt] | None = Field(default=None, description="1-based band indexes (rasters)")
+    bands: Annotated[list[PositiveInt], Field(min_length=1)] | None = Field(
+        default=None, description="1-based band indexes (rasters); [] was taken for all of them"
+    )
     orientation: str | None = Field(default=None, description="volumes: MONAI Orientation axis codes, e.g. RAS")
     spacing: Annotated[float, NotBool, Field(gt=0)] | list[Annotated[float, NotBool, Field(gt=0)]] | None = Field(
         default=None, description="volumes: MONAI Spacing pixdim in mm (bilinear)"
@@ -323,11 +325,15 @@ class InputItem:
     files: tuple[str, ...]
 
 
+NonEmpty = Annotated[str, Field(min_length=1)]  # an input path: "" was the workflow's own folder
+
+
 class Workflow(_Strict):
     """A validated workflow, version 1 (see docs/DESIGN.md section 3)."""
 
     version: Annotated[Literal[1], NotBool]
-    input: str | Annotated[list[str], Field(min_length=1)] | CaseChannels | ListInput | ArchiveInput | StacInput
+    input: (NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)] | CaseChannels | ListInput | ArchiveInput
+            | StacInput)  # fmt: skip
     classes: list[str] | None = None
     model: ModelConfig
     preprocess: Preprocess = Field(default_factory=Preprocess)
@@ -337,6 +343,14 @@ class Workflow(_Strict):
     stats: StatsConfig | None = None
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @field_validator("preprocess", mode="before")
+    @classmethod
+    def _empty_section(cls, value):
+        """``preprocess:`` with nothing under it (its keys commented out) is the defaults, as an empty
+        ``postprocess:`` or ``stats:`` is none: it was refused as "Input should be a valid dictionary or
+        instance of Preprocess"."""
+        return {} if value is None else value
 
     @model_validator(mode="after")
     def _consistent(self) -> Workflow:
