@@ -312,14 +312,20 @@ def test_credentials_in_urls_are_left_out_of_errors_logs_and_the_report(make_ras
             skip = ["--on-error", "skip"] if name == "cut" else []  # recorded, then the report
             runs[name] = run_cli("run", tmp_path / f"{name}.yaml", "--scheduler", client.scheduler.address, *skip,
                                  cwd=tmp_path)  # fmt: skip
+        runs["debug"] = run_cli("run", tmp_path / "denied.yaml", "--scheduler", client.scheduler.address, "--debug",
+                                cwd=tmp_path)  # fmt: skip (GDAL's warnings of the URL logged, as all logs are)
     finally:
         server.shutdown()
     printed = {name: run.stdout + run.stderr for name, run in runs.items()}
     assert all("SECRET" not in text for text in printed.values()), printed
     assert (runs["denied"].returncode, runs["denied"].stderr.splitlines()[-1]) == (
         2, f"tilemask: error: http://{base}/denied/scene.tif: cannot open raster: HTTP response code: 403")
+    assert len(runs["denied"].stderr.splitlines()) == 1, runs["denied"].stderr  # not GDAL's 403 warnings before it
     assert "WARNING rasterio._env: CPLE_AppDefined in HTTP response code on " \
-           f"http://{base}/denied/scene.tif: 403" in runs["denied"].stderr  # GDAL's own warning, as logged
+           f"http://{base}/denied/scene.tif: 403" in runs["debug"].stderr  # GDAL's own warning, as logged
+    assert (runs["debug"].returncode, runs["debug"].stderr.splitlines()[-1]) == (runs["denied"].returncode,
+        runs["denied"].stderr.splitlines()[-1]) and "Traceback (most recent call last)" in runs["debug"].stderr
+    # (raised as it was, the traceback gave the SAS token in full, and exit 1)
     assert (runs["password"].returncode, runs["password"].stderr.splitlines()[-1]) == (
         2, f"tilemask: error: http://user:***@{base}/private/scene.tif: cannot open raster: HTTP response code: 401")
     assert runs["cut"].returncode == 1 and f"http://{base}/cut.tif: failed: " in runs["cut"].stdout, printed["cut"]

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 import warnings
 from typing import NoReturn
 
@@ -55,8 +56,7 @@ class TilemaskCommand(click.Command):
                 configure_logging(bool(ctx.params.get("debug")), verbosity)  # imports distributed: a second or so
                 return super().invoke(ctx)
         except TilemaskError as exc:
-            if ctx.params.get("debug"):
-                raise
+            _traceback_if_debug(ctx)
             click.echo(f"tilemask: error: {_shown(first_line(exc))}", err=True)
             ctx.exit(exc.exit_status)
         except KeyboardInterrupt:
@@ -66,11 +66,21 @@ class TilemaskCommand(click.Command):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is left unflushed goes nowhere
             ctx.exit(1)
         except Exception as exc:
-            if ctx.params.get("debug"):
-                raise
             message = f"{type(exc).__name__}: {_shown(first_line(exc))}"
-            click.echo(f"tilemask: error: {message} (run with --debug for details)", err=True)
+            if _traceback_if_debug(ctx):
+                click.echo(f"tilemask: error: {message}", err=True)
+            else:
+                click.echo(f"tilemask: error: {message} (run with --debug for details)", err=True)
             ctx.exit(1)
+
+
+def _traceback_if_debug(ctx: click.Context) -> bool:
+    """With ``--debug``, the traceback of the error being handled, its URLs without their credentials as the error's
+    line has them (:func:`_shown`): raised as it was, Python printed a SAS token or a password in full."""
+    if not ctx.params.get("debug"):
+        return False
+    click.echo(_shown(traceback.format_exc()).rstrip("\n"), err=True)
+    return True
 
 
 def _shown(message: str) -> str:
