@@ -143,6 +143,12 @@ def test_a_scene_and_weights_on_s3_give_the_outputs_of_the_local_files(s3, tmp_p
     assert refused.returncode == 2, refused.stderr  # it named the weights' copy in scratch, not the URL (a review's)
     assert refused.stderr.startswith("tilemask: error: model.weights: s3://tilemask/models/cut.pt is not a torch "), \
         refused.stderr
+    headless = demo_workflow("s3://tilemask/scenes/RGB.byte.tif", "s3://tilemask/models/demo.pt", "o/{stem}.tif")
+    headless["model"] = {"weights": "s3://tilemask/models/demo.pt"}  # a checkpoint needs its network
+    refused = run_cli("run", write_workflow(headless, "headless.yaml"), "--quiet", "--workers", "1", cwd=tmp_path,
+                      env={**env, **scratch})  # fmt: skip
+    assert refused.returncode == 2 and refused.stderr.startswith(
+        "tilemask: error: model.network: needed for s3://tilemask/models/demo.pt, a checkpoint"), refused.stderr
 
 
 @pytest.mark.slow  # a moto S3 server and a run

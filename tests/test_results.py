@@ -115,6 +115,8 @@ def test_missing_probabilities(tmp_path):
     assert open_result(str(path)).shape == (4, 4)
     with pytest.raises(InputError, match=f"^{re.escape(str(tmp_path / 'gone.tif'))}: does not exist$"):  # not "no probabilities"
         open_result(str(tmp_path / "gone.tif"), "probabilities")
+    with pytest.raises(InputError, match=r"^s3://b/x\.nii\.gz: a NIfTI's probabilities are read from a local file"):
+        open_result("s3://b/x.nii.gz", "probabilities")  # a review's: it said they were missing (./s3:/b/...)
 
 
 @pytest.mark.parametrize("suffix", [".tif", ".zarr"])

@@ -114,10 +114,10 @@ def cached_runner(spec: ModelSpec, settings: InferenceSettings, channels: int, d
         local = local_spec(spec)  # weights on object storage or a web server: fetched once, read here
         try:
             _runners[key] = _build(local, settings, channels, device)
-        except WeightsError as exc:  # it named their copy in scratch, not the URL the workflow gives
-            if local.weights == spec.weights:
+        except (WeightsError, WorkflowError) as exc:  # it named their copy in scratch, not the URL the workflow
+            if local.weights == spec.weights:  # gives ("model.network: needed for ..., a checkpoint of weights")
                 raise
-            raise WeightsError(str(exc).replace(local.weights, spec.weights)) from None
+            raise type(exc)(str(exc).replace(local.weights, spec.weights)) from None
         if device.type == "cuda":  # the weights were put there on this thread's stream: in place before any use
             torch.cuda.synchronize(device)
         loads += 1

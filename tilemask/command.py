@@ -105,9 +105,9 @@ def errors_only() -> bool:
     return (click.get_current_context().find_root().obj or {}).get("verbosity", 0) < 0
 
 
-# a request that got no answer (code 0), or a refusal (4xx: a key refused, an object not there) that GDAL does not
-# retry: the open or read then fails, and tilemask's one line names why
-_NO_ANSWER = re.compile(r"HTTP response code on \S+: (0|4\d\d)$")
+# a request that got no answer (code 0), or a refusal (4xx but 429: a key refused, an object not there) that GDAL
+# does not retry: the open or read then fails, and tilemask's one line names why
+_NO_ANSWER = re.compile(r"HTTP response code on \S+: (0|4(?!29)\d\d)$")
 
 
 def scheduler_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

@@ -494,15 +494,15 @@ class MincFormat(Format):
 
 
 def inside_zarr_store(path: str) -> bool:
-    """Whether ``path`` may name a node inside a Zarr store, local, on a web server or on object storage
+    """Whether ``path`` may name a node inside a Zarr store, local, on a web server or on S3 (others' are GDAL's)
     (``scan.zarr/0``, ``s3://bucket/seg.zarr/mask.5``: a path below a ``.zarr`` folder that is not a store itself).
     Callers open it with zarr and leave it to GDAL where zarr opens no array there.  An array over HTTP or S3, or
     one whose name had a dot, went to GDAL, which took its fill value for nodata: a label array's 0, its
     background, was left out of the statistics without a word (reviews')."""
-    from .storage import OBJECT_STORES, WEB
+    from .storage import WEB
 
     name = path.lower().rstrip("/")
-    reachable = ("://" not in name and not name.startswith("/vsi")) or name.startswith(WEB + OBJECT_STORES)
+    reachable = ("://" not in name and not name.startswith("/vsi")) or name.startswith((*WEB, "s3://"))
     return reachable and ".zarr/" in name and not name.endswith(".zarr")
 
 

@@ -354,31 +354,37 @@ def preprocessing_of(workflow: Workflow) -> Preprocessing:
     )
 
 
-CHUNKS_PER_WINDOW = 64  # past this many chunks a window (chunks under the roi), a run is refused
+CHUNKS_PER_WINDOW_AXIS = 8  # past this many chunks a window along each axis (chunks under the roi), a run is refused
+
+
+def _chunks_under_the_roi(plan: WindowPlan) -> tuple[int | list[int], int] | None:
+    """``output.chunks`` as given and the number of chunks, where they cut the image finer than the roi."""
+    if not any(a.chunk < min(a.roi, a.size) for a in plan.axes):
+        return None
+    return (list(plan.chunks) if len(set(plan.chunks)) > 1 else plan.chunks[0]), math.prod(plan.chunk_counts)
 
 
 def _check_chunk_count(planned: InputPlan) -> None:
-    """Refuse ``output.chunks`` that cut an input into more than :data:`CHUNKS_PER_WINDOW` chunks a window: each
-    chunk is Dask tasks, and a review's ``output.chunks: 1`` (567,938 chunks for 64 windows of the demo's scene)
-    held 6.5 GB and kept the scheduler busy for minutes, a SIGTERM included (it did not stop)."""
-    plan = planned.plan
-    count = math.prod(plan.chunk_counts)
-    if count > CHUNKS_PER_WINDOW * plan.n_windows and any(a.chunk < min(a.roi, a.size) for a in plan.axes):
-        chunks = list(plan.chunks) if len(set(plan.chunks)) > 1 else plan.chunks[0]
-        raise WorkflowError(f"output.chunks {chunks} cuts {planned.input} into {count:,} chunks for "
-                            f"{plan.n_windows:,} window(s), more than {CHUNKS_PER_WINDOW} a window, each Dask tasks "
-                            f"of its own; use chunks nearer inference.roi_size {list(plan.roi)} (default 2048)")
+    """Refuse ``output.chunks`` that cut an input into more than ``CHUNKS_PER_WINDOW_AXIS ** dims`` chunks a window
+    (64 in 2D, 512 in 3D): each chunk is Dask tasks, and a review's ``output.chunks: 1`` (567,938 chunks for 64
+    windows of the demo's scene) held 6.5 GB and kept the scheduler busy for minutes, a SIGTERM included."""
+    plan, under = planned.plan, _chunks_under_the_roi(planned.plan)
+    limit = CHUNKS_PER_WINDOW_AXIS ** len(plan.axes)
+    if under is not None and under[1] > limit * plan.n_windows:
+        raise WorkflowError(f"output.chunks {under[0]} cuts {planned.input} into {under[1]:,} chunks for "
+                            f"{plan.n_windows:,} window(s), more than {limit} a window, each Dask tasks of its own; "
+                            f"use chunks nearer inference.roi_size {list(plan.roi)} (default 2048)")  # fmt: skip
 
 
 def chunks_under_the_roi(plan: WindowPlan) -> str | None:
     """Why ``output.chunks`` costs this input time, where it cuts the image finer than the roi: each window is
     still predicted once, but Dask's cost per task (several a chunk) then outweighs the windows' (a 16384^2
     raster at chunks 64, roi 256: 17x slower)."""
-    if not any(a.chunk < min(a.roi, a.size) for a in plan.axes):
+    under = _chunks_under_the_roi(plan)
+    if under is None:
         return None
-    chunks = list(plan.chunks) if len(set(plan.chunks)) > 1 else plan.chunks[0]
-    return (f"output.chunks {chunks} is smaller than inference.roi_size {list(plan.roi)}: "
-            f"{math.prod(plan.chunk_counts)} chunks for {plan.n_windows} window(s), each with Dask's own cost; "
+    return (f"output.chunks {under[0]} is smaller than inference.roi_size {list(plan.roi)}: "
+            f"{under[1]} chunks for {plan.n_windows} window(s), each with Dask's own cost; "
             "chunks of at least the roi (default 2048) run faster")  # fmt: skip
 
 

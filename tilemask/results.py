@@ -24,12 +24,12 @@ from affine import Affine
 from rioxarray.rioxarray import affine_to_coords
 
 from .classes import ClassNames, read_colour_table
-from .errors import InputError, UsageError
+from .errors import InputError, UsageError, first_line
 from .formats import for_path
 from .geometry import RasterGeometry, normalize_per_axis
 from .sources.labels import check_chunks, open_labels, open_nifti_probabilities, open_raster_probabilities
 from .sources.zarr import open_zarr
-from .storage import exists
+from .storage import exists, network_object
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,9 @@ def _probabilities(path: str, chunks) -> xr.DataArray:
         lazy, geometry, names = open_raster_probabilities(_beside(path, fmt), None if chunks is None else
                                                           _per_axis(chunks, 2))  # fmt: skip
     elif fmt.name == "nifti":  # probabilities beside the labels, 4D with classes last
-        lazy, volume = open_nifti_probabilities(str(_beside(path, fmt)), chunks)
+        if network_object(path):  # (nibabel reads a local file; outputs on object storage are COG or Zarr)
+            raise InputError(f"{path}: a NIfTI's probabilities are read from a local file; copy them here")
+        lazy, volume = open_nifti_probabilities(_beside(path, fmt), chunks)
         names = _names_attr(read_colour_table(fmt.class_table_path(path)))
         return xr.DataArray(lazy, dims=("class", "i", "j", "k"), name="probabilities",
                             attrs={"affine": [list(r) for r in volume.affine], "class_names": names})  # fmt: skip
@@ -115,9 +117,13 @@ def _beside(path: str, fmt) -> str:
     """The probabilities file of the labels at ``path`` (``path`` itself when it is one; on disk or object
     storage), refused in one line when it is not there."""
     beside = path if fmt.stem(path).endswith("_probabilities") else fmt.probabilities_path(path)
-    if not exists(beside):
+    try:
+        there, labels_there = exists(beside), exists(path)
+    except Exception as exc:  # noqa: BLE001 - the store refused the key, or is not reached: many types
+        raise InputError(f"{path}: cannot reach it: {type(exc).__name__}: {first_line(exc)}") from None
+    if not there:
         name = beside.rstrip("/").rsplit("/", 1)[-1]
-        missing = "does not exist" if not exists(path) else f"has no probabilities beside it ({name} is missing)"
+        missing = f"has no probabilities beside it ({name} is missing)" if labels_there else "does not exist"
         raise InputError(f"{path}: {missing}")
     return beside
 

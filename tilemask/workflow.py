@@ -128,8 +128,8 @@ AXIS_CODES = ("LR", "PA", "IS")
 
 
 class Preprocess(_Strict):
-    bands: Annotated[list[PositiveInt], Field(min_length=1)] | None = Field(
-        default=None, description="1-based band indexes (rasters); [] was taken for all of them"
+    bands: Annotated[list[PositiveInt], Field(min_length=1)] | None = Field(  # [] was taken for all of them
+        default=None, description="1-based band indexes (rasters)"
     )
     orientation: str | None = Field(default=None, description="volumes: MONAI Orientation axis codes, e.g. RAS")
     spacing: Annotated[float, NotBool, Field(gt=0)] | list[Annotated[float, NotBool, Field(gt=0)]] | None = Field(

@@ -177,7 +177,7 @@ def test_fraction_rule_on_a_geographic_raster_weights_each_cell_by_its_rows_area
             assert row[f"class_{value}_area_m2"] == pytest.approx(areas.get(value, 0.0), rel=5e-3, abs=1e-6)
 
 
-def test_region_errors(tmp_path, shade_labels):
+def test_region_errors(tmp_path, shade_labels, monkeypatch):
     regions = random_regions(shade_labels, 3, seed=1)
     regions_path = tmp_path / "regions.gpkg"
     regions.to_file(regions_path)
@@ -185,6 +185,10 @@ def test_region_errors(tmp_path, shade_labels):
         compute_stats(shade_labels, tmp_path / "z.parquet", regions=regions_path, region_id="nope")
     with pytest.raises(InputError, match="unknown table format"):
         compute_stats(shade_labels, tmp_path / "z.xlsx", regions=regions_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s3:" / "b").mkdir(parents=True)  # a URL was a local path: ./s3:/b/z.csv, written where it existed
+    with pytest.raises(InputError, match=r"^s3://b/z\.csv: written to a local file system, not to object storage"):
+        compute_stats(shade_labels, "s3://b/z.csv", regions=regions_path)
     with pytest.raises(InputError, match="cannot read the regions"):
         (tmp_path / "bad.gpkg").write_text("not a geopackage")
         compute_stats(shade_labels, tmp_path / "z.parquet", regions=tmp_path / "bad.gpkg")

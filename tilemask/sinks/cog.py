@@ -367,7 +367,7 @@ class CogSink(LabelSink):
             options["OVERVIEWS"] = "NONE"
         raster.abort()
         try:
-            remote = PIECES_ON_OBJECT_STORAGE if is_remote(raster.path) else {}
+            remote = PIECES_ON_OBJECT_STORAGE if is_remote(raster.parts) else {}
             with gdal_env(), rasterio.Env(**GDAL_OPTIONS, **remote):
                 rasterio.shutil.copy(vrt, raster.assembled, driver="COG", **options)
                 short = written_short(raster.assembled)

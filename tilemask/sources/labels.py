@@ -313,10 +313,13 @@ def open_raster_probabilities(path: str, chunks) -> tuple[da.Array, RasterGeomet
     """The probabilities tilemask writes beside COG labels as a lazy ``(class, y, x)`` array, each block all
     classes, with their grid and class names.  Read as the labels are (:func:`read_band_window`): rioxarray read
     them with none of tilemask's GDAL settings, so not from the S3 endpoint the AWS variables name."""
-    with gdal_env(path), rasterio.open(path) as ds:
-        shape, dtype = (ds.count, ds.height, ds.width), np.dtype(ds.dtypes[0])
-        geometry = RasterGeometry(ds.crs.to_wkt() if ds.crs else None, tuple(ds.transform.to_gdal()))
-        tag = ds.tags().get(CLASSES_TAG)
+    try:
+        with gdal_env(path), rasterio.open(path) as ds:
+            shape, dtype = (ds.count, ds.height, ds.width), np.dtype(ds.dtypes[0])
+            geometry = RasterGeometry(ds.crs.to_wkt() if ds.crs else None, tuple(ds.transform.to_gdal()))
+            tag = ds.tags().get(CLASSES_TAG)
+    except RasterioError as exc:  # one line, as the labels' (open_labels)
+        raise InputError(f"{path}: cannot open as probabilities: {first_gdal_line(exc)}") from None
     lazy = da.from_array(_RasterBands(path, shape, dtype), chunks=(shape[0], *_chunks(chunks, (1024, 1024))),
                          asarray=False, fancy=False, meta=np.empty((0, 0, 0), dtype))  # fmt: skip
     return lazy, geometry, json.loads(tag) if tag else []

@@ -75,7 +75,7 @@ def check_table_path(path: str | os.PathLike, inputs: Sequence = (), suffixes: S
     ``./s3:/b/t.csv``, where a table was written (a review's)."""
     if "://" in str(path):
         raise InputError(f"{path}: written to a local file system, not to object storage or over HTTP; "
-                         "write it here and copy it (aws s3 cp)")  # fmt: skip
+                         "write it here and copy it there")  # fmt: skip
     path = Path(path)
     for given in inputs:
         if given is not None and "://" not in str(given) and os.path.realpath(given) == os.path.realpath(path):
