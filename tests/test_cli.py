@@ -470,3 +470,25 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path, monkeypatch)
     proc = subprocess.Popen([exe, "status", job.path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # gone before the command writes, as head is after its first line
     assert (proc.wait(timeout=120), proc.stderr.read()) == (1, b"")
+
+
+@pytest.mark.timeout(30)
+def test_debug_prints_an_unexpected_errors_traceback_without_credentials_and_exit_1():
+    """``--debug`` re-raised the error, and Python's traceback printed a password or a SAS token in full; the
+    traceback is now printed with its URLs as the error line shows them, then that line, exit 1."""
+    import click
+    from click.testing import CliRunner
+
+    from tilemask.command import TilemaskCommand
+
+    @click.command(cls=TilemaskCommand)
+    @click.option("--debug", is_flag=True)
+    def failing(debug):
+        raise RuntimeError("reading http://user:SECRET1@example.org/x.tif?sp=r&sig=SECRET2 failed")
+
+    for args, status in (([], 1), (["--debug"], 1)):
+        result = CliRunner().invoke(failing, args)
+        assert result.exit_code == status and "SECRET" not in result.output, result.output
+        last = result.output.strip().splitlines()[-1]
+        assert last.startswith("tilemask: error: RuntimeError: reading http://user:***@example.org/x.tif failed")
+        assert ("Traceback (most recent call last)" in result.output) == bool(args), result.output
