@@ -118,14 +118,14 @@ def _beside(path: str, fmt) -> str:
     storage), refused in one line when it is not there."""
     beside = path if fmt.stem(path).endswith("_probabilities") else fmt.probabilities_path(path)
     try:
-        there, labels_there = exists(beside), exists(path)
+        if exists(beside):
+            return beside
+        labels_there = exists(path)  # asked only to say which is missing
     except Exception as exc:  # noqa: BLE001 - the store refused the key, or is not reached: many types
         raise InputError(f"{path}: cannot reach it: {type(exc).__name__}: {first_line(exc)}") from None
-    if not there:
-        name = beside.rstrip("/").rsplit("/", 1)[-1]
-        missing = f"has no probabilities beside it ({name} is missing)" if labels_there else "does not exist"
-        raise InputError(f"{path}: {missing}")
-    return beside
+    name = beside.rstrip("/").rsplit("/", 1)[-1]
+    missing = f"has no probabilities beside it ({name} is missing)" if labels_there else "does not exist"
+    raise InputError(f"{path}: {missing}")
 
 
 def _georeferenced(lazy: da.Array, dims: tuple[str, ...], geometry: RasterGeometry, name: str) -> xr.DataArray:
