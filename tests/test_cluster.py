@@ -17,7 +17,7 @@ from distributed import Client
 
 from tilemask.cluster import WorkerSetup
 
-from .conftest import raster_workflow, run_cli
+from .conftest import raster_workflow, run_cli, start_scheduler
 from .test_detached import dask_cluster, dask_variables
 
 
@@ -693,3 +693,30 @@ def test_a_run_inside_a_dask_task_without_a_client_is_refused_not_hung(make_rast
     assert said == ("UsageError: tilemask cannot start its cluster inside a Dask task: a worker's process may start "
                     "none of its own; give the worker's, client=distributed.get_client()"), said
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Sending large graph")
+def test_a_client_close_that_times_out_after_a_stop_leaves_the_stop_as_it_was(tmp_path):
+    """A stop (KeyboardInterrupt) while the scheduler cannot answer: the client's close times out, and is a warning,
+    not the command's outcome (a SIGTERM during an embedded scheduler's ordering of a million tasks ended as
+    "TimeoutError: timed out after 60 s.", exit 1)."""
+    import dask
+
+    from tilemask.cluster import cluster_client
+
+    process, address = start_scheduler(tmp_path)
+    try:
+        with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+            started = time.monotonic()
+            with pytest.raises(KeyboardInterrupt):
+                with cluster_client(scheduler=address) as client:
+                    assert client.status == "running"
+                    process.send_signal(signal.SIGSTOP)  # a scheduler that no longer reads what it is sent
+                    client.submit(len, b"x" * (64 << 20))  # more than its socket takes: the close waits to send it
+                    started = time.monotonic()
+                    raise KeyboardInterrupt
+        assert time.monotonic() - started < 30
+    finally:
+        process.send_signal(signal.SIGCONT)
+        process.terminate()
+        process.wait(10)
