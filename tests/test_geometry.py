@@ -250,6 +250,13 @@ def test_chunks_finer_than_the_roi_and_a_roi_far_over_the_image_are_told_once_a_
                                             r"more than 64 a window, "):  # fmt: skip (a review's chunks of 1 pixel
         warnings("?.tif", 4)  # ignored SIGTERM for minutes)
     assert len(warnings("?.tif", 8)) == 1  # 1,444 chunks: 40 a window, warned of
+    with rasterio.open(tmp_path / "large.tif", "w", driver="GTiff", width=3000, height=3000, count=1, dtype="uint8",
+                       tiled=True, sparse_ok=True, crs="EPSG:3857", transform=from_origin(0, 0, 10, 10)):  # fmt: skip
+        pass
+    with pytest.raises(WorkflowError, match=r"^output\.chunks 16 cuts \S+large\.tif into 35,344 chunks for 3,969 "
+                                            r"window\(s\), more than 20,000, "):  # fmt: skip (9 a window, but a
+        warnings("large.tif", 16)  # scheduler in the run's process orders and cancels them for minutes)
+    assert len(warnings("large.tif", 32)) == 1  # 8,836 chunks, warned of
 
 
 @pytest.mark.parametrize(
