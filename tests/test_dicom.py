@@ -89,11 +89,19 @@ def deflated(ds, k):
     ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
 
 
-@pytest.mark.parametrize("folder", [CT, "oblique", "deflated"])
+def unsigned_32_bits(ds, k):
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 32, 32, 31, 0
+    ds.RescaleIntercept = 0
+    ds.PixelData = (np.arange(ds.Rows * ds.Columns, dtype=np.uint32) * 40_000_003 + k).tobytes()  # to 4.3e9
+
+
+@pytest.mark.parametrize("folder", [CT, "oblique", "deflated", "unsigned 32 bits"])
 def test_a_series_folder_reads_as_simpleitk_reads_it(folder, tmp_path):
-    """Deflated slices were refused as cut short: pydicom inflates the rest of the file to read the header."""
-    if folder in ("oblique", "deflated"):  # rows != columns, 0.7 x 1.3 mm pixels, 2.5 mm slices, tilted on three axes
-        folder = write_series(tmp_path / folder, mutate=deflated if folder == "deflated" else None)
+    """Deflated slices were refused as cut short: pydicom inflates the rest of the file to read the header.
+    Unsigned 32-bit pixels of 2^31 or more were read as negative."""
+    mutations = {"oblique": None, "deflated": deflated, "unsigned 32 bits": unsigned_32_bits}
+    if folder in mutations:  # rows != columns, 0.7 x 1.3 mm pixels, 2.5 mm slices, tilted on three axes
+        folder = write_series(tmp_path / folder.replace(" ", "-"), mutate=mutations[folder])
     source = for_path(str(folder)).open_source(str(folder), 3, None)
     assert isinstance(source, DicomSeriesSource)
     affine, voxels = sitk_ras(folder)
@@ -164,6 +172,37 @@ def test_a_run_on_a_series_writes_labels_on_the_scan_grid(make_model, tmp_path, 
     assert labels.header.get_xyzt_units()[0] == "mm"  # DICOM's unit, said (it was "unknown")
     for ours, theirs in zip(sitk_grid(labels.get_filename()), sitk_grid(CT)):
         np.testing.assert_allclose(ours, theirs, atol=1e-4)  # where SimpleITK puts the scan, it puts the labels
+
+
+def test_labels_of_a_tilted_gantrys_series_are_where_simpleitk_puts_the_series_their_sform_tilted(
+    make_model, tmp_path, client
+):
+    """Slices 2.5 mm apart along a direction 15 degrees off their normal: the sform keeps the tilt (each slice's
+    position), the qform is SimpleITK's reading of the series (its labels read 4.3 mm off it at the last slice)."""
+    tilt = np.array([0.0, np.sin(np.radians(15)), np.cos(np.radians(15))])
+
+    def tilted(ds, k):
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.ImagePositionPatient = [float(v) for v in np.array([-40.0, 25.0, 60.0]) + 2.5 * k * tilt]
+        ds.GantryDetectorTilt = 15.0
+
+    folder = write_series(tmp_path / "tilted", slices=14, mutate=tilted)
+    weights, _ = make_model(UNET_3D)
+    wf = Workflow.from_dict({
+        "version": 1, "input": str(folder),
+        "model": {"network": "UNet", "args": UNET_3D, "weights": str(weights)},
+        "preprocess": {"normalize": {"mean": [100.0], "std": [100.0]}},
+        "inference": {"roi_size": [16, 16, 16], "batch_size": 2, "device": "cpu"},
+        "output": {"path": "out/labels.nii.gz", "chunks": 16},
+    }, base_dir=tmp_path)  # fmt: skip
+    tilemask.run(wf, client)
+    labels = nib.load(tmp_path / "out" / "labels.nii.gz")
+    sform, sform_code = labels.header.get_sform(coded=True)
+    positions = [np.array([40.0, -25.0, 60.0]) + np.diag([-1, -1, 1]) @ (2.5 * k * tilt) for k in range(14)]
+    assert sform_code == 1 and labels.header.get_qform(coded=True)[1] == 1
+    np.testing.assert_allclose([(sform @ [0, 0, k, 1])[:3] for k in range(14)], positions, atol=1e-4)
+    for ours, theirs in zip(sitk_grid(labels.get_filename()), sitk_grid(folder)):
+        np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
 def test_a_case_of_one_series_per_channel_gets_a_segmentation_of_the_first_series_slices(make_model, tmp_path, client):

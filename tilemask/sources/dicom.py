@@ -406,8 +406,11 @@ class DicomSeriesSource(ImageSource):
             slopes = np.array(self.slopes[k0:k1], np.float32)[:, None, None]
             values = pixels.astype(np.float32) * slopes + np.array(self.intercepts[k0:k1], np.float32)[:, None, None]
         else:
-            intercepts = np.array([int(v) for v in self.intercepts[k0:k1]], np.int32)
-            values = pixels.astype(np.int32) + intercepts[:, None, None]
+            # int32 holds 8- and 16-bit pixels and their intercepts; 32-bit ones (an unsigned 3e9 read as -1.4e9)
+            # take int64, as SimpleITK reads them
+            wide = np.int64 if pixels.dtype.itemsize >= 4 else np.int32
+            intercepts = np.array([int(v) for v in self.intercepts[k0:k1]], wide)
+            values = pixels.astype(wide) + intercepts[:, None, None]
         return np.ascontiguousarray(values.transpose(2, 1, 0))[None]  # (slice, row, column) -> (i, j, k)
 
     def _pixels(self, k: int) -> np.ndarray:
