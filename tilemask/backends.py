@@ -505,7 +505,7 @@ def _paired_seconds(run: Runner, reference: Runner, channels: int, roi: tuple[in
     best of two after one pass, on a worker's probe on 2026-12-04: torch-mkldnn 225 ms a batch of 8, torch 253 ms,
     both about twice their steady time, and ``auto`` took torch-mkldnn for batches, which then ran 142 ms a batch
     alone against torch's 112 ms.  Measured in turn after three warm-up passes on the same VM: 108 and 104 ms
-    (README, "Benchmarks")."""
+    (docs/benchmarks.md)."""
     windows = torch.from_numpy(np.random.default_rng(0).standard_normal((batch, channels, *roi), dtype=np.float32))
     times: tuple[list[float], list[float]] = ([], [])
     with torch.inference_mode():

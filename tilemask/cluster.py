@@ -92,7 +92,7 @@ def workers_for(cores: int, gpus: int) -> tuple[int, int]:
     and the forward passes take the cores.  On a GPU the cores are free for that other work, and it is
     what the GPU waits on: for 16384^2 on this project's 2-core VM it took a Dask thread 7.7 s, against
     56 s of forward passes on the CPU.  On an H200 with 16 cores, 1 gigapixel: 37-41 s of that work over the
-    16 threads in an 18-20 s run, while the compute thread was busy 17-19 s of it (README, "Benchmarks").
+    16 threads in an 18-20 s run, while the compute thread was busy 17-19 s of it (docs/benchmarks.md).
     """
     if gpus:
         return gpus, max(THREADS_PER_WORKER, cores // gpus)

@@ -5,7 +5,7 @@ distributed and tilemask (1.0 s here) before it can import torch, and only
 once the command has imported its own modules and planned the run. Started as
 the command starts, multiprocessing's fork server imports them on the other
 core meanwhile, and each worker is a fork of it: the network was ready 0.9 s
-sooner here (README, "Many small inputs"). torch is left to the workers
+sooner here (docs/benchmarks.md, "Many small inputs"). torch is left to the workers
 (imported on a thread of their own as they start,
 :class:`tilemask.cluster.EmbeddedWorker`): preloaded in the server too, the
 network was ready about 0.4 s sooner still (two runs each), but the server's
