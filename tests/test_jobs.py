@@ -1377,3 +1377,21 @@ def test_a_damaged_state_record_says_what_starts_the_job_afresh_and_overwrite_do
     done = run_cli("run", workflow, "--quiet", "--overwrite")
     assert done.returncode == 0, done.stderr
     assert run_cli("status", job).stdout.startswith(f"job {job}: done, 1 of 1 items ok")
+
+
+def test_a_job_stopped_while_it_writes_its_record_is_listed_and_reads_as_lost(tmp_path):
+    """A Ctrl-C (or a kill) after job.json, while the items are written: `tilemask jobs` did not list the job, and
+    its id was "no job"."""
+
+    def items():
+        yield {"item": 0, "name": "a", "files": ["a.tif"], "output": "o"}
+        raise KeyboardInterrupt
+
+    job = JobFolder(tmp_path / "job")
+    with pytest.raises(KeyboardInterrupt):
+        job.create({"version": 1}, str(tmp_path), None, {}, items())
+    assert not (job.path / "items.jsonl").exists()
+    listing = run_cli("jobs")
+    assert listing.returncode == 0 and job.id in listing.stdout and "lost" in listing.stdout.split(job.id)[1]
+    status = run_cli("status", job.id)
+    assert status.returncode == 0 and "lost" in status.stdout

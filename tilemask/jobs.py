@@ -227,8 +227,10 @@ class JobFolder:
             if self.exists():
                 info = {**self.info(), "options": options}
             # job.json first: a run stopped after it (a kill, a full disk) leaves a folder that is this job's, which
-            # the next run completes; the other files first left one refused as holding files not a job's
+            # the next run completes; the other files first left one refused as holding files not a job's.  Listed
+            # at once: one stopped while it wrote the rest was a job `tilemask jobs` did not show
             _write_atomic(self.path / "job.json", json.dumps(info, indent=2) + "\n")
+            register(self)
             _write_atomic(self.path / "workflow.yaml", yaml.safe_dump(workflow_dict, sort_keys=False))
             _write_atomic(self.path / "items.jsonl", "".join(json.dumps(item) + "\n" for item in items))
             (self.path / "cancel").unlink(missing_ok=True)  # an earlier run's request is not this one's
@@ -236,7 +238,6 @@ class JobFolder:
                 self._saved(name)
         except OSError as exc:
             raise JobError(f"job folder {self.location} is not writable: {why_unwritable(self.path, exc)}") from None
-        register(self)
 
     def info(self) -> dict:
         try:
