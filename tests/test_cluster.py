@@ -720,3 +720,33 @@ def test_a_client_close_that_times_out_after_a_stop_leaves_the_stop_as_it_was(tm
         process.send_signal(signal.SIGCONT)
         process.terminate()
         process.wait(10)
+
+
+@pytest.mark.timeout(120)
+def test_a_second_stop_while_the_embedded_cluster_closes_waits_for_the_close(monkeypatch):
+    """A second Ctrl-C as the embedded cluster closed cut the close short, and distributed's own close at exit then
+    kept the command 10 s after its "tilemask: interrupted" (a review's two Ctrl-C 0.35 s apart)."""
+    import os
+
+    from distributed import LocalCluster
+
+    from tilemask.cluster import cluster_client
+    from tilemask.interrupts import stop_signals
+
+    close = LocalCluster.close
+
+    def stopped_again(cluster, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, as the close begins
+        return close(cluster, *args, **kwargs)
+
+    monkeypatch.setattr(LocalCluster, "close", stopped_again)
+    cluster = None
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with stop_signals(), cluster_client(workers=1, threads_per_worker=1) as client:
+                cluster = client.cluster
+                raise KeyboardInterrupt  # the first
+        assert cluster.status.name == "closed"
+    finally:
+        if cluster is not None and cluster.status.name != "closed":
+            close(cluster)

@@ -217,7 +217,8 @@ def cluster_client(
         signal.pthread_sigmask(signal.SIG_SETMASK, unheld)
         if cluster is not None:
             try:
-                cluster.close()
+                with shielded():  # a second Ctrl-C cut it short, and distributed's own close at exit then took 10 s
+                    cluster.close()
             except Exception as exc:  # e.g. a nanny still restarting a killed worker: the work itself is done
                 logger.warning("closing the embedded cluster: %s: %s", type(exc).__name__, exc)
 
@@ -231,7 +232,8 @@ def closing(client: Client) -> Iterator[Client]:
         yield client
     finally:
         try:
-            client.close()
+            with shielded():  # nor can a second Ctrl-C cut it short
+                client.close()
         except Exception as exc:  # noqa: BLE001 - the scheduler's state is not this command's to mend
             logger.warning("closing the Dask client: %s: %s", type(exc).__name__, exc)
 
