@@ -492,3 +492,33 @@ def test_debug_prints_an_unexpected_errors_traceback_without_credentials_and_exi
         last = result.output.strip().splitlines()[-1]
         assert last.startswith("tilemask: error: RuntimeError: reading http://user:***@example.org/x.tif failed")
         assert ("Traceback (most recent call last)" in result.output) == bool(args), result.output
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("stops", [["SIGINT"], ["SIGTERM"], ["SIGTERM", "SIGINT"]], ids=["ctrl-c", "sigterm", "two"])
+def test_a_stop_while_the_command_exits_is_one_line_and_130_and_a_second_leaves_at_once(stops):
+    """Once a command has returned, the exit waits for threads and runs the atexit handlers (an embedded cluster's
+    close): a Ctrl-C there was a traceback, a SIGTERM a silent death by the signal. Now it is held until they are
+    done, then ``tilemask: interrupted``, exit 130; a second one leaves at once."""
+    import signal
+    import time
+
+    script = ("import atexit, sys, time\n"
+              "from tilemask.cli import console\n"
+              "atexit.register(lambda: (print('exiting', flush=True), time.sleep(4), print('exited', flush=True)))\n"
+              "sys.argv = ['tilemask', '--version']\n"
+              "console()\n")  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    while process.stdout.readline().strip() != "exiting":
+        assert process.poll() is None, process.stderr.read()
+    started = time.monotonic()
+    for stop in stops:
+        time.sleep(0.3)
+        process.send_signal(getattr(signal, stop))
+    out, err = process.communicate(timeout=30)
+    assert (process.returncode, err) == (130, "tilemask: interrupted\n")
+    if len(stops) == 1:
+        assert out == "exited\n"  # the handlers ran to their end
+    else:
+        assert out == "" and time.monotonic() - started < 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -14,6 +15,7 @@ import click
 
 from . import __version__
 from .command import TilemaskCommand, TilemaskGroup, errors_only, scheduler_address
+from .interrupts import STOP_SIGNALS
 
 logger = logging.getLogger(__name__)
 
@@ -144,12 +146,34 @@ def console() -> NoReturn:
     embedded cluster's child processes); then the process exits at once with the
     command's status.  An exception other than ``SystemExit`` (``--debug``)
     takes Python's own way out, traceback and all.
+
+    A Ctrl-C or SIGTERM outside a command's own handling is ``tilemask: interrupted``, exit 130, too: before it
+    (while click parses the arguments) it stops the command; once the command has returned it is held until the
+    exit's waits and handlers are done, and a second one leaves at once.  A Ctrl-C there was a traceback, and a
+    SIGTERM a silent death by the signal (a review's, sent as the summary line was printed).
     """
+    returned, stops = [], []
+
+    def stop(signum, frame) -> None:
+        if not returned:
+            raise KeyboardInterrupt
+        if stops:
+            _leave(130, "tilemask: interrupted")
+        stops.append(signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop)
     try:
-        main()
-        status = 0
-    except SystemExit as exc:
-        status = exc.code
+        try:
+            main()
+            status = 0
+        except SystemExit as exc:
+            status = exc.code
+        returned.append(True)
+    except KeyboardInterrupt:  # between the command's own handling and this
+        returned.append(True)
+        print("tilemask: interrupted", file=sys.stderr)
+        status = 130
     if status is None:
         status = 0
     elif not isinstance(status, int):
@@ -157,6 +181,15 @@ def console() -> NoReturn:
         status = 1
     threading._shutdown()  # what the interpreter's exit does first: join the threads that are not daemons
     atexit._run_exitfuncs()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # one that comes from here on is pending, not lost
+    if stops or signal.sigpending() & set(STOP_SIGNALS):
+        _leave(130, "tilemask: interrupted")
+    _leave(status)
+
+
+def _leave(status: int, line: str | None = None) -> NoReturn:
+    if line:
+        print(line, file=sys.stderr)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
