@@ -883,19 +883,41 @@ def _warn_of_other_versions(client: Client) -> None:
 
 
 def prepare_workers(client: Client) -> None:
-    """Register :class:`WorkerSetup`: each host's cores shared among its worker processes."""
-    check_workers(client)
-    workers_by_host = Counter(_host(a) for a in client.scheduler_info(n_workers=-1)["workers"])
-    try:
-        client.register_plugin(WorkerSetup(dict(workers_by_host)))
-    except OSError as exc:  # CommClosedError: a worker restarted meanwhile
-        raise _left_while_prepared("a Dask worker", exc) from None
+    """Check the workers (:func:`check_workers`) and register :class:`WorkerSetup`: each host's cores shared among
+    its worker processes.  A worker that leaves meanwhile is prepared again once its nanny has started it anew: a
+    review's worker killed (SIGKILL) a second after it started failed the run, said to be over its memory limit.
+    One that leaves twice fails it."""
+    for chance in (1, 2):
+        try:
+            check_workers(client)
+            workers_by_host = Counter(_host(a) for a in client.scheduler_info(n_workers=-1)["workers"])
+            try:
+                client.register_plugin(WorkerSetup(dict(workers_by_host)))
+            except OSError as exc:  # CommClosedError: a worker restarted meanwhile
+                raise _left_while_prepared("a Dask worker", exc) from None
+            return
+        except WorkerLeft as exc:
+            if chance == 2:
+                raise
+            logger.info("%s left as tilemask prepared it; preparing the workers again", exc.worker)
+            wait_for_workers(client)
 
 
-def _left_while_prepared(worker: str, exc: BaseException) -> RunError:
+class WorkerLeft(RunError):
+    """A worker left (killed, or restarted by its nanny) as tilemask prepared it."""
+
+    def __init__(self, worker: str) -> None:
+        super().__init__(f"{worker} left as tilemask prepared it: killed, or restarted by its nanny (one over the "
+                         "memory limit, distributed.worker.memory.terminate, which must hold torch and the network)")
+        self.worker = worker
+
+    def __reduce__(self):
+        return type(self), (self.worker,)
+
+
+def _left_while_prepared(worker: str, exc: BaseException) -> WorkerLeft:
     logger.debug("%s left: %r", worker, exc)
-    return RunError(f"{worker} left as tilemask prepared it: a nanny restarts its worker over the memory limit "
-                    "(distributed.worker.memory.terminate), which must hold torch and the network")
+    return WorkerLeft(worker)
 
 
 def _host(address: str) -> str:
