@@ -742,7 +742,8 @@ def test_a_worker_restarted_as_it_loads_torch_is_named(make_raster, make_model, 
         assert result.returncode == 1, result.stderr
         assert re.fullmatch(r"tilemask: error: Dask worker tcp://127\.0\.0\.1:\d+ left as tilemask prepared it: "
                             r"killed, or restarted by its nanny \(one over the memory limit, distributed\.worker\."
-                            r"memory\.terminate, which must hold torch and the network\)", one_line(result.stderr))  # fmt: skip
+                            r"memory\.terminate, which must hold torch and the network\)",
+                            one_line(result.stderr))  # fmt: skip
         assert "exceeded 95% memory budget" in (tmp_path / "worker.log").read_text()
     finally:
         worker.kill()
