@@ -756,26 +756,44 @@ def test_an_embedded_worker_killed_as_tilemask_prepares_it_is_prepared_again(tmp
     """A review's: the embedded cluster's worker killed (SIGKILL) half a second after it started failed the run (6
     of 6 tries between 0.3 and 1 s), said to be over its memory limit. Its nanny starts it anew, and it is prepared
     again: the run ends as an uninterrupted one."""
+    process = _demo_run(tmp_path)
+    time.sleep(0.5)
+    _embedded_worker(process).kill()
+    out, err = process.communicate(timeout=100)
+    assert (process.returncode, err) == (0, ""), err
+    assert "64 windows" in out and (tmp_path / "out" / "RGB.byte_mask.tif").is_file()
+
+
+@pytest.mark.slow  # a run of the demo workflow, killed (5 s)
+@pytest.mark.timeout(120)
+def test_a_command_killed_leaves_no_words_from_its_resource_tracker(tmp_path):
+    """A review's: after a ``kill -9`` of ``tilemask run`` once its cluster was up, multiprocessing's resource
+    tracker, which outlives it, printed two lines of "leaked semaphore objects" on the command's stderr."""
+    process = _demo_run(tmp_path)
+    time.sleep(0.5)
+    process.kill()
+    _, err = process.communicate(timeout=60)  # once every process holding its stderr has ended
+    assert (process.returncode, err) == (-signal.SIGKILL, "")
+
+
+def _demo_run(tmp_path) -> subprocess.Popen:
+    """``tilemask run`` of the demo workflow, once its embedded cluster's worker has started."""
     shutil.copytree(REPO / "workflows", tmp_path / "workflows")
     workflow = tmp_path / "workflows" / "demo_landsat.yaml"
     process = subprocess.Popen([sys.executable, "-m", "tilemask", "run", str(workflow), "--no-progress"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-
-    def worker() -> psutil.Process | None:
-        for child in psutil.Process(process.pid).children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if "forkserver" in " ".join(child.parent().cmdline()):  # forked by the fork server: a worker
-                    return child
-        return None
-
-    while (killed := worker()) is None:
+    while _embedded_worker(process) is None:
         assert process.poll() is None, process.communicate()
         time.sleep(0.02)
-    time.sleep(0.5)
-    killed.kill()
-    out, err = process.communicate(timeout=100)
-    assert (process.returncode, err) == (0, ""), err
-    assert "64 windows" in out and (tmp_path / "out" / "RGB.byte_mask.tif").is_file()
+    return process
+
+
+def _embedded_worker(process: subprocess.Popen) -> psutil.Process | None:
+    for child in psutil.Process(process.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "forkserver" in " ".join(child.parent().cmdline()):  # forked by the fork server: a worker
+                return child
+    return None
 
 
 @pytest.mark.slow  # a `dask scheduler` and a `dask worker` (10 s each)

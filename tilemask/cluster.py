@@ -41,7 +41,6 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from multiprocessing import resource_tracker
 
 import dask
 from dask.utils import parse_timedelta
@@ -194,7 +193,7 @@ def cluster_client(
     # back too (:func:`shielded`) and raised once the cluster stands, which is then closed: raised half-way
     # through LocalCluster, it left the processes started so far running until the interpreter exited.
     unheld = signal.pthread_sigmask(signal.SIG_BLOCK, set())
-    resource_tracker.ensure_running()
+    forkserver.start_resource_tracker()
     signal.pthread_sigmask(signal.SIG_SETMASK, unheld | {signal.SIGINT})
     cluster = None
     try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 
 PRELOAD = ["tilemask.forkserver", "distributed.nanny", "tilemask.cli", "tilemask.cluster"]
 """What the server imports before it forks a worker: this module first (it sets the workers' environment)."""
@@ -29,15 +30,29 @@ _started = False
 _IN_SERVER = "TILEMASK_IN_FORKSERVER"
 
 
+NO_LEAK_WARNING = "ignore:resource_tracker:UserWarning"
+
+
+def start_resource_tracker() -> None:
+    """multiprocessing's resource tracker, started without its warning of leaked semaphores: after a ``kill -9`` of
+    the command it outlives it, and printed two lines of that warning on the command's stderr (a review's, 11 of 15
+    kills).  Its interpreter takes this one's ``-W`` options (``sys.warnoptions``)."""
+    from multiprocessing import resource_tracker
+
+    if NO_LEAK_WARNING not in sys.warnoptions:
+        sys.warnoptions.append(NO_LEAK_WARNING)
+    resource_tracker.ensure_running()
+
+
 def start() -> None:
     """Start the fork server now, importing :data:`PRELOAD` on its own while this process goes on. Where it
     cannot start (its socket in a temporary folder whose path is too long for one: ``AF_UNIX path too long``),
     the nannies spawn their workers as usual."""
     global _started
     import multiprocessing
-    from multiprocessing import forkserver, resource_tracker
+    from multiprocessing import forkserver
 
-    resource_tracker.ensure_running()  # started first: starting it unblocks SIGINT in this thread
+    start_resource_tracker()  # started first: starting it unblocks SIGINT in this thread
     unheld = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         os.environ.setdefault("PYTHONHASHSEED", "6640")  # what the nanny gives a spawned worker (read at start)
