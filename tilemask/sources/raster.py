@@ -4,7 +4,8 @@ Values are returned as stored unless the bands carry scale/offset metadata, in
 which case ``stored * scale + offset`` (float32) is returned.  Validity follows
 GDAL's dataset mask (``rasterio``'s ``dataset_mask``): an internal or external
 mask if there is one, else the alpha band, else the nodata value (a pixel is
-invalid when every band holds nodata).  Alpha bands are not image bands: they
+invalid when every band holds nodata), else the bands' own masks (a VRT's ``<MaskBand>``
+per band: invalid where every band's is).  Alpha bands are not image bands: they
 are left out of the default band selection.
 
 Remote rasters (``https://``, ``s3://``, ``/vsi...``) are read with HTTP range
@@ -107,9 +108,8 @@ class RasterSource(ImageSource):
                     crs_wkt=ds.crs.to_wkt() if ds.crs else None, transform=tuple(ds.transform.to_gdal())
                 )
                 image_bands = [i for i, c in enumerate(ds.colorinterp, start=1) if c != ColorInterp.alpha]
-                masked = ds.nodata is not None or any(
-                    MaskFlags.per_dataset in flags or MaskFlags.alpha in flags for flags in ds.mask_flag_enums
-                )
+                # a mask of the dataset's, an alpha band, nodata values, or masks of each band's own (no flags)
+                masked = ds.nodata is not None or any(flags != [MaskFlags.all_valid] for flags in ds.mask_flag_enums)
                 scales, offsets = ds.scales, ds.offsets
                 nodata_only = all(flags == [MaskFlags.nodata] for flags in ds.mask_flag_enums)
                 nodatavals = ds.nodatavals
