@@ -450,7 +450,8 @@ def test_masks_of_each_band_are_read_as_gdals_dataset_mask(tmp_path):
     for name, array in (("data.tif", data), ("mask.tif", mask[None])):
         with rasterio.open(tmp_path / name, "w", **{**profile, "nodata": None, "count": len(array)}) as dst:
             dst.write(array)
-    source = '<SimpleSource><SourceFilename relativeToVRT="1">{}</SourceFilename><SourceBand>{}</SourceBand></SimpleSource>'
+    source = ('<SimpleSource><SourceFilename relativeToVRT="1">{}</SourceFilename><SourceBand>{}</SourceBand>'
+              "</SimpleSource>")
     bands = "".join(f'<VRTRasterBand dataType="Byte" band="{b}">{source.format("data.tif", b)}<MaskBand>'
                     f'<VRTRasterBand dataType="Byte">{source.format("mask.tif", 1)}</VRTRasterBand></MaskBand>'
                     "</VRTRasterBand>" for b in (1, 2, 3))  # fmt: skip
