@@ -39,7 +39,7 @@ from ..geometry import (
 )
 from . import cached_handle, file_stamp, read_region, usable_geometry
 from .nifti import check_length, nifti_geometry, read_failure
-from .raster import block_failure, first_gdal_line, gdal_env
+from .raster import block_failure, first_gdal_line, gdal_env, not_on_a_grid
 from .zarr import OME_SCALES, TILEMASK_ATTRS, ome_level_multiscale, ome_multiscales, open_zarr
 
 logger = logging.getLogger(__name__)
@@ -334,8 +334,8 @@ def open_raster_labels(path: str, chunks) -> LabelImage:
         dtype = np.dtype(ds.dtypes[0])
         block = ds.block_shapes[0]
         crs = ds.crs.to_wkt() if ds.crs else None
-        if crs is None and ds.transform.is_identity and ds.gcps[0]:  # as an input is (README): areas in pixels
-            raise InputError(f"{path}: georeferenced by ground control points only; warp it to a grid first (gdalwarp)")
+        if off_grid := not_on_a_grid(path, ds):  # as an input is (README): areas in pixels
+            raise InputError(off_grid)
         geometry = usable_geometry(path, RasterGeometry(crs, tuple(ds.transform.to_gdal())))
         nodata = None if ds.nodata is None else int(ds.nodata)
         tag = ds.tags().get(CLASSES_TAG)

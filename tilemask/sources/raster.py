@@ -15,9 +15,9 @@ through ``rasterio.Env`` around every open and read unless the environment sets
 them.  tilemask never writes them into ``os.environ``: a library must not change
 its caller's process.
 
-A raster georeferenced only by GCPs is refused: its pixels have no transform,
+A raster georeferenced only by GCPs or RPCs is refused: its pixels have no transform,
 and outputs would silently lose their place on Earth (warp it first, e.g.
-``gdalwarp``).
+``gdalwarp``, or ``gdalwarp -rpc``).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class RasterSource(ImageSource):
         try:
             with gdal_env(path), rasterio.open(path) as ds:
                 count, height, width = ds.count, ds.height, ds.width
-                gcps_only = ds.crs is None and ds.transform.is_identity and bool(ds.gcps[0])
+                off_grid = not_on_a_grid(path, ds)
                 dtypes = ds.dtypes
                 geometry = RasterGeometry(
                     crs_wkt=ds.crs.to_wkt() if ds.crs else None, transform=tuple(ds.transform.to_gdal())
@@ -125,10 +125,8 @@ class RasterSource(ImageSource):
             if url and "not recognized as being" in detail:  # "not recognized as being in a supported file format"
                 detail = object_problem(url) or detail
             raise InputError(f"{path}: cannot open raster: {detail}") from None
-        if gcps_only:
-            raise InputError(
-                f"{path}: georeferenced by ground control points only; warp it to a grid first (gdalwarp)"
-            )
+        if off_grid:
+            raise InputError(off_grid)
         if not count:  # a container (NetCDF, HDF) whose rasters are its subdatasets, or a VRT of no band
             hint = f" (it holds {len(subdatasets)} subdatasets: write the one to segment to a GeoTIFF first, " \
                 f"gdal_translate '{subdatasets[0]}' out.tif)" if subdatasets else ""
@@ -233,6 +231,18 @@ class RasterSource(ImageSource):
         except RasterioError as exc:
             detail = first_gdal_line(exc)
         raise ReadError(f"{self.path}: mask read failed at rows {r0}:{r1}, cols {c0}:{c1}: {detail}")
+
+
+def not_on_a_grid(path: str, ds) -> str | None:
+    """Why a raster cannot be read on a grid: no CRS nor transform, georeferenced only by ground control points or
+    by RPCs (an RPC-only scene ran into outputs in pixels, their place on Earth lost without a word)."""
+    if ds.crs is not None or not ds.transform.is_identity:
+        return None
+    if ds.gcps[0]:
+        return f"{path}: georeferenced by ground control points only; warp it to a grid first (gdalwarp)"
+    if ds.rpcs is not None:
+        return f"{path}: georeferenced by RPCs only; orthorectify it to a grid first (gdalwarp -rpc)"
+    return None
 
 
 def read_bands(ds, bands, out_shape: tuple[int, int] | None = None, **read) -> np.ndarray:
