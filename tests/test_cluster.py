@@ -722,6 +722,43 @@ def test_a_client_close_that_times_out_after_a_stop_leaves_the_stop_as_it_was(tm
         process.wait(10)
 
 
+
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore:Sending large graph")
+@pytest.mark.parametrize("stops", [1, 2])
+def test_a_stop_during_a_close_that_fails_is_kept_and_a_second_cuts_the_close_short(tmp_path, stops):
+    """A command's work done, its client's close waits on a scheduler that no longer answers: a Ctrl-C then was
+    lost once the close failed (a warning), and the command exited 0. It is raised after the close; a second
+    one cuts the close short (it would wait 2 x ``distributed.comm.timeouts.connect``)."""
+    import os
+
+    import dask
+
+    from tilemask.cluster import cluster_client
+    from tilemask.interrupts import stop_signals
+
+    process, address = start_scheduler(tmp_path)
+
+    def press() -> None:
+        for _ in range(stops):
+            time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    try:
+        with dask.config.set({"distributed.comm.timeouts.connect": "5s"}):  # the close: 10 s at most
+            with pytest.raises(KeyboardInterrupt):
+                with stop_signals(), cluster_client(scheduler=address) as client:
+                    process.send_signal(signal.SIGSTOP)
+                    client.submit(len, b"x" * (64 << 20))  # more than its socket takes: the close waits to send it
+                    started = time.monotonic()
+                    threading.Thread(target=press, daemon=True).start()
+            took = time.monotonic() - started
+        assert took > 9 if stops == 1 else took < 4
+    finally:
+        process.send_signal(signal.SIGCONT)
+        process.terminate()
+        process.wait(10)
+
 @pytest.mark.timeout(120)
 def test_a_second_stop_while_the_embedded_cluster_closes_waits_for_the_close(monkeypatch):
     """A second Ctrl-C as the embedded cluster closed cut the close short, and distributed's own close at exit then

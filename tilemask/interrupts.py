@@ -67,14 +67,21 @@ def raise_if_stopped() -> None:
 
 
 @contextlib.contextmanager
-def shielded() -> Iterator[None]:
+def shielded(held: int | None = None) -> Iterator[None]:
     """Run a failed run's cleanup to its end: Ctrl-C or SIGTERM meanwhile is held back, then raised as
-    ``KeyboardInterrupt`` once the cleanup is done (the user asked to stop: exit 130)."""
+    ``KeyboardInterrupt`` once the cleanup is done (the user asked to stop: exit 130).  With ``held``, only that
+    many are: the next cuts the cleanup short (one that waits on something else, which may have stalled)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in STOP_SIGNALS}
+
+    def hold(signum, frame) -> None:
+        received.append(signum)
+        if held is not None and len(received) > held:
+            raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, hold) for s in STOP_SIGNALS}
     try:
         yield
     finally:
