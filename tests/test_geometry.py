@@ -257,6 +257,11 @@ def test_chunks_finer_than_the_roi_and_a_roi_far_over_the_image_are_told_once_a_
                                             r"window\(s\), more than 20,000, "):  # fmt: skip (9 a window, but a
         warnings("large.tif", 16)  # scheduler in the run's process orders and cancels them for minutes)
     assert len(warnings("large.tif", 32)) == 1  # 8,836 chunks, warned of
+    with rasterio.open(tmp_path / "huge.tif", "w", driver="GTiff", width=300_000, height=300_000, count=1,
+                       dtype="uint8", tiled=True, sparse_ok=True, BIGTIFF="YES", crs="EPSG:3857",
+                       transform=from_origin(0, 0, 10, 10)):  # fmt: skip
+        pass  # the default chunks under a roi of 2049: 21,609 chunks, as many as at roi 2048, were refused
+    assert warnings("huge.tif", 2048, roi=(2049, 2049))[0].startswith("output.chunks 2048 is smaller than")
 
 
 @pytest.mark.parametrize(

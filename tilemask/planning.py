@@ -46,7 +46,7 @@ from .sources.stack import StackedSource
 from .spatial import ModelGrid, ResampledSource, model_grid
 from .stats.config import PostprocessConfig, StatsConfig, check_regions, is_label_image
 from .storage import is_remote
-from .workflow import ONE_CHANNEL, REMOTE_PREFIXES, InputItem, Workflow
+from .workflow import DEFAULT_CHUNKS, ONE_CHANNEL, REMOTE_PREFIXES, InputItem, Workflow
 
 logger = logging.getLogger(__name__)
 
@@ -367,8 +367,9 @@ def _chunks_under_the_roi(plan: WindowPlan) -> tuple[int | list[int], int] | Non
 
 def _check_chunk_count(planned: InputPlan) -> None:
     """Refuse ``output.chunks`` under the roi that cut an input into more than ``CHUNKS_PER_WINDOW_AXIS ** dims``
-    chunks a window (64 in 2D, 512 in 3D), or more than ``CHUNKS_UNDER_THE_ROI`` in all: each chunk is Dask tasks,
-    and an embedded scheduler orders and cancels them in the run's own process.  A review's ``output.chunks: 1``
+    chunks a window (64 in 2D, 512 in 3D), or, where they are smaller than the default too, more than
+    ``CHUNKS_UNDER_THE_ROI`` in all (the default's count depends on the image, not on the roi): each chunk is Dask
+    tasks, and an embedded scheduler orders and cancels them in the run's own process.  A review's ``output.chunks: 1``
     (567,938 chunks for 64 windows of the demo's scene) held 6.5 GB and kept the scheduler busy for minutes, a
     SIGTERM included.  A 16384^2 raster at roi 128 (29,241 windows): chunks 52 (99,225 chunks, 3 a window) had
     predicted no window after 40 s, and a SIGTERM then took 205-267 s to stop it; chunks 120 (18,769) ran at 117
@@ -379,7 +380,7 @@ def _check_chunk_count(planned: InputPlan) -> None:
     limit = CHUNKS_PER_WINDOW_AXIS ** len(plan.axes)
     if under[1] > limit * plan.n_windows:
         most = f"more than {limit} a window"
-    elif under[1] > CHUNKS_UNDER_THE_ROI:
+    elif under[1] > CHUNKS_UNDER_THE_ROI and any(a.chunk < min(a.roi, a.size, DEFAULT_CHUNKS) for a in plan.axes):
         most = f"more than {CHUNKS_UNDER_THE_ROI:,}"
     else:
         return

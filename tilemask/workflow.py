@@ -232,10 +232,14 @@ class Inference(_Strict):
 VECTOR_SUFFIXES = (".gpkg", ".fgb", ".geojson", ".parquet")
 
 
+
+DEFAULT_CHUNKS = 2048  # output.chunks: the pixels or voxels of a chunk along each axis
+
+
 class Output(_Strict):
     path: str
     probabilities: Literal["none", "float32", "uint8"] = "none"
-    chunks: PositiveInt | list[PositiveInt] = 2048
+    chunks: PositiveInt | list[PositiveInt] = DEFAULT_CHUNKS
     vectors: str | None = Field(default=None, description="foreground classes as polygons (2D rasters)")
     quicklook: bool = Field(default=True, description="a PNG of the mask over the input beside the output (2D)")
     dicomweb: str | None = Field(default=None, description="a DICOMweb root to store a DICOM Segmentation on (STOW-RS)")
