@@ -477,6 +477,13 @@ def test_masks_of_each_band_are_read_as_gdals_dataset_mask(tmp_path):
     _, valid = open_source(str(vrt), spatial_dims=2).read_with_valid(((0, data.shape[1]), (0, data.shape[2])))
     np.testing.assert_array_equal(valid, expected)
     assert (~valid).sum() == (mask == 0).sum() > 0
+    bands = "".join(f'<VRTRasterBand dataType="Byte" band="{b}">{nodata}{source.format("data.tif", b)}'
+                    "</VRTRasterBand>" for b, nodata in ((1, ""), (2, "<NoDataValue>0</NoDataValue>")))  # fmt: skip
+    vrt.write_text(f'<VRTDataset rasterXSize="{data.shape[2]}" rasterYSize="{data.shape[1]}">{bands}</VRTDataset>')
+    with rasterio.open(vrt) as ds:  # a band without a mask: every pixel valid, as GDAL's dataset mask has it
+        assert [[f.name for f in flags] for flags in ds.mask_flag_enums] == [["all_valid"], ["nodata"]]
+        assert (ds.dataset_mask() > 0).all()
+    assert not open_source(str(vrt), spatial_dims=2).has_invalid  # no nodata label kept for it, no mask read
 
 def run_volume(path, make_model, tmp_path):
     """``tilemask run --quiet`` of the volume at ``path`` with a 3D UNet, writing ``out/{stem}.nii.gz``."""

@@ -108,8 +108,14 @@ class RasterSource(ImageSource):
                     crs_wkt=ds.crs.to_wkt() if ds.crs else None, transform=tuple(ds.transform.to_gdal())
                 )
                 image_bands = [i for i, c in enumerate(ds.colorinterp, start=1) if c != ColorInterp.alpha]
-                # a mask of the dataset's, an alpha band, nodata values, or masks of each band's own (no flags)
-                masked = ds.nodata is not None or any(flags != [MaskFlags.all_valid] for flags in ds.mask_flag_enums)
+                # a nodata value, a mask of the dataset's or an alpha band, or every band a mask of some kind (GDAL's
+                # dataset mask is valid where any band's is: one band without a mask makes every pixel valid)
+                flags_per_band = ds.mask_flag_enums
+                masked = (
+                    ds.nodata is not None
+                    or any(MaskFlags.per_dataset in flags or MaskFlags.alpha in flags for flags in flags_per_band)
+                    or all(flags != [MaskFlags.all_valid] for flags in flags_per_band)
+                )
                 scales, offsets = ds.scales, ds.offsets
                 nodata_only = all(flags == [MaskFlags.nodata] for flags in ds.mask_flag_enums)
                 nodatavals = ds.nodatavals
