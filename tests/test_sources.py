@@ -348,7 +348,7 @@ def test_a_damaged_raster_in_a_zip_or_tar_gz_is_refused_not_read_as_other_pixels
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("by", ["gcps", "rpcs"])
+@pytest.mark.parametrize("by", ["gcps", "rpcs", "rpcs and a crs"])
 def test_a_raster_georeferenced_by_ground_control_points_or_rpcs_only_is_refused_as_input_or_labels(tmp_path, by):
     """A reviewer's fault sweep: ``tilemask stats`` of such labels exited 0, its areas and centroids those of the
     identity transform (pixels), where the same raster as an input is refused. An RPC-only raster, as an input,
@@ -365,14 +365,15 @@ def test_a_raster_georeferenced_by_ground_control_points_or_rpcs_only_is_refused
             ds.gcps = ([GroundControlPoint(0, 0, 5e5, 4e6), GroundControlPoint(0, 30, 500900, 4e6),
                         GroundControlPoint(20, 0, 5e5, 3999400)], rasterio.crs.CRS.from_epsg(32618))  # fmt: skip
         else:
+            if by == "rpcs and a crs":  # still no transform: its pixels would be 1 degree wide at 0, 0
+                ds.crs = rasterio.crs.CRS.from_epsg(4326)
             ds.rpcs = RPC(height_off=0, height_scale=500, lat_off=25.0, lat_scale=0.01, line_den_coeff=[1] + [0] * 19,
                           line_num_coeff=[0, 0, -1] + [0] * 17, line_off=10, line_scale=10, long_off=-77.0,
                           long_scale=0.01, samp_den_coeff=[1] + [0] * 19, samp_num_coeff=[0, 1] + [0] * 18,
                           samp_off=15, samp_scale=15)  # fmt: skip
     with rasterio.open(path) as ds:
-        assert ds.crs is None and ds.transform.is_identity and (bool(ds.gcps[0]) if by == "gcps" else ds.rpcs)
-    said = {"gcps": "ground control points only; warp",
-            "rpcs": r"RPCs only; orthorectify it to a grid first \(gdalwarp -rpc\)"}[by]
+        assert ds.transform.is_identity and (bool(ds.gcps[0]) if by == "gcps" else ds.rpcs)
+    said = "ground control points only; warp" if by == "gcps" else r"RPCs only; orthorectify it to a grid first"
     for opened in (open_labels, lambda p: open_source(p, spatial_dims=2)):
         with pytest.raises(InputError, match=rf"^{path}: georeferenced by {said}") as refused:
             opened(str(path))

@@ -240,9 +240,10 @@ class RasterSource(ImageSource):
 
 
 def not_on_a_grid(path: str, ds) -> str | None:
-    """Why a raster cannot be read on a grid: no CRS nor transform, georeferenced only by ground control points or
-    by RPCs (an RPC-only scene ran into outputs in pixels, their place on Earth lost without a word)."""
-    if ds.crs is not None or not ds.transform.is_identity:
+    """Why a raster cannot be read on a grid: no transform, georeferenced only by ground control points or by RPCs
+    (an RPC-only scene ran into outputs in pixels, their place on Earth lost without a word; one with a CRS too,
+    into pixels a degree wide at 0, 0)."""
+    if not ds.transform.is_identity:  # a CRS beside GCPs or RPCs does not place the pixels: no transform does
         return None
     if ds.gcps[0]:
         return f"{path}: georeferenced by ground control points only; warp it to a grid first (gdalwarp)"
