@@ -112,7 +112,7 @@ class Catalog:
         self._listing: tuple[dict[str, tuple], dict[str, Entry]] | None = None  # what it saw, entries by id
 
     def entries(self) -> list[Entry]:
-        """Every entry of the folder, with unique ids and each label volume's scan (on one thread: README,
+        """Every entry of the folder, with unique ids and each label volume's scan (on one thread: docs/benchmarks.md,
         "Serving", measured several slower)."""
         found: list[Entry] = []
         stamps: dict[str, tuple] = {}  # each folder walked, and each file left out (it may be whole next time)
