@@ -36,12 +36,16 @@ NO_LEAK_WARNING = "ignore:resource_tracker:UserWarning"
 def start_resource_tracker() -> None:
     """multiprocessing's resource tracker, started without its warning of leaked semaphores: after a ``kill -9`` of
     the command it outlives it, and printed two lines of that warning on the command's stderr (a review's, 11 of 15
-    kills).  Its interpreter takes this one's ``-W`` options (``sys.warnoptions``)."""
+    kills).  Its interpreter takes this one's ``-W`` options (``sys.warnoptions``), given the filter while it
+    starts only: the caller's other children are not this one's to change."""
     from multiprocessing import resource_tracker
 
-    if NO_LEAK_WARNING not in sys.warnoptions:
-        sys.warnoptions.append(NO_LEAK_WARNING)
-    resource_tracker.ensure_running()
+    options = list(sys.warnoptions)
+    sys.warnoptions.append(NO_LEAK_WARNING)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        sys.warnoptions[:] = options
 
 
 def start() -> None:
