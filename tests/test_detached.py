@@ -287,6 +287,22 @@ def test_under_on_error_skip_a_bad_first_input_is_the_jobs_failure_not_a_refusal
     assert refused.returncode == 2 and "missing.tif" in refused.stderr, refused.stderr  # under abort: exit 2
 
 
+
+def test_a_submit_whose_outputs_another_run_is_writing_is_refused_as_run_refuses_it(cluster, scenes_workflow, tmp_path):
+    """A review's: while another job's driver held the first input's outputs, ``run`` was refused (exit 2) and
+    ``submit`` made a job that failed on its driver. It is refused as ``run`` is, and leaves no job."""
+    from tilemask.outputs import OutputLock
+
+    address, _ = cluster
+    (tmp_path / "out").mkdir()
+    with OutputLock([str(tmp_path / "out" / "s00_mask.tif")]):  # as another run writing it holds it
+        for command in ("run", "submit"):
+            refused = run_cli(command, scenes_workflow, "--scheduler", address, cwd=tmp_path)
+            assert refused.returncode == 2, refused.stderr
+            assert refused.stderr.strip() == (f"tilemask: error: output {tmp_path / 'out' / 's00_mask.tif'} is being "
+                                              "written by another tilemask run")  # fmt: skip
+    assert not (tmp_path / "out" / ".tilemask").exists() and run_cli("jobs", "--json").stdout.strip() == "[]"
+
 def test_a_submit_interrupted_while_it_hands_over_the_driver_leaves_no_job_running(scenes_workflow, tmp_path):
     """Ctrl-C while the scheduler takes the driver (here 3 s, a slow scheduler; usually 50 ms): submit said
     "interrupted", exit 130, and the job ran anyway (a reviewer's). Now the driver is taken back."""

@@ -39,6 +39,7 @@ def submit(workflow, scheduler, cluster_kind, workers, overrides, overwrite, on_
     from .cluster import check_cluster_options
     from .driver import Options, prepare
     from .errors import UsageError, option
+    from .outputs import OutputLock
     from .workflow import Workflow
 
     if scheduler is None and cluster_kind is None:
@@ -56,7 +57,11 @@ def submit(workflow, scheduler, cluster_kind, workers, overrides, overwrite, on_
     try:
         if plan.items and on_error == "abort":
             first = plan.plan_input(plan.items[0])
-            plan.check_item_outputs(first, overwrite or plan.items[0].name in job.manifest().started())
+            keep = None if overwrite else job.id  # what this job staged before is resumed, as tilemask run keeps it
+            # with their locks held, as tilemask run checks them: outputs another run is writing are refused (a
+            # second job was made, then failed on its driver's lock)
+            with OutputLock(plan.output_files(first), keep=keep, made=plan.made):
+                plan.check_item_outputs(first, overwrite or plan.items[0].name in job.manifest().started())
         if cluster_kind == "slurm":
             _submit_slurm(job, record, workers, overwrite, new)
         else:
