@@ -335,3 +335,20 @@ def test_a_table_tilemask_did_not_write_is_never_replaced(tmp_path, shade_labels
     table.write_text("district,score\na,1\n")
     replaced = runner.invoke(stats_command, [str(shade_labels), "-o", str(table), *scheduler, "--overwrite"])
     assert replaced.exit_code == 0 and "pixels" in table.read_text()
+
+
+@pytest.mark.timeout(60)
+def test_a_table_another_command_is_writing_is_refused_before_any_work(tmp_path, shade_labels):
+    """A review's: two ``stats`` (or ``evaluate``) writing one ``-o`` at once both checked that it did not exist,
+    both wrote it, exit 0, and one table was lost. The second is refused, as a second run of an output is."""
+    from tilemask.outputs import OutputLock
+    from tilemask.stats.cli import evaluate as evaluate_command
+
+    for command, out in ((stats_command, tmp_path / "t.csv"), (evaluate_command, tmp_path / "e.json")):
+        arguments = [str(shade_labels), "-o", str(out)] if command is stats_command else [
+            str(shade_labels), str(shade_labels), "-o", str(out)]  # fmt: skip
+        with OutputLock([str(out)]):  # as the first command holds it while it computes
+            refused = CliRunner().invoke(command, arguments)
+        assert (refused.exit_code, refused.output) == (
+            2, f"tilemask: error: output {out} is being written by another tilemask run\n")
+        assert not out.exists()

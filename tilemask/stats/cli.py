@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -56,9 +57,10 @@ def stats(
         mask, output, regions=regions, region_id=region_id, coverage=coverage, instances=instances,
         connectivity=connectivity, classes=classes, chunks=chunks,
     )  # fmt: skip
-    _refuse_existing(output, overwrite)
-    with cluster_client(scheduler) as client:  # started once the arguments and the files have passed
-        path = run(client, before_writing=raise_if_stopped)
+    with _output_lock(output):
+        _refuse_existing(output, overwrite)
+        with cluster_client(scheduler) as client:  # started once the arguments and the files have passed
+            path = run(client, before_writing=raise_if_stopped)
     if not errors_only():
         click.echo(f"wrote {path}")
 
@@ -87,13 +89,24 @@ def evaluate(pred, truth, output, classes, chunks, surface, scheduler, overwrite
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run = prepare_evaluation(pred, truth, output, classes=classes, chunks=chunks, surface=surface)
-    _refuse_existing(output, overwrite)
-    with cluster_client(scheduler) as client:  # started once the arguments and the files have passed
-        result = run(client, before_writing=raise_if_stopped)
+    with _output_lock(output):
+        _refuse_existing(output, overwrite)
+        with cluster_client(scheduler) as client:  # started once the arguments and the files have passed
+            result = run(client, before_writing=raise_if_stopped)
     if not errors_only():
         Console().print(render(result))
         if output:
             click.echo(f"wrote {output}")
+
+
+def _output_lock(output: str | None):
+    """The table's lock, as a run holds its outputs': a second command writing the same file meanwhile is refused
+    (exit 2), where both wrote it, without ``--overwrite``, and one table was lost (a review's, 6 of 6)."""
+    if not output:
+        return contextlib.nullcontext()
+    from ..outputs import OutputLock
+
+    return OutputLock([str(output)])
 
 
 def _refuse_existing(output: str | None, overwrite: bool) -> None:
