@@ -352,3 +352,28 @@ def test_a_table_another_command_is_writing_is_refused_before_any_work(tmp_path,
         assert (refused.exit_code, refused.output) == (
             2, f"tilemask: error: output {out} is being written by another tilemask run\n")
         assert not out.exists()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("command", ["stats", "evaluate"])
+def test_labels_replaced_while_their_statistics_are_computed_give_no_table(tmp_path, shade_labels, command):
+    """A review's: another run's ``--overwrite`` published the labels while ``stats`` read them block by block, and
+    the table, written with exit 0, was of both versions (5 of 41). A result read across a replace is refused."""
+    import re
+    import shutil
+
+    from tilemask.errors import ReadError
+    from tilemask.stats.api import prepare_evaluation, prepare_stats
+
+    mask, out = tmp_path / "mask.tif", tmp_path / ("t.csv" if command == "stats" else "e.json")
+    shutil.copy(shade_labels, mask)
+    run = prepare_stats(mask, out) if command == "stats" else prepare_evaluation(mask, shade_labels, out)
+    with rasterio.open(mask) as ds:
+        profile, labels = ds.profile, ds.read(1)
+    with rasterio.open(tmp_path / "new.tif", "w", **profile) as dst:
+        dst.write(labels[::-1], 1)
+    os.replace(tmp_path / "new.tif", mask)  # another run publishes its labels
+    with pytest.raises(ReadError, match=rf"^{re.escape(str(mask))} changed while it was read \(replaced by another "
+                                        r"run\?\); nothing written, run again$"):  # fmt: skip
+        run()
+    assert not out.exists()

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, check_flags, on_command_line, option
+from ..errors import InputError, ReadError, check_flags, on_command_line, option
+from ..sources import file_stamp
 from ..sources.labels import check_chunks, open_labels
 from .config import StatsConfig, is_label_image, unused_options
 from .evaluate import check_same_grid, evaluate
@@ -59,6 +60,7 @@ def prepare_stats(
     check_flags(instances=instances)
     output = check_table_path(output_path, inputs=(mask_path, regions))
     mask_path, regions = _absolute(mask_path), regions and _absolute(regions)
+    check_unchanged = unchanged(mask_path, regions)
     if coverage not in ("center", "fraction"):
         raise InputError(f"{option('coverage')} must be 'center' or 'fraction', got {coverage!r}")
     if connectivity not in CONNECTIVITIES:
@@ -94,6 +96,7 @@ def prepare_stats(
 
     def run(client=None, *, before_writing: Callable[[], None] = lambda: None) -> Path:
         frame = table(client)
+        check_unchanged()
         before_writing()  # the command stops here if it was asked to (a Ctrl-C Python swallowed): no table
         return write_table(frame, output)
 
@@ -149,6 +152,7 @@ def prepare_evaluation(
     if output_path is not None:
         check_table_path(output_path, inputs=(pred_path, truth_path), suffixes=(".json",))
     pred_path, truth_path = _absolute(pred_path), _absolute(truth_path)
+    check_unchanged = unchanged(pred_path, truth_path)
     check_chunks(chunks)
     names = parse_classes(classes)
     pred = open_labels(str(pred_path), chunks=chunks)
@@ -159,12 +163,29 @@ def prepare_evaluation(
 
     def run(client=None, *, before_writing: Callable[[], None] = lambda: None) -> dict:
         result = evaluate(pred, truth, names=names, client=client, surface=surface)
+        check_unchanged()
         before_writing()
         if output_path is not None:
             write_json(result, output_path)
         return result
 
     return run
+
+
+def unchanged(*paths) -> Callable[[], None]:
+    """A check that the local files at ``paths`` (None for one not given) are those there now: a label image
+    replaced while its blocks were read (another run's ``--overwrite`` publishing it) gave a table of both
+    versions, exit 0 (a review's, 5 of 41 tables).  Such a result is refused, unwritten: each block reads the file
+    by its path, on the workers, as exactextract does."""
+    stamps = {str(path): file_stamp(str(path)) for path in paths if path is not None}
+
+    def check() -> None:
+        for path, stamp in stamps.items():
+            if file_stamp(path) != stamp:
+                raise ReadError(f"{path} changed while it was read (replaced by another run?); nothing written, "
+                                "run again")  # fmt: skip
+
+    return check
 
 
 def _check_client(client) -> None:
