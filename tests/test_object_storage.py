@@ -530,7 +530,8 @@ def test_arrays_inside_a_zarr_store_on_s3_are_read_by_zarr_as_the_same_local_one
     for file in (tmp_path / "scene.ome.zarr").rglob("*"):
         if file.is_file():
             s3_client.upload_file(str(file), "tilemask", f"stores/{file.relative_to(tmp_path)}")
-    with Client(LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None)) as client:
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:  # a port of its own, not 8787, and the cluster closed with it
         for key in ("s1", "mask.5"):
             local, remote = str(tmp_path / "scene.ome.zarr" / key), f"s3://tilemask/stores/scene.ome.zarr/{key}"
             xr.testing.assert_identical(open_result(remote), open_result(local))

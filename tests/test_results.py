@@ -253,7 +253,8 @@ def test_labels_given_by_their_path_inside_a_zarr_store_open_on_the_stores_grid(
         xr.testing.assert_identical(remote, coarse)
     finally:
         server.shutdown()
-    with Client(LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None)) as client:
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:  # a port of its own, not 8787, and the cluster closed with it
         table = pd.read_csv(compute_stats(tmp_path / "atlas.ome.zarr/labels/regions/1", tmp_path / "coarse.csv",
                                           client=client))  # fmt: skip
         values, counts = np.unique(labels[::2, ::2, ::2], return_counts=True)
