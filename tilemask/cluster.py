@@ -214,29 +214,30 @@ def cluster_client(
             yield client
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, unheld)
-        if cluster is not None:
-            with shielded(held=1):  # a second Ctrl-C cut it short, and distributed's own close at exit then took 10 s
-                try:
-                    cluster.close()
-                except Exception as exc:  # e.g. a nanny still restarting a killed worker: the work itself is done
-                    logger.warning("closing the embedded cluster: %s: %s", type(exc).__name__, exc)
+        if cluster is not None:  # e.g. a nanny still restarting a killed worker fails it: the work itself is done
+            _close_quietly(cluster, "the embedded cluster")
 
 
 @contextlib.contextmanager
 def closing(client: Client) -> Iterator[Client]:
-    """``with client:`` whose close cannot take the place of the command's own outcome: a close that fails or times
-    out is a warning.  A SIGTERM while an embedded scheduler still ordered a graph of a million tasks was followed,
-    60 s on, by ``TimeoutError: timed out after 60 s.`` from the close and exit 1, where a stop is exit 130.  A
-    Ctrl-C during the close is held, and raised after it; a second one cuts it short (a stalled scheduler's close
-    waits 60 s)."""
+    """``with client:`` whose close cannot take the place of the command's own outcome (:func:`_close_quietly`)."""
     try:
         yield client
     finally:
-        with shielded(held=1):
-            try:
-                client.close()
-            except Exception as exc:  # noqa: BLE001 - the scheduler's state is not this command's to mend
-                logger.warning("closing the Dask client: %s: %s", type(exc).__name__, exc)
+        _close_quietly(client, "the Dask client")
+
+
+def _close_quietly(closeable, what: str) -> None:
+    """``closeable.close()``, a failure or a timeout of it a warning: a SIGTERM while an embedded scheduler still
+    ordered a graph of a million tasks was followed, 60 s on, by ``TimeoutError: timed out after 60 s.`` from the
+    client's close and exit 1, where a stop is exit 130.  A Ctrl-C meanwhile is held and raised after it (a second
+    one cut the cluster's close short, and distributed's own close at exit then took 10 s); one more cuts it short
+    (a stalled scheduler's close waits 60 s)."""
+    with shielded(held=1):
+        try:
+            closeable.close()
+        except Exception as exc:  # noqa: BLE001 - the cluster's state is not this command's to mend
+            logger.warning("closing %s: %s: %s", what, type(exc).__name__, exc)
 
 
 def check_client(client) -> None:

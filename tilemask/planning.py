@@ -386,7 +386,8 @@ def _check_chunk_count(planned: InputPlan) -> None:
         return
     raise WorkflowError(f"output.chunks {under[0]} cuts {planned.input} into {under[1]:,} chunks for "
                         f"{plan.n_windows:,} window(s), {most}, each Dask tasks of its own; "
-                        f"use chunks nearer inference.roi_size {list(plan.roi)} (default 2048)")  # fmt: skip
+                        f"use chunks nearer inference.roi_size {list(plan.roi)} "
+                        f"(default {DEFAULT_CHUNKS})")  # fmt: skip
 
 
 def chunks_under_the_roi(plan: WindowPlan) -> str | None:
@@ -398,7 +399,7 @@ def chunks_under_the_roi(plan: WindowPlan) -> str | None:
         return None
     return (f"output.chunks {under[0]} is smaller than inference.roi_size {list(plan.roi)}: "
             f"{under[1]} chunks for {plan.n_windows} window(s), each with Dask's own cost; "
-            "chunks of at least the roi (default 2048) run faster")  # fmt: skip
+            f"chunks of at least the roi (default {DEFAULT_CHUNKS}) run faster")  # fmt: skip
 
 
 LARGE_WINDOW = 1 << 22  # pixels or voxels of one window (2048^2, 161^3), past which padding is worth a word
