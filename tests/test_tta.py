@@ -1,5 +1,6 @@
-"""Test-time augmentation by flips: the reference is the mean of MONAI's activated sliding-window results
-over the flipped inputs, each flipped back (as nnU-Net v1 averaged the softmax of its mirrored patches)."""
+"""Test-time augmentation by flips.  ``tta_mode: image`` (the default): the reference is the mean of MONAI's
+activated sliding-window results over the flipped inputs, each flipped back.  ``tta_mode: patch``: MONAI's sliding
+window over a predictor that averages each window's logits over its flips (nnU-Net v2's mirroring)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,22 @@ def monai_mirrored(image: np.ndarray, net, roi, flips, mean, std, overlap=0.25) 
             logits = sliding_window_inference(flipped, roi, 4, net, overlap=overlap, mode="gaussian")
             total = total + torch.softmax(torch.flip(logits, dims) if dims else logits, 1)
     return (total / len(flips))[0].numpy()
+
+
+def monai_patch_mirrored(image: np.ndarray, net, roi, flips, mean, std, overlap=0.25) -> np.ndarray:
+    """softmax(sliding_window_inference(x)) over a predictor that averages each window's logits over ``flips``,
+    each flipped back: nnU-Net v2's mirroring (``_internal_maybe_mirror_and_predict``) inside MONAI's window."""
+    x = torch.from_numpy(((image.astype(np.float32) - np.float32(mean)) / np.float32(std))[None])
+
+    def predict(window):
+        total = 0
+        for axes in flips:
+            dims = [a + 2 for a in axes]
+            total = total + (torch.flip(net(torch.flip(window, dims)), dims) if dims else net(window))
+        return total / len(flips)
+
+    with torch.inference_mode():
+        return torch.softmax(sliding_window_inference(x, roi, 4, predict, overlap=overlap, mode="gaussian"), 1)[0].numpy()
 
 
 def test_mirrored_grid_differs_where_monai_s_does():
@@ -73,6 +90,37 @@ def test_listed_flips_of_a_raster_without_probabilities(make_raster, make_model,
     labels_only = Workflow.from_dict(workflow, ["output.probabilities=none", "output.path=out/only.zarr"], base_dir=tmp_path)
     (result,) = tilemask.run(labels_only, client)
     np.testing.assert_array_equal(zarr.open_group(result.outputs[0], mode="r")["labels"][:], labels)
+
+
+def test_patch_mirroring_averages_each_window_s_logits(make_volume, make_model, tmp_path, client):
+    """``tta_mode: patch`` (nnU-Net v2's mirroring): one grid of windows, each window's outputs averaged over its
+    flips before weighting and one softmax; another answer than the mean of the flipped images' softmax."""
+    path, volume = make_volume((45, 29, 19))  # where the flipped images' grids differ: the modes part there
+    weights, net = make_model(UNET_3D)
+    workflow = volume_workflow(path, weights, {"batch_size": 5, "tta": "flips", "tta_mode": "patch"}, {"chunks": 17})
+    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    flips = [axes for n in range(4) for axes in itertools.combinations(range(3), n)]
+    expected = monai_patch_mirrored(volume[None], net, (24, 24, 24), flips, 500.0, 300.0)
+    probabilities = np.moveaxis(nib.load(result.outputs[1]).get_fdata(dtype=np.float32), -1, 0)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-4)
+    assert np.abs(monai_mirrored(volume[None], net, (24, 24, 24), flips, 500.0, 300.0) - expected).max() > 1e-3
+    labels = np.asarray(nib.load(result.outputs[0]).dataobj)
+    top2 = np.sort(expected, axis=0)[-2:]
+    assert np.all((labels == expected.argmax(0)) | (top2[1] - top2[0] < 1e-4))
+
+
+def test_patch_mirroring_of_a_raster_labels_only(make_raster, make_model, tmp_path, client):
+    """Labels alone come from the one blend's sums, no weights kept, as without flips."""
+    path, image = make_raster((3, 150, 203))
+    weights, net = make_model()
+    workflow = raster_workflow(path, weights, inference={"tta": [[0], [0, 1]], "tta_mode": "patch"})
+    labels_only = Workflow.from_dict(workflow, ["output.probabilities=none", "output.chunks=70"], base_dir=tmp_path)
+    (result,) = tilemask.run(labels_only, client)
+    labels = zarr.open_group(result.outputs[0], mode="r")["labels"][:]
+    expected = monai_patch_mirrored(image, net, (64, 64), [(), (0,), (0, 1)], 127.0, 60.0)
+    top2 = np.sort(expected, axis=0)[-2:]
+    assert np.all((labels == expected.argmax(0)) | (top2[1] - top2[0] < 1e-4))
+    assert (labels != monai_mirrored(image, net, (64, 64), [()], 127.0, 60.0).argmax(0)).sum() > 0
 
 
 def test_flip_axes_are_checked(make_model, tmp_path):

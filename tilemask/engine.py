@@ -119,7 +119,7 @@ class Shared:
 def predict(block: Block, shared: Shared) -> Partial:
     from .inference import predict_block
 
-    keep_weights = shared.finishing.needs_weights(len(shared.settings.flips))
+    keep_weights = shared.finishing.needs_weights(shared.settings.blends)
     return predict_block(block, shared.source, shared.model, shared.settings, shared.preprocessing, keep_weights)
 
 def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int, windows: int | None = None,

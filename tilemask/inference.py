@@ -148,7 +148,7 @@ def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int, 
 
 def _accumulate(network, image, ready, windows, origin, shape, settings: InferenceSettings, device, block: Block,
                 keep_weights: bool = True):  # fmt: skip
-    """``(sum w * pred, sum w, finite, starts, done)`` over the block's extent, per flip, windows in MONAI's
+    """``(sum w * pred, sum w, finite, starts, done)`` over the block's extent, per blend, windows in MONAI's
     order (:func:`_sums`; ``sum w`` None unless ``keep_weights``); on a GPU computed on the compute stream once
     the image's copy is ``ready``, and ``done`` is the event after it."""
     if device.type != "cuda":
@@ -165,7 +165,8 @@ def _accumulate(network, image, ready, windows, origin, shape, settings: Inferen
 
 def _sums(network, image, windows, origin, shape, settings: InferenceSettings, device, block: Block,
           keep_weights: bool = True):  # fmt: skip
-    """``(sum w * pred, sum w, finite, starts)`` over the block's extent, per flip, on the image's device and
+    """``(sum w * pred, sum w, finite, starts)`` over the block's extent, per blend (one per flip, or one for
+    ``tta_mode: patch``: :attr:`~tilemask.settings.InferenceSettings.blends`), on the image's device and
     current stream (``sum w`` None unless ``keep_weights``); ``finite[i]``: whether the prediction of the window
     at ``starts[i]`` (or a flip of it) holds only finite values, on the device too, so that checking it waits for
     the device once a block."""
@@ -173,8 +174,11 @@ def _sums(network, image, windows, origin, shape, settings: InferenceSettings, d
     flips = settings.flips
     weight = importance_map(settings.roi, settings.mode, settings.sigma_scale, device)
     weighted = None
-    weights = torch.zeros((len(flips), *shape), dtype=torch.float32, device=device) if keep_weights else None
+    weights = torch.zeros((settings.blends, *shape), dtype=torch.float32, device=device) if keep_weights else None
     flipped_weight = [torch.flip(weight, list(axes)) if axes else weight for axes in flips]
+    # nnU-Net v2's mirroring (tta_mode patch): a window's outputs, each flipped back, averaged over its flips and
+    # weighted by the unflipped weight, all into one blend; with MONAI's flipped images, each flip's own blend
+    mirrored_weight = weight / len(flips) if settings.tta_mode == "patch" else None
     items = [(start, f) for start in windows for f in block.flips_of(start, flips)]
     finite = []
     began, began_cpu = time.perf_counter(), time.thread_time()
@@ -191,7 +195,13 @@ def _sums(network, image, windows, origin, shape, settings: InferenceSettings, d
                 finite.append(torch.isfinite((prediction.flatten(1) * 0).sum(1)))
                 if weighted is None:
                     channels = prediction.shape[1]
-                    weighted = torch.zeros((len(flips), channels, *shape), dtype=torch.float32, device=device)
+                    weighted = torch.zeros((settings.blends, channels, *shape), dtype=torch.float32, device=device)
+                if mirrored_weight is not None:
+                    for s, p, (_, f) in zip(slices, prediction, batch):
+                        weighted[(0, slice(None), *s)] += _flip(p, flips[f]) * mirrored_weight
+                        if weights is not None and not flips[f]:
+                            weights[(0, *s)] += weight
+                    continue
                 # On a GPU the batch's products in one kernel; on the CPU window by window, each added while in
                 # cache (a batch's products likely leave it first: 2.7-3.3 against 2.1-2.2 ms a batch of 8 x 256^2).
                 products = prediction * weight if device.type == "cuda" else (p * weight for p in prediction)

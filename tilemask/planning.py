@@ -319,6 +319,7 @@ def plan_model(workflow: Workflow) -> WorkflowPlan:
             batch_size=inference.batch_size,
             device=inference.device,
             flips=inference.flips,
+            tta_mode=inference.tta_mode,
             backend=inference.backend,
             precision=inference.precision,
         ),
@@ -429,7 +430,8 @@ def _plan_input(workflow: Workflow, item: InputItem, spatial_dims: int) -> Input
     for_output(output).check_input(output, source if grid else network_source)
     _check_postprocess_units(workflow, source if grid else network_source)
     inference = workflow.inference
-    mirrored = sorted({axis for axes in inference.flips for axis in axes})
+    # a flip of the whole image has its own grid of windows; nnU-Net's mirrors each window of the one grid
+    mirrored = sorted({axis for axes in inference.flips for axis in axes}) if inference.tta_mode == "image" else []
     plan = WindowPlan.build(
         network_source.spatial_shape, inference.roi_size, inference.overlap, workflow.output.chunks, mirrored
     )

@@ -87,9 +87,16 @@ class InferenceSettings:
     batch_size: int = 8
     device: str = "auto"
     flips: tuple[tuple[int, ...], ...] = ((),)  # test-time augmentation: the spatial axes each pass flips
+    tta_mode: str = "image"  # image: a blend per flip, each on its own grid | patch: one, the flips' outputs averaged
     backend: str = "auto"  # auto | torch | torch-mkldnn | openvino | onnxruntime (tilemask.backends)
     precision: str = "float32"  # float32 | bfloat16 | float16: the forward passes under torch.autocast
     measure: bool = True  # auto may measure the backends it has no verdict for (a job too small to repay it: not)
+
+    @property
+    def blends(self) -> int:
+        """How many blends the sums hold: one per flip (``tta_mode: image``), or one (``patch``: nnU-Net v2's
+        mirroring averages each window's outputs over its flips, on one grid of windows)."""
+        return len(self.flips) if self.tta_mode == "image" else 1
 
 
 @dataclass(frozen=True)
@@ -103,9 +110,9 @@ class Finishing:
     probabilities: str  # none | float32 | uint8
     nodata: int | None = None  # label of invalid input pixels
 
-    def needs_weights(self, flips: int) -> bool:
+    def needs_weights(self, blends: int) -> bool:
         """Whether a chunk needs the sums of its windows' weights besides the weighted sums: to divide by them
-        (probabilities, the mean over test-time flips) or to compare a sigmoid's sums with its threshold.  Labels
+        (probabilities, the mean of several ``blends``) or to compare a sigmoid's sums with its threshold.  Labels
         by argmax need only the weighted sums (:func:`tilemask.finalize.labels_from_sums`), so the blocks of such
         a job add up no weights (a third of the sums of a 2-class network)."""
-        return self.probabilities != "none" or flips > 1 or self.activation == "sigmoid"
+        return self.probabilities != "none" or blends > 1 or self.activation == "sigmoid"

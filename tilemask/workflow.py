@@ -179,6 +179,10 @@ class Inference(_Strict):
     tta: Literal["none", "flips"] | list[list[Annotated[int, NotBool, Field(ge=0)]]] = Field(
         default="none", description="test-time augmentation: flips (all axis flips) or a list of flips to add"
     )
+    tta_mode: Literal["image", "patch"] = Field(
+        default="image", description="image: each flip a sliding window over the flipped image, the activated results "
+        "averaged; patch: nnU-Net v2's mirroring, each window's outputs averaged over its flips before weighting"
+    )
 
     @property
     def flips(self) -> tuple[tuple[int, ...], ...]:
