@@ -4,8 +4,10 @@ Builds a real nnU-Net v2 results folder: a raw dataset of one case (nibabel's ``
 33 x 41 x 25 at 2 mm, with a label image thresholded from it), nnU-Net's fingerprint extraction and
 ``ExperimentPlanner`` write ``plans.json`` and ``dataset.json``; a network built by nnU-Net's
 ``get_network_from_plans`` with nnU-Net's random initialization is saved as ``fold_0/checkpoint_final.pth`` in
-the structure ``nnUNetTrainer.save_checkpoint`` writes.  Then nnU-Net predicts the case (``use_mirroring`` off,
-tile step 0.5, gaussian) and tilemask runs the folder; the labels are compared voxel by voxel.
+the structure ``nnUNetTrainer.save_checkpoint`` writes.  Then nnU-Net predicts the case (tile step 0.5, gaussian,
+mirroring as ``nnUNetPredictor`` does by default, or off with ``--no-mirroring``) and tilemask runs the folder (its
+defaults, which mirror as nnU-Net does; ``inference.tta: none`` with ``--no-mirroring``); the labels are compared
+voxel by voxel.
 
 nnU-Net is not a tilemask dependency (it pins its own stack): install it beside, without touching the venv:
 
@@ -44,6 +46,8 @@ def main() -> None:
                         "so nnU-Net's crop to the nonzero voxels' bounding box keeps the whole scan")
     parser.add_argument("--patch", type=int, nargs=3, default=None, help="plans.json's patch size (several windows)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-mirroring", dest="mirroring", action="store_false",
+                        help="both sides without mirroring (nnUNetv2_predict --disable_tta, tilemask's tta: none)")
     parser.add_argument("--keep", default=None, help="a folder to build in (kept), else a temporary one")
     args = parser.parse_args()
     root = Path(args.keep or tempfile.mkdtemp(prefix="nnunet_fidelity_"))
@@ -51,8 +55,8 @@ def main() -> None:
                       nnUNet_results=str(root / "results"))  # fmt: skip
     folder = build(root, args)
     case_dir = root / "imagesTs"
-    ours = run_tilemask(root, folder, case_dir)
-    theirs = run_nnunet(root, folder, case_dir)
+    ours = run_tilemask(root, folder, case_dir, args.mirroring)
+    theirs = run_nnunet(root, folder, case_dir, args.mirroring)
     a, b = np.asarray(nib.load(ours).dataobj), np.asarray(nib.load(theirs).dataobj)
     assert a.shape == b.shape, (a.shape, b.shape)
     apart = int((a != b).sum())
@@ -117,11 +121,11 @@ def build(root: Path, args) -> Path:
     return folder
 
 
-def run_nnunet(root: Path, folder: Path, cases: Path) -> Path:
+def run_nnunet(root: Path, folder: Path, cases: Path, mirroring: bool) -> Path:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
                                 perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
                                 allow_tqdm=False)  # fmt: skip
     predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0,), checkpoint_name="checkpoint_final.pth")
@@ -131,12 +135,13 @@ def run_nnunet(root: Path, folder: Path, cases: Path) -> Path:
     return out / "anat_001.nii.gz"
 
 
-def run_tilemask(root: Path, folder: Path, cases: Path) -> Path:
+def run_tilemask(root: Path, folder: Path, cases: Path, mirroring: bool) -> Path:
     workflow = root / "workflow.yaml"
     workflow.write_text(json.dumps({
         "version": 1, "input": {"channels": [str(cases / "{case}_0000.nii.gz")]},
         "model": {"nnunet": str(folder), "fold": 0},
-        "inference": {"device": "cpu"}, "output": {"path": str(root / "tilemask_out" / "{stem}.nii.gz")},
+        "inference": {"device": "cpu", **({} if mirroring else {"tta": "none"})},
+        "output": {"path": str(root / "tilemask_out" / "{stem}.nii.gz")},
     }))  # fmt: skip
     subprocess.run([sys.executable, "-m", "tilemask", "run", str(workflow)], check=True)
     return root / "tilemask_out" / "anat_001.nii.gz"

@@ -44,10 +44,11 @@ def _fitted(sd: dict) -> torch.nn.Module:
     return net
 
 
-def nnunet_checkpoint(sd: dict, build, example: torch.Tensor) -> dict:
+def nnunet_checkpoint(sd: dict, build, example: torch.Tensor, mirroring: tuple[int, ...] | None = (0, 1)) -> dict:
     """What nnU-Net v2's ``nnUNetTrainer.save_checkpoint`` writes (nnunetv2 2.x, ``checkpoint_final.pth``): the
     weights beside the optimizer's state, the logger's numpy floats, the EMA Dice as a numpy float32 and the
-    init arguments with a ``torch.device`` (what a real one from nnunetv2 2.8.1 held, read with weights_only=False).
+    init arguments with a ``torch.device`` (what a real one from nnunetv2 2.8.1 held, read with weights_only=False),
+    and the axes its trainer mirrors at inference (a 2D trainer's by default).
     ``build()`` makes a network that ``sd`` fits, trained one step on ``example`` for the optimizer's state."""
     net = build()
     net.load_state_dict(sd)
@@ -62,7 +63,7 @@ def nnunet_checkpoint(sd: dict, build, example: torch.Tensor) -> dict:
         "_best_ema": np.float32(0.42), "current_epoch": 1000,
         "init_args": {"plans": {"dataset_name": "Dataset001_Toy"}, "configuration": "2d", "fold": "all",
                       "dataset_json": {"labels": {"background": 0, "organ": 1}}, "device": torch.device("cpu")},
-        "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1),
+        "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": mirroring,
     }  # fmt: skip
 
 

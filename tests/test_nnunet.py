@@ -6,10 +6,13 @@ with its ``nnUNetPredictor``."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -56,9 +59,10 @@ def scan() -> tuple[str, np.ndarray]:
     return path, np.asarray(nib.load(path).dataobj)
 
 
-def results_folder(root, data: np.ndarray, plans_edit=None, dataset_edit=None, folds=(0,)):
+def results_folder(root, data: np.ndarray, plans_edit=None, dataset_edit=None, folds=(0,), mirroring=(0, 1, 2)):
     """An nnU-Net v2 results folder as training leaves it: plans.json and dataset.json as nnU-Net's planner and
-    dataset conversion write them, a seeded AxisNet saved per fold as ``checkpoint_final.pth``."""
+    dataset conversion write them, a seeded AxisNet saved per fold as ``checkpoint_final.pth`` with the network
+    axes its trainer mirrors at inference (``nnUNetTrainer``'s for 3D: all three)."""
     foreground = data[data > np.percentile(data, 60)].astype(np.float64)
     properties = {"max": float(foreground.max()), "mean": float(foreground.mean()), "median": float(np.median(foreground)),
                   "min": float(foreground.min()), "percentile_00_5": float(np.percentile(foreground, 0.5)),
@@ -92,7 +96,7 @@ def results_folder(root, data: np.ndarray, plans_edit=None, dataset_edit=None, f
     net = build(3).eval()
     for fold in folds:
         (folder / f"fold_{fold}").mkdir()
-        torch.save(nnunet_checkpoint(net.state_dict(), lambda: build(3), torch.zeros(1, 1, 8, 8, 8)),
+        torch.save(nnunet_checkpoint(net.state_dict(), lambda: build(3), torch.zeros(1, 1, 8, 8, 8), mirroring),
                    folder / f"fold_{fold}" / "checkpoint_final.pth")  # fmt: skip
     return folder, plans, net
 
@@ -102,10 +106,29 @@ def build(classes: int) -> AxisNet:
                    torch.nn.LeakyReLU, {"inplace": True})  # fmt: skip
 
 
-def nnunet_steps(path: str, plans: dict, net: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
+def mirrored(net: torch.nn.Module, mirror_axes: tuple[int, ...] | None):
+    """nnU-Net v2's ``_internal_maybe_mirror_and_predict``: a patch's logits, averaged with those of the patch
+    flipped along each combination of ``mirror_axes`` (spatial axes of the network), each flipped back."""
+    if not mirror_axes:
+        return net
+    dims = [a + 2 for a in mirror_axes]
+    combinations = [c for i in range(len(dims)) for c in itertools.combinations(dims, i + 1)]
+
+    def predict(x):
+        prediction = net(x)
+        for axes in combinations:
+            prediction += torch.flip(net(torch.flip(x, axes)), axes)
+        return prediction / (len(combinations) + 1)
+
+    return predict
+
+
+def nnunet_steps(path: str, plans: dict, net: torch.nn.Module,
+                 mirror_axes: tuple[int, ...] | None = (0, 1, 2)) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """nnU-Net's prediction, redone: SimpleITK's array (axes k, j, i), transposed by ``transpose_forward``,
     CTNormalization (clip to the percentiles, then the foreground's mean and std), MONAI's gaussian sliding window
-    half a patch apart; labels and the margin between the two best probabilities, both on tilemask's axes."""
+    half a patch apart over nnU-Net's mirrored predictor (:func:`mirrored`); labels and the margin between the two
+    best probabilities, both on tilemask's axes."""
     import SimpleITK as sitk
     from monai.inferers import sliding_window_inference
 
@@ -113,8 +136,8 @@ def nnunet_steps(path: str, plans: dict, net: torch.nn.Module) -> tuple[np.ndarr
     p = plans["foreground_intensity_properties_per_channel"]["0"]
     array = (np.clip(array, p["percentile_00_5"], p["percentile_99_5"]) - p["mean"]) / p["std"]
     with torch.no_grad():
-        logits = sliding_window_inference(torch.from_numpy(array)[None, None], PATCH, 4, net, overlap=0.5,
-                                          mode="gaussian", sigma_scale=0.125)  # fmt: skip
+        logits = sliding_window_inference(torch.from_numpy(array)[None, None], PATCH, 4, mirrored(net, mirror_axes),
+                                          overlap=0.5, mode="gaussian", sigma_scale=0.125)  # fmt: skip
     probabilities = torch.softmax(logits, 1)[0].numpy()
     back = [0, *(1 + a for a in np.argsort(plans["transpose_forward"]))]  # network axes -> SimpleITK's
     probabilities = probabilities.transpose(back).transpose(0, 3, 2, 1)  # -> (C, i, j, k)
@@ -124,8 +147,9 @@ def nnunet_steps(path: str, plans: dict, net: torch.nn.Module) -> tuple[np.ndarr
 
 def test_results_folder_runs_as_nnunet_predicts(tmp_path, client):
     """plans.json's network, patch, spacing, CTNormalization and transpose, dataset.json's classes and channels and
-    fold 0's checkpoint give nnU-Net's labels on a real scan, voxel for voxel (but for float ties); the class names
-    are dataset.json's."""
+    fold 0's checkpoint give nnU-Net's labels on a real scan, voxel for voxel (but for float ties), mirrored by
+    default as ``nnUNetPredictor`` mirrors (each patch along the checkpoint's axes, logits averaged); the class
+    names are dataset.json's."""
     path, data = scan()
     folder, plans, net = results_folder(tmp_path, data)
     workflow = {"version": 1, "input": path, "model": {"nnunet": str(folder), "fold": 0},
@@ -133,6 +157,7 @@ def test_results_folder_runs_as_nnunet_predicts(tmp_path, client):
     parsed = Workflow.from_dict(workflow, base_dir=tmp_path)
     assert parsed.inference.roi_size == [16, 16, 24]  # (i, j, k): the network's axes are (i, k, j)
     assert parsed.classes == ["background", "grey", "bright"]
+    assert len(parsed.inference.flips) == 8 and parsed.inference.tta_mode == "patch"
     (result,) = tilemask.run(parsed, client)
     ours = np.asarray(nib.load(result.outputs[0]).dataobj)
     theirs, margin = nnunet_steps(path, plans, net)
@@ -140,6 +165,8 @@ def test_results_folder_runs_as_nnunet_predicts(tmp_path, client):
     apart = ours != theirs
     assert np.bincount(theirs.ravel(), minlength=3).min() > 1000  # all three classes are there to get wrong
     assert apart.sum() == 0 or margin[apart].max() < 1e-5, f"{apart.sum()} voxels apart, not ties"
+    unmirrored, _ = nnunet_steps(path, plans, net, None)
+    assert (unmirrored != theirs).sum() > 100  # mirroring changes the answer: the test can fail
     assert (tmp_path / "out" / "anatomical.colors.csv").read_text().count("grey") == 1
 
 
@@ -278,3 +305,34 @@ def test_inherited_configuration_and_ignore_label(tmp_path):
     assert parsed.preprocess.spacing == [4.0, 2.5, 3.0]  # (i, j, k) from the network's (i, k, j)
     assert parsed.inference.roi_size == [16, 16, 24] and parsed.preprocess.intensity.clip
     assert parsed.classes == ["background", "grey", "bright"] and parsed.model.args["num_classes"] == 3
+
+
+@pytest.mark.parametrize("saved, flips", [
+    ((0, 1, 2), 8),  # nnUNetTrainer's: every combination of the three axes, the unflipped pass included
+    ((1,), 2),  # network axis 1 is tilemask's axis 2 (transpose_forward [2, 0, 1])
+    (None, 1),  # what a NoMirroring trainer saves: no mirroring
+])  # fmt: skip
+def test_mirroring_follows_the_checkpoint_and_the_workflow_overrides_it(tmp_path, saved, flips):
+    """The checkpoint's ``inference_allowed_mirroring_axes`` (read without running any of its pickle) give the
+    default flips on tilemask's axes; ``inference.tta`` in the workflow wins."""
+    _, data = scan()
+    folder, _, _ = results_folder(tmp_path, data, mirroring=saved)
+    raw = {"version": 1, "input": "x.nii.gz", "model": {"nnunet": str(folder)}, "output": {"path": "o.nii.gz"}}
+    inference = Workflow.from_dict(raw).inference
+    assert len(inference.flips) == flips
+    if saved == (1,):
+        assert inference.flips == ((), (2,)) and inference.tta_mode == "patch"
+    assert Workflow.from_dict({**raw, "inference": {"tta": "none"}}).inference.flips == ((),)
+
+
+def test_reading_a_results_folder_imports_no_torch(tmp_path):
+    """The client reads plans.json, dataset.json and the checkpoint's mirroring axes without torch (a command's
+    client never imports it); the network the workers build is still ``tilemask.nnunet:NnUNetNetwork``."""
+    _, data = scan()
+    folder, _, _ = results_folder(tmp_path, data, mirroring=(0,))
+    script = ("import json, sys\nfrom tilemask.workflow import Workflow\n"
+              f"w = Workflow.from_dict({{'version': 1, 'input': 'x.nii.gz', 'model': {{'nnunet': {str(folder)!r}}}, "
+              "'output': {'path': 'o.nii.gz'}})\n"
+              "print(json.dumps([w.model.network, w.inference.tta, 'torch' in sys.modules]))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(done.stdout) == ["tilemask.nnunet:NnUNetNetwork", [[0]], False]

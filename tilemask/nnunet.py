@@ -24,12 +24,13 @@ readers that reorient.
 
 from __future__ import annotations
 
-import functools
+import itertools
 import json
+import logging
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from .errors import WorkflowError, first_line
 
@@ -72,14 +73,85 @@ def nnunet_defaults(folder: Path, fold: int | str | None, checkpoint: str | None
     spacing = [float(s) for s in config.get("spacing") or []]
     if len(spacing) != 3:
         raise WorkflowError(f"{KEY}: plans.json: configuration {name} has spacing {spacing}, not 3 values")
+    weights = _weights(folder, fold, checkpoint)
     return {
         "classes": classes,
-        "model": {"network": f"{__name__}:NnUNetNetwork", "args": args,
-                  "weights": str(_weights(folder, fold, checkpoint))},  # fmt: skip
+        "model": {"network": f"{__name__}:NnUNetNetwork", "args": args, "weights": str(weights)},
         "preprocess": {"spacing": _tilemask_order(spacing, axes), **_normalization(plans, config, name, channels)},
         "inference": {"roi_size": _tilemask_order(patch, axes), "overlap": OVERLAP, "mode": "gaussian",
-                      "sigma_scale": 0.125, "activation": "softmax"},  # fmt: skip
+                      "sigma_scale": 0.125, "activation": "softmax", **_mirroring(weights, axes)},  # fmt: skip
     }
+
+
+def _mirroring(weights: Path, axes: list[int]) -> dict[str, Any]:
+    """``inference.tta`` and ``tta_mode`` as ``nnUNetPredictor`` mirrors by default: each window flipped along
+    every combination of the checkpoint's ``inference_allowed_mirroring_axes`` (network axes: tilemask's
+    ``axes[n]``), its logits averaged (``tta_mode: patch``).  Unread (not a zip checkpoint, no such key), the
+    axes of nnU-Net's own trainer, all three."""
+    mirror = _allowed_mirroring_axes(weights)
+    if mirror is None:
+        return {"tta": "none"}
+    flips = [sorted(axes[n] for n in combination) for k in range(1, len(mirror) + 1)
+             for combination in itertools.combinations(mirror, k)]  # fmt: skip
+    return {"tta": flips, "tta_mode": "patch"} if flips else {"tta": "none"}
+
+
+class _Inert:
+    """What :class:`_CheckpointKeys` builds for any class or function a checkpoint's pickle names: nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+class _Dict(dict):
+    """An ``OrderedDict`` of the checkpoint's (a state_dict's ``_metadata`` is its state, dropped)."""
+
+    def __setstate__(self, state):
+        pass
+
+
+class _CheckpointKeys(pickle.Unpickler):
+    """A torch checkpoint's ``data.pkl`` read for its plain values (dicts, tuples, numbers, strings) without
+    torch: every global it names is :class:`_Inert` (nothing of the file's is imported or run), tensors' storages
+    are None, and ``OrderedDict`` is a dict."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return _Dict if (module, name) == ("collections", "OrderedDict") else _Inert
+
+    def persistent_load(self, pid: Any) -> None:
+        return None
+
+
+NNUNET_TRAINER_MIRRORING = (0, 1, 2)  # nnUNetTrainer's inference_allowed_mirroring_axes for a 3D configuration
+
+
+def _allowed_mirroring_axes(weights: Path) -> tuple[int, ...] | None:
+    """The checkpoint's ``inference_allowed_mirroring_axes`` (None: no mirroring, as a ``NoMirroring`` trainer
+    saves it), read as :class:`_CheckpointKeys`; nnU-Net's own trainer's where it cannot be read."""
+    try:
+        with zipfile.ZipFile(weights) as archive:
+            (member,) = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+            checkpoint = _CheckpointKeys(archive.open(member)).load()
+        if "inference_allowed_mirroring_axes" not in checkpoint:
+            raise KeyError("inference_allowed_mirroring_axes")
+        allowed = checkpoint["inference_allowed_mirroring_axes"]
+        return None if allowed is None else tuple(sorted({int(a) for a in allowed if 0 <= int(a) < 3}))
+    except Exception as exc:  # noqa: BLE001 - a checkpoint torch reads may still be unreadable here: not an error
+        logging.getLogger(__name__).debug("%s: mirroring axes unread (%s: %s); nnU-Net's trainer's %s", weights,
+                                          type(exc).__name__, first_line(exc), NNUNET_TRAINER_MIRRORING)  # fmt: skip
+        return NNUNET_TRAINER_MIRRORING
 
 
 def _tilemask_order(values: list, axes: list[int]) -> list:
@@ -215,40 +287,12 @@ def _weights(folder: Path, fold: int | str | None, checkpoint: str | None) -> Pa
     return path
 
 
-class NnUNetNetwork(torch.nn.Module):
-    """nnU-Net's network (``network_class_name`` built with ``arch_kwargs``, as ``get_network_from_plans`` builds
-    it, deep supervision off), on tilemask's axes: its input's spatial axes permuted to nnU-Net's (network axis
-    ``n`` is tilemask's axis ``axes[n]``), its output's back.  The instance is of a subclass of nnU-Net's class,
-    so its state_dict is the checkpoint's."""
+def __getattr__(name: str) -> Any:
+    """``NnUNetNetwork``, the network the defaults name (``tilemask.nnunet:NnUNetNetwork``), from
+    :mod:`tilemask.nnunet_network` when a worker builds it: reading a results folder imports no torch (the
+    client does not)."""
+    if name == "NnUNetNetwork":
+        from .nnunet_network import NnUNetNetwork
 
-    def __new__(cls, network_class_name: str, axes: list[int], **kwargs):
-        from .imports import import_module
-
-        module_name, _, attribute = network_class_name.rpartition(".")
-        try:
-            base = getattr(import_module(module_name), attribute)
-        except (ImportError, AttributeError, ValueError) as exc:
-            package = module_name.split(".")[0]
-            hint = f" (install {package.replace('_', '-')} where the workers run)" if module_name else ""
-            raise WorkflowError(f"model.args.network_class_name: cannot import {network_class_name!r}: "
-                                f"{first_line(exc)}{hint}") from None  # fmt: skip
-        if not (isinstance(base, type) and issubclass(base, torch.nn.Module)):
-            raise WorkflowError(f"model.args.network_class_name: {network_class_name} is not a torch.nn.Module class")
-        return _on_tilemask_axes(base)(axes, **kwargs)
-
-
-@functools.cache
-def _on_tilemask_axes(base: type[torch.nn.Module]) -> type[torch.nn.Module]:
-    class Permuted(base):
-        def __init__(self, axes, **kwargs):
-            super().__init__(**kwargs)
-            self.tilemask_axes = tuple(int(a) for a in axes)
-
-        def forward(self, x):
-            lead = x.ndim - len(self.tilemask_axes)
-            order = (*range(lead), *(lead + a for a in self.tilemask_axes))
-            back = (*range(lead), *(lead + order[lead:].index(lead + a) for a in range(len(self.tilemask_axes))))
-            return super().forward(x.permute(order)).permute(back)
-
-    Permuted.__name__ = Permuted.__qualname__ = f"{base.__name__}OnTilemaskAxes"
-    return Permuted
+        return NnUNetNetwork
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
