@@ -1624,3 +1624,32 @@ def test_a_scan_cut_short_is_left_out_not_paired_with_its_labels(tmp_path, serve
     assert [(o["path"], o["kind"], o.get("scan")) for o in outputs] == [("anatomical_labels.nii.gz", "labels", None)]
     assert any("anatomical.nii: left out of the catalog" in r.getMessage() and "truncated" in r.getMessage()
                for r in caplog.records), caplog.text  # fmt: skip
+
+
+def test_the_browser_copy_of_a_tilted_gantrys_labels_lies_where_simpleitk_puts_them(tmp_path):
+    """Labels of a tilted gantry's series (a sheared sform, the qform SimpleITK's grid of the series, as tilemask
+    writes them) keep both in the copy a browser is sent: its qform was nibabel's compromise of the sheared
+    affine, which ITK read 4.6 mm off the series at the far corner."""
+    import gzip
+
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    from tilemask.serve.volumes import browser_copy
+    from tilemask.sinks.nifti import unsheared
+
+    sform = np.array([[-0.7, 0.0, 0.0, 40.0], [0.0, -0.7, -2.5 * np.sin(np.radians(15)), -25.0],
+                      [0.0, 0.0, 2.5 * np.cos(np.radians(15)), 60.0], [0.0, 0.0, 0.0, 1.0]])  # fmt: skip
+    labels = nib.Nifti1Image(np.random.default_rng(0).integers(0, 3, (24, 20, 14), dtype=np.uint8), sform)
+    labels.set_qform(unsheared(sform), code=1)
+    labels.set_sform(sform, code=1)
+    nib.save(labels, tmp_path / "labels.nii.gz")
+    (tmp_path / "copy.nii").write_bytes(gzip.decompress(browser_copy(tmp_path / "labels.nii.gz", (0,))))
+
+    def grid(path):
+        image = sitk.ReadImage(str(path))
+        return np.array(image.GetOrigin()), np.array(image.GetDirection()), np.array(image.GetSpacing())
+
+    for ours, theirs in zip(grid(tmp_path / "copy.nii"), grid(tmp_path / "labels.nii.gz")):
+        np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    np.testing.assert_allclose(nib.load(tmp_path / "copy.nii").header.get_sform(), sform, atol=1e-6)

@@ -20,6 +20,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ..sinks.nifti import unsheared
+
 MAX_VOXELS = 256**3
 MAX_EDGE = 2048
 _CACHE: OrderedDict[tuple, bytes] = OrderedDict()
@@ -54,7 +56,7 @@ def browser_copy(path: Path, stamp: tuple) -> bytes:
     affine = img.affine @ np.diag([step] * spatial + [1.0] * (4 - spatial))
     small = nib.Nifti1Image(data, affine)
     small.header.set_xyzt_units(*img.header.get_xyzt_units())
-    small.set_qform(affine, code=int(img.header["qform_code"]) or 1)
+    small.set_qform(unsheared(affine), code=int(img.header["qform_code"]) or 1)  # a tilted gantry's: ITK's grid
     small.set_sform(affine, code=int(img.header["sform_code"]) or 1)
     raw = io.BytesIO()
     with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as out:
