@@ -313,8 +313,8 @@ def test_inherited_configuration_and_ignore_label(tmp_path):
     (None, 1),  # what a NoMirroring trainer saves: no mirroring
 ])  # fmt: skip
 def test_mirroring_follows_the_checkpoint_and_the_workflow_overrides_it(tmp_path, saved, flips):
-    """The checkpoint's ``inference_allowed_mirroring_axes`` (read without running any of its pickle) give the
-    default flips on tilemask's axes; ``inference.tta`` in the workflow wins."""
+    """The checkpoint's ``inference_allowed_mirroring_axes`` (read from its pickle's opcodes, nothing built) give
+    the default flips on tilemask's axes; ``inference.tta`` in the workflow wins."""
     _, data = scan()
     folder, _, _ = results_folder(tmp_path, data, mirroring=saved)
     raw = {"version": 1, "input": "x.nii.gz", "model": {"nnunet": str(folder)}, "output": {"path": "o.nii.gz"}}
@@ -323,6 +323,54 @@ def test_mirroring_follows_the_checkpoint_and_the_workflow_overrides_it(tmp_path
     if saved == (1,):
         assert inference.flips == ((), (2,)) and inference.tta_mode == "patch"
     assert Workflow.from_dict({**raw, "inference": {"tta": "none"}}).inference.flips == ((),)
+
+
+@pytest.mark.parametrize("edit, warned", [
+    (lambda checkpoint: checkpoint.pop("inference_allowed_mirroring_axes"), None),  # nnUNetPredictor: None
+    (lambda checkpoint: checkpoint.update(inference_allowed_mirroring_axes=(np.int64(0),)), "pickled as BINGET"),
+    (lambda checkpoint: checkpoint.update(inference_allowed_mirroring_axes=(0, 3)), "pickled as BININT1 3"),
+])  # fmt: skip
+def test_a_checkpoint_without_plain_mirroring_axes_mirrors_nothing(tmp_path, caplog, edit, warned):
+    """No ``inference_allowed_mirroring_axes``: no mirroring, as ``nnUNetPredictor`` reads it; one that is not a
+    tuple of the axes 0 to 2 (numpy integers, an axis 3): none either, and a warning says how to mirror."""
+    _, data = scan()
+    folder, _, net = results_folder(tmp_path, data)
+    checkpoint = nnunet_checkpoint(net.state_dict(), lambda: build(3), torch.zeros(1, 1, 8, 8, 8))
+    edit(checkpoint)
+    torch.save(checkpoint, folder / "fold_0" / "checkpoint_final.pth")
+    raw = {"version": 1, "input": "x.nii.gz", "model": {"nnunet": str(folder)}, "output": {"path": "o.nii.gz"}}
+    assert Workflow.from_dict(raw).inference.flips == ((),)
+    if warned:
+        assert warned in caplog.text and "no mirroring; set inference.tta to mirror" in caplog.text
+    else:
+        assert "mirror" not in caplog.text
+
+
+class _Touch:
+    """Pickled as a call of ``os.system`` that makes ``marker``: what a checkpoint with code in it does when loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_the_mirroring_axes_of_a_pickle_with_code_are_read_without_running_it(tmp_path):
+    """Reading the checkpoint's axes builds nothing of its pickle: a call of ``os.system`` in it does not run (the
+    workers' ``torch.load(weights_only=True)`` then refuses the file)."""
+    import pickle
+    import zipfile
+
+    _, data = scan()
+    folder, _, _ = results_folder(tmp_path, data)
+    marker = tmp_path / "ran"
+    payload = pickle.dumps({"inference_allowed_mirroring_axes": (2,), "init_args": _Touch(marker)}, protocol=2)
+    with zipfile.ZipFile(folder / "fold_0" / "checkpoint_final.pth", "w") as archive:
+        archive.writestr("checkpoint_final/data.pkl", payload)
+    raw = {"version": 1, "input": "x.nii.gz", "model": {"nnunet": str(folder)}, "output": {"path": "o.nii.gz"}}
+    assert Workflow.from_dict(raw).inference.flips == ((), (1,))  # network axis 2 is tilemask's axis 1
+    assert not marker.exists()
 
 
 def test_reading_a_results_folder_imports_no_torch(tmp_path):

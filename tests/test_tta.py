@@ -110,7 +110,7 @@ def test_patch_mirroring_averages_each_window_s_logits(make_volume, make_model, 
 
 
 def test_patch_mirroring_of_a_raster_labels_only(make_raster, make_model, tmp_path, client):
-    """Labels alone come from the one blend's sums, no weights kept, as without flips."""
+    """Labels alone, from the one blend's sums (no weights needed, as without flips), are MONAI's."""
     path, image = make_raster((3, 150, 203))
     weights, net = make_model()
     workflow = raster_workflow(path, weights, inference={"tta": [[0], [0, 1]], "tta_mode": "patch"})

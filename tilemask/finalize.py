@@ -58,8 +58,8 @@ def with_invalid(
 
 
 def blend(weighted: np.ndarray, weights: np.ndarray, activation: str) -> np.ndarray:
-    """The activated blend of the windows; with test-time augmentation, each flip's, averaged (the mean of MONAI's
-    activated sliding-window results over the flips, as nnU-Net v1's mirroring; v2 averages the logits)."""
+    """The activated blend of the windows; with test-time augmentation by flipped images (``tta_mode: image``),
+    each flip's, averaged (the mean of MONAI's activated sliding-window results over the flips)."""
     flips = weights.shape[0]
     per_flip = weighted.reshape(flips, -1, *weights.shape[1:])
     per_flip /= weights[:, None]

@@ -57,7 +57,7 @@ def blend_and_label(
     per_flip = weighted.reshape(flips, channels, *weights.shape[1:])
     per_flip /= weights[:, None]
     probabilities = _activate(per_flip[0], finishing.activation)
-    if flips > 1:  # the mean of each flip's activated blend (nnU-Net v1's mirroring; v2 averages logits)
+    if flips > 1:  # the mean of each flipped image's activated blend (tta_mode: image)
         probabilities = probabilities.clone()
         for one in per_flip[1:]:
             probabilities += _activate(one, finishing.activation)

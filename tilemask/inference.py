@@ -7,7 +7,9 @@ batches of ``batch_size`` and accumulates ``w * pred`` and ``w`` exactly as
 ``compute_importance_map`` as ``w``.  With test-time augmentation each window
 also runs flipped, once for each flip whose (mirrored) grid holds it, as extra
 items of the same batches; its prediction and ``w`` are flipped back and summed
-into that flip's own planes (:mod:`tilemask.stitch`).  Reading happens on the Dask thread; the
+into that flip's own planes (:mod:`tilemask.stitch`).  With ``tta_mode: patch``
+(nnU-Net v2's mirroring) there is one grid and one blend: each window's flipped
+predictions, flipped back, are averaged into it before ``w``.  Reading happens on the Dask thread; the
 forward passes are called from the process's single compute thread (on the CPU, a batch of 2D windows in two
 halves on two threads of their own, the next batch queued behind it), so another Dask thread of the worker
 reads, blends and writes while the model computes.
@@ -178,7 +180,7 @@ def _sums(network, image, windows, origin, shape, settings: InferenceSettings, d
     flipped_weight = [torch.flip(weight, list(axes)) if axes else weight for axes in flips]
     # nnU-Net v2's mirroring (tta_mode patch): a window's outputs, each flipped back, averaged over its flips and
     # weighted by the unflipped weight, all into one blend; with MONAI's flipped images, each flip's own blend
-    mirrored_weight = weight / len(flips) if settings.tta_mode == "patch" else None
+    mirrored_weight = weight / len(flips) if settings.tta_mode == "patch" and len(flips) > 1 else None
     items = [(start, f) for start in windows for f in block.flips_of(start, flips)]
     finite = []
     began, began_cpu = time.perf_counter(), time.thread_time()

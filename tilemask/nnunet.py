@@ -24,10 +24,11 @@ readers that reorient.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import logging
-import pickle
+import pickletools
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -84,74 +85,72 @@ def nnunet_defaults(folder: Path, fold: int | str | None, checkpoint: str | None
 
 
 def _mirroring(weights: Path, axes: list[int]) -> dict[str, Any]:
-    """``inference.tta`` and ``tta_mode`` as ``nnUNetPredictor`` mirrors by default: each window flipped along
-    every combination of the checkpoint's ``inference_allowed_mirroring_axes`` (network axes: tilemask's
-    ``axes[n]``), its logits averaged (``tta_mode: patch``).  Unread (not a zip checkpoint, no such key), the
-    axes of nnU-Net's own trainer, all three."""
+    """``inference.tta`` and ``tta_mode`` as ``nnUNetPredictor`` mirrors: each window flipped along every
+    combination of the checkpoint's ``inference_allowed_mirroring_axes`` (network axes: tilemask's ``axes[n]``),
+    its logits averaged (``tta_mode: patch``); none where the checkpoint has no such key or says None."""
     mirror = _allowed_mirroring_axes(weights)
-    if mirror is None:
-        return {"tta": "none"}
-    flips = [sorted(axes[n] for n in combination) for k in range(1, len(mirror) + 1)
+    flips = [sorted(axes[n] for n in combination) for k in range(1, len(mirror or ()) + 1)
              for combination in itertools.combinations(mirror, k)]  # fmt: skip
     return {"tta": flips, "tta_mode": "patch"} if flips else {"tta": "none"}
 
 
-class _Inert:
-    """What :class:`_CheckpointKeys` builds for any class or function a checkpoint's pickle names: nothing."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-    def __setitem__(self, key, value):
-        pass
-
-    def append(self, value):
-        pass
-
-    def extend(self, values):
-        pass
-
-
-class _Dict(dict):
-    """An ``OrderedDict`` of the checkpoint's (a state_dict's ``_metadata`` is its state, dropped)."""
-
-    def __setstate__(self, state):
-        pass
-
-
-class _CheckpointKeys(pickle.Unpickler):
-    """A torch checkpoint's ``data.pkl`` read for its plain values (dicts, tuples, numbers, strings) without
-    torch: every global it names is :class:`_Inert` (nothing of the file's is imported or run), tensors' storages
-    are None, and ``OrderedDict`` is a dict."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        return _Dict if (module, name) == ("collections", "OrderedDict") else _Inert
-
-    def persistent_load(self, pid: Any) -> None:
-        return None
-
-
-NNUNET_TRAINER_MIRRORING = (0, 1, 2)  # nnUNetTrainer's inference_allowed_mirroring_axes for a 3D configuration
+MIRRORING_KEY = "inference_allowed_mirroring_axes"
+PICKLE_BYTES = 16 << 20  # the most of a checkpoint's pickle read for it (nnU-Net's: tens of kB, its tensors apart)
+_STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+_INTS = {"BININT", "BININT1", "BININT2", "INT", "LONG", "LONG1", "LONG4"}
+_SKIPPED = {"BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE", "MARK", "EMPTY_LIST"}  # around a tuple's or a list's items
+_ENDS = {"EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "APPEND", "APPENDS", "LIST"}
 
 
 def _allowed_mirroring_axes(weights: Path) -> tuple[int, ...] | None:
-    """The checkpoint's ``inference_allowed_mirroring_axes`` (None: no mirroring, as a ``NoMirroring`` trainer
-    saves it), read as :class:`_CheckpointKeys`; nnU-Net's own trainer's where it cannot be read."""
+    """The checkpoint's ``inference_allowed_mirroring_axes``: None (no mirroring) where it says None or has no such
+    key, as ``nnUNetPredictor`` reads it.  Read from the pickle's opcodes (:func:`pickletools.genops` decodes and
+    builds nothing: no code of the file's runs, in time and memory linear in at most :data:`PICKLE_BYTES`); a value
+    that is not a tuple of the axes 0, 1 and 2 is refused with a warning, and nothing is mirrored."""
     try:
-        with zipfile.ZipFile(weights) as archive:
-            (member,) = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-            checkpoint = _CheckpointKeys(archive.open(member)).load()
-        if "inference_allowed_mirroring_axes" not in checkpoint:
-            raise KeyError("inference_allowed_mirroring_axes")
-        allowed = checkpoint["inference_allowed_mirroring_axes"]
-        return None if allowed is None else tuple(sorted({int(a) for a in allowed if 0 <= int(a) < 3}))
-    except Exception as exc:  # noqa: BLE001 - a checkpoint torch reads may still be unreadable here: not an error
-        logging.getLogger(__name__).debug("%s: mirroring axes unread (%s: %s); nnU-Net's trainer's %s", weights,
-                                          type(exc).__name__, first_line(exc), NNUNET_TRAINER_MIRRORING)  # fmt: skip
-        return NNUNET_TRAINER_MIRRORING
+        return _mirroring_in_pickle(_checkpoint_pickle(weights))
+    except Exception as exc:  # noqa: BLE001 - torch may still read the file: tilemask only cannot mirror as it says
+        logging.getLogger(__name__).warning(
+            "%s: cannot read its %s (%s): no mirroring; set inference.tta to mirror (e.g. flips, with tta_mode: "
+            "patch)", weights, MIRRORING_KEY, first_line(exc) or type(exc).__name__)  # fmt: skip
+        return None
+
+
+def _checkpoint_pickle(weights: Path) -> bytes:
+    """The pickle of a torch checkpoint: the zip's ``<name>/data.pkl``, or a legacy file's bytes (several pickles
+    in a row), at most :data:`PICKLE_BYTES`."""
+    if not zipfile.is_zipfile(weights):
+        with open(weights, "rb") as f:
+            return f.read(PICKLE_BYTES)
+    with zipfile.ZipFile(weights) as archive:
+        (member,) = [i for i in archive.infolist() if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
+        if member.file_size > PICKLE_BYTES:
+            raise ValueError(f"its pickle is {member.file_size:,} bytes, over {PICKLE_BYTES:,}")
+        with archive.open(member) as f:
+            return f.read(PICKLE_BYTES)
+
+
+def _mirroring_in_pickle(data: bytes) -> tuple[int, ...] | None:
+    """The value pickled after the string :data:`MIRRORING_KEY` in ``data``: None, or a tuple (or list) of the
+    axes 0, 1, 2; None when no pickle in ``data`` holds the key."""
+    stream = io.BytesIO(data)
+    while stream.tell() < len(data):
+        ops = pickletools.genops(stream)
+        if any(op.name in _STRINGS and arg == MIRRORING_KEY for op, arg, _ in ops):
+            break
+    else:
+        return None
+    values = []
+    for op, arg, _ in ops:
+        if op.name == "NONE" and not values:
+            return None
+        if op.name in _INTS and isinstance(arg, int) and 0 <= arg < 3:
+            values.append(arg)
+        elif op.name in _ENDS:
+            return tuple(sorted(set(values)))
+        elif op.name not in _SKIPPED:
+            raise ValueError(f"{MIRRORING_KEY} is pickled as {op.name} {arg!r}, not a tuple of the axes 0, 1, 2")
+    raise ValueError(f"the pickle ends within {MIRRORING_KEY}")
 
 
 def _tilemask_order(values: list, axes: list[int]) -> list:

@@ -96,7 +96,7 @@ class InferenceSettings:
     def blends(self) -> int:
         """How many blends the sums hold: one per flip (``tta_mode: image``), or one (``patch``: nnU-Net v2's
         mirroring averages each window's outputs over its flips, on one grid of windows)."""
-        return len(self.flips) if self.tta_mode == "image" else 1
+        return 1 if self.tta_mode == "patch" else len(self.flips)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """Overlap-add of weighted partial sums.
 
 An output voxel is ``sum_w(w * pred) / sum_w(w)`` over the windows covering it
-(MONAI's blending).  With test-time augmentation there is one such blend per
-flip (each flip is its own MONAI run), so the sums carry a leading flip axis:
-``weighted`` holds ``flips x channels`` planes, ``weights`` one per flip.  Each
+(MONAI's blending).  With test-time augmentation by flipped images there is one
+such blend per flip (each flip is its own MONAI run), so the sums carry a leading
+blend axis: ``weighted`` holds ``blends x channels`` planes, ``weights`` one per
+blend (one blend without flips, or with nnU-Net's mirroring of each window:
+:attr:`~tilemask.settings.InferenceSettings.blends`).  Each
 inference block returns the sums over its own region (:class:`Partial`: ``weights``
 None where labels alone are written, :meth:`~tilemask.settings.Finishing.needs_weights`); a
 chunk adds the parts of its neighbours' partials that fall inside it
@@ -34,8 +36,8 @@ class Partial:
     """Weighted sums of one block's windows over ``region`` (image coordinates)."""
 
     region: Region
-    weighted: np.ndarray  # (F * C, *region) sum of w * prediction, per flip F
-    weights: np.ndarray | None  # (F, *region) sum of w, per flip; None where not needed (Finishing.needs_weights)
+    weighted: np.ndarray  # (B * C, *region) sum of w * prediction, per blend B
+    weights: np.ndarray | None  # (B, *region) sum of w, per blend; None where not needed (Finishing.needs_weights)
     valid: np.ndarray | None = None  # (*region) input validity, None when every pixel is valid
 
     @property

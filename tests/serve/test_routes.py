@@ -1640,7 +1640,9 @@ def test_the_browser_copy_of_a_tilted_gantrys_labels_lies_where_simpleitk_puts_t
 
     sform = np.array([[-0.7, 0.0, 0.0, 40.0], [0.0, -0.7, -2.5 * np.sin(np.radians(15)), -25.0],
                       [0.0, 0.0, 2.5 * np.cos(np.radians(15)), 60.0], [0.0, 0.0, 0.0, 1.0]])  # fmt: skip
-    labels = nib.Nifti1Image(np.random.default_rng(0).integers(0, 3, (24, 20, 14), dtype=np.uint8), sform)
+    voxels = np.zeros((272, 256, 250), np.uint8)  # over 256^3: the copy takes every second voxel
+    voxels[100:150, 80:120, 30:60] = 2
+    labels = nib.Nifti1Image(voxels, sform)
     labels.set_qform(unsheared(sform), code=1)
     labels.set_sform(sform, code=1)
     nib.save(labels, tmp_path / "labels.nii.gz")
@@ -1650,6 +1652,11 @@ def test_the_browser_copy_of_a_tilted_gantrys_labels_lies_where_simpleitk_puts_t
         image = sitk.ReadImage(str(path))
         return np.array(image.GetOrigin()), np.array(image.GetDirection()), np.array(image.GetSpacing())
 
-    for ours, theirs in zip(grid(tmp_path / "copy.nii"), grid(tmp_path / "labels.nii.gz")):
-        np.testing.assert_allclose(ours, theirs, atol=1e-4)
-    np.testing.assert_allclose(nib.load(tmp_path / "copy.nii").header.get_sform(), sform, atol=1e-6)
+    (origin, direction, spacing), (their_origin, their_direction, their_spacing) = (
+        grid(tmp_path / "copy.nii"), grid(tmp_path / "labels.nii.gz"))  # fmt: skip
+    assert nib.load(tmp_path / "copy.nii").shape == (136, 128, 125)
+    np.testing.assert_allclose(origin, their_origin, atol=1e-4)
+    np.testing.assert_allclose(direction, their_direction, atol=1e-4)
+    np.testing.assert_allclose(spacing, 2 * their_spacing, atol=1e-4)
+    np.testing.assert_allclose(nib.load(tmp_path / "copy.nii").header.get_sform(), sform @ np.diag([2, 2, 2, 1]),
+                               atol=1e-6)  # fmt: skip
