@@ -1,6 +1,6 @@
 """nnU-Net v2 results folders as the model: ``model: {nnunet: FOLDER, fold: 0}`` reads plans.json, dataset.json and
 the fold's checkpoint.  The run is checked against nnU-Net's own steps redone here (SimpleITK's array, the plans'
-transpose, CTNormalization, MONAI's sliding window at nnU-Net's step), on a real scan; what tilemask cannot
+transpose, CTNormalization, nnU-Net's window steps and mirroring), on a real scan; what tilemask cannot
 reproduce is refused before any work.  nnU-Net itself is not a dependency: benchmarks/nnunet_fidelity.py compares
 with its ``nnUNetPredictor``."""
 
@@ -123,21 +123,72 @@ def mirrored(net: torch.nn.Module, mirror_axes: tuple[int, ...] | None):
     return predict
 
 
-def nnunet_steps(path: str, plans: dict, net: torch.nn.Module,
-                 mirror_axes: tuple[int, ...] | None = (0, 1, 2)) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """nnU-Net's prediction, redone: SimpleITK's array (axes k, j, i), transposed by ``transpose_forward``,
-    CTNormalization (clip to the percentiles, then the foreground's mean and std), MONAI's gaussian sliding window
-    half a patch apart over nnU-Net's mirrored predictor (:func:`mirrored`); labels and the margin between the two
-    best probabilities, both on tilemask's axes."""
-    import SimpleITK as sitk
+def compute_steps_for_sliding_window(image_size, tile_size, tile_step_size):
+    """nnunetv2 2.8.1's ``inference.sliding_window_prediction.compute_steps_for_sliding_window``, as it is (Apache
+    2.0; nnU-Net is no dependency of tilemask's): each axis's window starts, evenly spread."""
+    target_step_sizes_in_voxels = [i * tile_step_size for i in tile_size]
+    num_steps = [int(np.ceil((i - k) / j)) + 1 for i, j, k in zip(image_size, target_step_sizes_in_voxels, tile_size)]
+    steps = []
+    for dim in range(len(tile_size)):
+        max_step_value = image_size[dim] - tile_size[dim]
+        actual_step_size = max_step_value / (num_steps[dim] - 1) if num_steps[dim] > 1 else 99999999999
+        steps.append([int(np.round(actual_step_size * i)) for i in range(num_steps[dim])])
+    return steps
+
+
+def compute_gaussian(tile_size, sigma_scale=1.0 / 8, value_scaling_factor=1, dtype=torch.float16):
+    """nnunetv2 2.8.1's ``inference.sliding_window_prediction.compute_gaussian``, as it is but for the device."""
+    from scipy.ndimage import gaussian_filter
+
+    tmp = np.zeros(tile_size)
+    center_coords = [i // 2 for i in tile_size]
+    sigmas = [i * sigma_scale for i in tile_size]
+    tmp[tuple(center_coords)] = 1
+    gaussian_importance_map = gaussian_filter(tmp, sigmas, 0, mode="constant", cval=0)
+    gaussian_importance_map = torch.from_numpy(gaussian_importance_map)
+    gaussian_importance_map /= torch.max(gaussian_importance_map) / value_scaling_factor
+    gaussian_importance_map = gaussian_importance_map.to(dtype=dtype)
+    mask = gaussian_importance_map == 0
+    gaussian_importance_map[mask] = torch.min(gaussian_importance_map[~mask])
+    return gaussian_importance_map
+
+
+def nnunet_sliding_window(x: torch.Tensor, patch: list[int], predict) -> torch.Tensor:
+    """nnU-Net's sliding window over ``x`` (1, C, *spatial; at least a patch along each axis), as
+    ``predict_sliding_window_return_logits`` but in float32: its windows (:func:`compute_steps_for_sliding_window`,
+    step 0.5), each answer times its gaussian (:func:`compute_gaussian`, as ``nnUNetPredictor`` calls it) added
+    up, divided by the sum of the weights."""
+    gaussian = compute_gaussian(tuple(patch), sigma_scale=1.0 / 8, value_scaling_factor=10).float()
+    logits, weights = None, torch.zeros(x.shape[2:])
+    for start in itertools.product(*compute_steps_for_sliding_window(x.shape[2:], patch, 0.5)):
+        window = tuple(slice(s, s + p) for s, p in zip(start, patch))
+        answer = predict(x[(slice(None), slice(None), *window)])[0]
+        logits = torch.zeros((answer.shape[0], *x.shape[2:])) if logits is None else logits
+        logits[(slice(None), *window)] += answer * gaussian
+        weights[window] += gaussian
+    return (logits / weights)[None]
+
+
+def monai_sliding_window(x: torch.Tensor, patch: list[int], predict) -> torch.Tensor:
+    """MONAI's sliding window half a patch apart: its own window starts, not nnU-Net's."""
     from monai.inferers import sliding_window_inference
+
+    return sliding_window_inference(x, patch, 4, predict, overlap=0.5, mode="gaussian", sigma_scale=0.125)
+
+
+def nnunet_steps(path: str, plans: dict, net: torch.nn.Module, mirror_axes: tuple[int, ...] | None = (0, 1, 2),
+                 sliding_window=nnunet_sliding_window) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """nnU-Net's prediction, redone: SimpleITK's array (axes k, j, i), transposed by ``transpose_forward``,
+    CTNormalization (clip to the percentiles, then the foreground's mean and std), nnU-Net's gaussian sliding window
+    (:func:`nnunet_sliding_window`) over nnU-Net's mirrored predictor (:func:`mirrored`); labels and the margin
+    between the two best probabilities, both on tilemask's axes."""
+    import SimpleITK as sitk
 
     array = sitk.GetArrayFromImage(sitk.ReadImage(path)).astype(np.float32).transpose(plans["transpose_forward"])
     p = plans["foreground_intensity_properties_per_channel"]["0"]
     array = (np.clip(array, p["percentile_00_5"], p["percentile_99_5"]) - p["mean"]) / p["std"]
     with torch.no_grad():
-        logits = sliding_window_inference(torch.from_numpy(array)[None, None], PATCH, 4, mirrored(net, mirror_axes),
-                                          overlap=0.5, mode="gaussian", sigma_scale=0.125)  # fmt: skip
+        logits = sliding_window(torch.from_numpy(array)[None, None], PATCH, mirrored(net, mirror_axes))
     probabilities = torch.softmax(logits, 1)[0].numpy()
     back = [0, *(1 + a for a in np.argsort(plans["transpose_forward"]))]  # network axes -> SimpleITK's
     probabilities = probabilities.transpose(back).transpose(0, 3, 2, 1)  # -> (C, i, j, k)
@@ -167,7 +218,31 @@ def test_results_folder_runs_as_nnunet_predicts(tmp_path, client):
     assert apart.sum() == 0 or margin[apart].max() < 1e-5, f"{apart.sum()} voxels apart, not ties"
     unmirrored, _ = nnunet_steps(path, plans, net, None)
     assert (unmirrored != theirs).sum() > 100  # mirroring changes the answer: the test can fail
+    monai_windows, _ = nnunet_steps(path, plans, net, sliding_window=monai_sliding_window)
+    assert (monai_windows != theirs).sum() > 100  # so do MONAI's starts (0, 8, 16, 17 against 0, 6, 11, 17) and weights
     assert (tmp_path / "out" / "anatomical.colors.csv").read_text().count("grey") == 1
+
+
+def test_window_starts_are_nnunet_s():
+    """``steps: nnunet`` (the folders' default) places windows as nnU-Net does, for any size, patch and step."""
+    from tilemask.geometry import WindowPlan
+
+    for roi, step in itertools.product((16, 24, 64, 96, 160), (0.5, 0.25, 0.75)):
+        for size in range(roi, 4 * roi):
+            plan = WindowPlan.build((size,), (roi,), 1 - step, 64, steps="nnunet")
+            assert list(plan.axes[0].starts) == compute_steps_for_sliding_window((size,), (roi,), step)[0]
+
+
+def test_window_weights_are_nnunet_s():
+    """``mode: nnunet`` (the folders' default) weights windows with nnU-Net's gaussian, value for value; MONAI's
+    is centred otherwise along an even patch."""
+    from tilemask.inference import importance_map
+
+    for patch in ((16, 16, 16), (24, 64, 64), (28, 48, 40), (15, 20, 9)):
+        ours = importance_map(patch, "nnunet", 0.125, torch.device("cpu"))
+        torch.testing.assert_close(ours, compute_gaussian(patch, value_scaling_factor=10).float(), rtol=0, atol=0)
+    monai = importance_map((16, 16, 16), "gaussian", 0.125, torch.device("cpu"))
+    assert not torch.allclose(monai / monai.max(), compute_gaussian((16, 16, 16)).float(), atol=1e-2)
 
 
 def test_transpose_forward_is_what_the_network_sees(tmp_path):

@@ -11,6 +11,10 @@ roi ``r`` and overlap ``o``:
   ``k = 0 .. first k with k * stride + r >= S``, and the last start is clamped
   flush to the far edge: ``min(k * stride, S - r)``.
 
+nnU-Net's grid (``steps: nnunet``, ``compute_steps_for_sliding_window``) takes as
+many windows as that stride needs, ``ceil((S - r) / (r * (1 - o))) + 1``, and
+spreads them evenly from 0 to ``S - r`` (each start rounded); padded as MONAI.
+
 The grid is the Cartesian product of the per-axis starts, so everything below
 (windows, blocks, stitching dependencies) is computed per axis and stays cheap
 for images of any size.
@@ -69,6 +73,16 @@ def scan_starts(size: int, roi: int, overlap: float) -> tuple[int, ...]:
     stride = max(int(roi * (1 - overlap)), 1)
     count = next(k for k in range(math.ceil(size / stride) + 1) if k * stride + roi >= size) + 1
     return tuple(min(k * stride, size - roi) for k in range(count))
+
+
+def nnunet_starts(size: int, roi: int, overlap: float) -> tuple[int, ...]:
+    """Window starts along one axis as nnU-Net v2's ``compute_steps_for_sliding_window`` places them (its
+    ``tile_step_size`` is ``1 - overlap``): evenly spread from 0 to ``size - roi``; padded as MONAI's."""
+    if size <= roi:
+        return scan_starts(size, roi, overlap)
+    count = math.ceil((size - roi) / (roi * (1 - overlap))) + 1
+    step = (size - roi) / (count - 1)
+    return tuple(int(round(step * k)) for k in range(count))  # np.round's and round's halves: to even
 
 
 @dataclass(frozen=True)
@@ -140,8 +154,10 @@ class WindowPlan:
         overlap: float | Sequence[float],
         chunks: int | Sequence[int],
         mirrored_axes: Sequence[int] = (),
+        steps: str = "monai",
     ) -> WindowPlan:
-        """MONAI's grid; along ``mirrored_axes`` (flipped by test-time augmentation) the mirrored grid too."""
+        """MONAI's grid (``steps: nnunet``: nnU-Net's); along ``mirrored_axes`` (flipped by test-time augmentation)
+        the mirrored grid too."""
         ndim = len(shape)
         roi = normalize_per_axis(roi, ndim, "roi_size")
         overlap = normalize_per_axis(overlap, ndim, "overlap")
@@ -149,7 +165,7 @@ class WindowPlan:
         axes = []
         for axis, (size, r, o, c) in enumerate(zip(shape, roi, overlap, chunks)):
             chunk = max(1, min(int(c), int(size)))  # a chunk larger than the image is the image
-            starts = scan_starts(int(size), int(r), float(o))
+            starts = (nnunet_starts if steps == "nnunet" else scan_starts)(int(size), int(r), float(o))
             mirrored = tuple(sorted(int(size) - int(r) - s for s in starts)) if axis in mirrored_axes else ()
             axes.append(AxisPlan(size=int(size), roi=int(r), chunk=chunk, starts=starts, mirrored=mirrored))
         return cls(tuple(axes))

@@ -72,6 +72,8 @@ def importance_map(roi: tuple[int, ...], mode: str, sigma_scale, device: torch.d
     The same arithmetic as MONAI's, written here so that a worker predicts without importing MONAI (1.4 s of
     start-up); ``tests/test_backends.py`` holds it to MONAI's, bit for bit.
     """
+    if mode == "nnunet":
+        return nnunet_importance_map(roi, sigma_scale, device)
     if mode == "constant":
         weights = torch.ones(roi, device=device, dtype=torch.float)
     else:
@@ -82,6 +84,24 @@ def importance_map(roi: tuple[int, ...], mode: str, sigma_scale, device: torch.d
             weights = weights.unsqueeze(-1) * x[(None,) * i] if i > 0 else x
     floor = max(torch.min(weights).item(), 1e-3)
     return torch.clamp_(weights.to(torch.float), min=floor)
+
+
+def nnunet_importance_map(roi: tuple[int, ...], sigma_scale, device: torch.device) -> torch.Tensor:
+    """nnU-Net v2's window weights as ``nnUNetPredictor`` makes them (``compute_gaussian(roi, sigma_scale,
+    value_scaling_factor=10)``, float16): scipy's gaussian filter of a one at ``roi // 2`` (half a voxel off
+    MONAI's centre along an even roi, truncated at 4 sigmas), scaled to 10 at its peak, rounded to float16, its
+    zeros given the smallest value; float32 here.  With MONAI's gaussian, labels of 60 windows differed from
+    nnU-Net's on 4.4 % of the voxels, against 0.13 % (README, nnU-Net)."""
+    from scipy.ndimage import gaussian_filter
+
+    scales = sigma_scale if isinstance(sigma_scale, tuple) else (sigma_scale,) * len(roi)
+    delta = np.zeros(roi)
+    delta[tuple(size // 2 for size in roi)] = 1
+    sigmas = [size * scale for size, scale in zip(roi, scales)]
+    weights = torch.from_numpy(gaussian_filter(delta, sigmas, 0, mode="constant", cval=0))
+    weights = (weights / (torch.max(weights) / 10)).to(torch.float16)
+    weights[weights == 0] = torch.min(weights[weights != 0])
+    return weights.to(device=device, dtype=torch.float32)
 
 
 def predict_block(

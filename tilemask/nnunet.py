@@ -7,7 +7,8 @@ workflow keys, as nnU-Net's ``nnUNetPredictor`` reads them: the network from the
 spacing, the normalization of each channel (``CTNormalization``: clipped to the foreground's 0.5 and 99.5
 percentiles, then ``(x - mean) / std``; ``ZScoreNormalization``: the case's own mean and standard deviation per
 channel; ``NoNormalization``), the class names from ``dataset.json``'s ``labels``, the number of input channels
-from its ``channel_names``, the weights, and nnU-Net's sliding window (half a patch apart, gaussian weighting).
+from its ``channel_names``, the weights, and nnU-Net's sliding window (its window starts half a patch apart, its
+gaussian and its mirroring of each window, from the checkpoint).
 The workflow's own keys override these.
 
 nnU-Net works on the arrays SimpleITK reads, whose axes are the NIfTI's (i, j, k) reversed, then transposed by
@@ -79,7 +80,7 @@ def nnunet_defaults(folder: Path, fold: int | str | None, checkpoint: str | None
         "classes": classes,
         "model": {"network": f"{__name__}:NnUNetNetwork", "args": args, "weights": str(weights)},
         "preprocess": {"spacing": _tilemask_order(spacing, axes), **_normalization(plans, config, name, channels)},
-        "inference": {"roi_size": _tilemask_order(patch, axes), "overlap": OVERLAP, "mode": "gaussian",
+        "inference": {"roi_size": _tilemask_order(patch, axes), "overlap": OVERLAP, "steps": "nnunet", "mode": "nnunet",
                       "sigma_scale": 0.125, "activation": "softmax", **_mirroring(weights, axes)},  # fmt: skip
     }
 

@@ -432,9 +432,8 @@ def _plan_input(workflow: Workflow, item: InputItem, spatial_dims: int) -> Input
     inference = workflow.inference
     # a flip of the whole image has its own grid of windows; nnU-Net's mirrors each window of the one grid
     mirrored = sorted({axis for axes in inference.flips for axis in axes}) if inference.tta_mode == "image" else []
-    plan = WindowPlan.build(
-        network_source.spatial_shape, inference.roi_size, inference.overlap, workflow.output.chunks, mirrored
-    )
+    plan = WindowPlan.build(network_source.spatial_shape, inference.roi_size, inference.overlap,
+                            workflow.output.chunks, mirrored, inference.steps)  # fmt: skip
     back = None
     if grid:
         chunks = WindowPlan.build(source.spatial_shape, inference.roi_size, inference.overlap, workflow.output.chunks)

@@ -164,7 +164,9 @@ class Preprocess(_Strict):
 class Inference(_Strict):
     roi_size: list[PositiveInt]
     overlap: Overlap | list[Overlap] = 0.25
-    mode: Literal["gaussian", "constant"] = "gaussian"
+    mode: Literal["gaussian", "constant", "nnunet"] = Field(
+        default="gaussian", description="the windows' weights: MONAI's gaussian or constant, or nnU-Net's gaussian"
+    )
     sigma_scale: SigmaScale | list[SigmaScale] = 0.125
     batch_size: PositiveInt = 8
     device: str = "auto"
@@ -178,6 +180,10 @@ class Inference(_Strict):
     threshold: Annotated[float, NotBool, Field(gt=0.0, lt=1.0)] = 0.5
     tta: Literal["none", "flips"] | list[list[Annotated[int, NotBool, Field(ge=0)]]] = Field(
         default="none", description="test-time augmentation: flips (all axis flips) or a list of flips to add"
+    )
+    steps: Literal["monai", "nnunet"] = Field(
+        default="monai", description="where windows start: monai (a stride of roi * (1 - overlap), the last one flush "
+        "with the far edge) or nnunet (as many windows as that stride needs, spread evenly)"
     )
     tta_mode: Literal["image", "patch"] = Field(
         default="image", description="image: each flip a sliding window over the flipped image, the activated results "
