@@ -62,17 +62,23 @@ def test_mirrored_grid_differs_where_monai_s_does():
     assert plan.axes[0].starts == (0, 12, 24, 34) and plan.axes[0].mirrored == (0, 10, 22, 34)
 
 
-def test_all_flips_of_a_volume_equal_monai_mirroring(make_volume, make_model, tmp_path, client):
+@pytest.mark.parametrize("tta_mode", ["image", "patch"])
+def test_all_flips_of_a_volume_equal_monai_s(make_volume, make_model, tmp_path, client, tta_mode):
+    """``image``: the mean of MONAI's activated results over the flipped volumes; ``patch`` (nnU-Net v2's
+    mirroring): MONAI's sliding window over a predictor that averages each window's logits over its flips, one
+    grid of windows and one softmax.  The two answers differ, and differ from no flips: the test can fail."""
     path, volume = make_volume((45, 29, 19))  # 45 - 24 = 21 and 19 < 24: mirrored grids differ on two axes
     weights, net = make_model(UNET_3D)
-    workflow = volume_workflow(path, weights, {"batch_size": 5, "tta": "flips"}, {"chunks": 17})
+    workflow = volume_workflow(path, weights, {"batch_size": 5, "tta": "flips", "tta_mode": tta_mode}, {"chunks": 17})
     (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
     flips = [axes for n in range(4) for axes in itertools.combinations(range(3), n)]
-    expected = monai_mirrored(volume[None], net, (24, 24, 24), flips, 500.0, 300.0)
+    references = {mode: mirror(volume[None], net, (24, 24, 24), flips, 500.0, 300.0)
+                  for mode, mirror in (("image", monai_mirrored), ("patch", monai_patch_mirrored))}  # fmt: skip
+    expected = references[tta_mode]
     probabilities = np.moveaxis(nib.load(result.outputs[1]).get_fdata(dtype=np.float32), -1, 0)
     np.testing.assert_allclose(probabilities, expected, atol=1e-4)
-    plain = monai_mirrored(volume[None], net, (24, 24, 24), [()], 500.0, 300.0)
-    assert np.abs(plain - expected).max() > 1e-2  # the flips change the answer: the test can fail
+    assert np.abs(references["image"] - references["patch"]).max() > 1e-3
+    assert np.abs(monai_mirrored(volume[None], net, (24, 24, 24), [()], 500.0, 300.0) - expected).max() > 1e-2
     labels = np.asarray(nib.load(result.outputs[0]).dataobj)
     top2 = np.sort(expected, axis=0)[-2:]
     assert np.all((labels == expected.argmax(0)) | (top2[1] - top2[0] < 1e-4))
@@ -90,23 +96,6 @@ def test_listed_flips_of_a_raster_without_probabilities(make_raster, make_model,
     labels_only = Workflow.from_dict(workflow, ["output.probabilities=none", "output.path=out/only.zarr"], base_dir=tmp_path)
     (result,) = tilemask.run(labels_only, client)
     np.testing.assert_array_equal(zarr.open_group(result.outputs[0], mode="r")["labels"][:], labels)
-
-
-def test_patch_mirroring_averages_each_window_s_logits(make_volume, make_model, tmp_path, client):
-    """``tta_mode: patch`` (nnU-Net v2's mirroring): one grid of windows, each window's outputs averaged over its
-    flips before weighting and one softmax; another answer than the mean of the flipped images' softmax."""
-    path, volume = make_volume((45, 29, 19))  # where the flipped images' grids differ: the modes part there
-    weights, net = make_model(UNET_3D)
-    workflow = volume_workflow(path, weights, {"batch_size": 5, "tta": "flips", "tta_mode": "patch"}, {"chunks": 17})
-    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
-    flips = [axes for n in range(4) for axes in itertools.combinations(range(3), n)]
-    expected = monai_patch_mirrored(volume[None], net, (24, 24, 24), flips, 500.0, 300.0)
-    probabilities = np.moveaxis(nib.load(result.outputs[1]).get_fdata(dtype=np.float32), -1, 0)
-    np.testing.assert_allclose(probabilities, expected, atol=1e-4)
-    assert np.abs(monai_mirrored(volume[None], net, (24, 24, 24), flips, 500.0, 300.0) - expected).max() > 1e-3
-    labels = np.asarray(nib.load(result.outputs[0]).dataobj)
-    top2 = np.sort(expected, axis=0)[-2:]
-    assert np.all((labels == expected.argmax(0)) | (top2[1] - top2[0] < 1e-4))
 
 
 def test_patch_mirroring_of_a_raster_labels_only(make_raster, make_model, tmp_path, client):
