@@ -227,7 +227,7 @@ def test_window_starts_are_nnunet_s():
     """``steps: nnunet`` (the folders' default) places windows as nnU-Net does, for any size, patch and step."""
     from tilemask.geometry import WindowPlan
 
-    for roi, step in itertools.product((16, 24, 64, 96, 160), (0.5, 0.25, 0.75)):
+    for roi, step in itertools.product((16, 24, 64, 96, 160), (0.5, 0.25, 0.75, 0.3, 0.2, 0.1)):
         for size in range(roi, 4 * roi):
             plan = WindowPlan.build((size,), (roi,), 1 - step, 64, steps="nnunet")
             assert list(plan.axes[0].starts) == compute_steps_for_sliding_window((size,), (roi,), step)[0]
@@ -402,8 +402,8 @@ def test_mirroring_follows_the_checkpoint_and_the_workflow_overrides_it(tmp_path
 
 @pytest.mark.parametrize("edit, warned", [
     (lambda checkpoint: checkpoint.pop("inference_allowed_mirroring_axes"), None),  # nnUNetPredictor: None
-    (lambda checkpoint: checkpoint.update(inference_allowed_mirroring_axes=(np.int64(0),)), "pickled as BINGET"),
-    (lambda checkpoint: checkpoint.update(inference_allowed_mirroring_axes=(0, 3)), "pickled as BININT1 3"),
+    (lambda checkpoint: checkpoint.update(inference_allowed_mirroring_axes=(np.int64(0),)), "holds (an object,)"),
+    (lambda checkpoint: checkpoint.update(inference_allowed_mirroring_axes=(0, 3)), "holds (0, 3), not a tuple"),
 ])  # fmt: skip
 def test_a_checkpoint_without_plain_mirroring_axes_mirrors_nothing(tmp_path, caplog, edit, warned):
     """No ``inference_allowed_mirroring_axes``: no mirroring, as ``nnUNetPredictor`` reads it; one that is not a
@@ -446,6 +446,34 @@ def test_the_mirroring_axes_of_a_pickle_with_code_are_read_without_running_it(tm
     raw = {"version": 1, "input": "x.nii.gz", "model": {"nnunet": str(folder)}, "output": {"path": "o.nii.gz"}}
     assert Workflow.from_dict(raw).inference.flips == ((), (1,))  # network axis 2 is tilemask's axis 1
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("form", ["shared", "key as an earlier value", "nested key first", "protocol 4", "protocol 5",
+                                  "legacy format"])  # fmt: skip
+def test_mirroring_axes_read_as_torch_loads_them(tmp_path, form):
+    """Checkpoints torch reads as nnUNetPredictor does (``torch.load``), however their pickle says it: the tuple
+    memoized and referred to again, the key string given before as a value, a nested dict with the same key
+    first, protocols 4 and 5 (frames), torch's legacy format."""
+    _, data = scan()
+    folder, _, net = results_folder(tmp_path, data)
+    checkpoint = nnunet_checkpoint(net.state_dict(), lambda: build(3), torch.zeros(1, 1, 8, 8, 8), (1, 2))
+    save = {}
+    if form == "shared":
+        checkpoint = {"init_args": {**checkpoint["init_args"], "axes": checkpoint["inference_allowed_mirroring_axes"]},
+                      **checkpoint}  # fmt: skip
+    elif form == "key as an earlier value":
+        checkpoint = {"note": "inference_allowed_mirroring_axes", **checkpoint}
+    elif form == "nested key first":
+        checkpoint = {"nested": {"inference_allowed_mirroring_axes": (0,)}, **checkpoint}
+    elif form.startswith("protocol"):
+        save = {"pickle_protocol": int(form[-1])}
+    else:
+        save = {"_use_new_zipfile_serialization": False}
+    path = folder / "fold_0" / "checkpoint_final.pth"
+    torch.save(checkpoint, path, **save)
+    assert torch.load(path, weights_only=False)["inference_allowed_mirroring_axes"] == (1, 2)
+    raw = {"version": 1, "input": "x.nii.gz", "model": {"nnunet": str(folder)}, "output": {"path": "o.nii.gz"}}
+    assert Workflow.from_dict(raw).inference.flips == ((), (2,), (1,), (1, 2))  # network axes 1, 2: tilemask's 2, 1
 
 
 def test_reading_a_results_folder_imports_no_torch(tmp_path):

@@ -11,9 +11,10 @@ roi ``r`` and overlap ``o``:
   ``k = 0 .. first k with k * stride + r >= S``, and the last start is clamped
   flush to the far edge: ``min(k * stride, S - r)``.
 
-nnU-Net's grid (``steps: nnunet``, ``compute_steps_for_sliding_window``) takes as
-many windows as that stride needs, ``ceil((S - r) / (r * (1 - o))) + 1``, and
-spreads them evenly from 0 to ``S - r`` (each start rounded); padded as MONAI.
+nnU-Net's grid (``steps: nnunet``, ``compute_steps_for_sliding_window``) takes
+``ceil((S - r) / (r * (1 - o))) + 1`` windows (a step not rounded down to whole
+voxels, unlike MONAI's stride) and spreads them evenly from 0 to ``S - r`` (each
+start rounded); padded as MONAI.
 
 The grid is the Cartesian product of the per-axis starts, so everything below
 (windows, blocks, stitching dependencies) is computed per axis and stays cheap
@@ -80,7 +81,8 @@ def nnunet_starts(size: int, roi: int, overlap: float) -> tuple[int, ...]:
     ``tile_step_size`` is ``1 - overlap``): evenly spread from 0 to ``size - roi``; padded as MONAI's."""
     if size <= roi:
         return scan_starts(size, roi, overlap)
-    count = math.ceil((size - roi) / (roi * (1 - overlap))) + 1
+    step_size = round(1 - overlap, 12)  # nnU-Net's -step_size 0.3, given as overlap 0.7: not 0.30000000000000004
+    count = math.ceil((size - roi) / (roi * step_size)) + 1
     step = (size - roi) / (count - 1)
     return tuple(int(round(step * k)) for k in range(count))  # np.round's and round's halves: to even
 

@@ -4,7 +4,7 @@ One call handles one block (the windows owned by one output chunk): it reads the
 block's region once, cuts the windows, runs them through the cached model in
 batches of ``batch_size`` and accumulates ``w * pred`` and ``w`` exactly as
 ``monai.inferers.sliding_window_inference`` does, with MONAI's own
-``compute_importance_map`` as ``w``.  With test-time augmentation each window
+``compute_importance_map`` as ``w`` (or nnU-Net's gaussian, ``mode: nnunet``).  With test-time augmentation each window
 also runs flipped, once for each flip whose (mirrored) grid holds it, as extra
 items of the same batches; its prediction and ``w`` are flipped back and summed
 into that flip's own planes (:mod:`tilemask.stitch`).  With ``tta_mode: patch``
@@ -67,7 +67,8 @@ SUMS_STAY_ON = {"cuda"}
 
 @functools.lru_cache(maxsize=8)
 def importance_map(roi: tuple[int, ...], mode: str, sigma_scale, device: torch.device) -> torch.Tensor:
-    """MONAI's window weights (``compute_importance_map``: gaussian or constant, floor-clamped at 1e-3), float32.
+    """MONAI's window weights (``compute_importance_map``: gaussian or constant, floor-clamped at 1e-3), float32;
+    for ``mode: nnunet``, nnU-Net's (:func:`nnunet_importance_map`).
 
     The same arithmetic as MONAI's, written here so that a worker predicts without importing MONAI (1.4 s of
     start-up); ``tests/test_backends.py`` holds it to MONAI's, bit for bit.

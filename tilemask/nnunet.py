@@ -96,20 +96,22 @@ def _mirroring(weights: Path, axes: list[int]) -> dict[str, Any]:
 
 
 MIRRORING_KEY = "inference_allowed_mirroring_axes"
-PICKLE_BYTES = 16 << 20  # the most of a checkpoint's pickle read for it (nnU-Net's: tens of kB, its tensors apart)
-_STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
-_INTS = {"BININT", "BININT1", "BININT2", "INT", "LONG", "LONG1", "LONG4"}
-_SKIPPED = {"BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE", "MARK", "EMPTY_LIST"}  # around a tuple's or a list's items
-_ENDS = {"EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "APPEND", "APPENDS", "LIST"}
+PICKLE_BYTES = 4 << 20  # the most of a checkpoint's pickle read for it (nnU-Net's: well under 1 MB, tensors apart)
+LEGACY_OBJECT = 3  # torch's legacy format pickles a magic number, a protocol, system information, then the object
 
 
 def _allowed_mirroring_axes(weights: Path) -> tuple[int, ...] | None:
     """The checkpoint's ``inference_allowed_mirroring_axes``: None (no mirroring) where it says None or has no such
-    key, as ``nnUNetPredictor`` reads it.  Read from the pickle's opcodes (:func:`pickletools.genops` decodes and
-    builds nothing: no code of the file's runs, in time and memory linear in at most :data:`PICKLE_BYTES`); a value
-    that is not a tuple of the axes 0, 1 and 2 is refused with a warning, and nothing is mirrored."""
+    key, as ``nnUNetPredictor`` reads it.  Read by :class:`_PlainValues` (no code of the file's runs, in time and
+    memory linear in at most :data:`PICKLE_BYTES`); a value that is not a tuple (or list) of the axes 0, 1 and 2
+    is refused with a warning, and nothing is mirrored."""
     try:
-        return _mirroring_in_pickle(_checkpoint_pickle(weights))
+        value = _PlainValues.top_level(_checkpoint_pickle(weights)).get(MIRRORING_KEY)
+        if value is None:
+            return None
+        if not (isinstance(value, tuple | list) and all(type(a) is int and 0 <= a < 3 for a in value)):
+            raise ValueError(f"it holds {value!r}, not a tuple of the axes 0, 1, 2")
+        return tuple(sorted(set(value)))
     except Exception as exc:  # noqa: BLE001 - torch may still read the file: tilemask only cannot mirror as it says
         logging.getLogger(__name__).warning(
             "%s: cannot read its %s (%s): no mirroring; set inference.tta to mirror (e.g. flips, with tta_mode: "
@@ -118,11 +120,15 @@ def _allowed_mirroring_axes(weights: Path) -> tuple[int, ...] | None:
 
 
 def _checkpoint_pickle(weights: Path) -> bytes:
-    """The pickle of a torch checkpoint: the zip's ``<name>/data.pkl``, or a legacy file's bytes (several pickles
-    in a row), at most :data:`PICKLE_BYTES`."""
+    """The pickle of a torch checkpoint's object: the zip's ``<name>/data.pkl``, or a legacy file's fourth pickle
+    (:data:`LEGACY_OBJECT`), at most :data:`PICKLE_BYTES` read."""
     if not zipfile.is_zipfile(weights):
         with open(weights, "rb") as f:
-            return f.read(PICKLE_BYTES)
+            stream = io.BytesIO(f.read(PICKLE_BYTES))
+        for _ in range(LEGACY_OBJECT):
+            for _ in pickletools.genops(stream):
+                pass
+        return stream.read()
     with zipfile.ZipFile(weights) as archive:
         (member,) = [i for i in archive.infolist() if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
         if member.file_size > PICKLE_BYTES:
@@ -131,27 +137,95 @@ def _checkpoint_pickle(weights: Path) -> bytes:
             return f.read(PICKLE_BYTES)
 
 
-def _mirroring_in_pickle(data: bytes) -> tuple[int, ...] | None:
-    """The value pickled after the string :data:`MIRRORING_KEY` in ``data``: None, or a tuple (or list) of the
-    axes 0, 1, 2; None when no pickle in ``data`` holds the key."""
-    stream = io.BytesIO(data)
-    while stream.tell() < len(data):
-        ops = pickletools.genops(stream)
-        if any(op.name in _STRINGS and arg == MIRRORING_KEY for op, arg, _ in ops):
-            break
-    else:
-        return None
-    values = []
-    for op, arg, _ in ops:
-        if op.name == "NONE" and not values:
-            return None
-        if op.name in _INTS and isinstance(arg, int) and 0 <= arg < 3:
-            values.append(arg)
-        elif op.name in _ENDS:
-            return tuple(sorted(set(values)))
-        elif op.name not in _SKIPPED:
-            raise ValueError(f"{MIRRORING_KEY} is pickled as {op.name} {arg!r}, not a tuple of the axes 0, 1, 2")
-    raise ValueError(f"the pickle ends within {MIRRORING_KEY}")
+_LITERALS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8",
+             "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT"}  # fmt: skip
+
+
+class _Opaque:
+    """Whatever a pickle builds from a class, a function or bytes: never built here."""
+
+    def __repr__(self) -> str:
+        return "an object"
+
+
+class _PlainValues(dict):
+    """A dict of the pickle, as :meth:`top_level` reads it: only :data:`MIRRORING_KEY`'s value is kept (keys the
+    file chooses are never hashed together: a dict of colliding keys took minutes to build)."""
+
+    def set(self, key, value) -> None:
+        if key == MIRRORING_KEY:
+            self[key] = value
+
+    @classmethod
+    def top_level(cls, data: bytes) -> _PlainValues:
+        """The top-level dict of the pickle ``data``, its values built only where plain (None, numbers, strings,
+        tuples, lists, dicts); its opcodes decoded by :func:`pickletools.genops`, their effect on pickle's stack and
+        memo repeated here, nothing imported or called: a class, a function or a tensor is an :class:`_Opaque`."""
+        stack, marks, memo = [], [], {}
+
+        def since_mark() -> list:
+            start = marks.pop()
+            items = stack[start:]
+            del stack[start:]
+            return items
+
+        for op, arg, _ in pickletools.genops(data):
+            name = op.name
+            if name == "STOP":
+                top = stack.pop()
+                if not isinstance(top, _PlainValues):
+                    raise ValueError("its pickle holds no dict")
+                return top
+            if name in ("PROTO", "FRAME"):
+                continue
+            if name == "MARK":
+                marks.append(len(stack))
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = stack[-1]
+            elif name == "MEMOIZE":
+                memo[len(memo)] = stack[-1]
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo[arg])
+            elif name in ("NONE", "NEWTRUE", "NEWFALSE"):
+                stack.append({"NONE": None, "NEWTRUE": True, "NEWFALSE": False}[name])
+            elif name in ("EMPTY_DICT", "DICT"):
+                plain = cls()
+                items = since_mark() if name == "DICT" else []
+                for key, value in zip(items[::2], items[1::2]):
+                    plain.set(key, value)
+                stack.append(plain)
+            elif name in ("SETITEM", "SETITEMS"):
+                items = since_mark() if name == "SETITEMS" else [stack.pop(-2), stack.pop()]
+                if isinstance(stack[-1], _PlainValues):
+                    for key, value in zip(items[::2], items[1::2]):
+                        stack[-1].set(key, value)
+            elif name in ("EMPTY_LIST", "LIST"):
+                stack.append(since_mark() if name == "LIST" else [])
+            elif name in ("APPEND", "APPENDS"):
+                items = since_mark() if name == "APPENDS" else [stack.pop()]
+                if isinstance(stack[-1], list):
+                    stack[-1].extend(items)
+            elif name in ("EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"):
+                n = {"EMPTY_TUPLE": 0, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}.get(name)
+                items = since_mark() if n is None else [stack.pop() for _ in range(n)][::-1]
+                stack.append(tuple(items))
+            elif name == "POP":
+                stack.pop()
+            elif name == "POP_MARK":
+                since_mark()
+            elif name == "DUP":
+                stack.append(stack[-1])
+            elif name in _LITERALS:
+                stack.append(arg)
+            else:  # what builds an object (GLOBAL, REDUCE, NEWOBJ, BUILD, BINPERSID, bytes, sets, ...): opaque
+                if pickletools.markobject in op.stack_before:
+                    since_mark()
+                    below = op.stack_before.index(pickletools.markobject)  # ADDITEMS: the set under the mark
+                    del stack[len(stack) - below :]
+                elif op.stack_before:
+                    del stack[-len(op.stack_before) :]
+                stack.extend(_Opaque() for _ in op.stack_after)
+        raise ValueError("its pickle has no end")
 
 
 def _tilemask_order(values: list, axes: list[int]) -> list:

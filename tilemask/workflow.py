@@ -183,7 +183,7 @@ class Inference(_Strict):
     )
     steps: Literal["monai", "nnunet"] = Field(
         default="monai", description="where windows start: monai (a stride of roi * (1 - overlap), the last one flush "
-        "with the far edge) or nnunet (as many windows as that stride needs, spread evenly)"
+        "with the far edge) or nnunet (as many windows as a step of roi * (1 - overlap) needs, spread evenly)"
     )
     tta_mode: Literal["image", "patch"] = Field(
         default="image", description="image: each flip a sliding window over the flipped image, the activated results "
