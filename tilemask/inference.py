@@ -198,10 +198,11 @@ def _sums(network, image, windows, origin, shape, settings: InferenceSettings, d
     weight = importance_map(settings.roi, settings.mode, settings.sigma_scale, device)
     weighted = None
     weights = torch.zeros((settings.blends, *shape), dtype=torch.float32, device=device) if keep_weights else None
-    flipped_weight = [torch.flip(weight, list(axes)) if axes else weight for axes in flips]
     # nnU-Net v2's mirroring (tta_mode patch): a window's outputs, each flipped back, averaged over its flips and
     # weighted by the unflipped weight, all into one blend; with MONAI's flipped images, each flip's own blend
-    mirrored_weight = weight / len(flips) if settings.tta_mode == "patch" and len(flips) > 1 else None
+    patch = settings.tta_mode == "patch" and len(flips) > 1
+    blend_weight = [weight / len(flips) if patch else torch.flip(weight, list(axes)) if axes else weight
+                    for axes in flips]  # fmt: skip
     items = [(start, f) for start in windows for f in block.flips_of(start, flips)]
     finite = []
     began, began_cpu = time.perf_counter(), time.thread_time()
@@ -219,19 +220,13 @@ def _sums(network, image, windows, origin, shape, settings: InferenceSettings, d
                 if weighted is None:
                     channels = prediction.shape[1]
                     weighted = torch.zeros((settings.blends, channels, *shape), dtype=torch.float32, device=device)
-                if mirrored_weight is not None:
-                    for s, p, (_, f) in zip(slices, prediction, batch):
-                        weighted[(0, slice(None), *s)] += _flip(p, flips[f]) * mirrored_weight
-                        if weights is not None and not flips[f]:
-                            weights[(0, *s)] += weight
-                    continue
-                # On a GPU the batch's products in one kernel; on the CPU window by window, each added while in
-                # cache (a batch's products likely leave it first: 2.7-3.3 against 2.1-2.2 ms a batch of 8 x 256^2).
-                products = prediction * weight if device.type == "cuda" else (p * weight for p in prediction)
-                for s, product, (_, f) in zip(slices, products, batch):
-                    weighted[(f, slice(None), *s)] += _flip(product, flips[f])
-                    if weights is not None:
-                        weights[(f, *s)] += flipped_weight[f]
+                # Window by window, each product added in the same pass (addcmul_): no temporary product, and on
+                # the CPU the window's sums still in cache (0.05 against 0.08 ms a window of 2 x 256^2 here).
+                for s, p, (_, f) in zip(slices, prediction, batch):
+                    blend = 0 if patch else f
+                    weighted[(blend, slice(None), *s)].addcmul_(_flip(p, flips[f]), blend_weight[f])
+                    if weights is not None and (not patch or not flips[f]):
+                        weights[(blend, *s)] += weight if patch else blend_weight[f]
     timing.add("model", clock["model"])
     timing.add("accumulate", time.perf_counter() - began - clock["waited"],
                time.thread_time() - began_cpu - clock["model cpu"])
