@@ -17,6 +17,7 @@ import zarr
 from monai.inferers import sliding_window_inference
 from monai.transforms import (
     Compose,
+    CropForegroundd,
     EnsureChannelFirstd,
     Invertd,
     LoadImaged,
@@ -58,12 +59,16 @@ def stored_psr(tmp_path):
     return path
 
 
-def monai_pipeline(path, net, orientation, spacing, intensity=None, zscore=None, overlap=0.25):
-    """MONAI on the whole volume: load, orient, space, scale, infer, softmax, Invertd(nearest_interp=False).
+def monai_pipeline(path, net, orientation, spacing, intensity=None, zscore=None, overlap=0.25, crop=False):
+    """MONAI on the whole volume: load, (``crop``: crop to the box of the nonzero voxels,) orient, space, scale,
+    infer, softmax, Invertd(nearest_interp=False).
 
     Returns the probabilities on the model grid, its affine, and the probabilities back on the input grid.
     """
-    steps = [LoadImaged("image"), EnsureChannelFirstd("image"), Orientationd("image", axcodes=orientation)]
+    steps = [LoadImaged("image"), EnsureChannelFirstd("image")]
+    if crop:  # nnU-Net's crop_to_nonzero; Invertd pads the box back with zeros
+        steps.append(CropForegroundd("image", source_key="image", select_fn=lambda x: x != 0, margin=0))
+    steps.append(Orientationd("image", axcodes=orientation))
     steps.append(Spacingd("image", pixdim=spacing, mode="bilinear"))
     if intensity:
         steps.append(ScaleIntensityRanged("image", **intensity))
@@ -178,6 +183,42 @@ def test_stored_psr_volume_zscored_over_nonzero_voxels_like_monai(chunks, make_m
     assert_matches(*read_nifti_output(result), expected)
 
 
+def test_a_volume_cropped_to_its_nonzero_voxels_is_monais_crop_then_its_grid_and_zscore(make_model, tmp_path, client):
+    """``preprocess.crop: nonzero`` is MONAI's ``CropForegroundd(select_fn=x != 0)`` before the grid's steps: the
+    model grid, its windows and the z-score are the box's (2/3 of example4d's voxels lie outside it), and
+    ``Invertd`` pads the box back: outside it background."""
+    path = oblique_las(tmp_path)
+    weights, net = make_model(UNET_3D)
+    preprocess = {"orientation": "RAS", "spacing": [2.6, 2.3, 3.0], "normalize": {"mode": "zscore"}, "crop": "nonzero"}
+    (result,) = tilemask.run(workflow(path, weights, tmp_path, preprocess, [40, 32, 16]), client)
+    _, _, expected = monai_pipeline(path, net, "RAS", (2.6, 2.3, 3.0), zscore={}, crop=True)
+    labels, probabilities = read_nifti_output(result)
+    inside = np.asarray(nib.load(path).dataobj) != 0
+    box = tuple(slice(int(at.min()), int(at.max()) + 1) for at in np.nonzero(inside))
+    assert inside.mean() < 0.5 and labels.shape == inside.shape
+    assert_matches(labels[box], probabilities[(slice(None), *box)], expected[(slice(None), *box)])
+    outside = np.ones(labels.shape, bool)
+    outside[box] = False
+    assert (labels[outside] == 0).all() and (probabilities[0][outside] == 1).all()
+    assert not expected[:, outside].any()  # MONAI pads with zeros: the test sees its box
+    _, _, whole = monai_pipeline(path, net, "RAS", (2.6, 2.3, 3.0), zscore={})
+    assert np.abs(whole - expected)[(slice(None), *box)].max() > 0.01  # the crop changes the answer inside the box
+
+
+def test_a_volume_without_a_nonzero_voxel_is_predicted_whole(make_model, tmp_path, client):
+    """No voxel to crop to: the whole volume, as nnU-Net's ``get_bbox_from_mask`` keeps it."""
+    img = nib.load(stored_psr(tmp_path))
+    path = tmp_path / "zeros.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.int16), img.affine), path)
+    weights, _ = make_model(UNET_3D)
+    outputs = []
+    for crop in ("nonzero", "none"):
+        wf = workflow(path, weights, tmp_path, {"spacing": 1.5, "crop": crop}, 16, output=f"{crop}/{{stem}}.nii.gz")
+        (result,) = tilemask.run(wf, client)
+        outputs.append(read_nifti_output(result)[1])
+    np.testing.assert_array_equal(*outputs)
+
+
 def test_model_grid_output_is_what_monai_feeds_the_network(make_model, tmp_path, client):
     path = stored_psr(tmp_path)
     weights, net = make_model(UNET_3D)
@@ -265,6 +306,12 @@ def test_grid_keys_are_checked_before_any_work(make_model, tmp_path):
         workflow(path, weights, tmp_path, {"orientation": "RAR"}, 16)
     with pytest.raises(WorkflowError, match="grid: model needs preprocess.orientation or spacing"):
         workflow(path, weights, tmp_path, {}, 16, grid="model")
+    with pytest.raises(WorkflowError, match="crop needs output.grid: input"):
+        workflow(path, weights, tmp_path, {"spacing": 2.0, "crop": "nonzero"}, 16, grid="model")
+    with pytest.raises(WorkflowError, match="orientation, spacing and crop apply to volumes: they need a 3D model"):
+        Workflow.from_dict({"version": 1, "input": str(path), "model": {"network": "UNet", "weights": str(weights)},
+                            "preprocess": {"crop": "nonzero"}, "inference": {"roi_size": [64, 64]},
+                            "output": {"path": "out.tif"}}, base_dir=tmp_path)  # fmt: skip
     with pytest.raises(WorkflowError, match="clip needs b_min and b_max"):
         workflow(path, weights, tmp_path, {"intensity": {"a_min": 0, "a_max": 1, "clip": True}}, 16)
     with pytest.raises(WorkflowError, match="mode zscore computes mean and std"):

@@ -177,21 +177,34 @@ def monai_sliding_window(x: torch.Tensor, patch: list[int], predict) -> torch.Te
 
 
 def nnunet_steps(path: str, plans: dict, net: torch.nn.Module, mirror_axes: tuple[int, ...] | None = (0, 1, 2),
-                 sliding_window=nnunet_sliding_window) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """nnU-Net's prediction, redone: SimpleITK's array (axes k, j, i), transposed by ``transpose_forward``,
-    CTNormalization (clip to the percentiles, then the foreground's mean and std), nnU-Net's gaussian sliding window
-    (:func:`nnunet_sliding_window`) over nnU-Net's mirrored predictor (:func:`mirrored`); labels and the margin
+                 sliding_window=nnunet_sliding_window, crop: bool = True) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """nnU-Net's prediction, redone: SimpleITK's array (axes k, j, i), cropped to the box of its nonzero voxels
+    (``crop_to_nonzero``, unless not ``crop``), transposed by ``transpose_forward``, CTNormalization (clip to the
+    percentiles, then the foreground's mean and std), nnU-Net's gaussian sliding window
+    (:func:`nnunet_sliding_window`) over nnU-Net's mirrored predictor (:func:`mirrored`), the probabilities put back
+    in the whole scan with background around them (``revert_cropping_on_probabilities``); labels and the margin
     between the two best probabilities, both on tilemask's axes."""
     import SimpleITK as sitk
 
-    array = sitk.GetArrayFromImage(sitk.ReadImage(path)).astype(np.float32).transpose(plans["transpose_forward"])
-    p = plans["foreground_intensity_properties_per_channel"]["0"]
-    array = (np.clip(array, p["percentile_00_5"], p["percentile_99_5"]) - p["mean"]) / p["std"]
+    whole = sitk.GetArrayFromImage(sitk.ReadImage(path)).astype(np.float32)
+    nonzero = np.nonzero(whole != 0) if crop else np.nonzero(np.ones(whole.shape, bool))
+    box = tuple(slice(int(at.min()), int(at.max()) + 1) for at in nonzero)  # get_bbox_from_mask_npwhere
+    array = whole[box].transpose(plans["transpose_forward"])
+    config = plans["configurations"]["3d_fullres"]
+    if config["normalization_schemes"] == ["ZScoreNormalization"] and config["use_mask_for_norm"] == [True]:
+        mask = array != 0  # nnU-Net's mask fills its holes: the scans here have none
+        array[mask] = (array[mask] - array[mask].mean()) / max(array[mask].std(), 1e-8)
+    else:
+        p = plans["foreground_intensity_properties_per_channel"]["0"]
+        array = (np.clip(array, p["percentile_00_5"], p["percentile_99_5"]) - p["mean"]) / p["std"]
     with torch.no_grad():
         logits = sliding_window(torch.from_numpy(array)[None, None], PATCH, mirrored(net, mirror_axes))
-    probabilities = torch.softmax(logits, 1)[0].numpy()
+    cropped = torch.softmax(logits, 1)[0].numpy()
     back = [0, *(1 + a for a in np.argsort(plans["transpose_forward"]))]  # network axes -> SimpleITK's
-    probabilities = probabilities.transpose(back).transpose(0, 3, 2, 1)  # -> (C, i, j, k)
+    probabilities = np.zeros((len(cropped), *whole.shape), np.float32)
+    probabilities[0] = 1
+    probabilities[(slice(None), *box)] = cropped.transpose(back)
+    probabilities = probabilities.transpose(0, 3, 2, 1)  # -> (C, i, j, k)
     top = np.sort(probabilities, 0)
     return probabilities.argmax(0), top[-1] - top[-2]
 
@@ -221,6 +234,49 @@ def test_results_folder_runs_as_nnunet_predicts(tmp_path, client):
     monai_windows, _ = nnunet_steps(path, plans, net, sliding_window=monai_sliding_window)
     assert (monai_windows != theirs).sum() > 100  # so do MONAI's starts (0, 8, 16, 17 against 0, 6, 11, 17) and weights
     assert (tmp_path / "out" / "anatomical.colors.csv").read_text().count("grey") == 1
+
+
+def _set(path: str, value):
+    """An edit of plans.json or dataset.json at ``a/b/c``."""
+    def edit(d):
+        *keys, last = path.split("/")
+        for key in keys:
+            d = d[key]
+        d[last] = value
+
+    return edit
+
+
+MASKED_ZSCORE = _set("configurations/3d_fullres/normalization_schemes", ["ZScoreNormalization"]), _set(
+    "configurations/3d_fullres/use_mask_for_norm", [True])  # fmt: skip
+
+
+@pytest.mark.parametrize("edits", [(), MASKED_ZSCORE], ids=["CTNormalization", "ZScoreNormalization in the mask"])
+def test_a_scan_with_a_border_of_zeros_is_cropped_as_nnunet_crops_it(tmp_path, client, edits):
+    """nnU-Net predicts only the box of a case's nonzero voxels (its windows, its resampling and its z-score that
+    box's; with ``use_mask_for_norm`` the z-score of the nonzero voxels only, the others left at 0), background
+    outside it: a real scan with slabs of zeros along two sides and a block of zeros in a corner of the box gets
+    nnU-Net's labels, and a prediction of the whole scan does not."""
+    path, data = scan()
+    data = data.copy()
+    data[:3] = 0
+    data[:, 36:] = 0
+    data[3:12, :10] = 0  # inside the box, on its edge: outside nnU-Net's mask, which fills only enclosed holes
+    cropped = tmp_path / "bordered.nii.gz"
+    nib.save(nib.Nifti1Image(data, nib.load(path).affine), cropped)
+    folder, plans, net = results_folder(tmp_path, data, lambda plans: [edit(plans) for edit in edits])
+    workflow = {"version": 1, "input": str(cropped), "model": {"nnunet": str(folder), "fold": 0},
+                "inference": {"device": "cpu", "batch_size": 4}, "output": {"path": "out/{stem}.nii.gz"}}  # fmt: skip
+    parsed = Workflow.from_dict(workflow, base_dir=tmp_path)
+    assert parsed.preprocess.crop == "nonzero"
+    (result,) = tilemask.run(parsed, client)
+    ours = np.asarray(nib.load(result.outputs[0]).dataobj)
+    theirs, margin = nnunet_steps(str(cropped), plans, net)
+    apart = ours != theirs
+    assert apart.sum() == 0 or margin[apart].max() < 1e-5, f"{apart.sum()} voxels apart, not ties"
+    assert (ours[:3] == 0).all() and (ours[:, 36:] == 0).all() and np.bincount(ours.ravel(), minlength=3).min() > 500
+    whole, _ = nnunet_steps(str(cropped), plans, net, crop=False)
+    assert (whole != theirs).sum() > 1000  # the crop moves the windows and clears the border: the test can fail
 
 
 def test_window_starts_are_nnunet_s():
@@ -264,25 +320,16 @@ def test_transpose_forward_is_what_the_network_sees(tmp_path):
         assert not torch.allclose(identity(x), loaded(x), atol=1e-3)
 
 
-def _set(path: str, value):
-    """An edit of plans.json or dataset.json at ``a/b/c``."""
-    def edit(d):
-        *keys, last = path.split("/")
-        for key in keys:
-            d = d[key]
-        d[last] = value
-
-    return edit
-
-
 @pytest.mark.parametrize(
     "folder_name, plans_edit, dataset_edit, message",
     [
         ("Dataset042_Anat/nnUNetTrainer__nnUNetPlans__2d", None, None, "is a 2D configuration (2d), which nnU-Net predicts"),
         (FOLDER, _set("configurations/3d_fullres/normalization_schemes", ["RescaleTo01Normalization"]), None,
          "plans.json normalizes with RescaleTo01Normalization, which tilemask does not reproduce"),
-        (FOLDER, _set("configurations/3d_fullres/use_mask_for_norm", [True]), None,
-         "normalizes within the nonzero region (use_mask_for_norm"),
+        (FOLDER, lambda plans: [edit(plans) for edit in (
+            _set("configurations/3d_fullres/normalization_schemes", ["ZScoreNormalization"] * 2),
+            _set("configurations/3d_fullres/use_mask_for_norm", [True, False]))],
+         _set("channel_names", {"0": "T1", "1": "T2"}), "normalizes some channels within the nonzero region"),
         (FOLDER, _set("configurations/3d_fullres/previous_stage", "3d_lowres"), None, "is a cascade stage"),
         (FOLDER, None, _set("labels", {"background": 0, "whole tumor": [1, 2], "core": 2}),
          "dataset.json trains regions (whole tumor)"),

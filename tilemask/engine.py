@@ -58,7 +58,7 @@ from . import timing
 from .cluster import Abandoned, cancel_and_drain, completed, gather, not_abandoned, result_of
 from .errors import NoWorkers, OutputError, RunError, TilemaskError
 from .finalize import class_histogram, finalize
-from .geometry import Block, Region, WindowPlan
+from .geometry import Block, Region, WindowPlan, intersect, local_slices
 from .interrupts import raise_if_stopped, shielded
 from .outputs import describe_write_error, output_step, remove
 from .planning import Inversion, Job, WorkflowPlan
@@ -384,15 +384,48 @@ def measure_statistics(client: Client, job: Job) -> Preprocessing:
 
     plan, preprocessing = job.plan, job.preprocessing
     regions = [plan.chunk_region(i) for i in plan.chunk_indexes()]
-    futures = client.map(chunk_moments, regions, source=job.source, preprocessing=preprocessing, pure=False)
+    mean, std = combine(_per_chunk(client, chunk_moments, regions, source=job.source, preprocessing=preprocessing))
+    logger.info("%s: z-score mean %s, std %s", job.input, mean, std)
+    return preprocessing.with_statistics(mean, std)
+
+
+def _per_chunk(client: Client, task: Callable, regions: list[Region], **shared) -> list:
+    """``task(region, **shared)`` for each region on the cluster, gathered; on any failure, stopped."""
+    futures = client.map(task, regions, **shared, pure=False)
     try:
-        mean, std = combine(gather(client, futures))
+        return gather(client, futures)
     except BaseException:
         with shielded():
             cancel_and_drain(client, futures)
         raise
-    logger.info("%s: z-score mean %s, std %s", job.input, mean, std)
-    return preprocessing.with_statistics(mean, std)
+
+
+def nonzero_box(client: Client, job: Job) -> Region | None:
+    """The box of the input voxels nonzero in some channel (nnU-Net's ``crop_to_nonzero``; filling the mask's
+    holes, as it does, leaves its box as it is), or None where that is the whole input or no voxel is nonzero
+    (nnU-Net's ``get_bbox_from_mask`` then keeps the whole)."""
+    source, plan = job.back.source, job.back.plan
+    boxes = [b for b in _per_chunk(client, chunk_nonzero_box, [plan.chunk_region(i) for i in plan.chunk_indexes()],
+                                   source=source) if b is not None]  # fmt: skip
+    if not boxes:
+        return None
+    box = tuple((min(b[a][0] for b in boxes), max(b[a][1] for b in boxes)) for a in range(len(plan.shape)))
+    if box == tuple((0, size) for size in plan.shape):
+        return None
+    logger.info("%s: the network sees the box %s of its nonzero voxels", job.input, [list(b) for b in box])
+    return box
+
+
+def chunk_nonzero_box(region: Region, source: ImageSource) -> Region | None:
+    """The box of the voxels of ``region`` nonzero in some channel (NaN counts), in the source's voxels."""
+    nonzero = (source.read(region) != 0).any(axis=0)
+    if not nonzero.any():
+        return None
+    box = []
+    for axis, (lo, _) in enumerate(region):
+        along = np.flatnonzero(nonzero.any(axis=tuple(a for a in range(nonzero.ndim) if a != axis)))
+        box.append((lo + int(along[0]), lo + int(along[-1]) + 1))
+    return tuple(box)
 
 
 def chunk_moments(region: Region, source: ImageSource, preprocessing: Preprocessing) -> np.ndarray:
@@ -433,7 +466,17 @@ def invert_chunk(region: Region, back: Inversion, model: ZarrSink, finishing: Fi
     from .finalize import finish_probabilities
     from .spatial import resample_back
 
-    probabilities = resample_back(back.grid, region, model.read_probabilities)
+    if back.box is None:
+        probabilities = resample_back(back.grid, region, model.read_probabilities)
+    else:  # outside the box background, as nnU-Net's revert_cropping_on_probabilities has it
+        channels = model.layout.probability_channels
+        probabilities = np.zeros((channels, *(hi - lo for lo, hi in region)), np.float32)
+        probabilities[0] = 1.0 if channels > 1 else 0.0
+        inside = intersect(region, back.box)
+        if inside is not None:
+            shifted = tuple((lo - start, hi - start) for (lo, hi), (start, _) in zip(inside, back.box))
+            local = local_slices(inside, tuple(lo for lo, _ in region))
+            probabilities[(slice(None), *local)] = resample_back(back.grid, shifted, model.read_probabilities)
     valid = back.source.read_valid(region)
     if back.source.floating:
         finite = np.isfinite(back.source.read(region)).all(axis=0)
@@ -557,9 +600,15 @@ def probe(client: Client, plan: WorkflowPlan, windows: int | None = None, measur
 
 def run_job(client: Client, job: Job, plan: WorkflowPlan, progress: bool) -> RunResult:
     """One input: predict and write its output, then its products; errors found now exit 1."""
-    logger.info("%s: %d windows in %d chunks -> %s", job.input, job.plan.n_windows, len(list(job.plan.chunk_indexes())), job.sink.path)
     try:
         with cluster_failures(job.input):
+            if job.back and job.back.crop:
+                with stage(f"{Path(job.input).name}: the box of its nonzero voxels", enabled=progress):
+                    box = nonzero_box(client, job)
+                if box is not None:
+                    job = plan.cropped(job, box)
+            logger.info("%s: %d windows in %d chunks -> %s", job.input, job.plan.n_windows,
+                        len(list(job.plan.chunk_indexes())), job.sink.path)  # fmt: skip
             if plan.postprocess:
                 result = execute_postprocessed(client, job, plan.postprocess, progress)
             else:

@@ -7,8 +7,9 @@ workflow keys, as nnU-Net's ``nnUNetPredictor`` reads them: the network from the
 spacing, the normalization of each channel (``CTNormalization``: clipped to the foreground's 0.5 and 99.5
 percentiles, then ``(x - mean) / std``; ``ZScoreNormalization``: the case's own mean and standard deviation per
 channel; ``NoNormalization``), the class names from ``dataset.json``'s ``labels``, the number of input channels
-from its ``channel_names``, the weights, and nnU-Net's sliding window (its window starts half a patch apart, its
-gaussian and its mirroring of each window, from the checkpoint).
+from its ``channel_names``, the weights, nnU-Net's crop of each case to the box of its nonzero voxels
+(``preprocess.crop: nonzero``), and nnU-Net's sliding window (its window starts half a patch apart, its gaussian
+and its mirroring of each window, from the checkpoint).
 The workflow's own keys override these.
 
 nnU-Net works on the arrays SimpleITK reads, whose axes are the NIfTI's (i, j, k) reversed, then transposed by
@@ -18,9 +19,9 @@ axes they were trained on.
 
 What nnU-Net does that tilemask cannot reproduce chunk by chunk is refused by name before any work (exit 2):
 2D configurations (nnU-Net predicts them slice by slice), cascades (the previous stage's segmentation is an
-input), region-based training (overlapping sigmoid outputs), normalization within the nonzero mask
-(``use_mask_for_norm``), other normalization schemes, channels with different schemes or CT ranges, and image
-readers that reorient.
+input), region-based training (overlapping sigmoid outputs), other normalization schemes, channels with different
+schemes, CT ranges or ``use_mask_for_norm``, and image readers that reorient.  ``use_mask_for_norm`` (a z-score
+within the nonzero region) is MONAI's ``NormalizeIntensity(nonzero=True)`` of each channel.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def nnunet_defaults(folder: Path, fold: int | str | None, checkpoint: str | None
     return {
         "classes": classes,
         "model": {"network": f"{__name__}:NnUNetNetwork", "args": args, "weights": str(weights)},
-        "preprocess": {"spacing": _tilemask_order(spacing, axes), **_normalization(plans, config, name, channels)},
+        "preprocess": {"spacing": _tilemask_order(spacing, axes), "crop": "nonzero",
+                       **_normalization(plans, config, name, channels)},  # fmt: skip
         "inference": {"roi_size": _tilemask_order(patch, axes), "overlap": OVERLAP, "steps": "nnunet", "mode": "nnunet",
                       "sigma_scale": 0.125, "activation": "softmax", **_mirroring(weights, axes)},  # fmt: skip
     }
@@ -312,18 +314,17 @@ def _normalization(plans: dict, config: dict, name: str, channels: int) -> dict:
     if other:
         raise WorkflowError(f"{KEY}: plans.json normalizes with {other[0]}, which tilemask does not reproduce "
                             f"(it does {', '.join(known)})")  # fmt: skip
-    if any(masks):
-        raise WorkflowError(f"{KEY}: plans.json: configuration {name} normalizes within the nonzero region "
-                            "(use_mask_for_norm, for scans cropped to their nonzero voxels, BraTS's say), which "
-                            "tilemask does not reproduce")  # fmt: skip
     if len(set(schemes)) > 1:
         raise WorkflowError(f"{KEY}: plans.json normalizes its channels with {', '.join(schemes)}: tilemask applies "
                             "one scheme to every channel")  # fmt: skip
     scheme = schemes[0]
     if scheme == "NoNormalization":
         return {}
-    if scheme == "ZScoreNormalization":
-        return {"normalize": {"mode": "zscore", "channel_wise": True}}
+    if scheme == "ZScoreNormalization":  # use_mask_for_norm: within the nonzero voxels (CTNormalization ignores it)
+        if len(set(masks)) > 1:
+            raise WorkflowError(f"{KEY}: plans.json: configuration {name} normalizes some channels within the nonzero "
+                                "region (use_mask_for_norm) and others not: tilemask applies one rule to every channel")
+        return {"normalize": {"mode": "zscore", "channel_wise": True, "nonzero": any(masks)}}
     properties = plans.get("foreground_intensity_properties_per_channel") or {}
     try:
         per_channel = [properties[str(c)] for c in range(channels)]

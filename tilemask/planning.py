@@ -36,12 +36,13 @@ from . import __version__
 from .classes import class_name
 from .errors import InputError, WorkflowError, missing_weights
 from .formats import for_output, for_path, written_by_tilemask
-from .geometry import RasterGeometry, VolumeGeometry, WindowPlan, normalize_per_axis
+from .geometry import RasterGeometry, Region, VolumeGeometry, WindowPlan, normalize_per_axis
 from .outputs import check_outputs, new_run_id, remove_made, staged_path
 from .preprocess import Intensity, Preprocessing
 from .settings import Finishing, InferenceSettings, ModelSpec
 from .sinks import LabelSink, OutputLayout, make_sink
 from .sources import ImageSource, open_source
+from .sources.crop import CroppedSource
 from .sources.stack import StackedSource
 from .spatial import ModelGrid, ResampledSource, model_grid
 from .stats.config import PostprocessConfig, StatsConfig, check_regions, is_label_image
@@ -85,6 +86,8 @@ class Inversion:
 
     resampled: ResampledSource  # the input seen on the model grid: what the job predicts on
     plan: WindowPlan  # the input grid's chunks (its windows are unused)
+    crop: bool = False  # predict only the box of the input's nonzero voxels (preprocess.crop), measured as the job runs
+    box: Region | None = None  # the input's region that ``resampled`` sees (None: all of it); outside it background
 
     @property
     def source(self) -> ImageSource:
@@ -204,6 +207,14 @@ class WorkflowPlan:
         if self.classes is None:
             self.classes = classes_of(self.workflow, out_channels)
         return self._job(item, out_channels, *self.classes)
+
+    def cropped(self, job: Job, box: Region) -> Job:
+        """``job`` on the ``box`` of its input (:func:`tilemask.engine.nonzero_box`): the model grid, the windows and
+        the z-score's voxels are the box's, as nnU-Net's ``crop_to_nonzero`` leaves them; the output stays on the
+        input's grid, background outside the box."""
+        network_source, _ = _network_grid(self.workflow, CroppedSource(job.back.source, box))
+        back = replace(job.back, resampled=network_source, box=box)
+        return replace(job, source=network_source, plan=_window_plan(self.workflow, network_source), back=back)
 
     def jobs(self, out_channels: int) -> list[Job]:
         return [self.job(item, out_channels) for item in self.inputs]
@@ -429,15 +440,12 @@ def _plan_input(workflow: Workflow, item: InputItem, spatial_dims: int) -> Input
     network_source, grid = _network_grid(workflow, source)
     for_output(output).check_input(output, source if grid else network_source)
     _check_postprocess_units(workflow, source if grid else network_source)
-    inference = workflow.inference
-    # a flip of the whole image has its own grid of windows; nnU-Net's mirrors each window of the one grid
-    mirrored = sorted({axis for axes in inference.flips for axis in axes}) if inference.tta_mode == "image" else []
-    plan = WindowPlan.build(network_source.spatial_shape, inference.roi_size, inference.overlap,
-                            workflow.output.chunks, mirrored, inference.steps)  # fmt: skip
+    plan = _window_plan(workflow, network_source)
     back = None
     if grid:
+        inference = workflow.inference
         chunks = WindowPlan.build(source.spatial_shape, inference.roi_size, inference.overlap, workflow.output.chunks)
-        back = Inversion(network_source, chunks)
+        back = Inversion(network_source, chunks, crop=workflow.preprocess.crop == "nonzero")
     # the bands the run reads, of each file of a stack when they are alike (alpha bands left out as the run does)
     chosen = {tuple(getattr(s, "bands", ())) for s in getattr(source, "sources", (source,))}
     shown_bands = chosen.pop() if len(chosen) == 1 else tuple(workflow.preprocess.bands or ())
@@ -463,14 +471,23 @@ def _plan_input(workflow: Workflow, item: InputItem, spatial_dims: int) -> Input
     )
 
 
+def _window_plan(workflow: Workflow, network_source: ImageSource) -> WindowPlan:
+    """The windows over the image the network sees, grouped by output chunk."""
+    inference = workflow.inference
+    # a flip of the whole image has its own grid of windows; nnU-Net's mirrors each window of the one grid
+    mirrored = sorted({axis for axes in inference.flips for axis in axes}) if inference.tta_mode == "image" else []
+    return WindowPlan.build(network_source.spatial_shape, inference.roi_size, inference.overlap,
+                            workflow.output.chunks, mirrored, inference.steps)  # fmt: skip
+
+
 def _network_grid(workflow: Workflow, source: ImageSource) -> tuple[ImageSource, ModelGrid | None]:
     """The input as the network sees it, and the grid to bring the output back from (None: the same grid)."""
     preprocess = workflow.preprocess
-    if not preprocess.resamples:
+    if not preprocess.sees_another_grid:
         return source, None
     geometry = source.geometry
     if not isinstance(geometry, VolumeGeometry):
-        raise InputError(f"{source.path}: preprocess.orientation and spacing need a volume with an affine")
+        raise InputError(f"{source.path}: preprocess.orientation, spacing and crop need a volume with an affine")
     grid = model_grid(np.asarray(geometry.affine), source.spatial_shape, preprocess.orientation, preprocess.spacing_per_axis)
     logger.info("%s: the network sees a %s grid (input %s)", source.path, "x".join(map(str, grid.shape)), "x".join(map(str, source.spatial_shape)))
     resampled = ResampledSource(source, grid)

@@ -137,6 +137,10 @@ class Preprocess(_Strict):
     )
     intensity: Intensity | None = None
     normalize: Normalize | None = None
+    crop: Literal["none", "nonzero"] = Field(
+        default="none", description="volumes: nonzero predicts only the box of the voxels nonzero in some channel, "
+        "outside it background (nnU-Net's crop_to_nonzero)"
+    )
 
     @field_validator("orientation")
     @classmethod
@@ -156,9 +160,9 @@ class Preprocess(_Strict):
         return tuple(self.spacing) if isinstance(self.spacing, list) else (float(self.spacing),) * 3
 
     @property
-    def resamples(self) -> bool:
-        """Whether the network sees another grid than the input's."""
-        return bool(self.orientation or self.spacing)
+    def sees_another_grid(self) -> bool:
+        """Whether the network sees another grid than the input's: resampled, or only a box of it."""
+        return bool(self.orientation or self.spacing) or self.crop != "none"
 
 
 class Inference(_Strict):
@@ -416,12 +420,14 @@ class Workflow(_Strict):
         normalize, bands = preprocess.normalize, preprocess.bands
         if normalize and normalize.fixed and bands and len(normalize.mean) not in (1, len(bands)):
             raise ValueError(f"preprocess.normalize has {len(normalize.mean)} values but bands has {len(bands)}")
-        if preprocess.resamples and len(roi) != 3:
-            raise ValueError("preprocess.orientation and spacing resample volumes: they need a 3D model")
+        if preprocess.sees_another_grid and len(roi) != 3:
+            raise ValueError("preprocess.orientation, spacing and crop apply to volumes: they need a 3D model")
         if isinstance(preprocess.spacing, list) and len(preprocess.spacing) != 3:
             raise ValueError(f"preprocess.spacing has {len(preprocess.spacing)} values; a volume has 3 axes")
-        if self.output.grid == "model" and not preprocess.resamples:
+        if self.output.grid == "model" and not (preprocess.orientation or preprocess.spacing):
             raise ValueError("output.grid: model needs preprocess.orientation or spacing (else it is the input grid)")
+        if self.output.grid == "model" and preprocess.crop != "none":
+            raise ValueError("preprocess.crop needs output.grid: input (the box it predicts depends on the data)")
         if self.output.grid == "model" and fmt.name == "dicom-seg":
             raise ValueError("a DICOM Segmentation refers to the scan's slices: output.grid must be input")
         return self
