@@ -183,11 +183,16 @@ def test_stored_psr_volume_zscored_over_nonzero_voxels_like_monai(chunks, make_m
     assert_matches(*read_nifti_output(result), expected)
 
 
-def test_a_volume_cropped_to_its_nonzero_voxels_is_monais_crop_then_its_grid_and_zscore(make_model, tmp_path, client):
+@pytest.mark.parametrize("stored", ["int16", "float32"])  # floats: NaN or infinity would be invalid voxels
+def test_a_volume_cropped_to_its_nonzero_voxels_is_monais_crop_then_its_grid_and_zscore(make_model, tmp_path, client,
+                                                                                        stored):  # fmt: skip
     """``preprocess.crop: nonzero`` is MONAI's ``CropForegroundd(select_fn=x != 0)`` before the grid's steps: the
     model grid, its windows and the z-score are the box's (2/3 of example4d's voxels lie outside it), and
     ``Invertd`` pads the box back: outside it background."""
     path = oblique_las(tmp_path)
+    if stored == "float32":
+        img = nib.load(path)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj, np.float32), img.affine), path)
     weights, net = make_model(UNET_3D)
     preprocess = {"orientation": "RAS", "spacing": [2.6, 2.3, 3.0], "normalize": {"mode": "zscore"}, "crop": "nonzero"}
     (result,) = tilemask.run(workflow(path, weights, tmp_path, preprocess, [40, 32, 16]), client)

@@ -20,8 +20,8 @@ axes they were trained on.
 What nnU-Net does that tilemask cannot reproduce chunk by chunk is refused by name before any work (exit 2):
 2D configurations (nnU-Net predicts them slice by slice), cascades (the previous stage's segmentation is an
 input), region-based training (overlapping sigmoid outputs), other normalization schemes, channels with different
-schemes, CT ranges or ``use_mask_for_norm``, and image readers that reorient.  ``use_mask_for_norm`` (a z-score
-within the nonzero region) is MONAI's ``NormalizeIntensity(nonzero=True)`` of each channel.
+schemes, CT ranges or (z-scored) ``use_mask_for_norm``, and image readers that reorient.  ``use_mask_for_norm`` (a
+z-score within the nonzero region) is MONAI's ``NormalizeIntensity(nonzero=True)`` of each channel.
 """
 
 from __future__ import annotations

@@ -91,8 +91,9 @@ class Inversion:
 
     @property
     def source(self) -> ImageSource:
-        """The input as stored."""
-        return self.resampled.source
+        """The input as stored (not the view of its ``box`` that ``resampled`` reads)."""
+        seen = self.resampled.source
+        return seen.source if isinstance(seen, CroppedSource) else seen
 
     @property
     def grid(self) -> ModelGrid:
