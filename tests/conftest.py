@@ -243,7 +243,7 @@ def start_scheduler(logdir: Path, env: dict | None = None) -> tuple[subprocess.P
     scheduler_file.unlink(missing_ok=True)
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-         "--scheduler-file", str(scheduler_file)],
+         "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(scheduler_file)],  # its HTTP server runs anyway
         stdout=open(logdir / "scheduler.log", "w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
     )  # fmt: skip
     return process, scheduler_address(scheduler_file, process)

@@ -31,6 +31,7 @@ def test_run_on_an_existing_scheduler_equals_the_embedded_cluster(
 
     remote = run_cli("run", workflow, "--scheduler", dask_processes, "--set", "output.path=out/remote.zarr")
     assert remote.returncode == 0, remote.stderr
+    assert "dask dashboard" not in remote.stdout  # dask scheduler --no-dashboard: no link to a page that is not there
     local = run_cli("run", workflow, "--set", "output.path=out/local.zarr", "--set", "output.chunks=128")
     assert local.returncode == 0, local.stderr
 

@@ -43,8 +43,8 @@ def dask_cluster(tmp_path: Path, workers: int, *scheduler_options, config: dict 
     logs.mkdir()
     env = {**os.environ, **dask_variables(config or {})}
     procs = [subprocess.Popen(
-        [BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", scheduler_file,
-         *scheduler_options],
+        [BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--dashboard-address",
+         "127.0.0.1:0", "--scheduler-file", scheduler_file, *scheduler_options],
         stdout=open(logs / "scheduler.log", "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env,
     )]  # fmt: skip
     try:

@@ -42,7 +42,15 @@ from pathlib import Path
 from distributed import Client
 
 from .batch import items_in_flight, run_items, say_what_stopping_waits_for
-from .cluster import Abandoned, check_client, check_cluster_options, cluster_client, prepare_workers, wait_for_workers
+from .cluster import (
+    Abandoned,
+    check_client,
+    check_cluster_options,
+    cluster_client,
+    dashboard_link,
+    prepare_workers,
+    wait_for_workers,
+)
 from .command import first_line
 from .engine import RunResult, probe, process_age, run_job
 from .errors import NoWorkers, RunError, TilemaskError, UsageError, check_flags, command_line, option
@@ -309,7 +317,8 @@ def drive_job(
                 import_in_background(client_imports(plan.workflow))  # while the workers load the network
                 wait_for_workers(client)
                 prepare_workers(client)
-                announce(f"dask dashboard: {client.dashboard_link}", enabled=progress)
+                link = dashboard_link(client) if progress else None
+                announce(f"dask dashboard: {link}", enabled=link is not None)
                 rest = [i for i in todo if i >= first and results[i] is None]
                 windows = runner.prepared[first][0].plan.n_windows * len(rest) * len(plan.settings.flips)  # about
                 runner.out_channels = probe(client, plan, windows, measure_after)
