@@ -279,6 +279,19 @@ def test_a_scan_with_a_border_of_zeros_is_cropped_as_nnunet_crops_it(tmp_path, c
     assert (whole != theirs).sum() > 1000  # the crop moves the windows and clears the border: the test can fail
 
 
+def test_a_results_folder_written_on_the_model_grid_predicts_the_whole_scan(tmp_path):
+    """``output.grid: model`` writes the grid the network sees; a crop would make it depend on the data, so the
+    folder's defaults crop only onto the scan's own grid (the crop and the model grid together are refused)."""
+    path, data = scan()
+    folder, _, _ = results_folder(tmp_path, data)
+    workflow = {"version": 1, "input": path, "model": {"nnunet": str(folder)}, "output": {"path": "out/{stem}.zarr"}}
+    assert Workflow.from_dict(workflow, base_dir=tmp_path).preprocess.crop == "nonzero"
+    on_model = Workflow.from_dict(workflow, ["output.grid=model"], base_dir=tmp_path)
+    assert on_model.output.grid == "model" and on_model.preprocess.crop == "none"
+    with pytest.raises(WorkflowError, match="preprocess.crop needs output.grid: input"):
+        Workflow.from_dict(workflow, ["output.grid=model", "preprocess.crop=nonzero"], base_dir=tmp_path)
+
+
 def test_window_starts_are_nnunet_s():
     """``steps: nnunet`` (the folders' default) places windows as nnU-Net does, for any size, patch and step."""
     from tilemask.geometry import WindowPlan

@@ -612,15 +612,15 @@ def no_workers_timeout() -> float:
 def dashboard_link(client: Client) -> str | None:
     """The Dask dashboard's address, or None where the scheduler serves none: ``dask scheduler --no-dashboard``
     still runs its HTTP server (health, metrics) and reports it as ``dashboard``, but its ``/status`` answers 404
-    (a dashboard's 405 to a HEAD, in 1-2 ms).  A dashboard this process cannot reach (a remote scheduler's, behind
-    a tunnel) is still given: the user's browser may."""
+    (a dashboard's 405 to a HEAD, in 1-2 ms).  A dashboard this process cannot reach within 1 s (a remote
+    scheduler's, behind a tunnel) is still given: the user's browser may."""
     import urllib.error
     import urllib.request
 
     link = client.dashboard_link
     try:  # no proxy: the scheduler's own answer
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        opener.open(urllib.request.Request(link, method="HEAD"), timeout=2).close()
+        opener.open(urllib.request.Request(link, method="HEAD"), timeout=1).close()
     except urllib.error.HTTPError as exc:
         return None if exc.code == 404 else link
     except (OSError, ValueError):

@@ -201,8 +201,10 @@ def _sums(network, image, windows, origin, shape, settings: InferenceSettings, d
     # nnU-Net v2's mirroring (tta_mode patch): a window's outputs, each flipped back, averaged over its flips and
     # weighted by the unflipped weight, all into one blend; with MONAI's flipped images, each flip's own blend
     patch = settings.tta_mode == "patch" and len(flips) > 1
-    blend_weight = [weight / len(flips) if patch else torch.flip(weight, list(axes)) if axes else weight
-                    for axes in flips]  # fmt: skip
+    if patch:
+        blend_weight = [weight / len(flips)] * len(flips)
+    else:
+        blend_weight = [torch.flip(weight, list(axes)) if axes else weight for axes in flips]
     items = [(start, f) for start in windows for f in block.flips_of(start, flips)]
     finite = []
     began, began_cpu = time.perf_counter(), time.thread_time()

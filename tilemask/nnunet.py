@@ -21,7 +21,8 @@ What nnU-Net does that tilemask cannot reproduce chunk by chunk is refused by na
 2D configurations (nnU-Net predicts them slice by slice), cascades (the previous stage's segmentation is an
 input), region-based training (overlapping sigmoid outputs), other normalization schemes, channels with different
 schemes, CT ranges or (z-scored) ``use_mask_for_norm``, and image readers that reorient.  ``use_mask_for_norm`` (a
-z-score within the nonzero region) is MONAI's ``NormalizeIntensity(nonzero=True)`` of each channel.
+z-score within the nonzero region) is MONAI's ``NormalizeIntensity(nonzero=True)`` of each channel, whose mask is
+the channel's nonzero voxels, where nnU-Net's is the union of the channels' with its holes filled (README).
 """
 
 from __future__ import annotations

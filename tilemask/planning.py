@@ -490,7 +490,8 @@ def _network_grid(workflow: Workflow, source: ImageSource) -> tuple[ImageSource,
     if not isinstance(geometry, VolumeGeometry):
         raise InputError(f"{source.path}: preprocess.orientation, spacing and crop need a volume with an affine")
     grid = model_grid(np.asarray(geometry.affine), source.spatial_shape, preprocess.orientation, preprocess.spacing_per_axis)
-    logger.info("%s: the network sees a %s grid (input %s)", source.path, "x".join(map(str, grid.shape)), "x".join(map(str, source.spatial_shape)))
+    logger.info("%s: the network sees a %s grid (%s %s)", source.path, "x".join(map(str, grid.shape)),
+                "its box" if isinstance(source, CroppedSource) else "input", "x".join(map(str, source.spatial_shape)))
     resampled = ResampledSource(source, grid)
     return resampled, (grid if workflow.output.grid == "input" else None)
 

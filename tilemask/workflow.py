@@ -750,7 +750,11 @@ def _with_nnunet(raw: dict, model: dict, base: Path) -> dict:
     path = path if path.is_absolute() else base / path
     if not path.is_dir():
         raise WorkflowError(f"model.nnunet: no such folder {path}")
-    return merge(nnunet_defaults(path, fold, checkpoint), raw)
+    defaults = nnunet_defaults(path, fold, checkpoint)
+    output = raw.get("output") if isinstance(raw.get("output"), dict) else {}
+    if output.get("grid") == "model":  # its box depends on the data, as would the grid written: the whole scan
+        del defaults["preprocess"]["crop"]
+    return merge(defaults, raw)
 
 
 def _one_line(exc: ValidationError, raw: Any = None, overrides: list[str] | tuple[str, ...] = ()) -> str:
