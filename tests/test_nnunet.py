@@ -460,6 +460,22 @@ def test_mirroring_follows_the_checkpoint_and_the_workflow_overrides_it(tmp_path
     assert Workflow.from_dict({**raw, "inference": {"tta": "none"}}).inference.flips == ((),)
 
 
+def test_a_checkpoint_given_in_the_workflow_gives_the_mirroring_axes(tmp_path):
+    """``model.weights`` beside ``model.nnunet``: that checkpoint is run, and its own mirroring axes count (they came
+    from the fold's checkpoint); the folder then needs no fold."""
+    _, data = scan()
+    folder, _, net = results_folder(tmp_path, data, mirroring=(0, 1, 2))
+    mine = tmp_path / "mine.pth"
+    torch.save(nnunet_checkpoint(net.state_dict(), lambda: build(3), torch.zeros(1, 1, 8, 8, 8), (1,)), mine)
+    raw = {"version": 1, "input": "x.nii.gz", "model": {"nnunet": str(folder), "weights": "mine.pth"},
+           "output": {"path": "o.nii.gz"}}  # fmt: skip
+    parsed = Workflow.from_dict(raw, base_dir=tmp_path)
+    assert parsed.inference.flips == ((), (2,)) and parsed.model.weights == "mine.pth"
+    assert len(Workflow.from_dict({**raw, "model": {"nnunet": str(folder)}}).inference.flips) == 8
+    shutil.rmtree(folder / "fold_0")
+    assert Workflow.from_dict(raw, base_dir=tmp_path).inference.flips == ((), (2,))
+
+
 @pytest.mark.parametrize("edit, warned", [
     (lambda checkpoint: checkpoint.pop("inference_allowed_mirroring_axes"), None),  # nnUNetPredictor: None
     (lambda checkpoint: checkpoint.update(inference_allowed_mirroring_axes=(np.int64(0),)), "holds (an object,)"),

@@ -44,8 +44,10 @@ OVERLAP = 0.5  # nnUNetPredictor's tile_step_size 0.5: windows half a patch apar
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
 
 
-def nnunet_defaults(folder: Path, fold: int | str | None, checkpoint: str | None) -> dict[str, Any]:
-    """Workflow keys (a raw workflow dict) from the nnU-Net v2 results folder ``folder``."""
+def nnunet_defaults(folder: Path, fold: int | str | None, checkpoint: str | None,
+                    weights: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Workflow keys (a raw workflow dict) from the nnU-Net v2 results folder ``folder``; the mirroring axes from
+    ``weights`` where the workflow gives its own checkpoint (a local file), else from the fold's."""
     plans, dataset = _json(folder / "plans.json"), _json(folder / "dataset.json")
     name = _configuration_name(folder, plans)
     config = _configuration(plans, name)
@@ -77,7 +79,7 @@ def nnunet_defaults(folder: Path, fold: int | str | None, checkpoint: str | None
     spacing = [float(s) for s in config.get("spacing") or []]
     if len(spacing) != 3:
         raise WorkflowError(f"{KEY}: plans.json: configuration {name} has spacing {spacing}, not 3 values")
-    weights = _weights(folder, fold, checkpoint)
+    weights = weights or _weights(folder, fold, checkpoint)
     return {
         "classes": classes,
         "model": {"network": f"{__name__}:NnUNetNetwork", "args": args, "weights": str(weights)},

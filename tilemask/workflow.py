@@ -750,7 +750,10 @@ def _with_nnunet(raw: dict, model: dict, base: Path) -> dict:
     path = path if path.is_absolute() else base / path
     if not path.is_dir():
         raise WorkflowError(f"model.nnunet: no such folder {path}")
-    defaults = nnunet_defaults(path, fold, checkpoint)
+    given = model.get("weights")  # its own checkpoint: its mirroring axes, and no fold_N needed
+    weights = Path(given).expanduser() if isinstance(given, str) and not given.startswith(REMOTE_PREFIXES) else None
+    weights = weights if weights is None or weights.is_absolute() else base / weights
+    defaults = nnunet_defaults(path, fold, checkpoint, weights if weights and weights.is_file() else None)
     output = raw.get("output") if isinstance(raw.get("output"), dict) else {}
     if output.get("grid") == "model":  # its box depends on the data, as would the grid written: the whole scan
         del defaults["preprocess"]["crop"]
