@@ -514,6 +514,25 @@ def test_python_arguments_the_command_would_refuse_are_refused_before_a_job_is_m
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.timeout(120)
+def test_a_script_that_runs_at_its_top_level_is_told_to_guard_it(make_raster, make_model, write_workflow, tmp_path):
+    """A script calling ``tilemask.run`` outside ``if __name__ == "__main__":``: each embedded worker imports it as
+    it starts and called it again.  The worker exits in one line saying so and the script gets one error, where
+    it got distributed's "Nanny failed to start" after a job "running in another process", in two tracebacks."""
+    path, _ = make_raster((3, 64, 64))
+    weights, _ = make_model()
+    workflow = write_workflow(raster_workflow(path, weights))
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"import tilemask\ntilemask.run({str(workflow)!r}, workers=1)\n")
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if "Warning" not in line]
+    assert 'tilemask: error: tilemask.run was called again as a new worker process imported your script: call it ' \
+           'under if __name__ == "__main__":' in lines[0]
+    assert lines[-1].startswith("tilemask.errors.RunError: the embedded cluster's workers did not start")
+    assert "Nanny failed" not in done.stderr and "running in another process" not in done.stderr
+
+
 @pytest.mark.timeout(60)
 def test_workers_beside_a_client_are_refused_before_a_job_is_made(make_raster, make_model, tmp_path, client):
     """``tilemask.run(workflow, client, workers=4)`` ran on the client's cluster as it is, the 4 dropped without a

@@ -198,7 +198,8 @@ def cluster_client(
     cluster = None
     try:
         # the nannies take the config along; one that restarts a worker later spawns it
-        with shielded(), dask.config.set({**(UNWATCHED if not dashboard else {}), **forkserver.worker_config()}):
+        with shielded(), dask.config.set({**(UNWATCHED if not dashboard else {}), **forkserver.worker_config()}), \
+                _workers_that_did_not_start():
             cluster = LocalCluster(
                 n_workers=workers or default_n,
                 threads_per_worker=threads_per_worker or default_t,
@@ -216,6 +217,19 @@ def cluster_client(
         signal.pthread_sigmask(signal.SIG_SETMASK, unheld)
         if cluster is not None:  # e.g. a nanny still restarting a killed worker fails it: the work itself is done
             _close_quietly(cluster, "the embedded cluster")
+
+
+@contextlib.contextmanager
+def _workers_that_did_not_start() -> Iterator[None]:
+    """distributed's "Nanny failed to start" (and its chain of tracebacks) as one line: the workers' own errors are
+    on stderr before it."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "failed to start" not in str(exc):
+            raise
+        raise RunError("the embedded cluster's workers did not start (their errors are above; a Python script calls "
+                       'tilemask.run under if __name__ == "__main__":, as each worker imports it)') from None
 
 
 @contextlib.contextmanager

@@ -139,6 +139,7 @@ def run(
     embedded; slurm, jobs of dask-jobqueue): one result per input (``status`` ok, skipped or failed).
     ``workflow``: a Workflow, a workflow file, or the mapping one holds (read as :meth:`Workflow.from_dict`, its
     relative paths the working folder's).  ``source``: the workflow file, recorded in the job."""
+    refuse_while_bootstrapping()
     if isinstance(workflow, Mapping):
         workflow = Workflow.from_dict(dict(workflow))
     elif not isinstance(workflow, Workflow):
@@ -165,6 +166,19 @@ def run(
                         job.discard()
                 plan.remove_made()  # the output folders its checks made, if still empty (outside a --job-dir)
             raise
+
+
+def refuse_while_bootstrapping() -> None:
+    """Exit, in one line, a process that calls ``tilemask.run`` while it imports the caller's script as it starts
+    (multiprocessing's ``_inheriting``: each worker of the embedded cluster imports the script it was started from,
+    and a call at the script's top level runs again there).  Its job was then "running in another process" and the
+    caller got distributed's "Nanny failed to start" and two tracebacks; a script that also rebuilt its inputs at
+    its top level waited for over ten minutes."""
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise SystemExit('tilemask: error: tilemask.run was called again as a new worker process imported your '
+                         'script: call it under if __name__ == "__main__": (README, "Command line and Python")')  # fmt: skip
 
 
 def _check_cluster_arguments(scheduler, workers, threads_per_worker, cluster: str, client=None) -> None:
