@@ -177,8 +177,8 @@ def refuse_while_bootstrapping() -> None:
     import multiprocessing
 
     if getattr(multiprocessing.current_process(), "_inheriting", False):
-        raise SystemExit('tilemask: error: tilemask.run was called again as a new worker process imported your '
-                         'script: call it under if __name__ == "__main__": (README, "Command line and Python")')  # fmt: skip
+        raise SystemExit("tilemask: error: tilemask.run was called again as a new worker process imported your "
+                         'script: call it under if __name__ == "__main__": (README, "Command line and Python")')
 
 
 def _check_cluster_arguments(scheduler, workers, threads_per_worker, cluster: str, client=None) -> None:
