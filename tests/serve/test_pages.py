@@ -124,6 +124,22 @@ def test_view_shows_the_scan_in_grey_with_the_labels_in_their_colours(browser, s
 
 
 @pytest.mark.slow
+def test_map_says_nothing_of_tiles_outside_the_output_and_a_click_there_says_outside(browser, server):
+    """Tiles and clicks beyond the output are 404s the map knows by their ``X-Tilemask-Outside`` header (it read
+    their text before): no error is named for the tiles, and a click there says "outside the outputs"."""
+    page = open_page(browser, f"{server}map?output=RGB.byte_mask.tif")
+    outside = []
+    page.on("response", lambda r: outside.append(r.url) if r.status == 404 and "/tiles/" in r.url else None)
+    page.evaluate("new Promise(done => { tilemaskMap.once('rendercomplete', done); "
+                  "tilemaskMap.getView().setZoom(tilemaskMap.getView().getZoom() - 2); })")  # fmt: skip
+    assert outside and page.evaluate("window.tilemaskError") is None, outside
+    page.mouse.click(20, SIZE["height"] - 20)  # a corner of the map, far from the scene
+    page.wait_for_function("document.getElementById('info').textContent.length > 0", timeout=30_000)
+    assert page.inner_text("#info") == "outside the outputs"
+    page.close()
+
+
+@pytest.mark.slow
 def test_map_shows_polygons_across_the_antimeridian_and_keeps_them_zoomed_out(browser, tmp_path):
     """The map fitted polygons across 180 degrees to an empty extent (a page error, no polygons), and a view
     wider than the world asked the features for a bbox past +-180 degrees (400: every polygon vanished). A

@@ -206,7 +206,8 @@ def test_point_gives_the_label_class_and_probabilities_of_the_pixel(server, serv
             assert (answer["value"], answer["class"]) == (value, names[value])
             band = probs.read(window=((row, row + 1), (col, col + 1)))[:, 0, 0] / 255.0
             np.testing.assert_allclose([answer["probabilities"][n] for n in names], band, atol=1e-6)
-    assert get(f"{server}point", params={"output": LABELS, "lon": 10, "lat": 10}).status_code == 404
+    outside = get(f"{server}point", params={"output": LABELS, "lon": 10, "lat": 10})
+    assert outside.status_code == 404 and outside.headers["X-Tilemask-Outside"] == "1"  # the map's signal, not text
 
 
 def test_stats_serves_the_table_tilemask_wrote(server, served_folder):
@@ -916,6 +917,7 @@ def test_ordinary_bad_requests_are_4xx_not_500(server):
         f"{server}tiles/12/-1/0.png?output={LABELS}": 422,
         f"{server}tiles/8/328/109.png?output={LABELS}": 404,  # x past 2^8 would wrap to tile 8/72/109
         f"{server}tiles/0/1/0.png?output={LABELS}": 404,
+        f"{server}tiles/12/0/0.png?output={LABELS}": 404,  # in the tile matrix, far from the scene
         f"{server}tiles/12/1161/1759.png?output=anatomical_labels.nii.gz": 400,  # a volume
         f"{server}point?output={LABELS}&lon=nan&lat=0": 422,
         f"{items}?bbox=nan,1,2,3": 400,
@@ -928,8 +930,11 @@ def test_ordinary_bad_requests_are_4xx_not_500(server):
         f"{items}?foo=bar": 400,  # /req/core/query-param-unknown
         f"{items}?datetime=2020-01-01T00:00:00Z": 200,  # a Core parameter: the features have no time
     }
+    outside = {f"{server}tiles/{tile}.png?output={LABELS}" for tile in ("8/328/109", "0/1/0", "12/0/0")}
     for url, status in cases.items():
-        assert get(url).status_code == status, url
+        answer = get(url)
+        assert answer.status_code == status, url
+        assert (answer.headers.get("X-Tilemask-Outside") == "1") == (url in outside), url  # the map's signal
     for collection in ("RGB.byte_polygons", "polygons_fgb", "polygons_parquet"):  # an offset past the end (OGR
         page = get(f"{server}collections/{collection}/items?offset={10**23}")  # takes it as a C long: was a 500)
         assert page.status_code == 200 and page.json()["numberReturned"] == 0, (collection, page.text)

@@ -34,6 +34,7 @@ STATIC = Path(__file__).parent / "static"
 VENDOR = STATIC / "vendor"
 VENDOR_FILES = ("ol.js", "ol.css", "niivue.umd.js")
 GEOJSON = "application/geo+json"
+OUTSIDE = {"X-Tilemask-Outside": "1"}  # a 404 for a place the output does not cover: the map shows nothing there
 
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -133,7 +134,8 @@ def create_app(
         band: int | None = Query(None, ge=1),
     ):  # fmt: skip
         if x >= 2**z or y >= 2**z:  # WebMercatorQuad has 2^z tiles a side: a larger x would wrap around the world
-            raise HTTPException(404, f"tile {z}/{x}/{y} is outside the tile matrix (0 to {2**z - 1} at zoom {z})")
+            raise HTTPException(404, f"tile {z}/{x}/{y} is outside the tile matrix (0 to {2**z - 1} at zoom {z})",
+                                headers=OUTSIDE)  # fmt: skip
         entry = map_labels(output, probabilities=True)
         if band is None and entry.path != relative(root, resolve(root, output)):  # the probabilities named
             raise HTTPException(422, f"{output}: probabilities: give the band to show (&band=1 for the first class)")
@@ -146,7 +148,7 @@ def create_app(
                 else:
                     body = raster.probability_tile(root, entry, band, x, y, z)
         except raster.OUTSIDE:
-            raise HTTPException(404, "tile outside the output") from None
+            raise HTTPException(404, "tile outside the output", headers=OUTSIDE) from None
         except IndexError:
             raise HTTPException(404, f"{output}: no probabilities band {band}") from None
         return Response(body, media_type="image/png", headers={"Cache-Control": "max-age=60"})
@@ -158,7 +160,7 @@ def create_app(
             with reading(entry.path):
                 return raster.point(root, entry, lon, lat)
         except raster.OUTSIDE:
-            raise HTTPException(404, f"({lon}, {lat}) is outside {output}") from None
+            raise HTTPException(404, f"({lon}, {lat}) is outside {output}", headers=OUTSIDE) from None
 
     @app.get("/stats")
     def stats(output: str):

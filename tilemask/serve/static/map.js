@@ -41,7 +41,7 @@ function tileLoader(path) {
       let detail;
       try { detail = JSON.parse(body).detail; } catch (e) { /* not JSON */ }
       const reason = typeof detail === "string" ? detail : `${path}: ${response.status} ${body}`;
-      const outside = response.status === 404 && typeof detail === "string" && /^tile .*outside/.test(detail);
+      const outside = response.status === 404 && response.headers.get("X-Tilemask-Outside") === "1";
       tileFailed(tile, outside ? null : reason);
       return;
     }
@@ -165,7 +165,7 @@ map.on("singleclick", async (event) => {
     if (!response.ok) {
       let detail;
       try { detail = (await response.json()).detail; } catch (e) { /* not JSON */ }
-      if (response.status === 404 && typeof detail === "string" && detail.startsWith("(")) continue;  // outside
+      if (response.status === 404 && response.headers.get("X-Tilemask-Outside") === "1") continue;  // outside
       info.textContent = typeof detail === "string" ? detail : `${r.path}: ${response.status}`;  // gone, damaged
       delete info.dataset.value;
       return;
