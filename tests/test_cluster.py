@@ -531,6 +531,10 @@ def test_a_script_that_runs_at_its_top_level_is_told_to_guard_it(make_raster, ma
            'under if __name__ == "__main__":' in lines[0]
     assert lines[-1].startswith("tilemask.errors.RunError: the embedded cluster's workers did not start")
     assert "Nanny failed" not in done.stderr and "running in another process" not in done.stderr
+    # a cluster that fails to start for another reason still says it (a reviewer's: it took this line)
+    missing = {"DASK_DISTRIBUTED__SCHEDULER__PRELOAD": '["no_such_xyz"]'}
+    preload = run_cli("run", workflow, "--workers", "1", env=missing)
+    assert preload.returncode == 1 and "No module named 'no_such_xyz'" in preload.stderr, preload.stderr
 
 
 @pytest.mark.timeout(60)

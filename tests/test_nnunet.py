@@ -474,6 +474,10 @@ def test_a_checkpoint_given_in_the_workflow_gives_the_mirroring_axes(tmp_path):
     assert len(Workflow.from_dict({**raw, "model": {"nnunet": str(folder)}}).inference.flips) == 8
     shutil.rmtree(folder / "fold_0")
     assert Workflow.from_dict(raw, base_dir=tmp_path).inference.flips == ((), (2,))
+    with pytest.raises(WorkflowError, match=r"^model.weights: no such file .*mnie.pth$"):
+        Workflow.from_dict({**raw, "model": {"nnunet": str(folder), "weights": "mnie.pth"}}, base_dir=tmp_path)
+    with pytest.raises(WorkflowError, match="^model.fold and model.checkpoint choose the folder's checkpoint: give "):
+        Workflow.from_dict({**raw, "model": {**raw["model"], "fold": 7}}, base_dir=tmp_path)
 
 
 @pytest.mark.parametrize("edit, warned", [

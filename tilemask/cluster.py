@@ -221,15 +221,15 @@ def cluster_client(
 
 @contextlib.contextmanager
 def _workers_that_did_not_start() -> Iterator[None]:
-    """distributed's "Nanny failed to start" (and its chain of tracebacks) as one line: the workers' own errors are
-    on stderr before it."""
+    """distributed's "Nanny failed to start" (and its chain of tracebacks) as one line; why is in the workers'
+    logs, which ``--debug`` shows (a worker that ran an unguarded script's ``tilemask.run`` says so itself)."""
     try:
         yield
     except RuntimeError as exc:
-        if "failed to start" not in str(exc):
+        if "Nanny failed to start" not in str(exc):  # not "Cluster failed to start: <its reason>": that says why
             raise
-        raise RunError("the embedded cluster's workers did not start (their errors are above; a Python script calls "
-                       'tilemask.run under if __name__ == "__main__":, as each worker imports it)') from None
+        raise RunError("the embedded cluster's workers did not start (a Python script calls tilemask.run under "
+                       'if __name__ == "__main__":, as each worker imports it; --debug shows why)') from None
 
 
 @contextlib.contextmanager
@@ -635,8 +635,8 @@ def dashboard_link(client: Client) -> str | None:
     try:  # no proxy: the scheduler's own answer
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         opener.open(urllib.request.Request(link, method="HEAD"), timeout=1).close()
-    except urllib.error.HTTPError as exc:
-        return None if exc.code == 404 else link
+    except urllib.error.HTTPError as exc:  # the scheduler's own 404 (Tornado's), not a proxy's between
+        return None if exc.code == 404 and exc.headers.get("Server", "").startswith("TornadoServer") else link
     except (OSError, ValueError):
         return link
     return link

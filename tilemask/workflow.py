@@ -752,8 +752,14 @@ def _with_nnunet(raw: dict, model: dict, base: Path) -> dict:
         raise WorkflowError(f"model.nnunet: no such folder {path}")
     given = model.get("weights")  # its own checkpoint: its mirroring axes, and no fold_N needed
     weights = Path(given).expanduser() if isinstance(given, str) and not given.startswith(REMOTE_PREFIXES) else None
-    weights = weights if weights is None or weights.is_absolute() else base / weights
-    defaults = nnunet_defaults(path, fold, checkpoint, weights if weights and weights.is_file() else None)
+    if weights is not None:
+        weights = weights if weights.is_absolute() else base / weights
+        if fold is not None or checkpoint is not None:
+            raise WorkflowError("model.fold and model.checkpoint choose the folder's checkpoint: give them or "
+                                "model.weights, not both")  # fmt: skip
+        if not weights.is_file():
+            raise WorkflowError(f"model.weights: no such file {weights}")
+    defaults = nnunet_defaults(path, fold, checkpoint, weights)
     output = raw.get("output") if isinstance(raw.get("output"), dict) else {}
     if output.get("grid") == "model":  # its box depends on the data, as would the grid written: the whole scan
         del defaults["preprocess"]["crop"]

@@ -80,7 +80,8 @@ def create_app(
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "HEAD"],
-                           allow_headers=["Range"], expose_headers=["Content-Range", "Accept-Ranges"])  # fmt: skip
+                           allow_headers=["Range"],
+                           expose_headers=["Content-Range", "Accept-Ranges", *OUTSIDE])  # fmt: skip
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def entry_at(output: str, *kinds: str) -> Entry:
@@ -133,10 +134,10 @@ def create_app(
         output: str, z: int = PathParam(ge=0, le=30), x: int = PathParam(ge=0), y: int = PathParam(ge=0),
         band: int | None = Query(None, ge=1),
     ):  # fmt: skip
+        entry = map_labels(output, probabilities=True)
         if x >= 2**z or y >= 2**z:  # WebMercatorQuad has 2^z tiles a side: a larger x would wrap around the world
             raise HTTPException(404, f"tile {z}/{x}/{y} is outside the tile matrix (0 to {2**z - 1} at zoom {z})",
                                 headers=OUTSIDE)  # fmt: skip
-        entry = map_labels(output, probabilities=True)
         if band is None and entry.path != relative(root, resolve(root, output)):  # the probabilities named
             raise HTTPException(422, f"{output}: probabilities: give the band to show (&band=1 for the first class)")
         if band is not None and not entry.probabilities:

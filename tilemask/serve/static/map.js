@@ -13,8 +13,8 @@ function lonLatBox([x0, y0, x1, y1]) {
 }
 // A tile fetched rather than left to an <img>, so that the server's reason for one it cannot draw (a COG whose
 // tiles are cut short or do not decompress: 422) is named in #info and window.tilemaskError, not a silent gap.
-// A 404 "tile ... outside ..." is a tile outside the output: nothing to draw there. Any other (the output
-// removed while the page is open) is named.
+// A 404 with the header X-Tilemask-Outside is a tile outside the output: nothing to draw there. Any other (the
+// output removed while the page is open) is named.
 const TILE_LOADING = 1, TILE_ERROR = 3;  // ol's TileState (the full build does not export it)
 function tileFailed(tile, reason) {
   if (reason) {
