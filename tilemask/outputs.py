@@ -229,7 +229,8 @@ def check_spatial_index(staged: str, target: Path) -> None:
     all there, was published (exit 0, an exploratory review). An empty layer has its index too."""
     import sqlite3
 
-    with contextlib.closing(sqlite3.connect(f"file:{staged}?mode=ro", uri=True)) as db:
+    # a URI, read-only: its path percent-encoded (a bare "#" or "?" cut the name short and SQLite made an empty file)
+    with contextlib.closing(sqlite3.connect(f"{Path(staged).absolute().as_uri()}?mode=ro", uri=True)) as db:
         indexed = db.execute("SELECT count(*) FROM gpkg_extensions WHERE table_name = ? AND extension_name = "
                              "'gpkg_rtree_index'", (target.stem,)).fetchone()[0]  # fmt: skip
     if not indexed:

@@ -338,6 +338,24 @@ def test_a_table_tilemask_did_not_write_is_never_replaced(tmp_path, shade_labels
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["d#1.gpkg", "what?.gpkg", "p%41q.gpkg"])
+def test_a_geopackage_named_with_uri_characters(tmp_path, shade_labels, client, name):
+    """A GeoPackage whose name holds "#", "?" or "%XX" is written (its spatial index is checked through an SQLite
+    URI: unencoded, the name was cut short, the check failed on an empty database it made, and that file stayed)."""
+    with rasterio.open(shade_labels) as ds:
+        districts = gpd.GeoDataFrame({"district": ["a"]}, geometry=[shapely.box(*ds.bounds)], crs=ds.crs)
+    districts.to_file(tmp_path / "districts.gpkg")
+    folder = tmp_path / "a folder"
+    folder.mkdir()
+    result = CliRunner().invoke(stats_command, [str(shade_labels), "-o", str(folder / name), "--regions",
+                                                str(tmp_path / "districts.gpkg"), "--region-id", "district",
+                                                "--scheduler", client.scheduler.address])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in folder.iterdir()) == [name]
+    assert list(gpd.read_file(folder / name)["district"]) == ["a"]
+
+
+@pytest.mark.timeout(60)
 def test_a_table_another_command_is_writing_is_refused_before_any_work(tmp_path, shade_labels):
     """A review's: two ``stats`` (or ``evaluate``) writing one ``-o`` at once both checked that it did not exist,
     both wrote it, exit 0, and one table was lost. The second is refused, as a second run of an output is."""
