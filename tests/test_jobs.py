@@ -754,6 +754,31 @@ def test_a_glob_does_not_take_the_workflows_own_outputs_beside_its_inputs(make_r
     assert Workflow.from_dict(itself, base_dir=tmp_path).input_paths() == [str(a), mask, str(b)]
 
 
+def test_brackets_in_the_workflows_folder_or_an_existing_file_are_taken_literally(make_raster, make_model, tmp_path):
+    """A path that exists is that file, and the workflow's folder is no part of a glob: a project folder named
+    "survey [v2]" made every relative input "no file matches" (exit 2), as did an input named scene[1].tif."""
+    project = tmp_path / "survey [v2]"
+    (project / "data").mkdir(parents=True)
+    a, _ = make_raster((3, 40, 40), name="survey [v2]/data/a.tif")
+    bracketed, _ = make_raster((3, 40, 40), name="survey [v2]/data/scene[1].tif")
+    weights, _ = make_model()
+
+    def paths(given):
+        return Workflow.from_dict(raster_workflow(given, weights), base_dir=project).input_paths()
+
+    assert paths("data/a.tif") == [str(a)]
+    assert paths("data/scene[1].tif") == [str(bracketed)]
+    assert paths(str(bracketed)) == [str(bracketed)]
+    assert paths("data/*.tif") == [str(a), str(bracketed)]
+    assert paths("data/[a]*.tif") == [str(a)]  # a glob of the user's own is still one
+    with pytest.raises(WorkflowError, match="no file matches 'data/scene"):
+        paths("data/scene[2].tif")
+    case = raster_workflow("x", weights)
+    case["input"] = {"channels": ["data/{case}.tif"]}
+    cases = Workflow.from_dict(case, base_dir=project).input_items()
+    assert [item.name for item in cases] == ["a", "scene[1]"]
+
+
 def test_a_stac_items_id_is_one_file_name_in_the_output_folder(make_model, tmp_path):
     """An id comes from whoever wrote the catalog: ``../../outside`` wrote its mask two folders above the output
     folder, and ``T18/LC08 2020:01`` made a sub-folder. Each is made one file name in the output folder."""

@@ -508,6 +508,12 @@ class Workflow(_Strict):
         p = Path(path).expanduser()
         return os.path.normpath(p if p.is_absolute() else (self._base_dir / p))
 
+    def _pattern(self, path: str) -> str:
+        """A local glob from the workflow, made absolute as :meth:`resolve` does, with the workflow's folder taken
+        literally: a project folder named "Survey [2024]" is no character class."""
+        p = Path(path).expanduser()
+        return os.path.normpath(p if p.is_absolute() else (Path(glob.escape(str(self._base_dir))) / p))
+
     def input_items(self) -> list[InputItem]:
         """The inputs, globs expanded (sorted), in order; cases of ``input.channels`` by case name."""
         from . import inputs
@@ -526,7 +532,8 @@ class Workflow(_Strict):
     def _cases(self, patterns: list[str]) -> list[InputItem]:
         first = self.resolve(patterns[0])
         found = re.compile(re.escape(first).replace(re.escape(CASE), "(.+)") + "$")
-        cases = sorted({m.group(1) for p in glob.glob(first.replace(CASE, "*")) if (m := found.match(p))})
+        matches = glob.glob(self._pattern(patterns[0]).replace(CASE, "*"))
+        cases = sorted({m.group(1) for p in matches if (m := found.match(p))})
         if not cases:
             raise WorkflowError(f"input.channels: no file matches {patterns[0]!r}")
         items = []
@@ -546,12 +553,13 @@ class Workflow(_Strict):
         paths: list[str] = []
         for item in items:
             resolved = self.resolve(item)
-            if not resolved.startswith(REMOTE_PREFIXES) and glob.has_magic(resolved):
-                matches = sorted(glob.glob(resolved, recursive=True))  # "**": any depth of folders, as in a shell
+            remote = resolved.startswith(REMOTE_PREFIXES)
+            if not remote and glob.has_magic(item) and not os.path.exists(resolved):  # a file that exists is itself
+                matches = sorted(glob.glob(self._pattern(item), recursive=True))  # "**": any depth, as in a shell
                 if not matches:
                     raise WorkflowError(f"input: no file matches {item!r}")
                 paths.extend(self._not_outputs(matches, item))
-            elif resolved.startswith(REMOTE_PREFIXES) and "*" in resolved.split("?", 1)[0]:
+            elif remote and "*" in resolved.split("?", 1)[0]:
                 raise WorkflowError(f"input: {item!r}: a glob is expanded on the local file system only; list the "
                                     "remote files in input.list")  # fmt: skip
             else:
