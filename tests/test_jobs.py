@@ -1012,6 +1012,7 @@ def test_a_tar_of_a_folder_whose_members_are_named_dot_slash_is_read(make_raster
     workflow["input"] = {"archive": "scenes.tar.gz", "members": "*.tif"}
     (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
     assert (result.status, result.input) == ("ok", f"/vsitar/{tmp_path}/scenes.tar.gz/a.tif") and result.windows > 0
+    assert not (tmp_path / "scenes.tar.gz.properties").exists()  # GDAL's gzip index: no file beside an input
     from tilemask.inputs import archive_items
     from tilemask.storage import local_copy
 
