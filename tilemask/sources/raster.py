@@ -54,7 +54,7 @@ CLOUD_DEFAULTS = {
     "GDAL_HTTP_RETRY_DELAY": "1",
     "GDAL_HTTP_CONNECTTIMEOUT": "10",  # seconds to connect
     "GDAL_HTTP_TIMEOUT": "30",  # seconds for one request, retries aside
-    "CPL_VSIL_GZIP_WRITE_PROPERTIES": "NO",  # no index file GDAL would leave beside a .tar.gz input (x.tar.gz.properties)
+    "CPL_VSIL_GZIP_WRITE_PROPERTIES": "NO",  # no index GDAL would leave beside a .tar.gz input (x.tar.gz.properties)
 }
 
 
