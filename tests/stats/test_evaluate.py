@@ -197,6 +197,30 @@ def test_python_chunks_that_are_no_positive_integer_are_named_not_blamed_on_the_
 
 
 @pytest.mark.timeout(60)
+def test_chunks_that_cut_the_labels_into_too_many_small_blocks_are_refused(tmp_path):
+    """``--chunks 1`` on a 0.57-megapixel mask ran for minutes in 2 GB, where ``tilemask run`` refuses such a
+    chunking: more than 20,000 blocks under 256 pixels along an axis are refused before any work (exit 2); fewer
+    blocks are not."""
+    from tilemask.stats import compute_stats
+    from tilemask.stats.cli import stats as stats_command
+
+    transform = Affine(10, 0, 0, 0, -10, 1000)
+    pred = write_raster(tmp_path / "pred.tif", blobs((150, 200), seed=7), "EPSG:32633", transform, block=32)
+    truth = write_raster(tmp_path / "truth.tif", blobs((150, 200), seed=8), "EPSG:32633", transform, block=32)
+    why = (f"chunks 1 cuts {pred} into 30,000 blocks, more than 20,000, each Dask tasks of its own; give 256 or "
+           "more, or leave it out (the file's own blocks)")  # fmt: skip
+    for call in (lambda: evaluate_paths(pred, truth, chunks=1),
+                 lambda: compute_stats(pred, tmp_path / "t.csv", chunks=1)):  # fmt: skip
+        with pytest.raises(InputError) as refused:
+            call()
+        assert str(refused.value) == why
+    refused = CliRunner().invoke(stats_command, [str(pred), "-o", str(tmp_path / "t.csv"), "--chunks", "1"])
+    assert (refused.exit_code, refused.output) == (2, f"tilemask: error: --{why}\n")
+    assert not (tmp_path / "t.csv").exists()
+    assert evaluate_paths(pred, truth, chunks=8)["classes"]  # 475 blocks
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("classes", [5, {0: "bg", 1: "a"}, ["bg", 1]], ids=["int", "dict", "not-str"])
 def test_python_classes_that_are_no_names_are_a_usage_error_naming_the_argument(pair, tmp_path, classes):
     """``compute_stats(..., classes=5)`` was a bare ``TypeError: 'int' object is not iterable`` from deep inside,

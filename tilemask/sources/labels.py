@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -181,6 +182,25 @@ def check_chunks(chunks) -> None:
     if chunks is not None and not whole(chunks) and not (isinstance(chunks, (tuple, list)) and chunks
                                                          and all(map(whole, chunks))):  # fmt: skip
         raise InputError(f"{option('chunks')} must be a positive integer or one per axis, got {chunks!r}")
+
+
+SMALL_BLOCK = 256  # a block edge under which Dask's tasks cost more than the block's pixels
+MOST_SMALL_BLOCKS = 20_000
+
+
+def check_block_count(image: LabelImage, chunks) -> None:
+    """Refuse ``chunks`` (given, not the file's own) that cut ``image`` into more than :data:`MOST_SMALL_BLOCKS`
+    blocks under :data:`SMALL_BLOCK` along an axis, as ``tilemask run`` refuses such ``output.chunks``: each is
+    Dask tasks of its own (a review's ``--chunks 1`` on the demo's 0.57-megapixel mask held 2 GB and was still
+    running after 100 s)."""
+    array = image.array
+    blocks = math.prod(array.numblocks)
+    if chunks is None or blocks <= MOST_SMALL_BLOCKS:
+        return
+    if any(edge < min(SMALL_BLOCK, size) for edge, size in zip(array.chunksize, array.shape)):
+        raise InputError(f"{option('chunks')} {chunks} cuts {image.path} into {blocks:,} blocks, more than "
+                         f"{MOST_SMALL_BLOCKS:,}, each Dask tasks of its own; give {SMALL_BLOCK} or more, or leave "
+                         "it out (the file's own blocks)")  # fmt: skip
 
 
 def open_nifti_probabilities(path: str, chunks) -> tuple[da.Array, VolumeGeometry]:

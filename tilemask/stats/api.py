@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import InputError, ReadError, check_flags, on_command_line, option
 from ..sources import file_stamp
-from ..sources.labels import check_chunks, open_labels
+from ..sources.labels import check_block_count, check_chunks, open_labels
 from .config import StatsConfig, is_label_image, unused_options
 from .evaluate import check_same_grid, evaluate
 from .instances import CONNECTIVITIES, find_instances
@@ -73,6 +73,7 @@ def prepare_stats(
     check_chunks(chunks)
     names = parse_classes(classes)
     image = open_labels(str(mask_path), chunks=chunks)
+    check_block_count(image, chunks)
     if not np.issubdtype(image.array.dtype, np.integer):
         raise InputError(f"{mask_path}: labels must be integers, not {image.array.dtype}")
     grid_of(image).check_sizes(mask_path)
@@ -157,6 +158,7 @@ def prepare_evaluation(
     names = parse_classes(classes)
     pred = open_labels(str(pred_path), chunks=chunks)
     truth = open_labels(str(truth_path), chunks=chunks)
+    check_block_count(pred, chunks)
     grid = check_same_grid(pred, truth)
     if surface:
         check_surface(grid, pred_path)
