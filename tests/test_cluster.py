@@ -811,3 +811,30 @@ def test_a_second_stop_while_the_embedded_cluster_closes_waits_for_the_close(mon
     finally:
         if cluster is not None and cluster.status.name != "closed":
             close(cluster)
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_restarted_after_a_no_worker_timeout_of_steady_progress_does_not_fail_the_wait():
+    """The wait's worker check ran only between results: in a run whose results came steadily for longer than
+    ``tilemask.no-workers-timeout``, a worker killed (and restarted by its nanny in seconds) failed it at once with
+    "no worker for 60 s".  The limit now counts from the last result."""
+    import os
+
+    import dask
+    from distributed import LocalCluster
+
+    from tilemask.cluster import completed
+
+    with dask.config.set({"tilemask.no-workers-timeout": 6}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:  # fmt: skip
+        client.wait_for_workers(1)
+        futures = [client.submit(time.sleep, 0.05, key=f"nap-{i}") for i in range(300)]
+        started, killed = time.monotonic(), None
+        for n, _ in enumerate(completed(client, futures), 1):
+            if killed is None and time.monotonic() - started > 7:  # past the limit, results arriving all along
+                (pid,) = client.run(os.getpid).values()
+                os.kill(pid, signal.SIGKILL)
+                killed = n
+        assert killed is not None and killed < 300, "the results ended before the worker was killed"
+        assert all(f.status == "finished" for f in futures)

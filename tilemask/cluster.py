@@ -738,6 +738,12 @@ class _WorkerWatch:
         self.client, self.limit = client, no_workers_timeout()
         self.last_worker = self.last_working = self.next_check = time.monotonic()
 
+    def progressed(self) -> None:
+        """A task finished: a worker was there and ran it.  The limits count from the last of these, not from the
+        wait's start: checked only between results, a worker killed a minute into a steady run (its nanny
+        restarting it in 2 s) failed the run at once, "no worker for 60 s"."""
+        self.last_worker = self.last_working = time.monotonic()
+
     def check(self) -> None:
         now = time.monotonic()
         if now < self.next_check:
@@ -798,10 +804,13 @@ def completed(client: Client, futures: Iterable[Future]) -> Iterator[Future]:
                     raise Abandoned()
                 raise_if_stopped()
             try:
-                yield done.get(timeout=0.25)
-                break
+                future = done.get(timeout=0.25)
             except queue.Empty:
                 watch.check()
+                continue
+            watch.progressed()
+            yield future
+            break
 
 
 def result_of(client: Client, future: Future):
