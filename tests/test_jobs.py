@@ -169,6 +169,32 @@ def test_weights_retrained_at_the_same_path_redo_every_finished_item(make_raster
     assert last.status == "skipped"  # unchanged since: done
 
 
+def test_edited_statistics_regions_redo_the_item(make_raster, make_model, tmp_path, client):
+    """A ``stats.regions`` file edited since a run (a district removed) redid nothing: the rerun said "done in an
+    earlier run" and the table still named the district.  Its stamp is recorded and compared, as the weights' is."""
+    import geopandas as gpd
+    import pandas as pd
+    import shapely
+
+    path, _ = make_raster((3, 80, 90))
+    weights, _ = make_model()
+    with rasterio.open(path) as ds:
+        whole, crs = shapely.box(*ds.bounds), ds.crs
+    districts = gpd.GeoDataFrame({"name": ["whole", "half"]}, geometry=[whole, whole.buffer(-500)], crs=crs)
+    districts.to_file(tmp_path / "districts.gpkg")
+    workflow = raster_workflow(path, weights, output={"path": "out/{stem}.zarr", "chunks": 64},
+                               stats={"output": "out/{stem}_stats.csv", "regions": "districts.gpkg",
+                                      "region_id": "name"})  # fmt: skip
+    (first,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert list(pd.read_csv(tmp_path / "out" / "scene_stats.csv")["name"]) == ["whole", "half"]
+    districts.iloc[1:].to_file(tmp_path / "districts.gpkg")
+    (redone,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert redone.status == "ok"
+    assert list(pd.read_csv(tmp_path / "out" / "scene_stats.csv")["name"]) == ["half"]
+    (last,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert last.status == "skipped"  # unchanged since: done
+
+
 def test_a_finished_item_whose_product_someone_replaced_is_not_skipped_as_done(make_raster, make_model, tmp_path,
                                                                                client):  # fmt: skip
     """A job's rerun skipped a finished item when each of its outputs existed: polygons replaced since by a file

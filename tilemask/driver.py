@@ -297,7 +297,8 @@ def drive_job(
     latest = manifest.latest()
     weights = input_stamp(plan.model.weights)  # retrained weights at the same path: every item is redone
     finished = _finished({item.name: latest[item.name] for item in items if item.name in latest}, weights,
-                         {item.name: list(item.files) for item in items})
+                         {item.name: list(item.files) for item in items},
+                         {item.name: _regions(plan, item) for item in items})
     for index, item in enumerate(items):
         earlier = _earlier(latest.get(item.name), item.name in finished, options)
         if earlier is None:
@@ -386,12 +387,20 @@ def _stamps(files) -> list[list]:
     return [input_stamp(f) for f in files]
 
 
-def _finished(lines: dict[str, dict], weights: list, files: dict[str, list[str]]) -> set[str]:
+def _regions(plan: WorkflowPlan, item: InputItem) -> str | None:
+    """The regions file of an item's statistics (``stats.regions``), if any: edited, the item is redone."""
+    stats = plan.workflow.stats_for(item.name)
+    return stats.regions if stats else None
+
+
+def _finished(lines: dict[str, dict], weights: list, files: dict[str, list[str]],
+              regions: dict[str, str | None]) -> set[str]:  # fmt: skip
     """The names of the items whose latest line (``lines``) is ok, whose files (``files``, by name, as listed now:
-    a list file or STAC Item may name other files under the same name) and weights (stamped ``weights`` now) are as
-    they were (a replaced input, or retrained weights, is redone; lines written before the files and stamps were
-    recorded count as unchanged) and whose outputs are complete (:func:`~tilemask.jobs.outputs_complete`).  Asked
-    in parallel: objects on the network a request each, a GeoPackage's mark a few ms."""
+    a list file or STAC Item may name other files under the same name), statistics' regions (``regions``, by name)
+    and weights (stamped ``weights`` now) are as they were (a replaced input, edited regions or retrained weights,
+    is redone; lines written before the files and stamps were recorded count as unchanged) and whose outputs are
+    complete (:func:`~tilemask.jobs.outputs_complete`).  Asked in parallel: objects on the network a request each,
+    a GeoPackage's mark a few ms."""
 
     def finished(line: dict) -> bool:
         current = files[line["name"]]  # stamped, not the files as recorded: a URL signed then may have expired
@@ -399,8 +408,12 @@ def _finished(lines: dict[str, dict], weights: list, files: dict[str, list[str]]
             list(map(unsigned, line["files"])) == list(map(unsigned, current))
             and (now := _stamps(current)) == line.get("stamps") and [None] not in now
         )
+        region_file = regions[line["name"]]
+        same_regions = region_file is None or "regions_stamp" not in line or (
+            (now := input_stamp(region_file)) == line["regions_stamp"] and now != [None])
         same_model = line.get("weights_stamp", weights) == weights and weights != [None]
-        return unchanged and same_model and own_labels(line) and outputs_complete(line["outputs"])
+        return (unchanged and same_regions and same_model and own_labels(line)
+                and outputs_complete(line["outputs"]))  # fmt: skip
 
     ok = {name: line for name, line in lines.items() if line["status"] == "ok"}
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -469,6 +482,8 @@ class _ItemRunner:
         item = self.plan.items[index]
         start = time.perf_counter()
         stamps = _stamps(item.files)  # as the run reads them: changed later, the next run redoes the item
+        regions = _regions(self.plan, item)
+        regions_stamp = {"regions_stamp": input_stamp(regions)} if regions else {}
         self.in_flight[index] = item.files[0]
         try:
             planned, lock = self.prepared.pop(index, None) or self._prepare(index)
@@ -497,7 +512,7 @@ class _ItemRunner:
             return failed
         del self.in_flight[index]
         stamped = {"files": list(item.files), "stamps": stamps, "weights_stamp": self.weights_stamp,
-                   "labels_stamp": labels_stamp(result.outputs)}  # fmt: skip
+                   "labels_stamp": labels_stamp(result.outputs), **regions_stamp}  # fmt: skip
         self.job.record(_line(index, item.name, result) | stamped)
         self.counts.add("ok")
         return result
