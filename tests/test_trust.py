@@ -997,6 +997,38 @@ def test_a_job_record_that_does_not_fit_leaves_no_staged_copy(tmpfs):
     assert (disk / "status.json").read_text() == "{}"
 
 
+@pytest.mark.timeout(120)
+def test_a_job_whose_records_do_not_fit_at_its_end_fails_when_nothing_else_did(make_raster, make_model, tmp_path,
+                                                                                tmpfs, client, caplog):  # fmt: skip
+    """A job's folder filled as the run ended: the run exited 0 with a warning, its state still "running"
+    (``status``: lost), no report and an empty ``report.csv.tmp`` left (a first-contact review).  Now a run that
+    ran through fails with the record's one line (the first that did not fit); one that failed keeps its own error
+    and warns of the records; no staged copy is left."""
+    from tilemask.driver import _Progress, _record_the_end
+    from tilemask.errors import OutputError
+    from tilemask.jobs import JobFolder
+
+    path, _ = make_raster((3, 64, 64))
+    weights, _ = make_model()
+    tilemask.run(Workflow.from_dict(raster_workflow(path, weights, output={"path": "out/{stem}.zarr"}),
+                                    base_dir=tmp_path), client)  # fmt: skip
+    (done,) = (tmp_path / "out" / ".tilemask" / "jobs").iterdir()
+    for ran_through in (True, False):
+        disk = tmpfs("64k", name=f"disk-{ran_through}")
+        shutil.copytree(done, disk / "job")
+        (disk / "job" / "report.csv").unlink()
+        job = JobFolder(disk / "job")
+        (disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(disk).free - 512))  # no page left for either
+        if ran_through:
+            with pytest.raises(OutputError, match=r"report\.csv: cannot write the job's record: no space left"):
+                _record_the_end(job, _Progress(job, {"items": 1, "ok": 1}), "done", set(), ran_through)
+        else:
+            _record_the_end(job, _Progress(job, {"items": 1, "ok": 1}), "failed", set(), ran_through)
+            assert "cannot write its report and status" in caplog.text
+        assert sorted(p.name for p in (disk / "job").iterdir() if p.name.endswith(".tmp")) == []
+        assert not (disk / "job" / "report.csv").exists()
+
+
 def test_a_cog_assembled_onto_a_full_disk_is_named_so(tmp_path, tmpfs, client):
     """The chunks fitted, the COG did not: GDAL's error (a CPLE_AppDefinedError, not a RasterioError) went up as
     ``Exception: CPLE_AppDefinedError(3, 1, 'TIFFRewriteDirectory:...')``, and the partial file was removed before

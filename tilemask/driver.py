@@ -311,7 +311,7 @@ def drive_job(
     logger.info("job %s: %d item(s), %d to do, %d done before", job.id, len(items), len(todo), len(skipped))
     stop = threading.Event()
     runner = _ItemRunner(job, plan, options, manifest.started(), counts, progress, stop, weights)
-    state = "failed"
+    state, ran_through = "failed", False
     address = client.scheduler.address if client is not None else scheduler
     counts.write("running", host=socket.gethostname(), pid=os.getpid(), started=time.time(), message=None,
                  scheduler=address, driver=driver, slurm_job=slurm_job, finished=None)  # fmt: skip
@@ -346,6 +346,7 @@ def drive_job(
                 for index, result in zip(rest, done):
                     results[index] = result
         state = "failed" if any(r is not None and r.status == "failed" for r in results) else "done"
+        ran_through = True
     except Abandoned:
         state = "cancelled"
         raise JobCancelled(f"job {job.id} was cancelled") from None
@@ -362,12 +363,28 @@ def drive_job(
         raise
     finally:
         runner.release()
-        try:  # the record of a run that failed must not hide why it failed (a full disk fails both)
-            job.write_report(job.items(), skipped)
-            counts.write(state, report=job.report, **({} if state == "running" else {"finished": time.time()}))
-        except OSError as exc:
-            logger.warning("job %s: cannot write its report and status: %s", job.id, exc)
+        _record_the_end(job, counts, state, skipped, ran_through)
     return JobResults([r for r in results if r is not None], job)
+
+
+def _record_the_end(job: JobFolder, counts: _Progress, state: str, skipped: set[str], ran_through: bool) -> None:
+    """Write the job's report, then its final state whatever became of the report.  Where the records do not fit
+    (a full disk), a run that failed says why it failed, with a warning of this; one that ran through fails here
+    (exit 1): it exited 0 with its state still "running" (``status``: lost) and no report."""
+    failures = []
+    try:
+        job.write_report(job.items(), skipped)
+    except OSError as exc:
+        failures.append(exc)
+    try:
+        counts.write(state, report=None if failures else job.report,
+                     **({} if state == "running" else {"finished": time.time()}))  # fmt: skip
+    except OSError as exc:
+        failures.append(exc)
+    if failures and ran_through:
+        raise failures[0]
+    if failures:
+        logger.warning("job %s: cannot write its report and status: %s", job.id, failures[0])
 
 
 def _earlier(line: dict | None, finished: bool, options: Options) -> RunResult | None:

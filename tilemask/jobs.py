@@ -389,11 +389,15 @@ class JobFolder:
             })  # fmt: skip
         staged = self.report_path.with_suffix(".csv.tmp")
         with _writing(self.report_path):
-            with open(staged, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["item"])
-                writer.writeheader()
-                writer.writerows(rows)
-            os.replace(staged, self.report_path)
+            try:
+                with open(staged, "w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["item"])
+                    writer.writeheader()
+                    writer.writerows(rows)
+                os.replace(staged, self.report_path)
+            except OSError:  # a full disk: no staged copy left beside the records
+                staged.unlink(missing_ok=True)
+                raise
         self._saved("report.csv")
         return self.report_path
 
