@@ -92,6 +92,10 @@ def test_skip_records_the_failure_goes_on_and_a_rerun_resumes_without_predicting
     assert again.job.path == job.path
     assert [r.status for r in again] == ["skipped", "skipped", "failed", "skipped", "skipped"]
     assert sum(r.windows for r in again) == 0
+    from tilemask.cli import describe
+
+    assert describe(results[2]).startswith(f"{results[2].input}: failed: ")
+    assert describe(again[2]).startswith(f"{again[2].input}: failed in an earlier run (--retry-failed tries it again): ")
     assert len(manifest_lines(job)) == len(lines), "nothing was attempted"
     assert [row["status"] for row in report_rows(job)] == ["skipped", "skipped", "failed", "skipped", "skipped"]
 

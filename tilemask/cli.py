@@ -97,6 +97,8 @@ def describe(result) -> str:
     from .storage import redacted
 
     shown = redacted(result.input)
+    if result.failed_before:
+        return f"{shown}: failed in an earlier run (--retry-failed tries it again): {result.error}"
     if result.status == "failed":
         return f"{shown}: failed: {result.error}"
     if result.status == "skipped":

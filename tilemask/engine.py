@@ -89,6 +89,12 @@ class RunResult:
     status: str = "ok"  # ok | skipped (ok in an earlier run of the job) | failed
     error: str | None = None
 
+    @property
+    def failed_before(self) -> bool:
+        """Failed in an earlier run of the job, and not tried again (without ``--retry-failed``): no windows is
+        "not known" only for a failure of this run."""
+        return self.status == "failed" and self.windows is not None
+
 # -- worker-side entry points (torch is imported there, never on the client) -----------------------
 
 @dataclass(frozen=True)
