@@ -215,3 +215,7 @@ def test_a_urls_query_is_not_its_stem_and_a_files_question_mark_is():
     assert stem("/vsicurl/https://example.com/scene.tif?token=x") == "scene"
     assert stem("/vsizip//data/scenes.zip/日本/b #1?.tif") == "b #1?"
     assert stem("/data/what?.nii.gz") == "what?"
+    # a URL's name as written, not percent-encoded: sc%C3%A8ne%20%231 wrote sc%C3%A8ne%20%231_mask.tif
+    assert stem("http://example.com/dir%20a/sc%C3%A8ne%20%231%20(copy)%3F.tif") == "scène #1 (copy)?"
+    assert stem("/vsicurl/https://example.com/a%2Fb%00c.tif?sig=1") == "a_b_c"
+    assert stem("/data/sc%C3%A8ne.tif") == "sc%C3%A8ne"  # a file's own name
