@@ -208,11 +208,18 @@ def _ogr_errors() -> tuple[type[Exception], ...]:
     return (DataLayerError, DataSourceError)
 
 
-def describe_write_error(exc: BaseException, path: str | os.PathLike) -> str:
+LIBTIFF_WRITE_FAILED = re.compile(r"TIFF(Rewrite|Write|Append|Flush)\w*:|[Ww]rite error|Error writing")
+"""libtiff's words for a write it could not make (a full disk's ``ENOSPC`` goes to its own stderr lines, not here)."""
+
+
+def describe_write_error(exc: BaseException, path: str | os.PathLike, room: tuple[int, int] | None = None) -> str:
     """One line for a failed write: a full disk named as such, whatever the library called it.
 
     GDAL reports a full disk as libtiff lines and ``Unknown GDAL Error``; when the
-    target's file system has no room left, that is what the user needs to hear.
+    target's file system has no room left, that is what the user needs to hear.  GDAL's COG driver removes its
+    temporary files before it returns, so the disk may no longer look full: ``room`` (the bytes free before the
+    write, and the bytes it holds uncompressed) names a libtiff write failure a full disk where the write had less
+    than twice its raster's uncompressed size to work in (its copy and overviews).
     """
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "disk is full" in str(exc):  # SQLite's (GPKG)
         return "no space left on device"
@@ -220,6 +227,9 @@ def describe_write_error(exc: BaseException, path: str | os.PathLike) -> str:
         if shutil.disk_usage(Path(path).parent).free < (1 << 20):
             return "no space left on device"
     text = str(exc).strip()
+    if room is not None and room[0] < 2 * room[1] and LIBTIFF_WRITE_FAILED.search(text):
+        return (f"no space left on device ({room[0] / 2**20:.1f} MiB free there, for {room[1] / 2**20:.1f} MiB "
+                f"uncompressed; libtiff: {text.splitlines()[0]})")  # fmt: skip
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 

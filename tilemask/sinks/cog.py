@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -366,13 +367,17 @@ class CogSink(LabelSink):
         if not overviews:
             options["OVERVIEWS"] = "NONE"
         raster.abort()
+        room = None
         try:
             remote = PIECES_ON_OBJECT_STORAGE if is_remote(raster.parts) else {}
             with gdal_env(), rasterio.Env(**GDAL_OPTIONS, **remote):
+                with rasterio.open(vrt) as pieces:  # the room it had, to name a full disk GDAL's cleanup hid
+                    uncompressed = pieces.width * pieces.height * raster.bands * np.dtype(raster.dtype).itemsize
+                room = (shutil.disk_usage(os.path.dirname(raster.assembled)).free, uncompressed)
                 rasterio.shutil.copy(vrt, raster.assembled, driver="COG", **options)
                 short = written_short(raster.assembled)
         except (RasterioError, CPLE_BaseError, OSError, SystemError) as exc:  # SystemError: "Unknown GDAL Error"
-            detail = describe_write_error(exc, raster.assembled)  # before the partial file goes: a full disk is seen
+            detail = describe_write_error(exc, raster.assembled, room)  # before the partial goes: a full disk is seen
             raster.abort()
             raise OutputError(f"{raster.path}: cannot assemble the COG: {detail}") from None
         if short:
