@@ -531,6 +531,15 @@ def test_a_script_that_runs_at_its_top_level_is_told_to_guard_it(make_raster, ma
            'under if __name__ == "__main__":' in lines[0]
     assert lines[-1].startswith("tilemask.errors.RunError: the embedded cluster's workers did not start")
     assert "Nanny failed" not in done.stderr and "running in another process" not in done.stderr
+    # a script read from standard input, guarded: the workers cannot import it, and it is told so, not to guard it
+    guarded = f"import tilemask\nif __name__ == '__main__':\n    tilemask.run({str(workflow)!r}, workers=1)\n"
+    done = subprocess.run([sys.executable, "-"], input=guarded, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=100)  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1] == (
+        "tilemask.errors.RunError: the embedded cluster's workers did not start: they import the script that started "
+        "them, and <stdin> is no file (a script read from standard input): save it to a file, or give tilemask.run a "
+        "scheduler")
     # a cluster that fails to start for another reason still says it (a reviewer's: it took this line)
     missing = {"DASK_DISTRIBUTED__SCHEDULER__PRELOAD": '["no_such_xyz"]'}
     preload = run_cli("run", workflow, "--workers", "1", env=missing)

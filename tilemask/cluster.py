@@ -228,6 +228,11 @@ def _workers_that_did_not_start() -> Iterator[None]:
     except RuntimeError as exc:
         if "Nanny failed to start" not in str(exc):  # not "Cluster failed to start: <its reason>": that says why
             raise
+        main = getattr(sys.modules.get("__main__"), "__file__", None)
+        if main is not None and not os.path.exists(main):  # as multiprocessing's new processes import it
+            raise RunError(f"the embedded cluster's workers did not start: they import the script that started them, "
+                           f"and {main} is no file (a script read from standard input): save it to a file, or give "
+                           "tilemask.run a scheduler") from None  # fmt: skip
         raise RunError("the embedded cluster's workers did not start (a Python script calls tilemask.run under "
                        'if __name__ == "__main__":, as each worker imports it; --debug shows why)') from None
 
