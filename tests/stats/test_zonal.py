@@ -344,6 +344,30 @@ def test_regions_without_geometry_count_no_pixel_and_are_named_in_a_warning(tmp_
     assert "1 of 5 regions have no geometry (first: 'r1'): they count no pixel" in caplog.text
 
 
+def test_regions_that_are_not_valid_geometries_are_named_in_a_warning(tmp_path, shade_labels, caplog):
+    """A multipolygon whose parts overlap (not valid): the fraction rule counted the overlap twice (exactextract's
+    answer), the center rule once, 14 % apart in a review's case, with nothing said."""
+    with rasterio.open(shade_labels) as ds:
+        x0, y0, x1, y1 = ds.bounds
+        crs = ds.crs
+    w, h = (x1 - x0) / 4, (y1 - y0) / 4
+    a = shapely.box(x0 + w, y0 + h, x0 + 2.5 * w, y0 + 2.5 * h)
+    overlapping = shapely.MultiPolygon([a, shapely.affinity.translate(a, w, h)])
+    regions = gpd.GeoDataFrame({"name": ["fine", "overlapping"]}, geometry=[a, overlapping], crs=crs)
+    regions.to_file(tmp_path / "regions.gpkg")
+    totals = {}
+    for coverage in ("center", "fraction"):
+        caplog.clear()
+        table = pd.read_csv(compute_stats(shade_labels, tmp_path / f"{coverage}.csv", regions=tmp_path / "regions.gpkg",
+                                          region_id="name", coverage=coverage))  # fmt: skip
+        totals[coverage] = table[[f"class_{v}_pixels" for v in class_values(table)]].sum(axis=1).tolist()
+        assert re.search(r"regions\.gpkg: 1 of 2 regions are not valid geometries \(first: 'overlapping', Self-"
+                         r"intersection\[.*\]\): the fraction rule counts where they overlap themselves twice",
+                         caplog.text), caplog.text
+    fine, overlapping = (totals["fraction"][i] / totals["center"][i] for i in (0, 1))
+    assert overlapping > fine + 0.01  # the overlap counted twice
+
+
 def test_regions_of_no_feature_give_no_row_and_a_warning(tmp_path, shade_labels, caplog):
     """An empty layer gave a table of no rows with nothing said; exactextract gives no row either."""
     regions_path = tmp_path / "regions.gpkg"

@@ -173,6 +173,14 @@ def read_regions(path: str | os.PathLike, region_id: str | None):
         first = regions[region_id].iloc[broken[0]] if region_id is not None else regions.index[broken[0]]
         raise InputError(f"{path}: {len(np.unique(broken))} region(s) have a vertex that is not a number (NaN or "
                          f"infinite; first: {_plain(first)!r}): fix or drop them")  # fmt: skip
+    geometries = regions.geometry.to_numpy()
+    invalid = np.flatnonzero(~shapely.is_valid(geometries) & ~shapely.is_missing(geometries))
+    if len(invalid):  # a self-overlapping multipolygon: exactextract adds its parts' overlaps up, burning does not
+        first = regions[region_id].iloc[invalid[0]] if region_id is not None else regions.index[invalid[0]]
+        logger.warning("%s: %d of %d regions are not valid geometries (first: %r, %s): the fraction rule counts "
+                       "where they overlap themselves twice, as exactextract does, the center rule once; "
+                       "shapely.make_valid them for one answer", path, len(invalid), len(regions), _plain(first),
+                       shapely.is_valid_reason(geometries[invalid[0]]))  # fmt: skip
     if regions.empty:  # an empty table, as exactextract gives; said, not silent
         logger.warning("%s holds no features: the table has no rows", path)
     return regions, region_id or "region"
