@@ -127,6 +127,31 @@ def test_geographic_raster_geodesic_areas(tmp_path, geographic_labels):
             assert row[f"class_{value}_pixels"] == ref.get(value, 0)
 
 
+def test_planar_areas_far_from_the_grounds_are_said(tmp_path, shade_labels, caplog):
+    """``area_m2`` in EPSG:3857 is planar, 1.69x the ground area of the project's own hillshade (39.6 N), with
+    nothing said (a first-contact review); the warning's ratio is the pixel's on the ellipsoid (pyproj's Geod, an
+    independent reference). UTM, within 0.1%, says nothing."""
+    from pyproj import Geod, Transformer
+
+    from .conftest import blobs, write_raster
+
+    compute_stats(shade_labels, tmp_path / "t.csv")
+    (said,) = [r.getMessage() for r in caplog.records if "area_m2 is planar" in r.getMessage()]
+    with rasterio.open(shade_labels) as ds:
+        transform, (h, w) = ds.transform, ds.shape
+    corners = [transform * (w // 2 + dc, h // 2 + dr) for dc, dr in ((0, 0), (0, 1), (1, 1), (1, 0))]
+    lon, lat = Transformer.from_crs("EPSG:3857", "EPSG:4326", always_xy=True).transform(*zip(*corners))
+    ratio = abs(transform.a * transform.e) / abs(Geod(ellps="WGS84").polygon_area_perimeter(lon, lat)[0])
+    assert said.startswith(f"area_m2 is planar in EPSG:3857: at the raster's centre (latitude {np.mean(lat):.1f}) a "
+                           f"pixel's planar area is {ratio:.2f}x its area on the ellipsoid")  # fmt: skip
+    assert ratio == pytest.approx(1.69, abs=0.01)
+    caplog.clear()
+    utm = write_raster(tmp_path / "utm.tif", blobs((60, 80), seed=3), "EPSG:32618",
+                       rasterio.transform.from_origin(500000, 4000000, 30, 30), block=32)  # fmt: skip
+    compute_stats(utm, tmp_path / "u.csv")
+    assert "area_m2 is planar" not in caplog.text
+
+
 @pytest.mark.parametrize("coverage", ["center", "fraction"])
 def test_a_south_up_raster_is_refused_for_vector_regions(tmp_path, shade_labels, coverage):
     """A geotransform with rows running north (``e > 0``): the centre rule counted 0 pixels in every region
