@@ -371,12 +371,31 @@ def test_credentials_in_urls_are_left_out_of_errors_logs_and_the_report(make_ras
 def test_abort_stops_at_the_first_failure_and_reports_what_did_not_run(scene_workflow, tmp_path, client):
     import dask
 
+    seen = []  # each result as it is known: a stopped batch's command prints those that finished
     with dask.config.set({"tilemask.items-in-flight": 1}), pytest.raises(ReadError, match="c.tif") as failed:
-        tilemask.run(Workflow.from_dict(scene_workflow, base_dir=tmp_path), client)
+        tilemask.run(Workflow.from_dict(scene_workflow, base_dir=tmp_path), client, on_result=seen.append)
     assert failed.value.exit_status == 1
+    assert [(Path(r.input).name, r.status) for r in seen] == [("a.tif", "ok"), ("b.tif", "ok")]
     (job,) = [JobFolder(p) for p in (tmp_path / "out" / ".tilemask" / "jobs").iterdir()]
     assert [row["status"] for row in report_rows(job)] == ["ok", "ok", "failed", "not run", "not run"]
     assert json.loads((job.path / "status.json").read_text())["state"] == "failed"
+
+
+def test_the_command_prints_each_inputs_line_as_it_finishes(scene_workflow, write_workflow, tmp_path, client):
+    """``tilemask run`` printed its inputs' lines only once the whole run had returned: a batch stopped by a
+    failure (or Ctrl-C) listed none of the inputs it had finished. Now those done before come first, then each
+    as it finishes; the failure that stopped it is the one error line."""
+    workflow = write_workflow(scene_workflow)
+    done = run_cli("run", workflow, "--quiet", "--scheduler", client.scheduler.address,
+                   env={"DASK_TILEMASK__ITEMS_IN_FLIGHT": "1"})  # fmt: skip
+    assert done.returncode == 1 and "c.tif" in done.stderr
+    assert [line.split(":")[0].rsplit("/", 1)[-1] for line in done.stdout.splitlines()] == ["a.tif", "b.tif"]
+    again = run_cli("run", workflow, "--quiet", "--scheduler", client.scheduler.address, "--on-error", "skip",
+                    env={"DASK_TILEMASK__ITEMS_IN_FLIGHT": "1"})  # fmt: skip
+    lines = again.stdout.splitlines()
+    assert again.returncode == 1 and len(lines) == 5, again.stdout
+    assert [line.split(":")[0].rsplit("/", 1)[-1] for line in lines[:2]] == ["a.tif", "b.tif"]  # done before
+    assert all("done in an earlier run" in line for line in lines[:2]) and "c.tif: failed in an earlier run" in lines[2]
 
 
 def test_a_different_workflow_may_not_replace_a_jobs_outputs_without_overwrite(scene_workflow, tmp_path, client):

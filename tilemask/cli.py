@@ -71,6 +71,7 @@ def run(
 
     quiet = quiet or errors_only()
     wf = Workflow.from_yaml(workflow, overrides)
+    shown = None if errors_only() else (lambda result: click.echo(describe(result)))  # each as it is known
     results = run_workflow(
         wf,
         scheduler=scheduler,
@@ -83,9 +84,8 @@ def run(
         job_dir=job_dir,
         source=str(Path(workflow).resolve()),
         cluster=cluster_kind,
+        on_result=shown,
     )
-    for result in results if not errors_only() else []:
-        click.echo(describe(result))
     failed = results.failures()
     if failed:
         click.echo(f"tilemask: {failed}", err=True)

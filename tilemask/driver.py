@@ -134,11 +134,13 @@ def run(
     job_dir: str | os.PathLike | None = None,
     source: str | None = None,
     cluster: str = "local",
+    on_result: Callable[[RunResult], None] | None = None,
 ) -> JobResults:
     """Run a workflow's job on ``client``, on ``scheduler``, or on a cluster it starts (``cluster``: local,
     embedded; slurm, jobs of dask-jobqueue): one result per input (``status`` ok, skipped or failed).
     ``workflow``: a Workflow, a workflow file, or the mapping one holds (read as :meth:`Workflow.from_dict`, its
-    relative paths the working folder's).  ``source``: the workflow file, recorded in the job."""
+    relative paths the working folder's).  ``source``: the workflow file, recorded in the job.  ``on_result``:
+    called with each input's result as it is known (from the items' threads), those done before first."""
     refuse_while_bootstrapping()
     if isinstance(workflow, Mapping):
         workflow = Workflow.from_dict(dict(workflow))
@@ -158,7 +160,7 @@ def run(
         try:
             record()  # a first run that cannot write it (a full disk) is refused as the others are: no job left
             return drive_job(job, plan, options, progress, client=client, scheduler=scheduler, workers=workers,
-                             threads_per_worker=threads_per_worker, cluster=cluster)  # fmt: skip
+                             threads_per_worker=threads_per_worker, cluster=cluster, on_result=on_result)  # fmt: skip
         except TilemaskError as exc:
             if exc.exit_status == 2:  # refused before any work (found while running is exit 1)
                 if new and not job.manifest().started():
@@ -279,6 +281,7 @@ def drive_job(
     driver: str | None = None,
     cluster: str = "local",
     slurm_job: str | None = None,
+    on_result: Callable[[RunResult], None] | None = None,
 ) -> JobResults:
     """Run ``job`` (its lock held): resume from the manifest, run what is left, record every item.
     ``driver``: the key of the detached driver's task running this (``tilemask status`` asks the scheduler);
@@ -305,12 +308,14 @@ def drive_job(
             todo.append(index)
             continue
         results[index] = earlier
+        if on_result is not None:
+            on_result(earlier)
         counts.counts[earlier.status] = counts.counts.get(earlier.status, 0) + 1
         if earlier.status == "skipped":
             skipped.add(item.name)
     logger.info("job %s: %d item(s), %d to do, %d done before", job.id, len(items), len(todo), len(skipped))
     stop = threading.Event()
-    runner = _ItemRunner(job, plan, options, manifest.started(), counts, progress, stop, weights)
+    runner = _ItemRunner(job, plan, options, manifest.started(), counts, progress, stop, weights, on_result)
     state, ran_through = "failed", False
     address = client.scheduler.address if client is not None else scheduler
     counts.write("running", host=socket.gethostname(), pid=os.getpid(), started=time.time(), message=None,
@@ -447,7 +452,7 @@ def _from_line(line: dict, status: str) -> RunResult:
 class _ItemRunner:
     """Plans, checks, runs and records one item at a time (called from the item threads of :func:`run_items`)."""
 
-    def __init__(self, job, plan, options, begun, counts, progress, stop, weights):
+    def __init__(self, job, plan, options, begun, counts, progress, stop, weights, on_result=None):
         self.job: JobFolder = job
         self.plan: WorkflowPlan = plan
         self.options: Options = options
@@ -456,6 +461,7 @@ class _ItemRunner:
         self.progress: bool = progress
         self.stop: threading.Event = stop
         self.weights_stamp: list = weights  # the weights' input_stamp when this run began
+        self.on_result: Callable[[RunResult], None] = on_result or (lambda result: None)  # each, as it finishes
         self.out_channels = 0
         self.prepared: dict[int, tuple[InputPlan, OutputLock]] = {}  # prepared before the cluster started
         self.listings = FolderListings()  # each output folder listed once for leftovers, not once per item
@@ -526,12 +532,14 @@ class _ItemRunner:
                     exc.exit_status = 1  # found while running: a run failure, whatever its kind
                 raise
             logger.warning("%s: failed, skipped: %s", item.files[0], failed.error)
+            self.on_result(failed)
             return failed
         del self.in_flight[index]
         stamped = {"files": list(item.files), "stamps": stamps, "weights_stamp": self.weights_stamp,
                    "labels_stamp": labels_stamp(result.outputs), **regions_stamp}  # fmt: skip
         self.job.record(_line(index, item.name, result) | stamped)
         self.counts.add("ok")
+        self.on_result(result)
         return result
 
     def _running(self) -> str:
