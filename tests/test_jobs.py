@@ -398,6 +398,28 @@ def test_the_command_prints_each_inputs_line_as_it_finishes(scene_workflow, writ
     assert all("done in an earlier run" in line for line in lines[:2]) and "c.tif: failed in an earlier run" in lines[2]
 
 
+def test_on_result_sees_inputs_refused_as_planned_and_its_own_failure_stops_nothing(make_raster, make_model, tmp_path,
+                                                                                    client, caplog):  # fmt: skip
+    """An input that fails as it is planned (before the cluster's first item) under ``on_error="skip"`` never
+    reached ``on_result``, so the command printed nothing for it; and a callback that raised (``click.echo`` into a
+    closed pipe: ``tilemask run | head -1``) abandoned the batch, the rest "not run"."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "0bad.tif").write_bytes(b"not a TIFF")
+    make_raster((3, 64, 64), name="in/a.tif")
+    weights, _ = make_model()
+    seen = []
+
+    def on_result(result):
+        seen.append((Path(result.input).name, result.status))
+        raise BrokenPipeError(32, "Broken pipe")
+
+    workflow = Workflow.from_dict(raster_workflow(str(tmp_path / "in" / "*.tif"), weights), base_dir=tmp_path)
+    results = tilemask.run(workflow, client, on_error="skip", on_result=on_result)
+    assert [r.status for r in results] == ["failed", "ok"]
+    assert seen == [("0bad.tif", "failed"), ("a.tif", "ok")]
+    assert "cannot pass on the result of" in caplog.text and "BrokenPipeError" in caplog.text
+
+
 def test_a_different_workflow_may_not_replace_a_jobs_outputs_without_overwrite(scene_workflow, tmp_path, client):
     scene_workflow["input"] = str(tmp_path / "scenes" / "a.tif")
     tilemask.run(Workflow.from_dict(scene_workflow, base_dir=tmp_path), client)

@@ -302,20 +302,19 @@ def drive_job(
     finished = _finished({item.name: latest[item.name] for item in items if item.name in latest}, weights,
                          {item.name: list(item.files) for item in items},
                          {item.name: _regions(plan, item) for item in items})
+    stop = threading.Event()
+    runner = _ItemRunner(job, plan, options, manifest.started(), counts, progress, stop, weights, on_result)
     for index, item in enumerate(items):
         earlier = _earlier(latest.get(item.name), item.name in finished, options)
         if earlier is None:
             todo.append(index)
             continue
         results[index] = earlier
-        if on_result is not None:
-            on_result(earlier)
+        runner.tell(earlier)
         counts.counts[earlier.status] = counts.counts.get(earlier.status, 0) + 1
         if earlier.status == "skipped":
             skipped.add(item.name)
     logger.info("job %s: %d item(s), %d to do, %d done before", job.id, len(items), len(todo), len(skipped))
-    stop = threading.Event()
-    runner = _ItemRunner(job, plan, options, manifest.started(), counts, progress, stop, weights, on_result)
     state, ran_through = "failed", False
     address = client.scheduler.address if client is not None else scheduler
     counts.write("running", host=socket.gethostname(), pid=os.getpid(), started=time.time(), message=None,
@@ -479,7 +478,16 @@ class _ItemRunner:
                 if self.options.on_error == "abort":
                     raise
                 results[index] = self._failed(index, self.plan.items[index], exc, 0.0)
+                self.tell(results[index])
         return None
+
+    def tell(self, result: RunResult) -> None:
+        """Hand ``result`` to the caller's ``on_result``, whose failure (a closed pipe under ``tilemask run | head``)
+        is a warning, not the item's: the item is recorded already, and the run goes on."""
+        try:
+            self.on_result(result)
+        except Exception as exc:  # noqa: BLE001 - whatever the caller's callback raises
+            logger.warning("cannot pass on the result of %s: %s: %s", result.input, type(exc).__name__, exc)
 
     def release(self) -> None:
         """Release what was prepared and never run (the run failed before it)."""
@@ -532,14 +540,14 @@ class _ItemRunner:
                     exc.exit_status = 1  # found while running: a run failure, whatever its kind
                 raise
             logger.warning("%s: failed, skipped: %s", item.files[0], failed.error)
-            self.on_result(failed)
+            self.tell(failed)
             return failed
         del self.in_flight[index]
         stamped = {"files": list(item.files), "stamps": stamps, "weights_stamp": self.weights_stamp,
                    "labels_stamp": labels_stamp(result.outputs), **regions_stamp}  # fmt: skip
         self.job.record(_line(index, item.name, result) | stamped)
         self.counts.add("ok")
-        self.on_result(result)
+        self.tell(result)
         return result
 
     def _running(self) -> str:
