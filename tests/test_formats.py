@@ -215,7 +215,19 @@ def test_a_urls_query_is_not_its_stem_and_a_files_question_mark_is():
     assert stem("/vsicurl/https://example.com/scene.tif?token=x") == "scene"
     assert stem("/vsizip//data/scenes.zip/日本/b #1?.tif") == "b #1?"
     assert stem("/data/what?.nii.gz") == "what?"
-    # a URL's name as written, not percent-encoded: sc%C3%A8ne%20%231 wrote sc%C3%A8ne%20%231_mask.tif
-    assert stem("http://example.com/dir%20a/sc%C3%A8ne%20%231%20(copy)%3F.tif") == "scène #1 (copy)?"
-    assert stem("/vsicurl/https://example.com/a%2Fb%00c.tif?sig=1") == "a_b_c"
-    assert stem("/data/sc%C3%A8ne.tif") == "sc%C3%A8ne"  # a file's own name
+
+
+
+def test_a_url_inputs_name_is_percent_decoded_and_an_outputs_url_is_not():
+    """A URL input's {stem} is its name as written: sc%C3%A8ne%20%231.tif wrote sc%C3%A8ne%20%231_mask.tif. The
+    path of an output read back over HTTP keeps its encoding (the probabilities beside a COG: decoded, its "#"
+    became the URL's fragment, a review's)."""
+    from tilemask.formats import for_path
+    from tilemask.inputs import input_name
+
+    assert input_name("http://example.com/dir%20a/sc%C3%A8ne%20%231%20(copy)%3F.tif") == "scène #1 (copy)?"
+    assert input_name("/vsicurl/https://example.com/a%2Fb%00c.tif?sig=1") == "a_b_c"
+    assert input_name("/data/sc%C3%A8ne.tif") == "sc%C3%A8ne"  # a file's own name
+    assert input_name("https://example.com/.hidden.tif") == "_hidden"
+    cog = "https://example.com/out/sc%C3%A8ne%20%231_mask.tif"
+    assert for_path(cog).probabilities_path(cog) == "https://example.com/out/sc%C3%A8ne%20%231_mask_probabilities.tif"

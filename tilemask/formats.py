@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import urllib.parse
 from pathlib import Path
 
 from .classes import CLASSES_TAG
@@ -97,12 +96,9 @@ class Format:
         return path.lower().rstrip("/").endswith(self.suffixes)
 
     def stem(self, path: str) -> str:
-        url = path.startswith(("http://", "https://", "/vsicurl/"))
-        if url:
+        if path.startswith(("http://", "https://", "/vsicurl/")):
             path = path.split("?", 1)[0]  # a URL's query (a signature) is not its name; a file's "?" is
         name = os.path.basename(path.rstrip("/"))
-        if url:  # its name as written, not percent-encoded (sc%C3%A8ne%20%231 is "scène #1"), and one file name
-            name = re.sub(r"[/\x00-\x1f]", "_", urllib.parse.unquote(name))
         for suffix in self.suffixes:
             if name.lower().endswith(suffix):
                 return name[: -len(suffix)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import urllib.parse
 from pathlib import Path
 
 from .errors import InputError
@@ -38,7 +39,7 @@ def list_items(path: str) -> list[InputItem]:
     if not files:
         raise InputError(f"input.list: {path} lists no input")
     resolved = [f if f.startswith(REMOTE_PREFIXES) or os.path.isabs(f) else os.path.normpath(os.path.join(folder, f)) for f in files]
-    return [InputItem(visible(stem(f)), (f,)) for f in resolved]
+    return [InputItem(input_name(f), (f,)) for f in resolved]
 
 
 def archive_items(archive: str, pattern: str) -> list[InputItem]:
@@ -48,7 +49,7 @@ def archive_items(archive: str, pattern: str) -> list[InputItem]:
     names = members(archive, pattern)
     if not names:
         raise InputError(f"input.archive: no member of {archive} matches {pattern!r}")
-    return [InputItem(visible(stem(name)), (member_path(archive, name),)) for name in names]
+    return [InputItem(input_name(name), (member_path(archive, name),)) for name in names]
 
 
 def stac_items(path: str, assets: list[str]) -> list[InputItem]:
@@ -120,6 +121,17 @@ def file_name(name: str) -> str:
     """``name`` (a STAC Item's id, from whoever wrote the catalog) as one file name in the output folder: path
     separators, ``:`` and control characters become ``_``, and a leading ``.`` (``..``, a hidden file) too."""
     return visible(re.sub(r"[\\/:\x00-\x1f]", "_", name)) or "_"
+
+
+def input_name(path: str) -> str:
+    """What ``{stem}`` becomes for an input file: its name less its format's suffix (:func:`stem`); a URL's as
+    written, not percent-encoded (``sc%C3%A8ne%20%231.tif`` is ``scène #1``), a decoded ``/`` or control character
+    made ``_``; a leading ``.`` made ``_`` (:func:`visible`).  Only the input's name: the paths of outputs read back
+    over HTTP keep their encoding (:func:`stem`)."""
+    name = stem(path)
+    if path.startswith(("http://", "https://", "/vsicurl/")):
+        name = re.sub(r"[/\x00-\x1f]", "_", urllib.parse.unquote(name))
+    return visible(name)
 
 
 def visible(name: str) -> str:

@@ -527,7 +527,7 @@ class Workflow(_Strict):
             return inputs.archive_items(self.resolve(given.archive), given.members)
         if isinstance(given, StacInput):
             return inputs.stac_items(self.resolve(given.stac), given.assets)
-        return [InputItem(inputs.visible(stem(path)), (path,)) for path in self.input_paths()]
+        return [InputItem(inputs.input_name(path), (path,)) for path in self.input_paths()]
 
     def _cases(self, patterns: list[str]) -> list[InputItem]:
         first = self.resolve(patterns[0])
