@@ -197,6 +197,17 @@ def test_edited_statistics_regions_redo_the_item(make_raster, make_model, tmp_pa
     assert list(pd.read_csv(tmp_path / "out" / "scene_stats.csv")["name"]) == ["half"]
     (last,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
     assert last.status == "skipped"  # unchanged since: done
+    # a shapefile whose district is renamed: its .dbf rewritten alone (a review's)
+    districts.to_file(tmp_path / "districts.shp")
+    shapefile = {**workflow, "stats": {**workflow["stats"], "regions": "districts.shp"}}
+    tilemask.run(Workflow.from_dict(shapefile, base_dir=tmp_path), client, overwrite=True)
+    shp = (tmp_path / "districts.shp").read_bytes()
+    dbf = (tmp_path / "districts.dbf").read_bytes()
+    (tmp_path / "districts.dbf").write_bytes(dbf.replace(b"whole", b"WHOLE"))
+    assert (tmp_path / "districts.shp").read_bytes() == shp
+    (renamed,) = tilemask.run(Workflow.from_dict(shapefile, base_dir=tmp_path), client)
+    assert renamed.status == "ok"
+    assert list(pd.read_csv(tmp_path / "out" / "scene_stats.csv")["name"]) == ["WHOLE", "half"]
 
 
 def test_a_finished_item_whose_product_someone_replaced_is_not_skipped_as_done(make_raster, make_model, tmp_path,

@@ -73,7 +73,7 @@ from .products import client_imports
 from .progress import announce
 from .settings import measure_after_seconds
 from .sources import input_stamp
-from .storage import redacted, unsigned
+from .storage import network_object, redacted, unsigned
 from .workflow import InputItem, Workflow
 
 logger = logging.getLogger(__name__)
@@ -414,6 +414,22 @@ def _regions(plan: WorkflowPlan, item: InputItem) -> str | None:
     return stats.regions if stats else None
 
 
+SHAPEFILE_SIDECARS = (".dbf", ".shx", ".prj", ".cpg")
+
+
+def _regions_stamp(path: str) -> list[list]:
+    """:func:`~tilemask.sources.input_stamp` of a regions file, and of a local shapefile's sidecars: a district
+    renamed rewrites its ``.dbf`` alone."""
+    stamps = [input_stamp(path)]
+    base, suffix = os.path.splitext(path)
+    if suffix.lower() == ".shp" and not network_object(path):
+        for ext in SHAPEFILE_SIDECARS:
+            sidecar = base + (ext if suffix.islower() else ext.upper())
+            if os.path.exists(sidecar):
+                stamps.append(input_stamp(sidecar))
+    return stamps
+
+
 def _finished(lines: dict[str, dict], weights: list, files: dict[str, list[str]],
               regions: dict[str, str | None]) -> set[str]:  # fmt: skip
     """The names of the items whose latest line (``lines``) is ok, whose files (``files``, by name, as listed now:
@@ -431,7 +447,7 @@ def _finished(lines: dict[str, dict], weights: list, files: dict[str, list[str]]
         )
         region_file = regions[line["name"]]
         same_regions = region_file is None or "regions_stamp" not in line or (
-            (now := input_stamp(region_file)) == line["regions_stamp"] and now != [None])
+            (now := _regions_stamp(region_file)) == line["regions_stamp"] and [None] not in now)
         same_model = line.get("weights_stamp", weights) == weights and weights != [None]
         return (unchanged and same_regions and same_model and own_labels(line)
                 and outputs_complete(line["outputs"]))  # fmt: skip
@@ -514,7 +530,7 @@ class _ItemRunner:
         start = time.perf_counter()
         stamps = _stamps(item.files)  # as the run reads them: changed later, the next run redoes the item
         regions = _regions(self.plan, item)
-        regions_stamp = {"regions_stamp": input_stamp(regions)} if regions else {}
+        regions_stamp = {"regions_stamp": _regions_stamp(regions)} if regions else {}
         self.in_flight[index] = item.files[0]
         try:
             planned, lock = self.prepared.pop(index, None) or self._prepare(index)
