@@ -129,22 +129,37 @@ def test_geographic_raster_geodesic_areas(tmp_path, geographic_labels):
 
 def test_planar_areas_far_from_the_grounds_are_said(tmp_path, shade_labels, caplog):
     """``area_m2`` in EPSG:3857 is planar, 1.69x the ground area of the project's own hillshade (39.6 N), with
-    nothing said (a first-contact review); the warning's ratio is the pixel's on the ellipsoid (pyproj's Geod, an
-    independent reference). UTM, within 0.1%, says nothing."""
+    nothing said (a first-contact review). The warning gives the furthest of the centre column's top, middle and
+    bottom pixels from its area on the ellipsoid (pyproj's Geod, an independent reference): a global Web Mercator
+    raster, centred on the equator, is said too. UTM, within 0.1%, says nothing."""
     from pyproj import Geod, Transformer
 
     from .conftest import blobs, write_raster
 
-    compute_stats(shade_labels, tmp_path / "t.csv")
-    (said,) = [r.getMessage() for r in caplog.records if "area_m2 is planar" in r.getMessage()]
-    with rasterio.open(shade_labels) as ds:
-        transform, (h, w) = ds.transform, ds.shape
-    corners = [transform * (w // 2 + dc, h // 2 + dr) for dc, dr in ((0, 0), (0, 1), (1, 1), (1, 0))]
-    lon, lat = Transformer.from_crs("EPSG:3857", "EPSG:4326", always_xy=True).transform(*zip(*corners))
-    ratio = abs(transform.a * transform.e) / abs(Geod(ellps="WGS84").polygon_area_perimeter(lon, lat)[0])
-    assert said.startswith(f"area_m2 is planar in EPSG:3857: at the raster's centre (latitude {np.mean(lat):.1f}) a "
-                           f"pixel's planar area is {ratio:.2f}x its area on the ellipsoid")  # fmt: skip
-    assert ratio == pytest.approx(1.69, abs=0.01)
+    def worst(path):
+        with rasterio.open(path) as ds:
+            transform, (h, w) = ds.transform, ds.shape
+        to_degrees = Transformer.from_crs("EPSG:3857", "EPSG:4326", always_xy=True)
+        seen = []
+        for row in (0, h // 2, h - 1):
+            corners = [transform * (w // 2 + dc, row + dr) for dc, dr in ((0, 0), (0, 1), (1, 1), (1, 0))]
+            lon, lat = to_degrees.transform(*zip(*corners))
+            seen.append((abs(transform.a * transform.e) / abs(Geod(ellps="WGS84").polygon_area_perimeter(lon, lat)[0]),
+                         np.mean(lat)))  # fmt: skip
+        return max(seen, key=lambda s: abs(s[0] - 1))
+
+    world = write_raster(tmp_path / "world.tif", blobs((170, 80), seed=3), "EPSG:3857",
+                         rasterio.transform.from_origin(-20_000_000, 19_000_000, 500_000, 223_000), block=16)  # fmt: skip
+    for path, expected in ((shade_labels, 1.69), (world, None)):
+        caplog.clear()
+        compute_stats(path, tmp_path / "t.csv")
+        (said,) = [r.getMessage() for r in caplog.records if "area_m2 is planar" in r.getMessage()]
+        ratio, latitude = worst(path)
+        assert said.startswith(f"area_m2 is planar in EPSG:3857: at latitude {latitude:.1f} a pixel's planar area "
+                               f"is {ratio:.2f}x its area on the ellipsoid")  # fmt: skip
+        if expected:
+            assert ratio == pytest.approx(expected, abs=0.01)
+    assert abs(worst(world)[1]) > 80
     caplog.clear()
     utm = write_raster(tmp_path / "utm.tif", blobs((60, 80), seed=3), "EPSG:32618",
                        rasterio.transform.from_origin(500000, 4000000, 30, 30), block=32)  # fmt: skip

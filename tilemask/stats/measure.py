@@ -102,9 +102,10 @@ class Grid:
         if not self.is_geographic:
             unit = self.crs.axis_info[0].unit_conversion_factor if self.crs.axis_info else 1.0
             planar = abs(dx * dy - rx * ry) * unit * unit
-            _warn_of_planar_distortion(self.crs, self.raster_xy(np.array([0.0, 1.0, 1.0, 0.0]) + self.shape[0] / 2,
-                                                                np.array([0.0, 0.0, 1.0, 1.0]) + self.shape[1] / 2),
-                                       planar)  # fmt: skip
+            rows = (0, self.shape[0] // 2, self.shape[0] - 1)  # the centre column's top, middle and bottom pixels
+            _warn_of_planar_distortion(self.crs, [self.raster_xy(np.array([0.0, 1.0, 1.0, 0.0]) + row,
+                                                                 np.array([0.0, 0.0, 1.0, 1.0]) + self.shape[1] // 2)
+                                                  for row in rows], planar)  # fmt: skip
             return np.full(n_rows, planar)
         self.check_sizes("the labels")
         return geodesic_row_areas(x0, dx, y0, dy, n_rows, self.crs.get_geod() or WGS84)
@@ -151,22 +152,28 @@ class Grid:
 PLANAR_DISTORTION = 0.05  # a projected CRS whose planar pixel area is further than this from the ground's is said
 
 
-def _warn_of_planar_distortion(crs: CRS, corners: np.ndarray, planar: float) -> None:
-    """Warn where ``area_m2``'s planar pixel area, that of the pixel at the raster's centre (``corners``, CRS units),
-    is more than :data:`PLANAR_DISTORTION` from its area on the CRS's ellipsoid: Web Mercator (EPSG:3857), the
-    web tiles' CRS, gave 1.69x the ground area at 43 degrees north (a first-contact review); UTM stays within 0.1%."""
+def _warn_of_planar_distortion(crs: CRS, pixels: list[np.ndarray], planar: float) -> None:
+    """Warn where ``area_m2``'s planar pixel area is more than :data:`PLANAR_DISTORTION` from the area on the CRS's
+    ellipsoid of one of ``pixels`` (each its four corners, CRS units; the furthest is said): Web Mercator
+    (EPSG:3857), the web tiles' CRS, gave 1.69x the ground area of a hillshade at 39.6 degrees north with nothing
+    said (a first-contact review), and a global one 4x at 60 degrees; UTM stays within 0.1% in its zone."""
     from pyproj import Transformer
 
+    seen = []  # (ratio, latitude)
     try:
-        lon, lat = Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True).transform(corners[:, 0], corners[:, 1])
-        ground = abs((crs.get_geod() or WGS84).polygon_area_perimeter(lon, lat)[0])
+        to_degrees = Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True)
+        for corners in pixels:
+            lon, lat = to_degrees.transform(corners[:, 0], corners[:, 1])
+            ground = abs((crs.get_geod() or WGS84).polygon_area_perimeter(lon, lat)[0])
+            if np.isfinite(ground) and ground > 0:
+                seen.append((planar / ground, float(np.mean(lat))))
     except Exception:  # noqa: BLE001 - a CRS pyproj cannot take to its ellipsoid: nothing to compare with
         return
-    if np.isfinite(ground) and ground > 0 and abs(planar / ground - 1) > PLANAR_DISTORTION:
+    ratio, latitude = max(seen, key=lambda s: abs(s[0] - 1), default=(1.0, 0.0))
+    if abs(ratio - 1) > PLANAR_DISTORTION:
         name = crs.to_string() if crs.to_epsg() else crs.name
-        logger.warning("area_m2 is planar in %s: at the raster's centre (latitude %.1f) a pixel's planar area is "
-                       "%.2fx its area on the ellipsoid; reproject the labels to an equal-area CRS for ground areas",
-                       name, float(np.mean(lat)), planar / ground)  # fmt: skip
+        logger.warning("area_m2 is planar in %s: at latitude %.1f a pixel's planar area is %.2fx its area on the "
+                       "ellipsoid; reproject the labels to an equal-area CRS for ground areas", name, latitude, ratio)
 
 
 def geodesic_row_areas(x0: float, dx: float, y0: float, dy: float, n_rows: int, geod: Geod = WGS84) -> np.ndarray:
