@@ -148,8 +148,8 @@ def test_planar_areas_far_from_the_grounds_are_said(tmp_path, shade_labels, capl
                          np.mean(lat)))  # fmt: skip
         return max(seen, key=lambda s: abs(s[0] - 1))
 
-    world = write_raster(tmp_path / "world.tif", blobs((170, 80), seed=3), "EPSG:3857",
-                         rasterio.transform.from_origin(-20_000_000, 19_000_000, 500_000, 223_000), block=16)  # fmt: skip
+    whole_world = rasterio.transform.from_origin(-20_000_000, 19_000_000, 500_000, 223_000)
+    world = write_raster(tmp_path / "world.tif", blobs((170, 80), seed=3), "EPSG:3857", whole_world, block=16)
     for path, expected in ((shade_labels, 1.69), (world, None)):
         caplog.clear()
         compute_stats(path, tmp_path / "t.csv")
