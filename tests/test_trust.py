@@ -1022,6 +1022,14 @@ def test_a_job_whose_records_do_not_fit_at_its_end_fails_when_nothing_else_did(m
         if ran_through:
             with pytest.raises(OutputError, match=r"report\.csv: cannot write the job's record: no space left"):
                 _record_the_end(job, _Progress(job, {"items": 1, "ok": 1}), "done", set(), ran_through)
+            # the report alone not written (its staged name taken by a folder): the state says so, not "done"
+            (disk / "filler").unlink()
+            (disk / "job" / "report.csv.tmp").mkdir()
+            with pytest.raises(OutputError, match=r"report\.csv: cannot write the job's record: "):
+                _record_the_end(job, _Progress(job, {"items": 1, "ok": 1}), "done", set(), ran_through)
+            (disk / "job" / "report.csv.tmp").rmdir()
+            ended = json.loads((disk / "job" / "status.json").read_text())
+            assert (ended["state"], ended["report"]) == ("failed", None) and "report.csv" in ended["message"]
         else:
             _record_the_end(job, _Progress(job, {"items": 1, "ok": 1}), "failed", set(), ran_through)
             assert "cannot write its report and status" in caplog.text

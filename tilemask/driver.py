@@ -374,15 +374,18 @@ def drive_job(
 def _record_the_end(job: JobFolder, counts: _Progress, state: str, skipped: set[str], ran_through: bool) -> None:
     """Write the job's report, then its final state whatever became of the report.  Where the records do not fit
     (a full disk), a run that failed says why it failed, with a warning of this; one that ran through fails here
-    (exit 1): it exited 0 with its state still "running" (``status``: lost) and no report."""
+    (exit 1): it exited 0 with its state still "running" (``status``: lost) and no report.  Its state, where it
+    fits, is then "failed" with the report's line, not "done"."""
     failures = []
     try:
         job.write_report(job.items(), skipped)
     except OSError as exc:
         failures.append(exc)
+    fields = {} if state == "running" else {"finished": time.time()}
+    if failures and ran_through:
+        state, fields["message"] = "failed", first_line(failures[0])
     try:
-        counts.write(state, report=None if failures else job.report,
-                     **({} if state == "running" else {"finished": time.time()}))  # fmt: skip
+        counts.write(state, report=None if failures else job.report, **fields)
     except OSError as exc:
         failures.append(exc)
     if failures and ran_through:
