@@ -450,12 +450,14 @@ def _finished(lines: dict[str, dict], weights: list, files: dict[str, list[str]]
         )
         region_file = regions[line["name"]]
         same_regions = region_file is None or "regions_stamp" not in line or (
-            (now := _regions_stamp(region_file)) == line["regions_stamp"] and [None] not in now)
+            (now := region_stamps[region_file]) == line["regions_stamp"] and [None] not in now)
         same_model = line.get("weights_stamp", weights) == weights and weights != [None]
         return (unchanged and same_regions and same_model and own_labels(line)
                 and outputs_complete(line["outputs"]))  # fmt: skip
 
     ok = {name: line for name, line in lines.items() if line["status"] == "ok"}
+    shared = {regions[name] for name in ok} - {None}  # one file for every item, as a rule: stamped once
+    region_stamps = {path: _regions_stamp(path) for path in shared}
     with ThreadPoolExecutor(max_workers=16) as pool:
         return {name for name, done in zip(ok, pool.map(finished, ok.values())) if done}
 

@@ -84,6 +84,10 @@ def _monai_affine(img):
 CLASS_TABLE_SUFFIX = ".colors.csv"  # the class names beside NIfTI labels (3D Slicer's colour table CSV)
 
 
+WEB_PREFIXES = ("http://", "https://", "/vsicurl/")
+"""Paths that are URLs: their name ends before the query, and is percent-encoded."""
+
+
 class Format:
     name: str = ""
     suffixes: tuple[str, ...] = ()
@@ -96,7 +100,7 @@ class Format:
         return path.lower().rstrip("/").endswith(self.suffixes)
 
     def stem(self, path: str) -> str:
-        if path.startswith(("http://", "https://", "/vsicurl/")):
+        if path.startswith(WEB_PREFIXES):
             path = path.split("?", 1)[0]  # a URL's query (a signature) is not its name; a file's "?" is
         name = os.path.basename(path.rstrip("/"))
         for suffix in self.suffixes:

@@ -22,7 +22,7 @@ import urllib.parse
 from pathlib import Path
 
 from .errors import InputError
-from .formats import stem
+from .formats import WEB_PREFIXES, stem
 from .sources.archive import member_path, members
 from .workflow import REMOTE_PREFIXES, InputItem
 
@@ -129,7 +129,7 @@ def input_name(path: str) -> str:
     made ``_``; a leading ``.`` made ``_`` (:func:`visible`).  Only the input's name: the paths of outputs read back
     over HTTP keep their encoding (:func:`stem`)."""
     name = stem(path)
-    if path.startswith(("http://", "https://", "/vsicurl/")):
+    if path.startswith(WEB_PREFIXES):
         name = re.sub(r"[/\x00-\x1f]", "_", urllib.parse.unquote(name))
     return visible(name)
 

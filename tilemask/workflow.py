@@ -343,6 +343,12 @@ class InputItem:
     files: tuple[str, ...]
 
 
+def _under(path: str, folder: Path) -> str:
+    """``path`` (``~`` expanded) made absolute against ``folder``, normalized."""
+    p = Path(path).expanduser()
+    return os.path.normpath(p if p.is_absolute() else folder / p)
+
+
 NonEmpty = Annotated[str, Field(min_length=1)]  # an input path: "" was the workflow's own folder
 
 
@@ -505,14 +511,12 @@ class Workflow(_Strict):
         """A path from the workflow, made absolute against the workflow's folder (URLs kept)."""
         if path.startswith(REMOTE_PREFIXES):
             return path
-        p = Path(path).expanduser()
-        return os.path.normpath(p if p.is_absolute() else (self._base_dir / p))
+        return _under(path, self._base_dir)
 
     def _pattern(self, path: str) -> str:
         """A local glob from the workflow, made absolute as :meth:`resolve` does, with the workflow's folder taken
         literally: a project folder named "Survey [2024]" is no character class."""
-        p = Path(path).expanduser()
-        return os.path.normpath(p if p.is_absolute() else (Path(glob.escape(str(self._base_dir))) / p))
+        return _under(path, Path(glob.escape(str(self._base_dir))))
 
     def input_items(self) -> list[InputItem]:
         """The inputs, globs expanded (sorted), in order; cases of ``input.channels`` by case name."""

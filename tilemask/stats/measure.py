@@ -161,10 +161,10 @@ def _warn_of_planar_distortion(crs: CRS, pixels: list[np.ndarray], planar: float
 
     seen = []  # (ratio, latitude)
     try:
-        to_degrees = Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True)
+        to_degrees, geod = Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True), crs.get_geod() or WGS84
         for corners in pixels:
             lon, lat = to_degrees.transform(corners[:, 0], corners[:, 1])
-            ground = abs((crs.get_geod() or WGS84).polygon_area_perimeter(lon, lat)[0])
+            ground = abs(geod.polygon_area_perimeter(lon, lat)[0])
             if np.isfinite(ground) and ground > 0:
                 seen.append((planar / ground, float(np.mean(lat))))
     except Exception:  # noqa: BLE001 - a CRS pyproj cannot take to its ellipsoid: nothing to compare with
