@@ -659,6 +659,55 @@ def test_cylindrical_maps_go_on_past_180_degrees(tmp_path):
             assert -179.2 < parts[1].bounds[0] < -179 and parts[1].bounds[2] < -178, name
 
 
+def test_a_polar_polygon_the_antimeridian_cut_fails_on_is_served_not_a_500(tmp_path, client):
+    """The demo's labels placed over the North Pole (EPSG:3413, a reviewer's recipe): the land polygon round the
+    pole holds a hole the ``antimeridian`` package cannot put back in a piece, an ``AssertionError``; every page
+    of items holding it, the item itself and any bbox reaching it answered 500, and /map lost the layer."""
+    import antimeridian
+    import shapely
+    from rasterio.transform import from_origin
+    from starlette.testclient import TestClient
+
+    import tilemask
+    from tilemask.serve import create_app
+    from tilemask.workflow import Workflow
+
+    from .conftest import DEMO
+
+    with rasterio.open(DEMO.parent / "demo" / "RGB.byte.tif") as src:
+        pixels = src.read(out_shape=(3, 512, 512))
+    scene = tmp_path / "polar.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=512, height=512, count=3, dtype="uint8", nodata=0,
+                       crs="EPSG:3413", transform=from_origin(-2560000, 2560000, 10000, 10000)) as out:  # fmt: skip
+        out.write(pixels)
+    served = tmp_path / "served"
+    sets = [f"input={scene}", f"output.path={served}/{{stem}}_mask.tif", "output.quicklook=false",
+            f"output.vectors={served}/{{stem}}_polygons.gpkg"]  # fmt: skip
+    tilemask.run(Workflow.from_yaml(DEMO, sets), client)
+    layer = gpd.read_file(served / "polar_polygons.gpkg", fid_as_index=True)
+    to_crs84 = Transformer.from_crs("EPSG:3413", "OGC:CRS84", always_xy=True).transform
+
+    def cut_fails(polygon) -> bool:  # as the server cuts: densified in the layer's CRS, then moved
+        x0, y0, x1, y1 = polygon.bounds
+        dense = shapely.transform(shapely.segmentize(polygon, np.hypot(x1 - x0, y1 - y0) / 256), to_crs84,
+                                  interleaved=False)  # fmt: skip
+        try:
+            antimeridian.fix_polygon(dense, great_circle=False, fix_winding=True)
+        except AssertionError:
+            return True
+        return False
+
+    pole = layer.index[layer.contains(shapely.Point(0, 0))]
+    assert len(pole) == 1 and cut_fails(layer.geometry[pole[0]])  # the case this test is about is still made
+    with TestClient(create_app(served), base_url="http://127.0.0.1", raise_server_exceptions=False) as http:
+        for path, params in ((f"/collections/polar_polygons/items/{pole[0]}", {}),
+                             ("/collections/polar_polygons/items", {"limit": 10000}),
+                             ("/collections/polar_polygons/items", {"bbox": "-180,-90,180,90", "limit": 10000})):
+            answer = http.get(path, params=params)
+            assert answer.status_code == 200, (path, params, answer.status_code, answer.text[:200])
+        assert answer.json()["numberReturned"] == len(layer)
+
+
 def test_global_layers_keep_their_wide_polygons_whole_and_findable(tmp_path):
     """What the antimeridian handling must leave alone: a band along the whole bottom of a Web Mercator grid
     (wider than 180 degrees, crossing nothing) and cells of a global Mollweide grid, whose extent pyproj gives
@@ -1047,6 +1096,18 @@ def test_probability_tiles_are_transparent_where_the_labels_are_nodata(server, s
         rgba = png(get(f"{server}tiles/8/{tile.x}/{tile.y}.png", params={"output": output, "band": 1}))
         assert (rgba[collar, 3] == 0).mean() > 0.95, (output, (rgba[collar, 3] == 0).mean())
         assert (rgba[valid, 3] == 255).mean() > 0.95, (output, (rgba[valid, 3] == 255).mean())
+
+
+@pytest.mark.parametrize("store", ["zarr/RGB.byte_mask.zarr", "zarr/RGB.byte_mask.ome.zarr"])
+def test_zarr_probability_tiles_draw_certainty_where_the_cog_does(server, served_folder, store):
+    """A Zarr's uint8 probabilities were transparent wherever p = 1.0 (255): they have no nodata, rioxarray warps
+    with 255 as one, and rio-tiler masked it; the most certain clouds were holes (11,312 pixels of this tile)."""
+    x, y = 4633, 7021  # the reviewer's tile, at zoom 14
+    certain = expected_tile(served_folder / PROBS, x, y, 14, band=3) == 255
+    assert certain.sum() > 1000  # the tile holds clouds the network is sure of
+    cog = png(get(f"{server}tiles/14/{x}/{y}.png", params={"output": LABELS, "band": 3}))
+    zarr = png(get(f"{server}tiles/14/{x}/{y}.png", params={"output": store, "band": 3}))
+    assert (zarr[certain, 3] == 255).all() and np.array_equal(zarr[..., 3], cog[..., 3])
 
 
 def test_a_file_whose_name_is_not_utf8_is_left_out_with_a_warning(tmp_path, caplog):

@@ -189,7 +189,8 @@ def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
             dense = shapely.transform(shapely.segmentize(original, _diagonal(original) / 256), transform,
                                       interleaved=False)  # fmt: skip
             if _jumps(dense):
-                with contextlib.suppress(ValueError):  # a cut the package cannot make: left as it was
+                with contextlib.suppress(ValueError, AssertionError):  # a cut the package cannot make: left as it
+                    # was: a hole it cannot put back in a piece is an AssertionError (a polar polygon's was a 500)
                     moved[i] = fix(dense, great_circle=False, fix_winding=True)  # a projection's edges are straight
     return moved
 

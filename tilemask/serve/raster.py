@@ -172,7 +172,10 @@ def probability_tile(root: Path, entry: Entry, band: int, x: int, y: int, z: int
     index = np.clip(np.rint(values / scale * 255), 0, 255).astype(np.uint8)
     ramp = np.array([cmap.get("viridis")[i] for i in range(256)], np.uint8)
     rgba = ramp[index]
-    rgba[..., 3] = np.where(image.array.mask[layer] | _no_labels(root, entry, x, y, z), 0, 255)
+    # a Zarr's probabilities have no nodata: rioxarray warps a uint8 array with 255 as one, and rio-tiler masks it,
+    # so p = 1.0 was transparent; where it holds no prediction, the labels say (outside them, or their nodata)
+    empty = _no_labels(root, entry, x, y, z)
+    rgba[..., 3] = np.where(empty if zarr else image.array.mask[layer] | empty, 0, 255)
     return _png(rgba)
 
 
