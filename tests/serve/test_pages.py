@@ -139,6 +139,31 @@ def test_map_says_nothing_of_tiles_outside_the_output_and_a_click_there_says_out
     page.close()
 
 
+def test_map_of_one_output_is_zoomed_to_it_not_to_every_layer(browser, served_folder, tmp_path):
+    """``/map?output=X`` (the index's link for X) fitted the view to X and to every polygons file in the folder:
+    with a layer on another continent, X was a speck. Polygons are still drawn; the view is X's."""
+    import geopandas as gpd
+    from rasterio.warp import transform_bounds
+    from shapely.geometry import box
+
+    from .conftest import start_server
+
+    shutil.copyfile(served_folder / "RGB.byte_mask.tif", tmp_path / "here_mask.tif")
+    far = gpd.GeoDataFrame({"class": ["land"]}, geometry=[box(130, -26, 131, -25)], crs="OGC:CRS84")
+    far.to_file(tmp_path / "australia.gpkg")
+    with rasterio.open(tmp_path / "here_mask.tif") as ds:
+        west, south, east, north = transform_bounds(ds.crs, "OGC:CRS84", *ds.bounds)
+    with start_server(tmp_path) as url:
+        for query, fills in (("?output=here_mask.tif", True), ("", False)):
+            page = open_page(browser, f"{url}map{query}")
+            corners = [page.evaluate(f"tilemaskMap.getPixelFromCoordinate(ol.proj.fromLonLat([{lon}, {lat}]))")
+                       for lon, lat in ((west, north), (east, south))]  # fmt: skip
+            page.close()
+            (x0, y0), (x1, y1) = corners
+            share = max((x1 - x0) / SIZE["width"], (y1 - y0) / SIZE["height"])
+            assert (share > 0.7) == fills, (query, share)  # the whole folder's view: Landsat off Florida, a speck
+
+
 @pytest.mark.slow
 def test_map_shows_polygons_across_the_antimeridian_and_keeps_them_zoomed_out(browser, tmp_path):
     """The map fitted polygons across 180 degrees to an empty extent (a page error, no polygons), and a view

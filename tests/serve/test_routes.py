@@ -42,6 +42,19 @@ def get(url: str, **kw) -> httpx.Response:
     return httpx.get(url, timeout=30, **kw)
 
 
+def test_a_file_the_client_has_is_not_sent_again(server):
+    """``/files`` gave an ETag and a Last-Modified but answered 200 with the whole file to a client that held it
+    (If-None-Match, If-Modified-Since), as QGIS and browsers ask; now 304, as Starlette's static files do."""
+    whole = get(f"{server}files/{PROBS}")
+    assert whole.status_code == 200 and whole.content
+    etag, modified = whole.headers["etag"], whole.headers["last-modified"]
+    for method in (httpx.get, httpx.head):
+        for held in ({"If-None-Match": etag}, {"If-Modified-Since": modified}):
+            answer = method(f"{server}files/{PROBS}", headers=held, timeout=30)
+            assert answer.status_code == 304 and not answer.content and answer.headers["etag"] == etag, held
+    assert get(f"{server}files/{PROBS}", headers={"If-None-Match": '"another"'}).content == whole.content
+
+
 def tile_bounds(x: int, y: int, z: int):
     import morecantile
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import stat
 from pathlib import Path
 from urllib.parse import quote
 
@@ -25,6 +26,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.staticfiles import NotModifiedResponse
 
 from . import features, raster, stac, tables, volumes
 from .catalog import Catalog, Entry
@@ -75,6 +77,7 @@ def create_app(
     if not root.is_dir():
         raise NotADirectoryError(f"{folder}: not a folder")
     catalog = Catalog(root)
+    preconditions = StaticFiles(directory=root)  # Starlette's conditional GET, for /files
     app = FastAPI(title="tilemask serve", docs_url=None, redoc_url=None)  # the docs pages load from a CDN
     app.add_middleware(HeadAsGet)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
@@ -123,11 +126,18 @@ def create_app(
         return HTMLResponse(_index_html(root, entries))
 
     @app.api_route("/files/{path:path}", methods=["GET", "HEAD"])
-    def files(path: str):
+    def files(path: str, request: Request):
         target = resolve(root, path)
-        if not target.is_file():
+        try:
+            found = target.stat()
+        except OSError:
+            found = None
+        if found is None or not stat.S_ISREG(found.st_mode):
             raise HTTPException(404, f"not found: {path}")
-        return FileResponse(target)
+        response = FileResponse(target, stat_result=found)  # its ETag and Last-Modified set now
+        if preconditions.is_not_modified(response.headers, request.headers):  # a client's copy still current: 304,
+            return NotModifiedResponse(response.headers)  # as Starlette's static files answer
+        return response
 
     @app.get("/tiles/{z}/{x}/{y}.png")
     def tiles(
@@ -257,6 +267,7 @@ def create_app(
         config = {
             "rasters": [e.to_json() for e in rasters],
             "polygons": [e.to_json() for e in entries if e.kind == "polygons"],
+            "zoom_to_output": output is not None,  # the view fitted to it, not to every layer with it
         }
         return HTMLResponse(_page("map.html", config))
 

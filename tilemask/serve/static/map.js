@@ -142,10 +142,12 @@ function lonSpan(spans) {
   return [merged[first][0], merged[after][1] + (first === 0 ? 0 : 360)];
 }
 const map = new ol.Map({ target: "map", layers, view: new ol.View({ center: [0, 0], zoom: 2 }) });
-const all = config.rasters.concat(config.polygons).filter((e) => e.bounds);
-if (all.length) {  // fitted past 180 degrees east where the extents cross it: the map repeats there
-  const [west, east] = lonSpan(all.map((e) => [e.bounds[0], e.bounds[2]]));
-  const south = Math.min(...all.map((e) => e.bounds[1])), north = Math.max(...all.map((e) => e.bounds[3]));
+// fitted to the output asked for (/map?output=), else to every layer; past 180 degrees east where the extents
+// cross it: the map repeats there
+const fitted = (config.zoom_to_output ? config.rasters : config.rasters.concat(config.polygons)).filter((e) => e.bounds);
+if (fitted.length) {
+  const [west, east] = lonSpan(fitted.map((e) => [e.bounds[0], e.bounds[2]]));
+  const south = Math.min(...fitted.map((e) => e.bounds[1])), north = Math.max(...fitted.map((e) => e.bounds[3]));
   map.getView().fit(ol.proj.transformExtent([west, south, east, north], "EPSG:4326", "EPSG:3857"),
                     { padding: [10, 10, 10, 10] });
 }
