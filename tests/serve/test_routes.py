@@ -721,6 +721,70 @@ def test_a_polar_polygon_the_antimeridian_cut_fails_on_is_served_not_a_500(tmp_p
         assert answer.json()["numberReturned"] == len(layer)
 
 
+def test_a_geographic_output_past_180_degrees_is_served_both_sides_of_it(tmp_path, client):
+    """The demo's labels on a geographic grid of 175..185.24 degrees east, as 0..360 grids run (a reviewer's
+    case): the extent and STAC bbox ran to 185.24 (STAC allows +-180), the features' longitudes too (RFC 7946),
+    a bbox west of 180 degrees found none of them, and tiles and points there were "outside the output". The
+    expected values come from a copy of the part past 180 degrees written at -180..-174.76, served plainly."""
+    import shapely
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+    from starlette.testclient import TestClient
+
+    import tilemask
+    from tilemask.serve import create_app
+    from tilemask.workflow import Workflow
+
+    from .conftest import DEMO
+
+    with rasterio.open(DEMO.parent / "demo" / "RGB.byte.tif") as src:
+        pixels = src.read(out_shape=(3, 512, 512))
+    scene = tmp_path / "pacific.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=512, height=512, count=3, dtype="uint8", nodata=0,
+                       crs="EPSG:4326", transform=from_origin(175, 10, 0.02, 0.02)) as out:  # fmt: skip
+        out.write(pixels)
+    served = tmp_path / "served"
+    for suffix, vectors in ((".tif", f"{served}/{{stem}}_polygons.gpkg"), (".zarr", "null")):
+        sets = [f"input={scene}", f"output.path={served}/{{stem}}_mask{suffix}", "output.quicklook=false",
+                f"output.vectors={vectors}"]  # fmt: skip
+        tilemask.run(Workflow.from_yaml(DEMO, sets), client)
+    east = tmp_path / "plain"  # the columns past 180 degrees (250 on), where -180..-174.76 says they are
+    east.mkdir()
+    for name in ("mask.tif", "mask_probabilities.tif"):
+        with rasterio.open(served / f"pacific_{name}") as ds:
+            profile = {**ds.profile, "width": ds.width - 250, "transform": from_origin(-180, 10, 0.02, 0.02)}
+            with rasterio.open(east / f"east_{name}", "w", **profile) as out:
+                out.write(ds.read(window=Window(250, 0, ds.width - 250, ds.height)))
+                out.update_tags(**ds.tags())
+    layer = gpd.read_file(served / "pacific_polygons.gpkg", fid_as_index=True)
+    west_of_180 = set(layer.index[layer.intersection(box(180, -1, 186, 10)).area > 0])  # -180..-174 taken round,
+    # a polygon that ends on 180 degrees only touching it
+    assert len(west_of_180) > 100
+    with TestClient(create_app(served), base_url="http://127.0.0.1") as http, \
+            TestClient(create_app(east), base_url="http://127.0.0.1") as plain:  # fmt: skip
+        outputs = {o["path"]: o for o in http.get("/?f=json").json()["outputs"]}
+        for path in ("pacific_mask.tif", "pacific_mask.zarr", "pacific_polygons.gpkg"):
+            west, _, east_lon, _ = outputs[path]["bounds"]
+            assert 174 < west < 176 and -176 < east_lon < -174, (path, outputs[path]["bounds"])  # across 180
+        stac_bbox = http.get(f"/stac/items/{outputs['pacific_mask.tif']['id']}.json").json()["bbox"]
+        assert stac_bbox[0] > stac_bbox[2] and all(-180 <= v <= 180 for v in stac_bbox[::2]), stac_bbox
+        answer = http.get("/collections/pacific_polygons/items", params={"bbox": "-180,-1,-174,10", "limit": 10000})
+        assert {f["id"] for f in answer.json()["features"]} == west_of_180
+        for feature in http.get("/collections/pacific_polygons/items", params={"limit": 10000}).json()["features"]:
+            x0, _, x1, _ = shapely.bounds(shape(feature["geometry"]))
+            assert -180 <= x0 and x1 <= 180, (feature["id"], x0, x1)
+        for output in ("pacific_mask.tif", "pacific_mask.zarr"):
+            for band in (None, 3):
+                params = {"output": output, **({"band": band} if band else {})}
+                got = http.get("/tiles/9/2/248.png", params=params)  # -178.6..-177.9 degrees
+                expected = plain.get("/tiles/9/2/248.png", params={**params, "output": "east_mask.tif"})
+                assert got.status_code == 200 and np.array_equal(png(got), png(expected)), (output, band)
+                assert (png(got)[..., 3] > 0).mean() > (0.9 if band else 0.01)  # water, class 0, is transparent
+            point = http.get("/point", params={"output": output, "lon": -178, "lat": 5}).json()
+            assert point["value"] == plain.get("/point", params={"output": "east_mask.tif", "lon": -178,
+                                                                 "lat": 5}).json()["value"] is not None  # fmt: skip
+
+
 def test_global_layers_keep_their_wide_polygons_whole_and_findable(tmp_path):
     """What the antimeridian handling must leave alone: a band along the whole bottom of a Web Mercator grid
     (wider than 180 degrees, crossing nothing) and cells of a global Mollweide grid, whose extent pyproj gives

@@ -135,6 +135,8 @@ def _envelopes(bbox, crs: str | None, extent) -> list[tuple[float, float, float,
             part = (max(q[0], e[0]), max(q[1], e[1]), min(q[2], e[2]), min(q[3], e[3]))
             if part[0] <= part[2] and part[1] <= part[3]:
                 envelopes.append(transformer(CRS84, crs).transform_bounds(*part, densify_pts=21))
+    if extent is not None and extent[0] > extent[2] and CRS.from_user_input(crs).is_geographic:  # a 0..360 grid's
+        envelopes += [(x0 + turn, y0, x1 + turn, y1) for x0, y0, x1, y1 in envelopes for turn in (-360, 360)]
     return envelopes
 
 
@@ -155,7 +157,8 @@ def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
     coordinates would jump from 180 to -180 and make it a band around the whole globe. A geometry with vertices
     off the Earth (they move to inf, or their bounding corners do not come back: :func:`_corners_on_earth`) is
     first cut to the projection's :func:`_domain`; one wholly off it, or in a projection whose domain cannot be
-    outlined, has no geometry (None: GeoJSON's null)."""
+    outlined, has no geometry (None: GeoJSON's null). A geographic layer's polygon past +-180 degrees (a 0..360
+    grid's) is cut there, its parts taken round (:func:`_within_180`)."""
     import shapely
 
     if not crs:
@@ -177,8 +180,12 @@ def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
         lost = off[~np.isfinite(bounds[off]).all(axis=1)]
         moved[lost] = None  # wholly off, or no outline: no geometry rather than GeoJSON's invalid nulls
         bounds[lost] = np.nan
+    if CRS.from_user_input(crs).is_geographic:  # a 0..360 grid's polygons past 180 degrees: taken round, cut there
+        past = np.flatnonzero(np.isfinite(bounds).all(axis=1) & ((bounds[:, 0] < -180) | (bounds[:, 2] > 180)))
+        moved[past] = [_within_180(moved[i]) for i in past]
+        return moved
     wide = np.flatnonzero(np.isfinite(bounds).all(axis=1) & (bounds[:, 2] - bounds[:, 0] > 180))
-    if len(wide) and not CRS.from_user_input(crs).is_geographic:
+    if len(wide):
         import antimeridian
 
         fixes = {"Polygon": antimeridian.fix_polygon, "MultiPolygon": antimeridian.fix_multi_polygon}
@@ -193,6 +200,20 @@ def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
                     # was: a hole it cannot put back in a piece is an AssertionError (a polar polygon's was a 500)
                     moved[i] = fix(dense, great_circle=False, fix_winding=True)  # a projection's edges are straight
     return moved
+
+
+def _within_180(geometry):
+    """A CRS84 ``geometry`` with longitudes past +-180 degrees cut there, each part moved by 360 degrees into
+    -180..180 (RFC 7946 3.1.9)."""
+    import shapely
+
+    parts = [shapely.transform(shapely.clip_by_rect(geometry, 360 * k - 180, -90, 360 * k + 180, 90),
+                               lambda xy, k=k: xy - (360 * k, 0)) for k in (-1, 0, 1)]  # fmt: skip
+    parts = shapely.get_parts([p for p in parts if not p.is_empty])
+    if len(parts) == 1:
+        return parts[0]
+    polygons = all(p.geom_type == "Polygon" for p in parts)
+    return shapely.MultiPolygon(list(parts)) if polygons else shapely.GeometryCollection(list(parts))
 
 
 def _corners_on_earth(geometries: np.ndarray, crs: str) -> np.ndarray:

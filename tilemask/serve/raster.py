@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from fastapi import HTTPException
+from rasterio.crs import CRS
 from rio_tiler.colormap import cmap
 from rio_tiler.errors import PointOutsideBounds, TileOutsideBounds
 from rio_tiler.io import Reader, XarrayReader
@@ -72,6 +73,9 @@ def _zarr_array(path: str, variable: str, level: int, mtime_ns: int, inode: int)
 
     if level == 0:
         array = open_result(path, variable)
+        left, _, right, _ = array.rio.bounds()
+        if (round_180 := _wrapped_crs(array.rio.crs, left, right)) is not None:
+            array = array.rio.write_crs(round_180)
         return array.rename({"class": "band"}) if variable == "probabilities" else array
     array = _zarr_array(path, variable, 0, mtime_ns, inode)  # level 0's grid, CRS and nodata, opened once
     stored = zarr.open_group(path, mode="r")[_level_paths(path, variable)[level]]
@@ -139,11 +143,39 @@ def _open_gtiff(path: Path) -> rasterio.io.DatasetReader:
         cache.move_to_end(key)
         return held[1]
     if held is not None:
-        held[1].close()
-    cache[key] = (stamp, rasterio.open(path, driver="GTiff"))
+        _close(held[1])
+    cache[key] = (stamp, _round_180(rasterio.open(path, driver="GTiff")))
     while len(cache) > DATASETS_PER_THREAD:
-        cache.popitem(last=False)[1][1].close()
+        _close(cache.popitem(last=False)[1][1])
     return cache[key][1]
+
+
+def _round_180(dataset):
+    """``dataset``, or, for a geographic grid past +-180 degrees, a VRT of it in :func:`_wrapped_crs`."""
+    from rasterio.vrt import WarpedVRT
+
+    left, _, right, _ = dataset.bounds
+    if (crs := _wrapped_crs(dataset.crs, left, right)) is None:
+        return dataset
+    return WarpedVRT(dataset, src_crs=crs, crs=crs, transform=dataset.transform, width=dataset.width,
+                     height=dataset.height, nodata=dataset.nodata)  # fmt: skip
+
+
+def _wrapped_crs(crs, left: float, right: float) -> CRS | None:
+    """For a geographic grid past +-180 degrees (0..360) from ``left`` to ``right``, its ``crs`` with PROJ's
+    ``+lon_wrap`` at its middle: a tile or point west of 180 degrees (-178) is then found at 182, where the grid
+    has it (it was "outside the output"); None for any other grid."""
+    if crs is None or not crs.is_geographic or (-180 <= left and right <= 180):
+        return None
+    return CRS.from_proj4(f"{crs.to_proj4()} +lon_wrap={(left + right) / 2}")
+
+
+def _close(dataset) -> None:
+    """Close ``dataset`` (:func:`_open_gtiff`'s), and the file under it if it is a VRT."""
+    under = getattr(dataset, "src_dataset", None)
+    dataset.close()
+    if under is not None:
+        under.close()
 
 
 def label_tile(root: Path, entry: Entry, x: int, y: int, z: int) -> bytes:
