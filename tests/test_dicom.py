@@ -511,7 +511,7 @@ def test_a_dicom_segmentation_is_stored_on_orthanc_and_equals_the_nifti_labels(m
 
 
 def test_a_store_that_fails_keeps_the_segmentation_and_a_server_that_does_not_answer_is_refused_first(
-    make_model, tmp_path, client, orthanc
+    make_model, tmp_path, client, orthanc_dropping
 ):
     """A failed store removed the SEG (every window run again to get it back); a server that did not answer was
     found only once every window had run."""
@@ -521,10 +521,9 @@ def test_a_store_that_fails_keeps_the_segmentation_and_a_server_that_does_not_an
 
     weights, _ = make_model(UNET_3D)
     base = series_workflow(CT, weights, ["background", "brain"], 100.0, 100.0)
-    wrong_root = orthanc.replace("/dicom-web", "/no-dicom-web")  # Orthanc answers, and refuses the store (404)
-    output = {"path": "out/{stem}_seg.dcm", "chunks": 16, "dicomweb": wrong_root}
-    with pytest.raises(OutputError, match=rf"^output.dicomweb: storing {tmp_path}/out/CT5N_seg.dcm on {wrong_root} "
-                                          r"failed: .*\(the file is whole and kept\)$"):  # fmt: skip
+    output = {"path": "out/{stem}_seg.dcm", "chunks": 16, "dicomweb": orthanc_dropping}  # it answers, and drops it
+    with pytest.raises(OutputError, match=rf"^output.dicomweb: storing {tmp_path}/out/CT5N_seg.dcm on "
+                                          rf"{orthanc_dropping} failed: .*\(the file is whole and kept\)$"):  # fmt: skip
         tilemask.run(Workflow.from_dict({**base, "output": output}, base_dir=tmp_path), client)
     import highdicom as hd
 
@@ -539,6 +538,36 @@ def test_a_store_that_fails_keeps_the_segmentation_and_a_server_that_does_not_an
     assert not (job / "manifest.jsonl").exists() or "started" not in (job / "manifest.jsonl").read_text()
     assert json.loads((job / "status.json").read_text())["state"] == "failed"
     assert sorted(p.name for p in (tmp_path / "silent").iterdir()) == [".tilemask"]
+
+
+def test_a_mistyped_dicomweb_root_is_refused_before_any_window_and_orthancs_own_root_is_warned_of(
+    make_model, tmp_path, client, orthanc, caplog
+):
+    """A reviewer's typo (``/dicomweb``) and Orthanc's own root passed the check: every window ran, then the store
+    failed (404, 405), and a rerun with the URL mended found the SEG in place (pass --overwrite: every window
+    again). A root whose /studies is not there (404) is now refused first, exit 2; a 400 or 405 is a warning."""
+    import logging
+
+    from tilemask.errors import WorkflowError
+    from tilemask.sinks.dicomseg import check_answers
+
+    weights, _ = make_model(UNET_3D)
+    base = series_workflow(CT, weights, ["background", "brain"], 100.0, 100.0)
+    typo = orthanc.replace("/dicom-web", "/dicomweb")
+    output = {"path": "out/{stem}_seg.dcm", "chunks": 16, "dicomweb": typo}
+    with pytest.raises(WorkflowError, match=rf"^output.dicomweb: {typo} is no DICOMweb root: GET {typo}/studies "
+                                            r"answered 404 Not Found; give the DICOMweb root, ") as caught:  # fmt: skip
+        tilemask.run(Workflow.from_dict({**base, "output": output}, base_dir=tmp_path), client)
+    assert caught.value.exit_status == 2
+    assert not (tmp_path / "out").exists()  # refused before the job was made: no window ran, no SEG
+    orthancs_root = orthanc.removesuffix("/dicom-web")
+    with caplog.at_level(logging.WARNING, logger="tilemask.sinks.dicomseg"):
+        check_answers(orthancs_root)
+    assert f"{orthancs_root} may be no DICOMweb root (GET {orthancs_root}/studies answered 4" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tilemask.sinks.dicomseg"):
+        check_answers(orthanc)  # the real root: nothing to say
+    assert caplog.text == ""
 
 
 def test_credentials_the_server_refuses_are_refused_before_any_window_and_those_it_takes_store(

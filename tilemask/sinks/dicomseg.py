@@ -249,10 +249,13 @@ def _shown(url: str, text: str | None = None) -> str:
 
 def check_answers(url: str) -> None:
     """Refuse a DICOMweb server that does not answer now (exit 1: it may be down for now), or that refuses the
-    URL's credentials (401: exit 2, the store would be refused too) or redirects (exit 2: the store is not
-    redirected), before any window runs, where the store comes once every window has.  Any other HTTP answer will
-    do (a QIDO refused for want of rights or of QIDO does not say the store will fail); its body is not read.
-    Asked from the process that drives the job (the store runs on a worker: they must both reach the server)."""
+    URL's credentials (401: exit 2, the store would be refused too), redirects (exit 2: the store is not
+    redirected) or has no ``studies`` resource there (404: exit 2, a mistyped root; the store posts to that
+    resource), before any window runs, where the store comes once every window has.  A 400 or 405 is a warning
+    (Orthanc's own root answers 400, and its store 405; but a server may refuse QIDO's ``limit`` or serve STOW-RS
+    alone); any other HTTP answer will do (a QIDO refused for want of rights does not say the store will fail);
+    its body is not read.  Asked from the process that drives the job (the store runs on a worker: they must
+    both reach the server)."""
     import requests
 
     try:
@@ -271,3 +274,12 @@ def check_answers(url: str) -> None:
             else "wants a user and password (401 Unauthorized): give them in the URL, https://USER:PASSWORD@HOST/..."
         )
         raise WorkflowError(f"output.dicomweb: {_shown(url)} {why}")
+    asked = f"GET {_shown(url.rstrip('/'))}/studies answered {answer.status_code} {answer.reason}"
+    if answer.status_code == 404:
+        raise WorkflowError(f"output.dicomweb: {_shown(url)} is no DICOMweb root: {asked}; {ROOT_ADVICE}")
+    if answer.status_code in (400, 405):
+        logger.warning("output.dicomweb: %s may be no DICOMweb root (%s): the store, once every window has run, "
+                       "may be refused; %s", _shown(url), asked, ROOT_ADVICE)  # fmt: skip
+
+
+ROOT_ADVICE = "give the DICOMweb root, whose /studies takes the store (Orthanc's: http://HOST:8042/dicom-web)"
