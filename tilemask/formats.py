@@ -359,6 +359,12 @@ class DicomSeriesFormat(Format):
             raise InputError(single_file_problem(path))
         return DicomSeriesSource.open(path)
 
+    def open_labels(self, path, chunks):
+        from .errors import InputError
+
+        raise InputError(f"{path}: cannot open as a label image: a DICOM series, a scan; give its labels as tilemask "
+                         "run writes them (.nii.gz, .zarr)")  # fmt: skip
+
 
 class DicomSegFormat(Format):
     """A DICOM Segmentation (highdicom) of a DICOM series input: written, not read back as labels here."""
@@ -470,14 +476,18 @@ class GdalRasterFormat(GeoTiffFormat):
         return super().open_labels(path, chunks)
 
 
-class MincFormat(Format):
-    """A MINC volume (``.mnc``: MINC1 is netCDF, MINC2 HDF5), which tilemask does not read, as an input or as labels,
-    as MONAI's readers do not: GDAL's netCDF driver took a MINC1 file for a 2D raster whose bands are its slices (a
-    label image of 10 bands, after a warning of GDAL's own; an input of 10 channels), and a MINC2 failed with an
-    ``IndexError``."""
+class UnreadVolumeFormat(Format):
+    """Volumes tilemask does not read, as an input or as labels, named in one line with the way to NIfTI: MINC
+    (``.mnc``: MINC1 is netCDF, MINC2 HDF5; MONAI's readers do not read it either: GDAL's netCDF driver took a MINC1
+    file for a 2D raster whose bands are its slices, a label image of 10 bands, and a MINC2 failed with an
+    ``IndexError``), NRRD, MetaImage and FreeSurfer's MGH (GDAL's "not recognized as being in a supported file
+    format" named none of them)."""
 
-    name = "minc"
-    suffixes = (".mnc",)
+    name = "unread"
+    KINDS = {".mnc": "a MINC volume", ".nrrd": "an NRRD volume", ".nhdr": "an NRRD header",
+             ".mha": "a MetaImage volume", ".mhd": "a MetaImage header", ".mgz": "a FreeSurfer MGH volume",
+             ".mgh": "a FreeSurfer MGH volume"}  # fmt: skip
+    suffixes = tuple(KINDS)
     writable = False
 
     def open_source(self, path, spatial_dims, bands):
@@ -486,15 +496,14 @@ class MincFormat(Format):
     def open_labels(self, path, chunks):
         raise self._unread(path, "a label image")
 
-    @staticmethod
-    def _unread(path: str, what: str) -> Exception:
+    def _unread(self, path: str, what: str) -> Exception:
         from .errors import InputError
         from .sources import missing_local
 
         if missing_local(path):
             return InputError(f"{path}: no such file")
-        return InputError(f"{path}: cannot open as {what}: a MINC volume, which tilemask does not read; convert it "
-                          "to NIfTI (.nii.gz)")  # fmt: skip
+        return InputError(f"{path}: cannot open as {what}: {self.KINDS[self.suffix(path).lower()]}, which tilemask "
+                          "does not read; convert it to NIfTI (.nii.gz)")  # fmt: skip
 
 
 def inside_zarr_store(path: str) -> bool:
@@ -545,7 +554,7 @@ def _nifti_pair(path: str) -> bool:
 
 
 FORMATS: tuple[Format, ...] = (
-    OmeZarrFormat(), ZarrFormat(), NiftiFormat(), GeoTiffFormat(), DicomSegFormat(), DicomSeriesFormat(), MincFormat(),
+    OmeZarrFormat(), ZarrFormat(), NiftiFormat(), GeoTiffFormat(), DicomSegFormat(), DicomSeriesFormat(), UnreadVolumeFormat(),
     GdalRasterFormat(),
 )
 OUTPUT_SUFFIXES = tuple(s for f in FORMATS if f.writable for s in f.suffixes)

@@ -268,13 +268,43 @@ def test_a_minc_volume_is_refused_in_one_line(tmp_path, make_model, write_workfl
     import zipfile
 
     from tilemask.errors import InputError
-    from tilemask.formats import MincFormat
+    from tilemask.formats import UnreadVolumeFormat
 
     with zipfile.ZipFile(tmp_path / "scans.zip", "w") as archive:  # input.archive's members are /vsizip/ paths
         archive.write(data / "tiny.mnc", "tiny.mnc")
     member = f"/vsizip/{tmp_path}/scans.zip/tiny.mnc"
     with pytest.raises(InputError, match="^/vsizip/.*: cannot open as an input: a MINC volume"):  # not 'no such file'
-        MincFormat().open_source(member, 3, None)
+        UnreadVolumeFormat().open_source(member, 3, None)
+
+
+@pytest.mark.timeout(60)
+def test_scans_tilemask_does_not_read_as_labels_are_refused_in_one_line_naming_what_they_are(tmp_path):
+    """A DICOM series folder given to ``stats`` or ``evaluate`` was "NotImplementedError: NotImplementedError",
+    exit 1; NRRD, MetaImage and MGH volumes (SimpleITK and nibabel write them) GDAL's "not recognized as being in
+    a supported file format", naming none of them. One line each, exit 2, as MINC's."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    from tilemask.cli import main
+
+    from ..test_dicom import CT
+
+    volume = sitk.GetImageFromArray(np.zeros((4, 5, 6), np.uint8))
+    for name in ("labels.nrrd", "labels.mha"):
+        sitk.WriteImage(volume, str(tmp_path / name))
+    nib.save(nib.MGHImage(np.zeros((6, 5, 4), np.uint8), np.eye(4)), tmp_path / "labels.mgz")
+    said = {
+        CT: "a DICOM series, a scan; give its labels as tilemask run writes them (.nii.gz, .zarr)",
+        tmp_path / "labels.nrrd": "an NRRD volume, which tilemask does not read; convert it to NIfTI (.nii.gz)",
+        tmp_path / "labels.mha": "a MetaImage volume, which tilemask does not read; convert it to NIfTI (.nii.gz)",
+        tmp_path / "labels.mgz": "a FreeSurfer MGH volume, which tilemask does not read; convert it to NIfTI (.nii.gz)",
+    }
+    for path, why in said.items():
+        for args in (["stats", str(path), "-o", str(tmp_path / "t.csv")], ["evaluate", str(path), str(path)]):
+            result = CliRunner().invoke(main, args)
+            line = f"tilemask: error: {path}: cannot open as a label image: {why}\n"
+            assert (result.exit_code, result.output) == (2, line), (args, result.output)
+    assert not (tmp_path / "t.csv").exists()
 
 
 @pytest.mark.timeout(120)
