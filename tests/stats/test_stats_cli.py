@@ -233,8 +233,48 @@ def test_scaled_labels_are_refused_in_one_line(tmp_path, shade_labels):
     nib.save(image, volume)
     result = CliRunner().invoke(main, ["stats", str(volume), "-o", str(tmp_path / "v.csv")])
     assert (result.exit_code, result.output) == (2, f"tilemask: error: {volume}: labels must be stored as unscaled "
-                                                    "integers (dtype uint8)\n")  # fmt: skip
+                                                    "integers, or floats holding whole numbers (dtype uint8)\n")  # fmt: skip
     assert not (tmp_path / "s.csv").exists() and not (tmp_path / "v.csv").exists()
+
+
+@pytest.mark.timeout(120)
+def test_labels_as_monai_saves_them_float32_and_channel_last_count_as_their_integers(tmp_path):
+    """MONAI's ``SaveImage`` writes labels as float32 by default, and a channel-last ``(x, y, z, 1)`` volume is
+    what some pipelines keep: both were refused ("labels must be stored as unscaled integers (dtype float32)", "a
+    label volume must be 3D"). Their tables now equal those of the same labels stored as uint8; a value that is
+    no whole number is refused, naming it and its voxel, exit 2, and leaves no table."""
+    import nibabel as nib
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import SaveImage
+
+    from tilemask.cli import main
+
+    labels = blobs((20, 18, 12), seed=3)
+    affine = np.diag([0.8, 0.9, 2.5, 1.0])
+    write_nifti(tmp_path / "uint8.nii.gz", labels.astype(np.uint8), affine)
+    SaveImage(output_dir=tmp_path, output_postfix="", separate_folder=False, output_ext=".nii.gz", print_log=False)(
+        MetaTensor(torch.from_numpy(labels[None].astype(np.float32)), affine=torch.from_numpy(affine),
+                   meta={"filename_or_obj": "monai"}))  # fmt: skip
+    saved = next(tmp_path.glob("monai*.nii.gz"))
+    assert nib.load(saved).get_data_dtype() == np.float32
+    write_nifti(tmp_path / "last.nii.gz", labels[..., None].astype(np.int16), affine)
+    tables = {}
+    for path in (tmp_path / "uint8.nii.gz", saved, tmp_path / "last.nii.gz"):
+        result = CliRunner().invoke(main, ["stats", str(path), "-o", str(tmp_path / f"{path.name}.csv")])
+        assert result.exit_code == 0, result.output
+        tables[path.name] = pd.read_csv(tmp_path / f"{path.name}.csv").drop(columns="file", errors="ignore")
+    assert len(tables["uint8.nii.gz"]) >= 2
+    for name in (saved.name, "last.nii.gz"):
+        pd.testing.assert_frame_equal(tables[name], tables["uint8.nii.gz"], check_dtype=False)
+    half = labels.astype(np.float32)
+    half[5, 6, 7] = 1.5
+    write_nifti(tmp_path / "half.nii.gz", half, affine)
+    result = CliRunner().invoke(main, ["stats", str(tmp_path / "half.nii.gz"), "-o", str(tmp_path / "h.csv")])
+    line = (f"tilemask: error: {tmp_path / 'half.nii.gz'}: labels stored as float32 must be whole numbers; "
+            "voxel [5, 6, 7] holds 1.5\n")  # fmt: skip
+    assert (result.exit_code, result.output) == (2, line)
+    assert not (tmp_path / "h.csv").exists()
 
 
 @pytest.mark.timeout(60)

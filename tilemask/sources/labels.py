@@ -109,20 +109,36 @@ def read_band_window(path: str, rows: slice, cols: slice, bands: int | list[int]
 
 @dataclass(frozen=True)
 class _NiftiVolume:
-    """Array-like view of a NIfTI volume's data (memory-mapped, or indexed_gzip for .nii.gz)."""
+    """Array-like view of a NIfTI volume's data (memory-mapped, or indexed_gzip for .nii.gz); the first voxel of
+    trailing axes of length 1 (``extra_axes``); labels stored as floats given as ``int32`` (:func:`_whole`)."""
 
     path: str
     shape: tuple[int, ...]
     dtype: np.dtype
     ndim: int = 3
+    extra_axes: int = 0
 
     def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
         def block() -> np.ndarray:
             opener = lambda: nib.load(self.path, keep_file_open=True, mmap=True)  # noqa: E731
             img = cached_handle(("label-nifti", self.path), opener, file_stamp(self.path))
-            return np.asarray(img.dataobj[index])
+            return np.asarray(img.dataobj[index + (0,) * self.extra_axes])
 
-        return read_region(self.path, _region(index), block, read_failure)  # nibabel, gzip and zlib: many types
+        data = read_region(self.path, _region(index), block, read_failure)  # nibabel, gzip and zlib: many types
+        return _whole(self.path, index, data) if data.dtype.kind == "f" else data
+
+
+def _whole(path: str, index: tuple[slice, ...], data: np.ndarray) -> np.ndarray:
+    """Labels a NIfTI stores as floats (MONAI's ``SaveImage`` writes float32 by default) as ``int32``; a value that
+    is no whole number (or NaN, or past int32) is an :class:`InputError` naming it and where."""
+    with np.errstate(invalid="ignore"):
+        wrong = (data != np.rint(data)) | ~(np.abs(data) <= np.iinfo(np.int32).max)
+    if wrong.any():
+        first = tuple(np.argwhere(wrong)[0])
+        at = [int(i) + (s.start or 0) for i, s in zip(first, index)]
+        raise InputError(f"{path}: labels stored as {data.dtype} must be whole numbers; voxel {at} holds "
+                         f"{float(data[first]):g}")  # fmt: skip
+    return data.astype(np.int32)
 
 
 @dataclass(frozen=True)
@@ -373,19 +389,22 @@ def open_raster_labels(path: str, chunks) -> LabelImage:
 
 def open_nifti_labels(path: str, chunks) -> LabelImage:
     img = nib.load(path)
-    if len(img.shape) != 3:
+    if len(img.shape) < 3 or any(s != 1 for s in img.shape[3:]):  # (x, y, z, 1): MONAI's labels, channel last
         raise InputError(f"{path}: a label volume must be 3D, this one has shape {img.shape}")
-    dtype = np.dtype(img.get_data_dtype())
-    if not np.issubdtype(dtype, np.integer) or img.dataobj.slope not in (1, None) or img.dataobj.inter not in (0, None):
-        raise InputError(f"{path}: labels must be stored as unscaled integers (dtype {dtype})")
-    shape = tuple(int(s) for s in img.shape)
-    check_length(path, img, shape)
+    stored = np.dtype(img.get_data_dtype())
+    if stored.kind not in "iuf" or img.dataobj.slope not in (1, None) or img.dataobj.inter not in (0, None):
+        raise InputError(f"{path}: labels must be stored as unscaled integers, or floats holding whole numbers "
+                         f"(dtype {stored})")  # fmt: skip
+    check_length(path, img, tuple(int(s) for s in img.shape))
+    shape = tuple(int(s) for s in img.shape[:3])
+    dtype = np.dtype(np.int32) if stored.kind == "f" else stored
     from ..formats import for_path, nifti_nodata
 
     geometry = nifti_geometry(path, img)
     lazy = da.from_array(
-        _NiftiVolume(path, shape, dtype), chunks=_chunks(chunks, tuple(min(s, 128) for s in shape)), asarray=False,
-        fancy=False, meta=np.empty((0, 0, 0), dtype),
+        _NiftiVolume(path, shape, dtype, extra_axes=len(img.shape) - 3),
+        chunks=_chunks(chunks, tuple(min(s, 128) for s in shape)), asarray=False, fancy=False,
+        meta=np.empty((0, 0, 0), dtype),
     )  # fmt: skip
     names = read_colour_table(for_path(path).class_table_path(path))
     return LabelImage(path, lazy, geometry, names, nifti_nodata(img.header["descrip"]))
