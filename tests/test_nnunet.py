@@ -501,6 +501,24 @@ def test_a_checkpoint_without_plain_mirroring_axes_mirrors_nothing(tmp_path, cap
         assert "mirror" not in caplog.text
 
 
+def test_a_checkpoint_cut_short_is_named_once_by_its_load_without_a_warning_of_its_mirroring(tmp_path, caplog):
+    """Half a ``checkpoint_final.pth`` first warned "cannot read its inference_allowed_mirroring_axes ('ascii'
+    codec can't decode byte 0x80 ...)", then the load said what it is: now the load's line alone."""
+    from tilemask.errors import WeightsError
+    from tilemask.models import load_model
+    from tilemask.settings import ModelSpec
+
+    _, data = scan()
+    folder, _, _ = results_folder(tmp_path, data)
+    checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    raw = {"version": 1, "input": "x.nii.gz", "model": {"nnunet": str(folder)}, "output": {"path": "o.nii.gz"}}
+    workflow = Workflow.from_dict(raw)
+    assert workflow.inference.flips == ((),) and caplog.text == ""
+    with pytest.raises(WeightsError, match=r"a zip archive cut short or damaged \(\d+ bytes\)$"):
+        load_model(ModelSpec.create(workflow.model.network, workflow.model.args, workflow.model.weights))
+
+
 class _Touch:
     """Pickled as a call of ``os.system`` that makes ``marker``: what a checkpoint with code in it does when loaded."""
 

@@ -111,6 +111,8 @@ def _allowed_mirroring_axes(weights: Path) -> tuple[int, ...] | None:
     memory linear in at most :data:`PICKLE_BYTES`); a value that is not a tuple (or list) of the axes 0, 1 and 2
     is refused with a warning, and nothing is mirrored."""
     try:
+        if _damaged_zip(weights):  # loading it names what it is ("a zip archive cut short"): no word of this here
+            return None
         value = _PlainValues.top_level(_checkpoint_pickle(weights)).get(MIRRORING_KEY)
         if value is None:
             return None
@@ -122,6 +124,13 @@ def _allowed_mirroring_axes(weights: Path) -> tuple[int, ...] | None:
             "%s: cannot read its %s (%s): no mirroring; set inference.tta to mirror (e.g. flips, with tta_mode: "
             "patch)", weights, MIRRORING_KEY, first_line(exc) or type(exc).__name__)  # fmt: skip
         return None
+
+
+def _damaged_zip(weights: Path) -> bool:
+    """Whether ``weights`` begins as a zip (torch's format) that :mod:`zipfile` cannot open: cut short, read as a
+    legacy pickle it gave "'ascii' codec can't decode byte 0x80", a warning before the load's own error."""
+    with open(weights, "rb") as f:
+        return f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(weights)
 
 
 def _checkpoint_pickle(weights: Path) -> bytes:
