@@ -97,6 +97,23 @@ def test_cli_writes_json_and_rejects_other_grid(pair, tmp_path):
     assert pred_path.read_bytes() == before and not (tmp_path / "scores.txt").exists()
 
 
+def test_the_table_piped_to_a_file_or_a_ci_log_is_whole(pair, tmp_path):
+    """Piped (``| tee``, a CI log), the table was cut to 80 columns: "│ cla… │ 0.7… │ 0.5… │", every score lost.
+    It is printed at its own width there; the scores shown are those of the JSON."""
+    pred_path, truth_path, _, _ = pair
+    out = tmp_path / "scores.json"
+    result = CliRunner().invoke(evaluate_command, [str(pred_path), str(truth_path), "-o", str(out), "--surface"],
+                                env={"COLUMNS": None})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output
+    scores = json.loads(out.read_text())["classes"]
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 5}
+    for name, row in scores.items():
+        for metric in ("dice", "iou", "hd95"):
+            if row.get(metric) is not None:
+                assert f"{row[metric]:.4f}" in rows[name], (name, metric, rows.get(name))
+
+
 def test_images_on_other_grids_are_refused_before_any_cluster_starts(pair, tmp_path):
     """``prepare_evaluation`` (what the command runs before it starts its cluster) opened both images and left the
     grids to the run: another shape, origin, pixel size or CRS started a LocalCluster before exit 2."""

@@ -94,7 +94,10 @@ def evaluate(pred, truth, output, classes, chunks, surface, scheduler, overwrite
         with cluster_client(scheduler) as client:  # started once the arguments and the files have passed
             result = run(client, before_writing=raise_if_stopped)
     if not errors_only():
-        Console().print(render(result))
+        table, console = render(result), Console()
+        if not console.is_terminal:  # a pipe or a CI log: the table at its own width, not cut to 80 columns ("0.7…")
+            console = Console(width=Console(width=100_000).measure(table).maximum)
+        console.print(table)
         if output:
             click.echo(f"wrote {output}")
 
