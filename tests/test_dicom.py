@@ -540,6 +540,27 @@ def test_a_store_that_fails_keeps_the_segmentation_and_a_server_that_does_not_an
     assert sorted(p.name for p in (tmp_path / "silent").iterdir()) == [".tilemask"]
 
 
+def test_a_dicomweb_series_given_as_the_input_is_refused_naming_what_it_is(make_model, tmp_path, client, orthanc):
+    """A WADO-RS URL of a series Orthanc holds, as the input, fell through to GDAL: "cannot open raster: HTTP
+    response code: 404" (Orthanc answers HEAD 404, GET 200). One line, exit 2, saying how to get a folder."""
+    import httpx
+
+    from tilemask.errors import InputError
+
+    for path in sorted(p for p in CT.iterdir() if p.is_file()):
+        assert httpx.post(f"{orthanc.removesuffix('/dicom-web')}/instances", content=path.read_bytes()).is_success
+    first = pydicom.dcmread(next(p for p in sorted(CT.iterdir()) if p.is_file()), stop_before_pixels=True)
+    url = f"{orthanc}/studies/{first.StudyInstanceUID}/series/{first.SeriesInstanceUID}"
+    assert httpx.get(f"{url}/metadata").status_code == 200  # Orthanc holds it
+    weights, _ = make_model(UNET_3D)
+    workflow = {**series_workflow(url, weights, ["background", "brain"], 100.0, 100.0),
+                "output": {"path": "out/{stem}_labels.nii.gz"}}  # fmt: skip
+    with pytest.raises(InputError, match=rf"^{re.escape(url)}: a DICOMweb \(WADO-RS\) study or series, which tilemask "
+                                         r"does not read; retrieve the series into a folder") as caught:  # fmt: skip
+        tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert caught.value.exit_status == 2 and not (tmp_path / "out").exists()
+
+
 def test_a_mistyped_dicomweb_root_is_refused_before_any_window_and_orthancs_own_root_is_warned_of(
     make_model, tmp_path, client, orthanc, caplog
 ):
@@ -597,10 +618,11 @@ def test_credentials_the_server_refuses_are_refused_before_any_window_and_those_
     found = web.search_for_series(search_filters={"Modality": "SEG"})
     assert [s["0020000E"]["Value"][0] for s in found] == [local.SeriesInstanceUID]
 
-    # a store refused for another reason (no DICOMweb root there: 404) names the URL without the password
+    # refused for another reason (no DICOMweb root there: 404, before any window) names the URL without the password
     wrong = root.replace("http://", "http://alice:secret@").replace("/dicom-web", "/dicom-wrong")
     output = {"path": "wrong/{stem}_seg.dcm", "chunks": 16, "dicomweb": wrong}
-    with pytest.raises(OutputError, match=r"^output.dicomweb: storing .* on http://127\.0\.0\.1:\d+/dicom-wrong/? failed: 404") as caught:
+    with pytest.raises(WorkflowError, match=r"^output.dicomweb: http://127\.0\.0\.1:\d+/dicom-wrong is no DICOMweb "
+                                            r"root: GET http://127\.0\.0\.1:\d+/dicom-wrong/studies answered 404") as caught:
         tilemask.run(Workflow.from_dict({**base, "output": output}, base_dir=tmp_path), client)
     assert "secret" not in str(caught.value)
 

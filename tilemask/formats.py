@@ -341,10 +341,14 @@ class DicomSeriesFormat(Format):
     spatial_dims = (3,)
     writable = False
 
+    WADO_RS = re.compile(r"/studies/[0-9.]+(/series/[0-9.]+)?/?$")  # a DICOMweb study or series: refused by name
+
     def matches(self, path):
         from .sources.dicom import is_dicom_file, is_dicom_folder
 
-        if path.startswith(("http://", "https://", "s3://", "/vsi")):
+        if path.startswith(("http://", "https://")):
+            return bool(self.WADO_RS.search(path.split("?", 1)[0]))
+        if path.startswith(("s3://", "/vsi")):
             return False
         return is_dicom_folder(path) or is_dicom_file(path)  # one slice: refused with a hint, not as a raster
 
@@ -355,6 +359,9 @@ class DicomSeriesFormat(Format):
         from .errors import InputError
         from .sources.dicom import DicomSeriesSource, single_file_problem
 
+        if path.startswith(("http://", "https://")):  # GDAL's "HTTP response code: 404" named none of it
+            raise InputError(f"{path}: a DICOMweb (WADO-RS) study or series, which tilemask does not read; retrieve "
+                             "the series into a folder (dicomweb-client's retrieve_series) and give the folder")  # fmt: skip
         if not os.path.isdir(path):
             raise InputError(single_file_problem(path))
         return DicomSeriesSource.open(path)
