@@ -599,7 +599,7 @@ def test_credentials_the_server_refuses_are_refused_before_any_window_and_those_
     from dicomweb_client.api import DICOMwebClient
     from dicomweb_client.session_utils import create_session_from_user_pass
 
-    from tilemask.errors import OutputError, WorkflowError
+    from tilemask.errors import WorkflowError
 
     weights, _ = make_model(UNET_3D)
     base = series_workflow(CT, weights, ["background", "brain"], 100.0, 100.0)
