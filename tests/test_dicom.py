@@ -237,7 +237,15 @@ def test_a_folder_of_two_series_uneven_or_radial_slices_is_refused(tmp_path):
     mixed = tmp_path / "mixed"
     shutil.copytree(RADIAL_MR, mixed / "a")
     shutil.copytree(CT, mixed / "b")
-    with pytest.raises(InputError, match="holds 2 DICOM series; give the folder of one series"):
+    listed = []  # each series named, with what it is and how many files: the folder holds 14 + 5 slices
+    for folder in (mixed / "a", mixed / "b"):
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        first = pydicom.dcmread(files[0], stop_before_pixels=True)
+        what = first.get("SeriesDescription") or first.Modality
+        listed.append(f"{first.SeriesInstanceUID} ({what}, {len(files)} file(s), such as {files[0].name})")
+    assert len(files) < len(list((mixed / "a").iterdir()))  # the larger series first
+    with pytest.raises(InputError, match=re.escape(f"holds 2 DICOM series; give the folder of one series: "
+                                                   f"{listed[0]}; {listed[1]}")):  # fmt: skip
         DicomSeriesSource.open(str(mixed))
     uneven = tmp_path / "uneven"
     shutil.copytree(CT, uneven)
@@ -529,6 +537,11 @@ def test_a_store_that_fails_keeps_the_segmentation_and_a_server_that_does_not_an
 
     seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(tmp_path / "out" / "CT5N_seg.dcm"))
     assert seg.SegmentationType == "LABELMAP" and len(seg.PerFrameFunctionalGroupsSequence) == 5
+    beside = tmp_path / "CT5N"  # the SEG kept beside its slices is not one of them: it was "holds 2 DICOM series"
+    shutil.copytree(CT, beside)
+    shutil.copy(tmp_path / "out" / "CT5N_seg.dcm", beside)
+    read = DicomSeriesSource.open(str(beside))
+    assert [Path(f).name for f in read.files] == [Path(f).name for f in DicomSeriesSource.open(str(CT)).files]
 
     silent = f"http://127.0.0.1:{_free_port()}/dicom-web"  # nothing listens there
     output = {"path": "silent/{stem}_seg.dcm", "chunks": 16, "dicomweb": silent}

@@ -289,6 +289,8 @@ class DicomSeriesSource(ImageSource):
                 raise InputError(f"{path}: cannot read DICOM: {exc}") from None
             headers.append((path, header))
         images = [(p, h) for p, h in headers if "Rows" in h]  # images (not DICOMDIRs, reports, ...)
+        slices = [(p, h) for p, h in images if h.get("Modality") != "SEG"]  # a SEG beside its slices (tilemask's, or
+        images = slices or images  # a PACS export's) is not one of them; alone, it is refused as a multi-frame file
         for path, h in headers:  # an image's file that ends before its Rows: left out, the series ran a slice short
             kind = _sop_class(h)
             if "Rows" not in h and kind.endswith("Image Storage"):
@@ -305,7 +307,8 @@ class DicomSeriesSource(ImageSource):
                              "have one: it is not known to be of their series")  # fmt: skip
         series = {h.get("SeriesInstanceUID") for _, h in images}
         if len(series) > 1:
-            raise InputError(f"{folder}: holds {len(series)} DICOM series; give the folder of one series")
+            raise InputError(f"{folder}: holds {len(series)} DICOM series; give the folder of one series: "
+                             f"{_series_listed(images)}")  # fmt: skip
         for path, h in images:
             missing = [
                 k for k in ("Columns", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing") if k not in h
@@ -434,3 +437,19 @@ class DicomSeriesSource(ImageSource):
                 raise CannotUnpack(f"{self.files[k]}: {pixels.dtype} {pixels.shape}, not {dtype} {(rows, columns)}")
             spool.write(np.ascontiguousarray(pixels).tobytes())
         return np.memmap(spool.file, dtype=dtype, mode="r", shape=(len(self.files), rows, columns))
+
+
+def _series_listed(images: list, shown: int = 3) -> str:
+    """The series of ``images`` (path, header), most files first: each one's UID, description (or modality), number
+    of files and first file's name; the first ``shown`` of them."""
+    by_series: dict[str, list] = {}
+    for path, header in images:
+        by_series.setdefault(str(header.get("SeriesInstanceUID")), []).append((path, header))
+    listed = sorted(by_series.items(), key=lambda item: -len(item[1]))
+    parts = []
+    for uid, members in listed[:shown]:
+        path, header = min(members, key=lambda member: member[0])
+        what = str(header.get("SeriesDescription") or header.get("Modality") or "no description")
+        parts.append(f"{uid} ({what}, {len(members)} file(s), such as {os.path.basename(path)})")
+    more = f"; and {len(listed) - shown} more" if len(listed) > shown else ""
+    return "; ".join(parts) + more
