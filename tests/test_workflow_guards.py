@@ -368,6 +368,19 @@ def test_a_misspelt_key_is_named_with_the_key_it_likely_meant(rename, line):
     assert str(refused.value).startswith(line), str(refused.value)
 
 
+def test_the_errors_beside_the_first_are_named_by_their_section():
+    """A workflow without model and inference said "model: missing key (and 1 more)", naming no other: the user
+    mended one to meet the next. The others are named by their top-level key."""
+    with pytest.raises(WorkflowError) as refused:
+        Workflow.from_dict({"version": 1, "input": "x.nii.gz", "output": {"path": "o.nii.gz"}})
+    assert str(refused.value) == "workflow: model: missing key (and 1 more, at inference)"
+    with pytest.raises(WorkflowError) as refused:
+        Workflow.from_dict({"version": 1, "input": "x.tif", "model": {"weights": "w.pt", "network": "UNet"},
+                            "inference": {"roi_size": "big", "overlap": 2}, "output": {"path": 3},
+                            "classes": 4, "postprocess": 5})  # fmt: skip
+    assert re.search(r" \(and 3 more, at [a-z, ]+\)$", str(refused.value)), str(refused.value)
+
+
 def test_a_key_already_given_is_not_what_a_misspelt_one_meant():
     workflow = {"version": 1, "input": "x.tif", "model": {"weights": "w.pt"}, "output": {"path": "o.tif"},
                 "inference": {"roi_size": [64, 64], "overlap": 0.5, "overlapp": 0.25}}  # fmt: skip

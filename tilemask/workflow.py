@@ -810,8 +810,9 @@ def _one_line(exc: ValidationError, raw: Any = None, overrides: list[str] | tupl
     elif err.get("input") is not None and loc and "(got" not in msg and not isinstance(err["input"], dict):
         msg = f"{msg} (got {err['input']!r})"
     hinted = key[:-1] + (meant,)  # the missing key the hint names is not one more error
-    others = len({_clean_loc(e["loc"])[:1] for e in errors if e not in same_key and _clean_loc(e["loc"]) != hinted})
-    more = f" (and {others} more)" if others else ""
+    others = sorted({".".join(_clean_loc(e["loc"])[:1]) or "workflow" for e in errors
+                     if e not in same_key and _clean_loc(e["loc"]) != hinted})  # fmt: skip
+    more = f" (and {len(others)} more, at {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})" if others else ""
     return f"workflow: {loc + ': ' if loc else ''}{msg}{more}"
 
 
