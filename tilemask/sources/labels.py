@@ -110,13 +110,14 @@ def read_band_window(path: str, rows: slice, cols: slice, bands: int | list[int]
 @dataclass(frozen=True)
 class _NiftiVolume:
     """Array-like view of a NIfTI volume's data (memory-mapped, or indexed_gzip for .nii.gz); the first voxel of
-    trailing axes of length 1 (``extra_axes``); labels stored as floats given as ``int32`` (:func:`_whole`)."""
+    trailing axes of length 1 (``extra_axes``); ``labels`` stored as floats given as ``int32`` (:func:`_whole`)."""
 
     path: str
     shape: tuple[int, ...]
     dtype: np.dtype
     ndim: int = 3
     extra_axes: int = 0
+    labels: bool = False
 
     def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
         def block() -> np.ndarray:
@@ -125,7 +126,7 @@ class _NiftiVolume:
             return np.asarray(img.dataobj[index + (0,) * self.extra_axes])
 
         data = read_region(self.path, _region(index), block, read_failure)  # nibabel, gzip and zlib: many types
-        return _whole(self.path, index, data) if data.dtype.kind == "f" else data
+        return _whole(self.path, index, data) if self.labels and data.dtype.kind == "f" else data
 
 
 def _whole(path: str, index: tuple[slice, ...], data: np.ndarray) -> np.ndarray:
@@ -402,7 +403,7 @@ def open_nifti_labels(path: str, chunks) -> LabelImage:
 
     geometry = nifti_geometry(path, img)
     lazy = da.from_array(
-        _NiftiVolume(path, shape, dtype, extra_axes=len(img.shape) - 3),
+        _NiftiVolume(path, shape, dtype, extra_axes=len(img.shape) - 3, labels=True),
         chunks=_chunks(chunks, tuple(min(s, 128) for s in shape)), asarray=False, fancy=False,
         meta=np.empty((0, 0, 0), dtype),
     )  # fmt: skip
