@@ -90,8 +90,25 @@ def stac_items(path: str, assets: list[str]) -> list[InputItem]:
             raise InputError(f"input.stac: item {item.id}'s asset {empty!r} has no href")
         hrefs = [item.assets[name].get_absolute_href() or item.assets[name].href for name in assets]
         hrefs = [h if h.startswith(REMOTE_PREFIXES) or os.path.isabs(h) else os.path.normpath(os.path.join(folder, h)) for h in hrefs]
-        found.append(InputItem(file_name(str(item.id)), tuple(hrefs)))  # ids are text, even those written as numbers
+        nodata = tuple(_declared_nodata(item, name) for name in assets)
+        found.append(InputItem(file_name(str(item.id)), tuple(hrefs),  # ids are text, even those written as numbers
+                               nodata if any(v is not None for v in nodata) else ()))  # fmt: skip
     return found
+
+
+def _declared_nodata(item, asset: str) -> tuple[float, ...] | None:
+    """The nodata value of each band of ``item``'s ``asset`` as its ``raster:bands`` declares it (STAC's raster
+    extension: a number, or "nan", "inf", "-inf"), as odc-stac and stackstac mask by it; None where a band declares
+    none (GDAL's mask from nodata values is "any band != its nodata": a band without one makes every pixel valid)."""
+    bands = item.assets[asset].extra_fields.get("raster:bands")
+    if not isinstance(bands, list) or not bands:
+        return None
+    values = [band.get("nodata") if isinstance(band, dict) else None for band in bands]
+    try:
+        return tuple(float(v) for v in values) if all(isinstance(v, int | float | str) for v in values) else None
+    except ValueError:  # a string other than nan, inf, -inf
+        raise InputError(f"input.stac: item {item.id}'s asset {asset!r}: raster:bands nodata {values} is not a "
+                         "number, nan, inf or -inf") from None
 
 
 def _asset_without_href(features) -> str | None:

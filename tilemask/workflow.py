@@ -337,10 +337,13 @@ class StacInput(_Strict):
 
 @dataclass(frozen=True)
 class InputItem:
-    """One input of a run: what ``{stem}`` becomes, and its files (several for a case read channel by channel)."""
+    """One input of a run: what ``{stem}`` becomes, and its files (several for a case read channel by channel);
+    for a STAC Item's assets, the nodata value of each file's bands its ``raster:bands`` declares (None: the file's
+    own mask)."""
 
     name: str
     files: tuple[str, ...]
+    nodata: tuple[tuple[float, ...] | None, ...] = ()
 
 
 def _under(path: str, folder: Path) -> str:

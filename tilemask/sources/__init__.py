@@ -237,6 +237,13 @@ class ImageSource(ABC):
         """:meth:`read` and :meth:`read_valid` of one region (a source may derive one from the other)."""
         return self.read(region), self.read_valid(region)
 
+    def with_nodata(self, values: tuple[float, ...]) -> ImageSource:
+        """This image with its pixels invalid where every band holds its nodata value (``values``, one a band of
+        the file: a STAC Item's ``raster:bands``), in place of its own mask; GDAL rasters only."""
+        from ..errors import InputError
+
+        raise InputError(f"{self.path}: a STAC raster:bands nodata value is applied to GDAL rasters, not this input")
+
     @property
     def floating(self) -> bool:
         """Whether values are floats, which may be NaN or infinite: invalid pixels, like nodata."""

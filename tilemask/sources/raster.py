@@ -22,7 +22,9 @@ and outputs would silently lose their place on Earth (warp it first, e.g.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import re
 import threading
@@ -95,7 +97,7 @@ class RasterSource(ImageSource):
     masked: bool = False  # the dataset has a nodata value, a mask or an alpha band
     scales: tuple[float, ...] | None = None  # per selected band, when not all 1 / 0
     offsets: tuple[float, ...] | None = None
-    nodata_values: tuple[int, ...] | None = None  # per selected band: GDAL's mask is "any band != its nodata"
+    nodata_values: tuple[float, ...] | None = None  # per selected band: GDAL's mask is "any band != its nodata"
     version: str | None = None  # of an object on the network, when opened (:func:`tilemask.storage.object_version`)
 
     @classmethod
@@ -200,12 +202,30 @@ class RasterSource(ImageSource):
     def read(self, region: Region) -> np.ndarray:
         return self._scaled(self._read_raw(region))
 
+    def with_nodata(self, values: tuple[float, ...]) -> RasterSource:
+        """This raster masked by ``values`` (one a band of the file, or one for all), not by GDAL's mask; unchanged,
+        with a warning, where they do not name a value of each band read that its pixels can hold (GDAL would then
+        find every pixel valid)."""
+        chosen = tuple(values[0] if len(values) == 1 else values[b - 1] for b in self.bands if b <= len(values)
+                       or len(values) == 1)  # fmt: skip
+        kind = np.dtype(self.dtype)
+
+        def held(v: float) -> bool:
+            if kind.kind == "f":
+                return True
+            return not math.isnan(v) and float(v).is_integer() and np.iinfo(kind).min <= v <= np.iinfo(kind).max
+
+        if len(chosen) != len(self.bands) or not all(map(held, chosen)):
+            logger.warning("%s: the nodata values %s that its STAC raster:bands declare are not values of its %s "
+                           "bands %s: its own mask is used", self.path, list(values), self.dtype, list(self.bands))
+            return self
+        return dataclasses.replace(self, masked=True, nodata_values=chosen)
+
     def read_with_valid(self, region: Region) -> tuple[np.ndarray, np.ndarray | None]:
         if self.nodata_values is None:
             return self.read(region), self.read_valid(region)
         raw = self._read_raw(region)
-        valid = np.any(raw != np.asarray(self.nodata_values, raw.dtype).reshape(-1, 1, 1), axis=0)
-        return self._scaled(raw), valid
+        return self._scaled(raw), _valid(raw, self.nodata_values)
 
     def _scaled(self, data: np.ndarray) -> np.ndarray:
         if self.scales is None:
@@ -231,6 +251,8 @@ class RasterSource(ImageSource):
     def read_valid(self, region: Region) -> np.ndarray | None:
         if not self.masked:
             return None
+        if self.nodata_values is not None:
+            return _valid(self._read_raw(region), self.nodata_values)
         (r0, r1), (c0, c1) = region
         try:
             with gdal_env(self.path):
@@ -238,6 +260,14 @@ class RasterSource(ImageSource):
         except RasterioError as exc:
             detail = first_gdal_line(exc)
         raise ReadError(f"{self.path}: mask read failed at rows {r0}:{r1}, cols {c0}:{c1}: {detail}")
+
+
+def _valid(raw: np.ndarray, nodata: tuple[float, ...]) -> np.ndarray:
+    """Where any band of ``raw`` differs from its ``nodata`` value (GDAL's mask from nodata values); a NaN value
+    matches NaN pixels."""
+    if any(math.isnan(v) for v in nodata):
+        return np.any([~np.isnan(band) if math.isnan(v) else band != v for band, v in zip(raw, nodata)], axis=0)
+    return np.any(raw != np.asarray(nodata, raw.dtype).reshape(-1, 1, 1), axis=0)
 
 
 def not_on_a_grid(path: str, ds) -> str | None:

@@ -56,13 +56,25 @@ class StackedSource(ImageSource):
         return all(s.has_invalid for s in self.sources)
 
     def read(self, region: Region) -> np.ndarray:
-        blocks = [s.read(region) for s in self.sources]
-        dtype = np.result_type(*blocks)
-        return np.concatenate([b.astype(dtype, copy=False) for b in blocks])
+        return _stacked([s.read(region) for s in self.sources])
 
     def read_valid(self, region: Region) -> np.ndarray | None:
-        masks = [s.read_valid(region) for s in self.sources]
-        return None if any(m is None for m in masks) else np.logical_or.reduce(masks)
+        return _either([s.read_valid(region) for s in self.sources])
+
+    def read_with_valid(self, region: Region) -> tuple[np.ndarray, np.ndarray | None]:
+        """Each file's pixels and mask read together: a mask from nodata values comes from the pixels read."""
+        blocks, masks = zip(*(s.read_with_valid(region) for s in self.sources))
+        return _stacked(list(blocks)), _either(list(masks))
+
+
+def _stacked(blocks: list[np.ndarray]) -> np.ndarray:
+    dtype = np.result_type(*blocks)
+    return np.concatenate([b.astype(dtype, copy=False) for b in blocks])
+
+
+def _either(masks: list[np.ndarray | None]) -> np.ndarray | None:
+    """Valid where any file's pixel is (None: every pixel, where a file marks none invalid)."""
+    return None if any(m is None for m in masks) else np.logical_or.reduce(masks)
 
 
 def _same_grid(a: Geometry, b: Geometry) -> bool:
