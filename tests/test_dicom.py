@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -551,6 +553,67 @@ def test_a_store_that_fails_keeps_the_segmentation_and_a_server_that_does_not_an
     assert not (job / "manifest.jsonl").exists() or "started" not in (job / "manifest.jsonl").read_text()
     assert json.loads((job / "status.json").read_text())["state"] == "failed"
     assert sorted(p.name for p in (tmp_path / "silent").iterdir()) == [".tilemask"]
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_while_the_segmentation_is_stored_on_a_stalled_server_stops_at_once(make_model, tmp_path):
+    """A server that takes the store and never answers held a Ctrl-C (two, even) for 122 s: the store ran inside
+    the publishing a stop waits for. Now the run stops within seconds, exit 130; the SEG is whole and in place, and
+    the item is recorded failed, naming the store it did not see end (a rerun with --retry-failed asks again)."""
+    import http.server
+    import json
+    import signal
+    import threading
+    import time
+
+    import highdicom as hd
+
+    posted, release = threading.Event(), threading.Event()
+
+    class Stalled(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name: QIDO-RS answers, an empty list
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def do_POST(self):  # noqa: N802 - STOW-RS: taken, never answered
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            posted.set()
+            release.wait(300)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalled)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    root = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    weights, _ = make_model(UNET_3D)
+    workflow = {**series_workflow(CT, weights, ["background", "brain"], 100.0, 100.0),
+                "output": {"path": "out/{stem}_seg.dcm", "chunks": 16, "dicomweb": root}}  # fmt: skip
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(workflow))
+    exe = Path(sys.executable).parent / "tilemask"
+    proc = subprocess.Popen([str(exe), "run", str(tmp_path / "w.yaml")], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert posted.wait(150), "the store never came"
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        waited = time.monotonic() - stopped
+    finally:
+        proc.kill()
+        release.set()
+        server.shutdown()
+    assert proc.returncode == 130 and waited < 30, (proc.returncode, waited, stderr)
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(tmp_path / "out" / "CT5N_seg.dcm"))
+    assert len(seg.PerFrameFunctionalGroupsSequence) == 5  # whole, in place
+    (job,) = (tmp_path / "out" / ".tilemask" / "jobs").iterdir()
+    lines = [json.loads(line) for line in (job / "manifest.jsonl").read_text().splitlines()]
+    last = [line for line in lines if line.get("status") in ("ok", "failed")][-1]
+    assert last["status"] == "failed" and f"the run stopped while storing {tmp_path}/out/CT5N_seg.dcm on {root}" \
+        in last["error"], last  # fmt: skip
 
 
 def test_a_dicomweb_series_given_as_the_input_is_refused_naming_what_it_is(make_model, tmp_path, client, orthanc):

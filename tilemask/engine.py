@@ -309,7 +309,8 @@ def execute(client: Client, job: Job, progress: bool = True) -> RunResult:
                 if consumers[key] == 0:
                     _release(held, key)
         committing = time.perf_counter()
-        with stage(f"{Path(job.input).name}: making {Path(job.sink.path).name} whole", enabled=progress):
+        delivery = f", then {job.sink.delivery}" if job.sink.delivery else ""
+        with stage(f"{Path(job.input).name}: making {Path(job.sink.path).name} whole{delivery}", enabled=progress):
             outputs = finish_and_publish(client, job.sink, held)
         commit_seconds = time.perf_counter() - committing
     except BaseException as exc:
@@ -365,6 +366,13 @@ def finish_and_publish(client: Client, sink: LabelSink, held: dict) -> list[str]
     with not_abandoned():
         held["publish"] = client.submit(sink.publish, pure=False)
         (outputs,) = gather(client, [held["publish"]])
+    if sink.delivery:  # sent on (a SEG's STOW-RS, 130 s to a stalled server): a stopped run records it failed at once
+        held["deliver"] = client.submit(sink.deliver, pure=False)
+        try:
+            gather(client, [held["deliver"]])
+        except Abandoned:
+            held.pop("deliver").cancel()  # not drained: it writes no file, and may wait minutes on the server
+            raise sink.undelivered() from None
     return outputs
 
 

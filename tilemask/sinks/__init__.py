@@ -78,6 +78,21 @@ class LabelSink(ABC):
     def publish(self) -> list[str]:
         """Rename the finished output into place (quick); returns the paths written.  A task on a worker."""
 
+    @property
+    def delivery(self) -> str:
+        """What :meth:`deliver` does, in words for the progress line ("storing it on DICOMweb"); "": nothing."""
+        return ""
+
+    def deliver(self) -> None:
+        """Send the published output on where the workflow asks (a DICOM SEG to DICOMweb); a task on a worker, after
+        :meth:`publish`, that a stopped run does not wait for (:func:`tilemask.engine.finish_and_publish`)."""
+
+    def undelivered(self) -> Exception:
+        """The failure recorded for a run that stopped while :meth:`deliver` ran: the output is in place."""
+        from ..errors import OutputError
+
+        return OutputError(f"{self.path}: the run stopped while {self.delivery} (the output is whole and kept)")
+
     def commit(self) -> list[str]:
         """:meth:`finish`, then :meth:`publish`.  The engine runs them as two tasks, so an interrupt during
         a long finish leaves only staged files for :meth:`abort`, never a published output."""

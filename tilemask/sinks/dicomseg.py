@@ -132,9 +132,20 @@ class DicomSegSink(LabelSink):
     def publish(self) -> list[str]:
         publish(self.staged, self.path)
         self.labels.abort()
-        if self.layout.dicomweb:  # after the file is in place: a failed store keeps it (the run is still a failure)
-            store(self.path, self.layout.dicomweb)
         return [self.path]
+
+    @property
+    def delivery(self) -> str:
+        return "storing it on DICOMweb" if self.layout.dicomweb else ""
+
+    def deliver(self) -> None:
+        store(self.path, self.layout.dicomweb)  # the file in place: a failed store keeps it (the run still fails)
+
+    def undelivered(self) -> OutputError:
+        """The failure of a run that stopped while the SEG was being stored: the file is whole, the store unknown."""
+        return OutputError(f"output.dicomweb: the run stopped while storing {self.path} on "
+                           f"{_shown(self.layout.dicomweb)}: whether the server has it, its QIDO-RS says (the file is "
+                           "whole and kept)")  # fmt: skip
 
     def abort(self) -> None:
         remove(self.staged)
