@@ -783,6 +783,42 @@ def test_a_geographic_output_past_180_degrees_is_served_both_sides_of_it(tmp_pat
             point = http.get("/point", params={"output": output, "lon": -178, "lat": 5}).json()
             assert point["value"] == plain.get("/point", params={"output": "east_mask.tif", "lon": -178,
                                                                  "lat": 5}).json()["value"] is not None  # fmt: skip
+        # zoomed out to the world: the COG's tile is drawn; the Zarr's reaches the meridian where its CRS cuts the
+        # Earth (0.12 degrees east), which rioxarray cannot cut a tile across: left out (404), not a 422
+        assert http.get("/tiles/0/0/0.png", params={"output": "pacific_mask.tif"}).status_code == 200
+        assert http.get("/tiles/0/0/0.png", params={"output": "pacific_mask.zarr"}).status_code == 404
+
+
+def test_geographic_layers_round_the_whole_earth_and_grids_on_its_edge(tmp_path):
+    """What a review found past the 0..360 case above: a layer 360 degrees wide (0..360) had its extent taken as
+    -180..180, so its features past 180 degrees were never searched (no bbox found them); a polygon round the whole
+    Earth was cut into an invalid MultiPolygon; a layer starting on 180 degrees had a STAC bbox whose west part had
+    no width; a grid registered at its pixels' centres (-180.0042, GTOPO30's) was read through a warped VRT."""
+    from rasterio.transform import from_origin
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+    from tilemask.serve.raster import _round_180
+
+    boxes = [box(0, 0, 10, 5), box(270, 0, 280, 5), box(350, 0, 360, 5), box(0, -60, 360, -55)]
+    gpd.GeoDataFrame({"n": range(4)}, geometry=boxes, crs="EPSG:4326").to_file(tmp_path / "wide.gpkg")
+    gpd.GeoDataFrame({"n": [0]}, geometry=[box(180, 0, 182, 5)], crs="EPSG:4326").to_file(tmp_path / "edge.gpkg")
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1") as http:
+        for bbox, expected in (("-90,-1,-80,10", {2: 1}), ("-180,-90,180,90", {1: 0, 2: 1, 3: 2, 4: 3}),
+                               ("-5,-1,-1,6", {3: 2}), ("100,-58,101,-57", {4: 3})):  # fmt: skip
+            features = http.get("/collections/wide/items", params={"bbox": bbox}).json()["features"]
+            assert {f["id"]: f["properties"]["n"] for f in features} == expected, bbox
+        band = next(f for f in http.get("/collections/wide/items").json()["features"] if f["properties"]["n"] == 3)
+        ring = shape(band["geometry"])
+        assert ring.is_valid and ring.geom_type == "Polygon" and ring.bounds == (-180, -60, 180, -55)
+        bbox = http.get("/stac/items/edge.json").json()["bbox"]
+        assert bbox == [-180, 0, -178, 5], bbox
+    profile = {"driver": "GTiff", "width": 4320, "height": 10, "count": 1, "dtype": "uint8", "crs": "EPSG:4326"}
+    for left, wrapped in ((-180 - 1 / 240, False), (-180.5, True)):  # half a 30" pixel past: as it is; more: wrap
+        with rasterio.open(tmp_path / "g.tif", "w", **profile, transform=from_origin(left, 10, 1 / 12, 1 / 12)) as d:
+            d.write(np.zeros((1, 10, 4320), np.uint8))
+        with rasterio.open(tmp_path / "g.tif") as dataset:
+            assert (_round_180(dataset) is not dataset) == wrapped, left
 
 
 def test_global_layers_keep_their_wide_polygons_whole_and_findable(tmp_path):

@@ -489,11 +489,12 @@ def lonlat_bounds(crs, bounds) -> tuple[float, float, float, float] | None:
 
 def _within_180(west: float, south: float, east: float, north: float) -> tuple[float, float, float, float]:
     """CRS84 bounds with longitudes past +-180 degrees (a geographic grid of 0..360, which PROJ leaves as they
-    are: 175..185.24 was the extent, the STAC bbox and the map's) taken round: minlon > maxlon across 180."""
+    are: 175..185.24 was the extent, the STAC bbox and the map's) taken round: minlon > maxlon across 180. A west
+    edge on 180 is -180 and an east edge on -180 is 180 (180..182 was a box of no width beside -180..-178)."""
     if east - west >= 360:
         return (-180.0, south, 180.0, north)
     west, east = (lon if -180 <= lon <= 180 else (lon + 180) % 360 - 180 for lon in (west, east))
-    return (west, south, east, north)
+    return (-180.0 if west == 180 else west, south, 180.0 if east == -180 else east, north)
 
 
 SAMPLES = 257  # a side of the grid :func:`_sampled_bounds` moves: 66,049 points, about 20 ms, once per file

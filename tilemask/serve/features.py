@@ -119,12 +119,13 @@ def item(root: Path, entry: Entry, fid: int) -> dict:
     return _features(frame, layer.crs)[0]
 
 
-def _envelopes(bbox, crs: str | None, extent) -> list[tuple[float, float, float, float]]:
+def _envelopes(bbox, crs: str | None, extent, past_180: bool = False) -> list[tuple[float, float, float, float]]:
     """Where, in the layer's CRS, the features that meet the CRS84 ``bbox`` are found: each side of the
     antimeridian apart, transformed. For a layer of less than half the globe, only the parts of the bbox within
     its CRS84 ``extent``: a box reaching far past a layer in a projection of one zone (UTM) transforms to
     nonsense there. A wider layer's extent is no guide (pyproj's bounds of a Mollweide or global grid can be
-    one meridian): the bbox is transformed whole."""
+    one meridian): the bbox is transformed whole. A geographic layer whose longitudes pass +-180 degrees
+    (``past_180``: a 0..360 grid's polygons) is searched 360 degrees either way too."""
     if not crs:
         return list(sides(bbox))
     width = None if extent is None else (extent[2] - extent[0]) % 360
@@ -135,9 +136,15 @@ def _envelopes(bbox, crs: str | None, extent) -> list[tuple[float, float, float,
             part = (max(q[0], e[0]), max(q[1], e[1]), min(q[2], e[2]), min(q[3], e[3]))
             if part[0] <= part[2] and part[1] <= part[3]:
                 envelopes.append(transformer(CRS84, crs).transform_bounds(*part, densify_pts=21))
-    if extent is not None and extent[0] > extent[2] and CRS.from_user_input(crs).is_geographic:  # a 0..360 grid's
+    if past_180:
         envelopes += [(x0 + turn, y0, x1 + turn, y1) for x0, y0, x1, y1 in envelopes for turn in (-360, 360)]
     return envelopes
+
+
+def _past_180(crs: str | None, bounds) -> bool:
+    """Whether a layer of native ``bounds`` in ``crs`` is geographic and passes +-180 degrees (0..360)."""
+    return bool(crs) and bounds is not None and CRS.from_user_input(crs).is_geographic and (
+        bounds[0] < -180 or bounds[2] > 180)  # fmt: skip
 
 
 def _meeting(geometries, crs: str | None, bbox) -> np.ndarray:
@@ -158,7 +165,7 @@ def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
     off the Earth (they move to inf, or their bounding corners do not come back: :func:`_corners_on_earth`) is
     first cut to the projection's :func:`_domain`; one wholly off it, or in a projection whose domain cannot be
     outlined, has no geometry (None: GeoJSON's null). A geographic layer's polygon past +-180 degrees (a 0..360
-    grid's) is cut there, its parts taken round (:func:`_within_180`)."""
+    grid's) is cut there, its parts taken round (:func:`_cut_at_180`)."""
     import shapely
 
     if not crs:
@@ -182,7 +189,7 @@ def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
         bounds[lost] = np.nan
     if CRS.from_user_input(crs).is_geographic:  # a 0..360 grid's polygons past 180 degrees: taken round, cut there
         past = np.flatnonzero(np.isfinite(bounds).all(axis=1) & ((bounds[:, 0] < -180) | (bounds[:, 2] > 180)))
-        moved[past] = [_within_180(moved[i]) for i in past]
+        moved[past] = [_cut_at_180(moved[i]) for i in past]
         return moved
     wide = np.flatnonzero(np.isfinite(bounds).all(axis=1) & (bounds[:, 2] - bounds[:, 0] > 180))
     if len(wide):
@@ -202,18 +209,16 @@ def _crs84(geometries: np.ndarray, crs: str | None) -> np.ndarray:
     return moved
 
 
-def _within_180(geometry):
-    """A CRS84 ``geometry`` with longitudes past +-180 degrees cut there, each part moved by 360 degrees into
-    -180..180 (RFC 7946 3.1.9)."""
+def _cut_at_180(geometry):
+    """A CRS84 ``geometry`` with longitudes past +-180 degrees cut there, each part moved by a multiple of 360
+    degrees into -180..180 and the parts joined (RFC 7946 3.1.9; a band round the whole Earth is one polygon)."""
     import shapely
 
+    x0, _, x1, _ = geometry.bounds
+    turns = range(math.floor((x0 + 180) / 360), math.floor((x1 + 180) / 360) + 1)
     parts = [shapely.transform(shapely.clip_by_rect(geometry, 360 * k - 180, -90, 360 * k + 180, 90),
-                               lambda xy, k=k: xy - (360 * k, 0)) for k in (-1, 0, 1)]  # fmt: skip
-    parts = shapely.get_parts([p for p in parts if not p.is_empty])
-    if len(parts) == 1:
-        return parts[0]
-    polygons = all(p.geom_type == "Polygon" for p in parts)
-    return shapely.MultiPolygon(list(parts)) if polygons else shapely.GeometryCollection(list(parts))
+                               lambda xy, k=k: xy - (360 * k, 0)) for k in turns]  # fmt: skip
+    return shapely.union_all([p for p in parts if not p.is_empty])
 
 
 def _corners_on_earth(geometries: np.ndarray, crs: str) -> np.ndarray:
@@ -298,7 +303,8 @@ class OgrLayer:
 
         self.path = path
         st = path.stat()
-        driver, self.crs, self.features, self.extent = _ogr_info(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        driver, self.crs, self.features, self.extent, self.past_180 = _ogr_info(str(path), st.st_size,
+                                                                                st.st_mtime_ns, st.st_ino)
         if driver != OGR_DRIVERS.get(path.suffix.lower()):  # changed since the catalog looked: refuse an OGR VRT
             raise HTTPException(404, f"{path.name}: not a polygons file")
 
@@ -309,7 +315,7 @@ class OgrLayer:
 
         with no_pam():
             found = [pyogrio.raw.read(self.path, bbox=envelope, columns=[], return_fids=True)[1:3]
-                     for envelope in _envelopes(bbox, self.crs, self.extent)]  # fmt: skip
+                     for envelope in _envelopes(bbox, self.crs, self.extent, self.past_180)]  # fmt: skip
         fids, first = np.unique(np.concatenate([np.zeros(0, np.int64)] + [f for f, _ in found]), return_index=True)
         wkb = np.concatenate([np.zeros(0, object)] + [w for _, w in found])[first]
         return fids[_meeting(shapely.from_wkb(wkb), self.crs, bbox)]
@@ -328,11 +334,13 @@ class OgrLayer:
 
 
 @functools.lru_cache(maxsize=32)
-def _ogr_info(path: str, size: int, mtime_ns: int, inode: int) -> tuple[str, str | None, int, tuple | None]:
-    """The driver, CRS, number of features and CRS84 extent of an OGR layer."""
+def _ogr_info(path: str, size: int, mtime_ns: int, inode: int) -> tuple[str, str | None, int, tuple | None, bool]:
+    """The driver, CRS, number of features and CRS84 extent of an OGR layer, and whether it passes 180 degrees
+    (:func:`_past_180`)."""
     with no_pam():
         info = pyogrio.read_info(path, force_feature_count=True, force_total_bounds=True)
-    return info["driver"], info["crs"], int(info["features"]), lonlat_bounds(info["crs"], info["total_bounds"])
+    crs, bounds = info["crs"], info["total_bounds"]
+    return info["driver"], crs, int(info["features"]), lonlat_bounds(crs, bounds), _past_180(crs, bounds)
 
 
 class GeoParquetLayer:
@@ -353,7 +361,7 @@ class GeoParquetLayer:
         """The row numbers of the features that intersect the CRS84 ``bbox`` (candidates from the spatial index)."""
         import shapely
 
-        envelopes = _envelopes(bbox, self.crs, self.extent)
+        envelopes = _envelopes(bbox, self.crs, self.extent, _past_180(self.crs, self.frame.total_bounds))
         candidates = np.unique(np.concatenate([np.zeros(0, np.int64)] + [
             self.frame.sindex.query(shapely.box(*envelope)) for envelope in envelopes
         ]))  # fmt: skip

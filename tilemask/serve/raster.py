@@ -39,15 +39,19 @@ OUTSIDE = (TileOutsideBounds, PointOutsideBounds)
 
 
 @contextlib.contextmanager
-def reader(root: Path, entry: Entry, variable: str = "labels", zoom: int | None = None):
-    """A rio-tiler reader of ``entry``'s labels or probabilities; for a tile at ``zoom``, of an OME-Zarr's level
+def reader(root: Path, entry: Entry, variable: str = "labels", tile: tuple[int, int, int] | None = None):
+    """A rio-tiler reader of ``entry``'s labels or probabilities; for a ``tile`` (x, y, zoom), of an OME-Zarr's level
     that suits it."""
     path = root / entry.path
     fmt = for_path(entry.path)
     if fmt.zarr_store:
         st = (path / "zarr.json").stat()
         stamp = (st.st_mtime_ns, st.st_ino)
+        zoom = tile[2] if tile else None
         level = _level_for(str(path), variable, zoom, *stamp) if zoom is not None and fmt.name == "ome-zarr" else 0
+        seam = _seam(str(path), *stamp)  # a grid past 180 degrees: rioxarray cannot cut a tile across the meridian
+        if seam is not None and tile is not None and _across(seam, tile):  # where its CRS cuts the Earth (a 422)
+            raise TileOutsideBounds(f"tile {tile} reaches {seam:g} degrees, where the grid's CRS cuts the Earth")
         with XarrayReader(_zarr_array(str(path), variable, level, *stamp)) as r:
             yield r
         return
@@ -64,7 +68,8 @@ def reader(root: Path, entry: Entry, variable: str = "labels", zoom: int | None 
 def _zarr_array(path: str, variable: str, level: int, mtime_ns: int, inode: int):
     """A Zarr output as :func:`tilemask.open_result` gives it (lazy), or that array's ``level`` of an OME-Zarr's
     pyramid, each 2**level times coarser on the same grid; opened once while the store is unchanged rather than
-    for every tile; probabilities with their class axis named ``band``, as rio-tiler expects."""
+    for every tile; probabilities with their class axis named ``band``, as rio-tiler expects; a geographic grid
+    past 180 degrees in its :func:`_wrapped_crs` (rio-tiler refuses its bounds)."""
     import dask.array as da
     import xarray as xr
     import zarr
@@ -73,8 +78,7 @@ def _zarr_array(path: str, variable: str, level: int, mtime_ns: int, inode: int)
 
     if level == 0:
         array = open_result(path, variable)
-        left, _, right, _ = array.rio.bounds()
-        if (round_180 := _wrapped_crs(array.rio.crs, left, right)) is not None:
+        if (round_180 := _wrapped_crs(array.rio.crs, *_span(array))) is not None:
             array = array.rio.write_crs(round_180)
         return array.rename({"class": "band"}) if variable == "probabilities" else array
     array = _zarr_array(path, variable, 0, mtime_ns, inode)  # level 0's grid, CRS and nodata, opened once
@@ -129,7 +133,7 @@ _local = threading.local()
 DATASETS_PER_THREAD = 4
 
 
-def _open_gtiff(path: Path) -> rasterio.io.DatasetReader:
+def _open_gtiff(path: Path) -> rasterio.io.DatasetReader | rasterio.vrt.WarpedVRT:
     """``path`` opened with the GTiff driver only, kept open by this thread while the file is unchanged.
 
     A GDAL dataset belongs to the thread that uses it; keeping it open spares the
@@ -155,17 +159,45 @@ def _round_180(dataset):
     from rasterio.vrt import WarpedVRT
 
     left, _, right, _ = dataset.bounds
-    if (crs := _wrapped_crs(dataset.crs, left, right)) is None:
+    if (crs := _wrapped_crs(dataset.crs, left, right, abs(dataset.res[0]))) is None:
         return dataset
     return WarpedVRT(dataset, src_crs=crs, crs=crs, transform=dataset.transform, width=dataset.width,
                      height=dataset.height, nodata=dataset.nodata)  # fmt: skip
 
 
-def _wrapped_crs(crs, left: float, right: float) -> CRS | None:
-    """For a geographic grid past +-180 degrees (0..360) from ``left`` to ``right``, its ``crs`` with PROJ's
-    ``+lon_wrap`` at its middle: a tile or point west of 180 degrees (-178) is then found at 182, where the grid
-    has it (it was "outside the output"); None for any other grid."""
-    if crs is None or not crs.is_geographic or (-180 <= left and right <= 180):
+def _span(array) -> tuple[float, float, float]:
+    """The west and east edges of a Zarr output's grid, and its pixels' width."""
+    left, _, right, _ = array.rio.bounds()
+    return left, right, abs(array.rio.resolution()[0])
+
+
+@functools.lru_cache(maxsize=16)
+def _seam(path: str, mtime_ns: int, inode: int) -> float | None:
+    """The longitude (-180..180) where the :func:`_wrapped_crs` of a Zarr output's grid cuts the Earth; None for a
+    grid it does not wrap."""
+    from ..results import open_result
+
+    array = open_result(path, "labels")
+    left, right, pixel = _span(array)
+    if _wrapped_crs(array.rio.crs, left, right, pixel) is None:
+        return None
+    return ((left + right) / 2 - 180 + 180) % 360 - 180
+
+
+def _across(longitude: float, tile: tuple[int, int, int]) -> bool:
+    """Whether Web Mercator ``tile`` (x, y, zoom) reaches ``longitude``."""
+    import morecantile
+
+    bounds = morecantile.tms.get("WebMercatorQuad").bounds(*tile)
+    return bounds.left <= longitude <= bounds.right
+
+
+def _wrapped_crs(crs, left: float, right: float, pixel: float) -> CRS | None:
+    """For a geographic grid more than half a ``pixel`` past +-180 degrees (0..360) from ``left`` to ``right``, its
+    ``crs`` with PROJ's ``+lon_wrap`` at its middle: a tile or point west of 180 degrees (-178) is then found at 182,
+    where the grid has it (it was "outside the output"); None for any other grid (one registered at its pixels'
+    centres, GTOPO30's -180.0042, is read as it is: through a warped VRT, a tile took ten times as long)."""
+    if crs is None or not crs.is_geographic or (-180 - pixel / 2 <= left and right <= 180 + pixel / 2):
         return None
     return CRS.from_proj4(f"{crs.to_proj4()} +lon_wrap={(left + right) / 2}")
 
@@ -179,7 +211,7 @@ def _close(dataset) -> None:
 
 
 def label_tile(root: Path, entry: Entry, x: int, y: int, z: int) -> bytes:
-    with reader(root, entry, zoom=z) as r:
+    with reader(root, entry, tile=(x, y, z)) as r:
         image = r.tile(x, y, z, indexes=1, **NEAREST)
     labels = image.data[0]
     lut = np.array([CYCLE[v] for v in range(len(CYCLE))], np.uint8)
@@ -191,7 +223,7 @@ def label_tile(root: Path, entry: Entry, x: int, y: int, z: int) -> bytes:
 
 
 def probability_tile(root: Path, entry: Entry, band: int, x: int, y: int, z: int) -> bytes:
-    with reader(root, entry, "probabilities", zoom=z) as r:
+    with reader(root, entry, "probabilities", tile=(x, y, z)) as r:
         zarr = isinstance(r, XarrayReader)
         bands = r.input.sizes["band"] if zarr else r.dataset.count
         if band > bands:
@@ -214,7 +246,7 @@ def probability_tile(root: Path, entry: Entry, band: int, x: int, y: int, z: int
 def _no_labels(root: Path, entry: Entry, x: int, y: int, z: int) -> np.ndarray:
     """Where the tile has no label (the labels' nodata, or outside them): the probabilities there are the
     writer's fill, not a prediction, and are drawn transparent as the labels are."""
-    with reader(root, entry, zoom=z) as r:
+    with reader(root, entry, tile=(x, y, z)) as r:
         image = r.tile(x, y, z, indexes=1, **NEAREST)
     empty = np.asarray(image.array.mask[0], bool)
     return empty | (image.data[0] == entry.nodata) if entry.nodata is not None else empty
