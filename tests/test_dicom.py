@@ -635,6 +635,14 @@ def test_a_dicomweb_series_given_as_the_input_is_refused_naming_what_it_is(make_
                                          r"does not read; retrieve the series into a folder") as caught:  # fmt: skip
         tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
     assert caught.value.exit_status == 2 and not (tmp_path / "out").exists()
+    from tilemask.formats import for_path
+
+    sop = first.SOPInstanceUID
+    for given, dicomweb in ((f"{url}/instances/{sop}", True), (f"/vsicurl/{url}#x", True), (f"{url}/metadata", True),
+                            ("https://host/api/v1/studies/42?format=tif", False),  # no UID: a diff review's
+                            ("https://host/studies/2024/x.tif", False)):  # fmt: skip
+        assert (for_path(given).name == "dicom") == dicomweb, given
+    assert for_path("https://host/x.tif?name=a.mha").name == "gdal"  # its name ends before the query
 
 
 def test_a_mistyped_dicomweb_root_is_refused_before_any_window_and_orthancs_own_root_is_warned_of(

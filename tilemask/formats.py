@@ -341,13 +341,15 @@ class DicomSeriesFormat(Format):
     spatial_dims = (3,)
     writable = False
 
-    WADO_RS = re.compile(r"/studies/[0-9.]+(/series/[0-9.]+)?/?$")  # a DICOMweb study or series: refused by name
+    UID = r"[0-9]+(\.[0-9]+)+"  # a DICOM UID: numbers and dots (1.2.840...)
+    WADO_RS = re.compile(rf"/studies/{UID}(/series/{UID}(/instances/{UID}(/frames/[0-9,]+)?)?)?"
+                         r"(/metadata|/rendered|/thumbnail)?/?$")  # fmt: skip
 
     def matches(self, path):
         from .sources.dicom import is_dicom_file, is_dicom_folder
 
-        if path.startswith(("http://", "https://")):
-            return bool(self.WADO_RS.search(path.split("?", 1)[0]))
+        if path.startswith(WEB_PREFIXES):  # a DICOMweb study, series or instance: refused by name
+            return bool(self.WADO_RS.search(re.split(r"[?#]", path, maxsplit=1)[0]))
         if path.startswith(("s3://", "/vsi")):
             return False
         return is_dicom_folder(path) or is_dicom_file(path)  # one slice: refused with a hint, not as a raster
@@ -359,7 +361,7 @@ class DicomSeriesFormat(Format):
         from .errors import InputError
         from .sources.dicom import DicomSeriesSource, single_file_problem
 
-        if path.startswith(("http://", "https://")):  # GDAL's "HTTP response code: 404" named none of it
+        if path.startswith(WEB_PREFIXES):  # GDAL's "HTTP response code: 404" named none of it
             raise InputError(f"{path}: a DICOMweb (WADO-RS) study or series, which tilemask does not read; retrieve "
                              "the series into a folder (dicomweb-client's retrieve_series) and give the folder")  # fmt: skip
         if not os.path.isdir(path):
@@ -369,8 +371,8 @@ class DicomSeriesFormat(Format):
     def open_labels(self, path, chunks):
         from .errors import InputError
 
-        raise InputError(f"{path}: cannot open as a label image: a DICOM series, a scan; give its labels as tilemask "
-                         "run writes them (.nii.gz, .zarr)")  # fmt: skip
+        raise InputError(f"{path}: cannot open as a label image: a DICOM scan; give its labels as tilemask run writes "
+                         "them (.nii.gz, .zarr)")  # fmt: skip
 
 
 class DicomSegFormat(Format):
@@ -496,6 +498,9 @@ class UnreadVolumeFormat(Format):
              ".mgh": "a FreeSurfer MGH volume"}  # fmt: skip
     suffixes = tuple(KINDS)
     writable = False
+
+    def matches(self, path):  # a URL's name ends before its query: x.tif?name=a.mha is a GeoTIFF
+        return super().matches(re.split(r"[?#]", path, maxsplit=1)[0] if path.startswith(WEB_PREFIXES) else path)
 
     def open_source(self, path, spatial_dims, bands):
         raise self._unread(path, "an input")

@@ -275,6 +275,10 @@ def test_labels_as_monai_saves_them_float32_and_channel_last_count_as_their_inte
             "voxel [5, 6, 7] holds 1.5\n")  # fmt: skip
     assert (result.exit_code, result.output) == (2, line)
     assert not (tmp_path / "h.csv").exists()
+    half[5, 6, 7] = 2**31  # past int32, though float32 rounds int32's largest to it: it was read as -2**31
+    write_nifti(tmp_path / "half.nii.gz", half, affine)
+    result = CliRunner().invoke(main, ["stats", str(tmp_path / "half.nii.gz"), "-o", str(tmp_path / "h.csv")])
+    assert (result.exit_code, result.output) == (2, line.replace("holds 1.5", "holds 2.14748e+09"))
 
 
 @pytest.mark.timeout(60)
@@ -334,7 +338,7 @@ def test_scans_tilemask_does_not_read_as_labels_are_refused_in_one_line_naming_w
         sitk.WriteImage(volume, str(tmp_path / name))
     nib.save(nib.MGHImage(np.zeros((6, 5, 4), np.uint8), np.eye(4)), tmp_path / "labels.mgz")
     said = {
-        CT: "a DICOM series, a scan; give its labels as tilemask run writes them (.nii.gz, .zarr)",
+        CT: "a DICOM scan; give its labels as tilemask run writes them (.nii.gz, .zarr)",
         tmp_path / "labels.nrrd": "an NRRD volume, which tilemask does not read; convert it to NIfTI (.nii.gz)",
         tmp_path / "labels.mha": "a MetaImage volume, which tilemask does not read; convert it to NIfTI (.nii.gz)",
         tmp_path / "labels.mgz": "a FreeSurfer MGH volume, which tilemask does not read; convert it to NIfTI (.nii.gz)",

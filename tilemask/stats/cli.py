@@ -95,7 +95,8 @@ def evaluate(pred, truth, output, classes, chunks, surface, scheduler, overwrite
             result = run(client, before_writing=raise_if_stopped)
     if not errors_only():
         table, console = render(result), Console()
-        if not console.is_terminal:  # a pipe or a CI log: the table at its own width, not cut to 80 columns ("0.7…")
+        if not console.is_terminal and not os.environ.get("COLUMNS"):  # a pipe or a CI log: the table at its own
+            # width, not cut to 80 columns ("0.7…"); COLUMNS, where set, is rich's and the user's word for it
             console = Console(width=Console(width=100_000).measure(table).maximum)
         console.print(table)
         if output:
