@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import subprocess
@@ -555,18 +556,12 @@ def test_a_store_that_fails_keeps_the_segmentation_and_a_server_that_does_not_an
     assert sorted(p.name for p in (tmp_path / "silent").iterdir()) == [".tilemask"]
 
 
-@pytest.mark.timeout(240)
-def test_ctrl_c_while_the_segmentation_is_stored_on_a_stalled_server_stops_at_once(make_model, tmp_path):
-    """A server that takes the store and never answers held a Ctrl-C (two, even) for 122 s: the store ran inside
-    the publishing a stop waits for. Now the run stops within seconds, exit 130; the SEG is whole and in place, and
-    the item is recorded failed, naming the store it did not see end (a rerun with --retry-failed asks again)."""
+@contextlib.contextmanager
+def _stalled_dicomweb():
+    """A DICOMweb server whose QIDO-RS answers an empty list and whose STOW-RS takes the store and never answers;
+    yields its root and an event set once a store has come."""
     import http.server
-    import json
-    import signal
     import threading
-    import time
-
-    import highdicom as hd
 
     posted, release = threading.Event(), threading.Event()
 
@@ -588,32 +583,94 @@ def test_ctrl_c_while_the_segmentation_is_stored_on_a_stalled_server_stops_at_on
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalled)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    root = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
-    weights, _ = make_model(UNET_3D)
-    workflow = {**series_workflow(CT, weights, ["background", "brain"], 100.0, 100.0),
-                "output": {"path": "out/{stem}_seg.dcm", "chunks": 16, "dicomweb": root}}  # fmt: skip
-    (tmp_path / "w.yaml").write_text(yaml.safe_dump(workflow))
-    exe = Path(sys.executable).parent / "tilemask"
-    proc = subprocess.Popen([str(exe), "run", str(tmp_path / "w.yaml")], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        assert posted.wait(150), "the store never came"
-        stopped = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-        waited = time.monotonic() - stopped
+        yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web", posted
     finally:
-        proc.kill()
         release.set()
         server.shutdown()
-    assert proc.returncode == 130 and waited < 30, (proc.returncode, waited, stderr)
-    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(tmp_path / "out" / "CT5N_seg.dcm"))
+
+
+def _stored_and_recorded_failed(folder: Path, root: str) -> dict:
+    """The SEG in ``folder`` is whole, and its item is recorded failed naming the store cut short; the job."""
+    import json
+
+    import highdicom as hd
+
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(folder / "CT5N_seg.dcm"))
     assert len(seg.PerFrameFunctionalGroupsSequence) == 5  # whole, in place
-    (job,) = (tmp_path / "out" / ".tilemask" / "jobs").iterdir()
+    (job,) = (folder / ".tilemask" / "jobs").iterdir()
     lines = [json.loads(line) for line in (job / "manifest.jsonl").read_text().splitlines()]
     last = [line for line in lines if line.get("status") in ("ok", "failed")][-1]
-    assert last["status"] == "failed" and f"the run stopped while storing {tmp_path}/out/CT5N_seg.dcm on {root}" \
+    assert last["status"] == "failed" and f"the run stopped while storing {folder}/CT5N_seg.dcm on {root}" \
         in last["error"], last  # fmt: skip
+    return json.loads((job / "status.json").read_text())
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_while_the_segmentation_is_stored_on_a_stalled_server_stops_at_once(make_model, tmp_path):
+    """A server that takes the store and never answers held a Ctrl-C (two, even) for 122 s: the store ran inside
+    the publishing a stop waits for. Now the run stops within seconds, exit 130, and so does ``tilemask cancel``
+    (the job cancelled, not failed: a review); the SEG is whole and in place, and the item is recorded failed,
+    naming the store it did not see end (a rerun with --retry-failed asks again)."""
+    import signal
+    import time
+
+    weights, _ = make_model(UNET_3D)
+    exe = Path(sys.executable).parent / "tilemask"
+    with _stalled_dicomweb() as (root, posted):
+        for folder, stop in (("out", "Ctrl-C"), ("cancelled", "tilemask cancel")):
+            workflow = {**series_workflow(CT, weights, ["background", "brain"], 100.0, 100.0),
+                        "output": {"path": f"{folder}/{{stem}}_seg.dcm", "chunks": 16, "dicomweb": root}}  # fmt: skip
+            (tmp_path / "w.yaml").write_text(yaml.safe_dump(workflow))
+            posted.clear()
+            proc = subprocess.Popen([str(exe), "run", str(tmp_path / "w.yaml")], cwd=tmp_path, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)  # fmt: skip
+            try:
+                assert posted.wait(150), "the store never came"
+                stopped = time.monotonic()
+                if stop == "Ctrl-C":
+                    proc.send_signal(signal.SIGINT)
+                else:
+                    (job,) = (tmp_path / folder / ".tilemask" / "jobs").iterdir()
+                    assert run_cli("cancel", job.name, cwd=tmp_path).returncode == 0
+                _, stderr = proc.communicate(timeout=60)
+                waited = time.monotonic() - stopped
+            finally:
+                proc.kill()
+            state = _stored_and_recorded_failed(tmp_path / folder, root)["state"]
+            expected = {"Ctrl-C": 130, "tilemask cancel": 1}[stop]
+            assert (proc.returncode, state) == (expected, "cancelled") and waited < 30, (stop, state, waited, stderr)
+
+
+@pytest.mark.timeout(240)
+def test_a_stop_python_swallowed_while_the_segmentation_is_stored_stops_at_once(make_model, tmp_path, client):
+    """A stop raised in an item's thread (one Python swallowed in the main thread, :mod:`tilemask.interrupts`)
+    was not the abandon the store's step let go of: the stop waited 70 s for the store, and the item stayed
+    "started" (a review)."""
+    import threading
+    import time
+
+    from tilemask import interrupts
+
+    weights, _ = make_model(UNET_3D)
+    with _stalled_dicomweb() as (root, posted):
+        workflow = {**series_workflow(CT, weights, ["background", "brain"], 100.0, 100.0),
+                    "output": {"path": "out/{stem}_seg.dcm", "chunks": 16, "dicomweb": root}}  # fmt: skip
+
+        asked: list[float] = []
+
+        def swallowed() -> None:
+            if posted.wait(150):
+                asked.append(time.monotonic())
+                interrupts._asked = True  # as the unraisable hook notes a KeyboardInterrupt Python did not raise
+
+        threading.Thread(target=swallowed, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+        stopped = time.monotonic() - asked[0]
+    interrupts._asked = False
+    assert stopped < 20, stopped  # it waited for the store: 60 s, the drain's limit
+    _stored_and_recorded_failed(tmp_path / "out", root)
 
 
 def test_a_dicomweb_series_given_as_the_input_is_refused_naming_what_it_is(make_model, tmp_path, client, orthanc):
@@ -642,7 +699,9 @@ def test_a_dicomweb_series_given_as_the_input_is_refused_naming_what_it_is(make_
                             ("https://host/api/v1/studies/42?format=tif", False),  # no UID: a diff review's
                             ("https://host/studies/2024/x.tif", False)):  # fmt: skip
         assert (for_path(given).name == "dicom") == dicomweb, given
-    assert for_path("https://host/x.tif?name=a.mha").name == "gdal"  # its name ends before the query
+    for given, name in (("https://host/x.tif?name=a.mha", "cog"), ("https://host/x.tif?out=a.zarr", "cog"),
+                        ("https://host/x.tif?f=a.dcm", "cog"), ("https://host/x.nii.gz?sig=abc", "nifti")):
+        assert for_path(given).name == name, given  # a URL's name ends before its query (a diff review's)
 
 
 def test_a_mistyped_dicomweb_root_is_refused_before_any_window_and_orthancs_own_root_is_warned_of(

@@ -52,7 +52,7 @@ from .cluster import (
     wait_for_workers,
 )
 from .command import first_line
-from .engine import RunResult, probe, process_age, run_job
+from .engine import RunResult, Undelivered, probe, process_age, run_job
 from .errors import NoWorkers, RunError, TilemaskError, UsageError, check_flags, command_line, option
 from .imports import import_in_background
 from .jobs import (
@@ -547,6 +547,10 @@ class _ItemRunner:
                 result = run_job(client, item_job, self.plan, self.progress)  # a resumed input's chunks need these stamps
             finally:
                 lock.release()
+        except Undelivered as exc:  # in place, its delivery cut short by the stop: recorded failed; the stop goes on
+            del self.in_flight[index]
+            self._failed(index, item, exc.error, time.perf_counter() - start)
+            raise exc.stop from None
         except Abandoned:
             raise
         except Exception as exc:

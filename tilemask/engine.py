@@ -370,10 +370,19 @@ def finish_and_publish(client: Client, sink: LabelSink, held: dict) -> list[str]
         held["deliver"] = client.submit(sink.deliver, pure=False)
         try:
             gather(client, [held["deliver"]])
-        except Abandoned:
+        except (Abandoned, KeyboardInterrupt) as stop:  # abandoned, or a stop Python swallowed in the main thread
             held.pop("deliver").cancel()  # not drained: it writes no file, and may wait minutes on the server
-            raise sink.undelivered() from None
+            raise Undelivered(sink.undelivered(), stop) from None
     return outputs
+
+
+class Undelivered(Exception):
+    """A run stopped while an output in place was being sent on (:meth:`LabelSink.deliver`): its item is recorded
+    failed with ``error`` (the output stands, its delivery unknown), then ``stop`` goes on (a cancel, Ctrl-C)."""
+
+    def __init__(self, error: Exception, stop: BaseException):
+        super().__init__(str(error))
+        self.error, self.stop = error, stop
 
 
 def _release(held: dict, key) -> None:

@@ -96,8 +96,9 @@ class Format:
     gdal_raster: bool = False  # read with rasterio: bands, overviews, GDAL's dataset mask
     zarr_store: bool = False  # a Zarr group: a folder of chunk files, probabilities inside it
 
-    def matches(self, path: str) -> bool:
-        return path.lower().rstrip("/").endswith(self.suffixes)
+    def matches(self, path: str) -> bool:  # a URL's name ends before its query: x.tif?name=a.mha is a GeoTIFF
+        name = re.split(r"[?#]", path, maxsplit=1)[0] if path.startswith(WEB_PREFIXES) else path
+        return name.lower().rstrip("/").endswith(self.suffixes)
 
     def stem(self, path: str) -> str:
         if path.startswith(WEB_PREFIXES):
@@ -498,9 +499,6 @@ class UnreadVolumeFormat(Format):
              ".mgh": "a FreeSurfer MGH volume"}  # fmt: skip
     suffixes = tuple(KINDS)
     writable = False
-
-    def matches(self, path):  # a URL's name ends before its query: x.tif?name=a.mha is a GeoTIFF
-        return super().matches(re.split(r"[?#]", path, maxsplit=1)[0] if path.startswith(WEB_PREFIXES) else path)
 
     def open_source(self, path, spatial_dims, bands):
         raise self._unread(path, "an input")

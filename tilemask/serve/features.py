@@ -351,7 +351,9 @@ class GeoParquetLayer:
         st = path.stat()
         self.frame = _parquet(str(path), st.st_mtime_ns, st.st_ino)
         self.crs = self.frame.crs.to_wkt() if self.frame.crs is not None else None
-        self.extent = lonlat_bounds(self.crs, self.frame.total_bounds) if self.crs else None
+        bounds = self.frame.total_bounds
+        self.extent = lonlat_bounds(self.crs, bounds) if self.crs else None
+        self.past_180 = _past_180(self.crs, bounds)
 
     @property
     def features(self) -> int:
@@ -361,7 +363,7 @@ class GeoParquetLayer:
         """The row numbers of the features that intersect the CRS84 ``bbox`` (candidates from the spatial index)."""
         import shapely
 
-        envelopes = _envelopes(bbox, self.crs, self.extent, _past_180(self.crs, self.frame.total_bounds))
+        envelopes = _envelopes(bbox, self.crs, self.extent, self.past_180)
         candidates = np.unique(np.concatenate([np.zeros(0, np.int64)] + [
             self.frame.sindex.query(shapely.box(*envelope)) for envelope in envelopes
         ]))  # fmt: skip

@@ -185,11 +185,12 @@ def _seam(path: str, mtime_ns: int, inode: int) -> float | None:
 
 
 def _across(longitude: float, tile: tuple[int, int, int]) -> bool:
-    """Whether Web Mercator ``tile`` (x, y, zoom) reaches ``longitude``."""
+    """Whether Web Mercator ``tile`` (x, y, zoom) reaches ``longitude`` (a tile whose west edge it is does not: a
+    0..360 grid's is 0, the edge of a tile column at every zoom, and that column is drawn)."""
     import morecantile
 
     bounds = morecantile.tms.get("WebMercatorQuad").bounds(*tile)
-    return bounds.left <= longitude <= bounds.right
+    return bounds.left < longitude <= bounds.right
 
 
 def _wrapped_crs(crs, left: float, right: float, pixel: float) -> CRS | None:

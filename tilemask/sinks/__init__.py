@@ -94,8 +94,8 @@ class LabelSink(ABC):
         return OutputError(f"{self.path}: the run stopped while {self.delivery} (the output is whole and kept)")
 
     def commit(self) -> list[str]:
-        """:meth:`finish`, then :meth:`publish`.  The engine runs them as two tasks, so an interrupt during
-        a long finish leaves only staged files for :meth:`abort`, never a published output."""
+        """:meth:`finish`, then :meth:`publish` (not :meth:`deliver`).  The engine runs them as two tasks, so an
+        interrupt during a long finish leaves only staged files for :meth:`abort`, never a published output."""
         self.finish()
         return self.publish()
 

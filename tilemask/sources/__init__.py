@@ -239,10 +239,12 @@ class ImageSource(ABC):
 
     def with_nodata(self, values: tuple[float, ...]) -> ImageSource:
         """This image with its pixels invalid where every band holds its nodata value (``values``, one a band of
-        the file: a STAC Item's ``raster:bands``), in place of its own mask; GDAL rasters only."""
-        from ..errors import InputError
-
-        raise InputError(f"{self.path}: a STAC raster:bands nodata value is applied to GDAL rasters, not this input")
+        the file: a STAC Item's ``raster:bands``), in place of its own mask: GDAL rasters; any other keeps its own,
+        with a warning."""
+        logging.getLogger(__name__).warning("%s: the nodata values %s that its STAC raster:bands declare are applied "
+                                            "to GDAL rasters, not this input: its own mask is used", self.path,
+                                            list(values))  # fmt: skip
+        return self
 
     @property
     def floating(self) -> bool:

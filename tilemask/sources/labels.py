@@ -133,7 +133,7 @@ def _whole(path: str, index: tuple[slice, ...], data: np.ndarray) -> np.ndarray:
     """Labels a NIfTI stores as floats (MONAI's ``SaveImage`` writes float32 by default) as ``int32``; a value that
     is no whole number (or NaN, or past int32) is an :class:`InputError` naming it and where."""
     with np.errstate(invalid="ignore"):
-        wrong = (data != np.rint(data)) | ~(np.abs(data) < 2.0**31)  # 2**31 - 1 is 2**31 in float32: INT_MIN
+        wrong = (data != np.rint(data)) | ~((data >= -(2.0**31)) & (data < 2.0**31))  # 2**31 - 1 is 2**31 in float32
     if wrong.any():
         first = tuple(np.argwhere(wrong)[0])
         at = [int(i) + (s.start or 0) for i, s in zip(first, index)]

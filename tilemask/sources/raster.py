@@ -215,7 +215,11 @@ class RasterSource(ImageSource):
                 return True
             return not math.isnan(v) and float(v).is_integer() and np.iinfo(kind).min <= v <= np.iinfo(kind).max
 
-        if len(chosen) != len(self.bands) or not all(map(held, chosen)):
+        if len(chosen) != len(self.bands):
+            logger.warning("%s: its STAC raster:bands declare %d nodata value(s), none for some of the bands read, %s: "
+                           "its own mask is used", self.path, len(values), list(self.bands))  # fmt: skip
+            return self
+        if not all(map(held, chosen)):
             logger.warning("%s: the nodata values %s that its STAC raster:bands declare are not values of its %s "
                            "bands %s: its own mask is used", self.path, list(values), self.dtype, list(self.bands))
             return self
