@@ -88,6 +88,11 @@ WEB_PREFIXES = ("http://", "https://", "/vsicurl/")
 """Paths that are URLs: their name ends before the query, and is percent-encoded."""
 
 
+def _addressed(path: str) -> str:
+    """``path``, a URL's without its query and fragment (``x.tif?name=a.mha`` is a GeoTIFF)."""
+    return re.split(r"[?#]", path, maxsplit=1)[0] if path.startswith(WEB_PREFIXES) else path
+
+
 class Format:
     name: str = ""
     suffixes: tuple[str, ...] = ()
@@ -96,9 +101,8 @@ class Format:
     gdal_raster: bool = False  # read with rasterio: bands, overviews, GDAL's dataset mask
     zarr_store: bool = False  # a Zarr group: a folder of chunk files, probabilities inside it
 
-    def matches(self, path: str) -> bool:  # a URL's name ends before its query: x.tif?name=a.mha is a GeoTIFF
-        name = re.split(r"[?#]", path, maxsplit=1)[0] if path.startswith(WEB_PREFIXES) else path
-        return name.lower().rstrip("/").endswith(self.suffixes)
+    def matches(self, path: str) -> bool:
+        return _addressed(path).lower().rstrip("/").endswith(self.suffixes)
 
     def stem(self, path: str) -> str:
         if path.startswith(WEB_PREFIXES):
@@ -350,7 +354,7 @@ class DicomSeriesFormat(Format):
         from .sources.dicom import is_dicom_file, is_dicom_folder
 
         if path.startswith(WEB_PREFIXES):  # a DICOMweb study, series or instance: refused by name
-            return bool(self.WADO_RS.search(re.split(r"[?#]", path, maxsplit=1)[0]))
+            return bool(self.WADO_RS.search(_addressed(path)))
         if path.startswith(("s3://", "/vsi")):
             return False
         return is_dicom_folder(path) or is_dicom_file(path)  # one slice: refused with a hint, not as a raster
