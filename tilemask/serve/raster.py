@@ -181,7 +181,7 @@ def _seam(path: str, mtime_ns: int, inode: int) -> float | None:
     left, right, pixel = _span(array)
     if _wrapped_crs(array.rio.crs, left, right, pixel) is None:
         return None
-    return ((left + right) / 2 - 180 + 180) % 360 - 180
+    return (left + right) / 2 % 360 - 180  # the middle's antipode, taken into -180..180
 
 
 def _across(longitude: float, tile: tuple[int, int, int]) -> bool:
