@@ -169,8 +169,7 @@ class RasterSource(ImageSource):
         # (what GDAL's dataset mask computes by reading every band again)
         from_pixels = (
             nodata_only and np.dtype(dtype).kind in "iu" and sorted(chosen) == list(range(1, count + 1))
-            and all(v is not None and float(v).is_integer() and np.iinfo(dtype).min <= v <= np.iinfo(dtype).max
-                    for v in nodatavals)
+            and all(v is not None and _holds(dtype, v) for v in nodatavals)
         )  # fmt: skip
         return cls(
             path, chosen, height, width, dtype, geometry, masked,
@@ -206,20 +205,12 @@ class RasterSource(ImageSource):
         """This raster masked by ``values`` (one a band of the file, or one for all), not by GDAL's mask; unchanged,
         with a warning, where they do not name a value of each band read that its pixels can hold (GDAL would then
         find every pixel valid)."""
-        chosen = tuple(values[0] if len(values) == 1 else values[b - 1] for b in self.bands if b <= len(values)
-                       or len(values) == 1)  # fmt: skip
-        kind = np.dtype(self.dtype)
-
-        def held(v: float) -> bool:
-            if kind.kind == "f":
-                return True
-            return not math.isnan(v) and float(v).is_integer() and np.iinfo(kind).min <= v <= np.iinfo(kind).max
-
-        if len(chosen) != len(self.bands):
+        if len(values) != 1 and max(self.bands) > len(values):
             logger.warning("%s: its STAC raster:bands declare %d nodata value(s), none for some of the bands read, %s: "
                            "its own mask is used", self.path, len(values), list(self.bands))  # fmt: skip
             return self
-        if not all(map(held, chosen)):
+        chosen = tuple(values[0] if len(values) == 1 else values[b - 1] for b in self.bands)
+        if not all(_holds(self.dtype, v) for v in chosen):
             logger.warning("%s: the nodata values %s that its STAC raster:bands declare are not values of its %s "
                            "bands %s: its own mask is used", self.path, list(values), self.dtype, list(self.bands))
             return self
@@ -264,6 +255,15 @@ class RasterSource(ImageSource):
         except RasterioError as exc:
             detail = first_gdal_line(exc)
         raise ReadError(f"{self.path}: mask read failed at rows {r0}:{r1}, cols {c0}:{c1}: {detail}")
+
+
+def _holds(dtype, value: float) -> bool:
+    """Whether pixels of ``dtype`` can hold ``value`` (any, NaN included, for floats; a whole number in range for
+    integers)."""
+    kind = np.dtype(dtype)
+    if kind.kind == "f":
+        return True
+    return not math.isnan(value) and float(value).is_integer() and np.iinfo(kind).min <= value <= np.iinfo(kind).max
 
 
 def _valid(raw: np.ndarray, nodata: tuple[float, ...]) -> np.ndarray:
