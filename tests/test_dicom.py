@@ -557,6 +557,88 @@ def test_a_store_that_fails_keeps_the_segmentation_and_a_server_that_does_not_an
 
 
 @contextlib.contextmanager
+def _failing_then_forwarding(root: str):
+    """A DICOMweb proxy in front of ``root`` whose STOW-RS answers 500 while its ``failing`` event is set, and is
+    passed on to ``root`` after; QIDO-RS is always passed on.  Yields its root and the event (set)."""
+    import http.server
+    import threading
+
+    import httpx
+
+    failing = threading.Event()
+    failing.set()
+
+    class Forwarding(http.server.BaseHTTPRequestHandler):
+        def _forward(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.command == "POST" and failing.is_set():
+                status, headers, body = 500, {}, b""
+            else:
+                headers = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "content-type")}
+                answer = httpx.request(self.command, root + self.path.removeprefix("/dicom-web"), headers=headers,
+                                       content=body, timeout=60)  # fmt: skip
+                status, body = answer.status_code, answer.content
+                headers = {"Content-Type": answer.headers.get("Content-Type", "application/dicom+json")}
+            self.send_response(status)
+            for key, value in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _forward  # noqa: N815 - http.server's names
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forwarding)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web", failing
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.timeout(240)
+def test_a_segmentation_whose_store_failed_is_stored_alone_by_a_retry(make_model, tmp_path, client, orthanc):
+    """A store that failed (the server down) could not be sent again: ``--retry-failed`` predicted every window
+    again, and a workflow given the server's new URL met "exists; pass --overwrite". The retry of the same job now
+    stores the SEG in place, predicting nothing."""
+    import json
+
+    from dicomweb_client.api import DICOMwebClient
+
+    from tilemask.errors import OutputError
+
+    weights, _ = make_model(UNET_3D)
+    with _failing_then_forwarding(orthanc) as (root, failing):
+        workflow = {**series_workflow(CT, weights, ["background", "brain"], 100.0, 100.0),
+                    "output": {"path": "out/{stem}_seg.dcm", "chunks": 16, "dicomweb": root}}  # fmt: skip
+        with pytest.raises(OutputError, match="^output.dicomweb: storing .*CT5N_seg.dcm on .* failed: .*500") as info:
+            tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+        assert info.value.exit_status == 1
+        seg = tmp_path / "out" / "CT5N_seg.dcm"
+        written = seg.stat().st_mtime_ns
+        (job,) = (tmp_path / "out" / ".tilemask" / "jobs").iterdir()
+        lines = [json.loads(line) for line in (job / "manifest.jsonl").read_text().splitlines()]
+        assert lines[-1]["status"] == "failed" and lines[-1]["undelivered"] and lines[-1]["outputs"][0] == str(seg)
+
+        kept = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)  # failed stays failed
+        assert [r.status for r in kept] == ["failed"]
+        failing.clear()  # the server is back
+        (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client, retry_failed=True)
+    assert (result.status, result.windows) == ("ok", 0), result
+    assert seg.stat().st_mtime_ns == written  # not predicted again
+    local = pydicom.dcmread(seg)
+    found = DICOMwebClient(url=orthanc).search_for_series(
+        study_instance_uid=local.StudyInstanceUID, search_filters={"Modality": "SEG"}
+    )
+    assert [s["0020000E"]["Value"][0] for s in found] == [local.SeriesInstanceUID]
+    (done,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client, retry_failed=True)
+    assert done.status == "skipped"  # ok now: resumed as any finished item
+
+
+@contextlib.contextmanager
 def _stalled_dicomweb():
     """A DICOMweb server whose QIDO-RS answers an empty list and whose STOW-RS takes the store and never answers;
     yields its root and an event set once a store has come."""

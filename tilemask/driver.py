@@ -52,7 +52,7 @@ from .cluster import (
     wait_for_workers,
 )
 from .command import first_line
-from .engine import RunResult, Undelivered, probe, process_age, run_job
+from .engine import RunResult, Undelivered, deliver, probe, process_age, run_job
 from .errors import NoWorkers, RunError, TilemaskError, UsageError, check_flags, command_line, option
 from .imports import import_in_background
 from .jobs import (
@@ -304,6 +304,8 @@ def drive_job(
                          {item.name: _regions(plan, item) for item in items})
     stop = threading.Event()
     runner = _ItemRunner(job, plan, options, manifest.started(), counts, progress, stop, weights, on_result)
+    if options.retry_failed:  # failed only to be sent on, their outputs as the job wrote them: sent alone
+        runner.undelivered = {name: latest[name] for name in finished if latest[name]["status"] == "failed"}
     for index, item in enumerate(items):
         earlier = _earlier(latest.get(item.name), item.name in finished, options)
         if earlier is None:
@@ -435,12 +437,12 @@ def _regions_stamp(path: str) -> list[list]:
 
 def _finished(lines: dict[str, dict], weights: list, files: dict[str, list[str]],
               regions: dict[str, str | None]) -> set[str]:  # fmt: skip
-    """The names of the items whose latest line (``lines``) is ok, whose files (``files``, by name, as listed now:
-    a list file or STAC Item may name other files under the same name), statistics' regions (``regions``, by name)
-    and weights (stamped ``weights`` now) are as they were (a replaced input, edited regions or retrained weights,
-    is redone; lines written before the files and stamps were recorded count as unchanged) and whose outputs are
-    complete (:func:`~tilemask.jobs.outputs_complete`).  Asked in parallel: objects on the network a request each,
-    a GeoPackage's mark a few ms."""
+    """The names of the items whose latest line (``lines``) is ok (or failed only to send its outputs on), whose
+    files (``files``, by name, as listed now: a list file or STAC Item may name other files under the same name),
+    statistics' regions (``regions``, by name) and weights (stamped ``weights`` now) are as they were (a replaced
+    input, edited regions or retrained weights, is redone; lines written before the files and stamps were recorded
+    count as unchanged) and whose outputs are complete (:func:`~tilemask.jobs.outputs_complete`).  Asked in
+    parallel: objects on the network a request each, a GeoPackage's mark a few ms."""
 
     def finished(line: dict) -> bool:
         current = files[line["name"]]  # stamped, not the files as recorded: a URL signed then may have expired
@@ -455,11 +457,16 @@ def _finished(lines: dict[str, dict], weights: list, files: dict[str, list[str]]
         return (unchanged and same_regions and same_model and own_labels(line)
                 and outputs_complete(line["outputs"]))  # fmt: skip
 
-    ok = {name: line for name, line in lines.items() if line["status"] == "ok"}
+    ok = {name: line for name, line in lines.items() if line["status"] == "ok" or line.get("undelivered")}
     shared = {regions[name] for name in ok} - {None}  # one file for every item, as a rule: stamped once
     region_stamps = {path: _regions_stamp(path) for path in shared}
     with ThreadPoolExecutor(max_workers=16) as pool:
         return {name for name, done in zip(ok, pool.map(finished, ok.values())) if done}
+
+
+def _no_result(item: InputItem, seconds: float) -> RunResult:
+    """What a failed attempt at ``item`` left: no outputs."""
+    return RunResult(input=item.files[0], outputs=[], windows=None, tasks=0, seconds=seconds, status="failed")
 
 
 def _from_line(line: dict, status: str) -> RunResult:
@@ -486,6 +493,7 @@ class _ItemRunner:
         self.prepared: dict[int, tuple[InputPlan, OutputLock]] = {}  # prepared before the cluster started
         self.listings = FolderListings()  # each output folder listed once for leftovers, not once per item
         self.in_flight: dict[int, str] = {}  # item -> its first file, while it runs: a lost scheduler names them all
+        self.undelivered: dict[str, dict] = {}  # name -> the failed line of an item whose outputs are only sent on
 
     def first_plannable(self, todo: list[int], results: list) -> int | None:
         """Prepare items in order until one is ready: that one fixes the channels the network is probed with.
@@ -498,7 +506,8 @@ class _ItemRunner:
             except TilemaskError as exc:
                 if self.options.on_error == "abort":
                     raise
-                results[index] = self._failed(index, self.plan.items[index], exc, 0.0)
+                item = self.plan.items[index]
+                results[index] = self._failed(index, item, exc, _no_result(item, 0.0))
                 self.tell(results[index])
         return None
 
@@ -544,13 +553,23 @@ class _ItemRunner:
                 self.job.record(started, durable=False)  # lost only with the machine: its outputs then need --overwrite
                 self.begun.add(item.name)
                 item_job = replace(self.plan.job(planned, self.out_channels), stamps=[*stamps, self.weights_stamp])
-                result = run_job(client, item_job, self.plan, self.progress)  # a resumed input's chunks need these stamps
+                earlier = self.undelivered.get(item.name)
+                if earlier is None:
+                    result = run_job(client, item_job, self.plan, self.progress)  # resumed chunks need the stamps
+                else:
+                    result = _from_line(earlier, "ok")
+                stamped = {"files": list(item.files), "stamps": stamps, "weights_stamp": self.weights_stamp,
+                           "labels_stamp": labels_stamp(result.outputs), **regions_stamp}  # fmt: skip
+                deliver(client, item_job.sink, self.progress)
             finally:
                 lock.release()
-        except Undelivered as exc:  # in place, its delivery cut short by the stop: recorded failed; the stop goes on
+        except Undelivered as exc:  # in place, not sent on: recorded failed with its outputs, for a retry to send
             del self.in_flight[index]
-            self._failed(index, item, exc.error, time.perf_counter() - start)
-            raise exc.stop from None
+            undelivered = replace(result, windows=None, seconds=time.perf_counter() - start)  # None: failed in this run
+            failed = self._failed(index, item, exc.error, undelivered, {**stamped, "undelivered": True})
+            if exc.stop is not None:  # the run was stopped meanwhile: the stop goes on
+                raise exc.stop from None
+            return self._abort_or_skip(exc.error, failed)
         except Abandoned:
             raise
         except Exception as exc:
@@ -559,17 +578,9 @@ class _ItemRunner:
             if isinstance(exc, NoWorkers):  # not the item's fault either: left as started for the next run
                 raise NoWorkers(f"{first_line(exc)} while running {self._running()}") from exc
             del self.in_flight[index]  # a lost scheduler's message names the items still in flight, even after it
-            failed = self._failed(index, item, exc, time.perf_counter() - start)
-            if self.options.on_error == "abort":
-                if isinstance(exc, TilemaskError):
-                    exc.exit_status = 1  # found while running: a run failure, whatever its kind
-                raise
-            logger.warning("%s: failed, skipped: %s", item.files[0], failed.error)
-            self.tell(failed)
-            return failed
+            failed = self._failed(index, item, exc, _no_result(item, time.perf_counter() - start))
+            return self._abort_or_skip(exc, failed)
         del self.in_flight[index]
-        stamped = {"files": list(item.files), "stamps": stamps, "weights_stamp": self.weights_stamp,
-                   "labels_stamp": labels_stamp(result.outputs), **regions_stamp}  # fmt: skip
         self.job.record(_line(index, item.name, result) | stamped)
         self.counts.add("ok")
         self.tell(result)
@@ -580,13 +591,24 @@ class _ItemRunner:
         files = [file for _, file in sorted(self.in_flight.items())]
         return files[0] if len(files) == 1 else f"{len(files)} inputs ({', '.join(files)})"
 
-    def _failed(self, index: int, item: InputItem, exc: BaseException, seconds: float) -> RunResult:
+    def _abort_or_skip(self, exc: Exception, failed: RunResult) -> RunResult:
+        """A failed item: raised again with ``on_error="abort"``, else warned of and its result returned."""
+        if self.options.on_error == "abort":
+            if isinstance(exc, TilemaskError):
+                exc.exit_status = 1  # found while running: a run failure, whatever its kind
+            raise exc
+        logger.warning("%s: failed, skipped: %s", failed.input, failed.error)
+        self.tell(failed)
+        return failed
+
+    def _failed(self, index: int, item: InputItem, exc: BaseException, result: RunResult, kept=None) -> RunResult:
+        """Record ``result`` (what the attempt left: nothing, or its outputs in place) as failed with ``exc``;
+        ``kept``: more of its line (the stamps of outputs a retry sends on alone)."""
         error = f"{type(exc).__name__}: {first_line(exc)}" if not isinstance(exc, TilemaskError) else first_line(exc)
         error = redacted(error)  # as the terminal shows it: the report and the manifest are shared too
-        result = RunResult(input=item.files[0], outputs=[], windows=None, tasks=0, seconds=seconds,
-                           status="failed", error=error)  # fmt: skip
+        result = replace(result, status="failed", error=error)
         try:
-            self.job.record(_line(index, item.name, result))
+            self.job.record(_line(index, item.name, result) | (kept or {}))
             self.counts.add("failed")
         except OSError as record_error:  # the item's own error is the one to report
             logger.warning("job %s: cannot record the failure of %s: %s", self.job.id, item.files[0], record_error)

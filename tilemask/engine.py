@@ -309,8 +309,7 @@ def execute(client: Client, job: Job, progress: bool = True) -> RunResult:
                 if consumers[key] == 0:
                     _release(held, key)
         committing = time.perf_counter()
-        delivery = f", then {job.sink.delivery}" if job.sink.delivery else ""
-        with stage(f"{Path(job.input).name}: making {Path(job.sink.path).name} whole{delivery}", enabled=progress):
+        with stage(f"{Path(job.input).name}: making {Path(job.sink.path).name} whole", enabled=progress):
             outputs = finish_and_publish(client, job.sink, held)
         commit_seconds = time.perf_counter() - committing
     except BaseException as exc:
@@ -366,21 +365,32 @@ def finish_and_publish(client: Client, sink: LabelSink, held: dict) -> list[str]
     with not_abandoned():
         held["publish"] = client.submit(sink.publish, pure=False)
         (outputs,) = gather(client, [held["publish"]])
-    if sink.delivery:  # sent on (a SEG's STOW-RS, 130 s to a stalled server): a stopped run records it failed at once
-        held["deliver"] = client.submit(sink.deliver, pure=False)
-        try:
-            gather(client, [held["deliver"]])
-        except (Abandoned, KeyboardInterrupt) as stop:  # abandoned, or a stop Python swallowed in the main thread
-            held.pop("deliver").cancel()  # not drained: it writes no file, and may wait minutes on the server
-            raise Undelivered(sink.undelivered(), stop) from None
     return outputs
 
 
-class Undelivered(Exception):
-    """A run stopped while an output in place was being sent on (:meth:`LabelSink.deliver`): its item is recorded
-    failed with ``error`` (the output stands, its delivery unknown), then ``stop`` goes on (a cancel, Ctrl-C)."""
+def deliver(client: Client, sink: LabelSink, progress: bool) -> None:
+    """Send the output in place on where the workflow asks (:meth:`LabelSink.deliver`, a SEG's STOW-RS), a task on a
+    worker, once the item's products are written too.  Any failure is :class:`Undelivered`: the output stands, and a
+    retry of the item sends it alone; a stopped run does not wait for it (130 s to a stalled server)."""
+    if not sink.delivery:
+        return
+    with stage(f"{Path(sink.path).name}: {sink.delivery}", enabled=progress):
+        future = client.submit(sink.deliver, pure=False)
+        try:
+            gather(client, [future])
+        except (Abandoned, KeyboardInterrupt) as stop:  # abandoned, or a stop Python swallowed in the main thread
+            future.cancel()  # not drained: it writes no file, and may wait minutes on the server
+            raise Undelivered(sink.undelivered(), stop) from None
+        except TilemaskError as exc:  # the server's refusal (a worker or the scheduler lost is the item's failure)
+            raise Undelivered(exc) from None
 
-    def __init__(self, error: Exception, stop: BaseException):
+
+class Undelivered(Exception):
+    """An output in place that was not sent on (:func:`deliver`): its item is recorded failed with ``error``, with
+    its outputs, which a retry sends on alone; ``stop``, if the run was stopped meanwhile (a cancel, Ctrl-C), then
+    goes on."""
+
+    def __init__(self, error: Exception, stop: BaseException | None = None):
         super().__init__(str(error))
         self.error, self.stop = error, stop
 

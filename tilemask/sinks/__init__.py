@@ -85,7 +85,8 @@ class LabelSink(ABC):
 
     def deliver(self) -> None:
         """Send the published output on where the workflow asks (a DICOM SEG to DICOMweb); a task on a worker, after
-        :meth:`publish`, that a stopped run does not wait for (:func:`tilemask.engine.finish_and_publish`)."""
+        :meth:`publish` and the item's products, that a stopped run does not wait for (:func:`tilemask.engine.deliver`);
+        failed, the item's retry calls it alone."""
 
     def undelivered(self) -> Exception:
         """The failure recorded for a run that stopped while :meth:`deliver` ran: the output is in place."""
