@@ -281,6 +281,34 @@ def test_labels_as_monai_saves_them_float32_and_channel_last_count_as_their_inte
     assert (result.exit_code, result.output) == (2, line.replace("holds 1.5", "holds 2.14748e+09"))
 
 
+@pytest.mark.timeout(120)
+def test_a_scan_given_as_labels_is_warned_of(tmp_path):
+    """A CT given to ``stats`` as its labels gave one class per Hounsfield value (some 2,000 on a real scan) without
+    a word. Values below 0, which no label map holds, are now warned of; the same scan's mask is not."""
+    import SimpleITK as sitk
+    from pydicom.data import get_testdata_file
+
+    from ..conftest import run_cli
+
+    folder = str(Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / "98892001" / "CT5N")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(folder))
+    ct = reader.Execute()
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(sitk.Cast(ct > 0, sitk.sitkUInt8), str(tmp_path / "mask.nii.gz"))
+    values = np.unique(sitk.GetArrayFromImage(ct))
+    below = values[values < 0]
+    assert len(below) > 100
+    for name, warned in (("ct.nii.gz", True), ("mask.nii.gz", False)):
+        result = run_cli("stats", tmp_path / name, "-o", tmp_path / f"{name}.csv", timeout=100)  # as a user runs it
+        assert result.returncode == 0, result.stderr
+        table = pd.read_csv(tmp_path / f"{name}.csv")
+        line = (f"the labels hold {len(below)} value(s) below 0, down to {below.min()}, each counted as a class: is "
+                "this a scan rather than a label image?")  # fmt: skip
+        assert (line in result.stderr) == warned, (name, result.stderr)
+        assert len(table) == (len(values) if warned else 2)
+
+
 @pytest.mark.timeout(60)
 def test_a_minc_volume_is_refused_in_one_line(tmp_path, make_model, write_workflow):
     """nibabel's MINC test volumes are refused as labels and as an input in one line naming the file, exit 2, as
