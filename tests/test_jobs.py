@@ -888,6 +888,74 @@ def test_a_glob_does_not_take_the_workflows_own_outputs_beside_its_inputs(make_r
     assert Workflow.from_dict(itself, base_dir=tmp_path).input_paths() == [str(a), mask, str(b)]
 
 
+def test_a_glob_beside_its_cogs_does_not_take_gdals_sidecar_for_an_input(make_raster, make_model, tmp_path, client):
+    """A COG's ``.aux.xml`` (its class names) matched ``folder/*``: the finished job's second run was "cannot open
+    raster: ... .aux.xml", exit 2 (a review)."""
+    (tmp_path / "same").mkdir()
+    make_raster((3, 40, 40), name="same/a.tif")
+    weights, _ = make_model()
+    workflow = raster_workflow(str(tmp_path / "same" / "*"), weights, output={"path": "same/{stem}_mask.tif"})
+    (first,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert first.status == "ok" and (tmp_path / "same" / "a_mask.tif.aux.xml").exists()
+    (again,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert again.status == "skipped"
+
+
+def test_an_output_of_a_later_input_already_there_is_refused_before_any_work(make_raster, make_model, tmp_path,
+                                                                              client):  # fmt: skip
+    """Found only as its input started, an output already there was exit 1 while the inputs before it ran, and
+    stopped them (a review); the first input's was exit 2 before any work. Every input's is now."""
+    for name in ("s1", "s2", "s3"):
+        make_raster((3, 64, 64), name=f"{name}.tif")
+    weights, _ = make_model()
+    workflow = raster_workflow(str(tmp_path / "s*.tif"), weights, output={"path": "out/{stem}_mask.tif"})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "s3_mask.tif").write_text("someone's")
+    with pytest.raises(OutputConflict, match=f"^output {tmp_path}/out/s3_mask.tif exists and was not written by "
+                                             "tilemask; refused to replace it$") as refused:  # fmt: skip
+        tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert refused.value.exit_status == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["s3_mask.tif"]  # no job, nothing begun
+    (tmp_path / "out" / "s3_mask.tif").unlink()
+    results = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert [r.status for r in results] == ["ok"] * 3
+    changed = {**workflow, "inference": {**workflow["inference"], "overlap": 0.5}}  # another job: not its outputs
+    with pytest.raises(OutputConflict, match="s1_mask.tif exists; pass overwrite=True") as refused:
+        tilemask.run(Workflow.from_dict(changed, base_dir=tmp_path), client)
+    assert refused.value.exit_status == 2
+    for output in (tmp_path / "out").glob("s1_mask*"):  # labels, probabilities, sidecar, quick look
+        output.unlink()
+    with pytest.raises(OutputConflict, match="s2_mask.tif exists; pass overwrite=True") as refused:
+        tilemask.run(Workflow.from_dict(changed, base_dir=tmp_path), client)
+    assert refused.value.exit_status == 2 and not (tmp_path / "out" / "s1_mask.tif").exists()  # s1 not begun
+
+
+def test_a_redone_item_that_was_stopped_is_not_run_in_the_report_not_its_earlier_ok(make_raster, make_model,
+                                                                                     write_workflow, tmp_path):
+    """An item whose output was removed is redone; stopped meanwhile (a cancel, Ctrl-C), the report and ``status``
+    still called it ok, with the earlier run's seconds, for an output that was not there (a review)."""
+    from .test_trust import start, wait_for
+
+    make_raster((3, 1500, 1500), name="big.tif")
+    weights, _ = make_model()
+    path = write_workflow(raster_workflow(str(tmp_path / "big.tif"), weights, output={"path": "out/{stem}.zarr"}))
+    assert run_cli("run", path, "--workers", "1", "--no-progress", cwd=tmp_path, timeout=200).returncode == 0
+    (job,) = (tmp_path / "out" / ".tilemask" / "jobs").iterdir()
+    assert [row["status"] for row in report_rows(JobFolder(job))] == ["ok"]
+    shutil.rmtree(tmp_path / "out" / "big.zarr")
+    proc = start(["run", path, "--workers", "1", "--no-progress"], tmp_path)
+    started = lambda: (job / "manifest.jsonl").read_text().count('"started"') == 2  # noqa: E731
+    wait_for(started, what="the item started again", proc=proc)
+    assert run_cli("cancel", job.name, cwd=tmp_path).returncode == 0
+    proc.communicate(timeout=60)
+    assert proc.returncode == 1 and not (tmp_path / "out" / "big.zarr").exists()
+    assert [(row["status"], row["outputs"], row["seconds"]) for row in report_rows(JobFolder(job))] == [
+        ("not run", "", "")
+    ]
+    status = run_cli("status", job.name, cwd=tmp_path)
+    assert "cancelled" in status.stdout and "0 of 1 items ok" in status.stdout, status.stdout
+
+
 def test_brackets_in_the_workflows_folder_or_an_existing_file_are_taken_literally(make_raster, make_model, tmp_path):
     """A path that exists is that file, and the workflow's folder is no part of a glob: a project folder named
     "survey [v2]" made every relative input "no file matches" (exit 2), as did an input named scene[1].tif."""

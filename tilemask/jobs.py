@@ -116,9 +116,11 @@ class Manifest:
     lines: list[dict] = field(default_factory=list)
 
     def latest(self) -> dict[str, dict]:
-        """Each item's last finished attempt (ok or failed), by the item's name: its index moves when a glob
-        matches more files than before."""
-        return {line["name"]: line for line in self.lines if line.get("status") in ("ok", "failed")}
+        """Each item's last attempt where it finished (ok or failed), by the item's name: its index moves when a glob
+        matches more files than before.  An item begun again since (redone, then stopped) has none: its earlier
+        ``ok`` was the report's and the status's for outputs no longer there (a review)."""
+        last = {line["name"]: line for line in self.lines if line.get("status") in ("started", "ok", "failed")}
+        return {name: line for name, line in last.items() if line["status"] != "started"}
 
     def started(self) -> set[str]:
         """The names of the items this job has begun at least once (their outputs are this job's own).  An item
