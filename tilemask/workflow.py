@@ -574,8 +574,8 @@ class Workflow(_Strict):
         return paths
 
     def _not_outputs(self, matches: list[str], pattern: str) -> list[str]:
-        """The files a glob matched less this workflow's own outputs of them (labels, probabilities, quick look,
-        polygons): outputs written beside the inputs would be the next run's inputs."""
+        """The files a glob matched less this workflow's own outputs of them (labels, probabilities, a COG's
+        ``.aux.xml``, quick look, polygons): outputs written beside the inputs would be the next run's inputs."""
         folders = {os.path.dirname(os.path.normpath(m)) for m in matches}
         output_folder = os.path.normpath(os.path.dirname(self.output_path("x")))
         if "{stem}" not in os.path.dirname(self.output.path) and output_folder not in folders:
@@ -587,7 +587,9 @@ class Workflow(_Strict):
             name = visible(stem(match))
             labels = self.output_path(name)
             products = [self.quicklook_path(name), self.vectors_path(name)]
-            for path in [*for_output(labels).files(labels, probabilities=True), *filter(None, products)]:
+            outputs = for_output(labels).files(labels, probabilities=True)
+            sidecars = [f"{path}.aux.xml" for path in outputs] if for_output(labels).gdal_raster else []  # GDAL's
+            for path in [*outputs, *sidecars, *filter(None, products)]:
                 owners.setdefault(os.path.normpath(path), set()).add(os.path.normpath(match))
         # an output of itself (output.path is the input) stays: planning refuses it by name
         kept = [m for m in matches if not owners.get(os.path.normpath(m), set()) - {os.path.normpath(m)}]
