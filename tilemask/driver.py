@@ -323,6 +323,8 @@ def drive_job(
                  scheduler=address, driver=driver, slurm_job=slurm_job, finished=None)  # fmt: skip
     try:
         first = runner.first_plannable(todo, results)  # before any work: exit 2 if the workflow cannot run
+        if first is not None and options.on_error == "abort" and not options.overwrite:
+            plan.check_outputs_there([items[i] for i in todo if i > first], runner.begun)  # so are their outputs
         measure_after = measure_after_seconds()  # so is a TILEMASK_AUTO_MEASURE_AFTER that is not a number
         if first is not None and plan.workflow.output.dicomweb:
             from .sinks.dicomseg import check_answers

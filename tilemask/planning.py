@@ -199,6 +199,27 @@ class WorkflowPlan:
             inputs.append(item.products.stats.regions)
         check_outputs(((f, written_by_tilemask(f)) for f in self.output_files(item)), inputs, overwrite, self.made)
 
+    def check_outputs_there(self, items: list[InputItem], begun: set[str]) -> None:
+        """Refuse (exit 2), before any work, a local labels or probabilities file already there for an input this
+        job has not begun (another workflow's output, or not tilemask's): found as that input started, it was exit
+        1 while others ran, and stopped those in flight (a review).  Each output folder is listed once; a run with
+        ``overwrite`` checks each as it starts (whose output it is means opening it)."""
+        probabilities = self.workflow.output.probabilities != "none"
+        listed: dict[str, set[str]] = {}
+        for item in items:
+            labels = self.workflow.output_path(item.name)
+            if item.name in begun or is_remote(labels):
+                continue
+            for path in for_output(labels).files(labels, probabilities):
+                folder, name = os.path.split(os.path.normpath(path))
+                if folder not in listed:
+                    try:
+                        listed[folder] = set(os.listdir(folder))
+                    except OSError:  # not there yet (or unreadable: the item's own check says so)
+                        listed[folder] = set()
+                if name in listed[folder]:
+                    check_outputs([(path, written_by_tilemask(path))], (), overwrite=False)
+
     def check_outputs(self, overwrite: bool) -> None:
         """:meth:`check_item_outputs` for every input planned."""
         for item in self.inputs:
