@@ -62,13 +62,15 @@ def report_rows(job: JobFolder) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_skip_records_the_failure_goes_on_and_a_rerun_resumes_without_predicting_again(scene_workflow, tmp_path, client):
+def test_skip_records_the_failure_goes_on_and_a_rerun_resumes_without_predicting_again(scene_workflow, tmp_path, client,
+                                                                                       caplog):  # fmt: skip
     workflow = Workflow.from_dict(scene_workflow, base_dir=tmp_path)
     results = tilemask.run(workflow, client, on_error="skip")
     job = results.job
     assert job.path.parent == tmp_path / "out" / ".tilemask" / "jobs"  # docs/DESIGN.md section 9's default folder
     assert [r.status for r in results] == ["ok", "ok", "failed", "ok", "ok"]
     assert "c.tif" in results[2].error and "damaged" in results[2].error
+    assert f"{results[2].input}: failed, skipped: {results[2].error}" in caplog.messages  # none but the log tells
     assert results.failures() == f"1 of 5 items failed; report: {job.report_path}"
 
     lines = manifest_lines(job)
@@ -730,8 +732,10 @@ def test_a_truncated_last_manifest_line_is_dropped_and_the_manifest_goes_on(tmp_
 @pytest.mark.slow  # the command line around the skip that the in-process test above checks in the default run
 def test_on_error_skip_from_the_command_line_exits_1_and_says_where_the_report_is(scene_workflow, tmp_path, write_workflow):
     workflow = write_workflow(scene_workflow)
-    done = run_cli("run", workflow, "--on-error", "skip", "--quiet", "--workers", "1", cwd=tmp_path)
+    done = run_cli("run", workflow, "--on-error", "skip", "--no-progress", "--workers", "1", cwd=tmp_path)
     assert done.returncode == 1, done.stderr
+    # the failure is its line on stdout, once: it was also a WARNING on stderr (a review)
+    assert "failed, skipped" not in done.stderr and done.stdout.count("c.tif: failed:") == 1, (done.stdout, done.stderr)
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("tilemask: 1 of 5 items failed; report: ") and last.endswith("report.csv")
     report = last.split("report: ")[1]

@@ -491,6 +491,7 @@ class _ItemRunner:
         self.stop: threading.Event = stop
         self.weights_stamp: list = weights  # the weights' input_stamp when this run began
         self.on_result: Callable[[RunResult], None] = on_result or (lambda result: None)  # each, as it finishes
+        self.warn_skipped = on_result is None  # a skipped failure is the caller's to show (the command's line)
         self.out_channels = 0
         self.prepared: dict[int, tuple[InputPlan, OutputLock]] = {}  # prepared before the cluster started
         self.listings = FolderListings()  # each output folder listed once for leftovers, not once per item
@@ -509,8 +510,7 @@ class _ItemRunner:
                 if self.options.on_error == "abort":
                     raise
                 item = self.plan.items[index]
-                results[index] = self._failed(index, item, exc, _no_result(item, 0.0))
-                self.tell(results[index])
+                results[index] = self._skipped(self._failed(index, item, exc, _no_result(item, 0.0)))
         return None
 
     def tell(self, result: RunResult) -> None:
@@ -599,7 +599,12 @@ class _ItemRunner:
             if isinstance(exc, TilemaskError):
                 exc.exit_status = 1  # found while running: a run failure, whatever its kind
             raise exc
-        logger.warning("%s: failed, skipped: %s", failed.input, failed.error)
+        return self._skipped(failed)
+
+    def _skipped(self, failed: RunResult) -> RunResult:
+        """A failure ``on_error="skip"`` goes past: told to the caller, else warned of."""
+        if self.warn_skipped:
+            logger.warning("%s: failed, skipped: %s", failed.input, failed.error)
         self.tell(failed)
         return failed
 
