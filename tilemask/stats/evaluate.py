@@ -83,7 +83,7 @@ def scores(labels: np.ndarray, matrix: np.ndarray, names=None, distances=None) -
     fp = matrix.sum(axis=1) - tp
     fn = matrix.sum(axis=0) - tp
     per_class = {}
-    for value, name in class_names(position, names).items():
+    for value, name in class_names(position, names, warn_below_0=False).items():  # values in one image: warned of
         i = position.get(value)
         t, p, f = (0, 0, 0) if i is None else (int(tp[i]), int(fp[i]), int(fn[i]))
         truth_empty = t + f == 0

@@ -33,14 +33,15 @@ logger = logging.getLogger(__name__)
 TABLE_SUFFIXES = (".parquet", ".gpkg", ".csv", ".json")
 
 
-def class_names(values: Iterable[int], names: ClassNames | None) -> dict[int, str]:
+def class_names(values: Iterable[int], names: ClassNames | None, warn_below_0: bool = True) -> dict[int, str]:
     """Name of each label value: ``names[v]`` when given, else ``class_<v>``.
 
     Every named class is listed (in value order), then the other values found. Names that repeat are refused.
+    Values below 0 that are not named are warned of (``warn_below_0``).
     """
     named = {i: class_name(names, i) for i in named_values(names)}
     below = [value for value in sorted(int(v) for v in values) if value < 0 and value not in named]
-    if below:  # a CT given as labels: some 2,000 classes, without a word (a review)
+    if below and warn_below_0:  # a CT given as labels: some 2,000 classes, without a word (a review)
         logger.warning("the labels hold %d value(s) below 0, down to %d, each counted as a class: is this a scan "
                        "rather than a label image? (a value the file declares as nodata is not counted)",
                        len(below), below[0])  # fmt: skip
