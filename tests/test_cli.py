@@ -171,17 +171,19 @@ def test_where_the_work_runs_is_refused_before_a_job_folder_is_made(scene, write
     is an address that is not one (a scheduler file given as the address: a reviewer's)."""
     path = write_workflow(scene)
     refusals = [(["--scheduler", ""], "--scheduler is empty"),
-                (["--scheduler", "dask/scheduler.json"], "not a Dask scheduler address: missing port number")]
+                (["--scheduler", "dask/scheduler.json"], "dask/scheduler.json: no such scheduler file (waited 1 s")]
     if command == "run":
         refusals.append((["--cluster", "slurm", "--scheduler", "tcp://127.0.0.1:1"], "leave out --scheduler"))
         refusals.append((["--scheduler", "tcp://127.0.0.1:1", "--workers", "4"],  # dropped without a word
                          "--workers applies to the cluster tilemask starts, not to one given by --scheduler"))
+    import dask
     from click.testing import CliRunner
 
     from tilemask.cli import main
 
     for args, words in refusals:  # in this process: refused before any cluster, as the command in its own
-        assert_one_line_error(CliRunner().invoke(main, [command, str(path), *args]), 2, words)
+        with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):  # how long a scheduler file is waited for
+            assert_one_line_error(CliRunner().invoke(main, [command, str(path), *args]), 2, words)
         assert not (tmp_path / "out").exists(), "no job folder, no output folder"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -580,8 +581,9 @@ def test_a_workflow_given_as_a_dict_runs_as_workflow_from_dict_reads_it(make_ras
 @pytest.mark.slow  # a `dask scheduler` and a `dask worker` (10 s)
 def test_a_scheduler_file_is_taken_as_its_schedulers_address(make_raster, make_model, write_workflow, tmp_path):
     """A reviewer's: ``--scheduler`` given the scheduler file that ``dask scheduler --scheduler-file`` writes (and
-    ``dask worker --scheduler-file`` reads) was refused ("missing port number"). Its address is taken; a file that
-    is no scheduler file is one line, exit 2."""
+    ``dask worker --scheduler-file`` reads) was refused ("missing port number"). Its address is taken; one not
+    there yet is waited for, as ``dask worker`` waits (it was refused at once: a review); a file that is no scheduler
+    file is one line, exit 2."""
     path, _ = make_raster()
     weights, _ = make_model()
     workflow = write_workflow(raster_workflow(path, weights))
@@ -590,6 +592,12 @@ def test_a_scheduler_file_is_taken_as_its_schedulers_address(make_raster, make_m
         assert done.returncode == 0, done.stderr
         (job,) = [line.split()[0] for line in run_cli("jobs").stdout.splitlines()]
         assert run_cli("status", job, "--json").stdout.count(f'"scheduler": "{address}"') == 1
+        later = threading.Timer(3.0, shutil.copy, (tmp_path / "scheduler.json", tmp_path / "later" / "s.json"))
+        (tmp_path / "later").mkdir()
+        later.start()
+        done = run_cli("run", workflow, "--scheduler", tmp_path / "later" / "s.json", "--quiet", "--overwrite")
+        later.join()
+        assert done.returncode == 0, done.stderr
     (tmp_path / "other.json").write_text('{"type": "Worker"}')
     done = run_cli("run", workflow, "--scheduler", tmp_path / "other.json")
     assert done.returncode == 2, done.stderr

@@ -116,6 +116,10 @@ def scheduler_address(ctx: click.Context, param: click.Parameter, value: str | N
     if value is None:
         return None
     value = value.strip()
+    if "://" not in value and (value.endswith(".json") or "/" in value) and not os.path.exists(value):
+        _wait_for_scheduler_file(value)
+    if os.path.isdir(value):
+        raise click.BadParameter(f"{value}: a folder, not a Dask scheduler file")
     if not os.path.isfile(value):
         return value
     import json
@@ -129,6 +133,25 @@ def scheduler_address(ctx: click.Context, param: click.Parameter, value: str | N
     if not isinstance(address, str):
         raise click.BadParameter(f"{value}: not a Dask scheduler file: it names no address")
     return address
+
+
+def _wait_for_scheduler_file(path: str) -> None:
+    """Wait for a scheduler file that is not there yet, as ``dask worker --scheduler-file`` does (a batch script
+    starts ``dask scheduler --scheduler-file F &`` then the run), for Dask's connect timeout; then refuse it by
+    name (it was "not a Dask scheduler address: missing port number", a review)."""
+    import time
+
+    import dask
+
+    connect = dask.config.get("distributed.comm.timeouts.connect", "30s")  # distributed's default, not imported yet
+    timeout = dask.utils.parse_timedelta(connect, default="s")
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise click.BadParameter(f"{path}: no such scheduler file (waited {timeout:g} s for a scheduler to write "
+                                     "it, as dask worker --scheduler-file waits)")  # fmt: skip
+        time.sleep(0.25)
+    time.sleep(0.25)  # the scheduler writes it whole in one go, just after creating it
 
 
 _VERSIONS_SAID: set[str] = set()
