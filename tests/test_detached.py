@@ -271,6 +271,29 @@ def test_cancel_stops_a_running_job_and_leaves_finished_items_whole(cluster, sce
     wait_for(lambda: status(job, tmp_path)["state"] == "done", "the resumed job")
 
 
+def test_cancel_of_a_job_whose_scheduler_does_not_answer_stops_its_driver_when_it_can(cluster, scenes_workflow,
+                                                                                       tmp_path):  # fmt: skip
+    """A stalled scheduler (or one this host cannot reach) makes a running job read as lost; ``cancel`` then
+    recorded it cancelled and wrote no request, and the driver, still running, finished the job and published its
+    outputs ("done", with the message "cancelled after it was lost"; a review). It now stops as it sees the
+    request."""
+    address, procs = cluster
+    for i in range(12, 40):
+        shutil.copy(tmp_path / "scenes" / "s00.tif", tmp_path / "scenes" / f"s{i:02d}.tif")
+    job = submit(scenes_workflow, address)
+    folder = status(job, tmp_path)["folder"]
+    wait_for(lambda: ok_items(folder) >= 1, "an item done")
+    os.killpg(procs[0].pid, signal.SIGSTOP)  # the scheduler stalls; the driver and workers run on
+    try:
+        done = run_cli("cancel", job, cwd=tmp_path)
+        assert (done.returncode, done.stdout.strip()) == (0, f"job {job}: cancelled"), done.stderr
+    finally:
+        os.killpg(procs[0].pid, signal.SIGCONT)
+    wait_for(lambda: (Path(folder) / "report.csv").exists(), "the driver's end (its report)", timeout=150)
+    final = status(job, tmp_path)
+    assert final["state"] == "cancelled" and final["counts"]["ok"] < 40, final
+
+
 def test_under_on_error_skip_a_bad_first_input_is_the_jobs_failure_not_a_refusal(cluster, scenes_workflow, tmp_path):
     """As ``tilemask run --on-error skip`` records it and goes on; ``submit`` refused it (exit 2)."""
     address, _ = cluster

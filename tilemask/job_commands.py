@@ -274,7 +274,7 @@ def cancel(job, wait_s, debug) -> None:
     state, task = live_driver(folder)
     if state not in ACTIVE:
         if state == "lost":
-            folder.set_status("cancelled", message="cancelled after it was lost")
+            _cancel_lost(folder)
         click.echo(f"job {folder.id}: {live_state(folder)}")
         return
     folder.request_cancel()
@@ -301,9 +301,17 @@ def cancel(job, wait_s, debug) -> None:
         click.echo(f"job {folder.id}: cancel requested; still {state} after {wait_s:g} s")
         sys.exit(1)
     elif state == "lost":
-        folder.set_status("cancelled", message="cancelled after it was lost")
+        _cancel_lost(folder)
         state = "cancelled"
     click.echo(f"job {folder.id}: {state}")
+
+
+def _cancel_lost(folder) -> None:
+    """A job whose driver this host finds gone is recorded cancelled, and asked to stop too: a scheduler that does
+    not answer (stalled, or not reachable from here) reads as gone, and its driver, still running, ran on and
+    published its outputs (a review).  It stops within half a second of seeing the request."""
+    folder.request_cancel()
+    folder.set_status("cancelled", message="cancelled after it was lost")
 
 
 def _cancel_slurm(folder, wait_s: float) -> None:
