@@ -271,13 +271,14 @@ def cancel(job, wait_s, debug) -> None:
     from .jobs import ACTIVE, HELD, find, live_driver, live_state
 
     folder = find(job)
+    if folder.status().get("state", "queued") in ACTIVE:  # asked first: a driver that runs stops within half a
+        folder.request_cancel()  # second, even where its scheduler or SLURM does not answer here (a minute's wait)
     state, task = live_driver(folder)
     if state not in ACTIVE:
         if state == "lost":
             _cancel_lost(folder)
         click.echo(f"job {folder.id}: {live_state(folder)}")
         return
-    folder.request_cancel()
     if folder.status().get("slurm_job"):
         _cancel_slurm(folder, wait_s)
         return
@@ -307,10 +308,9 @@ def cancel(job, wait_s, debug) -> None:
 
 
 def _cancel_lost(folder) -> None:
-    """A job whose driver this host finds gone is recorded cancelled, and asked to stop too: a scheduler that does
-    not answer (stalled, or not reachable from here) reads as gone, and its driver, still running, ran on and
-    published its outputs (a review).  It stops within half a second of seeing the request."""
-    folder.request_cancel()
+    """A job whose driver this host finds gone is recorded cancelled; its request was written all the same: a
+    scheduler that does not answer (stalled, or not reachable from here) reads as gone, and its driver, still
+    running, ran on and published its outputs (a review)."""
     folder.set_status("cancelled", message="cancelled after it was lost")
 
 
@@ -319,14 +319,21 @@ def _cancel_slurm(folder, wait_s: float) -> None:
     Ctrl-C stops a run (its worker jobs cancelled as its SLURM cluster closes); a job whose driver ended without
     recording it (pending, or killed) is recorded cancelled."""
     from . import slurm
+    from .errors import RunError
     from .jobs import ACTIVE, live_state
 
     slurm_job = folder.status()["slurm_job"]
-    slurm.cancel(slurm_job)
+    try:
+        slurm.cancel(slurm_job)
+        unsent = None
+    except RunError as exc:  # SLURM not reachable from here: a running driver still stops at the request (a review)
+        unsent = exc
     deadline = time.monotonic() + wait_s
     while (state := live_state(folder)) in ACTIVE and time.monotonic() < deadline:
         time.sleep(0.25)
     if state in ACTIVE:
+        if unsent is not None:  # a pending driver job stays in the queue: scancel it where SLURM answers
+            click.echo(f"tilemask: warning: {first_line(unsent)}", err=True)
         click.echo(f"job {folder.id}: cancel requested; still {state} after {wait_s:g} s")
         sys.exit(1)
     if state == "lost":
