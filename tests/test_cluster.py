@@ -561,6 +561,15 @@ def test_workers_beside_a_client_are_refused_before_a_job_is_made(make_raster, m
         tilemask.run(workflow, client, threads_per_worker=2)
     assert str(refused.value) == ("threads_per_worker applies to the cluster tilemask starts, not to one given by "
                                   "client: leave it out")  # fmt: skip
+    # so are a scheduler and a cluster kind, dropped as silently (a review); a list of workflows was a TypeError
+    for argument, given in ((dict(scheduler="tcp://127.0.0.1:1"), "scheduler='tcp://127.0.0.1:1'"),
+                            (dict(cluster="slurm"), "cluster='slurm'")):  # fmt: skip
+        with pytest.raises(UsageError) as refused:
+            tilemask.run(workflow, client, **argument)
+        name = given.split("=")[0]
+        assert str(refused.value) == f"{given} and a client: the client's cluster runs the work; leave {name} out"
+    with pytest.raises(UsageError, match=r"^workflow: a Workflow, a workflow file or the mapping one holds, not list"):
+        tilemask.run([str(tmp_path / "w.yaml")], client)
     assert not (tmp_path / "out").exists()
 
 

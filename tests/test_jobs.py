@@ -664,10 +664,13 @@ def test_a_refusal_after_the_output_check_leaves_none_of_the_folders_it_made(mak
     (tmp_path / "mine").mkdir()
     workflow = write_workflow(raster_workflow(scene, weights, output={"path": "mine/out/sub/{stem}.zarr"}))
     quick = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "1s"}
-    refused = run_cli("submit", workflow, "--scheduler", "tcp://127.0.0.1:1", cwd=tmp_path, env=quick)
-    assert refused.returncode == 1 and refused.stderr.startswith("tilemask: error: cannot reach the Dask scheduler")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "scene.tif", "weights.pt", "workflow.yaml"]
-    assert not any((tmp_path / "mine").iterdir())
+    for command in ("submit", "run"):  # run left its job behind, "failed", in `tilemask jobs` (a review)
+        refused = run_cli(command, workflow, "--scheduler", "tcp://127.0.0.1:1", cwd=tmp_path, env=quick)
+        assert refused.returncode == 1, refused.stderr
+        assert refused.stderr.startswith("tilemask: error: cannot reach the Dask scheduler"), refused.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "scene.tif", "weights.pt", "workflow.yaml"]
+        assert not any((tmp_path / "mine").iterdir())
+        assert not list(tilemask_home.glob("jobs/*"))
     misfit = write_workflow(raster_workflow(scene, weights, args={**UNET_2D, "out_channels": 4},
                                             output={"path": "mine/out/sub/{stem}.zarr"}), name="misfit.yaml")
     refused = run_cli("run", misfit, "--job-dir", "jobs/misfit", "--workers", "1", cwd=tmp_path)

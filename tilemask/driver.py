@@ -144,6 +144,9 @@ def run(
     refuse_while_bootstrapping()
     if isinstance(workflow, Mapping):
         workflow = Workflow.from_dict(dict(workflow))
+    elif not isinstance(workflow, (Workflow, str, os.PathLike)):  # a list of files was a bare TypeError
+        raise UsageError(f"workflow: a Workflow, a workflow file or the mapping one holds, not {type(workflow).__name__}"
+                         f" {workflow!r:.80}")  # fmt: skip
     elif not isinstance(workflow, Workflow):
         source = str(Path(workflow).resolve())
         workflow = Workflow.from_yaml(workflow)
@@ -162,10 +165,11 @@ def run(
             return drive_job(job, plan, options, progress, client=client, scheduler=scheduler, workers=workers,
                              threads_per_worker=threads_per_worker, cluster=cluster, on_result=on_result)  # fmt: skip
         except TilemaskError as exc:
-            if exc.exit_status == 2:  # refused before any work (found while running is exit 1)
-                if new and not job.manifest().started():
-                    with contextlib.suppress(OSError, JobError):  # the refusal is what to tell
-                        job.discard()
+            ran = bool(job.manifest().lines)
+            if new and not ran:  # it never ran: refused (exit 2), or its scheduler not reached (exit 1)
+                with contextlib.suppress(OSError, JobError):  # the refusal is what to tell
+                    job.discard()
+            if exc.exit_status == 2 or not ran:  # before any work (found while running is exit 1)
                 plan.remove_made()  # the output folders its checks made, if still empty (outside a --job-dir)
             raise
 
@@ -196,6 +200,9 @@ def _check_cluster_arguments(scheduler, workers, threads_per_worker, cluster: st
     for name, value in (("workers", workers), ("threads_per_worker", threads_per_worker)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
             raise UsageError(f"{option(name)} must be a positive integer, not {value!r}")
+    if client is not None and (scheduler is not None or cluster != "local"):  # dropped without a word (a review)
+        given = f"{option('scheduler')}={scheduler!r}" if scheduler is not None else f"{option('cluster')}={cluster!r}"
+        raise UsageError(f"{given} and a client: the client's cluster runs the work; leave {given.split('=')[0]} out")
     sizes = [option(name) for name, value in (("workers", workers), ("threads_per_worker", threads_per_worker))
              if value is not None]  # fmt: skip
     if sizes and (scheduler is not None or client is not None):
