@@ -114,11 +114,16 @@ def apply(
 ) -> da.Array:  # fmt: skip
     """``labels`` after the steps of ``config`` (see the module docstring); lazy where possible.
 
+    ``labels``: a dask array, whose ``nodata`` value stays as it is (given: it was a class like the others), or the
+    DataArray :func:`tilemask.open_result` gives, whose ``_FillValue`` is its nodata, returned as a DataArray too.
     ``spacing`` (from :func:`spacing_of` of ``geometry``) turns physical sizes
     and radii into pixels/voxels. Removing small components, keeping the largest and filling
     holes need the components first: they are computed (on ``client`` when
     given) before this returns.
     """
+    if hasattr(labels, "dims") and hasattr(labels, "attrs"):  # an xarray DataArray (open_result's)
+        nodata = labels.attrs.get("_FillValue") if nodata is None else nodata
+        return labels.copy(data=apply(da.asarray(labels.data), config, nodata, client, spacing, geometry))
     if isinstance(config, dict):
         config = _config_of(config)
     if not config.active:
