@@ -16,7 +16,7 @@ import shapely
 from click.testing import CliRunner
 from rasterio.transform import Affine
 
-from tilemask.errors import InputError, WorkflowError
+from tilemask.errors import InputError, OutputConflict, WorkflowError
 from tilemask.stats import compute_stats
 from tilemask.stats.cli import stats as stats_command
 
@@ -422,6 +422,8 @@ def test_a_table_tilemask_did_not_write_is_never_replaced(tmp_path, shade_labels
                 refused = runner.invoke(stats_command, [str(shade_labels), "-o", str(path), *scheduler, *flags])
                 assert (refused.exit_code, refused.output) == (
                     2, f"tilemask: error: {path} exists and was not written by tilemask; refused to replace it\n")
+            with pytest.raises(OutputConflict, match="exists and was not written by tilemask"):  # Python replaced it
+                compute_stats(shade_labels, path, client=client)
             assert path.read_bytes() == before
         ours = tmp_path / f"totals{suffix}"
         assert runner.invoke(stats_command, [str(shade_labels), "-o", str(ours), *scheduler]).exit_code == 0

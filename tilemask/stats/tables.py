@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 
 from ..classes import ClassNames, class_name, named_values
-from ..errors import InputError, OutputError, UsageError, option
-from ..formats import PRODUCT_MARK, product_mark
+from ..errors import InputError, OutputConflict, OutputError, UsageError, option
+from ..formats import PRODUCT_MARK, product_mark, product_written_by_tilemask
 from ..outputs import atomic_path, check_spatial_index, check_writable
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,8 @@ def check_table_path(path: str | os.PathLike, inputs: Sequence = (), suffixes: S
     if path.suffix.lower() not in suffixes:
         kind = "table " if suffixes == TABLE_SUFFIXES else ""
         raise InputError(f"{path}: unknown {kind}format, use one of {', '.join(suffixes)}")
+    if product_written_by_tilemask(path) is False:  # the Python functions replaced one too (a user's GeoPackage)
+        raise OutputConflict(f"{path} exists and was not written by tilemask; refused to replace it")
     if not path.parent.exists():
         raise InputError(f"{path}: the folder {path.parent} does not exist")
     check_writable(path.parent)
