@@ -303,7 +303,7 @@ def drive_job(
     results: list[RunResult | None] = [None] * len(items)
     counts = _Progress(job, {"items": len(items)})
     skipped: set[str] = set()
-    todo = []
+    todo, done_before = [], []
     latest = manifest.latest()
     weights = input_stamp(plan.model.weights)  # retrained weights at the same path: every item is redone
     finished = _finished({item.name: latest[item.name] for item in items if item.name in latest}, weights,
@@ -319,7 +319,7 @@ def drive_job(
             todo.append(index)
             continue
         results[index] = earlier
-        runner.tell(earlier)
+        done_before.append(earlier)
         counts.counts[earlier.status] = counts.counts.get(earlier.status, 0) + 1
         if earlier.status == "skipped":
             skipped.add(item.name)
@@ -337,6 +337,8 @@ def drive_job(
             from .sinks.dicomseg import check_answers
 
             check_answers(plan.workflow.output.dicomweb)  # before any window; the store comes after them all
+        for earlier in done_before:  # told once the run is not refused (it printed "done in an earlier run" first)
+            runner.tell(earlier)
         if first is not None:
             with contextlib.ExitStack() as stack:
                 if client is None:
