@@ -256,6 +256,9 @@ def test_cancel_stops_a_running_job_and_leaves_finished_items_whole(cluster, sce
     job = submit(scenes_workflow, address)
     folder = status(job, tmp_path)["folder"]
     wait_for(lambda: ok_items(folder) >= 1, "an item done")
+    twice = run_cli("submit", scenes_workflow, "--scheduler", address, cwd=tmp_path)  # its outputs were "being
+    assert (twice.returncode, twice.stderr) == (  # written by another tilemask run" (a review)
+        2, f"tilemask: error: job {job} is running already; see tilemask status {job}\n")
     done = run_cli("cancel", job, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"job {job}: cancelled"

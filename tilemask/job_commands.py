@@ -55,6 +55,8 @@ def submit(workflow, scheduler, cluster_kind, workers, overrides, overwrite, on_
     # its failure and goes on, as tilemask run does
     new = not job.exists()
     try:
+        if not new:  # first: its own outputs read as "being written by another tilemask run" (a review)
+            _refuse_if_active(job)
         if plan.items and on_error == "abort":
             first = plan.plan_input(plan.items[0])
             keep = None if overwrite else job.id  # what this job staged before is resumed, as tilemask run keeps it
