@@ -463,6 +463,41 @@ def test_a_different_workflow_may_not_replace_a_jobs_outputs_without_overwrite(s
     np.testing.assert_array_equal(zarr.open_group(tmp_path / "out" / "a.zarr", mode="r")["probabilities"][:], first)
 
 
+def test_labels_another_workflow_wrote_over_an_item_whose_redo_stopped_are_still_not_the_jobs(scene_workflow,
+                                                                                                tmp_path, client):
+    """An item redone and stopped (its ``started`` line last) lost the protection above: the labels another workflow
+    wrote over its outputs were taken for the job's own and replaced without ``--overwrite`` (a review)."""
+    scene_workflow["input"] = str(tmp_path / "scenes" / "a.tif")
+    (done,) = tilemask.run(Workflow.from_dict(scene_workflow, base_dir=tmp_path), client)
+    (job,) = [JobFolder(p) for p in (tmp_path / "out" / ".tilemask" / "jobs").iterdir()]
+    redo = {"item": 0, "name": "a", "input": done.input, "status": "started", "time": 0.0}  # as a stopped redo
+    with open(job.path / "manifest.jsonl", "a") as f:  # leaves it (run writes it so)
+        f.write(json.dumps(redo) + "\n")
+    changed = {**scene_workflow, "inference": {**scene_workflow["inference"], "overlap": 0.5}}
+    tilemask.run(Workflow.from_dict(changed, base_dir=tmp_path), client, overwrite=True)
+    theirs = zarr.open_group(tmp_path / "out" / "a.zarr", mode="r")["probabilities"][:]
+    with pytest.raises(OutputConflict, match="exists; pass overwrite=True"):
+        tilemask.run(Workflow.from_dict(scene_workflow, base_dir=tmp_path), client)
+    np.testing.assert_array_equal(zarr.open_group(tmp_path / "out" / "a.zarr", mode="r")["probabilities"][:], theirs)
+
+
+def test_a_first_run_whose_cluster_has_no_worker_keeps_its_job(scene_workflow, tmp_path):
+    """A first run that reached its scheduler and found no worker (exit 1) is a job that ran: kept, ``failed``, for
+    ``status`` and ``cancel`` (discarding it under a cancel that waited on it made the cancel write a record into a
+    folder with no job, a review); one whose scheduler cannot be reached at all leaves none (test above)."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from tilemask.errors import RunError
+
+    scene_workflow["input"] = str(tmp_path / "scenes" / "a.tif")
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cluster, Client(cluster) as bare:
+        with dask.config.set({"tilemask.no-workers-timeout": 2}), pytest.raises(RunError, match="no Dask worker"):
+            tilemask.run(Workflow.from_dict(scene_workflow, base_dir=tmp_path), bare)
+    (job,) = [JobFolder(p) for p in (tmp_path / "out" / ".tilemask" / "jobs").iterdir()]
+    assert job.exists() and json.loads((job.path / "status.json").read_text())["state"] == "failed"
+
+
 def test_a_run_with_overwrite_stopped_early_leaves_the_jobs_outputs_its_own(make_raster, make_model, tmp_path, client):
     """``--overwrite`` forgot the manifest whole, the ``started`` lines too: a run with it that stopped before it
     redid every item (a scheduler not reached, a lost one, Ctrl-C) left the job's earlier outputs as someone else's,

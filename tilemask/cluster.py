@@ -47,7 +47,7 @@ from dask.utils import parse_timedelta
 from distributed import Client, Future, LocalCluster, WorkerPlugin
 
 from . import forkserver
-from .errors import NoWorkers, RunError, TilemaskError, UsageError, first_line, given, option
+from .errors import NoWorkers, RunError, SchedulerUnreached, UsageError, first_line, given, option
 from .imports import import_in_background
 from .interrupts import raise_if_stopped, shielded
 
@@ -330,7 +330,7 @@ def scheduler_client(address: str, timeout: float | None = None, set_as_default:
     except _NoAnswer as exc:
         raise RunError(f"{address} did not answer as a Dask scheduler within {timeout:g} s: {exc}") from None
     except _Unreached as exc:
-        raise TilemaskError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+        raise SchedulerUnreached(f"cannot reach the Dask scheduler at {address}: {exc}") from None
     except _NotAScheduler as exc:
         raise UsageError(f"{given('scheduler', address)}: not a Dask scheduler: {exc}") from None
     except concurrent.futures.TimeoutError:
@@ -338,7 +338,7 @@ def scheduler_client(address: str, timeout: float | None = None, set_as_default:
     try:  # it answered as a scheduler: its Client (the same deadline, which it keeps from here on)
         return Client(address, timeout=timeout, set_as_default=set_as_default)
     except OSError as exc:
-        raise TilemaskError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+        raise SchedulerUnreached(f"cannot reach the Dask scheduler at {address}: {exc}") from None
 
 
 class _Unreached(Exception):

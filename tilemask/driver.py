@@ -53,7 +53,16 @@ from .cluster import (
 )
 from .command import first_line
 from .engine import RunResult, Undelivered, deliver, probe, process_age, run_job
-from .errors import NoWorkers, RunError, TilemaskError, UsageError, check_flags, command_line, option
+from .errors import (
+    NoWorkers,
+    RunError,
+    SchedulerUnreached,
+    TilemaskError,
+    UsageError,
+    check_flags,
+    command_line,
+    option,
+)
 from .imports import import_in_background
 from .jobs import (
     ACTIVE,
@@ -165,11 +174,10 @@ def run(
             return drive_job(job, plan, options, progress, client=client, scheduler=scheduler, workers=workers,
                              threads_per_worker=threads_per_worker, cluster=cluster, on_result=on_result)  # fmt: skip
         except TilemaskError as exc:
-            ran = bool(job.manifest().lines)
-            if new and not ran:  # it never ran: refused (exit 2), or its scheduler not reached (exit 1)
-                with contextlib.suppress(OSError, JobError):  # the refusal is what to tell
-                    job.discard()
-            if exc.exit_status == 2 or not ran:  # before any work (found while running is exit 1)
+            if exc.exit_status == 2 or isinstance(exc, SchedulerUnreached):  # before any work (exit 2), or none
+                if new and not job.manifest().started():  # could be sent (exit 1): the job never ran
+                    with contextlib.suppress(OSError, JobError):  # the refusal is what to tell
+                        job.discard()
                 plan.remove_made()  # the output folders its checks made, if still empty (outside a --job-dir)
             raise
 

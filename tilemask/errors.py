@@ -101,6 +101,10 @@ class RunError(TilemaskError, RuntimeError):
     exit_status = 1
 
 
+class SchedulerUnreached(TilemaskError):
+    """The Dask scheduler given cannot be reached (nothing answers at its address): a first run leaves no job."""
+
+
 class NoWorkers(RunError):
     """The cluster has had no worker for too long mid-run (they died; their SLURM jobs reached their walltime or
     were cancelled): not the items' fault, so the items in flight keep what they staged and are not recorded as

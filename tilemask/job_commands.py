@@ -295,6 +295,9 @@ def cancel(job, wait_s, debug) -> None:
     deadline = time.monotonic() + wait_s
     while live_state(folder) in ACTIVE and time.monotonic() < deadline:
         time.sleep(0.25)
+    if not folder.exists():  # a first run whose scheduler could not be reached leaves no job
+        click.echo(f"job {folder.id}: ended before any input began; no job is left")
+        return
     state = live_state(folder)
     if state == "queued" and folder.status().get("driver"):
         _take_back_driver(folder.status(), unless_started=False)  # a driver the scheduler has not started

@@ -126,8 +126,9 @@ class Manifest:
         """The names of the items this job has begun at least once (their outputs are this job's own).  An item
         refused before it began (its output was someone else's) has a ``failed`` line and no ``started`` one:
         what is at its outputs is still not the job's; nor are labels another workflow wrote over the job's
-        (:func:`own_labels`)."""
-        replaced = {name for name, line in self.latest().items() if line["status"] == "ok" and not own_labels(line)}
+        (:func:`own_labels`; its last ``ok`` line says, even where a redo stopped since: a review)."""
+        finished = {line["name"]: line for line in self.lines if line.get("status") in ("ok", "failed")}
+        replaced = {name for name, line in finished.items() if line["status"] == "ok" and not own_labels(line)}
         return {line["name"] for line in self.lines if line.get("status") == "started"} - replaced
 
 
