@@ -972,6 +972,7 @@ def test_an_output_of_a_later_input_already_there_is_refused_before_any_work(mak
     assert refused.value.exit_status == 2 and not (tmp_path / "out" / "s1_mask.tif").exists()  # s1 not begun
 
 
+@pytest.mark.slow  # two runs of the command on a 1500^2 scene, one cancelled (14 s)
 def test_a_redone_item_that_was_stopped_is_not_run_in_the_report_not_its_earlier_ok(make_raster, make_model,
                                                                                      write_workflow, tmp_path):
     """An item whose output was removed is redone; stopped meanwhile (a cancel, Ctrl-C), the report and ``status``
