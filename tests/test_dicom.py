@@ -560,7 +560,6 @@ def test_a_store_that_fails_keeps_the_segmentation_and_a_server_that_does_not_an
 def _failing_then_forwarding(root: str):
     """A DICOMweb proxy in front of ``root`` whose STOW-RS answers 500 while its ``failing`` event is set, and is
     passed on to ``root`` after; QIDO-RS is always passed on.  Yields its root and the event (set)."""
-    import http.server
     import threading
 
     import httpx
@@ -568,35 +567,16 @@ def _failing_then_forwarding(root: str):
     failing = threading.Event()
     failing.set()
 
-    class Forwarding(http.server.BaseHTTPRequestHandler):
-        def _forward(self):
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            if self.command == "POST" and failing.is_set():
-                status, headers, body = 500, {}, b""
-            else:
-                headers = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "content-type")}
-                answer = httpx.request(self.command, root + self.path.removeprefix("/dicom-web"), headers=headers,
-                                       content=body, timeout=60)  # fmt: skip
-                status, body = answer.status_code, answer.content
-                headers = {"Content-Type": answer.headers.get("Content-Type", "application/dicom+json")}
-            self.send_response(status)
-            for key, value in {**headers, "Content-Length": str(len(body))}.items():
-                self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(handler):
+        if handler.command == "POST" and failing.is_set():
+            return 500, {}, b""
+        headers = {k: v for k, v in handler.headers.items() if k.lower() in ("accept", "content-type")}
+        got = httpx.request(handler.command, root + handler.path.removeprefix("/dicom-web"), headers=headers,
+                            content=handler.body, timeout=60)  # fmt: skip
+        return got.status_code, {"Content-Type": got.headers.get("Content-Type", "application/dicom+json")}, got.content
 
-        do_GET = do_POST = _forward  # noqa: N815 - http.server's names
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forwarding)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web", failing
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _Answering(answer) as server:
+        yield f"{server}/dicom-web", failing
 
 
 @pytest.mark.timeout(240)
@@ -1125,7 +1105,7 @@ class _Answering:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def _any(self):
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.body = self.rfile.read(int(self.headers.get("Content-Length") or 0))  # the request's, for answer
                 status, headers, body = answer(self)
                 self.send_response(status)
                 for key, value in {**headers, "Content-Length": str(len(body))}.items():
