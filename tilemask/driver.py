@@ -174,8 +174,8 @@ def run(
             return drive_job(job, plan, options, progress, client=client, scheduler=scheduler, workers=workers,
                              threads_per_worker=threads_per_worker, cluster=cluster, on_result=on_result)  # fmt: skip
         except TilemaskError as exc:
-            if exc.exit_status == 2 or isinstance(exc, SchedulerUnreached):  # before any work (exit 2), or none
-                if new and not job.manifest().started():  # could be sent (exit 1): the job never ran
+            if exc.exit_status == 2 or isinstance(exc, SchedulerUnreached):  # refused before any work (exit 2), or
+                if new and not job.manifest().started():  # none could be sent (exit 1): the job never ran
                     with contextlib.suppress(OSError, JobError):  # the refusal is what to tell
                         job.discard()
                 plan.remove_made()  # the output folders its checks made, if still empty (outside a --job-dir)
