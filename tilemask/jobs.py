@@ -119,16 +119,20 @@ class Manifest:
         """Each item's last attempt where it finished (ok or failed), by the item's name: its index moves when a glob
         matches more files than before.  An item begun again since (redone, then stopped) has none: its earlier
         ``ok`` was the report's and the status's for outputs no longer there (a review)."""
-        last = {line["name"]: line for line in self.lines if line.get("status") in ("started", "ok", "failed")}
+        last = self._last(("started", "ok", "failed"))
         return {name: line for name, line in last.items() if line["status"] != "started"}
+
+    def _last(self, statuses: tuple[str, ...]) -> dict[str, dict]:
+        """Each item's last line of one of ``statuses``, by name."""
+        return {line["name"]: line for line in self.lines if line.get("status") in statuses}
 
     def started(self) -> set[str]:
         """The names of the items this job has begun at least once (their outputs are this job's own).  An item
         refused before it began (its output was someone else's) has a ``failed`` line and no ``started`` one:
         what is at its outputs is still not the job's; nor are labels another workflow wrote over the job's
         (:func:`own_labels`; its last ``ok`` line says, even where a redo stopped since: a review)."""
-        finished = {line["name"]: line for line in self.lines if line.get("status") in ("ok", "failed")}
-        replaced = {name for name, line in finished.items() if line["status"] == "ok" and not own_labels(line)}
+        replaced = {name for name, line in self._last(("ok", "failed")).items()
+                    if line["status"] == "ok" and not own_labels(line)}  # fmt: skip
         return {line["name"] for line in self.lines if line.get("status") == "started"} - replaced
 
 
