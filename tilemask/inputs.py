@@ -2,7 +2,8 @@
 members, a STAC ItemCollection or catalog.  Listing opens no image: a run plans each item when it starts.
 
 * ``{list: FILE}``: one path or URL a line; blank lines and ``#`` comments are
-  skipped; relative paths resolve against the list file's folder.  Here and for
+  skipped; relative paths resolve against the list file's folder, a ``file://`` URI is its
+  local path (:func:`resolved`).  Here and for
   archives a name's leading ``.`` becomes ``_`` (:func:`visible`).
 * ``{archive: FILE, members: GLOB}``: the archive's files whose name (or base
   name) matches, read in place through GDAL's ``/vsizip/`` and ``/vsitar/``
@@ -10,7 +11,7 @@ members, a STAC ItemCollection or catalog.  Listing opens no image: a run plans 
 * ``{stac: FILE, assets: [...]}``: one item per STAC Item, named by its id (made
   one file name: :func:`file_name`), its assets stacked as bands in the order
   given (each asset's bands, all on one grid); relative hrefs resolve against the
-  STAC file.
+  STAC file, ``file://`` hrefs are local paths.
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ def list_items(path: str) -> list[InputItem]:
     files = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not files:
         raise InputError(f"input.list: {path} lists no input")
-    resolved = [f if f.startswith(REMOTE_PREFIXES) or os.path.isabs(f) else os.path.normpath(os.path.join(folder, f)) for f in files]
-    return [InputItem(input_name(f), (f,)) for f in resolved]
+    return [InputItem(input_name(f), (f,)) for f in (resolved(f, folder, "input.list") for f in files)]
 
 
 def archive_items(archive: str, pattern: str) -> list[InputItem]:
@@ -89,11 +89,24 @@ def stac_items(path: str, assets: list[str]) -> list[InputItem]:
         if empty is not None:  # "" resolved to the STAC file's folder: "a folder with no DICOM file"
             raise InputError(f"input.stac: item {item.id}'s asset {empty!r} has no href")
         hrefs = [item.assets[name].get_absolute_href() or item.assets[name].href for name in assets]
-        hrefs = [h if h.startswith(REMOTE_PREFIXES) or os.path.isabs(h) else os.path.normpath(os.path.join(folder, h)) for h in hrefs]
+        hrefs = [resolved(h, folder, "input.stac") for h in hrefs]
         nodata = tuple(_declared_nodata(item, name) for name in assets)
         found.append(InputItem(file_name(str(item.id)), tuple(hrefs),  # ids are text, even those written as numbers
                                nodata if any(v is not None for v in nodata) else ()))  # fmt: skip
     return found
+
+
+def resolved(path: str, folder: str, key: str) -> str:
+    """A listed path or an href as the run opens it: a URL as given; a ``file://`` URI (pystac writes them, GDAL
+    and pystac read them) as its local path; a relative path against ``folder``."""
+    if path.startswith(REMOTE_PREFIXES):
+        return path
+    if path[:7].lower() == "file://":
+        uri = urllib.parse.urlsplit(path)
+        if uri.netloc not in ("", "localhost"):
+            raise InputError(f"{key}: {path}: a file on another host ({uri.netloc}); give its local path or a URL")
+        path = urllib.parse.unquote(uri.path)
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(folder, path))
 
 
 def _declared_nodata(item, asset: str) -> tuple[float, ...] | None:
