@@ -63,31 +63,42 @@ def ball(radius: float | tuple[float, ...], ndim: int) -> np.ndarray:
 
 def spacing_of(geometry) -> tuple[float, ...] | None:
     """Pixel/voxel size along each array axis: mm for volumes (the affine), metres for rasters in a projected
-    CRS; None when the image has no physical size (a geographic CRS, no CRS)."""
+    CRS (whatever its unit: feet are converted); None when the image has no physical size (a geographic CRS, no
+    CRS)."""
     from .geometry import RasterGeometry
 
     if not isinstance(geometry, RasterGeometry):
         return tuple(float(v) for v in np.linalg.norm(np.asarray(geometry.affine)[:3, :3], axis=0))
+    metres = _metres_per_unit(geometry)
+    if metres is None:
+        return None
+    _, a, b, _, d, e = geometry.transform
+    return (float(np.hypot(b, e)) * metres, float(np.hypot(a, d)) * metres)  # rows, columns
+
+
+def _metres_per_unit(geometry) -> float | None:
+    """Metres in one unit of a raster's projected CRS (0.3048006 in US survey feet); None in a geographic CRS,
+    or with no CRS."""
     if not geometry.crs_wkt:
         return None
     from pyproj import CRS
 
     crs = CRS.from_user_input(geometry.crs_wkt)
-    if not crs.is_projected or any(axis.unit_name not in ("metre", "meter") for axis in crs.axis_info[:2]):
+    factors = {axis.unit_conversion_factor for axis in crs.axis_info[:2]}
+    if not crs.is_projected or len(factors) != 1 or not all(factors):
         return None
-    a, b, _, d, e, _ = geometry.transform[1], geometry.transform[2], 0, geometry.transform[4], geometry.transform[5], 0
-    return (float(np.hypot(b, e)), float(np.hypot(a, d)))  # rows, columns
+    return float(factors.pop())
 
 
 def cell_size(spacing: tuple[float, ...], geometry=None) -> float:
     """The volume (mm3) or area (m2) of one voxel/pixel: |det| of the geometry's linear part when it is given (the
-    volume's affine, the raster's geotransform: a sheared grid's cell is smaller than the product of its edge
-    lengths), else the product of the spacing."""
+    volume's affine, the raster's geotransform in its CRS's unit, made metres: a sheared grid's cell is smaller
+    than the product of its edge lengths), else the product of the spacing."""
     from .geometry import RasterGeometry
 
     if isinstance(geometry, RasterGeometry):
         _, a, b, _, d, e = geometry.transform
-        return float(abs(a * e - b * d))
+        return float(abs(a * e - b * d)) * (_metres_per_unit(geometry) or 1.0) ** 2
     if geometry is not None:
         return float(abs(np.linalg.det(np.asarray(geometry.affine)[:3, :3])))
     return float(np.prod(spacing))

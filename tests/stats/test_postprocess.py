@@ -211,3 +211,28 @@ def test_remove_small_in_m2_on_a_sheared_grid():
     config = {"remove_small": f"{23.9 * pixel} m2"}
     got = apply(da.from_array(data, chunks=10), config, spacing=spacing_of(geometry), geometry=geometry).compute()
     np.testing.assert_array_equal(got, expected)
+
+
+def test_sizes_in_m2_and_m_on_a_raster_in_feet():
+    """A projected CRS in US survey feet (New York Long Island): sizes in m2 and radii in m are converted by GDAL's
+    factor for its unit (refused before: "needs the size of a pixel/voxel, which this image lacks")."""
+    from rasterio.crs import CRS as GdalCRS
+
+    unit, metres = GdalCRS.from_epsg(2263).linear_units_factor
+    assert unit == "US survey foot"
+    geometry = RasterGeometry(CRS.from_epsg(2263).to_wkt(), Affine(10.0, 0, 1e6, 0, -10.0, 2e5).to_gdal())
+    assert spacing_of(geometry) == pytest.approx((10 * metres, 10 * metres), rel=1e-12)
+    data = np.zeros((20, 30), np.uint8)
+    data[1, :20] = data[5, :23] = data[9:12, :3] = 1  # 20, 23 and 9 pixels
+    components, n = ndimage.label(data)
+    sizes = ndimage.sum_labels(np.ones_like(components), components, range(n + 1))
+    expected = np.where(sizes[components] < 21.5, 0, data).astype(data.dtype)
+    config = {"remove_small": f"{21.5 * (10 * metres) ** 2} m2"}
+    got = apply(da.from_array(data, chunks=10), config, spacing=spacing_of(geometry), geometry=geometry).compute()
+    np.testing.assert_array_equal(got, expected)
+    # an opening of 2.05 pixels' length in metres is one of 2 pixels (the next length in the grid is sqrt(5))
+    by_pixels = apply(da.from_array(data, chunks=10), {"opening": 2}).compute()
+    by_metres = apply(da.from_array(data, chunks=10), {"opening": f"{2.05 * 10 * metres} m"},
+                      spacing=spacing_of(geometry), geometry=geometry).compute()  # fmt: skip
+    np.testing.assert_array_equal(by_metres, by_pixels)
+    assert by_pixels.sum() < data.sum()
