@@ -237,6 +237,22 @@ def test_scaled_labels_are_refused_in_one_line(tmp_path, shade_labels):
     assert not (tmp_path / "s.csv").exists() and not (tmp_path / "v.csv").exists()
 
 
+def test_float_labels_whose_nodata_is_nan_are_refused_as_floats(tmp_path):
+    """A float32 GeoTIFF whose nodata is NaN was "cannot open as a label image: cannot convert float NaN to
+    integer": Python's words, where the same raster with nodata -9999 says what is wrong."""
+    from tilemask.cli import main
+
+    for nodata in (float("nan"), -9999.0):
+        path = tmp_path / "float.tif"
+        with rasterio.open(path, "w", driver="GTiff", height=8, width=8, count=1, dtype="float32", nodata=nodata,
+                           crs="EPSG:32633", transform=Affine(10, 0, 0, 0, -10, 0)) as dst:  # fmt: skip
+            dst.write(np.ones((1, 8, 8), np.float32))
+        result = CliRunner().invoke(main, ["stats", str(path), "-o", str(tmp_path / "f.csv")])
+        assert (result.exit_code, result.output) == (2, f"tilemask: error: {path}: labels must be integers, the "
+                                                        "raster holds float32\n"), nodata  # fmt: skip
+        assert not (tmp_path / "f.csv").exists()
+
+
 @pytest.mark.timeout(120)
 def test_labels_as_monai_saves_them_float32_and_channel_last_count_as_their_integers(tmp_path):
     """MONAI's ``SaveImage`` writes labels as float32 by default, and a channel-last ``(x, y, z, 1)`` volume is

@@ -374,11 +374,12 @@ def open_raster_labels(path: str, chunks) -> LabelImage:
         if off_grid := not_on_a_grid(path, ds):  # as an input is (README): areas in pixels
             raise InputError(off_grid)
         geometry = usable_geometry(path, RasterGeometry(crs, tuple(ds.transform.to_gdal())))
-        nodata = None if ds.nodata is None else int(ds.nodata)
+        nodata = ds.nodata
         tag = ds.tags().get(CLASSES_TAG)
         scale, offset = ds.scales[0], ds.offsets[0]
-    if not np.issubdtype(dtype, np.integer):
+    if not np.issubdtype(dtype, np.integer):  # before its nodata is made an integer: NaN was "cannot convert"
         raise InputError(f"{path}: labels must be integers, the raster holds {dtype}")
+    nodata = None if nodata is None else int(nodata)
     if (scale, offset) != (1, 0):  # counted on stored values, they were not the labels GDAL's users read; as NIfTI
         raise InputError(f"{path}: labels must be stored as unscaled integers (band scale {scale:g}, offset "
                          f"{offset:g})")
