@@ -21,6 +21,7 @@ from PIL import Image
 
 import tilemask
 from tilemask import Workflow
+from tilemask.cli import describe
 from tilemask.errors import InputError, OutputConflict, ReadError, WorkflowError
 from tilemask.jobs import JobError, JobFolder, find
 
@@ -815,6 +816,10 @@ def test_archive_list_and_stac_inputs_give_the_outputs_of_the_files_themselves(m
             "links": [], "assets": {c: {"href": f"files/scene_{c}.tif"} for c in ("red", "green", "blue")},
         }],
     }))  # fmt: skip
+    (tmp_path / "uris.txt").write_text(f"{(files / 'scene.tif').as_uri()}\n")  # as pystac writes hrefs, GDAL reads
+    uris = json.loads((tmp_path / "items.json").read_text())
+    uris["features"][0]["assets"]["red"]["href"] = (files / "scene_red.tif").as_uri()
+    (tmp_path / "uris.json").write_text(json.dumps(uris))
     weights, _ = make_model(UNET_2D)
     labels = {}
     for kind, given in [
@@ -822,14 +827,20 @@ def test_archive_list_and_stac_inputs_give_the_outputs_of_the_files_themselves(m
         ("zip", {"archive": "scenes.zip", "members": "*.tif"}),
         ("list", {"list": "items.txt"}),
         ("stac", {"stac": "items.json", "assets": ["red", "green", "blue"]}),
+        ("list of file URIs", {"list": "uris.txt"}),
+        ("stac with a file URI", {"stac": "uris.json", "assets": ["red", "green", "blue"]}),
     ]:
         workflow = raster_workflow("", weights, output={"path": f"{kind}/{{stem}}.zarr", "chunks": 128})
         workflow["input"] = given
         (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
         assert result.outputs[0] == str(tmp_path / kind / "scene.zarr"), kind
         labels[kind] = zarr.open_group(result.outputs[0], mode="r")["labels"][:]
+        # the run's line names the item: a STAC Item by its id, before its first asset's file
+        first = files / ("scene_red.tif" if kind.startswith("stac") else "scene.tif")
+        assert describe(result).startswith(f"scene ({first}): " if kind.startswith("stac") else f"{result.input}: ")
+        assert kind == "zip" or result.input == str(first), kind
     assert (labels["file"] > 0).any()
-    for kind in ("zip", "list", "stac"):
+    for kind in ("zip", "list", "stac", "list of file URIs", "stac with a file URI"):
         np.testing.assert_array_equal(labels[kind], labels["file"], err_msg=kind)
     # the quick look of the STAC item's three assets is the scene's own
     looks = {kind: np.asarray(Image.open(tmp_path / kind / "scene.png")) for kind in ("file", "stac")}

@@ -93,10 +93,9 @@ def run(
 
 
 def describe(result) -> str:
-    """One line per input of a run, a URL's input without its credentials (a password, a SAS token)."""
-    from .storage import redacted
-
-    shown = redacted(result.input)
+    """One line per input of a run, a URL's input without its credentials (a password, a SAS token), after the
+    item's name where that is not the file's (:attr:`~tilemask.engine.RunResult.named`)."""
+    shown = result.named
     if result.failed_before:
         return f"{shown}: failed in an earlier run (--retry-failed tries it again): {result.error}"
     if result.status == "failed":

@@ -485,13 +485,14 @@ def _finished(lines: dict[str, dict], weights: list, files: dict[str, list[str]]
 
 def _no_result(item: InputItem, seconds: float) -> RunResult:
     """What a failed attempt at ``item`` left: no outputs."""
-    return RunResult(input=item.files[0], outputs=[], windows=None, tasks=0, seconds=seconds, status="failed")
+    return RunResult(input=item.files[0], outputs=[], windows=None, tasks=0, seconds=seconds, status="failed",
+                     name=item.name)  # fmt: skip
 
 
 def _from_line(line: dict, status: str) -> RunResult:
     return RunResult(
         input=line["input"], outputs=line.get("outputs", []), windows=0, tasks=0, seconds=0.0,
-        class_pixels=line.get("class_pixels") or {}, status=status, error=line.get("error"),
+        class_pixels=line.get("class_pixels") or {}, status=status, error=line.get("error"), name=line.get("name", ""),
     )  # fmt: skip
 
 
@@ -575,6 +576,7 @@ class _ItemRunner:
                 earlier = self.undelivered.get(item.name)
                 if earlier is None:
                     result = run_job(client, item_job, self.plan, self.progress)  # resumed chunks need the stamps
+                    result = replace(result, name=item.name)
                 else:
                     result = _from_line(earlier, "ok")
                 stamped = {"files": list(item.files), "stamps": stamps, "weights_stamp": self.weights_stamp,
@@ -621,7 +623,7 @@ class _ItemRunner:
     def _skipped(self, failed: RunResult) -> RunResult:
         """A failure ``on_error="skip"`` goes past: told to the caller, else warned of."""
         if self.warn_skipped:
-            logger.warning("%s: failed, skipped: %s", failed.input, failed.error)
+            logger.warning("%s: failed, skipped: %s", failed.named, failed.error)
         self.tell(failed)
         return failed
 

@@ -88,6 +88,17 @@ class RunResult:
     commit_seconds: float = 0.0  # of ``seconds``: making the output whole (COG assembly, NIfTI compression)
     status: str = "ok"  # ok | skipped (ok in an earlier run of the job) | failed
     error: str | None = None
+    name: str = ""  # the item's name in its job ({stem}; a STAC Item's id, a case's name): the driver's
+
+    @property
+    def named(self) -> str:
+        """The input as a line of the run names it: its (first) file or URL, credentials hidden, after the item's
+        name where that is not the file's own (a STAC Item's id, a case read from one file per channel)."""
+        from .inputs import input_name
+        from .storage import redacted
+
+        shown = redacted(self.input)
+        return f"{self.name} ({shown})" if self.name and self.name != input_name(self.input) else shown
 
     @property
     def failed_before(self) -> bool:
