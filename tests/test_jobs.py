@@ -1225,6 +1225,7 @@ def test_listings_as_windows_and_other_tools_write_them_are_read_or_refused_by_n
     # what is read on the local file system only says so (they were "no such file" or S3's "key does not exist")
     for given, why in (({"stac": "https://example.com/catalog.json", "assets": ["rgb"]}, "only a local STAC file"),
                        ({"archive": "s3://bucket/scenes.zip"}, "only a local archive is listed"),
+                       ({"list": "s3://bucket/items.txt"}, "only a local list file is read"),
                        ("s3://bucket/scenes/*.tif", "a glob is expanded on the local file system only")):  # fmt: skip
         with pytest.raises((InputError, WorkflowError), match=why):
             planned(given)

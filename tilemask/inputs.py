@@ -29,6 +29,9 @@ from .workflow import REMOTE_PREFIXES, InputItem
 
 
 def list_items(path: str) -> list[InputItem]:
+    if path.startswith(REMOTE_PREFIXES):  # it was read as a local path: "No such file or directory"
+        raise InputError(f"input.list: {path}: only a local list file is read; download it (the paths it lists may "
+                         "be remote)")  # fmt: skip
     try:
         lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark (Notepad) is not a path
     except OSError as exc:
