@@ -350,7 +350,8 @@ def test_credentials_in_urls_are_left_out_of_errors_logs_and_the_report(make_ras
     try:
         for name, url in (("denied", f"http://{base}/denied/scene.tif?se=2026&sp=r&sig=SECRET1"),
                           ("password", f"http://user:SECRET2@{base}/private/scene.tif"),
-                          ("cut", f"http://{base}/cut.tif?sp=r&sig=SECRET3")):  # fmt: skip
+                          ("cut", f"http://{base}/cut.tif?sp=r&sig=SECRET3"),
+                          ("aborted", f"http://{base}/cut.tif?sp=r&sig=SECRET4")):  # fmt: skip
             workflow = raster_workflow(url, weights, output={"path": f"{tmp_path}/{name}/{{stem}}.zarr", "chunks": 64})
             (tmp_path / f"{name}.yaml").write_text(json.dumps(workflow))
             skip = ["--on-error", "skip"] if name == "cut" else []  # recorded, then the report
@@ -380,6 +381,15 @@ def test_credentials_in_urls_are_left_out_of_errors_logs_and_the_report(make_ras
     manifest = (report.parent / "manifest.jsonl").read_text()
     assert "SECRET3" in manifest  # what the job reads its input by, to resume it (as its workflow.yaml holds it)
     assert all("SECRET3" not in json.loads(line).get("error", "") or "" for line in manifest.splitlines())
+    # the state of the job stopped by the failure, as status and jobs print it (status.json's message held the
+    # signature)
+    assert runs["aborted"].returncode == 1, printed["aborted"]
+    (aborted,) = (tmp_path / "aborted" / ".tilemask" / "jobs").iterdir()
+    shown = [run_cli("status", aborted.name, *json_, cwd=tmp_path) for json_ in ((), ("--json",))]
+    shown.append(run_cli("jobs", "--json", cwd=tmp_path))
+    assert all(run.returncode == 0 for run in shown), shown
+    assert f"http://{base}/cut.tif: read failed at rows " in shown[0].stdout, shown[0].stdout
+    assert all("SECRET" not in run.stdout for run in shown), [run.stdout for run in shown]
 
 
 def test_abort_stops_at_the_first_failure_and_reports_what_did_not_run(scene_workflow, tmp_path, client):

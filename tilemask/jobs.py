@@ -359,6 +359,8 @@ class JobFolder:
         return status
 
     def set_status(self, state: str, **fields) -> None:
+        if fields.get("message"):  # printed by status and jobs, shared as the report is: no URL's credentials
+            fields["message"] = storage.redacted(fields["message"])
         status = {**self.status(), **fields, "job": self.id, "state": state, "folder": self.location, "updated": now()}
         _write_atomic(self.path / "status.json", json.dumps(status, indent=2) + "\n")
         self._saved("status.json")
