@@ -467,6 +467,9 @@ def test_an_s3_output_whose_credentials_are_refused_is_refused_before_any_work(t
         weights = REPO / "workflows" / "demo" / "landsat_water_land_cloud.pt"
         remote = write_workflow(demo_workflow(str(GEO["RGB.byte.tif"]), str(weights), "s3://tilemask/out/{stem}.tif"))
         refused = run_cli("run", remote, "--workers", "1", cwd=tmp_path, env=env, timeout=120)
+        # the job folder here: its listing of the output folder's leftovers was the first request, exit 1
+        elsewhere = run_cli("run", remote, "--workers", "1", "--job-dir", tmp_path / "job", cwd=tmp_path, env=env,
+                            timeout=120)  # fmt: skip
         # a scene on S3 so refused: GDAL's line blamed the file ("not recognized as being in a supported file
         # format"); tilemask stats said why after two of rasterio's warnings ("HTTP response code on ...: 403")
         scene = write_workflow(demo_workflow("s3://tilemask/scenes/RGB.byte.tif", str(weights), "out/{stem}.tif"),
@@ -480,6 +483,10 @@ def test_an_s3_output_whose_credentials_are_refused_is_refused_before_any_work(t
     (line,) = refused.stderr.splitlines()
     assert line.startswith("tilemask: error: job folder s3://tilemask/out/.tilemask/jobs/") and line.endswith(
         "object storage: PermissionError: The AWS Access Key Id you provided does not exist in our records."), line
+    assert elsewhere.returncode == 2, elsewhere.stderr
+    assert elsewhere.stderr == ("tilemask: error: s3://tilemask/out: object storage: PermissionError: The AWS Access "
+                                "Key Id you provided does not exist in our records.\n")  # fmt: skip
+    assert not (tmp_path / "job").exists()  # a first run refused before any work leaves no job folder
     assert unread.returncode == 2 and re.fullmatch(  # (GDAL said the server's words here; in a review's run, "not
         r"tilemask: error: s3://tilemask/scenes/RGB\.byte\.tif: cannot open raster: (The AWS Access Key Id you "
         r"provided does not exist in our records\.|cannot reach it: PermissionError: Forbidden)\n",  # recognized")

@@ -413,11 +413,14 @@ class OutputLock:
         try:
             for path in sorted(set(self.files)):  # in one order for every run: two runs never wait on each other
                 self.held.append(self._take(path))
+            for path in self.files:
+                recover(path, self.keep, self.listings)
+        except storage.AccessDenied as exc:  # a key that may not list the folder: refused before any work, as a
+            self.release()  # missing bucket is (check_remote_writable); it was exit 1 with a job folder elsewhere
+            raise OutputConflict(str(exc)) from None
         except BaseException:
             self.release()
             raise
-        for path in self.files:
-            recover(path, self.keep, self.listings)
         return self
 
     def _take(self, path: str) -> tuple[Path, int]:
