@@ -132,34 +132,71 @@ def _is_dicom(archive: str, member: str) -> bool:
 
 
 def damaged_member(path: str) -> str | None:
-    """Why the member of a local archive that the ``/vsizip/`` or ``/vsitar/`` ``path`` names does not match its
-    checksum; None when it does, or when nothing can be checked (a remote archive, a plain .tar: no checksum of
-    its data). GDAL checks none: a damaged member was read as other pixels (exit 0, wrong labels). A zip's member
-    is read once for its CRC-32; a .tar.gz's whole stream once for gzip's, which covers the stream, not a member
-    (once per archive and version: a batch of its members reads it once)."""
+    """Why the member of an archive that the ``/vsizip/`` or ``/vsitar/`` ``path`` names does not match its
+    checksum; None when it does, or when nothing can be checked (a plain .tar: no checksum of its data). GDAL
+    checks none: a damaged member was read as other pixels (exit 0, wrong labels). A zip's member is read once for
+    its CRC-32; a .tar.gz's whole stream once for gzip's, which covers the stream, not a member (once per archive
+    and version: a batch of its members reads it once). A remote archive (``/vsizip//vsis3/...``,
+    ``/vsizip//vsicurl/https://...``) is read so too, by fsspec: the whole member, where GDAL reads a stored one
+    by ranges."""
+    from ..storage import network_object, object_version
+
     split = split_member(path)
     if split is None:
         return None
     archive, member = split
-    if archive.startswith("/vsi") or "://" in archive or not os.path.isfile(archive):
-        return None
-    stat = os.stat(archive)
     zipped = archive.lower().endswith(".zip")
     if not (zipped or archive.lower().endswith((".tar.gz", ".tgz"))):
         return None
-    return _damage(archive, member if zipped else None, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    remote = network_object(archive)
+    if remote is not None:
+        return _damage(archive, member if zipped else None, remote, object_version(remote))
+    if archive.startswith("/vsi") or "://" in archive or not os.path.isfile(archive):
+        return None
+    stat = os.stat(archive)
+    return _damage(archive, member if zipped else None, None, stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=256)
-def _damage(archive: str, member: str | None, inode: int, mtime_ns: int, size: int) -> str | None:
+def _damage(archive: str, member: str | None, remote: str | None, *version) -> str | None:
+    """:func:`damaged_member` of ``archive``, read from disk or from the URL ``remote``; ``version`` tells one
+    version of it from another (a file's inode, time and size; an object's ETag)."""
+    with _opened(archive, remote) as source:
+        try:
+            with _member(archive, member, source) if member is not None else gzip.open(source) as handle:
+                while handle.read(1 << 22):
+                    pass
+        except (zipfile.BadZipFile, tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error) as exc:
+            damage = exc
+        except Exception as exc:  # noqa: BLE001 - a local file's read error; the network's, named as such
+            if remote is not None:
+                raise InputError(f"{archive}: cannot read it to check its checksum: {type(exc).__name__}: "
+                                 f"{exc}") from None  # fmt: skip
+            if not isinstance(exc, OSError):
+                raise
+            damage = exc
+        else:
+            return None
+    what = f"its member {member}" if member is not None else "the archive"
+    return f"{archive}: {what} is damaged ({damage})"
+
+
+@contextlib.contextmanager
+def _opened(archive: str, remote: str | None) -> Iterator[IO[bytes]]:
+    """The archive's bytes: the local file, or the object at ``remote`` read by ranges."""
+    if remote is None:
+        with open(archive, "rb") as handle:
+            yield handle
+        return
+    from ..storage import _filesystem
+
+    fs, key = _filesystem(remote)
     try:
-        with _member(archive, member) if member is not None else gzip.open(archive) as handle:
-            while handle.read(1 << 22):
-                pass
-    except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-        what = f"its member {member}" if member is not None else "the archive"
-        return f"{archive}: {what} is damaged ({exc})"
-    return None
+        handle = fs.open(key, "rb")
+    except Exception as exc:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many types
+        raise InputError(f"{archive}: cannot read it to check its checksum: {type(exc).__name__}: {exc}") from None
+    with handle:
+        yield handle
 
 
 def extract(path: str, archive: str, member: str, target: str) -> None:
@@ -172,14 +209,15 @@ def extract(path: str, archive: str, member: str, target: str) -> None:
 
 
 @contextlib.contextmanager
-def _member(archive: str, member: str) -> Iterator[IO[bytes]]:
+def _member(archive: str, member: str, source: IO[bytes] | None = None) -> Iterator[IO[bytes]]:
+    """``member`` of ``archive``, read from the file ``source`` holding it where given."""
     if archive.lower().endswith(".zip"):
-        with zipfile.ZipFile(archive) as zf:
+        with zipfile.ZipFile(source or archive) as zf:
             names = {i.filename.replace("\\", "/"): i.filename for i in zf.infolist()}  # as :func:`members` named it
             with zf.open(names.get(member, member)) as handle:
                 yield handle
         return
-    with tarfile.open(archive) as tf:
+    with tarfile.open(archive, fileobj=source) as tf:
         names = {_gdal_name(m.name): m for m in tf.getmembers()}  # as :func:`members` named it
         handle = tf.extractfile(names.get(member, member))
         if handle is None:
