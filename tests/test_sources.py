@@ -933,3 +933,24 @@ def test_a_local_input_that_is_not_there_is_named_as_missing(tmp_path, name):
     path = str(tmp_path / name)
     with pytest.raises(InputError, match=rf"^{re.escape(path)}: no such file or folder$"):
         open_source(path, spatial_dims=3 if "scans" in name else 2)
+
+
+@pytest.mark.timeout(60)
+def test_a_zarr_missing_on_a_web_server_is_said_to_be_missing(tmp_path):
+    """A review's sweep of object storage: a Zarr that is not there (a missing key or bucket on S3, a wrong URL)
+    was refused in zarr's internal words, "No group found in store StorePath(FsspecStore, '<FsspecStore(...)>')
+    at path ''"; one that is there opens."""
+    zarr.create_array(tmp_path / "scene.zarr", shape=(20, 30), dtype="uint8", chunks=(10, 10))[:] = 1
+    server = serve(str(tmp_path))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    web = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert open_source(f"{web}/scene.zarr", spatial_dims=2).shape == (1, 20, 30)
+        for kind, said in (("", "cannot open Zarr"), (".ome", "not an OME-Zarr image")):
+            missing = f"{web}/none{kind}.zarr"
+            with pytest.raises(InputError, match=re.escape(f"{missing}: {said}: nothing there (no zarr.json, .zgroup "
+                                                           "or .zarray under it)")) as refused:  # fmt: skip
+                open_source(missing, spatial_dims=2)
+            assert refused.value.exit_status == 2
+    finally:
+        server.shutdown()

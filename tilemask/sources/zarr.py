@@ -19,7 +19,7 @@ import zarr
 
 from ..errors import InputError
 from ..geometry import Geometry, Region, geometry_from_attrs, ome_axes
-from ..storage import zarr_options
+from ..storage import network_object, zarr_options
 from . import ImageSource, cached_handle, file_stamp, read_region, usable_geometry
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,14 @@ def open_zarr(path: str, kind: str = "node"):
     the endpoint the environment names and on a web server, with GDAL's timeouts
     (:func:`tilemask.storage.zarr_options`).  An array inside a store on S3 was opened without them."""
     return _OPENERS[kind](path, mode="r", **zarr_options(path))
+
+
+def _why_not_opened(path: str, exc: Exception) -> str:
+    """zarr's reason for not opening ``path``; for one on object storage or a web server where nothing is, what is
+    missing (zarr said "No group found in store StorePath(FsspecStore, '<FsspecStore(S3FileSystem, ...)>')")."""
+    if isinstance(exc, FileNotFoundError) and network_object(path):
+        return "nothing there (no zarr.json, .zgroup or .zarray under it)"
+    return str(exc)
 
 
 def read_by_gdal(path: str, spatial_dims: int) -> bool:
@@ -142,7 +150,7 @@ class ZarrSource(ImageSource):
         try:
             node = open_zarr(path)
         except Exception as exc:
-            raise InputError(f"{path}: cannot open Zarr: {exc}") from None
+            raise InputError(f"{path}: cannot open Zarr: {_why_not_opened(path, exc)}") from None
         if isinstance(node, zarr.Group):
             if ome_multiscales(dict(node.attrs)) is not None:
                 return cls.open_ome(path, spatial_dims)
@@ -173,7 +181,7 @@ class ZarrSource(ImageSource):
         try:
             attrs = dict(open_zarr(path, "group").attrs)
         except Exception as exc:
-            raise InputError(f"{path}: not an OME-Zarr image: {exc}") from None
+            raise InputError(f"{path}: not an OME-Zarr image: {_why_not_opened(path, exc)}") from None
         multiscales = ome_multiscales(attrs)
         if multiscales is None:
             raise InputError(f"{path}: not an OME-Zarr image: its group has no multiscales")
@@ -189,7 +197,7 @@ class ZarrSource(ImageSource):
         try:
             node = open_zarr(array, "array")
         except Exception as exc:
-            raise InputError(f"{array}: cannot open Zarr: {exc}") from None
+            raise InputError(f"{array}: cannot open Zarr: {_why_not_opened(array, exc)}") from None
         shape = _spatial_shape(array, node, spatial_dims)
         if "tilemask" in attrs:  # a tilemask output's grid keeps the CRS and flips NGFF has no place for
             recorded = geometry_from_attrs(attrs, spatial_dims)
