@@ -954,3 +954,37 @@ def test_a_zarr_missing_on_a_web_server_is_said_to_be_missing(tmp_path):
             assert refused.value.exit_status == 2
     finally:
         server.shutdown()
+
+
+@pytest.mark.slow  # three timeouts of 2 s, GDAL's and tilemask's (9 s)
+@pytest.mark.timeout(60)
+def test_a_server_that_stalls_after_its_headers_is_said_to_stall(make_raster, tmp_path, monkeypatch):
+    """A review's sweep: a web server that answered a range request's headers and then sent nothing was refused as
+    "not recognized as being in a supported file format" (the HEAD asked after GDAL's failure was answered)."""
+    import functools
+    import http.server
+
+    from tests.range_server import RangeHandler
+
+    class Stalling(RangeHandler):
+        def copyfile(self, source, outputfile):
+            outputfile.flush()
+            stalled.wait(30)  # the headers sent, the body never
+
+    stalled = threading.Event()
+    make_raster((3, 64, 64), name="scene.tif")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Stalling, directory=str(tmp_path)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("GDAL_HTTP_TIMEOUT", "2")
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "0")
+    url = f"http://127.0.0.1:{server.server_address[1]}/scene.tif"
+    try:
+        with pytest.raises(InputError) as refused:
+            open_source(url, spatial_dims=2)
+    finally:
+        stalled.set()
+        server.shutdown()
+    assert str(refused.value) == f"{url}: cannot open raster: cannot reach it: TimeoutError: no answer in 2 s " \
+                                 "(GDAL_HTTP_TIMEOUT)"
+    assert refused.value.exit_status == 2

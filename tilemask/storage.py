@@ -176,19 +176,33 @@ def object_version(url: str) -> str | None:
         return None
 
 
-def object_problem(url: str) -> str | None:
+def object_problem(url: str, body: bool = False) -> str | None:
     """Why the object at ``url`` cannot be had, by one request (:func:`_info`: a HEAD on a web server): ``no such
     object``, or ``cannot reach it: ...``; None where it is there, or where it cannot be asked so (a scheme whose
-    fsspec package is not installed: s3fs, gcsfs, adlfs)."""
+    fsspec package is not installed: s3fs, gcsfs, adlfs).  ``body``: on a web server, its first bytes asked for
+    too, within ``GDAL_HTTP_TIMEOUT`` (a server that sent its headers and stalled made GDAL say "not recognized as
+    being in a supported file format")."""
     try:
         fs, key = _filesystem(url)
         _info(fs, key, url)
+        if body and url.startswith(WEB):
+            _first_bytes(fs, key, url)
     except InputError as exc:
         text = str(exc)
         return None if "reading it needs" in text else text.removeprefix(f"{url}: ")
     except ValueError:  # a scheme fsspec does not know
         return None
     return None
+
+
+def _first_bytes(fs, key: str, url: str) -> None:
+    deadline = _gdal_setting("GDAL_HTTP_TIMEOUT")
+    try:
+        fs.cat_file(key, start=0, end=16, timeout=deadline)
+    except TimeoutError as exc:  # fsspec's FSTimeoutError where the deadline passed
+        raise InputError(f"{url}: cannot reach it: {_named(_timed_out(exc, deadline))}") from None
+    except Exception as exc:  # noqa: BLE001 - aiohttp and fsspec raise many types
+        raise InputError(f"{url}: cannot reach it: {_named(exc)}") from None
 
 
 # the query parameters that sign a URL: presigned S3 (SigV2; SigV4's are X-Amz-*) and Google Cloud (V2; V4's are

@@ -130,9 +130,9 @@ class RasterSource(ImageSource):
             if missing_local(path):  # GDAL's line said "cannot open raster: {path}: No such file or directory"
                 raise InputError(f"{path}: no such file or folder") from None
             detail = archive_problem(path) or first_gdal_line(exc)
-            url = network_object(path)  # an object the store refused to a key it does not know: GDAL's line said
-            if url and "not recognized as being" in detail:  # "not recognized as being in a supported file format"
-                detail = object_problem(url) or detail
+            url = network_object(path)  # an object the store refused to a key it does not know, or a server that
+            if url and "not recognized as being" in detail:  # stalled after its headers: GDAL's line said "not
+                detail = object_problem(url, body=True) or detail  # recognized as being in a supported file format"
             raise InputError(f"{path}: cannot open raster: {detail}") from None
         if off_grid:
             raise InputError(off_grid)
