@@ -35,6 +35,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 from urllib.parse import unquote_plus, urlsplit
 
 from .errors import InputError, OutputError, TilemaskError
@@ -193,6 +194,16 @@ def object_problem(url: str, body: bool = False) -> str | None:
     except ValueError:  # a scheme fsspec does not know
         return None
     return None
+
+
+def open_object(url: str) -> IO[bytes]:
+    """The object at ``url`` (a URL fsspec reads: :func:`network_object`), opened to read by ranges; one that
+    cannot be had is an :class:`InputError` naming it."""
+    fs, key = _filesystem(url)
+    try:
+        return fs.open(key, "rb")
+    except Exception as exc:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many types
+        raise InputError(f"{url}: cannot reach it: {_named(exc)}") from None
 
 
 def _first_bytes(fs, key: str, url: str) -> None:

@@ -188,14 +188,9 @@ def _opened(archive: str, remote: str | None) -> Iterator[IO[bytes]]:
         with open(archive, "rb") as handle:
             yield handle
         return
-    from ..storage import _filesystem
+    from ..storage import open_object
 
-    fs, key = _filesystem(remote)
-    try:
-        handle = fs.open(key, "rb")
-    except Exception as exc:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many types
-        raise InputError(f"{archive}: cannot read it to check its checksum: {type(exc).__name__}: {exc}") from None
-    with handle:
+    with open_object(remote) as handle:
         yield handle
 
 
