@@ -350,6 +350,8 @@ def test_transpose_forward_is_what_the_network_sees(tmp_path):
          "configuration 3d_fullres normalizes 1 channel(s) but dataset.json names 2"),
         (FOLDER, None, _set("overwrite_image_reader_writer", "NibabelIOWithReorient"),
          "dataset.json reads images with NibabelIOWithReorient"),
+        (FOLDER, _set("image_reader_writer", "NibabelIOWithReorient"), None,
+         "plans.json reads images with NibabelIOWithReorient"),  # what nnUNetPredictor reads: it had run (exit 0)
         (FOLDER, _set("configurations/3d_fullres/architecture", None), None, "has no architecture"),
     ],
 )  # fmt: skip

@@ -20,9 +20,11 @@ axes they were trained on.
 What nnU-Net does that tilemask cannot reproduce chunk by chunk is refused by name before any work (exit 2):
 2D configurations (nnU-Net predicts them slice by slice), cascades (the previous stage's segmentation is an
 input), region-based training (overlapping sigmoid outputs), other normalization schemes, channels with different
-schemes, CT ranges or (z-scored) ``use_mask_for_norm``, and image readers that reorient.  ``use_mask_for_norm`` (a
-z-score within the nonzero region) is MONAI's ``NormalizeIntensity(nonzero=True)`` of each channel, whose mask is
-the channel's nonzero voxels, where nnU-Net's is the union of the channels' with its holes filled (README).
+schemes, CT ranges or (z-scored) ``use_mask_for_norm``, and image readers that reorient (``plans.json``'s
+``image_reader_writer``, which the predictor reads, or ``dataset.json``'s ``overwrite_image_reader_writer``).
+``use_mask_for_norm`` (a z-score within the nonzero region) is MONAI's ``NormalizeIntensity(nonzero=True)`` of
+each channel, whose mask is the channel's nonzero voxels, where nnU-Net's is the union of the channels' with its
+holes filled (README).
 """
 
 from __future__ import annotations
@@ -65,10 +67,13 @@ def nnunet_defaults(folder: Path, fold: int | str | None, checkpoint: str | None
         raise WorkflowError(f"{KEY}: plans.json: transpose_forward {transpose} is not a permutation of 0, 1, 2")
     axes = [2 - t for t in transpose]  # network axis n holds tilemask's axis axes[n]
     classes, channels = _labels(dataset), _channels(dataset)
-    reader = dataset.get("overwrite_image_reader_writer")
-    if reader is not None and reader not in READERS:
-        raise WorkflowError(f"{KEY}: dataset.json reads images with {reader}, which tilemask does not reproduce "
-                            f"(it reads voxels as {' and '.join(sorted(READERS))} do)")  # fmt: skip
+    # nnUNetPredictor reads each case with the plans' image_reader_writer (PlansManager.image_reader_writer_class);
+    # dataset.json's overwrite_image_reader_writer is what the planner wrote there, unless the two files differ
+    for file, reader in (("dataset.json", dataset.get("overwrite_image_reader_writer")),
+                         ("plans.json", plans.get("image_reader_writer"))):  # fmt: skip
+        if reader is not None and reader not in READERS:
+            raise WorkflowError(f"{KEY}: {file} reads images with {reader}, which tilemask does not reproduce "
+                                f"(it reads voxels as {' and '.join(sorted(READERS))} do)")  # fmt: skip
     architecture = config.get("architecture")
     if not isinstance(architecture, dict) or "network_class_name" not in architecture:
         raise WorkflowError(f"{KEY}: plans.json: configuration {name} has no architecture (plans of nnU-Net "
