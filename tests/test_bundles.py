@@ -239,16 +239,20 @@ def test_bundle_settings_tilemask_does_not_apply_are_refused_by_name(tmp_path, e
 
 
 def test_bundle_settings_that_leave_the_answer_alone_are_accepted(tmp_path):
-    """Devices, progress, float types, and MONAI's own defaults written out."""
+    """Devices, progress, float types, MONAI's own defaults written out, and flags given one per key (MONAI's
+    dictionary transforms take ``[true]`` as true: ``threshold: [null]`` beside ``argmax`` was refused as both)."""
     folder = spleen_ct_bundle(tmp_path / "bundle")
 
     def edit(config):
         config["inferer"].update(sw_device="cpu", progress=False, padding_mode="constant", cval=0.0)
         config["preprocessing"]["transforms"][3].update(dtype="$np.float32", padding_mode=["border"], align_corners=False)
+        config["postprocessing"]["transforms"][0].update(softmax=[True], sigmoid=[False])
+        config["postprocessing"]["transforms"][2].update(argmax=[True], threshold=[None])
 
     _edited(folder, edit)
     raw = {"version": 1, "input": "x.nii.gz", "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}}
-    assert Workflow.from_dict(raw).preprocess.spacing == [1.5, 1.5, 2.0]
+    workflow = Workflow.from_dict(raw)
+    assert workflow.preprocess.spacing == [1.5, 1.5, 2.0] and workflow.inference.activation == "softmax"
 
 
 UNRESAMPLED = [{"_target_": "LoadImaged", "keys": "image"}, {"_target_": "EnsureChannelFirstd", "keys": "image"},
@@ -311,12 +315,14 @@ def test_preprocessing_is_found_through_invertd_else_a_bundle_without_it_is_refu
     assert caught.value.exit_status == 2
 
 
-def test_one_channel_sigmoid_bundle_naming_its_channel_runs_as_monai_runs_it(tmp_path, client):
+@pytest.mark.parametrize("threshold", [0.7, [0.7]])
+def test_one_channel_sigmoid_bundle_naming_its_channel_runs_as_monai_runs_it(tmp_path, client, threshold):
     """``channel_def: {"0": "lesion"}`` names the one output channel of a sigmoid network, label 1 where its
     probability reaches ``AsDiscreted``'s threshold: it was refused ("classes has 1 names but the network gives 2
-    classes")."""
+    classes").  The threshold given per key (``[0.7]``, as MONAI's dictionary transform takes it) failed with
+    "TypeError: float() argument must be ... not 'list'" (exit 1)."""
     post = [{"_target_": "Activationsd", "keys": "pred", "sigmoid": True},
-            {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.7}]  # fmt: skip
+            {"_target_": "AsDiscreted", "keys": "pred", "threshold": threshold}]  # fmt: skip
     folder = write_bundle(tmp_path / "sigmoid", small_unet(1), UNRESAMPLED, SMALL_INFERER, post, ["lesion"])
     scan = stored_psr(tmp_path)
     result, labels, _ = run_bundle(folder, scan, tmp_path, client)
@@ -426,6 +432,11 @@ def _fill_holes_before_largest(config):  # tilemask keeps the largest component 
          "postprocessing KeepLargestConnectedComponentd without AsDiscreted before it runs on the network's output"),
         (_postprocessing_step(2, _target_=KLCC),
          "postprocessing has Activations, Invert, KeepLargestConnectedComponent, AsDiscrete: tilemask applies"),
+        (lambda c: c["postprocessing"]["transforms"][2].update(keys=["pred", "label"], argmax=[True, False]),
+         r"postprocessing AsDiscreted argmax=\[True, False\]: one value per key of \['pred', 'label'\], which "
+         "differ: tilemask applies one"),
+        (lambda c: c["postprocessing"]["transforms"][2].update(argmax=False, threshold="0.5"),
+         "postprocessing AsDiscreted threshold='0.5': a number or null"),
         (_fill_holes_before_largest, ("postprocessing has Activations, Invert, AsDiscrete, FillHoles, "
                                       "KeepLargestConnectedComponent: tilemask applies .*, "
                                       "KeepLargestConnectedComponent, FillHoles once each")),

@@ -53,6 +53,10 @@ ANSWER_UNCHANGED = {  # arguments that change where or how fast, or the float ty
     "cpu_thresh", "buffer_steps", "buffer_dim", "transform", "orig_keys", "meta_keys", "orig_meta_keys",
     "meta_key_postfix", "to_tensor",
 }  # fmt: skip
+PER_KEY = {  # arguments MONAI's dictionary transforms take one per key (ensure_tuple_rep), read as one value here
+    "Activations": {"softmax", "sigmoid"},
+    "AsDiscrete": {"argmax", "threshold"},
+}
 PREPROCESSING_ORDER = ("Orientation", "Spacing", "ScaleIntensityRange", "NormalizeIntensity")  # tilemask's order
 # tilemask activates, inverts, takes labels, then keeps each class's largest component and fills its holes
 POSTPROCESSING_ORDER = ("Activations", "Invert", "AsDiscrete", "KeepLargestConnectedComponent", "FillHoles")
@@ -154,10 +158,25 @@ def _applied(section: str, config: dict) -> dict:
         if default is inspect.Parameter.empty or not _is_default(value, default):
             shown = "" if default is inspect.Parameter.empty else f" (only MONAI's default, {_plain(default)!r})"
             raise WorkflowError(f"model.bundle: {section} {target} {key}={value!r}: tilemask does not apply it{shown}")
+    if target != name:  # a dictionary transform (``Activationsd``): ``[true]`` is true, not a list
+        for key in PER_KEY.get(name, set()) & args.keys():
+            args[key] = _per_key(f"{section} {target}", key, args[key], args.get("keys"))
     if name == "AsDiscrete" and args.get("argmax") and args.get("threshold") is not None:
         raise WorkflowError(f"model.bundle: {section} {target} with both argmax and threshold: MONAI thresholds the "
                             "class indices; tilemask takes one or the other")  # fmt: skip
     return args
+
+
+def _per_key(step: str, key: str, value, keys):
+    """A dictionary transform's ``value`` of ``key`` as one value: MONAI takes one per key of ``keys``
+    (``ensure_tuple_rep``), so a list's one value, or the one all its values are.  Values that differ are refused:
+    tilemask applies one, to the network's output, and does not know which key names it."""
+    if not isinstance(value, list | tuple):
+        return value
+    if not value or any(not _is_default(v, value[0]) for v in value):
+        raise WorkflowError(f"model.bundle: {step} {key}={value!r}: one value per key of {keys!r}, which differ: "
+                            "tilemask applies one")  # fmt: skip
+    return value[0]
 
 
 def _is_default(value, default) -> bool:
@@ -372,8 +391,11 @@ def _postprocessing(parser, key: str | None, network: dict, channel_def: dict, n
                                     "(nearest_interp: false)")  # fmt: skip
             inverted = True
         elif name == "AsDiscrete":
-            if args.get("threshold") is not None:
-                inference["threshold"] = float(args["threshold"])
+            threshold = args.get("threshold")
+            if threshold is not None:
+                if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+                    raise WorkflowError(f"model.bundle: {key} {target} threshold={threshold!r}: a number or null")
+                inference["threshold"] = float(threshold)
         else:
             if "AsDiscrete" not in (n for n, _, _ in steps):
                 raise WorkflowError(f"model.bundle: {key} {target} without AsDiscreted before it runs on the network's "
