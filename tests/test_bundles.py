@@ -124,8 +124,18 @@ def run_bundle(folder, image_path, tmp_path, client, **extra):
     return result, labels, probabilities
 
 
+def _per_key(config):
+    """The postprocessing's flags given one per key (a one-item list), as MONAI's dictionary transforms take them."""
+    softmax, invert, discrete = config["postprocessing"]["transforms"][:3]
+    softmax["softmax"], invert["nearest_interp"], discrete["argmax"] = [True], [False], [True]
+    discrete["threshold"] = [None]
+
+
 def test_spleen_ct_bundle_runs_as_monai_runs_it(tmp_path, client):
+    """The spleen bundle, its postprocessing's flags given per key: ``Invertd(nearest_interp=[false])`` was refused
+    as if it were true (tilemask tested the truth of the list)."""
     folder = spleen_ct_bundle(tmp_path / "spleen_ct_segmentation")
+    _edited(folder, _per_key)
     scan = stored_psr(tmp_path)
     workflow = Workflow.from_dict({"version": 1, "input": str(scan), "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}})
     assert workflow.inference.mode == "constant" and workflow.inference.overlap == 0.5  # the inferer's, MONAI's default mode

@@ -56,6 +56,7 @@ ANSWER_UNCHANGED = {  # arguments that change where or how fast, or the float ty
 PER_KEY = {  # arguments MONAI's dictionary transforms take one per key (ensure_tuple_rep), read as one value here
     "Activations": {"softmax", "sigmoid"},
     "AsDiscrete": {"argmax", "threshold"},
+    "Invert": {"nearest_interp"},
 }
 PREPROCESSING_ORDER = ("Orientation", "Spacing", "ScaleIntensityRange", "NormalizeIntensity")  # tilemask's order
 # tilemask activates, inverts, takes labels, then keeps each class's largest component and fills its holes
