@@ -402,6 +402,19 @@ def test_a_short_pixdim_is_padded_as_monai_pads_it(tmp_path):
     np.testing.assert_allclose(Workflow.from_dict(raw).preprocess.spacing, image.pixdim)
 
 
+def test_a_roi_size_of_one_int_is_the_window_along_every_axis_as_monai_takes_it(tmp_path, client):
+    """``SlidingWindowInferer(roi_size=24)``: MONAI repeats it over every spatial axis (``fall_back_tuple``); it
+    was refused with "workflow: inference.roi_size has 1 values but model.args.spatial_dims is 3", a key the bundle
+    never wrote."""
+    inferer = {**SMALL_INFERER, "roi_size": 24}
+    folder = write_bundle(tmp_path / "roi", small_unet(2), UNRESAMPLED, inferer, SOFTMAX_LABELS, ["background", "x"])
+    scan = stored_psr(tmp_path)
+    _, labels, probabilities = run_bundle(folder, scan, tmp_path, client)
+    expected = monai_runs_the_bundle(folder, scan)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    assert np.mean(labels == expected.argmax(0)) >= 0.9999
+
+
 def _postprocessing_step(at, **step):
     return lambda c: c["postprocessing"]["transforms"].insert(at, {"keys": "pred", **step})
 

@@ -82,8 +82,9 @@ def bundle_defaults(folder: Path) -> dict[str, Any]:
             raise WorkflowError(f"model.bundle: cannot read {path}: {first_line(exc)}") from None
     parser["bundle_root"] = str(folder)
     model = _network(parser, folder)
-    inference = _inferer(parser)
-    ndim = int(model.get("args", {}).get("spatial_dims") or len(inference["roi_size"]))  # the model's rank
+    spatial_dims = model.get("args", {}).get("spatial_dims")
+    inference = _inferer(parser, int(spatial_dims or 3))  # a one-number roi where the network does not say: a volume's
+    ndim = int(spatial_dims or len(inference["roi_size"]))  # the model's rank
     post_key = _referred(parser, "evaluator::postprocessing") or _referred(parser, "postprocessing")
     keys: dict[str, Any] = {"model": model, "preprocess": _preprocessing(parser, folder, post_key, ndim),
                             "inference": inference, "output": {}}  # fmt: skip
@@ -341,13 +342,15 @@ def _pixdim(step: str, pixdim, ndim: int) -> list[float]:
     return values
 
 
-def _inferer(parser) -> dict:
+def _inferer(parser, ndim: int) -> dict:
+    """Workflow ``inference`` keys from the bundle's SlidingWindowInferer on ``ndim`` spatial axes."""
     inferer = _parsed(parser, "inferer")
     if not isinstance(inferer, dict) or _name(inferer) != "SlidingWindowInferer":
         got = inferer.get("_target_") if isinstance(inferer, dict) else parser.get("inferer")  # an expression's text
         raise WorkflowError(f"model.bundle: inferer must be a SlidingWindowInferer _target_ dict (got {got!r})")
     args = _applied("inferer", inferer)
-    roi = list(args["roi_size"]) if isinstance(args["roi_size"], list | tuple) else [args["roi_size"]]
+    # one number is the size along every axis, as MONAI's sliding window takes it (fall_back_tuple)
+    roi = list(args["roi_size"]) if isinstance(args["roi_size"], list | tuple) else [args["roi_size"]] * ndim
     if any(r is None or r <= 0 for r in roi):
         raise WorkflowError(f"model.bundle: inferer {_name(inferer)} roi_size={args['roi_size']!r}: MONAI takes "
                             "each image's own size along an axis <= 0; tilemask slides one window size, given on "
