@@ -92,9 +92,11 @@ def brain_mr_bundle(folder):
     )  # fmt: skip
 
 
-def monai_runs_the_bundle(folder, image_path, labels=False):
+def monai_runs_the_bundle(folder, image_path, labels=False, saved=False):
     """The bundle's own preprocessing, network, inferer and postprocessing (up to the argmax; all of it but the
-    saving with ``labels``), by MONAI; the transforms are the dataset's and the evaluator's where it has them."""
+    saving with ``labels``), by MONAI; the transforms are the dataset's and the evaluator's where it has them.
+    With ``saved``, all of it, ``SaveImaged`` included: the labels it saves in the bundle's ``eval``, and their
+    affine."""
     parser = ConfigParser()
     parser.read_config(str(folder / "configs" / "inference.json"))
     parser["bundle_root"] = str(folder)
@@ -109,6 +111,10 @@ def monai_runs_the_bundle(folder, image_path, labels=False):
     with torch.inference_mode():
         data["pred"] = parser.get_parsed_content("inferer")(data["image"][None], net)[0]
     post_key = "evaluator::postprocessing" if "evaluator" in parser else "postprocessing"
+    if saved:
+        parser.get_parsed_content(post_key)(data)
+        (path,) = (folder / "eval").rglob("*.nii.gz")
+        return np.asarray(nib.load(path).dataobj), nib.load(path).affine
     post = [t for t in parser.get_parsed_content(post_key).transforms if not isinstance(t, SaveImaged)]
     if not labels:
         post = post[: next((i for i, t in enumerate(post) if isinstance(t, AsDiscreted)), len(post))]
@@ -249,8 +255,9 @@ def test_bundle_settings_tilemask_does_not_apply_are_refused_by_name(tmp_path, e
 
 
 def test_bundle_settings_that_leave_the_answer_alone_are_accepted(tmp_path):
-    """Devices, progress, float types, MONAI's own defaults written out, and flags given one per key (MONAI's
-    dictionary transforms take ``[true]`` as true: ``threshold: [null]`` beside ``argmax`` was refused as both)."""
+    """Devices, progress, float types, MONAI's own defaults written out (NibabelReader for NIfTI), and flags given
+    one per key (MONAI's dictionary transforms take ``[true]`` as true: ``threshold: [null]`` beside ``argmax`` was
+    refused as both)."""
     folder = spleen_ct_bundle(tmp_path / "bundle")
 
     def edit(config):
@@ -258,6 +265,12 @@ def test_bundle_settings_that_leave_the_answer_alone_are_accepted(tmp_path):
         config["preprocessing"]["transforms"][3].update(dtype="$np.float32", padding_mode=["border"], align_corners=False)
         config["postprocessing"]["transforms"][0].update(softmax=[True], sigmoid=[False])
         config["postprocessing"]["transforms"][2].update(argmax=[True], threshold=[None])
+        config["preprocessing"]["transforms"][0].update(reader="NibabelReader", image_only=True)
+        config["preprocessing"]["transforms"][1].update(channel_dim="no_channel")
+        config["preprocessing"]["transforms"].insert(2, {"_target_": "CastToTyped", "keys": "image",
+                                                         "dtype": "$torch.float16"})  # fmt: skip
+        # after Invertd the labels are on the scan's grid already: MONAI's resampling leaves them
+        config["postprocessing"]["transforms"][3].update(resample=True, output_dtype="$np.uint8")
 
     _edited(folder, edit)
     raw = {"version": 1, "input": "x.nii.gz", "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}}
@@ -415,6 +428,32 @@ def test_a_roi_size_of_one_int_is_the_window_along_every_axis_as_monai_takes_it(
     assert np.mean(labels == expected.argmax(0)) >= 0.9999
 
 
+def test_labels_saved_on_the_scans_grid_after_orientation_alone_are_monai_s(tmp_path, client):
+    """``SaveImaged(resample=True)`` without ``Invertd``: MONAI saves the labels back on the scan's grid, which after
+    ``Orientationd`` alone permutes and flips them back, as tilemask's input grid does; it was ignored, the labels
+    written on the model grid (exit 0)."""
+    pre = [*UNRESAMPLED[:2], {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"}, UNRESAMPLED[2]]
+    post = [*SOFTMAX_LABELS, {"_target_": "SaveImaged", "keys": "pred", "resample": True, "output_dir": "@output_dir"}]
+    folder = write_bundle(tmp_path / "saved", small_unet(2), pre, SMALL_INFERER, post, ["background", "x"])
+    scan = stored_psr(tmp_path)  # PSR: reoriented to RAS for the network
+    result, labels, _ = run_bundle(folder, scan, tmp_path, client)
+    expected, affine = monai_runs_the_bundle(folder, scan, saved=True)
+    assert labels.shape == expected.shape == nib.load(scan).shape
+    np.testing.assert_allclose(nib.load(result.outputs[0]).affine, affine, atol=1e-5)
+    assert 0.05 < expected.mean() < 0.95 and np.mean(labels == expected) >= 0.9999
+
+
+def _saved_on_the_scans_grid_without_invertd(config):
+    """MONAI resamples the labels, nearest, after Spacingd; tilemask's input grid would resample the probabilities:
+    3967 of 33825 voxels apart from MONAI's (the spleen bundle's small UNet on ``stored_psr``)."""
+    config["postprocessing"]["transforms"].pop(1)
+    config["postprocessing"]["transforms"][-1]["resample"] = True
+
+
+def _insert_preprocessing(at, **step):
+    return lambda c: c["preprocessing"]["transforms"].insert(at, {"keys": "image", **step})
+
+
 def _postprocessing_step(at, **step):
     return lambda c: c["postprocessing"]["transforms"].insert(at, {"keys": "pred", **step})
 
@@ -460,6 +499,19 @@ def _fill_holes_before_largest(config):  # tilemask keeps the largest component 
          "differ: tilemask applies one"),
         (lambda c: c["postprocessing"]["transforms"][2].update(argmax=False, threshold="0.5"),
          "postprocessing AsDiscreted threshold='0.5': a number or null"),
+        (_saved_on_the_scans_grid_without_invertd,
+         r"postprocessing SaveImaged resample=True without Invertd: MONAI resamples the labels \(nearest\) onto the "
+         "scan's grid"),
+        (lambda c: c["postprocessing"]["transforms"][3].update(scale=255),
+         r"postprocessing SaveImaged scale=255: tilemask writes the labels unscaled"),
+        (lambda c: c["preprocessing"]["transforms"][0].update(reader="ITKReader"),
+         "preprocessing LoadImaged reader='ITKReader': tilemask reads images itself"),
+        (lambda c: c["preprocessing"]["transforms"][0].update(as_closest_canonical=True),
+         "preprocessing LoadImaged as_closest_canonical=True: an option of its reader"),
+        (lambda c: c["preprocessing"]["transforms"][1].update(channel_dim=0),
+         "preprocessing EnsureChannelFirstd channel_dim=0: tilemask takes the channels where MONAI finds them"),
+        (_insert_preprocessing(2, _target_="CastToTyped", dtype="$np.int16"),
+         r"preprocessing CastToTyped dtype='int16': tilemask computes in floats \(an integer type truncates"),
         (_fill_holes_before_largest, ("postprocessing has Activations, Invert, AsDiscrete, FillHoles, "
                                       "KeepLargestConnectedComponent: tilemask applies .*, "
                                       "KeepLargestConnectedComponent, FillHoles once each")),

@@ -14,8 +14,10 @@ largest component / hole filling from the post-processing, the class names from
 (the name is a convention only); the post-processing is what ``evaluator`` refers
 to, else ``postprocessing``.  The workflow's own keys override these.  A
 transform tilemask cannot apply chunk by chunk, an argument it does not apply set
-to other than MONAI's default, and transforms out of tilemask's order are refused
-by name before any work (exit 2).
+to other than MONAI's default (of the transforms that load or save, one that
+changes the answer: a reader, an integer type, ``SaveImaged``'s ``scale``, its
+``resample`` where MONAI would resample the labels), and transforms out of
+tilemask's order are refused by name before any work (exit 2).
 
 Reading a bundle imports MONAI (and torch) on the client, and evaluates the
 config's ``$`` expressions as MONAI does: a bundle is code, trust it as such.
@@ -35,6 +37,13 @@ logger = logging.getLogger(__name__)
 PASSIVE = {
     "LoadImage", "EnsureChannelFirst", "EnsureType", "ToTensor", "ToDevice", "CastToType", "AsChannelFirst",
     "AddChannel", "SaveImage", "CopyItems", "DeleteItems", "Identity", "FromMetaTensor", "ToMetaTensor",
+}  # fmt: skip
+# Passive transforms of the preprocessing with arguments that change the answer, checked by _loading (those of
+# SaveImage, by _postprocessing)
+CHECKED = {"LoadImage", "EnsureChannelFirst", "CastToType"}
+LOADIMAGE_OWN = {  # LoadImaged's own arguments: any other goes to its reader; only reader and dtype change the answer
+    "keys", "reader", "dtype", "meta_keys", "meta_key_postfix", "overwriting", "image_only", "ensure_channel_first",
+    "simple_keys", "prune_meta_pattern", "prune_meta_sep", "allow_missing_keys", "expanduser",
 }  # fmt: skip
 READ = {  # per transform tilemask applies: the arguments it reads (below); any other must be MONAI's default
     "Orientation": {"axcodes", "as_closest_canonical"},
@@ -94,7 +103,14 @@ def bundle_defaults(folder: Path) -> dict[str, Any]:
     if post["postprocess"]:
         keys["postprocess"] = post["postprocess"]
     if not post["inverted"] and keys["preprocess"].keys() & {"orientation", "spacing"}:
-        keys["output"]["grid"] = "model"  # no Invertd: MONAI saves the prediction on the grid the network saw
+        if not post["saved_resampled"]:
+            keys["output"]["grid"] = "model"  # no Invertd: MONAI saves the prediction on the grid the network saw
+        elif "spacing" in keys["preprocess"]:
+            raise WorkflowError(f"model.bundle: {post_key} SaveImaged resample=True without Invertd: MONAI "
+                                "resamples the labels (nearest) onto the scan's grid, tilemask its probabilities "
+                                "(Invertd with nearest_interp: false, which gives other labels) or nothing (the model "
+                                "grid)")  # fmt: skip
+        # else after Orientationd alone, MONAI's resampling permutes and flips the labels back: the input's grid
     if channel_def:
         keys["classes"] = _classes(channel_def, keys["inference"]["activation"])
     return keys
@@ -264,6 +280,46 @@ def _steps(parser, section: str | None, order: tuple[str, ...]) -> list[tuple[st
     return [(_name(c), str(c["_target_"]).rsplit(".", 1)[-1], _applied(section, c)) for c in transforms]
 
 
+def _loading(section: str, config: dict) -> None:
+    """Refuse the arguments of a preprocessing transform that only loads or types the image (which tilemask does
+    itself) that would change MONAI's answer: a reader other than MONAI's own for NIfTI (or options passed on to
+    one), an integer type (it truncates the intensities), a channel axis other than the one MONAI finds."""
+    name, target, args = _name(config), str(config.get("_target_", "")).rsplit(".", 1)[-1], _arguments(config)
+    step = f"model.bundle: {section} {target}"
+    if name == "LoadImage":
+        passed = sorted(k for k in args if k not in LOADIMAGE_OWN)
+        if passed:
+            raise WorkflowError(f"{step} {passed[0]}={args[passed[0]]!r}: an option of its reader; tilemask reads "
+                                "images itself, as MONAI's default readers do")  # fmt: skip
+        reader = args.get("reader")
+        shown = getattr(reader, "__name__", reader)
+        if reader is not None and str(shown).lower() != "nibabelreader":  # MONAI's default for NIfTI
+            raise WorkflowError(f"{step} reader={shown!r}: tilemask reads images itself, as MONAI's default "
+                                "readers do (NibabelReader for NIfTI)")  # fmt: skip
+    if name in ("LoadImage", "CastToType") and "dtype" in args:
+        dtype = args["dtype"]
+        if name == "CastToType" and target != name:  # CastToTyped: one per key
+            dtype = _per_key(f"{section} {target}", "dtype", dtype, args.get("keys"))
+        if not _float_type(dtype):
+            raise WorkflowError(f"{step} dtype={getattr(dtype, '__name__', dtype)!r}: tilemask computes in floats "
+                                "(an integer type truncates the intensities)")  # fmt: skip
+    if name == "EnsureChannelFirst" and args.get("channel_dim") not in (None, "no_channel"):
+        raise WorkflowError(f"{step} channel_dim={args['channel_dim']!r}: tilemask takes the channels where MONAI "
+                            "finds them (only MONAI's default, None)")  # fmt: skip
+
+
+def _float_type(dtype) -> bool:
+    """Whether a config's ``dtype`` (numpy's, torch's or a name; None keeps the file's) is a float type or None."""
+    import numpy as np
+
+    if dtype is None or getattr(dtype, "is_floating_point", False):
+        return True
+    try:
+        return np.dtype(dtype).kind == "f"
+    except TypeError:
+        return False
+
+
 def _preprocessing_key(parser, folder: Path, post_key: str | None) -> str | None:
     """The id of the preprocessing, as MONAI's inference finds it: what ``dataset``'s ``transform`` refers to,
     else ``Invertd``'s ``transform``, else ``preprocessing``; None for a bundle that has none and neither has a
@@ -305,6 +361,9 @@ def _loads_images(config) -> bool:
 def _preprocessing(parser, folder: Path, post_key: str | None, ndim: int) -> dict:
     key = _preprocessing_key(parser, folder, post_key)
     keys: dict[str, Any] = {}
+    for config in _transforms(parser, key):
+        if _name(config) in CHECKED:
+            _loading(key, config)
     for name, target, args in _steps(parser, key, PREPROCESSING_ORDER):
         if name == "Orientation":
             keys["orientation"] = "RAS" if args.get("as_closest_canonical") else args.get("axcodes")
@@ -368,8 +427,9 @@ def _inferer(parser, ndim: int) -> dict:
 
 def _postprocessing(parser, key: str | None, network: dict, channel_def: dict, ndim: int) -> dict:
     """Workflow keys from the post-processing ``key``: ``inference`` (activation, threshold), ``postprocess``
-    (largest component, holes) and whether it is ``inverted``.  ``network`` (the network's arguments) and
-    ``channel_def`` give the number of classes, the foreground labels being 1 up to it."""
+    (largest component, holes), whether it is ``inverted``, and whether ``SaveImaged`` writes the labels on the
+    scan's grid (``saved_resampled``).  ``network`` (the network's arguments) and ``channel_def`` give the number of
+    classes, the foreground labels being 1 up to it."""
     inference: dict[str, Any] = {"activation": "none"}
     postprocess: dict[str, Any] = {}
     connectivity: set[str] = set()
@@ -377,6 +437,13 @@ def _postprocessing(parser, key: str | None, network: dict, channel_def: dict, n
     inverted = False
     out_channels = network.get("out_channels")
     steps = _steps(parser, key, POSTPROCESSING_ORDER)
+    saved_resampled = False  # SaveImaged(resample=True) writes the labels on the grid the scan was loaded on
+    for config in (c for c in _transforms(parser, key) if _name(c) == "SaveImage"):
+        args = _arguments(config)
+        saved_resampled = saved_resampled or bool(args.get("resample"))
+        if args.get("scale") is not None:
+            raise WorkflowError(f"model.bundle: {key} {config['_target_']} scale={args['scale']!r}: tilemask writes "
+                                "the labels unscaled (only MONAI's default, None)")  # fmt: skip
     for name, target, args in steps:
         if name == "Activations":
             if args.get("softmax"):
@@ -428,7 +495,8 @@ def _postprocessing(parser, key: str | None, network: dict, channel_def: dict, n
                             "connectivity: tilemask applies one to both")  # fmt: skip
     if connectivity == {"face"}:
         postprocess["connectivity"] = "face"
-    return {"inference": inference, "postprocess": postprocess, "inverted": inverted}
+    return {"inference": inference, "postprocess": postprocess, "inverted": inverted,
+            "saved_resampled": saved_resampled}  # fmt: skip
 
 
 def _labels_of(step: str, args: dict, foreground: set[int] | None, zero: bool) -> None:
