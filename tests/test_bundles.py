@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 
 import dask.array as da
 import nibabel as nib
@@ -452,6 +453,72 @@ def _saved_on_the_scans_grid_without_invertd(config):
 
 def _insert_preprocessing(at, **step):
     return lambda c: c["preprocessing"]["transforms"].insert(at, {"keys": "image", **step})
+
+
+TINYNET = """import torch
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self, in_channels=1, out_channels=2):
+        super().__init__()
+        self.a = torch.nn.Conv3d(in_channels, 4, 3, padding=1)
+        self.b = torch.nn.Conv3d(4, out_channels, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+"""
+
+
+def _forget_scripts():
+    for name in [n for n in sys.modules if n == "scripts" or n.startswith("scripts.")]:
+        del sys.modules[name]
+
+
+def test_a_network_in_the_bundle_s_scripts_package_runs_as_monai_runs_it(tmp_path, client, monkeypatch):
+    """``network_def: {_target_: scripts.tinynet.TinyNet}``, the Model Zoo's place for a bundle's own code: MONAI's
+    bundle runner puts the bundle's folder on ``sys.path``; tilemask did not, on the client or the workers, and
+    refused the bundle ("importing scripts.tinynet raises ModuleNotFoundError")."""
+    folder = tmp_path / "scripted"
+    (folder / "scripts").mkdir(parents=True)
+    (folder / "scripts" / "__init__.py").write_text("")
+    (folder / "scripts" / "tinynet.py").write_text(TINYNET)
+    monkeypatch.setattr(sys, "path", [*sys.path])  # put back after the test, with what MONAI and tilemask add
+    try:
+        with monkeypatch.context() as bundle_runner:
+            bundle_runner.syspath_prepend(str(folder))  # as MONAI's bundle runner: write_bundle builds the network
+            write_bundle(folder, {"_target_": "scripts.tinynet.TinyNet", "in_channels": 1, "out_channels": 2},
+                         UNRESAMPLED, SMALL_INFERER, SOFTMAX_LABELS, ["background", "x"])  # fmt: skip
+        _forget_scripts()
+        scan = stored_psr(tmp_path)
+        _, labels, probabilities = run_bundle(folder, scan, tmp_path, client)
+        sys.path.insert(1, str(folder))
+        expected = monai_runs_the_bundle(folder, scan)
+    finally:
+        _forget_scripts()
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    assert np.mean(labels == expected.argmax(0)) >= 0.9999
+
+
+def test_a_second_bundle_s_scripts_package_in_one_process_is_refused(tmp_path, monkeypatch):
+    """A process imports one package named ``scripts``: a second bundle's network would be looked up in the
+    first bundle's."""
+    from tilemask.models import build_network
+    from tilemask.settings import ModelSpec
+
+    monkeypatch.setattr(sys, "path", [*sys.path])
+    specs = []
+    for name in ("first", "second"):
+        (tmp_path / name / "scripts").mkdir(parents=True)
+        (tmp_path / name / "scripts" / "__init__.py").write_text("")
+        (tmp_path / name / "scripts" / "tinynet.py").write_text(TINYNET)
+        specs.append(ModelSpec.create("scripts.tinynet:TinyNet", {"_import_path": [str(tmp_path / name)]}, "x.pt"))
+    _forget_scripts()
+    try:
+        build_network(specs[0])
+        with pytest.raises(WorkflowError, match=r"this process imported scripts from .*/first/scripts before"):
+            build_network(specs[1])
+    finally:
+        _forget_scripts()
 
 
 def _postprocessing_step(at, **step):

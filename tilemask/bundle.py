@@ -4,7 +4,8 @@ A bundle (the MONAI Model Zoo's layout) is a folder with ``configs/inference.jso
 (or ``.yaml``), ``configs/metadata.json`` and ``models/model.pt`` (a state_dict) or
 ``models/model.ts`` (TorchScript).  :func:`bundle_defaults` reads it with
 ``monai.bundle.ConfigParser`` (references and expressions resolved, nothing
-instantiated) and turns it into workflow keys: the network from ``network_def``,
+instantiated) and turns it into workflow keys: the network from ``network_def`` (a class
+of the bundle's own ``scripts`` package imported with its folder on ``sys.path``),
 roi / overlap / mode / sigma / batch from the inferer, orientation / spacing /
 intensity / z-score from the preprocessing transforms, the activation, the
 threshold, whether the output goes back to the scan's grid (``Invertd``) and the
@@ -245,6 +246,9 @@ def _network(parser, folder: Path) -> dict:
         module, _, name = target.rpartition(".")
         model["network"] = f"{module}:{name}" if module and not module.startswith("monai.networks.nets") else name
         model["args"] = _arguments(network)
+        top = module.split(".")[0]
+        if top and ((folder / top).is_dir() or (folder / f"{top}.py").is_file()):  # the bundle's own (scripts/)
+            model["args"]["_import_path"] = [str(folder.resolve())]  # on sys.path, as MONAI's bundle runner puts it
     elif weights.suffix != ".ts":
         raise WorkflowError(f"model.bundle: {folder}: configs have no network_def for {weights.name}")
     return model

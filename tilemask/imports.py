@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import sys
 import threading
 import warnings
 from collections.abc import Iterable, Iterator
@@ -32,6 +33,15 @@ def import_module(name: str) -> ModuleType:
     """``importlib.import_module``, one thread at a time."""
     with _lock:
         return importlib.import_module(name)
+
+
+def add_to_path(folder: str) -> None:
+    """``folder`` on ``sys.path`` (second, after the script's own folder, as MONAI's bundle runner puts a bundle's),
+    once, while no thread imports."""
+    with _lock:
+        if folder not in sys.path:
+            sys.path.insert(1, folder)
+            importlib.invalidate_caches()
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .errors import WeightsError, WorkflowError, first_line, missing_weights
-from .imports import ignoring_warnings, import_module
+from .imports import add_to_path, ignoring_warnings, import_module
 from .settings import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -63,9 +63,15 @@ def network_class(name: str) -> type[torch.nn.Module]:
 def build_network(spec: ModelSpec) -> torch.nn.Module:
     """The network from its class and arguments, untrained.  The arguments that ``_kw_requires_import`` names
     are dotted names of classes, imported first, as nnU-Net v2 builds the network of its plans.json
-    (``arch_kwargs``: ``conv_op: torch.nn.modules.conv.Conv3d``, ...)."""
-    cls = network_class(spec.network)
+    (``arch_kwargs``: ``conv_op: torch.nn.modules.conv.Conv3d``, ...).  The folders ``_import_path`` lists (a MONAI
+    bundle's, whose ``scripts`` package holds its network) are put on ``sys.path`` first, as MONAI's bundle runner
+    puts the bundle's."""
     args = dict(spec.args)
+    folders = [str(f) for f in args.pop("_import_path", None) or []]
+    for folder in folders:
+        add_to_path(folder)
+    cls = network_class(spec.network)
+    _from_its_folder(spec.network, cls, folders)
     for key in args.pop("_kw_requires_import", None) or []:
         if isinstance(args.get(key), str):
             args[key] = _dotted(args[key], f"model.args.{key}")
@@ -78,6 +84,19 @@ def build_network(spec: ModelSpec) -> torch.nn.Module:
     except ImportError as exc:  # a package the network imports as it is built
         raise WorkflowError(f"model.network: {spec.network}: building it raises {type(exc).__name__}: "
                             f"{first_line(exc)}") from None  # fmt: skip
+
+
+def _from_its_folder(name: str, cls: type, folders: list[str]) -> None:
+    """Refuse a network class whose package is a bundle's (in one of ``folders``) but was imported from elsewhere:
+    a process imports one package of a name (``scripts``), and another bundle's run on this worker imported its own
+    first."""
+    top = cls.__module__.split(".")[0]
+    ours = [Path(f) for f in folders if (Path(f) / top).is_dir() or (Path(f) / f"{top}.py").is_file()]
+    found = Path(getattr(sys.modules.get(cls.__module__), "__file__", None) or "")
+    if ours and not any(folder.resolve() in found.resolve().parents for folder in ours):
+        raise WorkflowError(f"model.network: {name}: this process imported {top} from {found.parent} before (another "
+                            f"bundle's?), not from {ours[0]}: run each bundle whose network is in its own {top} "
+                            "package on a cluster of its own")  # fmt: skip
 
 
 def _class_names_hint(args: dict) -> str:
