@@ -205,12 +205,16 @@ def test_remove_small_in_m2_on_a_sheared_grid():
     data = np.zeros((20, 20), np.uint8)
     data[1, :20] = data[3, :3] = 1
     data[6, :12] = data[7, :11] = 1
-    components, n = ndimage.label(data)
-    sizes = ndimage.sum_labels(np.ones_like(components), components, range(n + 1))
-    expected = np.where(sizes[components] < 23.9, 0, data).astype(data.dtype)
     config = {"remove_small": f"{23.9 * pixel} m2"}
     got = apply(da.from_array(data, chunks=10), config, spacing=spacing_of(geometry), geometry=geometry).compute()
-    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got, _without_components_below(data, 23.9))
+
+
+def _without_components_below(data: np.ndarray, size: float) -> np.ndarray:
+    """``data`` less its components of fewer than ``size`` pixels, by scipy's labelling (the reference)."""
+    components, n = ndimage.label(data)
+    sizes = ndimage.sum_labels(np.ones_like(components), components, range(n + 1))
+    return np.where(sizes[components] < size, 0, data).astype(data.dtype)
 
 
 def test_sizes_in_m2_and_m_on_a_raster_in_feet():
@@ -224,12 +228,9 @@ def test_sizes_in_m2_and_m_on_a_raster_in_feet():
     assert spacing_of(geometry) == pytest.approx((10 * metres, 10 * metres), rel=1e-12)
     data = np.zeros((20, 30), np.uint8)
     data[1, :20] = data[5, :23] = data[9:12, :3] = 1  # 20, 23 and 9 pixels
-    components, n = ndimage.label(data)
-    sizes = ndimage.sum_labels(np.ones_like(components), components, range(n + 1))
-    expected = np.where(sizes[components] < 21.5, 0, data).astype(data.dtype)
     config = {"remove_small": f"{21.5 * (10 * metres) ** 2} m2"}
     got = apply(da.from_array(data, chunks=10), config, spacing=spacing_of(geometry), geometry=geometry).compute()
-    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got, _without_components_below(data, 21.5))
     # an opening of 2.05 pixels' length in metres is one of 2 pixels (the next length in the grid is sqrt(5))
     by_pixels = apply(da.from_array(data, chunks=10), {"opening": 2}).compute()
     by_metres = apply(da.from_array(data, chunks=10), {"opening": f"{2.05 * 10 * metres} m"},
