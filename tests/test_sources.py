@@ -988,3 +988,14 @@ def test_a_server_that_stalls_after_its_headers_is_said_to_stall(make_raster, tm
     assert str(refused.value) == f"{url}: cannot open raster: cannot reach it: TimeoutError: no answer in 2 s " \
                                  "(GDAL_HTTP_TIMEOUT)"
     assert refused.value.exit_status == 2
+    # a server that answers is reached, whatever it sends: an empty file is not a raster in GDAL's words
+    (tmp_path / "empty.tif").write_bytes(b"")
+    answering = serve(str(tmp_path))
+    threading.Thread(target=answering.serve_forever, daemon=True).start()
+    empty = f"http://127.0.0.1:{answering.server_address[1]}/empty.tif"
+    try:
+        with pytest.raises(InputError, match=re.escape(f"{empty}: cannot open raster: ")) as refused:
+            open_source(empty, spatial_dims=2)
+    finally:
+        answering.shutdown()
+    assert "not recognized as being in a supported file format" in str(refused.value), str(refused.value)

@@ -180,9 +180,8 @@ def object_version(url: str) -> str | None:
 def object_problem(url: str, body: bool = False) -> str | None:
     """Why the object at ``url`` cannot be had, by one request (:func:`_info`: a HEAD on a web server): ``no such
     object``, or ``cannot reach it: ...``; None where it is there, or where it cannot be asked so (a scheme whose
-    fsspec package is not installed: s3fs, gcsfs, adlfs).  ``body``: on a web server, its first bytes asked for
-    too, within ``GDAL_HTTP_TIMEOUT`` (a server that sent its headers and stalled made GDAL say "not recognized as
-    being in a supported file format")."""
+    fsspec package is not installed: s3fs, gcsfs, adlfs).  ``body``: on a web server, a second request for its
+    first bytes (:func:`_first_bytes`)."""
     try:
         fs, key = _filesystem(url)
         _info(fs, key, url)
@@ -207,13 +206,22 @@ def open_object(url: str) -> IO[bytes]:
 
 
 def _first_bytes(fs, key: str, url: str) -> None:
-    deadline = _gdal_setting("GDAL_HTTP_TIMEOUT")
+    """Refuse a web server that answers a request's headers and then sends nothing (GDAL said "not recognized as
+    being in a supported file format"): the object's first bytes, streamed (a server that ignores ``Range`` sends
+    no more than is read), each read within ``GDAL_HTTP_TIMEOUT`` (:func:`storage_options`).  Any answer reached
+    it, an error status too (416 for an empty file): GDAL's line stands."""
+    import aiohttp
+
     try:
-        fs.cat_file(key, start=0, end=16, timeout=deadline)
-    except TimeoutError as exc:  # fsspec's FSTimeoutError where the deadline passed
-        raise InputError(f"{url}: cannot reach it: {_named(_timed_out(exc, deadline))}") from None
-    except Exception as exc:  # noqa: BLE001 - aiohttp and fsspec raise many types
+        with fs.open(key, "rb", block_size=0) as stream:
+            stream.read(16)
+    except TimeoutError as exc:  # aiohttp's read timeout
+        failure = _timed_out(exc, _gdal_setting("GDAL_HTTP_TIMEOUT"))
+        raise InputError(f"{url}: cannot reach it: {_named(failure)}") from None
+    except aiohttp.ClientConnectionError as exc:  # refused, reset, cut before any answer
         raise InputError(f"{url}: cannot reach it: {_named(exc)}") from None
+    except Exception:  # noqa: BLE001 - an answer, whatever its status: the server was reached
+        return
 
 
 # the query parameters that sign a URL: presigned S3 (SigV2; SigV4's are X-Amz-*) and Google Cloud (V2; V4's are
