@@ -279,6 +279,15 @@ def test_bundle_settings_that_leave_the_answer_alone_are_accepted(tmp_path):
     assert workflow.preprocess.spacing == [1.5, 1.5, 2.0] and workflow.inference.activation == "softmax"
 
 
+def test_a_threshold_of_a_numpy_type_is_taken(tmp_path):
+    """``threshold: "$np.float32(0.5)"`` is a number to MONAI's ``AsDiscreted``: it was refused as "a number or
+    null" (numpy's float32 is no Python float)."""
+    folder = spleen_ct_bundle(tmp_path / "bundle")
+    _edited(folder, lambda c: c["postprocessing"]["transforms"][2].update(argmax=False, threshold="$np.float32(0.5)"))
+    raw = {"version": 1, "input": "x.nii.gz", "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}}
+    assert Workflow.from_dict(raw).inference.threshold == 0.5
+
+
 UNRESAMPLED = [{"_target_": "LoadImaged", "keys": "image"}, {"_target_": "EnsureChannelFirstd", "keys": "image"},
                {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 200, "a_max": 5000, "b_min": 0.0,
                 "b_max": 1.0, "clip": True}]  # fmt: skip  # no resampling: a bundle that runs in about a second
@@ -566,6 +575,8 @@ def _fill_holes_before_largest(config):  # tilemask keeps the largest component 
          "differ: tilemask applies one"),
         (lambda c: c["postprocessing"]["transforms"][2].update(argmax=False, threshold="0.5"),
          "postprocessing AsDiscreted threshold='0.5': a number or null"),
+        (lambda c: c["postprocessing"]["transforms"][0].update(softmax=[]),
+         r"postprocessing Activationsd softmax=\[\]: no value \(one per key of 'pred'\)"),
         (_saved_on_the_scans_grid_without_invertd,
          r"postprocessing SaveImaged resample=True without Invertd: MONAI resamples the labels \(nearest\) onto the "
          "scan's grid"),
@@ -654,3 +665,27 @@ def test_an_inferer_written_as_an_expression_is_refused_naming_it(tmp_path, infe
     attribute 'get'" (exit 1): tilemask reads the inferer's settings from a _target_ dict."""
     refusal = rf"^model.bundle: inferer must be a SlidingWindowInferer _target_ dict \(got '{re.escape(inferer)}'\)$"
     _assert_refused(tmp_path, lambda c: c.update(inferer=inferer), refusal)
+
+
+def test_a_roi_size_of_one_number_has_as_many_axes_as_the_network(tmp_path):
+    """A one-number roi is repeated over the network's spatial axes: a MONAI network whose config leaves
+    ``spatial_dims`` out has its class's default (FlexibleUNet is 2D; it was taken for a volume), and a TorchScript
+    network, which does not say, is refused by name."""
+    from tilemask.bundle import bundle_defaults
+
+    def bundle(name, network_def, weights="model.pt"):
+        folder = tmp_path / name
+        (folder / "configs").mkdir(parents=True)
+        (folder / "models").mkdir()
+        (folder / "models" / weights).write_bytes(b"")  # not read: the bundle's keys only
+        config = {"network_def": network_def, "inferer": {"_target_": "SlidingWindowInferer", "roi_size": 24}}
+        (folder / "configs" / "inference.json").write_text(json.dumps(config))
+        return folder
+
+    flexible = {"_target_": "FlexibleUNet", "in_channels": 3, "out_channels": 2, "backbone": "efficientnet-b0"}
+    assert bundle_defaults(bundle("flexible", flexible))["inference"]["roi_size"] == [24, 24]
+    basic = {"_target_": "BasicUNet", "in_channels": 1, "out_channels": 2}  # 3D by default
+    assert bundle_defaults(bundle("basic", basic))["inference"]["roi_size"] == [24, 24, 24]
+    with pytest.raises(WorkflowError, match="roi_size=24: one number, and the network does not say how many spatial "
+                                            "axes it has; give one size per axis"):  # fmt: skip
+        bundle_defaults(bundle("scripted", "$torch.jit.load('model.ts')", weights="model.ts"))

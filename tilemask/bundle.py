@@ -27,6 +27,7 @@ config's ``$`` expressions as MONAI does: a bundle is code, trust it as such.
 from __future__ import annotations
 
 import logging
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +93,8 @@ def bundle_defaults(folder: Path) -> dict[str, Any]:
             raise WorkflowError(f"model.bundle: cannot read {path}: {first_line(exc)}") from None
     parser["bundle_root"] = str(folder)
     model = _network(parser, folder)
-    spatial_dims = model.get("args", {}).get("spatial_dims")
-    inference = _inferer(parser, int(spatial_dims or 3))  # a one-number roi where the network does not say: a volume's
+    spatial_dims = model.get("args", {}).get("spatial_dims") or _default_rank(model.get("network"))
+    inference = _inferer(parser, spatial_dims)
     ndim = int(spatial_dims or len(inference["roi_size"]))  # the model's rank
     post_key = _referred(parser, "evaluator::postprocessing") or _referred(parser, "postprocessing")
     keys: dict[str, Any] = {"model": model, "preprocess": _preprocessing(parser, folder, post_key, ndim),
@@ -192,7 +193,9 @@ def _per_key(step: str, key: str, value, keys):
     tilemask applies one, to the network's output, and does not know which key names it."""
     if not isinstance(value, list | tuple):
         return value
-    if not value or any(not _is_default(v, value[0]) for v in value):
+    if not value:
+        raise WorkflowError(f"model.bundle: {step} {key}={value!r}: no value (one per key of {keys!r})")
+    if any(not _is_default(v, value[0]) for v in value):
         raise WorkflowError(f"model.bundle: {step} {key}={value!r}: one value per key of {keys!r}, which differ: "
                             "tilemask applies one")  # fmt: skip
     return value[0]
@@ -405,15 +408,34 @@ def _pixdim(step: str, pixdim, ndim: int) -> list[float]:
     return values
 
 
-def _inferer(parser, ndim: int) -> dict:
-    """Workflow ``inference`` keys from the bundle's SlidingWindowInferer on ``ndim`` spatial axes."""
+def _default_rank(network: str | None) -> int | None:
+    """The spatial axes of one of MONAI's networks whose config leaves ``spatial_dims`` out: its class's default (2
+    for FlexibleUNet, 3 for UNETR); None for another network, or one without that argument."""
+    import inspect
+
+    import monai.networks.nets
+
+    cls = getattr(monai.networks.nets, network, None) if network and ":" not in network else None
+    parameter = inspect.signature(cls).parameters.get("spatial_dims") if cls is not None else None
+    return parameter.default if parameter is not None and isinstance(parameter.default, int) else None
+
+
+def _inferer(parser, ndim: int | None) -> dict:
+    """Workflow ``inference`` keys from the bundle's SlidingWindowInferer, for a network of ``ndim`` spatial axes
+    (None: not known, as for TorchScript)."""
     inferer = _parsed(parser, "inferer")
     if not isinstance(inferer, dict) or _name(inferer) != "SlidingWindowInferer":
         got = inferer.get("_target_") if isinstance(inferer, dict) else parser.get("inferer")  # an expression's text
         raise WorkflowError(f"model.bundle: inferer must be a SlidingWindowInferer _target_ dict (got {got!r})")
     args = _applied("inferer", inferer)
     # one number is the size along every axis, as MONAI's sliding window takes it (fall_back_tuple)
-    roi = list(args["roi_size"]) if isinstance(args["roi_size"], list | tuple) else [args["roi_size"]] * ndim
+    roi = args["roi_size"]
+    if not isinstance(roi, list | tuple):
+        if ndim is None:
+            raise WorkflowError(f"model.bundle: inferer {_name(inferer)} roi_size={roi!r}: one number, and the "
+                                "network does not say how many spatial axes it has; give one size per axis")  # fmt: skip
+        roi = [roi] * ndim
+    roi = list(roi)
     if any(r is None or r <= 0 for r in roi):
         raise WorkflowError(f"model.bundle: inferer {_name(inferer)} roi_size={args['roi_size']!r}: MONAI takes "
                             "each image's own size along an axis <= 0; tilemask slides one window size, given on "
@@ -446,7 +468,8 @@ def _postprocessing(parser, key: str | None, network: dict, channel_def: dict, n
         args = _arguments(config)
         saved_resampled = saved_resampled or bool(args.get("resample"))
         if args.get("scale") is not None:
-            raise WorkflowError(f"model.bundle: {key} {config['_target_']} scale={args['scale']!r}: tilemask writes "
+            target = str(config["_target_"]).rsplit(".", 1)[-1]
+            raise WorkflowError(f"model.bundle: {key} {target} scale={args['scale']!r}: tilemask writes "
                                 "the labels unscaled (only MONAI's default, None)")  # fmt: skip
     for name, target, args in steps:
         if name == "Activations":
@@ -468,7 +491,7 @@ def _postprocessing(parser, key: str | None, network: dict, channel_def: dict, n
         elif name == "AsDiscrete":
             threshold = args.get("threshold")
             if threshold is not None:
-                if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+                if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):  # np.float32 too
                     raise WorkflowError(f"model.bundle: {key} {target} threshold={threshold!r}: a number or null")
                 inference["threshold"] = float(threshold)
         else:
