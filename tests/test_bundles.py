@@ -510,22 +510,25 @@ def test_a_network_in_the_bundle_s_scripts_package_runs_as_monai_runs_it(tmp_pat
 
 def test_a_second_bundle_s_scripts_package_in_one_process_is_refused(tmp_path, monkeypatch):
     """A process imports one package named ``scripts``: a second bundle's network would be looked up in the
-    first bundle's."""
+    first bundle's, whether its module has the same name (it would run the first's network) or another (a
+    review's: "No module named 'scripts.other'")."""
     from tilemask.models import build_network
     from tilemask.settings import ModelSpec
 
     monkeypatch.setattr(sys, "path", [*sys.path])
     specs = []
-    for name in ("first", "second"):
+    for name, module in (("first", "tinynet"), ("second", "tinynet"), ("third", "other")):
         (tmp_path / name / "scripts").mkdir(parents=True)
         (tmp_path / name / "scripts" / "__init__.py").write_text("")
-        (tmp_path / name / "scripts" / "tinynet.py").write_text(TINYNET)
-        specs.append(ModelSpec.create("scripts.tinynet:TinyNet", {"_import_path": [str(tmp_path / name)]}, "x.pt"))
+        (tmp_path / name / "scripts" / f"{module}.py").write_text(TINYNET)
+        specs.append(ModelSpec.create(f"scripts.{module}:TinyNet", {"_import_path": [str(tmp_path / name)]}, "x.pt"))
     _forget_scripts()
     try:
         build_network(specs[0])
-        with pytest.raises(WorkflowError, match=r"this process imported scripts from .*/first/scripts before"):
-            build_network(specs[1])
+        build_network(specs[0])  # its own, again
+        for spec in specs[1:]:
+            with pytest.raises(WorkflowError, match=r"this process imported scripts from .*/first/scripts before"):
+                build_network(spec)
     finally:
         _forget_scripts()
 

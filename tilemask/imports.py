@@ -37,7 +37,8 @@ def import_module(name: str) -> ModuleType:
 
 def add_to_path(folder: str) -> None:
     """``folder`` on ``sys.path`` (second, after the script's own folder, as MONAI's bundle runner puts a bundle's),
-    once, while no thread imports."""
+    once: under the lock of tilemask's own imports (other threads' imports read the list as it is; one insert is
+    atomic under the GIL)."""
     with _lock:
         if folder not in sys.path:
             sys.path.insert(1, folder)

@@ -70,8 +70,8 @@ def build_network(spec: ModelSpec) -> torch.nn.Module:
     folders = [str(f) for f in args.pop("_import_path", None) or []]
     for folder in folders:
         add_to_path(folder)
+    _not_imported_elsewhere(spec.network, folders)
     cls = network_class(spec.network)
-    _from_its_folder(spec.network, cls, folders)
     for key in args.pop("_kw_requires_import", None) or []:
         if isinstance(args.get(key), str):
             args[key] = _dotted(args[key], f"model.args.{key}")
@@ -86,15 +86,18 @@ def build_network(spec: ModelSpec) -> torch.nn.Module:
                             f"{first_line(exc)}") from None  # fmt: skip
 
 
-def _from_its_folder(name: str, cls: type, folders: list[str]) -> None:
-    """Refuse a network class whose package is a bundle's (in one of ``folders``) but was imported from elsewhere:
-    a process imports one package of a name (``scripts``), and another bundle's run on this worker imported its own
-    first."""
-    top = cls.__module__.split(".")[0]
-    ours = [Path(f) for f in folders if (Path(f) / top).is_dir() or (Path(f) / f"{top}.py").is_file()]
-    found = Path(getattr(sys.modules.get(cls.__module__), "__file__", None) or "")
-    if ours and not any(folder.resolve() in found.resolve().parents for folder in ours):
-        raise WorkflowError(f"model.network: {name}: this process imported {top} from {found.parent} before (another "
+def _not_imported_elsewhere(name: str, folders: list[str]) -> None:
+    """Refuse a network ``package.module:Class`` whose top package is in one of ``folders`` (a bundle's
+    ``scripts``) but which this process imported from elsewhere before: a process holds one package of a name, and
+    another bundle's run on this worker imported its own first (its modules were looked up there)."""
+    top = name.partition(":")[0].split(".")[0] if ":" in name else ""
+    ours = [Path(f).resolve() for f in folders if (Path(f) / top).is_dir() or (Path(f) / f"{top}.py").is_file()]
+    module = sys.modules.get(top) if top else None
+    if not ours or module is None:
+        return
+    where = [Path(p).resolve() for p in getattr(module, "__path__", None) or [getattr(module, "__file__", None) or ""]]
+    if not any(folder in place.parents for folder in ours for place in where):
+        raise WorkflowError(f"model.network: {name}: this process imported {top} from {where[0]} before (another "
                             f"bundle's?), not from {ours[0]}: run each bundle whose network is in its own {top} "
                             "package on a cluster of its own")  # fmt: skip
 
