@@ -88,7 +88,7 @@ class RunResult:
     commit_seconds: float = 0.0  # of ``seconds``: making the output whole (COG assembly, NIfTI compression)
     status: str = "ok"  # ok | skipped (ok in an earlier run of the job) | failed
     error: str | None = None
-    name: str = ""  # the item's name in its job ({stem}; a STAC Item's id, a case's name): the driver's
+    name: str = ""  # the item's name in its job ({stem}; a STAC Item's id, a case's name), set by the driver
 
     @property
     def named(self) -> str:

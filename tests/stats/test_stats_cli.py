@@ -69,8 +69,8 @@ def test_cli_regions_on_cluster(tmp_path, shade_labels, monkeypatch):
         compute_stats(shade_labels, tmp_path / "u.csv", coverage="fraction")  # from Python, in its words
     with pytest.raises(InputError, match="^coverage fraction applies to vector regions; an atlas"):
         compute_stats(shade_labels, tmp_path / "u.csv", regions=shade_labels, coverage="fraction")
-    with pytest.raises(InputError, match=r"^regions: the path of a vector file \(GeoPackage, shapefile, GeoJSON, "
-                                         r"\.\.\.\), not a GeoDataFrame; write it to one first"):  # a bare TypeError
+    with pytest.raises(InputError, match=r"^regions: a path \(a vector file: GeoPackage, shapefile, GeoJSON, "
+                                         r"\.\.\.; or a label image\), not a GeoDataFrame; write it to one first"):
         compute_stats(shade_labels, tmp_path / "u.csv", regions=gpd.read_file(regions_path))
     from tilemask.workflow import Workflow
 

@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Iterator
 from typing import IO
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 
@@ -149,8 +149,10 @@ def damaged_member(path: str) -> str | None:
     if not (zipped or archive.lower().endswith((".tar.gz", ".tgz"))):
         return None
     remote = network_object(archive)
-    if remote is not None:
-        return _damage(archive, member if zipped else None, remote, object_version(remote))
+    if remote is not None:  # a server that names no version of it: checked each time, not kept
+        version = object_version(remote)
+        check = _damage if version is not None else _damage.__wrapped__
+        return check(archive, member if zipped else None, remote, version)
     if archive.startswith("/vsi") or "://" in archive or not os.path.isfile(archive):
         return None
     stat = os.stat(archive)
@@ -160,23 +162,26 @@ def damaged_member(path: str) -> str | None:
 @functools.lru_cache(maxsize=256)
 def _damage(archive: str, member: str | None, remote: str | None, *version) -> str | None:
     """:func:`damaged_member` of ``archive``, read from disk or from the URL ``remote``; ``version`` tells one
-    version of it from another (a file's inode, time and size; an object's ETag)."""
-    with _opened(archive, remote) as source:
-        try:
-            with _member(archive, member, source) if member is not None else gzip.open(source) as handle:
-                while handle.read(1 << 22):
-                    pass
-        except (zipfile.BadZipFile, tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error) as exc:
-            damage = exc
-        except Exception as exc:  # noqa: BLE001 - a local file's read error; the network's, named as such
-            if remote is not None:
-                raise InputError(f"{archive}: cannot read it to check its checksum: {type(exc).__name__}: "
-                                 f"{exc}") from None  # fmt: skip
-            if not isinstance(exc, OSError):
-                raise
-            damage = exc
-        else:
-            return None
+    version of it from another (a file's inode, time and size; an object's ETag or time and size)."""
+    try:
+        with _opened(archive, remote) as source, (
+            _member(archive, member, source) if member is not None else gzip.open(source)
+        ) as handle:
+            while handle.read(1 << 22):
+                pass
+    except (zipfile.BadZipFile, tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        damage = exc
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a local file's read error; the network's, named as such
+        if remote is not None:
+            raise InputError(f"{archive}: cannot read it to check its checksum: {type(exc).__name__}: "
+                             f"{first_line(exc)}") from None  # fmt: skip
+        if not isinstance(exc, OSError):
+            raise
+        damage = exc
+    else:
+        return None
     what = f"its member {member}" if member is not None else "the archive"
     return f"{archive}: {what} is damaged ({damage})"
 

@@ -59,8 +59,8 @@ def prepare_stats(
     refused at once."""
     check_flags(instances=instances)
     if regions is not None and not isinstance(regions, str | os.PathLike):  # a GeoDataFrame was a bare TypeError
-        raise InputError(f"regions: the path of a vector file (GeoPackage, shapefile, GeoJSON, ...), not a "
-                         f"{type(regions).__name__}; write it to one first (GeoDataFrame.to_file)")  # fmt: skip
+        raise InputError(f"regions: a path (a vector file: GeoPackage, shapefile, GeoJSON, ...; or a label image), "
+                         f"not a {type(regions).__name__}; write it to one first (GeoDataFrame.to_file)")  # fmt: skip
     output = check_table_path(output_path, inputs=(mask_path, regions))
     mask_path, regions = _absolute(mask_path), regions and _absolute(regions)
     check_unchanged = unchanged(mask_path, regions)
