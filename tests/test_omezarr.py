@@ -322,3 +322,22 @@ def test_a_run_cut_short_leaves_no_group_an_ome_zarr_reader_takes_for_an_image(t
     ImageLabel.from_zarr(root["labels/labels"])
     (label,) = [n for n in Reader(parse_url(path))() if any(isinstance(s, Label) for s in n.specs)]
     np.testing.assert_array_equal(np.asarray(label.data[0]), labels)
+
+
+def test_a_raster_in_feet_keeps_its_crs_units_in_ome_zarr():
+    """Post-processing converts a raster's feet to metres (sizes in m2); its OME-Zarr scale and translation stay
+    in the CRS's own unit, with none named, as before that conversion and as the grid in tilemask's attributes (a
+    review: metres named, the translation still in feet)."""
+    from types import SimpleNamespace
+
+    from pyproj import CRS
+
+    from tilemask.geometry import RasterGeometry
+    from tilemask.sinks.omezarr import space_axes
+
+    transform = (1e6, 10.0, 0.0, 2e5, 0.0, 10.0)  # rows run north: a translation is written
+    for epsg, unit in ((2263, None), (32618, "meter")):
+        layout = SimpleNamespace(geometry=RasterGeometry(CRS.from_epsg(epsg).to_wkt(), transform), shape=(20, 30),
+                                 reference="scene.tif")  # fmt: skip
+        _, scale, translation, named = space_axes(layout)
+        assert (scale, translation, named) == ([10.0, 10.0], [2e5 + 5, 1e6 + 5], unit), epsg

@@ -69,14 +69,14 @@ def spacing_of(geometry) -> tuple[float, ...] | None:
 
     if not isinstance(geometry, RasterGeometry):
         return tuple(float(v) for v in np.linalg.norm(np.asarray(geometry.affine)[:3, :3], axis=0))
-    metres = _metres_per_unit(geometry)
+    metres = metres_per_unit(geometry)
     if metres is None:
         return None
     _, a, b, _, d, e = geometry.transform
     return (float(np.hypot(b, e)) * metres, float(np.hypot(a, d)) * metres)  # rows, columns
 
 
-def _metres_per_unit(geometry) -> float | None:
+def metres_per_unit(geometry) -> float | None:
     """Metres in one unit of a raster's projected CRS (0.3048006 in US survey feet); None in a geographic CRS,
     or with no CRS."""
     if not geometry.crs_wkt:
@@ -98,7 +98,7 @@ def cell_size(spacing: tuple[float, ...], geometry=None) -> float:
 
     if isinstance(geometry, RasterGeometry):
         _, a, b, _, d, e = geometry.transform
-        return float(abs(a * e - b * d)) * (_metres_per_unit(geometry) or 1.0) ** 2
+        return float(abs(a * e - b * d)) * (metres_per_unit(geometry) or 1.0) ** 2
     if geometry is not None:
         return float(abs(np.linalg.det(np.asarray(geometry.affine)[:3, :3])))
     return float(np.prod(spacing))

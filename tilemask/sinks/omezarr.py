@@ -69,12 +69,14 @@ def space_axes(layout: OutputLayout) -> tuple[tuple[str, ...], list[float], list
     direction (an OME-Zarr input); else none (a north-up raster's rows run south, a NIfTI's first axis often runs
     left), and the grid is in tilemask's attributes.
     """
-    from ..postprocess import spacing_of
+    from ..postprocess import metres_per_unit, spacing_of
     from ..sources.zarr import ome_space_unit
 
     geometry = layout.geometry
     names = ome_space_names(geometry, len(layout.shape))
     spacing = spacing_of(geometry)
+    if isinstance(geometry, RasterGeometry) and metres_per_unit(geometry) != 1.0:  # feet: the CRS's own sizes and
+        spacing = None  # translation, as the grid in tilemask's attributes (no unit NGFF names)
     unit = ome_space_unit(layout.reference)  # None unless the input is an OME-Zarr with one unit
     if isinstance(geometry, RasterGeometry):
         x0, dx, rx, y0, ry, dy = geometry.transform
