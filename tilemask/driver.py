@@ -577,8 +577,8 @@ class _ItemRunner:
                 if earlier is None:
                     result = run_job(client, item_job, self.plan, self.progress)  # resumed chunks need the stamps
                     result = replace(result, name=item.name)
-                else:
-                    result = _from_line(earlier, "ok")
+                else:  # its outputs, to be sent on: not the failure that left them
+                    result = replace(_from_line(earlier, "ok"), error=None)
                 stamped = {"files": list(item.files), "stamps": stamps, "weights_stamp": self.weights_stamp,
                            "labels_stamp": labels_stamp(result.outputs), **regions_stamp}  # fmt: skip
                 deliver(client, item_job.sink, self.progress)
