@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import rasterio
 import torch
 from click.testing import CliRunner
 from monai.metrics import ConfusionMatrixMetric, DiceMetric, MeanIoU
@@ -274,3 +275,27 @@ def test_python_flags_that_are_no_true_or_false_are_refused(pair, tmp_path):
     assert not (tmp_path / "t.csv").exists()
     with pytest.raises(WorkflowError, match=r"^postprocess: remove_smal: unknown key$"):
         postprocess.apply(da.zeros((8, 8), dtype="uint8"), {"remove_smal": 5})
+
+
+def test_classes_named_otherwise_in_the_truth_are_warned_of(tmp_path, caplog):
+    """Two outputs whose networks had their classes in another order (``[bg, water, forest]`` against
+    ``[bg, forest, water]``) scored dice 1.0 for both without a word: classes are scored by value. Now warned of."""
+    from tilemask.classes import CLASSES_TAG
+
+    labels = blobs((60, 70), seed=3).astype(np.uint8)
+    transform = Affine(10, 0, 0, 0, -10, 1000)
+    paths = []
+    for name, names in (("pred", ["bg", "water", "forest"]), ("truth", ["bg", "forest", "water"])):
+        paths.append(write_raster(tmp_path / f"{name}.tif", labels, "EPSG:32633", transform))
+        with rasterio.open(paths[-1], "r+") as ds:
+            ds.update_tags(**{CLASSES_TAG: json.dumps(names)})
+    with caplog.at_level(logging.WARNING, logger="tilemask.stats.evaluate"):
+        result = evaluate_paths(*paths)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"{paths[0]} and {paths[1]} name label value 1 'water' and 'forest' (and 1 more): classes "
+                        "are scored by value, named as the prediction names them"]  # fmt: skip
+    assert result["classes"]["water"]["dice"] == 1.0  # scored by value, as before
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tilemask.stats.evaluate"):
+        evaluate_paths(paths[0], paths[0])
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]

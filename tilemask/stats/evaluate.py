@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-from ..classes import named_values
+from ..classes import class_name, named_values
 from ..errors import InputError
 from ..sources.labels import LabelImage
 from .crosstab import count_pairs
@@ -115,6 +115,8 @@ def evaluate(pred: LabelImage, truth: LabelImage, names=None, client=None, surfa
     if surface:
         check_surface(check_same_grid(pred, truth), pred.path)
     labels, matrix = confusion_matrix(pred, truth, client)
+    if names is None:
+        _warn_of_other_names(pred, truth)
     names = names if names is not None else (pred.class_names or truth.class_names)
     named = set(named_values(names))
     unpredicted = [int(v) for v, p, t in zip(labels, matrix.sum(axis=1), matrix.sum(axis=0))
@@ -134,6 +136,20 @@ def evaluate(pred: LabelImage, truth: LabelImage, names=None, client=None, surfa
     result["confusion_matrix"] = {"rows": "prediction", "columns": "truth", "labels": labels.tolist(),
                                   "values": matrix.tolist()}  # fmt: skip
     return jsonable(result)
+
+
+def _warn_of_other_names(pred: LabelImage, truth: LabelImage) -> None:
+    """Warn where both images name a label value and their names differ: classes are scored by value, and named as
+    the prediction names them (two outputs of networks whose classes came in another order scored 1.0 unwarned)."""
+    if not (pred.class_names and truth.class_names):
+        return
+    values = sorted(set(named_values(pred.class_names)) & set(named_values(truth.class_names)))
+    differ = [v for v in values if class_name(pred.class_names, v) != class_name(truth.class_names, v)]
+    if differ:
+        v = differ[0]
+        logger.warning("%s and %s name label value %d %r and %r%s: classes are scored by value, named as the "
+                       "prediction names them", pred.path, truth.path, v, class_name(pred.class_names, v),
+                       class_name(truth.class_names, v), f" (and {len(differ) - 1} more)" if len(differ) > 1 else "")
 
 
 def whole_image_distances(pred: LabelImage, truth: LabelImage, values, client=None):
