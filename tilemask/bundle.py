@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import WorkflowError, first_line
+from .imports import holds_package
 
 logger = logging.getLogger(__name__)
 
@@ -149,9 +150,14 @@ def _failure(exc: BaseException) -> str:
     return f"{said} ({type(cause).__name__}: {first_line(cause)})" if cause else f"{type(exc).__name__}: {said}"
 
 
+def _target(config: dict) -> str:
+    """A transform's class name as the config writes it, without its module (``Activationsd``)."""
+    return str(config.get("_target_", "")).rsplit(".", 1)[-1]
+
+
 def _name(config: dict) -> str:
     """A transform's class name without its module and the dictionary ``d`` suffix."""
-    name = str(config.get("_target_", "")).rsplit(".", 1)[-1]
+    name = _target(config)
     return name[:-1] if name.endswith("d") and name[:-1] in KNOWN else name
 
 
@@ -168,7 +174,7 @@ def _applied(section: str, config: dict) -> dict:
     import monai.transforms
 
     name, args = _name(config), _arguments(config)
-    target = str(config.get("_target_", "")).rsplit(".", 1)[-1]
+    target = _target(config)
     cls = getattr(monai.inferers if name == "SlidingWindowInferer" else monai.transforms, target, None)
     parameters = inspect.signature(cls).parameters if cls is not None else {}
     for key, value in args.items():
@@ -249,8 +255,7 @@ def _network(parser, folder: Path) -> dict:
         module, _, name = target.rpartition(".")
         model["network"] = f"{module}:{name}" if module and not module.startswith("monai.networks.nets") else name
         model["args"] = _arguments(network)
-        top = module.split(".")[0]
-        if top and ((folder / top).is_dir() or (folder / f"{top}.py").is_file()):  # the bundle's own (scripts/)
+        if holds_package(folder, module.split(".")[0]):  # the bundle's own (scripts/)
             model["args"]["_import_path"] = [str(folder.resolve())]  # on sys.path, as MONAI's bundle runner puts it
     elif weights.suffix != ".ts":
         raise WorkflowError(f"model.bundle: {folder}: configs have no network_def for {weights.name}")
@@ -284,14 +289,14 @@ def _steps(parser, section: str | None, order: tuple[str, ...]) -> list[tuple[st
         if _name(config) not in order:
             raise WorkflowError(f"model.bundle: {section} {config.get('_target_')} cannot run chunk by chunk")
     _in_order(section, [_name(c) for c in transforms], order)
-    return [(_name(c), str(c["_target_"]).rsplit(".", 1)[-1], _applied(section, c)) for c in transforms]
+    return [(_name(c), _target(c), _applied(section, c)) for c in transforms]
 
 
 def _loading(section: str, config: dict) -> None:
     """Refuse the arguments of a preprocessing transform that only loads or types the image (which tilemask does
     itself) that would change MONAI's answer: a reader other than MONAI's own for NIfTI (or options passed on to
     one), an integer type (it truncates the intensities), a channel axis other than the one MONAI finds."""
-    name, target, args = _name(config), str(config.get("_target_", "")).rsplit(".", 1)[-1], _arguments(config)
+    name, target, args = _name(config), _target(config), _arguments(config)
     step = f"model.bundle: {section} {target}"
     if name == "LoadImage":
         passed = sorted(k for k in args if k not in LOADIMAGE_OWN)
@@ -359,7 +364,7 @@ def _invert_transform(parser, post_key: str | None) -> str | None:
 def _loads_images(config) -> bool:
     """Whether a raw config holds a ``LoadImage`` or ``LoadImaged`` anywhere."""
     if isinstance(config, dict):
-        if str(config.get("_target_", "")).rsplit(".", 1)[-1] in ("LoadImage", "LoadImaged"):
+        if _target(config) in ("LoadImage", "LoadImaged"):
             return True
         return any(_loads_images(v) for v in config.values())
     return isinstance(config, list) and any(_loads_images(v) for v in config)
@@ -468,8 +473,7 @@ def _postprocessing(parser, key: str | None, network: dict, channel_def: dict, n
         args = _arguments(config)
         saved_resampled = saved_resampled or bool(args.get("resample"))
         if args.get("scale") is not None:
-            target = str(config["_target_"]).rsplit(".", 1)[-1]
-            raise WorkflowError(f"model.bundle: {key} {target} scale={args['scale']!r}: tilemask writes "
+            raise WorkflowError(f"model.bundle: {key} {_target(config)} scale={args['scale']!r}: tilemask writes "
                                 "the labels unscaled (only MONAI's default, None)")  # fmt: skip
     for name, target, args in steps:
         if name == "Activations":

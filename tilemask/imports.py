@@ -22,6 +22,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from types import ModuleType
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,11 @@ def import_module(name: str) -> ModuleType:
     """``importlib.import_module``, one thread at a time."""
     with _lock:
         return importlib.import_module(name)
+
+
+def holds_package(folder: str | Path, top: str) -> bool:
+    """Whether ``folder`` holds the top-level package or module ``top`` (a bundle's ``scripts/``)."""
+    return bool(top) and ((Path(folder) / top).is_dir() or (Path(folder) / f"{top}.py").is_file())
 
 
 def add_to_path(folder: str) -> None:

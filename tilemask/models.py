@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .errors import WeightsError, WorkflowError, first_line, missing_weights
-from .imports import add_to_path, ignoring_warnings, import_module
+from .imports import add_to_path, holds_package, ignoring_warnings, import_module
 from .settings import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def _not_imported_elsewhere(name: str, folders: list[str]) -> None:
     ``scripts``) but which this process imported from elsewhere before: a process holds one package of a name, and
     another bundle's run on this worker imported its own first (its modules were looked up there)."""
     top = name.partition(":")[0].split(".")[0] if ":" in name else ""
-    ours = [Path(f).resolve() for f in folders if (Path(f) / top).is_dir() or (Path(f) / f"{top}.py").is_file()]
+    ours = [Path(f).resolve() for f in folders if holds_package(f, top)]
     module = sys.modules.get(top) if top else None
     if not ours or module is None:
         return
