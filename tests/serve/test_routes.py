@@ -1026,8 +1026,10 @@ def test_a_stopped_server_exits_130_whatever_its_workers(tmp_path, workers, how)
             process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 130
         assert process.stdout.read().strip().splitlines()[-1] == "tilemask: interrupted"
-        left = [p for p in psutil.process_iter(["pid", "status"]) if p.info["status"] != psutil.STATUS_ZOMBIE
-                and _pgid(p.info["pid"]) == process.pid]  # fmt: skip
+        group = [p for p in psutil.process_iter(["pid", "status"]) if p.info["status"] != psutil.STATUS_ZOMBIE
+                 and _pgid(p.info["pid"]) == process.pid]  # fmt: skip
+        # multiprocessing's resource tracker ends once the supervisor has: on a busy machine a moment later
+        _, left = psutil.wait_procs(group, timeout=10)
         assert not left, left  # no worker left behind
     finally:
         with contextlib.suppress(ProcessLookupError):
