@@ -668,6 +668,7 @@ def _stored_and_recorded_failed(folder: Path, root: str) -> dict:
     return json.loads((job / "status.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_ctrl_c_while_the_segmentation_is_stored_on_a_stalled_server_stops_at_once(make_model, tmp_path):
     """A server that takes the store and never answers held a Ctrl-C (two, even) for 122 s: the store ran inside
@@ -796,6 +797,7 @@ def test_a_mistyped_dicomweb_root_is_refused_before_any_window_and_orthancs_own_
     assert caplog.text == ""
 
 
+@pytest.mark.slow
 def test_credentials_the_server_refuses_are_refused_before_any_window_and_those_it_takes_store(
     make_model, tmp_path, client, orthanc_with_users
 ):

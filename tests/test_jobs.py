@@ -638,6 +638,7 @@ def test_a_run_killed_while_it_writes_the_jobs_record_is_taken_up_by_the_next(ma
     assert [row["status"] for row in report_rows(JobFolder(folder))] == ["ok"] * 2
 
 
+@pytest.mark.slow
 def test_a_job_whose_run_stopped_before_it_listed_its_inputs_says_so_and_its_next_run_completes_it(
         make_raster, make_model, write_workflow, tmp_path, tilemask_home):
     """A run killed just after it wrote ``job.json`` (here by a file size limit that ``job.json`` fits and

@@ -374,6 +374,7 @@ def test_nifti_probabilities_open_as_nibabel_reads_them(tmp_path):
         open_result(path, "probabilities")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".zarr", ".ome.zarr"])
 def test_a_zarr_output_with_a_damaged_chunk_is_named_by_stats_and_evaluate(tmp_path, suffix):
     """A fault sweep: a label Zarr or OME-Zarr whose chunk in the middle does not decompress failed ``tilemask

@@ -256,6 +256,7 @@ def test_float_labels_whose_nodata_is_nan_are_refused_as_floats(tmp_path):
         assert not (tmp_path / "f.csv").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_labels_as_monai_saves_them_float32_and_channel_last_count_as_their_integers(tmp_path):
     """MONAI's ``SaveImage`` writes labels as float32 by default, and a channel-last ``(x, y, z, 1)`` volume is
