@@ -257,3 +257,25 @@ def test_a_run_whose_quick_look_fails_warns_and_keeps_its_labels_as_the_item_ok(
     assert (row["status"], row["outputs"]) == ("ok", f"{tmp_path}/out/scene_mask.tif")
     again = run_cli("run", write_workflow(workflow), "--workers", "1", "--quiet", cwd=tmp_path)
     assert again.returncode == 0 and again.stderr == ""  # resumed: skipped, not redone
+
+
+def test_a_south_up_raster_is_shown_north_up(tmp_path):
+    """A georeferenced raster stored south-up (rows running north, its transform's row step positive) showed
+    upside down: its quick look is now the north-up original's, pixel for pixel (full size: no resampling)."""
+    from affine import Affine
+
+    with rasterio.open(GEO["RGB.byte.tif"]) as src:
+        data, profile, t = src.read(), src.profile, src.transform
+    flipped = tmp_path / "south_up.tif"
+    profile.update(transform=Affine(t.a, 0, t.c, 0, -t.e, t.f + t.e * data.shape[1]))
+    with rasterio.open(flipped, "w", **profile) as dst:
+        dst.write(data[:, ::-1])
+    pngs = []
+    for path in (GEO["RGB.byte.tif"], flipped):
+        with rasterio.open(path) as src:
+            labels = (src.read(1) > 100).astype(np.uint8)
+        mask = write_labels_cog(tmp_path / f"{Path(path).stem}_mask.tif", path, labels, None)
+        pngs.append(np.asarray(Image.open(write_quicklook(str(path), mask, str(tmp_path / f"{Path(path).stem}.png"),
+                                                          bands=[3, 2, 1], size=1024))))  # fmt: skip
+    assert pngs[0].shape == (718, 791, 4)
+    assert np.array_equal(pngs[1], pngs[0])

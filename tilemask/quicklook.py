@@ -70,6 +70,8 @@ def write_quicklook(
             with gdal_env(path), rasterio.open(path) as src:  # a remote input: GDAL's settings for it
                 if (src.height, src.width) != labels_shape:
                     raise InputError(f"{path}: {src.height}x{src.width} pixels, the labels are not on its grid")
+                if not layers:
+                    north_up = _north_up(src)
                 wanted = (bands or range(1, src.count + 1))[: 3 - sum(len(layer) for layer in layers)]
                 with rasterio.Env(GDAL_CACHEMAX=_row_of_blocks(src)):
                     layers.append(read_bands(src, list(wanted), out_shape=labels.shape, masked=True,
@@ -91,7 +93,7 @@ def write_quicklook(
     blended = rgb.astype(np.float32)
     overlay = colours[np.where(foreground, labels, 0)]
     blended[foreground] = (1 - opacity) * blended[foreground] + opacity * overlay[foreground]
-    rgba = np.dstack([np.rint(blended).astype(np.uint8), np.where(valid, 255, 0).astype(np.uint8)])
+    rgba = north_up(np.dstack([np.rint(blended).astype(np.uint8), np.where(valid, 255, 0).astype(np.uint8)]))
     target = Path(png_path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +107,16 @@ def write_quicklook(
         raise OutputError(f"{target}: cannot write the quick look: {exc}") from None
     logger.info("wrote %s (%dx%d)", target, rgba.shape[1], rgba.shape[0])
     return str(target)
+
+
+def _north_up(src):
+    """What turns an image of ``src``'s rows and columns north up, west left: a georeferenced raster stored
+    south-up (rows running north, as some GeoTIFFs and netCDFs are) or east-left is shown as a map shows it. One
+    without a CRS, or turned (a rotation in its transform), is shown as stored."""
+    a, b, _, d, e, _ = src.transform[:6]
+    if src.crs is None or b or d:
+        return lambda image: image
+    return lambda image: image[:: -1 if e > 0 else 1, :: -1 if a < 0 else 1]
 
 
 def _row_of_blocks(src) -> int:
