@@ -1104,6 +1104,32 @@ def test_a_stac_catalog_is_walked_into_its_children_and_a_loop_is_refused(tmp_pa
         stac_items(str(tmp_path / "i0.json"), ["rgb"])  # pystac's "expected str, bytes or os.PathLike object"
 
 
+def test_a_list_archive_or_stac_file_given_as_a_file_uri_is_read_as_its_path(make_model, tmp_path):
+    """``input: {list: file:///...}`` (and an archive's, a STAC file's) was read as a relative path:
+    ``.../file:/tmp/...: No such file or directory``. A ``file://`` URI names the file at its path, as the hrefs and
+    the lines inside them do."""
+    folder = tmp_path / "a b"  # a space: %20 in the URI
+    folder.mkdir()
+    shutil.copy(GEO["RGB.byte.tif"], folder / "x.tif")
+    (folder / "items.txt").write_text("x.tif\n")
+    with zipfile.ZipFile(folder / "scenes.zip", "w") as zf:
+        zf.write(folder / "x.tif", "x.tif")
+    (folder / "item.json").write_text(json.dumps({
+        "type": "Feature", "stac_version": "1.0.0", "id": "x", "geometry": None,
+        "properties": {"datetime": "2000-01-01T00:00:00Z"}, "links": [], "assets": {"rgb": {"href": "x.tif"}},
+    }))  # fmt: skip
+    weights, _ = make_model(UNET_2D)
+    workflow = raster_workflow(str(folder / "x.tif"), weights)
+    for key, name, extra in [("list", "items.txt", {}), ("archive", "scenes.zip", {"members": "*.tif"}),
+                             ("stac", "item.json", {"assets": ["rgb"]})]:  # fmt: skip
+        given = [{key: str(folder / name), **extra}, {key: (folder / name).as_uri(), **extra}]
+        items = [Workflow.from_dict({**workflow, "input": i}, base_dir=tmp_path).input_items() for i in given]
+        assert "%20" in given[1][key] and items[1] == items[0] and len(items[0]) == 1, key
+    with pytest.raises(InputError, match=r"^input.list: file://elsewhere/items.txt: a file on another host"):
+        Workflow.from_dict({**workflow, "input": {"list": "file://elsewhere/items.txt"}}, base_dir=tmp_path
+                           ).input_items()  # fmt: skip
+
+
 def test_a_hidden_archive_member_or_listed_file_writes_outputs_that_are_not_hidden(make_model, tmp_path):
     """A member ``.x.tif`` (and a listed ``.x.tif``, a path or glob given as input) wrote ``out/.x_mask.tif`` and
     its quick look ``.x_mask.png``: hidden from file browsers and skipped by globs. Its ``{stem}`` has its leading

@@ -104,12 +104,18 @@ def resolved(path: str, folder: str, key: str) -> str:
     and pystac read them) as its local path; a relative path against ``folder``."""
     if path.startswith(REMOTE_PREFIXES):
         return path
-    if path[:7].lower() == "file://":
-        uri = urllib.parse.urlsplit(path)
-        if uri.netloc not in ("", "localhost"):
-            raise InputError(f"{key}: {path}: a file on another host ({uri.netloc}); give its local path or a URL")
-        path = urllib.parse.unquote(uri.path)
+    path = local_path(path, key)
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(folder, path))
+
+
+def local_path(path: str, key: str) -> str:
+    """A ``file://`` URI as its local path; any other path as given."""
+    if path[:7].lower() != "file://":
+        return path
+    uri = urllib.parse.urlsplit(path)
+    if uri.netloc not in ("", "localhost"):
+        raise InputError(f"{key}: {path}: a file on another host ({uri.netloc}); give its local path or a URL")
+    return urllib.parse.unquote(uri.path)
 
 
 def _declared_nodata(item, asset: str) -> tuple[float, ...] | None:

@@ -529,11 +529,11 @@ class Workflow(_Strict):
         if isinstance(given, CaseChannels):
             return self._cases(given.channels)
         if isinstance(given, ListInput):
-            return inputs.list_items(self.resolve(given.list))
+            return inputs.list_items(self.resolve(inputs.local_path(given.list, "input.list")))
         if isinstance(given, ArchiveInput):
-            return inputs.archive_items(self.resolve(given.archive), given.members)
+            return inputs.archive_items(self.resolve(inputs.local_path(given.archive, "input.archive")), given.members)
         if isinstance(given, StacInput):
-            return inputs.stac_items(self.resolve(given.stac), given.assets)
+            return inputs.stac_items(self.resolve(inputs.local_path(given.stac, "input.stac")), given.assets)
         return [InputItem(inputs.input_name(path), (path,)) for path in self.input_paths()]
 
     def _cases(self, patterns: list[str]) -> list[InputItem]:
