@@ -329,13 +329,15 @@ def main() -> None:
                         help="tilemask's inference.precision; MONAI and the bare model under torch.autocast in it")
     parser.add_argument("--backend", default="auto", help="tilemask's inference.backend, and the backend-only column's")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():  # before any scene is written
+        raise SystemExit(f"--device {args.device}: torch sees no CUDA device here (torch {torch.__version__})")
     torch.set_num_threads(os.cpu_count() or 1)
     workdir = Path(args.workdir) if args.workdir else scratch_folder("tilemask-bench-")
     workdir.mkdir(parents=True, exist_ok=True)
     net = network()
     weights = workdir / "unet.pt"
     torch.save(net.state_dict(), weights)
-    device = torch.device(args.device)
     net = net.to(device)
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     from tilemask.backend_cache import cpu_model
