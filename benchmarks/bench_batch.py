@@ -126,7 +126,7 @@ def archive_benchmark(work: Path, n: int) -> None:
     walls["plain MONAI loop"] = timed([sys.executable, "-c", script], work)
     loop = walls["plain MONAI loop"]
     print(f"\n{n} scenes of 512 x 512 x 3 in one zip (demo model, roi 128), each a fresh process:")
-    print(f"  {'run':<32} {'seconds':>8} {'scenes/s':>9} {'vs MONAI loop':>14}")
+    print(f"  {'run':<32} {'seconds':>8} {'scenes/s':>9} {'speed vs loop':>14}  (the loop's seconds / the run's)")
     for name, wall in walls.items():
         print(f"  {name:<32} {wall:8.1f} {n / wall:9.2f} {loop / wall:13.2f}x")
 
