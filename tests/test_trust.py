@@ -1291,6 +1291,22 @@ def test_cuda_without_cuda_is_found_before_any_work(make_raster, make_model, wri
     assert hidden(tmp_path / "out") == [] and not (tmp_path / "out" / "scene_mask.zarr").exists()
 
 
+@pytest.mark.timeout(30)
+def test_a_gpu_number_the_worker_does_not_have_is_a_workflow_error(monkeypatch):
+    """``cuda:1`` on a worker that sees one GPU (a SLURM job of ``--gres=gpu:1`` sees its own as ``cuda:0``) is one
+    line that says which it has (exit 2, as ``cuda`` without any); it was let through to the probe's first
+    allocation, torch's "invalid device ordinal" (exit 1, not a setting)."""
+    from tilemask.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # this CI has no GPU: the worker sees one
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(WorkflowError, match=r"^inference\.device: cuda:1 asked for but this worker has 1 CUDA device "
+                                            r"\(cuda:0;") as raised:  # fmt: skip
+        resolve_device("cuda:1")
+    assert raised.value.exit_status == 2
+
+
 @pytest.mark.slow
 def test_labels_of_different_worker_layouts_differ_only_at_ties(make_raster, make_model, write_workflow, tmp_path):
     """1 worker x 2 torch threads and 2 workers x 1 thread sum in different orders; labels may differ only

@@ -554,8 +554,8 @@ def resolve_device(name: str) -> torch.device:
     """``auto``: a CUDA device when there is one, else the CPU.  ``auto`` and ``cuda`` are this worker's GPU:
     on tilemask's embedded cluster (one worker per GPU) worker ``i`` takes GPU ``i`` modulo their number;
     elsewhere the current device, GPU 0, which dask-cuda's workers each see as their own (it rotates their
-    ``CUDA_VISIBLE_DEVICES``).  ``cuda:N`` is GPU ``N``.  A CUDA device always has its index, so that one GPU
-    has one name."""
+    ``CUDA_VISIBLE_DEVICES``).  ``cuda:N`` is GPU ``N``, one this worker has.  A CUDA device always has its
+    index, so that one GPU has one name."""
     if name == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
     device = torch.device("cuda" if name == "auto" else name)
@@ -563,6 +563,11 @@ def resolve_device(name: str) -> torch.device:
         raise WorkflowError(f"inference.device: {name} asked for but this worker has no CUDA device")
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", _embedded_worker_number() % torch.cuda.device_count())
+    if device.type == "cuda" and device.index >= (count := torch.cuda.device_count()):
+        seen = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise WorkflowError(f"inference.device: {name} asked for but this worker has {count} CUDA device"
+                            f"{'s' if count > 1 else ''} ({seen}; CUDA_VISIBLE_DEVICES numbers them from 0): "
+                            "use cuda, or one of those")  # fmt: skip
     return device
 
 
