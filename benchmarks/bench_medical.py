@@ -7,11 +7,15 @@
 * The workflow: ``Orientation(RAS)``, ``Spacing(1.0 mm)``, ``ScaleIntensityRange``
   with clip, a 3D UNet (MONAI, channels 8/16/32), roi ``roi^3``, overlap 0.25,
   gaussian, softmax, back onto the scan's grid (``Invertd(nearest_interp=False)``),
-  labels as ``.nii.gz``: tilemask on an embedded cluster (one worker per core).
+  labels as ``.nii.gz``: ``tilemask run`` in a process of its own, as a user runs it (its embedded cluster, its
+  defaults), timed from its start to its exit.
 * The reference: the same steps with MONAI's transforms on the whole volume in
   this process (LoadImaged ... sliding_window_inference, Activationsd, Invertd,
   AsDiscreted), the labels saved with nibabel.
-* Peak memory is the largest total RSS of this process and all its children.
+* Peak memory is the largest total RSS of a side's process and all its children: MONAI's, this process (which
+  holds torch, MONAI and the network); tilemask's, the command's (its client does not import torch) and its
+  cluster's.  Until 2026-12-06 tilemask ran in this process too, whose 0.5 GiB (and what MONAI's run left
+  in it) counted in tilemask's peak, and its time left out starting Python and importing tilemask.
 * ``--precision bfloat16 | float16``: tilemask's ``inference.precision`` and MONAI's call under
   ``torch.autocast`` in it; the labels of an earlier float32 run in ``--dir`` are compared too.
 """
@@ -20,6 +24,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,21 +58,25 @@ def make_volume(path: Path, size: int) -> None:
 
 
 def run_tilemask(scan: Path, weights: Path, out: Path, roi: int, precision: str) -> dict:
-    import tilemask
-    from tilemask import Workflow
-
-    wf = Workflow.from_dict({
+    """``tilemask run --quiet --overwrite`` of the workflow, in a process of its own, as a user runs it."""
+    workflow = out.parent / "tilemask_workflow.json"
+    workflow.write_text(json.dumps({
         "version": 1, "input": str(scan),
         "model": {"network": "UNet", "args": ARGS, "weights": str(weights)},
         "preprocess": {"orientation": "RAS", "spacing": list(SPACING), "intensity": INTENSITY},
         "inference": {"roi_size": [roi] * 3, "overlap": 0.25, "batch_size": 2, "device": "cpu", "precision": precision},
         "output": {"path": str(out), "chunks": 128},
-    })  # fmt: skip
-    with PeakMemory() as mem:
-        start = time.perf_counter()
-        (result,) = tilemask.run(wf, progress=False, overwrite=True)
-        wall = time.perf_counter() - start
-    return {"wall": wall, "peak": mem.peak, "windows": result.windows}
+    }))  # fmt: skip
+    command = [sys.executable, "-m", "tilemask", "run", str(workflow), "--quiet", "--overwrite"]
+    start = time.perf_counter()
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process, \
+            PeakMemory(process.pid) as mem:  # fmt: skip
+        printed, said = process.communicate()
+    wall = time.perf_counter() - start
+    if process.returncode:
+        raise SystemExit(f"tilemask run failed (exit status {process.returncode}): {said.strip()[-2000:]}")
+    windows = int(re.search(r"(\d+) windows in ", printed).group(1))
+    return {"wall": wall, "peak": mem.peak, "windows": windows}
 
 
 def run_monai(scan: Path, net: torch.nn.Module, out: Path, roi: int, precision: str) -> dict:
