@@ -348,6 +348,25 @@ def test_submit_to_slurm_is_a_driver_job_that_outlives_the_submit_and_equals_a_p
         np.testing.assert_array_equal(a.read(1), b.read(1))
 
 
+def test_a_job_folder_with_a_space_is_submitted_and_logs_there(slurm, tmp_path):
+    """The driver job's ``#SBATCH -o`` names the job folder: one with a space (an output folder ``my out``) was
+    cut there by sbatch ("Invalid directive found in batch script"), exit 1, so no such job could be submitted."""
+    path, env = _slurm_submit_setup(tmp_path, slurm)
+    workflow = yaml.safe_load(path.read_text())
+    workflow["output"] = {"path": "my out/{stem}_mask.tif", "quicklook": False}
+    path.write_text(yaml.safe_dump(workflow))
+    done = run_cli("submit", path, "--cluster", "slurm", "--set", "inference.device=cpu", cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.strip().splitlines()[-1]
+    folder = tmp_path / "my out" / ".tilemask" / "jobs" / job
+    slurm_job = json.loads((folder / "status.json").read_text())["slurm_job"]
+    final = _wait_until(lambda: (s := _status(job, env, tmp_path))["state"] not in ("queued", "running") and s, 240,
+                        "the job ends")  # fmt: skip
+    assert final["state"] == "done", final
+    assert (folder / f"driver-{slurm_job}.log").exists(), sorted(p.name for p in folder.iterdir())
+    _wait_until(lambda: _squeue(env) == [], 60, f"no SLURM job is left: {_squeue(env)}")
+
+
 @pytest.mark.parametrize("here", ["slurm", "no slurm"])
 def test_cancel_of_a_slurm_job_scancels_its_driver_and_workers_and_the_job_resumes(slurm, tmp_path, here):
     """``cancel`` of a running ``submit --cluster slurm`` job scancels its driver job (SIGTERM: it stops as Ctrl-C

@@ -64,10 +64,10 @@ def driver_script(folder: str, workers: int | None, local: bool) -> str:
     lines = ["#!/usr/bin/env bash", f"#SBATCH -J tilemask-{os.path.basename(folder.rstrip('/'))}", "#SBATCH -n 1",
              f"#SBATCH --cpus-per-task={cores}", f"#SBATCH --mem={mem_mb}M"]  # fmt: skip
     logs = dask.config.get("jobqueue.slurm.log-directory", None)
-    if local:
-        lines.append(f"#SBATCH -o {folder}/driver-%j.log")
+    if local:  # quoted as a shell word: sbatch reads a directive's words so, and cut a path at its first space
+        lines.append(f"#SBATCH -o {shlex.quote(f'{folder}/driver-%j.log')}")
     elif logs:
-        lines.append(f"#SBATCH -o {logs}/tilemask-driver-%j.log")
+        lines.append(f"#SBATCH -o {shlex.quote(f'{logs}/tilemask-driver-%j.log')}")
     for option, key in (("-t", "walltime"), ("-p", "queue"), ("-A", "account")):
         if driver_setting(key) is not None:
             lines.append(f"#SBATCH {option} {driver_setting(key)}")
