@@ -1234,3 +1234,18 @@ def test_a_segmentation_the_server_does_not_store_is_a_failed_store(orthanc, ort
     assert DICOMwebClient(url=orthanc_dropping).search_for_instances() == []  # Orthanc answered 200, listing it
     store(str(slice_), orthanc)  # and an Orthanc that keeps it: stored
     assert DICOMwebClient(url=orthanc).search_for_instances(search_filters={"SOPInstanceUID": uid}) != []
+
+
+@pytest.mark.timeout(30)
+def test_a_slice_or_a_series_given_to_a_2d_model_is_refused_as_a_volume_not_sent_to_its_folder(tmp_path):
+    """A 2D model given one DICOM slice was told "give the folder of the series as the input"; the folder was then
+    refused, "has 3 spatial axes but the model is 2D": a DICOM series, a slice's included, is read as a volume."""
+    from tilemask.sources import open_source
+
+    folder = write_series(tmp_path / "series", rows=12, columns=20, slices=1)
+    (slice_file,) = folder.iterdir()
+    for given in (slice_file, folder):
+        with pytest.raises(InputError, match=rf"^{given}: a DICOM (slice|series), which tilemask reads as a volume "
+                                             r"\(one slice as a slab\), for a 2D model: .*$"):  # fmt: skip
+            open_source(str(given), 2)
+    assert open_source(str(folder), 3).spatial_shape == (20, 12, 1)  # a 3D model takes it

@@ -364,13 +364,15 @@ class DicomSeriesFormat(Format):
 
     def open_source(self, path, spatial_dims, bands):
         from .errors import InputError
-        from .sources.dicom import DicomSeriesSource, single_file_problem
+        from .sources.dicom import DicomSeriesSource, single_file_problem, volume_problem
 
         if path.startswith(WEB_PREFIXES):  # GDAL's "HTTP response code: 404" named none of it
             raise InputError(f"{path}: a DICOMweb (WADO-RS) study or series, which tilemask does not read; retrieve "
                              "the series into a folder (dicomweb-client's retrieve_series) and give the folder")  # fmt: skip
         if not os.path.isdir(path):
-            raise InputError(single_file_problem(path))
+            raise InputError(single_file_problem(path, spatial_dims))
+        if spatial_dims != 3:  # a slice too is a volume: a slab of one
+            raise InputError(volume_problem(path, "series"))
         return DicomSeriesSource.open(path)
 
     def open_labels(self, path, chunks):
@@ -396,7 +398,7 @@ class DicomSegFormat(Format):
         from .errors import InputError
         from .sources.dicom import single_file_problem
 
-        raise InputError(single_file_problem(path))
+        raise InputError(single_file_problem(path, spatial_dims))
 
     def check_input(self, output, source):
         from .errors import InputError

@@ -69,9 +69,10 @@ def is_dicom_file(path: str) -> bool:
 MULTI_FRAME = "a multi-frame image ({frames} frames); tilemask reads series of single-frame slices"
 
 
-def single_file_problem(path: str) -> str:
+def single_file_problem(path: str, spatial_dims: int = 3) -> str:
     """Why one DICOM file given as the input is not one, in a line: a multi-frame image is named as such (its
-    folder is refused for it too), any other file is a slice whose folder is the input."""
+    folder is refused for it too), any other file is a slice whose folder is the input, or, for a 2D model, a
+    slice of a volume (:func:`volume_problem`)."""
     import pydicom
 
     if not os.path.isfile(path):
@@ -82,7 +83,16 @@ def single_file_problem(path: str) -> str:
         frames = 1
     if frames > 1:
         return f"{path}: {MULTI_FRAME.format(frames=frames)}"
+    if spatial_dims != 3:
+        return volume_problem(path, "slice")
     return f"{path}: one DICOM file; give the folder of the series as the input"
+
+
+def volume_problem(path: str, what: str) -> str:
+    """Why a DICOM slice or series is no input for a 2D model, in a line: tilemask reads a series, one slice's too,
+    as a volume. A slice given to a 2D model was sent to its folder, which was then refused for its 3 axes."""
+    return (f"{path}: a DICOM {what}, which tilemask reads as a volume (one slice as a slab), for a 2D model: give "
+            "a 3D model, or each slice's pixels as a 2D image (a TIFF or PNG)")
 
 
 PROBE_FILES = 64  # how many files of a folder with no known suffix are looked at to recognise a DICOM series
