@@ -1249,3 +1249,28 @@ def test_a_slice_or_a_series_given_to_a_2d_model_is_refused_as_a_volume_not_sent
                                              r"\(one slice as a slab\), for a 2D model: .*$"):  # fmt: skip
             open_source(str(given), 2)
     assert open_source(str(folder), 3).spatial_shape == (20, 12, 1)  # a 3D model takes it
+
+
+def no_slice_thickness(ds, k):
+    del ds.SliceThickness
+
+
+@pytest.mark.timeout(120)
+def test_a_series_without_slice_thickness_gives_a_segmentation_of_its_slabs(make_model, tmp_path, client):
+    """A series without SliceThickness (Type 2, which may be absent in practice) ran every window, then failed in
+    highdicom with "'FileDataset' object has no attribute 'SliceThickness'", exit 1; its NIfTI labels were written.
+    The SEG's slices are the slabs the series' volume counts: as thick as the slices are apart."""
+    import highdicom as hd
+
+    folder = write_series(tmp_path / "series", rows=20, columns=24, slices=8, step=2.5, mutate=no_slice_thickness)
+    weights, _ = make_model(UNET_3D)
+    workflow = series_workflow(folder, weights, ["background", "lesion"], 500.0, 800.0)
+    workflow["output"] = {"path": "out/{stem}_seg.dcm", "chunks": 16}
+    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    seg = hd.seg.segread(result.outputs[0])
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) == pytest.approx(2.5)
+    series = sitk.ImageSeriesReader()
+    series.SetFileNames([str(f) for f in DicomSeriesSource.open(str(folder)).files])
+    volume = seg.get_volume()
+    assert volume.spacing == pytest.approx(series.Execute().GetSpacing()[::-1], abs=1e-6)  # (slice, row, column)

@@ -87,6 +87,8 @@ class DicomSegSink(LabelSink):
             for keyword in PATIENT_AND_STUDY:
                 if keyword not in image:
                     setattr(image, keyword, "")
+            if image.get("SliceThickness") is None:  # Type 2 too, but the SEG's pixel measures need a value
+                image.SliceThickness = slab_thickness(source.geometry.affine)
         layout = self.layout
         volume = np.asarray(zarr.open_array(f"{self.labels.staged}/labels", mode="r")[...])  # (i, j, k), read once
         if layout.nodata is not None:
@@ -153,6 +155,16 @@ class DicomSegSink(LabelSink):
 
 
 STORE_TIMEOUT = (10, 120)  # seconds: connecting, then waiting for each answer
+
+
+def slab_thickness(affine) -> float:
+    """The thickness of the slab a slice stands for where the series does not say it (no SliceThickness, or an
+    empty one), as the series' volume counts it: the distance between its slices along their normal (a series of
+    one slice: its own, :class:`~tilemask.sources.dicom.DicomSeriesSource`). highdicom reads it from the first
+    slice for the SEG's pixel measures: a series without it failed there after every window, exit 1."""
+    axes = np.asarray(affine, dtype=float)[:3, :3]
+    normal = np.cross(axes[:, 0], axes[:, 1])
+    return abs(float(axes[:, 2] @ normal / np.linalg.norm(normal)))
 
 
 def store(path: str, url: str) -> None:
