@@ -1274,3 +1274,29 @@ def test_a_series_without_slice_thickness_gives_a_segmentation_of_its_slabs(make
     series.SetFileNames([str(f) for f in DicomSeriesSource.open(str(folder)).files])
     volume = seg.get_volume()
     assert volume.spacing == pytest.approx(series.Execute().GetSpacing()[::-1], abs=1e-6)  # (slice, row, column)
+
+
+def overlapping_slabs_spaced_by_thickness(ds, k):
+    ds.SliceThickness = ds.SpacingBetweenSlices = 5.0  # 5 mm slabs every 2.5 mm, the spacing given as the thickness
+
+
+@pytest.mark.timeout(120)
+def test_a_segmentation_states_the_spacing_its_frames_lie_at_not_the_one_a_slice_misstates(
+    make_model, tmp_path, client
+):
+    """The SEG copied the first slice's SpacingBetweenSlices (5 mm) where its frames, on the slices, lie 2.5 mm apart:
+    highdicom read the series as a volume, but not its SEG ("Frame positions do not form a regularly-spaced
+    volume")."""
+    import highdicom as hd
+
+    folder = write_series(tmp_path / "series", rows=20, columns=24, slices=8, step=2.5,
+                          mutate=overlapping_slabs_spaced_by_thickness)  # fmt: skip
+    weights, _ = make_model(UNET_3D)
+    workflow = series_workflow(folder, weights, ["background", "lesion"], 500.0, 800.0)
+    workflow["output"] = {"path": "out/{stem}_seg.dcm", "chunks": 16}
+    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    seg = hd.seg.segread(result.outputs[0])
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SpacingBetweenSlices) == pytest.approx(2.5) and float(measures.SliceThickness) == 5.0
+    series = hd.get_volume_from_series([pydicom.dcmread(f) for f in folder.iterdir()])
+    assert seg.get_volume().spacing == pytest.approx(series.spacing, abs=1e-6)

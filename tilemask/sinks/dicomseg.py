@@ -88,7 +88,9 @@ class DicomSegSink(LabelSink):
                 if keyword not in image:
                     setattr(image, keyword, "")
             if image.get("SliceThickness") is None:  # Type 2 too, but the SEG's pixel measures need a value
-                image.SliceThickness = slab_thickness(source.geometry.affine)
+                image.SliceThickness = slice_spacing(source.geometry.affine)
+            if "SpacingBetweenSlices" in image:  # the SEG's frames lie on the slices: their spacing, whatever it says
+                image.SpacingBetweenSlices = slice_spacing(source.geometry.affine)
         layout = self.layout
         volume = np.asarray(zarr.open_array(f"{self.labels.staged}/labels", mode="r")[...])  # (i, j, k), read once
         if layout.nodata is not None:
@@ -157,11 +159,13 @@ class DicomSegSink(LabelSink):
 STORE_TIMEOUT = (10, 120)  # seconds: connecting, then waiting for each answer
 
 
-def slab_thickness(affine) -> float:
-    """The thickness of the slab a slice stands for where the series does not say it (no SliceThickness, or an
-    empty one), as the series' volume counts it: the distance between its slices along their normal (a series of
-    one slice: its own, :class:`~tilemask.sources.dicom.DicomSeriesSource`). highdicom reads it from the first
-    slice for the SEG's pixel measures: a series without it failed there after every window, exit 1."""
+def slice_spacing(affine) -> float:
+    """The distance between a series' slices along their normal (a series of one slice: the slab it stands for,
+    :class:`~tilemask.sources.dicom.DicomSeriesSource`), which highdicom reads from the first slice for the SEG's
+    pixel measures. As the SEG's SpacingBetweenSlices where the slice has one: a slice's own may misstate it (5 mm
+    slabs every 2.5 mm, given as 5), and highdicom then read the series as a volume, but not its SEG. As its
+    SliceThickness where the slices leave that out or empty (Type 2), the slab the series' volume counts for each: a
+    series without it failed in highdicom after every window, exit 1."""
     axes = np.asarray(affine, dtype=float)[:3, :3]
     normal = np.cross(axes[:, 0], axes[:, 1])
     return abs(float(axes[:, 2] @ normal / np.linalg.norm(normal)))
