@@ -178,3 +178,35 @@ def test_the_labels_display_range_holds_every_value_they_take(make_volume, make_
     reader.ReadImageInformation()
     assert [float(reader.GetMetaData(k)) for k in ("cal_min", "cal_max")] == list(expected)
     assert reader.GetMetaData("intent_code") == "1002"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["web", "zip"])
+def test_labels_of_a_scan_on_a_web_server_or_in_an_archive_keep_its_qform_and_sform(make_model, tmp_path, client,
+                                                                                     where):
+    """The header was copied only from a scan on this machine: the labels of one read over HTTP, or from a zip,
+    held the sform in both, codes 1, and SimpleITK put them 5.9 mm from where it put the scan (its qform)."""
+    import threading
+    import zipfile
+
+    from tests.range_server import serve
+
+    (tmp_path / "served").mkdir()
+    path = scan(tmp_path / "served" / "scan.nii.gz", qform_unlike_sform)
+    if where == "zip":
+        with zipfile.ZipFile(tmp_path / "scans.zip", "w") as archive:
+            archive.write(path, "scan.nii.gz")
+        out = run(f"/vsizip/{tmp_path}/scans.zip/scan.nii.gz", make_model, tmp_path, client)
+    else:
+        server = serve(str(tmp_path / "served"))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            out = run(f"http://127.0.0.1:{server.server_address[1]}/scan.nii.gz", make_model, tmp_path, client)
+        finally:
+            server.shutdown()
+            server.server_close()
+    source, labels = nib.load(path).header, nib.load(out).header
+    for field in GRID_FIELDS:
+        np.testing.assert_array_equal(labels[field], source[field], err_msg=field)
+    for scan_values, label_values in zip(sitk_grid(path), sitk_grid(out)):
+        np.testing.assert_allclose(label_values, scan_values, atol=1e-5)

@@ -37,6 +37,7 @@ from ..errors import OutputError
 from ..formats import for_path, nifti_affine_mm, nifti_descrip
 from ..geometry import Region
 from ..outputs import publish, remove, staged_path
+from ..storage import local_copy
 from . import LabelSink, OutputLayout
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,19 @@ def unsheared(affine: np.ndarray) -> np.ndarray:
     return qform
 
 
+def reference_image(reference: str):
+    """The scan's NIfTI image (its header), None when the scan is no NIfTI (a DICOM series, a Zarr volume: scanner
+    coordinates). A scan on a web server, in object storage or in an archive is read from the copy its reader made
+    when it was opened (:func:`tilemask.storage.local_copy`, made once): ``nib.load`` of its URL failed, and its
+    labels held the sform in both, codes 1, which SimpleITK put 5.9 mm from where it put the scan (its qform)."""
+    if for_path(reference).name != "nifti":
+        return None
+    try:
+        return nib.load(local_copy(reference))
+    except Exception:  # noqa: BLE001 - a header nibabel cannot load: the labels' grid is tilemask's, as for others
+        return None
+
+
 @dataclass(frozen=True)
 class NiftiVolume:
     """One NIfTI file being assembled: its final path and its uncompressed temporary twin."""
@@ -87,10 +101,7 @@ class NiftiVolume:
     def create(self, reference: str, affine: np.ndarray) -> None:
         """Write the header and size the file: NIfTI-2 for a NIfTI-2 scan (its qform in float64, as it is) or a
         side over NIfTI-1's 32767, else NIfTI-1."""
-        try:
-            ref = nib.load(reference)
-        except Exception:  # the reference is not a NIfTI (a DICOM series, a Zarr volume): scanner coordinates
-            ref = None
+        ref = reference_image(reference)
         nifti2 = isinstance(ref, nib.Nifti2Image) or max(self.shape) > NIFTI1_MAX_DIM
         header = nib.Nifti2Header() if nifti2 else nib.Nifti1Header()
         header.set_data_shape(self.shape)
