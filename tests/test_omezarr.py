@@ -341,3 +341,43 @@ def test_a_raster_in_feet_keeps_its_crs_units_in_ome_zarr():
                                  reference="scene.tif")  # fmt: skip
         _, scale, translation, named = space_axes(layout)
         assert (scale, translation, named) == ([10.0, 10.0], [2e5 + 5, 1e6 + 5], unit), epsg
+
+
+@pytest.mark.timeout(120)
+def test_an_ome_zarr_of_one_time_point_is_read_as_its_volume(make_volume, make_model, tmp_path, client):
+    """bioformats2raw writes every image with axes t, c, z, y, x: one of a single time point was refused ("OME-Zarr
+    axes ['time', 'channel', 'space', 'space', 'space']: tilemask reads channel and space axes only"). It is that
+    point's volume: the labels of the z, y, x volume alone; several time points are refused, named."""
+    from tilemask.errors import InputError
+    from tilemask.sources import open_source
+
+    _, volume = make_volume((20, 18, 16))
+    weights, _ = make_model(UNET_3D)
+    scale = [2.5, 1.2, 0.9]
+    labels = []
+    for name, data, axes in [("zyx", volume, "zyx"), ("tczyx", volume[None, None], "tczyx")]:
+        source = tmp_path / f"{name}.ome.zarr"
+        group = zarr.open_group(source, mode="w", zarr_format=3)
+        group.create_array("0", data=data, chunks=data.shape, dimension_names=tuple(axes))
+        kinds = {"t": "time", "c": "channel"}
+        group.attrs["ome"] = {"version": "0.5", "multiscales": [{
+            "axes": [{"name": n, "type": kinds.get(n, "space"), **({} if n in kinds else {"unit": "millimeter"})}
+                     for n in axes],
+            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale",
+                                                                      "scale": [1.0] * (len(axes) - 3) + scale}]}],
+        }]}  # fmt: skip
+        Image.from_zarr(zarr.open_group(source, mode="r"))
+        (tmp_path / "out").mkdir(exist_ok=True)
+        out = run_small_volume(source, weights, tmp_path, client, ".nii.gz")
+        image = nib.load(out)
+        labels.append((np.asarray(image.dataobj), image.affine))
+        (tmp_path / "out").rename(tmp_path / f"out_{name}")
+    assert labels[1][0].shape == volume.shape
+    np.testing.assert_array_equal(labels[1][0], labels[0][0])
+    np.testing.assert_array_equal(labels[1][1], labels[0][1])
+    two = zarr.open_group(tmp_path / "two.ome.zarr", mode="w", zarr_format=3)
+    two.create_array("0", data=np.stack([volume, volume])[:, None], chunks=(1, 1, 20, 18, 16))
+    two.attrs["ome"] = {**dict(group.attrs)["ome"]}
+    with pytest.raises(InputError, match=r"OME-Zarr of 2 time points \(axes \['time', 'channel', 'space', 'space', "
+                                         r"'space'\]\); tilemask reads one image"):  # fmt: skip
+        open_source(str(tmp_path / "two.ome.zarr"), 3)

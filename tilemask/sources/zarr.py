@@ -125,9 +125,10 @@ def ome_first_level(path: str) -> str | None:
         return None
 
 
-def _spatial_shape(path: str, node: zarr.Array, spatial_dims: int) -> tuple[int, ...]:
-    """The shape of the array ``node`` at ``path``: ``spatial_dims`` axes, or one more (channels first)."""
-    shape = tuple(int(s) for s in node.shape)
+def _spatial_shape(path: str, node: zarr.Array, spatial_dims: int, skip: int = 0) -> tuple[int, ...]:
+    """The shape of the array ``node`` at ``path`` past its first ``skip`` axes (a time axis of one point):
+    ``spatial_dims`` axes, or one more (channels first)."""
+    shape = tuple(int(s) for s in node.shape)[skip:]
     if len(shape) not in (spatial_dims, spatial_dims + 1):
         raise InputError(f"{path}: Zarr array with {len(shape)} axes for a {spatial_dims}D model")
     return shape
@@ -144,6 +145,7 @@ class ZarrSource(ImageSource):
     channel_first: bool
     zarr_geometry: Geometry
     floating: bool = False
+    timed: bool = False  # a leading time axis of one point (bioformats2raw's t, c, z, y, x), read at that point
 
     @classmethod
     def open(cls, path: str, spatial_dims: int) -> ZarrSource:
@@ -187,7 +189,7 @@ class ZarrSource(ImageSource):
             raise InputError(f"{path}: not an OME-Zarr image: its group has no multiscales")
         multiscale = multiscales[0]
         kinds = [a["type"] for a in ome_axes(multiscale)]
-        if "time" in kinds or kinds.count("channel") > 1:
+        if "time" in kinds[1:] or kinds.count("channel") > 1:
             raise InputError(f"{path}: OME-Zarr axes {kinds}: tilemask reads channel and space axes only")
         try:
             dataset = multiscale["datasets"][level]["path"]
@@ -198,14 +200,18 @@ class ZarrSource(ImageSource):
             node = open_zarr(array, "array")
         except Exception as exc:
             raise InputError(f"{array}: cannot open Zarr: {_why_not_opened(array, exc)}") from None
-        shape = _spatial_shape(array, node, spatial_dims)
+        timed = kinds[:1] == ["time"]  # NGFF puts time first; one point is read as the image it is
+        if timed and int(node.shape[0]) != 1:
+            raise InputError(f"{path}: OME-Zarr of {node.shape[0]} time points (axes {kinds}); tilemask reads one "
+                             "image: give one time point's (a time axis of length 1)")  # fmt: skip
+        shape = _spatial_shape(array, node, spatial_dims, int(timed))
         if "tilemask" in attrs:  # a tilemask output's grid keeps the CRS and flips NGFF has no place for
             recorded = geometry_from_attrs(attrs, spatial_dims)
             geometry = usable_geometry(path, level_geometry(recorded, multiscale, level) if level else recorded,
                                        TILEMASK_ATTRS)  # fmt: skip
         else:
             geometry = usable_geometry(path, ome_geometry(multiscale, spatial_dims, level), OME_SCALES)
-        return cls(array, shape, len(shape) == spatial_dims + 1, geometry, np.dtype(node.dtype).kind == "f")
+        return cls(array, shape, len(shape) == spatial_dims + 1, geometry, np.dtype(node.dtype).kind == "f", timed)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -221,6 +227,7 @@ class ZarrSource(ImageSource):
         def block() -> np.ndarray:
             opener = lambda: open_zarr(self.path, "array")  # noqa: E731
             array = cached_handle(("zarr", self.path), opener, file_stamp(self.path))
-            return np.asarray(array[(slice(None), *index)] if self.channel_first else array[index][None])
+            at = (0,) if self.timed else ()  # the one time point
+            return np.asarray(array[(*at, slice(None), *index)] if self.channel_first else array[(*at, *index)][None])
 
         return read_region(self.path, region, block)
