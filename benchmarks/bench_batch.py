@@ -177,7 +177,7 @@ def scheduler_benchmark(work: Path, listed: int, seconds: float) -> None:
             cpu = psutil.Process(scheduler.pid)
             cpu.cpu_percent()
             tasks, cpu_samples = [], []
-            while time.perf_counter() - start < seconds:
+            while time.perf_counter() - start < seconds and run.poll() is None:  # all done: the rate so far
                 time.sleep(0.5)
                 tasks.append(client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)))
                 cpu_samples.append(cpu.cpu_percent())
@@ -187,10 +187,12 @@ def scheduler_benchmark(work: Path, listed: int, seconds: float) -> None:
             elapsed = time.perf_counter() - start
             done = sum(1 for line in manifests[0].read_text().splitlines() if '"ok"' in line) if manifests else 0
             job = manifests[0].parent.name if manifests else None
-            if job:
+            finished = run.poll() is not None
+            if job and not finished:
                 subprocess.run([BIN / "tilemask", "cancel", str(manifests[0].parent)], capture_output=True, timeout=120)
             run.wait(timeout=120)
-        print(f"\n{listed:,} inputs listed (lazy planning), one 2-thread worker, stopped after {elapsed:.0f} s:")
+        print(f"\n{listed:,} inputs listed (lazy planning), one 2-thread worker, "
+              f"{'finished' if finished else 'stopped'} after {elapsed:.0f} s:")
         print(f"  first input finished after {first if first is not None else float('nan'):.2f} s; "
               f"{done} inputs done, {done / elapsed:.1f} inputs/s")  # fmt: skip
         print(f"  scheduler: tasks held {np.median(tasks):.0f} median, {max(tasks)} max; "
