@@ -137,6 +137,25 @@ def make_model(tmp_path):
 
 
 @pytest.fixture
+def tmpfs(tmp_path):
+    """A small tmpfs mounted in tmp_path (needs root; skipped elsewhere)."""
+    mounted = []
+
+    def mount(size: str, name="disk") -> Path:
+        target = tmp_path / name
+        target.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in mounted:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+@pytest.fixture
 def write_workflow(tmp_path):
     """Write a workflow YAML from a dict; returns its path."""
 

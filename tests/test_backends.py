@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -299,6 +300,31 @@ def test_a_cache_that_cannot_be_written_costs_a_conversion_not_the_run(make_mode
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "True"]  # traced and run, not cached
     assert "cannot cache" in done.stderr
+
+
+@pytest.mark.slow  # a fresh worker process importing torch and MONAI (7 s)
+@pytest.mark.timeout(120)
+def test_a_cache_on_a_full_disk_costs_a_conversion_not_the_worker(make_model, tmp_path, tmpfs):
+    """torch.jit.save onto a full disk ends the process: torch's archive writer throws as it closes the file, in a
+    destructor, and C++ calls std::terminate (SIGABRT).  Every worker that traced the network died so, four in
+    turn, and the run ended 68 s later as ``KilledWorker ... probe_network`` without a word of the disk.  The trace
+    is written by Python, where a full disk is an OSError: a warning, and the run goes on."""
+    import os
+    import subprocess
+    import sys
+
+    weights, _ = make_model()
+    disk = tmpfs("64k")
+    with contextlib.suppress(OSError), open(disk / "filler", "wb", buffering=0) as filler:
+        while True:  # until the disk is full
+            filler.write(b"\0" * 4096)
+    env = {**os.environ, "TILEMASK_CACHE_DIR": str(disk / "cache")}
+    done = subprocess.run([sys.executable, "-c", PROBE.format(args=UNET_2D, weights=str(weights)), str(tmp_path / "out.pt")],
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "True"]  # traced and run, not cached
+    assert "cannot cache" in done.stderr and "no space left on device" in done.stderr.lower()
+    assert sorted(p.name for p in (disk / "cache" / "torchscript").iterdir()) == []  # no half entry left
 
 
 @pytest.mark.timeout(120)

@@ -951,25 +951,6 @@ def test_killing_a_worker_mid_run_gives_the_same_output(big_run, tmp_path):
 # -- disks and paths ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """A small tmpfs mounted in tmp_path (needs root; skipped elsewhere)."""
-    mounted = []
-
-    def mount(size: str, name="disk") -> Path:
-        target = tmp_path / name
-        target.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)], capture_output=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-        mounted.append(target)
-        return target
-
-    yield mount
-    for target in mounted:
-        subprocess.run(["umount", "-l", str(target)], capture_output=True)
-
-
 @pytest.mark.parametrize("suffix", [".zarr", ".tif"])
 def test_a_full_disk_is_named_and_cleaned_up(make_raster, make_model, write_workflow, tmp_path, tmpfs, suffix, client):
     path, _ = make_raster((3, 700, 700))

@@ -549,8 +549,17 @@ def _torch(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: in
         return eager
     if traced is None:
         return eager
-    publish_entry(lambda p: torch.jit.save(traced, str(p)), path, (".pt",))
+    publish_entry(lambda p: p.write_bytes(_archive(traced)), path, (".pt",))
     return _traced_runner(traced, device)
+
+
+def _archive(traced: torch.jit.ScriptModule) -> bytes:
+    """The trace as TorchScript's archive, made in memory: written to a path, a full disk ends the process, as
+    torch's archive writer throws as it closes the file, in a destructor (SIGABRT; every worker that traced the
+    network died so).  Python writes the bytes, where a full disk is an ``OSError`` that costs the cache entry."""
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    return buffer.getvalue()
 
 
 def _trace_suffix(device: torch.device) -> str:
