@@ -328,6 +328,31 @@ def test_a_cache_on_a_full_disk_costs_a_conversion_not_the_worker(make_model, tm
 
 
 @pytest.mark.timeout(120)
+def test_an_openvino_cache_on_a_full_disk_costs_the_entry_not_the_backend(make_model, monkeypatch, tmpfs, caplog):
+    """OpenVINO's save_model onto a full disk raises RuntimeError (``basic_ios::clear: iostream error``), which
+    read as a network OpenVINO cannot convert: ``backend: openvino`` was refused (exit 2) and ``auto`` recorded
+    the backend as unable to convert the network.  The converted network runs; the cache entry is lost."""
+    from tilemask.backends import cached_runner
+    from tilemask.settings import InferenceSettings, ModelSpec
+
+    weights, net = make_model()
+    disk = tmpfs("64k")
+    with contextlib.suppress(OSError), open(disk / "filler", "wb", buffering=0) as filler:
+        while True:  # until the disk is full
+            filler.write(b"\0" * 4096)
+    monkeypatch.setenv("TILEMASK_CACHE_DIR", str(disk / "cache"))
+    spec = ModelSpec.create("UNet", UNET_2D, str(weights))
+    with caplog.at_level(logging.WARNING, logger="tilemask"):
+        name, run = cached_runner(spec, InferenceSettings(roi=(64, 64), backend="openvino"), 3, torch.device("cpu"))
+    assert name == "openvino"
+    assert "cannot cache" in caplog.text
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 3, 64, 64), dtype=np.float32))
+    with torch.inference_mode():
+        np.testing.assert_allclose(run(x).numpy(), net(x).numpy(), rtol=0, atol=1e-4)
+    assert list((disk / "cache" / "openvino").iterdir()) == []  # no half entry left
+
+
+@pytest.mark.timeout(120)
 def test_a_worker_that_ran_a_small_job_measures_for_a_big_one(make_model, tmp_path, monkeypatch):
     """A worker of a scheduler that outlives its jobs keeps its runners: the runner an unmeasured small job
     built is not the one a job big enough to repay measuring gets."""

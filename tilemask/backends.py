@@ -660,7 +660,7 @@ def _openvino(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels:
     if compiled is None:
         example = torch.zeros((1, channels, *roi))
         model = ov.convert_model(network(), example_input=example, input=[ov.PartialShape([-1, channels, *roi])])
-        publish_entry(lambda p: ov.save_model(model, p, compress_to_fp16=False), path, (".xml", ".bin"))
+        publish_entry(functools.partial(_save_openvino, model), path, (".xml", ".bin"))
         compiled = on_cpu(model)
     request, lock = compiled.create_infer_request(), threading.Lock()
 
@@ -670,6 +670,17 @@ def _openvino(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels:
             return torch.from_numpy(np.array(output, dtype=np.float32))
 
     return run
+
+
+def _save_openvino(model, path: Path) -> None:
+    """``ov.save_model``, whose failure to write (a full disk) is a ``RuntimeError`` (``basic_ios::clear:
+    iostream error``) that read as a network OpenVINO cannot convert: an ``OSError`` here, the cache entry lost."""
+    import openvino as ov
+
+    try:
+        ov.save_model(model, path, compress_to_fp16=False)
+    except RuntimeError as exc:
+        raise OSError(f"OpenVINO could not write it: {first_line(exc)}") from None
 
 
 def _onnxruntime(spec: ModelSpec, network: Callable[[], torch.nn.Module], channels: int, roi: tuple[int, ...]) -> Runner:
