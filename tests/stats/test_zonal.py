@@ -449,6 +449,48 @@ def test_regions_off_the_raster_keep_their_rows_and_are_counted_in_one_warning(t
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("coverage", ["center", "fraction"])
+def test_regions_that_reach_a_pole_are_measured_on_a_conic_raster(tmp_path, coverage, caplog):
+    """A pole has no place in a Lambert conic (France's Lambert-93 here): a world layer in lon/lat, whose
+    Antarctica reaches -90, reprojected onto such a raster has infinite vertices.  Every region was then measured
+    for nothing: ``OverflowError: cannot convert float infinity to integer`` (center) or exactextract's ``Failed to
+    parse geometry`` (fraction), exit 1, right after a warning that Antarctica counts no pixel.  A region is
+    measured over its part near the raster: Antarctica counts nothing, as warned, and a region from the south pole
+    to the raster's middle counts the pixels whose centres lie south of that latitude."""
+    from pyproj import Transformer
+    from rasterio.transform import from_origin
+    from rasterio.warp import transform_bounds
+
+    from .conftest import write_raster
+
+    data = np.arange(48 * 64, dtype=np.uint8).reshape(48, 64) % 3 + 1
+    transform = from_origin(650000, 6870000, 10, 10)
+    labels = write_raster(tmp_path / "labels.tif", data, "EPSG:2154", transform)
+    with rasterio.open(labels) as ds:
+        west, south, east, north = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds)
+    middle = south + 0.43 * (north - south)
+    geometries = [shapely.box(-180, -90, 180, -60), shapely.box(west - 1, -90, east + 1, middle)]
+    gpd.GeoDataFrame({"name": ["antarctica", "to the pole"]}, geometry=geometries, crs="EPSG:4326").to_file(
+        tmp_path / "world.geojson")  # fmt: skip
+    with caplog.at_level("WARNING", logger="tilemask.stats.zonal"):
+        table = pd.read_csv(compute_stats(labels, tmp_path / "t.csv", regions=tmp_path / "world.geojson",
+                                          region_id="name", coverage=coverage))  # fmt: skip
+    assert "1 of 2 regions do not overlap the raster" in caplog.text and "(first: 'antarctica')" in caplog.text
+    rows, cols = np.mgrid[0:48, 0:64] + 0.5
+    x, y = transform * (cols, rows)
+    _, lat = Transformer.from_crs("EPSG:2154", "EPSG:4326", always_xy=True).transform(x, y)
+    south_of = lat < middle
+    assert 0 < south_of.sum() < south_of.size
+    for value in (1, 2, 3):
+        assert table.loc[0, f"class_{value}_pixels"] == 0
+        expected = np.sum(south_of & (data == value))
+        if coverage == "center":
+            assert table.loc[1, f"class_{value}_pixels"] == expected
+        else:  # cells the latitude crosses count in part
+            assert table.loc[1, f"class_{value}_pixels"] == pytest.approx(expected, abs=64 / 3 + 1)
+
+
+@pytest.mark.timeout(60)
 def test_points_on_pixel_edges_count_the_pixel_rasterstats_counts(tmp_path, caplog):
     """A point on a pixel's edge or corner counts the pixel east and south of it, as rasterstats counts it (it makes
     each point the box of the cell it falls in): one on the raster's west or north edge its first column or row, one

@@ -212,13 +212,15 @@ def prepare_vector_zonal(image: LabelImage, regions, key: str = "region", covera
     check_vector_grid(grid, image.path)
     if coverage not in ("center", "fraction"):
         raise InputError(f"coverage must be 'center' or 'fraction', got {coverage!r}")
-    projected = _to_raster_crs(regions, grid, image.path)
     keys = regions[key].to_numpy() if key in regions.columns else np.arange(len(regions))
+    projected = _to_raster_crs(regions, grid, image.path, keys)
     empty = [k for k, g in zip(keys, regions.geometry) if g is None or g.is_empty]
     if empty:
         logger.warning("%d of %d regions have no geometry (first: %r): they count no pixel", len(empty), len(keys),
                        _plain(empty[0]))  # fmt: skip
-    off = [k for k, outside in zip(keys, _off_raster(projected.geometry, grid)) if outside]
+    cut_away = [g is not None and not g.is_empty and (c is None or c.is_empty)  # nothing near the raster
+                for g, c in zip(regions.geometry, projected.geometry)]  # fmt: skip
+    off = [k for k, outside, gone in zip(keys, _off_raster(projected.geometry, grid), cut_away) if outside or gone]
     if off:
         logger.warning("%d of %d regions do not overlap the raster %s (first: %r): they count no pixel", len(off),
                        len(keys), image.path, _plain(off[0]))  # fmt: skip
@@ -304,14 +306,52 @@ def _off_raster(geometries, grid: Grid) -> np.ndarray:
     return west | (xmin >= x0 + width * dx) | (ymax <= y0 + height * dy) | north
 
 
-def _to_raster_crs(regions, grid: Grid, path: str):
+def _to_raster_crs(regions, grid: Grid, path: str, keys: np.ndarray):
     if grid.crs is None or regions.crs is None:
         if grid.crs is not None or regions.crs is not None:
             logger.warning("%s: CRS missing on the raster or the regions; coordinates taken as they are", path)
         return regions
     if regions.crs.equals(grid.crs):
         return regions
-    return regions.to_crs(grid.crs)
+    projected = regions.to_crs(grid.crs)
+    infinite = _not_finite(projected.geometry)
+    if not infinite.any():
+        return projected
+    # A place the raster's CRS cannot hold (a pole in Web Mercator or a Lambert conic: a world layer's
+    # Antarctica) projects to infinity, and every region was then measured for nothing (OverflowError, or
+    # exactextract's "Failed to parse geometry"): such regions are cut to the raster's surroundings first.
+    import geopandas as gpd
+    from pyproj import Transformer
+
+    height, width = grid.shape
+    x0, dx, _, y0, _, dy = grid.geometry.transform
+    try:
+        west, south, east, north = Transformer.from_crs(grid.crs, regions.crs, always_xy=True).transform_bounds(
+            x0, y0 + height * dy, x0 + width * dx, y0, densify_pts=21)  # fmt: skip
+    except Exception:  # noqa: BLE001 - pyproj's errors: no envelope, the regions are refused below
+        west = south = east = north = math.nan
+    if all(map(math.isfinite, (west, south, east, north))) and west < east:
+        margin_x, margin_y = 0.01 * (east - west), 0.01 * (north - south)
+        cut = shapely.clip_by_rect(regions.geometry.to_numpy()[infinite], west - margin_x, south - margin_y,
+                                   east + margin_x, north + margin_y)  # fmt: skip
+        cut = gpd.GeoSeries(cut, crs=regions.crs).to_crs(grid.crs).to_numpy()
+        geometries = projected.geometry.to_numpy().copy()
+        geometries[infinite] = cut
+        projected = projected.set_geometry(gpd.GeoSeries(geometries, index=projected.index, crs=grid.crs))
+        infinite = _not_finite(projected.geometry)
+    if infinite.any():
+        raise InputError(f"{path}: {infinite.sum()} of {len(regions)} regions do not map onto the raster's CRS "
+                         f"(first: {_plain(keys[np.flatnonzero(infinite)[0]])!r}: a vertex goes to "
+                         "infinity); check the regions' CRS, or cut them to the raster's area")  # fmt: skip
+    return projected
+
+
+def _not_finite(geometries) -> np.ndarray:
+    """Per geometry: whether any of its vertices is infinite or NaN."""
+    coordinates, owners = shapely.get_coordinates(geometries.to_numpy(), return_index=True)
+    flags = np.zeros(len(geometries), bool)
+    flags[owners[~np.isfinite(coordinates).all(axis=1)]] = True
+    return flags
 
 
 def _rasterstats_window(bounds, transform) -> tuple[int, int, int, int]:
