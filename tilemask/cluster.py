@@ -853,6 +853,19 @@ def gather(client: Client, futures: list[Future]) -> list:
     return [result_of(client, future) for future in futures]
 
 
+@contextlib.contextmanager
+def cluster_failures(what: str) -> Iterator[None]:
+    """The cluster's own failures (a worker killed too often, a lost connection) as one :class:`RunError`."""
+    from distributed.client import FutureCancelledError
+    from distributed.comm import CommClosedError
+    from distributed.scheduler import KilledWorker
+
+    try:
+        yield
+    except (KilledWorker, CommClosedError, FutureCancelledError) as exc:
+        raise RunError(f"{what}: the cluster failed: {type(exc).__name__}: {exc}") from None
+
+
 WORKER_PACKAGES = ("tilemask", "torch")
 """What every worker must import: a task or plugin of tilemask's that a worker cannot unpickle makes Dask close
 the worker, and a detached job wait for it forever."""

@@ -36,7 +36,6 @@ while running exits 1 (``exit_status``), one found before any work exits 2.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -55,8 +54,8 @@ import numpy as np
 from distributed import Client
 
 from . import timing
-from .cluster import Abandoned, cancel_and_drain, completed, gather, not_abandoned, result_of
-from .errors import NoWorkers, OutputError, RunError, TilemaskError
+from .cluster import Abandoned, cancel_and_drain, cluster_failures, completed, gather, not_abandoned, result_of
+from .errors import NoWorkers, OutputError, TilemaskError
 from .finalize import class_histogram, finalize
 from .geometry import Block, Region, WindowPlan, intersect, local_slices
 from .interrupts import raise_if_stopped, shielded
@@ -592,18 +591,6 @@ def _copy_chunk(region: Region, labels: np.ndarray, sink: LabelSink, raw: ZarrSi
     write_chunk(sink, region, labels, probabilities)
     return class_histogram(labels, finishing.n_classes, finishing.nodata)
 
-
-@contextlib.contextmanager
-def cluster_failures(what: str):
-    """The cluster's own failures (a worker killed too often, a lost connection) as one :class:`RunError`."""
-    from distributed.client import FutureCancelledError
-    from distributed.comm import CommClosedError
-    from distributed.scheduler import KilledWorker
-
-    try:
-        yield
-    except (KilledWorker, CommClosedError, FutureCancelledError) as exc:
-        raise RunError(f"{what}: the cluster failed: {type(exc).__name__}: {exc}") from None
 
 def process_age() -> float:
     """Seconds since this process started: the start-up figure of ``benchmarks/bench_small.py``.

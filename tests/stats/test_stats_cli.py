@@ -24,6 +24,33 @@ from .conftest import blobs, write_nifti, write_raster
 from .test_zonal import random_regions
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("command", ["stats", "evaluate"])
+def test_a_cluster_without_a_worker_fails_stats_and_evaluate_in_one_line(tmp_path, shade_labels, command):
+    """A scheduler whose workers all died (or never joined) left ``tilemask stats`` and ``evaluate`` waiting for
+    ever, where ``tilemask run`` fails once the cluster has had no worker for ``tilemask.no-workers-timeout``: a
+    reviewer's stats still waited 152 s after its only worker was killed.  They fail as ``run`` does, exit 1."""
+    import time
+
+    from ..conftest import run_cli, start_scheduler
+
+    process, address = start_scheduler(tmp_path)
+    try:
+        args = ["-o", tmp_path / "t.csv"] if command == "stats" else [shade_labels]
+        started = time.monotonic()
+        done = run_cli(command, shade_labels, *args, "--scheduler", address, timeout=90,
+                       env={"DASK_TILEMASK__NO_WORKERS_TIMEOUT": "3"})  # fmt: skip
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.strip().splitlines() == [
+            f"tilemask: error: the Dask cluster at {address} has had no worker for 3 s (they died or never joined)"
+        ]
+        assert time.monotonic() - started < 60
+        assert not (tmp_path / "t.csv").exists()
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
 @pytest.mark.slow
 def test_cli_regions_on_cluster(tmp_path, shade_labels, monkeypatch):
     regions = random_regions(shade_labels, 12, seed=9, crs_out="EPSG:4326")

@@ -127,7 +127,13 @@ def _counts_task(labels, zones, row0, by_row, excluded, zone_excluded) -> pd.Dat
 
 
 def compute(tasks: list, client=None) -> list:
-    """Compute delayed objects on ``client`` (gathered) or on dask's current scheduler."""
+    """Compute delayed objects on ``client`` (gathered) or on dask's current scheduler.  On a client, a cluster
+    that has had no worker for ``tilemask.no-workers-timeout`` fails the command, as it fails a run
+    (:func:`tilemask.cluster.gather`): ``stats`` and ``evaluate`` on a scheduler whose workers had died waited for
+    ever."""
     if client is not None:
-        return client.gather(client.compute(tasks))
+        from ..cluster import cluster_failures, gather
+
+        with cluster_failures("computing on the Dask cluster"):
+            return gather(client, client.compute(tasks))
     return list(dask.compute(*tasks))
