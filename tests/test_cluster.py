@@ -54,6 +54,24 @@ def test_run_on_an_existing_scheduler_equals_the_embedded_cluster(
     assert torch_threads == {worker: max(1, n // 2) for worker, n in cores.items()}
 
 
+def test_a_lost_scheduler_is_named_so():
+    """A scheduler killed under ``tilemask stats`` ended it as ``FutureCancelledError: unique-9c41... cancelled for
+    reason: scheduler-connection-lost. (run with --debug for details)``: Dask's words, and a hint of a bug.  It is
+    one line naming the lost scheduler, as a run's ``lost the Dask scheduler while running ...``."""
+    from distributed.client import FutureCancelledError
+
+    from tilemask.cluster import cluster_failures
+    from tilemask.errors import RunError
+
+    with pytest.raises(RunError, match=r"^computing the statistics: lost the Dask scheduler$"):
+        with cluster_failures("computing the statistics"):
+            raise FutureCancelledError("unique-9c415e90", "scheduler-connection-lost")
+    with pytest.raises(RunError, match=r"^probing: the cluster failed: FutureCancelledError: k cancelled for reason: "
+                                       r"stimulus\.$"):  # fmt: skip
+        with cluster_failures("probing"):
+            raise FutureCancelledError("k", "stimulus")
+
+
 def test_a_hosts_cores_are_shared_among_its_workers():
     """Independent of this machine's core count: 12 cores, 3 workers on the host -> 4 torch threads each."""
     from tilemask.cluster import threads_per_process

@@ -855,14 +855,19 @@ def gather(client: Client, futures: list[Future]) -> list:
 
 @contextlib.contextmanager
 def cluster_failures(what: str) -> Iterator[None]:
-    """The cluster's own failures (a worker killed too often, a lost connection) as one :class:`RunError`."""
+    """The cluster's own failures (a worker killed too often, a lost connection) as one :class:`RunError`; a
+    lost scheduler by that name (its tasks "cancelled for reason: scheduler-connection-lost" in Dask's words)."""
     from distributed.client import FutureCancelledError
     from distributed.comm import CommClosedError
     from distributed.scheduler import KilledWorker
 
     try:
         yield
-    except (KilledWorker, CommClosedError, FutureCancelledError) as exc:
+    except FutureCancelledError as exc:
+        if getattr(exc, "reason", None) == "scheduler-connection-lost":
+            raise RunError(f"{what}: lost the Dask scheduler") from None
+        raise RunError(f"{what}: the cluster failed: {type(exc).__name__}: {exc}") from None
+    except (KilledWorker, CommClosedError) as exc:
         raise RunError(f"{what}: the cluster failed: {type(exc).__name__}: {exc}") from None
 
 
