@@ -1251,6 +1251,17 @@ def test_a_slice_or_a_series_given_to_a_2d_model_is_refused_as_a_volume_not_sent
     assert open_source(str(folder), 3).spatial_shape == (20, 12, 1)  # a 3D model takes it
 
 
+def segmentation_of(folder, make_model, tmp_path, client):
+    """The DICOM SEG a run writes of the series in ``folder``, read by highdicom."""
+    import highdicom as hd
+
+    weights, _ = make_model(UNET_3D)
+    workflow = series_workflow(folder, weights, ["background", "lesion"], 500.0, 800.0)
+    workflow["output"] = {"path": "out/{stem}_seg.dcm", "chunks": 16}
+    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    return hd.seg.segread(result.outputs[0])
+
+
 def no_slice_thickness(ds, k):
     del ds.SliceThickness
 
@@ -1260,14 +1271,8 @@ def test_a_series_without_slice_thickness_gives_a_segmentation_of_its_slabs(make
     """A series without SliceThickness (Type 2, which may be absent in practice) ran every window, then failed in
     highdicom with "'FileDataset' object has no attribute 'SliceThickness'", exit 1; its NIfTI labels were written.
     The SEG's slices are the slabs the series' volume counts: as thick as the slices are apart."""
-    import highdicom as hd
-
     folder = write_series(tmp_path / "series", rows=20, columns=24, slices=8, step=2.5, mutate=no_slice_thickness)
-    weights, _ = make_model(UNET_3D)
-    workflow = series_workflow(folder, weights, ["background", "lesion"], 500.0, 800.0)
-    workflow["output"] = {"path": "out/{stem}_seg.dcm", "chunks": 16}
-    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
-    seg = hd.seg.segread(result.outputs[0])
+    seg = segmentation_of(folder, make_model, tmp_path, client)
     measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     assert float(measures.SliceThickness) == pytest.approx(2.5)
     series = sitk.ImageSeriesReader()
@@ -1291,11 +1296,7 @@ def test_a_segmentation_states_the_spacing_its_frames_lie_at_not_the_one_a_slice
 
     folder = write_series(tmp_path / "series", rows=20, columns=24, slices=8, step=2.5,
                           mutate=overlapping_slabs_spaced_by_thickness)  # fmt: skip
-    weights, _ = make_model(UNET_3D)
-    workflow = series_workflow(folder, weights, ["background", "lesion"], 500.0, 800.0)
-    workflow["output"] = {"path": "out/{stem}_seg.dcm", "chunks": 16}
-    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
-    seg = hd.seg.segread(result.outputs[0])
+    seg = segmentation_of(folder, make_model, tmp_path, client)
     measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     assert float(measures.SpacingBetweenSlices) == pytest.approx(2.5) and float(measures.SliceThickness) == 5.0
     series = hd.get_volume_from_series([pydicom.dcmread(f) for f in folder.iterdir()])
