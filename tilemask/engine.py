@@ -629,6 +629,7 @@ def probe(client: Client, plan: WorkflowPlan, windows: int | None = None, measur
     plan.settings = settings
     return channels
 
+
 def run_job(client: Client, job: Job, plan: WorkflowPlan, progress: bool) -> RunResult:
     """One input: predict and write its output, then its products; errors found now exit 1."""
     try:
