@@ -137,31 +137,6 @@ def test_an_input_replaced_after_its_run_is_redone(make_raster, make_model, tmp_
     assert last.status == "skipped"  # unchanged since: done
 
 
-def test_a_workflow_from_a_kubernetes_configmap_resumes_in_the_next_pod(make_raster, make_model, tmp_path, client):
-    """A ConfigMap volume holds ``workflow.yaml -> ..data/workflow.yaml`` and ``..data -> ..<time>.<n>``, a folder
-    named anew for every pod (kubelet's atomic writer).  The job is named by the folder the file is named in: it
-    was named by the link's target, so the DaskJob applied again (cluster/kubernetes/daskjob.yaml) was a new job,
-    whose every input failed on the output the first pod wrote ("exists; pass --overwrite")."""
-    path, _ = make_raster((3, 80, 90))
-    weights, _ = make_model()
-    text = json.dumps(raster_workflow(path, weights, output={"path": str(tmp_path / "data" / "out" / "{stem}.zarr")}))
-    mount = tmp_path / "workflow"
-
-    def pod(n: int) -> Path:  # the volume as kubelet lays it out for a new pod
-        shutil.rmtree(mount, ignore_errors=True)
-        (mount / f"..2026_12_06_23_0{n}_00.{n}").mkdir(parents=True)
-        (mount / f"..2026_12_06_23_0{n}_00.{n}" / "workflow.yaml").write_text(text)
-        (mount / "..data").symlink_to(f"..2026_12_06_23_0{n}_00.{n}")
-        (mount / "workflow.yaml").symlink_to("..data/workflow.yaml")
-        return mount / "workflow.yaml"
-
-    (first,) = tilemask.run(pod(1), client)
-    assert first.status == "ok"
-    (again,) = tilemask.run(pod(2), client)
-    assert again.status == "skipped", describe(again)
-    assert len(list((tmp_path / "data" / "out" / ".tilemask" / "jobs").iterdir())) == 1, "one job"
-
-
 def test_an_input_a_list_names_anew_under_the_same_name_is_redone(make_raster, make_model, tmp_path, client):
     """The same workflow whose list file (or STAC Item) now names another file under the same name is the same job:
     its rerun checked the files the earlier run had read, found them unchanged and skipped the item as done ("a.tif:

@@ -116,16 +116,15 @@ def prepare(
     """Check the workflow (exit 2) and find its job folder; returns the plan, the folder and ``record()``,
     which writes the job's record into the folder (call it with the job's lock held)."""
     plan = plan_model(workflow)
-    workflow_dict, base_dir, identity_dir = workflow.to_dict(), str(workflow.base_dir), str(workflow.identity_dir)
-    job = job_folder(job_dir or default_job_dir(workflow.output.path, base_dir, job_id(workflow_dict, identity_dir)))
+    workflow_dict, base_dir = workflow.to_dict(), str(workflow.base_dir)
+    job = job_folder(job_dir or default_job_dir(workflow.output.path, base_dir, job_id(workflow_dict, base_dir)))
 
     def record() -> None:
         items = (
             {"item": i, "name": item.name, "files": list(item.files), "output": workflow.output_path(item.name)}
             for i, item in enumerate(plan.items)
         )
-        job.create(workflow_dict, base_dir, source, options.__dict__, items, replace=options.overwrite,
-                   identity_dir=identity_dir)  # fmt: skip
+        job.create(workflow_dict, base_dir, source, options.__dict__, items, replace=options.overwrite)
 
     return plan, job, record
 

@@ -207,13 +207,12 @@ class JobFolder:
 
     def create(
         self, workflow_dict: dict, base_dir: str, source: str | None, options: dict, items: Iterable[dict],
-        replace: bool = False, identity_dir: str | None = None,
+        replace: bool = False,
     ) -> None:
         """Write the job's record: kept if the same job is there (its manifest carries over); a folder that holds
         another workflow's job is refused (exit 2) unless ``replace`` (``--overwrite``: it is started afresh) or
-        that job never began an item.  ``identity_dir``: the folder that names the job with the workflow
-        (:attr:`tilemask.workflow.Workflow.identity_dir`; default ``base_dir``)."""
-        workflow_id = job_id(workflow_dict, identity_dir or base_dir)
+        that job never began an item."""
+        workflow_id = job_id(workflow_dict, base_dir)
         if self.exists() and self.info().get("workflow_id") != workflow_id:
             manifest = self.path / "manifest.jsonl"
             begun = manifest.is_file() and manifest.stat().st_size > 0

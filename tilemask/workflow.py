@@ -370,7 +370,6 @@ class Workflow(_Strict):
     stats: StatsConfig | None = None
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
-    _named_dir: Path | None = PrivateAttr(default=None)  # from_yaml's: the folder the file is named in
 
     @field_validator("preprocess", mode="before")
     @classmethod
@@ -463,9 +462,7 @@ class Workflow(_Strict):
             raise WorkflowError(f"workflow {path}{where}: {problem}") from None
         if not isinstance(raw, dict):
             raise WorkflowError(f"workflow {path}: expected a mapping of keys, got {type(raw).__name__}")
-        workflow = cls.from_dict(raw, overrides, base_dir=path.resolve().parent)
-        workflow._named_dir = Path(os.path.realpath(path.absolute().parent))
-        return workflow
+        return cls.from_dict(raw, overrides, base_dir=path.resolve().parent)
 
     @classmethod
     def from_dict(
@@ -512,14 +509,6 @@ class Workflow(_Strict):
     def base_dir(self) -> Path:
         """The folder relative paths resolve against (the workflow file's)."""
         return self._base_dir
-
-    @property
-    def identity_dir(self) -> Path:
-        """The folder that names the job with the workflow (:func:`tilemask.jobs.job_id`): that of a workflow file
-        as named, its folder's links resolved but not the file's own.  A Kubernetes ConfigMap's file is a link into
-        a folder that kubelet names anew for every pod (``workflow.yaml -> ..data/workflow.yaml``, ``..data ->
-        ..<time>.<n>``): named by the link's target, every pod's run was a new job.  Otherwise :attr:`base_dir`."""
-        return self._named_dir or self._base_dir
 
     def resolve(self, path: str) -> str:
         """A path from the workflow, made absolute against the workflow's folder (URLs kept)."""
