@@ -10,6 +10,7 @@ One table per call, chosen by the arguments (docs/DESIGN.md section 6):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -99,7 +100,8 @@ def prepare_stats(
         table = lambda client: class_totals(image, names=names, client=client)
 
     def run(client=None, *, before_writing: Callable[[], None] = lambda: None) -> Path:
-        frame = table(client)
+        with on_the_cluster(image.path, client):
+            frame = table(client)
         check_unchanged()
         before_writing()  # the command stops here if it was asked to (a Ctrl-C Python swallowed): no table
         return write_table(frame, output)
@@ -167,7 +169,8 @@ def prepare_evaluation(
         check_surface(grid, pred_path)
 
     def run(client=None, *, before_writing: Callable[[], None] = lambda: None) -> dict:
-        result = evaluate(pred, truth, names=names, client=client, surface=surface)
+        with on_the_cluster(pred.path, client):
+            result = evaluate(pred, truth, names=names, client=client, surface=surface)
         check_unchanged()
         before_writing()
         if output_path is not None:
@@ -175,6 +178,16 @@ def prepare_evaluation(
         return result
 
     return run
+
+
+def on_the_cluster(path: str, client):
+    """The cluster's own failures while ``path`` is measured on ``client`` (a worker killed too often, the scheduler
+    lost) as one line naming it (:func:`tilemask.cluster.cluster_failures`); nothing without a client."""
+    if client is None:
+        return contextlib.nullcontext()
+    from ..cluster import cluster_failures
+
+    return cluster_failures(path)
 
 
 def unchanged(*paths) -> Callable[[], None]:

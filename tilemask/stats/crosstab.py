@@ -132,8 +132,7 @@ def compute(tasks: list, client=None) -> list:
     (:func:`tilemask.cluster.gather`): ``stats`` and ``evaluate`` on a scheduler whose workers had died waited for
     ever."""
     if client is not None:
-        from ..cluster import cluster_failures, gather
+        from ..cluster import gather
 
-        with cluster_failures("computing on the Dask cluster"):
-            return gather(client, client.compute(tasks))
+        return gather(client, client.compute(tasks))
     return list(dask.compute(*tasks))
