@@ -40,7 +40,7 @@ import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import dask
 from dask.utils import parse_timedelta
@@ -828,12 +828,17 @@ def result_of(client: Client, future: Future):
     transfer under way, and a result that took longer than the timeout to arrive (a chunk of a million polygons)
     was begun again, for ever.
     """
+    return _read_watching(client, future.result)
+
+
+def _read_watching(client: Client, read_results: Callable[[], object]):
+    """``read_results()`` once, on a thread of its own, while this thread watches the cluster's workers."""
     watch = _WorkerWatch(client)
     arrived: concurrent.futures.Future = concurrent.futures.Future()
 
     def read() -> None:
         try:
-            arrived.set_result(future.result())
+            arrived.set_result(read_results())
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread as it is
             arrived.set_exception(exc)
 
@@ -846,11 +851,13 @@ def result_of(client: Client, future: Future):
 
 
 def gather(client: Client, futures: list[Future]) -> list:
-    """``client.gather`` that fails, instead of waiting forever, when the cluster loses all its workers."""
+    """``client.gather`` that fails, instead of waiting forever, when the cluster loses all its workers.  The
+    results are read in one request (one each took 19-22 s against 12-14 s for the 1,024 blocks of an 8192^2
+    ``tilemask stats``)."""
     for future in completed(client, futures):
         if future.status == "error":
             future.result()  # the task's own exception, at once
-    return [result_of(client, future) for future in futures]
+    return _read_watching(client, lambda: client.gather(futures))
 
 
 @contextlib.contextmanager
