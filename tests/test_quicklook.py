@@ -259,23 +259,36 @@ def test_a_run_whose_quick_look_fails_warns_and_keeps_its_labels_as_the_item_ok(
     assert again.returncode == 0 and again.stderr == ""  # resumed: skipped, not redone
 
 
-def test_a_south_up_raster_is_shown_north_up(tmp_path):
+@pytest.mark.parametrize("stored", ["south-up", "east-left", "no transform"])
+def test_a_raster_stored_south_up_or_east_left_is_shown_north_up(tmp_path, stored):
     """A georeferenced raster stored south-up (rows running north, its transform's row step positive) showed
-    upside down: its quick look is now the north-up original's, pixel for pixel (full size: no resampling)."""
+    upside down, and one stored east-left mirrored: its quick look is now the north-up original's, pixel for pixel
+    (full size: no resampling). A raster with a CRS and no transform (GDAL's identity) is shown as stored."""
+    import warnings
+
     from affine import Affine
+    from rasterio.errors import NotGeoreferencedWarning
 
     with rasterio.open(GEO["RGB.byte.tif"]) as src:
         data, profile, t = src.read(), src.profile, src.transform
-    flipped = tmp_path / "south_up.tif"
-    profile.update(transform=Affine(t.a, 0, t.c, 0, -t.e, t.f + t.e * data.shape[1]))
-    with rasterio.open(flipped, "w", **profile) as dst:
-        dst.write(data[:, ::-1])
-    pngs = []
-    for path in (GEO["RGB.byte.tif"], flipped):
-        with rasterio.open(path) as src:
-            labels = (src.read(1) > 100).astype(np.uint8)
-        mask = write_labels_cog(tmp_path / f"{Path(path).stem}_mask.tif", path, labels, None)
-        pngs.append(np.asarray(Image.open(write_quicklook(str(path), mask, str(tmp_path / f"{Path(path).stem}.png"),
-                                                          bands=[3, 2, 1], size=1024))))  # fmt: skip
-    assert pngs[0].shape == (718, 791, 4)
+    h, w = data.shape[1:]
+    transform, pixels = {
+        "south-up": (Affine(t.a, 0, t.c, 0, -t.e, t.f + t.e * h), data[:, ::-1]),
+        "east-left": (Affine(-t.a, 0, t.c + t.a * w, 0, t.e, t.f), data[:, :, ::-1]),
+        "no transform": (Affine.identity(), data),
+    }[stored]
+    profile.update(transform=transform)
+    flipped = tmp_path / "stored.tif"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(flipped, "w", **profile) as dst:
+            dst.write(pixels)
+        pngs = []
+        for path in (GEO["RGB.byte.tif"], flipped):
+            with rasterio.open(path) as src:
+                labels = (src.read(1) > 100).astype(np.uint8)
+            mask = write_labels_cog(tmp_path / f"{Path(path).stem}_mask.tif", path, labels, None)
+            png = write_quicklook(str(path), mask, str(tmp_path / f"{Path(path).stem}.png"), bands=[3, 2, 1], size=1024)
+            pngs.append(np.asarray(Image.open(png)))
+    assert pngs[0].shape == (h, w, 4) == (718, 791, 4)
     assert np.array_equal(pngs[1], pngs[0])

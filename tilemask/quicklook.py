@@ -70,7 +70,7 @@ def write_quicklook(
             with gdal_env(path), rasterio.open(path) as src:  # a remote input: GDAL's settings for it
                 if (src.height, src.width) != labels_shape:
                     raise InputError(f"{path}: {src.height}x{src.width} pixels, the labels are not on its grid")
-                if not layers:
+                if path == files[0]:
                     north_up = _north_up(src)
                 wanted = (bands or range(1, src.count + 1))[: 3 - sum(len(layer) for layer in layers)]
                 with rasterio.Env(GDAL_CACHEMAX=_row_of_blocks(src)):
@@ -112,9 +112,9 @@ def write_quicklook(
 def _north_up(src):
     """What turns an image of ``src``'s rows and columns north up, west left: a georeferenced raster stored
     south-up (rows running north, as some GeoTIFFs and netCDFs are) or east-left is shown as a map shows it. One
-    without a CRS, or turned (a rotation in its transform), is shown as stored."""
+    without a CRS or a transform, or turned (a rotation in its transform), is shown as stored."""
     a, b, _, d, e, _ = src.transform[:6]
-    if src.crs is None or b or d:
+    if src.crs is None or src.transform.is_identity or b or d:  # identity: GDAL's for a raster with no transform
         return lambda image: image
     return lambda image: image[:: -1 if e > 0 else 1, :: -1 if a < 0 else 1]
 
