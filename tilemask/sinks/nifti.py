@@ -33,7 +33,7 @@ import nibabel as nib
 import numpy as np
 
 from ..classes import write_colour_table
-from ..errors import OutputError
+from ..errors import OutputError, first_line
 from ..formats import for_path, nifti_affine_mm, nifti_descrip
 from ..geometry import Region
 from ..outputs import publish, remove, staged_path
@@ -77,7 +77,9 @@ def reference_image(reference: str):
         return None
     try:
         return nib.load(local_copy(reference))
-    except Exception:  # noqa: BLE001 - a header nibabel cannot load: the labels' grid is tilemask's, as for others
+    except Exception as exc:  # noqa: BLE001 - a header nibabel cannot load: the labels' grid is tilemask's
+        logger.warning("%s: cannot read its NIfTI header (%s); the labels' qform and sform are tilemask's grid",
+                       reference, first_line(exc))  # fmt: skip
         return None
 
 
