@@ -302,7 +302,6 @@ def test_a_cache_that_cannot_be_written_costs_a_conversion_not_the_run(make_mode
     assert "cannot cache" in done.stderr
 
 
-@pytest.mark.slow  # a fresh worker process importing torch and MONAI (7 s)
 @pytest.mark.timeout(120)
 def test_a_cache_on_a_full_disk_costs_a_conversion_not_the_worker(make_model, tmp_path, tmpfs):
     """torch.jit.save onto a full disk ends the process: torch's archive writer throws as it closes the file, in a
