@@ -83,14 +83,15 @@ class DicomSegSink(LabelSink):
         source = self._source()
         # the k axis, in order; highdicom reads their attributes, not their pixels: a series' pixels are not held
         images = [pydicom.dcmread(f, stop_before_pixels=True) for f in source.files]
+        spacing = slice_spacing(source.geometry.affine)
         for image in images:  # a Type 2 attribute a series leaves out is present and empty in the SEG
             for keyword in PATIENT_AND_STUDY:
                 if keyword not in image:
                     setattr(image, keyword, "")
             if image.get("SliceThickness") is None:  # Type 2 too, but the SEG's pixel measures need a value
-                image.SliceThickness = slice_spacing(source.geometry.affine)
+                image.SliceThickness = spacing
             if "SpacingBetweenSlices" in image:  # the SEG's frames lie on the slices: their spacing, whatever it says
-                image.SpacingBetweenSlices = slice_spacing(source.geometry.affine)
+                image.SpacingBetweenSlices = spacing
         layout = self.layout
         volume = np.asarray(zarr.open_array(f"{self.labels.staged}/labels", mode="r")[...])  # (i, j, k), read once
         if layout.nodata is not None:
