@@ -72,6 +72,34 @@ def test_a_lost_scheduler_is_named_so():
             raise FutureCancelledError("k", "stimulus")
 
 
+@pytest.mark.timeout(120)
+def test_a_broken_connection_is_named_the_lost_scheduler_once_the_client_has_lost_it(tmp_path):
+    """A scheduler killed mid-``tilemask stats`` could also end it as ``the cluster failed: CommClosedError: ...
+    Connection reset by peer`` (a review's reproduction, as the gather's connection broke before the client
+    noticed).  Given the client, that failure is named the lost scheduler once it is; with its scheduler
+    still there, it stays the cluster's failure."""
+    from distributed import Client
+    from distributed.comm import CommClosedError
+
+    from tilemask.cluster import cluster_failures
+    from tilemask.errors import RunError
+
+    process, address = start_scheduler(tmp_path)
+    try:
+        with Client(address, timeout="10s") as client:
+            with pytest.raises(RunError, match=r"^mask\.tif: the cluster failed: CommClosedError: reset$"):
+                with cluster_failures("mask.tif", client):
+                    raise CommClosedError("reset")
+            process.kill()
+            process.wait(10)
+            with pytest.raises(RunError, match=r"^mask\.tif: lost the Dask scheduler$"):
+                with cluster_failures("mask.tif", client):
+                    raise CommClosedError("in <TCP (closed) ConnectionPool.gather local=...>: Connection reset by peer")
+    finally:
+        process.kill()
+        process.wait(10)
+
+
 def test_a_hosts_cores_are_shared_among_its_workers():
     """Independent of this machine's core count: 12 cores, 3 workers on the host -> 4 torch threads each."""
     from tilemask.cluster import threads_per_process

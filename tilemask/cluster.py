@@ -861,21 +861,33 @@ def gather(client: Client, futures: list[Future]) -> list:
 
 
 @contextlib.contextmanager
-def cluster_failures(what: str) -> Iterator[None]:
+def cluster_failures(what: str, client: Client | None = None) -> Iterator[None]:
     """The cluster's own failures (a worker killed too often, a lost connection) as one :class:`RunError`; a
-    lost scheduler by that name (its tasks "cancelled for reason: scheduler-connection-lost" in Dask's words)."""
+    lost scheduler by that name: its tasks "cancelled for reason: scheduler-connection-lost" in Dask's words, or,
+    given the ``client``, any of these failures once it has lost its scheduler (a scheduler killed mid-gather
+    also reads ``CommClosedError: ... Connection reset by peer``)."""
     from distributed.client import FutureCancelledError
     from distributed.comm import CommClosedError
     from distributed.scheduler import KilledWorker
 
     try:
         yield
-    except FutureCancelledError as exc:
-        if getattr(exc, "reason", None) == "scheduler-connection-lost":
+    except (FutureCancelledError, KilledWorker, CommClosedError) as exc:
+        cancelled = getattr(exc, "reason", None) == "scheduler-connection-lost"
+        if cancelled or (client is not None and _scheduler_lost(client)):
             raise RunError(f"{what}: lost the Dask scheduler") from None
         raise RunError(f"{what}: the cluster failed: {type(exc).__name__}: {exc}") from None
-    except (KilledWorker, CommClosedError) as exc:
-        raise RunError(f"{what}: the cluster failed: {type(exc).__name__}: {exc}") from None
+
+
+def _scheduler_lost(client: Client, wait: float = 2.0) -> bool:
+    """Whether ``client`` lost its scheduler: its status leaves "running" once it notices, which may come a
+    moment after the failed request that showed it (``wait`` seconds at most)."""
+    deadline = time.monotonic() + wait
+    while client.status == "running":
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 WORKER_PACKAGES = ("tilemask", "torch")

@@ -621,7 +621,7 @@ def probe(client: Client, plan: WorkflowPlan, windows: int | None = None, measur
     """
     future = client.submit(probe_network, plan.model, plan.settings, plan.in_channels, windows, measure_after,
                            pure=False)  # fmt: skip
-    with cluster_failures("probing the network"):
+    with cluster_failures("probing the network", client):
         ((channels, backend, settings),) = gather(client, [future])
     unmeasured = plan.settings.measure and not settings.measure
     logger.info("inference backend %s (inference.backend: %s%s)", backend, plan.settings.backend,
@@ -633,7 +633,7 @@ def probe(client: Client, plan: WorkflowPlan, windows: int | None = None, measur
 def run_job(client: Client, job: Job, plan: WorkflowPlan, progress: bool) -> RunResult:
     """One input: predict and write its output, then its products; errors found now exit 1."""
     try:
-        with cluster_failures(job.input):
+        with cluster_failures(job.input, client):
             if job.back and job.back.crop:
                 with stage(f"{Path(job.input).name}: the box of its nonzero voxels", enabled=progress):
                     box = nonzero_box(client, job)

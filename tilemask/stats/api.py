@@ -187,7 +187,7 @@ def on_the_cluster(path: str, client):
         return contextlib.nullcontext()
     from ..cluster import cluster_failures
 
-    return cluster_failures(path)
+    return cluster_failures(path, client)
 
 
 def unchanged(*paths) -> Callable[[], None]:
