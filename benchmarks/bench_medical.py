@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default="float32")
     args = parser.parse_args()
     folder = Path(args.dir) / "tilemask-bench-medical"
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     scan = folder / f"scan{args.size}.nii.gz"
     if not scan.exists():
         make_volume(scan, args.size)
