@@ -226,7 +226,8 @@ def test_labels_given_by_their_path_inside_a_zarr_store_open_on_the_stores_grid(
     cells.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": [{"name": "c", "type": "channel"}, *(
         {"name": n, "type": "space"} for n in "yx")], "datasets": [{"path": "0", "coordinateTransformations": [
             {"type": "scale", "scale": [1.0, 0.5, 0.5]}]}]}]}  # fmt: skip
-    with pytest.raises(InputError, match=r"/cells\.ome\.zarr/0: a label image has space axes only; this OME-Zarr's "
+    with pytest.raises(InputError, match=r"/cells\.ome\.zarr/0: a label image has space axes only, or a time axis of "
+                                         r"one point before them; this OME-Zarr's "
                                          r"are c, y, x$"):  # fmt: skip (it was "OME-Zarr with 2 space axes for a
         open_result(tmp_path / "cells.ome.zarr" / "0")  # 3D model", naming no file)
     for axes in (["z", "y", "x"], [{"name": n} for n in "zyx"]):  # NGFF 0.3 names axes only; 0.4 may leave out types
@@ -403,3 +404,50 @@ def test_a_zarr_output_with_a_damaged_chunk_is_named_by_stats_and_evaluate(tmp_p
         assert re.match(rf"^tilemask: error: {where}\S", lines[0]), lines[0]
         assert table is None or not (tmp_path / table).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, truth.name])
+
+
+@pytest.mark.timeout(120)
+def test_an_ome_zarr_label_image_of_one_time_point_is_read_as_its_labels(tmp_path):
+    """bioformats2raw writes every image t, c, z, y, x, and its label images t, z, y, x: the input reader read one
+    time point's volume, the label reader refused it ("a label image has space axes only; this OME-Zarr's are t, z,
+    y, x"). It reads that point's labels, as ome-zarr-py reads them, with the z, y, x image's grid; several time
+    points are refused, named."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    from tilemask.stats.api import compute_stats
+
+    labels = (np.indices((20, 18, 12)).sum(axis=0) % 3).astype(np.uint8)
+    scale = [2.5, 0.8, 0.8]
+    tables, opened = [], []
+    for axes, data in (("zyx", labels), ("tzyx", labels[None]), ("tzyx", np.stack([labels, labels]))):
+        store = tmp_path / f"{axes}{len(data)}.ome.zarr"
+        root = zarr.open_group(store, mode="w", zarr_format=3)
+        image = root.create_group("labels/regions")
+        image.create_array("0", data=data, chunks=(1,) * (data.ndim - 3) + (10, 9, 6), dimension_names=tuple(axes))
+        image.attrs["ome"] = {"version": "0.5", "image-label": {}, "multiscales": [{
+            "axes": [{"name": n, "type": "time"} if n == "t" else {"name": n, "type": "space", "unit": "millimeter"}
+                     for n in axes],
+            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale",
+                                                                      "scale": [1.0] * (data.ndim - 3) + scale}]}],
+        }]}  # fmt: skip
+        root["labels"].attrs["ome"] = {"version": "0.5", "labels": ["regions"]}
+        root.attrs["ome"] = {"version": "0.5"}
+        if data.ndim == 4 and len(data) == 2:
+            for path in (store, store / "labels" / "regions" / "0"):
+                with pytest.raises(InputError, match=r"regions(/0)?: a label image has space axes only, or a time "
+                                                     r"axis of one point before them; this OME-Zarr's are t, z, y, x "
+                                                     r"\(several time points: give one's\)$"):  # fmt: skip
+                    open_result(path)
+            continue
+        (node,) = [n for n in Reader(parse_url(str(store / "labels" / "regions")))() if n.data]
+        np.testing.assert_array_equal(np.asarray(node.data[0]).reshape(labels.shape), labels)  # ome-zarr-py's reading
+        for path in (store, store / "labels" / "regions" / "0"):
+            opened.append(open_result(path))
+        tables.append(pd.read_csv(compute_stats(store / "labels" / "regions" / "0", tmp_path / f"{axes}.csv")))
+    for result in opened:
+        np.testing.assert_array_equal(result.values, labels)
+        np.testing.assert_array_equal(result.attrs["affine"], opened[0].attrs["affine"])
+    pd.testing.assert_frame_equal(tables[1], tables[0])
+    assert list(tables[1]["voxels"]) == [int((labels == value).sum()) for value in range(3)]
+    np.testing.assert_allclose(tables[1]["volume_ml"], tables[1]["voxels"] * np.prod(scale) / 1000)

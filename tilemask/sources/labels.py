@@ -149,10 +149,11 @@ class _ZarrLabels:
 
     path: str
     array: zarr.Array
+    skip: int = 0  # leading axes of one point (an OME-Zarr time axis), read at that point
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.array.shape)
+        return tuple(self.array.shape)[self.skip :]
 
     @property
     def dtype(self) -> np.dtype:
@@ -160,10 +161,10 @@ class _ZarrLabels:
 
     @property
     def ndim(self) -> int:
-        return self.array.ndim
+        return self.array.ndim - self.skip
 
     def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
-        return read_region(self.path, _region(index), lambda: np.asarray(self.array[index]))
+        return read_region(self.path, _region(index), lambda: np.asarray(self.array[(0,) * self.skip + index]))
 
 
 def _region(index: tuple[slice, ...]) -> Region:
@@ -171,9 +172,10 @@ def _region(index: tuple[slice, ...]) -> Region:
     return tuple((s.start, s.stop) for s in index)
 
 
-def _from_zarr(path: str, array: zarr.Array, chunks) -> da.Array:
-    return da.from_array(_ZarrLabels(path, array), chunks=_chunks(chunks, tuple(array.chunks)), asarray=False,
-                         fancy=False, meta=np.empty((0,) * array.ndim, np.dtype(array.dtype)))  # fmt: skip
+def _from_zarr(path: str, array: zarr.Array, chunks, skip: int = 0) -> da.Array:
+    view = _ZarrLabels(path, array, skip)
+    return da.from_array(view, chunks=_chunks(chunks, tuple(array.chunks)[skip:]), asarray=False, fancy=False,
+                         meta=np.empty((0,) * view.ndim, view.dtype))  # fmt: skip
 
 
 def open_labels(path: str, chunks: int | tuple[int, ...] | None = None) -> LabelImage:
@@ -260,14 +262,13 @@ def open_zarr_array_labels(path: str, chunks) -> LabelImage:
         return of_output
     array = open_zarr(path, "array")
     multiscale = ome_level_multiscale(path)
-    if multiscale is not None:
-        check_space_axes_only(path, multiscale)
-    if array.ndim not in (2, 3):
+    skip = 0 if multiscale is None else leading_time_point(path, multiscale, array.shape)
+    if array.ndim - skip not in (2, 3):
         raise InputError(f"{path}: a label image has 2 or 3 axes, this Zarr array has {array.ndim}")
     if not np.issubdtype(np.dtype(array.dtype), np.integer):
         raise InputError(f"{path}: labels must be integers, the array holds {np.dtype(array.dtype)}")
-    geometry = ZarrSource.open(path, array.ndim).geometry
-    return LabelImage(path, _from_zarr(path, array, chunks), geometry, None, None)
+    geometry = ZarrSource.open(path, array.ndim - skip).geometry
+    return LabelImage(path, _from_zarr(path, array, chunks, skip), geometry, None, None)
 
 
 def _output_labels(path: str, chunks) -> LabelImage | None:
@@ -320,30 +321,41 @@ def open_omezarr_labels(path: str, chunks) -> LabelImage:
     meta = attrs.get("tilemask", {})
     labels_path = omezarr_labels_key(root)
     array = root[labels_path]
-    geometry = (usable_geometry(path, geometry_from_attrs(attrs, array.ndim), TILEMASK_ATTRS) if meta else
-                usable_geometry(path, _ome_geometry(path, root[labels_path.rsplit("/", 1)[0]], array.ndim), OME_SCALES))
-    lazy = _from_zarr(path, array, chunks)
+    if meta:
+        skip, geometry = 0, usable_geometry(path, geometry_from_attrs(attrs, array.ndim), TILEMASK_ATTRS)
+    else:
+        skip, geometry = _ome_geometry(path, root[labels_path.rsplit("/", 1)[0]], array.shape)
+    lazy = _from_zarr(path, array, chunks, skip)
     classes = tuple(meta["classes"]) if meta.get("classes") else None
     return LabelImage(path, lazy, geometry, classes, meta.get("nodata"))
 
 
-def _ome_geometry(path: str, group, spatial_dims: int) -> Geometry:
+def _ome_geometry(path: str, group, shape: tuple[int, ...]) -> tuple[int, Geometry]:
+    """The leading axes to skip (:func:`leading_time_point`) of the label image ``group``'s first level, of
+    ``shape``, and its grid."""
     from ..geometry import ome_geometry
 
     multiscales = ome_multiscales(dict(group.attrs))
     if multiscales is None:
         raise InputError(f"{group.store}: an OME-Zarr label image without multiscales")
-    check_space_axes_only(f"{path.rstrip('/')}/{group.path}", multiscales[0])
-    return ome_geometry(multiscales[0], spatial_dims)
+    named = f"{path.rstrip('/')}/{group.path}"
+    skip = leading_time_point(named, multiscales[0], shape)
+    return skip, usable_geometry(path, ome_geometry(multiscales[0], len(shape) - skip), OME_SCALES)
 
 
-def check_space_axes_only(path: str, multiscale: dict) -> None:
-    """Refuse labels whose OME-Zarr multiscale has axes other than space ones (a channel, time): the message was an
-    input's, "OME-Zarr with 2 space axes for a 3D model", naming no file."""
-    axes = ome_axes(multiscale)
-    if any(a["type"] != "space" for a in axes):
-        names = ", ".join(str(a.get("name")) for a in axes)
-        raise InputError(f"{path}: a label image has space axes only; this OME-Zarr's are {names}")
+def leading_time_point(path: str, multiscale: dict, shape: tuple[int, ...]) -> int:
+    """The leading axes of the labels of ``shape`` to read at their one point: 1 for a time axis of one point
+    (bioformats2raw writes every image t, c, z, y, x; NGFF puts time first), else 0. Labels with other axes than
+    space ones (a channel, several time points) are refused: the message was an input's, "OME-Zarr with 2 space
+    axes for a 3D model", naming no file."""
+    kinds = [a["type"] for a in ome_axes(multiscale)]
+    skip = int(kinds[:1] == ["time"] and len(shape) == len(kinds) and int(shape[0]) == 1)
+    if any(kind != "space" for kind in kinds[skip:]):
+        names = ", ".join(str(a.get("name")) for a in ome_axes(multiscale))
+        several = " (several time points: give one's)" if kinds[:1] == ["time"] and not skip else ""
+        raise InputError(f"{path}: a label image has space axes only, or a time axis of one point before them; "
+                         f"this OME-Zarr's are {names}{several}")  # fmt: skip
+    return skip
 
 
 def open_raster_probabilities(path: str, chunks) -> tuple[da.Array, RasterGeometry, list[str]]:
