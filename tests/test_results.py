@@ -451,3 +451,31 @@ def test_an_ome_zarr_label_image_of_one_time_point_is_read_as_its_labels(tmp_pat
     pd.testing.assert_frame_equal(tables[1], tables[0])
     assert list(tables[1]["voxels"]) == [int((labels == value).sum()) for value in range(3)]
     np.testing.assert_allclose(tables[1]["volume_ml"], tables[1]["voxels"] * np.prod(scale) / 1000)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("suffix", [".zarr", ".ome.zarr"])
+def test_a_zarr_output_missing_a_chunk_is_refused_not_read_as_background(tmp_path, suffix):
+    """zarr leaves out a chunk that is all fill value, so a chunk lost from an output's labels (a copy cut short)
+    read as background: ``tilemask stats`` counted its pixels as class 0, exit 0. An output now stores every chunk
+    of its labels, background ones too, and one missing a chunk is refused by name, before any pixel is read."""
+    from tests.conftest import run_cli
+
+    labels = np.random.default_rng(4).integers(1, 3, size=(600, 700)).astype(np.uint8)
+    labels[:256, :256] = 0  # a chunk all background
+    geometry = RasterGeometry(rasterio.crs.CRS.from_epsg(32618).to_wkt(), (500000.0, 30.0, 0.0, 4000000.0, 0.0, -30.0))
+    layout = OutputLayout(labels.shape, (256, 256), CLASSES, "uint8", 0, "none", geometry, "input.tif", 255)
+    path = tmp_path / f"mask{suffix}"
+    drive(make_sink(str(path), layout), labels, None)
+    key = {".zarr": "labels", ".ome.zarr": "labels/labels/0"}[suffix]
+    stored = zarr.open_array(path / key, mode="r")
+    assert stored.nchunks_initialized == stored.nchunks == 9  # the background chunk too
+    np.testing.assert_array_equal(open_result(path).values, labels)
+    (path / key / "c" / "0" / "0").unlink()
+    message = (rf"{re.escape(str(path))}: 1 of the 9 chunks of its labels \({key}\) are missing; a copy cut short\? "
+               r"Copy the output again, or run the workflow again$")  # fmt: skip
+    with pytest.raises(InputError, match=message):
+        open_result(path)
+    done = run_cli("stats", path, "-o", tmp_path / "t.csv")
+    assert done.returncode == 2 and re.match(rf"^tilemask: error: {message}", done.stderr.strip()), done.stderr
+    assert not (tmp_path / "t.csv").exists()

@@ -211,6 +211,24 @@ class ZarrFormat(Format):
         meta = self._tilemask_attrs(path)
         return meta is None or meta.get("complete", True) is True
 
+    def require_complete(self, path):
+        """Also refuse an output whose labels lack chunks it stored (``every_chunk_stored``, since 2026-12-07:
+        :func:`tilemask.sinks.every_chunk_stored`); they read as background, and ``stats`` counted them so."""
+        super().require_complete(path)
+        if not (self._tilemask_attrs(path) or {}).get("every_chunk_stored"):
+            return
+        from .errors import InputError
+        from .sources.zarr import open_zarr
+
+        key = self.labels_key(open_zarr(path, "group"))
+        labels = open_zarr(f"{path.rstrip('/')}/{key}", "array")
+        if not labels.store.supports_listing:  # a web server's: its chunks cannot be counted
+            return
+        stored, chunks = labels.nchunks_initialized, labels.nchunks
+        if stored < chunks:
+            raise InputError(f"{path}: {chunks - stored} of the {chunks} chunks of its labels ({key}) are missing; a "
+                             "copy cut short? Copy the output again, or run the workflow again")  # fmt: skip
+
 
 class OmeZarrFormat(ZarrFormat):
     """OME-Zarr (NGFF 0.5): labels as a multiscale label image under ``labels/labels``, probabilities as the

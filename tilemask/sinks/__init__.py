@@ -23,6 +23,13 @@ from ..outputs import new_run_id
 logger = logging.getLogger(__name__)
 
 
+def every_chunk_stored(array):
+    """The Zarr ``array`` writing every chunk it is given, all background too (zarr leaves out a chunk that is all
+    fill value): a chunk missing from an output's labels is then one lost on the way, a copy cut short, which its
+    readers refuse (:meth:`tilemask.formats.ZarrFormat.require_complete`) rather than count as background."""
+    return array.with_config({"write_empty_chunks": True})
+
+
 @dataclass(frozen=True)
 class OutputLayout:
     """What every sink needs to know about the output."""

@@ -36,7 +36,7 @@ from ..classes import class_colours, class_name
 from ..geometry import OME_UNITS_IN_MM, WORLD_AXES, RasterGeometry, Region, ome_space_names
 from ..outputs import publish, remove, staged_path
 from ..sources import cached_handle
-from . import LabelSink, OutputLayout
+from . import LabelSink, OutputLayout, every_chunk_stored
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class OmeZarrSink(LabelSink):
                                 dimension_names=names)  # fmt: skip
         root.attrs.update(
             {"tilemask": {**layout.metadata, "classes": list(layout.class_names), "nodata": layout.nodata,
-                          "complete": False, "labels": "labels/labels/0"}}
+                          "complete": False, "labels": "labels/labels/0", "every_chunk_stored": True}}
             | layout.geometry.to_attrs()
         )  # fmt: skip
 
@@ -195,9 +195,8 @@ class OmeZarrSink(LabelSink):
         return image, label_image
 
     def _array(self, name: str):
-        return cached_handle(
-            ("omezarr-out", self.staged, name), lambda: zarr.open_array(f"{self.staged}/{name}", mode="r+")
-        )
+        return cached_handle(("omezarr-out", self.staged, name),
+                             lambda: every_chunk_stored(zarr.open_array(f"{self.staged}/{name}", mode="r+")))  # fmt: skip
 
     def write(self, region: Region, labels: np.ndarray, probabilities: np.ndarray | None) -> None:
         index = tuple(slice(lo, hi) for lo, hi in region)

@@ -24,7 +24,7 @@ from ..geometry import Region
 from ..outputs import publish, remove, staged_path
 from ..sources import cached_handle
 from ..storage import is_remote, zarr_options
-from . import LabelSink, OutputLayout
+from . import LabelSink, OutputLayout, every_chunk_stored
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +53,15 @@ class ZarrSink(LabelSink):
                 fill_value=0,
             )
         group.attrs.update(
-            {"tilemask": {**layout.metadata, "classes": list(layout.class_names), "nodata": layout.nodata, "complete": False}}
+            {"tilemask": {**layout.metadata, "classes": list(layout.class_names), "nodata": layout.nodata,
+                          "complete": False, "every_chunk_stored": True}}
             | layout.geometry.to_attrs()
-        )
+        )  # fmt: skip
 
     def write(self, region: Region, labels: np.ndarray, probabilities: np.ndarray | None) -> None:
         index = tuple(slice(lo, hi) for lo, hi in region)
-        labels_array = cached_handle(("zarr-out", self.staged, "labels"), lambda: self._array("labels", "r+"))
+        labels_array = cached_handle(("zarr-out", self.staged, "labels"),
+                                     lambda: every_chunk_stored(self._array("labels", "r+")))  # fmt: skip
         labels_array[index] = labels
         if probabilities is not None:
             array = cached_handle(("zarr-out", self.staged, "probabilities"), lambda: self._array("probabilities", "r+"))
