@@ -288,6 +288,10 @@ def test_cancel_of_a_job_whose_scheduler_does_not_answer_stops_its_driver_when_i
     wait_for(lambda: ok_items(folder) >= 1, "an item done")
     os.killpg(procs[0].pid, signal.SIGSTOP)  # the scheduler stalls; the driver and workers run on
     try:
+        stalled = status(job, tmp_path)  # "lost" said no more
+        assert stalled["state"] == "lost" and stalled["message"] == (
+            f"its scheduler, {address}, took the connection and did not answer (stalled?): its driver may still run, "
+            "and stops at a cancel once it sees it"), stalled  # fmt: skip
         done = run_cli("cancel", job, cwd=tmp_path)
         assert (done.returncode, done.stdout.strip()) == (0, f"job {job}: cancelled"), done.stderr
     finally:

@@ -222,11 +222,15 @@ def _pending_reason(slurm_job: str) -> str:
 
 
 def _summary(folder) -> dict:
-    from .jobs import HELD, live_driver
+    from .jobs import HELD, UNANSWERED, live_driver
 
     recorded = folder.status()
     state, task = live_driver(folder, recorded)
-    if state in ("queued", "running") and task in HELD:  # not started yet, or held again: its worker is gone
+    if task == UNANSWERED:
+        recorded = {**recorded, "message": f"its scheduler, {recorded['scheduler']}, took the connection and did not "
+                                           "answer (stalled?): its driver may still run, and stops at a cancel "
+                                           "once it sees it"}  # fmt: skip
+    elif state in ("queued", "running") and task in HELD:  # not started yet, or held again: its worker is gone
         waiting = "its driver waits for a Dask worker" + (" (the one it ran on is gone)" if state == "running" else "")
         state, recorded = "queued", {**recorded, "message": waiting}
     elif recorded.get("slurm_job") and task is not None:

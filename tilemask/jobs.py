@@ -50,7 +50,7 @@ from pathlib import Path
 import yaml
 
 from . import storage
-from .errors import OutputError, TilemaskError, option
+from .errors import OutputError, RunError, TilemaskError, option
 from .formats import for_path, written_by_tilemask
 from .outputs import describe_write_error, exists, make_folder, remove_made, why_unwritable
 
@@ -626,7 +626,7 @@ def live_driver(job: JobFolder, status: dict | None = None, timeout: float = 5.0
         return (again if again not in ACTIVE else "lost"), task
     if status.get("driver") and status.get("scheduler"):
         task = driver_state(status["scheduler"], status["driver"], timeout)
-        return (state if task not in (None, "forgotten", "erred", "memory") else "lost"), task
+        return (state if task not in (None, UNANSWERED, "forgotten", "erred", "memory") else "lost"), task
     if status.get("host") == socket.gethostname() and status.get("pid"):
         return (state if _pid_alive(int(status["pid"])) and _holds_lock(job) else "lost"), None
     if not status.get("host") and not storage.is_remote(job.location):  # no state recorded yet (no status.json):
@@ -635,9 +635,14 @@ def live_driver(job: JobFolder, status: dict | None = None, timeout: float = 5.0
     return state, None
 
 
+UNANSWERED = "unanswered"
+""":func:`driver_state` where something took the connection and said nothing within the timeout: a stalled
+scheduler (its driver may run on), or a port another service took since; such a job reads ``lost`` all the same."""
+
+
 def driver_state(address: str, key: str, timeout: float) -> str | None:
     """The state of task ``key`` on the scheduler at ``address``; ``None`` if it has no such task or cannot be
-    reached (nothing there, nothing that answers within ``timeout``: a port another service took since)."""
+    reached (nothing there), :data:`UNANSWERED` if what is there does not answer within ``timeout``."""
     from .cluster import scheduler_client
 
     def task_state(key: str, dask_scheduler=None) -> str | None:  # sent by value (nested): a scheduler without
@@ -647,6 +652,8 @@ def driver_state(address: str, key: str, timeout: float) -> str | None:
     for attempt in range(3):
         try:
             client = scheduler_client(address, timeout, set_as_default=False)
+        except RunError:  # the connection taken, no answer: "did not answer as a Dask scheduler within 5 s"
+            return UNANSWERED
         except (TilemaskError, ValueError):  # ValueError: no address distributed can read (an edited status.json)
             return None
         except AssertionError:  # distributed's handshake (assert len(msg) == 1): the scheduler sent its
