@@ -6,6 +6,10 @@ line printed is the address actually served. With more than one worker,
 uvicorn's supervisor starts that many processes on the socket (each builds the
 app from :func:`app_from_environment`), so tiles and features use every core
 instead of one interpreter's GIL.
+
+The app's modules (rio-tiler, dask, FastAPI: seconds) are imported when first used, not with this package: each
+server process imports this package first to configure its logging (:class:`CutShortQuietly`), before it
+answers its supervisor's health checks, and a process that has not answered in 5 s is killed and started again.
 """
 
 from __future__ import annotations
@@ -18,11 +22,18 @@ import logging
 import os
 import socket
 
-from .app import LOOPBACK_NAMES, create_app
-
 __all__ = ["create_app", "default_workers", "serve"]
 
 _SETTINGS = "TILEMASK_SERVE_SETTINGS"  # how the worker processes learn the folder and CORS origins
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def __getattr__(name: str):
+    if name == "create_app":  # imported when first used: see the module's docstring
+        from .app import create_app
+
+        return create_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class CutShortQuietly(logging.Filter):
@@ -74,6 +85,8 @@ def default_workers() -> int:
 
 def app_from_environment():
     """The app of a worker process started by uvicorn's supervisor."""
+    from .app import create_app
+
     settings = json.loads(os.environ[_SETTINGS])
     return create_app(settings["folder"], tuple(settings["cors_origins"]), tuple(settings["allowed_hosts"]))
 
@@ -97,6 +110,7 @@ def serve(
     from uvicorn.config import STARTUP_FAILURE
 
     from ..errors import InputError, RunError
+    from .app import create_app
 
     if not host.strip():  # "" is every interface to bind(), and the address shown would be http://:PORT/
         raise InputError("cannot listen on an empty --host: give an address (127.0.0.1, the default; 0.0.0.0 "

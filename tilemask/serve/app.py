@@ -28,7 +28,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.staticfiles import NotModifiedResponse
 
-from . import features, raster, stac, tables, volumes
+from . import LOOPBACK_NAMES, features, raster, stac, tables, volumes
 from .catalog import Catalog, Entry
 from .paths import reading, relative, resolve, shown
 
@@ -37,9 +37,6 @@ VENDOR = STATIC / "vendor"
 VENDOR_FILES = ("ol.js", "ol.css", "niivue.umd.js")
 GEOJSON = "application/geo+json"
 OUTSIDE = {"X-Tilemask-Outside": "1"}  # a 404 for a place the output does not cover: the map shows nothing there
-
-
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 class HeadAsGet:
