@@ -1,8 +1,9 @@
-"""``tilemask serve --workers N``: the server processes uvicorn's supervisor starts, watches and restarts."""
+"""``tilemask serve``'s processes: those uvicorn's supervisor starts, watches and restarts, and what they hold open."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -10,11 +11,15 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil
 import pytest
+import rasterio
+from affine import Affine
 
 # Each server process (a child of the supervisor, spawned) takes 6 s to import rio-tiler, as the app's modules took
 # on a busy 2-core machine (3.4 s alone there, with four importing at once much more); the supervisor itself not.
@@ -79,4 +84,66 @@ def test_server_processes_slow_to_import_are_not_killed_as_hung(tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # the server and its workers, whatever happened
+        process.stdout.close()
+
+
+def _labels_cog(path: Path, size: int = 1024) -> None:
+    """A label GeoTIFF as tilemask tags one (its classes), tiled, over 10 km of Italy."""
+    labels = (np.arange(size)[:, None] // 64 + np.arange(size)[None, :] // 64) % 3
+    profile = {"driver": "GTiff", "width": size, "height": size, "count": 1, "dtype": "uint8", "nodata": 255,
+               "crs": "EPSG:32633", "transform": Affine(10, 0, 300000, 0, -10, 5100000),
+               "tiled": True, "blockxsize": 256, "blockysize": 256}  # fmt: skip
+    with rasterio.open(path, "w", **profile) as out:
+        out.write(labels.astype(np.uint8), 1)
+        out.update_tags(TILEMASK_CLASSES=json.dumps(["background", "a", "b"]))
+
+
+def _held_deleted(pid: int, name: str) -> int:
+    """How many of the process's file descriptors hold ``name`` after it was deleted."""
+    held = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            held += target.endswith(f"{name} (deleted)")
+    return held
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc")
+@pytest.mark.timeout(90)
+def test_a_removed_output_is_not_held_open_by_the_server(tmp_path):
+    """Each of the server's threads keeps the GeoTIFFs it read open (GDAL's block cache then serves the next
+    tiles), and closed one only when asked for a tile of the same path again: an output removed while served
+    stayed open in every thread that had read it, its disk space not freed while requests for other outputs
+    kept the threads busy (a 16384^2 COG, 40 descriptors held after three rounds of tiles of another output).
+    A thread now closes what it holds of a file removed or replaced before it reads the next tile."""
+    import morecantile
+    from pyproj import Transformer
+
+    _labels_cog(tmp_path / "gone_mask.tif")
+    _labels_cog(tmp_path / "kept_mask.tif")
+    with rasterio.open(tmp_path / "kept_mask.tif") as ds:
+        lonlat = Transformer.from_crs(ds.crs, "OGC:CRS84", always_xy=True).transform_bounds(*ds.bounds)
+    tiles = [f"tiles/{t.z}/{t.x}/{t.y}.png" for t in morecantile.tms.get("WebMercatorQuad").tiles(*lonlat, [13])]
+    command = [str(Path(sys.executable).parent / "tilemask"), "serve", str(tmp_path), "--port", "0", "--workers", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)  # fmt: skip
+    try:
+        url = re.search(r"at (http://\S+/) ", process.stdout.readline()).group(1)
+        server = process.pid  # one worker: the command's own process serves
+        with httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=40)) as client:
+
+            def tiles_of(output: str) -> set[int]:
+                with ThreadPoolExecutor(40) as pool:  # many of the server's threads at once
+                    return set(pool.map(lambda t: client.get(t, params={"output": output}).status_code, tiles * 4))
+
+            assert tiles_of("gone_mask.tif") == {200}
+            (tmp_path / "gone_mask.tif").unlink()
+            assert _held_deleted(server, "gone_mask.tif") > 0  # the datasets the threads kept
+            for _ in range(3):  # other outputs' tiles: the same threads, busy
+                assert tiles_of("kept_mask.tif") == {200}
+            assert client.get(tiles[0], params={"output": "gone_mask.tif"}).status_code == 404
+            assert _held_deleted(server, "gone_mask.tif") == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.stdout.close()

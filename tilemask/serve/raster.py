@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -137,21 +138,36 @@ def _open_gtiff(path: Path) -> rasterio.io.DatasetReader | rasterio.vrt.WarpedVR
     """``path`` opened with the GTiff driver only, kept open by this thread while the file is unchanged.
 
     A GDAL dataset belongs to the thread that uses it; keeping it open spares the
-    open and keeps its decoded blocks in GDAL's cache for the next tiles a map asks.
+    open and keeps its decoded blocks in GDAL's cache for the next tiles a map asks. What the thread holds of a
+    file removed or replaced is closed first (:func:`_close_changed`).
     """
     cache: OrderedDict = _local.__dict__.setdefault("datasets", OrderedDict())
+    _close_changed(cache)
     st = path.stat()
     key, stamp = str(path), (st.st_size, st.st_mtime_ns, st.st_ino)
     held = cache.get(key)
     if held is not None and held[0] == stamp:
         cache.move_to_end(key)
         return held[1]
-    if held is not None:
+    if held is not None:  # replaced since the sweep above
         _close(held[1])
     cache[key] = (stamp, _round_180(rasterio.open(path, driver="GTiff")))
     while len(cache) > DATASETS_PER_THREAD:
         _close(cache.popitem(last=False)[1][1])
     return cache[key][1]
+
+
+def _close_changed(cache: OrderedDict) -> None:
+    """Close the datasets of ``cache`` (one thread's) whose file was removed or replaced since it was opened: each
+    holds its file open, and a removed output's disk space was not freed while the thread served other outputs."""
+    for key, (stamp, dataset) in list(cache.items()):
+        try:
+            st = os.stat(key)
+        except OSError:
+            st = None
+        if st is None or (st.st_size, st.st_mtime_ns, st.st_ino) != stamp:
+            del cache[key]
+            _close(dataset)
 
 
 def _round_180(dataset):
