@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import re
@@ -143,6 +144,62 @@ def test_a_removed_output_is_not_held_open_by_the_server(tmp_path):
                 assert tiles_of("kept_mask.tif") == {200}
             assert client.get(tiles[0], params={"output": "gone_mask.tif"}).status_code == 404
             assert _held_deleted(server, "gone_mask.tif") == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.stdout.close()
+
+
+def _peak_rss_growth(pid: int, ask) -> int:
+    """How far the process's resident memory rose above where it was while ``ask()`` ran (sampled every 20 ms)."""
+    process = psutil.Process(pid)
+    before = peak = process.memory_info().rss
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.02):
+            peak = max(peak, process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        ask()
+    finally:
+        done.set()
+        sampler.join()
+    return peak - before
+
+
+@pytest.mark.timeout(120)
+def test_a_volume_asked_by_many_viewers_at_once_is_strided_once(tmp_path):
+    """/view gives NiiVue a strided copy of a volume too large for a texture, made on the first request and kept;
+    requests that came together each made their own, every one holding the whole volume: 8 viewers of this
+    300 MB scan at once took 806 MB more, where one took 117 MB. The others now wait for the first's copy."""
+    import nibabel as nib
+
+    shape = (512, 512, 300)
+    scan = (np.indices(shape, sparse=True)[2] * np.ones(shape[:2] + (1,))).astype(np.float32)  # 300 MB in memory
+    for name in ("first.nii", "second.nii"):  # uncompressed: reading is the cost, not gunzipping
+        nib.save(nib.Nifti1Image(scan, np.diag([0.7, 0.7, 1.0, 1.0])), tmp_path / name)
+    del scan
+    command = [str(Path(sys.executable).parent / "tilemask"), "serve", str(tmp_path), "--port", "0", "--workers", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)  # fmt: skip
+    try:
+        url = re.search(r"at (http://\S+/) ", process.stdout.readline()).group(1)
+        with httpx.Client(base_url=url, timeout=100) as client:
+            assert client.get("?f=json").status_code == 200
+
+            def viewers(name: str, n: int) -> None:
+                with ThreadPoolExecutor(n) as pool:
+                    answers = list(pool.map(lambda _: client.get(f"volumes/{name}"), range(n)))
+                assert {a.status_code for a in answers} == {200}
+                assert len({gzip.decompress(a.content) for a in answers}) == 1
+
+            one = _peak_rss_growth(process.pid, lambda: viewers("first.nii", 1))
+            eight = _peak_rss_growth(process.pid, lambda: viewers("second.nii", 8))
+        assert eight < 2 * one, f"8 viewers at once: {eight >> 20} MB more; one: {one >> 20} MB"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
