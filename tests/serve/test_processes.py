@@ -204,3 +204,51 @@ def test_a_volume_asked_by_many_viewers_at_once_is_strided_once(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.stdout.close()
+
+
+@pytest.mark.slow  # a 4096^2 run of the demo's network (about 20 s here)
+@pytest.mark.timeout(300)
+def test_zoomed_out_tiles_of_a_plain_zarr_read_the_store_once(tmp_path, client):
+    """A plain Zarr has no pyramid: each zoomed-out tile read the whole array at full resolution, each tile
+    again, at once: the 20 tiles of /map's first view of an 8192^2 Zarr took the server to 4.6 GB and 12 s. Its
+    every (2**k)-th pixel (as an OME-Zarr's levels) is now read once and kept: 333 MB and 1.1 s."""
+    import morecantile
+
+    import tilemask
+    from tilemask.workflow import Workflow
+
+    from .conftest import DEMO
+
+    with rasterio.open(DEMO.parent / "demo" / "RGB.byte.tif") as src:
+        bands, profile = src.read(), src.profile
+    size = 4096
+    big = np.tile(bands, (1, -(-size // bands.shape[1]), -(-size // bands.shape[2])))[:, :size, :size]
+    profile.update(width=size, height=size, tiled=True, blockxsize=512, blockysize=512, compress="deflate")
+    with rasterio.open(tmp_path / "big.tif", "w", **profile) as out:
+        out.write(big)
+    (folder := tmp_path / "out").mkdir()
+    sets = [f"input={tmp_path / 'big.tif'}", f"output.path={folder}/{{stem}}_mask.zarr", "output.vectors=null",
+            "output.quicklook=false", "output.chunks=512"]  # fmt: skip
+    tilemask.run(Workflow.from_yaml(DEMO, sets), client)
+    command = [str(Path(sys.executable).parent / "tilemask"), "serve", str(folder), "--port", "0", "--workers", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)  # fmt: skip
+    try:
+        url = re.search(r"at (http://\S+/) ", process.stdout.readline()).group(1)
+        with httpx.Client(base_url=url, timeout=120) as http:
+            (output,) = http.get("?f=json").json()["outputs"]
+            view = list(morecantile.tms.get("WebMercatorQuad").tiles(*output["bounds"], [4]))
+            view = (view * 20)[:20]  # four viewers of the zoomed-out map: 20 tiles at once
+
+            def zoomed_out() -> None:
+                with ThreadPoolExecutor(len(view)) as pool:
+                    answers = list(pool.map(lambda t: http.get(f"tiles/{t.z}/{t.x}/{t.y}.png",
+                                                               params={"output": output["path"]}), view))  # fmt: skip
+                assert {a.status_code for a in answers} <= {200, 404} and 200 in {a.status_code for a in answers}
+
+            grown = _peak_rss_growth(process.pid, zoomed_out)
+        assert grown < 4 * size * size, f"20 tiles at zoom 4: {grown >> 20} MB more"  # the labels: 16 MB
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.stdout.close()

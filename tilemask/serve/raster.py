@@ -5,8 +5,9 @@ itself with the GTiff driver only (so a client can never make GDAL open a VRT or
 any other driver); Zarr outputs go through ``XarrayReader`` on
 :func:`tilemask.open_result`'s DataArray, or, for a tile of an OME-Zarr, on the
 level of its pyramid that is as fine as the tile and no finer (as rio-tiler
-picks a COG's overview); a plain Zarr has no pyramid, so a zoomed-out tile of a
-large one reads the whole array. Labels are read with nearest
+picks a COG's overview); a plain Zarr has no pyramid, so a zoomed-out tile reads
+its every (2**k)-th pixel instead, read from the whole store once and kept while
+small (:func:`_plain_level`). Labels are read with nearest
 resampling (from the COG's overviews at low zooms) and drawn in their class
 colours, with nodata and the outside of the image transparent; probabilities
 are drawn as a viridis ramp, one band (class) at a time, transparent where the
@@ -35,6 +36,7 @@ from ..formats import for_path
 from .catalog import Entry
 from .paths import inside, reading
 
+PLAIN_LEVELS = 8  # a plain Zarr's levels: every pixel, every 2nd, ... every 128th (a 32768^2 output in 256^2)
 NEAREST = {"resampling_method": "nearest", "reproject_method": "nearest"}
 OUTSIDE = (TileOutsideBounds, PointOutsideBounds)
 
@@ -49,7 +51,7 @@ def reader(root: Path, entry: Entry, variable: str = "labels", tile: tuple[int, 
         st = (path / "zarr.json").stat()
         stamp = (st.st_mtime_ns, st.st_ino)
         zoom = tile[2] if tile else None
-        level = _level_for(str(path), variable, zoom, *stamp) if zoom is not None and fmt.name == "ome-zarr" else 0
+        level = _level_for(str(path), variable, zoom, *stamp) if zoom is not None else 0
         seam = _seam(str(path), *stamp)  # a grid past 180 degrees: rioxarray cannot cut a tile across the meridian
         if seam is not None and tile is not None and _across(seam, tile):  # where its CRS cuts the Earth (a 422)
             raise TileOutsideBounds(f"tile {tile} reaches {seam:g} degrees, where the grid's CRS cuts the Earth")
@@ -83,6 +85,9 @@ def _zarr_array(path: str, variable: str, level: int, mtime_ns: int, inode: int)
             array = array.rio.write_crs(round_180)
         return array.rename({"class": "band"}) if variable == "probabilities" else array
     array = _zarr_array(path, variable, 0, mtime_ns, inode)  # level 0's grid, CRS and nodata, opened once
+    if not _level_paths(path, variable):  # a plain Zarr: no pyramid
+        with _STRIDING:  # the threads asking for it at once wait for one read of the store
+            return _plain_level(path, variable, level, mtime_ns, inode)
     stored = zarr.open_group(path, mode="r")[_level_paths(path, variable)[level]]
     grid = array.rio.transform() * rasterio.Affine.scale(2**level)
     height, width = stored.shape[-2:]
@@ -94,13 +99,29 @@ def _zarr_array(path: str, variable: str, level: int, mtime_ns: int, inode: int)
     return out.rio.write_nodata(array.rio.nodata, encoded=False) if array.rio.nodata is not None else out
 
 
+_STRIDING = threading.Lock()
+KEPT_VALUES = 2048 * 2048  # a plain Zarr's level up to this many values (per class) is read once and kept
+
+
+@functools.lru_cache(maxsize=16)
+def _plain_level(path: str, variable: str, level: int, mtime_ns: int, inode: int):
+    """Every (2**level)-th pixel of a plain Zarr output, on the grid of those pixels, in memory where small (a
+    zoomed-out tile read the whole array at full resolution, each tile again: 20 tiles of an 8192^2 Zarr at once
+    took the server to 4.6 GB); lazy where large (a tile then reads the chunks under it)."""
+    step = slice(None, None, 2**level)
+    strided = _zarr_array(path, variable, 0, mtime_ns, inode).isel(x=step, y=step)
+    return strided.compute() if strided.sizes["x"] * strided.sizes["y"] <= KEPT_VALUES else strided
+
+
 @functools.lru_cache(maxsize=16)
 def _level_paths(path: str, variable: str) -> tuple[str, ...]:
-    """The store keys of an OME-Zarr output's levels of ``variable``, finest first."""
+    """The store keys of an OME-Zarr output's levels of ``variable``, finest first; none for a plain Zarr."""
     import zarr
 
-    from ..formats import OmeZarrFormat
+    from ..formats import OmeZarrFormat, for_path
 
+    if for_path(path).name != "ome-zarr":
+        return ()
     group = zarr.open_group(path, mode="r")
     fmt = OmeZarrFormat()
     first = fmt.labels_key(group) if variable == "labels" else fmt.probabilities_key(group)
@@ -126,7 +147,7 @@ def _level_for(path: str, variable: str, zoom: int, mtime_ns: int, inode: int) -
     tile_pixel = 2 * np.pi * 6378137.0 / (256 * 2**zoom)
     if not np.isfinite(pixel) or pixel <= 0:
         return 0
-    levels = len(_level_paths(path, variable))
+    levels = len(_level_paths(path, variable)) or PLAIN_LEVELS
     return int(max(0, min(levels - 1, np.floor(np.log2(tile_pixel / pixel)))))
 
 
