@@ -48,6 +48,7 @@ def _server_processes(supervisor: int) -> set[int]:
     return found
 
 
+@pytest.mark.slow  # 21 s: two server processes made to import for 6 s, watched for 12 s
 @pytest.mark.timeout(120)
 def test_server_processes_slow_to_import_are_not_killed_as_hung(tmp_path):
     """uvicorn's supervisor pings each server process every half second and kills (SIGKILL) and restarts one that
