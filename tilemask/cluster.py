@@ -196,6 +196,7 @@ def cluster_client(
     forkserver.start_resource_tracker()
     signal.pthread_sigmask(signal.SIG_SETMASK, unheld | {signal.SIGINT})
     cluster = None
+    callers = _callers_environment()
     try:
         # the nannies take the config along; one that restarts a worker later spawns it
         with shielded(), dask.config.set({**(UNWATCHED if not dashboard else {}), **forkserver.worker_config()}), \
@@ -217,6 +218,31 @@ def cluster_client(
         signal.pthread_sigmask(signal.SIG_SETMASK, unheld)
         if cluster is not None:  # e.g. a nanny still restarting a killed worker fails it: the work itself is done
             _close_quietly(cluster, "the embedded cluster")
+        callers()
+
+
+NANNY_VARIABLES = ("PYTHONHASHSEED", "__DASK_PARENT_PID")
+"""What a nanny sets in its own process beside ``distributed.nanny.pre-spawn-environ``: the seed it gives its
+workers and its process id (for their process titles)."""
+
+
+def _callers_environment() -> Callable[[], None]:
+    """``restore()``, which puts back the variables Dask's nannies set in this process as they spawn their workers
+    (``distributed.nanny.pre-spawn-environ``, :data:`NANNY_VARIABLES`) as they were before: a notebook's
+    ``tilemask.run`` without a client left OMP_NUM_THREADS, MKL_NUM_THREADS and OPENBLAS_NUM_THREADS at 1, and its
+    ``import torch`` afterwards took one thread instead of the cores, as did every process it started later.  Called
+    once the embedded cluster is closed: a nanny sets them again each time it restarts a worker."""
+    names = {*dask.config.get("distributed.nanny.pre-spawn-environ", {}), *NANNY_VARIABLES}
+    before = {name: os.environ.get(name) for name in names}
+
+    def restore() -> None:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    return restore
 
 
 @contextlib.contextmanager
