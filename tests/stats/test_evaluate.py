@@ -299,3 +299,23 @@ def test_classes_named_otherwise_in_the_truth_are_warned_of(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="tilemask.stats.evaluate"):
         evaluate_paths(paths[0], paths[0])
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+@pytest.mark.timeout(60)
+def test_a_label_image_given_as_the_dataarray_open_result_gives_is_named_not_a_bare_type_error(pair, tmp_path):
+    """In a notebook the labels at hand are the DataArray ``tilemask.open_result`` (or ``postprocess.apply``) gives;
+    ``evaluate_paths(labels, truth)`` and ``compute_stats(labels, "t.csv")`` were a bare ``TypeError: expected str,
+    bytes or os.PathLike object, not DataArray``, which named neither the argument nor what to give instead."""
+    import tilemask
+    from tilemask.stats import compute_stats
+
+    pred, truth, _, _ = pair
+    labels = tilemask.open_result(pred)
+    calls = {"pred_path": lambda: evaluate_paths(labels, truth), "truth_path": lambda: evaluate_paths(pred, labels),
+             "mask_path": lambda: compute_stats(labels, tmp_path / "t.csv")}  # fmt: skip
+    for name, call in calls.items():
+        with pytest.raises(InputError) as refused:
+            call()
+        assert str(refused.value) == (f"{name}: a label image's path or URL, not a DataArray; write it to a file "
+                                      "first (a DataArray: .rio.to_raster)"), refused  # fmt: skip
+    assert not (tmp_path / "t.csv").exists()

@@ -59,6 +59,7 @@ def prepare_stats(
     it).  ``tilemask stats`` starts its cluster only after this, so a wrong argument or an unreadable file is
     refused at once."""
     check_flags(instances=instances)
+    _check_image_path("mask_path", mask_path)
     if regions is not None and not isinstance(regions, str | os.PathLike):  # a GeoDataFrame was a bare TypeError
         raise InputError(f"regions: a path (a vector file: GeoPackage, shapefile, GeoJSON, ...; or a label image), "
                          f"not a {type(regions).__name__}; write it to one first (GeoDataFrame.to_file)")  # fmt: skip
@@ -155,6 +156,8 @@ def prepare_evaluation(
     (``run(client, before_writing=) -> dict``, see :func:`prepare_stats`). With ``surface``, an image too big to
     read whole or on a geographic CRS is refused here too."""
     check_flags(surface=surface)
+    _check_image_path("pred_path", pred_path)
+    _check_image_path("truth_path", truth_path)
     if output_path is not None:
         check_table_path(output_path, inputs=(pred_path, truth_path), suffixes=(".json",))
     pred_path, truth_path = _absolute(pred_path), _absolute(truth_path)
@@ -211,6 +214,14 @@ def _check_client(client) -> None:
         from ..cluster import check_client
 
         check_client(client)
+
+
+def _check_image_path(name: str, path) -> None:
+    """A label image given as a path or URL.  The DataArray ``tilemask.open_result`` and ``postprocess.apply`` give,
+    what a notebook holds, was a bare ``TypeError: expected str, bytes or os.PathLike object, not DataArray``."""
+    if not isinstance(path, str | os.PathLike):
+        raise InputError(f"{name}: a label image's path or URL, not a {type(path).__name__}; write it to a file "
+                         "first (a DataArray: .rio.to_raster)")  # fmt: skip
 
 
 def _absolute(path: str | os.PathLike) -> str:
