@@ -936,3 +936,18 @@ def test_a_python_run_on_its_embedded_cluster_leaves_the_callers_environment_as_
     assert result.status == "ok"
     assert {key: os.environ.get(key) for key in keys} == {key: "2" if key == "OPENBLAS_NUM_THREADS" else None
                                                           for key in keys}  # fmt: skip
+
+
+@pytest.mark.timeout(30)
+def test_tilemask_run_shows_the_keywords_it_takes():
+    """``tilemask.run`` was ``run(workflow, client=None, **kwargs)``: a notebook's signature help (``help()``, Shift-Tab,
+    an IDE) showed none of its options, and its docstring left out ``on_result``, which the README documents. It has
+    :func:`tilemask.driver.run`'s parameters, and its docstring names each."""
+    import inspect
+
+    import tilemask
+    from tilemask import driver
+
+    public, inner = inspect.signature(tilemask.run), inspect.signature(driver.run)
+    assert public == inner, (public, inner)
+    assert all(f"``{name}``" in tilemask.run.__doc__ for name in list(inner.parameters)[1:]), tilemask.run.__doc__

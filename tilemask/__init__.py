@@ -4,7 +4,19 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import os  # noqa: E402
+from collections.abc import Callable, Mapping  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
 from .errors import TilemaskError  # noqa: E402
+
+if TYPE_CHECKING:  # the names of run's annotations alone: importing them takes distributed, pydantic and the models
+    from distributed import Client
+
+    from .driver import JobResults
+    from .engine import RunResult
+    from .workflow import Workflow
 
 
 def __getattr__(name: str):
@@ -15,14 +27,32 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'tilemask' has no attribute {name!r}")
 
 
-def run(workflow, client=None, **kwargs):
+def run(
+    workflow: Workflow | Mapping | str | Path,
+    client: Client | None = None,
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+    on_error: str = "abort",
+    retry_failed: bool = False,
+    job_dir: str | os.PathLike | None = None,
+    source: str | None = None,
+    cluster: str = "local",
+    on_result: Callable[[RunResult], None] | None = None,
+) -> JobResults:
     """Run a workflow (a :class:`Workflow`, a YAML path, or the mapping one holds) as a job on ``client`` (else
     an embedded cluster); keywords as the command's options: ``scheduler``, ``workers``, ``threads_per_worker``,
-    ``cluster``, ``progress``, ``overwrite``, ``on_error``, ``retry_failed``, ``job_dir``. One result per input;
+    ``cluster``, ``progress``, ``overwrite``, ``on_error``, ``retry_failed``, ``job_dir``; ``source``, the workflow
+    file to record in the job; ``on_result``, called with each input's result as it is known. One result per input;
     see :func:`tilemask.driver.run`."""
     from .driver import run as _run
 
-    return _run(workflow, client, **kwargs)
+    return _run(workflow, client, scheduler=scheduler, workers=workers, threads_per_worker=threads_per_worker,
+                progress=progress, overwrite=overwrite, on_error=on_error, retry_failed=retry_failed, job_dir=job_dir,
+                source=source, cluster=cluster, on_result=on_result)  # fmt: skip
 
 
 def open_result(path, variable="labels", chunks=None):
