@@ -1715,3 +1715,34 @@ def test_a_job_stopped_while_it_writes_its_record_is_listed_and_reads_as_lost(tm
     assert listing.returncode == 0 and job.id in listing.stdout and "lost" in listing.stdout.split(job.id)[1]
     status = run_cli("status", job.id)
     assert status.returncode == 0 and "lost" in status.stdout
+
+
+@pytest.mark.timeout(120)
+def test_a_job_running_on_another_thread_of_this_process_is_named_so(make_raster, make_model, tmp_path, client):
+    """A notebook runs a job on a thread of its own and calls ``tilemask.run`` on it again meanwhile: the second
+    call was refused as "running in another process", which sent the user looking for a process that was not
+    there. It says this process, and the first run goes on undisturbed."""
+    path, _ = make_raster((3, 80, 90))
+    weights, _ = make_model()
+    workflow = Workflow.from_dict(raster_workflow(path, weights, output={"path": "out/{stem}.zarr", "chunks": 64}),
+                                  base_dir=tmp_path)  # fmt: skip
+    holding, tried = threading.Event(), threading.Event()
+
+    def hold(result) -> None:  # the first run holds the job's lock while its item is told
+        holding.set()
+        tried.wait(60)
+
+    first = []
+    thread = threading.Thread(target=lambda: first.extend(tilemask.run(workflow, client, on_result=hold)))
+    thread.start()
+    try:
+        assert holding.wait(90), "the first run told no result"
+        with pytest.raises(JobError) as refused:
+            tilemask.run(workflow, client)
+    finally:
+        tried.set()
+        thread.join(60)
+    job = re.search(r"job (\w+) is", str(refused.value)).group(1)
+    assert str(refused.value) == (f"job {job} is running in this process (another thread's tilemask.run); see "
+                                  f"tilemask status {job}"), str(refused.value)  # fmt: skip
+    assert [r.status for r in first] == ["ok"]

@@ -430,10 +430,21 @@ class JobFolder:
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise JobError(f"job {self.id} is running in another process; see tilemask status {self.id}") from None
+                raise JobError(f"job {self.id} is running {self._who_runs_it()}; see tilemask status {self.id}") from None
             raise
         self._lock_fd = fd
         return self
+
+    def _who_runs_it(self) -> str:
+        """Where the run holding the job's lock runs: "in another process", or this one where the job's status says
+        so (a notebook's ``tilemask.run`` on a thread of its own, called again meanwhile, was told "another
+        process")."""
+        with contextlib.suppress(JobError, OSError):
+            status = self.status()
+            if (status.get("state") == "running" and status.get("pid") == os.getpid()
+                    and status.get("host") == socket.gethostname()):  # fmt: skip
+                return "in this process (another thread's tilemask.run)"
+        return "in another process"
 
     def discard(self) -> None:
         """Remove a job its first run created and then refused before any work (exit 2): its files, its listing in
