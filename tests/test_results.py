@@ -479,3 +479,18 @@ def test_a_zarr_output_missing_a_chunk_is_refused_not_read_as_background(tmp_pat
     done = run_cli("stats", path, "-o", tmp_path / "t.csv")
     assert done.returncode == 2 and re.match(rf"^tilemask: error: {message}", done.stderr.strip()), done.stderr
     assert not (tmp_path / "t.csv").exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_cogs_probabilities_file_opened_as_labels_says_how_to_open_it(outputs):
+    """A run's ``outputs`` list the probabilities COG beside the labels; ``open_result`` on it, as on each of the
+    others, was 'a label image has one band, this raster has 3', which did not say that ``variable="probabilities"``
+    on the labels' path opens it."""
+    paths, _, probabilities, _ = outputs
+    beside = paths[".tif"].replace("mask.tif", "mask_probabilities.tif")
+    assert Path(beside).exists()
+    with pytest.raises(InputError) as refused:
+        open_result(beside)
+    assert str(refused.value) == (f"{beside}: the probabilities beside the labels {paths['.tif']}: open them with "
+                                  f"open_result({paths['.tif']!r}, 'probabilities')"), str(refused.value)  # fmt: skip
+    np.testing.assert_array_equal(open_result(paths[".tif"], "probabilities").values, probabilities)

@@ -45,7 +45,11 @@ def open_result(path: str, variable: str = "labels", chunks: int | tuple[int, ..
     check_chunks(chunks)
     path = os.fspath(path) if isinstance(path, os.PathLike) else path  # a pathlib.Path, as rasterio.open takes
     if variable == "labels":
-        return _labels(path, chunks)
+        try:
+            return _labels(path, chunks)
+        except InputError:
+            _refuse_probabilities_as_labels(path)
+            raise
     if variable == "probabilities":
         return _probabilities(path, chunks)
     raise UsageError(f"variable must be 'labels' or 'probabilities', not {variable!r}")
@@ -99,6 +103,23 @@ def _probabilities(path: str, chunks) -> xr.DataArray:
     array = _georeferenced(lazy, ("class", "y", "x"), geometry, "probabilities")
     array.attrs["class_names"] = list(names)
     return array
+
+
+PROBABILITIES_SUFFIXES = (".tif", ".tiff", ".nii.gz", ".nii")
+"""The suffixes of probabilities written beside their labels (a COG's, a NIfTI's)."""
+
+
+def _refuse_probabilities_as_labels(path: str) -> None:
+    """Say how to open the probabilities file written beside a COG's or NIfTI's labels, given as labels: a run's
+    ``outputs`` list it, and ``open_result`` on it said only that a label image has one band (or three axes)."""
+    name = str(path)
+    for suffix in PROBABILITIES_SUFFIXES:
+        if name.lower().endswith(f"_probabilities{suffix}"):
+            labels = name[: -len(f"_probabilities{suffix}")] + name[-len(suffix):]
+            fmt = for_path(labels)
+            if fmt.probabilities_path(labels) == name and exists(labels):
+                raise InputError(f"{path}: the probabilities beside the labels {labels}: open them with "
+                                 f"open_result({labels!r}, 'probabilities')") from None  # fmt: skip
 
 
 def _per_axis(chunks: int | tuple[int, ...], spatial: int) -> tuple[int, ...]:
