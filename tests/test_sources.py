@@ -322,6 +322,32 @@ def test_a_vsizip_path_says_what_is_wrong_with_its_archive(make_raster, tmp_path
 
 
 @pytest.mark.timeout(60)
+def test_a_tar_member_named_only_in_a_pax_header_is_refused_naming_the_name_gdal_reads(make_raster, tmp_path):
+    """A reviewer's batch of a .tar.gz packed by Python's tarfile (its default, pax, as bsdtar on macOS packs a name
+    that is not ASCII or longer than 100 bytes): GDAL's /vsitar/ reads no pax header, only the ustar name
+    (``sc?ne.tif``, the long one cut at 100 bytes), and each such member failed with GDAL's "does not exist in the
+    file system" though the archive lists it. Its refusal says why and how to pack it; GNU tar's names are read."""
+    import tarfile
+
+    scene, _ = make_raster((3, 20, 30))
+    long_name = "d" * 80 + "/" + "f" * 60 + ".tif"
+    for fmt, archive in ((tarfile.PAX_FORMAT, tmp_path / "pax.tar.gz"), (tarfile.GNU_FORMAT, tmp_path / "gnu.tar.gz")):
+        with tarfile.open(archive, "w:gz", format=fmt) as tf:
+            tf.add(scene, "plain.tif")
+            tf.add(scene, "sc\xe8ne #1.tif")
+            tf.add(scene, long_name)
+    for member in ("plain.tif", "sc\xe8ne #1.tif", long_name):
+        assert open_source(f"/vsitar/{tmp_path}/gnu.tar.gz/{member}", spatial_dims=2).shape == (3, 20, 30)
+    assert open_source(f"/vsitar/{tmp_path}/pax.tar.gz/plain.tif", spatial_dims=2).shape == (3, 20, 30)
+    for member, seen in (("sc\xe8ne #1.tif", "sc?ne #1.tif"), (long_name, long_name[:100])):
+        path = f"/vsitar/{tmp_path}/pax.tar.gz/{member}"
+        with pytest.raises(InputError, match=re.escape(f"{path}: cannot open raster: {tmp_path}/pax.tar.gz: its "
+                                                       f"member {member} is named in a pax header, which GDAL's "
+                                                       f"/vsitar/ does not read (it reads the name {seen!r})")):  # fmt: skip
+            open_source(path, spatial_dims=2)
+
+
+@pytest.mark.timeout(60)
 def test_a_damaged_raster_in_a_zip_or_tar_gz_is_refused_not_read_as_other_pixels(make_raster, tmp_path):
     """A reviewer's fault sweep: bytes changed inside a raster member's compressed data (a zip's, a .tar.gz's):
     GDAL checks no CRC, and the run exited 0 with half the labels different. Python's readers check them, on disk

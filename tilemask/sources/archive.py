@@ -109,6 +109,10 @@ def archive_problem(path: str) -> str | None:
         return f"{archive} has no member {member}"
     if ".." in member.split("/"):
         return f"{archive}: its member {member} is named with '..', which GDAL does not read; narrow input.members"
+    seen = None if archive.lower().endswith(".zip") else _ustar_name(archive, member)
+    if seen is not None and seen != member:
+        return (f"{archive}: its member {member} is named in a pax header, which GDAL's /vsitar/ does not read (it "
+                f"reads the name {seen!r}); pack the archive again with GNU tar (tar --format=gnu) or as a zip")  # fmt: skip
     if _is_dicom(archive, member):
         return (f"{archive}: its member {member} is a DICOM file; a DICOM series is read from its folder: extract "
                 "the archive and give the series' folder as the input")  # fmt: skip
@@ -120,6 +124,23 @@ def archive_problem(path: str) -> str | None:
             return (f"{archive}: its member {member} is compressed with {name}, which GDAL does not read (stored or "
                     "deflate only); pack the archive again with deflate")  # fmt: skip
     return None
+
+
+def _ustar_name(archive: str, member: str) -> str | None:
+    """The name a tar's ``member`` has in its own header, the only one GDAL's ``/vsitar/`` reads (GNU tar's long
+    name record too), where a pax header names it (Python's tarfile and bsdtar write one for a name that is not
+    ASCII, ``sc?ne.tif`` in the header, or longer than 100 bytes, cut there); None where none does."""
+    try:
+        with tarfile.open(archive) as tf:
+            info = next((m for m in tf.getmembers() if _gdal_name(m.name) == member), None)
+            if info is None or "path" not in info.pax_headers:
+                return None
+            tf.fileobj.seek(info.offset_data - tarfile.BLOCKSIZE)  # the member's own header, after the pax one
+            header = tf.fileobj.read(tarfile.BLOCKSIZE)
+    except (tarfile.TarError, EOFError, OSError):
+        return None
+    name, prefix = (field.split(b"\0", 1)[0].decode("utf-8", "replace") for field in (header[:100], header[345:500]))
+    return _gdal_name(f"{prefix}/{name}" if prefix and header[257:263] == b"ustar\0" else name)
 
 
 def _is_dicom(archive: str, member: str) -> bool:
