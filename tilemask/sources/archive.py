@@ -185,9 +185,13 @@ def _damage(archive: str, member: str | None, remote: str | None, *version) -> s
     """:func:`damaged_member` of ``archive``, read from disk or from the URL ``remote``; ``version`` tells one
     version of it from another (a file's inode, time and size; an object's ETag or time and size)."""
     try:
-        with _opened(archive, remote) as source, (
-            _member(archive, member, source) if member is not None else gzip.open(source)
-        ) as handle:
+        with contextlib.ExitStack() as stack:
+            if member is not None and remote is None:  # a local zip's member: through the zip opened once
+                handle = stack.enter_context(_member(archive, member))
+            else:
+                source = stack.enter_context(_opened(archive, remote))
+                handle = stack.enter_context(_member(archive, member, source) if member is not None
+                                             else gzip.open(source))  # fmt: skip
             while handle.read(1 << 22):
                 pass
     except (zipfile.BadZipFile, tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error) as exc:
@@ -232,10 +236,15 @@ def extract(path: str, archive: str, member: str, target: str) -> None:
 @contextlib.contextmanager
 def _member(archive: str, member: str, source: IO[bytes] | None = None) -> Iterator[IO[bytes]]:
     """``member`` of ``archive``, read from the file ``source`` holding it where given."""
+    if archive.lower().endswith(".zip") and source is None:
+        stat = os.stat(archive)
+        zf, names = _local_zip(archive, os.getpid(), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        with zf.open(names.get(member, member)) as handle:
+            yield handle
+        return
     if archive.lower().endswith(".zip"):
-        with zipfile.ZipFile(source or archive) as zf:
-            names = {i.filename.replace("\\", "/"): i.filename for i in zf.infolist()}  # as :func:`members` named it
-            with zf.open(names.get(member, member)) as handle:
+        with zipfile.ZipFile(source) as zf:
+            with zf.open(_zip_names(zf).get(member, member)) as handle:
                 yield handle
         return
     with tarfile.open(archive, fileobj=source) as tf:
@@ -245,3 +254,18 @@ def _member(archive: str, member: str, source: IO[bytes] | None = None) -> Itera
             raise KeyError(f"{member} is not a file")
         with handle:
             yield handle
+
+
+@functools.lru_cache(maxsize=8)
+def _local_zip(archive: str, *version) -> tuple[zipfile.ZipFile, dict[str, str]]:
+    """The local zip ``archive`` opened once per process and ``version`` (its inode, time and size), with
+    :func:`_zip_names`: ``ZipFile`` reads the whole central directory as it opens, and a batch of a zip's members
+    opened it for each (30 ms a member in a zip of 10,000: planning grew with the square of the batch). Its
+    members are read through it from several threads, as ``ZipFile`` allows (each read seeks under its lock)."""
+    zf = zipfile.ZipFile(archive)
+    return zf, _zip_names(zf)
+
+
+def _zip_names(zf: zipfile.ZipFile) -> dict[str, str]:
+    """A zip's member names as :func:`members` names them (``/`` for a Windows ``\\``) -> as the zip writes them."""
+    return {i.filename.replace("\\", "/"): i.filename for i in zf.infolist()}
