@@ -322,6 +322,31 @@ def test_a_vsizip_path_says_what_is_wrong_with_its_archive(make_raster, tmp_path
 
 
 @pytest.mark.timeout(60)
+def test_a_zip_member_damaged_where_gdal_opens_it_is_refused_as_damaged_not_with_gdals_inflate_error(
+    make_raster, tmp_path
+):
+    """A reviewer's batch of a zip with a member damaged near its start, where GDAL reads the TIFF's header: GDAL
+    failed to open it, and the failure said "In file /project/gdal-3.10.3/port/cpl_vsil_gzip.cpp, at line 1215,
+    decompression failed with z_err = -3", where a member damaged further on is refused as damaged, naming it. The
+    checksum is checked there too."""
+    import zipfile
+
+    scene, _ = make_raster((3, 64, 64), compress="deflate")
+    archive = tmp_path / "scenes.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.write(scene, "sub/scene.tif")
+    data = bytearray(archive.read_bytes())
+    at = data.index(b"sub/scene.tif") + len("sub/scene.tif") + 4  # the deflate stream's first bytes
+    data[at : at + 8] = bytes(b ^ 0x5A for b in data[at : at + 8])
+    archive.write_bytes(bytes(data))
+    path = f"/vsizip/{archive}/sub/scene.tif"
+    with pytest.raises(InputError, match=re.escape(f"{path}: cannot open raster: {archive}: its member sub/scene.tif "
+                                                   "is damaged (")) as refused:  # fmt: skip
+        open_source(path, spatial_dims=2)
+    assert refused.value.exit_status == 2
+
+
+@pytest.mark.timeout(60)
 def test_the_members_of_one_zip_are_checked_with_one_read_of_its_central_directory(make_raster, tmp_path, monkeypatch):
     """A reviewer's batch of a zip of 10,000 scenes: each member's CRC check opened the zip anew, and ``ZipFile``
     reads the whole central directory as it opens (30 ms a member here, 1 s in a zip of 100,000: the planning of

@@ -148,8 +148,8 @@ def _is_dicom(archive: str, member: str) -> bool:
     try:
         with _member(archive, member) as handle:
             return handle.read(132)[128:] == b"DICM"
-    except (KeyError, zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, NotImplementedError):
-        return False
+    except (KeyError, zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, NotImplementedError, zlib.error):
+        return False  # a member damaged at its start (zlib's error): the caller's damaged_member says so
 
 
 def damaged_member(path: str) -> str | None:

@@ -125,11 +125,12 @@ class RasterSource(ImageSource):
                 subdatasets = ds.subdatasets
                 sources = ds.files[1:] if ds.driver == "VRT" else []
         except RasterioError as exc:
-            from .archive import archive_problem
+            from .archive import archive_problem, damaged_member
 
             if missing_local(path):  # GDAL's line said "cannot open raster: {path}: No such file or directory"
                 raise InputError(f"{path}: no such file or folder") from None
-            detail = archive_problem(path) or first_gdal_line(exc)
+            # a member damaged where GDAL reads its header: GDAL's line named its own source file and zlib's code
+            detail = archive_problem(path) or damaged_member(path) or first_gdal_line(exc)
             url = network_object(path)  # an object the store refused to a key it does not know, or a server that
             if url and "not recognized as being" in detail:  # stalled after its headers: GDAL's line said "not
                 detail = object_problem(url, body=True) or detail  # recognized as being in a supported file format"
