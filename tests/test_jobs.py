@@ -1289,6 +1289,32 @@ def test_a_nifti_inside_a_tar_gz_is_read_from_a_scratch_copy(make_volume, make_m
     assert list((tmp_path / "scratch" / "tilemask-archives").glob("*/scan.nii.gz")), "the member was staged to scratch"
 
 
+@pytest.mark.timeout(60)
+def test_a_tar_gz_whose_stream_does_not_inflate_is_refused_naming_it(make_raster, tmp_path):
+    """A reviewer's batch of a damaged .tar.gz whose deflate stream breaks past its first member (zlib's "invalid
+    block type" as the listing reads the headers): the run ended "tilemask: error: error: Error -3 while
+    decompressing data: invalid block type", exit 1, naming no archive. It is refused as an archive that cannot be
+    read, exit 2, as a cut one is."""
+    import gzip
+
+    scene, _ = make_raster((3, 20, 30))
+    packed = io.BytesIO()
+    with tarfile.open(fileobj=packed, mode="w") as tf:
+        tf.add(scene, "a.tif")
+        tf.add(scene, "b.tif")
+    first = 512 + -(-os.path.getsize(scene) // 512) * 512  # a.tif's header and data
+    head = gzip.compress(packed.getvalue()[:first])
+    tail = bytearray(gzip.compress(packed.getvalue()[first:]))  # a second gzip member, as pigz or cat may make
+    tail[10] = 0x07  # its first deflate block: final, of the type that does not exist
+    (tmp_path / "scenes.tar.gz").write_bytes(head + bytes(tail))
+    from tilemask.inputs import archive_items
+
+    with pytest.raises(InputError, match=re.escape(f"input.archive: {tmp_path}/scenes.tar.gz: cannot read the "
+                                                   "archive: Error -3 while decompressing data")) as refused:  # fmt: skip
+        archive_items(str(tmp_path / "scenes.tar.gz"), "*.tif")
+    assert refused.value.exit_status == 2
+
+
 def test_a_tar_of_a_folder_whose_members_are_named_dot_slash_is_read(make_raster, make_volume, make_model, tmp_path,
                                                                      client, monkeypatch):  # fmt: skip
     """``tar -czf scenes.tar.gz -C scenes .``, the usual way to pack a folder, names its members ``./a.tif``: each

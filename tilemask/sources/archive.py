@@ -62,8 +62,8 @@ def members(archive: str, pattern: str) -> list[str]:
                 names = [_gdal_name(m.name) for m in tf.getmembers() if m.isfile()]
     except FileNotFoundError:
         raise InputError(f"input.archive: no such file {archive}") from None
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
-        raise InputError(f"input.archive: {archive}: cannot read the archive: {exc}") from None
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error) as exc:  # zlib's: a .tar.gz's
+        raise InputError(f"input.archive: {archive}: cannot read the archive: {exc}") from None  # stream damaged
     names = [n for n in names if not is_resource_fork(n)]
     found = sorted(n for n in names if fnmatch.fnmatch(n, pattern) or fnmatch.fnmatch(os.path.basename(n), pattern))
     for name in found:
@@ -137,7 +137,7 @@ def _ustar_name(archive: str, member: str) -> str | None:
                 return None
             tf.fileobj.seek(info.offset_data - tarfile.BLOCKSIZE)  # the member's own header, after the pax one
             header = tf.fileobj.read(tarfile.BLOCKSIZE)
-    except (tarfile.TarError, EOFError, OSError):
+    except (tarfile.TarError, EOFError, OSError, zlib.error):
         return None
     name, prefix = (field.split(b"\0", 1)[0].decode("utf-8", "replace") for field in (header[:100], header[345:500]))
     return _gdal_name(f"{prefix}/{name}" if prefix and header[257:263] == b"ustar\0" else name)
@@ -229,7 +229,7 @@ def extract(path: str, archive: str, member: str, target: str) -> None:
     try:
         with _member(archive, member) as src, open(target, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-    except (KeyError, zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
+    except (KeyError, zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as exc:
         raise InputError(f"{path}: cannot extract {member} from {archive}: {exc}") from None
 
 
