@@ -1290,6 +1290,34 @@ def test_a_nifti_inside_a_tar_gz_is_read_from_a_scratch_copy(make_volume, make_m
 
 
 @pytest.mark.timeout(60)
+def test_an_archive_holding_one_name_twice_is_refused_saying_so(make_raster, tmp_path):
+    """A reviewer's zip appended to (``zipfile`` mode "a", an interrupted update): it held ``a/x.tif`` twice, and
+    the run said "/vsizip/.../a/x.tif and /vsizip/.../a/x.tif would both write x_mask.tif; ... rename one" of two
+    inputs of one name. The archive is refused naming the member it holds twice (GDAL reads only one of them)."""
+    import warnings
+
+    scene, _ = make_raster((3, 20, 30))
+    for archive in ("twice.zip", "twice.tar"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zipfile's "Duplicate name"
+            if archive.endswith(".zip"):
+                with zipfile.ZipFile(tmp_path / archive, "w") as zf:
+                    for name in ("a/x.tif", "a/y.tif", "a/x.tif"):
+                        zf.write(scene, name)
+            else:
+                with tarfile.open(tmp_path / archive, "w") as tf:
+                    for name in ("./a/x.tif", "a/y.tif", "a/x.tif"):
+                        tf.add(scene, name)
+        from tilemask.inputs import archive_items
+
+        with pytest.raises(InputError, match=re.escape(f"input.archive: {tmp_path / archive}: it holds 2 members named "
+                                                       "a/x.tif")) as refused:  # fmt: skip
+            archive_items(str(tmp_path / archive), "*.tif")
+        assert refused.value.exit_status == 2
+        assert len(archive_items(str(tmp_path / archive), "y.tif")) == 1  # the others are read
+
+
+@pytest.mark.timeout(60)
 def test_a_tar_gz_whose_stream_does_not_inflate_is_refused_naming_it(make_raster, tmp_path):
     """A reviewer's batch of a damaged .tar.gz whose deflate stream breaks past its first member (zlib's "invalid
     block type" as the listing reads the headers): the run ended "tilemask: error: error: Error -3 while

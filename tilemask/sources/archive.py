@@ -66,6 +66,10 @@ def members(archive: str, pattern: str) -> list[str]:
         raise InputError(f"input.archive: {archive}: cannot read the archive: {exc}") from None  # stream damaged
     names = [n for n in names if not is_resource_fork(n)]
     found = sorted(n for n in names if fnmatch.fnmatch(n, pattern) or fnmatch.fnmatch(os.path.basename(n), pattern))
+    twice = [a for a, b in zip(found, found[1:]) if a == b]  # an archive appended to: GDAL reads one of them
+    if twice:
+        raise InputError(f"input.archive: {archive}: it holds {found.count(twice[0])} members named {twice[0]} (GDAL "
+                         "reads only one of them); pack it again with each name once, or narrow input.members")  # fmt: skip
     for name in found:
         try:
             name.encode("utf-8")
