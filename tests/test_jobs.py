@@ -1290,6 +1290,49 @@ def test_a_nifti_inside_a_tar_gz_is_read_from_a_scratch_copy(make_volume, make_m
 
 
 @pytest.mark.timeout(60)
+def test_a_relative_archive_member_path_resolves_against_the_list_or_workflow_folder(make_model, tmp_path,
+                                                                                       monkeypatch):  # fmt: skip
+    """A reviewer's list file ``project/lists/items.txt`` naming ``/vsizip/scenes.zip/a.tif`` (GDAL's path of a
+    member of a relative archive): every other relative path in a list resolves against its folder, this one was
+    read against the working directory ("cannot open raster: no such archive scenes.zip", exit 2, from any other
+    folder; or another folder's archive of that name, read in silence), and so was such a path as ``input:``, against
+    the workflow's folder. A STAC asset's href is resolved as a list's path is."""
+    from tilemask.planning import plan_model
+
+    weights, _ = make_model(UNET_2D)
+    scene = str(GEO["RGB.byte.tif"])
+    project = tmp_path / "project"
+    (project / "lists").mkdir(parents=True)
+    for archive in (project / "lists" / "scenes.zip", project / "scenes.zip"):
+        with zipfile.ZipFile(archive, "w") as zf:
+            zf.write(scene, "d/a.tif")
+    (project / "lists" / "items.txt").write_text("/vsizip/scenes.zip/d/a.tif\n/vsitar/../b.tar.gz/x.tif\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    def planned(given) -> list[str]:
+        workflow = raster_workflow(scene, weights, output={"path": "out/{stem}_mask.tif"}) | {"input": given}
+        return [f for item in Workflow.from_dict(workflow, base_dir=project).input_items() for f in item.files]
+
+    assert planned({"list": "lists/items.txt"}) == [f"/vsizip/{project}/lists/scenes.zip/d/a.tif",
+                                                    f"/vsitar/{project}/b.tar.gz/x.tif"]  # fmt: skip
+    assert planned("/vsizip/scenes.zip/d/a.tif") == [f"/vsizip/{project}/scenes.zip/d/a.tif"]
+    absolute = [f"/vsizip/{project}/scenes.zip/d/a.tif", "/vsizip//vsicurl/https://example.com/a.zip/d/a.tif"]
+    assert planned(absolute) == absolute  # as given
+    workflow = raster_workflow(scene, weights, output={"path": "out/{stem}_mask.tif"})
+    (item,) = plan_model(Workflow.from_dict(workflow | {"input": "/vsizip/scenes.zip/d/a.tif"}, base_dir=project)).items
+    from tilemask.sources import open_source
+
+    assert open_source(item.files[0], spatial_dims=2).shape == (3, 718, 791)  # read from elsewhere
+    stac = {"type": "Feature", "stac_version": "1.0.0", "id": "a", "geometry": None, "links": [],
+            "properties": {"datetime": "2000-01-01T00:00:00Z"},
+            "assets": {"rgb": {"href": "/vsizip/scenes.zip/d/a.tif"}}}  # fmt: skip
+    (project / "lists" / "a.json").write_text(json.dumps(stac))
+    assert planned({"stac": "lists/a.json", "assets": ["rgb"]}) == [f"/vsizip/{project}/lists/scenes.zip/d/a.tif"]
+
+
+@pytest.mark.timeout(60)
 def test_an_archive_holding_one_name_twice_is_refused_saying_so(make_raster, tmp_path):
     """A reviewer's zip appended to (``zipfile`` mode "a", an interrupted update): it held ``a/x.tif`` twice, and
     the run said "/vsizip/.../a/x.tif and /vsizip/.../a/x.tif would both write x_mask.tif; ... rename one" of two

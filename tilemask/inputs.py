@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .formats import WEB_PREFIXES, stem
-from .sources.archive import member_path, members
+from .sources.archive import member_path, member_under, members
 from .workflow import REMOTE_PREFIXES, InputItem
 
 
@@ -101,9 +101,9 @@ def stac_items(path: str, assets: list[str]) -> list[InputItem]:
 
 def resolved(path: str, folder: str, key: str) -> str:
     """A listed path or an href as the run opens it: a URL as given; a ``file://`` URI (pystac writes them, GDAL
-    and pystac read them) as its local path; a relative path against ``folder``."""
+    and pystac read them) as its local path; a relative path against ``folder``, a relative archive's too."""
     if path.startswith(REMOTE_PREFIXES):
-        return path
+        return member_under(path, folder)  # a relative archive's member, /vsizip/scenes.zip/a.tif: as a relative path
     path = local_path(path, key)
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(folder, path))
 

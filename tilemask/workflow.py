@@ -511,7 +511,12 @@ class Workflow(_Strict):
         return self._base_dir
 
     def resolve(self, path: str) -> str:
-        """A path from the workflow, made absolute against the workflow's folder (URLs kept)."""
+        """A path from the workflow, made absolute against the workflow's folder (URLs kept; a relative archive's
+        ``/vsizip/scenes.zip/a.tif`` made absolute too)."""
+        if path.startswith(("/vsizip/", "/vsitar/")):
+            from .sources.archive import member_under
+
+            return member_under(path, str(self._base_dir))
         if path.startswith(REMOTE_PREFIXES):
             return path
         return _under(path, self._base_dir)

@@ -48,6 +48,17 @@ def split_member(path: str) -> tuple[str, str] | None:
     return None
 
 
+def member_under(path: str, folder: str) -> str:
+    """A ``/vsizip/`` or ``/vsitar/`` path of a member of a relative archive (``/vsizip/scenes.zip/a.tif``) with
+    the archive made absolute against ``folder`` (a list file's, the workflow's), as any relative path given there
+    is: GDAL reads it against the working directory, which a worker's need not be. Any other path as given."""
+    split = split_member(path)
+    if split is None or split[0].startswith(("/", "~")) or "://" in split[0]:
+        return path
+    archive, member = split
+    return f"{path[: len('/vsizip/')]}{os.path.normpath(os.path.join(folder, archive))}/{member}"
+
+
 def members(archive: str, pattern: str) -> list[str]:
     """The files in ``archive`` whose name (or base name) matches ``pattern`` (fnmatch), sorted; macOS resource
     forks are no files (:func:`is_resource_fork`)."""
