@@ -147,7 +147,7 @@ def _ustar_name(archive: str, member: str) -> str | None:
     ASCII, ``sc?ne.tif`` in the header, or longer than 100 bytes, cut there); None where none does."""
     try:
         with tarfile.open(archive) as tf:
-            info = next((m for m in tf.getmembers() if _gdal_name(m.name) == member), None)
+            info = next((m for m in tf if _gdal_name(m.name) == member), None)
             if info is None or "path" not in info.pax_headers:
                 return None
             tf.fileobj.seek(info.offset_data - tarfile.BLOCKSIZE)  # the member's own header, after the pax one
@@ -265,9 +265,11 @@ def _member(archive: str, member: str, source: IO[bytes] | None = None) -> Itera
             with zf.open(_zip_names(zf).get(member, member)) as handle:
                 yield handle
         return
-    with tarfile.open(archive, fileobj=source) as tf:
-        names = {_gdal_name(m.name): m for m in tf.getmembers()}  # as :func:`members` named it
-        handle = tf.extractfile(names.get(member, member))
+    with tarfile.open(archive, fileobj=source) as tf:  # read up to the member, as GDAL does: a .tar.gz's whole
+        info = next((m for m in tf if _gdal_name(m.name) == member), None)  # stream was read for each (getmembers)
+        if info is None:
+            raise KeyError(f"no member {member}")
+        handle = tf.extractfile(info)
         if handle is None:
             raise KeyError(f"{member} is not a file")
         with handle:
