@@ -243,7 +243,12 @@ def _opened(archive: str, remote: str | None) -> Iterator[IO[bytes]]:
 
 
 def extract(path: str, archive: str, member: str, target: str) -> None:
-    """Write ``member`` of ``archive`` (the input ``path`` names) to the file ``target``."""
+    """Write ``member`` of ``archive`` (the input ``path`` names) to the file ``target``; a .tar.gz's whole stream
+    is checked against gzip's checksum (:func:`damaged_member`, once per archive version): the member's read stops
+    at its end."""
+    damage = damaged_member(path) if archive.lower().endswith((".tar.gz", ".tgz")) else None
+    if damage:
+        raise InputError(damage)
     try:
         with _member(archive, member) as src, open(target, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
