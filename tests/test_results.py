@@ -494,3 +494,31 @@ def test_a_cogs_probabilities_file_opened_as_labels_says_how_to_open_it(outputs)
     assert str(refused.value) == (f"{beside}: the probabilities beside the labels {paths['.tif']}: open them with "
                                   f"open_result({paths['.tif']!r}, 'probabilities')"), str(refused.value)  # fmt: skip
     np.testing.assert_array_equal(open_result(paths[".tif"], "probabilities").values, probabilities)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("suffix", [".zarr", ".ome.zarr"])
+def test_a_zarr_output_on_a_web_server_that_lists_no_folders_is_read(tmp_path, suffix):
+    """A web server need not list a folder (nginx's default, a bucket's website endpoint: a 404): fsspec then
+    finds no chunk under the labels, and an output there read as "9 of the 9 chunks of its labels are missing",
+    where it read before outputs stored every chunk. A web server's store is not counted."""
+    import functools
+    import http.server
+
+    from .range_server import RangeHandler
+
+    class NoListing(RangeHandler):
+        def list_directory(self, path):
+            self.send_error(404, "no listing")
+
+    labels = np.random.default_rng(4).integers(1, 3, size=(600, 700)).astype(np.uint8)
+    geometry = RasterGeometry(rasterio.crs.CRS.from_epsg(32618).to_wkt(), (500000.0, 30.0, 0.0, 4000000.0, 0.0, -30.0))
+    layout = OutputLayout(labels.shape, (256, 256), CLASSES, "uint8", 0, "none", geometry, "input.tif", 255)
+    drive(make_sink(str(tmp_path / f"mask{suffix}"), layout), labels, None)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(NoListing, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        remote = open_result(f"http://127.0.0.1:{server.server_address[1]}/mask{suffix}")
+        np.testing.assert_array_equal(remote.values, labels)
+    finally:
+        server.shutdown()
