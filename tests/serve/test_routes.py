@@ -1843,3 +1843,35 @@ def test_the_browser_copy_of_a_tilted_gantrys_labels_lies_where_simpleitk_puts_t
     np.testing.assert_allclose(spacing, 2 * their_spacing, atol=1e-4)
     np.testing.assert_allclose(nib.load(tmp_path / "copy.nii").header.get_sform(), sform @ np.diag([2, 2, 2, 1]),
                                atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.timeout(120)
+def test_a_zoomed_out_tile_of_a_narrow_plain_zarr_is_drawn_as_its_cog_is(tmp_path):
+    """A plain Zarr's zoomed-out tiles read its every (2**k)-th pixel, k up to 7 whatever its size: a strip 100
+    pixels high read one row at k = 7, and rioxarray refused it ("At least one of the raster x,y coordinates has
+    only one point", a 422) where the COG of the same labels, and the Zarr before, drew it. k stops where two
+    pixels are left on each axis; the tile covers what the COG's does."""
+    import morecantile
+    from starlette.testclient import TestClient
+
+    from tilemask.geometry import RasterGeometry
+    from tilemask.serve import create_app
+    from tilemask.sinks import OutputLayout, make_sink
+
+    labels = np.random.default_rng(4).integers(1, 3, size=(100, 3000)).astype(np.uint8)
+    geometry = RasterGeometry(rasterio.crs.CRS.from_epsg(32618).to_wkt(), (500000.0, 30.0, 0.0, 4000000.0, 0.0, -30.0))
+    layout = OutputLayout(labels.shape, (100, 256), ("background", "water", "land"), "uint8", 0, "none", geometry,
+                          "input.tif", 255)  # fmt: skip
+    for suffix in (".tif", ".zarr"):
+        sink = make_sink(str(tmp_path / f"strip{suffix}"), layout)
+        sink.create()
+        for c in range(0, 3000, 256):
+            sink.write(((0, 100), (c, min(c + 256, 3000))), labels[:, c : c + 256], None)
+        sink.commit()
+    lon, lat = Transformer.from_crs(32618, 4326, always_xy=True).transform(545000, 3998500)
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1") as client:
+        for zoom in (5, 4):  # 2.4 and 4.9 km tile pixels: k = 7 on the 30 m grid
+            tile = morecantile.tms.get("WebMercatorQuad").tile(lon, lat, zoom)
+            cog, plain = (png(client.get(f"/tiles/{zoom}/{tile.x}/{tile.y}.png", params={"output": f"strip{suffix}"}))
+                          for suffix in (".tif", ".zarr"))  # fmt: skip
+            assert (plain[..., 3] > 0).any() and np.mean((cog[..., 3] > 0) == (plain[..., 3] > 0)) > 0.999, zoom

@@ -132,7 +132,7 @@ def _level_paths(path: str, variable: str) -> tuple[str, ...]:
 
 
 def _level_for(path: str, variable: str, zoom: int, mtime_ns: int, inode: int) -> int:
-    """The coarsest level of an OME-Zarr output whose pixels are no larger than a Web Mercator tile's at ``zoom``
+    """The coarsest level of a Zarr output (an OME-Zarr's pyramid, a plain one's :func:`_plain_level`) whose pixels are no larger than a Web Mercator tile's at ``zoom``
     (rio-tiler's rule for a COG's overviews), measured at the output's centre."""
     base = _zarr_array(path, variable, 0, mtime_ns, inode)
     if base.rio.crs is None:
@@ -147,8 +147,15 @@ def _level_for(path: str, variable: str, zoom: int, mtime_ns: int, inode: int) -
     tile_pixel = 2 * np.pi * 6378137.0 / (256 * 2**zoom)
     if not np.isfinite(pixel) or pixel <= 0:
         return 0
-    levels = len(_level_paths(path, variable)) or PLAIN_LEVELS
+    levels = len(_level_paths(path, variable)) or _plain_levels(min(height, width))
     return int(max(0, min(levels - 1, np.floor(np.log2(tile_pixel / pixel)))))
+
+
+def _plain_levels(side: int) -> int:
+    """How many levels a plain Zarr whose shorter side is ``side`` pixels has: up to :data:`PLAIN_LEVELS`, each
+    with two pixels or more on each axis (every (2**k)-th of ``side`` is ceil(side / 2**k); rioxarray refuses a
+    raster of one row or column)."""
+    return min(PLAIN_LEVELS, max(1, (side - 1).bit_length()))
 
 
 _local = threading.local()
