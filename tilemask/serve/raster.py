@@ -132,7 +132,8 @@ def _level_paths(path: str, variable: str) -> tuple[str, ...]:
 
 
 def _level_for(path: str, variable: str, zoom: int, mtime_ns: int, inode: int) -> int:
-    """The coarsest level of a Zarr output (an OME-Zarr's pyramid, a plain one's :func:`_plain_level`) whose pixels are no larger than a Web Mercator tile's at ``zoom``
+    """The coarsest level of a Zarr output (an OME-Zarr's pyramid, a plain one's :func:`_plain_level`) whose
+    pixels are no larger than a Web Mercator tile's at ``zoom``
     (rio-tiler's rule for a COG's overviews), measured at the output's centre."""
     base = _zarr_array(path, variable, 0, mtime_ns, inode)
     if base.rio.crs is None:
