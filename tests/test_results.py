@@ -522,3 +522,27 @@ def test_a_zarr_output_on_a_web_server_that_lists_no_folders_is_read(tmp_path, s
         np.testing.assert_array_equal(remote.values, labels)
     finally:
         server.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_an_ome_zarr_outputs_coarser_levels_store_every_chunk_and_one_missing_a_chunk_is_refused(tmp_path):
+    """Level 0 of an OME-Zarr's labels stored every chunk, its coarser levels (made at finish) left out the
+    all-background ones, and a level read by its path (``stats`` of ``labels/labels/1``, the zoomed-out tiles of
+    ``tilemask serve``) with a chunk lost read it as background, exit 0. Every level stores every chunk now, and a
+    level missing one is refused, named."""
+    labels = np.random.default_rng(4).integers(1, 3, size=(1100, 1100)).astype(np.uint8)
+    labels[:512, :512] = 0  # level 1's first chunk all background
+    geometry = RasterGeometry(rasterio.crs.CRS.from_epsg(32618).to_wkt(), (500000.0, 30.0, 0.0, 4000000.0, 0.0, -30.0))
+    layout = OutputLayout(labels.shape, (256, 256), CLASSES, "uint8", 0, "none", geometry, "input.tif", 255)
+    path = tmp_path / "mask.ome.zarr"
+    drive(make_sink(str(path), layout), labels, None)
+    for level in ("0", "1", "2"):
+        stored = zarr.open_array(path / "labels" / "labels" / level, mode="r")
+        assert stored.nchunks_initialized == stored.nchunks, level
+    level1 = path / "labels" / "labels" / "1"
+    assert open_result(level1).shape == (550, 550)
+    (level1 / "c" / "1" / "1").unlink()
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: 1 of the 9 chunks of its labels "
+                                         r"\(labels/labels/1\) are missing"):  # fmt: skip
+        open_result(level1)
+    np.testing.assert_array_equal(open_result(path).values, labels)  # level 0 is whole

@@ -211,9 +211,10 @@ class ZarrFormat(Format):
         meta = self._tilemask_attrs(path)
         return meta is None or meta.get("complete", True) is True
 
-    def require_complete(self, path):
-        """Also refuse an output whose labels lack chunks it stored (``every_chunk_stored``, since 2026-12-07:
-        :func:`tilemask.sinks.every_chunk_stored`); they read as background, and ``stats`` counted them so."""
+    def require_complete(self, path, labels: str | None = None):
+        """Also refuse an output whose labels (their level at key ``labels``, else its labels' key) lack chunks it
+        stored (``every_chunk_stored``, since 2026-12-07: :func:`tilemask.sinks.every_chunk_stored`); they read as
+        background, and ``stats`` counted them so."""
         super().require_complete(path)
         if not (self._tilemask_attrs(path) or {}).get("every_chunk_stored"):
             return
@@ -223,7 +224,7 @@ class ZarrFormat(Format):
 
         if str(path).startswith(WEB):  # a web server need not list a folder (a 404): fsspec then finds no chunk
             return
-        key = self.labels_key(open_zarr(path, "group"))
+        key = labels or self.labels_key(open_zarr(path, "group"))
         labels = open_zarr(f"{path.rstrip('/')}/{key}", "array")
         stored, chunks = labels.nchunks_initialized, labels.nchunks
         if stored < chunks:

@@ -212,8 +212,9 @@ class OmeZarrSink(LabelSink):
         root = zarr.open_group(self.staged, mode="r+")
         shapes = level_shapes(self.layout.shape)
         for level in range(1, len(shapes)):
-            self._downsample(root["labels/labels"][str(level - 1)], root["labels/labels"][str(level)], mode_downsample)
-            image_source, image_target = root[str(level - 1)], root[str(level)]
+            labels_target = every_chunk_stored(root["labels/labels"][str(level)])
+            self._downsample(root["labels/labels"][str(level - 1)], labels_target, mode_downsample)
+            image_source, image_target = root[str(level - 1)], every_chunk_stored(root[str(level)])
             channels = image_source.ndim > len(self.layout.shape)
             self._downsample(image_source, image_target, mean_downsample if channels else mode_downsample, channels)
         image, label_image = self._ome()

@@ -294,6 +294,7 @@ def _output_labels(path: str, chunks) -> LabelImage | None:
         raise InputError(f"{path}: not the labels of the tilemask output {store} (they are {store}/{labels_key}); "
                          f"give {store}")  # fmt: skip
     output.require_complete(store)
+    output.require_complete(store, key)  # the level read: its chunks too
     whole = output.open_labels(store, None)
     geometry = level_geometry(whole.geometry, multiscale, levels.index(name))
     return LabelImage(path, _from_zarr(path, open_zarr(path, "array"), chunks), geometry, whole.class_names,
