@@ -1875,3 +1875,54 @@ def test_a_zoomed_out_tile_of_a_narrow_plain_zarr_is_drawn_as_its_cog_is(tmp_pat
             cog, plain = (png(client.get(f"/tiles/{zoom}/{tile.x}/{tile.y}.png", params={"output": f"strip{suffix}"}))
                           for suffix in (".tif", ".zarr"))  # fmt: skip
             assert (plain[..., 3] > 0).any() and np.mean((cog[..., 3] > 0) == (plain[..., 3] > 0)) > 0.999, zoom
+
+
+@pytest.mark.timeout(120)
+def test_a_plain_zarr_being_strided_does_not_hold_up_another_outputs_tiles(tmp_path, monkeypatch):
+    """A plain Zarr's zoomed-out level is made once under a lock, and that lock was one for every output: while
+    the first zoomed-out view of a large Zarr read its whole store (12 s for 8192^2), every zoomed-out tile of
+    every other plain Zarr waited, cached ones too. Each level has a lock of its own."""
+    import threading
+
+    from tilemask.geometry import RasterGeometry
+    from tilemask.serve import raster
+    from tilemask.sinks import OutputLayout, make_sink
+
+    labels = np.random.default_rng(4).integers(1, 3, size=(300, 300)).astype(np.uint8)
+    geometry = RasterGeometry(rasterio.crs.CRS.from_epsg(32618).to_wkt(), (500000.0, 30.0, 0.0, 4000000.0, 0.0, -30.0))
+    layout = OutputLayout(labels.shape, (150, 150), ("background", "water", "land"), "uint8", 0, "none", geometry,
+                          "input.tif", 255)  # fmt: skip
+    stamps = {}
+    for name in ("slow", "quick"):
+        path = str(tmp_path / f"{name}.zarr")
+        sink = make_sink(path, layout)
+        sink.create()
+        for r in (0, 150):
+            for c in (0, 150):
+                sink.write(((r, r + 150), (c, c + 150)), labels[r : r + 150, c : c + 150], None)
+        sink.commit()
+        st = os.stat(f"{path}/zarr.json")
+        stamps[name] = (path, st.st_mtime_ns, st.st_ino)
+    reading, release = threading.Event(), threading.Event()
+    plain_level = raster._plain_level
+
+    def slow_for_one(path, variable, level, mtime_ns, inode):  # the large store's one read, held until released
+        if path == stamps["slow"][0]:
+            reading.set()
+            release.wait(30)
+        return plain_level(path, variable, level, mtime_ns, inode)
+
+    monkeypatch.setattr(raster, "_plain_level", slow_for_one)
+    path, mtime_ns, inode = stamps["slow"]
+    worker = threading.Thread(target=raster._zarr_array, args=(path, "labels", 2, mtime_ns, inode))
+    worker.start()
+    try:
+        assert reading.wait(30)
+        done = threading.Event()
+        quick = threading.Thread(target=lambda: (raster._zarr_array(stamps["quick"][0], "labels", 2,
+                                                                    *stamps["quick"][1:]), done.set()))  # fmt: skip
+        quick.start()
+        assert done.wait(10), "another output's zoomed-out level waited for the slow one's"
+    finally:
+        release.set()
+        worker.join(30)

@@ -34,6 +34,7 @@ from rio_tiler.io import Reader, XarrayReader
 from ..classes import CYCLE, class_name, cycled
 from ..formats import for_path
 from .catalog import Entry
+from .locks import KeyedLocks
 from .paths import inside, reading
 
 PLAIN_LEVELS = 8  # a plain Zarr's levels: every pixel, every 2nd, ... every 128th (a 32768^2 output in 256^2)
@@ -86,7 +87,7 @@ def _zarr_array(path: str, variable: str, level: int, mtime_ns: int, inode: int)
         return array.rename({"class": "band"}) if variable == "probabilities" else array
     array = _zarr_array(path, variable, 0, mtime_ns, inode)  # level 0's grid, CRS and nodata, opened once
     if not _level_paths(path, variable):  # a plain Zarr: no pyramid
-        with _STRIDING:  # the threads asking for it at once wait for one read of the store
+        with _STRIDING((path, variable, level, mtime_ns, inode)):  # those asking for it at once: one read
             return _plain_level(path, variable, level, mtime_ns, inode)
     stored = zarr.open_group(path, mode="r")[_level_paths(path, variable)[level]]
     grid = array.rio.transform() * rasterio.Affine.scale(2**level)
@@ -99,7 +100,7 @@ def _zarr_array(path: str, variable: str, level: int, mtime_ns: int, inode: int)
     return out.rio.write_nodata(array.rio.nodata, encoded=False) if array.rio.nodata is not None else out
 
 
-_STRIDING = threading.Lock()
+_STRIDING = KeyedLocks()
 KEPT_VALUES = 2048 * 2048  # a plain Zarr's level up to this many values (per class) is read once and kept
 
 
