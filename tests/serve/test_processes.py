@@ -253,3 +253,55 @@ def test_zoomed_out_tiles_of_a_plain_zarr_read_the_store_once(tmp_path, client):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.stdout.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_volume_copy_that_failed_is_made_again_by_one_request_at_a_time(tmp_path, monkeypatch):
+    """The first request for a volume makes its browser copy while the others wait. Where it failed, its lock was
+    dropped while a waiting request made the copy again, and a request arriving then made another beside it (two
+    whole volumes in memory at once): the lock stays while any request holds or waits for it."""
+    import threading
+
+    from tilemask.serve import volumes
+
+    first_in, fail, second_in = threading.Event(), threading.Event(), threading.Event()
+    making, most = [0], [0]
+    lock = threading.Lock()
+
+    def strided(path):
+        with lock:
+            making[0] += 1
+            most[0] = max(most[0], making[0])
+            first = not first_in.is_set()
+            first_in.set()
+        try:
+            if first:
+                fail.wait(10)
+                raise OSError("the first copy failed")
+            second_in.set()
+            time.sleep(1.0)
+            return b"copy"
+        finally:
+            with lock:
+                making[0] -= 1
+
+    monkeypatch.setattr(volumes, "_strided", strided)
+    asked = tmp_path / "scan.nii.gz"
+
+    def ask() -> None:
+        with contextlib.suppress(OSError):
+            volumes.browser_copy(asked, (1, 2))
+
+    first = threading.Thread(target=ask)
+    first.start()
+    assert first_in.wait(10)
+    second = threading.Thread(target=ask)
+    second.start()
+    time.sleep(0.2)  # the second waits for the first's copy
+    fail.set()
+    assert second_in.wait(10)
+    third = threading.Thread(target=ask)  # arrives while the second makes the copy again
+    third.start()
+    for thread in (first, second, third):
+        thread.join(10)
+    assert most[0] == 1, f"{most[0]} copies of one volume made at once"

@@ -21,13 +21,14 @@ import nibabel as nib
 import numpy as np
 
 from ..sinks.nifti import unsheared
+from .locks import KeyedLocks
 
 MAX_VOXELS = 256**3
 MAX_EDGE = 2048
 _CACHE: OrderedDict[tuple, bytes] = OrderedDict()
 _CACHE_SIZE = 4
 _LOCK = threading.Lock()
-_MAKING: dict[tuple, threading.Lock] = {}  # a lock per copy being made
+_MAKING = KeyedLocks()  # a lock per copy being made
 
 
 def stride(shape: tuple[int, ...]) -> int:
@@ -47,22 +48,16 @@ def browser_copy(path: Path, stamp: tuple) -> bytes:
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
-        making = _MAKING.setdefault(key, threading.Lock())
-    with making:  # the first request makes it; the others wait for its copy
-        try:
-            with _LOCK:
-                if key in _CACHE:
-                    return _CACHE[key]
-            body = _strided(path)
-            with _LOCK:
-                _CACHE[key] = body
-                while len(_CACHE) > _CACHE_SIZE:
-                    _CACHE.popitem(last=False)
-            return body
-        finally:
-            with _LOCK:
-                if _MAKING.get(key) is making:
-                    del _MAKING[key]
+    with _MAKING(key):  # the first request makes it; the others wait for its copy
+        with _LOCK:
+            if key in _CACHE:
+                return _CACHE[key]
+        body = _strided(path)
+        with _LOCK:
+            _CACHE[key] = body
+            while len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
+        return body
 
 
 def _strided(path: Path) -> bytes:
