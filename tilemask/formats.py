@@ -213,7 +213,7 @@ class ZarrFormat(Format):
 
     def require_complete(self, path, labels: str | None = None):
         """Also refuse an output whose labels (their level at key ``labels``, else its labels' key) lack chunks it
-        stored (``every_chunk_stored``, since 2026-12-07: :func:`tilemask.sinks.every_chunk_stored`); they read as
+        stored (``every_chunk_stored``, since 2026-12-07: :func:`tilemask.sinks.storing_every_chunk`); they read as
         background, and ``stats`` counted them so."""
         super().require_complete(path)
         if not (self._tilemask_attrs(path) or {}).get("every_chunk_stored"):

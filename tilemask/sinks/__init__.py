@@ -23,7 +23,7 @@ from ..outputs import new_run_id
 logger = logging.getLogger(__name__)
 
 
-def every_chunk_stored(array):
+def storing_every_chunk(array):
     """The Zarr ``array`` writing every chunk it is given, all background too (zarr leaves out a chunk that is all
     fill value): a chunk missing from an output's labels is then one lost on the way, a copy cut short, which its
     readers refuse (:meth:`tilemask.formats.ZarrFormat.require_complete`) rather than count as background."""

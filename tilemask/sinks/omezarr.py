@@ -36,7 +36,7 @@ from ..classes import class_colours, class_name
 from ..geometry import OME_UNITS_IN_MM, WORLD_AXES, RasterGeometry, Region, ome_space_names
 from ..outputs import publish, remove, staged_path
 from ..sources import cached_handle
-from . import LabelSink, OutputLayout, every_chunk_stored
+from . import LabelSink, OutputLayout, storing_every_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class OmeZarrSink(LabelSink):
 
     def _array(self, name: str):
         return cached_handle(("omezarr-out", self.staged, name),
-                             lambda: every_chunk_stored(zarr.open_array(f"{self.staged}/{name}", mode="r+")))  # fmt: skip
+                             lambda: storing_every_chunk(zarr.open_array(f"{self.staged}/{name}", mode="r+")))  # fmt: skip
 
     def write(self, region: Region, labels: np.ndarray, probabilities: np.ndarray | None) -> None:
         index = tuple(slice(lo, hi) for lo, hi in region)
@@ -212,9 +212,9 @@ class OmeZarrSink(LabelSink):
         root = zarr.open_group(self.staged, mode="r+")
         shapes = level_shapes(self.layout.shape)
         for level in range(1, len(shapes)):
-            labels_target = every_chunk_stored(root["labels/labels"][str(level)])
+            labels_target = storing_every_chunk(root["labels/labels"][str(level)])
             self._downsample(root["labels/labels"][str(level - 1)], labels_target, mode_downsample)
-            image_source, image_target = root[str(level - 1)], every_chunk_stored(root[str(level)])
+            image_source, image_target = root[str(level - 1)], storing_every_chunk(root[str(level)])
             channels = image_source.ndim > len(self.layout.shape)
             self._downsample(image_source, image_target, mean_downsample if channels else mode_downsample, channels)
         image, label_image = self._ome()

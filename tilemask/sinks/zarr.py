@@ -24,7 +24,7 @@ from ..geometry import Region
 from ..outputs import publish, remove, staged_path
 from ..sources import cached_handle
 from ..storage import is_remote, zarr_options
-from . import LabelSink, OutputLayout, every_chunk_stored
+from . import LabelSink, OutputLayout, storing_every_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class ZarrSink(LabelSink):
     def write(self, region: Region, labels: np.ndarray, probabilities: np.ndarray | None) -> None:
         index = tuple(slice(lo, hi) for lo, hi in region)
         labels_array = cached_handle(("zarr-out", self.staged, "labels"),
-                                     lambda: every_chunk_stored(self._array("labels", "r+")))  # fmt: skip
+                                     lambda: storing_every_chunk(self._array("labels", "r+")))  # fmt: skip
         labels_array[index] = labels
         if probabilities is not None:
             array = cached_handle(("zarr-out", self.staged, "probabilities"), lambda: self._array("probabilities", "r+"))
