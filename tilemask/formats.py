@@ -225,11 +225,23 @@ class ZarrFormat(Format):
         if str(path).startswith(WEB):  # a web server need not list a folder (a 404): fsspec then finds no chunk
             return
         key = labels or self.labels_key(open_zarr(path, "group"))
-        labels = open_zarr(f"{path.rstrip('/')}/{key}", "array")
-        stored, chunks = labels.nchunks_initialized, labels.nchunks
+        array = open_zarr(f"{path.rstrip('/')}/{key}", "array")
+        stored, chunks = _stored_chunks(path, key, array), array.nchunks
         if stored < chunks:
             raise InputError(f"{path}: {chunks - stored} of the {chunks} chunks of its labels ({key}) are missing; a "
                              "copy cut short? Copy the output again, or run the workflow again")  # fmt: skip
+
+
+def _stored_chunks(path: str, key: str, array) -> int:
+    """How many chunks of the Zarr ``array`` at ``key`` in the store ``path`` are stored: in a local store of zarr 3's
+    default chunk keys (``c/0/1``), the files under its ``c`` folder (7 ms for 16,384 chunks, where zarr's count,
+    through its async listing, took 1.6 s); else zarr's count."""
+    from .storage import is_remote
+
+    encoding = getattr(array.metadata, "chunk_key_encoding", None)
+    if is_remote(path) or getattr(encoding, "name", None) != "default" or getattr(encoding, "separator", None) != "/":
+        return array.nchunks_initialized
+    return sum(len(files) for _, _, files in os.walk(os.path.join(path, key, "c")))
 
 
 class OmeZarrFormat(ZarrFormat):
