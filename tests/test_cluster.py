@@ -100,6 +100,33 @@ def test_a_broken_connection_is_named_the_lost_scheduler_once_the_client_has_los
         process.wait(10)
 
 
+@pytest.mark.timeout(120)
+def test_a_workers_failure_under_a_live_scheduler_is_named_at_once(tmp_path):
+    """A killed worker (``KilledWorker``, the scheduler's own verdict) or a cancelled task is no sign of a lost
+    scheduler, yet each waited up to 2 s for the client to lose it before it was named the cluster's failure; only
+    a broken connection (``CommClosedError``) may be the scheduler's loss seen early."""
+    from types import SimpleNamespace
+
+    from distributed.client import FutureCancelledError
+    from distributed.scheduler import KilledWorker
+
+    from tilemask.cluster import cluster_failures
+    from tilemask.errors import RunError
+
+    process, address = start_scheduler(tmp_path)
+    try:
+        with Client(address, timeout="10s") as client:
+            for failure in (KilledWorker("k", SimpleNamespace(address="tcp://w:1"), 3), FutureCancelledError("k", "stimulus")):
+                start = time.monotonic()
+                with pytest.raises(RunError, match=r"^mask\.tif: the cluster failed: "):
+                    with cluster_failures("mask.tif", client):
+                        raise failure
+                assert time.monotonic() - start < 1.0, type(failure).__name__
+    finally:
+        process.kill()
+        process.wait(10)
+
+
 def test_a_hosts_cores_are_shared_among_its_workers():
     """Independent of this machine's core count: 12 cores, 3 workers on the host -> 4 torch threads each."""
     from tilemask.cluster import threads_per_process

@@ -890,8 +890,9 @@ def gather(client: Client, futures: list[Future]) -> list:
 def cluster_failures(what: str, client: Client | None = None) -> Iterator[None]:
     """The cluster's own failures (a worker killed too often, a lost connection) as one :class:`RunError`; a
     lost scheduler by that name: its tasks "cancelled for reason: scheduler-connection-lost" in Dask's words, or,
-    given the ``client``, any of these failures once it has lost its scheduler (a scheduler killed mid-gather
-    also reads ``CommClosedError: ... Connection reset by peer``)."""
+    given the ``client``, a broken connection once it has lost its scheduler (a scheduler killed mid-gather
+    also reads ``CommClosedError: ... Connection reset by peer``). A killed worker or another cancellation is the
+    scheduler's own word: it is named at once, not after waiting on the client."""
     from distributed.client import FutureCancelledError
     from distributed.comm import CommClosedError
     from distributed.scheduler import KilledWorker
@@ -900,7 +901,8 @@ def cluster_failures(what: str, client: Client | None = None) -> Iterator[None]:
         yield
     except (FutureCancelledError, KilledWorker, CommClosedError) as exc:
         cancelled = getattr(exc, "reason", None) == "scheduler-connection-lost"
-        if cancelled or (client is not None and _scheduler_lost(client)):
+        broken = isinstance(exc, CommClosedError) and client is not None  # the scheduler's loss, seen early?
+        if cancelled or (broken and _scheduler_lost(client)):
             raise RunError(f"{what}: lost the Dask scheduler") from None
         raise RunError(f"{what}: the cluster failed: {type(exc).__name__}: {exc}") from None
 
