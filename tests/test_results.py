@@ -568,3 +568,20 @@ def test_a_local_outputs_chunks_are_counted_from_its_folder_not_through_zarr(tmp
     (path / "labels" / "c" / "1" / "2").unlink()
     with pytest.raises(InputError, match=r": 1 of the 9 chunks of its labels \(labels\) are missing"):
         open_result(path)
+
+
+@pytest.mark.timeout(60)
+def test_an_ome_zarr_label_image_whose_axes_outnumber_its_arrays_is_not_said_to_have_several_time_points(tmp_path):
+    """A label image whose multiscale names t, z, y, x over a z, y, x array was refused as "(several time points:
+    give one's)": it has none. The message says what is wrong: the array's axes."""
+    store = tmp_path / "x.ome.zarr"
+    root = zarr.open_group(store, mode="w", zarr_format=3)
+    image = root.create_group("labels/regions")
+    image.create_array("0", data=np.zeros((4, 5, 6), np.uint8), chunks=(4, 5, 6))
+    image.attrs["ome"] = {"version": "0.5", "image-label": {}, "multiscales": [{
+        "axes": [{"name": "t", "type": "time"}, *({"name": n, "type": "space"} for n in "zyx")],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0] * 4}]}]}]}  # fmt: skip
+    root["labels"].attrs["ome"] = {"version": "0.5", "labels": ["regions"]}
+    root.attrs["ome"] = {"version": "0.5"}
+    with pytest.raises(InputError, match=r"this OME-Zarr's are t, z, y, x \(its array has 3 axes\)$"):
+        open_result(store)

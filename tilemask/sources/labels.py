@@ -353,9 +353,12 @@ def leading_time_point(path: str, multiscale: dict, shape: tuple[int, ...]) -> i
     skip = int(kinds[:1] == ["time"] and len(shape) == len(kinds) and int(shape[0]) == 1)
     if any(kind != "space" for kind in kinds[skip:]):
         names = ", ".join(str(a.get("name")) for a in ome_axes(multiscale))
-        several = " (several time points: give one's)" if kinds[:1] == ["time"] and not skip else ""
+        if len(shape) != len(kinds):  # not a time axis of several points: an array of other axes than named
+            why = f" (its array has {len(shape)} axes)"
+        else:
+            why = " (several time points: give one's)" if kinds[:1] == ["time"] and not skip else ""
         raise InputError(f"{path}: a label image has space axes only, or a time axis of one point before them; "
-                         f"this OME-Zarr's are {names}{several}")  # fmt: skip
+                         f"this OME-Zarr's are {names}{why}")  # fmt: skip
     return skip
 
 
