@@ -939,3 +939,44 @@ def test_a_worker_restarted_after_a_no_worker_timeout_of_steady_progress_does_no
                 killed = n
         assert killed is not None and killed < 300, "the results ended before the worker was killed"
         assert all(f.status == "finished" for f in futures)
+
+
+@pytest.mark.timeout(120)
+def test_a_python_run_on_its_embedded_cluster_leaves_the_callers_environment_as_it_was(
+    make_raster, make_model, tmp_path, monkeypatch
+):
+    """Dask's nanny sets its workers' variables (``distributed.nanny.pre-spawn-environ``: OMP_NUM_THREADS=1, ...)
+    in the process that runs it; ``tilemask.run`` without a client left them in the caller's: a notebook's
+    ``import torch`` after it got one thread instead of the cores (1 of 2 here), and so did every process it
+    started later."""
+    import os
+
+    import tilemask
+
+    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_", "PYTHONHASHSEED",
+            "__DASK_PARENT_PID")  # fmt: skip
+    for key in keys:
+        monkeypatch.delenv(key, raising=False)  # put back as they were after the test, whatever it finds
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")  # one the caller set is kept as it is
+    path, _ = make_raster((3, 64, 64))
+    weights, _ = make_model()
+    workflow = tilemask.Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path)
+    (result,) = tilemask.run(workflow, workers=1, threads_per_worker=1)
+    assert result.status == "ok"
+    assert {key: os.environ.get(key) for key in keys} == {key: "2" if key == "OPENBLAS_NUM_THREADS" else None
+                                                          for key in keys}  # fmt: skip
+
+
+@pytest.mark.timeout(30)
+def test_tilemask_run_shows_the_keywords_it_takes():
+    """``tilemask.run`` was ``run(workflow, client=None, **kwargs)``: a notebook's signature help (``help()``, Shift-Tab,
+    an IDE) showed none of its options, and its docstring left out ``on_result``, which the README documents. It has
+    :func:`tilemask.driver.run`'s parameters, and its docstring names each."""
+    import inspect
+
+    import tilemask
+    from tilemask import driver
+
+    public, inner = inspect.signature(tilemask.run), inspect.signature(driver.run)
+    assert public == inner, (public, inner)
+    assert all(f"``{name}``" in tilemask.run.__doc__ for name in list(inner.parameters)[1:]), tilemask.run.__doc__
