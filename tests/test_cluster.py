@@ -980,3 +980,42 @@ def test_tilemask_run_shows_the_keywords_it_takes():
     public, inner = inspect.signature(tilemask.run), inspect.signature(driver.run)
     assert public == inner, (public, inner)
     assert all(f"``{name}``" in tilemask.run.__doc__ for name in list(inner.parameters)[1:]), tilemask.run.__doc__
+
+
+@pytest.mark.timeout(30)
+def test_two_embedded_clusters_at_once_leave_the_callers_environment_as_it_was(monkeypatch):
+    """Two ``tilemask.run`` without a client at once (a notebook's, one on a thread of its own): the second read the
+    caller's environment while the first cluster's nannies had set OMP_NUM_THREADS=1 in it, and put that back once
+    the first had put back the caller's: the variables stayed at 1 after both, as before the environment was kept.
+    The cluster here is a stand-in that sets them as a nanny does (``os.environ.update(pre_spawn_env)``)."""
+    import os
+
+    from tilemask import cluster as cluster_module
+
+    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONHASHSEED")
+    for key in keys:
+        monkeypatch.delenv(key, raising=False)
+
+    class Nannies:  # what LocalCluster's nannies do to this process's environment as they spawn their workers
+        def __init__(self, **kwargs):
+            os.environ.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "6640"})
+
+        def close(self):
+            pass
+
+    class Closing:
+        def __init__(self, cluster):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(cluster_module, "LocalCluster", Nannies)
+    monkeypatch.setattr(cluster_module, "Client", Closing)
+    first, second = cluster_module.cluster_client(workers=1), cluster_module.cluster_client(workers=1)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first run ends while the second still runs
+    assert os.environ.get("OMP_NUM_THREADS") == "1"  # the second cluster's nannies may still start a worker
+    second.__exit__(None, None, None)
+    assert {key: os.environ.get(key) for key in keys} == dict.fromkeys(keys), os.environ

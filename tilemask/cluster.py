@@ -196,29 +196,28 @@ def cluster_client(
     forkserver.start_resource_tracker()
     signal.pthread_sigmask(signal.SIG_SETMASK, unheld | {signal.SIGINT})
     cluster = None
-    callers = _callers_environment()
-    try:
-        # the nannies take the config along; one that restarts a worker later spawns it
-        with shielded(), dask.config.set({**(UNWATCHED if not dashboard else {}), **forkserver.worker_config()}), \
-                _workers_that_did_not_start():
-            cluster = LocalCluster(
-                n_workers=workers or default_n,
-                threads_per_worker=threads_per_worker or default_t,
-                processes=True,
-                dashboard_address=":0",  # the scheduler's HTTP server (health, metrics) runs either way
-                scheduler_kwargs={"dashboard": dashboard},
-                plugins={EmbeddedWorker(quiet=not logger.isEnabledFor(logging.DEBUG))},
-                env={GPU_PER_WORKER: "1"},  # worker i takes GPU i (:func:`tilemask.models.resolve_device`)
-                silence_logs=logging.CRITICAL if not logger.isEnabledFor(logging.DEBUG) else logging.INFO,
-            )
-        signal.pthread_sigmask(signal.SIG_SETMASK, unheld)  # a Ctrl-C during the start is raised here
-        with closing(Client(cluster)) as client:
-            yield client
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, unheld)
-        if cluster is not None:  # e.g. a nanny still restarting a killed worker fails it: the work itself is done
-            _close_quietly(cluster, "the embedded cluster")
-        callers()
+    with _callers_environment():  # put back once the cluster is closed
+        try:
+            # the nannies take the config along; one that restarts a worker later spawns it
+            with shielded(), dask.config.set({**(UNWATCHED if not dashboard else {}), **forkserver.worker_config()}), \
+                    _workers_that_did_not_start():
+                cluster = LocalCluster(
+                    n_workers=workers or default_n,
+                    threads_per_worker=threads_per_worker or default_t,
+                    processes=True,
+                    dashboard_address=":0",  # the scheduler's HTTP server (health, metrics) runs either way
+                    scheduler_kwargs={"dashboard": dashboard},
+                    plugins={EmbeddedWorker(quiet=not logger.isEnabledFor(logging.DEBUG))},
+                    env={GPU_PER_WORKER: "1"},  # worker i takes GPU i (:func:`tilemask.models.resolve_device`)
+                    silence_logs=logging.CRITICAL if not logger.isEnabledFor(logging.DEBUG) else logging.INFO,
+                )
+            signal.pthread_sigmask(signal.SIG_SETMASK, unheld)  # a Ctrl-C during the start is raised here
+            with closing(Client(cluster)) as client:
+                yield client
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unheld)
+            if cluster is not None:  # e.g. a nanny still restarting a killed worker fails it: the work itself is done
+                _close_quietly(cluster, "the embedded cluster")
 
 
 NANNY_VARIABLES = ("PYTHONHASHSEED", "__DASK_PARENT_PID")
@@ -226,23 +225,42 @@ NANNY_VARIABLES = ("PYTHONHASHSEED", "__DASK_PARENT_PID")
 workers and its process id (for their process titles)."""
 
 
-def _callers_environment() -> Callable[[], None]:
-    """``restore()``, which puts back the variables Dask's nannies set in this process as they spawn their workers
+_callers = threading.Lock()
+_callers_before: dict[str, str | None] = {}
+"""The caller's values of the variables the nannies set, read as the first embedded cluster of those running at
+once started (:func:`_callers_environment`)."""
+_callers_clusters = 0
+
+
+@contextlib.contextmanager
+def _callers_environment() -> Iterator[None]:
+    """Put back, on exit, the variables Dask's nannies set in this process as they spawn their workers
     (``distributed.nanny.pre-spawn-environ``, :data:`NANNY_VARIABLES`) as they were before: a notebook's
     ``tilemask.run`` without a client left OMP_NUM_THREADS, MKL_NUM_THREADS and OPENBLAS_NUM_THREADS at 1, and its
-    ``import torch`` afterwards took one thread instead of the cores, as did every process it started later.  Called
-    once the embedded cluster is closed: a nanny sets them again each time it restarts a worker."""
+    ``import torch`` afterwards took one thread instead of the cores, as did every process it started later.  Exited
+    once the embedded cluster is closed: a nanny sets them again each time it restarts a worker.  Embedded clusters
+    running at once (two threads' runs) share one reading, taken as the first starts and put back as the last
+    closes: the second's own reading held the first's nannies' values, which it put back after the first had put
+    back the caller's."""
+    global _callers_clusters
     names = {*dask.config.get("distributed.nanny.pre-spawn-environ", {}), *NANNY_VARIABLES}
-    before = {name: os.environ.get(name) for name in names}
-
-    def restore() -> None:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-    return restore
+    with _callers:
+        if not _callers_clusters:
+            _callers_before.clear()
+        for name in names:  # one the first's config did not name is the caller's still
+            _callers_before.setdefault(name, os.environ.get(name))
+        _callers_clusters += 1
+    try:
+        yield
+    finally:
+        with _callers:
+            _callers_clusters -= 1
+            if not _callers_clusters:
+                for name, value in _callers_before.items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
 
 
 @contextlib.contextmanager
