@@ -1892,3 +1892,19 @@ def test_a_job_running_on_another_thread_of_this_process_is_named_so(make_raster
     assert str(refused.value) == (f"job {job} is running in this process (another thread's tilemask.run); see "
                                   f"tilemask status {job}"), str(refused.value)  # fmt: skip
     assert [r.status for r in first] == ["ok"]
+
+
+@pytest.mark.timeout(30)
+def test_a_job_held_by_this_process_before_its_status_says_running_is_named_so(tmp_path):
+    """The lock is taken before the run writes "running" (and its pid) in the job's status: a second
+    ``tilemask.run`` meanwhile (the first still writing the job's record, or reading its manifest), or any time
+    in a job whose status still held an earlier run's "done", was told "running in another process". It is the
+    lock this process holds that says so, not the status."""
+    first = JobFolder(tmp_path / "job").acquire()
+    try:
+        with pytest.raises(JobError) as refused:
+            JobFolder(tmp_path / "job").acquire()
+    finally:
+        first.release()
+    assert "is running in this process (another thread's tilemask.run)" in str(refused.value), str(refused.value)
+    JobFolder(tmp_path / "job").acquire().release()  # released, it is free again

@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import socket
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,19 @@ def own_labels(line: dict) -> bool:
 def job_folder(location: str | os.PathLike) -> JobFolder:
     """The job folder at ``location``: a local folder, or a prefix on object storage."""
     return RemoteJobFolder(os.fspath(location)) if storage.is_remote(location) else JobFolder(location)
+
+
+_HELD_HERE: set[tuple[int, int]] = set()
+"""The lock files (device, inode) of the jobs this process runs: a job refused as running is named as running in
+this process (a notebook's ``tilemask.run`` on a thread of its own, called again meanwhile, was told "another
+process"), what its status cannot say before the run writes its pid there, nor where two hosts' processes share a
+name and a pid (containers)."""
+_HELD_LOCK = threading.Lock()
+
+
+def _lock_key(fd: int) -> tuple[int, int]:
+    stat = os.fstat(fd)
+    return stat.st_dev, stat.st_ino
 
 
 class JobFolder:
@@ -428,23 +442,16 @@ class JobFolder:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            here = _lock_key(fd) in _HELD_HERE
             os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise JobError(f"job {self.id} is running {self._who_runs_it()}; see tilemask status {self.id}") from None
+                where = "in this process (another thread's tilemask.run)" if here else "in another process"
+                raise JobError(f"job {self.id} is running {where}; see tilemask status {self.id}") from None
             raise
         self._lock_fd = fd
+        with _HELD_LOCK:
+            _HELD_HERE.add(_lock_key(fd))
         return self
-
-    def _who_runs_it(self) -> str:
-        """Where the run holding the job's lock runs: "in another process", or this one where the job's status says
-        so (a notebook's ``tilemask.run`` on a thread of its own, called again meanwhile, was told "another
-        process")."""
-        with contextlib.suppress(JobError, OSError):
-            status = self.status()
-            if (status.get("state") == "running" and status.get("pid") == os.getpid()
-                    and status.get("host") == socket.gethostname()):  # fmt: skip
-                return "in this process (another thread's tilemask.run)"
-        return "in another process"
 
     def discard(self) -> None:
         """Remove a job its first run created and then refused before any work (exit 2): its files, its listing in
@@ -458,6 +465,8 @@ class JobFolder:
 
     def release(self) -> None:
         if self._lock_fd is not None:
+            with _HELD_LOCK:
+                _HELD_HERE.discard(_lock_key(self._lock_fd))
             os.close(self._lock_fd)
             self._lock_fd = None
 
