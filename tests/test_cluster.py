@@ -1019,3 +1019,22 @@ def test_two_embedded_clusters_at_once_leave_the_callers_environment_as_it_was(m
     assert os.environ.get("OMP_NUM_THREADS") == "1"  # the second cluster's nannies may still start a worker
     second.__exit__(None, None, None)
     assert {key: os.environ.get(key) for key in keys} == dict.fromkeys(keys), os.environ
+
+
+@pytest.mark.timeout(30)
+def test_tilemask_run_passes_every_argument_on_to_driver_run(monkeypatch):
+    """tilemask.run repeats driver.run's parameters (its signature help) and passes each on by name: the test of
+    the two signatures alone passed with one left out of the call, which then took driver.run's default
+    without a word."""
+    import inspect
+
+    import tilemask
+    from tilemask import driver
+
+    given = {name: object() for name in inspect.signature(driver.run).parameters}
+    received = {}
+    monkeypatch.setattr(driver, "run", lambda *args, **kwargs: received.update(
+        inspect.signature(tilemask.run).bind(*args, **kwargs).arguments))  # fmt: skip
+    workflow, client = given.pop("workflow"), given.pop("client")
+    tilemask.run(workflow, client, **given)
+    assert received == {"workflow": workflow, "client": client, **given}
