@@ -585,3 +585,42 @@ def test_an_ome_zarr_label_image_whose_axes_outnumber_its_arrays_is_not_said_to_
     root.attrs["ome"] = {"version": "0.5"}
     with pytest.raises(InputError, match=r"this OME-Zarr's are t, z, y, x \(its array has 3 axes\)$"):
         open_result(store)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_a_one_class_niftis_probabilities_opened_as_labels_says_how_to_open_them(tmp_path, dtype):
+    """A sigmoid network's NIfTI probabilities are 4D with one class last, which a label image may be (a trailing
+    axis of one): ``open_result`` on them opened them as labels, the hint of the probabilities beside never given.
+    In float32 reading them then failed ("must be whole numbers"); in uint8 they read as labels 0-255."""
+    from tilemask.geometry import VolumeGeometry
+
+    labels = np.random.default_rng(3).integers(0, 2, size=(12, 10, 8)).astype(np.uint8)
+    probabilities = (np.random.default_rng(4).random((1, 12, 10, 8)) * (255 if dtype == "uint8" else 1)).astype(dtype)
+    affine = tuple(tuple(r) for r in np.diag([0.8, 0.8, 2.5, 1.0]).tolist())
+    layout = OutputLayout(labels.shape, (16, 16, 16), ("background", "lesion"), "uint8", 1, dtype,
+                          VolumeGeometry(affine), str(tmp_path / "scan.nii.gz"), 255)  # fmt: skip
+    path = str(tmp_path / "mask.nii.gz")
+    sink = make_sink(path, layout)
+    sink.create()
+    sink.write(((0, 12), (0, 10), (0, 8)), labels, probabilities)
+    sink.commit()
+    beside = str(tmp_path / "mask_probabilities.nii.gz")
+    assert Path(beside).exists()
+    with pytest.raises(InputError) as refused:
+        open_result(beside).values
+    assert str(refused.value) == (f"{beside}: the probabilities beside the labels {path}: open them with "
+                                  f"open_result({path!r}, 'probabilities')"), str(refused.value)  # fmt: skip
+    np.testing.assert_array_equal(open_result(path).values, labels)
+
+
+@pytest.mark.timeout(60)
+def test_a_label_image_of_the_users_named_like_probabilities_opens_as_labels(tmp_path):
+    """The probabilities hint is only for the file beside labels tilemask wrote: a user's own label image named
+    ``<stem>_probabilities.tif`` beside another ``<stem>.tif`` opens as the labels it is."""
+    labels = np.random.default_rng(6).integers(0, 3, size=(20, 30)).astype(np.uint8)
+    for name in ("own.tif", "own_probabilities.tif"):
+        with rasterio.open(tmp_path / name, "w", driver="GTiff", width=30, height=20, count=1, dtype="uint8",
+                           transform=Affine(1, 0, 0, 0, -1, 20)) as ds:  # fmt: skip
+            ds.write(labels, 1)
+    np.testing.assert_array_equal(open_result(str(tmp_path / "own_probabilities.tif")).values, labels)
