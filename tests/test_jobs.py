@@ -1908,3 +1908,15 @@ def test_a_job_held_by_this_process_before_its_status_says_running_is_named_so(t
         first.release()
     assert "is running in this process (another thread's tilemask.run)" in str(refused.value), str(refused.value)
     JobFolder(tmp_path / "job").acquire().release()  # released, it is free again
+
+
+@pytest.mark.timeout(30)
+def test_the_job_errors_tilemask_run_raises_live_with_the_others_in_tilemask_errors():
+    """The README sends a Python caller to ``tilemask.errors`` for the classes to catch; ``tilemask.run``'s "job
+    ... is running in another process" (JobError) and "job ... was cancelled" (JobCancelled) were in
+    ``tilemask.jobs`` only."""
+    from tilemask import errors, jobs
+
+    assert errors.JobError is jobs.JobError and errors.JobCancelled is jobs.JobCancelled
+    assert issubclass(errors.JobError, tilemask.TilemaskError) and errors.JobError.exit_status == 2
+    assert issubclass(errors.JobCancelled, tilemask.TilemaskError) and errors.JobCancelled.exit_status == 1

@@ -111,6 +111,18 @@ class NoWorkers(RunError):
     failed; the job's next run resumes them."""
 
 
+class JobError(TilemaskError):
+    """A job folder that cannot be used: unknown id, corrupt record, another process running it."""
+
+    exit_status = 2
+
+
+class JobCancelled(TilemaskError):
+    """``tilemask cancel`` stopped the job."""
+
+    exit_status = 1
+
+
 class UsageError(TilemaskError, ValueError):
     """Command-line options or cluster configuration that cannot work together: refused before any work."""
 

@@ -51,7 +51,7 @@ from pathlib import Path
 import yaml
 
 from . import storage
-from .errors import OutputError, RunError, TilemaskError, option
+from .errors import JobCancelled, JobError, OutputError, RunError, TilemaskError, option  # noqa: F401 - as before
 from .formats import for_path, written_by_tilemask
 from .outputs import describe_write_error, exists, make_folder, remove_made, why_unwritable
 
@@ -70,18 +70,6 @@ HELD = ("released", "waiting", "queued", "no-worker")
 def _afresh() -> str:
     """What to do with a job whose record is damaged: its run with --overwrite starts it afresh (:meth:`reset`)."""
     return f" (a run with {option('overwrite', 'True')} starts the job afresh)"
-
-
-class JobError(TilemaskError):
-    """A job folder that cannot be used: unknown id, corrupt record, another process running it."""
-
-    exit_status = 2
-
-
-class JobCancelled(TilemaskError):
-    """``tilemask cancel`` stopped the job."""
-
-    exit_status = 1
 
 
 def job_id(workflow_dict: dict, base_dir: str) -> str:
