@@ -1038,3 +1038,38 @@ def test_tilemask_run_passes_every_argument_on_to_driver_run(monkeypatch):
     workflow, client = given.pop("workflow"), given.pop("client")
     tilemask.run(workflow, client, **given)
     assert received == {"workflow": workflow, "client": client, **given}
+
+
+@pytest.mark.timeout(30)
+def test_an_embedded_cluster_stopped_by_ctrl_c_as_it_closes_leaves_the_callers_environment_as_it_was(monkeypatch):
+    """A Ctrl-C while the embedded cluster closes is held and raised once it has (``_close_quietly``): a notebook's
+    interrupted ``tilemask.run`` then skipped putting back the caller's variables, and OMP_NUM_THREADS stayed 1."""
+    import os
+
+    from tilemask import cluster as cluster_module
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+    class Nannies:
+        def __init__(self, **kwargs):
+            os.environ["OMP_NUM_THREADS"] = "1"
+
+        def close(self):
+            pass
+
+    class Closing:
+        def __init__(self, cluster):
+            pass
+
+        def close(self):
+            pass
+
+    def interrupted(closeable, what):  # the Ctrl-C held while the cluster closed, raised after
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cluster_module, "LocalCluster", Nannies)
+    monkeypatch.setattr(cluster_module, "Client", Closing)
+    monkeypatch.setattr(cluster_module, "_close_quietly", interrupted)
+    with pytest.raises(KeyboardInterrupt), cluster_module.cluster_client(workers=1):
+        assert os.environ["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in os.environ
