@@ -1073,3 +1073,36 @@ def test_an_embedded_cluster_stopped_by_ctrl_c_as_it_closes_leaves_the_callers_e
     with pytest.raises(KeyboardInterrupt), cluster_module.cluster_client(workers=1):
         assert os.environ["OMP_NUM_THREADS"] == "1"
     assert "OMP_NUM_THREADS" not in os.environ
+
+
+@pytest.mark.timeout(30)
+def test_a_variable_the_caller_sets_while_the_embedded_cluster_runs_is_kept(monkeypatch):
+    """The caller's environment is put back as the cluster closes, but a variable set meanwhile (a notebook's other
+    thread, ``os.environ["OMP_NUM_THREADS"] = "4"``, between the run's start and end) is the caller's own now, not
+    the nannies': it was put back to what it had been before the run."""
+    import os
+
+    from tilemask import cluster as cluster_module
+
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+
+    class Nannies:
+        def __init__(self, **kwargs):
+            os.environ.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+
+        def close(self):
+            pass
+
+    class Closing:
+        def __init__(self, cluster):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(cluster_module, "LocalCluster", Nannies)
+    monkeypatch.setattr(cluster_module, "Client", Closing)
+    with cluster_module.cluster_client(workers=1):
+        os.environ["OMP_NUM_THREADS"] = "4"
+    assert (os.environ.get("OMP_NUM_THREADS"), os.environ.get("MKL_NUM_THREADS")) == ("4", None)

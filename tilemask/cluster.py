@@ -229,6 +229,9 @@ _callers = threading.Lock()
 _callers_before: dict[str, str | None] = {}
 """The caller's values of the variables the nannies set, read as the first embedded cluster of those running at
 once started (:func:`_callers_environment`)."""
+_nannies_values: dict[str, str | None] = {}
+"""What the nannies set each of them to (:func:`_nannies_value`): one that holds another value as the last cluster
+closes was set by the caller meanwhile, and is left as it is."""
 _callers_clusters = 0
 
 
@@ -241,14 +244,17 @@ def _callers_environment() -> Iterator[None]:
     once the embedded cluster is closed: a nanny sets them again each time it restarts a worker.  Embedded clusters
     running at once (two threads' runs) share one reading, taken as the first starts and put back as the last
     closes: the second's own reading held the first's nannies' values, which it put back after the first had put
-    back the caller's."""
+    back the caller's.  A variable the caller set meanwhile (to another value than the nannies') is kept."""
     global _callers_clusters
-    names = {*dask.config.get("distributed.nanny.pre-spawn-environ", {}), *NANNY_VARIABLES}
+    config = dask.config.get("distributed.nanny.pre-spawn-environ", {})
     with _callers:
         if not _callers_clusters:
             _callers_before.clear()
-        for name in names:  # one the first's config did not name is the caller's still
-            _callers_before.setdefault(name, os.environ.get(name))
+            _nannies_values.clear()
+        for name in {*config, *NANNY_VARIABLES}:  # one the first's config did not name is the caller's still
+            if name not in _callers_before:
+                _callers_before[name] = os.environ.get(name)
+                _nannies_values[name] = _nannies_value(name, _callers_before[name], config)
         _callers_clusters += 1
     try:
         yield
@@ -257,10 +263,21 @@ def _callers_environment() -> Iterator[None]:
             _callers_clusters -= 1
             if not _callers_clusters:
                 for name, value in _callers_before.items():
+                    if os.environ.get(name) != _nannies_values[name]:  # the caller's own since
+                        continue
                     if value is None:
                         os.environ.pop(name, None)
                     else:
                         os.environ[name] = value
+
+
+def _nannies_value(name: str, before: str | None, config: dict) -> str | None:
+    """The value a nanny sets ``name`` to in this process (``distributed.nanny.Nanny``): the caller's where it has
+    one, else its config's; PYTHONHASHSEED 6640 unless set to another than 0; its process id for the titles."""
+    if name == "__DASK_PARENT_PID":
+        return str(os.getpid())
+    value = before if before is not None else None if config.get(name) is None else str(config[name])
+    return "6640" if name == "PYTHONHASHSEED" and value in (None, "0") else value
 
 
 @contextlib.contextmanager
