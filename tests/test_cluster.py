@@ -1106,3 +1106,13 @@ def test_a_variable_the_caller_sets_while_the_embedded_cluster_runs_is_kept(monk
     with cluster_module.cluster_client(workers=1):
         os.environ["OMP_NUM_THREADS"] = "4"
     assert (os.environ.get("OMP_NUM_THREADS"), os.environ.get("MKL_NUM_THREADS")) == ("4", None)
+
+
+@pytest.mark.timeout(30)
+def test_tilemask_run_s_annotations_add_no_names_to_the_package():
+    """tilemask.run's explicit signature imported its annotations' names at the package's top: ``tilemask.os``,
+    ``tilemask.Path``, ``tilemask.Callable``, ``tilemask.Mapping`` were offered to a notebook's completion beside
+    the API. They are annotations' names only (``from __future__ import annotations``)."""
+    import tilemask
+
+    assert not {"os", "Path", "Callable", "Mapping", "TYPE_CHECKING"} & set(vars(tilemask)), sorted(vars(tilemask))

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-import os  # noqa: E402
-from collections.abc import Callable, Mapping  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING  # noqa: E402
+import typing as _typing  # noqa: E402
 
 from .errors import TilemaskError  # noqa: E402
 
-if TYPE_CHECKING:  # the names of run's annotations alone: importing them takes distributed, pydantic and the models
+if _typing.TYPE_CHECKING:  # the names of run's annotations alone: importing them takes distributed, pydantic and the
+    # models; the others' would be offered beside the API (tilemask.os, tilemask.Path)
+    import os
+    from collections.abc import Callable, Mapping
+    from pathlib import Path
+
     from distributed import Client
 
     from .driver import JobResults
