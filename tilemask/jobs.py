@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import socket
-import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,12 +149,16 @@ _HELD_HERE: set[tuple[int, int]] = set()
 """The lock files (device, inode) of the jobs this process runs: a job refused as running is named as running in
 this process (a notebook's ``tilemask.run`` on a thread of its own, called again meanwhile, was told "another
 process"), what its status cannot say before the run writes its pid there, nor where two hosts' processes share a
-name and a pid (containers)."""
-_HELD_LOCK = threading.Lock()
+name and a pid (containers).  A set's add and discard are atomic: the threads need no lock of their own."""
 
 
-def _lock_key(fd: int) -> tuple[int, int]:
-    stat = os.fstat(fd)
+def _lock_key(fd: int) -> tuple[int, int] | None:
+    """The lock file's (device, inode), None where it cannot be read: the lock is what matters, this only names
+    who holds it."""
+    try:
+        stat = os.fstat(fd)
+    except OSError:
+        return None
     return stat.st_dev, stat.st_ino
 
 
@@ -437,8 +440,8 @@ class JobFolder:
                 raise JobError(f"job {self.id} is running {where}; see tilemask status {self.id}") from None
             raise
         self._lock_fd = fd
-        with _HELD_LOCK:
-            _HELD_HERE.add(_lock_key(fd))
+        if (key := _lock_key(fd)) is not None:
+            _HELD_HERE.add(key)
         return self
 
     def discard(self) -> None:
@@ -453,8 +456,7 @@ class JobFolder:
 
     def release(self) -> None:
         if self._lock_fd is not None:
-            with _HELD_LOCK:
-                _HELD_HERE.discard(_lock_key(self._lock_fd))
+            _HELD_HERE.discard(_lock_key(self._lock_fd))
             os.close(self._lock_fd)
             self._lock_fd = None
 
