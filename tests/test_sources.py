@@ -376,6 +376,40 @@ def test_the_members_of_one_zip_are_checked_with_one_read_of_its_central_directo
 
 
 @pytest.mark.timeout(60)
+def test_a_zip_rewritten_in_place_with_its_size_and_time_is_read_again(tmp_path):
+    """A zip copied over in place keeping its time (``cp -p``, ``rsync -a --inplace``) and of the same size: its
+    inode, time and size were as before, and the zip opened once (its central directory, its buffered bytes) read
+    the old member's bytes in silence. Its change time (which no copy sets) tells the versions apart."""
+    import os
+    import zipfile
+
+    from tilemask.sources.archive import _member, damaged_member
+
+    archive = tmp_path / "scenes.zip"
+
+    def pack(a: bytes, b: bytes) -> None:
+        packed = tmp_path / "packed.zip"
+        with zipfile.ZipFile(packed, "w") as zf:
+            zf.writestr("a.bin", a)
+            zf.writestr("b.bin", b)
+        with open(archive, "r+b" if archive.exists() else "wb") as handle:  # in place: the same inode
+            handle.write(packed.read_bytes())
+            handle.truncate()
+
+    pack(b"A" * 100, b"B" * 50)
+    before = archive.stat()
+    with _member(str(archive), "b.bin") as handle:
+        assert handle.read() == b"B" * 50
+    assert damaged_member(f"/vsizip/{archive}/b.bin") is None
+    pack(b"A" * 50, b"C" * 100)
+    os.utime(archive, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = archive.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    with _member(str(archive), "b.bin") as handle:
+        assert handle.read() == b"C" * 100
+
+
+@pytest.mark.timeout(60)
 def test_the_members_of_one_remote_zip_are_checked_with_one_read_of_its_central_directory(make_raster, tmp_path,
                                                                                           monkeypatch):  # fmt: skip
     """As a local zip's (above), over HTTP: each member's check read the central directory again by ranges (97 ms

@@ -191,14 +191,21 @@ def damaged_member(path: str) -> str | None:
         return check(archive, member if zipped else None, remote, version)
     if archive.startswith("/vsi") or "://" in archive or not os.path.isfile(archive):
         return None
+    return _damage(archive, member if zipped else None, None, *_local_version(archive))
+
+
+def _local_version(archive: str) -> tuple[int, int, int, int]:
+    """What tells one version of a local file from another: its inode, time, size and change time (a copy over it
+    in place keeping its time and size, ``cp -p`` or ``rsync -a --inplace``, changes only that one: the zip kept
+    open read the old member's bytes)."""
     stat = os.stat(archive)
-    return _damage(archive, member if zipped else None, None, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size, stat.st_ctime_ns
 
 
 @functools.lru_cache(maxsize=256)
 def _damage(archive: str, member: str | None, remote: str | None, *version) -> str | None:
     """:func:`damaged_member` of ``archive``, read from disk or from the URL ``remote``; ``version`` tells one
-    version of it from another (a file's inode, time and size; an object's ETag or time and size)."""
+    version of it from another (a file's :func:`_local_version`; an object's ETag or time and size)."""
     try:
         with contextlib.ExitStack() as stack:
             if member is not None and remote is None:  # a local zip's member: through the zip opened once
@@ -260,8 +267,7 @@ def extract(path: str, archive: str, member: str, target: str) -> None:
 def _member(archive: str, member: str, source: IO[bytes] | None = None) -> Iterator[IO[bytes]]:
     """``member`` of ``archive``, read from the file ``source`` holding it where given."""
     if archive.lower().endswith(".zip") and source is None:
-        stat = os.stat(archive)
-        zf, names = _local_zip(archive, os.getpid(), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        zf, names = _local_zip(archive, os.getpid(), *_local_version(archive))
         with zf.open(names.get(member, member)) as handle:
             yield handle
         return
@@ -283,7 +289,7 @@ def _member(archive: str, member: str, source: IO[bytes] | None = None) -> Itera
 
 @functools.lru_cache(maxsize=8)
 def _local_zip(archive: str, *version) -> tuple[zipfile.ZipFile, dict[str, str]]:
-    """The local zip ``archive`` opened once per process and ``version`` (its inode, time and size), with
+    """The local zip ``archive`` opened once per process and ``version`` (:func:`_local_version`), with
     :func:`_zip_names`: ``ZipFile`` reads the whole central directory as it opens, and a batch of a zip's members
     opened it for each (30 ms a member in a zip of 10,000: planning grew with the square of the batch). Its
     members are read through it from several threads, as ``ZipFile`` allows (each read seeks under its lock)."""
