@@ -251,6 +251,32 @@ def test_a_geotiff_cut_short_names_its_broken_block_in_words_not_as_row_42949672
         server.shutdown()
 
 
+@pytest.mark.timeout(60)
+def test_a_vrt_whose_source_is_in_a_zip_holding_another_name_twice_is_read(make_raster, tmp_path):
+    """An archive that holds one name twice is refused for that name (GDAL reads only one of them); a VRT whose
+    source is another member of it (``a/y.tif``) was refused too, "it holds 2 members named a/x.tif ... narrow
+    input.members", and a missing member was called so instead of missing."""
+    import warnings
+    import zipfile
+
+    grey, _ = make_raster((1, 40, 50), name="grey.tif")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile's "Duplicate name"
+        with zipfile.ZipFile(tmp_path / "twice.zip", "w") as zf:
+            for name in ("a/x.tif", "a/y.tif", "a/x.tif"):
+                zf.write(grey, name)
+    vrt = band_vrt(tmp_path / "stack.vrt", [("grey.tif", "Byte", 1)], 50, 40).read_text()
+    path = tmp_path / "zipped.vrt"
+    for member, why in (("a/y.tif", None), ("a/z.tif", f"{tmp_path}/twice.zip has no member a/z.tif"),
+                        ("a/x.tif", f"{tmp_path}/twice.zip: it holds 2 members named a/x.tif")):  # fmt: skip
+        path.write_text(vrt.replace('relativeToVRT="1">grey.tif', f'relativeToVRT="0">/vsizip/{tmp_path}/twice.zip/{member}'))
+        if why is None:
+            assert open_source(str(path), spatial_dims=2).read(((0, 40), (0, 50))).shape == (1, 40, 50)
+            continue
+        with pytest.raises(InputError, match=re.escape(why)):
+            open_source(str(path), spatial_dims=2)
+
+
 def test_a_vrt_whose_source_in_a_local_archive_is_missing_is_refused_when_opened(make_raster, tmp_path):
     """A fault sweep: a VRT whose source is ``/vsizip/`` into a local zip that is gone, or that lacks the member,
     opened and failed at its first read on a worker, exit 1 (``... does not exist in the file system, and is not

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import glob
 import gzip
 import os
 import shutil
@@ -116,8 +117,8 @@ def archive_problem(path: str) -> str | None:
         return None  # a remote archive (/vsizip//vsicurl/https://...): GDAL says what is wrong at the read
     if not os.path.isfile(archive):
         return None if os.path.exists(archive) else f"no such archive {archive}"
-    try:
-        names = members(archive, "*")
+    try:  # its own name alone: another member held twice or not named in UTF-8 is that member's problem
+        names = members(archive, glob.escape(member))
     except InputError as exc:
         return str(exc).removeprefix("input.archive: ")
     if member not in names:
