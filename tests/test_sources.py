@@ -269,7 +269,8 @@ def test_a_vrt_whose_source_is_in_a_zip_holding_another_name_twice_is_read(make_
     path = tmp_path / "zipped.vrt"
     for member, why in (("a/y.tif", None), ("a/z.tif", f"{tmp_path}/twice.zip has no member a/z.tif"),
                         ("a/x.tif", f"{tmp_path}/twice.zip: it holds 2 members named a/x.tif")):  # fmt: skip
-        path.write_text(vrt.replace('relativeToVRT="1">grey.tif', f'relativeToVRT="0">/vsizip/{tmp_path}/twice.zip/{member}'))
+        source = f'relativeToVRT="0">/vsizip/{tmp_path}/twice.zip/{member}'
+        path.write_text(vrt.replace('relativeToVRT="1">grey.tif', source))
         if why is None:
             assert open_source(str(path), spatial_dims=2).read(((0, 40), (0, 50))).shape == (1, 40, 50)
             continue
