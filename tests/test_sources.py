@@ -437,6 +437,35 @@ def test_a_zip_rewritten_in_place_with_its_size_and_time_is_read_again(tmp_path)
 
 
 @pytest.mark.timeout(60)
+def test_a_replaced_zip_is_not_kept_open(tmp_path):
+    """A zip is opened once per version (above); a notebook that wrote a new version of its archive over the old
+    one (a rename) kept the old one open, its disk space held (an NFS ``.nfs...`` file left in its folder), for as
+    long as seven other archives were not read after it. Only the version read last of each archive is kept."""
+    import contextlib
+    import os
+    import zipfile
+
+    from tilemask.sources.archive import _member
+
+    archive = tmp_path / "scenes.zip"
+
+    def held() -> list[str]:
+        links = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # listdir's own descriptor, closed
+                links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return [link for link in links if link.startswith(str(archive))]
+
+    for version in range(3):
+        with zipfile.ZipFile(tmp_path / "new.zip", "w") as zf:
+            zf.writestr("a.bin", bytes([version]) * (100 + version))
+        os.replace(tmp_path / "new.zip", archive)
+        with _member(str(archive), "a.bin") as handle:
+            assert handle.read() == bytes([version]) * (100 + version)
+    assert held() == [str(archive)]  # not "scenes.zip (deleted)"
+
+
+@pytest.mark.timeout(60)
 def test_the_members_of_one_remote_zip_are_checked_with_one_read_of_its_central_directory(make_raster, tmp_path,
                                                                                           monkeypatch):  # fmt: skip
     """As a local zip's (above), over HTTP: each member's check read the central directory again by ranges (97 ms

@@ -8,6 +8,7 @@ extracts once per machine (:func:`extract`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fnmatch
 import functools
@@ -16,9 +17,10 @@ import gzip
 import os
 import shutil
 import tarfile
+import threading
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO
 
 from ..errors import InputError, first_line
@@ -288,25 +290,46 @@ def _member(archive: str, member: str, source: IO[bytes] | None = None) -> Itera
             yield handle
 
 
-@functools.lru_cache(maxsize=8)
 def _local_zip(archive: str, *version) -> tuple[zipfile.ZipFile, dict[str, str]]:
-    """The local zip ``archive`` opened once per process and ``version`` (:func:`_local_version`), with
-    :func:`_zip_names`: ``ZipFile`` reads the whole central directory as it opens, and a batch of a zip's members
-    opened it for each (30 ms a member in a zip of 10,000: planning grew with the square of the batch). Its
-    members are read through it from several threads, as ``ZipFile`` allows (each read seeks under its lock)."""
-    zf = zipfile.ZipFile(archive)
-    return zf, _zip_names(zf)
+    """The local zip ``archive`` opened once per ``version`` (the process and :func:`_local_version`), with
+    :func:`_zip_names` (:func:`_zip_once`): ``ZipFile`` reads the whole central directory as it opens, and a batch
+    of a zip's members opened it for each (30 ms a member in a zip of 10,000: planning grew with the square of the
+    batch). Its members are read through it from several threads, as ``ZipFile`` allows (each read seeks under its
+    lock)."""
+    return _zip_once(archive, version, lambda: archive)
 
 
-@functools.lru_cache(maxsize=8)
 def _remote_zip(remote: str, *version) -> tuple[zipfile.ZipFile, dict[str, str]]:
-    """The zip at the URL ``remote`` opened once per process and ``version`` (its ETag, or time and size), as
+    """The zip at the URL ``remote`` opened once per ``version`` (the process and its ETag, or time and size), as
     :func:`_local_zip`: its central directory was read again by ranges for each member checked (97 ms a member of
     a zip of 10,000 on loopback)."""
     from ..storage import open_object
 
-    zf = zipfile.ZipFile(open_object(remote))
-    return zf, _zip_names(zf)
+    return _zip_once(remote, version, lambda: open_object(remote))
+
+
+OPEN_ZIPS = 8  # the zips kept open, each the version of its archive read last
+_open_zips: collections.OrderedDict[str, tuple[tuple, zipfile.ZipFile, dict[str, str]]] = collections.OrderedDict()
+_open_zips_lock = threading.Lock()
+
+
+def _zip_once(where: str, version: tuple, source: Callable[[], str | IO[bytes]]) -> tuple[zipfile.ZipFile, dict]:
+    """The zip at ``where`` (a path, a URL) as ``version`` of it, opened from ``source()`` unless kept, with
+    :func:`_zip_names`. Only the version read last of each archive is kept (a replaced one's was held open, its
+    disk space with it, until seven other versions were read), and the last :data:`OPEN_ZIPS` archives read."""
+    with _open_zips_lock:
+        kept = _open_zips.get(where)
+        if kept is not None and kept[0] == version:
+            _open_zips.move_to_end(where)
+            return kept[1], kept[2]
+    zf = zipfile.ZipFile(source())  # outside the lock: another archive's members are read meanwhile
+    kept = (version, zf, _zip_names(zf))
+    with _open_zips_lock:  # a reader of the version dropped keeps its ZipFile, closed as the last one lets it go
+        _open_zips[where] = kept
+        _open_zips.move_to_end(where)
+        while len(_open_zips) > OPEN_ZIPS:
+            _open_zips.popitem(last=False)
+    return zf, kept[2]
 
 
 def _zip_names(zf: zipfile.ZipFile) -> dict[str, str]:
