@@ -499,6 +499,29 @@ def test_the_members_of_one_remote_zip_are_checked_with_one_read_of_its_central_
 
 
 @pytest.mark.timeout(60)
+def test_a_member_missing_from_a_remote_zip_is_called_missing_not_a_failed_checksum(make_raster, tmp_path):
+    """A member a remote zip does not hold (or a zip the server does not have) failed GDAL's open, and the check of
+    a damaged member that followed said "cannot read it to check its checksum: KeyError: There is no item named
+    'b.tif' in the archive", naming the zip alone. GDAL's line names the path, as before that check."""
+    import zipfile
+
+    scene, _ = make_raster((3, 20, 30))
+    with zipfile.ZipFile(tmp_path / "scenes.zip", "w") as zf:
+        zf.write(scene, "a.tif")
+    server = serve(str(tmp_path))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    web = f"/vsizip//vsicurl/http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for path in (f"{web}/scenes.zip/b.tif", f"{web}/gone.zip/a.tif"):
+            with pytest.raises(InputError) as refused:
+                open_source(path, spatial_dims=2)
+            assert str(refused.value).startswith(f"{path}: cannot open raster: "), refused.value
+            assert "checksum" not in str(refused.value) and refused.value.exit_status == 2
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.timeout(60)
 def test_a_tar_member_named_only_in_a_pax_header_is_refused_naming_the_name_gdal_reads(make_raster, tmp_path):
     """A reviewer's batch of a .tar.gz packed by Python's tarfile (its default, pax, as bsdtar on macOS packs a name
     that is not ASCII or longer than 100 bytes): GDAL's /vsitar/ reads no pax header, only the ustar name

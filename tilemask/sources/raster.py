@@ -125,12 +125,12 @@ class RasterSource(ImageSource):
                 subdatasets = ds.subdatasets
                 sources = ds.files[1:] if ds.driver == "VRT" else []
         except RasterioError as exc:
-            from .archive import archive_problem, damaged_member
+            from .archive import archive_problem
 
             if missing_local(path):  # GDAL's line said "cannot open raster: {path}: No such file or directory"
                 raise InputError(f"{path}: no such file or folder") from None
             # a member damaged where GDAL reads its header: GDAL's line named its own source file and zlib's code
-            detail = archive_problem(path) or damaged_member(path) or first_gdal_line(exc)
+            detail = archive_problem(path) or _damage_seen(path) or first_gdal_line(exc)
             url = network_object(path)  # an object the store refused to a key it does not know, or a server that
             if url and "not recognized as being" in detail:  # stalled after its headers: GDAL's line said "not
                 detail = object_problem(url, body=True) or detail  # recognized as being in a supported file format"
@@ -335,6 +335,18 @@ def _sources_problems(names: list[str]) -> list[tuple[str, str | None]]:
     with ThreadPoolExecutor(max_workers=min(len(remote), SOURCES_ASKED_AT_ONCE)) as pool:
         found = [*pool.map(_unreadable_source, opened), *pool.map(missing, asked)]
     return local + list(zip(opened + asked, found))
+
+
+def _damage_seen(path: str) -> str | None:
+    """:func:`~.archive.damaged_member` of a member GDAL could not open; None where the check cannot read it (a
+    remote zip without the member, a server without the zip): GDAL's line says so, naming the path, where the
+    check said "cannot read it to check its checksum: KeyError ..." naming the zip alone."""
+    from .archive import damaged_member
+
+    try:
+        return damaged_member(path)
+    except InputError:
+        return None
 
 
 def _unreadable_source(name: str) -> str | None:
