@@ -1382,6 +1382,26 @@ def test_a_relative_archive_member_path_resolves_against_the_list_or_workflow_fo
 
 
 @pytest.mark.timeout(60)
+def test_a_relative_archive_in_a_catalogs_item_resolves_against_the_items_folder(tmp_path):
+    """A STAC catalog whose item lies in its own folder (``items/x/x.json``): its asset ``./a.tif`` resolved against
+    the item's folder, as pystac resolves any relative href, and ``/vsizip/scenes.zip/a.tif`` (a relative archive's
+    member, made absolute as a relative href is) against the catalog's, another folder's archive or none."""
+    from tilemask.inputs import stac_items
+
+    (tmp_path / "items" / "x").mkdir(parents=True)
+    item = {"type": "Feature", "stac_version": "1.0.0", "id": "x", "geometry": None, "bbox": None,
+            "links": [{"rel": "root", "href": "../../catalog.json"}, {"rel": "parent", "href": "../../catalog.json"}],
+            "properties": {"datetime": "2000-01-01T00:00:00Z"},
+            "assets": {"zipped": {"href": "/vsizip/scenes.zip/a.tif"}, "plain": {"href": "./a.tif"}}}  # fmt: skip
+    (tmp_path / "items" / "x" / "x.json").write_text(json.dumps(item))
+    catalog = {"type": "Catalog", "stac_version": "1.0.0", "id": "c", "description": "scenes",
+               "links": [{"rel": "item", "href": "./items/x/x.json"}, {"rel": "root", "href": "./catalog.json"}]}  # fmt: skip
+    (tmp_path / "catalog.json").write_text(json.dumps(catalog))
+    (found,) = stac_items(str(tmp_path / "catalog.json"), ["zipped", "plain"])
+    assert found.files == (f"/vsizip/{tmp_path}/items/x/scenes.zip/a.tif", f"{tmp_path}/items/x/a.tif")
+
+
+@pytest.mark.timeout(60)
 def test_an_archive_holding_one_name_twice_is_refused_saying_so(make_raster, tmp_path):
     """A reviewer's zip appended to (``zipfile`` mode "a", an interrupted update): it held ``a/x.tif`` twice, and
     the run said "/vsizip/.../a/x.tif and /vsizip/.../a/x.tif would both write x_mask.tif; ... rename one" of two

@@ -16,6 +16,7 @@ members, a STAC ItemCollection or catalog.  Listing opens no image: a run plans 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -92,7 +93,7 @@ def stac_items(path: str, assets: list[str]) -> list[InputItem]:
         if empty is not None:  # "" resolved to the STAC file's folder: "a folder with no DICOM file"
             raise InputError(f"input.stac: item {item.id}'s asset {empty!r} has no href")
         hrefs = [item.assets[name].get_absolute_href() or item.assets[name].href for name in assets]
-        hrefs = [resolved(h, folder, "input.stac") for h in hrefs]
+        hrefs = [resolved(h, _item_folder(item, folder), "input.stac") for h in hrefs]
         nodata = tuple(_declared_nodata(item, name) for name in assets)
         found.append(InputItem(file_name(str(item.id)), tuple(hrefs),  # ids are text, even those written as numbers
                                nodata if any(v is not None for v in nodata) else ()))  # fmt: skip
@@ -141,6 +142,18 @@ def _asset_without_href(features) -> str | None:
             if isinstance(asset, dict) and not isinstance(asset.get("href"), str):
                 return f"item {feature.get('id')}'s asset {name!r}"
     return None
+
+
+def _item_folder(item, folder: str) -> str:
+    """The folder a STAC Item's relative hrefs resolve against, as pystac resolves them: its own file's (a catalog's
+    item in ``items/x/x.json``), else the STAC file's (``folder``): a relative archive's ``/vsizip/scenes.zip/a.tif``,
+    which pystac takes as absolute, resolved against the catalog's folder."""
+    own = item.get_self_href()
+    if not own or own.startswith(REMOTE_PREFIXES) or ("://" in own and own[:7].lower() != "file://"):
+        return folder  # an ItemCollection's item names none; one on a server is not where its file was read
+    with contextlib.suppress(InputError):  # a file:// URI of another host
+        return os.path.dirname(local_path(own, "input.stac"))
+    return folder
 
 
 def _catalog_items(catalog, path: str, walked: tuple[str, ...] = ()) -> list:
