@@ -1318,6 +1318,34 @@ def test_a_member_extracted_from_a_damaged_tar_gz_is_refused_as_gzips_checksum_s
         extract(f"/vsitar/{archive}/case0/scan.nii", str(archive), "case0/scan.nii", str(tmp_path / "x.nii"))
 
 
+@pytest.mark.timeout(60)
+def test_an_archive_replaced_keeping_its_size_and_time_is_extracted_again(tmp_path, monkeypatch):
+    """A NIfTI member is extracted once per archive version; an archive replaced keeping its size and time
+    (``rsync -a``: written aside, renamed over it, its time kept) had the path, size and time of the one before,
+    and its member's scratch copy, the old scan, was read in silence."""
+    from tilemask.storage import local_copy
+
+    monkeypatch.setenv("TILEMASK_SCRATCH", str(tmp_path / "scratch"))
+    archive = tmp_path / "scans.tar.gz"
+
+    def packed(version: int) -> Path:
+        with tarfile.open(tmp_path / "new.tar.gz", "w:gz", compresslevel=0) as tf:
+            info = tarfile.TarInfo("scan.nii")
+            info.size = 1000
+            tf.addfile(info, io.BytesIO(bytes([version]) * 1000))
+        return tmp_path / "new.tar.gz"
+
+    os.replace(packed(1), archive)
+    first = archive.stat()
+    with open(local_copy(f"/vsitar/{archive}/scan.nii"), "rb") as copy:
+        assert copy.read() == bytes([1]) * 1000
+    os.utime(packed(2), ns=(first.st_atime_ns, first.st_mtime_ns))
+    os.replace(tmp_path / "new.tar.gz", archive)
+    assert (archive.stat().st_size, archive.stat().st_mtime_ns) == (first.st_size, first.st_mtime_ns)
+    with open(local_copy(f"/vsitar/{archive}/scan.nii"), "rb") as copy:
+        assert copy.read() == bytes([2]) * 1000
+
+
 def test_a_nifti_inside_a_tar_gz_is_read_from_a_scratch_copy(make_volume, make_model, tmp_path, client, monkeypatch):
     monkeypatch.setenv("TILEMASK_SCRATCH", str(tmp_path / "scratch"))
     path, _ = make_volume(shape=(30, 28, 26))

@@ -72,7 +72,9 @@ def local_copy(path: str) -> str:
             stat = os.stat(archive)
         except FileNotFoundError:
             raise InputError(f"{path}: no such archive {archive}") from None
-        identity = f"{os.path.realpath(archive)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{name}"
+        # its inode and change time too: one replaced keeping its size and time (rsync -a, cp -p) was the old copy
+        identity = f"{os.path.realpath(archive)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{name}" \
+            f"\0{stat.st_ino}\0{stat.st_ctime_ns}"
         return _copy_once("tilemask-archives", identity, name, lambda target: extract(path, archive, name, target))
     if not path.startswith(OBJECT_STORES + WEB):
         return path
