@@ -1410,6 +1410,19 @@ def test_a_relative_archive_member_path_resolves_against_the_list_or_workflow_fo
 
 
 @pytest.mark.timeout(60)
+def test_an_archive_under_home_is_read_there(make_model, tmp_path, monkeypatch):
+    """``input: ~/scenes.tif`` is read under the home folder; ``/vsizip/~/scenes.zip/a.tif`` was kept as given, and
+    GDAL read a folder named ``~`` under the working directory ("no such archive ~/scenes.zip")."""
+    weights, _ = make_model(UNET_2D)
+    scene = str(GEO["RGB.byte.tif"])
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    workflow = raster_workflow(scene, weights, output={"path": "out/{stem}_mask.tif"})
+    for given in ("/vsizip/~/scenes.zip/d/a.tif", "/vsitar/~/scans/scenes.tar/d/a.tif"):
+        (item,) = Workflow.from_dict(workflow | {"input": given}, base_dir=tmp_path).input_items()
+        assert item.files == (given.replace("/~/", f"/{tmp_path}/home/"),)
+
+
+@pytest.mark.timeout(60)
 def test_a_relative_archive_in_a_catalogs_item_resolves_against_the_items_folder(tmp_path):
     """A STAC catalog whose item lies in its own folder (``items/x/x.json``): its asset ``./a.tif`` resolved against
     the item's folder, as pystac resolves any relative href, and ``/vsizip/scenes.zip/a.tif`` (a relative archive's

@@ -56,10 +56,10 @@ def member_under(path: str, folder: str) -> str:
     the archive made absolute against ``folder`` (a list file's, the workflow's), as any relative path given there
     is: GDAL reads it against the working directory, which a worker's need not be. Any other path as given."""
     split = split_member(path)
-    if split is None or split[0].startswith(("/", "~")) or "://" in split[0]:
+    if split is None or split[0].startswith("/") or "://" in split[0]:
         return path
-    archive, member = split
-    return f"{path[: len('/vsizip/')]}{os.path.normpath(os.path.join(folder, archive))}/{member}"
+    archive, member = split  # ~ expanded as in any path of a workflow: GDAL read a folder named ~ (no such archive)
+    return f"{path[: len('/vsizip/')]}{os.path.normpath(os.path.join(folder, os.path.expanduser(archive)))}/{member}"
 
 
 def members(archive: str, pattern: str) -> list[str]:
