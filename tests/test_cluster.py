@@ -982,6 +982,32 @@ def test_tilemask_run_shows_the_keywords_it_takes():
     assert all(f"``{name}``" in tilemask.run.__doc__ for name in list(inner.parameters)[1:]), tilemask.run.__doc__
 
 
+def nannies_setting(monkeypatch, variables: dict[str, str]) -> None:
+    """The embedded cluster's LocalCluster and Client replaced by stand-ins whose start sets ``variables`` in this
+    process's environment, as LocalCluster's nannies do as they spawn their workers
+    (``os.environ.update(pre_spawn_env)``): what the tests of the caller's environment put back are about."""
+    import os
+
+    from tilemask import cluster as cluster_module
+
+    class Nannies:
+        def __init__(self, **kwargs):
+            os.environ.update(variables)
+
+        def close(self):
+            pass
+
+    class Closing:
+        def __init__(self, cluster):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(cluster_module, "LocalCluster", Nannies)
+    monkeypatch.setattr(cluster_module, "Client", Closing)
+
+
 @pytest.mark.timeout(30)
 def test_two_embedded_clusters_at_once_leave_the_callers_environment_as_it_was(monkeypatch):
     """Two ``tilemask.run`` without a client at once (a notebook's, one on a thread of its own): the second read the
@@ -996,22 +1022,7 @@ def test_two_embedded_clusters_at_once_leave_the_callers_environment_as_it_was(m
     for key in keys:
         monkeypatch.delenv(key, raising=False)
 
-    class Nannies:  # what LocalCluster's nannies do to this process's environment as they spawn their workers
-        def __init__(self, **kwargs):
-            os.environ.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "6640"})
-
-        def close(self):
-            pass
-
-    class Closing:
-        def __init__(self, cluster):
-            pass
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(cluster_module, "LocalCluster", Nannies)
-    monkeypatch.setattr(cluster_module, "Client", Closing)
+    nannies_setting(monkeypatch, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "6640"})
     first, second = cluster_module.cluster_client(workers=1), cluster_module.cluster_client(workers=1)
     first.__enter__()
     second.__enter__()
@@ -1050,25 +1061,10 @@ def test_an_embedded_cluster_stopped_by_ctrl_c_as_it_closes_leaves_the_callers_e
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
 
-    class Nannies:
-        def __init__(self, **kwargs):
-            os.environ["OMP_NUM_THREADS"] = "1"
-
-        def close(self):
-            pass
-
-    class Closing:
-        def __init__(self, cluster):
-            pass
-
-        def close(self):
-            pass
-
     def interrupted(closeable, what):  # the Ctrl-C held while the cluster closed, raised after
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cluster_module, "LocalCluster", Nannies)
-    monkeypatch.setattr(cluster_module, "Client", Closing)
+    nannies_setting(monkeypatch, {"OMP_NUM_THREADS": "1"})
     monkeypatch.setattr(cluster_module, "_close_quietly", interrupted)
     with pytest.raises(KeyboardInterrupt), cluster_module.cluster_client(workers=1):
         assert os.environ["OMP_NUM_THREADS"] == "1"
@@ -1087,22 +1083,7 @@ def test_a_variable_the_caller_sets_while_the_embedded_cluster_runs_is_kept(monk
     for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.delenv(key, raising=False)
 
-    class Nannies:
-        def __init__(self, **kwargs):
-            os.environ.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
-
-        def close(self):
-            pass
-
-    class Closing:
-        def __init__(self, cluster):
-            pass
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(cluster_module, "LocalCluster", Nannies)
-    monkeypatch.setattr(cluster_module, "Client", Closing)
+    nannies_setting(monkeypatch, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     with cluster_module.cluster_client(workers=1):
         os.environ["OMP_NUM_THREADS"] = "4"
     assert (os.environ.get("OMP_NUM_THREADS"), os.environ.get("MKL_NUM_THREADS")) == ("4", None)

@@ -89,6 +89,21 @@ def test_server_processes_slow_to_import_are_not_killed_as_hung(tmp_path):
         process.stdout.close()
 
 
+@contextlib.contextmanager
+def serving(folder: Path):
+    """``tilemask serve FOLDER`` with one server process (the command's own) on a free port: the process and its
+    URL, the process group killed after."""
+    command = [str(Path(sys.executable).parent / "tilemask"), "serve", str(folder), "--port", "0", "--workers", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)  # fmt: skip
+    try:
+        yield process, re.search(r"at (http://\S+/) ", process.stdout.readline()).group(1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.stdout.close()
+
+
 def _labels_cog(path: Path, size: int = 1024) -> None:
     """A label GeoTIFF as tilemask tags one (its classes), tiled, over 10 km of Italy."""
     labels = (np.arange(size)[:, None] // 64 + np.arange(size)[None, :] // 64) % 3
@@ -126,11 +141,7 @@ def test_a_removed_output_is_not_held_open_by_the_server(tmp_path):
     with rasterio.open(tmp_path / "kept_mask.tif") as ds:
         lonlat = Transformer.from_crs(ds.crs, "OGC:CRS84", always_xy=True).transform_bounds(*ds.bounds)
     tiles = [f"tiles/{t.z}/{t.x}/{t.y}.png" for t in morecantile.tms.get("WebMercatorQuad").tiles(*lonlat, [13])]
-    command = [str(Path(sys.executable).parent / "tilemask"), "serve", str(tmp_path), "--port", "0", "--workers", "1"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)  # fmt: skip
-    try:
-        url = re.search(r"at (http://\S+/) ", process.stdout.readline()).group(1)
+    with serving(tmp_path) as (process, url):
         server = process.pid  # one worker: the command's own process serves
         with httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=40)) as client:
 
@@ -145,10 +156,6 @@ def test_a_removed_output_is_not_held_open_by_the_server(tmp_path):
                 assert tiles_of("kept_mask.tif") == {200}
             assert client.get(tiles[0], params={"output": "gone_mask.tif"}).status_code == 404
             assert _held_deleted(server, "gone_mask.tif") == 0
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.stdout.close()
 
 
 def _peak_rss_growth(pid: int, ask) -> int:
@@ -184,11 +191,7 @@ def test_a_volume_asked_by_many_viewers_at_once_is_strided_once(tmp_path):
     for name in ("first.nii", "second.nii"):  # uncompressed: reading is the cost, not gunzipping
         nib.save(nib.Nifti1Image(scan, np.diag([0.7, 0.7, 1.0, 1.0])), tmp_path / name)
     del scan
-    command = [str(Path(sys.executable).parent / "tilemask"), "serve", str(tmp_path), "--port", "0", "--workers", "1"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)  # fmt: skip
-    try:
-        url = re.search(r"at (http://\S+/) ", process.stdout.readline()).group(1)
+    with serving(tmp_path) as (process, url):
         with httpx.Client(base_url=url, timeout=100) as client:
             assert client.get("?f=json").status_code == 200
 
@@ -201,10 +204,6 @@ def test_a_volume_asked_by_many_viewers_at_once_is_strided_once(tmp_path):
             one = _peak_rss_growth(process.pid, lambda: viewers("first.nii", 1))
             eight = _peak_rss_growth(process.pid, lambda: viewers("second.nii", 8))
         assert eight < 2 * one, f"8 viewers at once: {eight >> 20} MB more; one: {one >> 20} MB"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.stdout.close()
 
 
 @pytest.mark.slow  # a 4096^2 run of the demo's network (about 20 s here)
@@ -231,11 +230,7 @@ def test_zoomed_out_tiles_of_a_plain_zarr_read_the_store_once(tmp_path, client):
     sets = [f"input={tmp_path / 'big.tif'}", f"output.path={folder}/{{stem}}_mask.zarr", "output.vectors=null",
             "output.quicklook=false", "output.chunks=512"]  # fmt: skip
     tilemask.run(Workflow.from_yaml(DEMO, sets), client)
-    command = [str(Path(sys.executable).parent / "tilemask"), "serve", str(folder), "--port", "0", "--workers", "1"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)  # fmt: skip
-    try:
-        url = re.search(r"at (http://\S+/) ", process.stdout.readline()).group(1)
+    with serving(folder) as (process, url):
         with httpx.Client(base_url=url, timeout=120) as http:
             (output,) = http.get("?f=json").json()["outputs"]
             view = list(morecantile.tms.get("WebMercatorQuad").tiles(*output["bounds"], [4]))
@@ -249,10 +244,6 @@ def test_zoomed_out_tiles_of_a_plain_zarr_read_the_store_once(tmp_path, client):
 
             grown = _peak_rss_growth(process.pid, zoomed_out)
         assert grown < 4 * size * size, f"20 tiles at zoom 4: {grown >> 20} MB more"  # the labels: 16 MB
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.stdout.close()
 
 
 @pytest.mark.timeout(60)
