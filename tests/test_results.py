@@ -491,8 +491,9 @@ def test_a_cogs_probabilities_file_opened_as_labels_says_how_to_open_it(outputs)
     assert Path(beside).exists()
     with pytest.raises(InputError) as refused:
         open_result(beside)
-    assert str(refused.value) == (f"{beside}: the probabilities beside the labels {paths['.tif']}: open them with "
-                                  f"open_result({paths['.tif']!r}, 'probabilities')"), str(refused.value)  # fmt: skip
+    assert str(refused.value) == (f"{beside}: the probabilities beside the labels {paths['.tif']}, not labels: give "
+                                  f"the labels (in Python open_result({paths['.tif']!r}, 'probabilities') opens these)"
+                                  ), str(refused.value)  # fmt: skip
     np.testing.assert_array_equal(open_result(paths[".tif"], "probabilities").values, probabilities)
 
 
@@ -593,6 +594,7 @@ def test_a_one_class_niftis_probabilities_opened_as_labels_says_how_to_open_them
     """A sigmoid network's NIfTI probabilities are 4D with one class last, which a label image may be (a trailing
     axis of one): ``open_result`` on them opened them as labels, the hint of the probabilities beside never given.
     In float32 reading them then failed ("must be whole numbers"); in uint8 they read as labels 0-255."""
+    from tests.conftest import run_cli
     from tilemask.geometry import VolumeGeometry
 
     labels = np.random.default_rng(3).integers(0, 2, size=(12, 10, 8)).astype(np.uint8)
@@ -607,11 +609,15 @@ def test_a_one_class_niftis_probabilities_opened_as_labels_says_how_to_open_them
     sink.commit()
     beside = str(tmp_path / "mask_probabilities.nii.gz")
     assert Path(beside).exists()
+    said = (f"{beside}: the probabilities beside the labels {path}, not labels: give the labels (in Python "
+            f"open_result({path!r}, 'probabilities') opens these)")  # fmt: skip
     with pytest.raises(InputError) as refused:
         open_result(beside).values
-    assert str(refused.value) == (f"{beside}: the probabilities beside the labels {path}: open them with "
-                                  f"open_result({path!r}, 'probabilities')"), str(refused.value)  # fmt: skip
+    assert str(refused.value) == said, str(refused.value)
     np.testing.assert_array_equal(open_result(path).values, labels)
+    done = run_cli("stats", beside, "-o", tmp_path / "t.csv")  # stats read them as labels, uint8 ones as 0-255
+    assert (done.returncode, done.stderr.strip()) == (2, f"tilemask: error: {said}"), done.stderr
+    assert not (tmp_path / "t.csv").exists()
 
 
 @pytest.mark.timeout(60)

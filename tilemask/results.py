@@ -12,7 +12,6 @@ than 0 to n - 1 are a dict of value to name.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Mapping
@@ -46,7 +45,6 @@ def open_result(path: str, variable: str = "labels", chunks: int | tuple[int, ..
     check_chunks(chunks)
     path = os.fspath(path) if isinstance(path, os.PathLike) else path  # a pathlib.Path, as rasterio.open takes
     if variable == "labels":
-        _refuse_probabilities_as_labels(path)
         return _labels(path, chunks)
     if variable == "probabilities":
         return _probabilities(path, chunks)
@@ -101,28 +99,6 @@ def _probabilities(path: str, chunks) -> xr.DataArray:
     array = _georeferenced(lazy, ("class", "y", "x"), geometry, "probabilities")
     array.attrs["class_names"] = list(names)
     return array
-
-
-PROBABILITIES_SUFFIXES = (".tif", ".tiff", ".nii.gz", ".nii")
-"""The suffixes of probabilities written beside their labels (a COG's, a NIfTI's)."""
-
-
-def _refuse_probabilities_as_labels(path: str) -> None:
-    """Say how to open the probabilities file written beside a COG's or NIfTI's labels, given as labels: a run's
-    ``outputs`` list it, and ``open_result`` on it said only that a label image has one band (or three axes).
-    Refused before it is opened: a one-class (sigmoid) NIfTI's, 4D with a last axis of one, opened as labels
-    (uint8: read as labels 0-255).  Only beside labels tilemask wrote: a label image of the user's may be named so."""
-    name = str(path)
-    for suffix in PROBABILITIES_SUFFIXES:
-        if name.lower().endswith(f"_probabilities{suffix}"):
-            labels = name[: -len(f"_probabilities{suffix}")] + name[-len(suffix):]
-            fmt = for_path(labels)
-            beside = False
-            with contextlib.suppress(OSError):  # one that cannot be asked is opened as it is given
-                beside = fmt.probabilities_path(labels) == name and exists(labels) and fmt.written_by_tilemask(labels)
-            if beside:
-                raise InputError(f"{path}: the probabilities beside the labels {labels}: open them with "
-                                 f"open_result({labels!r}, 'probabilities')")  # fmt: skip
 
 
 def _per_axis(chunks: int | tuple[int, ...], spatial: int) -> tuple[int, ...]:

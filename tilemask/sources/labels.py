@@ -12,6 +12,7 @@ Slicer colour table ``<stem>.colors.csv`` beside the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -182,6 +183,10 @@ def open_labels(path: str, chunks: int | tuple[int, ...] | None = None) -> Label
     """The labels at ``path`` as a lazy array; ``chunks`` defaults to the file's own blocks."""
     from ..formats import for_path
 
+    beside = labels_beside(path)
+    if beside is not None:
+        raise InputError(f"{path}: the probabilities beside the labels {beside}, not labels: give the labels (in "
+                         f"Python open_result({beside!r}, 'probabilities') opens these)")  # fmt: skip
     fmt = for_path(path)
     try:
         fmt.require_complete(path)
@@ -190,6 +195,30 @@ def open_labels(path: str, chunks: int | tuple[int, ...] | None = None) -> Label
         if isinstance(exc, InputError):
             raise
         raise InputError(f"{path}: cannot open as a label image: {exc}") from None
+
+
+PROBABILITIES_SUFFIXES = (".tif", ".tiff", ".nii.gz", ".nii")
+"""The suffixes of probabilities written beside their labels (a COG's, a NIfTI's)."""
+
+
+def labels_beside(path: str) -> str | None:
+    """The labels tilemask wrote beside ``path`` where it is their probabilities file (a COG's, a NIfTI's), else
+    None. Such a file given as labels is refused before it is opened: a run's ``outputs`` list it, and reading it
+    said only that a label image has one band (or three axes); a one-class (sigmoid) NIfTI's, 4D with a last axis
+    of one, was read as labels (uint8: labels 0-255, in ``open_result``, ``stats`` and ``evaluate`` alike). Only
+    beside labels tilemask wrote: a label image of the user's may be named so."""
+    from ..formats import for_path
+    from ..storage import exists
+
+    name = str(path)
+    for suffix in PROBABILITIES_SUFFIXES:
+        if name.lower().endswith(f"_probabilities{suffix}"):
+            labels = name[: -len(f"_probabilities{suffix}")] + name[-len(suffix) :]
+            fmt = for_path(labels)
+            with contextlib.suppress(OSError):  # one that cannot be asked is opened as it is given
+                if fmt.probabilities_path(labels) == name and exists(labels) and fmt.written_by_tilemask(labels):
+                    return labels
+    return None
 
 
 def check_chunks(chunks) -> None:
