@@ -316,6 +316,9 @@ def test_a_label_image_given_as_the_dataarray_open_result_gives_is_named_not_a_b
     for name, call in calls.items():
         with pytest.raises(InputError) as refused:
             call()
-        assert str(refused.value) == (f"{name}: a label image's path or URL, not a DataArray; write it to a file "
-                                      "first (a DataArray: .rio.to_raster)"), refused  # fmt: skip
+        assert str(refused.value) == (f"{name}: a label image's path or URL, not an object of type DataArray; write "
+                                      "it to a file first (.rio.to_raster)"), refused  # fmt: skip
     assert not (tmp_path / "t.csv").exists()
+    with pytest.raises(InputError, match=r"^mask_path: a label image's path or URL, not an object of type ndarray; "
+                                         r"write it to a file first \(rasterio, nibabel or zarr, with its grid\)$"):  # fmt: skip
+        compute_stats(labels.values, tmp_path / "t.csv")  # it was "not a ndarray; ... (a DataArray: .rio.to_raster)"

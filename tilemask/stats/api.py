@@ -219,9 +219,12 @@ def _check_client(client) -> None:
 def _check_image_path(name: str, path) -> None:
     """A label image given as a path or URL.  The DataArray ``tilemask.open_result`` and ``postprocess.apply`` give,
     what a notebook holds, was a bare ``TypeError: expected str, bytes or os.PathLike object, not DataArray``."""
-    if not isinstance(path, str | os.PathLike):
-        raise InputError(f"{name}: a label image's path or URL, not a {type(path).__name__}; write it to a file "
-                         "first (a DataArray: .rio.to_raster)")  # fmt: skip
+    if isinstance(path, str | os.PathLike):
+        return
+    kind = type(path).__name__
+    how = ".rio.to_raster" if kind == "DataArray" else "rasterio, nibabel or zarr, with its grid"
+    raise InputError(f"{name}: a label image's path or URL, not an object of type {kind}; write it to a file first "
+                     f"({how})")  # fmt: skip
 
 
 def _absolute(path: str | os.PathLike) -> str:
