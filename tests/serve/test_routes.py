@@ -1926,3 +1926,33 @@ def test_a_plain_zarr_being_strided_does_not_hold_up_another_outputs_tiles(tmp_p
     finally:
         release.set()
         worker.join(30)
+
+
+@pytest.mark.timeout(60)
+def test_a_plain_zarrs_kept_level_is_bounded_in_bytes_not_pixels(tmp_path):
+    """A plain Zarr's zoomed-out level is kept in memory while small: counted in pixels, a level of float32
+    probabilities of 5 classes was kept at 80 MiB (16 such levels: 1.3 GB in the server, a review's figure). It is
+    kept while it takes at most ``KEPT_BYTES``, all its classes: the labels here are kept, the probabilities read
+    lazily."""
+    from tilemask.geometry import RasterGeometry
+    from tilemask.serve import raster
+    from tilemask.sinks import OutputLayout, make_sink
+
+    side, classes = 1100, 5
+    labels = np.random.default_rng(4).integers(0, classes, size=(side, side)).astype(np.uint8)
+    probabilities = np.random.default_rng(5).random((classes, side, side), dtype=np.float32)
+    assert labels.nbytes <= raster.KEPT_BYTES < probabilities.nbytes  # a pixel count would keep both
+    geometry = RasterGeometry(rasterio.crs.CRS.from_epsg(32618).to_wkt(), (500000.0, 30.0, 0.0, 4000000.0, 0.0, -30.0))
+    layout = OutputLayout(labels.shape, (side, side), tuple(f"c{i}" for i in range(classes)), "uint8", classes,
+                          "float32", geometry, "input.tif")  # fmt: skip
+    path = str(tmp_path / "scores.zarr")
+    sink = make_sink(path, layout)
+    sink.create()
+    sink.write(((0, side), (0, side)), labels, probabilities)
+    sink.commit()
+    st = os.stat(f"{path}/zarr.json")
+    kept = raster._plain_level(path, "labels", 0, st.st_mtime_ns, st.st_ino)
+    lazy = raster._plain_level(path, "probabilities", 0, st.st_mtime_ns, st.st_ino)
+    assert isinstance(kept.data, np.ndarray) and not isinstance(lazy.data, np.ndarray)
+    np.testing.assert_array_equal(kept.values, labels)
+    np.testing.assert_allclose(lazy.values, probabilities)

@@ -101,7 +101,10 @@ def _zarr_array(path: str, variable: str, level: int, mtime_ns: int, inode: int)
 
 
 _STRIDING = KeyedLocks()
-KEPT_VALUES = 2048 * 2048  # a plain Zarr's level up to this many values (per class) is read once and kept
+KEPT_BYTES = 16 << 20
+"""A plain Zarr's level up to this many bytes, all its classes, is read once and kept (16 at most, the cache's):
+2048^2 uint8 labels are 4 MiB; counted in pixels, float32 probabilities of 5 classes kept 80 MiB a level, up to
+1.3 GB."""
 
 
 @functools.lru_cache(maxsize=16)
@@ -111,7 +114,7 @@ def _plain_level(path: str, variable: str, level: int, mtime_ns: int, inode: int
     took the server to 4.6 GB); lazy where large (a tile then reads the chunks under it)."""
     step = slice(None, None, 2**level)
     strided = _zarr_array(path, variable, 0, mtime_ns, inode).isel(x=step, y=step)
-    return strided.compute() if strided.sizes["x"] * strided.sizes["y"] <= KEPT_VALUES else strided
+    return strided.compute() if strided.nbytes <= KEPT_BYTES else strided
 
 
 @functools.lru_cache(maxsize=16)
