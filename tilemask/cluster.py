@@ -196,7 +196,7 @@ def cluster_client(
     forkserver.start_resource_tracker()
     signal.pthread_sigmask(signal.SIG_SETMASK, unheld | {signal.SIGINT})
     cluster = None
-    with _callers_environment():  # put back once the cluster is closed
+    with _callers_environment() as started:  # put back once the cluster is closed
         try:
             # the nannies take the config along; one that restarts a worker later spawns it
             with shielded(), dask.config.set({**(UNWATCHED if not dashboard else {}), **forkserver.worker_config()}), \
@@ -211,6 +211,7 @@ def cluster_client(
                     env={GPU_PER_WORKER: "1"},  # worker i takes GPU i (:func:`tilemask.models.resolve_device`)
                     silence_logs=logging.CRITICAL if not logger.isEnabledFor(logging.DEBUG) else logging.INFO,
                 )
+            started()
             signal.pthread_sigmask(signal.SIG_SETMASK, unheld)  # a Ctrl-C during the start is raised here
             with closing(Client(cluster)) as client:
                 yield client
@@ -230,13 +231,13 @@ _callers_before: dict[str, str | None] = {}
 """The caller's values of the variables the nannies set, read as the first embedded cluster of those running at
 once started (:func:`_callers_environment`)."""
 _nannies_values: dict[str, str | None] = {}
-"""What the nannies set each of them to (:func:`_nannies_value`): one that holds another value as the last cluster
-closes was set by the caller meanwhile, and is left as it is."""
+"""What the nannies set each of them to, read as the first cluster stood: one that holds another value as the last
+cluster closes was set by the caller meanwhile, and is left as it is."""
 _callers_clusters = 0
 
 
 @contextlib.contextmanager
-def _callers_environment() -> Iterator[None]:
+def _callers_environment() -> Iterator[Callable[[], None]]:
     """Put back, on exit, the variables Dask's nannies set in this process as they spawn their workers
     (``distributed.nanny.pre-spawn-environ``, :data:`NANNY_VARIABLES`) as they were before: a notebook's
     ``tilemask.run`` without a client left OMP_NUM_THREADS, MKL_NUM_THREADS and OPENBLAS_NUM_THREADS at 1, and its
@@ -244,7 +245,8 @@ def _callers_environment() -> Iterator[None]:
     once the embedded cluster is closed: a nanny sets them again each time it restarts a worker.  Embedded clusters
     running at once (two threads' runs) share one reading, taken as the first starts and put back as the last
     closes: the second's own reading held the first's nannies' values, which it put back after the first had put
-    back the caller's.  A variable the caller set meanwhile (to another value than the nannies') is kept."""
+    back the caller's.  A variable the caller set meanwhile (to another value than the nannies') is kept: what the
+    nannies set is read from the environment once the cluster stands (yields ``started``, to call then)."""
     global _callers_clusters
     config = dask.config.get("distributed.nanny.pre-spawn-environ", {})
     with _callers:
@@ -252,32 +254,27 @@ def _callers_environment() -> Iterator[None]:
             _callers_before.clear()
             _nannies_values.clear()
         for name in {*config, *NANNY_VARIABLES}:  # one the first's config did not name is the caller's still
-            if name not in _callers_before:
-                _callers_before[name] = os.environ.get(name)
-                _nannies_values[name] = _nannies_value(name, _callers_before[name], config)
+            _callers_before.setdefault(name, os.environ.get(name))
         _callers_clusters += 1
+
+    def started() -> None:
+        with _callers:
+            for name in _callers_before:
+                _nannies_values.setdefault(name, os.environ.get(name))
+
     try:
-        yield
+        yield started
     finally:
         with _callers:
             _callers_clusters -= 1
             if not _callers_clusters:
                 for name, value in _callers_before.items():
-                    if os.environ.get(name) != _nannies_values[name]:  # the caller's own since
-                        continue
+                    if name in _nannies_values and os.environ.get(name) != _nannies_values[name]:
+                        continue  # the caller's own since (a cluster that never stood: the nannies' still)
                     if value is None:
                         os.environ.pop(name, None)
                     else:
                         os.environ[name] = value
-
-
-def _nannies_value(name: str, before: str | None, config: dict) -> str | None:
-    """The value a nanny sets ``name`` to in this process (``distributed.nanny.Nanny``): the caller's where it has
-    one, else its config's; PYTHONHASHSEED 6640 unless set to another than 0; its process id for the titles."""
-    if name == "__DASK_PARENT_PID":
-        return str(os.getpid())
-    value = before if before is not None else None if config.get(name) is None else str(config[name])
-    return "6640" if name == "PYTHONHASHSEED" and value in (None, "0") else value
 
 
 @contextlib.contextmanager
