@@ -529,11 +529,35 @@ def test_a_run_with_overwrite_stopped_early_leaves_the_jobs_outputs_its_own(make
             tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), scheduler=f"tcp://127.0.0.1:{_free_port()}",
                          overwrite=True)  # fmt: skip
     again = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)  # no --overwrite: the job's own
-    assert [r.status for r in again] == ["ok", "ok"] and all(r.windows > 0 for r in again), "every item redone"
-    assert [r.status for r in tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)] == ["skipped"] * 2
+    assert [r.status for r in again] == ["skipped"] * 2, "a run stopped before its first record forgets nothing"
     tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client, overwrite=True)
     statuses = sorted(line["status"] for line in manifest_lines(first.job))
     assert statuses == ["ok"] * 2 + ["started"] * 4, "each item's last start kept, then redone once"
+
+
+def test_a_run_with_overwrite_refused_before_any_work_keeps_the_jobs_record(make_raster, make_model, tmp_path, client):
+    """``--overwrite`` forgot the manifest before its refusals: a run with it refused before any work (an output
+    that is not tilemask's, exit 2) left the job ``failed`` with none of its items done, and its next run redid
+    every item (of 100,000, each one already finished)."""
+    for name, seed in (("a", 0), ("b", 1)):
+        make_raster((3, 80, 90), name=f"{name}.tif", seed=seed)
+    weights, _ = make_model()
+    workflow = raster_workflow(tmp_path / "*.tif", weights, output={"path": "out/{stem}.zarr", "chunks": 64})
+    first = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert [r.status for r in first] == ["ok", "ok"]
+    recorded = manifest_lines(first.job)
+    shutil.rmtree(tmp_path / "out" / "a.zarr")
+    (tmp_path / "out" / "a.zarr").mkdir()  # someone's folder at an output's path: refused even with --overwrite
+    (tmp_path / "out" / "a.zarr" / "notes.txt").write_text("mine")
+    with pytest.raises(tilemask.errors.OutputConflict, match="was not written by tilemask"):
+        tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client, overwrite=True)
+    assert manifest_lines(first.job) == recorded
+    status = first.job.status()
+    assert status["state"] == "failed" and status["counts"] == {"items": 2, "skipped": 1, "pending": 1}, status
+    assert [row["status"] for row in report_rows(first.job)] == ["ok", "skipped"]  # as a refused run without it
+    shutil.rmtree(tmp_path / "out" / "a.zarr")
+    again = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert [(r.name, r.status) for r in again] == [("a", "ok"), ("b", "skipped")], "b resumed, not redone"
 
 
 def test_a_job_dir_holding_another_workflows_job_is_refused_unless_overwrite(scene_workflow, tmp_path, client):

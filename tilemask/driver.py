@@ -303,10 +303,16 @@ def drive_job(
     it resumes from the manifest even under ``--overwrite``, as Dask starts it again when its worker dies:
     ``submit`` forgot the earlier attempts when it recorded the job.  ``slurm_job``: the SLURM job id of the driver
     job of ``submit --cluster slurm`` running this (``tilemask status`` asks SLURM), which resumes so too."""
-    if options.overwrite and driver is None and slurm_job is None:
-        job.reset()
+    forget = options.overwrite and driver is None and slurm_job is None  # once the run records its first item
     plan.job_id = job.id  # outputs staged under the job's id, kept when interrupted, resumed by its next run
-    manifest = job.manifest()
+    try:
+        manifest = job.manifest()
+        job.status()
+    except JobError:  # a damaged record: --overwrite starts the job afresh, as there is nothing to keep
+        if not forget:
+            raise
+        job.reset()
+        manifest = job.manifest()
     items = plan.items
     results: list[RunResult | None] = [None] * len(items)
     counts = _Progress(job, {"items": len(items)})
@@ -318,19 +324,30 @@ def drive_job(
                          {item.name: list(item.files) for item in items},
                          {item.name: _regions(plan, item) for item in items})
     stop = threading.Event()
-    runner = _ItemRunner(job, plan, options, manifest.started(), counts, progress, stop, weights, on_result)
-    if options.retry_failed:  # failed only to be sent on, their outputs as the job wrote them: sent alone
+
+    def forgotten() -> None:
+        """``--overwrite``: the manifest forgotten (every item redone) when the run records its first item, not
+        before: a run refused before any work (an output not tilemask's, exit 2) leaves the job's record as it was,
+        and its next run resumes instead of redoing every item."""
+        job.reset()
+        counts.counts = {"items": len(items)}
+        skipped.clear()
+
+    runner = _ItemRunner(job, plan, options, manifest.started(), counts, progress, stop, weights, on_result,
+                         forgotten if forget else None)  # fmt: skip
+    if options.retry_failed and not forget:  # failed only to be sent on, their outputs as the job wrote them: sent alone
         runner.undelivered = {name: latest[name] for name in finished if latest[name]["status"] == "failed"}
     for index, item in enumerate(items):
         earlier = _earlier(latest.get(item.name), item.name in finished, options)
-        if earlier is None:
+        if earlier is not None:  # counted as the record says until the record is forgotten
+            counts.counts[earlier.status] = counts.counts.get(earlier.status, 0) + 1
+            if earlier.status == "skipped":
+                skipped.add(item.name)
+        if earlier is None or forget:
             todo.append(index)
-            continue
-        results[index] = earlier
-        done_before.append(earlier)
-        counts.counts[earlier.status] = counts.counts.get(earlier.status, 0) + 1
-        if earlier.status == "skipped":
-            skipped.add(item.name)
+        else:
+            results[index] = earlier
+            done_before.append(earlier)
     logger.info("job %s: %d item(s), %d to do, %d done before", job.id, len(items), len(todo), len(skipped))
     state, ran_through = "failed", False
     address = client.scheduler.address if client is not None else scheduler
@@ -499,7 +516,7 @@ def _from_line(line: dict, status: str) -> RunResult:
 class _ItemRunner:
     """Plans, checks, runs and records one item at a time (called from the item threads of :func:`run_items`)."""
 
-    def __init__(self, job, plan, options, begun, counts, progress, stop, weights, on_result=None):
+    def __init__(self, job, plan, options, begun, counts, progress, stop, weights, on_result=None, forget=None):
         self.job: JobFolder = job
         self.plan: WorkflowPlan = plan
         self.options: Options = options
@@ -515,6 +532,8 @@ class _ItemRunner:
         self.listings = FolderListings()  # each output folder listed once for leftovers, not once per item
         self.in_flight: dict[int, str] = {}  # item -> its first file, while it runs: a lost scheduler names them all
         self.undelivered: dict[str, dict] = {}  # name -> the failed line of an item whose outputs are only sent on
+        self.forget: Callable[[], None] | None = forget  # --overwrite's, called before the run's first record
+        self.forgetting = threading.Lock()
 
     def first_plannable(self, todo: list[int], results: list) -> int | None:
         """Prepare items in order until one is ready: that one fixes the channels the network is probed with.
@@ -538,6 +557,15 @@ class _ItemRunner:
             self.on_result(result)
         except Exception as exc:  # noqa: BLE001 - whatever the caller's callback raises
             logger.warning("cannot pass on the result of %s: %s: %s", result.input, type(exc).__name__, exc)
+
+    def record(self, line: dict, durable: bool = True) -> None:
+        """Append ``line`` to the job's manifest, the manifest first forgotten if this is the first record of a run
+        with ``--overwrite``."""
+        with self.forgetting:
+            if self.forget is not None:
+                self.forget()
+                self.forget = None
+        self.job.record(line, durable=durable)
 
     def release(self) -> None:
         """Release what was prepared and never run (the run failed before it)."""
@@ -570,7 +598,7 @@ class _ItemRunner:
             planned, lock = self.prepared.pop(index, None) or self._prepare(index)
             try:
                 started = {"item": index, "name": item.name, "input": planned.input, "status": "started", "time": time.time()}
-                self.job.record(started, durable=False)  # lost only with the machine: its outputs then need --overwrite
+                self.record(started, durable=False)  # lost only with the machine: its outputs then need --overwrite
                 self.begun.add(item.name)
                 item_job = replace(self.plan.job(planned, self.out_channels), stamps=[*stamps, self.weights_stamp])
                 earlier = self.undelivered.get(item.name)
@@ -602,7 +630,7 @@ class _ItemRunner:
             failed = self._failed(index, item, exc, _no_result(item, time.perf_counter() - start))
             return self._abort_or_skip(exc, failed)
         del self.in_flight[index]
-        self.job.record(_line(index, item.name, result) | stamped)
+        self.record(_line(index, item.name, result) | stamped)
         self.counts.add("ok")
         self.tell(result)
         return result
@@ -634,7 +662,7 @@ class _ItemRunner:
         error = redacted(error)  # as the terminal shows it: the report and the manifest are shared too
         result = replace(result, status="failed", error=error)
         try:
-            self.job.record(_line(index, item.name, result) | (kept or {}))
+            self.record(_line(index, item.name, result) | (kept or {}))
             self.counts.add("failed")
         except OSError as record_error:  # the item's own error is the one to report
             logger.warning("job %s: cannot record the failure of %s: %s", self.job.id, item.files[0], record_error)
