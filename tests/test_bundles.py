@@ -52,6 +52,29 @@ def write_bundle(folder, network_def, preprocessing, inferer, postprocessing, cl
     return folder
 
 
+def test_a_slice_inferer_bundle_runs_its_2d_network_over_the_slices_as_monai_does(tmp_path, client):
+    """A bundle whose inferer is ``SliceInferer`` (a 2D network over a volume, slice by slice across
+    ``spatial_dim``) was refused as no SlidingWindowInferer; it runs as ``inference.slice_axis``, the answer MONAI's
+    own run of the bundle gives, on a scan resampled as the bundle says (``Orientationd``, ``Spacingd``)."""
+    network = {**small_unet(2), "spatial_dims": 2}
+    inferer = {"_target_": "SliceInferer", "roi_size": [32, 32], "sw_batch_size": 4, "overlap": 0.25,
+               "spatial_dim": 1, "mode": "gaussian"}  # fmt: skip
+    preprocessing = [*UNRESAMPLED[:2], {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
+                     {"_target_": "Spacingd", "keys": "image", "pixdim": [1.5, 1.5, 2.0], "mode": "bilinear"},
+                     UNRESAMPLED[2]]  # fmt: skip
+    postprocessing = [SOFTMAX_LABELS[0],
+                      {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+                       "nearest_interp": False}, SOFTMAX_LABELS[1]]  # fmt: skip
+    folder = write_bundle(tmp_path / "slices", network, preprocessing, inferer, postprocessing, ["background", "x"])
+    raw = {"version": 1, "input": "x.nii.gz", "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}}
+    assert Workflow.from_dict(raw).inference.window == (32, 1, 32)
+    scan = stored_psr(tmp_path)
+    _, labels, probabilities = run_bundle(folder, scan, tmp_path, client)
+    expected = monai_runs_the_bundle(folder, scan)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-4)
+    assert np.mean(labels == expected.argmax(0)) >= 0.9999
+
+
 def spleen_ct_bundle(folder, network=None):
     """spleen_ct_segmentation's inference.json, with a smaller UNet (or ``network``) and roi."""
     return write_bundle(
@@ -666,7 +689,8 @@ def test_a_bundle_metadata_that_does_not_name_the_output_channels_is_refused_nam
 def test_an_inferer_written_as_an_expression_is_refused_naming_it(tmp_path, inferer):
     """An inferer the config builds by an expression failed with "AttributeError: 'SimpleInferer' object has no
     attribute 'get'" (exit 1): tilemask reads the inferer's settings from a _target_ dict."""
-    refusal = rf"^model.bundle: inferer must be a SlidingWindowInferer _target_ dict \(got '{re.escape(inferer)}'\)$"
+    refusal = (r"^model.bundle: inferer must be a SlidingWindowInferer or SliceInferer _target_ dict "
+               rf"\(got '{re.escape(inferer)}'\)$")
     _assert_refused(tmp_path, lambda c: c.update(inferer=inferer), refusal)
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 import zarr
-from monai.inferers import sliding_window_inference
+from monai.inferers import SliceInferer, sliding_window_inference
 
 import tilemask
 from tilemask import Workflow
+from tilemask.errors import WorkflowError
 
 from .conftest import UNET_2D, UNET_3D, raster_workflow, volume_workflow
 
@@ -120,6 +123,64 @@ def test_nifti_volume_matches_monai(make_volume, make_model, tmp_path, client, m
     np.testing.assert_allclose(labels_img.header.get_sform(), reference.affine, atol=1e-6)
     np.testing.assert_allclose(labels_img.header.get_qform(), reference.affine, atol=1e-5)
     assert probs_img.shape == (*shape, 2)
+
+
+UNET_SLICES = {**UNET_3D, "spatial_dims": 2}  # a 2D network taking a scan's one channel
+
+
+@pytest.mark.parametrize("axis,backend", [(0, "torch"), (1, "onnxruntime"), (2, "auto")])
+def test_a_2d_model_over_a_volumes_slices_is_monais_slice_inferer(make_volume, make_model, tmp_path, client, axis,
+                                                                  backend):  # fmt: skip
+    """``inference.slice_axis``: a 2D network over a volume slice by slice, as MONAI's ``SliceInferer`` runs it
+    (its ``spatial_dim``: a sliding window one voxel across slices, the network fed each slice), with the runners
+    of the backends; the labels on the scan's grid."""
+    path, volume = make_volume((37, 29, 23))
+    weights, net = make_model(UNET_SLICES)
+    inference = {"roi_size": [16, 16], "slice_axis": axis, "batch_size": 3, "backend": backend}
+    workflow = volume_workflow(path, weights, inference, {"chunks": 16})
+    workflow["model"]["args"] = UNET_SLICES
+    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    probabilities = np.moveaxis(nib.load(result.outputs[1]).get_fdata(dtype=np.float32), -1, 0)
+    x = (volume.astype(np.float32) - np.float32(500.0)) / np.float32(300.0)
+    inferer = SliceInferer(roi_size=(16, 16), sw_batch_size=4, spatial_dim=axis, overlap=0.25, mode="gaussian")
+    with torch.inference_mode():
+        expected = torch.softmax(inferer(torch.from_numpy(x[None, None]), net), 1)[0].numpy()
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    labels = nib.load(result.outputs[0])
+    assert labels.shape == volume.shape
+    np.testing.assert_array_equal(labels.affine, nib.load(path).affine)
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"inference": {"roi_size": [1, 16, 16]}}, "roi_size is a slice's window, 2 values (got 3)"),
+    ({"inference": {"steps": "nnunet"}}, "steps nnunet is not taken with it"),
+    ({"output": {"path": "out/{stem}.tif"}}, "this model is 3D (a 2D model slice by slice: its labels are a volume's)"),
+    ({"output": {"vectors": "out/{stem}.gpkg"}}, "output.vectors needs a 2D raster model"),
+    ({"output": {"chunks": [16, 16]}}, "output.chunks has 2 values but the image has 3 axes"),
+])  # fmt: skip
+def test_what_a_2d_model_over_slices_cannot_take_is_refused(tmp_path, edit, message):
+    workflow = volume_workflow("scan.nii.gz", "w.pt", {"roi_size": [16, 16], "slice_axis": 2}, {})
+    workflow["model"]["args"] = UNET_SLICES
+    for section, values in edit.items():
+        workflow[section] = {**workflow[section], **values}
+    with pytest.raises(WorkflowError, match=re.escape(message)):
+        Workflow.from_dict(workflow, base_dir=tmp_path)
+
+
+def test_a_2d_model_writing_a_volumes_format_is_told_of_slice_axis(tmp_path):
+    workflow = volume_workflow("scan.nii.gz", "w.pt", {"roi_size": [16, 16]}, {})
+    workflow["model"]["args"] = UNET_SLICES
+    with pytest.raises(WorkflowError, match="or set inference.slice_axis to run it over a volume's slices$"):
+        Workflow.from_dict(workflow, base_dir=tmp_path)
+
+
+def test_flips_of_a_slice_are_the_volumes_other_axes():
+    """``tta`` names a slice's axes, as ``roi_size`` does; the windows flip along the volume's other two axes."""
+    inference = Workflow.model_fields["inference"].annotation(roi_size=[16, 16], slice_axis=1, tta="flips")
+    assert inference.window == (16, 1, 16)
+    assert inference.window_flips == ((), (0,), (2,), (0, 2))
+    listed = inference.model_copy(update={"slice_axis": 0, "tta": [[1]]})
+    assert listed.window_flips == ((), (2,))
 
 
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])

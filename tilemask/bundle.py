@@ -48,12 +48,14 @@ LOADIMAGE_OWN = {  # LoadImaged's own arguments: any other goes to its reader; o
     "keys", "reader", "dtype", "meta_keys", "meta_key_postfix", "overwriting", "image_only", "ensure_channel_first",
     "simple_keys", "prune_meta_pattern", "prune_meta_sep", "allow_missing_keys", "expanduser",
 }  # fmt: skip
+INFERERS = ("SlidingWindowInferer", "SliceInferer")
 READ = {  # per transform tilemask applies: the arguments it reads (below); any other must be MONAI's default
     "Orientation": {"axcodes", "as_closest_canonical"},
     "Spacing": {"pixdim", "mode"},
     "ScaleIntensityRange": {"a_min", "a_max", "b_min", "b_max", "clip"},
     "NormalizeIntensity": {"subtrahend", "divisor", "nonzero", "channel_wise"},
     "SlidingWindowInferer": {"roi_size", "sw_batch_size", "overlap", "mode", "sigma_scale"},
+    "SliceInferer": {"roi_size", "sw_batch_size", "overlap", "mode", "sigma_scale", "spatial_dim"},
     "Activations": {"softmax", "sigmoid"},
     "Invert": {"nearest_interp"},
     "AsDiscrete": {"argmax", "threshold"},  # labels by argmax, or by a threshold (a sigmoid's): always labels
@@ -96,7 +98,7 @@ def bundle_defaults(folder: Path) -> dict[str, Any]:
     model = _network(parser, folder)
     spatial_dims = model.get("args", {}).get("spatial_dims") or _default_rank(model.get("network"))
     inference = _inferer(parser, spatial_dims)
-    ndim = int(spatial_dims or len(inference["roi_size"]))  # the model's rank
+    ndim = 3 if "slice_axis" in inference else int(spatial_dims or len(inference["roi_size"]))  # the image's axes
     post_key = _referred(parser, "evaluator::postprocessing") or _referred(parser, "postprocessing")
     keys: dict[str, Any] = {"model": model, "preprocess": _preprocessing(parser, folder, post_key, ndim),
                             "inference": inference, "output": {}}  # fmt: skip
@@ -175,7 +177,7 @@ def _applied(section: str, config: dict) -> dict:
 
     name, args = _name(config), _arguments(config)
     target = _target(config)
-    cls = getattr(monai.inferers if name == "SlidingWindowInferer" else monai.transforms, target, None)
+    cls = getattr(monai.inferers if name in INFERERS else monai.transforms, target, None)
     parameters = inspect.signature(cls).parameters if cls is not None else {}
     for key, value in args.items():
         if key in READ[name] or key in ANSWER_UNCHANGED:
@@ -426,12 +428,13 @@ def _default_rank(network: str | None) -> int | None:
 
 
 def _inferer(parser, ndim: int | None) -> dict:
-    """Workflow ``inference`` keys from the bundle's SlidingWindowInferer, for a network of ``ndim`` spatial axes
-    (None: not known, as for TorchScript)."""
+    """Workflow ``inference`` keys from the bundle's SlidingWindowInferer, or SliceInferer (a 2D network over a
+    volume's slices), for a network of ``ndim`` spatial axes (None: not known, as for TorchScript)."""
     inferer = _parsed(parser, "inferer")
-    if not isinstance(inferer, dict) or _name(inferer) != "SlidingWindowInferer":
+    if not isinstance(inferer, dict) or _name(inferer) not in INFERERS:
         got = inferer.get("_target_") if isinstance(inferer, dict) else parser.get("inferer")  # an expression's text
-        raise WorkflowError(f"model.bundle: inferer must be a SlidingWindowInferer _target_ dict (got {got!r})")
+        raise WorkflowError(f"model.bundle: inferer must be a SlidingWindowInferer or SliceInferer _target_ dict "
+                            f"(got {got!r})")  # fmt: skip
     args = _applied("inferer", inferer)
     # one number is the size along every axis, as MONAI's sliding window takes it (fall_back_tuple)
     roi = args["roi_size"]
@@ -453,6 +456,8 @@ def _inferer(parser, ndim: int | None) -> dict:
     }
     if "sigma_scale" in args:
         keys["sigma_scale"] = args["sigma_scale"]
+    if _name(inferer) == "SliceInferer":
+        keys["slice_axis"] = args.get("spatial_dim", 0)  # MONAI's default
     return keys
 
 

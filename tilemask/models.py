@@ -132,8 +132,27 @@ def _dotted(name: str, where: str) -> Any:
         raise WorkflowError(f"{where}: cannot import {name!r}") from None
 
 
+class SliceWise(torch.nn.Module):
+    """A 2D network over windows of a volume one voxel across slices, as MONAI's ``SliceInferer`` wraps it: that
+    axis squeezed out of the input, and put back in each output."""
+
+    def __init__(self, network: torch.nn.Module, axis: int):
+        super().__init__()
+        self.network = network
+        self.dim = axis + 2  # after the batch and channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.unsqueeze(self.network(torch.squeeze(x, dim=self.dim)), dim=self.dim)
+
+
 def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The network with its weights, in eval mode, on ``device``."""
+    """The network with its weights, in eval mode, on ``device``; a 2D one run over a volume's slices
+    (``spec.slice_axis``) wrapped in :class:`SliceWise`."""
+    model = _loaded(spec, device)
+    return model if spec.slice_axis is None else SliceWise(model, spec.slice_axis).eval()
+
+
+def _loaded(spec: ModelSpec, device: torch.device | str) -> torch.nn.Module:
     path = Path(spec.weights)
     if not path.is_file():
         raise missing_weights(spec.weights)

@@ -163,7 +163,7 @@ class WorkflowPlan:
 
     def plan_input(self, item: InputItem) -> InputPlan:
         """Open one input's metadata and check it against the workflow and the inputs planned before it."""
-        spatial_dims = int(self.workflow.model.spatial_dims or len(self.settings.roi))
+        spatial_dims = len(self.settings.roi)  # the image's axes (a 2D model over a volume's slices: 3)
         planned = _plan_input(self.workflow, item, spatial_dims)
         _check_statistics(planned)
         _check_polygons(planned)
@@ -331,27 +331,27 @@ def classes_of(workflow: Workflow, out_channels: int) -> tuple[int, tuple[str, .
 def plan_model(workflow: Workflow) -> WorkflowPlan:
     """Check what every input shares (weights, network, settings) and list the inputs, opening none of them."""
     inference = workflow.inference
-    spatial_dims = int(workflow.model.spatial_dims or len(inference.roi_size))  # the model's rank (validated equal)
+    spatial_dims = len(inference.window)  # the image's axes: the model's rank, or 3 for a 2D model over slices
     weights = workflow.resolve(workflow.model.weights)
     if not weights.startswith(REMOTE_PREFIXES) and not os.path.isfile(weights):
         raise missing_weights(weights)
-    spec = ModelSpec.create(workflow.model.network, workflow.model.args, weights)
+    spec = ModelSpec.create(workflow.model.network, workflow.model.args, weights, inference.slice_axis)
     remote = weights.startswith(REMOTE_PREFIXES)  # read on the workers: the probe checks it there
     if not workflow.model.network and not remote and not spec.carries_network:
         raise WorkflowError("model.network: needed for a checkpoint of weights (TorchScript and .pt2 carry their own)")
-    sigma = inference.sigma_scale
+    sigma = inference.window_sigma_scale
     items = workflow.input_items()
     _check_output_names(workflow, items)
     return WorkflowPlan(
         workflow=workflow,
         model=spec,
         settings=InferenceSettings(
-            roi=tuple(inference.roi_size),
+            roi=inference.window,
             mode=inference.mode,
             sigma_scale=tuple(normalize_per_axis(sigma, spatial_dims, "sigma_scale")) if isinstance(sigma, list) else sigma,
             batch_size=inference.batch_size,
             device=inference.device,
-            flips=inference.flips,
+            flips=inference.window_flips,
             tta_mode=inference.tta_mode,
             backend=inference.backend,
             precision=inference.precision,
@@ -465,7 +465,7 @@ def _plan_input(workflow: Workflow, item: InputItem, spatial_dims: int) -> Input
     back = None
     if grid:
         inference = workflow.inference
-        chunks = WindowPlan.build(source.spatial_shape, inference.roi_size, inference.overlap, workflow.output.chunks)
+        chunks = WindowPlan.build(source.spatial_shape, inference.window, inference.window_overlap, workflow.output.chunks)
         back = Inversion(network_source, chunks, crop=workflow.preprocess.crop == "nonzero")
     # the bands the run reads, of each file of a stack when they are alike (alpha bands left out as the run does)
     chosen = {tuple(getattr(s, "bands", ())) for s in getattr(source, "sources", (source,))}
@@ -496,8 +496,8 @@ def _window_plan(workflow: Workflow, network_source: ImageSource) -> WindowPlan:
     """The windows over the image the network sees, grouped by output chunk."""
     inference = workflow.inference
     # a flip of the whole image has its own grid of windows; nnU-Net's mirrors each window of the one grid
-    mirrored = sorted({axis for axes in inference.flips for axis in axes}) if inference.tta_mode == "image" else []
-    return WindowPlan.build(network_source.spatial_shape, inference.roi_size, inference.overlap,
+    mirrored = sorted({axis for axes in inference.window_flips for axis in axes}) if inference.tta_mode == "image" else []
+    return WindowPlan.build(network_source.spatial_shape, inference.window, inference.window_overlap,
                             workflow.output.chunks, mirrored, inference.steps)  # fmt: skip
 
 

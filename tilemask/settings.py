@@ -21,15 +21,16 @@ class ModelSpec:
     args_json: str
     weights: str
     weights_stamp: tuple[int, int] = (0, 0)  # (mtime_ns, size): retrained weights are a new model
+    slice_axis: int | None = None  # a 2D network run over a volume's slices across this axis (SliceInferer's)
 
     @classmethod
-    def create(cls, network: str, args: dict[str, Any], weights: str) -> ModelSpec:
+    def create(cls, network: str, args: dict[str, Any], weights: str, slice_axis: int | None = None) -> ModelSpec:
         try:
             stat = os.stat(weights)
             stamp = (stat.st_mtime_ns, stat.st_size)
         except OSError:
             stamp = (0, 0)
-        return cls(network, json.dumps(args, sort_keys=True), weights, stamp)
+        return cls(network, json.dumps(args, sort_keys=True), weights, stamp, slice_axis)
 
     @property
     def args(self) -> dict[str, Any]:

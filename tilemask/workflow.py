@@ -193,6 +193,34 @@ class Inference(_Strict):
         default="image", description="image: each flip a sliding window over the flipped image, the activated results "
         "averaged; patch: nnU-Net v2's mirroring, each window's outputs averaged over its flips before weighting"
     )
+    slice_axis: Annotated[int, NotBool, Field(ge=0, le=2)] | None = Field(
+        default=None, description="a 2D model over a volume, slice by slice across this axis of the volume, as "
+        "MONAI's SliceInferer(spatial_dim=...) runs it; roi_size, overlap, sigma_scale and tta are a slice's"
+    )
+
+    @property
+    def window(self) -> tuple[int, ...]:
+        """The windows' size on the image: ``roi_size``, and one voxel across slices at ``slice_axis``."""
+        return tuple(_across_slices(self.slice_axis, self.roi_size, 1))
+
+    @property
+    def window_overlap(self) -> float | list[float]:
+        """``overlap`` per axis of the image (none across slices: every slice is one window's)."""
+        return _across_slices(self.slice_axis, self.overlap, 0.0) if isinstance(self.overlap, list) else self.overlap
+
+    @property
+    def window_sigma_scale(self) -> float | list[float]:
+        """``sigma_scale`` per axis of the image (across slices a window of one voxel weighs 1 whatever it is)."""
+        sigma = self.sigma_scale
+        return _across_slices(self.slice_axis, sigma, 0.125) if isinstance(sigma, list) else sigma
+
+    @property
+    def window_flips(self) -> tuple[tuple[int, ...], ...]:
+        """:attr:`flips` as axes of the image: a slice's axes are the image's other two."""
+        if self.slice_axis is None:
+            return self.flips
+        in_slice = [axis for axis in range(3) if axis != self.slice_axis]
+        return tuple(tuple(in_slice[axis] for axis in axes) for axes in self.flips)
 
     @property
     def flips(self) -> tuple[tuple[int, ...], ...]:
@@ -235,12 +263,27 @@ class Inference(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _slices(self) -> Inference:
+        if self.slice_axis is not None and len(self.roi_size) != 2:
+            raise ValueError(f"slice_axis runs a 2D model slice by slice: roi_size is a slice's window, 2 values "
+                             f"(got {len(self.roi_size)})")  # fmt: skip
+        if self.slice_axis is not None and self.steps == "nnunet":
+            raise ValueError("slice_axis places windows as MONAI's SliceInferer does: steps nnunet is not taken with it")
+        return self
+
+    @model_validator(mode="after")
     def _per_axis_lengths(self) -> Inference:
         for name in ("overlap", "sigma_scale"):
             value = getattr(self, name)
             if isinstance(value, list) and len(value) != len(self.roi_size):
                 raise ValueError(f"{name} has {len(value)} values but roi_size has {len(self.roi_size)}")
         return self
+
+
+def _across_slices(axis: int | None, values: list, across) -> list:
+    """``values`` of a slice's axes with ``across`` inserted at ``axis`` (the axis across slices); ``values``
+    without an axis."""
+    return list(values) if axis is None else [*values[:axis], across, *values[axis:]]
 
 
 VECTOR_SUFFIXES = (".gpkg", ".fgb", ".geojson", ".parquet")
@@ -389,9 +432,10 @@ class Workflow(_Strict):
             raise ValueError(
                 f"inference.roi_size has {len(roi)} values but model.args.spatial_dims is {spatial_dims}"
             )
+        image_dims = len(self.inference.window)  # the image's axes: a slice's two and the one across slices
         chunks = self.output.chunks
-        if isinstance(chunks, list) and len(chunks) != len(roi):
-            raise ValueError(f"output.chunks has {len(chunks)} values but roi_size has {len(roi)}")
+        if isinstance(chunks, list) and len(chunks) != image_dims:
+            raise ValueError(f"output.chunks has {len(chunks)} values but the image has {image_dims} axes")
         out_channels = self.model.args.get("out_channels")
         if self.inference.activation == "sigmoid" and out_channels not in (None, 1):
             raise ValueError("inference.activation sigmoid needs model.args.out_channels: 1 (one binary class)")
@@ -406,14 +450,16 @@ class Workflow(_Strict):
             if path and ("://" in path or path.startswith(REMOTE_PREFIXES)):  # Path("s3://b/x") is ./s3:/b/x
                 raise ValueError(f"{key} is written to a file system the workers see; polygons and tables are not "
                                  f"written to object storage or over HTTP (got {path!r})")  # fmt: skip
-        if len(roi) != 2 and self.output.vectors:
-            raise ValueError("output.vectors needs a 2D raster model (roi_size of 2 values)")
+        if image_dims != 2 and self.output.vectors:
+            raise ValueError("output.vectors needs a 2D raster model (roi_size of 2 values, no slice_axis)")
         fmt = for_output(self.output.path)
-        if len(roi) not in fmt.spatial_dims:
-            writers = [s for f in FORMATS if f.writable and len(roi) in f.spatial_dims for s in f.suffixes]
+        if image_dims not in fmt.spatial_dims:
+            writers = [s for f in FORMATS if f.writable and image_dims in f.spatial_dims for s in f.suffixes]
+            slices = " (a 2D model slice by slice: its labels are a volume's)" if self.inference.slice_axis is not None else ""
+            over = ", or set inference.slice_axis to run it over a volume's slices" if 3 in fmt.spatial_dims else ""
             raise ValueError(
                 f"output.path {fmt.suffix(self.output.path)} holds {' or '.join(f'{d}D' for d in fmt.spatial_dims)} "
-                f"images, this model is {len(roi)}D; write to {', '.join(writers)}"
+                f"images, this model is {image_dims}D{slices}; write to {', '.join(writers)}{over}"
             )
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise ValueError("classes: names must be unique")
@@ -429,8 +475,9 @@ class Workflow(_Strict):
         normalize, bands = preprocess.normalize, preprocess.bands
         if normalize and normalize.fixed and bands and len(normalize.mean) not in (1, len(bands)):
             raise ValueError(f"preprocess.normalize has {len(normalize.mean)} values but bands has {len(bands)}")
-        if preprocess.sees_another_grid and len(roi) != 3:
-            raise ValueError("preprocess.orientation, spacing and crop apply to volumes: they need a 3D model")
+        if preprocess.sees_another_grid and image_dims != 3:
+            raise ValueError("preprocess.orientation, spacing and crop apply to volumes: they need a 3D model (or a 2D "
+                             "one with inference.slice_axis)")  # fmt: skip
         if isinstance(preprocess.spacing, list) and len(preprocess.spacing) != 3:
             raise ValueError(f"preprocess.spacing has {len(preprocess.spacing)} values; a volume has 3 axes")
         if self.output.grid == "model" and not (preprocess.orientation or preprocess.spacing):

@@ -268,7 +268,8 @@ def open_source(path: str, spatial_dims: int, bands: list[int] | None = None) ->
     if bands and not source.selects_bands:
         raise InputError(f"{path}: preprocess.bands applies to rasters (bands) and NIfTI (volumes of a 4D file)")
     if len(source.spatial_shape) != spatial_dims:
-        raise InputError(f"{path}: has {len(source.spatial_shape)} spatial axes but the model is {spatial_dims}D")
+        hint = "; inference.slice_axis runs a 2D model over a volume's slices" if spatial_dims == 2 else ""
+        raise InputError(f"{path}: has {len(source.spatial_shape)} spatial axes but the model is {spatial_dims}D{hint}")
     if min(source.shape) < 1:  # a header that gives an axis of length 0 (or less): nothing to segment
         unit = "channels" if min(source.spatial_shape) >= 1 else "voxels" if spatial_dims == 3 else "pixels"
         raise InputError(f"{path}: its axes are {tuple(source.spatial_shape)}: an image of no {unit}")

@@ -92,7 +92,8 @@ def volume_problem(path: str, what: str) -> str:
     """Why a DICOM slice or series is no input for a 2D model, in a line: tilemask reads a series, one slice's too,
     as a volume. A slice given to a 2D model was sent to its folder, which was then refused for its 3 axes."""
     return (f"{path}: a DICOM {what}, which tilemask reads as a volume (one slice as a slab), for a 2D model: give "
-            "a 3D model, or each slice's pixels as a 2D image (a TIFF or PNG)")
+            "a 3D model, inference.slice_axis (the 2D model over the slices), or each slice's pixels as a 2D image "
+            "(a TIFF or PNG)")
 
 
 PROBE_FILES = 64  # how many files of a folder with no known suffix are looked at to recognise a DICOM series
