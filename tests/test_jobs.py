@@ -509,6 +509,17 @@ def test_a_first_run_whose_cluster_has_no_worker_keeps_its_job(scene_workflow, t
     assert job.exists() and json.loads((job.path / "status.json").read_text())["state"] == "failed"
 
 
+def two_items_done(make_raster, make_model, tmp_path, client) -> tuple[dict, list]:
+    """A workflow of two rasters, ``a`` and ``b``, to Zarr, and its first run's results (both ok)."""
+    for name, seed in (("a", 0), ("b", 1)):
+        make_raster((3, 80, 90), name=f"{name}.tif", seed=seed)
+    weights, _ = make_model()
+    workflow = raster_workflow(tmp_path / "*.tif", weights, output={"path": "out/{stem}.zarr", "chunks": 64})
+    first = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert [r.status for r in first] == ["ok", "ok"]
+    return workflow, first
+
+
 def test_a_run_with_overwrite_stopped_early_leaves_the_jobs_outputs_its_own(make_raster, make_model, tmp_path, client):
     """``--overwrite`` forgot the manifest whole, the ``started`` lines too: a run with it that stopped before it
     redid every item (a scheduler not reached, a lost one, Ctrl-C) left the job's earlier outputs as someone else's,
@@ -518,12 +529,7 @@ def test_a_run_with_overwrite_stopped_early_leaves_the_jobs_outputs_its_own(make
 
     from .conftest import _free_port
 
-    for name, seed in (("a", 0), ("b", 1)):
-        make_raster((3, 80, 90), name=f"{name}.tif", seed=seed)
-    weights, _ = make_model()
-    workflow = raster_workflow(tmp_path / "*.tif", weights, output={"path": "out/{stem}.zarr", "chunks": 64})
-    first = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
-    assert [r.status for r in first] == ["ok", "ok"]
+    workflow, first = two_items_done(make_raster, make_model, tmp_path, client)
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):  # the --overwrite run stops before any work
         with pytest.raises(tilemask.errors.TilemaskError, match="cannot reach the Dask scheduler"):
             tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), scheduler=f"tcp://127.0.0.1:{_free_port()}",
@@ -539,12 +545,7 @@ def test_a_run_with_overwrite_refused_before_any_work_keeps_the_jobs_record(make
     """``--overwrite`` forgot the manifest before its refusals: a run with it refused before any work (an output
     that is not tilemask's, exit 2) left the job ``failed`` with none of its items done, and its next run redid
     every item (of 100,000, each one already finished)."""
-    for name, seed in (("a", 0), ("b", 1)):
-        make_raster((3, 80, 90), name=f"{name}.tif", seed=seed)
-    weights, _ = make_model()
-    workflow = raster_workflow(tmp_path / "*.tif", weights, output={"path": "out/{stem}.zarr", "chunks": 64})
-    first = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
-    assert [r.status for r in first] == ["ok", "ok"]
+    workflow, first = two_items_done(make_raster, make_model, tmp_path, client)
     recorded = manifest_lines(first.job)
     shutil.rmtree(tmp_path / "out" / "a.zarr")
     (tmp_path / "out" / "a.zarr").mkdir()  # someone's folder at an output's path: refused even with --overwrite
