@@ -1822,6 +1822,46 @@ def test_jobs_asks_about_the_jobs_of_a_gone_scheduler_at_once_not_in_turn(tmp_pa
     assert took < 14, f"{took:.1f} s: one connect timeout (5 s), not one per job"
 
 
+@pytest.mark.slow  # waits out one connect timeout (5 s)
+def test_jobs_asks_a_gone_scheduler_once_for_all_its_jobs(tmp_path):
+    """``tilemask jobs`` asked a scheduler once per job, 16 at a time: a review's 48 jobs queued on a scheduler that
+    was since stopped listed nothing for 15.2 s (three connect timeouts), 200 would take 65 s. Each scheduler is
+    asked once about all its jobs' drivers; one that still runs them answers for each."""
+    import time
+
+    from distributed import LocalCluster
+
+    from .conftest import _free_port
+
+    gone = f"tcp://127.0.0.1:{_free_port()}"  # nothing listens there
+    for n in range(40):
+        job = JobFolder(tmp_path / f"job{n}")
+        job.create({"version": 1, "n": n}, str(tmp_path), None, {}, [{"item": 0, "name": "x", "files": [], "output": "o"}])
+        job.set_status("queued", scheduler=gone, driver=f"tilemask-job-{job.id}-0")
+    begin = time.monotonic()
+    listing = run_cli("jobs")
+    took = time.monotonic() - begin
+    assert listing.returncode == 0, listing.stderr
+    assert [line.split()[1] for line in listing.stdout.splitlines()] == ["lost"] * 40
+    assert took < 12, f"{took:.1f} s: one connect timeout (5 s) for the scheduler, not one per 16 jobs"
+    # a scheduler that is there is asked about each driver: one it holds is queued, one it does not know is lost
+    with LocalCluster(n_workers=0, processes=False, protocol="tcp://", host="127.0.0.1",
+                      dashboard_address=":0") as cluster:
+        from distributed import Client
+
+        with Client(cluster.scheduler_address) as client:
+            held = client.submit(time.sleep, 600, key="tilemask-job-held-0")  # no worker runs it: held
+            while "tilemask-job-held-0" not in client.run_on_scheduler(lambda dask_scheduler: [*dask_scheduler.tasks]):
+                time.sleep(0.05)
+            for n, key in ((0, "tilemask-job-held-0"), (1, "tilemask-job-unknown-0")):
+                JobFolder(tmp_path / f"job{n}").set_status("queued", scheduler=cluster.scheduler_address, driver=key)
+            listing = run_cli("jobs", "--json")
+            assert listing.returncode == 0, listing.stderr
+            states = {Path(s["folder"]).name: s["state"] for s in json.loads(listing.stdout)}
+            assert (states["job0"], states["job1"], states["job2"]) == ("queued", "lost", "lost")
+            del held
+
+
 def test_a_damaged_entry_of_the_job_list_is_named_and_the_others_listed(tmp_path):
     """An entry of ``$TILEMASK_HOME/jobs`` that could not be read (not UTF-8, a folder) made ``tilemask jobs`` list
     nothing (``tilemask: error: UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff ...``, exit 1), and an empty

@@ -221,11 +221,11 @@ def _pending_reason(slurm_job: str) -> str:
     return f" ({reason})"
 
 
-def _summary(folder) -> dict:
+def _summary(folder, asked: dict | None = None) -> dict:
     from .jobs import HELD, UNANSWERED, live_driver
 
     recorded = folder.status()
-    state, task = live_driver(folder, recorded)
+    state, task = live_driver(folder, recorded, asked=asked)
     if task == UNANSWERED:
         recorded = {**recorded, "message": f"its scheduler, {recorded['scheduler']}, took the connection and did not "
                                            "answer (stalled?): its driver may still run, and stops at a cancel "
@@ -399,19 +399,34 @@ def jobs(as_json, debug) -> None:
     """The jobs this user has run or submitted, newest last: id, state, items ok / failed / total, folder."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .jobs import JobError, listed
+    from .jobs import ACTIVE, JobError, driver_states, listed
 
-    def summary(folder) -> dict | str:
+    folders = list(listed())
+    drivers: dict[str, list[str]] = {}  # each queued or running job's driver, by the scheduler that holds it
+    for folder in folders:
+        with contextlib.suppress(JobError, OSError):  # a damaged record: named below, as its summary fails
+            recorded = folder.status()
+            if recorded.get("state", "queued") in ACTIVE and recorded.get("driver") and recorded.get("scheduler") \
+                    and not recorded.get("slurm_job"):  # fmt: skip
+                drivers.setdefault(recorded["scheduler"], []).append(recorded["driver"])
+
+    def ask(address: str) -> dict:
+        return {(address, key): state for key, state in driver_states(address, drivers[address], 5.0).items()}
+
+    def summary(folder, asked: dict) -> dict | str:
         try:
-            return _summary(folder)
+            return _summary(folder, asked)
         except (JobError, OSError) as exc:  # one damaged record does not hide the other jobs
             return f"tilemask: warning: {first_line(exc)}; left out of the list"
 
-    # each queued or running job's scheduler is asked if it still holds the driver: one gone waits out the
-    # connect timeout (5 s) for each of its jobs, so they are asked at once, not in turn
+    # each scheduler is asked once whether it still holds its jobs' drivers, the schedulers at once: one gone waits
+    # out the connect timeout (5 s), and was asked once per job, 16 at a time (48 jobs: 15 s)
     with ThreadPoolExecutor(max_workers=16) as pool:  # in this command's context: its errors in its words
-        asked = [pool.submit(contextvars.copy_context().run, summary, folder) for folder in listed()]
-        answers = [answer.result() for answer in asked]
+        asked: dict = {}
+        for answer in [pool.submit(contextvars.copy_context().run, ask, address) for address in drivers]:
+            asked.update(answer.result())
+        summaries = [pool.submit(contextvars.copy_context().run, summary, folder, asked) for folder in folders]
+        answers = [answer.result() for answer in summaries]
     for warning in (a for a in answers if isinstance(a, str)):
         click.echo(warning, err=True)
     summaries = [a for a in answers if isinstance(a, dict)]
