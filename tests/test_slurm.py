@@ -435,3 +435,16 @@ def test_submit_workers_without_a_slurm_cluster_is_refused(tmp_path):
     done = run_cli("submit", path, "--scheduler", "tcp://127.0.0.1:1", "--workers", "2", cwd=tmp_path, env=env)
     assert done.returncode == 2 and "--workers applies to --cluster slurm" in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_pending_driver_job_without_a_reason_yet_says_no_none(monkeypatch):
+    """squeue gives the reason ``None`` for a job it has not yet considered (a driver job just released):
+    ``tilemask status`` said "its driver job, SLURM job 2, is pending (None)", as if a value were missing (a review
+    of a submit of 227 inputs)."""
+    from tilemask import slurm
+    from tilemask.job_commands import _pending_reason
+
+    monkeypatch.setattr(slurm, "pending_reasons", lambda ids: dict.fromkeys(ids, "None"))
+    assert _pending_reason("2") == ""
+    monkeypatch.setattr(slurm, "pending_reasons", lambda ids: dict.fromkeys(ids, "Resources"))
+    assert _pending_reason("2") == " (Resources)"

@@ -213,7 +213,7 @@ def _pending_reason(slurm_job: str) -> str:
     from . import slurm
 
     reason = slurm.pending_reasons([slurm_job]).get(slurm_job)
-    if reason is None:
+    if reason in (None, "None"):  # squeue's "None": none given yet (a job just released), not one to print
         return ""
     if slurm.never_starts(reason):
         return (f" and SLURM will not start it as submitted ({reason}): cancel the job, set the Dask config "
