@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tarfile
 import threading
 import zipfile
@@ -1860,6 +1861,49 @@ def test_jobs_asks_a_gone_scheduler_once_for_all_its_jobs(tmp_path):
             states = {Path(s["folder"]).name: s["state"] for s in json.loads(listing.stdout)}
             assert (states["job0"], states["job1"], states["job2"]) == ("queued", "lost", "lost")
             del held
+
+
+def test_jobs_asks_squeue_once_about_all_its_slurm_jobs(tmp_path):
+    """``tilemask jobs`` ran ``squeue`` once per ``submit --cluster slurm`` job, 16 at a time: where SLURM's
+    controller does not answer, squeue took 18 s each here, so 40 such jobs listed nothing for about a minute. One
+    ``squeue`` is asked about all of them (a fake one here, which logs its calls): a job it lists is in its state,
+    one it does not is lost, and where it cannot answer each job is as recorded."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    (bin_dir / "squeue").write_text(f"""#!{sys.executable}
+import os, sys
+with open({str(calls)!r}, "a") as log:
+    print(*sys.argv[1:], file=log)
+if os.environ.get("SQUEUE_DOWN"):
+    sys.exit("slurm_load_jobs error: Unable to contact slurm controller (connect failure)")
+ids, form = sys.argv[sys.argv.index("-j") + 1].split(","), sys.argv[sys.argv.index("-o") + 1]
+listed = {{"7": "PENDING", "8": "RUNNING"}}  # the jobs SLURM lists; 9 and the others it has forgotten
+if len(ids) == 1 and ids[0] not in listed:
+    sys.exit("slurm_load_jobs error: Invalid job id specified")
+for job in ids:
+    if job in listed:
+        print(form.replace("%i", job).replace("%T", listed[job]).replace("%r", "Resources"))
+""")
+    (bin_dir / "squeue").chmod(0o755)
+    for n in range(40):
+        job = JobFolder(tmp_path / f"job{n}")
+        job.create({"version": 1, "n": n}, str(tmp_path), None, {}, [{"item": 0, "name": "x", "files": [], "output": "o"}])
+        job.set_status("running" if n else "queued", slurm_job=str(7 + n))
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    listing = run_cli("jobs", "--json", env=env)
+    assert listing.returncode == 0, listing.stderr
+    summaries = {Path(s["folder"]).name: s for s in json.loads(listing.stdout)}
+    states = {name: s["state"] for name, s in summaries.items()}
+    assert states == {"job0": "queued", "job1": "running", **{f"job{n}": "lost" for n in range(2, 40)}}
+    assert summaries["job0"]["message"] == "its driver job, SLURM job 7, is pending (Resources)"
+    assert len(calls.read_text().splitlines()) == 1, calls.read_text()
+    calls.unlink()
+    listing = run_cli("jobs", "--json", env={**env, "SQUEUE_DOWN": "1"})
+    assert listing.returncode == 0, listing.stderr
+    states = {Path(s["folder"]).name: s["state"] for s in json.loads(listing.stdout)}
+    assert states == {"job0": "queued", **{f"job{n}": "running" for n in range(1, 40)}}
+    assert len(calls.read_text().splitlines()) == 1, calls.read_text()
 
 
 def test_a_damaged_entry_of_the_job_list_is_named_and_the_others_listed(tmp_path):

@@ -208,11 +208,15 @@ def status(job, as_json, debug) -> None:
         click.echo(f"  report: {summary['report']}")
 
 
-def _pending_reason(slurm_job: str) -> str:
-    """squeue's reason for a pending driver job, and what to do where SLURM will not start it as submitted."""
+def _pending_reason(slurm_job: str, asked: dict | None = None) -> str:
+    """squeue's reason for a pending driver job, and what to do where SLURM will not start it as submitted;
+    ``asked``: what :func:`tilemask.slurm.job_states` said of it already (``tilemask jobs``), if it was asked."""
     from . import slurm
 
-    reason = slurm.pending_reasons([slurm_job]).get(slurm_job)
+    if asked and ("slurm", slurm_job) in asked:
+        reason = asked.get(("slurm-reason", slurm_job))
+    else:
+        reason = slurm.pending_reasons([slurm_job]).get(slurm_job)
     if reason in (None, "None"):  # squeue's "None": none given yet (a job just released), not one to print
         return ""
     if slurm.never_starts(reason):
@@ -236,7 +240,7 @@ def _summary(folder, asked: dict | None = None) -> dict:
     elif recorded.get("slurm_job") and task is not None:
         where = f"its driver job, SLURM job {recorded['slurm_job']},"
         if state == "queued":
-            recorded = {**recorded, "message": f"{where} is pending{_pending_reason(recorded['slurm_job'])}"}
+            recorded = {**recorded, "message": f"{where} is pending{_pending_reason(recorded['slurm_job'], asked)}"}
         elif state == "lost":
             log = folder.path / f"driver-{recorded['slurm_job']}.log"
             said = f"; its output: {log}" if log.is_file() else ""
@@ -402,15 +406,25 @@ def jobs(as_json, debug) -> None:
     from .jobs import ACTIVE, JobError, driver_states, listed
 
     folders = list(listed())
-    drivers: dict[str, list[str]] = {}  # each queued or running job's driver, by the scheduler that holds it
-    for folder in folders:
+    drivers: dict[str, list[str]] = {}  # each queued or running job's driver, by the scheduler that holds it, or
+    for folder in folders:  # by "slurm": a driver job of submit --cluster slurm
         with contextlib.suppress(JobError, OSError):  # a damaged record: named below, as its summary fails
             recorded = folder.status()
-            if recorded.get("state", "queued") in ACTIVE and recorded.get("driver") and recorded.get("scheduler") \
-                    and not recorded.get("slurm_job"):  # fmt: skip
+            if recorded.get("state", "queued") not in ACTIVE:
+                continue
+            if recorded.get("slurm_job"):
+                drivers.setdefault("slurm", []).append(recorded["slurm_job"])
+            elif recorded.get("driver") and recorded.get("scheduler"):
                 drivers.setdefault(recorded["scheduler"], []).append(recorded["driver"])
 
     def ask(address: str) -> dict:
+        if address == "slurm":  # one squeue for all: each took 18 s where SLURM's controller did not answer
+            from . import slurm
+
+            reasons: dict[str, str] = {}  # and why those pending wait, which status says
+            states = slurm.job_states(drivers[address], reasons)
+            return {**{("slurm", job): state for job, state in states.items()},
+                    **{("slurm-reason", job): reason for job, reason in reasons.items()}}  # fmt: skip
         return {(address, key): state for key, state in driver_states(address, drivers[address], 5.0).items()}
 
     def summary(folder, asked: dict) -> dict | str:
@@ -419,8 +433,8 @@ def jobs(as_json, debug) -> None:
         except (JobError, OSError) as exc:  # one damaged record does not hide the other jobs
             return f"tilemask: warning: {first_line(exc)}; left out of the list"
 
-    # each scheduler is asked once whether it still holds its jobs' drivers, the schedulers at once: one gone waits
-    # out the connect timeout (5 s), and was asked once per job, 16 at a time (48 jobs: 15 s)
+    # each scheduler (and SLURM) is asked once whether it still holds its jobs' drivers, the schedulers at once: one
+    # gone waits out the connect timeout (5 s), and was asked once per job, 16 at a time (48 jobs: 15 s)
     with ThreadPoolExecutor(max_workers=16) as pool:  # in this command's context: its errors in its words
         asked: dict = {}
         for answer in [pool.submit(contextvars.copy_context().run, ask, address) for address in drivers]:

@@ -621,7 +621,8 @@ def live_driver(
     scheduler holds but no worker runs (:data:`HELD`) without connecting again while a running driver reacts to
     its request (a Client that connects while the scheduler tells every client of cancelled keys fails in
     distributed's handshake, a bare AssertionError). ``asked``: the drivers' states already asked of their
-    schedulers, by ``(scheduler, key)`` (:func:`driver_states`); a driver not in it is asked of its scheduler."""
+    schedulers, by ``(scheduler, key)`` (:func:`driver_states`), and of SLURM, by ``("slurm", job id)``
+    (:func:`~tilemask.slurm.job_states`); a driver not in it is asked of its scheduler or SLURM."""
     status = job.status() if status is None else status
     state = status.get("state", "queued")
     if state not in ACTIVE:
@@ -629,7 +630,8 @@ def live_driver(
     if status.get("slurm_job"):  # the driver job of submit --cluster slurm: SLURM's state of it
         from . import slurm
 
-        task = slurm.job_state(status["slurm_job"])
+        where = ("slurm", status["slurm_job"])
+        task = asked[where] if asked and where in asked else slurm.job_state(status["slurm_job"])
         if task is None:  # SLURM cannot be asked from here: the record is all there is
             return state, None
         if task in slurm.ALIVE:
