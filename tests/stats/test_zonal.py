@@ -648,3 +648,21 @@ def test_geoparquet_regions_are_read_as_the_same_regions_in_a_geopackage(tmp_pat
     pd.DataFrame({"name": ["a"]}).to_parquet(tmp_path / "plain.parquet")  # a table, no geometry
     with pytest.raises(InputError, match="plain.parquet: cannot read the regions: "):
         compute_stats(shade_labels, tmp_path / "z.csv", regions=tmp_path / "plain.parquet")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fid", [[7, 3, 9, 11, 2, 5], ["x7", "x3", "x9", "x11", "x2", "x5"]], ids=["integer", "text"])
+def test_a_geopackage_table_keeps_a_region_id_named_fid(tmp_path, shade_labels, fid):
+    """A key named ``fid`` (a GeoJSON QGIS exported from a GeoPackage carries one) is a field of a GeoPackage table,
+    as any other key: GDAL took a column of that name for the table's FID, so a text key failed the command after
+    the counting (``FieldError: Error adding field 'fid' to layer``, exit 1) and an integer one vanished from the
+    table's fields, its rows read back in the order of their keys."""
+    regions = random_regions(shade_labels, 5, seed=6).assign(fid=fid)
+    regions.to_parquet(tmp_path / "regions.parquet")
+    expected = pd.read_csv(compute_stats(shade_labels, tmp_path / "t.csv", regions=tmp_path / "regions.parquet",
+                                         region_id="fid"))  # fmt: skip
+    out = compute_stats(shade_labels, tmp_path / "t.gpkg", regions=tmp_path / "regions.parquet", region_id="fid")
+    table = gpd.read_file(out)
+    assert list(table["fid"]) == fid
+    pixels = [c for c in expected.columns if c.endswith("_pixels")]
+    assert (table[pixels].to_numpy() == expected[pixels].to_numpy()).all()

@@ -111,7 +111,8 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
                 import pyogrio
 
                 # the layer's metadata: a GeoPackage's dataset item is copied to a .aux.xml by every read
-                pyogrio.write_dataframe(frame, tmp, driver="GPKG", layer=path.stem, layer_metadata=product_mark())
+                pyogrio.write_dataframe(frame, tmp, driver="GPKG", layer=path.stem, layer_metadata=product_mark(),
+                                        layer_options=_gpkg_fid_options(frame.columns))  # fmt: skip
                 if has_geometry:
                     check_spatial_index(tmp, path)
             elif suffix == ".csv":
@@ -128,6 +129,17 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
         raise OutputError(f"{path}: cannot write the table: {exc}") from None
     logger.info("wrote %s (%d rows)", path, len(frame))
     return path
+
+
+def _gpkg_fid_options(columns) -> dict:
+    """A GeoPackage table's FID column named apart from its fields: GDAL takes a field named ``fid`` (any case; a
+    region key so named) for the FID, failing a text one (``Error adding field 'fid'``) and hiding an integer one
+    from the table's fields."""
+    names = {str(c).lower() for c in columns}
+    if "fid" not in names:
+        return {}
+    fid = next(f"fid_{i}" for i in range(1, len(names) + 2) if f"fid_{i}" not in names)
+    return {"FID": fid}
 
 
 def _write_parquet(frame: pd.DataFrame, path: str, has_geometry: bool) -> None:
