@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 
@@ -666,3 +667,18 @@ def test_a_geopackage_table_keeps_a_region_id_named_fid(tmp_path, shade_labels, 
     assert list(table["fid"]) == fid
     pixels = [c for c in expected.columns if c.endswith("_pixels")]
     assert (table[pixels].to_numpy() == expected[pixels].to_numpy()).all()
+
+
+@pytest.mark.timeout(60)
+def test_a_json_table_keeps_a_region_id_that_is_a_list(tmp_path, shade_labels):
+    """A GeoJSON's key of lists (GDAL's IntegerList, read as arrays) is written to a JSON table as lists: the table
+    failed after the counting (``TypeError: Object of type ndarray is not JSON serializable``, exit 1)."""
+    regions = random_regions(shade_labels, 3, seed=7)
+    regions.to_file(tmp_path / "plain.geojson")
+    collection = json.loads((tmp_path / "plain.geojson").read_text())
+    for i, feature in enumerate(collection["features"]):
+        feature["properties"]["ids"] = [i, i + 10]
+    (tmp_path / "regions.geojson").write_text(json.dumps(collection))
+    out = compute_stats(shade_labels, tmp_path / "t.json", regions=tmp_path / "regions.geojson", region_id="ids")
+    records = json.loads(out.read_text())
+    assert [r["ids"] for r in records] == [[i, i + 10] for i in range(len(regions))]

@@ -177,10 +177,10 @@ def to_records(frame: pd.DataFrame) -> list[dict]:
 
 
 def jsonable(value):
-    """Plain JSON values: numpy scalars to Python, NaN to null."""
+    """Plain JSON values: numpy scalars and arrays to Python, NaN to null."""
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, np.ndarray)):  # an array: a GeoJSON's list field, as pyogrio reads it
         return [jsonable(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
