@@ -72,7 +72,7 @@ import logging
 import math
 import os
 import threading
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 
 import dask
@@ -102,6 +102,13 @@ _EXACTEXTRACT_LOCK = threading.Lock()
 """Held by every ``exact_extract`` call of this process (see the module docstring)."""
 
 _exactextract_ready = False
+
+ZARR_CHUNK_CACHE_BYTES = 64 << 20
+"""Decoded chunks of a Zarr label array each worker thread keeps, the least recently used dropped past it: regions
+in one chunk decode it once (each region's window decoded its chunks again: 20,000 districts on a 2048^2 Zarr
+output in one 2048^2 chunk took 169 s, against 32 s from a GeoTIFF)."""
+
+_zarr_chunks = threading.local()
 
 _POLYGONAL = frozenset({"Polygon", "MultiPolygon"})
 _PUNCTUAL = frozenset({"Point", "MultiPoint"})
@@ -134,7 +141,7 @@ class WindowReader:
 
     def read(self, rows: slice, cols: slice) -> np.ndarray:
         if self.is_zarr:
-            return np.asarray(self.zarr_array()[rows, cols])
+            return zarr_window(self.zarr_array(), (self.path, file_stamp(self.path)), rows, cols)
         return read_band_window(self.path, rows, cols)
 
     def check_readable(self, grid: Grid, wkbs: list) -> None:
@@ -146,6 +153,37 @@ class WindowReader:
         c0, c1 = max(0, math.floor(cols.min())), min(grid.shape[1], math.ceil(cols.max()))
         for top in range(r0, r1, 512):
             self.read(slice(top, min(top + 512, r1)), slice(c0, c1))
+
+
+def zarr_window(array, version: tuple, rows: slice, cols: slice) -> np.ndarray:
+    """``array[rows, cols]`` (a 2D Zarr array; ``rows`` and ``cols`` within it) assembled from its chunks, decoded
+    once per worker thread and kept (:data:`ZARR_CHUNK_CACHE_BYTES`), ``version`` naming the array's file (its path
+    and stamp); chunks too big to keep several of are read as they are."""
+    height, width = array.chunks[-2:]
+    if height * width * array.dtype.itemsize * 4 > ZARR_CHUNK_CACHE_BYTES:
+        return np.asarray(array[rows, cols])
+    cache: OrderedDict = _zarr_chunks.__dict__.setdefault("cache", OrderedDict())
+    out = np.empty((max(0, rows.stop - rows.start), max(0, cols.stop - cols.start)), array.dtype)
+    if not out.size:
+        return out
+    for i in range(rows.start // height, -(-rows.stop // height)):
+        for j in range(cols.start // width, -(-cols.stop // width)):
+            key = (version, i, j)
+            block = cache.get(key)
+            if block is None:
+                block = np.asarray(array[i * height : (i + 1) * height, j * width : (j + 1) * width])
+                cache[key] = block
+                _zarr_chunks.size = getattr(_zarr_chunks, "size", 0) + block.nbytes
+                while _zarr_chunks.size > ZARR_CHUNK_CACHE_BYTES and len(cache) > 1:
+                    _zarr_chunks.size -= cache.popitem(last=False)[1].nbytes
+            else:
+                cache.move_to_end(key)
+            r0, r1 = max(rows.start, i * height), min(rows.stop, (i + 1) * height)
+            c0, c1 = max(cols.start, j * width), min(cols.stop, (j + 1) * width)
+            out[r0 - rows.start : r1 - rows.start, c0 - cols.start : c1 - cols.start] = block[
+                r0 - i * height : r1 - i * height, c0 - j * width : c1 - j * width
+            ]
+    return out
 
 
 def read_regions(path: str | os.PathLike, region_id: str | None):
@@ -453,7 +491,8 @@ class LabelRasterSource:
     """An exactextract ``RasterSource`` over a Zarr label array, read window by window.
 
     The array is opened here, before exactextract runs, so a callback from
-    exactextract's C++ only slices it (no file-handle cache, no ``os.stat``).
+    exactextract's C++ only slices it, keeping the chunks in its thread's cache (no file-handle cache, no
+    ``os.stat``, no lock).
     Only use it through :func:`locked_exact_extract`.
     """
 
@@ -461,6 +500,7 @@ class LabelRasterSource:
         from exactextract.raster import RasterSource
 
         array = reader.zarr_array()
+        version = (reader.path, file_stamp(reader.path))  # taken here: a callback only slices (see above)
 
         class _Source(RasterSource):
             def __init__(self):
@@ -483,7 +523,7 @@ class LabelRasterSource:
                 return nodata
 
             def read_window(self, x_off, y_off, nx, ny):
-                return np.asarray(array[y_off : y_off + ny, x_off : x_off + nx])
+                return zarr_window(array, version, slice(y_off, y_off + ny), slice(x_off, x_off + nx))
 
         return _Source()
 
