@@ -104,9 +104,8 @@ _EXACTEXTRACT_LOCK = threading.Lock()
 _exactextract_ready = False
 
 ZARR_CHUNK_CACHE_BYTES = 64 << 20
-"""Decoded chunks of a Zarr label array each worker thread keeps, the least recently used dropped past it: regions
-in one chunk decode it once (each region's window decoded its chunks again: 20,000 districts on a 2048^2 Zarr
-output in one 2048^2 chunk took 169 s, against 32 s from a GeoTIFF)."""
+"""Decoded chunks of a Zarr label array each worker thread keeps while it measures a batch of regions, the least
+recently used dropped past it: a batch's regions in one chunk decode it once (see :func:`_by_place`)."""
 
 _zarr_chunks = threading.local()
 
@@ -272,9 +271,10 @@ def prepare_vector_zonal(image: LabelImage, regions, key: str = "region", covera
         reader = WindowReader(image.path)
         nodata = None if image.nodata is None else int(image.nodata)
         size = _batch_size(len(wkbs), client)
-        batches = [range(i, min(i + size, len(wkbs))) for i in range(0, len(wkbs), size)]
+        order = _by_place(projected.geometry, grid)  # a batch's regions near each other: they share chunks
+        batches = [order[i : i + size] for i in range(0, len(wkbs), size)]
         task = _centre_batch if coverage == "center" else _fraction_batch
-        tasks = [dask.delayed(task)(reader, grid, nodata, list(b), [wkbs[i] for i in b]) for b in batches]
+        tasks = [dask.delayed(_batch)(task, reader, grid, nodata, b, [wkbs[i] for i in b]) for b in batches]
         parts = compute(tasks, client)
         frame = pd.concat(parts, ignore_index=True) if parts else None
         if frame is None or frame.empty:
@@ -293,6 +293,37 @@ def prepare_vector_zonal(image: LabelImage, regions, key: str = "region", covera
         return table
 
     return run
+
+
+def _by_place(geometries, grid: Grid) -> list[int]:
+    """The regions' indices in the Z order (Morton order) of the pixels under their bounds' centres, regions without
+    geometry last: a batch of neighbours reads the chunks of one part of the raster, not of all of it (20,000
+    districts in file order on a 16384^2 Zarr of 2048^2 chunks: 157 s, against 35 s in this order)."""
+    x0, dx, _, y0, _, dy = grid.geometry.transform
+    xmin, ymin, xmax, ymax = shapely.bounds(np.asarray(geometries, dtype=object)).T
+    with np.errstate(invalid="ignore"):
+        col = ((xmin + xmax) / 2 - x0) / dx
+        row = ((ymin + ymax) / 2 - y0) / dy
+    missing = np.isnan(col) | np.isnan(row)
+    col, row = (np.clip(np.nan_to_num(v), 0, 2**32 - 1).astype(np.uint64) for v in (col, row))
+    return np.lexsort((_spread_bits(col) | _spread_bits(row) << np.uint64(1), missing)).tolist()
+
+
+def _spread_bits(v: np.ndarray) -> np.ndarray:
+    """The 32 bits of each of ``v`` (uint64) moved to the even bits 0, 2, 4, ..., 62."""
+    for shift, mask in ((16, 0x0000FFFF0000FFFF), (8, 0x00FF00FF00FF00FF), (4, 0x0F0F0F0F0F0F0F0F),
+                        (2, 0x3333333333333333), (1, 0x5555555555555555)):  # fmt: skip
+        v = (v | (v << np.uint64(shift))) & np.uint64(mask)
+    return v
+
+
+def _batch(task, *args) -> pd.DataFrame:
+    """``task(*args)``, the Zarr chunks it kept dropped after it (:func:`zarr_window`): a worker holds none between
+    batches."""
+    try:
+        return task(*args)
+    finally:
+        _zarr_chunks.__dict__.clear()
 
 
 def _plain(key):
