@@ -1421,7 +1421,7 @@ def test_a_workflows_region_key_is_checked_before_any_work(make_raster, make_mod
     regions = tmp_path / "zones.gpkg"
     squares = [box(500000, 3997000, 501000, 3999000), box(501000, 3997000, 502000, 3999000)]
     gpd.GeoDataFrame({"name": ["a", "b"], "kind": ["x", "x"]}, geometry=squares, crs="EPSG:32618").to_file(regions)
-    for region_id, why in (("nope", "region id 'nope' is not a field of the regions (fields: name, kind)"),
+    for region_id, why in (("nope", "region id 'nope' is not a field of the regions (fields: name, kind; feature id: fid)"),
                            ("kind", "region id 'kind' has repeated values")):  # fmt: skip
         workflow = raster_workflow(path, weights, stats={"output": "s.csv", "regions": str(regions), "region_id": region_id})
         with pytest.raises(InputError, match=re.escape(why)) as refused:

@@ -715,3 +715,22 @@ def test_a_batch_of_regions_in_one_zarr_chunk_decodes_it_once(tmp_path, shade_la
     expected = compute_stats(shade_labels, tmp_path / "tif.csv", regions=tmp_path / "regions.gpkg", region_id="name",
                              coverage=coverage)  # fmt: skip
     pd.testing.assert_frame_equal(pd.read_csv(got), pd.read_csv(expected))
+
+
+@pytest.mark.timeout(60)
+def test_a_geopackage_s_fid_is_a_region_id(tmp_path, shade_labels):
+    """``--region-id fid`` keys a GeoPackage's regions by their feature id, the first column QGIS shows of every
+    GeoPackage layer: it was refused as ``region id 'fid' is not a field of the regions``."""
+    from tilemask.stats.config import check_regions
+
+    regions = random_regions(shade_labels, 5, seed=8)
+    regions.to_file(tmp_path / "regions.gpkg")  # fids 1..6
+    check_regions(str(tmp_path / "regions.gpkg"), "fid")
+    table = pd.read_csv(compute_stats(shade_labels, tmp_path / "t.csv", regions=tmp_path / "regions.gpkg",
+                                      region_id="fid"))  # fmt: skip
+    expected = pd.read_csv(compute_stats(shade_labels, tmp_path / "n.csv", regions=tmp_path / "regions.gpkg",
+                                         region_id="name"))  # fmt: skip
+    assert list(table["fid"]) == list(range(1, len(regions) + 1))
+    pd.testing.assert_frame_equal(table.drop(columns="fid"), expected.drop(columns="name"))
+    with pytest.raises(InputError, match="region id 'FID' is not a field of the regions \\(fields: name; feature id: fid"):
+        check_regions(str(tmp_path / "regions.gpkg"), "FID")

@@ -65,6 +65,7 @@ def check_regions(path: str, region_id: str | None) -> None:
 def _check_regions(path: str, local: str, region_id: str | None, stamp: tuple[int, int]) -> None:
     import pyogrio
 
+    fid = None
     try:
         if is_geoparquet(path):
             import pandas as pd
@@ -74,17 +75,29 @@ def _check_regions(path: str, local: str, region_id: str | None, stamp: tuple[in
         else:
             layer = regions_layer(path, local)
             with no_pam():
-                fields = list(pyogrio.read_info(local, layer=layer)["fields"])  # the layer's metadata: no feature read
+                info = pyogrio.read_info(local, layer=layer)  # the layer's metadata: no feature read
+                fields, fid = list(info["fields"]), info["fid_column"] or None
                 values = None
                 if region_id in fields:
                     values = pyogrio.read_dataframe(local, layer=layer, columns=[region_id],
                                                     read_geometry=False)[region_id]  # fmt: skip
+                elif region_id is not None and region_id == fid:  # a GeoPackage's fid: the layer's feature ids
+                    return
     except InputError:
         raise
     except Exception as exc:  # pyogrio raises its own DataSourceError, DataLayerError, ...
         raise regions_unreadable(path, exc, local) from None
     if region_id is not None:
-        check_key(path, region_id, fields, values)
+        check_key(path, region_id, fields, values, fid)
+
+
+def fid_column(local: str, layer: str) -> str | None:
+    """The name of the layer's feature id column (a GeoPackage's ``fid``, the first column QGIS shows), None where
+    the format names none (a shapefile, a GeoJSON)."""
+    import pyogrio
+
+    with no_pam():
+        return pyogrio.read_info(local, layer=layer)["fid_column"] or None
 
 
 def is_geoparquet(path) -> bool:
@@ -141,12 +154,12 @@ def regions_layer(path, local: str) -> str:
     return spatial[0]
 
 
-def check_key(path, region_id: str, fields: list[str], values) -> None:
+def check_key(path, region_id: str, fields: list[str], values, fid: str | None = None) -> None:
     """``region_id`` names one of the regions' ``fields``, and its ``values`` (a pandas Series) are set (a feature
     with no key gave a row no one could join back; a blank text counts as none, as a shapefile stores a missing
-    text) and unique."""
+    text) and unique. ``fid``: the name of the layer's feature ids, which a key may name too (unique and set)."""
     if region_id not in fields:
-        listed = ", ".join(fields) or "none"
+        listed = (", ".join(fields) or "none") + (f"; feature id: {fid}" if fid else "")
         raise InputError(f"{path}: region id {region_id!r} is not a field of the regions (fields: {listed})")
     missing = int((values.isna() | values.map(lambda v: isinstance(v, str) and not v.strip())).sum())
     if missing:

@@ -86,7 +86,15 @@ from ..ogr import no_pam
 from ..sources import cached_handle, file_stamp
 from ..sources.labels import LabelImage, read_band_window
 from ..sources.raster import gdal_env
-from .config import check_key, geoparquet_fields, is_geoparquet, regions_file, regions_layer, regions_unreadable
+from .config import (
+    check_key,
+    fid_column,
+    geoparquet_fields,
+    is_geoparquet,
+    regions_file,
+    regions_layer,
+    regions_unreadable,
+)
 from .crosstab import compute
 from .measure import Grid
 from .totals import grid_of, zone_table
@@ -190,20 +198,26 @@ def read_regions(path: str | os.PathLike, region_id: str | None):
     import geopandas as gpd
 
     local = regions_file(str(path))
+    fid = None
     try:
         if is_geoparquet(path):
             geoparquet_fields(local)  # a plain Parquet table is refused as having no geometry
             regions = gpd.read_parquet(local)
         else:
+            layer = regions_layer(path, local)
+            fid = fid_column(local, layer)
             with no_pam():
-                regions = gpd.read_file(local, layer=regions_layer(path, local), engine="pyogrio")
+                regions = gpd.read_file(local, layer=layer, engine="pyogrio", fid_as_index=True)
+            if region_id is not None and region_id == fid and region_id not in regions.columns:
+                regions.insert(0, region_id, regions.index.to_numpy())  # a GeoPackage's fid as the key
+            regions = regions.reset_index(drop=True)
     except InputError:
         raise
     except Exception as exc:  # pyogrio raises its own DataSourceError, DataLayerError, ...
         raise regions_unreadable(path, exc, local) from None
     if region_id is not None:
         fields = [c for c in regions.columns if c != regions.geometry.name]
-        check_key(path, region_id, fields, regions.get(region_id))
+        check_key(path, region_id, fields, regions.get(region_id), fid)
     coordinates, owners = shapely.get_coordinates(regions.geometry.to_numpy(), return_index=True)
     broken = owners[~np.isfinite(coordinates).all(axis=1)]
     if len(broken):  # exactextract failed on it ("Failed to parse geometry", exit 1); the center rule counted 0
