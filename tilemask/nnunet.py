@@ -22,9 +22,8 @@ What nnU-Net does that tilemask cannot reproduce chunk by chunk is refused by na
 input), region-based training (overlapping sigmoid outputs), other normalization schemes, channels with different
 schemes, CT ranges or (z-scored) ``use_mask_for_norm``, and image readers that reorient (``plans.json``'s
 ``image_reader_writer``, which the predictor reads, or ``dataset.json``'s ``overwrite_image_reader_writer``).
-``use_mask_for_norm`` (a z-score within the nonzero region) is MONAI's ``NormalizeIntensity(nonzero=True)`` of
-each channel, whose mask is the channel's nonzero voxels, where nnU-Net's is the union of the channels' with its
-holes filled (README).
+``use_mask_for_norm`` (a z-score within the nonzero region) is ``normalize: {nonzero: any}``: each channel's
+z-score over the voxels nonzero in some channel, nnU-Net's mask but for its holes, which nnU-Net fills (README).
 """
 
 from __future__ import annotations
@@ -341,7 +340,8 @@ def _normalization(plans: dict, config: dict, name: str, channels: int) -> dict:
         if len(set(masks)) > 1:
             raise WorkflowError(f"{KEY}: plans.json: configuration {name} normalizes some channels within the nonzero "
                                 "region (use_mask_for_norm) and others not: tilemask applies one rule to every channel")
-        return {"normalize": {"mode": "zscore", "channel_wise": True, "nonzero": any(masks)}}
+        # nnU-Net's mask is crop_to_nonzero's, the voxels nonzero in some channel: "any", not each channel's own
+        return {"normalize": {"mode": "zscore", "channel_wise": True, "nonzero": "any" if any(masks) else False}}
     properties = plans.get("foreground_intensity_properties_per_channel") or {}
     try:
         per_channel = [properties[str(c)] for c in range(channels)]

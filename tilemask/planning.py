@@ -383,7 +383,7 @@ def preprocessing_of(workflow: Workflow) -> Preprocessing:
         mean=tuple(normalize.mean) if fixed else None,
         std=tuple(normalize.std) if fixed else None,
         zscore=normalize is not None and not fixed,
-        nonzero=bool(normalize and normalize.nonzero),
+        nonzero=normalize.nonzero if normalize else False,
         channel_wise=bool(normalize and normalize.channel_wise),
     )
 

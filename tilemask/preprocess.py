@@ -49,7 +49,7 @@ class Preprocessing:
     mean: tuple[float, ...] | None = None  # per channel, or one value for all channels
     std: tuple[float, ...] | None = None
     zscore: bool = False  # mean and std are the volume's (:meth:`with_statistics`)
-    nonzero: bool = False  # only nonzero voxels are counted and normalized
+    nonzero: bool | str = False  # only nonzero voxels are counted and normalized; "any": nonzero in some channel
     channel_wise: bool = False  # z-score statistics per channel
 
     @property
@@ -75,8 +75,8 @@ class Preprocessing:
             mean = np.asarray(self.mean, np.float32).reshape(shape)
             std = np.asarray(self.std, np.float32).reshape(shape)
             if self.nonzero:
-                nonzero = data != 0
-                data = np.where(nonzero, (data - mean) / std, data).astype(np.float32, copy=False)
+                mask = nonzero_mask(data, self.nonzero)
+                data = np.where(mask, (data - mean) / std, data).astype(np.float32, copy=False)
             else:
                 data -= mean
                 data /= std
@@ -87,13 +87,22 @@ Moments = np.ndarray
 """``(groups, 3)`` float64: count, mean and sum of squared deviations per channel (or one group for all)."""
 
 
-def moments(data: np.ndarray, nonzero: bool, channel_wise: bool, valid: np.ndarray | None = None) -> Moments:
+def nonzero_mask(data: np.ndarray, nonzero: bool | str) -> np.ndarray:
+    """Where ``data`` (``(C, *spatial)``) is normalized with ``nonzero``: each channel's nonzero voxels (True, MONAI's
+    ``NormalizeIntensity(nonzero=True)``), or every channel's voxels nonzero in some channel (``"any"``, nnU-Net's
+    ``use_mask_for_norm``: ``crop_to_nonzero``'s mask, without its holes filled)."""
+    nonzero_ = data != 0
+    return np.broadcast_to(nonzero_.any(axis=0), data.shape) if nonzero == "any" else nonzero_
+
+
+def moments(data: np.ndarray, nonzero: bool | str, channel_wise: bool, valid: np.ndarray | None = None) -> Moments:
     """One block's moments (``data``: ``(C, *spatial)`` after :meth:`Preprocessing.scaled`), over its ``valid``
-    voxels (None: all), and only the nonzero values with ``nonzero``."""
-    groups = list(data) if channel_wise else [data]
+    voxels (None: all), and only the values of :func:`nonzero_mask` with ``nonzero``."""
+    mask = nonzero_mask(data, nonzero) if nonzero else np.ones(data.shape, bool)
+    groups = list(zip(data, mask)) if channel_wise else [(data, mask)]
     rows = []
-    for values in groups:
-        keep = values != 0 if nonzero else np.ones(values.shape, bool)
+    for values, keep in groups:
+        keep = keep.copy()
         if valid is not None:
             keep &= np.broadcast_to(valid, values.shape)
         values = values[keep].astype(np.float64)

@@ -74,12 +74,13 @@ class ModelConfig(_Strict):
 class Normalize(_Strict):
     """MONAI's ``NormalizeIntensity``: fixed ``mean`` / ``std`` (one per channel, or one for all), or ``mode:
     zscore`` with the mean and standard deviation of the whole (resampled) volume; ``nonzero``: only nonzero
-    voxels are counted and normalized."""
+    voxels are counted and normalized (``any``: in every channel the voxels nonzero in some channel, nnU-Net's
+    ``use_mask_for_norm``)."""
 
     mode: Literal["fixed", "zscore"] = "fixed"
     mean: list[Float] | None = None
     std: list[Float] | None = None
-    nonzero: bool = False
+    nonzero: bool | Literal["any"] = False
     channel_wise: bool = False
 
     @model_validator(mode="after")
