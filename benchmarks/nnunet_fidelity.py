@@ -17,7 +17,12 @@ nnU-Net is not a tilemask dependency (it pins its own stack): install it beside,
 
 ``--zooms`` rewrites the scan's voxel size (the data unchanged) so that nnU-Net's planner transposes the axes
 (its largest spacing first); ``--spacing`` sets the configuration's target spacing in plans.json (nnU-Net's axis
-order), so both sides resample.
+order), so both sides resample.  Further cases: ``--channels 2`` (a second modality, ``_0001``: the scan shifted by
+three voxels along its first axis), ``--mask-for-norm`` (plans.json's ``use_mask_for_norm`` true), ``--ignore-label``
+(dataset.json's ``ignore`` label), ``--regions`` (region-based training), ``--configuration 3d_lowres`` (a copy of
+3d_fullres at ``--spacing``) or ``3d_cascade_fullres``, ``--fold all`` or ``--fold 0 1`` (several folds, each its own
+seed, ensembled by nnU-Net), ``--checkpoint checkpoint_best.pth``.  A case tilemask refuses prints its refusal (and
+nnU-Net's labels are not compared); the grids of the scan, of nnU-Net's labels and of tilemask's are compared too.
 """
 
 from __future__ import annotations
@@ -49,15 +54,32 @@ def main() -> None:
     parser.add_argument("--no-mirroring", dest="mirroring", action="store_false",
                         help="both sides without mirroring (nnUNetv2_predict --disable_tta, tilemask's tta: none)")
     parser.add_argument("--keep", default=None, help="a folder to build in (kept), else a temporary one")
+    parser.add_argument("--channels", type=int, default=1, help="input channels: the second is the scan shifted")
+    parser.add_argument("--mask-for-norm", action="store_true", help="plans.json's use_mask_for_norm true")
+    parser.add_argument("--ignore-label", action="store_true", help="dataset.json's labels with an ignore label")
+    parser.add_argument("--regions", action="store_true", help="region-based training (tilemask refuses it)")
+    parser.add_argument("--configuration", default="3d_fullres",
+                        help="3d_fullres, 3d_lowres (3d_fullres's copy) or 3d_cascade_fullres")
+    parser.add_argument("--fold", nargs="+", default=["0"], help="the folds trained and run: 0, all, 0 1 (ensemble)")
+    parser.add_argument("--checkpoint", default="checkpoint_final.pth", help="or checkpoint_best.pth")
     args = parser.parse_args()
+    args.fold = [f if f == "all" else int(f) for f in args.fold]
     root = Path(args.keep or tempfile.mkdtemp(prefix="nnunet_fidelity_"))
     os.environ.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
                       nnUNet_results=str(root / "results"))  # fmt: skip
     folder = build(root, args)
     case_dir = root / "imagesTs"
-    ours = run_tilemask(root, folder, case_dir, args.mirroring)
-    theirs = run_nnunet(root, folder, case_dir, args.mirroring)
-    a, b = np.asarray(nib.load(ours).dataobj), np.asarray(nib.load(theirs).dataobj)
+    ours = run_tilemask(root, folder, case_dir, args)
+    if ours is None:
+        return
+    theirs = run_nnunet(root, folder, case_dir, args)
+    scan, mine, nn = (nib.load(f) for f in (case_dir / "anat_001_0000.nii.gz", ours, theirs))
+    for name, image in (("scan", scan), ("tilemask", mine), ("nnU-Net", nn)):
+        print(f"{name}: shape {image.shape} dtype {image.get_data_dtype()} qform/sform codes "
+              f"{int(image.header['qform_code'])}/{int(image.header['sform_code'])}")
+    print("affine tilemask - scan: max", float(np.abs(mine.affine - scan.affine).max()),
+          "| nnU-Net - scan:", float(np.abs(nn.affine - scan.affine).max()))  # fmt: skip
+    a, b = np.asarray(mine.dataobj), np.asarray(nn.dataobj)
     assert a.shape == b.shape, (a.shape, b.shape)
     apart = int((a != b).sum())
     print(f"labels: {a.size} voxels, {apart} apart ({100 * apart / a.size:.3f} %); classes tilemask "
@@ -80,13 +102,20 @@ def build(root: Path, args) -> Path:
     (root / "imagesTs").mkdir(exist_ok=True)
     header = nib.Nifti1Header()
     header.set_data_dtype(np.int16)
-    nib.save(nib.Nifti1Image(data, affine, header), raw / "imagesTr" / "anat_000_0000.nii.gz")
-    nib.save(nib.Nifti1Image(data, affine, header), root / "imagesTs" / "anat_001_0000.nii.gz")
+    for c in range(args.channels):  # the second modality: the scan shifted along its first axis (other zeros)
+        channel = np.roll(data, 3 * c, axis=0)
+        for folder, case in ((raw / "imagesTr", "anat_000"), (root / "imagesTs", "anat_001")):
+            nib.save(nib.Nifti1Image(channel, affine, header), folder / f"{case}_{c:04d}.nii.gz")
     labels = np.digitize(data, np.percentile(data, [50, 80])).astype(np.uint8)
     nib.save(nib.Nifti1Image(labels, affine), raw / "labelsTr" / "anat_000.nii.gz")
-    (raw / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": args.scheme}, "labels": {"background": 0, "grey": 1, "bright": 2},
-        "numTraining": 1, "file_ending": ".nii.gz"}))  # fmt: skip
+    names = {"background": 0, "grey": 1, "bright": 2}
+    if args.ignore_label:
+        names["ignore"] = 3
+    if args.regions:
+        names = {"background": 0, "head": [1, 2], "bright": 2}
+    dataset = {"channel_names": {str(c): args.scheme for c in range(args.channels)}, "labels": names,
+               "numTraining": 1, "file_ending": ".nii.gz", **({"regions_class_order": [1, 2]} if args.regions else {})}
+    (raw / "dataset.json").write_text(json.dumps(dataset))
 
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -99,51 +128,75 @@ def build(root: Path, args) -> Path:
         plans["configurations"]["3d_fullres"]["spacing"] = list(args.spacing)
     if args.patch:
         plans["configurations"]["3d_fullres"]["patch_size"] = list(args.patch)
+    if args.mask_for_norm:
+        plans["configurations"]["3d_fullres"]["use_mask_for_norm"] = [True] * args.channels
+    configurations = plans["configurations"]
+    if args.configuration in ("3d_lowres", "3d_cascade_fullres"):  # the planner drops them for so small a scan
+        configurations["3d_lowres"] = {**configurations["3d_fullres"], "next_stage": "3d_cascade_fullres"}
+        configurations["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
     plans_path.write_text(json.dumps(plans, indent=4))
-    folder = root / "results" / "Dataset999_Anat" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
-    (folder / "fold_0").mkdir(parents=True, exist_ok=True)
+    folder = root / "results" / "Dataset999_Anat" / f"nnUNetTrainer__nnUNetPlans__{args.configuration}"
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "plans.json").write_text(plans_path.read_text())
     (folder / "dataset.json").write_text((raw / "dataset.json").read_text())
-    config = plans["configurations"]["3d_fullres"]
+    config = {**plans["configurations"]["3d_fullres"], **plans["configurations"][args.configuration]}
     print("plans: transpose_forward", plans["transpose_forward"], "patch", config["patch_size"], "spacing",
-          config["spacing"], "normalization", config["normalization_schemes"])
+          config["spacing"], "normalization", config["normalization_schemes"], config["use_mask_for_norm"])
     architecture = config["architecture"]
-    torch.manual_seed(args.seed)
-    network = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
-                                     architecture["_kw_requires_import"], 1, 3, allow_init=True,
-                                     deep_supervision=False)  # fmt: skip
-    torch.save({"network_weights": network.state_dict(), "optimizer_state": None, "grad_scaler_state": None,
-                "logging": {}, "_best_ema": None, "current_epoch": 1000,
-                "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0,
-                              "dataset_json": json.loads((raw / "dataset.json").read_text()), "device": torch.device("cpu")},
-                "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2)},
-               folder / "fold_0" / "checkpoint_final.pth")  # fmt: skip
+    outputs = 2 if args.regions else 3
+    for i, fold in enumerate(args.fold):
+        (folder / f"fold_{fold}").mkdir(exist_ok=True)
+        torch.manual_seed(args.seed + i)
+        network = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                         architecture["_kw_requires_import"], args.channels, outputs, allow_init=True,
+                                         deep_supervision=False)  # fmt: skip
+        save(network, plans, args, fold, folder / f"fold_{fold}" / args.checkpoint, json.loads(
+            (raw / "dataset.json").read_text()))
     return folder
 
 
-def run_nnunet(root: Path, folder: Path, cases: Path, mirroring: bool) -> Path:
+def save(network, plans: dict, args, fold, path: Path, dataset: dict) -> None:
+    """As ``nnUNetTrainer.save_checkpoint`` writes it."""
+    import torch
+
+    torch.save({"network_weights": network.state_dict(), "optimizer_state": None, "grad_scaler_state": None,
+                "logging": {}, "_best_ema": None, "current_epoch": 1000,
+                "init_args": {"plans": plans, "configuration": args.configuration, "fold": fold,
+                              "dataset_json": dataset, "device": torch.device("cpu")},
+                "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2)}, path)  # fmt: skip
+
+
+def run_nnunet(root: Path, folder: Path, cases: Path, args) -> Path:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=args.mirroring,
                                 perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
                                 allow_tqdm=False)  # fmt: skip
-    predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0,), checkpoint_name="checkpoint_final.pth")
+    predictor.initialize_from_trained_model_folder(str(folder), use_folds=tuple(args.fold),
+                                                   checkpoint_name=args.checkpoint)  # fmt: skip
     out = root / "nnunet_out"
     predictor.predict_from_files(str(cases), str(out), save_probabilities=False, overwrite=True,
                                  num_processes_preprocessing=1, num_processes_segmentation_export=1)  # fmt: skip
     return out / "anat_001.nii.gz"
 
 
-def run_tilemask(root: Path, folder: Path, cases: Path, mirroring: bool) -> Path:
+def run_tilemask(root: Path, folder: Path, cases: Path, args) -> Path | None:
+    """tilemask's labels, or None where it refuses the folder (exit 2, its one line printed)."""
     workflow = root / "workflow.yaml"
+    fold = args.fold[0] if len(args.fold) == 1 else args.fold
     workflow.write_text(json.dumps({
-        "version": 1, "input": {"channels": [str(cases / "{case}_0000.nii.gz")]},
-        "model": {"nnunet": str(folder), "fold": 0},
-        "inference": {"device": "cpu", **({} if mirroring else {"tta": "none"})},
+        "version": 1, "input": {"channels": [str(cases / f"{{case}}_{c:04d}.nii.gz") for c in range(args.channels)]},
+        "model": {"nnunet": str(folder), "fold": fold, "checkpoint": args.checkpoint},
+        "inference": {"device": "cpu", **({} if args.mirroring else {"tta": "none"})},
         "output": {"path": str(root / "tilemask_out" / "{stem}.nii.gz")},
     }))  # fmt: skip
-    subprocess.run([sys.executable, "-m", "tilemask", "run", str(workflow)], check=True)
+    done = subprocess.run([sys.executable, "-m", "tilemask", "run", str(workflow)], stderr=subprocess.PIPE, text=True)
+    sys.stderr.write(done.stderr)
+    if done.returncode == 2:
+        print(f"tilemask refuses it (exit 2): {done.stderr.strip().splitlines()[-1]}")
+        return None
+    done.check_returncode()
     return root / "tilemask_out" / "anat_001.nii.gz"
 
 
