@@ -409,6 +409,26 @@ def test_what_tilemask_cannot_reproduce_is_refused_by_name(tmp_path, folder_name
     assert "\n" not in str(refused.value)
 
 
+@pytest.mark.parametrize("labels, regions_class_order", [
+    ({"background": 0, "grey": [1], "bright": 2}, None),  # a one-label list is no region (LabelManager's has_regions)
+    ({"background": 0, "grey": 1, "bright": 2}, [1, 2]),  # regions_class_order counts only with regions
+])  # fmt: skip
+def test_labels_without_regions_are_classes_as_nnunet_reads_them(tmp_path, labels, regions_class_order):
+    """nnU-Net trains regions where a label is a list of more than one value (``LabelManager.has_regions``), else
+    one softmax class per label whatever ``regions_class_order`` says: such a folder runs (it was refused as
+    region-based training)."""
+
+    def edit(dataset):
+        dataset["labels"] = labels
+        dataset["regions_class_order"] = regions_class_order
+
+    _, data = scan()
+    folder, _, _ = results_folder(tmp_path, data, dataset_edit=edit)
+    parsed = Workflow.from_dict({"version": 1, "input": "x.nii.gz", "model": {"nnunet": str(folder)},
+                                 "output": {"path": "o.nii.gz"}})  # fmt: skip
+    assert parsed.classes == ["background", "grey", "bright"] and parsed.model.args["num_classes"] == 3
+
+
 def test_folds_and_checkpoints(tmp_path):
     """One fold is taken as it is; of several, model.fold chooses (tilemask runs one, not nnU-Net's ensemble);
     checkpoint_best.pth when asked; the workflow's keys override the folder's."""

@@ -297,10 +297,12 @@ def _labels(dataset: dict) -> list[str]:
     labels = dataset.get("labels")
     if not isinstance(labels, dict) or not labels:
         raise WorkflowError(f"{KEY}: dataset.json has no labels")
-    regions = [name for name, value in labels.items() if isinstance(value, list | tuple)]
-    if regions or "regions_class_order" in dataset:
-        raise WorkflowError(f"{KEY}: dataset.json trains regions ({', '.join(regions) or 'regions_class_order'}): "
+    # regions are labels of several values (LabelManager's has_regions; regions_class_order counts only then)
+    regions = [name for name, value in labels.items() if isinstance(value, list | tuple) and len(value) > 1]
+    if regions:
+        raise WorkflowError(f"{KEY}: dataset.json trains regions ({', '.join(regions)}): "
                             "one sigmoid per region, overlapping; tilemask writes one label per voxel")  # fmt: skip
+    labels = {name: value[0] if isinstance(value, list | tuple) and value else value for name, value in labels.items()}
     try:
         by_value = sorted((int(value), str(name)) for name, value in labels.items() if name != "ignore")
     except (TypeError, ValueError):
