@@ -812,6 +812,9 @@ def _with_nnunet(raw: dict, model: dict, base: Path) -> dict:
         raise WorkflowError(f"model.nnunet: a folder path (got {folder!r})")
     if model.get("bundle") is not None:
         raise WorkflowError("model: give bundle or nnunet, not both")
+    if isinstance(fold, list | tuple):
+        raise WorkflowError("model.fold: one fold (0, 1, ... or all): tilemask runs one fold's checkpoint, not "
+                            f"nnU-Net's ensemble of several (got {list(fold)})")  # fmt: skip
     if fold is not None and fold != "all" and (isinstance(fold, bool) or not isinstance(fold, int) or fold < 0):
         raise WorkflowError(f"model.fold: a fold number (0, 1, ...) or all (got {fold!r})")
     if checkpoint is not None and checkpoint not in CHECKPOINTS:
