@@ -12,8 +12,15 @@ voxel by voxel.
 nnU-Net is not a tilemask dependency (it pins its own stack): install it beside, without touching the venv:
 
     pip install --no-deps --target /tmp/nnpkgs nnunetv2==2.8.1 dynamic-network-architectures==0.4.4 acvl-utils \\
-        batchgenerators batchgeneratorsv2 einops yacs blosc2 threadpoolctl tqdm ndindex
+        batchgenerators batchgeneratorsv2 einops yacs blosc2 threadpoolctl tqdm ndindex connected-components-3d
+
     PYTHONPATH=.:/tmp/nnpkgs python benchmarks/nnunet_fidelity.py [--scheme CT|MR] [--zooms 2 2 2] [--spacing ...]
+
+(acvl-utils 0.2.6 imports ``cc3d``, connected-components-3d; ``nnUNetPredictor`` imports ``nnUNetTrainer`` to find
+the trainer class, and its module imports matplotlib, seaborn and sklearn's ``KFold``, none of them used here:
+install them too, or put empty stand-ins on the path: ``matplotlib/__init__.py`` with ``def use(*a, **k): pass``
+and an empty ``matplotlib/pyplot.py``, an empty ``seaborn/__init__.py``, ``sklearn/model_selection.py`` with
+``class KFold: pass``.)
 
 ``--zooms`` rewrites the scan's voxel size (the data unchanged) so that nnU-Net's planner transposes the axes
 (its largest spacing first); ``--spacing`` sets the configuration's target spacing in plans.json (nnU-Net's axis
