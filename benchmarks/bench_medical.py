@@ -82,8 +82,15 @@ def run_tilemask(scan: Path, weights: Path, out: Path, roi: int, precision: str)
 def run_monai(scan: Path, net: torch.nn.Module, out: Path, roi: int, precision: str) -> dict:
     from monai.inferers import sliding_window_inference
     from monai.transforms import (
-        Activationsd, AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged, Orientationd,
-        ScaleIntensityRanged, Spacingd,
+        Activationsd,
+        AsDiscreted,
+        Compose,
+        EnsureChannelFirstd,
+        Invertd,
+        LoadImaged,
+        Orientationd,
+        ScaleIntensityRanged,
+        Spacingd,
     )  # fmt: skip
 
     with PeakMemory() as mem:
