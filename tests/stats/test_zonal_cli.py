@@ -66,15 +66,36 @@ def offset_regions(raster, n: int, seed: int) -> gpd.GeoDataFrame:
     """``random_regions`` with every other region, from the first, moved off the raster; in EPSG:4326.
 
     A region off the raster gets no cell from exactextract, the path through
-    ``Operation::empty_stats()`` that deadlocked.  With batches of an even size
-    (6 for 24 regions and one worker) every batch starts with one, so both
-    threads of a worker reach that path at once: before the fix, 5 of 5 runs hung.
+    ``Operation::empty_stats()`` that deadlocked.  Regions are batched in the Z order of their centres' pixels, and
+    those moved north-west of the raster's corner come first (their pixel clamped to the corner's, in file order):
+    with batches of 6 (24 regions and one worker) the first two batches, which the worker's two threads start at
+    once, hold only regions off the raster, so both threads reach that path at once: before the fix, 5 of 5 runs
+    hung.  (Moved east, they came last in Z order, and the first two batches reached no such region before
+    their tenth.)
     """
     frame = random_regions(raster, n, seed=seed)
     with rasterio.open(raster) as ds:
-        width = ds.bounds.right - ds.bounds.left
-    moved = [affinity.translate(g, xoff=3 * width) if i % 2 == 0 else g for i, g in enumerate(frame.geometry)]
+        width, height = ds.bounds.right - ds.bounds.left, ds.bounds.top - ds.bounds.bottom
+    moved = [affinity.translate(g, xoff=-3 * width, yoff=3 * height) if i % 2 == 0 else g
+             for i, g in enumerate(frame.geometry)]  # fmt: skip
     return frame.set_geometry(moved).to_crs("EPSG:4326")
+
+
+def test_the_first_batches_of_the_deadlock_runs_start_off_the_raster(shade_labels):
+    """What :func:`test_cli_fraction_polygons_never_hangs` proves rests on the batches tilemask makes of its regions:
+    the two its worker's threads start at once must each begin with a region off the raster."""
+    from tilemask.sources.labels import open_labels
+    from tilemask.stats import zonal
+    from tilemask.stats.totals import grid_of
+
+    regions = offset_regions(shade_labels, 23, seed=11)
+    grid = grid_of(open_labels(str(shade_labels)))
+    projected = zonal._to_raster_crs(regions, grid, shade_labels, np.arange(len(regions)))
+    off = zonal._off_raster(projected.geometry, grid)
+    size = 6  # one worker: ceil(24 / (4 * 1)), as zonal._batch_size gives it
+    batches = [zonal._by_place(projected.geometry, grid)[i : i + size] for i in range(0, len(regions), size)]
+    assert len(batches) == 4
+    assert all(off[i] for batch in batches[:2] for i in batch)
 
 
 def exactextract_pixels(raster, regions: gpd.GeoDataFrame) -> list[dict[int, float]]:
