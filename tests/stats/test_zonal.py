@@ -734,3 +734,22 @@ def test_a_geopackage_s_fid_is_a_region_id(tmp_path, shade_labels):
     pd.testing.assert_frame_equal(table.drop(columns="fid"), expected.drop(columns="name"))
     with pytest.raises(InputError, match="region id 'FID' is not a field of the regions \\(fields: name; feature id: fid"):
         check_regions(str(tmp_path / "regions.gpkg"), "FID")
+
+
+@pytest.mark.timeout(60)
+def test_a_region_id_of_repeated_lists_is_refused(tmp_path, shade_labels):
+    """A key of lists (a GeoJSON's IntegerList, read as arrays) must be unique as any other: arrays were compared by
+    identity, so two features keyed ``[1, 10]`` were measured and written as two rows with the same key."""
+    from tilemask.stats.config import check_regions
+
+    regions = random_regions(shade_labels, 3, seed=7)
+    regions.to_file(tmp_path / "plain.geojson")
+    collection = json.loads((tmp_path / "plain.geojson").read_text())
+    for i, feature in enumerate(collection["features"]):
+        feature["properties"]["ids"] = [i, 10] if i else [1, 10]
+    collection["features"][1]["properties"]["ids"] = [1, 10]
+    (tmp_path / "regions.geojson").write_text(json.dumps(collection))
+    with pytest.raises(InputError, match="region id 'ids' has repeated values"):
+        check_regions(str(tmp_path / "regions.geojson"), "ids")
+    with pytest.raises(InputError, match="region id 'ids' has repeated values"):
+        compute_stats(shade_labels, tmp_path / "t.json", regions=tmp_path / "regions.geojson", region_id="ids")

@@ -158,6 +158,8 @@ def check_key(path, region_id: str, fields: list[str], values, fid: str | None =
     """``region_id`` names one of the regions' ``fields``, and its ``values`` (a pandas Series) are set (a feature
     with no key gave a row no one could join back; a blank text counts as none, as a shapefile stores a missing
     text) and unique. ``fid``: the name of the layer's feature ids, which a key may name too (unique and set)."""
+    import numpy as np
+
     if region_id not in fields:
         listed = (", ".join(fields) or "none") + (f"; feature id: {fid}" if fid else "")
         raise InputError(f"{path}: region id {region_id!r} is not a field of the regions (fields: {listed})")
@@ -165,7 +167,8 @@ def check_key(path, region_id: str, fields: list[str], values, fid: str | None =
     if missing:
         raise InputError(f"{path}: region id {region_id!r} has no value in {missing} of {len(values)} features; "
                          "every region needs a key")  # fmt: skip
-    if values.duplicated().any():
+    # a key of lists (a GeoJSON's IntegerList, read as arrays): compared by value, not by identity
+    if values.map(lambda v: tuple(v) if isinstance(v, (list, np.ndarray)) else v).duplicated().any():
         raise InputError(f"{path}: region id {region_id!r} has repeated values; region keys must be unique")
 
 
