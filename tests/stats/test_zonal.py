@@ -753,3 +753,22 @@ def test_a_region_id_of_repeated_lists_is_refused(tmp_path, shade_labels):
         check_regions(str(tmp_path / "regions.geojson"), "ids")
     with pytest.raises(InputError, match="region id 'ids' has repeated values"):
         compute_stats(shade_labels, tmp_path / "t.json", regions=tmp_path / "regions.geojson", region_id="ids")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("suffix", [".csv", ".gpkg"])
+def test_a_csv_or_geopackage_table_writes_a_region_id_of_lists_as_json(tmp_path, shade_labels, suffix):
+    """A key of lists (a GeoJSON's IntegerList, read as arrays) is written as the JSON text of its list, as the JSON
+    table keeps it: it was numpy's print of the array (``[ 0 10]``, ``['a' 'b']``), which no reader parses and
+    which numpy cuts to ``[0 1 2 ... 998 999]`` past 1,000 items."""
+    import pyogrio
+
+    regions = random_regions(shade_labels, 3, seed=7)
+    regions.to_file(tmp_path / "plain.geojson")
+    collection = json.loads((tmp_path / "plain.geojson").read_text())
+    for i, feature in enumerate(collection["features"]):
+        feature["properties"]["ids"] = [i, i + 10] if i else list(range(1200))
+    (tmp_path / "regions.geojson").write_text(json.dumps(collection))
+    out = compute_stats(shade_labels, tmp_path / f"t{suffix}", regions=tmp_path / "regions.geojson", region_id="ids")
+    written = pd.read_csv(out)["ids"] if suffix == ".csv" else pyogrio.read_dataframe(out)["ids"]
+    assert [json.loads(v) for v in written] == [list(range(1200))] + [[i, i + 10] for i in range(1, len(regions))]

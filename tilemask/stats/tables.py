@@ -111,12 +111,13 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
                 import pyogrio
 
                 # the layer's metadata: a GeoPackage's dataset item is copied to a .aux.xml by every read
+                frame = _lists_as_json(frame)
                 pyogrio.write_dataframe(frame, tmp, driver="GPKG", layer=path.stem, layer_metadata=product_mark(),
                                         layer_options=_gpkg_fid_options(frame.columns))  # fmt: skip
                 if has_geometry:
                     check_spatial_index(tmp, path)
             elif suffix == ".csv":
-                plain = pd.DataFrame(frame)
+                plain = _lists_as_json(pd.DataFrame(frame))
                 if has_geometry:
                     plain["geometry"] = frame.geometry.to_wkt(rounding_precision=-1)  # as they are, not to 6 decimals
                 plain.to_csv(tmp, index=False)
@@ -129,6 +130,23 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
         raise OutputError(f"{path}: cannot write the table: {exc}") from None
     logger.info("wrote %s (%d rows)", path, len(frame))
     return path
+
+
+def _lists_as_json(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its cells of lists (a region key of a GeoJSON's IntegerList, read as arrays) as JSON text, as
+    a JSON table keeps them: a CSV or a GeoPackage took numpy's print of the array (``[ 0 10]``), which no reader
+    parses and numpy cuts past 1,000 items."""
+    listed = [c for c in frame.columns if frame[c].dtype == object and frame[c].map(_is_list).any()]
+    if not listed:
+        return frame
+    frame = frame.copy()
+    for c in listed:
+        frame[c] = frame[c].map(lambda v: json.dumps(jsonable(v)) if _is_list(v) else v)
+    return frame
+
+
+def _is_list(value) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray))
 
 
 def _gpkg_fid_options(columns) -> dict:
