@@ -562,6 +562,36 @@ def test_a_run_with_overwrite_refused_before_any_work_keeps_the_jobs_record(make
     assert [(r.name, r.status) for r in again] == [("a", "ok"), ("b", "skipped")], "b resumed, not redone"
 
 
+def test_a_cancel_asked_before_a_run_with_overwrite_forgets_the_manifest_is_kept(make_raster, make_model, tmp_path,
+                                                                                 client, monkeypatch):  # fmt: skip
+    """``--overwrite`` forgets the manifest at the run's first record, mid-run: it removed the ``cancel`` file with
+    it, so a ``tilemask cancel`` asked while the run planned its items (under ``--on-error skip`` one refused item is
+    that first record) was lost, and the run went on to its end."""
+    from tilemask.planning import WorkflowPlan
+
+    for name, seed in (("a", 0), ("b", 1)):
+        make_raster((3, 80, 90), name=f"{name}.tif", seed=seed)
+    weights, _ = make_model()
+    workflow = raster_workflow(tmp_path / "*.tif", weights, output={"path": "out/{stem}.zarr", "chunks": 64})
+    first = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    shutil.rmtree(tmp_path / "out" / "a.zarr")
+    (tmp_path / "out" / "a.zarr").mkdir()  # someone's folder at an output's path: a, refused, is recorded failed
+    (tmp_path / "out" / "a.zarr" / "notes.txt").write_text("mine")
+    plan_input = WorkflowPlan.plan_input
+
+    def cancelled_while_planning(self, item):
+        if item.name == "a":
+            first.job.request_cancel()  # as tilemask cancel does while the run plans its items
+        return plan_input(self, item)
+
+    monkeypatch.setattr(WorkflowPlan, "plan_input", cancelled_while_planning)
+    watch = tilemask.driver._watch_cancel
+    monkeypatch.setattr(tilemask.driver, "_watch_cancel", lambda job, stop: watch(job, stop, every=0.01))
+    with pytest.raises(tilemask.errors.JobCancelled):
+        tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client, overwrite=True, on_error="skip")
+    assert first.job.status()["state"] == "cancelled"
+
+
 def test_a_job_dir_holding_another_workflows_job_is_refused_unless_overwrite(scene_workflow, tmp_path, client):
     scene_workflow["input"] = str(tmp_path / "scenes" / "a.tif")
     (first,) = tilemask.run(Workflow.from_dict(scene_workflow, base_dir=tmp_path), client, job_dir=tmp_path / "myjob")

@@ -328,8 +328,8 @@ def drive_job(
     def forgotten() -> None:
         """``--overwrite``: the manifest forgotten (every item redone) when the run records its first item, not
         before: a run refused before any work (an output not tilemask's, exit 2) leaves the job's record as it was,
-        and its next run resumes instead of redoing every item."""
-        job.reset()
+        and its next run resumes instead of redoing every item.  A cancel asked meanwhile is this run's: kept."""
+        job.reset(cancel=False)
         counts.counts = {"items": len(items)}
         skipped.clear()
 

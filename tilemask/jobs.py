@@ -319,10 +319,11 @@ class JobFolder:
                 os.fsync(f.fileno())
         self._saved("manifest.jsonl")
 
-    def reset(self, begun: bool = True) -> None:
+    def reset(self, begun: bool = True, cancel: bool = True) -> None:
         """Forget every attempt (``--overwrite``: every item is redone); with ``begun``, not which items the job
         began: their outputs are still its own, so that its next run, should this one be interrupted, resumes
-        without ``--overwrite`` (it refused them as someone else's)."""
+        without ``--overwrite`` (it refused them as someone else's).  ``cancel``: an earlier request to cancel too;
+        not from a run under way (its first record), where the request is this run's (``tilemask cancel``)."""
         started = {}
         try:
             if begun:
@@ -333,9 +334,10 @@ class JobFolder:
             _write_atomic(self.path / "manifest.jsonl", "".join(json.dumps(line) + "\n" for line in started.values()))
         else:
             (self.path / "manifest.jsonl").unlink(missing_ok=True)
-        for name in ("report.csv", "cancel"):
+        forgotten = ("report.csv", "cancel") if cancel else ("report.csv",)
+        for name in forgotten:
             (self.path / name).unlink(missing_ok=True)
-        for name in ("manifest.jsonl", "report.csv", "cancel"):
+        for name in ("manifest.jsonl", *forgotten):
             self._saved(name)
         try:
             self.status()
