@@ -75,6 +75,25 @@ def test_a_slice_inferer_bundle_runs_its_2d_network_over_the_slices_as_monai_doe
     assert np.mean(labels == expected.argmax(0)) >= 0.9999
 
 
+def test_a_slice_inferers_per_axis_overlap_and_sigma_are_the_volumes_three_axes_as_monai_takes_them(tmp_path, client):
+    """MONAI's SliceInferer takes a list of ``overlap`` or ``sigma_scale`` per axis of the volume, three values (two
+    are its ValueError "Sequence must have length 3"); tilemask read them as a slice's two and refused the bundle
+    ("overlap has 3 values but roi_size has 2"). The value across slices is dropped: a window one slice across has
+    one start and weighs the same whatever it is."""
+    network = {**small_unet(2), "spatial_dims": 2}
+    inferer = {"_target_": "SliceInferer", "roi_size": [32, 24], "sw_batch_size": 4, "overlap": [0.25, 0.5, 0.6],
+               "sigma_scale": [0.3, 0.125, 0.2], "spatial_dim": 1, "mode": "gaussian"}  # fmt: skip
+    folder = write_bundle(tmp_path / "slices", network, UNRESAMPLED, inferer, SOFTMAX_LABELS, ["background", "x"])
+    raw = {"version": 1, "input": "x.nii.gz", "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}}
+    inference = Workflow.from_dict(raw).inference
+    assert (inference.overlap, inference.sigma_scale) == ([0.25, 0.6], [0.3, 0.2])
+    scan = stored_psr(tmp_path)
+    _, labels, probabilities = run_bundle(folder, scan, tmp_path, client)
+    expected = monai_runs_the_bundle(folder, scan)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-4)
+    assert np.mean(labels == expected.argmax(0)) >= 0.9999
+
+
 def spleen_ct_bundle(folder, network=None):
     """spleen_ct_segmentation's inference.json, with a smaller UNet (or ``network``) and roi."""
     return write_bundle(

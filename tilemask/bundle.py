@@ -457,7 +457,10 @@ def _inferer(parser, ndim: int | None) -> dict:
     if "sigma_scale" in args:
         keys["sigma_scale"] = args["sigma_scale"]
     if _name(inferer) == "SliceInferer":
-        keys["slice_axis"] = args.get("spatial_dim", 0)  # MONAI's default
+        keys["slice_axis"] = axis = args.get("spatial_dim", 0)  # MONAI's default
+        for key in ("overlap", "sigma_scale"):  # MONAI's lists are per axis of the volume; tilemask's a slice's:
+            if isinstance(keys.get(key), list | tuple) and len(keys[key]) == 3:  # across slices one start, one
+                keys[key] = [value for i, value in enumerate(keys[key]) if i != axis]  # weight whatever it is
     return keys
 
 
