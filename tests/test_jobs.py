@@ -1913,7 +1913,7 @@ if len(ids) == 1 and ids[0] not in listed:
     sys.exit("slurm_load_jobs error: Invalid job id specified")
 for job in ids:
     if job in listed:
-        print(form.replace("%i", job).replace("%T", listed[job]).replace("%r", "Resources"))
+        print(form.replace("%A", job).replace("%T", listed[job]).replace("%r", "Resources"))
 """)
     (bin_dir / "squeue").chmod(0o755)
     for n in range(40):
@@ -1934,6 +1934,46 @@ for job in ids:
     states = {Path(s["folder"]).name: s["state"] for s in json.loads(listing.stdout)}
     assert states == {"job0": "queued", **{f"job{n}": "running" for n in range(1, 40)}}
     assert len(calls.read_text().splitlines()) == 1, calls.read_text()
+
+
+def test_one_squeue_for_all_slurm_jobs_reads_a_driver_in_an_array_task_and_outlives_an_id_it_cannot_read(tmp_path):
+    """One ``squeue`` for all the SLURM jobs: an id squeue cannot read (an edited ``status.json``) failed the whole
+    question ("squeue: error: Invalid job id: x7", exit 1) and every job read lost, as SLURM no longer knew it; and
+    ``%i`` names an array task ``12_4``, not the ``SLURM_JOB_ID`` its driver recorded (30), so that driver read lost
+    too, ``tilemask status`` of it alone included (``squeue -o %T`` gave its state).  A fake squeue here, which answers
+    as SLURM 23's does."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text(f"""#!{sys.executable}
+import sys
+ids, form = sys.argv[sys.argv.index("-j") + 1].split(","), sys.argv[sys.argv.index("-o") + 1]
+bad = [job for job in ids if not job.isdigit() or job == "0"]
+if bad:
+    sys.exit(f"squeue: error: Invalid job id: {{bad[0]}}")
+listed = {{"7": ("7", "PENDING"), "8": ("8", "RUNNING"), "30": ("12_4", "RUNNING")}}  # raw id: (%i, %T)
+if len(ids) == 1 and ids[0] not in listed:
+    sys.exit("slurm_load_jobs error: Invalid job id specified")
+for job in ids:
+    if job in listed:
+        name, state = listed[job]
+        print(form.replace("%i", name).replace("%A", job).replace("%T", state).replace("%r", "Resources"))
+""")
+    (bin_dir / "squeue").chmod(0o755)
+    for n, slurm_job in enumerate(["7", "8", "30", "x7", "9"]):
+        job = JobFolder(tmp_path / f"job{n}")
+        items = [{"item": 0, "name": "x", "files": [], "output": "o"}]
+        job.create({"version": 1, "n": n}, str(tmp_path), None, {}, items)
+        job.set_status("running" if n else "queued", slurm_job=slurm_job)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    listing = run_cli("jobs", "--json", env=env)
+    assert listing.returncode == 0, listing.stderr
+    summaries = {Path(s["folder"]).name: s for s in json.loads(listing.stdout)}
+    states = {name: s["state"] for name, s in summaries.items()}
+    assert states == {"job0": "queued", "job1": "running", "job2": "running", "job3": "lost", "job4": "lost"}
+    assert summaries["job0"]["message"] == "its driver job, SLURM job 7, is pending (Resources)"
+    alone = run_cli("status", str(tmp_path / "job2"), "--json", env=env)
+    assert alone.returncode == 0, alone.stderr
+    assert json.loads(alone.stdout)["state"] == "running"
 
 
 def test_a_damaged_entry_of_the_job_list_is_named_and_the_others_listed(tmp_path):

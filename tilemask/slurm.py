@@ -146,14 +146,18 @@ def job_states(job_ids: list[str], reasons: dict[str, str] | None = None) -> dic
     """:func:`job_state` of each of ``job_ids``, from one ``squeue``: ``tilemask jobs`` ran one per job, and where
     the controller does not answer each took 18 s here. squeue lists the jobs it knows of several; one job it does
     not know, asked alone, is its error "Invalid job id specified". ``reasons`` gets the pending jobs' reasons, as
-    :func:`pending_reasons` gives them."""
+    :func:`pending_reasons` gives them. Jobs are named by ``%A``, the id a job records (``SLURM_JOB_ID``): ``%i``
+    names an array task ``12_4``."""
     if not job_ids:
         return {}
     try:
-        done = _run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T %r"], timeout=30)
+        done = _run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%A %T %r"], timeout=30)
     except RunError:
         return dict.fromkeys(job_ids)
     if done.returncode != 0:
+        if "invalid job id" in done.stderr.lower() and len(job_ids) > 1:  # an id squeue cannot read (an edited
+            # record: "Invalid job id: x7") fails the question for all of them: each is asked alone
+            return {job: job_states([job], reasons)[job] for job in job_ids}
         return dict.fromkeys(job_ids, GONE if "invalid job id" in done.stderr.lower() else None)
     lines = [fields for line in done.stdout.splitlines() if len(fields := line.split(None, 2)) >= 2]
     if reasons is not None:
@@ -179,7 +183,7 @@ def pending_reasons(job_ids: list[str]) -> dict[str, str]:
     if not job_ids:
         return {}
     try:
-        done = _run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T %r"], timeout=30)
+        done = _run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%A %T %r"], timeout=30)  # as job_states
     except RunError:
         return {}
     lines = [line.split(None, 2) for line in done.stdout.splitlines()] if done.returncode == 0 else []
