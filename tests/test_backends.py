@@ -965,3 +965,25 @@ def test_a_failed_batch_fails_the_block_with_no_half_left_running():
         assert running == [0], "the block failed while a half still ran"
     assert submitted == [8, 8], "no batch queued behind the failed one, or more started after it"
     assert 1 <= len(answered) <= 3
+
+
+def test_a_torchscript_2d_network_over_slices_runs_in_torch_mkldnn(tmp_path, monkeypatch):
+    """``inference.slice_axis`` wraps the network so it takes a window one slice across: a TorchScript archive's was
+    wrapped in an eager module, which torch-mkldnn (it needs TorchScript) refused ("the network is not TorchScript
+    and cannot be traced"), where the same archive without ``slice_axis`` ran in it; ``auto`` lost it so."""
+    from tilemask.inference import probe_network
+    from tilemask.models import load_model
+    from tilemask.settings import InferenceSettings, ModelSpec
+
+    monkeypatch.setenv("TILEMASK_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    torch.jit.script(torch.nn.Conv2d(3, 2, 3, padding=1).eval()).save(str(tmp_path / "net.pt"))
+    spec = ModelSpec.create("", {}, str(tmp_path / "net.pt"), slice_axis=1)
+    settings = InferenceSettings(roi=(32, 1, 32), batch_size=2, device="cpu", backend="torch-mkldnn")
+    channels, backend, _ = probe_network(spec, settings, 3)
+    assert (channels, backend) == (2, "torch-mkldnn")
+    window = torch.rand(2, 3, 32, 1, 32)
+    network = torch.jit.load(str(tmp_path / "net.pt")).eval()
+    with torch.inference_mode():
+        expected = network(window[:, :, :, 0])[:, :, :, None]
+        torch.testing.assert_close(load_model(spec)(window), expected)

@@ -149,7 +149,10 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.
     """The network with its weights, in eval mode, on ``device``; a 2D one run over a volume's slices
     (``spec.slice_axis``) wrapped in :class:`SliceWise`."""
     model = _loaded(spec, device)
-    return model if spec.slice_axis is None else SliceWise(model, spec.slice_axis).eval()
+    if spec.slice_axis is None:
+        return model
+    wrapped = SliceWise(model, spec.slice_axis).eval()  # a TorchScript archive's stays TorchScript (torch-mkldnn)
+    return torch.jit.script(wrapped) if isinstance(model, torch.jit.ScriptModule) else wrapped
 
 
 def _loaded(spec: ModelSpec, device: torch.device | str) -> torch.nn.Module:
