@@ -784,6 +784,23 @@ def test_a_refusal_after_the_output_check_leaves_none_of_the_folders_it_made(mak
     assert not list(tilemask_home.glob("jobs/*"))
 
 
+def test_a_key_added_to_workflows_leaves_earlier_jobs_their_ids(make_model, tmp_path):
+    """``inference.slice_axis`` came in a later version, in every workflow's dict (``slice_axis: null``): each job
+    made before it got another id, so its next run was a new job that refused the outputs the earlier runs wrote and
+    redid nothing they had done. At its default it is left out of the job's identity."""
+    import hashlib
+
+    from tilemask.jobs import job_id
+
+    weights, _ = make_model()
+    workflow = Workflow.from_dict(raster_workflow(tmp_path / "a.tif", weights), base_dir=tmp_path).to_dict()
+    before = {**workflow, "inference": {k: v for k, v in workflow["inference"].items() if k != "slice_axis"}}
+    text = json.dumps({"workflow": before, "base": str(tmp_path)}, sort_keys=True)  # how its id was worked out then
+    assert job_id(workflow, str(tmp_path)) == hashlib.sha256(text.encode()).hexdigest()[:12]
+    sliced = {**workflow, "inference": {**workflow["inference"], "slice_axis": 2}}
+    assert job_id(sliced, str(tmp_path)) != job_id(workflow, str(tmp_path))
+
+
 def test_job_dirs_of_one_name_are_different_jobs(scene_workflow, tmp_path, client, monkeypatch):
     """A --job-dir's name is the user's, not unique: the id (which names the job and its staged files) is a
     hash of the workflow and the folder, so two workflows run from A/jd and B/jd never resume each other."""

@@ -71,9 +71,19 @@ def _afresh() -> str:
     return f" (a run with {option('overwrite', 'True')} starts the job afresh)"
 
 
+ADDED_LATER = {"inference": {"slice_axis": None}}
+"""Workflow keys added after jobs were made, with their defaults: left out of a job's identity at those, so that an
+upgrade does not make each earlier job a new one (which refused the outputs its earlier runs wrote as another
+workflow's, and redid nothing it had done)."""
+
+
 def job_id(workflow_dict: dict, base_dir: str) -> str:
     """The same validated workflow, resolved from the same folder, is the same job."""
-    text = json.dumps({"workflow": workflow_dict, "base": base_dir}, sort_keys=True)
+    identity = dict(workflow_dict)
+    for section, defaults in ADDED_LATER.items():
+        if isinstance(identity.get(section), dict):
+            identity[section] = {k: v for k, v in identity[section].items() if k not in defaults or v != defaults[k]}
+    text = json.dumps({"workflow": identity, "base": base_dir}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
