@@ -330,7 +330,8 @@ def drive_job(
         before: a run refused before any work (an output not tilemask's, exit 2) leaves the job's record as it was,
         and its next run resumes instead of redoing every item.  A cancel asked meanwhile is this run's: kept."""
         job.reset(cancel=False)
-        counts.counts = {"items": len(items)}
+        with counts.lock:
+            counts.counts = {"items": len(items)}
         skipped.clear()
 
     runner = _ItemRunner(job, plan, options, manifest.started(), counts, progress, stop, weights, on_result,
