@@ -184,6 +184,23 @@ def test_a_number_that_is_not_finite_is_refused(tmp_path, override, key):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("value, got", [("all", " (got 'all')"), ("Any", " (got 'Any')"), ("2", " (got 2)"),
+                                        ("[any]", " (got ['any'])"), ("null", "")])  # fmt: skip
+def test_a_wrong_normalize_nonzero_names_its_three_values(tmp_path, value, got):
+    """``nonzero`` is true, false or any: a wrong value was refused once per member of its type, naming neither
+    ``any`` nor the key itself (``preprocess.normalize.nonzero.bool: Input should be a valid boolean ... (and 1
+    more, at preprocess)``)."""
+    workflow = raster_workflow(tmp_path / "scene.tif", tmp_path / "weights.pt")
+    with pytest.raises(WorkflowError) as caught:
+        Workflow.from_dict(workflow, [f"preprocess.normalize={{mode: zscore, nonzero: {value}}}"])
+    assert str(caught.value) == ("workflow: preprocess.normalize.nonzero: true (each channel's nonzero voxels, "
+                                 f"MONAI's), false, or any (the voxels nonzero in some channel, nnU-Net's){got}")
+    for given, taken in (("any", "any"), ("true", True), ("false", False), ("1", True)):  # 1: pydantic's lax bool
+        normalize = Workflow.from_dict(workflow, [f"preprocess.normalize={{mode: zscore, nonzero: {given}}}"])
+        assert normalize.preprocess.normalize.nonzero == taken
+
+
+@pytest.mark.timeout(60)
 def test_set_chunks_true_exits_2(write_workflow, tmp_path):
     workflow = raster_workflow(tmp_path / "missing.tif", tmp_path / "missing.pt")  # nothing could run anyway
     proc = run_cli("run", write_workflow(workflow), "--set", "output.chunks=true", timeout=50)

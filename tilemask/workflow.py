@@ -83,6 +83,17 @@ class Normalize(_Strict):
     nonzero: bool | Literal["any"] = False
     channel_wise: bool = False
 
+    @field_validator("nonzero", mode="wrap")
+    @classmethod
+    def _nonzero(cls, value: Any, handler) -> bool | str:
+        """One line naming the three values: pydantic refused a wrong one once per member of ``bool | "any"``
+        (``nonzero.bool: Input should be a valid boolean ... (and 1 more)``), naming neither ``any``."""
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError("true (each channel's nonzero voxels, MONAI's), false, or any (the voxels nonzero in "
+                             "some channel, nnU-Net's)") from None
+
     @model_validator(mode="after")
     def _complete(self) -> Normalize:
         if self.mode == "zscore":
