@@ -429,6 +429,18 @@ def test_labels_without_regions_are_classes_as_nnunet_reads_them(tmp_path, label
     assert parsed.classes == ["background", "grey", "bright"] and parsed.model.args["num_classes"] == 3
 
 
+def test_labels_refused_are_named_as_dataset_json_gives_them(tmp_path):
+    """A label that is no integer is refused quoting dataset.json's labels as written: a one-value list was quoted
+    as its value (``'grey': 1`` for ``[1]``)."""
+    _, data = scan()
+    folder, _, _ = results_folder(tmp_path, data, dataset_edit=_set("labels", {"background": 0, "grey": [1],
+                                                                               "bright": "two"}))  # fmt: skip
+    with pytest.raises(WorkflowError, match=re.escape("labels must map names to integers (got {'background': 0, "
+                                                      "'grey': [1], 'bright': 'two'})")):  # fmt: skip
+        Workflow.from_dict({"version": 1, "input": "x.nii.gz", "model": {"nnunet": str(folder)},
+                            "output": {"path": "o.nii.gz"}})  # fmt: skip
+
+
 def test_folds_and_checkpoints(tmp_path):
     """One fold is taken as it is; of several, model.fold chooses (tilemask runs one, not nnU-Net's ensemble);
     checkpoint_best.pth when asked; the workflow's keys override the folder's."""

@@ -302,9 +302,9 @@ def _labels(dataset: dict) -> list[str]:
     if regions:
         raise WorkflowError(f"{KEY}: dataset.json trains regions ({', '.join(regions)}): "
                             "one sigmoid per region, overlapping; tilemask writes one label per voxel")  # fmt: skip
-    labels = {name: value[0] if isinstance(value, list | tuple) and value else value for name, value in labels.items()}
-    try:
-        by_value = sorted((int(value), str(name)) for name, value in labels.items() if name != "ignore")
+    values = {name: value[0] if isinstance(value, list | tuple) and value else value for name, value in labels.items()}
+    try:  # refused quoting the labels as dataset.json gives them
+        by_value = sorted((int(value), str(name)) for name, value in values.items() if name != "ignore")
     except (TypeError, ValueError):
         raise WorkflowError(f"{KEY}: dataset.json: labels must map names to integers (got {labels})") from None
     if [value for value, _ in by_value] != list(range(len(by_value))):
