@@ -94,7 +94,8 @@ def main() -> None:
 
 
 def build(root: Path, args) -> Path:
-    """The raw dataset, nnU-Net's plans for it and a randomly initialized fold 0: the results folder."""
+    """The raw dataset, nnU-Net's plans for it and a randomly initialized network per fold (``--fold``): the results
+    folder."""
     import torch
 
     image = nib.load(os.path.join(data_path, args.image))
