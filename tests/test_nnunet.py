@@ -452,6 +452,10 @@ def test_folds_and_checkpoints(tmp_path):
     assert Workflow.from_dict(raw, ["model.fold=3"]).model.weights == str(folder / "fold_3" / "checkpoint_final.pth")
     with pytest.raises(WorkflowError, match=r"^model.fold: one fold .*not nnU-Net's ensemble of several \(got \[0, 3"):
         Workflow.from_dict({**raw, "model": {**raw["model"], "fold": [0, 3]}})  # nnUNetv2_predict -f 0 3 ensembles
+    for listed in ([3], []):  # no ensemble: it was refused as one
+        with pytest.raises(WorkflowError, match=rf"^model.fold: a fold number \(0, 1, ...\) or all, not a list \(got "
+                                                rf"{re.escape(str(listed))}\)$"):  # fmt: skip
+            Workflow.from_dict({**raw, "model": {**raw["model"], "fold": listed}})
     with pytest.raises(WorkflowError, match=r"no fold_3/checkpoint_best.pth in"):
         Workflow.from_dict(raw, ["model.fold=3", "model.checkpoint=checkpoint_best.pth"])
     shutil.copy(folder / "fold_3" / "checkpoint_final.pth", folder / "fold_3" / "checkpoint_best.pth")

@@ -823,6 +823,8 @@ def _with_nnunet(raw: dict, model: dict, base: Path) -> dict:
         raise WorkflowError(f"model.nnunet: a folder path (got {folder!r})")
     if model.get("bundle") is not None:
         raise WorkflowError("model: give bundle or nnunet, not both")
+    if isinstance(fold, list | tuple) and len(fold) < 2:  # nnUNetv2_predict's -f 0 is a list of one: no ensemble
+        raise WorkflowError(f"model.fold: a fold number (0, 1, ...) or all, not a list (got {list(fold)})")
     if isinstance(fold, list | tuple):
         raise WorkflowError("model.fold: one fold (0, 1, ... or all): tilemask runs one fold's checkpoint, not "
                             f"nnU-Net's ensemble of several (got {list(fold)})")  # fmt: skip
