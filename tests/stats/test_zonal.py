@@ -772,3 +772,43 @@ def test_a_csv_or_geopackage_table_writes_a_region_id_of_lists_as_json(tmp_path,
     out = compute_stats(shade_labels, tmp_path / f"t{suffix}", regions=tmp_path / "regions.geojson", region_id="ids")
     written = pd.read_csv(out)["ids"] if suffix == ".csv" else pyogrio.read_dataframe(out)["ids"]
     assert [json.loads(v) for v in written] == [list(range(1200))] + [[i, i + 10] for i in range(1, len(regions))]
+
+
+def test_zarr_chunks_are_kept_inside_a_batch_alone(tmp_path):
+    """The Zarr chunk cache lives only inside :func:`_batch` (a client's check of the first region kept 64 MiB in its
+    thread): outside a batch each window is read as it is, and after one, a failed one included, no chunk is kept.
+    (That a batch decodes a chunk once: ``test_a_batch_of_regions_in_one_zarr_chunk_decodes_it_once``.)"""
+    import zarr
+
+    from tilemask.stats import zonal
+
+    array = zarr.open_array(str(tmp_path / "l.zarr"), mode="w", shape=(256, 256), chunks=(64, 64), dtype="uint8")
+    array[:] = (np.arange(256)[:, None] // 64 + np.arange(256)[None] // 64).astype("uint8")
+    reads = []
+
+    class Counted:
+        chunks, dtype = array.chunks, array.dtype
+
+        def __getitem__(self, key):
+            reads.append(key)
+            return array[key]
+
+    def windows():
+        return [zonal.zarr_window(Counted(), slice(10 + i, 50 + i), slice(10, 50)) for i in range(5)]
+
+    inside = zonal._batch(windows)
+    assert len(reads) == 1, "one chunk under five windows, decoded once"
+    assert not zonal._zarr_chunks.__dict__, "no chunk kept after the batch"
+    outside = windows()
+    assert len(reads) == 1 + 5, "outside a batch each window is read as it is"
+    for a, b, i in zip(inside, outside, range(5)):
+        np.testing.assert_array_equal(a, array[10 + i : 50 + i, 10:50])
+        np.testing.assert_array_equal(b, a)
+
+    def failing():
+        windows()
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        zonal._batch(failing)
+    assert not zonal._zarr_chunks.__dict__, "nor after a batch that failed"
