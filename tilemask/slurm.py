@@ -180,14 +180,9 @@ def never_starts(reason: str) -> bool:
 
 def pending_reasons(job_ids: list[str]) -> dict[str, str]:
     """squeue's reason (``%r``) for each of ``job_ids`` that SLURM holds pending; none when it cannot be asked."""
-    if not job_ids:
-        return {}
-    try:
-        done = _run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%A %T %r"], timeout=30)  # as job_states
-    except RunError:
-        return {}
-    lines = [line.split(None, 2) for line in done.stdout.splitlines()] if done.returncode == 0 else []
-    return {fields[0]: fields[2] for fields in lines if len(fields) == 3 and fields[1] in PENDING}
+    reasons: dict[str, str] = {}
+    job_states(job_ids, reasons)
+    return reasons
 
 
 def _run(command: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
