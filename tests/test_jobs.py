@@ -801,6 +801,34 @@ def test_a_key_added_to_workflows_leaves_earlier_jobs_their_ids(make_model, tmp_
     assert job_id(sliced, str(tmp_path)) != job_id(workflow, str(tmp_path))
 
 
+WORKFLOW_KEYS = """version input classes model model.bundle model.nnunet model.fold model.checkpoint model.network
+model.args model.weights preprocess preprocess.bands preprocess.orientation preprocess.spacing preprocess.intensity
+preprocess.normalize preprocess.normalize.mode preprocess.normalize.mean preprocess.normalize.std
+preprocess.normalize.nonzero preprocess.normalize.channel_wise preprocess.crop inference inference.roi_size
+inference.overlap inference.mode inference.sigma_scale inference.batch_size inference.device inference.backend
+inference.precision inference.activation inference.threshold inference.tta inference.steps inference.tta_mode
+inference.slice_axis output output.path output.probabilities output.chunks output.vectors output.quicklook
+output.dicomweb output.grid postprocess postprocess.remove_small postprocess.keep_largest postprocess.fill_holes
+postprocess.opening postprocess.closing postprocess.connectivity stats stats.output stats.regions stats.region_id
+stats.coverage stats.instances stats.connectivity stats.classes""".split()
+
+
+def test_a_key_added_to_workflows_is_a_decision_on_earlier_jobs_ids(make_model, tmp_path):
+    """Every key of a workflow is part of its job's id: one added (at its default, in every workflow's dict) gives
+    each earlier job another id, unless it is in ``tilemask.jobs.ADDED_LATER``. This list makes that a decision."""
+    weights, _ = make_model()
+    raw = {**raster_workflow(tmp_path / "a.tif", weights), "postprocess": {"remove_small": 5},
+           "stats": {"output": "s.csv"}}  # fmt: skip
+
+    def keys(values: dict, prefix: str = "") -> list[str]:
+        return [name for key, value in values.items() for name in
+                [prefix + key, *(keys(value, f"{prefix}{key}.") if isinstance(value, dict) and key != "args" else [])]]
+
+    added = sorted(set(keys(Workflow.from_dict(raw, base_dir=tmp_path).to_dict())) - set(WORKFLOW_KEYS))
+    assert not added, (f"workflow keys {added} change the id of every job made before them: add them to "
+                       "tilemask.jobs.ADDED_LATER at their default (or decide that such jobs start afresh), then here")
+
+
 def test_job_dirs_of_one_name_are_different_jobs(scene_workflow, tmp_path, client, monkeypatch):
     """A --job-dir's name is the user's, not unique: the id (which names the job and its staged files) is a
     hash of the workflow and the folder, so two workflows run from A/jd and B/jd never resume each other."""
