@@ -441,6 +441,17 @@ def test_labels_refused_are_named_as_dataset_json_gives_them(tmp_path):
                             "output": {"path": "o.nii.gz"}})  # fmt: skip
 
 
+def test_a_label_value_of_two_names_is_refused_saying_so(tmp_path):
+    """Two names of one value (nnU-Net trains it: its labels are the values) were refused as values "not 0, 1, 2,
+    ..."; tilemask has one class name a value to write."""
+    _, data = scan()
+    labels = {"background": 0, "grey": 1, "also grey": [1], "bright": 2}
+    folder, _, _ = results_folder(tmp_path, data, dataset_edit=_set("labels", labels))
+    with pytest.raises(WorkflowError, match=re.escape("label value 1 has several names (also grey, grey): give each")):
+        Workflow.from_dict({"version": 1, "input": "x.nii.gz", "model": {"nnunet": str(folder)},
+                            "output": {"path": "o.nii.gz"}})  # fmt: skip
+
+
 def test_folds_and_checkpoints(tmp_path):
     """One fold is taken as it is; of several, model.fold chooses (tilemask runs one, not nnU-Net's ensemble);
     checkpoint_best.pth when asked; the workflow's keys override the folder's."""

@@ -307,6 +307,11 @@ def _labels(dataset: dict) -> list[str]:
         by_value = sorted((int(value), str(name)) for name, value in values.items() if name != "ignore")
     except (TypeError, ValueError):
         raise WorkflowError(f"{KEY}: dataset.json: labels must map names to integers (got {labels})") from None
+    twice = sorted({value for value, _ in by_value if [v for v, _ in by_value].count(value) > 1})
+    if twice:
+        names = [name for value, name in by_value if value == twice[0]]
+        raise WorkflowError(f"{KEY}: dataset.json: label value {twice[0]} has several names ({', '.join(names)}): "
+                            "give each value one name, the class name tilemask writes")  # fmt: skip
     if [value for value, _ in by_value] != list(range(len(by_value))):
         raise WorkflowError(f"{KEY}: dataset.json: label values {[v for v, _ in by_value]} are not 0, 1, 2, ... "
                             "(nnU-Net requires consecutive labels)")  # fmt: skip
