@@ -1878,30 +1878,10 @@ def test_a_job_record_or_manifest_line_that_is_json_but_no_record_is_one_line(tm
 
 
 @pytest.mark.slow  # waits out one connect timeout (5 s)
-def test_jobs_asks_about_the_jobs_of_a_gone_scheduler_at_once_not_in_turn(tmp_path):
-    """``tilemask jobs`` asked each queued job's scheduler in turn, waiting out the connect timeout (5 s) for
-    each job of a scheduler that is gone: a reviewer's 4 jobs listed nothing for 21 s, 20 would take 100 s."""
-    import time
-
-    from .conftest import _free_port
-
-    gone = f"tcp://127.0.0.1:{_free_port()}"  # nothing listens there
-    for n in range(4):
-        job = JobFolder(tmp_path / f"job{n}")
-        job.create({"version": 1, "n": n}, str(tmp_path), None, {}, [{"item": 0, "name": "x", "files": [], "output": "o"}])
-        job.set_status("queued", scheduler=gone, driver=f"tilemask-job-{job.id}-0")
-    begin = time.monotonic()
-    listing = run_cli("jobs")
-    took = time.monotonic() - begin
-    assert listing.returncode == 0, listing.stderr
-    assert [line.split()[1] for line in listing.stdout.splitlines()] == ["lost"] * 4
-    assert took < 14, f"{took:.1f} s: one connect timeout (5 s), not one per job"
-
-
-@pytest.mark.slow  # waits out one connect timeout (5 s)
 def test_jobs_asks_a_gone_scheduler_once_for_all_its_jobs(tmp_path):
-    """``tilemask jobs`` asked a scheduler once per job, 16 at a time: a review's 48 jobs queued on a scheduler that
-    was since stopped listed nothing for 15.2 s (three connect timeouts), 200 would take 65 s. Each scheduler is
+    """``tilemask jobs`` asked each queued job's scheduler in turn (a reviewer's 4 jobs of a scheduler that was gone
+    listed nothing for 21 s), then once per job, 16 at a time: a review's 48 jobs queued on a scheduler that was since
+    stopped listed nothing for 15.2 s (three connect timeouts), 200 would take 65 s. Each scheduler is
     asked once about all its jobs' drivers; one that still runs them answers for each."""
     import time
 
