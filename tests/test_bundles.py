@@ -343,6 +343,16 @@ def small_unet(out_channels):
             "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}  # fmt: skip
 
 
+def test_a_spacing_of_0_or_less_keeps_the_scans_own_along_that_axis_as_monai_does(tmp_path, client):
+    """``Spacingd(pixdim=[1.5, 1.5, -1])``: MONAI keeps the scan's own spacing along the last axis (a 2D model's
+    slices, nnU-Net's 2D configurations); it was refused."""
+    folder = spleen_ct_bundle(tmp_path / "bundle")
+    _edited(folder, lambda c: c["preprocessing"]["transforms"][3].update(pixdim=[1.5, 1.5, -1]))
+    raw = {"version": 1, "input": "x.nii.gz", "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}}
+    assert Workflow.from_dict(raw).preprocess.spacing == [1.5, 1.5, -1.0]
+    assert_runs_as_monai(folder, stored_psr(tmp_path), tmp_path, client, atol=1e-3)
+
+
 def test_transforms_under_other_names_are_found_as_monai_finds_them(tmp_path, client):
     """The preprocessing and postprocessing named ``pre_transforms`` and ``post_transforms``, which the bundle's
     ``dataset`` and ``evaluator`` refer to (``preprocessing`` is a convention only): the bundle ran with neither
@@ -587,8 +597,6 @@ def _fill_holes_before_largest(config):  # tilemask keeps the largest component 
         (_sigmoid_over_three_channels, (r"postprocessing Activationsd sigmoid on the network's out_channels 3 "
                                         r"\(background, spleen\): one binary mask per channel, which may overlap "
                                         r"\(multi-label output\), is not supported")),
-        (lambda c: c["preprocessing"]["transforms"][3].update(pixdim=[1.5, 1.5, -1]),
-         r"preprocessing Spacingd pixdim=\[1.5, 1.5, -1\]: MONAI keeps each scan's own spacing along an axis <= 0"),
         (lambda c: c["inferer"].update(roi_size=[32, 32, -1]),
          r"inferer SlidingWindowInferer roi_size=\[32, 32, -1\]: MONAI takes each image's own size"),
         (lambda c: c.update(network_def=("$monai.networks.nets.UNet(spatial_dims=3, in_channels=1, out_channels=2, "

@@ -236,7 +236,8 @@ def test_model_grid_output_is_what_monai_feeds_the_network(make_model, tmp_path,
     np.testing.assert_allclose(np.asarray(group.attrs["affine"]), affine, atol=1e-6)
 
 
-@pytest.mark.parametrize("volume,orientation,spacing", [(oblique_las, "RAS", (2.6, 2.3, 3.0)), (stored_psr, "LPI", (1.5, 2.5, 1.2))])
+@pytest.mark.parametrize("volume,orientation,spacing", [(oblique_las, "RAS", (2.6, 2.3, 3.0)), (stored_psr, "LPI", (1.5, 2.5, 1.2)),
+                                                        (oblique_las, "RAS", (2.6, 0.0, -1.0))])  # fmt: skip
 def test_regions_of_the_model_grid_are_monais_voxels_to_the_bit(tmp_path, volume, orientation, spacing):
     """Each region read on its own equals the same voxels of MONAI's whole-volume Orientation + Spacing (so
     zeros stay zero where MONAI's do: the z-score over nonzero voxels), and the way back equals Invertd to

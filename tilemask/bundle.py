@@ -406,13 +406,10 @@ def _preprocessing(parser, folder: Path, post_key: str | None, ndim: int) -> dic
 
 def _pixdim(step: str, pixdim, ndim: int) -> list[float]:
     """Spacingd's ``pixdim`` on ``ndim`` axes as MONAI takes it: one number for all, a list cut to ``ndim`` or
-    padded with its last value.  An axis <= 0 (MONAI keeps the scan's own spacing there) is refused."""
+    padded with its last value; an axis <= 0 keeps the scan's own spacing there, as MONAI and
+    ``preprocess.spacing`` do."""
     given = [float(v) for v in pixdim] if isinstance(pixdim, list | tuple) else [float(pixdim)]
-    values = (given + given[-1:] * ndim)[:ndim]
-    if any(v <= 0 for v in values):
-        raise WorkflowError(f"model.bundle: {step} pixdim={pixdim!r}: MONAI keeps each scan's own spacing along an "
-                            "axis <= 0; tilemask resamples every input to one spacing given on every axis")  # fmt: skip
-    return values
+    return (given + given[-1:] * ndim)[:ndim]
 
 
 def _default_rank(network: str | None) -> int | None:

@@ -130,8 +130,12 @@ def model_grid(
 
 
 def _spaced(affine: np.ndarray, shape: tuple[int, ...], pixdim: tuple[float, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
-    """``monai.transforms.Spacing(pixdim, diagonal=False)``: ``zoom_affine`` then ``compute_shape_offset``."""
+    """``monai.transforms.Spacing(pixdim, diagonal=False)``: ``zoom_affine`` then ``compute_shape_offset``; a pixdim
+    of 0 or less is the grid's own spacing along that axis (``zoom_affine``'s ``fall_back_tuple`` of
+    ``affine_to_spacing``)."""
     rzs = affine[:3, :3]
+    own = np.sqrt((rzs**2).sum(axis=0))
+    pixdim = tuple(p if p > 0 else o for p, o in zip(pixdim, own))
     zooms = np.linalg.cholesky(rzs.T @ rzs).T  # the rotation kept, the shears dropped
     rotation = rzs @ np.linalg.inv(zooms)
     new = np.eye(4)

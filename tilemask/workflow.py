@@ -144,8 +144,9 @@ class Preprocess(_Strict):
         default=None, description="1-based band indexes (rasters)"
     )
     orientation: str | None = Field(default=None, description="volumes: MONAI Orientation axis codes, e.g. RAS")
-    spacing: Annotated[float, NotBool, Field(gt=0)] | list[Annotated[float, NotBool, Field(gt=0)]] | None = Field(
-        default=None, description="volumes: MONAI Spacing pixdim in mm (bilinear)"
+    spacing: Float | list[Float] | None = Field(
+        default=None, description="volumes: MONAI Spacing pixdim in mm (bilinear); 0 or less along an axis keeps the "
+        "scan's spacing there, as MONAI's Spacing does"
     )
     intensity: Intensity | None = None
     normalize: Normalize | None = None
