@@ -26,7 +26,8 @@ and an empty ``matplotlib/pyplot.py``, an empty ``seaborn/__init__.py``, ``sklea
 (its largest spacing first); ``--spacing`` sets the configuration's target spacing in plans.json (nnU-Net's axis
 order), so both sides resample.  Further cases: ``--channels 2`` (a second modality, ``_0001``: the scan shifted by
 three voxels along its first axis), ``--mask-for-norm`` (plans.json's ``use_mask_for_norm`` true), ``--ignore-label``
-(dataset.json's ``ignore`` label), ``--regions`` (region-based training), ``--configuration 3d_lowres`` (a copy of
+(dataset.json's ``ignore`` label), ``--regions`` (region-based training), ``--configuration 2d`` (the planner's,
+predicted slice by slice; its trainer mirrors the two axes of a slice), ``--configuration 3d_lowres`` (a copy of
 3d_fullres at ``--spacing``) or ``3d_cascade_fullres``, ``--fold all`` or ``--fold 0 1`` (several folds, each its own
 seed, ensembled by nnU-Net), ``--checkpoint checkpoint_best.pth``.  A case tilemask refuses prints its refusal (and
 nnU-Net's labels are not compared); the grids of the scan, of nnU-Net's labels and of tilemask's are compared too.
@@ -66,7 +67,7 @@ def main() -> None:
     parser.add_argument("--ignore-label", action="store_true", help="dataset.json's labels with an ignore label")
     parser.add_argument("--regions", action="store_true", help="region-based training (tilemask refuses it)")
     parser.add_argument("--configuration", default="3d_fullres",
-                        help="3d_fullres, 3d_lowres (3d_fullres's copy) or 3d_cascade_fullres")
+                        help="3d_fullres, 2d (the planner's), 3d_lowres (3d_fullres's copy) or 3d_cascade_fullres")
     parser.add_argument("--fold", nargs="+", default=["0"], help="the folds trained and run: 0, all, 0 1 (ensemble)")
     parser.add_argument("--checkpoint", default="checkpoint_final.pth", help="or checkpoint_best.pth")
     args = parser.parse_args()
@@ -171,7 +172,8 @@ def save(network, plans: dict, args, fold, path: Path, dataset: dict) -> None:
                 "logging": {}, "_best_ema": None, "current_epoch": 1000,
                 "init_args": {"plans": plans, "configuration": args.configuration, "fold": fold,
                               "dataset_json": dataset, "device": torch.device("cpu")},
-                "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2)}, path)  # fmt: skip
+                "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": tuple(range(len(
+                    plans["configurations"][args.configuration].get("patch_size") or [0] * 3)))}, path)  # fmt: skip
 
 
 def run_nnunet(root: Path, folder: Path, cases: Path, args) -> Path:

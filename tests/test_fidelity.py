@@ -153,7 +153,6 @@ def test_a_2d_model_over_a_volumes_slices_is_monais_slice_inferer(make_volume, m
 
 @pytest.mark.parametrize("edit,message", [
     ({"inference": {"roi_size": [1, 16, 16]}}, "roi_size is a slice's window, 2 values (got 3)"),
-    ({"inference": {"steps": "nnunet"}}, "steps nnunet is not taken with it"),
     ({"output": {"path": "out/{stem}.tif"}}, "this model is 3D (a 2D model slice by slice: its labels are a volume's)"),
     ({"output": {"vectors": "out/{stem}.gpkg"}}, "output.vectors needs a 2D raster model"),
     ({"output": {"chunks": [16, 16]}}, "output.chunks has 2 values but the image has 3 axes"),

@@ -21,7 +21,6 @@ import torch
 from nibabel.testing import data_path
 
 import tilemask
-from tests.conftest import run_cli
 from tests.test_checkpoints import nnunet_checkpoint
 from tilemask.errors import WorkflowError
 from tilemask.workflow import Workflow
@@ -51,6 +50,9 @@ class AxisNet(torch.nn.Module):
 ARCH_KWARGS = {"conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": [[1, 3, 5]],
                "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
                "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}  # fmt: skip
+ARCH_KWARGS_2D = {**ARCH_KWARGS, "conv_op": "torch.nn.modules.conv.Conv2d", "kernel_sizes": [[3, 5]],
+                  "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d"}
+PATCH_2D = [16, 24]  # in the network's axes: nnU-Net's axes 1 and 2 after the transpose
 
 
 def scan() -> tuple[str, np.ndarray]:
@@ -59,10 +61,12 @@ def scan() -> tuple[str, np.ndarray]:
     return path, np.asarray(nib.load(path).dataobj)
 
 
-def results_folder(root, data: np.ndarray, plans_edit=None, dataset_edit=None, folds=(0,), mirroring=(0, 1, 2)):
+def results_folder(root, data: np.ndarray, plans_edit=None, dataset_edit=None, folds=(0,), mirroring=(0, 1, 2),
+                   two_d: bool = False):  # fmt: skip
     """An nnU-Net v2 results folder as training leaves it: plans.json and dataset.json as nnU-Net's planner and
     dataset conversion write them, a seeded AxisNet saved per fold as ``checkpoint_final.pth`` with the network
-    axes its trainer mirrors at inference (``nnUNetTrainer``'s for 3D: all three)."""
+    axes its trainer mirrors at inference (``nnUNetTrainer``'s for 3D: all three); with ``two_d``, the ``2d``
+    configuration's folder and a 2D AxisNet."""
     foreground = data[data > np.percentile(data, 60)].astype(np.float64)
     properties = {"max": float(foreground.max()), "mean": float(foreground.mean()), "median": float(np.median(foreground)),
                   "min": float(foreground.min()), "percentile_00_5": float(np.percentile(foreground, 0.5)),
@@ -78,9 +82,9 @@ def results_folder(root, data: np.ndarray, plans_edit=None, dataset_edit=None, f
     plans = {"dataset_name": "Dataset042_Anat", "plans_name": "nnUNetPlans", "original_median_spacing_after_transp":
              [2.0, 2.0, 2.0], "original_median_shape_after_transp": [33, 25, 41], "image_reader_writer": "SimpleITKIO",
              "transpose_forward": TRANSPOSE, "transpose_backward": [1, 2, 0],
-             "configurations": {"2d": {**config, "patch_size": [24, 48], "spacing": [2.0, 2.0],
-                                       "architecture": {**config["architecture"], "arch_kwargs": {
-                                           **ARCH_KWARGS, "conv_op": "torch.nn.modules.conv.Conv2d"}}},
+             "configurations": {"2d": {**config, "data_identifier": "nnUNetPlans_2d", "patch_size": PATCH_2D,
+                                       "spacing": [2.0, 2.0], "architecture": {**config["architecture"],
+                                                                               "arch_kwargs": ARCH_KWARGS_2D}},
                                 "3d_fullres": config},
              "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
              "foreground_intensity_properties_per_channel": {"0": properties}}  # fmt: skip
@@ -88,17 +92,23 @@ def results_folder(root, data: np.ndarray, plans_edit=None, dataset_edit=None, f
                "numTraining": 1, "file_ending": ".nii.gz"}  # fmt: skip
     (plans_edit or (lambda p: None))(plans)
     (dataset_edit or (lambda d: None))(dataset)
-    folder = root / FOLDER
+    folder = root / (FOLDER.replace("3d_fullres", "2d") if two_d else FOLDER)
     folder.mkdir(parents=True)
     (folder / "plans.json").write_text(json.dumps(plans, indent=4))
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=4))
     torch.manual_seed(11)  # a seed whose labels hold each class on thousands of voxels
-    net = build(3).eval()
+    make = build_2d if two_d else build
+    net, example = make(3).eval(), torch.zeros(1, 1, *[8] * (2 if two_d else 3))
     for fold in folds:
         (folder / f"fold_{fold}").mkdir()
-        torch.save(nnunet_checkpoint(net.state_dict(), lambda: build(3), torch.zeros(1, 1, 8, 8, 8), mirroring),
+        torch.save(nnunet_checkpoint(net.state_dict(), lambda: make(3), example, mirroring),
                    folder / f"fold_{fold}" / "checkpoint_final.pth")  # fmt: skip
     return folder, plans, net
+
+
+def build_2d(classes: int) -> AxisNet:
+    return AxisNet(1, classes, torch.nn.Conv2d, [[3, 5]], torch.nn.InstanceNorm2d, {"eps": 1e-05, "affine": True},
+                   torch.nn.LeakyReLU, {"inplace": True})  # fmt: skip
 
 
 def build(classes: int) -> AxisNet:
@@ -378,7 +388,6 @@ def test_transpose_forward_is_what_the_network_sees(tmp_path):
 @pytest.mark.parametrize(
     "folder_name, plans_edit, dataset_edit, message",
     [
-        ("Dataset042_Anat/nnUNetTrainer__nnUNetPlans__2d", None, None, "is a 2D configuration (2d), which nnU-Net predicts"),
         (FOLDER, _set("configurations/3d_fullres/normalization_schemes", ["RescaleTo01Normalization"]), None,
          "plans.json normalizes with RescaleTo01Normalization, which tilemask does not reproduce"),
         (FOLDER, lambda plans: [edit(plans) for edit in (
@@ -481,17 +490,46 @@ def test_folds_and_checkpoints(tmp_path):
         Workflow.from_dict(raw)  # it said "has folds none: give model.fold"
 
 
-def test_cli_refuses_a_2d_configuration_before_any_work(tmp_path):
-    """Exit 2 and one line; no output written."""
+def slice_by_slice(x: torch.Tensor, patch: list[int], predict) -> torch.Tensor:
+    """nnU-Net's sliding window for a 2D configuration over a volume (``predict_sliding_window_return_logits``
+    with a 2D patch): each slice across the first axis on its own, its 2D windows, steps and gaussian."""
+    slices = [nnunet_sliding_window(x[:, :, d], patch, predict) for d in range(x.shape[2])]
+    return torch.stack(slices, dim=2)
+
+
+def test_a_2d_configuration_runs_slice_by_slice_as_nnunet_predicts(tmp_path, client):
+    """A ``2d`` folder was refused; nnU-Net predicts it slice by slice across its first axis after the transpose
+    (tilemask's ``slice_axis`` 0 here: the scan's i), each slice's 2D windows weighted by a 2D gaussian and
+    mirrored along the two axes the checkpoint names, the scan's spacing kept across slices."""
+    path, data = scan()
+    folder, plans, net = results_folder(tmp_path, data, mirroring=(0, 1), two_d=True)
+    workflow = {"version": 1, "input": path, "model": {"nnunet": str(folder)},
+                "inference": {"device": "cpu", "batch_size": 4}, "output": {"path": "out/{stem}.nii.gz"}}  # fmt: skip
+    parsed = Workflow.from_dict(workflow, base_dir=tmp_path)
+    assert parsed.inference.slice_axis == 0 and parsed.inference.window == (1, 24, 16)  # network axes: (k, j)
+    assert parsed.preprocess.spacing == [0.0, 2.0, 2.0] and len(parsed.inference.flips) == 4
+    (result,) = tilemask.run(parsed, client)
+    ours = np.asarray(nib.load(result.outputs[0]).dataobj)
+    theirs, margin = nnunet_steps(path, plans, net, (0, 1), sliding_window=lambda x, _, p: slice_by_slice(x, PATCH_2D, p))
+    assert ours.shape == theirs.shape == data.shape
+    apart = ours != theirs
+    assert np.bincount(theirs.ravel(), minlength=3).min() > 1000  # all three classes are there to get wrong
+    assert apart.sum() == 0 or margin[apart].max() < 1e-5, f"{apart.sum()} voxels apart, not ties"
+    swapped, _ = nnunet_steps(path, plans, net, (0, 1), sliding_window=lambda x, _, p: slice_by_slice(
+        x.transpose(3, 4), PATCH_2D[::-1], p).transpose(3, 4))  # fmt: skip
+    assert (swapped != theirs).sum() > 100  # the network's kernels see the slice's axes in their order: can fail
+
+
+def test_a_2d_checkpoint_naming_a_third_axis_to_mirror_mirrors_nothing_with_a_warning(tmp_path, caplog):
+    """A 2D configuration's checkpoint whose ``inference_allowed_mirroring_axes`` names axis 2 (a 3D trainer's, the
+    folder renamed) failed with a bare IndexError; it is refused with a warning, as any axis not the network's."""
     _, data = scan()
-    folder, _, _ = results_folder(tmp_path, data)
-    folder = folder.rename(folder.with_name("nnUNetTrainer__nnUNetPlans__2d"))
-    (tmp_path / "w.yaml").write_text(json.dumps({
-        "version": 1, "input": scan()[0], "model": {"nnunet": str(folder)}, "output": {"path": "out/{stem}.nii.gz"}}))  # fmt: skip
-    done = run_cli("run", str(tmp_path / "w.yaml"), cwd=tmp_path)
-    assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0 and "is a 2D configuration" in done.stderr
-    assert not (tmp_path / "out").exists()
+    folder, _, _ = results_folder(tmp_path, data, mirroring=(0, 1, 2), two_d=True)
+    with caplog.at_level("WARNING", logger="tilemask.nnunet"):
+        parsed = Workflow.from_dict({"version": 1, "input": "x.nii.gz", "model": {"nnunet": str(folder)},
+                                     "output": {"path": "o.nii.gz"}})  # fmt: skip
+    assert parsed.inference.tta == "none"
+    assert "holds (0, 1, 2), not a tuple of the axes 0, 1 of a 2D network" in caplog.text
 
 
 def test_a_scan_with_fewer_channels_than_dataset_json_names_is_refused(tmp_path, client):

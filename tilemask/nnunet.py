@@ -15,11 +15,11 @@ The workflow's own keys override these.
 nnU-Net works on the arrays SimpleITK reads, whose axes are the NIfTI's (i, j, k) reversed, then transposed by
 the plans' ``transpose_forward``; tilemask's are (i, j, k).  The roi and the spacing are given in tilemask's
 order, and the network permutes its input's axes to nnU-Net's (and its output's back), so its kernels see the
-axes they were trained on.
+axes they were trained on.  A 2D configuration (``2d``) runs as nnU-Net predicts it, slice by slice across its
+first axis (``inference.slice_axis``), the scan's spacing kept along that axis.
 
 What nnU-Net does that tilemask cannot reproduce chunk by chunk is refused by name before any work (exit 2):
-2D configurations (nnU-Net predicts them slice by slice), cascades (the previous stage's segmentation is an
-input), region-based training (overlapping sigmoid outputs), other normalization schemes, channels with different
+cascades (the previous stage's segmentation is an input), region-based training (overlapping sigmoid outputs), other normalization schemes, channels with different
 schemes, CT ranges or (z-scored) ``use_mask_for_norm``, and image readers that reorient (``plans.json``'s
 ``image_reader_writer``, which the predictor reads, or ``dataset.json``'s ``overwrite_image_reader_writer``).
 ``use_mask_for_norm`` (a z-score within the nonzero region) is ``normalize: {nonzero: any}``: each channel's
@@ -53,11 +53,8 @@ def nnunet_defaults(folder: Path, fold: int | str | None, checkpoint: str | None
     name = _configuration_name(folder, plans)
     config = _configuration(plans, name)
     patch = [int(p) for p in config.get("patch_size") or []]
-    if len(patch) == 2:
-        raise WorkflowError(f"{KEY}: {folder.name} is a 2D configuration ({name}), which nnU-Net predicts slice by "
-                            "slice; tilemask runs 3D configurations (3d_fullres, 3d_lowres)")  # fmt: skip
-    if len(patch) != 3:
-        raise WorkflowError(f"{KEY}: plans.json: configuration {name} has patch_size {patch}, not 3 values")
+    if len(patch) not in (2, 3):
+        raise WorkflowError(f"{KEY}: plans.json: configuration {name} has patch_size {patch}, not 2 or 3 values")
     if config.get("previous_stage") or "cascade" in name:
         raise WorkflowError(f"{KEY}: {name} is a cascade stage (it takes the previous stage's segmentation as input "
                             "channels); tilemask runs one stage: give 3d_fullres or 3d_lowres")  # fmt: skip
@@ -81,16 +78,24 @@ def nnunet_defaults(folder: Path, fold: int | str | None, checkpoint: str | None
             "input_channels": channels, "num_classes": len(classes), **dict(architecture.get("arch_kwargs") or {}),
             "_kw_requires_import": list(architecture.get("_kw_requires_import") or [])}  # fmt: skip
     spacing = [float(s) for s in config.get("spacing") or []]
-    if len(spacing) != 3:
-        raise WorkflowError(f"{KEY}: plans.json: configuration {name} has spacing {spacing}, not 3 values")
+    if len(spacing) != len(patch):
+        raise WorkflowError(f"{KEY}: plans.json: configuration {name} has spacing {spacing}, not {len(patch)} values")
     weights = weights or _weights(folder, fold, checkpoint)
+    inference = {"overlap": OVERLAP, "steps": "nnunet", "mode": "nnunet", "sigma_scale": 0.125, "activation": "softmax"}
+    if len(patch) == 2:  # nnU-Net predicts a 2D configuration slice by slice across its first axis, its spacing
+        # kept there (DefaultPreprocessor: [original_spacing[0]] + the configuration's)
+        in_slice = sorted(axes[1:])  # tilemask's axes of a slice, in order: the network's axes n are axes[n + 1]
+        args["axes"] = [in_slice.index(axis) for axis in axes[1:]]
+        spacing, roi = [0.0, *spacing], [patch[args["axes"].index(n)] for n in range(2)]
+        inference |= {"slice_axis": axes[0], "roi_size": roi, **_mirroring(weights, args["axes"])}
+    else:
+        inference |= {"roi_size": _tilemask_order(patch, axes), **_mirroring(weights, axes)}
     return {
         "classes": classes,
         "model": {"network": f"{__name__}:NnUNetNetwork", "args": args, "weights": str(weights)},
         "preprocess": {"spacing": _tilemask_order(spacing, axes), "crop": "nonzero",
                        **_normalization(plans, config, name, channels)},  # fmt: skip
-        "inference": {"roi_size": _tilemask_order(patch, axes), "overlap": OVERLAP, "steps": "nnunet", "mode": "nnunet",
-                      "sigma_scale": 0.125, "activation": "softmax", **_mirroring(weights, axes)},  # fmt: skip
+        "inference": inference,
     }
 
 
@@ -98,7 +103,7 @@ def _mirroring(weights: Path, axes: list[int]) -> dict[str, Any]:
     """``inference.tta`` and ``tta_mode`` as ``nnUNetPredictor`` mirrors: each window flipped along every
     combination of the checkpoint's ``inference_allowed_mirroring_axes`` (network axes: tilemask's ``axes[n]``),
     its logits averaged (``tta_mode: patch``); none where the checkpoint has no such key or says None."""
-    mirror = _allowed_mirroring_axes(weights)
+    mirror = _allowed_mirroring_axes(weights, len(axes))
     flips = [sorted(axes[n] for n in combination) for k in range(1, len(mirror or ()) + 1)
              for combination in itertools.combinations(mirror, k)]  # fmt: skip
     return {"tta": flips, "tta_mode": "patch"} if flips else {"tta": "none"}
@@ -109,19 +114,20 @@ PICKLE_BYTES = 4 << 20  # the most of a checkpoint's pickle read for it (nnU-Net
 LEGACY_OBJECT = 3  # torch's legacy format pickles a magic number, a protocol, system information, then the object
 
 
-def _allowed_mirroring_axes(weights: Path) -> tuple[int, ...] | None:
+def _allowed_mirroring_axes(weights: Path, ndim: int) -> tuple[int, ...] | None:
     """The checkpoint's ``inference_allowed_mirroring_axes``: None (no mirroring) where it says None or has no such
     key, as ``nnUNetPredictor`` reads it.  Read by :class:`_PlainValues` (no code of the file's runs, in time and
-    memory linear in at most :data:`PICKLE_BYTES`); a value that is not a tuple (or list) of the axes 0, 1 and 2
-    is refused with a warning, and nothing is mirrored."""
+    memory linear in at most :data:`PICKLE_BYTES`); a value that is not a tuple (or list) of axes of an ``ndim``-D
+    network (0, 1 and 2; a 2D configuration's 0 and 1) is refused with a warning, and nothing is mirrored."""
     try:
         if _damaged_zip(weights):  # loading it names what it is ("a zip archive cut short"): no word of this here
             return None
         value = _PlainValues.top_level(_checkpoint_pickle(weights)).get(MIRRORING_KEY)
         if value is None:
             return None
-        if not (isinstance(value, tuple | list) and all(type(a) is int and 0 <= a < 3 for a in value)):
-            raise ValueError(f"it holds {value!r}, not a tuple of the axes 0, 1, 2")
+        if not (isinstance(value, tuple | list) and all(type(a) is int and 0 <= a < ndim for a in value)):
+            raise ValueError(f"it holds {value!r}, not a tuple of the axes {', '.join(map(str, range(ndim)))} of a "
+                             f"{ndim}D network")  # fmt: skip
         return tuple(sorted(set(value)))
     except Exception as exc:  # noqa: BLE001 - torch may still read the file: tilemask only cannot mirror as it says
         logging.getLogger(__name__).warning(

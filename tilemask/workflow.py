@@ -280,8 +280,6 @@ class Inference(_Strict):
         if self.slice_axis is not None and len(self.roi_size) != 2:
             raise ValueError(f"slice_axis runs a 2D model slice by slice: roi_size is a slice's window, 2 values "
                              f"(got {len(self.roi_size)})")  # fmt: skip
-        if self.slice_axis is not None and self.steps == "nnunet":
-            raise ValueError("slice_axis places windows as MONAI's SliceInferer does: steps nnunet is not taken with it")
         return self
 
     @model_validator(mode="after")
