@@ -340,3 +340,13 @@ def test_post_processing_runs_on_the_input_grid(make_model, tmp_path, client):
     labels, _ = read_nifti_output(result)
     assert labels.shape == nib.load(path).shape and not np.array_equal(expected, inverted.argmax(0))
     assert np.mean(labels == expected) >= 0.9999
+
+
+def test_a_spacing_of_a_single_0_keeps_each_scans_spacing_as_minus_1_does(make_model, tmp_path):
+    """``spacing: 0`` is MONAI's ``Spacing(pixdim=0)``, as ``-1`` or ``[0, 0, 0]``: a grid of the scan's own spacing
+    (its shear dropped), not no spacing at all (0 is falsy)."""
+    path = oblique_las(tmp_path)
+    weights, _ = make_model(UNET_3D)
+    for spacing in (0, 0.0, -1.0, [0.0, 0.0, 0.0]):
+        wf = workflow(path, weights, tmp_path, {"spacing": spacing}, 16, grid="model")
+        assert wf.preprocess.sees_another_grid and wf.preprocess.spacing_per_axis == (float(np.ravel(spacing)[0]),) * 3

@@ -120,7 +120,7 @@ def model_grid(
         oriented_shape = tuple(shape[int(np.flatnonzero(ornt[:, 0] == a)[0])] for a in range(len(shape)))
         oriented = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
     model, model_shape = oriented, oriented_shape
-    if spacing:
+    if spacing is not None:
         model, model_shape = _spaced(oriented, oriented_shape, spacing)
         unchanged = model_shape == oriented_shape and np.allclose(np.linalg.solve(oriented, model), np.eye(4), atol=AFFINE_TOL)
         if unchanged:  # MONAI's spatial_resample then returns the image as it is, with its affine

@@ -175,7 +175,7 @@ class Preprocess(_Strict):
     @property
     def sees_another_grid(self) -> bool:
         """Whether the network sees another grid than the input's: resampled, or only a box of it."""
-        return bool(self.orientation or self.spacing) or self.crop != "none"
+        return bool(self.orientation) or self.spacing is not None or self.crop != "none"
 
 
 class Inference(_Strict):
@@ -491,7 +491,7 @@ class Workflow(_Strict):
                              "one with inference.slice_axis)")  # fmt: skip
         if isinstance(preprocess.spacing, list) and len(preprocess.spacing) != 3:
             raise ValueError(f"preprocess.spacing has {len(preprocess.spacing)} values; a volume has 3 axes")
-        if self.output.grid == "model" and not (preprocess.orientation or preprocess.spacing):
+        if self.output.grid == "model" and not preprocess.orientation and preprocess.spacing is None:
             raise ValueError("output.grid: model needs preprocess.orientation or spacing (else it is the input grid)")
         if self.output.grid == "model" and preprocess.crop != "none":
             raise ValueError("preprocess.crop needs output.grid: input (the box it predicts depends on the data)")
