@@ -385,7 +385,7 @@ def _preprocessing(parser, folder: Path, post_key: str | None, ndim: int) -> dic
             mode = args.get("mode", "bilinear")
             if (mode[0] if isinstance(mode, list | tuple) else mode) != "bilinear":
                 raise WorkflowError(f"model.bundle: {key} {target} mode {mode!r}: tilemask resamples bilinear")
-            keys["spacing"] = _pixdim(f"{key} {target}", args["pixdim"], ndim)
+            keys["spacing"] = _pixdim(args["pixdim"], ndim)
         elif name == "ScaleIntensityRange":
             keys["intensity"] = {k: args[k] for k in ("a_min", "a_max", "b_min", "b_max", "clip") if k in args}
         elif name == "NormalizeIntensity":
@@ -404,7 +404,7 @@ def _preprocessing(parser, folder: Path, post_key: str | None, ndim: int) -> dic
     return keys
 
 
-def _pixdim(step: str, pixdim, ndim: int) -> list[float]:
+def _pixdim(pixdim, ndim: int) -> list[float]:
     """Spacingd's ``pixdim`` on ``ndim`` axes as MONAI takes it: one number for all, a list cut to ``ndim`` or
     padded with its last value; an axis <= 0 keeps the scan's own spacing there, as MONAI and
     ``preprocess.spacing`` do."""
