@@ -57,7 +57,7 @@ def nnunet_defaults(folder: Path, fold: int | str | None, checkpoint: str | None
         raise WorkflowError(f"{KEY}: plans.json: configuration {name} has patch_size {patch}, not 2 or 3 values")
     if config.get("previous_stage") or "cascade" in name:
         raise WorkflowError(f"{KEY}: {name} is a cascade stage (it takes the previous stage's segmentation as input "
-                            "channels); tilemask runs one stage: give 3d_fullres or 3d_lowres")  # fmt: skip
+                            "channels); tilemask runs one stage: give 2d, 3d_fullres or 3d_lowres")  # fmt: skip
     transpose = [int(t) for t in plans.get("transpose_forward", [0, 1, 2])]
     if sorted(transpose) != [0, 1, 2]:
         raise WorkflowError(f"{KEY}: plans.json: transpose_forward {transpose} is not a permutation of 0, 1, 2")
