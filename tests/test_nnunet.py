@@ -520,6 +520,36 @@ def test_a_2d_configuration_runs_slice_by_slice_as_nnunet_predicts(tmp_path, cli
     assert (swapped != theirs).sum() > 100  # the network's kernels see the slice's axes in their order: can fail
 
 
+def padded(x: torch.Tensor, patch: list[int], predict) -> torch.Tensor:
+    """:func:`slice_by_slice` on ``x`` padded with 0 to a patch along each slice axis shorter than it, cropped back
+    (``pad_nd_image`` of a 2D patch on 3D data: the difference split, its odd voxel after)."""
+    short = [max(p - s, 0) for p, s in zip(patch, x.shape[3:])]
+    pads = [n for d in reversed(short) for n in (d // 2, d - d // 2)]
+    out = slice_by_slice(torch.nn.functional.pad(x, pads), patch, predict)
+    return out[(slice(None),) * 3 + tuple(slice(d // 2, d // 2 + s) for d, s in zip(short, x.shape[3:]))]
+
+
+@pytest.mark.slow  # six runs
+@pytest.mark.parametrize("transpose", list(itertools.permutations(range(3))))
+def test_a_2d_configuration_of_any_transpose_and_a_patch_over_a_slice_is_nnunets(tmp_path, client, monkeypatch,
+                                                                                  transpose):  # fmt: skip
+    """Every ``transpose_forward`` puts nnU-Net's slices, a slice's axes, the roi and the one axis mirrored where
+    nnU-Net has them; a patch longer than the slice along its second axis is padded as ``pad_nd_image`` pads."""
+    patch = [16, 44]  # 44: longer than any axis of the scan's box
+    monkeypatch.setattr(sys.modules[__name__], "PATCH_2D", patch)
+    path, data = scan()
+    folder, plans, net = results_folder(tmp_path, data, _set("transpose_forward", list(transpose)), mirroring=(1,),
+                                        two_d=True)  # fmt: skip
+    workflow = {"version": 1, "input": path, "model": {"nnunet": str(folder)},
+                "inference": {"device": "cpu", "batch_size": 4}, "output": {"path": "out/{stem}.nii.gz"}}  # fmt: skip
+    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    ours = np.asarray(nib.load(result.outputs[0]).dataobj)
+    theirs, margin = nnunet_steps(path, plans, net, (1,), sliding_window=lambda x, _, p: padded(x, patch, p))
+    apart = ours != theirs
+    assert np.bincount(theirs.ravel(), minlength=3).min() > 1000
+    assert apart.sum() == 0 or margin[apart].max() < 1e-5, f"{apart.sum()} voxels apart, not ties"
+
+
 def test_a_2d_checkpoint_naming_a_third_axis_to_mirror_mirrors_nothing_with_a_warning(tmp_path, caplog):
     """A 2D configuration's checkpoint whose ``inference_allowed_mirroring_axes`` names axis 2 (a 3D trainer's, the
     folder renamed) failed with a bare IndexError; it is refused with a warning, as any axis not the network's."""
