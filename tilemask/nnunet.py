@@ -101,8 +101,9 @@ def nnunet_defaults(folder: Path, fold: int | str | None, checkpoint: str | None
 
 def _mirroring(weights: Path, axes: list[int]) -> dict[str, Any]:
     """``inference.tta`` and ``tta_mode`` as ``nnUNetPredictor`` mirrors: each window flipped along every
-    combination of the checkpoint's ``inference_allowed_mirroring_axes`` (network axes: tilemask's ``axes[n]``),
-    its logits averaged (``tta_mode: patch``); none where the checkpoint has no such key or says None."""
+    combination of the checkpoint's ``inference_allowed_mirroring_axes`` (network axis ``n`` is ``axes[n]``:
+    tilemask's axis, or for a 2D configuration the axis of a slice, as ``inference.tta`` names it), its logits
+    averaged (``tta_mode: patch``); none where the checkpoint has no such key or says None."""
     mirror = _allowed_mirroring_axes(weights, len(axes))
     flips = [sorted(axes[n] for n in combination) for k in range(1, len(mirror or ()) + 1)
              for combination in itertools.combinations(mirror, k)]  # fmt: skip
