@@ -152,9 +152,11 @@ def test_a_removed_output_is_not_held_open_by_the_server(tmp_path):
             assert tiles_of("gone_mask.tif") == {200}
             (tmp_path / "gone_mask.tif").unlink()
             assert _held_deleted(server, "gone_mask.tif") > 0  # the datasets the threads kept
-            for _ in range(3):  # other outputs' tiles: the same threads, busy
-                assert tiles_of("kept_mask.tif") == {200}
             assert client.get(tiles[0], params={"output": "gone_mask.tif"}).status_code == 404
+            for _ in range(10):  # other outputs' tiles: the same threads, busy (a thread the pool leaves idle in a
+                assert tiles_of("kept_mask.tif") == {200}  # round holds its datasets until it serves again)
+                if _held_deleted(server, "gone_mask.tif") == 0:
+                    break
             assert _held_deleted(server, "gone_mask.tif") == 0
 
 
