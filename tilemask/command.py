@@ -195,8 +195,10 @@ def configure_logging(debug: bool, verbosity: int = 0) -> None:
         # AllExit, which asyncio reports as "Task exception was never retrieved"; the run's own error follows
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         # distributed's callbacks run on tornado's loop; one that fails while an interrupt tears the client down
-        # (seen: "NameError: cannot access free variable 'future'" in distributed.utils.sync) is logged by tornado
-        logging.getLogger("tornado").setLevel(logging.CRITICAL)
+        # (seen: "NameError: cannot access free variable 'future'" in distributed.utils.sync) is logged by tornado,
+        # by tornado.application, to which distributed's config gives a level of its own (error)
+        for name in ["tornado"] + [n for n in logging.root.manager.loggerDict if n.startswith("tornado.")]:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         # rasterio logs at INFO every error GDAL signals, those its callers expect too (a file not there yet)
         logging.getLogger("rasterio").setLevel(max(level, logging.WARNING))
         # nibabel logs a header it refuses (a datatype code it does not know) with a handler of its own, and
