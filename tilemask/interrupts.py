@@ -46,6 +46,10 @@ def stop_signals() -> Iterator[None]:
     try:
         yield
         raise_if_stopped()
+    except Exception:
+        if _asked:  # an error the stop caused is the stop: pydantic-core turned the KeyboardInterrupt raised as it
+            raise KeyboardInterrupt from None  # built a model's schema (tilemask's import) into a SchemaError, exit 1
+        raise
     finally:
         _restore(previous)  # first: a signal from here on is the caller's to handle
         sys.unraisablehook = hook
