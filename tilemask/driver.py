@@ -336,7 +336,8 @@ def drive_job(
 
     runner = _ItemRunner(job, plan, options, manifest.started(), counts, progress, stop, weights, on_result,
                          forgotten if forget else None)  # fmt: skip
-    if options.retry_failed and not forget:  # failed only to be sent on, their outputs as the job wrote them: sent alone
+    if options.retry_failed and not forget:  # failed only to be sent on, their outputs as the job wrote them:
+        # sent alone
         runner.undelivered = {name: latest[name] for name in finished if latest[name]["status"] == "failed"}
     for index, item in enumerate(items):
         earlier = _earlier(latest.get(item.name), item.name in finished, options)

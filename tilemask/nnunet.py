@@ -19,8 +19,8 @@ axes they were trained on.  A 2D configuration (``2d``) runs as nnU-Net predicts
 first axis (``inference.slice_axis``), the scan's spacing kept along that axis.
 
 What nnU-Net does that tilemask cannot reproduce chunk by chunk is refused by name before any work (exit 2):
-cascades (the previous stage's segmentation is an input), region-based training (overlapping sigmoid outputs), other normalization schemes, channels with different
-schemes, CT ranges or (z-scored) ``use_mask_for_norm``, and image readers that reorient (``plans.json``'s
+cascades (the previous stage's segmentation is an input), region-based training (overlapping sigmoid outputs),
+other normalization schemes, channels with different schemes, CT ranges or (z-scored) ``use_mask_for_norm``, and image readers that reorient (``plans.json``'s
 ``image_reader_writer``, which the predictor reads, or ``dataset.json``'s ``overwrite_image_reader_writer``).
 ``use_mask_for_norm`` (a z-score within the nonzero region) is ``normalize: {nonzero: any}``: each channel's
 z-score over the voxels nonzero in some channel, nnU-Net's mask but for its holes, which nnU-Net fills (README).

@@ -465,7 +465,8 @@ def _plan_input(workflow: Workflow, item: InputItem, spatial_dims: int) -> Input
     back = None
     if grid:
         inference = workflow.inference
-        chunks = WindowPlan.build(source.spatial_shape, inference.window, inference.window_overlap, workflow.output.chunks)
+        chunks = WindowPlan.build(source.spatial_shape, inference.window, inference.window_overlap,
+                                  workflow.output.chunks)  # fmt: skip
         back = Inversion(network_source, chunks, crop=workflow.preprocess.crop == "nonzero")
     # the bands the run reads, of each file of a stack when they are alike (alpha bands left out as the run does)
     chosen = {tuple(getattr(s, "bands", ())) for s in getattr(source, "sources", (source,))}
@@ -496,7 +497,8 @@ def _window_plan(workflow: Workflow, network_source: ImageSource) -> WindowPlan:
     """The windows over the image the network sees, grouped by output chunk."""
     inference = workflow.inference
     # a flip of the whole image has its own grid of windows; nnU-Net's mirrors each window of the one grid
-    mirrored = sorted({axis for axes in inference.window_flips for axis in axes}) if inference.tta_mode == "image" else []
+    flips = inference.window_flips if inference.tta_mode == "image" else ()
+    mirrored = sorted({axis for axes in flips for axis in axes})
     return WindowPlan.build(network_source.spatial_shape, inference.window, inference.window_overlap,
                             workflow.output.chunks, mirrored, inference.steps)  # fmt: skip
 

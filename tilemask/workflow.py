@@ -466,7 +466,8 @@ class Workflow(_Strict):
         fmt = for_output(self.output.path)
         if image_dims not in fmt.spatial_dims:
             writers = [s for f in FORMATS if f.writable and image_dims in f.spatial_dims for s in f.suffixes]
-            slices = " (a 2D model slice by slice: its labels are a volume's)" if self.inference.slice_axis is not None else ""
+            sliced = self.inference.slice_axis is not None
+            slices = " (a 2D model slice by slice: its labels are a volume's)" if sliced else ""
             over = ", or set inference.slice_axis to run it over a volume's slices" if 3 in fmt.spatial_dims else ""
             raise ValueError(
                 f"output.path {fmt.suffix(self.output.path)} holds {' or '.join(f'{d}D' for d in fmt.spatial_dims)} "

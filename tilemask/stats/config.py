@@ -54,8 +54,8 @@ def regions_file(path: str) -> str:
 def check_regions(path: str, region_id: str | None) -> None:
     """What the zonal statistics check of their regions, from the layer's info and attribute table alone: that GDAL
     reads the file, that it holds one layer with geometries, and that their key (``region_id``, when given) is a
-    field with unique values, or the layer's feature id column (a GeoPackage's ``fid``); a workflow's ``stats:`` is refused before its run predicts anything.  Read once per
-    file."""
+    field with unique values, or the layer's feature id column (a GeoPackage's ``fid``); a workflow's ``stats:`` is
+    refused before its run predicts anything.  Read once per file."""
     local = regions_file(path)
     stat = os.stat(local)
     _check_regions(path, local, region_id, (stat.st_mtime_ns, stat.st_size))
