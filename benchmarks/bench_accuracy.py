@@ -17,6 +17,7 @@ torch float32's own distance from float64.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import warnings
@@ -87,4 +88,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

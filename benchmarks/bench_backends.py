@@ -16,6 +16,7 @@ follows from the last two columns (1e-4).
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 import warnings
@@ -86,4 +87,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

@@ -251,7 +251,7 @@ def resume_benchmark(work: Path, size: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenes", type=int, default=1000)
     parser.add_argument("--listed", type=int, default=100_000)
     parser.add_argument("--seconds", type=float, default=60.0)

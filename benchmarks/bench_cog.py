@@ -121,7 +121,7 @@ def run_floor(folder: Path, size: int, chunk: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=32768)
     parser.add_argument("--chunks", type=int, default=2048)
     parser.add_argument("--workers", type=int, default=2)

@@ -319,7 +319,7 @@ def gib(n: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=[16384], help="side-by-side sizes")
     parser.add_argument("--giga", type=int, default=32768, help="big size, tilemask and the bare model (0 to skip)")
     parser.add_argument("--cog", action="store_true", help="also the big size with COG output and probabilities")

@@ -51,7 +51,7 @@ def reference(folder: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=1000, help="label outputs (each with its probabilities)")
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the copies are kept between runs")
     args = parser.parse_args()

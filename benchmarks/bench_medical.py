@@ -117,7 +117,7 @@ def run_monai(scan: Path, net: torch.nn.Module, out: Path, roi: int, precision: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--roi", type=int, default=96)
     parser.add_argument("--dir", default=tempfile.gettempdir())

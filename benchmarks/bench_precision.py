@@ -68,7 +68,7 @@ def run_monai(precision: str, device: str) -> tuple[np.ndarray, np.ndarray]:
 def main() -> None:
     from tilemask.cluster import cluster_client
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where both sides run the network")
     device = parser.parse_args().device
     workdir = scratch_folder("tilemask-precision-")

@@ -61,7 +61,7 @@ def flush_block_cache() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiles", type=int, default=5, help="the demo scene repeated this many times each way")
     parser.add_argument("--dir", default=tempfile.gettempdir())
     args = parser.parse_args()

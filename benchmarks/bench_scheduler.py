@@ -89,7 +89,7 @@ class PeakRSS(threading.Thread):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gigapixels", type=float, default=100)
     parser.add_argument("--chunks", type=int, default=2048)
     args = parser.parse_args()

@@ -152,7 +152,7 @@ def compare(name: str, tilemask_wall: float, monai_wall: float, n: int, cold: fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenes", type=int, default=40)
     parser.add_argument("--volumes", type=int, default=40)
     parser.add_argument("--repeat", type=int, default=2)

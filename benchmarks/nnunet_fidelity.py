@@ -49,7 +49,7 @@ from nibabel.testing import data_path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scheme", default="CT", help="the channel name: CT (CTNormalization) or MR (z-score)")
     parser.add_argument("--zooms", type=float, nargs=3, default=None, help="the scan's voxel size, rewritten")
     parser.add_argument("--spacing", type=float, nargs=3, default=None, help="plans.json's target spacing")
