@@ -868,6 +868,34 @@ def test_segment_labels_dicom_cannot_hold_are_refused_and_others_are_written_in_
         plan_workflow(Workflow.from_dict(bare_workflow, base_dir=tmp_path))
 
 
+@pytest.mark.parametrize("charset, name", [
+    (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),  # \\ISO 2022 IR 87, a Japanese series'
+    ("ISO 2022 IR 100", "Müller^Jörg"),  # code extensions, one value
+    ("", "Doe^Jane"),  # present and empty: the default repertoire
+])  # fmt: skip
+def test_a_series_in_a_character_set_highdicom_refuses_gives_a_segmentation_of_its_names(
+    charset, name, make_model, tmp_path, client
+):
+    """highdicom copies the series' SpecificCharacterSet into the SEG and refuses an empty value or one with code
+    extensions: each series ran every window, then failed, exit 1 ("ValueError: '' is not a valid
+    SpecificCharacterSetValues"; "Encodings with code extensions should not be used when only a single encoding is
+    included"). The SEG is written in UTF-8 then (the default repertoire for an empty value), its names as they
+    were."""
+
+    def coded(ds, k):
+        ds.SpecificCharacterSet, ds.PatientName = charset, name
+
+    folder = write_series(tmp_path / "series", rows=20, columns=24, slices=16, mutate=coded)
+    weights, _ = make_model(UNET_3D)
+    workflow = series_workflow(folder, weights, ["background", "lesion"], 500.0, 800.0)
+    workflow["output"] = {"path": "out/{stem}_seg.dcm", "chunks": 16}
+    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    with pydicom.config.strict_reading():
+        dataset = pydicom.dcmread(result.outputs[0])
+        assert dataset.get("SpecificCharacterSet") == ("ISO_IR 192" if charset else None)
+        assert dataset.PatientName == name
+
+
 def test_a_series_without_patient_and_study_details_gives_a_segmentation_that_highdicom_reads(
     make_model, tmp_path, client
 ):

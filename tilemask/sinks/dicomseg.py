@@ -129,10 +129,9 @@ class DicomSegSink(LabelSink):
             device_serial_number="0",
             series_description="tilemask labels",
             omit_empty_frames=False,
+            specific_character_set=segmentation_charset(images[0].get("SpecificCharacterSet"), layout.class_names),
         )
-        if not all(name.isascii() for name in layout.class_names):
-            seg.SpecificCharacterSet = UTF8  # pydicom encodes every text of the SEG in it when saving
-        seg.save_as(self.staged, enforce_file_format=True)
+        seg.save_as(self.staged, enforce_file_format=True)  # pydicom encodes every text in the SEG's character set
 
     def publish(self) -> list[str]:
         publish(self.staged, self.path)
@@ -155,6 +154,21 @@ class DicomSegSink(LabelSink):
     def abort(self) -> None:
         remove(self.staged)
         self.labels.abort()
+
+
+def segmentation_charset(given, names) -> str | None:
+    """The SEG's SpecificCharacterSet: the series' where it is one highdicom takes and the class names are ASCII,
+    none for the default repertoire, else UTF-8, which holds every text pydicom decoded from the series.  highdicom
+    refuses a series' value that is empty, or that has code extensions (``\\ISO 2022 IR 87``, a Japanese series'
+    usual value, or ``ISO 2022 IR 100`` alone): such a series ran every window, then failed in highdicom, exit 1."""
+    import highdicom as hd
+
+    if not all(name.isascii() for name in names):
+        return UTF8
+    if not given:  # absent or empty: the default repertoire
+        return None
+    taken = {value.value for value in hd.SpecificCharacterSetValues if not value.value.startswith("ISO 2022")}
+    return given if isinstance(given, str) and given in taken else UTF8
 
 
 STORE_TIMEOUT = (10, 120)  # seconds: connecting, then waiting for each answer
