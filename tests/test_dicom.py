@@ -1279,6 +1279,26 @@ def test_a_slice_or_a_series_given_to_a_2d_model_is_refused_as_a_volume_not_sent
     assert open_source(str(folder), 3).spatial_shape == (20, 12, 1)  # a 3D model takes it
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("given", ["absent", 0.0, None])
+def test_one_slice_whose_spacing_between_slices_is_0_or_empty_is_a_slab_of_its_thickness(
+    given, make_model, tmp_path, client
+):
+    """One slice, SliceThickness 2.5: a SpacingBetweenSlices of 0 (an unknown value, as highdicom takes it) or empty
+    was read as a 1 mm slab, not the slice's thickness (its volumes in mL 2.5 times too small); the SEG of one slice
+    said 1 mm (highdicom's own for a single frame) where the volume is read with 2.5."""
+
+    def spacing(ds, k):
+        if given != "absent":
+            ds.SpacingBetweenSlices = given
+
+    folder = write_series(tmp_path / "one", rows=20, columns=24, slices=1, step=2.5, mutate=spacing)
+    affine = np.asarray(DicomSeriesSource.open(str(folder)).geometry.affine)
+    assert np.linalg.norm(affine[:3, 2]) == pytest.approx(2.5)
+    measures = segmentation_of(folder, make_model, tmp_path, client).SharedFunctionalGroupsSequence[0]
+    assert float(measures.PixelMeasuresSequence[0].SpacingBetweenSlices) == pytest.approx(2.5)
+
+
 def segmentation_of(folder, make_model, tmp_path, client):
     """The DICOM SEG a run writes of the series in ``folder``, read by highdicom."""
     import highdicom as hd

@@ -90,7 +90,8 @@ class DicomSegSink(LabelSink):
                     setattr(image, keyword, "")
             if image.get("SliceThickness") is None:  # Type 2 too, but the SEG's pixel measures need a value
                 image.SliceThickness = spacing
-            if "SpacingBetweenSlices" in image:  # the SEG's frames lie on the slices: their spacing, whatever it says
+            if "SpacingBetweenSlices" in image or len(images) == 1:  # the SEG's frames lie on the slices: their
+                # spacing, whatever it says; one slice's, the slab it is read as (highdicom says 1 mm)
                 image.SpacingBetweenSlices = spacing
         layout = self.layout
         volume = np.asarray(zarr.open_array(f"{self.labels.staged}/labels", mode="r")[...])  # (i, j, k), read once

@@ -372,7 +372,8 @@ class DicomSeriesSource(ImageSource):
                                  "slice given twice, or two acquisitions in one series)")  # fmt: skip
             _check_even(folder, [p for p, _ in images], positions, step)
         else:
-            thickness = float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0)
+            given = (first.get("SpacingBetweenSlices"), first.get("SliceThickness"))  # 0 or empty: not given
+            thickness = next((float(v) for v in given if v not in (None, "") and float(v) != 0), 1.0)
             step = normal * thickness
         row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
         lps = np.eye(4)
