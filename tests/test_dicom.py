@@ -896,6 +896,29 @@ def test_a_series_in_a_character_set_highdicom_refuses_gives_a_segmentation_of_i
         assert dataset.PatientName == name
 
 
+@pytest.mark.parametrize("keyword, value", [("PatientSex", "male"), ("StudyTime", "12:30:00")])
+def test_a_patient_or_study_value_highdicom_refuses_is_left_empty_in_the_segmentation(
+    keyword, value, make_model, tmp_path, client
+):
+    """highdicom converts the first slice's PatientSex (M, F or O), PatientBirthDate, StudyDate and StudyTime as it
+    copies them: a PatientSex of 'male', or an ACR-NEMA time '12:30:00' (with colons), ran every window, then failed,
+    exit 1 ("ValueError: 'male' is not a valid PatientSexValues"; "Unable to convert non-conformant value '12:30:00'
+    to 'TM' object"). Those attributes are Type 2: the SEG has them empty, the others copied."""
+
+    def nonconformant(ds, k):
+        setattr(ds, keyword, value)
+        ds.PatientName = "Doe^Jane"
+
+    with pytest.warns(UserWarning, match="Invalid value"):  # pydicom's, as the series is written
+        folder = write_series(tmp_path / "series", rows=20, columns=24, slices=16, mutate=nonconformant)
+    weights, _ = make_model(UNET_3D)
+    workflow = series_workflow(folder, weights, ["background", "lesion"], 500.0, 800.0)
+    workflow["output"] = {"path": "out/{stem}_seg.dcm", "chunks": 16}
+    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    dataset = pydicom.dcmread(result.outputs[0])
+    assert keyword in dataset and not dataset[keyword].value and dataset.PatientName == "Doe^Jane"
+
+
 def test_a_series_without_patient_and_study_details_gives_a_segmentation_that_highdicom_reads(
     make_model, tmp_path, client
 ):

@@ -93,6 +93,7 @@ class DicomSegSink(LabelSink):
             if "SpacingBetweenSlices" in image or len(images) == 1:  # the SEG's frames lie on the slices: their
                 # spacing, whatever it says; one slice's, the slab it is read as (highdicom says 1 mm)
                 image.SpacingBetweenSlices = spacing
+        empty_refused_values(images[0])  # highdicom reads the patient and study from the first slice
         layout = self.layout
         volume = np.asarray(zarr.open_array(f"{self.labels.staged}/labels", mode="r")[...])  # (i, j, k), read once
         if layout.nodata is not None:
@@ -155,6 +156,28 @@ class DicomSegSink(LabelSink):
     def abort(self) -> None:
         remove(self.staged)
         self.labels.abort()
+
+
+def empty_refused_values(image) -> None:
+    """Empty the patient and study values of ``image`` that highdicom refuses as it copies them into the SEG, each
+    named in a warning: a PatientSex other than M, F or O, a date or time pydicom cannot read (ACR-NEMA's
+    ``12:30:00``). They are Type 2, present and empty in the SEG; such a series ran every window, then failed in
+    highdicom, exit 1."""
+    from pydicom.valuerep import DA, TM
+
+    def sex(value):
+        if value not in ("M", "F", "O"):
+            raise ValueError(f"{value!r} is not M, F or O")
+
+    for keyword, check in (("PatientSex", sex), ("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
+        value = image.get(keyword)
+        if not value:
+            continue
+        try:
+            check(value)
+        except ValueError as exc:
+            logger.warning("the DICOM SEG leaves %s empty: the series' %r is no DICOM value (%s)", keyword, value, exc)
+            setattr(image, keyword, "")
 
 
 def segmentation_charset(given, names) -> str | None:
