@@ -896,14 +896,17 @@ def test_a_series_in_a_character_set_highdicom_refuses_gives_a_segmentation_of_i
         assert dataset.PatientName == name
 
 
-@pytest.mark.parametrize("keyword, value", [("PatientSex", "male"), ("StudyTime", "12:30:00")])
+@pytest.mark.parametrize("keyword, value", [
+    ("PatientSex", "male"), ("StudyTime", "12:30:00"), ("PatientBirthDate", "00000000"),  # an anonymizer's
+])  # fmt: skip
 def test_a_patient_or_study_value_highdicom_refuses_is_left_empty_in_the_segmentation(
     keyword, value, make_model, tmp_path, client
 ):
     """highdicom converts the first slice's PatientSex (M, F or O), PatientBirthDate, StudyDate and StudyTime as it
     copies them: a PatientSex of 'male', or an ACR-NEMA time '12:30:00' (with colons), ran every window, then failed,
     exit 1 ("ValueError: 'male' is not a valid PatientSexValues"; "Unable to convert non-conformant value '12:30:00'
-    to 'TM' object"). Those attributes are Type 2: the SEG has them empty, the others copied."""
+    to 'TM' object"; "year 0 is out of range"). Those attributes are Type 2: the SEG has them empty, the others
+    copied."""
 
     def nonconformant(ds, k):
         setattr(ds, keyword, value)
