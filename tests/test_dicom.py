@@ -922,6 +922,32 @@ def test_a_patient_or_study_value_highdicom_refuses_is_left_empty_in_the_segment
     assert keyword in dataset and not dataset[keyword].value and dataset.PatientName == "Doe^Jane"
 
 
+def test_slices_whose_orientations_differ_within_the_grids_tolerance_give_a_segmentation(make_model, tmp_path, client):
+    """Every other slice's ImageOrientationPatient 5e-5 off the others' (within the 1e-4 a series is read as one grid
+    with): its NIfTI labels were written, and its SEG ran every window, then failed in highdicom, which wants them
+    equal, exit 1 ("ValueError: Source images must have a shared orientation."). The SEG's frames lie on the grid
+    the series is read as: one orientation, the first slice's, each frame referring to its slice."""
+    import highdicom as hd
+
+    def jitter(ds, k):
+        ds.ImageOrientationPatient = [round(float(v), 6) + (5e-5 if k % 2 else 0.0) for v in ds.ImageOrientationPatient]
+
+    folder = write_series(tmp_path / "series", rows=20, columns=24, slices=16, mutate=jitter)
+    weights, _ = make_model(UNET_3D)
+    workflow = series_workflow(folder, weights, ["background", "lesion"], 500.0, 800.0)
+    for suffix in (".nii.gz", ".dcm"):
+        workflow["output"] = {"path": f"out/{{stem}}{suffix}", "chunks": 16}
+        tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    labels = np.asarray(nib.load(tmp_path / "out" / "series.nii.gz").dataobj)
+    seg = hd.seg.segread(tmp_path / "out" / "series.dcm")
+    slices = [pydicom.dcmread(f) for f in DicomSeriesSource.open(str(folder)).files]
+    orientation = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
+    np.testing.assert_allclose(np.asarray(orientation, float), np.asarray(slices[0].ImageOrientationPatient, float))
+    frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=[d.SOPInstanceUID for d in slices],
+                                               combine_segments=True)  # fmt: skip
+    np.testing.assert_array_equal(frames, labels.transpose(2, 1, 0))
+
+
 def test_a_series_without_patient_and_study_details_gives_a_segmentation_that_highdicom_reads(
     make_model, tmp_path, client
 ):

@@ -93,6 +93,8 @@ class DicomSegSink(LabelSink):
             if "SpacingBetweenSlices" in image or len(images) == 1:  # the SEG's frames lie on the slices: their
                 # spacing, whatever it says; one slice's, the slab it is read as (highdicom says 1 mm)
                 image.SpacingBetweenSlices = spacing
+            # one orientation, as the series is read (its slices' within 1e-4): highdicom wants them equal
+            image.ImageOrientationPatient = images[0].ImageOrientationPatient
         empty_refused_values(images[0])  # highdicom reads the patient and study from the first slice
         layout = self.layout
         volume = np.asarray(zarr.open_array(f"{self.labels.staged}/labels", mode="r")[...])  # (i, j, k), read once
