@@ -948,6 +948,31 @@ def test_slices_whose_orientations_differ_within_the_grids_tolerance_give_a_segm
     np.testing.assert_array_equal(frames, labels.transpose(2, 1, 0))
 
 
+@pytest.mark.parametrize("keyword", ["FrameOfReferenceUID", "StudyInstanceUID"])
+def test_slices_of_two_frames_of_reference_or_studies_are_refused_for_a_segmentation_when_planning(
+    keyword, make_model, tmp_path
+):
+    """Slices of one series, every other one in another frame of reference (or study): its SEG ran every window,
+    then failed in highdicom, exit 1, with "Source images must all be part of the same series and must have the same
+    image dimensions (number of rows/columns)", naming neither. Refused when planning, naming a slice."""
+    from tilemask.planning import plan_workflow
+
+    other = pydicom.uid.generate_uid()
+
+    def split(ds, k):
+        if k % 2:
+            setattr(ds, keyword, other)
+
+    folder = write_series(tmp_path / "series", rows=20, columns=24, slices=6, mutate=split)
+    weights, _ = make_model(UNET_3D)
+    workflow = series_workflow(folder, weights, ["background", "lesion"], 500.0, 800.0)
+    workflow["output"] = {"path": "out/{stem}_seg.dcm"}
+    with pytest.raises(InputError, match=rf"^{folder}/slice\d+\.dcm: its {keyword} [0-9.]+ differs from [0-9.]+ of "
+                                         rf"{folder}/slice\d+\.dcm; a DICOM Segmentation refers to slices of one study "
+                                         "and frame of reference$"):  # fmt: skip
+        plan_workflow(Workflow.from_dict(workflow, base_dir=tmp_path))
+
+
 def test_a_series_without_patient_and_study_details_gives_a_segmentation_that_highdicom_reads(
     make_model, tmp_path, client
 ):

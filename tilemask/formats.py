@@ -445,11 +445,17 @@ class DicomSegFormat(Format):
 
         from .sinks.dicomseg import REQUIRED
 
+        shared = {}  # the first slice's study and frame of reference, which every slice of a SEG's must share
         for path in source.files:  # headers only: each slice is referred to by its own UIDs
             header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(REQUIRED))
             missing = [keyword for keyword in REQUIRED if not header.get(keyword)]
             if missing:
                 raise InputError(f"{path}: no {' or '.join(missing)}, which a DICOM Segmentation must copy")
+            for keyword in ("StudyInstanceUID", "FrameOfReferenceUID"):  # highdicom refused them after every window
+                first, given = shared.setdefault(keyword, (path, header.get(keyword))), header.get(keyword)
+                if given != first[1]:
+                    raise InputError(f"{path}: its {keyword} {given} differs from {first[1]} of {first[0]}; a DICOM "
+                                     "Segmentation refers to slices of one study and frame of reference")  # fmt: skip
 
     def class_name_problem(self, name):
         from .sinks.dicomseg import segment_label_problem
