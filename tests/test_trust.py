@@ -1194,6 +1194,33 @@ def test_polygons_whose_spatial_index_does_not_fit_are_not_published(tmpfs):
     assert all(seen.values()), seen
 
 
+@pytest.mark.timeout(60)
+def test_flatgeobuf_polygons_onto_a_full_disk_are_named_so(tmpfs):
+    """FlatGeobuf writes the features into a temporary file, then the file from it, and GDAL removes the first when
+    a write fails: the disk looked empty again, and an EO review's polygons onto a 4 MB disk failed as
+    ``DataSourceError: Failed to write features to dataset DISK/.tilemask-<run>-p.fgb; Unexpected I/O failure:
+    writing feature`` (exit 1 as a bug), naming the hidden file and not the full disk."""
+    import shapely
+
+    from tilemask.errors import OutputError
+    from tilemask.polygon_files import AreaRule, write_features
+    from tilemask.vectors import FeatureBatch
+
+    rule = AreaRule((500000.0, 30.0, 0.0, 4000000.0, 0.0, -30.0), "EPSG:32618")
+    for count in (20000, 40000):  # on 4 MB: the file, then the temporary file, does not fit (GDAL 3.10)
+        disk = tmpfs("4m", name=f"disk{count}")
+        i = np.arange(count)
+        boxes = np.array_split(shapely.box(i % 1000, i // 1000, i % 1000 + 0.5, i // 1000 + 0.5), 10)
+        batches = [FeatureBatch(list(shapely.to_wkb(b)), np.array(["a"] * len(b), object), np.ones(len(b)))
+                   for b in boxes]  # fmt: skip
+        with pytest.raises(OutputError) as raised:
+            write_features(str(disk / "p.fgb"), ".fgb", iter(batches), rule, 100)
+        assert re.fullmatch(rf"{re.escape(str(disk))}/p\.fgb: no space left on device \(4\.0 MiB free there, for "
+                            r"about [\d.]+ MiB of features, which FlatGeobuf writes twice; GDAL: "
+                            r"Unexpected I/O failure: [\w ]+\)", str(raised.value)), str(raised.value)  # fmt: skip
+        assert list(disk.iterdir()) == [], count
+
+
 def test_a_quick_look_and_scores_written_onto_a_full_disk_name_their_file_once(tmp_path, tmpfs):
     """A fault sweep: a quick look met a full disk as the warning ``no quick look DISK/q.png: DISK/q.png: cannot
     write the quick look: DISK/q.png: no space left on device``, and ``evaluate -o`` as ``DISK/s.json: cannot

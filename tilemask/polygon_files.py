@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import math
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 import shapely
 from pyproj import CRS, Proj
 
-from .errors import InputError
+from .errors import InputError, OutputError
 from .formats import product_mark, product_mark_text
 from .outputs import atomic_path, check_spatial_index
 
@@ -162,6 +163,11 @@ def _ogr_options(driver: str, transform: tuple[float, ...]) -> dict:
     return {"layer_metadata": product_mark()}
 
 
+FLATGEOBUF_FEATURE_BYTES = 128
+"""What a FlatGeobuf holds of a feature beyond its columns' Arrow bytes (its FlatBuffers header and its spatial index
+node): about 88 bytes for the demo scene's polygons."""
+
+
 def write_features(out_path: str, suffix: str, batches: Iterator[FeatureBatch], rule: AreaRule, rows: int) -> str:
     """Stream the features of a label raster of ``rows`` rows into ``out_path`` under a temporary name; rename when
     whole."""
@@ -188,20 +194,33 @@ def write_features(out_path: str, suffix: str, batches: Iterator[FeatureBatch], 
                     count += record.num_rows
         else:
             import pyogrio
+            from pyogrio.errors import DataLayerError, DataSourceError
 
             decimals = rule.area_decimals(rows) if suffix == ".geojson" else None
             counted = _counting(_record_batches(batches, decimals))
             reader = pa.RecordBatchReader.from_batches(_schema(), counted)
-            pyogrio.write_arrow(
-                reader,
-                str(staged),
-                layer=target.stem,
-                driver=VECTOR_DRIVERS[suffix],
-                geometry_name="geometry",
-                geometry_type="Polygon",
-                crs=crs_wkt,
-                **_ogr_options(VECTOR_DRIVERS[suffix], rule.transform),
-            )
+            free = shutil.disk_usage(Path(staged).parent).free
+            try:
+                pyogrio.write_arrow(
+                    reader,
+                    str(staged),
+                    layer=target.stem,
+                    driver=VECTOR_DRIVERS[suffix],
+                    geometry_name="geometry",
+                    geometry_type="Polygon",
+                    crs=crs_wkt,
+                    **_ogr_options(VECTOR_DRIVERS[suffix], rule.transform),
+                )
+            except (DataLayerError, DataSourceError) as exc:
+                # FlatGeobuf writes the features into a temporary file, then the file from it (its spatial index
+                # first), and GDAL removes the temporary file when a write fails: the disk no longer looks full
+                gdal = str(exc).rsplit("; ", 1)[-1]  # (its first part names the staged file)
+                size = counted.nbytes + FLATGEOBUF_FEATURE_BYTES * counted.count
+                if suffix == ".fgb" and "I/O failure" in gdal and free < 2 * size:
+                    raise OutputError(f"{target}: no space left on device ({free / 2**20:.1f} MiB free there, for "
+                                      f"about {size / 2**20:.1f} MiB of features, which FlatGeobuf writes twice; "
+                                      f"GDAL: {gdal})") from None  # fmt: skip
+                raise
             count = counted.count
             if suffix == ".gpkg":
                 check_spatial_index(staged, target)
@@ -210,12 +229,13 @@ def write_features(out_path: str, suffix: str, batches: Iterator[FeatureBatch], 
 
 
 class _counting:
-    """An iterator of record batches that counts the rows going through."""
+    """An iterator of record batches that counts the rows (and their bytes) going through."""
 
     def __init__(self, batches: Iterator[pa.RecordBatch]):
-        self.batches, self.count = batches, 0
+        self.batches, self.count, self.nbytes = batches, 0, 0
 
     def __iter__(self):
         for batch in self.batches:
             self.count += batch.num_rows
+            self.nbytes += batch.nbytes
             yield batch
