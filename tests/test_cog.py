@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from tilemask.sinks import OutputLayout, make_sink
 from tilemask.sinks.cog import CogSink
 from tilemask.sources.labels import open_labels
 
-from .conftest import GEO
+from .conftest import GEO, REPO
 
 
 def chunk_regions(shape, chunks):
@@ -251,6 +253,37 @@ def test_rerun_replaces_output_and_stale_sidecar(tmp_path, shade_labels):
     assert cog_validate(str(path), strict=True)[0]
     assert "<Category>d</Category>" in (tmp_path / "mask.tif.aux.xml").read_text()
     assert_only_finished(tmp_path, {"mask.tif", "mask.tif.aux.xml"})
+
+
+@pytest.mark.timeout(60)
+def test_class_names_beyond_ascii_are_written_whatever_the_locale(tmp_path):
+    """The VRT of the pieces was written in the locale's encoding, GDAL reads it as UTF-8: under an ASCII locale
+    (``LC_ALL=C``, locale coercion and UTF-8 mode off) classes named ``forêt`` and ``水田`` failed the commit with
+    ``UnicodeEncodeError: 'ascii' codec can't encode character '\\xea'`` (a bug's traceback), and a Latin-1
+    locale would write names GDAL does not read."""
+    script = f"""
+import numpy as np
+from tilemask.geometry import RasterGeometry
+from tilemask.sinks import OutputLayout
+from tilemask.sinks.cog import CogSink
+from tilemask.sources.labels import open_labels
+labels = np.arange(3, dtype=np.uint8).repeat(300).reshape(30, 30)
+layout = OutputLayout((30, 30), (16, 16), ("eau", "for\\u00eat", "\\u6c34\\u7530"), "uint8", 0, "none",
+                      RasterGeometry("EPSG:32618", (500000.0, 10.0, 0.0, 4000000.0, 0.0, -10.0)), "x.tif", None)
+sink = CogSink({str(tmp_path / "mask.tif")!r}, layout)
+sink.create()
+for r in (0, 16):
+    for c in (0, 16):
+        sink.write(((r, min(r + 16, 30)), (c, min(c + 16, 30))), labels[r : r + 16, c : c + 16], None)
+sink.commit()
+print(ascii(open_labels({str(tmp_path / "mask.tif")!r}).class_names))
+"""
+    env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")[-2000:]
+    assert done.stdout.decode().strip() == ascii(("eau", "for\u00eat", "\u6c34\u7530"))
+    sidecar = (tmp_path / "mask.tif.aux.xml").read_text(encoding="utf-8")
+    assert "<Category>for\u00eat</Category>" in sidecar and "<F>\u6c34\u7530</F>" in sidecar
 
 
 def test_unwritable_folder_is_a_one_line_error(tmp_path, shade_labels):

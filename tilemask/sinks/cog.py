@@ -209,7 +209,7 @@ class CogSink(LabelSink):
                 vrt = os.path.join(self.parts, f"{raster.kind}.vrt")
                 if is_remote(vrt):
                     vrt = str(scratch("tilemask-staged") / f"{os.path.basename(raster.partial)}.vrt")
-                Path(vrt).write_text(self._vrt(raster))
+                Path(vrt).write_text(self._vrt(raster), encoding="utf-8")  # as GDAL reads it, whatever the locale
                 try:  # a raster 1 pixel wide has overviews 1 pixel wide too: a decimation of 1, not a valid COG
                     self._translate(raster, vrt, overviews=self.layout.shape[1] > 1)
                 finally:
