@@ -286,6 +286,18 @@ print(ascii(open_labels({str(tmp_path / "mask.tif")!r}).class_names))
     assert "<Category>for\u00eat</Category>" in sidecar and "<F>\u6c34\u7530</F>" in sidecar
 
 
+def test_the_class_sidecar_is_written_where_the_environment_turns_gdals_pam_off(tmp_path, shade_labels, monkeypatch):
+    """``GDAL_PAM_ENABLED=NO``, as many set it where COGs are served, made GDAL's COG driver write no ``.aux.xml``:
+    the COG was published without its category names and raster attribute table (QGIS's legend), without a word."""
+    monkeypatch.setenv("GDAL_PAM_ENABLED", "NO")
+    path = tmp_path / "mask.tif"
+    layout = layout_for(GEO["shade.tif"], shade_labels, ("a", "b", "c", "d"), (512, 512), 255)
+    drive(CogSink(str(path), layout), shade_labels)
+    assert_only_finished(tmp_path, {"mask.tif", "mask.tif.aux.xml"})
+    sidecar = (tmp_path / "mask.tif.aux.xml").read_text()
+    assert "<Category>d</Category>" in sidecar and '<GDALRasterAttributeTable tableType="thematic">' in sidecar
+
+
 def test_unwritable_folder_is_a_one_line_error(tmp_path, shade_labels):
     blocker = tmp_path / "file"
     blocker.write_text("")

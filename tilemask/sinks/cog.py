@@ -64,7 +64,13 @@ logger = logging.getLogger(__name__)
 
 BLOCKSIZE = 512
 PIECE_OPTIONS = {"tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "zstd", "zstd_level": 1}
-GDAL_OPTIONS = {"GDAL_CACHEMAX": 256 << 20, "GDAL_NUM_THREADS": "ALL_CPUS"}  # bytes, as rasterio passes it on
+GDAL_OPTIONS = {
+    "GDAL_CACHEMAX": 256 << 20,  # bytes, as rasterio passes it on
+    "GDAL_NUM_THREADS": "ALL_CPUS",
+    # the .aux.xml sidecar (category names, raster attribute table) is GDAL's PAM: written where the environment
+    # turns PAM off too (GDAL_PAM_ENABLED=NO, as set where COGs are served: the COG went without it, without a word)
+    "GDAL_PAM_ENABLED": "YES",
+}
 
 # GDAL_NUM_THREADS made GDAL 3.10 read a VRT of more than a few pieces on threads of its own, which do not see the
 # settings rasterio.Env gives a thread other than the main one (a Dask worker's): pieces on S3 were asked of AWS,
