@@ -646,6 +646,34 @@ def test_a_rasters_sidecar_files_count_as_rasterio_finds_them(tmp_path):
     assert open_source(str(world), spatial_dims=2).geometry.transform == (5e5, 30.0, 0.0, 4.2e6, 0.0, -30.0)
 
 
+def test_a_local_rasters_sidecars_are_found_where_the_environment_says_not_to_list_folders(tmp_path, monkeypatch):
+    """``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR`` in the environment, as set for cloud reads, went through to local
+    inputs: GDAL probed no sidecar, and a scene's external mask (``.msk``) and world file were lost without a word
+    (an EO review: every pixel valid, the nodata pixels classified). A local file's sidecars are probed one by one
+    instead (``TRUE``: no listing of the folder)."""
+    from rasterio.transform import from_origin
+
+    data = np.arange(3 * 40 * 50, dtype=np.uint8).reshape(3, 40, 50)
+    world = tmp_path / "world.tif"
+    with rasterio.open(world, "w", driver="GTiff", width=50, height=40, count=3, dtype="uint8") as ds:
+        ds.write(data)
+    (tmp_path / "world.tfw").write_text("30\n0\n0\n-30\n500015\n4199985\n")  # pixel centres, as world files say
+    masked = tmp_path / "masked.tif"
+    mask = np.full((40, 50), 255, np.uint8)
+    mask[:, :20] = 0
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False), rasterio.open(
+        masked, "w", driver="GTiff", width=50, height=40, count=3, dtype="uint8", crs="EPSG:32633",
+        transform=from_origin(5e5, 4.2e6, 30, 30),
+    ) as ds:  # fmt: skip
+        ds.write(data)
+        ds.write_mask(mask)
+    monkeypatch.setenv("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
+    assert open_source(str(world), spatial_dims=2).geometry.transform == (5e5, 30.0, 0.0, 4.2e6, 0.0, -30.0)
+    source = open_source(str(masked), spatial_dims=2)
+    assert source.has_invalid
+    np.testing.assert_array_equal(source.read_valid(((0, 40), (0, 50))), mask > 0)
+
+
 def test_validity_from_the_pixels_read_is_gdals_dataset_mask(tmp_path):
     """Where the mask comes from nodata values alone, it is computed from the pixels read (GDAL's dataset mask
     reads every band again): the same pixels as rasterio's ``dataset_mask``, on the demo scene (nodata 0) and

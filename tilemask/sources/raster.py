@@ -74,12 +74,16 @@ def gdal_env(path: str | None = None) -> rasterio.Env:
     name (:func:`tilemask.storage.gdal_options`), as a ``rasterio.Env``; for a ``path`` over the network, no
     directory listing to find sidecar files (a request per open), and nothing of it cached once closed
     (:data:`NOT_CACHED_ACROSS_OPENS`).  A local file's sidecars (``.msk``, ``.tfw``, ``.aux.xml``) are GDAL's to
-    find: without them its mask and georeferencing are lost, silently."""
-    settings = dict(CLOUD_DEFAULTS)
+    find: without them its mask and georeferencing are lost, silently; so where the environment says
+    ``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR`` (set for cloud reads), a local file's are probed one by one
+    (``TRUE``)."""
+    settings, local = dict(CLOUD_DEFAULTS), {}
     if path is not None and any(marker in path for marker in NETWORK):
         settings["GDAL_DISABLE_READDIR_ON_OPEN"] = "EMPTY_DIR"
         settings["CPL_VSIL_CURL_NON_CACHED"] = NOT_CACHED_ACROSS_OPENS
-    return rasterio.Env(**{k: v for k, v in settings.items() if k not in os.environ}, **gdal_options())
+    elif path is not None and os.environ.get("GDAL_DISABLE_READDIR_ON_OPEN", "").upper() == "EMPTY_DIR":
+        local["GDAL_DISABLE_READDIR_ON_OPEN"] = "TRUE"
+    return rasterio.Env(**{k: v for k, v in settings.items() if k not in os.environ}, **local, **gdal_options())
 
 
 @dataclass(frozen=True)
