@@ -7,6 +7,7 @@ loop, ``commit()`` on the client.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -216,6 +217,20 @@ def test_geographic_crs_float32_probabilities(tmp_path):
         assert ds.descriptions == ("background", "forest", "water")
     _, values = overview_values(tmp_path / "out" / "mask.tif")
     assert len(values) >= 2 and all(set(v.tolist()) <= {0, 1, 2} for v in values)
+
+
+def test_a_sigmoids_one_probability_band_is_named_for_the_foreground(tmp_path):
+    """A sigmoid's one channel is the foreground's probability (classes ``[background, foreground]``): the band was
+    described as class 0, so QGIS named the water probability of a land/water model ``land``."""
+    labels = np.zeros((100, 120), np.uint8)
+    labels[40:, 50:] = 1
+    probabilities = np.where(labels == 1, 230, 20).astype(np.uint8)[None]
+    layout = layout_for(GEO["RGB.byte.tif"], labels, ("land", "water"), (64, 64), None, probabilities="uint8")
+    layout = dataclasses.replace(layout, probability_channels=1)
+    labels_path, probabilities_path = drive(CogSink(str(tmp_path / "mask.tif"), layout), labels, probabilities)
+    with rasterio.open(probabilities_path) as ds:
+        assert ds.count == 1 and ds.descriptions == ("water",)
+        assert json.loads(ds.tags()["TILEMASK_CLASSES"]) == ["land", "water"]
 
 
 def test_abort_leaves_nothing(tmp_path, shade_labels):
