@@ -35,6 +35,12 @@ def class_count(names: ClassNames | None) -> int:
     return max(names) + 1 if isinstance(names, Mapping) and names else len(names or ())
 
 
+def probability_class(names: ClassNames | None, channels: int, channel: int) -> int:
+    """The class whose probability is ``channel`` of ``channels`` probability channels: its own, but a sigmoid's one
+    channel, of classes ``[background, foreground]``, is the foreground's (1)."""
+    return 1 if channels == 1 and class_count(names) == 2 else channel
+
+
 # A qualitative palette (Tableau 10, then Tableau 20's light tones); class 0 is background.
 PALETTE = (
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),

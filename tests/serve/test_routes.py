@@ -225,6 +225,31 @@ def test_point_gives_the_label_class_and_probabilities_of_the_pixel(server, serv
     assert outside.status_code == 404 and outside.headers["X-Tilemask-Outside"] == "1"  # the map's signal, not text
 
 
+def test_point_names_a_sigmoids_one_probability_for_the_foreground(tmp_path):
+    """A sigmoid's one probability channel (classes ``[background, foreground]``) is the foreground's: ``/point``
+    gave it under the background's name, ``{"land": 0.901961}`` for a pixel the labels call water."""
+    from rasterio.transform import from_origin
+
+    from tilemask.geometry import RasterGeometry
+    from tilemask.serve.catalog import Entry
+    from tilemask.serve.raster import point
+    from tilemask.sinks import OutputLayout, make_sink
+
+    labels = np.zeros((64, 64), np.uint8)
+    labels[:, 32:] = 1
+    probabilities = np.where(labels == 1, 230, 20).astype(np.uint8)[None]
+    geometry = RasterGeometry(rasterio.CRS.from_epsg(32618).to_wkt(), from_origin(500000, 4000000, 30, 30).to_gdal())
+    layout = OutputLayout((64, 64), (64, 64), ("land", "water"), "uint8", 1, "uint8", geometry, "x.tif", None)
+    sink = make_sink(str(tmp_path / "m.tif"), layout)
+    sink.create()
+    sink.write(((0, 64), (0, 64)), labels, probabilities)
+    sink.commit()
+    entry = Entry("m.tif", "labels", "cog", "m", ("land", "water"), probabilities="m_probabilities.tif")
+    lon, lat = Transformer.from_crs("EPSG:32618", "OGC:CRS84", always_xy=True).transform(500000 + 48 * 30, 3999000)
+    answer = point(tmp_path, entry, lon, lat)
+    assert (answer["class"], answer["probabilities"]) == ("water", {"water": round(230 / 255, 6)})
+
+
 def test_stats_serves_the_table_tilemask_wrote(server, served_folder):
     records = get(f"{server}stats", params={"output": "RGB.byte_stats.csv"}).json()
     table = pd.read_csv(served_folder / "RGB.byte_stats.csv")

@@ -31,7 +31,7 @@ from rio_tiler.colormap import cmap
 from rio_tiler.errors import PointOutsideBounds, TileOutsideBounds
 from rio_tiler.io import Reader, XarrayReader
 
-from ..classes import CYCLE, class_name, cycled
+from ..classes import CYCLE, class_name, cycled, probability_class
 from ..formats import for_path
 from .catalog import Entry
 from .locks import KeyedLocks
@@ -317,7 +317,9 @@ def point(root: Path, entry: Entry, lon: float, lat: float) -> dict:
         data = np.asarray(probs.data, dtype=np.float64)
         if not np.issubdtype(probs.data.dtype, np.floating):
             data = data / 255.0
-        out["probabilities"] = {class_name(entry.class_names, i): round(float(p), 6) for i, p in enumerate(data)}
+        names = entry.class_names
+        out["probabilities"] = {class_name(names, probability_class(names, len(data), i)): round(float(p), 6)
+                                for i, p in enumerate(data)}  # fmt: skip
     return out
 
 

@@ -50,7 +50,7 @@ from rasterio._err import CPLE_BaseError  # what GDAL raises through rasterio.sh
 from rasterio.enums import Interleaving
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
-from ..classes import BACKGROUND, CLASSES_TAG, class_colours, class_name
+from ..classes import BACKGROUND, CLASSES_TAG, class_colours, class_name, probability_class
 from ..errors import OutputError
 from ..formats import for_path
 from ..geometry import RasterGeometry, Region
@@ -278,13 +278,12 @@ class CogSink(LabelSink):
         lines.append("  <Metadata>")
         lines.append(f"    <MDI key={quoteattr(CLASSES_TAG)}>{escape(json.dumps(list(layout.class_names)))}</MDI>")
         lines.append("  </Metadata>")
-        first_class = 1 if raster.bands == 1 and len(layout.class_names) == 2 else 0  # a sigmoid's: the foreground
         for band in range(1, raster.bands + 1):
             lines.append(f'  <VRTRasterBand dataType="{gdal_type}" band="{band}">')
             if raster.kind == "labels":
                 lines.extend(self._label_band_metadata(raster.dtype))
             else:
-                name = class_name(layout.class_names, first_class + band - 1)
+                name = class_name(layout.class_names, probability_class(layout.class_names, raster.bands, band - 1))
                 lines.append(f"    <Description>{escape(name)}</Description>")
                 if raster.dtype == "uint8":  # round(p * 255): QGIS and GDAL's unscaling read 0-1
                     lines.append(f"    <Scale>{1 / 255!r}</Scale>")
