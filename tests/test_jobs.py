@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tarfile
 import threading
@@ -2185,3 +2186,24 @@ def test_the_job_errors_tilemask_run_raises_live_with_the_others_in_tilemask_err
     assert errors.JobError is jobs.JobError and errors.JobCancelled is jobs.JobCancelled
     assert issubclass(errors.JobError, tilemask.TilemaskError) and errors.JobError.exit_status == 2
     assert issubclass(errors.JobCancelled, tilemask.TilemaskError) and errors.JobCancelled.exit_status == 1
+
+
+@pytest.mark.timeout(60)
+def test_the_job_record_is_utf8_whatever_the_locale(tmp_path):
+    """``report.csv`` and the job's index entries were written in the locale's encoding: under an ASCII locale
+    (``LC_ALL=C``, locale coercion and UTF-8 mode off) an input named ``forêt.tif`` failed the report with
+    ``UnicodeEncodeError``, and a Latin-1 locale wrote a report a UTF-8 reader (pandas, QGIS) misreads, and an
+    index entry that ``tilemask jobs`` reads as UTF-8."""
+    script = f"""
+from tilemask.jobs import JobFolder
+job = JobFolder(__import__("pathlib").Path({str(tmp_path / "job")!r}))
+items = [{{"item": 0, "name": "for\\u00eat", "files": ["/data/for\\u00eat.tif"], "output": "o"}}]
+job.create({{"version": 1}}, {str(tmp_path)!r}, None, {{}}, items)
+job.write_report(items, set())
+"""
+    env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=50)
+    assert done.returncode == 0, done.stderr
+    with open(tmp_path / "job" / "report.csv", newline="", encoding="utf-8") as f:
+        (row,) = csv.DictReader(f)
+    assert (row["name"], row["input"]) == ("for\u00eat", "/data/for\u00eat.tif")

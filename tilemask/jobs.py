@@ -276,7 +276,7 @@ class JobFolder:
         """The job's workflow, resolved against the folder it was written for."""
         from .workflow import Workflow
 
-        raw = yaml.safe_load((self.path / "workflow.yaml").read_text())
+        raw = yaml.safe_load((self.path / "workflow.yaml").read_text(encoding="utf-8"))
         return Workflow.from_dict(raw, base_dir=self.info()["base_dir"])
 
     def items(self) -> list[dict]:
@@ -416,7 +416,7 @@ class JobFolder:
         staged = self.report_path.with_suffix(".csv.tmp")
         with _writing(self.report_path):
             try:
-                with open(staged, "w", newline="") as f:
+                with open(staged, "w", newline="", encoding="utf-8") as f:
                     writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["item"])
                     writer.writeheader()
                     writer.writerows(rows)
@@ -747,7 +747,7 @@ def _write_atomic(path: Path, text: str) -> None:
     staged = path.with_name(f".{path.name}.tmp")
     with _writing(path):
         try:
-            staged.write_text(text)
+            staged.write_text(text, encoding="utf-8")
             os.replace(staged, path)
         except OSError:  # a full disk: no empty staged copy left beside the records
             staged.unlink(missing_ok=True)
