@@ -579,7 +579,7 @@ def test_a_scan_with_fewer_channels_than_dataset_json_names_is_refused(tmp_path,
     workflow = Workflow.from_dict({"version": 1, "input": path, "model": {"nnunet": str(folder), "fold": 0},
                                    "inference": {"device": "cpu"}, "output": {"path": "out/{stem}.nii.gz"}},
                                   base_dir=tmp_path)  # fmt: skip
-    with pytest.raises(InputError, match=r"model.args.input_channels is 2 but the input gives 1 channels"):
+    with pytest.raises(InputError, match=r"model.args.input_channels is 2 but the input gives 1 channel\b"):
         tilemask.run(workflow, client)
     assert not (tmp_path / "out").exists()
 

@@ -545,7 +545,7 @@ def check_source(workflow: Workflow, source: ImageSource) -> None:
         hint = " (select them with preprocess.bands)" if for_path(source.path).gdal_raster else ""
         raise InputError(
             f"{source.path}: model.args.{key} is {in_channels} but the input gives {source.channels} "
-            f"channels{_per_file(source)}{hint}"
+            f"channel{'s' if source.channels != 1 else ''}{_per_file(source)}{hint}"
         )
     normalize = workflow.preprocess.normalize
     if normalize and normalize.fixed and len(normalize.mean) not in (1, source.channels):
