@@ -388,3 +388,26 @@ def test_a_2d_input_placed_by_a_volumes_affine_is_refused_a_cog_or_polygons_befo
     assert str(refused.value) == f"{tmp_path}/slice.zarr: {why.format(tmp_path=tmp_path)}"
     assert refused.value.exit_status == 2
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["uint8", "float32"])
+def test_overviews_are_written_as_the_full_resolution_whatever_the_environment(tmp_path, shade_labels, monkeypatch,
+                                                                                kind):  # fmt: skip
+    """GDAL's overview settings in the environment (``COMPRESS_OVERVIEW``, ``GDAL_TIFF_OVR_BLOCKSIZE``, ...) took
+    precedence over what the COG driver derives from tilemask's creation options: the overviews of a labels COG
+    came out deflate-compressed in 128 px tiles, where docs/outputs.md promises ZSTD in 512 px tiles."""
+    for name, value in (("COMPRESS_OVERVIEW", "DEFLATE"), ("GDAL_TIFF_OVR_BLOCKSIZE", "128"),
+                        ("ZSTD_LEVEL_OVERVIEW", "1")):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    classes = ("background", "dark", "mid", "bright")
+    layout = layout_for(GEO["shade.tif"], shade_labels, classes, (512, 512), 255, kind)
+    probabilities = one_hot(np.where(shade_labels == 255, 0, shade_labels), 4, kind)
+    written = drive(CogSink(str(tmp_path / "mask.tif"), layout), shade_labels, probabilities)
+    assert len(written) == 2
+    for path in written:
+        with rasterio.open(path) as full, rasterio.open(path, overview_level=0) as overview:
+            assert full.overviews(1)
+            seen = [(ds.compression, ds.block_shapes[0], ds.tags(ns="IMAGE_STRUCTURE").get("PREDICTOR"))
+                    for ds in (full, overview)]  # fmt: skip
+            assert seen[1] == seen[0], path

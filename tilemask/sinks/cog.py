@@ -72,6 +72,20 @@ GDAL_OPTIONS = {
     "GDAL_PAM_ENABLED": "YES",
 }
 
+
+def _overview_options(options: dict) -> dict:
+    """GDAL's configuration of the overviews as the COG's ``options`` make the full resolution: the COG driver
+    derives them from its creation options only where the environment sets none (``COMPRESS_OVERVIEW=DEFLATE``,
+    ``GDAL_TIFF_OVR_BLOCKSIZE=128`` there made the overviews deflate in 128 px tiles, docs/outputs.md's ZSTD
+    in 512 px tiles).  The predictor is not set: ``PREDICTOR_OVERVIEW=3`` failed a float32 probabilities COG
+    ("Floating point Predictor not supported with 1 data format", likely its 8-bit mask's overviews)."""
+    return {
+        "COMPRESS_OVERVIEW": options["COMPRESS"],
+        "ZSTD_LEVEL_OVERVIEW": str(options["LEVEL"]),
+        "GDAL_TIFF_OVR_BLOCKSIZE": str(options["BLOCKSIZE"]),
+    }
+
+
 # GDAL_NUM_THREADS made GDAL 3.10 read a VRT of more than a few pieces on threads of its own, which do not see the
 # settings rasterio.Env gives a thread other than the main one (a Dask worker's): pieces on S3 were asked of AWS,
 # not of the endpoint the AWS variables name ("cannot assemble the COG: Unknown GDAL Error", a review's).  The
@@ -377,7 +391,7 @@ class CogSink(LabelSink):
         room = None
         try:
             remote = PIECES_ON_OBJECT_STORAGE if is_remote(raster.parts) else {}
-            with gdal_env(), rasterio.Env(**GDAL_OPTIONS, **remote):
+            with gdal_env(), rasterio.Env(**GDAL_OPTIONS, **_overview_options(options), **remote):
                 with rasterio.open(vrt) as pieces:  # the room it had, to name a full disk GDAL's cleanup hid
                     uncompressed = pieces.width * pieces.height * raster.bands * np.dtype(raster.dtype).itemsize
                 room = (shutil.disk_usage(os.path.dirname(raster.assembled)).free, uncompressed)
