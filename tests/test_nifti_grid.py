@@ -210,3 +210,26 @@ def test_labels_of_a_scan_on_a_web_server_or_in_an_archive_keep_its_qform_and_sf
         np.testing.assert_array_equal(labels[field], source[field], err_msg=field)
     for scan_values, label_values in zip(sitk_grid(path), sitk_grid(out)):
         np.testing.assert_allclose(label_values, scan_values, atol=1e-5)
+
+
+@pytest.mark.timeout(60)
+def test_a_finish_run_again_after_its_worker_died_finds_the_volumes_it_compressed(tmp_path):
+    """Dask runs a task again when its worker dies: a ``.nii.gz`` output's finish killed while it compressed the
+    probabilities, the labels' already compressed and their uncompressed file removed, failed when run again
+    (``cannot write the output: FileNotFoundError: ... .raw.nii``, exit 1, a worker SIGKILLed as a slice_axis
+    run made its output whole); the volume compressed whole is kept, the other compressed again."""
+    from tilemask.sinks.nifti import NiftiVolume
+
+    labels = NiftiVolume(str(tmp_path / "a.nii.gz"), (6, 5, 4), "uint8", "run1")
+    probabilities = NiftiVolume(str(tmp_path / "a_probabilities.nii.gz"), (6, 5, 4, 2), "float32", "run1")
+    expected = np.arange(120, dtype=np.uint8).reshape(6, 5, 4)
+    for volume, values in ((labels, expected), (probabilities, np.stack([expected, -expected], -1))):
+        volume.create(str(tmp_path / "no-reference.zarr"), np.eye(4))
+        volume.write(tuple(slice(None) for _ in volume.shape), values)
+    labels.finish()  # the first run of the task, killed before the probabilities were compressed
+    for volume in (labels, probabilities):  # the task run again
+        volume.finish()
+        volume.publish()
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "a.nii.gz").dataobj), expected)
+    np.testing.assert_array_equal(nib.load(tmp_path / "a_probabilities.nii.gz").get_fdata()[..., 0], expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nii.gz", "a_probabilities.nii.gz"]

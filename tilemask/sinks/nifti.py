@@ -165,8 +165,10 @@ class NiftiVolume:
         return staged_path(self.path, self.run_id) if self.path.endswith(".gz") else self.partial
 
     def finish(self) -> None:
-        """Compress a ``.nii.gz`` by streaming the uncompressed file (constant memory), at nibabel's level."""
-        if self.path.endswith(".gz"):
+        """Compress a ``.nii.gz`` by streaming the uncompressed file (constant memory), at nibabel's level.  The
+        uncompressed file is removed only once the compressed one is whole, so a finish that Dask runs again (its
+        worker died) finds a volume without it done."""
+        if self.path.endswith(".gz") and os.path.exists(self.partial):
             with open(self.partial, "rb") as src, gzip.open(self.finished, "wb", compresslevel=COMPRESS_LEVEL) as dst:
                 shutil.copyfileobj(src, dst, COPY_BLOCK)
             remove(self.partial)
