@@ -404,6 +404,16 @@ def test_transpose_forward_is_what_the_network_sees(tmp_path):
         (FOLDER, _set("image_reader_writer", "NibabelIOWithReorient"), None,
          "plans.json reads images with NibabelIOWithReorient"),  # what nnUNetPredictor reads: it had run (exit 0)
         (FOLDER, _set("configurations/3d_fullres/architecture", None), None, "has no architecture"),
+        # a plans.json of values nnU-Net does not write: each was a bare builtin's line naming no file, exit 1
+        (FOLDER, _set("configurations/3d_fullres", "x"), None, "configuration 3d_fullres is not a mapping (got 'x')"),
+        (FOLDER, _set("configurations/3d_fullres/patch_size", ["a", 24, 16]), None,
+         "plans.json: configuration 3d_fullres's patch_size is not a list of numbers (got ['a', 24, 16])"),
+        (FOLDER, _set("configurations/3d_fullres/patch_size", 16), None, "patch_size is not a list of numbers"),
+        (FOLDER, _set("configurations/3d_fullres/spacing", "x"), None, "spacing is not a list of numbers (got 'x')"),
+        (FOLDER, _set("transpose_forward", "abc"), None, "plans.json: transpose_forward is not a list of numbers"),
+        (FOLDER, _set("configurations/3d_fullres/architecture/arch_kwargs", [1]), None,
+         "configuration 3d_fullres's arch_kwargs is not a mapping (got [1])"),
+        (FOLDER, _set("configurations", ["3d_fullres"]), None, "plans.json: configurations is a list, not a mapping"),
     ],
 )  # fmt: skip
 def test_what_tilemask_cannot_reproduce_is_refused_by_name(tmp_path, folder_name, plans_edit, dataset_edit, message):

@@ -52,13 +52,13 @@ def nnunet_defaults(folder: Path, fold: int | str | None, checkpoint: str | None
     plans, dataset = _json(folder / "plans.json"), _json(folder / "dataset.json")
     name = _configuration_name(folder, plans)
     config = _configuration(plans, name)
-    patch = [int(p) for p in config.get("patch_size") or []]
+    patch = _numbers(config.get("patch_size"), f"configuration {name}'s patch_size", int)
     if len(patch) not in (2, 3):
         raise WorkflowError(f"{KEY}: plans.json: configuration {name} has patch_size {patch}, not 2 or 3 values")
     if config.get("previous_stage") or "cascade" in name:
         raise WorkflowError(f"{KEY}: {name} is a cascade stage (it takes the previous stage's segmentation as input "
                             "channels); tilemask runs one stage: give 2d, 3d_fullres or 3d_lowres")  # fmt: skip
-    transpose = [int(t) for t in plans.get("transpose_forward", [0, 1, 2])]
+    transpose = _numbers(plans.get("transpose_forward", [0, 1, 2]), "transpose_forward", int)
     if sorted(transpose) != [0, 1, 2]:
         raise WorkflowError(f"{KEY}: plans.json: transpose_forward {transpose} is not a permutation of 0, 1, 2")
     axes = [2 - t for t in transpose]  # network axis n holds tilemask's axis axes[n]
@@ -74,10 +74,13 @@ def nnunet_defaults(folder: Path, fold: int | str | None, checkpoint: str | None
     if not isinstance(architecture, dict) or "network_class_name" not in architecture:
         raise WorkflowError(f"{KEY}: plans.json: configuration {name} has no architecture (plans of nnU-Net "
                             "before 2.4 name their network otherwise: plan again with 2.4 or later)")  # fmt: skip
+    if not isinstance(architecture.get("arch_kwargs") or {}, dict):
+        raise WorkflowError(f"{KEY}: plans.json: configuration {name}'s arch_kwargs is not a mapping "
+                            f"(got {architecture['arch_kwargs']!r})")  # fmt: skip
     args = {"network_class_name": str(architecture["network_class_name"]), "axes": axes,
             "input_channels": channels, "num_classes": len(classes), **dict(architecture.get("arch_kwargs") or {}),
             "_kw_requires_import": list(architecture.get("_kw_requires_import") or [])}  # fmt: skip
-    spacing = [float(s) for s in config.get("spacing") or []]
+    spacing = _numbers(config.get("spacing"), f"configuration {name}'s spacing", float)
     if len(spacing) != len(patch):
         raise WorkflowError(f"{KEY}: plans.json: configuration {name} has spacing {spacing}, not {len(patch)} values")
     weights = weights or _weights(folder, fold, checkpoint)
@@ -274,10 +277,23 @@ def _json(path: Path) -> dict:
     return value
 
 
+def _numbers(value: Any, what: str, kind: type) -> list:
+    """plans.json's list of numbers ``what``, refused naming it when it holds something else."""
+    try:
+        if isinstance(value, str | dict):  # a string's characters are no list ("012")
+            raise TypeError
+        return [kind(v) for v in value or []]
+    except (TypeError, ValueError):
+        raise WorkflowError(f"{KEY}: plans.json: {what} is not a list of numbers (got {value!r})") from None
+
+
 def _configuration_name(folder: Path, plans: dict) -> str:
     """The configuration, from the folder's name ``Trainer__Plans__configuration`` as nnU-Net names it."""
     parts = folder.resolve().name.split("__")
     configurations = plans.get("configurations") or {}
+    if not isinstance(configurations, dict):
+        raise WorkflowError(f"{KEY}: plans.json: configurations is a {type(configurations).__name__}, not a mapping "
+                            "of the configurations' names to their settings")  # fmt: skip
     if len(parts) != 3 or parts[2] not in configurations:
         raise WorkflowError(f"{KEY}: {folder.name} is not named Trainer__Plans__configuration with a configuration "
                             f"of its plans.json ({', '.join(configurations) or 'none'}), as nnU-Net names the "
@@ -290,6 +306,8 @@ def _configuration(plans: dict, name: str, seen: tuple[str, ...] = ()) -> dict:
     configurations = plans["configurations"]
     if name not in configurations:
         raise WorkflowError(f"{KEY}: plans.json: {seen[-1]} inherits from {name}, which it does not define")
+    if not isinstance(configurations[name], dict):
+        raise WorkflowError(f"{KEY}: plans.json: configuration {name} is not a mapping (got {configurations[name]!r})")
     config = dict(configurations[name])
     parent = config.get("inherits_from")
     if parent is None:
