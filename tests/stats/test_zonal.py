@@ -812,3 +812,22 @@ def test_zarr_chunks_are_kept_inside_a_batch_alone(tmp_path):
     with pytest.raises(RuntimeError):
         zonal._batch(failing)
     assert not zonal._zarr_chunks.__dict__, "nor after a batch that failed"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("coverage", ["center", "fraction"])
+def test_a_damaged_zarr_chunk_is_named_with_the_file_and_its_window(tmp_path, shade_labels, coverage):
+    """A Zarr label chunk that does not decode (cut short) fails the regions that read it naming the file and the
+    window, as the per-class statistics do: through the chunk cache of a batch of regions it was the codec's bare
+    line, ``tilemask: error: RuntimeError: Zstd decompression error: invalid input data``, naming no file."""
+    from tilemask.errors import ReadError
+
+    zarr_path = write_zarr_labels(shade_labels, tmp_path / "labels.zarr")  # chunks of 200 x 300
+    chunk = zarr_path / "labels" / "c" / "1" / "1"
+    chunk.write_bytes(chunk.read_bytes()[:20])
+    random_regions(shade_labels, 16, seed=7).to_file(tmp_path / "regions.gpkg")
+    with pytest.raises(ReadError, match=rf"^{re.escape(str(zarr_path))}: read failed at \[\d+:\d+, \d+:\d+\]: "
+                                        r"RuntimeError: .*decompress"):  # fmt: skip
+        compute_stats(zarr_path, tmp_path / "t.csv", regions=tmp_path / "regions.gpkg", region_id="name",
+                      coverage=coverage)  # fmt: skip
+    assert not (tmp_path / "t.csv").exists()

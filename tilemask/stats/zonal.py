@@ -83,7 +83,7 @@ from affine import Affine
 
 from ..errors import InputError, given
 from ..ogr import no_pam
-from ..sources import cached_handle, file_stamp
+from ..sources import cached_handle, file_stamp, read_region
 from ..sources.labels import LabelImage, read_band_window
 from ..sources.raster import gdal_env
 from .config import (
@@ -149,7 +149,7 @@ class WindowReader:
 
     def read(self, rows: slice, cols: slice) -> np.ndarray:
         if self.is_zarr:
-            return zarr_window(self.zarr_array(), rows, cols)
+            return read_zarr_window(self.path, self.zarr_array(), rows, cols)
         return read_band_window(self.path, rows, cols)
 
     def check_readable(self, grid: Grid, wkbs: list) -> None:
@@ -161,6 +161,13 @@ class WindowReader:
         c0, c1 = max(0, math.floor(cols.min())), min(grid.shape[1], math.ceil(cols.max()))
         for top in range(r0, r1, 512):
             self.read(slice(top, min(top + 512, r1)), slice(c0, c1))
+
+
+def read_zarr_window(path: str, array, rows: slice, cols: slice) -> np.ndarray:
+    """:func:`zarr_window` of the Zarr labels at ``path``; a chunk that does not decode (damaged, cut short) as a
+    :class:`ReadError` naming the file and the window, as the labels' other reads do: it was the codec's bare
+    ``RuntimeError: Zstd decompression error: invalid input data``, naming no file."""
+    return read_region(path, ((rows.start, rows.stop), (cols.start, cols.stop)), lambda: zarr_window(array, rows, cols))
 
 
 def zarr_window(array, rows: slice, cols: slice) -> np.ndarray:
@@ -570,7 +577,7 @@ class LabelRasterSource:
                 return nodata
 
             def read_window(self, x_off, y_off, nx, ny):
-                return zarr_window(array, slice(y_off, y_off + ny), slice(x_off, x_off + nx))
+                return read_zarr_window(reader.path, array, slice(y_off, y_off + ny), slice(x_off, x_off + nx))
 
         return _Source()
 
