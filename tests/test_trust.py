@@ -1133,6 +1133,37 @@ def test_polygons_and_a_table_written_onto_a_full_disk_are_named_so(tmp_path, tm
     assert list(disk.iterdir()) == []
 
 
+@pytest.mark.timeout(60)
+def test_a_geopackage_that_sqlite_rolls_back_on_a_full_disk_is_named_with_its_file(tmpfs):
+    """SQLite rolls a GeoPackage back when a write or its commit fails on a full disk, freeing the room again: onto
+    2 MiB the zonal statistics of 10,000 regions were ``tilemask: error: DataSourceError: Failed to commit
+    transaction``, and a run's polygons ``tilemask: error: DataLayerError: Error while writing batch to OGR layer:
+    sqlite3_exec(ROLLBACK) failed: cannot rollback - no transaction is active`` (exit 1), naming no file; the
+    output's line now, and nothing left on the disk."""
+    import geopandas as gpd
+    import shapely
+
+    from tilemask.errors import OutputError
+    from tilemask.polygon_files import AreaRule, write_features
+    from tilemask.stats.tables import write_table
+    from tilemask.vectors import FeatureBatch
+
+    disk = tmpfs("2M")
+    i = np.arange(10000.0)
+    frame = gpd.GeoDataFrame({"name": [f"r{k}" for k in range(10000)], **{f"c{c}": i * c for c in range(20)}},
+                             geometry=shapely.box(i, 0.0, i + 0.5, 0.5), crs="EPSG:32618")  # fmt: skip
+    named = r": (cannot write the output: \w+Error: .+|no space left on device)$"
+    with pytest.raises(OutputError, match=rf"^{re.escape(str(disk / 't.gpkg'))}{named}"):
+        write_table(frame, disk / "t.gpkg")
+    i = np.arange(30000)
+    boxes = shapely.box(i % 1000, i // 1000, i % 1000 + 0.5, i // 1000 + 0.5)
+    batch = FeatureBatch(list(shapely.to_wkb(boxes)), np.array(["a"] * len(i), object), np.ones(len(i)))
+    rule = AreaRule((500000.0, 30.0, 0.0, 4000000.0, 0.0, -30.0), "EPSG:32618")
+    with pytest.raises(OutputError, match=rf"^{re.escape(str(disk / 'p.gpkg'))}{named}"):
+        write_features(str(disk / "p.gpkg"), ".gpkg", iter([batch]), rule, 100)
+    assert list(disk.iterdir()) == []
+
+
 @pytest.mark.timeout(120)
 def test_a_runs_statistics_geopackage_onto_a_full_disk_is_one_line_not_gdals_errors(tmp_path, tmpfs):
     """A fault review's: a workflow's ``stats:`` GeoPackage onto a disk with 56 kB free printed six of GDAL's own

@@ -191,21 +191,25 @@ def atomic_path(path: str | os.PathLike, run_id: str | None = None) -> Iterator[
         publish(staged, path)
     except BaseException as exc:
         # a full disk, looked at before the staged file goes; GDAL's vector writers (pyogrio) raise their own types
-        write_error = isinstance(exc, (OSError, *_ogr_errors()))
+        write_error = isinstance(exc, (OSError, *ogr_errors()))
         full = write_error and describe_write_error(exc, staged) == "no space left on device"
         remove(staged)
         if full:
             raise OutputError(f"{path}: no space left on device") from None
+        if isinstance(exc, ogr_errors()):  # they name no file (SQLite rolls a full disk's GeoPackage back: room again)
+            raise OutputError(f"{path}: cannot write the output: {describe_write_error(exc, staged)}") from None
         raise
 
 
 @functools.cache
-def _ogr_errors() -> tuple[type[Exception], ...]:
+def ogr_errors() -> tuple[type[Exception], ...]:
+    """pyogrio's errors of a write that failed (none is an ``OSError``): SQLite's full disk is a ``FeatureError``
+    (``... database or disk is full``) or, at the commit, ``DataSourceError: Failed to commit transaction``."""
     try:
-        from pyogrio.errors import DataLayerError, DataSourceError
+        from pyogrio.errors import DataLayerError, DataSourceError, FeatureError
     except ImportError:  # pragma: no cover - pyogrio comes with the stats extra
         return ()
-    return (DataLayerError, DataSourceError)
+    return (DataLayerError, DataSourceError, FeatureError)
 
 
 LIBTIFF_WRITE_FAILED = re.compile(r"TIFF(Rewrite|Write|Append|Flush)\w*:|[Ww]rite error|Error writing")
