@@ -350,3 +350,21 @@ def test_a_spacing_of_a_single_0_keeps_each_scans_spacing_as_minus_1_does(make_m
     for spacing in (0, 0.0, -1.0, [0.0, 0.0, 0.0]):
         wf = workflow(path, weights, tmp_path, {"spacing": spacing}, 16, grid="model")
         assert wf.preprocess.sees_another_grid and wf.preprocess.spacing_per_axis == (float(np.ravel(spacing)[0]),) * 3
+
+
+@pytest.mark.timeout(120)
+def test_a_spacing_that_makes_a_grid_far_larger_than_the_scan_is_refused_before_any_work(make_model, tmp_path):
+    """``preprocess.spacing`` of ``[1e-300, 1, 1]`` planned for ever (the windows along a 5.9e301-voxel axis) and
+    ``1e-3`` started a 59001 x 63001 x 47001 grid (a review's); both are refused when the input is planned, and a
+    grid 8 times the scan's voxels (half its spacing) still plans."""
+    from tilemask.errors import InputError
+    from tilemask.planning import plan_workflow
+
+    path = oblique_las(tmp_path)
+    weights, _ = make_model(UNET_3D)
+    for spacing in ([1e-300, 1.0, 1.0], 1e-3, [1e-5, 1.0, 1.0]):
+        with pytest.raises(InputError, match=r"preprocess.spacing makes the network's grid .* times the scan's"):
+            plan_workflow(workflow(path, weights, tmp_path, {"spacing": spacing}, 16))
+    own = np.sqrt((nib.load(path).affine[:3, :3] ** 2).sum(0))
+    (planned,) = plan_workflow(workflow(path, weights, tmp_path, {"spacing": list(own / 2)}, 16)).inputs
+    assert planned.plan.n_windows > 0

@@ -512,10 +512,29 @@ def _network_grid(workflow: Workflow, source: ImageSource) -> tuple[ImageSource,
     if not isinstance(geometry, VolumeGeometry):
         raise InputError(f"{source.path}: preprocess.orientation, spacing and crop need a volume with an affine")
     grid = model_grid(np.asarray(geometry.affine), source.spatial_shape, preprocess.orientation, preprocess.spacing_per_axis)
+    _check_model_grid_size(source, grid)
     logger.info("%s: the network sees a %s grid (%s %s)", source.path, "x".join(map(str, grid.shape)),
                 "its box" if isinstance(source, CroppedSource) else "input", "x".join(map(str, source.spatial_shape)))
     resampled = ResampledSource(source, grid)
     return resampled, (grid if workflow.output.grid == "input" else None)
+
+
+MODEL_GRID_GROWTH = 64  # a model grid past this many times the scan's voxels, and past MODEL_GRID_VOXELS, is refused
+MODEL_GRID_VOXELS = 1 << 31
+
+
+def _check_model_grid_size(source: ImageSource, grid: ModelGrid) -> None:
+    """Refuse a ``preprocess.spacing`` that makes the model grid both far larger than the scan and large: a
+    spacing in metres given for mm, or a typing slip.  A review's ``[1e-300, 1, 1]`` planned for ever (its windows
+    along a 5.9e301-voxel axis), ``1e-3`` started predicting a 59001 x 63001 x 47001 grid that a SIGTERM took 69 s to
+    stop, ``[1e-5, 1, 1]`` a run of about 94 million windows."""
+    voxels, scan = math.prod(grid.shape), math.prod(source.spatial_shape)
+    if voxels > MODEL_GRID_VOXELS and voxels > MODEL_GRID_GROWTH * scan:
+        shape, scan_shape = (" x ".join(map(str, s)) for s in (grid.shape, source.spatial_shape))
+        raise InputError(f"{source.path}: preprocess.spacing makes the network's grid {shape} ({voxels:.3g} voxels, "
+                         f"{voxels / scan:,.0f} times the scan's {scan_shape}); tilemask refuses a grid over "
+                         f"{MODEL_GRID_GROWTH} times the scan's voxels and over {MODEL_GRID_VOXELS:,}: the spacing "
+                         f"is in mm")  # fmt: skip
 
 
 def _check_postprocess_units(workflow: Workflow, source: ImageSource) -> None:
