@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import shutil
 import subprocess
@@ -773,8 +774,6 @@ def test_a_mistyped_dicomweb_root_is_refused_before_any_window_and_orthancs_own_
     """A reviewer's typo (``/dicomweb``) and Orthanc's own root passed the check: every window ran, then the store
     failed (404, 405), and a rerun with the URL mended found the SEG in place (pass --overwrite: every window
     again). A root whose /studies is not there (404) is now refused first, exit 2; a 400 or 405 is a warning."""
-    import logging
-
     from tilemask.errors import WorkflowError
     from tilemask.sinks.dicomseg import check_answers
 
@@ -900,13 +899,14 @@ def test_a_series_in_a_character_set_highdicom_refuses_gives_a_segmentation_of_i
     ("PatientSex", "male"), ("StudyTime", "12:30:00"), ("PatientBirthDate", "00000000"),  # an anonymizer's
 ])  # fmt: skip
 def test_a_patient_or_study_value_highdicom_refuses_is_left_empty_in_the_segmentation(
-    keyword, value, make_model, tmp_path, client
+    keyword, value, make_model, tmp_path, client, caplog
 ):
     """highdicom converts the first slice's PatientSex (M, F or O), PatientBirthDate, StudyDate and StudyTime as it
     copies them: a PatientSex of 'male', or an ACR-NEMA time '12:30:00' (with colons), ran every window, then failed,
     exit 1 ("ValueError: 'male' is not a valid PatientSexValues"; "Unable to convert non-conformant value '12:30:00'
     to 'TM' object"; "year 0 is out of range"). Those attributes are Type 2: the SEG has them empty, the others
-    copied."""
+    copied. The warning naming each is given when planning: given on the worker that writes the SEG, it was never
+    seen (an embedded cluster's workers write their stderr to /dev/null; `tilemask run` printed nothing)."""
 
     def nonconformant(ds, k):
         setattr(ds, keyword, value)
@@ -917,7 +917,11 @@ def test_a_patient_or_study_value_highdicom_refuses_is_left_empty_in_the_segment
     weights, _ = make_model(UNET_3D)
     workflow = series_workflow(folder, weights, ["background", "lesion"], 500.0, 800.0)
     workflow["output"] = {"path": "out/{stem}_seg.dcm", "chunks": 16}
-    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    with caplog.at_level(logging.WARNING, logger="tilemask"):
+        (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    first = DicomSeriesSource.open(str(folder)).files[0]
+    warned = rf"{first}: the DICOM SEG leaves {keyword} empty: its {value!r} is no DICOM value \(.+\)"
+    assert [r.getMessage() for r in caplog.records if re.fullmatch(warned, r.getMessage())]
     dataset = pydicom.dcmread(result.outputs[0])
     assert keyword in dataset and not dataset[keyword].value and dataset.PatientName == "Doe^Jane"
 

@@ -443,8 +443,12 @@ class DicomSegFormat(Format):
             raise InputError(f"{output}: a DICOM Segmentation refers to the slices of a DICOM series; {source.path} is not one")
         import pydicom
 
-        from .sinks.dicomseg import REQUIRED
+        from .sinks.dicomseg import CONVERTED, REQUIRED, refused_values
 
+        first = pydicom.dcmread(source.files[0], stop_before_pixels=True, specific_tags=list(CONVERTED))
+        for keyword, why in refused_values(first).items():  # the SEG copies the first slice's; here, not on a worker
+            logger.warning("%s: the DICOM SEG leaves %s empty: its %r is no DICOM value (%s)", source.files[0], keyword,
+                           first.get(keyword), why)  # fmt: skip
         shared = {}  # the first slice's study and frame of reference, which every slice of a SEG's must share
         for path in source.files:  # headers only: each slice is referred to by its own UIDs
             header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(REQUIRED))

@@ -160,26 +160,37 @@ class DicomSegSink(LabelSink):
         self.labels.abort()
 
 
-def empty_refused_values(image) -> None:
-    """Empty the patient and study values of ``image`` that highdicom refuses as it copies them into the SEG, each
-    named in a warning: a PatientSex other than M, F or O, a date or time pydicom cannot read (ACR-NEMA's
-    ``12:30:00``). They are Type 2, present and empty in the SEG; such a series ran every window, then failed in
-    highdicom, exit 1."""
+CONVERTED = ("PatientSex", "PatientBirthDate", "StudyDate", "StudyTime")  # those highdicom converts as it copies
+
+
+def refused_values(image) -> dict[str, str]:
+    """The patient and study values of ``image`` that highdicom refuses as it copies them into a SEG, each with why:
+    a PatientSex other than M, F or O, a date or time pydicom cannot read (ACR-NEMA's ``12:30:00``, an anonymizer's
+    ``00000000``), as highdicom converts them (``PatientSexValues``, pydicom's ``DA`` and ``TM``)."""
     from pydicom.valuerep import DA, TM
 
     def sex(value):
         if value not in ("M", "F", "O"):
             raise ValueError(f"{value!r} is not M, F or O")
 
-    for keyword, check in (("PatientSex", sex), ("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
+    refused = {}
+    for keyword, check in zip(CONVERTED, (sex, DA, DA, TM)):
         value = image.get(keyword)
         if not value:
             continue
         try:
             check(value)
         except ValueError as exc:
-            logger.warning("the DICOM SEG leaves %s empty: the series' %r is no DICOM value (%s)", keyword, value, exc)
-            setattr(image, keyword, "")
+            refused[keyword] = str(exc)
+    return refused
+
+
+def empty_refused_values(image) -> None:
+    """Empty the values :func:`refused_values` finds in ``image``: they are Type 2, present and empty in the SEG (such
+    a series ran every window, then failed in highdicom, exit 1). The warning naming each is given when planning
+    (:meth:`tilemask.formats.DicomSegFormat.check_input`): a worker's is not seen."""
+    for keyword in refused_values(image):
+        setattr(image, keyword, "")
 
 
 def segmentation_charset(given, names) -> str | None:
