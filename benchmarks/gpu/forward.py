@@ -72,7 +72,7 @@ def busy_threads(count: int) -> tuple[threading.Event, list[threading.Thread]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=200)
     n = parser.parse_args().batches
     device = torch.device("cuda")

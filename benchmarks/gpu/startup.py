@@ -12,6 +12,7 @@ the libraries loaded with the context instead of at first use).
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -54,4 +55,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()
