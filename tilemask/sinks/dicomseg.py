@@ -194,10 +194,13 @@ def empty_refused_values(image) -> None:
 
 
 def segmentation_charset(given, names) -> str | None:
-    """The SEG's SpecificCharacterSet: the series' where it is one highdicom takes and the class names are ASCII,
-    none for the default repertoire, else UTF-8, which holds every text pydicom decoded from the series.  highdicom
-    refuses a series' value that is empty, or that has code extensions (``\\ISO 2022 IR 87``, a Japanese series'
-    usual value, or ``ISO 2022 IR 100`` alone): such a series ran every window, then failed in highdicom, exit 1."""
+    """The SEG's SpecificCharacterSet: the series' where it is one value without code extensions that highdicom takes
+    and the class names are ASCII, none for the default repertoire (absent or empty), else UTF-8, which holds every
+    text pydicom decoded from the series.  highdicom refuses a series' value that is empty, or that has code
+    extensions (``\\ISO 2022 IR 87``, a Japanese series' usual value, or ``ISO 2022 IR 100`` alone): such a series
+    ran every window, then failed in highdicom, exit 1.  Those with code extensions it takes
+    (``ISO 2022 IR 6\\ISO 2022 IR 87``, ``ISO 2022 IR 58``) are written in UTF-8 too, as are names pydicom reads and
+    highdicom does not (``ISO_IR 6``)."""
     import highdicom as hd
 
     if not all(name.isascii() for name in names):
