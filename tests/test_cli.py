@@ -243,6 +243,20 @@ def test_a_run_writes_a_complete_zarr(scene, write_workflow, tmp_path):
     assert "windows/s" in proc.stdout and "dask dashboard: http://" in proc.stdout
 
 
+@pytest.mark.timeout(120)
+def test_the_embedded_workers_warnings_are_printed(scene, write_workflow, tmp_path):
+    """The embedded workers' stderr is /dev/null outside --debug, and their warnings went with it: a worker that
+    could not write its cache of the converted network ("cannot cache ...: Not a directory") said nothing, nor
+    would the DICOMweb store's warnings.  They are the command's to print, as the client's own are."""
+    (tmp_path / "a_file").write_text("")
+    env = {"TILEMASK_CACHE_DIR": str(tmp_path / "a_file" / "cache")}
+    proc = run_cli("run", write_workflow(scene), "--workers", "1", "--no-progress", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING tilemask.backend_cache: cannot cache" in proc.stderr and "Not a directory" in proc.stderr
+    proc = run_cli("-q", "run", write_workflow(scene), "--workers", "1", "--overwrite", env=env)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")  # -q: errors only
+
+
 def test_tilemask_q_prints_errors_only(scene, write_workflow, tmp_path, client):
     """``tilemask -q``: no dashboard link, progress or summary lines, on a run and on its skipped rerun."""
     workflow = write_workflow(scene)

@@ -196,6 +196,7 @@ def cluster_client(
     forkserver.start_resource_tracker()
     signal.pthread_sigmask(signal.SIG_SETMASK, unheld | {signal.SIGINT})
     cluster = None
+    quiet = not logger.isEnabledFor(logging.DEBUG)
     with _callers_environment() as started:  # put back once the cluster is closed
         try:
             # the nannies take the config along; one that restarts a worker later spawns it
@@ -207,13 +208,16 @@ def cluster_client(
                     processes=True,
                     dashboard_address=":0",  # the scheduler's HTTP server (health, metrics) runs either way
                     scheduler_kwargs={"dashboard": dashboard},
-                    plugins={EmbeddedWorker(quiet=not logger.isEnabledFor(logging.DEBUG))},
+                    plugins={EmbeddedWorker(quiet=quiet)},
                     env={GPU_PER_WORKER: "1"},  # worker i takes GPU i (:func:`tilemask.models.resolve_device`)
                     silence_logs=logging.CRITICAL if not logger.isEnabledFor(logging.DEBUG) else logging.INFO,
                 )
             started()
             signal.pthread_sigmask(signal.SIG_SETMASK, unheld)  # a Ctrl-C during the start is raised here
             with closing(Client(cluster)) as client:
+                if quiet:  # the workers' stderr is /dev/null: their tilemask warnings are this process's to print
+                    # (its level theirs: the handler prints what it is handed, errors alone under -q included)
+                    client.forward_logging("tilemask", level=max(logging.WARNING, logger.getEffectiveLevel()))
                 yield client
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, unheld)
