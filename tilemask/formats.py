@@ -456,10 +456,11 @@ class DicomSegFormat(Format):
             if missing:
                 raise InputError(f"{path}: no {' or '.join(missing)}, which a DICOM Segmentation must copy")
             for keyword in ("StudyInstanceUID", "FrameOfReferenceUID"):  # highdicom refused them after every window
-                first, given = shared.setdefault(keyword, (path, header.get(keyword))), header.get(keyword)
-                if given != first[1]:
-                    raise InputError(f"{path}: its {keyword} {given} differs from {first[1]} of {first[0]}; a DICOM "
-                                     "Segmentation refers to slices of one study and frame of reference")  # fmt: skip
+                given = header.get(keyword)
+                first_path, first_value = shared.setdefault(keyword, (path, given))
+                if given != first_value:
+                    raise InputError(f"{path}: its {keyword} {given} differs from {first_value} of {first_path}; "
+                                     "a DICOM Segmentation refers to slices of one study and frame of reference")
 
     def class_name_problem(self, name):
         from .sinks.dicomseg import segment_label_problem
