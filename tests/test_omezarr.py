@@ -381,3 +381,19 @@ def test_an_ome_zarr_of_one_time_point_is_read_as_its_volume(make_volume, make_m
     with pytest.raises(InputError, match=r"OME-Zarr of 2 time points \(axes \['time', 'channel', 'space', 'space', "
                                          r"'space'\]\); tilemask reads one image"):  # fmt: skip
         open_source(str(tmp_path / "two.ome.zarr"), 3)
+
+
+def test_an_ome_zarr_without_a_label_image_is_named_as_the_user_named_it(tmp_path):
+    """It was named as zarr's store prints itself, ``file:///...``."""
+    from tilemask.errors import InputError
+    from tilemask.sources.labels import open_labels
+
+    path = tmp_path / "image.ome.zarr"
+    group = zarr.open_group(path, mode="w", zarr_format=3)
+    group.create_array("0", data=np.zeros((4, 5, 6), np.uint8))
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{
+        "axes": [{"name": n, "type": "space", "unit": "millimeter"} for n in "zyx"],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]}],
+    }]}  # fmt: skip
+    with pytest.raises(InputError, match=rf"^{path}: an OME-Zarr without a label image"):
+        open_labels(str(path))

@@ -341,7 +341,8 @@ def omezarr_labels_key(root) -> str:
         multiscales = ome_multiscales(dict(root[f"labels/{names[0]}"].attrs))
         return f"labels/{names[0]}/{multiscales[0]['datasets'][0]['path']}"
     except (KeyError, IndexError, TypeError):
-        raise InputError(f"{root.store}: an OME-Zarr without a label image (no labels/ with multiscales)") from None
+        where = getattr(root.store, "root", root.store)  # a local store's folder, as the user named it (not file://)
+        raise InputError(f"{where}: an OME-Zarr without a label image (no labels/ with multiscales)") from None
 
 
 def open_omezarr_labels(path: str, chunks) -> LabelImage:
@@ -366,9 +367,9 @@ def _ome_geometry(path: str, group, shape: tuple[int, ...]) -> tuple[int, Geomet
     from ..geometry import ome_geometry
 
     multiscales = ome_multiscales(dict(group.attrs))
-    if multiscales is None:
-        raise InputError(f"{group.store}: an OME-Zarr label image without multiscales")
     named = f"{path.rstrip('/')}/{group.path}"
+    if multiscales is None:
+        raise InputError(f"{named}: an OME-Zarr label image without multiscales")
     skip = leading_time_point(named, multiscales[0], shape)
     return skip, usable_geometry(path, ome_geometry(multiscales[0], len(shape) - skip), OME_SCALES)
 
