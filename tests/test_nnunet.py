@@ -414,6 +414,8 @@ def test_transpose_forward_is_what_the_network_sees(tmp_path):
         (FOLDER, _set("configurations/3d_fullres/architecture/arch_kwargs", [1]), None,
          "configuration 3d_fullres's arch_kwargs is not a mapping (got [1])"),
         (FOLDER, _set("configurations", ["3d_fullres"]), None, "plans.json: configurations is a list, not a mapping"),
+        (FOLDER, _set("configurations/3d_fullres/normalization_schemes", "ZScoreNormalization"), None,
+         "normalization_schemes is not a list, one per channel (got 'ZScoreNormalization')"),  # "normalizes 19"
     ],
 )  # fmt: skip
 def test_what_tilemask_cannot_reproduce_is_refused_by_name(tmp_path, folder_name, plans_edit, dataset_edit, message):

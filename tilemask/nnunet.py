@@ -352,6 +352,10 @@ def _channels(dataset: dict) -> int:
 
 def _normalization(plans: dict, config: dict, name: str, channels: int) -> dict:
     """``intensity`` / ``normalize`` from the configuration's ``normalization_schemes`` (one per channel)."""
+    for key in ("normalization_schemes", "use_mask_for_norm"):  # a string was read letter by letter
+        if not isinstance(config.get(key) or [], list):
+            raise WorkflowError(f"{KEY}: plans.json: configuration {name}'s {key} is not a list, one per channel "
+                                f"(got {config[key]!r})")  # fmt: skip
     schemes = [str(s) for s in config.get("normalization_schemes") or []]
     masks = [bool(m) for m in config.get("use_mask_for_norm") or []]
     if len(schemes) != channels:
