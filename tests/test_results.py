@@ -58,6 +58,26 @@ def outputs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("suffix", [".tif", ".zarr"])
+def test_uint8_probabilities_say_their_scale_and_a_sigmoids_band_names_its_class(tmp_path, suffix):
+    """uint8 probabilities are ``round(p * 255)``: their array said nothing of it (``p > 0.5`` held wherever p was
+    1/255 or more), where rioxarray gives a COG's band scale as ``scale_factor``; and a sigmoid's one band, the
+    foreground's probability, was named by both classes."""
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 2, size=(300, 200)).astype(np.uint8)
+    probabilities = rng.integers(0, 256, size=(1, 300, 200)).astype(np.uint8)
+    geometry = RasterGeometry(rasterio.crs.CRS.from_epsg(32618).to_wkt(), (500000.0, 10.0, 0.0, 4e6, 0.0, -10.0))
+    layout = OutputLayout(labels.shape, (128, 128), ("land", "water"), "uint8", 1, "uint8", geometry, "in.tif", 255)
+    path = str(tmp_path / f"mask{suffix}")
+    drive(make_sink(path, layout), labels, probabilities)
+    array = open_result(path, "probabilities")
+    assert array.attrs["class_names"] == ["water"]
+    assert (array.attrs["scale_factor"], array.attrs["add_offset"]) == (1 / 255, 0.0)
+    decoded = xr.decode_cf(array.to_dataset(name="p"))["p"]
+    np.testing.assert_allclose(decoded.values, probabilities / 255, rtol=1e-6)
+    assert "scale_factor" not in open_result(path).attrs  # the labels are as stored
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".zarr"])
 def test_labels_are_lazy_and_georeferenced(outputs, suffix):
     paths, labels, _, transform = outputs
     array = open_result(paths[suffix])

@@ -23,7 +23,7 @@ import xarray as xr
 from affine import Affine
 from rioxarray.rioxarray import affine_to_coords
 
-from .classes import ClassNames, read_colour_table
+from .classes import ClassNames, class_count, read_colour_table
 from .errors import InputError, UsageError, first_line
 from .formats import for_path
 from .geometry import RasterGeometry, normalize_per_axis
@@ -39,8 +39,10 @@ def open_result(path: str, variable: str = "labels", chunks: int | tuple[int, ..
     (a volume: its affine).
 
     ``variable`` is ``"labels"`` or ``"probabilities"`` (for a COG or NIfTI labels, the
-    ``<stem>_probabilities.tif`` or ``.nii.gz`` beside ``path``; a volume's as ``(class, i, j, k)``); ``chunks``
-    is the dask block edge (default: the file's own blocks, about 1024 pixels).
+    ``<stem>_probabilities.tif`` or ``.nii.gz`` beside ``path``; a volume's as ``(class, i, j, k)``; as stored:
+    uint8 ones are ``round(p * 255)``, with ``scale_factor`` 1/255 in their attrs for ``xr.decode_cf``; their
+    ``class_names`` name the channels, a sigmoid's one its foreground); ``chunks`` is the dask block edge
+    (default: the file's own blocks, about 1024 pixels).
     """
     check_chunks(chunks)
     path = os.fspath(path) if isinstance(path, os.PathLike) else path  # a pathlib.Path, as rasterio.open takes
@@ -81,7 +83,7 @@ def _probabilities(path: str, chunks) -> xr.DataArray:
         if "affine" in attrs:  # a volume: voxel axes and the nibabel affine, no CRS
             return xr.DataArray(
                 lazy, dims=("class", "i", "j", "k"), name="probabilities",
-                attrs={"affine": attrs["affine"], "class_names": list(names)},
+                attrs={"affine": attrs["affine"], **_probability_attrs(lazy, list(names))},
             )  # fmt: skip
         geometry = RasterGeometry(attrs.get("crs"), tuple(attrs["transform"]))
     elif fmt.name == "cog":  # probabilities beside the labels
@@ -92,13 +94,23 @@ def _probabilities(path: str, chunks) -> xr.DataArray:
             raise InputError(f"{path}: a NIfTI's probabilities are read from a local file; copy them here")
         lazy, volume = open_nifti_probabilities(_beside(path, fmt), chunks)
         names = _names_attr(read_colour_table(fmt.class_table_path(path)))
-        return xr.DataArray(lazy, dims=("class", "i", "j", "k"), name="probabilities",
-                            attrs={"affine": [list(r) for r in volume.affine], "class_names": names})  # fmt: skip
+        attrs = {"affine": [list(r) for r in volume.affine], **_probability_attrs(lazy, names)}
+        return xr.DataArray(lazy, dims=("class", "i", "j", "k"), name="probabilities", attrs=attrs)
     else:
         raise InputError(f"{path}: probabilities are read from .tif, .zarr or NIfTI outputs")
     array = _georeferenced(lazy, ("class", "y", "x"), geometry, "probabilities")
-    array.attrs["class_names"] = list(names)
+    array.attrs.update(_probability_attrs(lazy, list(names)))
     return array
+
+
+def _probability_attrs(lazy: da.Array, names: list[str] | dict[int, str]) -> dict:
+    """The class names of the probability channels (a sigmoid's one channel: the foreground's), and for uint8
+    probabilities, ``round(p * 255)``, their CF ``scale_factor`` and ``add_offset``, as rioxarray gives a COG's
+    band scale: ``xr.decode_cf`` reads them as 0-1."""
+    if lazy.shape[0] == 1 and class_count(names) == 2:
+        names = [names[1]] if isinstance(names, list) else {1: names[1]}
+    scale = {"scale_factor": 1 / 255, "add_offset": 0.0} if lazy.dtype == np.uint8 else {}
+    return {"class_names": names, **scale}
 
 
 def _per_axis(chunks: int | tuple[int, ...], spatial: int) -> tuple[int, ...]:
