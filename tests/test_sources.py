@@ -674,6 +674,43 @@ def test_a_local_rasters_sidecars_are_found_where_the_environment_says_not_to_li
     np.testing.assert_array_equal(source.read_valid(((0, 40), (0, 50))), mask > 0)
 
 
+@pytest.mark.timeout(60)
+def test_a_local_vrt_of_remote_sources_asks_for_no_sidecar_where_the_environment_says_not_to_list_folders(
+    make_raster, tmp_path, monkeypatch
+):
+    """``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR`` made ``TRUE`` for a local file (its sidecars probed one by one)
+    went through to a local VRT's remote sources: its read asked the server for 7 sidecars of each source it
+    opened (``HEAD /scene.tif.aux.xml``, ``/scene.aux``, ``/scene.AUX``, ``/scene.tif.aux``, ``/scene.tif.AUX``,
+    ``/scene.xml``, ``/scene.XML``), where the environment had asked for none."""
+    import functools
+    import http.server
+
+    from tests.range_server import RangeHandler
+
+    asked = []
+
+    class Logged(RangeHandler):
+        def send_head(self):
+            asked.append(self.path)
+            return super().send_head()
+
+    scene, data = make_raster((3, 40, 50), name="scene.tif")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Logged, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        band_vrt(tmp_path / "scene.vrt", [("scene.tif", "Byte", b) for b in (1, 2, 3)], 50, 40)
+        mosaic = tmp_path / "mosaic.vrt"  # a local VRT naming a URL
+        vrt = (tmp_path / "scene.vrt").read_text()
+        mosaic.write_text(vrt.replace('relativeToVRT="1">', f'relativeToVRT="0">/vsicurl/{url}/'))
+        monkeypatch.setenv("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
+        source = open_source(str(mosaic), spatial_dims=2)
+        np.testing.assert_array_equal(source.read(((0, 40), (0, 50))), data)
+    finally:
+        server.shutdown()
+    assert set(asked) == {"/scene.tif"}, asked
+
+
 def test_validity_from_the_pixels_read_is_gdals_dataset_mask(tmp_path):
     """Where the mask comes from nodata values alone, it is computed from the pixels read (GDAL's dataset mask
     reads every band again): the same pixels as rasterio's ``dataset_mask``, on the demo scene (nodata 0) and

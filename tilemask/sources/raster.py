@@ -23,6 +23,7 @@ and outputs would silently lose their place on Earth (warp it first, e.g.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -76,14 +77,40 @@ def gdal_env(path: str | None = None) -> rasterio.Env:
     (:data:`NOT_CACHED_ACROSS_OPENS`).  A local file's sidecars (``.msk``, ``.tfw``, ``.aux.xml``) are GDAL's to
     find: without them its mask and georeferencing are lost, silently; so where the environment says
     ``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR`` (set for cloud reads), a local file's are probed one by one
-    (``TRUE``)."""
+    (``TRUE``), but for a local VRT naming files over the network (:func:`_names_network_files`)."""
     settings, local = dict(CLOUD_DEFAULTS), {}
     if path is not None and any(marker in path for marker in NETWORK):
         settings["GDAL_DISABLE_READDIR_ON_OPEN"] = "EMPTY_DIR"
         settings["CPL_VSIL_CURL_NON_CACHED"] = NOT_CACHED_ACROSS_OPENS
-    elif path is not None and os.environ.get("GDAL_DISABLE_READDIR_ON_OPEN", "").upper() == "EMPTY_DIR":
+    elif (path is not None and os.environ.get("GDAL_DISABLE_READDIR_ON_OPEN", "").upper() == "EMPTY_DIR"
+          and not _names_network_files(path)):  # fmt: skip
         local["GDAL_DISABLE_READDIR_ON_OPEN"] = "TRUE"
     return rasterio.Env(**{k: v for k, v in settings.items() if k not in os.environ}, **local, **gdal_options())
+
+
+def _names_network_files(path: str) -> bool:
+    """Whether the local ``path`` is a VRT that names files over the network: GDAL opens its sources under the
+    VRT's settings, and ``TRUE`` asked the server for 7 sidecars of each source opened (``.aux.xml``, ``.aux``,
+    ``.xml``, ...), where the environment's ``EMPTY_DIR`` asks for none. A VRT this process cannot read (in an
+    archive, ``/vsizip/``) is taken to name some."""
+    if not path.lower().endswith(".vrt"):
+        return False
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return path.startswith("/vsi")
+    return _vrt_names_network_files(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _vrt_names_network_files(path: str, mtime_ns: int, size: int) -> bool:
+    """:func:`_names_network_files` of a local VRT as it is at ``mtime_ns`` and ``size`` (read once a version)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return False
+    return any(marker in text for marker in NETWORK)
 
 
 @dataclass(frozen=True)
