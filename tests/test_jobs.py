@@ -2200,6 +2200,8 @@ job = JobFolder(__import__("pathlib").Path({str(tmp_path / "job")!r}))
 items = [{{"item": 0, "name": "for\\u00eat", "files": ["/data/for\\u00eat.tif"], "output": "o"}}]
 job.create({{"version": 1}}, {str(tmp_path)!r}, None, {{}}, items)
 job.write_report(items, set())
+from tilemask.jobs import _write_atomic  # what writes an index entry: the job folder's path
+_write_atomic(job.path / "entry", "/data/for\\u00eat/job\\n")
 """
     env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=50)
@@ -2207,3 +2209,4 @@ job.write_report(items, set())
     with open(tmp_path / "job" / "report.csv", newline="", encoding="utf-8") as f:
         (row,) = csv.DictReader(f)
     assert (row["name"], row["input"]) == ("for\u00eat", "/data/for\u00eat.tif")
+    assert (tmp_path / "job" / "entry").read_text(encoding="utf-8") == "/data/for\u00eat/job\n"
