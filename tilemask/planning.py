@@ -174,7 +174,7 @@ class WorkflowPlan:
                 self.warned.add(kind)
         if self.inputs and planned.source.channels != self.in_channels:
             raise InputError(
-                f"{planned.input}: gives {planned.source.channels} channels{_per_file(planned.source)}, the first "
+                f"{planned.input}: gives {_channels(planned.source.channels)}{_per_file(planned.source)}, the first "
                 f"input {self.inputs[0].input} {self.in_channels}{_per_file(self.inputs[0].source)}; one network "
                 "takes one channel count"
             )
@@ -304,7 +304,7 @@ def classes_of(workflow: Workflow, out_channels: int) -> tuple[int, tuple[str, .
     """Classes and their names from the network's output channels; disagreements are exit 2."""
     declared = workflow.model.args.get("out_channels")
     if declared is not None and int(declared) != out_channels:
-        raise WorkflowError(f"model.args.out_channels is {declared} but the network gives {out_channels} channels")
+        raise WorkflowError(f"model.args.out_channels is {declared} but the network gives {_channels(out_channels)}")
     activation = workflow.inference.activation
     if activation == "sigmoid" and out_channels != 1:
         raise WorkflowError(f"inference.activation sigmoid needs a one-channel network; this one gives {out_channels}")
@@ -314,7 +314,7 @@ def classes_of(workflow: Workflow, out_channels: int) -> tuple[int, tuple[str, .
     if workflow.classes is not None and len(workflow.classes) != n_classes:
         raise WorkflowError(
             f"classes has {len(workflow.classes)} names but the network gives {n_classes} classes"
-            f" ({out_channels} output channels)"
+            f" ({_channels(out_channels, 'output ')})"
         )
     problem = for_output(workflow.output.path).classes_problem(n_classes)
     if problem:
@@ -555,6 +555,11 @@ def _check_postprocess_units(workflow: Workflow, source: ImageSource) -> None:
         raise InputError(f"{source.path}: {exc}") from None
 
 
+def _channels(count: int, kind: str = "") -> str:
+    """``1 channel``, ``3 channels`` (``kind``: words before the noun, ``"output "``)."""
+    return f"{count} {kind}channel{'s' if count != 1 else ''}"
+
+
 def check_source(workflow: Workflow, source: ImageSource) -> None:
     """Checks that need the input: channels against ``in_channels`` and normalization."""
     args = workflow.model.args
@@ -563,13 +568,13 @@ def check_source(workflow: Workflow, source: ImageSource) -> None:
     if in_channels is not None and in_channels != source.channels:
         hint = " (select them with preprocess.bands)" if for_path(source.path).gdal_raster else ""
         raise InputError(
-            f"{source.path}: model.args.{key} is {in_channels} but the input gives {source.channels} "
-            f"channel{'s' if source.channels != 1 else ''}{_per_file(source)}{hint}"
+            f"{source.path}: model.args.{key} is {in_channels} but the input gives {_channels(source.channels)}"
+            f"{_per_file(source)}{hint}"
         )
     normalize = workflow.preprocess.normalize
     if normalize and normalize.fixed and len(normalize.mean) not in (1, source.channels):
         raise InputError(
-            f"{source.path}: preprocess.normalize has {len(normalize.mean)} values for {source.channels} channels"
+            f"{source.path}: preprocess.normalize has {len(normalize.mean)} values for {_channels(source.channels)}"
         )
 
 
