@@ -1018,6 +1018,9 @@ def nannies_setting(monkeypatch, variables: dict[str, str]) -> None:
         def __init__(self, cluster):
             pass
 
+        def forward_logging(self, *args, **kwargs):
+            pass
+
         def close(self):
             pass
 
