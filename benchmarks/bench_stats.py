@@ -75,7 +75,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from distributed import Client, LocalCluster
-    from exactextract import exact_extract
+    try:
+        from exactextract import exact_extract
+    except ImportError as error:  # the reference, and what tilemask's fraction rule calls on its workers
+        raise SystemExit(f"exactextract cannot be imported ({error}): the reference and the fraction rule need it")
     from scipy import ndimage
 
     from tilemask.sources.labels import open_labels
@@ -118,7 +121,7 @@ def main() -> None:
             s, m = timed(lambda: print("  cc3d components:", cc3d.connected_components(data, connectivity=6, return_N=True)[1]))
             rows.append((f"instances {n}^3: cc3d", s, m))
         except ImportError:
-            pass
+            print("  cc3d not installed: its instances row is left out (pip install connected-components-3d)")
 
     print(f"\n{'case':<58} {'seconds':>9} {'peak GiB':>9}")
     for name, seconds, peak in rows:
