@@ -71,6 +71,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where both sides run the network")
     device = parser.parse_args().device
+    if device.startswith("cuda") and not torch.cuda.is_available():  # before the cluster starts, as bench_engine
+        raise SystemExit(f"--device {device}: torch sees no CUDA device here (torch {torch.__version__})")
     workdir = scratch_folder("tilemask-precision-")
     with cluster_client() as client:
         ours = {p: run_tilemask(workdir, p, client, device) for p in PRECISIONS}
