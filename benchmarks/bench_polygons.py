@@ -146,7 +146,7 @@ def stages(raster: Path, out: Path, chunks: int) -> list[tuple[str, float]]:
               owned[k], {(int(i), int(j)): selections[(int(i), int(j))] for g in owned[k] for i, j, _ in g}, rule, CLASSES)
         for k in pieces
     ]  # fmt: skip
-    clock("5. write GeoPackage", vectors._write, str(out), ".gpkg", iter(batches), rule.crs_wkt)
+    clock("5. write GeoPackage", polygon_files.write_features, str(out), ".gpkg", iter(batches), rule, size[0])
     return list(times.items())
 
 
