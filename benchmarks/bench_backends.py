@@ -59,7 +59,7 @@ def main() -> None:
         os.environ["TILEMASK_CACHE_DIR"] = str(scratch_folder("tilemask-bench-cache-"))
     folder = scratch_folder("tilemask-bench-backends-")
     print(f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'network':25}{'backend':13}{'ms/batch':>10}{'vs torch':>10}{'gap random':>12}{'gap zeros':>12}")
+    print(f"{'network':26}{'backend':13}{'ms/batch':>10}{'vs torch':>10}{'gap random':>12}{'gap zeros':>12}")
     for name, args, batch_size, roi in CASES:
         for norm in ("instance", "batch"):
             torch.manual_seed(0)
@@ -78,11 +78,11 @@ def main() -> None:
 
             base = best_of(eager, batch)
             label = f"{name} UNet, {norm} norm"
-            print(f"{label:25}{'torch':13}{base * 1e3:>10.0f}{1.0:>9.2f}x{0.0:>12.1e}{0.0:>12.1e}")
+            print(f"{label:26}{'torch':13}{base * 1e3:>10.0f}{1.0:>9.2f}x{0.0:>12.1e}{0.0:>12.1e}")
             for backend, convert in CONVERTERS.items():
                 run = convert(spec, lambda network=network: network, channels, roi)
                 t = best_of(run, batch)
-                print(f"{'':25}{backend:13}{t * 1e3:>10.0f}{base / t:>9.2f}x"
+                print(f"{'':26}{backend:13}{t * 1e3:>10.0f}{base / t:>9.2f}x"
                       f"{softmax_gap(network, run, random):>12.1e}{softmax_gap(network, run, zeros):>12.1e}")  # fmt: skip
 
 
