@@ -162,7 +162,10 @@ def scheduler_benchmark(work: Path, listed: int, seconds: float) -> None:
                                   "--scheduler-file", scheduler_file], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     worker = None
     try:
+        deadline = time.monotonic() + 60
         while not scheduler_file.exists():
+            if scheduler.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"dask scheduler did not start (exit status {scheduler.poll()}) within 60 s")
             time.sleep(0.1)
         address = json.loads(scheduler_file.read_text())["address"]
         worker = subprocess.Popen([BIN / "dask", "worker", address, "--nthreads", "2", "--no-dashboard"],
