@@ -390,15 +390,27 @@ def test_a_2d_input_placed_by_a_volumes_affine_is_refused_a_cog_or_polygons_befo
     assert not (tmp_path / "out").exists()
 
 
+OVERVIEW_ENVIRONMENTS = {
+    "compression": {"COMPRESS_OVERVIEW": "DEFLATE", "GDAL_TIFF_OVR_BLOCKSIZE": "128", "ZSTD_LEVEL_OVERVIEW": "1"},
+    "float predictor": {"PREDICTOR_OVERVIEW": "3"},  # failed the labels COG: no floating point predictor on uint8
+    "predictor, interleave": {"PREDICTOR_OVERVIEW": "2", "INTERLEAVE_OVERVIEW": "BAND"},
+}
+
+
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["uint8", "float32"])
+@pytest.mark.parametrize(("kind", "environment"), [(kind, environment) for environment in OVERVIEW_ENVIRONMENTS
+                                                   for kind in ("uint8", "float32")
+                                                   if kind == "uint8" or environment == "compression"])  # fmt: skip
 def test_overviews_are_written_as_the_full_resolution_whatever_the_environment(tmp_path, shade_labels, monkeypatch,
-                                                                                kind):  # fmt: skip
+                                                                                kind, environment):  # fmt: skip
     """GDAL's overview settings in the environment (``COMPRESS_OVERVIEW``, ``GDAL_TIFF_OVR_BLOCKSIZE``, ...) took
     precedence over what the COG driver derives from tilemask's creation options: the overviews of a labels COG
-    came out deflate-compressed in 128 px tiles, where docs/outputs.md promises ZSTD in 512 px tiles."""
-    for name, value in (("COMPRESS_OVERVIEW", "DEFLATE"), ("GDAL_TIFF_OVR_BLOCKSIZE", "128"),
-                        ("ZSTD_LEVEL_OVERVIEW", "1")):  # fmt: skip
+    came out deflate-compressed in 128 px tiles, where docs/outputs.md promises ZSTD in 512 px tiles.
+    ``PREDICTOR_OVERVIEW=3`` failed the labels COG ("Floating point Predictor not supported with 1 data format"),
+    ``PREDICTOR_OVERVIEW=2`` gave its overviews a predictor and a float32 probabilities COG's another than 3,
+    ``INTERLEAVE_OVERVIEW=BAND`` the probabilities' overviews another interleave.  A float32 probabilities COG's
+    overview predictor stays the environment's (3 fails its 8-bit mask's overviews, :func:`_overview_options`)."""
+    for name, value in OVERVIEW_ENVIRONMENTS[environment].items():
         monkeypatch.setenv(name, value)
     classes = ("background", "dark", "mid", "bright")
     layout = layout_for(GEO["shade.tif"], shade_labels, classes, (512, 512), 255, kind)
@@ -408,6 +420,6 @@ def test_overviews_are_written_as_the_full_resolution_whatever_the_environment(t
     for path in written:
         with rasterio.open(path) as full, rasterio.open(path, overview_level=0) as overview:
             assert full.overviews(1)
-            seen = [(ds.compression, ds.block_shapes[0], ds.tags(ns="IMAGE_STRUCTURE").get("PREDICTOR"))
-                    for ds in (full, overview)]  # fmt: skip
+            seen = [(ds.compression, ds.block_shapes[0], ds.tags(ns="IMAGE_STRUCTURE").get("PREDICTOR"),
+                     ds.tags(ns="IMAGE_STRUCTURE").get("INTERLEAVE")) for ds in (full, overview)]  # fmt: skip
             assert seen[1] == seen[0], path

@@ -73,17 +73,24 @@ GDAL_OPTIONS = {
 }
 
 
-def _overview_options(options: dict) -> dict:
-    """GDAL's configuration of the overviews as the COG's ``options`` make the full resolution: the COG driver
-    derives them from its creation options only where the environment sets none (``COMPRESS_OVERVIEW=DEFLATE``,
+def _overview_options(options: dict, dtype: str) -> dict:
+    """GDAL's configuration of the overviews as the COG's ``options`` make the full resolution of ``dtype``: the COG
+    driver derives them from its creation options only where the environment sets none (``COMPRESS_OVERVIEW=DEFLATE``,
     ``GDAL_TIFF_OVR_BLOCKSIZE=128`` there made the overviews deflate in 128 px tiles, docs/outputs.md's ZSTD
-    in 512 px tiles).  The predictor is not set: ``PREDICTOR_OVERVIEW=3`` failed a float32 probabilities COG
-    ("Floating point Predictor not supported with 1 data format", likely its 8-bit mask's overviews)."""
-    return {
+    in 512 px tiles; ``PREDICTOR_OVERVIEW=3`` failed the labels COG, "Floating point Predictor not supported with 1
+    data format"; ``INTERLEAVE_OVERVIEW=BAND`` interleaved the probabilities' overviews by band).  The predictor of
+    integers is the one ``PREDICTOR=YES`` picks for them (2), 1 (none) without it; that of floats is not set:
+    ``PREDICTOR_OVERVIEW=3`` fails a float32 probabilities COG as it fails the labels (its 8-bit mask's overviews,
+    which the COG driver's own choice spares)."""
+    pinned = {
         "COMPRESS_OVERVIEW": options["COMPRESS"],
         "ZSTD_LEVEL_OVERVIEW": str(options["LEVEL"]),
         "GDAL_TIFF_OVR_BLOCKSIZE": str(options["BLOCKSIZE"]),
+        "INTERLEAVE_OVERVIEW": "PIXEL",  # the COG driver's INTERLEAVE, which tilemask leaves as it is
     }
+    if np.dtype(dtype).kind != "f":
+        pinned["PREDICTOR_OVERVIEW"] = "2" if options.get("PREDICTOR") == "YES" else "1"
+    return pinned
 
 
 # GDAL_NUM_THREADS made GDAL 3.10 read a VRT of more than a few pieces on threads of its own, which do not see the
@@ -391,7 +398,7 @@ class CogSink(LabelSink):
         room = None
         try:
             remote = PIECES_ON_OBJECT_STORAGE if is_remote(raster.parts) else {}
-            with gdal_env(), rasterio.Env(**GDAL_OPTIONS, **_overview_options(options), **remote):
+            with gdal_env(), rasterio.Env(**GDAL_OPTIONS, **_overview_options(options, raster.dtype), **remote):
                 with rasterio.open(vrt) as pieces:  # the room it had, to name a full disk GDAL's cleanup hid
                     uncompressed = pieces.width * pieces.height * raster.bands * np.dtype(raster.dtype).itemsize
                 room = (shutil.disk_usage(os.path.dirname(raster.assembled)).free, uncompressed)
