@@ -711,6 +711,64 @@ def test_a_local_vrt_of_remote_sources_asks_for_no_sidecar_where_the_environment
     assert set(asked) == {"/scene.tif"}, asked
 
 
+@pytest.mark.timeout(60)
+def test_a_local_vrt_naming_a_vrt_of_remote_sources_asks_for_no_sidecar_either(make_raster, tmp_path, monkeypatch):
+    """A local VRT naming a local VRT of ``/vsicurl/`` sources: its own text names no URL, and its read asked the
+    server for the 7 sidecars of each remote source, as a local VRT naming them did."""
+    import functools
+    import http.server
+
+    from tests.range_server import RangeHandler
+
+    asked = []
+
+    class Logged(RangeHandler):
+        def send_head(self):
+            asked.append(self.path)
+            return super().send_head()
+
+    scene, data = make_raster((3, 40, 50), name="scene.tif")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Logged, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        vrt = band_vrt(tmp_path / "scene.vrt", [("scene.tif", "Byte", b) for b in (1, 2, 3)], 50, 40).read_text()
+        (tmp_path / "remote.vrt").write_text(vrt.replace('relativeToVRT="1">', f'relativeToVRT="1">/vsicurl/{url}/'))
+        (tmp_path / "outer.vrt").write_text(vrt.replace("scene.tif", "remote.vrt"))  # relative to it
+        monkeypatch.setenv("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
+        source = open_source(str(tmp_path / "outer.vrt"), spatial_dims=2)
+        np.testing.assert_array_equal(source.read(((0, 40), (0, 50))), data)
+    finally:
+        server.shutdown()
+    assert set(asked) == {"/scene.tif"}, asked
+
+
+def test_a_url_in_a_local_vrts_metadata_does_not_lose_its_local_sources_sidecars(tmp_path, monkeypatch):
+    """A local VRT whose text held ``://`` anywhere (a metadata item's licence URL) kept the environment's
+    ``EMPTY_DIR``, as one naming remote files: its ``<MaskBand>`` read of a local source's external mask
+    (``.msk``) found none, and every pixel was valid.  Its sources' names are what counts."""
+    from rasterio.transform import from_origin
+
+    data = np.arange(3 * 40 * 50, dtype=np.uint8).reshape(3, 40, 50)
+    mask = np.full((40, 50), 255, np.uint8)
+    mask[:, :20] = 0
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False), rasterio.open(
+        tmp_path / "masked.tif", "w", driver="GTiff", width=50, height=40, count=3, dtype="uint8", crs="EPSG:32633",
+        transform=from_origin(5e5, 4.2e6, 30, 30),
+    ) as ds:  # fmt: skip
+        ds.write(data)
+        ds.write_mask(mask)
+    vrt = band_vrt(tmp_path / "masked.vrt", [("masked.tif", "Byte", b) for b in (1, 2, 3)], 50, 40).read_text()
+    licence = '<Metadata><MDI key="LICENSE">https://example.com/licence</MDI></Metadata>'
+    mask_band = ('<MaskBand><VRTRasterBand dataType="Byte"><SimpleSource><SourceFilename relativeToVRT="1">'
+                 "masked.tif</SourceFilename><SourceBand>mask,1</SourceBand></SimpleSource></VRTRasterBand></MaskBand>")
+    vrt = vrt.replace("</GeoTransform>", "</GeoTransform>" + licence)
+    (tmp_path / "masked.vrt").write_text(vrt.replace("</VRTDataset>", mask_band + "</VRTDataset>"))
+    monkeypatch.setenv("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
+    source = open_source(str(tmp_path / "masked.vrt"), spatial_dims=2)
+    np.testing.assert_array_equal(source.read_valid(((0, 40), (0, 50))), mask > 0)
+
+
 def test_validity_from_the_pixels_read_is_gdals_dataset_mask(tmp_path):
     """Where the mask comes from nodata values alone, it is computed from the pixels read (GDAL's dataset mask
     reads every band again): the same pixels as rasterio's ``dataset_mask``, on the demo scene (nodata 0) and

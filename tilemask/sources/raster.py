@@ -89,10 +89,10 @@ def gdal_env(path: str | None = None) -> rasterio.Env:
 
 
 def _names_network_files(path: str) -> bool:
-    """Whether the local ``path`` is a VRT that names files over the network: GDAL opens its sources under the
-    VRT's settings, and ``TRUE`` asked the server for 7 sidecars of each source opened (``.aux.xml``, ``.aux``,
-    ``.xml``, ...), where the environment's ``EMPTY_DIR`` asks for none. A VRT this process cannot read (in an
-    archive, ``/vsizip/``) is taken to name some."""
+    """Whether the local ``path`` is a VRT that names files over the network, itself or through the local VRTs it
+    names: GDAL opens its sources under the VRT's settings, and ``TRUE`` asked the server for 7 sidecars of each
+    source opened (``.aux.xml``, ``.aux``, ``.xml``, ...), where the environment's ``EMPTY_DIR`` asks for none. A
+    VRT this process cannot read (in an archive, ``/vsizip/``) is taken to name some."""
     if not path.lower().endswith(".vrt"):
         return False
     try:
@@ -104,13 +104,47 @@ def _names_network_files(path: str) -> bool:
 
 @functools.lru_cache(maxsize=64)
 def _vrt_names_network_files(path: str, mtime_ns: int, size: int) -> bool:
-    """:func:`_names_network_files` of a local VRT as it is at ``mtime_ns`` and ``size`` (read once a version)."""
+    """:func:`_names_network_files` of a local VRT as it is at ``mtime_ns`` and ``size`` (read once a version; the
+    local VRTs it names are read with it, not each open).  Its sources' names are what counts: a URL elsewhere in
+    its text (a metadata item's licence, ``https://...``) kept ``EMPTY_DIR``, and a local source's ``.msk`` was
+    lost; a local VRT naming a VRT of remote files asked for their sidecars."""
+    pending, seen = [path], set()
+    while pending:
+        vrt = pending.pop()
+        if os.path.realpath(vrt) in seen:  # a VRT naming itself, or one named twice
+            continue
+        seen.add(os.path.realpath(vrt))
+        for name in _vrt_sources(vrt):
+            if any(marker in name for marker in NETWORK):
+                return True
+            if name.lower().endswith(".vrt"):
+                if name.startswith("/vsi") and not os.path.exists(name):  # in an archive: as one it cannot read
+                    return True
+                pending.append(name)
+    return False
+
+
+def _vrt_sources(path: str) -> list[str]:
+    """The files a VRT's bands, mask and overviews read (its ``SourceFilename`` and ``SourceDataset``), those
+    relative to it joined to its folder; GDAL's ``vrt://`` connection strings as the file they name.  A VRT that
+    is no XML (GDAL then opens none of its sources) names none; one this process cannot read names none."""
+    import xml.etree.ElementTree as ElementTree
+
     try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return False
-    return any(marker in text for marker in NETWORK)
+        root = ElementTree.parse(path).getroot()
+    except (OSError, ElementTree.ParseError):
+        return []
+    names = []
+    for element in root.iter():
+        if element.tag not in ("SourceFilename", "SourceDataset") or not (element.text or "").strip():
+            continue
+        name = element.text.strip()
+        if name.startswith("vrt://"):
+            name = name[len("vrt://"):].split("?", 1)[0]
+        if element.get("relativeToVRT") == "1" and not os.path.isabs(name) and not name.startswith("/vsi"):
+            name = os.path.join(os.path.dirname(path), name)
+        names.append(name)
+    return names
 
 
 @dataclass(frozen=True)
