@@ -362,9 +362,13 @@ def test_a_spacing_that_makes_a_grid_far_larger_than_the_scan_is_refused_before_
 
     path = oblique_las(tmp_path)
     weights, _ = make_model(UNET_3D)
-    for spacing in ([1e-300, 1.0, 1.0], 1e-3, [1e-5, 1.0, 1.0]):
-        with pytest.raises(InputError, match=r"preprocess.spacing makes the network's grid .* times the scan's"):
+    for spacing in ([1e-300, 1.0, 1.0], 1e-3, [1e-5, 1.0, 1.0], [1e-300, 1e-300, 1.0], [1e-320, 1.0, 1.0]):
+        # the last two: "OverflowError: int too large to convert to float" (the message's count of voxels) and
+        # "ValueError: cannot convert float NaN to integer" (the grid's shape), exit 1
+        with pytest.raises(InputError, match=r"preprocess.spacing .*makes the network's grid .*tilemask refuses a "
+                                             r"grid over 64 times the scan's voxels") as refused:  # fmt: skip
             plan_workflow(workflow(path, weights, tmp_path, {"spacing": spacing}, 16))
+        assert len(str(refused.value)) < 400 and refused.value.exit_status == 2, str(refused.value)
     own = np.sqrt((nib.load(path).affine[:3, :3] ** 2).sum(0))
     (planned,) = plan_workflow(workflow(path, weights, tmp_path, {"spacing": list(own / 2)}, 16)).inputs
     assert planned.plan.n_windows > 0

@@ -511,7 +511,12 @@ def _network_grid(workflow: Workflow, source: ImageSource) -> tuple[ImageSource,
     geometry = source.geometry
     if not isinstance(geometry, VolumeGeometry):
         raise InputError(f"{source.path}: preprocess.orientation, spacing and crop need a volume with an affine")
-    grid = model_grid(np.asarray(geometry.affine), source.spatial_shape, preprocess.orientation, preprocess.spacing_per_axis)
+    try:
+        grid = model_grid(np.asarray(geometry.affine), source.spatial_shape, preprocess.orientation,
+                          preprocess.spacing_per_axis)  # fmt: skip
+    except OverflowError:  # [1e-320, 1, 1] (:func:`_spaced`): it was "ValueError: cannot convert float NaN to integer"
+        raise InputError(f"{source.path}: preprocess.spacing {list(preprocess.spacing_per_axis)} makes the network's "
+                         f"grid more voxels than a float counts; {_GRID_LIMIT}") from None  # fmt: skip
     _check_model_grid_size(source, grid)
     logger.info("%s: the network sees a %s grid (%s %s)", source.path, "x".join(map(str, grid.shape)),
                 "its box" if isinstance(source, CroppedSource) else "input", "x".join(map(str, source.spatial_shape)))
@@ -521,6 +526,14 @@ def _network_grid(workflow: Workflow, source: ImageSource) -> tuple[ImageSource,
 
 MODEL_GRID_GROWTH = 64  # a model grid past this many times the scan's voxels, and past MODEL_GRID_VOXELS, is refused
 MODEL_GRID_VOXELS = 1 << 31
+_GRID_LIMIT = (f"tilemask refuses a grid over {MODEL_GRID_GROWTH} times the scan's voxels and over "
+               f"{MODEL_GRID_VOXELS:,}: the spacing is in mm")  # fmt: skip
+
+
+def _count(n: int) -> str:
+    """``n`` in 3 significant digits, as ``.3g`` writes a float; past a float's range (``[1e-300, 1e-300, 1]``'s
+    grid: "OverflowError: int too large to convert to float") as a power of 10."""
+    return f"{n:.3g}" if n < 10**300 else f"about 10^{math.floor(math.log10(n))}"
 
 
 def _check_model_grid_size(source: ImageSource, grid: ModelGrid) -> None:
@@ -530,11 +543,12 @@ def _check_model_grid_size(source: ImageSource, grid: ModelGrid) -> None:
     stop, ``[1e-5, 1, 1]`` a run of about 94 million windows."""
     voxels, scan = math.prod(grid.shape), math.prod(source.spatial_shape)
     if voxels > MODEL_GRID_VOXELS and voxels > MODEL_GRID_GROWTH * scan:
-        shape, scan_shape = (" x ".join(map(str, s)) for s in (grid.shape, source.spatial_shape))
-        raise InputError(f"{source.path}: preprocess.spacing makes the network's grid {shape} ({voxels:.3g} voxels, "
-                         f"{voxels / scan:,.0f} times the scan's {scan_shape}); tilemask refuses a grid over "
-                         f"{MODEL_GRID_GROWTH} times the scan's voxels and over {MODEL_GRID_VOXELS:,}: the spacing "
-                         f"is in mm")  # fmt: skip
+        shape, scan_shape = (" x ".join(str(n) if n < 10**15 else _count(n) for n in s)
+                             for s in (grid.shape, source.spatial_shape))  # fmt: skip
+        ratio = (2 * voxels + scan) // (2 * scan)  # rounded, in whole numbers: no float holds some
+        times = f"{ratio:,}" if ratio < 10**15 else _count(ratio)
+        raise InputError(f"{source.path}: preprocess.spacing makes the network's grid {shape} ({_count(voxels)} "
+                         f"voxels, {times} times the scan's {scan_shape}); {_GRID_LIMIT}")  # fmt: skip
 
 
 def _check_postprocess_units(workflow: Workflow, source: ImageSource) -> None:

@@ -146,6 +146,8 @@ def _spaced(affine: np.ndarray, shape: tuple[int, ...], pixdim: tuple[float, ...
     in_model = np.linalg.solve(new, affine) @ corners
     world = affine @ corners
     out_shape = np.round(np.ptp(in_model[:-1] / in_model[-1], axis=1) + 1.0)
+    if not np.isfinite(out_shape).all():  # a pixdim so small (1e-320) that no float counts the voxels along it
+        raise OverflowError(f"pixdim {list(pixdim)} makes more voxels along an axis than a float counts")
     distances = in_model[:-1]
     offset = None
     for i in range(corners.shape[1]):
