@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import threading
 from pathlib import Path
 
 import nibabel as nib
@@ -17,6 +19,7 @@ from ome_zarr_models.v05.image_label import ImageLabel
 
 import tilemask
 from tests.conftest import UNET_2D, UNET_3D, raster_workflow, run_small_volume
+from tests.range_server import serve
 from tilemask.classes import class_colours
 from tilemask.sinks.omezarr import SMALLEST
 from tilemask.workflow import Workflow
@@ -397,3 +400,11 @@ def test_an_ome_zarr_without_a_label_image_is_named_as_the_user_named_it(tmp_pat
     }]}  # fmt: skip
     with pytest.raises(InputError, match=rf"^{path}: an OME-Zarr without a label image"):
         open_labels(str(path))
+    server = serve(str(tmp_path))  # over HTTP: "<FsspecStore(HTTPFileSystem, http://...)>: an OME-Zarr without ..."
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/image.ome.zarr"
+        with pytest.raises(InputError, match=rf"^{re.escape(url)}: an OME-Zarr without a label image"):
+            open_labels(url)
+    finally:
+        server.shutdown()

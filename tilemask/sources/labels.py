@@ -330,8 +330,9 @@ def _output_labels(path: str, chunks) -> LabelImage | None:
                       whole.nodata)  # fmt: skip
 
 
-def omezarr_labels_key(root) -> str:
-    """The first level of an OME-Zarr's first label image (tilemask records it: ``labels/labels/0``)."""
+def omezarr_labels_key(root, path: str | None = None) -> str:
+    """The first level of an OME-Zarr's first label image (tilemask records it: ``labels/labels/0``); ``path``, the
+    OME-Zarr as the user named it, names it in the refusal (else its store's folder)."""
     meta = dict(root.attrs).get("tilemask", {})
     if meta.get("labels"):
         return meta["labels"]
@@ -341,7 +342,8 @@ def omezarr_labels_key(root) -> str:
         multiscales = ome_multiscales(dict(root[f"labels/{names[0]}"].attrs))
         return f"labels/{names[0]}/{multiscales[0]['datasets'][0]['path']}"
     except (KeyError, IndexError, TypeError):
-        where = getattr(root.store, "root", root.store)  # a local store's folder, as the user named it (not file://)
+        # not zarr's store as it prints itself: file:///..., or <FsspecStore(HTTPFileSystem, http://...)> (seen)
+        where = path if path is not None else getattr(root.store, "root", root.store)
         raise InputError(f"{where}: an OME-Zarr without a label image (no labels/ with multiscales)") from None
 
 
@@ -350,7 +352,7 @@ def open_omezarr_labels(path: str, chunks) -> LabelImage:
     root = open_zarr(path, "group")
     attrs = dict(root.attrs)
     meta = attrs.get("tilemask", {})
-    labels_path = omezarr_labels_key(root)
+    labels_path = omezarr_labels_key(root, path)
     array = root[labels_path]
     if meta:
         skip, geometry = 0, usable_geometry(path, geometry_from_attrs(attrs, array.ndim), TILEMASK_ATTRS)
