@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -233,3 +236,26 @@ def test_a_finish_run_again_after_its_worker_died_finds_the_volumes_it_compresse
     np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "a.nii.gz").dataobj), expected)
     np.testing.assert_array_equal(nib.load(tmp_path / "a_probabilities.nii.gz").get_fdata()[..., 0], expected)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nii.gz", "a_probabilities.nii.gz"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("compressed", ["none", "cut short"])
+def test_a_finish_whose_uncompressed_file_is_gone_publishes_no_volume_not_whole(tmp_path, compressed):
+    """A finish skips compressing only where the compressed volume is whole: with the uncompressed file gone (removed
+    by hand) it had returned as done whatever the compressed one held, and the run published a ``.nii.gz`` cut
+    short (exit 0), or, with none, failed at its rename with a bare ``FileNotFoundError`` naming the hidden staged
+    file. Now the finish fails on the uncompressed file's absence, as it did before it skipped any."""
+    from tilemask.sinks.nifti import NiftiVolume
+
+    volume = NiftiVolume(str(tmp_path / "a.nii.gz"), (60, 50, 40), "uint8", "run1")
+    volume.create(str(tmp_path / "no-reference.zarr"), np.eye(4))
+    volume.write((slice(None),) * 3, np.random.default_rng(0).integers(0, 255, (60, 50, 40), dtype=np.uint8))
+    if compressed == "cut short":
+        volume.finish()
+        whole = Path(volume.finished).read_bytes()
+        Path(volume.finished).write_bytes(whole[: len(whole) // 2])
+    else:
+        os.remove(volume.partial)
+    with pytest.raises(FileNotFoundError, match=r"\.raw\.nii"):
+        volume.finish()
+    assert not (tmp_path / "a.nii.gz").exists()

@@ -167,11 +167,28 @@ class NiftiVolume:
     def finish(self) -> None:
         """Compress a ``.nii.gz`` by streaming the uncompressed file (constant memory), at nibabel's level.  The
         uncompressed file is removed only once the compressed one is whole, so a finish that Dask runs again (its
-        worker died) finds a volume without it done."""
-        if self.path.endswith(".gz") and os.path.exists(self.partial):
-            with open(self.partial, "rb") as src, gzip.open(self.finished, "wb", compresslevel=COMPRESS_LEVEL) as dst:
-                shutil.copyfileobj(src, dst, COPY_BLOCK)
-            remove(self.partial)
+        worker died) finds a volume without it done: skipped where the compressed volume is whole
+        (:meth:`compressed_whole`); with neither, the uncompressed file's absence is the failure."""
+        if not self.path.endswith(".gz") or (not os.path.exists(self.partial) and self.compressed_whole()):
+            return
+        with open(self.partial, "rb") as src, gzip.open(self.finished, "wb", compresslevel=COMPRESS_LEVEL) as dst:
+            shutil.copyfileobj(src, dst, COPY_BLOCK)
+        remove(self.partial)
+
+    def compressed_whole(self) -> bool:
+        """Whether the compressed volume ends as a whole one does: its gzip trailer's size (modulo 2**32) is the
+        header's and the data's. A compression cut short ends otherwise; with its uncompressed file gone (removed by
+        hand) a finish had published it (exit 0), and nibabel read it as ``Expected 120000 bytes, got 45151``."""
+        try:
+            with gzip.open(self.finished, "rb") as f:
+                vox_offset = VOX_OFFSETS.get(int.from_bytes(f.read(4), "little"))
+            with open(self.finished, "rb") as f:
+                f.seek(-4, os.SEEK_END)
+                size = int.from_bytes(f.read(4), "little")
+        except (OSError, EOFError):  # none, or not gzip
+            return False
+        data = int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+        return vox_offset is not None and size == (vox_offset + data) % 2**32
 
     def publish(self) -> None:
         publish(self.finished, self.path)
