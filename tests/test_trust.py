@@ -1164,6 +1164,23 @@ def test_a_geopackage_that_sqlite_rolls_back_on_a_full_disk_is_named_with_its_fi
     assert list(disk.iterdir()) == []
 
 
+def test_gdals_vector_write_error_names_the_output_not_its_hidden_staged_file(tmp_path):
+    """pyogrio's errors name the file GDAL wrote, the output's hidden staged sibling: the output's line that
+    c2fb522 made of them read ``DIR/p.fgb: cannot write the output: DataSourceError: Failed to write features to
+    dataset DIR/.tilemask-<run>-p.fgb; ...``, a name the user never gave, left nowhere."""
+    from pyogrio.errors import DataSourceError
+
+    from tilemask.errors import OutputError
+    from tilemask.outputs import atomic_path
+
+    with pytest.raises(OutputError) as raised, atomic_path(tmp_path / "p.fgb") as staged:
+        Path(staged).write_bytes(b"x")
+        raise DataSourceError(f"Failed to write features to dataset {staged}; Unexpected I/O failure: writing feature")
+    assert str(raised.value) == (f"{tmp_path}/p.fgb: cannot write the output: DataSourceError: Failed to write "
+                                 f"features to dataset {tmp_path}/p.fgb; Unexpected I/O failure: writing feature")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.timeout(120)
 def test_a_runs_statistics_geopackage_onto_a_full_disk_is_one_line_not_gdals_errors(tmp_path, tmpfs):
     """A fault review's: a workflow's ``stats:`` GeoPackage onto a disk with 56 kB free printed six of GDAL's own

@@ -191,13 +191,12 @@ def atomic_path(path: str | os.PathLike, run_id: str | None = None) -> Iterator[
         publish(staged, path)
     except BaseException as exc:
         # a full disk, looked at before the staged file goes; GDAL's vector writers (pyogrio) raise their own types
-        write_error = isinstance(exc, (OSError, *ogr_errors()))
-        full = write_error and describe_write_error(exc, staged) == "no space left on device"
+        why = describe_write_error(exc, staged) if isinstance(exc, (OSError, *ogr_errors())) else None
         remove(staged)
-        if full:
+        if why == "no space left on device":
             raise OutputError(f"{path}: no space left on device") from None
-        if isinstance(exc, ogr_errors()):  # they name no file (SQLite rolls a full disk's GeoPackage back: room again)
-            raise OutputError(f"{path}: cannot write the output: {describe_write_error(exc, staged)}") from None
+        if isinstance(exc, ogr_errors()):  # naming the staged file or none (SQLite rolled a full disk back: room again)
+            raise OutputError(f"{path}: cannot write the output: {why.replace(staged, os.fspath(path))}") from None
         raise
 
 
