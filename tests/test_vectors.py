@@ -23,7 +23,7 @@ from pyproj import CRS
 from rasterio.transform import Affine
 from scipy import ndimage
 
-from tilemask.errors import InputError, OutputError
+from tilemask.errors import InputError, OutputError, ReadError
 from tilemask.vectors import write_polygons
 
 CLASSES = ("background", "water", "forest", "urban")
@@ -359,3 +359,30 @@ def _spans_chunks(geom, transform, chunk):
     minx, miny, maxx, maxy = geom.bounds
     (c0, r0), (c1, r1) = ~transform @ (minx, maxy), ~transform @ (maxx, miny)
     return int(c0) // chunk != (int(round(c1)) - 1) // chunk or int(r0) // chunk != (int(round(r1)) - 1) // chunk
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("suffix", [".gpkg", ".fgb", ".geojson", ".parquet"])
+@pytest.mark.parametrize("stop", ["read failed", "Ctrl-C"])
+def test_a_chunk_that_fails_as_its_polygons_are_written_raises_its_own_error(tmp_path, suffix, stop):
+    """Polygons are streamed into GDAL's writer as the chunks come back: a chunk's failure (a damaged label chunk's
+    ReadError, Ctrl-C while waiting on the workers) came out of a GeoPackage, FlatGeobuf or GeoJSON as pyogrio's
+    ``RuntimeError: Error while accessing batch from stream.`` (exit 1), the cause and the stop lost; as a Parquet's
+    does, it goes on as itself, nothing left."""
+    from tilemask.polygon_files import AreaRule, write_features
+    from tilemask.vectors import FeatureBatch
+
+    i = np.arange(1000)
+    boxes = shapely.box(i % 100, i // 100, i % 100 + 0.5, i // 100 + 0.5)
+    batch = FeatureBatch(list(shapely.to_wkb(boxes)), np.array(["a"] * len(i), object), np.ones(len(i)))
+    rule = AreaRule((500000.0, 30.0, 0.0, 4000000.0, 0.0, -30.0), CRS.from_epsg(32618).to_wkt())
+    failure = KeyboardInterrupt() if stop == "Ctrl-C" else ReadError("/x/l.zarr: read failed at [0:10, 0:10]: boom")
+
+    def batches():
+        yield batch
+        raise failure
+
+    with pytest.raises(type(failure)) as raised:
+        write_features(str(tmp_path / f"p{suffix}"), suffix, batches(), rule, 100)
+    assert raised.value is failure
+    assert list(tmp_path.iterdir()) == []

@@ -211,16 +211,20 @@ def write_features(out_path: str, suffix: str, batches: Iterator[FeatureBatch], 
                     crs=crs_wkt,
                     **_ogr_options(VECTOR_DRIVERS[suffix], rule.transform),
                 )
-            except (DataLayerError, DataSourceError) as exc:
-                # FlatGeobuf writes the features into a temporary file, then the file from it (its spatial index
-                # first), and GDAL removes the temporary file when a write fails: the disk no longer looks full
-                gdal = str(exc).rsplit("; ", 1)[-1]  # (its first part names the staged file)
-                size = counted.nbytes + FLATGEOBUF_FEATURE_BYTES * counted.count
-                if suffix == ".fgb" and "I/O failure" in gdal and free < 2 * size:
-                    raise OutputError(f"{target}: no space left on device ({free / 2**20:.1f} MiB free there, for "
-                                      f"about {size / 2**20:.1f} MiB of features, which FlatGeobuf writes twice; "
-                                      f"GDAL: {gdal})") from None  # fmt: skip
-                raise
+            except BaseException as exc:
+                if counted.failure is None and isinstance(exc, (DataLayerError, DataSourceError)):
+                    # FlatGeobuf writes the features into a temporary file, then the file from it (its spatial index
+                    # first), and GDAL removes the temporary file when a write fails: the disk no longer looks full
+                    gdal = str(exc).rsplit("; ", 1)[-1]  # (its first part names the staged file)
+                    size = counted.nbytes + FLATGEOBUF_FEATURE_BYTES * counted.count
+                    if suffix == ".fgb" and "I/O failure" in gdal and free < 2 * size:
+                        raise OutputError(f"{target}: no space left on device ({free / 2**20:.1f} MiB free there, for "
+                                          f"about {size / 2**20:.1f} MiB of features, which FlatGeobuf writes twice; "
+                                          f"GDAL: {gdal})") from None  # fmt: skip
+                if counted.failure is None:
+                    raise
+            if counted.failure is not None:  # a chunk's failure, or Ctrl-C: GDAL's is "Error while accessing batch"
+                raise counted.failure  # outside the handler: pyogrio's RuntimeError is no part of it
             count = counted.count
             if suffix == ".gpkg":
                 check_spatial_index(staged, target)
@@ -233,9 +237,16 @@ class _counting:
 
     def __init__(self, batches: Iterator[pa.RecordBatch]):
         self.batches, self.count, self.nbytes = batches, 0, 0
+        self.failure: BaseException | None = None  # what the batches raised: Arrow's stream hands GDAL none of it
 
     def __iter__(self):
-        for batch in self.batches:
-            self.count += batch.num_rows
-            self.nbytes += batch.nbytes
-            yield batch
+        try:
+            for batch in self.batches:
+                self.count += batch.num_rows
+                self.nbytes += batch.nbytes
+                yield batch
+        except GeneratorExit:  # closed by its reader: GDAL stopped reading (its own error)
+            raise
+        except BaseException as exc:
+            self.failure = exc
+            raise
