@@ -283,7 +283,7 @@ def _numbers(value: Any, what: str, kind: type) -> list:
         if isinstance(value, str | dict):  # a string's characters are no list ("012")
             raise TypeError
         return [kind(v) for v in value or []]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int() of JSON's Infinity
         raise WorkflowError(f"{KEY}: plans.json: {what} is not a list of numbers (got {value!r})") from None
 
 
