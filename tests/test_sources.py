@@ -769,6 +769,38 @@ def test_a_url_in_a_local_vrts_metadata_does_not_lose_its_local_sources_sidecars
     np.testing.assert_array_equal(source.read_valid(((0, 40), (0, 50))), mask > 0)
 
 
+def test_a_local_vrt_whose_inner_vrt_no_longer_names_remote_files_finds_its_sidecars(tmp_path, monkeypatch):
+    """A local VRT naming a local VRT was looked at once per version of the outer file alone: once its inner VRT
+    had named a ``/vsicurl/`` source, the outer kept ``EMPTY_DIR`` after the inner was changed to a local source
+    (the outer file unchanged, in one process: a notebook's second run), and that source's ``.msk`` was lost (every
+    pixel valid).  Each VRT read is looked at as it is now."""
+    from rasterio.transform import from_origin
+
+    from tilemask.sources.raster import gdal_env
+
+    data = np.arange(3 * 40 * 50, dtype=np.uint8).reshape(3, 40, 50)
+    mask = np.full((40, 50), 255, np.uint8)
+    mask[:, :20] = 0
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False), rasterio.open(
+        tmp_path / "masked.tif", "w", driver="GTiff", width=50, height=40, count=3, dtype="uint8", crs="EPSG:32633",
+        transform=from_origin(5e5, 4.2e6, 30, 30),
+    ) as ds:  # fmt: skip
+        ds.write(data)
+        ds.write_mask(mask)
+    inner = band_vrt(tmp_path / "inner.vrt", [("masked.tif", "Byte", b) for b in (1, 2, 3)], 50, 40).read_text()
+    mask_band = ('<MaskBand><VRTRasterBand dataType="Byte"><SimpleSource><SourceFilename relativeToVRT="1">'
+                 "masked.tif</SourceFilename><SourceBand>mask,1</SourceBand></SimpleSource></VRTRasterBand></MaskBand>")
+    inner = inner.replace("</VRTDataset>", mask_band + "</VRTDataset>")
+    (tmp_path / "outer.vrt").write_text(inner.replace("masked.tif", "inner.vrt").replace(mask_band, ""))
+    (tmp_path / "inner.vrt").write_text(inner.replace(">masked.tif<", ">/vsicurl/http://127.0.0.1:9/masked.tif<"))
+    monkeypatch.setenv("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
+    with gdal_env(str(tmp_path / "outer.vrt")):  # its inner VRT names a remote file: EMPTY_DIR kept
+        assert rasterio.env.getenv().get("GDAL_DISABLE_READDIR_ON_OPEN") != "TRUE"
+    (tmp_path / "inner.vrt").write_text(inner)  # now a local source, with its .msk
+    source = open_source(str(tmp_path / "outer.vrt"), spatial_dims=2)
+    np.testing.assert_array_equal(source.read_valid(((0, 40), (0, 50))), mask > 0)
+
+
 def test_validity_from_the_pixels_read_is_gdals_dataset_mask(tmp_path):
     """Where the mask comes from nodata values alone, it is computed from the pixels read (GDAL's dataset mask
     reads every band again): the same pixels as rasterio's ``dataset_mask``, on the demo scene (nodata 0) and

@@ -92,48 +92,45 @@ def _names_network_files(path: str) -> bool:
     """Whether the local ``path`` is a VRT that names files over the network, itself or through the local VRTs it
     names: GDAL opens its sources under the VRT's settings, and ``TRUE`` asked the server for 7 sidecars of each
     source opened (``.aux.xml``, ``.aux``, ``.xml``, ...), where the environment's ``EMPTY_DIR`` asks for none. A
-    VRT this process cannot read (in an archive, ``/vsizip/``) is taken to name some."""
+    VRT this process cannot read (in an archive, ``/vsizip/``) is taken to name some.  Its sources' names are what
+    counts: a URL elsewhere in its text (a metadata item's licence, ``https://...``) kept ``EMPTY_DIR``, and a local
+    source's ``.msk`` was lost; a local VRT naming a VRT of remote files asked for their sidecars.  Each VRT is read
+    once a version (:func:`_vrt_sources`), each looked at as it is now: with the outer VRT's version alone, an inner
+    VRT changed from a remote source to a local one kept ``EMPTY_DIR``, and that source's ``.msk`` was lost."""
     if not path.lower().endswith(".vrt"):
         return False
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return path.startswith("/vsi")
-    return _vrt_names_network_files(path, stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=64)
-def _vrt_names_network_files(path: str, mtime_ns: int, size: int) -> bool:
-    """:func:`_names_network_files` of a local VRT as it is at ``mtime_ns`` and ``size`` (read once a version; the
-    local VRTs it names are read with it, not each open).  Its sources' names are what counts: a URL elsewhere in
-    its text (a metadata item's licence, ``https://...``) kept ``EMPTY_DIR``, and a local source's ``.msk`` was
-    lost; a local VRT naming a VRT of remote files asked for their sidecars."""
     pending, seen = [path], set()
     while pending:
         vrt = pending.pop()
         if os.path.realpath(vrt) in seen:  # a VRT naming itself, or one named twice
             continue
         seen.add(os.path.realpath(vrt))
-        for name in _vrt_sources(vrt):
+        try:
+            stat = os.stat(vrt)
+        except OSError:
+            if vrt.startswith("/vsi"):  # in an archive: as one it cannot read
+                return True
+            continue
+        for name in _vrt_sources(vrt, stat.st_mtime_ns, stat.st_size):
             if any(marker in name for marker in NETWORK):
                 return True
             if name.lower().endswith(".vrt"):
-                if name.startswith("/vsi") and not os.path.exists(name):  # in an archive: as one it cannot read
-                    return True
                 pending.append(name)
     return False
 
 
-def _vrt_sources(path: str) -> list[str]:
+@functools.lru_cache(maxsize=64)
+def _vrt_sources(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
     """The files a VRT's bands, mask and overviews read (its ``SourceFilename`` and ``SourceDataset``), those
-    relative to it joined to its folder; GDAL's ``vrt://`` connection strings as the file they name.  A VRT that
-    is no XML (GDAL then opens none of its sources) names none; one this process cannot read names none."""
+    relative to it joined to its folder; GDAL's ``vrt://`` connection strings as the file they name; read once a
+    version (``mtime_ns``, ``size``).  A VRT that is no XML (GDAL then opens none of its sources) names none; one
+    this process cannot read names none."""
     import xml.etree.ElementTree as ElementTree
 
     try:
         root = ElementTree.parse(path).getroot()
     except (OSError, ElementTree.ParseError):
-        return []
+        return ()
     names = []
     for element in root.iter():
         if element.tag not in ("SourceFilename", "SourceDataset") or not (element.text or "").strip():
@@ -144,7 +141,7 @@ def _vrt_sources(path: str) -> list[str]:
         if element.get("relativeToVRT") == "1" and not os.path.isabs(name) and not name.startswith("/vsi"):
             name = os.path.join(os.path.dirname(path), name)
         names.append(name)
-    return names
+    return tuple(names)
 
 
 @dataclass(frozen=True)
