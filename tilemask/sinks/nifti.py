@@ -26,6 +26,7 @@ import gzip
 import logging
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,7 +186,7 @@ class NiftiVolume:
             with open(self.finished, "rb") as f:
                 f.seek(-4, os.SEEK_END)
                 size = int.from_bytes(f.read(4), "little")
-        except (OSError, EOFError):  # none, or not gzip
+        except (OSError, EOFError, zlib.error):  # none, not gzip, or its deflate stream damaged from the start
             return False
         data = int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
         return vox_offset is not None and size == (vox_offset + data) % 2**32
