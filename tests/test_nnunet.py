@@ -413,6 +413,8 @@ def test_transpose_forward_is_what_the_network_sees(tmp_path):
         (FOLDER, _set("transpose_forward", "abc"), None, "plans.json: transpose_forward is not a list of numbers"),
         (FOLDER, _set("configurations/3d_fullres/patch_size", [float("inf"), 24, 16]), None,  # JSON's Infinity
          "patch_size is not a list of numbers (got [inf, 24, 16])"),  # it was 'OverflowError: cannot convert float...'
+        (FOLDER, _set("configurations/3d_fullres/spacing", [float("nan"), 1, 1]), None,  # JSON's NaN (or Infinity)
+         "spacing is not a list of numbers (got [nan, 1, 1])"),  # it was 'workflow: preprocess.spacing.0: ...'
         (FOLDER, _set("configurations/3d_fullres/architecture/arch_kwargs", [1]), None,
          "configuration 3d_fullres's arch_kwargs is not a mapping (got [1])"),
         (FOLDER, _set("configurations", ["3d_fullres"]), None, "plans.json: configurations is a list, not a mapping"),

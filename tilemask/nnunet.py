@@ -32,6 +32,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import pickletools
 import zipfile
 from pathlib import Path
@@ -282,7 +283,10 @@ def _numbers(value: Any, what: str, kind: type) -> list:
     try:
         if isinstance(value, str | dict):  # a string's characters are no list ("012")
             raise TypeError
-        return [kind(v) for v in value or []]
+        numbers = [kind(v) for v in value or []]
+        if not all(math.isfinite(n) for n in numbers):  # JSON's NaN and Infinity: float() takes them
+            raise ValueError
+        return numbers
     except (TypeError, ValueError, OverflowError):  # OverflowError: int() of JSON's Infinity
         raise WorkflowError(f"{KEY}: plans.json: {what} is not a list of numbers (got {value!r})") from None
 
