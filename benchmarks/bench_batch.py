@@ -165,7 +165,8 @@ def scheduler_benchmark(work: Path, listed: int, seconds: float) -> None:
         deadline = time.monotonic() + 60
         while not scheduler_file.exists():
             if scheduler.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"dask scheduler did not start (exit status {scheduler.poll()}) within 60 s")
+                raise SystemExit("dask scheduler wrote no scheduler file within 60 s"
+                                 f"{'' if scheduler.poll() is None else f' (it exited, status {scheduler.poll()})'}")
             time.sleep(0.1)
         address = json.loads(scheduler_file.read_text())["address"]
         worker = subprocess.Popen([BIN / "dask", "worker", address, "--nthreads", "2", "--no-dashboard"],
