@@ -515,8 +515,8 @@ def _network_grid(workflow: Workflow, source: ImageSource) -> tuple[ImageSource,
         grid = model_grid(np.asarray(geometry.affine), source.spatial_shape, preprocess.orientation,
                           preprocess.spacing_per_axis)  # fmt: skip
     except OverflowError:  # [1e-320, 1, 1] (:func:`_spaced`): it was "ValueError: cannot convert float NaN to integer"
-        raise InputError(f"{source.path}: preprocess.spacing {list(preprocess.spacing_per_axis)} makes a network's "
-                         f"grid of more voxels than a float holds; {_GRID_LIMIT}") from None  # fmt: skip
+        raise InputError(f"{source.path}: preprocess.spacing {list(preprocess.spacing_per_axis)} makes the network's "
+                         f"grid too large for a float to count its voxels; {_GRID_LIMIT}") from None  # fmt: skip
     _check_model_grid_size(source, grid)
     logger.info("%s: the network sees a %s grid (%s %s)", source.path, "x".join(map(str, grid.shape)),
                 "its box" if isinstance(source, CroppedSource) else "input", "x".join(map(str, source.spatial_shape)))
