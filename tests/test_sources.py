@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import re
 import shutil
@@ -616,26 +617,44 @@ def test_a_raster_georeferenced_by_ground_control_points_or_rpcs_only_is_refused
         assert refused.value.exit_status == 2
 
 
+MASK_BAND_OF_MASKED_TIF = (
+    '<MaskBand><VRTRasterBand dataType="Byte"><SimpleSource><SourceFilename relativeToVRT="1">masked.tif'
+    "</SourceFilename><SourceBand>mask,1</SourceBand></SimpleSource></VRTRasterBand></MaskBand>"
+)  # a VRT's mask band: its source masked.tif's own mask
+
+
+def _raster_with_an_external_mask(path) -> np.ndarray:
+    """A 3-band 50 x 40 GeoTIFF at ``path`` with its mask in a ``.msk`` beside it (its left 20 columns invalid);
+    the mask."""
+    from rasterio.transform import from_origin
+
+    mask = np.full((40, 50), 255, np.uint8)
+    mask[:, :20] = 0
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False), rasterio.open(
+        path, "w", driver="GTiff", width=50, height=40, count=3, dtype="uint8", crs="EPSG:32633",
+        transform=from_origin(5e5, 4.2e6, 30, 30),
+    ) as ds:  # fmt: skip
+        ds.write(np.arange(3 * 40 * 50, dtype=np.uint8).reshape(3, 40, 50))
+        ds.write_mask(mask)
+    return mask
+
+
+def _raster_with_a_world_file(path: Path) -> Path:
+    """A 3-band 50 x 40 GeoTIFF at ``path`` placed by its world file alone (``.tfw``: 30 m pixels from 500000,
+    4200000)."""
+    with rasterio.open(path, "w", driver="GTiff", width=50, height=40, count=3, dtype="uint8") as ds:
+        ds.write(np.arange(3 * 40 * 50, dtype=np.uint8).reshape(3, 40, 50))
+    path.with_suffix(".tfw").write_text("30\n0\n0\n-30\n500015\n4199985\n")  # pixel centres, as world files say
+    return path
+
+
 def test_a_rasters_sidecar_files_count_as_rasterio_finds_them(tmp_path):
     """A world file and an external mask were ignored (GDAL was told not to list the folder, as for remote
     files): the labels had no place on Earth, and masked pixels were classified."""
     import rasterio
-    from rasterio.transform import from_origin
 
-    data = np.arange(3 * 40 * 50, dtype=np.uint8).reshape(3, 40, 50)
-    world = tmp_path / "world.tif"
-    with rasterio.open(world, "w", driver="GTiff", width=50, height=40, count=3, dtype="uint8") as ds:
-        ds.write(data)
-    (tmp_path / "world.tfw").write_text("30\n0\n0\n-30\n500015\n4199985\n")  # pixel centres, as world files say
-    masked = tmp_path / "masked.tif"
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False), rasterio.open(
-        masked, "w", driver="GTiff", width=50, height=40, count=3, dtype="uint8", crs="EPSG:32633",
-        transform=from_origin(5e5, 4.2e6, 30, 30),
-    ) as ds:  # fmt: skip
-        ds.write(data)
-        mask = np.full((40, 50), 255, np.uint8)
-        mask[:, :20] = 0
-        ds.write_mask(mask)
+    world, masked = _raster_with_a_world_file(tmp_path / "world.tif"), tmp_path / "masked.tif"
+    _raster_with_an_external_mask(masked)
     assert (tmp_path / "masked.tif.msk").exists()
     for path in (world, masked):
         source = open_source(str(path), spatial_dims=2)
@@ -651,27 +670,36 @@ def test_a_local_rasters_sidecars_are_found_where_the_environment_says_not_to_li
     inputs: GDAL probed no sidecar, and a scene's external mask (``.msk``) and world file were lost without a word
     (an EO review: every pixel valid, the nodata pixels classified). A local file's sidecars are probed one by one
     instead (``TRUE``: no listing of the folder)."""
-    from rasterio.transform import from_origin
-
-    data = np.arange(3 * 40 * 50, dtype=np.uint8).reshape(3, 40, 50)
-    world = tmp_path / "world.tif"
-    with rasterio.open(world, "w", driver="GTiff", width=50, height=40, count=3, dtype="uint8") as ds:
-        ds.write(data)
-    (tmp_path / "world.tfw").write_text("30\n0\n0\n-30\n500015\n4199985\n")  # pixel centres, as world files say
-    masked = tmp_path / "masked.tif"
-    mask = np.full((40, 50), 255, np.uint8)
-    mask[:, :20] = 0
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False), rasterio.open(
-        masked, "w", driver="GTiff", width=50, height=40, count=3, dtype="uint8", crs="EPSG:32633",
-        transform=from_origin(5e5, 4.2e6, 30, 30),
-    ) as ds:  # fmt: skip
-        ds.write(data)
-        ds.write_mask(mask)
+    world, masked = _raster_with_a_world_file(tmp_path / "world.tif"), tmp_path / "masked.tif"
+    mask = _raster_with_an_external_mask(masked)
     monkeypatch.setenv("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
     assert open_source(str(world), spatial_dims=2).geometry.transform == (5e5, 30.0, 0.0, 4.2e6, 0.0, -30.0)
     source = open_source(str(masked), spatial_dims=2)
     assert source.has_invalid
     np.testing.assert_array_equal(source.read_valid(((0, 40), (0, 50))), mask > 0)
+
+
+@contextlib.contextmanager
+def _asked_of(folder):
+    """A range server of ``folder`` in a thread: its URL, and the paths asked of it (each HEAD or GET)."""
+    import functools
+    import http.server
+
+    from tests.range_server import RangeHandler
+
+    asked = []
+
+    class Logged(RangeHandler):
+        def send_head(self):
+            asked.append(self.path)
+            return super().send_head()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Logged, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", asked
+    finally:
+        server.shutdown()
 
 
 @pytest.mark.timeout(60)
@@ -682,23 +710,8 @@ def test_a_local_vrt_of_remote_sources_asks_for_no_sidecar_where_the_environment
     went through to a local VRT's remote sources: its read asked the server for 7 sidecars of each source it
     opened (``HEAD /scene.tif.aux.xml``, ``/scene.aux``, ``/scene.AUX``, ``/scene.tif.aux``, ``/scene.tif.AUX``,
     ``/scene.xml``, ``/scene.XML``), where the environment had asked for none."""
-    import functools
-    import http.server
-
-    from tests.range_server import RangeHandler
-
-    asked = []
-
-    class Logged(RangeHandler):
-        def send_head(self):
-            asked.append(self.path)
-            return super().send_head()
-
     scene, data = make_raster((3, 40, 50), name="scene.tif")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Logged, directory=str(tmp_path)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+    with _asked_of(tmp_path) as (url, asked):
         band_vrt(tmp_path / "scene.vrt", [("scene.tif", "Byte", b) for b in (1, 2, 3)], 50, 40)
         mosaic = tmp_path / "mosaic.vrt"  # a local VRT naming a URL
         vrt = (tmp_path / "scene.vrt").read_text()
@@ -706,8 +719,6 @@ def test_a_local_vrt_of_remote_sources_asks_for_no_sidecar_where_the_environment
         monkeypatch.setenv("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
         source = open_source(str(mosaic), spatial_dims=2)
         np.testing.assert_array_equal(source.read(((0, 40), (0, 50))), data)
-    finally:
-        server.shutdown()
     assert set(asked) == {"/scene.tif"}, asked
 
 
@@ -715,31 +726,14 @@ def test_a_local_vrt_of_remote_sources_asks_for_no_sidecar_where_the_environment
 def test_a_local_vrt_naming_a_vrt_of_remote_sources_asks_for_no_sidecar_either(make_raster, tmp_path, monkeypatch):
     """A local VRT naming a local VRT of ``/vsicurl/`` sources: its own text names no URL, and its read asked the
     server for the 7 sidecars of each remote source, as a local VRT naming them did."""
-    import functools
-    import http.server
-
-    from tests.range_server import RangeHandler
-
-    asked = []
-
-    class Logged(RangeHandler):
-        def send_head(self):
-            asked.append(self.path)
-            return super().send_head()
-
     scene, data = make_raster((3, 40, 50), name="scene.tif")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Logged, directory=str(tmp_path)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+    with _asked_of(tmp_path) as (url, asked):
         vrt = band_vrt(tmp_path / "scene.vrt", [("scene.tif", "Byte", b) for b in (1, 2, 3)], 50, 40).read_text()
         (tmp_path / "remote.vrt").write_text(vrt.replace('relativeToVRT="1">', f'relativeToVRT="1">/vsicurl/{url}/'))
         (tmp_path / "outer.vrt").write_text(vrt.replace("scene.tif", "remote.vrt"))  # relative to it
         monkeypatch.setenv("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
         source = open_source(str(tmp_path / "outer.vrt"), spatial_dims=2)
         np.testing.assert_array_equal(source.read(((0, 40), (0, 50))), data)
-    finally:
-        server.shutdown()
     assert set(asked) == {"/scene.tif"}, asked
 
 
@@ -747,21 +741,10 @@ def test_a_url_in_a_local_vrts_metadata_does_not_lose_its_local_sources_sidecars
     """A local VRT whose text held ``://`` anywhere (a metadata item's licence URL) kept the environment's
     ``EMPTY_DIR``, as one naming remote files: its ``<MaskBand>`` read of a local source's external mask
     (``.msk``) found none, and every pixel was valid.  Its sources' names are what counts."""
-    from rasterio.transform import from_origin
-
-    data = np.arange(3 * 40 * 50, dtype=np.uint8).reshape(3, 40, 50)
-    mask = np.full((40, 50), 255, np.uint8)
-    mask[:, :20] = 0
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False), rasterio.open(
-        tmp_path / "masked.tif", "w", driver="GTiff", width=50, height=40, count=3, dtype="uint8", crs="EPSG:32633",
-        transform=from_origin(5e5, 4.2e6, 30, 30),
-    ) as ds:  # fmt: skip
-        ds.write(data)
-        ds.write_mask(mask)
+    mask = _raster_with_an_external_mask(tmp_path / "masked.tif")
     vrt = band_vrt(tmp_path / "masked.vrt", [("masked.tif", "Byte", b) for b in (1, 2, 3)], 50, 40).read_text()
     licence = '<Metadata><MDI key="LICENSE">https://example.com/licence</MDI></Metadata>'
-    mask_band = ('<MaskBand><VRTRasterBand dataType="Byte"><SimpleSource><SourceFilename relativeToVRT="1">'
-                 "masked.tif</SourceFilename><SourceBand>mask,1</SourceBand></SimpleSource></VRTRasterBand></MaskBand>")
+    mask_band = MASK_BAND_OF_MASKED_TIF
     vrt = vrt.replace("</GeoTransform>", "</GeoTransform>" + licence)
     (tmp_path / "masked.vrt").write_text(vrt.replace("</VRTDataset>", mask_band + "</VRTDataset>"))
     monkeypatch.setenv("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
@@ -774,22 +757,11 @@ def test_a_local_vrt_whose_inner_vrt_no_longer_names_remote_files_finds_its_side
     had named a ``/vsicurl/`` source, the outer kept ``EMPTY_DIR`` after the inner was changed to a local source
     (the outer file unchanged, in one process: a notebook's second run), and that source's ``.msk`` was lost (every
     pixel valid).  Each VRT read is looked at as it is now."""
-    from rasterio.transform import from_origin
-
     from tilemask.sources.raster import gdal_env
 
-    data = np.arange(3 * 40 * 50, dtype=np.uint8).reshape(3, 40, 50)
-    mask = np.full((40, 50), 255, np.uint8)
-    mask[:, :20] = 0
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False), rasterio.open(
-        tmp_path / "masked.tif", "w", driver="GTiff", width=50, height=40, count=3, dtype="uint8", crs="EPSG:32633",
-        transform=from_origin(5e5, 4.2e6, 30, 30),
-    ) as ds:  # fmt: skip
-        ds.write(data)
-        ds.write_mask(mask)
+    mask = _raster_with_an_external_mask(tmp_path / "masked.tif")
     inner = band_vrt(tmp_path / "inner.vrt", [("masked.tif", "Byte", b) for b in (1, 2, 3)], 50, 40).read_text()
-    mask_band = ('<MaskBand><VRTRasterBand dataType="Byte"><SimpleSource><SourceFilename relativeToVRT="1">'
-                 "masked.tif</SourceFilename><SourceBand>mask,1</SourceBand></SimpleSource></VRTRasterBand></MaskBand>")
+    mask_band = MASK_BAND_OF_MASKED_TIF
     inner = inner.replace("</VRTDataset>", mask_band + "</VRTDataset>")
     (tmp_path / "outer.vrt").write_text(inner.replace("masked.tif", "inner.vrt").replace(mask_band, ""))
     (tmp_path / "inner.vrt").write_text(inner.replace(">masked.tif<", ">/vsicurl/http://127.0.0.1:9/masked.tif<"))
