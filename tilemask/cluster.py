@@ -210,7 +210,7 @@ def cluster_client(
                     scheduler_kwargs={"dashboard": dashboard},
                     plugins={EmbeddedWorker(quiet=quiet)},
                     env={GPU_PER_WORKER: "1"},  # worker i takes GPU i (:func:`tilemask.models.resolve_device`)
-                    silence_logs=logging.CRITICAL if not logger.isEnabledFor(logging.DEBUG) else logging.INFO,
+                    silence_logs=logging.CRITICAL if quiet else logging.INFO,
                 )
             started()
             signal.pthread_sigmask(signal.SIG_SETMASK, unheld)  # a Ctrl-C during the start is raised here
