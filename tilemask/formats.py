@@ -445,22 +445,22 @@ class DicomSegFormat(Format):
 
         from .sinks.dicomseg import CONVERTED, REQUIRED, refused_values
 
-        first = pydicom.dcmread(source.files[0], stop_before_pixels=True, specific_tags=list(CONVERTED))
-        for keyword, why in refused_values(first).items():  # the SEG copies the first slice's; here, not on a worker
-            logger.warning("%s: the DICOM SEG leaves %s empty: its %r is no DICOM value (%s)", source.files[0], keyword,
-                           first.get(keyword), why)  # fmt: skip
-        shared = {}  # the first slice's study and frame of reference, which every slice of a SEG's must share
+        first = None  # the first slice: the SEG copies its patient and study, and its study and frame of reference
         for path in source.files:  # headers only: each slice is referred to by its own UIDs
-            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(REQUIRED))
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[*REQUIRED, *CONVERTED])
             missing = [keyword for keyword in REQUIRED if not header.get(keyword)]
             if missing:
                 raise InputError(f"{path}: no {' or '.join(missing)}, which a DICOM Segmentation must copy")
+            if first is None:
+                first = header
+                for keyword, why in refused_values(first).items():  # warned here: a worker's warning is not seen
+                    logger.warning("%s: the DICOM SEG leaves %s empty: its %r is no DICOM value (%s)", path, keyword,
+                                   first.get(keyword), why)  # fmt: skip
             for keyword in ("StudyInstanceUID", "FrameOfReferenceUID"):  # highdicom refused them after every window
-                given = header.get(keyword)
-                first_path, first_value = shared.setdefault(keyword, (path, given))
-                if given != first_value:
-                    raise InputError(f"{path}: its {keyword} {given} differs from {first_value} of {first_path}; "
-                                     "a DICOM Segmentation refers to slices of one study and frame of reference")
+                if header.get(keyword) != first.get(keyword):
+                    raise InputError(f"{path}: its {keyword} {header.get(keyword)} differs from {first.get(keyword)} "
+                                     f"of {source.files[0]}; a DICOM Segmentation refers to slices of one study and "
+                                     "frame of reference")  # fmt: skip
 
     def class_name_problem(self, name):
         from .sinks.dicomseg import segment_label_problem

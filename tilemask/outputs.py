@@ -191,17 +191,17 @@ def atomic_path(path: str | os.PathLike, run_id: str | None = None) -> Iterator[
         publish(staged, path)
     except BaseException as exc:
         # a full disk, looked at before the staged file goes; GDAL's vector writers (pyogrio) raise their own types
-        why = describe_write_error(exc, staged) if isinstance(exc, (OSError, *ogr_errors())) else None
+        why = describe_write_error(exc, staged) if isinstance(exc, (OSError, *_ogr_errors())) else None
         remove(staged)
         if why == "no space left on device":
             raise OutputError(f"{path}: no space left on device") from None
-        if isinstance(exc, ogr_errors()):  # naming the staged file or none (SQLite rolled a full disk back: room again)
+        if isinstance(exc, _ogr_errors()):  # naming the staged file or none (SQLite rolled a full disk back: room)
             raise OutputError(f"{path}: cannot write the output: {why.replace(staged, os.fspath(path))}") from None
         raise
 
 
 @functools.cache
-def ogr_errors() -> tuple[type[Exception], ...]:
+def _ogr_errors() -> tuple[type[Exception], ...]:
     """pyogrio's errors of a write that failed (none is an ``OSError``): SQLite's full disk is a ``FeatureError``
     (``... database or disk is full``) or, at the commit, ``DataSourceError: Failed to commit transaction``."""
     try:
