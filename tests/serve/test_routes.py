@@ -155,7 +155,8 @@ def test_probability_tiles_are_a_ramp_of_the_band(server, served_folder):
     by_name = get(f"{server}tiles/10/{tile.x}/{tile.y}.png", params={"output": PROBS, "band": 3})
     assert by_name.status_code == 200 and np.array_equal(png(by_name), rgba)
     unbanded = get(f"{server}tiles/10/{tile.x}/{tile.y}.png", params={"output": PROBS})
-    assert unbanded.status_code == 422 and "give the band" in unbanded.json()["detail"]
+    assert unbanded.status_code == 422  # each band with its class: it said "&band=1 for the first class"
+    assert unbanded.json()["detail"].endswith("give the band to show: &band=1 (water), &band=2 (land), &band=3 (cloud)")
 
 
 @pytest.mark.parametrize("store", ["zarr/RGB.byte_mask.zarr", "zarr/RGB.byte_mask.ome.zarr"])
@@ -227,12 +228,13 @@ def test_point_gives_the_label_class_and_probabilities_of_the_pixel(server, serv
 
 def test_point_names_a_sigmoids_one_probability_for_the_foreground(tmp_path):
     """A sigmoid's one probability channel (classes ``[background, foreground]``) is the foreground's: ``/point``
-    gave it under the background's name, ``{"land": 0.901961}`` for a pixel the labels call water."""
+    gave it under the background's name, ``{"land": 0.901961}`` for a pixel the labels call water; a tile asked of
+    the probabilities without a band names it so."""
     from rasterio.transform import from_origin
 
     from tilemask.geometry import RasterGeometry
     from tilemask.serve.catalog import Entry
-    from tilemask.serve.raster import point
+    from tilemask.serve.raster import band_choices, point
     from tilemask.sinks import OutputLayout, make_sink
 
     labels = np.zeros((64, 64), np.uint8)
@@ -248,6 +250,7 @@ def test_point_names_a_sigmoids_one_probability_for_the_foreground(tmp_path):
     lon, lat = Transformer.from_crs("EPSG:32618", "OGC:CRS84", always_xy=True).transform(500000 + 48 * 30, 3999000)
     answer = point(tmp_path, entry, lon, lat)
     assert (answer["class"], answer["probabilities"]) == ("water", {"water": round(230 / 255, 6)})
+    assert band_choices(tmp_path, entry) == "&band=1 (water)"  # a tile's 422 said "&band=1 for the first class"
 
 
 def test_stats_serves_the_table_tilemask_wrote(server, served_folder):

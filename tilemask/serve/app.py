@@ -146,7 +146,7 @@ def create_app(
             raise HTTPException(404, f"tile {z}/{x}/{y} is outside the tile matrix (0 to {2**z - 1} at zoom {z})",
                                 headers=OUTSIDE)  # fmt: skip
         if band is None and entry.path != relative(root, resolve(root, output)):  # the probabilities named
-            raise HTTPException(422, f"{output}: probabilities: give the band to show (&band=1 for the first class)")
+            raise HTTPException(422, f"{output}: give the band to show: {raster.band_choices(root, entry)}")
         if band is not None and not entry.probabilities:
             raise HTTPException(404, f"{output}: no probabilities were written")
         try:

@@ -323,6 +323,16 @@ def point(root: Path, entry: Entry, lon: float, lat: float) -> dict:
     return out
 
 
+def band_choices(root: Path, entry: Entry, shown: int = 4) -> str:
+    """The bands of ``entry``'s probabilities COG as a tile asks for them, each with its class: ``&band=1 (water),
+    &band=2 (land)``; a sigmoid's one band is the foreground's (:func:`probability_class`); the first ``shown``."""
+    with reader(root, entry, "probabilities") as r:
+        count = r.dataset.count
+    names = entry.class_names
+    bands = [f"&band={i + 1} ({class_name(names, probability_class(names, count, i))})" for i in range(count)]
+    return ", ".join(bands[:shown]) + (f", ... &band={count}" if count > shown else "")
+
+
 def _png(rgba: np.ndarray) -> bytes:
     import io
 
