@@ -734,3 +734,21 @@ def test_a_roi_size_of_one_number_has_as_many_axes_as_the_network(tmp_path):
     with pytest.raises(WorkflowError, match="roi_size=24: one number, and the network does not say how many spatial "
                                             "axes it has; give one size per axis"):  # fmt: skip
         bundle_defaults(bundle("scripted", "$torch.jit.load('model.ts')", weights="model.ts"))
+
+
+@pytest.mark.parametrize("disabled", ["false", "False", " FALSE "])
+def test_a_transform_disabled_by_the_string_false_is_one_monai_runs(tmp_path, disabled):
+    """MONAI's ``ConfigComponent.is_disabled`` reads a string ``_disabled_`` as true only when it says "true": a
+    transform with ``"_disabled_": "false"`` runs in MONAI. tilemask took any non-empty string as disabled and
+    skipped it without a word: a ``CropForegroundd`` it refuses ran (exit 0), and a ``ScaleIntensityRanged`` was
+    left out, its intensities unscaled."""
+    folder = spleen_ct_bundle(tmp_path / "bundle")
+    raw = {"version": 1, "input": "x.nii.gz", "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}}
+    _edited(folder, lambda c: c["preprocessing"]["transforms"][4].update(_disabled_=disabled))
+    assert Workflow.from_dict(raw).preprocess.intensity.a_max == 5000  # applied, as MONAI applies it
+    _edited(folder, lambda c: c["preprocessing"]["transforms"][4].update(_disabled_="true"))
+    assert Workflow.from_dict(raw).preprocess.intensity is None  # left out, as MONAI leaves it out
+    crop = {"_target_": "CropForegroundd", "keys": "image", "source_key": "image", "_disabled_": disabled}
+    _edited(folder, lambda c: c["preprocessing"]["transforms"].insert(2, crop))
+    with pytest.raises(WorkflowError, match="preprocessing CropForegroundd cannot run chunk by chunk"):
+        Workflow.from_dict(raw)

@@ -265,8 +265,8 @@ def _network(parser, folder: Path) -> dict:
 
 
 def _transforms(parser, key: str | None) -> list[dict]:
-    """The configs of the transforms ``key`` holds (a Compose or a list; none without ``key``), those not
-    ``_disabled_``."""
+    """The configs of the transforms ``key`` holds (a Compose or a list; none without ``key``), those MONAI does
+    not leave out (``_disabled_``)."""
     value = _parsed(parser, key) if key else None
     if value is None:
         return []
@@ -275,7 +275,15 @@ def _transforms(parser, key: str | None) -> list[dict]:
         raise WorkflowError(f"model.bundle: {key} is not a Compose or a list of transforms "
                             f"(it gives a {type(transforms).__name__})")  # fmt: skip
     transforms = [t.get_config() if hasattr(t, "get_config") else t for t in transforms]  # parsed components
-    return [t for t in transforms if isinstance(t, dict) and not t.get("_disabled_")]
+    return [t for t in transforms if isinstance(t, dict) and not _disabled(t)]
+
+
+def _disabled(config: dict) -> bool:
+    """Whether MONAI leaves the component out: its ``ConfigComponent.is_disabled``, which reads a string
+    ``_disabled_`` as true only when it says "true" (``"false"`` runs the transform)."""
+    from monai.bundle import ConfigComponent
+
+    return ConfigComponent(config).is_disabled()
 
 
 def _values(value) -> list[float]:
