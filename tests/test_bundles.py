@@ -752,3 +752,37 @@ def test_a_transform_disabled_by_the_string_false_is_one_monai_runs(tmp_path, di
     _edited(folder, lambda c: c["preprocessing"]["transforms"].insert(2, crop))
     with pytest.raises(WorkflowError, match="preprocessing CropForegroundd cannot run chunk by chunk"):
         Workflow.from_dict(raw)
+
+
+@pytest.mark.parametrize("bands", [1, 3])
+def test_a_2d_bundle_sees_a_png_with_monai_s_axes_x_first(tmp_path, client, bands):
+    """MONAI's readers (PIL's for a PNG, ITK's) give a 2D image's axes x first, (width, height), and a 2D bundle's
+    network and ``roi_size`` are in that order; tilemask reads a raster's rows first. It ran the network on the
+    image transposed: 5664 of 12288 labels (grey) and 5075 (RGB) other than MONAI's own run of the bundle, whose
+    labels matched tilemask's only once the PNG itself was transposed."""
+    import rasterio
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = np.cumsum(rng.normal(size=(80, 56, bands)), axis=0)  # 80 rows, 56 columns; smooth down the columns
+    image = (255 * (rows - rows.min()) / np.ptp(rows)).astype(np.uint8)
+    png = tmp_path / "image.png"
+    Image.fromarray(image[..., 0] if bands == 1 else image).save(png)
+    network = {"_target_": "UNet", "spatial_dims": 2, "in_channels": bands, "out_channels": 3, "channels": [8, 16],
+               "strides": [2], "num_res_units": 1}
+    inferer = {"_target_": "SlidingWindowInferer", "roi_size": [48, 32], "sw_batch_size": 4, "overlap": [0.25, 0.5],
+               "sigma_scale": [0.125, 0.2], "mode": "gaussian"}
+    preprocessing = [*UNRESAMPLED[:2], {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0, "a_max": 255,
+                                        "b_min": 0.0, "b_max": 1.0, "clip": True}]  # fmt: skip
+    folder = write_bundle(tmp_path / "bundle", network, preprocessing, inferer, SOFTMAX_LABELS, ["bg", "a", "b"])
+    expected = monai_runs_the_bundle(folder, png, labels=True)[0]  # (x, y): MONAI's
+    assert expected.shape == (56, 80)
+    workflow = {"version": 1, "input": str(png), "model": {"bundle": str(folder)},
+                "output": {"path": "out/{stem}_labels.tif", "quicklook": False}}  # fmt: skip
+    parsed = Workflow.from_dict(workflow, base_dir=tmp_path).inference
+    assert (parsed.roi_size, parsed.overlap, parsed.sigma_scale) == ([32, 48], [0.5, 0.25], [0.2, 0.125])  # rows first
+    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    with rasterio.open(result.outputs[0]) as written:
+        labels = written.read(1)
+    assert labels.shape == (80, 56)
+    np.testing.assert_array_equal(labels, expected.T)

@@ -100,6 +100,11 @@ def bundle_defaults(folder: Path) -> dict[str, Any]:
     inference = _inferer(parser, spatial_dims)
     ndim = 3 if "slice_axis" in inference else int(spatial_dims or len(inference["roi_size"]))  # the image's axes
     post_key = _referred(parser, "evaluator::postprocessing") or _referred(parser, "postprocessing")
+    if ndim == 2:  # MONAI reads a 2D image x first, (width, height), tilemask a raster's rows first
+        model.setdefault("args", {})["_x_first"] = True  # tilemask.models.X_FIRST: the windows go in transposed
+        for key in ("roi_size", "overlap", "sigma_scale"):  # and the inferer's values per axis are MONAI's (x, y)
+            if isinstance(inference.get(key), list | tuple):
+                inference[key] = list(inference[key])[::-1]
     keys: dict[str, Any] = {"model": model, "preprocess": _preprocessing(parser, folder, post_key, ndim),
                             "inference": inference, "output": {}}  # fmt: skip
     channel_def = _channel_def(parser, metadata)

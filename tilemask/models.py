@@ -33,6 +33,8 @@ from .settings import ModelSpec
 
 logger = logging.getLogger(__name__)
 
+# model.args key (a 2D MONAI bundle's): the network takes images x first, (width, height), as MONAI reads them
+X_FIRST = "_x_first"
 MODELS_PER_PROCESS = 2  # least recently used models beyond this are dropped (GPU memory)
 _models: OrderedDict[tuple[ModelSpec, str], torch.nn.Module] = OrderedDict()
 _models_lock = threading.Lock()
@@ -67,6 +69,7 @@ def build_network(spec: ModelSpec) -> torch.nn.Module:
     bundle's, whose ``scripts`` package holds its network) are put on ``sys.path`` first, as MONAI's bundle runner
     puts the bundle's."""
     args = dict(spec.args)
+    args.pop(X_FIRST, None)  # load_model's, not the network's
     folders = [str(f) for f in args.pop("_import_path", None) or []]
     for folder in folders:
         add_to_path(folder)
@@ -145,10 +148,26 @@ class SliceWise(torch.nn.Module):
         return torch.unsqueeze(self.network(torch.squeeze(x, dim=self.dim)), dim=self.dim)
 
 
+class XFirst(torch.nn.Module):
+    """A 2D network that takes images x first, (width, height), as MONAI's readers give them (a MONAI bundle's):
+    tilemask's windows, rows first, transposed on the way in and its output on the way out."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x.transpose(-1, -2)).transpose(-1, -2)
+
+
 def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The network with its weights, in eval mode, on ``device``; a 2D one run over a volume's slices
-    (``spec.slice_axis``) wrapped in :class:`SliceWise`."""
+    (``spec.slice_axis``) wrapped in :class:`SliceWise`, one whose args set ``_x_first`` (a 2D MONAI bundle's) in
+    :class:`XFirst`."""
     model = _loaded(spec, device)
+    if spec.args.get(X_FIRST):
+        wrapped = XFirst(model).eval()
+        model = torch.jit.script(wrapped) if isinstance(model, torch.jit.ScriptModule) else wrapped
     if spec.slice_axis is None:
         return model
     wrapped = SliceWise(model, spec.slice_axis).eval()  # a TorchScript archive's stays TorchScript (torch-mkldnn)
