@@ -786,3 +786,17 @@ def test_a_2d_bundle_sees_a_png_with_monai_s_axes_x_first(tmp_path, client, band
         labels = written.read(1)
     assert labels.shape == (80, 56)
     np.testing.assert_array_equal(labels, expected.T)
+
+
+def test_a_sliding_window_inferer_adapt_runs_as_monai_runs_it(tmp_path, client):
+    """``SlidingWindowInfererAdapt`` (Auto3DSeg's bundles) slides and weighs the windows as ``SlidingWindowInferer``,
+    of which it is a subclass; it only moves the stitching to the CPU when a GPU runs out of memory. It was refused:
+    "inferer must be a SlidingWindowInferer or SliceInferer _target_ dict (got 'SlidingWindowInfererAdapt')"."""
+    inferer = {**SMALL_INFERER, "_target_": "SlidingWindowInfererAdapt", "mode": "gaussian", "overlap": 0.5}
+    folder = write_bundle(tmp_path / "adapt", small_unet(2), UNRESAMPLED, inferer, SOFTMAX_LABELS, ["background", "x"])
+    scan = stored_psr(tmp_path)
+    assert_runs_as_monai(folder, scan, tmp_path, client, atol=1e-5)
+    _edited(folder, lambda c: c["inferer"].update(padding_mode="reflect"))  # its arguments checked as the parent's
+    with pytest.raises(WorkflowError, match="inferer SlidingWindowInfererAdapt padding_mode='reflect': tilemask does"):
+        Workflow.from_dict({"version": 1, "input": str(scan), "model": {"bundle": str(folder)},
+                            "output": {"path": "x.nii.gz"}})  # fmt: skip

@@ -49,6 +49,9 @@ LOADIMAGE_OWN = {  # LoadImaged's own arguments: any other goes to its reader; o
     "simple_keys", "prune_meta_pattern", "prune_meta_sep", "allow_missing_keys", "expanduser",
 }  # fmt: skip
 INFERERS = ("SlidingWindowInferer", "SliceInferer")
+# the same windows and weights as the class named: SlidingWindowInfererAdapt only moves the stitching to the CPU
+# when a GPU runs out of memory (Auto3DSeg's bundles use it)
+SAME_AS = {"SlidingWindowInfererAdapt": "SlidingWindowInferer"}
 READ = {  # per transform tilemask applies: the arguments it reads (below); any other must be MONAI's default
     "Orientation": {"axcodes", "as_closest_canonical"},
     "Spacing": {"pixdim", "mode"},
@@ -163,8 +166,11 @@ def _target(config: dict) -> str:
 
 
 def _name(config: dict) -> str:
-    """A transform's class name without its module and the dictionary ``d`` suffix."""
+    """A transform's class name without its module and the dictionary ``d`` suffix (an inferer that computes what
+    another does, that one's: ``SAME_AS``)."""
     name = _target(config)
+    if name in SAME_AS:
+        return SAME_AS[name]
     return name[:-1] if name.endswith("d") and name[:-1] in KNOWN else name
 
 
