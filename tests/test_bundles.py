@@ -786,6 +786,11 @@ def test_a_2d_bundle_sees_a_png_with_monai_s_axes_x_first(tmp_path, client, band
         labels = written.read(1)
     assert labels.shape == (80, 56)
     np.testing.assert_array_equal(labels, expected.T)
+    # over a volume's slices (the workflow's own slice_axis) the axes are the volume's, MONAI's order: as written
+    sliced = {**workflow, "input": "x.nii.gz", "inference": {"slice_axis": 2}, "output": {"path": "x.nii.gz"}}
+    parsed = Workflow.from_dict(sliced, base_dir=tmp_path)
+    assert (parsed.inference.roi_size, parsed.inference.overlap) == ([48, 32], [0.25, 0.5])
+    assert "_x_first" not in parsed.model.args
 
 
 def test_a_sliding_window_inferer_adapt_runs_as_monai_runs_it(tmp_path, client):

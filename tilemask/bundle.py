@@ -81,8 +81,9 @@ POSTPROCESSING_ORDER = ("Activations", "Invert", "AsDiscrete", "KeepLargestConne
 KNOWN = PASSIVE | set(READ)
 
 
-def bundle_defaults(folder: Path) -> dict[str, Any]:
-    """Workflow keys (a raw workflow dict) from the bundle at ``folder``."""
+def bundle_defaults(folder: Path, workflow: dict | None = None) -> dict[str, Any]:
+    """Workflow keys (a raw workflow dict) from the bundle at ``folder``; ``workflow``, the raw keys that override
+    them, says whether a 2D network runs over a volume's slices (its own ``inference.slice_axis``)."""
     from monai.bundle import ConfigParser
 
     configs = folder / "configs"
@@ -103,7 +104,9 @@ def bundle_defaults(folder: Path) -> dict[str, Any]:
     inference = _inferer(parser, spatial_dims)
     ndim = 3 if "slice_axis" in inference else int(spatial_dims or len(inference["roi_size"]))  # the image's axes
     post_key = _referred(parser, "evaluator::postprocessing") or _referred(parser, "postprocessing")
-    if ndim == 2:  # MONAI reads a 2D image x first, (width, height), tilemask a raster's rows first
+    own = (workflow or {}).get("inference")
+    over_slices = isinstance(own, dict) and own.get("slice_axis") is not None  # a volume's axes: MONAI's order
+    if ndim == 2 and not over_slices:  # MONAI reads a 2D image x first, (width, height), tilemask a raster's rows
         model.setdefault("args", {})["_x_first"] = True  # tilemask.models.X_FIRST: the windows go in transposed
         for key in ("roi_size", "overlap", "sigma_scale"):  # and the inferer's values per axis are MONAI's (x, y)
             if isinstance(inference.get(key), list | tuple):

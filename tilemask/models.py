@@ -165,7 +165,7 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.
     (``spec.slice_axis``) wrapped in :class:`SliceWise`, one whose args set ``_x_first`` (a 2D MONAI bundle's) in
     :class:`XFirst`."""
     model = _loaded(spec, device)
-    if spec.args.get(X_FIRST):
+    if spec.args.get(X_FIRST) and spec.slice_axis is None:  # a volume's slices are in MONAI's order already
         wrapped = XFirst(model).eval()
         model = torch.jit.script(wrapped) if isinstance(model, torch.jit.ScriptModule) else wrapped
     if spec.slice_axis is None:

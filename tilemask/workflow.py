@@ -547,7 +547,7 @@ class Workflow(_Strict):
                                     "give the folder it holds")  # fmt: skip
             if not folder.is_dir():
                 raise WorkflowError(f"model.bundle: no such folder {folder}")
-            raw = merge(bundle_defaults(folder), raw)
+            raw = merge(bundle_defaults(folder, raw), raw)
         try:
             workflow = cls.model_validate(raw)
         except ValidationError as exc:
