@@ -805,3 +805,21 @@ def test_a_sliding_window_inferer_adapt_runs_as_monai_runs_it(tmp_path, client):
     with pytest.raises(WorkflowError, match="inferer SlidingWindowInfererAdapt padding_mode='reflect': tilemask does"):
         Workflow.from_dict({"version": 1, "input": str(scan), "model": {"bundle": str(folder)},
                             "output": {"path": "x.nii.gz"}})  # fmt: skip
+
+
+@pytest.mark.parametrize("step", [{"_target_": "Spacingd", "keys": "image", "pixdim": [0.5, 0.5]},
+                                  {"_target_": "Orientationd", "keys": "image", "axcodes": "RA"}])  # fmt: skip
+def test_a_2d_bundle_that_orients_or_resamples_is_refused_naming_its_transform(tmp_path, step):
+    """tilemask orients and resamples volumes only: a 2D bundle's ``Spacingd`` was refused as "preprocess.orientation,
+    spacing and crop apply to volumes", its ``Orientationd(axcodes="RA")`` as "preprocess.orientation: three axis
+    codes", keys the bundle never wrote."""
+    network = {"_target_": "UNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2, "channels": [8, 16],
+               "strides": [2], "num_res_units": 1}
+    inferer = {"_target_": "SlidingWindowInferer", "roi_size": [32, 32], "sw_batch_size": 4, "overlap": 0.25}
+    folder = write_bundle(tmp_path / "bundle", network, [*UNRESAMPLED[:2], step], inferer, SOFTMAX_LABELS,
+                          ["background", "x"])  # fmt: skip
+    raw = {"version": 1, "input": "x.png", "model": {"bundle": str(folder)}, "output": {"path": "x.tif"}}
+    with pytest.raises(WorkflowError, match=rf"^model.bundle: preprocessing {step['_target_']} with a 2D network: "
+                                            "tilemask orients and resamples volumes") as caught:  # fmt: skip
+        Workflow.from_dict(raw)
+    assert caught.value.exit_status == 2

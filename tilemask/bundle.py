@@ -111,7 +111,8 @@ def bundle_defaults(folder: Path, workflow: dict | None = None) -> dict[str, Any
         for key in ("roi_size", "overlap", "sigma_scale"):  # and the inferer's values per axis are MONAI's (x, y)
             if isinstance(inference.get(key), list | tuple):
                 inference[key] = list(inference[key])[::-1]
-    keys: dict[str, Any] = {"model": model, "preprocess": _preprocessing(parser, folder, post_key, ndim),
+    planar = ndim == 2 and not over_slices  # a 2D network over 2D images: nothing to orient or resample
+    keys: dict[str, Any] = {"model": model, "preprocess": _preprocessing(parser, folder, post_key, ndim, planar),
                             "inference": inference, "output": {}}  # fmt: skip
     channel_def = _channel_def(parser, metadata)
     post = _postprocessing(parser, post_key, model.get("args", {}), channel_def, ndim)
@@ -394,13 +395,18 @@ def _loads_images(config) -> bool:
     return isinstance(config, list) and any(_loads_images(v) for v in config)
 
 
-def _preprocessing(parser, folder: Path, post_key: str | None, ndim: int) -> dict:
+def _preprocessing(parser, folder: Path, post_key: str | None, ndim: int, planar: bool = False) -> dict:
+    """Workflow ``preprocess`` keys; ``planar``: a 2D network over 2D images, which tilemask neither orients nor
+    resamples (volumes only)."""
     key = _preprocessing_key(parser, folder, post_key)
     keys: dict[str, Any] = {}
     for config in _transforms(parser, key):
         if _name(config) in CHECKED:
             _loading(key, config)
     for name, target, args in _steps(parser, key, PREPROCESSING_ORDER):
+        if planar and name in ("Orientation", "Spacing"):
+            raise WorkflowError(f"model.bundle: {key} {target} with a 2D network: tilemask orients and resamples "
+                                "volumes (a 2D network over a volume's slices: inference.slice_axis)")  # fmt: skip
         if name == "Orientation":
             keys["orientation"] = "RAS" if args.get("as_closest_canonical") else args.get("axcodes")
         elif name == "Spacing":
