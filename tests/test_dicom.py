@@ -1430,3 +1430,27 @@ def test_a_segmentation_states_the_spacing_its_frames_lie_at_not_the_one_a_slice
     assert float(measures.SpacingBetweenSlices) == pytest.approx(2.5) and float(measures.SliceThickness) == 5.0
     series = hd.get_volume_from_series([pydicom.dcmread(f) for f in folder.iterdir()])
     assert seg.get_volume().spacing == pytest.approx(series.spacing, abs=1e-6)
+
+
+@pytest.mark.timeout(60)
+def test_a_real_enhanced_ct_in_its_folder_is_named_as_a_multi_frame_image(tmp_path):
+    """A real Enhanced CT (highdicom's legacy conversion of a series: its geometry in the functional groups, no
+    ImageOrientationPatient of its own) in its folder was refused as "no ImageOrientationPatient: tilemask needs the
+    slice geometry" (an exploratory review), where the README says a multi-frame file is named as one there too."""
+    import highdicom as hd
+
+    from tilemask.sources import open_source
+
+    series = write_series(tmp_path / "series", rows=12, columns=20, slices=6)
+    slices = [pydicom.dcmread(f) for f in sorted(series.iterdir())]
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        slices, series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(), instance_number=1
+    )
+    assert "ImageOrientationPatient" not in enhanced and "SharedFunctionalGroupsSequence" in enhanced
+    (tmp_path / "enhanced").mkdir()
+    path = tmp_path / "enhanced" / "ct.dcm"
+    enhanced.save_as(path)
+    for given in (path, path.parent):
+        with pytest.raises(InputError, match=rf"^{path}: a multi-frame image \(6 frames\); tilemask reads series of "
+                                             "single-frame slices$"):  # fmt: skip
+            open_source(str(given), 3)

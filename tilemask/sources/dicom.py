@@ -321,6 +321,9 @@ class DicomSeriesSource(ImageSource):
             raise InputError(f"{folder}: holds {len(series)} DICOM series; give the folder of one series: "
                              f"{_series_listed(images)}")  # fmt: skip
         for path, h in images:
+            frames = int(h.get("NumberOfFrames", 1) or 1)  # first: an Enhanced CT or MR keeps its geometry per frame
+            if frames != 1:  # (functional groups), and was refused for "no ImageOrientationPatient"
+                raise InputError(f"{path}: {MULTI_FRAME.format(frames=frames)}")
             missing = [
                 k for k in ("Columns", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing") if k not in h
             ]
@@ -330,9 +333,6 @@ class DicomSeriesSource(ImageSource):
                 raise InputError(f"{path}: {pixel_problems[path]}")
             if len(h.ImageOrientationPatient) != 6 or len(h.ImagePositionPatient) != 3 or len(h.PixelSpacing) != 2:
                 raise InputError(f"{path}: ImageOrientationPatient, ImagePositionPatient or PixelSpacing is malformed")
-            frames = int(h.get("NumberOfFrames", 1) or 1)
-            if frames != 1:
-                raise InputError(f"{path}: {MULTI_FRAME.format(frames=frames)}")
             if int(h.get("SamplesPerPixel", 1) or 1) != 1:
                 raise InputError(f"{path}: {h.get('PhotometricInterpretation', 'colour')} pixels (SamplesPerPixel "
                                  f"{h.SamplesPerPixel}); tilemask reads greyscale series")  # fmt: skip
