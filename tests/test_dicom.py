@@ -1454,3 +1454,29 @@ def test_a_real_enhanced_ct_in_its_folder_is_named_as_a_multi_frame_image(tmp_pa
         with pytest.raises(InputError, match=rf"^{path}: a multi-frame image \(6 frames\); tilemask reads series of "
                                              "single-frame slices$"):  # fmt: skip
             open_source(str(given), 3)
+
+
+@pytest.mark.timeout(120)
+def test_a_dicomweb_search_or_wado_uri_address_of_a_series_is_refused_as_dicomweb_not_a_404(orthanc):
+    """A QIDO-RS address copied from a PACS (a study's series, a series' instances) and a WADO-URI address of a
+    slice fell through to GDAL: "cannot open raster: HTTP response code: 404" (Orthanc answers HEAD 404, GET 200),
+    where the WADO-RS series address says what it is and how to get a folder (an exploratory review)."""
+    import httpx
+
+    from tilemask.sources import open_source
+
+    root = orthanc.removesuffix("/dicom-web")
+    for path in sorted(p for p in CT.iterdir() if p.is_file()):
+        assert httpx.post(f"{root}/instances", content=path.read_bytes()).is_success
+    first = pydicom.dcmread(next(p for p in sorted(CT.iterdir()) if p.is_file()), stop_before_pixels=True)
+    study, series, sop = first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPInstanceUID
+    wado_uri = f"{root}/wado?requestType=WADO&studyUID={study}&seriesUID={series}&objectUID={sop}"
+    for url, what in ((f"{orthanc}/studies/{study}/series", r"\(WADO-RS\) study or series"),
+                      (f"{orthanc}/studies/{study}/series/{series}/instances", r"\(WADO-RS\) study or series"),
+                      (f"{orthanc}/studies/{study}/instances?limit=10", r"\(WADO-RS\) study or series"),
+                      (wado_uri + "&contentType=application/dicom", r"\(WADO-URI\) slice")):
+        assert httpx.get(url).status_code == 200, url  # the server answers each
+        with pytest.raises(InputError, match=rf"^{re.escape(url)}: a DICOMweb {what}, which tilemask does not read; "
+                                             r"retrieve the series into a folder"):  # fmt: skip
+            open_source(url, 3)
+    assert for_path("https://host/wado/x.tif?requestType=tile").name == "cog"  # a query that is no WADO-URI's
