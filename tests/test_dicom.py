@@ -1480,3 +1480,36 @@ def test_a_dicomweb_search_or_wado_uri_address_of_a_series_is_refused_as_dicomwe
                                              r"retrieve the series into a folder"):  # fmt: skip
             open_source(url, 3)
     assert for_path("https://host/wado/x.tif?requestType=tile").name == "cog"  # a query that is no WADO-URI's
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("packed", ["zip", "tar.gz"])
+def test_a_series_archive_whose_slices_end_in_dcm_says_to_extract_it_not_no_such_file(packed, tmp_path):
+    """Orthanc's series archive (``/series/ID/archive``) names its slices ``CT000000.dcm``; given as
+    ``input: {archive: ...}``, each member was "/vsizip/...zip/.../CT000000.dcm: no such file" (an exploratory
+    review), where a member without a suffix is named a DICOM file to extract."""
+    import tarfile
+    import zipfile
+
+    from tilemask.inputs import archive_items
+    from tilemask.sources import open_source
+
+    folder = write_series(tmp_path / "CT", slices=3)
+    archive = tmp_path / f"series.{packed}"
+    if packed == "zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            for path in sorted(folder.iterdir()):
+                zf.write(path, f"PATIENT/CT/{path.name}")
+    else:
+        with tarfile.open(archive, "w:gz") as tf:
+            tf.add(folder, "PATIENT/CT")
+    items = archive_items(str(archive), "*")
+    assert len(items) == 3
+    for item in items:
+        (path,) = item.files
+        member = path.rpartition(f"{archive}/")[2]
+        assert member.startswith("PATIENT/CT/slice") and member.endswith(".dcm")
+        with pytest.raises(InputError, match=rf"^{re.escape(path)}: {re.escape(str(archive))}: its member "
+                                             rf"{re.escape(member)} is a DICOM file; a DICOM series is read from its "
+                                             r"folder: extract the archive and give the series' folder as the input$"):
+            open_source(path, 3)

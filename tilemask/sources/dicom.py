@@ -75,6 +75,11 @@ def single_file_problem(path: str, spatial_dims: int = 3) -> str:
     slice of a volume (:func:`volume_problem`)."""
     import pydicom
 
+    from .archive import archive_problem, split_member
+
+    if split_member(path) is not None:  # a member of a series' archive (Orthanc's names its slices CT000000.dcm):
+        problem = archive_problem(path)  # "no such file" before
+        return f"{path}: {problem or 'a .dcm file in an archive; a DICOM series is read from its folder: extract it'}"
     if not os.path.isfile(path):
         return f"{path}: no such file"
     try:
