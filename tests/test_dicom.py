@@ -1513,3 +1513,40 @@ def test_a_series_archive_whose_slices_end_in_dcm_says_to_extract_it_not_no_such
                                              rf"{re.escape(member)} is a DICOM file; a DICOM series is read from its "
                                              r"folder: extract the archive and give the series' folder as the input$"):
             open_source(path, 3)
+
+
+@pytest.mark.timeout(120)
+def test_a_store_the_server_refuses_busy_or_drops_is_tried_once_and_says_why_in_a_line():
+    """dicomweb-client tries a request 5 times, 2 to 16 s apart, on a 503 (or 429, 408, 504) and on any error of
+    requests (a connection reset, a read timeout): a store a busy server refused failed after 30 s with
+    "RetryError[Attempts: 5, Value: <Response [503]>]", and one a stalled server never answered took 130 s
+    (an exploratory review). One try: the server's answer or the error, in its line; --retry-failed stores again."""
+    import time
+
+    from tilemask.errors import OutputError
+    from tilemask.sinks.dicomseg import store
+
+    slice_ = next(p for p in sorted(CT.iterdir()) if p.is_file())
+    posts = []
+
+    def busy(handler):
+        if handler.command == "GET":
+            return 200, {"Content-Type": "application/dicom+json"}, b"[]"
+        posts.append(time.monotonic())
+        return 503, {}, b""
+
+    def dropped(handler):
+        if handler.command == "GET":
+            return 200, {"Content-Type": "application/dicom+json"}, b"[]"
+        posts.append(time.monotonic())
+        raise ConnectionResetError("dropped")  # http.server closes the connection, unanswered
+
+    for answer, why in ((busy, r"503 Server Error: Service Unavailable for url: \S+/studies"),
+                        (dropped, r"\('Connection aborted.', RemoteDisconnected\(.*\)\)")):  # fmt: skip
+        posts.clear()
+        started = time.monotonic()
+        with _Answering(answer) as pacs:
+            with pytest.raises(OutputError, match=rf"^output.dicomweb: storing {slice_} on {pacs} failed: {why} \(the "
+                                                  r"file is whole and kept\)$"):  # fmt: skip
+                store(str(slice_), pacs)
+        assert len(posts) == 1 and time.monotonic() - started < 10, (answer.__name__, len(posts))

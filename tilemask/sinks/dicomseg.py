@@ -211,7 +211,7 @@ def segmentation_charset(given, names) -> str | None:
     return given if isinstance(given, str) and given in taken else UTF8
 
 
-STORE_TIMEOUT = (10, 120)  # seconds: connecting, then waiting for each answer
+STORE_TIMEOUT = (10, 120)  # seconds: connecting, then waiting for each answer; one try (store)
 
 
 def slice_spacing(affine) -> float:
@@ -250,6 +250,9 @@ def store(path: str, url: str) -> None:
     answers: list = []
     session.hooks["response"].append(lambda answer, **kwargs: answers.append(answer))
     client = DICOMwebClient(url=url.rstrip("/"), session=session)
+    # one try: dicomweb-client tries 5 times, 2 to 16 s apart, on a 503 (busy) and on any error of requests, so a
+    # stalled server held the store 130 s, and a busy one failed after 30 s as "RetryError[Attempts: 5, ...]"
+    client.set_http_retry_params(retry=False)
     try:
         instance = pydicom.dcmread(path)
         why = _not_stored(client.store_instances([instance]), instance.SOPInstanceUID)
