@@ -1550,3 +1550,28 @@ def test_a_store_the_server_refuses_busy_or_drops_is_tried_once_and_says_why_in_
                                                   r"file is whole and kept\)$"):  # fmt: skip
                 store(str(slice_), pacs)
         assert len(posts) == 1 and time.monotonic() - started < 10, (answer.__name__, len(posts))
+
+
+@pytest.mark.timeout(120)
+def test_a_store_waits_its_own_two_minutes_for_the_answer_not_dicomweb_clients_20_s():
+    """dicomweb-client 0.61 gives each request its own timeout, 20 s, which replaced tilemask's (10 s to connect,
+    120 s for each answer): a server that took 25 s to answer a store (a large SEG) failed with "Read timed out.
+    (read timeout=20)" (an exploratory review). Stored now."""
+    import json
+    import time
+
+    from tilemask.sinks.dicomseg import store
+
+    slice_ = next(p for p in sorted(CT.iterdir()) if p.is_file())
+    uid = pydicom.dcmread(slice_).SOPInstanceUID
+    found = json.dumps([{"00080018": {"vr": "UI", "Value": [uid]}}]).encode()  # QIDO-RS finds it
+    stowed = {"Content-Type": "application/dicom+json"}
+
+    def slow(handler):
+        if handler.command == "POST":
+            time.sleep(25)
+            return 200, stowed, _store_response([uid], [])
+        return 200, stowed, found
+
+    with _Answering(slow) as pacs:
+        store(str(slice_), pacs)

@@ -237,7 +237,7 @@ def store(path: str, url: str) -> None:
 
     class TimeoutAdapter(requests.adapters.HTTPAdapter):
         def send(self, request, **kwargs):
-            kwargs["timeout"] = kwargs.get("timeout") or STORE_TIMEOUT
+            kwargs["timeout"] = STORE_TIMEOUT  # dicomweb-client 0.61 gives its own 20 s: a 25 s answer failed
             return super().send(request, **kwargs)
 
     class Session(requests.Session):
