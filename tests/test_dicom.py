@@ -246,7 +246,8 @@ def test_a_folder_of_two_series_uneven_or_radial_slices_is_refused(tmp_path):
         files = sorted(p for p in folder.iterdir() if p.is_file())
         first = pydicom.dcmread(files[0], stop_before_pixels=True)
         what = first.get("SeriesDescription") or first.Modality
-        listed.append(f"{first.SeriesInstanceUID} ({what}, {len(files)} file(s), such as {files[0].name})")
+        example = f"{folder.name}/{files[0].name}"  # its path in the folder given
+        listed.append(f"{first.SeriesInstanceUID} ({what}, {len(files)} file(s), such as {example})")
     assert len(files) < len(list((mixed / "a").iterdir()))  # the larger series first
     with pytest.raises(InputError, match=re.escape(f"holds 2 DICOM series; give the folder of one series: "
                                                    f"{listed[0]}; {listed[1]}")):  # fmt: skip
@@ -1575,3 +1576,21 @@ def test_a_store_waits_its_own_two_minutes_for_the_answer_not_dicomweb_clients_2
 
     with _Answering(slow) as pacs:
         store(str(slice_), pacs)
+
+
+@pytest.mark.timeout(60)
+def test_the_series_of_a_disc_are_listed_by_the_file_s_path_in_the_folder_given(tmp_path):
+    """A disc's (or a PACS export's) folders, PATIENT/STUDY/SERIES, name their slices alike in each series: the
+    folder given at its root was refused listing each series "such as IM0000.dcm", which did not say which folder
+    to give (an exploratory review). Each is named by its path in the folder given."""
+    for series in ("SE0", "SE1"):  # one seed: the same file names
+        write_series(tmp_path / "disc" / "PT0" / "ST0" / series, slices=4, seed=0)
+    names = [sorted(p.name for p in (tmp_path / "disc" / "PT0" / "ST0" / s).iterdir()) for s in ("SE0", "SE1")]
+    assert names[0] == names[1]
+    uids = [pydicom.dcmread(next((tmp_path / "disc" / "PT0" / "ST0" / s).iterdir())).SeriesInstanceUID
+            for s in ("SE0", "SE1")]  # fmt: skip
+    listed = "; ".join(f"{uid} (CT, 4 file(s), such as PT0/ST0/{series}/{names[0][0]})"
+                       for uid, series in zip(uids, ("SE0", "SE1")))  # fmt: skip
+    with pytest.raises(InputError, match=rf"^{re.escape(str(tmp_path / 'disc'))}: holds 2 DICOM series; give the "
+                                         rf"folder of one series: {re.escape(listed)}$"):  # fmt: skip
+        DicomSeriesSource.open(str(tmp_path / "disc"))

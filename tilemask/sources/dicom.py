@@ -324,7 +324,7 @@ class DicomSeriesSource(ImageSource):
         series = {h.get("SeriesInstanceUID") for _, h in images}
         if len(series) > 1:
             raise InputError(f"{folder}: holds {len(series)} DICOM series; give the folder of one series: "
-                             f"{_series_listed(images)}")  # fmt: skip
+                             f"{_series_listed(images, folder)}")  # fmt: skip
         for path, h in images:
             frames = int(h.get("NumberOfFrames", 1) or 1)  # first: an Enhanced CT or MR keeps its geometry per frame
             if frames != 1:  # (functional groups), and was refused for "no ImageOrientationPatient"
@@ -456,9 +456,10 @@ class DicomSeriesSource(ImageSource):
         return np.memmap(spool.file, dtype=dtype, mode="r", shape=(len(self.files), rows, columns))
 
 
-def _series_listed(images: list, shown: int = 3) -> str:
+def _series_listed(images: list, folder: str, shown: int = 3) -> str:
     """The series of ``images`` (path, header), most files first: each one's UID, description (or modality), number
-    of files and first file's name; the first ``shown`` of them."""
+    of files and first file's path in ``folder`` (a disc's series name their slices alike, IM0000 in each folder);
+    the first ``shown`` of them."""
     by_series: dict[str, list] = {}
     for path, header in images:
         by_series.setdefault(str(header.get("SeriesInstanceUID")), []).append((path, header))
@@ -467,6 +468,6 @@ def _series_listed(images: list, shown: int = 3) -> str:
     for uid, members in listed[:shown]:
         path, header = min(members, key=lambda member: member[0])
         what = str(header.get("SeriesDescription") or header.get("Modality") or "no description")
-        parts.append(f"{uid} ({what}, {len(members)} file(s), such as {os.path.basename(path)})")
+        parts.append(f"{uid} ({what}, {len(members)} file(s), such as {os.path.relpath(path, folder)})")
     more = f"; and {len(listed) - shown} more" if len(listed) > shown else ""
     return "; ".join(parts) + more
