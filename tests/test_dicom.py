@@ -1594,3 +1594,30 @@ def test_the_series_of_a_disc_are_listed_by_the_file_s_path_in_the_folder_given(
     with pytest.raises(InputError, match=rf"^{re.escape(str(tmp_path / 'disc'))}: holds 2 DICOM series; give the "
                                          rf"folder of one series: {re.escape(listed)}$"):  # fmt: skip
         DicomSeriesSource.open(str(tmp_path / "disc"))
+
+
+@pytest.mark.timeout(60)
+def test_a_dicom_slice_on_a_web_server_or_object_storage_says_to_download_the_series_not_no_such_file(tmp_path):
+    """A slice given by its URL (a web server's, ``s3://``) was "no such file" (an exploratory review): tilemask
+    looked for it on the local disk. It is named as a DICOM file to download with its series into a folder."""
+    import functools
+    import http.server
+    import threading
+
+    from tilemask.sources import open_source
+
+    series = write_series(tmp_path / "CT", slices=3)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/CT/{next(series.iterdir()).name}"
+        for given in (url, f"/vsicurl/{url}", "s3://bucket/CT/slice1.dcm"):
+            with pytest.raises(InputError, match=rf"^{re.escape(given)}: a DICOM file on a web server or object "
+                                                 r"storage; tilemask reads a DICOM series from a local folder: "
+                                                 r"download the series' slices into a folder and give the folder$"):
+                open_source(given, 3)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -75,8 +75,12 @@ def single_file_problem(path: str, spatial_dims: int = 3) -> str:
     slice of a volume (:func:`volume_problem`)."""
     import pydicom
 
+    from ..storage import network_object
     from .archive import archive_problem, split_member
 
+    if network_object(path) is not None:  # "no such file" before: it was looked for on the local disk
+        return (f"{path}: a DICOM file on a web server or object storage; tilemask reads a DICOM series from a local "
+                "folder: download the series' slices into a folder and give the folder")  # fmt: skip
     if split_member(path) is not None:  # a member of a series' archive (Orthanc's names its slices CT000000.dcm):
         problem = archive_problem(path)  # "no such file" before
         return f"{path}: {problem or 'a .dcm file in an archive; a DICOM series is read from its folder: extract it'}"
