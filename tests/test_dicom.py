@@ -1621,3 +1621,54 @@ def test_a_dicom_slice_on_a_web_server_or_object_storage_says_to_download_the_se
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.timeout(120)
+def test_a_pacs_whose_certificate_is_not_trusted_here_is_refused_naming_it_and_trusted_through_requests_ca_bundle(
+    tmp_path, monkeypatch
+):
+    """A hospital PACS's HTTPS with its own CA: the check said the server "does not answer" (exit 1: as if down for
+    now), with requests' SSLError, where it answered with a certificate not trusted here, which a rerun does not
+    change (an exploratory review). One line naming the certificate and REQUESTS_CA_BUNDLE, exit 2; with it, the
+    check passes."""
+    import http.server
+    import ssl
+    import threading
+
+    from tilemask.errors import WorkflowError
+    from tilemask.sinks.dicomseg import check_answers
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days",
+                    "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"], check=True,
+                   capture_output=True, timeout=60)  # fmt: skip
+
+    class Qido(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name: QIDO-RS answers, an empty list
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Qido)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    root = f"https://127.0.0.1:{server.server_address[1]}/dicom-web"
+    try:
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+        monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+        with pytest.raises(WorkflowError, match=rf"^output.dicomweb: {re.escape(root)}: its TLS certificate is not "
+                                                r"trusted here \(.*certificate verify failed: self-signed certificate"
+                                                r".*\): give its CA's certificate in REQUESTS_CA_BUNDLE$"):  # fmt: skip
+            check_answers(root)
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+        check_answers(root)  # trusted: nothing to say
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -334,7 +334,8 @@ def _shown(url: str, text: str | None = None) -> str:
 
 def check_answers(url: str) -> None:
     """Refuse a DICOMweb server that does not answer now (exit 1: it may be down for now), or that refuses the
-    URL's credentials (401: exit 2, the store would be refused too), redirects (exit 2: the store is not
+    URL's credentials (401: exit 2, the store would be refused too) or whose TLS certificate is not trusted here
+    (exit 2: REQUESTS_CA_BUNDLE, which requests reads, trusts its CA), redirects (exit 2: the store is not
     redirected) or has no ``studies`` resource there (404: exit 2, a mistyped root; the store posts to that
     resource), before any window runs, where the store comes once every window has.  A 400 or 405 is a warning
     (Orthanc's own root answers 400, and its store 405; but a server may refuse QIDO's ``limit`` or serve STOW-RS
@@ -347,6 +348,13 @@ def check_answers(url: str) -> None:
         answer = requests.get(f"{url.rstrip('/')}/studies", params={"limit": 1}, timeout=STORE_TIMEOUT[0], stream=True,
                               allow_redirects=False)  # fmt: skip
         answer.close()
+    except requests.exceptions.SSLError as exc:  # it answered, with a certificate not trusted here: "does not answer"
+        verify = re.search(r"certificate verify failed[^'\"(]*", str(exc))  # before, exit 1, as if down for now
+        if verify is None:
+            raise OutputError(f"output.dicomweb: {_shown(url)}: TLS failed: "
+                              f"{_shown(url, str(exc).splitlines()[0])}") from None  # fmt: skip
+        raise WorkflowError(f"output.dicomweb: {_shown(url)}: its TLS certificate is not trusted here "
+                            f"({verify.group(0).strip()}): give its CA's certificate in REQUESTS_CA_BUNDLE") from None
     except requests.RequestException as exc:
         raise OutputError(f"output.dicomweb: {_shown(url)} does not answer: "
                           f"{_shown(url, str(exc).splitlines()[0])}") from None  # fmt: skip
