@@ -1672,3 +1672,19 @@ def test_a_pacs_whose_certificate_is_not_trusted_here_is_refused_naming_it_and_t
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.timeout(120)
+def test_the_advice_to_give_a_user_and_password_survives_the_command_lines_hiding_of_passwords(
+    make_model, tmp_path, orthanc_with_users
+):
+    """``tilemask run`` hides every URL's password in what it prints: the advice for a server that wants a user and
+    password read "give them in the URL, https://USER:***@HOST/..." (an exploratory review)."""
+    weights, _ = make_model(UNET_3D)
+    workflow = {**series_workflow(CT, weights, ["background", "brain"], 100.0, 100.0),
+                "output": {"path": "out/{stem}_seg.dcm", "chunks": 16, "dicomweb": orthanc_with_users}}  # fmt: skip
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(workflow))
+    result = run_cli("-q", "run", tmp_path / "w.yaml", cwd=tmp_path)
+    assert result.returncode == 2 and "***" not in result.stderr, result.stderr
+    assert result.stderr.strip().endswith("wants a user and password (401 Unauthorized): give them in the URL, as "
+                                          "USER:PASSWORD@ before its host"), result.stderr  # fmt: skip

@@ -364,7 +364,7 @@ def check_answers(url: str) -> None:
         why = (
             "refuses the user and password in the URL (401 Unauthorized)"
             if urlsplit(url).username
-            else "wants a user and password (401 Unauthorized): give them in the URL, https://USER:PASSWORD@HOST/..."
+            else "wants a user and password (401 Unauthorized): give them in the URL, as USER:PASSWORD@ before its host"
         )
         raise WorkflowError(f"output.dicomweb: {_shown(url)} {why}")
     asked = f"GET {_shown(url.rstrip('/'))}/studies answered {answer.status_code} {answer.reason}"
