@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,8 +51,9 @@ def test_run_on_an_existing_scheduler_equals_the_embedded_cluster(
         cores = client.run(lambda: __import__("tilemask.cluster", fromlist=["available_cores"]).available_cores())
         plugins = client.run(lambda dask_worker: sorted(dask_worker.plugins))
     assert sorted(loads.values()) == [1, 1]
-    # the run set each worker up: both on 127.0.0.1, so each gets half of the host's cores as torch threads
-    assert all(WorkerSetup.name in names for names in plugins.values()), plugins
+    # the run set each worker up: both on 127.0.0.1, so each gets half of the host's cores as torch threads; its
+    # plugin is unregistered again as the run ends (a worker joining later need not import tilemask)
+    assert not any(WorkerSetup.name in names for names in plugins.values()), plugins
     assert torch_threads == {worker: max(1, n // 2) for worker, n in cores.items()}
 
 
@@ -1117,3 +1120,40 @@ def test_tilemask_run_s_annotations_add_no_names_to_the_package():
     import tilemask
 
     assert not {"os", "Path", "Callable", "Mapping", "TYPE_CHECKING"} & set(vars(tilemask)), sorted(vars(tilemask))
+
+
+@pytest.mark.timeout(180)
+def test_a_run_on_a_callers_cluster_leaves_no_plugin_that_stops_a_worker_joining_later(
+    make_raster, make_model, tmp_path
+):
+    """A first-contact review: ``tilemask.run(workflow, client)`` left its worker plugin registered on the caller's
+    scheduler, which sent it to every worker that joined later.  One whose environment had no tilemask then failed
+    to start (``Nanny failed to start``: ``No module named 'tilemask.cluster'``), stayed listed as a worker, and the
+    next ``tilemask.run`` waited for ever asking it what it imports."""
+    import tilemask
+
+    path, _ = make_raster((3, 64, 64))
+    weights, _ = make_model()
+    workflow = tilemask.Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path)
+    blocked = tmp_path / "no-tilemask"
+    blocked.mkdir()
+    (blocked / "sitecustomize.py").write_text("import sys\nsys.modules['tilemask'] = None\n")
+    with dask_cluster(tmp_path, 1) as (address, procs), Client(address, timeout=30) as client:
+        (result,) = tilemask.run(workflow, client)
+        assert result.status == "ok", result.error
+        plugins = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.worker_plugins))
+        assert WorkerSetup.name not in plugins, plugins
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), os.environ.get("PYTHONPATH", "")])}
+        late = subprocess.Popen(
+            [str(Path(sys.executable).parent / "dask"), "worker", address, "--nthreads", "1", "--no-dashboard",
+             "--host", "127.0.0.1", "--name", "late"],
+            stdout=open(tmp_path / "logs" / "late.log", "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env,
+        )  # fmt: skip
+        procs.append(late)
+        deadline = time.monotonic() + 60
+        while len(client.scheduler_info()["workers"]) < 2:
+            assert late.poll() is None, (tmp_path / "logs" / "late.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the late worker did not join"
+            time.sleep(0.2)
+        answers = client.run(lambda: 1, callback_timeout=30)  # every worker up and answering
+        assert sorted(answers.values()) == [1, 1]

@@ -1053,6 +1053,36 @@ def prepare_workers(client: Client) -> None:
             wait_for_workers(client)
 
 
+_prepared_lock = threading.Lock()
+_prepared_runs: Counter = Counter()  # runs of this process now using WorkerSetup, by scheduler address
+
+
+@contextlib.contextmanager
+def prepared_workers(client: Client, keep: bool = False) -> Iterator[None]:
+    """:func:`prepare_workers` for the time of a run: :class:`WorkerSetup` is unregistered again as the last run of
+    this process on that scheduler ends, unless ``keep`` (a cluster tilemask started, closed after the run).  Left
+    registered on a caller's cluster, it went to every worker that joined later: one that could not import
+    tilemask failed to start (``Nanny failed to start``), stayed listed as a worker, and the next run waited on it
+    for ever.  The workers keep the torch threads and allocator settings it gave them, and the loaded network."""
+    address = client.scheduler.address
+    with _prepared_lock:
+        _prepared_runs[address] += 1
+    try:
+        prepare_workers(client)
+        yield
+    finally:
+        with _prepared_lock:
+            _prepared_runs[address] -= 1
+            last = _prepared_runs[address] <= 0
+            if last:
+                del _prepared_runs[address]
+        if last and not keep and client.status == "running":
+            try:  # the scheduler forgets it first, then tells its workers: one that does not answer is not waited on
+                client.sync(client._unregister_worker_plugin, WorkerSetup.name, callback_timeout=connect_timeout())
+            except Exception as exc:  # noqa: BLE001 - best effort: the run's own outcome is what to tell
+                logger.debug("cannot unregister %s: %r", WorkerSetup.name, exc)
+
+
 class WorkerLeft(RunError):
     """A worker left (killed, or restarted by its nanny) as tilemask prepared it."""
 

@@ -48,7 +48,7 @@ from .cluster import (
     check_cluster_options,
     cluster_client,
     dashboard_link,
-    prepare_workers,
+    prepared_workers,
     wait_for_workers,
 )
 from .command import first_line
@@ -368,6 +368,7 @@ def drive_job(
             runner.tell(earlier)
         if first is not None:
             with contextlib.ExitStack() as stack:
+                ours = client is None and scheduler is None  # a cluster it starts, closed after the run
                 if client is None:
                     client = stack.enter_context(
                         cluster_client(scheduler, workers, threads_per_worker, cluster, dashboard=progress)
@@ -375,7 +376,7 @@ def drive_job(
                 stack.enter_context(_watch_cancel(job, stop))
                 import_in_background(client_imports(plan.workflow))  # while the workers load the network
                 wait_for_workers(client)
-                prepare_workers(client)
+                stack.enter_context(prepared_workers(client, keep=ours))
                 link = dashboard_link(client) if progress else None
                 announce(f"dask dashboard: {link}", enabled=link is not None)
                 rest = [i for i in todo if i >= first and results[i] is None]
