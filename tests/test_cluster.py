@@ -1157,3 +1157,44 @@ def test_a_run_on_a_callers_cluster_leaves_no_plugin_that_stops_a_worker_joining
             time.sleep(0.2)
         answers = client.run(lambda: 1, callback_timeout=30)  # every worker up and answering
         assert sorted(answers.values()) == [1, 1]
+
+
+@pytest.mark.timeout(120)
+def test_a_client_closed_during_the_run_is_named_so_and_the_job_is_cancelled(make_raster, make_model, tmp_path):
+    """A first-contact review: a notebook's client closed while ``tilemask.run(workflow, client)`` ran ended it with
+    a bare ``KeyError: 'workers'`` as the workers were prepared (the job recorded failed with the message
+    ``'workers'``), or later with ``SchedulerLost: lost the Dask scheduler while running ...``: the scheduler was
+    still there.  It is one line naming the closed client, and the job is recorded cancelled, to resume."""
+    import json
+
+    from distributed import LocalCluster
+
+    import tilemask
+    from tilemask.errors import RunError
+
+    path, _ = make_raster((3, 64, 64))
+    weights, _ = make_model()
+    workflow = tilemask.Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        client = Client(cluster, set_as_default=False)
+
+        def close_once_running() -> None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                for status in tmp_path.glob("out/.tilemask/jobs/*/status.json"):
+                    with contextlib.suppress(OSError, ValueError):
+                        if json.loads(status.read_text())["state"] == "running":
+                            client.close()
+                            return
+                time.sleep(0.005)
+
+        closer = threading.Thread(target=close_once_running)
+        closer.start()
+        with pytest.raises(RunError) as failed:
+            tilemask.run(workflow, client)
+        closer.join()
+    assert type(failed.value).__name__ == "ClientClosed", repr(failed.value)
+    assert str(failed.value).startswith("the Dask client was closed "), str(failed.value)
+    assert str(failed.value).endswith("run it again to resume the job"), str(failed.value)
+    (status,) = tmp_path.glob("out/.tilemask/jobs/*/status.json")
+    assert json.loads(status.read_text())["state"] == "cancelled"

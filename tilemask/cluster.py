@@ -1064,7 +1064,7 @@ def prepared_workers(client: Client, keep: bool = False) -> Iterator[None]:
     registered on a caller's cluster, it went to every worker that joined later: one that could not import
     tilemask failed to start (``Nanny failed to start``), stayed listed as a worker, and the next run waited on it
     for ever.  The workers keep the torch threads and allocator settings it gave them, and the loaded network."""
-    address = client.scheduler.address
+    address = getattr(client.scheduler, "address", None)  # None: closed meanwhile (check_workers says so)
     with _prepared_lock:
         _prepared_runs[address] += 1
     try:

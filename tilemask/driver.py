@@ -96,6 +96,16 @@ class SchedulerLost(RunError):
     when the job runs again."""
 
 
+class ClientClosed(RunError):
+    """The caller's Dask client was closed during the run (a notebook's ``client.close()``, or its cluster's): the
+    job is recorded cancelled, and the items in flight are redone when it runs again."""
+
+
+def _closed(client: Client | None) -> bool:
+    """Whether ``client`` was closed: a lost scheduler leaves it "connecting" while it tries to reconnect."""
+    return client is not None and client.status in ("closing", "closed")
+
+
 @dataclass(frozen=True)
 class Options:
     """How a job runs; written in its ``job.json`` so a detached driver runs it the same way."""
@@ -352,6 +362,7 @@ def drive_job(
             done_before.append(earlier)
     logger.info("job %s: %d item(s), %d to do, %d done before", job.id, len(items), len(todo), len(skipped))
     state, ran_through = "failed", False
+    callers = client  # given by the caller, who may close it meanwhile
     address = client.scheduler.address if client is not None else scheduler
     counts.write("running", host=socket.gethostname(), pid=os.getpid(), started=time.time(), message=None,
                  scheduler=address, driver=driver, slurm_job=slurm_job, finished=None)  # fmt: skip
@@ -398,11 +409,20 @@ def drive_job(
     except KeyboardInterrupt:
         state = "cancelled"
         raise
+    except ClientClosed as exc:
+        state = "cancelled"
+        counts.write(state, message=first_line(exc))
+        raise
     except SchedulerLost as exc:
         state = "running"  # not the items' fault: the job is left as it was, and ``status`` finds it lost
         counts.write(state, message=first_line(exc))
         raise
     except BaseException as exc:
+        if _closed(callers) and isinstance(exc, Exception):  # what failed as the caller closed the client (a bare
+            state = "cancelled"  # KeyError: 'workers' as the workers were prepared) is the closed client
+            closed = ClientClosed("the Dask client was closed during the run: run it again to resume the job")
+            counts.write(state, message=first_line(closed))
+            raise closed from exc
         with contextlib.suppress(OSError):
             counts.write("failed", message=first_line(exc))
         raise
@@ -625,6 +645,9 @@ class _ItemRunner:
         except Abandoned:
             raise
         except Exception as exc:
+            if _closed(client):  # by the caller: not the scheduler's loss, nor the item's failure
+                raise ClientClosed(f"the Dask client was closed while running {self._running()}: run it again to "
+                                   "resume the job") from exc  # fmt: skip
             if client.status != "running":
                 raise SchedulerLost(f"lost the Dask scheduler while running {self._running()}") from exc
             if isinstance(exc, NoWorkers):  # not the item's fault either: left as started for the next run
