@@ -849,6 +849,34 @@ def test_workers_of_other_package_versions_are_one_warning_line(make_raster, mak
                 process.kill()
 
 
+@pytest.mark.timeout(180)
+def test_a_worker_of_another_tilemask_release_is_one_warning_line(make_raster, make_model, write_workflow, tmp_path):
+    """A first-contact review: a worker whose environment held another release of tilemask (0.0.9 here, as its
+    metadata says: Dask's version check reads that) ran the run's tasks without a word, Dask comparing only its own
+    packages.  tilemask is compared too: one warning line; the run goes on."""
+    path, _ = make_raster()
+    weights, _ = make_model()
+    other = tmp_path / "other" / "tilemask-0.0.9.dist-info"
+    other.mkdir(parents=True)
+    (other / "METADATA").write_text("Metadata-Version: 2.1\nName: tilemask\nVersion: 0.0.9\n")
+    scheduler, address = start_scheduler(tmp_path)
+    workflow = write_workflow(raster_workflow(path, weights))
+    env = {"PYTHONPATH": os.pathsep.join([str(other.parent), os.environ.get("PYTHONPATH", "")])}
+    worker = _dask_worker(address, tmp_path, env=env)
+    try:
+        _wait_for_a_worker(address)
+        result = run_cli("run", workflow, "--scheduler", address, timeout=120)
+        assert result.returncode == 0, result.stderr
+        said = [line for line in result.stderr.splitlines() if "differ" in line or "Mismatch" in line]
+        assert len(said) == 1 and said[0].startswith(
+            "WARNING tilemask.command: the Dask cluster's packages differ from this process's (--debug shows Dask's "
+            f"table): tilemask {tilemask.__version__} here, "), result.stderr  # fmt: skip
+        assert said[0].endswith(" 0.0.9 on the workers"), said
+    finally:
+        for process in (worker, scheduler):
+            process.kill()
+
+
 @pytest.mark.slow
 def test_workers_that_all_die_mid_run_fail_the_run_and_its_next_run_resumes(big_run, tmp_path):
     """Every worker gone (killed; on SLURM, jobs at their walltime) is not the item's fault: it was recorded as

@@ -1019,11 +1019,13 @@ def check_workers(client: Client) -> None:
 def _warn_of_other_versions(client: Client) -> None:
     """Dask's ``VersionMismatchWarning``, asked again now that workers have joined: Dask compares versions as the
     client connects, before the workers of a cluster just started (SLURM, a ``dask worker`` started beside the
-    run) are there.  The command line says it once (:func:`tilemask.command._one_line_version_mismatch`)."""
+    run) are there.  The command line says it once (:func:`tilemask.command._one_line_version_mismatch`).  Dask's
+    packages and tilemask itself, whose functions the workers run: a worker of another tilemask release went
+    unnamed (not torch or MONAI: a CPU client beside CUDA workers differs rightly)."""
     from distributed.versions import VersionMismatchWarning, error_message
 
     try:
-        versions = client.get_versions()
+        versions = client.get_versions(packages=["tilemask"])
     except Exception as exc:  # noqa: BLE001 - as check_workers: a scheduler may refuse
         logger.debug("cannot ask the cluster for its versions: %r", exc)
         return
