@@ -1198,3 +1198,27 @@ def test_a_client_closed_during_the_run_is_named_so_and_the_job_is_cancelled(mak
     assert str(failed.value).endswith("run it again to resume the job"), str(failed.value)
     (status,) = tmp_path.glob("out/.tilemask/jobs/*/status.json")
     assert json.loads(status.read_text())["state"] == "cancelled"
+
+
+@pytest.mark.timeout(180)
+def test_python_takes_a_scheduler_file_as_the_command_does(make_raster, make_model, tmp_path):
+    """``tilemask run --scheduler scheduler.json`` reads the file's address (as ``dask worker --scheduler-file``);
+    ``tilemask.run(workflow, scheduler="scheduler.json")``, documented as taking the command's options, refused it:
+    ``UsageError: scheduler='scheduler.json': not a Dask scheduler address: missing port number in address``.  A
+    file that is not there is waited for, then refused by name, as by the command."""
+    import dask
+
+    import tilemask
+    from tilemask.errors import UsageError
+
+    path, _ = make_raster((3, 64, 64))
+    weights, _ = make_model()
+    workflow = tilemask.Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path)
+    with dask_cluster(tmp_path, 1):
+        for given_as in (str(tmp_path / "scheduler.json"), tmp_path / "scheduler.json"):
+            (result,) = tilemask.run(workflow, scheduler=given_as, overwrite=True)
+            assert result.status == "ok", result.error
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), pytest.raises(UsageError) as refused:
+        tilemask.run(workflow, scheduler=str(tmp_path / "none" / "scheduler.json"))
+    assert str(refused.value) == (f"scheduler: {tmp_path}/none/scheduler.json: no such scheduler file (waited 1 s for a "
+                                  "scheduler to write it, as dask worker --scheduler-file waits)")

@@ -33,7 +33,7 @@ def run(
     workflow: Workflow | Mapping | str | Path,
     client: Client | None = None,
     *,
-    scheduler: str | None = None,
+    scheduler: str | os.PathLike | None = None,
     workers: int | None = None,
     threads_per_worker: int | None = None,
     progress: bool = False,

@@ -111,15 +111,25 @@ _NO_ANSWER = re.compile(r"HTTP response code on \S+: (0|4(?!29)\d\d)$")
 
 
 def scheduler_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """``--scheduler``: an address (tcp://HOST:PORT) or a scheduler file, as ``dask scheduler --scheduler-file``
-    writes it and ``dask worker --scheduler-file`` reads it: its ``address``.  Spaces around it are dropped."""
+    """``--scheduler``: :func:`scheduler_from`, its refusal the option's."""
+    try:
+        return scheduler_from(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def scheduler_from(value: str | None) -> str | None:
+    """A scheduler given as an address (tcp://HOST:PORT), as it is, or as a scheduler file, as ``dask scheduler
+    --scheduler-file`` writes it and ``dask worker --scheduler-file`` reads it: its ``address``.  Spaces around it
+    are dropped.  ``--scheduler`` and ``tilemask.run(scheduler=)`` alike (Python's refused a file as "missing port
+    number").  A ValueError names what is wrong with it."""
     if value is None:
         return None
     value = value.strip()
     if "://" not in value and (value.endswith(".json") or "/" in value) and not os.path.exists(value):
         _wait_for_scheduler_file(value)
     if os.path.isdir(value):
-        raise click.BadParameter(f"{value}: a folder, not a Dask scheduler file")
+        raise ValueError(f"{value}: a folder, not a Dask scheduler file")
     if not os.path.isfile(value):
         return value
     import json
@@ -128,10 +138,10 @@ def scheduler_address(ctx: click.Context, param: click.Parameter, value: str | N
         with open(value, encoding="utf-8") as file:
             found = json.load(file)
     except (OSError, ValueError) as exc:  # not JSON, not UTF-8, unreadable
-        raise click.BadParameter(f"{value}: not a Dask scheduler file: {first_line(exc)}") from None
+        raise ValueError(f"{value}: not a Dask scheduler file: {first_line(exc)}") from None
     address = found.get("address") if isinstance(found, dict) else None
     if not isinstance(address, str):
-        raise click.BadParameter(f"{value}: not a Dask scheduler file: it names no address")
+        raise ValueError(f"{value}: not a Dask scheduler file: it names no address")
     return address
 
 
@@ -148,8 +158,8 @@ def _wait_for_scheduler_file(path: str) -> None:
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
         if time.monotonic() > deadline:
-            raise click.BadParameter(f"{path}: no such scheduler file (waited {timeout:g} s for a scheduler to write "
-                                     "it, as dask worker --scheduler-file waits)")  # fmt: skip
+            raise ValueError(f"{path}: no such scheduler file (waited {timeout:g} s for a scheduler to write it, as "
+                             "dask worker --scheduler-file waits)")  # fmt: skip
         time.sleep(0.25)
     time.sleep(0.25)  # the scheduler writes it whole in one go, just after creating it
 

@@ -51,7 +51,7 @@ from .cluster import (
     prepared_workers,
     wait_for_workers,
 )
-from .command import first_line
+from .command import first_line, scheduler_from
 from .engine import RunResult, Undelivered, deliver, probe, process_age, run_job
 from .errors import (
     NoWorkers,
@@ -143,7 +143,7 @@ def run(
     workflow: Workflow | Mapping | str | Path,
     client: Client | None = None,
     *,
-    scheduler: str | None = None,
+    scheduler: str | os.PathLike | None = None,
     workers: int | None = None,
     threads_per_worker: int | None = None,
     progress: bool = False,
@@ -171,7 +171,13 @@ def run(
         workflow = Workflow.from_yaml(workflow)
     options = Options(on_error, retry_failed, overwrite)
     check_flags(progress=progress)
+    if isinstance(scheduler, os.PathLike):  # a scheduler file's path
+        scheduler = os.fspath(scheduler)
     _check_cluster_arguments(scheduler, workers, threads_per_worker, cluster, client)
+    try:  # an address, or a scheduler file, as --scheduler takes them
+        scheduler = scheduler_from(scheduler)
+    except ValueError as exc:
+        raise UsageError(f"scheduler: {exc}") from None
     if client is None:
         check_cluster_options(scheduler, cluster)
     else:  # no job folder for a run that cannot start
