@@ -1222,3 +1222,31 @@ def test_python_takes_a_scheduler_file_as_the_command_does(make_raster, make_mod
         tilemask.run(workflow, scheduler=str(tmp_path / "none" / "scheduler.json"))
     assert str(refused.value) == (f"scheduler: {tmp_path}/none/scheduler.json: no such scheduler file (waited 1 s for a "
                                   "scheduler to write it, as dask worker --scheduler-file waits)")
+
+
+def _run_in_a_task(workflow):
+    from distributed import get_client
+
+    import tilemask
+
+    return [result.status for result in tilemask.run(workflow, get_client())]
+
+
+@pytest.mark.timeout(120)
+def test_a_run_inside_a_task_on_a_single_threaded_worker_does_not_wait_for_ever(make_raster, make_model, tmp_path):
+    """A first-contact review: ``tilemask.run(workflow, client=distributed.get_client())`` in a Dask task, as the
+    README says to call it there, held the task's thread while it waited on its own tasks: on one worker of one
+    thread they never started, and the run waited for ever.  The task's thread leaves the pool for the run, as
+    ``distributed.worker_client`` does, and rejoins it after."""
+    from distributed import LocalCluster
+
+    import tilemask
+
+    path, _ = make_raster((3, 64, 64))
+    weights, _ = make_model()
+    workflow = tilemask.Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        with Client(cluster, set_as_default=False) as client:
+            future = client.submit(_run_in_a_task, workflow, pure=False)
+            assert future.result(timeout=60) == ["ok"]
+            assert client.submit(lambda: 1, pure=False).result(timeout=10) == 1  # the thread is back in the pool

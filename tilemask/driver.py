@@ -34,7 +34,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -184,7 +184,7 @@ def run(
         check_client(client)
     plan, job, record = prepare(workflow, options, job_dir, source)
     new = not job.exists()
-    with job:
+    with job, _out_of_the_pool():
         try:
             record()  # a first run that cannot write it (a full disk) is refused as the others are: no job left
             return drive_job(job, plan, options, progress, client=client, scheduler=scheduler, workers=workers,
@@ -196,6 +196,28 @@ def run(
                         job.discard()
                 plan.remove_made()  # the output folders its checks made, if still empty (outside a --job-dir)
             raise
+
+
+@contextlib.contextmanager
+def _out_of_the_pool() -> Iterator[None]:
+    """Called inside a Dask task (``client=distributed.get_client()``): the task's thread leaves its worker's thread
+    pool while the run waits on its tasks, and rejoins it after, as ``distributed.worker_client`` does.  It held
+    its thread: on a cluster of one single-threaded worker the run's tasks never started, and it waited for ever."""
+    from distributed import rejoin, secede
+    from distributed.worker import thread_state
+
+    if getattr(thread_state, "start_time", None) is None:  # not a task's thread
+        yield
+        return
+    try:
+        secede()
+    except (KeyError, ValueError):  # seceded already (distributed.worker_client), or not a worker's pool thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        rejoin()
 
 
 def refuse_while_bootstrapping() -> None:
