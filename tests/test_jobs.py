@@ -2176,6 +2176,35 @@ def test_a_job_held_by_this_process_before_its_status_says_running_is_named_so(t
     JobFolder(tmp_path / "job").acquire().release()  # released, it is free again
 
 
+@pytest.mark.timeout(60)
+def test_two_runs_of_one_job_started_at_once_in_one_process_name_this_process(tmp_path):
+    """A first-contact review: two ``tilemask.run`` of one workflow started at once on a notebook's threads, the
+    second was told "job ... is running in another process": it asked whose the lock was between the first's
+    ``flock`` and its noting the lock as this process's."""
+    from collections import Counter
+
+    said: list[str] = []
+    for _ in range(300):
+        barrier = threading.Barrier(2)
+        held: list[JobFolder] = []
+
+        def take() -> None:
+            barrier.wait()
+            try:
+                held.append(JobFolder(tmp_path / "job").acquire())
+            except JobError as exc:
+                said.append(str(exc))
+
+        threads = [threading.Thread(target=take) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for job in held:
+            job.release()
+    assert said and all("is running in this process" in line for line in said), Counter(said)
+
+
 @pytest.mark.timeout(30)
 def test_the_job_errors_tilemask_run_raises_live_with_the_others_in_tilemask_errors():
     """The README sends a Python caller to ``tilemask.errors`` for the classes to catch; ``tilemask.run``'s "job

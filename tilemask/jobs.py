@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import socket
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,7 +160,9 @@ _HELD_HERE: set[tuple[int, int]] = set()
 """The lock files (device, inode) of the jobs this process runs: a job refused as running is named as running in
 this process (a notebook's ``tilemask.run`` on a thread of its own, called again meanwhile, was told "another
 process"), what its status cannot say before the run writes its pid there, nor where two hosts' processes share a
-name and a pid (containers).  A set's add and discard are atomic: the threads need no lock of their own."""
+name and a pid (containers).  Changed and read under :data:`_HELD_LOCK`, with the ``flock`` taken or given up: a
+thread refused between another's ``flock`` and its noting the lock here was told "another process"."""
+_HELD_LOCK = threading.Lock()
 
 
 def _lock_key(fd: int) -> tuple[int, int] | None:
@@ -442,18 +445,19 @@ class JobFolder:
             fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise JobError(f"job folder {self.location} is not writable: {why_unwritable(self.path, exc)}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            here = _lock_key(fd) in _HELD_HERE
-            os.close(fd)
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                where = "in this process (another thread's tilemask.run)" if here else "in another process"
-                raise JobError(f"job {self.id} is running {where}; see tilemask status {self.id}") from None
-            raise
-        self._lock_fd = fd
-        if (key := _lock_key(fd)) is not None:
-            _HELD_HERE.add(key)
+        with _HELD_LOCK:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                here = _lock_key(fd) in _HELD_HERE
+                os.close(fd)
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    where = "in this process (another thread's tilemask.run)" if here else "in another process"
+                    raise JobError(f"job {self.id} is running {where}; see tilemask status {self.id}") from None
+                raise
+            self._lock_fd = fd
+            if (key := _lock_key(fd)) is not None:
+                _HELD_HERE.add(key)
         return self
 
     def discard(self) -> None:
@@ -468,8 +472,9 @@ class JobFolder:
 
     def release(self) -> None:
         if self._lock_fd is not None:
-            _HELD_HERE.discard(_lock_key(self._lock_fd))
-            os.close(self._lock_fd)
+            with _HELD_LOCK:
+                _HELD_HERE.discard(_lock_key(self._lock_fd))
+                os.close(self._lock_fd)
             self._lock_fd = None
 
     def __enter__(self) -> JobFolder:
