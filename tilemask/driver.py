@@ -391,6 +391,7 @@ def drive_job(
     logger.info("job %s: %d item(s), %d to do, %d done before", job.id, len(items), len(todo), len(skipped))
     state, ran_through = "failed", False
     callers = client  # given by the caller, who may close it meanwhile
+    runner.callers_client = callers is not None
     address = client.scheduler.address if client is not None else scheduler
     counts.write("running", host=socket.gethostname(), pid=os.getpid(), started=time.time(), message=None,
                  scheduler=address, driver=driver, slurm_job=slurm_job, finished=None)  # fmt: skip
@@ -579,6 +580,7 @@ class _ItemRunner:
         self.on_result: Callable[[RunResult], None] = on_result or (lambda result: None)  # each, as it finishes
         self.warn_skipped = on_result is None  # a skipped failure is the caller's to show (the command's line)
         self.out_channels = 0
+        self.callers_client = False  # the run's client is the caller's (who may close it): drive_job says
         self.prepared: dict[int, tuple[InputPlan, OutputLock]] = {}  # prepared before the cluster started
         self.listings = FolderListings()  # each output folder listed once for leftovers, not once per item
         self.in_flight: dict[int, str] = {}  # item -> its first file, while it runs: a lost scheduler names them all
@@ -673,7 +675,7 @@ class _ItemRunner:
         except Abandoned:
             raise
         except Exception as exc:
-            if _closed(client):  # by the caller: not the scheduler's loss, nor the item's failure
+            if self.callers_client and _closed(client):  # the caller closed it: no lost scheduler, no failed item
                 raise ClientClosed(f"the Dask client was closed while running {self._running()}: run it again to "
                                    "resume the job") from exc  # fmt: skip
             if client.status != "running":
