@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -444,6 +445,20 @@ def test_on_result_sees_inputs_refused_as_planned_and_its_own_failure_stops_noth
     assert [r.status for r in results] == ["failed", "ok"]
     assert seen == [("0bad.tif", "failed"), ("a.tif", "ok")]
     assert "cannot pass on the result of" in caplog.text and "BrokenPipeError" in caplog.text
+
+
+def test_the_jobs_log_line_counts_what_is_done_before_and_overwrite_redoes(scene_workflow, tmp_path, client, caplog):
+    """Under ``overwrite`` nothing counts as done before: it said "1 item(s), 1 to do, 1 done before"."""
+    scene_workflow["input"] = str(tmp_path / "scenes" / "a.tif")
+    workflow = Workflow.from_dict(scene_workflow, base_dir=tmp_path)
+    tilemask.run(workflow, client)
+    caplog.set_level(logging.INFO, logger="tilemask.driver")
+    tilemask.run(workflow, client)
+    assert re.search(r"job \w+: 1 item\(s\), 0 to do, 1 done before", caplog.text)
+    caplog.clear()
+    (again,) = tilemask.run(workflow, client, overwrite=True)
+    assert again.status == "ok" and again.windows > 0
+    assert re.search(r"job \w+: 1 item\(s\), 1 to do, 0 done before", caplog.text)
 
 
 def test_a_different_workflow_may_not_replace_a_jobs_outputs_without_overwrite(scene_workflow, tmp_path, client):

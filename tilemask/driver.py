@@ -388,7 +388,8 @@ def drive_job(
         else:
             results[index] = earlier
             done_before.append(earlier)
-    logger.info("job %s: %d item(s), %d to do, %d done before", job.id, len(items), len(todo), len(skipped))
+    done = sum(earlier.status == "skipped" for earlier in done_before)  # kept, not redone; not those failed before
+    logger.info("job %s: %d item(s), %d to do, %d done before", job.id, len(items), len(todo), done)
     state, ran_through = "failed", False
     callers = client  # given by the caller, who may close it meanwhile
     runner.callers_client = callers is not None
