@@ -1688,3 +1688,95 @@ def test_the_advice_to_give_a_user_and_password_survives_the_command_lines_hidin
     assert result.returncode == 2 and "***" not in result.stderr, result.stderr
     assert result.stderr.strip().endswith("wants a user and password (401 Unauthorized): give them in the URL, as "
                                           "USER:PASSWORD@ before its host"), result.stderr  # fmt: skip
+
+
+def _self_signed(folder, name: str, host: str, days: tuple[int, int] = (-1, 1)):
+    """A certificate for ``host`` (an IP address or a DNS name), valid from ``days[0]`` to ``days[1]`` from now."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    try:
+        alt = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        alt = x509.DNSName(host)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now + datetime.timedelta(days=days[0]))
+            .not_valid_after(now + datetime.timedelta(days=days[1]))
+            .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))  # fmt: skip
+    cert_path, key_path = folder / f"{name}.pem", folder / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                           serialization.NoEncryption()))  # fmt: skip
+    return cert_path, key_path
+
+
+@pytest.mark.timeout(120)
+def test_a_pacs_certificate_for_another_host_or_out_of_date_is_not_sent_to_requests_ca_bundle(tmp_path, monkeypatch):
+    """Only an untrusted CA is mended by REQUESTS_CA_BUNDLE. A certificate for another host, its CA trusted in
+    REQUESTS_CA_BUNDLE, read "its TLS certificate is not trusted here (certificate verify failed: IP address
+    mismatch, certificate is not valid for): give its CA's certificate in REQUESTS_CA_BUNDLE" (the host cut off,
+    the advice already followed), an expired one was sent there too, and a server speaking plain HTTP on the
+    https:// URL's port was "TLS failed: HTTPSConnectionPool(host=..., port=...): Max retries exceeded ..." (exit 1,
+    as if down for now). An exploratory review."""
+    import http.server
+    import ssl
+    import threading
+
+    from tilemask.errors import WorkflowError
+    from tilemask.sinks.dicomseg import check_answers
+
+    class Qido(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name: QIDO-RS answers, an empty list
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def log_message(self, *args):
+            pass
+
+    servers = []
+
+    def served(certificate=None) -> str:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Qido)
+        if certificate is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*certificate)
+            server.socket = context.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"https://127.0.0.1:{server.server_address[1]}/dicom-web"
+
+    other, expired = _self_signed(tmp_path, "other", "pacs.example"), _self_signed(tmp_path, "old", "127.0.0.1", (-9, -2))
+    try:
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(other[0]))
+        root = served(other)
+        with pytest.raises(WorkflowError, match=rf"^output.dicomweb: {re.escape(root)}: its TLS certificate is for "
+                                                r"another host \(IP address mismatch, certificate is not valid for "
+                                                r"'127.0.0.1'\): give the host name its certificate names$") as caught:
+            check_answers(root)
+        assert caught.value.exit_status == 2
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(expired[0]))
+        root = served(expired)
+        with pytest.raises(WorkflowError, match=rf"^output.dicomweb: {re.escape(root)}: its TLS certificate is out of "
+                                                r"date \(certificate has expired\)$"):  # fmt: skip
+            check_answers(root)
+        root = served()
+        with pytest.raises(WorkflowError, match=rf"^output.dicomweb: {re.escape(root)}: it answers without TLS "
+                                                r"\(\[SSL: WRONG_VERSION_NUMBER\] wrong version number\): is it "
+                                                r"http://\?$"):  # fmt: skip
+            check_answers(root)
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()

@@ -332,6 +332,43 @@ def _shown(url: str, text: str | None = None) -> str:
     return _USERINFO.sub("", (url if text is None else text).replace(netloc, netloc.rpartition("@")[2]))
 
 
+# OpenSSL's X509_V_ERR_*: the certificate names another host; it is out of date. REQUESTS_CA_BUNDLE mends neither
+HOST_MISMATCH, OUT_OF_DATE = (62, 64), (9, 10)
+
+
+def _tls_refused(url: str, exc: Exception) -> Exception:
+    """The error for a TLS failure ``exc`` (requests' SSLError) of the server at ``url``: exit 2, naming what would
+    mend it (REQUESTS_CA_BUNDLE only for a certificate not trusted here), but exit 1 for a handshake that failed
+    otherwise."""
+    import ssl
+
+    causes, seen = [exc], set()
+    while causes:  # requests' SSLError holds urllib3's, which holds the ssl module's
+        cause = causes.pop()
+        if id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLError):
+            break
+        causes += [c for c in (*cause.args, getattr(cause, "reason", None)) if isinstance(c, BaseException)]
+    else:
+        return OutputError(f"output.dicomweb: {_shown(url)}: TLS failed: {_shown(url, str(exc).splitlines()[0])}")
+    shown = f"output.dicomweb: {_shown(url)}"
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        why = str(cause.verify_message or cause.reason).strip().rstrip(".")
+        if cause.verify_code in HOST_MISMATCH:
+            return WorkflowError(f"{shown}: its TLS certificate is for another host ({why}): give the host name its "
+                                 "certificate names")  # fmt: skip
+        if cause.verify_code in OUT_OF_DATE:
+            return WorkflowError(f"{shown}: its TLS certificate is out of date ({why})")
+        return WorkflowError(f"{shown}: its TLS certificate is not trusted here (certificate verify failed: {why}): "
+                             "give its CA's certificate in REQUESTS_CA_BUNDLE")  # fmt: skip
+    why = re.sub(r"\s*\(_ssl\.c:\d+\)$", "", str(cause.args[1] if len(cause.args) > 1 else cause))
+    if cause.reason == "WRONG_VERSION_NUMBER":  # a plain HTTP server on the port
+        return WorkflowError(f"{shown}: it answers without TLS ({why}): is it http://?")
+    return OutputError(f"{shown}: TLS failed: {why}")
+
+
 def check_answers(url: str) -> None:
     """Refuse a DICOMweb server that does not answer now (exit 1: it may be down for now), or that refuses the
     URL's credentials (401: exit 2, the store would be refused too) or whose TLS certificate is not trusted here
@@ -348,13 +385,8 @@ def check_answers(url: str) -> None:
         answer = requests.get(f"{url.rstrip('/')}/studies", params={"limit": 1}, timeout=STORE_TIMEOUT[0], stream=True,
                               allow_redirects=False)  # fmt: skip
         answer.close()
-    except requests.exceptions.SSLError as exc:  # it answered, with a certificate not trusted here: "does not answer"
-        verify = re.search(r"certificate verify failed[^'\"(]*", str(exc))  # before, exit 1, as if down for now
-        if verify is None:
-            raise OutputError(f"output.dicomweb: {_shown(url)}: TLS failed: "
-                              f"{_shown(url, str(exc).splitlines()[0])}") from None  # fmt: skip
-        raise WorkflowError(f"output.dicomweb: {_shown(url)}: its TLS certificate is not trusted here "
-                            f"({verify.group(0).strip()}): give its CA's certificate in REQUESTS_CA_BUNDLE") from None
+    except requests.exceptions.SSLError as exc:  # it answered, over TLS that fails here: "does not answer" before
+        raise _tls_refused(url, exc) from None
     except requests.RequestException as exc:
         raise OutputError(f"output.dicomweb: {_shown(url)} does not answer: "
                           f"{_shown(url, str(exc).splitlines()[0])}") from None  # fmt: skip
