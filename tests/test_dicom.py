@@ -1780,3 +1780,31 @@ def test_a_pacs_certificate_for_another_host_or_out_of_date_is_not_sent_to_reque
         for server in servers:
             server.shutdown()
             server.server_close()
+
+
+@pytest.mark.timeout(60)
+def test_a_requests_ca_bundle_that_is_not_there_or_holds_no_certificate_is_named(tmp_path, monkeypatch):
+    """REQUESTS_CA_BUNDLE naming no file made ``tilemask run`` end "OSError: Could not find a suitable TLS CA
+    certificate bundle, invalid path: ..." (exit 1, as if the server were down for now), and one that holds no
+    certificate "HTTPSConnectionPool(...): Max retries exceeded ... NO_CERTIFICATE_OR_CRL_FOUND" (an exploratory
+    review). Each is named, exit 2."""
+    import socket
+
+    from tilemask.errors import WorkflowError
+    from tilemask.sinks.dicomseg import check_answers
+
+    listening = socket.create_server(("127.0.0.1", 0))  # takes the connection: the CA file is read before TLS
+    root = f"https://127.0.0.1:{listening.getsockname()[1]}/dicom-web"
+    missing, junk = tmp_path / "missing.pem", tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(missing))
+    with pytest.raises(WorkflowError, match=rf"^output.dicomweb: {re.escape(root)}: the CA certificates given in "
+                                            rf"REQUESTS_CA_BUNDLE, {re.escape(str(missing))}, are not there$"):
+        check_answers(root)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(junk))
+    with pytest.raises(WorkflowError, match=rf"^output.dicomweb: {re.escape(root)}: the CA certificates given in "
+                                            rf"REQUESTS_CA_BUNDLE, {re.escape(str(junk))}, are not read: "
+                                            r"\[X509: NO_CERTIFICATE_OR_CRL_FOUND\] no certificate or crl found$"):
+        check_answers(root)
+    listening.close()

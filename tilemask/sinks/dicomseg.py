@@ -336,6 +336,14 @@ def _shown(url: str, text: str | None = None) -> str:
 HOST_MISMATCH, OUT_OF_DATE = (62, 64), (9, 10)
 
 
+def _ca_bundle() -> str:
+    """The variable, and the file, that give requests its CA certificates (as requests reads them)."""
+    import os
+
+    name = next((n for n in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE") if os.environ.get(n)), None)
+    return f"{name}, {os.environ[name]}," if name else "requests' own bundle (certifi)"
+
+
 def _tls_refused(url: str, exc: Exception) -> Exception:
     """The error for a TLS failure ``exc`` (requests' SSLError) of the server at ``url``: exit 2, naming what would
     mend it (REQUESTS_CA_BUNDLE only for a certificate not trusted here), but exit 1 for a handshake that failed
@@ -364,6 +372,8 @@ def _tls_refused(url: str, exc: Exception) -> Exception:
         return WorkflowError(f"{shown}: its TLS certificate is not trusted here (certificate verify failed: {why}): "
                              "give its CA's certificate in REQUESTS_CA_BUNDLE")  # fmt: skip
     why = re.sub(r"\s*\(_ssl\.c:\d+\)$", "", str(cause.args[1] if len(cause.args) > 1 else cause))
+    if cause.library == "X509":  # loading the CA certificates given, before any handshake
+        return WorkflowError(f"{shown}: the CA certificates given in {_ca_bundle()} are not read: {why}")
     if cause.reason == "WRONG_VERSION_NUMBER":  # a plain HTTP server on the port
         return WorkflowError(f"{shown}: it answers without TLS ({why}): is it http://?")
     return OutputError(f"{shown}: TLS failed: {why}")
@@ -372,7 +382,7 @@ def _tls_refused(url: str, exc: Exception) -> Exception:
 def check_answers(url: str) -> None:
     """Refuse a DICOMweb server that does not answer now (exit 1: it may be down for now), or that refuses the
     URL's credentials (401: exit 2, the store would be refused too) or whose TLS certificate is not trusted here
-    (exit 2: REQUESTS_CA_BUNDLE, which requests reads, trusts its CA), redirects (exit 2: the store is not
+    (exit 2: REQUESTS_CA_BUNDLE, which requests reads, trusts its CA; :func:`_tls_refused`), redirects (exit 2: the store is not
     redirected) or has no ``studies`` resource there (404: exit 2, a mistyped root; the store posts to that
     resource), before any window runs, where the store comes once every window has.  A 400 or 405 is a warning
     (Orthanc's own root answers 400, and its store 405; but a server may refuse QIDO's ``limit`` or serve STOW-RS
@@ -390,6 +400,11 @@ def check_answers(url: str) -> None:
     except requests.RequestException as exc:
         raise OutputError(f"output.dicomweb: {_shown(url)} does not answer: "
                           f"{_shown(url, str(exc).splitlines()[0])}") from None  # fmt: skip
+    except OSError as exc:  # requests' own, for a CA bundle that is not there: "OSError: Could not find ..."
+        if "CA certificate bundle" not in str(exc):
+            raise
+        raise WorkflowError(f"output.dicomweb: {_shown(url)}: the CA certificates given in {_ca_bundle()} are not "
+                            "there") from None
     if answer.is_redirect:  # the store would be redirected too, and is not followed (store)
         raise WorkflowError(f"output.dicomweb: {_shown(url, _redirect(answer))}")
     if answer.status_code == 401:
