@@ -106,12 +106,14 @@ def bundle_defaults(folder: Path, workflow: dict | None = None) -> dict[str, Any
     post_key = _referred(parser, "evaluator::postprocessing") or _referred(parser, "postprocessing")
     own = (workflow or {}).get("inference")
     over_slices = isinstance(own, dict) and own.get("slice_axis") is not None  # a volume's axes: MONAI's order
-    if ndim == 2 and not over_slices:  # MONAI reads a 2D image x first, (width, height), tilemask a raster's rows
-        model.setdefault("args", {})["_x_first"] = True  # tilemask.models.X_FIRST: the windows go in transposed
+    planar = ndim == 2 and not over_slices  # a 2D network over 2D images: nothing to orient or resample
+    if planar:  # MONAI reads a 2D image x first, (width, height), tilemask a raster's rows
+        from .models import X_FIRST
+
+        model.setdefault("args", {})[X_FIRST] = True  # the windows go in transposed
         for key in ("roi_size", "overlap", "sigma_scale"):  # and the inferer's values per axis are MONAI's (x, y)
             if isinstance(inference.get(key), list | tuple):
                 inference[key] = list(inference[key])[::-1]
-    planar = ndim == 2 and not over_slices  # a 2D network over 2D images: nothing to orient or resample
     keys: dict[str, Any] = {"model": model, "preprocess": _preprocessing(parser, folder, post_key, ndim, planar),
                             "inference": inference, "output": {}}  # fmt: skip
     channel_def = _channel_def(parser, metadata)
