@@ -823,3 +823,41 @@ def test_a_2d_bundle_that_orients_or_resamples_is_refused_naming_its_transform(t
                                             "tilemask orients and resamples volumes") as caught:  # fmt: skip
         Workflow.from_dict(raw)
     assert caught.value.exit_status == 2
+
+
+def test_a_2d_bundle_naming_pil_reader_reads_as_monai_s_default_does(tmp_path, client):
+    """``LoadImaged(reader="PILReader")`` is MONAI's own reader for a PNG or JPEG, x first as tilemask now feeds a 2D
+    bundle; a 2D bundle naming it was refused: "reader='PILReader': tilemask reads images itself, as MONAI's default
+    readers do (NibabelReader for NIfTI)" (a review). It runs as MONAI runs it; with ``reverse_indexing=False``
+    (rows first), in a 3D bundle, or over a volume's slices it is still refused."""
+    import rasterio
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    image = np.cumsum(rng.normal(size=(72, 40)), axis=0)
+    png = tmp_path / "image.png"
+    Image.fromarray((255 * (image - image.min()) / np.ptp(image)).astype(np.uint8)).save(png)
+    network = {"_target_": "UNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2, "channels": [8, 16],
+               "strides": [2], "num_res_units": 1}
+    inferer = {"_target_": "SlidingWindowInferer", "roi_size": [32, 24], "sw_batch_size": 4, "overlap": 0.25}
+    load = {"_target_": "LoadImaged", "keys": "image", "reader": "PILReader"}
+    preprocessing = [load, *UNRESAMPLED[1:2], {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0,
+                                               "a_max": 255, "b_min": 0.0, "b_max": 1.0, "clip": True}]  # fmt: skip
+    folder = write_bundle(tmp_path / "bundle", network, preprocessing, inferer, SOFTMAX_LABELS, ["bg", "a"])
+    expected = monai_runs_the_bundle(folder, png, labels=True)[0]  # (x, y): MONAI's
+    workflow = {"version": 1, "input": str(png), "model": {"bundle": str(folder)},
+                "output": {"path": "out/{stem}_labels.tif", "quicklook": False}}  # fmt: skip
+    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    with rasterio.open(result.outputs[0]) as written:
+        np.testing.assert_array_equal(written.read(1), expected.T)
+    sliced = {**workflow, "input": "x.nii.gz", "inference": {"slice_axis": 2}, "output": {"path": "x.nii.gz"}}
+    with pytest.raises(WorkflowError, match="LoadImaged reader='PILReader': tilemask reads images itself"):
+        Workflow.from_dict(sliced, base_dir=tmp_path)
+    _edited(folder, lambda c: c["preprocessing"]["transforms"][0].update(reverse_indexing=False))
+    with pytest.raises(WorkflowError, match="LoadImaged reverse_indexing=False: an option of its reader"):
+        Workflow.from_dict(workflow, base_dir=tmp_path)
+    volume = write_bundle(tmp_path / "volume", small_unet(2), [load, *UNRESAMPLED[1:]], SMALL_INFERER, SOFTMAX_LABELS,
+                          ["background", "x"])  # fmt: skip
+    with pytest.raises(WorkflowError, match="LoadImaged reader='PILReader': tilemask reads images itself"):
+        Workflow.from_dict({"version": 1, "input": "x.nii.gz", "model": {"bundle": str(volume)},
+                            "output": {"path": "x.nii.gz"}})  # fmt: skip

@@ -319,10 +319,11 @@ def _steps(parser, section: str | None, order: tuple[str, ...]) -> list[tuple[st
     return [(_name(c), _target(c), _applied(section, c)) for c in transforms]
 
 
-def _loading(section: str, config: dict) -> None:
+def _loading(section: str, config: dict, planar: bool = False) -> None:
     """Refuse the arguments of a preprocessing transform that only loads or types the image (which tilemask does
-    itself) that would change MONAI's answer: a reader other than MONAI's own for NIfTI (or options passed on to
-    one), an integer type (it truncates the intensities), a channel axis other than the one MONAI finds."""
+    itself) that would change MONAI's answer: a reader other than MONAI's own for NIfTI, or for a 2D network over
+    2D images (``planar``) PIL's, x first as tilemask feeds it (or options passed on to one), an integer type (it
+    truncates the intensities), a channel axis other than the one MONAI finds."""
     name, target, args = _name(config), _target(config), _arguments(config)
     step = f"model.bundle: {section} {target}"
     if name == "LoadImage":
@@ -332,7 +333,8 @@ def _loading(section: str, config: dict) -> None:
                                 "images itself, as MONAI's default readers do")  # fmt: skip
         reader = args.get("reader")
         shown = getattr(reader, "__name__", reader)
-        if reader is not None and str(shown).lower() != "nibabelreader":  # MONAI's default for NIfTI
+        own = ("nibabelreader", "pilreader") if planar else ("nibabelreader",)  # MONAI's for NIfTI, for a PNG
+        if reader is not None and str(shown).lower() not in own:
             raise WorkflowError(f"{step} reader={shown!r}: tilemask reads images itself, as MONAI's default "
                                 "readers do (NibabelReader for NIfTI)")  # fmt: skip
     if name in ("LoadImage", "CastToType") and "dtype" in args:
@@ -404,7 +406,7 @@ def _preprocessing(parser, folder: Path, post_key: str | None, ndim: int, planar
     keys: dict[str, Any] = {}
     for config in _transforms(parser, key):
         if _name(config) in CHECKED:
-            _loading(key, config)
+            _loading(key, config, planar)
     for name, target, args in _steps(parser, key, PREPROCESSING_ORDER):
         if planar and name in ("Orientation", "Spacing"):
             raise WorkflowError(f"model.bundle: {key} {target} with a 2D network: tilemask orients and resamples "
