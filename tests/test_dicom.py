@@ -1757,7 +1757,8 @@ def test_a_pacs_certificate_for_another_host_or_out_of_date_is_not_sent_to_reque
         servers.append(server)
         return f"https://127.0.0.1:{server.server_address[1]}/dicom-web"
 
-    other, expired = _self_signed(tmp_path, "other", "pacs.example"), _self_signed(tmp_path, "old", "127.0.0.1", (-9, -2))
+    other = _self_signed(tmp_path, "other", "pacs.example")
+    expired = _self_signed(tmp_path, "old", "127.0.0.1", (-9, -2))
     try:
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(other[0]))
         root = served(other)

@@ -382,7 +382,8 @@ def _tls_refused(url: str, exc: Exception) -> Exception:
 def check_answers(url: str) -> None:
     """Refuse a DICOMweb server that does not answer now (exit 1: it may be down for now), or that refuses the
     URL's credentials (401: exit 2, the store would be refused too) or whose TLS certificate is not trusted here
-    (exit 2: REQUESTS_CA_BUNDLE, which requests reads, trusts its CA; :func:`_tls_refused`), redirects (exit 2: the store is not
+    (exit 2: REQUESTS_CA_BUNDLE, which requests reads, trusts its CA; :func:`_tls_refused`),
+    redirects (exit 2: the store is not
     redirected) or has no ``studies`` resource there (404: exit 2, a mistyped root; the store posts to that
     resource), before any window runs, where the store comes once every window has.  A 400 or 405 is a warning
     (Orthanc's own root answers 400, and its store 405; but a server may refuse QIDO's ``limit`` or serve STOW-RS
