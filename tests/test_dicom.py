@@ -1472,9 +1472,10 @@ def test_a_dicomweb_search_or_wado_uri_address_of_a_series_is_refused_as_dicomwe
     first = pydicom.dcmread(next(p for p in sorted(CT.iterdir()) if p.is_file()), stop_before_pixels=True)
     study, series, sop = first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPInstanceUID
     wado_uri = f"{root}/wado?requestType=WADO&studyUID={study}&seriesUID={series}&objectUID={sop}"
-    for url, what in ((f"{orthanc}/studies/{study}/series", r"\(WADO-RS\) study or series"),
-                      (f"{orthanc}/studies/{study}/series/{series}/instances", r"\(WADO-RS\) study or series"),
-                      (f"{orthanc}/studies/{study}/instances?limit=10", r"\(WADO-RS\) study or series"),
+    for url, what in ((f"{orthanc}/studies/{study}/series", r"\(QIDO-RS\) search"),
+                      (f"{orthanc}/studies/{study}/series/{series}/instances", r"\(QIDO-RS\) search"),
+                      (f"{orthanc}/studies/{study}/instances?limit=10", r"\(QIDO-RS\) search"),
+                      (f"{orthanc}/studies?PatientID={first.PatientID}", r"\(QIDO-RS\) search"),
                       (wado_uri + "&contentType=application/dicom", r"\(WADO-URI\) slice")):
         assert httpx.get(url).status_code == 200, url  # the server answers each
         with pytest.raises(InputError, match=rf"^{re.escape(url)}: a DICOMweb {what}, which tilemask does not read; "
@@ -1809,3 +1810,24 @@ def test_a_requests_ca_bundle_that_is_not_there_or_holds_no_certificate_is_named
                                             r"\[X509: NO_CERTIFICATE_OR_CRL_FOUND\] no certificate or crl found$"):
         check_answers(root)
     listening.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_dicomweb_address_is_named_for_what_it_is_query_and_fragment_aside():
+    """A QIDO-RS search was named a "(WADO-RS) study or series", a WADO-URI slice whose URL ends in a fragment a
+    "(WADO-RS) study or series" too, and a search of a PACS's studies (``.../studies?PatientID=...``) fell through
+    to GDAL (a review)."""
+    from tilemask.sources import open_source
+
+    pacs, uid = "https://pacs.example/dicom-web", "1.2.840.1"
+    for url, what in ((f"{pacs}/studies/{uid}/series/{uid}", "(WADO-RS) study or series"),
+                      (f"{pacs}/studies/{uid}/series?Modality=CT", "(QIDO-RS) search"),
+                      (f"{pacs}/studies/{uid}/series/{uid}/instances", "(QIDO-RS) search"),
+                      (f"{pacs}/studies?PatientID=7", "(QIDO-RS) search"),
+                      (f"{pacs}/studies/", "(QIDO-RS) search"),
+                      (f"https://pacs.example/wado?studyUID={uid}&requestType=WADO#top", "(WADO-URI) slice")):
+        assert for_path(url).name == "dicom", url
+        with pytest.raises(InputError, match=rf"^{re.escape(url)}: a DICOMweb {re.escape(what)}, which tilemask does "
+                                             r"not read; retrieve the series into a folder"):  # fmt: skip
+            open_source(url, 3)
+    assert for_path("https://tiles.example/data/studies/area.tif").name == "cog"

@@ -381,19 +381,27 @@ class DicomSeriesFormat(Format):
     UID = r"[0-9]+(\.[0-9]+)+"  # a DICOM UID: numbers and dots (1.2.840...)
     WADO_RS = re.compile(rf"/studies/{UID}(/series/{UID}(/instances/{UID}(/frames/[0-9,]+)?)?)?"
                          r"(/metadata|/rendered|/thumbnail)?/?$")  # fmt: skip
-    QIDO_RS = re.compile(rf"/studies/{UID}(/series(/{UID}/instances)?|/instances)/?$")  # a study's series, ...
+    QIDO_RS = re.compile(rf"/studies(/{UID}(/series(/{UID}/instances)?|/instances))?/?$")  # the studies, ...
     WADO_URI = re.compile(r"[?&]requestType=WADO(&|$)", re.IGNORECASE)  # a slice: /wado?requestType=WADO&studyUID=
 
     def matches(self, path):
         from .sources.dicom import is_dicom_file, is_dicom_folder
 
         if path.startswith(WEB_PREFIXES):  # a DICOMweb study, series or instance: refused by name (a search of them
-            addressed = _addressed(path)  # and a WADO-URI slice fell through to GDAL: "HTTP response code: 404")
-            query = re.split(r"#", path[len(addressed):], maxsplit=1)[0]
-            return bool(self.WADO_RS.search(addressed) or self.QIDO_RS.search(addressed) or self.WADO_URI.search(query))
+            return self._dicomweb(path) is not None  # and a WADO-URI slice fell through to GDAL: "response code: 404")
         if path.startswith(("s3://", "/vsi")):
             return False
         return is_dicom_folder(path) or is_dicom_file(path)  # one slice: refused with a hint, not as a raster
+
+    def _dicomweb(self, url: str) -> str | None:
+        """What the DICOMweb address ``url`` is (its query and fragment aside), None for another URL."""
+        addressed = _addressed(url)
+        query = re.split(r"#", url[len(addressed):], maxsplit=1)[0]
+        if self.WADO_URI.search(query):
+            return "(WADO-URI) slice"
+        if self.QIDO_RS.search(addressed):
+            return "(QIDO-RS) search"
+        return "(WADO-RS) study or series" if self.WADO_RS.search(addressed) else None
 
     def stem(self, path):
         return os.path.basename(path.rstrip("/"))  # series folders are often UIDs: "1.2.840..." keeps its dots
@@ -403,8 +411,7 @@ class DicomSeriesFormat(Format):
         from .sources.dicom import DicomSeriesSource, single_file_problem, volume_problem
 
         if path.startswith(WEB_PREFIXES):  # GDAL's "HTTP response code: 404" named none of it
-            what = "(WADO-URI) slice" if self.WADO_URI.search(path) else "(WADO-RS) study or series"
-            raise InputError(f"{path}: a DICOMweb {what}, which tilemask does not read; retrieve the series into a "
+            raise InputError(f"{path}: a DICOMweb {self._dicomweb(path)}, which tilemask does not read; retrieve the series into a "
                              "folder (dicomweb-client's retrieve_series) and give the folder")  # fmt: skip
         if not os.path.isdir(path):
             raise InputError(single_file_problem(path, spatial_dims))
