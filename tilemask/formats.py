@@ -411,8 +411,8 @@ class DicomSeriesFormat(Format):
         from .sources.dicom import DicomSeriesSource, single_file_problem, volume_problem
 
         if path.startswith(WEB_PREFIXES):  # GDAL's "HTTP response code: 404" named none of it
-            raise InputError(f"{path}: a DICOMweb {self._dicomweb(path)}, which tilemask does not read; retrieve the series into a "
-                             "folder (dicomweb-client's retrieve_series) and give the folder")  # fmt: skip
+            raise InputError(f"{path}: a DICOMweb {self._dicomweb(path)}, which tilemask does not read; retrieve the "
+                             "series into a folder (dicomweb-client's retrieve_series) and give the folder")
         if not os.path.isdir(path):
             raise InputError(single_file_problem(path, spatial_dims))
         if spatial_dims != 3:  # a slice too is a volume: a slab of one
