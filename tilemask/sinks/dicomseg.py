@@ -15,6 +15,7 @@ a store that fails keeps the file in place.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -338,8 +339,6 @@ HOST_MISMATCH, OUT_OF_DATE = (62, 64), (9, 10)
 
 def _ca_bundle() -> str:
     """The variable, and the file, that give requests its CA certificates (as requests reads them)."""
-    import os
-
     name = next((n for n in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE") if os.environ.get(n)), None)
     return f"{name}, {os.environ[name]}," if name else "requests' own bundle (certifi)"
 
@@ -381,11 +380,9 @@ def _tls_refused(url: str, exc: Exception) -> Exception:
 
 def check_answers(url: str) -> None:
     """Refuse a DICOMweb server that does not answer now (exit 1: it may be down for now), or that refuses the
-    URL's credentials (401: exit 2, the store would be refused too) or whose TLS certificate is not trusted here
-    (exit 2: REQUESTS_CA_BUNDLE, which requests reads, trusts its CA; :func:`_tls_refused`),
-    redirects (exit 2: the store is not
-    redirected) or has no ``studies`` resource there (404: exit 2, a mistyped root; the store posts to that
-    resource), before any window runs, where the store comes once every window has.  A 400 or 405 is a warning
+    URL's credentials (401: exit 2, the store would be refused too), whose TLS fails in a way it names (exit 2,
+    :func:`_tls_refused`), redirects (exit 2: the store is not redirected) or has no ``studies`` resource there
+    (404: exit 2, a mistyped root; the store posts to that resource), before any window runs, where the store comes once every window has.  A 400 or 405 is a warning
     (Orthanc's own root answers 400, and its store 405; but a server may refuse QIDO's ``limit`` or serve STOW-RS
     alone); any other HTTP answer will do (a QIDO refused for want of rights does not say the store will fail);
     its body is not read.  Asked from the process that drives the job (the store runs on a worker: they must
