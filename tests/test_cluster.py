@@ -1250,3 +1250,40 @@ def test_a_run_inside_a_task_on_a_single_threaded_worker_does_not_wait_for_ever(
             future = client.submit(_run_in_a_task, workflow, pure=False)
             assert future.result(timeout=60) == ["ok"]
             assert client.submit(lambda: 1, pure=False).result(timeout=10) == 1  # the thread is back in the pool
+
+
+@pytest.mark.timeout(180)
+def test_a_lost_scheduler_under_a_callers_client_is_not_named_a_closed_client(make_raster, make_model, tmp_path):
+    """A review: the caller's client closes itself once it has failed to reconnect to a lost scheduler
+    (``Failed to reconnect to scheduler after 3.00 seconds, closing client``), and a ``dask scheduler`` killed
+    mid-run ended ``tilemask.run(workflow, client)`` with ``ClientClosed: the Dask client was closed during the run``,
+    the job recorded cancelled: the caller had closed nothing.  It is the lost scheduler, the job left as it was."""
+    import json
+
+    import tilemask
+    from tilemask.errors import RunError
+
+    path, _ = make_raster((3, 64, 64))
+    weights, _ = make_model()
+    workflow = tilemask.Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path)
+    with dask_cluster(tmp_path, 1) as (address, procs), Client(address, timeout=3) as client:
+
+        def kill_once_running() -> None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                for status in tmp_path.glob("out/.tilemask/jobs/*/status.json"):
+                    with contextlib.suppress(OSError, ValueError):
+                        if json.loads(status.read_text())["state"] == "running":
+                            procs[0].kill()
+                            return
+                time.sleep(0.005)
+
+        killer = threading.Thread(target=kill_once_running)
+        killer.start()
+        with pytest.raises(RunError) as failed:
+            tilemask.run(workflow, client)
+        killer.join()
+    assert type(failed.value).__name__ == "SchedulerLost", repr(failed.value)
+    assert str(failed.value).startswith("lost the Dask scheduler"), str(failed.value)
+    (status,) = tmp_path.glob("out/.tilemask/jobs/*/status.json")
+    assert json.loads(status.read_text())["state"] == "running"

@@ -102,8 +102,15 @@ class ClientClosed(RunError):
 
 
 def _closed(client: Client | None) -> bool:
-    """Whether ``client`` was closed: a lost scheduler leaves it "connecting" while it tries to reconnect."""
-    return client is not None and client.status in ("closing", "closed")
+    """Whether ``client`` was closed by its caller: a lost scheduler leaves it "connecting" while it tries to
+    reconnect, then it closes itself (``Failed to reconnect to scheduler``), its connection gone (:func:`_lost`)."""
+    return client is not None and client.status in ("closing", "closed") and not _lost(client)
+
+
+def _lost(client: Client | None) -> bool:
+    """Whether ``client`` lost its scheduler: Dask drops its connection (``scheduler_comm``) as it tries to reconnect,
+    and keeps it dropped as it gives up and closes itself; a client its caller closes keeps it, closed."""
+    return client is not None and client.status != "running" and getattr(client, "scheduler_comm", None) is None
 
 
 @dataclass(frozen=True)
@@ -448,6 +455,11 @@ def drive_job(
         counts.write(state, message=first_line(exc))
         raise
     except BaseException as exc:
+        if _lost(callers) and isinstance(exc, Exception):  # as it was prepared: ConnectionPool is closed, and the like
+            state = "running"  # as SchedulerLost above
+            lost = SchedulerLost(f"lost the Dask scheduler: {first_line(exc)}")
+            counts.write(state, message=first_line(lost))
+            raise lost from exc
         if _closed(callers) and isinstance(exc, Exception):  # what failed as the caller closed the client (a bare
             state = "cancelled"  # KeyError: 'workers' as the workers were prepared) is the closed client
             closed = ClientClosed("the Dask client was closed during the run: run it again to resume the job")
