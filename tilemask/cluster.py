@@ -1073,16 +1073,21 @@ def prepared_workers(client: Client, keep: bool = False) -> Iterator[None]:
         prepare_workers(client)
         yield
     finally:
-        with _prepared_lock:
+        with _prepared_lock:  # held while unregistering: a run starting meanwhile registers it after, not before
             _prepared_runs[address] -= 1
-            last = _prepared_runs[address] <= 0
-            if last:
+            if _prepared_runs[address] <= 0:
                 del _prepared_runs[address]
-        if last and not keep and client.status == "running":
-            try:  # the scheduler forgets it first, then tells its workers: one that does not answer is not waited on
-                client.sync(client._unregister_worker_plugin, WorkerSetup.name, callback_timeout=connect_timeout())
-            except Exception as exc:  # noqa: BLE001 - best effort: the run's own outcome is what to tell
-                logger.debug("cannot unregister %s: %r", WorkerSetup.name, exc)
+                if not keep and client.status == "running":
+                    _unregister_worker_setup(client)
+
+
+def _unregister_worker_setup(client: Client) -> None:
+    """Unregister :class:`WorkerSetup`: the scheduler forgets it first, then tells its workers; one that does not
+    answer is not waited on (``Client.unregister_worker_plugin`` takes no timeout)."""
+    try:
+        client.sync(client._unregister_worker_plugin, WorkerSetup.name, callback_timeout=connect_timeout())
+    except Exception as exc:  # noqa: BLE001 - best effort: the run's own outcome is what to tell
+        logger.debug("cannot unregister %s: %r", WorkerSetup.name, exc)
 
 
 class WorkerLeft(RunError):
