@@ -689,17 +689,24 @@ def _channel_def(channel_def):
          r"/bundle/configs/metadata\.json: channel_def has keys \['background', 'spleen'\]: they must be the output "
          r"channels 0 to 1$"),
         (_channel_def({"0": "background", "2": "spleen"}), r"channel_def has keys \['0', '2'\]"),
+        (_channel_def({"0": "background", "1": "spleen", "2": "liver"}),
+         r"/bundle/configs/metadata\.json: channel_def names 3 output channel\(s\) but the network gives 2; name them "
+         r"in the workflow's classes$"),
     ],
 )  # fmt: skip
 def test_a_bundle_metadata_that_does_not_name_the_output_channels_is_refused_naming_it(tmp_path, edit, refusal):
     """A metadata.json that is no JSON was named as configs/inference.json; channel_def keys that are no channel
-    numbers failed with a bare ValueError (exit 1), and keys with a gap ran, naming channel 2's name label 1."""
+    numbers failed with a bare ValueError (exit 1), and keys with a gap ran, naming channel 2's name label 1; names
+    for more channels than the network gives were "classes has 3 names but the model gives 2 classes", no word of
+    the bundle (the workflow's own classes stand in for them)."""
     folder = spleen_ct_bundle(tmp_path / "bundle")
     edit(folder)
     raw = {"version": 1, "input": "x.nii.gz", "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}}
     with pytest.raises(WorkflowError, match=refusal) as caught:
         Workflow.from_dict(raw)
     assert caught.value.exit_status == 2
+    if "names 3" in refusal:
+        assert Workflow.from_dict({**raw, "classes": ["background", "spleen"]}).classes == ["background", "spleen"]
 
 
 @pytest.mark.parametrize("inferer", ["$monai.inferers.SimpleInferer()",

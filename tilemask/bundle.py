@@ -130,8 +130,14 @@ def bundle_defaults(folder: Path, workflow: dict | None = None) -> dict[str, Any
                                 "(Invertd with nearest_interp: false, which gives other labels) or nothing (the model "
                                 "grid)")  # fmt: skip
         # else after Orientationd alone, MONAI's resampling permutes and flips the labels back: the input's grid
-    if channel_def:
+    if channel_def and "classes" not in (workflow or {}):  # the workflow's own names stand in for them
         keys["classes"] = _classes(channel_def, keys["inference"]["activation"])
+        out_channels = model.get("args", {}).get("out_channels")
+        given = 2 if keys["inference"]["activation"] == "sigmoid" else out_channels
+        if isinstance(given, int) and len(keys["classes"]) != given:  # "classes has 2 names": no word of the bundle
+            raise WorkflowError(f"model.bundle: {metadata}: channel_def names {len(channel_def)} output "
+                                f"channel(s) but the network gives {out_channels}; name them in the workflow's "
+                                "classes")  # fmt: skip
     return keys
 
 
