@@ -1159,6 +1159,25 @@ def test_a_run_on_a_callers_cluster_leaves_no_plugin_that_stops_a_worker_joining
         assert sorted(answers.values()) == [1, 1]
 
 
+def _once_running(tmp_path, act) -> threading.Thread:
+    """A thread, started, that calls ``act`` once the job writing under ``tmp_path/out`` says it is running."""
+    import json
+
+    def watch() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for status in tmp_path.glob("out/.tilemask/jobs/*/status.json"):
+                with contextlib.suppress(OSError, ValueError):
+                    if json.loads(status.read_text())["state"] == "running":
+                        act()
+                        return
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    return thread
+
+
 @pytest.mark.timeout(120)
 def test_a_client_closed_during_the_run_is_named_so_and_the_job_is_cancelled(make_raster, make_model, tmp_path):
     """A first-contact review: a notebook's client closed while ``tilemask.run(workflow, client)`` ran ended it with
@@ -1177,19 +1196,7 @@ def test_a_client_closed_during_the_run_is_named_so_and_the_job_is_cancelled(mak
     workflow = tilemask.Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
         client = Client(cluster, set_as_default=False)
-
-        def close_once_running() -> None:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                for status in tmp_path.glob("out/.tilemask/jobs/*/status.json"):
-                    with contextlib.suppress(OSError, ValueError):
-                        if json.loads(status.read_text())["state"] == "running":
-                            client.close()
-                            return
-                time.sleep(0.005)
-
-        closer = threading.Thread(target=close_once_running)
-        closer.start()
+        closer = _once_running(tmp_path, client.close)
         with pytest.raises(RunError) as failed:
             tilemask.run(workflow, client)
         closer.join()
@@ -1267,19 +1274,7 @@ def test_a_lost_scheduler_under_a_callers_client_is_not_named_a_closed_client(ma
     weights, _ = make_model()
     workflow = tilemask.Workflow.from_dict(raster_workflow(path, weights), base_dir=tmp_path)
     with dask_cluster(tmp_path, 1) as (address, procs), Client(address, timeout=3) as client:
-
-        def kill_once_running() -> None:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                for status in tmp_path.glob("out/.tilemask/jobs/*/status.json"):
-                    with contextlib.suppress(OSError, ValueError):
-                        if json.loads(status.read_text())["state"] == "running":
-                            procs[0].kill()
-                            return
-                time.sleep(0.005)
-
-        killer = threading.Thread(target=kill_once_running)
-        killer.start()
+        killer = _once_running(tmp_path, procs[0].kill)
         with pytest.raises(RunError) as failed:
             tilemask.run(workflow, client)
         killer.join()

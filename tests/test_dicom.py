@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
 import logging
 import re
 import shutil
@@ -620,38 +621,59 @@ def test_a_segmentation_whose_store_failed_is_stored_alone_by_a_retry(make_model
     assert (done.status, done.error) == ("skipped", None)  # ok now: resumed as any finished item
 
 
+class _EmptyQido(http.server.BaseHTTPRequestHandler):
+    """A DICOMweb server whose QIDO-RS answers an empty list, quietly."""
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"[]")
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def _dicomweb_server(handler=_EmptyQido, certificate=None):
+    """``handler`` served on a free loopback port, over TLS with ``certificate`` (its certificate and key files);
+    yields its DICOMweb root."""
+    import ssl
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if certificate is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*certificate)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http{'s' if certificate else ''}://127.0.0.1:{server.server_address[1]}/dicom-web"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @contextlib.contextmanager
 def _stalled_dicomweb():
     """A DICOMweb server whose QIDO-RS answers an empty list and whose STOW-RS takes the store and never answers;
     yields its root and an event set once a store has come."""
-    import http.server
     import threading
 
     posted, release = threading.Event(), threading.Event()
 
-    class Stalled(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name: QIDO-RS answers, an empty list
-            self.send_response(200)
-            self.send_header("Content-Type", "application/dicom+json")
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"[]")
-
+    class Stalled(_EmptyQido):
         def do_POST(self):  # noqa: N802 - STOW-RS: taken, never answered
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
             posted.set()
             release.wait(300)
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalled)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web", posted
-    finally:
-        release.set()
-        server.shutdown()
+    with _dicomweb_server(Stalled) as root:
+        try:
+            yield root, posted
+        finally:
+            release.set()
 
 
 def _stored_and_recorded_failed(folder: Path, root: str) -> dict:
@@ -1632,47 +1654,20 @@ def test_a_pacs_whose_certificate_is_not_trusted_here_is_refused_naming_it_and_t
     now), with requests' SSLError, where it answered with a certificate not trusted here, which a rerun does not
     change (an exploratory review). One line naming the certificate and REQUESTS_CA_BUNDLE, exit 2; with it, the
     check passes."""
-    import http.server
-    import ssl
-    import threading
 
     from tilemask.errors import WorkflowError
     from tilemask.sinks.dicomseg import check_answers
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days",
-                    "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"], check=True,
-                   capture_output=True, timeout=60)  # fmt: skip
-
-    class Qido(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name: QIDO-RS answers, an empty list
-            self.send_response(200)
-            self.send_header("Content-Type", "application/dicom+json")
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"[]")
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Qido)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    root = f"https://127.0.0.1:{server.server_address[1]}/dicom-web"
-    try:
-        monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
-        monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    certificate = _self_signed(tmp_path, "own", "127.0.0.1")
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    with _dicomweb_server(certificate=certificate) as root:
         with pytest.raises(WorkflowError, match=rf"^output.dicomweb: {re.escape(root)}: its TLS certificate is not "
                                                 r"trusted here \(.*certificate verify failed: self-signed certificate"
                                                 r".*\): give its CA's certificate in REQUESTS_CA_BUNDLE$"):  # fmt: skip
             check_answers(root)
-        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate[0]))
         check_answers(root)  # trusted: nothing to say
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.timeout(120)
@@ -1729,59 +1724,30 @@ def test_a_pacs_certificate_for_another_host_or_out_of_date_is_not_sent_to_reque
     the advice already followed), an expired one was sent there too, and a server speaking plain HTTP on the
     https:// URL's port was "TLS failed: HTTPSConnectionPool(host=..., port=...): Max retries exceeded ..." (exit 1,
     as if down for now). An exploratory review."""
-    import http.server
-    import ssl
-    import threading
 
     from tilemask.errors import WorkflowError
     from tilemask.sinks.dicomseg import check_answers
 
-    class Qido(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name: QIDO-RS answers, an empty list
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"[]")
-
-        def log_message(self, *args):
-            pass
-
-    servers = []
-
-    def served(certificate=None) -> str:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Qido)
-        if certificate is not None:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(*certificate)
-            server.socket = context.wrap_socket(server.socket, server_side=True)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"https://127.0.0.1:{server.server_address[1]}/dicom-web"
-
     other = _self_signed(tmp_path, "other", "pacs.example")
     expired = _self_signed(tmp_path, "old", "127.0.0.1", (-9, -2))
-    try:
-        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(other[0]))
-        root = served(other)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(other[0]))
+    with _dicomweb_server(certificate=other) as root:
         with pytest.raises(WorkflowError, match=rf"^output.dicomweb: {re.escape(root)}: its TLS certificate is for "
                                                 r"another host \(IP address mismatch, certificate is not valid for "
                                                 r"'127.0.0.1'\): give the host name its certificate names$") as caught:
             check_answers(root)
         assert caught.value.exit_status == 2
-        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(expired[0]))
-        root = served(expired)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(expired[0]))
+    with _dicomweb_server(certificate=expired) as root:
         with pytest.raises(WorkflowError, match=rf"^output.dicomweb: {re.escape(root)}: its TLS certificate is out of "
                                                 r"date \(certificate has expired\)$"):  # fmt: skip
             check_answers(root)
-        root = served()
+    with _dicomweb_server() as plain:
+        root = plain.replace("http://", "https://")  # an https:// URL of a server that speaks plain HTTP
         with pytest.raises(WorkflowError, match=rf"^output.dicomweb: {re.escape(root)}: it answers without TLS "
                                                 r"\(\[SSL: WRONG_VERSION_NUMBER\] wrong version number\): is it "
                                                 r"http://\?$"):  # fmt: skip
             check_answers(root)
-    finally:
-        for server in servers:
-            server.shutdown()
-            server.server_close()
 
 
 @pytest.mark.timeout(60)
