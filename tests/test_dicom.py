@@ -1782,7 +1782,7 @@ def test_a_requests_ca_bundle_that_is_not_there_or_holds_no_certificate_is_named
 def test_a_dicomweb_address_is_named_for_what_it_is_query_and_fragment_aside():
     """A QIDO-RS search was named a "(WADO-RS) study or series", a WADO-URI slice whose URL ends in a fragment a
     "(WADO-RS) study or series" too, and a search of a PACS's studies (``.../studies?PatientID=...``) fell through
-    to GDAL (a review)."""
+    to GDAL (a review), as did the root's searches of all series or instances (``.../series?Modality=CT``)."""
     from tilemask.sources import open_source
 
     pacs, uid = "https://pacs.example/dicom-web", "1.2.840.1"
@@ -1791,9 +1791,13 @@ def test_a_dicomweb_address_is_named_for_what_it_is_query_and_fragment_aside():
                       (f"{pacs}/studies/{uid}/series/{uid}/instances", "(QIDO-RS) search"),
                       (f"{pacs}/studies?PatientID=7", "(QIDO-RS) search"),
                       (f"{pacs}/studies/", "(QIDO-RS) search"),
+                      (f"{pacs}/studies/{uid}/instances", "(QIDO-RS) search"),
+                      (f"{pacs}/series?Modality=CT", "(QIDO-RS) search"),  # PS3.18's searches of all series
+                      (f"{pacs}/instances?SOPClassUID={uid}", "(QIDO-RS) search"),  # and of all instances
                       (f"https://pacs.example/wado?studyUID={uid}&requestType=WADO#top", "(WADO-URI) slice")):
         assert for_path(url).name == "dicom", url
         with pytest.raises(InputError, match=rf"^{re.escape(url)}: a DICOMweb {re.escape(what)}, which tilemask does "
                                              r"not read; retrieve the series into a folder"):  # fmt: skip
             open_source(url, 3)
     assert for_path("https://tiles.example/data/studies/area.tif").name == "cog"
+    assert for_path("https://tiles.example/data/series/area.tif").name == "cog"

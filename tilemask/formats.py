@@ -381,7 +381,8 @@ class DicomSeriesFormat(Format):
     UID = r"[0-9]+(\.[0-9]+)+"  # a DICOM UID: numbers and dots (1.2.840...)
     WADO_RS = re.compile(rf"/studies/{UID}(/series/{UID}(/instances/{UID}(/frames/[0-9,]+)?)?)?"
                          r"(/metadata|/rendered|/thumbnail)?/?$")  # fmt: skip
-    QIDO_RS = re.compile(rf"/studies(/{UID}(/series(/{UID}/instances)?|/instances))?/?$")  # the studies, ...
+    QIDO_RS = re.compile(rf"(/studies(/{UID}(/series(/{UID}/instances)?|/instances))?|/series|/instances)/?$")
+    # the studies, a study's series or instances, a series' instances; and PS3.18's all series, all instances
     WADO_URI = re.compile(r"[?&]requestType=WADO(&|$)", re.IGNORECASE)  # a slice: /wado?requestType=WADO&studyUID=
 
     def matches(self, path):
