@@ -1227,8 +1227,8 @@ def test_python_takes_a_scheduler_file_as_the_command_does(make_raster, make_mod
             assert result.status == "ok", result.error
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), pytest.raises(UsageError) as refused:
         tilemask.run(workflow, scheduler=str(tmp_path / "none" / "scheduler.json"))
-    assert str(refused.value) == (f"scheduler: {tmp_path}/none/scheduler.json: no such scheduler file (waited 1 s for a "
-                                  "scheduler to write it, as dask worker --scheduler-file waits)")
+    assert str(refused.value) == (f"scheduler: {tmp_path}/none/scheduler.json: no such scheduler file (waited 1 s for "
+                                  "a scheduler to write it, as dask worker --scheduler-file waits)")
 
 
 def _run_in_a_task(workflow):

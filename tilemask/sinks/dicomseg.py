@@ -382,11 +382,11 @@ def check_answers(url: str) -> None:
     """Refuse a DICOMweb server that does not answer now (exit 1: it may be down for now), or that refuses the
     URL's credentials (401: exit 2, the store would be refused too), whose TLS fails in a way it names (exit 2,
     :func:`_tls_refused`), redirects (exit 2: the store is not redirected) or has no ``studies`` resource there
-    (404: exit 2, a mistyped root; the store posts to that resource), before any window runs, where the store comes once every window has.  A 400 or 405 is a warning
-    (Orthanc's own root answers 400, and its store 405; but a server may refuse QIDO's ``limit`` or serve STOW-RS
-    alone); any other HTTP answer will do (a QIDO refused for want of rights does not say the store will fail);
-    its body is not read.  Asked from the process that drives the job (the store runs on a worker: they must
-    both reach the server)."""
+    (404: exit 2, a mistyped root; the store posts to that resource), before any window runs, where the store
+    comes once every window has.  A 400 or 405 is a warning (Orthanc's own root answers 400, and its store 405; but
+    a server may refuse QIDO's ``limit`` or serve STOW-RS alone); any other HTTP answer will do (a QIDO refused
+    for want of rights does not say the store will fail); its body is not read.  Asked from the process that
+    drives the job (the store runs on a worker: they must both reach the server)."""
     import requests
 
     try:
