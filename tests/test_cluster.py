@@ -1282,3 +1282,31 @@ def test_a_lost_scheduler_under_a_callers_client_is_not_named_a_closed_client(ma
     assert str(failed.value).startswith("lost the Dask scheduler"), str(failed.value)
     (status,) = tmp_path.glob("out/.tilemask/jobs/*/status.json")
     assert json.loads(status.read_text())["state"] == "running"
+
+
+@pytest.mark.timeout(120)
+def test_an_embedded_worker_killed_as_its_warnings_are_forwarded_leaves_the_cluster_to_its_nanny(monkeypatch):
+    """CI's: ``tilemask run`` of the demo, its embedded worker killed (SIGKILL) half a second after it started,
+    failed with ``CommClosedError: in <TCP (closed) ConnectionPool.register_worker_plugin ...>: Stream is closed``,
+    exit 1: the worker was killed as the command asked the workers to forward their warnings.  The scheduler keeps
+    that plugin, and the worker its nanny starts anew takes it."""
+    import os
+    import signal
+
+    from distributed import Client as DaskClient
+
+    from tilemask.cluster import cluster_client
+
+    forward = DaskClient.forward_logging
+
+    def killed_first(client, *args, **kwargs):  # the worker killed as it is asked: a real SIGKILL, a real comm
+        for pid in client.run(os.getpid).values():
+            os.kill(pid, signal.SIGKILL)
+        return forward(client, *args, **kwargs)
+
+    monkeypatch.setattr(DaskClient, "forward_logging", killed_first)
+    with cluster_client(workers=1) as client:
+        client.wait_for_workers(1, timeout=60)
+        assert client.submit(lambda: 1, pure=False).result(timeout=60) == 1
+        plugins = client.run(lambda dask_worker: list(dask_worker.plugins))
+        assert all("forward-logging-tilemask" in names for names in plugins.values()), plugins  # the new worker's

@@ -216,13 +216,23 @@ def cluster_client(
             signal.pthread_sigmask(signal.SIG_SETMASK, unheld)  # a Ctrl-C during the start is raised here
             with closing(Client(cluster)) as client:
                 if quiet:  # the workers' stderr is /dev/null: their tilemask warnings are this process's to print
-                    # (its level theirs: the handler prints what it is handed, errors alone under -q included)
-                    client.forward_logging("tilemask", level=max(logging.WARNING, logger.getEffectiveLevel()))
+                    _forward_warnings(client)
                 yield client
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, unheld)
             if cluster is not None:  # e.g. a nanny still restarting a killed worker fails it: the work itself is done
                 _close_quietly(cluster, "the embedded cluster")
+
+
+def _forward_warnings(client: Client) -> None:
+    """The workers' tilemask log records at this process's level (the handler prints what it is handed, errors
+    alone under -q included), through Dask's ``forward_logging``.  A worker killed as it is asked failed the run
+    (``CommClosedError: ... register_worker_plugin ...: Stream is closed``, exit 1): the scheduler keeps the plugin,
+    and the nanny's new worker takes it."""
+    try:
+        client.forward_logging("tilemask", level=max(logging.WARNING, logger.getEffectiveLevel()))
+    except OSError as exc:  # CommClosedError
+        logger.debug("a worker left as its warnings were forwarded: %r", exc)
 
 
 NANNY_VARIABLES = ("PYTHONHASHSEED", "__DASK_PARENT_PID")
