@@ -379,8 +379,9 @@ def drive_job(
             counts.counts = {"items": len(items)}
         skipped.clear()
 
+    callers = client  # given by the caller, who may close it meanwhile
     runner = _ItemRunner(job, plan, options, manifest.started(), counts, progress, stop, weights, on_result,
-                         forgotten if forget else None)  # fmt: skip
+                         forgotten if forget else None, callers_client=callers is not None)  # fmt: skip
     if options.retry_failed and not forget:  # failed only to be sent on, their outputs as the job wrote them:
         # sent alone
         runner.undelivered = {name: latest[name] for name in finished if latest[name]["status"] == "failed"}
@@ -398,8 +399,6 @@ def drive_job(
     done = sum(earlier.status == "skipped" for earlier in done_before)  # kept, not redone; not those failed before
     logger.info("job %s: %d item(s), %d to do, %d done before", job.id, len(items), len(todo), done)
     state, ran_through = "failed", False
-    callers = client  # given by the caller, who may close it meanwhile
-    runner.callers_client = callers is not None
     address = client.scheduler.address if client is not None else scheduler
     counts.write("running", host=socket.gethostname(), pid=os.getpid(), started=time.time(), message=None,
                  scheduler=address, driver=driver, slurm_job=slurm_job, finished=None)  # fmt: skip
@@ -581,7 +580,8 @@ def _from_line(line: dict, status: str) -> RunResult:
 class _ItemRunner:
     """Plans, checks, runs and records one item at a time (called from the item threads of :func:`run_items`)."""
 
-    def __init__(self, job, plan, options, begun, counts, progress, stop, weights, on_result=None, forget=None):
+    def __init__(self, job, plan, options, begun, counts, progress, stop, weights, on_result=None, forget=None,
+                 callers_client=False):  # fmt: skip
         self.job: JobFolder = job
         self.plan: WorkflowPlan = plan
         self.options: Options = options
@@ -593,7 +593,7 @@ class _ItemRunner:
         self.on_result: Callable[[RunResult], None] = on_result or (lambda result: None)  # each, as it finishes
         self.warn_skipped = on_result is None  # a skipped failure is the caller's to show (the command's line)
         self.out_channels = 0
-        self.callers_client = False  # the run's client is the caller's (who may close it): drive_job says
+        self.callers_client: bool = callers_client  # the run's client is the caller's, who may close it
         self.prepared: dict[int, tuple[InputPlan, OutputLock]] = {}  # prepared before the cluster started
         self.listings = FolderListings()  # each output folder listed once for leftovers, not once per item
         self.in_flight: dict[int, str] = {}  # item -> its first file, while it runs: a lost scheduler names them all
