@@ -53,6 +53,7 @@ def test_every_backend_gives_torchs_probabilities(backend, dims, make_raster, ma
     assert np.abs(got - expected).max() > 0, "the converted network ran: not bitwise torch"
 
 
+@pytest.mark.slow
 def test_auto_takes_the_first_backend_that_matches_torch_and_is_faster(make_volume, make_model, tmp_path, client, caplog,
                                                                        monkeypatch):  # fmt: skip
     """MONAI's default UNet normalises per instance: on constant windows OpenVINO parts from torch, so auto
@@ -591,6 +592,7 @@ print(json.dumps(Estimates.seconds))
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_two_jobs_settling_at_once_both_count_in_the_tally(make_model, tmp_path):
     """``auto``'s tally of seconds run unmeasured is read, added to and written back by each job: two jobs at
     once both read the old figure and the last to write lost the other's seconds."""

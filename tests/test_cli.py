@@ -244,6 +244,7 @@ def test_a_run_writes_a_complete_zarr(scene, write_workflow, tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_the_embedded_workers_warnings_are_printed(scene, write_workflow, tmp_path):
     """The embedded workers' stderr is /dev/null outside --debug, and their warnings went with it: a worker that
     could not write its cache of the converted network ("cannot cache ...: Not a directory") said nothing, nor

@@ -935,6 +935,7 @@ def test_a_second_stop_while_the_embedded_cluster_closes_waits_for_the_close(mon
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_a_worker_restarted_after_a_no_worker_timeout_of_steady_progress_does_not_fail_the_wait():
     """The wait's worker check ran only between results: in a run whose results came steadily for longer than
     ``tilemask.no-workers-timeout``, a worker killed (and restarted by its nanny in seconds) failed it at once with
@@ -1208,6 +1209,7 @@ def test_a_client_closed_during_the_run_is_named_so_and_the_job_is_cancelled(mak
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_python_takes_a_scheduler_file_as_the_command_does(make_raster, make_model, tmp_path):
     """``tilemask run --scheduler scheduler.json`` reads the file's address (as ``dask worker --scheduler-file``);
     ``tilemask.run(workflow, scheduler="scheduler.json")``, documented as taking the command's options, refused it:

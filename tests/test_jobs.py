@@ -66,6 +66,7 @@ def report_rows(job: JobFolder) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_skip_records_the_failure_goes_on_and_a_rerun_resumes_without_predicting_again(scene_workflow, tmp_path, client,
                                                                                        caplog):  # fmt: skip
     workflow = Workflow.from_dict(scene_workflow, base_dir=tmp_path)
@@ -773,6 +774,7 @@ def test_a_first_run_that_cannot_write_its_jobs_record_leaves_no_job(make_raster
     assert not list(tilemask_home.glob("jobs/*"))
 
 
+@pytest.mark.slow
 def test_a_refusal_after_the_output_check_leaves_none_of_the_folders_it_made(make_raster, make_model,
                                                                               write_workflow, tmp_path, tilemask_home):
     """The output check makes the outputs' folder (to prove a file can be made there). A submit whose scheduler
@@ -2104,6 +2106,7 @@ def test_an_empty_job_is_refused_not_taken_for_the_current_folder(tmp_path):
     assert job.status()["state"] == "queued" and not (job.path / "cancel").exists()
 
 
+@pytest.mark.slow
 def test_a_damaged_state_record_says_what_starts_the_job_afresh_and_overwrite_does(make_raster, make_model,
                                                                                   write_workflow, tmp_path):
     """A damaged ``status.json`` (a disk that filled as it was written, an edit) refused ``status``, ``cancel``

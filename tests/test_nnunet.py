@@ -513,6 +513,7 @@ def slice_by_slice(x: torch.Tensor, patch: list[int], predict) -> torch.Tensor:
     return torch.stack(slices, dim=2)
 
 
+@pytest.mark.slow
 def test_a_2d_configuration_runs_slice_by_slice_as_nnunet_predicts(tmp_path, client):
     """A ``2d`` folder was refused; nnU-Net predicts it slice by slice across its first axis after the transpose
     (tilemask's ``slice_axis`` 0 here: the scan's i), each slice's 2D windows weighted by a 2D gaussian and

@@ -861,6 +861,7 @@ def run_volume(path, make_model, tmp_path):
     return run_cli("run", tmp_path / "w.yaml", "--quiet")
 
 
+@pytest.mark.slow
 def test_a_cog_whose_tile_does_not_decompress_names_the_file_the_window_and_the_tile(make_model, tmp_path):
     """A fault sweep: a COG whose tile was damaged in place (its length kept) failed the run as ``read failed at
     rows 384:512, cols 288:400: ZIPDecode:Decoding error at scanline 256``, libtiff's text, a scanline of a tile it

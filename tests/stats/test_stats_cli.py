@@ -329,6 +329,7 @@ def test_labels_as_monai_saves_them_float32_and_channel_last_count_as_their_inte
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_a_scan_given_as_labels_is_warned_of(tmp_path):
     """A CT given to ``stats`` as its labels gave one class per Hounsfield value (some 2,000 on a real scan) without
     a word. Values below 0, which no label map holds, are now warned of; the same scan's mask is not."""
