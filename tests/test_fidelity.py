@@ -173,6 +173,33 @@ def test_a_2d_model_writing_a_volumes_format_is_told_of_slice_axis(tmp_path):
         Workflow.from_dict(workflow, base_dir=tmp_path)
 
 
+@pytest.mark.timeout(30)
+def test_slice_axis_with_a_3d_network_is_refused_naming_both(tmp_path):
+    """``slice_axis`` with a 3D network was refused as "inference.roi_size has 2 values but model.args.spatial_dims
+    is 3", naming neither slice_axis nor the way out."""
+    workflow = volume_workflow("scan.nii.gz", "w.pt", {"roi_size": [16, 16], "slice_axis": 2}, {})
+    with pytest.raises(WorkflowError, match=re.escape(
+            "inference.slice_axis runs a 2D network slice by slice, but model.args.spatial_dims is 3: leave "
+            "slice_axis out to run the 3D network over the volume (roi_size of 3 values)")):  # fmt: skip
+        Workflow.from_dict(workflow, base_dir=tmp_path)
+
+
+@pytest.mark.timeout(120)
+def test_slice_axis_over_a_2d_image_is_refused_as_no_volume(make_raster, make_model, tmp_path):
+    """A 2D image with ``slice_axis`` was refused as "has 2 spatial axes but the model is 3D": the model is 2D."""
+    from tilemask.errors import InputError
+
+    path, _ = make_raster((1, 50, 60))
+    weights, _ = make_model(UNET_SLICES)
+    workflow = volume_workflow(path, weights, {"roi_size": [16, 16], "slice_axis": 0}, {})
+    workflow["model"]["args"] = UNET_SLICES
+    workflow["output"]["path"] = "out/{stem}.zarr"
+    with pytest.raises(InputError, match=re.escape(
+            f"{path}: has 2 spatial axes, no volume for inference.slice_axis (a 2D model over a volume's slices); "
+            "leave slice_axis out to run the 2D model over the image")):  # fmt: skip
+        tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), workers=1)
+
+
 def test_flips_of_a_slice_are_the_volumes_other_axes():
     """``tta`` names a slice's axes, as ``roi_size`` does; the windows flip along the volume's other two axes."""
     inference = Workflow.model_fields["inference"].annotation(roi_size=[16, 16], slice_axis=1, tta="flips")

@@ -453,7 +453,8 @@ def roi_over_the_image(plan: WindowPlan) -> str | None:
 
 def _plan_input(workflow: Workflow, item: InputItem, spatial_dims: int) -> InputPlan:
     path = item.files[0]
-    sources = [open_source(f, spatial_dims, workflow.preprocess.bands) for f in item.files]
+    sliced = workflow.inference.slice_axis is not None
+    sources = [open_source(f, spatial_dims, workflow.preprocess.bands, sliced) for f in item.files]
     sources = [s.with_nodata(v) if v is not None else s for s, v in zip(sources, item.nodata or [None] * len(sources))]
     source = sources[0] if len(sources) == 1 else StackedSource.of(sources)
     check_source(workflow, source)

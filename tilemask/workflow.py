@@ -439,6 +439,10 @@ class Workflow(_Strict):
             raise ValueError("stats read the labels back: write .nii.gz (or another label output) to get them")
         spatial_dims = self.model.spatial_dims
         roi = self.inference.roi_size
+        if self.inference.slice_axis is not None and spatial_dims not in (None, 2):
+            raise ValueError(f"inference.slice_axis runs a 2D network slice by slice, but model.args.spatial_dims is "
+                             f"{spatial_dims}: leave slice_axis out to run the {spatial_dims}D network over the volume "
+                             f"(roi_size of {spatial_dims} values)")  # fmt: skip
         if spatial_dims is not None and len(roi) != spatial_dims:
             raise ValueError(
                 f"inference.roi_size has {len(roi)} values but model.args.spatial_dims is {spatial_dims}"

@@ -260,13 +260,17 @@ class ImageSource(ABC):
         return self.shape[0]
 
 
-def open_source(path: str, spatial_dims: int, bands: list[int] | None = None) -> ImageSource:
-    """The reader for ``path``, chosen by its format (:func:`tilemask.formats.for_path`)."""
+def open_source(path: str, spatial_dims: int, bands: list[int] | None = None, sliced: bool = False) -> ImageSource:
+    """The reader for ``path``, chosen by its format (:func:`tilemask.formats.for_path`); ``sliced``: a 2D model
+    over a volume's slices (``inference.slice_axis``), whose image has 3 axes."""
     from ..formats import for_path
 
     source = for_path(path).open_source(path, spatial_dims, bands)
     if bands and not source.selects_bands:
         raise InputError(f"{path}: preprocess.bands applies to rasters (bands) and NIfTI (volumes of a 4D file)")
+    if sliced and len(source.spatial_shape) != spatial_dims:
+        raise InputError(f"{path}: has {len(source.spatial_shape)} spatial axes, no volume for inference.slice_axis "
+                         "(a 2D model over a volume's slices); leave slice_axis out to run the 2D model over the image")
     if len(source.spatial_shape) != spatial_dims:
         hint = "; inference.slice_axis runs a 2D model over a volume's slices" if spatial_dims == 2 else ""
         raise InputError(f"{path}: has {len(source.spatial_shape)} spatial axes but the model is {spatial_dims}D{hint}")
