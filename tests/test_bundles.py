@@ -88,6 +88,32 @@ def test_a_slice_inferers_per_axis_overlap_and_sigma_are_the_volumes_three_axes_
     assert_runs_as_monai(folder, scan, tmp_path, client, atol=1e-4)
 
 
+@pytest.mark.timeout(60)
+def test_a_slice_inferers_arguments_are_checked_against_the_sliding_windows_defaults(tmp_path):
+    """SliceInferer passes ``cval``, ``padding_mode`` ... on to SlidingWindowInferer (its own signature is
+    ``spatial_dim, *args, **kwargs``): a bundle writing MONAI's defaults, ``cval: 0.0``, was refused ("cval=0.0:
+    tilemask does not apply it", with no default named) where MONAI runs it; a ``spatial_dim`` MONAI refuses (3:
+    "can only be 0, 1, 2") or breaks on (-1: a conv's "expected input ... to have 1 channels") was refused as
+    "workflow: inference.slice_axis: Input should be less than or equal to 2", a key the bundle never wrote."""
+    network = {**small_unet(2), "spatial_dims": 2}
+    base = {"_target_": "SliceInferer", "roi_size": [32, 24], "sw_batch_size": 4, "overlap": 0.25, "mode": "gaussian"}
+    cases = [({"cval": 0.0, "padding_mode": "constant", "spatial_dim": 2}, None),
+             ({"cval": 1.0}, "model.bundle: inferer SliceInferer cval=1.0: tilemask does not apply it (only MONAI's "
+                             "default, 0.0)"),
+             ({"spatial_dim": 3}, "model.bundle: inferer SliceInferer spatial_dim=3: an axis of the volume, 0, 1 or 2"),
+             ({"spatial_dim": -1}, "model.bundle: inferer SliceInferer spatial_dim=-1: an axis of the volume, 0, 1 "
+                                   "or 2")]  # fmt: skip
+    for i, (extra, refusal) in enumerate(cases):
+        folder = write_bundle(tmp_path / f"b{i}", network, UNRESAMPLED, {**base, **extra}, SOFTMAX_LABELS,
+                              ["background", "x"])  # fmt: skip
+        raw = {"version": 1, "input": "x.nii.gz", "model": {"bundle": str(folder)}, "output": {"path": "x.nii.gz"}}
+        if refusal is None:
+            assert Workflow.from_dict(raw).inference.window == (32, 24, 1)
+        else:
+            with pytest.raises(WorkflowError, match=f"^{re.escape(refusal)}$"):
+                Workflow.from_dict(raw)
+
+
 def spleen_ct_bundle(folder, network=None):
     """spleen_ct_segmentation's inference.json, with a smaller UNet (or ``network``) and roi."""
     return write_bundle(

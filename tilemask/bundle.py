@@ -201,7 +201,9 @@ def _applied(section: str, config: dict) -> dict:
     name, args = _name(config), _arguments(config)
     target = _target(config)
     cls = getattr(monai.inferers if name in INFERERS else monai.transforms, target, None)
-    parameters = inspect.signature(cls).parameters if cls is not None else {}
+    parameters = dict(inspect.signature(cls).parameters) if cls is not None else {}
+    if name == "SliceInferer":  # (spatial_dim, *args, **kwargs): the rest are SlidingWindowInferer's, and defaults
+        parameters = {**inspect.signature(monai.inferers.SlidingWindowInferer).parameters, **parameters}
     for key, value in args.items():
         if key in READ[name] or key in ANSWER_UNCHANGED:
             continue
@@ -493,6 +495,9 @@ def _inferer(parser, ndim: int | None) -> dict:
         keys["sigma_scale"] = args["sigma_scale"]
     if _name(inferer) == "SliceInferer":
         keys["slice_axis"] = axis = args.get("spatial_dim", 0)  # MONAI's default
+        if isinstance(axis, bool) or axis not in (0, 1, 2):  # MONAI refuses 3, and -1 breaks in its network wrapper
+            raise WorkflowError(f"model.bundle: inferer {_name(inferer)} spatial_dim={axis!r}: an axis of the "
+                                "volume, 0, 1 or 2")  # fmt: skip
         for key in ("overlap", "sigma_scale"):  # MONAI's lists are per axis of the volume; tilemask's a slice's:
             if isinstance(keys.get(key), list | tuple) and len(keys[key]) == 3:  # across slices one start, one
                 keys[key] = [value for i, value in enumerate(keys[key]) if i != axis]  # weight whatever it is
