@@ -200,6 +200,24 @@ def test_slice_axis_over_a_2d_image_is_refused_as_no_volume(make_raster, make_mo
         tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), workers=1)
 
 
+@pytest.mark.timeout(120)
+def test_slice_axis_with_a_3d_torchscript_network_says_it_feeds_2d_slices(make_volume, tmp_path):
+    """A TorchScript archive does not say its spatial_dims: a 3D one with ``slice_axis`` was refused as "the network
+    rejects a 1-channel window of roi [1, 16, 16]: RuntimeError: Sizes of tensors must match ...", naming neither
+    slice_axis nor the 2D slices the network is fed."""
+    from monai.networks.nets import UNet
+
+    path, _ = make_volume((37, 29, 23))
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(UNet(**UNET_3D).eval()), tmp_path / "net3d.pt")
+    workflow = volume_workflow(path, tmp_path / "net3d.pt", {"roi_size": [16, 16], "slice_axis": 0}, {})
+    workflow["model"] = {"weights": str(tmp_path / "net3d.pt")}
+    with pytest.raises(WorkflowError, match=re.escape(
+            "; inference.slice_axis 0 feeds it each window's slice, a tensor of (1, 1, 16, 16): it needs a 2D "
+            "network") + "$"):  # fmt: skip
+        tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), workers=1)
+
+
 def test_flips_of_a_slice_are_the_volumes_other_axes():
     """``tta`` names a slice's axes, as ``roi_size`` does; the windows flip along the volume's other two axes."""
     inference = Workflow.model_fields["inference"].annotation(roi_size=[16, 16], slice_axis=1, tta="flips")

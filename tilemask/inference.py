@@ -37,7 +37,7 @@ import torch
 from . import timing
 from .backends import Halves, cached_runner, forward_check, settle_auto
 from .device import compute_stream, to_device
-from .errors import RunError
+from .errors import RunError, WorkflowError
 from .geometry import Block, local_slices, region_shape
 from .models import ModelSpec, resolve_device, torch_threads
 from .preprocess import Preprocessing
@@ -156,6 +156,18 @@ def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int, 
     network that fails to load, to fit its weights, to take the inputs' channels or to convert fails before any
     work.  Each step's seconds go to the worker's stage timers (``probe: device``, ``probe: network``,
     ``probe: first window``): the start-up split that ``benchmarks/bench_engine.py`` prints."""
+    try:
+        return _probe(model, settings, channels, windows, measure_after)
+    except WorkflowError as exc:  # a 3D TorchScript archive (no spatial_dims to check) fed a volume's slices
+        if model.slice_axis is None or not str(exc).startswith("model: the network rejects a "):
+            raise
+        roi = [size for axis, size in enumerate(settings.roi) if axis != model.slice_axis]
+        raise WorkflowError(f"{exc}; inference.slice_axis {model.slice_axis} feeds it each window's slice, a tensor "
+                            f"of {(1, channels, *roi)}: it needs a 2D network") from None  # fmt: skip
+
+
+def _probe(model: ModelSpec, settings: InferenceSettings, channels: int, windows: int | None,
+           measure_after: float) -> tuple[int, str, InferenceSettings]:  # fmt: skip
     with timing.timed("probe: device"):
         device = resolve_device(settings.device)
         if device.type == "cuda":  # the context and CUDA's libraries now, not inside the network's figure
