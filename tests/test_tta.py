@@ -116,3 +116,16 @@ def test_flip_axes_are_checked(make_model, tmp_path):
     weights, _ = make_model()
     with pytest.raises(WorkflowError, match="tta: axis 2 of a 2D model"):
         Workflow.from_dict(raster_workflow("x.tif", weights, inference={"tta": [[0], [2]]}), base_dir=tmp_path)
+
+
+@pytest.mark.timeout(30)
+def test_flip_axes_of_a_model_over_slices_are_said_to_be_a_slice_s(tmp_path):
+    """With ``slice_axis`` a flip's axes are a slice's (as ``roi_size``'s), not the volume's: ``tta: [[2]]`` was
+    refused as "axis 2 of a 2D model" alone, where the user had named the volume's third axis."""
+    from .test_fidelity import UNET_SLICES
+
+    workflow = volume_workflow("scan.nii.gz", "w.pt", {"roi_size": [16, 16], "slice_axis": 0, "tta": [[2]]}, {})
+    workflow["model"]["args"] = UNET_SLICES
+    with pytest.raises(WorkflowError, match=r"tta: axis 2 of a 2D model \(spatial axes count from 0\); with "
+                                            r"slice_axis a flip's axes are a slice's two, 0 and 1, as roi_size's$"):
+        Workflow.from_dict(workflow, base_dir=tmp_path)

@@ -272,7 +272,10 @@ class Inference(_Strict):
         if isinstance(self.tta, list):
             bad = [a for axes in self.tta for a in axes if a >= len(self.roi_size)]
             if bad:
-                raise ValueError(f"tta: axis {bad[0]} of a {len(self.roi_size)}D model (spatial axes count from 0)")
+                sliced = "" if self.slice_axis is None else ("; with slice_axis a flip's axes are a slice's two, 0 "
+                                                             "and 1, as roi_size's")  # fmt: skip
+                raise ValueError(f"tta: axis {bad[0]} of a {len(self.roi_size)}D model (spatial axes count from 0)"
+                                 f"{sliced}")  # fmt: skip
         return self
 
     @model_validator(mode="after")
