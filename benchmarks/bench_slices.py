@@ -130,8 +130,8 @@ def main() -> None:
     print(f"{'SliceInferer':16}{p['wall']:>10.1f}{gib(p['peak']):>14}   (a plain tensor)")
     print(f"{'tilemask ' + args.backend:16}{t['wall']:>10.1f}{gib(t['peak']):>14}   ({t['windows']} windows)")
     print(f"tilemask / MONAI (MetaTensor): time {t['wall'] / m['wall']:.2f}, peak memory {t['peak'] / m['peak']:.2f}")
-    print(f"tilemask / MONAI (plain tensor): time {t['wall'] / p['wall']:.2f}, peak memory {t['peak'] / p['peak']:.2f}; "
-          f"labels agree on {agree:.5%}")  # fmt: skip
+    print(f"tilemask / MONAI (plain tensor): time {t['wall'] / p['wall']:.2f}, "
+          f"peak memory {t['peak'] / p['peak']:.2f}; labels agree on {agree:.5%}")  # fmt: skip
 
 
 if __name__ == "__main__":
