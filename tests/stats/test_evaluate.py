@@ -322,3 +322,37 @@ def test_a_label_image_given_as_the_dataarray_open_result_gives_is_named_not_a_b
     with pytest.raises(InputError, match=r"^mask_path: a label image's path or URL, not an object of type ndarray; "
                                          r"write it to a file first \(rasterio, nibabel or zarr, with its grid\)$"):  # fmt: skip
         compute_stats(labels.values, tmp_path / "t.csv")  # it was "not a ndarray; ... (a DataArray: .rio.to_raster)"
+
+
+@pytest.mark.timeout(60)
+def test_a_prediction_whose_nodata_is_a_class_of_the_truth_is_warned_of(tmp_path, caplog):
+    """A prediction written by a GIS tool with nodata 0, its background (a review's), had every pixel it left as
+    0 dropped from the scores without a word: the foreground's misses were not counted (the demo's land: recall
+    0.96 for 0.80, dice 0.91 for 0.83). The scores stay MONAI's on the pixels both images hold; a warning now says
+    how many of the truth's pixels of that class the prediction's nodata hides."""
+    truth = blobs((60, 70), seed=3).astype(np.uint8)
+    pred = blobs((60, 70), seed=3, sigma=3.5).astype(np.uint8)
+    transform = Affine(10, 0, 0, 0, -10, 1000)
+    pred_path = write_raster(tmp_path / "pred.tif", pred, "EPSG:32633", transform, nodata=0)
+    truth_path = write_raster(tmp_path / "truth.tif", truth, "EPSG:32633", transform)
+    with caplog.at_level(logging.WARNING, logger="tilemask.stats.evaluate"):
+        result = evaluate_paths(pred_path, truth_path)
+    hidden = int(((pred == 0) & (truth == 0)).sum())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"{pred_path}: its nodata value 0 is a class of {truth_path}: {hidden:,} of its pixels there "
+                        "are the prediction's nodata, left out of the scores with every other pixel the prediction "
+                        "marks 0 (misses of the other classes too); if 0 is a class of the prediction, its nodata is "
+                        "wrong: unset it"]  # fmt: skip
+    valid = pred != 0  # the scores themselves: the pixels both images hold, as before
+    expected_fn = int(((truth == 1) & valid & (pred != 1)).sum())
+    assert result["classes"]["class_1"]["fn"] == expected_fn
+    caplog.clear()  # a nodata that is no class of the truth (outside the scene in both): no warning
+    outside = pred.copy()
+    outside[:10] = 255
+    truth_outside = truth.copy()
+    truth_outside[:10] = 255
+    pred_path = write_raster(tmp_path / "pred255.tif", outside, "EPSG:32633", transform, nodata=255)
+    truth_path = write_raster(tmp_path / "truth255.tif", truth_outside, "EPSG:32633", transform)
+    with caplog.at_level(logging.WARNING, logger="tilemask.stats.evaluate"):
+        evaluate_paths(pred_path, truth_path)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]

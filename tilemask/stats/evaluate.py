@@ -60,10 +60,28 @@ def confusion_matrix(pred: LabelImage, truth: LabelImage, client=None) -> tuple[
     """``(labels, M)``: the label values found in either image, in order, and ``M[i, j]``, the valid pixels
     predicted ``labels[i]`` whose truth is ``labels[j]``. Only values present have a row and column: a truth
     with 5000 as an unmarked value, or -1, gives them their own, not a matrix 5001 wide or a wrapped index."""
+    return _confusion_matrix(pred, truth, client)[:2]
+
+
+def _confusion_matrix(pred: LabelImage, truth: LabelImage, client=None) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`confusion_matrix`, and how many of the truth's pixels of the prediction's nodata value it hides
+    (warned of where that value is a class of the truth elsewhere: a prediction whose background is its nodata)."""
     grid = check_same_grid(pred, truth)
-    excluded = () if pred.nodata is None else (int(pred.nodata),)
     zone_excluded = () if truth.nodata is None else (int(truth.nodata),)
-    pairs = count_pairs(pred.array, truth.array, grid, sizes=False, excluded=excluded, zone_excluded=zone_excluded, client=client)
+    pairs = count_pairs(pred.array, truth.array, grid, sizes=False, zone_excluded=zone_excluded, client=client)
+    hidden = 0
+    if pred.nodata is not None:  # counted, then left out: the pixels of the truth's own class it hides
+        nodata = pairs["cls"] == int(pred.nodata)
+        hidden = int(pairs.loc[nodata & (pairs["zone"] == int(pred.nodata)), "count"].sum())
+        pairs = pairs[~nodata]
+        if hidden and (pairs["zone"] == int(pred.nodata)).any():
+            logger.warning("%s: its nodata value %d is a class of %s: %s of its pixels there are the prediction's "
+                           "nodata, left out of the scores with every other pixel the prediction marks %d (misses of "
+                           "the other classes too); if %d is a class of the prediction, its nodata is wrong: unset "
+                           "it", pred.path, int(pred.nodata), truth.path, f"{hidden:,}", int(pred.nodata),
+                           int(pred.nodata))  # fmt: skip
+        else:
+            hidden = 0
     predicted, true = pairs["cls"].to_numpy(np.int64), pairs["zone"].to_numpy(np.int64)
     labels = np.union1d(predicted, true)
     if len(labels) > MAX_LABELS:
@@ -71,7 +89,7 @@ def confusion_matrix(pred: LabelImage, truth: LabelImage, client=None) -> tuple[
                          f"{MAX_LABELS}): evaluate compares classes; is one an instance map?")  # fmt: skip
     matrix = np.zeros((len(labels), len(labels)), np.int64)
     np.add.at(matrix, (np.searchsorted(labels, predicted), np.searchsorted(labels, true)), pairs["count"].to_numpy())
-    return labels, matrix
+    return labels, matrix, hidden
 
 
 def scores(labels: np.ndarray, matrix: np.ndarray, names=None, distances=None) -> dict:
@@ -114,13 +132,14 @@ def evaluate(pred: LabelImage, truth: LabelImage, names=None, client=None, surfa
     surface distances too (both images read whole: refused over :data:`surface.MAX_SURFACE_ELEMENTS`)."""
     if surface:
         check_surface(check_same_grid(pred, truth), pred.path)
-    labels, matrix = confusion_matrix(pred, truth, client)
+    labels, matrix, hidden = _confusion_matrix(pred, truth, client)
     if names is None:
         _warn_of_other_names(pred, truth)
     names = names if names is not None else (pred.class_names or truth.class_names)
     named = set(named_values(names))
     unpredicted = [int(v) for v, p, t in zip(labels, matrix.sum(axis=1), matrix.sum(axis=0))
-                   if t and not p and int(v) not in named]  # fmt: skip
+                   if t and not p and int(v) not in named
+                   and not (hidden and int(v) == int(pred.nodata))]  # fmt: skip (warned of as the nodata above)
     if unpredicted:
         logger.warning("%s: label value(s) %s are in the truth only, and not named: each is a class with dice 0 in "
                        "the means; if they mark pixels to ignore, make the truth's nodata say so", truth.path,
