@@ -165,3 +165,28 @@ def test_geographic_and_oversized_images_are_refused_before_any_pixel_is_read(tm
         with pytest.raises(InputError, match="surface distances"):
             evaluate_paths(path, path, surface=True)
     assert evaluate_paths(geographic, geographic)["classes"]["class_1"]["dice"] == 1.0
+
+
+@pytest.mark.timeout(60)
+def test_distances_in_a_crs_far_from_the_ground_there_are_warned_of(tmp_path, caplog):
+    """Web Mercator (EPSG:3857, the web tiles' CRS) at 60 degrees north has a metre of the CRS for half a metre on
+    the ground: the distances, said to be in metres, were twice the ground's without a word, where ``stats`` warns of
+    the same CRS's areas. The distances stay the CRS's (as MONAI's ``spacing`` would give them); a warning now gives
+    the ratio and the latitude. UTM in its zone: no warning."""
+    import logging
+
+    data = blobs((60, 80), seed=3)
+    mercator = write_raster(tmp_path / "merc.tif", data, "EPSG:3857", Affine(20, 0, 1_000_000, 0, -20, 8_400_000))
+    utm = write_raster(tmp_path / "utm.tif", data, "EPSG:32633", Affine(20, 0, 500_000, 0, -20, 6_650_000))
+    with caplog.at_level(logging.WARNING, logger="tilemask.stats"):
+        result = evaluate_paths(mercator, mercator, surface=True)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith("surface distances are planar in EPSG:3857: at latitude 60.0 a pixel's side is "
+                                "2.00x its length on the ellipsoid; ")  # fmt: skip
+    assert result["distance_unit"] == "metre"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tilemask.stats"):
+        evaluate_paths(utm, utm, surface=True)
+        evaluate_paths(mercator, mercator)  # no distances: nothing to say
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]

@@ -33,7 +33,7 @@ from ..classes import class_name, named_values
 from ..errors import InputError
 from ..sources.labels import LabelImage
 from .crosstab import count_pairs
-from .measure import Grid, same_grid
+from .measure import Grid, same_grid, warn_of_planar_distances
 from .surface import SURFACE_METRICS, check_surface, surface_distances
 from .tables import class_names, jsonable
 from .totals import grid_of
@@ -131,7 +131,9 @@ def evaluate(pred: LabelImage, truth: LabelImage, names=None, client=None, surfa
     """Scores of ``pred`` against ``truth``, plus the inputs and the confusion matrix; with ``surface``, the
     surface distances too (both images read whole: refused over :data:`surface.MAX_SURFACE_ELEMENTS`)."""
     if surface:
-        check_surface(check_same_grid(pred, truth), pred.path)
+        grid = check_same_grid(pred, truth)
+        check_surface(grid, pred.path)
+        warn_of_planar_distances(grid)
     labels, matrix, hidden = _confusion_matrix(pred, truth, client)
     if names is None:
         _warn_of_other_names(pred, truth)

@@ -18,6 +18,7 @@ centre at ``A @ (i, j, k, 1)`` (RAS millimetres, nibabel's convention).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -174,6 +175,40 @@ def _warn_of_planar_distortion(crs: CRS, pixels: list[np.ndarray], planar: float
         name = crs.to_string() if crs.to_epsg() else crs.name
         logger.warning("area_m2 is planar in %s: at latitude %.1f a pixel's planar area is %.2fx its area on the "
                        "ellipsoid; reproject the labels to an equal-area CRS for ground areas", name, latitude, ratio)
+
+
+def warn_of_planar_distances(grid: Grid) -> None:
+    """Warn where a raster's distances in its projected CRS are more than :data:`PLANAR_DISTORTION` from their length
+    on the CRS's ellipsoid, along a pixel's side (the centre column's top, middle and bottom pixels; the furthest is
+    said), as :func:`_warn_of_planar_distortion` warns of areas: Web Mercator at 60 degrees north has a metre of the
+    CRS for half a metre on the ground, and ``evaluate --surface`` said its distances were metres."""
+    if grid.is_volume or grid.crs is None or grid.is_geographic:
+        return
+    from pyproj import Transformer
+
+    _, dx, rx, _, ry, dy = grid.geometry.transform
+    unit = grid.crs.axis_info[0].unit_conversion_factor if grid.crs.axis_info else 1.0
+    sides = ((1, math.hypot(dx, ry) * unit), (3, math.hypot(rx, dy) * unit))  # corner 0 to 1: a row; to 3: a column
+    seen = []  # (ratio, latitude)
+    try:
+        to_degrees = Transformer.from_crs(grid.crs, grid.crs.geodetic_crs, always_xy=True)
+        geod = grid.crs.get_geod() or WGS84
+        for row in (0, grid.shape[0] // 2, grid.shape[0] - 1):
+            corners = grid.raster_xy(np.array([0.0, 1.0, 1.0, 0.0]) + row,
+                                     np.array([0.0, 0.0, 1.0, 1.0]) + grid.shape[1] // 2)  # fmt: skip
+            lon, lat = to_degrees.transform(corners[:, 0], corners[:, 1])
+            for corner, planar in sides:
+                ground = geod.line_length([lon[0], lon[corner]], [lat[0], lat[corner]])
+                if np.isfinite(ground) and ground > 0:
+                    seen.append((planar / ground, float(np.mean(lat))))
+    except Exception:  # noqa: BLE001 - a CRS pyproj cannot take to its ellipsoid: nothing to compare with
+        return
+    ratio, latitude = max(seen, key=lambda s: abs(s[0] - 1), default=(1.0, 0.0))
+    if abs(ratio - 1) > PLANAR_DISTORTION:
+        name = grid.crs.to_string() if grid.crs.to_epsg() else grid.crs.name
+        logger.warning("surface distances are planar in %s: at latitude %.1f a pixel's side is %.2fx its length on "
+                       "the ellipsoid; reproject the labels to a CRS that keeps distances there (UTM, say) for ground "
+                       "distances", name, latitude, ratio)  # fmt: skip
 
 
 def geodesic_row_areas(x0: float, dx: float, y0: float, dy: float, n_rows: int, geod: Geod = WGS84) -> np.ndarray:
