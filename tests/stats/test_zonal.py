@@ -685,6 +685,28 @@ def test_a_json_table_keeps_a_region_id_that_is_a_list(tmp_path, shade_labels):
 
 
 @pytest.mark.timeout(60)
+def test_a_json_table_keeps_a_region_id_that_is_a_date_and_time(tmp_path, shade_labels):
+    """A GeoPackage's DateTime key (an acquisition's time, read as pandas Timestamps) is written to a JSON table as
+    ISO 8601 text: the table failed after the counting (``TypeError: Object of type Timestamp is not JSON
+    serializable``, exit 1), where the CSV, GeoPackage and Parquet tables were written."""
+    regions = random_regions(shade_labels, 3, seed=7)
+    regions["when"] = pd.to_datetime(["2020-01-01 10:00:00", "2020-01-02 11:30:00", "2020-01-03 12:45:30",
+                                      "2021-06-30 00:00:00"])
+    regions.to_file(tmp_path / "regions.gpkg")
+    out = compute_stats(shade_labels, tmp_path / "t.json", regions=tmp_path / "regions.gpkg", region_id="when")
+    records = json.loads(out.read_text())
+    assert [r["when"] for r in records] == ["2020-01-01T10:00:00", "2020-01-02T11:30:00", "2020-01-03T12:45:30",
+                                            "2021-06-30T00:00:00"]
+    table = pd.read_csv(compute_stats(shade_labels, tmp_path / "t.csv", regions=tmp_path / "regions.gpkg",
+                                      region_id="when"))  # fmt: skip
+    def plain(v):
+        return None if isinstance(v, float) and np.isnan(v) else v
+
+    assert [{k: v for k, v in r.items() if k != "when"} for r in records] == [
+        {k: plain(v) for k, v in r.items() if k not in ("when", "geometry")} for r in table.to_dict(orient="records")]
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("coverage", ["center", "fraction"])
 def test_a_batch_of_regions_in_one_zarr_chunk_decodes_it_once(tmp_path, shade_labels, coverage, monkeypatch):
     """Regions are measured in batches of neighbours, and a batch reads a Zarr label array's chunks through a cache:

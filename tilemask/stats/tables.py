@@ -12,6 +12,7 @@ tables tilemask wrote; a CSV or a JSON list of records has no place for one.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -195,13 +196,20 @@ def to_records(frame: pd.DataFrame) -> list[dict]:
 
 
 def jsonable(value):
-    """Plain JSON values: numpy scalars and arrays to Python, NaN to null."""
+    """Plain JSON values: numpy scalars and arrays to Python, NaN to null, dates and times to ISO 8601 text (a
+    GeoPackage's DateTime key, a pandas Timestamp: ``TypeError: ... not JSON serializable`` after the counting)."""
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, np.ndarray)):  # an array: a GeoJSON's list field, as pyogrio reads it
         return [jsonable(v) for v in value]
+    if isinstance(value, np.datetime64):  # .item() of nanoseconds is an int
+        value = pd.Timestamp(value)
     if isinstance(value, np.generic):
         value = value.item()
+    if value is pd.NaT:
+        return None
+    if isinstance(value, (datetime.date, datetime.time)):  # datetime.datetime and pd.Timestamp too
+        return value.isoformat()
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
