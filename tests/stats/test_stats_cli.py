@@ -267,20 +267,44 @@ def test_scaled_labels_are_refused_in_one_line(tmp_path, shade_labels):
     assert not (tmp_path / "s.csv").exists() and not (tmp_path / "v.csv").exists()
 
 
-def test_float_labels_whose_nodata_is_nan_are_refused_as_floats(tmp_path):
-    """A float32 GeoTIFF whose nodata is NaN was "cannot open as a label image: cannot convert float NaN to
-    integer": Python's words, where the same raster with nodata -9999 says what is wrong."""
+@pytest.mark.timeout(120)
+def test_float_labels_of_whole_numbers_count_as_rasterstats_counts_them(tmp_path):
+    """QGIS's Rasterize writes Float32 by default, and rasterstats counts such a raster's values: tilemask refused it
+    ("labels must be integers, the raster holds float32", exit 2), while a NIfTI's float labels were read. Whole
+    numbers are now read as int32, NaN as the nodata it is declared to be; per region, the counts are rasterstats'
+    (categorical) on the same float raster. A fraction, or NaN a raster does not declare its nodata, is refused
+    naming its pixel, exit 2, and leaves no table."""
+    from rasterstats import zonal_stats
+
     from tilemask.cli import main
 
+    transform = Affine(10, 0, 500000, 0, -10, 4100000)
+    labels = blobs((96, 80), seed=5, classes=4).astype(np.float32)
+    labels[:7, :9] = np.nan  # the raster's nodata where it is NaN
+    regions = random_regions(write_raster(tmp_path / "grid.tif", np.zeros((96, 80), np.uint8), "EPSG:32618",
+                                          transform), 6, seed=2)  # fmt: skip
+    regions.to_file(tmp_path / "regions.gpkg")
     for nodata in (float("nan"), -9999.0):
-        path = tmp_path / "float.tif"
-        with rasterio.open(path, "w", driver="GTiff", height=8, width=8, count=1, dtype="float32", nodata=nodata,
-                           crs="EPSG:32633", transform=Affine(10, 0, 0, 0, -10, 0)) as dst:  # fmt: skip
-            dst.write(np.ones((1, 8, 8), np.float32))
-        result = CliRunner().invoke(main, ["stats", str(path), "-o", str(tmp_path / "f.csv")])
-        assert (result.exit_code, result.output) == (2, f"tilemask: error: {path}: labels must be integers, the "
-                                                        "raster holds float32\n"), nodata  # fmt: skip
-        assert not (tmp_path / "f.csv").exists()
+        data = np.where(np.isnan(labels), np.float32(nodata), labels)
+        path = write_raster(tmp_path / "float.tif", data, "EPSG:32618", transform, nodata=nodata)
+        out = tmp_path / "f.csv"
+        result = CliRunner().invoke(main, ["stats", str(path), "-o", str(out), "--overwrite",
+                                           "--regions", str(tmp_path / "regions.gpkg")])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        table = pd.read_csv(out)
+        reference = zonal_stats(list(regions.geometry), str(path), categorical=True)
+        assert any(reference), reference
+        for row, ref in zip(table.to_dict(orient="records"), reference):
+            for value in (0, 1, 2, 3):
+                assert row.get(f"class_{value}_pixels", 0) == ref.get(float(value), 0), (nodata, row, ref)
+    labels[40, 30] = 1.5
+    write_raster(tmp_path / "half.tif", labels, "EPSG:32618", transform, nodata=float("nan"))
+    write_raster(tmp_path / "undeclared.tif", labels.round(), "EPSG:32618", transform)  # NaN, and no nodata
+    for name, line in (("half.tif", "labels stored as float32 must be whole numbers; row 40, col 30 holds 1.5"),
+                       ("undeclared.tif", "labels stored as float32 must be whole numbers; row 0, col 0 holds nan")):
+        result = CliRunner().invoke(main, ["stats", str(tmp_path / name), "-o", str(tmp_path / "h.csv")])
+        assert (result.exit_code, result.output) == (2, f"tilemask: error: {tmp_path / name}: {line}\n")
+        assert not (tmp_path / "h.csv").exists()
 
 
 @pytest.mark.slow

@@ -61,6 +61,9 @@ class LabelImage:
         return isinstance(self.geometry, VolumeGeometry)
 
 
+NAN_LABEL = int(np.iinfo(np.int32).min)  # a float label raster's NaN pixels where NaN is its nodata: its nodata label
+
+
 @dataclass(frozen=True)
 class _RasterBand:
     """Array-like view of band 1 of a GDAL raster, read by window (for ``da.from_array``)."""
@@ -71,7 +74,7 @@ class _RasterBand:
     ndim: int = 2
 
     def __getitem__(self, index: tuple[slice, slice]) -> np.ndarray:
-        return read_band_window(self.path, *index)
+        return read_label_window(self.path, *index)
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,20 @@ def read_band_window(path: str, rows: slice, cols: slice, bands: int | list[int]
     raise ReadError(f"{path}: read failed at rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop}: {detail}")
 
 
+def read_label_window(path: str, rows: slice, cols: slice) -> np.ndarray:
+    """The labels of a one-band GDAL raster at ``[rows, cols]`` (:func:`read_band_window`); stored as floats (QGIS's
+    Rasterize writes Float32 by default), as ``int32`` (:func:`_whole`), NaN as :data:`NAN_LABEL` where NaN is the
+    raster's nodata."""
+    data = read_band_window(path, rows, cols)
+    if data.dtype.kind != "f":
+        return data
+    with gdal_env(path):
+        nodata = cached_handle(("label-raster", path), lambda: rasterio.open(path), file_stamp(path)).nodata
+    if nodata is not None and math.isnan(nodata):
+        data = np.where(np.isnan(data), data.dtype.type(NAN_LABEL), data)  # float32 holds -2**31 exactly
+    return _whole(path, (rows, cols), data)
+
+
 @dataclass(frozen=True)
 class _NiftiVolume:
     """Array-like view of a NIfTI volume's data (memory-mapped, or indexed_gzip for .nii.gz); the first voxel of
@@ -131,14 +148,16 @@ class _NiftiVolume:
 
 
 def _whole(path: str, index: tuple[slice, ...], data: np.ndarray) -> np.ndarray:
-    """Labels a NIfTI stores as floats (MONAI's ``SaveImage`` writes float32 by default) as ``int32``; a value that
-    is no whole number (or NaN, or past int32) is an :class:`InputError` naming it and where."""
+    """Labels a NIfTI or a raster stores as floats (MONAI's ``SaveImage`` writes float32 by default, QGIS's
+    Rasterize too) as ``int32``; a value that is no whole number (or NaN, or past int32) is an :class:`InputError`
+    naming it and where."""
     with np.errstate(invalid="ignore"):
         wrong = (data != np.rint(data)) | ~((data >= -(2.0**31)) & (data < 2.0**31))  # 2**31 - 1 is 2**31 in float32
     if wrong.any():
         first = tuple(np.argwhere(wrong)[0])
         at = [int(i) + (s.start or 0) for i, s in zip(first, index)]
-        raise InputError(f"{path}: labels stored as {data.dtype} must be whole numbers; voxel {at} holds "
+        where = f"row {at[0]}, col {at[1]}" if len(at) == 2 else f"voxel {at}"  # a raster's pixel, a volume's
+        raise InputError(f"{path}: labels stored as {data.dtype} must be whole numbers; {where} holds "
                          f"{float(data[first]):g}")  # fmt: skip
     return data.astype(np.int32)
 
@@ -425,12 +444,18 @@ def open_raster_labels(path: str, chunks) -> LabelImage:
         nodata = ds.nodata
         tag = ds.tags().get(CLASSES_TAG)
         scale, offset = ds.scales[0], ds.offsets[0]
-    if not np.issubdtype(dtype, np.integer):  # before its nodata is made an integer: NaN was "cannot convert"
+    if dtype.kind not in "iuf":  # a complex band
         raise InputError(f"{path}: labels must be integers, the raster holds {dtype}")
-    nodata = None if nodata is None else int(nodata)
     if (scale, offset) != (1, 0):  # counted on stored values, they were not the labels GDAL's users read; as NIfTI
         raise InputError(f"{path}: labels must be stored as unscaled integers (band scale {scale:g}, offset "
                          f"{offset:g})")
+    if dtype.kind == "f":  # whole numbers, read as int32 as a NIfTI's are (read_label_window)
+        if nodata is not None and math.isnan(nodata):
+            nodata = NAN_LABEL
+        elif nodata is not None and (nodata != round(nodata) or abs(nodata) >= 2.0**31):
+            raise InputError(f"{path}: labels stored as {dtype} must be whole numbers; its nodata is {nodata:g}")
+        dtype = np.dtype(np.int32)
+    nodata = None if nodata is None else int(nodata)
     native = tuple(max(b, 1024 // b * b) for b in block)  # whole GDAL blocks, about 1024 px
     lazy = da.from_array(_RasterBand(path, shape, dtype), chunks=_chunks(chunks, native), asarray=False, fancy=False,
                          meta=np.empty((0, 0), dtype))  # fmt: skip (given, dask does not read an empty window for it)

@@ -84,7 +84,7 @@ from affine import Affine
 from ..errors import InputError, given
 from ..ogr import no_pam
 from ..sources import cached_handle, file_stamp, read_region
-from ..sources.labels import LabelImage, read_band_window
+from ..sources.labels import LabelImage, read_label_window
 from ..sources.raster import gdal_env
 from .config import (
     check_key,
@@ -150,7 +150,7 @@ class WindowReader:
     def read(self, rows: slice, cols: slice) -> np.ndarray:
         if self.is_zarr:
             return read_zarr_window(self.path, self.zarr_array(), rows, cols)
-        return read_band_window(self.path, rows, cols)
+        return read_label_window(self.path, rows, cols)
 
     def check_readable(self, grid: Grid, wkbs: list) -> None:
         """Read the windows under ``wkbs`` strip by strip: a :class:`ReadError` naming the file and the window
