@@ -396,6 +396,30 @@ def test_credentials_in_urls_are_left_out_of_errors_logs_and_the_report(make_ras
     assert all("SECRET" not in run.stdout for run in shown), [run.stdout for run in shown]
 
 
+@pytest.mark.timeout(180)
+def test_a_signed_urls_credentials_are_left_out_of_the_stage_lines_and_their_logs(make_raster, make_model, tmp_path,
+                                                                                 client):
+    """A review: a presigned URL's run printed its access key and signature in its live line and, with -v, in the
+    log of the stage that makes the COG whole (``a.tif?AWSAccessKeyId=...&Signature=...: making a_mask.tif whole``):
+    the stage named the input by its URL's last segment, query and all, where no URL was left to redact."""
+    (tmp_path / "www").mkdir()
+    scene, _ = make_raster((3, 100, 120), name="www/scene.tif")
+    weights, _ = make_model()
+    server = serve(str(scene.parent))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/scene.tif?AWSAccessKeyId=KEYSECRET&Signature=SIGSECRET"
+    workflow = raster_workflow(url, weights, output={"path": "out/{stem}_mask.tif", "chunks": 64})
+    (tmp_path / "w.yaml").write_text(json.dumps(workflow))
+    try:
+        done = run_cli("-v", "run", tmp_path / "w.yaml", "--scheduler", client.scheduler.address, cwd=tmp_path)
+    finally:
+        server.shutdown()
+    printed = done.stdout + done.stderr
+    assert done.returncode == 0, printed
+    assert "scene.tif: making scene_mask.tif whole" in printed, printed
+    assert "SECRET" not in printed, printed
+
+
 def test_abort_stops_at_the_first_failure_and_reports_what_did_not_run(scene_workflow, tmp_path, client):
     import dask
 

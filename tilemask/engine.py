@@ -132,6 +132,12 @@ class Shared:
         return ("tilemask-shared", self.token)
 
 
+def _shown_name(path: str) -> str:
+    """An input's name in a stage's line: its file name, without a signed URL's credentials (its query holds them,
+    and once the URL is cut to its last segment nothing shows it was a URL to redact)."""
+    return Path(redacted(path)).name
+
+
 def predict(block: Block, shared: Shared) -> Partial:
     from .inference import predict_block
 
@@ -303,7 +309,7 @@ def execute(client: Client, job: Job, progress: bool = True) -> RunResult:
             logger.info("%s: resuming: %d chunks written before; %d of %d windows to predict",
                         job.input, len(written), windows, job.plan.n_windows)  # fmt: skip
         held = dict(zip(deps, client.get(graph, list(deps), sync=False)))
-        with window_progress(windows, Path(redacted(job.input)).name, enabled=progress) as advance:
+        with window_progress(windows, _shown_name(job.input), enabled=progress) as advance:
             for future in completed(client, list(held.values())):
                 if future.status == "error":
                     future.result()  # raises the task's exception
@@ -319,7 +325,7 @@ def execute(client: Client, job: Job, progress: bool = True) -> RunResult:
                 if consumers[key] == 0:
                     _release(held, key)
         committing = time.perf_counter()
-        with stage(f"{Path(job.input).name}: making {Path(job.sink.path).name} whole", enabled=progress):
+        with stage(f"{_shown_name(job.input)}: making {Path(job.sink.path).name} whole", enabled=progress):
             outputs = finish_and_publish(client, job.sink, held)
         commit_seconds = time.perf_counter() - committing
     except BaseException as exc:
@@ -414,7 +420,7 @@ def predict_into(client: Client, job: Job, sink: LabelSink, progress: bool) -> R
     """Predict one input into ``sink`` (on the output grid): the z-score's statistics first when asked, then
     straight into the sink, or onto the model grid and back (:func:`execute_and_invert`)."""
     if job.preprocessing.needs_statistics:
-        with stage(f"{Path(job.input).name}: intensity statistics", enabled=progress):
+        with stage(f"{_shown_name(job.input)}: intensity statistics", enabled=progress):
             job = replace(job, preprocessing=measure_statistics(client, job))
     if job.back is None:
         return execute(client, replace(job, sink=sink), progress=progress)
@@ -488,7 +494,7 @@ def execute_and_invert(client: Client, job: Job, progress: bool) -> RunResult:
     model_sink = ZarrSink(final.path.rstrip("/") + ".model.zarr", job.model_grid_layout(), visible=False)
     finishing = replace(job.finishing, probabilities="float32")
     result = execute(client, replace(job, sink=model_sink, finishing=finishing), progress=progress)
-    name = Path(job.input).name
+    name = _shown_name(job.input)
     try:
         with stage(f"{name}: back onto the input grid", enabled=progress):
             regions = [back.plan.chunk_region(i) for i in back.plan.chunk_indexes()]
@@ -567,7 +573,7 @@ def execute_postprocessed(client: Client, job: Job, config: PostprocessConfig, p
     result = predict_into(client, job, raw, progress)
     plan = job.output_plan
     try:
-        with stage(f"{Path(job.input).name}: post-processing", enabled=progress):
+        with stage(f"{_shown_name(job.input)}: post-processing", enabled=progress):
             image = open_labels(raw.staged, plan.chunks)
             cleaned = postprocess(
                 image.array, config, nodata=image.nodata, client=client, spacing=spacing_of(image.geometry),
@@ -576,7 +582,7 @@ def execute_postprocessed(client: Client, job: Job, config: PostprocessConfig, p
             regions = [plan.chunk_region(i) for i in plan.chunk_indexes()]
             copy = dask.delayed(_copy_chunk, pure=False)
             tasks = [copy(r, block, final, raw, job.finishing) for r, block in zip(regions, cleaned.to_delayed().ravel())]
-            what = f"{Path(job.input).name}: making {Path(final.path).name} whole"
+            what = f"{_shown_name(job.input)}: making {Path(final.path).name} whole"
             result.outputs, totals = fill_sink(client, final, lambda: client.compute(tasks), what, progress)
     finally:
         with shielded():
@@ -635,7 +641,7 @@ def run_job(client: Client, job: Job, plan: WorkflowPlan, progress: bool) -> Run
     try:
         with cluster_failures(job.input, client):
             if job.back and job.back.crop:
-                with stage(f"{Path(job.input).name}: the box of its nonzero voxels", enabled=progress):
+                with stage(f"{_shown_name(job.input)}: the box of its nonzero voxels", enabled=progress):
                     box = nonzero_box(client, job)
                 if box is not None:
                     job = plan.cropped(job, box)
