@@ -420,6 +420,32 @@ def test_a_signed_urls_credentials_are_left_out_of_the_stage_lines_and_their_log
     assert "SECRET" not in printed, printed
 
 
+@pytest.mark.timeout(180)
+def test_a_zarr_outputs_attributes_name_its_input_and_workflow_without_their_credentials(make_raster, make_model,
+                                                                                       tmp_path, client):
+    """A review: a Zarr output's ``tilemask`` attribute held its input's URL and the workflow as given, a presigned
+    URL's access key and signature (or a URL's password) included, in the output that is shared and served
+    (``tilemask serve`` hands out its ``zarr.json``): outputs are not kept as private as the job folder."""
+    (tmp_path / "www").mkdir()
+    scene, _ = make_raster((3, 100, 120), name="www/scene.tif")
+    weights, _ = make_model()
+    server = serve(str(scene.parent))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"127.0.0.1:{server.server_address[1]}"
+    url = f"http://user:PWSECRET@{base}/scene.tif?AWSAccessKeyId=KEYSECRET&Signature=SIGSECRET&Expires=9"
+    workflow = raster_workflow(url, weights, output={"path": "out/{stem}.zarr", "chunks": 64})
+    try:
+        (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    finally:
+        server.shutdown()
+    assert result.status == "ok", result.error
+    attributes = (tmp_path / "out" / "scene.zarr" / "zarr.json").read_text()
+    assert "SECRET" not in attributes, attributes
+    meta = zarr.open_group(str(tmp_path / "out" / "scene.zarr"), mode="r").attrs["tilemask"]
+    assert meta["input"] == meta["workflow"]["input"] == f"http://user:***@{base}/scene.tif", meta["input"]
+    assert meta["workflow"]["model"]["weights"] == str(weights)  # a local path as it was
+
+
 def test_abort_stops_at_the_first_failure_and_reports_what_did_not_run(scene_workflow, tmp_path, client):
     import dask
 

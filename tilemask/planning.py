@@ -46,7 +46,7 @@ from .sources.crop import CroppedSource
 from .sources.stack import StackedSource
 from .spatial import ModelGrid, ResampledSource, model_grid
 from .stats.config import PostprocessConfig, StatsConfig, check_regions, is_label_image
-from .storage import is_remote
+from .storage import is_remote, redacted, redacted_values
 from .workflow import DEFAULT_CHUNKS, ONE_CHANNEL, REMOTE_PREFIXES, InputItem, Workflow
 
 logger = logging.getLogger(__name__)
@@ -265,7 +265,9 @@ class WorkflowPlan:
             geometry=(item.back.source if item.back else source).geometry,
             reference=item.input,
             nodata=finishing.nodata,
-            metadata={"version": __version__, "workflow": workflow.to_dict(), "input": item.input},
+            # without the credentials of the URLs in them (a signature, a password): an output is shared and served
+            metadata={"version": __version__, "workflow": redacted_values(workflow.to_dict()),
+                      "input": redacted(item.input)},
             run_id=self.job_id or new_run_id(),
             dicomweb=workflow.output.dicomweb,
         )

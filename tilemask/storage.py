@@ -263,6 +263,18 @@ def redacted(text: str) -> str:
     return _URL_IN_TEXT.sub(hide, text)
 
 
+def redacted_values(value):
+    """``value`` (a workflow's dict, as an output's metadata records it) with :func:`redacted` applied to every
+    string in it, its lists' and dicts' too."""
+    if isinstance(value, str):
+        return redacted(value)
+    if isinstance(value, dict):
+        return {key: redacted_values(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redacted_values(item) for item in value]
+    return value
+
+
 def _signs(name: str) -> bool:
     return name in SIGNING or name.startswith(("x-amz-", "x-goog-"))
 
