@@ -551,3 +551,25 @@ def test_arrays_inside_a_zarr_store_on_s3_are_read_by_zarr_as_the_same_local_one
             np.testing.assert_array_equal(source.read(((0, 100), (0, 150))), same.read(((0, 100), (0, 150))))
     coarse = open_result("s3://tilemask/stores/scene.ome.zarr/s1")
     np.testing.assert_allclose(coarse["x"][:3], [0.0, 1.0, 2.0])  # its level's scale, a micrometre, not s0's
+
+
+@pytest.mark.slow  # a moto S3 server
+def test_a_prefix_of_scenes_given_as_input_is_named_a_prefix_not_a_missing_key(s3, tmp_path, write_workflow):
+    """A review: an S3 "folder" of scenes given as the input (``s3://bucket/scenes/``, as a local folder may be
+    given) said only "The specified key does not exist.", as if the scenes were not there."""
+    s3_client, env = s3
+    for name in ("a.tif", "b.tif"):
+        s3_client.upload_file(str(GEO["RGB.byte.tif"]), "tilemask", f"prefix/scenes/{name}")
+    weights = REPO / "workflows" / "demo" / "landsat_water_land_cloud.pt"
+    lines = {}
+    for url in ("s3://tilemask/prefix/scenes/", "s3://tilemask/prefix/scenes", "s3://tilemask/prefix/none.tif"):
+        workflow = write_workflow(demo_workflow(url, str(weights), "out/{stem}_mask.tif"), "w.yaml")
+        done = run_cli("run", workflow, "--workers", "1", cwd=tmp_path, env=env, timeout=120)
+        assert done.returncode == 2, done.stderr
+        (lines[url],) = done.stderr.splitlines()
+    for url in ("s3://tilemask/prefix/scenes/", "s3://tilemask/prefix/scenes"):
+        assert lines[url] == (f"tilemask: error: {url}: cannot open raster: no such object; it is a prefix (a folder) "
+                              "of 2 entries: list its scenes in input.list, one URL a line (a folder or a glob is "
+                              "expanded on the local file system only)"), lines[url]  # fmt: skip
+    assert lines["s3://tilemask/prefix/none.tif"] == (  # no prefix of that name: the store's own words
+        "tilemask: error: s3://tilemask/prefix/none.tif: cannot open raster: The specified key does not exist.")

@@ -197,6 +197,19 @@ def object_problem(url: str, body: bool = False) -> str | None:
     return None
 
 
+def prefix_entries(url: str) -> int:
+    """How many objects and prefixes lie directly under ``url`` taken as a prefix (a "folder") on object storage:
+    an input given as a folder of scenes (``s3://bucket/scenes/``), which no object is named by.  0 for a web URL,
+    or where the store cannot be listed."""
+    if not url.startswith(OBJECT_STORES):
+        return 0
+    try:
+        fs, key = _filesystem(url)
+        return len(fs.ls(key.rstrip("/"), detail=False))
+    except Exception:  # noqa: BLE001 - not a prefix, or not listable: the store's own words stand
+        return 0
+
+
 def open_object(url: str) -> IO[bytes]:
     """The object at ``url`` (a URL fsspec reads: :func:`network_object`), opened to read by ranges; one that
     cannot be had is an :class:`InputError` naming it."""

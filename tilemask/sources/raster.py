@@ -41,7 +41,7 @@ from rasterio.windows import Window
 
 from ..errors import InputError, ReadError
 from ..geometry import RasterGeometry, Region
-from ..storage import gdal_options, network_object, object_problem, object_version
+from ..storage import gdal_options, network_object, object_problem, object_version, prefix_entries
 from . import ImageSource, cached_handle, file_stamp, missing_local, usable_geometry
 
 logger = logging.getLogger(__name__)
@@ -196,6 +196,12 @@ class RasterSource(ImageSource):
             url = network_object(path)  # an object the store refused to a key it does not know, or a server that
             if url and "not recognized as being" in detail:  # stalled after its headers: GDAL's line said "not
                 detail = object_problem(url, body=True) or detail  # recognized as being in a supported file format"
+            if url and ("does not exist" in detail or "404" in detail):  # a "folder" of scenes: no object by its name
+                entries = prefix_entries(url)
+                if entries:
+                    detail = (f"no such object; it is a prefix (a folder) of {entries} entries: list its scenes in "
+                              "input.list, one URL a line (a folder or a glob is expanded on the local file system "
+                              "only)")
             raise InputError(f"{path}: cannot open raster: {detail}") from None
         if off_grid:
             raise InputError(off_grid)
