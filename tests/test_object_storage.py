@@ -573,3 +573,76 @@ def test_a_prefix_of_scenes_given_as_input_is_named_a_prefix_not_a_missing_key(s
                               "expanded on the local file system only)"), lines[url]  # fmt: skip
     assert lines["s3://tilemask/prefix/none.tif"] == (  # no prefix of that name: the store's own words
         "tilemask: error: s3://tilemask/prefix/none.tif: cannot open raster: The specified key does not exist.")
+
+
+def _requester_pays(upstream: str):
+    """An S3 endpoint in front of ``upstream`` that refuses, as AWS refuses a requester-pays bucket's objects, every
+    request without ``x-amz-request-payer: requester`` (moto does not: it only records the bucket's setting)."""
+    import http.client
+    import http.server
+    import threading
+    from urllib.parse import urlsplit
+
+    class Payer(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def forward(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.headers.get("x-amz-request-payer", "").lower() != "requester":
+                status, headers, data = 403, [("Content-Type", "application/xml")], (
+                    b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>")
+            else:
+                up = urlsplit(upstream)
+                connection = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
+                kept = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                connection.request(self.command, self.path, body=body or None, headers=kept)
+                answer = connection.getresponse()
+                status, data = answer.status, answer.read()
+                headers = [(k, v) for k, v in answer.getheaders() if k.lower() not in (
+                    "transfer-encoding", "connection", "content-length", "server", "date")]  # fmt: skip
+                if self.command == "HEAD":
+                    headers.append(("Content-Length", answer.getheader("Content-Length") or "0"))
+            self.send_response(status)
+            for key, value in headers:
+                self.send_header(key, value)
+            if self.command != "HEAD":
+                self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = forward
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Payer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.slow  # a moto S3 server and two runs
+def test_a_scene_in_a_requester_pays_bucket_is_stamped_and_skipped_when_done(s3, tmp_path, write_workflow):
+    """A review: with ``AWS_REQUEST_PAYER=requester`` GDAL read a requester-pays bucket's scene (Landsat's and
+    Sentinel-2's on AWS are), but fsspec's requests did not say so: the scene's version was refused (403), recorded
+    as none, and every run of the job did the scene again.  Without the variable the refusal names it."""
+    s3_client, env = s3
+    s3_client.upload_file(str(GEO["RGB.byte.tif"]), "tilemask", "payer/scene.tif")
+    server = _requester_pays(env["AWS_ENDPOINT_URL"])
+    paying = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_address[1]}"}
+    weights = REPO / "workflows" / "demo" / "landsat_water_land_cloud.pt"
+    workflow = write_workflow(demo_workflow("s3://tilemask/payer/scene.tif", str(weights), "out/{stem}_mask.tif"))
+    try:
+        unpaid = run_cli("run", workflow, "--workers", "1", cwd=tmp_path, env=paying, timeout=120)
+        runs = [run_cli("run", workflow, "--workers", "1", cwd=tmp_path, env={**paying, "AWS_REQUEST_PAYER": "requester"},
+                        timeout=180) for _ in range(2)]  # fmt: skip
+    finally:
+        server.shutdown()
+    assert unpaid.returncode == 2 and unpaid.stderr == (
+        "tilemask: error: s3://tilemask/payer/scene.tif: cannot open raster: Access Denied (a requester-pays "
+        "bucket's objects need AWS_REQUEST_PAYER=requester)\n"), unpaid.stderr
+    assert [run.returncode for run in runs] == [0, 0], [run.stderr for run in runs]
+    (manifest,) = (tmp_path / "out" / ".tilemask" / "jobs").glob("*/manifest.jsonl")
+    done = [json.loads(line) for line in manifest.read_text().splitlines() if '"ok"' in line]
+    assert done[0]["stamps"][0][0], done[0]  # the object's ETag
+    assert "done in an earlier run" in runs[1].stdout, runs[1].stdout

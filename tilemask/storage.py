@@ -370,6 +370,8 @@ def storage_options(path: str) -> dict:
         }  # fmt: skip
         if s3_endpoint():
             options["client_kwargs"] = {"endpoint_url": s3_endpoint()}
+        if os.environ.get("AWS_REQUEST_PAYER", "").lower() == "requester":  # GDAL's setting, as GDAL reads it
+            options["requester_pays"] = True  # (a requester-pays bucket refuses a request that does not say so)
     return options
 
 

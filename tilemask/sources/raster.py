@@ -202,6 +202,9 @@ class RasterSource(ImageSource):
                     detail = (f"no such object; it is a prefix (a folder) of {entries} entries: list its scenes in "
                               "input.list, one URL a line (a folder or a glob is expanded on the local file system "
                               "only)")
+            if url and url.startswith("s3://") and detail.rstrip(".") == "Access Denied" and (
+                    os.environ.get("AWS_REQUEST_PAYER", "").lower() != "requester"):  # fmt: skip
+                detail += " (a requester-pays bucket's objects need AWS_REQUEST_PAYER=requester)"
             raise InputError(f"{path}: cannot open raster: {detail}") from None
         if off_grid:
             raise InputError(off_grid)
