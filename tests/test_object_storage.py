@@ -634,8 +634,8 @@ def test_a_scene_in_a_requester_pays_bucket_is_stamped_and_skipped_when_done(s3,
     workflow = write_workflow(demo_workflow("s3://tilemask/payer/scene.tif", str(weights), "out/{stem}_mask.tif"))
     try:
         unpaid = run_cli("run", workflow, "--workers", "1", cwd=tmp_path, env=paying, timeout=120)
-        runs = [run_cli("run", workflow, "--workers", "1", cwd=tmp_path, env={**paying, "AWS_REQUEST_PAYER": "requester"},
-                        timeout=180) for _ in range(2)]  # fmt: skip
+        paid = {**paying, "AWS_REQUEST_PAYER": "requester"}
+        runs = [run_cli("run", workflow, "--workers", "1", cwd=tmp_path, env=paid, timeout=180) for _ in range(2)]
     finally:
         server.shutdown()
     assert unpaid.returncode == 2 and unpaid.stderr == (
