@@ -199,7 +199,8 @@ class RasterSource(ImageSource):
             if url and ("does not exist" in detail or "404" in detail):  # a "folder" of scenes: no object by its name
                 entries = prefix_entries(url)
                 if entries:
-                    detail = (f"no such object; it is a prefix (a folder) of {entries} entries: list its scenes in "
+                    counted = f"{entries} {'entry' if entries == 1 else 'entries'}"
+                    detail = (f"no such object; it is a prefix (a folder) of {counted}: list its scenes in "
                               "input.list, one URL a line (a folder or a glob is expanded on the local file system "
                               "only)")
             if url and url.startswith("s3://") and detail.rstrip(".") == "Access Denied" and (
