@@ -446,6 +446,34 @@ def test_a_zarr_outputs_attributes_name_its_input_and_workflow_without_their_cre
     assert meta["workflow"]["model"]["weights"] == str(weights)  # a local path as it was
 
 
+@pytest.mark.timeout(180)
+def test_a_workflow_whose_urls_are_signed_anew_is_the_same_job(make_raster, make_model, tmp_path, client):
+    """A review: a workflow whose input and weights are presigned URLs, signed anew for its next run (the first
+    signatures expired), was another job: its outputs were refused as another workflow's ("exists; pass
+    --overwrite"), and with --overwrite every input was done again.  A STAC Item or list file signed anew was already
+    the same job; the workflow's own URLs now are too, as are those whose password changed."""
+    (tmp_path / "www").mkdir()
+    scene, _ = make_raster((3, 100, 120), name="www/scene.tif")
+    weights, _ = make_model(name="www/weights.pt")
+    server = serve(str(scene.parent))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://user:{{0}}@127.0.0.1:{server.server_address[1]}"
+    runs = []
+    try:
+        for signature in ("first", "second"):
+            signed = f"?X-Amz-Credential=KEY&X-Amz-Signature={signature}&X-Amz-Expires=60"
+            workflow = raster_workflow(base.format(signature) + "/scene.tif" + signed,
+                                       base.format(signature) + "/weights.pt" + signed,
+                                       output={"path": "out/{stem}_mask.tif", "chunks": 64})  # fmt: skip
+            (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+            runs.append(result.status)
+    finally:
+        server.shutdown()
+    assert runs == ["ok", "skipped"], runs
+    (job,) = (tmp_path / "out" / ".tilemask" / "jobs").iterdir()
+    assert "X-Amz-Signature=second" in (job / "workflow.yaml").read_text()  # the URLs it reads by when it resumes
+
+
 def test_abort_stops_at_the_first_failure_and_reports_what_did_not_run(scene_workflow, tmp_path, client):
     import dask
 

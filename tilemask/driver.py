@@ -82,7 +82,7 @@ from .products import client_imports
 from .progress import announce
 from .settings import measure_after_seconds
 from .sources import input_stamp
-from .storage import network_object, redacted, unsigned
+from .storage import network_object, redacted
 from .workflow import InputItem, Workflow
 
 logger = logging.getLogger(__name__)
@@ -547,7 +547,7 @@ def _finished(lines: dict[str, dict], weights: list, files: dict[str, list[str]]
     def finished(line: dict) -> bool:
         current = files[line["name"]]  # stamped, not the files as recorded: a URL signed then may have expired
         unchanged = line.get("files") is None or (
-            list(map(unsigned, line["files"])) == list(map(unsigned, current))
+            list(map(redacted, line["files"])) == list(map(redacted, current))
             and (now := _stamps(current)) == line.get("stamps") and [None] not in now
         )
         region_file = regions[line["name"]]

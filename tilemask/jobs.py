@@ -79,8 +79,9 @@ workflow's, and redid nothing it had done)."""
 
 
 def job_id(workflow_dict: dict, base_dir: str) -> str:
-    """The same validated workflow, resolved from the same folder, is the same job."""
-    identity = dict(workflow_dict)
+    """The same validated workflow, resolved from the same folder, is the same job: its URLs taken without their
+    credentials (a signature, a password), so that one signed anew for its next run is the same job."""
+    identity = storage.redacted_values(dict(workflow_dict))
     for section, defaults in ADDED_LATER.items():
         if isinstance(identity.get(section), dict):
             identity[section] = {k: v for k, v in identity[section].items() if k not in defaults or v != defaults[k]}
