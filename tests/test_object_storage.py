@@ -646,3 +646,27 @@ def test_a_scene_in_a_requester_pays_bucket_is_stamped_and_skipped_when_done(s3,
     done = [json.loads(line) for line in manifest.read_text().splitlines() if '"ok"' in line]
     assert done[0]["stamps"][0][0], done[0]  # the object's ETag
     assert "done in an earlier run" in runs[1].stdout, runs[1].stdout
+
+
+@pytest.mark.slow  # a moto S3 server and two runs
+def test_a_scene_in_a_public_bucket_read_unsigned_is_stamped_and_skipped_when_done(s3, tmp_path, write_workflow):
+    """A review: a public bucket's scene (Sentinel-2's COGs on AWS) read as GDAL documents it, with
+    ``AWS_NO_SIGN_REQUEST=YES`` and no credentials, ran; but fsspec's request for its version found no credentials,
+    the version was recorded as none, and every run of the job did the scene again."""
+    s3_client, env = s3
+    s3_client.create_bucket(Bucket="public-scenes")
+    s3_client.put_bucket_acl(Bucket="public-scenes", ACL="public-read")
+    s3_client.upload_file(str(GEO["RGB.byte.tif"]), "public-scenes", "s2/scene.tif", ExtraArgs={"ACL": "public-read"})
+    weights = REPO / "workflows" / "demo" / "landsat_water_land_cloud.pt"
+    workflow = write_workflow(demo_workflow("s3://public-scenes/s2/scene.tif", str(weights), "out/{stem}_mask.tif"))
+    anonymous = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # no credentials anywhere
+    anonymous.update(AWS_ENDPOINT_URL=env["AWS_ENDPOINT_URL"], AWS_NO_SIGN_REQUEST="YES",
+                     AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
+    exe = os.path.join(os.path.dirname(sys.executable), "tilemask")
+    runs = [subprocess.run([exe, "run", str(workflow), "--workers", "1"], capture_output=True, text=True, cwd=tmp_path,
+                           env=anonymous, timeout=180) for _ in range(2)]  # fmt: skip
+    assert [run.returncode for run in runs] == [0, 0], [run.stderr for run in runs]
+    (manifest,) = (tmp_path / "out" / ".tilemask" / "jobs").glob("*/manifest.jsonl")
+    done = [json.loads(line) for line in manifest.read_text().splitlines() if '"ok"' in line]
+    assert done[0]["stamps"][0][0], done[0]  # the object's ETag
+    assert "done in an earlier run" in runs[1].stdout, runs[1].stdout

@@ -372,6 +372,8 @@ def storage_options(path: str) -> dict:
             options["client_kwargs"] = {"endpoint_url": s3_endpoint()}
         if os.environ.get("AWS_REQUEST_PAYER", "").lower() == "requester":  # GDAL's setting, as GDAL reads it
             options["requester_pays"] = True  # (a requester-pays bucket refuses a request that does not say so)
+        if os.environ.get("AWS_NO_SIGN_REQUEST", "").upper() in ("YES", "TRUE", "ON", "1"):  # GDAL's, for a public
+            options["anon"] = True  # bucket: unsigned requests (botocore found no credentials to sign them with)
     return options
 
 
