@@ -474,6 +474,27 @@ def test_a_workflow_whose_urls_are_signed_anew_is_the_same_job(make_raster, make
     assert "X-Amz-Signature=second" in (job / "workflow.yaml").read_text()  # the URLs it reads by when it resumes
 
 
+@pytest.mark.timeout(60)
+def test_weights_at_a_url_signed_anew_are_not_fetched_again(tmp_path, monkeypatch):
+    """A review: weights (or a NIfTI) at a presigned URL were copied to the scratch folder under the URL, signature
+    and all: each run signed anew fetched the same object again into a folder of its own (a model of hundreds of
+    MB a run, kept).  The copy is named by the URL without its credentials and the object's version."""
+    from tilemask.storage import local_copy
+
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "weights.pt").write_bytes(b"w" * 1000)
+    monkeypatch.setenv("TILEMASK_SCRATCH", str(tmp_path / "scratch"))
+    server = serve(str(tmp_path / "www"))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}/weights.pt"
+        copies = [local_copy(f"{base}?X-Amz-Credential=KEY&X-Amz-Signature={s}") for s in ("first", "second")]
+    finally:
+        server.shutdown()
+    assert copies[0] == copies[1], copies
+    assert len(list((tmp_path / "scratch").rglob("weights.pt"))) == 1
+
+
 def test_abort_stops_at_the_first_failure_and_reports_what_did_not_run(scene_workflow, tmp_path, client):
     import dask
 

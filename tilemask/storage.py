@@ -83,7 +83,8 @@ def local_copy(path: str) -> str:
     if tag is None:  # no ETag, no modification time: the size alone kept retrained weights of one size for good
         return _copy_by_content(fs, key, path)
     fetch = lambda target: _fetch(fs, key, path, target)  # noqa: E731
-    return _copy_once("tilemask-remote", f"{path}\0{tag}", urlsplit(path).path, fetch)
+    # named by the URL without its credentials: one signed anew is the same object, of the same version
+    return _copy_once("tilemask-remote", f"{redacted(path)}\0{tag}", urlsplit(path).path, fetch)
 
 
 def _copy_by_content(fs, key: str, path: str) -> str:
@@ -93,7 +94,7 @@ def _copy_by_content(fs, key: str, path: str) -> str:
         _fetch(fs, key, path, str(staged))
         with open(staged, "rb") as fetched:
             digest = hashlib.file_digest(fetched, "sha256").hexdigest()
-        return _copy_once("tilemask-remote", f"{path}\0sha256:{digest}", urlsplit(path).path,
+        return _copy_once("tilemask-remote", f"{redacted(path)}\0sha256:{digest}", urlsplit(path).path,
                           lambda target: os.replace(staged, target))  # fmt: skip
     finally:
         staged.unlink(missing_ok=True)
