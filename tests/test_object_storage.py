@@ -560,9 +560,11 @@ def test_a_prefix_of_scenes_given_as_input_is_named_a_prefix_not_a_missing_key(s
     s3_client, env = s3
     for name in ("a.tif", "b.tif"):
         s3_client.upload_file(str(GEO["RGB.byte.tif"]), "tilemask", f"prefix/scenes/{name}")
+    s3_client.put_object(Bucket="tilemask", Key="prefix/x404.tif", Body=b"not a raster")  # "404" in GDAL's line
     weights = REPO / "workflows" / "demo" / "landsat_water_land_cloud.pt"
     lines = {}
-    for url in ("s3://tilemask/prefix/scenes/", "s3://tilemask/prefix/scenes", "s3://tilemask/prefix/none.tif"):
+    for url in ("s3://tilemask/prefix/scenes/", "s3://tilemask/prefix/scenes", "s3://tilemask/prefix/none.tif",
+                "s3://tilemask/prefix/x404.tif"):
         workflow = write_workflow(demo_workflow(url, str(weights), "out/{stem}_mask.tif"), "w.yaml")
         done = run_cli("run", workflow, "--workers", "1", cwd=tmp_path, env=env, timeout=120)
         assert done.returncode == 2, done.stderr
@@ -573,6 +575,9 @@ def test_a_prefix_of_scenes_given_as_input_is_named_a_prefix_not_a_missing_key(s
                               "expanded on the local file system only)"), lines[url]  # fmt: skip
     assert lines["s3://tilemask/prefix/none.tif"] == (  # no prefix of that name: the store's own words
         "tilemask: error: s3://tilemask/prefix/none.tif: cannot open raster: The specified key does not exist.")
+    assert lines["s3://tilemask/prefix/x404.tif"] == (  # an object, not a prefix
+        "tilemask: error: s3://tilemask/prefix/x404.tif: cannot open raster: '/vsis3/tilemask/prefix/x404.tif' not "
+        "recognized as being in a supported file format.")
 
 
 def _requester_pays(upstream: str):

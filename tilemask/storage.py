@@ -206,7 +206,8 @@ def prefix_entries(url: str) -> int:
         return 0
     try:
         fs, key = _filesystem(url)
-        return len(fs.ls(key.rstrip("/"), detail=False))
+        key = key.rstrip("/")
+        return len(fs.ls(key, detail=False)) if fs.isdir(key) else 0  # (ls of an object lists the object)
     except Exception:  # noqa: BLE001 - not a prefix, or not listable: the store's own words stand
         return 0
 
