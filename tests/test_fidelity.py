@@ -214,7 +214,25 @@ def test_slice_axis_with_a_3d_torchscript_network_says_it_feeds_2d_slices(make_v
     workflow["model"] = {"weights": str(tmp_path / "net3d.pt")}
     with pytest.raises(WorkflowError, match=re.escape(
             "; inference.slice_axis 0 feeds it each window's slice, a tensor of (1, 1, 16, 16): it needs a 2D "
-            "network") + "$"):  # fmt: skip
+            "network taking 1 channel") + "$"):  # fmt: skip
+        tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), workers=1)
+
+
+@pytest.mark.timeout(120)
+def test_slice_axis_with_a_2d_network_wanting_other_channels_is_not_called_3d(make_volume, tmp_path):
+    """A 2D TorchScript archive of 3 input channels over a 1-channel volume's slices: the refusal's end said "it needs
+    a 2D network" of a network that is 2D (its conv's "expected input[1, 1, 16, 16] to have 3 channels" before it):
+    what it needs is a 2D network taking the volume's one channel."""
+    from monai.networks.nets import UNet
+
+    path, _ = make_volume((37, 29, 23))
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(UNet(**{**UNET_SLICES, "in_channels": 3}).eval()), tmp_path / "net2d.pt")
+    workflow = volume_workflow(path, tmp_path / "net2d.pt", {"roi_size": [16, 16], "slice_axis": 2}, {})
+    workflow["model"] = {"weights": str(tmp_path / "net2d.pt")}
+    with pytest.raises(WorkflowError, match=r"to have 3 channels, but got 1 channels instead; " + re.escape(
+            "inference.slice_axis 2 feeds it each window's slice, a tensor of (1, 1, 16, 16): it needs a 2D "
+            "network taking 1 channel") + "$"):  # fmt: skip
         tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), workers=1)
 
 

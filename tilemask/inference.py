@@ -162,8 +162,10 @@ def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int, 
         if model.slice_axis is None or not str(exc).startswith("model: the network rejects a "):
             raise
         roi = [size for axis, size in enumerate(settings.roi) if axis != model.slice_axis]
+        # a 2D network of other input channels is rejected alike: what it needs is said, not that it is 3D
         raise WorkflowError(f"{exc}; inference.slice_axis {model.slice_axis} feeds it each window's slice, a tensor "
-                            f"of {(1, channels, *roi)}: it needs a 2D network") from None  # fmt: skip
+                            f"of {(1, channels, *roi)}: it needs a 2D network taking {channels} "
+                            f"channel{'s' if channels != 1 else ''}") from None  # fmt: skip
 
 
 def _probe(model: ModelSpec, settings: InferenceSettings, channels: int, windows: int | None,
