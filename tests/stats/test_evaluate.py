@@ -356,3 +356,27 @@ def test_a_prediction_whose_nodata_is_a_class_of_the_truth_is_warned_of(tmp_path
     with caplog.at_level(logging.WARNING, logger="tilemask.stats.evaluate"):
         evaluate_paths(pred_path, truth_path)
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+@pytest.mark.timeout(60)
+def test_a_prediction_whose_nodata_is_a_class_of_the_truth_is_warned_of_when_right_there(tmp_path, caplog):
+    """A GIS tool's prediction with nodata 0, its background, right wherever the truth is 0 but missing some of the
+    foreground (left 0): the truth's 0 lies under the prediction's nodata only, and the misses of class 1 there were
+    dropped without a word (recall 1.0 for a fifth of the class missed), where a 0 of the truth elsewhere was warned
+    of. A nodata that hides the truth's own value and its other classes is warned of too."""
+    truth = blobs((60, 70), seed=3, classes=2)
+    pred = truth.copy()
+    missed = (truth == 1) & (np.arange(70)[None, :] < 14)  # a strip of the foreground left as background
+    pred[missed] = 0
+    transform = Affine(10, 0, 0, 0, -10, 1000)
+    pred_path = write_raster(tmp_path / "pred.tif", pred, "EPSG:32633", transform, nodata=0)
+    truth_path = write_raster(tmp_path / "truth.tif", truth, "EPSG:32633", transform)
+    with caplog.at_level(logging.WARNING, logger="tilemask.stats.evaluate"):
+        result = evaluate_paths(pred_path, truth_path)
+    hidden = int(((pred == 0) & (truth == 0)).sum())
+    assert missed.sum() > 100 and result["classes"]["class_1"]["fn"] == 0  # the scores: the pixels both images hold
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"{pred_path}: its nodata value 0 is a class of {truth_path}: {hidden:,} of its pixels there "
+                        "are the prediction's nodata, left out of the scores with every other pixel the prediction "
+                        "marks 0 (misses of the other classes too); if 0 is a class of the prediction, its nodata is "
+                        "wrong: unset it"]  # fmt: skip

@@ -65,7 +65,8 @@ def confusion_matrix(pred: LabelImage, truth: LabelImage, client=None) -> tuple[
 
 def _confusion_matrix(pred: LabelImage, truth: LabelImage, client=None) -> tuple[np.ndarray, np.ndarray, int]:
     """:func:`confusion_matrix`, and how many of the truth's pixels of the prediction's nodata value it hides
-    (warned of where that value is a class of the truth elsewhere: a prediction whose background is its nodata)."""
+    (warned of where that value is a class of the truth elsewhere, or hides the truth's other classes with it: a
+    prediction whose background is its nodata)."""
     grid = check_same_grid(pred, truth)
     zone_excluded = () if truth.nodata is None else (int(truth.nodata),)
     pairs = count_pairs(pred.array, truth.array, grid, sizes=False, zone_excluded=zone_excluded, client=client)
@@ -73,8 +74,12 @@ def _confusion_matrix(pred: LabelImage, truth: LabelImage, client=None) -> tuple
     if pred.nodata is not None:  # counted, then left out: the pixels of the truth's own class it hides
         nodata = pairs["cls"] == int(pred.nodata)
         hidden = int(pairs.loc[nodata & (pairs["zone"] == int(pred.nodata)), "count"].sum())
+        # the value is a class of the truth where the prediction holds other values, or the nodata hides the
+        # truth's other classes with it (a background right everywhere, the foreground's misses left as it); alone
+        # under the nodata it is the truth's own unmarked nodata (outside the scene in both): nothing to say
+        others = (nodata & (pairs["zone"] != int(pred.nodata))).any()
         pairs = pairs[~nodata]
-        if hidden and (pairs["zone"] == int(pred.nodata)).any():
+        if hidden and (others or (pairs["zone"] == int(pred.nodata)).any()):
             logger.warning("%s: its nodata value %d is a class of %s: %s of its pixels there are the prediction's "
                            "nodata, left out of the scores with every other pixel the prediction marks %d (misses of "
                            "the other classes too); if %d is a class of the prediction, its nodata is wrong: unset "
