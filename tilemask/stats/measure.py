@@ -103,10 +103,7 @@ class Grid:
         if not self.is_geographic:
             unit = self.crs.axis_info[0].unit_conversion_factor if self.crs.axis_info else 1.0
             planar = abs(dx * dy - rx * ry) * unit * unit
-            rows = (0, self.shape[0] // 2, self.shape[0] - 1)  # the centre column's top, middle and bottom pixels
-            _warn_of_planar_distortion(self.crs, [self.raster_xy(np.array([0.0, 1.0, 1.0, 0.0]) + row,
-                                                                 np.array([0.0, 0.0, 1.0, 1.0]) + self.shape[1] // 2)
-                                                  for row in rows], planar)  # fmt: skip
+            _warn_of_planar_distortion(self, planar)
             return np.full(n_rows, planar)
         self.check_sizes("the labels")
         return geodesic_row_areas(x0, dx, y0, dy, n_rows, self.crs.get_geod() or WGS84)
@@ -153,62 +150,70 @@ class Grid:
 PLANAR_DISTORTION = 0.05  # a projected CRS whose planar pixel area is further than this from the ground's is said
 
 
-def _warn_of_planar_distortion(crs: CRS, pixels: list[np.ndarray], planar: float) -> None:
-    """Warn where ``area_m2``'s planar pixel area is more than :data:`PLANAR_DISTORTION` from the area on the CRS's
-    ellipsoid of one of ``pixels`` (each its four corners, CRS units; the furthest is said): Web Mercator
-    (EPSG:3857), the web tiles' CRS, gave 1.69x the ground area of a hillshade at 39.6 degrees north with nothing
-    said (a first-contact review), and a global one 4x at 60 degrees; UTM stays within 0.1% in its zone."""
+def _centre_pixels(grid: Grid) -> list[np.ndarray]:
+    """The four corners (CRS units) of each of a raster's centre column's top, middle and bottom pixels."""
+    rows = (0, grid.shape[0] // 2, grid.shape[0] - 1)
+    return [grid.raster_xy(np.array([0.0, 1.0, 1.0, 0.0]) + row, np.array([0.0, 0.0, 1.0, 1.0]) + grid.shape[1] // 2)
+            for row in rows]  # fmt: skip
+
+
+def _worst_distortion(grid: Grid, ratios) -> tuple[str, float, float] | None:
+    """``(the CRS's name, latitude, ratio)`` of the ratio furthest from 1 of ``ratios(geod, lon, lat)`` (planar over
+    ground, per pixel of :func:`_centre_pixels`, its corners in degrees) where it is further than
+    :data:`PLANAR_DISTORTION`; None within it, or for a CRS pyproj cannot take to its ellipsoid."""
     from pyproj import Transformer
 
     seen = []  # (ratio, latitude)
     try:
+        crs = grid.crs
         to_degrees, geod = Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True), crs.get_geod() or WGS84
-        for corners in pixels:
+        for corners in _centre_pixels(grid):
             lon, lat = to_degrees.transform(corners[:, 0], corners[:, 1])
-            ground = abs(geod.polygon_area_perimeter(lon, lat)[0])
-            if np.isfinite(ground) and ground > 0:
-                seen.append((planar / ground, float(np.mean(lat))))
+            seen += [(ratio, float(np.mean(lat))) for ratio in ratios(geod, lon, lat)]
     except Exception:  # noqa: BLE001 - a CRS pyproj cannot take to its ellipsoid: nothing to compare with
-        return
+        return None
     ratio, latitude = max(seen, key=lambda s: abs(s[0] - 1), default=(1.0, 0.0))
-    if abs(ratio - 1) > PLANAR_DISTORTION:
-        name = crs.to_string() if crs.to_epsg() else crs.name
+    if abs(ratio - 1) <= PLANAR_DISTORTION:
+        return None
+    return (crs.to_string() if crs.to_epsg() else crs.name), latitude, ratio
+
+
+def _warn_of_planar_distortion(grid: Grid, planar: float) -> None:
+    """Warn where ``area_m2``'s ``planar`` pixel area is more than :data:`PLANAR_DISTORTION` from a pixel's area on
+    the CRS's ellipsoid (:func:`_worst_distortion`): Web Mercator (EPSG:3857), the web tiles' CRS, gave 1.69x the
+    ground area of a hillshade at 39.6 degrees north with nothing said (a first-contact review), and a global one 4x
+    at 60 degrees; UTM stays within 0.1% in its zone."""
+
+    def ratios(geod, lon, lat):
+        ground = abs(geod.polygon_area_perimeter(lon, lat)[0])
+        return [planar / ground] if np.isfinite(ground) and ground > 0 else []
+
+    worst = _worst_distortion(grid, ratios)
+    if worst is not None:
         logger.warning("area_m2 is planar in %s: at latitude %.1f a pixel's planar area is %.2fx its area on the "
-                       "ellipsoid; reproject the labels to an equal-area CRS for ground areas", name, latitude, ratio)
+                       "ellipsoid; reproject the labels to an equal-area CRS for ground areas", *worst)  # fmt: skip
 
 
 def warn_of_planar_distances(grid: Grid) -> None:
     """Warn where a raster's distances in its projected CRS are more than :data:`PLANAR_DISTORTION` from their length
-    on the CRS's ellipsoid, along a pixel's side (the centre column's top, middle and bottom pixels; the furthest is
-    said), as :func:`_warn_of_planar_distortion` warns of areas: Web Mercator at 60 degrees north has a metre of the
-    CRS for half a metre on the ground, and ``evaluate --surface`` said its distances were metres."""
+    on the CRS's ellipsoid, along a pixel's side (:func:`_worst_distortion`), as :func:`_warn_of_planar_distortion`
+    warns of areas: Web Mercator at 60 degrees north has a metre of the CRS for half a metre on the ground, and
+    ``evaluate --surface`` said its distances were metres."""
     if grid.is_volume or grid.crs is None or grid.is_geographic:
         return
-    from pyproj import Transformer
-
     _, dx, rx, _, ry, dy = grid.geometry.transform
     unit = grid.crs.axis_info[0].unit_conversion_factor if grid.crs.axis_info else 1.0
     sides = ((1, math.hypot(dx, ry) * unit), (3, math.hypot(rx, dy) * unit))  # corner 0 to 1: a row; to 3: a column
-    seen = []  # (ratio, latitude)
-    try:
-        to_degrees = Transformer.from_crs(grid.crs, grid.crs.geodetic_crs, always_xy=True)
-        geod = grid.crs.get_geod() or WGS84
-        for row in (0, grid.shape[0] // 2, grid.shape[0] - 1):
-            corners = grid.raster_xy(np.array([0.0, 1.0, 1.0, 0.0]) + row,
-                                     np.array([0.0, 0.0, 1.0, 1.0]) + grid.shape[1] // 2)  # fmt: skip
-            lon, lat = to_degrees.transform(corners[:, 0], corners[:, 1])
-            for corner, planar in sides:
-                ground = geod.line_length([lon[0], lon[corner]], [lat[0], lat[corner]])
-                if np.isfinite(ground) and ground > 0:
-                    seen.append((planar / ground, float(np.mean(lat))))
-    except Exception:  # noqa: BLE001 - a CRS pyproj cannot take to its ellipsoid: nothing to compare with
-        return
-    ratio, latitude = max(seen, key=lambda s: abs(s[0] - 1), default=(1.0, 0.0))
-    if abs(ratio - 1) > PLANAR_DISTORTION:
-        name = grid.crs.to_string() if grid.crs.to_epsg() else grid.crs.name
+
+    def ratios(geod, lon, lat):
+        grounds = [(planar, geod.line_length([lon[0], lon[corner]], [lat[0], lat[corner]])) for corner, planar in sides]
+        return [planar / ground for planar, ground in grounds if np.isfinite(ground) and ground > 0]
+
+    worst = _worst_distortion(grid, ratios)
+    if worst is not None:
         logger.warning("surface distances are planar in %s: at latitude %.1f a pixel's side is %.2fx its length on "
                        "the ellipsoid; reproject the labels to a CRS that keeps distances there (UTM, say) for ground "
-                       "distances", name, latitude, ratio)  # fmt: skip
+                       "distances", *worst)  # fmt: skip
 
 
 def geodesic_row_areas(x0: float, dx: float, y0: float, dy: float, n_rows: int, geod: Geod = WGS84) -> np.ndarray:
