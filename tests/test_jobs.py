@@ -263,6 +263,44 @@ def test_an_input_replaced_on_a_web_server_is_redone(make_raster, make_model, tm
     assert (zarr.open_group(redone.outputs[0], mode="r")["labels"][:] != before).any(), "the new scene's labels"
 
 
+def test_an_input_whose_server_names_no_version_is_redone_with_a_warning_saying_why(make_raster, make_model, tmp_path,
+                                                                                    client, caplog):  # fmt: skip
+    """A scene on a server that names no version (neither ETag nor Last-Modified) cannot be told from a replaced one,
+    so every run redoes it: it was redone without a word, the user left to wonder why a finished job did all its
+    work again (a review of object storage inputs). The run says so once, naming the item and its URL."""
+    import functools
+    import http.server
+
+    from .range_server import RangeHandler
+
+    class Unversioned(RangeHandler):
+        def send_header(self, keyword, value):
+            if keyword != "Last-Modified":
+                super().send_header(keyword, value)
+
+    (tmp_path / "www").mkdir()
+    make_raster((3, 80, 90), name="www/scene.tif")
+    weights, _ = make_model()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Unversioned, directory=tmp_path / "www"))  # fmt: skip
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/scene.tif"
+        workflow = raster_workflow(url, weights, output={"path": "out/{stem}.zarr", "chunks": 64})
+        (first,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+        assert first.status == "ok"
+        assert "names no version" not in caplog.text  # nothing done before to redo
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tilemask"):
+            (again,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    finally:
+        server.shutdown()
+    assert again.status == "ok" and again.windows > 0  # redone, as it must be
+    lines = [r.getMessage() for r in caplog.records if "names no version" in r.getMessage()]
+    assert lines == [f"scene: done before, redone: {url} names no version (no ETag or Last-Modified from its server, "
+                     "or no answer), so it cannot be told from a replaced file; every run redoes it"], caplog.text
+
+
 def test_a_stac_item_whose_hrefs_are_signed_anew_is_not_redone(make_raster, make_model, tmp_path, client):
     """A STAC Item's asset hrefs signed again (a new SAS token: the same path, another query) made its job's next run
     redo the item as another file; and the earlier run's URL, its signature expired, was asked for the stamp."""

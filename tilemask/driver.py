@@ -367,7 +367,7 @@ def drive_job(
     weights = input_stamp(plan.model.weights)  # retrained weights at the same path: every item is redone
     finished = _finished({item.name: latest[item.name] for item in items if item.name in latest}, weights,
                          {item.name: list(item.files) for item in items},
-                         {item.name: _regions(plan, item) for item in items})
+                         {item.name: _regions(plan, item) for item in items}, say_unversioned=not forget)
     stop = threading.Event()
 
     def forgotten() -> None:
@@ -536,20 +536,25 @@ def _regions_stamp(path: str) -> list[list]:
 
 
 def _finished(lines: dict[str, dict], weights: list, files: dict[str, list[str]],
-              regions: dict[str, str | None]) -> set[str]:  # fmt: skip
+              regions: dict[str, str | None], say_unversioned: bool = True) -> set[str]:  # fmt: skip
     """The names of the items whose latest line (``lines``) is ok (or failed only to send its outputs on), whose
     files (``files``, by name, as listed now: a list file or STAC Item may name other files under the same name),
     statistics' regions (``regions``, by name) and weights (stamped ``weights`` now) are as they were (a replaced
     input, edited regions or retrained weights, is redone; lines written before the files and stamps were recorded
     count as unchanged) and whose outputs are complete (:func:`~tilemask.jobs.outputs_complete`).  Asked in
-    parallel: objects on the network a request each, a GeoPackage's mark a few ms."""
+    parallel: objects on the network a request each, a GeoPackage's mark a few ms.  ``say_unversioned``: warn of an
+    item redone because a file of it names no version (not under ``--overwrite``, which redoes every item)."""
 
     def finished(line: dict) -> bool:
         current = files[line["name"]]  # stamped, not the files as recorded: a URL signed then may have expired
-        unchanged = line.get("files") is None or (
-            list(map(redacted, line["files"])) == list(map(redacted, current))
-            and (now := _stamps(current)) == line.get("stamps") and [None] not in now
-        )
+        recorded = line.get("files")  # None: a line written before the files and stamps were recorded
+        same_files = recorded is None or list(map(redacted, recorded)) == list(map(redacted, current))
+        now = _stamps(current) if recorded is not None and same_files else None
+        unchanged = same_files and (now is None or (now == line.get("stamps") and [None] not in now))
+        if say_unversioned and now is not None and [None] in now:  # redone run after run: said, or it looks a bug
+            logger.warning("%s: done before, redone: %s names no version (no ETag or Last-Modified from its server, "
+                           "or no answer), so it cannot be told from a replaced file; every run redoes it",
+                           line["name"], redacted(current[now.index([None])]))  # fmt: skip
         region_file = regions[line["name"]]
         same_regions = region_file is None or "regions_stamp" not in line or (
             (now := region_stamps[region_file]) == line["regions_stamp"] and [None] not in now)
