@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peakmem import PeakMemory  # noqa: E402
+from peakmem import PeakMemory, tilemask_run  # noqa: E402
 
 ARGS = dict(spatial_dims=2, in_channels=1, out_channels=2, channels=[8, 16, 32], strides=[2, 2], num_res_units=1)
 INTENSITY = {"a_min": -200.0, "a_max": 800.0, "b_min": 0.0, "b_max": 1.0, "clip": True}
@@ -53,25 +50,14 @@ def make_volume(path: Path, size: int, slices: int) -> None:
 
 def run_tilemask(scan: Path, weights: Path, out: Path, roi: int, axis: int, backend: str) -> dict:
     """``tilemask run --quiet --overwrite`` of the workflow, in a process of its own, as a user runs it."""
-    workflow = out.parent / "tilemask_slices_workflow.json"
-    workflow.write_text(json.dumps({
+    return tilemask_run(out.parent / "tilemask_slices_workflow.json", {
         "version": 1, "input": str(scan),
         "model": {"network": "UNet", "args": ARGS, "weights": str(weights)},
         "preprocess": {"intensity": INTENSITY},
         "inference": {"roi_size": [roi, roi], "slice_axis": axis, "overlap": OVERLAP, "batch_size": BATCH,
                       "device": "cpu", "backend": backend},
         "output": {"path": str(out)},
-    }))  # fmt: skip
-    command = [sys.executable, "-m", "tilemask", "run", str(workflow), "--quiet", "--overwrite"]
-    start = time.perf_counter()
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process, \
-            PeakMemory(process.pid) as mem:  # fmt: skip
-        printed, said = process.communicate()
-    wall = time.perf_counter() - start
-    if process.returncode:
-        raise SystemExit(f"tilemask run failed (exit status {process.returncode}): {said.strip()[-2000:]}")
-    windows = int(re.search(r"(\d+) windows in ", printed).group(1))
-    return {"wall": wall, "peak": mem.peak, "windows": windows}
+    })  # fmt: skip
 
 
 def run_monai(scan: Path, net: torch.nn.Module, out: Path, roi: int, axis: int, plain: bool) -> dict:

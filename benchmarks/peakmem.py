@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import re
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import psutil
 
@@ -64,3 +70,19 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def tilemask_run(workflow: Path, settings: dict) -> dict:
+    """``tilemask run --quiet --overwrite`` of ``settings`` written to ``workflow`` (JSON), in a process of its own,
+    as a user runs it, timed from its start to its exit: ``wall``, ``peak`` (:class:`PeakMemory`), ``windows``."""
+    workflow.write_text(json.dumps(settings))
+    command = [sys.executable, "-m", "tilemask", "run", str(workflow), "--quiet", "--overwrite"]
+    start = time.perf_counter()
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process, \
+            PeakMemory(process.pid) as mem:  # fmt: skip
+        printed, said = process.communicate()
+    wall = time.perf_counter() - start
+    if process.returncode:
+        raise SystemExit(f"tilemask run failed (exit status {process.returncode}): {said.strip()[-2000:]}")
+    windows = int(re.search(r"(\d+) windows in ", printed).group(1))
+    return {"wall": wall, "peak": mem.peak, "windows": windows}
