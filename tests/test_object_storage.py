@@ -675,3 +675,23 @@ def test_a_scene_in_a_public_bucket_read_unsigned_is_stamped_and_skipped_when_do
     done = [json.loads(line) for line in manifest.read_text().splitlines() if '"ok"' in line]
     assert done[0]["stamps"][0][0], done[0]  # the object's ETag
     assert "done in an earlier run" in runs[1].stdout, runs[1].stdout
+
+
+@pytest.mark.slow  # a tilemask run on moto's S3 with -vv (25 s)
+def test_a_verbose_run_on_s3_keeps_the_access_key_and_signatures_out_of_its_debug_lines(s3, tmp_path, write_workflow):
+    """``tilemask -vv`` shows botocore's debug lines, whose request headers held the access key id and each request's
+    signature (``Authorization: AWS4-HMAC-SHA256 Credential=AKIA.../..., Signature=...``): a log pasted into an issue
+    gave them away (a review of object storage inputs). They are left out as URLs' credentials are."""
+    s3_client, env = s3
+    s3_client.upload_file(str(GEO["RGB.byte.tif"]), "tilemask", "verbose/scene.tif")
+    env = {**env, "AWS_ACCESS_KEY_ID": "AKIAVERBOSEKEYID0042", "AWS_SESSION_TOKEN": "SessionTokenVerbose0042"}
+    weights = REPO / "workflows" / "demo" / "landsat_water_land_cloud.pt"
+    workflow = write_workflow(demo_workflow("s3://tilemask/verbose/scene.tif", str(weights), "out/{stem}.tif"),
+                              "v.yaml")  # fmt: skip
+    done = run_cli("-vv", "run", workflow, "--workers", "1", cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = done.stdout + done.stderr
+    assert "Authorization" in said and "Credential=" in said  # botocore's headers were shown
+    for secret in ("AKIAVERBOSEKEYID0042", "SessionTokenVerbose0042"):
+        assert secret not in said, [line for line in said.splitlines() if secret in line][:3]
+    assert not re.search(r"Signature=[0-9a-f]{16}", said), re.search(r".*Signature=[0-9a-f]{16}.*", said).group(0)

@@ -264,10 +264,18 @@ _URL_IN_TEXT = re.compile(r"[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.IGNORECASE)
 _PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^/@:\s]*:)[^/@\s]*@", re.IGNORECASE)
 
 
+# a request's signing headers as botocore's debug lines print them: ``Authorization: AWS4-HMAC-SHA256
+# Credential=AKIA.../20261207/..., Signature=...``, ``'X-Amz-Security-Token': b'...'`` and, in its canonical
+# request, ``x-amz-security-token:...``
+_SIGNING_IN_TEXT = re.compile(r"""(Credential=)[^/'"\s,]+|(Signature=)[^'"\s,&]+"""
+                              r"""|(X-Amz-Security-Token['"]?:\s*b?['"]?)[^'"\s,]+""", re.IGNORECASE)  # fmt: skip
+
+
 def redacted(text: str) -> str:
-    """``text`` (an error, a report's field) with the credentials of the URLs it holds left out: a password
-    (``user:***@``) and the query parameters that sign a URL (:func:`unsigned`). A URL's trailing punctuation
-    (``...?sig=X: cannot open``) stays the text's."""
+    """``text`` (an error, a report's field, a log line) with the credentials of the URLs it holds left out: a
+    password (``user:***@``) and the query parameters that sign a URL (:func:`unsigned`); and a request's signing
+    headers (an access key id, a signature, a session token) as botocore's debug lines show them. A URL's trailing
+    punctuation (``...?sig=X: cannot open``) stays the text's."""
 
     def hide(match: re.Match) -> str:
         url = match.group(0)
@@ -275,7 +283,10 @@ def redacted(text: str) -> str:
         url, after = (url[:-tail], url[-tail:]) if tail else (url, "")
         return unsigned(_PASSWORD.sub(r"\1***@", url)) + after
 
-    return _URL_IN_TEXT.sub(hide, text)
+    def unsigning(match: re.Match) -> str:  # the header's name kept, its value hidden
+        return next(name for name in match.groups() if name is not None) + "***"
+
+    return _SIGNING_IN_TEXT.sub(unsigning, _URL_IN_TEXT.sub(hide, text))
 
 
 def redacted_values(value):
