@@ -695,3 +695,42 @@ def test_a_verbose_run_on_s3_keeps_the_access_key_and_signatures_out_of_its_debu
     for secret in ("AKIAVERBOSEKEYID0042", "SessionTokenVerbose0042"):
         assert secret not in said, [line for line in said.splitlines() if secret in line][:3]
     assert not re.search(r"Signature=[0-9a-f]{16}", said), re.search(r".*Signature=[0-9a-f]{16}.*", said).group(0)
+
+
+def test_botocore_signature_line_is_hidden_and_ordinary_text_is_kept():
+    """botocore's SigV4 signer logs the request's signature on a line of its own (``Signature:\\n<hex>``), the same
+    signature hidden in its Authorization header; and text that merely holds ``Signature=`` or ``Credential=`` (a
+    Hive-style folder, a class name) is no header: kept, so a workflow naming it keeps its job id."""
+    import logging
+
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    from tilemask import storage
+    from tilemask.jobs import job_id
+
+    request = AWSRequest(method="GET", url="https://b.s3.amazonaws.com/k", headers={})
+    lines = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(storage.redacted(record.getMessage()))
+
+    handler, auth_logger = Keep(), logging.getLogger("botocore.auth")
+    auth_logger.addHandler(handler)
+    auth_logger.setLevel(logging.DEBUG)
+    try:
+        SigV4Auth(Credentials("AKIAVERBOSEKEYID0042", "secret", "SessionTokenVerbose0042"), "s3",
+                  "us-east-1").add_auth(request)  # fmt: skip
+    finally:
+        auth_logger.removeHandler(handler)
+        auth_logger.setLevel(logging.NOTSET)
+    signature = request.headers["Authorization"].rsplit("Signature=", 1)[1]
+    said = "\n".join(lines)
+    assert "Signature:" in said and signature not in said, said
+    assert "SessionTokenVerbose0042" not in said, said
+    for text in ("/data/signature=2023/scene.tif", "s3://bucket/Credential=eu/scene.tif", "Signature=x"):
+        assert storage.redacted(text) == text
+    workflows = [{"input": f"/data/signature={s}/scene.tif"} for s in "ab"]
+    assert job_id(workflows[0], "/w") != job_id(workflows[1], "/w")

@@ -265,10 +265,13 @@ _PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^/@:\s]*:)[^/@\s]*@", re.IGNOREC
 
 
 # a request's signing headers as botocore's debug lines print them: ``Authorization: AWS4-HMAC-SHA256
-# Credential=AKIA.../20261207/..., Signature=...``, ``'X-Amz-Security-Token': b'...'`` and, in its canonical
-# request, ``x-amz-security-token:...``
-_SIGNING_IN_TEXT = re.compile(r"""(Credential=)[^/'"\s,]+|(Signature=)[^'"\s,&]+"""
-                              r"""|(X-Amz-Security-Token['"]?:\s*b?['"]?)[^'"\s,]+""", re.IGNORECASE)  # fmt: skip
+# Credential=AKIA.../20261207/..., SignedHeaders=..., Signature=...``, ``'X-Amz-Security-Token': b'...'`` and, in
+# its canonical request, ``x-amz-security-token:...``; and its SigV4 signer's own line, ``Signature:\n<hex>``. Only
+# there: a folder ``signature=2023/`` or a class ``Credential=x`` is no header (kept, and a job's id with it)
+_SIGNING_IN_TEXT = re.compile(r"""(AWS4-HMAC-SHA256\s+Credential=)[^/'"\s,]+"""
+                              r"""|(SignedHeaders=[^'"\s,]*,\s*Signature=)[^'"\s,&]+|(^Signature:\n)[0-9a-f]+"""
+                              r"""|(X-Amz-Security-Token['"]?:\s*b?['"]?)[^'"\s,]+""",
+                              re.IGNORECASE | re.MULTILINE)  # fmt: skip
 
 
 def redacted(text: str) -> str:
