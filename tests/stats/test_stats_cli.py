@@ -307,6 +307,23 @@ def test_float_labels_of_whole_numbers_count_as_rasterstats_counts_them(tmp_path
         assert not (tmp_path / "h.csv").exists()
 
 
+
+@pytest.mark.timeout(60)
+def test_float_labels_past_int32_are_refused_as_past_int32_not_as_no_whole_number(tmp_path):
+    """A Float64 raster's whole number past int32 (3e9) was refused as "must be whole numbers; ... holds 3e+09": a
+    whole number said to be none. The refusal says int32's range; a fraction still says whole numbers."""
+    from tilemask.cli import main
+
+    labels = np.ones((12, 10))
+    labels[5, 7] = 3e9
+    path = write_raster(tmp_path / "big.tif", labels, "EPSG:32618", Affine(10, 0, 500000, 0, -10, 4100000))
+    result = CliRunner().invoke(main, ["stats", str(path), "-o", str(tmp_path / "b.csv")])
+    assert (result.exit_code, result.output) == (2, f"tilemask: error: {path}: labels stored as float64 must be whole "
+                                                    "numbers within int32 (-2147483648 to 2147483647); row 5, col 7 "
+                                                    "holds 3e+09\n")  # fmt: skip
+    assert not (tmp_path / "b.csv").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_labels_as_monai_saves_them_float32_and_channel_last_count_as_their_integers(tmp_path):
@@ -349,7 +366,9 @@ def test_labels_as_monai_saves_them_float32_and_channel_last_count_as_their_inte
     half[5, 6, 7] = 2**31  # past int32, though float32 rounds int32's largest to it: it was read as -2**31
     write_nifti(tmp_path / "half.nii.gz", half, affine)
     result = CliRunner().invoke(main, ["stats", str(tmp_path / "half.nii.gz"), "-o", str(tmp_path / "h.csv")])
-    assert (result.exit_code, result.output) == (2, line.replace("holds 1.5", "holds 2.14748e+09"))
+    past = line.replace("holds 1.5", "holds 2.14748e+09").replace("numbers;", "numbers within int32 (-2147483648 to "
+                                                                         "2147483647);")  # fmt: skip
+    assert (result.exit_code, result.output) == (2, past)
 
 
 @pytest.mark.timeout(120)

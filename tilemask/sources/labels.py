@@ -157,8 +157,10 @@ def _whole(path: str, index: tuple[slice, ...], data: np.ndarray) -> np.ndarray:
         first = tuple(np.argwhere(wrong)[0])
         at = [int(i) + (s.start or 0) for i, s in zip(first, index)]
         where = f"row {at[0]}, col {at[1]}" if len(at) == 2 else f"voxel {at}"  # a raster's pixel, a volume's
-        raise InputError(f"{path}: labels stored as {data.dtype} must be whole numbers; {where} holds "
-                         f"{float(data[first]):g}")  # fmt: skip
+        value = float(data[first])
+        within = " within int32 (-2147483648 to 2147483647)" if value == np.rint(value) else ""  # 3e9 is whole
+        raise InputError(f"{path}: labels stored as {data.dtype} must be whole numbers{within}; {where} holds "
+                         f"{value:g}")  # fmt: skip
     return data.astype(np.int32)
 
 
