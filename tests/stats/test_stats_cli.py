@@ -309,6 +309,27 @@ def test_float_labels_of_whole_numbers_count_as_rasterstats_counts_them(tmp_path
 
 
 @pytest.mark.timeout(60)
+def test_float_labels_whose_nodata_is_float32s_lowest_count_as_rasterstats_counts_them(tmp_path):
+    """ArcGIS's float rasters declare NoData -3.4028235e38 (float32's lowest): such a label raster was refused as
+    "must be whole numbers; its nodata is -3.40282e+38", where rasterstats counts it leaving those pixels out. They
+    are its nodata, as a NaN nodata's pixels are."""
+    from rasterstats import zonal_stats
+
+    from tilemask.cli import main
+
+    lowest = float(np.finfo(np.float32).min)
+    labels = blobs((40, 50), seed=3, classes=3).astype(np.float32)
+    labels[:5, :6] = lowest
+    path = write_raster(tmp_path / "arc.tif", labels, "EPSG:32618", Affine(10, 0, 500000, 0, -10, 4100000),
+                        nodata=lowest)  # fmt: skip
+    result = CliRunner().invoke(main, ["stats", str(path), "-o", str(tmp_path / "a.csv")])
+    assert result.exit_code == 0, result.output
+    counted = dict(zip(*pd.read_csv(tmp_path / "a.csv")[["value", "pixels"]].values.T))
+    (reference,) = zonal_stats([shapely.box(500000, 4099600, 500500, 4100000)], str(path), categorical=True)
+    assert counted == {int(k): v for k, v in reference.items()} and sum(counted.values()) == 40 * 50 - 30
+
+
+@pytest.mark.timeout(60)
 def test_float_labels_past_int32_are_refused_as_past_int32_not_as_no_whole_number(tmp_path):
     """A Float64 raster's whole number past int32 (3e9) was refused as "must be whole numbers; ... holds 3e+09": a
     whole number said to be none. The refusal says int32's range; a fraction still says whole numbers."""

@@ -64,6 +64,12 @@ class LabelImage:
 NAN_LABEL = int(np.iinfo(np.int32).min)  # a float label raster's NaN pixels where NaN is its nodata: its nodata label
 
 
+def _nodata_past_int32(nodata: float | None) -> bool:
+    """A float raster's nodata no int32 holds: NaN, ArcGIS's -3.4028235e38 (float32's lowest), a fraction; its pixels
+    are read as :data:`NAN_LABEL`."""
+    return nodata is not None and not (-(2.0**31) <= nodata < 2.0**31 and nodata == math.floor(nodata))
+
+
 @dataclass(frozen=True)
 class _RasterBand:
     """Array-like view of band 1 of a GDAL raster, read by window (for ``da.from_array``)."""
@@ -120,8 +126,9 @@ def read_label_window(path: str, rows: slice, cols: slice) -> np.ndarray:
         return data
     with gdal_env(path):
         nodata = cached_handle(("label-raster", path), lambda: rasterio.open(path), file_stamp(path)).nodata
-    if nodata is not None and math.isnan(nodata):
-        data = np.where(np.isnan(data), data.dtype.type(NAN_LABEL), data)  # float32 holds -2**31 exactly
+    if _nodata_past_int32(nodata):
+        hidden = np.isnan(data) if math.isnan(nodata) else data == data.dtype.type(nodata)
+        data = np.where(hidden, data.dtype.type(NAN_LABEL), data)  # float32 holds -2**31 exactly
     return _whole(path, (rows, cols), data)
 
 
@@ -452,10 +459,8 @@ def open_raster_labels(path: str, chunks) -> LabelImage:
         raise InputError(f"{path}: labels must be stored as unscaled integers (band scale {scale:g}, offset "
                          f"{offset:g})")
     if dtype.kind == "f":  # whole numbers, read as int32 as a NIfTI's are (read_label_window)
-        if nodata is not None and math.isnan(nodata):
+        if _nodata_past_int32(nodata):  # NaN, ArcGIS's -3.4028235e38: its pixels are read as NAN_LABEL
             nodata = NAN_LABEL
-        elif nodata is not None and (nodata != round(nodata) or abs(nodata) >= 2.0**31):
-            raise InputError(f"{path}: labels stored as {dtype} must be whole numbers; its nodata is {nodata:g}")
         dtype = np.dtype(np.int32)
     nodata = None if nodata is None else int(nodata)
     native = tuple(max(b, 1024 // b * b) for b in block)  # whole GDAL blocks, about 1024 px
