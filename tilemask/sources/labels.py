@@ -61,7 +61,7 @@ class LabelImage:
         return isinstance(self.geometry, VolumeGeometry)
 
 
-NAN_LABEL = int(np.iinfo(np.int32).min)  # a float label raster's NaN pixels where NaN is its nodata: its nodata label
+NAN_LABEL = int(np.iinfo(np.int32).min)  # a float label raster's nodata pixels where int32 cannot hold its nodata
 
 
 def _nodata_past_int32(nodata: float | None) -> bool:
@@ -119,8 +119,8 @@ def read_band_window(path: str, rows: slice, cols: slice, bands: int | list[int]
 
 def read_label_window(path: str, rows: slice, cols: slice) -> np.ndarray:
     """The labels of a one-band GDAL raster at ``[rows, cols]`` (:func:`read_band_window`); stored as floats (QGIS's
-    Rasterize writes Float32 by default), as ``int32`` (:func:`_whole`), NaN as :data:`NAN_LABEL` where NaN is the
-    raster's nodata."""
+    Rasterize writes Float32 by default), as ``int32`` (:func:`_whole`), its nodata pixels as :data:`NAN_LABEL` where
+    int32 cannot hold its nodata (NaN, ArcGIS's -3.4028235e38)."""
     data = read_band_window(path, rows, cols)
     if data.dtype.kind != "f":
         return data
