@@ -126,6 +126,11 @@ def cached_runner(spec: ModelSpec, settings: InferenceSettings, channels: int, d
         return _runners[key]
 
 
+class NetworkRejected(WorkflowError):
+    """:func:`forward_check`'s refusal of a network that rejects a window (what ``inference.slice_axis`` fed it is
+    added by :func:`tilemask.inference.probe_network`)."""
+
+
 def forward_check(run: Runner, channels: int, roi: tuple[int, ...], device: torch.device) -> int:
     """The network's output channels, from one window of zeros; a network that rejects the window, or does not
     answer ``(1, classes, *roi)``, is a workflow error."""
@@ -137,7 +142,7 @@ def forward_check(run: Runner, channels: int, roi: tuple[int, ...], device: torc
         if out_of_memory(exc):
             raise  # the machine, not the workflow
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-        raise WorkflowError(f"model: the network rejects a {channels}-channel window of roi {list(roi)}: "
+        raise NetworkRejected(f"model: the network rejects a {channels}-channel window of roi {list(roi)}: "
                             f"{lines[-1] if lines else type(exc).__name__}") from None  # fmt: skip
     if not isinstance(output, torch.Tensor) or output.ndim != len(shape) or tuple(output.shape[2:]) != tuple(roi):
         got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__

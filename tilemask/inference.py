@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import timing
-from .backends import Halves, cached_runner, forward_check, settle_auto
+from .backends import Halves, NetworkRejected, cached_runner, forward_check, settle_auto
 from .device import compute_stream, to_device
 from .errors import RunError, WorkflowError
 from .geometry import Block, local_slices, region_shape
@@ -158,8 +158,8 @@ def probe_network(model: ModelSpec, settings: InferenceSettings, channels: int, 
     ``probe: first window``): the start-up split that ``benchmarks/bench_engine.py`` prints."""
     try:
         return _probe(model, settings, channels, windows, measure_after)
-    except WorkflowError as exc:  # a 3D TorchScript archive (no spatial_dims to check) fed a volume's slices
-        if model.slice_axis is None or not str(exc).startswith("model: the network rejects a "):
+    except NetworkRejected as exc:  # a 3D TorchScript archive (no spatial_dims to check) fed a volume's slices
+        if model.slice_axis is None:
             raise
         roi = [size for axis, size in enumerate(settings.roi) if axis != model.slice_axis]
         # a 2D network of other input channels is rejected alike: what it needs is said, not that it is 3D
