@@ -755,13 +755,33 @@ def test_a_worker_restarted_as_it_loads_torch_is_named(make_raster, make_model, 
 def test_an_embedded_worker_killed_as_tilemask_prepares_it_is_prepared_again(tmp_path):
     """A review's: the embedded cluster's worker killed (SIGKILL) half a second after it started failed the run (6
     of 6 tries between 0.3 and 1 s), said to be over its memory limit. Its nanny starts it anew, and it is prepared
-    again: the run ends as an uninterrupted one."""
+    again: the run ends as an uninterrupted one.  Killed half a second after it connected to the scheduler: half a
+    second after it appeared was, in a loaded CI, before it had connected (the next test's case)."""
     process = _demo_run(tmp_path)
+    worker = _embedded_worker(process)
+    while not [c for c in worker.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED]:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.02)
     time.sleep(0.5)
-    _embedded_worker(process).kill()
+    worker.kill()
     out, err = process.communicate(timeout=100)
     assert (process.returncode, err) == (0, ""), err
     assert "64 windows" in out and (tmp_path / "out" / "RGB.byte_mask.tif").is_file()
+
+
+@pytest.mark.timeout(120)
+def test_an_embedded_worker_killed_as_it_starts_is_named_so(tmp_path):
+    """The embedded cluster's worker killed (SIGKILL) as it started, before it connected: the cluster cannot start,
+    and the run said a Python script called tilemask.run unguarded (no script here: the command was run). It says
+    how the worker ended, in one line, exit 1, and nothing looks finished."""
+    process = _demo_run(tmp_path)
+    worker = _embedded_worker(process)
+    worker.kill()
+    out, err = process.communicate(timeout=100)
+    assert process.returncode == 1, err
+    assert err == (f"tilemask: error: the embedded cluster's workers did not start (worker process {worker.pid} was "
+                   "killed by signal 9 as it started; --debug shows why)\n")  # fmt: skip
+    assert not (tmp_path / "out" / "RGB.byte_mask.tif").exists()
 
 
 @pytest.mark.slow  # a run of the demo workflow, killed (5 s)

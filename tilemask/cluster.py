@@ -291,22 +291,60 @@ def _callers_environment() -> Iterator[Callable[[], None]]:
                         os.environ[name] = value
 
 
+class _WorkerEnds(logging.Filter):
+    """The nannies' "Worker process 17344 was killed by signal 9" (or "exited with status 1"), logged at INFO as a
+    worker they start ends, kept while the level of distributed's nanny logger is lowered to log it; records under
+    that logger's own level are still dropped, as they were."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+        self.ends: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Worker process "):
+            self.ends.append(record.getMessage())
+        return record.levelno >= self.level
+
+
 @contextlib.contextmanager
 def _workers_that_did_not_start() -> Iterator[None]:
-    """distributed's "Nanny failed to start" (and its chain of tracebacks) as one line; why is in the workers'
-    logs, which ``--debug`` shows (a worker that ran an unguarded script's ``tilemask.run`` says so itself)."""
+    """distributed's "Nanny failed to start" (and its chain of tracebacks) as one line, naming how the worker ended
+    (killed by a signal as it started: a CI's worker killed before it had connected was said to be a script's
+    unguarded ``tilemask.run``); why is in the workers' logs, which ``--debug`` shows (a worker that ran an
+    unguarded script's ``tilemask.run`` says so itself)."""
+    nannies = logging.getLogger("distributed.nanny")
+    level = nannies.level
+    ends = _WorkerEnds(nannies.getEffectiveLevel())
+    nannies.addFilter(ends)
+    nannies.setLevel(min(ends.level, logging.INFO))
     try:
         yield
     except RuntimeError as exc:
         if "Nanny failed to start" not in str(exc):  # not "Cluster failed to start: <its reason>": that says why
             raise
-        main = getattr(sys.modules.get("__main__"), "__file__", None)
-        if main is not None and not os.path.exists(main):  # as multiprocessing's new processes import it
+        main = sys.modules.get("__main__")
+        script = getattr(main, "__file__", None)
+        if script is not None and not os.path.exists(script):  # as multiprocessing's new processes import it
             raise RunError(f"the embedded cluster's workers did not start: they import the script that started them, "
-                           f"and {main} is no file (a script read from standard input): save it to a file, or give "
+                           f"and {script} is no file (a script read from standard input): save it to a file, or give "
                            "tilemask.run a scheduler") from None  # fmt: skip
-        raise RunError("the embedded cluster's workers did not start (a Python script calls tilemask.run under "
-                       'if __name__ == "__main__":, as each worker imports it; --debug shows why)') from None
+        why = [f"{end[0].lower()}{end[1:]} as it started" for end in dict.fromkeys(ends.ends)]
+        if script is not None and not _tilemasks_command(main):
+            why.append('a Python script calls tilemask.run under if __name__ == "__main__":, as each worker imports it')
+        raise RunError(f"the embedded cluster's workers did not start ({'; '.join(why + ['--debug shows why'])})") \
+            from None
+    finally:
+        nannies.removeFilter(ends)
+        nannies.setLevel(level)
+
+
+def _tilemasks_command(main) -> bool:
+    """Whether the process's ``__main__`` is the ``tilemask`` command (``python -m tilemask`` or its script), not a
+    user's script whose workers import it."""
+    spec = getattr(main, "__spec__", None)
+    return (spec is not None and spec.name.split(".")[0] == "tilemask") or \
+        os.path.basename(getattr(main, "__file__", "")) == "tilemask"
 
 
 @contextlib.contextmanager
