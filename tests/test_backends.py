@@ -75,6 +75,7 @@ def test_auto_takes_the_first_backend_that_matches_torch_and_is_faster(make_volu
     assert chosen == {"instance": "torch-mkldnn", "batch": "openvino"}
 
 
+@pytest.mark.slow  # 23 s in a loaded default run (2026-12-07)
 @pytest.mark.timeout(120)
 def test_auto_measures_the_other_backends_once_the_jobs_would_repay_it(make_raster, make_model, write_workflow,
                                                                         tmp_path):  # fmt: skip
@@ -303,6 +304,7 @@ def test_a_cache_that_cannot_be_written_costs_a_conversion_not_the_run(make_mode
     assert "cannot cache" in done.stderr
 
 
+@pytest.mark.slow  # 10 s in a loaded default run (2026-12-07)
 @pytest.mark.timeout(120)
 def test_a_cache_on_a_full_disk_costs_a_conversion_not_the_worker(make_model, tmp_path, tmpfs):
     """torch.jit.save onto a full disk ends the process: torch's archive writer throws as it closes the file, in a

@@ -92,6 +92,7 @@ def test_nifti_labels_keep_their_class_count_in_the_header_for_a_viewer_without_
     assert [c["value"] for c in entry.legend()] == [0, 1, 2]
 
 
+@pytest.mark.slow  # 17 s in a loaded default run (2026-12-07)
 def test_a_colour_table_naming_sparse_labels_names_those_only_and_one_naming_a_label_twice_is_refused(tmp_path, client):
     """A 3D Slicer colour table naming label 1e6 (Slicer's own tables skip values; FreeSurfer's LUT reaches 14175)
     was read into a name for every value up to it: 1e6 rows of unnamed classes in the statistics (label 3e8 ate

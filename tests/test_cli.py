@@ -145,6 +145,7 @@ def test_a_scheduler_address_no_command_can_connect_by_is_refused_before_a_job_f
         assert not (tmp_path / "out").exists(), "no job folder, no output folder"
 
 
+@pytest.mark.slow  # 13 s in a loaded default run (2026-12-07)
 @pytest.mark.timeout(60)
 def test_a_scheduler_port_out_of_range_is_refused_at_once(tmp_path):
     """``tilemask stats MASK --scheduler tcp://127.0.0.1:99999`` (a digit too many) tried to connect for 30 s and
@@ -233,6 +234,7 @@ def scene(make_raster, make_model, write_workflow, tmp_path):
     return raster_workflow(path, weights)
 
 
+@pytest.mark.slow  # 16 s in a loaded default run (2026-12-07)
 def test_a_run_writes_a_complete_zarr(scene, write_workflow, tmp_path):
     proc = run_cli("run", write_workflow(scene), "--workers", "1", "--set", "output.chunks=64")
     assert proc.returncode == 0, proc.stderr

@@ -610,6 +610,7 @@ def test_python_arguments_the_command_would_refuse_are_refused_before_a_job_is_m
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # 28 s in a loaded default run (2026-12-07)
 @pytest.mark.timeout(120)
 def test_a_script_that_runs_at_its_top_level_is_told_to_guard_it(make_raster, make_model, write_workflow, tmp_path):
     """A script calling ``tilemask.run`` outside ``if __name__ == "__main__":``: each embedded worker imports it as
@@ -868,6 +869,7 @@ def test_a_client_close_that_times_out_after_a_stop_leaves_the_stop_as_it_was(tm
 
 
 
+@pytest.mark.slow  # 16 s in a loaded default run (2026-12-07)
 @pytest.mark.timeout(120)
 @pytest.mark.filterwarnings("ignore:Sending large graph")
 @pytest.mark.parametrize("stops", [1, 2])
@@ -962,6 +964,7 @@ def test_a_worker_restarted_after_a_no_worker_timeout_of_steady_progress_does_no
         assert all(f.status == "finished" for f in futures)
 
 
+@pytest.mark.slow  # 26 s in a loaded default run (2026-12-07)
 @pytest.mark.timeout(120)
 def test_a_python_run_on_its_embedded_cluster_leaves_the_callers_environment_as_it_was(
     make_raster, make_model, tmp_path, monkeypatch
@@ -1123,6 +1126,7 @@ def test_tilemask_run_s_annotations_add_no_names_to_the_package():
     assert not {"os", "Path", "Callable", "Mapping", "TYPE_CHECKING"} & set(vars(tilemask)), sorted(vars(tilemask))
 
 
+@pytest.mark.slow  # 29 s in a loaded default run (2026-12-07)
 @pytest.mark.timeout(180)
 def test_a_run_on_a_callers_cluster_leaves_no_plugin_that_stops_a_worker_joining_later(
     make_raster, make_model, tmp_path

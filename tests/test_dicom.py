@@ -1576,6 +1576,7 @@ def test_a_store_the_server_refuses_busy_or_drops_is_tried_once_and_says_why_in_
         assert len(posts) == 1 and time.monotonic() - started < 10, (answer.__name__, len(posts))
 
 
+@pytest.mark.slow  # 26 s in a loaded default run (2026-12-07)
 @pytest.mark.timeout(120)
 def test_a_store_waits_its_own_two_minutes_for_the_answer_not_dicomweb_clients_20_s():
     """dicomweb-client 0.61 gives each request its own timeout, 20 s, which replaced tilemask's (10 s to connect,

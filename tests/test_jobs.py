@@ -124,6 +124,7 @@ def test_skip_records_the_failure_goes_on_and_a_rerun_resumes_without_predicting
     ]
 
 
+@pytest.mark.slow  # 41 s in a loaded default run (2026-12-07)
 def test_an_input_replaced_after_its_run_is_redone(make_raster, make_model, tmp_path, client):
     """A finished item whose input file changed since (its size or modification time) is redone by the job's next
     run; it was skipped as done, its labels those of the file it replaced."""
@@ -301,6 +302,7 @@ def test_an_input_whose_server_names_no_version_is_redone_with_a_warning_saying_
                      "or no answer), so it cannot be told from a replaced file; every run redoes it"], caplog.text
 
 
+@pytest.mark.slow  # 11 s in a loaded default run (2026-12-07)
 def test_a_stac_item_whose_hrefs_are_signed_anew_is_not_redone(make_raster, make_model, tmp_path, client):
     """A STAC Item's asset hrefs signed again (a new SAS token: the same path, another query) made its job's next run
     redo the item as another file; and the earlier run's URL, its signature expired, was asked for the stamp."""
@@ -361,6 +363,7 @@ def test_a_stac_item_whose_hrefs_are_signed_anew_is_not_redone(make_raster, make
     assert unsigned("/data/what?sig=1.tif") == "/data/what?sig=1.tif"  # a local file's "?" is its name's
 
 
+@pytest.mark.slow  # 31 s in a loaded default run (2026-12-07)
 def test_credentials_in_urls_are_left_out_of_errors_logs_and_the_report(make_raster, make_model, tmp_path, client):
     """A reviewer's fault sweep: the success line left out a signature, but an error line printed it whole (and a
     URL's password), as did GDAL's warning above it and the report's error and input columns."""
@@ -546,6 +549,7 @@ def test_abort_stops_at_the_first_failure_and_reports_what_did_not_run(scene_wor
     assert json.loads((job.path / "status.json").read_text())["state"] == "failed"
 
 
+@pytest.mark.slow  # 16 s in a loaded default run (2026-12-07)
 def test_the_command_prints_each_inputs_line_as_it_finishes(scene_workflow, write_workflow, tmp_path, client):
     """``tilemask run`` printed its inputs' lines only once the whole run had returned: a batch stopped by a
     failure (or Ctrl-C) listed none of the inputs it had finished. Now those done before come first, then each
@@ -786,6 +790,7 @@ def killed_past_file_size(workflow, limit: int, cwd) -> None:
     assert killed.returncode == -signal.SIGXFSZ, killed.stderr
 
 
+@pytest.mark.slow  # 13 s in a loaded default run (2026-12-07)
 def test_a_run_refused_before_any_work_leaves_no_job(make_raster, make_model, write_workflow, tmp_path, tilemask_home):
     """A run refused before any work (exit 2) kept the job folder it had made, and ``tilemask jobs`` listed a job
     that never ran (``failed, 0 of 1 items ok``); the folders made for it go too, the user's own stay."""
@@ -821,6 +826,7 @@ def test_a_run_refused_before_any_work_leaves_no_job(make_raster, make_model, wr
     assert not any((tilemask_home / "jobs").iterdir())
 
 
+@pytest.mark.slow  # 21 s in a loaded default run (2026-12-07)
 def test_a_run_killed_while_it_writes_the_jobs_record_is_taken_up_by_the_next(make_raster, make_model,
                                                                              write_workflow, tmp_path):
     """The record was written ``workflow.yaml``, ``items.jsonl``, then ``job.json``: a run killed between them left a

@@ -20,6 +20,7 @@ from tilemask.sources.dicom import DicomSeriesSource
     ("cut deflated", "cannot read DICOM: its deflated data do not inflate (cut short or damaged): Error -5 while "
                      "decompressing data: incomplete or truncated stream"),
 ])  # fmt: skip
+@pytest.mark.slow  # 13 s in a loaded default run (2026-12-07)
 def test_a_slice_without_its_pixels_is_refused_when_the_series_is_opened(damage, what, make_model, tmp_path):
     """A slice whose PixelData was deleted, left empty or cut short (a copy that stopped) was planned from its
     header, then failed on a worker, exit 1, with pydicom's "AttributeError: The dataset has no 'Pixel Data', ...

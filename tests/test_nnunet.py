@@ -225,6 +225,7 @@ def nnunet_steps(path: str | list[str], plans: dict, net: torch.nn.Module,
     return probabilities.argmax(0), top[-1] - top[-2]
 
 
+@pytest.mark.slow  # 26 s in a loaded default run (2026-12-07)
 def test_results_folder_runs_as_nnunet_predicts(tmp_path, client):
     """plans.json's network, patch, spacing, CTNormalization and transpose, dataset.json's classes and channels and
     fold 0's checkpoint give nnU-Net's labels on a real scan, voxel for voxel (but for float ties), mirrored by
@@ -267,6 +268,7 @@ MASKED_ZSCORE = _set("configurations/3d_fullres/normalization_schemes", ["ZScore
     "configurations/3d_fullres/use_mask_for_norm", [True])  # fmt: skip
 
 
+@pytest.mark.slow  # 14 s in a loaded default run (2026-12-07)
 @pytest.mark.parametrize("edits", [(), MASKED_ZSCORE], ids=["CTNormalization", "ZScoreNormalization in the mask"])
 def test_a_scan_with_a_border_of_zeros_is_cropped_as_nnunet_crops_it(tmp_path, client, edits):
     """nnU-Net predicts only the box of a case's nonzero voxels (its windows, its resampling and its z-score that
@@ -295,6 +297,7 @@ def test_a_scan_with_a_border_of_zeros_is_cropped_as_nnunet_crops_it(tmp_path, c
     assert (whole != theirs).sum() > 1000  # the crop moves the windows and clears the border: the test can fail
 
 
+@pytest.mark.slow  # 16 s in a loaded default run (2026-12-07)
 def test_a_z_score_within_the_mask_of_several_channels_is_nnunet_s(tmp_path, client):
     """With ``use_mask_for_norm``, nnU-Net z-scores each channel over one mask, the voxels nonzero in some channel
     (``crop_to_nonzero``'s): a voxel 0 in one channel and not in the other is normalized in both.  Two channels

@@ -232,6 +232,7 @@ def test_an_input_whose_overviews_are_cut_short_fails_the_quick_look_in_gdals_wo
     assert not (tmp_path / "look.png").exists()
 
 
+@pytest.mark.slow  # 49 s in a loaded default run (2026-12-07)
 def test_a_run_whose_quick_look_fails_warns_and_keeps_its_labels_as_the_item_ok(make_model, write_workflow, tmp_path):
     """A scene whose overviews are cut short (the run reads its pixels whole): its labels COG was published, and the
     item recorded failed for the quick look (exit 1) though the labels stood as finished; ``--retry-failed`` redid

@@ -1000,6 +1000,7 @@ def test_a_web_server_gone_mid_run_is_unreachable_not_a_missing_nifti(make_volum
         open_source(f"{base}/scan.nii.gz", spatial_dims=3)
 
 
+@pytest.mark.slow  # 16 s in a loaded default run (2026-12-07)
 def test_a_web_server_that_stalls_fails_a_nifti_within_gdal_http_timeout(make_volume, make_model, tmp_path,
                                                                          monkeypatch):
     """A fault sweep: a NIfTI over HTTP whose server accepts connections and never answers failed after twice
@@ -1250,6 +1251,7 @@ def test_a_vrt_whose_remote_source_is_not_there_is_refused_when_opened(make_rast
         server.shutdown()
 
 
+@pytest.mark.slow  # 33 s in a loaded default run (2026-12-07)
 @pytest.mark.timeout(90)
 def test_a_zarr_volume_whose_chunk_does_not_decompress_names_its_region_as_rasters_do(make_model, tmp_path):
     """A fault sweep: a Zarr volume's damaged chunk failed the run as ``read failed at ((0, 32), (0, 32), (0, 32))``,

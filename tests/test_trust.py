@@ -121,6 +121,7 @@ def big_run(make_raster, make_model, write_workflow, tmp_path):
 # -- data loss ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 19 s in a loaded default run (2026-12-07)
 def test_output_equal_to_input_is_refused_and_the_input_kept(make_raster, make_model, write_workflow, tmp_path):
     path, data = make_raster(name="scene.tif")
     weights, _ = make_model()
@@ -144,6 +145,7 @@ def test_zarr_input_inside_the_output_is_refused(make_model, write_workflow, tmp
     np.testing.assert_array_equal(zarr.open_array(str(image), mode="r").shape, (3, 64, 80))
 
 
+@pytest.mark.slow  # 15 s in a loaded default run (2026-12-07)
 def test_existing_output_needs_overwrite_and_foreign_folders_are_never_replaced(
     make_raster, make_model, write_workflow, tmp_path, client
 ):
@@ -267,6 +269,7 @@ def test_readers_refuse_an_unfinished_zarr(make_raster, make_model, tmp_path, cl
         pytest.param(signal.SIGINT, "assembly", marks=pytest.mark.slow),
     ],
 )
+@pytest.mark.slow  # 17 s in a loaded default run (2026-12-07)
 def test_interrupts_exit_130_leave_nothing_and_print_one_line(big_run, tmp_path, sig, when):
     wf = big_run()
     proc = start(["run", wf, "--quiet"], tmp_path)
@@ -869,6 +872,7 @@ def test_workers_of_other_package_versions_are_one_warning_line(make_raster, mak
                 process.kill()
 
 
+@pytest.mark.slow  # 17 s in a loaded default run (2026-12-07)
 @pytest.mark.timeout(180)
 def test_a_worker_of_another_tilemask_release_is_one_warning_line(make_raster, make_model, write_workflow, tmp_path):
     """A first-contact review: a worker whose environment held another release of tilemask (0.0.9 here, as its
@@ -1229,6 +1233,7 @@ def test_gdals_vector_write_error_names_the_output_not_its_hidden_staged_file(tm
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # 34 s in a loaded default run (2026-12-07)
 @pytest.mark.timeout(120)
 def test_a_runs_statistics_geopackage_onto_a_full_disk_is_one_line_not_gdals_errors(tmp_path, tmpfs):
     """A fault review's: a workflow's ``stats:`` GeoPackage onto a disk with 56 kB free printed six of GDAL's own

@@ -139,6 +139,7 @@ def test_map_says_nothing_of_tiles_outside_the_output_and_a_click_there_says_out
     page.close()
 
 
+@pytest.mark.slow  # 21 s in a loaded default run (2026-12-07)
 def test_map_of_one_output_is_zoomed_to_it_not_to_every_layer(browser, served_folder, tmp_path):
     """``/map?output=X`` (the index's link for X) fitted the view to X and to every polygons file in the folder:
     with a layer on another continent, X was a speck. Polygons are still drawn; the view is X's."""

@@ -125,6 +125,7 @@ def _held_deleted(pid: int, name: str) -> int:
     return held
 
 
+@pytest.mark.slow  # 22 s in a loaded default run (2026-12-07)
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc")
 @pytest.mark.timeout(90)
 def test_a_removed_output_is_not_held_open_by_the_server(tmp_path):
@@ -181,6 +182,7 @@ def _peak_rss_growth(pid: int, ask) -> int:
     return peak - before
 
 
+@pytest.mark.slow  # 20 s in a loaded default run (2026-12-07)
 @pytest.mark.timeout(120)
 def test_a_volume_asked_by_many_viewers_at_once_is_strided_once(tmp_path):
     """/view gives NiiVue a strided copy of a volume too large for a texture, made on the first request and kept;

@@ -42,6 +42,7 @@ def get(url: str, **kw) -> httpx.Response:
     return httpx.get(url, timeout=30, **kw)
 
 
+@pytest.mark.slow  # 39 s in a loaded default run (2026-12-07)
 def test_a_file_the_client_has_is_not_sent_again(server):
     """``/files`` gave an ETag and a Last-Modified but answered 200 with the whole file to a client that held it
     (If-None-Match, If-Modified-Since), as QGIS and browsers ask; now 304, as Starlette's static files do."""
@@ -702,6 +703,7 @@ def test_cylindrical_maps_go_on_past_180_degrees(tmp_path):
             assert -179.2 < parts[1].bounds[0] < -179 and parts[1].bounds[2] < -178, name
 
 
+@pytest.mark.slow  # 18 s in a loaded default run (2026-12-07)
 def test_a_polar_polygon_the_antimeridian_cut_fails_on_is_served_not_a_500(tmp_path, client):
     """The demo's labels placed over the North Pole (EPSG:3413, a reviewer's recipe): the land polygon round the
     pole holds a hole the ``antimeridian`` package cannot put back in a piece, an ``AssertionError``; every page

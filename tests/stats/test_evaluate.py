@@ -98,6 +98,7 @@ def test_cli_writes_json_and_rejects_other_grid(pair, tmp_path):
     assert pred_path.read_bytes() == before and not (tmp_path / "scores.txt").exists()
 
 
+@pytest.mark.slow  # 11 s in a loaded default run (2026-12-07)
 def test_the_table_piped_to_a_file_or_a_ci_log_is_whole(pair, tmp_path):
     """Piped (``| tee``, a CI log), the table was cut to 80 columns: "│ cla… │ 0.7… │ 0.5… │", every score lost.
     It is printed at its own width there; the scores shown are those of the JSON."""

@@ -24,6 +24,7 @@ from .conftest import blobs, write_nifti, write_raster
 from .test_zonal import random_regions
 
 
+@pytest.mark.slow  # 17 s in a loaded default run (2026-12-07)
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("command", ["stats", "evaluate"])
 def test_a_cluster_without_a_worker_fails_stats_and_evaluate_in_one_line(tmp_path, shade_labels, command):
@@ -267,6 +268,7 @@ def test_scaled_labels_are_refused_in_one_line(tmp_path, shade_labels):
     assert not (tmp_path / "s.csv").exists() and not (tmp_path / "v.csv").exists()
 
 
+@pytest.mark.slow  # 35 s in a loaded default run (2026-12-07)
 @pytest.mark.timeout(120)
 def test_float_labels_of_whole_numbers_count_as_rasterstats_counts_them(tmp_path):
     """QGIS's Rasterize writes Float32 by default, and rasterstats counts such a raster's values: tilemask refused it
@@ -421,6 +423,7 @@ def test_a_scan_given_as_labels_is_warned_of(tmp_path):
         assert len(table) == (len(values) if warned else 2)
 
 
+@pytest.mark.slow  # 16 s in a loaded default run (2026-12-07)
 @pytest.mark.timeout(60)
 def test_a_minc_volume_is_refused_in_one_line(tmp_path, make_model, write_workflow):
     """nibabel's MINC test volumes are refused as labels and as an input in one line naming the file, exit 2, as

@@ -192,6 +192,7 @@ def test_cli_fraction_lines_refused(tmp_path, shade_labels):
     assert not out.exists()
 
 
+@pytest.mark.slow  # 14 s in a loaded default run (2026-12-07)
 @pytest.mark.timeout(2 * RUN_TIMEOUT + 60)
 @pytest.mark.parametrize("coverage", ["center", "fraction"])
 def test_a_region_with_a_vertex_that_is_not_a_number_is_refused_before_any_cluster(tmp_path, shade_labels, coverage):
