@@ -17,7 +17,7 @@ import rasterio
 import yaml
 import zarr
 
-from tests.conftest import GEO, UNET_3D, band_vrt, run_cli
+from tests.conftest import GEO, UNET_3D, band_vrt, raster_workflow, run_cli
 from tests.range_server import serve
 from tilemask.errors import InputError, ReadError
 from tilemask.sources import cached_handle, file_stamp, open_source
@@ -1355,3 +1355,23 @@ def test_a_server_that_stalls_after_its_headers_is_said_to_stall(make_raster, tm
     finally:
         answering.shutdown()
     assert "not recognized as being in a supported file format" in str(refused.value), str(refused.value)
+
+
+@pytest.mark.timeout(120)
+def test_a_space_left_raw_in_a_url_is_named_with_its_fix(make_raster, make_model, write_workflow, tmp_path):
+    """An input URL with a raw space (``http://host/with space.tif``, as the file is named on the server) was
+    refused with CURL's "URL rejected: Malformed input to a URL function", after GDAL's warning of the request's
+    "HTTP response code ...: 0" (the filter of those lines did not match a URL with a space): one line, saying a
+    space is written %20."""
+    path, _ = make_raster(name="with space.tif")
+    weights, _ = make_model()
+    server = serve(str(path.parent))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/with space.tif"
+        proc = run_cli("run", write_workflow(raster_workflow(url, weights)), cwd=tmp_path, timeout=100)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (f"tilemask: error: {url}: cannot open raster: CURL error: URL rejected: Malformed input to "
+                           "a URL function (a space in a URL is written %20)\n")  # fmt: skip

@@ -107,7 +107,7 @@ def errors_only() -> bool:
 
 # a request that got no answer (code 0), or a refusal (4xx but 429: a key refused, an object not there) that GDAL
 # does not retry: the open or read then fails, and tilemask's one line names why
-_NO_ANSWER = re.compile(r"HTTP response code on \S+: (0|4(?!29)\d\d)$")
+_NO_ANSWER = re.compile(r"HTTP response code on .+: (0|4(?!29)\d\d)$")  # a URL may hold a raw space
 
 
 def scheduler_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

@@ -206,6 +206,8 @@ class RasterSource(ImageSource):
             if url and url.startswith("s3://") and detail.rstrip(".") == "Access Denied" and (
                     os.environ.get("AWS_REQUEST_PAYER", "").lower() != "requester"):  # fmt: skip
                 detail += " (a requester-pays bucket's objects need AWS_REQUEST_PAYER=requester)"
+            if url and " " in url and "Malformed input" in detail:  # CURL's: it sends no raw space
+                detail += " (a space in a URL is written %20)"
             raise InputError(f"{path}: cannot open raster: {detail}") from None
         if off_grid:
             raise InputError(off_grid)
