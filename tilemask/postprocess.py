@@ -134,6 +134,9 @@ def apply(
     """
     if hasattr(labels, "dims") and hasattr(labels, "attrs"):  # an xarray DataArray (open_result's)
         nodata = labels.attrs.get("_FillValue") if nodata is None else nodata
+        if spacing is None and geometry is None:  # its grid: sizes in m2 / mL and radii in m / mm need it
+            geometry = _geometry_of(labels)
+            spacing = spacing_of(geometry) if geometry is not None else None
         return labels.copy(data=apply(da.asarray(labels.data), config, nodata, client, spacing, geometry))
     if isinstance(config, dict):
         config = _config_of(config)
@@ -160,6 +163,19 @@ def apply(
         if any(radii["closing"]):
             labels = _persist(closing(labels, value, radii["closing"]), client)
     return labels
+
+
+def _geometry_of(array):
+    """The grid of a DataArray :func:`tilemask.open_result` gives: a volume's ``affine`` attribute, a raster's CRS
+    and transform (rioxarray's); None without either."""
+    from .geometry import RasterGeometry, VolumeGeometry
+
+    if "affine" in array.attrs:
+        return VolumeGeometry(tuple(tuple(float(v) for v in row) for row in array.attrs["affine"]))
+    if array.ndim != 2 or "spatial_ref" not in array.coords:
+        return None
+    crs = array.rio.crs
+    return RasterGeometry(crs.to_wkt() if crs is not None else None, tuple(array.rio.transform().to_gdal()))
 
 
 def _persist(labels: da.Array, client) -> da.Array:

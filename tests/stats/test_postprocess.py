@@ -237,3 +237,39 @@ def test_sizes_in_m2_and_m_on_a_raster_in_feet():
                       spacing=spacing_of(geometry), geometry=geometry).compute()  # fmt: skip
     np.testing.assert_array_equal(by_metres, by_pixels)
     assert by_pixels.sum() < data.sum()
+
+
+@pytest.mark.timeout(120)
+def test_physical_units_on_open_result_reads_take_their_grid(tmp_path):
+    """``apply(open_result(path), {"remove_small": "1 ha"})``: the DataArray carries its grid (a COG's CRS and
+    transform, a NIfTI's affine), which sizes in m2 / mL and radii in m / mm need. They were refused as "needs the
+    size of a pixel/voxel, which this image lacks (a raster in a geographic CRS?)" for a UTM raster of 10 m pixels
+    and a scan of 2 x 1 x 0.5 mm voxels."""
+    import nibabel as nib
+    import rasterio
+
+    import tilemask
+
+    data = np.zeros((20, 30), np.uint8)
+    data[1, :20] = data[5, :23] = data[9:12, :3] = 1  # 20, 23 and 9 pixels
+    path = tmp_path / "labels.tif"
+    with rasterio.open(path, "w", driver="GTiff", height=20, width=30, count=1, dtype="uint8", nodata=255,
+                       crs="EPSG:32633", transform=Affine(10, 0, 500000, 0, -10, 6000000)) as dst:  # fmt: skip
+        dst.write(data, 1)
+    opened = tilemask.open_result(path)
+    got = apply(opened, {"remove_small": f"{21.5 * 100} m2"})
+    np.testing.assert_array_equal(got.values, _without_components_below(data, 21.5))
+    by_pixels = apply(da.from_array(data, chunks=10), {"opening": 2}).compute()
+    np.testing.assert_array_equal(apply(opened, {"opening": "20.5 m"}).values, by_pixels)
+    assert by_pixels.sum() < data.sum()
+
+    volume = np.zeros((12, 10, 8), np.uint8)
+    volume[1, 1, :5] = volume[5, 2:8, 1] = volume[9:11, 4:7, 2:4] = 1  # 5, 6 and 12 voxels
+    path = tmp_path / "labels.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.diag([2.0, 1.0, 0.5, 1.0])), path)  # 1 mm3 voxels
+    got = apply(tilemask.open_result(path), {"remove_small": "5.5 mm3"})
+    expected = volume.copy()
+    expected[1, 1, :5] = 0
+    np.testing.assert_array_equal(got.values, expected)
+    with pytest.raises(Exception, match="not a unit of a volume"):
+        apply(tilemask.open_result(path), {"remove_small": "1 m2"})
