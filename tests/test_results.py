@@ -650,3 +650,32 @@ def test_a_label_image_of_the_users_named_like_probabilities_opens_as_labels(tmp
                            transform=Affine(1, 0, 0, 0, -1, 20)) as ds:  # fmt: skip
             ds.write(labels, 1)
     np.testing.assert_array_equal(open_result(str(tmp_path / "own_probabilities.tif")).values, labels)
+
+
+@pytest.mark.timeout(120)
+def test_a_zarr_output_opens_in_xarray_with_the_dimensions_open_result_names(outputs, tmp_path):
+    """``xr.open_zarr(out.zarr)``, what an xarray user tries first on a Zarr v3 group, was a KeyError ("Zarr object
+    is missing the `dimension_names` metadata which is required for xarray to determine variable dimensions"): the
+    arrays now name their axes as ``open_result`` does, (y, x) and (class, y, x), or (i, j, k) for a volume."""
+    from tilemask.geometry import VolumeGeometry
+
+    paths, labels, probabilities, _ = outputs
+    opened = xr.open_zarr(paths[".zarr"])
+    assert opened["labels"].dims == ("y", "x") and opened["probabilities"].dims == ("class", "y", "x")
+    np.testing.assert_array_equal(opened["labels"].values, labels)  # class 0 kept: the fill value masks nothing
+    np.testing.assert_array_equal(opened["probabilities"].values, probabilities)
+    assert open_result(paths[".zarr"]).dims == opened["labels"].dims
+
+    volume = np.random.default_rng(2).integers(0, 3, size=(20, 18, 12)).astype(np.uint8)
+    affine = tuple(tuple(r) for r in np.diag([0.8, 0.8, 2.5, 1.0]).tolist())
+    layout = OutputLayout(volume.shape, (20, 18, 12), CLASSES, "uint8", 3, "float32", VolumeGeometry(affine),
+                          str(tmp_path / "scan.nii.gz"), 255)  # fmt: skip
+    path = str(tmp_path / "labels.zarr")
+    sink = make_sink(path, layout)
+    sink.create()
+    sink.write(((0, 20), (0, 18), (0, 12)), volume, np.ones((3, 20, 18, 12), np.float32) / 3)
+    sink.commit()
+    opened = xr.open_zarr(path)
+    assert opened["labels"].dims == ("i", "j", "k") and opened["probabilities"].dims == ("class", "i", "j", "k")
+    np.testing.assert_array_equal(opened["labels"].values, volume)
+    assert open_result(path, "probabilities").dims == opened["probabilities"].dims

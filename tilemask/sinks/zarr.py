@@ -29,6 +29,17 @@ from . import LabelSink, OutputLayout, storing_every_chunk
 logger = logging.getLogger(__name__)
 
 
+def dimension_names(layout: OutputLayout) -> tuple[str, ...] | None:
+    """The axes' names ``tilemask.open_result`` gives (``xr.open_zarr`` needs them): (y, x) for a raster, (i, j, k)
+    for a volume; the probabilities' ``class`` first."""
+    from ..geometry import RasterGeometry
+
+    ndim = len(layout.shape)
+    if isinstance(layout.geometry, RasterGeometry):
+        return ("y", "x") if ndim == 2 else None
+    return ("i", "j", "k")[:ndim] if ndim <= 3 else None
+
+
 @dataclass(frozen=True)
 class ZarrSink(LabelSink):
     path: str
@@ -43,7 +54,9 @@ class ZarrSink(LabelSink):
     def create(self) -> None:
         layout = self.layout
         group = zarr.open_group(self.staged, mode="w", zarr_format=3, **zarr_options(self.staged))
-        group.create_array("labels", shape=layout.shape, chunks=layout.chunks, dtype=layout.labels_dtype, fill_value=0)
+        names = dimension_names(layout)
+        group.create_array("labels", shape=layout.shape, chunks=layout.chunks, dtype=layout.labels_dtype, fill_value=0,
+                           dimension_names=names)  # fmt: skip
         if layout.writes_probabilities:
             group.create_array(
                 "probabilities",
@@ -51,6 +64,7 @@ class ZarrSink(LabelSink):
                 chunks=(layout.probability_channels, *layout.chunks),
                 dtype=layout.probabilities_dtype,
                 fill_value=0,
+                dimension_names=None if names is None else ("class", *names),
             )
         group.attrs.update(
             {"tilemask": {**layout.metadata, "classes": list(layout.class_names), "nodata": layout.nodata,
