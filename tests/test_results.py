@@ -663,7 +663,7 @@ def test_a_zarr_output_opens_in_xarray_with_the_dimensions_open_result_names(out
     opened = xr.open_zarr(paths[".zarr"])
     assert opened["labels"].dims == ("y", "x") and opened["probabilities"].dims == ("class", "y", "x")
     np.testing.assert_array_equal(opened["labels"].values, labels)  # class 0 kept: the fill value masks nothing
-    np.testing.assert_array_equal(opened["probabilities"].values, probabilities)
+    np.testing.assert_allclose(opened["probabilities"].values, probabilities / 255, rtol=1e-6)  # their scale
     assert open_result(paths[".zarr"]).dims == opened["labels"].dims
 
     volume = np.random.default_rng(2).integers(0, 3, size=(20, 18, 12)).astype(np.uint8)
@@ -679,3 +679,16 @@ def test_a_zarr_output_opens_in_xarray_with_the_dimensions_open_result_names(out
     assert opened["labels"].dims == ("i", "j", "k") and opened["probabilities"].dims == ("class", "i", "j", "k")
     np.testing.assert_array_equal(opened["labels"].values, volume)
     assert open_result(path, "probabilities").dims == opened["probabilities"].dims
+
+
+@pytest.mark.timeout(120)
+def test_zarr_uint8_probabilities_say_their_scale_to_xarray(outputs):
+    """uint8 probabilities are ``round(p * 255)``: ``xr.open_zarr`` gave them as 0-255 with no word of it (``p > 0.5``
+    held wherever p was 1/255 or more), where the COG's band scale and ``open_result`` say 1/255. The array carries
+    CF's ``scale_factor`` and ``add_offset`` now, which xarray decodes to 0-1."""
+    paths, _, probabilities, _ = outputs
+    decoded = xr.open_zarr(paths[".zarr"])["probabilities"]
+    np.testing.assert_allclose(decoded.values, probabilities / 255, rtol=1e-6)
+    raw = xr.open_zarr(paths[".zarr"], mask_and_scale=False)["probabilities"]
+    assert raw.dtype == np.uint8 and (raw.attrs["scale_factor"], raw.attrs["add_offset"]) == (1 / 255, 0.0)
+    np.testing.assert_array_equal(open_result(paths[".zarr"], "probabilities").values, probabilities)  # as stored

@@ -65,6 +65,8 @@ class ZarrSink(LabelSink):
                 dtype=layout.probabilities_dtype,
                 fill_value=0,
                 dimension_names=None if names is None else ("class", *names),
+                # round(p * 255), said as CF says it (xarray decodes it to 0-1), as a COG's band scale says it
+                attributes={"scale_factor": 1 / 255, "add_offset": 0.0} if layout.probabilities_dtype == "uint8" else {},
             )
         group.attrs.update(
             {"tilemask": {**layout.metadata, "classes": list(layout.class_names), "nodata": layout.nodata,
