@@ -8,7 +8,8 @@ in ascending order, steps in this order:
    :func:`tilemask.stats.components.label`, exact).
 2. ``keep_largest``: every component of ``labels == c`` but the largest
    becomes 0 (MONAI's ``KeepLargestConnectedComponent(independent=True)``; of
-   equal largest ones, the one whose first pixel comes first in C order stays).
+   equal largest ones, the one whose first pixel comes first in C order stays, whatever the chunking: MONAI
+   keeps the one numpy's unstable ``argsort`` puts last, the later of two equal squares with numpy 2.4).
 3. ``fill_holes``: MONAI's ``FillHoles`` rule: pixels not reachable from outside
    the image through pixels other than ``c`` become ``c``, except ``nodata``
    pixels, which stay nodata.  "Reachable" is a component of ``labels != c``
@@ -203,8 +204,9 @@ def keep_largest(labels: da.Array, value: int, connectivity: str = "face", clien
     if components.count <= 1:
         return labels
     sizes = components.moments["count"].to_numpy()
-    # ids follow the first voxel in C order (scipy's and skimage's numbering), so argmax takes the first of equals,
-    # as MONAI's get_largest_connected_component_mask does
+    # ids follow the first voxel in C order (scipy's and skimage's numbering), so argmax takes the first of equals;
+    # MONAI's get_largest_connected_component_mask takes argsort(counts)[::-1][0], which numpy does not promise
+    # stable: of two equal components it kept the later one (MONAI 1.6.1, numpy 2.4)
     drop = np.ones(components.count + 1, dtype=bool)
     drop[0] = False
     drop[int(np.argmax(sizes)) + 1] = False

@@ -273,3 +273,17 @@ def test_physical_units_on_open_result_reads_take_their_grid(tmp_path):
     np.testing.assert_array_equal(got.values, expected)
     with pytest.raises(Exception, match="not a unit of a volume"):
         apply(tilemask.open_result(path), {"remove_small": "1 m2"})
+
+
+@pytest.mark.timeout(120)
+def test_keep_largest_keeps_the_first_of_equal_components_whatever_the_chunking():
+    """Of equal largest components the one whose first pixel comes first in C order stays, for every chunking (the
+    docs said MONAI does the same; MONAI 1.6.1 kept the later of two equal squares: numpy's argsort is unstable)."""
+    for shape in ((20, 20), (4, 20, 20)):
+        data = np.zeros(shape, np.uint8)
+        data[..., 8:11, 2:5] = data[..., 2:5, 8:11] = data[..., 14:17, 14:17] = 1  # the second one comes first
+        expected = np.zeros_like(data)
+        expected[..., 2:5, 8:11] = 1
+        for chunks in (shape, 7, 3):
+            got = apply(da.from_array(data, chunks=chunks), PostprocessConfig(keep_largest=True)).compute()
+            np.testing.assert_array_equal(got, expected)
