@@ -128,8 +128,8 @@ def apply(
 
     ``labels``: a dask array, whose ``nodata`` value stays as it is (given: it was a class like the others), or the
     DataArray :func:`tilemask.open_result` gives, whose ``_FillValue`` is its nodata, returned as a DataArray too.
-    ``spacing`` (from :func:`spacing_of` of ``geometry``) turns physical sizes
-    and radii into pixels/voxels. Removing small components, keeping the largest and filling
+    ``spacing`` (:func:`spacing_of` of ``geometry`` when left out; a DataArray's own grid when both are) turns
+    physical sizes and radii into pixels/voxels. Removing small components, keeping the largest and filling
     holes need the components first: they are computed (on ``client`` when
     given) before this returns.
     """
@@ -143,6 +143,8 @@ def apply(
         config = _config_of(config)
     if not config.active:
         return labels
+    if spacing is None and geometry is not None:  # the geometry alone holds the pixel size
+        spacing = spacing_of(geometry)
     try:
         config.check_units(volume=labels.ndim == 3)
         min_size = config.min_size(cell_size(spacing, geometry) if spacing else None)

@@ -287,3 +287,14 @@ def test_keep_largest_keeps_the_first_of_equal_components_whatever_the_chunking(
         for chunks in (shape, 7, 3):
             got = apply(da.from_array(data, chunks=chunks), PostprocessConfig(keep_largest=True)).compute()
             np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.timeout(120)
+def test_a_geometry_alone_gives_the_pixel_size():
+    """``apply(labels, config, geometry=g)`` (no ``spacing``): sizes in m2 were refused as "needs the size of a
+    pixel/voxel, which this image lacks", the geometry that holds it given."""
+    geometry = RasterGeometry(CRS.from_epsg(32633).to_wkt(), Affine(10.0, 0, 500000, 0, -10.0, 6e6).to_gdal())
+    data = np.zeros((20, 30), np.uint8)
+    data[1, :20] = data[5, :23] = data[9:12, :3] = 1  # 20, 23 and 9 pixels
+    got = apply(da.from_array(data, chunks=10), {"remove_small": "2150 m2"}, geometry=geometry).compute()
+    np.testing.assert_array_equal(got, _without_components_below(data, 21.5))
