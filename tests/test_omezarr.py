@@ -321,6 +321,42 @@ def test_a_levels_mode_holds_a_few_times_its_block_whatever_the_number_of_classe
     assert peak < 16 * labels.nbytes, f"{peak / labels.nbytes:.0f} times the block"
 
 
+@pytest.mark.timeout(120)
+def test_a_thin_volumes_levels_reach_the_smallest_size_halving_only_its_axes_of_more_than_one_voxel(tmp_path, client):
+    """Levels stopped at the first whose shortest axis was one voxel: a slab of two 3 mm slices of 600 x 520 voxels
+    had one coarser level, 300 x 260 x 1, over the 256 the levels go down to (a single slice: none at all)."""
+    data = (np.random.default_rng(3).random((600, 520, 2)) * 1000).astype(np.int16)
+    nib.save(nib.Nifti1Image(data, np.diag([0.5, 0.5, 3.0, 1.0])), tmp_path / "slab.nii.gz")
+    import torch
+
+    args = {"in_channels": 1, "out_channels": 3, "kernel_size": 1}
+    torch.manual_seed(0)
+    torch.save(torch.nn.Conv3d(**args).state_dict(), tmp_path / "weights.pt")
+    workflow = {
+        "version": 1, "input": str(tmp_path / "slab.nii.gz"),
+        "model": {"network": "torch.nn:Conv3d", "args": args, "weights": str(tmp_path / "weights.pt")},
+        "preprocess": {"normalize": {"mean": [500.0], "std": [300.0]}},
+        "inference": {"roi_size": [256, 256, 2], "device": "cpu"},
+        "output": {"path": "out/{stem}.ome.zarr", "chunks": 256, "probabilities": "float32"},
+    }  # fmt: skip
+    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    root = zarr.open_group(result.outputs[0], mode="r")
+    Image.from_zarr(root)
+    multiscale = labels_multiscale(root)
+    levels = [np.asarray(root["labels/labels"][d["path"]]) for d in multiscale["datasets"]]
+    assert [level.shape for level in levels] == [(600, 520, 2), (300, 260, 1), (150, 130, 1)]
+    assert [root[str(n)].shape for n in range(3)] == [(3, 600, 520, 2), (3, 300, 260, 1), (3, 150, 130, 1)]
+    transforms = [d["coordinateTransformations"] for d in multiscale["datasets"]]
+    assert [t[0]["scale"] for t in transforms] == [[0.5, 0.5, 3.0], [1.0, 1.0, 6.0], [2.0, 2.0, 6.0]]
+    # the centre of each level's first cell: 2 x 2 x 2 level-0 voxels, then 4 x 4 x 2
+    assert [t[1]["translation"] for t in transforms] == [[0.0, 0.0, 0.0], [0.25, 0.25, 1.5], [0.75, 0.75, 1.5]]
+    np.testing.assert_array_equal(levels[1], mode_of_cells_nd(levels[0]))
+    np.testing.assert_array_equal(levels[2][..., 0], mode_of_cells(levels[1][..., 0]))
+    probabilities = [np.asarray(root[str(n)]) for n in range(3)]
+    np.testing.assert_allclose(probabilities[2][..., 0], probabilities[1][..., 0].reshape(3, 150, 2, 130, 2).mean(
+        axis=(2, 4)), rtol=1e-6)  # fmt: skip
+
+
 @pytest.mark.timeout(30)
 def test_an_ome_zarr_volume_with_a_scale_of_0_is_refused_for_its_affine(tmp_path):
     """A scale of 0 puts every voxel of an axis at one place: a singular affine, refused when the input is opened."""

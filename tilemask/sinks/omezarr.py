@@ -10,8 +10,8 @@ and ``ome-zarr``'s reader open::
     labels/labels/0/, 1/, ...
 
 Level 0 is written chunk by chunk by the workers, as the plain Zarr output is;
-the coarser levels (each half the size of the one before, until the longest
-axis is at most :data:`SMALLEST`) are made when the run finishes, a chunk at a
+the coarser levels (each half the size of the one before, an axis of one pixel/voxel kept, until the
+longest axis is at most :data:`SMALLEST`) are made when the run finishes, a chunk at a
 time: labels by the mode of each 2 x 2 (x 2) block (ties to the smallest
 value), probabilities by the mean; then, once every level holds its data, the
 OME-Zarr metadata (a run cut short leaves a plain Zarr group). Each level's ``scale`` is the pixel/voxel
@@ -45,18 +45,32 @@ SMALLEST = 256  # the coarsest level's longest axis is at most this
 
 
 def level_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Spatial shape of every level: level 0, then halved (rounded up) until the longest axis <= SMALLEST."""
+    """Spatial shape of every level: level 0, then each axis of more than one pixel/voxel halved (rounded up) until
+    the longest axis <= SMALLEST.  An axis of one (a single slice) stays one: the levels stopped there, a slab of
+    two slices at a first level of 300 x 260 x 1, a single slice at level 0 alone."""
     shapes = [tuple(shape)]
-    while max(shapes[-1]) > SMALLEST and min(shapes[-1]) > 1:
+    while max(shapes[-1]) > SMALLEST:
         shapes.append(tuple(math.ceil(s / 2) for s in shapes[-1]))
     return shapes
 
 
-def level_translation(spacing: list[float], origin: list[float] | None, level: int) -> list[float]:
-    """Where the centre of a level's first pixel/voxel is: that level's cell bins the ``2**level`` first ones of
-    level 0 along each axis, so its centre lies ``(2**level - 1) / 2`` of level 0's spacing past theirs (``origin``,
+def level_steps(shape: tuple[int, ...], level: int) -> tuple[int, ...]:
+    """How many cells of the level before one cell of ``level`` bins along each axis: 2, or 1 along an axis one
+    pixel/voxel long in the level before (level 0: 1)."""
+    before = level_shapes(shape)[level - 1] if level else (1,) * len(shape)
+    return tuple(2 if size > 1 else 1 for size in before)
+
+
+def level_factors(shape: tuple[int, ...], level: int) -> tuple[int, ...]:
+    """How many level-0 pixels/voxels one cell of ``level`` spans along each axis."""
+    return tuple(math.prod(f) for f in zip(*(level_steps(shape, n) for n in range(level + 1))))
+
+
+def level_translation(spacing: list[float], origin: list[float] | None, factors: tuple[int, ...]) -> list[float]:
+    """Where the centre of a level's first pixel/voxel is: that level's cell bins the ``factors`` first ones of
+    level 0 along each axis, so its centre lies ``(factor - 1) / 2`` of level 0's spacing past theirs (``origin``,
     0 where no origin is written), as ``ome-zarr``'s writer places its levels."""
-    return [o + s * (2**level - 1) / 2 for s, o in zip(spacing, origin or [0.0] * len(spacing))]
+    return [o + s * (f - 1) / 2 for s, o, f in zip(spacing, origin or [0.0] * len(spacing), factors)]
 
 
 def space_axes(layout: OutputLayout) -> tuple[tuple[str, ...], list[float], list[float] | None, str | None]:
@@ -98,18 +112,23 @@ def space_axes(layout: OutputLayout) -> tuple[tuple[str, ...], list[float], list
     return names, [s * per_mm for s in spacing], origin and [o * per_mm for o in origin], unit
 
 
-def mode_downsample(block: np.ndarray) -> np.ndarray:
-    """Each 2 x 2 (x 2) cell of ``block`` as its most frequent value (ties: the smallest); odd edges padded by
-    repeating the last row/column, so an edge cell votes only with real values.
+def cells_of(block: np.ndarray, steps: tuple[int, ...]) -> np.ndarray:
+    """``block`` as its cells of ``steps`` (2 or 1) along each axis, each cell's values along a last axis; odd edges
+    padded by repeating the last row/column, so an edge cell votes (or averages) only with real values."""
+    padded = np.pad(block, [(0, s % k) for s, k in zip(block.shape, steps)], mode="edge")
+    cells = padded.reshape(tuple(x for s, k in zip(padded.shape, steps) for x in (s // k, k)))
+    cells = cells.transpose(tuple(range(0, 2 * block.ndim, 2)) + tuple(range(1, 2 * block.ndim, 2)))
+    return cells.reshape(*cells.shape[: block.ndim], -1)
+
+
+def mode_downsample(block: np.ndarray, steps: tuple[int, ...] | None = None) -> np.ndarray:
+    """Each 2 x 2 (x 2) cell of ``block`` (``steps`` along each axis, 2 by default) as its most frequent value
+    (ties: the smallest); odd edges as :func:`cells_of` pads them.
 
     Counted on each cell's sorted values, one pass per place in a cell (4 or 8), so memory stays a few times the
     block's whatever the number of classes: a count per class present (``np.unique``) held 2 GB for 8 MB of labels
     of 118 classes."""
-    pad = [(0, s % 2) for s in block.shape]
-    padded = np.pad(block, pad, mode="edge")
-    cells = padded.reshape(tuple(x for s in padded.shape for x in (s // 2, 2)))
-    cells = cells.transpose(tuple(range(0, 2 * block.ndim, 2)) + tuple(range(1, 2 * block.ndim, 2)))
-    cells = np.sort(cells.reshape(*cells.shape[: block.ndim], -1), axis=-1)
+    cells = np.sort(cells_of(block, steps or (2,) * block.ndim), axis=-1)
     best, most = cells[..., 0].copy(), np.zeros(cells.shape[:-1], np.uint8)
     for place in range(cells.shape[-1]):  # ascending values: a later one wins only by being more frequent
         value = cells[..., place]
@@ -119,11 +138,13 @@ def mode_downsample(block: np.ndarray) -> np.ndarray:
     return best.astype(block.dtype, copy=False)
 
 
-def mean_downsample(block: np.ndarray) -> np.ndarray:
-    """Each 2 x 2 (x 2) cell of the spatial axes (``block`` is channel-first) as its mean."""
-    pad = [(0, 0)] + [(0, s % 2) for s in block.shape[1:]]
+def mean_downsample(block: np.ndarray, steps: tuple[int, ...] | None = None) -> np.ndarray:
+    """Each 2 x 2 (x 2) cell of the spatial axes (``block`` is channel-first; ``steps`` along each, 2 by default)
+    as its mean."""
+    steps = steps or (2,) * (block.ndim - 1)
+    pad = [(0, 0)] + [(0, s % k) for s, k in zip(block.shape[1:], steps)]
     padded = np.pad(block.astype(np.float32), pad, mode="edge")
-    shape = (padded.shape[0], *(x for s in padded.shape[1:] for x in (s // 2, 2)))
+    shape = (padded.shape[0], *(x for s, k in zip(padded.shape[1:], steps) for x in (s // k, k)))
     mean = padded.reshape(shape).mean(axis=tuple(range(2, len(shape), 2)))
     if np.issubdtype(block.dtype, np.integer):
         return np.rint(mean).astype(block.dtype)
@@ -167,6 +188,7 @@ class OmeZarrSink(LabelSink):
         """The ``ome`` attributes of the image (the root) and of the label image (``labels/labels``)."""
         layout = self.layout
         levels = len(level_shapes(layout.shape))
+        factors = [level_factors(layout.shape, level) for level in range(levels)]
         names, spacing, origin, unit = space_axes(layout)
         space = [{"name": n, "type": "space", **({"unit": unit} if unit else {})} for n in names]
 
@@ -177,8 +199,9 @@ class OmeZarrSink(LabelSink):
                 "axes": ([{"name": "c", "type": "channel"}] if with_channels else []) + space,
                 "datasets": [
                     {"path": str(level), "coordinateTransformations": [
-                        {"type": "scale", "scale": lead + [s * 2**level for s in spacing]}]
-                        + ([{"type": "translation", "translation": lead_0 + level_translation(spacing, origin, level)}]
+                        {"type": "scale", "scale": lead + [s * f for s, f in zip(spacing, factors[level])]}]
+                        + ([{"type": "translation",
+                             "translation": lead_0 + level_translation(spacing, origin, factors[level])}]
                            if origin or level else [])}  # level 0 without an origin: at 0
                     for level in range(levels)
                 ],
@@ -221,24 +244,27 @@ class OmeZarrSink(LabelSink):
         shapes = level_shapes(self.layout.shape)
         for level in range(1, len(shapes)):
             labels_target = storing_every_chunk(root["labels/labels"][str(level)])
-            self._downsample(root["labels/labels"][str(level - 1)], labels_target, mode_downsample)
+            steps = level_steps(self.layout.shape, level)
+            self._downsample(root["labels/labels"][str(level - 1)], labels_target, mode_downsample, steps)
             image_source, image_target = root[str(level - 1)], storing_every_chunk(root[str(level)])
             channels = image_source.ndim > len(self.layout.shape)
-            self._downsample(image_source, image_target, mean_downsample if channels else mode_downsample, channels)
+            reduce = mean_downsample if channels else mode_downsample
+            self._downsample(image_source, image_target, reduce, steps, channels)
         image, label_image = self._ome()
         root["labels/labels"].attrs["ome"] = label_image
         root["labels"].attrs["ome"] = {"version": NGFF, "labels": ["labels"]}
         root.attrs.update({"ome": image, "tilemask": {**root.attrs["tilemask"], "complete": True}})  # the root last
 
     @staticmethod
-    def _downsample(source, target, reduce, channels: bool = False) -> None:
+    def _downsample(source, target, reduce, steps: tuple[int, ...], channels: bool = False) -> None:
         spatial = target.shape[1:] if channels else target.shape
         chunks = target.chunks[1:] if channels else target.chunks
         for start in itertools.product(*(range(0, s, c) for s, c in zip(spatial, chunks))):
             out = tuple(slice(a, min(a + c, s)) for a, c, s in zip(start, chunks, spatial))
-            src = tuple(slice(2 * o.start, min(2 * o.stop, n)) for o, n in zip(out, source.shape[-len(spatial) :]))
+            src = tuple(slice(k * o.start, min(k * o.stop, n))
+                        for o, k, n in zip(out, steps, source.shape[-len(spatial) :]))  # fmt: skip
             lead = (slice(None),) if channels else ()
-            target[lead + out] = reduce(np.asarray(source[lead + src]))
+            target[lead + out] = reduce(np.asarray(source[lead + src]), steps)
 
     def publish(self) -> list[str]:
         publish(self.staged, self.path)
