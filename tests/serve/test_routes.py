@@ -1986,3 +1986,49 @@ def test_a_plain_zarrs_kept_level_is_bounded_in_bytes_not_pixels(tmp_path):
     assert isinstance(kept.data, np.ndarray) and not isinstance(lazy.data, np.ndarray)
     np.testing.assert_array_equal(kept.values, labels)
     np.testing.assert_allclose(lazy.values, probabilities)
+
+
+def _write_labels(path: Path, labels: np.ndarray, chunk: int = 256) -> None:
+    """``labels`` written as a tilemask output at ``path`` (its suffix: the format), on a 30 m UTM 18N grid."""
+    from tilemask.geometry import RasterGeometry
+    from tilemask.sinks import OutputLayout, make_sink
+
+    geometry = RasterGeometry(rasterio.crs.CRS.from_epsg(32618).to_wkt(), (500000.0, 30.0, 0.0, 4000000.0, 0.0, -30.0))
+    layout = OutputLayout(labels.shape, (chunk, chunk), ("background", "water", "land"), "uint8", 0, "none", geometry,
+                          "input.tif", 255)  # fmt: skip
+    sink = make_sink(str(path), layout)
+    sink.create()
+    for r in range(0, labels.shape[0], chunk):
+        for c in range(0, labels.shape[1], chunk):
+            region = ((r, min(r + chunk, labels.shape[0])), (c, min(c + chunk, labels.shape[1])))
+            sink.write(region, labels[r : r + chunk, c : c + chunk], None)
+    sink.commit()
+
+
+@pytest.mark.timeout(120)
+def test_an_ome_zarr_replaced_by_one_of_fewer_levels_while_served_is_drawn_from_its_own_levels(tmp_path):
+    """The levels of an OME-Zarr's pyramid were looked up once per path and kept: a store replaced while served
+    (a run again with --overwrite on a smaller input) by one of fewer levels was read at a level it no longer had,
+    and every zoomed-out tile was a 500 (``KeyError: 'labels/labels/2'``) until the server was restarted. They are
+    looked up again when the store changes, as its arrays are: its tile is the one a fresh server draws."""
+    import morecantile
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+
+    store = tmp_path / "scene_mask.ome.zarr"
+    rng = np.random.default_rng(5)
+    _write_labels(store, rng.integers(1, 3, size=(600, 600)).astype(np.uint8))  # levels 0, 1, 2
+    lon, lat = Transformer.from_crs(32618, 4326, always_xy=True).transform(503000, 3997000)
+    tile = morecantile.tms.get("WebMercatorQuad").tile(lon, lat, 8)  # 490 m pixels: the coarsest level
+    url = f"/tiles/8/{tile.x}/{tile.y}.png"
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        png(client.get(url, params={"output": store.name}))
+        shutil.rmtree(store)
+        _write_labels(store, rng.integers(1, 3, size=(200, 200)).astype(np.uint8))  # level 0 only
+        replaced = png(client.get(url, params={"output": store.name}))
+    (tmp_path / "fresh").mkdir()
+    shutil.move(store, tmp_path / "fresh" / store.name)
+    with TestClient(create_app(tmp_path / "fresh"), base_url="http://127.0.0.1") as client:
+        fresh = png(client.get(url, params={"output": store.name}))
+    assert (fresh[..., 3] > 0).any() and np.array_equal(replaced, fresh)

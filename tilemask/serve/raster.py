@@ -86,10 +86,10 @@ def _zarr_array(path: str, variable: str, level: int, mtime_ns: int, inode: int)
             array = array.rio.write_crs(round_180)
         return array.rename({"class": "band"}) if variable == "probabilities" else array
     array = _zarr_array(path, variable, 0, mtime_ns, inode)  # level 0's grid, CRS and nodata, opened once
-    if not _level_paths(path, variable):  # a plain Zarr: no pyramid
+    if not _level_paths(path, variable, mtime_ns, inode):  # a plain Zarr: no pyramid
         with _STRIDING((path, variable, level, mtime_ns, inode)):  # those asking for it at once: one read
             return _plain_level(path, variable, level, mtime_ns, inode)
-    stored = zarr.open_group(path, mode="r")[_level_paths(path, variable)[level]]
+    stored = zarr.open_group(path, mode="r")[_level_paths(path, variable, mtime_ns, inode)[level]]
     grid = array.rio.transform() * rasterio.Affine.scale(2**level)
     height, width = stored.shape[-2:]
     coords = {name: values for name, values in array.coords.items() if name not in ("x", "y", "xc", "yc", "spatial_ref")}
@@ -118,8 +118,10 @@ def _plain_level(path: str, variable: str, level: int, mtime_ns: int, inode: int
 
 
 @functools.lru_cache(maxsize=16)
-def _level_paths(path: str, variable: str) -> tuple[str, ...]:
-    """The store keys of an OME-Zarr output's levels of ``variable``, finest first; none for a plain Zarr."""
+def _level_paths(path: str, variable: str, mtime_ns: int, inode: int) -> tuple[str, ...]:
+    """The store keys of an OME-Zarr output's levels of ``variable``, finest first; none for a plain Zarr. Kept
+    while the store is unchanged (its ``zarr.json``'s mtime and inode): a store replaced by one of fewer levels
+    was read at a level it no longer had (a 500 for every zoomed-out tile)."""
     import zarr
 
     from ..formats import OmeZarrFormat, for_path
@@ -152,7 +154,7 @@ def _level_for(path: str, variable: str, zoom: int, mtime_ns: int, inode: int) -
     tile_pixel = 2 * np.pi * 6378137.0 / (256 * 2**zoom)
     if not np.isfinite(pixel) or pixel <= 0:
         return 0
-    levels = len(_level_paths(path, variable)) or _plain_levels(min(height, width))
+    levels = len(_level_paths(path, variable, mtime_ns, inode)) or _plain_levels(min(height, width))
     return int(max(0, min(levels - 1, np.floor(np.log2(tile_pixel / pixel)))))
 
 
