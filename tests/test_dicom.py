@@ -1802,3 +1802,23 @@ def test_a_dicomweb_address_is_named_for_what_it_is_query_and_fragment_aside():
             open_source(url, 3)
     assert for_path("https://tiles.example/data/studies/area.tif").name == "cog"
     assert for_path("https://tiles.example/data/series/area.tif").name == "cog"
+
+
+@pytest.mark.slow  # a run writing DICOM SEG (24 s)
+@pytest.mark.timeout(120)
+def test_a_series_off_its_grid_is_warned_of_once_by_a_run_writing_a_seg(make_model, tmp_path):
+    """A series whose positions are rounded to 0.01 mm (read as its regular grid, with a warning): a run writing
+    DICOM SEG printed the warning twice, the series opened again for the SEG's references."""
+
+    def rounded(ds, k):
+        ds.ImagePositionPatient = [round(float(v), 2) for v in ds.ImagePositionPatient]
+
+    folder = write_series(tmp_path / "rounded", slices=9, step=0.625, mutate=rounded)
+    weights, _ = make_model(UNET_3D)
+    workflow = series_workflow(folder, weights, ["background", "lesion"], 500.0, 800.0)
+    workflow["output"] = {"path": "out/{stem}_seg.dcm"}
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(workflow))
+    result = run_cli("run", tmp_path / "w.yaml", "--no-progress", cwd=tmp_path, timeout=100)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("slices depart from a regular grid") == 1, result.stderr
+    assert (tmp_path / "out" / "rounded_seg.dcm").is_file()

@@ -69,9 +69,17 @@ class DicomSegSink(LabelSink):
         self.labels.create()  # the input was checked to be a DICOM series when planning (DicomSegFormat)
 
     def _source(self):
+        """The input series, opened again for the SEG's references, without the warnings its opening gave when the
+        run was planned (a series read as its regular grid was warned of twice)."""
         from ..formats import for_path
 
-        return for_path(self.layout.reference).open_source(self.layout.reference, 3, None)
+        series_log = logging.getLogger("tilemask.sources.dicom")
+        said = lambda record: record.levelno < logging.WARNING  # noqa: E731
+        series_log.addFilter(said)
+        try:
+            return for_path(self.layout.reference).open_source(self.layout.reference, 3, None)
+        finally:
+            series_log.removeFilter(said)
 
     def write(self, region, labels: np.ndarray, probabilities) -> None:
         self.labels.write(region, labels, None)
