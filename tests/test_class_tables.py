@@ -86,8 +86,9 @@ def test_nifti_labels_keep_their_class_count_in_the_header_for_a_viewer_without_
     (out / "scan_labels.colors.csv").unlink()
     labels, probabilities = nib.load(out / "scan_labels.nii.gz"), nib.load(out / "scan_labels_probabilities.nii.gz")
     assert (labels.header["cal_min"], labels.header["cal_max"]) == (0, 2)
-    assert (probabilities.header["cal_min"], probabilities.header["cal_max"]) == (0, 255)
-    assert np.asarray(probabilities.dataobj).max() > 1  # round(p * 255)
+    assert (probabilities.header["cal_min"], probabilities.header["cal_max"]) == (0, 1)  # in the scaled values
+    assert np.asarray(probabilities.dataobj.get_unscaled()).max() > 1  # round(p * 255), scl_slope 1/255
+    assert probabilities.get_fdata().max() <= 1
     (entry,) = [e for e in Catalog(out).entries() if e.kind == "labels"]
     assert [c["value"] for c in entry.legend()] == [0, 1, 2]
 

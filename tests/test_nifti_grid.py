@@ -263,3 +263,60 @@ def test_a_finish_whose_uncompressed_file_is_gone_publishes_no_volume_not_whole(
     with pytest.raises(FileNotFoundError, match=r"\.raw\.nii"):
         volume.finish()
     assert not (tmp_path / "a.nii.gz").exists()
+
+
+@pytest.mark.timeout(180)
+def test_uint8_probabilities_read_as_monais_in_nibabel_monai_and_simpleitk(make_volume, make_model, tmp_path, client):
+    """uint8 NIfTI probabilities are ``round(p * 255)``: they carried no scale, so nibabel's ``get_fdata``, MONAI's
+    ``LoadImage`` and SimpleITK read 0-255 (252.0 from MONAI's probabilities at worst), and their ``descrip`` said
+    ``tilemask labels``. They carry ``scl_slope`` 1/255 and say they are probabilities; every reader gives MONAI's
+    sliding window's within half a step (1/510; the slope is float32 in NIfTI-1: 6e-8 off 1/255 at 255), and
+    tilemask's own readers are as they were: ``open_result`` as stored (uint8, its ``scale_factor`` 1/255), a
+    finished run complete, replaced with ``--overwrite`` and the probabilities removed by a run without them."""
+    from monai.transforms import LoadImage
+
+    from tests.conftest import volume_workflow
+    from tests.test_fidelity import monai_probabilities
+    from tilemask.formats import for_path
+    from tilemask.jobs import outputs_complete
+
+    path, volume = make_volume((37, 29, 23))
+    args = {**UNET_3D, "out_channels": 3}
+    weights, net = make_model(args)
+    workflow = volume_workflow(path, weights, {"overlap": 0.25, "mode": "gaussian", "batch_size": 3},
+                               {"chunks": 16, "probabilities": "uint8"})  # fmt: skip
+    workflow["model"]["args"] = args
+    (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    labels, probabilities = result.outputs[:2]
+    assert probabilities.endswith("scan_labels_probabilities.nii.gz")
+    expected = monai_probabilities(volume[None], net, (24, 24, 24), 0.25, "gaussian", 500.0, 300.0)
+    half_step = 1 / 510 + 1e-6
+
+    img = nib.load(probabilities)
+    with open(probabilities, "rb") as f:  # the header as stored (nibabel's in-memory one drops the scale)
+        header = nib.Nifti1Header.from_fileobj(__import__("gzip").GzipFile(fileobj=f))
+    assert img.get_data_dtype() == np.uint8 and img.shape == (37, 29, 23, 3)
+    assert (header["scl_slope"], header["scl_inter"]) == (np.float32(1 / 255), 0)
+    assert bytes(header["descrip"]).rstrip(b"\0") == b"tilemask probabilities; round(p * 255)"
+    assert (header["cal_min"], header["cal_max"]) == (0, 1)  # the display range, in the values readers give
+    read = {
+        "nibabel": np.moveaxis(img.get_fdata(), -1, 0),
+        "MONAI": np.moveaxis(np.asarray(LoadImage(image_only=True)(probabilities)), -1, 0),
+        "SimpleITK": sitk.GetArrayFromImage(sitk.ReadImage(probabilities)).transpose(0, 3, 2, 1),  # (t, z, y, x)
+    }
+    for reader, values in read.items():
+        assert values.shape == expected.shape, reader
+        np.testing.assert_allclose(values, expected, rtol=0, atol=half_step, err_msg=reader)
+
+    stored = np.moveaxis(np.asarray(img.dataobj.get_unscaled()), -1, 0)
+    opened = tilemask.open_result(labels, "probabilities")
+    assert opened.dtype == np.uint8 and opened.attrs["scale_factor"] == 1 / 255
+    np.testing.assert_array_equal(opened.values, stored)  # as stored, as before
+    np.testing.assert_allclose(opened.values * opened.attrs["scale_factor"], expected, rtol=0, atol=half_step)
+    np.testing.assert_array_equal(tilemask.open_result(labels).values, np.asarray(nib.load(labels).dataobj))
+
+    assert for_path(probabilities).written_by_tilemask(probabilities)
+    assert outputs_complete(result.outputs)  # what a job's resume asks of a finished input
+    workflow["output"]["probabilities"] = "none"
+    (again,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client, overwrite=True)
+    assert again.outputs[0] == labels and not Path(probabilities).exists()  # tilemask's: replaced, then removed

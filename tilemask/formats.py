@@ -25,8 +25,16 @@ from .classes import CLASSES_TAG
 
 logger = logging.getLogger(__name__)
 
-NIFTI_DESCRIP = b"tilemask labels"  # NIfTI header descrip of the files tilemask writes
+NIFTI_DESCRIP = b"tilemask labels"  # NIfTI header descrip of the label files tilemask writes
 NIFTI_NODATA = b"; nodata "  # then, in a label file with invalid voxels, their label: "tilemask labels; nodata 255"
+NIFTI_PROBABILITIES_DESCRIP = b"tilemask probabilities"  # of the probabilities beside them (since 2026-12-07)
+NIFTI_MARKS = (NIFTI_DESCRIP, NIFTI_PROBABILITIES_DESCRIP)  # what a NIfTI tilemask wrote starts its descrip with
+
+
+def nifti_probabilities_descrip(dtype: str) -> bytes:
+    """The ``descrip`` of the probabilities tilemask writes beside NIfTI labels: what marks them as tilemask's,
+    and how uint8 ones are stored (their ``scl_slope`` 1/255 gives p again)."""
+    return NIFTI_PROBABILITIES_DESCRIP + (b"; round(p * 255)" if dtype == "uint8" else b"")
 
 
 def nifti_descrip(nodata: int | None) -> bytes:
@@ -312,7 +320,7 @@ class NiftiFormat(Format):
         import nibabel as nib
 
         try:
-            return bytes(nib.load(path).header["descrip"]).rstrip(b"\0").startswith(NIFTI_DESCRIP)
+            return bytes(nib.load(path).header["descrip"]).rstrip(b"\0").startswith(NIFTI_MARKS)
         except Exception:
             return False
 

@@ -16,8 +16,11 @@ reader and ``tilemask stats`` read it there).  Labels carry NIfTI's ``NIFTI_INTE
 colours each value apart) and ``cal_min`` / ``cal_max``, the display range (values above ``cal_max`` show as it),
 0 to the last class or to the nodata label when there is one, and to at least 1: a one-class map's (0, 0) reads
 as "not set" (nifti1.h: the fields are used "if nonzero").
-Probabilities go to ``<stem>_probabilities.nii.gz``, 4D with classes last; the class names and colours
-to ``<stem>.colors.csv``, a 3D Slicer colour table, published with the labels.
+Probabilities go to ``<stem>_probabilities.nii.gz``, 4D with classes last, their ``descrip``
+``tilemask probabilities``; uint8 ones are ``round(p * 255)`` with ``scl_slope`` 1/255 (``; round(p * 255)`` in the
+``descrip``), so nibabel's ``get_fdata``, MONAI's ``LoadImage`` and SimpleITK read 0-1 (until 2026-12-07 they read
+0-255: no slope, and the labels' ``descrip``); ``cal_min`` / ``cal_max`` 0 and 1, in those scaled values.  The class
+names and colours go to ``<stem>.colors.csv``, a 3D Slicer colour table, published with the labels.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import numpy as np
 
 from ..classes import write_colour_table
 from ..errors import OutputError, first_line
-from ..formats import for_path, nifti_affine_mm, nifti_descrip
+from ..formats import for_path, nifti_affine_mm, nifti_descrip, nifti_probabilities_descrip
 from ..geometry import Region
 from ..outputs import publish, remove, staged_path
 from ..storage import local_copy
@@ -95,6 +98,8 @@ class NiftiVolume:
     nodata: int | None = None  # the labels of invalid voxels, recorded in the header's descrip
     display: tuple[float, float] = (0.0, 0.0)  # the header's cal_min and cal_max: the values' range, for viewers
     intent: str = "none"  # the header's intent code, nibabel's name for it: "label" for labels
+    slope: float = 1.0  # the header's scl_slope: what readers multiply the stored values by (1/255: uint8 p)
+    descrip: bytes | None = None  # the header's descrip; None: the labels' (with their nodata)
 
     @property
     def partial(self) -> str:
@@ -120,8 +125,8 @@ class NiftiVolume:
             header.set_xyzt_units("mm", "sec")
         vox_offset = VOX_OFFSETS[len(header.binaryblock)]
         header["vox_offset"] = vox_offset
-        header.set_slope_inter(1.0, 0.0)
-        header["descrip"] = nifti_descrip(self.nodata)
+        header.set_slope_inter(self.slope, 0.0)
+        header["descrip"] = nifti_descrip(self.nodata) if self.descrip is None else self.descrip
         header["cal_min"], header["cal_max"] = self.display
         header.set_intent(self.intent)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -212,12 +217,15 @@ class NiftiSink(LabelSink):
                              display=(0, top), intent="label")  # fmt: skip
         if not layout.writes_probabilities:
             return labels, None
+        stored = layout.probabilities_dtype
         probabilities = NiftiVolume(
             for_path(self.path).probabilities_path(self.path),
             (*layout.shape, layout.probability_channels),
-            layout.probabilities_dtype,
+            stored,
             layout.run_id,
-            display=(0, 255 if layout.probabilities_dtype == "uint8" else 1),  # round(p * 255) or p
+            display=(0, 1),  # p, as readers scale uint8 ones (cal_min and cal_max are in scaled values)
+            slope=1 / 255 if stored == "uint8" else 1.0,  # round(p * 255) read back as p
+            descrip=nifti_probabilities_descrip(stored),
         )
         return labels, probabilities
 

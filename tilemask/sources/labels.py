@@ -24,6 +24,7 @@ import nibabel as nib
 import numpy as np
 import rasterio
 import zarr
+from nibabel.arrayproxy import ArrayProxy
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
@@ -135,7 +136,9 @@ def read_label_window(path: str, rows: slice, cols: slice) -> np.ndarray:
 @dataclass(frozen=True)
 class _NiftiVolume:
     """Array-like view of a NIfTI volume's data (memory-mapped, or indexed_gzip for .nii.gz); the first voxel of
-    trailing axes of length 1 (``extra_axes``); ``labels`` stored as floats given as ``int32`` (:func:`_whole`)."""
+    trailing axes of length 1 (``extra_axes``); ``labels`` stored as floats given as ``int32`` (:func:`_whole`);
+    ``stored``: the values as stored, without the header's ``scl_slope`` / ``scl_inter`` (uint8 probabilities, 1/255,
+    given as ``round(p * 255)``: nibabel's proxy gave them as float 0-1, not the dtype the array was made with)."""
 
     path: str
     shape: tuple[int, ...]
@@ -143,12 +146,19 @@ class _NiftiVolume:
     ndim: int = 3
     extra_axes: int = 0
     labels: bool = False
+    stored: bool = False
+
+    def _data(self):
+        """The file's data proxy: nibabel's, or one of the stored values (its offset, shape and dtype, no scaling)."""
+        data = nib.load(self.path, keep_file_open=True, mmap=True).dataobj
+        if not self.stored:
+            return data
+        return ArrayProxy(data.file_like, (data.shape, data.dtype, data.offset), keep_file_open=True)
 
     def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
         def block() -> np.ndarray:
-            opener = lambda: nib.load(self.path, keep_file_open=True, mmap=True)  # noqa: E731
-            img = cached_handle(("label-nifti", self.path), opener, file_stamp(self.path))
-            return np.asarray(img.dataobj[index + (0,) * self.extra_axes])
+            data = cached_handle(("label-nifti", self.path, self.stored), self._data, file_stamp(self.path))
+            return np.asarray(data[index + (0,) * self.extra_axes])
 
         data = read_region(self.path, _region(index), block, read_failure)  # nibabel, gzip and zlib: many types
         return _whole(self.path, index, data) if self.labels and data.dtype.kind == "f" else data
@@ -281,7 +291,8 @@ def check_block_count(image: LabelImage, chunks) -> None:
 
 def open_nifti_probabilities(path: str, chunks) -> tuple[da.Array, VolumeGeometry]:
     """The probabilities tilemask writes beside NIfTI labels (4D, classes last) as a lazy ``(class, i, j, k)``
-    array, each block all classes, and their grid."""
+    array, each block all classes, as stored (uint8 ones ``round(p * 255)``, not scaled by their ``scl_slope``
+    1/255), and their grid."""
     img = nib.load(path)
     shape = tuple(int(s) for s in img.shape)
     if len(shape) != 4:
@@ -289,8 +300,8 @@ def open_nifti_probabilities(path: str, chunks) -> tuple[da.Array, VolumeGeometr
     check_length(path, img, shape)
     dtype = np.dtype(img.get_data_dtype())
     spatial = _chunks(chunks, tuple(min(s, 128) for s in shape[:3]))
-    lazy = da.from_array(_NiftiVolume(path, shape, dtype, ndim=4), chunks=(*spatial, shape[3]), asarray=False,
-                         fancy=False, meta=np.empty((0,) * 4, dtype))  # fmt: skip
+    lazy = da.from_array(_NiftiVolume(path, shape, dtype, ndim=4, stored=True), chunks=(*spatial, shape[3]),
+                         asarray=False, fancy=False, meta=np.empty((0,) * 4, dtype))  # fmt: skip
     return da.moveaxis(lazy, 3, 0), nifti_geometry(path, img)
 
 
