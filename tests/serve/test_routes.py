@@ -505,6 +505,44 @@ def test_large_volumes_are_served_to_the_viewer_strided(tmp_path, monkeypatch):
     np.testing.assert_allclose(small.affine @ [1, 1, 1, 1], affine @ [2, 2, 2, 1])
 
 
+@pytest.mark.timeout(60)
+def test_uint8_nifti_probabilities_are_listed_and_served_with_their_scale(tmp_path, monkeypatch):
+    """The probabilities tilemask writes beside NIfTI labels, uint8 ``round(p * 255)`` with ``scl_slope`` 1/255 and
+    their own ``descrip``, are listed as probabilities (not as a scan), and their /volumes/ copy (strided: the first
+    class) keeps the stored bytes and the scale: nibabel reads it 0-1, within half a step of p (it read 0-255)."""
+    import gzip
+
+    import nibabel as nib
+    from starlette.testclient import TestClient
+
+    from tilemask.geometry import VolumeGeometry
+    from tilemask.serve import create_app, volumes
+    from tilemask.serve.catalog import Catalog
+    from tilemask.sinks import OutputLayout, make_sink
+
+    monkeypatch.setattr(volumes, "MAX_VOXELS", 16**3)
+    rng = np.random.default_rng(7)
+    shape = (30, 26, 20)
+    p = rng.random((2, *shape)).astype(np.float32)
+    p = np.stack([p[0] / p.sum(0), p[1] / p.sum(0)])
+    affine = tuple(tuple(r) for r in [[0, -0.8, 0, 10], [0.9, 0, 0, -5], [0, 0, 2.5, 3], [0, 0, 0, 1]])
+    layout = OutputLayout(shape, (32, 32, 32), ("background", "lesion"), "uint8", 2, "uint8", VolumeGeometry(affine),
+                          str(tmp_path / "scan.nii.gz"))  # fmt: skip
+    sink = make_sink(str(tmp_path / "mask.nii.gz"), layout)
+    sink.create()
+    sink.write(((0, 30), (0, 26), (0, 20)), p.argmax(0).astype(np.uint8), np.rint(p * 255).astype(np.uint8))
+    sink.commit()
+    kinds = {e.path: e.kind for e in Catalog(tmp_path).entries()}
+    assert kinds == {"mask.nii.gz": "labels", "mask_probabilities.nii.gz": "probabilities"}, kinds
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1") as client:
+        body = client.get("/volumes/mask_probabilities.nii.gz")
+    assert body.status_code == 200, body.text
+    small = nib.Nifti1Image.from_bytes(gzip.decompress(body.content))
+    step = volumes.stride(shape)
+    assert step == 2 and small.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(small.get_fdata(), p[0, ::2, ::2, ::2], rtol=0, atol=1 / 510 + 1e-6)
+
+
 def test_a_2d_nifti_is_served_as_one_slice(tmp_path, monkeypatch):
     """A 2D NIfTI (a slide) is listed as a scan; its /volumes/ copy, strided when large, was a 500 (IndexError:
     the copy was cut along three axes). It is one slice, with the two axes strided and the affine to match."""

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.arrayproxy import ArrayProxy
 
 from ..sinks.nifti import unsheared
 from .locks import KeyedLocks
@@ -66,12 +67,19 @@ def _strided(path: Path) -> bytes:
     step = stride(img.shape)
     spatial = min(len(img.shape), 3)  # a 2D NIfTI (a slide) has two
     index = (slice(None, None, step),) * spatial + (0,) * (len(img.shape) - spatial)
-    data = np.asarray(img.dataobj[index])
+    proxy = img.dataobj
+    scale = (float(proxy.slope), float(proxy.inter))
+    stored = np.dtype(proxy.dtype).kind in "iu" and scale != (1.0, 0.0)  # scaled integers: uint8 probabilities
+    if stored:  # kept as stored, with their scale (readers scale them as the file's): a quarter of float32's bytes
+        proxy = ArrayProxy(proxy.file_like, (proxy.shape, proxy.dtype, proxy.offset))
+    data = np.asarray(proxy[index])
     data = data.reshape(data.shape + (1,) * (3 - data.ndim))  # one slice: the 3D texture a viewer uploads
-    if data.dtype == np.float64:  # scaled integers come back as float64; a texture needs no more than float32
+    if data.dtype == np.float64:  # a texture needs no more than float32
         data = data.astype(np.float32)
     affine = img.affine @ np.diag([step] * spatial + [1.0] * (4 - spatial))
     small = nib.Nifti1Image(data, affine)
+    if stored:
+        small.header.set_slope_inter(*scale)  # nibabel writes a header's scale as it is (no scale: it picks one)
     small.header.set_xyzt_units(*img.header.get_xyzt_units())
     small.set_qform(unsheared(affine), code=int(img.header["qform_code"]) or 1)  # a tilted gantry's: ITK's grid
     small.set_sform(affine, code=int(img.header["sform_code"]) or 1)
