@@ -2070,3 +2070,28 @@ def test_an_ome_zarr_replaced_by_one_of_fewer_levels_while_served_is_drawn_from_
     with TestClient(create_app(tmp_path / "fresh"), base_url="http://127.0.0.1") as client:
         fresh = png(client.get(url, params={"output": store.name}))
     assert (fresh[..., 3] > 0).any() and np.array_equal(replaced, fresh)
+
+
+@pytest.mark.timeout(120)
+def test_a_strips_ome_zarr_is_drawn_zoomed_out_not_refused_for_its_levels_of_one_row(tmp_path):
+    """Levels halve only the axes of more than one pixel: a strip 40 pixels high and 20000 wide has levels of
+    1 x 313 and 1 x 157. A zoomed-out tile read them, and rio-tiler's clip_box refuses a raster of one row: a 422
+    ("At least one of the raster x,y coordinates has only one point") at zoom 6 and out. It is drawn from the
+    coarsest level of two rows or more, as a plain Zarr's strided levels are."""
+    import morecantile
+    import zarr
+    from starlette.testclient import TestClient
+
+    from tilemask.serve import create_app
+
+    store = tmp_path / "strip_mask.ome.zarr"
+    _write_labels(store, np.random.default_rng(7).integers(1, 3, size=(40, 20000)).astype(np.uint8))
+    assert [zarr.open_group(store, mode="r")["labels/labels"][str(n)].shape[0] for n in range(8)] == [
+        40, 20, 10, 5, 3, 2, 1, 1]  # fmt: skip
+    lon, lat = Transformer.from_crs(32618, 4326, always_xy=True).transform(800000, 3999400)
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        for zoom in (7, 6, 4):
+            tile = morecantile.tms.get("WebMercatorQuad").tile(lon, lat, zoom)
+            response = client.get(f"/tiles/{zoom}/{tile.x}/{tile.y}.png", params={"output": store.name})
+            assert response.status_code == 200, (zoom, response.text)
+            assert (png(response)[..., 3] > 0).any(), zoom

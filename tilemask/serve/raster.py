@@ -154,7 +154,10 @@ def _level_for(path: str, variable: str, zoom: int, mtime_ns: int, inode: int) -
     tile_pixel = 2 * np.pi * 6378137.0 / (256 * 2**zoom)
     if not np.isfinite(pixel) or pixel <= 0:
         return 0
-    levels = len(_level_paths(path, variable, mtime_ns, inode)) or _plain_levels(min(height, width))
+    # an OME-Zarr's levels past its first of one row or column (a strip's: they go on halving its other axis) are
+    # left to finer ones, as a plain Zarr's are: rio-tiler's clip_box refuses a raster of one row or column
+    one_row = max(1, (min(height, width) - 1).bit_length())
+    levels = min(len(_level_paths(path, variable, mtime_ns, inode)), one_row) or _plain_levels(min(height, width))
     return int(max(0, min(levels - 1, np.floor(np.log2(tile_pixel / pixel)))))
 
 
