@@ -1316,3 +1316,24 @@ def test_an_embedded_worker_killed_as_its_warnings_are_forwarded_leaves_the_clus
         assert client.submit(lambda: 1, pure=False).result(timeout=60) == 1
         plugins = client.run(lambda dask_worker: list(dask_worker.plugins))
         assert all("forward-logging-tilemask" in names for names in plugins.values()), plugins  # the new worker's
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("last", ["first", "second"])
+def test_two_clusters_started_at_once_in_threads_leave_the_nanny_loggers_level_as_it_was(last):
+    """Each cluster's start lowered distributed's nanny logger to INFO and put back the level it had read: of two
+    started at once in threads, the second read the first's INFO, and put it back when it ended last, the nanny
+    then at INFO for good (its INFO lines shown past a caller's later ``distributed`` at WARNING)."""
+    import logging
+
+    from tilemask.cluster import _workers_that_did_not_start
+
+    nannies = logging.getLogger("distributed.nanny")
+    before = (nannies.level, list(nannies.filters))
+    first, second = _workers_that_did_not_start(), _workers_that_did_not_start()
+    first.__enter__()
+    second.__enter__()
+    assert nannies.isEnabledFor(logging.INFO)
+    for run in (first, second) if last == "second" else (second, first):
+        run.__exit__(None, None, None)
+    assert (nannies.level, list(nannies.filters)) == before

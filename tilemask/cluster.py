@@ -307,6 +307,11 @@ class _WorkerEnds(logging.Filter):
         return record.levelno >= self.level
 
 
+_LOWERED_LOCK = threading.Lock()
+_LOWERED: list[_WorkerEnds] = []  # the filters of the runs starting a cluster now
+_LOWERED_FROM: list[int] = []  # the nanny logger's own level and its effective level before the first of them
+
+
 @contextlib.contextmanager
 def _workers_that_did_not_start() -> Iterator[None]:
     """distributed's "Nanny failed to start" (and its chain of tracebacks) as one line, naming how the worker ended
@@ -314,10 +319,13 @@ def _workers_that_did_not_start() -> Iterator[None]:
     unguarded ``tilemask.run``); why is in the workers' logs, which ``--debug`` shows (a worker that ran an
     unguarded script's ``tilemask.run`` says so itself)."""
     nannies = logging.getLogger("distributed.nanny")
-    level = nannies.level
-    ends = _WorkerEnds(nannies.getEffectiveLevel())
-    nannies.addFilter(ends)
-    nannies.setLevel(min(ends.level, logging.INFO))
+    with _LOWERED_LOCK:  # runs at once in threads: the first lowers the level, the last puts back the caller's
+        if not _LOWERED:
+            _LOWERED_FROM[:] = [nannies.level, nannies.getEffectiveLevel()]
+            nannies.setLevel(min(_LOWERED_FROM[1], logging.INFO))
+        ends = _WorkerEnds(_LOWERED_FROM[1])
+        _LOWERED.append(ends)
+        nannies.addFilter(ends)
     try:
         yield
     except RuntimeError as exc:
@@ -335,8 +343,11 @@ def _workers_that_did_not_start() -> Iterator[None]:
         raise RunError(f"the embedded cluster's workers did not start ({'; '.join(why + ['--debug shows why'])})") \
             from None
     finally:
-        nannies.removeFilter(ends)
-        nannies.setLevel(level)
+        with _LOWERED_LOCK:
+            nannies.removeFilter(ends)
+            _LOWERED.remove(ends)
+            if not _LOWERED:
+                nannies.setLevel(_LOWERED_FROM[0])
 
 
 def _tilemasks_command(main) -> bool:
