@@ -308,7 +308,7 @@ class _WorkerEnds(logging.Filter):
 
 
 _LOWERED_LOCK = threading.Lock()
-_LOWERED: list[_WorkerEnds] = []  # the filters of the runs starting a cluster now
+_lowered_by = 0  # how many runs are starting a cluster now
 _LOWERED_FROM: list[int] = []  # the nanny logger's own level and its effective level before the first of them
 
 
@@ -318,13 +318,14 @@ def _workers_that_did_not_start() -> Iterator[None]:
     (killed by a signal as it started: a CI's worker killed before it had connected was said to be a script's
     unguarded ``tilemask.run``); why is in the workers' logs, which ``--debug`` shows (a worker that ran an
     unguarded script's ``tilemask.run`` says so itself)."""
+    global _lowered_by
     nannies = logging.getLogger("distributed.nanny")
     with _LOWERED_LOCK:  # runs at once in threads: the first lowers the level, the last puts back the caller's
-        if not _LOWERED:
+        if not _lowered_by:
             _LOWERED_FROM[:] = [nannies.level, nannies.getEffectiveLevel()]
             nannies.setLevel(min(_LOWERED_FROM[1], logging.INFO))
+        _lowered_by += 1
         ends = _WorkerEnds(_LOWERED_FROM[1])
-        _LOWERED.append(ends)
         nannies.addFilter(ends)
     try:
         yield
@@ -345,8 +346,8 @@ def _workers_that_did_not_start() -> Iterator[None]:
     finally:
         with _LOWERED_LOCK:
             nannies.removeFilter(ends)
-            _LOWERED.remove(ends)
-            if not _LOWERED:
+            _lowered_by -= 1
+            if not _lowered_by:
                 nannies.setLevel(_LOWERED_FROM[0])
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nibabel.arrayproxy import ArrayProxy
 
 from ..sinks.nifti import unsheared
+from ..sources.labels import unscaled
 from .locks import KeyedLocks
 
 MAX_VOXELS = 256**3
@@ -71,7 +71,7 @@ def _strided(path: Path) -> bytes:
     scale = (float(proxy.slope), float(proxy.inter))
     stored = np.dtype(proxy.dtype).kind in "iu" and scale != (1.0, 0.0)  # scaled integers: uint8 probabilities
     if stored:  # kept as stored, with their scale (readers scale them as the file's): a quarter of float32's bytes
-        proxy = ArrayProxy(proxy.file_like, (proxy.shape, proxy.dtype, proxy.offset))
+        proxy = unscaled(proxy)
     data = np.asarray(proxy[index])
     data = data.reshape(data.shape + (1,) * (3 - data.ndim))  # one slice: the 3D texture a viewer uploads
     if data.dtype == np.float64:  # a texture needs no more than float32

@@ -133,6 +133,12 @@ def read_label_window(path: str, rows: slice, cols: slice) -> np.ndarray:
     return _whole(path, (rows, cols), data)
 
 
+def unscaled(proxy, keep_file_open: bool = False) -> ArrayProxy:
+    """A NIfTI data proxy of the stored values: its file, offset, shape and dtype, without its ``scl_slope`` /
+    ``scl_inter`` (nibabel's own proxy gives scaled integers as floats)."""
+    return ArrayProxy(proxy.file_like, (proxy.shape, proxy.dtype, proxy.offset), keep_file_open=keep_file_open)
+
+
 @dataclass(frozen=True)
 class _NiftiVolume:
     """Array-like view of a NIfTI volume's data (memory-mapped, or indexed_gzip for .nii.gz); the first voxel of
@@ -149,11 +155,9 @@ class _NiftiVolume:
     stored: bool = False
 
     def _data(self):
-        """The file's data proxy: nibabel's, or one of the stored values (its offset, shape and dtype, no scaling)."""
+        """The file's data proxy: nibabel's, or one of the stored values (:func:`unscaled`)."""
         data = nib.load(self.path, keep_file_open=True, mmap=True).dataobj
-        if not self.stored:
-            return data
-        return ArrayProxy(data.file_like, (data.shape, data.dtype, data.offset), keep_file_open=True)
+        return unscaled(data, keep_file_open=True) if self.stored else data
 
     def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
         def block() -> np.ndarray:
