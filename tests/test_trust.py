@@ -8,6 +8,7 @@ own process, tmpfs mounts for a full or read-only disk, real signals.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -1382,6 +1383,41 @@ def test_a_read_only_output_folder_is_found_before_any_work(make_raster, make_mo
     subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
     result = run_cli("run", write_workflow(raster_workflow(path, weights, output={"path": str(disk / "m.zarr")})), "--quiet")
     assert result.returncode == 2 and "not writable" in one_line(result.stderr)
+
+
+@pytest.mark.timeout(60)
+def test_a_run_killed_as_it_checks_its_output_folder_leaves_nothing_there(tmp_path):
+    """The landing CI's: a job's driver killed (SIGKILL) between making the hidden file that proves the output folder
+    writable and removing it left ``.tilemask-<id>-probe`` beside the outputs for good.  The process here dies at the
+    first file it would remove, as a kill at that moment would leave it."""
+    script = f"""
+import os, pathlib
+def die(*args, **kwargs):
+    os._exit(9)
+os.unlink = os.remove = pathlib.Path.unlink = die
+from tilemask.outputs import check_writable
+check_writable(pathlib.Path({str(tmp_path / "out")!r}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
+    assert result.returncode == 0, result.stderr
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_an_output_folder_on_a_file_system_without_unnamed_files_is_checked_with_a_named_one(tmp_path, monkeypatch):
+    from tilemask.outputs import check_writable
+
+    opened = os.open
+
+    def without_tmpfile(path, flags, *args):
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        return opened(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", without_tmpfile)
+    made, touch = [], Path.touch
+    monkeypatch.setattr(Path, "touch", lambda self, *args, **kwargs: made.append(self.name) or touch(self))
+    check_writable(tmp_path / "out")
+    assert len(made) == 1 and list((tmp_path / "out").iterdir()) == []
 
 
 @pytest.mark.slow  # a whole embedded run with polygons (12 s)

@@ -363,12 +363,18 @@ def remove_made(made: list[Path]) -> None:
 
 def check_writable(folder: Path, made: list[Path] | None = None) -> None:
     """Create ``folder`` if needed (noting in ``made`` the folders made, :func:`make_folder`) and prove a file can be
-    made in it."""
+    made in it: a file with no name (``O_TMPFILE``) where the file system has them, so that a run killed as it
+    checks leaves nothing behind (a named probe did, in a loaded CI); else a named one, made and removed."""
     try:
         make_folder(folder, made)
-        probe = folder / f"{PREFIX}{new_run_id()}-probe"
-        probe.touch()
-        probe.unlink()
+        try:
+            os.close(os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o600))
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):  # not "no unnamed files here"
+                raise
+            probe = folder / f"{PREFIX}{new_run_id()}-probe"
+            probe.touch()
+            probe.unlink()
     except OSError as exc:
         raise OutputConflict(f"output folder {folder} is not writable: {why_unwritable(folder, exc)}") from None
 
