@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import dask.array as da
@@ -20,6 +21,7 @@ from rasterio.transform import Affine
 from tilemask.errors import InputError, UsageError
 from tilemask.formats import zarr_store_of
 from tilemask.geometry import RasterGeometry
+from tilemask.outputs import new_run_id
 from tilemask.results import open_result
 from tilemask.sinks import OutputLayout, make_sink
 from tilemask.sources import open_source
@@ -692,3 +694,54 @@ def test_zarr_uint8_probabilities_say_their_scale_to_xarray(outputs):
     raw = xr.open_zarr(paths[".zarr"], mask_and_scale=False)["probabilities"]
     assert raw.dtype == np.uint8 and (raw.attrs["scale_factor"], raw.attrs["add_offset"]) == (1 / 255, 0.0)
     np.testing.assert_array_equal(open_result(paths[".zarr"], "probabilities").values, probabilities)  # as stored
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("suffix", [".zarr", ".ome.zarr"])
+def test_a_zarr_outputs_unwritten_chunks_read_as_nodata_not_as_class_0(tmp_path, suffix):
+    """A review's: the labels' zarr ``fill_value`` was 0 where their nodata is 255, so a chunk never written (a run
+    killed, its staged group read by zarr or xarray) read as class 0, and its float32 probabilities as 0. The fill
+    value is now the labels' nodata, and float32 probabilities' NaN (no probability); uint8 ones keep 0, every value
+    being one; without nodata the labels' stays 0."""
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, 3, size=(512, 512)).astype(np.uint8)
+    labels[:20] = 255
+    probabilities = rng.random((3, 512, 512)).astype(np.float32)
+    probabilities[:, :10, :10] = 0.0
+    geometry = RasterGeometry(rasterio.crs.CRS.from_epsg(32618).to_wkt(), (500000.0, 30.0, 0.0, 4e6, 0.0, -30.0))
+    layout = OutputLayout(labels.shape, (256, 256), CLASSES, "uint8", 3, "float32", geometry, "input.tif", 255)
+    keys = {".zarr": ("labels", "probabilities"), ".ome.zarr": ("labels/labels/0", "0")}
+    labels_key, probabilities_key = keys[suffix]
+    sink = make_sink(str(tmp_path / f"mask{suffix}"), layout)
+    sink.create()
+    sink.write(((0, 256), (0, 256)), labels[:256, :256], probabilities[:, :256, :256])  # then the run is killed
+    staged = zarr.open_group(sink.staged, mode="r")
+    assert staged[labels_key].fill_value == 255
+    np.testing.assert_array_equal(staged[labels_key][256:, 256:], 255)  # nodata, not class 0
+    assert np.isnan(staged[probabilities_key][:, 256:, 256:]).all()
+    if suffix == ".zarr":  # as xarray reads it (an OME-Zarr's arrays sit in groups of their own)
+        killed = xr.open_zarr(sink.staged, consolidated=False)
+        assert killed["labels"].encoding["fill_value"] == 255
+        np.testing.assert_array_equal(killed["labels"].values[256:, 256:], 255)
+        np.testing.assert_array_equal(killed["labels"].values[:256, :256], labels[:256, :256])
+        assert np.isnan(killed["probabilities"].values[:, 256:, 256:]).all()
+        np.testing.assert_array_equal(killed["probabilities"].values[:, :256, :256], probabilities[:, :256, :256])
+    for r, c in ((0, 256), (256, 0), (256, 256)):
+        sink.write(((r, r + 256), (c, c + 256)), labels[r : r + 256, c : c + 256],
+                   probabilities[:, r : r + 256, c : c + 256])  # fmt: skip
+    sink.commit()
+    opened = open_result(tmp_path / f"mask{suffix}")
+    assert opened.dtype == np.uint8 and opened.attrs["_FillValue"] == 255
+    np.testing.assert_array_equal(opened.values, labels)
+    np.testing.assert_array_equal(open_result(tmp_path / f"mask{suffix}", "probabilities").values, probabilities)
+    if suffix == ".zarr":
+        plain = xr.open_zarr(tmp_path / f"mask{suffix}")  # Zarr v3's default: the fill value masks nothing
+        assert plain["labels"].dtype == np.uint8 and plain["labels"].encoding["fill_value"] == 255
+        np.testing.assert_array_equal(plain["labels"].values, labels)
+
+    none = replace(layout, nodata=None, probabilities_dtype="uint8", run_id=new_run_id())  # no nodata: 0 stays the fill
+    sink = make_sink(str(tmp_path / f"plain{suffix}"), none)
+    sink.create()
+    staged = zarr.open_group(sink.staged, mode="r")
+    assert staged[labels_key].fill_value == 0 and staged[probabilities_key].fill_value == 0
+    sink.abort()

@@ -51,6 +51,18 @@ class OutputLayout:
     def writes_probabilities(self) -> bool:
         return self.probability_channels > 0
 
+    @property
+    def labels_fill(self) -> int:
+        """The zarr ``fill_value`` of the labels: their nodata, which a chunk never written (a run killed) reads as
+        in zarr, xarray and GDAL (0, class 0, where the input has no nodata: zarr v3 needs a value)."""
+        return 0 if self.nodata is None else self.nodata
+
+    @property
+    def probabilities_fill(self) -> float:
+        """The zarr ``fill_value`` of the probabilities: NaN for float32 ones (no probability), 0 for uint8 ones
+        (``round(p * 255)``: every value is one)."""
+        return float("nan") if self.probabilities_dtype == "float32" else 0
+
     def check(self, region: Region, labels: np.ndarray, probabilities: np.ndarray | None) -> None:
         """Refuse a chunk whose arrays do not fit the layout (a store would broadcast or truncate them)."""
         shape = tuple(hi - lo for lo, hi in region)

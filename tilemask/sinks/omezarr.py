@@ -172,12 +172,13 @@ class OmeZarrSink(LabelSink):
             chunks = tuple(min(c, s) for c, s in zip(layout.chunks, shape))
             if channels:
                 root.create_array(str(level), shape=(channels, *shape), chunks=(channels, *chunks),
-                                  dtype=layout.probabilities_dtype, fill_value=0, dimension_names=("c", *names))  # fmt: skip
+                                  dtype=layout.probabilities_dtype, fill_value=layout.probabilities_fill,
+                                  dimension_names=("c", *names))  # fmt: skip
             else:
-                root.create_array(str(level), shape=shape, chunks=chunks, dtype=layout.labels_dtype, fill_value=0,
-                                  dimension_names=names)  # fmt: skip
-            labels.create_array(str(level), shape=shape, chunks=chunks, dtype=layout.labels_dtype, fill_value=0,
-                                dimension_names=names)  # fmt: skip
+                root.create_array(str(level), shape=shape, chunks=chunks, dtype=layout.labels_dtype,
+                                  fill_value=layout.labels_fill, dimension_names=names)  # fmt: skip
+            labels.create_array(str(level), shape=shape, chunks=chunks, dtype=layout.labels_dtype,
+                                fill_value=layout.labels_fill, dimension_names=names)  # fmt: skip
         root.attrs.update(
             {"tilemask": {**layout.metadata, "classes": list(layout.class_names), "nodata": layout.nodata,
                           "complete": False, "labels": "labels/labels/0", "every_chunk_stored": True}}

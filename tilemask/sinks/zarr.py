@@ -55,7 +55,8 @@ class ZarrSink(LabelSink):
         layout = self.layout
         group = zarr.open_group(self.staged, mode="w", zarr_format=3, **zarr_options(self.staged))
         names = dimension_names(layout)
-        group.create_array("labels", shape=layout.shape, chunks=layout.chunks, dtype=layout.labels_dtype, fill_value=0,
+        group.create_array("labels", shape=layout.shape, chunks=layout.chunks, dtype=layout.labels_dtype,
+                           fill_value=layout.labels_fill,
                            dimension_names=names)  # fmt: skip
         if layout.writes_probabilities:
             group.create_array(
@@ -63,7 +64,7 @@ class ZarrSink(LabelSink):
                 shape=(layout.probability_channels, *layout.shape),
                 chunks=(layout.probability_channels, *layout.chunks),
                 dtype=layout.probabilities_dtype,
-                fill_value=0,
+                fill_value=layout.probabilities_fill,
                 dimension_names=None if names is None else ("class", *names),
                 # round(p * 255), said as CF says it (xarray decodes it to 0-1), as a COG's band scale says it
                 attributes={"scale_factor": 1 / 255, "add_offset": 0.0} if layout.probabilities_dtype == "uint8" else {},
