@@ -1858,6 +1858,31 @@ def test_every_get_route_answers_head_and_a_range_of_another_unit_is_ignored(ser
     assert (other_unit.status_code, other_unit.content == data) == (200, True)
 
 
+@pytest.mark.timeout(60)
+def test_a_range_that_is_invalid_is_ignored_and_one_past_the_end_is_a_416(tmp_path):
+    """A review's: ``Range: bytes=5-2`` (last before first) was a 400, as were ``bytes=abc`` and ``bytes=`` (Starlette's
+    "Range header: start must be less than end"), where RFC 9110 14.1.1 calls such a ranges-specifier invalid, and
+    14.2 lets a server ignore it: the whole file, 200. ``bytes=abc,0-1`` gave bytes 0-1: one invalid range-spec
+    makes the whole specifier invalid, ignored too. A valid one past the end stays a 416, with the file's size."""
+    from .conftest import start_server
+
+    data = bytes(range(100))
+    (tmp_path / "blob.bin").write_bytes(data)
+    with start_server(tmp_path, "--workers", "1") as url:
+        for invalid in ("bytes=5-2", "bytes=abc", "bytes=", "bytes=5-2,0-1", "bytes=abc,0-1", "bytes=1-2-3", "bytes=-"):
+            r = get(f"{url}files/blob.bin", headers={"Range": invalid})
+            assert (r.status_code, r.content, "content-range" in r.headers) == (200, data, False), invalid
+        for unsatisfiable in ("bytes=100-", "bytes=200-300", "bytes=-0"):
+            r = get(f"{url}files/blob.bin", headers={"Range": unsatisfiable})
+            assert (r.status_code, r.headers["content-range"]) == (416, "bytes */100"), unsatisfiable
+        for valid, expected in (("bytes=5-5", data[5:6]), ("bytes=-5", data[95:]), ("bytes=98-200", data[98:]),
+                                ("bytes= 0-4", data[:5])):  # fmt: skip
+            r = get(f"{url}files/blob.bin", headers={"Range": valid})
+            assert (r.status_code, r.content) == (206, expected), valid
+        head = httpx.head(f"{url}files/blob.bin", headers={"Range": "bytes=5-2"}, timeout=30)
+        assert (head.status_code, head.headers["content-length"]) == (200, "100")
+
+
 def test_a_scan_cut_short_is_left_out_not_paired_with_its_labels(tmp_path, served_folder, caplog):
     """A reviewer's: a scan still being copied beside intact labels was listed and paired with them; the viewer
     then stopped at "loading" with gzip's "Compressed input was truncated", naming no file, and drew no labels.

@@ -37,12 +37,39 @@ VENDOR = STATIC / "vendor"
 VENDOR_FILES = ("ol.js", "ol.css", "niivue.umd.js")
 GEOJSON = "application/geo+json"
 OUTSIDE = {"X-Tilemask-Outside": "1"}  # a 404 for a place the output does not cover: the map shows nothing there
+BYTE_RANGE = re.compile(rb"(\d+)-(\d*)|-\d+")  # RFC 9110 14.1.2: first-last, first- or -suffix
+
+
+def valid_byte_ranges(value: bytes) -> bool:
+    """Whether a ``Range`` value (its unit ``bytes``) is a valid ranges-specifier (RFC 9110 14.1.1): one range-spec
+    or more, each ``first-last`` with last not before first, ``first-`` or ``-suffix`` (a list's empty elements
+    skipped, RFC 9110 5.6.1).  Whether it is satisfiable is the file's to say (416)."""
+    specs = [spec.strip(b" \t") for spec in value.split(b"=", 1)[1].split(b",")]
+    matches = [BYTE_RANGE.fullmatch(spec) for spec in specs if spec]
+    return bool(matches) and all(m and not (m[2] and _number(m[2]) < _number(m[1])) for m in matches)
+
+
+def _number(digits: bytes) -> tuple[int, bytes]:
+    """Decimal ``digits`` as a key that orders as their value, with no int() (which refuses 4,300 digits or more)."""
+    digits = digits.lstrip(b"0")
+    return len(digits), digits
+
+
+def ignored_range(name: bytes, value: bytes) -> bool:
+    """A ``Range`` header to ignore, as RFC 9110 14.2 says a server does (MUST for a unit it does not know, MAY for an
+    invalid ranges-specifier): another unit than bytes, or ranges that are invalid, as ``bytes=5-2`` (Starlette
+    answered both with a 400)."""
+    if name != b"range":
+        return False
+    value = value.strip().lower()
+    return not value.startswith(b"bytes=") or not valid_byte_ranges(value)
 
 
 class HeadAsGet:
     """HEAD of every GET route, answered as GET without its body (RFC 9110 9.1: every general-purpose server
     supports both; FastAPI's routes answered 405); ``/files`` and ``/static`` answer HEAD themselves, without
-    reading the file.  A ``Range`` of another unit than bytes is ignored, as RFC 9110 14.2 says (it was a 400)."""
+    reading the file.  A ``Range`` of another unit than bytes, or one whose ranges are invalid (``bytes=5-2``), is
+    ignored, as RFC 9110 14.2 says (:func:`ignored_range`; it was a 400)."""
 
     ANSWER_HEAD = ("/files/", "/static/")
 
@@ -52,7 +79,7 @@ class HeadAsGet:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = [(k, v) for k, v in scope["headers"] if k != b"range" or v.strip().lower().startswith(b"bytes=")]
+        headers = [(k, v) for k, v in scope["headers"] if not ignored_range(k, v)]
         scope = {**scope, "headers": headers}
         if scope["method"] != "HEAD" or scope["path"].startswith(self.ANSWER_HEAD):
             return await self.app(scope, receive, send)
