@@ -41,9 +41,25 @@ def list_items(path: str) -> list[InputItem]:
         raise InputError(f"input.list: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     folder = os.path.dirname(path)
     files = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    json_line = next((n for n, line in enumerate(lines, 1) if _json_value(line)), None)
+    if json_line is not None:  # a job's items.jsonl, a catalogue's export: each line was taken for a path
+        kind = "a JSON object" if lines[json_line - 1].strip().startswith("{") else "a JSON array"
+        raise InputError(f"input.list: {path} line {json_line} is {kind}, not a path: a list file holds one path or "
+                         "URL a line")  # fmt: skip
     if not files:
         raise InputError(f"input.list: {path} lists no input")
     return [InputItem(input_name(f), (f,)) for f in (resolved(f, folder, "input.list") for f in files)]
+
+
+def _json_value(line: str) -> bool:
+    """Whether a list file's line is a JSON object or array (a file may be named ``[2020] a.tif`` or ``{x}.tif``)."""
+    line = line.strip()
+    if not line.startswith(("{", "[")):
+        return False
+    try:
+        return isinstance(json.loads(line), (dict, list))
+    except ValueError:
+        return False
 
 
 def archive_items(archive: str, pattern: str) -> list[InputItem]:

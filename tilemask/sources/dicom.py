@@ -118,7 +118,35 @@ def folder_problem(path: str) -> str:
         example = os.path.relpath(bare, path)
         return (f"{path}: DICOM files without the Part 10 header ('DICM' at byte 128), e.g. {example}; rewrite them "
                 "as Part 10 files (gdcmconv, or pydicom's dcmwrite)")  # fmt: skip
+    rasters = _rasters_problem(path, files)
+    if rasters:
+        return rasters
     return f"{path}: a folder with no DICOM file among its first {len(files)} files, and no dataset GDAL opens"
+
+
+RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt", ".img", ".png", ".jpg", ".jpeg", ".nii.gz", ".nii", ".nc")
+
+
+def _raster_suffix(name: str) -> str | None:
+    return next((s for s in RASTER_SUFFIXES if name.lower().endswith(s)), None)
+
+
+def _rasters_problem(path: str, files: list[str]) -> str | None:
+    """A folder of rasters (scenes, scans) given as one input: the glob that runs each as an input.  A batch user's
+    ``input: scenes/`` was "a folder with no DICOM file ... and no dataset GDAL opens", with no word of a glob."""
+    with os.scandir(path) as entries:
+        top = sorted(e.name for e in entries if e.is_file() and _raster_suffix(e.name))
+    deeper = "" if top else "**/"
+    names = top or [os.path.relpath(f, path) for f in files if _raster_suffix(f)]
+    if not names:
+        return None
+    suffixes = [_raster_suffix(n) for n in names]
+    suffix = max(RASTER_SUFFIXES, key=suffixes.count)  # the most common: the scenes, not a stray preview
+    names = [n for n, s in zip(names, suffixes) if s == suffix]
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    count = f"{len(names)} rasters" if top else "rasters in its subfolders"
+    return (f"{path}: a folder of {count} ({shown}), not one input: give them as a glob, "
+            f"{path.rstrip('/')}/{deeper}*{suffix}, to run each as an input")
 
 
 def _headerless_dicom(path: str) -> bool:
