@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import zipfile
+from pathlib import Path
 
+import numpy as np
 import pytest
+import rasterio
 
 import tilemask
 from tilemask import Workflow
@@ -60,3 +64,46 @@ def test_a_json_lines_file_given_as_a_list_is_refused_as_one(make_model, tmp_pat
     workflow["input"] = {"list": "named.txt"}
     items = plan_model(Workflow.from_dict(workflow, base_dir=tmp_path)).items
     assert [item.files for item in items] == [(str(tmp_path / "[2020] a.tif"),)]
+
+
+@pytest.mark.timeout(300)
+def test_a_scene_added_to_a_zip_redoes_only_that_scene_and_a_replaced_member_only_itself(make_model, tmp_path, client):
+    """A zip member was stamped by its archive's time and size: a scene appended to an archive of scenes (``zip -u``)
+    redid every scene of it, unchanged ones too (2 of 2 predicted again here, 1000 of 1000 in an archive of 1000).
+    A zip's central directory names each member's CRC-32 and size: a member goes by them."""
+    with rasterio.open(GEO["RGB.byte.tif"]) as src:
+        scenes = {}
+        for name, (row, col) in {"a": (200, 200), "b": (300, 400), "c": (400, 100)}.items():
+            window = ((row, row + 64), (col, col + 64))
+            profile = src.profile | {"width": 64, "height": 64, "transform": src.window_transform(window)}
+            with rasterio.open(tmp_path / f"{name}.tif", "w", **profile) as dst:
+                dst.write(src.read(window=window))
+            scenes[name] = (tmp_path / f"{name}.tif").read_bytes()
+    weights, _ = make_model()
+    workflow = raster_workflow("x", weights, output={"path": "out/{stem}.tif"})
+    workflow["input"] = {"archive": "scenes.zip", "members": "*.tif"}
+
+    def run(members: dict[str, bytes], mode: str) -> dict[str, tuple[str, int]]:
+        with zipfile.ZipFile(tmp_path / "scenes.zip", mode) as zf:
+            for name, data in members.items():
+                zf.writestr(f"{name}.tif", data)
+        results = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+        return {Path(r.outputs[0]).stem: (r.status, r.windows) for r in results}
+
+    assert run({"a": scenes["a"], "b": scenes["b"]}, "w") == {"a": ("ok", 1), "b": ("ok", 1)}
+    assert run({"c": scenes["c"]}, "a") == {"a": ("skipped", 0), "b": ("skipped", 0), "c": ("ok", 1)}
+    # the archive written anew, b's member now another scene's pixels: b alone is redone
+    assert run({"a": scenes["a"], "b": scenes["c"], "c": scenes["c"]}, "w") == {
+        "a": ("skipped", 0), "b": ("ok", 1), "c": ("skipped", 0)}
+    with rasterio.open(tmp_path / "out" / "b.tif") as b, rasterio.open(tmp_path / "out" / "c.tif") as c:
+        assert np.array_equal(b.read(), c.read())  # b's labels are of its new member's pixels
+    # a job's lines written before members had stamps of their own hold the archive's time and size: kept skipped
+    (manifest,) = (tmp_path / "out" / ".tilemask" / "jobs").glob("*/manifest.jsonl")
+    stat = (tmp_path / "scenes.zip").stat()
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for line in lines:
+        if line["status"] == "ok":
+            assert line["stamps"][0][0] == "zip"
+            line["stamps"][0] = [stat.st_mtime_ns, stat.st_size]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert run({}, "a") == {"a": ("skipped", 0), "b": ("skipped", 0), "c": ("skipped", 0)}

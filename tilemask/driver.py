@@ -81,7 +81,7 @@ from .planning import InputPlan, WorkflowPlan, classes_of, plan_model
 from .products import client_imports
 from .progress import announce
 from .settings import measure_after_seconds
-from .sources import input_stamp
+from .sources import file_stamp, input_stamp
 from .storage import network_object, redacted
 from .workflow import InputItem, Workflow
 
@@ -513,6 +513,17 @@ def _stamps(files) -> list[list]:
     return [input_stamp(f) for f in files]
 
 
+def _same_stamps(now: list, recorded: list | None, files: list[str]) -> bool:
+    """Whether an item's files are as a line recorded them: its stamps, or a job's line written before a zip's
+    members had stamps of their own (2026-12-07), with the archive's time and size, where the archive is as it was
+    (its members then are too: not each redone once)."""
+    if now == recorded:
+        return True
+    if recorded is None or not any(stamp[:1] == ["zip"] for stamp in now):
+        return False
+    return [stamp if stamp[:1] != ["zip"] else list(file_stamp(f)) for stamp, f in zip(now, files)] == recorded
+
+
 def _regions(plan: WorkflowPlan, item: InputItem) -> str | None:
     """The regions file of an item's statistics (``stats.regions``), if any: edited, the item is redone."""
     stats = plan.workflow.stats_for(item.name)
@@ -550,7 +561,8 @@ def _finished(lines: dict[str, dict], weights: list, files: dict[str, list[str]]
         recorded = line.get("files")  # None: a line written before the files and stamps were recorded
         same_files = recorded is None or list(map(redacted, recorded)) == list(map(redacted, current))
         now = _stamps(current) if recorded is not None and same_files else None
-        unchanged = same_files and (now is None or (now == line.get("stamps") and [None] not in now))
+        recorded_stamps = line.get("stamps")
+        unchanged = same_files and (now is None or ([None] not in now and _same_stamps(now, recorded_stamps, current)))
         if say_unversioned and now is not None and [None] in now:  # redone run after run: said, or it looks a bug
             logger.warning("%s: done before, redone: %s names no version (no ETag or Last-Modified from its server, "
                            "or no answer), so it cannot be told from a replaced file; every run redoes it",

@@ -197,6 +197,31 @@ def damaged_member(path: str) -> str | None:
     return _damage(archive, member if zipped else None, None, *_local_version(archive))
 
 
+def zip_member_stamp(path: str) -> list | None:
+    """What tells one version of a local zip's member from another: ``["zip", CRC-32, size]`` from the archive's
+    central directory (read once per archive version).  None for any other path, or a zip that cannot be read
+    (its archive's time and size then stand for it).  The archive's own time and size stood for every member: a
+    scene appended to an archive of scenes redid every scene of it."""
+    split = split_member(path)
+    if split is None or not split[0].lower().endswith(".zip"):
+        return None
+    archive, member = split
+    if archive.startswith("/vsi") or "://" in archive or not os.path.isfile(archive):
+        return None
+    try:
+        info = _zip_directory(archive, *_local_version(archive)).get(member)
+    except (OSError, zipfile.BadZipFile):
+        return None
+    return None if info is None else ["zip", *info]
+
+
+@functools.lru_cache(maxsize=64)
+def _zip_directory(archive: str, *version) -> dict[str, tuple[int, int]]:
+    """``{member: (CRC-32, size)}`` of a local zip of ``version`` (:func:`_local_version`), named as GDAL reads them."""
+    with zipfile.ZipFile(archive) as zf:
+        return {i.filename.replace("\\", "/"): (i.CRC, i.file_size) for i in zf.infolist() if not i.is_dir()}
+
+
 def _local_version(archive: str) -> tuple[int, int, int, int]:
     """What tells one version of a local file from another: its inode, time, size and change time (a copy over it
     in place keeping its time and size, ``cp -p`` or ``rsync -a --inplace``, changes only that one: the zip kept
