@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import shutil
 import zipfile
@@ -13,7 +14,7 @@ import rasterio
 
 import tilemask
 from tilemask import Workflow
-from tilemask.errors import InputError
+from tilemask.errors import InputError, WorkflowError
 from tilemask.planning import plan_model
 
 from .conftest import GEO, raster_workflow, run_cli
@@ -107,3 +108,31 @@ def test_a_scene_added_to_a_zip_redoes_only_that_scene_and_a_replaced_member_onl
             line["stamps"][0] = [stat.st_mtime_ns, stat.st_size]
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert run({}, "a") == {"a": ("skipped", 0), "b": ("skipped", 0), "c": ("skipped", 0)}
+
+
+@pytest.mark.timeout(60)
+def test_two_stac_items_or_listed_files_of_one_name_are_told_what_to_change_for_their_kind(make_model, tmp_path):
+    """Two STAC Items whose ids make one file name (``scene/2`` and ``scene_2``) were refused naming their assets'
+    files, with advice about globs and folders (to narrow the input's glob, or run each folder as a workflow)."""
+    import pystac
+
+    for folder in ("2020", "2021"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(GEO["RGB.byte.tif"], tmp_path / folder / "a.tif")
+    items = []
+    for item_id, folder in (("scene/2", "2020"), ("scene_2", "2021")):
+        item = pystac.Item(id=item_id, geometry=None, bbox=None, datetime=datetime.datetime(2020, 1, 1), properties={})
+        item.add_asset("visual", pystac.Asset(href=f"{folder}/a.tif"))
+        items.append(item)
+    (tmp_path / "items.json").write_text(json.dumps(pystac.ItemCollection(items).to_dict()))
+    (tmp_path / "items.txt").write_text("2020/a.tif\n2021/a.tif\n")
+    weights, _ = make_model()
+    workflow = raster_workflow("x", weights, output={"path": "out/{stem}_mask.tif"})
+    stac = (r"both are named 'scene_2', which \{stem\} stands for \(the STAC Items' ids made file names\): give them "
+            "ids of their own, or run them as workflows of their own$")
+    listed = (r"both are named 'a', which \{stem\} stands for; rename one, or list them in list files of their own, "
+              "each run as a workflow of its own$")
+    for given, advice in (({"stac": "items.json", "assets": ["visual"]}, stac), ({"list": "items.txt"}, listed)):
+        workflow["input"] = given
+        with pytest.raises(WorkflowError, match=advice):
+            plan_model(Workflow.from_dict(workflow, base_dir=tmp_path))

@@ -47,7 +47,7 @@ from .sources.stack import StackedSource
 from .spatial import ModelGrid, ResampledSource, model_grid
 from .stats.config import PostprocessConfig, StatsConfig, check_regions, is_label_image
 from .storage import is_remote, redacted, redacted_values
-from .workflow import DEFAULT_CHUNKS, ONE_CHANNEL, REMOTE_PREFIXES, InputItem, Workflow
+from .workflow import DEFAULT_CHUNKS, ONE_CHANNEL, REMOTE_PREFIXES, InputItem, ListInput, StacInput, Workflow
 
 logger = logging.getLogger(__name__)
 
@@ -622,10 +622,21 @@ def _check_output_names(workflow: Workflow, items: list[InputItem]) -> None:
                                     "give it once")  # fmt: skip
             if path in seen:
                 advice = ("put {stem} in the output's name" if path_of(item.name + "-") == path else
-                          f"both are named {item.name!r}, which {{stem}} stands for; rename one, narrow the input's "
-                          "glob (input.members within an archive), or run each folder as a workflow of its own")  # fmt: skip
+                          f"both are named {item.name!r}, which {{stem}} stands for{_one_name_advice(workflow)}")
                 raise WorkflowError(f"output: {seen[path][0].files[0]} and {item.files[0]} would both write {path}; {advice}")
             seen[path] = item, key
+
+
+def _one_name_advice(workflow: Workflow) -> str:
+    """What to change where two inputs are named alike, for the kind of input that names them (globs and folders
+    were the advice to a STAC catalog's Items and a list file's lines too)."""
+    if isinstance(workflow.input, StacInput):
+        return (" (the STAC Items' ids made file names): give them ids of their own, or run them as workflows of "
+                "their own")  # fmt: skip
+    if isinstance(workflow.input, ListInput):
+        return "; rename one, or list them in list files of their own, each run as a workflow of its own"
+    return ("; rename one, narrow the input's glob (input.members within an archive), or run each folder as a "
+            "workflow of its own")  # fmt: skip
 
 
 def _one_file(a: str, b: str) -> bool:
