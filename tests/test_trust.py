@@ -1430,6 +1430,20 @@ def test_an_output_folder_on_a_file_system_without_unnamed_files_is_checked_with
     assert len(made) == 1 and list((tmp_path / "out").iterdir()) == []
 
 
+def test_an_output_folder_is_checked_where_os_has_no_unnamed_files(tmp_path, monkeypatch):
+    """A review's: ``os.O_TMPFILE`` is Linux's only (macOS and Windows have none): the check raised AttributeError
+    there, out of every run, where it is to fall back to a named file, made and removed."""
+    from tilemask.errors import OutputConflict
+    from tilemask.outputs import check_writable
+
+    monkeypatch.delattr(os, "O_TMPFILE", raising=False)
+    check_writable(tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+    (tmp_path / "file").touch()
+    with pytest.raises(OutputConflict, match=r"is not writable: .*file is a file, not a folder$"):
+        check_writable(tmp_path / "file" / "out")
+
+
 @pytest.mark.slow  # a whole embedded run with polygons (12 s)
 def test_non_ascii_and_spaces_in_every_path(make_raster, make_model, tmp_path):
     folder = tmp_path / "dé jà vu" / "données d'été"

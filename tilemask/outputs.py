@@ -363,11 +363,14 @@ def remove_made(made: list[Path]) -> None:
 
 def check_writable(folder: Path, made: list[Path] | None = None) -> None:
     """Create ``folder`` if needed (noting in ``made`` the folders made, :func:`make_folder`) and prove a file can be
-    made in it: a file with no name (``O_TMPFILE``) where the file system has them, so that a run killed as it
-    checks leaves nothing behind (a named probe did, in a loaded CI); else a named one, made and removed."""
+    made in it: a file with no name (``O_TMPFILE``) where the system (Linux) and file system have them, so that a
+    run killed as it checks leaves nothing behind (a named probe did, in a loaded CI); else a named one, made and
+    removed."""
     try:
         make_folder(folder, made)
         try:
+            if not hasattr(os, "O_TMPFILE"):  # Linux's only: not on macOS or Windows
+                raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
             os.close(os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o600))
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):  # not "no unnamed files here"
