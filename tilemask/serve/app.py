@@ -50,9 +50,22 @@ def valid_byte_ranges(value: bytes) -> bool:
 
 
 def _number(digits: bytes) -> tuple[int, bytes]:
-    """Decimal ``digits`` as a key that orders as their value, with no int() (which refuses 4,300 digits or more)."""
+    """Decimal ``digits`` as a key that orders as their value, with no int() (which refuses 4,300 digits or more;
+    :func:`bounded_range`)."""
     digits = digits.lstrip(b"0")
     return len(digits), digits
+
+
+def bounded_range(value: bytes) -> bytes:
+    """A valid ``Range`` value with each number over 10**18 (leading zeros left out) as 10**18, more than any file's
+    size: Starlette reads them with int(), which refuses 4,300 digits or more, and it answered such a range with a
+    400 where its value says a 416 (first past the end) or the rest of the file (last or suffix past the end)."""
+    return re.sub(rb"\d{19,}", _bounded, value)
+
+
+def _bounded(number: re.Match) -> bytes:
+    digits = number[0].lstrip(b"0") or b"0"
+    return digits if len(digits) <= 18 else b"1" + b"0" * 18
 
 
 def ignored_range(name: bytes, value: bytes) -> bool:
@@ -79,7 +92,8 @@ class HeadAsGet:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = [(k, v) for k, v in scope["headers"] if not ignored_range(k, v)]
+        headers = [(k, bounded_range(v) if k == b"range" else v)
+                   for k, v in scope["headers"] if not ignored_range(k, v)]  # fmt: skip
         scope = {**scope, "headers": headers}
         if scope["method"] != "HEAD" or scope["path"].startswith(self.ANSWER_HEAD):
             return await self.app(scope, receive, send)
