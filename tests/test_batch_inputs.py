@@ -136,3 +136,39 @@ def test_two_stac_items_or_listed_files_of_one_name_are_told_what_to_change_for_
         workflow["input"] = given
         with pytest.raises(WorkflowError, match=advice):
             plan_model(Workflow.from_dict(workflow, base_dir=tmp_path))
+
+
+@pytest.mark.timeout(300)
+def test_weights_in_a_zip_recorded_by_the_archives_stamp_are_taken_while_the_archive_is_as_it_was(make_model,
+                                                                                                  tmp_path, client):
+    """Weights read from a zip (``/vsizip/models.zip/weights.pt``) were stamped, in a job's lines written before
+    2026-12-07, by the archive's time and size; they now go by the member's CRC-32 and size.  The items' files were
+    still taken, the archive as it was, but the weights' stamp was not: every item was redone once."""
+    shutil.copy(GEO["RGB.byte.tif"], tmp_path / "a.tif")
+    weights, _ = make_model()
+    with zipfile.ZipFile(tmp_path / "models.zip", "w") as zf:
+        zf.write(weights, "weights.pt")
+    workflow = raster_workflow(tmp_path / "a.tif", f"/vsizip/{tmp_path}/models.zip/weights.pt",
+                               output={"path": "out/{stem}.tif"})  # fmt: skip
+
+    def run() -> list[str]:
+        return [r.status for r in tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)]
+
+    assert run() == ["ok"]
+    (manifest,) = (tmp_path / "out" / ".tilemask" / "jobs").glob("*/manifest.jsonl")
+    stat = (tmp_path / "models.zip").stat()
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert [line["weights_stamp"][0] for line in lines if line["status"] == "ok"] == ["zip"]
+    for line in lines:
+        if line["status"] == "ok":  # as the version before wrote it
+            line["weights_stamp"] = [stat.st_mtime_ns, stat.st_size]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert run() == ["skipped"]
+    with zipfile.ZipFile(tmp_path / "models.zip", "a") as zf:  # the archive changed since: redone, as before
+        zf.writestr("notes.txt", "retrained\n")
+    for line in lines:
+        if line["status"] == "ok":
+            line["weights_stamp"] = [stat.st_mtime_ns, stat.st_size]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert run() == ["ok"]
+

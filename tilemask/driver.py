@@ -365,7 +365,8 @@ def drive_job(
     todo, done_before = [], []
     latest = manifest.latest()
     weights = input_stamp(plan.model.weights)  # retrained weights at the same path: every item is redone
-    finished = _finished({item.name: latest[item.name] for item in items if item.name in latest}, weights,
+    finished = _finished({item.name: latest[item.name] for item in items if item.name in latest},
+                         (plan.model.weights, weights),
                          {item.name: list(item.files) for item in items},
                          {item.name: _regions(plan, item) for item in items}, say_unversioned=not forget)
     stop = threading.Event()
@@ -514,9 +515,10 @@ def _stamps(files) -> list[list]:
 
 
 def _same_stamps(now: list, recorded: list | None, files: list[str]) -> bool:
-    """Whether an item's files are as a line recorded them: its stamps, or a job's line written before a zip's
-    members had stamps of their own (2026-12-07), with the archive's time and size, where the archive is as it was
-    (its members then are too: not each redone once)."""
+    """Whether ``files`` (an item's, or its weights) are as a line recorded them: its stamps, or a job's line written
+    before a zip's members had stamps of their own (2026-12-07), with the archive's time and size, where the archive
+    is as it was (its members then are too: not each redone once; weights read from a zip were, every item of the
+    job)."""
     if now == recorded:
         return True
     if recorded is None or not any(stamp[:1] == ["zip"] for stamp in now):
@@ -546,15 +548,18 @@ def _regions_stamp(path: str) -> list[list]:
     return stamps
 
 
-def _finished(lines: dict[str, dict], weights: list, files: dict[str, list[str]],
+def _finished(lines: dict[str, dict], weights: tuple[str, list], files: dict[str, list[str]],
               regions: dict[str, str | None], say_unversioned: bool = True) -> set[str]:  # fmt: skip
     """The names of the items whose latest line (``lines``) is ok (or failed only to send its outputs on), whose
     files (``files``, by name, as listed now: a list file or STAC Item may name other files under the same name),
-    statistics' regions (``regions``, by name) and weights (stamped ``weights`` now) are as they were (a replaced
-    input, edited regions or retrained weights, is redone; lines written before the files and stamps were recorded
-    count as unchanged) and whose outputs are complete (:func:`~tilemask.jobs.outputs_complete`).  Asked in
-    parallel: objects on the network a request each, a GeoPackage's mark a few ms.  ``say_unversioned``: warn of an
-    item redone because a file of it names no version (not under ``--overwrite``, which redoes every item)."""
+    statistics' regions (``regions``, by name) and weights (``weights``: their path, and their stamp now) are as
+    they were (a replaced input, edited regions or retrained weights, is redone; lines written before the files and
+    stamps were recorded count as unchanged) and whose outputs are complete (:func:`~tilemask.jobs.outputs_complete`).
+    Asked in parallel: objects on the network a request each, a GeoPackage's mark a few ms.  ``say_unversioned``:
+    warn of an item redone because a file of it names no version (not under ``--overwrite``, which redoes every
+    item)."""
+
+    weights_file, weights_stamp = weights
 
     def finished(line: dict) -> bool:
         current = files[line["name"]]  # stamped, not the files as recorded: a URL signed then may have expired
@@ -570,7 +575,8 @@ def _finished(lines: dict[str, dict], weights: list, files: dict[str, list[str]]
         region_file = regions[line["name"]]
         same_regions = region_file is None or "regions_stamp" not in line or (
             (now := region_stamps[region_file]) == line["regions_stamp"] and [None] not in now)
-        same_model = line.get("weights_stamp", weights) == weights and weights != [None]
+        recorded_weights = line.get("weights_stamp", weights_stamp)
+        same_model = weights_stamp != [None] and _same_stamps([weights_stamp], [recorded_weights], [weights_file])
         return (unchanged and same_regions and same_model and own_labels(line)
                 and outputs_complete(line["outputs"]))  # fmt: skip
 
