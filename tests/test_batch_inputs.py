@@ -172,3 +172,19 @@ def test_weights_in_a_zip_recorded_by_the_archives_stamp_are_taken_while_the_arc
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert run() == ["ok"]
 
+
+@pytest.mark.timeout(60)
+def test_a_listed_path_that_is_also_json_is_a_path_where_it_exists(make_model, tmp_path):
+    """A list file's line ``[2020]`` (a scene, a series' folder, named by its year) is a JSON array too: it was
+    refused as one ("line 1 is a JSON array, not a path"), where a path that exists is that file."""
+    shutil.copy(GEO["RGB.byte.tif"], tmp_path / "[2020]")
+    (tmp_path / "years.txt").write_text("[2020]\n")
+    weights, _ = make_model()
+    workflow = raster_workflow("x", weights, output={"path": "out/{stem}_mask.tif"})
+    workflow["input"] = {"list": "years.txt"}
+    items = plan_model(Workflow.from_dict(workflow, base_dir=tmp_path)).items
+    assert [item.files for item in items] == [(str(tmp_path / "[2020]"),)]
+    (tmp_path / "years.txt").write_text("[2021]\n")  # no such file: a JSON array, as before
+    with pytest.raises(InputError, match=r"years.txt line 1 is a JSON array, not a path"):
+        plan_model(Workflow.from_dict(workflow, base_dir=tmp_path))
+

@@ -41,7 +41,8 @@ def list_items(path: str) -> list[InputItem]:
         raise InputError(f"input.list: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     folder = os.path.dirname(path)
     files = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    json_line = next((n for n, line in enumerate(lines, 1) if _json_value(line)), None)
+    json_line = next((n for n, line in enumerate(lines, 1) if _json_value(line)
+                      and not os.path.lexists(os.path.join(folder, line.strip()))), None)  # a file [2020]
     if json_line is not None:  # a job's items.jsonl, a catalogue's export: each line was taken for a path
         kind = "a JSON object" if lines[json_line - 1].strip().startswith("{") else "a JSON array"
         raise InputError(f"input.list: {path} line {json_line} is {kind}, not a path: a list file holds one path or "
