@@ -188,3 +188,29 @@ def test_a_listed_path_that_is_also_json_is_a_path_where_it_exists(make_model, t
     with pytest.raises(InputError, match=r"years.txt line 1 is a JSON array, not a path"):
         plan_model(Workflow.from_dict(workflow, base_dir=tmp_path))
 
+
+
+@pytest.mark.timeout(120)
+def test_a_folder_of_nnunet_cases_given_as_the_input_is_refused_naming_input_channels(make_model, tmp_path):
+    """``input: imagesTs/`` (nnU-Net's cases, a file a channel: ``case1_0000.nii.gz``, ``case1_0001.nii.gz``) was
+    told to give ``imagesTs/*.nii.gz``: each channel's file one input, a case's channels never read together."""
+    import nibabel as nib
+
+    scans = tmp_path / "imagesTs"
+    scans.mkdir()
+    for case in ("case1", "case2"):
+        for channel in ("0000", "0001"):
+            nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), scans / f"{case}_{channel}.nii.gz")
+    weights, _ = make_model()
+    workflow = Workflow.from_dict(raster_workflow(scans, weights, output={"path": "out/{stem}_mask.tif"}),
+                                  base_dir=tmp_path)  # fmt: skip
+    expected = (rf"^{scans}: a folder of 2 cases of 2 channels each \(case1, case2\), nnU-Net's names, not one input: "
+                rf"give them as input: {{channels: \['{scans}/{{case}}_0000.nii.gz', '{scans}/{{case}}_0001.nii.gz'\]}}"
+                ", to run each case as an input$")  # fmt: skip
+    with pytest.raises(InputError, match=expected):
+        tilemask.run(workflow)
+    for path in scans.glob("*_0001.nii.gz"):  # one channel: the glob, as for any folder of scans
+        path.unlink()
+    glob = rf"^{scans}: a folder of 2 rasters .*: give them as a glob, {scans}/\*.nii.gz"
+    with pytest.raises(InputError, match=glob):
+        tilemask.run(workflow)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,10 +144,30 @@ def _rasters_problem(path: str, files: list[str]) -> str | None:
     suffixes = [_raster_suffix(n) for n in names]
     suffix = max(RASTER_SUFFIXES, key=suffixes.count)  # the most common: the scenes, not a stray preview
     names = [n for n, s in zip(names, suffixes) if s == suffix]
+    cases = _nnunet_cases(names, suffix) if top else None
+    if cases:  # a file a channel: the glob made each channel an input of its own
+        case_names, channels = cases
+        shown = ", ".join(case_names[:3]) + (", ..." if len(case_names) > 3 else "")
+        patterns = ", ".join(repr(f"{path.rstrip('/')}/{{case}}_{c}{suffix}") for c in channels)
+        return (f"{path}: a folder of {len(case_names)} cases of {len(channels)} channels each ({shown}), nnU-Net's "
+                f"names, not one input: give them as input: {{channels: [{patterns}]}}, to run each case as an input")
     shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
     count = f"{len(names)} rasters" if top else "rasters in its subfolders"
     return (f"{path}: a folder of {count} ({shown}), not one input: give them as a glob, "
             f"{path.rstrip('/')}/{deeper}*{suffix}, to run each as an input")
+
+
+def _nnunet_cases(names: list[str], suffix: str) -> tuple[list[str], list[str]] | None:
+    """``(cases, channels)`` of files named as nnU-Net names a case's channels (``case1_0000.nii.gz``,
+    ``case1_0001.nii.gz``), where there are two channels or more and each case has each; None otherwise."""
+    found = [re.fullmatch(rf"(.+)_(\d{{4}}){re.escape(suffix)}", n, re.IGNORECASE) for n in names]
+    if not all(found):
+        return None
+    channels = sorted({m[2] for m in found})
+    cases = sorted({m[1] for m in found})
+    if len(channels) < 2 or len(found) != len(cases) * len(channels):
+        return None
+    return cases, channels
 
 
 def _headerless_dicom(path: str) -> bool:
