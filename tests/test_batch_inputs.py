@@ -214,3 +214,20 @@ def test_a_folder_of_nnunet_cases_given_as_the_input_is_refused_naming_input_cha
     glob = rf"^{scans}: a folder of 2 rasters .*: give them as a glob, {scans}/\*.nii.gz"
     with pytest.raises(InputError, match=glob):
         tilemask.run(workflow)
+
+
+@pytest.mark.timeout(120)
+def test_the_glob_a_folder_of_rasters_is_told_runs_its_rasters_in_a_folder_named_with_brackets(make_model, tmp_path):
+    """The glob named for a folder of rasters in ``survey [v2]/`` (a project's folder) matched none of them: its
+    ``[v2]`` is a character class in ``input:``, which is a glob as written."""
+    scenes = tmp_path / "survey [v2]" / "scenes"
+    scenes.mkdir(parents=True)
+    for name in ("a", "b"):
+        shutil.copy(GEO["RGB.byte.tif"], scenes / f"{name}.tif")
+    weights, _ = make_model()
+    workflow = raster_workflow(scenes, weights, output={"path": "out/{stem}_mask.tif"})
+    with pytest.raises(InputError, match="give them as a glob, ") as refused:
+        tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path))
+    told = str(refused.value).split("give them as a glob, ")[1].removesuffix(", to run each as an input")
+    items = plan_model(Workflow.from_dict(workflow | {"input": told}, base_dir=tmp_path)).items
+    assert [item.files for item in items] == [(str(scenes / "a.tif"),), (str(scenes / "b.tif"),)]

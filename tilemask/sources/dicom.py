@@ -15,6 +15,7 @@ worker decodes the slices once, into a temporary file, and reads regions from it
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -154,7 +155,7 @@ def _rasters_problem(path: str, files: list[str]) -> str | None:
     shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
     count = f"{len(names)} rasters" if top else "rasters in its subfolders"
     return (f"{path}: a folder of {count} ({shown}), not one input: give them as a glob, "
-            f"{path.rstrip('/')}/{deeper}*{suffix}, to run each as an input")
+            f"{glob.escape(path.rstrip('/'))}/{deeper}*{suffix}, to run each as an input")  # survey [v2]/: no class
 
 
 def _nnunet_cases(names: list[str], suffix: str) -> tuple[list[str], list[str]] | None:
