@@ -48,6 +48,14 @@ def test_a_folder_of_rasters_given_as_the_input_is_refused_naming_the_glob_that_
 
 
 @pytest.mark.timeout(60)
+def test_a_folder_of_one_raster_is_said_so(tmp_path):
+    from tilemask.sources.dicom import folder_problem
+
+    shutil.copy(GEO["RGB.byte.tif"], tmp_path / "a.tif")
+    assert folder_problem(str(tmp_path)).startswith(f"{tmp_path}: a folder of 1 raster (a.tif), not one input")
+
+
+@pytest.mark.timeout(60)
 def test_a_json_lines_file_given_as_a_list_is_refused_as_one(make_model, tmp_path):
     """``input: {list: items.jsonl}`` (a job's own items.jsonl, or a catalogue's export) took each JSON line for a
     path: ``.../{"item": 0, "name": "a", ...}: no such file or folder``."""

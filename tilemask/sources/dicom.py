@@ -153,7 +153,7 @@ def _rasters_problem(path: str, files: list[str]) -> str | None:
         return (f"{path}: a folder of {len(case_names)} cases of {len(channels)} channels each ({shown}), nnU-Net's "
                 f"names, not one input: give them as input: {{channels: [{patterns}]}}, to run each case as an input")
     shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-    count = f"{len(names)} rasters" if top else "rasters in its subfolders"
+    count = (f"{len(names)} raster{'s' * (len(names) > 1)}") if top else "rasters in its subfolders"
     return (f"{path}: a folder of {count} ({shown}), not one input: give them as a glob, "
             f"{glob.escape(path.rstrip('/'))}/{deeper}*{suffix}, to run each as an input")  # survey [v2]/: no class
 
