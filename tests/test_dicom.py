@@ -156,6 +156,7 @@ def test_regions_of_a_series_are_simpleitks_voxels_however_it_is_read(tmp_path, 
     assert caplog.text.count("reading it in place") == (room != "unpacked")
 
 
+@pytest.mark.slow  # 23 s in a loaded default run (2026-12-07, the 17th session)
 def test_a_run_on_a_series_writes_labels_on_the_scan_grid(make_model, tmp_path, client):
     weights, _ = make_model(UNET_3D)
     wf = Workflow.from_dict(
@@ -210,6 +211,7 @@ def test_labels_of_a_tilted_gantrys_series_are_where_simpleitk_puts_the_series_t
         np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
+@pytest.mark.slow  # 11 s in a loaded default run (2026-12-07, the 17th session)
 def test_a_case_of_one_series_per_channel_gets_a_segmentation_of_the_first_series_slices(make_model, tmp_path, client):
     """nnU-Net's ``{case}_0000``, ``{case}_0001`` as DICOM series folders (a T2 and an ADC series of one study): the
     SEG refers to the first channel's slices, its frames the NIfTI run's labels. It was refused as "... /pat_0000 is

@@ -200,6 +200,7 @@ def test_slice_axis_over_a_2d_image_is_refused_as_no_volume(make_raster, make_mo
         tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), workers=1)
 
 
+@pytest.mark.slow  # 10 s in a loaded default run (2026-12-07, the 17th session)
 @pytest.mark.timeout(120)
 def test_slice_axis_with_a_3d_torchscript_network_says_it_feeds_2d_slices(make_volume, tmp_path):
     """A TorchScript archive does not say its spatial_dims: a 3D one with ``slice_axis`` was refused as "the network
@@ -218,6 +219,7 @@ def test_slice_axis_with_a_3d_torchscript_network_says_it_feeds_2d_slices(make_v
         tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), workers=1)
 
 
+@pytest.mark.slow  # 10 s in a loaded default run (2026-12-07, the 17th session)
 @pytest.mark.timeout(120)
 def test_slice_axis_with_a_2d_network_wanting_other_channels_is_not_called_3d(make_volume, tmp_path):
     """A 2D TorchScript archive of 3 input channels over a 1-channel volume's slices: the refusal's end said "it needs

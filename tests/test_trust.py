@@ -562,6 +562,7 @@ def test_nan_voxels_are_nodata_in_a_nifti_output_and_its_statistics(make_volume,
     assert "class_255" not in set(table.iloc[:, 0].astype(str)) and table["voxels"].sum() == labels.size - 1, table
 
 
+@pytest.mark.slow  # 9 s in a loaded default run (2026-12-07, the 17th session)
 def test_gcp_only_raster_is_refused(make_model, write_workflow, tmp_path):
     path = tmp_path / "gcps.tif"
     gcps = [GroundControlPoint(0, 0, 500000, 4000000), GroundControlPoint(0, 99, 503000, 4000000),
@@ -1639,6 +1640,7 @@ def test_a_workflows_region_key_is_checked_before_any_work(make_raster, make_mod
     assert plan_workflow(Workflow.from_dict(keyed, base_dir=tmp_path)).items
 
 
+@pytest.mark.slow  # 10 s in a loaded default run (2026-12-07, the 17th session)
 @pytest.mark.timeout(90)
 def test_regions_gdal_cannot_read_are_refused_before_any_work(make_raster, make_model, write_workflow, tmp_path):
     """A regions file that is no vector format (with or without a region_id) is refused when the run is planned, in

@@ -310,6 +310,7 @@ def test_float_labels_of_whole_numbers_count_as_rasterstats_counts_them(tmp_path
 
 
 
+@pytest.mark.slow  # 10 s in a loaded default run (2026-12-07, the 17th session)
 @pytest.mark.timeout(60)
 def test_float_labels_whose_nodata_is_float32s_lowest_count_as_rasterstats_counts_them(tmp_path):
     """ArcGIS's float rasters declare NoData -3.4028235e38 (float32's lowest): such a label raster was refused as
@@ -331,6 +332,7 @@ def test_float_labels_whose_nodata_is_float32s_lowest_count_as_rasterstats_count
     assert counted == {int(k): v for k, v in reference.items()} and sum(counted.values()) == 40 * 50 - 30
 
 
+@pytest.mark.slow  # 11 s in a loaded default run (2026-12-07, the 17th session)
 @pytest.mark.timeout(60)
 def test_float_labels_past_int32_are_refused_as_past_int32_not_as_no_whole_number(tmp_path):
     """A Float64 raster's whole number past int32 (3e9) was refused as "must be whole numbers; ... holds 3e+09": a
