@@ -41,26 +41,27 @@ def list_items(path: str) -> list[InputItem]:
         raise InputError(f"input.list: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     folder = os.path.dirname(path)
     files = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    json_line = next((n for n, line in enumerate(lines, 1) if _json_value(line)
-                      and not os.path.lexists(os.path.join(folder, line.strip()))), None)  # a file [2020]
-    if json_line is not None:  # a job's items.jsonl, a catalogue's export: each line was taken for a path
-        kind = "a JSON object" if lines[json_line - 1].strip().startswith("{") else "a JSON array"
-        raise InputError(f"input.list: {path} line {json_line} is {kind}, not a path: a list file holds one path or "
-                         "URL a line")  # fmt: skip
+    for n, line in enumerate(lines, 1):  # a job's items.jsonl, a catalogue's export: each line was taken for a path
+        kind = _json_kind(line)
+        if kind and not os.path.lexists(os.path.join(folder, line.strip())):  # a file named [2020] is that file
+            raise InputError(f"input.list: {path} line {n} is {kind}, not a path: a list file holds one path or URL "
+                             "a line")  # fmt: skip
     if not files:
         raise InputError(f"input.list: {path} lists no input")
     return [InputItem(input_name(f), (f,)) for f in (resolved(f, folder, "input.list") for f in files)]
 
 
-def _json_value(line: str) -> bool:
-    """Whether a list file's line is a JSON object or array (a file may be named ``[2020] a.tif`` or ``{x}.tif``)."""
+def _json_kind(line: str) -> str | None:
+    """"a JSON object" or "a JSON array" where a list file's line is one (a file may be named ``[2020] a.tif`` or
+    ``{x}.tif``); else None."""
     line = line.strip()
     if not line.startswith(("{", "[")):
-        return False
+        return None
     try:
-        return isinstance(json.loads(line), (dict, list))
+        value = json.loads(line)
     except ValueError:
-        return False
+        return None
+    return {dict: "a JSON object", list: "a JSON array"}.get(type(value))
 
 
 def archive_items(archive: str, pattern: str) -> list[InputItem]:

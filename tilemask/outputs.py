@@ -368,18 +368,26 @@ def check_writable(folder: Path, made: list[Path] | None = None) -> None:
     removed."""
     try:
         make_folder(folder, made)
-        try:
-            if not hasattr(os, "O_TMPFILE"):  # Linux's only: not on macOS or Windows
-                raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
-            os.close(os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o600))
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):  # not "no unnamed files here"
-                raise
+        if not _made_unnamed_file(folder):
             probe = folder / f"{PREFIX}{new_run_id()}-probe"
             probe.touch()
             probe.unlink()
     except OSError as exc:
         raise OutputConflict(f"output folder {folder} is not writable: {why_unwritable(folder, exc)}") from None
+
+
+def _made_unnamed_file(folder: Path) -> bool:
+    """Make (and close) a file with no name in ``folder``; False where the system or file system has none (raises
+    what else stops it, as a folder that is not writable)."""
+    if not hasattr(os, "O_TMPFILE"):  # Linux's only: not on macOS or Windows
+        return False
+    try:
+        os.close(os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o600))
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):  # no unnamed files on this file system
+            return False
+        raise
+    return True
 
 
 def check_remote_writable(folder: str) -> None:
