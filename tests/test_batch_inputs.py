@@ -146,6 +146,7 @@ def test_two_stac_items_or_listed_files_of_one_name_are_told_what_to_change_for_
             plan_model(Workflow.from_dict(workflow, base_dir=tmp_path))
 
 
+@pytest.mark.slow  # 8 s in a quiet default run (2026-12-08, the 18th session)
 @pytest.mark.timeout(300)
 def test_weights_in_a_zip_recorded_by_the_archives_stamp_are_taken_while_the_archive_is_as_it_was(make_model,
                                                                                                   tmp_path, client):

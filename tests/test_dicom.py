@@ -180,6 +180,7 @@ def test_a_run_on_a_series_writes_labels_on_the_scan_grid(make_model, tmp_path, 
         np.testing.assert_allclose(ours, theirs, atol=1e-4)  # where SimpleITK puts the scan, it puts the labels
 
 
+@pytest.mark.slow  # 13 s in a quiet default run (2026-12-08, the 18th session)
 def test_labels_of_a_tilted_gantrys_series_are_where_simpleitk_puts_the_series_their_sform_tilted(
     make_model, tmp_path, client
 ):
