@@ -78,6 +78,19 @@ def ignored_range(name: bytes, value: bytes) -> bool:
     return not value.startswith(b"bytes=") or not valid_byte_ranges(value)
 
 
+class SatisfiableParts(FileResponse):
+    """A file answered as Starlette answers it, but for a set of byte ranges of which some start past its end: RFC
+    9110 14.1.2 calls the set satisfiable when one of its ranges is, and a server answers with those (Starlette
+    answered the whole set with a 416; one only past the end is still a 416)."""
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        unit, _, specs = http_range.partition("=")
+        kept = [spec for spec in specs.split(",")
+                if any(start < file_size for start, _ in cls._parse_ranges(spec, file_size))]  # fmt: skip
+        return super()._parse_range_header(f"{unit}={','.join(kept or [specs])}", file_size)
+
+
 class HeadAsGet:
     """HEAD of every GET route, answered as GET without its body (RFC 9110 9.1: every general-purpose server
     supports both; FastAPI's routes answered 405); ``/files`` and ``/static`` answer HEAD themselves, without
@@ -172,7 +185,7 @@ def create_app(
             found = None
         if found is None or not stat.S_ISREG(found.st_mode):
             raise HTTPException(404, f"not found: {path}")
-        response = FileResponse(target, stat_result=found)  # its ETag and Last-Modified set now
+        response = SatisfiableParts(target, stat_result=found)  # its ETag and Last-Modified set now
         if preconditions.is_not_modified(response.headers, request.headers):  # a client's copy still current: 304,
             return NotModifiedResponse(response.headers)  # as Starlette's static files answer
         return response
