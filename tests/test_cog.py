@@ -176,7 +176,7 @@ def test_a_one_pixel_wide_or_high_raster_is_a_valid_cog(tmp_path, window):
     ``--strict`` warns about (over 512 pixels high); no layout of a 1-pixel-wide raster that tall passes it."""
     with rasterio.open(GEO["RGB.byte.tif"]) as src:
         red = src.read(1)[window]
-        transform = src.transform * Affine.translation(window[1].start or 0, window[0].start or 0)
+        transform = src.transform @ Affine.translation(window[1].start or 0, window[0].start or 0)
         reference = tmp_path / "thin.tif"
         profile = {**src.profile, "count": 1, "width": red.shape[1], "height": red.shape[0], "transform": transform}
     with rasterio.open(reference, "w", **profile) as dst:

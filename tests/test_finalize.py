@@ -163,3 +163,20 @@ def test_a_run_blending_on_the_device_gives_the_hosts_answer_and_monais(make_ras
     np.testing.assert_allclose(probs, host_probs, atol=1e-6)
     np.testing.assert_array_equal(labels, host_labels)
     np.testing.assert_allclose(probs, monai_probabilities(image, net, (64, 64), 0.25, "gaussian", 127.0, 60.0), atol=1e-4)
+
+
+def test_sigmoid_of_logits_far_from_zero_is_torchs_and_warns_nothing():
+    """A logit under -88 overflowed float32's exp in ``1 / (1 + exp(-x))``: right (0), but every such chunk printed
+    "RuntimeWarning: overflow encountered in exp" on its worker."""
+    import warnings
+
+    import torch
+
+    from tilemask.finalize import activate
+
+    logits = np.array([[-1000.0, -100.0, -88.8, 0.0, 30.0, 1000.0]], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        activated = activate(logits, "sigmoid")
+    assert activated.dtype == np.float32
+    np.testing.assert_allclose(activated, torch.sigmoid(torch.from_numpy(logits)).numpy(), rtol=1e-6, atol=0)

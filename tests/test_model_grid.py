@@ -8,6 +8,7 @@ same voxels, axes permuted and flipped, the affine to match).
 from __future__ import annotations
 
 import os
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -366,7 +367,9 @@ def test_a_spacing_that_makes_a_grid_far_larger_than_the_scan_is_refused_before_
         # the last two: "OverflowError: int too large to convert to float" (the message's count of voxels) and
         # "ValueError: cannot convert float NaN to integer" (the grid's shape), exit 1
         with pytest.raises(InputError, match=r"preprocess.spacing .*makes the network's grid .*tilemask refuses a "
-                                             r"grid over 64 times the scan's voxels") as refused:  # fmt: skip
+                                             r"grid over 64 times the scan's voxels") as refused, \
+                warnings.catch_warnings():  # numpy's "invalid value encountered in matmul" printed before it
+            warnings.simplefilter("error", RuntimeWarning)
             plan_workflow(workflow(path, weights, tmp_path, {"spacing": spacing}, 16))
         assert len(str(refused.value)) < 400 and refused.value.exit_status == 2, str(refused.value)
     own = np.sqrt((nib.load(path).affine[:3, :3] ** 2).sum(0))

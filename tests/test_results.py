@@ -149,7 +149,7 @@ def test_a_rotated_grid_has_rioxarrays_2d_coordinates(tmp_path, suffix):
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 3, size=(40, 50)).astype(np.uint8)
     probabilities = rng.integers(0, 256, size=(3, 40, 50)).astype(np.uint8)
-    transform = Affine.translation(500000, 4000000) * Affine.rotation(20) * Affine.scale(30, -30)
+    transform = Affine.translation(500000, 4000000) @ Affine.rotation(20) @ Affine.scale(30, -30)
     geometry = RasterGeometry(rasterio.crs.CRS.from_epsg(32618).to_wkt(), tuple(transform.to_gdal()))
     layout = OutputLayout(labels.shape, (32, 32), CLASSES, "uint8", 3, "uint8", geometry, "input.tif", 255)
     paths = {s: str(tmp_path / f"mask{s}") for s in {".tif", suffix}}

@@ -78,7 +78,9 @@ def activate(blended: np.ndarray, activation: str) -> np.ndarray:
 
         return softmax(blended, axis=0).astype(np.float32, copy=False)
     if activation == "sigmoid":
-        return (1.0 / (1.0 + np.exp(-blended))).astype(np.float32, copy=False)
+        from scipy.special import expit  # no "overflow encountered in exp" of a logit under -88, as 1 / (1 + exp(-x))
+
+        return expit(blended).astype(np.float32, copy=False)
     return blended
 
 

@@ -143,9 +143,10 @@ def _spaced(affine: np.ndarray, shape: tuple[int, ...], pixdim: tuple[float, ...
     size = np.asarray(shape, dtype=float)
     corners = np.asarray(np.meshgrid(*[(0.0, d - 1.0) for d in size], indexing="ij")).reshape(3, -1)
     corners = np.concatenate((corners, np.ones_like(corners[:1])))
-    in_model = np.linalg.solve(new, affine) @ corners
-    world = affine @ corners
-    out_shape = np.round(np.ptp(in_model[:-1] / in_model[-1], axis=1) + 1.0)
+    with np.errstate(all="ignore"):  # a pixdim of 1e-320: infinities and NaN, refused below (no RuntimeWarning)
+        in_model = np.linalg.solve(new, affine) @ corners
+        world = affine @ corners
+        out_shape = np.round(np.ptp(in_model[:-1] / in_model[-1], axis=1) + 1.0)
     if not np.isfinite(out_shape).all():  # a pixdim so small (1e-320) that no float counts the voxels along it
         raise OverflowError(f"pixdim {list(pixdim)} makes more voxels along an axis than a float counts")
     distances = in_model[:-1]

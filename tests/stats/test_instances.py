@@ -101,7 +101,7 @@ def test_raster_instances_world_coordinates(tmp_path):
         centres = ndimage.center_of_mass(np.ones_like(reference), reference, range(1, n + 1))
         objects = ndimage.find_objects(reference)
         for row, (r, c), box in zip(rows.itertuples(index=False), centres, objects):
-            assert (row.centroid_x, row.centroid_y) == pytest.approx(transform * (c + 0.5, r + 0.5))
+            assert (row.centroid_x, row.centroid_y) == pytest.approx(transform @ (c + 0.5, r + 0.5))
             assert row.area_m2 == pytest.approx(row.pixels * 600.0)
             assert row.bbox_xmin == pytest.approx(transform.c + box[1].start * 30.0)
             assert row.bbox_xmax == pytest.approx(transform.c + box[1].stop * 30.0)

@@ -105,8 +105,8 @@ def test_geographic_raster_geodesic_areas(tmp_path, geographic_labels):
     pixel_area = np.empty(data.shape)
     for r in range(data.shape[0]):
         for c in range(0, data.shape[1], 40):  # rows share one area; sample columns to check that too
-            x0, y0 = transform * (c, r)
-            x1, y1 = transform * (c + 1, r + 1)
+            x0, y0 = transform @ (c, r)
+            x1, y1 = transform @ (c + 1, r + 1)
             pixel_area[r, c] = abs(geod.geometry_area_perimeter(shapely.box(x0, y1, x1, y0))[0])
         pixel_area[r, :] = pixel_area[r, 0]
     for row in totals.itertuples(index=False):
@@ -143,7 +143,7 @@ def test_planar_areas_far_from_the_grounds_are_said(tmp_path, shade_labels, capl
         to_degrees = Transformer.from_crs("EPSG:3857", "EPSG:4326", always_xy=True)
         seen = []
         for row in (0, h // 2, h - 1):
-            corners = [transform * (w // 2 + dc, row + dr) for dc, dr in ((0, 0), (0, 1), (1, 1), (1, 0))]
+            corners = [transform @ (w // 2 + dc, row + dr) for dc, dr in ((0, 0), (0, 1), (1, 1), (1, 0))]
             lon, lat = to_degrees.transform(*zip(*corners))
             seen.append((abs(transform.a * transform.e) / abs(Geod(ellps="WGS84").polygon_area_perimeter(lon, lat)[0]),
                          np.mean(lat)))  # fmt: skip
@@ -478,7 +478,7 @@ def test_regions_that_reach_a_pole_are_measured_on_a_conic_raster(tmp_path, cove
                                           region_id="name", coverage=coverage))  # fmt: skip
     assert "1 of 2 regions do not overlap the raster" in caplog.text and "(first: 'antarctica')" in caplog.text
     rows, cols = np.mgrid[0:48, 0:64] + 0.5
-    x, y = transform * (cols, rows)
+    x, y = transform @ (cols, rows)
     _, lat = Transformer.from_crs("EPSG:2154", "EPSG:4326", always_xy=True).transform(x, y)
     south_of = lat < middle
     assert 0 < south_of.sum() < south_of.size
@@ -721,7 +721,7 @@ def test_a_batch_of_regions_in_one_zarr_chunk_decodes_it_once(tmp_path, shade_la
     with rasterio.open(shade_labels) as ds:
         transform, crs = ds.transform, ds.crs
     boxes = [  # in file order, one region in the first chunk, the next in the third row's
-        shapely.box(*(transform * (10 + 5 * i, 20 + 3 * i + 400 * (i % 2))), *(transform * (40 + 5 * i, 50 + 3 * i + 400 * (i % 2))))
+        shapely.box(*(transform @ (10 + 5 * i, 20 + 3 * i + 400 * (i % 2))), *(transform @ (40 + 5 * i, 50 + 3 * i + 400 * (i % 2))))
         for i in range(40)
     ]  # fmt: skip
     regions = gpd.GeoDataFrame({"name": [f"b{i}" for i in range(40)]}, geometry=boxes, crs=crs)

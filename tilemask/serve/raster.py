@@ -90,7 +90,7 @@ def _zarr_array(path: str, variable: str, level: int, mtime_ns: int, inode: int)
         with _STRIDING((path, variable, level, mtime_ns, inode)):  # those asking for it at once: one read
             return _plain_level(path, variable, level, mtime_ns, inode)
     stored = zarr.open_group(path, mode="r")[_level_paths(path, variable, mtime_ns, inode)[level]]
-    grid = array.rio.transform() * rasterio.Affine.scale(2**level)
+    grid = array.rio.transform() @ rasterio.Affine.scale(2**level)
     height, width = stored.shape[-2:]
     coords = {name: values for name, values in array.coords.items() if name not in ("x", "y", "xc", "yc", "spatial_ref")}
     coords["y"] = grid.f + (np.arange(height) + 0.5) * grid.e  # pixel centres, as rioxarray reads a grid
@@ -148,7 +148,7 @@ def _level_for(path: str, variable: str, zoom: int, mtime_ns: int, inode: int) -
 
     grid = base.rio.transform()
     height, width = base.sizes["y"], base.sizes["x"]
-    centre = grid * (width / 2, height / 2)
+    centre = grid @ (width / 2, height / 2)
     xs, ys = transform(base.rio.crs, "EPSG:3857", [centre[0], centre[0] + grid.a], [centre[1], centre[1]])
     pixel = float(np.hypot(xs[1] - xs[0], ys[1] - ys[0]))  # one output pixel, in Web Mercator metres there
     tile_pixel = 2 * np.pi * 6378137.0 / (256 * 2**zoom)

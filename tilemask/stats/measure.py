@@ -11,7 +11,7 @@
   voxel-to-RAS affine), ``/ 1000`` in mL.
 
 World coordinates: a raster pixel ``(row, col)`` has its centre at
-``transform * (col + 0.5, row + 0.5)`` (CRS units); a voxel ``(i, j, k)`` has its
+``transform @ (col + 0.5, row + 0.5)`` (CRS units); a voxel ``(i, j, k)`` has its
 centre at ``A @ (i, j, k, 1)`` (RAS millimetres, nibabel's convention).
 """
 

@@ -156,7 +156,7 @@ class WindowReader:
         """Read the windows under ``wkbs`` strip by strip: a :class:`ReadError` naming the file and the window
         where exactextract, which reads a GDAL raster by its path, failed with rasterio's bare "Read failed"."""
         x0, y0, x1, y1 = shapely.total_bounds(shapely.from_wkb(wkbs))
-        cols, rows = np.array([~Affine.from_gdal(*grid.geometry.transform) * (x, y) for x in (x0, x1) for y in (y0, y1)]).T
+        cols, rows = np.array([~Affine.from_gdal(*grid.geometry.transform) @ (x, y) for x in (x0, x1) for y in (y0, y1)]).T
         r0, r1 = max(0, math.floor(rows.min())), min(grid.shape[0], math.ceil(rows.max()))
         c0, c1 = max(0, math.floor(cols.min())), min(grid.shape[1], math.ceil(cols.max()))
         for top in range(r0, r1, 512):
@@ -469,8 +469,8 @@ def _cells_of_points(points, transform: Affine):
     inset = -0.01 * abs(min(transform.a, transform.e))
     cells = []
     for point in getattr(points, "geoms", [points]):
-        col, row = (math.floor(a) for a in ~transform * (point.x, point.y))
-        (x_a, y_a), (x_b, y_b) = transform * (col, row), transform * (col + 1, row + 1)
+        col, row = (math.floor(a) for a in ~transform @ (point.x, point.y))
+        (x_a, y_a), (x_b, y_b) = transform @ (col, row), transform @ (col + 1, row + 1)
         cells.append(shapely.box(x_a, y_a, x_b, y_b).buffer(inset))
     return shapely.MultiPolygon(cells)
 
