@@ -9,6 +9,7 @@ and ring start), plus topological equality as a second opinion.
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -128,8 +129,11 @@ def test_without_a_crs_the_polygons_have_no_area(tmp_path, client, caplog):
     labels = blobs((120, 150), seed=3, nodata=None, n_classes=3)
     transform = Affine(30.0, 0, 1000.0, 0, -30.0, 5000.0)
     path = write_raster(tmp_path / "labels.tif", labels, None, transform)
-    with caplog.at_level("WARNING", logger="tilemask.vectors"):
+    with caplog.at_level("WARNING", logger="tilemask.vectors"), warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
         result = read(write_polygons(path, str(tmp_path / "p.gpkg"), client=client, chunks=48))
+    # said once, by tilemask: pyogrio's "UserWarning: 'crs' was not provided ..." followed it, with a line of code
+    assert [str(w.message) for w in warned if "crs" in str(w.message).lower()] == []
     assert_identical(result, reference_shapes(labels, transform, None), ("class_0", "class_1", "class_2"))
     assert len(result) > 10 and result["area_m2"].isna().all()
     assert "has no CRS: the polygons' area_m2 is left empty" in caplog.text

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import shutil
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,16 +202,19 @@ def write_features(out_path: str, suffix: str, batches: Iterator[FeatureBatch], 
             reader = pa.RecordBatchReader.from_batches(_schema(), counted)
             free = shutil.disk_usage(Path(staged).parent).free
             try:
-                pyogrio.write_arrow(
-                    reader,
-                    str(staged),
-                    layer=target.stem,
-                    driver=VECTOR_DRIVERS[suffix],
-                    geometry_name="geometry",
-                    geometry_type="Polygon",
-                    crs=crs_wkt,
-                    **_ogr_options(VECTOR_DRIVERS[suffix], rule.transform),
-                )
+                with warnings.catch_warnings():
+                    if not crs_wkt:  # said by tilemask's "has no CRS" warning, not again with a line of code
+                        warnings.filterwarnings("ignore", "'crs' was not provided", UserWarning)
+                    pyogrio.write_arrow(
+                        reader,
+                        str(staged),
+                        layer=target.stem,
+                        driver=VECTOR_DRIVERS[suffix],
+                        geometry_name="geometry",
+                        geometry_type="Polygon",
+                        crs=crs_wkt,
+                        **_ogr_options(VECTOR_DRIVERS[suffix], rule.transform),
+                    )
             except BaseException as exc:
                 if counted.failure is None and isinstance(exc, (DataLayerError, DataSourceError)):
                     # FlatGeobuf writes the features into a temporary file, then the file from it (its spatial index
