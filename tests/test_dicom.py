@@ -20,7 +20,7 @@ import yaml
 
 import tilemask
 from tests.conftest import UNET_3D, _free_port, run_cli
-from tilemask.errors import InputError, ReadError
+from tilemask.errors import InputError, ReadError, WorkflowError
 from tilemask.formats import for_path
 from tilemask.sources.dicom import DicomSeriesSource
 from tilemask.workflow import Workflow
@@ -495,7 +495,11 @@ def series_workflow(folder, weights, classes: list[str], mean: float, std: float
 
 
 @pytest.mark.slow
-def test_a_dicom_segmentation_is_stored_on_orthanc_and_equals_the_nifti_labels(make_model, tmp_path, client, orthanc):
+@pytest.mark.parametrize("seg_type", ["labelmap", "binary"])
+def test_a_dicom_segmentation_is_stored_on_orthanc_and_equals_the_nifti_labels(make_model, tmp_path, client, orthanc,
+                                                                               seg_type):  # fmt: skip
+    """``output.seg_type: binary``: a frame per slice and segment, the Segmentation Storage that older viewers and PACS
+    read (a LABELMAP is the newer Label Map Segmentation Storage)."""
     import highdicom as hd
     from dicomweb_client.api import DICOMwebClient
 
@@ -503,28 +507,45 @@ def test_a_dicom_segmentation_is_stored_on_orthanc_and_equals_the_nifti_labels(m
     base = series_workflow(CT, weights, ["background", "brain"], 100.0, 100.0)
     outputs = {
         "nifti": {"path": "out/{stem}_labels.nii.gz", "chunks": 16},
-        "seg": {"path": "out/{stem}_seg.dcm", "chunks": 16, "dicomweb": orthanc},
+        "seg": {"path": "out/{stem}_seg.dcm", "chunks": 16, "dicomweb": orthanc, "seg_type": seg_type},
     }
+    source = DicomSeriesSource.open(str(CT))
+    study = pydicom.dcmread(source.files[0]).StudyInstanceUID
+    web = DICOMwebClient(url=orthanc)
+
+    def segs() -> set[str]:  # QIDO-RS: the server is the session's, other tests' SEGs of the series on it
+        found = web.search_for_series(study_instance_uid=study, search_filters={"Modality": "SEG"})
+        return {series["0020000E"]["Value"][0] for series in found}
+
+    before = segs()
     for output in outputs.values():
         tilemask.run(Workflow.from_dict({**base, "output": output}, base_dir=tmp_path), client)
     labels = np.asarray(nib.load(tmp_path / "out" / "CT5N_labels.nii.gz").dataobj)
     assert (labels == 1).any() and (labels == 0).any()
 
     local = pydicom.dcmread(tmp_path / "out" / "CT5N_seg.dcm")
-    source = DicomSeriesSource.open(str(CT))
-    study = pydicom.dcmread(source.files[0]).StudyInstanceUID
-    web = DICOMwebClient(url=orthanc)
-    found = web.search_for_series(study_instance_uid=study, search_filters={"Modality": "SEG"})  # QIDO-RS
-    assert [s["0020000E"]["Value"][0] for s in found] == [local.SeriesInstanceUID]
+    assert segs() - before == {local.SeriesInstanceUID}
     stored = web.retrieve_instance(study, local.SeriesInstanceUID, local.SOPInstanceUID)  # WADO-RS
     seg = hd.seg.Segmentation.from_dataset(stored)
     # LABELMAP segmentations carry the background as a segment of their own (highdicom adds it)
     assert [d.segment_label for d in seg.SegmentSequence if d.segment_label != "Background"] == ["brain"]
-    assert seg.SegmentationType == "LABELMAP" and seg.SOPClassUID == local.SOPClassUID
+    assert seg.SegmentationType == seg_type.upper() and seg.SOPClassUID == local.SOPClassUID
+    # the Label Map Segmentation Storage, the Segmentation Storage (PS3.4)
+    assert seg.SOPClassUID == {"labelmap": "1.2.840.10008.5.1.4.1.1.66.7", "binary": pydicom.uid.SegmentationStorage}[
+        seg_type]  # fmt: skip
     sources = [pydicom.dcmread(f).SOPInstanceUID for f in source.files]  # the k axis, in order
     frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=sources, combine_segments=True)
     for k in range(labels.shape[2]):  # per slice, the segments are the labels of the NIfTI path
         np.testing.assert_array_equal(frames[k], labels[:, :, k].T)
+
+
+def test_seg_type_is_refused_for_an_output_that_is_no_dicom_segmentation(tmp_path):
+    with pytest.raises(WorkflowError, match=r"seg_type is a DICOM Segmentation's: output.path must end with .dcm"):
+        Workflow.from_dict({"version": 1, "input": "a.nii.gz",
+                            "model": {"network": "UNet", "args": UNET_3D, "weights": "w.pt"},
+                            "inference": {"roi_size": [16, 16, 16]},
+                            "output": {"path": "out/labels.nii.gz", "seg_type": "binary"}},
+                           base_dir=tmp_path)  # fmt: skip
 
 
 def test_a_store_that_fails_keeps_the_segmentation_and_a_server_that_does_not_answer_is_refused_first(

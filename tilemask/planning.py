@@ -270,6 +270,7 @@ class WorkflowPlan:
                       "input": redacted(item.input)},
             run_id=self.job_id or new_run_id(),
             dicomweb=workflow.output.dicomweb,
+            seg_type=workflow.output.seg_type,
         )
         products = item.products
         if products.stats is not None and not workflow.stats.classes:

@@ -314,6 +314,10 @@ class Output(_Strict):
     vectors: str | None = Field(default=None, description="foreground classes as polygons (2D rasters)")
     quicklook: bool = Field(default=True, description="a PNG of the mask over the input beside the output (2D)")
     dicomweb: str | None = Field(default=None, description="a DICOMweb root to store a DICOM Segmentation on (STOW-RS)")
+    seg_type: Literal["labelmap", "binary"] = Field(
+        default="labelmap", description="a DICOM Segmentation's type: labelmap (a frame per slice, the newer Label "
+        "Map Segmentation) or binary (a frame per slice and segment: viewers and PACS that predate label maps)"
+    )  # fmt: skip
     grid: Literal["input", "model"] = Field(
         default="input", description="with preprocess.orientation / spacing: the input's grid, or the network's"
     )
@@ -323,6 +327,8 @@ class Output(_Strict):
         segmentation = self.path.lower().endswith(".dcm")
         if segmentation and self.probabilities != "none":
             raise ValueError("a DICOM Segmentation (.dcm) holds labels: probabilities must be none")
+        if self.seg_type != "labelmap" and not segmentation:
+            raise ValueError(f"seg_type is a DICOM Segmentation's: output.path must end with .dcm (got {self.path})")
         if self.dicomweb is not None:
             if not segmentation:
                 raise ValueError("dicomweb stores DICOM Segmentations: output.path must end with .dcm")

@@ -45,6 +45,7 @@ class OutputLayout:
     nodata: int | None = None  # label value of pixels the input marks invalid (None: the input has none)
     metadata: dict = field(default_factory=dict, hash=False, compare=False)  # tilemask group attribute
     dicomweb: str | None = None  # a DICOMweb root the output is stored on once whole (DICOM Segmentations)
+    seg_type: str = "labelmap"  # a DICOM Segmentation's type: "labelmap" or "binary" (output.seg_type)
     run_id: str = field(default_factory=new_run_id)  # names the staged files and keys worker-side handles
 
     @property

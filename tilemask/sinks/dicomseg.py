@@ -130,7 +130,7 @@ class DicomSegSink(LabelSink):
         seg = hd.seg.Segmentation(
             source_images=images,
             pixel_array=frames.astype(np.uint8 if len(foreground) < 256 else np.uint16, copy=False),
-            segmentation_type=hd.seg.SegmentationTypeValues.LABELMAP,
+            segmentation_type=hd.seg.SegmentationTypeValues[layout.seg_type.upper()],  # a BINARY's from the labels too
             segment_descriptions=descriptions,
             series_instance_uid=hd.UID(),
             series_number=900,
