@@ -218,6 +218,55 @@ def test_edited_statistics_regions_redo_the_item(make_raster, make_model, tmp_pa
     assert list(pd.read_csv(tmp_path / "out" / "scene_stats.csv")["name"]) == ["WHOLE", "half"]
 
 
+@pytest.mark.slow
+def test_statistics_regions_inside_a_zip_are_read_and_stamped(make_raster, make_model, tmp_path, client):
+    """``stats.regions`` named inside a zip as GDAL names them failed: relative (``/vsizip/districts.zip/...``) with
+    "no such archive tmp/.../districts.zip" (the ``//`` of the absolute archive lost), a shapefile for want of its
+    ``.shx``, extracted alone. Its table is the unzipped regions'; the zip rewritten with a district renamed in the
+    ``.dbf`` alone redoes the item, unchanged it does not."""
+    import geopandas as gpd
+    import shapely
+
+    path, _ = make_raster((3, 80, 90))
+    weights, _ = make_model()
+    with rasterio.open(path) as ds:
+        whole, crs = shapely.box(*ds.bounds), ds.crs
+    districts = gpd.GeoDataFrame({"name": ["whole", "half"]}, geometry=[whole, whole.buffer(-500)], crs=crs)
+    unzipped = tmp_path / "unzipped"
+    unzipped.mkdir()
+    districts.to_file(unzipped / "districts.shp")
+    districts.to_file(unzipped / "districts.gpkg")
+
+    def pack():
+        with zipfile.ZipFile(tmp_path / "districts.zip", "w") as zf:
+            for file in sorted(unzipped.iterdir()):
+                zf.write(file, file.name)
+
+    pack()
+
+    def run(regions, table, **options):
+        workflow = raster_workflow(path, weights, output={"path": "out/{stem}.zarr", "chunks": 64},
+                                   stats={"output": table, "regions": regions, "region_id": "name"})  # fmt: skip
+        (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client, **options)
+        return result
+
+    for suffix, zipped in [("shp", "/vsizip/districts.zip/districts.shp"),
+                           ("gpkg", f"/vsizip/{tmp_path}/districts.zip/districts.gpkg")]:  # fmt: skip
+        run(f"unzipped/districts.{suffix}", f"out/plain_{suffix}.csv", overwrite=True)
+        assert run(zipped, f"out/zipped_{suffix}.csv", overwrite=True).status == "ok"
+        plain = (tmp_path / "out" / f"plain_{suffix}.csv").read_text()
+        assert (tmp_path / "out" / f"zipped_{suffix}.csv").read_text() == plain
+        assert "whole" in plain
+    assert run("/vsizip/districts.zip/districts.shp", "out/zipped_shp.csv", overwrite=True).status == "ok"
+    assert run("/vsizip/districts.zip/districts.shp", "out/zipped_shp.csv").status == "skipped"  # unchanged
+    dbf = (unzipped / "districts.dbf").read_bytes()
+    (unzipped / "districts.dbf").write_bytes(dbf.replace(b"whole", b"WHOLE"))
+    pack()  # the .shp as it was: a district renamed in the .dbf alone
+    assert run("/vsizip/districts.zip/districts.shp", "out/zipped_shp.csv").status == "ok"
+    assert "WHOLE" in (tmp_path / "out" / "zipped_shp.csv").read_text()
+    assert run("/vsizip/districts.zip/districts.shp", "out/zipped_shp.csv").status == "skipped"
+
+
 def test_a_finished_item_whose_product_someone_replaced_is_not_skipped_as_done(make_raster, make_model, tmp_path,
                                                                                client):  # fmt: skip
     """A job's rerun skipped a finished item when each of its outputs existed: polygons replaced since by a file

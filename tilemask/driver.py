@@ -54,6 +54,7 @@ from .cluster import (
 from .command import first_line, scheduler_from
 from .engine import RunResult, Undelivered, deliver, probe, process_age, run_job
 from .errors import (
+    InputError,
     NoWorkers,
     RunError,
     SchedulerUnreached,
@@ -82,6 +83,7 @@ from .products import client_imports
 from .progress import announce
 from .settings import measure_after_seconds
 from .sources import file_stamp, input_stamp
+from .sources.archive import member_path, sidecars, split_member
 from .storage import network_object, redacted
 from .workflow import InputItem, Workflow
 
@@ -537,8 +539,16 @@ SHAPEFILE_SIDECARS = (".dbf", ".shx", ".prj", ".cpg")
 
 def _regions_stamp(path: str) -> list[list]:
     """:func:`~tilemask.sources.input_stamp` of a regions file, and of a local shapefile's sidecars: a district
-    renamed rewrites its ``.dbf`` alone."""
+    renamed rewrites its ``.dbf`` alone. An archive's member (``/vsizip/districts.zip/districts.shp``): with those
+    of the members beside it of its name (:func:`~tilemask.sources.archive.sidecars`), which are read with it."""
     stamps = [input_stamp(path)]
+    if (member := split_member(path)) is not None:
+        archive, name = member
+        try:
+            beside = sidecars(archive, name) if os.path.isfile(archive) else []
+        except InputError:  # unreadable now: not the archive stamped before
+            return [*stamps, [None]]
+        return stamps + [input_stamp(member_path(archive, other)) for other in beside]
     base, suffix = os.path.splitext(path)
     if suffix.lower() == ".shp" and not network_object(path):
         for ext in SHAPEFILE_SIDECARS:

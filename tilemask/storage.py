@@ -62,9 +62,11 @@ def gdal_options() -> dict[str, str]:
     }
 
 
-def local_copy(path: str) -> str:
-    """A file on this machine holding ``path``: the path itself when local, else a copy made once."""
-    from .sources.archive import extract, split_member
+def local_copy(path: str, sidecars: bool = False) -> str:
+    """A file on this machine holding ``path``: the path itself when local, else a copy made once. ``sidecars``: an
+    archive's member is copied with the members beside it of its name (a shapefile's ``.dbf``, ``.shx``, ``.prj``:
+    GDAL opened the ``.shp`` alone without them)."""
+    from .sources.archive import extract, extract_sidecars, split_member
 
     if (member := split_member(path)) is not None:
         archive, name = member
@@ -74,8 +76,14 @@ def local_copy(path: str) -> str:
             raise InputError(f"{path}: no such archive {archive}") from None
         # its inode and change time too: one replaced keeping its size and time (rsync -a, cp -p) was the old copy
         identity = f"{os.path.realpath(archive)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{name}" \
-            f"\0{stat.st_ino}\0{stat.st_ctime_ns}"
-        return _copy_once("tilemask-archives", identity, name, lambda target: extract(path, archive, name, target))
+            f"\0{stat.st_ino}\0{stat.st_ctime_ns}" + ("\0sidecars" if sidecars else "")
+
+        def write(target: str) -> None:  # the sidecars first: the member's copy, renamed in place last, is whole
+            if sidecars:
+                extract_sidecars(path, archive, name, os.path.dirname(target))
+            extract(path, archive, name, target)
+
+        return _copy_once("tilemask-archives", identity, name, write)
     if not path.startswith(OBJECT_STORES + WEB):
         return path
     fs, key = _filesystem(path)

@@ -291,6 +291,29 @@ def extract(path: str, archive: str, member: str, target: str) -> None:
         raise InputError(f"{path}: cannot extract {member} from {archive}: {exc}") from None
 
 
+def sidecars(archive: str, member: str) -> list[str]:
+    """The members of ``archive`` beside ``member`` and named as it is but for their suffix: a shapefile's
+    ``districts.dbf``, ``.shx``, ``.prj`` beside its ``districts.shp``, which GDAL reads with it."""
+    folder, stem = os.path.split(member)
+    stem = os.path.splitext(stem)[0]
+    found = members(archive, glob.escape(stem) + ".*")
+    return [name for name in found if name != member and os.path.split(name)[0] == folder]
+
+
+def extract_sidecars(path: str, archive: str, member: str, folder: str) -> None:
+    """Write the :func:`sidecars` of ``member`` into ``folder``, each under its base name (renamed into place when
+    whole)."""
+    for name in sidecars(archive, member):
+        target = os.path.join(folder, os.path.basename(name))
+        staged = f"{target}.{os.getpid()}.{threading.get_ident()}.part"
+        try:
+            extract(member_path(archive, name), archive, name, staged)
+            os.replace(staged, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staged)
+
+
 @contextlib.contextmanager
 def _member(archive: str, member: str, source: IO[bytes] | None = None) -> Iterator[IO[bytes]]:
     """``member`` of ``archive``, read from the file ``source`` holding it where given."""

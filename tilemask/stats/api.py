@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import InputError, ReadError, check_flags, on_command_line, option
 from ..sources import file_stamp
+from ..sources.archive import member_under
 from ..sources.labels import check_block_count, check_chunks, open_labels
 from .config import StatsConfig, is_label_image, unused_options
 from .evaluate import check_same_grid, evaluate
@@ -228,7 +229,11 @@ def _check_image_path(name: str, path) -> None:
 
 
 def _absolute(path: str | os.PathLike) -> str:
-    """A local path made absolute (URLs as they are): the workers of another cluster open it from their own
-    working folders."""
-    return str(path) if "://" in str(path) else os.path.abspath(path)
+    """A local path made absolute (URLs as they are; a relative archive's ``/vsizip/districts.zip/a.gpkg`` too,
+    without normalizing ``/vsizip//abs/districts.zip`` into the relative ``/vsizip/abs/...``): the workers of
+    another cluster open it from their own working folders."""
+    path = str(path)
+    if path.startswith("/vsi"):
+        return member_under(path, os.getcwd())
+    return path if "://" in path else os.path.abspath(path)
 

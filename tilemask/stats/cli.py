@@ -17,10 +17,10 @@ logger = logging.getLogger(__name__)
 def _file_or_url(ctx, param, value: str | None) -> str | None:
     """A local file that exists (click's own check and message), or a URL read over the network (a label COG or
     an atlas read in place by GDAL, vector regions copied once, as a workflow's ``stats.regions``); click refused a
-    URL as 'does not exist'."""
+    URL as 'does not exist', and an archive's member as GDAL names it (``/vsizip/districts.zip/districts.shp``)."""
     from ..storage import network_object
 
-    if value is None or network_object(value) is not None:
+    if value is None or network_object(value) is not None or value.startswith(("/vsizip/", "/vsitar/")):
         return value
     return click.Path(exists=True).convert(value, param, ctx)
 
@@ -29,8 +29,8 @@ def _file_or_url(ctx, param, value: str | None) -> str | None:
 @click.argument("mask", callback=_file_or_url)
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Table: .parquet, .gpkg, .csv or .json.")
 @click.option("--regions", metavar="PATH|URL", callback=_file_or_url,
-              help="Vector regions (any OGR format, GeoParquet) or an atlas label image; a path or an s3:// or "
-              "https:// URL.")  # fmt: skip
+              help="Vector regions (any OGR format, GeoParquet) or an atlas label image; a path, an s3:// or "
+              "https:// URL, or a member of a zip or tar (/vsizip/districts.zip/districts.shp).")  # fmt: skip
 @click.option("--region-id", metavar="FIELD", help="Field keying the regions (default: the feature index).")
 @click.option("--coverage", type=click.Choice(["center", "fraction"]), default="center", show_default=True,
               help="center: pixel centre inside (rasterstats); fraction: covered fraction (exactextract).")

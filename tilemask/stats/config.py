@@ -45,10 +45,11 @@ def is_label_image(path: str) -> bool:
 def regions_file(path: str) -> str:
     """A local file holding the vector regions at ``path``: itself, or a copy made once of the object it names
     (``s3://``, ``https://``, ``/vsis3/``...: fsspec, with the AWS variables as for the inputs; pyogrio's own GDAL
-    knew no S3-compatible endpoint, so such regions failed after the run, its outputs written)."""
+    knew no S3-compatible endpoint, so such regions failed after the run, its outputs written); a member of a local
+    archive (``/vsizip/districts.zip/districts.shp``) extracted once with its sidecars (the ``.dbf``, ``.shx``...)."""
     from ..storage import local_copy, network_object
 
-    return local_copy(network_object(str(path)) or str(path))
+    return local_copy(network_object(str(path)) or str(path), sidecars=True)
 
 
 def check_regions(path: str, region_id: str | None) -> None:
