@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import shutil
 import zipfile
@@ -116,6 +117,81 @@ def test_a_scene_added_to_a_zip_redoes_only_that_scene_and_a_replaced_member_onl
             line["stamps"][0] = [stat.st_mtime_ns, stat.st_size]
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert run({}, "a") == {"a": ("skipped", 0), "b": ("skipped", 0), "c": ("skipped", 0)}
+
+
+def _tar(path: Path, members: dict[str, tuple[bytes, int]], mode: str = "w") -> None:
+    """A tar (``mode`` ``"a"``: appended to, as ``tar -rf``) of ``{name: (bytes, mtime)}``."""
+    import tarfile
+
+    with tarfile.open(path, mode) as tf:
+        for name, (data, mtime) in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), mtime
+            tf.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_scene_appended_to_a_tar_redoes_only_that_scene(make_model, tmp_path, client):
+    """A tar's member was stamped by its archive's time and size: a scene appended to a tar of scenes (``tar -rf``)
+    redid every scene of it (2 of 2 predicted again here).  A tar's header of a member names its time and size
+    (and the header's checksum): a member goes by them. Lines written before, stamped by the archive, are taken
+    while it is as it was."""
+    with rasterio.open(GEO["RGB.byte.tif"]) as src:
+        scenes = {}
+        for name, (row, col) in {"a": (200, 200), "b": (300, 400), "c": (400, 100)}.items():
+            window = ((row, row + 64), (col, col + 64))
+            profile = src.profile | {"width": 64, "height": 64, "transform": src.window_transform(window)}
+            with rasterio.open(tmp_path / f"{name}.tif", "w", **profile) as dst:
+                dst.write(src.read(window=window))
+            scenes[name] = (tmp_path / f"{name}.tif").read_bytes()
+    weights, _ = make_model()
+    workflow = raster_workflow("x", weights, output={"path": "out/{stem}.tif"})
+    workflow["input"] = {"archive": "scenes.tar", "members": "*.tif"}
+
+    def run(members: dict[str, tuple[bytes, int]], mode: str) -> dict[str, tuple[str, int]]:
+        _tar(tmp_path / "scenes.tar", members, mode)
+        results = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+        return {Path(r.outputs[0]).stem: (r.status, r.windows) for r in results}
+
+    t = 1_700_000_000
+    assert run({"a.tif": (scenes["a"], t), "b.tif": (scenes["b"], t)}, "w") == {"a": ("ok", 1), "b": ("ok", 1)}
+    assert run({"c.tif": (scenes["c"], t)}, "a") == {"a": ("skipped", 0), "b": ("skipped", 0), "c": ("ok", 1)}
+    assert len(scenes["b"]) == len(scenes["c"])  # packed anew, b's member another scene's pixels of its size
+    assert run({"a.tif": (scenes["a"], t), "b.tif": (scenes["c"], t + 60), "c.tif": (scenes["c"], t)}, "w") == {
+        "a": ("skipped", 0), "b": ("ok", 1), "c": ("skipped", 0)}
+    with rasterio.open(tmp_path / "out" / "b.tif") as b, rasterio.open(tmp_path / "out" / "c.tif") as c:
+        assert np.array_equal(b.read(), c.read())  # b's labels are of its new member's pixels
+    (manifest,) = (tmp_path / "out" / ".tilemask" / "jobs").glob("*/manifest.jsonl")
+    stat = (tmp_path / "scenes.tar").stat()
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for line in lines:
+        if line["status"] == "ok":  # as the version before wrote them
+            assert line["stamps"][0][0] == "tar"
+            line["stamps"][0] = [stat.st_mtime_ns, stat.st_size]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    results = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)  # the archive as it was
+    assert [r.status for r in results] == ["skipped"] * 3
+
+
+def test_a_tar_gz_member_is_stamped_by_its_header(tmp_path):
+    """A .tar.gz's member, as a tar's: by its header's time and size, the same packed again with a scene more, and
+    another for a member replaced; a job's line stamped by the archive's time and size is taken while it is as it
+    was, not once it changed."""
+    from tilemask.driver import _same_stamps
+    from tilemask.sources import input_stamp
+
+    archive = tmp_path / "scenes.tar.gz"
+    _tar(archive, {"a.tif": (b"a" * 700, 100), "b.tif": (b"b" * 700, 100)}, "w:gz")
+    paths = [f"/vsitar/{archive}/{name}.tif" for name in "abc"]
+    before = [input_stamp(path) for path in paths[:2]]
+    assert [stamp[0] for stamp in before] == ["tar", "tar"]
+    old = [[archive.stat().st_mtime_ns, archive.stat().st_size]] * 2  # the version before's
+    assert _same_stamps(before, old, paths[:2])
+    _tar(archive, {"a.tif": (b"a" * 700, 100), "b.tif": (b"B" * 700, 160), "c.tif": (b"c" * 700, 100)}, "w:gz")
+    after = [input_stamp(path) for path in paths]
+    assert after[0] == before[0] and after[1] != before[1] and after[2][0] == "tar"
+    assert not _same_stamps(after[:1], old[:1], paths[:1])
 
 
 @pytest.mark.timeout(60)

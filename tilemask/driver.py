@@ -518,14 +518,15 @@ def _stamps(files) -> list[list]:
 
 def _same_stamps(now: list, recorded: list | None, files: list[str]) -> bool:
     """Whether ``files`` (an item's, or its weights) are as a line recorded them: its stamps, or a job's line written
-    before a zip's members had stamps of their own (2026-12-07), with the archive's time and size, where the archive
-    is as it was (its members then are too: not each redone once; weights read from a zip were, every item of the
-    job)."""
+    before an archive's members had stamps of their own (a zip's 2026-12-07, a tar's 2026-12-08), with the archive's
+    time and size, where the archive is as it was (its members then are too: not each redone once; weights read
+    from a zip were, every item of the job)."""
     if now == recorded:
         return True
-    if recorded is None or not any(stamp[:1] == ["zip"] for stamp in now):
+    members = (["zip"], ["tar"])
+    if recorded is None or not any(stamp[:1] in members for stamp in now):
         return False
-    return [stamp if stamp[:1] != ["zip"] else list(file_stamp(f)) for stamp, f in zip(now, files)] == recorded
+    return [stamp if stamp[:1] not in members else list(file_stamp(f)) for stamp, f in zip(now, files)] == recorded
 
 
 def _regions(plan: WorkflowPlan, item: InputItem) -> str | None:

@@ -195,17 +195,18 @@ def file_stamp(path: str) -> tuple[int, int]:
 
 def input_stamp(path: str) -> list:
     """What tells a replaced input from the one a job read: ``[mtime_ns, size]`` of a local file (:func:`file_stamp`),
-    ``["zip", CRC-32, size]`` of a local zip's member (an archive with a scene added redid all its scenes),
+    ``["zip", CRC-32, size]`` of a local zip's member, ``["tar", mtime, size, header checksum]`` of a tar's (an
+    archive with a scene added redid all its scenes),
     ``[version]`` of an object on a web server or object storage (its ETag, else its size and modification time:
     one request), ``[None]`` for one that cannot be reached or whose server names no version (never taken for the
     one read before)."""
     from ..storage import network_object, object_version
-    from .archive import zip_member_stamp
+    from .archive import member_stamp
 
     url = network_object(path)
     if url:
         return [object_version(url)]
-    return zip_member_stamp(path) or list(file_stamp(path))  # a zip's member by its CRC-32 and size
+    return member_stamp(path) or list(file_stamp(path))  # an archive's member by its own stamp
 
 
 class ImageSource(ABC):

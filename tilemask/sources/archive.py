@@ -197,22 +197,38 @@ def damaged_member(path: str) -> str | None:
     return _damage(archive, member if zipped else None, None, *_local_version(archive))
 
 
-def zip_member_stamp(path: str) -> list | None:
-    """What tells one version of a local zip's member from another: ``["zip", CRC-32, size]`` from the archive's
-    central directory (read once per archive version).  None for any other path, or a zip that cannot be read
-    (its archive's time and size then stand for it).  The archive's own time and size stood for every member: a
-    scene appended to an archive of scenes redid every scene of it."""
+def member_stamp(path: str) -> list | None:
+    """What tells one version of a local archive's member from another: ``["zip", CRC-32, size]`` from a zip's
+    central directory, ``["tar", mtime, size, header checksum]`` from a tar's header of it (each read once per
+    archive version: a .tar.gz's whole stream is decompressed for it, as for its listing).  None for any other
+    path, or an archive that cannot be read (its time and size then stand for it).  The archive's own time and size
+    stood for every member: a scene appended to an archive of scenes redid every scene of it.  A tar member
+    replaced by one of the same size and time (``tar --mtime``) is not told from it: a tar holds no checksum of
+    its data."""
     split = split_member(path)
-    if split is None or not split[0].lower().endswith(".zip"):
+    if split is None or not split[0].lower().endswith(ARCHIVE_SUFFIXES):
         return None
     archive, member = split
     if archive.startswith("/vsi") or "://" in archive or not os.path.isfile(archive):
         return None
+    zipped = archive.lower().endswith(".zip")
     try:
-        info = _zip_directory(archive, *_local_version(archive)).get(member)
-    except (OSError, zipfile.BadZipFile):
+        with _listing_lock:  # the items' stamps are asked from many threads: a .tar.gz decompressed once, not by each
+            info = (_zip_directory if zipped else _tar_directory)(archive, *_local_version(archive)).get(member)
+    except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error):
         return None
-    return None if info is None else ["zip", *info]
+    return None if info is None else ["zip" if zipped else "tar", *info]
+
+
+_listing_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=64)
+def _tar_directory(archive: str, *version) -> dict[str, tuple[int, int, int]]:
+    """``{member: (mtime, size, header checksum)}`` of a local tar of ``version`` (:func:`_local_version`), named as
+    GDAL reads them."""
+    with tarfile.open(archive) as tf:
+        return {_gdal_name(m.name): (int(m.mtime), m.size, m.chksum) for m in tf if m.isfile()}
 
 
 @functools.lru_cache(maxsize=64)
