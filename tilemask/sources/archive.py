@@ -72,8 +72,7 @@ def members(archive: str, pattern: str) -> list[str]:
             with zipfile.ZipFile(archive) as zf:  # Windows' zips may separate folders with "\": GDAL reads "/"
                 names = [i.filename.replace("\\", "/") for i in zf.infolist() if not i.is_dir()]
         else:
-            with tarfile.open(archive) as tf:  # "tar -C folder ." names "./scan.tif", which GDAL reads as "scan.tif"
-                names = [_gdal_name(m.name) for m in tf.getmembers() if m.isfile()]
+            names = [name for name, *_ in _tar_listing(archive, *_local_version(archive))]
     except FileNotFoundError:
         raise InputError(f"input.archive: no such file {archive}") from None
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error) as exc:  # zlib's: a .tar.gz's
@@ -213,8 +212,10 @@ def member_stamp(path: str) -> list | None:
         return None
     zipped = archive.lower().endswith(".zip")
     try:
-        with _listing_lock:  # the items' stamps are asked from many threads: a .tar.gz decompressed once, not by each
-            info = (_zip_directory if zipped else _tar_directory)(archive, *_local_version(archive)).get(member)
+        if zipped:
+            info = _zip_directory(archive, *_local_version(archive)).get(member)
+        else:
+            info = _tar_stamps(archive, *_local_version(archive)).get(member)
     except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error):
         return None
     return None if info is None else ["zip" if zipped else "tar", *info]
@@ -223,12 +224,25 @@ def member_stamp(path: str) -> list | None:
 _listing_lock = threading.Lock()
 
 
+def _tar_listing(archive: str, *version) -> tuple[tuple[str, int, int, int], ...]:
+    """``(member, mtime, size, header checksum)`` of each file in a local tar of ``version``
+    (:func:`_local_version`), named as GDAL reads them, read once for its listing (:func:`members`) and its
+    members' stamps (:func:`member_stamp`): a .tar.gz's whole stream is decompressed for it (6 s a GB here), and
+    the items' stamps are asked from many threads."""
+    with _listing_lock:
+        return _read_tar_listing(archive, *version)
+
+
 @functools.lru_cache(maxsize=64)
-def _tar_directory(archive: str, *version) -> dict[str, tuple[int, int, int]]:
-    """``{member: (mtime, size, header checksum)}`` of a local tar of ``version`` (:func:`_local_version`), named as
-    GDAL reads them."""
-    with tarfile.open(archive) as tf:
-        return {_gdal_name(m.name): (int(m.mtime), m.size, m.chksum) for m in tf if m.isfile()}
+def _tar_stamps(archive: str, *version) -> dict[str, tuple[int, int, int]]:
+    """``{member: (mtime, size, header checksum)}`` of :func:`_tar_listing`."""
+    return {name: tuple(stamp) for name, *stamp in _tar_listing(archive, *version)}
+
+
+@functools.lru_cache(maxsize=64)
+def _read_tar_listing(archive: str, *version) -> tuple[tuple[str, int, int, int], ...]:
+    with tarfile.open(archive) as tf:  # "tar -C folder ." names "./scan.tif", which GDAL reads as "scan.tif"
+        return tuple((_gdal_name(m.name), int(m.mtime), m.size, m.chksum) for m in tf if m.isfile())
 
 
 @functools.lru_cache(maxsize=64)
