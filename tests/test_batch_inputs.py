@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import os
 import shutil
+import threading
 import zipfile
 from pathlib import Path
 
@@ -192,6 +194,39 @@ def test_a_tar_gz_member_is_stamped_by_its_header(tmp_path):
     after = [input_stamp(path) for path in paths]
     assert after[0] == before[0] and after[1] != before[1] and after[2][0] == "tar"
     assert not _same_stamps(after[:1], old[:1], paths[:1])
+
+
+@pytest.mark.timeout(60)
+def test_a_remote_zip_member_is_stamped_by_its_crc_in_the_archive_version_the_server_names(tmp_path):
+    """A member of a zip on a web server or object storage (``/vsizip//vsicurl/http://...``) was stamped ``[0, 0]``
+    and never seen replaced: a resume skipped it, its labels of the old pixels.  It goes by its CRC-32 and size in
+    the central directory of the archive's version (ETag, or size and Last-Modified); a line stamped ``[0, 0]`` is
+    not taken."""
+    from tilemask.driver import _same_stamps
+    from tilemask.sources import input_stamp
+
+    from .range_server import serve
+
+    def pack(b: bytes, mtime: int) -> None:
+        with zipfile.ZipFile(tmp_path / "scenes.zip", "w") as zf:
+            zf.writestr("a.tif", b"a" * 500)
+            zf.writestr("b.tif", b)
+        os.utime(tmp_path / "scenes.zip", (mtime, mtime))  # Last-Modified is in seconds
+
+    pack(b"b" * 500, 1_700_000_000)
+    server = serve(str(tmp_path))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    web = f"/vsizip//vsicurl/http://127.0.0.1:{server.server_address[1]}/scenes.zip"
+    try:
+        before = [input_stamp(f"{web}/{name}.tif") for name in "ab"]
+        assert [stamp[0] for stamp in before] == ["zip", "zip"], before
+        pack(b"B" * 500, 1_700_000_060)  # b replaced, of its size
+        after = [input_stamp(f"{web}/{name}.tif") for name in "ab"]
+        assert after[0] == before[0] and after[1] != before[1]
+        assert input_stamp(f"{web}/c.tif") == [None]  # no such member: never the one read before
+        assert not _same_stamps(after, [[0, 0], [0, 0]], [f"{web}/{name}.tif" for name in "ab"])
+    finally:
+        server.shutdown()
 
 
 @pytest.mark.timeout(60)

@@ -526,7 +526,8 @@ def _same_stamps(now: list, recorded: list | None, files: list[str]) -> bool:
     members = (["zip"], ["tar"])
     if recorded is None or not any(stamp[:1] in members for stamp in now):
         return False
-    return [stamp if stamp[:1] not in members else list(file_stamp(f)) for stamp, f in zip(now, files)] == recorded
+    before = [stamp if stamp[:1] not in members else list(file_stamp(f)) for stamp, f in zip(now, files)]
+    return before == recorded and [0, 0] not in before  # [0, 0]: a remote archive's member, which nothing told
 
 
 def _regions(plan: WorkflowPlan, item: InputItem) -> str | None:

@@ -195,8 +195,8 @@ def file_stamp(path: str) -> tuple[int, int]:
 
 def input_stamp(path: str) -> list:
     """What tells a replaced input from the one a job read: ``[mtime_ns, size]`` of a local file (:func:`file_stamp`),
-    ``["zip", CRC-32, size]`` of a local zip's member, ``["tar", mtime, size, header checksum]`` of a tar's (an
-    archive with a scene added redid all its scenes),
+    ``["zip", CRC-32, size]`` of a local or remote zip's member, ``["tar", mtime, size, header checksum]`` of a local
+    tar's (an archive with a scene added redid all its scenes; a remote tar's member goes by the archive's version),
     ``[version]`` of an object on a web server or object storage (its ETag, else its size and modification time:
     one request), ``[None]`` for one that cannot be reached or whose server names no version (never taken for the
     one read before)."""

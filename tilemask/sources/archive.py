@@ -204,13 +204,18 @@ def member_stamp(path: str) -> list | None:
     stood for every member: a scene appended to an archive of scenes redid every scene of it.  A tar member
     replaced by one of the same size and time (``tar --mtime``) is not told from it: a tar holds no checksum of
     its data."""
+    from ..storage import network_object
+
     split = split_member(path)
     if split is None or not split[0].lower().endswith(ARCHIVE_SUFFIXES):
         return None
     archive, member = split
+    zipped = archive.lower().endswith(".zip")
+    remote = network_object(archive)
+    if remote is not None:
+        return _remote_stamp(remote, member if zipped else None)
     if archive.startswith("/vsi") or "://" in archive or not os.path.isfile(archive):
         return None
-    zipped = archive.lower().endswith(".zip")
     try:
         if zipped:
             info = _zip_directory(archive, *_local_version(archive)).get(member)
@@ -219,6 +224,28 @@ def member_stamp(path: str) -> list | None:
     except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error):
         return None
     return None if info is None else ["zip" if zipped else "tar", *info]
+
+
+def _remote_stamp(remote: str, member: str | None) -> list:
+    """:func:`member_stamp` of a member of the archive at the URL ``remote`` (``/vsizip//vsis3/...``,
+    ``/vsizip//vsicurl/https://...``): a zip's member by its CRC-32 and size, read from the central directory of
+    the archive's version (its ETag, else its time and size: one request an item, as for any object; the directory
+    read by ranges once per version and process), a tar's by the archive's version; ``[None]`` where the server
+    names no version, or cannot be reached (redone).  Such a member was stamped ``[0, 0]``: a replaced archive was
+    never seen."""
+    from ..storage import object_version
+
+    version = object_version(remote)
+    if version is None:
+        return [None]
+    if member is None:
+        return [version]
+    try:
+        zf, names = _remote_zip(remote, os.getpid(), version)
+        info = zf.getinfo(names.get(member, member))
+    except Exception:  # noqa: BLE001 - not a zip, no such member, the network's: not the member stamped before
+        return [None]
+    return ["zip", info.CRC, info.file_size]
 
 
 _listing_lock = threading.Lock()
