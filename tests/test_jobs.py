@@ -267,6 +267,56 @@ def test_statistics_regions_inside_a_zip_are_read_and_stamped(make_raster, make_
     assert run("/vsizip/districts.zip/districts.shp", "out/zipped_shp.csv").status == "skipped"
 
 
+@pytest.mark.slow
+def test_statistics_regions_inside_a_zip_on_a_web_server_are_read_and_stamped(make_raster, make_model, tmp_path,
+                                                                              client):  # fmt: skip
+    """``stats.regions`` in a zip on a web server (``/vsizip//vsicurl/http://...``) failed with "no such archive
+    /vsicurl/http://..."; the archive is copied once, and its version stamps them: a district renamed in the
+    ``.dbf`` alone redoes the item."""
+    import geopandas as gpd
+    import shapely
+
+    path, _ = make_raster((3, 80, 90))
+    weights, _ = make_model()
+    with rasterio.open(path) as ds:
+        whole, crs = shapely.box(*ds.bounds), ds.crs
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    districts = gpd.GeoDataFrame({"name": ["whole", "half"]}, geometry=[whole, whole.buffer(-500)], crs=crs)
+    districts.to_file(shared / "districts.shp")
+
+    def pack(mtime: int) -> None:
+        with zipfile.ZipFile(shared / "districts.zip", "w") as zf:
+            for ext in ("shp", "shx", "dbf", "prj", "cpg"):
+                zf.write(shared / f"districts.{ext}", f"districts.{ext}")
+        os.utime(shared / "districts.zip", (mtime, mtime))  # Last-Modified is in seconds
+
+    pack(1_700_000_000)
+    server = serve(str(shared))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    regions = f"/vsizip//vsicurl/http://127.0.0.1:{server.server_address[1]}/districts.zip/districts.shp"
+    workflow = raster_workflow(path, weights, output={"path": "out/{stem}.zarr", "chunks": 64},
+                               stats={"output": "out/{stem}_stats.csv", "regions": regions, "region_id": "name"})
+
+    def run() -> str:
+        (result,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+        return result.status
+
+    try:
+        assert run() == "ok"
+        table = (tmp_path / "out" / "scene_stats.csv").read_text()
+        assert "whole" in table and "half" in table
+        assert run() == "skipped"
+        dbf = (shared / "districts.dbf").read_bytes()
+        (shared / "districts.dbf").write_bytes(dbf.replace(b"whole", b"WHOLE"))
+        pack(1_700_000_060)
+        assert run() == "ok"
+        assert "WHOLE" in (tmp_path / "out" / "scene_stats.csv").read_text()
+        assert run() == "skipped"
+    finally:
+        server.shutdown()
+
+
 def test_a_finished_item_whose_product_someone_replaced_is_not_skipped_as_done(make_raster, make_model, tmp_path,
                                                                                client):  # fmt: skip
     """A job's rerun skipped a finished item when each of its outputs existed: polygons replaced since by a file

@@ -84,7 +84,7 @@ from .progress import announce
 from .settings import measure_after_seconds
 from .sources import file_stamp, input_stamp
 from .sources.archive import member_path, sidecars, split_member
-from .storage import network_object, redacted
+from .storage import network_object, object_version, redacted
 from .workflow import InputItem, Workflow
 
 logger = logging.getLogger(__name__)
@@ -546,6 +546,8 @@ def _regions_stamp(path: str) -> list[list]:
     stamps = [input_stamp(path)]
     if (member := split_member(path)) is not None:
         archive, name = member
+        if (remote := network_object(archive)) is not None:  # by the archive's version: the members beside it too
+            return [*stamps, [object_version(remote)]]
         try:
             beside = sidecars(archive, name) if os.path.isfile(archive) else []
         except InputError:  # unreadable now: not the archive stamped before

@@ -46,10 +46,16 @@ def regions_file(path: str) -> str:
     """A local file holding the vector regions at ``path``: itself, or a copy made once of the object it names
     (``s3://``, ``https://``, ``/vsis3/``...: fsspec, with the AWS variables as for the inputs; pyogrio's own GDAL
     knew no S3-compatible endpoint, so such regions failed after the run, its outputs written); a member of a local
-    archive (``/vsizip/districts.zip/districts.shp``) extracted once with its sidecars (the ``.dbf``, ``.shx``...)."""
+    archive (``/vsizip/districts.zip/districts.shp``) extracted once with its sidecars (the ``.dbf``, ``.shx``...),
+    a remote archive's (``/vsizip//vsis3/b/districts.zip/...``) from the archive copied once."""
+    from ..sources.archive import member_path, split_member
     from ..storage import local_copy, network_object
 
-    return local_copy(network_object(str(path)) or str(path), sidecars=True)
+    path = str(path)
+    member = split_member(path)
+    if member is not None and (remote := network_object(member[0])) is not None:
+        path = member_path(local_copy(remote), member[1])
+    return local_copy(network_object(path) or path, sidecars=True)
 
 
 def check_regions(path: str, region_id: str | None) -> None:
