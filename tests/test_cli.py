@@ -112,6 +112,23 @@ def test_usage_errors_and_unreadable_workflows_are_one_line_exit_2(tmp_path):
         assert (proc.returncode, proc.stderr, proc.stdout) == (2, f"tilemask: error: {line}\n", ""), args
 
 
+def test_the_commands_own_options_given_after_a_command_say_where_they_go(tmp_path):
+    """``tilemask run w.yaml -q`` (as the README's ``-q`` reads) was ``No such option '-q'.``, and ``--verbose``
+    after ``run`` was offered ``Did you mean '--overwrite'?``: -v and -q are tilemask's own options, before the
+    command. An option no command has keeps click's line."""
+    workflow = tmp_path / "w.yaml"
+    workflow.write_text("version: 1\n")
+    for args, option in [(["run", workflow, "-q"], "-q"), (["stats", "mask.tif", "-o", "t.csv", "-vv"], "-v"),
+                         (["run", workflow, "--verbose"], "--verbose"), (["serve", tmp_path, "-v"], "-v")]:
+        proc = run_cli(*args)
+        command = args[0]
+        assert (proc.returncode, proc.stdout) == (2, ""), args
+        assert proc.stderr == (f"tilemask: error: {option} is an option of tilemask itself, not of {command}: give it "
+                               f"before the command (tilemask {option} {command} ...)\n"), args
+    proc = run_cli("run", workflow, "--bogus")
+    assert (proc.returncode, proc.stderr) == (2, "tilemask: error: No such option '--bogus'.\n")
+
+
 def test_a_scheduler_that_is_no_address_is_a_usage_error():
     from tilemask.cluster import cluster_client
     from tilemask.errors import UsageError

@@ -40,7 +40,14 @@ class TilemaskGroup(click.Group):
 def _usage_error(ctx: click.Context, exc: click.UsageError) -> NoReturn:
     if isinstance(exc, click.exceptions.NoArgsIsHelpError):  # ``tilemask`` alone: the help, as click shows it
         raise exc
-    click.echo(f"tilemask: error: {' '.join(exc.format_message().split())}", err=True)
+    message = " ".join(exc.format_message().split())
+    command = exc.ctx.command if exc.ctx is not None else None
+    if isinstance(exc, click.NoSuchOption) and command is not None and command is not ctx.command:
+        own = {name for param in ctx.command.params if not param.is_eager for name in param.opts}  # -v, -q, ...
+        if exc.option_name in own:  # ``tilemask run w.yaml -q``: click offered ``Did you mean '--overwrite'?``
+            message = (f"{exc.option_name} is an option of tilemask itself, not of {command.name}: give it before "
+                       f"the command (tilemask {exc.option_name} {command.name} ...)")
+    click.echo(f"tilemask: error: {message}", err=True)
     ctx.exit(exc.exit_code)
 
 
