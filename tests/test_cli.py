@@ -129,6 +129,16 @@ def test_the_commands_own_options_given_after_a_command_say_where_they_go(tmp_pa
     assert (proc.returncode, proc.stderr) == (2, "tilemask: error: No such option '--bogus'.\n")
 
 
+def test_the_command_list_says_each_command_whole():
+    """``tilemask --help`` listed its commands cut short by click at the terminal's width (``cancel  Stop JOB: the
+    items in flight are abandoned and clean up;...``): each says what it does in a line that fits 80 columns."""
+    proc = run_cli("--help", env={"COLUMNS": "80"})
+    listed = proc.stdout.split("Commands:\n")[1].splitlines()
+    assert proc.returncode == 0 and [line.split()[0] for line in listed] == [
+        "cancel", "evaluate", "jobs", "run", "serve", "stats", "status", "submit"]
+    assert not [line for line in listed if line.endswith("...") or len(line) > 80]
+
+
 def test_a_scheduler_that_is_no_address_is_a_usage_error():
     from tilemask.cluster import cluster_client
     from tilemask.errors import UsageError

@@ -46,7 +46,7 @@ def job_options(command):
     return command
 
 
-@main.command(cls=TilemaskCommand)
+@main.command(cls=TilemaskCommand, short_help="Segment the inputs of a workflow, as a job (resumes).")
 @click.argument("workflow", type=click.Path(dir_okay=False))
 @click.option("--scheduler", metavar="ADDRESS", callback=scheduler_address,
               help="This Dask scheduler: its address or scheduler file (default: an embedded local cluster).")
@@ -109,7 +109,7 @@ def describe(result) -> str:
     )
 
 
-@main.command(cls=TilemaskCommand)
+@main.command(cls=TilemaskCommand, short_help="Serve a folder of outputs to GIS and medical viewers.")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: a free one).")

@@ -23,7 +23,7 @@ from .cli import job_options, main
 from .command import TilemaskCommand, errors_only, first_line, scheduler_address
 
 
-@main.command(cls=TilemaskCommand)
+@main.command(cls=TilemaskCommand, short_help="Start a workflow as a detached job; print its id.")
 @click.argument("workflow", type=click.Path(dir_okay=False))
 @click.option("--scheduler", metavar="ADDRESS", callback=scheduler_address,
               help="The Dask scheduler the job runs on: its address, or its scheduler file.")
@@ -183,7 +183,7 @@ def _wait_until_known(client, key: str, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-@main.command(cls=TilemaskCommand)
+@main.command(cls=TilemaskCommand, short_help="The state of a job and its items.")
 @click.argument("job")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
@@ -271,7 +271,7 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
     return value
 
 
-@main.command(cls=TilemaskCommand)
+@main.command(cls=TilemaskCommand, short_help="Stop a job; its finished items stay done.")
 @click.argument("job")
 @click.option("--wait", "wait_s", type=float, default=60.0, show_default=True, callback=_seconds,
               help="Seconds to wait for the job to stop.")
@@ -396,7 +396,7 @@ def drive(folder, cluster_kind, workers, debug) -> None:
         sys.exit(1)
 
 
-@main.command(cls=TilemaskCommand)
+@main.command(cls=TilemaskCommand, short_help="List the jobs this user has run or submitted.")
 @click.option("--json", "as_json", is_flag=True, help="Print the jobs as JSON.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 def jobs(as_json, debug) -> None:

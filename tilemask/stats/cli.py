@@ -25,7 +25,7 @@ def _file_or_url(ctx, param, value: str | None) -> str | None:
     return click.Path(exists=True).convert(value, param, ctx)
 
 
-@click.command("stats", cls=TilemaskCommand)
+@click.command("stats", cls=TilemaskCommand, short_help="Per-class, per-region or per-instance statistics.")
 @click.argument("mask", callback=_file_or_url)
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Table: .parquet, .gpkg, .csv or .json.")
 @click.option("--regions", metavar="PATH|URL", callback=_file_or_url,
@@ -65,7 +65,7 @@ def stats(
         click.echo(f"wrote {path}")
 
 
-@click.command("evaluate", cls=TilemaskCommand)
+@click.command("evaluate", cls=TilemaskCommand, short_help="Dice, IoU, precision, recall against the truth.")
 @click.argument("pred", callback=_file_or_url)
 @click.argument("truth", callback=_file_or_url)
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False), help="Write the scores as JSON.")
