@@ -616,3 +616,15 @@ def test_one_override_given_alone_as_a_string_is_taken_whole_and_refusals_name_o
     assert Workflow.from_yaml(workflow, "inference.overlap=0.5").inference.overlap == 0.5
     with pytest.raises(WorkflowError, match=r"^overrides 'overlap': expected KEY=VALUE, e\.g\. output\.chunks=1024$"):
         Workflow.from_yaml(workflow, ["overlap"])
+
+
+def test_the_readme_workflow_example_is_a_valid_workflow(tmp_path):
+    """The README's "A workflow" example, every key shown, set ``inference.slice_axis: 2`` (a volume's) beside
+    ``output.vectors`` on a raster, and was refused as a whole: ``output.vectors needs a 2D raster model``."""
+    from .conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    example = re.search(r"## A workflow\n\n```yaml\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "w.yaml").write_text(example)
+    workflow = Workflow.from_yaml(tmp_path / "w.yaml")
+    assert (workflow.output.chunks, workflow.inference.tta_mode) == (2048, "image")
