@@ -2499,3 +2499,20 @@ _write_atomic(job.path / "entry", "/data/for\\u00eat/job\\n")
         (row,) = csv.DictReader(f)
     assert (row["name"], row["input"]) == ("for\u00eat", "/data/for\u00eat.tif")
     assert (tmp_path / "job" / "entry").read_text(encoding="utf-8") == "/data/for\u00eat/job\n"
+
+
+def test_a_benchmarks_jobs_are_listed_in_its_scratch_folder_not_the_users(tmp_path):
+    """``python benchmarks/bench_tiles.py`` ran the demo into its scratch folder and listed that job in the user's
+    ``$TILEMASK_HOME``; the folder removed at exit, every later ``tilemask jobs`` warned ``... jobs' folders are not
+    there``. A benchmark's scratch folder holds the jobs' list too, and goes with it."""
+    from .conftest import REPO
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from scratch import scratch_folder; "
+            "from tilemask import jobs; folder = scratch_folder('t-', under=sys.argv[2]); "
+            "print(folder); print(jobs.home()); jobs.home().mkdir(parents=True)")  # fmt: skip
+    home = tmp_path / "home"
+    done = subprocess.run([sys.executable, "-c", code, str(REPO / "benchmarks"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "TILEMASK_HOME": str(home)})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    folder, listed = map(Path, done.stdout.split())
+    assert listed.is_relative_to(folder) and not folder.exists() and not home.exists()
