@@ -218,6 +218,8 @@ def configure_logging(debug: bool, verbosity: int = 0) -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
         # rasterio logs at INFO every error GDAL signals, those its callers expect too (a file not there yet)
         logging.getLogger("rasterio").setLevel(max(level, logging.WARNING))
+        # numexpr (pandas imports it) tells at INFO how many threads it takes: the first line of `tilemask -v stats`
+        logging.getLogger("numexpr").setLevel(max(level, logging.WARNING))
         # nibabel logs a header it refuses (a datatype code it does not know) with a handler of its own, and
         # through ours, before it raises: two lines before tilemask's one
         logging.getLogger("nibabel").setLevel(logging.CRITICAL)

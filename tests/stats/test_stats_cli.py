@@ -617,3 +617,13 @@ def test_labels_replaced_while_their_statistics_are_computed_give_no_table(tmp_p
                                         r"run\?\); nothing written, run again$"):  # fmt: skip
         run()
     assert not out.exists()
+
+
+def test_verbose_stats_says_its_stages_not_a_librarys_chatter(shade_labels, tmp_path):
+    """``tilemask -v stats`` began with ``INFO numexpr.utils: NumExpr defaulting to 2 threads.`` (pandas imports
+    numexpr), a line about a library's own threads that no user acts on, also before a refusal's one line."""
+    from ..conftest import run_cli
+
+    done = run_cli("-v", "stats", shade_labels, "-o", tmp_path / "t.txt", cwd=tmp_path)
+    assert (done.returncode, done.stderr) == (
+        2, f"tilemask: error: {tmp_path / 't.txt'}: unknown table format, use one of .parquet, .gpkg, .csv, .json\n")
