@@ -627,6 +627,8 @@ def test_a_script_that_runs_at_its_top_level_is_told_to_guard_it(make_raster, ma
     assert 'tilemask: error: tilemask.run was called again as a new worker process imported your script: call it ' \
            'under if __name__ == "__main__":' in lines[0]
     assert lines[-1].startswith("tilemask.errors.RunError: the embedded cluster's workers did not start")
+    # a script has no --debug: it is told what shows the workers' logs in Python (it was "--debug shows why")
+    assert lines[-1].endswith("; logging at DEBUG shows why: logging.basicConfig(level=logging.DEBUG))")
     assert "Nanny failed" not in done.stderr and "running in another process" not in done.stderr
     # a script read from standard input, guarded: the workers cannot import it, and it is told so, not to guard it
     guarded = f"import tilemask\nif __name__ == '__main__':\n    tilemask.run({str(workflow)!r}, workers=1)\n"

@@ -47,7 +47,7 @@ from dask.utils import parse_timedelta
 from distributed import Client, Future, LocalCluster, WorkerPlugin
 
 from . import forkserver
-from .errors import NoWorkers, RunError, SchedulerUnreached, UsageError, first_line, given, option
+from .errors import NoWorkers, RunError, SchedulerUnreached, UsageError, first_line, given, on_command_line, option
 from .imports import import_in_background
 from .interrupts import raise_if_stopped, shielded
 
@@ -316,8 +316,8 @@ _LOWERED_FROM: list[int] = []  # the nanny logger's own level and its effective 
 def _workers_that_did_not_start() -> Iterator[None]:
     """distributed's "Nanny failed to start" (and its chain of tracebacks) as one line, naming how the worker ended
     (killed by a signal as it started: a CI's worker killed before it had connected was said to be a script's
-    unguarded ``tilemask.run``); why is in the workers' logs, which ``--debug`` shows (a worker that ran an
-    unguarded script's ``tilemask.run`` says so itself)."""
+    unguarded ``tilemask.run``); why is in the workers' logs, which ``--debug`` shows (in Python, logging at DEBUG;
+    a worker that ran an unguarded script's ``tilemask.run`` says so itself)."""
     global _lowered_by
     nannies = logging.getLogger("distributed.nanny")
     with _LOWERED_LOCK:  # runs at once in threads: the first lowers the level, the last puts back the caller's
@@ -341,8 +341,9 @@ def _workers_that_did_not_start() -> Iterator[None]:
         why = [f"{end[0].lower()}{end[1:]} as it started" for end in dict.fromkeys(ends.ends)]
         if script is not None and not _tilemasks_command(main):
             why.append('a Python script calls tilemask.run under if __name__ == "__main__":, as each worker imports it')
-        raise RunError(f"the embedded cluster's workers did not start ({'; '.join(why + ['--debug shows why'])})") \
-            from None
+        shows = "--debug shows why" if on_command_line() else \
+            "logging at DEBUG shows why: logging.basicConfig(level=logging.DEBUG)"  # Python has no --debug
+        raise RunError(f"the embedded cluster's workers did not start ({'; '.join(why + [shows])})") from None
     finally:
         with _LOWERED_LOCK:
             nannies.removeFilter(ends)
