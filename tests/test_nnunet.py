@@ -186,7 +186,7 @@ def monai_sliding_window(x: torch.Tensor, patch: list[int], predict) -> torch.Te
     return sliding_window_inference(x, patch, 4, predict, overlap=0.5, mode="gaussian", sigma_scale=0.125)
 
 
-def nnunet_steps(path: str | list[str], plans: dict, net: torch.nn.Module,
+def nnunet_steps(path: str | list[str], plans: dict, net: torch.nn.Module | list[torch.nn.Module],
                  mirror_axes: tuple[int, ...] | None = (0, 1, 2), sliding_window=nnunet_sliding_window,
                  crop: bool = True) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """nnU-Net's prediction, redone: SimpleITK's arrays (axes k, j, i) of the case's channels (``path``, or one file
@@ -194,7 +194,9 @@ def nnunet_steps(path: str | list[str], plans: dict, net: torch.nn.Module,
     ``crop``), transposed by ``transpose_forward``, CTNormalization (clip to the percentiles, then the foreground's
     mean and std) or, with ``use_mask_for_norm``, the z-score of each channel over nnU-Net's mask (the voxels nonzero
     in some channel), nnU-Net's gaussian sliding window (:func:`nnunet_sliding_window`) over nnU-Net's mirrored
-    predictor (:func:`mirrored`), the probabilities put back in the whole scan with background around them
+    predictor (:func:`mirrored`), of each network of a list (nnU-Net's folds) in turn, their whole logits added up
+    and divided by their number as ``nnUNetPredictor.predict_logits_from_preprocessed_data`` does, the
+    probabilities put back in the whole scan with background around them
     (``revert_cropping_on_probabilities``); labels and the margin between the two best probabilities, both on
     tilemask's axes."""
     import SimpleITK as sitk
@@ -214,7 +216,9 @@ def nnunet_steps(path: str | list[str], plans: dict, net: torch.nn.Module,
             p = plans["foreground_intensity_properties_per_channel"][str(c)]
             channel[...] = (np.clip(channel, p["percentile_00_5"], p["percentile_99_5"]) - p["mean"]) / p["std"]
     with torch.no_grad():
-        logits = sliding_window(torch.from_numpy(array)[None], PATCH, mirrored(net, mirror_axes))
+        folds = net if isinstance(net, list) else [net]
+        logits = sum(sliding_window(torch.from_numpy(array)[None], PATCH, mirrored(n, mirror_axes)) for n in folds)
+        logits = logits / len(folds)
     cropped = torch.softmax(logits, 1)[0].numpy()
     back = [0, *(1 + a for a in np.argsort(plans["transpose_forward"]))]  # network axes -> SimpleITK's
     probabilities = np.zeros((len(cropped), *whole.shape[1:]), np.float32)
@@ -251,6 +255,132 @@ def test_results_folder_runs_as_nnunet_predicts(tmp_path, client):
     monai_windows, _ = nnunet_steps(path, plans, net, sliding_window=monai_sliding_window)
     assert (monai_windows != theirs).sum() > 100  # so do MONAI's starts (0, 8, 16, 17 against 0, 6, 11, 17) and weights
     assert (tmp_path / "out" / "anatomical.colors.csv").read_text().count("grey") == 1
+
+
+def another_fold(folder, fold: int, net: torch.nn.Module, seed: int, mirroring=(0, 1, 2)) -> torch.nn.Module:
+    """``fold_N``'s checkpoint saved over with ``net``'s weights moved a little (another fold's training: a network
+    like the others, not the same); the network saved."""
+    torch.manual_seed(seed)
+    other = build(3).eval()
+    with torch.no_grad():
+        for mine, theirs in zip(other.parameters(), net.parameters()):
+            mine.copy_(theirs + 0.3 * theirs.std() * torch.randn_like(theirs))
+    (folder / f"fold_{fold}").mkdir(exist_ok=True)
+    torch.save(nnunet_checkpoint(other.state_dict(), lambda: build(3), torch.zeros(1, 1, 8, 8, 8), mirroring),
+               folder / f"fold_{fold}" / "checkpoint_final.pth")  # fmt: skip
+    return other
+
+
+def _count_checkpoint_loads() -> None:
+    """On a worker: count torch.load's reads of each ``.pth`` file (:func:`_checkpoint_loads` reads them back)."""
+    import collections
+
+    load = torch.load
+    counts = collections.Counter()
+
+    def counted(f, *args, **kwargs):
+        if isinstance(f, str | os.PathLike) and str(f).endswith(".pth"):
+            counts[str(f)] += 1
+        return load(f, *args, **kwargs)
+
+    counted.counts, counted.original = counts, load
+    torch.load = counted
+
+
+def _checkpoint_loads() -> dict[str, int]:
+    counted = torch.load
+    torch.load = getattr(counted, "original", counted)
+    return dict(getattr(counted, "counts", {}))
+
+
+@pytest.mark.slow  # 5 folds, each window mirrored 8 times, on both sides
+@pytest.mark.timeout(600)
+def test_a_folder_of_five_folds_runs_nnunet_s_ensemble(tmp_path, client):
+    """nnUNetv2_predict's default: the ensemble of folds 0-4, each fold's whole sliding-window logits (mirrored)
+    added up and divided by five, then the softmax.  tilemask averages the folds' logits window by window (one
+    module whose forward averages its members'): the windows, their gaussian and the mirroring being the same for
+    every fold and linear in the logits, the labels are nnU-Net's but for float ties, as one fold's are.  A folder
+    of several folds and no model.fold runs them all (fold_all is no member, as nnUNetPredictor finds the folds);
+    each worker reads each checkpoint once."""
+    path, data = scan()
+    folder, plans, net = results_folder(tmp_path, data)
+    nets = [net, *(another_fold(folder, fold, net, seed=fold) for fold in range(1, 5))]
+    (folder / "fold_all").mkdir()
+    shutil.copy(folder / "fold_1" / "checkpoint_final.pth", folder / "fold_all" / "checkpoint_final.pth")
+    workflow = {"version": 1, "input": path, "model": {"nnunet": str(folder)},
+                "inference": {"device": "cpu", "batch_size": 4},
+                "output": {"path": "out/{stem}.nii.gz", "probabilities": "float32"}}  # fmt: skip
+    parsed = Workflow.from_dict(workflow, base_dir=tmp_path)
+    checkpoints = [str(folder / f"fold_{fold}" / "checkpoint_final.pth") for fold in range(5)]
+    assert [parsed.model.weights, *parsed.model.args["_ensemble"]] == checkpoints
+    listed = Workflow.from_dict(workflow, ["model.fold=[0, 1, 2, 3, 4]"], base_dir=tmp_path)
+    assert (listed.model.weights, listed.model.args) == (parsed.model.weights, parsed.model.args)
+    client.run(_count_checkpoint_loads)
+    try:
+        (result,) = tilemask.run(parsed, client)
+    finally:
+        reads = client.run(_checkpoint_loads)
+    assert {file for counts in reads.values() for file in counts} == set(checkpoints)
+    assert all(n == 1 for counts in reads.values() for n in counts.values()), reads  # once per worker process
+    ours = np.asarray(nib.load(result.outputs[0]).dataobj)
+    theirs, margin = nnunet_steps(path, plans, nets)
+    assert ours.shape == theirs.shape == data.shape
+    assert np.bincount(theirs.ravel(), minlength=3).min() > 1000
+    apart = ours != theirs
+    assert apart.sum() == 0 or margin[apart].max() < 1e-5, f"{apart.sum()} voxels apart, not ties"
+    top = np.sort(nib.load(result.outputs[1]).get_fdata(dtype=np.float32), -1).transpose(3, 0, 1, 2)
+    # the probabilities too: the labels alone do not tell the folds' mean from their sum (4.8e-7 apart at most)
+    np.testing.assert_allclose(top[-1] - top[-2], margin, rtol=0, atol=1e-5)
+    alone, _ = nnunet_steps(path, plans, net)
+    assert (alone != theirs).sum() > 100  # the ensemble is not fold 0's answer: the test can fail
+
+
+def test_every_fold_s_checkpoint_keys_the_converted_network(tmp_path):
+    """A converted network (OpenVINO, ...) is cached under the sha256 of the weights: of an ensemble, of every
+    fold's checkpoint, so a retrained fold is converted again; the spec a worker caches its model under changes
+    with any fold's file too."""
+    from tilemask.backend_cache import cache_path
+    from tilemask.settings import ModelSpec
+
+    _, data = scan()
+    folder, _, net = results_folder(tmp_path, data)
+    another_fold(folder, 1, net, seed=1)
+
+    def spec(*overrides: str) -> ModelSpec:
+        model = Workflow.from_dict({"version": 1, "input": "x.nii.gz", "model": {"nnunet": str(folder)},
+                                    "output": {"path": "o.nii.gz"}}, overrides).model  # fmt: skip
+        return ModelSpec.create(model.network, model.args, model.weights)
+
+    def key(of: ModelSpec) -> str:
+        return cache_path(of, "openvino", "2025.0", 1, (16, 16, 24), ".xml").name
+
+    ensemble, alone = spec(), spec("model.fold=0")
+    assert key(ensemble) != key(alone)
+    another_fold(folder, 1, net, seed=2)  # fold 1 retrained, saved at the same path
+    retrained = spec()
+    assert retrained != ensemble and key(retrained) != key(ensemble)
+    assert key(spec("model.fold=0")) == key(alone)  # fold 0 alone is as it was
+
+
+@pytest.mark.slow  # three runs of a two-fold ensemble
+@pytest.mark.timeout(300)
+def test_a_retrained_fold_redoes_the_job_s_items(tmp_path, client):
+    """A job's items are done once; retrained weights at the same path redo them: of an ensemble, any fold's
+    checkpoint saved over, not only the first's."""
+    path, data = scan()
+    folder, _, net = results_folder(tmp_path, data)
+    another_fold(folder, 1, net, seed=1)
+    workflow = {"version": 1, "input": path, "model": {"nnunet": str(folder)},
+                "inference": {"device": "cpu", "batch_size": 4, "tta": "none"},
+                "output": {"path": "out/{stem}.nii.gz"}}  # fmt: skip
+    (first,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    (again,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert (first.status, again.status) == ("ok", "skipped")
+    another_fold(folder, 1, net, seed=2)  # fold 1 retrained, saved at the same path
+    (redone,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert redone.status == "ok" and redone.windows > 0
+    (last,) = tilemask.run(Workflow.from_dict(workflow, base_dir=tmp_path), client)
+    assert last.status == "skipped"
 
 
 def _set(path: str, value):
@@ -481,20 +611,34 @@ def test_a_label_value_of_two_names_is_refused_saying_so(tmp_path):
 
 
 def test_folds_and_checkpoints(tmp_path):
-    """One fold is taken as it is; of several, model.fold chooses (tilemask runs one, not nnU-Net's ensemble);
-    checkpoint_best.pth when asked; the workflow's keys override the folder's."""
+    """One fold is taken as it is; of several, model.fold chooses one, or a list of them nnU-Net's ensemble, and
+    without it every numbered fold runs (nnUNetPredictor's default; it was refused); checkpoint_best.pth when asked;
+    the workflow's keys override the folder's."""
     _, data = scan()
     folder, _, _ = results_folder(tmp_path, data, folds=(0, 3))
+    (folder / "fold_all").mkdir()  # trained on every case: a fold of its own, not "every fold"
+    shutil.copy(folder / "fold_0" / "checkpoint_final.pth", folder / "fold_all" / "checkpoint_final.pth")
     raw = {"version": 1, "input": "x.nii.gz", "model": {"nnunet": str(folder)}, "output": {"path": "o.nii.gz"}}
-    with pytest.raises(WorkflowError, match=r"has folds 0, 3: give model.fold"):
-        Workflow.from_dict(raw)
-    assert Workflow.from_dict(raw, ["model.fold=3"]).model.weights == str(folder / "fold_3" / "checkpoint_final.pth")
-    with pytest.raises(WorkflowError, match=r"^model.fold: one fold .*not nnU-Net's ensemble of several \(got \[0, 3"):
-        Workflow.from_dict({**raw, "model": {**raw["model"], "fold": [0, 3]}})  # nnUNetv2_predict -f 0 3 ensembles
-    for listed in ([3], []):  # no ensemble: it was refused as one
-        with pytest.raises(WorkflowError, match=rf"^model.fold: a fold number \(0, 1, ...\) or all, not a list \(got "
-                                                rf"{re.escape(str(listed))}\)$"):  # fmt: skip
+
+    def checkpoints(workflow: Workflow) -> list[str]:
+        return [os.path.relpath(p, folder) for p in (workflow.model.weights, *workflow.model.args.get("_ensemble", []))]
+
+    assert checkpoints(Workflow.from_dict(raw)) == ["fold_0/checkpoint_final.pth", "fold_3/checkpoint_final.pth"]
+    assert checkpoints(Workflow.from_dict(raw, ["model.fold=3"])) == ["fold_3/checkpoint_final.pth"]
+    assert checkpoints(Workflow.from_dict(raw, ["model.fold=all"])) == ["fold_all/checkpoint_final.pth"]
+    for listed, expected in (([3, 0], ["fold_3", "fold_0"]), ([3], ["fold_3"]), ([0, "all"], ["fold_0", "fold_all"])):
+        workflow = Workflow.from_dict({**raw, "model": {**raw["model"], "fold": listed}})  # nnUNetv2_predict -f 3 0
+        assert checkpoints(workflow) == [f"{fold}/checkpoint_final.pth" for fold in expected]
+    for listed in ([], [0, 0], [0, -1]):
+        with pytest.raises(WorkflowError, match=r"^model.fold: a (list of one or more different folds|fold number)"):
             Workflow.from_dict({**raw, "model": {**raw["model"], "fold": listed}})
+    with pytest.raises(WorkflowError, match=r"^model.nnunet: no fold_1/checkpoint_final.pth in .* \(folds: 0, 3, all"):
+        Workflow.from_dict(raw, ["model.fold=[0, 1]"])
+    another_fold(folder, 3, build(3), seed=1, mirroring=(0, 1))  # trained by another trainer: mirrored otherwise
+    with pytest.raises(WorkflowError, match=r"^model.nnunet: fold_3 mirrors along the axes \[0, 1\] and fold_0 "
+                                            r"along \[0, 1, 2\]: give model.fold one fold, or folds that agree$"):
+        Workflow.from_dict(raw)
+    shutil.rmtree(folder / "fold_all")
     with pytest.raises(WorkflowError, match=r"no fold_3/checkpoint_best.pth in"):
         Workflow.from_dict(raw, ["model.fold=3", "model.checkpoint=checkpoint_best.pth"])
     shutil.copy(folder / "fold_3" / "checkpoint_final.pth", folder / "fold_3" / "checkpoint_best.pth")

@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 
 def cache_path(spec: ModelSpec, backend: str, version: str, channels: int, roi: tuple[int, ...], suffix: str) -> Path:
-    digest = hashlib.sha256(_weights_digest(spec.weights, spec.weights_stamp).encode())
+    weights = "".join(_weights_digest(path, stamp) for path, stamp in zip(spec.weight_files, spec.weight_stamps))
+    digest = hashlib.sha256(weights.encode())  # an ensemble's: each checkpoint's, in order (a retrained fold's too)
     digest.update(json.dumps([spec.network, spec.args_json, backend, version, channels, roi]).encode())
     folder = Path(os.environ.get("TILEMASK_CACHE_DIR") or Path.home() / ".cache" / "tilemask") / backend
     return folder / f"{digest.hexdigest()[:32]}{suffix}"

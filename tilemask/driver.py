@@ -366,9 +366,9 @@ def drive_job(
     skipped: set[str] = set()
     todo, done_before = [], []
     latest = manifest.latest()
-    weights = input_stamp(plan.model.weights)  # retrained weights at the same path: every item is redone
+    weights = _weights_stamp(plan.model.weight_files)  # retrained weights at the same path: every item is redone
     finished = _finished({item.name: latest[item.name] for item in items if item.name in latest},
-                         (plan.model.weights, weights),
+                         (plan.model.weight_files, weights),
                          {item.name: list(item.files) for item in items},
                          {item.name: _regions(plan, item) for item in items}, say_unversioned=not forget)
     stop = threading.Event()
@@ -516,6 +516,12 @@ def _stamps(files) -> list[list]:
     return [input_stamp(f) for f in files]
 
 
+def _weights_stamp(files: tuple[str, ...]) -> list:
+    """What a job's line records of the weights: their :func:`~tilemask.sources.input_stamp`, or a list of each
+    checkpoint's for an ensemble (nnU-Net's folds: one fold retrained redoes every item)."""
+    return input_stamp(files[0]) if len(files) == 1 else [input_stamp(f) for f in files]
+
+
 def _same_stamps(now: list, recorded: list | None, files: list[str]) -> bool:
     """Whether ``files`` (an item's, or its weights) are as a line recorded them: its stamps, or a job's line written
     before an archive's members had stamps of their own (a zip's 2026-12-07, a tar's 2026-12-08), with the archive's
@@ -562,18 +568,20 @@ def _regions_stamp(path: str) -> list[list]:
     return stamps
 
 
-def _finished(lines: dict[str, dict], weights: tuple[str, list], files: dict[str, list[str]],
+def _finished(lines: dict[str, dict], weights: tuple[tuple[str, ...], list], files: dict[str, list[str]],
               regions: dict[str, str | None], say_unversioned: bool = True) -> set[str]:  # fmt: skip
     """The names of the items whose latest line (``lines``) is ok (or failed only to send its outputs on), whose
     files (``files``, by name, as listed now: a list file or STAC Item may name other files under the same name),
-    statistics' regions (``regions``, by name) and weights (``weights``: their path, and their stamp now) are as
-    they were (a replaced input, edited regions or retrained weights, is redone; lines written before the files and
-    stamps were recorded count as unchanged) and whose outputs are complete (:func:`~tilemask.jobs.outputs_complete`).
+    statistics' regions (``regions``, by name) and weights (``weights``: their files, and :func:`_weights_stamp` now)
+    are as they were (a replaced input, edited regions or retrained weights, is redone; lines written before the files
+    and stamps were recorded count as unchanged) and whose outputs are complete
+    (:func:`~tilemask.jobs.outputs_complete`).
     Asked in parallel: objects on the network a request each, a GeoPackage's mark a few ms.  ``say_unversioned``:
     warn of an item redone because a file of it names no version (not under ``--overwrite``, which redoes every
     item)."""
 
-    weights_file, weights_stamp = weights
+    weights_files, weights_stamp = weights
+    one = len(weights_files) == 1  # a line records one file's stamp, or a list of an ensemble's
 
     def finished(line: dict) -> bool:
         current = files[line["name"]]  # stamped, not the files as recorded: a URL signed then may have expired
@@ -590,7 +598,8 @@ def _finished(lines: dict[str, dict], weights: tuple[str, list], files: dict[str
         same_regions = region_file is None or "regions_stamp" not in line or (
             (now := region_stamps[region_file]) == line["regions_stamp"] and [None] not in now)
         recorded_weights = line.get("weights_stamp", weights_stamp)
-        same_model = weights_stamp != [None] and _same_stamps([weights_stamp], [recorded_weights], [weights_file])
+        model_now, model_then = ([weights_stamp], [recorded_weights]) if one else (weights_stamp, recorded_weights)
+        same_model = [None] not in model_now and _same_stamps(model_now, model_then, list(weights_files))
         return (unchanged and same_regions and same_model and own_labels(line)
                 and outputs_complete(line["outputs"]))  # fmt: skip
 

@@ -10,6 +10,7 @@ small :class:`ModelSpec`, never the network.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -29,7 +30,7 @@ import torch
 
 from .errors import WeightsError, WorkflowError, first_line, missing_weights
 from .imports import add_to_path, holds_package, ignoring_warnings, import_module
-from .settings import ModelSpec
+from .settings import ENSEMBLE, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def build_network(spec: ModelSpec) -> torch.nn.Module:
     puts the bundle's."""
     args = dict(spec.args)
     args.pop(X_FIRST, None)  # load_model's, not the network's
+    args.pop(ENSEMBLE, None)
     folders = [str(f) for f in args.pop("_import_path", None) or []]
     for folder in folders:
         add_to_path(folder)
@@ -160,11 +162,32 @@ class XFirst(torch.nn.Module):
         return self.network(x.transpose(-1, -2)).transpose(-1, -2)
 
 
+class Ensemble(torch.nn.Module):
+    """Networks whose outputs are added up and divided by their number, as ``nnUNetPredictor`` averages its folds'
+    logits.  Its windows and their gaussian weights are the same for every member, and the sliding window, the
+    mirroring and the average are linear in the logits: the mean of each window's logits is nnU-Net's mean of the
+    whole case's."""
+
+    def __init__(self, members: list[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = self.members[0](x)
+        for member in self.members[1:]:
+            total = total + member(x)
+        return total / len(self.members)
+
+
 def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The network with its weights, in eval mode, on ``device``; a 2D one run over a volume's slices
+    """The network with its weights, in eval mode, on ``device``; of each of an ensemble's checkpoints
+    (``args._ensemble``, nnU-Net's folds) in :class:`Ensemble`; a 2D one run over a volume's slices
     (``spec.slice_axis``) wrapped in :class:`SliceWise`, one whose args set ``_x_first`` (a 2D MONAI bundle's) in
     :class:`XFirst`."""
     model = _loaded(spec, device)
+    if spec.args.get(ENSEMBLE):
+        others = [_loaded(dataclasses.replace(spec, weights=path), device) for path in spec.args[ENSEMBLE]]
+        model = Ensemble([model, *others]).eval()
     if spec.args.get(X_FIRST) and spec.slice_axis is None:  # a volume's slices are in MONAI's order already
         wrapped = XFirst(model).eval()
         model = torch.jit.script(wrapped) if isinstance(model, torch.jit.ScriptModule) else wrapped
@@ -634,7 +657,7 @@ def cached_model(spec: ModelSpec, device: torch.device) -> torch.nn.Module:
         if key in _models:
             _models.move_to_end(key)
             return _models[key]
-        logger.info("loading %s from %s on %s", spec.network, spec.weights, device)
+        logger.info("loading %s from %s on %s", spec.network, ", ".join(spec.weight_files), device)
         model = _models[key] = load_model(spec, device)
         while len(_models) > MODELS_PER_PROCESS:
             _models.popitem(last=False)

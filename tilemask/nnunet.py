@@ -10,6 +10,9 @@ channel; ``NoNormalization``), the class names from ``dataset.json``'s ``labels`
 from its ``channel_names``, the weights, nnU-Net's crop of each case to the box of its nonzero voxels
 (``preprocess.crop: nonzero``), and nnU-Net's sliding window (its window starts half a patch apart, its gaussian
 and its mirroring of each window, from the checkpoint).
+Several folds (``fold: [0, 1, 2, 3, 4]``, or left out where the folder has several numbered ones, as
+``nnUNetPredictor`` finds them) are nnU-Net's ensemble: each window's logits averaged over the folds
+(:class:`tilemask.models.Ensemble`), which is nnU-Net's average of the folds' whole logits.
 The workflow's own keys override these.
 
 nnU-Net works on the arrays SimpleITK reads, whose axes are the NIfTI's (i, j, k) reversed, then transposed by
@@ -46,10 +49,13 @@ OVERLAP = 0.5  # nnUNetPredictor's tile_step_size 0.5: windows half a patch apar
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
 
 
-def nnunet_defaults(folder: Path, fold: int | str | None, checkpoint: str | None,
+def nnunet_defaults(folder: Path, fold: int | str | list | None, checkpoint: str | None,
                     weights: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Workflow keys (a raw workflow dict) from the nnU-Net v2 results folder ``folder``; the mirroring axes from
-    ``weights`` where the workflow gives its own checkpoint (a local file), else from the fold's."""
+    ``weights`` where the workflow gives its own checkpoint (a local file), else from the fold's.  Several folds
+    (``fold`` a list, or left out where the folder has several numbered ones) are nnU-Net's ensemble: the first
+    fold's checkpoint is ``model.weights``, the others ``model.args._ensemble`` (:class:`tilemask.models.Ensemble`
+    averages their logits)."""
     plans, dataset = _json(folder / "plans.json"), _json(folder / "dataset.json")
     name = _configuration_name(folder, plans)
     config = _configuration(plans, name)
@@ -84,7 +90,11 @@ def nnunet_defaults(folder: Path, fold: int | str | None, checkpoint: str | None
     spacing = _numbers(config.get("spacing"), f"configuration {name}'s spacing", float)
     if len(spacing) != len(patch):
         raise WorkflowError(f"{KEY}: plans.json: configuration {name} has spacing {spacing}, not {len(patch)} values")
-    weights = weights or _weights(folder, fold, checkpoint)
+    checkpoints = [weights] if weights else _weights(folder, fold, checkpoint)
+    weights = checkpoints[0]
+    if len(checkpoints) > 1:
+        args["_ensemble"] = [str(path) for path in checkpoints[1:]]
+        _same_mirroring(checkpoints, len(patch))
     inference = {"overlap": OVERLAP, "steps": "nnunet", "mode": "nnunet", "sigma_scale": 0.125, "activation": "softmax"}
     if len(patch) == 2:  # nnU-Net predicts a 2D configuration slice by slice across its first axis, its spacing
         # kept there (DefaultPreprocessor: [original_spacing[0]] + the configuration's)
@@ -101,6 +111,17 @@ def nnunet_defaults(folder: Path, fold: int | str | None, checkpoint: str | None
                        **_normalization(plans, config, name, channels)},  # fmt: skip
         "inference": inference,
     }
+
+
+def _same_mirroring(checkpoints: list[Path], ndim: int) -> None:
+    """Refuse an ensemble whose checkpoints mirror along different axes (nnUNetPredictor mirrors every fold as
+    the first says; tilemask mirrors the ensemble's windows once, for all of them)."""
+    axes = [_allowed_mirroring_axes(path, ndim) for path in checkpoints]
+    for path, other in zip(checkpoints[1:], axes[1:]):
+        if other != axes[0]:
+            raise WorkflowError(f"{KEY}: {path.parent.name} mirrors along the axes {list(other or [])} and "
+                                f"{checkpoints[0].parent.name} along {list(axes[0] or [])}: give model.fold one "
+                                "fold, or folds that agree")  # fmt: skip
 
 
 def _mirroring(weights: Path, axes: list[int]) -> dict[str, Any]:
@@ -402,21 +423,31 @@ def _normalization(plans: dict, config: dict, name: str, channels: int) -> dict:
             "normalize": {"mean": mean, "std": std}}  # fmt: skip
 
 
-def _weights(folder: Path, fold: int | str | None, checkpoint: str | None) -> Path:
-    folds = sorted(p.name[5:] for p in folder.glob("fold_*") if p.is_dir())
+def _weights(folder: Path, fold: int | str | list | None, checkpoint: str | None) -> list[Path]:
+    """The checkpoint of each fold that runs: ``fold``'s (one, or a list: nnU-Net's ensemble), else the folder's
+    only fold, else every numbered fold holding the checkpoint, as ``nnUNetPredictor`` finds them
+    (``auto_detect_available_folds``: ``fold_all`` is no member)."""
+    folds = sorted((p.name[5:] for p in folder.glob("fold_*") if p.is_dir()), key=_fold_order)
     if not folds:
         raise WorkflowError(f"{KEY}: {folder} holds no fold_* folder: give a trained configuration's folder "
                             "(as nnUNetv2_predict's -d, -c and -tr name it, holding fold_0 ... and plans.json)")
-    if fold is None:
-        if len(folds) != 1:
-            raise WorkflowError(f"{KEY}: {folder.name} has folds {', '.join(folds)}: give model.fold "
-                                "(tilemask runs one fold, not nnU-Net's ensemble of them)")  # fmt: skip
-        fold = folds[0]
     checkpoint = checkpoint or CHECKPOINTS[0]
-    path = folder / f"fold_{fold}" / checkpoint
-    if not path.is_file():
-        raise WorkflowError(f"{KEY}: no {path.relative_to(folder)} in {folder} (folds: {', '.join(folds)})")
-    return path
+    if fold is None and len(folds) > 1:
+        fold = [f for f in folds if f.isdigit() and (folder / f"fold_{f}" / checkpoint).is_file()]
+        if not fold:
+            raise WorkflowError(f"{KEY}: {folder.name} has folds {', '.join(folds)}, none numbered with its "
+                                f"{checkpoint}: give model.fold")  # fmt: skip
+        logging.getLogger(__name__).info("%s: the ensemble of folds %s", folder.name, ", ".join(fold))
+    chosen = list(fold) if isinstance(fold, list | tuple) else [folds[0] if fold is None else fold]
+    paths = [folder / f"fold_{f}" / checkpoint for f in chosen]
+    for path in paths:
+        if not path.is_file():
+            raise WorkflowError(f"{KEY}: no {path.relative_to(folder)} in {folder} (folds: {', '.join(folds)})")
+    return paths
+
+
+def _fold_order(name: str) -> tuple[int, int | str]:
+    return (0, int(name)) if name.isdigit() else (1, name)
 
 
 def __getattr__(name: str) -> Any:

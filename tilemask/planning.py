@@ -194,7 +194,7 @@ class WorkflowPlan:
     def check_item_outputs(self, item: InputPlan, overwrite: bool) -> None:
         """Refuse (exit 2) outputs of one input that are inputs (images, weights, regions), that exist without
         ``overwrite``, or that tilemask did not write; run with the outputs' locks held."""
-        inputs = [*(item.files or (item.input,)), self.model.weights]
+        inputs = [*(item.files or (item.input,)), *self.model.weight_files]
         if item.products.stats and item.products.stats.regions:
             inputs.append(item.products.stats.regions)
         check_outputs(((f, written_by_tilemask(f)) for f in self.output_files(item)), inputs, overwrite, self.made)

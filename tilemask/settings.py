@@ -12,6 +12,8 @@ import zipfile
 from dataclasses import dataclass
 from typing import Any
 
+ENSEMBLE = "_ensemble"  # model.args: an ensemble's other checkpoints (nnU-Net's folds), averaged with the weights'
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -22,15 +24,23 @@ class ModelSpec:
     weights: str
     weights_stamp: tuple[int, int] = (0, 0)  # (mtime_ns, size): retrained weights are a new model
     slice_axis: int | None = None  # a 2D network run over a volume's slices across this axis (SliceInferer's)
+    ensemble_stamps: tuple[tuple[int, int], ...] = ()  # the weights_stamp of each of args._ensemble's checkpoints
 
     @classmethod
     def create(cls, network: str, args: dict[str, Any], weights: str, slice_axis: int | None = None) -> ModelSpec:
-        try:
-            stat = os.stat(weights)
-            stamp = (stat.st_mtime_ns, stat.st_size)
-        except OSError:
-            stamp = (0, 0)
-        return cls(network, json.dumps(args, sort_keys=True), weights, stamp, slice_axis)
+        stamps = tuple(_stamp(path) for path in args.get(ENSEMBLE) or ())
+        return cls(network, json.dumps(args, sort_keys=True), weights, _stamp(weights), slice_axis, stamps)
+
+    @property
+    def weight_files(self) -> tuple[str, ...]:
+        """Every checkpoint the model reads: its weights, then an ensemble's others (``args._ensemble``: nnU-Net's
+        folds, the same network with each one's weights, their outputs averaged)."""
+        return (self.weights, *self.args.get(ENSEMBLE, ()))
+
+    @property
+    def weight_stamps(self) -> tuple[tuple[int, int], ...]:
+        """``weights_stamp`` of each of :attr:`weight_files`."""
+        return (self.weights_stamp, *self.ensemble_stamps)
 
     @property
     def args(self) -> dict[str, Any]:
@@ -117,3 +127,11 @@ class Finishing:
         by argmax need only the weighted sums (:func:`tilemask.finalize.labels_from_sums`), so the blocks of such
         a job add up no weights (a third of the sums of a 2-class network)."""
         return self.probabilities != "none" or blends > 1 or self.activation == "sigmoid"
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (0, 0)
+    return (stat.st_mtime_ns, stat.st_size)

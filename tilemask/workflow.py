@@ -51,11 +51,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Fold = Annotated[int, NotBool, Field(ge=0)] | Literal["all"]  # nnU-Net's fold_N, or fold_all
+
+
 class ModelConfig(_Strict):
     bundle: str | None = Field(default=None, description="a MONAI bundle folder: its network, weights and settings")
     nnunet: str | None = Field(default=None, description="an nnU-Net v2 results folder (Trainer__Plans__configuration)")
-    fold: Annotated[int, NotBool, Field(ge=0)] | Literal["all"] | None = Field(
-        default=None, description="with nnunet: the fold whose weights run (fold_N); needed when there are several"
+    fold: Fold | list[Fold] | None = Field(
+        default=None, description="with nnunet: the fold whose weights run (fold_N), or a list: nnU-Net's ensemble of "
+        "those folds; left out, the folder's only fold, else the ensemble of its numbered folds (nnUNetPredictor's)"
     )
     checkpoint: Literal["checkpoint_final.pth", "checkpoint_best.pth"] | None = Field(
         default=None, description="with nnunet: the checkpoint of the fold (checkpoint_final.pth)"
@@ -836,13 +840,12 @@ def _with_nnunet(raw: dict, model: dict, base: Path) -> dict:
         raise WorkflowError(f"model.nnunet: a folder path (got {folder!r})")
     if model.get("bundle") is not None:
         raise WorkflowError("model: give bundle or nnunet, not both")
-    if isinstance(fold, list | tuple) and len(fold) < 2:  # nnUNetv2_predict's -f 0 is a list of one: no ensemble
-        raise WorkflowError(f"model.fold: a fold number (0, 1, ...) or all, not a list (got {list(fold)})")
-    if isinstance(fold, list | tuple):
-        raise WorkflowError("model.fold: one fold (0, 1, ... or all): tilemask runs one fold's checkpoint, not "
-                            f"nnU-Net's ensemble of several (got {list(fold)})")  # fmt: skip
-    if fold is not None and fold != "all" and (isinstance(fold, bool) or not isinstance(fold, int) or fold < 0):
-        raise WorkflowError(f"model.fold: a fold number (0, 1, ...) or all (got {fold!r})")
+    listed = fold if isinstance(fold, list | tuple) else [] if fold is None else [fold]  # -f 0 1 2 3 4: an ensemble
+    for one in listed:
+        if one != "all" and (isinstance(one, bool) or not isinstance(one, int) or one < 0):
+            raise WorkflowError(f"model.fold: a fold number (0, 1, ...), all, or a list of them (got {fold!r})")
+    if isinstance(fold, list | tuple) and (not fold or len(set(map(str, fold))) < len(fold)):
+        raise WorkflowError(f"model.fold: a list of one or more different folds (got {list(fold)})")
     if checkpoint is not None and checkpoint not in CHECKPOINTS:
         raise WorkflowError(f"model.checkpoint: {' or '.join(CHECKPOINTS)} (got {checkpoint!r})")
     path = Path(folder).expanduser()
