@@ -653,6 +653,23 @@ def test_folds_and_checkpoints(tmp_path):
         Workflow.from_dict(raw)  # it said "has folds none: give model.fold"
 
 
+def test_a_job_s_saved_workflow_of_chosen_folds_reads_back_as_itself(tmp_path):
+    """A job folder keeps ``to_dict``'s workflow: model.fold beside model.weights, the checkpoint the fold chose.
+    Read back (the driver of ``tilemask submit``, of a SLURM job) it was refused as "give them or model.weights,
+    not both", whatever the fold; weights other than the fold's still are."""
+    _, data = scan()
+    folder, _, net = results_folder(tmp_path, data)
+    another_fold(folder, 3, net, seed=3)
+    shutil.copy(folder / "fold_3" / "checkpoint_final.pth", folder / "fold_3" / "checkpoint_best.pth")
+    raw = {"version": 1, "input": "x.nii.gz", "model": {"nnunet": str(folder)}, "output": {"path": "o.nii.gz"}}
+    best = ["model.fold=3", "model.checkpoint=checkpoint_best.pth"]
+    for overrides in (["model.fold=0"], ["model.fold=[3, 0]"], [], best):
+        saved = Workflow.from_dict(raw, overrides, base_dir=tmp_path).to_dict()
+        assert Workflow.from_dict(saved, base_dir=tmp_path).to_dict() == saved, overrides
+    with pytest.raises(WorkflowError, match=r"^model.fold and model.checkpoint choose the folder's checkpoint: give "):
+        Workflow.from_dict(raw, ["model.fold=3", f"model.weights={folder / 'fold_0' / 'checkpoint_final.pth'}"])
+
+
 def slice_by_slice(x: torch.Tensor, patch: list[int], predict) -> torch.Tensor:
     """nnU-Net's sliding window for a 2D configuration over a volume (``predict_sliding_window_return_logits``
     with a 2D patch): each slice across the first axis on its own, its 2D windows, steps and gaussian."""

@@ -90,7 +90,7 @@ def nnunet_defaults(folder: Path, fold: int | str | list | None, checkpoint: str
     spacing = _numbers(config.get("spacing"), f"configuration {name}'s spacing", float)
     if len(spacing) != len(patch):
         raise WorkflowError(f"{KEY}: plans.json: configuration {name} has spacing {spacing}, not {len(patch)} values")
-    checkpoints = [weights] if weights else _weights(folder, fold, checkpoint)
+    checkpoints = [weights] if weights else fold_checkpoints(folder, fold, checkpoint)
     weights = checkpoints[0]
     if len(checkpoints) > 1:
         args["_ensemble"] = [str(path) for path in checkpoints[1:]]
@@ -423,7 +423,7 @@ def _normalization(plans: dict, config: dict, name: str, channels: int) -> dict:
             "normalize": {"mean": mean, "std": std}}  # fmt: skip
 
 
-def _weights(folder: Path, fold: int | str | list | None, checkpoint: str | None) -> list[Path]:
+def fold_checkpoints(folder: Path, fold: int | str | list | None, checkpoint: str | None) -> list[Path]:
     """The checkpoint of each fold that runs: ``fold``'s (one, or a list: nnU-Net's ensemble), else the folder's
     only fold, else every numbered fold holding the checkpoint, as ``nnUNetPredictor`` finds them
     (``auto_detect_available_folds``: ``fold_all`` is no member)."""

@@ -856,16 +856,29 @@ def _with_nnunet(raw: dict, model: dict, base: Path) -> dict:
     weights = Path(given).expanduser() if isinstance(given, str) and not given.startswith(REMOTE_PREFIXES) else None
     if weights is not None:
         weights = weights if weights.is_absolute() else base / weights
-        if fold is not None or checkpoint is not None:
+        chosen = fold is not None or checkpoint is not None
+        if chosen and weights != _fold_checkpoint(path, fold, checkpoint):  # a job's workflow.yaml has both
             raise WorkflowError("model.fold and model.checkpoint choose the folder's checkpoint: give them or "
                                 "model.weights, not both")  # fmt: skip
         if not weights.is_file():
             raise WorkflowError(f"model.weights: no such file {weights}")
+        weights = None if chosen else weights  # the fold's own: read again, with an ensemble's other folds
     defaults = nnunet_defaults(path, fold, checkpoint, weights)
     output = raw.get("output") if isinstance(raw.get("output"), dict) else {}
     if output.get("grid") == "model":  # its box depends on the data, as would the grid written: the whole scan
         del defaults["preprocess"]["crop"]
     return merge(defaults, raw)
+
+
+def _fold_checkpoint(folder: Path, fold, checkpoint: str | None) -> Path | None:
+    """The checkpoint ``fold`` and ``checkpoint`` choose in the nnU-Net results folder ``folder`` (an ensemble's
+    first), or None where they choose none."""
+    from .nnunet import fold_checkpoints
+
+    try:
+        return fold_checkpoints(folder, fold, checkpoint)[0]
+    except WorkflowError:
+        return None
 
 
 def _one_line(exc: ValidationError, raw: Any = None, overrides: list[str] | tuple[str, ...] = ()) -> str:
