@@ -1047,18 +1047,21 @@ def test_a_refusal_after_the_output_check_leaves_none_of_the_folders_it_made(mak
 def test_a_key_added_to_workflows_leaves_earlier_jobs_their_ids(make_model, tmp_path):
     """``inference.slice_axis`` came in a later version, in every workflow's dict (``slice_axis: null``): each job
     made before it got another id, so its next run was a new job that refused the outputs the earlier runs wrote and
-    redid nothing they had done. At its default it is left out of the job's identity."""
+    redid nothing they had done. At its default it is left out of the job's identity, as ``output.seg_type`` is."""
     import hashlib
 
     from tilemask.jobs import job_id
 
     weights, _ = make_model()
     workflow = Workflow.from_dict(raster_workflow(tmp_path / "a.tif", weights), base_dir=tmp_path).to_dict()
-    before = {**workflow, "inference": {k: v for k, v in workflow["inference"].items() if k != "slice_axis"}}
+    before = {**workflow, "inference": {k: v for k, v in workflow["inference"].items() if k != "slice_axis"},
+              "output": {k: v for k, v in workflow["output"].items() if k != "seg_type"}}
     text = json.dumps({"workflow": before, "base": str(tmp_path)}, sort_keys=True)  # how its id was worked out then
     assert job_id(workflow, str(tmp_path)) == hashlib.sha256(text.encode()).hexdigest()[:12]
     sliced = {**workflow, "inference": {**workflow["inference"], "slice_axis": 2}}
     assert job_id(sliced, str(tmp_path)) != job_id(workflow, str(tmp_path))
+    binary = {**workflow, "output": {**workflow["output"], "seg_type": "binary"}}
+    assert job_id(binary, str(tmp_path)) != job_id(workflow, str(tmp_path))
 
 
 WORKFLOW_KEYS = """version input classes model model.bundle model.nnunet model.fold model.checkpoint model.network
@@ -1068,7 +1071,7 @@ preprocess.normalize.nonzero preprocess.normalize.channel_wise preprocess.crop i
 inference.overlap inference.mode inference.sigma_scale inference.batch_size inference.device inference.backend
 inference.precision inference.activation inference.threshold inference.tta inference.steps inference.tta_mode
 inference.slice_axis output output.path output.probabilities output.chunks output.vectors output.quicklook
-output.dicomweb output.grid postprocess postprocess.remove_small postprocess.keep_largest postprocess.fill_holes
+output.dicomweb output.seg_type output.grid postprocess postprocess.remove_small postprocess.keep_largest postprocess.fill_holes
 postprocess.opening postprocess.closing postprocess.connectivity stats stats.output stats.regions stats.region_id
 stats.coverage stats.instances stats.connectivity stats.classes""".split()
 

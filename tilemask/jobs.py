@@ -72,7 +72,7 @@ def _afresh() -> str:
     return f" (a run with {option('overwrite', 'True')} starts the job afresh)"
 
 
-ADDED_LATER = {"inference": {"slice_axis": None}}
+ADDED_LATER = {"inference": {"slice_axis": None}, "output": {"seg_type": "labelmap"}}
 """Workflow keys added after jobs were made, with their defaults: left out of a job's identity at those, so that an
 upgrade does not make each earlier job a new one (which refused the outputs its earlier runs wrote as another
 workflow's, and redid nothing it had done)."""
