@@ -454,6 +454,7 @@ def test_an_interrupted_input_resumes_writing_only_the_chunks_it_had_not_written
     assert resumed.returncode == 0, resumed.stderr
     windows = int(resumed.stdout.split(" windows in ")[0].rsplit(" ", 1)[1])
     assert 0 < windows <= 256 - 16 * written, resumed.stdout  # a chunk of 1024 owns 16 windows of 256
+    assert f"windows/s; {written} chunks written in an earlier run) -> " in resumed.stdout, resumed.stdout
     assert hidden(out) == [] and sorted(outputs_in(out)) == ["big_mask.tif", "big_mask.tif.aux.xml", "big_mask_probabilities.tif"]
 
     clean = run_cli("run", wf, "--quiet", "--set", "output.path=clean/{stem}_mask.tif")

@@ -103,10 +103,11 @@ def describe(result) -> str:
     if result.status == "skipped":
         return f"{shown}: done in an earlier run -> {', '.join(result.outputs)}"
     counts = ", ".join(f"{name} {n}" for name, n in result.class_pixels.items())
-    return (
-        f"{shown}: {result.windows} windows in {result.seconds:.1f} s "
-        f"({result.windows / max(result.seconds, 1e-9):.1f} windows/s) -> {', '.join(result.outputs)} [{counts}]"
-    )
+    rate = [f"{result.windows / max(result.seconds, 1e-9):.1f} windows/s"] if result.windows else []
+    if result.resumed_chunks:  # "0 windows (0.0 windows/s)" alone read as a run that did nothing
+        rate.append(f"{result.resumed_chunks} chunks written in an earlier run")
+    return (f"{shown}: {result.windows} windows in {result.seconds:.1f} s ({'; '.join(rate) or '0 windows/s'}) -> "
+            f"{', '.join(result.outputs)} [{counts}]")  # fmt: skip
 
 
 @main.command(cls=TilemaskCommand, short_help="Serve a folder of outputs to GIS and medical viewers.")

@@ -88,6 +88,7 @@ class RunResult:
     status: str = "ok"  # ok | skipped (ok in an earlier run of the job) | failed
     error: str | None = None
     name: str = ""  # the item's name in its job ({stem}; a STAC Item's id, a case's name), set by the driver
+    resumed_chunks: int = 0  # chunks an interrupted run of the job had written, taken as they were
 
     @property
     def named(self) -> str:
@@ -346,6 +347,7 @@ def execute(client: Client, job: Job, progress: bool = True) -> RunResult:
         seconds=time.perf_counter() - start,
         class_pixels=dict(zip(job.sink.layout.class_names, map(int, totals))),
         commit_seconds=commit_seconds,
+        resumed_chunks=len(written),
     )
 
 def _reopen(job: Job) -> dict[tuple[int, ...], np.ndarray]:
