@@ -196,6 +196,26 @@ def test_a_tar_gz_member_is_stamped_by_its_header(tmp_path):
     assert not _same_stamps(after[:1], old[:1], paths[:1])
 
 
+def test_regions_in_an_archive_that_cannot_be_read_are_refused_naming_them_not_input_archive(tmp_path):
+    """``--regions /vsitar/districts.tar/districts.shp`` (or ``stats.regions``) of a tar whose ``.dbf`` was appended
+    again (``tar -rf``), or of a zip that is none, was refused as "input.archive: ...; narrow input.members", options
+    the user never gave: the regions' path is named, with no advice about an input's members."""
+    from tilemask.stats.config import regions_file
+
+    shapefile = {f"districts.{ext}": (ext.encode() * 100, 100) for ext in ("shp", "shx", "dbf")}
+    appended = tmp_path / "districts.tar"
+    _tar(appended, shapefile)
+    _tar(appended, {"districts.dbf": (b"DBF" * 100, 200)}, "a")
+    (tmp_path / "districts.zip").write_bytes(b"not a zip")
+    for regions, problem in [(f"/vsitar/{appended}/districts.shp", "it holds 2 members named districts.dbf"),
+                             (f"/vsizip/{tmp_path}/districts.zip/districts.shp", "File is not a zip file")]:  # fmt: skip
+        with pytest.raises(InputError) as raised:
+            regions_file(regions)
+        message = str(raised.value)
+        assert message.startswith(f"{regions}: ") and problem in message, message
+        assert "input." not in message and "\n" not in message, message
+
+
 @pytest.mark.timeout(60)
 def test_a_remote_zip_member_is_stamped_by_its_crc_in_the_archive_version_the_server_names(tmp_path):
     """A member of a zip on a web server or object storage (``/vsizip//vsicurl/http://...``) was stamped ``[0, 0]``

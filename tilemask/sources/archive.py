@@ -62,11 +62,14 @@ def member_under(path: str, folder: str) -> str:
     return f"{path[: len('/vsizip/')]}{os.path.normpath(os.path.join(folder, os.path.expanduser(archive)))}/{member}"
 
 
-def members(archive: str, pattern: str) -> list[str]:
+def members(archive: str, pattern: str, named: str | None = None) -> list[str]:
     """The files in ``archive`` whose name (or base name) matches ``pattern`` (fnmatch), sorted; macOS resource
-    forks are no files (:func:`is_resource_fork`)."""
+    forks are no files (:func:`is_resource_fork`). Its errors name ``input.archive``, or the path ``named`` that
+    was read (a shapefile's sidecars: ``stats.regions``, ``--regions``), with no advice about input.members."""
+    said = f"{named}: " if named is not None else "input.archive: "
+    narrow = "" if named is not None else ", or narrow input.members"
     if not archive.lower().endswith(ARCHIVE_SUFFIXES):
-        raise InputError(f"input.archive: {archive}: not a .zip, .tar, .tar.gz or .tgz archive")
+        raise InputError(f"{said}{archive}: not a .zip, .tar, .tar.gz or .tgz archive")
     try:
         if archive.lower().endswith(".zip"):
             with zipfile.ZipFile(archive) as zf:  # Windows' zips may separate folders with "\": GDAL reads "/"
@@ -74,22 +77,22 @@ def members(archive: str, pattern: str) -> list[str]:
         else:
             names = [name for name, *_ in _tar_listing(archive, *_local_version(archive))]
     except FileNotFoundError:
-        raise InputError(f"input.archive: no such file {archive}") from None
+        raise InputError(f"{said}no such file {archive}") from None
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error) as exc:  # zlib's: a .tar.gz's
-        raise InputError(f"input.archive: {archive}: cannot read the archive: {exc}") from None  # stream damaged
+        raise InputError(f"{said}{archive}: cannot read the archive: {exc}") from None  # stream damaged
     names = [n for n in names if not is_resource_fork(n)]
     found = sorted(n for n in names if fnmatch.fnmatch(n, pattern) or fnmatch.fnmatch(os.path.basename(n), pattern))
     twice = [a for a, b in zip(found, found[1:]) if a == b]  # an archive appended to: GDAL reads one of them
     if twice:
-        raise InputError(f"input.archive: {archive}: it holds {found.count(twice[0])} members named {twice[0]} (GDAL "
-                         "reads only one of them); pack it again with each name once, or narrow input.members")  # fmt: skip
+        raise InputError(f"{said}{archive}: it holds {found.count(twice[0])} members named {twice[0]} (GDAL "
+                         f"reads only one of them); pack it again with each name once{narrow}")  # fmt: skip
     for name in found:
         try:
             name.encode("utf-8")
         except UnicodeEncodeError:  # a tar's bytes in another encoding: Python's surrogate escapes
             shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            raise InputError(f"input.archive: {archive}: the member {shown} is not named in UTF-8, which GDAL needs; "
-                             "narrow input.members, or rename it") from None  # fmt: skip
+            raise InputError(f"{said}{archive}: the member {shown} is not named in UTF-8, which GDAL needs; "
+                             f"{'narrow input.members, or ' if named is None else ''}rename it") from None  # fmt: skip
     return found
 
 
@@ -350,10 +353,11 @@ def extract(path: str, archive: str, member: str, target: str) -> None:
 
 def sidecars(archive: str, member: str) -> list[str]:
     """The members of ``archive`` beside ``member`` and named as it is but for their suffix: a shapefile's
-    ``districts.dbf``, ``.shx``, ``.prj`` beside its ``districts.shp``, which GDAL reads with it."""
+    ``districts.dbf``, ``.shx``, ``.prj`` beside its ``districts.shp``, which GDAL reads with it. An archive that
+    cannot be read is an :class:`InputError` naming the member's path."""
     folder, stem = os.path.split(member)
     stem = os.path.splitext(stem)[0]
-    found = members(archive, glob.escape(stem) + ".*")
+    found = members(archive, glob.escape(stem) + ".*", named=member_path(archive, member))
     return [name for name in found if name != member and os.path.split(name)[0] == folder]
 
 
