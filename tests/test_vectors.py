@@ -123,6 +123,44 @@ def test_geographic_crs_geodesic_area(tmp_path, client):
     assert 8.0e3 < result["area_m2"].sum() / np.count_nonzero(labels) < 9.0e3
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("crs", [None, "EPSG:32618"])
+def test_polygons_written_beside_another_threads_silenced_warnings_leave_the_process_filters_as_they_were(tmp_path,
+                                                                                                          crs):  # fmt: skip
+    """Polygons were written inside ``warnings.catch_warnings()``, which saves the process's filters and puts them
+    back: a thread in :func:`~tilemask.imports.ignoring_warnings` (a network traced on a worker thread of the same
+    process) that left meanwhile had its "ignore every warning" put back by the writer, for good."""
+    import threading
+
+    from tilemask.imports import ignoring_warnings
+    from tilemask.polygon_files import AreaRule, write_features
+    from tilemask.vectors import FeatureBatch
+
+    before = list(warnings.filters)
+    inside, leave = threading.Event(), threading.Event()
+
+    def silenced() -> None:
+        with ignoring_warnings():
+            inside.set()
+            leave.wait(30)
+
+    other = threading.Thread(target=silenced)
+    other.start()
+    assert inside.wait(30)
+
+    def batches():  # pulled by pyogrio as it writes: the other thread leaves then
+        leave.set()
+        other.join(30)
+        boxes = shapely.box(np.arange(3.0), 0.0, np.arange(3.0) + 0.5, 0.5)
+        yield FeatureBatch(list(shapely.to_wkb(boxes)), np.array(["a"] * 3, object), np.ones(3))
+
+    write_features(str(tmp_path / "p.gpkg"), ".gpkg", batches(), AreaRule((0, 1, 0, 0, 0, -1), crs), 10)
+    assert not other.is_alive()
+    unsaid = ("ignore", "'crs' was not provided")  # pyogrio's, for polygons without a CRS, may stay silenced
+    assert [f for f in warnings.filters if (f[0], getattr(f[1], "pattern", None)) != unsaid] == before
+    assert len(read(str(tmp_path / "p.gpkg"))) == 3
+
+
 def test_without_a_crs_the_polygons_have_no_area(tmp_path, client, caplog):
     """The coordinates are in no known unit: area_m2 was the planar area in them, as if metres; the statistics
     leave it empty."""

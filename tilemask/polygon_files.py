@@ -169,6 +169,15 @@ FLATGEOBUF_FEATURE_BYTES = 128
 node): about 88 bytes for the demo scene's polygons."""
 
 
+def _leave_crs_unsaid() -> None:
+    """pyogrio's "UserWarning: 'crs' was not provided" silenced for this module's calls, for good: not inside
+    ``warnings.catch_warnings()``, which puts back the process's filters as they were when it began, so that another
+    thread's :func:`~tilemask.imports.ignoring_warnings` left meanwhile (every warning ignored) stayed for good. Set
+    at each write, not once at import: a ``catch_warnings`` of the caller's may have put the filters back since
+    (pytest's around each test does)."""
+    warnings.filterwarnings("ignore", "'crs' was not provided", UserWarning, module=__name__)
+
+
 def write_features(out_path: str, suffix: str, batches: Iterator[FeatureBatch], rule: AreaRule, rows: int) -> str:
     """Stream the features of a label raster of ``rows`` rows into ``out_path`` under a temporary name; rename when
     whole."""
@@ -202,19 +211,18 @@ def write_features(out_path: str, suffix: str, batches: Iterator[FeatureBatch], 
             reader = pa.RecordBatchReader.from_batches(_schema(), counted)
             free = shutil.disk_usage(Path(staged).parent).free
             try:
-                with warnings.catch_warnings():
-                    if not crs_wkt:  # said by tilemask's "has no CRS" warning, not again with a line of code
-                        warnings.filterwarnings("ignore", "'crs' was not provided", UserWarning)
-                    pyogrio.write_arrow(
-                        reader,
-                        str(staged),
-                        layer=target.stem,
-                        driver=VECTOR_DRIVERS[suffix],
-                        geometry_name="geometry",
-                        geometry_type="Polygon",
-                        crs=crs_wkt,
-                        **_ogr_options(VECTOR_DRIVERS[suffix], rule.transform),
-                    )
+                if not crs_wkt:  # said by tilemask's "has no CRS" warning, not again with a line of code
+                    _leave_crs_unsaid()
+                pyogrio.write_arrow(
+                    reader,
+                    str(staged),
+                    layer=target.stem,
+                    driver=VECTOR_DRIVERS[suffix],
+                    geometry_name="geometry",
+                    geometry_type="Polygon",
+                    crs=crs_wkt,
+                    **_ogr_options(VECTOR_DRIVERS[suffix], rule.transform),
+                )
             except BaseException as exc:
                 if counted.failure is None and isinstance(exc, (DataLayerError, DataSourceError)):
                     # FlatGeobuf writes the features into a temporary file, then the file from it (its spatial index
