@@ -320,7 +320,7 @@ class Output(_Strict):
     dicomweb: str | None = Field(default=None, description="a DICOMweb root to store a DICOM Segmentation on (STOW-RS)")
     seg_type: Literal["labelmap", "binary"] = Field(
         default="labelmap", description="a DICOM Segmentation's type: labelmap (a frame per slice, the newer Label "
-        "Map Segmentation) or binary (a frame per slice and segment: viewers and PACS that predate label maps)"
+        "Map Segmentation) or binary (a frame per slice and segment in it: viewers and PACS that predate label maps)"
     )  # fmt: skip
     grid: Literal["input", "model"] = Field(
         default="input", description="with preprocess.orientation / spacing: the input's grid, or the network's"

@@ -141,7 +141,9 @@ class DicomSegSink(LabelSink):
             software_versions=__version__,
             device_serial_number="0",
             series_description="tilemask labels",
-            omit_empty_frames=False,
+            # a LABELMAP's frame for each slice; a BINARY's for each slice a segment is in (one for each slice and
+            # class was mostly empty: 117 classes on 300 slices, 35,100 frames, 1.1 GB)
+            omit_empty_frames=layout.seg_type == "binary",
             specific_character_set=segmentation_charset(images[0].get("SpecificCharacterSet"), layout.class_names),
         )
         seg.save_as(self.staged, enforce_file_format=True)  # pydicom encodes every text in the SEG's character set
