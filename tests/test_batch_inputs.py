@@ -6,6 +6,7 @@ import datetime
 import io
 import json
 import os
+import re
 import shutil
 import threading
 import zipfile
@@ -214,6 +215,24 @@ def test_regions_in_an_archive_that_cannot_be_read_are_refused_naming_them_not_i
         message = str(raised.value)
         assert message.startswith(f"{regions}: ") and problem in message, message
         assert "input." not in message and "\n" not in message, message
+
+
+def test_a_tar_member_appended_again_is_refused_not_read_as_its_first_copy(tmp_path):
+    """Weights (or a NIfTI scan) in a tar whose member was appended again (``tar -rf models.tar model.pt``): the
+    first copy was read, the old weights, where ``tar -x`` gives the last, and the job stamped the member by the
+    last one's header (a job's line then said it ran the new weights). Refused, as an input held twice is."""
+    from tilemask.storage import local_copy
+
+    archive = tmp_path / "models.tar"
+    _tar(archive, {"model.pt": (b"old weights", 100)})
+    _tar(archive, {"model.pt": (b"new weights", 200)}, "a")
+    path = f"/vsitar/{archive}/model.pt"
+    with pytest.raises(InputError, match=rf"^{re.escape(path)}: {re.escape(str(archive))} holds 2 members named "
+                                         r"model\.pt .*; pack it again with each name once$"):  # fmt: skip
+        local_copy(path)
+    _tar(archive, {"model.pt": (b"new weights", 200)})  # packed again: read
+    with open(local_copy(path), "rb") as copy:
+        assert copy.read() == b"new weights"
 
 
 @pytest.mark.timeout(60)

@@ -345,6 +345,11 @@ def extract(path: str, archive: str, member: str, target: str) -> None:
     if damage:
         raise InputError(damage)
     try:
+        if not archive.lower().endswith(".zip"):  # a tar appended to (tar -rf): the first copy was read, its last
+            held = sum(name == member for name, *_ in _tar_listing(archive, *_local_version(archive)))  # stamped
+            if held > 1:
+                raise InputError(f"{path}: {archive} holds {held} members named {member} (tar -x gives the last, "
+                                 "GDAL the first); pack it again with each name once")  # fmt: skip
         with _member(archive, member) as src, open(target, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
     except (KeyError, zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as exc:
