@@ -79,19 +79,25 @@ def test_a_json_lines_file_given_as_a_list_is_refused_as_one(make_model, tmp_pat
     assert [item.files for item in items] == [(str(tmp_path / "[2020] a.tif"),)]
 
 
+def _three_scenes(folder: Path) -> dict[str, bytes]:
+    """Three 64x64 scenes of the Landsat raster, ``a``, ``b`` and ``c``, written in ``folder``: their files' bytes."""
+    scenes = {}
+    with rasterio.open(GEO["RGB.byte.tif"]) as src:
+        for name, (row, col) in {"a": (200, 200), "b": (300, 400), "c": (400, 100)}.items():
+            window = ((row, row + 64), (col, col + 64))
+            profile = src.profile | {"width": 64, "height": 64, "transform": src.window_transform(window)}
+            with rasterio.open(folder / f"{name}.tif", "w", **profile) as dst:
+                dst.write(src.read(window=window))
+            scenes[name] = (folder / f"{name}.tif").read_bytes()
+    return scenes
+
+
 @pytest.mark.timeout(300)
 def test_a_scene_added_to_a_zip_redoes_only_that_scene_and_a_replaced_member_only_itself(make_model, tmp_path, client):
     """A zip member was stamped by its archive's time and size: a scene appended to an archive of scenes (``zip -u``)
     redid every scene of it, unchanged ones too (2 of 2 predicted again here, 1000 of 1000 in an archive of 1000).
     A zip's central directory names each member's CRC-32 and size: a member goes by them."""
-    with rasterio.open(GEO["RGB.byte.tif"]) as src:
-        scenes = {}
-        for name, (row, col) in {"a": (200, 200), "b": (300, 400), "c": (400, 100)}.items():
-            window = ((row, row + 64), (col, col + 64))
-            profile = src.profile | {"width": 64, "height": 64, "transform": src.window_transform(window)}
-            with rasterio.open(tmp_path / f"{name}.tif", "w", **profile) as dst:
-                dst.write(src.read(window=window))
-            scenes[name] = (tmp_path / f"{name}.tif").read_bytes()
+    scenes = _three_scenes(tmp_path)
     weights, _ = make_model()
     workflow = raster_workflow("x", weights, output={"path": "out/{stem}.tif"})
     workflow["input"] = {"archive": "scenes.zip", "members": "*.tif"}
@@ -140,14 +146,7 @@ def test_a_scene_appended_to_a_tar_redoes_only_that_scene(make_model, tmp_path, 
     redid every scene of it (2 of 2 predicted again here).  A tar's header of a member names its time and size
     (and the header's checksum): a member goes by them. Lines written before, stamped by the archive, are taken
     while it is as it was."""
-    with rasterio.open(GEO["RGB.byte.tif"]) as src:
-        scenes = {}
-        for name, (row, col) in {"a": (200, 200), "b": (300, 400), "c": (400, 100)}.items():
-            window = ((row, row + 64), (col, col + 64))
-            profile = src.profile | {"width": 64, "height": 64, "transform": src.window_transform(window)}
-            with rasterio.open(tmp_path / f"{name}.tif", "w", **profile) as dst:
-                dst.write(src.read(window=window))
-            scenes[name] = (tmp_path / f"{name}.tif").read_bytes()
+    scenes = _three_scenes(tmp_path)
     weights, _ = make_model()
     workflow = raster_workflow("x", weights, output={"path": "out/{stem}.tif"})
     workflow["input"] = {"archive": "scenes.tar", "members": "*.tif"}
