@@ -26,6 +26,7 @@ from typing import IO
 from ..errors import InputError, first_line
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+MEMBER_PREFIXES = ("/vsizip/", "/vsitar/")  # GDAL's paths of an archive's member
 
 
 def _prefix(archive: str) -> str:
@@ -39,7 +40,7 @@ def member_path(archive: str, member: str) -> str:
 def split_member(path: str) -> tuple[str, str] | None:
     """``(archive, member)`` of a ``/vsizip/`` or ``/vsitar/`` path; None for any other path.  The archive's path
     is GDAL's: after the prefix, ``/abs/a.zip`` (``/vsizip//abs/a.zip/...``) or relative (``/vsizip/a.zip/...``)."""
-    if not path.startswith(("/vsizip/", "/vsitar/")):
+    if not path.startswith(MEMBER_PREFIXES):
         return None
     rest = path[len("/vsizip/") :]
     lowered = rest.lower()

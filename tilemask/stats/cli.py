@@ -18,9 +18,10 @@ def _file_or_url(ctx, param, value: str | None) -> str | None:
     """A local file that exists (click's own check and message), or a URL read over the network (a label COG or
     an atlas read in place by GDAL, vector regions copied once, as a workflow's ``stats.regions``); click refused a
     URL as 'does not exist', and an archive's member as GDAL names it (``/vsizip/districts.zip/districts.shp``)."""
+    from ..sources.archive import MEMBER_PREFIXES
     from ..storage import network_object
 
-    if value is None or network_object(value) is not None or value.startswith(("/vsizip/", "/vsitar/")):
+    if value is None or network_object(value) is not None or value.startswith(MEMBER_PREFIXES):
         return value
     return click.Path(exists=True).convert(value, param, ctx)
 
